@@ -1,0 +1,170 @@
+//! Emitting events straight to NATS JetStream.
+//!
+//! The emitter publishes to `{prefix}.events.{account}.{conversation_type}.{event_type}`
+//! with `Nats-Msg-Id` set to the event id and waits for JetStream's ack. A failed
+//! publish is retried with the same id, so the stream stores the event once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+
+use crate::{DEFAULT_PUBLISH_ATTEMPTS, DEFAULT_SUBJECT_PREFIX, EventError, VumiApiEvent};
+
+/// The name of the stream that holds events.
+pub const EVENTS_STREAM: &str = "VUMI_EVENTS";
+/// How long JetStream remembers an id to drop duplicate publishes.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The configuration of the events stream for a subject prefix. The dispatcher
+/// creates the stream; a worker may create it too when it starts first.
+pub fn events_stream_config(prefix: &str) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: stream_name(prefix, EVENTS_STREAM),
+        subjects: vec![format!("{prefix}.events.>")],
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Stream names keep `VUMI_` for the default prefix and gain the prefix otherwise,
+/// so that two deployments with different prefixes can share a server.
+pub fn stream_name(prefix: &str, base: &str) -> String {
+    if prefix == DEFAULT_SUBJECT_PREFIX {
+        base.to_string()
+    } else {
+        let suffix = base.strip_prefix("VUMI_").unwrap_or(base);
+        format!("{}_{suffix}", prefix.to_ascii_uppercase().replace(['.', '-'], "_"))
+    }
+}
+
+/// Why an emit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    /// The event breaks the contract (for instance, it is too large).
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// Connecting to the server failed.
+    #[error("connecting to NATS at {url}: {source}")]
+    Connect {
+        /// The server address.
+        url: String,
+        /// The client's error.
+        source: async_nats::ConnectError,
+    },
+    /// Every attempt to publish failed; the last error is kept.
+    #[error("publishing event {id} to {subject} failed after {attempts} attempts: {last}")]
+    Publish {
+        /// The event id.
+        id: String,
+        /// The subject.
+        subject: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last error seen.
+        last: String,
+    },
+}
+
+/// What JetStream said about a stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// The stream sequence number of the event.
+    pub sequence: u64,
+    /// True when the stream already had an event with this id (a retried emit).
+    pub duplicate: bool,
+}
+
+/// Publishes events to JetStream and waits for each ack.
+#[derive(Debug, Clone)]
+pub struct NatsEmitter {
+    js: jetstream::Context,
+    prefix: String,
+    max_bytes: usize,
+    attempts: u32,
+}
+
+impl NatsEmitter {
+    /// Connects to `url` with default options.
+    pub async fn connect(url: &str) -> Result<Self, EmitError> {
+        let client = async_nats::connect(url).await.map_err(|source| EmitError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+        Ok(Self::new(client))
+    }
+
+    /// An emitter over an existing client.
+    pub fn new(client: async_nats::Client) -> Self {
+        Self {
+            js: jetstream::new(client),
+            prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
+            max_bytes: crate::DEFAULT_MAX_EVENT_BYTES,
+            attempts: DEFAULT_PUBLISH_ATTEMPTS,
+        }
+    }
+
+    /// Uses `prefix` instead of `vumi` as the first subject segment.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Refuses events larger than `max_bytes` before sending them.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Tries each publish at most `attempts` times (at least once).
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// Creates the events stream if it does not exist yet.
+    pub async fn ensure_stream(&self) -> Result<(), EmitError> {
+        self.js
+            .get_or_create_stream(events_stream_config(&self.prefix))
+            .await
+            .map(|_| ())
+            .map_err(|e| EmitError::Publish {
+                id: String::new(),
+                subject: format!("{}.events.>", self.prefix),
+                attempts: 1,
+                last: format!("creating stream: {e}"),
+            })
+    }
+
+    /// Publishes `event` and waits until JetStream has stored it.
+    pub async fn emit(&self, event: &VumiApiEvent) -> Result<Emitted, EmitError> {
+        let payload = bytes::Bytes::from(event.encode(self.max_bytes)?);
+        let subject = event.subject(&self.prefix);
+        let id = event.id.to_string();
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            if attempt > 1 {
+                tokio::time::sleep(crate::publish_backoff(attempt - 1)).await;
+            }
+            let publish = PublishMessage::build().payload(payload.clone()).message_id(id.as_str());
+            match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => {
+                        return Ok(Emitted {
+                            sequence: ack.sequence,
+                            duplicate: ack.duplicate,
+                        });
+                    }
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(EmitError::Publish {
+            id,
+            subject,
+            attempts: self.attempts,
+            last,
+        })
+    }
+}

@@ -1,0 +1,300 @@
+//! The one store module: every piece of Switchboard state lives in a named
+//! [`Collection`] of this store, and nothing else in the code base calls sled.
+//!
+//! The API is deliberately small — get, put, remove, ordered scans, atomic
+//! multi-collection writes, compare-and-swap, flush — so the backend can be
+//! swapped (sled 0.34.7 today; replicated JetStream key-value buckets later)
+//! without touching the crates above it.
+//!
+//! Durability: writes are buffered; [`Store::flush`] makes everything written
+//! so far durable. Callers group-commit: one flush covers many writes.
+
+use std::path::Path;
+
+/// The named collections. Each is a sled tree of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    /// Current chain document of each account: `{account}` → document.
+    Chains,
+    /// Every version of each account's chains: `{account}\0{version:BE u64}` → document.
+    ChainVersions,
+    /// The embedded bus: `{sequence:BE u64}` → message.
+    BusQueue,
+    /// Ids seen by the embedded bus inside its duplicate window: `{id}` → time.
+    BusDedup,
+    /// Event traces: `{account}\0{event id}` → trace.
+    Traces,
+    /// Dead letters: `{account}\0{dead-letter id}` → record.
+    DeadLetters,
+}
+
+impl Collection {
+    /// Every collection, in a fixed order.
+    pub const ALL: [Collection; 6] = [
+        Collection::Chains,
+        Collection::ChainVersions,
+        Collection::BusQueue,
+        Collection::BusDedup,
+        Collection::Traces,
+        Collection::DeadLetters,
+    ];
+
+    /// The collection's name on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Collection::Chains => "chains",
+            Collection::ChainVersions => "chain_versions",
+            Collection::BusQueue => "bus_queue",
+            Collection::BusDedup => "bus_dedup",
+            Collection::Traces => "traces",
+            Collection::DeadLetters => "dead_letters",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|c| *c == self).expect("every collection is listed")
+    }
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening the data directory failed (missing permissions, another process holds it, ...).
+    #[error("opening the store at {path}: {source}")]
+    Open {
+        /// The data directory.
+        path: String,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// A read or write failed.
+    #[error("store collection {collection}: {source}")]
+    Io {
+        /// The collection involved.
+        collection: &'static str,
+        /// What sled said.
+        source: sled::Error,
+    },
+}
+
+/// A key and value as stored.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// One write of an atomic batch: `Some` puts, `None` removes.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The collection written.
+    pub collection: Collection,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value, or `None` to remove.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The store. Cheap to clone; clones share the database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let config = sled::Config::new()
+            .path(dir)
+            // Durability comes from explicit group-commit flushes, not a timer.
+            .flush_every_ms(Some(1_000))
+            .cache_capacity(64 * 1024 * 1024);
+        let db = config.open().map_err(|source| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Self::from_db(db)
+    }
+
+    /// A store that lives in memory and a temporary directory, for tests.
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: "(temporary)".into(),
+                source,
+            })?;
+        Self::from_db(db)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        let trees = Collection::ALL
+            .iter()
+            .map(|c| {
+                db.open_tree(c.name()).map_err(|source| StoreError::Io {
+                    collection: c.name(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { db, trees })
+    }
+
+    fn tree(&self, c: Collection) -> &sled::Tree {
+        &self.trees[c.index()]
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tree(c)
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(io(c))
+    }
+
+    /// Puts `value` under `key`.
+    pub fn put(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tree(c).insert(key, value).map(|_| ()).map_err(io(c))
+    }
+
+    /// Puts `value` under `key` unless a value is there already. Returns whether it was put.
+    pub fn put_if_absent(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        self.tree(c)
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))
+            .map(|r| r.is_ok())
+            .map_err(io(c))
+    }
+
+    /// Removes `key`; returns the value it had.
+    pub fn remove(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tree(c)
+            .remove(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(io(c))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, c: Collection, key: &[u8]) -> Result<bool, StoreError> {
+        self.tree(c).contains_key(key).map_err(io(c))
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, c: Collection, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        self.tree(c)
+            .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(io(c))
+    }
+
+    /// Up to `limit` entries with keys starting with `prefix`, walking backwards from the last.
+    pub fn scan_prefix_rev(&self, c: Collection, prefix: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.tree(c)
+            .scan_prefix(prefix)
+            .rev()
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(io(c))
+    }
+
+    /// Up to `limit` entries with keys at or after `from`, in key order.
+    pub fn scan_from(&self, c: Collection, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.tree(c)
+            .range(from.to_vec()..)
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(io(c))
+    }
+
+    /// The last entry of a collection.
+    pub fn last(&self, c: Collection) -> Result<Option<Entry>, StoreError> {
+        self.tree(c)
+            .last()
+            .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .map_err(io(c))
+    }
+
+    /// How many entries a collection holds (walks it: not for hot paths).
+    pub fn len(&self, c: Collection) -> usize {
+        self.tree(c).len()
+    }
+
+    /// Applies every write of `batch` atomically: all of them or none.
+    pub fn write_atomically(&self, batch: &[Write]) -> Result<(), StoreError> {
+        let mut involved: Vec<Collection> = batch.iter().map(|w| w.collection).collect();
+        involved.sort_by_key(|c| c.index());
+        involved.dedup();
+        let trees: Vec<sled::Tree> = involved.iter().map(|c| self.tree(*c).clone()).collect();
+        use sled::transaction::{ConflictableTransactionError, Transactional};
+        let result: Result<(), sled::transaction::TransactionError<()>> =
+            trees.as_slice().transaction(|views| {
+                for w in batch {
+                    let i = involved.iter().position(|c| *c == w.collection).expect("listed above");
+                    match &w.value {
+                        Some(v) => views[i].insert(w.key.as_slice(), v.as_slice())?,
+                        None => views[i].remove(w.key.as_slice())?,
+                    };
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        result.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(source) => StoreError::Io {
+                collection: "(batch)",
+                source,
+            },
+            sled::transaction::TransactionError::Abort(()) => unreachable!("the batch never aborts"),
+        })
+    }
+
+    /// A number never handed out before by this store, increasing.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        self.db.generate_id().map_err(|source| StoreError::Io {
+            collection: "(ids)",
+            source,
+        })
+    }
+
+    /// Makes every write so far durable. Concurrent callers share flushes.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map(|_| ()).map_err(|source| StoreError::Io {
+            collection: "(flush)",
+            source,
+        })
+    }
+
+    /// Makes every write so far durable, blocking the thread.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|source| StoreError::Io {
+            collection: "(flush)",
+            source,
+        })
+    }
+}
+
+fn io(c: Collection) -> impl Fn(sled::Error) -> StoreError {
+    move |source| StoreError::Io {
+        collection: c.name(),
+        source,
+    }
+}
+
+/// Joins key parts with NUL, which no key part may contain.
+pub fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+#[cfg(test)]
+mod tests;
