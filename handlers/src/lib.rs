@@ -1,1 +1,238 @@
-//! handlers
+//! Handlers: what a chain step runs.
+//!
+//! A [`Handler`] checks its configuration when a chain is stored and, for each
+//! event, turns the step's input into an outcome: continue with an output,
+//! stop the chain, or fail (retryable or permanent). Handlers do their side
+//! effects through ports the dispatcher provides; the two built-ins of this
+//! crate so far, [`builtin::Log`] and [`builtin::Emit`], need none: `emit`
+//! returns the events to publish, and the dispatcher publishes them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use switchboard_rules::{FieldProblem, StepCatalog, StepSpec};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent};
+
+pub mod builtin;
+pub mod template;
+
+pub use template::{EventValue, Scope, Templates};
+
+/// Everything a handler sees of one step run.
+#[derive(Debug)]
+pub struct StepInput<'a> {
+    /// The event being handled.
+    pub event: &'a VumiApiEvent,
+    /// The chain.
+    pub chain: &'a str,
+    /// The step (its name and raw config).
+    pub step: &'a StepSpec,
+    /// The outputs of the earlier steps of this chain, by step name.
+    pub steps: &'a Map<String, Value>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The template engine.
+    pub templates: &'a Templates,
+    /// The scope templates render against.
+    pub scope: &'a Scope,
+}
+
+impl StepInput<'_> {
+    /// The step's name.
+    pub fn step_name(&self) -> &str {
+        self.step.step_name()
+    }
+
+    /// The step's whole config, every template rendered.
+    pub fn render_config(&self) -> Result<Map<String, Value>, StepError> {
+        match self.templates.render(&Value::Object(self.step.config.clone()), "config", self.scope) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => unreachable!("rendering an object gives an object"),
+            Err(message) => Err(StepError::permanent(message)),
+        }
+    }
+
+    /// The id of the `index`th event this step emits: derived from (event,
+    /// chain, step, index), so a re-run emits the same ids.
+    pub fn child_id(&self, index: usize) -> EventId {
+        EventId::derived(self.event.id, self.chain, self.step_name(), index)
+    }
+}
+
+/// An event a step asks the dispatcher to publish once the step has succeeded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmitRequest {
+    /// The new event's conversation type.
+    pub conversation_type: ConversationType,
+    /// The new event's conversation.
+    pub conversation_key: ConversationKey,
+    /// The new event's type.
+    pub event_type: EventType,
+    /// The new event's data.
+    pub event_data: Map<String, Value>,
+}
+
+/// What a successful step produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// The output later steps see as `steps.<name>`.
+    pub data: Map<String, Value>,
+    /// End the chain here (successfully).
+    pub stop: bool,
+    /// Events to publish, in order.
+    pub emit: Vec<EmitRequest>,
+}
+
+impl StepOutput {
+    /// Continue with `data` as the output.
+    pub fn next(data: Map<String, Value>) -> Self {
+        Self {
+            data,
+            ..Self::default()
+        }
+    }
+}
+
+/// A failed step.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StepError {
+    /// Worth trying again (a timeout, a 503); `after` is the delay the peer asked for.
+    #[error("{message}")]
+    Retryable {
+        /// What went wrong.
+        message: String,
+        /// How long to wait, when the peer said (e.g. `Retry-After`).
+        after: Option<Duration>,
+    },
+    /// Trying again cannot help (bad input, a 400, an undefined template variable).
+    #[error("{message}")]
+    Permanent {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl StepError {
+    /// A permanent failure.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        StepError::Permanent {
+            message: message.into(),
+        }
+    }
+
+    /// A retryable failure.
+    pub fn retryable(message: impl Into<String>, after: Option<Duration>) -> Self {
+        StepError::Retryable {
+            message: message.into(),
+            after,
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StepError::Retryable { .. })
+    }
+}
+
+/// A step handler.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + std::fmt::Debug {
+    /// The name chains use in `handler = "..."`.
+    fn name(&self) -> &'static str;
+
+    /// Checks the handler-specific parts of a step's config when the chain is
+    /// stored: required options present, literal values of the right type.
+    /// Templates are checked by the registry before this is called.
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem>;
+
+    /// Runs the step for one event.
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
+}
+
+/// The handlers a dispatcher knows, by name.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    handlers: HashMap<&'static str, Arc<dyn Handler>>,
+    templates: Arc<Templates>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::with_builtins()
+    }
+}
+
+impl Registry {
+    /// A registry with no handler.
+    pub fn empty() -> Self {
+        Self {
+            handlers: HashMap::new(),
+            templates: Arc::new(Templates::new()),
+        }
+    }
+
+    /// A registry with every built-in handler of this crate.
+    pub fn with_builtins() -> Self {
+        let mut r = Self::empty();
+        r.register(Arc::new(builtin::Log));
+        r.register(Arc::new(builtin::Emit));
+        r
+    }
+
+    /// Adds (or replaces) a handler.
+    pub fn register(&mut self, handler: Arc<dyn Handler>) {
+        self.handlers.insert(handler.name(), handler);
+    }
+
+    /// The handler called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(name)
+    }
+
+    /// The shared template engine.
+    pub fn templates(&self) -> &Arc<Templates> {
+        &self.templates
+    }
+
+    /// The names of the registered handlers, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.handlers.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+impl StepCatalog for Registry {
+    fn check_step(&self, _account: &AccountKey, step: &StepSpec, earlier: &[&str]) -> Result<(), Vec<FieldProblem>> {
+        if step.handler.starts_with("script:") {
+            return Err(vec![FieldProblem::new(
+                "handler",
+                format!(
+                    "{:?}: Rhai script handlers are not supported yet; use a built-in handler ({})",
+                    step.handler,
+                    self.names().join(", ")
+                ),
+            )]);
+        }
+        let Some(handler) = self.get(&step.handler) else {
+            return Err(vec![FieldProblem::new(
+                "handler",
+                format!(
+                    "unknown handler {:?}; the built-in handlers are {}",
+                    step.handler,
+                    self.names().join(", ")
+                ),
+            )]);
+        };
+        let mut problems = Vec::new();
+        self.templates
+            .check(&Value::Object(step.config.clone()), "config", earlier, &mut problems);
+        problems.extend(handler.check_config(&step.config));
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+}
+
+#[cfg(test)]
+mod tests;

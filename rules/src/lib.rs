@@ -1,1 +1,22 @@
-//! rules
+//! Chains: what an account configures, how it is checked and stored, and which
+//! chains an event runs.
+//!
+//! This crate knows chains and how they match events. It runs no handler and
+//! opens no network connection: handler-specific checks come in through the
+//! [`StepCatalog`] trait, which the handlers crate implements.
+
+mod chain_store;
+mod matching;
+mod model;
+mod validate;
+
+pub use chain_store::{ChainStore, ChainStoreError, ChainVersion};
+pub use matching::{AccountChains, Routing};
+pub use model::{ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration};
+pub use validate::{
+    ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
+    parse_chain_file, validate,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! Built-in handlers that need no outside peer: `log` and `emit`.
+
+use serde_json::{Map, Value};
+use switchboard_rules::FieldProblem;
+use switchboard_sdk::{ConversationKey, ConversationType, EventType};
+
+use crate::template::is_template;
+use crate::{EmitRequest, Handler, StepError, StepInput, StepOutput};
+
+/// Flags options a handler does not know (usually typos), naming the known ones.
+fn only_known(config: &Map<String, Value>, known: &[&str], problems: &mut Vec<FieldProblem>) {
+    for key in config.keys() {
+        if !known.contains(&key.as_str()) {
+            problems.push(FieldProblem::new(
+                format!("config.{key}"),
+                format!("unknown option; this handler takes {}", known.join(", ")),
+            ));
+        }
+    }
+}
+
+/// Checks an option that must be a string (a template or a literal that
+/// `literal_ok` accepts).
+fn string_option(
+    config: &Map<String, Value>,
+    key: &str,
+    required: bool,
+    literal_ok: impl Fn(&str) -> Result<(), String>,
+    problems: &mut Vec<FieldProblem>,
+) {
+    match config.get(key) {
+        None if required => problems.push(FieldProblem::new(format!("config.{key}"), "required option is missing")),
+        None => {}
+        Some(Value::String(s)) if is_template(s) => {}
+        Some(Value::String(s)) => {
+            if let Err(message) = literal_ok(s) {
+                problems.push(FieldProblem::new(format!("config.{key}"), message));
+            }
+        }
+        Some(other) => problems.push(FieldProblem::new(
+            format!("config.{key}"),
+            format!("must be a string, not {other}"),
+        )),
+    }
+}
+
+fn any_str(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// `log`: writes a structured tracing line; outputs nothing.
+///
+/// Options: `message` (template; default names the event), `level` (`trace`,
+/// `debug`, `info` (default), `warn`, `error`), `fields` (an object of templates).
+#[derive(Debug, Clone, Copy)]
+pub struct Log;
+
+const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+#[async_trait::async_trait]
+impl Handler for Log {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(config, &["message", "level", "fields"], &mut problems);
+        string_option(config, "message", false, any_str, &mut problems);
+        string_option(
+            config,
+            "level",
+            false,
+            |s| {
+                if LEVELS.contains(&s) {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?} is not a level; use one of {}", LEVELS.join(", ")))
+                }
+            },
+            &mut problems,
+        );
+        if let Some(fields) = config.get("fields")
+            && !fields.is_object()
+        {
+            problems.push(FieldProblem::new("config.fields", "must be a table of name = value"));
+        }
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let config = input.render_config()?;
+        let event = input.event;
+        let message = match config.get("message") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => format!("{}.{} event received", event.conversation_type, event.event_type),
+        };
+        let fields = config.get("fields").map(Value::to_string).unwrap_or_default();
+        let level = config.get("level").and_then(Value::as_str).unwrap_or("info");
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "switchboard::log",
+                    account = %event.account_key,
+                    event_id = %event.id,
+                    chain = input.chain,
+                    step = input.step_name(),
+                    fields = %fields,
+                    "{message}"
+                )
+            };
+        }
+        match level {
+            "trace" => line!(trace),
+            "debug" => line!(debug),
+            "warn" => line!(warn),
+            "error" => line!(error),
+            "info" => line!(info),
+            other => {
+                return Err(StepError::permanent(format!(
+                    "config.level: {other:?} is not a level; use one of {}",
+                    LEVELS.join(", ")
+                )));
+            }
+        }
+        Ok(StepOutput::default())
+    }
+}
+
+/// `emit`: emits a child event of the event being handled.
+///
+/// Options: `event_type` (required), `conversation_type` and `conversation_key`
+/// (default: the handled event's), `data` (an object of templates, or one
+/// template that renders to an object). Output: `event_id`, `event_type`.
+#[derive(Debug, Clone, Copy)]
+pub struct Emit;
+
+#[async_trait::async_trait]
+impl Handler for Emit {
+    fn name(&self) -> &'static str {
+        "emit"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(
+            config,
+            &["event_type", "conversation_type", "conversation_key", "data"],
+            &mut problems,
+        );
+        string_option(config, "event_type", true, |s| check_key::<EventType>(s), &mut problems);
+        string_option(
+            config,
+            "conversation_type",
+            false,
+            |s| check_key::<ConversationType>(s),
+            &mut problems,
+        );
+        string_option(
+            config,
+            "conversation_key",
+            false,
+            |s| check_key::<ConversationKey>(s),
+            &mut problems,
+        );
+        match config.get("data") {
+            None | Some(Value::Object(_)) => {}
+            Some(Value::String(s)) if is_template(s) => {}
+            Some(_) => problems.push(FieldProblem::new(
+                "config.data",
+                "must be a table of name = value, or a template that gives one",
+            )),
+        }
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let config = input.render_config()?;
+        let event = input.event;
+        let event_type: EventType = rendered_key(&config, "event_type")?
+            .ok_or_else(|| StepError::permanent("config.event_type: required option is missing"))?;
+        let conversation_type =
+            rendered_key(&config, "conversation_type")?.unwrap_or_else(|| event.conversation_type.clone());
+        let conversation_key =
+            rendered_key(&config, "conversation_key")?.unwrap_or_else(|| event.conversation_key.clone());
+        let event_data = match config.get("data") {
+            None => Map::new(),
+            Some(Value::Object(map)) => map.clone(),
+            Some(other) => {
+                return Err(StepError::permanent(format!(
+                    "config.data: must give an object, but gave {other}"
+                )));
+            }
+        };
+        let mut output = Map::new();
+        output.insert("event_id".into(), Value::String(input.child_id(0).to_string()));
+        output.insert("event_type".into(), Value::String(event_type.to_string()));
+        Ok(StepOutput {
+            data: output,
+            stop: false,
+            emit: vec![EmitRequest {
+                conversation_type,
+                conversation_key,
+                event_type,
+                event_data,
+            }],
+        })
+    }
+}
+
+fn check_key<K>(s: &str) -> Result<(), String>
+where
+    K: TryFrom<String, Error = switchboard_sdk::KeyError>,
+{
+    K::try_from(s.to_string()).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn rendered_key<K>(config: &Map<String, Value>, key: &str) -> Result<Option<K>, StepError>
+where
+    K: TryFrom<String, Error = switchboard_sdk::KeyError>,
+{
+    match config.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => K::try_from(s.clone())
+            .map(Some)
+            .map_err(|e| StepError::permanent(format!("config.{key}: rendered to {e}"))),
+        Some(other) => Err(StepError::permanent(format!(
+            "config.{key}: must give a string, but gave {other}"
+        ))),
+    }
+}

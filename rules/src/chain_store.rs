@@ -1,0 +1,261 @@
+//! Stored chains: every change to an account's chains makes a new version; old
+//! versions are kept, listed and restorable.
+//!
+//! The current version of every account is held in memory, indexed for
+//! matching, so routing an event reads no storage and never looks at another
+//! account's chains.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+use time::OffsetDateTime;
+
+use crate::matching::AccountChains;
+use crate::model::{ChainFile, ChainSpec};
+use crate::validate::{StepCatalog, ValidChainFile, ValidationError, validate};
+
+/// One version of an account's chains, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainVersion {
+    /// The account.
+    pub account_key: AccountKey,
+    /// 1 for the first apply, then +1 for each change.
+    pub version: u64,
+    /// When the version was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub applied_at: OffsetDateTime,
+    /// What made it: `apply`, `remove chain NAME`, `remove all`, `restore N`.
+    pub change: String,
+    /// The chains of this version.
+    pub chains: Vec<ChainSpec>,
+}
+
+impl ChainVersion {
+    /// The chain file of this version.
+    pub fn to_file(&self) -> ChainFile {
+        ChainFile {
+            account_key: self.account_key.clone(),
+            chains: self.chains.clone(),
+        }
+    }
+}
+
+/// Why a chain store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainStoreError {
+    /// The storage below failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record could not be read back.
+    #[error("stored chains of account {account} are unreadable: {message}")]
+    Corrupt {
+        /// The account.
+        account: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The account has never had chains.
+    #[error("account {account} has no chains")]
+    NoChains {
+        /// The account.
+        account: String,
+    },
+    /// The named chain does not exist.
+    #[error("account {account} has no chain named {name:?}")]
+    NoSuchChain {
+        /// The account.
+        account: String,
+        /// The chain name.
+        name: String,
+    },
+    /// The version does not exist.
+    #[error("account {account} has no chain version {version}")]
+    NoSuchVersion {
+        /// The account.
+        account: String,
+        /// The version asked for.
+        version: u64,
+    },
+    /// The chains do not pass validation (for a restore: any more).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+/// The chains of every account.
+#[derive(Debug)]
+pub struct ChainStore {
+    store: Store,
+    current: RwLock<HashMap<AccountKey, Arc<AccountChains>>>,
+    /// Serialises changes, so version numbers never collide.
+    writer: Mutex<()>,
+}
+
+impl ChainStore {
+    /// Opens the chain store, loading every account's current chains.
+    pub fn open(store: Store) -> Result<Self, ChainStoreError> {
+        let mut current = HashMap::new();
+        for (k, v) in store.scan_prefix(Collection::Chains, b"")? {
+            let version = decode(&String::from_utf8_lossy(&k), &v)?;
+            current.insert(
+                version.account_key.clone(),
+                Arc::new(AccountChains::new(version.version, version.to_file())),
+            );
+        }
+        Ok(Self {
+            store,
+            current: RwLock::new(current),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The current chains of `account`, indexed for matching.
+    pub fn lookup(&self, account: &AccountKey) -> Option<Arc<AccountChains>> {
+        self.current.read().expect("chain cache lock").get(account).cloned()
+    }
+
+    /// Every account that has chains (possibly an empty set after `remove_all`).
+    pub fn accounts(&self) -> Vec<AccountKey> {
+        let mut accounts: Vec<_> = self.current.read().expect("chain cache lock").keys().cloned().collect();
+        accounts.sort();
+        accounts
+    }
+
+    /// Stores a checked chain file as the account's new version.
+    pub fn apply(&self, chains: ValidChainFile) -> Result<ChainVersion, ChainStoreError> {
+        self.commit(chains.into_file(), "apply".into())
+    }
+
+    /// The current version of `account`.
+    pub fn current(&self, account: &AccountKey) -> Result<Option<ChainVersion>, ChainStoreError> {
+        self.store
+            .get(Collection::Chains, account.as_str().as_bytes())?
+            .map(|v| decode(account.as_str(), &v))
+            .transpose()
+    }
+
+    /// Every version of `account`, oldest first.
+    pub fn history(&self, account: &AccountKey) -> Result<Vec<ChainVersion>, ChainStoreError> {
+        self.store
+            .scan_prefix(Collection::ChainVersions, &key(&[account.as_str().as_bytes(), b""]))?
+            .into_iter()
+            .map(|(_, v)| decode(account.as_str(), &v))
+            .collect()
+    }
+
+    /// One version of `account`.
+    pub fn version(&self, account: &AccountKey, version: u64) -> Result<ChainVersion, ChainStoreError> {
+        match self.store.get(Collection::ChainVersions, &version_key(account, version))? {
+            Some(v) => decode(account.as_str(), &v),
+            None => Err(ChainStoreError::NoSuchVersion {
+                account: account.to_string(),
+                version,
+            }),
+        }
+    }
+
+    /// Makes a new version without the chain `name`.
+    pub fn remove_chain(&self, account: &AccountKey, name: &str) -> Result<ChainVersion, ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        let current = self.current(account)?.ok_or_else(|| ChainStoreError::NoChains {
+            account: account.to_string(),
+        })?;
+        let mut file = current.to_file();
+        let before = file.chains.len();
+        file.chains.retain(|c| c.name != name);
+        if file.chains.len() == before {
+            return Err(ChainStoreError::NoSuchChain {
+                account: account.to_string(),
+                name: name.to_string(),
+            });
+        }
+        // The chains left were valid together, and no chain refers to another.
+        self.commit_locked(file, format!("remove chain {name}"))
+    }
+
+    /// Makes a new, empty version.
+    pub fn remove_all(&self, account: &AccountKey) -> Result<ChainVersion, ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        if self.current(account)?.is_none() {
+            return Err(ChainStoreError::NoChains {
+                account: account.to_string(),
+            });
+        }
+        let file = ChainFile {
+            account_key: account.clone(),
+            chains: Vec::new(),
+        };
+        self.commit_locked(file, "remove all".into())
+    }
+
+    /// Makes a new version equal to `version`, checked again against today's
+    /// handlers (a handler or script it used may have gone since).
+    pub fn restore(
+        &self,
+        account: &AccountKey,
+        version: u64,
+        catalog: &dyn StepCatalog,
+    ) -> Result<ChainVersion, ChainStoreError> {
+        let old = self.version(account, version)?;
+        let valid = validate(old.to_file(), account, catalog)?;
+        self.commit(valid.into_file(), format!("restore {version}"))
+    }
+
+    fn commit(&self, file: ChainFile, change: String) -> Result<ChainVersion, ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        self.commit_locked(file, change)
+    }
+
+    fn commit_locked(&self, file: ChainFile, change: String) -> Result<ChainVersion, ChainStoreError> {
+        let account = file.account_key.clone();
+        let last = self
+            .store
+            .scan_prefix_rev(Collection::ChainVersions, &key(&[account.as_str().as_bytes(), b""]), 1)?;
+        let next = match last.first() {
+            Some((k, _)) => version_of_key(k) + 1,
+            None => 1,
+        };
+        let record = ChainVersion {
+            account_key: account.clone(),
+            version: next,
+            applied_at: switchboard_sdk::now(),
+            change,
+            chains: file.chains,
+        };
+        let bytes = serde_json::to_vec(&record).expect("a chain version serialises");
+        self.store.write_atomically(&[
+            Write {
+                collection: Collection::Chains,
+                key: account.as_str().as_bytes().to_vec(),
+                value: Some(bytes.clone()),
+            },
+            Write {
+                collection: Collection::ChainVersions,
+                key: version_key(&account, next),
+                value: Some(bytes),
+            },
+        ])?;
+        self.store.flush_blocking()?;
+        let indexed = Arc::new(AccountChains::new(next, record.to_file()));
+        self.current.write().expect("chain cache lock").insert(account, indexed);
+        Ok(record)
+    }
+}
+
+fn version_key(account: &AccountKey, version: u64) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), &version.to_be_bytes()])
+}
+
+fn version_of_key(k: &[u8]) -> u64 {
+    let tail: [u8; 8] = k[k.len() - 8..].try_into().expect("version keys end in 8 bytes");
+    u64::from_be_bytes(tail)
+}
+
+fn decode(account: &str, bytes: &[u8]) -> Result<ChainVersion, ChainStoreError> {
+    serde_json::from_slice(bytes).map_err(|e| ChainStoreError::Corrupt {
+        account: account.to_string(),
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,130 @@
+//! Which of an account's chains an event runs.
+//!
+//! Chains are indexed by (conversation type, event type), wildcards included, so
+//! a lookup costs four hash probes whatever the number of chains or accounts.
+
+use std::collections::HashMap;
+
+use switchboard_sdk::{AccountKey, VumiApiEvent};
+
+use crate::model::{ChainFile, ChainSpec, DEFAULT_CHAIN, Pattern};
+
+const ANY: &str = "*";
+
+/// One version of an account's chains, indexed for matching.
+#[derive(Debug)]
+pub struct AccountChains {
+    account: AccountKey,
+    version: u64,
+    chains: Vec<ChainSpec>,
+    /// conversation type (or `*`) → event type (or `*`) → chain positions.
+    index: HashMap<String, HashMap<String, Vec<usize>>>,
+    default: Option<usize>,
+}
+
+/// What an event runs.
+#[derive(Debug, PartialEq)]
+pub enum Routing<'a> {
+    /// These chains matched, in file order.
+    Matched(Vec<&'a ChainSpec>),
+    /// Nothing matched; the account's `default` chain runs.
+    Default(&'a ChainSpec),
+    /// Nothing matched and there is no default chain.
+    Unrouted,
+}
+
+impl<'a> Routing<'a> {
+    /// The chains to run, in order.
+    pub fn chains(&self) -> Vec<&'a ChainSpec> {
+        match self {
+            Routing::Matched(c) => c.clone(),
+            Routing::Default(c) => vec![*c],
+            Routing::Unrouted => Vec::new(),
+        }
+    }
+}
+
+fn pattern_key<K: AsRef<str>>(p: &Pattern<K>) -> &str {
+    match p {
+        Pattern::Any => ANY,
+        Pattern::Exact(k) => k.as_ref(),
+    }
+}
+
+impl AccountChains {
+    /// Indexes `version` of an account's chains.
+    pub fn new(version: u64, file: ChainFile) -> Self {
+        let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        let mut default = None;
+        for (i, chain) in file.chains.iter().enumerate() {
+            if chain.name == DEFAULT_CHAIN {
+                default = Some(i);
+                continue;
+            }
+            index
+                .entry(pattern_key(&chain.conversation_type).to_string())
+                .or_default()
+                .entry(pattern_key(&chain.event_type).to_string())
+                .or_default()
+                .push(i);
+        }
+        Self {
+            account: file.account_key,
+            version,
+            chains: file.chains,
+            index,
+            default,
+        }
+    }
+
+    /// The account.
+    pub fn account(&self) -> &AccountKey {
+        &self.account
+    }
+
+    /// The version number of these chains.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Every chain, in file order.
+    pub fn chains(&self) -> &[ChainSpec] {
+        &self.chains
+    }
+
+    /// The chains `event` runs. Every chain whose match holds runs, in file
+    /// order; when none does, the chain named `default` runs (if its own match
+    /// holds); otherwise the event is unrouted.
+    pub fn route(&self, event: &VumiApiEvent) -> Routing<'_> {
+        let mut hits: Vec<usize> = Vec::new();
+        for ct in [event.conversation_type.as_str(), ANY] {
+            let Some(by_event) = self.index.get(ct) else { continue };
+            for et in [event.event_type.as_str(), ANY] {
+                if let Some(found) = by_event.get(et) {
+                    hits.extend(found.iter().copied().filter(|&i| conversation_matches(&self.chains[i], event)));
+                }
+            }
+        }
+        if !hits.is_empty() {
+            hits.sort_unstable();
+            return Routing::Matched(hits.into_iter().map(|i| &self.chains[i]).collect());
+        }
+        match self.default.map(|i| &self.chains[i]) {
+            Some(chain) if full_match(chain, event) => Routing::Default(chain),
+            _ => Routing::Unrouted,
+        }
+    }
+}
+
+fn conversation_matches(chain: &ChainSpec, event: &VumiApiEvent) -> bool {
+    chain
+        .conversation_key
+        .as_ref()
+        .is_none_or(|k| *k == event.conversation_key)
+}
+
+fn full_match(chain: &ChainSpec, event: &VumiApiEvent) -> bool {
+    chain.conversation_type.matches(&event.conversation_type)
+        && chain.event_type.matches(&event.event_type)
+        && conversation_matches(chain, event)
+}

@@ -1,0 +1,261 @@
+//! The chain file: what an account operator writes, in TOML or JSON.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
+
+/// An account's chains, as written in one chain file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainFile {
+    /// The account the chains belong to.
+    pub account_key: AccountKey,
+    /// The chains, in the order they run when several match.
+    #[serde(default)]
+    pub chains: Vec<ChainSpec>,
+}
+
+/// The name of the chain that runs when no other chain matches.
+pub const DEFAULT_CHAIN: &str = "default";
+
+/// One chain: a match and ordered steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainSpec {
+    /// Unique within the account: `^[A-Za-z0-9_-]{1,64}$`.
+    pub name: String,
+    /// Free text for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The conversation type it matches (`*` = any).
+    #[serde(default)]
+    pub conversation_type: Pattern<ConversationType>,
+    /// The event type it matches (`*` = any).
+    #[serde(default)]
+    pub event_type: Pattern<EventType>,
+    /// Only events of this conversation, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_key: Option<ConversationKey>,
+    /// A Rhai expression over `event` that must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// The steps, run in order.
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
+}
+
+/// One step of a chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// The handler: a built-in name, or `script:NAME`.
+    pub handler: String,
+    /// The step's name (defaults to the handler's); later steps see its output
+    /// as `steps.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Handler options; strings are templates over `event`, `steps`, `account`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub config: Map<String, Value>,
+    /// What a permanent failure (or exhausted retries) does to the chain.
+    #[serde(default, skip_serializing_if = "OnError::is_default")]
+    pub on_error: OnError,
+    /// How a retryable failure is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+impl StepSpec {
+    /// The name later steps use: `name`, or the handler's name (the script's
+    /// name for `script:NAME`).
+    pub fn step_name(&self) -> &str {
+        match &self.name {
+            Some(name) => name,
+            None => self.handler.strip_prefix("script:").unwrap_or(&self.handler),
+        }
+    }
+}
+
+/// What a failed step does to its chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// End the chain; the event goes to dead letters.
+    #[default]
+    Stop,
+    /// Record the failure and go on with the next step.
+    Continue,
+}
+
+impl OnError {
+    fn is_default(&self) -> bool {
+        *self == OnError::Stop
+    }
+}
+
+/// Retry policy of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first included (at least 1).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry.
+    #[serde(default = "default_initial", with = "duration")]
+    pub initial: Duration,
+    /// Longest delay between attempts.
+    #[serde(default = "default_max", with = "duration")]
+    pub max: Duration,
+    /// Factor between consecutive delays.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            initial: default_initial(),
+            max: default_max(),
+            multiplier: default_multiplier(),
+        }
+    }
+}
+
+impl RetrySpec {
+    /// The delay before retry number `retry` (1 = the first retry), without jitter.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = self.multiplier.powi(retry.saturating_sub(1).min(64) as i32);
+        let secs = (self.initial.as_secs_f64() * factor).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+/// Durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (or a number of seconds).
+pub mod duration {
+    use super::*;
+
+    /// Parses `"500ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"1d"`.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (write e.g. \"500ms\", \"2s\", \"1m\")"))?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" | "" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+                ));
+            }
+        };
+        let secs = n * scale;
+        if !secs.is_finite() || secs < 0.0 || secs > 365.0 * 86400.0 {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    /// Formats as the shortest exact form `parse` reads back.
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 1000 != 0 || ms == 0 {
+            format!("{ms}ms")
+        } else {
+            format!("{}s", ms / 1000)
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(f64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(s) => parse(&s).map_err(serde::de::Error::custom),
+            Raw::Seconds(n) => parse(&n.to_string()).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A match on one key: a value, or `*` for any.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Pattern<K> {
+    /// Any value.
+    #[default]
+    Any,
+    /// Exactly this value.
+    Exact(K),
+}
+
+impl<K: PartialEq> Pattern<K> {
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &K) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(k) => k == value,
+        }
+    }
+}
+
+impl<K: fmt::Display> fmt::Display for Pattern<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Exact(k) => k.fmt(f),
+        }
+    }
+}
+
+impl<K: fmt::Display> Serialize for Pattern<K> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de, K> Deserialize<'de> for Pattern<K>
+where
+    K: TryFrom<String>,
+    K::Error: fmt::Display,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "*" {
+            Ok(Pattern::Any)
+        } else {
+            K::try_from(s)
+                .map(Pattern::Exact)
+                .map_err(|e| serde::de::Error::custom(format!("{e} (or \"*\" for any)")))
+        }
+    }
+}

@@ -1,0 +1,254 @@
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
+use switchboard_store::Store;
+
+use super::*;
+
+/// Knows `log` (no options) and `emit` (needs `event_type`).
+struct TestCatalog;
+
+impl StepCatalog for TestCatalog {
+    fn check_step(&self, _: &AccountKey, step: &StepSpec, earlier: &[&str]) -> Result<(), Vec<FieldProblem>> {
+        match step.handler.as_str() {
+            "log" => Ok(()),
+            "emit" if step.config.contains_key("event_type") => Ok(()),
+            "emit" => Err(vec![FieldProblem::new("config.event_type", "required")]),
+            "needs_earlier" if earlier.contains(&"log") => Ok(()),
+            "needs_earlier" => Err(vec![FieldProblem::new("config", "needs an earlier log step")]),
+            other => Err(vec![FieldProblem::new("handler", format!("unknown handler {other:?}"))]),
+        }
+    }
+}
+
+fn acme() -> AccountKey {
+    AccountKey::new("acme").unwrap()
+}
+
+fn parse(toml: &str) -> ChainFile {
+    parse_chain_file(toml, Format::Toml, "test.toml").unwrap()
+}
+
+fn check(toml: &str) -> Result<ValidChainFile, ValidationError> {
+    validate(parse(toml), &acme(), &TestCatalog)
+}
+
+fn event(ct: &str, et: &str, ck: &str) -> VumiApiEvent {
+    VumiApiEvent::new(
+        acme(),
+        ConversationKey::new(ck).unwrap(),
+        ConversationType::new(ct).unwrap(),
+        EventType::new(et).unwrap(),
+        Default::default(),
+    )
+}
+
+const MATCH_FILE: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "exact"
+conversation_type = "survey"
+event_type = "poll_complete"
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "any-event-of-survey"
+conversation_type = "survey"
+event_type = "*"
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "poll-2026-only"
+conversation_type = "survey"
+event_type = "poll_complete"
+conversation_key = "poll-2026"
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "any-sms"
+conversation_type = "*"
+event_type = "sms_sent"
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "default"
+steps = [{ handler = "log" }]
+"#;
+
+#[test]
+fn matching_table() {
+    let chains = AccountChains::new(1, check(MATCH_FILE).unwrap().into_file());
+    let table: &[(&str, &str, &str, &[&str])] = &[
+        ("survey", "poll_complete", "other", &["exact", "any-event-of-survey"]),
+        ("survey", "poll_complete", "poll-2026", &["exact", "any-event-of-survey", "poll-2026-only"]),
+        ("survey", "poll_started", "x", &["any-event-of-survey"]),
+        ("ussd", "sms_sent", "x", &["any-sms"]),
+        ("survey", "sms_sent", "x", &["any-event-of-survey", "any-sms"]),
+        ("ussd", "menu_shown", "x", &["default"]),
+    ];
+    for (ct, et, ck, expected) in table {
+        let names: Vec<&str> = chains.route(&event(ct, et, ck)).chains().iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(&names, expected, "event {ct}/{et}/{ck}");
+    }
+    assert!(matches!(chains.route(&event("ussd", "menu_shown", "x")), Routing::Default(_)));
+}
+
+#[test]
+fn no_match_without_default_is_unrouted() {
+    let file = parse(&MATCH_FILE.replace("name = \"default\"", "name = \"fallback\"\nconversation_type = \"nothing\""));
+    let chains = AccountChains::new(1, validate(file, &acme(), &TestCatalog).unwrap().into_file());
+    assert_eq!(chains.route(&event("ussd", "menu_shown", "x")), Routing::Unrouted);
+}
+
+#[test]
+fn problems_name_chain_step_and_field() {
+    let err = check(
+        r#"
+account_key = "acme"
+[[chains]]
+name = "c1"
+event_type = "poll_complete"
+[[chains.steps]]
+handler = "log"
+[[chains.steps]]
+handler = "emit"
+[[chains.steps]]
+handler = "teleport"
+"#,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "account acme: chain \"c1\", step 2 (emit), field config.event_type: required; \
+         chain \"c1\", step 3 (teleport), field handler: unknown handler \"teleport\""
+    );
+}
+
+#[test]
+fn structural_rules() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[[chains]]\nname = \"a b\"\nsteps = [{ handler = \"log\" }]",
+            "chain \"a b\", field name: \"a b\" is not a chain name",
+        ),
+        (
+            "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }]\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }]",
+            "another chain of this account has the same name",
+        ),
+        ("[[chains]]\nname = \"a\"", "a chain needs at least one step"),
+        (
+            "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"log\" }]",
+            "step 2 (log), field name: another step of this chain is already called \"log\"",
+        ),
+        (
+            "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\", name = \"my-step\" }]",
+            "field name: \"my-step\" is not a step name",
+        ),
+        (
+            "[[chains]]\nname = \"a\"\nwhen = 'event.event_data.score > 3'\nsteps = [{ handler = \"log\" }]",
+            "field when: `when` conditions are not supported yet",
+        ),
+        (
+            "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\", retry = { max_attempts = 0 } }]",
+            "field retry.max_attempts: must be at least 1",
+        ),
+        ("[[chains]]\nname = \"a\"\nsteps = [{ handler = \"needs_earlier\" }]", "needs an earlier log step"),
+    ];
+    for (body, expected) in cases {
+        let err = check(&format!("account_key = \"acme\"\n{body}")).unwrap_err().to_string();
+        assert!(err.contains(expected), "{body}\n=> {err}\nexpected to contain: {expected}");
+    }
+    let ok = check("account_key = \"acme\"\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"needs_earlier\" }]");
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn file_for_another_account_is_refused() {
+    let err = validate(parse("account_key = \"other\""), &acme(), &TestCatalog).unwrap_err();
+    assert!(err.to_string().contains("the file is for account \"other\" but is being applied to account \"acme\""), "{err}");
+}
+
+#[test]
+fn parse_errors_give_line_and_column() {
+    let err = parse_chain_file("account_key = \"acme\"\n[[chains]]\nname = 3\n", Format::Toml, "acme.toml").unwrap_err();
+    assert!(err.to_string().starts_with("acme.toml: line 3, column 8:"), "{err}");
+    let err = parse_chain_file("account_key = \"acme\"\nchain = []\n", Format::Toml, "acme.toml").unwrap_err();
+    assert!(err.to_string().contains("unknown field `chain`"), "{err}");
+    let err = parse_chain_file("account_key = \"a.b\"\n", Format::Toml, "x.toml").unwrap_err();
+    assert!(err.to_string().contains("invalid account_key"), "{err}");
+    let err = parse_chain_file(r#"{"account_key": "acme", "chains": [{"name": 1}]}"#, Format::Json, "x.json").unwrap_err();
+    assert!(err.to_string().contains("line 1"), "{err}");
+}
+
+#[test]
+fn json_and_toml_read_the_same() {
+    let toml = parse(MATCH_FILE);
+    let json = serde_json::to_string(&toml).unwrap();
+    assert_eq!(parse_chain_file(&json, Format::sniff(&json), "x").unwrap(), toml);
+}
+
+#[test]
+fn retry_delays_grow_to_the_cap() {
+    let r = RetrySpec {
+        max_attempts: 5,
+        initial: std::time::Duration::from_millis(100),
+        max: std::time::Duration::from_millis(350),
+        multiplier: 2.0,
+    };
+    let ms: Vec<u128> = (1..=4).map(|n| r.delay(n).as_millis()).collect();
+    assert_eq!(ms, vec![100, 200, 350, 350]);
+    assert_eq!(duration::parse("1.5s").unwrap().as_millis(), 1500);
+    assert!(duration::parse("3 weeks").is_err());
+}
+
+#[test]
+fn store_versions_restore_and_remove() {
+    let store = ChainStore::open(Store::temporary().unwrap()).unwrap();
+    let v1 = store.apply(check(MATCH_FILE).unwrap()).unwrap();
+    assert_eq!(v1.version, 1);
+    let only_default = "account_key = \"acme\"\n[[chains]]\nname = \"default\"\nsteps = [{ handler = \"log\" }]";
+    let v2 = store.apply(check(only_default).unwrap()).unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(store.lookup(&acme()).unwrap().chains().len(), 1);
+
+    let v3 = store.restore(&acme(), 1, &TestCatalog).unwrap();
+    assert_eq!((v3.version, v3.change.as_str()), (3, "restore 1"));
+    assert_eq!(v3.chains, v1.chains);
+    assert_eq!(store.lookup(&acme()).unwrap().version(), 3);
+
+    let v4 = store.remove_chain(&acme(), "any-sms").unwrap();
+    assert_eq!(v4.chains.len(), 4);
+    assert!(matches!(store.remove_chain(&acme(), "nope"), Err(ChainStoreError::NoSuchChain { .. })));
+    let v5 = store.remove_all(&acme()).unwrap();
+    assert!(v5.chains.is_empty());
+
+    let history: Vec<(u64, String)> = store.history(&acme()).unwrap().into_iter().map(|v| (v.version, v.change)).collect();
+    assert_eq!(
+        history,
+        vec![
+            (1, "apply".to_string()),
+            (2, "apply".to_string()),
+            (3, "restore 1".to_string()),
+            (4, "remove chain any-sms".to_string()),
+            (5, "remove all".to_string()),
+        ]
+    );
+    assert!(matches!(store.version(&acme(), 9), Err(ChainStoreError::NoSuchVersion { version: 9, .. })));
+}
+
+#[test]
+fn store_reloads_and_keeps_accounts_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
+        store.apply(check(MATCH_FILE).unwrap()).unwrap();
+        let other = AccountKey::new("other").unwrap();
+        let file = parse("account_key = \"other\"\n[[chains]]\nname = \"x\"\nsteps = [{ handler = \"log\" }]");
+        store.apply(validate(file, &other, &TestCatalog).unwrap()).unwrap();
+    }
+    let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(store.accounts().len(), 2);
+    assert_eq!(store.lookup(&acme()).unwrap().chains().len(), 5);
+    let other = store.lookup(&AccountKey::new("other").unwrap()).unwrap();
+    assert_eq!(other.chains()[0].name, "x");
+    assert!(store.lookup(&AccountKey::new("nobody").unwrap()).is_none());
+}

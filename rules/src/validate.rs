@@ -1,0 +1,325 @@
+//! Parsing chain files and checking them before they are stored, so that a
+//! stored chain never fails for a reason that could have been caught here.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use switchboard_sdk::AccountKey;
+
+use crate::model::{ChainFile, ChainSpec, StepSpec};
+
+/// The formats a chain file may be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TOML (the usual form).
+    Toml,
+    /// JSON with the same shape.
+    Json,
+}
+
+impl Format {
+    /// The format a file name's extension names; TOML unless it ends in `.json`.
+    pub fn from_path(path: &str) -> Format {
+        if path.to_ascii_lowercase().ends_with(".json") {
+            Format::Json
+        } else {
+            Format::Toml
+        }
+    }
+
+    /// The format of a text: JSON if it starts with `{`, TOML otherwise.
+    pub fn sniff(text: &str) -> Format {
+        if text.trim_start().starts_with('{') {
+            Format::Json
+        } else {
+            Format::Toml
+        }
+    }
+}
+
+/// A chain file that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ParseError {
+    /// Where the text came from (a file name, or "request body").
+    pub source_name: String,
+    /// What the parser said, with line and column.
+    pub message: String,
+}
+
+/// Parses a chain file.
+pub fn parse_chain_file(text: &str, format: Format, source_name: &str) -> Result<ChainFile, ParseError> {
+    let result = match format {
+        Format::Toml => toml::from_str(text).map_err(|e| {
+            // toml's message spans several lines with a source excerpt; keep the
+            // position and the reason on one line.
+            let reason = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let (line, col) = line_col(text, span.start);
+                    format!("line {line}, column {col}: {reason}")
+                }
+                None => reason,
+            }
+        }),
+        Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+    };
+    result.map_err(|message| ParseError {
+        source_name: source_name.to_string(),
+        message,
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// A problem with one field of a step's configuration, as a handler reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// The field, as a path under the step (`config.to`, `handler`).
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl FieldProblem {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What the chain checker needs to know about handlers: the handlers crate
+/// implements it, so this crate runs no handler itself.
+pub trait StepCatalog {
+    /// Checks one step: the handler exists and its config is complete and well
+    /// formed. `earlier_steps` are the names of the steps before it in its chain,
+    /// which its templates may refer to as `steps.<name>`.
+    fn check_step(
+        &self,
+        account: &AccountKey,
+        step: &StepSpec,
+        earlier_steps: &[&str],
+    ) -> Result<(), Vec<FieldProblem>>;
+}
+
+/// One thing wrong with a chain file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainProblem {
+    /// The chain (by name, or by position when it has no usable name).
+    pub chain: Option<String>,
+    /// The step: position (1-based) and name.
+    pub step: Option<(usize, String)>,
+    /// The field.
+    pub field: Option<String>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(chain) = &self.chain {
+            write!(f, "chain {chain:?}")?;
+        }
+        if let Some((n, name)) = &self.step {
+            write!(f, ", step {n} ({name})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ", field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything wrong with a chain file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationError {
+    /// The account the file is for.
+    pub account: String,
+    /// The problems, in file order.
+    pub problems: Vec<ChainProblem>,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "account {}: ", self.account)?;
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A chain file that passed every check. Only [`validate`] makes one, so a
+/// value of this type is proof that the chains can be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidChainFile(ChainFile);
+
+impl ValidChainFile {
+    /// The checked file.
+    pub fn file(&self) -> &ChainFile {
+        &self.0
+    }
+
+    /// The checked file, by value.
+    pub fn into_file(self) -> ChainFile {
+        self.0
+    }
+}
+
+fn is_chain_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Step names are used in templates as `steps.<name>`, so they are identifiers.
+fn is_step_name(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && s.len() <= 64
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks every rule of a chain file, collecting every problem.
+///
+/// `expected_account` is the account the file is being applied to; the file's
+/// `account_key` must name it.
+pub fn validate(
+    file: ChainFile,
+    expected_account: &AccountKey,
+    catalog: &dyn StepCatalog,
+) -> Result<ValidChainFile, ValidationError> {
+    let mut problems = Vec::new();
+    if &file.account_key != expected_account {
+        problems.push(ChainProblem {
+            chain: None,
+            step: None,
+            field: Some("account_key".into()),
+            message: format!(
+                "the file is for account {:?} but is being applied to account {:?}",
+                file.account_key.as_str(),
+                expected_account.as_str()
+            ),
+        });
+    }
+    let mut names = HashSet::new();
+    for (i, chain) in file.chains.iter().enumerate() {
+        let label = if chain.name.is_empty() {
+            format!("#{}", i + 1)
+        } else {
+            chain.name.clone()
+        };
+        if !is_chain_name(&chain.name) {
+            problems.push(chain_problem(
+                &label,
+                "name",
+                format!("{:?} is not a chain name: use 1 to 64 of A-Z a-z 0-9 _ -", chain.name),
+            ));
+        } else if !names.insert(chain.name.as_str()) {
+            problems.push(chain_problem(
+                &label,
+                "name",
+                "another chain of this account has the same name; chain names are unique".into(),
+            ));
+        }
+        check_chain(&file.account_key, &label, chain, catalog, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(ValidChainFile(file))
+    } else {
+        Err(ValidationError {
+            account: expected_account.to_string(),
+            problems,
+        })
+    }
+}
+
+fn chain_problem(chain: &str, field: &str, message: String) -> ChainProblem {
+    ChainProblem {
+        chain: Some(chain.to_string()),
+        step: None,
+        field: Some(field.to_string()),
+        message,
+    }
+}
+
+fn check_chain(
+    account: &AccountKey,
+    label: &str,
+    chain: &ChainSpec,
+    catalog: &dyn StepCatalog,
+    problems: &mut Vec<ChainProblem>,
+) {
+    if chain.when.is_some() {
+        problems.push(chain_problem(
+            label,
+            "when",
+            "`when` conditions are not supported yet (they arrive with Rhai support); \
+             remove the field, or split the chain by conversation_type/event_type"
+                .into(),
+        ));
+    }
+    if chain.steps.is_empty() {
+        problems.push(chain_problem(
+            label,
+            "steps",
+            "a chain needs at least one step ([[chains.steps]] with a handler)".into(),
+        ));
+    }
+    let mut earlier: Vec<&str> = Vec::new();
+    for (i, step) in chain.steps.iter().enumerate() {
+        let name = step.step_name();
+        let step_ref = Some((i + 1, name.to_string()));
+        let mut push = |field: &str, message: String| {
+            problems.push(ChainProblem {
+                chain: Some(label.to_string()),
+                step: step_ref.clone(),
+                field: Some(field.to_string()),
+                message,
+            })
+        };
+        if !is_step_name(name) {
+            push(
+                "name",
+                format!(
+                    "{name:?} is not a step name: later steps refer to it as steps.<name>, so use \
+                     a letter or _ followed by letters, digits or _ (at most 64)"
+                ),
+            );
+        } else if earlier.contains(&name) {
+            push(
+                "name",
+                format!(
+                    "another step of this chain is already called {name:?}; give one of them a \
+                     distinct `name`"
+                ),
+            );
+        }
+        if let Some(retry) = &step.retry {
+            if retry.max_attempts == 0 {
+                push("retry.max_attempts", "must be at least 1 (the first attempt counts)".into());
+            }
+            if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+                push("retry.multiplier", "must be a number of at least 1".into());
+            }
+            if retry.initial > retry.max {
+                push("retry.initial", "must not be longer than retry.max".into());
+            }
+        }
+        if let Err(found) = catalog.check_step(account, step, &earlier) {
+            for p in found {
+                push(&p.field, p.message);
+            }
+        }
+        earlier.push(name);
+    }
+}
