@@ -1,1 +1,317 @@
-fn main() {}
+//! `switchboard`: parses arguments and calls library code. Errors are reported
+//! once, here, as one line on stderr with a non-zero exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use switchboard_dispatcher::cli::{self, CliError, EmitArgs};
+use switchboard_dispatcher::client::Client;
+use switchboard_dispatcher::{Config, Dispatcher, demo};
+
+/// An event dispatcher with pluggable, chained handlers.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How commands reach a running dispatcher.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The dispatcher's API.
+    #[arg(long, env = "SWITCHBOARD_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    server: String,
+    /// Print JSON instead of text for people.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> Client {
+        Client::new(&self.server, std::env::var("SWITCHBOARD_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the dispatcher (embedded bus unless --nats is given).
+    Run(RunArgs),
+    /// Run the dispatcher on the embedded bus with the example chains, emit sample events and show what the chains did.
+    Demo(DemoArgs),
+    /// Emit an event through a running dispatcher.
+    Emit(EmitCommand),
+    /// Manage an account's chains.
+    #[command(subcommand)]
+    Chains(ChainsCommand),
+    /// Show what the dispatcher did with an event.
+    Trace {
+        /// The account.
+        account: String,
+        /// The event id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Inspect events that could not be handled.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Config file (TOML); flags and SWITCHBOARD_* variables override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL; without it the embedded bus is used.
+    #[arg(long, env = "SWITCHBOARD_NATS_URL")]
+    nats: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "SWITCHBOARD_DATA")]
+    data: Option<PathBuf>,
+    /// Listen address of the HTTP API.
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Apply every chain file (*.toml, *.json) in this folder at start.
+    #[arg(long, env = "SWITCHBOARD_CHAINS")]
+    chains: Option<PathBuf>,
+    /// First segment of every NATS subject (default: vumi).
+    #[arg(long, env = "SWITCHBOARD_SUBJECT_PREFIX")]
+    subject_prefix: Option<String>,
+    /// Conversations handled at once.
+    #[arg(long, env = "SWITCHBOARD_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Log lines as JSON.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Folder of chain files to apply.
+    #[arg(long, default_value_os_t = demo::default_chains_dir())]
+    chains: PathBuf,
+    /// Listen address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Exit after showing the sample events instead of serving on.
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Debug, Args)]
+struct EmitCommand {
+    /// The account.
+    account: String,
+    /// The conversation type (e.g. survey).
+    conversation_type: String,
+    /// The event type (e.g. poll_complete).
+    event_type: String,
+    /// The conversation key.
+    #[arg(long, default_value = "cli")]
+    conversation: String,
+    /// event_data, a JSON object.
+    #[arg(long, default_value = "{}")]
+    data: String,
+    /// Use this event id (a UUID), e.g. to retry an emit safely.
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChainsCommand {
+    /// Apply chain files (TOML or JSON); each names its account.
+    Apply {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List an account's chains.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show an account's chains (or one chain) as a chain file.
+    Show {
+        /// The account.
+        account: String,
+        /// Only this chain.
+        chain: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the versions of an account's chains.
+    History {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Make an old version current again (as a new version).
+    Restore {
+        /// The account.
+        account: String,
+        /// The version to restore.
+        version: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove one chain, or every chain with --all (as a new version).
+    Rm {
+        /// The account.
+        account: String,
+        /// The chain to remove.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        chain: Option<String>,
+        /// Remove every chain of the account.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// List an account's dead letters, newest first.
+    List {
+        /// The account (`_unknown` for poison whose subject named no account).
+        account: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one dead letter in full.
+    Show {
+        /// The account.
+        account: String,
+        /// The dead letter's id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Demo(args) => {
+            switchboard_dispatcher::init_logging(false);
+            demo::run(demo::DemoOptions {
+                chains_dir: args.chains,
+                listen: args.listen,
+                once: args.once,
+            })
+            .await
+            .map(|()| None)
+            .map_err(|e| e.to_string())
+        }
+        Command::Emit(e) => {
+            let args = EmitArgs {
+                account: e.account,
+                conversation_type: e.conversation_type,
+                event_type: e.event_type,
+                conversation: e.conversation,
+                data: e.data,
+                id: e.id,
+            };
+            print(cli::emit(&e.remote.client(), args, e.remote.json).await)
+        }
+        Command::Chains(c) => print(match c {
+            ChainsCommand::Apply { files, remote } => cli::chains_apply(&remote.client(), &files, remote.json).await,
+            ChainsCommand::List { account, remote } => cli::chains_list(&remote.client(), &account, remote.json).await,
+            ChainsCommand::Show { account, chain, remote } => {
+                cli::chains_show(&remote.client(), &account, chain.as_deref(), remote.json).await
+            }
+            ChainsCommand::History { account, remote } => {
+                cli::chains_history(&remote.client(), &account, remote.json).await
+            }
+            ChainsCommand::Restore { account, version, remote } => {
+                cli::chains_restore(&remote.client(), &account, version, remote.json).await
+            }
+            ChainsCommand::Rm { account, chain, remote, .. } => {
+                cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await
+            }
+        }),
+        Command::Trace { account, id, remote } => print(cli::trace(&remote.client(), &account, &id, remote.json).await),
+        Command::DeadLetters(d) => print(match d {
+            DeadLettersCommand::List { account, limit, remote } => {
+                cli::dead_letters_list(&remote.client(), &account, limit, remote.json).await
+            }
+            DeadLettersCommand::Show { account, id, remote } => {
+                cli::dead_letters_show(&remote.client(), &account, &id).await
+            }
+        }),
+    };
+    match result {
+        Ok(Some(text)) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("switchboard: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(result: Result<String, CliError>) -> Result<Option<String>, String> {
+    result.map(Some).map_err(|e| e.to_string())
+}
+
+async fn run(args: RunArgs) -> Result<Option<String>, String> {
+    switchboard_dispatcher::init_logging(args.log_format == "json");
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(url) = args.nats {
+        config.bus.nats_url = Some(url);
+    }
+    if let Some(data) = args.data {
+        config.store.data_dir = data;
+    }
+    if let Some(listen) = args.listen {
+        config.http.listen = listen;
+    }
+    if let Some(prefix) = args.subject_prefix {
+        config.bus.subject_prefix = prefix;
+    }
+    if let Some(n) = args.concurrency {
+        config.limits.concurrency = n;
+    }
+    config.check().map_err(|e| e.to_string())?;
+    let dispatcher = Dispatcher::start(config, args.chains.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    for applied in dispatcher.applied() {
+        tracing_line(applied);
+    }
+    // The address on stdout, so that scripts (and tests) can find a port chosen by the OS.
+    println!("listening on http://{}", dispatcher.local_addr());
+    switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;
+    dispatcher.shutdown().await;
+    Ok(None)
+}
+
+fn tracing_line(applied: &switchboard_dispatcher::AppliedFile) {
+    eprintln!(
+        "applied {} → account {} {}",
+        applied.path.display(),
+        applied.account,
+        applied.version.map_or("unchanged".to_string(), |v| format!("at chain version {v}"))
+    );
+}

@@ -15,7 +15,7 @@ pub use matching::{AccountChains, Routing};
 pub use model::{ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration};
 pub use validate::{
     ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
-    parse_chain_file, validate,
+    parse_chain_file, toml_error_message, validate,
 };
 
 #[cfg(test)]

@@ -50,24 +50,26 @@ pub struct ParseError {
 /// Parses a chain file.
 pub fn parse_chain_file(text: &str, format: Format, source_name: &str) -> Result<ChainFile, ParseError> {
     let result = match format {
-        Format::Toml => toml::from_str(text).map_err(|e| {
-            // toml's message spans several lines with a source excerpt; keep the
-            // position and the reason on one line.
-            let reason = e.message().to_string();
-            match e.span() {
-                Some(span) => {
-                    let (line, col) = line_col(text, span.start);
-                    format!("line {line}, column {col}: {reason}")
-                }
-                None => reason,
-            }
-        }),
+        Format::Toml => toml::from_str(text).map_err(|e| toml_error_message(text, &e)),
         Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
     };
     result.map_err(|message| ParseError {
         source_name: source_name.to_string(),
         message,
     })
+}
+
+/// A TOML error on one line: `line L, column C: reason`. (toml's own message
+/// spans several lines with a source excerpt.)
+pub fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
+    let reason = e.message().to_string();
+    match e.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            format!("line {line}, column {col}: {reason}")
+        }
+        None => reason,
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

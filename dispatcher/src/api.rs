@@ -1,0 +1,323 @@
+//! The HTTP API of a running dispatcher (axum), JSON under `/v1`.
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}` with the status
+//! that fits. Bound to 127.0.0.1 by default; authentication arrives with the
+//! multi-tenant API.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+
+use crate::executor::Executor;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The executor and everything it holds.
+    pub executor: Arc<Executor>,
+}
+
+/// The router of the whole API.
+pub fn router(state: ApiState) -> Router {
+    let body_limit = state.executor.limits.max_event_bytes.max(1 << 20);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/events", post(ingest))
+        .route("/v1/accounts", get(list_accounts))
+        .route(
+            "/v1/accounts/{account}/chains",
+            get(show_chains).put(apply_chains).delete(remove_all_chains),
+        )
+        .route("/v1/accounts/{account}/chains/{name}", get(show_chain).delete(remove_chain))
+        .route("/v1/accounts/{account}/chain-versions", get(history))
+        .route("/v1/accounts/{account}/chain-versions/{version}", get(show_version))
+        .route("/v1/accounts/{account}/chain-versions/{version}/restore", post(restore))
+        .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
+        .route("/v1/accounts/{account}/dead-letters", get(list_dead_letters))
+        .route("/v1/accounts/{account}/dead-letters/{id}", get(show_dead_letter))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// An API error: status, code and message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "API request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(details) = self.details {
+            error["details"] = details;
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<ChainStoreError> for ApiError {
+    fn from(e: ChainStoreError) -> Self {
+        match &e {
+            ChainStoreError::NoChains { .. }
+            | ChainStoreError::NoSuchChain { .. }
+            | ChainStoreError::NoSuchVersion { .. } => ApiError::not_found(e.to_string()),
+            ChainStoreError::Invalid(v) => {
+                let mut err = ApiError::bad_request("invalid_chains", e.to_string());
+                err.details = Some(problems_json(v));
+                err
+            }
+            ChainStoreError::Store(_) | ChainStoreError::Corrupt { .. } => ApiError::internal(e),
+        }
+    }
+}
+
+fn problems_json(v: &switchboard_rules::ValidationError) -> Value {
+    Value::Array(
+        v.problems
+            .iter()
+            .map(|p| {
+                json!({
+                    "chain": p.chain,
+                    "step": p.step.as_ref().map(|(n, name)| json!({"position": n, "name": name})),
+                    "field": p.field,
+                    "message": p.message,
+                })
+            })
+            .collect(),
+    )
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn account_key(raw: &str) -> Result<AccountKey, ApiError> {
+    AccountKey::new(raw).map_err(|e| ApiError::bad_request("invalid_account", e.to_string()))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; the API lives under /v1 (see the README)")
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let bus = s.executor.bus.is_ready();
+    let status = if bus { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": bus, "bus": s.executor.bus.kind(), "bus_connected": bus}))).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.executor.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ingest(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let event = VumiApiEvent::decode_with_defaults(&body, s.executor.limits.max_event_bytes)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let published = s.executor.bus.publish(&event).await.map_err(|e| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string())
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "id": event.id,
+            "subject": event.subject(&s.executor.prefix),
+            "duplicate": published.duplicate,
+        })),
+    )
+        .into_response())
+}
+
+async fn list_accounts(State(s): State<ApiState>) -> Json<Value> {
+    Json(json!({"accounts": s.executor.chains.accounts()}))
+}
+
+fn version_json(v: &ChainVersion) -> Value {
+    serde_json::to_value(v).expect("a chain version serialises")
+}
+
+async fn show_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    match s.executor.chains.current(&account)? {
+        Some(v) => Ok(Json(version_json(&v)).into_response()),
+        None => Err(ApiError::not_found(format!("account {account} has no chains"))),
+    }
+}
+
+async fn apply_chains(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let format = if content_type.contains("json") {
+        Format::Json
+    } else if content_type.contains("toml") {
+        Format::Toml
+    } else {
+        Format::sniff(&body)
+    };
+    let file = parse_chain_file(&body, format, "request body")
+        .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
+    let valid = validate(file, &account, s.executor.registry.as_ref()).map_err(ChainStoreError::from)?;
+    let version = s.executor.chains.apply(valid)?;
+    tracing::info!(%account, version = version.version, "chains applied");
+    Ok(Json(version_json(&version)).into_response())
+}
+
+async fn remove_all_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let version = s.executor.chains.remove_all(&account)?;
+    Ok(Json(version_json(&version)).into_response())
+}
+
+async fn show_chain(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    let current = s
+        .executor
+        .chains
+        .current(&account)?
+        .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
+    let chain = current
+        .chains
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("account {account} has no chain named {name:?}")))?;
+    Ok(Json(json!({"account_key": account, "version": current.version, "chain": chain})).into_response())
+}
+
+async fn remove_chain(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    let version = s.executor.chains.remove_chain(&account, &name)?;
+    Ok(Json(version_json(&version)).into_response())
+}
+
+async fn history(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let versions: Vec<Value> = s
+        .executor
+        .chains
+        .history(&account)?
+        .iter()
+        .map(|v| {
+            json!({
+                "version": v.version,
+                "applied_at": switchboard_sdk::format_rfc3339(v.applied_at),
+                "change": v.change,
+                "chains": v.chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!("account {account} has no chains")));
+    }
+    Ok(Json(json!({"account_key": account, "versions": versions})).into_response())
+}
+
+async fn show_version(State(s): State<ApiState>, Path((account, version)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    let version = parse_version(&version)?;
+    Ok(Json(version_json(&s.executor.chains.version(&account, version)?)).into_response())
+}
+
+async fn restore(State(s): State<ApiState>, Path((account, version)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    let version = parse_version(&version)?;
+    let restored = s
+        .executor
+        .chains
+        .restore(&account, version, s.executor.registry.as_ref())?;
+    Ok(Json(version_json(&restored)).into_response())
+}
+
+fn parse_version(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad_request("invalid_version", format!("{raw:?} is not a version number")))
+}
+
+async fn trace(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    let id = EventId::parse(&id).map_err(|e| ApiError::bad_request("invalid_event_id", e))?;
+    match s.executor.traces.get(account.as_str(), &id).map_err(ApiError::internal)? {
+        Some(trace) => Ok(Json(trace).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "no trace of event {id} in account {account} (not handled yet, or never received)"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list_dead_letters(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    // Poison whose subject named no valid account is filed under `_unknown`.
+    if account != crate::records::UNKNOWN_ACCOUNT {
+        account_key(&account)?;
+    }
+    let letters = s
+        .executor
+        .dead_letters
+        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "dead_letters": letters})).into_response())
+}
+
+async fn show_dead_letter(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
+    match s.executor.dead_letters.get(&account, &id).map_err(ApiError::internal)? {
+        Some(letter) => Ok(Json(letter).into_response()),
+        None => Err(ApiError::not_found(format!("account {account} has no dead letter {id}"))),
+    }
+}

@@ -1,0 +1,240 @@
+//! The embedded bus: an in-process queue, durable in the store, with the
+//! semantics of the NATS bus — at-least-once, ack after handling, duplicate
+//! publishes dropped within a window, everything unacked redelivered after a
+//! crash.
+//!
+//! A publish is flushed to disk before it returns (concurrent publishes share
+//! one flush). An ack removes the message without a flush: after a crash an
+//! acked message may come back, which at-least-once allows and the derived ids
+//! of emitted events make harmless.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_sdk::VumiApiEvent;
+use switchboard_store::{Collection, Store};
+use tokio::sync::mpsc;
+
+use super::{Acker as DeliveryAcker, Bus, BusError, Delivery, Published};
+use crate::DUPLICATE_WINDOW;
+
+/// Work for the delivery task.
+#[derive(Debug)]
+enum Notice {
+    /// A newly published message.
+    New(u64),
+    /// A nakked message, due again.
+    Again { seq: u64, attempt: u32 },
+}
+
+/// The embedded bus.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    prefix: String,
+    notices: mpsc::UnboundedSender<Notice>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
+    /// The last sequence stored before this process started: the delivery
+    /// task reads those from the store, and takes the rest from `notices`.
+    boundary: u64,
+}
+
+/// Acks or naks one embedded delivery.
+#[derive(Debug)]
+pub struct Acker {
+    inner: Arc<Inner>,
+    seq: u64,
+}
+
+impl Acker {
+    pub(super) fn ack(self) -> Result<(), BusError> {
+        self.inner.store.remove(Collection::BusQueue, &self.seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub(super) fn nak(self, delay: Duration, attempt: u32) {
+        let notices = self.inner.notices.clone();
+        let seq = self.seq;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = notices.send(Notice::Again {
+                seq,
+                attempt: attempt + 1,
+            });
+        });
+    }
+}
+
+impl EmbeddedBus {
+    /// Opens the bus over `store`. Messages left unacked by an earlier process
+    /// are delivered first, in order.
+    pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
+        let boundary = match store.last(Collection::BusQueue)? {
+            Some((k, _)) => u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")),
+            None => 0,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bus = Self {
+            inner: Arc::new(Inner {
+                store,
+                prefix: prefix.to_string(),
+                notices: tx,
+                receiver: Mutex::new(Some(rx)),
+                boundary,
+            }),
+        };
+        bus.spawn_dedup_pruner();
+        Ok(bus)
+    }
+
+    /// How many messages wait in the queue (walks it: not for hot paths).
+    pub fn backlog(&self) -> usize {
+        self.inner.store.len(Collection::BusQueue)
+    }
+
+    fn spawn_dedup_pruner(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DUPLICATE_WINDOW / 4);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let cutoff = now_millis().saturating_sub(DUPLICATE_WINDOW.as_millis() as u64);
+                if let Ok(entries) = inner.store.scan_prefix(Collection::BusDedup, b"") {
+                    for (k, v) in entries {
+                        if millis_of(&v) < cutoff {
+                            let _ = inner.store.remove(Collection::BusDedup, &k);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn millis_of(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn encode(subject: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + subject.len() + payload.len());
+    v.extend_from_slice(&(subject.len() as u16).to_be_bytes());
+    v.extend_from_slice(subject.as_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn decode(v: &[u8]) -> (String, Bytes) {
+    let n = u16::from_be_bytes([v[0], v[1]]) as usize;
+    let subject = String::from_utf8_lossy(&v[2..2 + n]).into_owned();
+    (subject, Bytes::copy_from_slice(&v[2 + n..]))
+}
+
+#[async_trait::async_trait]
+impl Bus for EmbeddedBus {
+    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+        let store = &self.inner.store;
+        let id = event.id.to_string();
+        let now = now_millis();
+        if !store.put_if_absent(Collection::BusDedup, id.as_bytes(), &now.to_be_bytes())? {
+            let seen = store.get(Collection::BusDedup, id.as_bytes())?.map_or(0, |v| millis_of(&v));
+            if now.saturating_sub(seen) < DUPLICATE_WINDOW.as_millis() as u64 {
+                return Ok(Published { duplicate: true });
+            }
+            store.put(Collection::BusDedup, id.as_bytes(), &now.to_be_bytes())?;
+        }
+        let seq = store.next_id()?;
+        let record = encode(&event.subject(&self.inner.prefix), &event.to_json());
+        store.put(Collection::BusQueue, &seq.to_be_bytes(), &record)?;
+        store.flush().await?;
+        let _ = self.inner.notices.send(Notice::New(seq));
+        Ok(Published { duplicate: false })
+    }
+
+    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {
+        let mut notices = self
+            .inner
+            .receiver
+            .lock()
+            .expect("receiver lock")
+            .take()
+            .ok_or_else(|| BusError::Unavailable("the embedded bus is already being consumed".into()))?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let deliver = |seq: u64, attempt: u32| {
+                let inner = inner.clone();
+                async move {
+                    let record = inner.store.get(Collection::BusQueue, &seq.to_be_bytes()).ok().flatten()?;
+                    let (subject, payload) = decode(&record);
+                    Some(Delivery {
+                        subject,
+                        payload,
+                        attempt,
+                        acker: DeliveryAcker::Embedded(Acker { inner, seq }),
+                    })
+                }
+            };
+            // First what an earlier process left behind, in order.
+            let mut next = 0u64;
+            while next <= inner.boundary {
+                let batch = match inner.store.scan_from(Collection::BusQueue, &next.to_be_bytes(), 256) {
+                    Ok(batch) if !batch.is_empty() => batch,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "embedded bus: reading the queue failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                for (k, _) in batch {
+                    let seq = u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"));
+                    next = seq + 1;
+                    if seq > inner.boundary {
+                        break;
+                    }
+                    if let Some(d) = deliver(seq, 1).await
+                        && tx.send(d).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            // Then what this process publishes, and what comes back after a nak.
+            while let Some(notice) = notices.recv().await {
+                let (seq, attempt) = match notice {
+                    Notice::New(seq) if seq <= inner.boundary => continue,
+                    Notice::New(seq) => (seq, 1),
+                    Notice::Again { seq, attempt } => (seq, attempt),
+                };
+                if let Some(d) = deliver(seq, attempt).await
+                    && tx.send(d).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}

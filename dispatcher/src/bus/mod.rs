@@ -1,0 +1,111 @@
+//! Buses carry events from publishers to the executor, at least once.
+//!
+//! Two implement [`Bus`]: NATS JetStream (production, many replicas) and the
+//! embedded bus (one process, durable in the store). The executor does not know
+//! which one it runs on: it takes [`Delivery`]s, handles them and acks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_sdk::VumiApiEvent;
+use tokio::sync::mpsc;
+
+pub mod embedded;
+pub mod nats;
+
+pub use embedded::EmbeddedBus;
+pub use nats::NatsBus;
+
+/// A bus failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus cannot be reached or set up.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store under the embedded bus failed.
+    #[error(transparent)]
+    Store(#[from] switchboard_store::StoreError),
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// True when the bus already had an event with this id.
+    pub duplicate: bool,
+}
+
+/// A bus.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync + std::fmt::Debug {
+    /// Publishes an event, durably; an id seen within the duplicate window is dropped.
+    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError>;
+
+    /// Starts consuming. Deliveries arrive in bus order; the channel holds at
+    /// most `capacity` of them, so a busy executor slows the bus down rather
+    /// than piling up messages. Call once.
+    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError>;
+
+    /// Whether the bus is connected and usable.
+    fn is_ready(&self) -> bool;
+
+    /// `nats` or `embedded`.
+    fn kind(&self) -> &'static str;
+}
+
+/// One message handed to the executor. It must be acked once handled, or
+/// nakked to be delivered again; one dropped without either is redelivered by
+/// the bus after its ack timeout (NATS) or after a restart (embedded).
+#[derive(Debug)]
+pub struct Delivery {
+    /// The subject it was published on.
+    pub subject: String,
+    /// The raw payload.
+    pub payload: Bytes,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    acker: Acker,
+}
+
+#[derive(Debug)]
+enum Acker {
+    Embedded(embedded::Acker),
+    Nats(Box<async_nats::jetstream::Message>),
+}
+
+impl Delivery {
+    /// Done with: never deliver again.
+    pub async fn ack(self) -> Result<(), BusError> {
+        match self.acker {
+            Acker::Embedded(a) => a.ack(),
+            Acker::Nats(m) => m
+                .ack()
+                .await
+                .map_err(|e| BusError::Unavailable(format!("acking {}: {e}", self.subject))),
+        }
+    }
+
+    /// Not done: deliver again, after `delay`.
+    pub async fn nak(self, delay: Duration) -> Result<(), BusError> {
+        match self.acker {
+            Acker::Embedded(a) => {
+                a.nak(delay, self.attempt);
+                Ok(())
+            }
+            Acker::Nats(m) => m
+                .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+                .await
+                .map_err(|e| BusError::Unavailable(format!("nakking {}: {e}", self.subject))),
+        }
+    }
+
+    /// Still working on it: do not redeliver yet.
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Embedded(_) => Ok(()),
+            Acker::Nats(m) => m
+                .ack_with(async_nats::jetstream::AckKind::Progress)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("extending {}: {e}", self.subject))),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The NATS JetStream bus: stream `VUMI_EVENTS` (subjects `{prefix}.events.>`,
+//! a two-minute duplicate window) and the durable pull consumer `switchboard`
+//! with explicit acks, shared by every dispatcher replica.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use switchboard_sdk::VumiApiEvent;
+use switchboard_sdk::nats::{NatsEmitter, events_stream_config};
+use tokio::sync::mpsc;
+
+use super::{Acker, Bus, BusError, Delivery, Published};
+
+/// The durable consumer that dispatcher replicas share.
+pub const CONSUMER: &str = "switchboard";
+/// How long a delivered message may stay unacked before JetStream redelivers it.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The NATS JetStream bus.
+#[derive(Debug, Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    emitter: NatsEmitter,
+    prefix: String,
+    max_ack_pending: i64,
+}
+
+impl NatsBus {
+    /// Connects to `url` and makes sure the events stream and the consumer exist.
+    pub async fn connect(url: &str, prefix: &str, max_bytes: usize, max_ack_pending: usize) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("switchboard-dispatcher")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("connecting to NATS at {url}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        js.get_or_create_stream(events_stream_config(prefix))
+            .await
+            .map_err(|e| {
+                BusError::Unavailable(format!(
+                    "creating stream {} on {url} (is JetStream enabled? start nats-server with -js): {e}",
+                    events_stream_config(prefix).name
+                ))
+            })?;
+        let emitter = NatsEmitter::new(client.clone())
+            .with_prefix(prefix)
+            .with_max_bytes(max_bytes);
+        Ok(Self {
+            client,
+            js,
+            emitter,
+            prefix: prefix.to_string(),
+            max_ack_pending: max_ack_pending as i64,
+        })
+    }
+
+    /// The client, for publishing commands and dead letters.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+        self.emitter
+            .emit(event)
+            .await
+            .map(|e| Published { duplicate: e.duplicate })
+            .map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {
+        let config = events_stream_config(&self.prefix);
+        let stream = self
+            .js
+            .get_stream(&config.name)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("opening stream {}: {e}", config.name)))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.to_string()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: self.max_ack_pending,
+                    filter_subject: format!("{}.events.>", self.prefix),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| BusError::Unavailable(format!("creating consumer {CONSUMER}: {e}")))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(capacity.clamp(1, 1024))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("pulling from consumer {CONSUMER}: {e}")))?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some(next) = messages.next().await {
+                let message = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS pull consumer");
+                        continue;
+                    }
+                };
+                let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+                let delivery = Delivery {
+                    subject: message.subject.to_string(),
+                    payload: message.payload.clone(),
+                    attempt,
+                    acker: Acker::Nats(Box::new(message)),
+                };
+                if tx.send(delivery).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}

@@ -1,0 +1,308 @@
+//! What the CLI's commands do, apart from parsing their arguments: each calls
+//! the API and returns the text to print — for people, or JSON with `--json`.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+use switchboard_rules::{ChainFile, ChainSpec, Format, parse_chain_file};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent};
+
+use crate::client::{Client, ClientError};
+
+/// A command that failed: one line for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API call failed.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// The arguments or a file are bad.
+    #[error("{0}")]
+    Input(String),
+}
+
+fn input(e: impl std::fmt::Display) -> CliError {
+    CliError::Input(e.to_string())
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("a JSON value prints")
+}
+
+fn account(raw: &str) -> Result<AccountKey, CliError> {
+    AccountKey::new(raw).map_err(input)
+}
+
+/// What `emit` sends.
+#[derive(Debug, Clone)]
+pub struct EmitArgs {
+    /// Account.
+    pub account: String,
+    /// Conversation type.
+    pub conversation_type: String,
+    /// Event type.
+    pub event_type: String,
+    /// Conversation key.
+    pub conversation: String,
+    /// `event_data` as JSON text.
+    pub data: String,
+    /// An id to use (for an idempotent retry).
+    pub id: Option<String>,
+}
+
+/// `switchboard emit`: builds an event and posts it.
+pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<String, CliError> {
+    let data: Value = serde_json::from_str(&args.data).map_err(|e| input(format!("--data is not JSON: {e}")))?;
+    let Value::Object(data) = data else {
+        return Err(input("--data must be a JSON object, e.g. '{\"score\": 4}'"));
+    };
+    let mut event = VumiApiEvent::new(
+        account(&args.account)?,
+        ConversationKey::new(args.conversation).map_err(input)?,
+        ConversationType::new(args.conversation_type).map_err(input)?,
+        EventType::new(args.event_type).map_err(input)?,
+        data,
+    );
+    if let Some(id) = args.id {
+        event.id = EventId::parse(&id).map_err(|e| input(format!("--id: {e}")))?;
+        event.root_id = event.id;
+    }
+    let body = serde_json::to_value(&event).expect("an event serialises");
+    let answer = client.post("/v1/events", &body).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let dup = if answer["duplicate"] == json!(true) { " (duplicate: already on the bus)" } else { "" };
+    Ok(format!(
+        "accepted event {} on {}{dup}\nsee what it did: switchboard trace {} {}",
+        answer["id"].as_str().unwrap_or_default(),
+        answer["subject"].as_str().unwrap_or_default(),
+        event.account_key,
+        answer["id"].as_str().unwrap_or_default(),
+    ))
+}
+
+/// `switchboard chains apply FILE...`
+pub async fn chains_apply(client: &Client, files: &[std::path::PathBuf], json_out: bool) -> Result<String, CliError> {
+    let mut out = String::new();
+    let mut answers = Vec::new();
+    for path in files {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| input(format!("reading {shown}: {e}")))?;
+        let format = Format::from_path(&shown);
+        // Parsed here to learn the account and to report syntax errors with
+        // the file's name; the dispatcher checks everything else.
+        let file = parse_chain_file(&text, format, &shown).map_err(input)?;
+        let content_type = match format {
+            Format::Json => "application/json",
+            Format::Toml => "application/toml",
+        };
+        let path_url = format!("/v1/accounts/{}/chains", file.account_key);
+        let answer = client.put_text(&path_url, text, content_type).await.map_err(|e| match e {
+            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
+            other => CliError::Client(other),
+        })?;
+        let _ = writeln!(
+            out,
+            "applied {shown}: account {} now at chain version {} ({} chains)",
+            file.account_key,
+            answer["version"],
+            answer["chains"].as_array().map_or(0, Vec::len)
+        );
+        answers.push(answer);
+    }
+    if json_out {
+        return Ok(pretty(&Value::Array(answers)));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+fn chains_of(version: &Value) -> Vec<ChainSpec> {
+    serde_json::from_value(version["chains"].clone()).unwrap_or_default()
+}
+
+fn describe_match(c: &ChainSpec) -> String {
+    let mut m = format!("{}/{}", c.conversation_type, c.event_type);
+    if let Some(k) = &c.conversation_key {
+        let _ = write!(m, " in {k}");
+    }
+    m
+}
+
+/// `switchboard chains list ACCOUNT`
+pub async fn chains_list(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
+    if json_out {
+        return Ok(pretty(&version));
+    }
+    let chains = chains_of(&version);
+    let mut out = format!("account {a}, chain version {}\n", version["version"]);
+    if chains.is_empty() {
+        out.push_str("(no chains)");
+    }
+    for c in &chains {
+        let steps: Vec<&str> = c.steps.iter().map(|s| s.handler.as_str()).collect();
+        let _ = writeln!(out, "{:<24} {:<36} {}", c.name, describe_match(c), steps.join(" → "));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard chains show ACCOUNT [CHAIN]`: the chains as a TOML chain file
+/// (which `chains apply` reads back).
+pub async fn chains_show(client: &Client, account_raw: &str, chain: Option<&str>, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
+    let mut chains = chains_of(&version);
+    if let Some(name) = chain {
+        chains.retain(|c| c.name == name);
+        if chains.is_empty() {
+            return Err(input(format!("account {a} has no chain named {name:?}")));
+        }
+    }
+    let file = ChainFile { account_key: a, chains };
+    if json_out {
+        return Ok(pretty(&serde_json::to_value(&file).expect("a chain file serialises")));
+    }
+    let toml = toml::to_string(&file).map_err(|e| input(format!("showing as TOML: {e}; try --json")))?;
+    Ok(format!("# chain version {}\n{}", version["version"], toml.trim_end()))
+}
+
+/// `switchboard chains history ACCOUNT`
+pub async fn chains_history(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let history = client.get(&format!("/v1/accounts/{a}/chain-versions")).await?;
+    if json_out {
+        return Ok(pretty(&history));
+    }
+    let mut out = format!("{:<8} {:<28} {:<24} chains\n", "version", "applied at", "change");
+    for v in history["versions"].as_array().into_iter().flatten() {
+        let names: Vec<&str> = v["chains"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let _ = writeln!(
+            out,
+            "{:<8} {:<28} {:<24} {}",
+            v["version"],
+            v["applied_at"].as_str().unwrap_or_default(),
+            v["change"].as_str().unwrap_or_default(),
+            if names.is_empty() { "(none)".to_string() } else { names.join(", ") }
+        );
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard chains restore ACCOUNT VERSION`
+pub async fn chains_restore(client: &Client, account_raw: &str, version: u64, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client
+        .post(&format!("/v1/accounts/{a}/chain-versions/{version}/restore"), &json!({}))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!("restored version {version} of account {a} as version {}", answer["version"]))
+}
+
+/// `switchboard chains rm ACCOUNT CHAIN` or `--all`
+pub async fn chains_rm(client: &Client, account_raw: &str, chain: Option<&str>, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = match chain {
+        Some(name) => client.delete(&format!("/v1/accounts/{a}/chains/{name}")).await?,
+        None => client.delete(&format!("/v1/accounts/{a}/chains")).await?,
+    };
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(match chain {
+        Some(name) => format!("removed chain {name:?} of account {a}; now at version {}", answer["version"]),
+        None => format!("removed every chain of account {a}; now at version {}", answer["version"]),
+    })
+}
+
+/// `switchboard trace ACCOUNT ID`
+pub async fn trace(client: &Client, account_raw: &str, id: &str, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let id = EventId::parse(id).map_err(input)?;
+    let trace = client.get(&format!("/v1/accounts/{a}/events/{id}/trace")).await?;
+    if json_out {
+        return Ok(pretty(&trace));
+    }
+    Ok(render_trace(&trace))
+}
+
+/// A trace, for people.
+pub fn render_trace(t: &Value) -> String {
+    let e = &t["event"];
+    let mut out = format!(
+        "event {} ({}/{}, conversation {}, depth {})\nstatus: {}\n",
+        e["id"].as_str().unwrap_or_default(),
+        e["conversation_type"].as_str().unwrap_or_default(),
+        e["event_type"].as_str().unwrap_or_default(),
+        e["conversation_key"].as_str().unwrap_or_default(),
+        e["depth"],
+        t["status"].as_str().unwrap_or_default(),
+    );
+    if let Some(parent) = t["parent_id"].as_str() {
+        let _ = writeln!(out, "emitted by: {parent}");
+    }
+    let chains = t["chains"].as_array().cloned().unwrap_or_default();
+    if chains.is_empty() {
+        out.push_str("no chain ran\n");
+    }
+    for c in chains {
+        let _ = writeln!(out, "chain {} (version {})", c["name"].as_str().unwrap_or_default(), c["version"]);
+        for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
+            let _ = write!(
+                out,
+                "  {}. {:<20} {:<8} {:>3} attempt(s) {:>8.2} ms",
+                i + 1,
+                s["name"].as_str().unwrap_or_default(),
+                s["outcome"].as_str().unwrap_or_default(),
+                s["attempts"],
+                s["duration_ms"].as_f64().unwrap_or(0.0),
+            );
+            if let Some(output) = s["output"].as_object().filter(|o| !o.is_empty()) {
+                let _ = write!(out, "  output {}", Value::Object(output.clone()));
+            }
+            if let Some(error) = s["error"].as_str() {
+                let _ = write!(out, "\n     error: {error}");
+            }
+            out.push('\n');
+        }
+    }
+    let children: Vec<&str> = t["children"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if !children.is_empty() {
+        let _ = writeln!(out, "emitted: {}", children.join(", "));
+    }
+    out.trim_end().to_string()
+}
+
+/// `switchboard dead-letters list ACCOUNT`
+pub async fn dead_letters_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+    let answer = client
+        .get(&format!("/v1/accounts/{account_raw}/dead-letters?limit={limit}"))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let letters = answer["dead_letters"].as_array().cloned().unwrap_or_default();
+    if letters.is_empty() {
+        return Ok(format!("account {account_raw} has no dead letters"));
+    }
+    let mut out = String::new();
+    for l in letters {
+        let _ = writeln!(
+            out,
+            "{}  {}  {:<11} {}",
+            l["id"].as_str().unwrap_or_default(),
+            l["at"].as_str().unwrap_or_default(),
+            l["reason"].as_str().unwrap_or_default(),
+            l["error"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard dead-letters show ACCOUNT ID`
+pub async fn dead_letters_show(client: &Client, account_raw: &str, id: &str) -> Result<String, CliError> {
+    let answer = client.get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}")).await?;
+    Ok(pretty(&answer))
+}

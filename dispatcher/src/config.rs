@@ -1,0 +1,166 @@
+//! The dispatcher's configuration: a TOML file (`--config`), overridden by flags
+//! and `SWITCHBOARD_*` environment variables. Unknown keys and bad values stop
+//! start-up with a message naming them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Which bus carries events.
+    pub bus: BusConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// Where state is kept.
+    pub store: StoreConfig,
+    /// Limits on events and work.
+    pub limits: LimitsConfig,
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// NATS server URL; the embedded bus when absent.
+    pub nats_url: Option<String>,
+    /// First segment of every subject.
+    pub subject_prefix: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address of the API.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("switchboard-data"),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted event, in bytes.
+    pub max_event_bytes: usize,
+    /// Deepest lineage handled; deeper events go to dead letters.
+    pub max_depth: u32,
+    /// Conversations handled at once (each conversation in order).
+    pub concurrency: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_depth: DEFAULT_MAX_DEPTH,
+            concurrency: 32,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or bad value.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses a config file's text.
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: switchboard_rules::toml_error_message(text, &e),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.limits.concurrency == 0 {
+            return Err(ConfigError::Invalid("limits.concurrency must be at least 1".into()));
+        }
+        if self.limits.max_event_bytes < 512 {
+            return Err(ConfigError::Invalid(
+                "limits.max_event_bytes must be at least 512".into(),
+            ));
+        }
+        let prefix = &self.bus.subject_prefix;
+        if prefix.is_empty()
+            || prefix.starts_with('.')
+            || prefix.ends_with('.')
+            || prefix.contains("..")
+            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "bus.subject_prefix {prefix:?} is not a subject prefix: use letters, digits, _ and -, \
+                 with . between tokens"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! What the dispatcher records about events: traces (what each chain did) and
+//! dead letters (what could not be handled, and why).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_sdk::{EventId, VumiApiEvent};
+use switchboard_store::{Collection, Store, StoreError, key};
+use time::OffsetDateTime;
+
+/// Where an event stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceStatus {
+    /// Every matching chain ran to its end.
+    Done,
+    /// Being handled (a step is waiting to be retried).
+    Running,
+    /// A chain failed and the event went to dead letters.
+    Dead,
+    /// Dropped because it had expired.
+    Expired,
+    /// No chain matched.
+    Unrouted,
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepOutcome {
+    /// The step succeeded and the chain went on.
+    Ok,
+    /// The step succeeded and ended the chain.
+    Stopped,
+    /// The step did not run (an earlier step stopped or failed the chain).
+    Skipped,
+    /// The step failed.
+    Failed,
+    /// The step failed and will be tried again.
+    Retrying,
+}
+
+/// One step in a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepTrace {
+    /// The step's name.
+    pub name: String,
+    /// Its handler.
+    pub handler: String,
+    /// What happened.
+    pub outcome: StepOutcome,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Time spent in the handler over all attempts, in milliseconds.
+    pub duration_ms: f64,
+    /// The step's output.
+    pub output: Option<Map<String, Value>>,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// One chain in a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainTrace {
+    /// The chain's name.
+    pub name: String,
+    /// The version of the account's chains that ran.
+    pub version: u64,
+    /// Its steps, in order.
+    pub steps: Vec<StepTrace>,
+}
+
+/// What the dispatcher did with one event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// The event.
+    pub event: VumiApiEvent,
+    /// Where it stands.
+    pub status: TraceStatus,
+    /// The event whose handler emitted it.
+    pub parent_id: Option<EventId>,
+    /// The events its handlers emitted.
+    pub children: Vec<EventId>,
+    /// The chains that ran.
+    pub chains: Vec<ChainTrace>,
+    /// When handling started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// When handling ended.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+/// Traces by (account, event id).
+#[derive(Debug, Clone)]
+pub struct Traces {
+    store: Store,
+}
+
+impl Traces {
+    /// Traces kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Records (or replaces) the trace of an event.
+    pub fn put(&self, trace: &Trace) -> Result<(), StoreError> {
+        let k = trace_key(trace.event.account_key.as_str(), &trace.event.id);
+        let v = serde_json::to_vec(trace).expect("a trace serialises");
+        self.store.put(Collection::Traces, &k, &v)
+    }
+
+    /// The trace of an event of `account`.
+    pub fn get(&self, account: &str, id: &EventId) -> Result<Option<Trace>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::Traces, &trace_key(account, id))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+}
+
+fn trace_key(account: &str, id: &EventId) -> Vec<u8> {
+    key(&[account.as_bytes(), id.to_string().as_bytes()])
+}
+
+/// Why an event went to dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadReason {
+    /// Not an event: bad JSON, a schema violation, too large.
+    Poison,
+    /// Deeper than the lineage limit (usually a chain that triggers itself).
+    DepthLimit,
+    /// A step failed permanently, or ran out of retries.
+    StepFailed,
+}
+
+/// The account poison is filed under when the subject names no valid account.
+pub const UNKNOWN_ACCOUNT: &str = "_unknown";
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The dead letter's own id.
+    pub id: String,
+    /// The account (from the event, or from the subject for poison).
+    pub account_key: String,
+    /// Why.
+    pub reason: DeadReason,
+    /// The error, in words.
+    pub error: String,
+    /// The subject the payload arrived on.
+    pub subject: Option<String>,
+    /// The event, when it could be decoded.
+    pub event: Option<VumiApiEvent>,
+    /// The raw payload, when it could not be (lossy UTF-8).
+    pub payload: Option<String>,
+    /// The chain that failed.
+    pub chain: Option<String>,
+    /// The step that failed.
+    pub step: Option<String>,
+    /// Attempts made at the failed step.
+    pub attempts: u32,
+    /// When it was filed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl DeadLetter {
+    /// A new dead letter of `reason`, filed now.
+    pub fn new(account_key: &str, reason: DeadReason, error: impl Into<String>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_key: account_key.to_string(),
+            reason,
+            error: error.into(),
+            subject: None,
+            event: None,
+            payload: None,
+            chain: None,
+            step: None,
+            attempts: 0,
+            at: switchboard_sdk::now(),
+        }
+    }
+}
+
+/// Dead letters by (account, id), in filing order.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: Store,
+}
+
+impl DeadLetters {
+    /// Dead letters kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Files a dead letter.
+    pub fn put(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let k = key(&[letter.account_key.as_bytes(), letter.id.as_bytes()]);
+        let v = serde_json::to_vec(letter).expect("a dead letter serialises");
+        self.store.put(Collection::DeadLetters, &k, &v)
+    }
+
+    /// The newest `limit` dead letters of `account`, newest first.
+    pub fn list(&self, account: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix_rev(Collection::DeadLetters, &key(&[account.as_bytes(), b""]), limit)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
+    }
+
+    /// One dead letter of `account`.
+    pub fn get(&self, account: &str, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::DeadLetters, &key(&[account.as_bytes(), id.as_bytes()]))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+}

@@ -1,0 +1,282 @@
+//! A running dispatcher: store, chains, bus, the consume loop and the API.
+//!
+//! The consume loop takes deliveries off the bus and hands each to a worker
+//! chosen by (account, conversation): one worker handles its events one at a
+//! time, so events of a conversation are handled in order while different
+//! conversations run concurrently, up to `limits.concurrency`.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use switchboard_handlers::Registry;
+use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
+use switchboard_sdk::VumiApiEvent;
+use switchboard_store::Store;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{ApiState, router};
+use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
+use crate::config::Config;
+use crate::executor::{Disposition, Executor};
+use crate::metrics::Metrics;
+use crate::records::{DeadLetters, Traces};
+
+/// Why the dispatcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Store(#[from] switchboard_store::StoreError),
+    /// The stored chains could not be loaded.
+    #[error(transparent)]
+    Chains(#[from] switchboard_rules::ChainStoreError),
+    /// A chain file given at start-up is bad.
+    #[error("{0}")]
+    ChainFile(String),
+    /// The bus could not be reached or set up.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The API could not listen.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// A chain file applied at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The account.
+    pub account: String,
+    /// The version now current; `None` when the stored chains already equalled the file.
+    pub version: Option<u64>,
+}
+
+/// A running dispatcher.
+#[derive(Debug)]
+pub struct Dispatcher {
+    executor: Arc<Executor>,
+    store: Store,
+    local_addr: SocketAddr,
+    applied: Vec<AppliedFile>,
+    stop: watch::Sender<bool>,
+    consumer: JoinHandle<()>,
+    server: JoinHandle<()>,
+}
+
+impl Dispatcher {
+    /// Starts a dispatcher: opens the store, applies the chain files in
+    /// `chains_dir` (if given), connects the bus, starts consuming and serving.
+    pub async fn start(config: Config, chains_dir: Option<&Path>) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.store.data_dir).map_err(|e| {
+            StartError::ChainFile(format!(
+                "creating data directory {}: {e}",
+                config.store.data_dir.display()
+            ))
+        })?;
+        let store = Store::open(&config.store.data_dir.join("store"))?;
+        let registry = Arc::new(Registry::with_builtins());
+        let chains = Arc::new(ChainStore::open(store.clone())?);
+        let applied = match chains_dir {
+            Some(dir) => apply_chain_dir(&chains, &registry, dir)?,
+            None => Vec::new(),
+        };
+        let prefix = config.bus.subject_prefix.clone();
+        let bus: Arc<dyn Bus> = match &config.bus.nats_url {
+            Some(url) => Arc::new(
+                NatsBus::connect(url, &prefix, config.limits.max_event_bytes, config.limits.concurrency * 32).await?,
+            ),
+            None => Arc::new(EmbeddedBus::open(store.clone(), &prefix)?),
+        };
+        let executor = Arc::new(Executor {
+            chains,
+            registry,
+            bus: bus.clone(),
+            traces: Traces::new(store.clone()),
+            dead_letters: DeadLetters::new(store.clone()),
+            metrics: Arc::new(Metrics::default()),
+            limits: config.limits.clone(),
+            prefix,
+        });
+
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.http.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.http.listen,
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let app = router(ApiState {
+            executor: executor.clone(),
+        });
+        let mut server_stop = stopped.clone();
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+
+        let deliveries = bus.consume(config.limits.concurrency * 4).await?;
+        let consumer = tokio::spawn(consume(executor.clone(), deliveries, config.limits.concurrency, stopped));
+        tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
+        Ok(Self {
+            executor,
+            store,
+            local_addr,
+            applied,
+            stop,
+            consumer,
+            server,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The chain files applied at start-up.
+    pub fn applied(&self) -> &[AppliedFile] {
+        &self.applied
+    }
+
+    /// The executor (chains, traces, dead letters, metrics).
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.executor
+    }
+
+    /// Publishes an event on the dispatcher's bus.
+    pub async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+        self.executor.bus.publish(event).await
+    }
+
+    /// Stops pulling, lets in-flight events finish, flushes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.consumer.await;
+        let _ = self.server.await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "flushing the store at shutdown failed");
+        }
+        tracing::info!("dispatcher stopped");
+    }
+}
+
+/// Applies every `*.toml` and `*.json` file in `dir`, in name order. A file
+/// whose chains equal the account's current chains makes no new version.
+pub fn apply_chain_dir(chains: &ChainStore, registry: &Registry, dir: &Path) -> Result<Vec<AppliedFile>, StartError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StartError::ChainFile(format!("reading chain directory {}: {e}", dir.display())))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("toml" | "json")))
+        .collect();
+    paths.sort();
+    let mut applied = Vec::new();
+    for path in paths {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| StartError::ChainFile(format!("reading {shown}: {e}")))?;
+        let file = parse_chain_file(&text, Format::from_path(&shown), &shown)
+            .map_err(|e| StartError::ChainFile(e.to_string()))?;
+        let account = file.account_key.clone();
+        let valid = validate(file, &account, registry).map_err(|e| StartError::ChainFile(format!("{shown}: {e}")))?;
+        let unchanged = chains
+            .current(&account)?
+            .is_some_and(|current| current.chains == valid.file().chains);
+        let version = if unchanged { None } else { Some(chains.apply(valid)?.version) };
+        applied.push(AppliedFile {
+            path,
+            account: account.to_string(),
+            version,
+        });
+    }
+    Ok(applied)
+}
+
+async fn consume(
+    executor: Arc<Executor>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    concurrency: usize,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut workers = Vec::with_capacity(concurrency);
+    let mut queues = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(8);
+        queues.push(tx);
+        workers.push(tokio::spawn(work(executor.clone(), rx)));
+    }
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|s| *s) => break,
+            d = deliveries.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let Some(event) = executor.decode(&delivery.subject, &delivery.payload) else {
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(error = %e, "acking a dead-lettered message failed");
+            }
+            continue;
+        };
+        let mut h = DefaultHasher::new();
+        event.account_key.hash(&mut h);
+        event.conversation_key.hash(&mut h);
+        let shard = (h.finish() % concurrency as u64) as usize;
+        if queues[shard].send((event, delivery)).await.is_err() {
+            break;
+        }
+    }
+    // Deliveries still queued are dropped unacked: the bus delivers them again.
+    drop(queues);
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+async fn work(executor: Arc<Executor>, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) {
+    while let Some((event, delivery)) = queue.recv().await {
+        let result = match executor.handle(&event).await {
+            Disposition::Ack => delivery.ack().await,
+            Disposition::Retry(delay) => delivery.nak(delay).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(event_id = %event.id, error = %e, "settling a delivery failed; it will be redelivered");
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn wait_for_shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
