@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use switchboard_dispatcher::cli::{self, CliError, EmitArgs};
 use switchboard_dispatcher::client::Client;
+use switchboard_dispatcher::config::Overrides;
 use switchboard_dispatcher::{Config, Dispatcher, demo};
 
 /// An event dispatcher with pluggable, chained handlers.
@@ -22,7 +23,12 @@ struct Cli {
 #[derive(Debug, Args)]
 struct Remote {
     /// The dispatcher's API.
-    #[arg(long, env = "SWITCHBOARD_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     server: String,
     /// Print JSON instead of text for people.
     #[arg(long, global = true)]
@@ -31,7 +37,12 @@ struct Remote {
 
 impl Remote {
     fn client(&self) -> Client {
-        Client::new(&self.server, std::env::var("SWITCHBOARD_TOKEN").ok().filter(|t| !t.is_empty()))
+        Client::new(
+            &self.server,
+            std::env::var("SWITCHBOARD_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        )
     }
 }
 
@@ -208,7 +219,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Demo(args) => {
-            switchboard_dispatcher::init_logging(false);
+            // Quiet internals; the `log` steps of the example chains still show.
+            switchboard_dispatcher::init_logging(false, "warn,switchboard::log=info");
             demo::run(demo::DemoOptions {
                 chains_dir: args.chains,
                 listen: args.listen,
@@ -230,29 +242,48 @@ async fn main() -> ExitCode {
             print(cli::emit(&e.remote.client(), args, e.remote.json).await)
         }
         Command::Chains(c) => print(match c {
-            ChainsCommand::Apply { files, remote } => cli::chains_apply(&remote.client(), &files, remote.json).await,
-            ChainsCommand::List { account, remote } => cli::chains_list(&remote.client(), &account, remote.json).await,
-            ChainsCommand::Show { account, chain, remote } => {
-                cli::chains_show(&remote.client(), &account, chain.as_deref(), remote.json).await
+            ChainsCommand::Apply { files, remote } => {
+                cli::chains_apply(&remote.client(), &files, remote.json).await
             }
+            ChainsCommand::List { account, remote } => {
+                cli::chains_list(&remote.client(), &account, remote.json).await
+            }
+            ChainsCommand::Show {
+                account,
+                chain,
+                remote,
+            } => cli::chains_show(&remote.client(), &account, chain.as_deref(), remote.json).await,
             ChainsCommand::History { account, remote } => {
                 cli::chains_history(&remote.client(), &account, remote.json).await
             }
-            ChainsCommand::Restore { account, version, remote } => {
-                cli::chains_restore(&remote.client(), &account, version, remote.json).await
-            }
-            ChainsCommand::Rm { account, chain, remote, .. } => {
-                cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await
-            }
+            ChainsCommand::Restore {
+                account,
+                version,
+                remote,
+            } => cli::chains_restore(&remote.client(), &account, version, remote.json).await,
+            ChainsCommand::Rm {
+                account,
+                chain,
+                remote,
+                ..
+            } => cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await,
         }),
-        Command::Trace { account, id, remote } => print(cli::trace(&remote.client(), &account, &id, remote.json).await),
+        Command::Trace {
+            account,
+            id,
+            remote,
+        } => print(cli::trace(&remote.client(), &account, &id, remote.json).await),
         Command::DeadLetters(d) => print(match d {
-            DeadLettersCommand::List { account, limit, remote } => {
-                cli::dead_letters_list(&remote.client(), &account, limit, remote.json).await
-            }
-            DeadLettersCommand::Show { account, id, remote } => {
-                cli::dead_letters_show(&remote.client(), &account, &id).await
-            }
+            DeadLettersCommand::List {
+                account,
+                limit,
+                remote,
+            } => cli::dead_letters_list(&remote.client(), &account, limit, remote.json).await,
+            DeadLettersCommand::Show {
+                account,
+                id,
+                remote,
+            } => cli::dead_letters_show(&remote.client(), &account, &id).await,
         }),
     };
     match result {
@@ -273,45 +304,31 @@ fn print(result: Result<String, CliError>) -> Result<Option<String>, String> {
 }
 
 async fn run(args: RunArgs) -> Result<Option<String>, String> {
-    switchboard_dispatcher::init_logging(args.log_format == "json");
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-        None => Config::default(),
+    switchboard_dispatcher::init_logging(args.log_format == "json", "info");
+    let overrides = Overrides {
+        nats_url: args.nats,
+        data_dir: args.data,
+        listen: args.listen,
+        subject_prefix: args.subject_prefix,
+        concurrency: args.concurrency,
     };
-    if let Some(url) = args.nats {
-        config.bus.nats_url = Some(url);
-    }
-    if let Some(data) = args.data {
-        config.store.data_dir = data;
-    }
-    if let Some(listen) = args.listen {
-        config.http.listen = listen;
-    }
-    if let Some(prefix) = args.subject_prefix {
-        config.bus.subject_prefix = prefix;
-    }
-    if let Some(n) = args.concurrency {
-        config.limits.concurrency = n;
-    }
-    config.check().map_err(|e| e.to_string())?;
+    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     for applied in dispatcher.applied() {
-        tracing_line(applied);
+        eprintln!(
+            "applied {} → account {} {}",
+            applied.path.display(),
+            applied.account,
+            applied
+                .version
+                .map_or("unchanged".to_string(), |v| format!("at chain version {v}"))
+        );
     }
     // The address on stdout, so that scripts (and tests) can find a port chosen by the OS.
     println!("listening on http://{}", dispatcher.local_addr());
     switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;
     dispatcher.shutdown().await;
     Ok(None)
-}
-
-fn tracing_line(applied: &switchboard_dispatcher::AppliedFile) {
-    eprintln!(
-        "applied {} → account {} {}",
-        applied.path.display(),
-        applied.account,
-        applied.version.map_or("unchanged".to_string(), |v| format!("at chain version {v}"))
-    );
 }

@@ -38,13 +38,28 @@ pub fn router(state: ApiState) -> Router {
             "/v1/accounts/{account}/chains",
             get(show_chains).put(apply_chains).delete(remove_all_chains),
         )
-        .route("/v1/accounts/{account}/chains/{name}", get(show_chain).delete(remove_chain))
+        .route(
+            "/v1/accounts/{account}/chains/{name}",
+            get(show_chain).delete(remove_chain),
+        )
         .route("/v1/accounts/{account}/chain-versions", get(history))
-        .route("/v1/accounts/{account}/chain-versions/{version}", get(show_version))
-        .route("/v1/accounts/{account}/chain-versions/{version}/restore", post(restore))
+        .route(
+            "/v1/accounts/{account}/chain-versions/{version}",
+            get(show_version),
+        )
+        .route(
+            "/v1/accounts/{account}/chain-versions/{version}/restore",
+            post(restore),
+        )
         .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
-        .route("/v1/accounts/{account}/dead-letters", get(list_dead_letters))
-        .route("/v1/accounts/{account}/dead-letters/{id}", get(show_dead_letter))
+        .route(
+            "/v1/accounts/{account}/dead-letters",
+            get(list_dead_letters),
+        )
+        .route(
+            "/v1/accounts/{account}/dead-letters/{id}",
+            get(show_dead_letter),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -141,8 +156,16 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(s): State<ApiState>) -> Response {
     let bus = s.executor.bus.is_ready();
-    let status = if bus { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": bus, "bus": s.executor.bus.kind(), "bus_connected": bus}))).into_response()
+    let status = if bus {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": bus, "bus": s.executor.bus.kind(), "bus_connected": bus})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
@@ -157,7 +180,11 @@ async fn ingest(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult
     let event = VumiApiEvent::decode_with_defaults(&body, s.executor.limits.max_event_bytes)
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
     let published = s.executor.bus.publish(&event).await.map_err(|e| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        )
     })?;
     Ok((
         StatusCode::ACCEPTED,
@@ -182,7 +209,9 @@ async fn show_chains(State(s): State<ApiState>, Path(account): Path<String>) -> 
     let account = account_key(&account)?;
     match s.executor.chains.current(&account)? {
         Some(v) => Ok(Json(version_json(&v)).into_response()),
-        None => Err(ApiError::not_found(format!("account {account} has no chains"))),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no chains"
+        ))),
     }
 }
 
@@ -206,7 +235,8 @@ async fn apply_chains(
     };
     let file = parse_chain_file(&body, format, "request body")
         .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
-    let valid = validate(file, &account, s.executor.registry.as_ref()).map_err(ChainStoreError::from)?;
+    let valid =
+        validate(file, &account, s.executor.registry.as_ref()).map_err(ChainStoreError::from)?;
     let version = s.executor.chains.apply(valid)?;
     tracing::info!(%account, version = version.version, "chains applied");
     Ok(Json(version_json(&version)).into_response())
@@ -218,7 +248,10 @@ async fn remove_all_chains(State(s): State<ApiState>, Path(account): Path<String
     Ok(Json(version_json(&version)).into_response())
 }
 
-async fn show_chain(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+async fn show_chain(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let current = s
         .executor
@@ -229,11 +262,19 @@ async fn show_chain(State(s): State<ApiState>, Path((account, name)): Path<(Stri
         .chains
         .iter()
         .find(|c| c.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("account {account} has no chain named {name:?}")))?;
-    Ok(Json(json!({"account_key": account, "version": current.version, "chain": chain})).into_response())
+        .ok_or_else(|| {
+            ApiError::not_found(format!("account {account} has no chain named {name:?}"))
+        })?;
+    Ok(
+        Json(json!({"account_key": account, "version": current.version, "chain": chain}))
+            .into_response(),
+    )
 }
 
-async fn remove_chain(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+async fn remove_chain(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let version = s.executor.chains.remove_chain(&account, &name)?;
     Ok(Json(version_json(&version)).into_response())
@@ -256,18 +297,26 @@ async fn history(State(s): State<ApiState>, Path(account): Path<String>) -> ApiR
         })
         .collect();
     if versions.is_empty() {
-        return Err(ApiError::not_found(format!("account {account} has no chains")));
+        return Err(ApiError::not_found(format!(
+            "account {account} has no chains"
+        )));
     }
     Ok(Json(json!({"account_key": account, "versions": versions})).into_response())
 }
 
-async fn show_version(State(s): State<ApiState>, Path((account, version)): Path<(String, String)>) -> ApiResult {
+async fn show_version(
+    State(s): State<ApiState>,
+    Path((account, version)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
     Ok(Json(version_json(&s.executor.chains.version(&account, version)?)).into_response())
 }
 
-async fn restore(State(s): State<ApiState>, Path((account, version)): Path<(String, String)>) -> ApiResult {
+async fn restore(
+    State(s): State<ApiState>,
+    Path((account, version)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
     let restored = s
@@ -278,14 +327,26 @@ async fn restore(State(s): State<ApiState>, Path((account, version)): Path<(Stri
 }
 
 fn parse_version(raw: &str) -> Result<u64, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::bad_request("invalid_version", format!("{raw:?} is not a version number")))
+    raw.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_version",
+            format!("{raw:?} is not a version number"),
+        )
+    })
 }
 
-async fn trace(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
+async fn trace(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let id = EventId::parse(&id).map_err(|e| ApiError::bad_request("invalid_event_id", e))?;
-    match s.executor.traces.get(account.as_str(), &id).map_err(ApiError::internal)? {
+    match s
+        .executor
+        .traces
+        .get(account.as_str(), &id)
+        .map_err(ApiError::internal)?
+    {
         Some(trace) => Ok(Json(trace).into_response()),
         None => Err(ApiError::not_found(format!(
             "no trace of event {id} in account {account} (not handled yet, or never received)"
@@ -315,9 +376,19 @@ async fn list_dead_letters(
     Ok(Json(json!({"account_key": account, "dead_letters": letters})).into_response())
 }
 
-async fn show_dead_letter(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
-    match s.executor.dead_letters.get(&account, &id).map_err(ApiError::internal)? {
+async fn show_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    match s
+        .executor
+        .dead_letters
+        .get(&account, &id)
+        .map_err(ApiError::internal)?
+    {
         Some(letter) => Ok(Json(letter).into_response()),
-        None => Err(ApiError::not_found(format!("account {account} has no dead letter {id}"))),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no dead letter {id}"
+        ))),
     }
 }

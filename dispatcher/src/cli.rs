@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 use switchboard_rules::{ChainFile, ChainSpec, Format, parse_chain_file};
-use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent};
+use switchboard_sdk::{
+    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
+};
 
 use crate::client::{Client, ClientError};
 
@@ -51,7 +53,8 @@ pub struct EmitArgs {
 
 /// `switchboard emit`: builds an event and posts it.
 pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<String, CliError> {
-    let data: Value = serde_json::from_str(&args.data).map_err(|e| input(format!("--data is not JSON: {e}")))?;
+    let data: Value =
+        serde_json::from_str(&args.data).map_err(|e| input(format!("--data is not JSON: {e}")))?;
     let Value::Object(data) = data else {
         return Err(input("--data must be a JSON object, e.g. '{\"score\": 4}'"));
     };
@@ -71,7 +74,11 @@ pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<Str
     if json_out {
         return Ok(pretty(&answer));
     }
-    let dup = if answer["duplicate"] == json!(true) { " (duplicate: already on the bus)" } else { "" };
+    let dup = if answer["duplicate"] == json!(true) {
+        " (duplicate: already on the bus)"
+    } else {
+        ""
+    };
     Ok(format!(
         "accepted event {} on {}{dup}\nsee what it did: switchboard trace {} {}",
         answer["id"].as_str().unwrap_or_default(),
@@ -82,12 +89,17 @@ pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<Str
 }
 
 /// `switchboard chains apply FILE...`
-pub async fn chains_apply(client: &Client, files: &[std::path::PathBuf], json_out: bool) -> Result<String, CliError> {
+pub async fn chains_apply(
+    client: &Client,
+    files: &[std::path::PathBuf],
+    json_out: bool,
+) -> Result<String, CliError> {
     let mut out = String::new();
     let mut answers = Vec::new();
     for path in files {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| input(format!("reading {shown}: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| input(format!("reading {shown}: {e}")))?;
         let format = Format::from_path(&shown);
         // Parsed here to learn the account and to report syntax errors with
         // the file's name; the dispatcher checks everything else.
@@ -97,10 +109,13 @@ pub async fn chains_apply(client: &Client, files: &[std::path::PathBuf], json_ou
             Format::Toml => "application/toml",
         };
         let path_url = format!("/v1/accounts/{}/chains", file.account_key);
-        let answer = client.put_text(&path_url, text, content_type).await.map_err(|e| match e {
-            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
-            other => CliError::Client(other),
-        })?;
+        let answer = client
+            .put_text(&path_url, text, content_type)
+            .await
+            .map_err(|e| match e {
+                ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
+                other => CliError::Client(other),
+            })?;
         let _ = writeln!(
             out,
             "applied {shown}: account {} now at chain version {} ({} chains)",
@@ -129,7 +144,11 @@ fn describe_match(c: &ChainSpec) -> String {
 }
 
 /// `switchboard chains list ACCOUNT`
-pub async fn chains_list(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+pub async fn chains_list(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
     if json_out {
@@ -142,14 +161,25 @@ pub async fn chains_list(client: &Client, account_raw: &str, json_out: bool) -> 
     }
     for c in &chains {
         let steps: Vec<&str> = c.steps.iter().map(|s| s.handler.as_str()).collect();
-        let _ = writeln!(out, "{:<24} {:<36} {}", c.name, describe_match(c), steps.join(" → "));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<36} {}",
+            c.name,
+            describe_match(c),
+            steps.join(" → ")
+        );
     }
     Ok(out.trim_end().to_string())
 }
 
 /// `switchboard chains show ACCOUNT [CHAIN]`: the chains as a TOML chain file
 /// (which `chains apply` reads back).
-pub async fn chains_show(client: &Client, account_raw: &str, chain: Option<&str>, json_out: bool) -> Result<String, CliError> {
+pub async fn chains_show(
+    client: &Client,
+    account_raw: &str,
+    chain: Option<&str>,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
     let mut chains = chains_of(&version);
@@ -159,69 +189,130 @@ pub async fn chains_show(client: &Client, account_raw: &str, chain: Option<&str>
             return Err(input(format!("account {a} has no chain named {name:?}")));
         }
     }
-    let file = ChainFile { account_key: a, chains };
+    let file = ChainFile {
+        account_key: a,
+        chains,
+    };
     if json_out {
-        return Ok(pretty(&serde_json::to_value(&file).expect("a chain file serialises")));
+        return Ok(pretty(
+            &serde_json::to_value(&file).expect("a chain file serialises"),
+        ));
     }
-    let toml = toml::to_string(&file).map_err(|e| input(format!("showing as TOML: {e}; try --json")))?;
-    Ok(format!("# chain version {}\n{}", version["version"], toml.trim_end()))
+    let toml =
+        toml::to_string(&file).map_err(|e| input(format!("showing as TOML: {e}; try --json")))?;
+    Ok(format!(
+        "# chain version {}\n{}",
+        version["version"],
+        toml.trim_end()
+    ))
 }
 
 /// `switchboard chains history ACCOUNT`
-pub async fn chains_history(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+pub async fn chains_history(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let history = client.get(&format!("/v1/accounts/{a}/chain-versions")).await?;
+    let history = client
+        .get(&format!("/v1/accounts/{a}/chain-versions"))
+        .await?;
     if json_out {
         return Ok(pretty(&history));
     }
-    let mut out = format!("{:<8} {:<28} {:<24} chains\n", "version", "applied at", "change");
+    let mut out = format!(
+        "{:<8} {:<28} {:<24} chains\n",
+        "version", "applied at", "change"
+    );
     for v in history["versions"].as_array().into_iter().flatten() {
-        let names: Vec<&str> = v["chains"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let names: Vec<&str> = v["chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
         let _ = writeln!(
             out,
             "{:<8} {:<28} {:<24} {}",
             v["version"],
             v["applied_at"].as_str().unwrap_or_default(),
             v["change"].as_str().unwrap_or_default(),
-            if names.is_empty() { "(none)".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "(none)".to_string()
+            } else {
+                names.join(", ")
+            }
         );
     }
     Ok(out.trim_end().to_string())
 }
 
 /// `switchboard chains restore ACCOUNT VERSION`
-pub async fn chains_restore(client: &Client, account_raw: &str, version: u64, json_out: bool) -> Result<String, CliError> {
+pub async fn chains_restore(
+    client: &Client,
+    account_raw: &str,
+    version: u64,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let answer = client
-        .post(&format!("/v1/accounts/{a}/chain-versions/{version}/restore"), &json!({}))
+        .post(
+            &format!("/v1/accounts/{a}/chain-versions/{version}/restore"),
+            &json!({}),
+        )
         .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    Ok(format!("restored version {version} of account {a} as version {}", answer["version"]))
+    Ok(format!(
+        "restored version {version} of account {a} as version {}",
+        answer["version"]
+    ))
 }
 
 /// `switchboard chains rm ACCOUNT CHAIN` or `--all`
-pub async fn chains_rm(client: &Client, account_raw: &str, chain: Option<&str>, json_out: bool) -> Result<String, CliError> {
+pub async fn chains_rm(
+    client: &Client,
+    account_raw: &str,
+    chain: Option<&str>,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let answer = match chain {
-        Some(name) => client.delete(&format!("/v1/accounts/{a}/chains/{name}")).await?,
+        Some(name) => {
+            client
+                .delete(&format!("/v1/accounts/{a}/chains/{name}"))
+                .await?
+        }
         None => client.delete(&format!("/v1/accounts/{a}/chains")).await?,
     };
     if json_out {
         return Ok(pretty(&answer));
     }
     Ok(match chain {
-        Some(name) => format!("removed chain {name:?} of account {a}; now at version {}", answer["version"]),
-        None => format!("removed every chain of account {a}; now at version {}", answer["version"]),
+        Some(name) => format!(
+            "removed chain {name:?} of account {a}; now at version {}",
+            answer["version"]
+        ),
+        None => format!(
+            "removed every chain of account {a}; now at version {}",
+            answer["version"]
+        ),
     })
 }
 
 /// `switchboard trace ACCOUNT ID`
-pub async fn trace(client: &Client, account_raw: &str, id: &str, json_out: bool) -> Result<String, CliError> {
+pub async fn trace(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let id = EventId::parse(id).map_err(input)?;
-    let trace = client.get(&format!("/v1/accounts/{a}/events/{id}/trace")).await?;
+    let trace = client
+        .get(&format!("/v1/accounts/{a}/events/{id}/trace"))
+        .await?;
     if json_out {
         return Ok(pretty(&trace));
     }
@@ -248,7 +339,12 @@ pub fn render_trace(t: &Value) -> String {
         out.push_str("no chain ran\n");
     }
     for c in chains {
-        let _ = writeln!(out, "chain {} (version {})", c["name"].as_str().unwrap_or_default(), c["version"]);
+        let _ = writeln!(
+            out,
+            "chain {} (version {})",
+            c["name"].as_str().unwrap_or_default(),
+            c["version"]
+        );
         for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
             let _ = write!(
                 out,
@@ -268,7 +364,12 @@ pub fn render_trace(t: &Value) -> String {
             out.push('\n');
         }
     }
-    let children: Vec<&str> = t["children"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let children: Vec<&str> = t["children"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     if !children.is_empty() {
         let _ = writeln!(out, "emitted: {}", children.join(", "));
     }
@@ -276,14 +377,24 @@ pub fn render_trace(t: &Value) -> String {
 }
 
 /// `switchboard dead-letters list ACCOUNT`
-pub async fn dead_letters_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+pub async fn dead_letters_list(
+    client: &Client,
+    account_raw: &str,
+    limit: usize,
+    json_out: bool,
+) -> Result<String, CliError> {
     let answer = client
-        .get(&format!("/v1/accounts/{account_raw}/dead-letters?limit={limit}"))
+        .get(&format!(
+            "/v1/accounts/{account_raw}/dead-letters?limit={limit}"
+        ))
         .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let letters = answer["dead_letters"].as_array().cloned().unwrap_or_default();
+    let letters = answer["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if letters.is_empty() {
         return Ok(format!("account {account_raw} has no dead letters"));
     }
@@ -302,7 +413,13 @@ pub async fn dead_letters_list(client: &Client, account_raw: &str, limit: usize,
 }
 
 /// `switchboard dead-letters show ACCOUNT ID`
-pub async fn dead_letters_show(client: &Client, account_raw: &str, id: &str) -> Result<String, CliError> {
-    let answer = client.get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}")).await?;
+pub async fn dead_letters_show(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+) -> Result<String, CliError> {
+    let answer = client
+        .get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
+        .await?;
     Ok(pretty(&answer))
 }

@@ -66,11 +66,17 @@ impl Client {
 
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.send(self.http.post(self.url(path)).json(body), path).await
+        self.send(self.http.post(self.url(path)).json(body), path)
+            .await
     }
 
     /// `PUT path` with a text body of `content_type`.
-    pub async fn put_text(&self, path: &str, body: String, content_type: &str) -> Result<Value, ClientError> {
+    pub async fn put_text(
+        &self,
+        path: &str,
+        body: String,
+        content_type: &str,
+    ) -> Result<Value, ClientError> {
         let request = self
             .http
             .put(self.url(path))
@@ -83,7 +89,11 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    async fn send(&self, mut request: reqwest::RequestBuilder, path: &str) -> Result<Value, ClientError> {
+    async fn send(
+        &self,
+        mut request: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<Value, ClientError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -93,11 +103,15 @@ impl Client {
             message: root_cause(&e),
         })?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: url.clone(),
-            message: root_cause(&e),
-        })?;
-        let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                message: root_cause(&e),
+            })?;
+        let value: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         if status.is_success() {
             return Ok(value);
         }

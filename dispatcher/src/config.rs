@@ -119,7 +119,55 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Values given on the command line or in `SWITCHBOARD_*` variables; each one
+/// set replaces the config file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `bus.nats_url`
+    pub nats_url: Option<String>,
+    /// `store.data_dir`
+    pub data_dir: Option<PathBuf>,
+    /// `http.listen`
+    pub listen: Option<SocketAddr>,
+    /// `bus.subject_prefix`
+    pub subject_prefix: Option<String>,
+    /// `limits.concurrency`
+    pub concurrency: Option<usize>,
+}
+
 impl Config {
+    /// The configuration from an optional file, with `overrides` applied, checked.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let Overrides {
+            nats_url,
+            data_dir,
+            listen,
+            subject_prefix,
+            concurrency,
+        } = overrides;
+        if nats_url.is_some() {
+            config.bus.nats_url = nats_url;
+        }
+        if let Some(v) = data_dir {
+            config.store.data_dir = v;
+        }
+        if let Some(v) = listen {
+            config.http.listen = v;
+        }
+        if let Some(v) = subject_prefix {
+            config.bus.subject_prefix = v;
+        }
+        if let Some(v) = concurrency {
+            config.limits.concurrency = v;
+        }
+        config.check()?;
+        Ok(config)
+    }
+
     /// Reads a config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -142,7 +190,9 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.limits.concurrency == 0 {
-            return Err(ConfigError::Invalid("limits.concurrency must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "limits.concurrency must be at least 1".into(),
+            ));
         }
         if self.limits.max_event_bytes < 512 {
             return Err(ConfigError::Invalid(
@@ -154,7 +204,9 @@ impl Config {
             || prefix.starts_with('.')
             || prefix.ends_with('.')
             || prefix.contains("..")
-            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
         {
             return Err(ConfigError::Invalid(format!(
                 "bus.subject_prefix {prefix:?} is not a subject prefix: use letters, digits, _ and -, \

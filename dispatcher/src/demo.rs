@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent};
+use switchboard_sdk::{
+    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
+};
 
 use crate::config::Config;
 use crate::records::{Trace, TraceStatus};
@@ -39,13 +41,18 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     let addr = dispatcher.local_addr();
 
     println!("Switchboard demo: the dispatcher on the embedded bus (no NATS needed).");
-    println!("data directory: {} (removed on exit)", data.path().display());
+    println!(
+        "data directory: {} (removed on exit)",
+        data.path().display()
+    );
     for applied in dispatcher.applied() {
         println!(
             "applied {} → account {} at chain version {}",
             applied.path.display(),
             applied.account,
-            applied.version.map_or("(unchanged)".to_string(), |v| v.to_string())
+            applied
+                .version
+                .map_or("(unchanged)".to_string(), |v| v.to_string())
         );
     }
     let account = dispatcher
@@ -55,9 +62,24 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .unwrap_or_else(|| "acme".to_string());
 
     let samples = [
-        ("survey", "poll_complete", "poll-2026", json!({"msisdn": "+27820000001", "score": 4})),
-        ("survey", "poll_complete", "poll-2026", json!({"msisdn": "+27820000002", "score": 2})),
-        ("ussd", "menu_shown", "main-menu", json!({"msisdn": "+27820000003"})),
+        (
+            "survey",
+            "poll_complete",
+            "poll-2026",
+            json!({"msisdn": "+27820000001", "score": 4}),
+        ),
+        (
+            "survey",
+            "poll_complete",
+            "poll-2026",
+            json!({"msisdn": "+27820000002", "score": 2}),
+        ),
+        (
+            "ussd",
+            "menu_shown",
+            "main-menu",
+            json!({"msisdn": "+27820000003"}),
+        ),
     ];
     for (ct, et, ck, data) in samples {
         let event = VumiApiEvent::new(
@@ -108,7 +130,12 @@ async fn show_lineage(dispatcher: &Dispatcher, account: &str, id: EventId) -> St
     out
 }
 
-async fn wait_for_trace(dispatcher: &Dispatcher, account: &str, id: EventId, limit: Duration) -> Option<Trace> {
+async fn wait_for_trace(
+    dispatcher: &Dispatcher,
+    account: &str,
+    id: EventId,
+    limit: Duration,
+) -> Option<Trace> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(trace)) = dispatcher.executor().traces.get(account, &id)
@@ -122,7 +149,10 @@ async fn wait_for_trace(dispatcher: &Dispatcher, account: &str, id: EventId, lim
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("   {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("   {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The example chains folder, found from the current directory.

@@ -18,8 +18,8 @@ use crate::bus::Bus;
 use crate::config::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
 use crate::records::{
-    ChainTrace, DeadLetter, DeadLetters, DeadReason, StepOutcome, StepTrace, Trace, TraceStatus, Traces,
-    UNKNOWN_ACCOUNT,
+    ChainTrace, DeadLetter, DeadLetters, DeadReason, StepOutcome, StepTrace, Trace, TraceStatus,
+    Traces, UNKNOWN_ACCOUNT,
 };
 
 /// What the bus should do with a delivery once the executor is done with it.
@@ -80,7 +80,8 @@ impl Executor {
             });
         match result {
             Ok(event) => {
-                self.metrics.count(Outcome::Received, event.account_key.as_str());
+                self.metrics
+                    .count(Outcome::Received, event.account_key.as_str());
                 Some(event)
             }
             Err(error) => {
@@ -90,7 +91,9 @@ impl Executor {
                 let mut letter = DeadLetter::new(&account, DeadReason::Poison, error);
                 letter.subject = Some(subject.to_string());
                 let limit = 64 * 1024;
-                letter.payload = Some(String::from_utf8_lossy(&payload[..payload.len().min(limit)]).into_owned());
+                letter.payload = Some(
+                    String::from_utf8_lossy(&payload[..payload.len().min(limit)]).into_owned(),
+                );
                 self.file_dead_letter(&letter);
                 None
             }
@@ -108,7 +111,8 @@ impl Executor {
     }
 
     fn file_dead_letter(&self, letter: &DeadLetter) {
-        self.metrics.count(Outcome::DeadLettered, &letter.account_key);
+        self.metrics
+            .count(Outcome::DeadLettered, &letter.account_key);
         if let Err(e) = self.dead_letters.put(letter) {
             tracing::error!(error = %e, account = letter.account_key, "filing a dead letter failed");
         }
@@ -154,13 +158,24 @@ impl Executor {
         };
         let routing = account_chains.route(event);
         if routing == Routing::Unrouted {
-            return self.unrouted(trace, "no chain matches and the account has no default chain");
+            return self.unrouted(
+                trace,
+                "no chain matches and the account has no default chain",
+            );
         }
 
         let event_value = EventValue::new(event);
         let mut children = Vec::new();
         for chain in routing.chains() {
-            let run = self.run_chain(event, &event_value, chain, account_chains.version(), &mut trace).await;
+            let run = self
+                .run_chain(
+                    event,
+                    &event_value,
+                    chain,
+                    account_chains.version(),
+                    &mut trace,
+                )
+                .await;
             trace.chains.push(run.trace);
             children.extend(run.children);
             if let Some(letter) = run.failure {
@@ -252,7 +267,11 @@ impl Executor {
                 Err(error) => {
                     if step.on_error == OnError::Stop {
                         ended = true;
-                        let mut letter = DeadLetter::new(event.account_key.as_str(), DeadReason::StepFailed, &error);
+                        let mut letter = DeadLetter::new(
+                            event.account_key.as_str(),
+                            DeadReason::StepFailed,
+                            &error,
+                        );
                         letter.event = Some(event.clone());
                         letter.chain = Some(chain.name.clone());
                         letter.step = Some(step.step_name().to_string());
@@ -299,7 +318,10 @@ impl Executor {
         let Some(handler) = self.registry.get(&step.handler) else {
             // Chains are checked when stored; a handler can only be missing if
             // the deployment lost it since.
-            let error = format!("handler {:?} is not available in this dispatcher", step.handler);
+            let error = format!(
+                "handler {:?} is not available in this dispatcher",
+                step.handler
+            );
             step_trace.error = Some(error.clone());
             return (step_trace, Err(error));
         };
@@ -320,13 +342,20 @@ impl Executor {
             let result = result.and_then(|output| self.children_of(event, chain, step, output));
             match result {
                 Ok(success) => {
-                    step_trace.outcome = if success.stop { StepOutcome::Stopped } else { StepOutcome::Ok };
+                    step_trace.outcome = if success.stop {
+                        StepOutcome::Stopped
+                    } else {
+                        StepOutcome::Ok
+                    };
                     step_trace.output = Some(success.data.clone());
                     step_trace.error = None;
                     return (step_trace, Ok(success));
                 }
-                Err(StepError::Retryable { message, after }) if step_trace.attempts < policy.max_attempts => {
-                    self.metrics.count(Outcome::Retried, event.account_key.as_str());
+                Err(StepError::Retryable { message, after })
+                    if step_trace.attempts < policy.max_attempts =>
+                {
+                    self.metrics
+                        .count(Outcome::Retried, event.account_key.as_str());
                     let delay = after.unwrap_or_else(|| jitter(policy.delay(step_trace.attempts)));
                     tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
                         step = step.step_name(), attempt = step_trace.attempts, delay_ms = delay.as_millis() as u64,
@@ -376,7 +405,11 @@ impl Executor {
                 request.event_data,
             );
             child.encode(self.limits.max_event_bytes).map_err(|e| {
-                StepError::permanent(format!("emitted event {} ({}): {e}", i + 1, child.event_type))
+                StepError::permanent(format!(
+                    "emitted event {} ({}): {e}",
+                    i + 1,
+                    child.event_type
+                ))
             })?;
             children.push(child);
         }

@@ -23,10 +23,17 @@ pub use runtime::{AppliedFile, Dispatcher, StartError};
 pub const DUPLICATE_WINDOW: std::time::Duration = switchboard_sdk::nats::DUPLICATE_WINDOW;
 
 /// Sets up logging to stderr: human-readable text, or JSON lines with
-/// `json`. `RUST_LOG` overrides the default filter (`info`).
-pub fn init_logging(json: bool) {
+/// `json`. `RUST_LOG` overrides `default_filter` (e.g. `info`).
+pub fn init_logging(json: bool, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }

@@ -207,7 +207,11 @@ impl DeadLetters {
     pub fn list(&self, account: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         Ok(self
             .store
-            .scan_prefix_rev(Collection::DeadLetters, &key(&[account.as_bytes(), b""]), limit)?
+            .scan_prefix_rev(
+                Collection::DeadLetters,
+                &key(&[account.as_bytes(), b""]),
+                limit,
+            )?
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
@@ -217,7 +221,10 @@ impl DeadLetters {
     pub fn get(&self, account: &str, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         Ok(self
             .store
-            .get(Collection::DeadLetters, &key(&[account.as_bytes(), id.as_bytes()]))?
+            .get(
+                Collection::DeadLetters,
+                &key(&[account.as_bytes(), id.as_bytes()]),
+            )?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 }

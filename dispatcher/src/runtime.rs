@@ -93,7 +93,13 @@ impl Dispatcher {
         let prefix = config.bus.subject_prefix.clone();
         let bus: Arc<dyn Bus> = match &config.bus.nats_url {
             Some(url) => Arc::new(
-                NatsBus::connect(url, &prefix, config.limits.max_event_bytes, config.limits.concurrency * 32).await?,
+                NatsBus::connect(
+                    url,
+                    &prefix,
+                    config.limits.max_event_bytes,
+                    config.limits.concurrency * 32,
+                )
+                .await?,
             ),
             None => Arc::new(EmbeddedBus::open(store.clone(), &prefix)?),
         };
@@ -127,13 +133,21 @@ impl Dispatcher {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
 
         let deliveries = bus.consume(config.limits.concurrency * 4).await?;
-        let consumer = tokio::spawn(consume(executor.clone(), deliveries, config.limits.concurrency, stopped));
+        let consumer = tokio::spawn(consume(
+            executor.clone(),
+            deliveries,
+            config.limits.concurrency,
+            stopped,
+        ));
         tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
         Ok(Self {
             executor,
@@ -180,26 +194,42 @@ impl Dispatcher {
 
 /// Applies every `*.toml` and `*.json` file in `dir`, in name order. A file
 /// whose chains equal the account's current chains makes no new version.
-pub fn apply_chain_dir(chains: &ChainStore, registry: &Registry, dir: &Path) -> Result<Vec<AppliedFile>, StartError> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| StartError::ChainFile(format!("reading chain directory {}: {e}", dir.display())))?;
+pub fn apply_chain_dir(
+    chains: &ChainStore,
+    registry: &Registry,
+    dir: &Path,
+) -> Result<Vec<AppliedFile>, StartError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        StartError::ChainFile(format!("reading chain directory {}: {e}", dir.display()))
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("toml" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("toml" | "json")
+            )
+        })
         .collect();
     paths.sort();
     let mut applied = Vec::new();
     for path in paths {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|e| StartError::ChainFile(format!("reading {shown}: {e}")))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StartError::ChainFile(format!("reading {shown}: {e}")))?;
         let file = parse_chain_file(&text, Format::from_path(&shown), &shown)
             .map_err(|e| StartError::ChainFile(e.to_string()))?;
         let account = file.account_key.clone();
-        let valid = validate(file, &account, registry).map_err(|e| StartError::ChainFile(format!("{shown}: {e}")))?;
+        let valid = validate(file, &account, registry)
+            .map_err(|e| StartError::ChainFile(format!("{shown}: {e}")))?;
         let unchanged = chains
             .current(&account)?
             .is_some_and(|current| current.chains == valid.file().chains);
-        let version = if unchanged { None } else { Some(chains.apply(valid)?.version) };
+        let version = if unchanged {
+            None
+        } else {
+            Some(chains.apply(valid)?.version)
+        };
         applied.push(AppliedFile {
             path,
             account: account.to_string(),

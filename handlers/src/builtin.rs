@@ -29,7 +29,10 @@ fn string_option(
     problems: &mut Vec<FieldProblem>,
 ) {
     match config.get(key) {
-        None if required => problems.push(FieldProblem::new(format!("config.{key}"), "required option is missing")),
+        None if required => problems.push(FieldProblem::new(
+            format!("config.{key}"),
+            "required option is missing",
+        )),
         None => {}
         Some(Value::String(s)) if is_template(s) => {}
         Some(Value::String(s)) => {
@@ -75,7 +78,10 @@ impl Handler for Log {
                 if LEVELS.contains(&s) {
                     Ok(())
                 } else {
-                    Err(format!("{s:?} is not a level; use one of {}", LEVELS.join(", ")))
+                    Err(format!(
+                        "{s:?} is not a level; use one of {}",
+                        LEVELS.join(", ")
+                    ))
                 }
             },
             &mut problems,
@@ -83,7 +89,10 @@ impl Handler for Log {
         if let Some(fields) = config.get("fields")
             && !fields.is_object()
         {
-            problems.push(FieldProblem::new("config.fields", "must be a table of name = value"));
+            problems.push(FieldProblem::new(
+                "config.fields",
+                "must be a table of name = value",
+            ));
         }
         problems
     }
@@ -94,10 +103,16 @@ impl Handler for Log {
         let message = match config.get("message") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
-            None => format!("{}.{} event received", event.conversation_type, event.event_type),
+            None => format!(
+                "{}.{} event received",
+                event.conversation_type, event.event_type
+            ),
         };
-        let fields = config.get("fields").map(Value::to_string).unwrap_or_default();
-        let level = config.get("level").and_then(Value::as_str).unwrap_or("info");
+        let fields = config.get("fields").map(tracing::field::display);
+        let level = config
+            .get("level")
+            .and_then(Value::as_str)
+            .unwrap_or("info");
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -106,7 +121,7 @@ impl Handler for Log {
                     event_id = %event.id,
                     chain = input.chain,
                     step = input.step_name(),
-                    fields = %fields,
+                    fields,
                     "{message}"
                 )
             };
@@ -146,22 +161,33 @@ impl Handler for Emit {
         let mut problems = Vec::new();
         only_known(
             config,
-            &["event_type", "conversation_type", "conversation_key", "data"],
+            &[
+                "event_type",
+                "conversation_type",
+                "conversation_key",
+                "data",
+            ],
             &mut problems,
         );
-        string_option(config, "event_type", true, |s| check_key::<EventType>(s), &mut problems);
+        string_option(
+            config,
+            "event_type",
+            true,
+            check_key::<EventType>,
+            &mut problems,
+        );
         string_option(
             config,
             "conversation_type",
             false,
-            |s| check_key::<ConversationType>(s),
+            check_key::<ConversationType>,
             &mut problems,
         );
         string_option(
             config,
             "conversation_key",
             false,
-            |s| check_key::<ConversationKey>(s),
+            check_key::<ConversationKey>,
             &mut problems,
         );
         match config.get("data") {
@@ -180,10 +206,10 @@ impl Handler for Emit {
         let event = input.event;
         let event_type: EventType = rendered_key(&config, "event_type")?
             .ok_or_else(|| StepError::permanent("config.event_type: required option is missing"))?;
-        let conversation_type =
-            rendered_key(&config, "conversation_type")?.unwrap_or_else(|| event.conversation_type.clone());
-        let conversation_key =
-            rendered_key(&config, "conversation_key")?.unwrap_or_else(|| event.conversation_key.clone());
+        let conversation_type = rendered_key(&config, "conversation_type")?
+            .unwrap_or_else(|| event.conversation_type.clone());
+        let conversation_key = rendered_key(&config, "conversation_key")?
+            .unwrap_or_else(|| event.conversation_key.clone());
         let event_data = match config.get("data") {
             None => Map::new(),
             Some(Value::Object(map)) => map.clone(),
@@ -194,7 +220,10 @@ impl Handler for Emit {
             }
         };
         let mut output = Map::new();
-        output.insert("event_id".into(), Value::String(input.child_id(0).to_string()));
+        output.insert(
+            "event_id".into(),
+            Value::String(input.child_id(0).to_string()),
+        );
         output.insert("event_type".into(), Value::String(event_type.to_string()));
         Ok(StepOutput {
             data: output,
@@ -213,7 +242,9 @@ fn check_key<K>(s: &str) -> Result<(), String>
 where
     K: TryFrom<String, Error = switchboard_sdk::KeyError>,
 {
-    K::try_from(s.to_string()).map(|_| ()).map_err(|e| e.to_string())
+    K::try_from(s.to_string())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn rendered_key<K>(config: &Map<String, Value>, key: &str) -> Result<Option<K>, StepError>

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use switchboard_rules::{FieldProblem, StepCatalog, StepSpec};
-use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent};
+use switchboard_sdk::{
+    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
+};
 
 pub mod builtin;
 pub mod template;
@@ -47,7 +49,11 @@ impl StepInput<'_> {
 
     /// The step's whole config, every template rendered.
     pub fn render_config(&self) -> Result<Map<String, Value>, StepError> {
-        match self.templates.render(&Value::Object(self.step.config.clone()), "config", self.scope) {
+        match self.templates.render(
+            &Value::Object(self.step.config.clone()),
+            "config",
+            self.scope,
+        ) {
             Ok(Value::Object(map)) => Ok(map),
             Ok(_) => unreachable!("rendering an object gives an object"),
             Err(message) => Err(StepError::permanent(message)),
@@ -205,7 +211,12 @@ impl Registry {
 }
 
 impl StepCatalog for Registry {
-    fn check_step(&self, _account: &AccountKey, step: &StepSpec, earlier: &[&str]) -> Result<(), Vec<FieldProblem>> {
+    fn check_step(
+        &self,
+        _account: &AccountKey,
+        step: &StepSpec,
+        earlier: &[&str],
+    ) -> Result<(), Vec<FieldProblem>> {
         if step.handler.starts_with("script:") {
             return Err(vec![FieldProblem::new(
                 "handler",
@@ -227,10 +238,18 @@ impl StepCatalog for Registry {
             )]);
         };
         let mut problems = Vec::new();
-        self.templates
-            .check(&Value::Object(step.config.clone()), "config", earlier, &mut problems);
+        self.templates.check(
+            &Value::Object(step.config.clone()),
+            "config",
+            earlier,
+            &mut problems,
+        );
         problems.extend(handler.check_config(&step.config));
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 }
 

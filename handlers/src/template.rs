@@ -71,7 +71,8 @@ pub fn is_template(s: &str) -> bool {
 /// The inside of a string that is exactly one `{{ expression }}`.
 fn sole_expression(s: &str) -> Option<&str> {
     let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
-    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("{#") {
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("{#")
+    {
         return None;
     }
     Some(inner.trim().trim_start_matches('-').trim_end_matches('-'))
@@ -87,7 +88,12 @@ impl Templates {
     }
 
     /// The scope of one step.
-    pub fn scope(&self, event: &EventValue, steps: &Map<String, Value>, account: &AccountKey) -> Scope {
+    pub fn scope(
+        &self,
+        event: &EventValue,
+        steps: &Map<String, Value>,
+        account: &AccountKey,
+    ) -> Scope {
         Scope(minijinja::context! {
             event => event.0.clone(),
             steps => JinjaValue::from(minijinja::value::Serde(steps)),
@@ -97,7 +103,13 @@ impl Templates {
 
     /// Checks every template in `value` (found at `path`): it compiles, and it
     /// refers only to `event` fields, `account.key` and the steps in `earlier`.
-    pub fn check(&self, value: &Value, path: &str, earlier: &[&str], problems: &mut Vec<FieldProblem>) {
+    pub fn check(
+        &self,
+        value: &Value,
+        path: &str,
+        earlier: &[&str],
+        problems: &mut Vec<FieldProblem>,
+    ) {
         match value {
             Value::String(s) if is_template(s) => {
                 if let Err(message) = self.check_one(s, earlier) {
@@ -149,7 +161,11 @@ impl Templates {
                         return Err(format!(
                             "template {source:?} refers to steps.{s}, but no earlier step of this chain is \
                              called {s:?} (earlier steps: {})",
-                            if earlier.is_empty() { "none".to_string() } else { earlier.join(", ") }
+                            if earlier.is_empty() {
+                                "none".to_string()
+                            } else {
+                                earlier.join(", ")
+                            }
                         ));
                     }
                 }
@@ -169,7 +185,9 @@ impl Templates {
     /// Renders every template in `value` against `scope`.
     pub fn render(&self, value: &Value, path: &str, scope: &Scope) -> Result<Value, String> {
         Ok(match value {
-            Value::String(s) if is_template(s) => self.render_one(s, scope).map_err(|e| format!("{path}: {e}"))?,
+            Value::String(s) if is_template(s) => self
+                .render_one(s, scope)
+                .map_err(|e| format!("{path}: {e}"))?,
             Value::Array(items) => Value::Array(
                 items
                     .iter()
@@ -192,14 +210,17 @@ impl Templates {
                 .env
                 .compile_expression(expr)
                 .map_err(|e| format!("template {source:?}: {}", describe(&e)))?;
-            let value = compiled
-                .eval(scope.0.clone())
-                .map_err(|e| self.explain(source, &e, compiled.undeclared_variables(true), scope))?;
+            let value = compiled.eval(scope.0.clone()).map_err(|e| {
+                self.explain(source, &e, compiled.undeclared_variables(true), scope)
+            })?;
             if value.is_undefined() {
-                return Err(format!("template {source:?}: `{expr}` is undefined for this event"));
+                return Err(format!(
+                    "template {source:?}: `{expr}` is undefined for this event"
+                ));
             }
-            return serde_json::to_value(&value)
-                .map_err(|e| format!("template {source:?}: the value cannot be written as JSON: {e}"));
+            return serde_json::to_value(&value).map_err(|e| {
+                format!("template {source:?}: the value cannot be written as JSON: {e}")
+            });
         }
         let template = self
             .env
@@ -213,7 +234,13 @@ impl Templates {
 
     /// Says which variable was undefined, when that was the error: minijinja
     /// reports only that *something* was.
-    fn explain(&self, source: &str, e: &minijinja::Error, names: HashSet<String>, scope: &Scope) -> String {
+    fn explain(
+        &self,
+        source: &str,
+        e: &minijinja::Error,
+        names: HashSet<String>,
+        scope: &Scope,
+    ) -> String {
         if e.kind() == minijinja::ErrorKind::UndefinedError {
             let mut names: Vec<String> = names.into_iter().collect();
             names.sort();

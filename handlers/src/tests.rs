@@ -28,7 +28,9 @@ async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
     let registry = Registry::with_builtins();
     let event = event();
     let steps = serde_json::Map::new();
-    let scope = registry.templates().scope(&EventValue::new(&event), &steps, &event.account_key);
+    let scope = registry
+        .templates()
+        .scope(&EventValue::new(&event), &steps, &event.account_key);
     let input = StepInput {
         event: &event,
         chain: "c",
@@ -44,15 +46,27 @@ async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
 fn check_step(s: &StepSpec) -> Vec<String> {
     match Registry::with_builtins().check_step(&AccountKey::new("acme").unwrap(), s, &[]) {
         Ok(()) => vec![],
-        Err(p) => p.into_iter().map(|p| format!("{}: {}", p.field, p.message)).collect(),
+        Err(p) => p
+            .into_iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect(),
     }
 }
 
 #[test]
 fn catalog_checks() {
     assert!(check_step(&step("log", json!({}))).is_empty());
-    assert!(check_step(&step("emit", json!({"event_type": "points_awarded", "data": {"n": "{{ event.event_data.score }}"}}))).is_empty());
-    assert_eq!(check_step(&step("emit", json!({}))), vec!["config.event_type: required option is missing"]);
+    assert!(
+        check_step(&step(
+            "emit",
+            json!({"event_type": "points_awarded", "data": {"n": "{{ event.event_data.score }}"}})
+        ))
+        .is_empty()
+    );
+    assert_eq!(
+        check_step(&step("emit", json!({}))),
+        vec!["config.event_type: required option is missing"]
+    );
     assert_eq!(
         check_step(&step("emit", json!({"event_type": "a.b"}))),
         vec![r#"config.event_type: invalid event_type "a.b": must match ^[A-Za-z0-9_-]{1,64}$"#]
@@ -61,10 +75,19 @@ fn catalog_checks() {
         check_step(&step("log", json!({"mesage": "x"}))),
         vec!["config.mesage: unknown option; this handler takes message, level, fields"]
     );
-    assert!(check_step(&step("log", json!({"level": "loud"})))[0].contains("\"loud\" is not a level"));
-    assert!(check_step(&step("teleport", json!({})))[0].starts_with("handler: unknown handler \"teleport\"; the built-in handlers are emit, log"));
+    assert!(
+        check_step(&step("log", json!({"level": "loud"})))[0].contains("\"loud\" is not a level")
+    );
+    assert!(
+        check_step(&step("teleport", json!({})))[0].starts_with(
+            "handler: unknown handler \"teleport\"; the built-in handlers are emit, log"
+        )
+    );
     assert!(check_step(&step("script:award", json!({})))[0].contains("not supported yet"));
-    assert!(check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0].contains("`event.nope`"));
+    assert!(
+        check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0]
+            .contains("`event.nope`")
+    );
 }
 
 #[tokio::test]
@@ -80,20 +103,49 @@ async fn emit_builds_a_child_request() {
     assert_eq!(e.event_type.as_str(), "points_awarded");
     assert_eq!(e.conversation_type.as_str(), "points");
     assert_eq!(e.conversation_key.as_str(), "poll-2026");
-    assert_eq!(serde_json::Value::Object(e.event_data.clone()), json!({"points": 40}));
+    assert_eq!(
+        serde_json::Value::Object(e.event_data.clone()),
+        json!({"points": 40})
+    );
     assert_eq!(out.data["event_type"], json!("points_awarded"));
 }
 
 #[tokio::test]
 async fn emit_fails_permanently_on_a_bad_rendered_key() {
-    let err = run(&step("emit", json!({"event_type": "{{ event.event_type }}.x"}))).await.unwrap_err();
+    let err = run(&step(
+        "emit",
+        json!({"event_type": "{{ event.event_type }}.x"}),
+    ))
+    .await
+    .unwrap_err();
     assert!(!err.is_retryable());
-    assert!(err.to_string().contains("config.event_type: rendered to invalid event_type \"poll_complete.x\""), "{err}");
+    assert!(
+        err.to_string()
+            .contains("config.event_type: rendered to invalid event_type \"poll_complete.x\""),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn log_outputs_nothing_and_fails_on_undefined() {
-    assert_eq!(run(&step("log", json!({"message": "score {{ event.event_data.score }}"}))).await.unwrap(), StepOutput::default());
-    let err = run(&step("log", json!({"message": "{{ event.event_data.missing }}"}))).await.unwrap_err();
-    assert!(err.to_string().contains("`event.event_data.missing` is undefined"), "{err}");
+    assert_eq!(
+        run(&step(
+            "log",
+            json!({"message": "score {{ event.event_data.score }}"})
+        ))
+        .await
+        .unwrap(),
+        StepOutput::default()
+    );
+    let err = run(&step(
+        "log",
+        json!({"message": "{{ event.event_data.missing }}"}),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`event.event_data.missing` is undefined"),
+        "{err}"
+    );
 }

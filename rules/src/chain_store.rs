@@ -113,12 +113,22 @@ impl ChainStore {
 
     /// The current chains of `account`, indexed for matching.
     pub fn lookup(&self, account: &AccountKey) -> Option<Arc<AccountChains>> {
-        self.current.read().expect("chain cache lock").get(account).cloned()
+        self.current
+            .read()
+            .expect("chain cache lock")
+            .get(account)
+            .cloned()
     }
 
     /// Every account that has chains (possibly an empty set after `remove_all`).
     pub fn accounts(&self) -> Vec<AccountKey> {
-        let mut accounts: Vec<_> = self.current.read().expect("chain cache lock").keys().cloned().collect();
+        let mut accounts: Vec<_> = self
+            .current
+            .read()
+            .expect("chain cache lock")
+            .keys()
+            .cloned()
+            .collect();
         accounts.sort();
         accounts
     }
@@ -139,15 +149,25 @@ impl ChainStore {
     /// Every version of `account`, oldest first.
     pub fn history(&self, account: &AccountKey) -> Result<Vec<ChainVersion>, ChainStoreError> {
         self.store
-            .scan_prefix(Collection::ChainVersions, &key(&[account.as_str().as_bytes(), b""]))?
+            .scan_prefix(
+                Collection::ChainVersions,
+                &key(&[account.as_str().as_bytes(), b""]),
+            )?
             .into_iter()
             .map(|(_, v)| decode(account.as_str(), &v))
             .collect()
     }
 
     /// One version of `account`.
-    pub fn version(&self, account: &AccountKey, version: u64) -> Result<ChainVersion, ChainStoreError> {
-        match self.store.get(Collection::ChainVersions, &version_key(account, version))? {
+    pub fn version(
+        &self,
+        account: &AccountKey,
+        version: u64,
+    ) -> Result<ChainVersion, ChainStoreError> {
+        match self
+            .store
+            .get(Collection::ChainVersions, &version_key(account, version))?
+        {
             Some(v) => decode(account.as_str(), &v),
             None => Err(ChainStoreError::NoSuchVersion {
                 account: account.to_string(),
@@ -157,11 +177,17 @@ impl ChainStore {
     }
 
     /// Makes a new version without the chain `name`.
-    pub fn remove_chain(&self, account: &AccountKey, name: &str) -> Result<ChainVersion, ChainStoreError> {
+    pub fn remove_chain(
+        &self,
+        account: &AccountKey,
+        name: &str,
+    ) -> Result<ChainVersion, ChainStoreError> {
         let _guard = self.writer.lock().expect("chain writer lock");
-        let current = self.current(account)?.ok_or_else(|| ChainStoreError::NoChains {
-            account: account.to_string(),
-        })?;
+        let current = self
+            .current(account)?
+            .ok_or_else(|| ChainStoreError::NoChains {
+                account: account.to_string(),
+            })?;
         let mut file = current.to_file();
         let before = file.chains.len();
         file.chains.retain(|c| c.name != name);
@@ -208,11 +234,17 @@ impl ChainStore {
         self.commit_locked(file, change)
     }
 
-    fn commit_locked(&self, file: ChainFile, change: String) -> Result<ChainVersion, ChainStoreError> {
+    fn commit_locked(
+        &self,
+        file: ChainFile,
+        change: String,
+    ) -> Result<ChainVersion, ChainStoreError> {
         let account = file.account_key.clone();
-        let last = self
-            .store
-            .scan_prefix_rev(Collection::ChainVersions, &key(&[account.as_str().as_bytes(), b""]), 1)?;
+        let last = self.store.scan_prefix_rev(
+            Collection::ChainVersions,
+            &key(&[account.as_str().as_bytes(), b""]),
+            1,
+        )?;
         let next = match last.first() {
             Some((k, _)) => version_of_key(k) + 1,
             None => 1,
@@ -239,7 +271,10 @@ impl ChainStore {
         ])?;
         self.store.flush_blocking()?;
         let indexed = Arc::new(AccountChains::new(next, record.to_file()));
-        self.current.write().expect("chain cache lock").insert(account, indexed);
+        self.current
+            .write()
+            .expect("chain cache lock")
+            .insert(account, indexed);
         Ok(record)
     }
 }
@@ -249,7 +284,9 @@ fn version_key(account: &AccountKey, version: u64) -> Vec<u8> {
 }
 
 fn version_of_key(k: &[u8]) -> u64 {
-    let tail: [u8; 8] = k[k.len() - 8..].try_into().expect("version keys end in 8 bytes");
+    let tail: [u8; 8] = k[k.len() - 8..]
+        .try_into()
+        .expect("version keys end in 8 bytes");
     u64::from_be_bytes(tail)
 }
 

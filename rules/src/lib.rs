@@ -12,7 +12,9 @@ mod validate;
 
 pub use chain_store::{ChainStore, ChainStoreError, ChainVersion};
 pub use matching::{AccountChains, Routing};
-pub use model::{ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration};
+pub use model::{
+    ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration,
+};
 pub use validate::{
     ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
     parse_chain_file, toml_error_message, validate,

@@ -98,10 +98,17 @@ impl AccountChains {
     pub fn route(&self, event: &VumiApiEvent) -> Routing<'_> {
         let mut hits: Vec<usize> = Vec::new();
         for ct in [event.conversation_type.as_str(), ANY] {
-            let Some(by_event) = self.index.get(ct) else { continue };
+            let Some(by_event) = self.index.get(ct) else {
+                continue;
+            };
             for et in [event.event_type.as_str(), ANY] {
                 if let Some(found) = by_event.get(et) {
-                    hits.extend(found.iter().copied().filter(|&i| conversation_matches(&self.chains[i], event)));
+                    hits.extend(
+                        found
+                            .iter()
+                            .copied()
+                            .filter(|&i| conversation_matches(&self.chains[i], event)),
+                    );
                 }
             }
         }

@@ -74,7 +74,10 @@ impl StepSpec {
     pub fn step_name(&self) -> &str {
         match &self.name {
             Some(name) => name,
-            None => self.handler.strip_prefix("script:").unwrap_or(&self.handler),
+            None => self
+                .handler
+                .strip_prefix("script:")
+                .unwrap_or(&self.handler),
         }
     }
 }
@@ -158,9 +161,9 @@ pub mod duration {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
-        let n: f64 = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration (write e.g. \"500ms\", \"2s\", \"1m\")"))?;
+        let n: f64 = number.parse().map_err(|_| {
+            format!("{s:?} is not a duration (write e.g. \"500ms\", \"2s\", \"1m\")")
+        })?;
         let scale = match unit.trim() {
             "ms" => 0.001,
             "s" | "" => 1.0,
@@ -174,7 +177,7 @@ pub mod duration {
             }
         };
         let secs = n * scale;
-        if !secs.is_finite() || secs < 0.0 || secs > 365.0 * 86400.0 {
+        if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
             return Err(format!("{s:?} is out of range"));
         }
         Ok(Duration::from_secs_f64(secs))
@@ -183,7 +186,7 @@ pub mod duration {
     /// Formats as the shortest exact form `parse` reads back.
     pub fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        if ms % 1000 != 0 || ms == 0 {
+        if !ms.is_multiple_of(1000) || ms == 0 {
             format!("{ms}ms")
         } else {
             format!("{}s", ms / 1000)

@@ -7,14 +7,25 @@ use super::*;
 struct TestCatalog;
 
 impl StepCatalog for TestCatalog {
-    fn check_step(&self, _: &AccountKey, step: &StepSpec, earlier: &[&str]) -> Result<(), Vec<FieldProblem>> {
+    fn check_step(
+        &self,
+        _: &AccountKey,
+        step: &StepSpec,
+        earlier: &[&str],
+    ) -> Result<(), Vec<FieldProblem>> {
         match step.handler.as_str() {
             "log" => Ok(()),
             "emit" if step.config.contains_key("event_type") => Ok(()),
             "emit" => Err(vec![FieldProblem::new("config.event_type", "required")]),
             "needs_earlier" if earlier.contains(&"log") => Ok(()),
-            "needs_earlier" => Err(vec![FieldProblem::new("config", "needs an earlier log step")]),
-            other => Err(vec![FieldProblem::new("handler", format!("unknown handler {other:?}"))]),
+            "needs_earlier" => Err(vec![FieldProblem::new(
+                "config",
+                "needs an earlier log step",
+            )]),
+            other => Err(vec![FieldProblem::new(
+                "handler",
+                format!("unknown handler {other:?}"),
+            )]),
         }
     }
 }
@@ -78,25 +89,57 @@ steps = [{ handler = "log" }]
 fn matching_table() {
     let chains = AccountChains::new(1, check(MATCH_FILE).unwrap().into_file());
     let table: &[(&str, &str, &str, &[&str])] = &[
-        ("survey", "poll_complete", "other", &["exact", "any-event-of-survey"]),
-        ("survey", "poll_complete", "poll-2026", &["exact", "any-event-of-survey", "poll-2026-only"]),
+        (
+            "survey",
+            "poll_complete",
+            "other",
+            &["exact", "any-event-of-survey"],
+        ),
+        (
+            "survey",
+            "poll_complete",
+            "poll-2026",
+            &["exact", "any-event-of-survey", "poll-2026-only"],
+        ),
         ("survey", "poll_started", "x", &["any-event-of-survey"]),
         ("ussd", "sms_sent", "x", &["any-sms"]),
-        ("survey", "sms_sent", "x", &["any-event-of-survey", "any-sms"]),
+        (
+            "survey",
+            "sms_sent",
+            "x",
+            &["any-event-of-survey", "any-sms"],
+        ),
         ("ussd", "menu_shown", "x", &["default"]),
     ];
     for (ct, et, ck, expected) in table {
-        let names: Vec<&str> = chains.route(&event(ct, et, ck)).chains().iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<&str> = chains
+            .route(&event(ct, et, ck))
+            .chains()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         assert_eq!(&names, expected, "event {ct}/{et}/{ck}");
     }
-    assert!(matches!(chains.route(&event("ussd", "menu_shown", "x")), Routing::Default(_)));
+    assert!(matches!(
+        chains.route(&event("ussd", "menu_shown", "x")),
+        Routing::Default(_)
+    ));
 }
 
 #[test]
 fn no_match_without_default_is_unrouted() {
-    let file = parse(&MATCH_FILE.replace("name = \"default\"", "name = \"fallback\"\nconversation_type = \"nothing\""));
-    let chains = AccountChains::new(1, validate(file, &acme(), &TestCatalog).unwrap().into_file());
-    assert_eq!(chains.route(&event("ussd", "menu_shown", "x")), Routing::Unrouted);
+    let file = parse(&MATCH_FILE.replace(
+        "name = \"default\"",
+        "name = \"fallback\"\nconversation_type = \"nothing\"",
+    ));
+    let chains = AccountChains::new(
+        1,
+        validate(file, &acme(), &TestCatalog).unwrap().into_file(),
+    );
+    assert_eq!(
+        chains.route(&event("ussd", "menu_shown", "x")),
+        Routing::Unrouted
+    );
 }
 
 #[test]
@@ -134,7 +177,10 @@ fn structural_rules() {
             "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }]\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }]",
             "another chain of this account has the same name",
         ),
-        ("[[chains]]\nname = \"a\"", "a chain needs at least one step"),
+        (
+            "[[chains]]\nname = \"a\"",
+            "a chain needs at least one step",
+        ),
         (
             "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"log\" }]",
             "step 2 (log), field name: another step of this chain is already called \"log\"",
@@ -151,31 +197,63 @@ fn structural_rules() {
             "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\", retry = { max_attempts = 0 } }]",
             "field retry.max_attempts: must be at least 1",
         ),
-        ("[[chains]]\nname = \"a\"\nsteps = [{ handler = \"needs_earlier\" }]", "needs an earlier log step"),
+        (
+            "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"needs_earlier\" }]",
+            "needs an earlier log step",
+        ),
     ];
     for (body, expected) in cases {
-        let err = check(&format!("account_key = \"acme\"\n{body}")).unwrap_err().to_string();
-        assert!(err.contains(expected), "{body}\n=> {err}\nexpected to contain: {expected}");
+        let err = check(&format!("account_key = \"acme\"\n{body}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(expected),
+            "{body}\n=> {err}\nexpected to contain: {expected}"
+        );
     }
-    let ok = check("account_key = \"acme\"\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"needs_earlier\" }]");
+    let ok = check(
+        "account_key = \"acme\"\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"needs_earlier\" }]",
+    );
     assert!(ok.is_ok(), "{ok:?}");
 }
 
 #[test]
 fn file_for_another_account_is_refused() {
     let err = validate(parse("account_key = \"other\""), &acme(), &TestCatalog).unwrap_err();
-    assert!(err.to_string().contains("the file is for account \"other\" but is being applied to account \"acme\""), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the file is for account \"other\" but is being applied to account \"acme\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn parse_errors_give_line_and_column() {
-    let err = parse_chain_file("account_key = \"acme\"\n[[chains]]\nname = 3\n", Format::Toml, "acme.toml").unwrap_err();
-    assert!(err.to_string().starts_with("acme.toml: line 3, column 8:"), "{err}");
-    let err = parse_chain_file("account_key = \"acme\"\nchain = []\n", Format::Toml, "acme.toml").unwrap_err();
+    let err = parse_chain_file(
+        "account_key = \"acme\"\n[[chains]]\nname = 3\n",
+        Format::Toml,
+        "acme.toml",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with("acme.toml: line 3, column 8:"),
+        "{err}"
+    );
+    let err = parse_chain_file(
+        "account_key = \"acme\"\nchain = []\n",
+        Format::Toml,
+        "acme.toml",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("unknown field `chain`"), "{err}");
     let err = parse_chain_file("account_key = \"a.b\"\n", Format::Toml, "x.toml").unwrap_err();
     assert!(err.to_string().contains("invalid account_key"), "{err}");
-    let err = parse_chain_file(r#"{"account_key": "acme", "chains": [{"name": 1}]}"#, Format::Json, "x.json").unwrap_err();
+    let err = parse_chain_file(
+        r#"{"account_key": "acme", "chains": [{"name": 1}]}"#,
+        Format::Json,
+        "x.json",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("line 1"), "{err}");
 }
 
@@ -183,7 +261,10 @@ fn parse_errors_give_line_and_column() {
 fn json_and_toml_read_the_same() {
     let toml = parse(MATCH_FILE);
     let json = serde_json::to_string(&toml).unwrap();
-    assert_eq!(parse_chain_file(&json, Format::sniff(&json), "x").unwrap(), toml);
+    assert_eq!(
+        parse_chain_file(&json, Format::sniff(&json), "x").unwrap(),
+        toml
+    );
 }
 
 #[test]
@@ -205,7 +286,8 @@ fn store_versions_restore_and_remove() {
     let store = ChainStore::open(Store::temporary().unwrap()).unwrap();
     let v1 = store.apply(check(MATCH_FILE).unwrap()).unwrap();
     assert_eq!(v1.version, 1);
-    let only_default = "account_key = \"acme\"\n[[chains]]\nname = \"default\"\nsteps = [{ handler = \"log\" }]";
+    let only_default =
+        "account_key = \"acme\"\n[[chains]]\nname = \"default\"\nsteps = [{ handler = \"log\" }]";
     let v2 = store.apply(check(only_default).unwrap()).unwrap();
     assert_eq!(v2.version, 2);
     assert_eq!(store.lookup(&acme()).unwrap().chains().len(), 1);
@@ -217,11 +299,19 @@ fn store_versions_restore_and_remove() {
 
     let v4 = store.remove_chain(&acme(), "any-sms").unwrap();
     assert_eq!(v4.chains.len(), 4);
-    assert!(matches!(store.remove_chain(&acme(), "nope"), Err(ChainStoreError::NoSuchChain { .. })));
+    assert!(matches!(
+        store.remove_chain(&acme(), "nope"),
+        Err(ChainStoreError::NoSuchChain { .. })
+    ));
     let v5 = store.remove_all(&acme()).unwrap();
     assert!(v5.chains.is_empty());
 
-    let history: Vec<(u64, String)> = store.history(&acme()).unwrap().into_iter().map(|v| (v.version, v.change)).collect();
+    let history: Vec<(u64, String)> = store
+        .history(&acme())
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.change))
+        .collect();
     assert_eq!(
         history,
         vec![
@@ -232,7 +322,10 @@ fn store_versions_restore_and_remove() {
             (5, "remove all".to_string()),
         ]
     );
-    assert!(matches!(store.version(&acme(), 9), Err(ChainStoreError::NoSuchVersion { version: 9, .. })));
+    assert!(matches!(
+        store.version(&acme(), 9),
+        Err(ChainStoreError::NoSuchVersion { version: 9, .. })
+    ));
 }
 
 #[test]
@@ -242,8 +335,12 @@ fn store_reloads_and_keeps_accounts_apart() {
         let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
         store.apply(check(MATCH_FILE).unwrap()).unwrap();
         let other = AccountKey::new("other").unwrap();
-        let file = parse("account_key = \"other\"\n[[chains]]\nname = \"x\"\nsteps = [{ handler = \"log\" }]");
-        store.apply(validate(file, &other, &TestCatalog).unwrap()).unwrap();
+        let file = parse(
+            "account_key = \"other\"\n[[chains]]\nname = \"x\"\nsteps = [{ handler = \"log\" }]",
+        );
+        store
+            .apply(validate(file, &other, &TestCatalog).unwrap())
+            .unwrap();
     }
     let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
     assert_eq!(store.accounts().len(), 2);

@@ -48,7 +48,11 @@ pub struct ParseError {
 }
 
 /// Parses a chain file.
-pub fn parse_chain_file(text: &str, format: Format, source_name: &str) -> Result<ChainFile, ParseError> {
+pub fn parse_chain_file(
+    text: &str,
+    format: Format,
+    source_name: &str,
+) -> Result<ChainFile, ParseError> {
     let result = match format {
         Format::Toml => toml::from_str(text).map_err(|e| toml_error_message(text, &e)),
         Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
@@ -180,7 +184,10 @@ impl ValidChainFile {
 }
 
 fn is_chain_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Step names are used in templates as `steps.<name>`, so they are identifiers.
@@ -224,7 +231,10 @@ pub fn validate(
             problems.push(chain_problem(
                 &label,
                 "name",
-                format!("{:?} is not a chain name: use 1 to 64 of A-Z a-z 0-9 _ -", chain.name),
+                format!(
+                    "{:?} is not a chain name: use 1 to 64 of A-Z a-z 0-9 _ -",
+                    chain.name
+                ),
             ));
         } else if !names.insert(chain.name.as_str()) {
             problems.push(chain_problem(
@@ -308,7 +318,10 @@ fn check_chain(
         }
         if let Some(retry) = &step.retry {
             if retry.max_attempts == 0 {
-                push("retry.max_attempts", "must be at least 1 (the first attempt counts)".into());
+                push(
+                    "retry.max_attempts",
+                    "must be at least 1 (the first attempt counts)".into(),
+                );
             }
             if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
                 push("retry.multiplier", "must be a number of at least 1".into());

@@ -226,7 +226,8 @@ impl VumiApiEvent {
             });
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let event: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| classify(bytes, e))?;
+        let event: Self =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| classify(bytes, e))?;
         de.end().map_err(|e| EventError::Syntax {
             message: e.to_string(),
         })?;
@@ -263,9 +264,8 @@ impl VumiApiEvent {
             }
         };
         map.entry("v").or_insert(Value::from(SCHEMA_VERSION));
-        map.entry("occurred_at").or_insert_with(|| {
-            Value::String(format_rfc3339(now()))
-        });
+        map.entry("occurred_at")
+            .or_insert_with(|| Value::String(format_rfc3339(now())));
         map.entry("root_id").or_insert(Value::String(id));
         map.entry("depth").or_insert(Value::from(0));
         let bytes = serde_json::to_vec(&value).expect("a JSON value serialises");
@@ -286,7 +286,9 @@ impl VumiApiEvent {
             }),
             (d, None) if d > 0 => Err(EventError::Field {
                 field: "parent_id".into(),
-                message: format!("an event of depth {d} needs the parent_id of the event that emitted it"),
+                message: format!(
+                    "an event of depth {d} needs the parent_id of the event that emitted it"
+                ),
             }),
             _ => Ok(()),
         }
@@ -308,9 +310,11 @@ fn classify(bytes: &[u8], err: serde_path_to_error::Error<serde_json::Error>) ->
                 v: Option<Value>,
             }
             if let Ok(Probe { v: Some(v) }) = serde_json::from_slice::<Probe>(bytes)
-                && v != Value::from(SCHEMA_VERSION)
+                && v != SCHEMA_VERSION
             {
-                return EventError::UnsupportedVersion { found: v.to_string() };
+                return EventError::UnsupportedVersion {
+                    found: v.to_string(),
+                };
             }
             let message = strip_position(&inner.to_string());
             if path == "." || path.is_empty() || path == "?" {
@@ -355,7 +359,9 @@ pub enum EventError {
         message: String,
     },
     /// The event declares a schema version this build does not know.
-    #[error("event schema version {found} is not supported (this dispatcher reads version {SCHEMA_VERSION})")]
+    #[error(
+        "event schema version {found} is not supported (this dispatcher reads version {SCHEMA_VERSION})"
+    )]
     UnsupportedVersion {
         /// The `v` found in the event.
         found: String,
@@ -407,8 +413,9 @@ mod utc_timestamp {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        let t = OffsetDateTime::parse(&s, &Rfc3339)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not an RFC 3339 timestamp: {e}")))?;
+        let t = OffsetDateTime::parse(&s, &Rfc3339).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not an RFC 3339 timestamp: {e}"))
+        })?;
         if !t.offset().is_utc() {
             return Err(serde::de::Error::custom(format!(
                 "{s:?} is not in UTC: end it with Z or +00:00"

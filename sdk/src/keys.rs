@@ -110,9 +110,9 @@ macro_rules! key_type {
 fn is_valid(value: &str, max: usize, extra: &str) -> bool {
     !value.is_empty()
         && value.len() <= max
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || extra.as_bytes().contains(&b))
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || extra.as_bytes().contains(&b)
+        })
 }
 
 key_type!(

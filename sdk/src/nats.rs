@@ -34,7 +34,10 @@ pub fn stream_name(prefix: &str, base: &str) -> String {
         base.to_string()
     } else {
         let suffix = base.strip_prefix("VUMI_").unwrap_or(base);
-        format!("{}_{suffix}", prefix.to_ascii_uppercase().replace(['.', '-'], "_"))
+        format!(
+            "{}_{suffix}",
+            prefix.to_ascii_uppercase().replace(['.', '-'], "_")
+        )
     }
 }
 
@@ -87,10 +90,12 @@ pub struct NatsEmitter {
 impl NatsEmitter {
     /// Connects to `url` with default options.
     pub async fn connect(url: &str) -> Result<Self, EmitError> {
-        let client = async_nats::connect(url).await.map_err(|source| EmitError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|source| EmitError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
         Ok(Self::new(client))
     }
 
@@ -146,7 +151,9 @@ impl NatsEmitter {
             if attempt > 1 {
                 tokio::time::sleep(crate::publish_backoff(attempt - 1)).await;
             }
-            let publish = PublishMessage::build().payload(payload.clone()).message_id(id.as_str());
+            let publish = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.as_str());
             match self.js.send_publish(subject.clone(), publish).await {
                 Ok(ack) => match ack.await {
                     Ok(ack) => {

@@ -52,7 +52,10 @@ impl Collection {
     }
 
     fn index(self) -> usize {
-        Self::ALL.iter().position(|c| *c == self).expect("every collection is listed")
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .expect("every collection is listed")
     }
 }
 
@@ -162,7 +165,12 @@ impl Store {
     }
 
     /// Puts `value` under `key` unless a value is there already. Returns whether it was put.
-    pub fn put_if_absent(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+    pub fn put_if_absent(
+        &self,
+        c: Collection,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
         self.tree(c)
             .compare_and_swap(key, None as Option<&[u8]>, Some(value))
             .map(|r| r.is_ok())
@@ -192,7 +200,12 @@ impl Store {
     }
 
     /// Up to `limit` entries with keys starting with `prefix`, walking backwards from the last.
-    pub fn scan_prefix_rev(&self, c: Collection, prefix: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+    pub fn scan_prefix_rev(
+        &self,
+        c: Collection,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
         self.tree(c)
             .scan_prefix(prefix)
             .rev()
@@ -203,7 +216,12 @@ impl Store {
     }
 
     /// Up to `limit` entries with keys at or after `from`, in key order.
-    pub fn scan_from(&self, c: Collection, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+    pub fn scan_from(
+        &self,
+        c: Collection,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
         self.tree(c)
             .range(from.to_vec()..)
             .take(limit)
@@ -235,7 +253,10 @@ impl Store {
         let result: Result<(), sled::transaction::TransactionError<()>> =
             trees.as_slice().transaction(|views| {
                 for w in batch {
-                    let i = involved.iter().position(|c| *c == w.collection).expect("listed above");
+                    let i = involved
+                        .iter()
+                        .position(|c| *c == w.collection)
+                        .expect("listed above");
                     match &w.value {
                         Some(v) => views[i].insert(w.key.as_slice(), v.as_slice())?,
                         None => views[i].remove(w.key.as_slice())?,
@@ -248,7 +269,9 @@ impl Store {
                 collection: "(batch)",
                 source,
             },
-            sled::transaction::TransactionError::Abort(()) => unreachable!("the batch never aborts"),
+            sled::transaction::TransactionError::Abort(()) => {
+                unreachable!("the batch never aborts")
+            }
         })
     }
 
@@ -262,18 +285,25 @@ impl Store {
 
     /// Makes every write so far durable. Concurrent callers share flushes.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(|_| ()).map_err(|source| StoreError::Io {
-            collection: "(flush)",
-            source,
-        })
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Io {
+                collection: "(flush)",
+                source,
+            })
     }
 
     /// Makes every write so far durable, blocking the thread.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(|source| StoreError::Io {
-            collection: "(flush)",
-            source,
-        })
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|source| StoreError::Io {
+                collection: "(flush)",
+                source,
+            })
     }
 }
 

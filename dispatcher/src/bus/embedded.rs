@@ -54,7 +54,9 @@ pub struct Acker {
 
 impl Acker {
     pub(super) fn ack(self) -> Result<(), BusError> {
-        self.inner.store.remove(Collection::BusQueue, &self.seq.to_be_bytes())?;
+        self.inner
+            .store
+            .remove(Collection::BusQueue, &self.seq.to_be_bytes())?;
         Ok(())
     }
 
@@ -76,7 +78,9 @@ impl EmbeddedBus {
     /// are delivered first, in order.
     pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
         let boundary = match store.last(Collection::BusQueue)? {
-            Some((k, _)) => u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")),
+            Some((k, _)) => {
+                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"))
+            }
             None => 0,
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -150,7 +154,9 @@ impl Bus for EmbeddedBus {
         let id = event.id.to_string();
         let now = now_millis();
         if !store.put_if_absent(Collection::BusDedup, id.as_bytes(), &now.to_be_bytes())? {
-            let seen = store.get(Collection::BusDedup, id.as_bytes())?.map_or(0, |v| millis_of(&v));
+            let seen = store
+                .get(Collection::BusDedup, id.as_bytes())?
+                .map_or(0, |v| millis_of(&v));
             if now.saturating_sub(seen) < DUPLICATE_WINDOW.as_millis() as u64 {
                 return Ok(Published { duplicate: true });
             }
@@ -171,14 +177,20 @@ impl Bus for EmbeddedBus {
             .lock()
             .expect("receiver lock")
             .take()
-            .ok_or_else(|| BusError::Unavailable("the embedded bus is already being consumed".into()))?;
+            .ok_or_else(|| {
+                BusError::Unavailable("the embedded bus is already being consumed".into())
+            })?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let deliver = |seq: u64, attempt: u32| {
                 let inner = inner.clone();
                 async move {
-                    let record = inner.store.get(Collection::BusQueue, &seq.to_be_bytes()).ok().flatten()?;
+                    let record = inner
+                        .store
+                        .get(Collection::BusQueue, &seq.to_be_bytes())
+                        .ok()
+                        .flatten()?;
                     let (subject, payload) = decode(&record);
                     Some(Delivery {
                         subject,
@@ -191,17 +203,23 @@ impl Bus for EmbeddedBus {
             // First what an earlier process left behind, in order.
             let mut next = 0u64;
             while next <= inner.boundary {
-                let batch = match inner.store.scan_from(Collection::BusQueue, &next.to_be_bytes(), 256) {
-                    Ok(batch) if !batch.is_empty() => batch,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "embedded bus: reading the queue failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
+                let batch =
+                    match inner
+                        .store
+                        .scan_from(Collection::BusQueue, &next.to_be_bytes(), 256)
+                    {
+                        Ok(batch) if !batch.is_empty() => batch,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "embedded bus: reading the queue failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
                 for (k, _) in batch {
-                    let seq = u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"));
+                    let seq = u64::from_be_bytes(
+                        k.as_slice().try_into().expect("queue keys are 8 bytes"),
+                    );
                     next = seq + 1;
                     if seq > inner.boundary {
                         break;

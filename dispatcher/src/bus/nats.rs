@@ -29,7 +29,12 @@ pub struct NatsBus {
 
 impl NatsBus {
     /// Connects to `url` and makes sure the events stream and the consumer exist.
-    pub async fn connect(url: &str, prefix: &str, max_bytes: usize, max_ack_pending: usize) -> Result<Self, BusError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        max_bytes: usize,
+        max_ack_pending: usize,
+    ) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("switchboard-dispatcher")
             .connection_timeout(Duration::from_secs(5))
@@ -69,17 +74,18 @@ impl Bus for NatsBus {
         self.emitter
             .emit(event)
             .await
-            .map(|e| Published { duplicate: e.duplicate })
+            .map(|e| Published {
+                duplicate: e.duplicate,
+            })
             .map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
     async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let config = events_stream_config(&self.prefix);
-        let stream = self
-            .js
-            .get_stream(&config.name)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("opening stream {}: {e}", config.name)))?;
+        let stream =
+            self.js.get_stream(&config.name).await.map_err(|e| {
+                BusError::Unavailable(format!("opening stream {}: {e}", config.name))
+            })?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 CONSUMER,
@@ -112,7 +118,10 @@ impl Bus for NatsBus {
                         continue;
                     }
                 };
-                let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+                let attempt = message
+                    .info()
+                    .map(|i| i.delivered.max(1) as u32)
+                    .unwrap_or(1);
                 let delivery = Delivery {
                     subject: message.subject.to_string(),
                     payload: message.payload.clone(),

@@ -9,10 +9,17 @@ fn scope(t: &Templates) -> Scope {
         ConversationKey::new("poll-2026").unwrap(),
         ConversationType::new("survey").unwrap(),
         EventType::new("poll_complete").unwrap(),
-        json!({"msisdn": "+27820000000", "score": 4, "name": "<Thandi>"}).as_object().unwrap().clone(),
+        json!({"msisdn": "+27820000000", "score": 4, "name": "<Thandi>"})
+            .as_object()
+            .unwrap()
+            .clone(),
     );
     let steps = json!({"create_contact": {"key": "c-1", "fields": {"a": 1}}});
-    t.scope(&EventValue::new(&event), steps.as_object().unwrap(), &event.account_key)
+    t.scope(
+        &EventValue::new(&event),
+        steps.as_object().unwrap(),
+        &event.account_key,
+    )
 }
 
 /// Renders `input` (a JSON value) and compares with `expected`.
@@ -31,44 +38,80 @@ fn rendering() {
     check(json!("plain text"), Ok(json!("plain text")));
     check(json!("{{ event.event_data.score }}"), Ok(json!(4)));
     check(json!("{{ event.event_data.score + 1 }}"), Ok(json!(5)));
-    check(json!("score: {{ event.event_data.score }}"), Ok(json!("score: 4")));
-    check(json!("{{ steps.create_contact.fields }}"), Ok(json!({"a": 1})));
-    check(json!("{{ account.key }}/{{ event.conversation_key }}"), Ok(json!("acme/poll-2026")));
-    check(json!({"a": ["{{ event.event_type }}", 1, true]}), Ok(json!({"a": ["poll_complete", 1, true]})));
+    check(
+        json!("score: {{ event.event_data.score }}"),
+        Ok(json!("score: 4")),
+    );
+    check(
+        json!("{{ steps.create_contact.fields }}"),
+        Ok(json!({"a": 1})),
+    );
+    check(
+        json!("{{ account.key }}/{{ event.conversation_key }}"),
+        Ok(json!("acme/poll-2026")),
+    );
+    check(
+        json!({"a": ["{{ event.event_type }}", 1, true]}),
+        Ok(json!({"a": ["poll_complete", 1, true]})),
+    );
     // No HTML escaping in config strings.
-    check(json!("Hi {{ event.event_data.name }}"), Ok(json!("Hi <Thandi>")));
+    check(
+        json!("Hi {{ event.event_data.name }}"),
+        Ok(json!("Hi <Thandi>")),
+    );
     check(
         json!({"to": "{{ event.event_data.nope }}"}),
-        Err("config.to: template \"{{ event.event_data.nope }}\": `event.event_data.nope` is undefined for this event"),
+        Err(
+            "config.to: template \"{{ event.event_data.nope }}\": `event.event_data.nope` is undefined for this event",
+        ),
     );
     check(
         json!("x {{ steps.create_contact.missing.deeper }}"),
         Err("`steps.create_contact.missing` is undefined for this event"),
     );
-    check(json!("{% for i in range(100000) %}{{ i }}{% endfor %}"), Err("fuel"));
+    check(
+        json!("{% for i in range(100000) %}{{ i }}{% endfor %}"),
+        Err("fuel"),
+    );
 }
 
 fn problems(input: serde_json::Value, earlier: &[&str]) -> Vec<String> {
     let t = Templates::new();
     let mut out = Vec::new();
     t.check(&input, "config", earlier, &mut out);
-    out.into_iter().map(|p| format!("{}: {}", p.field, p.message)).collect()
+    out.into_iter()
+        .map(|p| format!("{}: {}", p.field, p.message))
+        .collect()
 }
 
 #[test]
 fn checking() {
     assert!(problems(json!({"to": "{{ event.event_data.msisdn }}", "n": 3}), &[]).is_empty());
-    assert!(problems(json!("{{ steps.create_contact.msisdn }}"), &["create_contact"]).is_empty());
+    assert!(
+        problems(
+            json!("{{ steps.create_contact.msisdn }}"),
+            &["create_contact"]
+        )
+        .is_empty()
+    );
     assert!(problems(json!("{% for x in range(3) %}{{ x }}{% endfor %}"), &[]).is_empty());
 
     let p = problems(json!({"to": "{{ steps.create_contact.msisdn }}"}), &["log"]);
     assert_eq!(p.len(), 1);
     assert!(p[0].starts_with("config.to: template"), "{p:?}");
-    assert!(p[0].contains("no earlier step of this chain is called \"create_contact\" (earlier steps: log)"), "{p:?}");
+    assert!(
+        p[0].contains(
+            "no earlier step of this chain is called \"create_contact\" (earlier steps: log)"
+        ),
+        "{p:?}"
+    );
 
     let p = problems(json!({"body": ["{{ evnt.event_data }}"]}), &[]);
     assert!(p[0].starts_with("config.body[0]: template"), "{p:?}");
-    assert!(p[0].contains("refers to `evnt.event_data`, which is not defined"), "{p:?}");
+    assert!(
+        p[0].contains("refers to `evnt.event_data`, which is not defined"),
+        "{p:?}"
+    );
 
     let p = problems(json!({"x": "{{ event.data }}"}), &[]);
     assert!(p[0].contains("`event.data`"), "{p:?}");

@@ -7,7 +7,10 @@ fn sample() -> VumiApiEvent {
         ConversationKey::new("poll-2026").unwrap(),
         ConversationType::new("survey").unwrap(),
         EventType::new("poll_complete").unwrap(),
-        json!({"msisdn": "+27820000000", "score": 4}).as_object().unwrap().clone(),
+        json!({"msisdn": "+27820000000", "score": 4})
+            .as_object()
+            .unwrap()
+            .clone(),
     )
 }
 
@@ -54,17 +57,38 @@ fn child_carries_lineage() {
 #[test]
 fn derived_ids_are_stable_and_distinct() {
     let p = sample().id;
-    assert_eq!(EventId::derived(p, "c", "s", 0), EventId::derived(p, "c", "s", 0));
-    assert_ne!(EventId::derived(p, "c", "s", 0), EventId::derived(p, "c", "s", 1));
-    assert_ne!(EventId::derived(p, "c", "s", 0), EventId::derived(p, "c", "t", 0));
-    assert_ne!(EventId::derived(p, "c", "s", 0), EventId::derived(p, "d", "s", 0));
+    assert_eq!(
+        EventId::derived(p, "c", "s", 0),
+        EventId::derived(p, "c", "s", 0)
+    );
+    assert_ne!(
+        EventId::derived(p, "c", "s", 0),
+        EventId::derived(p, "c", "s", 1)
+    );
+    assert_ne!(
+        EventId::derived(p, "c", "s", 0),
+        EventId::derived(p, "c", "t", 0)
+    );
+    assert_ne!(
+        EventId::derived(p, "c", "s", 0),
+        EventId::derived(p, "d", "s", 0)
+    );
 }
 
 #[test]
 fn oversize_is_rejected_before_parsing() {
     let err = VumiApiEvent::decode(&[b' '; 300], 100).unwrap_err();
-    assert_eq!(err, EventError::TooLarge { size: 300, limit: 100 });
-    assert_eq!(err.to_string(), "event is 300 bytes, over the limit of 100 bytes");
+    assert_eq!(
+        err,
+        EventError::TooLarge {
+            size: 300,
+            limit: 100
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "event is 300 bytes, over the limit of 100 bytes"
+    );
 }
 
 #[test]
@@ -80,12 +104,18 @@ fn errors_name_the_field() {
     let mut v = serde_json::to_value(sample()).unwrap();
     v.as_object_mut().unwrap().remove("event_type");
     let err = decode_value(v).unwrap_err();
-    assert!(err.to_string().contains("missing field `event_type`"), "{err}");
+    assert!(
+        err.to_string().contains("missing field `event_type`"),
+        "{err}"
+    );
 
     let mut v = serde_json::to_value(sample()).unwrap();
     v["occurred_at"] = json!("2026-11-22T10:00:00+02:00");
     let err = decode_value(v).unwrap_err();
-    assert!(err.to_string().starts_with("event field `occurred_at`:"), "{err}");
+    assert!(
+        err.to_string().starts_with("event field `occurred_at`:"),
+        "{err}"
+    );
     assert!(err.to_string().contains("not in UTC"), "{err}");
 }
 
@@ -114,13 +144,15 @@ fn defaults_fill_a_draft() {
         "account_key": "acme", "conversation_key": "c1", "conversation_type": "survey",
         "event_type": "poll_complete", "event_data": {"score": 1}
     });
-    let e = VumiApiEvent::decode_with_defaults(&serde_json::to_vec(&draft).unwrap(), 10_000).unwrap();
+    let e =
+        VumiApiEvent::decode_with_defaults(&serde_json::to_vec(&draft).unwrap(), 10_000).unwrap();
     assert_eq!(e.root_id, e.id);
     assert_eq!(e.depth, 0);
     // An explicit id is kept, so a retried post is deduplicated.
     let mut with_id = draft.clone();
     with_id["id"] = json!("0190b5a4-0000-7000-8000-000000000001");
-    let e = VumiApiEvent::decode_with_defaults(&serde_json::to_vec(&with_id).unwrap(), 10_000).unwrap();
+    let e =
+        VumiApiEvent::decode_with_defaults(&serde_json::to_vec(&with_id).unwrap(), 10_000).unwrap();
     assert_eq!(e.id.to_string(), "0190b5a4-0000-7000-8000-000000000001");
     assert_eq!(e.root_id, e.id);
 }
