@@ -69,6 +69,70 @@ enum Command {
     /// Inspect events that could not be handled.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Manage an account's secrets (write-only: values are never shown).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// Look at an account's contacts.
+    #[command(subcommand)]
+    Contacts(RecordsCommand),
+    /// Look at the messages (SMS, e-mail) an account's chains sent.
+    #[command(subcommand)]
+    Messages(RecordsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Set a secret; the value is read from stdin unless --value is given.
+    Set {
+        /// The account.
+        account: String,
+        /// The secret's name (what chain steps refer to).
+        name: String,
+        /// The value (prefer stdin: command lines end up in shell history).
+        #[arg(long)]
+        value: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the names of an account's secrets.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a secret.
+    Rm {
+        /// The account.
+        account: String,
+        /// The secret's name.
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RecordsCommand {
+    /// List them.
+    List {
+        /// The account.
+        account: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one in full (a contact by key, msisdn or e-mail; a message by id).
+    Show {
+        /// The account.
+        account: String,
+        /// Which one.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -284,6 +348,30 @@ async fn main() -> ExitCode {
                 id,
                 remote,
             } => cli::dead_letters_show(&remote.client(), &account, &id).await,
+        }),
+        Command::Secrets(c) => print(match c {
+            SecretsCommand::Set {
+                account,
+                name,
+                value,
+                remote,
+            } => cli::secrets_set(&remote.client(), &account, &name, value, remote.json).await,
+            SecretsCommand::List { account, remote } => cli::secrets_list(&remote.client(), &account, remote.json).await,
+            SecretsCommand::Rm { account, name, remote } => {
+                cli::secrets_rm(&remote.client(), &account, &name, remote.json).await
+            }
+        }),
+        Command::Contacts(c) => print(match c {
+            RecordsCommand::List { account, limit, remote } => {
+                cli::contacts_list(&remote.client(), &account, limit, remote.json).await
+            }
+            RecordsCommand::Show { account, id, remote } => cli::contacts_show(&remote.client(), &account, &id).await,
+        }),
+        Command::Messages(c) => print(match c {
+            RecordsCommand::List { account, limit, remote } => {
+                cli::messages_list(&remote.client(), &account, limit, remote.json).await
+            }
+            RecordsCommand::Show { account, id, remote } => cli::messages_show(&remote.client(), &account, &id).await,
         }),
     };
     match result {

@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
+use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
+
 use crate::executor::Executor;
 
 /// Shared state of the handlers.
@@ -23,6 +25,12 @@ use crate::executor::Executor;
 pub struct ApiState {
     /// The executor and everything it holds.
     pub executor: Arc<Executor>,
+    /// Contacts of every account.
+    pub contacts: ContactStore,
+    /// Message records of every account.
+    pub messages: MessageStore,
+    /// Secrets of every account (write-only).
+    pub secrets: SecretStore,
 }
 
 /// The router of the whole API.
@@ -52,6 +60,12 @@ pub fn router(state: ApiState) -> Router {
             post(restore),
         )
         .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
+        .route("/v1/accounts/{account}/contacts", get(list_contacts))
+        .route("/v1/accounts/{account}/contacts/{key}", get(show_contact))
+        .route("/v1/accounts/{account}/messages", get(list_messages))
+        .route("/v1/accounts/{account}/messages/{id}", get(show_message))
+        .route("/v1/accounts/{account}/secrets", get(list_secrets))
+        .route("/v1/accounts/{account}/secrets/{name}", axum::routing::put(set_secret).delete(remove_secret))
         .route(
             "/v1/accounts/{account}/dead-letters",
             get(list_dead_letters),
@@ -390,5 +404,77 @@ async fn show_dead_letter(
         None => Err(ApiError::not_found(format!(
             "account {account} has no dead letter {id}"
         ))),
+    }
+}
+
+async fn list_contacts(State(s): State<ApiState>, Path(account): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
+    let account = account_key(&account)?;
+    let contacts = s
+        .contacts
+        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "contacts": contacts})).into_response())
+}
+
+async fn show_contact(State(s): State<ApiState>, Path((account, key)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    // A contact can be asked for by its key, its msisdn or its e-mail.
+    let contact = match s.contacts.get(&account, &key).map_err(ApiError::internal)? {
+        Some(c) => Some(c),
+        None => s.contacts.find(&account, &key).map_err(ApiError::internal)?,
+    };
+    match contact {
+        Some(c) => Ok(Json(c).into_response()),
+        None => Err(ApiError::not_found(format!("account {account} has no contact {key:?}"))),
+    }
+}
+
+async fn list_messages(State(s): State<ApiState>, Path(account): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
+    let account = account_key(&account)?;
+    let messages = s
+        .messages
+        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "messages": messages})).into_response())
+}
+
+async fn show_message(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    match s.messages.get(&account, &id).map_err(ApiError::internal)? {
+        Some(m) => Ok(Json(m).into_response()),
+        None => Err(ApiError::not_found(format!("account {account} has no message {id}"))),
+    }
+}
+
+async fn list_secrets(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let names = s.secrets.names(&account).map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "secrets": names})).into_response())
+}
+
+async fn set_secret(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    body: String,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    check_secret_name(&name).map_err(|e| ApiError::bad_request("invalid_secret_name", e))?;
+    // A trailing newline from `echo value | ...` is not part of the secret.
+    let value = body.strip_suffix('\n').unwrap_or(&body);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(ApiError::bad_request("invalid_secret", "the secret's value is empty"));
+    }
+    s.secrets.set(&account, &name, value).map_err(ApiError::internal)?;
+    tracing::info!(%account, secret = name, "secret set");
+    Ok(Json(json!({"account_key": account, "secret": name, "set": true})).into_response())
+}
+
+async fn remove_secret(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+    let account = account_key(&account)?;
+    if s.secrets.remove(&account, &name).map_err(ApiError::internal)? {
+        Ok(Json(json!({"account_key": account, "secret": name, "removed": true})).into_response())
+    } else {
+        Err(ApiError::not_found(format!("account {account} has no secret {name:?}")))
     }
 }

@@ -356,7 +356,7 @@ pub fn render_trace(t: &Value) -> String {
                 s["duration_ms"].as_f64().unwrap_or(0.0),
             );
             if let Some(output) = s["output"].as_object().filter(|o| !o.is_empty()) {
-                let _ = write!(out, "  output {}", Value::Object(output.clone()));
+                let _ = write!(out, "  output {}", shorten(&Value::Object(output.clone()).to_string(), 100));
             }
             if let Some(error) = s["error"].as_str() {
                 let _ = write!(out, "\n     error: {error}");
@@ -422,4 +422,125 @@ pub async fn dead_letters_show(
         .get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
         .await?;
     Ok(pretty(&answer))
+}
+
+/// `switchboard secrets set ACCOUNT NAME`: the value from `--value`, or stdin.
+pub async fn secrets_set(client: &Client, account_raw: &str, name: &str, value: Option<String>, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let value = match value {
+        Some(v) => v,
+        None => {
+            let mut v = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut v).map_err(|e| input(format!("reading the secret from stdin: {e}")))?;
+            v
+        }
+    };
+    let answer = client
+        .put_text(&format!("/v1/accounts/{a}/secrets/{name}"), value, "text/plain")
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!("secret {name:?} of account {a} set"))
+}
+
+/// `switchboard secrets list ACCOUNT`: names only; values are never read back.
+pub async fn secrets_list(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/secrets")).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let names: Vec<&str> = answer["secrets"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    Ok(if names.is_empty() { format!("account {a} has no secrets") } else { names.join("\n") })
+}
+
+/// `switchboard secrets rm ACCOUNT NAME`
+pub async fn secrets_rm(client: &Client, account_raw: &str, name: &str, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.delete(&format!("/v1/accounts/{a}/secrets/{name}")).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!("secret {name:?} of account {a} removed"))
+}
+
+/// `switchboard contacts list ACCOUNT`
+pub async fn contacts_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/contacts?limit={limit}")).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let contacts = answer["contacts"].as_array().cloned().unwrap_or_default();
+    if contacts.is_empty() {
+        return Ok(format!("account {a} has no contacts"));
+    }
+    let mut out = format!("{:<38} {:<16} {:<28} name\n", "key", "msisdn", "email");
+    for c in contacts {
+        let _ = writeln!(
+            out,
+            "{:<38} {:<16} {:<28} {}",
+            c["key"].as_str().unwrap_or_default(),
+            c["msisdn"].as_str().unwrap_or("-"),
+            c["email"].as_str().unwrap_or("-"),
+            c["name"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard contacts show ACCOUNT KEY|MSISDN|EMAIL`
+pub async fn contacts_show(client: &Client, account_raw: &str, key: &str) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/contacts/{}", url_segment(key))).await?;
+    Ok(pretty(&answer))
+}
+
+/// `switchboard messages list ACCOUNT`
+pub async fn messages_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/messages?limit={limit}")).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let messages = answer["messages"].as_array().cloned().unwrap_or_default();
+    if messages.is_empty() {
+        return Ok(format!("account {a} has no messages"));
+    }
+    let mut out = String::new();
+    for m in messages {
+        let _ = writeln!(
+            out,
+            "{}  {:<5} {:<9} {:<28} {}",
+            m["id"].as_str().unwrap_or_default(),
+            m["channel"].as_str().unwrap_or_default(),
+            m["status"].as_str().unwrap_or_default(),
+            m["recipient"].as_str().unwrap_or_default(),
+            m["provider"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard messages show ACCOUNT ID`
+pub async fn messages_show(client: &Client, account_raw: &str, id: &str) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/messages/{}", url_segment(id))).await?;
+    Ok(pretty(&answer))
+}
+
+/// Escapes a path segment (`+` and `@` in msisdns and e-mails).
+fn url_segment(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
+/// `s` cut to `max` characters, with `…` when cut (`--json` shows everything).
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut cut: String = s.chars().take(max).collect();
+    cut.push('…');
+    cut
 }

@@ -5,7 +5,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use switchboard_handlers::sms::SmsProvider;
+
+use crate::outbound::EmailProvider;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
 
 /// The whole configuration.
@@ -20,6 +25,18 @@ pub struct Config {
     pub store: StoreConfig,
     /// Limits on events and work.
     pub limits: LimitsConfig,
+    /// Deployment credentials of SMS and e-mail providers.
+    pub providers: ProvidersConfig,
+}
+
+/// `[providers.sms.NAME]` and `[providers.email.NAME]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// SMS providers by name; `type` is `nats`, `http` or `twilio`.
+    pub sms: BTreeMap<String, SmsProvider>,
+    /// SMTP providers by name.
+    pub email: BTreeMap<String, EmailProvider>,
 }
 
 /// `[bus]`
@@ -198,6 +215,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits.max_event_bytes must be at least 512".into(),
             ));
+        }
+        if self.bus.nats_url.is_none()
+            && let Some((name, _)) = self.providers.sms.iter().find(|(_, p)| matches!(p, SmsProvider::Nats(_)))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "providers.sms.{name}: type \"nats\" publishes to transport workers on NATS, but no NATS \
+                 URL is configured (set bus.nats_url or --nats)"
+            )));
         }
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()

@@ -1,14 +1,27 @@
 //! `switchboard demo`: the first thing a new user runs. The dispatcher on the
 //! embedded bus, in a temporary data directory, with the example chains
-//! applied; a few sample `poll_complete` events go through, and what each
-//! chain did is printed. The API keeps serving so the user can emit more.
+//! applied, and local demo peers started in-process on 127.0.0.1:8090: a
+//! payment gateway that verifies webhook signatures (`/payments`) and an SMS
+//! gateway (`/sms`). A few sample events go through; what each chain did and
+//! what the peers received is printed. The API keeps serving so the user can
+//! emit more.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+use switchboard_handlers::sms::{HttpSms, SmsProvider};
+use switchboard_handlers::stores::SecretStore;
+use switchboard_handlers::webhook;
 use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
 };
@@ -34,9 +47,18 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .prefix("switchboard-demo-")
         .tempdir()
         .map_err(|e| StartError::ChainFile(format!("creating a temporary data directory: {e}")))?;
+    let peers = Peers::start(PEERS_ADDR).await?;
     let mut config = Config::default();
     config.store.data_dir = data.path().to_path_buf();
     config.http.listen = options.listen;
+    config.providers.sms.insert(
+        "gateway".into(),
+        SmsProvider::Http(HttpSms {
+            url: format!("http://{PEERS_ADDR}/sms"),
+            from: Some("Switchboard".into()),
+            token: None,
+        }),
+    );
     let dispatcher = Dispatcher::start(config, Some(&options.chains_dir)).await?;
     let addr = dispatcher.local_addr();
 
@@ -60,19 +82,24 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .first()
         .map(|a| a.account.clone())
         .unwrap_or_else(|| "acme".to_string());
+    let account_key = AccountKey::new(account.clone()).expect("applied accounts are valid");
+    SecretStore::new(dispatcher.store().clone())
+        .set(&account_key, "gateway", DEMO_SECRET)
+        .map_err(StartError::Store)?;
+    println!("account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}");
 
     let samples = [
         (
             "survey",
             "poll_complete",
             "poll-2026",
-            json!({"msisdn": "+27820000001", "score": 4}),
+            json!({"msisdn": "+27 82 000 0001", "name": "Thandi", "score": 4}),
         ),
         (
             "survey",
             "poll_complete",
             "poll-2026",
-            json!({"msisdn": "+27820000002", "score": 2}),
+            json!({"msisdn": "0027820000002", "name": "Sipho", "score": 2}),
         ),
         (
             "ussd",
@@ -95,11 +122,14 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
             continue;
         }
         print!("{}", show_lineage(&dispatcher, &account, event.id).await);
+        for line in peers.take() {
+            println!("   ↳ {line}");
+        }
     }
 
     println!("\nThe API is at http://{addr}. Emit more events and read their traces:");
     println!(
-        "  switchboard emit --server http://{addr} {account} survey poll_complete --conversation poll-2026 --data '{{\"msisdn\": \"+27820000009\", \"score\": 5}}'"
+        "  switchboard emit --server http://{addr} {account} survey poll_complete --conversation poll-2026 --data '{{\"msisdn\": \"+27820000009\", \"name\": \"Lindiwe\", \"score\": 5}}'"
     );
     println!("  switchboard trace --server http://{addr} {account} <event id>");
     println!("  switchboard chains list --server http://{addr} {account}");
@@ -158,4 +188,70 @@ fn indent(s: &str) -> String {
 /// The example chains folder, found from the current directory.
 pub fn default_chains_dir() -> PathBuf {
     Path::new("examples").join("chains")
+}
+
+/// Where the demo peers listen (the example chain's webhook URL points here).
+pub const PEERS_ADDR: &str = "127.0.0.1:8090";
+/// The demo account's webhook signing secret.
+const DEMO_SECRET: &str = "whsec_c3dpdGNoYm9hcmQtZGVtby1zaWduaW5nLWtleQ==";
+
+/// The demo's payment and SMS gateways; they note what they receive.
+#[derive(Debug, Clone)]
+struct Peers {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Peers {
+    async fn start(addr: &str) -> Result<Self, StartError> {
+        let peers = Self {
+            seen: Arc::new(Mutex::new(Vec::new())),
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            StartError::Config(format!(
+                "the demo peers need {addr} (the example chain's webhook URL points there): {e}"
+            ))
+        })?;
+        let app = Router::new()
+            .route("/payments", post(payment))
+            .route("/sms", post(sms))
+            .with_state(peers.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(peers)
+    }
+
+    fn note(&self, line: String) {
+        self.seen.lock().expect("demo peers lock").push(line);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.seen.lock().expect("demo peers lock"))
+    }
+}
+
+/// The payment gateway: checks the Standard Webhooks signature.
+async fn payment(State(peers): State<Peers>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let id = header("webhook-id");
+    let timestamp: i64 = header("webhook-timestamp").parse().unwrap_or_default();
+    let expected = webhook::sign(DEMO_SECRET, &id, timestamp, &body).unwrap_or_default();
+    let verified = header("webhook-signature").split(' ').any(|s| s == expected);
+    let payload: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    peers.note(format!(
+        "payment gateway received webhook {id} ({}): {payload}",
+        if verified { "signature verified" } else { "BAD SIGNATURE" }
+    ));
+    if verified { StatusCode::OK } else { StatusCode::UNAUTHORIZED }
+}
+
+/// The SMS gateway: takes the message.
+async fn sms(State(peers): State<Peers>, body: Bytes) -> (StatusCode, axum::Json<Value>) {
+    let message: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    peers.note(format!(
+        "SMS gateway received for {}: {:?}",
+        message["to"].as_str().unwrap_or("?"),
+        message["content"].as_str().unwrap_or("?")
+    ));
+    (StatusCode::OK, axum::Json(json!({"id": format!("demo-{}", uuid::Uuid::now_v7().simple())})))
 }

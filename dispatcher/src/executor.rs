@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use switchboard_handlers::stores::IdempotencyStore;
 use switchboard_handlers::{EventValue, Registry, StepError, StepInput, StepOutput};
 use switchboard_rules::{ChainSpec, ChainStore, OnError, Routing, StepSpec};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
@@ -44,6 +45,8 @@ pub struct Executor {
     pub traces: Traces,
     /// Dead letters.
     pub dead_letters: DeadLetters,
+    /// Step idempotency keys.
+    pub idempotency: IdempotencyStore,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Limits.
@@ -325,6 +328,47 @@ impl Executor {
             step_trace.error = Some(error.clone());
             return (step_trace, Err(error));
         };
+        let idempotency_key = match &step.idempotency {
+            None => None,
+            Some(spec) => {
+                let key = match templates.render(&Value::String(spec.key.clone()), "idempotency.key", &scope) {
+                    Ok(Value::String(s)) => s,
+                    Ok(other) => other.to_string(),
+                    Err(error) => {
+                        step_trace.error = Some(error.clone());
+                        return (step_trace, Err(error));
+                    }
+                };
+                let account = &event.account_key;
+                match self.idempotency.seen(account, &chain.name, step.step_name(), &key, spec.window) {
+                    Ok(true) => {
+                        let mut data = Map::new();
+                        data.insert("skipped".into(), Value::Bool(true));
+                        data.insert(
+                            "reason".into(),
+                            Value::String(format!(
+                                "idempotency key seen within {}",
+                                switchboard_rules::duration::format(spec.window)
+                            )),
+                        );
+                        step_trace.outcome = StepOutcome::Skipped;
+                        step_trace.output = Some(data.clone());
+                        let success = StepSuccess {
+                            data,
+                            stop: false,
+                            children: Vec::new(),
+                        };
+                        return (step_trace, Ok(success));
+                    }
+                    Ok(false) => Some(key),
+                    Err(e) => {
+                        let error = format!("reading idempotency keys: {e}");
+                        step_trace.error = Some(error.clone());
+                        return (step_trace, Err(error));
+                    }
+                }
+            }
+        };
         loop {
             step_trace.attempts += 1;
             let input = StepInput {
@@ -342,6 +386,11 @@ impl Executor {
             let result = result.and_then(|output| self.children_of(event, chain, step, output));
             match result {
                 Ok(success) => {
+                    if let Some(key) = &idempotency_key
+                        && let Err(e) = self.idempotency.record(&event.account_key, &chain.name, step.step_name(), key)
+                    {
+                        tracing::error!(error = %e, "recording an idempotency key failed");
+                    }
                     step_trace.outcome = if success.stop {
                         StepOutcome::Stopped
                     } else {

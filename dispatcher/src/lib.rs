@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod executor;
 pub mod metrics;
+pub mod outbound;
 pub mod records;
 pub mod runtime;
 

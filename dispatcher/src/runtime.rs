@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use switchboard_handlers::Registry;
+use switchboard_handlers::ports::CommandPort;
+use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
+use switchboard_handlers::{Registry, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::Store;
@@ -23,6 +25,7 @@ use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
 use crate::executor::{Disposition, Executor};
 use crate::metrics::Metrics;
+use crate::outbound::{LettreMail, NatsCommands, NoCommands, ReqwestHttp};
 use crate::records::{DeadLetters, Traces};
 
 /// Why the dispatcher could not start.
@@ -37,6 +40,9 @@ pub enum StartError {
     /// A chain file given at start-up is bad.
     #[error("{0}")]
     ChainFile(String),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
     /// The bus could not be reached or set up.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -84,24 +90,30 @@ impl Dispatcher {
             ))
         })?;
         let store = Store::open(&config.store.data_dir.join("store"))?;
-        let registry = Arc::new(Registry::with_builtins());
+        let prefix = config.bus.subject_prefix.clone();
+        let (bus, commands): (Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config.bus.nats_url {
+            Some(url) => {
+                let bus = NatsBus::connect(url, &prefix, config.limits.max_event_bytes, config.limits.concurrency * 32).await?;
+                let commands = NatsCommands::new(bus.client().clone(), &prefix)
+                    .await
+                    .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
+                (Arc::new(bus), Arc::new(commands))
+            }
+            None => (Arc::new(EmbeddedBus::open(store.clone(), &prefix)?), Arc::new(NoCommands)),
+        };
+        let mail = LettreMail::new(&config.providers.email).map_err(StartError::Config)?;
+        let registry = Arc::new(Registry::with_services(Services {
+            store: store.clone(),
+            http: Arc::new(ReqwestHttp::new()),
+            email_providers: mail.names(),
+            mail: Arc::new(mail),
+            commands,
+            sms_providers: config.providers.sms.clone(),
+        }));
         let chains = Arc::new(ChainStore::open(store.clone())?);
         let applied = match chains_dir {
             Some(dir) => apply_chain_dir(&chains, &registry, dir)?,
             None => Vec::new(),
-        };
-        let prefix = config.bus.subject_prefix.clone();
-        let bus: Arc<dyn Bus> = match &config.bus.nats_url {
-            Some(url) => Arc::new(
-                NatsBus::connect(
-                    url,
-                    &prefix,
-                    config.limits.max_event_bytes,
-                    config.limits.concurrency * 32,
-                )
-                .await?,
-            ),
-            None => Arc::new(EmbeddedBus::open(store.clone(), &prefix)?),
         };
         let executor = Arc::new(Executor {
             chains,
@@ -109,6 +121,7 @@ impl Dispatcher {
             bus: bus.clone(),
             traces: Traces::new(store.clone()),
             dead_letters: DeadLetters::new(store.clone()),
+            idempotency: IdempotencyStore::new(store.clone()),
             metrics: Arc::new(Metrics::default()),
             limits: config.limits.clone(),
             prefix,
@@ -127,6 +140,9 @@ impl Dispatcher {
         let (stop, stopped) = watch::channel(false);
         let app = router(ApiState {
             executor: executor.clone(),
+            contacts: ContactStore::new(store.clone()),
+            messages: MessageStore::new(store.clone()),
+            secrets: SecretStore::new(store.clone()),
         });
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(async move {
@@ -168,6 +184,11 @@ impl Dispatcher {
     /// The chain files applied at start-up.
     pub fn applied(&self) -> &[AppliedFile] {
         &self.applied
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The executor (chains, traces, dead letters, metrics).

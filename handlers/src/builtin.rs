@@ -4,52 +4,8 @@ use serde_json::{Map, Value};
 use switchboard_rules::FieldProblem;
 use switchboard_sdk::{ConversationKey, ConversationType, EventType};
 
-use crate::template::is_template;
+use crate::options::{any_str, check_key, object_option, only_known, rendered_key, string_option};
 use crate::{EmitRequest, Handler, StepError, StepInput, StepOutput};
-
-/// Flags options a handler does not know (usually typos), naming the known ones.
-fn only_known(config: &Map<String, Value>, known: &[&str], problems: &mut Vec<FieldProblem>) {
-    for key in config.keys() {
-        if !known.contains(&key.as_str()) {
-            problems.push(FieldProblem::new(
-                format!("config.{key}"),
-                format!("unknown option; this handler takes {}", known.join(", ")),
-            ));
-        }
-    }
-}
-
-/// Checks an option that must be a string (a template or a literal that
-/// `literal_ok` accepts).
-fn string_option(
-    config: &Map<String, Value>,
-    key: &str,
-    required: bool,
-    literal_ok: impl Fn(&str) -> Result<(), String>,
-    problems: &mut Vec<FieldProblem>,
-) {
-    match config.get(key) {
-        None if required => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            "required option is missing",
-        )),
-        None => {}
-        Some(Value::String(s)) if is_template(s) => {}
-        Some(Value::String(s)) => {
-            if let Err(message) = literal_ok(s) {
-                problems.push(FieldProblem::new(format!("config.{key}"), message));
-            }
-        }
-        Some(other) => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            format!("must be a string, not {other}"),
-        )),
-    }
-}
-
-fn any_str(_: &str) -> Result<(), String> {
-    Ok(())
-}
 
 /// `log`: writes a structured tracing line; outputs nothing.
 ///
@@ -86,14 +42,7 @@ impl Handler for Log {
             },
             &mut problems,
         );
-        if let Some(fields) = config.get("fields")
-            && !fields.is_object()
-        {
-            problems.push(FieldProblem::new(
-                "config.fields",
-                "must be a table of name = value",
-            ));
-        }
+        object_option(config, "fields", &mut problems);
         problems
     }
 
@@ -190,14 +139,7 @@ impl Handler for Emit {
             check_key::<ConversationKey>,
             &mut problems,
         );
-        match config.get("data") {
-            None | Some(Value::Object(_)) => {}
-            Some(Value::String(s)) if is_template(s) => {}
-            Some(_) => problems.push(FieldProblem::new(
-                "config.data",
-                "must be a table of name = value, or a template that gives one",
-            )),
-        }
+        object_option(config, "data", &mut problems);
         problems
     }
 
@@ -235,29 +177,5 @@ impl Handler for Emit {
                 event_data,
             }],
         })
-    }
-}
-
-fn check_key<K>(s: &str) -> Result<(), String>
-where
-    K: TryFrom<String, Error = switchboard_sdk::KeyError>,
-{
-    K::try_from(s.to_string())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-fn rendered_key<K>(config: &Map<String, Value>, key: &str) -> Result<Option<K>, StepError>
-where
-    K: TryFrom<String, Error = switchboard_sdk::KeyError>,
-{
-    match config.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => K::try_from(s.clone())
-            .map(Some)
-            .map_err(|e| StepError::permanent(format!("config.{key}: rendered to {e}"))),
-        Some(other) => Err(StepError::permanent(format!(
-            "config.{key}: must give a string, but gave {other}"
-        ))),
     }
 }

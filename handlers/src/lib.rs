@@ -18,9 +18,33 @@ use switchboard_sdk::{
 };
 
 pub mod builtin;
+pub mod contact;
+pub mod email;
+mod options;
+pub mod ports;
+pub mod sms;
+pub mod stores;
 pub mod template;
+pub mod webhook;
 
 pub use template::{EventValue, Scope, Templates};
+
+/// What the side-effecting built-in handlers need from the deployment.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// The store (contacts, messages, secrets).
+    pub store: switchboard_store::Store,
+    /// Outbound HTTP.
+    pub http: Arc<dyn ports::HttpPort>,
+    /// Outbound e-mail.
+    pub mail: Arc<dyn ports::MailPort>,
+    /// The names of the e-mail providers `mail` knows.
+    pub email_providers: Vec<String>,
+    /// Commands to workers on the bus.
+    pub commands: Arc<dyn ports::CommandPort>,
+    /// The deployment's SMS providers, by name.
+    pub sms_providers: std::collections::BTreeMap<String, sms::SmsProvider>,
+}
 
 /// Everything a handler sees of one step run.
 #[derive(Debug)]
@@ -179,11 +203,30 @@ impl Registry {
         }
     }
 
-    /// A registry with every built-in handler of this crate.
+    /// A registry with the built-in handlers that need no outside peer:
+    /// `log` and `emit`.
     pub fn with_builtins() -> Self {
         let mut r = Self::empty();
         r.register(Arc::new(builtin::Log));
         r.register(Arc::new(builtin::Emit));
+        r
+    }
+
+    /// A registry with every built-in handler, side effects going through `services`.
+    pub fn with_services(services: Services) -> Self {
+        let mut r = Self::with_builtins();
+        let contacts = stores::ContactStore::new(services.store.clone());
+        let messages = stores::MessageStore::new(services.store.clone());
+        let secrets = stores::SecretStore::new(services.store.clone());
+        r.register(Arc::new(contact::CreateContact::new(contacts)));
+        r.register(Arc::new(sms::SendSms::new(
+            services.sms_providers,
+            services.http.clone(),
+            services.commands,
+            messages.clone(),
+        )));
+        r.register(Arc::new(email::SendEmail::new(services.mail, services.email_providers, messages)));
+        r.register(Arc::new(webhook::PaymentWebhook::new(services.http, secrets)));
         r
     }
 

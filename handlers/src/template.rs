@@ -232,6 +232,18 @@ impl Templates {
             .map_err(|e| self.explain(source, &e, template.undeclared_variables(true), scope))
     }
 
+    /// Renders `source` as HTML: every value inserted is HTML-escaped.
+    pub fn render_html(&self, source: &str, path: &str, scope: &Scope) -> Result<String, String> {
+        // minijinja escapes by the template name's extension.
+        let template = self
+            .env
+            .template_from_named_str("config.html", source)
+            .map_err(|e| format!("{path}: template {source:?}: {}", describe(&e)))?;
+        template
+            .render(scope.0.clone())
+            .map_err(|e| format!("{path}: {}", self.explain(source, &e, template.undeclared_variables(true), scope)))
+    }
+
     /// Says which variable was undefined, when that was the error: minijinja
     /// reports only that *something* was.
     fn explain(

@@ -11,6 +11,7 @@ fn step(handler: &str, config: serde_json::Value) -> StepSpec {
         config: config.as_object().unwrap().clone(),
         on_error: Default::default(),
         retry: None,
+        idempotency: None,
     }
 }
 
@@ -148,4 +149,68 @@ async fn log_outputs_nothing_and_fails_on_undefined() {
             .contains("`event.event_data.missing` is undefined"),
         "{err}"
     );
+}
+
+#[test]
+fn webhook_signature_matches_the_specs_test_vector() {
+    // From the Standard Webhooks specification's reference libraries.
+    let signature = webhook::sign(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1614265330,
+        br#"{"test": 2432232314}"#,
+    )
+    .unwrap();
+    assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    assert!(webhook::sign("whsec_not base64!", "id", 1, b"{}").unwrap_err().contains("not a Standard Webhooks secret"));
+}
+
+#[test]
+fn msisdns_and_emails_normalise() {
+    use stores::{normalize_email, normalize_msisdn};
+    let good = [
+        ("+27 82 000-0001", "+27820000001"),
+        ("0027820000001", "+27820000001"),
+        ("+1 (500) 555.0006", "+15005550006"),
+    ];
+    for (raw, want) in good {
+        assert_eq!(normalize_msisdn(raw).as_deref(), Ok(want), "{raw}");
+    }
+    for raw in ["0820000001", "12345", "+0820000001", "+2782000000112345", "+27abc", ""] {
+        assert!(normalize_msisdn(raw).is_err(), "{raw} should be refused");
+    }
+    assert_eq!(normalize_email(" Thandi@Example.ORG ").as_deref(), Ok("thandi@example.org"));
+    for raw in ["thandi", "@example.org", "a@b", "a b@example.org", "a@example.org.", "a@b@c.org"] {
+        assert!(normalize_email(raw).is_err(), "{raw} should be refused");
+    }
+}
+
+#[test]
+fn contacts_upsert_by_msisdn_or_email_within_an_account() {
+    use stores::{ContactStore, ContactUpsert};
+    let contacts = ContactStore::new(switchboard_store::Store::temporary().unwrap());
+    let acme = AccountKey::new("acme").unwrap();
+    let other = AccountKey::new("other").unwrap();
+    let by_msisdn = ContactUpsert {
+        msisdn: Some("+27820000001".into()),
+        name: Some("Thandi".into()),
+        ..Default::default()
+    };
+    let (first, created) = contacts.upsert(&acme, by_msisdn.clone()).unwrap();
+    assert!(created);
+    // The same number again, now with an e-mail: the same contact, updated.
+    let (second, created) = contacts
+        .upsert(&acme, ContactUpsert { email: Some("t@example.org".into()), ..by_msisdn.clone() })
+        .unwrap();
+    assert!(!created);
+    assert_eq!(second.key, first.key);
+    assert_eq!(second.email.as_deref(), Some("t@example.org"));
+    // Found by e-mail too; another account has its own contact for the number.
+    assert_eq!(contacts.find(&acme, "T@example.org").unwrap().unwrap().key, first.key);
+    assert!(contacts.find(&other, "+27820000001").unwrap().is_none());
+    let (theirs, created) = contacts.upsert(&other, by_msisdn).unwrap();
+    assert!(created);
+    assert_ne!(theirs.key, first.key);
+    assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
+    assert!(contacts.get(&other, &first.key).unwrap().is_none());
 }

@@ -66,6 +66,21 @@ pub struct StepSpec {
     /// How a retryable failure is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
+    /// Skip the step when the same key was seen within a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencySpec>,
+}
+
+/// Per-step idempotency: a second run with the same rendered key inside the
+/// window is skipped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySpec {
+    /// A template over `event`, `steps`, `account`.
+    pub key: String,
+    /// How long a key is remembered.
+    #[serde(with = "duration")]
+    pub window: Duration,
 }
 
 impl StepSpec {

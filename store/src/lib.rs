@@ -26,17 +26,32 @@ pub enum Collection {
     Traces,
     /// Dead letters: `{account}\0{dead-letter id}` → record.
     DeadLetters,
+    /// Contacts: `{account}\0{contact key}` → contact.
+    Contacts,
+    /// Contact lookup: `{account}\0msisdn:{e164}` or `{account}\0email:{address}` → contact key.
+    ContactIndex,
+    /// Message records (SMS, e-mail): `{account}\0{message id}` → record.
+    Messages,
+    /// Account secrets: `{account}\0{name}` → value. Write-only through the API.
+    Secrets,
+    /// Step idempotency keys: `{account}\0{chain}\0{step}\0{sha-256 of key}` → time.
+    Idempotency,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 6] = [
+    pub const ALL: [Collection; 11] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
         Collection::BusDedup,
         Collection::Traces,
         Collection::DeadLetters,
+        Collection::Contacts,
+        Collection::ContactIndex,
+        Collection::Messages,
+        Collection::Secrets,
+        Collection::Idempotency,
     ];
 
     /// The collection's name on disk.
@@ -48,6 +63,11 @@ impl Collection {
             Collection::BusDedup => "bus_dedup",
             Collection::Traces => "traces",
             Collection::DeadLetters => "dead_letters",
+            Collection::Contacts => "contacts",
+            Collection::ContactIndex => "contact_index",
+            Collection::Messages => "messages",
+            Collection::Secrets => "secrets",
+            Collection::Idempotency => "idempotency",
         }
     }
 

@@ -40,9 +40,10 @@ struct Inner {
     prefix: String,
     notices: mpsc::UnboundedSender<Notice>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
-    /// The last sequence stored before this process started: the delivery
-    /// task reads those from the store, and takes the rest from `notices`.
-    boundary: u64,
+    /// The first sequence number this process publishes under: the delivery
+    /// task reads the ones before it from the store, and takes the rest from
+    /// `notices`. (Sequence numbers only grow, across restarts too.)
+    first_new: u64,
 }
 
 /// Acks or naks one embedded delivery.
@@ -77,9 +78,9 @@ impl EmbeddedBus {
     /// Opens the bus over `store`. Messages left unacked by an earlier process
     /// are delivered first, in order.
     pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
-        let boundary = match store.last(Collection::BusQueue)? {
+        let first_new = match store.last(Collection::BusQueue)? {
             Some((k, _)) => {
-                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"))
+                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")) + 1
             }
             None => 0,
         };
@@ -90,7 +91,7 @@ impl EmbeddedBus {
                 prefix: prefix.to_string(),
                 notices: tx,
                 receiver: Mutex::new(Some(rx)),
-                boundary,
+                first_new,
             }),
         };
         bus.spawn_dedup_pruner();
@@ -202,7 +203,7 @@ impl Bus for EmbeddedBus {
             };
             // First what an earlier process left behind, in order.
             let mut next = 0u64;
-            while next <= inner.boundary {
+            while next < inner.first_new {
                 let batch =
                     match inner
                         .store
@@ -221,7 +222,7 @@ impl Bus for EmbeddedBus {
                         k.as_slice().try_into().expect("queue keys are 8 bytes"),
                     );
                     next = seq + 1;
-                    if seq > inner.boundary {
+                    if seq >= inner.first_new {
                         break;
                     }
                     if let Some(d) = deliver(seq, 1).await
@@ -234,7 +235,7 @@ impl Bus for EmbeddedBus {
             // Then what this process publishes, and what comes back after a nak.
             while let Some(notice) = notices.recv().await {
                 let (seq, attempt) = match notice {
-                    Notice::New(seq) if seq <= inner.boundary => continue,
+                    Notice::New(seq) if seq < inner.first_new => continue,
                     Notice::New(seq) => (seq, 1),
                     Notice::Again { seq, attempt } => (seq, attempt),
                 };

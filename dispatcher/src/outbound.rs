@@ -1,0 +1,314 @@
+//! The dispatcher's implementations of the handlers' ports: outbound HTTP
+//! (reqwest, pooled connections, no redirects, bodies read with a cap),
+//! e-mail (lettre, one pooled SMTP transport per provider) and commands to
+//! workers on NATS.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use lettre::message::{Mailbox, MultiPart, SinglePart, header};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::Deserialize;
+use switchboard_handlers::ports::{
+    CommandPort, Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort,
+};
+
+/// Largest response body kept from an outbound call.
+pub const RESPONSE_CAP: usize = 64 * 1024;
+
+/// Outbound HTTP over a pooled reqwest client.
+#[derive(Debug, Clone)]
+pub struct ReqwestHttp {
+    client: reqwest::Client,
+}
+
+impl Default for ReqwestHttp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReqwestHttp {
+    /// A client that keeps connections alive and follows no redirect.
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client builds");
+        Self { client }
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpPort for ReqwestHttp {
+    async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let url = request.url.clone();
+        let mut builder = self.client.post(&request.url).timeout(request.timeout).body(request.body);
+        for (k, v) in &request.headers {
+            builder = builder.header(k, v);
+        }
+        if let Some((user, password)) = &request.basic_auth {
+            builder = builder.basic_auth(user, Some(password));
+        }
+        let mut response = builder.send().await.map_err(|e| classify(&url, request.timeout, &e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = RESPONSE_CAP - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= RESPONSE_CAP {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(classify(&url, request.timeout, &e)),
+            }
+        }
+        Ok(HttpResponse {
+            status,
+            body,
+            retry_after,
+        })
+    }
+}
+
+fn classify(url: &str, timeout: Duration, e: &reqwest::Error) -> HttpError {
+    if e.is_timeout() {
+        return HttpError::Timeout {
+            url: url.to_string(),
+            timeout,
+        };
+    }
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    HttpError::Connect {
+        url: url.to_string(),
+        message: cause.to_string(),
+    }
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(3600)));
+    }
+    let format = time::format_description::well_known::Rfc2822;
+    let at = time::OffsetDateTime::parse(v.trim(), &format).ok()?;
+    let wait = at - time::OffsetDateTime::now_utc();
+    Some(Duration::from_secs(wait.whole_seconds().clamp(0, 3600) as u64))
+}
+
+/// How to talk to an SMTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain text (local relays and test sinks only).
+    None,
+    /// Plain, upgraded with STARTTLS (required).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// An e-mail provider of the deployment (`[providers.email.NAME]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailProvider {
+    /// SMTP host.
+    pub host: String,
+    /// SMTP port (default: 25, 587 for STARTTLS, 465 for TLS).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `none`, `starttls` (default) or `tls`.
+    #[serde(default)]
+    pub security: SmtpSecurity,
+    /// Login.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Default sender (`Name <address>` or `address`).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Give up on one message after this many seconds (default 30).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// E-mail through lettre, one pooled transport per provider.
+#[derive(Debug, Clone)]
+pub struct LettreMail {
+    providers: BTreeMap<String, (EmailProvider, AsyncSmtpTransport<Tokio1Executor>)>,
+}
+
+impl LettreMail {
+    /// Transports for every provider; a bad provider is an error naming it.
+    pub fn new(providers: &BTreeMap<String, EmailProvider>) -> Result<Self, String> {
+        let mut built = BTreeMap::new();
+        for (name, p) in providers {
+            let builder = match p.security {
+                SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&p.host),
+                SmtpSecurity::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&p.host)
+                    .map_err(|e| format!("providers.email.{name}: {e}"))?,
+                SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&p.host)
+                    .map_err(|e| format!("providers.email.{name}: {e}"))?,
+            };
+            let mut builder = builder.timeout(Some(Duration::from_secs(p.timeout_secs.unwrap_or(30))));
+            if let Some(port) = p.port {
+                builder = builder.port(port);
+            }
+            if let (Some(user), Some(password)) = (&p.username, &p.password) {
+                builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+            }
+            if let Some(from) = &p.from {
+                from.parse::<Mailbox>()
+                    .map_err(|e| format!("providers.email.{name}.from {from:?}: {e}"))?;
+            }
+            built.insert(name.clone(), (p.clone(), builder.build()));
+        }
+        Ok(Self { providers: built })
+    }
+
+    /// The configured provider names.
+    pub fn names(&self) -> Vec<String> {
+        self.providers.keys().cloned().collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl MailPort for LettreMail {
+    async fn send(&self, provider: &str, email: Email) -> Result<String, MailError> {
+        let permanent = |message: String| MailError {
+            permanent: true,
+            message,
+        };
+        let (_, transport) = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| permanent(format!("e-mail provider {provider:?} is not configured")))?;
+        let from: Mailbox = email
+            .from
+            .parse()
+            .map_err(|e| permanent(format!("sender {:?}: {e}", email.from)))?;
+        let to: Mailbox = email
+            .to
+            .parse()
+            .map_err(|e| permanent(format!("recipient {:?}: {e}", email.to)))?;
+        let mut builder = Message::builder().from(from).to(to).subject(email.subject);
+        for (name, value) in email.headers {
+            builder = builder.raw_header(header::HeaderValue::new(
+                header::HeaderName::new_from_ascii(name).map_err(|e| permanent(format!("header name: {e}")))?,
+                value,
+            ));
+        }
+        let text = SinglePart::plain(email.text);
+        let message = match email.html {
+            Some(html) => builder.multipart(MultiPart::alternative().singlepart(text).singlepart(SinglePart::html(html))),
+            None => builder.singlepart(text),
+        }
+        .map_err(|e| permanent(format!("building the message: {e}")))?;
+        match transport.send(message).await {
+            Ok(response) => Ok(format!(
+                "accepted by {provider}: {} {}",
+                response.code(),
+                response.message().collect::<Vec<_>>().join(" ")
+            )),
+            Err(e) => Err(MailError {
+                permanent: e.is_permanent(),
+                message: format!("e-mail provider {provider}: {e}"),
+            }),
+        }
+    }
+
+    fn has_provider(&self, provider: &str) -> bool {
+        self.providers.contains_key(provider)
+    }
+
+    fn default_from(&self, provider: &str) -> Option<String> {
+        self.providers.get(provider).and_then(|(p, _)| p.from.clone())
+    }
+}
+
+/// The name of the stream that keeps outbound commands until transport
+/// workers take them.
+pub const OUTBOUND_STREAM: &str = "VUMI_OUTBOUND";
+
+/// Commands published to JetStream (stream `VUMI_OUTBOUND`, `{prefix}.outbound.>`),
+/// each with its message id as `Nats-Msg-Id`.
+#[derive(Debug, Clone)]
+pub struct NatsCommands {
+    js: jetstream::Context,
+    prefix: String,
+}
+
+impl NatsCommands {
+    /// Makes sure the outbound stream exists.
+    pub async fn new(client: async_nats::Client, prefix: &str) -> Result<Self, String> {
+        let js = jetstream::new(client);
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: switchboard_sdk::nats::stream_name(prefix, OUTBOUND_STREAM),
+            subjects: vec![format!("{prefix}.outbound.>")],
+            duplicate_window: switchboard_sdk::nats::DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating stream {OUTBOUND_STREAM}: {e}"))?;
+        Ok(Self {
+            js,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl CommandPort for NatsCommands {
+    async fn publish(&self, subject: &str, payload: Vec<u8>, msg_id: &str) -> Result<(), String> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(msg_id);
+        self.js
+            .send_publish(self.subject(subject), publish)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn subject(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+}
+
+/// Commands on the embedded bus: there is no transport worker to take them.
+#[derive(Debug, Clone)]
+pub struct NoCommands;
+
+#[async_trait::async_trait]
+impl CommandPort for NoCommands {
+    async fn publish(&self, subject: &str, _: Vec<u8>, _: &str) -> Result<(), String> {
+        Err(format!(
+            "{subject}: commands to workers need the dispatcher on NATS (run with --nats); this one runs on the embedded bus"
+        ))
+    }
+
+    fn subject(&self, suffix: &str) -> String {
+        suffix.to_string()
+    }
+}

@@ -1,0 +1,93 @@
+//! `create_contact`: creates or updates a contact of the event's account,
+//! keyed by msisdn and/or e-mail.
+
+use serde_json::{Map, Value};
+use switchboard_rules::FieldProblem;
+
+use crate::options::{any_str, object_option, only_known, rendered_string, string_option};
+use crate::stores::{ContactStore, ContactUpsert, normalize_email, normalize_msisdn};
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+/// `create_contact`.
+///
+/// Options: `msisdn` and/or `email` (at least one), `name`, `language`,
+/// `fields` (a table of templates). Output: the contact (`key`, `msisdn`,
+/// `email`, `name`, `language`, `fields`) and `created`.
+#[derive(Debug, Clone)]
+pub struct CreateContact {
+    contacts: ContactStore,
+}
+
+impl CreateContact {
+    /// The handler over `contacts`.
+    pub fn new(contacts: ContactStore) -> Self {
+        Self { contacts }
+    }
+}
+
+fn literal(check: fn(&str) -> Result<String, String>) -> impl Fn(&str) -> Result<(), String> {
+    move |s| check(s).map(|_| ())
+}
+
+#[async_trait::async_trait]
+impl Handler for CreateContact {
+    fn name(&self) -> &'static str {
+        "create_contact"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(config, &["msisdn", "email", "name", "language", "fields"], &mut problems);
+        if !config.contains_key("msisdn") && !config.contains_key("email") {
+            problems.push(FieldProblem::new("config", "needs msisdn or email (or both) to key the contact"));
+        }
+        string_option(config, "msisdn", false, literal(normalize_msisdn), &mut problems);
+        string_option(config, "email", false, literal(normalize_email), &mut problems);
+        string_option(config, "name", false, any_str, &mut problems);
+        string_option(config, "language", false, any_str, &mut problems);
+        object_option(config, "fields", &mut problems);
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let config = input.render_config()?;
+        let msisdn = rendered_string(&config, "msisdn")?
+            .filter(|s| !s.is_empty())
+            .map(|m| normalize_msisdn(&m).map_err(|e| StepError::permanent(format!("config.msisdn: {e}"))))
+            .transpose()?;
+        let email = rendered_string(&config, "email")?
+            .filter(|s| !s.is_empty())
+            .map(|e| normalize_email(&e).map_err(|e| StepError::permanent(format!("config.email: {e}"))))
+            .transpose()?;
+        if msisdn.is_none() && email.is_none() {
+            return Err(StepError::permanent(
+                "config.msisdn and config.email both rendered empty: nothing to key the contact by",
+            ));
+        }
+        let fields = match config.get("fields") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(other) => {
+                return Err(StepError::permanent(format!("config.fields: must give a table, but gave {other}")));
+            }
+        };
+        let upsert = ContactUpsert {
+            msisdn,
+            email,
+            name: rendered_string(&config, "name")?,
+            language: rendered_string(&config, "language")?,
+            fields,
+        };
+        let (contact, created) = self
+            .contacts
+            .upsert(&input.event.account_key, upsert)
+            .map_err(|e| StepError::retryable(format!("storing the contact: {e}"), None))?;
+        let mut output = match serde_json::to_value(&contact) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        output.remove("account_key");
+        output.insert("created".into(), Value::Bool(created));
+        Ok(StepOutput::next(output))
+    }
+}

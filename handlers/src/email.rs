@@ -1,0 +1,179 @@
+//! `send_email`: an e-mail with a plain-text part and an optional HTML part
+//! (its templates auto-escaped), through one of the deployment's SMTP
+//! providers. Each message carries its `switchboard_message_id` as a header and
+//! as a SendGrid custom argument, so delivery events can be matched back.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use switchboard_rules::FieldProblem;
+
+use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
+use crate::ports::{Email, MailPort};
+use crate::sms::{check_recipients, recipients};
+use crate::stores::{Channel, MessageRecord, MessageStatus, MessageStore, normalize_email};
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+/// The header that carries the message id.
+pub const MESSAGE_ID_HEADER: &str = "X-Switchboard-Message-Id";
+
+/// `send_email`.
+///
+/// Options: `to` (an address or a list), `subject` and `text` (required),
+/// `html` (optional; values inserted into it are HTML-escaped), `provider`
+/// (optional when there is exactly one), `from` (default: the provider's).
+/// Output: `message_id`, `to`, `status` of the first message and `messages`.
+#[derive(Debug, Clone)]
+pub struct SendEmail {
+    mail: Arc<dyn MailPort>,
+    providers: Vec<String>,
+    messages: MessageStore,
+}
+
+impl SendEmail {
+    /// The handler over the mail port (whose providers are `providers`).
+    pub fn new(mail: Arc<dyn MailPort>, providers: Vec<String>, messages: MessageStore) -> Self {
+        Self {
+            mail,
+            providers,
+            messages,
+        }
+    }
+
+    fn provider_name(&self, asked: Option<&str>) -> Result<String, String> {
+        let configured = || {
+            if self.providers.is_empty() {
+                "none is configured: add [providers.email.NAME] to the dispatcher's config file".to_string()
+            } else {
+                format!("configured: {}", self.providers.join(", "))
+            }
+        };
+        match asked {
+            Some(name) if self.mail.has_provider(name) => Ok(name.to_string()),
+            Some(name) => Err(format!(
+                "e-mail provider {name:?} is not configured in this deployment ({})",
+                configured()
+            )),
+            None if self.providers.len() == 1 => Ok(self.providers[0].clone()),
+            None => Err(format!("name the e-mail provider to use ({})", configured())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for SendEmail {
+    fn name(&self) -> &'static str {
+        "send_email"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(config, &["to", "subject", "text", "html", "provider", "from"], &mut problems);
+        check_recipients(config, "to", normalize_email, &mut problems);
+        string_option(config, "subject", true, any_str, &mut problems);
+        string_option(config, "text", true, any_str, &mut problems);
+        string_option(config, "html", false, any_str, &mut problems);
+        string_option(config, "from", false, any_str, &mut problems);
+        if let Err(e) = self.provider_name(config.get("provider").and_then(Value::as_str)) {
+            problems.push(FieldProblem::new("config.provider", e));
+        }
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        // Everything but `html` renders as plain text; `html` with escaping.
+        let mut plain = input.step.config.clone();
+        let html_source = plain.remove("html");
+        let config = input
+            .templates
+            .render(&Value::Object(plain), "config", input.scope)
+            .map_err(StepError::permanent)?;
+        let config = config.as_object().cloned().unwrap_or_default();
+        let html = match html_source {
+            Some(Value::String(source)) => Some(
+                input
+                    .templates
+                    .render_html(&source, "config.html", input.scope)
+                    .map_err(StepError::permanent)?,
+            ),
+            _ => None,
+        };
+        let provider = self
+            .provider_name(config.get("provider").and_then(Value::as_str))
+            .map_err(StepError::permanent)?;
+        let from = rendered_string(&config, "from")?
+            .or_else(|| self.mail.default_from(&provider))
+            .ok_or_else(|| StepError::permanent(format!("no sender: set `from` on the step or on e-mail provider {provider:?}")))?;
+        let subject = required_string(&config, "subject")?;
+        let text = required_string(&config, "text")?;
+        let to = recipients(&config, "to")?
+            .iter()
+            .map(|r| normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sent = Vec::with_capacity(to.len());
+        for (i, recipient) in to.into_iter().enumerate() {
+            let now = switchboard_sdk::now();
+            let record = self
+                .messages
+                .record(MessageRecord {
+                    id: input.child_id(i).to_string(),
+                    account_key: input.event.account_key.clone(),
+                    channel: Channel::Email,
+                    recipient: recipient.clone(),
+                    body: text.clone(),
+                    subject: Some(subject.clone()),
+                    provider: provider.clone(),
+                    remote_id: None,
+                    status: MessageStatus::Pending,
+                    event_id: input.event.id.to_string(),
+                    chain: input.chain.to_string(),
+                    step: input.step_name().to_string(),
+                    created_at: now,
+                    updated_at: now,
+                    transitions: Vec::new(),
+                })
+                .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
+            let record = if matches!(record.status, MessageStatus::Pending | MessageStatus::Failed) {
+                let email = Email {
+                    from: from.clone(),
+                    to: recipient,
+                    subject: subject.clone(),
+                    text: text.clone(),
+                    html: html.clone(),
+                    headers: vec![
+                        (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
+                        (
+                            "X-SMTPAPI".to_string(),
+                            json!({"unique_args": {"switchboard_message_id": record.id}}).to_string(),
+                        ),
+                    ],
+                };
+                match self.mail.send(&provider, email).await {
+                    Ok(answer) => self
+                        .messages
+                        .transition(&record.account_key, &record.id, MessageStatus::Sent, &answer, None)
+                        .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?
+                        .unwrap_or(record),
+                    Err(e) => {
+                        if e.permanent {
+                            let _ = self.messages.transition(&record.account_key, &record.id, MessageStatus::Failed, &e.message, None);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            } else {
+                record
+            };
+            sent.push(json!({"message_id": record.id, "to": record.recipient, "status": record.status}));
+        }
+        let mut output = Map::new();
+        if let Some(first) = sent.first() {
+            for k in ["message_id", "to", "status"] {
+                output.insert(k.into(), first[k].clone());
+            }
+        }
+        output.insert("provider".into(), json!(provider));
+        output.insert("messages".into(), Value::Array(sent));
+        Ok(StepOutput::next(output))
+    }
+}

@@ -1,0 +1,165 @@
+//! The ports through which built-in handlers reach the outside world. The
+//! dispatcher provides the implementations (reqwest, lettre, NATS); the
+//! handlers only say what to send and how to read the answer.
+
+use std::time::Duration;
+
+use crate::StepError;
+
+/// An outbound HTTP request.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    /// The URL (`http` or `https`).
+    pub url: String,
+    /// Extra headers (content type included).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// HTTP basic credentials.
+    pub basic_auth: Option<(String, String)>,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// The answer to an outbound request.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The body, cut at the port's size cap.
+    pub body: Vec<u8>,
+    /// What `Retry-After` asked for, if anything.
+    pub retry_after: Option<Duration>,
+}
+
+impl HttpResponse {
+    /// A bounded, printable excerpt of the body.
+    pub fn excerpt(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let mut s: String = text.chars().take(500).collect();
+        if text.chars().count() > 500 {
+            s.push('…');
+        }
+        s
+    }
+
+    /// The step outcome this answer means: 2xx is success; 408, 429 and 5xx
+    /// are worth retrying (after `Retry-After`, when given); other codes are not.
+    pub fn check(&self, what: &str) -> Result<(), StepError> {
+        match self.status {
+            200..=299 => Ok(()),
+            408 | 429 | 500..=599 => Err(StepError::retryable(
+                format!("{what} answered HTTP {}: {}", self.status, self.excerpt()),
+                self.retry_after,
+            )),
+            _ => Err(StepError::permanent(format!(
+                "{what} answered HTTP {}: {}",
+                self.status,
+                self.excerpt()
+            ))),
+        }
+    }
+}
+
+/// Why an outbound request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// No answer in time.
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The connection failed (refused, reset, DNS).
+    #[error("{url}: {message}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The deployment does not allow this target.
+    #[error("{url}: {message}")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl From<HttpError> for StepError {
+    fn from(e: HttpError) -> Self {
+        match e {
+            HttpError::Timeout { .. } | HttpError::Connect { .. } => StepError::retryable(e.to_string(), None),
+            HttpError::Refused { .. } => StepError::permanent(e.to_string()),
+        }
+    }
+}
+
+/// Outbound HTTP.
+#[async_trait::async_trait]
+pub trait HttpPort: Send + Sync + std::fmt::Debug {
+    /// POSTs `request`; an answer of any status is `Ok`.
+    async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError>;
+}
+
+/// An e-mail to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Email {
+    /// Sender address (`Name <a@b>` or `a@b`).
+    pub from: String,
+    /// Recipient address.
+    pub to: String,
+    /// Subject.
+    pub subject: String,
+    /// Plain-text part.
+    pub text: String,
+    /// HTML part.
+    pub html: Option<String>,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Why an e-mail was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct MailError {
+    /// True when retrying cannot help (a refused recipient, a bad address).
+    pub permanent: bool,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl From<MailError> for StepError {
+    fn from(e: MailError) -> Self {
+        if e.permanent {
+            StepError::permanent(e.message)
+        } else {
+            StepError::retryable(e.message, None)
+        }
+    }
+}
+
+/// Outbound e-mail, through the deployment's configured providers.
+#[async_trait::async_trait]
+pub trait MailPort: Send + Sync + std::fmt::Debug {
+    /// Sends `email` through `provider`; returns the server's acceptance line.
+    async fn send(&self, provider: &str, email: Email) -> Result<String, MailError>;
+    /// Whether a provider of that name is configured.
+    fn has_provider(&self, provider: &str) -> bool;
+    /// The configured default sender of `provider`.
+    fn default_from(&self, provider: &str) -> Option<String>;
+}
+
+/// Publishing commands to workers (Vumi outbound messages) on the bus.
+#[async_trait::async_trait]
+pub trait CommandPort: Send + Sync + std::fmt::Debug {
+    /// Publishes `payload` on `subject` (under the deployment's prefix), with
+    /// `msg_id` as its dedup id.
+    async fn publish(&self, subject: &str, payload: Vec<u8>, msg_id: &str) -> Result<(), String>;
+    /// The full subject for `suffix` (e.g. `vumi.outbound.sms_transport`).
+    fn subject(&self, suffix: &str) -> String;
+}

@@ -1,0 +1,407 @@
+//! `send_sms` and the SMS providers it can use: `nats` (a Vumi outbound
+//! command to a transport worker), `http` (a generic JSON gateway) and
+//! `twilio` (the Twilio Messages API).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use switchboard_rules::FieldProblem;
+
+use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
+use crate::ports::{CommandPort, HttpPort, HttpRequest};
+use crate::stores::{Channel, MessageRecord, MessageStatus, MessageStore, normalize_msisdn};
+use crate::template::is_template;
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An SMS provider of the deployment (`[providers.sms.NAME]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SmsProvider {
+    /// Publish a Vumi outbound message to `{prefix}.outbound.{transport}`.
+    Nats(NatsSms),
+    /// POST JSON to a gateway.
+    Http(HttpSms),
+    /// The Twilio Messages API.
+    Twilio(TwilioSms),
+}
+
+/// `type = "nats"`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSms {
+    /// The transport worker's name.
+    pub transport: String,
+    /// Default sender address.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// `type = "http"`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSms {
+    /// The gateway's URL.
+    pub url: String,
+    /// Default sender address.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Sent as `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `type = "twilio"`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioSms {
+    /// Account SID (`AC...`).
+    pub account_sid: String,
+    /// Auth token (also verifies status callbacks).
+    pub auth_token: String,
+    /// Default sender number.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Messaging service, used when no `from` is given.
+    #[serde(default)]
+    pub messaging_service_sid: Option<String>,
+    /// The API's base URL (tests aim it at a local receiver).
+    #[serde(default = "twilio_base_url")]
+    pub base_url: String,
+    /// Where Twilio posts status callbacks.
+    #[serde(default)]
+    pub status_callback: Option<String>,
+}
+
+fn twilio_base_url() -> String {
+    "https://api.twilio.com".to_string()
+}
+
+impl SmsProvider {
+    fn default_from(&self) -> Option<&str> {
+        match self {
+            SmsProvider::Nats(p) => p.from.as_deref(),
+            SmsProvider::Http(p) => p.from.as_deref(),
+            SmsProvider::Twilio(p) => p.from.as_deref(),
+        }
+    }
+}
+
+/// `send_sms`.
+///
+/// Options: `to` (a number, or a list of numbers), `body` (required),
+/// `provider` (a name from the deployment's `[providers.sms]`; optional when
+/// there is exactly one), `from`. One message per recipient, each recorded.
+/// Output: `message_id`, `remote_id`, `to`, `provider` of the first message
+/// and `messages` (all of them).
+#[derive(Debug, Clone)]
+pub struct SendSms {
+    providers: BTreeMap<String, SmsProvider>,
+    http: Arc<dyn HttpPort>,
+    commands: Arc<dyn CommandPort>,
+    messages: MessageStore,
+}
+
+impl SendSms {
+    /// The handler over the deployment's providers and ports.
+    pub fn new(
+        providers: BTreeMap<String, SmsProvider>,
+        http: Arc<dyn HttpPort>,
+        commands: Arc<dyn CommandPort>,
+        messages: MessageStore,
+    ) -> Self {
+        Self {
+            providers,
+            http,
+            commands,
+            messages,
+        }
+    }
+
+    fn provider_name<'a>(&'a self, asked: Option<&'a str>) -> Result<&'a str, String> {
+        match asked {
+            Some(name) if self.providers.contains_key(name) => Ok(name),
+            Some(name) => Err(format!(
+                "SMS provider {name:?} is not configured in this deployment ({})",
+                self.configured()
+            )),
+            None if self.providers.len() == 1 => Ok(self.providers.keys().next().expect("one provider")),
+            None => Err(format!("name the SMS provider to use ({})", self.configured())),
+        }
+    }
+
+    fn configured(&self) -> String {
+        if self.providers.is_empty() {
+            "none is configured: add [providers.sms.NAME] to the dispatcher's config file".to_string()
+        } else {
+            format!("configured: {}", self.providers.keys().cloned().collect::<Vec<_>>().join(", "))
+        }
+    }
+
+    async fn deliver(&self, provider: &SmsProvider, message: &MessageRecord, from: Option<&str>) -> Result<Option<String>, StepError> {
+        match provider {
+            SmsProvider::Nats(p) => {
+                let command = json!({
+                    "message_version": "20110921",
+                    "message_type": "user_message",
+                    "message_id": message.id,
+                    "timestamp": vumi_timestamp(message.created_at),
+                    "to_addr": message.recipient,
+                    "from_addr": from,
+                    "content": message.body,
+                    "transport_name": p.transport,
+                    "transport_type": "sms",
+                    "in_reply_to": null,
+                    "session_event": null,
+                    "transport_metadata": {},
+                    "helper_metadata": {"switchboard": {
+                        "account_key": message.account_key,
+                        "event_id": message.event_id,
+                        "chain": message.chain,
+                        "step": message.step,
+                    }},
+                });
+                let subject = format!("outbound.{}", p.transport);
+                self.commands
+                    .publish(&subject, serde_json::to_vec(&command).expect("JSON serialises"), &message.id)
+                    .await
+                    .map_err(|e| StepError::retryable(format!("publishing to {}: {e}", self.commands.subject(&subject)), None))?;
+                Ok(None)
+            }
+            SmsProvider::Http(p) => {
+                let body = json!({
+                    "message_id": message.id,
+                    "to": message.recipient,
+                    "from": from,
+                    "content": message.body,
+                    "account_key": message.account_key,
+                    "event_id": message.event_id,
+                });
+                let mut headers = vec![
+                    ("content-type".to_string(), "application/json".to_string()),
+                    ("idempotency-key".to_string(), message.id.clone()),
+                ];
+                if let Some(token) = &p.token {
+                    headers.push(("authorization".to_string(), format!("Bearer {token}")));
+                }
+                let response = self
+                    .http
+                    .post(HttpRequest {
+                        url: p.url.clone(),
+                        headers,
+                        body: serde_json::to_vec(&body).expect("JSON serialises"),
+                        basic_auth: None,
+                        timeout: DEFAULT_TIMEOUT,
+                    })
+                    .await?;
+                response.check(&format!("SMS gateway {}", p.url))?;
+                let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                Ok(answer
+                    .get("id")
+                    .or_else(|| answer.get("message_id"))
+                    .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_u64().map(|n| n.to_string()))))
+            }
+            SmsProvider::Twilio(p) => {
+                let url = format!(
+                    "{}/2010-04-01/Accounts/{}/Messages.json",
+                    p.base_url.trim_end_matches('/'),
+                    p.account_sid
+                );
+                let body = {
+                    let mut form = form_urlencoded::Serializer::new(String::new());
+                    form.append_pair("To", &message.recipient);
+                    form.append_pair("Body", &message.body);
+                    match (from, &p.messaging_service_sid) {
+                        (Some(from), _) => form.append_pair("From", from),
+                        (None, Some(sid)) => form.append_pair("MessagingServiceSid", sid),
+                        (None, None) => {
+                            return Err(StepError::permanent(
+                                "twilio needs a sender: set `from` on the step or the provider, or messaging_service_sid",
+                            ));
+                        }
+                    };
+                    if let Some(callback) = &p.status_callback {
+                        form.append_pair("StatusCallback", callback);
+                    }
+                    form.finish().into_bytes()
+                };
+                let response = self
+                    .http
+                    .post(HttpRequest {
+                        url: url.clone(),
+                        headers: vec![(
+                            "content-type".to_string(),
+                            "application/x-www-form-urlencoded".to_string(),
+                        )],
+                        body,
+                        basic_auth: Some((p.account_sid.clone(), p.auth_token.clone())),
+                        timeout: DEFAULT_TIMEOUT,
+                    })
+                    .await?;
+                response.check("Twilio")?;
+                let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                Ok(answer.get("sid").and_then(Value::as_str).map(str::to_string))
+            }
+        }
+    }
+}
+
+/// Vumi's timestamp format: `2026-11-22 07:00:00.000000`.
+fn vumi_timestamp(t: time::OffsetDateTime) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]");
+    t.format(&format).unwrap_or_default()
+}
+
+/// The recipients an option gives: one string or a list of them.
+pub(crate) fn recipients(config: &Map<String, Value>, key: &str) -> Result<Vec<String>, StepError> {
+    match config.get(key) {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Number(n)) => Ok(vec![n.to_string()]),
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
+                other => Err(StepError::permanent(format!("config.{key}: {other} is not a recipient"))),
+            })
+            .collect(),
+        None => Err(StepError::permanent(format!("config.{key}: required option is missing"))),
+        Some(other) => Err(StepError::permanent(format!(
+            "config.{key}: must give a recipient or a list of them, but gave {other}"
+        ))),
+    }
+}
+
+pub(crate) fn check_recipients(config: &Map<String, Value>, key: &str, check: fn(&str) -> Result<String, String>, problems: &mut Vec<FieldProblem>) {
+    match config.get(key) {
+        None => problems.push(FieldProblem::new(format!("config.{key}"), "required option is missing")),
+        Some(Value::String(s)) if is_template(s) => {}
+        Some(Value::String(s)) => {
+            if let Err(e) = check(s) {
+                problems.push(FieldProblem::new(format!("config.{key}"), e));
+            }
+        }
+        Some(Value::Array(items)) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) if is_template(s) => {}
+                    Value::String(s) => {
+                        if let Err(e) = check(s) {
+                            problems.push(FieldProblem::new(format!("config.{key}[{i}]"), e));
+                        }
+                    }
+                    _ => problems.push(FieldProblem::new(format!("config.{key}[{i}]"), "must be a string")),
+                }
+            }
+        }
+        Some(_) => problems.push(FieldProblem::new(
+            format!("config.{key}"),
+            "must be a recipient or a non-empty list of them",
+        )),
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for SendSms {
+    fn name(&self) -> &'static str {
+        "send_sms"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(config, &["to", "body", "provider", "from"], &mut problems);
+        check_recipients(config, "to", normalize_msisdn, &mut problems);
+        string_option(config, "body", true, any_str, &mut problems);
+        string_option(config, "from", false, any_str, &mut problems);
+        match config.get("provider") {
+            Some(Value::String(name)) => {
+                if let Err(e) = self.provider_name(Some(name)) {
+                    problems.push(FieldProblem::new("config.provider", e));
+                }
+            }
+            Some(_) => problems.push(FieldProblem::new("config.provider", "must be a provider's name")),
+            None => {
+                if let Err(e) = self.provider_name(None) {
+                    problems.push(FieldProblem::new("config.provider", e));
+                }
+            }
+        }
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let config = input.render_config()?;
+        let provider_name = self
+            .provider_name(config.get("provider").and_then(Value::as_str))
+            .map_err(StepError::permanent)?
+            .to_string();
+        let provider = &self.providers[&provider_name];
+        let body = required_string(&config, "body")?;
+        let from = rendered_string(&config, "from")?.or_else(|| provider.default_from().map(str::to_string));
+        let to = recipients(&config, "to")?
+            .iter()
+            .map(|r| normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sent = Vec::with_capacity(to.len());
+        for (i, recipient) in to.into_iter().enumerate() {
+            let now = switchboard_sdk::now();
+            let record = self
+                .messages
+                .record(MessageRecord {
+                    id: input.child_id(i).to_string(),
+                    account_key: input.event.account_key.clone(),
+                    channel: Channel::Sms,
+                    recipient,
+                    body: body.clone(),
+                    subject: None,
+                    provider: provider_name.clone(),
+                    remote_id: None,
+                    status: MessageStatus::Pending,
+                    event_id: input.event.id.to_string(),
+                    chain: input.chain.to_string(),
+                    step: input.step_name().to_string(),
+                    created_at: now,
+                    updated_at: now,
+                    transitions: Vec::new(),
+                })
+                .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
+            // A re-run step does not send again what was already sent.
+            let record = if record.status == MessageStatus::Pending || record.status == MessageStatus::Failed {
+                match self.deliver(provider, &record, from.as_deref()).await {
+                    Ok(remote_id) => self
+                        .messages
+                        .transition(&record.account_key, &record.id, MessageStatus::Sent, &format!("accepted by {provider_name}"), remote_id)
+                        .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?
+                        .unwrap_or(record),
+                    Err(e) => {
+                        if !e.is_retryable() {
+                            let _ = self.messages.transition(&record.account_key, &record.id, MessageStatus::Failed, &e.to_string(), None);
+                        }
+                        return Err(e);
+                    }
+                }
+            } else {
+                record
+            };
+            sent.push(json!({
+                "message_id": record.id,
+                "remote_id": record.remote_id,
+                "to": record.recipient,
+                "status": record.status,
+            }));
+        }
+        let mut output = Map::new();
+        if let Some(first) = sent.first() {
+            for k in ["message_id", "remote_id", "to", "status"] {
+                output.insert(k.into(), first[k].clone());
+            }
+        }
+        output.insert("provider".into(), json!(provider_name));
+        output.insert("messages".into(), Value::Array(sent));
+        Ok(StepOutput::next(output))
+    }
+}

@@ -1,0 +1,501 @@
+//! The per-account records that built-in handlers keep: contacts, message
+//! records, secrets and step idempotency keys. Each lives in its own
+//! collection of the store, keyed by account first, so one account can never
+//! read or overwrite another's.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+use time::OffsetDateTime;
+
+/// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces,
+/// dashes, dots and brackets are dropped and a leading `00` becomes `+`.
+pub fn normalize_msisdn(raw: &str) -> Result<String, String> {
+    let compact: String = raw
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect();
+    let digits = compact
+        .strip_prefix('+')
+        .or_else(|| compact.strip_prefix("00"))
+        .ok_or_else(|| format!("{raw:?} is not an E.164 number: write it with the country code, e.g. +27821234567"))?;
+    if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
+        return Err(format!(
+            "{raw:?} is not an E.164 number: + then 8 to 15 digits, not starting with 0 (e.g. +27821234567)"
+        ));
+    }
+    Ok(format!("+{digits}"))
+}
+
+/// Normalises an e-mail address: trimmed, lower-case, one `@`, a dot in the domain.
+pub fn normalize_email(raw: &str) -> Result<String, String> {
+    let e = raw.trim().to_lowercase();
+    let valid = match e.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !e.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';'))
+        }
+        None => false,
+    };
+    if valid {
+        Ok(e)
+    } else {
+        Err(format!("{raw:?} is not an e-mail address"))
+    }
+}
+
+/// A contact of an account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The contact's key (a UUID), unique in the account.
+    pub key: String,
+    /// The account.
+    pub account_key: AccountKey,
+    /// Phone number, E.164.
+    pub msisdn: Option<String>,
+    /// E-mail address, lower-case.
+    pub email: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Preferred language.
+    pub language: Option<String>,
+    /// Any other fields.
+    pub fields: Map<String, Value>,
+    /// When it was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// What `create_contact` asks for: the identifiers (already normalised) and
+/// the fields to set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContactUpsert {
+    /// Phone number, E.164.
+    pub msisdn: Option<String>,
+    /// E-mail, lower-case.
+    pub email: Option<String>,
+    /// Name to set.
+    pub name: Option<String>,
+    /// Language to set.
+    pub language: Option<String>,
+    /// Fields to set (merged over the existing ones).
+    pub fields: Map<String, Value>,
+}
+
+/// Contacts, by account.
+#[derive(Debug, Clone)]
+pub struct ContactStore {
+    store: Store,
+    /// Upserts look up, then write: serialise them so two events for one
+    /// number never create two contacts.
+    writer: Arc<Mutex<()>>,
+}
+
+fn index_key(account: &AccountKey, kind: &str, value: &str) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), format!("{kind}:{value}").as_bytes()])
+}
+
+fn contact_key(account: &AccountKey, key_: &str) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), key_.as_bytes()])
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
+
+impl ContactStore {
+    /// Contacts kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            writer: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Creates the contact, or updates the one with the same msisdn or e-mail.
+    /// Returns the contact and whether it was created.
+    pub fn upsert(&self, account: &AccountKey, upsert: ContactUpsert) -> Result<(Contact, bool), StoreError> {
+        let _guard = self.writer.lock().expect("contact writer lock");
+        let existing = [("msisdn", &upsert.msisdn), ("email", &upsert.email)]
+            .into_iter()
+            .filter_map(|(kind, v)| v.as_ref().map(|v| (kind, v)))
+            .find_map(|(kind, v)| {
+                self.store
+                    .get(Collection::ContactIndex, &index_key(account, kind, v))
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|k| self.get(account, &String::from_utf8_lossy(&k)).ok().flatten());
+        let now = switchboard_sdk::now();
+        let (mut contact, created) = match existing {
+            Some(c) => (c, false),
+            None => (
+                Contact {
+                    key: uuid::Uuid::now_v7().to_string(),
+                    account_key: account.clone(),
+                    msisdn: None,
+                    email: None,
+                    name: None,
+                    language: None,
+                    fields: Map::new(),
+                    created_at: now,
+                    updated_at: now,
+                },
+                true,
+            ),
+        };
+        let mut writes = Vec::new();
+        if let Some(m) = upsert.msisdn
+            && contact.msisdn.as_ref() != Some(&m)
+        {
+            if let Some(old) = contact.msisdn.replace(m.clone()) {
+                writes.push(Write {
+                    collection: Collection::ContactIndex,
+                    key: index_key(account, "msisdn", &old),
+                    value: None,
+                });
+            }
+            writes.push(Write {
+                collection: Collection::ContactIndex,
+                key: index_key(account, "msisdn", &m),
+                value: Some(contact.key.clone().into_bytes()),
+            });
+        }
+        if let Some(e) = upsert.email
+            && contact.email.as_ref() != Some(&e)
+        {
+            if let Some(old) = contact.email.replace(e.clone()) {
+                writes.push(Write {
+                    collection: Collection::ContactIndex,
+                    key: index_key(account, "email", &old),
+                    value: None,
+                });
+            }
+            writes.push(Write {
+                collection: Collection::ContactIndex,
+                key: index_key(account, "email", &e),
+                value: Some(contact.key.clone().into_bytes()),
+            });
+        }
+        if upsert.name.is_some() {
+            contact.name = upsert.name;
+        }
+        if upsert.language.is_some() {
+            contact.language = upsert.language;
+        }
+        contact.fields.extend(upsert.fields);
+        contact.updated_at = now;
+        writes.push(Write {
+            collection: Collection::Contacts,
+            key: contact_key(account, &contact.key),
+            value: Some(serde_json::to_vec(&contact).expect("a contact serialises")),
+        });
+        self.store.write_atomically(&writes)?;
+        Ok((contact, created))
+    }
+
+    /// The contact `key` of `account`.
+    pub fn get(&self, account: &AccountKey, key_: &str) -> Result<Option<Contact>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::Contacts, &contact_key(account, key_))?
+            .and_then(|v| decode(&v)))
+    }
+
+    /// The contact of `account` with this msisdn or e-mail (normalised here).
+    pub fn find(&self, account: &AccountKey, msisdn_or_email: &str) -> Result<Option<Contact>, StoreError> {
+        let index = if msisdn_or_email.contains('@') {
+            normalize_email(msisdn_or_email).map(|e| index_key(account, "email", &e))
+        } else {
+            normalize_msisdn(msisdn_or_email).map(|m| index_key(account, "msisdn", &m))
+        };
+        let Ok(index) = index else { return Ok(None) };
+        match self.store.get(Collection::ContactIndex, &index)? {
+            Some(k) => self.get(account, &String::from_utf8_lossy(&k)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` contacts of `account`, oldest first.
+    pub fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix(Collection::Contacts, &key(&[account.as_str().as_bytes(), b""]))?
+            .into_iter()
+            .take(limit)
+            .filter_map(|(_, v)| decode(&v))
+            .collect())
+    }
+}
+
+/// The channel a message went out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// A text message.
+    Sms,
+    /// An e-mail.
+    Email,
+}
+
+/// Where a message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    /// Recorded, not yet handed to the provider.
+    Pending,
+    /// The provider accepted it.
+    Sent,
+    /// The provider reports it delivered.
+    Delivered,
+    /// Sending or delivery failed.
+    Failed,
+    /// The recipient's server bounced it.
+    Bounced,
+}
+
+/// One change of a message's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Status before (none for the first record).
+    pub from: Option<MessageStatus>,
+    /// Status after.
+    pub to: MessageStatus,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Why, in words (the provider's answer, the callback's event).
+    pub cause: String,
+}
+
+/// A message Switchboard sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// The message id (stable for the event, chain, step and recipient).
+    pub id: String,
+    /// The account.
+    pub account_key: AccountKey,
+    /// SMS or e-mail.
+    pub channel: Channel,
+    /// Phone number or e-mail address.
+    pub recipient: String,
+    /// The rendered body (the plain-text part of an e-mail).
+    pub body: String,
+    /// The rendered subject (e-mail).
+    pub subject: Option<String>,
+    /// The provider's name in the dispatcher's config.
+    pub provider: String,
+    /// The provider's id for the message, when it gave one.
+    pub remote_id: Option<String>,
+    /// Where it stands.
+    pub status: MessageStatus,
+    /// The event that sent it.
+    pub event_id: String,
+    /// The chain that sent it.
+    pub chain: String,
+    /// The step that sent it.
+    pub step: String,
+    /// When it was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Every status change, oldest first.
+    pub transitions: Vec<Transition>,
+}
+
+/// Message records, by account.
+#[derive(Debug, Clone)]
+pub struct MessageStore {
+    store: Store,
+    writer: Arc<Mutex<()>>,
+}
+
+impl MessageStore {
+    /// Message records kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            writer: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Records a new message as pending; a record with the same id (a re-run
+    /// step) is returned as it is.
+    pub fn record(&self, mut message: MessageRecord) -> Result<MessageRecord, StoreError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        if let Some(existing) = self.get(&message.account_key, &message.id)? {
+            return Ok(existing);
+        }
+        message.status = MessageStatus::Pending;
+        message.transitions = vec![Transition {
+            from: None,
+            to: MessageStatus::Pending,
+            at: message.created_at,
+            cause: format!("sent by chain {} step {}", message.chain, message.step),
+        }];
+        self.put(&message)?;
+        Ok(message)
+    }
+
+    /// Moves a message to `to`, logging `cause`; sets `remote_id` when given.
+    pub fn transition(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<String>,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        let Some(mut m) = self.get(account, id)? else { return Ok(None) };
+        let now = switchboard_sdk::now();
+        if remote_id.is_some() {
+            m.remote_id = remote_id;
+        }
+        m.transitions.push(Transition {
+            from: Some(m.status),
+            to,
+            at: now,
+            cause: cause.to_string(),
+        });
+        m.status = to;
+        m.updated_at = now;
+        self.put(&m)?;
+        Ok(Some(m))
+    }
+
+    fn put(&self, m: &MessageRecord) -> Result<(), StoreError> {
+        self.store.put(
+            Collection::Messages,
+            &key(&[m.account_key.as_str().as_bytes(), m.id.as_bytes()]),
+            &serde_json::to_vec(m).expect("a message record serialises"),
+        )
+    }
+
+    /// The message `id` of `account`.
+    pub fn get(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::Messages, &key(&[account.as_str().as_bytes(), id.as_bytes()]))?
+            .and_then(|v| decode(&v)))
+    }
+
+    /// Up to `limit` messages of `account`.
+    pub fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix(Collection::Messages, &key(&[account.as_str().as_bytes(), b""]))?
+            .into_iter()
+            .take(limit)
+            .filter_map(|(_, v)| decode(&v))
+            .collect())
+    }
+}
+
+/// Account secrets (webhook signing keys and the like): written and used,
+/// never read back through the API, never logged.
+#[derive(Debug, Clone)]
+pub struct SecretStore {
+    store: Store,
+}
+
+/// Secret names: `^[A-Za-z0-9_.-]{1,64}$`.
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a secret name: use 1 to 64 of A-Z a-z 0-9 _ - ."))
+    }
+}
+
+impl SecretStore {
+    /// Secrets kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Sets (or replaces) a secret.
+    pub fn set(&self, account: &AccountKey, name: &str, value: &str) -> Result<(), StoreError> {
+        self.store
+            .put(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]), value.as_bytes())
+    }
+
+    /// A secret's value, for a handler's use.
+    pub fn get(&self, account: &AccountKey, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The names of an account's secrets.
+    pub fn names(&self, account: &AccountKey) -> Result<Vec<String>, StoreError> {
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        Ok(self
+            .store
+            .scan_prefix(Collection::Secrets, &prefix)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect())
+    }
+
+    /// Removes a secret; returns whether it existed.
+    pub fn remove(&self, account: &AccountKey, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .remove(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]))?
+            .is_some())
+    }
+}
+
+/// Step idempotency keys, stored hashed with the time they were first seen.
+#[derive(Debug, Clone)]
+pub struct IdempotencyStore {
+    store: Store,
+}
+
+impl IdempotencyStore {
+    /// Keys kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    fn key(account: &AccountKey, chain: &str, step: &str, rendered: &str) -> Vec<u8> {
+        let hash = Sha256::digest(rendered.as_bytes());
+        key(&[account.as_str().as_bytes(), chain.as_bytes(), step.as_bytes(), &hash])
+    }
+
+    /// Whether `rendered` was recorded for this step less than `window` ago.
+    pub fn seen(&self, account: &AccountKey, chain: &str, step: &str, rendered: &str, window: Duration) -> Result<bool, StoreError> {
+        let k = Self::key(account, chain, step, rendered);
+        let Some(v) = self.store.get(Collection::Idempotency, &k)? else { return Ok(false) };
+        let at = i64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8]));
+        let age = switchboard_sdk::now().unix_timestamp() - at;
+        Ok(age < window.as_secs() as i64)
+    }
+
+    /// Records `rendered` for this step, now.
+    pub fn record(&self, account: &AccountKey, chain: &str, step: &str, rendered: &str) -> Result<(), StoreError> {
+        let k = Self::key(account, chain, step, rendered);
+        let now = switchboard_sdk::now().unix_timestamp();
+        self.store.put(Collection::Idempotency, &k, &now.to_be_bytes())
+    }
+}

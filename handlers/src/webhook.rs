@@ -1,0 +1,154 @@
+//! `payment_webhook`: a general signed webhook, per the Standard Webhooks
+//! specification (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value, json};
+use sha2::Sha256;
+use switchboard_rules::FieldProblem;
+
+use crate::options::{object_option, only_known, required_string, string_option};
+use crate::ports::{HttpPort, HttpRequest};
+use crate::stores::{SecretStore, check_secret_name};
+use crate::template::is_template;
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+/// The prefix of a Standard Webhooks secret: `whsec_` + base64 of the key.
+pub const SECRET_PREFIX: &str = "whsec_";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `webhook-signature` value for a message: `v1,` + base64 of
+/// HMAC-SHA256(key, `{id}.{timestamp}.{body}`), where the key is the base64
+/// part of a `whsec_` secret.
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
+    let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
+    let key = BASE64
+        .decode(encoded)
+        .map_err(|e| format!("is not a Standard Webhooks secret (whsec_ + base64 of the key): {e}"))?;
+    if key.is_empty() {
+        return Err("is empty".into());
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes a key of any length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    Ok(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
+}
+
+/// `payment_webhook`.
+///
+/// Options: `url` (required), `secret` (required: the name of an account
+/// secret), `body` (a table of templates, sent as JSON), `headers` (a table),
+/// `timeout` (e.g. `"5s"`, default 10 s). Output: `status`, `webhook_id`,
+/// `response` (a bounded excerpt of the body).
+#[derive(Debug, Clone)]
+pub struct PaymentWebhook {
+    http: Arc<dyn HttpPort>,
+    secrets: SecretStore,
+}
+
+impl PaymentWebhook {
+    /// The handler over an HTTP port and the account secrets.
+    pub fn new(http: Arc<dyn HttpPort>, secrets: SecretStore) -> Self {
+        Self { http, secrets }
+    }
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Handler for PaymentWebhook {
+    fn name(&self) -> &'static str {
+        "payment_webhook"
+    }
+
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        only_known(config, &["url", "secret", "body", "headers", "timeout"], &mut problems);
+        string_option(config, "url", true, check_url, &mut problems);
+        string_option(config, "secret", true, check_secret_name, &mut problems);
+        if let Some(Value::String(s)) = config.get("secret")
+            && is_template(s)
+        {
+            problems.push(FieldProblem::new("config.secret", "names a secret; it cannot be a template"));
+        }
+        object_option(config, "body", &mut problems);
+        object_option(config, "headers", &mut problems);
+        string_option(
+            config,
+            "timeout",
+            false,
+            |s| switchboard_rules::duration::parse(s).map(|_| ()),
+            &mut problems,
+        );
+        problems
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let config = input.render_config()?;
+        let url = required_string(&config, "url")?;
+        check_url(&url).map_err(|e| StepError::permanent(format!("config.url: {e}")))?;
+        let account = &input.event.account_key;
+        let secret_name = required_string(&config, "secret")?;
+        let secret = self
+            .secrets
+            .get(account, &secret_name)
+            .map_err(|e| StepError::retryable(format!("reading secret {secret_name:?}: {e}"), None))?
+            .ok_or_else(|| {
+                StepError::permanent(format!(
+                    "secret {secret_name:?} of account {account} is not set; set it with \
+                     `switchboard secrets set {account} {secret_name}`"
+                ))
+            })?;
+        let body = serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
+        // Stable for the (event, chain, step): a retry carries the same id.
+        let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
+        let timestamp = switchboard_sdk::now().unix_timestamp();
+        let signature = sign(&secret, &webhook_id, timestamp, &body)
+            .map_err(|e| StepError::permanent(format!("secret {secret_name:?} {e}")))?;
+        let mut headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("webhook-id".to_string(), webhook_id.clone()),
+            ("webhook-timestamp".to_string(), timestamp.to_string()),
+            ("webhook-signature".to_string(), signature),
+        ];
+        if let Some(Value::Object(extra)) = config.get("headers") {
+            for (k, v) in extra {
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                headers.push((k.clone(), v));
+            }
+        }
+        let timeout = match config.get("timeout").and_then(Value::as_str) {
+            Some(t) => switchboard_rules::duration::parse(t).map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
+            None => DEFAULT_TIMEOUT,
+        };
+        let response = self
+            .http
+            .post(HttpRequest {
+                url: url.clone(),
+                headers,
+                body,
+                basic_auth: None,
+                timeout,
+            })
+            .await?;
+        response.check(&format!("webhook {url}"))?;
+        let mut output = Map::new();
+        output.insert("status".into(), json!(response.status));
+        output.insert("webhook_id".into(), json!(webhook_id));
+        output.insert("response".into(), json!(response.excerpt()));
+        Ok(StepOutput::next(output))
+    }
+}
