@@ -1,0 +1,667 @@
+//! Bad input, end to end on NATS: poison published straight to the stream,
+//! chains the dispatcher must refuse, templates that fail at run time and a
+//! chain that triggers itself. Each lands where the contract says — dead
+//! letters with the reason, or a refusal naming chain, step and field — and
+//! the dispatcher keeps handling good events.
+
+use async_nats::jetstream;
+use serde_json::{Value, json};
+use switchboard_sdk::EventId;
+use switchboard_sdk::nats::NatsEmitter;
+
+use crate::util::{Dispatcher, NatsServer, TIMEOUT, check_poll_lineage, event, poll_chains};
+
+/// The poll chains, plus a chain whose template needs data the event may not
+/// carry, and a chain that emits the very event that triggers it.
+fn chains() -> String {
+    poll_chains("acme")
+        + r#"
+[[chains]]
+name = "needs-data"
+conversation_type = "survey"
+event_type = "needs_data"
+
+[[chains.steps]]
+handler = "log"
+name = "first"
+
+[[chains.steps]]
+handler = "emit"
+config = { event_type = "never", data = { x = "{{ event.event_data.missing }}" } }
+
+[[chains.steps]]
+handler = "log"
+name = "after"
+
+[[chains]]
+name = "echo"
+conversation_type = "loop"
+event_type = "ping"
+
+[[chains.steps]]
+handler = "emit"
+config = { event_type = "ping" }
+"#
+}
+
+/// Publishes raw bytes to the events stream, as a worker with a bug would.
+async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
+    js.publish(subject.to_string(), payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("JetStream stores the message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_go_to_dead_letters_and_the_dispatcher_keeps_handling() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &chains()).await;
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let js = jetstream::new(client.clone());
+    let emitter = NatsEmitter::new(client);
+    let subject = "vumi.events.acme.survey.poll_complete";
+
+    // Not JSON at all.
+    publish_raw(&js, subject, br#"{"v": 1, "id": "truncated"#.to_vec()).await;
+    let letter = d
+        .wait_for_dead_letter("acme", "malformed JSON", |l| {
+            l["payload"] == r#"{"v": 1, "id": "truncated"#
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    assert_eq!(letter["subject"], subject);
+    assert_eq!(letter["event"], Value::Null);
+    assert!(
+        letter["error"].as_str().unwrap().contains("not valid JSON"),
+        "{letter:#}"
+    );
+    // The CLI lists it and shows it in full.
+    let listed = d.cli(&["dead-letters", "list", "acme"]).await;
+    let id = letter["id"].as_str().expect("a dead letter id");
+    assert!(
+        listed
+            .ok()
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("poison")),
+        "{}",
+        listed.stdout
+    );
+    let shown = d.cli(&["dead-letters", "show", "acme", id]).await.json();
+    assert_eq!(shown, letter);
+
+    // JSON, but not an event: an account key with a dot in it.
+    let mut bad_key = serde_json::to_value(event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "bad-key",
+        json!({}),
+    ))
+    .unwrap();
+    bad_key["account_key"] = json!("ac.me");
+    publish_raw(&js, subject, serde_json::to_vec(&bad_key).unwrap()).await;
+    let letter = d
+        .wait_for_dead_letter("acme", "a bad account_key", |l| {
+            l["payload"]
+                .as_str()
+                .is_some_and(|p| p.contains("\"bad-key\""))
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains("account_key") && error.contains("ac.me"),
+        "{error}"
+    );
+
+    // A required field missing.
+    let mut no_root = serde_json::to_value(event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "no-root",
+        json!({}),
+    ))
+    .unwrap();
+    no_root.as_object_mut().unwrap().remove("root_id");
+    publish_raw(&js, subject, serde_json::to_vec(&no_root).unwrap()).await;
+    let letter = d
+        .wait_for_dead_letter("acme", "a missing root_id", |l| {
+            l["payload"]
+                .as_str()
+                .is_some_and(|p| p.contains("\"no-root\""))
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    assert!(
+        letter["error"].as_str().unwrap().contains("root_id"),
+        "{letter:#}"
+    );
+
+    // Over the size limit (256 KiB by default; NATS itself takes up to 1 MiB).
+    let big = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "too-big",
+        json!({"blob": "x".repeat(300 * 1024)}),
+    );
+    let size = big.to_json().len();
+    publish_raw(&js, subject, big.to_json()).await;
+    let letter = d
+        .wait_for_dead_letter("acme", "an oversize event", |l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("over the limit"))
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    assert_eq!(letter["subject"], subject);
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains(&size.to_string()) && error.contains("262144"),
+        "{error}"
+    );
+    // The sdk refuses to send it in the first place.
+    assert!(
+        emitter.emit(&big).await.is_err(),
+        "the emitter should refuse an oversize event"
+    );
+
+    // An event published on a subject that its own keys contradict.
+    let elsewhere = event("acme", "survey", "poll_started", "wrong-subject", json!({}));
+    publish_raw(&js, subject, elsewhere.to_json()).await;
+    let letter = d
+        .wait_for_dead_letter("acme", "an event on the wrong subject", |l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&elsewhere.id.to_string()))
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("vumi.events.acme.survey.poll_started"),
+        "{letter:#}"
+    );
+    assert_eq!(
+        d.trace("acme", &elsewhere.id.to_string()).await,
+        None,
+        "poison is never handled"
+    );
+
+    // Data a template needs is absent at run time: the step fails, later steps
+    // are skipped, the event is dead and filed with the variable named.
+    let needs = event(
+        "acme",
+        "survey",
+        "needs_data",
+        "needs-1",
+        json!({"present": 1}),
+    );
+    emitter.emit(&needs).await.expect("emit");
+    let trace = d
+        .wait_for_trace("acme", &needs.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    assert_eq!(
+        trace["children"],
+        json!([]),
+        "a failed emit step emits nothing"
+    );
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["outcome"], "ok");
+    assert_eq!(steps[1]["name"], "emit");
+    assert_eq!(steps[1]["outcome"], "failed");
+    assert_eq!(
+        steps[1]["attempts"], 1,
+        "an undefined variable is not worth a retry"
+    );
+    let step_error = steps[1]["error"].as_str().unwrap();
+    assert!(
+        step_error.contains("event.event_data.missing"),
+        "{step_error}"
+    );
+    assert!(step_error.contains("config.data.x"), "{step_error}");
+    assert_eq!(steps[2]["name"], "after");
+    assert_eq!(steps[2]["outcome"], "skipped");
+    assert_eq!(steps[2]["attempts"], 0);
+    let letter = d
+        .wait_for_dead_letter("acme", "the failed step", |l| {
+            l["event"]["id"] == needs.id.to_string()
+        })
+        .await;
+    assert_eq!(letter["reason"], "step_failed", "{letter:#}");
+    assert_eq!(letter["chain"], "needs-data");
+    assert_eq!(letter["step"], "emit");
+    assert_eq!(letter["attempts"], 1);
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("event.event_data.missing"),
+        "{letter:#}"
+    );
+
+    // A chain that emits its own trigger: handled down to depth 8, the
+    // depth-9 event is filed as depth_limit and never handled.
+    let root = event("acme", "loop", "ping", "echo-1", json!({}));
+    emitter.emit(&root).await.expect("emit");
+    let mut id = root.id;
+    for depth in 0..=8 {
+        let trace = d.wait_for_trace("acme", &id.to_string(), TIMEOUT).await;
+        assert_eq!(trace["status"], "done", "depth {depth}: {trace:#}");
+        assert_eq!(trace["event"]["depth"], depth);
+        assert_eq!(trace["event"]["root_id"], root.id.to_string());
+        let child = EventId::derived(id, "echo", "emit", 0);
+        assert_eq!(
+            trace["children"],
+            json!([child.to_string()]),
+            "depth {depth}"
+        );
+        id = child;
+    }
+    let trace = d.wait_for_trace("acme", &id.to_string(), TIMEOUT).await;
+    assert_eq!(trace["status"], "dead", "depth 9: {trace:#}");
+    assert_eq!(trace["event"]["depth"], 9);
+    assert_eq!(
+        trace["chains"],
+        json!([]),
+        "an over-depth event runs no chain"
+    );
+    assert_eq!(trace["children"], json!([]));
+    let letter = d
+        .wait_for_dead_letter("acme", "the depth-9 event", |l| {
+            l["event"]["id"] == id.to_string()
+        })
+        .await;
+    assert_eq!(letter["reason"], "depth_limit", "{letter:#}");
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains("depth 9") && error.contains("limit of 8"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&root.id.to_string()),
+        "the error names the root event: {error}"
+    );
+
+    // After all that, a good event is handled as ever.
+    let good = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27820000009", "score": 4}),
+    );
+    emitter.emit(&good).await.expect("emit");
+    check_poll_lineage(&d, "acme", &good.id.to_string(), "+27820000009").await;
+    let (status, _) = d.get("/healthz").await;
+    assert_eq!(status, 200);
+
+    // Every dead letter was counted, once.
+    let letters = d.dead_letters("acme").await;
+    assert_eq!(letters.len(), 7, "{letters:#?}");
+    assert_eq!(d.metric("dead_lettered", "acme").await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_on_a_subject_without_a_valid_account_is_filed_under_unknown() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    let js = jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a NATS connection"),
+    );
+    // `vumi.events.>` takes any subject below it, valid account or not.
+    publish_raw(
+        &js,
+        "vumi.events.ac*me.survey.poll_complete",
+        b"not json".to_vec(),
+    )
+    .await;
+    let letter = d
+        .wait_for_dead_letter("_unknown", "poison without an account", |l| {
+            l["payload"] == "not json"
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison");
+    assert_eq!(letter["account_key"], "_unknown");
+    assert_eq!(letter["subject"], "vumi.events.ac*me.survey.poll_complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_files_with_mistakes_are_refused_naming_chain_step_and_field() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+
+    // Each case: a chain file with one mistake, and what the refusal must name.
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown-handler",
+            r#"
+[[chains.steps]]
+handler = "log"
+
+[[chains.steps]]
+handler = "send_smss"
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 2 (send_smss)",
+                "field handler",
+                r#"unknown handler "send_smss""#,
+            ],
+        ),
+        (
+            "misspelt-root",
+            r#"
+[[chains.steps]]
+handler = "log"
+config = { message = "score {{ evnt.event_data.score }}" }
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 1 (log)",
+                "field config.message",
+                "evnt.event_data.score",
+            ],
+        ),
+        (
+            "unknown-step",
+            r#"
+[[chains.steps]]
+handler = "log"
+name = "first"
+
+[[chains.steps]]
+handler = "emit"
+config = { event_type = "x", data = { v = "{{ steps.nope.x }}" } }
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 2 (emit)",
+                "field config.data.v",
+                "steps.nope",
+                "earlier steps: first",
+            ],
+        ),
+        (
+            "missing-option",
+            r#"
+[[chains.steps]]
+handler = "emit"
+config = { data = { a = 1 } }
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 1 (emit)",
+                "field config.event_type",
+                "required option is missing",
+            ],
+        ),
+        (
+            "rhai-condition",
+            r#"
+when = 'event.event_data.score >= 3'
+
+[[chains.steps]]
+handler = "log"
+"#,
+            &[r#"chain "notify""#, "field when", "not supported yet"],
+        ),
+    ];
+    for (name, steps, expected) in cases {
+        let text = format!(
+            "account_key = \"acme\"\n\n[[chains]]\nname = \"notify\"\nconversation_type = \"survey\"\nevent_type = \"poll_complete\"\n{steps}"
+        );
+        let path = d.file(&format!("{name}.toml"), &text);
+        let path = path.to_str().expect("a UTF-8 path");
+        let out = d.cli(&["chains", "apply", path]).await;
+        let line = out.fails();
+        assert!(
+            line.contains(path),
+            "{name}: the refusal names the file: {line}"
+        );
+        for part in *expected {
+            assert!(line.contains(part), "{name}: expected {part:?} in: {line}");
+        }
+    }
+    // Nothing was stored.
+    let (status, body) = d.get("/v1/accounts/acme/chains").await;
+    assert_eq!(status, 404, "{body}");
+
+    // Over HTTP the refusal is a 400 with each problem spelt out.
+    let response = reqwest::Client::new()
+        .put(format!("{}/v1/accounts/acme/chains", d.url()))
+        .header("content-type", "application/toml")
+        .body(
+            r#"
+account_key = "acme"
+
+[[chains]]
+name = "notify"
+
+[[chains.steps]]
+handler = "nope"
+
+[[chains.steps]]
+handler = "log"
+config = { message = "{{ evnt.x }}" }
+"#,
+        )
+        .send()
+        .await
+        .expect("PUT chains");
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "invalid_chains", "{body:#}");
+    let details = body["error"]["details"].as_array().expect("details");
+    assert_eq!(
+        details.len(),
+        2,
+        "both problems are reported at once: {body:#}"
+    );
+    assert_eq!(details[0]["chain"], "notify");
+    assert_eq!(details[0]["step"], json!({"position": 1, "name": "nope"}));
+    assert_eq!(details[0]["field"], "handler");
+    assert_eq!(details[1]["step"], json!({"position": 2, "name": "log"}));
+    assert_eq!(details[1]["field"], "config.message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_refuses_bad_requests_with_a_coded_error() {
+    let d = Dispatcher::embedded();
+    let good = json!({
+        "account_key": "acme",
+        "conversation_key": "poll-2026",
+        "conversation_type": "survey",
+        "event_type": "poll_complete",
+        "event_data": {},
+    });
+    let with = |field: &str, value: Value| {
+        let mut e = good.clone();
+        e[field] = value;
+        e
+    };
+    let without = |field: &str| {
+        let mut e = good.clone();
+        e.as_object_mut().unwrap().remove(field);
+        e
+    };
+    let cases = [
+        (
+            with("account_key", json!("ac.me")),
+            "invalid_event",
+            "account_key",
+        ),
+        (without("event_type"), "invalid_event", "event_type"),
+        (
+            with("event_data", json!([1, 2])),
+            "invalid_event",
+            "event_data",
+        ),
+        (with("v", json!(2)), "unsupported_version", "version 2"),
+        (
+            with("occurred_at", json!("yesterday")),
+            "invalid_event",
+            "occurred_at",
+        ),
+        (with("surprise", json!(1)), "invalid_event", "surprise"),
+        (
+            with("event_data", json!({"blob": "x".repeat(300 * 1024)})),
+            "event_too_large",
+            "262144",
+        ),
+    ];
+    for (body, code, mentions) in cases {
+        let (status, answer) = d.post_event_raw(&body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+        let message = answer["error"]["message"].as_str().expect("a message");
+        assert!(
+            message.contains(mentions),
+            "expected {mentions:?} in {message:?}"
+        );
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/events", d.url()))
+        .body("{not json")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.expect("a JSON error");
+    assert_eq!(answer["error"]["code"], "invalid_json", "{answer}");
+
+    // Other requests with bad parts: the status and code say which part.
+    for (path, status, code) in [
+        ("/nope", 404, "not_found"),
+        ("/v1/accounts/ac.me/chains", 400, "invalid_account"),
+        ("/v1/accounts/acme/chains", 404, "not_found"),
+        (
+            "/v1/accounts/acme/events/xyz/trace",
+            400,
+            "invalid_event_id",
+        ),
+        (
+            "/v1/accounts/acme/chain-versions/latest",
+            400,
+            "invalid_version",
+        ),
+        ("/v1/accounts/ac.me/dead-letters", 400, "invalid_account"),
+    ] {
+        let (got, body) = d.get(path).await;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "GET {path}: {body}"
+        );
+        assert!(body["error"]["message"].is_string(), "GET {path}: {body}");
+    }
+    // None of it reached the bus.
+    assert_eq!(d.metric("received", "acme").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_would_emit_an_oversize_event_fails_and_emits_nothing() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "copy"
+conversation_type = "survey"
+event_type = "upload"
+
+[[chains.steps]]
+handler = "emit"
+name = "twice"
+config = { event_type = "uploaded", data = { a = "{{ event.event_data.blob }}", b = "{{ event.event_data.blob }}" } }
+"#,
+    )
+    .await;
+    // 150 KiB fits; the child carries it twice and does not.
+    let e = event(
+        "acme",
+        "survey",
+        "upload",
+        "u-1",
+        json!({"blob": "y".repeat(150 * 1024)}),
+    );
+    NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection")
+        .emit(&e)
+        .await
+        .expect("emit");
+    let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    assert_eq!(trace["children"], json!([]));
+    let step = &trace["chains"][0]["steps"][0];
+    assert_eq!(step["outcome"], "failed");
+    let error = step["error"].as_str().expect("an error");
+    assert!(
+        error.contains("uploaded") && error.contains("over the limit"),
+        "{error}"
+    );
+    let letter = d
+        .wait_for_dead_letter("acme", "the failed step", |l| {
+            l["event"]["id"] == e.id.to_string()
+        })
+        .await;
+    assert_eq!(letter["reason"], "step_failed");
+    assert_eq!(letter["chain"], "copy");
+    assert_eq!(letter["step"], "twice");
+}
+
+/// Regression: bodies over the API's limit, methods a route does not take and
+/// chain files that are not UTF-8 were answered by axum's own rejections,
+/// in plain text or with no body at all, not `{"error": {"code", "message"}}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_a_json_error_with_a_code() {
+    let d = Dispatcher::embedded();
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", d.url());
+    // The API takes bodies up to 1 MiB (or the event limit, if larger). One
+    // byte more: the server has read the whole body when it refuses it, so
+    // the refusal arrives intact rather than as a reset connection.
+    let requests = [
+        (
+            "a body over the limit",
+            http.post(url("/v1/events")).body(vec![b' '; (1 << 20) + 1]),
+            [413, 400],
+        ),
+        (
+            "a method the route does not take",
+            http.delete(url("/v1/events")),
+            [405, 405],
+        ),
+        (
+            "a chain file that is not UTF-8",
+            http.put(url("/v1/accounts/acme/chains"))
+                .body(vec![0xff, 0xfe]),
+            [400, 400],
+        ),
+    ];
+    for (what, request, statuses) in requests {
+        let response = request.send().await.expect("a response");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        assert!(statuses.contains(&status), "{what}: HTTP {status}: {text}");
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{what}: the error is not JSON: {text:?}"));
+        assert!(body["error"]["code"].is_string(), "{what}: {body}");
+        assert!(body["error"]["message"].is_string(), "{what}: {body}");
+    }
+}

@@ -1,0 +1,345 @@
+//! The dispatcher on its embedded bus, end to end: events emitted with the
+//! CLI and over HTTP; duplicates dropped; and a crash (SIGKILL) in the middle
+//! of a burst, after which a restart on the same data directory handles every
+//! accepted event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchboard_sdk::EventId;
+use tokio::task::JoinSet;
+
+use crate::util::{Dispatcher, TIMEOUT, chain_names, check_poll_lineage, poll_chains};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_complete_emitted_with_the_cli_runs_its_chain_and_the_next() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+
+    let data = r#"{"msisdn": "+27820000003", "score": 4}"#;
+    let emitted = d
+        .cli(&[
+            "emit",
+            "acme",
+            "survey",
+            "poll_complete",
+            "--conversation",
+            "poll-2026",
+            "--data",
+            data,
+            "--json",
+        ])
+        .await
+        .json();
+    assert_eq!(emitted["subject"], "vumi.events.acme.survey.poll_complete");
+    assert_eq!(emitted["duplicate"], false);
+    let id = emitted["id"].as_str().expect("an event id");
+    EventId::parse(id).expect("the CLI makes a UUID");
+    check_poll_lineage(&d, "acme", id, "+27820000003").await;
+
+    // For people, `emit` says where the event went and how to follow it.
+    let text = d
+        .cli(&[
+            "emit",
+            "acme",
+            "survey",
+            "poll_complete",
+            "--conversation",
+            "poll-2026",
+            "--data",
+            data,
+        ])
+        .await;
+    let text = text.ok();
+    assert!(text.starts_with("accepted event "), "{text}");
+    assert!(
+        text.contains(" on vumi.events.acme.survey.poll_complete"),
+        "{text}"
+    );
+    let second = text
+        .split_whitespace()
+        .nth(2)
+        .expect("accepted event ID on SUBJECT");
+    assert!(
+        text.contains(&format!("switchboard trace acme {second}")),
+        "{text}"
+    );
+    check_poll_lineage(&d, "acme", second, "+27820000003").await;
+
+    // The same scenario, posted over HTTP with only the fields a producer must send.
+    let posted = d
+        .post_event(&json!({
+            "account_key": "acme",
+            "conversation_key": "poll-2026",
+            "conversation_type": "survey",
+            "event_type": "poll_complete",
+            "event_data": {"msisdn": "+27820000004", "score": 4},
+        }))
+        .await;
+    check_poll_lineage(&d, "acme", &posted, "+27820000004").await;
+    assert_eq!(d.metric("handled", "acme").await, 6);
+
+    let (status, ready) = d.get("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["bus"], "embedded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_retried_with_the_same_id_runs_its_chains_once() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("dedup.toml", &poll_chains("dedup")).await;
+    let id = EventId::new_v7().to_string();
+    let args = [
+        "emit",
+        "dedup",
+        "survey",
+        "poll_complete",
+        "--conversation",
+        "poll-1",
+        "--data",
+        r#"{"msisdn": "+27820000005", "score": 4}"#,
+        "--id",
+        &id,
+    ];
+    let first = d.cli(&args).await;
+    assert!(!first.ok().contains("duplicate"), "{}", first.stdout);
+    assert!(
+        first.ok().contains(&format!("accepted event {id} ")),
+        "{}",
+        first.stdout
+    );
+    let again = d.cli(&args).await;
+    assert!(
+        again.ok().contains("(duplicate: already on the bus)"),
+        "{}",
+        again.stdout
+    );
+    check_poll_lineage(&d, "dedup", &id, "+27820000005").await;
+
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let third = d.cli(&json_args).await.json();
+    assert_eq!(third["duplicate"], true);
+    assert_eq!(third["id"], id.as_str());
+
+    // Events of one conversation are handled in order: once a later one is
+    // handled, no copy of the first can still be on its way.
+    let later = d
+        .post_event(&json!({
+            "account_key": "dedup",
+            "conversation_key": "poll-1",
+            "conversation_type": "survey",
+            "event_type": "poll_started",
+            "event_data": {},
+        }))
+        .await;
+    let trace = d.wait_for_trace("dedup", &later, TIMEOUT).await;
+    assert_eq!(chain_names(&trace), ["default"]);
+    assert_eq!(d.metric("received", "dedup").await, 3);
+    assert_eq!(d.metric("handled", "dedup").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_event_is_dropped_and_counted_never_handled() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let id = d
+        .post_event(&json!({
+            "account_key": "acme",
+            "conversation_key": "poll-2026",
+            "conversation_type": "survey",
+            "event_type": "poll_complete",
+            "event_data": {"msisdn": "+27820000006", "score": 4},
+            "expires_at": "2001-01-01T00:00:00Z",
+        }))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "expired", "{trace:#}");
+    assert_eq!(trace["chains"], json!([]));
+    assert_eq!(trace["children"], json!([]));
+    assert_eq!(d.metric("expired", "acme").await, 1);
+    assert_eq!(d.metric("handled", "acme").await, 0);
+}
+
+/// Each `tick` emits a `tock`; every event of the burst is in one
+/// conversation, so they are handled one at a time (each emit is a durable
+/// publish) while the API accepts them concurrently: a backlog builds up.
+const CRASH_CHAINS: &str = r#"
+account_key = "crash"
+
+[[chains]]
+name = "tick"
+conversation_type = "load"
+event_type = "tick"
+
+[[chains.steps]]
+handler = "emit"
+config = { event_type = "tock", data = { n = "{{ event.event_data.n }}" } }
+
+[[chains]]
+name = "tock"
+conversation_type = "load"
+event_type = "tock"
+
+[[chains.steps]]
+handler = "log"
+config = { level = "debug", message = "tock {{ event.event_data.n }}" }
+"#;
+
+/// Posts `count` tick events numbered from `first`, 32 requests at a time;
+/// returns their ids once every one was accepted (202).
+async fn post_ticks(d: &Dispatcher, first: usize, count: usize) -> Vec<String> {
+    let client = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .expect("an HTTP client");
+    let url = Arc::new(format!("{}/v1/events", d.url()));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(first));
+    let end = first + count;
+    let mut tasks = JoinSet::new();
+    for _ in 0..32 {
+        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= end {
+                    return ids;
+                }
+                let body = json!({
+                    "account_key": "crash",
+                    "conversation_key": "burst",
+                    "conversation_type": "load",
+                    "event_type": "tick",
+                    "event_data": {"n": n},
+                });
+                let response = client
+                    .post(url.as_str())
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("POST /v1/events");
+                assert_eq!(response.status().as_u16(), 202, "tick {n}");
+                let answer: Value = response.json().await.expect("a JSON answer");
+                assert_eq!(answer["duplicate"], false, "tick {n}");
+                ids.push(answer["id"].as_str().expect("an id").to_string());
+            }
+        });
+    }
+    let mut ids = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done.expect("a posting task"));
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_event_is_handled_after_a_sigkill_and_restart() {
+    let mut d = Dispatcher::embedded();
+    d.apply_chains("crash.toml", CRASH_CHAINS).await;
+
+    // Publish until the dispatcher is clearly behind, then kill it at once.
+    // Each accepted tick makes two events (tick and tock) to handle.
+    let mut ids = Vec::new();
+    let mut batch = 1000;
+    loop {
+        let started = Instant::now();
+        ids.extend(post_ticks(&d, ids.len(), batch).await);
+        let handled = d.metric("handled", "crash").await as usize;
+        let pending = 2 * ids.len() - handled;
+        eprintln!(
+            "posted {batch} ticks in {:?}; {handled} of {} events handled",
+            started.elapsed(),
+            2 * ids.len()
+        );
+        if pending >= ids.len() / 10 {
+            break;
+        }
+        assert!(
+            ids.len() < 8000,
+            "the dispatcher kept up with {} events; cannot test a crash with a backlog",
+            ids.len()
+        );
+        batch *= 2;
+    }
+    d.kill9();
+    d.restart();
+
+    let started = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        // The backlog is handled in order, so the first waits are the long ones.
+        let timeout = if i == 0 {
+            TIMEOUT
+        } else {
+            Duration::from_secs(5)
+        };
+        let trace = d.wait_for_trace("crash", id, timeout).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+        assert_eq!(chain_names(&trace), ["tick"]);
+        let child =
+            EventId::derived(EventId::parse(id).expect("an id"), "tick", "emit", 0).to_string();
+        assert_eq!(trace["children"], json!([child]), "{trace:#}");
+        let child_trace = d.wait_for_trace("crash", &child, timeout).await;
+        assert_eq!(child_trace["status"], "done", "{child_trace:#}");
+        assert_eq!(
+            child_trace["event"]["event_data"]["n"],
+            trace["event"]["event_data"]["n"]
+        );
+    }
+    eprintln!(
+        "{} ticks checked {:?} after the restart",
+        ids.len(),
+        started.elapsed()
+    );
+    // Counters start from zero in a new process: the restarted dispatcher
+    // handled what the killed one left behind.
+    let after = d.metric("handled", "crash").await;
+    assert!(after > 0, "the restarted dispatcher handled nothing");
+    assert_eq!(d.dead_letters("crash").await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_traces_and_seen_ids_survive_a_graceful_restart() {
+    let mut d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let body = json!({
+        "id": EventId::new_v7().to_string(),
+        "account_key": "acme",
+        "conversation_key": "poll-2026",
+        "conversation_type": "survey",
+        "event_type": "poll_complete",
+        "event_data": {"msisdn": "+27820000007", "score": 4},
+    });
+    let id = d.post_event(&body).await;
+    let before = check_poll_lineage(&d, "acme", &id, "+27820000007").await;
+
+    assert_eq!(d.stop(), Some(0), "SIGTERM is a clean stop:\n{}", d.log());
+    d.restart();
+
+    let (status, chains) = d.get("/v1/accounts/acme/chains").await;
+    assert_eq!(status, 200, "{chains}");
+    assert_eq!(chains["version"], 1);
+    let child = before["event"]["id"].as_str().expect("a child id");
+    assert_eq!(d.wait_for_trace("acme", child, TIMEOUT).await, before);
+    // The bus still knows the id: a retried post is a duplicate.
+    let (status, answer) = d.post_event_raw(&body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["duplicate"], true, "{answer}");
+
+    // Nothing handled before the stop comes back: the next event of the
+    // conversation is the only one this process handles.
+    let next = d
+        .post_event(&json!({
+            "account_key": "acme",
+            "conversation_key": "poll-2026",
+            "conversation_type": "survey",
+            "event_type": "poll_started",
+            "event_data": {},
+        }))
+        .await;
+    let trace = d.wait_for_trace("acme", &next, TIMEOUT).await;
+    assert_eq!(chain_names(&trace), ["default"]);
+    assert_eq!(d.metric("received", "acme").await, 1);
+    assert_eq!(d.metric("handled", "acme").await, 1);
+}

@@ -1,0 +1,189 @@
+//! The dispatcher on NATS JetStream, end to end: chains applied with the CLI,
+//! events published by a worker with the sdk's `NatsEmitter`, straight to the
+//! stream the dispatcher consumes.
+
+use serde_json::json;
+use switchboard_sdk::nats::NatsEmitter;
+
+use crate::util::{Dispatcher, NatsServer, TIMEOUT, check_poll_lineage, event, poll_chains};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_complete_runs_its_chain_and_the_emitted_event_runs_the_next() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    let version = d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    assert_eq!(version, 1);
+
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let parent = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27820000001", "score": 4}),
+    );
+    let emitted = emitter
+        .emit(&parent)
+        .await
+        .expect("JetStream stores the event");
+    assert!(!emitted.duplicate);
+
+    let parent_id = parent.id.to_string();
+    let child = check_poll_lineage(&d, "acme", &parent_id, "+27820000001").await;
+    let trace = d.wait_for_trace("acme", &parent_id, TIMEOUT).await;
+    assert_eq!(trace["chains"][0]["version"], version);
+    assert_eq!(child["chains"][0]["version"], version);
+    // The dispatcher hands the event to the chain as the worker sent it.
+    assert_eq!(
+        trace["event"],
+        serde_json::to_value(&parent).expect("an event serialises")
+    );
+
+    // The CLI shows the same trace, as JSON and for people.
+    let shown = d.cli(&["trace", "acme", &parent_id, "--json"]).await.json();
+    assert_eq!(shown, trace);
+    let text = d.cli(&["trace", "acme", &parent_id]).await;
+    let text = text.ok();
+    let child_id = child["event"]["id"].as_str().expect("a child id");
+    assert!(text.contains("status: done"), "{text}");
+    assert!(text.contains("chain poll-complete (version 1)"), "{text}");
+    assert!(text.contains(&format!("emitted: {child_id}")), "{text}");
+    let text = d.cli(&["trace", "acme", child_id]).await;
+    assert!(
+        text.ok().contains(&format!("emitted by: {parent_id}")),
+        "{}",
+        text.stdout
+    );
+
+    assert_eq!(d.metric("handled", "acme").await, 2);
+    let (status, ready) = d.get("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["bus"], "nats");
+    assert_eq!(ready["ready"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_emitted_twice_runs_its_chains_once() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains("dedup.toml", &poll_chains("dedup")).await;
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+
+    // A worker that retries an emit sends the same event (same id) again.
+    let ev = event(
+        "dedup",
+        "survey",
+        "poll_complete",
+        "poll-1",
+        json!({"msisdn": "+27820000002", "score": 4}),
+    );
+    let first = emitter.emit(&ev).await.expect("the first emit");
+    let again = emitter.emit(&ev).await.expect("the second emit");
+    assert!(!first.duplicate);
+    assert!(
+        again.duplicate,
+        "JetStream should drop the second publish of {}",
+        ev.id
+    );
+    assert_eq!(again.sequence, first.sequence);
+    check_poll_lineage(&d, "dedup", &ev.id.to_string(), "+27820000002").await;
+
+    // Posting it over HTTP after it was handled is a duplicate too.
+    let (status, answer) = d
+        .post_event_raw(&serde_json::to_value(&ev).expect("an event serialises"))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["duplicate"], true, "{answer}");
+    assert_eq!(answer["id"], ev.id.to_string());
+
+    // Events of one conversation are handled in order, so once a later event
+    // of the same conversation is handled, every copy that could have been
+    // delivered before it has been: the counters are final.
+    let later = event("dedup", "survey", "poll_started", "poll-1", json!({}));
+    emitter.emit(&later).await.expect("the later emit");
+    let trace = d
+        .wait_for_trace("dedup", &later.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(crate::util::chain_names(&trace), ["default"]);
+    // The event, its child and the later event: three, not four or five.
+    assert_eq!(d.metric("received", "dedup").await, 3);
+    assert_eq!(d.metric("handled", "dedup").await, 3);
+}
+
+/// An RFC 3339 UTC timestamp as (date and time to the second, nanoseconds),
+/// which compare in time order whatever the number of fraction digits.
+fn instant(t: &serde_json::Value) -> (String, u32) {
+    let t = t.as_str().expect("a timestamp").trim_end_matches('Z');
+    let (seconds, fraction) = t.split_once('.').unwrap_or((t, "0"));
+    let nanos = format!("{fraction:0<9}")
+        .parse()
+        .expect("a fraction of a second");
+    (seconds.to_string(), nanos)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_one_conversation_are_handled_one_after_another_in_order() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        let e = event(
+            "acme",
+            "survey",
+            "step",
+            "one-conversation",
+            json!({"n": n}),
+        );
+        emitter.emit(&e).await.expect("emit");
+        ids.push(e.id.to_string());
+    }
+    let mut previous: Option<serde_json::Value> = None;
+    for id in &ids {
+        let trace = d.wait_for_trace("acme", id, TIMEOUT).await;
+        assert_eq!(trace["status"], "done");
+        if let Some(p) = &previous {
+            assert!(
+                instant(&trace["started_at"]) >= instant(&p["finished_at"]),
+                "event {} started before event {} finished",
+                trace["event"]["event_data"]["n"],
+                p["event"]["event_data"]["n"]
+            );
+        }
+        previous = Some(trace);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_while_the_dispatcher_is_down_are_handled_when_it_is_back() {
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    assert_eq!(d.stop(), Some(0), "SIGTERM is a clean stop:\n{}", d.log());
+
+    // The stream outlives the dispatcher: a worker can still emit.
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let e = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27820000008", "score": 4}),
+    );
+    emitter
+        .emit(&e)
+        .await
+        .expect("emit while the dispatcher is down");
+
+    d.restart();
+    check_poll_lineage(&d, "acme", &e.id.to_string(), "+27820000008").await;
+}

@@ -1,0 +1,432 @@
+//! The built-in handlers with side effects, against real peers on loopback:
+//! `create_contact`, `send_sms` (HTTP gateway, Twilio, NATS), `send_email`
+//! (SMTP), `payment_webhook` (Standard Webhooks), message records, secrets and
+//! per-step idempotency.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::peers::{HttpReceiver, SmtpSink, TWILIO_TOKEN, WEBHOOK_SECRET};
+use crate::util::{Dispatcher, NatsServer, TIMEOUT, event, wait_until};
+
+/// The dispatcher's config: every provider aimed at the local peers.
+fn providers(receiver: &HttpReceiver, smtp: &SmtpSink, with_nats: bool) -> String {
+    let recv = receiver.url();
+    let port = smtp.port();
+    let mut config = format!(
+        r#"
+[providers.sms.gateway]
+type = "http"
+url = "{recv}/sms"
+from = "Switchboard"
+
+[providers.sms.twilio]
+type = "twilio"
+account_sid = "AC0123456789"
+auth_token = "{TWILIO_TOKEN}"
+from = "+15005550006"
+base_url = "{recv}"
+status_callback = "https://hooks.example.org/twilio/status"
+
+[providers.email.sink]
+host = "127.0.0.1"
+port = {port}
+security = "none"
+from = "Switchboard <noreply@example.org>"
+"#
+    );
+    if with_nats {
+        config.push_str("\n[providers.sms.smsc]\ntype = \"nats\"\ntransport = \"smsc\"\nfrom = \"1234\"\n");
+    }
+    config
+}
+
+/// The use case: a completed poll creates a contact, texts them, tells the
+/// payment gateway and e-mails them.
+fn poll_chain(account: &str, hook: &str) -> String {
+    format!(
+        r#"
+account_key = "{account}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "create_contact"
+config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", email = "{{{{ event.event_data.email }}}}", name = "{{{{ event.event_data.name }}}}", fields = {{ score = "{{{{ event.event_data.score }}}}" }} }}
+
+[[chains.steps]]
+handler = "send_sms"
+config = {{ provider = "gateway", to = "{{{{ steps.create_contact.msisdn }}}}", body = "Thanks {{{{ steps.create_contact.name }}}}, you scored {{{{ event.event_data.score }}}}!" }}
+
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{hook}", secret = "gateway", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}", amount = 500, sms = "{{{{ steps.send_sms.message_id }}}}" }} }}
+
+[[chains.steps]]
+handler = "send_email"
+config = {{ to = "{{{{ steps.create_contact.email }}}}", subject = "Your score: {{{{ event.event_data.score }}}}", text = "Hello {{{{ steps.create_contact.name }}}}", html = "<p>Hello {{{{ steps.create_contact.name }}}}</p>" }}
+"#
+    )
+}
+
+fn step<'a>(trace: &'a Value, chain: &str, name: &str) -> &'a Value {
+    trace["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == chain)
+        .flat_map(|c| c["steps"].as_array().into_iter().flatten())
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} of chain {chain} in {trace:#}"))
+}
+
+async fn set_secret(d: &Dispatcher, account: &str) {
+    d.cli(&["secrets", "set", account, "gateway", "--value", WEBHOOK_SECRET]).await.ok();
+}
+
+#[tokio::test]
+async fn poll_complete_runs_the_whole_use_case() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    set_secret(&d, "acme").await;
+    d.apply_chains("acme.toml", &poll_chain("acme", &format!("{}/hook/200", receiver.url())))
+        .await;
+
+    let e = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27 82 000-0001", "email": "Thandi@Example.ORG", "name": "Thandi <3", "score": 4}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+
+    // create_contact: normalised keys, output visible to later steps.
+    let contact = &step(&trace, "poll-complete", "create_contact")["output"];
+    assert_eq!(contact["msisdn"], "+27820000001");
+    assert_eq!(contact["email"], "thandi@example.org");
+    assert_eq!(contact["created"], true);
+    assert_eq!(contact["fields"]["score"], 4);
+
+    // send_sms through the HTTP gateway.
+    let sms = &step(&trace, "poll-complete", "send_sms")["output"];
+    let gateway = receiver.requests_to("/sms").await;
+    assert_eq!(gateway.len(), 1, "{gateway:#}");
+    let body: Value = serde_json::from_str(gateway[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["to"], "+27820000001");
+    assert_eq!(body["from"], "Switchboard");
+    assert_eq!(body["content"], "Thanks Thandi <3, you scored 4!");
+    assert_eq!(body["message_id"], sms["message_id"]);
+    assert_eq!(gateway[0]["headers"]["idempotency-key"], sms["message_id"]);
+    assert_eq!(sms["remote_id"], "gw-1");
+
+    // payment_webhook: verified by the official Standard Webhooks package.
+    let hooks = receiver.requests_to("/hook").await;
+    assert_eq!(hooks.len(), 1, "{hooks:#}");
+    assert_eq!(hooks[0]["verified"], true, "{:#}", hooks[0]);
+    let body: Value = serde_json::from_str(hooks[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!({"msisdn": "+27820000001", "amount": 500, "sms": sms["message_id"]}));
+    let webhook = &step(&trace, "poll-complete", "payment_webhook")["output"];
+    assert_eq!(webhook["status"], 200);
+    assert_eq!(hooks[0]["headers"]["webhook-id"], webhook["webhook_id"]);
+
+    // send_email: subject, escaped HTML, a text part, the message id header.
+    let mail = wait_until("the e-mail", TIMEOUT, || async { smtp.messages().pop() }).await;
+    let email_out = &step(&trace, "poll-complete", "send_email")["output"];
+    assert_eq!(mail["rcpt_tos"], json!(["thandi@example.org"]));
+    assert_eq!(mail["subject"], "Your score: 4");
+    assert_eq!(mail["text"].as_str().unwrap().trim(), "Hello Thandi <3");
+    assert_eq!(mail["html"].as_str().unwrap().trim(), "<p>Hello Thandi &lt;3</p>");
+    assert_eq!(mail["headers"]["x-switchboard-message-id"], email_out["message_id"]);
+    let smtpapi: Value = serde_json::from_str(mail["headers"]["x-smtpapi"].as_str().unwrap()).unwrap();
+    assert_eq!(smtpapi["unique_args"]["switchboard_message_id"], email_out["message_id"]);
+
+    // Message records, with their transitions, linked to the event.
+    let (status, messages) = d.get("/v1/accounts/acme/messages").await;
+    assert_eq!(status, 200);
+    let messages = messages["messages"].as_array().unwrap().clone();
+    assert_eq!(messages.len(), 2, "{messages:#}");
+    for m in &messages {
+        assert_eq!(m["status"], "sent");
+        assert_eq!(m["event_id"], id.as_str());
+        let path: Vec<&str> = m["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
+        assert_eq!(path, ["pending", "sent"]);
+    }
+    let sms_record = d.cli(&["messages", "show", "acme", sms["message_id"].as_str().unwrap()]).await;
+    let sms_record: Value = serde_json::from_str(sms_record.ok()).unwrap();
+    assert_eq!(sms_record["channel"], "sms");
+    assert_eq!(sms_record["remote_id"], "gw-1");
+    assert_eq!(sms_record["body"], "Thanks Thandi <3, you scored 4!");
+}
+
+#[tokio::test]
+async fn sms_through_twilio_and_a_nats_transport() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(Some(&nats), &providers(&receiver, &smtp, true));
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+name = "by_twilio"
+config = { provider = "twilio", to = "{{ event.event_data.msisdn }}", body = "via twilio" }
+[[chains.steps]]
+handler = "send_sms"
+name = "by_transport"
+config = { provider = "smsc", to = ["{{ event.event_data.msisdn }}", "+27820000099"], body = "via vumi" }
+"#,
+    )
+    .await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut outbound = client.subscribe("vumi.outbound.smsc").await.unwrap();
+    client.flush().await.unwrap();
+
+    let e = event("acme", "survey", "notify", "c1", json!({"msisdn": "+27820000005"}));
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+
+    let twilio = receiver.requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json").await;
+    assert_eq!(twilio.len(), 1, "{twilio:#}");
+    assert_eq!(
+        twilio[0]["form"],
+        json!({"To": "+27820000005", "From": "+15005550006", "Body": "via twilio",
+               "StatusCallback": "https://hooks.example.org/twilio/status"})
+    );
+    let out = &step(&trace, "notify", "by_twilio")["output"];
+    assert!(out["remote_id"].as_str().unwrap().starts_with("SM"), "{out}");
+
+    let mut commands = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(TIMEOUT, outbound.next()).await.expect("a command").unwrap();
+        commands.push(serde_json::from_slice::<Value>(&m.payload).unwrap());
+    }
+    let out = &step(&trace, "notify", "by_transport")["output"];
+    let ids: Vec<&Value> = out["messages"].as_array().unwrap().iter().map(|m| &m["message_id"]).collect();
+    for (command, (to, id)) in commands.iter().zip([("+27820000005", ids[0]), ("+27820000099", ids[1])]) {
+        assert_eq!(command["to_addr"], to);
+        assert_eq!(command["from_addr"], "1234");
+        assert_eq!(command["content"], "via vumi");
+        assert_eq!(command["transport_name"], "smsc");
+        assert_eq!(&command["message_id"], id);
+        assert_eq!(command["helper_metadata"]["switchboard"]["event_id"], id_str(&e));
+    }
+}
+
+fn id_str(e: &switchboard_sdk::VumiApiEvent) -> String {
+    e.id.to_string()
+}
+
+#[tokio::test]
+async fn failures_give_the_documented_outcome() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    set_secret(&d, "acme").await;
+    let recv = receiver.url();
+    let fast = "retry = { max_attempts = 3, initial = \"50ms\", max = \"200ms\" }";
+    let chains = format!(
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "flaky"
+event_type = "flaky"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/500,200", secret = "gateway" }}, {fast} }}]
+
+[[chains]]
+name = "throttled"
+event_type = "throttled"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/429:1,200", secret = "gateway" }}, {fast} }}]
+
+[[chains]]
+name = "bad-request"
+event_type = "bad_request"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/400", secret = "gateway" }}, {fast} }}]
+
+[[chains]]
+name = "slow"
+event_type = "slow"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/hang", secret = "gateway", timeout = "500ms" }}, retry = {{ max_attempts = 2, initial = "50ms" }} }}]
+
+[[chains]]
+name = "down"
+event_type = "down"
+steps = [{{ handler = "payment_webhook", config = {{ url = "http://127.0.0.1:9/hook", secret = "gateway" }}, {fast} }}]
+
+[[chains]]
+name = "no-secret"
+event_type = "no_secret"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/200", secret = "missing" }} }}]
+
+[[chains]]
+name = "bad-number"
+event_type = "bad_number"
+steps = [{{ handler = "create_contact", config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}" }} }}]
+
+[[chains]]
+name = "refused-mail"
+event_type = "refused_mail"
+steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subject = "s", text = "t" }} }}]
+"#
+    );
+    d.apply_chains("acme.toml", &chains).await;
+
+    let run = |et: &'static str| {
+        let d = &d;
+        async move {
+            let e = event("acme", "test", et, et, json!({"msisdn": "12345"}));
+            let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+            let trace = d.wait_for_trace("acme", &id, Duration::from_secs(30)).await;
+            let chain = trace["chains"][0].clone();
+            (trace, chain["steps"][0].clone())
+        }
+    };
+
+    // 500 then 200: retried, same webhook-id both times.
+    let (trace, s) = run("flaky").await;
+    assert_eq!((trace["status"].as_str(), s["outcome"].as_str(), s["attempts"].as_u64()), (Some("done"), Some("ok"), Some(2)), "{trace:#}");
+    let hooks = receiver.requests_to("/hook/500,200").await;
+    assert_eq!(hooks.len(), 2);
+    assert_eq!(hooks[0]["headers"]["webhook-id"], hooks[1]["headers"]["webhook-id"]);
+    assert!(hooks.iter().all(|h| h["verified"] == true));
+
+    // 429 with Retry-After: 1 → waited about a second, then succeeded.
+    let (trace, s) = run("throttled").await;
+    assert_eq!((s["outcome"].as_str(), s["attempts"].as_u64()), (Some("ok"), Some(2)), "{trace:#}");
+    let started = time_of(&trace["started_at"]);
+    let finished = time_of(&trace["finished_at"]);
+    assert!(finished - started >= 0.9, "Retry-After was not honoured: {started} → {finished}");
+
+    // 400: permanent, one attempt, dead letter with the response.
+    let (trace, s) = run("bad_request").await;
+    assert_eq!((trace["status"].as_str(), s["outcome"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some("failed"), Some(1)));
+    assert!(s["error"].as_str().unwrap().contains("answered HTTP 400"), "{s}");
+
+    // No answer in time: retried, then given up.
+    let (trace, s) = run("slow").await;
+    assert_eq!((trace["status"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some(2)), "{trace:#}");
+    assert!(s["error"].as_str().unwrap().contains("no answer within 500ms"), "{s}");
+    assert!(s["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{s}");
+
+    // Gateway down: retried, then dead.
+    let (trace, s) = run("down").await;
+    assert_eq!((trace["status"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some(3)), "{trace:#}");
+
+    // Missing secret: permanent, says how to set it.
+    let (_, s) = run("no_secret").await;
+    assert_eq!(s["attempts"], 1);
+    assert!(
+        s["error"].as_str().unwrap().contains("secret \"missing\" of account acme is not set; set it with `switchboard secrets set acme missing`"),
+        "{s}"
+    );
+
+    // Invalid msisdn: permanent, names the value.
+    let (_, s) = run("bad_number").await;
+    assert_eq!(s["attempts"], 1);
+    assert!(s["error"].as_str().unwrap().contains("\"12345\" is not an E.164 number"), "{s}");
+
+    // SMTP refusing the recipient: permanent; the message record says failed.
+    let (_, s) = run("refused_mail").await;
+    assert_eq!((s["outcome"].as_str(), s["attempts"].as_u64()), (Some("failed"), Some(1)), "{s}");
+    assert!(s["error"].as_str().unwrap().contains("550"), "{s}");
+    let (_, messages) = d.get("/v1/accounts/acme/messages").await;
+    let failed: Vec<&Value> = messages["messages"].as_array().unwrap().iter().filter(|m| m["recipient"] == "reject@example.org").collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["status"], "failed");
+
+    // Every failure above is in dead letters, with chain, step and error.
+    let letters = d.dead_letters("acme").await;
+    let mut chains: Vec<&str> = letters.iter().map(|l| l["chain"].as_str().unwrap()).collect();
+    chains.sort();
+    assert_eq!(chains, ["bad-number", "bad-request", "down", "no-secret", "refused-mail", "slow"]);
+}
+
+fn time_of(v: &Value) -> f64 {
+    let t = time::OffsetDateTime::parse(v.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() as f64 / 1e9
+}
+
+#[tokio::test]
+async fn contacts_secrets_and_idempotency_are_per_account() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    let recv = receiver.url();
+    for account in ["acme", "other"] {
+        let chains = format!(
+            r#"
+account_key = "{account}"
+[[chains]]
+name = "order"
+event_type = "order"
+[[chains.steps]]
+handler = "create_contact"
+config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", name = "{account} customer" }}
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{recv}/hook/200", secret = "gateway", body = {{ order = "{{{{ event.event_data.order }}}}" }} }}
+idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
+"#
+        );
+        d.apply_chains(&format!("{account}.toml"), &chains).await;
+    }
+    // Secrets: set from stdin-like --value, listed by name only, never read back.
+    set_secret(&d, "acme").await;
+    let listed = d.cli(&["secrets", "list", "acme", "--json"]).await.json();
+    assert_eq!(listed["secrets"], json!(["gateway"]));
+    assert!(!listed.to_string().contains(WEBHOOK_SECRET));
+    assert_eq!(d.cli(&["secrets", "list", "other", "--json"]).await.json()["secrets"], json!([]));
+
+    let send = |account: &'static str, order: &'static str| {
+        let d = &d;
+        async move {
+            let e = event(account, "shop", "order", order, json!({"msisdn": "+27820000042", "order": order}));
+            let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+            d.wait_for_trace(account, &id, TIMEOUT).await
+        }
+    };
+    let first = send("acme", "A-1").await;
+    assert_eq!(step(&first, "order", "payment_webhook")["outcome"], "ok", "{first:#}");
+    let again = send("acme", "A-1").await;
+    let skipped = step(&again, "order", "payment_webhook");
+    assert_eq!(skipped["outcome"], "skipped", "{again:#}");
+    assert_eq!(skipped["output"]["skipped"], true);
+    assert_eq!(receiver.requests_to("/hook").await.len(), 1);
+    // The same order number in another account is another key (and that
+    // account has no secret, so its webhook fails: nothing crosses accounts).
+    let other = send("other", "A-1").await;
+    let failed = step(&other, "order", "payment_webhook");
+    assert_eq!(failed["outcome"], "failed", "{other:#}");
+    assert!(failed["error"].as_str().unwrap().contains("secret \"gateway\" of account other is not set"));
+
+    // Contacts: one per account for the same number, each invisible to the other.
+    let acme_contact = &step(&first, "order", "create_contact")["output"];
+    let other_contact = &step(&other, "order", "create_contact")["output"];
+    assert_ne!(acme_contact["key"], other_contact["key"]);
+    assert_eq!(step(&again, "order", "create_contact")["output"]["created"], false);
+    let (status, _) = d.get(&format!("/v1/accounts/other/contacts/{}", acme_contact["key"].as_str().unwrap())).await;
+    assert_eq!(status, 404);
+    let (_, list) = d.get("/v1/accounts/other/contacts").await;
+    let names: Vec<&str> = list["contacts"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["other customer"]);
+    let shown = d.cli(&["contacts", "show", "acme", "+27820000042"]).await;
+    let shown: Value = serde_json::from_str(shown.ok()).unwrap();
+    assert_eq!(shown["name"], "acme customer");
+    let listed = d.cli(&["contacts", "list", "other"]).await;
+    assert!(!listed.ok().contains("acme customer"), "{}", listed.ok());
+}

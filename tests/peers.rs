@@ -1,0 +1,138 @@
+//! Real peers for the handler tests, started per test on 127.0.0.1 and
+//! stopped when dropped: an HTTP receiver (webhooks verified with the official
+//! Standard Webhooks package, an SMS gateway, the Twilio API) and an SMTP sink.
+//! Both are the Python programs in `tests/peers/`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The secret the HTTP receiver verifies webhooks with.
+pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The auth token the receiver's Twilio API accepts (account SID: any).
+pub const TWILIO_TOKEN: &str = "twilio-token";
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("peers").join(name)
+}
+
+/// A peer process that printed `listening on PORT`.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    port: u16,
+}
+
+impl Process {
+    fn start(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("python3")
+            .arg(script(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} (python3 on PATH? run ./scripts/test once): {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(port.trim().parse::<u16>().expect("a port"));
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{name} did not start (are its Python packages installed? see tests/peers/requirements.txt)"));
+        Self { child, port }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HTTP receiver.
+#[derive(Debug)]
+pub struct HttpReceiver {
+    process: Process,
+}
+
+impl HttpReceiver {
+    /// Starts one; a webhook that sees no answer hangs for `hang`.
+    pub fn start(hang: Duration) -> Self {
+        let hang = hang.as_secs_f64().to_string();
+        Self {
+            process: Process::start("http_receiver.py", &["--secret", WEBHOOK_SECRET, "--hang", &hang]),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.process.port)
+    }
+
+    /// Every request received so far, oldest first.
+    pub async fn requests(&self) -> Vec<Value> {
+        let answer = reqwest::get(format!("{}/_requests", self.url()))
+            .await
+            .expect("the receiver answers")
+            .json::<Value>()
+            .await
+            .expect("JSON");
+        answer.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The requests to paths starting with `prefix`.
+    pub async fn requests_to(&self, prefix: &str) -> Vec<Value> {
+        self.requests()
+            .await
+            .into_iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+            .collect()
+    }
+}
+
+/// The SMTP sink.
+#[derive(Debug)]
+pub struct SmtpSink {
+    process: Process,
+    dir: TempDir,
+}
+
+impl SmtpSink {
+    /// Starts one.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let process = Process::start("smtp_sink.py", &[dir.path().to_str().expect("a UTF-8 path")]);
+        Self { process, dir }
+    }
+
+    /// The SMTP port.
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// Every message accepted so far.
+    pub fn messages(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path()).expect("the sink's directory") {
+            let path = entry.expect("an entry").path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).expect("a message file");
+                out.push(serde_json::from_str(&text).expect("JSON"));
+            }
+        }
+        out
+    }
+}

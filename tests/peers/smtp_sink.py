@@ -1,0 +1,64 @@
+"""A local SMTP sink for the end-to-end tests (aiosmtpd), on 127.0.0.1 only.
+
+Prints `listening on PORT` once it serves. Recipients whose address contains
+`reject` are refused with 550. Each accepted message is parsed and written as
+JSON (`mail_from`, `rcpt_tos`, `subject`, `headers`, `text`, `html`) to a file
+in the directory given as the first argument.
+"""
+
+import asyncio
+import email
+import email.policy
+import json
+import os
+import socket
+import sys
+import uuid
+
+from aiosmtpd.controller import Controller
+
+out_dir = sys.argv[1]
+
+
+class Sink:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if "reject" in address:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        text = message.get_body(preferencelist=("plain",))
+        html = message.get_body(preferencelist=("html",))
+        record = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "subject": message["subject"],
+            "headers": {k.lower(): str(v) for k, v in message.items()},
+            "text": text.get_content() if text is not None else None,
+            "html": html.get_content() if html is not None else None,
+        }
+        path = os.path.join(out_dir, f"{uuid.uuid4()}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.rename(path + ".tmp", path)
+        return "250 Message accepted for delivery"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+port = free_port()
+controller = Controller(Sink(), hostname="127.0.0.1", port=port)
+controller.start()
+print(f"listening on {port}", flush=True)
+try:
+    asyncio.get_event_loop().run_forever()
+except KeyboardInterrupt:
+    pass
+finally:
+    controller.stop()

