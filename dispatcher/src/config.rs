@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use switchboard_handlers::RhaiLimits;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
 
 /// The whole configuration.
@@ -20,6 +21,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Limits on events and work.
     pub limits: LimitsConfig,
+    /// The sandbox of Rhai scripts and `when` conditions.
+    pub rhai: RhaiLimits,
 }
 
 /// `[bus]`
@@ -199,6 +202,7 @@ impl Config {
                 "limits.max_event_bytes must be at least 512".into(),
             ));
         }
+        self.rhai.check().map_err(ConfigError::Invalid)?;
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()
             || prefix.starts_with('.')

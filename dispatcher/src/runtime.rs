@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use switchboard_handlers::Registry;
+use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::Store;
@@ -84,7 +84,11 @@ impl Dispatcher {
             ))
         })?;
         let store = Store::open(&config.store.data_dir.join("store"))?;
-        let registry = Arc::new(Registry::with_builtins());
+        let scripts = Arc::new(ScriptStore::new(
+            store.clone(),
+            Arc::new(ScriptRuntime::new(config.rhai.clone(), None)),
+        ));
+        let registry = Arc::new(Registry::with_builtins().with_scripts(scripts));
         let chains = Arc::new(ChainStore::open(store.clone())?);
         let applied = match chains_dir {
             Some(dir) => apply_chain_dir(&chains, &registry, dir)?,

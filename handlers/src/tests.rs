@@ -31,8 +31,10 @@ async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
     let scope = registry
         .templates()
         .scope(&EventValue::new(&event), &steps, &event.account_key);
+    let event_value = EventValue::new(&event);
     let input = StepInput {
         event: &event,
+        event_value: &event_value,
         chain: "c",
         step,
         steps: &steps,
@@ -83,7 +85,7 @@ fn catalog_checks() {
             "handler: unknown handler \"teleport\"; the built-in handlers are emit, log"
         )
     );
-    assert!(check_step(&step("script:award", json!({})))[0].contains("not supported yet"));
+    assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));
     assert!(
         check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0]
             .contains("`event.nope`")
@@ -146,6 +148,53 @@ async fn log_outputs_nothing_and_fails_on_undefined() {
     assert!(
         err.to_string()
             .contains("`event.event_data.missing` is undefined"),
+        "{err}"
+    );
+}
+
+#[test]
+fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: 1 } }",
+        )
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let check = |s: &StepSpec| registry.check_step(&acme, s, &[]);
+    assert!(
+        check(&step(
+            "script:award",
+            json!({"bonus": "{{ event.event_data.score }}"})
+        ))
+        .is_ok()
+    );
+    let err = check(&step("script:nope", json!({}))).unwrap_err();
+    assert_eq!(err[0].field, "handler");
+    assert!(
+        err[0]
+            .message
+            .starts_with("account acme has no script named \"nope\""),
+        "{}",
+        err[0].message
+    );
+    assert!(registry.get("script:award").is_some());
+    assert!(
+        registry
+            .check_condition(&acme, "event.event_data.score >= 3")
+            .is_ok()
+    );
+    let err = registry
+        .check_condition(&acme, "event.event_data.score >=")
+        .unwrap_err();
+    assert!(
+        err.starts_with("not a valid Rhai expression: line 1, column"),
         "{err}"
     );
 }

@@ -26,17 +26,23 @@ pub enum Collection {
     Traces,
     /// Dead letters: `{account}\0{dead-letter id}` → record.
     DeadLetters,
+    /// Current version of each account's Rhai scripts: `{account}\0{name}` → record.
+    Scripts,
+    /// Every version of each script: `{account}\0{name}\0{version:BE u64}` → record.
+    ScriptVersions,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 6] = [
+    pub const ALL: [Collection; 8] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
         Collection::BusDedup,
         Collection::Traces,
         Collection::DeadLetters,
+        Collection::Scripts,
+        Collection::ScriptVersions,
     ];
 
     /// The collection's name on disk.
@@ -48,6 +54,8 @@ impl Collection {
             Collection::BusDedup => "bus_dedup",
             Collection::Traces => "traces",
             Collection::DeadLetters => "dead_letters",
+            Collection::Scripts => "scripts",
+            Collection::ScriptVersions => "script_versions",
         }
     }
 
