@@ -190,6 +190,12 @@ steps = [
 ]
 
 [[chains]]
+name = "strict"
+event_type = "strict_check"
+when = 'event.event_data.score * 2 > 3'
+steps = [{ handler = "log" }]
+
+[[chains]]
 name = "default"
 steps = [{ handler = "log" }]
 "#,
@@ -245,13 +251,13 @@ steps = [{ handler = "log" }]
         .collect();
     assert_eq!(names, ["default"], "{trace}");
 
-    // A condition that fails to evaluate fails its chain (no score at all).
+    // A condition that fails to evaluate fails its chain (no score to double).
     let id = d
-        .emit(event("acme", "poll_complete", json!({"msisdn": "+1"})))
+        .emit(event("acme", "strict_check", json!({"msisdn": "+1"})))
         .await;
     let trace = d.trace("acme", &id).await;
     assert_eq!(trace["status"], "dead", "{trace}");
-    let when = step(&trace, "score", "when");
+    let when = step(&trace, "strict", "when");
     assert_eq!(when["outcome"], "failed");
     assert!(
         when["error"]
@@ -269,7 +275,7 @@ async fn a_hostile_script_fails_its_step_while_other_events_are_served() {
         (
             "spin",
             "fn handle(e, s, c) {\n  loop { }\n}",
-            "line 2: too many operations (limit 100000)",
+            "too many operations (limit 100000)",
         ),
         (
             "recurse",

@@ -367,7 +367,17 @@ impl ScriptRuntime {
             rhai::ParseErrorType::Reserved(word) if word == "import" || word == "export" => {
                 format!("`{word}` is not available: scripts cannot load modules")
             }
-            other => other.to_string(),
+            other => {
+                let text = other.to_string();
+                // Disabled keywords: say why, not just that.
+                if text.contains("'eval'") {
+                    "`eval` is not available to scripts".into()
+                } else if text.contains("'import'") || text.contains("'export'") {
+                    "`import` and `export` are not available: scripts cannot load modules".into()
+                } else {
+                    text
+                }
+            }
         };
         CompileError {
             line: pos.line(),
