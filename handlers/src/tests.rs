@@ -198,3 +198,39 @@ fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_script_step_runs_through_the_registry() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(&acme, "award", "fn handle(event, steps, config) { #{ points: event.event_data.score * config.per } }")
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let event = event();
+    let steps = serde_json::Map::new();
+    let event_value = EventValue::new(&event);
+    let scope = registry.templates().scope(&event_value, &steps, &event.account_key);
+    let spec = step("script:award", json!({"per": "{{ event.event_data.score }}"}));
+    let input = StepInput {
+        event: &event,
+        event_value: &event_value,
+        chain: "c",
+        step: &spec,
+        steps: &steps,
+        attempt: 1,
+        templates: registry.templates(),
+        scope: &scope,
+    };
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        registry.get("script:award").unwrap().handle(&input),
+    )
+    .await
+    .expect("the script step finishes")
+    .unwrap();
+    assert_eq!(serde_json::Value::Object(out.data), json!({"points": 16}));
+}

@@ -42,7 +42,8 @@ struct Inner {
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
     /// The last sequence stored before this process started: the delivery
     /// task reads those from the store, and takes the rest from `notices`.
-    boundary: u64,
+    /// `None` when the queue was empty: sled's ids start at 0, so `0` cannot mean "nothing".
+    boundary: Option<u64>,
 }
 
 /// Acks or naks one embedded delivery.
@@ -77,12 +78,9 @@ impl EmbeddedBus {
     /// Opens the bus over `store`. Messages left unacked by an earlier process
     /// are delivered first, in order.
     pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
-        let boundary = match store.last(Collection::BusQueue)? {
-            Some((k, _)) => {
-                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"))
-            }
-            None => 0,
-        };
+        let boundary = store.last(Collection::BusQueue)?.map(|(k, _)| {
+            u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"))
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let bus = Self {
             inner: Arc::new(Inner {
@@ -202,7 +200,7 @@ impl Bus for EmbeddedBus {
             };
             // First what an earlier process left behind, in order.
             let mut next = 0u64;
-            while next <= inner.boundary {
+            while inner.boundary.is_some_and(|b| next <= b) {
                 let batch =
                     match inner
                         .store
@@ -221,7 +219,7 @@ impl Bus for EmbeddedBus {
                         k.as_slice().try_into().expect("queue keys are 8 bytes"),
                     );
                     next = seq + 1;
-                    if seq > inner.boundary {
+                    if inner.boundary.is_none_or(|b| seq > b) {
                         break;
                     }
                     if let Some(d) = deliver(seq, 1).await
@@ -234,7 +232,7 @@ impl Bus for EmbeddedBus {
             // Then what this process publishes, and what comes back after a nak.
             while let Some(notice) = notices.recv().await {
                 let (seq, attempt) = match notice {
-                    Notice::New(seq) if seq <= inner.boundary => continue,
+                    Notice::New(seq) if inner.boundary.is_some_and(|b| seq <= b) => continue,
                     Notice::New(seq) => (seq, 1),
                     Notice::Again { seq, attempt } => (seq, attempt),
                 };
