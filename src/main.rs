@@ -174,7 +174,8 @@ enum ChainsCommand {
         /// The account.
         account: String,
         /// The version to restore.
-        version: u64,
+        #[arg(value_name = "VERSION")]
+        chain_version: u64,
         #[command(flatten)]
         remote: Remote,
     },
@@ -229,9 +230,9 @@ enum ScriptsCommand {
         account: String,
         /// The script.
         name: String,
-        /// An older version.
-        #[arg(long)]
-        version: Option<u64>,
+        /// An older version (`--version` is the program's own version).
+        #[arg(long, value_name = "VERSION")]
+        at: Option<u64>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -326,9 +327,9 @@ async fn main() -> ExitCode {
             }
             ChainsCommand::Restore {
                 account,
-                version,
+                chain_version,
                 remote,
-            } => cli::chains_restore(&remote.client(), &account, version, remote.json).await,
+            } => cli::chains_restore(&remote.client(), &account, chain_version, remote.json).await,
             ChainsCommand::Test {
                 account,
                 event,
@@ -354,9 +355,9 @@ async fn main() -> ExitCode {
             ScriptsCommand::Show {
                 account,
                 name,
-                version,
+                at,
                 remote,
-            } => cli::scripts_show(&remote.client(), &account, &name, version, remote.json).await,
+            } => cli::scripts_show(&remote.client(), &account, &name, at, remote.json).await,
             ScriptsCommand::Test {
                 account,
                 name,
@@ -432,4 +433,14 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
     switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;
     dispatcher.shutdown().await;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -486,7 +486,7 @@ pub async fn scripts_list(
             out,
             "{:<24} {:<8} {:<28} {}",
             s["name"].as_str().unwrap_or_default(),
-            s["version"],
+            s["version"].to_string(),
             s["stored_at"].as_str().unwrap_or_default(),
             s["lines"]
         );
@@ -494,7 +494,7 @@ pub async fn scripts_list(
     Ok(out.trim_end().to_string())
 }
 
-/// `switchboard scripts show ACCOUNT NAME [--version N]`: the source.
+/// `switchboard scripts show ACCOUNT NAME [--at VERSION]`: the source.
 pub async fn scripts_show(
     client: &Client,
     account_raw: &str,

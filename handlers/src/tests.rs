@@ -207,14 +207,23 @@ async fn a_script_step_runs_through_the_registry() {
     ));
     let acme = AccountKey::new("acme").unwrap();
     scripts
-        .put(&acme, "award", "fn handle(event, steps, config) { #{ points: event.event_data.score * config.per } }")
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: event.event_data.score * config.per } }",
+        )
         .unwrap();
     let registry = Registry::with_builtins().with_scripts(scripts);
     let event = event();
     let steps = serde_json::Map::new();
     let event_value = EventValue::new(&event);
-    let scope = registry.templates().scope(&event_value, &steps, &event.account_key);
-    let spec = step("script:award", json!({"per": "{{ event.event_data.score }}"}));
+    let scope = registry
+        .templates()
+        .scope(&event_value, &steps, &event.account_key);
+    let spec = step(
+        "script:award",
+        json!({"per": "{{ event.event_data.score }}"}),
+    );
     let input = StepInput {
         event: &event,
         event_value: &event_value,
