@@ -517,9 +517,9 @@ pub async fn select_chains<'a>(
     let mut selected = Vec::new();
     for (chain, result) in candidates.iter().zip(&results) {
         match result {
-            Ok(true) => selected.push(Selected::Run(*chain)),
+            Ok(true) => selected.push(Selected::Run(chain)),
             Ok(false) => {}
-            Err(e) => selected.push(Selected::ConditionFailed(*chain, e.clone())),
+            Err(e) => selected.push(Selected::ConditionFailed(chain, e.clone())),
         }
     }
     if selected.is_empty()
