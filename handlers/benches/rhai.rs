@@ -80,7 +80,8 @@ fn main() {
     };
     let conversation = (&event.conversation_type, &event.conversation_key);
 
-    let event_value = ScriptRuntime::to_dynamic(&event);
+    // As the dispatcher holds it: converted once per event, shared.
+    let event_value = ScriptRuntime::to_dynamic(&event).into_shared();
     let check = runtime.call_handle(
         label,
         &ast,
@@ -112,7 +113,7 @@ fn main() {
             &ast,
             &event.account_key,
             conversation,
-            event_value.clone(),
+            event_value.flatten_clone(),
             ScriptRuntime::to_dynamic(&steps),
             ScriptRuntime::to_dynamic(&config),
         );

@@ -70,10 +70,14 @@ impl EventValue {
         }
     }
 
-    /// The event as a Rhai value; `event` must be the event this was made from.
+    /// The event as a shared (read-only by convention) Rhai value: cloning it
+    /// is an `Arc` clone, so every `when` of the event reads the one
+    /// conversion. Script calls take a private copy (`flatten_clone`), so a
+    /// script that changes its `event` changes nobody else's. `event` must be
+    /// the event this was made from.
     pub fn rhai(&self, event: &VumiApiEvent) -> &rhai::Dynamic {
         self.rhai
-            .get_or_init(|| crate::script::ScriptRuntime::to_dynamic(event))
+            .get_or_init(|| crate::script::ScriptRuntime::to_dynamic(event).into_shared())
     }
 }
 

@@ -41,7 +41,7 @@ impl ScriptHandler {
                 ))
             })?;
         let config = input.render_config()?;
-        let event = input.event_value.rhai(input.event).clone();
+        let event = input.event_value.rhai(input.event).flatten_clone();
         let steps = ScriptRuntime::to_dynamic(input.steps);
         let config: Dynamic = ScriptRuntime::to_dynamic(&config);
         let runtime = self.scripts.runtime().clone();

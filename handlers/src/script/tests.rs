@@ -235,7 +235,11 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
     );
     // Rhai 1.27 does not check max_map_size when `m[new_key] = v` adds an
     // entry; the operation limit bounds a map bomb instead.
-    check_fails(
+    check_fails_with(
+        RhaiLimits {
+            timeout: Duration::from_secs(20),
+            ..RhaiLimits::default()
+        },
         "fn handle(e, s, c) {\n  let m = #{};\n  let i = 0;\n  loop { m[`k${i}`] = i; i += 1; }\n}",
         "script t v3: too many operations (limit 100000)",
     );
@@ -536,4 +540,35 @@ fn example_dedupe_answers_keeps_the_last_answer_per_key() {
         json!({}),
     );
     assert!(empty.result.unwrap().stop);
+}
+
+#[test]
+fn a_shared_event_serves_conditions_and_scripts_get_a_private_copy() {
+    let rt = ScriptRuntime::default();
+    let shared = ScriptRuntime::to_dynamic(&event("acme", json!({"score": 4}))).into_shared();
+    let ast = rt.compile_condition("event.event_data.score >= 3").unwrap();
+    assert_eq!(rt.eval_condition(&ast, &shared), Ok(true));
+    let script = rt
+        .compile_script("fn handle(event, s, c) { event.event_data.score = 0; #{} }")
+        .unwrap();
+    let e = event("acme", json!({}));
+    rt.call_handle(
+        ScriptLabel {
+            name: "t",
+            version: 1,
+        },
+        &script,
+        &e.account_key,
+        (&e.conversation_type, &e.conversation_key),
+        shared.flatten_clone(),
+        Dynamic::UNIT,
+        Dynamic::UNIT,
+    )
+    .result
+    .unwrap();
+    assert_eq!(
+        rt.eval_condition(&ast, &shared),
+        Ok(true),
+        "the script changed only its copy"
+    );
 }
