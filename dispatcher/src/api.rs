@@ -13,9 +13,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use switchboard_handlers::ScriptStore;
+use switchboard_handlers::script::{ScriptStoreError, ScriptVersion};
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
+use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
 use crate::executor::Executor;
@@ -58,6 +61,20 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/accounts/{account}/chain-versions/{version}/restore",
             post(restore),
+        )
+        .route("/v1/accounts/{account}/chain-test", post(test_chains))
+        .route("/v1/accounts/{account}/scripts", get(list_scripts))
+        .route(
+            "/v1/accounts/{account}/scripts/{name}",
+            get(show_script).put(put_script).delete(remove_script),
+        )
+        .route(
+            "/v1/accounts/{account}/scripts/{name}/versions",
+            get(script_history),
+        )
+        .route(
+            "/v1/accounts/{account}/scripts/{name}/test",
+            post(test_script),
         )
         .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
         .route("/v1/accounts/{account}/contacts", get(list_contacts))
@@ -134,6 +151,29 @@ impl From<ChainStoreError> for ApiError {
                 err
             }
             ChainStoreError::Store(_) | ChainStoreError::Corrupt { .. } => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<ScriptStoreError> for ApiError {
+    fn from(e: ScriptStoreError) -> Self {
+        match &e {
+            ScriptStoreError::NoSuchScript { .. } | ScriptStoreError::NoSuchVersion { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            ScriptStoreError::InvalidName(_) => {
+                ApiError::bad_request("invalid_name", e.to_string())
+            }
+            ScriptStoreError::Compile { error, .. } => {
+                let mut err = ApiError::bad_request("invalid_script", e.to_string());
+                err.details = Some(json!({
+                    "line": error.line,
+                    "column": error.column,
+                    "message": error.message,
+                }));
+                err
+            }
+            ScriptStoreError::Store(_) | ScriptStoreError::Corrupt { .. } => ApiError::internal(e),
         }
     }
 }
@@ -405,6 +445,180 @@ async fn show_dead_letter(
             "account {account} has no dead letter {id}"
         ))),
     }
+}
+
+fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
+    s.executor
+        .registry
+        .scripts()
+        .map(|s| s.as_ref())
+        .ok_or_else(|| ApiError::not_found("this dispatcher has no script store"))
+}
+
+/// A script without its source (lists, history).
+fn script_summary(v: &ScriptVersion) -> Value {
+    json!({
+        "name": v.name,
+        "version": v.version,
+        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
+        "lines": v.source.lines().count(),
+    })
+}
+
+fn script_json(v: &ScriptVersion) -> Value {
+    json!({
+        "account_key": v.account_key,
+        "name": v.name,
+        "version": v.version,
+        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
+        "source": v.source,
+    })
+}
+
+async fn list_scripts(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let list: Vec<Value> = scripts(&s)?
+        .list(&account)?
+        .iter()
+        .map(script_summary)
+        .collect();
+    Ok(Json(json!({"account_key": account, "scripts": list})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+async fn show_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let store = scripts(&s)?;
+    let version = match q.version {
+        Some(v) => store.version(&account, &name, v)?,
+        None => store
+            .current(&account, &name)?
+            .ok_or(ScriptStoreError::NoSuchScript {
+                account: account.to_string(),
+                name: name.clone(),
+            })?,
+    };
+    Ok(Json(script_json(&version)).into_response())
+}
+
+async fn put_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    body: String,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let store = s
+        .executor
+        .registry
+        .scripts()
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("this dispatcher has no script store"))?;
+    // Compiling and the flush block: off the async workers.
+    let version = tokio::task::spawn_blocking(move || store.put(&account, &name, &body))
+        .await
+        .map_err(ApiError::internal)??;
+    tracing::info!(account = %version.account_key, script = version.name, version = version.version, "script stored");
+    let mut answer = script_summary(&version);
+    answer["account_key"] = json!(version.account_key);
+    Ok(Json(answer).into_response())
+}
+
+async fn remove_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let handler = format!("script:{name}");
+    if let Some(current) = s.executor.chains.current(&account)? {
+        let users: Vec<&str> = current
+            .chains
+            .iter()
+            .filter(|c| c.steps.iter().any(|st| st.handler == handler))
+            .map(|c| c.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "script_in_use",
+                format!(
+                    "script {name:?} of account {account} is used by chain(s) {}; change or \
+                     remove them first",
+                    users.join(", ")
+                ),
+            ));
+        }
+    }
+    let removed = scripts(&s)?.remove(&account, &name)?;
+    let mut answer = script_summary(&removed);
+    answer["account_key"] = json!(account);
+    answer["removed"] = json!(true);
+    Ok(Json(answer).into_response())
+}
+
+async fn script_history(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let versions: Vec<Value> = scripts(&s)?
+        .history(&account, &name)?
+        .iter()
+        .map(script_summary)
+        .collect();
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "account {account} has no script named {name:?}"
+        )));
+    }
+    Ok(Json(json!({"account_key": account, "name": name, "versions": versions})).into_response())
+}
+
+async fn test_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    if scripts(&s)?.current(&account, &name)?.is_none() {
+        return Err(ScriptStoreError::NoSuchScript {
+            account: account.to_string(),
+            name,
+        }
+        .into());
+    }
+    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
+    let answer = dry_run::test_script(&s.executor.registry, &account, &name, &sample)
+        .await
+        .map_err(|e| ApiError::bad_request("script_test_failed", e))?;
+    Ok(Json(answer).into_response())
+}
+
+async fn test_chains(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
+    let chains = s
+        .executor
+        .chains
+        .lookup(&account)
+        .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
+    Ok(
+        Json(dry_run::test_chains(&s.executor.registry, &chains, &sample.event).await)
+            .into_response(),
+    )
 }
 
 async fn list_contacts(State(s): State<ApiState>, Path(account): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use switchboard_handlers::sms::SmsProvider;
 
 use crate::outbound::EmailProvider;
+use switchboard_handlers::RhaiLimits;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
 
 /// The whole configuration.
@@ -27,6 +28,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Deployment credentials of SMS and e-mail providers.
     pub providers: ProvidersConfig,
+    /// The sandbox of Rhai scripts and `when` conditions.
+    pub rhai: RhaiLimits,
 }
 
 /// `[providers.sms.NAME]` and `[providers.email.NAME]`.
@@ -224,6 +227,7 @@ impl Config {
                  URL is configured (set bus.nats_url or --nats)"
             )));
         }
+        self.rhai.check().map_err(ConfigError::Invalid)?;
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()
             || prefix.starts_with('.')

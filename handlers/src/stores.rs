@@ -499,3 +499,17 @@ impl IdempotencyStore {
         self.store.put(Collection::Idempotency, &k, &now.to_be_bytes())
     }
 }
+
+/// Scripts' `contact()` reads the account's contacts, read-only.
+impl crate::script::ContactLookup for ContactStore {
+    fn find(&self, account: &AccountKey, msisdn_or_email: &str) -> Option<Map<String, Value>> {
+        let contact = ContactStore::find(self, account, msisdn_or_email).ok().flatten()?;
+        match serde_json::to_value(contact) {
+            Ok(Value::Object(mut m)) => {
+                m.remove("account_key");
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+}

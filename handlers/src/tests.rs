@@ -32,8 +32,10 @@ async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
     let scope = registry
         .templates()
         .scope(&EventValue::new(&event), &steps, &event.account_key);
+    let event_value = EventValue::new(&event);
     let input = StepInput {
         event: &event,
+        event_value: &event_value,
         chain: "c",
         step,
         steps: &steps,
@@ -84,7 +86,7 @@ fn catalog_checks() {
             "handler: unknown handler \"teleport\"; the built-in handlers are emit, log"
         )
     );
-    assert!(check_step(&step("script:award", json!({})))[0].contains("not supported yet"));
+    assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));
     assert!(
         check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0]
             .contains("`event.nope`")
@@ -213,4 +215,96 @@ fn contacts_upsert_by_msisdn_or_email_within_an_account() {
     assert_ne!(theirs.key, first.key);
     assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
     assert!(contacts.get(&other, &first.key).unwrap().is_none());
+}
+
+#[test]
+fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: 1 } }",
+        )
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let check = |s: &StepSpec| registry.check_step(&acme, s, &[]);
+    assert!(
+        check(&step(
+            "script:award",
+            json!({"bonus": "{{ event.event_data.score }}"})
+        ))
+        .is_ok()
+    );
+    let err = check(&step("script:nope", json!({}))).unwrap_err();
+    assert_eq!(err[0].field, "handler");
+    assert!(
+        err[0]
+            .message
+            .starts_with("account acme has no script named \"nope\""),
+        "{}",
+        err[0].message
+    );
+    assert!(registry.get("script:award").is_some());
+    assert!(
+        registry
+            .check_condition(&acme, "event.event_data.score >= 3")
+            .is_ok()
+    );
+    let err = registry
+        .check_condition(&acme, "event.event_data.score >=")
+        .unwrap_err();
+    assert!(
+        err.starts_with("not a valid Rhai expression: line 1, column"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_script_step_runs_through_the_registry() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: event.event_data.score * config.per } }",
+        )
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let event = event();
+    let steps = serde_json::Map::new();
+    let event_value = EventValue::new(&event);
+    let scope = registry
+        .templates()
+        .scope(&event_value, &steps, &event.account_key);
+    let spec = step(
+        "script:award",
+        json!({"per": "{{ event.event_data.score }}"}),
+    );
+    let input = StepInput {
+        event: &event,
+        event_value: &event_value,
+        chain: "c",
+        step: &spec,
+        steps: &steps,
+        attempt: 1,
+        templates: registry.templates(),
+        scope: &scope,
+    };
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        registry.get("script:award").unwrap().handle(&input),
+    )
+    .await
+    .expect("the script step finishes")
+    .unwrap();
+    assert_eq!(serde_json::Value::Object(out.data), json!({"points": 16}));
 }

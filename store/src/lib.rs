@@ -36,11 +36,15 @@ pub enum Collection {
     Secrets,
     /// Step idempotency keys: `{account}\0{chain}\0{step}\0{sha-256 of key}` → time.
     Idempotency,
+    /// Current version of each account's Rhai scripts: `{account}\0{name}` → record.
+    Scripts,
+    /// Every version of each script: `{account}\0{name}\0{version:BE u64}` → record.
+    ScriptVersions,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 11] = [
+    pub const ALL: [Collection; 13] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -52,6 +56,8 @@ impl Collection {
         Collection::Messages,
         Collection::Secrets,
         Collection::Idempotency,
+        Collection::Scripts,
+        Collection::ScriptVersions,
     ];
 
     /// The collection's name on disk.
@@ -68,6 +74,8 @@ impl Collection {
             Collection::Messages => "messages",
             Collection::Secrets => "secrets",
             Collection::Idempotency => "idempotency",
+            Collection::Scripts => "scripts",
+            Collection::ScriptVersions => "script_versions",
         }
     }
 
