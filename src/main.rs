@@ -57,6 +57,9 @@ enum Command {
     /// Manage an account's chains.
     #[command(subcommand)]
     Chains(ChainsCommand),
+    /// Manage an account's Rhai scripts (`handler = "script:NAME"` in chains).
+    #[command(subcommand)]
+    Scripts(ScriptsCommand),
     /// Show what the dispatcher did with an event.
     Trace {
         /// The account.
@@ -235,7 +238,18 @@ enum ChainsCommand {
         /// The account.
         account: String,
         /// The version to restore.
-        version: u64,
+        #[arg(value_name = "VERSION")]
+        chain_version: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show what the account's chains would do with a sample event (a dry run: nothing is performed or published).
+    Test {
+        /// The account.
+        account: String,
+        /// The sample event (JSON; fields a worker may omit get defaults).
+        #[arg(long)]
+        event: PathBuf,
         #[command(flatten)]
         remote: Remote,
     },
@@ -249,6 +263,61 @@ enum ChainsCommand {
         /// Remove every chain of the account.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScriptsCommand {
+    /// Compile a Rhai script and store it as the next version of NAME.
+    Put {
+        /// The account.
+        account: String,
+        /// The script's name (chains use `script:NAME`).
+        name: String,
+        /// The Rhai source file.
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List an account's scripts.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a script's source (the current version, or --version N).
+    Show {
+        /// The account.
+        account: String,
+        /// The script.
+        name: String,
+        /// An older version (`--version` is the program's own version).
+        #[arg(long, value_name = "VERSION")]
+        at: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run a script against a sample event (a dry run: its emits are shown, not published).
+    Test {
+        /// The account.
+        account: String,
+        /// The script.
+        name: String,
+        /// The sample: an event, or {"event": ..., "steps": ..., "config": ...} (JSON).
+        #[arg(long)]
+        event: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a script (refused while a chain uses it; its versions are kept).
+    Rm {
+        /// The account.
+        account: String,
+        /// The script.
+        name: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -322,15 +391,48 @@ async fn main() -> ExitCode {
             }
             ChainsCommand::Restore {
                 account,
-                version,
+                chain_version,
                 remote,
-            } => cli::chains_restore(&remote.client(), &account, version, remote.json).await,
+            } => cli::chains_restore(&remote.client(), &account, chain_version, remote.json).await,
+            ChainsCommand::Test {
+                account,
+                event,
+                remote,
+            } => cli::chains_test(&remote.client(), &account, &event, remote.json).await,
             ChainsCommand::Rm {
                 account,
                 chain,
                 remote,
                 ..
             } => cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await,
+        }),
+        Command::Scripts(c) => print(match c {
+            ScriptsCommand::Put {
+                account,
+                name,
+                file,
+                remote,
+            } => cli::scripts_put(&remote.client(), &account, &name, &file, remote.json).await,
+            ScriptsCommand::List { account, remote } => {
+                cli::scripts_list(&remote.client(), &account, remote.json).await
+            }
+            ScriptsCommand::Show {
+                account,
+                name,
+                at,
+                remote,
+            } => cli::scripts_show(&remote.client(), &account, &name, at, remote.json).await,
+            ScriptsCommand::Test {
+                account,
+                name,
+                event,
+                remote,
+            } => cli::scripts_test(&remote.client(), &account, &name, &event, remote.json).await,
+            ScriptsCommand::Rm {
+                account,
+                name,
+                remote,
+            } => cli::scripts_rm(&remote.client(), &account, &name, remote.json).await,
         }),
         Command::Trace {
             account,
@@ -356,22 +458,38 @@ async fn main() -> ExitCode {
                 value,
                 remote,
             } => cli::secrets_set(&remote.client(), &account, &name, value, remote.json).await,
-            SecretsCommand::List { account, remote } => cli::secrets_list(&remote.client(), &account, remote.json).await,
-            SecretsCommand::Rm { account, name, remote } => {
-                cli::secrets_rm(&remote.client(), &account, &name, remote.json).await
+            SecretsCommand::List { account, remote } => {
+                cli::secrets_list(&remote.client(), &account, remote.json).await
             }
+            SecretsCommand::Rm {
+                account,
+                name,
+                remote,
+            } => cli::secrets_rm(&remote.client(), &account, &name, remote.json).await,
         }),
         Command::Contacts(c) => print(match c {
-            RecordsCommand::List { account, limit, remote } => {
-                cli::contacts_list(&remote.client(), &account, limit, remote.json).await
-            }
-            RecordsCommand::Show { account, id, remote } => cli::contacts_show(&remote.client(), &account, &id).await,
+            RecordsCommand::List {
+                account,
+                limit,
+                remote,
+            } => cli::contacts_list(&remote.client(), &account, limit, remote.json).await,
+            RecordsCommand::Show {
+                account,
+                id,
+                remote,
+            } => cli::contacts_show(&remote.client(), &account, &id).await,
         }),
         Command::Messages(c) => print(match c {
-            RecordsCommand::List { account, limit, remote } => {
-                cli::messages_list(&remote.client(), &account, limit, remote.json).await
-            }
-            RecordsCommand::Show { account, id, remote } => cli::messages_show(&remote.client(), &account, &id).await,
+            RecordsCommand::List {
+                account,
+                limit,
+                remote,
+            } => cli::messages_list(&remote.client(), &account, limit, remote.json).await,
+            RecordsCommand::Show {
+                account,
+                id,
+                remote,
+            } => cli::messages_show(&remote.client(), &account, &id).await,
         }),
     };
     match result {
@@ -419,4 +537,14 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
     switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;
     dispatcher.shutdown().await;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -410,12 +410,12 @@ config = { data = { a = 1 } }
         (
             "rhai-condition",
             r#"
-when = 'event.event_data.score >= 3'
+when = 'event.event_data.score >= '
 
 [[chains.steps]]
 handler = "log"
 "#,
-            &[r#"chain "notify""#, "field when", "not supported yet"],
+            &[r#"chain "notify""#, "field when", "line 1"],
         ),
     ];
     for (name, steps, expected) in cases {

@@ -38,7 +38,9 @@ from = "Switchboard <noreply@example.org>"
 "#
     );
     if with_nats {
-        config.push_str("\n[providers.sms.smsc]\ntype = \"nats\"\ntransport = \"smsc\"\nfrom = \"1234\"\n");
+        config.push_str(
+            "\n[providers.sms.smsc]\ntype = \"nats\"\ntransport = \"smsc\"\nfrom = \"1234\"\n",
+        );
     }
     config
 }
@@ -86,7 +88,16 @@ fn step<'a>(trace: &'a Value, chain: &str, name: &str) -> &'a Value {
 }
 
 async fn set_secret(d: &Dispatcher, account: &str) {
-    d.cli(&["secrets", "set", account, "gateway", "--value", WEBHOOK_SECRET]).await.ok();
+    d.cli(&[
+        "secrets",
+        "set",
+        account,
+        "gateway",
+        "--value",
+        WEBHOOK_SECRET,
+    ])
+    .await
+    .ok();
 }
 
 #[tokio::test]
@@ -95,8 +106,11 @@ async fn poll_complete_runs_the_whole_use_case() {
     let smtp = SmtpSink::start();
     let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
     set_secret(&d, "acme").await;
-    d.apply_chains("acme.toml", &poll_chain("acme", &format!("{}/hook/200", receiver.url())))
-        .await;
+    d.apply_chains(
+        "acme.toml",
+        &poll_chain("acme", &format!("{}/hook/200", receiver.url())),
+    )
+    .await;
 
     let e = event(
         "acme",
@@ -119,7 +133,7 @@ async fn poll_complete_runs_the_whole_use_case() {
     // send_sms through the HTTP gateway.
     let sms = &step(&trace, "poll-complete", "send_sms")["output"];
     let gateway = receiver.requests_to("/sms").await;
-    assert_eq!(gateway.len(), 1, "{gateway:#}");
+    assert_eq!(gateway.len(), 1, "{gateway:#?}");
     let body: Value = serde_json::from_str(gateway[0]["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["to"], "+27820000001");
     assert_eq!(body["from"], "Switchboard");
@@ -130,10 +144,13 @@ async fn poll_complete_runs_the_whole_use_case() {
 
     // payment_webhook: verified by the official Standard Webhooks package.
     let hooks = receiver.requests_to("/hook").await;
-    assert_eq!(hooks.len(), 1, "{hooks:#}");
+    assert_eq!(hooks.len(), 1, "{hooks:#?}");
     assert_eq!(hooks[0]["verified"], true, "{:#}", hooks[0]);
     let body: Value = serde_json::from_str(hooks[0]["body"].as_str().unwrap()).unwrap();
-    assert_eq!(body, json!({"msisdn": "+27820000001", "amount": 500, "sms": sms["message_id"]}));
+    assert_eq!(
+        body,
+        json!({"msisdn": "+27820000001", "amount": 500, "sms": sms["message_id"]})
+    );
     let webhook = &step(&trace, "poll-complete", "payment_webhook")["output"];
     assert_eq!(webhook["status"], 200);
     assert_eq!(hooks[0]["headers"]["webhook-id"], webhook["webhook_id"]);
@@ -144,23 +161,45 @@ async fn poll_complete_runs_the_whole_use_case() {
     assert_eq!(mail["rcpt_tos"], json!(["thandi@example.org"]));
     assert_eq!(mail["subject"], "Your score: 4");
     assert_eq!(mail["text"].as_str().unwrap().trim(), "Hello Thandi <3");
-    assert_eq!(mail["html"].as_str().unwrap().trim(), "<p>Hello Thandi &lt;3</p>");
-    assert_eq!(mail["headers"]["x-switchboard-message-id"], email_out["message_id"]);
-    let smtpapi: Value = serde_json::from_str(mail["headers"]["x-smtpapi"].as_str().unwrap()).unwrap();
-    assert_eq!(smtpapi["unique_args"]["switchboard_message_id"], email_out["message_id"]);
+    assert_eq!(
+        mail["html"].as_str().unwrap().trim(),
+        "<p>Hello Thandi &lt;3</p>"
+    );
+    assert_eq!(
+        mail["headers"]["x-switchboard-message-id"],
+        email_out["message_id"]
+    );
+    let smtpapi: Value =
+        serde_json::from_str(mail["headers"]["x-smtpapi"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        smtpapi["unique_args"]["switchboard_message_id"],
+        email_out["message_id"]
+    );
 
     // Message records, with their transitions, linked to the event.
     let (status, messages) = d.get("/v1/accounts/acme/messages").await;
     assert_eq!(status, 200);
     let messages = messages["messages"].as_array().unwrap().clone();
-    assert_eq!(messages.len(), 2, "{messages:#}");
+    assert_eq!(messages.len(), 2, "{messages:#?}");
     for m in &messages {
         assert_eq!(m["status"], "sent");
         assert_eq!(m["event_id"], id.as_str());
-        let path: Vec<&str> = m["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
+        let path: Vec<&str> = m["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["to"].as_str().unwrap())
+            .collect();
         assert_eq!(path, ["pending", "sent"]);
     }
-    let sms_record = d.cli(&["messages", "show", "acme", sms["message_id"].as_str().unwrap()]).await;
+    let sms_record = d
+        .cli(&[
+            "messages",
+            "show",
+            "acme",
+            sms["message_id"].as_str().unwrap(),
+        ])
+        .await;
     let sms_record: Value = serde_json::from_str(sms_record.ok()).unwrap();
     assert_eq!(sms_record["channel"], "sms");
     assert_eq!(sms_record["remote_id"], "gw-1");
@@ -195,35 +234,60 @@ config = { provider = "smsc", to = ["{{ event.event_data.msisdn }}", "+278200000
     let mut outbound = client.subscribe("vumi.outbound.smsc").await.unwrap();
     client.flush().await.unwrap();
 
-    let e = event("acme", "survey", "notify", "c1", json!({"msisdn": "+27820000005"}));
+    let e = event(
+        "acme",
+        "survey",
+        "notify",
+        "c1",
+        json!({"msisdn": "+27820000005"}),
+    );
     let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
     let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
     assert_eq!(trace["status"], "done", "{trace:#}");
 
-    let twilio = receiver.requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json").await;
-    assert_eq!(twilio.len(), 1, "{twilio:#}");
+    let twilio = receiver
+        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
+        .await;
+    assert_eq!(twilio.len(), 1, "{twilio:#?}");
     assert_eq!(
         twilio[0]["form"],
         json!({"To": "+27820000005", "From": "+15005550006", "Body": "via twilio",
                "StatusCallback": "https://hooks.example.org/twilio/status"})
     );
     let out = &step(&trace, "notify", "by_twilio")["output"];
-    assert!(out["remote_id"].as_str().unwrap().starts_with("SM"), "{out}");
+    assert!(
+        out["remote_id"].as_str().unwrap().starts_with("SM"),
+        "{out}"
+    );
 
     let mut commands = Vec::new();
     for _ in 0..2 {
-        let m = tokio::time::timeout(TIMEOUT, outbound.next()).await.expect("a command").unwrap();
+        let m = tokio::time::timeout(TIMEOUT, outbound.next())
+            .await
+            .expect("a command")
+            .unwrap();
         commands.push(serde_json::from_slice::<Value>(&m.payload).unwrap());
     }
     let out = &step(&trace, "notify", "by_transport")["output"];
-    let ids: Vec<&Value> = out["messages"].as_array().unwrap().iter().map(|m| &m["message_id"]).collect();
-    for (command, (to, id)) in commands.iter().zip([("+27820000005", ids[0]), ("+27820000099", ids[1])]) {
+    let ids: Vec<&Value> = out["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["message_id"])
+        .collect();
+    for (command, (to, id)) in commands
+        .iter()
+        .zip([("+27820000005", ids[0]), ("+27820000099", ids[1])])
+    {
         assert_eq!(command["to_addr"], to);
         assert_eq!(command["from_addr"], "1234");
         assert_eq!(command["content"], "via vumi");
         assert_eq!(command["transport_name"], "smsc");
         assert_eq!(&command["message_id"], id);
-        assert_eq!(command["helper_metadata"]["switchboard"]["event_id"], id_str(&e));
+        assert_eq!(
+            command["helper_metadata"]["switchboard"]["event_id"],
+            id_str(&e)
+        );
     }
 }
 
@@ -299,33 +363,81 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
 
     // 500 then 200: retried, same webhook-id both times.
     let (trace, s) = run("flaky").await;
-    assert_eq!((trace["status"].as_str(), s["outcome"].as_str(), s["attempts"].as_u64()), (Some("done"), Some("ok"), Some(2)), "{trace:#}");
+    assert_eq!(
+        (
+            trace["status"].as_str(),
+            s["outcome"].as_str(),
+            s["attempts"].as_u64()
+        ),
+        (Some("done"), Some("ok"), Some(2)),
+        "{trace:#}"
+    );
     let hooks = receiver.requests_to("/hook/500,200").await;
     assert_eq!(hooks.len(), 2);
-    assert_eq!(hooks[0]["headers"]["webhook-id"], hooks[1]["headers"]["webhook-id"]);
+    assert_eq!(
+        hooks[0]["headers"]["webhook-id"],
+        hooks[1]["headers"]["webhook-id"]
+    );
     assert!(hooks.iter().all(|h| h["verified"] == true));
 
     // 429 with Retry-After: 1 → waited about a second, then succeeded.
     let (trace, s) = run("throttled").await;
-    assert_eq!((s["outcome"].as_str(), s["attempts"].as_u64()), (Some("ok"), Some(2)), "{trace:#}");
+    assert_eq!(
+        (s["outcome"].as_str(), s["attempts"].as_u64()),
+        (Some("ok"), Some(2)),
+        "{trace:#}"
+    );
     let started = time_of(&trace["started_at"]);
     let finished = time_of(&trace["finished_at"]);
-    assert!(finished - started >= 0.9, "Retry-After was not honoured: {started} → {finished}");
+    assert!(
+        finished - started >= 0.9,
+        "Retry-After was not honoured: {started} → {finished}"
+    );
 
     // 400: permanent, one attempt, dead letter with the response.
     let (trace, s) = run("bad_request").await;
-    assert_eq!((trace["status"].as_str(), s["outcome"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some("failed"), Some(1)));
-    assert!(s["error"].as_str().unwrap().contains("answered HTTP 400"), "{s}");
+    assert_eq!(
+        (
+            trace["status"].as_str(),
+            s["outcome"].as_str(),
+            s["attempts"].as_u64()
+        ),
+        (Some("dead"), Some("failed"), Some(1))
+    );
+    assert!(
+        s["error"].as_str().unwrap().contains("answered HTTP 400"),
+        "{s}"
+    );
 
     // No answer in time: retried, then given up.
     let (trace, s) = run("slow").await;
-    assert_eq!((trace["status"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some(2)), "{trace:#}");
-    assert!(s["error"].as_str().unwrap().contains("no answer within 500ms"), "{s}");
-    assert!(s["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{s}");
+    assert_eq!(
+        (trace["status"].as_str(), s["attempts"].as_u64()),
+        (Some("dead"), Some(2)),
+        "{trace:#}"
+    );
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 500ms"),
+        "{s}"
+    );
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{s}"
+    );
 
     // Gateway down: retried, then dead.
     let (trace, s) = run("down").await;
-    assert_eq!((trace["status"].as_str(), s["attempts"].as_u64()), (Some("dead"), Some(3)), "{trace:#}");
+    assert_eq!(
+        (trace["status"].as_str(), s["attempts"].as_u64()),
+        (Some("dead"), Some(3)),
+        "{trace:#}"
+    );
 
     // Missing secret: permanent, says how to set it.
     let (_, s) = run("no_secret").await;
@@ -338,26 +450,58 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
     // Invalid msisdn: permanent, names the value.
     let (_, s) = run("bad_number").await;
     assert_eq!(s["attempts"], 1);
-    assert!(s["error"].as_str().unwrap().contains("\"12345\" is not an E.164 number"), "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("\"12345\" is not an E.164 number"),
+        "{s}"
+    );
 
     // SMTP refusing the recipient: permanent; the message record says failed.
     let (_, s) = run("refused_mail").await;
-    assert_eq!((s["outcome"].as_str(), s["attempts"].as_u64()), (Some("failed"), Some(1)), "{s}");
+    assert_eq!(
+        (s["outcome"].as_str(), s["attempts"].as_u64()),
+        (Some("failed"), Some(1)),
+        "{s}"
+    );
     assert!(s["error"].as_str().unwrap().contains("550"), "{s}");
     let (_, messages) = d.get("/v1/accounts/acme/messages").await;
-    let failed: Vec<&Value> = messages["messages"].as_array().unwrap().iter().filter(|m| m["recipient"] == "reject@example.org").collect();
+    let failed: Vec<&Value> = messages["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["recipient"] == "reject@example.org")
+        .collect();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["status"], "failed");
 
     // Every failure above is in dead letters, with chain, step and error.
     let letters = d.dead_letters("acme").await;
-    let mut chains: Vec<&str> = letters.iter().map(|l| l["chain"].as_str().unwrap()).collect();
+    let mut chains: Vec<&str> = letters
+        .iter()
+        .map(|l| l["chain"].as_str().unwrap())
+        .collect();
     chains.sort();
-    assert_eq!(chains, ["bad-number", "bad-request", "down", "no-secret", "refused-mail", "slow"]);
+    assert_eq!(
+        chains,
+        [
+            "bad-number",
+            "bad-request",
+            "down",
+            "no-secret",
+            "refused-mail",
+            "slow"
+        ]
+    );
 }
 
 fn time_of(v: &Value) -> f64 {
-    let t = time::OffsetDateTime::parse(v.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    let t = time::OffsetDateTime::parse(
+        v.as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
     t.unix_timestamp_nanos() as f64 / 1e9
 }
 
@@ -390,18 +534,31 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
     let listed = d.cli(&["secrets", "list", "acme", "--json"]).await.json();
     assert_eq!(listed["secrets"], json!(["gateway"]));
     assert!(!listed.to_string().contains(WEBHOOK_SECRET));
-    assert_eq!(d.cli(&["secrets", "list", "other", "--json"]).await.json()["secrets"], json!([]));
+    assert_eq!(
+        d.cli(&["secrets", "list", "other", "--json"]).await.json()["secrets"],
+        json!([])
+    );
 
     let send = |account: &'static str, order: &'static str| {
         let d = &d;
         async move {
-            let e = event(account, "shop", "order", order, json!({"msisdn": "+27820000042", "order": order}));
+            let e = event(
+                account,
+                "shop",
+                "order",
+                order,
+                json!({"msisdn": "+27820000042", "order": order}),
+            );
             let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
             d.wait_for_trace(account, &id, TIMEOUT).await
         }
     };
     let first = send("acme", "A-1").await;
-    assert_eq!(step(&first, "order", "payment_webhook")["outcome"], "ok", "{first:#}");
+    assert_eq!(
+        step(&first, "order", "payment_webhook")["outcome"],
+        "ok",
+        "{first:#}"
+    );
     let again = send("acme", "A-1").await;
     let skipped = step(&again, "order", "payment_webhook");
     assert_eq!(skipped["outcome"], "skipped", "{again:#}");
@@ -412,17 +569,35 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
     let other = send("other", "A-1").await;
     let failed = step(&other, "order", "payment_webhook");
     assert_eq!(failed["outcome"], "failed", "{other:#}");
-    assert!(failed["error"].as_str().unwrap().contains("secret \"gateway\" of account other is not set"));
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("secret \"gateway\" of account other is not set")
+    );
 
     // Contacts: one per account for the same number, each invisible to the other.
     let acme_contact = &step(&first, "order", "create_contact")["output"];
     let other_contact = &step(&other, "order", "create_contact")["output"];
     assert_ne!(acme_contact["key"], other_contact["key"]);
-    assert_eq!(step(&again, "order", "create_contact")["output"]["created"], false);
-    let (status, _) = d.get(&format!("/v1/accounts/other/contacts/{}", acme_contact["key"].as_str().unwrap())).await;
+    assert_eq!(
+        step(&again, "order", "create_contact")["output"]["created"],
+        false
+    );
+    let (status, _) = d
+        .get(&format!(
+            "/v1/accounts/other/contacts/{}",
+            acme_contact["key"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(status, 404);
     let (_, list) = d.get("/v1/accounts/other/contacts").await;
-    let names: Vec<&str> = list["contacts"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["contacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["other customer"]);
     let shown = d.cli(&["contacts", "show", "acme", "+27820000042"]).await;
     let shown: Value = serde_json::from_str(shown.ok()).unwrap();

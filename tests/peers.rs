@@ -18,7 +18,10 @@ pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const TWILIO_TOKEN: &str = "twilio-token";
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("peers").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("peers")
+        .join(name)
 }
 
 /// A peer process that printed `listening on PORT`.
@@ -37,7 +40,9 @@ impl Process {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} (python3 on PATH? run ./scripts/test once): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("starting {name} (python3 on PATH? run ./scripts/test once): {e}")
+            });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -73,7 +78,10 @@ impl HttpReceiver {
     pub fn start(hang: Duration) -> Self {
         let hang = hang.as_secs_f64().to_string();
         Self {
-            process: Process::start("http_receiver.py", &["--secret", WEBHOOK_SECRET, "--hang", &hang]),
+            process: Process::start(
+                "http_receiver.py",
+                &["--secret", WEBHOOK_SECRET, "--hang", &hang],
+            ),
         }
     }
 
@@ -114,7 +122,10 @@ impl SmtpSink {
     /// Starts one.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let process = Process::start("smtp_sink.py", &[dir.path().to_str().expect("a UTF-8 path")]);
+        let process = Process::start(
+            "smtp_sink.py",
+            &[dir.path().to_str().expect("a UTF-8 path")],
+        );
         Self { process, dir }
     }
 

@@ -1,7 +1,13 @@
+//! End-to-end tests of the `switchboard` binary against real peers on
+//! loopback: one test binary, one module per concern.
+
+mod peers;
 mod util;
 
 mod bad_input;
 mod chains_cli;
 mod e2e_embedded;
 mod e2e_nats;
+mod handlers;
 mod matching;
+mod rhai;

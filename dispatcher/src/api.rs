@@ -13,9 +13,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use switchboard_handlers::ScriptStore;
+use switchboard_handlers::script::{ScriptStoreError, ScriptVersion};
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
+use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
 use crate::executor::Executor;
@@ -59,13 +62,30 @@ pub fn router(state: ApiState) -> Router {
             "/v1/accounts/{account}/chain-versions/{version}/restore",
             post(restore),
         )
+        .route("/v1/accounts/{account}/chain-test", post(test_chains))
+        .route("/v1/accounts/{account}/scripts", get(list_scripts))
+        .route(
+            "/v1/accounts/{account}/scripts/{name}",
+            get(show_script).put(put_script).delete(remove_script),
+        )
+        .route(
+            "/v1/accounts/{account}/scripts/{name}/versions",
+            get(script_history),
+        )
+        .route(
+            "/v1/accounts/{account}/scripts/{name}/test",
+            post(test_script),
+        )
         .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
         .route("/v1/accounts/{account}/contacts", get(list_contacts))
         .route("/v1/accounts/{account}/contacts/{key}", get(show_contact))
         .route("/v1/accounts/{account}/messages", get(list_messages))
         .route("/v1/accounts/{account}/messages/{id}", get(show_message))
         .route("/v1/accounts/{account}/secrets", get(list_secrets))
-        .route("/v1/accounts/{account}/secrets/{name}", axum::routing::put(set_secret).delete(remove_secret))
+        .route(
+            "/v1/accounts/{account}/secrets/{name}",
+            axum::routing::put(set_secret).delete(remove_secret),
+        )
         .route(
             "/v1/accounts/{account}/dead-letters",
             get(list_dead_letters),
@@ -75,6 +95,7 @@ pub fn router(state: ApiState) -> Router {
             get(show_dead_letter),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -138,6 +159,29 @@ impl From<ChainStoreError> for ApiError {
     }
 }
 
+impl From<ScriptStoreError> for ApiError {
+    fn from(e: ScriptStoreError) -> Self {
+        match &e {
+            ScriptStoreError::NoSuchScript { .. } | ScriptStoreError::NoSuchVersion { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            ScriptStoreError::InvalidName(_) => {
+                ApiError::bad_request("invalid_name", e.to_string())
+            }
+            ScriptStoreError::Compile { error, .. } => {
+                let mut err = ApiError::bad_request("invalid_script", e.to_string());
+                err.details = Some(json!({
+                    "line": error.line,
+                    "column": error.column,
+                    "message": error.message,
+                }));
+                err
+            }
+            ScriptStoreError::Store(_) | ScriptStoreError::Corrupt { .. } => ApiError::internal(e),
+        }
+    }
+}
+
 fn problems_json(v: &switchboard_rules::ValidationError) -> Value {
     Value::Array(
         v.problems
@@ -158,6 +202,53 @@ type ApiResult = Result<Response, ApiError>;
 
 fn account_key(raw: &str) -> Result<AccountKey, ApiError> {
     AccountKey::new(raw).map_err(|e| ApiError::bad_request("invalid_account", e.to_string()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method (see the README's API table)",
+    )
+}
+
+/// A request body as text; a body that is too large or not UTF-8 gets a JSON error.
+#[derive(Debug)]
+pub struct TextBody(pub String);
+
+/// A request body as bytes; a body that is too large gets a JSON error.
+#[derive(Debug)]
+pub struct RawBody(pub axum::body::Bytes);
+
+fn body_error(status: StatusCode, text: String) -> ApiError {
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "invalid_body"
+    };
+    ApiError::new(status, code, text)
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for TextBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        String::from_request(req, state)
+            .await
+            .map(TextBody)
+            .map_err(|r| body_error(r.status(), r.body_text()))
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|r| body_error(r.status(), r.body_text()))
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -190,7 +281,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn ingest(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+async fn ingest(State(s): State<ApiState>, RawBody(body): RawBody) -> ApiResult {
     let event = VumiApiEvent::decode_with_defaults(&body, s.executor.limits.max_event_bytes)
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
     let published = s.executor.bus.publish(&event).await.map_err(|e| {
@@ -233,7 +324,7 @@ async fn apply_chains(
     State(s): State<ApiState>,
     Path(account): Path<String>,
     headers: HeaderMap,
-    body: String,
+    TextBody(body): TextBody,
 ) -> ApiResult {
     let account = account_key(&account)?;
     let content_type = headers
@@ -407,7 +498,185 @@ async fn show_dead_letter(
     }
 }
 
-async fn list_contacts(State(s): State<ApiState>, Path(account): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
+fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
+    s.executor
+        .registry
+        .scripts()
+        .map(|s| s.as_ref())
+        .ok_or_else(|| ApiError::not_found("this dispatcher has no script store"))
+}
+
+/// A script without its source (lists, history).
+fn script_summary(v: &ScriptVersion) -> Value {
+    json!({
+        "name": v.name,
+        "version": v.version,
+        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
+        "lines": v.source.lines().count(),
+    })
+}
+
+fn script_json(v: &ScriptVersion) -> Value {
+    json!({
+        "account_key": v.account_key,
+        "name": v.name,
+        "version": v.version,
+        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
+        "source": v.source,
+    })
+}
+
+async fn list_scripts(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let list: Vec<Value> = scripts(&s)?
+        .list(&account)?
+        .iter()
+        .map(script_summary)
+        .collect();
+    Ok(Json(json!({"account_key": account, "scripts": list})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+async fn show_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let store = scripts(&s)?;
+    let version = match q.version {
+        Some(v) => store.version(&account, &name, v)?,
+        None => store
+            .current(&account, &name)?
+            .ok_or(ScriptStoreError::NoSuchScript {
+                account: account.to_string(),
+                name: name.clone(),
+            })?,
+    };
+    Ok(Json(script_json(&version)).into_response())
+}
+
+async fn put_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let store = s
+        .executor
+        .registry
+        .scripts()
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("this dispatcher has no script store"))?;
+    // Compiling and the flush block: off the async workers.
+    let version = tokio::task::spawn_blocking(move || store.put(&account, &name, &body))
+        .await
+        .map_err(ApiError::internal)??;
+    tracing::info!(account = %version.account_key, script = version.name, version = version.version, "script stored");
+    let mut answer = script_summary(&version);
+    answer["account_key"] = json!(version.account_key);
+    Ok(Json(answer).into_response())
+}
+
+async fn remove_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let handler = format!("script:{name}");
+    if let Some(current) = s.executor.chains.current(&account)? {
+        let users: Vec<&str> = current
+            .chains
+            .iter()
+            .filter(|c| c.steps.iter().any(|st| st.handler == handler))
+            .map(|c| c.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "script_in_use",
+                format!(
+                    "script {name:?} of account {account} is used by chain(s) {}; change or \
+                     remove them first",
+                    users.join(", ")
+                ),
+            ));
+        }
+    }
+    let removed = scripts(&s)?.remove(&account, &name)?;
+    let mut answer = script_summary(&removed);
+    answer["account_key"] = json!(account);
+    answer["removed"] = json!(true);
+    Ok(Json(answer).into_response())
+}
+
+async fn script_history(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let versions: Vec<Value> = scripts(&s)?
+        .history(&account, &name)?
+        .iter()
+        .map(script_summary)
+        .collect();
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "account {account} has no script named {name:?}"
+        )));
+    }
+    Ok(Json(json!({"account_key": account, "name": name, "versions": versions})).into_response())
+}
+
+async fn test_script(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    if scripts(&s)?.current(&account, &name)?.is_none() {
+        return Err(ScriptStoreError::NoSuchScript {
+            account: account.to_string(),
+            name,
+        }
+        .into());
+    }
+    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
+    let answer = dry_run::test_script(&s.executor.registry, &account, &name, &sample)
+        .await
+        .map_err(|e| ApiError::bad_request("script_test_failed", e))?;
+    Ok(Json(answer).into_response())
+}
+
+async fn test_chains(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+        .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
+    let chains = s
+        .executor
+        .chains
+        .lookup(&account)
+        .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
+    Ok(
+        Json(dry_run::test_chains(&s.executor.registry, &chains, &sample.event).await)
+            .into_response(),
+    )
+}
+
+async fn list_contacts(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let contacts = s
         .contacts
@@ -416,20 +685,32 @@ async fn list_contacts(State(s): State<ApiState>, Path(account): Path<String>, Q
     Ok(Json(json!({"account_key": account, "contacts": contacts})).into_response())
 }
 
-async fn show_contact(State(s): State<ApiState>, Path((account, key)): Path<(String, String)>) -> ApiResult {
+async fn show_contact(
+    State(s): State<ApiState>,
+    Path((account, key)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     // A contact can be asked for by its key, its msisdn or its e-mail.
     let contact = match s.contacts.get(&account, &key).map_err(ApiError::internal)? {
         Some(c) => Some(c),
-        None => s.contacts.find(&account, &key).map_err(ApiError::internal)?,
+        None => s
+            .contacts
+            .find(&account, &key)
+            .map_err(ApiError::internal)?,
     };
     match contact {
         Some(c) => Ok(Json(c).into_response()),
-        None => Err(ApiError::not_found(format!("account {account} has no contact {key:?}"))),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no contact {key:?}"
+        ))),
     }
 }
 
-async fn list_messages(State(s): State<ApiState>, Path(account): Path<String>, Query(q): Query<ListQuery>) -> ApiResult {
+async fn list_messages(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
     let account = account_key(&account)?;
     let messages = s
         .messages
@@ -438,11 +719,16 @@ async fn list_messages(State(s): State<ApiState>, Path(account): Path<String>, Q
     Ok(Json(json!({"account_key": account, "messages": messages})).into_response())
 }
 
-async fn show_message(State(s): State<ApiState>, Path((account, id)): Path<(String, String)>) -> ApiResult {
+async fn show_message(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
     match s.messages.get(&account, &id).map_err(ApiError::internal)? {
         Some(m) => Ok(Json(m).into_response()),
-        None => Err(ApiError::not_found(format!("account {account} has no message {id}"))),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no message {id}"
+        ))),
     }
 }
 
@@ -455,7 +741,7 @@ async fn list_secrets(State(s): State<ApiState>, Path(account): Path<String>) ->
 async fn set_secret(
     State(s): State<ApiState>,
     Path((account, name)): Path<(String, String)>,
-    body: String,
+    TextBody(body): TextBody,
 ) -> ApiResult {
     let account = account_key(&account)?;
     check_secret_name(&name).map_err(|e| ApiError::bad_request("invalid_secret_name", e))?;
@@ -463,18 +749,31 @@ async fn set_secret(
     let value = body.strip_suffix('\n').unwrap_or(&body);
     let value = value.strip_suffix('\r').unwrap_or(value);
     if value.is_empty() {
-        return Err(ApiError::bad_request("invalid_secret", "the secret's value is empty"));
+        return Err(ApiError::bad_request(
+            "invalid_secret",
+            "the secret's value is empty",
+        ));
     }
-    s.secrets.set(&account, &name, value).map_err(ApiError::internal)?;
+    s.secrets
+        .set(&account, &name, value)
+        .map_err(ApiError::internal)?;
     tracing::info!(%account, secret = name, "secret set");
     Ok(Json(json!({"account_key": account, "secret": name, "set": true})).into_response())
 }
 
-async fn remove_secret(State(s): State<ApiState>, Path((account, name)): Path<(String, String)>) -> ApiResult {
+async fn remove_secret(
+    State(s): State<ApiState>,
+    Path((account, name)): Path<(String, String)>,
+) -> ApiResult {
     let account = account_key(&account)?;
-    if s.secrets.remove(&account, &name).map_err(ApiError::internal)? {
+    if s.secrets
+        .remove(&account, &name)
+        .map_err(ApiError::internal)?
+    {
         Ok(Json(json!({"account_key": account, "secret": name, "removed": true})).into_response())
     } else {
-        Err(ApiError::not_found(format!("account {account} has no secret {name:?}")))
+        Err(ApiError::not_found(format!(
+            "account {account} has no secret {name:?}"
+        )))
     }
 }

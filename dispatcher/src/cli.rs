@@ -234,7 +234,7 @@ pub async fn chains_history(
         let _ = writeln!(
             out,
             "{:<8} {:<28} {:<24} {}",
-            v["version"],
+            v["version"].to_string(),
             v["applied_at"].as_str().unwrap_or_default(),
             v["change"].as_str().unwrap_or_default(),
             if names.is_empty() {
@@ -352,11 +352,15 @@ pub fn render_trace(t: &Value) -> String {
                 i + 1,
                 s["name"].as_str().unwrap_or_default(),
                 s["outcome"].as_str().unwrap_or_default(),
-                s["attempts"],
+                s["attempts"].to_string(),
                 s["duration_ms"].as_f64().unwrap_or(0.0),
             );
             if let Some(output) = s["output"].as_object().filter(|o| !o.is_empty()) {
-                let _ = write!(out, "  output {}", shorten(&Value::Object(output.clone()).to_string(), 100));
+                let _ = write!(
+                    out,
+                    "  output {}",
+                    shorten(&Value::Object(output.clone()).to_string(), 100)
+                );
             }
             if let Some(error) = s["error"].as_str() {
                 let _ = write!(out, "\n     error: {error}");
@@ -424,19 +428,277 @@ pub async fn dead_letters_show(
     Ok(pretty(&answer))
 }
 
+fn read_json_file(path: &std::path::Path) -> Result<Value, CliError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| input(format!("reading {shown}: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| input(format!("{shown} is not JSON: {e}")))
+}
+
+/// `switchboard scripts put ACCOUNT NAME FILE`
+pub async fn scripts_put(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    file: &std::path::Path,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let shown = file.display().to_string();
+    let source =
+        std::fs::read_to_string(file).map_err(|e| input(format!("reading {shown}: {e}")))?;
+    let answer = client
+        .put_text(
+            &format!("/v1/accounts/{a}/scripts/{name}"),
+            source,
+            "text/plain; charset=utf-8",
+        )
+        .await
+        .map_err(|e| match e {
+            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
+            other => CliError::Client(other),
+        })?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "stored {shown} as script {name} of account {a}, version {}\nuse it in a chain: handler = \"script:{name}\"",
+        answer["version"]
+    ))
+}
+
+/// `switchboard scripts list ACCOUNT`
+pub async fn scripts_list(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client.get(&format!("/v1/accounts/{a}/scripts")).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let scripts = answer["scripts"].as_array().cloned().unwrap_or_default();
+    if scripts.is_empty() {
+        return Ok(format!("account {a} has no scripts"));
+    }
+    let mut out = format!(
+        "{:<24} {:<8} {:<28} lines\n",
+        "script", "version", "stored at"
+    );
+    for s in scripts {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<28} {}",
+            s["name"].as_str().unwrap_or_default(),
+            s["version"].to_string(),
+            s["stored_at"].as_str().unwrap_or_default(),
+            s["lines"]
+        );
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// `switchboard scripts show ACCOUNT NAME [--at VERSION]`: the source.
+pub async fn scripts_show(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    version: Option<u64>,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let mut path = format!("/v1/accounts/{a}/scripts/{name}");
+    if let Some(v) = version {
+        let _ = write!(path, "?version={v}");
+    }
+    let answer = client.get(&path).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "// script {name} of account {a}, version {} (stored {})\n{}",
+        answer["version"],
+        answer["stored_at"].as_str().unwrap_or_default(),
+        answer["source"].as_str().unwrap_or_default().trim_end()
+    ))
+}
+
+/// `switchboard scripts rm ACCOUNT NAME`
+pub async fn scripts_rm(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client
+        .delete(&format!("/v1/accounts/{a}/scripts/{name}"))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "removed script {name} of account {a} (its {} version(s) are kept; a new put continues the numbering)",
+        answer["version"]
+    ))
+}
+
+/// `switchboard scripts test ACCOUNT NAME --event FILE`
+pub async fn scripts_test(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    event_file: &std::path::Path,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let sample = read_json_file(event_file)?;
+    let answer = client
+        .post(&format!("/v1/accounts/{a}/scripts/{name}/test"), &sample)
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let mut out = format!(
+        "script {name} v{} (dry run: nothing was published)\noutcome: {}\n",
+        answer["version"],
+        answer["outcome"].as_str().unwrap_or_default()
+    );
+    render_run(&answer, "", &mut out);
+    Ok(out.trim_end().to_string())
+}
+
+/// The output, error, emits, logs and cost of a dry-run step.
+fn render_run(run: &Value, indent: &str, out: &mut String) {
+    if let Some(output) = run["output"].as_object().filter(|o| !o.is_empty()) {
+        let _ = writeln!(out, "{indent}output: {}", Value::Object(output.clone()));
+    }
+    if let Some(error) = run["error"].as_str() {
+        let _ = writeln!(out, "{indent}error: {error}");
+    }
+    if let Some(after) = run["retry_after_ms"].as_u64() {
+        let _ = writeln!(out, "{indent}retry after: {after} ms");
+    }
+    if let Some(would) = run.get("would_run") {
+        let _ = writeln!(
+            out,
+            "{indent}would run {} with config {} (not performed)",
+            would["handler"].as_str().unwrap_or_default(),
+            would["config"]
+        );
+    }
+    for e in run["emits"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{indent}would emit {}/{} in {}: {}",
+            e["conversation_type"].as_str().unwrap_or_default(),
+            e["event_type"].as_str().unwrap_or_default(),
+            e["conversation_key"].as_str().unwrap_or_default(),
+            e["event_data"]
+        );
+    }
+    for l in run["logs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{indent}log {}: {}",
+            l["level"].as_str().unwrap_or_default(),
+            l["message"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(ops) = run["operations"].as_u64() {
+        let _ = writeln!(
+            out,
+            "{indent}{ops} operations, {:.3} ms",
+            run["duration_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+/// `switchboard chains test ACCOUNT --event FILE`
+pub async fn chains_test(
+    client: &Client,
+    account_raw: &str,
+    event_file: &std::path::Path,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let sample = read_json_file(event_file)?;
+    let answer = client
+        .post(&format!("/v1/accounts/{a}/chain-test"), &sample)
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let mut out = format!(
+        "account {a}, chain version {} (dry run: nothing was performed or published)\n",
+        answer["chain_version"]
+    );
+    if answer["unrouted"] == json!(true) {
+        out.push_str("no chain would run: the event would be unrouted\n");
+    }
+    for c in answer["chains"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or_default();
+        let when = c["when"]
+            .as_str()
+            .map(|w| format!(" (when {w})"))
+            .unwrap_or_default();
+        match c["condition"].as_str().unwrap_or_default() {
+            "false" => {
+                let _ = writeln!(
+                    out,
+                    "chain {name}: matches, but its condition is false{when}"
+                );
+            }
+            "error" => {
+                let _ = writeln!(
+                    out,
+                    "chain {name}: its condition fails{when}: {}",
+                    c["error"].as_str().unwrap_or_default()
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "chain {name}: runs{when}");
+                for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "  {}. {} ({}): {}",
+                        i + 1,
+                        s["name"].as_str().unwrap_or_default(),
+                        s["handler"].as_str().unwrap_or_default(),
+                        s["outcome"].as_str().unwrap_or_default()
+                    );
+                    render_run(s, "     ", &mut out);
+                }
+            }
+        }
+    }
+    Ok(out.trim_end().to_string())
+}
+
 /// `switchboard secrets set ACCOUNT NAME`: the value from `--value`, or stdin.
-pub async fn secrets_set(client: &Client, account_raw: &str, name: &str, value: Option<String>, json_out: bool) -> Result<String, CliError> {
+pub async fn secrets_set(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    value: Option<String>,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let value = match value {
         Some(v) => v,
         None => {
             let mut v = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut v).map_err(|e| input(format!("reading the secret from stdin: {e}")))?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut v)
+                .map_err(|e| input(format!("reading the secret from stdin: {e}")))?;
             v
         }
     };
     let answer = client
-        .put_text(&format!("/v1/accounts/{a}/secrets/{name}"), value, "text/plain")
+        .put_text(
+            &format!("/v1/accounts/{a}/secrets/{name}"),
+            value,
+            "text/plain",
+        )
         .await?;
     if json_out {
         return Ok(pretty(&answer));
@@ -445,20 +707,40 @@ pub async fn secrets_set(client: &Client, account_raw: &str, name: &str, value: 
 }
 
 /// `switchboard secrets list ACCOUNT`: names only; values are never read back.
-pub async fn secrets_list(client: &Client, account_raw: &str, json_out: bool) -> Result<String, CliError> {
+pub async fn secrets_list(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let answer = client.get(&format!("/v1/accounts/{a}/secrets")).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let names: Vec<&str> = answer["secrets"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    Ok(if names.is_empty() { format!("account {a} has no secrets") } else { names.join("\n") })
+    let names: Vec<&str> = answer["secrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    Ok(if names.is_empty() {
+        format!("account {a} has no secrets")
+    } else {
+        names.join("\n")
+    })
 }
 
 /// `switchboard secrets rm ACCOUNT NAME`
-pub async fn secrets_rm(client: &Client, account_raw: &str, name: &str, json_out: bool) -> Result<String, CliError> {
+pub async fn secrets_rm(
+    client: &Client,
+    account_raw: &str,
+    name: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.delete(&format!("/v1/accounts/{a}/secrets/{name}")).await?;
+    let answer = client
+        .delete(&format!("/v1/accounts/{a}/secrets/{name}"))
+        .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -466,9 +748,16 @@ pub async fn secrets_rm(client: &Client, account_raw: &str, name: &str, json_out
 }
 
 /// `switchboard contacts list ACCOUNT`
-pub async fn contacts_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+pub async fn contacts_list(
+    client: &Client,
+    account_raw: &str,
+    limit: usize,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/contacts?limit={limit}")).await?;
+    let answer = client
+        .get(&format!("/v1/accounts/{a}/contacts?limit={limit}"))
+        .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -491,16 +780,29 @@ pub async fn contacts_list(client: &Client, account_raw: &str, limit: usize, jso
 }
 
 /// `switchboard contacts show ACCOUNT KEY|MSISDN|EMAIL`
-pub async fn contacts_show(client: &Client, account_raw: &str, key: &str) -> Result<String, CliError> {
+pub async fn contacts_show(
+    client: &Client,
+    account_raw: &str,
+    key: &str,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/contacts/{}", url_segment(key))).await?;
+    let answer = client
+        .get(&format!("/v1/accounts/{a}/contacts/{}", url_segment(key)))
+        .await?;
     Ok(pretty(&answer))
 }
 
 /// `switchboard messages list ACCOUNT`
-pub async fn messages_list(client: &Client, account_raw: &str, limit: usize, json_out: bool) -> Result<String, CliError> {
+pub async fn messages_list(
+    client: &Client,
+    account_raw: &str,
+    limit: usize,
+    json_out: bool,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/messages?limit={limit}")).await?;
+    let answer = client
+        .get(&format!("/v1/accounts/{a}/messages?limit={limit}"))
+        .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -524,15 +826,23 @@ pub async fn messages_list(client: &Client, account_raw: &str, limit: usize, jso
 }
 
 /// `switchboard messages show ACCOUNT ID`
-pub async fn messages_show(client: &Client, account_raw: &str, id: &str) -> Result<String, CliError> {
+pub async fn messages_show(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/messages/{}", url_segment(id))).await?;
+    let answer = client
+        .get(&format!("/v1/accounts/{a}/messages/{}", url_segment(id)))
+        .await?;
     Ok(pretty(&answer))
 }
 
 /// Escapes a path segment (`+` and `@` in msisdns and e-mails).
 fn url_segment(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+    form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// `s` cut to `max` characters, with `…` when cut (`--json` shows everything).

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use switchboard_handlers::sms::SmsProvider;
 
 use crate::outbound::EmailProvider;
+use switchboard_handlers::RhaiLimits;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
 
 /// The whole configuration.
@@ -27,6 +28,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Deployment credentials of SMS and e-mail providers.
     pub providers: ProvidersConfig,
+    /// The sandbox of Rhai scripts and `when` conditions.
+    pub rhai: RhaiLimits,
 }
 
 /// `[providers.sms.NAME]` and `[providers.email.NAME]`.
@@ -194,14 +197,13 @@ impl Config {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// Parses a config file's text.
+    /// Parses a config file's text. Values are checked by [`Config::check`]
+    /// once overrides are applied ([`Config::load`] does both).
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
             message: switchboard_rules::toml_error_message(text, &e),
-        })?;
-        config.check()?;
-        Ok(config)
+        })
     }
 
     /// Checks values that parse but cannot work.
@@ -217,13 +219,18 @@ impl Config {
             ));
         }
         if self.bus.nats_url.is_none()
-            && let Some((name, _)) = self.providers.sms.iter().find(|(_, p)| matches!(p, SmsProvider::Nats(_)))
+            && let Some((name, _)) = self
+                .providers
+                .sms
+                .iter()
+                .find(|(_, p)| matches!(p, SmsProvider::Nats(_)))
         {
             return Err(ConfigError::Invalid(format!(
                 "providers.sms.{name}: type \"nats\" publishes to transport workers on NATS, but no NATS \
                  URL is configured (set bus.nats_url or --nats)"
             )));
         }
+        self.rhai.check().map_err(ConfigError::Invalid)?;
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()
             || prefix.starts_with('.')

@@ -86,7 +86,9 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     SecretStore::new(dispatcher.store().clone())
         .set(&account_key, "gateway", DEMO_SECRET)
         .map_err(StartError::Store)?;
-    println!("account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}");
+    println!(
+        "account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}"
+    );
 
     let samples = [
         (
@@ -232,17 +234,33 @@ impl Peers {
 
 /// The payment gateway: checks the Standard Webhooks signature.
 async fn payment(State(peers): State<Peers>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
     let id = header("webhook-id");
     let timestamp: i64 = header("webhook-timestamp").parse().unwrap_or_default();
     let expected = webhook::sign(DEMO_SECRET, &id, timestamp, &body).unwrap_or_default();
-    let verified = header("webhook-signature").split(' ').any(|s| s == expected);
+    let verified = header("webhook-signature")
+        .split(' ')
+        .any(|s| s == expected);
     let payload: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     peers.note(format!(
         "payment gateway received webhook {id} ({}): {payload}",
-        if verified { "signature verified" } else { "BAD SIGNATURE" }
+        if verified {
+            "signature verified"
+        } else {
+            "BAD SIGNATURE"
+        }
     ));
-    if verified { StatusCode::OK } else { StatusCode::UNAUTHORIZED }
+    if verified {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
 }
 
 /// The SMS gateway: takes the message.
@@ -253,5 +271,8 @@ async fn sms(State(peers): State<Peers>, body: Bytes) -> (StatusCode, axum::Json
         message["to"].as_str().unwrap_or("?"),
         message["content"].as_str().unwrap_or("?")
     ));
-    (StatusCode::OK, axum::Json(json!({"id": format!("demo-{}", uuid::Uuid::now_v7().simple())})))
+    (
+        StatusCode::OK,
+        axum::Json(json!({"id": format!("demo-{}", uuid::Uuid::now_v7().simple())})),
+    )
 }

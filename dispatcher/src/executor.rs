@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use switchboard_handlers::stores::IdempotencyStore;
-use switchboard_handlers::{EventValue, Registry, StepError, StepInput, StepOutput};
-use switchboard_rules::{ChainSpec, ChainStore, OnError, Routing, StepSpec};
+use switchboard_handlers::{EventValue, LogLine, Registry, StepError, StepInput, StepOutput};
+use switchboard_rules::{AccountChains, ChainSpec, ChainStore, OnError, StepSpec};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
 use crate::bus::Bus;
@@ -159,17 +159,47 @@ impl Executor {
         let Some(account_chains) = self.chains.lookup(&event.account_key) else {
             return self.unrouted(trace, "the account has no chains");
         };
-        let routing = account_chains.route(event);
-        if routing == Routing::Unrouted {
+        let event_value = EventValue::new(event);
+        let selected = select_chains(&self.registry, event, &event_value, &account_chains).await;
+        if selected.is_empty() {
             return self.unrouted(
                 trace,
-                "no chain matches and the account has no default chain",
+                "no chain matches (or no chain's `when` holds) and the account has no default chain",
             );
         }
 
-        let event_value = EventValue::new(event);
         let mut children = Vec::new();
-        for chain in routing.chains() {
+        for selection in selected {
+            let chain = match selection {
+                Selected::Run(chain) => chain,
+                Selected::ConditionFailed(chain, error) => {
+                    let error = format!("the chain's `when` condition failed to evaluate: {error}");
+                    tracing::warn!(account, event_id = %event.id, chain = chain.name, %error,
+                        "condition failed: filed in dead letters");
+                    trace.chains.push(ChainTrace {
+                        name: chain.name.clone(),
+                        version: account_chains.version(),
+                        steps: vec![StepTrace {
+                            name: "when".into(),
+                            handler: "when".into(),
+                            outcome: StepOutcome::Failed,
+                            attempts: 1,
+                            duration_ms: 0.0,
+                            output: None,
+                            error: Some(error.clone()),
+                            logs: Vec::new(),
+                        }],
+                    });
+                    let mut letter = DeadLetter::new(account, DeadReason::StepFailed, error);
+                    letter.event = Some(event.clone());
+                    letter.chain = Some(chain.name.clone());
+                    letter.step = Some("when".into());
+                    letter.attempts = 1;
+                    self.file_dead_letter(&letter);
+                    trace.status = TraceStatus::Dead;
+                    continue;
+                }
+            };
             let run = self
                 .run_chain(
                     event,
@@ -255,6 +285,7 @@ impl Executor {
                     duration_ms: 0.0,
                     output: None,
                     error: None,
+                    logs: Vec::new(),
                 });
                 continue;
             }
@@ -317,6 +348,7 @@ impl Executor {
             duration_ms: 0.0,
             output: None,
             error: None,
+            logs: Vec::new(),
         };
         let Some(handler) = self.registry.get(&step.handler) else {
             // Chains are checked when stored; a handler can only be missing if
@@ -331,7 +363,11 @@ impl Executor {
         let idempotency_key = match &step.idempotency {
             None => None,
             Some(spec) => {
-                let key = match templates.render(&Value::String(spec.key.clone()), "idempotency.key", &scope) {
+                let key = match templates.render(
+                    &Value::String(spec.key.clone()),
+                    "idempotency.key",
+                    &scope,
+                ) {
                     Ok(Value::String(s)) => s,
                     Ok(other) => other.to_string(),
                     Err(error) => {
@@ -340,7 +376,13 @@ impl Executor {
                     }
                 };
                 let account = &event.account_key;
-                match self.idempotency.seen(account, &chain.name, step.step_name(), &key, spec.window) {
+                match self.idempotency.seen(
+                    account,
+                    &chain.name,
+                    step.step_name(),
+                    &key,
+                    spec.window,
+                ) {
                     Ok(true) => {
                         let mut data = Map::new();
                         data.insert("skipped".into(), Value::Bool(true));
@@ -357,6 +399,7 @@ impl Executor {
                             data,
                             stop: false,
                             children: Vec::new(),
+                            logs: Vec::new(),
                         };
                         return (step_trace, Ok(success));
                     }
@@ -373,6 +416,7 @@ impl Executor {
             step_trace.attempts += 1;
             let input = StepInput {
                 event,
+                event_value,
                 chain: &chain.name,
                 step,
                 steps: outputs,
@@ -387,7 +431,12 @@ impl Executor {
             match result {
                 Ok(success) => {
                     if let Some(key) = &idempotency_key
-                        && let Err(e) = self.idempotency.record(&event.account_key, &chain.name, step.step_name(), key)
+                        && let Err(e) = self.idempotency.record(
+                            &event.account_key,
+                            &chain.name,
+                            step.step_name(),
+                            key,
+                        )
                     {
                         tracing::error!(error = %e, "recording an idempotency key failed");
                     }
@@ -397,6 +446,7 @@ impl Executor {
                         StepOutcome::Ok
                     };
                     step_trace.output = Some(success.data.clone());
+                    step_trace.logs = success.logs.clone();
                     step_trace.error = None;
                     return (step_trace, Ok(success));
                 }
@@ -466,6 +516,7 @@ impl Executor {
             data: output.data,
             stop: output.stop,
             children,
+            logs: output.logs,
         })
     }
 }
@@ -474,6 +525,78 @@ struct StepSuccess {
     data: Map<String, Value>,
     stop: bool,
     children: Vec<VumiApiEvent>,
+    logs: Vec<LogLine>,
+}
+
+/// A chain an event runs, or whose `when` condition could not be evaluated.
+#[derive(Debug)]
+pub enum Selected<'a> {
+    /// Its match and condition hold: run it.
+    Run(&'a ChainSpec),
+    /// Its condition failed to evaluate (the error): a failure of that chain.
+    ConditionFailed(&'a ChainSpec, String),
+}
+
+/// The chains `event` runs, in file order: every candidate whose `when`
+/// holds (or that has none); when no candidate runs or fails, the `default`
+/// chain if its match and condition hold. Conditions are evaluated together
+/// on the blocking pool, against the event converted once.
+pub async fn select_chains<'a>(
+    registry: &Registry,
+    event: &VumiApiEvent,
+    event_value: &EventValue,
+    chains: &'a AccountChains,
+) -> Vec<Selected<'a>> {
+    let candidates = chains.candidates(event);
+    let default = chains.default_for(event);
+    if !chains.has_conditions() {
+        return if candidates.is_empty() {
+            default.into_iter().map(Selected::Run).collect()
+        } else {
+            candidates.into_iter().map(Selected::Run).collect()
+        };
+    }
+    let conditions: Vec<Option<String>> = candidates
+        .iter()
+        .chain(default.iter())
+        .map(|c| c.when.clone())
+        .collect();
+    let runtime = registry.runtime().clone();
+    let value = event_value.rhai(event).clone();
+    let results = tokio::task::spawn_blocking(move || {
+        conditions
+            .iter()
+            .map(|when| match when {
+                None => Ok(true),
+                Some(expr) => runtime
+                    .compile_condition(expr)
+                    .map_err(|e| e.to_string())
+                    .and_then(|ast| runtime.eval_condition(&ast, &value)),
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_else(|e| {
+        vec![Err(format!("evaluating conditions panicked: {e}")); candidates.len() + 1]
+    });
+    let mut selected = Vec::new();
+    for (chain, result) in candidates.iter().zip(&results) {
+        match result {
+            Ok(true) => selected.push(Selected::Run(chain)),
+            Ok(false) => {}
+            Err(e) => selected.push(Selected::ConditionFailed(chain, e.clone())),
+        }
+    }
+    if selected.is_empty()
+        && let Some(chain) = default
+    {
+        match results.get(candidates.len()) {
+            Some(Ok(true)) => selected.push(Selected::Run(chain)),
+            Some(Err(e)) => selected.push(Selected::ConditionFailed(chain, e.clone())),
+            _ => {}
+        }
+    }
+    selected
 }
 
 /// Up to ±20% of `d`, so that retries of many events do not move in lockstep.

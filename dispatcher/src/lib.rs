@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod dry_run;
 pub mod executor;
 pub mod metrics;
 pub mod outbound;

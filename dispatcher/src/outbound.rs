@@ -48,14 +48,21 @@ impl ReqwestHttp {
 impl HttpPort for ReqwestHttp {
     async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let url = request.url.clone();
-        let mut builder = self.client.post(&request.url).timeout(request.timeout).body(request.body);
+        let mut builder = self
+            .client
+            .post(&request.url)
+            .timeout(request.timeout)
+            .body(request.body);
         for (k, v) in &request.headers {
             builder = builder.header(k, v);
         }
         if let Some((user, password)) = &request.basic_auth {
             builder = builder.basic_auth(user, Some(password));
         }
-        let mut response = builder.send().await.map_err(|e| classify(&url, request.timeout, &e))?;
+        let mut response = builder
+            .send()
+            .await
+            .map_err(|e| classify(&url, request.timeout, &e))?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -109,7 +116,9 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     let format = time::format_description::well_known::Rfc2822;
     let at = time::OffsetDateTime::parse(v.trim(), &format).ok()?;
     let wait = at - time::OffsetDateTime::now_utc();
-    Some(Duration::from_secs(wait.whole_seconds().clamp(0, 3600) as u64))
+    Some(Duration::from_secs(
+        wait.whole_seconds().clamp(0, 3600) as u64
+    ))
 }
 
 /// How to talk to an SMTP server.
@@ -163,13 +172,18 @@ impl LettreMail {
         let mut built = BTreeMap::new();
         for (name, p) in providers {
             let builder = match p.security {
-                SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&p.host),
-                SmtpSecurity::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&p.host)
-                    .map_err(|e| format!("providers.email.{name}: {e}"))?,
+                SmtpSecurity::None => {
+                    AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&p.host)
+                }
+                SmtpSecurity::Starttls => {
+                    AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&p.host)
+                        .map_err(|e| format!("providers.email.{name}: {e}"))?
+                }
                 SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&p.host)
                     .map_err(|e| format!("providers.email.{name}: {e}"))?,
             };
-            let mut builder = builder.timeout(Some(Duration::from_secs(p.timeout_secs.unwrap_or(30))));
+            let mut builder =
+                builder.timeout(Some(Duration::from_secs(p.timeout_secs.unwrap_or(30))));
             if let Some(port) = p.port {
                 builder = builder.port(port);
             }
@@ -213,13 +227,18 @@ impl MailPort for LettreMail {
         let mut builder = Message::builder().from(from).to(to).subject(email.subject);
         for (name, value) in email.headers {
             builder = builder.raw_header(header::HeaderValue::new(
-                header::HeaderName::new_from_ascii(name).map_err(|e| permanent(format!("header name: {e}")))?,
+                header::HeaderName::new_from_ascii(name)
+                    .map_err(|e| permanent(format!("header name: {e}")))?,
                 value,
             ));
         }
         let text = SinglePart::plain(email.text);
         let message = match email.html {
-            Some(html) => builder.multipart(MultiPart::alternative().singlepart(text).singlepart(SinglePart::html(html))),
+            Some(html) => builder.multipart(
+                MultiPart::alternative()
+                    .singlepart(text)
+                    .singlepart(SinglePart::html(html)),
+            ),
             None => builder.singlepart(text),
         }
         .map_err(|e| permanent(format!("building the message: {e}")))?;
@@ -241,7 +260,9 @@ impl MailPort for LettreMail {
     }
 
     fn default_from(&self, provider: &str) -> Option<String> {
-        self.providers.get(provider).and_then(|(p, _)| p.from.clone())
+        self.providers
+            .get(provider)
+            .and_then(|(p, _)| p.from.clone())
     }
 }
 

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use switchboard_handlers::LogLine;
 use switchboard_sdk::{EventId, VumiApiEvent};
 use switchboard_store::{Collection, Store, StoreError, key};
 use time::OffsetDateTime;
@@ -56,6 +57,9 @@ pub struct StepTrace {
     pub output: Option<Map<String, Value>>,
     /// The last error.
     pub error: Option<String>,
+    /// Lines a script step logged (`log(level, message)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogLine>,
 }
 
 /// One chain in a trace.

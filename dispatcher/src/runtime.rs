@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
-use switchboard_handlers::{Registry, Services};
+use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::Store;
@@ -93,23 +93,42 @@ impl Dispatcher {
         let prefix = config.bus.subject_prefix.clone();
         let (bus, commands): (Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config.bus.nats_url {
             Some(url) => {
-                let bus = NatsBus::connect(url, &prefix, config.limits.max_event_bytes, config.limits.concurrency * 32).await?;
+                let bus = NatsBus::connect(
+                    url,
+                    &prefix,
+                    config.limits.max_event_bytes,
+                    config.limits.concurrency * 32,
+                )
+                .await?;
                 let commands = NatsCommands::new(bus.client().clone(), &prefix)
                     .await
                     .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
                 (Arc::new(bus), Arc::new(commands))
             }
-            None => (Arc::new(EmbeddedBus::open(store.clone(), &prefix)?), Arc::new(NoCommands)),
+            None => (
+                Arc::new(EmbeddedBus::open(store.clone(), &prefix)?),
+                Arc::new(NoCommands),
+            ),
         };
         let mail = LettreMail::new(&config.providers.email).map_err(StartError::Config)?;
-        let registry = Arc::new(Registry::with_services(Services {
-            store: store.clone(),
-            http: Arc::new(ReqwestHttp::new()),
-            email_providers: mail.names(),
-            mail: Arc::new(mail),
-            commands,
-            sms_providers: config.providers.sms.clone(),
-        }));
+        let scripts = Arc::new(ScriptStore::new(
+            store.clone(),
+            Arc::new(ScriptRuntime::new(
+                config.rhai.clone(),
+                Some(Arc::new(ContactStore::new(store.clone()))),
+            )),
+        ));
+        let registry = Arc::new(
+            Registry::with_services(Services {
+                store: store.clone(),
+                http: Arc::new(ReqwestHttp::new()),
+                email_providers: mail.names(),
+                mail: Arc::new(mail),
+                commands,
+                sms_providers: config.providers.sms.clone(),
+            })
+            .with_scripts(scripts),
+        );
         let chains = Arc::new(ChainStore::open(store.clone())?);
         let applied = match chains_dir {
             Some(dir) => apply_chain_dir(&chains, &registry, dir)?,

@@ -176,6 +176,12 @@ impl Handler for Emit {
                 event_type,
                 event_data,
             }],
+            logs: Vec::new(),
         })
+    }
+
+    /// `emit` returns its event; the dispatcher publishes it.
+    fn dry_runs_safely(&self) -> bool {
+        true
     }
 }

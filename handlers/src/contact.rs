@@ -37,12 +37,31 @@ impl Handler for CreateContact {
 
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
         let mut problems = Vec::new();
-        only_known(config, &["msisdn", "email", "name", "language", "fields"], &mut problems);
+        only_known(
+            config,
+            &["msisdn", "email", "name", "language", "fields"],
+            &mut problems,
+        );
         if !config.contains_key("msisdn") && !config.contains_key("email") {
-            problems.push(FieldProblem::new("config", "needs msisdn or email (or both) to key the contact"));
+            problems.push(FieldProblem::new(
+                "config",
+                "needs msisdn or email (or both) to key the contact",
+            ));
         }
-        string_option(config, "msisdn", false, literal(normalize_msisdn), &mut problems);
-        string_option(config, "email", false, literal(normalize_email), &mut problems);
+        string_option(
+            config,
+            "msisdn",
+            false,
+            literal(normalize_msisdn),
+            &mut problems,
+        );
+        string_option(
+            config,
+            "email",
+            false,
+            literal(normalize_email),
+            &mut problems,
+        );
         string_option(config, "name", false, any_str, &mut problems);
         string_option(config, "language", false, any_str, &mut problems);
         object_option(config, "fields", &mut problems);
@@ -53,11 +72,16 @@ impl Handler for CreateContact {
         let config = input.render_config()?;
         let msisdn = rendered_string(&config, "msisdn")?
             .filter(|s| !s.is_empty())
-            .map(|m| normalize_msisdn(&m).map_err(|e| StepError::permanent(format!("config.msisdn: {e}"))))
+            .map(|m| {
+                normalize_msisdn(&m)
+                    .map_err(|e| StepError::permanent(format!("config.msisdn: {e}")))
+            })
             .transpose()?;
         let email = rendered_string(&config, "email")?
             .filter(|s| !s.is_empty())
-            .map(|e| normalize_email(&e).map_err(|e| StepError::permanent(format!("config.email: {e}"))))
+            .map(|e| {
+                normalize_email(&e).map_err(|e| StepError::permanent(format!("config.email: {e}")))
+            })
             .transpose()?;
         if msisdn.is_none() && email.is_none() {
             return Err(StepError::permanent(
@@ -68,7 +92,9 @@ impl Handler for CreateContact {
             None => Map::new(),
             Some(Value::Object(m)) => m.clone(),
             Some(other) => {
-                return Err(StepError::permanent(format!("config.fields: must give a table, but gave {other}")));
+                return Err(StepError::permanent(format!(
+                    "config.fields: must give a table, but gave {other}"
+                )));
             }
         };
         let upsert = ContactUpsert {

@@ -43,7 +43,8 @@ impl SendEmail {
     fn provider_name(&self, asked: Option<&str>) -> Result<String, String> {
         let configured = || {
             if self.providers.is_empty() {
-                "none is configured: add [providers.email.NAME] to the dispatcher's config file".to_string()
+                "none is configured: add [providers.email.NAME] to the dispatcher's config file"
+                    .to_string()
             } else {
                 format!("configured: {}", self.providers.join(", "))
             }
@@ -55,7 +56,10 @@ impl SendEmail {
                 configured()
             )),
             None if self.providers.len() == 1 => Ok(self.providers[0].clone()),
-            None => Err(format!("name the e-mail provider to use ({})", configured())),
+            None => Err(format!(
+                "name the e-mail provider to use ({})",
+                configured()
+            )),
         }
     }
 }
@@ -68,7 +72,11 @@ impl Handler for SendEmail {
 
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
         let mut problems = Vec::new();
-        only_known(config, &["to", "subject", "text", "html", "provider", "from"], &mut problems);
+        only_known(
+            config,
+            &["to", "subject", "text", "html", "provider", "from"],
+            &mut problems,
+        );
         check_recipients(config, "to", normalize_email, &mut problems);
         string_option(config, "subject", true, any_str, &mut problems);
         string_option(config, "text", true, any_str, &mut problems);
@@ -103,12 +111,18 @@ impl Handler for SendEmail {
             .map_err(StepError::permanent)?;
         let from = rendered_string(&config, "from")?
             .or_else(|| self.mail.default_from(&provider))
-            .ok_or_else(|| StepError::permanent(format!("no sender: set `from` on the step or on e-mail provider {provider:?}")))?;
+            .ok_or_else(|| {
+                StepError::permanent(format!(
+                    "no sender: set `from` on the step or on e-mail provider {provider:?}"
+                ))
+            })?;
         let subject = required_string(&config, "subject")?;
         let text = required_string(&config, "text")?;
         let to = recipients(&config, "to")?
             .iter()
-            .map(|r| normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}"))))
+            .map(|r| {
+                normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
@@ -133,7 +147,10 @@ impl Handler for SendEmail {
                     transitions: Vec::new(),
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
-            let record = if matches!(record.status, MessageStatus::Pending | MessageStatus::Failed) {
+            let record = if matches!(
+                record.status,
+                MessageStatus::Pending | MessageStatus::Failed
+            ) {
                 let email = Email {
                     from: from.clone(),
                     to: recipient,
@@ -144,19 +161,34 @@ impl Handler for SendEmail {
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
                             "X-SMTPAPI".to_string(),
-                            json!({"unique_args": {"switchboard_message_id": record.id}}).to_string(),
+                            json!({"unique_args": {"switchboard_message_id": record.id}})
+                                .to_string(),
                         ),
                     ],
                 };
                 match self.mail.send(&provider, email).await {
                     Ok(answer) => self
                         .messages
-                        .transition(&record.account_key, &record.id, MessageStatus::Sent, &answer, None)
-                        .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?
+                        .transition(
+                            &record.account_key,
+                            &record.id,
+                            MessageStatus::Sent,
+                            &answer,
+                            None,
+                        )
+                        .map_err(|e| {
+                            StepError::retryable(format!("recording the message: {e}"), None)
+                        })?
                         .unwrap_or(record),
                     Err(e) => {
                         if e.permanent {
-                            let _ = self.messages.transition(&record.account_key, &record.id, MessageStatus::Failed, &e.message, None);
+                            let _ = self.messages.transition(
+                                &record.account_key,
+                                &record.id,
+                                MessageStatus::Failed,
+                                &e.message,
+                                None,
+                            );
                         }
                         return Err(e.into());
                     }
@@ -164,7 +196,9 @@ impl Handler for SendEmail {
             } else {
                 record
             };
-            sent.push(json!({"message_id": record.id, "to": record.recipient, "status": record.status}));
+            sent.push(
+                json!({"message_id": record.id, "to": record.recipient, "status": record.status}),
+            );
         }
         let mut output = Map::new();
         if let Some(first) = sent.first() {

@@ -6,6 +6,10 @@
 //! effects through ports the dispatcher provides; the two built-ins of this
 //! crate so far, [`builtin::Log`] and [`builtin::Emit`], need none: `emit`
 //! returns the events to publish, and the dispatcher publishes them.
+//!
+//! `script:NAME` steps run the account's Rhai script `NAME` ([`script`]); the
+//! registry resolves them when a chain is stored, and compiles `when`
+//! conditions with the same sandboxed engine.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,11 +26,15 @@ pub mod contact;
 pub mod email;
 mod options;
 pub mod ports;
+pub mod script;
 pub mod sms;
 pub mod stores;
 pub mod template;
 pub mod webhook;
 
+pub use script::{
+    ContactLookup, RhaiLimits, ScriptHandler, ScriptRuntime, ScriptStore, ScriptStoreError,
+};
 pub use template::{EventValue, Scope, Templates};
 
 /// What the side-effecting built-in handlers need from the deployment.
@@ -51,6 +59,8 @@ pub struct Services {
 pub struct StepInput<'a> {
     /// The event being handled.
     pub event: &'a VumiApiEvent,
+    /// The event converted for templates and scripts (once per event).
+    pub event_value: &'a EventValue,
     /// The chain.
     pub chain: &'a str,
     /// The step (its name and raw config).
@@ -104,6 +114,15 @@ pub struct EmitRequest {
     pub event_data: Map<String, Value>,
 }
 
+/// A line a script wrote with `log(level, message)`; it goes into the trace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// The message.
+    pub message: String,
+}
+
 /// What a successful step produced.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
@@ -113,6 +132,8 @@ pub struct StepOutput {
     pub stop: bool,
     /// Events to publish, in order.
     pub emit: Vec<EmitRequest>,
+    /// Lines the step logged for the trace (scripts; empty for built-ins).
+    pub logs: Vec<LogLine>,
 }
 
 impl StepOutput {
@@ -179,13 +200,23 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
 
     /// Runs the step for one event.
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
+
+    /// Whether a dry run may call [`Handler::handle`]: true only for handlers
+    /// whose `handle` has no side effect at all (their effects are returned,
+    /// like `emit`'s events). Dry runs only describe the others.
+    fn dry_runs_safely(&self) -> bool {
+        false
+    }
 }
 
-/// The handlers a dispatcher knows, by name.
+/// The handlers a dispatcher knows, by name, and the account scripts
+/// (`script:NAME`) when a script store is attached.
 #[derive(Debug, Clone)]
 pub struct Registry {
     handlers: HashMap<&'static str, Arc<dyn Handler>>,
     templates: Arc<Templates>,
+    runtime: Arc<ScriptRuntime>,
+    scripts: Option<(Arc<ScriptStore>, Arc<dyn Handler>, ScriptHandler)>,
 }
 
 impl Default for Registry {
@@ -200,7 +231,33 @@ impl Registry {
         Self {
             handlers: HashMap::new(),
             templates: Arc::new(Templates::new()),
+            runtime: Arc::new(ScriptRuntime::default()),
+            scripts: None,
         }
+    }
+
+    /// Attaches the account scripts: `script:NAME` steps run them, and `when`
+    /// conditions use their runtime (and its limits).
+    pub fn with_scripts(mut self, scripts: Arc<ScriptStore>) -> Self {
+        self.runtime = scripts.runtime().clone();
+        let handler = ScriptHandler::new(scripts.clone());
+        self.scripts = Some((scripts, Arc::new(handler.clone()), handler));
+        self
+    }
+
+    /// The account scripts, when attached.
+    pub fn scripts(&self) -> Option<&Arc<ScriptStore>> {
+        self.scripts.as_ref().map(|(s, _, _)| s)
+    }
+
+    /// The handler of `script:NAME` steps, when scripts are attached.
+    pub fn script_handler(&self) -> Option<&ScriptHandler> {
+        self.scripts.as_ref().map(|(_, _, h)| h)
+    }
+
+    /// The Rhai runtime (`when` conditions, scripts).
+    pub fn runtime(&self) -> &Arc<ScriptRuntime> {
+        &self.runtime
     }
 
     /// A registry with the built-in handlers that need no outside peer:
@@ -225,8 +282,15 @@ impl Registry {
             services.commands,
             messages.clone(),
         )));
-        r.register(Arc::new(email::SendEmail::new(services.mail, services.email_providers, messages)));
-        r.register(Arc::new(webhook::PaymentWebhook::new(services.http, secrets)));
+        r.register(Arc::new(email::SendEmail::new(
+            services.mail,
+            services.email_providers,
+            messages,
+        )));
+        r.register(Arc::new(webhook::PaymentWebhook::new(
+            services.http,
+            secrets,
+        )));
         r
     }
 
@@ -235,8 +299,11 @@ impl Registry {
         self.handlers.insert(handler.name(), handler);
     }
 
-    /// The handler called `name`.
+    /// The handler called `name`; for `script:NAME`, the script handler.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        if name.starts_with("script:") {
+            return self.scripts.as_ref().map(|(_, h, _)| h);
+        }
         self.handlers.get(name)
     }
 
@@ -256,19 +323,33 @@ impl Registry {
 impl StepCatalog for Registry {
     fn check_step(
         &self,
-        _account: &AccountKey,
+        account: &AccountKey,
         step: &StepSpec,
         earlier: &[&str],
     ) -> Result<(), Vec<FieldProblem>> {
-        if step.handler.starts_with("script:") {
-            return Err(vec![FieldProblem::new(
-                "handler",
-                format!(
-                    "{:?}: Rhai script handlers are not supported yet; use a built-in handler ({})",
-                    step.handler,
-                    self.names().join(", ")
-                ),
-            )]);
+        if let Some(name) = step.handler.strip_prefix("script:") {
+            let Some(scripts) = self.scripts() else {
+                return Err(vec![FieldProblem::new(
+                    "handler",
+                    format!(
+                        "{:?}: this registry has no script store, so script handlers cannot run",
+                        step.handler
+                    ),
+                )]);
+            };
+            match scripts.current(account, name) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(vec![FieldProblem::new(
+                        "handler",
+                        format!(
+                            "account {account} has no script named {name:?}; store it first with \
+                             `switchboard scripts put {account} {name} FILE`"
+                        ),
+                    )]);
+                }
+                Err(e) => return Err(vec![FieldProblem::new("handler", e.to_string())]),
+            }
         }
         let Some(handler) = self.get(&step.handler) else {
             return Err(vec![FieldProblem::new(
@@ -293,6 +374,13 @@ impl StepCatalog for Registry {
         } else {
             Err(problems)
         }
+    }
+
+    fn check_condition(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {
+        self.runtime
+            .compile_condition(expr)
+            .map(|_| ())
+            .map_err(|e| format!("not a valid Rhai expression: {e}"))
     }
 }
 

@@ -7,7 +7,11 @@ use crate::StepError;
 use crate::template::is_template;
 
 /// Flags options a handler does not know (usually typos), naming the known ones.
-pub(crate) fn only_known(config: &Map<String, Value>, known: &[&str], problems: &mut Vec<FieldProblem>) {
+pub(crate) fn only_known(
+    config: &Map<String, Value>,
+    known: &[&str],
+    problems: &mut Vec<FieldProblem>,
+) {
     for key in config.keys() {
         if !known.contains(&key.as_str()) {
             problems.push(FieldProblem::new(
@@ -59,7 +63,10 @@ where
         .map_err(|e| e.to_string())
 }
 
-pub(crate) fn rendered_key<K>(config: &Map<String, Value>, key: &str) -> Result<Option<K>, StepError>
+pub(crate) fn rendered_key<K>(
+    config: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<K>, StepError>
 where
     K: TryFrom<String, Error = switchboard_sdk::KeyError>,
 {
@@ -75,7 +82,10 @@ where
 }
 
 /// A rendered option that must be a string (numbers are written out).
-pub(crate) fn rendered_string(config: &Map<String, Value>, key: &str) -> Result<Option<String>, StepError> {
+pub(crate) fn rendered_string(
+    config: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, StepError> {
     match config.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -93,7 +103,11 @@ pub(crate) fn required_string(config: &Map<String, Value>, key: &str) -> Result<
 }
 
 /// Checks an option that must be a table (or a template that gives one).
-pub(crate) fn object_option(config: &Map<String, Value>, key: &str, problems: &mut Vec<FieldProblem>) {
+pub(crate) fn object_option(
+    config: &Map<String, Value>,
+    key: &str,
+    problems: &mut Vec<FieldProblem>,
+) {
     match config.get(key) {
         None | Some(Value::Object(_)) => {}
         Some(Value::String(s)) if is_template(s) => {}

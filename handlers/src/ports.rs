@@ -93,7 +93,9 @@ pub enum HttpError {
 impl From<HttpError> for StepError {
     fn from(e: HttpError) -> Self {
         match e {
-            HttpError::Timeout { .. } | HttpError::Connect { .. } => StepError::retryable(e.to_string(), None),
+            HttpError::Timeout { .. } | HttpError::Connect { .. } => {
+                StepError::retryable(e.to_string(), None)
+            }
             HttpError::Refused { .. } => StepError::permanent(e.to_string()),
         }
     }

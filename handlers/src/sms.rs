@@ -129,20 +129,38 @@ impl SendSms {
                 "SMS provider {name:?} is not configured in this deployment ({})",
                 self.configured()
             )),
-            None if self.providers.len() == 1 => Ok(self.providers.keys().next().expect("one provider")),
-            None => Err(format!("name the SMS provider to use ({})", self.configured())),
+            None if self.providers.len() == 1 => {
+                Ok(self.providers.keys().next().expect("one provider"))
+            }
+            None => Err(format!(
+                "name the SMS provider to use ({})",
+                self.configured()
+            )),
         }
     }
 
     fn configured(&self) -> String {
         if self.providers.is_empty() {
-            "none is configured: add [providers.sms.NAME] to the dispatcher's config file".to_string()
+            "none is configured: add [providers.sms.NAME] to the dispatcher's config file"
+                .to_string()
         } else {
-            format!("configured: {}", self.providers.keys().cloned().collect::<Vec<_>>().join(", "))
+            format!(
+                "configured: {}",
+                self.providers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     }
 
-    async fn deliver(&self, provider: &SmsProvider, message: &MessageRecord, from: Option<&str>) -> Result<Option<String>, StepError> {
+    async fn deliver(
+        &self,
+        provider: &SmsProvider,
+        message: &MessageRecord,
+        from: Option<&str>,
+    ) -> Result<Option<String>, StepError> {
         match provider {
             SmsProvider::Nats(p) => {
                 let command = json!({
@@ -167,9 +185,18 @@ impl SendSms {
                 });
                 let subject = format!("outbound.{}", p.transport);
                 self.commands
-                    .publish(&subject, serde_json::to_vec(&command).expect("JSON serialises"), &message.id)
+                    .publish(
+                        &subject,
+                        serde_json::to_vec(&command).expect("JSON serialises"),
+                        &message.id,
+                    )
                     .await
-                    .map_err(|e| StepError::retryable(format!("publishing to {}: {e}", self.commands.subject(&subject)), None))?;
+                    .map_err(|e| {
+                        StepError::retryable(
+                            format!("publishing to {}: {e}", self.commands.subject(&subject)),
+                            None,
+                        )
+                    })?;
                 Ok(None)
             }
             SmsProvider::Http(p) => {
@@ -203,7 +230,11 @@ impl SendSms {
                 Ok(answer
                     .get("id")
                     .or_else(|| answer.get("message_id"))
-                    .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_u64().map(|n| n.to_string()))))
+                    .and_then(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .or_else(|| v.as_u64().map(|n| n.to_string()))
+                    }))
             }
             SmsProvider::Twilio(p) => {
                 let url = format!(
@@ -244,7 +275,10 @@ impl SendSms {
                     .await?;
                 response.check("Twilio")?;
                 let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-                Ok(answer.get("sid").and_then(Value::as_str).map(str::to_string))
+                Ok(answer
+                    .get("sid")
+                    .and_then(Value::as_str)
+                    .map(str::to_string))
             }
         }
     }
@@ -252,7 +286,9 @@ impl SendSms {
 
 /// Vumi's timestamp format: `2026-11-22 07:00:00.000000`.
 fn vumi_timestamp(t: time::OffsetDateTime) -> String {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]");
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]"
+    );
     t.format(&format).unwrap_or_default()
 }
 
@@ -266,19 +302,31 @@ pub(crate) fn recipients(config: &Map<String, Value>, key: &str) -> Result<Vec<S
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
                 Value::Number(n) => Ok(n.to_string()),
-                other => Err(StepError::permanent(format!("config.{key}: {other} is not a recipient"))),
+                other => Err(StepError::permanent(format!(
+                    "config.{key}: {other} is not a recipient"
+                ))),
             })
             .collect(),
-        None => Err(StepError::permanent(format!("config.{key}: required option is missing"))),
+        None => Err(StepError::permanent(format!(
+            "config.{key}: required option is missing"
+        ))),
         Some(other) => Err(StepError::permanent(format!(
             "config.{key}: must give a recipient or a list of them, but gave {other}"
         ))),
     }
 }
 
-pub(crate) fn check_recipients(config: &Map<String, Value>, key: &str, check: fn(&str) -> Result<String, String>, problems: &mut Vec<FieldProblem>) {
+pub(crate) fn check_recipients(
+    config: &Map<String, Value>,
+    key: &str,
+    check: fn(&str) -> Result<String, String>,
+    problems: &mut Vec<FieldProblem>,
+) {
     match config.get(key) {
-        None => problems.push(FieldProblem::new(format!("config.{key}"), "required option is missing")),
+        None => problems.push(FieldProblem::new(
+            format!("config.{key}"),
+            "required option is missing",
+        )),
         Some(Value::String(s)) if is_template(s) => {}
         Some(Value::String(s)) => {
             if let Err(e) = check(s) {
@@ -294,7 +342,10 @@ pub(crate) fn check_recipients(config: &Map<String, Value>, key: &str, check: fn
                             problems.push(FieldProblem::new(format!("config.{key}[{i}]"), e));
                         }
                     }
-                    _ => problems.push(FieldProblem::new(format!("config.{key}[{i}]"), "must be a string")),
+                    _ => problems.push(FieldProblem::new(
+                        format!("config.{key}[{i}]"),
+                        "must be a string",
+                    )),
                 }
             }
         }
@@ -323,7 +374,10 @@ impl Handler for SendSms {
                     problems.push(FieldProblem::new("config.provider", e));
                 }
             }
-            Some(_) => problems.push(FieldProblem::new("config.provider", "must be a provider's name")),
+            Some(_) => problems.push(FieldProblem::new(
+                "config.provider",
+                "must be a provider's name",
+            )),
             None => {
                 if let Err(e) = self.provider_name(None) {
                     problems.push(FieldProblem::new("config.provider", e));
@@ -341,10 +395,13 @@ impl Handler for SendSms {
             .to_string();
         let provider = &self.providers[&provider_name];
         let body = required_string(&config, "body")?;
-        let from = rendered_string(&config, "from")?.or_else(|| provider.default_from().map(str::to_string));
+        let from = rendered_string(&config, "from")?
+            .or_else(|| provider.default_from().map(str::to_string));
         let to = recipients(&config, "to")?
             .iter()
-            .map(|r| normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}"))))
+            .map(|r| {
+                normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
@@ -370,16 +427,32 @@ impl Handler for SendSms {
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             // A re-run step does not send again what was already sent.
-            let record = if record.status == MessageStatus::Pending || record.status == MessageStatus::Failed {
+            let record = if record.status == MessageStatus::Pending
+                || record.status == MessageStatus::Failed
+            {
                 match self.deliver(provider, &record, from.as_deref()).await {
                     Ok(remote_id) => self
                         .messages
-                        .transition(&record.account_key, &record.id, MessageStatus::Sent, &format!("accepted by {provider_name}"), remote_id)
-                        .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?
+                        .transition(
+                            &record.account_key,
+                            &record.id,
+                            MessageStatus::Sent,
+                            &format!("accepted by {provider_name}"),
+                            remote_id,
+                        )
+                        .map_err(|e| {
+                            StepError::retryable(format!("recording the message: {e}"), None)
+                        })?
                         .unwrap_or(record),
                     Err(e) => {
                         if !e.is_retryable() {
-                            let _ = self.messages.transition(&record.account_key, &record.id, MessageStatus::Failed, &e.to_string(), None);
+                            let _ = self.messages.transition(
+                                &record.account_key,
+                                &record.id,
+                                MessageStatus::Failed,
+                                &e.to_string(),
+                                None,
+                            );
                         }
                         return Err(e);
                     }

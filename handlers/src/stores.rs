@@ -24,8 +24,15 @@ pub fn normalize_msisdn(raw: &str) -> Result<String, String> {
     let digits = compact
         .strip_prefix('+')
         .or_else(|| compact.strip_prefix("00"))
-        .ok_or_else(|| format!("{raw:?} is not an E.164 number: write it with the country code, e.g. +27821234567"))?;
-    if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
+        .ok_or_else(|| {
+            format!(
+                "{raw:?} is not an E.164 number: write it with the country code, e.g. +27821234567"
+            )
+        })?;
+    if !(8..=15).contains(&digits.len())
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || digits.starts_with('0')
+    {
         return Err(format!(
             "{raw:?} is not an E.164 number: + then 8 to 15 digits, not starting with 0 (e.g. +27821234567)"
         ));
@@ -43,7 +50,9 @@ pub fn normalize_email(raw: &str) -> Result<String, String> {
                 && domain.contains('.')
                 && !domain.starts_with('.')
                 && !domain.ends_with('.')
-                && !e.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';'))
+                && !e.chars().any(|c| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';')
+                })
         }
         None => false,
     };
@@ -105,7 +114,10 @@ pub struct ContactStore {
 }
 
 fn index_key(account: &AccountKey, kind: &str, value: &str) -> Vec<u8> {
-    key(&[account.as_str().as_bytes(), format!("{kind}:{value}").as_bytes()])
+    key(&[
+        account.as_str().as_bytes(),
+        format!("{kind}:{value}").as_bytes(),
+    ])
 }
 
 fn contact_key(account: &AccountKey, key_: &str) -> Vec<u8> {
@@ -127,7 +139,11 @@ impl ContactStore {
 
     /// Creates the contact, or updates the one with the same msisdn or e-mail.
     /// Returns the contact and whether it was created.
-    pub fn upsert(&self, account: &AccountKey, upsert: ContactUpsert) -> Result<(Contact, bool), StoreError> {
+    pub fn upsert(
+        &self,
+        account: &AccountKey,
+        upsert: ContactUpsert,
+    ) -> Result<(Contact, bool), StoreError> {
         let _guard = self.writer.lock().expect("contact writer lock");
         let existing = [("msisdn", &upsert.msisdn), ("email", &upsert.email)]
             .into_iter()
@@ -138,7 +154,11 @@ impl ContactStore {
                     .ok()
                     .flatten()
             })
-            .and_then(|k| self.get(account, &String::from_utf8_lossy(&k)).ok().flatten());
+            .and_then(|k| {
+                self.get(account, &String::from_utf8_lossy(&k))
+                    .ok()
+                    .flatten()
+            });
         let now = switchboard_sdk::now();
         let (mut contact, created) = match existing {
             Some(c) => (c, false),
@@ -216,7 +236,11 @@ impl ContactStore {
     }
 
     /// The contact of `account` with this msisdn or e-mail (normalised here).
-    pub fn find(&self, account: &AccountKey, msisdn_or_email: &str) -> Result<Option<Contact>, StoreError> {
+    pub fn find(
+        &self,
+        account: &AccountKey,
+        msisdn_or_email: &str,
+    ) -> Result<Option<Contact>, StoreError> {
         let index = if msisdn_or_email.contains('@') {
             normalize_email(msisdn_or_email).map(|e| index_key(account, "email", &e))
         } else {
@@ -233,7 +257,10 @@ impl ContactStore {
     pub fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, StoreError> {
         Ok(self
             .store
-            .scan_prefix(Collection::Contacts, &key(&[account.as_str().as_bytes(), b""]))?
+            .scan_prefix(
+                Collection::Contacts,
+                &key(&[account.as_str().as_bytes(), b""]),
+            )?
             .into_iter()
             .take(limit)
             .filter_map(|(_, v)| decode(&v))
@@ -362,7 +389,9 @@ impl MessageStore {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, StoreError> {
         let _guard = self.writer.lock().expect("message writer lock");
-        let Some(mut m) = self.get(account, id)? else { return Ok(None) };
+        let Some(mut m) = self.get(account, id)? else {
+            return Ok(None);
+        };
         let now = switchboard_sdk::now();
         if remote_id.is_some() {
             m.remote_id = remote_id;
@@ -391,15 +420,25 @@ impl MessageStore {
     pub fn get(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, StoreError> {
         Ok(self
             .store
-            .get(Collection::Messages, &key(&[account.as_str().as_bytes(), id.as_bytes()]))?
+            .get(
+                Collection::Messages,
+                &key(&[account.as_str().as_bytes(), id.as_bytes()]),
+            )?
             .and_then(|v| decode(&v)))
     }
 
     /// Up to `limit` messages of `account`.
-    pub fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, StoreError> {
+    pub fn list(
+        &self,
+        account: &AccountKey,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
         Ok(self
             .store
-            .scan_prefix(Collection::Messages, &key(&[account.as_str().as_bytes(), b""]))?
+            .scan_prefix(
+                Collection::Messages,
+                &key(&[account.as_str().as_bytes(), b""]),
+            )?
             .into_iter()
             .take(limit)
             .filter_map(|(_, v)| decode(&v))
@@ -418,11 +457,15 @@ pub struct SecretStore {
 pub fn check_secret_name(name: &str) -> Result<(), String> {
     if !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
     {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a secret name: use 1 to 64 of A-Z a-z 0-9 _ - ."))
+        Err(format!(
+            "{name:?} is not a secret name: use 1 to 64 of A-Z a-z 0-9 _ - ."
+        ))
     }
 }
 
@@ -434,15 +477,21 @@ impl SecretStore {
 
     /// Sets (or replaces) a secret.
     pub fn set(&self, account: &AccountKey, name: &str, value: &str) -> Result<(), StoreError> {
-        self.store
-            .put(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]), value.as_bytes())
+        self.store.put(
+            Collection::Secrets,
+            &key(&[account.as_str().as_bytes(), name.as_bytes()]),
+            value.as_bytes(),
+        )
     }
 
     /// A secret's value, for a handler's use.
     pub fn get(&self, account: &AccountKey, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .store
-            .get(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]))?
+            .get(
+                Collection::Secrets,
+                &key(&[account.as_str().as_bytes(), name.as_bytes()]),
+            )?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
@@ -461,7 +510,10 @@ impl SecretStore {
     pub fn remove(&self, account: &AccountKey, name: &str) -> Result<bool, StoreError> {
         Ok(self
             .store
-            .remove(Collection::Secrets, &key(&[account.as_str().as_bytes(), name.as_bytes()]))?
+            .remove(
+                Collection::Secrets,
+                &key(&[account.as_str().as_bytes(), name.as_bytes()]),
+            )?
             .is_some())
     }
 }
@@ -480,22 +532,59 @@ impl IdempotencyStore {
 
     fn key(account: &AccountKey, chain: &str, step: &str, rendered: &str) -> Vec<u8> {
         let hash = Sha256::digest(rendered.as_bytes());
-        key(&[account.as_str().as_bytes(), chain.as_bytes(), step.as_bytes(), &hash])
+        key(&[
+            account.as_str().as_bytes(),
+            chain.as_bytes(),
+            step.as_bytes(),
+            &hash,
+        ])
     }
 
     /// Whether `rendered` was recorded for this step less than `window` ago.
-    pub fn seen(&self, account: &AccountKey, chain: &str, step: &str, rendered: &str, window: Duration) -> Result<bool, StoreError> {
+    pub fn seen(
+        &self,
+        account: &AccountKey,
+        chain: &str,
+        step: &str,
+        rendered: &str,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
         let k = Self::key(account, chain, step, rendered);
-        let Some(v) = self.store.get(Collection::Idempotency, &k)? else { return Ok(false) };
+        let Some(v) = self.store.get(Collection::Idempotency, &k)? else {
+            return Ok(false);
+        };
         let at = i64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8]));
         let age = switchboard_sdk::now().unix_timestamp() - at;
         Ok(age < window.as_secs() as i64)
     }
 
     /// Records `rendered` for this step, now.
-    pub fn record(&self, account: &AccountKey, chain: &str, step: &str, rendered: &str) -> Result<(), StoreError> {
+    pub fn record(
+        &self,
+        account: &AccountKey,
+        chain: &str,
+        step: &str,
+        rendered: &str,
+    ) -> Result<(), StoreError> {
         let k = Self::key(account, chain, step, rendered);
         let now = switchboard_sdk::now().unix_timestamp();
-        self.store.put(Collection::Idempotency, &k, &now.to_be_bytes())
+        self.store
+            .put(Collection::Idempotency, &k, &now.to_be_bytes())
+    }
+}
+
+/// Scripts' `contact()` reads the account's contacts, read-only.
+impl crate::script::ContactLookup for ContactStore {
+    fn find(&self, account: &AccountKey, msisdn_or_email: &str) -> Option<Map<String, Value>> {
+        let contact = ContactStore::find(self, account, msisdn_or_email)
+            .ok()
+            .flatten()?;
+        match serde_json::to_value(contact) {
+            Ok(Value::Object(mut m)) => {
+                m.remove("account_key");
+                Some(m)
+            }
+            _ => None,
+        }
     }
 }

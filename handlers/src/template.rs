@@ -8,6 +8,7 @@
 //! are literals and cost nothing to "render".
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 
 use minijinja::{Environment, UndefinedBehavior, Value as JinjaValue};
 use serde_json::{Map, Value};
@@ -52,14 +53,31 @@ impl Default for Templates {
 #[derive(Debug, Clone)]
 pub struct Scope(JinjaValue);
 
-/// The event as templates see it, converted once per event.
+/// The event as templates and scripts see it, converted once per event (for
+/// scripts: on first use, so chains without scripts never pay for it).
 #[derive(Debug, Clone)]
-pub struct EventValue(JinjaValue);
+pub struct EventValue {
+    jinja: JinjaValue,
+    rhai: OnceLock<rhai::Dynamic>,
+}
 
 impl EventValue {
     /// Converts `event` for templates.
     pub fn new(event: &VumiApiEvent) -> Self {
-        Self(JinjaValue::from(minijinja::value::Serde(event)))
+        Self {
+            jinja: JinjaValue::from(minijinja::value::Serde(event)),
+            rhai: OnceLock::new(),
+        }
+    }
+
+    /// The event as a shared (read-only by convention) Rhai value: cloning it
+    /// is an `Arc` clone, so every `when` of the event reads the one
+    /// conversion. Script calls take a private copy (`flatten_clone`), so a
+    /// script that changes its `event` changes nobody else's. `event` must be
+    /// the event this was made from.
+    pub fn rhai(&self, event: &VumiApiEvent) -> &rhai::Dynamic {
+        self.rhai
+            .get_or_init(|| crate::script::ScriptRuntime::to_dynamic(event).into_shared())
     }
 }
 
@@ -95,7 +113,7 @@ impl Templates {
         account: &AccountKey,
     ) -> Scope {
         Scope(minijinja::context! {
-            event => event.0.clone(),
+            event => event.jinja.clone(),
             steps => JinjaValue::from(minijinja::value::Serde(steps)),
             account => minijinja::context! { key => account.as_str() },
         })
@@ -239,9 +257,12 @@ impl Templates {
             .env
             .template_from_named_str("config.html", source)
             .map_err(|e| format!("{path}: template {source:?}: {}", describe(&e)))?;
-        template
-            .render(scope.0.clone())
-            .map_err(|e| format!("{path}: {}", self.explain(source, &e, template.undeclared_variables(true), scope)))
+        template.render(scope.0.clone()).map_err(|e| {
+            format!(
+                "{path}: {}",
+                self.explain(source, &e, template.undeclared_variables(true), scope)
+            )
+        })
     }
 
     /// Says which variable was undefined, when that was the error: minijinja

@@ -32,8 +32,10 @@ async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
     let scope = registry
         .templates()
         .scope(&EventValue::new(&event), &steps, &event.account_key);
+    let event_value = EventValue::new(&event);
     let input = StepInput {
         event: &event,
+        event_value: &event_value,
         chain: "c",
         step,
         steps: &steps,
@@ -84,7 +86,7 @@ fn catalog_checks() {
             "handler: unknown handler \"teleport\"; the built-in handlers are emit, log"
         )
     );
-    assert!(check_step(&step("script:award", json!({})))[0].contains("not supported yet"));
+    assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));
     assert!(
         check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0]
             .contains("`event.nope`")
@@ -162,7 +164,11 @@ fn webhook_signature_matches_the_specs_test_vector() {
     )
     .unwrap();
     assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-    assert!(webhook::sign("whsec_not base64!", "id", 1, b"{}").unwrap_err().contains("not a Standard Webhooks secret"));
+    assert!(
+        webhook::sign("whsec_not base64!", "id", 1, b"{}")
+            .unwrap_err()
+            .contains("not a Standard Webhooks secret")
+    );
 }
 
 #[test]
@@ -176,11 +182,28 @@ fn msisdns_and_emails_normalise() {
     for (raw, want) in good {
         assert_eq!(normalize_msisdn(raw).as_deref(), Ok(want), "{raw}");
     }
-    for raw in ["0820000001", "12345", "+0820000001", "+2782000000112345", "+27abc", ""] {
+    for raw in [
+        "0820000001",
+        "12345",
+        "+0820000001",
+        "+2782000000112345",
+        "+27abc",
+        "",
+    ] {
         assert!(normalize_msisdn(raw).is_err(), "{raw} should be refused");
     }
-    assert_eq!(normalize_email(" Thandi@Example.ORG ").as_deref(), Ok("thandi@example.org"));
-    for raw in ["thandi", "@example.org", "a@b", "a b@example.org", "a@example.org.", "a@b@c.org"] {
+    assert_eq!(
+        normalize_email(" Thandi@Example.ORG ").as_deref(),
+        Ok("thandi@example.org")
+    );
+    for raw in [
+        "thandi",
+        "@example.org",
+        "a@b",
+        "a b@example.org",
+        "a@example.org.",
+        "a@b@c.org",
+    ] {
         assert!(normalize_email(raw).is_err(), "{raw} should be refused");
     }
 }
@@ -200,17 +223,118 @@ fn contacts_upsert_by_msisdn_or_email_within_an_account() {
     assert!(created);
     // The same number again, now with an e-mail: the same contact, updated.
     let (second, created) = contacts
-        .upsert(&acme, ContactUpsert { email: Some("t@example.org".into()), ..by_msisdn.clone() })
+        .upsert(
+            &acme,
+            ContactUpsert {
+                email: Some("t@example.org".into()),
+                ..by_msisdn.clone()
+            },
+        )
         .unwrap();
     assert!(!created);
     assert_eq!(second.key, first.key);
     assert_eq!(second.email.as_deref(), Some("t@example.org"));
     // Found by e-mail too; another account has its own contact for the number.
-    assert_eq!(contacts.find(&acme, "T@example.org").unwrap().unwrap().key, first.key);
+    assert_eq!(
+        contacts.find(&acme, "T@example.org").unwrap().unwrap().key,
+        first.key
+    );
     assert!(contacts.find(&other, "+27820000001").unwrap().is_none());
     let (theirs, created) = contacts.upsert(&other, by_msisdn).unwrap();
     assert!(created);
     assert_ne!(theirs.key, first.key);
     assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
     assert!(contacts.get(&other, &first.key).unwrap().is_none());
+}
+
+#[test]
+fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: 1 } }",
+        )
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let check = |s: &StepSpec| registry.check_step(&acme, s, &[]);
+    assert!(
+        check(&step(
+            "script:award",
+            json!({"bonus": "{{ event.event_data.score }}"})
+        ))
+        .is_ok()
+    );
+    let err = check(&step("script:nope", json!({}))).unwrap_err();
+    assert_eq!(err[0].field, "handler");
+    assert!(
+        err[0]
+            .message
+            .starts_with("account acme has no script named \"nope\""),
+        "{}",
+        err[0].message
+    );
+    assert!(registry.get("script:award").is_some());
+    assert!(
+        registry
+            .check_condition(&acme, "event.event_data.score >= 3")
+            .is_ok()
+    );
+    let err = registry
+        .check_condition(&acme, "event.event_data.score >=")
+        .unwrap_err();
+    assert!(
+        err.starts_with("not a valid Rhai expression: line 1, column"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_script_step_runs_through_the_registry() {
+    let scripts = Arc::new(ScriptStore::new(
+        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(ScriptRuntime::default()),
+    ));
+    let acme = AccountKey::new("acme").unwrap();
+    scripts
+        .put(
+            &acme,
+            "award",
+            "fn handle(event, steps, config) { #{ points: event.event_data.score * config.per } }",
+        )
+        .unwrap();
+    let registry = Registry::with_builtins().with_scripts(scripts);
+    let event = event();
+    let steps = serde_json::Map::new();
+    let event_value = EventValue::new(&event);
+    let scope = registry
+        .templates()
+        .scope(&event_value, &steps, &event.account_key);
+    let spec = step(
+        "script:award",
+        json!({"per": "{{ event.event_data.score }}"}),
+    );
+    let input = StepInput {
+        event: &event,
+        event_value: &event_value,
+        chain: "c",
+        step: &spec,
+        steps: &steps,
+        attempt: 1,
+        templates: registry.templates(),
+        scope: &scope,
+    };
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        registry.get("script:award").unwrap().handle(&input),
+    )
+    .await
+    .expect("the script step finishes")
+    .unwrap();
+    assert_eq!(serde_json::Value::Object(out.data), json!({"points": 16}));
 }

@@ -26,9 +26,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// part of a `whsec_` secret.
 pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
     let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
-    let key = BASE64
-        .decode(encoded)
-        .map_err(|e| format!("is not a Standard Webhooks secret (whsec_ + base64 of the key): {e}"))?;
+    let key = BASE64.decode(encoded).map_err(|e| {
+        format!("is not a Standard Webhooks secret (whsec_ + base64 of the key): {e}")
+    })?;
     if key.is_empty() {
         return Err("is empty".into());
     }
@@ -76,13 +76,20 @@ impl Handler for PaymentWebhook {
 
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
         let mut problems = Vec::new();
-        only_known(config, &["url", "secret", "body", "headers", "timeout"], &mut problems);
+        only_known(
+            config,
+            &["url", "secret", "body", "headers", "timeout"],
+            &mut problems,
+        );
         string_option(config, "url", true, check_url, &mut problems);
         string_option(config, "secret", true, check_secret_name, &mut problems);
         if let Some(Value::String(s)) = config.get("secret")
             && is_template(s)
         {
-            problems.push(FieldProblem::new("config.secret", "names a secret; it cannot be a template"));
+            problems.push(FieldProblem::new(
+                "config.secret",
+                "names a secret; it cannot be a template",
+            ));
         }
         object_option(config, "body", &mut problems);
         object_option(config, "headers", &mut problems);
@@ -105,14 +112,17 @@ impl Handler for PaymentWebhook {
         let secret = self
             .secrets
             .get(account, &secret_name)
-            .map_err(|e| StepError::retryable(format!("reading secret {secret_name:?}: {e}"), None))?
+            .map_err(|e| {
+                StepError::retryable(format!("reading secret {secret_name:?}: {e}"), None)
+            })?
             .ok_or_else(|| {
                 StepError::permanent(format!(
                     "secret {secret_name:?} of account {account} is not set; set it with \
                      `switchboard secrets set {account} {secret_name}`"
                 ))
             })?;
-        let body = serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
+        let body =
+            serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
         // Stable for the (event, chain, step): a retry carries the same id.
         let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
         let timestamp = switchboard_sdk::now().unix_timestamp();
@@ -131,7 +141,8 @@ impl Handler for PaymentWebhook {
             }
         }
         let timeout = match config.get("timeout").and_then(Value::as_str) {
-            Some(t) => switchboard_rules::duration::parse(t).map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
+            Some(t) => switchboard_rules::duration::parse(t)
+                .map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
             None => DEFAULT_TIMEOUT,
         };
         let response = self

@@ -92,10 +92,32 @@ impl AccountChains {
         &self.chains
     }
 
-    /// The chains `event` runs. Every chain whose match holds runs, in file
-    /// order; when none does, the chain named `default` runs (if its own match
-    /// holds); otherwise the event is unrouted.
+    /// The chains `event` runs, not counting `when` conditions. Every chain
+    /// whose match holds runs, in file order; when none does, the chain named
+    /// `default` runs (if its own match holds); otherwise the event is
+    /// unrouted. With conditions, use [`Self::candidates`] and
+    /// [`Self::default_for`]: the default runs only when no candidate's
+    /// condition holds.
     pub fn route(&self, event: &VumiApiEvent) -> Routing<'_> {
+        let hits = self.candidates(event);
+        if !hits.is_empty() {
+            return Routing::Matched(hits);
+        }
+        match self.default_for(event) {
+            Some(chain) => Routing::Default(chain),
+            None => Routing::Unrouted,
+        }
+    }
+
+    /// Whether any chain has a `when` condition.
+    pub fn has_conditions(&self) -> bool {
+        self.chains.iter().any(|c| c.when.is_some())
+    }
+
+    /// The chains (other than `default`) whose conversation type, event type
+    /// and conversation key match `event`, in file order. Their `when`
+    /// conditions, if any, are still to be evaluated.
+    pub fn candidates(&self, event: &VumiApiEvent) -> Vec<&ChainSpec> {
         let mut hits: Vec<usize> = Vec::new();
         for ct in [event.conversation_type.as_str(), ANY] {
             let Some(by_event) = self.index.get(ct) else {
@@ -112,14 +134,17 @@ impl AccountChains {
                 }
             }
         }
-        if !hits.is_empty() {
-            hits.sort_unstable();
-            return Routing::Matched(hits.into_iter().map(|i| &self.chains[i]).collect());
-        }
-        match self.default.map(|i| &self.chains[i]) {
-            Some(chain) if full_match(chain, event) => Routing::Default(chain),
-            _ => Routing::Unrouted,
-        }
+        hits.sort_unstable();
+        hits.into_iter().map(|i| &self.chains[i]).collect()
+    }
+
+    /// The account's `default` chain, if it has one and its match holds for
+    /// `event` (its `when`, if any, is still to be evaluated). It runs only
+    /// when no candidate runs.
+    pub fn default_for(&self, event: &VumiApiEvent) -> Option<&ChainSpec> {
+        self.default
+            .map(|i| &self.chains[i])
+            .filter(|chain| full_match(chain, event))
     }
 }
 

@@ -28,6 +28,15 @@ impl StepCatalog for TestCatalog {
             )]),
         }
     }
+
+    /// Accepts any condition but one that contains `((`.
+    fn check_condition(&self, _: &AccountKey, expr: &str) -> Result<(), String> {
+        if expr.contains("((") {
+            Err("line 1, column 2: unbalanced".into())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 fn acme() -> AccountKey {
@@ -190,8 +199,12 @@ fn structural_rules() {
             "field name: \"my-step\" is not a step name",
         ),
         (
-            "[[chains]]\nname = \"a\"\nwhen = 'event.event_data.score > 3'\nsteps = [{ handler = \"log\" }]",
-            "field when: `when` conditions are not supported yet",
+            "[[chains]]\nname = \"a\"\nwhen = 'event.((score'\nsteps = [{ handler = \"log\" }]",
+            "chain \"a\", field when: line 1, column 2: unbalanced",
+        ),
+        (
+            "[[chains]]\nname = \"a\"\nwhen = ' '\nsteps = [{ handler = \"log\" }]",
+            "chain \"a\", field when: an empty condition",
         ),
         (
             "[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\", retry = { max_attempts = 0 } }]",
@@ -212,7 +225,7 @@ fn structural_rules() {
         );
     }
     let ok = check(
-        "account_key = \"acme\"\n[[chains]]\nname = \"a\"\nsteps = [{ handler = \"log\" }, { handler = \"needs_earlier\" }]",
+        "account_key = \"acme\"\n[[chains]]\nname = \"a\"\nwhen = 'event.event_data.score > 3'\nsteps = [{ handler = \"log\" }, { handler = \"needs_earlier\" }]",
     );
     assert!(ok.is_ok(), "{ok:?}");
 }
@@ -348,4 +361,39 @@ fn store_reloads_and_keeps_accounts_apart() {
     let other = store.lookup(&AccountKey::new("other").unwrap()).unwrap();
     assert_eq!(other.chains()[0].name, "x");
     assert!(store.lookup(&AccountKey::new("nobody").unwrap()).is_none());
+}
+
+#[test]
+fn candidates_and_default_are_separate_so_conditions_can_filter_between() {
+    let file = parse(
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "high"
+event_type = "poll_complete"
+when = 'event.event_data.score >= 3'
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "default"
+steps = [{ handler = "log" }]
+"#,
+    );
+    let chains = AccountChains::new(1, file);
+    assert!(chains.has_conditions());
+    let e = event("survey", "poll_complete", "p");
+    let names: Vec<&str> = chains
+        .candidates(&e)
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["high"]);
+    assert_eq!(
+        chains.default_for(&e).map(|c| c.name.as_str()),
+        Some("default")
+    );
+    let other = event("survey", "started", "p");
+    assert!(chains.candidates(&other).is_empty());
+    assert_eq!(chains.route(&other), Routing::Default(&chains.chains()[1]));
 }

@@ -114,6 +114,10 @@ pub trait StepCatalog {
         step: &StepSpec,
         earlier_steps: &[&str],
     ) -> Result<(), Vec<FieldProblem>>;
+
+    /// Checks a chain's `when` condition (a Rhai expression over `event`):
+    /// it compiles under the sandbox. The error says what is wrong and where.
+    fn check_condition(&self, account: &AccountKey, expr: &str) -> Result<(), String>;
 }
 
 /// One thing wrong with a chain file.
@@ -271,14 +275,18 @@ fn check_chain(
     catalog: &dyn StepCatalog,
     problems: &mut Vec<ChainProblem>,
 ) {
-    if chain.when.is_some() {
-        problems.push(chain_problem(
-            label,
-            "when",
-            "`when` conditions are not supported yet (they arrive with Rhai support); \
-             remove the field, or split the chain by conversation_type/event_type"
-                .into(),
-        ));
+    if let Some(expr) = &chain.when {
+        if expr.trim().is_empty() {
+            problems.push(chain_problem(
+                label,
+                "when",
+                "an empty condition; write a Rhai expression over `event` (e.g. \
+                 'event.event_data.score >= 3') or remove the field"
+                    .into(),
+            ));
+        } else if let Err(message) = catalog.check_condition(account, expr) {
+            problems.push(chain_problem(label, "when", message));
+        }
     }
     if chain.steps.is_empty() {
         problems.push(chain_problem(

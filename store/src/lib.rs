@@ -36,11 +36,15 @@ pub enum Collection {
     Secrets,
     /// Step idempotency keys: `{account}\0{chain}\0{step}\0{sha-256 of key}` → time.
     Idempotency,
+    /// Current version of each account's Rhai scripts: `{account}\0{name}` → record.
+    Scripts,
+    /// Every version of each script: `{account}\0{name}\0{version:BE u64}` → record.
+    ScriptVersions,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 11] = [
+    pub const ALL: [Collection; 13] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -52,6 +56,8 @@ impl Collection {
         Collection::Messages,
         Collection::Secrets,
         Collection::Idempotency,
+        Collection::Scripts,
+        Collection::ScriptVersions,
     ];
 
     /// The collection's name on disk.
@@ -68,6 +74,8 @@ impl Collection {
             Collection::Messages => "messages",
             Collection::Secrets => "secrets",
             Collection::Idempotency => "idempotency",
+            Collection::Scripts => "scripts",
+            Collection::ScriptVersions => "script_versions",
         }
     }
 
@@ -89,6 +97,12 @@ pub enum StoreError {
         path: String,
         /// What sled said.
         source: sled::Error,
+    },
+    /// Making writes durable failed.
+    #[error("flushing the store: {message}")]
+    Flush {
+        /// What sled said.
+        message: String,
     },
     /// A read or write failed.
     #[error("store collection {collection}: {source}")]
@@ -114,11 +128,58 @@ pub struct Write {
     pub value: Option<Vec<u8>>,
 }
 
+/// The condition of a guarded batch: the value under `key` in `collection`
+/// must pass `test`.
+pub struct Guard<'a> {
+    /// The collection read.
+    pub collection: Collection,
+    /// The key read.
+    pub key: &'a [u8],
+    /// Accepts or refuses what was found.
+    pub test: &'a dyn Fn(Option<&[u8]>) -> bool,
+}
+
+impl std::fmt::Debug for Guard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("collection", &self.collection)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The store. Cheap to clone; clones share the database.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    flusher: std::sync::mpsc::Sender<FlushWaiter>,
+}
+
+/// Someone waiting for a flush to cover their writes. The request carries the
+/// database, so the flush thread holds it only while it flushes and a dropped
+/// store closes (and unlocks) at once.
+type FlushWaiter = (sled::Db, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Group commit: one thread flushes for every caller that asked while the
+/// previous flush ran. (sled 0.34's `flush_async` can hang when several
+/// callers flush at once, so it is not used.)
+fn spawn_flusher() -> std::sync::mpsc::Sender<FlushWaiter> {
+    let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
+    std::thread::Builder::new()
+        .name("switchboard-flush".into())
+        .spawn(move || {
+            while let Ok((db, first)) = rx.recv() {
+                let mut waiters = vec![first];
+                waiters.extend(rx.try_iter().map(|(_, w)| w));
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                drop(db);
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })
+        .expect("starting the flush thread");
+    tx
 }
 
 impl std::fmt::Debug for Store {
@@ -132,7 +193,8 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let config = sled::Config::new()
             .path(dir)
-            // Durability comes from explicit group-commit flushes, not a timer.
+            // Durability comes from explicit group-commit flushes; the timer
+            // only bounds what an unflushed crash can lose of the rest.
             .flush_every_ms(Some(1_000))
             .cache_capacity(64 * 1024 * 1024);
         let db = config.open().map_err(|source| StoreError::Open {
@@ -164,7 +226,8 @@ impl Store {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { db, trees })
+        let flusher = spawn_flusher();
+        Ok(Self { db, trees, flusher })
     }
 
     fn tree(&self, c: Collection) -> &sled::Tree {
@@ -265,24 +328,40 @@ impl Store {
 
     /// Applies every write of `batch` atomically: all of them or none.
     pub fn write_atomically(&self, batch: &[Write]) -> Result<(), StoreError> {
+        self.write_atomically_if(None, batch).map(|_| ())
+    }
+
+    /// Reads the guard's key and, in the same transaction, applies `batch` if
+    /// the guard's test accepts what it found (`None`: absent). Returns
+    /// whether the batch was applied.
+    pub fn write_atomically_if(
+        &self,
+        guard: Option<Guard<'_>>,
+        batch: &[Write],
+    ) -> Result<bool, StoreError> {
         let mut involved: Vec<Collection> = batch.iter().map(|w| w.collection).collect();
+        involved.extend(guard.as_ref().map(|g| g.collection));
         involved.sort_by_key(|c| c.index());
         involved.dedup();
+        let view_of = |c: Collection| involved.iter().position(|x| *x == c).expect("listed above");
         let trees: Vec<sled::Tree> = involved.iter().map(|c| self.tree(*c).clone()).collect();
         use sled::transaction::{ConflictableTransactionError, Transactional};
-        let result: Result<(), sled::transaction::TransactionError<()>> =
+        let result: Result<bool, sled::transaction::TransactionError<()>> =
             trees.as_slice().transaction(|views| {
+                if let Some(g) = &guard {
+                    let found = views[view_of(g.collection)].get(g.key)?;
+                    if !(g.test)(found.as_deref()) {
+                        return Ok(false);
+                    }
+                }
                 for w in batch {
-                    let i = involved
-                        .iter()
-                        .position(|c| *c == w.collection)
-                        .expect("listed above");
+                    let view = &views[view_of(w.collection)];
                     match &w.value {
-                        Some(v) => views[i].insert(w.key.as_slice(), v.as_slice())?,
-                        None => views[i].remove(w.key.as_slice())?,
+                        Some(v) => view.insert(w.key.as_slice(), v.as_slice())?,
+                        None => view.remove(w.key.as_slice())?,
                     };
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
+                Ok::<bool, ConflictableTransactionError<()>>(true)
             });
         result.map_err(|e| match e {
             sled::transaction::TransactionError::Storage(source) => StoreError::Io {
@@ -305,14 +384,14 @@ impl Store {
 
     /// Makes every write so far durable. Concurrent callers share flushes.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|source| StoreError::Io {
-                collection: "(flush)",
-                source,
-            })
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let failed = |message: String| StoreError::Flush { message };
+        self.flusher
+            .send((self.db.clone(), tx))
+            .map_err(|_| failed("the flush thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| failed("the flush thread has stopped".into()))?
+            .map_err(failed)
     }
 
     /// Makes every write so far durable, blocking the thread.

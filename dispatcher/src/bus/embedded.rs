@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
-use switchboard_store::{Collection, Store};
+use switchboard_store::{Collection, Guard, Store, Write};
 use tokio::sync::mpsc;
 
 use super::{Acker as DeliveryAcker, Bus, BusError, Delivery, Published};
@@ -154,21 +154,38 @@ impl Bus for EmbeddedBus {
         let store = &self.inner.store;
         let id = event.id.to_string();
         let now = now_millis();
-        if !store.put_if_absent(Collection::BusDedup, id.as_bytes(), &now.to_be_bytes())? {
-            let seen = store
-                .get(Collection::BusDedup, id.as_bytes())?
-                .map_or(0, |v| millis_of(&v));
-            if now.saturating_sub(seen) < DUPLICATE_WINDOW.as_millis() as u64 {
-                return Ok(Published { duplicate: true });
-            }
-            store.put(Collection::BusDedup, id.as_bytes(), &now.to_be_bytes())?;
-        }
+        let window = DUPLICATE_WINDOW.as_millis() as u64;
         let seq = store.next_id()?;
         let record = encode(&event.subject(&self.inner.prefix), &event.to_json());
-        store.put(Collection::BusQueue, &seq.to_be_bytes(), &record)?;
+        // The id is marked seen and the event queued in one transaction, so a
+        // crash can never leave an id seen whose event is not on the queue.
+        let fresh =
+            |seen: Option<&[u8]>| seen.is_none_or(|v| now.saturating_sub(millis_of(v)) >= window);
+        let queued = store.write_atomically_if(
+            Some(Guard {
+                collection: Collection::BusDedup,
+                key: id.as_bytes(),
+                test: &fresh,
+            }),
+            &[
+                Write {
+                    collection: Collection::BusDedup,
+                    key: id.as_bytes().to_vec(),
+                    value: Some(now.to_be_bytes().to_vec()),
+                },
+                Write {
+                    collection: Collection::BusQueue,
+                    key: seq.to_be_bytes().to_vec(),
+                    value: Some(record),
+                },
+            ],
+        )?;
+        // A duplicate is acknowledged only once the first publish is durable too.
         store.flush().await?;
-        let _ = self.inner.notices.send(Notice::New(seq));
-        Ok(Published { duplicate: false })
+        if queued {
+            let _ = self.inner.notices.send(Notice::New(seq));
+        }
+        Ok(Published { duplicate: !queued })
     }
 
     async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {

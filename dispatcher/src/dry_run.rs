@@ -1,0 +1,323 @@
+//! Dry runs: what a script, or an account's chains, would do with a sample
+//! event — with no side effect. Scripts run (their `emit`s are captured, not
+//! published; `contact()` only reads); built-in handlers whose `handle` has no
+//! side effect (`emit`) run too; the others are described: their config is
+//! rendered and returned as `would_run`, and they are not performed.
+
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+use switchboard_handlers::script::ScriptRun;
+use switchboard_handlers::{EmitRequest, EventValue, Registry, StepError, StepInput, StepOutput};
+use switchboard_rules::{AccountChains, ChainSpec, OnError, StepSpec};
+use switchboard_sdk::{AccountKey, VumiApiEvent};
+
+use crate::executor::{Selected, select_chains};
+
+/// A sample event, with the step outputs and config a script test runs against.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The event.
+    pub event: VumiApiEvent,
+    /// What `steps` holds (script tests only).
+    pub steps: Map<String, Value>,
+    /// The step's config (script tests only; templates are rendered).
+    pub config: Map<String, Value>,
+}
+
+/// Reads a sample: an event (fields a producer may omit get defaults, and
+/// `account_key` defaults to `account`), or `{"event": {...}, "steps": {...},
+/// "config": {...}}`.
+pub fn parse_sample(body: &[u8], account: &AccountKey, max_bytes: usize) -> Result<Sample, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the sample is not JSON: {e}"))?;
+    let Value::Object(mut map) = value else {
+        return Err("the sample must be a JSON object: an event, or {\"event\": ...}".into());
+    };
+    let wrapped =
+        matches!(map.get("event"), Some(Value::Object(_))) && !map.contains_key("event_type");
+    let (mut event, steps, config) = if wrapped {
+        let event = map.remove("event").unwrap_or_default();
+        let steps = map.remove("steps").unwrap_or_else(|| json!({}));
+        let config = map.remove("config").unwrap_or_else(|| json!({}));
+        if let Some(extra) = map.keys().next() {
+            return Err(format!(
+                "unknown sample field {extra:?}; a sample holds event, steps and config"
+            ));
+        }
+        (event, steps, config)
+    } else {
+        (Value::Object(map), json!({}), json!({}))
+    };
+    let (Value::Object(steps), Value::Object(config)) = (steps, config) else {
+        return Err("the sample's steps and config must be JSON objects".into());
+    };
+    let event_map = event
+        .as_object_mut()
+        .ok_or("the sample's event must be a JSON object")?;
+    match event_map.get("account_key") {
+        None => {
+            event_map.insert("account_key".into(), Value::String(account.to_string()));
+        }
+        Some(Value::String(a)) if a == account.as_str() => {}
+        Some(other) => {
+            return Err(format!(
+                "the sample event is for account {other}, but the test runs in account {account}"
+            ));
+        }
+    }
+    let bytes = serde_json::to_vec(&event).expect("a JSON value serialises");
+    let event = VumiApiEvent::decode_with_defaults(&bytes, max_bytes)
+        .map_err(|e| format!("the sample event: {e}"))?;
+    Ok(Sample {
+        event,
+        steps,
+        config,
+    })
+}
+
+fn emits_json(emits: &[EmitRequest]) -> Value {
+    Value::Array(
+        emits
+            .iter()
+            .map(|e| {
+                json!({
+                    "conversation_type": e.conversation_type,
+                    "conversation_key": e.conversation_key,
+                    "event_type": e.event_type,
+                    "event_data": e.event_data,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A script run, as dry runs report it.
+fn script_run_json(run: &ScriptRun) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("version".into(), json!(run.version));
+    describe_result(&run.result, &mut out);
+    out.insert("logs".into(), json!(run.logs));
+    out.insert("operations".into(), json!(run.operations));
+    out.insert(
+        "duration_ms".into(),
+        json!(run.duration.as_secs_f64() * 1000.0),
+    );
+    out
+}
+
+fn describe_result(result: &Result<StepOutput, StepError>, out: &mut Map<String, Value>) {
+    match result {
+        Ok(output) => {
+            out.insert(
+                "outcome".into(),
+                json!(if output.stop { "stopped" } else { "ok" }),
+            );
+            out.insert("output".into(), Value::Object(output.data.clone()));
+            out.insert("emits".into(), emits_json(&output.emit));
+            out.insert("error".into(), Value::Null);
+        }
+        Err(StepError::Retryable { message, after }) => {
+            out.insert("outcome".into(), json!("retry"));
+            out.insert("output".into(), Value::Null);
+            out.insert("emits".into(), json!([]));
+            out.insert("error".into(), json!(message));
+            out.insert(
+                "retry_after_ms".into(),
+                json!(after.map(|d| d.as_millis() as u64)),
+            );
+        }
+        Err(StepError::Permanent { message }) => {
+            out.insert("outcome".into(), json!("failed"));
+            out.insert("output".into(), Value::Null);
+            out.insert("emits".into(), json!([]));
+            out.insert("error".into(), json!(message));
+        }
+    }
+}
+
+/// Runs the stored script `name` against a sample, with no side effect.
+pub async fn test_script(
+    registry: &Registry,
+    account: &AccountKey,
+    name: &str,
+    sample: &Sample,
+) -> Result<Value, String> {
+    let handler = registry
+        .script_handler()
+        .ok_or("this dispatcher has no script store")?;
+    let step = StepSpec {
+        handler: format!("script:{name}"),
+        name: None,
+        config: sample.config.clone(),
+        on_error: OnError::Stop,
+        retry: None,
+        idempotency: None,
+    };
+    let event_value = EventValue::new(&sample.event);
+    let templates = registry.templates();
+    let scope = templates.scope(&event_value, &sample.steps, account);
+    let input = StepInput {
+        event: &sample.event,
+        event_value: &event_value,
+        chain: "(test)",
+        step: &step,
+        steps: &sample.steps,
+        attempt: 1,
+        templates,
+        scope: &scope,
+    };
+    let run = handler.run(&input).await.map_err(|e| e.to_string())?;
+    let mut out = Map::new();
+    out.insert("account_key".into(), json!(account));
+    out.insert("script".into(), json!(name));
+    out.extend(script_run_json(&run));
+    Ok(Value::Object(out))
+}
+
+/// What an account's chains would do with a sample event, with no side effect.
+pub async fn test_chains(
+    registry: &Registry,
+    chains: &AccountChains,
+    event: &VumiApiEvent,
+) -> Value {
+    let event_value = EventValue::new(event);
+    let selected = select_chains(registry, event, &event_value, chains).await;
+    let mut chains_out = Vec::new();
+    for candidate in chains.candidates(event) {
+        let considered = selected.iter().any(|s| match s {
+            Selected::Run(c) | Selected::ConditionFailed(c, _) => c.name == candidate.name,
+        });
+        if !considered {
+            chains_out.push(json!({
+                "name": candidate.name,
+                "when": candidate.when,
+                "condition": "false",
+                "runs": false,
+                "steps": [],
+            }));
+        }
+    }
+    for selection in &selected {
+        match selection {
+            Selected::Run(chain) => {
+                let steps = test_chain(registry, event, &event_value, chain).await;
+                chains_out.push(json!({
+                    "name": chain.name,
+                    "when": chain.when,
+                    "condition": if chain.when.is_some() { "true" } else { "none" },
+                    "runs": true,
+                    "steps": steps,
+                }));
+            }
+            Selected::ConditionFailed(chain, error) => chains_out.push(json!({
+                "name": chain.name,
+                "when": chain.when,
+                "condition": "error",
+                "error": error,
+                "runs": false,
+                "steps": [],
+            })),
+        }
+    }
+    let default_runs = selected
+        .iter()
+        .any(|s| matches!(s, Selected::Run(c) if c.name == switchboard_rules::DEFAULT_CHAIN));
+    json!({
+        "account_key": event.account_key,
+        "chain_version": chains.version(),
+        "event": event,
+        "unrouted": selected.is_empty(),
+        "default_chain_runs": default_runs,
+        "chains": chains_out,
+    })
+}
+
+async fn test_chain(
+    registry: &Registry,
+    event: &VumiApiEvent,
+    event_value: &EventValue,
+    chain: &ChainSpec,
+) -> Vec<Value> {
+    let templates = registry.templates();
+    let mut outputs = Map::new();
+    let mut ended = false;
+    let mut steps = Vec::new();
+    for step in &chain.steps {
+        let mut out = Map::new();
+        out.insert("name".into(), json!(step.step_name()));
+        out.insert("handler".into(), json!(step.handler));
+        if ended {
+            out.insert("outcome".into(), json!("skipped"));
+            steps.push(Value::Object(out));
+            continue;
+        }
+        let scope = templates.scope(event_value, &outputs, &event.account_key);
+        let input = StepInput {
+            event,
+            event_value,
+            chain: &chain.name,
+            step,
+            steps: &outputs,
+            attempt: 1,
+            templates,
+            scope: &scope,
+        };
+        let started = Instant::now();
+        let result: Result<StepOutput, StepError> = if step.handler.starts_with("script:") {
+            match registry.script_handler() {
+                Some(handler) => match handler.run(&input).await {
+                    Ok(run) => {
+                        out.insert("action".into(), json!("ran"));
+                        out.extend(script_run_json(&run));
+                        run.result
+                    }
+                    Err(e) => Err(e),
+                },
+                None => Err(StepError::permanent("this dispatcher has no script store")),
+            }
+        } else {
+            match registry.get(&step.handler) {
+                Some(handler) if handler.dry_runs_safely() => {
+                    out.insert("action".into(), json!("ran"));
+                    handler.handle(&input).await
+                }
+                Some(_) => match input.render_config() {
+                    Ok(config) => {
+                        out.insert("action".into(), json!("described"));
+                        out.insert(
+                            "would_run".into(),
+                            json!({"handler": step.handler, "config": config}),
+                        );
+                        Ok(StepOutput::default())
+                    }
+                    Err(e) => Err(e),
+                },
+                None => Err(StepError::permanent(format!(
+                    "handler {:?} is not available in this dispatcher",
+                    step.handler
+                ))),
+            }
+        };
+        if !out.contains_key("outcome") {
+            describe_result(&result, &mut out);
+            out.insert(
+                "duration_ms".into(),
+                json!(started.elapsed().as_secs_f64() * 1000.0),
+            );
+        }
+        match result {
+            Ok(output) => {
+                ended = output.stop;
+                outputs.insert(step.step_name().to_string(), Value::Object(output.data));
+            }
+            Err(_) => {
+                if step.on_error == OnError::Stop {
+                    ended = true;
+                }
+            }
+        }
+        steps.push(Value::Object(out));
+    }
+    steps
+}

@@ -1,0 +1,89 @@
+//! `script:NAME` steps: run the account's stored script `NAME`.
+
+use std::sync::Arc;
+
+use rhai::Dynamic;
+use serde_json::{Map, Value};
+use switchboard_rules::FieldProblem;
+
+use super::{ScriptLabel, ScriptRun, ScriptRuntime, ScriptStore};
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+/// Runs stored scripts: one handler serves every `script:NAME`.
+#[derive(Debug, Clone)]
+pub struct ScriptHandler {
+    scripts: Arc<ScriptStore>,
+}
+
+impl ScriptHandler {
+    /// The handler of the scripts in `scripts`.
+    pub fn new(scripts: Arc<ScriptStore>) -> Self {
+        Self { scripts }
+    }
+
+    /// Runs the step's script and reports everything it did (its emits are
+    /// returned, never published here). Used by steps and by dry runs.
+    pub async fn run(&self, input: &StepInput<'_>) -> Result<ScriptRun, StepError> {
+        let name = input
+            .step
+            .handler
+            .strip_prefix("script:")
+            .unwrap_or(&input.step.handler);
+        let account = &input.event.account_key;
+        let compiled = self
+            .scripts
+            .compiled(account, name)
+            .map_err(|e| StepError::permanent(e.to_string()))?
+            .ok_or_else(|| {
+                StepError::permanent(format!(
+                    "account {account} has no script named {name:?} any more; put it again \
+                     (`switchboard scripts put`) or change the chain"
+                ))
+            })?;
+        let config = input.render_config()?;
+        let event = input.event_value.rhai(input.event).flatten_clone();
+        let steps = ScriptRuntime::to_dynamic(input.steps);
+        let config: Dynamic = ScriptRuntime::to_dynamic(&config);
+        let runtime = self.scripts.runtime().clone();
+        let account = account.clone();
+        let conversation = (
+            input.event.conversation_type.clone(),
+            input.event.conversation_key.clone(),
+        );
+        // Scripts run on the blocking pool: a slow one (up to its deadline)
+        // never holds up the async workers.
+        tokio::task::spawn_blocking(move || {
+            let label = ScriptLabel {
+                name: &compiled.name,
+                version: compiled.version,
+            };
+            runtime.call_handle(
+                label,
+                &compiled.ast,
+                &account,
+                (&conversation.0, &conversation.1),
+                event,
+                steps,
+                config,
+            )
+        })
+        .await
+        .map_err(|e| StepError::permanent(format!("script {name}: the call panicked: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for ScriptHandler {
+    fn name(&self) -> &'static str {
+        "script"
+    }
+
+    /// Any config: the script reads what it wants from `config`.
+    fn check_config(&self, _config: &Map<String, Value>) -> Vec<FieldProblem> {
+        Vec::new()
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        self.run(input).await?.result
+    }
+}

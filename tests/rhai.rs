@@ -1,0 +1,536 @@
+//! Rhai scripts and `when` conditions, end to end: the binary on the embedded
+//! bus, driven over its HTTP API and CLI.
+//!
+//! The small helpers here (a dispatcher process, JSON calls, waiting for a
+//! trace) are local to this module for now; they belong in `tests/util.rs`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A `switchboard run` process on the embedded bus in a temporary directory;
+/// killed on drop.
+struct Dispatcher {
+    child: Child,
+    url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Dispatcher {
+    fn start() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["run", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting switchboard");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        Self {
+            child,
+            url,
+            _data: data,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn put_script(&self, account: &str, name: &str, source: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/accounts/{account}/scripts/{name}"),
+            Some(source.to_string()),
+        )
+        .await
+    }
+
+    async fn apply(&self, account: &str, chains: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/accounts/{account}/chains"),
+            Some(chains.to_string()),
+        )
+        .await
+    }
+
+    /// Posts an event; returns its id.
+    async fn emit(&self, event: Value) -> String {
+        let (status, answer) = self
+            .call(reqwest::Method::POST, "/v1/events", Some(event.to_string()))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        answer["id"].as_str().unwrap().to_string()
+    }
+
+    /// The finished trace of an event.
+    async fn trace(&self, account: &str, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, trace) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/accounts/{account}/events/{id}/trace"),
+                    None,
+                )
+                .await;
+            if status == 200 && trace["status"] != "running" {
+                return trace;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no finished trace of {id}: {trace}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs the CLI against this dispatcher.
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(args)
+            .args(["--server", &self.url])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(account: &str, event_type: &str, data: Value) -> Value {
+    json!({
+        "account_key": account,
+        "conversation_key": "poll-2026",
+        "conversation_type": "survey",
+        "event_type": event_type,
+        "event_data": data,
+    })
+}
+
+fn step<'a>(trace: &'a Value, chain: &str, step: &str) -> &'a Value {
+    trace["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == chain)
+        .and_then(|c| {
+            c["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == step)
+        })
+        .unwrap_or_else(|| panic!("no step {chain}/{step} in {trace}"))
+}
+
+const AWARD: &str = r#"
+fn handle(event, steps, config) {
+    let points = event.event_data.score * config.per_point;
+    log("info", `awarding ${points}`);
+    emit("points_awarded", #{ msisdn: event.event_data.msisdn, points: points });
+    #{ points: points }
+}
+"#;
+
+#[tokio::test]
+async fn script_output_feeds_a_later_template_and_its_emit_is_a_linked_child() {
+    let d = Dispatcher::start();
+    assert_eq!(d.put_script("acme", "award", AWARD).await.0, 200);
+    let (status, answer) = d
+        .apply(
+            "acme",
+            r#"
+account_key = "acme"
+
+[[chains]]
+name = "score"
+event_type = "poll_complete"
+when = 'event.event_data.score >= 3'
+steps = [
+  { handler = "script:award", config = { per_point = 10 } },
+  { handler = "emit", name = "bonus", config = { event_type = "bonus", data = { got = "{{ steps.award.points }}" } } },
+]
+
+[[chains]]
+name = "strict"
+event_type = "strict_check"
+when = 'event.event_data.score * 2 > 3'
+steps = [{ handler = "log" }]
+
+[[chains]]
+name = "default"
+steps = [{ handler = "log" }]
+"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let id = d
+        .emit(event(
+            "acme",
+            "poll_complete",
+            json!({"msisdn": "+27820000001", "score": 4}),
+        ))
+        .await;
+    let trace = d.trace("acme", &id).await;
+    assert_eq!(trace["status"], "done", "{trace}");
+    let award = step(&trace, "score", "award");
+    assert_eq!(award["output"], json!({"points": 40}));
+    assert_eq!(
+        award["logs"],
+        json!([{"level": "info", "message": "awarding 40"}])
+    );
+    let children = trace["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2, "{trace}");
+    for child in children {
+        let child = d.trace("acme", child.as_str().unwrap()).await;
+        assert_eq!(child["parent_id"], json!(id));
+        assert_eq!(child["event"]["depth"], json!(1));
+        match child["event"]["event_type"].as_str().unwrap() {
+            "points_awarded" => assert_eq!(
+                child["event"]["event_data"],
+                json!({"msisdn": "+27820000001", "points": 40})
+            ),
+            "bonus" => assert_eq!(child["event"]["event_data"], json!({"got": 40})),
+            other => panic!("unexpected child {other}"),
+        }
+    }
+
+    // A score under 3: the condition is false, so the default chain runs.
+    let id = d
+        .emit(event(
+            "acme",
+            "poll_complete",
+            json!({"msisdn": "+1", "score": 1}),
+        ))
+        .await;
+    let trace = d.trace("acme", &id).await;
+    let names: Vec<&str> = trace["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default"], "{trace}");
+
+    // A condition that fails to evaluate fails its chain (no score to double).
+    let id = d
+        .emit(event("acme", "strict_check", json!({"msisdn": "+1"})))
+        .await;
+    let trace = d.trace("acme", &id).await;
+    assert_eq!(trace["status"], "dead", "{trace}");
+    let when = step(&trace, "strict", "when");
+    assert_eq!(when["outcome"], "failed");
+    assert!(
+        when["error"]
+            .as_str()
+            .unwrap()
+            .contains("`when` condition failed to evaluate"),
+        "{when}"
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_script_fails_its_step_while_other_events_are_served() {
+    let d = Dispatcher::start();
+    let hostile = [
+        (
+            "spin",
+            "fn handle(e, s, c) {\n  loop { }\n}",
+            "too many operations (limit 100000)",
+        ),
+        (
+            "recurse",
+            "fn f(x) { f(x) }\nfn handle(e, s, c) { f(1) }",
+            "function calls nested too deeply (limit 32 levels)",
+        ),
+        (
+            "grow",
+            "fn handle(e, s, c) {\n  let s = \"ab\";\n  loop { s += s; }\n}",
+            "string too large (limit 65536 bytes)",
+        ),
+        (
+            "reader",
+            "fn handle(e, s, c) { read_file(\"/etc/passwd\") }",
+            "unknown function read_file",
+        ),
+    ];
+    let mut chains = String::from("account_key = \"acme\"\n");
+    for (name, source, _) in &hostile {
+        let (status, answer) = d.put_script("acme", name, source).await;
+        assert_eq!(status, 200, "{answer}");
+        chains.push_str(&format!(
+            "[[chains]]\nname = \"{name}\"\nevent_type = \"{name}\"\nsteps = [{{ handler = \"script:{name}\" }}]\n"
+        ));
+    }
+    chains.push_str(
+        "[[chains]]\nname = \"ping\"\nevent_type = \"ping\"\nsteps = [{ handler = \"log\" }]\n",
+    );
+    assert_eq!(d.apply("acme", &chains).await.0, 200);
+
+    let mut ids = Vec::new();
+    for (name, _, _) in &hostile {
+        ids.push(d.emit(event("acme", name, json!({}))).await);
+    }
+    let ping = d.emit(event("acme", "ping", json!({}))).await;
+    assert_eq!(d.trace("acme", &ping).await["status"], "done");
+    for ((name, _, expected), id) in hostile.iter().zip(&ids) {
+        let trace = d.trace("acme", id).await;
+        assert_eq!(trace["status"], "dead", "{trace}");
+        let error = step(&trace, name, name)["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.starts_with(&format!("script {name} v1")) && error.contains(expected),
+            "{name}: {error}"
+        );
+    }
+    let (_, letters) = d
+        .call(reqwest::Method::GET, "/v1/accounts/acme/dead-letters", None)
+        .await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len(),
+        hostile.len()
+    );
+    // And the dispatcher still serves.
+    let again = d.emit(event("acme", "ping", json!({}))).await;
+    assert_eq!(d.trace("acme", &again).await["status"], "done");
+}
+
+#[tokio::test]
+async fn an_updated_script_is_used_for_the_next_event_without_a_restart() {
+    let d = Dispatcher::start();
+    d.put_script("acme", "ver", "fn handle(e, s, c) { #{ v: 1 } }")
+        .await;
+    let chains = "account_key = \"acme\"\n[[chains]]\nname = \"c\"\nsteps = [{ handler = \"script:ver\" }]\n";
+    assert_eq!(d.apply("acme", chains).await.0, 200);
+    let first = d.emit(event("acme", "x", json!({}))).await;
+    assert_eq!(
+        step(&d.trace("acme", &first).await, "c", "ver")["output"],
+        json!({"v": 1})
+    );
+
+    let (status, answer) = d
+        .put_script("acme", "ver", "fn handle(e, s, c) { #{ v: 2 } }")
+        .await;
+    assert_eq!((status, answer["version"].clone()), (200, json!(2)));
+    for _ in 0..3 {
+        let next = d.emit(event("acme", "x", json!({}))).await;
+        assert_eq!(
+            step(&d.trace("acme", &next).await, "c", "ver")["output"],
+            json!({"v": 2})
+        );
+    }
+    let (_, history) = d
+        .call(
+            reqwest::Method::GET,
+            "/v1/accounts/acme/scripts/ver/versions",
+            None,
+        )
+        .await;
+    assert_eq!(history["versions"].as_array().unwrap().len(), 2);
+    let (_, old) = d
+        .call(
+            reqwest::Method::GET,
+            "/v1/accounts/acme/scripts/ver?version=1",
+            None,
+        )
+        .await;
+    assert_eq!(old["source"], "fn handle(e, s, c) { #{ v: 1 } }");
+    // A script a chain uses cannot be removed.
+    let (status, answer) = d
+        .call(
+            reqwest::Method::DELETE,
+            "/v1/accounts/acme/scripts/ver",
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{answer}");
+}
+
+#[tokio::test]
+async fn bad_scripts_and_conditions_are_refused_when_stored() {
+    let d = Dispatcher::start();
+    let (status, answer) = d
+        .put_script("acme", "broken", "fn handle(e, s, c) {\n  let x = ;\n}")
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["error"]["code"], "invalid_script");
+    assert_eq!(answer["error"]["details"]["line"], json!(2));
+    assert!(answer["error"]["details"]["column"].is_number());
+    let (status, _) = d
+        .call(
+            reqwest::Method::GET,
+            "/v1/accounts/acme/scripts/broken",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "nothing was stored");
+    for (source, expected) in [
+        (
+            "fn handle(e, s, c) { eval(\"1\") }",
+            "`eval` is not available",
+        ),
+        (
+            "import \"x\" as x;\nfn handle(e, s, c) { }",
+            "`import` is not available",
+        ),
+    ] {
+        let (status, answer) = d.put_script("acme", "hostile", source).await;
+        assert_eq!(status, 400);
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{answer}"
+        );
+    }
+
+    let (status, answer) = d
+        .apply(
+            "acme",
+            "account_key = \"acme\"\n[[chains]]\nname = \"c\"\nsteps = [{ handler = \"script:nope\" }]\n",
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no script named \"nope\""),
+        "{answer}"
+    );
+    let (status, answer) = d
+        .apply(
+            "acme",
+            "account_key = \"acme\"\n[[chains]]\nname = \"c\"\nwhen = 'event.event_data.score >'\nsteps = [{ handler = \"log\" }]\n",
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("field when: not a valid Rhai expression: line 1"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn dry_runs_show_what_would_happen_without_doing_it() {
+    let d = Dispatcher::start();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/scripts");
+    for name in ["award_points", "route_by_language", "dedupe_answers"] {
+        let file = examples.join(format!("{name}.rhai"));
+        let (ok, out, err) = d.cli(&["scripts", "put", "acme", name, file.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains(&format!("as script {name} of account acme, version 1")),
+            "{out}"
+        );
+    }
+    let sample = examples.join("award_points.event.json");
+    let (ok, out, err) = d.cli(&[
+        "scripts",
+        "test",
+        "acme",
+        "award_points",
+        "--event",
+        sample.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let run: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["outcome"], "ok");
+    assert_eq!(run["output"], json!({"score": 2, "of": 3, "points": 20}));
+    assert_eq!(run["emits"][0]["event_type"], "airtime_award");
+    assert!(run["operations"].as_u64().unwrap() > 0);
+    assert!(run["duration_ms"].is_number());
+    let (ok, out, _) = d.cli(&[
+        "scripts",
+        "test",
+        "acme",
+        "award_points",
+        "--event",
+        sample.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    assert!(out.contains("would emit loyalty/airtime_award"), "{out}");
+
+    let (ok, _, err) = d.cli(&[
+        "chains",
+        "apply",
+        examples.join("chains.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = d.cli(&[
+        "chains",
+        "test",
+        "acme",
+        "--event",
+        sample.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let chain = &report["chains"][0];
+    assert_eq!(chain["name"], "score-poll");
+    assert_eq!(chain["steps"][0]["output"]["points"], json!(20));
+    assert_eq!(chain["steps"][1]["action"], "described");
+    assert_eq!(
+        chain["steps"][1]["would_run"]["config"]["message"],
+        "+27820000001 earned 20 points"
+    );
+    // Nothing was published or traced: the account has no dead letters or traces of it.
+    let (_, letters) = d
+        .call(reqwest::Method::GET, "/v1/accounts/acme/dead-letters", None)
+        .await;
+    assert!(letters["dead_letters"].as_array().unwrap().is_empty());
+    let (ok, out, _) = d.cli(&["scripts", "list", "acme"]);
+    assert!(ok && out.contains("route_by_language"), "{out}");
+    let (ok, out, _) = d.cli(&["scripts", "show", "acme", "dedupe_answers"]);
+    assert!(
+        ok && out.contains("fn handle(event, steps, config)"),
+        "{out}"
+    );
+}
