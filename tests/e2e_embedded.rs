@@ -343,3 +343,45 @@ async fn chains_traces_and_seen_ids_survive_a_graceful_restart() {
     assert_eq!(d.metric("received", "acme").await, 1);
     assert_eq!(d.metric("handled", "acme").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_http_emitter_delivers_and_a_retried_emit_is_dropped() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let emitter = switchboard_sdk::http::HttpEmitter::new(d.url());
+    let event = crate::util::event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27820000004", "score": 4}),
+    );
+    emitter
+        .emit(&event)
+        .await
+        .expect("the dispatcher accepts the event");
+    // A worker that retries after a lost answer sends the same id again.
+    emitter
+        .emit(&event)
+        .await
+        .expect("a retried emit is accepted");
+    let id = event.id.to_string();
+    check_poll_lineage(&d, "acme", &id, "+27820000004").await;
+    assert_eq!(
+        d.metric("handled", "acme").await,
+        2,
+        "the event and its child, once each"
+    );
+
+    // A bad event is refused with the dispatcher's reason, not retried.
+    let mut bad = event.clone();
+    bad.id = switchboard_sdk::EventId::new_v7();
+    bad.root_id = bad.id;
+    bad.depth = 1;
+    let err = emitter
+        .emit(&bad)
+        .await
+        .expect_err("a child without a parent is refused");
+    assert!(err.to_string().contains("HTTP 400"), "{err}");
+    assert!(err.to_string().contains("parent_id"), "{err}");
+}

@@ -27,6 +27,7 @@ use switchboard_sdk::{
 };
 
 use crate::config::Config;
+use crate::outbound::{EmailProvider, SmtpSecurity};
 use crate::records::{Trace, TraceStatus};
 use crate::runtime::{Dispatcher, StartError};
 
@@ -58,6 +59,19 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
             from: Some("Switchboard".into()),
             token: None,
         }),
+    );
+    let smtp_port = peers.start_smtp().await?;
+    config.providers.email.insert(
+        "mail".into(),
+        EmailProvider {
+            host: "127.0.0.1".into(),
+            port: Some(smtp_port),
+            security: SmtpSecurity::None,
+            username: None,
+            password: None,
+            from: Some("Switchboard demo <demo@switchboard.invalid>".into()),
+            timeout_secs: Some(10),
+        },
     );
     let dispatcher = Dispatcher::start(config, Some(&options.chains_dir)).await?;
     let addr = dispatcher.local_addr();
@@ -95,7 +109,7 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
             "survey",
             "poll_complete",
             "poll-2026",
-            json!({"msisdn": "+27 82 000 0001", "name": "Thandi", "score": 4}),
+            json!({"msisdn": "+27 82 000 0001", "name": "Thandi", "email": "Thandi@Example.org", "score": 4}),
         ),
         (
             "survey",
@@ -223,6 +237,25 @@ impl Peers {
         Ok(peers)
     }
 
+    /// A minimal SMTP sink on a free loopback port: it accepts every message
+    /// and notes its recipient and subject.
+    async fn start_smtp(&self) -> Result<u16, StartError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| StartError::Config(format!("the demo SMTP sink could not listen: {e}")))?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let peers = self.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let peers = peers.clone();
+                tokio::spawn(async move {
+                    let _ = smtp_session(socket, &peers).await;
+                });
+            }
+        });
+        Ok(port)
+    }
+
     fn note(&self, line: String) {
         self.seen.lock().expect("demo peers lock").push(line);
     }
@@ -275,4 +308,58 @@ async fn sms(State(peers): State<Peers>, body: Bytes) -> (StatusCode, axum::Json
         StatusCode::OK,
         axum::Json(json!({"id": format!("demo-{}", uuid::Uuid::now_v7().simple())})),
     )
+}
+
+/// One SMTP session of the demo sink (RFC 5321's happy path, no extensions).
+async fn smtp_session(socket: tokio::net::TcpStream, peers: &Peers) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = socket.into_split();
+    let mut lines = BufReader::new(read).lines();
+    write.write_all(b"220 switchboard-demo ESMTP\r\n").await?;
+    let mut to = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        let verb = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" | "HELO" => b"250 switchboard-demo\r\n",
+            "MAIL" | "RSET" | "NOOP" => b"250 OK\r\n",
+            "RCPT" => {
+                to.push(
+                    line.split_once(':')
+                        .map_or("?", |(_, a)| a.trim())
+                        .trim_matches(['<', '>'])
+                        .to_string(),
+                );
+                b"250 OK\r\n"
+            }
+            "DATA" => {
+                write.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
+                let mut subject = String::new();
+                while let Some(body) = lines.next_line().await? {
+                    if body == "." {
+                        break;
+                    }
+                    if let Some(s) = body.strip_prefix("Subject: ") {
+                        subject = s.to_string();
+                    }
+                }
+                peers.note(format!(
+                    "SMTP sink received for {}: {subject:?}",
+                    to.join(", ")
+                ));
+                to.clear();
+                b"250 accepted\r\n"
+            }
+            "QUIT" => {
+                write.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            }
+            _ => b"502 not implemented\r\n",
+        };
+        write.write_all(reply).await?;
+    }
+    Ok(())
 }
