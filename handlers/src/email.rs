@@ -126,31 +126,19 @@ impl Handler for SendEmail {
             .collect::<Result<Vec<_>, _>>()?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
-            let now = switchboard_sdk::now();
             let record = self
                 .messages
-                .record(MessageRecord {
-                    id: input.child_id(i).to_string(),
-                    account_key: input.event.account_key.clone(),
-                    channel: Channel::Email,
-                    recipient: recipient.clone(),
-                    body: text.clone(),
-                    subject: Some(subject.clone()),
-                    provider: provider.clone(),
-                    remote_id: None,
-                    status: MessageStatus::Pending,
-                    event_id: input.event.id.to_string(),
-                    chain: input.chain.to_string(),
-                    step: input.step_name().to_string(),
-                    created_at: now,
-                    updated_at: now,
-                    transitions: Vec::new(),
-                })
+                .record(MessageRecord::for_step(
+                    input,
+                    i,
+                    Channel::Email,
+                    recipient.clone(),
+                    text.clone(),
+                    Some(subject.clone()),
+                    provider.clone(),
+                ))
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
-            let record = if matches!(
-                record.status,
-                MessageStatus::Pending | MessageStatus::Failed
-            ) {
+            let record = if record.unsent() {
                 let email = Email {
                     from: from.clone(),
                     to: recipient,

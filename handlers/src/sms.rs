@@ -405,31 +405,20 @@ impl Handler for SendSms {
             .collect::<Result<Vec<_>, _>>()?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
-            let now = switchboard_sdk::now();
             let record = self
                 .messages
-                .record(MessageRecord {
-                    id: input.child_id(i).to_string(),
-                    account_key: input.event.account_key.clone(),
-                    channel: Channel::Sms,
+                .record(MessageRecord::for_step(
+                    input,
+                    i,
+                    Channel::Sms,
                     recipient,
-                    body: body.clone(),
-                    subject: None,
-                    provider: provider_name.clone(),
-                    remote_id: None,
-                    status: MessageStatus::Pending,
-                    event_id: input.event.id.to_string(),
-                    chain: input.chain.to_string(),
-                    step: input.step_name().to_string(),
-                    created_at: now,
-                    updated_at: now,
-                    transitions: Vec::new(),
-                })
+                    body.clone(),
+                    None,
+                    provider_name.clone(),
+                ))
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             // A re-run step does not send again what was already sent.
-            let record = if record.status == MessageStatus::Pending
-                || record.status == MessageStatus::Failed
-            {
+            let record = if record.unsent() {
                 match self.deliver(provider, &record, from.as_deref()).await {
                     Ok(remote_id) => self
                         .messages

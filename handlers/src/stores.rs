@@ -345,6 +345,45 @@ pub struct MessageRecord {
     pub transitions: Vec<Transition>,
 }
 
+impl MessageRecord {
+    /// A pending record of the `index`th message a step sends. Its id is
+    /// derived from (event, chain, step, index), so a re-run step finds it.
+    pub fn for_step(
+        input: &crate::StepInput<'_>,
+        index: usize,
+        channel: Channel,
+        recipient: String,
+        body: String,
+        subject: Option<String>,
+        provider: String,
+    ) -> Self {
+        let now = switchboard_sdk::now();
+        Self {
+            id: input.child_id(index).to_string(),
+            account_key: input.event.account_key.clone(),
+            channel,
+            recipient,
+            body,
+            subject,
+            provider,
+            remote_id: None,
+            status: MessageStatus::Pending,
+            event_id: input.event.id.to_string(),
+            chain: input.chain.to_string(),
+            step: input.step_name().to_string(),
+            created_at: now,
+            updated_at: now,
+            transitions: Vec::new(),
+        }
+    }
+
+    /// Whether the provider still has to be asked to send it (a re-run step
+    /// does not send again what was already sent).
+    pub fn unsent(&self) -> bool {
+        matches!(self.status, MessageStatus::Pending | MessageStatus::Failed)
+    }
+}
+
 /// Message records, by account.
 #[derive(Debug, Clone)]
 pub struct MessageStore {
