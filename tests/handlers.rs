@@ -605,3 +605,41 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
     let listed = d.cli(&["contacts", "list", "other"]).await;
     assert!(!listed.ok().contains("acme customer"), "{}", listed.ok());
 }
+
+/// A step slower than the bus's ack wait is not handed to anyone else while
+/// it runs: the dispatcher reports progress, so the call is made once.
+#[tokio::test]
+async fn a_step_slower_than_the_ack_wait_runs_once() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let smtp = SmtpSink::start();
+    let config = format!(
+        "[bus]\nack_wait_secs = 1\n{}",
+        providers(&receiver, &smtp, false)
+    );
+    let d = Dispatcher::with_config(Some(&nats), &config);
+    set_secret(&d, "acme").await;
+    let hook = format!("{}/hook/hang", receiver.url());
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "acme"
+[[chains]]
+name = "slow"
+event_type = "slow"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{hook}", secret = "gateway", timeout = "10s" }} }}]
+"#
+        ),
+    )
+    .await;
+    let e = event("acme", "test", "slow", "c1", json!({}));
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(step(&trace, "slow", "payment_webhook")["attempts"], 1);
+    // Without progress reports JetStream would have redelivered the event
+    // after one second, and the webhook would have been called again.
+    assert_eq!(receiver.requests_to("/hook/hang").await.len(), 1);
+    assert_eq!(d.metric("handled", "acme").await, 1);
+}

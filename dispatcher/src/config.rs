@@ -50,6 +50,9 @@ pub struct BusConfig {
     pub nats_url: Option<String>,
     /// First segment of every subject.
     pub subject_prefix: String,
+    /// Seconds a NATS delivery may go unacked before it is redelivered (the
+    /// dispatcher reports progress while a step runs).
+    pub ack_wait_secs: u64,
 }
 
 impl Default for BusConfig {
@@ -57,6 +60,7 @@ impl Default for BusConfig {
         Self {
             nats_url: None,
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
+            ack_wait_secs: crate::bus::nats::DEFAULT_ACK_WAIT.as_secs(),
         }
     }
 }
@@ -211,6 +215,11 @@ impl Config {
         if self.limits.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "limits.concurrency must be at least 1".into(),
+            ));
+        }
+        if self.bus.ack_wait_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "bus.ack_wait_secs must be at least 1".into(),
             ));
         }
         if self.limits.max_event_bytes < 512 {

@@ -10,6 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
@@ -98,6 +99,7 @@ impl Dispatcher {
                     &prefix,
                     config.limits.max_event_bytes,
                     config.limits.concurrency * 32,
+                    Duration::from_secs(config.bus.ack_wait_secs),
                 )
                 .await?;
                 let commands = NatsCommands::new(bus.client().clone(), &prefix)
@@ -181,6 +183,7 @@ impl Dispatcher {
             executor.clone(),
             deliveries,
             config.limits.concurrency,
+            bus.ack_wait().map(|w| w / 3),
             stopped,
         ));
         tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
@@ -283,6 +286,7 @@ async fn consume(
     executor: Arc<Executor>,
     mut deliveries: mpsc::Receiver<Delivery>,
     concurrency: usize,
+    keepalive: Option<Duration>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut workers = Vec::with_capacity(concurrency);
@@ -290,7 +294,7 @@ async fn consume(
     for _ in 0..concurrency {
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(8);
         queues.push(tx);
-        workers.push(tokio::spawn(work(executor.clone(), rx)));
+        workers.push(tokio::spawn(work(executor.clone(), rx, keepalive)));
     }
     loop {
         let delivery = tokio::select! {
@@ -322,9 +326,29 @@ async fn consume(
     }
 }
 
-async fn work(executor: Arc<Executor>, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) {
+async fn work(
+    executor: Arc<Executor>,
+    mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
+    keepalive: Option<Duration>,
+) {
     while let Some((event, delivery)) = queue.recv().await {
-        let result = match executor.handle(&event).await {
+        let handling = executor.handle(&event);
+        tokio::pin!(handling);
+        // Tell the bus the event is still being worked on (a slow step, a
+        // retry's wait), so it is not delivered to someone else meanwhile.
+        let every = keepalive.unwrap_or(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let disposition = loop {
+            tokio::select! {
+                d = &mut handling => break d,
+                _ = tick.tick(), if keepalive.is_some() => {
+                    if let Err(e) = delivery.in_progress().await {
+                        tracing::warn!(event_id = %event.id, error = %e, "reporting progress failed");
+                    }
+                }
+            }
+        };
+        let result = match disposition {
             Disposition::Ack => delivery.ack().await,
             Disposition::Retry(delay) => delivery.nak(delay).await,
         };

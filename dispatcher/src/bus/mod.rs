@@ -50,6 +50,13 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
 
     /// `nats` or `embedded`.
     fn kind(&self) -> &'static str;
+
+    /// How long a delivery may go unacked before the bus delivers it again,
+    /// if the bus does that while the process lives. The executor reports
+    /// progress well within it while a step runs.
+    fn ack_wait(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// One message handed to the executor. It must be acked once handled, or

@@ -14,8 +14,9 @@ use super::{Acker, Bus, BusError, Delivery, Published};
 
 /// The durable consumer that dispatcher replicas share.
 pub const CONSUMER: &str = "switchboard";
-/// How long a delivered message may stay unacked before JetStream redelivers it.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a delivered message may stay unacked before JetStream redelivers
+/// it, unless the dispatcher says it is still working on it.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// The NATS JetStream bus.
 #[derive(Debug, Clone)]
@@ -25,6 +26,7 @@ pub struct NatsBus {
     emitter: NatsEmitter,
     prefix: String,
     max_ack_pending: i64,
+    ack_wait: Duration,
 }
 
 impl NatsBus {
@@ -34,6 +36,7 @@ impl NatsBus {
         prefix: &str,
         max_bytes: usize,
         max_ack_pending: usize,
+        ack_wait: Duration,
     ) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("switchboard-dispatcher")
@@ -59,6 +62,7 @@ impl NatsBus {
             emitter,
             prefix: prefix.to_string(),
             max_ack_pending: max_ack_pending as i64,
+            ack_wait,
         })
     }
 
@@ -92,7 +96,7 @@ impl Bus for NatsBus {
                 pull::Config {
                     durable_name: Some(CONSUMER.to_string()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait: self.ack_wait,
                     max_ack_pending: self.max_ack_pending,
                     filter_subject: format!("{}.events.>", self.prefix),
                     ..Default::default()
@@ -142,5 +146,9 @@ impl Bus for NatsBus {
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+
+    fn ack_wait(&self) -> Option<Duration> {
+        Some(self.ack_wait)
     }
 }
