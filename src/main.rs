@@ -327,7 +327,7 @@ enum ScriptsCommand {
 enum DeadLettersCommand {
     /// List an account's dead letters, newest first.
     List {
-        /// The account (`_unknown` for poison whose subject named no account).
+        /// The account (`~unknown` for poison whose subject named no account).
         account: String,
         /// At most this many.
         #[arg(long, default_value_t = 50)]

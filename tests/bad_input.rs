@@ -328,12 +328,12 @@ async fn poison_on_a_subject_without_a_valid_account_is_filed_under_unknown() {
     )
     .await;
     let letter = d
-        .wait_for_dead_letter("_unknown", "poison without an account", |l| {
+        .wait_for_dead_letter("~unknown", "poison without an account", |l| {
             l["payload"] == "not json"
         })
         .await;
     assert_eq!(letter["reason"], "poison");
-    assert_eq!(letter["account_key"], "_unknown");
+    assert_eq!(letter["account_key"], "~unknown");
     assert_eq!(letter["subject"], "vumi.events.ac*me.survey.poll_complete");
 }
 

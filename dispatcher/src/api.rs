@@ -485,6 +485,9 @@ async fn show_dead_letter(
     State(s): State<ApiState>,
     Path((account, id)): Path<(String, String)>,
 ) -> ApiResult {
+    if account != crate::records::UNKNOWN_ACCOUNT {
+        account_key(&account)?;
+    }
     match s
         .executor
         .dead_letters

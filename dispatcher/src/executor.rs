@@ -47,6 +47,8 @@ pub struct Executor {
     pub dead_letters: DeadLetters,
     /// Step idempotency keys.
     pub idempotency: IdempotencyStore,
+    /// The store under traces and dead letters: flushed before an ack.
+    pub store: switchboard_store::Store,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Limits.
@@ -60,9 +62,17 @@ struct ChainRun {
     trace: ChainTrace,
     children: Vec<VumiApiEvent>,
     failure: Option<DeadLetter>,
+    /// (step, rendered key) of the steps with idempotency keys that succeeded.
+    idempotency_keys: Vec<(String, String)>,
 }
 
 impl Executor {
+    /// Makes what was recorded about settled events durable (one flush
+    /// covers every caller waiting at the time), before their acks.
+    pub async fn make_durable(&self) -> Result<(), switchboard_store::StoreError> {
+        self.store.flush().await
+    }
+
     /// Decodes a payload taken from `subject`. Poison — bad JSON, a schema
     /// violation, an oversize payload, an event on the wrong subject — is filed
     /// in dead letters with the reason, and `None` is returned: ack it.
@@ -169,6 +179,7 @@ impl Executor {
         }
 
         let mut children = Vec::new();
+        let mut idempotency_keys = Vec::new();
         for selection in selected {
             let chain = match selection {
                 Selected::Run(chain) => chain,
@@ -209,6 +220,11 @@ impl Executor {
                     &mut trace,
                 )
                 .await;
+            idempotency_keys.extend(
+                run.idempotency_keys
+                    .into_iter()
+                    .map(|(step, key)| (chain.name.clone(), step, key)),
+            );
             trace.chains.push(run.trace);
             children.extend(run.children);
             if let Some(letter) = run.failure {
@@ -225,6 +241,14 @@ impl Executor {
                 trace.children = children.iter().map(|c| c.id).collect();
                 let _ = self.traces.put(&trace);
                 return Disposition::Retry(Duration::from_secs(1));
+            }
+        }
+        for (chain, step, key) in &idempotency_keys {
+            if let Err(e) = self
+                .idempotency
+                .record(&event.account_key, chain, step, key)
+            {
+                tracing::error!(error = %e, "recording an idempotency key failed");
             }
         }
         trace.children = children.iter().map(|c| c.id).collect();
@@ -272,6 +296,7 @@ impl Executor {
             },
             children: Vec::new(),
             failure: None,
+            idempotency_keys: Vec::new(),
         };
         let mut outputs = Map::new();
         let mut ended = false;
@@ -295,6 +320,10 @@ impl Executor {
             match result {
                 Ok(output) => {
                     run.children.extend(output.children);
+                    if let Some(key) = output.idempotency_key {
+                        run.idempotency_keys
+                            .push((step.step_name().to_string(), key));
+                    }
                     outputs.insert(step.step_name().to_string(), Value::Object(output.data));
                     ended = output.stop;
                 }
@@ -400,6 +429,7 @@ impl Executor {
                             stop: false,
                             children: Vec::new(),
                             logs: Vec::new(),
+                            idempotency_key: None,
                         };
                         return (step_trace, Ok(success));
                     }
@@ -429,17 +459,10 @@ impl Executor {
             step_trace.duration_ms += started.elapsed().as_secs_f64() * 1000.0;
             let result = result.and_then(|output| self.children_of(event, chain, step, output));
             match result {
-                Ok(success) => {
-                    if let Some(key) = &idempotency_key
-                        && let Err(e) = self.idempotency.record(
-                            &event.account_key,
-                            &chain.name,
-                            step.step_name(),
-                            key,
-                        )
-                    {
-                        tracing::error!(error = %e, "recording an idempotency key failed");
-                    }
+                Ok(mut success) => {
+                    // Recorded once the event's emitted events are on the bus:
+                    // a re-run before then must run the step again.
+                    success.idempotency_key = idempotency_key.clone();
                     step_trace.outcome = if success.stop {
                         StepOutcome::Stopped
                     } else {
@@ -517,6 +540,7 @@ impl Executor {
             stop: output.stop,
             children,
             logs: output.logs,
+            idempotency_key: None,
         })
     }
 }
@@ -526,6 +550,8 @@ struct StepSuccess {
     stop: bool,
     children: Vec<VumiApiEvent>,
     logs: Vec<LogLine>,
+    /// The step's rendered idempotency key, to record once the event is done.
+    idempotency_key: Option<String>,
 }
 
 /// A chain an event runs, or whose `when` condition could not be evaluated.

@@ -13,6 +13,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 use switchboard_handlers::ports::{
     CommandPort, Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort,
+    redact_url,
 };
 
 /// Largest response body kept from an outbound call.
@@ -47,7 +48,8 @@ impl ReqwestHttp {
 #[async_trait::async_trait]
 impl HttpPort for ReqwestHttp {
     async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let url = request.url.clone();
+        // Errors name the URL without its credentials or query.
+        let url = redact_url(&request.url);
         let mut builder = self
             .client
             .post(&request.url)

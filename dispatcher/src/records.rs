@@ -139,7 +139,8 @@ pub enum DeadReason {
 }
 
 /// The account poison is filed under when the subject names no valid account.
-pub const UNKNOWN_ACCOUNT: &str = "_unknown";
+/// `~` is outside the account-key alphabet, so no real account can be called this.
+pub const UNKNOWN_ACCOUNT: &str = "~unknown";
 
 /// One dead letter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

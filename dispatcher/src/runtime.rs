@@ -98,7 +98,8 @@ impl Dispatcher {
                     url,
                     &prefix,
                     config.limits.max_event_bytes,
-                    config.limits.concurrency * 32,
+                    // Never more in flight than the workers and their small queues hold.
+                    config.limits.concurrency * 4,
                     Duration::from_secs(config.bus.ack_wait_secs),
                 )
                 .await?;
@@ -143,6 +144,7 @@ impl Dispatcher {
             traces: Traces::new(store.clone()),
             dead_letters: DeadLetters::new(store.clone()),
             idempotency: IdempotencyStore::new(store.clone()),
+            store: store.clone(),
             metrics: Arc::new(Metrics::default()),
             limits: config.limits.clone(),
             prefix,
@@ -178,7 +180,7 @@ impl Dispatcher {
             }
         });
 
-        let deliveries = bus.consume(config.limits.concurrency * 4).await?;
+        let deliveries = bus.consume(config.limits.concurrency).await?;
         let consumer = tokio::spawn(consume(
             executor.clone(),
             deliveries,
@@ -292,7 +294,9 @@ async fn consume(
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(8);
+        // Small buffers: a delivery waiting here gets no progress reports, so
+        // it must reach its worker well within the bus's ack wait.
+        let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
         queues.push(tx);
         workers.push(tokio::spawn(work(executor.clone(), rx, keepalive)));
     }
@@ -306,8 +310,16 @@ async fn consume(
             },
         };
         let Some(event) = executor.decode(&delivery.subject, &delivery.payload) else {
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(error = %e, "acking a dead-lettered message failed");
+            // Acked once its dead letter is durable; otherwise delivered again.
+            let settled = match executor.make_durable().await {
+                Ok(()) => delivery.ack().await,
+                Err(e) => {
+                    tracing::error!(error = %e, "flushing a dead letter failed");
+                    delivery.nak(Duration::from_secs(1)).await
+                }
+            };
+            if let Err(e) = settled {
+                tracing::warn!(error = %e, "settling a dead-lettered message failed");
             }
             continue;
         };
@@ -319,7 +331,8 @@ async fn consume(
             break;
         }
     }
-    // Deliveries still queued are dropped unacked: the bus delivers them again.
+    // Workers finish what is queued to them; deliveries not yet taken off the
+    // bus are delivered again (after the ack wait on NATS, at restart embedded).
     drop(queues);
     for w in workers {
         let _ = w.await;
@@ -348,8 +361,16 @@ async fn work(
                 }
             }
         };
+        // The trace and any dead letter are made durable before the ack, so
+        // a crash cannot lose what happened to an acked event.
         let result = match disposition {
-            Disposition::Ack => delivery.ack().await,
+            Disposition::Ack => match executor.make_durable().await {
+                Ok(()) => delivery.ack().await,
+                Err(e) => {
+                    tracing::error!(event_id = %event.id, error = %e, "flushing the store failed; the event will be handled again");
+                    delivery.nak(Duration::from_secs(1)).await
+                }
+            },
             Disposition::Retry(delay) => delivery.nak(delay).await,
         };
         if let Err(e) = result {

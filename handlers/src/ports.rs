@@ -6,6 +6,27 @@ use std::time::Duration;
 
 use crate::StepError;
 
+/// A URL fit for errors, traces and logs: credentials in the user part and
+/// the query string (where gateways often take API keys) are left out.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let path = match path.split_once('?') {
+        Some((p, q)) if !q.is_empty() => format!("{p}?…"),
+        Some((p, _)) => p.to_string(),
+        None => path.to_string(),
+    };
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
 /// An outbound HTTP request.
 #[derive(Debug, Clone)]
 pub struct HttpRequest {

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
 use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
-use crate::ports::{CommandPort, HttpPort, HttpRequest};
+use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
 use crate::stores::{Channel, MessageRecord, MessageStatus, MessageStore, normalize_msisdn};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
@@ -225,7 +225,7 @@ impl SendSms {
                         timeout: DEFAULT_TIMEOUT,
                     })
                     .await?;
-                response.check(&format!("SMS gateway {}", p.url))?;
+                response.check(&format!("SMS gateway {}", redact_url(&p.url)))?;
                 let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
                 Ok(answer
                     .get("id")

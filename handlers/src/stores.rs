@@ -145,20 +145,21 @@ impl ContactStore {
         upsert: ContactUpsert,
     ) -> Result<(Contact, bool), StoreError> {
         let _guard = self.writer.lock().expect("contact writer lock");
-        let existing = [("msisdn", &upsert.msisdn), ("email", &upsert.email)]
-            .into_iter()
-            .filter_map(|(kind, v)| v.as_ref().map(|v| (kind, v)))
-            .find_map(|(kind, v)| {
-                self.store
-                    .get(Collection::ContactIndex, &index_key(account, kind, v))
-                    .ok()
-                    .flatten()
-            })
-            .and_then(|k| {
-                self.get(account, &String::from_utf8_lossy(&k))
-                    .ok()
-                    .flatten()
-            });
+        // A read error fails the upsert (and the step, retryably): taking it
+        // for "no such contact" would create a duplicate.
+        let mut existing = None;
+        for (kind, value) in [("msisdn", &upsert.msisdn), ("email", &upsert.email)] {
+            let Some(value) = value else { continue };
+            if let Some(k) = self
+                .store
+                .get(Collection::ContactIndex, &index_key(account, kind, value))?
+            {
+                existing = self.get(account, &String::from_utf8_lossy(&k))?;
+                if existing.is_some() {
+                    break;
+                }
+            }
+        }
         let now = switchboard_sdk::now();
         let (mut contact, created) = match existing {
             Some(c) => (c, false),

@@ -338,3 +338,20 @@ async fn a_script_step_runs_through_the_registry() {
     .unwrap();
     assert_eq!(serde_json::Value::Object(out.data), json!({"points": 16}));
 }
+
+#[test]
+fn urls_in_errors_leave_out_credentials_and_queries() {
+    use ports::redact_url;
+    let cases = [
+        (
+            "https://user:pw@gw.example.org/send?api_key=XYZ",
+            "https://gw.example.org/send?…",
+        ),
+        ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook"),
+        ("https://gw.example.org?key=1", "https://gw.example.org?…"),
+        ("https://gw.example.org/a/b?", "https://gw.example.org/a/b"),
+    ];
+    for (url, shown) in cases {
+        assert_eq!(redact_url(url), shown, "{url}");
+    }
+}

@@ -12,7 +12,7 @@ use sha2::Sha256;
 use switchboard_rules::FieldProblem;
 
 use crate::options::{object_option, only_known, required_string, string_option};
-use crate::ports::{HttpPort, HttpRequest};
+use crate::ports::{HttpPort, HttpRequest, redact_url};
 use crate::stores::{SecretStore, check_secret_name};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
@@ -155,7 +155,7 @@ impl Handler for PaymentWebhook {
                 timeout,
             })
             .await?;
-        response.check(&format!("webhook {url}"))?;
+        response.check(&format!("webhook {}", redact_url(&url)))?;
         let mut output = Map::new();
         output.insert("status".into(), json!(response.status));
         output.insert("webhook_id".into(), json!(webhook_id));
