@@ -387,33 +387,18 @@ pub async fn dead_letters_list(
     limit: usize,
     json_out: bool,
 ) -> Result<String, CliError> {
-    let answer = client
-        .get(&format!(
-            "/v1/accounts/{account_raw}/dead-letters?limit={limit}"
-        ))
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let letters = answer["dead_letters"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if letters.is_empty() {
-        return Ok(format!("account {account_raw} has no dead letters"));
-    }
-    let mut out = String::new();
-    for l in letters {
-        let _ = writeln!(
-            out,
+    let path = format!("/v1/accounts/{account_raw}/dead-letters?limit={limit}");
+    let empty = format!("account {account_raw} has no dead letters");
+    list(client, &path, "dead_letters", json_out, None, empty, |l| {
+        format!(
             "{}  {}  {:<11} {}",
             l["id"].as_str().unwrap_or_default(),
             l["at"].as_str().unwrap_or_default(),
             l["reason"].as_str().unwrap_or_default(),
             l["error"].as_str().unwrap_or_default(),
-        );
-    }
-    Ok(out.trim_end().to_string())
+        )
+    })
+    .await
 }
 
 /// `switchboard dead-letters show ACCOUNT ID`
@@ -755,28 +740,27 @@ pub async fn contacts_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .get(&format!("/v1/accounts/{a}/contacts?limit={limit}"))
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let contacts = answer["contacts"].as_array().cloned().unwrap_or_default();
-    if contacts.is_empty() {
-        return Ok(format!("account {a} has no contacts"));
-    }
-    let mut out = format!("{:<38} {:<16} {:<28} name\n", "key", "msisdn", "email");
-    for c in contacts {
-        let _ = writeln!(
-            out,
-            "{:<38} {:<16} {:<28} {}",
-            c["key"].as_str().unwrap_or_default(),
-            c["msisdn"].as_str().unwrap_or("-"),
-            c["email"].as_str().unwrap_or("-"),
-            c["name"].as_str().unwrap_or("-"),
-        );
-    }
-    Ok(out.trim_end().to_string())
+    let path = format!("/v1/accounts/{a}/contacts?limit={limit}");
+    let header = format!("{:<38} {:<16} {:<28} name", "key", "msisdn", "email");
+    let empty = format!("account {a} has no contacts");
+    list(
+        client,
+        &path,
+        "contacts",
+        json_out,
+        Some(header),
+        empty,
+        |c| {
+            format!(
+                "{:<38} {:<16} {:<28} {}",
+                c["key"].as_str().unwrap_or_default(),
+                c["msisdn"].as_str().unwrap_or("-"),
+                c["email"].as_str().unwrap_or("-"),
+                c["name"].as_str().unwrap_or("-"),
+            )
+        },
+    )
+    .await
 }
 
 /// `switchboard contacts show ACCOUNT KEY|MSISDN|EMAIL`
@@ -800,29 +784,42 @@ pub async fn messages_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .get(&format!("/v1/accounts/{a}/messages?limit={limit}"))
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let messages = answer["messages"].as_array().cloned().unwrap_or_default();
-    if messages.is_empty() {
-        return Ok(format!("account {a} has no messages"));
-    }
-    let mut out = String::new();
-    for m in messages {
-        let _ = writeln!(
-            out,
+    let path = format!("/v1/accounts/{a}/messages?limit={limit}");
+    let empty = format!("account {a} has no messages");
+    list(client, &path, "messages", json_out, None, empty, |m| {
+        format!(
             "{}  {:<5} {:<9} {:<28} {}",
             m["id"].as_str().unwrap_or_default(),
             m["channel"].as_str().unwrap_or_default(),
             m["status"].as_str().unwrap_or_default(),
             m["recipient"].as_str().unwrap_or_default(),
             m["provider"].as_str().unwrap_or_default(),
-        );
+        )
+    })
+    .await
+}
+
+/// Gets `path` and prints the answer as JSON with `--json`, or else one line
+/// per item of its `field` array (after `header`), or `empty` when there is none.
+async fn list(
+    client: &Client,
+    path: &str,
+    field: &str,
+    json_out: bool,
+    header: Option<String>,
+    empty: String,
+    row: impl Fn(&Value) -> String,
+) -> Result<String, CliError> {
+    let answer = client.get(path).await?;
+    if json_out {
+        return Ok(pretty(&answer));
     }
-    Ok(out.trim_end().to_string())
+    let items = answer[field].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return Ok(empty);
+    }
+    let lines = header.into_iter().chain(items.iter().map(row));
+    Ok(lines.collect::<Vec<_>>().join("\n").trim_end().to_string())
 }
 
 /// `switchboard messages show ACCOUNT ID`
