@@ -1,48 +1,21 @@
 //! Rhai scripts and `when` conditions, end to end: the binary on the embedded
 //! bus, driven over its HTTP API and CLI.
-//!
-//! The small helpers here (a dispatcher process, JSON calls, waiting for a
-//! trace) are local to this module for now; they belong in `tests/util.rs`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
-/// A `switchboard run` process on the embedded bus in a temporary directory;
-/// killed on drop.
-struct Dispatcher {
-    child: Child,
-    url: String,
-    _data: tempfile::TempDir,
-}
+use crate::util;
+
+/// The dispatcher of `util` (a process on the embedded bus, killed on drop),
+/// with the calls these tests make: raw HTTP answers, to check refusals, and
+/// the CLI's exit status and output.
+struct Dispatcher(util::Dispatcher);
 
 impl Dispatcher {
     fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["run", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting switchboard");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_string();
-        Self {
-            child,
-            url,
-            _data: data,
-        }
+        Self(util::Dispatcher::embedded())
     }
 
     async fn call(
@@ -51,7 +24,7 @@ impl Dispatcher {
         path: &str,
         body: Option<String>,
     ) -> (u16, Value) {
-        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.url));
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.0.url()));
         if let Some(body) = body {
             request = request.body(body);
         }
@@ -84,40 +57,19 @@ impl Dispatcher {
 
     /// Posts an event; returns its id.
     async fn emit(&self, event: Value) -> String {
-        let (status, answer) = self
-            .call(reqwest::Method::POST, "/v1/events", Some(event.to_string()))
-            .await;
-        assert_eq!(status, 202, "{answer}");
-        answer["id"].as_str().unwrap().to_string()
+        self.0.post_event(&event).await
     }
 
     /// The finished trace of an event.
     async fn trace(&self, account: &str, id: &str) -> Value {
-        let start = Instant::now();
-        loop {
-            let (status, trace) = self
-                .call(
-                    reqwest::Method::GET,
-                    &format!("/v1/accounts/{account}/events/{id}/trace"),
-                    None,
-                )
-                .await;
-            if status == 200 && trace["status"] != "running" {
-                return trace;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "no finished trace of {id}: {trace}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.0.wait_for_trace(account, id, util::TIMEOUT).await
     }
 
-    /// Runs the CLI against this dispatcher.
+    /// Runs the CLI against this dispatcher: success, stdout, stderr.
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(args)
-            .args(["--server", &self.url])
+            .args(["--server", self.0.url()])
             .output()
             .unwrap();
         (
@@ -125,13 +77,6 @@ impl Dispatcher {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
-    }
-}
-
-impl Drop for Dispatcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
