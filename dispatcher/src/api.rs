@@ -200,6 +200,15 @@ fn problems_json(v: &switchboard_rules::ValidationError) -> Value {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// Checks the account of a dead-letter route: a valid account key, or the
+/// name poison is filed under when its subject named no valid account.
+fn dead_letter_account(raw: &str) -> Result<(), ApiError> {
+    if raw != crate::records::UNKNOWN_ACCOUNT {
+        account_key(raw)?;
+    }
+    Ok(())
+}
+
 fn account_key(raw: &str) -> Result<AccountKey, ApiError> {
     AccountKey::new(raw).map_err(|e| ApiError::bad_request("invalid_account", e.to_string()))
 }
@@ -469,10 +478,7 @@ async fn list_dead_letters(
     Path(account): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
-    // Poison whose subject named no valid account is filed under `_unknown`.
-    if account != crate::records::UNKNOWN_ACCOUNT {
-        account_key(&account)?;
-    }
+    dead_letter_account(&account)?;
     let letters = s
         .executor
         .dead_letters
@@ -485,9 +491,7 @@ async fn show_dead_letter(
     State(s): State<ApiState>,
     Path((account, id)): Path<(String, String)>,
 ) -> ApiResult {
-    if account != crate::records::UNKNOWN_ACCOUNT {
-        account_key(&account)?;
-    }
+    dead_letter_account(&account)?;
     match s
         .executor
         .dead_letters

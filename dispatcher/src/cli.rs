@@ -698,21 +698,12 @@ pub async fn secrets_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/secrets")).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let names: Vec<&str> = answer["secrets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    Ok(if names.is_empty() {
-        format!("account {a} has no secrets")
-    } else {
-        names.join("\n")
+    let path = format!("/v1/accounts/{a}/secrets");
+    let empty = format!("account {a} has no secrets");
+    list(client, &path, "secrets", json_out, None, empty, |name| {
+        name.as_str().unwrap_or_default().to_string()
     })
+    .await
 }
 
 /// `switchboard secrets rm ACCOUNT NAME`
