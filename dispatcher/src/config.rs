@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,33 @@ pub struct Config {
     pub providers: ProvidersConfig,
     /// The sandbox of Rhai scripts and `when` conditions.
     pub rhai: RhaiLimits,
+    /// The journal and shutdown.
+    pub delivery: DeliveryConfig,
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// How long the step journal keeps an event's record (`"7d"`). A
+    /// redelivery or a replay later than this runs the chain from its start;
+    /// records of events in dead letters are kept until the letter is
+    /// replayed or discarded.
+    #[serde(with = "switchboard_rules::duration")]
+    pub journal_retention: Duration,
+    /// How long a shutdown waits for the events being handled (`"30s"`);
+    /// those still running then are released to the bus.
+    #[serde(with = "switchboard_rules::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            journal_retention: Duration::from_secs(7 * 86400),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[providers.sms.NAME]` and `[providers.email.NAME]`.
@@ -220,6 +248,11 @@ impl Config {
         if self.bus.ack_wait_secs == 0 {
             return Err(ConfigError::Invalid(
                 "bus.ack_wait_secs must be at least 1".into(),
+            ));
+        }
+        if self.delivery.journal_retention < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "delivery.journal_retention must be at least 1m: a redelivered event must find its journal".into(),
             ));
         }
         if self.limits.max_event_bytes < 512 {

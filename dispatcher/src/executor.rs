@@ -5,6 +5,12 @@
 //! each chain's steps in order, each seeing the earlier steps' outputs; publish
 //! the events the steps emitted, with ids derived from (parent, chain, step,
 //! index); record the trace. Then the caller acks.
+//!
+//! Every finished step is recorded in the [journal](crate::journal) before the
+//! chain moves on, so a redelivered event resumes where it stopped. A step that
+//! fails in a retryable way is not waited for here: its attempt count goes in
+//! the journal and the event goes back to the bus with the retry delay
+//! ([`Disposition::Retry`]), to resume at that step.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,13 +20,15 @@ use switchboard_handlers::stores::IdempotencyStore;
 use switchboard_handlers::{EventValue, LogLine, Registry, StepError, StepInput, StepOutput};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, OnError, StepSpec};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::StoreError;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, BusError};
 use crate::config::LimitsConfig;
-use crate::metrics::{Metrics, Outcome};
+use crate::journal::{ChainEnd, ChainJournal, EventJournal, Journal, PendingRetry, StepRecord};
+use crate::metrics::{Metrics, Outcome, StepResult};
 use crate::records::{
-    ChainTrace, DeadLetter, DeadLetters, DeadReason, StepOutcome, StepTrace, Trace, TraceStatus,
-    Traces, UNKNOWN_ACCOUNT,
+    ChainTrace, DeadLetter, DeadLetters, DeadReason, LetterStatus, StepOutcome, StepTrace, Trace,
+    TraceStatus, Traces, UNKNOWN_ACCOUNT,
 };
 
 /// What the bus should do with a delivery once the executor is done with it.
@@ -28,9 +36,14 @@ use crate::records::{
 pub enum Disposition {
     /// Handled (or filed as dead, expired, unrouted): ack it.
     Ack,
-    /// Not finished (the bus could not take the emitted events): deliver again after the delay.
+    /// Not finished (a step is to be tried again, or the store or bus
+    /// failed): deliver it again after the delay.
     Retry(Duration),
 }
+
+/// How long to wait before handling an event again after the store or the
+/// bus failed under it.
+const INFRA_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs chains.
 #[derive(Debug)]
@@ -45,9 +58,11 @@ pub struct Executor {
     pub traces: Traces,
     /// Dead letters.
     pub dead_letters: DeadLetters,
+    /// The step journal.
+    pub journal: Journal,
     /// Step idempotency keys.
     pub idempotency: IdempotencyStore,
-    /// The store under traces and dead letters: flushed before an ack.
+    /// The store under the journal, traces and dead letters: flushed before an ack.
     pub store: switchboard_store::Store,
     /// Counters.
     pub metrics: Arc<Metrics>,
@@ -57,26 +72,85 @@ pub struct Executor {
     pub prefix: String,
 }
 
-/// One chain's run, before it is written into the trace.
-struct ChainRun {
-    trace: ChainTrace,
-    children: Vec<VumiApiEvent>,
-    failure: Option<DeadLetter>,
-    /// (step, rendered key) of the steps with idempotency keys that succeeded.
-    idempotency_keys: Vec<(String, String)>,
+/// Why handling could not finish: the store or the bus failed. The event is
+/// handled again later; nothing that finished is lost or repeated.
+#[derive(Debug, thiserror::Error)]
+enum Interrupted {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// One attempt at a step.
+enum Attempt {
+    /// It finished: succeeded, or skipped by its idempotency key.
+    Done {
+        record: StepRecord,
+        stop: bool,
+        /// Its rendered idempotency key, to record.
+        idempotency_key: Option<String>,
+        /// Whether it reached outside the dispatcher.
+        side_effects: bool,
+    },
+    /// It failed and is worth trying again after `delay`.
+    Retry {
+        delay: Duration,
+        pending: PendingRetry,
+    },
+    /// It failed for good (or ran out of attempts).
+    Failed {
+        trace: StepTrace,
+        message: String,
+        side_effects: bool,
+    },
+}
+
+/// Why a dead letter cannot be replayed or discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum LetterError {
+    /// The account has no such dead letter.
+    #[error("account {account} has no dead letter {id}")]
+    NotFound {
+        /// The account.
+        account: String,
+        /// The letter.
+        id: String,
+    },
+    /// The letter holds no event (poison): there is nothing to replay.
+    #[error(
+        "dead letter {0} holds no event (the payload was not a valid event), so it cannot be \
+         replayed: fix the publisher and publish the event again, then discard the letter"
+    )]
+    NoEvent(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus would not take the event.
+    #[error(
+        "putting the event of dead letter {id} back on the bus failed (the letter stays; replay it again): {source}"
+    )]
+    Bus {
+        /// The letter.
+        id: String,
+        /// What the bus said.
+        source: BusError,
+    },
 }
 
 impl Executor {
     /// Makes what was recorded about settled events durable (one flush
     /// covers every caller waiting at the time), before their acks.
-    pub async fn make_durable(&self) -> Result<(), switchboard_store::StoreError> {
+    pub async fn make_durable(&self) -> Result<(), StoreError> {
         self.store.flush().await
     }
 
     /// Decodes a payload taken from `subject`. Poison — bad JSON, a schema
     /// violation, an oversize payload, an event on the wrong subject — is filed
-    /// in dead letters with the reason, and `None` is returned: ack it.
-    pub fn decode(&self, subject: &str, payload: &[u8]) -> Option<VumiApiEvent> {
+    /// in dead letters with the reason, and `Err` is returned with the
+    /// disposition: ack it once the letter is durable, or try again if it
+    /// could not be filed.
+    pub async fn decode(&self, subject: &str, payload: &[u8]) -> Result<VumiApiEvent, Disposition> {
         let result = VumiApiEvent::decode(payload, self.limits.max_event_bytes)
             .map_err(|e| e.to_string())
             .and_then(|event| {
@@ -95,7 +169,7 @@ impl Executor {
             Ok(event) => {
                 self.metrics
                     .count(Outcome::Received, event.account_key.as_str());
-                Some(event)
+                Ok(event)
             }
             Err(error) => {
                 let account = self.account_of_subject(subject);
@@ -107,8 +181,13 @@ impl Executor {
                 letter.payload = Some(
                     String::from_utf8_lossy(&payload[..payload.len().min(limit)]).into_owned(),
                 );
-                self.file_dead_letter(&letter);
-                None
+                match self.file_dead_letter(&letter).await {
+                    Ok(()) => Err(Disposition::Ack),
+                    Err(e) => {
+                        tracing::error!(error = %e, subject, "filing a poison message failed; it will be tried again");
+                        Err(Disposition::Retry(INFRA_RETRY))
+                    }
+                }
             }
         }
     }
@@ -123,16 +202,28 @@ impl Executor {
             .map_or_else(|| UNKNOWN_ACCOUNT.to_string(), |a| a.to_string())
     }
 
-    fn file_dead_letter(&self, letter: &DeadLetter) {
+    /// Files a dead letter that no journal refers to, and announces it on the bus.
+    async fn file_dead_letter(&self, letter: &DeadLetter) -> Result<(), Interrupted> {
+        self.dead_letters.put(letter)?;
         self.metrics
             .count(Outcome::DeadLettered, &letter.account_key);
-        if let Err(e) = self.dead_letters.put(letter) {
-            tracing::error!(error = %e, account = letter.account_key, "filing a dead letter failed");
-        }
+        self.bus.announce_dead_letter(letter).await?;
+        Ok(())
     }
 
     /// Handles one decoded event.
     pub async fn handle(&self, event: &VumiApiEvent) -> Disposition {
+        match self.try_handle(event).await {
+            Ok(disposition) => disposition,
+            Err(e) => {
+                tracing::warn!(account = %event.account_key, event_id = %event.id, error = %e,
+                    "handling interrupted; the event will be handled again, resuming after its last finished step");
+                Disposition::Retry(INFRA_RETRY)
+            }
+        }
+    }
+
+    async fn try_handle(&self, event: &VumiApiEvent) -> Result<Disposition, Interrupted> {
         let account = event.account_key.as_str();
         let started_at = switchboard_sdk::now();
         let mut trace = Trace {
@@ -159,9 +250,8 @@ impl Executor {
                 event.depth, self.limits.max_depth, event.root_id, event.event_type
             );
             tracing::warn!(account, event_id = %event.id, %error, "depth limit: filed in dead letters");
-            let mut letter = DeadLetter::new(account, DeadReason::DepthLimit, error);
-            letter.event = Some(event.clone());
-            self.file_dead_letter(&letter);
+            let letter = DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
+            self.file_dead_letter(&letter).await?;
             trace.status = TraceStatus::Dead;
             return self.finish(trace);
         }
@@ -178,87 +268,95 @@ impl Executor {
             );
         }
 
-        let mut children = Vec::new();
-        let mut idempotency_keys = Vec::new();
+        let mut journal = match self.journal.get(&event.id)? {
+            Some(journal) => {
+                // A later pass: the trace covers every pass, from the first.
+                if let Ok(first) = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(journal.started_ms) * 1_000_000,
+                ) {
+                    trace.started_at = first;
+                }
+                journal
+            }
+            None => EventJournal::new(),
+        };
+        let mut retry_in: Option<Duration> = None;
+        let mut dead = false;
+        let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
-            let chain = match selection {
-                Selected::Run(chain) => chain,
+            match selection {
+                Selected::Run(chain) => {
+                    let version = account_chains.version();
+                    if let Some(delay) = self
+                        .run_chain(event, &event_value, chain, version, &mut journal)
+                        .await?
+                    {
+                        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                    }
+                    let record = journal.chain(&chain.name).expect("the chain just ran");
+                    dead |= matches!(record.end, Some(ChainEnd::Dead { .. }));
+                    trace.chains.push(chain_trace(chain, record));
+                    ran.push(chain.name.as_str());
+                }
                 Selected::ConditionFailed(chain, error) => {
+                    // Not journaled: the condition is evaluated again on a
+                    // redelivery, and the letter's id is the same each time.
                     let error = format!("the chain's `when` condition failed to evaluate: {error}");
                     tracing::warn!(account, event_id = %event.id, chain = chain.name, %error,
                         "condition failed: filed in dead letters");
+                    let step = StepTrace {
+                        name: "when".into(),
+                        handler: "when".into(),
+                        outcome: StepOutcome::Failed,
+                        attempts: 1,
+                        duration_ms: 0.0,
+                        output: None,
+                        error: Some(error.clone()),
+                        logs: Vec::new(),
+                    };
+                    let mut letter = DeadLetter::for_event(
+                        event,
+                        DeadReason::StepFailed,
+                        Some(&chain.name),
+                        Some("when"),
+                        error,
+                    );
+                    letter.attempts = 1;
+                    self.file_dead_letter(&letter).await?;
                     trace.chains.push(ChainTrace {
                         name: chain.name.clone(),
                         version: account_chains.version(),
-                        steps: vec![StepTrace {
-                            name: "when".into(),
-                            handler: "when".into(),
-                            outcome: StepOutcome::Failed,
-                            attempts: 1,
-                            duration_ms: 0.0,
-                            output: None,
-                            error: Some(error.clone()),
-                            logs: Vec::new(),
-                        }],
+                        steps: vec![step],
                     });
-                    let mut letter = DeadLetter::new(account, DeadReason::StepFailed, error);
-                    letter.event = Some(event.clone());
-                    letter.chain = Some(chain.name.clone());
-                    letter.step = Some("when".into());
-                    letter.attempts = 1;
-                    self.file_dead_letter(&letter);
-                    trace.status = TraceStatus::Dead;
-                    continue;
+                    dead = true;
                 }
-            };
-            let run = self
-                .run_chain(
-                    event,
-                    &event_value,
-                    chain,
-                    account_chains.version(),
-                    &mut trace,
-                )
-                .await;
-            idempotency_keys.extend(
-                run.idempotency_keys
-                    .into_iter()
-                    .map(|(step, key)| (chain.name.clone(), step, key)),
-            );
-            trace.chains.push(run.trace);
-            children.extend(run.children);
-            if let Some(letter) = run.failure {
-                self.file_dead_letter(&letter);
-                trace.status = TraceStatus::Dead;
             }
         }
 
-        for child in &children {
-            if let Err(e) = self.bus.publish(child).await {
-                tracing::warn!(account, event_id = %event.id, child = %child.id, error = %e,
-                    "publishing an emitted event failed; the event will be handled again");
-                trace.status = TraceStatus::Running;
-                trace.children = children.iter().map(|c| c.id).collect();
-                let _ = self.traces.put(&trace);
-                return Disposition::Retry(Duration::from_secs(1));
-            }
+        // What the finished steps emitted goes on the bus: at every pass, so
+        // that children do not wait for a sibling chain's retry.
+        self.publish_children(event, &mut journal, &ran).await?;
+        trace.children = journal
+            .chains
+            .iter()
+            .filter(|c| ran.contains(&c.name.as_str()))
+            .flat_map(|c| c.steps.iter().flat_map(|s| s.children.iter().map(|e| e.id)))
+            .collect();
+
+        if let Some(delay) = retry_in {
+            trace.status = TraceStatus::Running;
+            self.traces.put(&trace)?;
+            return Ok(Disposition::Retry(delay));
         }
-        for (chain, step, key) in &idempotency_keys {
-            if let Err(e) = self
-                .idempotency
-                .record(&event.account_key, chain, step, key)
-            {
-                tracing::error!(error = %e, "recording an idempotency key failed");
-            }
-        }
-        trace.children = children.iter().map(|c| c.id).collect();
-        if trace.status == TraceStatus::Done {
+        if dead {
+            trace.status = TraceStatus::Dead;
+        } else {
             self.metrics.count(Outcome::Handled, account);
         }
         self.finish(trace)
     }
 
-    fn unrouted(&self, mut trace: Trace, why: &str) -> Disposition {
+    fn unrouted(&self, mut trace: Trace, why: &str) -> Result<Disposition, Interrupted> {
         let account = trace.event.account_key.as_str();
         self.metrics.count(Outcome::Unrouted, account);
         tracing::info!(
@@ -272,104 +370,249 @@ impl Executor {
         self.finish(trace)
     }
 
-    fn finish(&self, mut trace: Trace) -> Disposition {
+    fn finish(&self, mut trace: Trace) -> Result<Disposition, Interrupted> {
         trace.finished_at = Some(switchboard_sdk::now());
-        if let Err(e) = self.traces.put(&trace) {
-            tracing::error!(error = %e, event_id = %trace.event.id, "recording a trace failed");
-        }
-        Disposition::Ack
+        self.traces.put(&trace)?;
+        Ok(Disposition::Ack)
     }
 
+    /// Publishes the children of finished steps that are not on the bus yet,
+    /// and records that they are.
+    async fn publish_children(
+        &self,
+        event: &VumiApiEvent,
+        journal: &mut EventJournal,
+        chains: &[&str],
+    ) -> Result<(), Interrupted> {
+        let mut changed = false;
+        let mut result = Ok(());
+        'chains: for chain in journal
+            .chains
+            .iter_mut()
+            .filter(|c| chains.contains(&c.name.as_str()))
+        {
+            for step in chain.steps.iter_mut().filter(|s| !s.published) {
+                for child in &step.children {
+                    if let Err(e) = self.bus.publish(child).await {
+                        tracing::warn!(account = %event.account_key, event_id = %event.id, child = %child.id,
+                            error = %e, "publishing an emitted event failed");
+                        result = Err(e.into());
+                        break 'chains;
+                    }
+                }
+                step.published = true;
+                changed = true;
+            }
+        }
+        if changed {
+            self.journal.put(&event.id, journal)?;
+        }
+        result
+    }
+
+    /// Runs chain `chain` from where the journal says it stopped. Returns the
+    /// delay after which a failed step is to be tried again, if one is.
     async fn run_chain(
         &self,
         event: &VumiApiEvent,
         event_value: &EventValue,
         chain: &ChainSpec,
         version: u64,
-        trace: &mut Trace,
-    ) -> ChainRun {
-        let mut run = ChainRun {
-            trace: ChainTrace {
-                name: chain.name.clone(),
-                version,
-                steps: Vec::with_capacity(chain.steps.len()),
-            },
-            children: Vec::new(),
-            failure: None,
-            idempotency_keys: Vec::new(),
+        journal: &mut EventJournal,
+    ) -> Result<Option<Duration>, Interrupted> {
+        let account = &event.account_key;
+        let ci = {
+            journal.chain_mut(&chain.name, version);
+            journal
+                .chains
+                .iter()
+                .position(|c| c.name == chain.name)
+                .expect("just made")
         };
-        let mut outputs = Map::new();
-        let mut ended = false;
-        for step in &chain.steps {
-            if ended {
-                run.trace.steps.push(StepTrace {
-                    name: step.step_name().to_string(),
-                    handler: step.handler.clone(),
-                    outcome: StepOutcome::Skipped,
-                    attempts: 0,
-                    duration_ms: 0.0,
-                    output: None,
-                    error: None,
-                    logs: Vec::new(),
-                });
-                continue;
-            }
-            let (step_trace, result) = self
-                .run_step(event, event_value, chain, step, &outputs, trace, &run.trace)
-                .await;
-            match result {
-                Ok(output) => {
-                    run.children.extend(output.children);
-                    if let Some(key) = output.idempotency_key {
-                        run.idempotency_keys
-                            .push((step.step_name().to_string(), key));
+        match &journal.chains[ci].end {
+            Some(ChainEnd::Done | ChainEnd::Discarded) => return Ok(None),
+            Some(ChainEnd::Dead {
+                letter, announced, ..
+            }) => {
+                // Filed by an earlier pass; make sure it was announced.
+                if !announced
+                    && let Some(letter) = self.dead_letters.get(account.as_str(), letter)?
+                {
+                    self.bus.announce_dead_letter(&letter).await?;
+                    if let Some(ChainEnd::Dead { announced, .. }) = &mut journal.chains[ci].end {
+                        *announced = true;
                     }
-                    outputs.insert(step.step_name().to_string(), Value::Object(output.data));
-                    ended = output.stop;
+                    self.journal.put(&event.id, journal)?;
                 }
-                Err(error) => {
-                    if step.on_error == OnError::Stop {
-                        ended = true;
-                        let mut letter = DeadLetter::new(
-                            event.account_key.as_str(),
-                            DeadReason::StepFailed,
-                            &error,
-                        );
-                        letter.event = Some(event.clone());
-                        letter.chain = Some(chain.name.clone());
-                        letter.step = Some(step.step_name().to_string());
-                        letter.attempts = step_trace.attempts;
-                        tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
-                            step = step.step_name(), %error, "step failed: filed in dead letters");
-                        run.failure = Some(letter);
-                    } else {
-                        tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
-                            step = step.step_name(), %error, "step failed; on_error = \"continue\"");
-                    }
-                }
+                return Ok(None);
             }
-            run.trace.steps.push(step_trace);
+            None => {}
         }
-        run
+        let mut outputs: Map<String, Value> = journal.chains[ci]
+            .steps
+            .iter()
+            .filter_map(|r| {
+                let output = r.trace.output.clone()?;
+                Some((r.trace.name.clone(), Value::Object(output)))
+            })
+            .collect();
+        let start = journal.chains[ci].steps.len();
+        for step in chain.steps.iter().skip(start) {
+            let name = step.step_name();
+            let prior = journal.chains[ci]
+                .retry
+                .take()
+                .filter(|r| r.step == name)
+                .map(|r| r.trace);
+            match self
+                .attempt_step(event, event_value, chain, step, &outputs, prior)
+                .await
+            {
+                Attempt::Done {
+                    record,
+                    stop,
+                    idempotency_key,
+                    side_effects,
+                } => {
+                    if let Some(output) = &record.trace.output {
+                        outputs.insert(name.to_string(), Value::Object(output.clone()));
+                    }
+                    let record_chain = &mut journal.chains[ci];
+                    record_chain.steps.push(record);
+                    if stop {
+                        self.end_chain(event, journal, ci, ChainEnd::Done)?;
+                    } else {
+                        self.journal.put(&event.id, journal)?;
+                    }
+                    if let Some(key) = idempotency_key {
+                        self.idempotency.record(account, &chain.name, name, &key)?;
+                    }
+                    if side_effects {
+                        // Durable before anything else happens: a crash from
+                        // here on resumes after this step.
+                        self.store.flush().await?;
+                    }
+                    if stop {
+                        return Ok(None);
+                    }
+                }
+                Attempt::Retry { delay, pending } => {
+                    tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
+                        step = name, attempt = pending.trace.attempts, delay_ms = delay.as_millis() as u64,
+                        error = pending.trace.error.as_deref().unwrap_or(""), "step failed; retrying");
+                    self.metrics.count(Outcome::Retried, account.as_str());
+                    journal.chains[ci].retry = Some(pending);
+                    self.journal.put(&event.id, journal)?;
+                    return Ok(Some(delay));
+                }
+                Attempt::Failed {
+                    trace,
+                    message,
+                    side_effects,
+                } if step.on_error == OnError::Continue => {
+                    tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,
+                        step = name, error = %message, "step failed; on_error = \"continue\"");
+                    journal.chains[ci].steps.push(StepRecord {
+                        trace,
+                        children: Vec::new(),
+                        published: true,
+                    });
+                    self.journal.put(&event.id, journal)?;
+                    if side_effects {
+                        self.store.flush().await?;
+                    }
+                }
+                Attempt::Failed { trace, message, .. } => {
+                    tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,
+                        step = name, error = %message, "step failed: filed in dead letters");
+                    let mut letter = DeadLetter::for_event(
+                        event,
+                        DeadReason::StepFailed,
+                        Some(&chain.name),
+                        Some(name),
+                        message,
+                    );
+                    letter.attempts = trace.attempts;
+                    let end = ChainEnd::Dead {
+                        letter: letter.id.clone(),
+                        step: name.to_string(),
+                        trace,
+                        announced: false,
+                    };
+                    self.file_chain_letter(event, journal, ci, &letter, end)
+                        .await?;
+                    return Ok(None);
+                }
+            }
+        }
+        self.end_chain(event, journal, ci, ChainEnd::Done)?;
+        Ok(None)
     }
 
-    /// Runs one step with its retry policy. On success returns the output and
-    /// the child events it emitted.
-    #[allow(clippy::too_many_arguments)]
-    async fn run_step(
+    /// Records that chain `ci` ended; a dead letter it was replayed from goes.
+    fn end_chain(
+        &self,
+        event: &VumiApiEvent,
+        journal: &mut EventJournal,
+        ci: usize,
+        end: ChainEnd,
+    ) -> Result<(), StoreError> {
+        let chain = &mut journal.chains[ci];
+        chain.end = Some(end);
+        chain.retry = None;
+        let replayed = chain.replaying.take();
+        let mut writes = self.journal.writes(&event.id, journal).to_vec();
+        if let Some(id) = replayed {
+            writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
+        }
+        self.store.write_atomically(&writes)
+    }
+
+    /// Files the dead letter of a chain's failed step together with the
+    /// chain's end, then announces it.
+    async fn file_chain_letter(
+        &self,
+        event: &VumiApiEvent,
+        journal: &mut EventJournal,
+        ci: usize,
+        letter: &DeadLetter,
+        end: ChainEnd,
+    ) -> Result<(), Interrupted> {
+        let chain = &mut journal.chains[ci];
+        chain.end = Some(end);
+        chain.retry = None;
+        let replayed = chain.replaying.take();
+        let mut writes = self.journal.writes(&event.id, journal).to_vec();
+        writes.push(DeadLetters::write(letter));
+        if let Some(id) = replayed.filter(|id| *id != letter.id) {
+            writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
+        }
+        self.store.write_atomically(&writes)?;
+        self.metrics
+            .count(Outcome::DeadLettered, event.account_key.as_str());
+        self.bus.announce_dead_letter(letter).await?;
+        if let Some(ChainEnd::Dead { announced, .. }) = &mut journal.chains[ci].end {
+            *announced = true;
+        }
+        self.journal.put(&event.id, journal)?;
+        Ok(())
+    }
+
+    /// Makes one attempt at a step (`prior` is its trace from earlier
+    /// attempts, if any).
+    async fn attempt_step(
         &self,
         event: &VumiApiEvent,
         event_value: &EventValue,
         chain: &ChainSpec,
         step: &StepSpec,
         outputs: &Map<String, Value>,
-        trace: &mut Trace,
-        chain_so_far: &ChainTrace,
-    ) -> (StepTrace, Result<StepSuccess, String>) {
+        prior: Option<StepTrace>,
+    ) -> Attempt {
         let policy = step.retry.clone().unwrap_or_default();
         let templates = self.registry.templates();
         let scope = templates.scope(event_value, outputs, &event.account_key);
-        let mut step_trace = StepTrace {
+        let mut trace = prior.unwrap_or_else(|| StepTrace {
             name: step.step_name().to_string(),
             handler: step.handler.clone(),
             outcome: StepOutcome::Failed,
@@ -378,6 +621,17 @@ impl Executor {
             output: None,
             error: None,
             logs: Vec::new(),
+        });
+        trace.attempts += 1;
+        let failed = |mut trace: StepTrace, message: String, side_effects: bool| {
+            self.metrics.step(&step.handler, StepResult::Failed);
+            trace.outcome = StepOutcome::Failed;
+            trace.error = Some(message.clone());
+            Attempt::Failed {
+                trace,
+                message,
+                side_effects,
+            }
         };
         let Some(handler) = self.registry.get(&step.handler) else {
             // Chains are checked when stored; a handler can only be missing if
@@ -386,9 +640,9 @@ impl Executor {
                 "handler {:?} is not available in this dispatcher",
                 step.handler
             );
-            step_trace.error = Some(error.clone());
-            return (step_trace, Err(error));
+            return failed(trace, error, false);
         };
+        let side_effects = handler.has_side_effects();
         let idempotency_key = match &step.idempotency {
             None => None,
             Some(spec) => {
@@ -399,14 +653,10 @@ impl Executor {
                 ) {
                     Ok(Value::String(s)) => s,
                     Ok(other) => other.to_string(),
-                    Err(error) => {
-                        step_trace.error = Some(error.clone());
-                        return (step_trace, Err(error));
-                    }
+                    Err(error) => return failed(trace, error, false),
                 };
-                let account = &event.account_key;
                 match self.idempotency.seen(
-                    account,
+                    &event.account_key,
                     &chain.name,
                     step.step_name(),
                     &key,
@@ -422,90 +672,180 @@ impl Executor {
                                 switchboard_rules::duration::format(spec.window)
                             )),
                         );
-                        step_trace.outcome = StepOutcome::Skipped;
-                        step_trace.output = Some(data.clone());
-                        let success = StepSuccess {
-                            data,
+                        self.metrics.step(&step.handler, StepResult::Ok);
+                        trace.outcome = StepOutcome::Skipped;
+                        trace.output = Some(data);
+                        trace.error = None;
+                        return Attempt::Done {
+                            record: StepRecord {
+                                trace,
+                                children: Vec::new(),
+                                published: true,
+                            },
                             stop: false,
-                            children: Vec::new(),
-                            logs: Vec::new(),
                             idempotency_key: None,
+                            side_effects: false,
                         };
-                        return (step_trace, Ok(success));
                     }
                     Ok(false) => Some(key),
                     Err(e) => {
-                        let error = format!("reading idempotency keys: {e}");
-                        step_trace.error = Some(error.clone());
-                        return (step_trace, Err(error));
+                        return failed(trace, format!("reading idempotency keys: {e}"), false);
                     }
                 }
             }
         };
-        loop {
-            step_trace.attempts += 1;
-            let input = StepInput {
-                event,
-                event_value,
-                chain: &chain.name,
-                step,
-                steps: outputs,
-                attempt: step_trace.attempts,
-                templates,
-                scope: &scope,
-            };
-            let started = Instant::now();
-            let result = handler.handle(&input).await;
-            step_trace.duration_ms += started.elapsed().as_secs_f64() * 1000.0;
-            let result = result.and_then(|output| self.children_of(event, chain, step, output));
-            match result {
-                Ok(mut success) => {
-                    // Recorded once the event's emitted events are on the bus:
-                    // a re-run before then must run the step again.
-                    success.idempotency_key = idempotency_key.clone();
-                    step_trace.outcome = if success.stop {
-                        StepOutcome::Stopped
-                    } else {
-                        StepOutcome::Ok
-                    };
-                    step_trace.output = Some(success.data.clone());
-                    step_trace.logs = success.logs.clone();
-                    step_trace.error = None;
-                    return (step_trace, Ok(success));
-                }
-                Err(StepError::Retryable { message, after })
-                    if step_trace.attempts < policy.max_attempts =>
-                {
-                    self.metrics
-                        .count(Outcome::Retried, event.account_key.as_str());
-                    let delay = after.unwrap_or_else(|| jitter(policy.delay(step_trace.attempts)));
-                    tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
-                        step = step.step_name(), attempt = step_trace.attempts, delay_ms = delay.as_millis() as u64,
-                        error = %message, "step failed; retrying");
-                    step_trace.outcome = StepOutcome::Retrying;
-                    step_trace.error = Some(message);
-                    // Let a reader of the trace see the wait.
-                    let mut running = trace.clone();
-                    running.status = TraceStatus::Running;
-                    let mut chain_now = chain_so_far.clone();
-                    chain_now.steps.push(step_trace.clone());
-                    running.chains.push(chain_now);
-                    let _ = self.traces.put(&running);
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => {
-                    let message = match &e {
-                        StepError::Retryable { message, .. } => {
-                            format!("{message} (gave up after {} attempts)", step_trace.attempts)
-                        }
-                        StepError::Permanent { message } => message.clone(),
-                    };
-                    step_trace.outcome = StepOutcome::Failed;
-                    step_trace.error = Some(message.clone());
-                    return (step_trace, Err(message));
+        let input = StepInput {
+            event,
+            event_value,
+            chain: &chain.name,
+            step,
+            steps: outputs,
+            attempt: trace.attempts,
+            templates,
+            scope: &scope,
+        };
+        let started = Instant::now();
+        let result = handler.handle(&input).await;
+        trace.duration_ms += started.elapsed().as_secs_f64() * 1000.0;
+        match result.and_then(|output| self.children_of(event, chain, step, output)) {
+            Ok(finished) => {
+                self.metrics.step(&step.handler, StepResult::Ok);
+                trace.outcome = if finished.stop {
+                    StepOutcome::Stopped
+                } else {
+                    StepOutcome::Ok
+                };
+                trace.output = Some(finished.data);
+                trace.logs = finished.logs;
+                trace.error = None;
+                let published = finished.children.is_empty();
+                Attempt::Done {
+                    record: StepRecord {
+                        trace,
+                        children: finished.children,
+                        published,
+                    },
+                    stop: finished.stop,
+                    idempotency_key,
+                    side_effects,
                 }
             }
+            Err(StepError::Retryable { message, after })
+                if trace.attempts < policy.max_attempts =>
+            {
+                self.metrics.step(&step.handler, StepResult::Retried);
+                let delay = after.unwrap_or_else(|| jitter(policy.delay(trace.attempts)));
+                trace.outcome = StepOutcome::Retrying;
+                trace.error = Some(message);
+                Attempt::Retry {
+                    delay,
+                    pending: PendingRetry {
+                        step: step.step_name().to_string(),
+                        trace,
+                    },
+                }
+            }
+            Err(StepError::Retryable { message, .. }) => {
+                let message = format!("{message} (gave up after {} attempts)", trace.attempts);
+                failed(trace, message, side_effects)
+            }
+            Err(StepError::Permanent { message }) => failed(trace, message, side_effects),
         }
+    }
+
+    /// Puts the event of dead letter `id` back on the bus. A step failure
+    /// resumes at the failed step (the steps before it are not run again);
+    /// the letter is marked `replaying` until the chain ends, and is removed
+    /// then, or filed again if the step fails again.
+    pub async fn replay(&self, account: &str, id: &str) -> Result<DeadLetter, LetterError> {
+        let not_found = || LetterError::NotFound {
+            account: account.to_string(),
+            id: id.to_string(),
+        };
+        let mut letter = self.dead_letters.get(account, id)?.ok_or_else(not_found)?;
+        let Some(event) = letter.event.clone() else {
+            return Err(LetterError::NoEvent(id.to_string()));
+        };
+        let journaled = self.journal.get(&event.id)?.filter(|j| {
+            j.chains.iter().any(|c| {
+                matches!(&c.end, Some(ChainEnd::Dead { letter, .. }) if letter == id)
+                    || c.replaying.as_deref() == Some(id)
+            })
+        });
+        match journaled {
+            Some(mut journal) => {
+                for chain in &mut journal.chains {
+                    let ours = matches!(&chain.end, Some(ChainEnd::Dead { letter, .. }) if letter == id)
+                        || chain.replaying.as_deref() == Some(id);
+                    if ours {
+                        chain.end = None;
+                        chain.retry = None;
+                        chain.replaying = Some(id.to_string());
+                    }
+                }
+                letter.status = LetterStatus::Replaying;
+                let mut writes = self.journal.writes(&event.id, &journal).to_vec();
+                writes.push(DeadLetters::write(&letter));
+                self.store.write_atomically(&writes)?;
+                self.store.flush().await?;
+                self.put_back(&event, id).await?;
+            }
+            None => {
+                // Poison of the depth limit or a failed condition (or a letter
+                // whose journal is gone): the event is handled afresh and, if
+                // it fails again, filed again under the same id.
+                self.put_back(&event, id).await?;
+                self.store
+                    .write_atomically(&[DeadLetters::removal(account, id)])?;
+                letter.status = LetterStatus::Replaying;
+            }
+        }
+        tracing::info!(account, letter = id, event_id = %event.id, "dead letter replayed");
+        Ok(letter)
+    }
+
+    async fn put_back(&self, event: &VumiApiEvent, id: &str) -> Result<(), LetterError> {
+        // A dedup id of its own, so the bus does not drop the event as a
+        // duplicate of its first publish, nor of an earlier replay.
+        let dedup_id = format!("{}:replay:{}", event.id, uuid::Uuid::now_v7());
+        self.bus
+            .publish_as(event, &dedup_id)
+            .await
+            .map(|_| ())
+            .map_err(|source| LetterError::Bus {
+                id: id.to_string(),
+                source,
+            })
+    }
+
+    /// Removes dead letter `id` for good; the event's journal may then expire.
+    pub async fn discard(&self, account: &str, id: &str) -> Result<DeadLetter, LetterError> {
+        let letter = self
+            .dead_letters
+            .get(account, id)?
+            .ok_or_else(|| LetterError::NotFound {
+                account: account.to_string(),
+                id: id.to_string(),
+            })?;
+        let mut writes = vec![DeadLetters::removal(account, id)];
+        if let Some(event) = &letter.event
+            && let Some(mut journal) = self.journal.get(&event.id)?
+        {
+            let mut changed = false;
+            for chain in &mut journal.chains {
+                if matches!(&chain.end, Some(ChainEnd::Dead { letter, .. }) if letter == id) {
+                    chain.end = Some(ChainEnd::Discarded);
+                    changed = true;
+                }
+            }
+            if changed {
+                writes.extend(self.journal.writes(&event.id, &journal));
+            }
+        }
+        self.store.write_atomically(&writes)?;
+        self.store.flush().await?;
+        tracing::info!(account, letter = id, "dead letter discarded");
+        Ok(letter)
     }
 
     /// Turns a step's emit requests into child events, checking their size.
@@ -515,7 +855,7 @@ impl Executor {
         chain: &ChainSpec,
         step: &StepSpec,
         output: StepOutput,
-    ) -> Result<StepSuccess, StepError> {
+    ) -> Result<Finished, StepError> {
         let mut children = Vec::with_capacity(output.emit.len());
         for (i, request) in output.emit.into_iter().enumerate() {
             let id = EventId::derived(event.id, &chain.name, step.step_name(), i);
@@ -535,23 +875,53 @@ impl Executor {
             })?;
             children.push(child);
         }
-        Ok(StepSuccess {
+        Ok(Finished {
             data: output.data,
             stop: output.stop,
             children,
             logs: output.logs,
-            idempotency_key: None,
         })
     }
 }
 
-struct StepSuccess {
+/// A step's output, with its emit requests turned into events.
+struct Finished {
     data: Map<String, Value>,
     stop: bool,
     children: Vec<VumiApiEvent>,
     logs: Vec<LogLine>,
-    /// The step's rendered idempotency key, to record once the event is done.
-    idempotency_key: Option<String>,
+}
+
+/// What the trace shows of a chain, from its journal record: the finished
+/// steps, then the one waiting for a retry or the one that failed, then
+/// (once the chain has ended) the rest as skipped.
+fn chain_trace(chain: &ChainSpec, record: &ChainJournal) -> ChainTrace {
+    let mut steps: Vec<StepTrace> = record.steps.iter().map(|s| s.trace.clone()).collect();
+    if let Some(retry) = &record.retry {
+        steps.push(retry.trace.clone());
+    }
+    if let Some(ChainEnd::Dead { trace, .. }) = &record.end {
+        steps.push(trace.clone());
+    }
+    if record.end.is_some() {
+        for step in chain.steps.iter().skip(steps.len()) {
+            steps.push(StepTrace {
+                name: step.step_name().to_string(),
+                handler: step.handler.clone(),
+                outcome: StepOutcome::Skipped,
+                attempts: 0,
+                duration_ms: 0.0,
+                output: None,
+                error: None,
+                logs: Vec::new(),
+            });
+        }
+    }
+    ChainTrace {
+        name: chain.name.clone(),
+        version: record.version,
+        steps,
+    }
 }
 
 /// A chain an event runs, or whose `when` condition could not be evaluated.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod dry_run;
 pub mod executor;
+pub mod journal;
 pub mod metrics;
 pub mod outbound;
 pub mod records;

@@ -34,10 +34,32 @@ impl Outcome {
     }
 }
 
-/// Event counters by outcome and account.
+/// What one attempt at a step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StepResult {
+    /// It succeeded (or was skipped by its idempotency key).
+    Ok,
+    /// It failed and will be tried again.
+    Retried,
+    /// It failed for good.
+    Failed,
+}
+
+impl StepResult {
+    fn label(self) -> &'static str {
+        match self {
+            StepResult::Ok => "ok",
+            StepResult::Retried => "retried",
+            StepResult::Failed => "failed",
+        }
+    }
+}
+
+/// Event counters by outcome and account; step counters by handler and result.
 #[derive(Debug, Default)]
 pub struct Metrics {
     events: Mutex<BTreeMap<(Outcome, String), u64>>,
+    steps: Mutex<BTreeMap<(String, StepResult), u64>>,
 }
 
 impl Metrics {
@@ -62,6 +84,27 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Counts one attempt at a step of `handler`.
+    pub fn step(&self, handler: &str, result: StepResult) {
+        let mut steps = self.steps.lock().expect("metrics lock");
+        match steps.get_mut(&(handler.to_string(), result)) {
+            Some(n) => *n += 1,
+            None => {
+                steps.insert((handler.to_string(), result), 1);
+            }
+        }
+    }
+
+    /// The count of step attempts of `handler` with `result`.
+    pub fn step_count(&self, handler: &str, result: StepResult) -> u64 {
+        self.steps
+            .lock()
+            .expect("metrics lock")
+            .get(&(handler.to_string(), result))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut out = String::from(
@@ -74,6 +117,17 @@ impl Metrics {
                 "switchboard_events_total{{outcome=\"{}\",account=\"{}\"}} {n}",
                 outcome.label(),
                 account
+            );
+        }
+        out.push_str(
+            "# HELP switchboard_step_attempts_total Step attempts by handler and result.\n\
+             # TYPE switchboard_step_attempts_total counter\n",
+        );
+        for ((handler, result), n) in self.steps.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "switchboard_step_attempts_total{{handler=\"{handler}\",result=\"{}\"}} {n}",
+                result.label(),
             );
         }
         out

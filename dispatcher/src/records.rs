@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use switchboard_handlers::LogLine;
 use switchboard_sdk::{EventId, VumiApiEvent};
-use switchboard_store::{Collection, Store, StoreError, key};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
 /// Where an event stands.
@@ -168,6 +168,21 @@ pub struct DeadLetter {
     /// When it was filed.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// `dead`, or `replaying` once a replay has put the event back on the bus.
+    #[serde(default)]
+    pub status: LetterStatus,
+}
+
+/// Where a dead letter stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LetterStatus {
+    /// Waiting for an operator.
+    #[default]
+    Dead,
+    /// Replayed: the event is back on the bus. A replay that fails again files
+    /// the letter again (same id); one that succeeds removes it.
+    Replaying,
 }
 
 impl DeadLetter {
@@ -185,7 +200,38 @@ impl DeadLetter {
             step: None,
             attempts: 0,
             at: switchboard_sdk::now(),
+            status: LetterStatus::Dead,
         }
+    }
+
+    /// A dead letter for `event`, failed at `(chain, step)`. Its id derives
+    /// from those and sorts by the event's time, so filing the same failure
+    /// again (after a crash, or a replay that fails again) replaces the letter
+    /// instead of adding one.
+    pub fn for_event(
+        event: &VumiApiEvent,
+        reason: DeadReason,
+        chain: Option<&str>,
+        step: Option<&str>,
+        error: impl Into<String>,
+    ) -> Self {
+        let name = format!(
+            "{}\0{}\0{}",
+            event.id,
+            chain.unwrap_or(""),
+            step.unwrap_or("")
+        );
+        let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&hash.as_bytes()[6..]);
+        let millis = (event.occurred_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+        let mut letter = Self::new(event.account_key.as_str(), reason, error);
+        letter.id = id.to_string();
+        letter.event = Some(event.clone());
+        letter.chain = chain.map(str::to_string);
+        letter.step = step.map(str::to_string);
+        letter
     }
 }
 
@@ -203,9 +249,35 @@ impl DeadLetters {
 
     /// Files a dead letter.
     pub fn put(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        let k = key(&[letter.account_key.as_bytes(), letter.id.as_bytes()]);
-        let v = serde_json::to_vec(letter).expect("a dead letter serialises");
-        self.store.put(Collection::DeadLetters, &k, &v)
+        self.store.write_atomically(&[Self::write(letter)])
+    }
+
+    /// The write that files `letter`, for a batch.
+    pub fn write(letter: &DeadLetter) -> Write {
+        Write {
+            collection: Collection::DeadLetters,
+            key: key(&[letter.account_key.as_bytes(), letter.id.as_bytes()]),
+            value: Some(serde_json::to_vec(letter).expect("a dead letter serialises")),
+        }
+    }
+
+    /// The write that removes dead letter `id` of `account`, for a batch.
+    pub fn removal(account: &str, id: &str) -> Write {
+        Write {
+            collection: Collection::DeadLetters,
+            key: key(&[account.as_bytes(), id.as_bytes()]),
+            value: None,
+        }
+    }
+
+    /// Every dead letter of `account`, oldest first.
+    pub fn all(&self, account: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix(Collection::DeadLetters, &key(&[account.as_bytes(), b""]))?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
     }
 
     /// The newest `limit` dead letters of `account`, newest first.

@@ -6,6 +6,7 @@
 //! conversations run concurrently, up to `limits.concurrency`.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
-use switchboard_sdk::VumiApiEvent;
+use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
 use switchboard_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -25,6 +26,7 @@ use crate::api::{ApiState, router};
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
 use crate::executor::{Disposition, Executor};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbound::{LettreMail, NatsCommands, NoCommands, ReqwestHttp};
 use crate::records::{DeadLetters, Traces};
@@ -143,6 +145,7 @@ impl Dispatcher {
             bus: bus.clone(),
             traces: Traces::new(store.clone()),
             dead_letters: DeadLetters::new(store.clone()),
+            journal: Journal::new(store.clone()),
             idempotency: IdempotencyStore::new(store.clone()),
             store: store.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -186,8 +189,10 @@ impl Dispatcher {
             deliveries,
             config.limits.concurrency,
             bus.ack_wait().map(|w| w / 3),
+            config.delivery.shutdown_grace,
             stopped,
         ));
+        spawn_journal_expiry(executor.journal.clone(), config.delivery.journal_retention);
         tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
         Ok(Self {
             executor,
@@ -235,6 +240,24 @@ impl Dispatcher {
         }
         tracing::info!("dispatcher stopped");
     }
+}
+
+/// Expires old journal records now and then, for as long as the process runs.
+fn spawn_journal_expiry(journal: Journal, retention: Duration) {
+    let every = (retention / 24).clamp(Duration::from_secs(10), Duration::from_secs(3600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let journal = journal.clone();
+            match tokio::task::spawn_blocking(move || journal.expire(retention)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "expired journal records"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring journal records failed"),
+                Err(e) => tracing::warn!(error = %e, "expiring journal records panicked"),
+            }
+        }
+    });
 }
 
 /// Applies every `*.toml` and `*.json` file in `dir`, in name order. A file
@@ -289,6 +312,7 @@ async fn consume(
     mut deliveries: mpsc::Receiver<Delivery>,
     concurrency: usize,
     keepalive: Option<Duration>,
+    grace: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut workers = Vec::with_capacity(concurrency);
@@ -298,7 +322,16 @@ async fn consume(
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
         queues.push(tx);
-        workers.push(tokio::spawn(work(executor.clone(), rx, keepalive)));
+        workers.push(tokio::spawn(
+            Worker {
+                executor: executor.clone(),
+                keepalive,
+                grace,
+                stopped: stopped.clone(),
+                waiting: HashMap::new(),
+            }
+            .run(rx),
+        ));
     }
     loop {
         let delivery = tokio::select! {
@@ -309,19 +342,13 @@ async fn consume(
                 None => break,
             },
         };
-        let Some(event) = executor.decode(&delivery.subject, &delivery.payload) else {
-            // Acked once its dead letter is durable; otherwise delivered again.
-            let settled = match executor.make_durable().await {
-                Ok(()) => delivery.ack().await,
-                Err(e) => {
-                    tracing::error!(error = %e, "flushing a dead letter failed");
-                    delivery.nak(Duration::from_secs(1)).await
-                }
-            };
-            if let Err(e) = settled {
-                tracing::warn!(error = %e, "settling a dead-lettered message failed");
+        let event = match executor.decode(&delivery.subject, &delivery.payload).await {
+            Ok(event) => event,
+            Err(disposition) => {
+                // Poison: acked once its dead letter is durable.
+                settle(&executor, delivery, disposition, "a poison message").await;
+                continue;
             }
-            continue;
         };
         let mut h = DefaultHasher::new();
         event.account_key.hash(&mut h);
@@ -331,50 +358,185 @@ async fn consume(
             break;
         }
     }
-    // Workers finish what is queued to them; deliveries not yet taken off the
-    // bus are delivered again (after the ack wait on NATS, at restart embedded).
+    // Stop pulling. What was pulled but not started goes back to the bus
+    // now; workers finish what they are handling, within the grace period.
+    deliveries.close();
+    while let Ok(delivery) = deliveries.try_recv() {
+        release(delivery).await;
+    }
+    drop(deliveries);
     drop(queues);
     for w in workers {
         let _ = w.await;
     }
 }
 
-async fn work(
+/// Gives a delivery back to the bus, to be delivered again at once.
+async fn release(delivery: Delivery) {
+    if let Err(e) = delivery.nak(Duration::ZERO).await {
+        tracing::warn!(error = %e, "releasing a delivery failed; the bus delivers it again after its ack wait");
+    }
+}
+
+/// Acks a delivery once what was recorded about it is durable, or naks it.
+async fn settle(executor: &Executor, delivery: Delivery, disposition: Disposition, what: &str) {
+    let result = match disposition {
+        Disposition::Ack => match executor.make_durable().await {
+            Ok(()) => delivery.ack().await,
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the store failed; {what} will be handled again");
+                delivery.nak(Duration::from_secs(1)).await
+            }
+        },
+        // The attempt count is durable before the nak, so that a crash does
+        // not hand the step extra attempts.
+        Disposition::Retry(delay) => {
+            if let Err(e) = executor.make_durable().await {
+                tracing::error!(error = %e, "flushing the store failed");
+            }
+            delivery.nak(delay).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "settling {what} failed; the bus delivers it again");
+    }
+}
+
+/// How long past its due time a conversation waits for the event it is held
+/// for before deciding that event went elsewhere (another replica took it).
+const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// How much later than the event it waits for a held delivery comes back.
+const HELD_MARGIN: Duration = Duration::from_millis(50);
+
+/// A conversation whose event `head` went back to the bus for a retry: its
+/// later events are held (nakked) until `head` is done, and then handled in
+/// bus order.
+#[derive(Debug)]
+struct Held {
+    /// The bus position of the event the conversation waits for.
+    head: u64,
+    /// When that event is due back.
+    due: tokio::time::Instant,
+    /// Later events of the conversation, sent back to wait.
+    later: BTreeSet<u64>,
+}
+
+/// One worker: handles the events of the conversations hashed to it, one at
+/// a time, in bus order, also across retries.
+struct Worker {
     executor: Arc<Executor>,
-    mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
     keepalive: Option<Duration>,
-) {
-    while let Some((event, delivery)) = queue.recv().await {
-        let handling = executor.handle(&event);
+    grace: Duration,
+    stopped: watch::Receiver<bool>,
+    waiting: HashMap<(AccountKey, ConversationKey), Held>,
+}
+
+impl Worker {
+    async fn run(mut self, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) {
+        while let Some((event, delivery)) = queue.recv().await {
+            if *self.stopped.borrow() {
+                release(delivery).await;
+                continue;
+            }
+            let conversation = (event.account_key.clone(), event.conversation_key.clone());
+            if let Some(wait) = self.hold(&conversation, delivery.seq) {
+                if let Err(e) = delivery.nak(wait).await {
+                    tracing::warn!(event_id = %event.id, error = %e, "holding back a delivery failed");
+                }
+                continue;
+            }
+            let Some(disposition) = self.handle(&event, &delivery).await else {
+                // The grace period ran out mid-handling: give it back.
+                release(delivery).await;
+                continue;
+            };
+            match disposition {
+                Disposition::Retry(delay) => {
+                    let held = self.waiting.entry(conversation).or_insert_with(|| Held {
+                        head: delivery.seq,
+                        due: tokio::time::Instant::now(),
+                        later: BTreeSet::new(),
+                    });
+                    held.head = delivery.seq;
+                    held.due = tokio::time::Instant::now() + delay;
+                }
+                Disposition::Ack => self.done(&conversation, delivery.seq),
+            }
+            settle(&self.executor, delivery, disposition, "the event").await;
+        }
+    }
+
+    /// Whether the delivery at `seq` must wait for an earlier event of its
+    /// conversation, and for how long.
+    fn hold(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) -> Option<Duration> {
+        let held = self.waiting.get_mut(conversation)?;
+        if seq <= held.head {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        if now > held.due + HEAD_LOST_AFTER {
+            tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                "the event this conversation waits for has not come back; going on without it");
+            held.later.insert(seq);
+            held.head = held.later.pop_first().expect("just inserted");
+            held.due = now;
+            return (held.head != seq).then_some(HELD_MARGIN);
+        }
+        held.later.insert(seq);
+        Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
+    }
+
+    /// The event at `seq` is done: its conversation moves on to the next
+    /// held event, if any.
+    fn done(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) {
+        let Some(held) = self.waiting.get_mut(conversation) else {
+            return;
+        };
+        held.later.remove(&seq);
+        if seq != held.head {
+            return;
+        }
+        match held.later.pop_first() {
+            Some(next) => {
+                held.head = next;
+                held.due = tokio::time::Instant::now();
+            }
+            None => {
+                self.waiting.remove(conversation);
+            }
+        }
+    }
+
+    /// Handles one event, reporting progress to the bus meanwhile. `None` when
+    /// a shutdown's grace period ran out first.
+    async fn handle(&mut self, event: &VumiApiEvent, delivery: &Delivery) -> Option<Disposition> {
+        let handling = self.executor.handle(event);
         tokio::pin!(handling);
-        // Tell the bus the event is still being worked on (a slow step, a
-        // retry's wait), so it is not delivered to someone else meanwhile.
-        let every = keepalive.unwrap_or(Duration::from_secs(3600));
+        // Tell the bus the event is still being worked on (a slow step), so
+        // it is not delivered to someone else meanwhile.
+        let every = self.keepalive.unwrap_or(Duration::from_secs(3600));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let disposition = loop {
+        let grace = self.grace;
+        let mut stopped = self.stopped.clone();
+        let deadline = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
+        loop {
             tokio::select! {
-                d = &mut handling => break d,
-                _ = tick.tick(), if keepalive.is_some() => {
+                d = &mut handling => return Some(d),
+                _ = tick.tick(), if self.keepalive.is_some() => {
                     if let Err(e) = delivery.in_progress().await {
                         tracing::warn!(event_id = %event.id, error = %e, "reporting progress failed");
                     }
                 }
-            }
-        };
-        // The trace and any dead letter are made durable before the ack, so
-        // a crash cannot lose what happened to an acked event.
-        let result = match disposition {
-            Disposition::Ack => match executor.make_durable().await {
-                Ok(()) => delivery.ack().await,
-                Err(e) => {
-                    tracing::error!(event_id = %event.id, error = %e, "flushing the store failed; the event will be handled again");
-                    delivery.nak(Duration::from_secs(1)).await
+                _ = &mut deadline => {
+                    tracing::warn!(event_id = %event.id, "shutdown grace period over: releasing the event being handled");
+                    return None;
                 }
-            },
-            Disposition::Retry(delay) => delivery.nak(delay).await,
-        };
-        if let Err(e) = result {
-            tracing::warn!(event_id = %event.id, error = %e, "settling a delivery failed; it will be redelivered");
+            }
         }
     }
 }

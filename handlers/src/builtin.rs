@@ -22,6 +22,11 @@ impl Handler for Log {
         "log"
     }
 
+    /// A log line repeated after a crash harms no one.
+    fn has_side_effects(&self) -> bool {
+        false
+    }
+
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
         let mut problems = Vec::new();
         only_known(config, &["message", "level", "fields"], &mut problems);
@@ -183,5 +188,9 @@ impl Handler for Emit {
     /// `emit` returns its event; the dispatcher publishes it.
     fn dry_runs_safely(&self) -> bool {
         true
+    }
+
+    fn has_side_effects(&self) -> bool {
+        false
     }
 }

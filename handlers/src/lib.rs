@@ -207,6 +207,15 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     fn dry_runs_safely(&self) -> bool {
         false
     }
+
+    /// Whether running the step again would repeat something outside the
+    /// dispatcher (a request, a message, a stored record). The journal makes
+    /// such a step's completion durable before the chain moves on; steps
+    /// without (a log line, an emit, a script) are made durable with the
+    /// event's end, and re-run after a crash in between.
+    fn has_side_effects(&self) -> bool {
+        true
+    }
 }
 
 /// The handlers a dispatcher knows, by name, and the account scripts

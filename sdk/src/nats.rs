@@ -143,9 +143,20 @@ impl NatsEmitter {
 
     /// Publishes `event` and waits until JetStream has stored it.
     pub async fn emit(&self, event: &VumiApiEvent) -> Result<Emitted, EmitError> {
+        self.emit_as(event, &event.id.to_string()).await
+    }
+
+    /// Publishes `event` with `Nats-Msg-Id` set to `dedup_id` instead of the
+    /// event id: to put an event that was already published back on the bus
+    /// (a replay) without the duplicate window dropping it.
+    pub async fn emit_as(
+        &self,
+        event: &VumiApiEvent,
+        dedup_id: &str,
+    ) -> Result<Emitted, EmitError> {
         let payload = bytes::Bytes::from(event.encode(self.max_bytes)?);
         let subject = event.subject(&self.prefix);
-        let id = event.id.to_string();
+        let id = dedup_id.to_string();
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             if attempt > 1 {

@@ -40,11 +40,15 @@ pub enum Collection {
     Scripts,
     /// Every version of each script: `{account}\0{name}\0{version:BE u64}` → record.
     ScriptVersions,
+    /// The step journal: `{event id}` → what each chain did with the event so far.
+    Journal,
+    /// Journal entries by age, for expiry: `{started:BE u64 ms}\0{event id}` → empty.
+    JournalTimes,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 13] = [
+    pub const ALL: [Collection; 15] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -58,6 +62,8 @@ impl Collection {
         Collection::Idempotency,
         Collection::Scripts,
         Collection::ScriptVersions,
+        Collection::Journal,
+        Collection::JournalTimes,
     ];
 
     /// The collection's name on disk.
@@ -76,6 +82,8 @@ impl Collection {
             Collection::Idempotency => "idempotency",
             Collection::Scripts => "scripts",
             Collection::ScriptVersions => "script_versions",
+            Collection::Journal => "journal",
+            Collection::JournalTimes => "journal_times",
         }
     }
 

@@ -150,9 +150,13 @@ fn decode(v: &[u8]) -> (String, Bytes) {
 
 #[async_trait::async_trait]
 impl Bus for EmbeddedBus {
-    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+    async fn publish_as(
+        &self,
+        event: &VumiApiEvent,
+        dedup_id: &str,
+    ) -> Result<Published, BusError> {
         let store = &self.inner.store;
-        let id = event.id.to_string();
+        let id = dedup_id;
         let now = now_millis();
         let window = DUPLICATE_WINDOW.as_millis() as u64;
         let seq = store.next_id()?;
@@ -214,6 +218,7 @@ impl Bus for EmbeddedBus {
                         subject,
                         payload,
                         attempt,
+                        seq,
                         acker: DeliveryAcker::Embedded(Acker { inner, seq }),
                     })
                 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
+
+use crate::records::DeadLetter;
 use tokio::sync::mpsc;
 
 pub mod embedded;
@@ -38,7 +40,21 @@ pub struct Published {
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + std::fmt::Debug {
     /// Publishes an event, durably; an id seen within the duplicate window is dropped.
-    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError>;
+    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+        self.publish_as(event, &event.id.to_string()).await
+    }
+
+    /// Publishes an event under the duplicate-detection id `dedup_id` instead
+    /// of its own id (a replay puts an event back on the bus this way).
+    async fn publish_as(&self, event: &VumiApiEvent, dedup_id: &str)
+    -> Result<Published, BusError>;
+
+    /// Puts a dead letter on the bus's dead-letter stream, if it has one (the
+    /// embedded bus keeps dead letters in the store only). Publishing the same
+    /// letter again within the duplicate window stores it once.
+    async fn announce_dead_letter(&self, _letter: &DeadLetter) -> Result<(), BusError> {
+        Ok(())
+    }
 
     /// Starts consuming. Deliveries arrive in bus order; the channel holds at
     /// most `capacity` of them, so a busy executor slows the bus down rather
@@ -70,6 +86,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// 1 for the first delivery.
     pub attempt: u32,
+    /// The message's position on the bus: later publishes have larger ones.
+    pub seq: u64,
     acker: Acker,
 }
 

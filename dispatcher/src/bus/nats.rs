@@ -4,19 +4,35 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use switchboard_sdk::VumiApiEvent;
-use switchboard_sdk::nats::{NatsEmitter, events_stream_config};
+use switchboard_sdk::nats::{NatsEmitter, events_stream_config, stream_name};
 use tokio::sync::mpsc;
 
 use super::{Acker, Bus, BusError, Delivery, Published};
+use crate::records::DeadLetter;
 
 /// The durable consumer that dispatcher replicas share.
 pub const CONSUMER: &str = "switchboard";
 /// How long a delivered message may stay unacked before JetStream redelivers
 /// it, unless the dispatcher says it is still working on it.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The dead-letter stream: `VUMI_DEAD_LETTERS`, subjects `{prefix}.dead.{account}`.
+/// Every filing is kept there for 30 days, for alerting and audit; listing,
+/// replaying and discarding work on the dispatcher's dead-letter index.
+pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: stream_name(prefix, "VUMI_DEAD_LETTERS"),
+        subjects: vec![format!("{prefix}.dead.>")],
+        duplicate_window: switchboard_sdk::nats::DUPLICATE_WINDOW,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
 
 /// The NATS JetStream bus.
 #[derive(Debug, Clone)]
@@ -53,6 +69,10 @@ impl NatsBus {
                     events_stream_config(prefix).name
                 ))
             })?;
+        let dead = dead_letters_stream_config(prefix);
+        js.get_or_create_stream(dead.clone()).await.map_err(|e| {
+            BusError::Unavailable(format!("creating stream {} on {url}: {e}", dead.name))
+        })?;
         let emitter = NatsEmitter::new(client.clone())
             .with_prefix(prefix)
             .with_max_bytes(max_bytes);
@@ -74,9 +94,13 @@ impl NatsBus {
 
 #[async_trait::async_trait]
 impl Bus for NatsBus {
-    async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
+    async fn publish_as(
+        &self,
+        event: &VumiApiEvent,
+        dedup_id: &str,
+    ) -> Result<Published, BusError> {
         self.emitter
-            .emit(event)
+            .emit_as(event, dedup_id)
             .await
             .map(|e| Published {
                 duplicate: e.duplicate,
@@ -122,14 +146,15 @@ impl Bus for NatsBus {
                         continue;
                     }
                 };
-                let attempt = message
+                let (attempt, seq) = message
                     .info()
-                    .map(|i| i.delivered.max(1) as u32)
-                    .unwrap_or(1);
+                    .map(|i| (i.delivered.max(1) as u32, i.stream_sequence))
+                    .unwrap_or((1, 0));
                 let delivery = Delivery {
                     subject: message.subject.to_string(),
                     payload: message.payload.clone(),
                     attempt,
+                    seq,
                     acker: Acker::Nats(Box::new(message)),
                 };
                 if tx.send(delivery).await.is_err() {
@@ -138,6 +163,27 @@ impl Bus for NatsBus {
             }
         });
         Ok(rx)
+    }
+
+    async fn announce_dead_letter(&self, letter: &DeadLetter) -> Result<(), BusError> {
+        let subject = format!("{}.dead.{}", self.prefix, letter.account_key);
+        let payload = serde_json::to_vec(letter).expect("a dead letter serialises");
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(letter.id.as_str());
+        let failed = |e: &dyn std::fmt::Display| {
+            BusError::Unavailable(format!(
+                "publishing dead letter {} to {subject}: {e}",
+                letter.id
+            ))
+        };
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| failed(&e))?;
+        ack.await.map_err(|e| failed(&e))?;
+        Ok(())
     }
 
     fn is_ready(&self) -> bool {

@@ -86,4 +86,9 @@ impl Handler for ScriptHandler {
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         self.run(input).await?.result
     }
+
+    /// A script computes: it reads contacts but writes nothing and calls no one.
+    fn has_side_effects(&self) -> bool {
+        false
+    }
 }
