@@ -344,6 +344,36 @@ enum DeadLettersCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Put a dead letter's event back on the bus. A failed step resumes
+    /// there: the steps before it are not run again.
+    Replay {
+        /// The account.
+        account: String,
+        /// The dead letter's id (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter of the account (narrowed by --chain and --since).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only letters of this chain.
+        #[arg(long, requires = "all")]
+        chain: Option<String>,
+        /// With --all: only letters filed since this RFC 3339 time or this
+        /// long ago (30m, 2h, 1d).
+        #[arg(long, requires = "all")]
+        since: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a dead letter for good.
+    Discard {
+        /// The account.
+        account: String,
+        /// The dead letter's id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[tokio::main]
@@ -450,6 +480,33 @@ async fn main() -> ExitCode {
                 id,
                 remote,
             } => cli::dead_letters_show(&remote.client(), &account, &id).await,
+            DeadLettersCommand::Replay {
+                account,
+                id: Some(id),
+                remote,
+                ..
+            } => cli::dead_letters_replay(&remote.client(), &account, &id, remote.json).await,
+            DeadLettersCommand::Replay {
+                account,
+                chain,
+                since,
+                remote,
+                ..
+            } => {
+                cli::dead_letters_replay_all(
+                    &remote.client(),
+                    &account,
+                    chain.as_deref(),
+                    since.as_deref(),
+                    remote.json,
+                )
+                .await
+            }
+            DeadLettersCommand::Discard {
+                account,
+                id,
+                remote,
+            } => cli::dead_letters_discard(&remote.client(), &account, &id, remote.json).await,
         }),
         Command::Secrets(c) => print(match c {
             SecretsCommand::Set {

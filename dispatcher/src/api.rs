@@ -21,7 +21,8 @@ use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
-use crate::executor::Executor;
+use crate::executor::{Executor, LetterError};
+use crate::records::LetterStatus;
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -91,8 +92,16 @@ pub fn router(state: ApiState) -> Router {
             get(list_dead_letters),
         )
         .route(
+            "/v1/accounts/{account}/dead-letters/replay",
+            post(replay_dead_letters),
+        )
+        .route(
             "/v1/accounts/{account}/dead-letters/{id}",
-            get(show_dead_letter),
+            get(show_dead_letter).delete(discard_dead_letter),
+        )
+        .route(
+            "/v1/accounts/{account}/dead-letters/{id}/replay",
+            post(replay_dead_letter),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -503,6 +512,103 @@ async fn show_dead_letter(
             "account {account} has no dead letter {id}"
         ))),
     }
+}
+
+impl From<LetterError> for ApiError {
+    fn from(e: LetterError) -> Self {
+        match &e {
+            LetterError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            LetterError::NoEvent(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_replayable", e.to_string())
+            }
+            LetterError::Store(_) => ApiError::internal(e),
+            LetterError::Bus { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+async fn replay_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let letter = s.executor.replay(&account, &id).await?;
+    Ok(Json(json!({"account_key": account, "replayed": letter})).into_response())
+}
+
+async fn discard_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let letter = s.executor.discard(&account, &id).await?;
+    Ok(Json(json!({"account_key": account, "discarded": letter})).into_response())
+}
+
+/// The body of `POST .../dead-letters/replay`: which letters to replay.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayFilter {
+    /// Only letters of this chain.
+    chain: Option<String>,
+    /// Only letters filed at or after this instant (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    since: Option<time::OffsetDateTime>,
+}
+
+/// Replays every dead letter of the account that the filter selects and that
+/// holds an event, oldest first. Letters already being replayed are left alone.
+async fn replay_dead_letters(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let filter: ReplayFilter = if body.trim().is_empty() {
+        ReplayFilter::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_filter",
+                format!(
+                    "the body must be {{\"chain\": NAME, \"since\": RFC 3339 time}}, both optional: {e}"
+                ),
+            )
+        })?
+    };
+    let letters = s
+        .executor
+        .dead_letters
+        .all(&account)
+        .map_err(ApiError::internal)?;
+    let mut replayed = Vec::new();
+    let mut skipped = Vec::new();
+    for letter in letters {
+        let selected = letter.status == LetterStatus::Dead
+            && filter
+                .chain
+                .as_ref()
+                .is_none_or(|c| letter.chain.as_ref() == Some(c))
+            && filter.since.is_none_or(|t| letter.at >= t);
+        if !selected {
+            continue;
+        }
+        match s.executor.replay(&account, &letter.id).await {
+            Ok(_) => replayed.push(letter.id),
+            Err(e @ LetterError::NoEvent(_)) => {
+                skipped.push(json!({"id": letter.id, "error": e.to_string()}));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(
+        Json(json!({"account_key": account, "replayed": replayed, "skipped": skipped}))
+            .into_response(),
+    )
 }
 
 fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {

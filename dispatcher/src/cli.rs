@@ -390,8 +390,12 @@ pub async fn dead_letters_list(
     let path = format!("/v1/accounts/{account_raw}/dead-letters?limit={limit}");
     let empty = format!("account {account_raw} has no dead letters");
     list(client, &path, "dead_letters", json_out, None, empty, |l| {
+        let status = match l["status"].as_str() {
+            Some("replaying") => " (replaying)",
+            _ => "",
+        };
         format!(
-            "{}  {}  {:<11} {}",
+            "{}  {}  {:<11} {}{status}",
             l["id"].as_str().unwrap_or_default(),
             l["at"].as_str().unwrap_or_default(),
             l["reason"].as_str().unwrap_or_default(),
@@ -411,6 +415,108 @@ pub async fn dead_letters_show(
         .get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
         .await?;
     Ok(pretty(&answer))
+}
+
+/// `switchboard dead-letters replay ACCOUNT ID`
+pub async fn dead_letters_replay(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let answer = client
+        .post(
+            &format!("/v1/accounts/{account_raw}/dead-letters/{id}/replay"),
+            &Value::Null,
+        )
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let letter = &answer["replayed"];
+    let at = match (letter["chain"].as_str(), letter["step"].as_str()) {
+        (Some(chain), Some(step)) if step != "when" => {
+            format!("; chain {chain} resumes at step {step}")
+        }
+        _ => String::new(),
+    };
+    Ok(format!(
+        "replayed dead letter {id}: event {} is back on the bus{at}",
+        letter["event"]["id"].as_str().unwrap_or("?")
+    ))
+}
+
+/// `switchboard dead-letters replay ACCOUNT --all [--chain NAME] [--since T]`.
+/// `since` is an RFC 3339 time or a duration back from now (`"2h"`).
+pub async fn dead_letters_replay_all(
+    client: &Client,
+    account_raw: &str,
+    chain: Option<&str>,
+    since: Option<&str>,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let mut filter = serde_json::Map::new();
+    if let Some(chain) = chain {
+        filter.insert("chain".into(), Value::String(chain.to_string()));
+    }
+    if let Some(since) = since {
+        filter.insert("since".into(), Value::String(since_time(since)?));
+    }
+    let answer = client
+        .post(
+            &format!("/v1/accounts/{account_raw}/dead-letters/replay"),
+            &Value::Object(filter),
+        )
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let replayed = answer["replayed"].as_array().map_or(0, Vec::len);
+    let mut out = format!("replayed {replayed} dead letters of account {account_raw}");
+    for skipped in answer["skipped"].as_array().into_iter().flatten() {
+        let _ = write!(
+            out,
+            "\nskipped {}: {}",
+            skipped["id"].as_str().unwrap_or("?"),
+            skipped["error"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(out)
+}
+
+/// An RFC 3339 time given as one, or as a duration back from now.
+fn since_time(raw: &str) -> Result<String, CliError> {
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(raw, rfc3339) {
+        return Ok(t.format(rfc3339).expect("a parsed time formats"));
+    }
+    let ago = switchboard_rules::duration::parse(raw).map_err(|_| {
+        input(format!(
+            "--since {raw:?} is neither an RFC 3339 time (2026-11-22T09:00:00Z) nor a duration back \
+             from now (30m, 2h, 1d)"
+        ))
+    })?;
+    Ok((switchboard_sdk::now() - ago)
+        .format(rfc3339)
+        .expect("a time formats"))
+}
+
+/// `switchboard dead-letters discard ACCOUNT ID`
+pub async fn dead_letters_discard(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let answer = client
+        .delete(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "discarded dead letter {id} of account {account_raw}"
+    ))
 }
 
 fn read_json_file(path: &std::path::Path) -> Result<Value, CliError> {
