@@ -101,6 +101,17 @@ impl HttpReceiver {
         answer.as_array().cloned().unwrap_or_default()
     }
 
+    /// How many requests it has received.
+    pub async fn count(&self) -> usize {
+        let answer = reqwest::get(format!("{}/_count", self.url()))
+            .await
+            .expect("the receiver answers")
+            .json::<Value>()
+            .await
+            .expect("JSON");
+        answer["count"].as_u64().expect("a count") as usize
+    }
+
     /// The requests to paths starting with `prefix`.
     pub async fn requests_to(&self, prefix: &str) -> Vec<Value> {
         self.requests()

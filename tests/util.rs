@@ -176,6 +176,40 @@ impl NatsServer {
         &self.url
     }
 
+    /// Kills the server (SIGKILL) and starts it again on the same port and
+    /// store directory, as after a crash; waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.url.rsplit(':').next().expect("a port").to_string();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("nats-server.log"))
+            .expect("the log file");
+        self.child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port])
+            .arg("-sd")
+            .arg(self.dir.path().join("store"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server runs");
+        let addr = self.url.trim_start_matches("nats://").to_string();
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if let Some(status) = self.child.try_wait().expect("polling nats-server") {
+                panic!("nats-server exited at restart ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not restart in {TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
