@@ -187,3 +187,121 @@ async fn events_published_while_the_dispatcher_is_down_are_handled_when_it_is_ba
     d.restart();
     check_poll_lineage(&d, "acme", &e.id.to_string(), "+27820000008").await;
 }
+
+/// A step that runs longer than the ack wait is not redelivered meanwhile
+/// (the dispatcher reports progress), and a dead letter is also published to
+/// the `VUMI_DEAD_LETTERS` stream, where alerting can pick it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_steps_are_kept_alive_and_dead_letters_reach_their_stream() {
+    use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
+    use futures::StreamExt;
+
+    let nats = NatsServer::start();
+    // Answers /hook/hang,200 after 2.5 s, past the 1 s ack wait.
+    let receiver = HttpReceiver::start(std::time::Duration::from_millis(2500));
+    let d = Dispatcher::with_config(Some(&nats), "[bus]\nack_wait_secs = 1\n");
+    d.cli(&[
+        "secrets",
+        "set",
+        "acme",
+        "gateway",
+        "--value",
+        WEBHOOK_SECRET,
+    ])
+    .await
+    .ok();
+    let recv = receiver.url();
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "acme"
+
+[[chains]]
+name = "slow"
+event_type = "slow"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/hang,200", secret = "gateway", timeout = "10s" }} }}]
+
+[[chains]]
+name = "refused"
+event_type = "refused"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/400", secret = "gateway" }} }}]
+"#
+        ),
+    )
+    .await;
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+
+    let slow = event("acme", "test", "slow", "c-1", json!({}));
+    emitter.emit(&slow).await.expect("emit");
+    let trace = d
+        .wait_for_trace("acme", &slow.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert!(
+        trace["chains"][0]["steps"][0]["duration_ms"].as_f64() > Some(2000.0),
+        "{trace:#}"
+    );
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a NATS connection"),
+    );
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream")
+        .get_consumer("switchboard")
+        .await
+        .expect("the dispatcher's consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(
+        info.num_redelivered, 0,
+        "the slow event was redelivered while it was being handled: {info:?}"
+    );
+    assert_eq!(receiver.requests_to("/hook/hang").await.len(), 1);
+
+    let refused = event("acme", "test", "refused", "c-2", json!({}));
+    emitter.emit(&refused).await.expect("emit");
+    let refused_id = refused.id.to_string();
+    let letter = d
+        .wait_for_dead_letter("acme", "the refused webhook", |l| {
+            l["event"]["id"] == refused_id.as_str()
+        })
+        .await;
+    let dead = js
+        .get_stream("VUMI_DEAD_LETTERS")
+        .await
+        .expect("the dead-letter stream")
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: "vumi.dead.acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a consumer of dead letters");
+    let mut messages = dead
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .expect("fetch");
+    let message = tokio::time::timeout(TIMEOUT, messages.next())
+        .await
+        .expect("a dead letter on the stream in time")
+        .expect("a message")
+        .expect("not an error");
+    let published: serde_json::Value =
+        serde_json::from_slice(&message.payload).expect("a JSON dead letter");
+    assert_eq!(published["id"], letter["id"]);
+    assert_eq!(published["event"]["id"], refused.id.to_string());
+    assert_eq!(published["chain"], "refused");
+    assert_eq!(published["reason"], "step_failed");
+    assert!(
+        published["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("400")),
+        "{published:#}"
+    );
+}

@@ -279,14 +279,26 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(s): State<ApiState>) -> Response {
     let bus = s.executor.bus.is_ready();
-    let status = if bus {
+    // The store answers reads (it is open and its files are readable).
+    let store = s
+        .executor
+        .store
+        .get(switchboard_store::Collection::Chains, b"")
+        .is_ok();
+    let ready = bus && store;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(json!({"ready": bus, "bus": s.executor.bus.kind(), "bus_connected": bus})),
+        Json(json!({
+            "ready": ready,
+            "bus": s.executor.bus.kind(),
+            "bus_connected": bus,
+            "store_open": store,
+        })),
     )
         .into_response()
 }

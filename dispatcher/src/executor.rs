@@ -150,7 +150,14 @@ impl Executor {
     /// in dead letters with the reason, and `Err` is returned with the
     /// disposition: ack it once the letter is durable, or try again if it
     /// could not be filed.
-    pub async fn decode(&self, subject: &str, payload: &[u8]) -> Result<VumiApiEvent, Disposition> {
+    /// `first` says whether this is the message's first delivery: only those
+    /// count as received.
+    pub async fn decode(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        first: bool,
+    ) -> Result<VumiApiEvent, Disposition> {
         let result = VumiApiEvent::decode(payload, self.limits.max_event_bytes)
             .map_err(|e| e.to_string())
             .and_then(|event| {
@@ -167,13 +174,17 @@ impl Executor {
             });
         match result {
             Ok(event) => {
-                self.metrics
-                    .count(Outcome::Received, event.account_key.as_str());
+                if first {
+                    self.metrics
+                        .count(Outcome::Received, event.account_key.as_str());
+                }
                 Ok(event)
             }
             Err(error) => {
                 let account = self.account_of_subject(subject);
-                self.metrics.count(Outcome::Received, &account);
+                if first {
+                    self.metrics.count(Outcome::Received, &account);
+                }
                 tracing::warn!(subject, account, %error, "poison message: filed in dead letters");
                 let mut letter = DeadLetter::new(&account, DeadReason::Poison, error);
                 letter.subject = Some(subject.to_string());
@@ -236,7 +247,9 @@ impl Executor {
             finished_at: None,
         };
 
-        if event.is_expired_at(started_at) {
+        let journal = self.journal.get(&event.id)?;
+        // An event whose chains have started is finished, whatever its expiry.
+        if journal.is_none() && event.is_expired_at(started_at) {
             self.metrics.count(Outcome::Expired, account);
             tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
             trace.status = TraceStatus::Expired;
@@ -268,7 +281,7 @@ impl Executor {
             );
         }
 
-        let mut journal = match self.journal.get(&event.id)? {
+        let mut journal = match journal {
             Some(journal) => {
                 // A later pass: the trace covers every pass, from the first.
                 if let Ok(first) = time::OffsetDateTime::from_unix_timestamp_nanos(
@@ -282,13 +295,22 @@ impl Executor {
         };
         let mut retry_in: Option<Duration> = None;
         let mut dead = false;
+        // Whether a finished step with a side effect awaits a flush.
+        let mut unflushed = false;
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
                 Selected::Run(chain) => {
                     let version = account_chains.version();
                     if let Some(delay) = self
-                        .run_chain(event, &event_value, chain, version, &mut journal)
+                        .run_chain(
+                            event,
+                            &event_value,
+                            chain,
+                            version,
+                            &mut journal,
+                            &mut unflushed,
+                        )
                         .await?
                     {
                         retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
@@ -419,6 +441,7 @@ impl Executor {
         chain: &ChainSpec,
         version: u64,
         journal: &mut EventJournal,
+        unflushed: &mut bool,
     ) -> Result<Option<Duration>, Interrupted> {
         let account = &event.account_key;
         let ci = {
@@ -459,6 +482,18 @@ impl Executor {
         let start = journal.chains[ci].steps.len();
         for step in chain.steps.iter().skip(start) {
             let name = step.step_name();
+            // A step that reached outside is durably journaled before the
+            // next one that does starts (and before the ack): a crash repeats
+            // at most the one step per worker that is not yet durable.
+            if *unflushed
+                && self
+                    .registry
+                    .get(&step.handler)
+                    .is_some_and(|h| h.has_side_effects())
+            {
+                self.store.flush().await?;
+                *unflushed = false;
+            }
             let prior = journal.chains[ci]
                 .retry
                 .take()
@@ -487,11 +522,7 @@ impl Executor {
                     if let Some(key) = idempotency_key {
                         self.idempotency.record(account, &chain.name, name, &key)?;
                     }
-                    if side_effects {
-                        // Durable before anything else happens: a crash from
-                        // here on resumes after this step.
-                        self.store.flush().await?;
-                    }
+                    *unflushed |= side_effects;
                     if stop {
                         return Ok(None);
                     }
@@ -518,9 +549,7 @@ impl Executor {
                         published: true,
                     });
                     self.journal.put(&event.id, journal)?;
-                    if side_effects {
-                        self.store.flush().await?;
-                    }
+                    *unflushed |= side_effects;
                 }
                 Attempt::Failed { trace, message, .. } => {
                     tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,

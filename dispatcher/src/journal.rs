@@ -237,3 +237,68 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{StepOutcome, StepTrace};
+
+    fn id(n: u8) -> EventId {
+        EventId::derived(
+            EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").expect("an id"),
+            "c",
+            "s",
+            n as usize,
+        )
+    }
+
+    fn dead() -> ChainEnd {
+        ChainEnd::Dead {
+            letter: "l".into(),
+            step: "s".into(),
+            trace: StepTrace {
+                name: "s".into(),
+                handler: "log".into(),
+                outcome: StepOutcome::Failed,
+                attempts: 1,
+                duration_ms: 0.0,
+                output: None,
+                error: Some("e".into()),
+                logs: Vec::new(),
+            },
+            announced: true,
+        }
+    }
+
+    #[test]
+    fn records_expire_after_the_retention_unless_they_hold_a_dead_letter() {
+        let journal = Journal::new(Store::temporary().expect("a store"));
+        let hour_ago = now_ms() - 3_600_000;
+        let mut old = EventJournal {
+            started_ms: hour_ago,
+            chains: Vec::new(),
+        };
+        old.chain_mut("c", 1).end = Some(ChainEnd::Done);
+        let mut held = old.clone();
+        held.chains[0].end = Some(dead());
+        let fresh = EventJournal::new();
+        journal.put(&id(1), &old).expect("put");
+        journal.put(&id(2), &held).expect("put");
+        journal.put(&id(3), &fresh).expect("put");
+
+        assert_eq!(
+            journal.expire(Duration::from_secs(7200)).expect("expire"),
+            0
+        );
+        assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
+        assert_eq!(journal.get(&id(1)).expect("get"), None);
+        assert_eq!(journal.get(&id(2)).expect("get"), Some(held.clone()));
+        assert_eq!(journal.get(&id(3)).expect("get"), Some(fresh));
+
+        // Discarded: the record may go now.
+        held.chains[0].end = Some(ChainEnd::Discarded);
+        journal.put(&id(2), &held).expect("put");
+        assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
+        assert_eq!(journal.get(&id(2)).expect("get"), None);
+    }
+}

@@ -100,8 +100,12 @@ impl Dispatcher {
                     url,
                     &prefix,
                     config.limits.max_event_bytes,
-                    // Never more in flight than the workers and their small queues hold.
-                    config.limits.concurrency * 4,
+                    // Unacked messages out at once: those being handled and
+                    // those waiting on the server for a retry (nakked with a
+                    // delay). Generous, so that one account's failing
+                    // receiver cannot hold up the others; what this process
+                    // buffers is bounded by the pull batch instead.
+                    (config.limits.concurrency * 4).max(1024),
                     Duration::from_secs(config.bus.ack_wait_secs),
                 )
                 .await?;
@@ -342,7 +346,11 @@ async fn consume(
                 None => break,
             },
         };
-        let event = match executor.decode(&delivery.subject, &delivery.payload).await {
+        let first = delivery.attempt == 1;
+        let event = match executor
+            .decode(&delivery.subject, &delivery.payload, first)
+            .await
+        {
             Ok(event) => event,
             Err(disposition) => {
                 // Poison: acked once its dead letter is durable.
