@@ -161,6 +161,11 @@ struct RunArgs {
     /// Conversations handled at once.
     #[arg(long, env = "SWITCHBOARD_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// Hosts, addresses or networks that account URLs (webhooks) may reach
+    /// even when private or loopback; added to `outbound.allow`. Repeat it,
+    /// or separate entries with commas.
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_ALLOW", value_delimiter = ',')]
+    outbound_allow: Vec<String>,
     /// Log lines as JSON.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -574,6 +579,7 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
         listen: args.listen,
         subject_prefix: args.subject_prefix,
         concurrency: args.concurrency,
+        outbound_allow: args.outbound_allow,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())

@@ -643,3 +643,88 @@ steps = [{{ handler = "payment_webhook", config = {{ url = "{hook}", secret = "g
     assert_eq!(receiver.requests_to("/hook/hang").await.len(), 1);
     assert_eq!(d.metric("handled", "acme").await, 1);
 }
+
+/// Webhook URLs are written by accounts, so they may not reach the
+/// deployment's own network: private, link-local and denied addresses fail
+/// the step at once with a message saying why, and nothing is sent; a host
+/// name is checked by every address it resolves to.
+#[tokio::test]
+async fn webhooks_to_refused_addresses_fail_permanently_and_send_nothing() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let port = receiver
+        .url()
+        .rsplit(':')
+        .next()
+        .expect("a port")
+        .to_string();
+    // The test harness allows 127.0.0.1 (the receivers' address); the config
+    // denies the name `denied.localhost` on top.
+    let d = Dispatcher::with_config(None, "[outbound]\ndeny = [\"denied.localhost\"]\n");
+    set_secret(&d, "acme").await;
+    let step = |url: String| {
+        format!(
+            "steps = [{{ handler = \"payment_webhook\", config = {{ url = \"{url}\", secret = \"gateway\" }}, retry = {{ max_attempts = 3, initial = \"50ms\" }} }}]"
+        )
+    };
+    let chains = format!(
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "private"
+event_type = "private"
+{}
+
+[[chains]]
+name = "metadata"
+event_type = "metadata"
+{}
+
+[[chains]]
+name = "denied"
+event_type = "denied"
+{}
+
+[[chains]]
+name = "by-name"
+event_type = "by_name"
+{}
+"#,
+        step("http://10.255.255.1/hook/200".into()),
+        step("http://169.254.169.254/latest/meta-data".into()),
+        step(format!("http://denied.localhost:{port}/hook/200")),
+        // localhost resolves to 127.0.0.1 (allowed) and ::1 (not): the
+        // request goes to the allowed address.
+        step(format!("http://localhost:{port}/hook/200")),
+    );
+    d.apply_chains("acme.toml", &chains).await;
+
+    for (event_type, expected) in [
+        ("private", "10.255.255.1, a private address"),
+        ("metadata", "169.254.169.254, a link-local address"),
+        ("denied", "denied.localhost is in outbound.deny"),
+    ] {
+        let e = event("acme", "test", event_type, event_type, json!({}));
+        let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+        let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+        assert_eq!(trace["status"], "dead", "{trace:#}");
+        let step = &trace["chains"][0]["steps"][0];
+        assert_eq!(step["attempts"], 1, "refusals are not retried: {trace:#}");
+        let error = step["error"].as_str().expect("an error");
+        assert!(
+            error.contains("refused by the outbound policy") && error.contains(expected),
+            "{event_type}: {error}"
+        );
+    }
+    let e = event("acme", "test", "by_name", "by-name", json!({}));
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let hooks = receiver.requests_to("/hook").await;
+    assert_eq!(
+        hooks.len(),
+        1,
+        "only the allowed request was sent: {hooks:#?}"
+    );
+    assert_eq!(hooks[0]["headers"]["host"], format!("localhost:{port}"));
+}

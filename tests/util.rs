@@ -27,7 +27,7 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 9] = [
+const SWITCHBOARD_ENV: [&str; 10] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_NATS_URL",
     "SWITCHBOARD_DATA",
@@ -37,6 +37,7 @@ const SWITCHBOARD_ENV: [&str; 9] = [
     "SWITCHBOARD_CONCURRENCY",
     "SWITCHBOARD_URL",
     "SWITCHBOARD_TOKEN",
+    "SWITCHBOARD_OUTBOUND_ALLOW",
 ];
 
 /// The `switchboard` binary under test.
@@ -376,7 +377,10 @@ impl Dispatcher {
         cmd.arg("run")
             .arg("--data")
             .arg(self.data_dir())
-            .args(["--listen", "127.0.0.1:0"]);
+            .args(["--listen", "127.0.0.1:0"])
+            // The tests' receivers are on loopback, which account URLs may
+            // not reach by default.
+            .env("SWITCHBOARD_OUTBOUND_ALLOW", "127.0.0.1");
         if let Some(url) = &self.nats {
             cmd.args(["--nats", url]);
         }

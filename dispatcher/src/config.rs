@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use switchboard_handlers::sms::SmsProvider;
 
-use crate::outbound::EmailProvider;
+use crate::outbound::{EmailProvider, OutboundConfig, OutboundPolicy};
 use switchboard_handlers::RhaiLimits;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
 
@@ -33,6 +33,8 @@ pub struct Config {
     pub rhai: RhaiLimits,
     /// The journal and shutdown.
     pub delivery: DeliveryConfig,
+    /// What account-configured URLs may reach.
+    pub outbound: OutboundConfig,
 }
 
 /// `[delivery]`
@@ -185,6 +187,8 @@ pub struct Overrides {
     pub subject_prefix: Option<String>,
     /// `limits.concurrency`
     pub concurrency: Option<usize>,
+    /// Entries added to `outbound.allow`.
+    pub outbound_allow: Vec<String>,
 }
 
 impl Config {
@@ -200,7 +204,9 @@ impl Config {
             listen,
             subject_prefix,
             concurrency,
+            outbound_allow,
         } = overrides;
+        config.outbound.allow.extend(outbound_allow);
         if nats_url.is_some() {
             config.bus.nats_url = nats_url;
         }
@@ -273,6 +279,7 @@ impl Config {
             )));
         }
         self.rhai.check().map_err(ConfigError::Invalid)?;
+        OutboundPolicy::new(&self.outbound).map_err(ConfigError::Invalid)?;
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()
             || prefix.starts_with('.')

@@ -52,6 +52,8 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     let mut config = Config::default();
     config.store.data_dir = data.path().to_path_buf();
     config.http.listen = options.listen;
+    // The demo's payment gateway listens on loopback.
+    config.outbound.allow.push("127.0.0.1".into());
     config.providers.sms.insert(
         "gateway".into(),
         SmsProvider::Http(HttpSms {

@@ -1,9 +1,11 @@
 //! The dispatcher's implementations of the handlers' ports: outbound HTTP
-//! (reqwest, pooled connections, no redirects, bodies read with a cap),
+//! (reqwest, pooled connections, no redirects, bodies read with a cap,
+//! account URLs checked against the [outbound policy](policy)),
 //! e-mail (lettre, one pooled SMTP transport per provider) and commands to
 //! workers on NATS.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -19,29 +21,69 @@ use switchboard_handlers::ports::{
 /// Largest response body kept from an outbound call.
 pub const RESPONSE_CAP: usize = 64 * 1024;
 
-/// Outbound HTTP over a pooled reqwest client.
+pub mod policy;
+
+pub use policy::{OutboundConfig, OutboundPolicy};
+
+/// Outbound HTTP over pooled reqwest clients: one for the deployment's own
+/// endpoints, one whose resolver applies the outbound policy, for URLs that
+/// accounts wrote.
 #[derive(Debug, Clone)]
 pub struct ReqwestHttp {
-    client: reqwest::Client,
-}
-
-impl Default for ReqwestHttp {
-    fn default() -> Self {
-        Self::new()
-    }
+    deployment: reqwest::Client,
+    accounts: reqwest::Client,
+    policy: Arc<OutboundPolicy>,
 }
 
 impl ReqwestHttp {
-    /// A client that keeps connections alive and follows no redirect.
-    pub fn new() -> Self {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+    /// Clients that keep connections alive and follow no redirect.
+    pub fn new(policy: OutboundPolicy) -> Self {
+        let policy = Arc::new(policy);
+        let builder = || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+        };
+        let deployment = builder().build().expect("an HTTP client builds");
+        let accounts = builder()
+            .dns_resolver(Arc::new(policy::CheckedResolver {
+                policy: policy.clone(),
+            }))
             .build()
             .expect("an HTTP client builds");
-        Self { client }
+        Self {
+            deployment,
+            accounts,
+            policy,
+        }
+    }
+
+    /// The client for `request`, once its host passes the policy if it must.
+    fn client_for(&self, request: &HttpRequest, url: &str) -> Result<&reqwest::Client, HttpError> {
+        if !request.from_account {
+            return Ok(&self.deployment);
+        }
+        let refused = |message: String| HttpError::Refused {
+            url: url.to_string(),
+            message: format!("refused by the outbound policy: {message}"),
+        };
+        let parsed =
+            reqwest::Url::parse(&request.url).map_err(|e| refused(format!("not a URL: {e}")))?;
+        match parsed.host() {
+            Some(url::Host::Domain(host)) => self.policy.check_host(host).map_err(refused)?,
+            Some(url::Host::Ipv4(ip)) => self
+                .policy
+                .check_ip(&ip.to_string(), ip.into())
+                .map_err(refused)?,
+            Some(url::Host::Ipv6(ip)) => self
+                .policy
+                .check_ip(&ip.to_string(), ip.into())
+                .map_err(refused)?,
+            None => return Err(refused("the URL has no host".into())),
+        }
+        Ok(&self.accounts)
     }
 }
 
@@ -51,7 +93,7 @@ impl HttpPort for ReqwestHttp {
         // Errors name the URL without its credentials or query.
         let url = redact_url(&request.url);
         let mut builder = self
-            .client
+            .client_for(&request, &url)?
             .post(&request.url)
             .timeout(request.timeout)
             .body(request.body);
@@ -102,6 +144,12 @@ fn classify(url: &str, timeout: Duration, e: &reqwest::Error) -> HttpError {
     }
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
+        if let Some(refusal) = next.downcast_ref::<policy::Refusal>() {
+            return HttpError::Refused {
+                url: url.to_string(),
+                message: format!("refused by the outbound policy: {refusal}"),
+            };
+        }
         cause = next;
     }
     HttpError::Connect {

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::executor::{Disposition, Executor};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::outbound::{LettreMail, NatsCommands, NoCommands, ReqwestHttp};
+use crate::outbound::{LettreMail, NatsCommands, NoCommands, OutboundPolicy, ReqwestHttp};
 use crate::records::{DeadLetters, Traces};
 
 /// Why the dispatcher could not start.
@@ -130,7 +130,9 @@ impl Dispatcher {
         let registry = Arc::new(
             Registry::with_services(Services {
                 store: store.clone(),
-                http: Arc::new(ReqwestHttp::new()),
+                http: Arc::new(ReqwestHttp::new(
+                    OutboundPolicy::new(&config.outbound).map_err(StartError::Config)?,
+                )),
                 email_providers: mail.names(),
                 mail: Arc::new(mail),
                 commands,

@@ -40,6 +40,10 @@ pub struct HttpRequest {
     pub basic_auth: Option<(String, String)>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// The URL comes from an account's chain, not from the deployment's
+    /// configuration: the dispatcher checks it against its outbound policy
+    /// (private and loopback addresses are refused unless allowed).
+    pub from_account: bool,
 }
 
 /// The answer to an outbound request.

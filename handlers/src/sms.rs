@@ -223,6 +223,7 @@ impl SendSms {
                         body: serde_json::to_vec(&body).expect("JSON serialises"),
                         basic_auth: None,
                         timeout: DEFAULT_TIMEOUT,
+                        from_account: false,
                     })
                     .await?;
                 response.check(&format!("SMS gateway {}", redact_url(&p.url)))?;
@@ -271,6 +272,7 @@ impl SendSms {
                         body,
                         basic_auth: Some((p.account_sid.clone(), p.auth_token.clone())),
                         timeout: DEFAULT_TIMEOUT,
+                        from_account: false,
                     })
                     .await?;
                 response.check("Twilio")?;

@@ -153,6 +153,7 @@ impl Handler for PaymentWebhook {
                 body,
                 basic_auth: None,
                 timeout,
+                from_account: true,
             })
             .await?;
         response.check(&format!("webhook {}", redact_url(&url)))?;
