@@ -85,6 +85,33 @@ impl HttpReceiver {
         }
     }
 
+    /// Starts one whose `/chaos` plans draw their answers from `seed`; a
+    /// webhook that sees no answer hangs for `hang`.
+    pub fn start_seeded(hang: Duration, seed: &str) -> Self {
+        let hang = hang.as_secs_f64().to_string();
+        Self {
+            process: Process::start(
+                "http_receiver.py",
+                &["--secret", WEBHOOK_SECRET, "--hang", &hang, "--seed", seed],
+            ),
+        }
+    }
+
+    /// With `true`, every `/hook` and `/chaos` path answers 200 from now on,
+    /// whatever its plan; with `false`, the plans apply again.
+    pub async fn set_healthy(&self, healthy: bool) {
+        let answer = reqwest::Client::new()
+            .post(format!("{}/_control", self.url()))
+            .json(&serde_json::json!({ "healthy": healthy }))
+            .send()
+            .await
+            .expect("the receiver answers")
+            .json::<Value>()
+            .await
+            .expect("JSON");
+        assert_eq!(answer["healthy"], healthy, "the receiver's settings");
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.process.port)
