@@ -7,6 +7,7 @@ mod util;
 mod bad_input;
 mod chains_cli;
 mod crash;
+mod delivery;
 mod e2e_embedded;
 mod e2e_nats;
 mod handlers;
