@@ -12,4 +12,5 @@ mod e2e_embedded;
 mod e2e_nats;
 mod handlers;
 mod matching;
+mod metrics;
 mod rhai;

@@ -577,16 +577,24 @@ impl Dispatcher {
         }
     }
 
-    /// `switchboard_events_total{outcome, account}` from `/metrics` (0 when absent).
+    /// `switchboard_events_total{outcome, account}` from `/metrics`, over every
+    /// event type (0 when absent).
     pub async fn metric(&self, outcome: &str, account: &str) -> u64 {
         let (status, body) = self.get("/metrics").await;
         assert_eq!(status, 200, "GET /metrics");
         let text = body.as_str().expect("metrics are text");
+        // Summed over the event types.
         let series =
-            format!("switchboard_events_total{{outcome=\"{outcome}\",account=\"{account}\"}} ");
+            format!("switchboard_events_total{{outcome=\"{outcome}\",account=\"{account}\",");
         text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map_or(0, |n| n.trim().parse().expect("a counter value"))
+            .filter(|l| l.starts_with(&series))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .expect("a counter value")
+            })
+            .sum()
     }
 
     /// The account's dead letters, newest first.

@@ -22,6 +22,7 @@ use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
 use crate::executor::{Executor, LetterError};
+use crate::metrics::Gauges;
 use crate::records::LetterStatus;
 
 /// Shared state of the handlers.
@@ -306,7 +307,10 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.executor.metrics.render(),
+        s.executor.metrics.render(&Gauges {
+            bus_lag: s.executor.bus.lag().await,
+            rhai_operations: s.executor.registry.runtime().operations_total(),
+        }),
     )
         .into_response()
 }

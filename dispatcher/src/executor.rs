@@ -41,6 +41,9 @@ pub enum Disposition {
     Retry(Duration),
 }
 
+/// The event-type label of what could not be decoded.
+const UNKNOWN_EVENT_TYPE: &str = "~unknown";
+
 /// How long to wait before handling an event again after the store or the
 /// bus failed under it.
 const INFRA_RETRY: Duration = Duration::from_secs(1);
@@ -175,15 +178,19 @@ impl Executor {
         match result {
             Ok(event) => {
                 if first {
-                    self.metrics
-                        .count(Outcome::Received, event.account_key.as_str());
+                    self.metrics.count(
+                        Outcome::Received,
+                        event.account_key.as_str(),
+                        event.event_type.as_str(),
+                    );
                 }
                 Ok(event)
             }
             Err(error) => {
                 let account = self.account_of_subject(subject);
                 if first {
-                    self.metrics.count(Outcome::Received, &account);
+                    self.metrics
+                        .count(Outcome::Received, &account, UNKNOWN_EVENT_TYPE);
                 }
                 tracing::warn!(subject, account, %error, "poison message: filed in dead letters");
                 let mut letter = DeadLetter::new(&account, DeadReason::Poison, error);
@@ -216,8 +223,14 @@ impl Executor {
     /// Files a dead letter that no journal refers to, and announces it on the bus.
     async fn file_dead_letter(&self, letter: &DeadLetter) -> Result<(), Interrupted> {
         self.dead_letters.put(letter)?;
-        self.metrics
-            .count(Outcome::DeadLettered, &letter.account_key);
+        self.metrics.count(
+            Outcome::DeadLettered,
+            &letter.account_key,
+            letter
+                .event
+                .as_ref()
+                .map_or(UNKNOWN_EVENT_TYPE, |e| e.event_type.as_str()),
+        );
         self.bus.announce_dead_letter(letter).await?;
         Ok(())
     }
@@ -250,7 +263,8 @@ impl Executor {
         let journal = self.journal.get(&event.id)?;
         // An event whose chains have started is finished, whatever its expiry.
         if journal.is_none() && event.is_expired_at(started_at) {
-            self.metrics.count(Outcome::Expired, account);
+            self.metrics
+                .count(Outcome::Expired, account, event.event_type.as_str());
             tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
             trace.status = TraceStatus::Expired;
             return self.finish(trace);
@@ -373,14 +387,16 @@ impl Executor {
         if dead {
             trace.status = TraceStatus::Dead;
         } else {
-            self.metrics.count(Outcome::Handled, account);
+            self.metrics
+                .count(Outcome::Handled, account, event.event_type.as_str());
         }
         self.finish(trace)
     }
 
     fn unrouted(&self, mut trace: Trace, why: &str) -> Result<Disposition, Interrupted> {
         let account = trace.event.account_key.as_str();
-        self.metrics.count(Outcome::Unrouted, account);
+        self.metrics
+            .count(Outcome::Unrouted, account, trace.event.event_type.as_str());
         tracing::info!(
             account,
             event_id = %trace.event.id,
@@ -531,7 +547,11 @@ impl Executor {
                     tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
                         step = name, attempt = pending.trace.attempts, delay_ms = delay.as_millis() as u64,
                         error = pending.trace.error.as_deref().unwrap_or(""), "step failed; retrying");
-                    self.metrics.count(Outcome::Retried, account.as_str());
+                    self.metrics.count(
+                        Outcome::Retried,
+                        account.as_str(),
+                        event.event_type.as_str(),
+                    );
                     journal.chains[ci].retry = Some(pending);
                     self.journal.put(&event.id, journal)?;
                     return Ok(Some(delay));
@@ -617,8 +637,11 @@ impl Executor {
             writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
         }
         self.store.write_atomically(&writes)?;
-        self.metrics
-            .count(Outcome::DeadLettered, event.account_key.as_str());
+        self.metrics.count(
+            Outcome::DeadLettered,
+            event.account_key.as_str(),
+            event.event_type.as_str(),
+        );
         self.bus.announce_dead_letter(letter).await?;
         if let Some(ChainEnd::Dead { announced, .. }) = &mut journal.chains[ci].end {
             *announced = true;
@@ -652,8 +675,8 @@ impl Executor {
             logs: Vec::new(),
         });
         trace.attempts += 1;
-        let failed = |mut trace: StepTrace, message: String, side_effects: bool| {
-            self.metrics.step(&step.handler, StepResult::Failed);
+        let failed = |mut trace: StepTrace, message: String, side_effects: bool, took: Duration| {
+            self.metrics.step(&step.handler, StepResult::Failed, took);
             trace.outcome = StepOutcome::Failed;
             trace.error = Some(message.clone());
             Attempt::Failed {
@@ -669,7 +692,7 @@ impl Executor {
                 "handler {:?} is not available in this dispatcher",
                 step.handler
             );
-            return failed(trace, error, false);
+            return failed(trace, error, false, Duration::ZERO);
         };
         let side_effects = handler.has_side_effects();
         let idempotency_key = match &step.idempotency {
@@ -682,7 +705,7 @@ impl Executor {
                 ) {
                     Ok(Value::String(s)) => s,
                     Ok(other) => other.to_string(),
-                    Err(error) => return failed(trace, error, false),
+                    Err(error) => return failed(trace, error, false, Duration::ZERO),
                 };
                 match self.idempotency.seen(
                     &event.account_key,
@@ -701,7 +724,8 @@ impl Executor {
                                 switchboard_rules::duration::format(spec.window)
                             )),
                         );
-                        self.metrics.step(&step.handler, StepResult::Ok);
+                        self.metrics
+                            .step(&step.handler, StepResult::Ok, Duration::ZERO);
                         trace.outcome = StepOutcome::Skipped;
                         trace.output = Some(data);
                         trace.error = None;
@@ -718,7 +742,12 @@ impl Executor {
                     }
                     Ok(false) => Some(key),
                     Err(e) => {
-                        return failed(trace, format!("reading idempotency keys: {e}"), false);
+                        return failed(
+                            trace,
+                            format!("reading idempotency keys: {e}"),
+                            false,
+                            Duration::ZERO,
+                        );
                     }
                 }
             }
@@ -735,10 +764,12 @@ impl Executor {
         };
         let started = Instant::now();
         let result = handler.handle(&input).await;
-        trace.duration_ms += started.elapsed().as_secs_f64() * 1000.0;
+        let took = started.elapsed();
+        trace.duration_ms += took.as_secs_f64() * 1000.0;
         match result.and_then(|output| self.children_of(event, chain, step, output)) {
             Ok(finished) => {
-                self.metrics.step(&step.handler, StepResult::Ok);
+                self.metrics
+                    .step(&step.handler, StepResult::Ok, started.elapsed());
                 trace.outcome = if finished.stop {
                     StepOutcome::Stopped
                 } else {
@@ -762,7 +793,8 @@ impl Executor {
             Err(StepError::Retryable { message, after })
                 if trace.attempts < policy.max_attempts =>
             {
-                self.metrics.step(&step.handler, StepResult::Retried);
+                self.metrics
+                    .step(&step.handler, StepResult::Retried, started.elapsed());
                 let delay = after.unwrap_or_else(|| jitter(policy.delay(trace.attempts)));
                 trace.outcome = StepOutcome::Retrying;
                 trace.error = Some(message);
@@ -776,9 +808,9 @@ impl Executor {
             }
             Err(StepError::Retryable { message, .. }) => {
                 let message = format!("{message} (gave up after {} attempts)", trace.attempts);
-                failed(trace, message, side_effects)
+                failed(trace, message, side_effects, took)
             }
-            Err(StepError::Permanent { message }) => failed(trace, message, side_effects),
+            Err(StepError::Permanent { message }) => failed(trace, message, side_effects, took),
         }
     }
 

@@ -1,13 +1,15 @@
-//! Counters, kept in one place so that `/metrics` can expose them all.
+//! Counters and histograms, kept in one place so that `/metrics` can expose
+//! them all in the Prometheus text format.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// What happened to an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
-    /// Taken off the bus and decoded.
+    /// Taken off the bus (first delivery) and decoded.
     Received,
     /// Every matching chain ran.
     Handled,
@@ -55,44 +57,83 @@ impl StepResult {
     }
 }
 
-/// Event counters by outcome and account; step counters by handler and result.
+/// Upper bounds of the step-duration buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A cumulative histogram with the buckets above.
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, n) in BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// Values read when `/metrics` is scraped rather than counted as they happen.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Messages on the bus not yet handled (NATS: the consumer's pending and
+    /// unacked messages; embedded: the queue's length).
+    pub bus_lag: Option<u64>,
+    /// Rhai operations run by scripts and conditions since start.
+    pub rhai_operations: u64,
+}
+
+/// Every counter and histogram of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    events: Mutex<BTreeMap<(Outcome, String), u64>>,
+    events: Mutex<BTreeMap<(Outcome, String, String), u64>>,
     steps: Mutex<BTreeMap<(String, StepResult), u64>>,
+    durations: Mutex<BTreeMap<String, Histogram>>,
+    outbound: Mutex<BTreeMap<(&'static str, String, String), u64>>,
+}
+
+fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
+    *map.lock().expect("metrics lock").entry(key).or_default() += 1;
 }
 
 impl Metrics {
-    /// Counts one event of `account` with `outcome`.
-    pub fn count(&self, outcome: Outcome, account: &str) {
-        let mut events = self.events.lock().expect("metrics lock");
-        match events.get_mut(&(outcome, account.to_string())) {
-            Some(n) => *n += 1,
-            None => {
-                events.insert((outcome, account.to_string()), 1);
-            }
-        }
+    /// Counts one event of `account` and `event_type` with `outcome`.
+    pub fn count(&self, outcome: Outcome, account: &str, event_type: &str) {
+        bump(
+            &self.events,
+            (outcome, account.to_string(), event_type.to_string()),
+        );
     }
 
-    /// The count for `outcome` and `account`.
+    /// The count for `outcome` and `account`, over every event type.
     pub fn get(&self, outcome: Outcome, account: &str) -> u64 {
         self.events
             .lock()
             .expect("metrics lock")
-            .get(&(outcome, account.to_string()))
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|((o, a, _), _)| *o == outcome && a == account)
+            .map(|(_, n)| n)
+            .sum()
     }
 
-    /// Counts one attempt at a step of `handler`.
-    pub fn step(&self, handler: &str, result: StepResult) {
-        let mut steps = self.steps.lock().expect("metrics lock");
-        match steps.get_mut(&(handler.to_string(), result)) {
-            Some(n) => *n += 1,
-            None => {
-                steps.insert((handler.to_string(), result), 1);
-            }
-        }
+    /// Counts one attempt at a step of `handler`, and how long it took.
+    pub fn step(&self, handler: &str, result: StepResult, took: Duration) {
+        bump(&self.steps, (handler.to_string(), result));
+        self.durations
+            .lock()
+            .expect("metrics lock")
+            .entry(handler.to_string())
+            .or_default()
+            .observe(took.as_secs_f64());
     }
 
     /// The count of step attempts of `handler` with `result`.
@@ -105,31 +146,147 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP switchboard_events_total Events by outcome and account.\n\
-             # TYPE switchboard_events_total counter\n",
+    /// Counts one outbound call over `channel` (`http`, `smtp`) to `provider`
+    /// that ended with `status` (an HTTP status code, `timeout`, `error`,
+    /// `refused`, `accepted`, `rejected`).
+    pub fn outbound(&self, channel: &'static str, provider: &str, status: &str) {
+        bump(
+            &self.outbound,
+            (channel, provider.to_string(), status.to_string()),
         );
-        for ((outcome, account), n) in self.events.lock().expect("metrics lock").iter() {
+    }
+
+    /// The Prometheus text exposition of everything, with `gauges`.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        header(
+            &mut out,
+            "switchboard_events_total",
+            "counter",
+            "Events by outcome, account and event type.",
+        );
+        for ((outcome, account, event_type), n) in self.events.lock().expect("metrics lock").iter()
+        {
             let _ = writeln!(
                 out,
-                "switchboard_events_total{{outcome=\"{}\",account=\"{}\"}} {n}",
+                "switchboard_events_total{{outcome=\"{}\",account=\"{}\",event_type=\"{}\"}} {n}",
                 outcome.label(),
-                account
+                escape(account),
+                escape(event_type)
             );
         }
-        out.push_str(
-            "# HELP switchboard_step_attempts_total Step attempts by handler and result.\n\
-             # TYPE switchboard_step_attempts_total counter\n",
+        header(
+            &mut out,
+            "switchboard_step_attempts_total",
+            "counter",
+            "Step attempts by handler and result.",
         );
         for ((handler, result), n) in self.steps.lock().expect("metrics lock").iter() {
             let _ = writeln!(
                 out,
-                "switchboard_step_attempts_total{{handler=\"{handler}\",result=\"{}\"}} {n}",
+                "switchboard_step_attempts_total{{handler=\"{}\",result=\"{}\"}} {n}",
+                escape(handler),
                 result.label(),
             );
         }
+        header(
+            &mut out,
+            "switchboard_step_duration_seconds",
+            "histogram",
+            "Time spent in one attempt at a step, by handler.",
+        );
+        for (handler, h) in self.durations.lock().expect("metrics lock").iter() {
+            let handler = escape(handler);
+            for (bound, n) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "switchboard_step_duration_seconds_bucket{{handler=\"{handler}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "switchboard_step_duration_seconds_bucket{{handler=\"{handler}\",le=\"+Inf\"}} {}\n\
+                 switchboard_step_duration_seconds_sum{{handler=\"{handler}\"}} {}\n\
+                 switchboard_step_duration_seconds_count{{handler=\"{handler}\"}} {}",
+                h.count, h.sum, h.count
+            );
+        }
+        header(
+            &mut out,
+            "switchboard_outbound_calls_total",
+            "counter",
+            "Outbound calls by channel, provider and status.",
+        );
+        for ((channel, provider, status), n) in self.outbound.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "switchboard_outbound_calls_total{{channel=\"{channel}\",provider=\"{}\",status=\"{}\"}} {n}",
+                escape(provider),
+                escape(status)
+            );
+        }
+        if let Some(lag) = gauges.bus_lag {
+            header(
+                &mut out,
+                "switchboard_bus_lag_messages",
+                "gauge",
+                "Messages on the bus not yet handled.",
+            );
+            let _ = writeln!(out, "switchboard_bus_lag_messages {lag}");
+        }
+        header(
+            &mut out,
+            "switchboard_rhai_operations_total",
+            "counter",
+            "Rhai operations run by scripts and conditions.",
+        );
+        let _ = writeln!(
+            out,
+            "switchboard_rhai_operations_total {}",
+            gauges.rhai_operations
+        );
         out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A label value as the text format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_labels_escaped() {
+        let m = Metrics::default();
+        m.step("log", StepResult::Ok, Duration::from_millis(3));
+        m.step("log", StepResult::Ok, Duration::from_millis(30));
+        m.outbound("http", "odd\"name", "200");
+        let text = m.render(&Gauges::default());
+        assert!(
+            text.contains(
+                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.001\"} 0"
+            )
+        );
+        assert!(
+            text.contains(
+                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.005\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.05\"} 2"
+            )
+        );
+        assert!(text.contains("switchboard_step_duration_seconds_count{handler=\"log\"} 2"));
+        assert!(text.contains("provider=\"odd\\\"name\""), "{text}");
     }
 }

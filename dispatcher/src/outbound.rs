@@ -13,6 +13,8 @@ use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
+
+use crate::metrics::Metrics;
 use switchboard_handlers::ports::{
     CommandPort, Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort,
     redact_url,
@@ -33,11 +35,12 @@ pub struct ReqwestHttp {
     deployment: reqwest::Client,
     accounts: reqwest::Client,
     policy: Arc<OutboundPolicy>,
+    metrics: Arc<Metrics>,
 }
 
 impl ReqwestHttp {
     /// Clients that keep connections alive and follow no redirect.
-    pub fn new(policy: OutboundPolicy) -> Self {
+    pub fn new(policy: OutboundPolicy, metrics: Arc<Metrics>) -> Self {
         let policy = Arc::new(policy);
         let builder = || {
             reqwest::Client::builder()
@@ -57,6 +60,7 @@ impl ReqwestHttp {
             deployment,
             accounts,
             policy,
+            metrics,
         }
     }
 
@@ -90,6 +94,21 @@ impl ReqwestHttp {
 #[async_trait::async_trait]
 impl HttpPort for ReqwestHttp {
     async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let provider = request.provider.clone();
+        let result = self.send(request).await;
+        let status = match &result {
+            Ok(response) => response.status.to_string(),
+            Err(HttpError::Timeout { .. }) => "timeout".to_string(),
+            Err(HttpError::Connect { .. }) => "error".to_string(),
+            Err(HttpError::Refused { .. }) => "refused".to_string(),
+        };
+        self.metrics.outbound("http", &provider, &status);
+        result
+    }
+}
+
+impl ReqwestHttp {
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         // Errors name the URL without its credentials or query.
         let url = redact_url(&request.url);
         let mut builder = self
@@ -214,11 +233,15 @@ pub struct EmailProvider {
 #[derive(Debug, Clone)]
 pub struct LettreMail {
     providers: BTreeMap<String, (EmailProvider, AsyncSmtpTransport<Tokio1Executor>)>,
+    metrics: Arc<Metrics>,
 }
 
 impl LettreMail {
     /// Transports for every provider; a bad provider is an error naming it.
-    pub fn new(providers: &BTreeMap<String, EmailProvider>) -> Result<Self, String> {
+    pub fn new(
+        providers: &BTreeMap<String, EmailProvider>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let mut built = BTreeMap::new();
         for (name, p) in providers {
             let builder = match p.security {
@@ -246,7 +269,10 @@ impl LettreMail {
             }
             built.insert(name.clone(), (p.clone(), builder.build()));
         }
-        Ok(Self { providers: built })
+        Ok(Self {
+            providers: built,
+            metrics,
+        })
     }
 
     /// The configured provider names.
@@ -292,7 +318,14 @@ impl MailPort for LettreMail {
             None => builder.singlepart(text),
         }
         .map_err(|e| permanent(format!("building the message: {e}")))?;
-        match transport.send(message).await {
+        let result = transport.send(message).await;
+        let status = match &result {
+            Ok(_) => "accepted",
+            Err(e) if e.is_permanent() => "rejected",
+            Err(_) => "error",
+        };
+        self.metrics.outbound("smtp", provider, status);
+        match result {
             Ok(response) => Ok(format!(
                 "accepted by {provider}: {} {}",
                 response.code(),

@@ -21,6 +21,7 @@ use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
 use switchboard_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::api::{ApiState, router};
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
@@ -119,7 +120,9 @@ impl Dispatcher {
                 Arc::new(NoCommands),
             ),
         };
-        let mail = LettreMail::new(&config.providers.email).map_err(StartError::Config)?;
+        let metrics = Arc::new(Metrics::default());
+        let mail = LettreMail::new(&config.providers.email, metrics.clone())
+            .map_err(StartError::Config)?;
         let scripts = Arc::new(ScriptStore::new(
             store.clone(),
             Arc::new(ScriptRuntime::new(
@@ -132,6 +135,7 @@ impl Dispatcher {
                 store: store.clone(),
                 http: Arc::new(ReqwestHttp::new(
                     OutboundPolicy::new(&config.outbound).map_err(StartError::Config)?,
+                    metrics.clone(),
                 )),
                 email_providers: mail.names(),
                 mail: Arc::new(mail),
@@ -154,7 +158,7 @@ impl Dispatcher {
             journal: Journal::new(store.clone()),
             idempotency: IdempotencyStore::new(store.clone()),
             store: store.clone(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             limits: config.limits.clone(),
             prefix,
         });
@@ -521,7 +525,9 @@ impl Worker {
     /// Handles one event, reporting progress to the bus meanwhile. `None` when
     /// a shutdown's grace period ran out first.
     async fn handle(&mut self, event: &VumiApiEvent, delivery: &Delivery) -> Option<Disposition> {
-        let handling = self.executor.handle(event);
+        // Every log line of the event's handling carries its account and id.
+        let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
+        let handling = self.executor.handle(event).instrument(span);
         tokio::pin!(handling);
         // Tell the bus the event is still being worked on (a slow step), so
         // it is not delivered to someone else meanwhile.

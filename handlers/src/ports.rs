@@ -40,6 +40,9 @@ pub struct HttpRequest {
     pub basic_auth: Option<(String, String)>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Who is called, for the outbound metrics: the provider's name, or
+    /// `webhook` for an account's webhook.
+    pub provider: String,
     /// The URL comes from an account's chain, not from the deployment's
     /// configuration: the dispatcher checks it against its outbound policy
     /// (private and loopback addresses are refused unless allowed).

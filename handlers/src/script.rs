@@ -242,6 +242,8 @@ pub struct ScriptRuntime {
     contacts: Option<Arc<dyn ContactLookup>>,
     /// Compiled `when` conditions, by their text.
     conditions: RwLock<HashMap<String, Arc<AST>>>,
+    /// Operations run by every call so far.
+    operations: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for ScriptRuntime {
@@ -300,6 +302,7 @@ impl ScriptRuntime {
             limits,
             contacts,
             conditions: RwLock::new(HashMap::new()),
+            operations: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -396,7 +399,9 @@ impl ScriptRuntime {
         let _guard = self.begin(None);
         let mut scope = Scope::new();
         scope.push_constant_dynamic("event", event.clone());
-        match self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast) {
+        let result = self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast);
+        self.count_operations(OPERATIONS.with(Cell::get));
+        match result {
             Ok(v) => v.as_bool().map_err(|t| {
                 format!("the condition must give true or false, but gave a value of type {t}")
             }),
@@ -440,6 +445,7 @@ impl ScriptRuntime {
             (event, steps, config),
         );
         let operations = OPERATIONS.with(Cell::get);
+        self.count_operations(operations);
         let state = CALL
             .with(|c| c.borrow_mut().take())
             .expect("the call state is set");
@@ -479,6 +485,16 @@ impl ScriptRuntime {
             operations,
             duration: started.elapsed(),
         }
+    }
+
+    /// Rhai operations run by scripts and conditions since the runtime was made.
+    pub fn operations_total(&self) -> u64 {
+        self.operations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_operations(&self, n: u64) {
+        self.operations
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn begin(&self, state: Option<CallState>) -> CallGuard {

@@ -223,6 +223,7 @@ impl SendSms {
                         body: serde_json::to_vec(&body).expect("JSON serialises"),
                         basic_auth: None,
                         timeout: DEFAULT_TIMEOUT,
+                        provider: message.provider.clone(),
                         from_account: false,
                     })
                     .await?;
@@ -272,6 +273,7 @@ impl SendSms {
                         body,
                         basic_auth: Some((p.account_sid.clone(), p.auth_token.clone())),
                         timeout: DEFAULT_TIMEOUT,
+                        provider: message.provider.clone(),
                         from_account: false,
                     })
                     .await?;

@@ -153,6 +153,7 @@ impl Handler for PaymentWebhook {
                 body,
                 basic_auth: None,
                 timeout,
+                provider: "webhook".to_string(),
                 from_account: true,
             })
             .await?;

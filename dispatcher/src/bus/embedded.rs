@@ -8,6 +8,7 @@
 //! acked message may come back, which at-least-once allows and the derived ids
 //! of emitted events make harmless.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ struct Inner {
     /// task reads the ones before it from the store, and takes the rest from
     /// `notices`. (Sequence numbers only grow, across restarts too.)
     first_new: u64,
+    /// Messages in the queue: counted once at open, then kept up to date.
+    queued: AtomicU64,
 }
 
 /// Acks or naks one embedded delivery.
@@ -55,9 +58,13 @@ pub struct Acker {
 
 impl Acker {
     pub(super) fn ack(self) -> Result<(), BusError> {
-        self.inner
+        let removed = self
+            .inner
             .store
             .remove(Collection::BusQueue, &self.seq.to_be_bytes())?;
+        if removed.is_some() {
+            self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -84,6 +91,7 @@ impl EmbeddedBus {
             }
             None => 0,
         };
+        let queued = store.len(Collection::BusQueue) as u64;
         let (tx, rx) = mpsc::unbounded_channel();
         let bus = Self {
             inner: Arc::new(Inner {
@@ -92,6 +100,7 @@ impl EmbeddedBus {
                 notices: tx,
                 receiver: Mutex::new(Some(rx)),
                 first_new,
+                queued: AtomicU64::new(queued),
             }),
         };
         bus.spawn_dedup_pruner();
@@ -187,6 +196,7 @@ impl Bus for EmbeddedBus {
         // A duplicate is acknowledged only once the first publish is durable too.
         store.flush().await?;
         if queued {
+            self.inner.queued.fetch_add(1, Ordering::Relaxed);
             let _ = self.inner.notices.send(Notice::New(seq));
         }
         Ok(Published { duplicate: !queued })
@@ -269,6 +279,10 @@ impl Bus for EmbeddedBus {
             }
         });
         Ok(rx)
+    }
+
+    async fn lag(&self) -> Option<u64> {
+        Some(self.inner.queued.load(Ordering::Relaxed))
     }
 
     fn is_ready(&self) -> bool {

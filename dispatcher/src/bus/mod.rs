@@ -61,6 +61,10 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// than piling up messages. Call once.
     async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError>;
 
+    /// Messages not yet handled: waiting to be delivered, or delivered and
+    /// not yet acked. `None` when the bus cannot tell right now.
+    async fn lag(&self) -> Option<u64>;
+
     /// Whether the bus is connected and usable.
     fn is_ready(&self) -> bool;
 

@@ -186,6 +186,15 @@ impl Bus for NatsBus {
         Ok(())
     }
 
+    async fn lag(&self) -> Option<u64> {
+        let name = events_stream_config(&self.prefix).name;
+        let stream = self.js.get_stream(&name).await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(CONSUMER).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        Some(info.num_pending + info.num_ack_pending as u64)
+    }
+
     fn is_ready(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
