@@ -193,7 +193,9 @@ impl Dispatcher {
             }
         });
 
-        let deliveries = bus.consume(config.limits.concurrency).await?;
+        let deliveries = bus
+            .consume(config.limits.concurrency, stopped.clone())
+            .await?;
         let consumer = tokio::spawn(consume(
             executor.clone(),
             deliveries,
@@ -244,6 +246,10 @@ impl Dispatcher {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.consumer.await;
+        // The acks and naks of the last events must leave before we do.
+        if let Err(e) = self.executor.bus.flush().await {
+            tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
+        }
         let _ = self.server.await;
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "flushing the store at shutdown failed");
@@ -372,23 +378,32 @@ async fn consume(
             break;
         }
     }
-    // Stop pulling. What was pulled but not started goes back to the bus
-    // now; workers finish what they are handling, within the grace period.
-    deliveries.close();
-    while let Ok(delivery) = deliveries.try_recv() {
-        release(delivery).await;
+    // The bus stops pulling and hands over what it already took; workers
+    // finish what they are handling, within the grace period. Everything not
+    // handled then goes back to the bus in bus order, so that a conversation's
+    // events come back in the order they were published.
+    let mut released = Vec::new();
+    while let Some(delivery) = deliveries.recv().await {
+        released.push(delivery);
     }
-    drop(deliveries);
     drop(queues);
     for w in workers {
-        let _ = w.await;
+        if let Ok(unhandled) = w.await {
+            released.extend(unhandled);
+        }
     }
-}
-
-/// Gives a delivery back to the bus, to be delivered again at once.
-async fn release(delivery: Delivery) {
-    if let Err(e) = delivery.nak(Duration::ZERO).await {
-        tracing::warn!(error = %e, "releasing a delivery failed; the bus delivers it again after its ack wait");
+    released.sort_by_key(|d| d.seq);
+    if !released.is_empty() {
+        executor.bus.quiesce().await;
+        tracing::info!(
+            count = released.len(),
+            "giving unhandled events back to the bus"
+        );
+    }
+    for delivery in released {
+        if let Err(e) = delivery.nak(Duration::ZERO).await {
+            tracing::warn!(error = %e, "giving a delivery back failed; the bus delivers it again after its ack wait");
+        }
     }
 }
 
@@ -447,10 +462,13 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) {
+    /// Handles what arrives until the queue closes; returns the deliveries
+    /// left unhandled by a shutdown, to be given back to the bus.
+    async fn run(mut self, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) -> Vec<Delivery> {
+        let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
             if *self.stopped.borrow() {
-                release(delivery).await;
+                unhandled.push(delivery);
                 continue;
             }
             let conversation = (event.account_key.clone(), event.conversation_key.clone());
@@ -462,7 +480,7 @@ impl Worker {
             }
             let Some(disposition) = self.handle(&event, &delivery).await else {
                 // The grace period ran out mid-handling: give it back.
-                release(delivery).await;
+                unhandled.push(delivery);
                 continue;
             };
             match disposition {
@@ -479,6 +497,7 @@ impl Worker {
             }
             settle(&self.executor, delivery, disposition, "the event").await;
         }
+        unhandled
     }
 
     /// Whether the delivery at `seq` must wait for an earlier event of its

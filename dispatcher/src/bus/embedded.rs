@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Collection, Guard, Store, Write};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Acker as DeliveryAcker, Bus, BusError, Delivery, Published};
 use crate::DUPLICATE_WINDOW;
@@ -120,12 +120,29 @@ impl EmbeddedBus {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let cutoff = now_millis().saturating_sub(DUPLICATE_WINDOW.as_millis() as u64);
-                if let Ok(entries) = inner.store.scan_prefix(Collection::BusDedup, b"") {
-                    for (k, v) in entries {
-                        if millis_of(&v) < cutoff {
-                            let _ = inner.store.remove(Collection::BusDedup, &k);
+                let store = inner.store.clone();
+                drop(inner);
+                // In batches, on the blocking pool: the table holds every id
+                // of the last two minutes, which can be many.
+                let pruned = tokio::task::spawn_blocking(move || {
+                    let mut from = Vec::new();
+                    loop {
+                        let batch = store.scan_from(Collection::BusDedup, &from, 1024)?;
+                        let Some((last, _)) = batch.last() else {
+                            return Ok::<_, switchboard_store::StoreError>(());
+                        };
+                        from = last.clone();
+                        from.push(0);
+                        for (k, v) in batch {
+                            if millis_of(&v) < cutoff {
+                                store.remove(Collection::BusDedup, &k)?;
+                            }
                         }
                     }
+                })
+                .await;
+                if let Ok(Err(e)) = pruned {
+                    tracing::warn!(error = %e, "embedded bus: pruning duplicate ids failed");
                 }
             }
         });
@@ -202,7 +219,11 @@ impl Bus for EmbeddedBus {
         Ok(Published { duplicate: !queued })
     }
 
-    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {
+    async fn consume(
+        &self,
+        capacity: usize,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let mut notices = self
             .inner
             .receiver
@@ -236,6 +257,11 @@ impl Bus for EmbeddedBus {
             // First what an earlier process left behind, in order.
             let mut next = 0u64;
             while next < inner.first_new {
+                // What is still in the queue at a stop is delivered again at
+                // the next start.
+                if *stop.borrow() {
+                    return;
+                }
                 let batch =
                     match inner
                         .store
@@ -265,7 +291,15 @@ impl Bus for EmbeddedBus {
                 }
             }
             // Then what this process publishes, and what comes back after a nak.
-            while let Some(notice) = notices.recv().await {
+            loop {
+                let notice = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    notice = notices.recv() => match notice {
+                        Some(notice) => notice,
+                        None => return,
+                    },
+                };
                 let (seq, attempt) = match notice {
                     Notice::New(seq) if seq < inner.first_new => continue,
                     Notice::New(seq) => (seq, 1),

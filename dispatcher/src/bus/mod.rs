@@ -10,7 +10,7 @@ use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
 
 use crate::records::DeadLetter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 pub mod embedded;
 pub mod nats;
@@ -59,11 +59,30 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// Starts consuming. Deliveries arrive in bus order; the channel holds at
     /// most `capacity` of them, so a busy executor slows the bus down rather
     /// than piling up messages. Call once.
-    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError>;
+    ///
+    /// When `stop` turns true the bus stops taking messages off the bus,
+    /// sends what it already took (so that the caller can give it back in
+    /// order) and closes the channel.
+    async fn consume(
+        &self,
+        capacity: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Result<mpsc::Receiver<Delivery>, BusError>;
 
     /// Messages not yet handled: waiting to be delivered, or delivered and
     /// not yet acked. `None` when the bus cannot tell right now.
     async fn lag(&self) -> Option<u64>;
+
+    /// After a stop, waits until the bus will not offer messages to this
+    /// process any more, so that messages given back go to the next consumer
+    /// in the order they are given back.
+    async fn quiesce(&self) {}
+
+    /// Sends whatever acks and naks the client still buffers (NATS acks are
+    /// fire-and-forget publishes): called before the process exits.
+    async fn flush(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 
     /// Whether the bus is connected and usable.
     fn is_ready(&self) -> bool;
@@ -120,8 +139,14 @@ impl Delivery {
                 a.nak(delay, self.attempt);
                 Ok(())
             }
+            // A plain nak puts the message on the consumer's redelivery queue
+            // at once, in nak order; one with a delay is redelivered when a
+            // server timer finds it due, in no particular order among those
+            // due together.
             Acker::Nats(m) => m
-                .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+                .ack_with(async_nats::jetstream::AckKind::Nak(
+                    (!delay.is_zero()).then_some(delay),
+                ))
                 .await
                 .map_err(|e| BusError::Unavailable(format!("nakking {}: {e}", self.subject))),
         }

@@ -9,16 +9,56 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use switchboard_sdk::VumiApiEvent;
 use switchboard_sdk::nats::{NatsEmitter, events_stream_config, stream_name};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Acker, Bus, BusError, Delivery, Published};
 use crate::records::DeadLetter;
 
 /// The durable consumer that dispatcher replicas share.
 pub const CONSUMER: &str = "switchboard";
+/// How long one pull request of the consumer lasts. Short, because a
+/// stopping dispatcher's last request outlives it on the server: a message
+/// given back (nakked) while it lasts is offered to it, found undeliverable and
+/// put at the back of the redelivery queue — out of order. So the nakking
+/// waits until it has expired ([`Bus::quiesce`]).
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 /// How long a delivered message may stay unacked before JetStream redelivers
 /// it, unless the dispatcher says it is still working on it.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Records when the pull ended, when dropped.
+struct PullEnded(watch::Sender<Option<tokio::time::Instant>>);
+
+impl Drop for PullEnded {
+    fn drop(&mut self) {
+        self.0.send_replace(Some(tokio::time::Instant::now()));
+    }
+}
+
+/// A pulled message as a delivery; `None` for an error of the pull itself.
+fn delivery_of(
+    next: Result<jetstream::Message, jetstream::consumer::pull::MessagesError>,
+) -> Option<Delivery> {
+    let message = match next {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS pull consumer");
+            return None;
+        }
+    };
+    let (attempt, seq) = message
+        .info()
+        .map(|i| (i.delivered.max(1) as u32, i.stream_sequence))
+        .unwrap_or((1, 0));
+    Some(Delivery {
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        attempt,
+        seq,
+        acker: Acker::Nats(Box::new(message)),
+    })
+}
 
 /// The dead-letter stream: `VUMI_DEAD_LETTERS`, subjects `{prefix}.dead.{account}`.
 /// Every filing is kept there for 30 days, for alerting and audit; listing,
@@ -43,6 +83,8 @@ pub struct NatsBus {
     prefix: String,
     max_ack_pending: i64,
     ack_wait: Duration,
+    /// When the pull stopped (set once consuming ends).
+    pull_stopped: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl NatsBus {
@@ -83,6 +125,7 @@ impl NatsBus {
             prefix: prefix.to_string(),
             max_ack_pending: max_ack_pending as i64,
             ack_wait,
+            pull_stopped: watch::Sender::new(None),
         })
     }
 
@@ -108,7 +151,11 @@ impl Bus for NatsBus {
             .map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
-    async fn consume(&self, capacity: usize) -> Result<mpsc::Receiver<Delivery>, BusError> {
+    async fn consume(
+        &self,
+        capacity: usize,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let config = events_stream_config(&self.prefix);
         let stream =
             self.js.get_stream(&config.name).await.map_err(|e| {
@@ -128,37 +175,51 @@ impl Bus for NatsBus {
             )
             .await
             .map_err(|e| BusError::Unavailable(format!("creating consumer {CONSUMER}: {e}")))?;
-        let mut messages = consumer
+        let messages = consumer
             .stream()
             .max_messages_per_batch(capacity.clamp(1, 1024))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .heartbeat(PULL_EXPIRES / 2)
+            .expires(PULL_EXPIRES)
             .messages()
             .await
             .map_err(|e| BusError::Unavailable(format!("pulling from consumer {CONSUMER}: {e}")))?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let batch = capacity.clamp(1, 1024);
+        let pull_stopped = self.pull_stopped.clone();
         tokio::spawn(async move {
-            while let Some(next) = messages.next().await {
-                let message = match next {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NATS pull consumer");
-                        continue;
-                    }
+            // Marks the time the pull ends, on every way out, after the
+            // stream (and its subscription) is gone.
+            let _ended = PullEnded(pull_stopped);
+            let mut messages = messages;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break,
+                    next = messages.next() => next,
                 };
-                let (attempt, seq) = message
-                    .info()
-                    .map(|i| (i.delivered.max(1) as u32, i.stream_sequence))
-                    .unwrap_or((1, 0));
-                let delivery = Delivery {
-                    subject: message.subject.to_string(),
-                    payload: message.payload.clone(),
-                    attempt,
-                    seq,
-                    acker: Acker::Nats(Box::new(message)),
-                };
-                if tx.send(delivery).await.is_err() {
+                let Some(next) = next else { return };
+                if let Some(delivery) = delivery_of(next)
+                    && let Err(unsent) = tx.send(delivery).await
+                {
+                    // The dispatcher is gone: give the message straight back.
+                    let _ = unsent.0.nak(Duration::ZERO).await;
                     return;
+                }
+            }
+            // Stopping: hand over what the client already pulled, so that it
+            // goes back to the bus now and in order, instead of waiting out
+            // the ack wait. Bounded: the pull may ask the server for one
+            // more batch while this drains.
+            for _ in 0..2 * batch {
+                match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
+                    Ok(Some(next)) => {
+                        if let Some(delivery) = delivery_of(next)
+                            && let Err(unsent) = tx.send(delivery).await
+                        {
+                            let _ = unsent.0.nak(Duration::ZERO).await;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
                 }
             }
         });
@@ -184,6 +245,22 @@ impl Bus for NatsBus {
             .map_err(|e| failed(&e))?;
         ack.await.map_err(|e| failed(&e))?;
         Ok(())
+    }
+
+    async fn quiesce(&self) {
+        let mut stopped = self.pull_stopped.subscribe();
+        let at = match stopped.wait_for(Option::is_some).await {
+            Ok(at) => at.expect("waited for it"),
+            Err(_) => return,
+        };
+        tokio::time::sleep_until(at + PULL_EXPIRES + Duration::from_millis(200)).await;
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("flushing the NATS connection: {e}")))
     }
 
     async fn lag(&self) -> Option<u64> {
