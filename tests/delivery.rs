@@ -1018,3 +1018,106 @@ async fn events_taken_but_not_started_at_a_sigterm_are_handled_at_once_after_the
     .await;
     assert_eq!(repeated, BTreeSet::new(), "finished events sent again");
 }
+
+/// `replay --all` narrowed by `--chain` and `--since` replays only the letters
+/// they select; a bad `--since` is refused with a message saying what it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_all_is_narrowed_by_chain_and_time() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let s = Setup::start(BusKind::Embedded, "").await;
+    let recv = receiver.url();
+    let step = format!(
+        "steps = [{{ handler = \"payment_webhook\", config = {{ url = \"{recv}/chaos/100,0\", secret = \"gateway\" }}, retry = {{ max_attempts = 1 }} }}]"
+    );
+    s.d.apply_chains(
+        "acme.toml",
+        &format!(
+            "account_key = \"{ACCOUNT}\"\n[[chains]]\nname = \"a\"\nevent_type = \"a\"\n{step}\n\
+             [[chains]]\nname = \"b\"\nevent_type = \"b\"\n{step}\n"
+        ),
+    )
+    .await;
+    let mut ids = BTreeMap::new();
+    for (n, chain) in ["a", "b", "a", "b"].into_iter().enumerate() {
+        let e = event(ACCOUNT, "shop", chain, &format!("c-{n}"), json!({}));
+        let id = s.publish(&e).await;
+        wait_for_status(&s.d, &id, "dead").await;
+        ids.insert(id, chain);
+    }
+    receiver.set_healthy(true).await;
+
+    let bad =
+        s.d.cli(&[
+            "dead-letters",
+            "replay",
+            ACCOUNT,
+            "--all",
+            "--since",
+            "yesterday",
+        ])
+        .await;
+    assert!(
+        bad.fails().contains("neither an RFC 3339 time") && bad.fails().contains("2h"),
+        "{}",
+        bad.fails()
+    );
+    let future = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a time");
+    let none =
+        s.d.cli(&[
+            "dead-letters",
+            "replay",
+            ACCOUNT,
+            "--all",
+            "--since",
+            &future,
+        ])
+        .await;
+    assert!(
+        none.ok().contains("replayed 0 dead letters"),
+        "{}",
+        none.ok()
+    );
+
+    let only_a =
+        s.d.cli(&[
+            "dead-letters",
+            "replay",
+            ACCOUNT,
+            "--all",
+            "--chain",
+            "a",
+            "--since",
+            "1h",
+        ])
+        .await;
+    assert!(
+        only_a.ok().contains("replayed 2 dead letters"),
+        "{}",
+        only_a.ok()
+    );
+    for (id, chain) in &ids {
+        if *chain == "a" {
+            wait_for_status(&s.d, id, "done").await;
+        }
+    }
+    let left = s.d.dead_letters(ACCOUNT).await;
+    let left_events: BTreeSet<&str> = left
+        .iter()
+        .map(|l| l["event"]["id"].as_str().expect("an event id"))
+        .collect();
+    let b_events: BTreeSet<&str> = ids
+        .iter()
+        .filter(|(_, c)| **c == "b")
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(
+        left_events, b_events,
+        "only chain b's letters are left: {left:#?}"
+    );
+    assert!(
+        left.iter()
+            .all(|l| l["chain"] == "b" && l["status"] == "dead")
+    );
+}
