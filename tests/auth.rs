@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use switchboard_dispatcher::api::ROUTES;
 
 use crate::peers::HttpReceiver;
-use crate::util::{ADMIN_TOKEN, Dispatcher, TIMEOUT, wait_until};
+use crate::util::{ADMIN_TOKEN, Dispatcher, NatsServer, TIMEOUT, wait_until};
 
 /// The resources of one account that the matrix's paths and bodies name.
 #[derive(Debug, Clone)]
@@ -731,4 +731,159 @@ async fn a_weak_admin_token_stops_start_up() {
     let line = out.fails();
     assert!(line.contains("admin token"), "{line}");
     assert!(!line.contains("\"short\""), "{line}");
+}
+
+/// `examples/nats-server.conf`, as shipped, on a real nats-server: the
+/// dispatcher works as its user; a worker publishes its own account's
+/// events and nothing else, and cannot read the events the dispatcher pulls;
+/// a transport worker takes its SMS commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_nats_config_confines_each_worker_to_its_account() {
+    use futures::StreamExt as _;
+    use switchboard_sdk::nats::NatsEmitter;
+
+    // The example as shipped, but storing in a temporary directory.
+    let example = crate::util::read(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nats-server.conf"),
+    );
+    let store = tempfile::tempdir().unwrap();
+    let shipped_store = "store_dir: \"nats-data\"";
+    assert!(
+        example.contains(shipped_store),
+        "the example's store_dir moved"
+    );
+    let config = store.path().join("nats-server.conf");
+    std::fs::write(
+        &config,
+        example.replace(
+            shipped_store,
+            &format!("store_dir: {:?}", store.path().join("js")),
+        ),
+    )
+    .unwrap();
+    let nats = NatsServer::with_config(&config);
+    let with_user = |user: &str, password: &str| {
+        nats.url()
+            .replacen("nats://", &format!("nats://{user}:{password}@"), 1)
+    };
+    let d = Dispatcher::nats_url(
+        &with_user("dispatcher", "change-me-dispatcher"),
+        "[providers.sms.smsc]\ntype = \"nats\"\ntransport = \"smsc\"\nfrom = \"1234\"\n",
+    );
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "smsc", to = "{{ event.event_data.msisdn }}", body = "hello" }
+"#,
+    )
+    .await;
+
+    // Someone with a worker's password trying to read what the dispatcher
+    // pulls (its inbox) or what workers publish: refused, so nothing arrives.
+    let sniffer = async_nats::ConnectOptions::with_user_and_password(
+        "acme-survey".into(),
+        "change-me-acme".into(),
+    )
+    .connect(nats.url())
+    .await
+    .expect("acme's worker connects");
+    let mut sniffed = futures::stream::select(
+        sniffer.subscribe("_INBOX.>").await.unwrap(),
+        sniffer.subscribe("vumi.>").await.unwrap(),
+    );
+    sniffer.flush().await.unwrap();
+
+    let worker = async_nats::ConnectOptions::with_user_and_password(
+        "acme-survey".into(),
+        "change-me-acme".into(),
+    )
+    .custom_inbox_prefix("_INBOX_acme-survey")
+    .connect(nats.url())
+    .await
+    .expect("acme's worker connects");
+    let emitter = NatsEmitter::new(worker).with_attempts(1);
+    let own = crate::util::event(
+        "acme",
+        "survey",
+        "notify",
+        "c1",
+        json!({"msisdn": "+27820000005"}),
+    );
+    emitter
+        .emit(&own)
+        .await
+        .expect("acme's worker publishes acme's events");
+    let trace = d.wait_for_trace("acme", &own.id.to_string(), TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+
+    let other = crate::util::event(
+        "globex",
+        "survey",
+        "notify",
+        "c1",
+        json!({"msisdn": "+27820000006"}),
+    );
+    let refused = emitter.emit(&other).await;
+    assert!(refused.is_err(), "acme's worker published a globex event");
+
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), sniffed.next())
+            .await
+            .is_err(),
+        "a worker read someone else's messages"
+    );
+
+    // The transport worker takes the SMS command from VUMI_OUTBOUND.
+    let transport = async_nats::ConnectOptions::with_user_and_password(
+        "smsc-transport".into(),
+        "change-me-smsc".into(),
+    )
+    .custom_inbox_prefix("_INBOX_smsc-transport")
+    .connect(nats.url())
+    .await
+    .expect("the transport worker connects");
+    let js = async_nats::jetstream::new(transport);
+    let stream = js.get_stream("VUMI_OUTBOUND").await.expect("stream info");
+    let consumer = stream
+        .get_or_create_consumer(
+            "smsc",
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("smsc".into()),
+                filter_subject: "vumi.outbound.smsc".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the transport worker's consumer");
+    let mut messages = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let message = tokio::time::timeout(TIMEOUT, messages.next())
+        .await
+        .expect("a command in time")
+        .expect("a command")
+        .expect("a message");
+    let command: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(command["to_addr"], "+27820000005", "{command}");
+    message.ack().await.expect("the transport worker acks");
+
+    // ... and the server says why.
+    let log = nats.log();
+    for violation in [
+        "Publish Violation - Subject \"vumi.events.globex.",
+        "Subscription Violation - Subject \"_INBOX.>\"",
+        "Subscription Violation - Subject \"vumi.>\"",
+    ] {
+        assert!(log.contains(violation), "no {violation:?} in:\n{log}");
+    }
+    // The globex event never reached the dispatcher.
+    assert!(d.trace("globex", &other.id.to_string()).await.is_none());
+    assert!(
+        !d.log().contains("change-me-dispatcher"),
+        "the NATS password is in the log"
+    );
 }

@@ -126,17 +126,35 @@ pub struct NatsServer {
     child: Child,
     url: String,
     dir: TempDir,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a server with `config` as its config file (`-c`); the flags the
+    /// helper passes (address, port) override the file. The file says where
+    /// JetStream stores (`jetstream { store_dir }`): nats-server refuses a
+    /// store directory in both.
+    pub fn with_config(config: &Path) -> Self {
+        Self::start_with(Some(config))
+    }
+
+    fn start_with(config: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let log = std::fs::File::create(dir.path().join("nats-server.log")).expect("a log file");
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = config {
+            command.arg("-c").arg(config);
+        }
+        if config.is_none() {
+            command.arg("-sd").arg(dir.path().join("store"));
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
-            .arg("-sd")
-            .arg(dir.path().join("store"))
             .arg("--ports_file_dir")
             .arg(dir.path())
             .stdin(Stdio::null())
@@ -148,6 +166,7 @@ impl NatsServer {
             child,
             url: String::new(),
             dir,
+            config: config.map(Path::to_path_buf),
         };
         let ports_file = server
             .dir
@@ -193,10 +212,15 @@ impl NatsServer {
             .append(true)
             .open(self.dir.path().join("nats-server.log"))
             .expect("the log file");
-        self.child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        if self.config.is_none() {
+            command.arg("-sd").arg(self.dir.path().join("store"));
+        }
+        self.child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port])
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -375,6 +399,12 @@ impl Dispatcher {
     /// A dispatcher on `nats`.
     pub fn nats(nats: &NatsServer) -> Self {
         Self::start(Some(nats.url().to_string()), None)
+    }
+
+    /// A dispatcher on the NATS server at `url` (e.g. with credentials in
+    /// it), with `config` as its config file.
+    pub fn nats_url(url: &str, config: &str) -> Self {
+        Self::start(Some(url.to_string()), Some(config))
     }
 
     /// A dispatcher started with `config` as its config file (`--config`), on
