@@ -19,7 +19,9 @@ struct Cli {
     command: Command,
 }
 
-/// How commands reach a running dispatcher.
+/// How commands reach a running dispatcher. The token comes from the
+/// environment only (`SWITCHBOARD_TOKEN`), so that it never shows in a
+/// process list or a shell history.
 #[derive(Debug, Args)]
 struct Remote {
     /// The dispatcher's API.
@@ -36,6 +38,7 @@ struct Remote {
 }
 
 impl Remote {
+    /// A client that sends `SWITCHBOARD_TOKEN` as its bearer token.
     fn client(&self) -> Client {
         Client::new(
             &self.server,
@@ -81,6 +84,39 @@ enum Command {
     /// Look at the messages (SMS, e-mail) an account's chains sent.
     #[command(subcommand)]
     Messages(RecordsCommand),
+    /// Manage account tokens, which reach one account's API only (needs the admin token).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a token for an account; it is printed this once and never again.
+    Create {
+        /// The account the token reaches.
+        account: String,
+        /// A name for people (e.g. the worker or person it is for).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List an account's tokens: ids, names, creation times (never the tokens).
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke a token: requests with it are refused from now on.
+    Revoke {
+        /// The account.
+        account: String,
+        /// The token's id (from `tokens list`).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -553,6 +589,21 @@ async fn main() -> ExitCode {
                 remote,
             } => cli::messages_show(&remote.client(), &account, &id).await,
         }),
+        Command::Tokens(c) => print(match c {
+            TokensCommand::Create {
+                account,
+                name,
+                remote,
+            } => cli::tokens_create(&remote.client(), &account, name.as_deref(), remote.json).await,
+            TokensCommand::List { account, remote } => {
+                cli::tokens_list(&remote.client(), &account, remote.json).await
+            }
+            TokensCommand::Revoke {
+                account,
+                id,
+                remote,
+            } => cli::tokens_revoke(&remote.client(), &account, &id, remote.json).await,
+        }),
     };
     match result {
         Ok(Some(text)) => {
@@ -580,6 +631,9 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
         subject_prefix: args.subject_prefix,
         concurrency: args.concurrency,
         outbound_allow: args.outbound_allow,
+        admin_token: std::env::var("SWITCHBOARD_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())
@@ -593,6 +647,13 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
             applied
                 .version
                 .map_or("unchanged".to_string(), |v| format!("at chain version {v}"))
+        );
+    }
+    if let Some(path) = dispatcher.admin_token_file() {
+        eprintln!(
+            "admin token in {} (for the CLI: export SWITCHBOARD_TOKEN=\"$(cat {})\")",
+            path.display(),
+            path.display()
         );
     }
     // The address on stdout, so that scripts (and tests) can find a port chosen by the OS.

@@ -439,7 +439,8 @@ handler = "log"
     assert_eq!(status, 404, "{body}");
 
     // Over HTTP the refusal is a 400 with each problem spelt out.
-    let response = reqwest::Client::new()
+    let response = d
+        .http()
         .put(format!("{}/v1/accounts/acme/chains", d.url()))
         .header("content-type", "application/toml")
         .body(
@@ -531,7 +532,8 @@ async fn the_http_api_refuses_bad_requests_with_a_coded_error() {
             "expected {mentions:?} in {message:?}"
         );
     }
-    let response = reqwest::Client::new()
+    let response = d
+        .http()
         .post(format!("{}/v1/events", d.url()))
         .body("{not json")
         .send()
@@ -631,7 +633,7 @@ config = { event_type = "uploaded", data = { a = "{{ event.event_data.blob }}", 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_api_error_is_a_json_error_with_a_code() {
     let d = Dispatcher::embedded();
-    let http = reqwest::Client::new();
+    let http = d.http();
     let url = |path: &str| format!("{}{path}", d.url());
     // The API takes bodies up to 1 MiB (or the event limit, if larger). One
     // byte more: the server has read the whole body when it refuses it, so

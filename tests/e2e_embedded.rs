@@ -190,10 +190,7 @@ config = { level = "debug", message = "tock {{ event.event_data.n }}" }
 /// Posts `count` tick events numbered from `first`, 32 requests at a time;
 /// returns their ids once every one was accepted (202).
 async fn post_ticks(d: &Dispatcher, first: usize, count: usize) -> Vec<String> {
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .expect("an HTTP client");
+    let client = d.http().clone();
     let url = Arc::new(format!("{}/v1/events", d.url()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(first));
     let end = first + count;
@@ -348,7 +345,7 @@ async fn chains_traces_and_seen_ids_survive_a_graceful_restart() {
 async fn the_sdk_http_emitter_delivers_and_a_retried_emit_is_dropped() {
     let d = Dispatcher::embedded();
     d.apply_chains("acme.toml", &poll_chains("acme")).await;
-    let emitter = switchboard_sdk::http::HttpEmitter::new(d.url());
+    let emitter = switchboard_sdk::http::HttpEmitter::new(d.url()).with_token(d.admin_token());
     let event = crate::util::event(
         "acme",
         "survey",

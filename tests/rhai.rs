@@ -24,17 +24,9 @@ impl Dispatcher {
         path: &str,
         body: Option<String>,
     ) -> (u16, Value) {
-        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.0.url()));
-        if let Some(body) = body {
-            request = request.body(body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.0
+            .request(method, path, Some(self.0.admin_token()), body)
+            .await
     }
 
     async fn put_script(&self, account: &str, name: &str, source: &str) -> (u16, Value) {
@@ -68,6 +60,7 @@ impl Dispatcher {
     /// Runs the CLI against this dispatcher: success, stdout, stderr.
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .env("SWITCHBOARD_TOKEN", self.0.admin_token())
             .args(args)
             .args(["--server", self.0.url()])
             .output()

@@ -4,6 +4,7 @@
 mod peers;
 mod util;
 
+mod auth;
 mod bad_input;
 mod chains_cli;
 mod crash;

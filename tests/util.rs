@@ -25,9 +25,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 /// How often a wait polls.
 const POLL: Duration = Duration::from_millis(20);
 
+/// The admin token of every test dispatcher (unless a test asks for a
+/// generated one); [`switchboard`], [`Dispatcher::cli`] and the dispatcher's
+/// HTTP helpers send it.
+pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
+
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 10] = [
+const SWITCHBOARD_ENV: [&str; 11] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_NATS_URL",
     "SWITCHBOARD_DATA",
@@ -38,6 +43,7 @@ const SWITCHBOARD_ENV: [&str; 10] = [
     "SWITCHBOARD_URL",
     "SWITCHBOARD_TOKEN",
     "SWITCHBOARD_OUTBOUND_ALLOW",
+    "SWITCHBOARD_ADMIN_TOKEN",
 ];
 
 /// The `switchboard` binary under test.
@@ -120,17 +126,35 @@ pub struct NatsServer {
     child: Child,
     url: String,
     dir: TempDir,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a server with `config` as its config file (`-c`); the flags the
+    /// helper passes (address, port) override the file. The file says where
+    /// JetStream stores (`jetstream { store_dir }`): nats-server refuses a
+    /// store directory in both.
+    pub fn with_config(config: &Path) -> Self {
+        Self::start_with(Some(config))
+    }
+
+    fn start_with(config: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let log = std::fs::File::create(dir.path().join("nats-server.log")).expect("a log file");
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = config {
+            command.arg("-c").arg(config);
+        }
+        if config.is_none() {
+            command.arg("-sd").arg(dir.path().join("store"));
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
-            .arg("-sd")
-            .arg(dir.path().join("store"))
             .arg("--ports_file_dir")
             .arg(dir.path())
             .stdin(Stdio::null())
@@ -142,6 +166,7 @@ impl NatsServer {
             child,
             url: String::new(),
             dir,
+            config: config.map(Path::to_path_buf),
         };
         let ports_file = server
             .dir
@@ -187,10 +212,15 @@ impl NatsServer {
             .append(true)
             .open(self.dir.path().join("nats-server.log"))
             .expect("the log file");
-        self.child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        if self.config.is_none() {
+            command.arg("-sd").arg(self.dir.path().join("store"));
+        }
+        self.child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port])
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -289,9 +319,35 @@ impl CmdOutput {
     }
 }
 
-/// Runs `switchboard ARGS` (at most [`TIMEOUT`]) and returns what it did.
+/// An HTTP client that sends `token` as its bearer token.
+pub fn http_client(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("a token fits in a header");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// Runs `switchboard ARGS` (at most [`TIMEOUT`]) with `SWITCHBOARD_TOKEN` set
+/// to [`ADMIN_TOKEN`], and returns what it did.
 pub async fn switchboard(args: &[&str]) -> CmdOutput {
+    switchboard_as(Some(ADMIN_TOKEN), args).await
+}
+
+/// Runs `switchboard ARGS` (at most [`TIMEOUT`]) with `SWITCHBOARD_TOKEN` set
+/// to `token` (or unset), and returns what it did.
+pub async fn switchboard_as(token: Option<&str>, args: &[&str]) -> CmdOutput {
     let mut cmd = tokio::process::Command::from(command());
+    if let Some(token) = token {
+        cmd.env("SWITCHBOARD_TOKEN", token);
+    }
     cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
     let output = tokio::time::timeout(TIMEOUT, cmd.output())
         .await
@@ -311,7 +367,9 @@ pub async fn switchboard(args: &[&str]) -> CmdOutput {
 }
 
 /// A `switchboard run` process on 127.0.0.1 with its own data directory, on
-/// the embedded bus or a NATS server. Killed on drop.
+/// the embedded bus or a NATS server. Killed on drop. Its admin token is
+/// [`ADMIN_TOKEN`] (in `SWITCHBOARD_ADMIN_TOKEN`), unless it was started with
+/// [`Dispatcher::with_generated_admin_token`]; its helpers send that token.
 ///
 /// Its stderr (the logs) goes to a file per start, shown by [`Dispatcher::log`]:
 /// the waits include it when they time out, and with `SWITCHBOARD_TEST_LOGS`
@@ -324,6 +382,11 @@ pub struct Dispatcher {
     config: Option<PathBuf>,
     starts: u32,
     url: String,
+    /// The admin token given in the environment; `None`: the dispatcher
+    /// generates one into its data directory.
+    configured_token: Option<String>,
+    /// The admin token in use (known once started).
+    admin_token: String,
     http: reqwest::Client,
 }
 
@@ -338,6 +401,12 @@ impl Dispatcher {
         Self::start(Some(nats.url().to_string()), None)
     }
 
+    /// A dispatcher on the NATS server at `url` (e.g. with credentials in
+    /// it), with `config` as its config file.
+    pub fn nats_url(url: &str, config: &str) -> Self {
+        Self::start(Some(url.to_string()), Some(config))
+    }
+
     /// A dispatcher started with `config` as its config file (`--config`), on
     /// `nats` or else the embedded bus. The flags the helper passes (data
     /// directory, listen address, NATS URL) override the file.
@@ -345,7 +414,17 @@ impl Dispatcher {
         Self::start(nats.map(|n| n.url().to_string()), Some(config))
     }
 
+    /// A dispatcher on the embedded bus given no admin token, so that it
+    /// generates one into `{data}/admin-token`; the helpers send that one.
+    pub fn with_generated_admin_token() -> Self {
+        Self::start_as(None, None, None)
+    }
+
     fn start(nats: Option<String>, config: Option<&str>) -> Self {
+        Self::start_as(nats, config, Some(ADMIN_TOKEN))
+    }
+
+    fn start_as(nats: Option<String>, config: Option<&str>, admin_token: Option<&str>) -> Self {
         let root = tempfile::tempdir().expect("a temporary directory");
         let config = config.map(|text| {
             let path = root.path().join("switchboard.toml");
@@ -359,10 +438,9 @@ impl Dispatcher {
             config,
             starts: 0,
             url: String::new(),
-            http: reqwest::Client::builder()
-                .timeout(TIMEOUT)
-                .build()
-                .expect("an HTTP client"),
+            configured_token: admin_token.map(str::to_string),
+            admin_token: String::new(),
+            http: http_client(None),
         };
         d.spawn();
         d
@@ -386,6 +464,9 @@ impl Dispatcher {
         }
         if let Some(path) = &self.config {
             cmd.arg("--config").arg(path);
+        }
+        if let Some(token) = &self.configured_token {
+            cmd.env("SWITCHBOARD_ADMIN_TOKEN", token);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -412,10 +493,53 @@ impl Dispatcher {
                 self.log()
             ),
         }
+        self.admin_token = match &self.configured_token {
+            Some(token) => token.clone(),
+            None => read(&self.data_dir().join("admin-token"))
+                .trim()
+                .to_string(),
+        };
+        self.http = http_client(Some(&self.admin_token));
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// The data directory (`--data`).
+    pub fn data_dir(&self) -> PathBuf {
         self.root.path().join("data")
+    }
+
+    /// The admin token the dispatcher accepts.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// An HTTP client that sends the admin token.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `METHOD path` with `token` as the bearer (or none) and `body` (text):
+    /// the status and the body, as JSON when it is JSON.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let mut request = http_client(token).request(method.clone(), format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()));
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a response body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     fn log_path(&self, start: u32) -> PathBuf {
@@ -488,11 +612,17 @@ impl Dispatcher {
         path
     }
 
-    /// Runs `switchboard ARGS --server URL`.
+    /// Runs `switchboard ARGS --server URL` with the admin token.
     pub async fn cli(&self, args: &[&str]) -> CmdOutput {
+        self.cli_as(Some(&self.admin_token), args).await
+    }
+
+    /// Runs `switchboard ARGS --server URL` with `token` in `SWITCHBOARD_TOKEN`
+    /// (or none).
+    pub async fn cli_as(&self, token: Option<&str>, args: &[&str]) -> CmdOutput {
         let mut all = args.to_vec();
         all.extend(["--server", self.url()]);
-        switchboard(&all).await
+        switchboard_as(token, &all).await
     }
 
     /// Applies a chain file with `switchboard chains apply`; returns the new version.

@@ -1,16 +1,17 @@
 //! The HTTP API of a running dispatcher (axum), JSON under `/v1`.
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with the status
-//! that fits. Bound to 127.0.0.1 by default; authentication arrives with the
-//! multi-tenant API.
+//! that fits. Every route is declared once in [`ROUTES`]; who may call which
+//! is decided in one place, [`auth::require_token`], in front of all of them.
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_handlers::ScriptStore;
@@ -21,6 +22,7 @@ use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
+use crate::auth::{self, Auth, Principal, TokenError};
 use crate::executor::{Executor, LetterError};
 use crate::metrics::Gauges;
 use crate::records::LetterStatus;
@@ -36,76 +38,77 @@ pub struct ApiState {
     pub messages: MessageStore,
     /// Secrets of every account (write-only).
     pub secrets: SecretStore,
+    /// The admin token and the account tokens.
+    pub auth: Arc<Auth>,
 }
 
-/// The router of the whole API.
+/// Declares every route once: it defines [`ROUTES`] and the function that
+/// adds those routes to a router, from the same lines, so that no route can
+/// exist without being listed (the isolation test in `tests/auth.rs` walks
+/// [`ROUTES`] and fails for a route it has no row for).
+macro_rules! routes {
+    ($($path:literal => { $($method:ident: $handler:ident),+ $(,)? })+) => {
+        /// Every route of the API as (method, path), in axum's path syntax and
+        /// in declaration order.
+        pub const ROUTES: &[(&str, &str)] = &[$($((stringify!($method), $path)),+),+];
+
+        fn add_routes(router: Router<ApiState>) -> Router<ApiState> {
+            router$(.route(
+                $path,
+                MethodRouter::<ApiState>::new()$(.on(MethodFilter::$method, $handler))+,
+            ))+
+        }
+    };
+}
+
+routes! {
+    "/healthz" => { GET: healthz }
+    "/readyz" => { GET: readyz }
+    "/metrics" => { GET: metrics }
+    "/v1/events" => { POST: ingest }
+    "/v1/accounts" => { GET: list_accounts }
+    "/v1/accounts/{account}/chains" => {
+        GET: show_chains, PUT: apply_chains, DELETE: remove_all_chains
+    }
+    "/v1/accounts/{account}/chains/{name}" => { GET: show_chain, DELETE: remove_chain }
+    "/v1/accounts/{account}/chain-versions" => { GET: history }
+    "/v1/accounts/{account}/chain-versions/{version}" => { GET: show_version }
+    "/v1/accounts/{account}/chain-versions/{version}/restore" => { POST: restore }
+    "/v1/accounts/{account}/chain-test" => { POST: test_chains }
+    "/v1/accounts/{account}/scripts" => { GET: list_scripts }
+    "/v1/accounts/{account}/scripts/{name}" => {
+        GET: show_script, PUT: put_script, DELETE: remove_script
+    }
+    "/v1/accounts/{account}/scripts/{name}/versions" => { GET: script_history }
+    "/v1/accounts/{account}/scripts/{name}/test" => { POST: test_script }
+    "/v1/accounts/{account}/events/{id}/trace" => { GET: trace }
+    "/v1/accounts/{account}/contacts" => { GET: list_contacts }
+    "/v1/accounts/{account}/contacts/{key}" => { GET: show_contact }
+    "/v1/accounts/{account}/messages" => { GET: list_messages }
+    "/v1/accounts/{account}/messages/{id}" => { GET: show_message }
+    "/v1/accounts/{account}/secrets" => { GET: list_secrets }
+    "/v1/accounts/{account}/secrets/{name}" => { PUT: set_secret, DELETE: remove_secret }
+    "/v1/accounts/{account}/dead-letters" => { GET: list_dead_letters }
+    "/v1/accounts/{account}/dead-letters/replay" => { POST: replay_dead_letters }
+    "/v1/accounts/{account}/dead-letters/{id}" => {
+        GET: show_dead_letter, DELETE: discard_dead_letter
+    }
+    "/v1/accounts/{account}/dead-letters/{id}/replay" => { POST: replay_dead_letter }
+    "/v1/accounts/{account}/tokens" => { GET: list_tokens, POST: create_token }
+    "/v1/accounts/{account}/tokens/{id}" => { DELETE: revoke_token }
+}
+
+/// The router of the whole API: the [`ROUTES`], each behind
+/// [`auth::require_token`].
 pub fn router(state: ApiState) -> Router {
     let body_limit = state.executor.limits.max_event_bytes.max(1 << 20);
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/events", post(ingest))
-        .route("/v1/accounts", get(list_accounts))
-        .route(
-            "/v1/accounts/{account}/chains",
-            get(show_chains).put(apply_chains).delete(remove_all_chains),
-        )
-        .route(
-            "/v1/accounts/{account}/chains/{name}",
-            get(show_chain).delete(remove_chain),
-        )
-        .route("/v1/accounts/{account}/chain-versions", get(history))
-        .route(
-            "/v1/accounts/{account}/chain-versions/{version}",
-            get(show_version),
-        )
-        .route(
-            "/v1/accounts/{account}/chain-versions/{version}/restore",
-            post(restore),
-        )
-        .route("/v1/accounts/{account}/chain-test", post(test_chains))
-        .route("/v1/accounts/{account}/scripts", get(list_scripts))
-        .route(
-            "/v1/accounts/{account}/scripts/{name}",
-            get(show_script).put(put_script).delete(remove_script),
-        )
-        .route(
-            "/v1/accounts/{account}/scripts/{name}/versions",
-            get(script_history),
-        )
-        .route(
-            "/v1/accounts/{account}/scripts/{name}/test",
-            post(test_script),
-        )
-        .route("/v1/accounts/{account}/events/{id}/trace", get(trace))
-        .route("/v1/accounts/{account}/contacts", get(list_contacts))
-        .route("/v1/accounts/{account}/contacts/{key}", get(show_contact))
-        .route("/v1/accounts/{account}/messages", get(list_messages))
-        .route("/v1/accounts/{account}/messages/{id}", get(show_message))
-        .route("/v1/accounts/{account}/secrets", get(list_secrets))
-        .route(
-            "/v1/accounts/{account}/secrets/{name}",
-            axum::routing::put(set_secret).delete(remove_secret),
-        )
-        .route(
-            "/v1/accounts/{account}/dead-letters",
-            get(list_dead_letters),
-        )
-        .route(
-            "/v1/accounts/{account}/dead-letters/replay",
-            post(replay_dead_letters),
-        )
-        .route(
-            "/v1/accounts/{account}/dead-letters/{id}",
-            get(show_dead_letter).delete(discard_dead_letter),
-        )
-        .route(
-            "/v1/accounts/{account}/dead-letters/{id}/replay",
-            post(replay_dead_letter),
-        )
+    add_routes(Router::new())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::require_token,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -120,7 +123,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -129,7 +132,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
@@ -137,7 +140,7 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    fn internal(e: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "API request failed");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     }
@@ -315,9 +318,25 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn ingest(State(s): State<ApiState>, RawBody(body): RawBody) -> ApiResult {
+async fn ingest(
+    State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    RawBody(body): RawBody,
+) -> ApiResult {
     let event = VumiApiEvent::decode_with_defaults(&body, s.executor.limits.max_event_bytes)
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    if let Principal::Account(own) = &principal
+        && own != &event.account_key
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token belongs to account {own}; it cannot publish events of account {}",
+                event.account_key
+            ),
+        ));
+    }
     let published = s.executor.bus.publish(&event).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -336,8 +355,14 @@ async fn ingest(State(s): State<ApiState>, RawBody(body): RawBody) -> ApiResult 
         .into_response())
 }
 
-async fn list_accounts(State(s): State<ApiState>) -> Json<Value> {
-    Json(json!({"accounts": s.executor.chains.accounts()}))
+/// Accounts that have chains; for an account token, only its own.
+async fn list_accounts(
+    State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<Value> {
+    let mut accounts = s.executor.chains.accounts();
+    accounts.retain(|a| principal.reaches(a.as_str()));
+    Json(json!({ "accounts": accounts }))
 }
 
 fn version_json(v: &ChainVersion) -> Value {
@@ -904,5 +929,82 @@ async fn remove_secret(
         Err(ApiError::not_found(format!(
             "account {account} has no secret {name:?}"
         )))
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match &e {
+            TokenError::InvalidName(_) => {
+                ApiError::bad_request("invalid_token_name", e.to_string())
+            }
+            TokenError::Random(_) | TokenError::Corrupt { .. } | TokenError::Store(_) => {
+                ApiError::internal(e)
+            }
+        }
+    }
+}
+
+/// The body of `POST .../tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTokenRequest {
+    /// A name for people.
+    name: Option<String>,
+}
+
+/// Creates an account token and answers it, the only time it is shown.
+async fn create_token(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let request: NewTokenRequest = if body.trim().is_empty() {
+        NewTokenRequest::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("the body must be {{\"name\": NAME}} (optional) or empty: {e}"),
+            )
+        })?
+    };
+    let new = s
+        .auth
+        .tokens()
+        .create(&account, request.name.as_deref())
+        .await?;
+    tracing::info!(%account, token_id = new.record.id, "account token created");
+    let mut answer = serde_json::to_value(&new.record).expect("a token record serialises");
+    answer["token"] = json!(new.token);
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(answer),
+    )
+        .into_response())
+}
+
+/// The account's tokens: ids, names and creation times, never the tokens.
+async fn list_tokens(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let tokens = s.auth.tokens().list(&account)?;
+    Ok(Json(json!({"account_key": account, "tokens": tokens})).into_response())
+}
+
+async fn revoke_token(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    match s.auth.tokens().revoke(&account, &id).await? {
+        Some(record) => {
+            tracing::info!(%account, token_id = record.id, "account token revoked");
+            Ok(Json(json!({"account_key": account, "revoked": record})).into_response())
+        }
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no token {id:?}"
+        ))),
     }
 }

@@ -948,3 +948,83 @@ fn shorten(s: &str, max: usize) -> String {
     cut.push('…');
     cut
 }
+
+/// `switchboard tokens create ACCOUNT [--name N]`: the token is printed this
+/// once; the dispatcher keeps only its hash.
+pub async fn tokens_create(
+    client: &Client,
+    account_raw: &str,
+    name: Option<&str>,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let body = match name {
+        Some(n) => json!({ "name": n }),
+        None => json!({}),
+    };
+    let answer = client
+        .post(&format!("/v1/accounts/{a}/tokens"), &body)
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let token = answer["token"].as_str().unwrap_or_default();
+    let named = answer["name"]
+        .as_str()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    Ok(format!(
+        "created token {}{named} for account {a}; it reaches account {a} only:\n{token}\n\
+         This is the only time it is shown: store it now (the dispatcher keeps only its hash).\n\
+         Use it: export SWITCHBOARD_TOKEN={token}",
+        answer["id"].as_str().unwrap_or_default(),
+    ))
+}
+
+/// `switchboard tokens list ACCOUNT`: ids, names and creation times.
+pub async fn tokens_list(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let path = format!("/v1/accounts/{a}/tokens");
+    let header = format!("{:<36}  {:<28} name", "id", "created at");
+    let empty = format!("account {a} has no tokens");
+    list(
+        client,
+        &path,
+        "tokens",
+        json_out,
+        Some(header),
+        empty,
+        |t| {
+            format!(
+                "{:<36}  {:<28} {}",
+                t["id"].as_str().unwrap_or_default(),
+                t["created_at"].as_str().unwrap_or_default(),
+                t["name"].as_str().unwrap_or("-"),
+            )
+        },
+    )
+    .await
+}
+
+/// `switchboard tokens revoke ACCOUNT ID`
+pub async fn tokens_revoke(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client
+        .delete(&format!("/v1/accounts/{a}/tokens/{}", url_segment(id)))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "revoked token {id} of account {a}: requests with it are refused from now on"
+    ))
+}

@@ -1,4 +1,5 @@
-//! A client of a running dispatcher's HTTP API, for the CLI.
+//! A client of a running dispatcher's HTTP API, for the CLI. It sends the
+//! token it is given (the CLI's `SWITCHBOARD_TOKEN`) as a bearer token.
 
 use std::time::Duration;
 
@@ -17,6 +18,14 @@ pub enum ClientError {
         url: String,
         /// What went wrong.
         message: String,
+    },
+    /// The dispatcher refused the request's token, or the missing token.
+    #[error("{message} (HTTP 401) — {hint}")]
+    Unauthorized {
+        /// The dispatcher's message.
+        message: String,
+        /// What to do about it.
+        hint: &'static str,
     },
     /// The dispatcher answered with an error.
     #[error("{message} (HTTP {status}, {code})")]
@@ -116,6 +125,21 @@ impl Client {
             return Ok(value);
         }
         let error = &value["error"];
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(ClientError::Unauthorized {
+                message: error["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{url} answered {status}")),
+                hint: if self.token.is_some() {
+                    "the token in SWITCHBOARD_TOKEN was refused: set SWITCHBOARD_TOKEN to the admin \
+                     token or a live account token"
+                } else {
+                    "set SWITCHBOARD_TOKEN to the admin token (`run` keeps a generated one in \
+                     DATA_DIR/admin-token) or to an account token"
+                },
+            });
+        }
         Err(ClientError::Api {
             status: status.as_u16(),
             code: error["code"].as_str().unwrap_or("unknown").to_string(),

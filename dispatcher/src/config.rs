@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use switchboard_handlers::sms::SmsProvider;
 
+use crate::auth::AdminToken;
 use crate::outbound::{EmailProvider, OutboundConfig, OutboundPolicy};
 use switchboard_handlers::RhaiLimits;
 use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
@@ -101,12 +102,17 @@ impl Default for BusConfig {
 pub struct HttpConfig {
     /// Listen address of the API.
     pub listen: SocketAddr,
+    /// The admin token (env `SWITCHBOARD_ADMIN_TOKEN`). Without one, `run`
+    /// generates one into `{data_dir}/admin-token` (mode 0600) at first
+    /// start and reads it from there later.
+    pub admin_token: Option<AdminToken>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
         }
     }
 }
@@ -189,6 +195,9 @@ pub struct Overrides {
     pub concurrency: Option<usize>,
     /// Entries added to `outbound.allow`.
     pub outbound_allow: Vec<String>,
+    /// `http.admin_token` (from `SWITCHBOARD_ADMIN_TOKEN`; no flag, so that
+    /// it never shows in a process list).
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -205,6 +214,7 @@ impl Config {
             subject_prefix,
             concurrency,
             outbound_allow,
+            admin_token,
         } = overrides;
         config.outbound.allow.extend(outbound_allow);
         if nats_url.is_some() {
@@ -221,6 +231,12 @@ impl Config {
         }
         if let Some(v) = concurrency {
             config.limits.concurrency = v;
+        }
+        if let Some(v) = admin_token {
+            config.http.admin_token = Some(
+                AdminToken::try_from(v)
+                    .map_err(|e| ConfigError::Invalid(format!("SWITCHBOARD_ADMIN_TOKEN: {e}")))?,
+            );
         }
         config.check()?;
         Ok(config)

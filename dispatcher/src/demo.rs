@@ -26,6 +26,7 @@ use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
 };
 
+use crate::auth::AdminToken;
 use crate::config::Config;
 use crate::outbound::{EmailProvider, SmtpSecurity};
 use crate::records::{Trace, TraceStatus};
@@ -54,6 +55,9 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     config.http.listen = options.listen;
     // The demo's payment gateway listens on loopback.
     config.outbound.allow.push("127.0.0.1".into());
+    // A fresh admin token per demo, printed for the commands below.
+    let admin_token = AdminToken::generate().map_err(|e| StartError::Config(e.to_string()))?;
+    config.http.admin_token = Some(admin_token.clone());
     config.providers.sms.insert(
         "gateway".into(),
         SmsProvider::Http(HttpSms {
@@ -146,6 +150,10 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     }
 
     println!("\nThe API is at http://{addr}. Emit more events and read their traces:");
+    println!(
+        "  export SWITCHBOARD_TOKEN={}   # this demo's admin token",
+        admin_token.expose()
+    );
     println!(
         "  switchboard emit --server http://{addr} {account} survey poll_complete --conversation poll-2026 --data '{{\"msisdn\": \"+27820000009\", \"name\": \"Lindiwe\", \"score\": 5}}'"
     );

@@ -6,6 +6,7 @@
 //! dispatcher's API for the CLI.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod client;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::api::{ApiState, router};
+use crate::auth::{Auth, TokenStore};
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
 use crate::executor::{Disposition, Executor};
@@ -78,6 +79,7 @@ pub struct Dispatcher {
     store: Store,
     local_addr: SocketAddr,
     applied: Vec<AppliedFile>,
+    admin_token_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
     consumer: JoinHandle<()>,
     server: JoinHandle<()>,
@@ -94,6 +96,20 @@ impl Dispatcher {
             ))
         })?;
         let store = Store::open(&config.store.data_dir.join("store"))?;
+        let (admin_token, admin_token_file) = match &config.http.admin_token {
+            Some(token) => (token.clone(), None),
+            None => {
+                let (token, path, created) = crate::auth::admin_token_file(&config.store.data_dir)
+                    .map_err(StartError::Config)?;
+                if created {
+                    tracing::info!(path = %path.display(), "no admin token configured: generated one into this file (mode 0600)");
+                } else {
+                    tracing::info!(path = %path.display(), "using the admin token in this file");
+                }
+                (token, Some(path))
+            }
+        };
+        let auth = Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone())));
         let prefix = config.bus.subject_prefix.clone();
         let (bus, commands): (Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config.bus.nats_url {
             Some(url) => {
@@ -179,6 +195,7 @@ impl Dispatcher {
             contacts: ContactStore::new(store.clone()),
             messages: MessageStore::new(store.clone()),
             secrets: SecretStore::new(store.clone()),
+            auth,
         });
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(async move {
@@ -211,6 +228,7 @@ impl Dispatcher {
             store,
             local_addr,
             applied,
+            admin_token_file,
             stop,
             consumer,
             server,
@@ -225,6 +243,12 @@ impl Dispatcher {
     /// The chain files applied at start-up.
     pub fn applied(&self) -> &[AppliedFile] {
         &self.applied
+    }
+
+    /// The file the admin token was read from or generated into; `None`
+    /// when the configuration gave the token.
+    pub fn admin_token_file(&self) -> Option<&Path> {
+        self.admin_token_file.as_deref()
     }
 
     /// The store.

@@ -41,6 +41,66 @@ pub fn stream_name(prefix: &str, base: &str) -> String {
     }
 }
 
+/// Connect options for a NATS URL that may carry credentials —
+/// `nats://user:password@host:4222`, or `nats://token@host:4222` — and the
+/// URL without them, fit for messages and logs. (async-nats ignores
+/// credentials in a URL.) `%`-escapes in the credentials are decoded, so a
+/// password with `@` or `:` is written `%40` or `%3A`.
+///
+/// A worker confined by NATS permissions adds its own inbox prefix before
+/// connecting (see `docs/nats-permissions.md`):
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let (options, url) = switchboard_sdk::nats::connect_options("nats://acme-survey:pw@127.0.0.1:4222");
+/// let client = options.custom_inbox_prefix("_INBOX_acme-survey").connect(url).await?;
+/// let emitter = switchboard_sdk::nats::NatsEmitter::new(client);
+/// # Ok(()) }
+/// ```
+pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
+    let options = async_nats::ConnectOptions::new();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (options, url.to_string());
+    };
+    let options = match userinfo.split_once(':') {
+        Some((user, password)) => {
+            options.user_and_password(percent_decode(user), percent_decode(password))
+        }
+        None => options.token(percent_decode(userinfo)),
+    };
+    let bare = match scheme {
+        Some(scheme) => format!("{scheme}://{host}{tail}"),
+        None => format!("{host}{tail}"),
+    };
+    (options, bare)
+}
+
+/// Decodes `%XX` escapes; anything else is kept as it is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Why an emit failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EmitError {
@@ -88,14 +148,14 @@ pub struct NatsEmitter {
 }
 
 impl NatsEmitter {
-    /// Connects to `url` with default options.
+    /// Connects to `url` with default options and the credentials the URL
+    /// carries, if any (see [`connect_options`]).
     pub async fn connect(url: &str) -> Result<Self, EmitError> {
-        let client = async_nats::connect(url)
+        let (options, bare) = connect_options(url);
+        let client = options
+            .connect(bare.as_str())
             .await
-            .map_err(|source| EmitError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| EmitError::Connect { url: bare, source })?;
         Ok(Self::new(client))
     }
 
@@ -186,3 +246,6 @@ impl NatsEmitter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -44,11 +44,16 @@ pub enum Collection {
     Journal,
     /// Journal entries by age, for expiry: `{started:BE u64 ms}\0{event id}` → empty.
     JournalTimes,
+    /// API tokens of accounts: `{sha-256 of the token}` → record (account, id,
+    /// name, creation time). The token itself is never stored.
+    Tokens,
+    /// Tokens by account: `{account}\0{token id}` → sha-256 of the token.
+    TokenIndex,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 15] = [
+    pub const ALL: [Collection; 17] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -64,6 +69,8 @@ impl Collection {
         Collection::ScriptVersions,
         Collection::Journal,
         Collection::JournalTimes,
+        Collection::Tokens,
+        Collection::TokenIndex,
     ];
 
     /// The collection's name on disk.
@@ -84,6 +91,8 @@ impl Collection {
             Collection::ScriptVersions => "script_versions",
             Collection::Journal => "journal",
             Collection::JournalTimes => "journal_times",
+            Collection::Tokens => "tokens",
+            Collection::TokenIndex => "token_index",
         }
     }
 

@@ -96,7 +96,11 @@ impl NatsBus {
         max_ack_pending: usize,
         ack_wait: Duration,
     ) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        // Credentials in the URL become connect options; messages show the
+        // URL without them.
+        let (options, url) = switchboard_sdk::nats::connect_options(url);
+        let url = url.as_str();
+        let client = options
             .name("switchboard-dispatcher")
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
