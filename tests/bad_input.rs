@@ -667,3 +667,59 @@ async fn every_api_error_is_a_json_error_with_a_code() {
         assert!(body["error"]["message"].is_string(), "{what}: {body}");
     }
 }
+
+/// Over its ingest rate an account gets 429 with `Retry-After` and a JSON
+/// error, other accounts are not held up, and the sdk's HTTP emitter waits as
+/// asked and gets the event in.
+#[tokio::test]
+async fn an_account_over_its_ingest_rate_gets_429_and_the_emitter_waits() {
+    let d = Dispatcher::with_config(None, "[limits]\ningest_rate = 1\ningest_burst = 3\n");
+    let post = |account: &str, n: u32| {
+        let body =
+            serde_json::to_value(event(account, "t", "e", "c", json!({"n": n}))).expect("an event");
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/events", d.url());
+        let token = d.admin_token().to_string();
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("the API answers")
+        }
+    };
+    for n in 0..3 {
+        assert_eq!(post("busy", n).await.status(), 202, "within the burst");
+    }
+    let refused = post("busy", 3).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.headers()["retry-after"].to_str().expect("a header"),
+        "1"
+    );
+    let body: serde_json::Value = refused.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("busy") && m.contains("ingest_rate")),
+        "{body}"
+    );
+    assert_eq!(
+        post("quiet", 0).await.status(),
+        202,
+        "another account is not held up"
+    );
+
+    let emitter = switchboard_sdk::http::HttpEmitter::new(d.url()).with_token(d.admin_token());
+    let late = event("busy", "t", "e", "c", json!({"n": 4}));
+    emitter
+        .emit(&late)
+        .await
+        .expect("the emitter waits out the 429");
+    let trace = d
+        .wait_for_trace("busy", &late.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(trace["event"]["id"], late.id.to_string());
+}

@@ -40,6 +40,8 @@ pub struct ApiState {
     pub secrets: SecretStore,
     /// The admin token and the account tokens.
     pub auth: Arc<Auth>,
+    /// The per-account limit on `POST /v1/events`.
+    pub ingest_limit: Arc<crate::ratelimit::RateLimiter>,
 }
 
 /// Declares every route once: it defines [`ROUTES`] and the function that
@@ -336,6 +338,22 @@ async fn ingest(
                 event.account_key
             ),
         ));
+    }
+    if let Err(wait) = s.ingest_limit.take(event.account_key.as_str()) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "account {} is over its ingest rate (limits.ingest_rate); retry in {secs} s",
+                event.account_key
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return Ok(response);
     }
     let published = s.executor.bus.publish(&event).await.map_err(|e| {
         ApiError::new(

@@ -143,6 +143,12 @@ pub struct LimitsConfig {
     pub max_depth: u32,
     /// Conversations handled at once (each conversation in order).
     pub concurrency: usize,
+    /// Events a second each account may post to `POST /v1/events`; 0 (the
+    /// default) sets no limit. Over it the API answers 429 with `Retry-After`.
+    pub ingest_rate: u32,
+    /// How many events over the rate an account may post at once (default:
+    /// the rate).
+    pub ingest_burst: Option<u32>,
 }
 
 impl Default for LimitsConfig {
@@ -151,6 +157,8 @@ impl Default for LimitsConfig {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             max_depth: DEFAULT_MAX_DEPTH,
             concurrency: 32,
+            ingest_rate: 0,
+            ingest_burst: None,
         }
     }
 }

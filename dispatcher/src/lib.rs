@@ -17,6 +17,7 @@ pub mod executor;
 pub mod journal;
 pub mod metrics;
 pub mod outbound;
+pub mod ratelimit;
 pub mod records;
 pub mod runtime;
 

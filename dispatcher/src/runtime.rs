@@ -31,6 +31,7 @@ use crate::executor::{Disposition, Executor};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbound::{LettreMail, NatsCommands, NoCommands, OutboundPolicy, ReqwestHttp};
+use crate::ratelimit::RateLimiter;
 use crate::records::{DeadLetters, Traces};
 
 /// Why the dispatcher could not start.
@@ -196,6 +197,13 @@ impl Dispatcher {
             messages: MessageStore::new(store.clone()),
             secrets: SecretStore::new(store.clone()),
             auth,
+            ingest_limit: Arc::new(RateLimiter::new(
+                config.limits.ingest_rate,
+                config
+                    .limits
+                    .ingest_burst
+                    .unwrap_or(config.limits.ingest_rate),
+            )),
         });
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(async move {

@@ -80,9 +80,11 @@ impl HttpEmitter {
         let body = event.to_json();
         let id = event.id.to_string();
         let mut last = String::new();
+        let mut wait: Option<Duration> = None;
         for attempt in 1..=self.attempts {
             if attempt > 1 {
-                tokio::time::sleep(crate::publish_backoff(attempt - 1)).await;
+                let backoff = crate::publish_backoff(attempt - 1);
+                tokio::time::sleep(wait.take().map_or(backoff, |w| w.max(backoff))).await;
             }
             let mut request = self
                 .client
@@ -94,6 +96,16 @@ impl HttpEmitter {
             }
             match request.send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
+                // Over the account's ingest rate: wait as asked, then again.
+                Ok(response) if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                    wait = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|secs| Duration::from_secs(secs.min(60)));
+                    last = "HTTP 429 (over the account's ingest rate)".to_string();
+                }
                 Ok(response) if response.status().is_client_error() => {
                     let status = response.status().as_u16();
                     let body = response.text().await.unwrap_or_default();
