@@ -295,6 +295,7 @@ impl Executor {
             );
         }
 
+        let existed = journal.is_some();
         let mut journal = match journal {
             Some(journal) => {
                 // A later pass: the trace covers every pass, from the first.
@@ -309,22 +310,14 @@ impl Executor {
         };
         let mut retry_in: Option<Duration> = None;
         let mut dead = false;
-        // Whether a finished step with a side effect awaits a flush.
-        let mut unflushed = false;
+        let mut pass = Pass::default();
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
                 Selected::Run(chain) => {
                     let version = account_chains.version();
                     if let Some(delay) = self
-                        .run_chain(
-                            event,
-                            &event_value,
-                            chain,
-                            version,
-                            &mut journal,
-                            &mut unflushed,
-                        )
+                        .run_chain(event, &event_value, chain, version, &mut journal, &mut pass)
                         .await?
                     {
                         retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
@@ -371,7 +364,14 @@ impl Executor {
 
         // What the finished steps emitted goes on the bus: at every pass, so
         // that children do not wait for a sibling chain's retry.
-        self.publish_children(event, &mut journal, &ran).await?;
+        let published = self.publish_children(event, &mut journal, &ran).await;
+        pass.unwritten |= published.as_ref().is_ok_and(|changed| *changed);
+        // An event whose steps all lack side effects needs no record once it
+        // is done: handling it again repeats nothing that matters.
+        if pass.unwritten && (existed || pass.keep || retry_in.is_some()) {
+            self.journal.put(&event.id, &journal)?;
+        }
+        published?;
         trace.children = journal
             .chains
             .iter()
@@ -415,13 +415,14 @@ impl Executor {
     }
 
     /// Publishes the children of finished steps that are not on the bus yet,
-    /// and records that they are.
+    /// and marks them so (in `journal`, which the caller writes); returns
+    /// whether it marked any.
     async fn publish_children(
         &self,
         event: &VumiApiEvent,
         journal: &mut EventJournal,
         chains: &[&str],
-    ) -> Result<(), Interrupted> {
+    ) -> Result<bool, Interrupted> {
         let mut changed = false;
         let mut result = Ok(());
         'chains: for chain in journal
@@ -442,10 +443,7 @@ impl Executor {
                 changed = true;
             }
         }
-        if changed {
-            self.journal.put(&event.id, journal)?;
-        }
-        result
+        result.map(|()| changed)
     }
 
     /// Runs chain `chain` from where the journal says it stopped. Returns the
@@ -457,7 +455,7 @@ impl Executor {
         chain: &ChainSpec,
         version: u64,
         journal: &mut EventJournal,
-        unflushed: &mut bool,
+        pass: &mut Pass,
     ) -> Result<Option<Duration>, Interrupted> {
         let account = &event.account_key;
         let ci = {
@@ -501,14 +499,14 @@ impl Executor {
             // A step that reached outside is durably journaled before the
             // next one that does starts (and before the ack): a crash repeats
             // at most the one step per worker that is not yet durable.
-            if *unflushed
+            if pass.unflushed
                 && self
                     .registry
                     .get(&step.handler)
                     .is_some_and(|h| h.has_side_effects())
             {
                 self.store.flush().await?;
-                *unflushed = false;
+                pass.unflushed = false;
             }
             let prior = journal.chains[ci]
                 .retry
@@ -531,14 +529,12 @@ impl Executor {
                     let record_chain = &mut journal.chains[ci];
                     record_chain.steps.push(record);
                     if stop {
-                        self.end_chain(event, journal, ci, ChainEnd::Done)?;
-                    } else {
-                        self.journal.put(&event.id, journal)?;
+                        self.end_chain(event, journal, ci, ChainEnd::Done, pass)?;
                     }
+                    pass.finished(self, event, journal, side_effects)?;
                     if let Some(key) = idempotency_key {
                         self.idempotency.record(account, &chain.name, name, &key)?;
                     }
-                    *unflushed |= side_effects;
                     if stop {
                         return Ok(None);
                     }
@@ -554,6 +550,8 @@ impl Executor {
                     );
                     journal.chains[ci].retry = Some(pending);
                     self.journal.put(&event.id, journal)?;
+                    pass.keep = true;
+                    pass.unwritten = false;
                     return Ok(Some(delay));
                 }
                 Attempt::Failed {
@@ -568,8 +566,7 @@ impl Executor {
                         children: Vec::new(),
                         published: true,
                     });
-                    self.journal.put(&event.id, journal)?;
-                    *unflushed |= side_effects;
+                    pass.finished(self, event, journal, side_effects)?;
                 }
                 Attempt::Failed { trace, message, .. } => {
                     tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,
@@ -590,30 +587,38 @@ impl Executor {
                     };
                     self.file_chain_letter(event, journal, ci, &letter, end)
                         .await?;
+                    pass.keep = true;
+                    pass.unwritten = false;
                     return Ok(None);
                 }
             }
         }
-        self.end_chain(event, journal, ci, ChainEnd::Done)?;
+        self.end_chain(event, journal, ci, ChainEnd::Done, pass)?;
         Ok(None)
     }
 
-    /// Records that chain `ci` ended; a dead letter it was replayed from goes.
+    /// Records that chain `ci` ended; a dead letter it was replayed from goes,
+    /// together with the record. Otherwise the record is written with the
+    /// event's end.
     fn end_chain(
         &self,
         event: &VumiApiEvent,
         journal: &mut EventJournal,
         ci: usize,
         end: ChainEnd,
+        pass: &mut Pass,
     ) -> Result<(), StoreError> {
         let chain = &mut journal.chains[ci];
         chain.end = Some(end);
         chain.retry = None;
-        let replayed = chain.replaying.take();
+        let Some(replayed) = chain.replaying.take() else {
+            pass.unwritten = true;
+            return Ok(());
+        };
         let mut writes = self.journal.writes(&event.id, journal).to_vec();
-        if let Some(id) = replayed {
-            writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
-        }
+        writes.push(DeadLetters::removal(event.account_key.as_str(), &replayed));
+        pass.keep = true;
+        pass.unwritten = false;
         self.store.write_atomically(&writes)
     }
 
@@ -942,6 +947,41 @@ impl Executor {
             children,
             logs: output.logs,
         })
+    }
+}
+
+/// What one pass over an event has yet to make durable.
+#[derive(Debug, Default)]
+struct Pass {
+    /// A finished step with a side effect awaits a flush.
+    unflushed: bool,
+    /// The journal record has changes not yet written.
+    unwritten: bool,
+    /// The record must be kept: a side effect happened, or a retry or a
+    /// dead letter refers to it.
+    keep: bool,
+}
+
+impl Pass {
+    /// A step finished (or failed under `on_error = "continue"`). One with a
+    /// side effect is written at once, to be flushed before the next one;
+    /// one without waits for the event's end.
+    fn finished(
+        &mut self,
+        executor: &Executor,
+        event: &VumiApiEvent,
+        journal: &EventJournal,
+        side_effects: bool,
+    ) -> Result<(), StoreError> {
+        if side_effects {
+            executor.journal.put(&event.id, journal)?;
+            self.unflushed = true;
+            self.keep = true;
+            self.unwritten = false;
+        } else {
+            self.unwritten = true;
+        }
+        Ok(())
     }
 }
 
