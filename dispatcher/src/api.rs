@@ -1129,7 +1129,8 @@ async fn create_inbound(
     }
     let (url, hook) = s
         .inbound
-        .create(&account, &raw, request.secret, request.rotate)?;
+        .create(&account, &raw, request.secret, request.rotate)
+        .await?;
     let mut answer = serde_json::to_value(&hook).expect("a hook serialises");
     answer["url"] = json!(url);
     answer["rotated"] = json!(request.rotate);
@@ -1144,8 +1145,8 @@ async fn revoke_inbound(
     let provider = provider(&raw)?;
     match s
         .inbound
-        .hooks
         .revoke(&account, provider)
+        .await
         .map_err(ApiError::internal)?
     {
         Some(hook) => {

@@ -363,6 +363,17 @@ impl Inbound {
         }
     }
 
+    /// Removes the account's URL for `provider`, durably; returns it if there was one.
+    pub async fn revoke(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+    ) -> Result<Option<Hook>, StoreError> {
+        let hook = self.hooks.revoke(account, provider)?;
+        self.store.flush().await?;
+        Ok(hook)
+    }
+
     /// The URL of a hook with `secret`.
     pub fn url(&self, account: &AccountKey, provider: Provider, secret: &str) -> String {
         format!(
@@ -379,9 +390,9 @@ impl Inbound {
             .to_string()
     }
 
-    /// Makes (or with `rotate`, remakes) the account's URL for `provider`.
-    /// Returns the URL, shown once, and the hook.
-    pub fn create(
+    /// Makes (or with `rotate`, remakes) the account's URL for `provider`,
+    /// durably. Returns the URL, shown once, and the hook.
+    pub async fn create(
         &self,
         account: &AccountKey,
         provider: &str,
@@ -419,6 +430,7 @@ impl Inbound {
             created_at: switchboard_sdk::now(),
             secret,
         })?;
+        self.store.flush().await?;
         tracing::info!(%account, provider = provider.name(), rotate, "inbound webhook created");
         Ok((self.url(account, provider, &url_secret), hook))
     }
