@@ -403,14 +403,13 @@ impl Inbound {
             .ok_or_else(|| CreateError::UnknownProvider(provider.into()))?;
         match (provider, &secret) {
             (Provider::Webhook, None) => return Err(CreateError::SecretRequired(account.clone())),
-            (Provider::Webhook, Some(name)) => {
-                if self.secrets.get(account, name)?.is_none() {
-                    return Err(CreateError::SecretNotSet {
-                        account: account.clone(),
-                        name: name.clone(),
-                    });
-                }
+            (Provider::Webhook, Some(name)) if self.secrets.get(account, name)?.is_none() => {
+                return Err(CreateError::SecretNotSet {
+                    account: account.clone(),
+                    name: name.clone(),
+                });
             }
+            (Provider::Webhook, Some(_)) => {}
             (_, Some(_)) => return Err(CreateError::SecretNotTaken(provider)),
             (Provider::Twilio, None) if self.twilio.is_empty() => {
                 return Err(CreateError::NotConfigured(Self::twilio_missing()));
@@ -518,8 +517,15 @@ impl Inbound {
                         ))
                     }
                 };
-                if let Err(e) = verified {
-                    return Err(self.reject(&account, provider, e.to_string()));
+                match verified {
+                    Ok(()) => {}
+                    Err(e @ switchboard_handlers::webhook::VerifyError::Secret(_)) => {
+                        return Err(InboundError::NotConfigured(format!(
+                            "{e}: set account secret {name:?} of account {account} to whsec_ + \
+                             base64 of the key (`switchboard secrets set {account} {name}`)"
+                        )));
+                    }
+                    Err(e) => return Err(self.reject(&account, provider, e.to_string())),
                 }
                 let id = id.unwrap_or_default();
                 let raw = serde_json::from_slice(body)
