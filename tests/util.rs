@@ -32,7 +32,7 @@ pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
 
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 11] = [
+const SWITCHBOARD_ENV: [&str; 12] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_NATS_URL",
     "SWITCHBOARD_DATA",
