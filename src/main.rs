@@ -81,12 +81,16 @@ enum Command {
     /// Look at an account's contacts.
     #[command(subcommand)]
     Contacts(RecordsCommand),
-    /// Look at the messages (SMS, e-mail) an account's chains sent.
+    /// Look at the messages (SMS, e-mail) an account's chains sent, and at
+    /// provider reports that matched none.
     #[command(subcommand)]
-    Messages(RecordsCommand),
+    Messages(MessagesCommand),
     /// Manage account tokens, which reach one account's API only (needs the admin token).
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Manage the URLs providers post delivery reports and callbacks to.
+    #[command(subcommand)]
+    Inbound(InboundCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +118,76 @@ enum TokensCommand {
         account: String,
         /// The token's id (from `tokens list`).
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MessagesCommand {
+    /// List them.
+    List {
+        /// The account.
+        account: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one in full, with its status transitions.
+    Show {
+        /// The account.
+        account: String,
+        /// The message id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List records posted to inbound webhooks that matched nothing (unknown
+    /// messages, undocumented event types, malformed records), newest first.
+    Unmatched {
+        /// The account.
+        account: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InboundCommand {
+    /// Make the URL a provider posts to, and print it (once: only a hash of
+    /// its secret is kept).
+    Create {
+        /// The account.
+        account: String,
+        /// sendgrid, twilio or webhook.
+        provider: String,
+        /// webhook: the account secret (`secrets set`) that signatures are checked with.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Replace the account's URL for this provider (the old one stops working).
+        #[arg(long)]
+        rotate: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List an account's inbound webhooks (providers and when they were made; never their URLs).
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove an account's URL for a provider: it answers 404 from then on.
+    Revoke {
+        /// The account.
+        account: String,
+        /// The provider.
+        provider: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -202,6 +276,9 @@ struct RunArgs {
     /// or separate entries with commas.
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_ALLOW", value_delimiter = ',')]
     outbound_allow: Vec<String>,
+    /// The base URL providers post inbound webhooks to (default: http:// + the listen address).
+    #[arg(long, env = "SWITCHBOARD_PUBLIC_URL")]
+    public_url: Option<String>,
     /// Log lines as JSON.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -578,16 +655,48 @@ async fn main() -> ExitCode {
             } => cli::contacts_show(&remote.client(), &account, &id).await,
         }),
         Command::Messages(c) => print(match c {
-            RecordsCommand::List {
+            MessagesCommand::List {
                 account,
                 limit,
                 remote,
             } => cli::messages_list(&remote.client(), &account, limit, remote.json).await,
-            RecordsCommand::Show {
+            MessagesCommand::Show {
                 account,
                 id,
                 remote,
             } => cli::messages_show(&remote.client(), &account, &id).await,
+            MessagesCommand::Unmatched {
+                account,
+                limit,
+                remote,
+            } => cli::messages_unmatched(&remote.client(), &account, limit, remote.json).await,
+        }),
+        Command::Inbound(c) => print(match c {
+            InboundCommand::Create {
+                account,
+                provider,
+                secret,
+                rotate,
+                remote,
+            } => {
+                cli::inbound_create(
+                    &remote.client(),
+                    &account,
+                    &provider,
+                    secret.as_deref(),
+                    rotate,
+                    remote.json,
+                )
+                .await
+            }
+            InboundCommand::List { account, remote } => {
+                cli::inbound_list(&remote.client(), &account, remote.json).await
+            }
+            InboundCommand::Revoke {
+                account,
+                provider,
+                remote,
+            } => cli::inbound_revoke(&remote.client(), &account, &provider, remote.json).await,
         }),
         Command::Tokens(c) => print(match c {
             TokensCommand::Create {
@@ -634,6 +743,7 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
         admin_token: std::env::var("SWITCHBOARD_ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
+        public_url: args.public_url,
     };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())

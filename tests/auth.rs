@@ -39,6 +39,9 @@ enum Guard {
     Open,
     /// A bearer token; account tokens are checked in the handler (tested below).
     Bearer,
+    /// No token: the secret in the URL is the credential (inbound webhooks,
+    /// tested in `tests/inbound.rs`); a wrong one answers 404.
+    UrlSecret,
 }
 
 /// Every route outside `/v1/accounts/{account}/`, and how it authenticates.
@@ -48,6 +51,11 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
     ("GET", "/metrics", Guard::Open),
     ("POST", "/v1/events", Guard::Bearer),
     ("GET", "/v1/accounts", Guard::Bearer),
+    (
+        "POST",
+        "/v1/inbound/{account}/{provider}/{secret}",
+        Guard::UrlSecret,
+    ),
 ];
 
 /// A row of the isolation matrix.
@@ -173,6 +181,15 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/messages", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages/{id}",
             |f| format!("/v1/accounts/{}/messages/{}", f.account, f.message_id), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/messages/unmatched",
+            |f| format!("/v1/accounts/{}/messages/unmatched", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/inbound",
+            |f| format!("/v1/accounts/{}/inbound", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/inbound/{provider}",
+            |f| format!("/v1/accounts/{}/inbound/sendgrid", f.account), none, 200, 200),
+        row("POST", "/v1/accounts/{account}/inbound/{provider}",
+            |f| format!("/v1/accounts/{}/inbound/sendgrid", f.account),
+            |_| Some(r#"{"rotate": true}"#.into()), 201, 201),
         row("GET", "/v1/accounts/{account}/secrets",
             |f| format!("/v1/accounts/{}/secrets", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/secrets/{name}",
@@ -202,6 +219,8 @@ fn matrix() -> Vec<Row> {
         row("DELETE", "/v1/accounts/{account}/tokens/{id}",
             |f| format!("/v1/accounts/{}/tokens/{}", f.account, f.spare_token_id),
             none, 403, 200),
+        row("DELETE", "/v1/accounts/{account}/inbound/{provider}",
+            |f| format!("/v1/accounts/{}/inbound/sendgrid", f.account), none, 200, 200),
         row("DELETE", "/v1/accounts/{account}/scripts/{name}",
             |f| format!("/v1/accounts/{}/scripts/spare", f.account), none, 200, 200),
         row("DELETE", "/v1/accounts/{account}/chains/{name}",
@@ -278,9 +297,9 @@ async fn admin(
     answer
 }
 
-/// Sets up `account` — scripts, secrets, chains, two tokens, a handled
-/// event (a trace, a contact, an SMS record) and three dead letters — and
-/// returns its fixture.
+/// Sets up `account` — scripts, secrets, chains, two tokens, an inbound
+/// SendGrid webhook, a handled event (a trace, a contact, an SMS record) and
+/// three dead letters — and returns its fixture.
 async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
     let base = format!("/v1/accounts/{account}");
     for (name, source) in [
@@ -327,6 +346,7 @@ async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
     )
     .await;
     let spare = admin(d, "POST", &format!("{base}/tokens"), None, 201).await;
+    admin(d, "POST", &format!("{base}/inbound/sendgrid"), None, 201).await;
 
     let event = |event_type: &str| {
         json!({"account_key": account, "conversation_key": "c", "conversation_type": "survey",
@@ -482,6 +502,10 @@ async fn ingest_account_list_and_open_routes() {
             Guard::Bearer => {
                 assert_eq!(status, 401, "{method} {route}: {answer}");
                 assert_eq!(answer["error"]["code"], "unauthorized", "{answer}");
+            }
+            Guard::UrlSecret => {
+                assert_eq!(status, 404, "{method} {route}: {answer}");
+                assert_eq!(answer["error"]["code"], "not_found", "{answer}");
             }
         }
     }

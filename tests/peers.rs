@@ -117,6 +117,21 @@ impl HttpReceiver {
         format!("http://127.0.0.1:{}", self.process.port)
     }
 
+    /// Makes the fake Twilio API answer a message to each number with the
+    /// sid given for it (`{"+27831234567": "SM..."}`).
+    pub async fn twilio_sids(&self, sids: Value) {
+        let answer = reqwest::Client::new()
+            .post(format!("{}/_twilio_sids", self.url()))
+            .json(&sids)
+            .send()
+            .await
+            .expect("the receiver answers")
+            .json::<Value>()
+            .await
+            .expect("JSON");
+        assert_eq!(answer, sids, "the receiver's Twilio sids");
+    }
+
     /// Every request received so far, oldest first.
     pub async fn requests(&self) -> Vec<Value> {
         let answer = reqwest::get(format!("{}/_requests", self.url()))
@@ -170,6 +185,13 @@ impl SmtpSink {
     /// The SMTP port.
     pub fn port(&self) -> u16 {
         self.process.port
+    }
+
+    /// Makes the sink answer a message to each listed recipient `250 Ok:
+    /// queued as ID` (`{"a@example.org": "ID"}`), as SendGrid does.
+    pub fn queue_ids(&self, ids: Value) {
+        std::fs::write(self.dir.path().join("queue-ids.conf"), ids.to_string())
+            .expect("writing the sink's queue ids");
     }
 
     /// Every message accepted so far.

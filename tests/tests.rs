@@ -12,6 +12,7 @@ mod delivery;
 mod e2e_embedded;
 mod e2e_nats;
 mod handlers;
+mod inbound;
 mod matching;
 mod metrics;
 mod rhai;

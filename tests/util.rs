@@ -32,7 +32,7 @@ pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
 
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 11] = [
+const SWITCHBOARD_ENV: [&str; 12] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_NATS_URL",
     "SWITCHBOARD_DATA",
@@ -40,6 +40,7 @@ const SWITCHBOARD_ENV: [&str; 11] = [
     "SWITCHBOARD_CHAINS",
     "SWITCHBOARD_SUBJECT_PREFIX",
     "SWITCHBOARD_CONCURRENCY",
+    "SWITCHBOARD_PUBLIC_URL",
     "SWITCHBOARD_URL",
     "SWITCHBOARD_TOKEN",
     "SWITCHBOARD_OUTBOUND_ALLOW",
@@ -601,6 +602,13 @@ impl Dispatcher {
             self.kill9();
         }
         self.spawn();
+    }
+
+    /// Replaces the config file the dispatcher reads at its next (re)start.
+    pub fn set_config(&mut self, text: &str) {
+        let path = self.root.path().join("switchboard.toml");
+        std::fs::write(&path, text).expect("writing the config file");
+        self.config = Some(path);
     }
 
     /// Writes `contents` to a file called `name` in the test's directory.

@@ -24,6 +24,7 @@ use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, chec
 
 use crate::auth::{self, Auth, Principal, TokenError};
 use crate::executor::{Executor, LetterError};
+use crate::inbound::{CreateError, CreateRequest, Inbound, InboundError, Provider};
 use crate::metrics::Gauges;
 use crate::records::LetterStatus;
 
@@ -42,6 +43,8 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
     /// The per-account limit on `POST /v1/events`.
     pub ingest_limit: Arc<crate::ratelimit::RateLimiter>,
+    /// Inbound provider webhooks.
+    pub inbound: Arc<Inbound>,
 }
 
 /// Declares every route once: it defines [`ROUTES`] and the function that
@@ -87,7 +90,15 @@ routes! {
     "/v1/accounts/{account}/contacts" => { GET: list_contacts }
     "/v1/accounts/{account}/contacts/{key}" => { GET: show_contact }
     "/v1/accounts/{account}/messages" => { GET: list_messages }
+    // A static segment wins over `{id}` (message ids are UUIDs).
+    "/v1/accounts/{account}/messages/unmatched" => { GET: list_unmatched }
     "/v1/accounts/{account}/messages/{id}" => { GET: show_message }
+    "/v1/accounts/{account}/inbound" => { GET: list_inbound }
+    "/v1/accounts/{account}/inbound/{provider}" => {
+        GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound
+    }
+    // Authenticated by the secret in the URL and the provider's signature.
+    "/v1/inbound/{account}/{provider}/{secret}" => { POST: receive_inbound }
     "/v1/accounts/{account}/secrets" => { GET: list_secrets }
     "/v1/accounts/{account}/secrets/{name}" => { PUT: set_secret, DELETE: remove_secret }
     "/v1/accounts/{account}/dead-letters" => { GET: list_dead_letters }
@@ -1025,4 +1036,167 @@ async fn revoke_token(
             "account {account} has no token {id:?}"
         ))),
     }
+}
+
+async fn list_unmatched(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let unmatched = s
+        .inbound
+        .unmatched
+        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "unmatched": unmatched})).into_response())
+}
+
+fn provider(raw: &str) -> Result<Provider, ApiError> {
+    Provider::parse(raw).ok_or_else(|| {
+        ApiError::bad_request(
+            "unknown_provider",
+            CreateError::UnknownProvider(raw.to_string()).to_string(),
+        )
+    })
+}
+
+async fn list_inbound(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let hooks = s.inbound.hooks.list(&account).map_err(ApiError::internal)?;
+    Ok(Json(json!({"account_key": account, "inbound": hooks})).into_response())
+}
+
+async fn show_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let provider = provider(&raw)?;
+    match s
+        .inbound
+        .hooks
+        .get(&account, provider)
+        .map_err(ApiError::internal)?
+    {
+        Some(hook) => Ok(Json(hook).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no inbound {raw} webhook"
+        ))),
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(e: CreateError) -> Self {
+        match &e {
+            CreateError::UnknownProvider(_) => {
+                ApiError::bad_request("unknown_provider", e.to_string())
+            }
+            CreateError::SecretRequired(_) | CreateError::SecretNotTaken(_) => {
+                ApiError::bad_request("invalid_secret", e.to_string())
+            }
+            CreateError::SecretNotSet { .. } | CreateError::NotConfigured(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_configured", e.to_string())
+            }
+            CreateError::Exists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "exists", e.to_string())
+            }
+            CreateError::Store(_) => ApiError::internal(e),
+        }
+    }
+}
+
+async fn create_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let request: CreateRequest = if body.trim().is_empty() {
+        CreateRequest::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!(
+                    "the body must be {{\"secret\": NAME, \"rotate\": true|false}}, both optional: {e}"
+                ),
+            )
+        })?
+    };
+    if let Some(name) = &request.secret {
+        check_secret_name(name).map_err(|e| ApiError::bad_request("invalid_secret", e))?;
+    }
+    let (url, hook) = s
+        .inbound
+        .create(&account, &raw, request.secret, request.rotate)
+        .await?;
+    let mut answer = serde_json::to_value(&hook).expect("a hook serialises");
+    answer["url"] = json!(url);
+    answer["rotated"] = json!(request.rotate);
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+async fn revoke_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let provider = provider(&raw)?;
+    match s
+        .inbound
+        .revoke(&account, provider)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(hook) => {
+            tracing::info!(%account, provider = raw, "inbound webhook revoked");
+            let mut answer = serde_json::to_value(&hook).expect("a hook serialises");
+            answer["revoked"] = json!(true);
+            Ok(Json(answer).into_response())
+        }
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no inbound {raw} webhook"
+        ))),
+    }
+}
+
+impl From<InboundError> for ApiError {
+    fn from(e: InboundError) -> Self {
+        match &e {
+            InboundError::NotFound => ApiError::not_found(e.to_string()),
+            InboundError::NotConfigured(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_configured",
+                e.to_string(),
+            ),
+            InboundError::Rejected(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "signature_rejected", e.to_string())
+            }
+            InboundError::Store(_) => ApiError::internal(e),
+            InboundError::Bus(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+/// `POST /v1/inbound/{account}/{provider}/{secret}`: what a provider posts.
+async fn receive_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw, secret)): Path<(String, String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    let receipt = s
+        .inbound
+        .receive(&account, &raw, &secret, &path, &headers, &body)
+        .await?;
+    Ok(Json(receipt).into_response())
 }

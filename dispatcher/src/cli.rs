@@ -932,6 +932,147 @@ pub async fn messages_show(
     Ok(pretty(&answer))
 }
 
+/// `switchboard messages unmatched ACCOUNT`: records providers posted that
+/// matched nothing, newest first.
+pub async fn messages_unmatched(
+    client: &Client,
+    account_raw: &str,
+    limit: usize,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let path = format!("/v1/accounts/{a}/messages/unmatched?limit={limit}");
+    let header = format!(
+        "{:<26} {:<9} {:<16} reason",
+        "received at", "provider", "result"
+    );
+    let empty = format!("account {a} has no unmatched inbound records");
+    list(
+        client,
+        &path,
+        "unmatched",
+        json_out,
+        Some(header),
+        empty,
+        |u| {
+            format!(
+                "{:<26} {:<9} {:<16} {}",
+                u["received_at"].as_str().unwrap_or_default(),
+                u["provider"].as_str().unwrap_or_default(),
+                u["result"].as_str().unwrap_or_default(),
+                shorten(u["reason"].as_str().unwrap_or_default(), 120),
+            )
+        },
+    )
+    .await
+}
+
+/// What each inbound provider's URL is for, told once it is made.
+fn inbound_hint(provider: &str, secret: Option<&str>) -> String {
+    match provider {
+        "sendgrid" => "Set it as the HTTP Post URL of SendGrid's Event Webhook (Settings → Mail \
+                       Settings → Event Webhook), with the events you want."
+            .to_string(),
+        "twilio" => "Give it to Twilio as the StatusCallback of the messages you send (the \
+                     `status_callback` of the Twilio provider in the dispatcher's config). \
+                     Callbacks are verified with the provider's auth token over this exact URL."
+            .to_string(),
+        _ => format!(
+            "Give it to the sender. It signs per Standard Webhooks with the account secret {:?} \
+             (webhook-id, webhook-timestamp, webhook-signature); messages more than 5 minutes \
+             old are refused.",
+            secret.unwrap_or_default()
+        ),
+    }
+}
+
+/// `switchboard inbound create ACCOUNT PROVIDER [--secret NAME] [--rotate]`:
+/// prints the URL, which is never shown again.
+pub async fn inbound_create(
+    client: &Client,
+    account_raw: &str,
+    provider: &str,
+    secret: Option<&str>,
+    rotate: bool,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let mut body = serde_json::Map::new();
+    if let Some(secret) = secret {
+        body.insert("secret".into(), json!(secret));
+    }
+    body.insert("rotate".into(), json!(rotate));
+    let answer = client
+        .post(
+            &format!("/v1/accounts/{a}/inbound/{}", url_segment(provider)),
+            &Value::Object(body),
+        )
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let verb = if rotate { "rotated" } else { "created" };
+    Ok(format!(
+        "{verb} the inbound {provider} webhook of account {a}:\n\n  {}\n\n{}\nThe URL is shown \
+         this once (only a hash of its secret is kept); `switchboard inbound create {a} {provider} \
+         --rotate` makes a new one.",
+        answer["url"].as_str().unwrap_or_default(),
+        inbound_hint(provider, secret),
+    ))
+}
+
+/// `switchboard inbound list ACCOUNT`: providers and when their URLs were
+/// made (the URLs' secrets are not kept).
+pub async fn inbound_list(
+    client: &Client,
+    account_raw: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let path = format!("/v1/accounts/{a}/inbound");
+    let header = format!("{:<10} {:<26} secret", "provider", "created at");
+    let empty = format!("account {a} has no inbound webhooks");
+    list(
+        client,
+        &path,
+        "inbound",
+        json_out,
+        Some(header),
+        empty,
+        |h| {
+            format!(
+                "{:<10} {:<26} {}",
+                h["provider"].as_str().unwrap_or_default(),
+                h["created_at"].as_str().unwrap_or_default(),
+                h["secret"].as_str().unwrap_or("-"),
+            )
+        },
+    )
+    .await
+}
+
+/// `switchboard inbound revoke ACCOUNT PROVIDER`
+pub async fn inbound_revoke(
+    client: &Client,
+    account_raw: &str,
+    provider: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer = client
+        .delete(&format!(
+            "/v1/accounts/{a}/inbound/{}",
+            url_segment(provider)
+        ))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "revoked the inbound {provider} webhook of account {a}: its URL answers 404 from now on"
+    ))
+}
+
 /// Escapes a path segment (`+` and `@` in msisdns and e-mails).
 fn url_segment(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes())

@@ -106,6 +106,11 @@ pub struct HttpConfig {
     /// generates one into `{data_dir}/admin-token` (mode 0600) at first
     /// start and reads it from there later.
     pub admin_token: Option<AdminToken>,
+    /// The base URL at which providers reach this dispatcher (`https://hooks.example.org`,
+    /// or with a path prefix a proxy strips). Inbound webhook URLs are printed
+    /// with it, and Twilio signatures are checked over it. Default:
+    /// `http://` + the listen address.
+    pub public_url: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -113,6 +118,7 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
+            public_url: None,
         }
     }
 }
@@ -206,6 +212,8 @@ pub struct Overrides {
     /// `http.admin_token` (from `SWITCHBOARD_ADMIN_TOKEN`; no flag, so that
     /// it never shows in a process list).
     pub admin_token: Option<String>,
+    /// `http.public_url`
+    pub public_url: Option<String>,
 }
 
 impl Config {
@@ -223,6 +231,7 @@ impl Config {
             concurrency,
             outbound_allow,
             admin_token,
+            public_url,
         } = overrides;
         config.outbound.allow.extend(outbound_allow);
         if nats_url.is_some() {
@@ -245,6 +254,9 @@ impl Config {
                 AdminToken::try_from(v)
                     .map_err(|e| ConfigError::Invalid(format!("SWITCHBOARD_ADMIN_TOKEN: {e}")))?,
             );
+        }
+        if public_url.is_some() {
+            config.http.public_url = public_url;
         }
         config.check()?;
         Ok(config)
@@ -304,6 +316,9 @@ impl Config {
         }
         self.rhai.check().map_err(ConfigError::Invalid)?;
         OutboundPolicy::new(&self.outbound).map_err(ConfigError::Invalid)?;
+        if let Some(url) = &self.http.public_url {
+            check_public_url(url).map_err(ConfigError::Invalid)?;
+        }
         let prefix = &self.bus.subject_prefix;
         if prefix.is_empty()
             || prefix.starts_with('.')
@@ -319,5 +334,22 @@ impl Config {
             )));
         }
         Ok(())
+    }
+}
+
+/// `http.public_url`: an `http://` or `https://` URL with a host, without a
+/// query or fragment.
+fn check_public_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !url.contains(['?', '#']) => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "http.public_url {url:?} is not a base URL: give http(s)://HOST[:PORT][/PATH], the address \
+             providers post to, without a query or fragment"
+        )),
     }
 }

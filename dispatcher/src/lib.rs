@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod dry_run;
 pub mod executor;
+pub mod inbound;
 pub mod journal;
 pub mod metrics;
 pub mod outbound;

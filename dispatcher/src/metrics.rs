@@ -92,6 +92,34 @@ pub struct Gauges {
     pub rhai_operations: u64,
 }
 
+/// What became of one record a provider posted to an inbound webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum InboundResult {
+    /// Matched (a message record, or a verified generic webhook) and emitted.
+    Matched,
+    /// Well-formed, but for a message this account never sent.
+    UnknownMessage,
+    /// An event type or status the provider does not document.
+    Undocumented,
+    /// Not a record that can be read.
+    Malformed,
+    /// The whole request was refused (bad signature, stale timestamp).
+    Rejected,
+}
+
+impl InboundResult {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            InboundResult::Matched => "matched",
+            InboundResult::UnknownMessage => "unknown_message",
+            InboundResult::Undocumented => "undocumented",
+            InboundResult::Malformed => "malformed",
+            InboundResult::Rejected => "rejected",
+        }
+    }
+}
+
 /// Every counter and histogram of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -99,6 +127,7 @@ pub struct Metrics {
     steps: Mutex<BTreeMap<(String, StepResult), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
     outbound: Mutex<BTreeMap<(&'static str, String, String), u64>>,
+    inbound: Mutex<BTreeMap<(String, String, InboundResult), u64>>,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -154,6 +183,24 @@ impl Metrics {
             &self.outbound,
             (channel, provider.to_string(), status.to_string()),
         );
+    }
+
+    /// Counts one record posted to `account`'s `provider` inbound webhook.
+    pub fn inbound(&self, provider: &str, account: &str, result: InboundResult) {
+        bump(
+            &self.inbound,
+            (provider.to_string(), account.to_string(), result),
+        );
+    }
+
+    /// The count of records posted to `account`'s `provider` webhook with `result`.
+    pub fn inbound_count(&self, provider: &str, account: &str, result: InboundResult) -> u64 {
+        self.inbound
+            .lock()
+            .expect("metrics lock")
+            .get(&(provider.to_string(), account.to_string(), result))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The Prometheus text exposition of everything, with `gauges`.
@@ -223,6 +270,20 @@ impl Metrics {
                 "switchboard_outbound_calls_total{{channel=\"{channel}\",provider=\"{}\",status=\"{}\"}} {n}",
                 escape(provider),
                 escape(status)
+            );
+        }
+        header(
+            &mut out,
+            "switchboard_inbound_records_total",
+            "counter",
+            "Records posted to inbound webhooks by provider, account and result.",
+        );
+        for ((provider, account, result), n) in self.inbound.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "switchboard_inbound_records_total{{provider=\"{provider}\",account=\"{}\",result=\"{}\"}} {n}",
+                escape(account),
+                result.label()
             );
         }
         if let Some(lag) = gauges.bus_lag {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_handlers::ports::CommandPort;
+use switchboard_handlers::sms::SmsProvider;
 use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
@@ -28,6 +29,7 @@ use crate::auth::{Auth, TokenStore};
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
 use crate::executor::{Disposition, Executor};
+use crate::inbound::Inbound;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbound::{LettreMail, NatsCommands, NoCommands, OutboundPolicy, ReqwestHttp};
@@ -191,6 +193,20 @@ impl Dispatcher {
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
+        let public_url = config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local_addr}"));
+        let twilio = config
+            .providers
+            .sms
+            .values()
+            .filter_map(|p| match p {
+                SmsProvider::Twilio(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
         let app = router(ApiState {
             executor: executor.clone(),
             contacts: ContactStore::new(store.clone()),
@@ -203,6 +219,14 @@ impl Dispatcher {
                     .limits
                     .ingest_burst
                     .unwrap_or(config.limits.ingest_rate),
+            )),
+            inbound: Arc::new(Inbound::new(
+                store.clone(),
+                executor.bus.clone(),
+                executor.metrics.clone(),
+                &public_url,
+                twilio,
+                config.limits.max_event_bytes,
             )),
         });
         let mut server_stop = stopped.clone();

@@ -17,6 +17,18 @@ use crate::{Handler, StepError, StepInput, StepOutput};
 /// The header that carries the message id.
 pub const MESSAGE_ID_HEADER: &str = "X-Switchboard-Message-Id";
 
+/// The id an SMTP server gave the message in its answer (`250 Ok: queued as
+/// ID`), recorded as the message's `remote_id`. SendGrid's is the
+/// X-Message-Id that starts the `sg_message_id` of its delivery events.
+pub fn queue_id(answer: &str) -> Option<String> {
+    let (_, rest) = answer.split_once("queued as ")?;
+    let id = rest
+        .split_whitespace()
+        .next()?
+        .trim_matches(|c: char| matches!(c, '<' | '>' | ',' | ';' | ')' | '('));
+    (!id.is_empty()).then(|| id.to_string())
+}
+
 /// `send_email`.
 ///
 /// Options: `to` (an address or a list), `subject` and `text` (required),
@@ -162,7 +174,7 @@ impl Handler for SendEmail {
                             &record.id,
                             MessageStatus::Sent,
                             &answer,
-                            None,
+                            queue_id(&answer),
                         )
                         .map_err(|e| {
                             StepError::retryable(format!("recording the message: {e}"), None)

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, Write, key};
+use switchboard_store::{Collection, Guard, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
 /// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces,
@@ -279,9 +279,10 @@ pub enum Channel {
     Email,
 }
 
-/// Where a message stands.
+/// Where a message stands. The first five are what a send records; the rest
+/// come from providers' delivery reports (inbound webhooks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum MessageStatus {
     /// Recorded, not yet handed to the provider.
     Pending,
@@ -293,6 +294,65 @@ pub enum MessageStatus {
     Failed,
     /// The recipient's server bounced it.
     Bounced,
+    /// Delivery was tried and will be tried again (a temporary failure).
+    Deferred,
+    /// The carrier could not deliver it (Twilio's `undelivered`).
+    Undelivered,
+    /// The provider would not send it (a suppressed or invalid address).
+    Dropped,
+    /// The recipient opened it.
+    Opened,
+    /// The recipient clicked a link in it.
+    Clicked,
+    /// The recipient reported it as spam.
+    SpamReported,
+    /// The recipient unsubscribed through it.
+    Unsubscribed,
+}
+
+impl MessageStatus {
+    /// How far along a message is: a delivery report never moves a message
+    /// back to a lower rank (providers post reports out of order), and
+    /// reports of equal rank replace each other (a later outcome wins).
+    pub fn rank(self) -> u8 {
+        match self {
+            MessageStatus::Pending => 0,
+            MessageStatus::Sent => 1,
+            MessageStatus::Deferred => 2,
+            MessageStatus::Delivered
+            | MessageStatus::Failed
+            | MessageStatus::Bounced
+            | MessageStatus::Undelivered
+            | MessageStatus::Dropped => 3,
+            MessageStatus::Opened => 4,
+            MessageStatus::Clicked => 5,
+            MessageStatus::SpamReported | MessageStatus::Unsubscribed => 6,
+        }
+    }
+
+    /// The name it is serialised as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Pending => "pending",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Bounced => "bounced",
+            MessageStatus::Deferred => "deferred",
+            MessageStatus::Undelivered => "undelivered",
+            MessageStatus::Dropped => "dropped",
+            MessageStatus::Opened => "opened",
+            MessageStatus::Clicked => "clicked",
+            MessageStatus::SpamReported => "spam_reported",
+            MessageStatus::Unsubscribed => "unsubscribed",
+        }
+    }
+}
+
+impl std::fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One change of a message's status.
@@ -307,6 +367,10 @@ pub struct Transition {
     pub at: OffsetDateTime,
     /// Why, in words (the provider's answer, the callback's event).
     pub cause: String,
+    /// The delivery report that caused it (provider and its event id), so
+    /// that a report posted twice is applied once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A message Switchboard sent.
@@ -385,6 +449,35 @@ impl MessageRecord {
     }
 }
 
+/// What a delivery report did to a message record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// The status moved (or was confirmed) from `from`.
+    Applied {
+        /// The status before.
+        from: MessageStatus,
+    },
+    /// The same report was applied before: nothing changed.
+    Duplicate,
+    /// The message is further along already (the report came late): nothing changed.
+    Stale {
+        /// The status it keeps.
+        current: MessageStatus,
+    },
+}
+
+fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8> {
+    let channel = match channel {
+        Channel::Sms => "sms",
+        Channel::Email => "email",
+    };
+    key(&[
+        account.as_str().as_bytes(),
+        channel.as_bytes(),
+        remote_id.as_bytes(),
+    ])
+}
+
 /// Message records, by account.
 #[derive(Debug, Clone)]
 pub struct MessageStore {
@@ -414,12 +507,14 @@ impl MessageStore {
             to: MessageStatus::Pending,
             at: message.created_at,
             cause: format!("sent by chain {} step {}", message.chain, message.step),
+            source: None,
         }];
         self.put(&message)?;
         Ok(message)
     }
 
-    /// Moves a message to `to`, logging `cause`; sets `remote_id` when given.
+    /// Moves a message to `to`, logging `cause`; sets `remote_id` when given
+    /// (and indexes the message by it, for delivery reports).
     pub fn transition(
         &self,
         account: &AccountKey,
@@ -429,23 +524,111 @@ impl MessageStore {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, StoreError> {
         let _guard = self.writer.lock().expect("message writer lock");
-        let Some(mut m) = self.get(account, id)? else {
-            return Ok(None);
-        };
-        let now = switchboard_sdk::now();
-        if remote_id.is_some() {
-            m.remote_id = remote_id;
+        let updated = self.update(account, id, |m| {
+            if remote_id.is_some() {
+                m.remote_id.clone_from(&remote_id);
+            }
+            let now = switchboard_sdk::now();
+            m.transitions.push(Transition {
+                from: Some(m.status),
+                to,
+                at: now,
+                cause: cause.to_string(),
+                source: None,
+            });
+            m.status = to;
+            m.updated_at = now;
+            true
+        })?;
+        Ok(updated.map(|(m, _)| m))
+    }
+
+    /// Applies a provider's delivery report to message `id`: moves it to
+    /// `to` unless that would move it back ([`MessageStatus::rank`]), logging
+    /// `cause`. A report whose `source` is already in the log is not applied
+    /// again. `None` when the account has no such message.
+    pub fn report(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        source: &str,
+    ) -> Result<Option<(MessageRecord, Reported)>, StoreError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        let mut outcome = Reported::Applied { from: to };
+        let updated = self.update(account, id, |m| {
+            if m.transitions
+                .iter()
+                .any(|t| t.source.as_deref() == Some(source))
+            {
+                outcome = Reported::Duplicate;
+                return false;
+            }
+            if to.rank() < m.status.rank() {
+                outcome = Reported::Stale { current: m.status };
+                return false;
+            }
+            outcome = Reported::Applied { from: m.status };
+            let now = switchboard_sdk::now();
+            m.transitions.push(Transition {
+                from: Some(m.status),
+                to,
+                at: now,
+                cause: cause.to_string(),
+                source: Some(source.to_string()),
+            });
+            m.status = to;
+            m.updated_at = now;
+            true
+        })?;
+        Ok(updated.map(|(m, _)| (m, outcome)))
+    }
+
+    /// Reads message `id`, lets `change` edit it and writes it back if
+    /// `change` says so, atomically with its remote-id index entry: the write
+    /// only lands if the record did not change meanwhile (another store
+    /// instance, e.g. a send step and a delivery report at once), else it is
+    /// read and changed again.
+    fn update(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        mut change: impl FnMut(&mut MessageRecord) -> bool,
+    ) -> Result<Option<(MessageRecord, bool)>, StoreError> {
+        let k = key(&[account.as_str().as_bytes(), id.as_bytes()]);
+        loop {
+            let Some(before) = self.store.get(Collection::Messages, &k)? else {
+                return Ok(None);
+            };
+            let Some(mut m) = decode::<MessageRecord>(&before) else {
+                return Ok(None);
+            };
+            if !change(&mut m) {
+                return Ok(Some((m, false)));
+            }
+            let mut writes = vec![Write {
+                collection: Collection::Messages,
+                key: k.clone(),
+                value: Some(serde_json::to_vec(&m).expect("a message record serialises")),
+            }];
+            if let Some(remote) = &m.remote_id {
+                writes.push(Write {
+                    collection: Collection::MessageRemoteIds,
+                    key: remote_key(account, m.channel, remote),
+                    value: Some(m.id.clone().into_bytes()),
+                });
+            }
+            let unchanged = |found: Option<&[u8]>| found == Some(before.as_slice());
+            let guard = Guard {
+                collection: Collection::Messages,
+                key: &k,
+                test: &unchanged,
+            };
+            if self.store.write_atomically_if(Some(guard), &writes)? {
+                return Ok(Some((m, true)));
+            }
         }
-        m.transitions.push(Transition {
-            from: Some(m.status),
-            to,
-            at: now,
-            cause: cause.to_string(),
-        });
-        m.status = to;
-        m.updated_at = now;
-        self.put(&m)?;
-        Ok(Some(m))
     }
 
     fn put(&self, m: &MessageRecord) -> Result<(), StoreError> {
@@ -454,6 +637,25 @@ impl MessageStore {
             &key(&[m.account_key.as_str().as_bytes(), m.id.as_bytes()]),
             &serde_json::to_vec(m).expect("a message record serialises"),
         )
+    }
+
+    /// The message of `account` sent on `channel` that the provider knows as `remote_id`.
+    pub fn find_by_remote_id(
+        &self,
+        account: &AccountKey,
+        channel: Channel,
+        remote_id: &str,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        if remote_id.is_empty() {
+            return Ok(None);
+        }
+        match self.store.get(
+            Collection::MessageRemoteIds,
+            &remote_key(account, channel, remote_id),
+        )? {
+            Some(id) => self.get(account, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
     }
 
     /// The message `id` of `account`.

@@ -172,6 +172,209 @@ fn webhook_signature_matches_the_specs_test_vector() {
 }
 
 #[test]
+fn webhook_verification_checks_signature_and_age() {
+    use webhook::{VerifyError, verify};
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let id = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    let body = br#"{"test": 2432232314}"#;
+    let good = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+    let at = 1614265330;
+    let check = |timestamp: &str, signatures: &str, body: &[u8], now: i64| {
+        verify(secret, id, timestamp, signatures, body, now)
+    };
+    assert_eq!(check("1614265330", good, body, at), Ok(()));
+    // Several signatures (a key rotation): one matching is enough.
+    let rotated = format!("v1,bm9wZQ== {good}");
+    assert_eq!(check("1614265330", &rotated, body, at + 300), Ok(()));
+    assert_eq!(
+        check("1614265330", good, body, at + 301),
+        Err(VerifyError::Stale {
+            timestamp: at,
+            off: 301
+        })
+    );
+    assert!(matches!(
+        check("1614265330", good, body, at - 301),
+        Err(VerifyError::Stale { .. })
+    ));
+    assert_eq!(
+        check("1614265330", good, br#"{"test": 1}"#, at),
+        Err(VerifyError::Mismatch)
+    );
+    assert_eq!(
+        check("1614265331", good, body, at),
+        Err(VerifyError::Mismatch)
+    );
+    assert_eq!(
+        check(
+            "1614265330",
+            "v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            body,
+            at
+        ),
+        Err(VerifyError::Mismatch)
+    );
+    assert_eq!(
+        check("yesterday", good, body, at),
+        Err(VerifyError::BadTimestamp("yesterday".into()))
+    );
+}
+
+#[test]
+fn smtp_queue_ids_become_remote_ids() {
+    assert_eq!(
+        email::queue_id("accepted by sendgrid: 250 Ok: queued as sgm-0001"),
+        Some("sgm-0001".to_string())
+    );
+    assert_eq!(
+        email::queue_id("accepted by relay: 250 2.0.0 Ok: queued as <4Bq3Xk1ZQz> (done)"),
+        Some("4Bq3Xk1ZQz".to_string())
+    );
+    assert_eq!(
+        email::queue_id("accepted by sink: 250 Message accepted for delivery"),
+        None
+    );
+}
+
+#[test]
+fn delivery_reports_never_move_a_message_back() {
+    use stores::MessageStatus::*;
+    // Out of order: `processed` after `delivered` is stale; equal ranks replace.
+    assert!(Sent.rank() < Delivered.rank());
+    assert!(Deferred.rank() < Delivered.rank());
+    assert_eq!(Delivered.rank(), Bounced.rank());
+    assert!(Delivered.rank() < Opened.rank() && Opened.rank() < Clicked.rank());
+    // The names a send records stay as they were.
+    let names: Vec<String> = [Pending, Sent, Delivered, Failed, Bounced, SpamReported]
+        .iter()
+        .map(|s| {
+            serde_json::to_value(s)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "pending",
+            "sent",
+            "delivered",
+            "failed",
+            "bounced",
+            "spam_reported"
+        ]
+    );
+    assert_eq!(SpamReported.to_string(), "spam_reported");
+}
+
+#[test]
+fn delivery_reports_apply_once_and_in_order() {
+    use stores::{Channel, MessageRecord, MessageStatus, MessageStore, Reported};
+    let store = switchboard_store::Store::temporary().unwrap();
+    let messages = MessageStore::new(store.clone());
+    let acme = AccountKey::new("acme").unwrap();
+    let now = switchboard_sdk::now();
+    let record = MessageRecord {
+        id: "m-1".into(),
+        account_key: acme.clone(),
+        channel: Channel::Sms,
+        recipient: "+27820000001".into(),
+        body: "hi".into(),
+        subject: None,
+        provider: "twilio".into(),
+        remote_id: None,
+        status: MessageStatus::Pending,
+        event_id: "e".into(),
+        chain: "c".into(),
+        step: "s".into(),
+        created_at: now,
+        updated_at: now,
+        transitions: Vec::new(),
+    };
+    messages.record(record).unwrap();
+    messages
+        .transition(
+            &acme,
+            "m-1",
+            MessageStatus::Sent,
+            "accepted",
+            Some("SM1".into()),
+        )
+        .unwrap();
+    // Found by the provider's id, on its channel and account only.
+    let found = |channel, account: &AccountKey| {
+        messages
+            .find_by_remote_id(account, channel, "SM1")
+            .unwrap()
+            .map(|m| m.id)
+    };
+    assert_eq!(found(Channel::Sms, &acme), Some("m-1".into()));
+    assert_eq!(found(Channel::Email, &acme), None);
+    assert_eq!(
+        found(Channel::Sms, &AccountKey::new("other").unwrap()),
+        None
+    );
+
+    // A second store instance (the API's, beside the handlers') sees and
+    // keeps every change.
+    let other_instance = MessageStore::new(store);
+    let report = |to, source: &str| {
+        other_instance
+            .report(&acme, "m-1", to, &format!("report {source}"), source)
+            .unwrap()
+            .map(|(m, r)| (m.status, r))
+    };
+    assert_eq!(
+        report(MessageStatus::Delivered, "t:1"),
+        Some((
+            MessageStatus::Delivered,
+            Reported::Applied {
+                from: MessageStatus::Sent
+            }
+        ))
+    );
+    assert_eq!(
+        report(MessageStatus::Delivered, "t:1"),
+        Some((MessageStatus::Delivered, Reported::Duplicate))
+    );
+    assert_eq!(
+        report(MessageStatus::Sent, "t:0"),
+        Some((
+            MessageStatus::Delivered,
+            Reported::Stale {
+                current: MessageStatus::Delivered
+            }
+        ))
+    );
+    assert_eq!(
+        other_instance
+            .report(&acme, "m-2", MessageStatus::Sent, "x", "t:2")
+            .unwrap(),
+        None
+    );
+    let m = messages.get(&acme, "m-1").unwrap().unwrap();
+    let path: Vec<(Option<MessageStatus>, MessageStatus, Option<&str>)> = m
+        .transitions
+        .iter()
+        .map(|t| (t.from, t.to, t.source.as_deref()))
+        .collect();
+    assert_eq!(
+        path,
+        [
+            (None, MessageStatus::Pending, None),
+            (Some(MessageStatus::Pending), MessageStatus::Sent, None),
+            (
+                Some(MessageStatus::Sent),
+                MessageStatus::Delivered,
+                Some("t:1")
+            ),
+        ]
+    );
+}
+
+#[test]
 fn msisdns_and_emails_normalise() {
     use stores::{normalize_email, normalize_msisdn};
     let good = [

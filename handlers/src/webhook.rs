@@ -21,10 +21,12 @@ use crate::{Handler, StepError, StepInput, StepOutput};
 pub const SECRET_PREFIX: &str = "whsec_";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `webhook-signature` value for a message: `v1,` + base64 of
-/// HMAC-SHA256(key, `{id}.{timestamp}.{body}`), where the key is the base64
-/// part of a `whsec_` secret.
-pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
+/// How far a `webhook-timestamp` may be from now, either way, for [`verify`]
+/// to accept the message: older ones are replays.
+pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
+
+/// The HMAC of a message, keyed by the base64 part of a `whsec_` secret.
+fn mac(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Result<Hmac<Sha256>, String> {
     let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
     let key = BASE64.decode(encoded).map_err(|e| {
         format!("is not a Standard Webhooks secret (whsec_ + base64 of the key): {e}")
@@ -35,7 +37,79 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<Strin
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes a key of any length");
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
+    Ok(mac)
+}
+
+/// The `webhook-signature` value for a message: `v1,` + base64 of
+/// HMAC-SHA256(key, `{id}.{timestamp}.{body}`), where the key is the base64
+/// part of a `whsec_` secret.
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
+    let mac = mac(secret, id, &timestamp.to_string(), body)?;
     Ok(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
+}
+
+/// Why a Standard Webhooks message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// A header the specification requires is absent.
+    #[error(
+        "the {0} header is missing (Standard Webhooks needs webhook-id, webhook-timestamp and webhook-signature)"
+    )]
+    MissingHeader(&'static str),
+    /// `webhook-timestamp` is not a number.
+    #[error("webhook-timestamp {0:?} is not a Unix time in seconds")]
+    BadTimestamp(String),
+    /// `webhook-timestamp` is too far from now: a replayed message, or a sender whose clock is off.
+    #[error(
+        "webhook-timestamp {timestamp} is {off} s from now, more than the {TIMESTAMP_TOLERANCE_SECS} s allowed \
+         (a replayed message, or a sender whose clock is off)"
+    )]
+    Stale {
+        /// The timestamp sent.
+        timestamp: i64,
+        /// How many seconds it is from now.
+        off: i64,
+    },
+    /// No `v1` signature in `webhook-signature` matches the body and secret.
+    #[error("no v1 signature in webhook-signature matches the message and the account's secret")]
+    Mismatch,
+    /// The account secret is not a Standard Webhooks secret.
+    #[error("the account secret {0}")]
+    Secret(String),
+}
+
+/// Verifies a Standard Webhooks message received at Unix time `now`: the
+/// timestamp within [`TIMESTAMP_TOLERANCE_SECS`] of now, and one of the
+/// space-separated `v1,<base64>` signatures matching (compared in constant
+/// time).
+pub fn verify(
+    secret: &str,
+    id: &str,
+    timestamp: &str,
+    signatures: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<(), VerifyError> {
+    let at: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| VerifyError::BadTimestamp(timestamp.to_string()))?;
+    let off = (now - at).abs();
+    if off > TIMESTAMP_TOLERANCE_SECS {
+        return Err(VerifyError::Stale { timestamp: at, off });
+    }
+    let mac = mac(secret, id, timestamp.trim(), body).map_err(VerifyError::Secret)?;
+    let matches = signatures.split_whitespace().any(|candidate| {
+        candidate
+            .strip_prefix("v1,")
+            .and_then(|sig| BASE64.decode(sig).ok())
+            .is_some_and(|sig| mac.clone().verify_slice(&sig).is_ok())
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(VerifyError::Mismatch)
+    }
 }
 
 /// `payment_webhook`.

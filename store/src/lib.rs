@@ -49,11 +49,19 @@ pub enum Collection {
     Tokens,
     /// Tokens by account: `{account}\0{token id}` → sha-256 of the token.
     TokenIndex,
+    /// Message records by the provider's id: `{account}\0{channel}\0{remote id}` → message id.
+    MessageRemoteIds,
+    /// Inbound webhook URLs by the SHA-256 of their secret: `{sha-256}` → URL record.
+    InboundHooks,
+    /// Inbound webhook URLs of an account: `{account}\0{provider}` → SHA-256 of the secret.
+    InboundIndex,
+    /// Inbound records that matched nothing: `{account}\0{id (UUID v7)}` → record.
+    Unmatched,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 17] = [
+    pub const ALL: [Collection; 21] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -71,6 +79,10 @@ impl Collection {
         Collection::JournalTimes,
         Collection::Tokens,
         Collection::TokenIndex,
+        Collection::MessageRemoteIds,
+        Collection::InboundHooks,
+        Collection::InboundIndex,
+        Collection::Unmatched,
     ];
 
     /// The collection's name on disk.
@@ -93,6 +105,10 @@ impl Collection {
             Collection::JournalTimes => "journal_times",
             Collection::Tokens => "tokens",
             Collection::TokenIndex => "token_index",
+            Collection::MessageRemoteIds => "message_remote_ids",
+            Collection::InboundHooks => "inbound_hooks",
+            Collection::InboundIndex => "inbound_index",
+            Collection::Unmatched => "unmatched",
         }
     }
 

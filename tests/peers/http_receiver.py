@@ -25,6 +25,11 @@ answers in every run, however the requests interleave.
 `POST /_control` with `{"healthy": true}` makes every /hook and /chaos path
 answer 200 at once, whatever its plan (`{"healthy": false}` restores the
 plans); it answers with the current settings and is not recorded.
+
+The fake Twilio Messages API answers with a sid `SM` + 32 hex digits, unless
+`POST /_twilio_sids` (not recorded) named one for the message's `To` number:
+`{"+27831234567": "SM0001..."}`, so a test can produce the sids of Twilio
+status callback samples.
 """
 
 import argparse
@@ -48,6 +53,7 @@ lock = threading.Lock()
 requests = []
 attempts = {}
 control = {"healthy": False}
+twilio_sids = {}
 verifier = Webhook(args.secret)
 
 
@@ -106,6 +112,12 @@ class Handler(BaseHTTPRequestHandler):
                 current = dict(control)
             self.reply(200, current)
             return
+        if path == "/_twilio_sids":
+            with lock:
+                twilio_sids.update(json.loads(raw))
+                current = dict(twilio_sids)
+            self.reply(200, current)
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         record = {"path": path, "headers": headers, "body": raw.decode("utf-8", "replace")}
         if "x-www-form-urlencoded" in headers.get("content-type", ""):
@@ -150,7 +162,8 @@ class Handler(BaseHTTPRequestHandler):
             elif not record.get("form", {}).get("To", "").startswith("+"):
                 self.answer(record, 400, {"code": 21211, "message": "Invalid 'To' Phone Number"})
             else:
-                self.answer(record, 201, {"sid": "SM" + format(len(requests), "032x"), "status": "queued"})
+                sid = twilio_sids.get(record["form"]["To"]) or "SM" + format(len(requests), "032x")
+                self.answer(record, 201, {"sid": sid, "status": "queued"})
         elif path.startswith("/sms"):
             self.answer(record, status, {"id": f"gw-{len(requests)}"}, extra)
         else:

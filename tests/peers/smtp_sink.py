@@ -4,6 +4,10 @@ Prints `listening on PORT` once it serves. Recipients whose address contains
 `reject` are refused with 550. Each accepted message is parsed and written as
 JSON (`mail_from`, `rcpt_tos`, `subject`, `headers`, `text`, `html`) to a file
 in the directory given as the first argument.
+
+When that directory holds `queue-ids.conf` (JSON: recipient → queue id), a
+message to a listed recipient is answered `250 Ok: queued as ID`, as SendGrid
+answers with the X-Message-Id its delivery events carry.
 """
 
 import asyncio
@@ -43,6 +47,14 @@ class Sink:
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.rename(path + ".tmp", path)
+        try:
+            with open(os.path.join(out_dir, "queue-ids.conf")) as f:
+                queue_ids = json.load(f)
+        except FileNotFoundError:
+            queue_ids = {}
+        for rcpt in envelope.rcpt_tos:
+            if rcpt in queue_ids:
+                return f"250 Ok: queued as {queue_ids[rcpt]}"
         return "250 Message accepted for delivery"
 
 

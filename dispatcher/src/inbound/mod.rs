@@ -1,0 +1,827 @@
+//! Inbound provider webhooks: what providers post back — delivery reports,
+//! bounces, signed callbacks — at `POST /v1/inbound/{account}/{provider}/{secret}`.
+//!
+//! The secret in the URL is made per (account, provider) by
+//! [`HookStore::create`] and kept only as its SHA-256, by which it is looked
+//! up; a wrong secret, account or provider is one answer: not found. Each
+//! provider then proves itself its own way (Twilio's signature, Standard
+//! Webhooks signatures) and its records are read one by one
+//! ([`sendgrid`], [`twilio`], [`parse_webhook`]): a record that reports on a
+//! message moves the message record's status (never backwards, each report
+//! once) and is published on the bus as an event that chains can act on,
+//! with an id derived from the provider's own event id so that a provider's
+//! retry is deduplicated. Records for unknown messages, undocumented event
+//! types and malformed records never fail the request: they are logged,
+//! counted and kept as unmatched, with the record and the reason.
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use switchboard_handlers::sms::TwilioSms;
+use switchboard_handlers::stores::{
+    Channel, MessageRecord, MessageStatus, MessageStore, Reported, SecretStore,
+};
+use switchboard_sdk::{
+    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
+};
+use switchboard_store::{Store, StoreError};
+use time::OffsetDateTime;
+
+use crate::bus::{Bus, BusError};
+use crate::metrics::{InboundResult, Metrics};
+
+pub mod sendgrid;
+mod store;
+pub mod twilio;
+
+pub use store::{Hook, HookStore, Unmatched, UnmatchedStore};
+
+#[cfg(test)]
+mod tests;
+
+/// Namespace of the ids of events made from inbound records.
+const INBOUND_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x3b0f_6c2a_51d4_4f0e_9a7e_c1d2_8e44_b6a9);
+
+/// A provider that can post to an inbound webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// SendGrid's Event Webhook (JSON array of e-mail events).
+    Sendgrid,
+    /// Twilio's SMS status callbacks (form-encoded, signed).
+    Twilio,
+    /// Any sender of JSON signed per Standard Webhooks.
+    Webhook,
+}
+
+impl Provider {
+    /// Every provider.
+    pub const ALL: [Provider; 3] = [Provider::Sendgrid, Provider::Twilio, Provider::Webhook];
+
+    /// Its name in URLs and commands.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Sendgrid => "sendgrid",
+            Provider::Twilio => "twilio",
+            Provider::Webhook => "webhook",
+        }
+    }
+
+    /// The provider called `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The names, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(Provider::name).join(", ")
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What one record says, read without touching the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    /// A delivery report about a message Switchboard sent.
+    Report(Report),
+    /// An event of its own (a generic webhook).
+    Event {
+        /// The event type.
+        event_type: EventType,
+        /// The conversation key.
+        conversation_key: ConversationKey,
+        /// `event_data`.
+        data: Map<String, Value>,
+        /// What identifies it (the event id is derived from it).
+        source: String,
+    },
+    /// A record that cannot be used.
+    Unusable {
+        /// `Undocumented` or `Malformed`.
+        result: InboundResult,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+impl Parsed {
+    fn unusable(result: InboundResult, reason: impl Into<String>) -> Self {
+        Parsed::Unusable {
+            result,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A provider's report about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// What the message went out on.
+    pub channel: Channel,
+    /// The message id the record carries (`switchboard_message_id`), tried first.
+    pub message_id: Option<String>,
+    /// The provider's ids for the message, tried in order against `remote_id`.
+    pub remote_ids: Vec<String>,
+    /// The status it reports; `None` leaves the message's status as it is.
+    pub status: Option<MessageStatus>,
+    /// The event type to emit (`email_bounced`, `sms_delivered`).
+    pub event_type: String,
+    /// The provider's name for what happened (`bounce`).
+    pub provider_event: String,
+    /// Identifies the report (`sendgrid:{sg_event_id}`): logged with the
+    /// transition so that it is applied once; the event id derives from it.
+    pub source: String,
+    /// When it happened, when the record says.
+    pub occurred_at: Option<OffsetDateTime>,
+    /// The record's useful fields, for `event_data`.
+    pub details: Map<String, Value>,
+    /// The transition's cause, in words.
+    pub cause: String,
+}
+
+/// Hex SHA-256, for records without an id of their own.
+pub(crate) fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The Standard Webhooks headers.
+const WEBHOOK_HEADERS: [&str; 3] = ["webhook-id", "webhook-timestamp", "webhook-signature"];
+
+/// Reads a (verified) generic webhook's body, posted with `webhook_id`: a JSON
+/// object that becomes the `event_data` of an event of type `event_type`
+/// (when the object has that field: a valid event type) or
+/// `webhook_received`, in the conversation `conversation_key` (when it has
+/// that field), else the webhook id (when it is a valid key), else `webhook`.
+pub fn parse_webhook(body: &[u8], webhook_id: &str) -> Parsed {
+    let data = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(data)) => data,
+        Ok(_) => {
+            return Parsed::unusable(
+                InboundResult::Malformed,
+                "the body is JSON but not an object",
+            );
+        }
+        Err(e) => {
+            return Parsed::unusable(
+                InboundResult::Malformed,
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    let event_type = match data.get("event_type") {
+        None => EventType::new("webhook_received").expect("a valid event type"),
+        Some(Value::String(s)) => match EventType::new(s.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                return Parsed::unusable(InboundResult::Malformed, e.to_string());
+            }
+        },
+        Some(other) => {
+            return Parsed::unusable(
+                InboundResult::Malformed,
+                format!("event_type must be a string, not {other}"),
+            );
+        }
+    };
+    let conversation_key = data
+        .get("conversation_key")
+        .and_then(Value::as_str)
+        .and_then(|k| ConversationKey::new(k).ok())
+        .or_else(|| ConversationKey::new(webhook_id).ok())
+        .unwrap_or_else(|| ConversationKey::new("webhook").expect("a valid key"));
+    Parsed::Event {
+        event_type,
+        conversation_key,
+        data,
+        source: format!("webhook:{webhook_id}"),
+    }
+}
+
+/// Why an inbound POST was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// No hook has this account, provider and secret (which of them is wrong is not said).
+    #[error(
+        "no inbound webhook at this URL: check the account, the provider and the secret \
+         (`switchboard inbound list ACCOUNT`; `inbound create --rotate` makes a new URL)"
+    )]
+    NotFound,
+    /// What the provider needs is not configured here.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// The request did not prove it came from the provider.
+    #[error("{0}")]
+    Rejected(String),
+    /// The store failed; the provider should post again.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus would not take an event; the provider should post again.
+    #[error("the bus would not take the events: {0}; post again later")]
+    Bus(#[from] BusError),
+}
+
+/// Why an inbound webhook could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// No such provider.
+    #[error("{0:?} is not an inbound provider: use one of {names}", names = Provider::names())]
+    UnknownProvider(String),
+    /// `webhook` needs an account secret to check signatures with.
+    #[error(
+        "the webhook provider checks Standard Webhooks signatures with an account secret: name \
+         it with --secret NAME (set it first with `switchboard secrets set {0} NAME`)"
+    )]
+    SecretRequired(AccountKey),
+    /// Only `webhook` takes a secret.
+    #[error("--secret is for the webhook provider only; {0} needs none")]
+    SecretNotTaken(Provider),
+    /// The named secret is not set.
+    #[error(
+        "account secret {name:?} of account {account} is not set; set it first with \
+         `switchboard secrets set {account} {name}` (a Standard Webhooks secret, whsec_ + base64)"
+    )]
+    SecretNotSet {
+        /// The account.
+        account: AccountKey,
+        /// The secret's name.
+        name: String,
+    },
+    /// What the provider needs is not configured here.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// The account has a URL for the provider already.
+    #[error(
+        "account {account} already has an inbound {provider} webhook (made {created_at}); \
+         --rotate makes a new URL and the old one stops working at once"
+    )]
+    Exists {
+        /// The account.
+        account: AccountKey,
+        /// The provider.
+        provider: Provider,
+        /// When the existing one was made.
+        created_at: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an inbound POST did with each record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Receipt {
+    /// The provider.
+    pub provider: Provider,
+    /// How many records the POST held.
+    pub records: usize,
+    /// How many matched (and became events).
+    pub matched: usize,
+    /// How many were kept as unmatched.
+    pub unmatched: usize,
+    /// Per record, in order.
+    pub results: Vec<RecordResult>,
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordResult {
+    /// `matched`, `unknown_message`, `undocumented` or `malformed`.
+    pub result: &'static str,
+    /// The message it matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The message's status after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<MessageStatus>,
+    /// `applied`, `duplicate` (reported before), `stale` (the message is
+    /// further along) or `none` (the record reports no status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transition: Option<&'static str>,
+    /// The event it was published as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The id of the unmatched record kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmatched_id: Option<String>,
+    /// Why it matched nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The inbound webhooks of a dispatcher.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The URLs.
+    pub hooks: HookStore,
+    /// Records that matched nothing.
+    pub unmatched: UnmatchedStore,
+    messages: MessageStore,
+    secrets: SecretStore,
+    twilio: Vec<TwilioSms>,
+    public_url: String,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    max_event_bytes: usize,
+}
+
+impl Inbound {
+    /// Inbound webhooks over `store`, publishing on `bus`. `public_url` is
+    /// the base URL providers post to; `twilio` the deployment's Twilio
+    /// providers.
+    pub fn new(
+        store: Store,
+        bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
+        public_url: &str,
+        twilio: Vec<TwilioSms>,
+        max_event_bytes: usize,
+    ) -> Self {
+        Self {
+            hooks: HookStore::new(store.clone()),
+            unmatched: UnmatchedStore::new(store.clone()),
+            messages: MessageStore::new(store.clone()),
+            secrets: SecretStore::new(store.clone()),
+            twilio,
+            public_url: public_url.trim_end_matches('/').to_string(),
+            bus,
+            metrics,
+            store,
+            max_event_bytes,
+        }
+    }
+
+    /// Removes the account's URL for `provider`, durably; returns it if there was one.
+    pub async fn revoke(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+    ) -> Result<Option<Hook>, StoreError> {
+        let hook = self.hooks.revoke(account, provider)?;
+        self.store.flush().await?;
+        Ok(hook)
+    }
+
+    /// The URL of a hook with `secret`.
+    pub fn url(&self, account: &AccountKey, provider: Provider, secret: &str) -> String {
+        format!(
+            "{}/v1/inbound/{account}/{}/{secret}",
+            self.public_url,
+            provider.name()
+        )
+    }
+
+    fn twilio_missing() -> String {
+        "no Twilio provider is configured in this deployment, so Twilio callbacks cannot be \
+         verified: add [providers.sms.NAME] with type = \"twilio\", account_sid and auth_token \
+         to the dispatcher's config file"
+            .to_string()
+    }
+
+    /// Makes (or with `rotate`, remakes) the account's URL for `provider`,
+    /// durably. Returns the URL, shown once, and the hook.
+    pub async fn create(
+        &self,
+        account: &AccountKey,
+        provider: &str,
+        secret: Option<String>,
+        rotate: bool,
+    ) -> Result<(String, Hook), CreateError> {
+        let provider = Provider::parse(provider)
+            .ok_or_else(|| CreateError::UnknownProvider(provider.into()))?;
+        match (provider, &secret) {
+            (Provider::Webhook, None) => return Err(CreateError::SecretRequired(account.clone())),
+            (Provider::Webhook, Some(name)) if self.secrets.get(account, name)?.is_none() => {
+                return Err(CreateError::SecretNotSet {
+                    account: account.clone(),
+                    name: name.clone(),
+                });
+            }
+            (Provider::Webhook, Some(_)) => {}
+            (_, Some(_)) => return Err(CreateError::SecretNotTaken(provider)),
+            (Provider::Twilio, None) if self.twilio.is_empty() => {
+                return Err(CreateError::NotConfigured(Self::twilio_missing()));
+            }
+            _ => {}
+        }
+        if !rotate && let Some(existing) = self.hooks.get(account, provider)? {
+            return Err(CreateError::Exists {
+                account: account.clone(),
+                provider,
+                created_at: switchboard_sdk::format_rfc3339(existing.created_at),
+            });
+        }
+        let (url_secret, hook) = self.hooks.create(Hook {
+            account_key: account.clone(),
+            provider,
+            created_at: switchboard_sdk::now(),
+            secret,
+        })?;
+        self.store.flush().await?;
+        tracing::info!(%account, provider = provider.name(), rotate, "inbound webhook created");
+        Ok((self.url(account, provider, &url_secret), hook))
+    }
+
+    /// Handles a POST to `/v1/inbound/{account}/{provider}/{secret}`;
+    /// `path_and_query` is the request's, as received.
+    pub async fn receive(
+        &self,
+        account: &str,
+        provider: &str,
+        secret: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Receipt, InboundError> {
+        let (Ok(account), Some(provider)) = (AccountKey::new(account), Provider::parse(provider))
+        else {
+            return Err(InboundError::NotFound);
+        };
+        let hook = self.hooks.find(secret)?.ok_or(InboundError::NotFound)?;
+        if hook.account_key != account || hook.provider != provider {
+            return Err(InboundError::NotFound);
+        }
+        let records = match provider {
+            Provider::Sendgrid => sendgrid::parse(body),
+            Provider::Twilio => {
+                if self.twilio.is_empty() {
+                    return Err(InboundError::NotConfigured(Self::twilio_missing()));
+                }
+                let params = twilio::params(body);
+                let url = format!("{}{path_and_query}", self.public_url);
+                let signature = headers
+                    .get(twilio::SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                let verified =
+                    signature.is_some_and(|sig| twilio::verify(&self.twilio, &url, &params, sig));
+                if !verified {
+                    let why = match signature {
+                        None => "the X-Twilio-Signature header is missing".to_string(),
+                        Some(_) => format!(
+                            "X-Twilio-Signature does not match the callback signed for {} with \
+                             the auth token of a configured Twilio provider (is http.public_url \
+                             the address Twilio posts to?)",
+                            redact_secret(&url, secret)
+                        ),
+                    };
+                    return Err(self.reject(&account, provider, why));
+                }
+                vec![(twilio::params_json(&params), twilio::parse(&params))]
+            }
+            Provider::Webhook => {
+                let name = hook.secret.clone().unwrap_or_default();
+                let key = self.secrets.get(&account, &name)?.ok_or_else(|| {
+                    InboundError::NotConfigured(format!(
+                        "account secret {name:?} of account {account}, which this webhook's \
+                         signatures are checked with, is not set: set it with `switchboard \
+                         secrets set {account} {name}`"
+                    ))
+                })?;
+                let [id, timestamp, signatures] = WEBHOOK_HEADERS.map(|h| {
+                    headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                });
+                let verified = match (&id, &timestamp, &signatures) {
+                    (Some(id), Some(timestamp), Some(signatures)) => {
+                        switchboard_handlers::webhook::verify(
+                            &key,
+                            id,
+                            timestamp,
+                            signatures,
+                            body,
+                            switchboard_sdk::now().unix_timestamp(),
+                        )
+                    }
+                    _ => {
+                        let missing = WEBHOOK_HEADERS
+                            .iter()
+                            .zip([&id, &timestamp, &signatures])
+                            .find(|(_, v)| v.is_none())
+                            .map_or("webhook-id", |(h, _)| *h);
+                        Err(switchboard_handlers::webhook::VerifyError::MissingHeader(
+                            missing,
+                        ))
+                    }
+                };
+                match verified {
+                    Ok(()) => {}
+                    Err(e @ switchboard_handlers::webhook::VerifyError::Secret(_)) => {
+                        return Err(InboundError::NotConfigured(format!(
+                            "{e}: set account secret {name:?} of account {account} to whsec_ + \
+                             base64 of the key (`switchboard secrets set {account} {name}`)"
+                        )));
+                    }
+                    Err(e) => return Err(self.reject(&account, provider, e.to_string())),
+                }
+                let id = id.unwrap_or_default();
+                let raw = serde_json::from_slice(body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+                vec![(raw, parse_webhook(body, &id))]
+            }
+        };
+        self.apply(&account, provider, records).await
+    }
+
+    fn reject(&self, account: &AccountKey, provider: Provider, why: String) -> InboundError {
+        self.metrics
+            .inbound(provider.name(), account.as_str(), InboundResult::Rejected);
+        tracing::warn!(%account, provider = provider.name(), reason = %why, "inbound webhook refused");
+        InboundError::Rejected(why)
+    }
+
+    /// Matches, applies and publishes each record; keeps the unmatched ones;
+    /// makes it all durable before the provider is told.
+    async fn apply(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        records: Vec<(Value, Parsed)>,
+    ) -> Result<Receipt, InboundError> {
+        let mut results = Vec::with_capacity(records.len());
+        let mut unmatched = Vec::new();
+        for (raw, parsed) in records {
+            let outcome = match parsed {
+                Parsed::Report(report) => match self.find_message(account, &report)? {
+                    Some(message) => self.report(account, provider, message, report, raw).await?,
+                    None => {
+                        let reason = unknown_message(account, &report);
+                        unmatched.push((results.len(), InboundResult::UnknownMessage, reason, raw));
+                        results.push(None);
+                        continue;
+                    }
+                },
+                Parsed::Event {
+                    event_type,
+                    conversation_key,
+                    data,
+                    source,
+                } => {
+                    let event = self.event(
+                        account,
+                        provider,
+                        &source,
+                        conversation_key,
+                        ConversationType::new("webhook").expect("a valid type"),
+                        event_type,
+                        data,
+                        None,
+                    );
+                    self.bus.publish(&event).await?;
+                    tracing::info!(%account, provider = provider.name(), event_id = %event.id,
+                        event_type = %event.event_type, "inbound webhook published");
+                    RecordResult {
+                        result: InboundResult::Matched.label(),
+                        message_id: None,
+                        status: None,
+                        transition: None,
+                        event_id: Some(event.id.to_string()),
+                        unmatched_id: None,
+                        reason: None,
+                    }
+                }
+                Parsed::Unusable { result, reason } => {
+                    unmatched.push((results.len(), result, reason, raw));
+                    results.push(None);
+                    continue;
+                }
+            };
+            self.metrics
+                .inbound(provider.name(), account.as_str(), InboundResult::Matched);
+            results.push(Some(outcome));
+        }
+        // Kept only once every event is on the bus: a POST the provider has to
+        // repeat (the bus failed) does not keep them twice.
+        let kept = unmatched.len();
+        for (index, result, reason, record) in unmatched {
+            let u = Unmatched {
+                id: uuid::Uuid::now_v7().to_string(),
+                account_key: account.clone(),
+                provider,
+                result: result.label().to_string(),
+                reason: reason.clone(),
+                record,
+                received_at: switchboard_sdk::now(),
+            };
+            self.unmatched.put(&u)?;
+            self.metrics
+                .inbound(provider.name(), account.as_str(), result);
+            tracing::warn!(%account, provider = provider.name(), result = result.label(),
+                unmatched_id = u.id, %reason, "inbound record matched nothing: kept as unmatched");
+            results[index] = Some(RecordResult {
+                result: result.label(),
+                message_id: None,
+                status: None,
+                transition: None,
+                event_id: None,
+                unmatched_id: Some(u.id),
+                reason: Some(reason),
+            });
+        }
+        self.store.flush().await?;
+        let results: Vec<RecordResult> = results.into_iter().flatten().collect();
+        Ok(Receipt {
+            provider,
+            records: results.len(),
+            matched: results.len() - kept,
+            unmatched: kept,
+            results,
+        })
+    }
+
+    /// The message a report is about: by its message id, then by each of
+    /// its remote ids, on the report's channel.
+    fn find_message(
+        &self,
+        account: &AccountKey,
+        report: &Report,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        if let Some(id) = &report.message_id
+            && let Some(m) = self.messages.get(account, id)?
+            && m.channel == report.channel
+        {
+            return Ok(Some(m));
+        }
+        for remote in &report.remote_ids {
+            if let Some(m) = self
+                .messages
+                .find_by_remote_id(account, report.channel, remote)?
+            {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Applies a report to its message and publishes it.
+    async fn report(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        message: MessageRecord,
+        report: Report,
+        raw: Value,
+    ) -> Result<RecordResult, InboundError> {
+        let before = message.status;
+        let (message, transition) = match report.status {
+            Some(to) => {
+                match self.messages.report(
+                    account,
+                    &message.id,
+                    to,
+                    &report.cause,
+                    &report.source,
+                )? {
+                    Some((m, Reported::Applied { .. })) => (m, "applied"),
+                    Some((m, Reported::Duplicate)) => (m, "duplicate"),
+                    Some((m, Reported::Stale { .. })) => (m, "stale"),
+                    None => (message, "none"),
+                }
+            }
+            None => (message, "none"),
+        };
+        if transition == "applied" {
+            tracing::info!(%account, provider = provider.name(), message_id = message.id,
+                from = %before, to = %message.status, cause = report.cause, "message status changed");
+        }
+        let channel = match message.channel {
+            Channel::Sms => "sms",
+            Channel::Email => "email",
+        };
+        let mut data = Map::new();
+        data.insert("message_id".into(), json!(message.id));
+        data.insert("provider".into(), json!(provider.name()));
+        data.insert("event".into(), json!(report.provider_event));
+        data.insert("status".into(), json!(message.status));
+        data.insert("previous_status".into(), json!(before));
+        data.insert("transition".into(), json!(transition));
+        data.insert("recipient".into(), json!(message.recipient));
+        data.insert(
+            "sent_by".into(),
+            json!({"event_id": message.event_id, "chain": message.chain, "step": message.step}),
+        );
+        data.insert(
+            "occurred_at".into(),
+            json!(report.occurred_at.map(switchboard_sdk::format_rfc3339)),
+        );
+        data.extend(report.details);
+        data.insert("record".into(), raw);
+        let event = self.event(
+            account,
+            provider,
+            &report.source,
+            ConversationKey::new(message.id.clone()).unwrap_or_else(|_| {
+                ConversationKey::new(channel).expect("a valid conversation key")
+            }),
+            ConversationType::new(channel).expect("a valid conversation type"),
+            EventType::new(report.event_type).expect("event types are made valid"),
+            data,
+            report.occurred_at,
+        );
+        self.bus.publish(&event).await?;
+        Ok(RecordResult {
+            result: InboundResult::Matched.label(),
+            message_id: Some(message.id),
+            status: Some(message.status),
+            transition: Some(transition),
+            event_id: Some(event.id.to_string()),
+            unmatched_id: None,
+            reason: None,
+        })
+    }
+
+    /// A root event with an id derived from (provider, account, source), so
+    /// that the same record posted again is the same event. Over the size
+    /// limit, `event_data.record` (the record as posted) is left out.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        source: &str,
+        conversation_key: ConversationKey,
+        conversation_type: ConversationType,
+        event_type: EventType,
+        mut data: Map<String, Value>,
+        occurred_at: Option<OffsetDateTime>,
+    ) -> VumiApiEvent {
+        let id = EventId::from(uuid::Uuid::new_v5(
+            &INBOUND_ID_NAMESPACE,
+            format!("{}\n{account}\n{source}", provider.name()).as_bytes(),
+        ));
+        let mut event = VumiApiEvent::new(
+            account.clone(),
+            conversation_key,
+            conversation_type,
+            event_type,
+            Map::new(),
+        );
+        event.id = id;
+        event.root_id = id;
+        if let Some(at) = occurred_at {
+            event.occurred_at = at;
+        }
+        let size = serde_json::to_vec(&data).map_or(0, |v| v.len()) + 1024;
+        if size > self.max_event_bytes {
+            data.remove("record");
+            data.insert(
+                "record_omitted".into(),
+                json!("over limits.max_event_bytes"),
+            );
+        }
+        event.event_data = data;
+        event
+    }
+}
+
+/// Why a report matched no message.
+fn unknown_message(account: &AccountKey, report: &Report) -> String {
+    let mut names = Vec::new();
+    if let Some(id) = &report.message_id {
+        names.push(format!("message id {id}"));
+    }
+    if let Some(remote) = report.remote_ids.first() {
+        names.push(format!("provider id {remote}"));
+    }
+    let channel = match report.channel {
+        Channel::Sms => "SMS",
+        Channel::Email => "e-mail",
+    };
+    format!(
+        "account {account} sent no {channel} with {}",
+        names.join(" or ")
+    )
+}
+
+/// `url` with the URL secret replaced, fit for logs and answers.
+fn redact_secret(url: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        url.to_string()
+    } else {
+        url.replace(secret, "{secret}")
+    }
+}
+
+/// The body of `POST /v1/accounts/{a}/inbound/{provider}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// `webhook`: the account secret signatures are checked with.
+    pub secret: Option<String>,
+    /// Replace an existing URL.
+    #[serde(default)]
+    pub rotate: bool,
+}

@@ -1,0 +1,176 @@
+//! SendGrid's Event Webhook: a JSON array of event records, each read on its
+//! own so that one bad record never fails the batch.
+//!
+//! A record names its message by the custom argument
+//! `switchboard_message_id` (which `send_email` sets) and by `sg_message_id`
+//! (SendGrid's X-Message-Id, which the SMTP answer gives and `send_email`
+//! records as the message's `remote_id`, followed by `.filter…` routing
+//! suffixes). `open`, `click` and the engagement events carry only the latter.
+
+use serde_json::{Map, Value, json};
+use switchboard_handlers::stores::{Channel, MessageStatus};
+
+use super::{Parsed, Report};
+use crate::metrics::InboundResult;
+
+/// Every SendGrid event Switchboard reads: its name, the status it moves a
+/// message to (none: the message keeps its status) and the event type emitted.
+pub const EVENTS: [(&str, Option<MessageStatus>, &str); 11] = [
+    ("processed", Some(MessageStatus::Sent), "email_processed"),
+    ("deferred", Some(MessageStatus::Deferred), "email_deferred"),
+    (
+        "delivered",
+        Some(MessageStatus::Delivered),
+        "email_delivered",
+    ),
+    ("bounce", Some(MessageStatus::Bounced), "email_bounced"),
+    ("dropped", Some(MessageStatus::Dropped), "email_dropped"),
+    ("open", Some(MessageStatus::Opened), "email_opened"),
+    ("click", Some(MessageStatus::Clicked), "email_clicked"),
+    (
+        "spamreport",
+        Some(MessageStatus::SpamReported),
+        "email_spam_reported",
+    ),
+    (
+        "unsubscribe",
+        Some(MessageStatus::Unsubscribed),
+        "email_unsubscribed",
+    ),
+    (
+        "group_unsubscribe",
+        Some(MessageStatus::Unsubscribed),
+        "email_group_unsubscribed",
+    ),
+    ("group_resubscribe", None, "email_group_resubscribed"),
+];
+
+/// Reads a POST body: one [`Parsed`] per record, with the record as posted.
+/// A body that is not a JSON array is one malformed record.
+pub fn parse(body: &[u8]) -> Vec<(Value, Parsed)> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(records)) => records
+            .into_iter()
+            .map(|r| {
+                let parsed = parse_record(&r);
+                (r, parsed)
+            })
+            .collect(),
+        Ok(other) => vec![(
+            other,
+            Parsed::unusable(
+                InboundResult::Malformed,
+                "the body is JSON but not an array of event records (SendGrid posts an array)",
+            ),
+        )],
+        Err(e) => vec![(
+            Value::String(String::from_utf8_lossy(body).into_owned()),
+            Parsed::unusable(
+                InboundResult::Malformed,
+                format!("the body is not JSON: {e}"),
+            ),
+        )],
+    }
+}
+
+fn string_field<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    record
+        .get(name)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Reads one event record.
+pub fn parse_record(raw: &Value) -> Parsed {
+    let Value::Object(record) = raw else {
+        return Parsed::unusable(InboundResult::Malformed, "the record is not a JSON object");
+    };
+    let Some(event) = string_field(record, "event") else {
+        return Parsed::unusable(
+            InboundResult::Malformed,
+            "the record has no `event` (the SendGrid event type)",
+        );
+    };
+    let occurred_at = match record.get("timestamp") {
+        None => None,
+        Some(t) => match t
+            .as_i64()
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        {
+            Some(t) => Some(t),
+            None => {
+                return Parsed::unusable(
+                    InboundResult::Malformed,
+                    format!("`timestamp` {t} is not a Unix time in seconds"),
+                );
+            }
+        },
+    };
+    let Some((_, status, event_type)) = EVENTS.iter().find(|(name, _, _)| *name == event) else {
+        return Parsed::unusable(
+            InboundResult::Undocumented,
+            format!(
+                "SendGrid event type {event:?} is not one Switchboard reads ({})",
+                EVENTS.map(|(n, _, _)| n).join(", ")
+            ),
+        );
+    };
+    let message_id = string_field(record, "switchboard_message_id").map(str::to_string);
+    let sg_message_id = string_field(record, "sg_message_id");
+    // The X-Message-Id is what precedes the first `.` of sg_message_id.
+    let mut remote_ids = Vec::new();
+    if let Some(sg) = sg_message_id {
+        remote_ids.push(sg.to_string());
+        if let Some((x_message_id, _)) = sg.split_once('.') {
+            remote_ids.push(x_message_id.to_string());
+        }
+    }
+    if message_id.is_none() && remote_ids.is_empty() {
+        return Parsed::unusable(
+            InboundResult::Malformed,
+            "the record names no message: it has neither switchboard_message_id nor sg_message_id",
+        );
+    }
+    // sg_event_id is unique per event; without one the record itself is.
+    let source = match string_field(record, "sg_event_id") {
+        Some(id) => format!("sendgrid:{id}"),
+        None => format!("sendgrid:{}", super::digest(raw.to_string().as_bytes())),
+    };
+    let mut cause = format!("sendgrid {event}");
+    if let Some(why) = string_field(record, "reason").or_else(|| string_field(record, "response")) {
+        cause.push_str(&format!(": {why}"));
+    }
+    let mut details = Map::new();
+    for (from, to) in [
+        ("email", "email"),
+        ("reason", "reason"),
+        ("response", "response"),
+        ("status", "smtp_status"),
+        ("type", "bounce_type"),
+        ("url", "url"),
+        ("attempt", "attempt"),
+        ("asm_group_id", "asm_group_id"),
+    ] {
+        if let Some(v) = record.get(from) {
+            details.insert(to.to_string(), v.clone());
+        }
+    }
+    details.insert("sg_message_id".into(), json!(sg_message_id));
+    details.insert(
+        "sg_event_id".into(),
+        json!(string_field(record, "sg_event_id")),
+    );
+    Parsed::Report(Report {
+        channel: Channel::Email,
+        message_id,
+        remote_ids,
+        status: *status,
+        event_type: (*event_type).to_string(),
+        provider_event: event.to_string(),
+        source,
+        occurred_at,
+        details,
+        cause,
+    })
+}

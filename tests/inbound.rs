@@ -1,0 +1,880 @@
+//! Inbound provider webhooks, end to end: the fixture files of
+//! `../shared/fixtures` posted as-is to the dispatcher's inbound URLs after
+//! real sends (through the SMTP sink and the fake Twilio API) recorded the
+//! messages they report on; statuses, transitions, emitted events, chains
+//! reacting to them, unmatched records, and the refusals (wrong secret,
+//! bad Twilio signature, replayed Standard Webhooks message).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+
+use crate::peers::{HttpReceiver, SmtpSink, TWILIO_TOKEN, WEBHOOK_SECRET};
+use crate::util::{Dispatcher, TIMEOUT, event};
+
+const SENDGRID_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/sendgrid-event-webhook.json"
+);
+const TWILIO_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/twilio-status-callbacks.txt"
+);
+
+/// The AccountSid of the Twilio fixture.
+const TWILIO_ACCOUNT: &str = "AC00000000000000000000000000000000";
+
+fn fixture(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading the fixture {path}: {e}"))
+}
+
+/// POSTs `body` to `url` with `headers`: the status and the JSON answer.
+async fn post(
+    url: &str,
+    content_type: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body.to_string());
+    for (k, v) in headers {
+        request = request.header(*k, v);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("a body");
+    let answer = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("POST {url} answered {status} without JSON ({e}): {text}"));
+    (status, answer)
+}
+
+/// Asserts an API error answer: the status, the JSON error shape and a
+/// message containing `text`.
+#[track_caller]
+fn assert_error(answer: &(u16, Value), status: u16, code: &str, text: &str) {
+    assert_eq!(answer.0, status, "{:#}", answer.1);
+    assert_eq!(answer.1["error"]["code"], code, "{:#}", answer.1);
+    let message = answer.1["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains(text),
+        "{message:?} should contain {text:?}"
+    );
+}
+
+/// `X-Twilio-Signature` of a form POST to `url`.
+fn twilio_signature(token: &str, url: &str, body: &str) -> String {
+    let parsed = reqwest::Url::parse(&format!("http://x/?{body}")).expect("a form body");
+    let mut params: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    params.sort();
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).unwrap();
+    mac.update(url.as_bytes());
+    for (k, v) in params {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    BASE64.encode(mac.finalize().into_bytes())
+}
+
+/// Standard Webhooks headers for `body`, signed with `secret` at `timestamp`.
+fn standard_headers(
+    secret: &str,
+    id: &str,
+    timestamp: i64,
+    body: &str,
+) -> Vec<(&'static str, String)> {
+    let key = BASE64
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    let signature = format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()));
+    vec![
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", signature),
+    ]
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// `switchboard inbound create ACCOUNT PROVIDER [ARGS] --json`: the URL.
+async fn create(d: &Dispatcher, account: &str, provider: &str, args: &[&str]) -> String {
+    let mut all = vec!["inbound", "create", account, provider, "--json"];
+    all.extend(args);
+    let answer = d.cli(&all).await.json();
+    assert_eq!(answer["provider"], provider, "{answer:#}");
+    answer["url"].as_str().expect("a URL").to_string()
+}
+
+/// The account's message records by recipient.
+async fn messages_by_recipient(
+    d: &Dispatcher,
+    account: &str,
+) -> std::collections::BTreeMap<String, Value> {
+    let (status, body) = d.get(&format!("/v1/accounts/{account}/messages")).await;
+    assert_eq!(status, 200, "{body}");
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["recipient"].as_str().unwrap().to_string(), m.clone()))
+        .collect()
+}
+
+/// `switchboard messages show`: the record's status and its path of statuses.
+async fn message_path(d: &Dispatcher, account: &str, id: &str) -> (String, Vec<String>) {
+    let shown = d.cli(&["messages", "show", account, id]).await;
+    let m: Value = serde_json::from_str(shown.ok()).expect("a message record");
+    let path = m["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["to"].as_str().unwrap().to_string())
+        .collect();
+    (m["status"].as_str().unwrap().to_string(), path)
+}
+
+/// The account's unmatched records, newest first.
+async fn unmatched(d: &Dispatcher, account: &str) -> Vec<Value> {
+    let out = d
+        .cli(&["messages", "unmatched", account, "--json"])
+        .await
+        .json();
+    assert_eq!(out["account_key"], account);
+    out["unmatched"].as_array().expect("a list").clone()
+}
+
+/// `switchboard_inbound_records_total{provider, account, result}` (0 when absent).
+async fn inbound_metric(d: &Dispatcher, provider: &str, account: &str, result: &str) -> u64 {
+    let (_, body) = d.get("/metrics").await;
+    let series = format!(
+        "switchboard_inbound_records_total{{provider=\"{provider}\",account=\"{account}\",result=\"{result}\"}} "
+    );
+    body.as_str()
+        .expect("metrics are text")
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |n| n.trim().parse().expect("a counter"))
+}
+
+const SENDGRID_CHAINS: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "mail"
+event_type = "mail"
+[[chains.steps]]
+handler = "send_email"
+config = { to = ["thandi@example.com", "nobody@example.org", "old@example.org"], subject = "Your results", text = "They are in." }
+
+# A bounce marks the contact's address invalid.
+[[chains]]
+name = "bounced"
+conversation_type = "email"
+event_type = "email_bounced"
+[[chains.steps]]
+handler = "create_contact"
+config = { email = "{{ event.event_data.email }}", fields = { email_invalid = true, bounce_reason = "{{ event.event_data.reason }}" } }
+"#;
+
+#[tokio::test]
+async fn sendgrid_events_update_messages_and_reach_chains() {
+    let smtp = SmtpSink::start();
+    // SendGrid answers each message with its X-Message-Id, which starts the
+    // sg_message_id of the fixture's events.
+    smtp.queue_ids(json!({
+        "thandi@example.com": "sgm-0001",
+        "nobody@example.org": "sgm-0002",
+        "old@example.org": "sgm-0003",
+    }));
+    let config = format!(
+        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+        smtp.port()
+    );
+    let d = Dispatcher::with_config(None, &config);
+    d.apply_chains("acme.toml", SENDGRID_CHAINS).await;
+    let sent = event("acme", "survey", "mail", "poll-2026", json!({}));
+    let id = d.post_event(&serde_json::to_value(&sent).unwrap()).await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    let before = messages_by_recipient(&d, "acme").await;
+    for (to, remote) in [
+        ("thandi@example.com", "sgm-0001"),
+        ("nobody@example.org", "sgm-0002"),
+        ("old@example.org", "sgm-0003"),
+    ] {
+        assert_eq!(before[to]["status"], "sent", "{:#}", before[to]);
+        assert_eq!(before[to]["remote_id"], remote, "{:#}", before[to]);
+    }
+
+    // The URL, printed once for people.
+    let printed = d.cli(&["inbound", "create", "acme", "sendgrid"]).await;
+    let url = printed
+        .ok()
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in:\n{}", printed.ok()))
+        .to_string();
+    assert!(
+        url.starts_with(&format!("{}/v1/inbound/acme/sendgrid/", d.url())),
+        "{url}"
+    );
+    assert!(printed.ok().contains("Event Webhook"), "{}", printed.ok());
+
+    // The fixture, posted as-is.
+    let body = fixture(SENDGRID_FIXTURE);
+    let (status, receipt) = post(&url, "application/json", &[], &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(
+        (
+            receipt["records"].as_u64(),
+            receipt["matched"].as_u64(),
+            receipt["unmatched"].as_u64()
+        ),
+        (Some(12), Some(9), Some(3)),
+        "{receipt:#}"
+    );
+    let results: Vec<&str> = receipt["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "matched",
+            "undocumented",
+            "unknown_message",
+            "malformed"
+        ]
+    );
+
+    // Statuses moved, every transition logged with its cause.
+    let thandi = before["thandi@example.com"]["id"].as_str().unwrap();
+    let (status, path) = message_path(&d, "acme", thandi).await;
+    assert_eq!(status, "unsubscribed");
+    assert_eq!(
+        path,
+        [
+            "pending",
+            "sent",
+            "sent",
+            "deferred",
+            "delivered",
+            "opened",
+            "clicked",
+            "spam_reported",
+            "unsubscribed"
+        ]
+    );
+    let nobody = before["nobody@example.org"]["id"].as_str().unwrap();
+    let shown: Value =
+        serde_json::from_str(d.cli(&["messages", "show", "acme", nobody]).await.ok()).unwrap();
+    assert_eq!(shown["status"], "bounced");
+    let last = shown["transitions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["from"], "sent");
+    assert_eq!(last["to"], "bounced");
+    assert_eq!(
+        last["cause"],
+        "sendgrid bounce: 550 5.1.1 unknown recipient"
+    );
+    assert_eq!(last["source"], "sendgrid:ZmE1YjM0-bounce-2");
+    assert!(last["at"].is_string());
+    let old = before["old@example.org"]["id"].as_str().unwrap();
+    assert_eq!(message_path(&d, "acme", old).await.0, "dropped");
+
+    // Each matched record is an event: the bounce ran the chain that marks
+    // the contact's address invalid.
+    let bounce = &receipt["results"][5];
+    assert_eq!(bounce["message_id"], nobody);
+    assert_eq!(bounce["status"], "bounced");
+    assert_eq!(bounce["transition"], "applied");
+    let bounce_id = bounce["event_id"].as_str().unwrap();
+    let trace = d.wait_for_trace("acme", bounce_id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let e = &trace["event"];
+    assert_eq!(
+        (
+            e["conversation_type"].as_str(),
+            e["event_type"].as_str(),
+            e["conversation_key"].as_str()
+        ),
+        (Some("email"), Some("email_bounced"), Some(nobody))
+    );
+    assert_eq!(e["event_data"]["email"], "nobody@example.org");
+    assert_eq!(e["event_data"]["previous_status"], "sent");
+    assert_eq!(e["event_data"]["sent_by"]["event_id"], id.as_str());
+    assert_eq!(
+        e["event_data"]["record"]["sg_event_id"],
+        "ZmE1YjM0-bounce-2"
+    );
+    assert_eq!(e["occurred_at"], "2025-11-22T06:40:20Z");
+    let contact = &trace["chains"][0]["steps"][0]["output"];
+    assert_eq!(contact["email"], "nobody@example.org");
+    assert_eq!(contact["fields"]["email_invalid"], true);
+    assert_eq!(
+        contact["fields"]["bounce_reason"],
+        "550 5.1.1 unknown recipient"
+    );
+    // The others have traces too (no chain takes them: unrouted, counted).
+    let open_id = receipt["results"][3]["event_id"].as_str().unwrap();
+    let trace = d.wait_for_trace("acme", open_id, TIMEOUT).await;
+    assert_eq!(trace["event"]["event_type"], "email_opened");
+    assert_eq!(trace["status"], "unrouted");
+
+    // Unmatched: kept with the record and the reason, listed newest first.
+    let kept = unmatched(&d, "acme").await;
+    let mut reasons: Vec<(&str, &str)> = kept
+        .iter()
+        .map(|u| (u["result"].as_str().unwrap(), u["reason"].as_str().unwrap()))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 3, "{kept:#?}");
+    assert_eq!(reasons[0].0, "malformed");
+    assert!(
+        reasons[0].1.contains("`timestamp` \"not-a-number\""),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[1].0, "undocumented");
+    assert!(
+        reasons[1].1.contains("a_new_event_type_nobody_documented"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[2].0, "unknown_message");
+    assert!(
+        reasons[2]
+            .1
+            .contains("0192f1c0-7b1c-7cc3-9a55-00000000ffff")
+            && reasons[2].1.contains("sgm-9999.unknown"),
+        "{reasons:?}"
+    );
+    let ghost = kept
+        .iter()
+        .find(|u| u["result"] == "unknown_message")
+        .unwrap();
+    assert_eq!(ghost["provider"], "sendgrid");
+    assert_eq!(ghost["record"]["email"], "ghost@example.org");
+    let listed = d.cli(&["messages", "unmatched", "acme"]).await;
+    assert!(listed.ok().contains("unknown_message"), "{}", listed.ok());
+    assert!(listed.ok().contains("sendgrid"), "{}", listed.ok());
+    assert_eq!(inbound_metric(&d, "sendgrid", "acme", "matched").await, 9);
+    assert_eq!(
+        inbound_metric(&d, "sendgrid", "acme", "unknown_message").await,
+        1
+    );
+    assert_eq!(
+        inbound_metric(&d, "sendgrid", "acme", "undocumented").await,
+        1
+    );
+    assert_eq!(inbound_metric(&d, "sendgrid", "acme", "malformed").await, 1);
+
+    // SendGrid posts the batch again (it saw no answer): the same events, no
+    // transition applied twice.
+    let (status, again) = post(&url, "application/json", &[], &body).await;
+    assert_eq!(status, 200, "{again:#}");
+    for (first, second) in receipt["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again["results"].as_array().unwrap())
+    {
+        assert_eq!(first["event_id"], second["event_id"]);
+        if first["result"] == "matched" {
+            assert_eq!(second["transition"], "duplicate", "{second:#}");
+        }
+    }
+    assert_eq!(message_path(&d, "acme", thandi).await.1.len(), 9);
+
+    // A wrong secret, account or provider: 404, in the API's error shape.
+    let secret = url.rsplit('/').next().unwrap();
+    let base = d.url();
+    for wrong in [
+        format!("{base}/v1/inbound/acme/sendgrid/{}", "0".repeat(64)),
+        format!("{base}/v1/inbound/other/sendgrid/{secret}"),
+        format!("{base}/v1/inbound/acme/twilio/{secret}"),
+        format!("{base}/v1/inbound/acme/nosuch/{secret}"),
+    ] {
+        let answer = post(&wrong, "application/json", &[], &body).await;
+        assert_error(&answer, 404, "not_found", "no inbound webhook at this URL");
+    }
+}
+
+#[tokio::test]
+async fn twilio_status_callbacks_are_verified_and_applied() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    // The fake Twilio API answers with the fixture's sids.
+    receiver
+        .twilio_sids(json!({
+            "+27831234567": "SM0001aaaabbbbccccddddeeeeffff0001",
+            "+27830000000": "SM0002aaaabbbbccccddddeeeeffff0002",
+            "+27839999999": "SM0003aaaabbbbccccddddeeeeffff0003",
+        }))
+        .await;
+    // Behind a proxy: Twilio signs the public URL, not the listen address.
+    let public = "https://hooks.example.org/switchboard";
+    let twilio = format!(
+        "[providers.sms.twilio]\ntype = \"twilio\"\naccount_sid = \"{TWILIO_ACCOUNT}\"\nauth_token = \"{TWILIO_TOKEN}\"\nfrom = \"+15005550006\"\nbase_url = \"{}\"\n",
+        receiver.url()
+    );
+    let config = format!("[http]\npublic_url = \"{public}\"\n{twilio}");
+    let mut d = Dispatcher::with_config(None, &config);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+config = { to = ["+27831234567", "+27830000000", "+27839999999"], body = "Your results are in" }
+
+[[chains]]
+name = "failed-sms"
+conversation_type = "sms"
+event_type = "sms_failed"
+[[chains.steps]]
+handler = "log"
+config = { message = "SMS {{ event.event_data.message_id }} failed: {{ event.event_data.error_code }}" }
+"#,
+    )
+    .await;
+    let id = d
+        .post_event(
+            &serde_json::to_value(event("acme", "survey", "notify", "c1", json!({}))).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    let sent = messages_by_recipient(&d, "acme").await;
+    assert_eq!(
+        sent["+27831234567"]["remote_id"],
+        "SM0001aaaabbbbccccddddeeeeffff0001"
+    );
+
+    let url = create(&d, "acme", "twilio", &[]).await;
+    assert!(
+        url.starts_with(&format!("{public}/v1/inbound/acme/twilio/")),
+        "{url}"
+    );
+    // Where the proxy forwards it.
+    let local = format!("{}{}", d.url(), url.strip_prefix(public).unwrap());
+
+    // Each callback of the fixture, as-is, signed as Twilio signs it.
+    let fixture = fixture(TWILIO_FIXTURE);
+    let mut receipts = Vec::new();
+    for body in fixture.lines() {
+        let signature = twilio_signature(TWILIO_TOKEN, &url, body);
+        let (status, receipt) = post(
+            &local,
+            "application/x-www-form-urlencoded",
+            &[("x-twilio-signature", signature)],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}: {receipt:#}");
+        receipts.push(receipt);
+    }
+    let results: Vec<&str> = receipts
+        .iter()
+        .map(|r| r["results"][0]["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["matched", "matched", "matched", "matched", "malformed"]
+    );
+    for (to, status, path) in [
+        (
+            "+27831234567",
+            "delivered",
+            vec!["pending", "sent", "sent", "delivered"],
+        ),
+        (
+            "+27830000000",
+            "undelivered",
+            vec!["pending", "sent", "undelivered"],
+        ),
+        ("+27839999999", "failed", vec!["pending", "sent", "failed"]),
+    ] {
+        let id = sent[to]["id"].as_str().unwrap();
+        assert_eq!(
+            message_path(&d, "acme", id).await,
+            (
+                status.to_string(),
+                path.iter().map(|s| s.to_string()).collect()
+            )
+        );
+    }
+    // Events sms_<status>: the failure ran its chain.
+    let failed = &receipts[3]["results"][0];
+    let trace = d
+        .wait_for_trace("acme", failed["event_id"].as_str().unwrap(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["event"]["event_type"], "sms_failed");
+    assert_eq!(trace["event"]["conversation_type"], "sms");
+    assert_eq!(trace["event"]["event_data"]["error_code"], "21211");
+    assert_eq!(trace["chains"][0]["name"], "failed-sms");
+    let delivered = d
+        .wait_for_trace(
+            "acme",
+            receipts[1]["results"][0]["event_id"].as_str().unwrap(),
+            TIMEOUT,
+        )
+        .await;
+    assert_eq!(delivered["event"]["event_type"], "sms_delivered");
+    let kept = unmatched(&d, "acme").await;
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    assert_eq!(
+        kept[0]["record"],
+        json!({"MessageSid": "", "MessageStatus": "delivered"})
+    );
+
+    // A bad signature (another token, another URL, a changed body, none): 403.
+    let first = fixture.lines().next().unwrap();
+    let tampered = first.replace("MessageStatus=sent", "MessageStatus=failed");
+    for (body, signature) in [
+        (first, Some(twilio_signature("another-token", &url, first))),
+        (first, Some(twilio_signature(TWILIO_TOKEN, &local, first))),
+        (
+            tampered.as_str(),
+            Some(twilio_signature(TWILIO_TOKEN, &url, first)),
+        ),
+        (first, None),
+    ] {
+        let headers: Vec<(&str, String)> = signature
+            .into_iter()
+            .map(|s| ("x-twilio-signature", s))
+            .collect();
+        let answer = post(&local, "application/x-www-form-urlencoded", &headers, body).await;
+        assert_error(&answer, 403, "signature_rejected", "X-Twilio-Signature");
+    }
+    let tampered_id = sent["+27831234567"]["id"].as_str().unwrap();
+    assert_eq!(message_path(&d, "acme", tampered_id).await.0, "delivered");
+    assert_eq!(inbound_metric(&d, "twilio", "acme", "rejected").await, 4);
+    assert_eq!(inbound_metric(&d, "twilio", "acme", "matched").await, 4);
+
+    // Without a Twilio provider the callbacks fail closed, naming the missing config.
+    d.set_config(&format!("[http]\npublic_url = \"{public}\"\n"));
+    d.restart();
+    let local = format!("{}{}", d.url(), url.strip_prefix(public).unwrap());
+    let answer = post(
+        &local,
+        "application/x-www-form-urlencoded",
+        &[(
+            "x-twilio-signature",
+            twilio_signature(TWILIO_TOKEN, &url, first),
+        )],
+        first,
+    )
+    .await;
+    assert_error(
+        &answer,
+        503,
+        "not_configured",
+        "no Twilio provider is configured",
+    );
+    assert_error(&answer, 503, "not_configured", "type = \"twilio\"");
+    let refused = d
+        .cli(&["inbound", "create", "acme", "twilio", "--rotate"])
+        .await;
+    assert!(
+        refused.fails().contains("no Twilio provider is configured"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[tokio::test]
+async fn standard_webhooks_are_verified_and_replays_refused() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "settled"
+conversation_type = "webhook"
+event_type = "payment_settled"
+[[chains.steps]]
+handler = "log"
+config = { message = "payment {{ event.event_data.reference }} settled: {{ event.event_data.amount }}" }
+"#,
+    )
+    .await;
+    // The account secret signatures are checked with: named, and set first.
+    let no_secret = d.cli(&["inbound", "create", "acme", "webhook"]).await;
+    assert!(
+        no_secret.fails().contains("--secret NAME"),
+        "{}",
+        no_secret.stderr
+    );
+    let unset = d
+        .cli(&[
+            "inbound", "create", "acme", "webhook", "--secret", "gateway",
+        ])
+        .await;
+    assert!(
+        unset
+            .fails()
+            .contains("`switchboard secrets set acme gateway`"),
+        "{}",
+        unset.stderr
+    );
+    d.cli(&[
+        "secrets",
+        "set",
+        "acme",
+        "gateway",
+        "--value",
+        WEBHOOK_SECRET,
+    ])
+    .await
+    .ok();
+    let url = create(&d, "acme", "webhook", &["--secret", "gateway"]).await;
+
+    let body = r#"{"event_type": "payment_settled", "reference": "PAY-42", "amount": 500}"#;
+    let signed = standard_headers(
+        WEBHOOK_SECRET,
+        "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+        now(),
+        body,
+    );
+    let (status, receipt) = post(&url, "application/json", &signed, body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    let event_id = receipt["results"][0]["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let trace = d.wait_for_trace("acme", &event_id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["chains"][0]["name"], "settled");
+    let e = &trace["event"];
+    assert_eq!(e["conversation_type"], "webhook");
+    assert_eq!(e["conversation_key"], "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W");
+    assert_eq!(e["event_data"]["reference"], "PAY-42");
+    // The same message again (a sender's retry): the same event.
+    let (_, again) = post(&url, "application/json", &signed, body).await;
+    assert_eq!(again["results"][0]["event_id"], event_id.as_str());
+
+    // Without event_type: webhook_received.
+    let plain = r#"{"status": "ok"}"#;
+    let (status, receipt) = post(
+        &url,
+        "application/json",
+        &standard_headers(WEBHOOK_SECRET, "msg_plain", now(), plain),
+        plain,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let trace = d
+        .wait_for_trace(
+            "acme",
+            receipt["results"][0]["event_id"].as_str().unwrap(),
+            TIMEOUT,
+        )
+        .await;
+    assert_eq!(trace["event"]["event_type"], "webhook_received");
+
+    // A replay: a validly signed message ten minutes old.
+    let replayed = standard_headers(WEBHOOK_SECRET, "msg_old", now() - 600, body);
+    let answer = post(&url, "application/json", &replayed, body).await;
+    assert_error(
+        &answer,
+        403,
+        "signature_rejected",
+        "more than the 300 s allowed",
+    );
+    // From the future, a wrong secret, a changed body, no signature: 403.
+    let future = standard_headers(WEBHOOK_SECRET, "msg_new", now() + 600, body);
+    assert_error(
+        &post(&url, "application/json", &future, body).await,
+        403,
+        "signature_rejected",
+        "webhook-timestamp",
+    );
+    let wrong = standard_headers(
+        "whsec_c2VjcmV0LWtleS1vZi1zb21lb25lLWVsc2U=",
+        "msg_x",
+        now(),
+        body,
+    );
+    assert_error(
+        &post(&url, "application/json", &wrong, body).await,
+        403,
+        "signature_rejected",
+        "no v1 signature",
+    );
+    assert_error(
+        &post(
+            &url,
+            "application/json",
+            &signed,
+            r#"{"event_type": "payment_settled", "amount": 5000}"#,
+        )
+        .await,
+        403,
+        "signature_rejected",
+        "no v1 signature",
+    );
+    assert_error(
+        &post(&url, "application/json", &[], body).await,
+        403,
+        "signature_rejected",
+        "webhook-id header is missing",
+    );
+    assert_eq!(inbound_metric(&d, "webhook", "acme", "rejected").await, 5);
+
+    // Signed, but not an event: accepted and kept as unmatched.
+    let bad = r#"{"event_type": "payment.settled"}"#;
+    let (status, receipt) = post(
+        &url,
+        "application/json",
+        &standard_headers(WEBHOOK_SECRET, "msg_bad", now(), bad),
+        bad,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(receipt["results"][0]["result"], "malformed");
+    let kept = unmatched(&d, "acme").await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["record"], json!({"event_type": "payment.settled"}));
+
+    // The secret removed: fails closed, saying which secret to set.
+    d.cli(&["secrets", "rm", "acme", "gateway"]).await.ok();
+    let answer = post(&url, "application/json", &signed, body).await;
+    assert_error(
+        &answer,
+        503,
+        "not_configured",
+        "`switchboard secrets set acme gateway`",
+    );
+}
+
+#[tokio::test]
+async fn inbound_urls_are_listed_rotated_and_revoked_per_account() {
+    let d = Dispatcher::embedded();
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    let secret = url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(secret.len(), 64, "{url}");
+
+    // Listed without the URL or its secret.
+    let listed = d.cli(&["inbound", "list", "acme", "--json"]).await.json();
+    let hooks = listed["inbound"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0]["provider"], "sendgrid");
+    assert!(hooks[0]["created_at"].is_string());
+    assert!(!listed.to_string().contains(&secret), "{listed}");
+    let text = d.cli(&["inbound", "list", "acme"]).await;
+    assert!(text.ok().contains("sendgrid"), "{}", text.ok());
+    assert!(!text.ok().contains(&secret));
+    assert_eq!(
+        d.cli(&["inbound", "list", "other", "--json"]).await.json()["inbound"],
+        json!([])
+    );
+    let (status, one) = d.get("/v1/accounts/acme/inbound/sendgrid").await;
+    assert_eq!((status, &one["provider"]), (200, &json!("sendgrid")));
+
+    // A second create is refused; --rotate replaces the URL.
+    let again = d.cli(&["inbound", "create", "acme", "sendgrid"]).await;
+    assert!(
+        again
+            .fails()
+            .contains("already has an inbound sendgrid webhook"),
+        "{}",
+        again.stderr
+    );
+    let rotated = create(&d, "acme", "sendgrid", &["--rotate"]).await;
+    assert_ne!(rotated, url);
+    let ok = post(&rotated, "application/json", &[], "[]").await;
+    assert_eq!(ok.0, 200, "{:#}", ok.1);
+    assert_error(
+        &post(&url, "application/json", &[], "[]").await,
+        404,
+        "not_found",
+        "no inbound webhook",
+    );
+
+    // Revoked: 404 from then on.
+    let revoked = d.cli(&["inbound", "revoke", "acme", "sendgrid"]).await;
+    assert!(revoked.ok().contains("answers 404"), "{}", revoked.ok());
+    assert_error(
+        &post(&rotated, "application/json", &[], "[]").await,
+        404,
+        "not_found",
+        "no inbound webhook",
+    );
+    assert_eq!(
+        d.cli(&["inbound", "list", "acme", "--json"]).await.json()["inbound"],
+        json!([])
+    );
+
+    // Unknown providers, secrets for providers that take none.
+    let unknown = d.cli(&["inbound", "create", "acme", "mailgun"]).await;
+    assert!(
+        unknown
+            .fails()
+            .contains("use one of sendgrid, twilio, webhook"),
+        "{}",
+        unknown.stderr
+    );
+    let stray = d
+        .cli(&[
+            "inbound", "create", "acme", "sendgrid", "--secret", "gateway",
+        ])
+        .await;
+    assert!(
+        stray
+            .fails()
+            .contains("--secret is for the webhook provider only"),
+        "{}",
+        stray.stderr
+    );
+
+    // messages/unmatched is its own route, not the message called "unmatched".
+    let (status, body) = d.get("/v1/accounts/acme/messages/unmatched").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["unmatched"], json!([]));
+    let (status, body) = d
+        .get("/v1/accounts/acme/messages/0192f1c0-7b1c-7cc3-9a55-000000000001")
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let empty = d.cli(&["messages", "unmatched", "acme"]).await;
+    assert!(
+        empty.ok().contains("no unmatched inbound records"),
+        "{}",
+        empty.ok()
+    );
+}
