@@ -16,3 +16,4 @@ mod inbound;
 mod matching;
 mod metrics;
 mod rhai;
+mod workers;
