@@ -48,6 +48,10 @@ pub struct DeliveryConfig {
     /// replayed or discarded.
     #[serde(with = "switchboard_rules::duration")]
     pub journal_retention: Duration,
+    /// How long traces are kept (`"7d"`), counted from when an event's
+    /// handling started.
+    #[serde(with = "switchboard_rules::duration")]
+    pub trace_retention: Duration,
     /// How long a shutdown waits for the events being handled (`"30s"`);
     /// those still running then are released to the bus.
     #[serde(with = "switchboard_rules::duration")]
@@ -58,6 +62,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             journal_retention: Duration::from_secs(7 * 86400),
+            trace_retention: Duration::from_secs(7 * 86400),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -295,6 +300,11 @@ impl Config {
         if self.delivery.journal_retention < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(
                 "delivery.journal_retention must be at least 1m: a redelivered event must find its journal".into(),
+            ));
+        }
+        if self.delivery.trace_retention < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "delivery.trace_retention must be at least 1m".into(),
             ));
         }
         if self.limits.max_event_bytes < 512 {

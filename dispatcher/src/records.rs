@@ -106,11 +106,61 @@ impl Traces {
         Self { store }
     }
 
-    /// Records (or replaces) the trace of an event.
+    /// Records (or replaces) the trace of an event, with its entry in the
+    /// expiry index (keyed by when handling started, which later passes keep).
     pub fn put(&self, trace: &Trace) -> Result<(), StoreError> {
-        let k = trace_key(trace.event.account_key.as_str(), &trace.event.id);
-        let v = serde_json::to_vec(trace).expect("a trace serialises");
-        self.store.put(Collection::Traces, &k, &v)
+        let account = trace.event.account_key.as_str();
+        let id = trace.event.id.to_string();
+        let started = (trace.started_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        self.store.write_atomically(&[
+            Write {
+                collection: Collection::Traces,
+                key: key(&[account.as_bytes(), id.as_bytes()]),
+                value: Some(serde_json::to_vec(trace).expect("a trace serialises")),
+            },
+            Write {
+                collection: Collection::TraceTimes,
+                key: key(&[&started.to_be_bytes(), account.as_bytes(), id.as_bytes()]),
+                value: Some(Vec::new()),
+            },
+        ])
+    }
+
+    /// Removes the traces of events whose handling started more than
+    /// `retention` ago (for an event handled again after its record was
+    /// gone, counted from the first time). Returns how many were removed.
+    pub fn expire(&self, retention: std::time::Duration) -> Result<usize, StoreError> {
+        let now = (switchboard_sdk::now().unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let cutoff = now.saturating_sub(retention.as_millis() as u64);
+        let mut removed = 0;
+        loop {
+            // Removed entries are gone, so each batch starts at the front.
+            let batch = self.store.scan_from(Collection::TraceTimes, &[], 512)?;
+            if batch.is_empty() {
+                return Ok(removed);
+            }
+            for (k, _) in batch {
+                let millis = k.get(..8).and_then(|b| b.try_into().ok());
+                if millis.is_some_and(|m| u64::from_be_bytes(m) >= cutoff) {
+                    return Ok(removed);
+                }
+                // `{started}\0{account}\0{id}`: the trace's key is the rest.
+                let trace = k.get(9..).unwrap_or_default().to_vec();
+                self.store.write_atomically(&[
+                    Write {
+                        collection: Collection::TraceTimes,
+                        key: k,
+                        value: None,
+                    },
+                    Write {
+                        collection: Collection::Traces,
+                        key: trace,
+                        value: None,
+                    },
+                ])?;
+                removed += 1;
+            }
+        }
     }
 
     /// The trace of an event of `account`.
@@ -303,5 +353,69 @@ impl DeadLetters {
                 &key(&[account.as_bytes(), id.as_bytes()]),
             )?
             .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
+
+    fn trace(started_at: OffsetDateTime) -> Trace {
+        let event = VumiApiEvent::new(
+            AccountKey::new("acme").expect("a key"),
+            ConversationKey::new("c").expect("a key"),
+            ConversationType::new("t").expect("a type"),
+            EventType::new("e").expect("a type"),
+            json!({}).as_object().expect("an object").clone(),
+        );
+        Trace {
+            parent_id: None,
+            status: TraceStatus::Done,
+            children: Vec::new(),
+            chains: Vec::new(),
+            started_at,
+            finished_at: None,
+            event,
+        }
+    }
+
+    #[test]
+    fn traces_expire_after_the_retention_counted_from_their_start() {
+        let traces = Traces::new(Store::temporary().expect("a store"));
+        let now = switchboard_sdk::now();
+        let old = trace(now - time::Duration::hours(2));
+        let fresh = trace(now);
+        traces.put(&old).expect("put");
+        // A later pass over the same event keeps its start, and its one entry.
+        let mut again = old.clone();
+        again.status = TraceStatus::Dead;
+        traces.put(&again).expect("put");
+        traces.put(&fresh).expect("put");
+
+        assert_eq!(
+            traces
+                .expire(std::time::Duration::from_secs(3 * 3600))
+                .expect("expire"),
+            0
+        );
+        assert_eq!(
+            traces
+                .expire(std::time::Duration::from_secs(3600))
+                .expect("expire"),
+            1
+        );
+        assert_eq!(traces.get("acme", &old.event.id).expect("get"), None);
+        assert_eq!(
+            traces.get("acme", &fresh.event.id).expect("get"),
+            Some(fresh)
+        );
+        assert_eq!(
+            traces
+                .expire(std::time::Duration::from_secs(3600))
+                .expect("expire"),
+            0
+        );
     }
 }

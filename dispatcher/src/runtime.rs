@@ -253,7 +253,12 @@ impl Dispatcher {
             config.delivery.shutdown_grace,
             stopped,
         ));
-        spawn_journal_expiry(executor.journal.clone(), config.delivery.journal_retention);
+        spawn_expiry(
+            executor.journal.clone(),
+            config.delivery.journal_retention,
+            executor.traces.clone(),
+            config.delivery.trace_retention,
+        );
         tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
         Ok(Self {
             executor,
@@ -314,19 +319,39 @@ impl Dispatcher {
     }
 }
 
-/// Expires old journal records now and then, for as long as the process runs.
-fn spawn_journal_expiry(journal: Journal, retention: Duration) {
-    let every = (retention / 24).clamp(Duration::from_secs(10), Duration::from_secs(3600));
+/// Expires old journal records and traces now and then, for as long as the
+/// process runs.
+fn spawn_expiry(
+    journal: Journal,
+    journal_retention: Duration,
+    traces: Traces,
+    trace_retention: Duration,
+) {
+    let every = (journal_retention.min(trace_retention) / 24)
+        .clamp(Duration::from_secs(10), Duration::from_secs(3600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let journal = journal.clone();
-            match tokio::task::spawn_blocking(move || journal.expire(retention)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "expired journal records"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "expiring journal records failed"),
-                Err(e) => tracing::warn!(error = %e, "expiring journal records panicked"),
+            let (journal, traces) = (journal.clone(), traces.clone());
+            let expired = tokio::task::spawn_blocking(move || {
+                (
+                    journal.expire(journal_retention),
+                    traces.expire(trace_retention),
+                )
+            })
+            .await;
+            match expired {
+                Ok((journal, traces)) => {
+                    for (what, result) in [("journal records", journal), ("traces", traces)] {
+                        match result {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(removed = n, "expired {what}"),
+                            Err(e) => tracing::warn!(error = %e, "expiring {what} failed"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "expiring old records panicked"),
             }
         }
     });

@@ -57,11 +57,13 @@ pub enum Collection {
     InboundIndex,
     /// Inbound records that matched nothing: `{account}\0{id (UUID v7)}` → record.
     Unmatched,
+    /// Traces by age, for expiry: `{started:BE u64 ms}\0{account}\0{event id}` → empty.
+    TraceTimes,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 21] = [
+    pub const ALL: [Collection; 22] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -83,6 +85,7 @@ impl Collection {
         Collection::InboundHooks,
         Collection::InboundIndex,
         Collection::Unmatched,
+        Collection::TraceTimes,
     ];
 
     /// The collection's name on disk.
@@ -109,6 +112,7 @@ impl Collection {
             Collection::InboundHooks => "inbound_hooks",
             Collection::InboundIndex => "inbound_index",
             Collection::Unmatched => "unmatched",
+            Collection::TraceTimes => "trace_times",
         }
     }
 
