@@ -608,10 +608,7 @@ impl Executor {
         end: ChainEnd,
         pass: &mut Pass,
     ) -> Result<(), StoreError> {
-        let chain = &mut journal.chains[ci];
-        chain.end = Some(end);
-        chain.retry = None;
-        let Some(replayed) = chain.replaying.take() else {
+        let Some(replayed) = journal.chains[ci].end_with(end) else {
             pass.unwritten = true;
             return Ok(());
         };
@@ -632,10 +629,7 @@ impl Executor {
         letter: &DeadLetter,
         end: ChainEnd,
     ) -> Result<(), Interrupted> {
-        let chain = &mut journal.chains[ci];
-        chain.end = Some(end);
-        chain.retry = None;
-        let replayed = chain.replaying.take();
+        let replayed = journal.chains[ci].end_with(end);
         let mut writes = self.journal.writes(&event.id, journal).to_vec();
         writes.push(DeadLetters::write(letter));
         if let Some(id) = replayed.filter(|id| *id != letter.id) {
@@ -832,18 +826,14 @@ impl Executor {
         let Some(event) = letter.event.clone() else {
             return Err(LetterError::NoEvent(id.to_string()));
         };
-        let journaled = self.journal.get(&event.id)?.filter(|j| {
-            j.chains.iter().any(|c| {
-                matches!(&c.end, Some(ChainEnd::Dead { letter, .. }) if letter == id)
-                    || c.replaying.as_deref() == Some(id)
-            })
-        });
+        let journaled = self
+            .journal
+            .get(&event.id)?
+            .filter(|j| j.chains.iter().any(|c| c.refers_to(id)));
         match journaled {
             Some(mut journal) => {
                 for chain in &mut journal.chains {
-                    let ours = matches!(&chain.end, Some(ChainEnd::Dead { letter, .. }) if letter == id)
-                        || chain.replaying.as_deref() == Some(id);
-                    if ours {
+                    if chain.refers_to(id) {
                         chain.end = None;
                         chain.retry = None;
                         chain.replaying = Some(id.to_string());

@@ -93,6 +93,24 @@ pub enum ChainEnd {
     Discarded,
 }
 
+impl ChainJournal {
+    /// Ends the chain: no retry is pending any more. Returns the dead letter
+    /// it was replayed from, if it was, which the caller removes (or files
+    /// again) in the same write.
+    pub fn end_with(&mut self, end: ChainEnd) -> Option<String> {
+        self.end = Some(end);
+        self.retry = None;
+        self.replaying.take()
+    }
+
+    /// Whether dead letter `letter` is this chain's: filed by it, or being
+    /// replayed into it.
+    pub fn refers_to(&self, letter: &str) -> bool {
+        matches!(&self.end, Some(ChainEnd::Dead { letter: filed, .. }) if filed == letter)
+            || self.replaying.as_deref() == Some(letter)
+    }
+}
+
 impl EventJournal {
     /// A journal for an event taken up now.
     pub fn new() -> Self {
