@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use switchboard_handlers::stores::IdempotencyStore;
-use switchboard_handlers::{EventValue, LogLine, Registry, StepError, StepInput, StepOutput};
+use switchboard_handlers::{
+    Effects, EventValue, LogLine, Registry, StepError, StepInput, StepOutput,
+};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, OnError, StepSpec};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
-use switchboard_store::StoreError;
+use switchboard_store::{Store, StoreError, WriteMark};
 
 use crate::bus::{Bus, BusError};
 use crate::config::LimitsConfig;
@@ -34,8 +36,16 @@ use crate::records::{
 /// What the bus should do with a delivery once the executor is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
-    /// Handled (or filed as dead, expired, unrouted): ack it.
-    Ack,
+    /// Handled (or filed as dead, expired, unrouted): ack it. With
+    /// `flush_first`, once the store is flushed: a journal record or a dead
+    /// letter was written that must survive a crash before the bus forgets
+    /// the event. Without, at once: only its trace was written (the event's
+    /// steps had no side effects and it left no record), and a trace lost in
+    /// a crash loses nothing the guarantees cover.
+    Ack {
+        /// Flush the store before the ack.
+        flush_first: bool,
+    },
     /// Not finished (a step is to be tried again, or the store or bus
     /// failed): deliver it again after the delay.
     Retry(Duration),
@@ -93,8 +103,8 @@ enum Attempt {
         stop: bool,
         /// Its rendered idempotency key, to record.
         idempotency_key: Option<String>,
-        /// Whether it reached outside the dispatcher.
-        side_effects: bool,
+        /// What it changed besides its output.
+        effects: Effects,
     },
     /// It failed and is worth trying again after `delay`.
     Retry {
@@ -105,7 +115,7 @@ enum Attempt {
     Failed {
         trace: StepTrace,
         message: String,
-        side_effects: bool,
+        effects: Effects,
     },
 }
 
@@ -200,7 +210,7 @@ impl Executor {
                     String::from_utf8_lossy(&payload[..payload.len().min(limit)]).into_owned(),
                 );
                 match self.file_dead_letter(&letter).await {
-                    Ok(()) => Err(Disposition::Ack),
+                    Ok(()) => Err(Disposition::Ack { flush_first: true }),
                     Err(e) => {
                         tracing::error!(error = %e, subject, "filing a poison message failed; it will be tried again");
                         Err(Disposition::Retry(INFRA_RETRY))
@@ -235,9 +245,17 @@ impl Executor {
         Ok(())
     }
 
-    /// Handles one decoded event.
-    pub async fn handle(&self, event: &VumiApiEvent) -> Disposition {
-        match self.try_handle(event).await {
+    /// Handles one decoded event. `earlier` is the worker's last outside
+    /// effect whose record may not be durable yet (its event was handed to
+    /// be acked after a flush): this event's first outside step waits for it,
+    /// so that a crash repeats at most one outside effect per worker. It is
+    /// updated for the worker's next event.
+    pub async fn handle(
+        &self,
+        event: &VumiApiEvent,
+        earlier: &mut Option<WriteMark>,
+    ) -> Disposition {
+        match self.try_handle(event, earlier).await {
             Ok(disposition) => disposition,
             Err(e) => {
                 tracing::warn!(account = %event.account_key, event_id = %event.id, error = %e,
@@ -247,7 +265,11 @@ impl Executor {
         }
     }
 
-    async fn try_handle(&self, event: &VumiApiEvent) -> Result<Disposition, Interrupted> {
+    async fn try_handle(
+        &self,
+        event: &VumiApiEvent,
+        earlier: &mut Option<WriteMark>,
+    ) -> Result<Disposition, Interrupted> {
         let account = event.account_key.as_str();
         let started_at = switchboard_sdk::now();
         let mut trace = Trace {
@@ -267,7 +289,7 @@ impl Executor {
                 .count(Outcome::Expired, account, event.event_type.as_str());
             tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
             trace.status = TraceStatus::Expired;
-            return self.finish(trace);
+            return self.finish(trace, false);
         }
 
         if event.depth > self.limits.max_depth {
@@ -280,7 +302,7 @@ impl Executor {
             let letter = DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
             self.file_dead_letter(&letter).await?;
             trace.status = TraceStatus::Dead;
-            return self.finish(trace);
+            return self.finish(trace, true);
         }
 
         let Some(account_chains) = self.chains.lookup(&event.account_key) else {
@@ -310,7 +332,10 @@ impl Executor {
         };
         let mut retry_in: Option<Duration> = None;
         let mut dead = false;
-        let mut pass = Pass::default();
+        let mut pass = Pass {
+            earlier: earlier.take(),
+            ..Pass::default()
+        };
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
@@ -368,9 +393,15 @@ impl Executor {
         pass.unwritten |= published.as_ref().is_ok_and(|changed| *changed);
         // An event whose steps all lack side effects needs no record once it
         // is done: handling it again repeats nothing that matters.
-        if pass.unwritten && (existed || pass.keep || retry_in.is_some()) {
+        let record = pass.unwritten && (existed || pass.keep || retry_in.is_some());
+        if record {
             self.journal.put(&event.id, &journal)?;
         }
+        *earlier = if pass.unflushed {
+            Some(self.store.mark())
+        } else {
+            pass.earlier
+        };
         published?;
         trace.children = journal
             .chains
@@ -390,7 +421,9 @@ impl Executor {
             self.metrics
                 .count(Outcome::Handled, account, event.event_type.as_str());
         }
-        self.finish(trace)
+        // A dead letter, or a record that a side effect or a letter refers
+        // to, must be durable before the ack.
+        self.finish(trace, record || pass.keep || dead)
     }
 
     fn unrouted(&self, mut trace: Trace, why: &str) -> Result<Disposition, Interrupted> {
@@ -405,13 +438,15 @@ impl Executor {
             "unrouted event: {why}"
         );
         trace.status = TraceStatus::Unrouted;
-        self.finish(trace)
+        self.finish(trace, false)
     }
 
-    fn finish(&self, mut trace: Trace) -> Result<Disposition, Interrupted> {
+    /// Writes the final trace; `flush_first` when something else written
+    /// about the event must be durable before its ack.
+    fn finish(&self, mut trace: Trace, flush_first: bool) -> Result<Disposition, Interrupted> {
         trace.finished_at = Some(switchboard_sdk::now());
         self.traces.put(&trace)?;
-        Ok(Disposition::Ack)
+        Ok(Disposition::Ack { flush_first })
     }
 
     /// Publishes the children of finished steps that are not on the bus yet,
@@ -499,14 +534,15 @@ impl Executor {
             // A step that reached outside is durably journaled before the
             // next one that does starts (and before the ack): a crash repeats
             // at most the one step per worker that is not yet durable.
-            if pass.unflushed
+            if pass.awaits_flush(&self.store)
                 && self
                     .registry
                     .get(&step.handler)
-                    .is_some_and(|h| h.has_side_effects())
+                    .is_some_and(|h| h.effects() == Effects::External)
             {
                 self.store.flush().await?;
                 pass.unflushed = false;
+                pass.earlier = None;
             }
             let prior = journal.chains[ci]
                 .retry
@@ -521,7 +557,7 @@ impl Executor {
                     record,
                     stop,
                     idempotency_key,
-                    side_effects,
+                    effects,
                 } => {
                     if let Some(output) = &record.trace.output {
                         outputs.insert(name.to_string(), Value::Object(output.clone()));
@@ -531,7 +567,7 @@ impl Executor {
                     if stop {
                         self.end_chain(event, journal, ci, ChainEnd::Done, pass)?;
                     }
-                    pass.finished(self, event, journal, side_effects)?;
+                    pass.finished(self, event, journal, effects)?;
                     if let Some(key) = idempotency_key {
                         self.idempotency.record(account, &chain.name, name, &key)?;
                     }
@@ -557,7 +593,7 @@ impl Executor {
                 Attempt::Failed {
                     trace,
                     message,
-                    side_effects,
+                    effects,
                 } if step.on_error == OnError::Continue => {
                     tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,
                         step = name, error = %message, "step failed; on_error = \"continue\"");
@@ -566,7 +602,7 @@ impl Executor {
                         children: Vec::new(),
                         published: true,
                     });
-                    pass.finished(self, event, journal, side_effects)?;
+                    pass.finished(self, event, journal, effects)?;
                 }
                 Attempt::Failed { trace, message, .. } => {
                     tracing::warn!(account = %account, event_id = %event.id, chain = chain.name,
@@ -674,14 +710,14 @@ impl Executor {
             logs: Vec::new(),
         });
         trace.attempts += 1;
-        let failed = |mut trace: StepTrace, message: String, side_effects: bool, took: Duration| {
+        let failed = |mut trace: StepTrace, message: String, effects: Effects, took: Duration| {
             self.metrics.step(&step.handler, StepResult::Failed, took);
             trace.outcome = StepOutcome::Failed;
             trace.error = Some(message.clone());
             Attempt::Failed {
                 trace,
                 message,
-                side_effects,
+                effects,
             }
         };
         let Some(handler) = self.registry.get(&step.handler) else {
@@ -691,9 +727,9 @@ impl Executor {
                 "handler {:?} is not available in this dispatcher",
                 step.handler
             );
-            return failed(trace, error, false, Duration::ZERO);
+            return failed(trace, error, Effects::None, Duration::ZERO);
         };
-        let side_effects = handler.has_side_effects();
+        let effects = handler.effects();
         let idempotency_key = match &step.idempotency {
             None => None,
             Some(spec) => {
@@ -704,7 +740,7 @@ impl Executor {
                 ) {
                     Ok(Value::String(s)) => s,
                     Ok(other) => other.to_string(),
-                    Err(error) => return failed(trace, error, false, Duration::ZERO),
+                    Err(error) => return failed(trace, error, Effects::None, Duration::ZERO),
                 };
                 match self.idempotency.seen(
                     &event.account_key,
@@ -736,7 +772,7 @@ impl Executor {
                             },
                             stop: false,
                             idempotency_key: None,
-                            side_effects: false,
+                            effects: Effects::None,
                         };
                     }
                     Ok(false) => Some(key),
@@ -744,7 +780,7 @@ impl Executor {
                         return failed(
                             trace,
                             format!("reading idempotency keys: {e}"),
-                            false,
+                            Effects::None,
                             Duration::ZERO,
                         );
                     }
@@ -786,7 +822,7 @@ impl Executor {
                     },
                     stop: finished.stop,
                     idempotency_key,
-                    side_effects,
+                    effects,
                 }
             }
             Err(StepError::Retryable { message, after })
@@ -807,9 +843,9 @@ impl Executor {
             }
             Err(StepError::Retryable { message, .. }) => {
                 let message = format!("{message} (gave up after {} attempts)", trace.attempts);
-                failed(trace, message, side_effects, took)
+                failed(trace, message, effects, took)
             }
-            Err(StepError::Permanent { message }) => failed(trace, message, side_effects, took),
+            Err(StepError::Permanent { message }) => failed(trace, message, effects, took),
         }
     }
 
@@ -943,8 +979,10 @@ impl Executor {
 /// What one pass over an event has yet to make durable.
 #[derive(Debug, Default)]
 struct Pass {
-    /// A finished step with a side effect awaits a flush.
+    /// A finished step with effects outside the dispatcher awaits a flush.
     unflushed: bool,
+    /// The same, left by the worker's earlier event.
+    earlier: Option<WriteMark>,
     /// The journal record has changes not yet written.
     unwritten: bool,
     /// The record must be kept: a side effect happened, or a retry or a
@@ -953,24 +991,30 @@ struct Pass {
 }
 
 impl Pass {
-    /// A step finished (or failed under `on_error = "continue"`). One with a
-    /// side effect is written at once, to be flushed before the next one;
-    /// one without waits for the event's end.
+    /// Whether an outside effect's record may not be durable yet.
+    fn awaits_flush(&self, store: &Store) -> bool {
+        self.unflushed || self.earlier.is_some_and(|m| !store.is_durable(m))
+    }
+
+    /// A step finished (or failed under `on_error = "continue"`). One with
+    /// effects is written at once, and one with effects outside the
+    /// dispatcher is flushed before the next such step starts; one without
+    /// waits for the event's end.
     fn finished(
         &mut self,
         executor: &Executor,
         event: &VumiApiEvent,
         journal: &EventJournal,
-        side_effects: bool,
+        effects: Effects,
     ) -> Result<(), StoreError> {
-        if side_effects {
-            executor.journal.put(&event.id, journal)?;
-            self.unflushed = true;
-            self.keep = true;
-            self.unwritten = false;
-        } else {
+        if effects == Effects::None {
             self.unwritten = true;
+            return Ok(());
         }
+        executor.journal.put(&event.id, journal)?;
+        self.unflushed |= effects == Effects::External;
+        self.keep = true;
+        self.unwritten = false;
         Ok(())
     }
 }

@@ -171,27 +171,30 @@ impl Journal {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    /// The writes that record `journal` for event `id`: the record, and its
-    /// entry in the expiry index.
+    /// The writes that record `journal` for event `id`: its entry in the
+    /// expiry index, then the record.
     pub fn writes(&self, id: &EventId, journal: &EventJournal) -> [Write; 2] {
         let id = id.to_string();
         [
-            Write {
-                collection: Collection::Journal,
-                key: id.as_bytes().to_vec(),
-                value: Some(serde_json::to_vec(journal).expect("a journal serialises")),
-            },
             Write {
                 collection: Collection::JournalTimes,
                 key: key(&[&journal.started_ms.to_be_bytes(), id.as_bytes()]),
                 value: Some(Vec::new()),
             },
+            Write {
+                collection: Collection::Journal,
+                key: id.as_bytes().to_vec(),
+                value: Some(serde_json::to_vec(journal).expect("a journal serialises")),
+            },
         ]
     }
 
     /// Records `journal` for event `id` (not yet durable: see [`Store::flush`]).
+    /// Not a transaction (those write to disk at once): the index entry
+    /// goes first, so a crash in between leaves an entry that expiry
+    /// removes, never a record that would not expire.
     pub fn put(&self, id: &EventId, journal: &EventJournal) -> Result<(), StoreError> {
-        self.store.write_atomically(&self.writes(id, journal))
+        self.store.write_in_order(&self.writes(id, journal))
     }
 
     /// Removes the records of events taken up more than `retention` ago,
@@ -222,20 +225,21 @@ impl Journal {
                 if held {
                     continue;
                 }
-                let mut writes = vec![Write {
-                    collection: Collection::JournalTimes,
-                    key: k.clone(),
-                    value: None,
-                }];
                 // A record re-written later has a newer index entry of its
                 // own only if its start time changed, which it never does;
-                // so the record goes with its one entry.
-                writes.push(Write {
-                    collection: Collection::Journal,
-                    key: id.to_vec(),
-                    value: None,
-                });
-                self.store.write_atomically(&writes)?;
+                // so the record goes with its one entry, the record first.
+                self.store.write_in_order(&[
+                    Write {
+                        collection: Collection::Journal,
+                        key: id.to_vec(),
+                        value: None,
+                    },
+                    Write {
+                        collection: Collection::JournalTimes,
+                        key: k.clone(),
+                        value: None,
+                    },
+                ])?;
                 removed += 1;
             }
         }

@@ -112,16 +112,18 @@ impl Traces {
         let account = trace.event.account_key.as_str();
         let id = trace.event.id.to_string();
         let started = (trace.started_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        self.store.write_atomically(&[
-            Write {
-                collection: Collection::Traces,
-                key: key(&[account.as_bytes(), id.as_bytes()]),
-                value: Some(serde_json::to_vec(trace).expect("a trace serialises")),
-            },
+        // Index first: a crash in between leaves an entry that expiry
+        // removes, never a trace that would not expire.
+        self.store.write_in_order(&[
             Write {
                 collection: Collection::TraceTimes,
                 key: key(&[&started.to_be_bytes(), account.as_bytes(), id.as_bytes()]),
                 value: Some(Vec::new()),
+            },
+            Write {
+                collection: Collection::Traces,
+                key: key(&[account.as_bytes(), id.as_bytes()]),
+                value: Some(serde_json::to_vec(trace).expect("a trace serialises")),
             },
         ])
     }
@@ -146,15 +148,15 @@ impl Traces {
                 }
                 // `{started}\0{account}\0{id}`: the trace's key is the rest.
                 let trace = k.get(9..).unwrap_or_default().to_vec();
-                self.store.write_atomically(&[
-                    Write {
-                        collection: Collection::TraceTimes,
-                        key: k,
-                        value: None,
-                    },
+                self.store.write_in_order(&[
                     Write {
                         collection: Collection::Traces,
                         key: trace,
+                        value: None,
+                    },
+                    Write {
+                        collection: Collection::TraceTimes,
+                        key: k,
                         value: None,
                     },
                 ])?;

@@ -412,6 +412,8 @@ async fn consume(
     grace: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
+    let settler = tokio::spawn(settle_batches(executor.clone(), settling));
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -422,6 +424,8 @@ async fn consume(
         workers.push(tokio::spawn(
             Worker {
                 executor: executor.clone(),
+                settle: settle.clone(),
+                earlier: None,
                 keepalive,
                 grace,
                 stopped: stopped.clone(),
@@ -447,7 +451,9 @@ async fn consume(
             Ok(event) => event,
             Err(disposition) => {
                 // Poison: acked once its dead letter is durable.
-                settle(&executor, delivery, disposition, "a poison message").await;
+                if let Err(unsent) = settle.send((delivery, disposition)).await {
+                    let _ = unsent.0.0.nak(Duration::ZERO).await;
+                }
                 continue;
             }
         };
@@ -460,9 +466,10 @@ async fn consume(
         }
     }
     // The bus stops pulling and hands over what it already took; workers
-    // finish what they are handling, within the grace period. Everything not
-    // handled then goes back to the bus in bus order, so that a conversation's
-    // events come back in the order they were published.
+    // finish what they are handling, within the grace period, and what they
+    // handled is settled. Everything not handled then goes back to the bus in
+    // bus order, so that a conversation's events come back in the order they
+    // were published.
     let mut released = Vec::new();
     while let Some(delivery) = deliveries.recv().await {
         released.push(delivery);
@@ -473,6 +480,8 @@ async fn consume(
             released.extend(unhandled);
         }
     }
+    drop(settle);
+    let _ = settler.await;
     released.sort_by_key(|d| d.seq);
     if !released.is_empty() {
         executor.bus.quiesce().await;
@@ -488,27 +497,38 @@ async fn consume(
     }
 }
 
-/// Acks a delivery once what was recorded about it is durable, or naks it.
-async fn settle(executor: &Executor, delivery: Delivery, disposition: Disposition, what: &str) {
-    let result = match disposition {
-        Disposition::Ack => match executor.make_durable().await {
-            Ok(()) => delivery.ack().await,
-            Err(e) => {
-                tracing::error!(error = %e, "flushing the store failed; {what} will be handled again");
-                delivery.nak(Duration::from_secs(1)).await
-            }
-        },
-        // The attempt count is durable before the nak, so that a crash does
-        // not hand the step extra attempts.
-        Disposition::Retry(delay) => {
-            if let Err(e) = executor.make_durable().await {
-                tracing::error!(error = %e, "flushing the store failed");
-            }
-            delivery.nak(delay).await
+/// Handled deliveries waiting to be settled. Workers wait only when this
+/// many are waiting; the bus's own limit on unacked messages
+/// (`max_ack_pending` on NATS) usually bounds them first.
+const SETTLE_QUEUE: usize = 4_096;
+
+/// Settles handled deliveries: acks each once what was recorded about it is
+/// durable (or naks it for a retry once the attempt count is). Everything
+/// waiting shares one flush, so a worker goes on to its next event without
+/// waiting for the disk, and the disk sees one flush per batch, not per event.
+async fn settle_batches(
+    executor: Arc<Executor>,
+    mut queue: mpsc::Receiver<(Delivery, Disposition)>,
+) {
+    let mut batch = Vec::with_capacity(SETTLE_QUEUE);
+    while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
+        let durable = executor.make_durable().await;
+        if let Err(e) = &durable {
+            tracing::error!(error = %e, count = batch.len(),
+                "flushing the store failed; these events will be handled again");
         }
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "settling {what} failed; the bus delivers it again");
+        for (delivery, disposition) in batch.drain(..) {
+            let result = match (disposition, &durable) {
+                (Disposition::Ack { .. }, Ok(())) => delivery.ack().await,
+                (Disposition::Ack { .. }, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
+                // A retry's attempt count may be lost with the flush: the
+                // step then gets one more attempt than it should.
+                (Disposition::Retry(delay), _) => delivery.nak(delay).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
+            }
+        }
     }
 }
 
@@ -536,6 +556,11 @@ struct Held {
 /// a time, in bus order, also across retries.
 struct Worker {
     executor: Arc<Executor>,
+    /// Where handled deliveries go to be acked or nakked.
+    settle: mpsc::Sender<(Delivery, Disposition)>,
+    /// This worker's last outside effect whose record may not be durable
+    /// yet (see [`Executor::handle`]).
+    earlier: Option<switchboard_store::WriteMark>,
     keepalive: Option<Duration>,
     grace: Duration,
     stopped: watch::Receiver<bool>,
@@ -574,9 +599,20 @@ impl Worker {
                     held.head = delivery.seq;
                     held.due = tokio::time::Instant::now() + delay;
                 }
-                Disposition::Ack => self.done(&conversation, delivery.seq),
+                Disposition::Ack { flush_first } => {
+                    self.done(&conversation, delivery.seq);
+                    if !flush_first {
+                        if let Err(e) = delivery.ack().await {
+                            tracing::warn!(event_id = %event.id, error = %e, "acking failed; the bus delivers the event again");
+                        }
+                        continue;
+                    }
+                }
             }
-            settle(&self.executor, delivery, disposition, "the event").await;
+            if let Err(unsent) = self.settle.send((delivery, disposition)).await {
+                // The settler is gone (it panicked): give the delivery back.
+                unhandled.push(unsent.0.0);
+            }
         }
         unhandled
     }
@@ -627,7 +663,10 @@ impl Worker {
     async fn handle(&mut self, event: &VumiApiEvent, delivery: &Delivery) -> Option<Disposition> {
         // Every log line of the event's handling carries its account and id.
         let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
-        let handling = self.executor.handle(event).instrument(span);
+        let handling = self
+            .executor
+            .handle(event, &mut self.earlier)
+            .instrument(span);
         tokio::pin!(handling);
         // Tell the bus the event is still being worked on (a slow step), so
         // it is not delivered to someone else meanwhile.

@@ -23,8 +23,8 @@ impl Handler for Log {
     }
 
     /// A log line repeated after a crash harms no one.
-    fn has_side_effects(&self) -> bool {
-        false
+    fn effects(&self) -> crate::Effects {
+        crate::Effects::None
     }
 
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
@@ -190,7 +190,7 @@ impl Handler for Emit {
         true
     }
 
-    fn has_side_effects(&self) -> bool {
-        false
+    fn effects(&self) -> crate::Effects {
+        crate::Effects::None
     }
 }

@@ -35,6 +35,11 @@ impl Handler for CreateContact {
         "create_contact"
     }
 
+    /// A contact is a record in the dispatcher's own store.
+    fn effects(&self) -> crate::Effects {
+        crate::Effects::Local
+    }
+
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
         let mut problems = Vec::new();
         only_known(

@@ -208,14 +208,29 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Whether running the step again would repeat something outside the
-    /// dispatcher (a request, a message, a stored record). The journal makes
-    /// such a step's completion durable before the chain moves on; steps
-    /// without (a log line, an emit, a script) are made durable with the
-    /// event's end, and re-run after a crash in between.
-    fn has_side_effects(&self) -> bool {
-        true
+    /// What running the step changes besides its output, which tells the
+    /// journal how soon its completion must be durable.
+    fn effects(&self) -> Effects {
+        Effects::External
     }
+}
+
+/// What a step changes besides its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effects {
+    /// Nothing (a log line, an emit, whose events the dispatcher publishes,
+    /// a script): the step is journaled with the event's end, and re-run
+    /// after a crash in between.
+    None,
+    /// Records in the dispatcher's own store (a contact): journaled at once
+    /// but not flushed, since the store's log keeps the record only if it
+    /// keeps the change written before it. After a crash the step has
+    /// happened and is journaled, or neither.
+    Local,
+    /// Something outside the dispatcher (a message, a request): journaled at
+    /// once and made durable before the next such step starts, so that a
+    /// crash repeats at most the one step per worker not yet durable.
+    External,
 }
 
 /// The handlers a dispatcher knows, by name, and the account scripts

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Guard, Store, StoreError, Write, key};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
 /// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces,
@@ -178,18 +178,22 @@ impl ContactStore {
                 true,
             ),
         };
-        let mut writes = Vec::new();
+        // New index entries, the record, then stale entries: every prefix a
+        // crash can leave is harmless (the lookup above skips an entry whose
+        // contact is missing, and one left pointing at a contact with a new
+        // msisdn or e-mail finds that contact), with no transaction.
+        let (mut added, mut stale) = (Vec::new(), Vec::new());
         if let Some(m) = upsert.msisdn
             && contact.msisdn.as_ref() != Some(&m)
         {
             if let Some(old) = contact.msisdn.replace(m.clone()) {
-                writes.push(Write {
+                stale.push(Write {
                     collection: Collection::ContactIndex,
                     key: index_key(account, "msisdn", &old),
                     value: None,
                 });
             }
-            writes.push(Write {
+            added.push(Write {
                 collection: Collection::ContactIndex,
                 key: index_key(account, "msisdn", &m),
                 value: Some(contact.key.clone().into_bytes()),
@@ -199,13 +203,13 @@ impl ContactStore {
             && contact.email.as_ref() != Some(&e)
         {
             if let Some(old) = contact.email.replace(e.clone()) {
-                writes.push(Write {
+                stale.push(Write {
                     collection: Collection::ContactIndex,
                     key: index_key(account, "email", &old),
                     value: None,
                 });
             }
-            writes.push(Write {
+            added.push(Write {
                 collection: Collection::ContactIndex,
                 key: index_key(account, "email", &e),
                 value: Some(contact.key.clone().into_bytes()),
@@ -219,12 +223,14 @@ impl ContactStore {
         }
         contact.fields.extend(upsert.fields);
         contact.updated_at = now;
+        let mut writes = added;
         writes.push(Write {
             collection: Collection::Contacts,
             key: contact_key(account, &contact.key),
             value: Some(serde_json::to_vec(&contact).expect("a contact serialises")),
         });
-        self.store.write_atomically(&writes)?;
+        writes.extend(stale);
+        self.store.write_in_order(&writes)?;
         Ok((contact, created))
     }
 
@@ -586,8 +592,8 @@ impl MessageStore {
     }
 
     /// Reads message `id`, lets `change` edit it and writes it back if
-    /// `change` says so, atomically with its remote-id index entry: the write
-    /// only lands if the record did not change meanwhile (another store
+    /// `change` says so, with its remote-id index entry: the write only
+    /// lands if the record did not change meanwhile (another store
     /// instance, e.g. a send step and a delivery report at once), else it is
     /// read and changed again.
     fn update(
@@ -607,25 +613,23 @@ impl MessageStore {
             if !change(&mut m) {
                 return Ok(Some((m, false)));
             }
-            let mut writes = vec![Write {
-                collection: Collection::Messages,
-                key: k.clone(),
-                value: Some(serde_json::to_vec(&m).expect("a message record serialises")),
-            }];
+            // The remote-id index entry first (it only ever points at this
+            // message), then the record, if it did not change meanwhile.
+            // No transaction: those write to disk at once.
             if let Some(remote) = &m.remote_id {
-                writes.push(Write {
-                    collection: Collection::MessageRemoteIds,
-                    key: remote_key(account, m.channel, remote),
-                    value: Some(m.id.clone().into_bytes()),
-                });
+                self.store.put(
+                    Collection::MessageRemoteIds,
+                    &remote_key(account, m.channel, remote),
+                    m.id.as_bytes(),
+                )?;
             }
-            let unchanged = |found: Option<&[u8]>| found == Some(before.as_slice());
-            let guard = Guard {
-                collection: Collection::Messages,
-                key: &k,
-                test: &unchanged,
-            };
-            if self.store.write_atomically_if(Some(guard), &writes)? {
+            let after = serde_json::to_vec(&m).expect("a message record serialises");
+            if self.store.compare_and_swap(
+                Collection::Messages,
+                &k,
+                Some(before.as_slice()),
+                Some(after.as_slice()),
+            )? {
                 return Ok(Some((m, true)));
             }
         }

@@ -10,6 +10,8 @@
 //! so far durable. Callers group-commit: one flush covers many writes.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The named collections. Each is a sled tree of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -190,7 +192,20 @@ pub struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
+    flushes: Arc<FlushCounts>,
 }
+
+/// The group-commit thread's flushes: how many it has begun and finished.
+#[derive(Debug, Default)]
+struct FlushCounts {
+    begun: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// A point in the store's writes: every write made before it is durable
+/// once [`Store::is_durable`] says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMark(u64);
 
 /// Someone waiting for a flush to cover their writes. The request carries the
 /// database, so the flush thread holds it only while it flushes and a dropped
@@ -200,7 +215,7 @@ type FlushWaiter = (sled::Db, tokio::sync::oneshot::Sender<Result<(), String>>);
 /// Group commit: one thread flushes for every caller that asked while the
 /// previous flush ran. (sled 0.34's `flush_async` can hang when several
 /// callers flush at once, so it is not used.)
-fn spawn_flusher() -> std::sync::mpsc::Sender<FlushWaiter> {
+fn spawn_flusher(counts: Arc<FlushCounts>) -> std::sync::mpsc::Sender<FlushWaiter> {
     let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
     std::thread::Builder::new()
         .name("switchboard-flush".into())
@@ -208,7 +223,11 @@ fn spawn_flusher() -> std::sync::mpsc::Sender<FlushWaiter> {
             while let Ok((db, first)) = rx.recv() {
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter().map(|(_, w)| w));
+                let n = counts.begun.fetch_add(1, Ordering::SeqCst) + 1;
                 let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                if result.is_ok() {
+                    counts.finished.store(n, Ordering::SeqCst);
+                }
                 drop(db);
                 for w in waiters {
                     let _ = w.send(result.clone());
@@ -263,8 +282,14 @@ impl Store {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let flusher = spawn_flusher();
-        Ok(Self { db, trees, flusher })
+        let flushes = Arc::new(FlushCounts::default());
+        let flusher = spawn_flusher(flushes.clone());
+        Ok(Self {
+            db,
+            trees,
+            flusher,
+            flushes,
+        })
     }
 
     fn tree(&self, c: Collection) -> &sled::Tree {
@@ -364,8 +389,55 @@ impl Store {
     }
 
     /// Applies every write of `batch` atomically: all of them or none.
+    ///
+    /// A batch of more than one write is a sled transaction, and every sled
+    /// transaction writes the log out to disk at once (a `pwrite` and a
+    /// `sync_file_range` per call, serialised with every other writer): keep
+    /// them off paths taken per event, and use [`Store::write_in_order`]
+    /// where an order makes a crash harmless.
     pub fn write_atomically(&self, batch: &[Write]) -> Result<(), StoreError> {
+        if let [only] = batch {
+            // One key is atomic by itself.
+            return self.write_one(only);
+        }
         self.write_atomically_if(None, batch).map(|_| ())
+    }
+
+    /// Applies the writes of `batch` one after another, without a
+    /// transaction. A crash can keep any prefix of them (the log is
+    /// recovered up to its last complete write), so order them to make every
+    /// prefix harmless: new index entries first, then the record they
+    /// point at, then removals of stale index entries; when removing a
+    /// record, the record first, then its index entries. Readers must take
+    /// an index entry whose record is missing, or no longer matches, for
+    /// no entry.
+    pub fn write_in_order(&self, batch: &[Write]) -> Result<(), StoreError> {
+        batch.iter().try_for_each(|w| self.write_one(w))
+    }
+
+    fn write_one(&self, w: &Write) -> Result<(), StoreError> {
+        let tree = self.tree(w.collection);
+        match &w.value {
+            Some(v) => tree.insert(w.key.as_slice(), v.as_slice()).map(|_| ()),
+            None => tree.remove(w.key.as_slice()).map(|_| ()),
+        }
+        .map_err(io(w.collection))
+    }
+
+    /// Replaces the value under `key` with `new` (`None` removes it) if it
+    /// is still `old` (`None`: absent). Returns whether it was replaced.
+    /// Atomic for the one key, without a transaction.
+    pub fn compare_and_swap(
+        &self,
+        c: Collection,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.tree(c)
+            .compare_and_swap(key, old, new)
+            .map(|r| r.is_ok())
+            .map_err(io(c))
     }
 
     /// Reads the guard's key and, in the same transaction, applies `batch` if
@@ -429,6 +501,18 @@ impl Store {
         rx.await
             .map_err(|_| failed("the flush thread has stopped".into()))?
             .map_err(failed)
+    }
+
+    /// Marks the writes made so far, by any thread: they are durable once a
+    /// [`Store::flush`] that began after this call has finished.
+    pub fn mark(&self) -> WriteMark {
+        WriteMark(self.flushes.begun.load(Ordering::SeqCst) + 1)
+    }
+
+    /// Whether the writes made before `mark` are durable (as far as
+    /// [`Store::flush`] knows: other flushes are not counted).
+    pub fn is_durable(&self, mark: WriteMark) -> bool {
+        self.flushes.finished.load(Ordering::SeqCst) >= mark.0
     }
 
     /// Makes every write so far durable, blocking the thread.

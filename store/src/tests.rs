@@ -103,3 +103,100 @@ fn data_survives_reopening() {
     );
     assert!(s.next_id().unwrap() < s.next_id().unwrap());
 }
+
+#[test]
+fn writes_in_order_apply_puts_and_removals_one_after_another() {
+    let s = Store::temporary().unwrap();
+    s.put(Collection::TraceTimes, b"stale", b"").unwrap();
+    s.write_in_order(&[
+        Write {
+            collection: Collection::TraceTimes,
+            key: b"index".to_vec(),
+            value: Some(Vec::new()),
+        },
+        Write {
+            collection: Collection::Traces,
+            key: b"record".to_vec(),
+            value: Some(b"first".to_vec()),
+        },
+        // A later write of the same key wins.
+        Write {
+            collection: Collection::Traces,
+            key: b"record".to_vec(),
+            value: Some(b"second".to_vec()),
+        },
+        Write {
+            collection: Collection::TraceTimes,
+            key: b"stale".to_vec(),
+            value: None,
+        },
+    ])
+    .unwrap();
+    assert!(s.contains(Collection::TraceTimes, b"index").unwrap());
+    assert!(!s.contains(Collection::TraceTimes, b"stale").unwrap());
+    assert_eq!(
+        s.get(Collection::Traces, b"record").unwrap().as_deref(),
+        Some(&b"second"[..])
+    );
+}
+
+#[test]
+fn compare_and_swap_replaces_only_what_it_expects() {
+    let s = Store::temporary().unwrap();
+    let c = Collection::Messages;
+    // Absent expected: creates.
+    assert!(s.compare_and_swap(c, b"m", None, Some(b"v1")).unwrap());
+    // A stale expectation changes nothing.
+    assert!(!s.compare_and_swap(c, b"m", None, Some(b"v2")).unwrap());
+    assert!(
+        !s.compare_and_swap(c, b"m", Some(b"v0"), Some(b"v2"))
+            .unwrap()
+    );
+    assert_eq!(s.get(c, b"m").unwrap().as_deref(), Some(&b"v1"[..]));
+    assert!(
+        s.compare_and_swap(c, b"m", Some(b"v1"), Some(b"v2"))
+            .unwrap()
+    );
+    assert_eq!(s.get(c, b"m").unwrap().as_deref(), Some(&b"v2"[..]));
+    // `None` as the new value removes.
+    assert!(s.compare_and_swap(c, b"m", Some(b"v2"), None).unwrap());
+    assert_eq!(s.get(c, b"m").unwrap(), None);
+}
+
+#[test]
+fn an_atomic_batch_of_one_write_puts_and_removes() {
+    let s = Store::temporary().unwrap();
+    s.write_atomically(&[Write {
+        collection: Collection::DeadLetters,
+        key: b"letter".to_vec(),
+        value: Some(b"x".to_vec()),
+    }])
+    .unwrap();
+    assert!(s.contains(Collection::DeadLetters, b"letter").unwrap());
+    s.write_atomically(&[Write {
+        collection: Collection::DeadLetters,
+        key: b"letter".to_vec(),
+        value: None,
+    }])
+    .unwrap();
+    assert!(!s.contains(Collection::DeadLetters, b"letter").unwrap());
+}
+
+#[tokio::test]
+async fn a_write_is_durable_once_a_flush_begun_after_its_mark_has_finished() {
+    let s = Store::temporary().unwrap();
+    s.put(Collection::Journal, b"first", b"1").unwrap();
+    let first = s.mark();
+    assert!(!s.is_durable(first), "no flush has run since the write");
+    s.flush().await.unwrap();
+    assert!(s.is_durable(first));
+    s.put(Collection::Journal, b"second", b"2").unwrap();
+    let second = s.mark();
+    assert!(
+        !s.is_durable(second),
+        "the earlier flush began before this write"
+    );
+    assert!(s.is_durable(first));
+    s.flush().await.unwrap();
+    assert!(s.is_durable(second));
+}

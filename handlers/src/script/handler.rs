@@ -88,7 +88,7 @@ impl Handler for ScriptHandler {
     }
 
     /// A script computes: it reads contacts but writes nothing and calls no one.
-    fn has_side_effects(&self) -> bool {
-        false
+    fn effects(&self) -> crate::Effects {
+        crate::Effects::None
     }
 }
