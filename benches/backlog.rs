@@ -14,7 +14,7 @@
 //! levels off once the store's cache is warm and does not grow with N.
 //!
 //! - NATS: a `nats-server -js` in a temporary directory; the events are
-//!   published with a bare JetStream client, a few thousand acks in flight,
+//!   published with a bare JetStream client, 1,024 acks in flight,
 //!   `Nats-Msg-Id` set to the event id.
 //! - Embedded: the events are published in-process into the data directory's
 //!   store through `EmbeddedBus` (concurrent publishes share one flush), which

@@ -26,6 +26,8 @@ const ACCOUNT: &str = "bench";
 const CONVERSATIONS: u64 = 1_000;
 /// The offered load of the latency run.
 const OFFERED_PER_SECOND: f64 = 2_000.0;
+/// A load below what this machine sustains, to show latency without a queue.
+const LIGHT_PER_SECOND: f64 = 250.0;
 /// The webhook signing secret of the account.
 const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -81,7 +83,8 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     let saturation = options.scaled(30_000);
     println!(
         "\n## chain: Rhai → create_contact → send_sms (NATS) → payment_webhook, \
-         {offered} events at {OFFERED_PER_SECOND}/s, then {saturation} at once"
+         {} events at {LIGHT_PER_SECOND}/s, {offered} at {OFFERED_PER_SECOND}/s, then {saturation} at once",
+        options.scaled(5_000)
     );
     let server = NatsServer::start()?;
     let client = async_nats::connect(server.url()).await?;
@@ -137,6 +140,12 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     let warm = batch(options.scaled(2_000));
     offer(&js, &warm, Some(OFFERED_PER_SECOND)).await?;
     receiver.wait_for(&warm, &mut dispatcher).await?;
+
+    let events = batch(options.scaled(5_000));
+    let published = offer(&js, &events, Some(LIGHT_PER_SECOND)).await?;
+    let light = receiver.wait_for(&events, &mut dispatcher).await?;
+    let light = Run::new(&events, &published, &light);
+    println!("offered {LIGHT_PER_SECOND}/s: {light}");
 
     let events = batch(offered);
     let published = offer(&js, &events, Some(OFFERED_PER_SECOND)).await?;
@@ -209,6 +218,11 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         "chain",
         format!("achieved at {OFFERED_PER_SECOND}/s offered"),
         rate(fixed.rate),
+    );
+    report.figure(
+        "chain",
+        format!("latency p50 / p99 / p99.9 at {LIGHT_PER_SECOND}/s offered"),
+        format!("{} / {} / {}", ms(light.p50), ms(light.p99), ms(light.p999)),
     );
     report.check(
         "chain",

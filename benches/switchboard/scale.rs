@@ -27,6 +27,8 @@ struct Figures {
     start: Duration,
     lookup_ns: f64,
     rate: f64,
+    /// Resident once started, with every chain loaded.
+    started_kib: u64,
     hwm_kib: u64,
 }
 
@@ -40,27 +42,31 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         let figures = one_scale(options, accounts, n).await?;
         println!(
             "first start (applies {accounts} chain files) {:.2} s; start {:.2} s; \
-             lookup + match {:.0} ns/event; {}; peak RSS {} MiB",
+             lookup + match {:.0} ns/event; {}; RSS {} MiB once started, peak {} MiB",
             figures.first_start.as_secs_f64(),
             figures.start.as_secs_f64(),
             figures.lookup_ns,
             rate(figures.rate),
+            mib(figures.started_kib),
             mib(figures.hwm_kib)
         );
         all.push(figures);
     }
 
     println!();
-    println!("| accounts | first start s | start s | lookup ns/event | events/s | peak RSS MiB |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| accounts | first start s | start s | lookup ns/event | events/s | RSS started MiB | peak RSS MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for f in &all {
         println!(
-            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",
             f.accounts,
             f.first_start.as_secs_f64(),
             f.start.as_secs_f64(),
             f.lookup_ns,
             f.rate,
+            mib(f.started_kib),
             mib(f.hwm_kib)
         );
     }
@@ -151,7 +157,8 @@ async fn one_scale(options: &crate::Options, accounts: u64, n: u64) -> anyhow::R
     })
     .await?;
     let start = dispatcher.start_took;
-    let drain = crate::route::drain(&mut dispatcher, None, n).await?;
+    let started_kib = dispatcher.rss_kib()?;
+    let drain = crate::route::drain_nats(&mut dispatcher, &js, n).await?;
     let hwm_kib = dispatcher.hwm_kib()?;
     dispatcher.stop().await;
     Ok(Figures {
@@ -160,6 +167,7 @@ async fn one_scale(options: &crate::Options, accounts: u64, n: u64) -> anyhow::R
         start,
         lookup_ns,
         rate: n as f64 / drain.as_secs_f64(),
+        started_kib,
         hwm_kib,
     })
 }
