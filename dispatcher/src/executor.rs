@@ -258,6 +258,9 @@ impl Executor {
         match self.try_handle(event, earlier).await {
             Ok(disposition) => disposition,
             Err(e) => {
+                // The pass may have left an outside step's record unflushed:
+                // the worker's next outside step waits for it.
+                *earlier = Some(self.store.mark());
                 tracing::warn!(account = %event.account_key, event_id = %event.id, error = %e,
                     "handling interrupted; the event will be handled again, resuming after its last finished step");
                 Disposition::Retry(INFRA_RETRY)
@@ -570,6 +573,11 @@ impl Executor {
                     pass.finished(self, event, journal, effects)?;
                     if let Some(key) = idempotency_key {
                         self.idempotency.record(account, &chain.name, name, &key)?;
+                        // The key must be durable before the ack, even for
+                        // a step without effects (an `emit` with a key):
+                        // keeping the record makes the ack wait for a flush.
+                        pass.keep = true;
+                        pass.unwritten = true;
                     }
                     if stop {
                         return Ok(None);

@@ -521,8 +521,9 @@ async fn settle_batches(
             let result = match (disposition, &durable) {
                 (Disposition::Ack { .. }, Ok(())) => delivery.ack().await,
                 (Disposition::Ack { .. }, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
-                // A retry's attempt count may be lost with the flush: the
-                // step then gets one more attempt than it should.
+                // A retry's attempt count is durable only once this flush
+                // is: a crash before it (or a failed flush) gives the step
+                // one more attempt than it should get.
                 (Disposition::Retry(delay), _) => delivery.nak(delay).await,
             };
             if let Err(e) = result {

@@ -150,14 +150,9 @@ impl ContactStore {
         let mut existing = None;
         for (kind, value) in [("msisdn", &upsert.msisdn), ("email", &upsert.email)] {
             let Some(value) = value else { continue };
-            if let Some(k) = self
-                .store
-                .get(Collection::ContactIndex, &index_key(account, kind, value))?
-            {
-                existing = self.get(account, &String::from_utf8_lossy(&k))?;
-                if existing.is_some() {
-                    break;
-                }
+            existing = self.indexed(account, kind, value)?;
+            if existing.is_some() {
+                break;
             }
         }
         let now = switchboard_sdk::now();
@@ -178,10 +173,10 @@ impl ContactStore {
                 true,
             ),
         };
-        // New index entries, the record, then stale entries: every prefix a
-        // crash can leave is harmless (the lookup above skips an entry whose
-        // contact is missing, and one left pointing at a contact with a new
-        // msisdn or e-mail finds that contact), with no transaction.
+        // New index entries, the record, then stale entries, with no
+        // transaction: every prefix a crash can leave is harmless, since
+        // lookups skip an entry whose contact is missing or no longer has
+        // the value.
         let (mut added, mut stale) = (Vec::new(), Vec::new());
         if let Some(m) = upsert.msisdn
             && contact.msisdn.as_ref() != Some(&m)
@@ -249,15 +244,41 @@ impl ContactStore {
         msisdn_or_email: &str,
     ) -> Result<Option<Contact>, StoreError> {
         let index = if msisdn_or_email.contains('@') {
-            normalize_email(msisdn_or_email).map(|e| index_key(account, "email", &e))
+            normalize_email(msisdn_or_email).map(|e| ("email", e))
         } else {
-            normalize_msisdn(msisdn_or_email).map(|m| index_key(account, "msisdn", &m))
+            normalize_msisdn(msisdn_or_email).map(|m| ("msisdn", m))
         };
-        let Ok(index) = index else { return Ok(None) };
-        match self.store.get(Collection::ContactIndex, &index)? {
-            Some(k) => self.get(account, &String::from_utf8_lossy(&k)),
-            None => Ok(None),
+        match index {
+            Ok(("email", e)) => self.indexed(account, "email", &e),
+            Ok((_, m)) => self.indexed(account, "msisdn", &m),
+            Err(_) => Ok(None),
         }
+    }
+
+    /// The contact the index has for `kind` (`msisdn` or `email`) `value`,
+    /// if that contact still has it: index entries are written without a
+    /// transaction, so a crash can leave one pointing at a contact that no
+    /// longer has the value, or at none.
+    fn indexed(
+        &self,
+        account: &AccountKey,
+        kind: &str,
+        value: &str,
+    ) -> Result<Option<Contact>, StoreError> {
+        let Some(k) = self
+            .store
+            .get(Collection::ContactIndex, &index_key(account, kind, value))?
+        else {
+            return Ok(None);
+        };
+        let contact = self.get(account, &String::from_utf8_lossy(&k))?;
+        Ok(contact.filter(|c| {
+            let has = match kind {
+                "email" => c.email.as_deref(),
+                _ => c.msisdn.as_deref(),
+            };
+            has == Some(value)
+        }))
     }
 
     /// Up to `limit` contacts of `account`, oldest first.
@@ -832,5 +853,52 @@ impl crate::script::ContactLookup for ContactStore {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(msisdn: &str) -> ContactUpsert {
+        ContactUpsert {
+            msisdn: Some(msisdn.to_string()),
+            email: None,
+            name: None,
+            language: None,
+            fields: Map::new(),
+        }
+    }
+
+    /// A crash between a contact's writes can leave an index entry pointing
+    /// at a contact that no longer has that number: lookups must not take
+    /// it, or a stranger's number would be merged into that contact.
+    #[test]
+    fn a_stale_index_entry_is_taken_for_none() {
+        let store = Store::temporary().unwrap();
+        let contacts = ContactStore::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let (thandi, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(created);
+        // As a crash could leave it: the number's entry points at a contact
+        // with another number.
+        store
+            .put(
+                Collection::ContactIndex,
+                &index_key(&acme, "msisdn", "+27820000002"),
+                thandi.key.as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(contacts.find(&acme, "+27820000002").unwrap(), None);
+        let (other, created) = contacts.upsert(&acme, upsert("+27820000002")).unwrap();
+        assert!(created, "a new contact, not Thandi's");
+        assert_ne!(other.key, thandi.key);
+        let thandi_now = contacts.find(&acme, "+27820000001").unwrap().unwrap();
+        assert_eq!(thandi_now.key, thandi.key);
+        assert_eq!(thandi_now.msisdn.as_deref(), Some("+27820000001"));
+        assert_eq!(
+            contacts.find(&acme, "+27820000002").unwrap().unwrap().key,
+            other.key
+        );
     }
 }
