@@ -119,3 +119,60 @@ fn checking() {
     let p = problems(json!({"x": "{% if %}"}), &[]);
     assert!(p[0].contains("does not compile: syntax error"), "{p:?}");
 }
+
+#[test]
+fn compiled_templates_are_kept_and_render_the_same_each_time() {
+    let t = Templates::new();
+    let s = scope(&t);
+    for source in [
+        "Hi {{ event.event_data.name }}",
+        // A name ending in .html must not turn on escaping.
+        "Hi {{ event.event_data.name }} at page.html",
+        "{{ event.event_data.score * 2 }}",
+    ] {
+        let first = t.render(&json!(source), "config", &s).unwrap();
+        let again = t.render(&json!(source), "config", &s).unwrap();
+        assert_eq!(first, again, "{source}");
+    }
+    assert_eq!(
+        t.render(
+            &json!("Hi {{ event.event_data.name }} at page.html"),
+            "config",
+            &s
+        )
+        .unwrap(),
+        json!("Hi <Thandi> at page.html")
+    );
+    assert_eq!(
+        t.render(&json!("{{ event.event_data.score * 2 }}"), "config", &s)
+            .unwrap(),
+        json!(8)
+    );
+    // An error is reported each time, not cached as a result.
+    for _ in 0..2 {
+        let e = t
+            .render(&json!("{{ event.nope }} x"), "config", &s)
+            .unwrap_err();
+        assert!(e.contains("event.nope"), "{e}");
+    }
+}
+
+#[test]
+fn the_cache_starts_over_when_full_and_keeps_rendering() {
+    let t = Templates::new();
+    let s = scope(&t);
+    for i in 0..CACHE_LIMIT + 10 {
+        let template = format!("{i}: {{{{ event.event_data.score }}}}");
+        assert_eq!(
+            t.render(&json!(template), "config", &s).unwrap(),
+            json!(format!("{i}: 4"))
+        );
+        let expression = format!("{{{{ event.event_data.score + {i} }}}}");
+        assert_eq!(
+            t.render(&json!(expression), "config", &s).unwrap(),
+            json!(4 + i)
+        );
+    }
+    assert!(t.templates.read().unwrap().count <= CACHE_LIMIT);
+    assert!(t.expressions.read().unwrap().len() <= CACHE_LIMIT);
+}
