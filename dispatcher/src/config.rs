@@ -89,6 +89,11 @@ pub struct BusConfig {
     /// Seconds a NATS delivery may go unacked before it is redelivered (the
     /// dispatcher reports progress while a step runs).
     pub ack_wait_secs: u64,
+    /// NATS only: how many servers of a JetStream cluster keep each stream
+    /// the dispatcher creates (events, dead letters, outbound commands) and
+    /// its consumer; 3 on a three-node cluster, so that losing a server loses
+    /// nothing and stops nothing.
+    pub stream_replicas: usize,
 }
 
 impl Default for BusConfig {
@@ -97,6 +102,7 @@ impl Default for BusConfig {
             nats_url: None,
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
             ack_wait_secs: crate::bus::nats::DEFAULT_ACK_WAIT.as_secs(),
+            stream_replicas: 1,
         }
     }
 }
@@ -291,6 +297,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits.concurrency must be at least 1".into(),
             ));
+        }
+        if !(1..=5).contains(&self.bus.stream_replicas) {
+            return Err(ConfigError::Invalid(format!(
+                "bus.stream_replicas is {}: JetStream keeps a stream on 1 to 5 servers",
+                self.bus.stream_replicas
+            )));
         }
         if self.bus.ack_wait_secs == 0 {
             return Err(ConfigError::Invalid(

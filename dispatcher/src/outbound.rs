@@ -362,17 +362,24 @@ pub struct NatsCommands {
 }
 
 impl NatsCommands {
-    /// Makes sure the outbound stream exists.
-    pub async fn new(client: async_nats::Client, prefix: &str) -> Result<Self, String> {
+    /// Makes sure the outbound stream exists (kept on `replicas` servers).
+    pub async fn new(
+        client: async_nats::Client,
+        prefix: &str,
+        replicas: usize,
+    ) -> Result<Self, String> {
         let js = jetstream::new(client);
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: switchboard_sdk::nats::stream_name(prefix, OUTBOUND_STREAM),
-            subjects: vec![format!("{prefix}.outbound.>")],
-            duplicate_window: switchboard_sdk::nats::DUPLICATE_WINDOW,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("creating stream {OUTBOUND_STREAM}: {e}"))?;
+        crate::bus::nats::ensure_stream(
+            &js,
+            jetstream::stream::Config {
+                name: switchboard_sdk::nats::stream_name(prefix, OUTBOUND_STREAM),
+                subjects: vec![format!("{prefix}.outbound.>")],
+                duplicate_window: switchboard_sdk::nats::DUPLICATE_WINDOW,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Self {
             js,
             prefix: prefix.to_string(),

@@ -127,11 +127,13 @@ impl Dispatcher {
                     // buffers is bounded by the pull batch instead.
                     (config.limits.concurrency * 4).max(1024),
                     Duration::from_secs(config.bus.ack_wait_secs),
+                    config.bus.stream_replicas,
                 )
                 .await?;
-                let commands = NatsCommands::new(bus.client().clone(), &prefix)
-                    .await
-                    .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
+                let commands =
+                    NatsCommands::new(bus.client().clone(), &prefix, config.bus.stream_replicas)
+                        .await
+                        .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
                 (Arc::new(bus), Arc::new(commands))
             }
             None => (

@@ -74,6 +74,31 @@ pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
     }
 }
 
+/// Creates the stream `config` describes unless it exists. One that exists
+/// is used as it is: a replica count other than the configured one is only
+/// reported (change it with `nats stream edit NAME --replicas N`).
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    config: jetstream::stream::Config,
+) -> Result<(), String> {
+    let name = config.name.clone();
+    let wanted = config.num_replicas.max(1);
+    let mut stream = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| format!("creating stream {name}: {e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("reading stream {name}: {e}"))?;
+    let kept = info.config.num_replicas.max(1);
+    if kept != wanted {
+        tracing::warn!(stream = %name, replicas = kept, configured = wanted,
+            "the stream exists with another replica count than bus.stream_replicas; it is used as it is");
+    }
+    Ok(())
+}
+
 /// The NATS JetStream bus.
 #[derive(Debug, Clone)]
 pub struct NatsBus {
@@ -88,13 +113,15 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects to `url` and makes sure the events stream and the consumer exist.
+    /// Connects to `url` and makes sure the events and dead-letter streams
+    /// exist, kept on `replicas` servers of the cluster.
     pub async fn connect(
         url: &str,
         prefix: &str,
         max_bytes: usize,
         max_ack_pending: usize,
         ack_wait: Duration,
+        replicas: usize,
     ) -> Result<Self, BusError> {
         // Credentials in the URL become connect options; messages show the
         // URL without them.
@@ -107,18 +134,22 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Unavailable(format!("connecting to NATS at {url}: {e}")))?;
         let js = jetstream::new(client.clone());
-        js.get_or_create_stream(events_stream_config(prefix))
-            .await
-            .map_err(|e| {
-                BusError::Unavailable(format!(
-                    "creating stream {} on {url} (is JetStream enabled? start nats-server with -js): {e}",
-                    events_stream_config(prefix).name
-                ))
-            })?;
-        let dead = dead_letters_stream_config(prefix);
-        js.get_or_create_stream(dead.clone()).await.map_err(|e| {
-            BusError::Unavailable(format!("creating stream {} on {url}: {e}", dead.name))
+        let events = jetstream::stream::Config {
+            num_replicas: replicas,
+            ..events_stream_config(prefix)
+        };
+        ensure_stream(&js, events).await.map_err(|e| {
+            BusError::Unavailable(format!(
+                "{e} on {url} (is JetStream enabled? start nats-server with -js)"
+            ))
         })?;
+        let dead = jetstream::stream::Config {
+            num_replicas: replicas,
+            ..dead_letters_stream_config(prefix)
+        };
+        ensure_stream(&js, dead)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("{e} on {url}")))?;
         let emitter = NatsEmitter::new(client.clone())
             .with_prefix(prefix)
             .with_max_bytes(max_bytes);
