@@ -48,7 +48,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     let (mut raw, mut emitted) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         let events = batch(per_round);
-        let took = raw_publish(&js, &events, PUBLISH_WINDOW).await?;
+        let (_, took) = raw_publish(&js, &events, PUBLISH_WINDOW, None).await?;
         raw.push(per_round as f64 / took.as_secs_f64());
         let events = batch(per_round);
         let took = emit(&emitter, &events, PUBLISH_WINDOW).await?;
@@ -65,7 +65,8 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     // One at a time: the cost the emitter adds to a worker that waits for
     // each event to be stored.
     let events = batch(SERIAL_EVENTS);
-    let raw_serial = SERIAL_EVENTS as f64 / raw_publish(&js, &events, 1).await?.as_secs_f64();
+    let raw_serial =
+        SERIAL_EVENTS as f64 / raw_publish(&js, &events, 1, None).await?.1.as_secs_f64();
     let events = batch(SERIAL_EVENTS);
     let emit_serial = SERIAL_EVENTS as f64 / emit(&emitter, &events, 1).await?.as_secs_f64();
     println!(
@@ -115,12 +116,15 @@ pub fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// Publishes pre-encoded events with `window` acks in flight.
-async fn raw_publish(
+/// Publishes `events` with a bare client and `window` acks in flight, at
+/// `per_second` or as fast as the bus takes them; returns when each was
+/// published and how long it all took.
+pub async fn raw_publish(
     js: &jetstream::Context,
     events: &[VumiApiEvent],
     window: usize,
-) -> anyhow::Result<Duration> {
+    per_second: Option<f64>,
+) -> anyhow::Result<(Vec<Instant>, Duration)> {
     // Encoding is not the bus's cost: done before the clock starts.
     let encoded: Vec<(String, Bytes, String)> = events
         .iter()
@@ -132,9 +136,15 @@ async fn raw_publish(
             )
         })
         .collect();
-    let started = Instant::now();
+    let mut published = Vec::with_capacity(events.len());
     let mut acks = FuturesUnordered::new();
-    for (subject, payload, id) in encoded {
+    let started = tokio::time::Instant::now();
+    for (i, (subject, payload, id)) in encoded.into_iter().enumerate() {
+        if let Some(per_second) = per_second {
+            tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / per_second))
+                .await;
+        }
+        published.push(Instant::now());
         let message = PublishMessage::build().payload(payload).message_id(id);
         acks.push(js.send_publish(subject, message).await?.into_future());
         while acks.len() >= window {
@@ -144,7 +154,7 @@ async fn raw_publish(
     while let Some(ack) = acks.next().await {
         ack?;
     }
-    Ok(started.elapsed())
+    Ok((published, started.elapsed()))
 }
 
 /// Emits events through the sdk with `window` emits in flight.

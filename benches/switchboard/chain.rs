@@ -9,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use axum::extract::State;
 use axum::http::StatusCode;
 use bytes::Bytes;
-use futures::StreamExt as _;
-use futures::stream::FuturesUnordered;
 use switchboard_sdk::VumiApiEvent;
 
 use crate::common::{Dispatcher, NatsServer, PUBLISH_WINDOW, Spec, mib, poll_event};
@@ -250,42 +248,18 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Publishes `events`, at `per_second` or as fast as the bus takes them;
+/// Publishes `events` at `per_second`, or as fast as the bus takes them;
 /// returns when each was published.
 async fn offer(
     js: &jetstream::Context,
     events: &[VumiApiEvent],
     per_second: Option<f64>,
 ) -> anyhow::Result<Vec<Instant>> {
-    let encoded: Vec<(String, Bytes, String)> = events
-        .iter()
-        .map(|e| {
-            (
-                e.subject(PREFIX),
-                Bytes::from(e.to_json()),
-                e.id.to_string(),
-            )
-        })
-        .collect();
-    let mut published = Vec::with_capacity(events.len());
-    let mut acks = FuturesUnordered::new();
-    let started = tokio::time::Instant::now();
-    for (i, (subject, payload, id)) in encoded.into_iter().enumerate() {
-        if let Some(per_second) = per_second {
-            tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / per_second))
-                .await;
-        }
-        published.push(Instant::now());
-        let message = PublishMessage::build().payload(payload).message_id(id);
-        acks.push(js.send_publish(subject, message).await?.into_future());
-        while acks.len() >= PUBLISH_WINDOW {
-            acks.next().await.expect("a pending ack")?;
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
-    Ok(published)
+    Ok(
+        crate::bus::raw_publish(js, events, PUBLISH_WINDOW, per_second)
+            .await?
+            .0,
+    )
 }
 
 /// What one run of events measured.
