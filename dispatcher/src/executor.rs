@@ -36,16 +36,11 @@ use crate::records::{
 /// What the bus should do with a delivery once the executor is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
-    /// Handled (or filed as dead, expired, unrouted): ack it. With
-    /// `flush_first`, once the store is flushed: a journal record or a dead
-    /// letter was written that must survive a crash before the bus forgets
-    /// the event. Without, at once: only its trace was written (the event's
-    /// steps had no side effects and it left no record), and a trace lost in
-    /// a crash loses nothing the guarantees cover.
-    Ack {
-        /// Flush the store before the ack.
-        flush_first: bool,
-    },
+    /// Handled (or filed as dead, expired, unrouted): ack it once the store
+    /// is flushed, so that what was written about the event (its trace, a
+    /// journal record, a dead letter) survives a crash before the bus
+    /// forgets the event.
+    Ack,
     /// Not finished (a step is to be tried again, or the store or bus
     /// failed): deliver it again after the delay.
     Retry(Duration),
@@ -210,7 +205,7 @@ impl Executor {
                     String::from_utf8_lossy(&payload[..payload.len().min(limit)]).into_owned(),
                 );
                 match self.file_dead_letter(&letter).await {
-                    Ok(()) => Err(Disposition::Ack { flush_first: true }),
+                    Ok(()) => Err(Disposition::Ack),
                     Err(e) => {
                         tracing::error!(error = %e, subject, "filing a poison message failed; it will be tried again");
                         Err(Disposition::Retry(INFRA_RETRY))
@@ -292,7 +287,7 @@ impl Executor {
                 .count(Outcome::Expired, account, event.event_type.as_str());
             tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
             trace.status = TraceStatus::Expired;
-            return self.finish(trace, false);
+            return self.finish(trace);
         }
 
         if event.depth > self.limits.max_depth {
@@ -305,7 +300,7 @@ impl Executor {
             let letter = DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
             self.file_dead_letter(&letter).await?;
             trace.status = TraceStatus::Dead;
-            return self.finish(trace, true);
+            return self.finish(trace);
         }
 
         let Some(account_chains) = self.chains.lookup(&event.account_key) else {
@@ -424,9 +419,7 @@ impl Executor {
             self.metrics
                 .count(Outcome::Handled, account, event.event_type.as_str());
         }
-        // A dead letter, or a record that a side effect or a letter refers
-        // to, must be durable before the ack.
-        self.finish(trace, record || pass.keep || dead)
+        self.finish(trace)
     }
 
     fn unrouted(&self, mut trace: Trace, why: &str) -> Result<Disposition, Interrupted> {
@@ -441,15 +434,14 @@ impl Executor {
             "unrouted event: {why}"
         );
         trace.status = TraceStatus::Unrouted;
-        self.finish(trace, false)
+        self.finish(trace)
     }
 
-    /// Writes the final trace; `flush_first` when something else written
-    /// about the event must be durable before its ack.
-    fn finish(&self, mut trace: Trace, flush_first: bool) -> Result<Disposition, Interrupted> {
+    /// Writes the final trace; the ack waits for it to be flushed.
+    fn finish(&self, mut trace: Trace) -> Result<Disposition, Interrupted> {
         trace.finished_at = Some(switchboard_sdk::now());
         self.traces.put(&trace)?;
-        Ok(Disposition::Ack { flush_first })
+        Ok(Disposition::Ack)
     }
 
     /// Publishes the children of finished steps that are not on the bus yet,
@@ -573,9 +565,10 @@ impl Executor {
                     pass.finished(self, event, journal, effects)?;
                     if let Some(key) = idempotency_key {
                         self.idempotency.record(account, &chain.name, name, &key)?;
-                        // The key must be durable before the ack, even for
-                        // a step without effects (an `emit` with a key):
-                        // keeping the record makes the ack wait for a flush.
+                        // Keep the record even for a step without effects
+                        // (an `emit` with a key): a redelivery then resumes
+                        // after the step instead of finding it skipped by
+                        // its own key.
                         pass.keep = true;
                         pass.unwritten = true;
                     }

@@ -521,8 +521,8 @@ async fn settle_batches(
         }
         for (delivery, disposition) in batch.drain(..) {
             let result = match (disposition, &durable) {
-                (Disposition::Ack { .. }, Ok(())) => delivery.ack().await,
-                (Disposition::Ack { .. }, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
+                (Disposition::Ack, Ok(())) => delivery.ack().await,
+                (Disposition::Ack, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
                 // A retry's attempt count is durable only once this flush
                 // is: a crash before it (or a failed flush) gives the step
                 // one more attempt than it should get.
@@ -602,14 +602,8 @@ impl Worker {
                     held.head = delivery.seq;
                     held.due = tokio::time::Instant::now() + delay;
                 }
-                Disposition::Ack { flush_first } => {
+                Disposition::Ack => {
                     self.done(&conversation, delivery.seq);
-                    if !flush_first {
-                        if let Err(e) = delivery.ack().await {
-                            tracing::warn!(event_id = %event.id, error = %e, "acking failed; the bus delivers the event again");
-                        }
-                        continue;
-                    }
                 }
             }
             if let Err(unsent) = self.settle.send((delivery, disposition)).await {
