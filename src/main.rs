@@ -256,6 +256,11 @@ struct RunArgs {
     /// NATS server URL; without it the embedded bus is used.
     #[arg(long, env = "SWITCHBOARD_NATS_URL")]
     nats: Option<String>,
+    /// Run as one of several replicas on one NATS JetStream cluster, sharing
+    /// chains, scripts, secrets, contacts, the journal and the rest through
+    /// a JetStream key-value bucket (`bus.replicated`).
+    #[arg(long, env = "SWITCHBOARD_REPLICATED")]
+    replicated: bool,
     /// Data directory.
     #[arg(long, env = "SWITCHBOARD_DATA")]
     data: Option<PathBuf>,
@@ -735,6 +740,7 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
     switchboard_dispatcher::init_logging(args.log_format == "json", "info");
     let overrides = Overrides {
         nats_url: args.nats,
+        replicated: args.replicated,
         data_dir: args.data,
         listen: args.listen,
         subject_prefix: args.subject_prefix,

@@ -16,5 +16,6 @@ mod handlers;
 mod inbound;
 mod matching;
 mod metrics;
+mod replicas;
 mod rhai;
 mod workers;

@@ -31,6 +31,9 @@ use crate::records::LetterStatus;
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct ApiState {
+    /// Set once the dispatcher has started: caught up with the shared state
+    /// (replicas), chain files applied, consuming.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The executor and everything it holds.
     pub executor: Arc<Executor>,
     /// Contacts of every account.
@@ -302,7 +305,9 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         .store
         .get(switchboard_store::Collection::Chains, b"")
         .is_ok();
-    let ready = bus && store;
+    let started = s.ready.load(std::sync::atomic::Ordering::SeqCst);
+    let caught_up = s.executor.store.is_caught_up();
+    let ready = started && bus && store && caught_up;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -315,6 +320,9 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             "bus": s.executor.bus.kind(),
             "bus_connected": bus,
             "store_open": store,
+            "started": started,
+            "replicated": s.executor.store.is_replicated(),
+            "caught_up": caught_up,
         })),
     )
         .into_response()

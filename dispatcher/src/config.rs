@@ -94,6 +94,10 @@ pub struct BusConfig {
     /// its consumer; 3 on a three-node cluster, so that losing a server loses
     /// nothing and stops nothing.
     pub stream_replicas: usize,
+    /// NATS only: run as one of several replicas sharing state through the
+    /// JetStream key-value bucket `switchboard` (with `stream_replicas`
+    /// copies), instead of keeping it in this process's data directory.
+    pub replicated: bool,
 }
 
 impl Default for BusConfig {
@@ -103,6 +107,7 @@ impl Default for BusConfig {
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
             ack_wait_secs: crate::bus::nats::DEFAULT_ACK_WAIT.as_secs(),
             stream_replicas: 1,
+            replicated: false,
         }
     }
 }
@@ -210,6 +215,8 @@ pub enum ConfigError {
 pub struct Overrides {
     /// `bus.nats_url`
     pub nats_url: Option<String>,
+    /// `bus.replicated` (only ever turns it on)
+    pub replicated: bool,
     /// `store.data_dir`
     pub data_dir: Option<PathBuf>,
     /// `http.listen`
@@ -236,6 +243,7 @@ impl Config {
         };
         let Overrides {
             nats_url,
+            replicated,
             data_dir,
             listen,
             subject_prefix,
@@ -248,6 +256,7 @@ impl Config {
         if nats_url.is_some() {
             config.bus.nats_url = nats_url;
         }
+        config.bus.replicated |= replicated;
         if let Some(v) = data_dir {
             config.store.data_dir = v;
         }
@@ -322,6 +331,13 @@ impl Config {
         if self.limits.max_event_bytes < 512 {
             return Err(ConfigError::Invalid(
                 "limits.max_event_bytes must be at least 512".into(),
+            ));
+        }
+        if self.bus.replicated && self.bus.nats_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "bus.replicated: replicas share state through NATS JetStream, but no NATS URL is \
+                 configured (set bus.nats_url or --nats)"
+                    .into(),
             ));
         }
         if self.bus.nats_url.is_none()

@@ -11,7 +11,8 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::sms::SmsProvider;
@@ -19,7 +20,7 @@ use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore,
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
-use switchboard_store::Store;
+use switchboard_store::{Change, Collection, Store};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -98,9 +99,15 @@ impl Dispatcher {
                 config.store.data_dir.display()
             ))
         })?;
-        let store = Store::open(&config.store.data_dir.join("store"))?;
         let (admin_token, admin_token_file) = match &config.http.admin_token {
             Some(token) => (token.clone(), None),
+            None if config.bus.replicated => {
+                return Err(StartError::Config(
+                    "bus.replicated: set http.admin_token (or SWITCHBOARD_ADMIN_TOKEN), the same \
+                     for every replica, so that each accepts it"
+                        .into(),
+                ));
+            }
             None => {
                 let (token, path, created) = crate::auth::admin_token_file(&config.store.data_dir)
                     .map_err(StartError::Config)?;
@@ -112,19 +119,22 @@ impl Dispatcher {
                 (token, Some(path))
             }
         };
-        let auth = Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone())));
         let prefix = config.bus.subject_prefix.clone();
-        let (bus, commands): (Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config.bus.nats_url {
+        let (store, bus, commands): (Store, Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config
+            .bus
+            .nats_url
+        {
             Some(url) => {
                 let bus = NatsBus::connect(
                     url,
                     &prefix,
                     config.limits.max_event_bytes,
-                    // Unacked messages out at once: those being handled and
-                    // those waiting on the server for a retry (nakked with a
-                    // delay). Generous, so that one account's failing
-                    // receiver cannot hold up the others; what this process
-                    // buffers is bounded by the pull batch instead.
+                    // Unacked messages out at once: those being handled
+                    // and those waiting on the server for a retry
+                    // (nakked with a delay). Generous, so that one
+                    // account's failing receiver cannot hold up the
+                    // others; what this process buffers is bounded by
+                    // the pull batch instead.
                     (config.limits.concurrency * 4).max(1024),
                     Duration::from_secs(config.bus.ack_wait_secs),
                     config.bus.stream_replicas,
@@ -134,13 +144,27 @@ impl Dispatcher {
                     NatsCommands::new(bus.client().clone(), &prefix, config.bus.stream_replicas)
                         .await
                         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
-                (Arc::new(bus), Arc::new(commands))
+                let store = if config.bus.replicated {
+                    let (options, url) = switchboard_sdk::nats::connect_options(url);
+                    Store::replicated(
+                        &config.store.data_dir.join("replica"),
+                        options.name("switchboard-dispatcher-state"),
+                        &url,
+                        config.bus.stream_replicas,
+                    )
+                    .await?
+                } else {
+                    Store::open(&config.store.data_dir.join("store"))?
+                };
+                (store, Arc::new(bus), Arc::new(commands))
             }
-            None => (
-                Arc::new(EmbeddedBus::open(store.clone(), &prefix)?),
-                Arc::new(NoCommands),
-            ),
+            None => {
+                let store = Store::open(&config.store.data_dir.join("store"))?;
+                let bus = EmbeddedBus::open(store.clone(), &prefix)?;
+                (store, Arc::new(bus), Arc::new(NoCommands))
+            }
         };
+        let auth = Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone())));
         let metrics = Arc::new(Metrics::default());
         let mail = LettreMail::new(&config.providers.email, metrics.clone())
             .map_err(StartError::Config)?;
@@ -166,10 +190,6 @@ impl Dispatcher {
             .with_scripts(scripts),
         );
         let chains = Arc::new(ChainStore::open(store.clone())?);
-        let applied = match chains_dir {
-            Some(dir) => apply_chain_dir(&chains, &registry, dir)?,
-            None => Vec::new(),
-        };
         let executor = Arc::new(Executor {
             chains,
             registry,
@@ -209,7 +229,9 @@ impl Dispatcher {
                 _ => None,
             })
             .collect();
+        let ready = Arc::new(AtomicBool::new(false));
         let app = router(ApiState {
+            ready: ready.clone(),
             executor: executor.clone(),
             contacts: ContactStore::new(store.clone()),
             messages: MessageStore::new(store.clone()),
@@ -244,9 +266,27 @@ impl Dispatcher {
             }
         });
 
-        let deliveries = bus
-            .consume(config.limits.concurrency, stopped.clone())
-            .await?;
+        // The API answers (`/readyz` says not ready) while a replica catches
+        // up with the shared state and the chain files are applied.
+        let rest = async {
+            follow_replicas(&store, &executor).await?;
+            let applied = match chains_dir {
+                Some(dir) => apply_chain_dir(&executor.chains, &executor.registry, dir)?,
+                None => Vec::new(),
+            };
+            let deliveries = bus
+                .consume(config.limits.concurrency, stopped.clone())
+                .await?;
+            Ok::<_, StartError>((applied, deliveries))
+        };
+        let (applied, deliveries) = match rest.await {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = stop.send(true);
+                let _ = server.await;
+                return Err(e);
+            }
+        };
         let consumer = tokio::spawn(consume(
             executor.clone(),
             deliveries,
@@ -261,7 +301,8 @@ impl Dispatcher {
             executor.traces.clone(),
             config.delivery.trace_retention,
         );
-        tracing::info!(bus = bus.kind(), api = %local_addr, "dispatcher started");
+        ready.store(true, Ordering::SeqCst);
+        tracing::info!(bus = bus.kind(), api = %local_addr, replicated = store.is_replicated(), "dispatcher started");
         Ok(Self {
             executor,
             store,
@@ -532,6 +573,83 @@ async fn settle_batches(
                 tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
             }
         }
+    }
+}
+
+/// In the replicated store: waits until this replica's copy of the shared
+/// state is caught up, then keeps its in-memory chains and compiled scripts
+/// in step with the changes other replicas make.
+async fn follow_replicas(store: &Store, executor: &Arc<Executor>) -> Result<(), StartError> {
+    let Some(mut changes) = store.changes() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    tracing::info!("catching up with the shared state");
+    store.caught_up().await;
+    let refresh_all = |executor: &Executor| -> Result<(), switchboard_rules::ChainStoreError> {
+        executor.chains.reload_all()?;
+        if let Some(scripts) = executor.registry.scripts() {
+            scripts.forget_all();
+        }
+        Ok(())
+    };
+    refresh_all(executor)?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        accounts = executor.chains.accounts().len(),
+        "caught up with the shared state"
+    );
+    let executor = executor.clone();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match changes.recv().await {
+                Ok(change) => apply_change(&executor, &change),
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "too many shared-state changes at once: reloading every account's chains"
+                    );
+                    if let Err(e) = refresh_all(&executor) {
+                        tracing::error!(error = %e, "reloading the chains failed");
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Brings this replica's caches in step with one change another replica made.
+fn apply_change(executor: &Executor, change: &Change) {
+    let mut parts = change.key.split(|b| *b == 0);
+    let account = parts
+        .next()
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| AccountKey::new(a).ok());
+    let Some(account) = account else { return };
+    match change.collection {
+        Collection::Chains => match executor.chains.reload(&account) {
+            Ok(version) => tracing::info!(
+                %account, ?version, delay_ms = change.delay.as_millis() as u64,
+                "chains changed by another replica: now in use here"
+            ),
+            Err(e) => {
+                tracing::error!(%account, error = %e, "reloading chains changed by another replica failed")
+            }
+        },
+        Collection::Scripts => {
+            if let (Some(scripts), Some(name)) = (
+                executor.registry.scripts(),
+                parts.next().and_then(|n| std::str::from_utf8(n).ok()),
+            ) {
+                scripts.forget(&account, name);
+                tracing::info!(%account, script = name, delay_ms = change.delay.as_millis() as u64,
+                    "script changed by another replica: the next use compiles it");
+            }
+        }
+        _ => {}
     }
 }
 

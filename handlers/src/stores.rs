@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, Write, key};
+use switchboard_store::{Collection, Store, StoreError, key};
 use time::OffsetDateTime;
 
 /// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces,
@@ -145,6 +145,22 @@ impl ContactStore {
         upsert: ContactUpsert,
     ) -> Result<(Contact, bool), StoreError> {
         let _guard = self.writer.lock().expect("contact writer lock");
+        loop {
+            if let Some(done) = self.try_upsert(account, &upsert)? {
+                return Ok(done);
+            }
+            // Another writer (a replica) claimed a value or changed the
+            // contact meanwhile: read again.
+        }
+    }
+
+    /// One attempt at [`ContactStore::upsert`]; `None` when another writer
+    /// got in between.
+    fn try_upsert(
+        &self,
+        account: &AccountKey,
+        upsert: &ContactUpsert,
+    ) -> Result<Option<(Contact, bool)>, StoreError> {
         // A read error fails the upsert (and the step, retryably): taking it
         // for "no such contact" would create a duplicate.
         let mut existing = None;
@@ -173,60 +189,98 @@ impl ContactStore {
                 true,
             ),
         };
-        // New index entries, the record, then stale entries, with no
+        let record_key = contact_key(account, &contact.key);
+        let before = if created {
+            None
+        } else {
+            self.store.get(Collection::Contacts, &record_key)?
+        };
+        // New index entries are claimed by compare-and-swap (from absent, or
+        // from an entry that no longer holds), then the record is written
+        // if it did not change meanwhile, then stale entries go. No
         // transaction: every prefix a crash can leave is harmless, since
         // lookups skip an entry whose contact is missing or no longer has
         // the value.
         let (mut added, mut stale) = (Vec::new(), Vec::new());
-        if let Some(m) = upsert.msisdn
-            && contact.msisdn.as_ref() != Some(&m)
+        if let Some(m) = &upsert.msisdn
+            && contact.msisdn.as_ref() != Some(m)
         {
             if let Some(old) = contact.msisdn.replace(m.clone()) {
-                stale.push(Write {
-                    collection: Collection::ContactIndex,
-                    key: index_key(account, "msisdn", &old),
-                    value: None,
-                });
+                stale.push(index_key(account, "msisdn", &old));
             }
-            added.push(Write {
-                collection: Collection::ContactIndex,
-                key: index_key(account, "msisdn", &m),
-                value: Some(contact.key.clone().into_bytes()),
-            });
+            added.push(index_key(account, "msisdn", m));
         }
-        if let Some(e) = upsert.email
-            && contact.email.as_ref() != Some(&e)
+        if let Some(e) = &upsert.email
+            && contact.email.as_ref() != Some(e)
         {
             if let Some(old) = contact.email.replace(e.clone()) {
-                stale.push(Write {
-                    collection: Collection::ContactIndex,
-                    key: index_key(account, "email", &old),
-                    value: None,
-                });
+                stale.push(index_key(account, "email", &old));
             }
-            added.push(Write {
-                collection: Collection::ContactIndex,
-                key: index_key(account, "email", &e),
-                value: Some(contact.key.clone().into_bytes()),
-            });
+            added.push(index_key(account, "email", e));
         }
         if upsert.name.is_some() {
-            contact.name = upsert.name;
+            contact.name.clone_from(&upsert.name);
         }
         if upsert.language.is_some() {
-            contact.language = upsert.language;
+            contact.language.clone_from(&upsert.language);
         }
-        contact.fields.extend(upsert.fields);
+        contact
+            .fields
+            .extend(upsert.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
         contact.updated_at = now;
-        let mut writes = added;
-        writes.push(Write {
-            collection: Collection::Contacts,
-            key: contact_key(account, &contact.key),
-            value: Some(serde_json::to_vec(&contact).expect("a contact serialises")),
-        });
-        writes.extend(stale);
-        self.store.write_in_order(&writes)?;
-        Ok((contact, created))
+        for k in &added {
+            let found = self.store.get(Collection::ContactIndex, k)?;
+            if let Some(holder) = &found
+                && holder.as_slice() != contact.key.as_bytes()
+                && self.holds(account, holder, k)?
+            {
+                // Someone else's contact has the value now.
+                return Ok(None);
+            }
+            if !self.store.compare_and_swap(
+                Collection::ContactIndex,
+                k,
+                found.as_deref(),
+                Some(contact.key.as_bytes()),
+            )? {
+                return Ok(None);
+            }
+        }
+        let after = serde_json::to_vec(&contact).expect("a contact serialises");
+        if !self.store.compare_and_swap(
+            Collection::Contacts,
+            &record_key,
+            before.as_deref(),
+            Some(&after),
+        )? {
+            return Ok(None);
+        }
+        for k in stale {
+            // Only if it still points here: another contact may hold the
+            // value now.
+            self.store.compare_and_swap(
+                Collection::ContactIndex,
+                &k,
+                Some(contact.key.as_bytes()),
+                None,
+            )?;
+        }
+        Ok(Some((contact, created)))
+    }
+
+    /// Whether the index entry `index` (pointing at contact `holder`) still
+    /// holds: the contact exists and has the entry's value.
+    fn holds(&self, account: &AccountKey, holder: &[u8], index: &[u8]) -> Result<bool, StoreError> {
+        let Some(contact) = self.get(account, &String::from_utf8_lossy(holder))? else {
+            return Ok(false);
+        };
+        Ok([("msisdn", &contact.msisdn), ("email", &contact.email)]
+            .into_iter()
+            .any(|(kind, value)| {
+                value
+                    .as_deref()
+                    .is_some_and(|v| index_key(account, kind, v) == index)
+            }))
     }
 
     /// The contact `key` of `account`.

@@ -96,14 +96,7 @@ pub struct ChainStore {
 impl ChainStore {
     /// Opens the chain store, loading every account's current chains.
     pub fn open(store: Store) -> Result<Self, ChainStoreError> {
-        let mut current = HashMap::new();
-        for (k, v) in store.scan_prefix(Collection::Chains, b"")? {
-            let version = decode(&String::from_utf8_lossy(&k), &v)?;
-            current.insert(
-                version.account_key.clone(),
-                Arc::new(AccountChains::new(version.version, version.to_file())),
-            );
-        }
+        let current = load_all(&store)?;
         Ok(Self {
             store,
             current: RwLock::new(current),
@@ -118,6 +111,39 @@ impl ChainStore {
             .expect("chain cache lock")
             .get(account)
             .cloned()
+    }
+
+    /// Reloads `account`'s current chains from the store (another replica
+    /// changed them); returns the version now in use, if any.
+    pub fn reload(&self, account: &AccountKey) -> Result<Option<u64>, ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        let stored = self.current(account)?;
+        let mut current = self.current.write().expect("chain cache lock");
+        match stored {
+            Some(version) => {
+                let number = version.version;
+                if current.get(account).map(|c| c.version()) != Some(number) {
+                    current.insert(
+                        account.clone(),
+                        Arc::new(AccountChains::new(number, version.to_file())),
+                    );
+                }
+                Ok(Some(number))
+            }
+            None => {
+                current.remove(account);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reloads every account's chains from the store (after catching up
+    /// with other replicas).
+    pub fn reload_all(&self) -> Result<(), ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        let fresh = load_all(&self.store)?;
+        *self.current.write().expect("chain cache lock") = fresh;
+        Ok(())
     }
 
     /// Every account that has chains (possibly an empty set after `remove_all`).
@@ -277,6 +303,19 @@ impl ChainStore {
             .insert(account, indexed);
         Ok(record)
     }
+}
+
+/// Every account's current chains, indexed for matching.
+fn load_all(store: &Store) -> Result<HashMap<AccountKey, Arc<AccountChains>>, ChainStoreError> {
+    let mut current = HashMap::new();
+    for (k, v) in store.scan_prefix(Collection::Chains, b"")? {
+        let version = decode(&String::from_utf8_lossy(&k), &v)?;
+        current.insert(
+            version.account_key.clone(),
+            Arc::new(AccountChains::new(version.version, version.to_file())),
+        );
+    }
+    Ok(current)
 }
 
 fn version_key(account: &AccountKey, version: u64) -> Vec<u8> {

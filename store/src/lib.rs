@@ -2,16 +2,24 @@
 //! [`Collection`] of this store, and nothing else in the code base calls sled.
 //!
 //! The API is deliberately small — get, put, remove, ordered scans, atomic
-//! multi-collection writes, compare-and-swap, flush — so the backend can be
-//! swapped (sled 0.34.7 today; replicated JetStream key-value buckets later)
-//! without touching the crates above it.
+//! multi-collection writes, compare-and-swap, flush — so that two backends
+//! serve the crates above it unchanged:
 //!
-//! Durability: writes are buffered; [`Store::flush`] makes everything written
-//! so far durable. Callers group-commit: one flush covers many writes.
+//! - [`Store::open`]: sled 0.34.7 alone, for one dispatcher. Writes are
+//!   buffered; [`Store::flush`] makes everything written so far durable, and
+//!   callers group-commit: one flush covers many writes.
+//! - [`Store::replicated`]: several dispatcher replicas on one NATS JetStream
+//!   cluster. The shared collections live in a key-value bucket and every
+//!   write is durable once it returns; reads come from a local sled copy fed
+//!   by a watch of the bucket (see `replicated.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+mod replicated;
+
+pub use replicated::{BUCKET, Change};
 
 /// The named collections. Each is a sled tree of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +126,12 @@ impl Collection {
         }
     }
 
+    /// Whether replicas share the collection (in the replicated backend):
+    /// all but the embedded bus's own.
+    pub fn is_shared(self) -> bool {
+        !matches!(self, Collection::BusQueue | Collection::BusDedup)
+    }
+
     fn index(self) -> usize {
         Self::ALL
             .iter()
@@ -142,6 +156,18 @@ pub enum StoreError {
     Flush {
         /// What sled said.
         message: String,
+    },
+    /// The replicated backend's bucket refused or missed a write or read.
+    #[error("shared state: {message}")]
+    Remote {
+        /// What failed, and what the NATS server said.
+        message: String,
+    },
+    /// The backend cannot do this.
+    #[error("the replicated store does not support {what}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
     },
     /// A read or write failed.
     #[error("store collection {collection}: {source}")]
@@ -193,6 +219,8 @@ pub struct Store {
     trees: Vec<sled::Tree>,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
     flushes: Arc<FlushCounts>,
+    /// The bucket, in the replicated backend.
+    replica: Option<Arc<replicated::Replica>>,
 }
 
 /// The group-commit thread's flushes: how many it has begun and finished.
@@ -289,7 +317,70 @@ impl Store {
             trees,
             flusher,
             flushes,
+            replica: None,
         })
+    }
+
+    /// Opens the replicated store: the shared collections in the JetStream
+    /// key-value bucket [`BUCKET`] (created with `replicas` copies if
+    /// missing), read through a local copy in `dir`, which is rebuilt from
+    /// the bucket. The synchronous methods wait for the NATS server in
+    /// place (on a multi-threaded runtime, in `block_in_place`).
+    pub async fn replicated(
+        dir: &Path,
+        options: async_nats::ConnectOptions,
+        url: &str,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
+        let mut store = Self::open(dir)?;
+        let revisions =
+            store
+                .db
+                .open_tree("replica_revisions")
+                .map_err(|source| StoreError::Io {
+                    collection: "replica_revisions",
+                    source,
+                })?;
+        store.replica = Some(
+            replicated::Replica::start(
+                options,
+                url.to_string(),
+                replicas,
+                store.trees.clone(),
+                revisions,
+            )
+            .await?,
+        );
+        Ok(store)
+    }
+
+    /// Whether this is the replicated backend.
+    pub fn is_replicated(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Whether the local copy holds everything the shared bucket held when
+    /// the store opened (always, for the sled backend).
+    pub fn is_caught_up(&self) -> bool {
+        self.replica.as_ref().is_none_or(|r| r.is_caught_up())
+    }
+
+    /// Waits until [`Store::is_caught_up`].
+    pub async fn caught_up(&self) {
+        if let Some(r) = &self.replica {
+            r.caught_up().await;
+        }
+    }
+
+    /// The changes other replicas make, as the local copy applies them
+    /// (`None` for the sled backend, where nobody else writes).
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        self.replica.as_ref().map(|r| r.subscribe())
+    }
+
+    /// The bucket, when `c` lives there.
+    fn shared(&self, c: Collection) -> Option<&Arc<replicated::Replica>> {
+        self.replica.as_ref().filter(|_| c.is_shared())
     }
 
     fn tree(&self, c: Collection) -> &sled::Tree {
@@ -306,6 +397,13 @@ impl Store {
 
     /// Puts `value` under `key`.
     pub fn put(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if self.shared(c).is_some() {
+            return self.write_one(&Write {
+                collection: c,
+                key: key.to_vec(),
+                value: Some(value.to_vec()),
+            });
+        }
         self.tree(c).insert(key, value).map(|_| ()).map_err(io(c))
     }
 
@@ -316,6 +414,9 @@ impl Store {
         key: &[u8],
         value: &[u8],
     ) -> Result<bool, StoreError> {
+        if let Some(r) = self.shared(c) {
+            return r.compare_and_swap(c, key, None, Some(value));
+        }
         self.tree(c)
             .compare_and_swap(key, None as Option<&[u8]>, Some(value))
             .map(|r| r.is_ok())
@@ -324,6 +425,17 @@ impl Store {
 
     /// Removes `key`; returns the value it had.
     pub fn remove(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.shared(c).is_some() {
+            let old = self.get(c, key)?;
+            if old.is_some() {
+                self.write_one(&Write {
+                    collection: c,
+                    key: key.to_vec(),
+                    value: None,
+                })?;
+            }
+            return Ok(old);
+        }
         self.tree(c)
             .remove(key)
             .map(|v| v.map(|v| v.to_vec()))
@@ -400,6 +512,14 @@ impl Store {
             // One key is atomic by itself.
             return self.write_one(only);
         }
+        if let Some(r) = &self.replica {
+            if batch.iter().any(|w| !w.collection.is_shared()) {
+                return Err(StoreError::Unsupported {
+                    what: "batches with the embedded bus's collections",
+                });
+            }
+            return r.write_all(batch);
+        }
         self.write_atomically_if(None, batch).map(|_| ())
     }
 
@@ -416,6 +536,9 @@ impl Store {
     }
 
     fn write_one(&self, w: &Write) -> Result<(), StoreError> {
+        if let Some(r) = self.shared(w.collection) {
+            return r.write(w);
+        }
         let tree = self.tree(w.collection);
         match &w.value {
             Some(v) => tree.insert(w.key.as_slice(), v.as_slice()).map(|_| ()),
@@ -434,6 +557,9 @@ impl Store {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
+        if let Some(r) = self.shared(c) {
+            return r.compare_and_swap(c, key, old, new);
+        }
         self.tree(c)
             .compare_and_swap(key, old, new)
             .map(|r| r.is_ok())
@@ -448,6 +574,11 @@ impl Store {
         guard: Option<Guard<'_>>,
         batch: &[Write],
     ) -> Result<bool, StoreError> {
+        if self.replica.is_some() {
+            return Err(StoreError::Unsupported {
+                what: "guarded batches (the embedded bus)",
+            });
+        }
         let mut involved: Vec<Collection> = batch.iter().map(|w| w.collection).collect();
         involved.extend(guard.as_ref().map(|g| g.collection));
         involved.sort_by_key(|c| c.index());
@@ -492,7 +623,11 @@ impl Store {
     }
 
     /// Makes every write so far durable. Concurrent callers share flushes.
+    /// (In the replicated backend every write is durable once it returns.)
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.replica.is_some() {
+            return Ok(());
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let failed = |message: String| StoreError::Flush { message };
         self.flusher
@@ -512,11 +647,17 @@ impl Store {
     /// Whether the writes made before `mark` are durable (as far as
     /// [`Store::flush`] knows: other flushes are not counted).
     pub fn is_durable(&self, mark: WriteMark) -> bool {
+        if self.replica.is_some() {
+            return true;
+        }
         self.flushes.finished.load(Ordering::SeqCst) >= mark.0
     }
 
     /// Makes every write so far durable, blocking the thread.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        if self.replica.is_some() {
+            return Ok(());
+        }
         self.db
             .flush()
             .map(|_| ())

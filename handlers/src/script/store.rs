@@ -283,6 +283,22 @@ impl ScriptStore {
         decode(account, name, &removed)
     }
 
+    /// Drops the compiled copy of a script that another replica changed:
+    /// the next use compiles the stored version.
+    pub fn forget(&self, account: &AccountKey, name: &str) {
+        let _guard = self.writer.lock().expect("script writer lock");
+        self.cache
+            .write()
+            .expect("script cache lock")
+            .remove(&(account.clone(), name.to_string()));
+    }
+
+    /// Drops every compiled script (after catching up with other replicas).
+    pub fn forget_all(&self) {
+        let _guard = self.writer.lock().expect("script writer lock");
+        self.cache.write().expect("script cache lock").clear();
+    }
+
     /// The compiled current version of a script, compiling it on first use.
     pub fn compiled(
         &self,

@@ -1,0 +1,594 @@
+//! The replicated backend: the shared collections live in one JetStream
+//! key-value bucket, replicated by the NATS cluster; each dispatcher replica
+//! keeps a local copy in sled, fed by a watch of the bucket, for reads and
+//! ordered scans.
+//!
+//! - A write is a publish to the bucket's stream, acknowledged once the
+//!   stream's replicas have it: that ack is the write's durability point.
+//!   It is then applied to the local copy at once (a replica reads its own
+//!   writes), and comes back through the watch, where it changes nothing.
+//! - The local copy keeps each key's bucket revision and applies an entry
+//!   only when it is newer, so a write and the watch can race harmlessly.
+//! - Compare-and-swap sends the revision the local copy holds as
+//!   `Nats-Expected-Last-Subject-Sequence`: the stream refuses the write if
+//!   another replica wrote the key since. The caller then reads again.
+//! - A batch of writes that must be atomic is one atomic batch publish
+//!   (ADR-50; nats-server 2.12 or later), so the watch delivers all of it or
+//!   none.
+//! - The local copy is rebuilt from the bucket at every start; the replica is
+//!   caught up once it has applied every entry the bucket held at start.
+//!
+//! Keys: `{collection}.{key as unpadded base64url}` (`=` for the empty key),
+//! which are valid subject tokens whatever bytes the key holds.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
+
+use crate::{Collection, StoreError, Write};
+
+/// The bucket holding every shared collection.
+pub const BUCKET: &str = "switchboard";
+
+/// A change the watch applied to the local copy, written by another replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The collection changed.
+    pub collection: Collection,
+    /// The key changed.
+    pub key: Vec<u8>,
+    /// How long after it was written the change reached this replica.
+    pub delay: Duration,
+}
+
+/// The outcome of a conditional write.
+enum Conditional {
+    Written,
+    Conflict,
+}
+
+/// A replica's link to the bucket.
+pub(crate) struct Replica {
+    js: jetstream::Context,
+    kv: kv::Store,
+    subject_prefix: String,
+    handle: tokio::runtime::Handle,
+    /// The local copy's trees, by collection index, and each key's revision.
+    trees: Vec<sled::Tree>,
+    revisions: sled::Tree,
+    /// Serialises applying entries to the local copy.
+    apply: Mutex<()>,
+    /// The highest bucket revision applied by the watch.
+    applied: AtomicU64,
+    caught_up: watch::Sender<bool>,
+    changes: broadcast::Sender<Change>,
+    stopped: AtomicBool,
+    /// Ends the replica's runtime thread.
+    shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+fn remote(message: impl std::fmt::Display) -> StoreError {
+    StoreError::Remote {
+        message: message.to_string(),
+    }
+}
+
+/// The bucket key of a collection's key.
+pub(crate) fn bucket_key(c: Collection, key: &[u8]) -> String {
+    if key.is_empty() {
+        format!("{}.=", c.name())
+    } else {
+        format!("{}.{}", c.name(), URL_SAFE_NO_PAD.encode(key))
+    }
+}
+
+/// The collection and key of a bucket key.
+fn parse_key(k: &str) -> Option<(Collection, Vec<u8>)> {
+    let (name, encoded) = k.split_once('.')?;
+    let c = Collection::ALL.into_iter().find(|c| c.name() == name)?;
+    let key = if encoded == "=" {
+        Vec::new()
+    } else {
+        URL_SAFE_NO_PAD.decode(encoded).ok()?
+    };
+    Some((c, key))
+}
+
+fn revision_key(c: Collection, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(c.index() as u8);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Binds to the bucket, creating it (or allowing atomic batches on it) if
+/// needed, and returns it with the last revision it holds. Retried for a
+/// while: replicas starting together race to create it, and a cluster that
+/// has just started may not have elected its leaders yet.
+async fn bind_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<(kv::Store, u64), StoreError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_bind_bucket(js, replicas).await {
+            Ok(bound) => return Ok(bound),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "binding the shared-state bucket failed; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_bind_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<(kv::Store, u64), StoreError> {
+    let kv = match js.get_key_value(BUCKET).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.into(),
+                description: "Switchboard's shared state (chains, scripts, secrets, tokens, \
+                              contacts, messages, journal, traces, dead letters)"
+                    .into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| remote(format!("creating the key-value bucket {BUCKET}: {e}")))?,
+    };
+    let stream_name = format!("KV_{BUCKET}");
+    let mut stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| remote(format!("reading stream {stream_name}: {e}")))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| remote(format!("reading stream {stream_name}: {e}")))?
+        .clone();
+    if !info.config.allow_atomic_publish {
+        let mut config = info.config.clone();
+        config.allow_atomic_publish = true;
+        js.update_stream(config).await.map_err(|e| {
+            remote(format!(
+                "allowing atomic batches on stream {stream_name} (nats-server 2.12 or later is \
+                 needed): {e}"
+            ))
+        })?;
+    }
+    if info.config.num_replicas != replicas {
+        tracing::warn!(
+            stream = stream_name,
+            existing = info.config.num_replicas,
+            configured = replicas,
+            "the shared-state bucket exists with another replica count; using it as it is"
+        );
+    }
+    Ok((kv, info.state.last_sequence))
+}
+
+impl Replica {
+    /// Connects to NATS and binds to (or creates) the bucket with `replicas`
+    /// copies, on a runtime of its own: the replica's NATS traffic and its
+    /// watch run on that thread, so a synchronous store call waiting for the
+    /// server never waits for the caller's runtime, whatever its threads are
+    /// blocked on. The watch feeds `trees` (emptied first).
+    pub(crate) async fn start(
+        options: async_nats::ConnectOptions,
+        url: String,
+        replicas: usize,
+        trees: Vec<sled::Tree>,
+        revisions: sled::Tree,
+    ) -> Result<Arc<Self>, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| remote(format!("starting the replica's runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("switchboard-replica".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stop);
+            })
+            .map_err(|e| remote(format!("starting the replica's thread: {e}")))?;
+        let setup = handle.clone();
+        handle
+            .spawn(async move {
+                let client = options
+                    .connect(url.as_str())
+                    .await
+                    .map_err(|e| remote(format!("connecting to NATS at {url}: {e}")))?;
+                let js = jetstream::new(client);
+                let (kv, target) = bind_bucket(&js, replicas).await?;
+                for tree in trees.iter().chain([&revisions]) {
+                    tree.clear().map_err(|source| StoreError::Io {
+                        collection: "(replica copy)",
+                        source,
+                    })?;
+                }
+                let (caught_up, _) = watch::channel(target == 0);
+                let replica = Arc::new(Self {
+                    subject_prefix: format!("$KV.{BUCKET}."),
+                    js,
+                    kv,
+                    handle: setup,
+                    trees,
+                    revisions,
+                    apply: Mutex::new(()),
+                    applied: AtomicU64::new(0),
+                    caught_up,
+                    changes: broadcast::channel(1024).0,
+                    stopped: AtomicBool::new(false),
+                    shutdown: Mutex::new(Some(shutdown)),
+                });
+                tokio::spawn(Self::follow(Arc::downgrade(&replica), target));
+                Ok(replica)
+            })
+            .await
+            .map_err(|e| remote(format!("starting the replica: {e}")))?
+    }
+
+    /// Applies the bucket's entries to the local copy, from the first on;
+    /// after an error, resumes after the last one applied.
+    async fn follow(replica: std::sync::Weak<Self>, target: u64) {
+        loop {
+            let Some(r) = replica.upgrade() else { return };
+            let from = r.applied.load(Ordering::SeqCst) + 1;
+            let mut entries = match r.kv.watch_all_from_revision(from).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the shared-state bucket failed; trying again");
+                    drop(r);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            drop(r);
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(1), entries.next()).await;
+                let Some(r) = replica.upgrade() else { return };
+                if r.stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let entry = match next {
+                    Err(_) => continue,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "the shared-state watch failed; resuming");
+                        break;
+                    }
+                    Ok(Some(Ok(entry))) => entry,
+                };
+                let revision = entry.revision;
+                if let Some((c, key)) = parse_key(&entry.key) {
+                    let value = match entry.operation {
+                        kv::Operation::Put => Some(entry.value.as_ref()),
+                        kv::Operation::Delete | kv::Operation::Purge => None,
+                    };
+                    match r.apply_local(c, &key, value, revision) {
+                        Ok(true) => {
+                            let written = std::time::UNIX_EPOCH
+                                + Duration::from_nanos(
+                                    entry.created.unix_timestamp_nanos().max(0) as u64
+                                );
+                            let delay = std::time::SystemTime::now()
+                                .duration_since(written)
+                                .unwrap_or_default();
+                            let _ = r.changes.send(Change {
+                                collection: c,
+                                key,
+                                delay,
+                            });
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, key = entry.key, "applying a shared-state entry to the local copy failed");
+                        }
+                    }
+                }
+                r.applied.fetch_max(revision, Ordering::SeqCst);
+                if revision >= target {
+                    r.caught_up
+                        .send_if_modified(|c| !std::mem::replace(c, true));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Writes `value` (`None`: removes) under `key` in the local copy if
+    /// `revision` is newer than the one there; returns whether it was.
+    fn apply_local(
+        &self,
+        c: Collection,
+        key: &[u8],
+        value: Option<&[u8]>,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        let io = |source| StoreError::Io {
+            collection: c.name(),
+            source,
+        };
+        let _guard = self.apply.lock().expect("replica apply lock");
+        let rk = revision_key(c, key);
+        if let Some(known) = self.revisions.get(&rk).map_err(io)?
+            && u64::from_be_bytes(known.as_ref().try_into().unwrap_or([0; 8])) >= revision
+        {
+            return Ok(false);
+        }
+        let tree = &self.trees[c.index()];
+        match value {
+            Some(v) => tree.insert(key, v).map(|_| ()),
+            None => tree.remove(key).map(|_| ()),
+        }
+        .map_err(io)?;
+        self.revisions
+            .insert(rk, &revision.to_be_bytes())
+            .map_err(io)?;
+        Ok(true)
+    }
+
+    /// The revision the local copy holds for `key` (0: never written).
+    fn revision(&self, c: Collection, key: &[u8]) -> Result<u64, StoreError> {
+        let found = self
+            .revisions
+            .get(revision_key(c, key))
+            .map_err(|source| StoreError::Io {
+                collection: c.name(),
+                source,
+            })?;
+        Ok(found.map_or(0, |v| {
+            u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
+        }))
+    }
+
+    /// Runs `f` on the replica's runtime and waits for it, from synchronous
+    /// code on a runtime thread or not.
+    fn block<F>(&self, f: F) -> Result<F::Output, StoreError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        let wait = || rx.recv();
+        let done = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        done.map_err(|_| {
+            remote("the replica's runtime stopped before a shared-state write finished")
+        })
+    }
+
+    fn headers(w: &Write) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if w.value.is_none() {
+            headers.insert("KV-Operation", "DEL");
+        }
+        headers
+    }
+
+    fn subject(&self, w: &Write) -> String {
+        format!(
+            "{}{}",
+            self.subject_prefix,
+            bucket_key(w.collection, &w.key)
+        )
+    }
+
+    /// Publishes one write, with an expected revision if given.
+    async fn publish_one(
+        &self,
+        w: &Write,
+        expected: Option<u64>,
+    ) -> Result<Conditional, StoreError> {
+        let mut headers = Self::headers(w);
+        if let Some(rev) = expected {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                rev.to_string().as_str(),
+            );
+        }
+        let payload = w.value.clone().unwrap_or_default().into();
+        let ack = match self
+            .js
+            .publish_with_headers(self.subject(w), headers, payload)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => {
+                self.apply_local(w.collection, &w.key, w.value.as_deref(), ack.sequence)?;
+                Ok(Conditional::Written)
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Conditional::Conflict),
+            Err(e) => Err(remote(format!(
+                "writing {} to the shared-state bucket: {e}",
+                w.collection.name()
+            ))),
+        }
+    }
+
+    /// Publishes `batch` as one atomic batch.
+    async fn publish_batch(&self, batch: &[Write]) -> Result<(), StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let client = self.js.client();
+        let failed = |e: &dyn std::fmt::Display| {
+            remote(format!(
+                "writing a batch of {} to the shared-state bucket: {e}",
+                batch.len()
+            ))
+        };
+        let last = batch.len() - 1;
+        let mut ack = None;
+        for (i, w) in batch.iter().enumerate() {
+            let mut headers = Self::headers(w);
+            headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
+            headers.insert(
+                async_nats::header::NATS_BATCH_SEQUENCE,
+                (i + 1).to_string().as_str(),
+            );
+            let payload: bytes::Bytes = w.value.clone().unwrap_or_default().into();
+            if i == last {
+                headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
+                let published = self
+                    .js
+                    .publish_with_headers(self.subject(w), headers, payload)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                ack = Some(published.await.map_err(|e| failed(&e))?);
+            } else if i == 0 {
+                // The first message starts the batch: the server answers it
+                // with an empty reply, or an error.
+                let reply = client
+                    .request_with_headers(self.subject(w), headers, payload)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                if !reply.payload.is_empty() {
+                    let text = String::from_utf8_lossy(&reply.payload);
+                    if text.contains("\"error\"") {
+                        return Err(failed(&text));
+                    }
+                }
+            } else {
+                client
+                    .publish_with_headers(self.subject(w), headers, payload)
+                    .await
+                    .map_err(|e| failed(&e))?;
+            }
+        }
+        let ack = ack.expect("the commit is acked");
+        let first = ack.sequence + 1 - batch.len() as u64;
+        for (i, w) in batch.iter().enumerate() {
+            self.apply_local(w.collection, &w.key, w.value.as_deref(), first + i as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads `key` from the bucket into the local copy (after a
+    /// compare-and-swap lost to another replica's write).
+    async fn refresh(&self, c: Collection, key: &[u8]) -> Result<(), StoreError> {
+        let k = bucket_key(c, key);
+        let entry = self
+            .kv
+            .entry(k.clone())
+            .await
+            .map_err(|e| remote(format!("reading {k} from the shared-state bucket: {e}")))?;
+        if let Some(entry) = entry {
+            let value = match entry.operation {
+                kv::Operation::Put => Some(entry.value.as_ref()),
+                _ => None,
+            };
+            self.apply_local(c, key, value, entry.revision)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write(self: &Arc<Self>, w: &Write) -> Result<(), StoreError> {
+        let (this, w) = (self.clone(), w.clone());
+        self.block(async move { this.publish_one(&w, None).await.map(|_| ()) })?
+    }
+
+    pub(crate) fn write_all(self: &Arc<Self>, batch: &[Write]) -> Result<(), StoreError> {
+        match batch {
+            [] => Ok(()),
+            [only] => self.write(only),
+            _ => {
+                let (this, batch) = (self.clone(), batch.to_vec());
+                self.block(async move { this.publish_batch(&batch).await })?
+            }
+        }
+    }
+
+    /// Writes `new` under `key` if the local copy holds `old` there and no
+    /// other replica wrote the key since.
+    pub(crate) fn compare_and_swap(
+        self: &Arc<Self>,
+        c: Collection,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let tree = &self.trees[c.index()];
+        let (current, revision) = {
+            let _guard = self.apply.lock().expect("replica apply lock");
+            let current = tree.get(key).map_err(|source| StoreError::Io {
+                collection: c.name(),
+                source,
+            })?;
+            (current, self.revision(c, key)?)
+        };
+        if current.as_deref() != old {
+            return Ok(false);
+        }
+        let w = Write {
+            collection: c,
+            key: key.to_vec(),
+            value: new.map(<[u8]>::to_vec),
+        };
+        let this = self.clone();
+        self.block(async move {
+            match this.publish_one(&w, Some(revision)).await? {
+                Conditional::Written => Ok(true),
+                Conditional::Conflict => {
+                    this.refresh(w.collection, &w.key).await?;
+                    Ok(false)
+                }
+            }
+        })?
+    }
+
+    /// Whether the local copy holds everything the bucket held at start.
+    pub(crate) fn is_caught_up(&self) -> bool {
+        *self.caught_up.borrow()
+    }
+
+    /// Waits until the local copy is caught up.
+    pub(crate) async fn caught_up(&self) {
+        let mut rx = self.caught_up.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(stop) = self.shutdown.lock().expect("replica shutdown lock").take() {
+            let _ = stop.send(());
+        }
+    }
+}
