@@ -25,7 +25,7 @@ use crate::util::{Dispatcher, NatsServer, event, wait_until};
 const CONCURRENCY: usize = 16;
 
 fn long() -> bool {
-    std::env::var_os("SWITCHBOARD_LONG_TESTS").is_some_and(|v| v != "0")
+    crate::util::long_tests()
 }
 
 fn config(receiver: &HttpReceiver) -> String {

@@ -11,7 +11,7 @@ use switchboard_sdk::nats::NatsEmitter;
 use switchboard_sdk::{EventId, VumiApiEvent};
 
 use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
-use crate::util::{Dispatcher, NatsCluster, event, wait_until};
+use crate::util::{Dispatcher, NatsCluster, event, long_tests, wait_until};
 
 fn config(receiver: &HttpReceiver) -> String {
     format!(
@@ -36,11 +36,11 @@ from = "Switchboard"
 
 /// `create_contact` → `payment_webhook`, and a `log` step whose message
 /// names the chain version (`tag`).
-fn chains(receiver: &HttpReceiver, tag: &str) -> String {
+fn chains(receiver: &HttpReceiver, account: &str, tag: &str) -> String {
     let recv = receiver.url();
     format!(
         r#"
-account_key = "acme"
+account_key = "{account}"
 
 [[chains]]
 name = "poll-complete"
@@ -63,15 +63,23 @@ config = {{ message = "{tag}" }}
     )
 }
 
-fn events(n: usize, numbers: usize) -> Vec<VumiApiEvent> {
+fn account(i: usize) -> String {
+    format!("acct-{i:03}")
+}
+
+/// `n` events over `accounts` accounts and 40 conversations each, with four
+/// events per number, in different conversations.
+fn events(n: usize, accounts: usize) -> Vec<VumiApiEvent> {
+    let numbers = (n / accounts / 4).max(1);
     (0..n)
         .map(|i| {
+            let nth = i / accounts;
             event(
-                "acme",
+                &account(i % accounts),
                 "survey",
                 "poll_complete",
-                &format!("poll-{}", i % 40),
-                json!({"msisdn": format!("+2782{:07}", i % numbers)}),
+                &format!("poll-{}", nth % 40),
+                json!({"msisdn": format!("+2782{:07}", nth % numbers)}),
             )
         })
         .collect()
@@ -90,32 +98,43 @@ async fn emit_all(url: &str, events: &[VumiApiEvent]) {
         .await;
 }
 
-/// Every contact of `acme`, as a replica's API lists them.
-async fn contacts(d: &Dispatcher) -> Vec<Value> {
-    let (status, body) = d.get("/v1/accounts/acme/contacts?limit=1000").await;
+/// Every contact of `account`, as a replica's API lists them.
+async fn contacts(d: &Dispatcher, account: &str) -> Vec<Value> {
+    let (status, body) = d
+        .get(&format!("/v1/accounts/{account}/contacts?limit=10000"))
+        .await;
     assert_eq!(status, 200, "{body}");
     body["contacts"].as_array().expect("contacts").clone()
 }
 
 /// The chain version a replica's API reports as current.
-async fn version_at(d: &Dispatcher) -> Option<u64> {
-    let (status, body) = d.get("/v1/accounts/acme/chains").await;
+async fn version_at(d: &Dispatcher, account: &str) -> Option<u64> {
+    let (status, body) = d.get(&format!("/v1/accounts/{account}/chains")).await;
     (status == 200).then(|| body["version"].as_u64()).flatten()
 }
 
-/// Three replicas, one on each node of a three-node cluster. A chain applied
-/// through replica 0 reaches the others within a bounded delay; one replica
-/// is killed (SIGKILL) mid-run and one NATS node with it; every chain still
-/// completes once, each webhook arrives under its stable id, contacts stay
-/// unique per msisdn although several replicas upsert the same numbers at
-/// once, and a replica started afterwards catches up before it serves.
+/// Three replicas, one on each node of a three-node cluster, each given two
+/// seed servers. A chain applied through replica 0 reaches the others within
+/// a bounded delay; one replica is killed (SIGKILL) mid-run and one NATS
+/// node with it; every chain still completes once, each webhook arrives
+/// under its stable id, contacts stay unique per (account, msisdn) although
+/// several replicas upsert the same numbers at once, and a replica started
+/// afterwards catches up before it serves. The default run has 600 events
+/// over 4 accounts; `SWITCHBOARD_LONG_TESTS=1` runs 20,000 over 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
+    let (n, accounts) = if long_tests() {
+        (20_000, 200)
+    } else {
+        (600, 4)
+    };
     let mut cluster = NatsCluster::start(3).await;
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let config = config(&receiver);
+    let urls: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
+    let seeds = |first: usize, second: usize| format!("{},{}", urls[first], urls[second]);
     let mut replicas: Vec<Dispatcher> = (0..3)
-        .map(|i| Dispatcher::nats_url(&cluster.url(i), &config))
+        .map(|i| Dispatcher::nats_url(&seeds(i, (i + 1) % 3), &config))
         .collect();
 
     // The shared state lives in an R3 bucket.
@@ -128,42 +147,44 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     assert_eq!(info.config.num_replicas, 3);
     assert!(info.config.allow_atomic_publish);
 
-    // A secret and a chain set through replica 0 are used by the others.
-    let set = replicas[0]
-        .cli(&[
-            "secrets",
-            "set",
-            "acme",
-            "gateway",
-            "--value",
-            WEBHOOK_SECRET,
-        ])
-        .await;
-    set.ok();
-    let v1 = replicas[0]
-        .apply_chains("acme.toml", &chains(&receiver, "first"))
+    // Secrets and chains set through replica 0 are used by the others.
+    let first = &replicas[0];
+    futures::stream::iter(0..accounts)
+        .for_each_concurrent(8, |i| {
+            let (receiver, a) = (&receiver, account(i));
+            async move {
+                first
+                    .cli(&["secrets", "set", &a, "gateway", "--value", WEBHOOK_SECRET])
+                    .await
+                    .ok();
+                let v = first
+                    .apply_chains(&format!("{a}.toml"), &chains(receiver, &a, "first"))
+                    .await;
+                assert_eq!(v, 1);
+            }
+        })
         .await;
     let applied = Instant::now();
-    let v2 = replicas[0]
-        .apply_chains("acme.toml", &chains(&receiver, "second"))
+    let v2 = first
+        .apply_chains("acct-000.toml", &chains(&receiver, &account(0), "second"))
         .await;
-    assert_eq!(v2, v1 + 1, "versions continue across the shared history");
+    assert_eq!(v2, 2, "versions continue across the shared history");
     let mut delays = Vec::new();
     for d in &replicas[1..] {
         wait_until(
             "the chain on every replica",
             Duration::from_secs(10),
-            || async { (version_at(d).await == Some(v2)).then_some(()) },
+            || async { (version_at(d, &account(0)).await == Some(v2)).then_some(()) },
         )
         .await;
         delays.push(applied.elapsed());
     }
     eprintln!("replicas: chain version {v2} seen by replicas 1 and 2 after {delays:?}");
 
-    // 600 events over 40 conversations, 150 numbers: four events per
-    // contact, in different conversations, so often handled by different
-    // replicas at once.
-    let sent = events(600, 150);
+    // Four events per number, in different conversations, so often handled
+    // by different replicas at once.
+    let sent = events(n, accounts);
+    let started = Instant::now();
     let emitting = {
         let url = cluster.url(1);
         let sent = sent.clone();
@@ -171,8 +192,8 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     };
     wait_until(
         "a third of the webhooks",
-        Duration::from_secs(120),
-        || async { (receiver.count().await >= 200).then_some(()) },
+        Duration::from_secs(600),
+        || async { (receiver.count().await >= n / 3).then_some(()) },
     )
     .await;
     replicas[2].kill9();
@@ -185,12 +206,22 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     futures::stream::iter(&sent)
         .for_each_concurrent(16, |e| async move {
             let trace = d
-                .wait_for_trace("acme", &e.id.to_string(), Duration::from_secs(120))
+                .wait_for_trace(
+                    e.account_key.as_str(),
+                    &e.id.to_string(),
+                    Duration::from_secs(600),
+                )
                 .await;
             assert_eq!(trace["status"], "done", "{trace:#}");
-            assert_eq!(trace["chains"][0]["version"], v2, "{trace:#}");
+            let version = if e.account_key.as_str() == account(0) {
+                v2
+            } else {
+                1
+            };
+            assert_eq!(trace["chains"][0]["version"], version, "{trace:#}");
         })
         .await;
+    let elapsed = started.elapsed();
 
     // Each webhook arrived under its stable id. Raw repeats are bounded by
     // the steps in flight at the kills: the killed replica's, and, while the
@@ -213,24 +244,37 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     let ids: HashSet<String> = seen.keys().cloned().collect();
     assert_eq!(ids, expected, "one webhook per event, no other");
     let repeats: usize = seen.values().map(|n| n - 1).sum();
-    eprintln!("replicas: 600 events, a replica and a node killed; raw webhook repeats: {repeats}");
+    eprintln!(
+        "replicas: {n} events over {accounts} accounts in {:.1}s, a replica and a node killed; \
+         lost 0; raw webhook repeats: {repeats}",
+        elapsed.as_secs_f64()
+    );
     assert!(
         repeats <= 3 * 8,
         "{repeats} repeats: more than the 24 steps in flight at the kills"
     );
 
-    // Contacts are unique per msisdn across replicas.
-    let all = contacts(&replicas[1]).await;
-    let numbers: HashSet<&str> = all
-        .iter()
-        .map(|c| c["msisdn"].as_str().expect("an msisdn"))
-        .collect();
-    assert_eq!(numbers.len(), 150);
-    assert_eq!(all.len(), 150, "one contact per msisdn");
+    // Contacts are unique per (account, msisdn) across replicas.
+    let numbers = (n / accounts / 4).max(1);
+    for i in 0..accounts {
+        let all = contacts(&replicas[1], &account(i)).await;
+        let distinct: HashSet<&str> = all
+            .iter()
+            .map(|c| c["msisdn"].as_str().expect("an msisdn"))
+            .collect();
+        assert_eq!(distinct.len(), numbers, "{}", account(i));
+        assert_eq!(
+            all.len(),
+            numbers,
+            "one contact per msisdn in {}",
+            account(i)
+        );
+    }
 
-    // A replica started now catches up before it serves: it sees the same
-    // contacts and traces, and says it is ready.
-    let late = Dispatcher::nats_url(&cluster.url(0), &config);
+    // A replica started now, its first seed the dead node, catches up
+    // before it serves: it sees the same contacts, traces and chains, and
+    // says it is ready.
+    let late = Dispatcher::nats_url(&seeds(2, 0), &config);
     let (status, ready) = late.get("/readyz").await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["caught_up"], true, "{ready}");
@@ -240,8 +284,15 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
             .map(|c| c["key"].as_str().expect("a key").to_string())
             .collect()
     };
-    assert_eq!(keys(&contacts(&late).await), keys(&all));
-    let trace = late.trace("acme", &sent[599].id.to_string()).await;
+    let a0 = account(0);
+    assert_eq!(
+        keys(&contacts(&late, &a0).await),
+        keys(&contacts(&replicas[1], &a0).await)
+    );
+    let last = &sent[n - 1];
+    let trace = late
+        .trace(last.account_key.as_str(), &last.id.to_string())
+        .await;
     assert_eq!(trace.expect("the trace")["status"], "done");
-    assert_eq!(version_at(&late).await, Some(v2));
+    assert_eq!(version_at(&late, &a0).await, Some(v2));
 }

@@ -255,6 +255,12 @@ impl Drop for NatsServer {
     }
 }
 
+/// Whether `SWITCHBOARD_LONG_TESTS` asks for the long runs (crash and
+/// replica tests with many more events).
+pub fn long_tests() -> bool {
+    std::env::var_os("SWITCHBOARD_LONG_TESTS").is_some_and(|v| v != "0")
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

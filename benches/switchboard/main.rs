@@ -2,7 +2,7 @@
 //! run. A program that prints numbers, not a test:
 //!
 //! ```sh
-//! cargo bench --bench switchboard -- [--quick] [--only bus,route,chain,scale,rhai] [--concurrency C]
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,chain,scale,rhai,replicas] [--concurrency C]
 //! ```
 //!
 //! Every scenario starts its own `nats-server -js` on loopback (in a
@@ -24,6 +24,9 @@
 //! - `scale`: 10, 1,000 and 10,000 accounts with 10 chains each: start time,
 //!   chain lookup cost per event, throughput and peak RSS.
 //! - `rhai`: per-call cost of a 20-line `handle` and of a `when` condition.
+//! - `replicas`: 1, 2 and 3 dispatchers with `--replicated` draining one
+//!   backlog through `create_contact` → `log`, next to one dispatcher with its
+//!   own store.
 //!
 //! The summary at the end compares each figure with its target.
 
@@ -36,6 +39,7 @@ mod common;
 
 mod bus;
 mod chain;
+mod replicas;
 mod report;
 mod rhai;
 mod route;
@@ -44,7 +48,7 @@ mod scale;
 use report::Report;
 
 const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
-[--only bus,route,chain,scale,rhai] [--concurrency C]";
+[--only bus,route,chain,scale,rhai,replicas] [--concurrency C]";
 
 /// What a run measures, and how much.
 #[derive(Debug, Clone)]
@@ -70,15 +74,17 @@ pub enum Scenario {
     Chain,
     Scale,
     Rhai,
+    Replicas,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Bus,
         Scenario::Route,
         Scenario::Chain,
         Scenario::Scale,
         Scenario::Rhai,
+        Scenario::Replicas,
     ];
 
     fn parse(s: &str) -> anyhow::Result<Self> {
@@ -88,7 +94,10 @@ impl Scenario {
             "chain" => Self::Chain,
             "scale" => Self::Scale,
             "rhai" => Self::Rhai,
-            other => bail!("unknown scenario {other:?}: use bus, route, chain, scale or rhai"),
+            "replicas" => Self::Replicas,
+            other => {
+                bail!("unknown scenario {other:?}: use bus, route, chain, scale, rhai or replicas")
+            }
         })
     }
 }
@@ -160,6 +169,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             Scenario::Chain => chain::run(&options, &mut report).await?,
             Scenario::Scale => scale::run(&options, &mut report).await?,
             Scenario::Rhai => rhai::run(&mut report)?,
+            Scenario::Replicas => replicas::run(&options, &mut report).await?,
         }
     }
     report.print_summary();

@@ -125,14 +125,27 @@ pub fn write_chains(root: &Path) -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Waits until the dispatcher has taken and acked everything on the NATS
-/// stream, watching its consumer on the server (so that the watching costs
-/// the dispatcher nothing: `/metrics` grows with the accounts), then checks
-/// that `/metrics` counts `n` events handled; returns how long that took from
-/// when it started listening.
+/// stream (see [`drain_nats_by`]); returns how long that took from when it
+/// started listening.
 pub async fn drain_nats(
     dispatcher: &mut Dispatcher,
     js: &jetstream::Context,
     n: u64,
+) -> anyhow::Result<Duration> {
+    let since = dispatcher.listening_at;
+    drain_nats_by(std::slice::from_mut(dispatcher), js, n, since).await
+}
+
+/// Waits until `dispatchers` (sharing the consumer) have taken and acked
+/// everything on the NATS stream, watching their consumer on the server (so
+/// that the watching costs them nothing: `/metrics` grows with the
+/// accounts), then checks that their `/metrics` count `n` events handled in
+/// all; returns how long that took from `since`.
+pub async fn drain_nats_by(
+    dispatchers: &mut [Dispatcher],
+    js: &jetstream::Context,
+    n: u64,
+    since: Instant,
 ) -> anyhow::Result<Duration> {
     const STALL: Duration = Duration::from_secs(60);
     let stream = js
@@ -146,11 +159,13 @@ pub async fn drain_nats(
     let mut progressed = Instant::now();
     let took = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        dispatcher.check_alive()?;
+        for d in dispatchers.iter_mut() {
+            d.check_alive()?;
+        }
         let info = consumer.info().await?;
         if info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= n
         {
-            break dispatcher.listening_at.elapsed();
+            break since.elapsed();
         }
         if info.ack_floor.stream_sequence > last {
             last = info.ack_floor.stream_sequence;
@@ -158,18 +173,21 @@ pub async fn drain_nats(
         } else if progressed.elapsed() > STALL {
             bail!(
                 "no progress for {STALL:?} at {last} of {n} acked:\n{}",
-                dispatcher.log_tail()
+                dispatchers[0].log_tail()
             );
         }
     };
-    let counts = dispatcher.counts(None).await?;
-    if counts.handled != n || counts.other != 0 {
+    let (mut handled, mut other) = (0, 0);
+    for d in dispatchers.iter() {
+        let counts = d.counts(None).await?;
+        handled += counts.handled;
+        other += counts.other;
+    }
+    if handled != n || other != 0 {
         bail!(
-            "the stream is drained, but {} events were handled and {} not (unrouted, expired or \
-             dead-lettered) of {n}:\n{}",
-            counts.handled,
-            counts.other,
-            dispatcher.log_tail()
+            "the stream is drained, but {handled} events were handled and {other} not \
+             (unrouted, expired or dead-lettered) of {n}:\n{}",
+            dispatchers[0].log_tail()
         );
     }
     Ok(took)

@@ -145,11 +145,11 @@ impl Dispatcher {
                         .await
                         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
                 let store = if config.bus.replicated {
-                    let (options, url) = switchboard_sdk::nats::connect_options(url);
+                    let (options, servers) = switchboard_sdk::nats::connect_options(url);
                     Store::replicated(
                         &config.store.data_dir.join("replica"),
                         options.name("switchboard-dispatcher-state"),
-                        &url,
+                        servers.urls().to_vec(),
                         config.bus.stream_replicas,
                     )
                     .await?

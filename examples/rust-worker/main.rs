@@ -66,7 +66,7 @@ pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Box<dyn Error>
         options = options.custom_inbox_prefix(prefix);
     }
     let client = options
-        .connect(url.as_str())
+        .connect(&url)
         .await
         .map_err(|e| format!("cannot reach NATS at {url}: {e}"))?;
     // The dispatcher creates the stream VUMI_EVENTS when it starts: a worker

@@ -43,41 +43,92 @@ pub fn stream_name(prefix: &str, base: &str) -> String {
 
 /// Connect options for a NATS URL that may carry credentials —
 /// `nats://user:password@host:4222`, or `nats://token@host:4222` — and the
-/// URL without them, fit for messages and logs. (async-nats ignores
-/// credentials in a URL.) `%`-escapes in the credentials are decoded, so a
-/// password with `@` or `:` is written `%40` or `%3A`.
+/// servers to connect to, without the credentials, fit for messages and
+/// logs. (async-nats ignores credentials in a URL.) `%`-escapes in the
+/// credentials are decoded, so a password with `@` or `:` is written `%40`
+/// or `%3A`.
+///
+/// The URL may list several seed servers of one cluster, separated by
+/// commas (`nats://a:4222,nats://b:4222`): the client connects to any of
+/// them that answers, and learns the rest of the cluster from it.
+/// Credentials are taken from the first server that carries them.
 ///
 /// A worker confined by NATS permissions adds its own inbox prefix before
 /// connecting (see `docs/nats-permissions.md`):
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-/// let (options, url) = switchboard_sdk::nats::connect_options("nats://acme-survey:pw@127.0.0.1:4222");
-/// let client = options.custom_inbox_prefix("_INBOX_acme-survey").connect(url).await?;
+/// let (options, servers) = switchboard_sdk::nats::connect_options("nats://acme-survey:pw@127.0.0.1:4222");
+/// let client = options.custom_inbox_prefix("_INBOX_acme-survey").connect(&servers).await?;
 /// let emitter = switchboard_sdk::nats::NatsEmitter::new(client);
 /// # Ok(()) }
 /// ```
-pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
-    let options = async_nats::ConnectOptions::new();
+pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, Servers) {
+    let mut options = async_nats::ConnectOptions::new();
+    let mut credentials = false;
+    let mut servers = Vec::new();
+    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (bare, found) = split_credentials(one);
+        if let Some((user, password)) = found
+            && !credentials
+        {
+            credentials = true;
+            options = match password {
+                Some(password) => options.user_and_password(user, password),
+                None => options.token(user),
+            };
+        }
+        servers.push(bare);
+    }
+    (options, Servers(servers))
+}
+
+/// A URL without its credentials, and the credentials: a user and
+/// password, or a token (no password).
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
     let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return (options, url.to_string());
+        return (url.to_string(), None);
     };
-    let options = match userinfo.split_once(':') {
-        Some((user, password)) => {
-            options.user_and_password(percent_decode(user), percent_decode(password))
-        }
-        None => options.token(percent_decode(userinfo)),
+    let credentials = match userinfo.split_once(':') {
+        Some((user, password)) => (percent_decode(user), Some(percent_decode(password))),
+        None => (percent_decode(userinfo), None),
     };
     let bare = match scheme {
         Some(scheme) => format!("{scheme}://{host}{tail}"),
         None => format!("{host}{tail}"),
     };
-    (options, bare)
+    (bare, Some(credentials))
+}
+
+/// The seed servers of a NATS URL, without credentials. Displays as the
+/// comma-separated list; connects to any of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Servers(Vec<String>);
+
+impl Servers {
+    /// Each server's URL.
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl async_nats::ToServerAddrs for Servers {
+    type Iter = std::vec::IntoIter<async_nats::ServerAddr>;
+
+    fn to_server_addrs(&self) -> std::io::Result<Self::Iter> {
+        self.0.to_server_addrs()
+    }
 }
 
 /// Decodes `%XX` escapes; anything else is kept as it is.
@@ -151,11 +202,14 @@ impl NatsEmitter {
     /// Connects to `url` with default options and the credentials the URL
     /// carries, if any (see [`connect_options`]).
     pub async fn connect(url: &str) -> Result<Self, EmitError> {
-        let (options, bare) = connect_options(url);
+        let (options, servers) = connect_options(url);
         let client = options
-            .connect(bare.as_str())
+            .connect(&servers)
             .await
-            .map_err(|source| EmitError::Connect { url: bare, source })?;
+            .map_err(|source| EmitError::Connect {
+                url: servers.to_string(),
+                source,
+            })?;
         Ok(Self::new(client))
     }
 

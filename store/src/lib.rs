@@ -321,7 +321,8 @@ impl Store {
         })
     }
 
-    /// Opens the replicated store: the shared collections in the JetStream
+    /// Opens the replicated store, connecting to any of the NATS `servers`:
+    /// the shared collections in the JetStream
     /// key-value bucket [`BUCKET`] (created with `replicas` copies if
     /// missing), read through a local copy in `dir`, which is rebuilt from
     /// the bucket. The synchronous methods wait for the NATS server in
@@ -329,7 +330,7 @@ impl Store {
     pub async fn replicated(
         dir: &Path,
         options: async_nats::ConnectOptions,
-        url: &str,
+        servers: Vec<String>,
         replicas: usize,
     ) -> Result<Self, StoreError> {
         let mut store = Self::open(dir)?;
@@ -342,14 +343,8 @@ impl Store {
                     source,
                 })?;
         store.replica = Some(
-            replicated::Replica::start(
-                options,
-                url.to_string(),
-                replicas,
-                store.trees.clone(),
-                revisions,
-            )
-            .await?,
+            replicated::Replica::start(options, servers, replicas, store.trees.clone(), revisions)
+                .await?,
         );
         Ok(store)
     }

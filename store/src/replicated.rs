@@ -197,7 +197,7 @@ impl Replica {
     /// blocked on. The watch feeds `trees` (emptied first).
     pub(crate) async fn start(
         options: async_nats::ConnectOptions,
-        url: String,
+        servers: Vec<String>,
         replicas: usize,
         trees: Vec<sled::Tree>,
         revisions: sled::Tree,
@@ -217,10 +217,9 @@ impl Replica {
         let setup = handle.clone();
         handle
             .spawn(async move {
-                let client = options
-                    .connect(url.as_str())
-                    .await
-                    .map_err(|e| remote(format!("connecting to NATS at {url}: {e}")))?;
+                let client = options.connect(&servers).await.map_err(|e| {
+                    remote(format!("connecting to NATS at {}: {e}", servers.join(",")))
+                })?;
                 let js = jetstream::new(client);
                 let (kv, target) = bind_bucket(&js, replicas).await?;
                 for tree in trees.iter().chain([&revisions]) {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{CreateStreamErrorKind, RequestErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
@@ -74,23 +75,41 @@ pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
     }
 }
 
+/// How long [`ensure_stream`] keeps asking a server that does not answer.
+pub const CREATE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Creates the stream `config` describes unless it exists. One that exists
 /// is used as it is: a replica count other than the configured one is only
 /// reported (change it with `nats stream edit NAME --replicas N`).
+///
+/// A request the server does not answer in time is tried again for up to
+/// [`CREATE_PATIENCE`]: a cluster that has just started (or lost a node) may
+/// still be electing the leaders that answer it.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: jetstream::stream::Config,
 ) -> Result<(), String> {
     let name = config.name.clone();
     let wanted = config.num_replicas.max(1);
-    let mut stream = js
-        .get_or_create_stream(config)
-        .await
-        .map_err(|e| format!("creating stream {name}: {e}"))?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| format!("reading stream {name}: {e}"))?;
+    let deadline = tokio::time::Instant::now() + CREATE_PATIENCE;
+    let patient = || tokio::time::Instant::now() < deadline;
+    let info = loop {
+        let mut stream = match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => stream,
+            Err(e) if matches!(e.kind(), CreateStreamErrorKind::TimedOut) && patient() => {
+                tracing::warn!(stream = %name, "creating the stream timed out; trying again");
+                continue;
+            }
+            Err(e) => return Err(format!("creating stream {name}: {e}")),
+        };
+        match stream.info().await {
+            Ok(info) => break info.clone(),
+            Err(e) if matches!(e.kind(), RequestErrorKind::TimedOut) && patient() => {
+                tracing::warn!(stream = %name, "reading the stream timed out; trying again");
+            }
+            Err(e) => return Err(format!("reading stream {name}: {e}")),
+        }
+    };
     let kept = info.config.num_replicas.max(1);
     if kept != wanted {
         tracing::warn!(stream = %name, replicas = kept, configured = wanted,
@@ -125,12 +144,12 @@ impl NatsBus {
     ) -> Result<Self, BusError> {
         // Credentials in the URL become connect options; messages show the
         // URL without them.
-        let (options, url) = switchboard_sdk::nats::connect_options(url);
-        let url = url.as_str();
+        let (options, servers) = switchboard_sdk::nats::connect_options(url);
+        let url = servers.to_string();
         let client = options
             .name("switchboard-dispatcher")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(&servers)
             .await
             .map_err(|e| BusError::Unavailable(format!("connecting to NATS at {url}: {e}")))?;
         let js = jetstream::new(client.clone());
