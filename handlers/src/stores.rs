@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, key};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
 /// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces,
@@ -104,6 +104,10 @@ pub struct ContactUpsert {
     pub fields: Map<String, Value>,
 }
 
+/// How many times an upsert reads again after other replicas changed what
+/// it read, before it gives up (the step fails, and is retried).
+const UPSERT_ATTEMPTS: u32 = 50;
+
 /// Contacts, by account.
 #[derive(Debug, Clone)]
 pub struct ContactStore {
@@ -145,13 +149,20 @@ impl ContactStore {
         upsert: ContactUpsert,
     ) -> Result<(Contact, bool), StoreError> {
         let _guard = self.writer.lock().expect("contact writer lock");
-        loop {
+        for attempt in 0..UPSERT_ATTEMPTS {
             if let Some(done) = self.try_upsert(account, &upsert)? {
                 return Ok(done);
             }
             // Another writer (a replica) claimed a value or changed the
-            // contact meanwhile: read again.
+            // contact meanwhile: read again, after a moment.
+            std::thread::sleep(Duration::from_millis(u64::from(attempt).min(20)));
         }
+        Err(StoreError::Remote {
+            message: format!(
+                "upserting a contact of {account}: other replicas changed it {UPSERT_ATTEMPTS} \
+                 times in a row"
+            ),
+        })
     }
 
     /// One attempt at [`ContactStore::upsert`]; `None` when another writer
@@ -166,12 +177,18 @@ impl ContactStore {
         let mut existing = None;
         for (kind, value) in [("msisdn", &upsert.msisdn), ("email", &upsert.email)] {
             let Some(value) = value else { continue };
-            existing = self.indexed(account, kind, value)?;
+            existing = self.indexed_raw(account, kind, value)?;
             if existing.is_some() {
                 break;
             }
         }
         let now = switchboard_sdk::now();
+        // The record as read: the compare-and-swap below writes only if it
+        // is still what the changes were made to.
+        let (before, existing) = match existing {
+            Some((contact, raw)) => (Some(raw), Some(contact)),
+            None => (None, None),
+        };
         let (mut contact, created) = match existing {
             Some(c) => (c, false),
             None => (
@@ -190,17 +207,10 @@ impl ContactStore {
             ),
         };
         let record_key = contact_key(account, &contact.key);
-        let before = if created {
-            None
-        } else {
-            self.store.get(Collection::Contacts, &record_key)?
-        };
-        // New index entries are claimed by compare-and-swap (from absent, or
-        // from an entry that no longer holds), then the record is written
-        // if it did not change meanwhile, then stale entries go. No
-        // transaction: every prefix a crash can leave is harmless, since
-        // lookups skip an entry whose contact is missing or no longer has
-        // the value.
+        // New index entries, the record, then stale entries go. With sled,
+        // one after another and no transaction: every prefix a crash can
+        // leave is harmless, since lookups skip an entry whose contact is
+        // missing or no longer has the value.
         let (mut added, mut stale) = (Vec::new(), Vec::new());
         if let Some(m) = &upsert.msisdn
             && contact.msisdn.as_ref() != Some(m)
@@ -228,31 +238,42 @@ impl ContactStore {
             .fields
             .extend(upsert.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
         contact.updated_at = now;
-        for k in &added {
-            let found = self.store.get(Collection::ContactIndex, k)?;
-            if let Some(holder) = &found
+        // New index entries (claimed from absent, or from an entry that no
+        // longer holds) and the record (if still as read), together: in one
+        // atomic batch with several replicas, one after another with sled.
+        let mut writes = Vec::with_capacity(added.len() + 1);
+        let mut found = Vec::with_capacity(added.len() + 1);
+        for k in added {
+            let holder = self.store.get(Collection::ContactIndex, &k)?;
+            if created
+                && let Some(holder) = &holder
                 && holder.as_slice() != contact.key.as_bytes()
-                && self.holds(account, holder, k)?
+                && self.holds(account, holder, &k)?
             {
-                // Someone else's contact has the value now.
+                // Another writer made a contact with this value meanwhile:
+                // the next attempt finds it and updates it. (An existing
+                // contact takes a value from another one, as a merge.)
                 return Ok(None);
             }
-            if !self.store.compare_and_swap(
-                Collection::ContactIndex,
-                k,
-                found.as_deref(),
-                Some(contact.key.as_bytes()),
-            )? {
-                return Ok(None);
-            }
+            writes.push(Write {
+                collection: Collection::ContactIndex,
+                key: k,
+                value: Some(contact.key.clone().into_bytes()),
+            });
+            found.push(holder);
         }
-        let after = serde_json::to_vec(&contact).expect("a contact serialises");
-        if !self.store.compare_and_swap(
-            Collection::Contacts,
-            &record_key,
-            before.as_deref(),
-            Some(&after),
-        )? {
+        writes.push(Write {
+            collection: Collection::Contacts,
+            key: record_key,
+            value: Some(serde_json::to_vec(&contact).expect("a contact serialises")),
+        });
+        found.push(before);
+        let expect: Vec<(usize, Option<&[u8]>)> = found
+            .iter()
+            .enumerate()
+            .map(|(i, old)| (i, old.as_deref()))
+            .collect();
+        if !self.store.write_expecting(&writes, &expect)? {
             return Ok(None);
         }
         for k in stale {
@@ -271,7 +292,14 @@ impl ContactStore {
     /// Whether the index entry `index` (pointing at contact `holder`) still
     /// holds: the contact exists and has the entry's value.
     fn holds(&self, account: &AccountKey, holder: &[u8], index: &[u8]) -> Result<bool, StoreError> {
-        let Some(contact) = self.get(account, &String::from_utf8_lossy(holder))? else {
+        let record = contact_key(account, &String::from_utf8_lossy(holder));
+        // Missing here may mean not arrived yet from the replica that
+        // wrote it: ask the bucket before taking the entry for stale.
+        let found = match self.store.get(Collection::Contacts, &record)? {
+            Some(found) => Some(found),
+            None => self.store.get_latest(Collection::Contacts, &record)?,
+        };
+        let Some(contact) = found.and_then(|v| decode::<Contact>(&v)) else {
             return Ok(false);
         };
         Ok([("msisdn", &contact.msisdn), ("email", &contact.email)]
@@ -319,20 +347,38 @@ impl ContactStore {
         kind: &str,
         value: &str,
     ) -> Result<Option<Contact>, StoreError> {
+        Ok(self.indexed_raw(account, kind, value)?.map(|(c, _)| c))
+    }
+
+    /// [`ContactStore::indexed`], with the record's bytes as stored.
+    fn indexed_raw(
+        &self,
+        account: &AccountKey,
+        kind: &str,
+        value: &str,
+    ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
         let Some(k) = self
             .store
             .get(Collection::ContactIndex, &index_key(account, kind, value))?
         else {
             return Ok(None);
         };
-        let contact = self.get(account, &String::from_utf8_lossy(&k))?;
-        Ok(contact.filter(|c| {
-            let has = match kind {
-                "email" => c.email.as_deref(),
-                _ => c.msisdn.as_deref(),
-            };
-            has == Some(value)
-        }))
+        let Some(raw) = self.store.get(
+            Collection::Contacts,
+            &contact_key(account, &String::from_utf8_lossy(&k)),
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(decode::<Contact>(&raw)
+            .filter(|c| {
+                let has = match kind {
+                    "email" => c.email.as_deref(),
+                    _ => c.msisdn.as_deref(),
+                };
+                has == Some(value)
+            })
+            .map(|c| (c, raw)))
     }
 
     /// Up to `limit` contacts of `account`, oldest first.
@@ -922,6 +968,32 @@ mod tests {
             language: None,
             fields: Map::new(),
         }
+    }
+
+    /// An upsert whose number belongs to one contact and whose e-mail to
+    /// another finishes (it once retried for ever): the e-mail moves to the
+    /// contact found by number.
+    #[test]
+    fn a_number_and_an_email_of_two_contacts_merge_into_the_first() {
+        let contacts = ContactStore::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let (thandi, _) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        let by_email = ContactUpsert {
+            email: Some("sipho@example.org".into()),
+            ..upsert("+27820000002")
+        };
+        let (sipho, _) = contacts.upsert(&acme, by_email).unwrap();
+        let both = ContactUpsert {
+            email: Some("sipho@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        let (merged, created) = contacts.upsert(&acme, both).unwrap();
+        assert!(!created);
+        assert_eq!(merged.key, thandi.key);
+        assert_eq!(merged.email.as_deref(), Some("sipho@example.org"));
+        let found = contacts.find(&acme, "sipho@example.org").unwrap().unwrap();
+        assert_eq!(found.key, thandi.key);
+        assert_ne!(found.key, sipho.key);
     }
 
     /// A crash between a contact's writes can leave an index entry pointing

@@ -266,35 +266,46 @@ impl ChainStore {
         change: String,
     ) -> Result<ChainVersion, ChainStoreError> {
         let account = file.account_key.clone();
-        let last = self.store.scan_prefix_rev(
-            Collection::ChainVersions,
-            &key(&[account.as_str().as_bytes(), b""]),
-            1,
-        )?;
-        let next = match last.first() {
-            Some((k, _)) => version_of_key(k) + 1,
-            None => 1,
+        // Another replica may take the same number at the same moment: the
+        // version's key must be new, or the number is read again.
+        let record = loop {
+            let last = self.store.scan_prefix_rev(
+                Collection::ChainVersions,
+                &key(&[account.as_str().as_bytes(), b""]),
+                1,
+            )?;
+            let next = match last.first() {
+                Some((k, _)) => version_of_key(k) + 1,
+                None => 1,
+            };
+            let record = ChainVersion {
+                account_key: account.clone(),
+                version: next,
+                applied_at: switchboard_sdk::now(),
+                change: change.clone(),
+                chains: file.chains.clone(),
+            };
+            let bytes = serde_json::to_vec(&record).expect("a chain version serialises");
+            let written = self.store.write_atomically_creating(
+                &[
+                    Write {
+                        collection: Collection::Chains,
+                        key: account.as_str().as_bytes().to_vec(),
+                        value: Some(bytes.clone()),
+                    },
+                    Write {
+                        collection: Collection::ChainVersions,
+                        key: version_key(&account, next),
+                        value: Some(bytes),
+                    },
+                ],
+                1,
+            )?;
+            if written {
+                break record;
+            }
         };
-        let record = ChainVersion {
-            account_key: account.clone(),
-            version: next,
-            applied_at: switchboard_sdk::now(),
-            change,
-            chains: file.chains,
-        };
-        let bytes = serde_json::to_vec(&record).expect("a chain version serialises");
-        self.store.write_atomically(&[
-            Write {
-                collection: Collection::Chains,
-                key: account.as_str().as_bytes().to_vec(),
-                value: Some(bytes.clone()),
-            },
-            Write {
-                collection: Collection::ChainVersions,
-                key: version_key(&account, next),
-                value: Some(bytes),
-            },
-        ])?;
+        let next = record.version;
         self.store.flush_blocking()?;
         let indexed = Arc::new(AccountChains::new(next, record.to_file()));
         self.current

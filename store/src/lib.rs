@@ -390,6 +390,16 @@ impl Store {
             .map_err(io(c))
     }
 
+    /// The value under `key` as it stands now for every replica: in the
+    /// replicated backend, read from the bucket (the local copy may not
+    /// have another replica's latest write yet); otherwise [`Store::get`].
+    pub fn get_latest(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(r) = self.shared(c) {
+            r.read_through(c, key)?;
+        }
+        self.get(c, key)
+    }
+
     /// Puts `value` under `key`.
     pub fn put(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         if self.shared(c).is_some() {
@@ -518,6 +528,70 @@ impl Store {
         self.write_atomically_if(None, batch).map(|_| ())
     }
 
+    /// Applies every write of `batch` atomically if the key written by
+    /// `batch[new]` has no value yet (in the replicated backend: as the
+    /// bucket says, whatever another replica wrote meanwhile); returns
+    /// whether it did. For numbering versions: the caller reads the last
+    /// number, writes the next, and on `false` reads again.
+    pub fn write_atomically_creating(
+        &self,
+        batch: &[Write],
+        new: usize,
+    ) -> Result<bool, StoreError> {
+        assert!(new < batch.len(), "the write that creates is in the batch");
+        if let Some(r) = &self.replica {
+            if batch.iter().any(|w| !w.collection.is_shared()) {
+                return Err(StoreError::Unsupported {
+                    what: "batches with the embedded bus's collections",
+                });
+            }
+            return r.write_all_expecting(batch, &[(new, None)]);
+        }
+        let w = &batch[new];
+        self.write_atomically_if(
+            Some(Guard {
+                collection: w.collection,
+                key: &w.key,
+                test: &|found| found.is_none(),
+            }),
+            batch,
+        )
+    }
+
+    /// Applies `batch` if, for each `(i, old)` of `expect`, the key written
+    /// by `batch[i]` still holds `old` (`None`: absent); returns whether it
+    /// did.
+    ///
+    /// In the replicated backend it is one atomic batch, checked by the
+    /// stream at the commit against every other replica's writes: all of
+    /// it, or nothing. With sled (one process, whose callers serialise
+    /// their read-modify-writes) the writes go one after another, each
+    /// expected one by compare-and-swap, and a refusal keeps the writes
+    /// before it: order them as for [`Store::write_in_order`]. (No sled
+    /// transaction: those write to disk at once.)
+    pub fn write_expecting(
+        &self,
+        batch: &[Write],
+        expect: &[(usize, Option<&[u8]>)],
+    ) -> Result<bool, StoreError> {
+        if let Some(r) = &self.replica
+            && batch.iter().all(|w| w.collection.is_shared())
+        {
+            return r.write_all_expecting(batch, expect);
+        }
+        for (i, w) in batch.iter().enumerate() {
+            match expect.iter().find(|(at, _)| *at == i) {
+                Some((_, old)) => {
+                    if !self.compare_and_swap(w.collection, &w.key, *old, w.value.as_deref())? {
+                        return Ok(false);
+                    }
+                }
+                None => self.write_one(w)?,
+            }
+        }
+        Ok(true)
+    }
+
     /// Applies the writes of `batch` one after another, without a
     /// transaction. A crash can keep any prefix of them (the log is
     /// recovered up to its last complete write), so order them to make every
@@ -527,6 +601,9 @@ impl Store {
     /// an index entry whose record is missing, or no longer matches, for
     /// no entry.
     pub fn write_in_order(&self, batch: &[Write]) -> Result<(), StoreError> {
+        // (In the replicated backend, one publish after another: an atomic
+        // batch would be one write fewer to wait for, but measured ten times
+        // slower, see BENCHMARKS.md.)
         batch.iter().try_for_each(|w| self.write_one(w))
     }
 

@@ -13,10 +13,12 @@
 //!   `Nats-Expected-Last-Subject-Sequence`: the stream refuses the write if
 //!   another replica wrote the key since. The caller then reads again.
 //! - A batch of writes that must be atomic is one atomic batch publish
-//!   (ADR-50; nats-server 2.12 or later), so the watch delivers all of it or
-//!   none.
+//!   (ADR-50; nats-server 2.12 or later): the stream stores all of it or
+//!   none, checking the expected revisions of its writes at the commit.
+//!   Other replicas' copies apply its entries one by one, in order.
 //! - The local copy is rebuilt from the bucket at every start; the replica is
-//!   caught up once it has applied every entry the bucket held at start.
+//!   caught up once it has applied every entry the bucket held at start (or
+//!   nothing more is pending).
 //!
 //! Keys: `{collection}.{key as unpadded base64url}` (`=` for the empty key),
 //! which are valid subject tokens whatever bytes the key holds.
@@ -87,6 +89,23 @@ fn remote(message: impl std::fmt::Display) -> StoreError {
     StoreError::Remote {
         message: message.to_string(),
     }
+}
+
+/// Whether the stream refused a write because the key changed since the
+/// revision it was given (alone, or in an atomic batch), or cannot check
+/// that yet: read the key again and retry.
+fn is_conflict(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::{Error, ErrorCode};
+    e.kind() == PublishErrorKind::WrongLastSequence
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<Error>())
+            .is_some_and(|s| {
+                [
+                    ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT,
+                    ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY,
+                ]
+                .contains(&s.error_code())
+            })
 }
 
 /// The bucket key of a collection's key.
@@ -309,7 +328,9 @@ impl Replica {
                     }
                 }
                 r.applied.fetch_max(revision, Ordering::SeqCst);
-                if revision >= target {
+                // Caught up: at the revision the bucket had at start, or
+                // nothing more pending (should that message be gone).
+                if revision >= target || entry.delta == 0 {
                     r.caught_up
                         .send_if_modified(|c| !std::mem::replace(c, true));
                 }
@@ -430,7 +451,7 @@ impl Replica {
                 self.apply_local(w.collection, &w.key, w.value.as_deref(), ack.sequence)?;
                 Ok(Conditional::Written)
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Conditional::Conflict),
+            Err(e) if is_conflict(&e) => Ok(Conditional::Conflict),
             Err(e) => Err(remote(format!(
                 "writing {} to the shared-state bucket: {e}",
                 w.collection.name()
@@ -439,7 +460,11 @@ impl Replica {
     }
 
     /// Publishes `batch` as one atomic batch.
-    async fn publish_batch(&self, batch: &[Write]) -> Result<(), StoreError> {
+    async fn publish_batch(
+        &self,
+        batch: &[Write],
+        expect: &[(usize, u64)],
+    ) -> Result<Conditional, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let client = self.js.client();
         let failed = |e: &dyn std::fmt::Display| {
@@ -457,6 +482,12 @@ impl Replica {
                 async_nats::header::NATS_BATCH_SEQUENCE,
                 (i + 1).to_string().as_str(),
             );
+            if let Some((_, revision)) = expect.iter().find(|(at, _)| *at == i) {
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    revision.to_string().as_str(),
+                );
+            }
             let payload: bytes::Bytes = w.value.clone().unwrap_or_default().into();
             if i == last {
                 headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
@@ -465,19 +496,10 @@ impl Replica {
                     .publish_with_headers(self.subject(w), headers, payload)
                     .await
                     .map_err(|e| failed(&e))?;
-                ack = Some(published.await.map_err(|e| failed(&e))?);
-            } else if i == 0 {
-                // The first message starts the batch: the server answers it
-                // with an empty reply, or an error.
-                let reply = client
-                    .request_with_headers(self.subject(w), headers, payload)
-                    .await
-                    .map_err(|e| failed(&e))?;
-                if !reply.payload.is_empty() {
-                    let text = String::from_utf8_lossy(&reply.payload);
-                    if text.contains("\"error\"") {
-                        return Err(failed(&text));
-                    }
+                match published.await {
+                    Ok(a) => ack = Some(a),
+                    Err(e) if is_conflict(&e) => return Ok(Conditional::Conflict),
+                    Err(e) => return Err(failed(&e)),
                 }
             } else {
                 client
@@ -491,26 +513,59 @@ impl Replica {
         for (i, w) in batch.iter().enumerate() {
             self.apply_local(w.collection, &w.key, w.value.as_deref(), first + i as u64)?;
         }
+        Ok(Conditional::Written)
+    }
+
+    /// Re-reads `key` from the bucket's stream leader into the local copy
+    /// (after a compare-and-swap lost to another replica's write, or to see
+    /// a record the watch has not brought yet).
+    async fn refresh(&self, c: Collection, key: &[u8]) -> Result<(), StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{}", self.subject_prefix, bucket_key(c, key));
+        match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                let value = (!deleted).then_some(m.payload.as_ref());
+                self.apply_local(c, key, value, m.sequence)?;
+                Ok(())
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                self.forget_local(c, key)
+            }
+            Err(e) => Err(remote(format!(
+                "reading {subject} from the shared-state bucket: {e}"
+            ))),
+        }
+    }
+
+    /// The bucket holds nothing under `key`: neither does the local copy.
+    fn forget_local(&self, c: Collection, key: &[u8]) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            collection: c.name(),
+            source,
+        };
+        let _guard = self.apply.lock().expect("replica apply lock");
+        self.trees[c.index()].remove(key).map_err(io)?;
+        self.revisions.remove(revision_key(c, key)).map_err(io)?;
         Ok(())
     }
 
-    /// Re-reads `key` from the bucket into the local copy (after a
-    /// compare-and-swap lost to another replica's write).
-    async fn refresh(&self, c: Collection, key: &[u8]) -> Result<(), StoreError> {
-        let k = bucket_key(c, key);
-        let entry = self
-            .kv
-            .entry(k.clone())
-            .await
-            .map_err(|e| remote(format!("reading {k} from the shared-state bucket: {e}")))?;
-        if let Some(entry) = entry {
-            let value = match entry.operation {
-                kv::Operation::Put => Some(entry.value.as_ref()),
-                _ => None,
-            };
-            self.apply_local(c, key, value, entry.revision)?;
-        }
-        Ok(())
+    /// Brings `key` up to date from the bucket.
+    pub(crate) fn read_through(
+        self: &Arc<Self>,
+        c: Collection,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
+        let (this, key) = (self.clone(), key.to_vec());
+        self.block(async move { this.refresh(c, &key).await })?
     }
 
     pub(crate) fn write(self: &Arc<Self>, w: &Write) -> Result<(), StoreError> {
@@ -524,9 +579,55 @@ impl Replica {
             [only] => self.write(only),
             _ => {
                 let (this, batch) = (self.clone(), batch.to_vec());
-                self.block(async move { this.publish_batch(&batch).await })?
+                self.block(async move { this.publish_batch(&batch, &[]).await.map(|_| ()) })?
             }
         }
+    }
+
+    /// Writes `batch` atomically if, for each `(i, old)` of `expect`, the
+    /// key of write `i` holds `old` (as the local copy has it, and as the
+    /// stream checks at the commit: no other replica wrote it since);
+    /// returns whether it was written. After a refusal the local copy holds
+    /// what the bucket holds under those keys.
+    pub(crate) fn write_all_expecting(
+        self: &Arc<Self>,
+        batch: &[Write],
+        expect: &[(usize, Option<&[u8]>)],
+    ) -> Result<bool, StoreError> {
+        let mut revisions = Vec::with_capacity(expect.len());
+        {
+            let _guard = self.apply.lock().expect("replica apply lock");
+            for (i, old) in expect {
+                let w = &batch[*i];
+                let current = self.trees[w.collection.index()]
+                    .get(&w.key)
+                    .map_err(|source| StoreError::Io {
+                        collection: w.collection.name(),
+                        source,
+                    })?;
+                if current.as_deref() != *old {
+                    return Ok(false);
+                }
+                revisions.push((*i, self.revision(w.collection, &w.key)?));
+            }
+        }
+        let (this, batch) = (self.clone(), batch.to_vec());
+        self.block(async move {
+            let written = match (batch.as_slice(), revisions.as_slice()) {
+                ([only], [(_, revision)]) => this.publish_one(only, Some(*revision)).await?,
+                ([only], []) => this.publish_one(only, None).await?,
+                _ => this.publish_batch(&batch, &revisions).await?,
+            };
+            match written {
+                Conditional::Written => Ok(true),
+                Conditional::Conflict => {
+                    for (i, _) in &revisions {
+                        this.refresh(batch[*i].collection, &batch[*i].key).await?;
+                    }
+                    Ok(false)
+                }
+            }
+        })?
     }
 
     /// Writes `new` under `key` if the local copy holds `old` there and no

@@ -160,41 +160,51 @@ impl ScriptStore {
                     error,
                 })?;
         let _guard = self.writer.lock().expect("script writer lock");
-        let last = self.store.scan_prefix_rev(
-            Collection::ScriptVersions,
-            &key(&[account.as_str().as_bytes(), name.as_bytes(), b""]),
-            1,
-        )?;
-        let next = match last.first() {
-            Some((k, _)) => version_of_key(k) + 1,
-            None => 1,
+        // Another replica may take the same number at the same moment: the
+        // version's key must be new, or the number is read again.
+        let record = loop {
+            let last = self.store.scan_prefix_rev(
+                Collection::ScriptVersions,
+                &key(&[account.as_str().as_bytes(), name.as_bytes(), b""]),
+                1,
+            )?;
+            let next = match last.first() {
+                Some((k, _)) => version_of_key(k) + 1,
+                None => 1,
+            };
+            let record = ScriptVersion {
+                account_key: account.clone(),
+                name: name.to_string(),
+                version: next,
+                stored_at: switchboard_sdk::now(),
+                source: source.to_string(),
+            };
+            let bytes = serde_json::to_vec(&record).expect("a script version serialises");
+            let written = self.store.write_atomically_creating(
+                &[
+                    Write {
+                        collection: Collection::Scripts,
+                        key: current_key(account, name),
+                        value: Some(bytes.clone()),
+                    },
+                    Write {
+                        collection: Collection::ScriptVersions,
+                        key: version_key(account, name, next),
+                        value: Some(bytes),
+                    },
+                ],
+                1,
+            )?;
+            if written {
+                break record;
+            }
         };
-        let record = ScriptVersion {
-            account_key: account.clone(),
-            name: name.to_string(),
-            version: next,
-            stored_at: switchboard_sdk::now(),
-            source: source.to_string(),
-        };
-        let bytes = serde_json::to_vec(&record).expect("a script version serialises");
-        self.store.write_atomically(&[
-            Write {
-                collection: Collection::Scripts,
-                key: current_key(account, name),
-                value: Some(bytes.clone()),
-            },
-            Write {
-                collection: Collection::ScriptVersions,
-                key: version_key(account, name, next),
-                value: Some(bytes),
-            },
-        ])?;
         self.store.flush_blocking()?;
         self.cache.write().expect("script cache lock").insert(
             (account.clone(), name.to_string()),
             Arc::new(CompiledScript {
                 name: name.to_string(),
-                version: next,
+                version: record.version,
                 ast,
             }),
         );
@@ -333,7 +343,15 @@ impl ScriptStore {
             ast,
         });
         let _guard = self.writer.lock().expect("script writer lock");
-        // A put may have raced us; the cache then already holds a newer version.
+        // A put may have raced us; the cache then already holds a newer
+        // version. Another replica may have changed the script meanwhile
+        // (its forget came before this insert): cache only what is current.
+        if self
+            .current(account, name)?
+            .is_none_or(|now| now.version != compiled.version)
+        {
+            return Ok(Some(compiled));
+        }
         let mut cache = self.cache.write().expect("script cache lock");
         Ok(Some(cache.entry(cache_key).or_insert(compiled).clone()))
     }
