@@ -281,8 +281,20 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `n` servers and waits until JetStream can create a stream
-    /// kept on all of them (the cluster has elected its meta leader).
+    /// kept on all of them (the cluster has elected its meta leader). A
+    /// port taken by another test between choosing and binding it makes a
+    /// node exit at once: then the cluster starts again on other ports.
     pub async fn start(n: usize) -> Self {
+        for _ in 0..4 {
+            if let Some(cluster) = Self::try_start(n).await {
+                return cluster;
+            }
+        }
+        panic!("a NATS cluster could not bind free ports in four tries");
+    }
+
+    /// One try of [`NatsCluster::start`]; `None` when a node exited.
+    async fn try_start(n: usize) -> Option<Self> {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -341,7 +353,19 @@ impl NatsCluster {
             }
             .await;
             if made.is_some() {
-                return cluster;
+                return Some(cluster);
+            }
+            let exited = cluster
+                .nodes
+                .iter_mut()
+                .flatten()
+                .any(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                eprintln!(
+                    "a NATS node exited at start (a port taken?):\n{}",
+                    cluster.logs()
+                );
+                return None;
             }
             assert!(
                 Instant::now() < deadline,
@@ -350,6 +374,14 @@ impl NatsCluster {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Every node's log.
+    fn logs(&self) -> String {
+        (0..self.ports.len())
+            .map(|i| self.log(i))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The client URL of node `i`.
