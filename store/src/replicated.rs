@@ -24,7 +24,7 @@
 //! which are valid subject tokens whatever bytes the key holds.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,7 +72,6 @@ pub(crate) struct Replica {
     applied: AtomicU64,
     caught_up: watch::Sender<bool>,
     changes: broadcast::Sender<Change>,
-    stopped: AtomicBool,
     /// Ends the replica's runtime thread.
     shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -259,7 +258,6 @@ impl Replica {
                     applied: AtomicU64::new(0),
                     caught_up,
                     changes: broadcast::channel(1024).0,
-                    stopped: AtomicBool::new(false),
                     shutdown: Mutex::new(Some(shutdown)),
                 });
                 tokio::spawn(Self::follow(Arc::downgrade(&replica), target));
@@ -288,9 +286,6 @@ impl Replica {
             loop {
                 let next = tokio::time::timeout(Duration::from_secs(1), entries.next()).await;
                 let Some(r) = replica.upgrade() else { return };
-                if r.stopped.load(Ordering::SeqCst) {
-                    return;
-                }
                 let entry = match next {
                     Err(_) => continue,
                     Ok(None) => break,
@@ -639,33 +634,12 @@ impl Replica {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let tree = &self.trees[c.index()];
-        let (current, revision) = {
-            let _guard = self.apply.lock().expect("replica apply lock");
-            let current = tree.get(key).map_err(|source| StoreError::Io {
-                collection: c.name(),
-                source,
-            })?;
-            (current, self.revision(c, key)?)
-        };
-        if current.as_deref() != old {
-            return Ok(false);
-        }
         let w = Write {
             collection: c,
             key: key.to_vec(),
             value: new.map(<[u8]>::to_vec),
         };
-        let this = self.clone();
-        self.block(async move {
-            match this.publish_one(&w, Some(revision)).await? {
-                Conditional::Written => Ok(true),
-                Conditional::Conflict => {
-                    this.refresh(w.collection, &w.key).await?;
-                    Ok(false)
-                }
-            }
-        })?
+        self.write_all_expecting(&[w], &[(0, old)])
     }
 
     /// Whether the local copy holds everything the bucket held at start.
@@ -686,7 +660,6 @@ impl Replica {
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        self.stopped.store(true, Ordering::SeqCst);
         if let Some(stop) = self.shutdown.lock().expect("replica shutdown lock").take() {
             let _ = stop.send(());
         }
