@@ -14,11 +14,17 @@ use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
 use crate::util::{Dispatcher, NatsCluster, event, long_tests, wait_until};
 
 fn config(receiver: &HttpReceiver) -> String {
+    config_with(receiver, true, 3)
+}
+
+/// The dispatchers' config: sharing the bus or not, on streams kept on
+/// `stream_replicas` servers.
+fn config_with(receiver: &HttpReceiver, replicated: bool, stream_replicas: usize) -> String {
     format!(
         r#"
 [bus]
-replicated = true
-stream_replicas = 3
+replicated = {replicated}
+stream_replicas = {stream_replicas}
 # Redeliver what a killed replica held after 3 s instead of 30.
 ack_wait_secs = 3
 
@@ -53,7 +59,7 @@ config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}" }}
 
 [[chains.steps]]
 handler = "payment_webhook"
-config = {{ url = "{recv}/hook/200", secret = "gateway", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}" }} }}
+config = {{ url = "{recv}/hook/200", secret = "gateway", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}", account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
 retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 
 [[chains.steps]]
@@ -68,7 +74,8 @@ fn account(i: usize) -> String {
 }
 
 /// `n` events over `accounts` accounts and 40 conversations each, with four
-/// events per number, in different conversations.
+/// events per number, in different conversations. `n` in the event data
+/// counts up within each conversation.
 fn events(n: usize, accounts: usize) -> Vec<VumiApiEvent> {
     let numbers = (n / accounts / 4).max(1);
     (0..n)
@@ -79,23 +86,92 @@ fn events(n: usize, accounts: usize) -> Vec<VumiApiEvent> {
                 "survey",
                 "poll_complete",
                 &format!("poll-{}", nth % 40),
-                json!({"msisdn": format!("+2782{:07}", nth % numbers)}),
+                json!({"msisdn": format!("+2782{:07}", nth % numbers), "n": nth}),
             )
         })
         .collect()
 }
 
+/// Publishes the events, each conversation's in order (each publish waits
+/// for the previous one's ack), many conversations at once.
 async fn emit_all(url: &str, events: &[VumiApiEvent]) {
     let client = async_nats::connect(url).await.expect("a NATS connection");
     let emitter = NatsEmitter::new(client).with_attempts(30);
-    futures::stream::iter(events)
-        .for_each_concurrent(32, |e| {
+    let mut conversations: Vec<Vec<&VumiApiEvent>> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for e in events {
+        let key = (e.account_key.as_str(), e.conversation_key.as_str());
+        let i = *index.entry(key).or_insert_with(|| {
+            conversations.push(Vec::new());
+            conversations.len() - 1
+        });
+        conversations[i].push(e);
+    }
+    futures::stream::iter(conversations)
+        .for_each_concurrent(64, |conversation| {
             let emitter = emitter.clone();
             async move {
-                emitter.emit(e).await.expect("stored by the cluster");
+                for e in conversation {
+                    emitter.emit(e).await.expect("stored by the cluster");
+                }
             }
         })
         .await;
+}
+
+/// One request that says which event it is for: (its stable id, account,
+/// conversation, the event's `n`).
+type Arrival = (String, String, String, u64);
+
+/// A `payment_webhook` request of the chains in [`chains`].
+fn webhook_arrival(r: &Value) -> Option<Arrival> {
+    if r["path"] != "/hook/200" {
+        return None;
+    }
+    let id = r["headers"]["webhook-id"].as_str().expect("a webhook-id");
+    let body: Value = serde_json::from_str(r["body"].as_str().expect("a body")).expect("JSON");
+    let n = match &body["n"] {
+        Value::String(s) => s.parse().expect("a number"),
+        v => v.as_u64().expect("a number"),
+    };
+    Some((
+        id.to_string(),
+        body["account"].as_str().expect("an account").to_string(),
+        body["conversation"]
+            .as_str()
+            .expect("a conversation")
+            .to_string(),
+        n,
+    ))
+}
+
+/// Checks that each conversation's requests first arrived in the order its
+/// events were published (a repeat of an id counts where it first came);
+/// returns how many conversations had more than one.
+fn assert_in_conversation_order(arrivals: impl IntoIterator<Item = Arrival>) -> usize {
+    let mut first_seen = HashSet::new();
+    let mut order: HashMap<(String, String), Vec<u64>> = HashMap::new();
+    for (id, account, conversation, n) in arrivals {
+        if first_seen.insert(id) {
+            order.entry((account, conversation)).or_default().push(n);
+        }
+    }
+    for ((account, conversation), ns) in &order {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{account}/{conversation}: events handled out of order: {ns:?}"
+        );
+    }
+    order.values().filter(|ns| ns.len() > 1).count()
+}
+
+/// How many events a replica has handled, by its `/metrics`.
+async fn handled_by(d: &Dispatcher, accounts: usize) -> u64 {
+    let mut handled = 0;
+    for i in 0..accounts {
+        handled += d.metric("handled", &account(i)).await;
+    }
+    handled
 }
 
 /// Every contact of `account`, as a replica's API lists them.
@@ -115,18 +191,20 @@ async fn version_at(d: &Dispatcher, account: &str) -> Option<u64> {
 
 /// Three replicas, one on each node of a three-node cluster, each given two
 /// seed servers. A chain applied through replica 0 reaches the others within
-/// a bounded delay; one replica is killed (SIGKILL) mid-run and one NATS
-/// node with it; every chain still completes once, each webhook arrives
-/// under its stable id, contacts stay unique per (account, msisdn) although
-/// several replicas upsert the same numbers at once, and a replica started
-/// afterwards catches up before it serves. The default run has 600 events
-/// over 4 accounts; `SWITCHBOARD_LONG_TESTS=1` runs 20,000 over 200.
+/// a bounded delay; the replica that has handled most is killed (SIGKILL)
+/// mid-run and one NATS node with it; every chain still completes once,
+/// each webhook arrives under its stable id, each conversation's events are
+/// handled in the order they were published, contacts stay unique per
+/// (account, msisdn) although several replicas upsert the same numbers at
+/// once, and a replica started afterwards catches up before it serves. The
+/// default run has 600 events over 8 accounts; `SWITCHBOARD_LONG_TESTS=1`
+/// runs 20,000 over 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     let (n, accounts) = if long_tests() {
         (20_000, 200)
     } else {
-        (600, 4)
+        (600, 8)
     };
     let mut cluster = NatsCluster::start(3).await;
     let receiver = HttpReceiver::start(Duration::from_secs(3));
@@ -196,13 +274,22 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
         || async { (receiver.count().await >= n / 3).then_some(()) },
     )
     .await;
-    replicas[2].kill9();
-    cluster.kill(2);
+    // The partitions (by account) are spread over the replicas: kill the
+    // busiest, and the NATS node it was first given.
+    let mut handled = Vec::new();
+    for d in &replicas {
+        handled.push(handled_by(d, accounts).await);
+    }
+    let victim = (0..3).max_by_key(|i| handled[*i]).expect("three replicas");
+    eprintln!("replicas: handled {handled:?} when replica {victim} and node {victim} were killed");
+    replicas[victim].kill9();
+    cluster.kill(victim);
     emitting.await.expect("the publisher");
+    let alive: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
 
     // Every chain completes: the trace (shared: any replica answers) says
     // done, with the version applied last.
-    let d = &replicas[0];
+    let d = &replicas[alive[0]];
     futures::stream::iter(&sent)
         .for_each_concurrent(16, |e| async move {
             let trace = d
@@ -244,9 +331,16 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     let ids: HashSet<String> = seen.keys().cloned().collect();
     assert_eq!(ids, expected, "one webhook per event, no other");
     let repeats: usize = seen.values().map(|n| n - 1).sum();
+    let ordered = assert_in_conversation_order(requests.iter().filter_map(webhook_arrival));
+    assert!(ordered > 0, "conversations with several events");
+    let mut handled = Vec::new();
+    for i in &alive {
+        handled.push(handled_by(&replicas[*i], accounts).await);
+    }
     eprintln!(
         "replicas: {n} events over {accounts} accounts in {:.1}s, a replica and a node killed; \
-         lost 0; raw webhook repeats: {repeats}",
+         lost 0; raw webhook repeats: {repeats}; {ordered} conversations of several events \
+         each in order; the surviving replicas handled {handled:?}",
         elapsed.as_secs_f64()
     );
     assert!(
@@ -257,7 +351,7 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     // Contacts are unique per (account, msisdn) across replicas.
     let numbers = (n / accounts / 4).max(1);
     for i in 0..accounts {
-        let all = contacts(&replicas[1], &account(i)).await;
+        let all = contacts(&replicas[alive[1]], &account(i)).await;
         let distinct: HashSet<&str> = all
             .iter()
             .map(|c| c["msisdn"].as_str().expect("an msisdn"))
@@ -274,7 +368,7 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     // A replica started now, its first seed the dead node, catches up
     // before it serves: it sees the same contacts, traces and chains, and
     // says it is ready.
-    let late = Dispatcher::nats_url(&seeds(2, 0), &config);
+    let late = Dispatcher::nats_url(&seeds(victim, alive[0]), &config);
     let (status, ready) = late.get("/readyz").await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["caught_up"], true, "{ready}");
@@ -287,7 +381,7 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
     let a0 = account(0);
     assert_eq!(
         keys(&contacts(&late, &a0).await),
-        keys(&contacts(&replicas[1], &a0).await)
+        keys(&contacts(&replicas[alive[1]], &a0).await)
     );
     let last = &sent[n - 1];
     let trace = late
@@ -295,6 +389,210 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
         .await;
     assert_eq!(trace.expect("the trace")["status"], "done");
     assert_eq!(version_at(&late, &a0).await, Some(v2));
+}
+
+/// A chain file for `account`: one `send_sms` step whose text names the
+/// event (`{account}|{conversation}|{n}`).
+fn sms_chain(account: &str) -> String {
+    format!(
+        r#"
+account_key = "{account}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "send_sms"
+config = {{ provider = "gateway", to = "{{{{ event.event_data.msisdn }}}}", body = "{{{{ event.account_key }}}}|{{{{ event.conversation_key }}}}|{{{{ event.event_data.n }}}}" }}
+retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
+"#
+    )
+}
+
+/// A request to the SMS gateway of [`sms_chain`].
+fn sms_arrival(r: &Value) -> Option<Arrival> {
+    if r["path"] != "/sms" {
+        return None;
+    }
+    let body: Value = serde_json::from_str(r["body"].as_str().expect("a body")).expect("JSON");
+    let id = body["message_id"]
+        .as_str()
+        .expect("a message_id")
+        .to_string();
+    let text = body["content"].as_str().expect("the text");
+    let mut parts = text.split('|');
+    let mut part = || parts.next().expect("account|conversation|n").to_string();
+    let (account, conversation, n) = (part(), part(), part());
+    Some((id, account, conversation, n.parse().expect("a number")))
+}
+
+/// The partitions a replica's `/readyz` says it consumes.
+async fn partitions_of(d: &Dispatcher) -> Vec<u64> {
+    let (_, ready) = d.get("/readyz").await;
+    ready["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("partitions in {ready}"))
+        .iter()
+        .map(|p| p.as_u64().expect("a partition"))
+        .collect()
+}
+
+/// Replicas joining and leaving (SIGTERM) while events flow hand their
+/// partitions over without losing, repeating or reordering anything. The
+/// stream was used by a single dispatcher first: the replicas partition it,
+/// start after what that dispatcher acked (so it is not handled twice), and
+/// handle the events stored meanwhile under unpartitioned subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_joining_and_leaving_keep_every_conversation_in_order() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let (accounts, conversations, per_conversation) = (16, 64, 10);
+    let chains = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
+            .expect("writing a chain file");
+    }
+    // Event `n` of conversation `c`.
+    let all: Vec<Vec<VumiApiEvent>> = (0..conversations)
+        .map(|c| {
+            (0..per_conversation)
+                .map(|n| {
+                    event(
+                        &account(c % accounts),
+                        "survey",
+                        "poll_complete",
+                        &format!("talk-{c}"),
+                        json!({"msisdn": format!("+2783{c:07}"), "n": n}),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let wave = |ns: std::ops::Range<usize>| -> Vec<VumiApiEvent> {
+        all.iter().flat_map(|c| c[ns.clone()].to_vec()).collect()
+    };
+
+    // A single dispatcher, not sharing the bus, handles the first events.
+    let mut single = Dispatcher::nats_url_with_chains(
+        nats.url(),
+        &config_with(&receiver, false, 1),
+        chains.path(),
+    );
+    let first = wave(0..2);
+    emit_all(nats.url(), &first).await;
+    for e in &first {
+        let trace = single
+            .wait_for_trace(
+                e.account_key.as_str(),
+                &e.id.to_string(),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
+    assert_eq!(single.stop(), Some(0));
+    // Stored while no dispatcher runs, under the subjects as published.
+    emit_all(nats.url(), &wave(2..3)).await;
+
+    // Two replicas start; the rest is published at a steady pace, each
+    // conversation in order, while a third replica joins and then one of
+    // the first two leaves.
+    let config = config_with(&receiver, true, 1);
+    let replica = || Dispatcher::nats_url_with_chains(nats.url(), &config, chains.path());
+    let a = replica();
+    let mut b = replica();
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream");
+    let info = stream.info().await.expect("its info");
+    let transform = info.config.subject_transform.clone().expect("partitioned");
+    assert_eq!(transform.source, "vumi.events.*.*.*");
+    let emitting = {
+        let url = nats.url().to_string();
+        let all = all.clone();
+        tokio::spawn(async move {
+            let client = async_nats::connect(url).await.expect("a NATS connection");
+            let emitter = NatsEmitter::new(client).with_attempts(30);
+            futures::stream::iter(all)
+                .for_each_concurrent(None, |conversation| {
+                    let emitter = emitter.clone();
+                    async move {
+                        for e in &conversation[3..] {
+                            emitter.emit(e).await.expect("stored");
+                            tokio::time::sleep(Duration::from_millis(1_200)).await;
+                        }
+                    }
+                })
+                .await;
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = tokio::task::block_in_place(replica);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tokio::task::block_in_place(|| b.stop()), Some(0));
+    emitting.await.expect("the publisher");
+
+    // Every event is handled once, each conversation in order.
+    futures::stream::iter(wave(2..per_conversation))
+        .for_each_concurrent(16, |e| {
+            let a = &a;
+            async move {
+                let trace = a
+                    .wait_for_trace(
+                        e.account_key.as_str(),
+                        &e.id.to_string(),
+                        Duration::from_secs(120),
+                    )
+                    .await;
+                assert_eq!(trace["status"], "done", "{trace:#}");
+            }
+        })
+        .await;
+    let arrivals: Vec<Arrival> = receiver
+        .requests()
+        .await
+        .iter()
+        .filter_map(sms_arrival)
+        .collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (id, ..) in &arrivals {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let expected: HashSet<String> = all
+        .iter()
+        .flatten()
+        .map(|e| EventId::derived(e.id, "poll-complete", "send_sms", 0).to_string())
+        .collect();
+    let ids: HashSet<String> = seen.keys().map(|id| id.to_string()).collect();
+    assert_eq!(ids, expected, "one SMS per event, no other");
+    let repeats: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeats.is_empty(),
+        "graceful hand-overs repeat nothing: {repeats:?}"
+    );
+    assert_eq!(assert_in_conversation_order(arrivals), conversations);
+
+    // The two replicas left share the partitions between them.
+    let (pa, pc) = wait_until(
+        "the partitions shared by the replicas left",
+        Duration::from_secs(20),
+        || async {
+            let (pa, pc) = (partitions_of(&a).await, partitions_of(&c).await);
+            let mut every: Vec<u64> = pa.iter().chain(&pc).copied().collect();
+            every.sort_unstable();
+            (every == (0..16).collect::<Vec<u64>>()).then_some((pa, pc))
+        },
+    )
+    .await;
+    eprintln!("replicas: after the join and the leave, partitions {pa:?} and {pc:?}");
 }
 
 /// Two replicas applying chains for one account at the same moment never

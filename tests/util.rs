@@ -543,6 +543,8 @@ pub struct Dispatcher {
     /// The admin token given in the environment; `None`: the dispatcher
     /// generates one into its data directory.
     configured_token: Option<String>,
+    /// A folder of chain files applied at every start (`--chains`).
+    chains: Option<PathBuf>,
     /// The admin token in use (known once started).
     admin_token: String,
     http: reqwest::Client,
@@ -582,7 +584,27 @@ impl Dispatcher {
         Self::start_as(nats, config, Some(ADMIN_TOKEN))
     }
 
+    /// A dispatcher on the NATS server at `url` with `config`, applying the
+    /// chain files in `chains` before it consumes.
+    pub fn nats_url_with_chains(url: &str, config: &str, chains: &Path) -> Self {
+        Self::start_with(
+            Some(url.to_string()),
+            Some(config),
+            Some(ADMIN_TOKEN),
+            Some(chains),
+        )
+    }
+
     fn start_as(nats: Option<String>, config: Option<&str>, admin_token: Option<&str>) -> Self {
+        Self::start_with(nats, config, admin_token, None)
+    }
+
+    fn start_with(
+        nats: Option<String>,
+        config: Option<&str>,
+        admin_token: Option<&str>,
+        chains: Option<&Path>,
+    ) -> Self {
         let root = tempfile::tempdir().expect("a temporary directory");
         let config = config.map(|text| {
             let path = root.path().join("switchboard.toml");
@@ -597,6 +619,7 @@ impl Dispatcher {
             starts: 0,
             url: String::new(),
             configured_token: admin_token.map(str::to_string),
+            chains: chains.map(Path::to_path_buf),
             admin_token: String::new(),
             http: http_client(None),
         };
@@ -622,6 +645,9 @@ impl Dispatcher {
         }
         if let Some(path) = &self.config {
             cmd.arg("--config").arg(path);
+        }
+        if let Some(dir) = &self.chains {
+            cmd.arg("--chains").arg(dir);
         }
         if let Some(token) = &self.configured_token {
             cmd.env("SWITCHBOARD_ADMIN_TOKEN", token);

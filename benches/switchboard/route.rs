@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream;
+use futures::TryStreamExt as _;
 
 use crate::common::{self, Dispatcher, NatsServer, Spec, mib, poll_event};
 use crate::report::{Report, percent, rate};
@@ -151,28 +152,43 @@ pub async fn drain_nats_by(
     let stream = js
         .get_stream(switchboard_sdk::nats::events_stream_config(PREFIX).name)
         .await?;
-    let mut consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer(switchboard_dispatcher::bus::nats::CONSUMER)
-        .await
-        .map_err(|e| anyhow::anyhow!("the dispatcher's consumer: {e}"))?;
-    let mut last = 0;
+    // One consumer, or one per partition when replicas share the bus.
+    let mut names: Vec<String> = stream.consumer_names().try_collect().await?;
+    names.sort();
+    if names.is_empty() {
+        bail!("the stream has no consumer:\n{}", dispatchers[0].log_tail());
+    }
+    let mut consumers = Vec::with_capacity(names.len());
+    for name in &names {
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("the dispatcher's consumer {name}: {e}"))?;
+        consumers.push(consumer);
+    }
+    let mut last = u64::MAX;
     let mut progressed = Instant::now();
     let took = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         for d in dispatchers.iter_mut() {
             d.check_alive()?;
         }
-        let info = consumer.info().await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= n
-        {
+        // Waiting to be delivered, or delivered and not acked.
+        let (mut left, mut delivered) = (0, 0);
+        for consumer in &mut consumers {
+            let info = consumer.info().await?;
+            left += info.num_pending + info.num_ack_pending as u64;
+            delivered = delivered.max(info.delivered.stream_sequence);
+        }
+        if left == 0 && delivered >= n {
             break since.elapsed();
         }
-        if info.ack_floor.stream_sequence > last {
-            last = info.ack_floor.stream_sequence;
+        if left < last {
+            last = left;
             progressed = Instant::now();
         } else if progressed.elapsed() > STALL {
             bail!(
-                "no progress for {STALL:?} at {last} of {n} acked:\n{}",
+                "no progress for {STALL:?} with {last} of {n} events left:\n{}",
                 dispatchers[0].log_tail()
             );
         }

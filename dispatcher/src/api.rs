@@ -48,6 +48,8 @@ pub struct ApiState {
     pub ingest_limit: Arc<crate::ratelimit::RateLimiter>,
     /// Inbound provider webhooks.
     pub inbound: Arc<Inbound>,
+    /// The partitions of the bus this replica consumes, when replicas share it.
+    pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
 }
 
 /// Declares every route once: it defines [`ROUTES`] and the function that
@@ -323,6 +325,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             "started": started,
             "replicated": s.executor.store.is_replicated(),
             "caught_up": caught_up,
+            "partitions": s.partitions.as_ref().map(|p| p.borrow().clone()),
         })),
     )
         .into_response()

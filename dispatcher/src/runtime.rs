@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::api::{ApiState, router};
 use crate::auth::{Auth, TokenStore};
+use crate::bus::partitions::Membership;
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
 use crate::executor::{Disposition, Executor};
@@ -86,6 +87,8 @@ pub struct Dispatcher {
     admin_token_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
     consumer: JoinHandle<()>,
+    /// This replica among those sharing the bus.
+    membership: Option<Membership>,
     server: JoinHandle<()>,
 }
 
@@ -120,6 +123,8 @@ impl Dispatcher {
             }
         };
         let prefix = config.bus.subject_prefix.clone();
+        // The partitions of the bus this replica owns (replicas only).
+        let (owned_tx, owned) = watch::channel(Vec::new());
         let (store, bus, commands): (Store, Arc<dyn Bus>, Arc<dyn CommandPort>) = match &config
             .bus
             .nats_url
@@ -138,12 +143,18 @@ impl Dispatcher {
                     (config.limits.concurrency * 4).max(1024),
                     Duration::from_secs(config.bus.ack_wait_secs),
                     config.bus.stream_replicas,
+                    config.bus.replicated,
                 )
                 .await?;
                 let commands =
                     NatsCommands::new(bus.client().clone(), &prefix, config.bus.stream_replicas)
                         .await
                         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
+                let bus = if config.bus.replicated {
+                    bus.with_partitions(owned.clone())
+                } else {
+                    bus
+                };
                 let store = if config.bus.replicated {
                     let (options, servers) = switchboard_sdk::nats::connect_options(url);
                     Store::replicated(
@@ -231,6 +242,7 @@ impl Dispatcher {
             .collect();
         let ready = Arc::new(AtomicBool::new(false));
         let app = router(ApiState {
+            partitions: config.bus.replicated.then(|| owned.clone()),
             ready: ready.clone(),
             executor: executor.clone(),
             contacts: ContactStore::new(store.clone()),
@@ -270,6 +282,11 @@ impl Dispatcher {
         // up with the shared state and the chain files are applied.
         let rest = async {
             follow_replicas(&store, &executor).await?;
+            let membership = if config.bus.replicated {
+                Some(Membership::join(store.clone(), owned_tx)?)
+            } else {
+                None
+            };
             let applied = match chains_dir {
                 Some(dir) => apply_chain_dir(&executor.chains, &executor.registry, dir)?,
                 None => Vec::new(),
@@ -277,9 +294,9 @@ impl Dispatcher {
             let deliveries = bus
                 .consume(config.limits.concurrency, stopped.clone())
                 .await?;
-            Ok::<_, StartError>((applied, deliveries))
+            Ok::<_, StartError>((applied, deliveries, membership))
         };
-        let (applied, deliveries) = match rest.await {
+        let (applied, deliveries, membership) = match rest.await {
             Ok(started) => started,
             Err(e) => {
                 let _ = stop.send(true);
@@ -311,6 +328,7 @@ impl Dispatcher {
             admin_token_file,
             stop,
             consumer,
+            membership,
             server,
         })
     }
@@ -350,6 +368,9 @@ impl Dispatcher {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.consumer.await;
+        if let Some(membership) = self.membership {
+            membership.leave().await;
+        }
         // The acks and naks of the last events must leave before we do.
         if let Err(e) = self.executor.bus.flush().await {
             tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
@@ -538,6 +559,11 @@ async fn consume(
             tracing::warn!(error = %e, "giving a delivery back failed; the bus delivers it again after its ack wait");
         }
     }
+    // Acks and naks are fire-and-forget: they leave before the hand-over.
+    if let Err(e) = executor.bus.flush().await {
+        tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
+    }
+    executor.bus.hand_over().await;
 }
 
 /// Handled deliveries waiting to be settled. Workers wait only when this

@@ -69,11 +69,14 @@ pub enum Collection {
     Unmatched,
     /// Traces by age, for expiry: `{started:BE u64 ms}\0{account}\0{event id}` → empty.
     TraceTimes,
+    /// Dispatcher replicas sharing the bus (replicated backend): `{replica id}`
+    /// → its latest heartbeat.
+    Replicas,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 22] = [
+    pub const ALL: [Collection; 23] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -96,6 +99,7 @@ impl Collection {
         Collection::InboundIndex,
         Collection::Unmatched,
         Collection::TraceTimes,
+        Collection::Replicas,
     ];
 
     /// The collection's name on disk.
@@ -123,6 +127,7 @@ impl Collection {
             Collection::InboundIndex => "inbound_index",
             Collection::Unmatched => "unmatched",
             Collection::TraceTimes => "trace_times",
+            Collection::Replicas => "replicas",
         }
     }
 

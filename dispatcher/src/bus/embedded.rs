@@ -251,6 +251,7 @@ impl Bus for EmbeddedBus {
                         attempt,
                         seq,
                         acker: DeliveryAcker::Embedded(Acker { inner, seq }),
+                        _in_flight: None,
                     })
                 }
             };

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 pub mod embedded;
 pub mod nats;
+pub mod partitions;
 
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;
@@ -78,6 +79,11 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// in the order they are given back.
     async fn quiesce(&self) {}
 
+    /// After the last deliveries were given back: lets other replicas take
+    /// over what this one consumed (NATS with partitions unpins this
+    /// replica's partitions), so that they need not wait for it to time out.
+    async fn hand_over(&self) {}
+
     /// Sends whatever acks and naks the client still buffers (NATS acks are
     /// fire-and-forget publishes): called before the process exits.
     async fn flush(&self) -> Result<(), BusError> {
@@ -112,6 +118,25 @@ pub struct Delivery {
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
     acker: Acker,
+    /// Counts the delivery among its partition's until it is settled.
+    _in_flight: Option<InFlight>,
+}
+
+/// One delivery of a partition not settled yet: counted while it lives.
+#[derive(Debug)]
+struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug)]

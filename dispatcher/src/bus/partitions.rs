@@ -1,0 +1,275 @@
+//! Which replica handles which events, when several share the bus.
+//!
+//! In the replicated mode the events stream numbers each event's subject with
+//! one of [`PARTITIONS`] partitions, from a hash of its account (a subject
+//! transform on the stream). Each partition has its own consumer, which the
+//! server delivers to one pinned client at a time. The replicas divide the
+//! partitions among themselves by rendezvous hashing over the live members,
+//! which each replica learns from the heartbeats all of them write into the
+//! shared [`Collection::Replicas`]. So one replica at a time handles an
+//! account's events, and a conversation's events stay in bus order across
+//! replicas.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use switchboard_store::{Collection, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How many partitions the events stream is divided into: the most replicas
+/// that share the work. Fixed, because moving an account to another
+/// partition while its events are on the bus would break their order.
+pub const PARTITIONS: u16 = 16;
+
+/// How often a replica writes its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// A replica whose heartbeat has not changed for this long is taken for gone.
+const GONE_AFTER: Duration = Duration::from_secs(10);
+
+/// A gone replica's entry is removed after this long.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+/// The partitions `me` owns among `members`: those for which its rendezvous
+/// score is the highest. Every replica computes the same answer from the
+/// same members.
+pub fn owned_by(me: &str, members: &[&str]) -> Vec<u16> {
+    (0..PARTITIONS)
+        .filter(|p| {
+            members
+                .iter()
+                .max_by_key(|m| (score(m, *p), **m))
+                .is_some_and(|owner| *owner == me)
+        })
+        .collect()
+}
+
+fn score(member: &str, partition: u16) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(member.as_bytes())
+        .chain_update(partition.to_be_bytes())
+        .finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// This replica's membership: it writes a heartbeat every [`HEARTBEAT`],
+/// follows the others' and publishes the partitions this replica owns.
+#[derive(Debug)]
+pub struct Membership {
+    id: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Membership {
+    /// Joins: writes the first heartbeat and starts following, sending the
+    /// partitions this replica owns into `owned` whenever they change.
+    /// Members found in the (caught-up) store count as live until their
+    /// heartbeat stops changing for [`GONE_AFTER`].
+    pub fn join(
+        store: Store,
+        owned_tx: watch::Sender<Vec<u16>>,
+    ) -> Result<Self, switchboard_store::StoreError> {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let mut follower = Follower {
+            id: id.clone(),
+            store,
+            beat: 0,
+            seen: HashMap::new(),
+        };
+        let members = follower.tick()?;
+        let owned = owned_by(&id, &members_of(&members));
+        tracing::info!(replica = %id, partitions = ?owned, members = members.len(),
+            "joined the replicas sharing the bus");
+        owned_tx.send_replace(owned);
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    _ = every.tick() => {}
+                }
+                match follower.tick() {
+                    Ok(members) => {
+                        let owned = owned_by(&follower.id, &members_of(&members));
+                        owned_tx.send_if_modified(|was| {
+                            if *was == owned {
+                                return false;
+                            }
+                            tracing::info!(partitions = ?owned, members = members.len(),
+                                "the replicas changed: this one now owns these partitions");
+                            *was = owned;
+                            true
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "writing this replica's heartbeat failed"),
+                }
+            }
+            // Leaving: the others take over this replica's partitions at
+            // their next heartbeat instead of waiting for it to go stale.
+            if let Err(e) = follower
+                .store
+                .remove(Collection::Replicas, follower.id.as_bytes())
+            {
+                tracing::warn!(error = %e, "removing this replica from the members failed; the others notice it is gone in a few seconds");
+            }
+        });
+        Ok(Self { id, stop, task })
+    }
+
+    /// This replica's id among the members.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops the heartbeat and removes this replica from the members.
+    pub async fn leave(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn members_of(members: &BTreeMap<String, ()>) -> Vec<&str> {
+    members.keys().map(String::as_str).collect()
+}
+
+/// Writes the heartbeat and follows the other replicas'.
+struct Follower {
+    id: String,
+    store: Store,
+    beat: u64,
+    /// Each member's last heartbeat and when it was first seen.
+    seen: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
+}
+
+impl Follower {
+    /// Writes one heartbeat; returns the live members, this one included.
+    fn tick(&mut self) -> Result<BTreeMap<String, ()>, switchboard_store::StoreError> {
+        self.beat += 1;
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let heartbeat = serde_json::json!({"beat": self.beat, "at_ms": at});
+        self.store.put(
+            Collection::Replicas,
+            self.id.as_bytes(),
+            heartbeat.to_string().as_bytes(),
+        )?;
+        let now = Instant::now();
+        let mut live = BTreeMap::new();
+        let entries = self.store.scan_prefix(Collection::Replicas, &[])?;
+        self.seen
+            .retain(|key, _| entries.iter().any(|(k, _)| k == key));
+        for (key, value) in entries {
+            let changed = match self.seen.get_mut(&key) {
+                Some((last, at)) if *last == value => *at,
+                Some(slot) => {
+                    *slot = (value, now);
+                    now
+                }
+                None => {
+                    self.seen.insert(key.clone(), (value, now));
+                    now
+                }
+            };
+            let Ok(id) = String::from_utf8(key) else {
+                continue;
+            };
+            let quiet = now.duration_since(changed);
+            if id == self.id || quiet < GONE_AFTER {
+                live.insert(id, ());
+            } else if quiet > FORGET_AFTER {
+                // Any replica may forget a long-gone one; a replica that was
+                // only cut off writes its heartbeat again.
+                let _ = self.store.remove(Collection::Replicas, id.as_bytes());
+            }
+        }
+        Ok(live)
+    }
+}
+
+/// The subject an event was published on, from the subject the partitioned
+/// stream stored it under (`{prefix}.events.{account}.{type}.{event}.{partition}`).
+pub fn unpartitioned<'a>(prefix: &str, subject: &'a str) -> &'a str {
+    let Some(rest) = subject
+        .strip_prefix(prefix)
+        .and_then(|s| s.strip_prefix(".events."))
+    else {
+        return subject;
+    };
+    if rest.split('.').count() != 4 {
+        return subject;
+    }
+    match subject.rsplit_once('.') {
+        Some((published, partition)) if partition.parse::<u16>().is_ok_and(|p| p < PARTITIONS) => {
+            published
+        }
+        _ => subject,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_partition_has_one_owner_and_moves_only_from_a_leaver() {
+        let members = ["a1", "b2", "c3"];
+        let mut owners = vec![0; PARTITIONS as usize];
+        for m in members {
+            for p in owned_by(m, &members) {
+                owners[p as usize] += 1;
+            }
+        }
+        assert!(owners.iter().all(|n| *n == 1), "{owners:?}");
+        // Without c3, a1 and b2 keep what they had and share c3's.
+        let pairs = ["a1", "b2"];
+        for m in pairs {
+            let before = owned_by(m, &members);
+            let after = owned_by(m, &pairs);
+            assert!(
+                before.iter().all(|p| after.contains(p)),
+                "{m}: {before:?} → {after:?}"
+            );
+        }
+        assert_eq!(owned_by("a1", &["a1"]).len(), PARTITIONS as usize);
+        assert!(owned_by("z", &["a1"]).is_empty());
+    }
+
+    #[test]
+    fn partitions_spread_over_replicas() {
+        let members: Vec<String> = (0..4).map(|i| format!("replica-{i}")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        for m in &members {
+            let n = owned_by(m, &members).len();
+            assert!((1..=8).contains(&n), "{m} owns {n} of {PARTITIONS}");
+        }
+    }
+
+    #[test]
+    fn the_partition_token_is_taken_off_the_subject() {
+        assert_eq!(
+            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete.7"),
+            "vumi.events.acct.survey.poll_complete"
+        );
+        // Not a partition: left as it is (and refused as poison later).
+        assert_eq!(
+            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete.x"),
+            "vumi.events.acct.survey.poll_complete.x"
+        );
+        assert_eq!(
+            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete"),
+            "vumi.events.acct.survey.poll_complete"
+        );
+        assert_eq!(
+            unpartitioned("vumi", "vumi.events.a.b.c.16"),
+            "vumi.events.a.b.c.16"
+        );
+    }
+}
