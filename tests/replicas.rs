@@ -714,3 +714,71 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
         "no replica's update was lost"
     );
 }
+
+/// Removing an expired record (a journal entry) leaves a delete marker that
+/// the bucket drops after a day, so that markers do not pile up and every
+/// start does not replay them; removing a chain keeps its marker, so that a
+/// replica that was cut off for longer still learns of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_delete_markers_expire_and_others_stay() {
+    use base64::Engine as _;
+    use switchboard_store::{Collection, MARKER_TTL, Store};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Store::replicated(
+        &dir.path().join("replica"),
+        async_nats::ConnectOptions::new(),
+        vec![nats.url().to_string()],
+        1,
+    )
+    .await
+    .expect("a replicated store");
+    let writes = store.clone();
+    tokio::task::spawn_blocking(move || {
+        for c in [Collection::Journal, Collection::Chains] {
+            writes.put(c, b"key", b"value").expect("a put");
+            writes.remove(c, b"key").expect("a removal");
+        }
+    })
+    .await
+    .expect("the writes");
+
+    let client = async_nats::connect(nats.url()).await.expect("a connection");
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("KV_{}", switchboard_store::BUCKET))
+        .await
+        .expect("the bucket's stream");
+    assert!(
+        stream
+            .info()
+            .await
+            .expect("its info")
+            .config
+            .allow_message_ttl
+    );
+    let marker = |collection: &str| {
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"key");
+        let subject = format!("$KV.{}.{collection}.{key}", switchboard_store::BUCKET);
+        let stream = &stream;
+        async move {
+            let message = stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .unwrap_or_else(|e| panic!("the last message on {subject}: {e}"));
+            let headers = message.headers;
+            assert_eq!(
+                headers.get("KV-Operation").map(|v| v.as_str()),
+                Some("DEL"),
+                "{subject}: {headers:?}"
+            );
+            headers.get("Nats-TTL").map(|v| v.as_str().to_string())
+        }
+    };
+    assert_eq!(
+        marker("journal").await,
+        Some(MARKER_TTL.as_secs().to_string())
+    );
+    assert_eq!(marker("chains").await, None);
+}

@@ -127,8 +127,33 @@ pub fn router(state: ApiState) -> Router {
             state.auth.clone(),
             auth::require_token,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.executor.store.clone(),
+            require_caught_up,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// While a replica catches up with the shared state, its copy may lack
+/// tokens, chains, inbound URLs and records: it answers 503 (which clients
+/// and providers retry) rather than from a partial copy. The probes and
+/// `/metrics` answer throughout.
+async fn require_caught_up(
+    State(store): State<switchboard_store::Store>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    if probe || store.is_caught_up() {
+        return next.run(request).await;
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "catching_up",
+        "this replica is catching up with the shared state; try again in a moment",
+    )
+    .into_response()
 }
 
 /// An API error: status, code and message.

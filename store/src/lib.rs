@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 mod replicated;
 
-pub use replicated::{BUCKET, Change};
+pub use replicated::{BUCKET, Change, MARKER_TTL};
 
 /// The named collections. Each is a sled tree of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,6 +135,24 @@ impl Collection {
     /// all but the embedded bus's own.
     pub fn is_shared(self) -> bool {
         !matches!(self, Collection::BusQueue | Collection::BusDedup)
+    }
+
+    /// Whether removals from the collection are housekeeping: the expiry of
+    /// records kept for a while (journal, traces, idempotency keys, replica
+    /// heartbeats). In the replicated backend their delete markers are
+    /// dropped after [`MARKER_TTL`] instead of kept for ever; a replica whose
+    /// copy missed one still holds the expired record, and its own expiry
+    /// sweep removes it again.
+    pub fn is_housekeeping(self) -> bool {
+        matches!(
+            self,
+            Collection::Journal
+                | Collection::JournalTimes
+                | Collection::Traces
+                | Collection::TraceTimes
+                | Collection::Idempotency
+                | Collection::Replicas
+        )
     }
 
     fn index(self) -> usize {

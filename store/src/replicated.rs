@@ -40,6 +40,12 @@ use crate::{Collection, StoreError, Write};
 /// The bucket holding every shared collection.
 pub const BUCKET: &str = "switchboard";
 
+/// How long the bucket keeps the delete marker of a housekeeping removal
+/// ([`crate::Collection::is_housekeeping`]): long enough for every live
+/// replica's watch to apply it; a replica started later finds no key, which
+/// is the same.
+pub const MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// A change the watch applied to the local copy, written by another replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -186,13 +192,14 @@ async fn try_bind_bucket(
         .await
         .map_err(|e| remote(format!("reading stream {stream_name}: {e}")))?
         .clone();
-    if !info.config.allow_atomic_publish {
+    if !info.config.allow_atomic_publish || !info.config.allow_message_ttl {
         let mut config = info.config.clone();
         config.allow_atomic_publish = true;
+        config.allow_message_ttl = true;
         js.update_stream(config).await.map_err(|e| {
             remote(format!(
-                "allowing atomic batches on stream {stream_name} (nats-server 2.12 or later is \
-                 needed): {e}"
+                "allowing atomic batches and message TTLs on stream {stream_name} (nats-server \
+                 2.12 or later is needed): {e}"
             ))
         })?;
     }
@@ -407,6 +414,12 @@ impl Replica {
         let mut headers = HeaderMap::new();
         if w.value.is_none() {
             headers.insert("KV-Operation", "DEL");
+            if w.collection.is_housekeeping() {
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_TTL,
+                    MARKER_TTL.as_secs().to_string().as_str(),
+                );
+            }
         }
         headers
     }

@@ -250,6 +250,7 @@ impl Bus for EmbeddedBus {
                         payload,
                         attempt,
                         seq,
+                        delivery_seq: 0,
                         acker: DeliveryAcker::Embedded(Acker { inner, seq }),
                         _in_flight: None,
                     })

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 pub mod embedded;
 pub mod nats;
 pub mod partitions;
+mod pull;
 
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;
@@ -117,6 +118,8 @@ pub struct Delivery {
     pub attempt: u32,
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
+    /// Which delivery of its consumer this is (NATS; 0 on the embedded bus).
+    delivery_seq: u64,
     acker: Acker,
     /// Counts the delivery among its partition's until it is settled.
     _in_flight: Option<InFlight>,

@@ -12,21 +12,21 @@ use std::time::Duration;
 use async_nats::jetstream::context::{CreateStreamErrorKind, RequestErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
 use switchboard_sdk::VumiApiEvent;
 use switchboard_sdk::nats::{NatsEmitter, events_stream_config, stream_name};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::partitions::{PARTITIONS, unpartitioned};
-use super::{Acker, Bus, BusError, Delivery, InFlight, Published};
+use super::partitions::PARTITIONS;
+use super::pull::{
+    GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
+    pull_single, send_all, unpin_if_held,
+};
+use super::{Bus, BusError, Delivery, Published};
 use crate::records::DeadLetter;
 
 /// The durable consumer of a dispatcher that does not share the bus.
 pub const CONSUMER: &str = "switchboard";
-
-/// The priority group replicas pull the partition consumers in.
-pub const GROUP: &str = "switchboard";
 
 /// The durable consumer of partition `p`.
 pub fn partition_consumer(p: u16) -> String {
@@ -60,13 +60,6 @@ fn partition_filters(prefix: &str, p: u16) -> Vec<String> {
     }
     filters
 }
-/// How long one pull request of the consumer lasts. Short, because a
-/// stopping dispatcher's last request outlives it on the server: a message
-/// given back (nakked) while it lasts is offered to it, found undeliverable and
-/// put at the back of the redelivery queue — out of order. So the nakking
-/// waits until it has expired ([`Bus::quiesce`]).
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
-
 /// How long a delivered message may stay unacked before JetStream redelivers
 /// it, unless the dispatcher says it is still working on it.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
@@ -77,258 +70,6 @@ struct PullEnded(watch::Sender<Option<tokio::time::Instant>>);
 impl Drop for PullEnded {
     fn drop(&mut self) {
         self.0.send_replace(Some(tokio::time::Instant::now()));
-    }
-}
-
-/// A pulled message as a delivery; `None` for an error of the pull itself.
-fn delivery_of(
-    next: Result<jetstream::Message, jetstream::consumer::pull::MessagesError>,
-    prefix: &str,
-    in_flight: Option<&Arc<AtomicUsize>>,
-) -> Option<Delivery> {
-    let message = match next {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "NATS pull consumer");
-            return None;
-        }
-    };
-    let (attempt, seq) = message
-        .info()
-        .map(|i| (i.delivered.max(1) as u32, i.stream_sequence))
-        .unwrap_or((1, 0));
-    Some(Delivery {
-        subject: unpartitioned(prefix, &message.subject).to_string(),
-        payload: message.payload.clone(),
-        attempt,
-        seq,
-        acker: Acker::Nats(Box::new(message)),
-        _in_flight: in_flight.map(InFlight::new),
-    })
-}
-
-/// Where pulled messages go, and what the pull reports on the way.
-#[derive(Clone)]
-struct Sink {
-    tx: mpsc::Sender<Delivery>,
-    prefix: String,
-    /// How many messages per pull request.
-    batch: usize,
-    /// Counts the deliveries of a partition.
-    in_flight: Option<Arc<AtomicUsize>>,
-}
-
-/// Moves pulled messages into the sink until `stop` turns true; then hands
-/// over what the client already pulled, so that it goes back to the bus now
-/// and in order, instead of waiting out the ack wait. With a fence, new
-/// events wait behind it (see [`Fence`]).
-async fn pull_into<S>(
-    mut messages: S,
-    sink: Sink,
-    mut stop: watch::Receiver<bool>,
-    mut fence: Option<Fence>,
-) where
-    S: futures::Stream<Item = Result<jetstream::Message, pull::MessagesError>> + Unpin,
-{
-    let deliver = |next| delivery_of(next, &sink.prefix, sink.in_flight.as_ref());
-    let mut check = tokio::time::interval(FENCE_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        enum Step<T> {
-            Stop,
-            Check,
-            Next(Option<T>),
-        }
-        let step = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => Step::Stop,
-            _ = check.tick(), if fence.as_ref().is_some_and(Fence::armed) => Step::Check,
-            next = messages.next() => Step::Next(next),
-        };
-        let next = match step {
-            Step::Stop => break,
-            Step::Next(next) => next,
-            Step::Check => {
-                let f = fence.as_mut().expect("armed");
-                if !f.opens().await {
-                    continue;
-                }
-                let held = std::mem::take(&mut f.held);
-                fence = None;
-                for delivery in held.into_values() {
-                    if let Err(unsent) = sink.tx.send(delivery).await {
-                        let _ = unsent.0.nak(Duration::ZERO).await;
-                        return;
-                    }
-                }
-                continue;
-            }
-        };
-        let Some(next) = next else { return };
-        let Some(delivery) = deliver(next) else {
-            continue;
-        };
-        if let Some(f) = fence.as_mut() {
-            if !f.armed() {
-                // The first delivery: this replica holds the partition now.
-                f.arm();
-                check.reset_immediately();
-            }
-            f.held.insert(delivery.seq, delivery);
-            continue;
-        }
-        if let Err(unsent) = sink.tx.send(delivery).await {
-            // The dispatcher is gone: give the message straight back.
-            let _ = unsent.0.nak(Duration::ZERO).await;
-            return;
-        }
-    }
-    // Bounded: the pull may ask the server for one more batch while this
-    // drains.
-    let mut handed = Vec::new();
-    for _ in 0..2 * sink.batch {
-        match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
-            Ok(Some(next)) => handed.extend(deliver(next)),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    handed.extend(fence.into_iter().flat_map(|f| f.held.into_values()));
-    handed.sort_by_key(|d| d.seq);
-    for delivery in handed {
-        if let Err(unsent) = sink.tx.send(delivery).await {
-            let _ = unsent.0.nak(Duration::ZERO).await;
-        }
-    }
-}
-
-/// How often a fence checks whether it can open.
-const FENCE_CHECK: Duration = Duration::from_millis(250);
-
-/// Keeps a partition's order when it changes hands. The replica it came
-/// from may have left deliveries unsettled (it was killed, or its NATS
-/// server was, which also loses the pin and the redelivery timers): those
-/// come back to the new holder as redeliveries, but the server may send
-/// newer events first, and sends redeliveries in the order their timers
-/// fire. So a replica that takes a partition over holds what it receives
-/// until the consumer has nothing unacked but what this replica holds (or
-/// the patience runs out), and then hands it on in bus order.
-struct Fence {
-    consumer: jetstream::consumer::Consumer<pull::Config>,
-    partition: u16,
-    in_flight: Arc<AtomicUsize>,
-    patience: Duration,
-    /// How often held deliveries are reported in progress, so that the
-    /// server does not deliver them again meanwhile.
-    keepalive: Duration,
-    /// When it opens at the latest; set at the first delivery, when this
-    /// replica holds the pin.
-    deadline: Option<tokio::time::Instant>,
-    last_keepalive: tokio::time::Instant,
-    held: BTreeMap<u64, Delivery>,
-    /// Events stored before the stream was partitioned, which partition 0
-    /// handles: the other partitions wait for them.
-    unpartitioned: Option<Unpartitioned>,
-}
-
-/// How long a partition waits for the events stored before the stream was
-/// partitioned to be handled.
-const UNPARTITIONED_PATIENCE: Duration = Duration::from_secs(600);
-
-/// The events stored before the stream was partitioned: partition 0's
-/// consumer has them all, up to sequence `until`.
-struct Unpartitioned {
-    consumer: jetstream::consumer::Consumer<pull::Config>,
-    until: u64,
-    deadline: tokio::time::Instant,
-}
-
-impl Unpartitioned {
-    /// Whether they are all handled.
-    async fn handled(&mut self) -> bool {
-        match self.consumer.info().await {
-            Ok(info) => {
-                info.ack_floor.stream_sequence >= self.until
-                    || (info.num_pending == 0 && info.num_ack_pending == 0)
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl Fence {
-    fn armed(&self) -> bool {
-        self.deadline.is_some()
-    }
-
-    fn arm(&mut self) {
-        let now = tokio::time::Instant::now();
-        self.deadline = Some(now + self.patience);
-        self.last_keepalive = now;
-        if let Some(u) = &mut self.unpartitioned {
-            u.deadline = now + UNPARTITIONED_PATIENCE;
-        }
-    }
-
-    /// Reports the held deliveries in progress, when it is time to.
-    async fn keep_alive(&mut self, now: tokio::time::Instant) {
-        if now.duration_since(self.last_keepalive) >= self.keepalive {
-            self.last_keepalive = now;
-            for delivery in self.held.values() {
-                let _ = delivery.in_progress().await;
-            }
-        }
-    }
-
-    /// Whether nothing from before is unsettled any more (or the patience
-    /// ran out).
-    async fn opens(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        if let Some(u) = &mut self.unpartitioned {
-            let handled = u.handled().await;
-            if !handled && now < u.deadline {
-                self.keep_alive(now).await;
-                return false;
-            }
-            if handled {
-                tracing::info!(
-                    partition = self.partition,
-                    until = u.until,
-                    "the events stored before the stream was partitioned are handled"
-                );
-            } else {
-                tracing::warn!(
-                    partition = self.partition,
-                    until = u.until,
-                    "the events stored before the stream was partitioned are not all handled yet; going on (events of their conversations may be handled out of order)"
-                );
-            }
-            self.unpartitioned = None;
-            self.deadline = Some(now + self.patience);
-        }
-        if self.deadline.is_some_and(|d| now >= d) {
-            tracing::warn!(
-                partition = self.partition,
-                held = self.held.len(),
-                "the partition's earlier deliveries did not all come back in time; going on (events of their conversations may be handled out of order)"
-            );
-            return true;
-        }
-        let ours = self.in_flight.load(Ordering::SeqCst);
-        if let Ok(info) = self.consumer.info().await {
-            let unacked = info.num_ack_pending;
-            if unacked <= ours {
-                if !self.held.is_empty() || unacked > 0 {
-                    tracing::info!(
-                        partition = self.partition,
-                        held = self.held.len(),
-                        "took the partition over: its earlier deliveries are settled"
-                    );
-                }
-                return true;
-            }
-        }
-        self.keep_alive(now).await;
-        false
     }
 }
 
@@ -346,82 +87,35 @@ pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
     }
 }
 
-/// Pulls partition `p` into the sink until `stop` turns true, retrying a
-/// pull that cannot start (a cluster electing leaders).
-async fn pull_partition(
-    consumer: jetstream::consumer::Consumer<pull::Config>,
-    p: u16,
-    sink: Sink,
-    mut stop: watch::Receiver<bool>,
-    ack_wait: Duration,
-    patience: Duration,
-    unpartitioned: Option<Unpartitioned>,
-) {
-    let messages = loop {
-        let started = consumer
-            .stream()
-            .group(GROUP)
-            .max_messages_per_batch(sink.batch)
-            .heartbeat(PULL_EXPIRES / 2)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        match started {
-            Ok(messages) => break messages,
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "pulling the partition failed; trying again");
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
-    tracing::debug!(partition = p, "pulling the partition");
-    let fence = Fence {
-        consumer,
-        partition: p,
-        in_flight: sink
-            .in_flight
-            .clone()
-            .expect("a partition counts its deliveries"),
-        patience,
-        keepalive: ack_wait / 3,
-        deadline: None,
-        last_keepalive: tokio::time::Instant::now(),
-        held: BTreeMap::new(),
-        unpartitioned,
-    };
-    pull_into(messages, sink, stop, Some(fence)).await;
-}
-
 /// Hands partition `p` over once this replica no longer owns it: waits for
-/// its pull to end and its deliveries here to be settled, and for its last
-/// pull request to expire on the server, then unpins it, so that its new
-/// owner's pull takes over. A partition that comes back meanwhile stays.
+/// its pull to end and its deliveries here to be settled (at most the pin
+/// timeout, after which the server has moved the pin anyway) and for its
+/// last pull request to expire, gives back what its fence still held, and
+/// unpins it if this replica's pull still holds the pin, so that the new
+/// owner's waiting pull takes over.
 async fn release(
     stream: jetstream::stream::Stream,
     p: u16,
-    pull: JoinHandle<()>,
+    pull: JoinHandle<PullEnd>,
     in_flight: Arc<AtomicUsize>,
-    owned: watch::Receiver<Vec<u16>>,
     pin_timeout: Duration,
 ) {
-    let _ = pull.await;
-    // Past the pin timeout the server has moved the pin anyway.
+    let end = match pull.await {
+        Ok(end) => end,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "the partition's pull failed");
+            return;
+        }
+    };
     let deadline = tokio::time::Instant::now() + pin_timeout;
-    while in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+    // The fence's held deliveries count too; they go back below.
+    let held = end.held.len();
+    while in_flight.load(Ordering::SeqCst) > held && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)).await;
-    if owned.borrow().contains(&p) {
-        return;
-    }
-    match stream.unpin_consumer(&partition_consumer(p), GROUP).await {
-        Ok(()) => tracing::info!(partition = p, "partition handed over to its new owner"),
-        Err(e) => tracing::warn!(partition = p, error = %e,
-            "unpinning the partition failed; its new owner takes it once the pin times out"),
-    }
+    give_back(p, end.held).await;
+    unpin_if_held(&stream, p, end.pin.as_deref()).await;
 }
 
 /// How long [`ensure_stream`] keeps asking a server that does not answer.
@@ -556,13 +250,17 @@ pub struct NatsBus {
     unpartitioned_until: u64,
 }
 
+/// A partition and the pin this replica's pull of it last held.
+type LastPin = (u16, Option<String>);
+
 /// What a replica sharing the bus pulls.
 #[derive(Debug, Clone)]
 struct Partitions {
     /// The partitions this replica owns, as they change.
     owned: watch::Receiver<Vec<u16>>,
-    /// Those it was pulling when it stopped, to unpin at hand-over.
-    pulled: Arc<Mutex<Vec<u16>>>,
+    /// Those it was pulling when it stopped, with the pin each last held,
+    /// to unpin at hand-over.
+    pulled: Arc<Mutex<Vec<LastPin>>>,
 }
 
 impl NatsBus {
@@ -659,9 +357,9 @@ impl NatsBus {
 
     /// Consumes the partitions this replica owns, following ownership as
     /// it changes: a partition gained is pulled at once (the server delivers
-    /// it once the last owner's pin is released); a partition lost stops
-    /// being pulled, its deliveries here are finished, and then it is
-    /// unpinned for its new owner.
+    /// it once the last holder's pin is released or times out); a partition
+    /// lost stops being pulled, its deliveries here are finished, what its
+    /// fence still held is given back, and it is unpinned for its new owner.
     async fn consume_partitions(
         &self,
         partitions: &Partitions,
@@ -670,67 +368,75 @@ impl NatsBus {
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let stream = self.events_stream().await?;
         let start = self.partitions_start(&stream).await;
-        let mut consumers = Vec::with_capacity(PARTITIONS as usize);
-        for p in 0..PARTITIONS {
-            let name = partition_consumer(p);
-            let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-                .get_or_create_consumer(
-                    &name,
-                    pull::Config {
-                        durable_name: Some(name.clone()),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ack_wait: self.ack_wait,
-                        max_ack_pending: self.max_ack_pending,
-                        filter_subjects: partition_filters(&self.prefix, p),
-                        deliver_policy: start,
-                        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
-                        priority_groups: vec![GROUP.to_string()],
-                        priority_timeout: self.pin_timeout(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| BusError::Unavailable(format!("creating consumer {name}: {e}")))?;
-            consumers.push(consumer);
-        }
+        // Created together: on a cluster each creation waits for its
+        // replicas to agree.
+        let consumers: Vec<jetstream::consumer::Consumer<pull::Config>> =
+            futures::future::try_join_all((0..PARTITIONS).map(|p| {
+                let name = partition_consumer(p);
+                let config = pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    max_ack_pending: self.max_ack_pending,
+                    filter_subjects: partition_filters(&self.prefix, p),
+                    deliver_policy: start,
+                    priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+                    priority_groups: vec![GROUP.to_string()],
+                    priority_timeout: self.pin_timeout(),
+                    ..Default::default()
+                };
+                let stream = &stream;
+                async move {
+                    stream
+                        .get_or_create_consumer(&name, config)
+                        .await
+                        .map_err(|e| {
+                            BusError::Unavailable(format!("creating consumer {name}: {e}"))
+                        })
+                }
+            }))
+            .await?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let sink = Sink {
             tx,
             prefix: self.prefix.clone(),
             batch: capacity.clamp(1, 1024),
-            in_flight: None,
         };
         let in_flight: Vec<Arc<AtomicUsize>> = (0..PARTITIONS).map(|_| Arc::default()).collect();
         let mut owned = partitions.owned.clone();
         let pulled = partitions.pulled.clone();
-        let pull_stopped = self.pull_stopped.clone();
-        let pin_timeout = self.pin_timeout();
-        let ack_wait = self.ack_wait;
+        let ended = PullEnded(self.pull_stopped.clone());
+        let (patience, keepalive) = (self.pin_timeout(), self.ack_wait / 3);
         let unpartitioned_until = self.unpartitioned_until;
+        // Partition 0 has the events stored before the stream was
+        // partitioned; the others wait for them, once.
+        let mut waiting_unpartitioned: Vec<bool> = (0..PARTITIONS)
+            .map(|p| p != 0 && unpartitioned_until > 0)
+            .collect();
         tokio::spawn(async move {
-            let mut pulling: BTreeMap<u16, (watch::Sender<bool>, JoinHandle<()>)> = BTreeMap::new();
+            // Marks the time the pulls end, on every way out.
+            let _ended = ended;
+            let mut pulling: BTreeMap<u16, (watch::Sender<bool>, JoinHandle<PullEnd>)> =
+                BTreeMap::new();
             loop {
                 let wanted = owned.borrow_and_update().clone();
                 for &p in &wanted {
                     pulling.entry(p).or_insert_with(|| {
                         let (stop_pulling, stopped) = watch::channel(false);
-                        let sink = Sink {
-                            in_flight: Some(in_flight[p as usize].clone()),
-                            ..sink.clone()
+                        let partition = Partition {
+                            number: p,
+                            stream: stream.clone(),
+                            consumer: consumers[p as usize].clone(),
+                            in_flight: in_flight[p as usize].clone(),
+                            patience,
+                            keepalive,
+                            unpartitioned: std::mem::take(&mut waiting_unpartitioned[p as usize])
+                                .then(|| Unpartitioned {
+                                    consumer: consumers[0].clone(),
+                                    until: unpartitioned_until,
+                                }),
                         };
-                        let task = tokio::spawn(pull_partition(
-                            consumers[p as usize].clone(),
-                            p,
-                            sink,
-                            stopped,
-                            ack_wait,
-                            pin_timeout,
-                            (p != 0 && unpartitioned_until > 0).then(|| Unpartitioned {
-                                consumer: consumers[0].clone(),
-                                until: unpartitioned_until,
-                                deadline: tokio::time::Instant::now(),
-                            }),
-                        ));
+                        let task = tokio::spawn(pull_partition(partition, sink.clone(), stopped));
                         (stop_pulling, task)
                     });
                 }
@@ -747,8 +453,7 @@ impl NatsBus {
                         p,
                         task,
                         in_flight[p as usize].clone(),
-                        owned.clone(),
-                        pin_timeout,
+                        patience,
                     ));
                 }
                 let membership_ended = tokio::select! {
@@ -762,15 +467,24 @@ impl NatsBus {
                     break;
                 }
             }
-            *pulled.lock().expect("not poisoned") = pulling.keys().copied().collect();
             for (stop_pulling, _) in pulling.values() {
                 let _ = stop_pulling.send(true);
             }
-            for (_, task) in pulling.into_values() {
-                let _ = task.await;
+            let mut last_pins = Vec::new();
+            for (p, (_, task)) in pulling {
+                match task.await {
+                    Ok(end) => {
+                        // Given back with everything else unhandled, in
+                        // bus order, once the pulls have expired.
+                        send_all(&sink, end.held).await;
+                        last_pins.push((p, end.pin));
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "the partition's pull failed")
+                    }
+                }
             }
-            drop(sink);
-            pull_stopped.send_replace(Some(tokio::time::Instant::now()));
+            *pulled.lock().expect("not poisoned") = last_pins;
         });
         Ok(rx)
     }
@@ -860,14 +574,13 @@ impl Bus for NatsBus {
             tx,
             prefix: self.prefix.clone(),
             batch,
-            in_flight: None,
         };
         let pull_stopped = self.pull_stopped.clone();
         tokio::spawn(async move {
             // Marks the time the pull ends, on every way out, after the
             // stream (and its subscription) is gone.
             let _ended = PullEnded(pull_stopped);
-            pull_into(messages, sink, stop, None).await;
+            pull_single(messages, sink, stop).await;
         });
         Ok(rx)
     }
@@ -931,16 +644,15 @@ impl Bus for NatsBus {
             return;
         };
         let pulled = std::mem::take(&mut *partitions.pulled.lock().expect("not poisoned"));
-        let Ok(stream) = self.events_stream().await else {
-            return;
-        };
-        for p in pulled {
-            let name = partition_consumer(p);
-            match stream.unpin_consumer(&name, GROUP).await {
-                Ok(()) => tracing::debug!(partition = p, "partition handed over"),
-                Err(e) => tracing::warn!(partition = p, error = %e,
-                    "unpinning the partition failed; another replica takes it once the pin times out"),
+        let stream = match self.events_stream().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing this replica's partitions failed; their pins time out instead");
+                return;
             }
+        };
+        for (p, pin) in pulled {
+            unpin_if_held(&stream, p, pin.as_deref()).await;
         }
     }
 

@@ -10,7 +10,7 @@
 //! account's events, and a conversation's events stay in bus order across
 //! replicas.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -128,14 +128,24 @@ impl Membership {
     }
 
     /// Stops the heartbeat and removes this replica from the members.
-    pub async fn leave(self) {
+    pub async fn leave(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        if let Err(e) = (&mut self.task).await {
+            tracing::error!(error = %e, "the heartbeat task failed");
+        }
     }
 }
 
-fn members_of(members: &BTreeMap<String, ()>) -> Vec<&str> {
-    members.keys().map(String::as_str).collect()
+impl Drop for Membership {
+    /// A replica that fails to start stops its heartbeat too (the task
+    /// removes it from the members as it ends).
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn members_of(members: &BTreeSet<String>) -> Vec<&str> {
+    members.iter().map(String::as_str).collect()
 }
 
 /// Writes the heartbeat and follows the other replicas'.
@@ -149,7 +159,7 @@ struct Follower {
 
 impl Follower {
     /// Writes one heartbeat; returns the live members, this one included.
-    fn tick(&mut self) -> Result<BTreeMap<String, ()>, switchboard_store::StoreError> {
+    fn tick(&mut self) -> Result<BTreeSet<String>, switchboard_store::StoreError> {
         self.beat += 1;
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -162,7 +172,7 @@ impl Follower {
             heartbeat.to_string().as_bytes(),
         )?;
         let now = Instant::now();
-        let mut live = BTreeMap::new();
+        let mut live = BTreeSet::new();
         let entries = self.store.scan_prefix(Collection::Replicas, &[])?;
         self.seen
             .retain(|key, _| entries.iter().any(|(k, _)| k == key));
@@ -183,7 +193,7 @@ impl Follower {
             };
             let quiet = now.duration_since(changed);
             if id == self.id || quiet < GONE_AFTER {
-                live.insert(id, ());
+                live.insert(id);
             } else if quiet > FORGET_AFTER {
                 // Any replica may forget a long-gone one; a replica that was
                 // only cut off writes its heartbeat again.
@@ -194,24 +204,34 @@ impl Follower {
     }
 }
 
+/// The partition nats-server's `{{partition(16,1)}}` gives an account: FNV-1a
+/// (32 bits) of the account token, modulo [`PARTITIONS`].
+pub fn partition_of(account: &str) -> u16 {
+    let hash = account.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    (hash % u32::from(PARTITIONS)) as u16
+}
+
 /// The subject an event was published on, from the subject the partitioned
 /// stream stored it under (`{prefix}.events.{account}.{type}.{event}.{partition}`).
-pub fn unpartitioned<'a>(prefix: &str, subject: &'a str) -> &'a str {
+/// A fourth token that is not the account's partition is left in place, so
+/// that the event is refused for its subject (and filed in dead letters).
+pub fn strip_partition<'a>(prefix: &str, subject: &'a str) -> &'a str {
     let Some(rest) = subject
         .strip_prefix(prefix)
         .and_then(|s| s.strip_prefix(".events."))
     else {
         return subject;
     };
-    if rest.split('.').count() != 4 {
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let [account, _, _, partition] = tokens[..] else {
+        return subject;
+    };
+    if partition.parse::<u16>().ok() != Some(partition_of(account)) {
         return subject;
     }
-    match subject.rsplit_once('.') {
-        Some((published, partition)) if partition.parse::<u16>().is_ok_and(|p| p < PARTITIONS) => {
-            published
-        }
-        _ => subject,
-    }
+    &subject[..subject.len() - partition.len() - 1]
 }
 
 #[cfg(test)]
@@ -254,22 +274,24 @@ mod tests {
 
     #[test]
     fn the_partition_token_is_taken_off_the_subject() {
+        // As nats-server numbers them (the replicas tests check the real
+        // server agrees: every event there would be refused otherwise).
+        assert_eq!(partition_of("acct-000"), 7);
+        assert_eq!(partition_of("acct-001"), 4);
         assert_eq!(
-            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete.7"),
-            "vumi.events.acct.survey.poll_complete"
+            strip_partition("vumi", "vumi.events.acct-000.survey.poll_complete.7"),
+            "vumi.events.acct-000.survey.poll_complete"
         );
-        // Not a partition: left as it is (and refused as poison later).
-        assert_eq!(
-            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete.x"),
-            "vumi.events.acct.survey.poll_complete.x"
-        );
-        assert_eq!(
-            unpartitioned("vumi", "vumi.events.acct.survey.poll_complete"),
-            "vumi.events.acct.survey.poll_complete"
-        );
-        assert_eq!(
-            unpartitioned("vumi", "vumi.events.a.b.c.16"),
-            "vumi.events.a.b.c.16"
-        );
+        // Not the account's partition, or not a partition: left as it is
+        // (and refused as poison later).
+        for subject in [
+            "vumi.events.acct-000.survey.poll_complete.3",
+            "vumi.events.acct-000.survey.poll_complete.x",
+            "vumi.events.acct-000.survey.poll_complete.16",
+            "vumi.events.acct-000.survey.poll_complete",
+            "vumi.events.a.b",
+        ] {
+            assert_eq!(strip_partition("vumi", subject), subject);
+        }
     }
 }

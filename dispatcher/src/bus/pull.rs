@@ -1,0 +1,549 @@
+//! Pulling from NATS consumers into the executor's channel: the single
+//! consumer of a dispatcher that does not share the bus, and a partition's
+//! pinned consumer, with the fence that keeps its order when it changes
+//! hands.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::partitions::strip_partition;
+use super::{Acker, Delivery, InFlight};
+
+/// How long one pull request lasts. Short, because a stopping dispatcher's
+/// last request outlives it on the server: a message given back (nakked)
+/// while it lasts is offered to it, found undeliverable and put at the back
+/// of the redelivery queue — out of order. So the nakking waits until it has
+/// expired ([`super::Bus::quiesce`]).
+pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// The priority group replicas pull the partition consumers in.
+pub const GROUP: &str = "switchboard";
+
+/// How often a fence checks whether it can open.
+const FENCE_CHECK: Duration = Duration::from_millis(250);
+
+/// How long a partition waits for the events stored before the stream was
+/// partitioned to be handled.
+const UNPARTITIONED_PATIENCE: Duration = Duration::from_secs(600);
+
+type Messages = pull::Stream;
+
+/// A pulled message as a delivery, with the pin it came under; `None` for
+/// an error of the pull itself.
+fn delivery_of(
+    next: Result<jetstream::Message, pull::MessagesError>,
+    prefix: &str,
+    in_flight: Option<&Arc<AtomicUsize>>,
+) -> Option<(Delivery, Option<String>)> {
+    let message = match next {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS pull consumer");
+            return None;
+        }
+    };
+    let (attempt, seq, delivery_seq) = message
+        .info()
+        .map(|i| {
+            (
+                i.delivered.max(1) as u32,
+                i.stream_sequence,
+                i.consumer_sequence,
+            )
+        })
+        .unwrap_or((1, 0, 0));
+    let pin = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Pin-Id"))
+        .map(|v| v.as_str().to_string());
+    let delivery = Delivery {
+        subject: strip_partition(prefix, &message.subject).to_string(),
+        payload: message.payload.clone(),
+        attempt,
+        seq,
+        delivery_seq,
+        acker: Acker::Nats(Box::new(message)),
+        _in_flight: in_flight.map(InFlight::new),
+    };
+    Some((delivery, pin))
+}
+
+/// Where pulled messages go.
+#[derive(Clone)]
+pub(super) struct Sink {
+    pub tx: mpsc::Sender<Delivery>,
+    pub prefix: String,
+    /// How many messages per pull request.
+    pub batch: usize,
+}
+
+/// Sends deliveries to the sink in the order given; one the sink no longer
+/// takes (the dispatcher is gone) goes straight back to the bus.
+pub(super) async fn send_all(sink: &Sink, deliveries: impl IntoIterator<Item = Delivery>) {
+    for delivery in deliveries {
+        if let Err(unsent) = sink.tx.send(delivery).await {
+            let _ = unsent.0.nak(Duration::ZERO).await;
+        }
+    }
+}
+
+/// Pulls the single consumer into the sink until `stop` turns true; then
+/// hands over what the client already pulled, so that it goes back to the
+/// bus now and in order, instead of waiting out the ack wait.
+pub(super) async fn pull_single(
+    mut messages: Messages,
+    sink: Sink,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = messages.next() => next,
+        };
+        let Some(next) = next else { return };
+        if let Some((delivery, _)) = delivery_of(next, &sink.prefix, None)
+            && let Err(unsent) = sink.tx.send(delivery).await
+        {
+            let _ = unsent.0.nak(Duration::ZERO).await;
+            return;
+        }
+    }
+    let drained = drain(&mut messages, &sink, None).await;
+    send_all(&sink, drained.into_iter().map(|(d, _)| d)).await;
+}
+
+/// What a stopped pull has taken but not handed on: the client's last
+/// pulled messages. Bounded: the pull may ask the server for one more batch
+/// while this drains.
+async fn drain(
+    messages: &mut Messages,
+    sink: &Sink,
+    in_flight: Option<&Arc<AtomicUsize>>,
+) -> Vec<(Delivery, Option<String>)> {
+    let mut drained = Vec::new();
+    for _ in 0..2 * sink.batch {
+        match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
+            Ok(Some(next)) => drained.extend(delivery_of(next, &sink.prefix, in_flight)),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drained
+}
+
+/// One partition of the events stream, as this replica pulls it.
+pub(super) struct Partition {
+    pub number: u16,
+    pub stream: jetstream::stream::Stream,
+    pub consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// This replica's deliveries of the partition not settled yet.
+    pub in_flight: Arc<AtomicUsize>,
+    /// How long a fence waits at most: the pin timeout.
+    pub patience: Duration,
+    /// How often held deliveries are reported in progress.
+    pub keepalive: Duration,
+    /// The events stored before the stream was partitioned, which partition
+    /// 0 has: the other partitions wait for them once.
+    pub unpartitioned: Option<Unpartitioned>,
+}
+
+/// What a partition's pull left when it stopped.
+#[derive(Debug, Default)]
+pub(super) struct PullEnd {
+    /// Deliveries held behind a fence that had not opened: to be given back
+    /// to the bus, not handled here.
+    pub held: Vec<Delivery>,
+    /// The pin the pull last held, if it received anything.
+    pub pin: Option<String>,
+}
+
+/// Pulls `partition` into the sink until `stop` turns true, starting the
+/// pull again when it ends early (a deleted consumer, a cluster electing
+/// leaders). Each pin this replica receives the partition under (the first,
+/// and any after the server moved the pin away and back) puts up a fence
+/// first (see [`Fence`]).
+pub(super) async fn pull_partition(
+    mut partition: Partition,
+    sink: Sink,
+    mut stop: watch::Receiver<bool>,
+) -> PullEnd {
+    let p = partition.number;
+    loop {
+        let started = partition
+            .consumer
+            .stream()
+            .group(GROUP)
+            .max_messages_per_batch(sink.batch)
+            .heartbeat(PULL_EXPIRES / 2)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let end = match started {
+            Ok(messages) => {
+                tracing::debug!(partition = p, "pulling the partition");
+                let end = pull_fenced(messages, &mut partition, &sink, &mut stop).await;
+                if *stop.borrow() {
+                    return end;
+                }
+                tracing::warn!(
+                    partition = p,
+                    "the pull of the partition ended; starting it again"
+                );
+                Some(end)
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "pulling the partition failed; trying again");
+                None
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return end.unwrap_or_default(),
+            _ = tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)) => {}
+        }
+        if let Some(end) = end {
+            give_back(p, end.held).await;
+            unpin_if_held(&partition.stream, p, end.pin.as_deref()).await;
+        }
+    }
+}
+
+/// Pulls until `stop` turns true or the pull ends.
+async fn pull_fenced(
+    mut messages: Messages,
+    partition: &mut Partition,
+    sink: &Sink,
+    stop: &mut watch::Receiver<bool>,
+) -> PullEnd {
+    let mut pin: Option<String> = None;
+    let mut fence = Some(Fence::new(partition));
+    let mut check = tokio::time::interval(FENCE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    enum Step<T> {
+        Stop,
+        Check,
+        Next(Option<T>),
+    }
+    loop {
+        let step = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Step::Stop,
+            _ = check.tick(), if fence.as_ref().is_some_and(Fence::armed) => Step::Check,
+            next = messages.next() => Step::Next(next),
+        };
+        let next = match step {
+            Step::Stop => break,
+            Step::Next(next) => next,
+            Step::Check => {
+                let f = fence.as_mut().expect("armed");
+                if f.opens().await {
+                    let held = std::mem::take(&mut f.held);
+                    let keepalive = f.keepalive;
+                    fence = None;
+                    hand_on(sink, held, keepalive).await;
+                }
+                continue;
+            }
+        };
+        let Some(next) = next else {
+            // The pull ended (its consumer was deleted, or the client gave
+            // up): what the fence holds goes back.
+            let held = fence
+                .map(|f| f.held.into_values().collect())
+                .unwrap_or_default();
+            return PullEnd { held, pin };
+        };
+        let Some((delivery, delivery_pin)) =
+            delivery_of(next, &sink.prefix, Some(&partition.in_flight))
+        else {
+            continue;
+        };
+        if delivery_pin.is_some() && delivery_pin != pin {
+            if pin.is_some() && fence.is_none() {
+                // The pin moved away and came back (a consumer leader
+                // changed, say): someone else may have held the partition.
+                tracing::info!(
+                    partition = partition.number,
+                    "the partition's pin changed: fencing again"
+                );
+                fence = Some(Fence::new(partition));
+            }
+            pin = delivery_pin;
+        }
+        match fence.as_mut() {
+            Some(f) => {
+                if !f.armed() {
+                    f.arm();
+                    check.reset_immediately();
+                }
+                f.hold(delivery);
+            }
+            None => {
+                if let Err(unsent) = sink.tx.send(delivery).await {
+                    let _ = unsent.0.nak(Duration::ZERO).await;
+                    return PullEnd {
+                        held: Vec::new(),
+                        pin,
+                    };
+                }
+            }
+        }
+    }
+    let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
+    match fence {
+        // Not ours to handle yet: everything goes back.
+        Some(mut f) => {
+            for (delivery, _) in drained {
+                f.hold(delivery);
+            }
+            PullEnd {
+                held: f.held.into_values().collect(),
+                pin,
+            }
+        }
+        None => {
+            send_all(sink, drained.into_iter().map(|(d, _)| d)).await;
+            PullEnd {
+                held: Vec::new(),
+                pin,
+            }
+        }
+    }
+}
+
+/// Hands held deliveries on in bus order, reporting those still waiting in
+/// progress meanwhile (the sink takes them one at a time, as fast as the
+/// workers go).
+async fn hand_on(sink: &Sink, held: BTreeMap<u64, Delivery>, keepalive: Duration) {
+    let mut waiting: std::collections::VecDeque<Delivery> = held.into_values().collect();
+    let mut tick = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+    while !waiting.is_empty() {
+        tokio::select! {
+            permit = sink.tx.reserve() => match permit {
+                Ok(permit) => permit.send(waiting.pop_front().expect("not empty")),
+                Err(_) => {
+                    for delivery in waiting.drain(..) {
+                        let _ = delivery.nak(Duration::ZERO).await;
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                for delivery in &waiting {
+                    let _ = delivery.in_progress().await;
+                }
+            }
+        }
+    }
+}
+
+/// Gives deliveries back to the bus in bus order, to be delivered again at
+/// once (to whoever holds the partition's pin). Call once this replica's
+/// pull requests have expired.
+pub(super) async fn give_back(p: u16, held: Vec<Delivery>) {
+    if held.is_empty() {
+        return;
+    }
+    tracing::info!(
+        partition = p,
+        count = held.len(),
+        "giving held events back to the bus"
+    );
+    let mut held = held;
+    held.sort_by_key(|d| d.seq);
+    for delivery in held {
+        if let Err(e) = delivery.nak(Duration::ZERO).await {
+            tracing::warn!(partition = p, error = %e, "giving an event back failed; the bus delivers it again after its ack wait");
+        }
+    }
+}
+
+/// Unpins partition `p`'s consumer if its pin is still `held`, the one
+/// this replica's pull last held: another replica's pin stays.
+pub(super) async fn unpin_if_held(stream: &jetstream::stream::Stream, p: u16, held: Option<&str>) {
+    let Some(held) = held else { return };
+    let name = super::nats::partition_consumer(p);
+    let pinned = match stream.consumer_info(&name).await {
+        Ok(info) => info
+            .priority_groups
+            .iter()
+            .find(|g| g.group == GROUP)
+            .and_then(|g| g.pinned_client_id.clone()),
+        Err(e) => {
+            tracing::warn!(partition = p, error = %e,
+                "reading the partition's consumer failed; its pin times out instead of being released");
+            return;
+        }
+    };
+    if pinned.as_deref() != Some(held) {
+        tracing::debug!(
+            partition = p,
+            "the partition is pinned to another pull; leaving it"
+        );
+        return;
+    }
+    match stream.unpin_consumer(&name, GROUP).await {
+        Ok(()) => tracing::info!(partition = p, "partition released to its next holder"),
+        Err(e) => tracing::warn!(partition = p, error = %e,
+            "unpinning the partition failed; its pin times out instead"),
+    }
+}
+
+/// Keeps a partition's order when it changes hands. The replica it came
+/// from may have left deliveries unsettled (it was killed, or its NATS
+/// server was, which also loses the pin and the redelivery timers): those
+/// come back to the new holder as redeliveries, but the server may send
+/// newer events first, and sends redeliveries in the order their timers
+/// fire. So a replica that receives a partition holds what it receives
+/// until the consumer has nothing unacked but what was delivered to this
+/// replica (or the patience runs out), and then hands it on in bus order.
+struct Fence {
+    partition: u16,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    in_flight: Arc<AtomicUsize>,
+    patience: Duration,
+    keepalive: Duration,
+    /// When it opens at the latest; set at the first delivery, when this
+    /// replica holds the pin.
+    deadline: Option<Instant>,
+    last_keepalive: Instant,
+    held: BTreeMap<u64, Delivery>,
+    /// The consumer sequence of the last delivery held.
+    last_delivery_seq: u64,
+    unpartitioned: Option<Unpartitioned>,
+}
+
+/// The events stored before the stream was partitioned: partition 0's
+/// consumer has them all, up to stream sequence `until`.
+pub(super) struct Unpartitioned {
+    pub consumer: jetstream::consumer::Consumer<pull::Config>,
+    pub until: u64,
+}
+
+impl Fence {
+    fn new(partition: &mut Partition) -> Self {
+        Self {
+            partition: partition.number,
+            consumer: partition.consumer.clone(),
+            in_flight: partition.in_flight.clone(),
+            patience: partition.patience,
+            keepalive: partition.keepalive,
+            deadline: None,
+            last_keepalive: Instant::now(),
+            held: BTreeMap::new(),
+            last_delivery_seq: 0,
+            // Waited for once per process.
+            unpartitioned: partition.unpartitioned.take(),
+        }
+    }
+
+    fn armed(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    fn arm(&mut self) {
+        let now = Instant::now();
+        let patience = if self.unpartitioned.is_some() {
+            UNPARTITIONED_PATIENCE
+        } else {
+            self.patience
+        };
+        self.deadline = Some(now + patience);
+        self.last_keepalive = now;
+    }
+
+    fn hold(&mut self, delivery: Delivery) {
+        self.last_delivery_seq = self.last_delivery_seq.max(delivery.delivery_seq);
+        self.held.insert(delivery.seq, delivery);
+    }
+
+    /// Whether it can open: nothing from before is unsettled any more, or
+    /// the patience ran out. Reports the held deliveries in progress when it
+    /// is time to.
+    async fn opens(&mut self) -> bool {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) {
+            tracing::warn!(
+                partition = self.partition,
+                held = self.held.len(),
+                "the partition's earlier deliveries are not all settled in time; going on (events of their conversations may be handled out of order)"
+            );
+            return true;
+        }
+        if let Some(u) = &mut self.unpartitioned {
+            if !u.handled(self.partition).await {
+                self.keep_alive(now).await;
+                return false;
+            }
+            tracing::info!(
+                partition = self.partition,
+                until = u.until,
+                "the events stored before the stream was partitioned are handled"
+            );
+            self.unpartitioned = None;
+            self.deadline = Some(now + self.patience);
+        }
+        if self.settled().await {
+            if !self.held.is_empty() {
+                tracing::info!(
+                    partition = self.partition,
+                    held = self.held.len(),
+                    "holding the partition: its earlier deliveries are settled"
+                );
+            }
+            return true;
+        }
+        self.keep_alive(now).await;
+        false
+    }
+
+    /// Whether every unacked delivery of the consumer is this replica's:
+    /// held here, or delivered to it and not read yet. Counted before the
+    /// consumer is asked, which only errs towards waiting: while the fence
+    /// is closed this replica settles nothing, so its count only grows.
+    async fn settled(&mut self) -> bool {
+        let ours = self.in_flight.load(Ordering::SeqCst) as u64;
+        let read = self.last_delivery_seq;
+        match self.consumer.info().await {
+            Ok(info) => {
+                let on_the_way = info.delivered.consumer_sequence.saturating_sub(read);
+                info.num_ack_pending as u64 <= ours + on_the_way
+            }
+            Err(e) => {
+                tracing::debug!(partition = self.partition, error = %e, "reading the partition's consumer failed");
+                false
+            }
+        }
+    }
+
+    async fn keep_alive(&mut self, now: Instant) {
+        if now.duration_since(self.last_keepalive) >= self.keepalive {
+            self.last_keepalive = now;
+            for delivery in self.held.values() {
+                let _ = delivery.in_progress().await;
+            }
+        }
+    }
+}
+
+impl Unpartitioned {
+    /// Whether partition 0 has handled them all.
+    async fn handled(&mut self, p: u16) -> bool {
+        match self.consumer.info().await {
+            Ok(info) => {
+                info.ack_floor.stream_sequence >= self.until
+                    || (info.num_pending == 0 && info.num_ack_pending == 0)
+            }
+            Err(e) => {
+                tracing::debug!(partition = p, error = %e, "reading partition 0's consumer failed");
+                false
+            }
+        }
+    }
+}
