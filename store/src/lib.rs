@@ -390,7 +390,8 @@ impl Store {
         }
     }
 
-    /// The changes other replicas make, as the local copy applies them
+    /// The changes other replicas make to chains and scripts (which
+    /// replicas also keep in memory), as the local copy applies them
     /// (`None` for the sled backend, where nobody else writes).
     pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         self.replica.as_ref().map(|r| r.subscribe())

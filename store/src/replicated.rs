@@ -309,7 +309,9 @@ impl Replica {
                         kv::Operation::Delete | kv::Operation::Purge => None,
                     };
                     match r.apply_local(c, &key, value, revision) {
-                        Ok(true) => {
+                        // Only chains and scripts are also kept in memory
+                        // (compiled): the others are read from the copy.
+                        Ok(true) if matches!(c, Collection::Chains | Collection::Scripts) => {
                             let written = std::time::UNIX_EPOCH
                                 + Duration::from_nanos(
                                     entry.created.unix_timestamp_nanos().max(0) as u64
@@ -323,7 +325,7 @@ impl Replica {
                                 delay,
                             });
                         }
-                        Ok(false) => {}
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(error = %e, key = entry.key, "applying a shared-state entry to the local copy failed");
                         }

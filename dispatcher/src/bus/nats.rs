@@ -92,30 +92,42 @@ pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
 /// timeout, after which the server has moved the pin anyway) and for its
 /// last pull request to expire, gives back what its fence still held, and
 /// unpins it if this replica's pull still holds the pin, so that the new
-/// owner's waiting pull takes over.
+/// owner's waiting pull takes over. A stop cuts the waiting short: what is
+/// left is returned for the shutdown to give back and unpin.
 async fn release(
     stream: jetstream::stream::Stream,
     p: u16,
     pull: JoinHandle<PullEnd>,
     in_flight: Arc<AtomicUsize>,
     pin_timeout: Duration,
-) {
+    mut stop: watch::Receiver<bool>,
+) -> (u16, Option<PullEnd>) {
     let end = match pull.await {
         Ok(end) => end,
         Err(e) => {
             tracing::error!(partition = p, error = %e, "the partition's pull failed");
-            return;
+            return (p, None);
         }
     };
-    let deadline = tokio::time::Instant::now() + pin_timeout;
     // The fence's held deliveries count too; they go back below.
     let held = end.held.len();
-    while in_flight.load(Ordering::SeqCst) > held && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let settled = async {
+        let deadline = tokio::time::Instant::now() + pin_timeout;
+        while in_flight.load(Ordering::SeqCst) > held && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)).await;
+    };
+    let stopped = tokio::select! {
+        _ = stop.wait_for(|s| *s) => true,
+        _ = settled => false,
+    };
+    if stopped {
+        return (p, Some(end));
     }
-    tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)).await;
     give_back(p, end.held).await;
     unpin_if_held(&stream, p, end.pin.as_deref()).await;
+    (p, None)
 }
 
 /// How long [`ensure_stream`] keeps asking a server that does not answer.
@@ -368,24 +380,23 @@ impl NatsBus {
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let stream = self.events_stream().await?;
         let start = self.partitions_start(&stream).await;
+        let config = |p: u16| pull::Config {
+            durable_name: Some(partition_consumer(p)),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            filter_subjects: partition_filters(&self.prefix, p),
+            deliver_policy: start,
+            priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec![GROUP.to_string()],
+            priority_timeout: self.pin_timeout(),
+            ..Default::default()
+        };
         // Created together: on a cluster each creation waits for its
         // replicas to agree.
         let consumers: Vec<jetstream::consumer::Consumer<pull::Config>> =
             futures::future::try_join_all((0..PARTITIONS).map(|p| {
-                let name = partition_consumer(p);
-                let config = pull::Config {
-                    durable_name: Some(name.clone()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    max_ack_pending: self.max_ack_pending,
-                    filter_subjects: partition_filters(&self.prefix, p),
-                    deliver_policy: start,
-                    priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
-                    priority_groups: vec![GROUP.to_string()],
-                    priority_timeout: self.pin_timeout(),
-                    ..Default::default()
-                };
-                let stream = &stream;
+                let (name, config, stream) = (partition_consumer(p), config(p), &stream);
                 async move {
                     stream
                         .get_or_create_consumer(&name, config)
@@ -396,13 +407,16 @@ impl NatsBus {
                 }
             }))
             .await?;
+        let configs: Vec<pull::Config> = (0..PARTITIONS).map(config).collect();
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let sink = Sink {
             tx,
             prefix: self.prefix.clone(),
-            batch: capacity.clamp(1, 1024),
+            // Smaller pulls than one consumer's: each partition's client
+            // buffers its own, and what waits there gets no progress
+            // reports.
+            batch: (capacity / 8).clamp(2, 128),
         };
-        let in_flight: Vec<Arc<AtomicUsize>> = (0..PARTITIONS).map(|_| Arc::default()).collect();
         let mut owned = partitions.owned.clone();
         let pulled = partitions.pulled.clone();
         let ended = PullEnded(self.pull_stopped.clone());
@@ -416,29 +430,41 @@ impl NatsBus {
         tokio::spawn(async move {
             // Marks the time the pulls end, on every way out.
             let _ended = ended;
+            let mut in_flights: BTreeMap<u16, Arc<AtomicUsize>> = BTreeMap::new();
             let mut pulling: BTreeMap<u16, (watch::Sender<bool>, JoinHandle<PullEnd>)> =
                 BTreeMap::new();
+            // Partitions being handed over; one is pulled again only once
+            // its hand-over is done, so that two pulls of it never overlap.
+            let mut releasing: tokio::task::JoinSet<(u16, Option<PullEnd>)> =
+                tokio::task::JoinSet::new();
+            let mut released: std::collections::BTreeSet<u16> = Default::default();
             loop {
                 let wanted = owned.borrow_and_update().clone();
                 for &p in &wanted {
-                    pulling.entry(p).or_insert_with(|| {
-                        let (stop_pulling, stopped) = watch::channel(false);
-                        let partition = Partition {
-                            number: p,
-                            stream: stream.clone(),
-                            consumer: consumers[p as usize].clone(),
-                            in_flight: in_flight[p as usize].clone(),
-                            patience,
-                            keepalive,
-                            unpartitioned: std::mem::take(&mut waiting_unpartitioned[p as usize])
-                                .then(|| Unpartitioned {
-                                    consumer: consumers[0].clone(),
-                                    until: unpartitioned_until,
-                                }),
-                        };
-                        let task = tokio::spawn(pull_partition(partition, sink.clone(), stopped));
-                        (stop_pulling, task)
-                    });
+                    if released.contains(&p) || pulling.contains_key(&p) {
+                        continue;
+                    }
+                    let (stop_pulling, stopped) = watch::channel(false);
+                    let partition = Partition {
+                        number: p,
+                        stream: stream.clone(),
+                        consumer: consumers[p as usize].clone(),
+                        config: configs[p as usize].clone(),
+                        // Each pull of a partition counts its own deliveries.
+                        in_flight: Arc::default(),
+                        patience,
+                        keepalive,
+                        unpartitioned: std::mem::take(&mut waiting_unpartitioned[p as usize]).then(
+                            || Unpartitioned {
+                                consumer: consumers[0].clone(),
+                                until: unpartitioned_until,
+                            },
+                        ),
+                    };
+                    let in_flight = partition.in_flight.clone();
+                    let task = tokio::spawn(pull_partition(partition, sink.clone(), stopped));
+                    pulling.insert(p, (stop_pulling, task));
+                    in_flights.insert(p, in_flight);
                 }
                 let lost: Vec<u16> = pulling
                     .keys()
@@ -448,21 +474,30 @@ impl NatsBus {
                 for p in lost {
                     let (stop_pulling, task) = pulling.remove(&p).expect("listed");
                     let _ = stop_pulling.send(true);
-                    tokio::spawn(release(
+                    released.insert(p);
+                    releasing.spawn(release(
                         stream.clone(),
                         p,
                         task,
-                        in_flight[p as usize].clone(),
+                        in_flights.remove(&p).expect("counted"),
                         patience,
+                        stop.clone(),
                     ));
                 }
-                let membership_ended = tokio::select! {
+                let step = tokio::select! {
                     biased;
                     _ = stop.wait_for(|s| *s) => break,
-                    changed = owned.changed() => changed.is_err(),
+                    changed = owned.changed() => changed.is_ok(),
+                    Some(done) = releasing.join_next() => {
+                        if let Ok((p, _)) = done {
+                            released.remove(&p);
+                        }
+                        true
+                    }
                 };
-                if membership_ended {
-                    // Keep pulling what this replica has until stopped.
+                if !step {
+                    // Membership ended: keep pulling what this replica has
+                    // until stopped.
                     let _ = stop.wait_for(|s| *s).await;
                     break;
                 }
@@ -471,18 +506,27 @@ impl NatsBus {
                 let _ = stop_pulling.send(true);
             }
             let mut last_pins = Vec::new();
+            let mut ends = Vec::new();
             for (p, (_, task)) in pulling {
                 match task.await {
-                    Ok(end) => {
-                        // Given back with everything else unhandled, in
-                        // bus order, once the pulls have expired.
-                        send_all(&sink, end.held).await;
-                        last_pins.push((p, end.pin));
-                    }
+                    Ok(end) => ends.push((p, end)),
                     Err(e) => {
                         tracing::error!(partition = p, error = %e, "the partition's pull failed")
                     }
                 }
+            }
+            // Hand-overs cut short by the stop leave their partition to the
+            // shutdown's hand-over.
+            while let Some(done) = releasing.join_next().await {
+                if let Ok((p, Some(end))) = done {
+                    ends.push((p, end));
+                }
+            }
+            for (p, end) in ends {
+                // Given back with everything else unhandled, in bus order,
+                // once the pulls have expired.
+                send_all(&sink, end.held).await;
+                last_pins.push((p, end.pin));
             }
             *pulled.lock().expect("not poisoned") = last_pins;
         });

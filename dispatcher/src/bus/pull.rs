@@ -3,7 +3,7 @@
 //! pinned consumer, with the fence that keeps its order when it changes
 //! hands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -62,7 +62,7 @@ fn delivery_of(
     let pin = message
         .headers
         .as_ref()
-        .and_then(|h| h.get("Nats-Pin-Id"))
+        .and_then(|h| h.get_last("Nats-Pin-Id"))
         .map(|v| v.as_str().to_string());
     let delivery = Delivery {
         subject: strip_partition(prefix, &message.subject).to_string(),
@@ -144,6 +144,8 @@ pub(super) struct Partition {
     pub number: u16,
     pub stream: jetstream::stream::Stream,
     pub consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// The consumer's config, to create it again if it was deleted.
+    pub config: pull::Config,
     /// This replica's deliveries of the partition not settled yet.
     pub in_flight: Arc<AtomicUsize>,
     /// How long a fence waits at most: the pin timeout.
@@ -212,6 +214,21 @@ pub(super) async fn pull_partition(
             give_back(p, end.held).await;
             unpin_if_held(&partition.stream, p, end.pin.as_deref()).await;
         }
+        if sink.tx.is_closed() {
+            return PullEnd::default();
+        }
+        // The pull may have ended because its consumer was deleted.
+        let name = super::nats::partition_consumer(p);
+        match partition
+            .stream
+            .get_or_create_consumer(&name, partition.config.clone())
+            .await
+        {
+            Ok(consumer) => partition.consumer = consumer,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "creating the partition's consumer failed")
+            }
+        }
     }
 }
 
@@ -247,7 +264,21 @@ async fn pull_fenced(
                     let held = std::mem::take(&mut f.held);
                     let keepalive = f.keepalive;
                     fence = None;
-                    hand_on(sink, held, keepalive).await;
+                    let left = hand_on(
+                        sink,
+                        held,
+                        &mut messages,
+                        &partition.in_flight,
+                        keepalive,
+                        stop,
+                    )
+                    .await;
+                    if !left.is_empty() {
+                        // Stopped while handing on: the rest is this
+                        // replica's to finish, like what it drains below.
+                        send_all(sink, left).await;
+                        break;
+                    }
                 }
                 continue;
             }
@@ -318,29 +349,56 @@ async fn pull_fenced(
     }
 }
 
-/// Hands held deliveries on in bus order, reporting those still waiting in
-/// progress meanwhile (the sink takes them one at a time, as fast as the
-/// workers go).
-async fn hand_on(sink: &Sink, held: BTreeMap<u64, Delivery>, keepalive: Duration) {
-    let mut waiting: std::collections::VecDeque<Delivery> = held.into_values().collect();
+/// Hands held deliveries on in bus order, as fast as the workers take
+/// them, with what arrives meanwhile queued behind them; reports those
+/// still waiting in progress. Returns what is left when `stop` turns true.
+async fn hand_on(
+    sink: &Sink,
+    held: BTreeMap<u64, Delivery>,
+    messages: &mut Messages,
+    in_flight: &Arc<AtomicUsize>,
+    keepalive: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Vec<Delivery> {
+    let mut waiting: VecDeque<Delivery> = held.into_values().collect();
     let mut tick = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+    enum Step<T> {
+        Stop,
+        Send(T),
+        Next(Option<Box<Result<jetstream::Message, pull::MessagesError>>>),
+        Tick,
+    }
     while !waiting.is_empty() {
-        tokio::select! {
-            permit = sink.tx.reserve() => match permit {
-                Ok(permit) => permit.send(waiting.pop_front().expect("not empty")),
-                Err(_) => {
-                    for delivery in waiting.drain(..) {
-                        let _ = delivery.nak(Duration::ZERO).await;
-                    }
+        let step = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Step::Stop,
+            permit = sink.tx.reserve() => Step::Send(permit),
+            next = messages.next() => Step::Next(next.map(Box::new)),
+            _ = tick.tick() => Step::Tick,
+        };
+        match step {
+            Step::Stop => break,
+            Step::Send(Ok(permit)) => permit.send(waiting.pop_front().expect("not empty")),
+            Step::Send(Err(_)) => {
+                // The dispatcher is gone: everything goes straight back.
+                for delivery in waiting.drain(..) {
+                    let _ = delivery.nak(Duration::ZERO).await;
                 }
-            },
-            _ = tick.tick() => {
+            }
+            Step::Next(Some(next)) => {
+                if let Some((delivery, _)) = delivery_of(*next, &sink.prefix, Some(in_flight)) {
+                    waiting.push_back(delivery);
+                }
+            }
+            Step::Next(None) => break,
+            Step::Tick => {
                 for delivery in &waiting {
                     let _ = delivery.in_progress().await;
                 }
             }
         }
     }
+    waiting.into_iter().collect()
 }
 
 /// Gives deliveries back to the bus in bus order, to be delivered again at
@@ -503,17 +561,20 @@ impl Fence {
         false
     }
 
-    /// Whether every unacked delivery of the consumer is this replica's:
-    /// held here, or delivered to it and not read yet. Counted before the
-    /// consumer is asked, which only errs towards waiting: while the fence
-    /// is closed this replica settles nothing, so its count only grows.
+    /// Whether every unacked delivery of the consumer is one this fence
+    /// holds or one on its way to it (delivered, not read yet). Only when no
+    /// other delivery of the partition is alive here: one being settled
+    /// while the consumer is asked could otherwise hide another replica's.
     async fn settled(&mut self) -> bool {
-        let ours = self.in_flight.load(Ordering::SeqCst) as u64;
+        let held = self.held.len() as u64;
+        if self.in_flight.load(Ordering::SeqCst) as u64 != held {
+            return false;
+        }
         let read = self.last_delivery_seq;
         match self.consumer.info().await {
             Ok(info) => {
                 let on_the_way = info.delivered.consumer_sequence.saturating_sub(read);
-                info.num_ack_pending as u64 <= ours + on_the_way
+                info.num_ack_pending as u64 <= held + on_the_way
             }
             Err(e) => {
                 tracing::debug!(partition = self.partition, error = %e, "reading the partition's consumer failed");
