@@ -87,15 +87,12 @@ pub fn dead_letters_stream_config(prefix: &str) -> jetstream::stream::Config {
     }
 }
 
-/// Hands partition `p` over once this replica no longer owns it: waits for
-/// its pull to end and its deliveries here to be settled (at most the pin
-/// timeout, after which the server has moved the pin anyway) and for its
-/// last pull request to expire, gives back what its fence still held, and
-/// unpins it if this replica's pull still holds the pin, so that the new
-/// owner's waiting pull takes over. A stop cuts the waiting short: what is
-/// left is returned for the shutdown to give back and unpin.
+/// Finishes handing partition `p` over: its pull, stopped, has unpinned it
+/// and returns what it had not handled, which goes back to the bus in bus
+/// order for the new owner. Then waits (at most the pin timeout) for this
+/// replica's deliveries of it to settle, so that the partition is not pulled
+/// here again while they are.
 async fn release(
-    stream: jetstream::stream::Stream,
     p: u16,
     pull: JoinHandle<PullEnd>,
     in_flight: Arc<AtomicUsize>,
@@ -109,24 +106,17 @@ async fn release(
             return (p, None);
         }
     };
-    // The fence's held deliveries count too; they go back below.
-    let held = end.held.len();
+    give_back(p, end.held).await;
     let settled = async {
         let deadline = tokio::time::Instant::now() + pin_timeout;
-        while in_flight.load(Ordering::SeqCst) > held && tokio::time::Instant::now() < deadline {
+        while in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)).await;
     };
-    let stopped = tokio::select! {
-        _ = stop.wait_for(|s| *s) => true,
-        _ = settled => false,
-    };
-    if stopped {
-        return (p, Some(end));
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = settled => {}
     }
-    give_back(p, end.held).await;
-    unpin_if_held(&stream, p, end.pin.as_deref()).await;
     (p, None)
 }
 
@@ -264,6 +254,13 @@ pub struct NatsBus {
 
 /// A partition and the pin this replica's pull of it last held.
 type LastPin = (u16, Option<String>);
+
+/// A partition's running pull: its stop, its hand-over flag, its task.
+type Pulling = (
+    watch::Sender<bool>,
+    Arc<std::sync::atomic::AtomicBool>,
+    JoinHandle<PullEnd>,
+);
 
 /// What a replica sharing the bus pulls.
 #[derive(Debug, Clone)]
@@ -431,8 +428,7 @@ impl NatsBus {
             // Marks the time the pulls end, on every way out.
             let _ended = ended;
             let mut in_flights: BTreeMap<u16, Arc<AtomicUsize>> = BTreeMap::new();
-            let mut pulling: BTreeMap<u16, (watch::Sender<bool>, JoinHandle<PullEnd>)> =
-                BTreeMap::new();
+            let mut pulling: BTreeMap<u16, Pulling> = BTreeMap::new();
             // Partitions being handed over; one is pulled again only once
             // its hand-over is done, so that two pulls of it never overlap.
             let mut releasing: tokio::task::JoinSet<(u16, Option<PullEnd>)> =
@@ -450,6 +446,7 @@ impl NatsBus {
                         stream: stream.clone(),
                         consumer: consumers[p as usize].clone(),
                         config: configs[p as usize].clone(),
+                        releasing: Arc::default(),
                         // Each pull of a partition counts its own deliveries.
                         in_flight: Arc::default(),
                         patience,
@@ -462,8 +459,9 @@ impl NatsBus {
                         ),
                     };
                     let in_flight = partition.in_flight.clone();
+                    let releasing = partition.releasing.clone();
                     let task = tokio::spawn(pull_partition(partition, sink.clone(), stopped));
-                    pulling.insert(p, (stop_pulling, task));
+                    pulling.insert(p, (stop_pulling, releasing, task));
                     in_flights.insert(p, in_flight);
                 }
                 let lost: Vec<u16> = pulling
@@ -472,11 +470,11 @@ impl NatsBus {
                     .copied()
                     .collect();
                 for p in lost {
-                    let (stop_pulling, task) = pulling.remove(&p).expect("listed");
+                    let (stop_pulling, handed_over, task) = pulling.remove(&p).expect("listed");
+                    handed_over.store(true, Ordering::SeqCst);
                     let _ = stop_pulling.send(true);
                     released.insert(p);
                     releasing.spawn(release(
-                        stream.clone(),
                         p,
                         task,
                         in_flights.remove(&p).expect("counted"),
@@ -502,12 +500,12 @@ impl NatsBus {
                     break;
                 }
             }
-            for (stop_pulling, _) in pulling.values() {
+            for (stop_pulling, ..) in pulling.values() {
                 let _ = stop_pulling.send(true);
             }
             let mut last_pins = Vec::new();
             let mut ends = Vec::new();
-            for (p, (_, task)) in pulling {
+            for (p, (.., task)) in pulling {
                 match task.await {
                     Ok(end) => ends.push((p, end)),
                     Err(e) => {

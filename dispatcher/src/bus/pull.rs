@@ -146,6 +146,9 @@ pub(super) struct Partition {
     pub consumer: jetstream::consumer::Consumer<pull::Config>,
     /// The consumer's config, to create it again if it was deleted.
     pub config: pull::Config,
+    /// Set before the pull is stopped because another replica takes the
+    /// partition over (rather than because this one shuts down).
+    pub releasing: Arc<std::sync::atomic::AtomicBool>,
     /// This replica's deliveries of the partition not settled yet.
     pub in_flight: Arc<AtomicUsize>,
     /// How long a fence waits at most: the pin timeout.
@@ -326,6 +329,20 @@ async fn pull_fenced(
                 }
             }
         }
+    }
+    if partition.releasing.load(Ordering::SeqCst) {
+        // Handed over to another replica: unpin first, so that the server
+        // sends nothing more to this pull's outstanding requests and the new
+        // owner's waiting pull takes over at once (its fence waits for what
+        // this replica still handles); then everything not handled here goes
+        // back, for the new owner to handle in order.
+        unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
+        let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
+        let mut held: Vec<Delivery> = fence
+            .map(|f| f.held.into_values().collect())
+            .unwrap_or_default();
+        held.extend(drained.into_iter().map(|(d, _)| d));
+        return PullEnd { held, pin: None };
     }
     let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
     match fence {
