@@ -338,6 +338,14 @@ async fn pull_fenced(
         // back, for the new owner to handle in order.
         unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
         let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
+        // While draining, the client may have asked again and been pinned
+        // again (if the new owner was not pulling yet): release that pin
+        // too, once the pull is gone.
+        drop(messages);
+        let again = drained.iter().rev().find_map(|(_, p)| p.clone());
+        if again.is_some() && again != pin {
+            unpin_if_held(&partition.stream, partition.number, again.as_deref()).await;
+        }
         let mut held: Vec<Delivery> = fence
             .map(|f| f.held.into_values().collect())
             .unwrap_or_default();
