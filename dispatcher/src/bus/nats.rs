@@ -98,12 +98,12 @@ async fn release(
     in_flight: Arc<AtomicUsize>,
     pin_timeout: Duration,
     mut stop: watch::Receiver<bool>,
-) -> (u16, Option<PullEnd>) {
+) -> u16 {
     let end = match pull.await {
         Ok(end) => end,
         Err(e) => {
             tracing::error!(partition = p, error = %e, "the partition's pull failed");
-            return (p, None);
+            return p;
         }
     };
     give_back(p, end.held).await;
@@ -117,7 +117,7 @@ async fn release(
         _ = stop.wait_for(|s| *s) => {}
         _ = settled => {}
     }
-    (p, None)
+    p
 }
 
 /// How long [`ensure_stream`] keeps asking a server that does not answer.
@@ -431,8 +431,7 @@ impl NatsBus {
             let mut pulling: BTreeMap<u16, Pulling> = BTreeMap::new();
             // Partitions being handed over; one is pulled again only once
             // its hand-over is done, so that two pulls of it never overlap.
-            let mut releasing: tokio::task::JoinSet<(u16, Option<PullEnd>)> =
-                tokio::task::JoinSet::new();
+            let mut releasing: tokio::task::JoinSet<u16> = tokio::task::JoinSet::new();
             let mut released: std::collections::BTreeSet<u16> = Default::default();
             loop {
                 let wanted = owned.borrow_and_update().clone();
@@ -487,7 +486,7 @@ impl NatsBus {
                     _ = stop.wait_for(|s| *s) => break,
                     changed = owned.changed() => changed.is_ok(),
                     Some(done) = releasing.join_next() => {
-                        if let Ok((p, _)) = done {
+                        if let Ok(p) = done {
                             released.remove(&p);
                         }
                         true
@@ -504,28 +503,22 @@ impl NatsBus {
                 let _ = stop_pulling.send(true);
             }
             let mut last_pins = Vec::new();
-            let mut ends = Vec::new();
             for (p, (.., task)) in pulling {
                 match task.await {
-                    Ok(end) => ends.push((p, end)),
+                    Ok(end) => {
+                        // Given back with everything else unhandled, in bus
+                        // order, once the pulls have expired.
+                        send_all(&sink, end.held).await;
+                        last_pins.push((p, end.pin));
+                    }
                     Err(e) => {
                         tracing::error!(partition = p, error = %e, "the partition's pull failed")
                     }
                 }
             }
-            // Hand-overs cut short by the stop leave their partition to the
-            // shutdown's hand-over.
-            while let Some(done) = releasing.join_next().await {
-                if let Ok((p, Some(end))) = done {
-                    ends.push((p, end));
-                }
-            }
-            for (p, end) in ends {
-                // Given back with everything else unhandled, in bus order,
-                // once the pulls have expired.
-                send_all(&sink, end.held).await;
-                last_pins.push((p, end.pin));
-            }
+            // Hand-overs in progress have unpinned their partition and given
+            // back what they held; the stop cuts their wait short.
+            while releasing.join_next().await.is_some() {}
             *pulled.lock().expect("not poisoned") = last_pins;
         });
         Ok(rx)
