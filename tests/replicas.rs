@@ -777,7 +777,7 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
         }
     };
     assert_eq!(
-        marker("journal").await,
+        marker("event_journal").await,
         Some(MARKER_TTL.as_secs().to_string())
     );
     assert_eq!(marker("chains").await, None);

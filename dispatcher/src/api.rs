@@ -23,10 +23,16 @@ use crate::dry_run;
 use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
 use crate::auth::{self, Auth, Principal, TokenError};
-use crate::executor::{Executor, LetterError};
+use crate::bus::Bus;
+use crate::dead_letters::LetterStatus;
+use crate::executor::{LetterError, Letters};
 use crate::inbound::{CreateError, CreateRequest, Inbound, InboundError, Provider};
 use crate::metrics::Gauges;
-use crate::records::LetterStatus;
+use crate::metrics::Metrics;
+use crate::trace::Traces;
+use switchboard_handlers::Registry;
+use switchboard_rules::ChainStore;
+use switchboard_store::Store;
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -34,8 +40,24 @@ pub struct ApiState {
     /// Set once the dispatcher has started: caught up with the shared state
     /// (replicas), chain files applied, consuming.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
-    /// The executor and everything it holds.
-    pub executor: Arc<Executor>,
+    /// Every account's chains.
+    pub chains: Arc<ChainStore>,
+    /// The handlers, the template engine and the Rhai runtime.
+    pub registry: Arc<Registry>,
+    /// The bus events are published on.
+    pub bus: Arc<dyn Bus>,
+    /// The store (readiness and the backend's kind).
+    pub store: Store,
+    /// Event traces.
+    pub traces: Traces,
+    /// Dead letters: list, replay, discard.
+    pub letters: Letters,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Largest accepted event, in bytes.
+    pub max_event_bytes: usize,
+    /// The bus's subject prefix.
+    pub prefix: String,
     /// Contacts of every account.
     pub contacts: ContactStore,
     /// Message records of every account.
@@ -119,7 +141,7 @@ routes! {
 /// The router of the whole API: the [`ROUTES`], each behind
 /// [`auth::require_token`].
 pub fn router(state: ApiState) -> Router {
-    let body_limit = state.executor.limits.max_event_bytes.max(1 << 20);
+    let body_limit = state.max_event_bytes.max(1 << 20);
     add_routes(Router::new())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -128,7 +150,7 @@ pub fn router(state: ApiState) -> Router {
             auth::require_token,
         ))
         .layer(middleware::from_fn_with_state(
-            state.executor.store.clone(),
+            state.store.clone(),
             require_caught_up,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -259,7 +281,7 @@ type ApiResult = Result<Response, ApiError>;
 /// Checks the account of a dead-letter route: a valid account key, or the
 /// name poison is filed under when its subject named no valid account.
 fn dead_letter_account(raw: &str) -> Result<(), ApiError> {
-    if raw != crate::records::UNKNOWN_ACCOUNT {
+    if raw != crate::dead_letters::UNKNOWN_ACCOUNT {
         account_key(raw)?;
     }
     Ok(())
@@ -325,15 +347,14 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let bus = s.executor.bus.is_ready();
+    let bus = s.bus.is_ready();
     // The store answers reads (it is open and its files are readable).
     let store = s
-        .executor
         .store
         .get(switchboard_store::Collection::Chains, b"")
         .is_ok();
     let started = s.ready.load(std::sync::atomic::Ordering::SeqCst);
-    let caught_up = s.executor.store.is_caught_up();
+    let caught_up = s.store.is_caught_up();
     let ready = started && bus && store && caught_up;
     let status = if ready {
         StatusCode::OK
@@ -344,11 +365,11 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         status,
         Json(json!({
             "ready": ready,
-            "bus": s.executor.bus.kind(),
+            "bus": s.bus.kind(),
             "bus_connected": bus,
             "store_open": store,
             "started": started,
-            "replicated": s.executor.store.is_replicated(),
+            "replicated": s.store.is_replicated(),
             "caught_up": caught_up,
             "partitions": s.partitions.as_ref().map(|p| p.borrow().clone()),
         })),
@@ -359,9 +380,9 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.executor.metrics.render(&Gauges {
-            bus_lag: s.executor.bus.lag().await,
-            rhai_operations: s.executor.registry.runtime().operations_total(),
+        s.metrics.render(&Gauges {
+            bus_lag: s.bus.lag().await,
+            rhai_operations: s.registry.runtime().operations_total(),
         }),
     )
         .into_response()
@@ -372,7 +393,7 @@ async fn ingest(
     Extension(principal): Extension<Principal>,
     RawBody(body): RawBody,
 ) -> ApiResult {
-    let event = VumiApiEvent::decode_with_defaults(&body, s.executor.limits.max_event_bytes)
+    let event = VumiApiEvent::decode_with_defaults(&body, s.max_event_bytes)
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
     if let Principal::Account(own) = &principal
         && own != &event.account_key
@@ -402,7 +423,7 @@ async fn ingest(
             .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         return Ok(response);
     }
-    let published = s.executor.bus.publish(&event).await.map_err(|e| {
+    let published = s.bus.publish(&event).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "bus_unavailable",
@@ -413,7 +434,7 @@ async fn ingest(
         StatusCode::ACCEPTED,
         Json(json!({
             "id": event.id,
-            "subject": event.subject(&s.executor.prefix),
+            "subject": event.subject(&s.prefix),
             "duplicate": published.duplicate,
         })),
     )
@@ -425,7 +446,7 @@ async fn list_accounts(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
 ) -> Json<Value> {
-    let mut accounts = s.executor.chains.accounts();
+    let mut accounts = s.chains.accounts();
     accounts.retain(|a| principal.reaches(a.as_str()));
     Json(json!({ "accounts": accounts }))
 }
@@ -436,7 +457,7 @@ fn version_json(v: &ChainVersion) -> Value {
 
 async fn show_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
-    match s.executor.chains.current(&account)? {
+    match s.chains.current(&account)? {
         Some(v) => Ok(Json(version_json(&v)).into_response()),
         None => Err(ApiError::not_found(format!(
             "account {account} has no chains"
@@ -464,16 +485,15 @@ async fn apply_chains(
     };
     let file = parse_chain_file(&body, format, "request body")
         .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
-    let valid =
-        validate(file, &account, s.executor.registry.as_ref()).map_err(ChainStoreError::from)?;
-    let version = s.executor.chains.apply(valid)?;
+    let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
+    let version = s.chains.apply(valid)?;
     tracing::info!(%account, version = version.version, "chains applied");
     Ok(Json(version_json(&version)).into_response())
 }
 
 async fn remove_all_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
-    let version = s.executor.chains.remove_all(&account)?;
+    let version = s.chains.remove_all(&account)?;
     Ok(Json(version_json(&version)).into_response())
 }
 
@@ -483,7 +503,6 @@ async fn show_chain(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let current = s
-        .executor
         .chains
         .current(&account)?
         .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
@@ -505,14 +524,13 @@ async fn remove_chain(
     Path((account, name)): Path<(String, String)>,
 ) -> ApiResult {
     let account = account_key(&account)?;
-    let version = s.executor.chains.remove_chain(&account, &name)?;
+    let version = s.chains.remove_chain(&account, &name)?;
     Ok(Json(version_json(&version)).into_response())
 }
 
 async fn history(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     let versions: Vec<Value> = s
-        .executor
         .chains
         .history(&account)?
         .iter()
@@ -539,7 +557,7 @@ async fn show_version(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
-    Ok(Json(version_json(&s.executor.chains.version(&account, version)?)).into_response())
+    Ok(Json(version_json(&s.chains.version(&account, version)?)).into_response())
 }
 
 async fn restore(
@@ -548,10 +566,7 @@ async fn restore(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
-    let restored = s
-        .executor
-        .chains
-        .restore(&account, version, s.executor.registry.as_ref())?;
+    let restored = s.chains.restore(&account, version, s.registry.as_ref())?;
     Ok(Json(version_json(&restored)).into_response())
 }
 
@@ -570,12 +585,7 @@ async fn trace(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let id = EventId::parse(&id).map_err(|e| ApiError::bad_request("invalid_event_id", e))?;
-    match s
-        .executor
-        .traces
-        .get(account.as_str(), &id)
-        .map_err(ApiError::internal)?
-    {
+    match s.traces.get(&account, &id).map_err(ApiError::internal)? {
         Some(trace) => Ok(Json(trace).into_response()),
         None => Err(ApiError::not_found(format!(
             "no trace of event {id} in account {account} (not handled yet, or never received)"
@@ -595,8 +605,7 @@ async fn list_dead_letters(
 ) -> ApiResult {
     dead_letter_account(&account)?;
     let letters = s
-        .executor
-        .dead_letters
+        .letters
         .list(&account, q.limit.unwrap_or(100).min(10_000))
         .map_err(ApiError::internal)?;
     Ok(Json(json!({"account_key": account, "dead_letters": letters})).into_response())
@@ -607,12 +616,7 @@ async fn show_dead_letter(
     Path((account, id)): Path<(String, String)>,
 ) -> ApiResult {
     dead_letter_account(&account)?;
-    match s
-        .executor
-        .dead_letters
-        .get(&account, &id)
-        .map_err(ApiError::internal)?
-    {
+    match s.letters.get(&account, &id).map_err(ApiError::internal)? {
         Some(letter) => Ok(Json(letter).into_response()),
         None => Err(ApiError::not_found(format!(
             "account {account} has no dead letter {id}"
@@ -642,7 +646,7 @@ async fn replay_dead_letter(
     Path((account, id)): Path<(String, String)>,
 ) -> ApiResult {
     dead_letter_account(&account)?;
-    let letter = s.executor.replay(&account, &id).await?;
+    let letter = s.letters.replay(&account, &id).await?;
     Ok(Json(json!({"account_key": account, "replayed": letter})).into_response())
 }
 
@@ -651,7 +655,7 @@ async fn discard_dead_letter(
     Path((account, id)): Path<(String, String)>,
 ) -> ApiResult {
     dead_letter_account(&account)?;
-    let letter = s.executor.discard(&account, &id).await?;
+    let letter = s.letters.discard(&account, &id).await?;
     Ok(Json(json!({"account_key": account, "discarded": letter})).into_response())
 }
 
@@ -686,11 +690,7 @@ async fn replay_dead_letters(
             )
         })?
     };
-    let letters = s
-        .executor
-        .dead_letters
-        .all(&account)
-        .map_err(ApiError::internal)?;
+    let letters = s.letters.all(&account).map_err(ApiError::internal)?;
     let mut replayed = Vec::new();
     let mut skipped = Vec::new();
     for letter in letters {
@@ -703,7 +703,7 @@ async fn replay_dead_letters(
         if !selected {
             continue;
         }
-        match s.executor.replay(&account, &letter.id).await {
+        match s.letters.replay(&account, &letter.id).await {
             Ok(_) => replayed.push(letter.id),
             Err(e @ LetterError::NoEvent(_)) => {
                 skipped.push(json!({"id": letter.id, "error": e.to_string()}));
@@ -718,8 +718,7 @@ async fn replay_dead_letters(
 }
 
 fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
-    s.executor
-        .registry
+    s.registry
         .scripts()
         .map(|s| s.as_ref())
         .ok_or_else(|| ApiError::not_found("this dispatcher has no script store"))
@@ -786,7 +785,6 @@ async fn put_script(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let store = s
-        .executor
         .registry
         .scripts()
         .cloned()
@@ -807,7 +805,7 @@ async fn remove_script(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let handler = format!("script:{name}");
-    if let Some(current) = s.executor.chains.current(&account)? {
+    if let Some(current) = s.chains.current(&account)? {
         let users: Vec<&str> = current
             .chains
             .iter()
@@ -864,9 +862,9 @@ async fn test_script(
         }
         .into());
     }
-    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+    let sample = dry_run::parse_sample(&body, &account, s.max_event_bytes)
         .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
-    let answer = dry_run::test_script(&s.executor.registry, &account, &name, &sample)
+    let answer = dry_run::test_script(&s.registry, &account, &name, &sample)
         .await
         .map_err(|e| ApiError::bad_request("script_test_failed", e))?;
     Ok(Json(answer).into_response())
@@ -878,17 +876,13 @@ async fn test_chains(
     RawBody(body): RawBody,
 ) -> ApiResult {
     let account = account_key(&account)?;
-    let sample = dry_run::parse_sample(&body, &account, s.executor.limits.max_event_bytes)
+    let sample = dry_run::parse_sample(&body, &account, s.max_event_bytes)
         .map_err(|e| ApiError::bad_request("invalid_sample", e))?;
     let chains = s
-        .executor
         .chains
         .lookup(&account)
         .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
-    Ok(
-        Json(dry_run::test_chains(&s.executor.registry, &chains, &sample.event).await)
-            .into_response(),
-    )
+    Ok(Json(dry_run::test_chains(&s.registry, &chains, &sample.event).await).into_response())
 }
 
 async fn list_contacts(

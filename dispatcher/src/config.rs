@@ -48,8 +48,9 @@ pub struct DeliveryConfig {
     /// replayed or discarded.
     #[serde(with = "switchboard_rules::duration")]
     pub journal_retention: Duration,
-    /// How long traces are kept (`"7d"`), counted from when an event's
-    /// handling started.
+    /// How long traces are shown (`"7d"`), counted from when an event's
+    /// handling started. A trace is derived from the event's journal
+    /// record, which is kept for the longer of the two retentions.
     #[serde(with = "switchboard_rules::duration")]
     pub trace_retention: Duration,
     /// How long a shutdown waits for the events being handled (`"30s"`);

@@ -29,8 +29,8 @@ use switchboard_sdk::{
 use crate::auth::AdminToken;
 use crate::config::Config;
 use crate::outbound::{EmailProvider, SmtpSecurity};
-use crate::records::{Trace, TraceStatus};
 use crate::runtime::{Dispatcher, StartError};
+use crate::trace::{Trace, TraceStatus};
 
 /// Options of the demo.
 #[derive(Debug, Clone)]
@@ -192,9 +192,10 @@ async fn wait_for_trace(
     id: EventId,
     limit: Duration,
 ) -> Option<Trace> {
+    let account = switchboard_sdk::AccountKey::new(account).ok()?;
     let start = Instant::now();
     while start.elapsed() < limit {
-        if let Ok(Some(trace)) = dispatcher.executor().traces.get(account, &id)
+        if let Ok(Some(trace)) = dispatcher.traces().get(&account, &id)
             && trace.status != TraceStatus::Running
         {
             return Some(trace);

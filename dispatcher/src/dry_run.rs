@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use serde_json::{Map, Value, json};
 use switchboard_handlers::script::ScriptRun;
-use switchboard_handlers::{EmitRequest, EventValue, Registry, StepError, StepInput, StepOutput};
-use switchboard_rules::{AccountChains, ChainSpec, OnError, StepSpec};
+use switchboard_handlers::{
+    EmitRequest, EventConditions, EventValue, Registry, StepError, StepInput, StepOutput,
+};
+use switchboard_rules::{AccountChains, ChainSpec, OnError, Selected, StepSpec, select_chains};
 use switchboard_sdk::{AccountKey, VumiApiEvent};
-
-use crate::executor::{Selected, select_chains};
 
 /// A sample event, with the step outputs and config a script test runs against.
 #[derive(Debug, Clone)]
@@ -182,12 +182,19 @@ pub async fn test_chains(
     event: &VumiApiEvent,
 ) -> Value {
     let event_value = EventValue::new(event);
-    let selected = select_chains(registry, event, &event_value, chains).await;
+    // The executor's own selection, so that the dry run shows what the
+    // dispatcher would do.
+    let runtime = registry.runtime();
+    let selected = runtime.run_sandboxed(|| {
+        select_chains(
+            chains,
+            event,
+            &mut EventConditions::new(runtime, event, &event_value),
+        )
+    });
     let mut chains_out = Vec::new();
     for candidate in chains.candidates(event) {
-        let considered = selected.iter().any(|s| match s {
-            Selected::Run(c) | Selected::ConditionFailed(c, _) => c.name == candidate.name,
-        });
+        let considered = selected.iter().any(|s| s.chain().name == candidate.name);
         if !considered {
             chains_out.push(json!({
                 "name": candidate.name,

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod dry_run;
 pub mod executor;
@@ -19,8 +20,8 @@ pub mod journal;
 pub mod metrics;
 pub mod outbound;
 pub mod ratelimit;
-pub mod records;
 pub mod runtime;
+pub mod trace;
 
 pub use config::Config;
 pub use runtime::{AppliedFile, Dispatcher, StartError};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::sms::SmsProvider;
-use switchboard_handlers::stores::{ContactStore, IdempotencyStore, MessageStore, SecretStore};
+use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore};
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
@@ -30,13 +30,13 @@ use crate::auth::{Auth, TokenStore};
 use crate::bus::partitions::Membership;
 use crate::bus::{Bus, BusError, Delivery, EmbeddedBus, NatsBus, Published};
 use crate::config::Config;
-use crate::executor::{Disposition, Executor};
+use crate::executor::{Disposition, Executor, ExecutorParts, Letters};
 use crate::inbound::Inbound;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbound::{LettreMail, NatsCommands, NoCommands, OutboundPolicy, ReqwestHttp};
 use crate::ratelimit::RateLimiter;
-use crate::records::{DeadLetters, Traces};
+use crate::trace::Traces;
 
 /// Why the dispatcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +80,8 @@ pub struct AppliedFile {
 /// A running dispatcher.
 #[derive(Debug)]
 pub struct Dispatcher {
-    executor: Arc<Executor>,
+    bus: Arc<dyn Bus>,
+    traces: Traces,
     store: Store,
     local_addr: SocketAddr,
     applied: Vec<AppliedFile>,
@@ -201,19 +202,17 @@ impl Dispatcher {
             .with_scripts(scripts),
         );
         let chains = Arc::new(ChainStore::open(store.clone())?);
-        let executor = Arc::new(Executor {
-            chains,
-            registry,
+        let journal = Journal::new(store.clone());
+        let traces = Traces::new(journal.clone(), config.delivery.trace_retention);
+        let executor = Arc::new(Executor::new(ExecutorParts {
+            chains: chains.clone(),
+            registry: registry.clone(),
             bus: bus.clone(),
-            traces: Traces::new(store.clone()),
-            dead_letters: DeadLetters::new(store.clone()),
-            journal: Journal::new(store.clone()),
-            idempotency: IdempotencyStore::new(store.clone()),
             store: store.clone(),
-            metrics,
+            metrics: metrics.clone(),
             limits: config.limits.clone(),
-            prefix,
-        });
+            prefix: prefix.clone(),
+        }));
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -244,7 +243,15 @@ impl Dispatcher {
         let app = router(ApiState {
             partitions: config.bus.replicated.then(|| owned.clone()),
             ready: ready.clone(),
-            executor: executor.clone(),
+            chains: chains.clone(),
+            registry: registry.clone(),
+            bus: bus.clone(),
+            store: store.clone(),
+            traces: traces.clone(),
+            letters: Letters::new(store.clone(), bus.clone()),
+            metrics: metrics.clone(),
+            max_event_bytes: config.limits.max_event_bytes,
+            prefix: prefix.clone(),
             contacts: ContactStore::new(store.clone()),
             messages: MessageStore::new(store.clone()),
             secrets: SecretStore::new(store.clone()),
@@ -258,8 +265,8 @@ impl Dispatcher {
             )),
             inbound: Arc::new(Inbound::new(
                 store.clone(),
-                executor.bus.clone(),
-                executor.metrics.clone(),
+                bus.clone(),
+                metrics.clone(),
                 &public_url,
                 twilio,
                 config.limits.max_event_bytes,
@@ -281,14 +288,15 @@ impl Dispatcher {
         // The API answers (`/readyz` says not ready) while a replica catches
         // up with the shared state and the chain files are applied.
         let rest = async {
-            follow_replicas(&store, &executor).await?;
+            follow_replicas(&store, &chains, &registry).await?;
+            migrate_journal(&store).await?;
             let membership = if config.bus.replicated {
                 Some(Membership::join(store.clone(), owned_tx)?)
             } else {
                 None
             };
             let applied = match chains_dir {
-                Some(dir) => apply_chain_dir(&executor.chains, &executor.registry, dir)?,
+                Some(dir) => apply_chain_dir(&chains, &registry, dir)?,
                 None => Vec::new(),
             };
             let deliveries = bus
@@ -305,7 +313,8 @@ impl Dispatcher {
             }
         };
         let consumer = tokio::spawn(consume(
-            executor.clone(),
+            executor,
+            bus.clone(),
             deliveries,
             config.limits.concurrency,
             bus.ack_wait().map(|w| w / 3),
@@ -313,15 +322,17 @@ impl Dispatcher {
             stopped,
         ));
         spawn_expiry(
-            executor.journal.clone(),
-            config.delivery.journal_retention,
-            executor.traces.clone(),
-            config.delivery.trace_retention,
+            journal,
+            config
+                .delivery
+                .journal_retention
+                .max(config.delivery.trace_retention),
         );
         ready.store(true, Ordering::SeqCst);
         tracing::info!(bus = bus.kind(), api = %local_addr, replicated = store.is_replicated(), "dispatcher started");
         Ok(Self {
-            executor,
+            bus,
+            traces,
             store,
             local_addr,
             applied,
@@ -354,14 +365,14 @@ impl Dispatcher {
         &self.store
     }
 
-    /// The executor (chains, traces, dead letters, metrics).
-    pub fn executor(&self) -> &Arc<Executor> {
-        &self.executor
+    /// Event traces.
+    pub fn traces(&self) -> &Traces {
+        &self.traces
     }
 
     /// Publishes an event on the dispatcher's bus.
     pub async fn publish(&self, event: &VumiApiEvent) -> Result<Published, BusError> {
-        self.executor.bus.publish(event).await
+        self.bus.publish(event).await
     }
 
     /// Stops pulling, lets in-flight events finish, flushes the store.
@@ -372,7 +383,7 @@ impl Dispatcher {
             membership.leave().await;
         }
         // The acks and naks of the last events must leave before we do.
-        if let Err(e) = self.executor.bus.flush().await {
+        if let Err(e) = self.bus.flush().await {
             tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
         }
         let _ = self.server.await;
@@ -383,39 +394,41 @@ impl Dispatcher {
     }
 }
 
-/// Expires old journal records and traces now and then, for as long as the
-/// process runs.
-fn spawn_expiry(
-    journal: Journal,
-    journal_retention: Duration,
-    traces: Traces,
-    trace_retention: Duration,
-) {
-    let every = (journal_retention.min(trace_retention) / 24)
-        .clamp(Duration::from_secs(10), Duration::from_secs(3600));
+/// Converts the journal records and traces an earlier release kept into
+/// the journal's appended records (once; later starts find nothing to do).
+async fn migrate_journal(store: &Store) -> Result<(), StartError> {
+    let copy = store.clone();
+    let migrated = tokio::task::spawn_blocking(move || crate::journal::legacy::migrate(&copy))
+        .await
+        .map_err(|e| StartError::Config(format!("converting the journal panicked: {e}")))??;
+    if migrated.records > 0 || migrated.orphans > 0 {
+        tracing::info!(
+            records = migrated.records,
+            dropped = migrated.orphans,
+            "converted the journal and traces of the earlier release (journal records without a \
+             trace, from passes cut short, were dropped)"
+        );
+    }
+    Ok(())
+}
+
+/// Expires old journal records (and with them their traces) now and
+/// then, for as long as the process runs. A sweep reads the whole journal,
+/// so it runs an eighth of the retention apart (at most every six hours):
+/// a record goes between one and one and an eighth retentions after its
+/// event was taken up.
+fn spawn_expiry(journal: Journal, retention: Duration) {
+    let every = (retention / 8).clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let (journal, traces) = (journal.clone(), traces.clone());
-            let expired = tokio::task::spawn_blocking(move || {
-                (
-                    journal.expire(journal_retention),
-                    traces.expire(trace_retention),
-                )
-            })
-            .await;
-            match expired {
-                Ok((journal, traces)) => {
-                    for (what, result) in [("journal records", journal), ("traces", traces)] {
-                        match result {
-                            Ok(0) => {}
-                            Ok(n) => tracing::debug!(removed = n, "expired {what}"),
-                            Err(e) => tracing::warn!(error = %e, "expiring {what} failed"),
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "expiring old records panicked"),
+            let journal = journal.clone();
+            match tokio::task::spawn_blocking(move || journal.expire(retention)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "expired journal records"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring journal records failed"),
+                Err(e) => tracing::warn!(error = %e, "expiring journal records panicked"),
             }
         }
     });
@@ -470,6 +483,7 @@ pub fn apply_chain_dir(
 
 async fn consume(
     executor: Arc<Executor>,
+    bus: Arc<dyn Bus>,
     mut deliveries: mpsc::Receiver<Delivery>,
     concurrency: usize,
     keepalive: Option<Duration>,
@@ -548,7 +562,7 @@ async fn consume(
     let _ = settler.await;
     released.sort_by_key(|d| d.seq);
     if !released.is_empty() {
-        executor.bus.quiesce().await;
+        bus.quiesce().await;
         tracing::info!(
             count = released.len(),
             "giving unhandled events back to the bus"
@@ -560,10 +574,10 @@ async fn consume(
         }
     }
     // Acks and naks are fire-and-forget: they leave before the hand-over.
-    if let Err(e) = executor.bus.flush().await {
+    if let Err(e) = bus.flush().await {
         tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
     }
-    executor.bus.hand_over().await;
+    bus.hand_over().await;
 }
 
 /// Handled deliveries waiting to be settled. Workers wait only when this
@@ -605,38 +619,44 @@ async fn settle_batches(
 /// In the replicated store: waits until this replica's copy of the shared
 /// state is caught up, then keeps its in-memory chains and compiled scripts
 /// in step with the changes other replicas make.
-async fn follow_replicas(store: &Store, executor: &Arc<Executor>) -> Result<(), StartError> {
+async fn follow_replicas(
+    store: &Store,
+    chains: &Arc<ChainStore>,
+    registry: &Arc<Registry>,
+) -> Result<(), StartError> {
     let Some(mut changes) = store.changes() else {
         return Ok(());
     };
     let started = Instant::now();
     tracing::info!("catching up with the shared state");
     store.caught_up().await;
-    let refresh_all = |executor: &Executor| -> Result<(), switchboard_rules::ChainStoreError> {
-        executor.chains.reload_all()?;
-        if let Some(scripts) = executor.registry.scripts() {
+    let refresh_all = |chains: &ChainStore,
+                       registry: &Registry|
+     -> Result<(), switchboard_rules::ChainStoreError> {
+        chains.reload_all()?;
+        if let Some(scripts) = registry.scripts() {
             scripts.forget_all();
         }
         Ok(())
     };
-    refresh_all(executor)?;
+    refresh_all(chains, registry)?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
-        accounts = executor.chains.accounts().len(),
+        accounts = chains.accounts().len(),
         "caught up with the shared state"
     );
-    let executor = executor.clone();
+    let (chains, registry) = (chains.clone(), registry.clone());
     tokio::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             match changes.recv().await {
-                Ok(change) => apply_change(&executor, &change),
+                Ok(change) => apply_change(&chains, &registry, &change),
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(
                         missed,
                         "too many shared-state changes at once: reloading every account's chains"
                     );
-                    if let Err(e) = refresh_all(&executor) {
+                    if let Err(e) = refresh_all(&chains, &registry) {
                         tracing::error!(error = %e, "reloading the chains failed");
                     }
                 }
@@ -648,7 +668,7 @@ async fn follow_replicas(store: &Store, executor: &Arc<Executor>) -> Result<(), 
 }
 
 /// Brings this replica's caches in step with one change another replica made.
-fn apply_change(executor: &Executor, change: &Change) {
+fn apply_change(chains: &ChainStore, registry: &Registry, change: &Change) {
     let mut parts = change.key.split(|b| *b == 0);
     let account = parts
         .next()
@@ -656,7 +676,7 @@ fn apply_change(executor: &Executor, change: &Change) {
         .and_then(|a| AccountKey::new(a).ok());
     let Some(account) = account else { return };
     match change.collection {
-        Collection::Chains => match executor.chains.reload(&account) {
+        Collection::Chains => match chains.reload(&account) {
             Ok(version) => tracing::info!(
                 %account, ?version, delay_ms = change.delay.as_millis() as u64,
                 "chains changed by another replica: now in use here"
@@ -667,7 +687,7 @@ fn apply_change(executor: &Executor, change: &Change) {
         },
         Collection::Scripts => {
             if let (Some(scripts), Some(name)) = (
-                executor.registry.scripts(),
+                registry.scripts(),
                 parts.next().and_then(|n| std::str::from_utf8(n).ok()),
             ) {
                 scripts.forget(&account, name);

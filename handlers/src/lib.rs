@@ -33,7 +33,8 @@ pub mod template;
 pub mod webhook;
 
 pub use script::{
-    ContactLookup, RhaiLimits, ScriptHandler, ScriptRuntime, ScriptStore, ScriptStoreError,
+    ContactLookup, EventConditions, INLINE_MAX_OPERATIONS, RhaiLimits, ScriptHandler,
+    ScriptRuntime, ScriptStore, ScriptStoreError,
 };
 pub use template::{EventValue, Scope, Templates};
 

@@ -12,7 +12,12 @@
 //! deadline) lives in a thread-local set before each call: the engine is
 //! shared, so the functions registered on it cannot capture a call's state,
 //! and cloning the engine per call would cost more than the call. Calls are
-//! synchronous; the async callers run them on tokio's blocking pool.
+//! synchronous. [`ScriptRuntime::run_sandboxed`] runs them where they are
+//! called, on the async worker, when the operation limit keeps them short
+//! (at most [`INLINE_MAX_OPERATIONS`]): handing a call of microseconds to
+//! another thread and back cost fifty times the call. Above that limit a
+//! call runs under `block_in_place`, so that a long one never holds up the
+//! other tasks of its worker thread.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -26,7 +31,7 @@ use rhai::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
-use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
 use crate::{EmitRequest, LogLine, StepError, StepOutput};
 
@@ -235,6 +240,12 @@ fn runtime_error(message: impl Into<String>) -> Box<EvalAltResult> {
     ))
 }
 
+/// Calls whose operation limit is at most this run inline on the async
+/// worker that makes them. At the roughly 50–150 ns an operation costs, a
+/// call that uses all 100,000 holds the thread for about 5–15 ms, and its
+/// wall-clock deadline (`rhai.timeout`) still ends it earlier if set so.
+pub const INLINE_MAX_OPERATIONS: u64 = 100_000;
+
 /// The Rhai engine with its sandbox, shared by every script and condition.
 pub struct ScriptRuntime {
     engine: Engine,
@@ -309,6 +320,21 @@ impl ScriptRuntime {
     /// The sandbox limits.
     pub fn limits(&self) -> &RhaiLimits {
         &self.limits
+    }
+
+    /// Runs `call` (a script call or conditions) from async code: inline
+    /// when the operation limit keeps it short (see
+    /// [`INLINE_MAX_OPERATIONS`]) or when the runtime has a single thread,
+    /// otherwise under `block_in_place`, which moves the worker's other
+    /// tasks to another thread while the call runs.
+    pub fn run_sandboxed<R>(&self, call: impl FnOnce() -> R) -> R {
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if self.limits.max_operations <= INLINE_MAX_OPERATIONS || !multi_threaded {
+            call()
+        } else {
+            tokio::task::block_in_place(call)
+        }
     }
 
     /// Compiles a handler script: it must parse and define `fn handle(event, steps, config)`.
@@ -580,6 +606,41 @@ impl ScriptRuntime {
 }
 
 /// The error that started it all, and the best position known for it.
+/// The `when` conditions of one event: each compiled once per text (and
+/// cached by the runtime), evaluated against the event converted once.
+#[derive(Debug)]
+pub struct EventConditions<'a> {
+    runtime: &'a ScriptRuntime,
+    event: &'a VumiApiEvent,
+    value: &'a crate::EventValue,
+}
+
+impl<'a> EventConditions<'a> {
+    /// The conditions of `event` (`value` is its conversion), run by `runtime`.
+    pub fn new(
+        runtime: &'a ScriptRuntime,
+        event: &'a VumiApiEvent,
+        value: &'a crate::EventValue,
+    ) -> Self {
+        Self {
+            runtime,
+            event,
+            value,
+        }
+    }
+}
+
+impl switchboard_rules::Conditions for EventConditions<'_> {
+    fn holds(&mut self, expr: &str) -> Result<bool, String> {
+        let ast = self
+            .runtime
+            .compile_condition(expr)
+            .map_err(|e| e.to_string())?;
+        self.runtime
+            .eval_condition(&ast, self.value.rhai(self.event))
+    }
+}
+
 fn innermost(e: &EvalAltResult) -> (&EvalAltResult, Position) {
     let mut current = e;
     let mut pos = e.position();

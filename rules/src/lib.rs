@@ -3,11 +3,13 @@
 //!
 //! This crate knows chains and how they match events. It runs no handler and
 //! opens no network connection: handler-specific checks come in through the
-//! [`StepCatalog`] trait, which the handlers crate implements.
+//! [`StepCatalog`] trait and `when` conditions through the [`Conditions`]
+//! trait, both of which the handlers crate implements.
 
 mod chain_store;
 mod matching;
 mod model;
+mod selection;
 mod validate;
 
 pub use chain_store::{ChainStore, ChainStoreError, ChainVersion};
@@ -15,6 +17,7 @@ pub use matching::{AccountChains, Routing};
 pub use model::{
     ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration,
 };
+pub use selection::{Conditions, Selected, select_chains};
 pub use validate::{
     ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
     parse_chain_file, toml_error_message, validate,

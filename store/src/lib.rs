@@ -32,8 +32,9 @@ pub enum Collection {
     BusQueue,
     /// Ids seen by the embedded bus inside its duplicate window: `{id}` → time.
     BusDedup,
-    /// Event traces: `{account}\0{event id}` → trace.
-    Traces,
+    /// Event traces as they were kept before they were derived from the
+    /// journal: `{account}\0{event id}` → trace. Read once, by the migration.
+    LegacyTraces,
     /// Dead letters: `{account}\0{dead-letter id}` → record.
     DeadLetters,
     /// Contacts: `{account}\0{contact key}` → contact.
@@ -50,10 +51,15 @@ pub enum Collection {
     Scripts,
     /// Every version of each script: `{account}\0{name}\0{version:BE u64}` → record.
     ScriptVersions,
-    /// The step journal: `{event id}` → what each chain did with the event so far.
+    /// The step journal: `{account}\0{event id}\0{sequence:BE u64}` → the
+    /// event's start time (BE u64 ms), a flag byte, and entries appended to
+    /// its record (JSON). The trace is derived from it.
     Journal,
-    /// Journal entries by age, for expiry: `{started:BE u64 ms}\0{event id}` → empty.
-    JournalTimes,
+    /// The journal as it was kept before it was appended to: `{event id}` →
+    /// record. Read once, by the migration.
+    LegacyJournal,
+    /// The legacy journal by age: `{started:BE u64 ms}\0{event id}` → empty.
+    LegacyJournalTimes,
     /// API tokens of accounts: `{sha-256 of the token}` → record (account, id,
     /// name, creation time). The token itself is never stored.
     Tokens,
@@ -67,8 +73,8 @@ pub enum Collection {
     InboundIndex,
     /// Inbound records that matched nothing: `{account}\0{id (UUID v7)}` → record.
     Unmatched,
-    /// Traces by age, for expiry: `{started:BE u64 ms}\0{account}\0{event id}` → empty.
-    TraceTimes,
+    /// Legacy traces by age: `{started:BE u64 ms}\0{account}\0{event id}` → empty.
+    LegacyTraceTimes,
     /// Dispatcher replicas sharing the bus (replicated backend): `{replica id}`
     /// → its latest heartbeat.
     Replicas,
@@ -76,12 +82,12 @@ pub enum Collection {
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 23] = [
+    pub const ALL: [Collection; 24] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
         Collection::BusDedup,
-        Collection::Traces,
+        Collection::LegacyTraces,
         Collection::DeadLetters,
         Collection::Contacts,
         Collection::ContactIndex,
@@ -91,14 +97,15 @@ impl Collection {
         Collection::Scripts,
         Collection::ScriptVersions,
         Collection::Journal,
-        Collection::JournalTimes,
+        Collection::LegacyJournal,
+        Collection::LegacyJournalTimes,
         Collection::Tokens,
         Collection::TokenIndex,
         Collection::MessageRemoteIds,
         Collection::InboundHooks,
         Collection::InboundIndex,
         Collection::Unmatched,
-        Collection::TraceTimes,
+        Collection::LegacyTraceTimes,
         Collection::Replicas,
     ];
 
@@ -109,7 +116,7 @@ impl Collection {
             Collection::ChainVersions => "chain_versions",
             Collection::BusQueue => "bus_queue",
             Collection::BusDedup => "bus_dedup",
-            Collection::Traces => "traces",
+            Collection::LegacyTraces => "traces",
             Collection::DeadLetters => "dead_letters",
             Collection::Contacts => "contacts",
             Collection::ContactIndex => "contact_index",
@@ -118,15 +125,16 @@ impl Collection {
             Collection::Idempotency => "idempotency",
             Collection::Scripts => "scripts",
             Collection::ScriptVersions => "script_versions",
-            Collection::Journal => "journal",
-            Collection::JournalTimes => "journal_times",
+            Collection::Journal => "event_journal",
+            Collection::LegacyJournal => "journal",
+            Collection::LegacyJournalTimes => "journal_times",
             Collection::Tokens => "tokens",
             Collection::TokenIndex => "token_index",
             Collection::MessageRemoteIds => "message_remote_ids",
             Collection::InboundHooks => "inbound_hooks",
             Collection::InboundIndex => "inbound_index",
             Collection::Unmatched => "unmatched",
-            Collection::TraceTimes => "trace_times",
+            Collection::LegacyTraceTimes => "trace_times",
             Collection::Replicas => "replicas",
         }
     }
@@ -138,8 +146,9 @@ impl Collection {
     }
 
     /// Whether removals from the collection are housekeeping: the expiry of
-    /// records kept for a while (journal, traces, idempotency keys, replica
-    /// heartbeats). In the replicated backend their delete markers are
+    /// records kept for a while (journal, idempotency keys, replica
+    /// heartbeats; the legacy journal and traces, which the migration
+    /// empties). In the replicated backend their delete markers are
     /// dropped after [`MARKER_TTL`] instead of kept for ever; a replica whose
     /// copy missed one still holds the expired record, and its own expiry
     /// sweep removes it again.
@@ -147,9 +156,10 @@ impl Collection {
         matches!(
             self,
             Collection::Journal
-                | Collection::JournalTimes
-                | Collection::Traces
-                | Collection::TraceTimes
+                | Collection::LegacyJournal
+                | Collection::LegacyJournalTimes
+                | Collection::LegacyTraces
+                | Collection::LegacyTraceTimes
                 | Collection::Idempotency
                 | Collection::Replicas
         )

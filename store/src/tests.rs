@@ -3,21 +3,21 @@ use super::*;
 #[test]
 fn put_get_scan_remove() {
     let s = Store::temporary().unwrap();
-    s.put(Collection::Traces, &key(&[b"acme", b"2"]), b"two")
+    s.put(Collection::Contacts, &key(&[b"acme", b"2"]), b"two")
         .unwrap();
-    s.put(Collection::Traces, &key(&[b"acme", b"1"]), b"one")
+    s.put(Collection::Contacts, &key(&[b"acme", b"1"]), b"one")
         .unwrap();
-    s.put(Collection::Traces, &key(&[b"acmex", b"1"]), b"other")
+    s.put(Collection::Contacts, &key(&[b"acmex", b"1"]), b"other")
         .unwrap();
     assert_eq!(
-        s.get(Collection::Traces, &key(&[b"acme", b"1"]))
+        s.get(Collection::Contacts, &key(&[b"acme", b"1"]))
             .unwrap()
             .as_deref(),
         Some(&b"one"[..])
     );
     let prefix = key(&[b"acme", b""]);
     let values: Vec<_> = s
-        .scan_prefix(Collection::Traces, &prefix)
+        .scan_prefix(Collection::Contacts, &prefix)
         .unwrap()
         .into_iter()
         .map(|(_, v)| v)
@@ -30,13 +30,13 @@ fn put_get_scan_remove() {
         None
     );
     assert_eq!(
-        s.remove(Collection::Traces, &key(&[b"acme", b"1"]))
+        s.remove(Collection::Contacts, &key(&[b"acme", b"1"]))
             .unwrap()
             .as_deref(),
         Some(&b"one"[..])
     );
     assert!(
-        !s.contains(Collection::Traces, &key(&[b"acme", b"1"]))
+        !s.contains(Collection::Contacts, &key(&[b"acme", b"1"]))
             .unwrap()
     );
 }
@@ -107,35 +107,35 @@ fn data_survives_reopening() {
 #[test]
 fn writes_in_order_apply_puts_and_removals_one_after_another() {
     let s = Store::temporary().unwrap();
-    s.put(Collection::TraceTimes, b"stale", b"").unwrap();
+    s.put(Collection::ContactIndex, b"stale", b"").unwrap();
     s.write_in_order(&[
         Write {
-            collection: Collection::TraceTimes,
+            collection: Collection::ContactIndex,
             key: b"index".to_vec(),
             value: Some(Vec::new()),
         },
         Write {
-            collection: Collection::Traces,
+            collection: Collection::Contacts,
             key: b"record".to_vec(),
             value: Some(b"first".to_vec()),
         },
         // A later write of the same key wins.
         Write {
-            collection: Collection::Traces,
+            collection: Collection::Contacts,
             key: b"record".to_vec(),
             value: Some(b"second".to_vec()),
         },
         Write {
-            collection: Collection::TraceTimes,
+            collection: Collection::ContactIndex,
             key: b"stale".to_vec(),
             value: None,
         },
     ])
     .unwrap();
-    assert!(s.contains(Collection::TraceTimes, b"index").unwrap());
-    assert!(!s.contains(Collection::TraceTimes, b"stale").unwrap());
+    assert!(s.contains(Collection::ContactIndex, b"index").unwrap());
+    assert!(!s.contains(Collection::ContactIndex, b"stale").unwrap());
     assert_eq!(
-        s.get(Collection::Traces, b"record").unwrap().as_deref(),
+        s.get(Collection::Contacts, b"record").unwrap().as_deref(),
         Some(&b"second"[..])
     );
 }

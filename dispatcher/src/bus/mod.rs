@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
 
-use crate::records::DeadLetter;
+use crate::dead_letters::DeadLetter;
 use tokio::sync::{mpsc, watch};
 
 pub mod embedded;

@@ -23,7 +23,7 @@ use super::pull::{
     pull_single, send_all, unpin_if_held,
 };
 use super::{Bus, BusError, Delivery, Published};
-use crate::records::DeadLetter;
+use crate::dead_letters::DeadLetter;
 
 /// The durable consumer of a dispatcher that does not share the bus.
 pub const CONSUMER: &str = "switchboard";

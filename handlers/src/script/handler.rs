@@ -44,31 +44,26 @@ impl ScriptHandler {
         let event = input.event_value.rhai(input.event).flatten_clone();
         let steps = ScriptRuntime::to_dynamic(input.steps);
         let config: Dynamic = ScriptRuntime::to_dynamic(&config);
-        let runtime = self.scripts.runtime().clone();
-        let account = account.clone();
+        let runtime = self.scripts.runtime();
+        let label = ScriptLabel {
+            name: &compiled.name,
+            version: compiled.version,
+        };
         let conversation = (
-            input.event.conversation_type.clone(),
-            input.event.conversation_key.clone(),
+            &input.event.conversation_type,
+            &input.event.conversation_key,
         );
-        // Scripts run on the blocking pool: a slow one (up to its deadline)
-        // never holds up the async workers.
-        tokio::task::spawn_blocking(move || {
-            let label = ScriptLabel {
-                name: &compiled.name,
-                version: compiled.version,
-            };
+        Ok(runtime.run_sandboxed(|| {
             runtime.call_handle(
                 label,
                 &compiled.ast,
-                &account,
-                (&conversation.0, &conversation.1),
+                account,
+                conversation,
                 event,
                 steps,
                 config,
             )
-        })
-        .await
-        .map_err(|e| StepError::permanent(format!("script {name}: the call panicked: {e}")))
+        }))
     }
 }
 

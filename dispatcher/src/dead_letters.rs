@@ -1,0 +1,187 @@
+//! Dead letters: what could not be handled, and why, kept per account until
+//! an operator replays or discards it.
+
+use serde::{Deserialize, Serialize};
+use switchboard_sdk::VumiApiEvent;
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+use time::OffsetDateTime;
+
+/// Why an event went to dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadReason {
+    /// Not an event: bad JSON, a schema violation, too large.
+    Poison,
+    /// Deeper than the lineage limit (usually a chain that triggers itself).
+    DepthLimit,
+    /// A step failed permanently, or ran out of retries.
+    StepFailed,
+}
+
+/// The account poison is filed under when the subject names no valid account.
+/// `~` is outside the account-key alphabet, so no real account can be called this.
+pub const UNKNOWN_ACCOUNT: &str = "~unknown";
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The dead letter's own id.
+    pub id: String,
+    /// The account (from the event, or from the subject for poison).
+    pub account_key: String,
+    /// Why.
+    pub reason: DeadReason,
+    /// The error, in words.
+    pub error: String,
+    /// The subject the payload arrived on.
+    pub subject: Option<String>,
+    /// The event, when it could be decoded.
+    pub event: Option<VumiApiEvent>,
+    /// The raw payload, when it could not be (lossy UTF-8).
+    pub payload: Option<String>,
+    /// The chain that failed.
+    pub chain: Option<String>,
+    /// The step that failed.
+    pub step: Option<String>,
+    /// Attempts made at the failed step.
+    pub attempts: u32,
+    /// When it was filed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// `dead`, or `replaying` once a replay has put the event back on the bus.
+    #[serde(default)]
+    pub status: LetterStatus,
+}
+
+/// Where a dead letter stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LetterStatus {
+    /// Waiting for an operator.
+    #[default]
+    Dead,
+    /// Replayed: the event is back on the bus. A replay that fails again files
+    /// the letter again (same id); one that succeeds removes it.
+    Replaying,
+}
+
+impl DeadLetter {
+    /// A new dead letter of `reason`, filed now.
+    pub fn new(account_key: &str, reason: DeadReason, error: impl Into<String>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_key: account_key.to_string(),
+            reason,
+            error: error.into(),
+            subject: None,
+            event: None,
+            payload: None,
+            chain: None,
+            step: None,
+            attempts: 0,
+            at: switchboard_sdk::now(),
+            status: LetterStatus::Dead,
+        }
+    }
+
+    /// A dead letter for `event`, failed at `(chain, step)`. Its id derives
+    /// from those and sorts by the event's time, so filing the same failure
+    /// again (after a crash, or a replay that fails again) replaces the letter
+    /// instead of adding one.
+    pub fn for_event(
+        event: &VumiApiEvent,
+        reason: DeadReason,
+        chain: Option<&str>,
+        step: Option<&str>,
+        error: impl Into<String>,
+    ) -> Self {
+        let name = format!(
+            "{}\0{}\0{}",
+            event.id,
+            chain.unwrap_or(""),
+            step.unwrap_or("")
+        );
+        let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&hash.as_bytes()[6..]);
+        let millis = (event.occurred_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+        let mut letter = Self::new(event.account_key.as_str(), reason, error);
+        letter.id = id.to_string();
+        letter.event = Some(event.clone());
+        letter.chain = chain.map(str::to_string);
+        letter.step = step.map(str::to_string);
+        letter
+    }
+}
+
+/// Dead letters by (account, id), in filing order.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: Store,
+}
+
+impl DeadLetters {
+    /// Dead letters kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Files a dead letter.
+    pub fn put(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        self.store.write_atomically(&[Self::write(letter)])
+    }
+
+    /// The write that files `letter`, for a batch.
+    pub fn write(letter: &DeadLetter) -> Write {
+        Write {
+            collection: Collection::DeadLetters,
+            key: key(&[letter.account_key.as_bytes(), letter.id.as_bytes()]),
+            value: Some(serde_json::to_vec(letter).expect("a dead letter serialises")),
+        }
+    }
+
+    /// The write that removes dead letter `id` of `account`, for a batch.
+    pub fn removal(account: &str, id: &str) -> Write {
+        Write {
+            collection: Collection::DeadLetters,
+            key: key(&[account.as_bytes(), id.as_bytes()]),
+            value: None,
+        }
+    }
+
+    /// Every dead letter of `account`, oldest first.
+    pub fn all(&self, account: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix(Collection::DeadLetters, &key(&[account.as_bytes(), b""]))?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
+    }
+
+    /// The newest `limit` dead letters of `account`, newest first.
+    pub fn list(&self, account: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .scan_prefix_rev(
+                Collection::DeadLetters,
+                &key(&[account.as_bytes(), b""]),
+                limit,
+            )?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
+    }
+
+    /// One dead letter of `account`.
+    pub fn get(&self, account: &str, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        Ok(self
+            .store
+            .get(
+                Collection::DeadLetters,
+                &key(&[account.as_bytes(), id.as_bytes()]),
+            )?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+}

@@ -1,0 +1,655 @@
+//! The chain executor: takes one event from the bus to its end.
+//!
+//! Decode and validate (poison goes to dead letters, [`decode`]); admit it
+//! or not (expired, too deep: [`policy::admit`]); select the chains it runs
+//! (`switchboard_rules::select_chains`, conditions evaluated inline by the
+//! Rhai runtime); run each chain's steps in order, each seeing the earlier
+//! steps' outputs ([`step`]); publish the events the steps emitted, with ids
+//! derived from (parent, chain, step, index). Then the caller acks, once
+//! what was written is durable.
+//!
+//! Everything a pass does goes into the event's [journal](crate::journal)
+//! record, from which a redelivered event resumes after its last finished
+//! step and from which its trace is derived. How soon each entry is written
+//! and made durable is [`policy::recording`]'s call, and [`pass`] keeps
+//! count. A step that fails in a way worth trying again is not waited for
+//! here: the event goes back to the bus with the delay
+//! ([`Disposition::Retry`]) and resumes at that step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use switchboard_handlers::stores::IdempotencyStore;
+use switchboard_handlers::{EventConditions, EventValue, Registry};
+use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
+use switchboard_sdk::VumiApiEvent;
+use switchboard_store::{Store, StoreError, WriteMark};
+
+use crate::bus::{Bus, BusError};
+use crate::config::LimitsConfig;
+use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
+use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
+use crate::metrics::{Metrics, Outcome};
+use crate::trace::TraceStatus;
+
+mod decode;
+mod letters;
+mod pass;
+mod policy;
+mod step;
+
+pub use letters::{LetterError, Letters};
+
+use pass::Pass;
+use step::{Attempt, StepContext, Steps};
+
+/// What the bus should do with a delivery once the executor is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Handled (or filed as dead, expired, unrouted): ack it once the store
+    /// is flushed, so that what was written about the event (its journal
+    /// record, a dead letter) survives a crash before the bus forgets it.
+    Ack,
+    /// Not finished (a step is to be tried again, or the store or bus
+    /// failed): deliver it again after the delay.
+    Retry(Duration),
+}
+
+/// The event-type label of what could not be decoded.
+const UNKNOWN_EVENT_TYPE: &str = "~unknown";
+
+/// How long to wait before handling an event again after the store or the
+/// bus failed under it.
+const INFRA_RETRY: Duration = Duration::from_secs(1);
+
+/// What an executor is made of.
+#[derive(Debug)]
+pub struct ExecutorParts {
+    /// Every account's chains.
+    pub chains: Arc<ChainStore>,
+    /// The handlers.
+    pub registry: Arc<Registry>,
+    /// Where emitted events and dead letters go.
+    pub bus: Arc<dyn Bus>,
+    /// The store under the journal, dead letters and idempotency keys.
+    pub store: Store,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// The bus's subject prefix.
+    pub prefix: String,
+}
+
+/// Runs chains.
+#[derive(Debug)]
+pub struct Executor {
+    chains: Arc<ChainStore>,
+    registry: Arc<Registry>,
+    bus: Arc<dyn Bus>,
+    journal: Journal,
+    dead_letters: DeadLetters,
+    idempotency: IdempotencyStore,
+    store: Store,
+    metrics: Arc<Metrics>,
+    limits: LimitsConfig,
+    prefix: String,
+}
+
+/// Why handling could not finish: the store or the bus failed. The event is
+/// handled again later; nothing that finished is lost or repeated.
+#[derive(Debug, thiserror::Error)]
+enum Interrupted {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl Executor {
+    /// An executor of `parts`.
+    pub fn new(parts: ExecutorParts) -> Self {
+        Self {
+            journal: Journal::new(parts.store.clone()),
+            dead_letters: DeadLetters::new(parts.store.clone()),
+            idempotency: IdempotencyStore::new(parts.store.clone()),
+            chains: parts.chains,
+            registry: parts.registry,
+            bus: parts.bus,
+            store: parts.store,
+            metrics: parts.metrics,
+            limits: parts.limits,
+            prefix: parts.prefix,
+        }
+    }
+
+    /// Makes what was recorded about settled events durable (one flush
+    /// covers every caller waiting at the time), before their acks.
+    pub async fn make_durable(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    /// Decodes a payload taken from `subject`. Poison — bad JSON, a schema
+    /// violation, an oversize payload, an event on the wrong subject — is filed
+    /// in dead letters with the reason, and `Err` is returned with the
+    /// disposition: ack it once the letter is durable, or try again if it
+    /// could not be filed. `first` says whether this is the message's first
+    /// delivery: only those count as received.
+    pub async fn decode(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        first: bool,
+    ) -> Result<VumiApiEvent, Disposition> {
+        match decode::decode(subject, payload, &self.prefix, self.limits.max_event_bytes) {
+            Ok(event) => {
+                if first {
+                    self.metrics.count(
+                        Outcome::Received,
+                        event.account_key.as_str(),
+                        event.event_type.as_str(),
+                    );
+                }
+                Ok(event)
+            }
+            Err(letter) => {
+                if first {
+                    self.metrics
+                        .count(Outcome::Received, &letter.account_key, UNKNOWN_EVENT_TYPE);
+                }
+                tracing::warn!(subject, account = letter.account_key, error = %letter.error,
+                    "poison message: filed in dead letters");
+                match self.file_dead_letter(&letter).await {
+                    Ok(()) => Err(Disposition::Ack),
+                    Err(e) => {
+                        tracing::error!(error = %e, subject, "filing a poison message failed; it will be tried again");
+                        Err(Disposition::Retry(INFRA_RETRY))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Files a dead letter that no journal refers to, and announces it on the bus.
+    async fn file_dead_letter(&self, letter: &DeadLetter) -> Result<(), Interrupted> {
+        self.dead_letters.put(letter)?;
+        self.metrics.count(
+            Outcome::DeadLettered,
+            &letter.account_key,
+            letter
+                .event
+                .as_ref()
+                .map_or(UNKNOWN_EVENT_TYPE, |e| e.event_type.as_str()),
+        );
+        self.bus.announce_dead_letter(letter).await?;
+        Ok(())
+    }
+
+    /// Handles one decoded event. `earlier` is the worker's last outside
+    /// effect whose record may not be durable yet (its event was handed to
+    /// be acked after a flush): this event's first outside step waits for it,
+    /// so that a crash repeats at most one outside effect per worker. It is
+    /// updated for the worker's next event.
+    pub async fn handle(
+        &self,
+        event: &VumiApiEvent,
+        earlier: &mut Option<WriteMark>,
+    ) -> Disposition {
+        match self.try_handle(event, earlier).await {
+            Ok(disposition) => disposition,
+            Err(e) => {
+                // The pass may have left an outside step's record unflushed:
+                // the worker's next outside step waits for it.
+                *earlier = Some(self.store.mark());
+                tracing::warn!(account = %event.account_key, event_id = %event.id, error = %e,
+                    "handling interrupted; the event will be handled again, resuming after its last finished step");
+                Disposition::Retry(INFRA_RETRY)
+            }
+        }
+    }
+
+    async fn try_handle(
+        &self,
+        event: &VumiApiEvent,
+        earlier: &mut Option<WriteMark>,
+    ) -> Result<Disposition, Interrupted> {
+        let account = event.account_key.as_str();
+        let loaded = self.journal.load(&crate::journal::RecordKey::new(
+            &event.account_key,
+            &event.id,
+        ))?;
+        let started = loaded
+            .as_ref()
+            .is_some_and(|j| j.chains.iter().any(ChainJournal::ran));
+        let mut pass = Pass::new(event, loaded, earlier.take());
+        let lineage = policy::Lineage {
+            expires_at: event.expires_at,
+            depth: event.depth,
+            root_id: &event.root_id,
+            event_type: event.event_type.as_str(),
+        };
+        match policy::admit(
+            lineage,
+            started,
+            switchboard_sdk::now(),
+            self.limits.max_depth,
+        ) {
+            policy::Admission::Handle => {}
+            policy::Admission::Expired => {
+                self.metrics
+                    .count(Outcome::Expired, account, event.event_type.as_str());
+                tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
+                return self.finish(pass, TraceStatus::Expired);
+            }
+            policy::Admission::TooDeep(error) => {
+                tracing::warn!(account, event_id = %event.id, %error, "depth limit: filed in dead letters");
+                let letter =
+                    DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
+                self.file_dead_letter(&letter).await?;
+                return self.finish(pass, TraceStatus::Dead);
+            }
+        }
+
+        let Some(account_chains) = self.chains.lookup(&event.account_key) else {
+            return self.unrouted(pass, event, "the account has no chains");
+        };
+        let event_value = EventValue::new(event);
+        let runtime = self.registry.runtime();
+        let selected = runtime.run_sandboxed(|| {
+            select_chains(
+                &account_chains,
+                event,
+                &mut EventConditions::new(runtime, event, &event_value),
+            )
+        });
+        if selected.is_empty() {
+            return self.unrouted(
+                pass,
+                event,
+                "no chain matches (or no chain's `when` holds) and the account has no default chain",
+            );
+        }
+
+        let mut retry_in: Option<Duration> = None;
+        let mut dead = false;
+        let mut ran = Vec::with_capacity(selected.len());
+        for selection in selected {
+            match selection {
+                Selected::Run(chain) => {
+                    let delay = self
+                        .run_chain(event, &event_value, chain, &account_chains, &mut pass)
+                        .await?;
+                    if let Some(delay) = delay {
+                        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                    }
+                    dead |= pass
+                        .journal
+                        .chain(&chain.name)
+                        .is_some_and(|c| matches!(c.end, Some(ChainEnd::Dead { .. })));
+                    ran.push(chain.name.as_str());
+                }
+                Selected::ConditionFailed(chain, error) => {
+                    // The condition is evaluated again on a redelivery, and
+                    // the letter's id is the same each time.
+                    tracing::warn!(account, event_id = %event.id, chain = chain.name, %error,
+                        "condition failed: filed in dead letters");
+                    let mut letter = DeadLetter::for_event(
+                        event,
+                        DeadReason::StepFailed,
+                        Some(&chain.name),
+                        Some("when"),
+                        format!("the chain's `when` condition failed to evaluate: {error}"),
+                    );
+                    letter.attempts = 1;
+                    self.file_dead_letter(&letter).await?;
+                    pass.record(Entry::Condition {
+                        chain: chain.name.clone(),
+                        version: account_chains.version(),
+                        error,
+                    });
+                    dead = true;
+                }
+            }
+        }
+
+        // What the finished steps emitted goes on the bus: at every pass, so
+        // that children do not wait for a sibling chain's retry.
+        if let Err(e) = self.publish_children(event, &mut pass, &ran).await {
+            pass.write(&self.journal, &self.store)?;
+            return Err(e);
+        }
+        let status = if retry_in.is_some() {
+            TraceStatus::Running
+        } else if dead {
+            TraceStatus::Dead
+        } else {
+            self.metrics
+                .count(Outcome::Handled, account, event.event_type.as_str());
+            TraceStatus::Done
+        };
+        *earlier = pass.earlier_for_next(&self.store);
+        match retry_in {
+            Some(delay) => {
+                pass.record(Entry::Finish {
+                    status,
+                    finished_ms: None,
+                });
+                pass.write(&self.journal, &self.store)?;
+                Ok(Disposition::Retry(delay))
+            }
+            None => self.finish(pass, status),
+        }
+    }
+
+    fn unrouted(
+        &self,
+        pass: Pass,
+        event: &VumiApiEvent,
+        why: &str,
+    ) -> Result<Disposition, Interrupted> {
+        let account = event.account_key.as_str();
+        self.metrics
+            .count(Outcome::Unrouted, account, event.event_type.as_str());
+        tracing::info!(
+            account,
+            event_id = %event.id,
+            conversation_type = %event.conversation_type,
+            event_type = %event.event_type,
+            "unrouted event: {why}"
+        );
+        self.finish(pass, TraceStatus::Unrouted)
+    }
+
+    /// Ends the pass: its last write, which the ack waits to be flushed.
+    fn finish(&self, mut pass: Pass, status: TraceStatus) -> Result<Disposition, Interrupted> {
+        pass.record(Entry::Finish {
+            status,
+            finished_ms: Some(crate::journal::now_ms()),
+        });
+        pass.write(&self.journal, &self.store)?;
+        Ok(Disposition::Ack)
+    }
+
+    /// Publishes the children of finished steps of the chains `ran` that
+    /// are not on the bus yet, and records that they are.
+    async fn publish_children(
+        &self,
+        event: &VumiApiEvent,
+        pass: &mut Pass,
+        ran: &[&str],
+    ) -> Result<(), Interrupted> {
+        let mut published = Vec::new();
+        let mut result = Ok(());
+        'chains: for chain in pass
+            .journal
+            .chains
+            .iter()
+            .filter(|c| ran.contains(&c.name.as_str()))
+        {
+            for (i, step) in chain.steps.iter().enumerate() {
+                if step.published {
+                    continue;
+                }
+                for child in &step.children {
+                    if let Err(e) = self.bus.publish(child).await {
+                        tracing::warn!(account = %event.account_key, event_id = %event.id, child = %child.id,
+                            error = %e, "publishing an emitted event failed");
+                        result = Err(e.into());
+                        break 'chains;
+                    }
+                }
+                published.push((chain.name.clone(), i));
+            }
+        }
+        for (chain, step) in published {
+            pass.record(Entry::Published { chain, step });
+        }
+        result
+    }
+
+    /// Runs `chain` from where the journal says it stopped. Returns the
+    /// delay after which a failed step is to be tried again, if one is.
+    async fn run_chain(
+        &self,
+        event: &VumiApiEvent,
+        event_value: &EventValue,
+        chain: &ChainSpec,
+        chains: &AccountChains,
+        pass: &mut Pass,
+    ) -> Result<Option<Duration>, Interrupted> {
+        let version = chains.version();
+        let record = pass.journal.chain_mut(&chain.name, version);
+        match &record.end {
+            Some(ChainEnd::Done | ChainEnd::Discarded) => return Ok(None),
+            Some(ChainEnd::Dead { letter, .. }) => {
+                // Filed by an earlier pass; make sure it was announced.
+                if !record.announced
+                    && let Some(letter) =
+                        self.dead_letters.get(event.account_key.as_str(), letter)?
+                {
+                    self.bus.announce_dead_letter(&letter).await?;
+                    pass.record(Entry::Announced {
+                        chain: chain.name.clone(),
+                    });
+                }
+                return Ok(None);
+            }
+            None => {}
+        }
+        let mut outputs: Map<String, Value> = record
+            .steps
+            .iter()
+            .filter_map(|r| {
+                let output = r.trace.output.clone()?;
+                Some((r.trace.name.clone(), Value::Object(output)))
+            })
+            .collect();
+        let start = record.steps.len();
+        let steps = Steps {
+            registry: &self.registry,
+            idempotency: &self.idempotency,
+            metrics: &self.metrics,
+            max_event_bytes: self.limits.max_event_bytes,
+        };
+        for (i, step) in chain.steps.iter().enumerate().skip(start) {
+            let name = step.step_name();
+            let effects = self
+                .registry
+                .get(&step.handler)
+                .map_or(switchboard_handlers::Effects::None, |h| h.effects());
+            if policy::flush_before(effects, pass.awaits_flush(&self.store)) {
+                self.store.flush().await?;
+                pass.flushed();
+            }
+            let prior = pass
+                .journal
+                .chain_mut(&chain.name, version)
+                .retry
+                .take()
+                .filter(|r| r.step == name)
+                .map(|r| r.trace);
+            let cx = StepContext {
+                event,
+                event_value,
+                chain,
+                outputs: &outputs,
+            };
+            match steps.attempt(&cx, step, prior).await {
+                Attempt::Done {
+                    record,
+                    stop,
+                    idempotency_key,
+                    effects,
+                } => {
+                    if let Some(output) = &record.trace.output {
+                        outputs.insert(name.to_string(), Value::Object(output.clone()));
+                    }
+                    pass.record(Entry::Step {
+                        chain: chain.name.clone(),
+                        version,
+                        record: Box::new(record),
+                    });
+                    let recording = policy::recording(effects, idempotency_key.is_some());
+                    pass.step_recorded(recording, &self.journal, &self.store)?;
+                    if let Some(key) = idempotency_key {
+                        self.idempotency
+                            .record(&event.account_key, &chain.name, name, &key)?;
+                    }
+                    if stop {
+                        self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
+                        return Ok(None);
+                    }
+                }
+                Attempt::Retry { delay, pending } => {
+                    tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
+                        step = name, attempt = pending.trace.attempts, delay_ms = delay.as_millis() as u64,
+                        error = pending.trace.error.as_deref().unwrap_or(""), "step failed; retrying");
+                    self.metrics.count(
+                        Outcome::Retried,
+                        event.account_key.as_str(),
+                        event.event_type.as_str(),
+                    );
+                    pass.record(Entry::Retry {
+                        chain: chain.name.clone(),
+                        version,
+                        pending: Box::new(pending),
+                    });
+                    return Ok(Some(delay));
+                }
+                Attempt::Continue { trace, effects } => {
+                    tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
+                        step = name, error = trace.error.as_deref().unwrap_or(""),
+                        "step failed; on_error = \"continue\"");
+                    pass.record(Entry::Step {
+                        chain: chain.name.clone(),
+                        version,
+                        record: Box::new(crate::journal::StepRecord {
+                            trace,
+                            children: Vec::new(),
+                            published: true,
+                        }),
+                    });
+                    pass.step_recorded(
+                        policy::recording(effects, false),
+                        &self.journal,
+                        &self.store,
+                    )?;
+                }
+                Attempt::Failed { trace, message } => {
+                    tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
+                        step = name, error = %message, "step failed: filed in dead letters");
+                    let mut letter = DeadLetter::for_event(
+                        event,
+                        DeadReason::StepFailed,
+                        Some(&chain.name),
+                        Some(name),
+                        message,
+                    );
+                    letter.attempts = trace.attempts;
+                    let end = ChainEnd::Dead {
+                        letter: letter.id.clone(),
+                        step: name.to_string(),
+                        trace,
+                    };
+                    self.file_chain_letter(event, pass, chain, version, &letter, end, i + 1)
+                        .await?;
+                    return Ok(None);
+                }
+            }
+        }
+        self.end_chain(
+            event,
+            pass,
+            chain,
+            version,
+            ChainEnd::Done,
+            chain.steps.len(),
+        )?;
+        Ok(None)
+    }
+
+    /// Records that `chain` ended with its steps from `next` on not run. A
+    /// dead letter it was replayed from goes, in one write with the record;
+    /// otherwise the entry waits for the pass's last write.
+    fn end_chain(
+        &self,
+        event: &VumiApiEvent,
+        pass: &mut Pass,
+        chain: &ChainSpec,
+        version: u64,
+        end: ChainEnd,
+        next: usize,
+    ) -> Result<(), StoreError> {
+        let replayed = pass
+            .journal
+            .chain(&chain.name)
+            .and_then(|c| c.replaying.clone());
+        pass.record(Entry::End {
+            chain: chain.name.clone(),
+            version,
+            end: Box::new(end),
+            unrun: unrun(chain, next),
+        });
+        let Some(replayed) = replayed else {
+            return Ok(());
+        };
+        let mut writes: Vec<_> = pass.take_write(&self.journal)?.into_iter().collect();
+        writes.push(DeadLetters::removal(event.account_key.as_str(), &replayed));
+        self.store.write_atomically(&writes)
+    }
+
+    /// Files the dead letter of a chain's failed step together with the
+    /// chain's end, then announces it.
+    #[allow(clippy::too_many_arguments)]
+    async fn file_chain_letter(
+        &self,
+        event: &VumiApiEvent,
+        pass: &mut Pass,
+        chain: &ChainSpec,
+        version: u64,
+        letter: &DeadLetter,
+        end: ChainEnd,
+        next: usize,
+    ) -> Result<(), Interrupted> {
+        let replayed = pass
+            .journal
+            .chain(&chain.name)
+            .and_then(|c| c.replaying.clone());
+        pass.record(Entry::End {
+            chain: chain.name.clone(),
+            version,
+            end: Box::new(end),
+            unrun: unrun(chain, next),
+        });
+        let mut writes: Vec<_> = pass.take_write(&self.journal)?.into_iter().collect();
+        writes.push(DeadLetters::write(letter));
+        if let Some(id) = replayed.filter(|id| *id != letter.id) {
+            writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
+        }
+        self.store.write_atomically(&writes)?;
+        self.metrics.count(
+            Outcome::DeadLettered,
+            event.account_key.as_str(),
+            event.event_type.as_str(),
+        );
+        self.bus.announce_dead_letter(letter).await?;
+        pass.record(Entry::Announced {
+            chain: chain.name.clone(),
+        });
+        Ok(())
+    }
+}
+
+/// The steps of `chain` from `next` on, which it did not run.
+fn unrun(chain: &ChainSpec, next: usize) -> Vec<StepName> {
+    chain
+        .steps
+        .iter()
+        .skip(next)
+        .map(|s| StepName {
+            name: s.step_name().to_string(),
+            handler: s.handler.clone(),
+        })
+        .collect()
+}

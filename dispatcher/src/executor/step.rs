@@ -1,0 +1,305 @@
+//! One attempt at one step: its idempotency key, the handler's call, the
+//! events it emits turned into children with derived ids, and what the
+//! attempt leads to (by the [policy](super::policy)).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use switchboard_handlers::stores::IdempotencyStore;
+use switchboard_handlers::{
+    Effects, EventValue, LogLine, Registry, StepError, StepInput, StepOutput,
+};
+use switchboard_rules::{ChainSpec, StepSpec};
+use switchboard_sdk::{EventId, VumiApiEvent};
+
+use super::policy::{self, Failure, Verdict};
+use crate::journal::{PendingRetry, StepRecord};
+use crate::metrics::{Metrics, StepResult};
+use crate::trace::{StepOutcome, StepTrace};
+
+/// What an attempt at a step came to.
+pub(super) enum Attempt {
+    /// It finished: succeeded, or was skipped by its idempotency key.
+    Done {
+        record: StepRecord,
+        stop: bool,
+        /// Its rendered idempotency key, to record once the step is.
+        idempotency_key: Option<String>,
+        /// What it changed besides its output.
+        effects: Effects,
+    },
+    /// It failed and is worth trying again after `delay`.
+    Retry {
+        delay: Duration,
+        pending: PendingRetry,
+    },
+    /// It failed for good (or ran out of attempts) under `on_error = "continue"`.
+    Continue { trace: StepTrace, effects: Effects },
+    /// It failed for good: the chain ends in dead letters.
+    Failed { trace: StepTrace, message: String },
+}
+
+/// Runs steps: the handlers, their idempotency keys, the step metrics.
+#[derive(Debug)]
+pub(super) struct Steps<'a> {
+    pub registry: &'a Registry,
+    pub idempotency: &'a IdempotencyStore,
+    pub metrics: &'a Metrics,
+    pub max_event_bytes: usize,
+}
+
+/// The event a step runs for and the chain it belongs to.
+pub(super) struct StepContext<'a> {
+    pub event: &'a VumiApiEvent,
+    pub event_value: &'a EventValue,
+    pub chain: &'a ChainSpec,
+    /// The outputs of the chain's earlier steps, by name.
+    pub outputs: &'a Map<String, Value>,
+}
+
+impl Steps<'_> {
+    /// Makes one attempt at `step` (`prior` is its trace from earlier
+    /// attempts, if any).
+    pub async fn attempt(
+        &self,
+        cx: &StepContext<'_>,
+        step: &StepSpec,
+        prior: Option<StepTrace>,
+    ) -> Attempt {
+        let templates = self.registry.templates();
+        let scope = templates.scope(cx.event_value, cx.outputs, &cx.event.account_key);
+        let mut trace = prior.unwrap_or_else(|| StepTrace {
+            name: step.step_name().to_string(),
+            handler: step.handler.clone(),
+            outcome: StepOutcome::Failed,
+            attempts: 0,
+            duration_ms: 0.0,
+            output: None,
+            error: None,
+            logs: Vec::new(),
+        });
+        trace.attempts += 1;
+        let Some(handler) = self.registry.get(&step.handler) else {
+            // Chains are checked when stored; a handler can only be missing if
+            // the deployment lost it since.
+            let error = format!(
+                "handler {:?} is not available in this dispatcher",
+                step.handler
+            );
+            return self.failed(
+                step,
+                trace,
+                Failure::Permanent { message: error },
+                Effects::None,
+                Duration::ZERO,
+            );
+        };
+        let effects = handler.effects();
+        let idempotency_key = match &step.idempotency {
+            None => None,
+            Some(spec) => {
+                let key = match templates.render(
+                    &Value::String(spec.key.clone()),
+                    "idempotency.key",
+                    &scope,
+                ) {
+                    Ok(Value::String(s)) => s,
+                    Ok(other) => other.to_string(),
+                    Err(message) => {
+                        return self.failed(
+                            step,
+                            trace,
+                            Failure::Permanent { message },
+                            Effects::None,
+                            Duration::ZERO,
+                        );
+                    }
+                };
+                match self.idempotency.seen(
+                    &cx.event.account_key,
+                    &cx.chain.name,
+                    step.step_name(),
+                    &key,
+                    spec.window,
+                ) {
+                    Ok(true) => return self.skipped(step, trace, spec.window),
+                    Ok(false) => Some(key),
+                    Err(e) => {
+                        let message = format!("reading idempotency keys: {e}");
+                        return self.failed(
+                            step,
+                            trace,
+                            Failure::Permanent { message },
+                            Effects::None,
+                            Duration::ZERO,
+                        );
+                    }
+                }
+            }
+        };
+        let input = StepInput {
+            event: cx.event,
+            event_value: cx.event_value,
+            chain: &cx.chain.name,
+            step,
+            steps: cx.outputs,
+            attempt: trace.attempts,
+            templates,
+            scope: &scope,
+        };
+        let started = Instant::now();
+        let result = handler.handle(&input).await;
+        let took = started.elapsed();
+        trace.duration_ms += took.as_secs_f64() * 1000.0;
+        match result.and_then(|output| self.children_of(cx, step, output)) {
+            Ok(finished) => {
+                self.metrics.step(&step.handler, StepResult::Ok, took);
+                trace.outcome = if finished.stop {
+                    StepOutcome::Stopped
+                } else {
+                    StepOutcome::Ok
+                };
+                trace.output = Some(finished.data);
+                trace.logs = finished.logs;
+                trace.error = None;
+                let published = finished.children.is_empty();
+                Attempt::Done {
+                    record: StepRecord {
+                        trace,
+                        children: finished.children,
+                        published,
+                    },
+                    stop: finished.stop,
+                    idempotency_key,
+                    effects,
+                }
+            }
+            Err(e) => {
+                let failure = match e {
+                    StepError::Retryable { message, after } => {
+                        Failure::Retryable { message, after }
+                    }
+                    StepError::Permanent { message } => Failure::Permanent { message },
+                };
+                self.failed(step, trace, failure, effects, took)
+            }
+        }
+    }
+
+    /// A failed attempt, judged by the policy.
+    fn failed(
+        &self,
+        step: &StepSpec,
+        mut trace: StepTrace,
+        failure: Failure,
+        effects: Effects,
+        took: Duration,
+    ) -> Attempt {
+        let retry = step.retry.clone().unwrap_or_default();
+        let message = match &failure {
+            Failure::Retryable { message, .. } | Failure::Permanent { message } => message.clone(),
+        };
+        match policy::after_failure(
+            failure,
+            trace.attempts,
+            &retry,
+            step.on_error,
+            policy::jitter(),
+        ) {
+            Verdict::Retry(delay) => {
+                self.metrics.step(&step.handler, StepResult::Retried, took);
+                trace.outcome = StepOutcome::Retrying;
+                trace.error = Some(message);
+                Attempt::Retry {
+                    delay,
+                    pending: PendingRetry {
+                        step: step.step_name().to_string(),
+                        trace,
+                    },
+                }
+            }
+            Verdict::Continue(message) => {
+                self.metrics.step(&step.handler, StepResult::Failed, took);
+                trace.outcome = StepOutcome::Failed;
+                trace.error = Some(message);
+                Attempt::Continue { trace, effects }
+            }
+            Verdict::DeadLetter(message) => {
+                self.metrics.step(&step.handler, StepResult::Failed, took);
+                trace.outcome = StepOutcome::Failed;
+                trace.error = Some(message.clone());
+                Attempt::Failed { trace, message }
+            }
+        }
+    }
+
+    /// A step skipped because its idempotency key was seen within its window.
+    fn skipped(&self, step: &StepSpec, mut trace: StepTrace, window: Duration) -> Attempt {
+        let mut data = Map::new();
+        data.insert("skipped".into(), Value::Bool(true));
+        data.insert(
+            "reason".into(),
+            Value::String(format!(
+                "idempotency key seen within {}",
+                switchboard_rules::duration::format(window)
+            )),
+        );
+        self.metrics
+            .step(&step.handler, StepResult::Ok, Duration::ZERO);
+        trace.outcome = StepOutcome::Skipped;
+        trace.output = Some(data);
+        trace.error = None;
+        Attempt::Done {
+            record: StepRecord {
+                trace,
+                children: Vec::new(),
+                published: true,
+            },
+            stop: false,
+            idempotency_key: None,
+            effects: Effects::None,
+        }
+    }
+
+    /// Turns a step's emit requests into child events, checking their size.
+    fn children_of(
+        &self,
+        cx: &StepContext<'_>,
+        step: &StepSpec,
+        output: StepOutput,
+    ) -> Result<Finished, StepError> {
+        let mut children = Vec::with_capacity(output.emit.len());
+        for (i, request) in output.emit.into_iter().enumerate() {
+            let id = EventId::derived(cx.event.id, &cx.chain.name, step.step_name(), i);
+            let child = cx.event.child(
+                id,
+                request.conversation_key,
+                request.conversation_type,
+                request.event_type,
+                request.event_data,
+            );
+            child.encode(self.max_event_bytes).map_err(|e| {
+                StepError::permanent(format!(
+                    "emitted event {} ({}): {e}",
+                    i + 1,
+                    child.event_type
+                ))
+            })?;
+            children.push(child);
+        }
+        Ok(Finished {
+            data: output.data,
+            stop: output.stop,
+            children,
+            logs: output.logs,
+        })
+    }
+}
+
+/// A step's output, with its emit requests turned into events.
+struct Finished {
+    data: Map<String, Value>,
+    stop: bool,
+    children: Vec<VumiApiEvent>,
+    logs: Vec<LogLine>,
+}

@@ -1,0 +1,611 @@
+//! The step journal: what each chain has done with an event, step by step,
+//! and the one record an event leaves behind.
+//!
+//! A record is a run of [`Entry`]s appended under the event's key, never
+//! rewritten: taking the event up, a finished step, a step waiting to be
+//! tried again, a chain's end, the end of a pass. Folding them gives the
+//! [`EventJournal`], from which the executor resumes a redelivered event —
+//! after a crash, a nak for a retry or a replay from dead letters, it
+//! continues after its last finished step — and from which the event's trace
+//! is derived ([`crate::trace`]): nothing is written beside it.
+//!
+//! The executor appends what a pass did in as few writes as the guarantees
+//! allow (see `executor::pass`): an event whose chains have no effects
+//! outside the dispatcher costs one write, however many steps they have.
+//!
+//! Keys are `{account}\0{event id}\0{sequence:BE u64}`, so one prefix scan
+//! reads a record and an account's records lie together. Every value starts
+//! with the event's start time and a flag byte, so that expiry
+//! ([`Journal::expire`]) reads no JSON for the records it keeps: records
+//! expire after the retention, except those of events with a chain in dead
+//! letters, which stay until the letter is replayed or discarded.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+
+use crate::trace::{StepTrace, TraceStatus};
+
+pub mod legacy;
+
+/// One thing that happened to an event, appended to its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "entry", rename_all = "snake_case")]
+pub enum Entry {
+    /// The event was taken up: the first entry of a record.
+    Begin {
+        /// The event.
+        event: Box<VumiApiEvent>,
+    },
+    /// A step of a chain finished (succeeded, or failed under `on_error =
+    /// "continue"`); the chain resumes after it.
+    Step {
+        /// The chain.
+        chain: String,
+        /// The version of the account's chains it ran under.
+        version: u64,
+        /// The step.
+        record: Box<StepRecord>,
+    },
+    /// The events a chain's finished step emitted are on the bus now.
+    Published {
+        /// The chain.
+        chain: String,
+        /// The step's position among the chain's finished steps.
+        step: usize,
+    },
+    /// A step failed in a way worth trying again; the chain resumes at it.
+    Retry {
+        /// The chain.
+        chain: String,
+        /// The version of the account's chains it ran under.
+        version: u64,
+        /// The step and its trace so far.
+        pending: Box<PendingRetry>,
+    },
+    /// A chain ended.
+    End {
+        /// The chain.
+        chain: String,
+        /// The version of the account's chains it ran under.
+        version: u64,
+        /// How.
+        end: Box<ChainEnd>,
+        /// The steps it did not run (it stopped or failed before them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unrun: Vec<StepName>,
+    },
+    /// A chain's dead letter is on the bus's dead-letter stream.
+    Announced {
+        /// The chain.
+        chain: String,
+    },
+    /// A chain's `when` condition failed to evaluate (the chain is in dead
+    /// letters; a later pass evaluates the condition again).
+    Condition {
+        /// The chain.
+        chain: String,
+        /// The version of the account's chains it was selected under.
+        version: u64,
+        /// Why.
+        error: String,
+    },
+    /// A chain's dead letter was put back on the bus: the chain runs again
+    /// from its failed step, and the letter goes when it ends.
+    Replaying {
+        /// The chain.
+        chain: String,
+        /// The dead letter.
+        letter: String,
+    },
+    /// A chain's dead letter was discarded: the chain stays ended.
+    Discarded {
+        /// The chain.
+        chain: String,
+        /// The dead letter.
+        letter: String,
+    },
+    /// A pass over the event ended.
+    Finish {
+        /// Where the event stands.
+        status: TraceStatus,
+        /// When it ended, in ms since the epoch; `None` while a step waits
+        /// to be tried again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finished_ms: Option<u64>,
+    },
+}
+
+impl Entry {
+    /// Whether the entry changes whether the record holds a dead letter
+    /// (which keeps it from expiring).
+    fn touches_dead_letters(&self) -> bool {
+        match self {
+            Entry::End { end, .. } => matches!(**end, ChainEnd::Dead { .. }),
+            Entry::Replaying { .. } | Entry::Discarded { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A step by name and handler: one a chain did not run, for its trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepName {
+    /// The step's name.
+    pub name: String,
+    /// Its handler.
+    pub handler: String,
+}
+
+/// A finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// What the trace shows of it.
+    pub trace: StepTrace,
+    /// The events it emitted, with their derived ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<VumiApiEvent>,
+    /// Whether `children` are on the bus.
+    #[serde(default)]
+    pub published: bool,
+}
+
+/// A step that failed in a way worth trying again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRetry {
+    /// The step's name.
+    pub step: String,
+    /// Its trace so far: attempts, time spent, the last error.
+    pub trace: StepTrace,
+}
+
+/// How a chain ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ChainEnd {
+    /// It ran to its end (or a step stopped it).
+    Done,
+    /// A step failed for good: the event is in dead letters under `letter`.
+    Dead {
+        /// The dead letter's id.
+        letter: String,
+        /// The failed step.
+        step: String,
+        /// The failed step's trace.
+        trace: StepTrace,
+    },
+    /// The dead letter was discarded: the chain stays ended.
+    Discarded,
+}
+
+/// What one chain has done with an event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChainJournal {
+    /// The chain's name.
+    pub name: String,
+    /// The version of the account's chains it first ran under.
+    pub version: u64,
+    /// The steps that finished, in order. The chain resumes at the next one.
+    pub steps: Vec<StepRecord>,
+    /// The step waiting to be tried again.
+    pub retry: Option<PendingRetry>,
+    /// How the chain ended; `None` while it has steps left to run.
+    pub end: Option<ChainEnd>,
+    /// Whether the dead letter of a `Dead` end is on the bus's stream.
+    pub announced: bool,
+    /// The steps it did not run, once ended.
+    pub unrun: Vec<StepName>,
+    /// The dead letter being replayed: removed when the chain ends.
+    pub replaying: Option<String>,
+    /// The error of its `when` condition, when that is all the chain did.
+    pub condition_failed: Option<String>,
+}
+
+impl ChainJournal {
+    /// Whether dead letter `letter` is this chain's: filed by it, or being
+    /// replayed into it.
+    pub fn refers_to(&self, letter: &str) -> bool {
+        matches!(&self.end, Some(ChainEnd::Dead { letter: filed, .. }) if filed == letter)
+            || self.replaying.as_deref() == Some(letter)
+    }
+
+    /// Whether the chain has started: a step finished or waits, or it ended.
+    pub fn ran(&self) -> bool {
+        !self.steps.is_empty() || self.retry.is_some() || self.end.is_some()
+    }
+}
+
+/// The end of the last pass over an event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finish {
+    /// Where the event stood.
+    pub status: TraceStatus,
+    /// When the pass ended, in ms since the epoch.
+    pub finished_ms: Option<u64>,
+}
+
+/// What the chains have done with one event so far: its record, folded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventJournal {
+    /// When the event was first taken up, in ms since the epoch.
+    pub started_ms: u64,
+    /// The event, as first taken up.
+    pub event: Option<VumiApiEvent>,
+    /// The chains that ran (or whose condition failed), in the order they
+    /// first did.
+    pub chains: Vec<ChainJournal>,
+    /// How the last pass ended; `None` while a pass is under way (or was
+    /// cut short).
+    pub finish: Option<Finish>,
+    /// The sequence number of the last entry read or written.
+    last_seq: Option<u64>,
+}
+
+impl EventJournal {
+    /// A journal for an event taken up now.
+    pub fn starting_now() -> Self {
+        Self {
+            started_ms: now_ms(),
+            ..Self::default()
+        }
+    }
+
+    /// The record of chain `name`, created (under `version`) if it has none.
+    pub fn chain_mut(&mut self, name: &str, version: u64) -> &mut ChainJournal {
+        let i = match self.chains.iter().position(|c| c.name == name) {
+            Some(i) => i,
+            None => {
+                self.chains.push(ChainJournal {
+                    name: name.to_string(),
+                    version,
+                    ..ChainJournal::default()
+                });
+                self.chains.len() - 1
+            }
+        };
+        &mut self.chains[i]
+    }
+
+    /// The record of chain `name`.
+    pub fn chain(&self, name: &str) -> Option<&ChainJournal> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// Whether a chain is in dead letters (so the record must not expire).
+    pub fn holds_dead_letter(&self) -> bool {
+        self.chains
+            .iter()
+            .any(|c| matches!(c.end, Some(ChainEnd::Dead { .. })))
+    }
+
+    /// Applies one entry.
+    pub fn apply(&mut self, entry: Entry) {
+        if !matches!(entry, Entry::Finish { .. } | Entry::Discarded { .. }) {
+            // Handling goes on: the last pass's end no longer tells where
+            // the event stands.
+            self.finish = None;
+        }
+        match entry {
+            Entry::Begin { event } => {
+                self.event.get_or_insert(*event);
+            }
+            Entry::Step {
+                chain,
+                version,
+                record,
+            } => {
+                let chain = self.chain_mut(&chain, version);
+                chain.steps.push(*record);
+                chain.retry = None;
+                chain.condition_failed = None;
+            }
+            Entry::Published { chain, step } => {
+                if let Some(record) = self
+                    .chains
+                    .iter_mut()
+                    .find(|c| c.name == chain)
+                    .and_then(|c| c.steps.get_mut(step))
+                {
+                    record.published = true;
+                }
+            }
+            Entry::Retry {
+                chain,
+                version,
+                pending,
+            } => {
+                let chain = self.chain_mut(&chain, version);
+                chain.retry = Some(*pending);
+                chain.condition_failed = None;
+            }
+            Entry::End {
+                chain,
+                version,
+                end,
+                unrun,
+            } => {
+                let chain = self.chain_mut(&chain, version);
+                chain.end = Some(*end);
+                chain.unrun = unrun;
+                chain.announced = false;
+                chain.retry = None;
+                chain.replaying = None;
+                chain.condition_failed = None;
+            }
+            Entry::Announced { chain } => {
+                if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
+                    c.announced = true;
+                }
+            }
+            Entry::Condition {
+                chain,
+                version,
+                error,
+            } => {
+                let chain = self.chain_mut(&chain, version);
+                if !chain.ran() {
+                    chain.condition_failed = Some(error);
+                }
+            }
+            Entry::Replaying { chain, letter } => {
+                if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
+                    c.end = None;
+                    c.unrun.clear();
+                    c.retry = None;
+                    c.replaying = Some(letter);
+                }
+            }
+            Entry::Discarded { chain, letter } => {
+                if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain)
+                    && matches!(&c.end, Some(ChainEnd::Dead { letter: filed, .. }) if *filed == letter)
+                {
+                    c.end = Some(ChainEnd::Discarded);
+                }
+            }
+            Entry::Finish {
+                status,
+                finished_ms,
+            } => {
+                self.finish = Some(Finish {
+                    status,
+                    finished_ms,
+                });
+            }
+        }
+    }
+}
+
+/// Entries recorded and not yet written: serialised as they come, so that
+/// they can be applied to the folded journal by value.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// `[` and the entries so far, comma-separated (the `]` comes at the write).
+    json: Vec<u8>,
+    count: usize,
+    flags: u8,
+}
+
+impl Pending {
+    /// Adds `entry`.
+    pub fn push(&mut self, entry: &Entry) {
+        self.json.push(if self.count == 0 { b'[' } else { b',' });
+        serde_json::to_writer(&mut self.json, entry).expect("journal entries serialise");
+        self.count += 1;
+        if entry.touches_dead_letters() {
+            self.flags |= FLAG_DEAD_LETTERS;
+        }
+    }
+
+    /// Whether nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Where an event's record is kept: its account and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordKey {
+    prefix: Vec<u8>,
+}
+
+impl RecordKey {
+    /// The record of event `id` of `account`.
+    pub fn new(account: &AccountKey, id: &EventId) -> Self {
+        let mut prefix = key(&[account.as_str().as_bytes(), id.to_string().as_bytes()]);
+        prefix.push(0);
+        Self { prefix }
+    }
+
+    fn entry(&self, seq: u64) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+}
+
+/// Value header: the event's start time (8 bytes), then the flags.
+const HEADER: usize = 9;
+/// Flag: the entries change whether the record holds a dead letter.
+const FLAG_DEAD_LETTERS: u8 = 1;
+
+/// Journal records in the store.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    store: Store,
+}
+
+impl Journal {
+    /// The journal kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The record of the event under `at`, folded; `None` if it has none.
+    pub fn load(&self, at: &RecordKey) -> Result<Option<EventJournal>, StoreError> {
+        let entries = self.store.scan_prefix(Collection::Journal, &at.prefix)?;
+        Ok(fold(&entries))
+    }
+
+    /// The write that appends the `pending` entries (already applied to
+    /// `journal`) to the record under `at`; `None` when there are none.
+    /// Entries are written once and never rewritten.
+    pub fn append(
+        &self,
+        at: &RecordKey,
+        journal: &mut EventJournal,
+        pending: &mut Pending,
+    ) -> Result<Option<Write>, StoreError> {
+        if pending.count == 0 {
+            return Ok(None);
+        }
+        // After the last entry read or written, and after every number this
+        // store handed out before: two writers of one record (a pass and a
+        // replay from the API) never take the same key.
+        let seq = self
+            .store
+            .next_id()?
+            .max(journal.last_seq.map_or(0, |s| s + 1));
+        Ok(self.append_at(at, journal, pending, seq))
+    }
+
+    /// [`Journal::append`] under sequence number `seq`.
+    fn append_at(
+        &self,
+        at: &RecordKey,
+        journal: &mut EventJournal,
+        pending: &mut Pending,
+        seq: u64,
+    ) -> Option<Write> {
+        if pending.count == 0 {
+            return None;
+        }
+        journal.last_seq = Some(seq);
+        let mut value = Vec::with_capacity(HEADER + pending.json.len() + 1);
+        value.extend_from_slice(&journal.started_ms.to_be_bytes());
+        value.push(pending.flags);
+        value.extend_from_slice(&pending.json);
+        value.push(b']');
+        *pending = Pending::default();
+        Some(Write {
+            collection: Collection::Journal,
+            key: at.entry(seq),
+            value: Some(value),
+        })
+    }
+
+    /// Removes the records of events taken up more than `retention` ago,
+    /// except those holding a dead letter. Returns how many were removed.
+    /// Reads the whole collection, but no JSON except of records whose
+    /// entries touch dead letters.
+    pub fn expire(&self, retention: Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let mut from = Vec::new();
+        let mut removed = 0;
+        let mut group: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        loop {
+            let batch = self.store.scan_from(Collection::Journal, &from, 1024)?;
+            let done = batch.len() < 1024;
+            if let Some((last, _)) = batch.last() {
+                from = last.clone();
+                from.push(0);
+            }
+            for (k, v) in batch {
+                if group
+                    .first()
+                    .is_some_and(|(g, _)| record_prefix(g) != record_prefix(&k))
+                {
+                    removed += self.expire_record(&std::mem::take(&mut group), cutoff)?;
+                }
+                group.push((k, v));
+            }
+            if done {
+                removed += self.expire_record(&group, cutoff)?;
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Removes one record's entries if it expired and holds no dead letter.
+    fn expire_record(
+        &self,
+        entries: &[(Vec<u8>, Vec<u8>)],
+        cutoff: u64,
+    ) -> Result<usize, StoreError> {
+        let Some(started) = entries.iter().filter_map(|(_, v)| started_ms(v)).min() else {
+            return Ok(0);
+        };
+        if started >= cutoff {
+            return Ok(0);
+        }
+        let touches = entries
+            .iter()
+            .any(|(_, v)| v.get(8).is_some_and(|f| f & FLAG_DEAD_LETTERS != 0));
+        if touches && fold(entries).is_some_and(|j| j.holds_dead_letter()) {
+            return Ok(0);
+        }
+        // The newest entry first: a crash part-way leaves the record as it
+        // stood earlier, which the next sweep removes.
+        let removals: Vec<Write> = entries
+            .iter()
+            .rev()
+            .map(|(k, _)| Write {
+                collection: Collection::Journal,
+                key: k.clone(),
+                value: None,
+            })
+            .collect();
+        self.store.write_in_order(&removals)?;
+        Ok(1)
+    }
+}
+
+/// Folds a record's entries (in key order) into its journal.
+fn fold(entries: &[(Vec<u8>, Vec<u8>)]) -> Option<EventJournal> {
+    let mut journal: Option<EventJournal> = None;
+    for (k, v) in entries {
+        let (Some(started), Some(json)) = (started_ms(v), v.get(HEADER..)) else {
+            continue;
+        };
+        let Ok(decoded) = serde_json::from_slice::<Vec<Entry>>(json) else {
+            tracing::warn!(key = %String::from_utf8_lossy(k), "an unreadable journal entry was skipped");
+            continue;
+        };
+        let j = journal.get_or_insert_with(|| EventJournal {
+            started_ms: started,
+            ..EventJournal::default()
+        });
+        j.started_ms = j.started_ms.min(started);
+        j.last_seq = k
+            .len()
+            .checked_sub(8)
+            .and_then(|at| k[at..].try_into().ok())
+            .map(u64::from_be_bytes);
+        for entry in decoded {
+            j.apply(entry);
+        }
+    }
+    journal
+}
+
+/// The event's start time a value begins with.
+fn started_ms(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+/// `{account}\0{event id}\0` of an entry's key.
+fn record_prefix(k: &[u8]) -> &[u8] {
+    &k[..k.len().saturating_sub(8)]
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

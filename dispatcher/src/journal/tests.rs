@@ -1,0 +1,386 @@
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
+
+use super::*;
+use crate::trace::StepOutcome;
+
+fn event(n: u8) -> VumiApiEvent {
+    let mut e = VumiApiEvent::new(
+        AccountKey::new("acme").expect("a key"),
+        ConversationKey::new("c1").expect("a key"),
+        ConversationType::new("survey").expect("a type"),
+        EventType::new("poll_complete").expect("a type"),
+        json!({ "n": n }).as_object().expect("an object").clone(),
+    );
+    e.id = EventId::derived(
+        EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").expect("an id"),
+        "c",
+        "s",
+        n as usize,
+    );
+    e
+}
+
+fn trace(name: &str, outcome: StepOutcome) -> StepTrace {
+    StepTrace {
+        name: name.into(),
+        handler: "log".into(),
+        outcome,
+        attempts: 1,
+        duration_ms: 0.1,
+        output: Some(
+            json!({ "step": name })
+                .as_object()
+                .expect("an object")
+                .clone(),
+        ),
+        error: None,
+        logs: Vec::new(),
+    }
+}
+
+fn step(chain: &str, name: &str) -> Entry {
+    Entry::Step {
+        chain: chain.into(),
+        version: 1,
+        record: Box::new(StepRecord {
+            trace: trace(name, StepOutcome::Ok),
+            children: Vec::new(),
+            published: true,
+        }),
+    }
+}
+
+fn dead(chain: &str, letter: &str) -> Entry {
+    Entry::End {
+        chain: chain.into(),
+        version: 1,
+        end: Box::new(ChainEnd::Dead {
+            letter: letter.into(),
+            step: "s".into(),
+            trace: trace("s", StepOutcome::Failed),
+        }),
+        unrun: vec![StepName {
+            name: "after".into(),
+            handler: "log".into(),
+        }],
+    }
+}
+
+/// Appends `entries` to the record of `e` as one write, from what the store holds.
+fn append(journal: &Journal, e: &VumiApiEvent, started_ms: Option<u64>, entries: Vec<Entry>) {
+    let at = RecordKey::new(&e.account_key, &e.id);
+    let mut folded = journal
+        .load(&at)
+        .expect("load")
+        .unwrap_or_else(|| EventJournal {
+            started_ms: started_ms.unwrap_or_else(now_ms),
+            ..EventJournal::default()
+        });
+    let mut pending = Pending::default();
+    for entry in entries {
+        pending.push(&entry);
+        folded.apply(entry);
+    }
+    let write = journal
+        .append(&at, &mut folded, &mut pending)
+        .expect("append")
+        .expect("a write");
+    journal.store.write_in_order(&[write]).expect("the write");
+}
+
+fn load(journal: &Journal, e: &VumiApiEvent) -> Option<EventJournal> {
+    journal
+        .load(&RecordKey::new(&e.account_key, &e.id))
+        .expect("load")
+}
+
+#[test]
+fn a_record_folds_its_entries_in_the_order_they_were_written() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let e = event(1);
+    append(
+        &journal,
+        &e,
+        None,
+        vec![
+            Entry::Begin {
+                event: Box::new(e.clone()),
+            },
+            step("a", "one"),
+            Entry::Retry {
+                chain: "a".into(),
+                version: 1,
+                pending: Box::new(PendingRetry {
+                    step: "two".into(),
+                    trace: trace("two", StepOutcome::Retrying),
+                }),
+            },
+            Entry::Finish {
+                status: TraceStatus::Running,
+                finished_ms: None,
+            },
+        ],
+    );
+    let first = load(&journal, &e).expect("a record");
+    assert_eq!(first.event.as_ref(), Some(&e));
+    assert_eq!(first.chains.len(), 1);
+    assert_eq!(first.chains[0].steps.len(), 1);
+    assert_eq!(
+        first.chains[0].retry.as_ref().map(|r| r.step.as_str()),
+        Some("two")
+    );
+    assert_eq!(first.finish.map(|f| f.status), Some(TraceStatus::Running));
+
+    // The next pass: the retried step finishes and clears the retry, the
+    // chain ends, the pass finishes.
+    append(
+        &journal,
+        &e,
+        None,
+        vec![
+            step("a", "two"),
+            Entry::End {
+                chain: "a".into(),
+                version: 1,
+                end: Box::new(ChainEnd::Done),
+                unrun: Vec::new(),
+            },
+        ],
+    );
+    let mid = load(&journal, &e).expect("a record");
+    assert_eq!(mid.chains[0].steps.len(), 2);
+    assert_eq!(mid.chains[0].retry, None);
+    // Entries after the last finish: a pass is under way.
+    assert_eq!(mid.finish, None);
+    append(
+        &journal,
+        &e,
+        None,
+        vec![Entry::Finish {
+            status: TraceStatus::Done,
+            finished_ms: Some(7),
+        }],
+    );
+    let done = load(&journal, &e).expect("a record");
+    assert_eq!(done.chains[0].end, Some(ChainEnd::Done));
+    assert_eq!(
+        done.finish,
+        Some(Finish {
+            status: TraceStatus::Done,
+            finished_ms: Some(7),
+        })
+    );
+    assert_eq!(done.started_ms, first.started_ms);
+}
+
+#[test]
+fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let e = event(2);
+    append(
+        &journal,
+        &e,
+        None,
+        vec![
+            Entry::Begin {
+                event: Box::new(e.clone()),
+            },
+            step("a", "one"),
+            dead("a", "L1"),
+            Entry::Announced { chain: "a".into() },
+        ],
+    );
+    let j = load(&journal, &e).expect("a record");
+    assert!(j.holds_dead_letter());
+    assert!(j.chains[0].announced);
+    assert!(j.chains[0].refers_to("L1"));
+    assert_eq!(j.chains[0].unrun.len(), 1);
+
+    append(
+        &journal,
+        &e,
+        None,
+        vec![Entry::Replaying {
+            chain: "a".into(),
+            letter: "L1".into(),
+        }],
+    );
+    let j = load(&journal, &e).expect("a record");
+    assert!(!j.holds_dead_letter());
+    assert_eq!(j.chains[0].end, None);
+    assert!(j.chains[0].unrun.is_empty());
+    assert_eq!(j.chains[0].replaying.as_deref(), Some("L1"));
+    assert!(j.chains[0].refers_to("L1"));
+
+    // Failing again files the letter again; discarding it ends the chain.
+    append(&journal, &e, None, vec![dead("a", "L1")]);
+    let j = load(&journal, &e).expect("a record");
+    assert_eq!(j.chains[0].replaying, None);
+    assert!(!j.chains[0].announced);
+    append(
+        &journal,
+        &e,
+        None,
+        vec![
+            // Another letter's discard changes nothing.
+            Entry::Discarded {
+                chain: "a".into(),
+                letter: "L2".into(),
+            },
+        ],
+    );
+    assert!(load(&journal, &e).expect("a record").holds_dead_letter());
+    append(
+        &journal,
+        &e,
+        None,
+        vec![Entry::Discarded {
+            chain: "a".into(),
+            letter: "L1".into(),
+        }],
+    );
+    let j = load(&journal, &e).expect("a record");
+    assert_eq!(j.chains[0].end, Some(ChainEnd::Discarded));
+    assert!(!j.holds_dead_letter());
+}
+
+#[test]
+fn a_failed_condition_shows_until_the_chain_runs() {
+    let mut j = EventJournal::starting_now();
+    j.apply(Entry::Condition {
+        chain: "a".into(),
+        version: 3,
+        error: "boom".into(),
+    });
+    assert_eq!(j.chains[0].condition_failed.as_deref(), Some("boom"));
+    assert_eq!(j.chains[0].version, 3);
+    assert!(!j.chains[0].ran());
+    j.apply(step("a", "one"));
+    assert_eq!(j.chains[0].condition_failed, None);
+    // Once it ran, a later failed condition does not hide what it did.
+    j.apply(Entry::Condition {
+        chain: "a".into(),
+        version: 3,
+        error: "boom".into(),
+    });
+    assert_eq!(j.chains[0].condition_failed, None);
+}
+
+#[test]
+fn records_are_per_account_and_sequence_numbers_only_grow() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let e = event(3);
+    let mut other = e.clone();
+    other.account_key = AccountKey::new("acme2").expect("a key");
+    append(&journal, &e, None, vec![step("a", "mine")]);
+    append(&journal, &other, None, vec![step("a", "theirs")]);
+    assert_eq!(
+        load(&journal, &e).expect("a record").chains[0].steps[0]
+            .trace
+            .name,
+        "mine"
+    );
+    assert_eq!(
+        load(&journal, &other).expect("a record").chains[0].steps[0]
+            .trace
+            .name,
+        "theirs"
+    );
+    // A writer that read the record before another wrote to it still
+    // writes after it (sequence numbers come from the store's counter).
+    let at = RecordKey::new(&e.account_key, &e.id);
+    let mut stale = journal.load(&at).expect("load").expect("a record");
+    append(&journal, &e, None, vec![step("a", "second")]);
+    let mut pending = Pending::default();
+    let entry = step("a", "third");
+    pending.push(&entry);
+    stale.apply(entry);
+    let write = journal
+        .append(&at, &mut stale, &mut pending)
+        .expect("append")
+        .expect("a write");
+    store.write_in_order(&[write]).expect("the write");
+    let names: Vec<String> = load(&journal, &e).expect("a record").chains[0]
+        .steps
+        .iter()
+        .map(|s| s.trace.name.clone())
+        .collect();
+    assert_eq!(names, ["mine", "second", "third"]);
+    // Nothing to append, nothing to write.
+    assert!(
+        journal
+            .append(&at, &mut stale, &mut Pending::default())
+            .expect("append")
+            .is_none()
+    );
+}
+
+#[test]
+fn records_expire_after_the_retention_unless_they_hold_a_dead_letter() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let hour_ago = now_ms() - 3_600_000;
+    let (old, held, fresh) = (event(10), event(11), event(12));
+    append(&journal, &old, Some(hour_ago), vec![step("a", "one")]);
+    // Written in two writes: both go.
+    append(&journal, &old, Some(hour_ago), vec![step("a", "two")]);
+    append(
+        &journal,
+        &held,
+        Some(hour_ago),
+        vec![step("a", "one"), dead("a", "L")],
+    );
+    append(&journal, &fresh, None, vec![step("a", "one")]);
+
+    assert_eq!(
+        journal.expire(Duration::from_secs(7200)).expect("expire"),
+        0
+    );
+    assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
+    assert!(load(&journal, &old).is_none());
+    assert!(load(&journal, &held).is_some());
+    assert!(load(&journal, &fresh).is_some());
+
+    // Discarded: the record may go now.
+    append(
+        &journal,
+        &held,
+        None,
+        vec![Entry::Discarded {
+            chain: "a".into(),
+            letter: "L".into(),
+        }],
+    );
+    assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
+    assert!(load(&journal, &held).is_none());
+    assert!(load(&journal, &fresh).is_some());
+}
+
+#[test]
+fn expiry_walks_records_larger_than_one_batch() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let hour_ago = now_ms() - 3_600_000;
+    // 700 entries per record, three records: groups span batch boundaries.
+    for n in 20..23 {
+        let e = event(n);
+        let at = RecordKey::new(&e.account_key, &e.id);
+        let mut folded = EventJournal {
+            started_ms: hour_ago,
+            ..EventJournal::default()
+        };
+        for i in 0..700 {
+            let mut pending = Pending::default();
+            pending.push(&step("a", &format!("s{i}")));
+            let write = journal
+                .append(&at, &mut folded, &mut pending)
+                .expect("append")
+                .expect("a write");
+            journal.store.write_in_order(&[write]).expect("the write");
+        }
+    }
+    assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 3);
+    assert_eq!(journal.store.len(Collection::Journal), 0);
+}
