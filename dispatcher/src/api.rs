@@ -379,7 +379,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(&Gauges {
             bus_lag: s.bus.lag().await,
             rhai_operations: s.registry.runtime().operations_total(),

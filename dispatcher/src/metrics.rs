@@ -1,13 +1,23 @@
-//! Counters and histograms, kept in one place so that `/metrics` can expose
-//! them all in the Prometheus text format.
+//! Counters and histograms, exposed at `/metrics` in the OpenMetrics text
+//! format (which Prometheus reads).
+//!
+//! The Prometheus project's `prometheus-client` keeps them: each family is
+//! a map of atomic counters behind a read-write lock that is written only
+//! when a label set is first seen, so counting on the hot path takes no
+//! exclusive lock.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 /// What happened to an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
     /// Taken off the bus (first delivery) and decoded.
     Received,
@@ -36,8 +46,14 @@ impl Outcome {
     }
 }
 
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.label())
+    }
+}
+
 /// What one attempt at a step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StepResult {
     /// It succeeded (or was skipped by its idempotency key).
     Ok,
@@ -47,53 +63,18 @@ pub enum StepResult {
     Failed,
 }
 
-impl StepResult {
-    fn label(self) -> &'static str {
-        match self {
+impl EncodeLabelValue for StepResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
             StepResult::Ok => "ok",
             StepResult::Retried => "retried",
             StepResult::Failed => "failed",
-        }
+        })
     }
-}
-
-/// Upper bounds of the step-duration buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A cumulative histogram with the buckets above.
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, n) in BUCKETS.iter().zip(self.counts.iter_mut()) {
-            if seconds <= *bound {
-                *n += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-}
-
-/// Values read when `/metrics` is scraped rather than counted as they happen.
-#[derive(Debug, Clone, Default)]
-pub struct Gauges {
-    /// Messages on the bus not yet handled (NATS: the consumer's pending and
-    /// unacked messages; embedded: the queue's length).
-    pub bus_lag: Option<u64>,
-    /// Rhai operations run by scripts and conditions since start.
-    pub rhai_operations: u64,
 }
 
 /// What became of one record a provider posted to an inbound webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum InboundResult {
     /// Matched (a message record, or a verified generic webhook) and emitted.
     Matched,
@@ -120,206 +101,207 @@ impl InboundResult {
     }
 }
 
-/// Every counter and histogram of the process.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    events: Mutex<BTreeMap<(Outcome, String, String), u64>>,
-    steps: Mutex<BTreeMap<(String, StepResult), u64>>,
-    durations: Mutex<BTreeMap<String, Histogram>>,
-    outbound: Mutex<BTreeMap<(&'static str, String, String), u64>>,
-    inbound: Mutex<BTreeMap<(String, String, InboundResult), u64>>,
+impl EncodeLabelValue for InboundResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.label())
+    }
 }
 
-fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
-    *map.lock().expect("metrics lock").entry(key).or_default() += 1;
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabels {
+    outcome: Outcome,
+    account: String,
+    event_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StepLabels {
+    handler: String,
+    result: StepResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandlerLabels {
+    handler: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutboundLabels {
+    channel: String,
+    provider: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct InboundLabels {
+    provider: String,
+    account: String,
+    result: InboundResult,
+}
+
+/// Upper bounds of the step-duration buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn step_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// Values read when `/metrics` is scraped rather than counted as they happen.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Messages on the bus not yet handled (NATS: the consumer's pending and
+    /// unacked messages; embedded: the queue's length).
+    pub bus_lag: Option<u64>,
+    /// Rhai operations run by scripts and conditions since start.
+    pub rhai_operations: u64,
+}
+
+/// Every counter and histogram of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    events: Family<EventLabels, Counter>,
+    steps: Family<StepLabels, Counter>,
+    durations: Family<HandlerLabels, Histogram, fn() -> Histogram>,
+    outbound: Family<OutboundLabels, Counter>,
+    inbound: Family<InboundLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let events = Family::<EventLabels, Counter>::default();
+        let steps = Family::<StepLabels, Counter>::default();
+        let durations = Family::<HandlerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            step_histogram,
+        );
+        let outbound = Family::<OutboundLabels, Counter>::default();
+        let inbound = Family::<InboundLabels, Counter>::default();
+        let mut registry = Registry::with_prefix("switchboard");
+        registry.register(
+            "events",
+            "Events by outcome, account and event type",
+            events.clone(),
+        );
+        registry.register(
+            "step_attempts",
+            "Step attempts by handler and result",
+            steps.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Time spent in one attempt at a step, by handler",
+            durations.clone(),
+        );
+        registry.register(
+            "outbound_calls",
+            "Outbound calls by channel, provider and status",
+            outbound.clone(),
+        );
+        registry.register(
+            "inbound_records",
+            "Records posted to inbound webhooks by provider, account and result",
+            inbound.clone(),
+        );
+        Self {
+            registry,
+            events,
+            steps,
+            durations,
+            outbound,
+            inbound,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one event of `account` and `event_type` with `outcome`.
     pub fn count(&self, outcome: Outcome, account: &str, event_type: &str) {
-        bump(
-            &self.events,
-            (outcome, account.to_string(), event_type.to_string()),
-        );
-    }
-
-    /// The count for `outcome` and `account`, over every event type.
-    pub fn get(&self, outcome: Outcome, account: &str) -> u64 {
         self.events
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|((o, a, _), _)| *o == outcome && a == account)
-            .map(|(_, n)| n)
-            .sum()
+            .get_or_create(&EventLabels {
+                outcome,
+                account: account.to_string(),
+                event_type: event_type.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one attempt at a step of `handler`, and how long it took.
     pub fn step(&self, handler: &str, result: StepResult, took: Duration) {
-        bump(&self.steps, (handler.to_string(), result));
+        let handler = handler.to_string();
         self.durations
-            .lock()
-            .expect("metrics lock")
-            .entry(handler.to_string())
-            .or_default()
+            .get_or_create(&HandlerLabels {
+                handler: handler.clone(),
+            })
             .observe(took.as_secs_f64());
-    }
-
-    /// The count of step attempts of `handler` with `result`.
-    pub fn step_count(&self, handler: &str, result: StepResult) -> u64 {
         self.steps
-            .lock()
-            .expect("metrics lock")
-            .get(&(handler.to_string(), result))
-            .copied()
-            .unwrap_or(0)
+            .get_or_create(&StepLabels { handler, result })
+            .inc();
     }
 
     /// Counts one outbound call over `channel` (`http`, `smtp`) to `provider`
     /// that ended with `status` (an HTTP status code, `timeout`, `error`,
     /// `refused`, `accepted`, `rejected`).
     pub fn outbound(&self, channel: &'static str, provider: &str, status: &str) {
-        bump(
-            &self.outbound,
-            (channel, provider.to_string(), status.to_string()),
-        );
+        self.outbound
+            .get_or_create(&OutboundLabels {
+                channel: channel.to_string(),
+                provider: provider.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one record posted to `account`'s `provider` inbound webhook.
     pub fn inbound(&self, provider: &str, account: &str, result: InboundResult) {
-        bump(
-            &self.inbound,
-            (provider.to_string(), account.to_string(), result),
-        );
+        self.inbound
+            .get_or_create(&InboundLabels {
+                provider: provider.to_string(),
+                account: account.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// The count of records posted to `account`'s `provider` webhook with `result`.
     pub fn inbound_count(&self, provider: &str, account: &str, result: InboundResult) -> u64 {
         self.inbound
-            .lock()
-            .expect("metrics lock")
-            .get(&(provider.to_string(), account.to_string(), result))
-            .copied()
-            .unwrap_or(0)
+            .get(&InboundLabels {
+                provider: provider.to_string(),
+                account: account.to_string(),
+                result,
+            })
+            .map_or(0, |c| c.get())
     }
 
-    /// The Prometheus text exposition of everything, with `gauges`.
+    /// The OpenMetrics text exposition of everything, with `gauges`.
     pub fn render(&self, gauges: &Gauges) -> String {
-        let mut out = String::new();
-        header(
-            &mut out,
-            "switchboard_events_total",
-            "counter",
-            "Events by outcome, account and event type.",
-        );
-        for ((outcome, account, event_type), n) in self.events.lock().expect("metrics lock").iter()
-        {
-            let _ = writeln!(
-                out,
-                "switchboard_events_total{{outcome=\"{}\",account=\"{}\",event_type=\"{}\"}} {n}",
-                outcome.label(),
-                escape(account),
-                escape(event_type)
-            );
-        }
-        header(
-            &mut out,
-            "switchboard_step_attempts_total",
-            "counter",
-            "Step attempts by handler and result.",
-        );
-        for ((handler, result), n) in self.steps.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "switchboard_step_attempts_total{{handler=\"{}\",result=\"{}\"}} {n}",
-                escape(handler),
-                result.label(),
-            );
-        }
-        header(
-            &mut out,
-            "switchboard_step_duration_seconds",
-            "histogram",
-            "Time spent in one attempt at a step, by handler.",
-        );
-        for (handler, h) in self.durations.lock().expect("metrics lock").iter() {
-            let handler = escape(handler);
-            for (bound, n) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "switchboard_step_duration_seconds_bucket{{handler=\"{handler}\",le=\"{bound}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "switchboard_step_duration_seconds_bucket{{handler=\"{handler}\",le=\"+Inf\"}} {}\n\
-                 switchboard_step_duration_seconds_sum{{handler=\"{handler}\"}} {}\n\
-                 switchboard_step_duration_seconds_count{{handler=\"{handler}\"}} {}",
-                h.count, h.sum, h.count
-            );
-        }
-        header(
-            &mut out,
-            "switchboard_outbound_calls_total",
-            "counter",
-            "Outbound calls by channel, provider and status.",
-        );
-        for ((channel, provider, status), n) in self.outbound.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "switchboard_outbound_calls_total{{channel=\"{channel}\",provider=\"{}\",status=\"{}\"}} {n}",
-                escape(provider),
-                escape(status)
-            );
-        }
-        header(
-            &mut out,
-            "switchboard_inbound_records_total",
-            "counter",
-            "Records posted to inbound webhooks by provider, account and result.",
-        );
-        for ((provider, account, result), n) in self.inbound.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "switchboard_inbound_records_total{{provider=\"{provider}\",account=\"{}\",result=\"{}\"}} {n}",
-                escape(account),
-                result.label()
-            );
-        }
+        let mut scraped = Registry::with_prefix("switchboard");
         if let Some(lag) = gauges.bus_lag {
-            header(
-                &mut out,
-                "switchboard_bus_lag_messages",
-                "gauge",
-                "Messages on the bus not yet handled.",
+            scraped.register(
+                "bus_lag_messages",
+                "Messages on the bus not yet handled",
+                ConstGauge::new(i64::try_from(lag).unwrap_or(i64::MAX)),
             );
-            let _ = writeln!(out, "switchboard_bus_lag_messages {lag}");
         }
-        header(
-            &mut out,
-            "switchboard_rhai_operations_total",
-            "counter",
-            "Rhai operations run by scripts and conditions.",
+        scraped.register(
+            "rhai_operations",
+            "Rhai operations run by scripts and conditions",
+            ConstCounter::new(gauges.rhai_operations),
         );
-        let _ = writeln!(
-            out,
-            "switchboard_rhai_operations_total {}",
-            gauges.rhai_operations
-        );
+        let mut out = String::new();
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &scraped))
+            .and_then(|()| encode_eof(&mut out))
+            .expect("writing to a string cannot fail");
         out
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A label value as the text format wants it.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -331,23 +313,24 @@ mod tests {
         m.step("log", StepResult::Ok, Duration::from_millis(3));
         m.step("log", StepResult::Ok, Duration::from_millis(30));
         m.outbound("http", "odd\"name", "200");
-        let text = m.render(&Gauges::default());
-        assert!(
-            text.contains(
-                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.001\"} 0"
-            )
-        );
-        assert!(
-            text.contains(
-                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.005\"} 1"
-            )
-        );
-        assert!(
-            text.contains(
-                "switchboard_step_duration_seconds_bucket{handler=\"log\",le=\"0.05\"} 2"
-            )
-        );
-        assert!(text.contains("switchboard_step_duration_seconds_count{handler=\"log\"} 2"));
-        assert!(text.contains("provider=\"odd\\\"name\""), "{text}");
+        m.count(Outcome::DeadLettered, "acme", "poll_complete");
+        let text = m.render(&Gauges {
+            bus_lag: Some(4),
+            rhai_operations: 9,
+        });
+        for line in [
+            "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
+            "switchboard_step_duration_seconds_bucket{le=\"0.005\",handler=\"log\"} 1",
+            "switchboard_step_duration_seconds_bucket{le=\"0.05\",handler=\"log\"} 2",
+            "switchboard_step_duration_seconds_count{handler=\"log\"} 2",
+            "switchboard_step_attempts_total{handler=\"log\",result=\"ok\"} 2",
+            "switchboard_outbound_calls_total{channel=\"http\",provider=\"odd\\\"name\",status=\"200\"} 1",
+            "switchboard_events_total{outcome=\"dead_lettered\",account=\"acme\",event_type=\"poll_complete\"} 1",
+            "switchboard_bus_lag_messages 4",
+            "switchboard_rhai_operations_total 9",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
     }
 }
