@@ -149,7 +149,7 @@ pub async fn test_script(
     let step = StepSpec {
         handler: format!("script:{name}"),
         name: None,
-        config: sample.config.clone(),
+        config: sample.config.clone().into(),
         on_error: OnError::Stop,
         retry: None,
         idempotency: None,

@@ -102,7 +102,7 @@ impl Handler for SendEmail {
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         // Everything but `html` renders as plain text; `html` with escaping.
-        let mut plain = input.step.config.clone();
+        let mut plain = input.step.config.to_map();
         let html_source = plain.remove("html");
         let config = input
             .templates

@@ -85,7 +85,7 @@ impl StepInput<'_> {
     /// The step's whole config, every template rendered.
     pub fn render_config(&self) -> Result<Map<String, Value>, StepError> {
         match self.templates.render(
-            &Value::Object(self.step.config.clone()),
+            &Value::Object(self.step.config.to_map()),
             "config",
             self.scope,
         ) {
@@ -387,13 +387,14 @@ impl StepCatalog for Registry {
             )]);
         };
         let mut problems = Vec::new();
+        let config = step.config.to_map();
         self.templates.check(
-            &Value::Object(step.config.clone()),
+            &Value::Object(config.clone()),
             "config",
             earlier,
             &mut problems,
         );
-        problems.extend(handler.check_config(&step.config));
+        problems.extend(handler.check_config(&config));
         if problems.is_empty() {
             Ok(())
         } else {

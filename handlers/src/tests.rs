@@ -8,7 +8,7 @@ fn step(handler: &str, config: serde_json::Value) -> StepSpec {
     StepSpec {
         handler: handler.into(),
         name: None,
-        config: config.as_object().unwrap().clone(),
+        config: config.as_object().unwrap().clone().into(),
         on_error: Default::default(),
         retry: None,
         idempotency: None,

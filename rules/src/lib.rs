@@ -15,7 +15,8 @@ mod validate;
 pub use chain_store::{ChainStore, ChainStoreError, ChainVersion};
 pub use matching::{AccountChains, Routing};
 pub use model::{
-    ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepSpec, duration,
+    ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepConfig, StepSpec,
+    duration,
 };
 pub use selection::{Conditions, Selected, select_chains};
 pub use validate::{

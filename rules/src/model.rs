@@ -58,8 +58,8 @@ pub struct StepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Handler options; strings are templates over `event`, `steps`, `account`.
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub config: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "StepConfig::is_empty")]
+    pub config: StepConfig,
     /// What a permanent failure (or exhausted retries) does to the chain.
     #[serde(default, skip_serializing_if = "OnError::is_default")]
     pub on_error: OnError,
@@ -69,6 +69,66 @@ pub struct StepSpec {
     /// Skip the step when the same key was seen within a window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<IdempotencySpec>,
+}
+
+/// A step's options, held as compact JSON text: an account's chains stay in
+/// memory for as long as they are current, and a parsed map costs several
+/// times its text (a B-tree node with room for eleven entries, however few
+/// it holds). Handlers get the map back with [`StepConfig::to_map`] — once
+/// per use, which costs what cloning the map cost before. The text is
+/// canonical (keys sorted, no spaces), so equal configs compare equal.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct StepConfig(Box<str>);
+
+impl StepConfig {
+    /// The options as a map.
+    pub fn to_map(&self) -> Map<String, Value> {
+        if self.0.is_empty() {
+            return Map::new();
+        }
+        serde_json::from_str(&self.0).expect("a step config is a JSON object it wrote itself")
+    }
+
+    /// Whether there are no options.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The options as JSON text (`""` for none).
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Map<String, Value>> for StepConfig {
+    fn from(map: Map<String, Value>) -> Self {
+        if map.is_empty() {
+            return Self::default();
+        }
+        Self(
+            serde_json::to_string(&map)
+                .expect("a JSON map serialises")
+                .into_boxed_str(),
+        )
+    }
+}
+
+impl fmt::Debug for StepConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "{}" } else { &self.0 })
+    }
+}
+
+impl Serialize for StepConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_map().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StepConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Map::<String, Value>::deserialize(d).map(Self::from)
+    }
 }
 
 /// Per-step idempotency: a second run with the same rendered key inside the

@@ -15,7 +15,7 @@ impl StepCatalog for TestCatalog {
     ) -> Result<(), Vec<FieldProblem>> {
         match step.handler.as_str() {
             "log" => Ok(()),
-            "emit" if step.config.contains_key("event_type") => Ok(()),
+            "emit" if step.config.to_map().contains_key("event_type") => Ok(()),
             "emit" => Err(vec![FieldProblem::new("config.event_type", "required")]),
             "needs_earlier" if earlier.contains(&"log") => Ok(()),
             "needs_earlier" => Err(vec![FieldProblem::new(
