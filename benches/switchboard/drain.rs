@@ -64,6 +64,14 @@ fn cpu_of(dispatchers: &[Dispatcher]) -> anyhow::Result<Duration> {
     dispatchers.iter().map(Dispatcher::cpu_time).sum()
 }
 
+/// A stretch of a drain: from `from` events done to `to`.
+#[derive(Debug, Clone, Copy)]
+pub struct Slice {
+    pub from: u64,
+    pub to: u64,
+    pub cpu_per_event: Duration,
+}
+
 /// A finished drain, as the watcher saw it.
 #[derive(Debug, Clone)]
 pub struct Drained {
@@ -99,13 +107,17 @@ impl Drained {
     }
 
     /// The CPU time per event from when `from` events were done until `to`
-    /// were, as near as the readings go (each bound is the first reading at
-    /// or past it); none if no reading falls between.
-    pub fn cpu_per_event_between(&self, from: u64, to: u64) -> Option<Duration> {
-        let at = |done: u64| self.samples.iter().find(|s| s.done >= done);
-        let (a, b) = (at(from)?, at(to)?);
+    /// were, over the readings that enclose that stretch (the last at or
+    /// before `from`, the first at or past `to`), so over a little more.
+    pub fn slice(&self, from: u64, to: u64) -> Option<Slice> {
+        let a = self.samples.iter().rev().find(|s| s.done <= from)?;
+        let b = self.samples.iter().find(|s| s.done >= to)?;
         let events = b.done.checked_sub(a.done).filter(|&e| e > 0)?;
-        Some(b.cpu.saturating_sub(a.cpu) / events as u32)
+        Some(Slice {
+            from: a.done,
+            to: b.done,
+            cpu_per_event: b.cpu.saturating_sub(a.cpu) / events as u32,
+        })
     }
 
     /// The longest time in which nothing more was done while events were
