@@ -69,7 +69,22 @@ fn cpu_of(dispatchers: &[Dispatcher]) -> anyhow::Result<Duration> {
 pub struct Slice {
     pub from: u64,
     pub to: u64,
+    /// The dispatchers' CPU time over it.
+    pub cpu: Duration,
     pub cpu_per_event: Duration,
+}
+
+impl Slice {
+    /// The least CPU time over a slice whose CPU per event means something:
+    /// CPU time counts in ticks of 10 ms, and the acked count moves in
+    /// bursts (a flush acks all that waited for it, hundreds at a time),
+    /// so that a short slice gets the work of events done before it.
+    pub const ENOUGH_CPU: Duration = Duration::from_millis(200);
+
+    /// Whether the slice is long enough to judge by.
+    pub fn telling(&self) -> bool {
+        self.cpu >= Self::ENOUGH_CPU
+    }
 }
 
 /// A finished drain, as the watcher saw it.
@@ -113,10 +128,12 @@ impl Drained {
         let a = self.samples.iter().rev().find(|s| s.done <= from)?;
         let b = self.samples.iter().find(|s| s.done >= to)?;
         let events = b.done.checked_sub(a.done).filter(|&e| e > 0)?;
+        let cpu = b.cpu.saturating_sub(a.cpu);
         Some(Slice {
             from: a.done,
             to: b.done,
-            cpu_per_event: b.cpu.saturating_sub(a.cpu) / events as u32,
+            cpu,
+            cpu_per_event: cpu / events as u32,
         })
     }
 

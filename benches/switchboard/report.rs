@@ -194,20 +194,22 @@ impl Report {
         });
     }
 
-    /// A figure checked against its target (the current build's value).
+    /// A figure checked against its target (the current build's value):
+    /// `met` is none where the run cannot tell (the figure is too coarse to
+    /// judge, or needs what the run did not have).
     pub fn check(
         &mut self,
         scenario: &'static str,
         figure: impl Into<String>,
         value: impl Into<Value>,
         target: &str,
-        met: bool,
+        met: impl Into<Option<bool>>,
     ) {
         self.rows.push(Row {
             scenario,
             figure: figure.into(),
             value: value.into(),
-            target: Some((target.to_string(), Some(met))),
+            target: Some((target.to_string(), met.into())),
         });
     }
 
@@ -226,22 +228,6 @@ impl Report {
             &format!("≤ {ceiling_us} µs"),
             us.current <= ceiling_us,
         );
-    }
-
-    /// A target this run could not measure, and why.
-    pub fn unmeasured(
-        &mut self,
-        scenario: &'static str,
-        figure: impl Into<String>,
-        why: &str,
-        target: &str,
-    ) {
-        self.rows.push(Row {
-            scenario,
-            figure: figure.into(),
-            value: format!("({why})").into(),
-            target: Some((target.to_string(), None)),
-        });
     }
 
     /// A drain's rate and CPU per event as a figure; on NATS its longest
@@ -285,7 +271,7 @@ impl Report {
             let (target, verdict) = match &row.target {
                 Some((target, Some(true))) => (target.as_str(), "met"),
                 Some((target, Some(false))) => (target.as_str(), "**missed**"),
-                Some((target, None)) => (target.as_str(), "not measured"),
+                Some((target, None)) => (target.as_str(), "cannot tell"),
                 None => ("", ""),
             };
             let value = &row.value;
