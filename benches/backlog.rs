@@ -218,6 +218,7 @@ async fn nats_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
     let root = tempfile::tempdir().context("a temporary directory")?;
     let chains = write_chains(root.path())?;
     let mut dispatcher = Dispatcher::start(Spec {
+        binary: None,
         data: &root.path().join("data"),
         chains: Some(&chains),
         nats: Some(server.url()),
@@ -266,6 +267,7 @@ async fn embedded_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
     );
     let chains = write_chains(root.path())?;
     let mut dispatcher = Dispatcher::start(Spec {
+        binary: None,
         data: &data,
         chains: Some(&chains),
         nats: None,

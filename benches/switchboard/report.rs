@@ -1,31 +1,107 @@
-//! The figures of a run, and the summary that compares them with the targets.
+//! The figures of a run, and the summary that compares them with the targets
+//! and, in a run with a baseline, with the baseline build's figures.
+
+use std::time::Duration;
 
 use crate::Options;
+use crate::compare::{PerBuild, times};
+use crate::drain::Drained;
 
 /// One figure of the summary.
 #[derive(Debug)]
 struct Row {
     scenario: &'static str,
     figure: String,
-    value: String,
-    /// The target and whether it was met; none for figures without one.
-    target: Option<(String, bool)>,
+    value: Value,
+    /// The target and whether it was met (none if it could not be
+    /// measured); none for figures without a target.
+    target: Option<(String, Option<bool>)>,
+}
+
+/// A figure's value as printed: the current build's and, in a run with a
+/// baseline, the baseline's and their ratio.
+#[derive(Debug, Clone)]
+pub struct Value {
+    current: String,
+    baseline: Option<String>,
+    ratio: Option<String>,
+}
+
+impl From<String> for Value {
+    fn from(current: String) -> Self {
+        Self {
+            current,
+            baseline: None,
+            ratio: None,
+        }
+    }
+}
+
+impl Value {
+    /// A number measured with each build, shown by `show`, with the ratio
+    /// current / baseline.
+    pub fn of(values: &PerBuild<f64>, show: impl Fn(f64) -> String) -> Self {
+        Self {
+            current: show(values.current),
+            baseline: values.baseline.map(&show),
+            ratio: values.ratio().map(times),
+        }
+    }
+
+    /// A text for each build, with no ratio.
+    pub fn text(values: &PerBuild<String>) -> Self {
+        Self {
+            current: values.current.clone(),
+            baseline: values.baseline.clone(),
+            ratio: None,
+        }
+    }
+
+    /// A drain's rate and its dispatcher CPU per event, side by side.
+    pub fn drain(drains: &PerBuild<Drained>) -> Self {
+        Self::join([
+            Self::of(&drains.map(Drained::rate), rate),
+            Self::of(&drains.map(Drained::cpu_per_event_us), per_event),
+        ])
+    }
+
+    /// Values side by side: `9.1k/s, 110 µs/event`.
+    pub fn join(parts: impl IntoIterator<Item = Value>) -> Self {
+        let parts: Vec<Value> = parts.into_iter().collect();
+        let joined = |f: fn(&Value) -> Option<&String>| {
+            parts
+                .iter()
+                .map(f)
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
+        };
+        Self {
+            current: joined(|v| Some(&v.current)).unwrap_or_default(),
+            baseline: joined(|v| v.baseline.as_ref()),
+            ratio: joined(|v| v.ratio.as_ref()),
+        }
+    }
 }
 
 /// Everything a run measured.
 #[derive(Debug)]
 pub struct Report {
     rows: Vec<Row>,
+    /// The NATS drains, for their longest pauses in consumption.
+    pauses: Vec<(String, PerBuild<Drained>)>,
     quick: bool,
     concurrency: usize,
+    builds: Vec<crate::compare::Build>,
 }
 
 impl Report {
     pub fn new(options: &Options) -> Self {
         Self {
             rows: Vec::new(),
+            pauses: Vec::new(),
             quick: options.quick,
             concurrency: options.concurrency,
+            builds: options.builds.clone(),
         }
     }
 
@@ -94,56 +170,158 @@ impl Report {
                 .join(" ")
         );
         println!(
-            "- {nats}; dispatchers run with --concurrency {}",
-            self.concurrency
+            "- {nats}; dispatchers run with --concurrency {}; CPU times in ticks of 1/{} s",
+            self.concurrency,
+            crate::common::clock_ticks_per_second().map_or_else(|_| "?".into(), |t| t.to_string())
         );
+        for build in &self.builds {
+            println!("- {} build: {}", build.name, build.binary.display());
+        }
     }
 
     /// A figure without a target.
-    pub fn figure(&mut self, scenario: &'static str, figure: impl Into<String>, value: String) {
-        self.rows.push(Row {
-            scenario,
-            figure: figure.into(),
-            value,
-            target: None,
-        });
-    }
-
-    /// A figure checked against its target.
-    pub fn check(
+    pub fn figure(
         &mut self,
         scenario: &'static str,
         figure: impl Into<String>,
-        value: String,
-        target: &str,
-        met: bool,
+        value: impl Into<Value>,
     ) {
         self.rows.push(Row {
             scenario,
             figure: figure.into(),
-            value,
-            target: Some((target.to_string(), met)),
+            value: value.into(),
+            target: None,
         });
     }
 
-    /// The table of every figure, with the targets.
-    pub fn print_summary(&self) {
+    /// A figure checked against its target (the current build's value):
+    /// `met` is none where the run cannot tell (the figure is too coarse to
+    /// judge, or needs what the run did not have).
+    pub fn check(
+        &mut self,
+        scenario: &'static str,
+        figure: impl Into<String>,
+        value: impl Into<Value>,
+        target: &str,
+        met: impl Into<Option<bool>>,
+    ) {
+        self.rows.push(Row {
+            scenario,
+            figure: figure.into(),
+            value: value.into(),
+            target: Some((target.to_string(), met.into())),
+        });
+    }
+
+    /// A dispatcher's CPU per event, in µs, against its ceiling.
+    pub fn check_cpu(
+        &mut self,
+        scenario: &'static str,
+        figure: impl Into<String>,
+        us: &PerBuild<f64>,
+        ceiling_us: f64,
+    ) {
+        self.check(
+            scenario,
+            figure,
+            Value::of(us, micros_of),
+            &format!("≤ {ceiling_us} µs"),
+            us.current <= ceiling_us,
+        );
+    }
+
+    /// A drain's rate and CPU per event as a figure; on NATS its longest
+    /// pause in consumption also counts toward the run's.
+    pub fn drain(
+        &mut self,
+        scenario: &'static str,
+        figure: impl Into<String>,
+        drains: &PerBuild<Drained>,
+    ) {
+        let figure = figure.into();
+        self.note_pauses(scenario, &figure, drains);
+        self.figure(scenario, figure, Value::drain(drains));
+    }
+
+    /// Counts the longest pauses in consumption of drains on NATS toward
+    /// the run's.
+    pub fn note_pauses(&mut self, scenario: &str, figure: &str, drains: &PerBuild<Drained>) {
+        if drains.current.on_nats {
+            self.pauses
+                .push((format!("{scenario}: {figure}"), drains.clone()));
+        }
+    }
+
+    /// The table of every figure, with the targets; last, the longest pause
+    /// in consumption of all the NATS drains.
+    pub fn print_summary(&mut self) {
+        self.check_pauses();
+        let compared = self.builds.len() > 1;
         println!();
         println!("## Summary");
         println!();
-        println!("| scenario | figure | value | target | |");
-        println!("|---|---|---:|---|---|");
+        if compared {
+            println!("| scenario | figure | value | baseline | current / baseline | target | |");
+            println!("|---|---|---:|---:|---:|---|---|");
+        } else {
+            println!("| scenario | figure | value | target | |");
+            println!("|---|---|---:|---|---|");
+        }
         for row in &self.rows {
             let (target, verdict) = match &row.target {
-                Some((target, true)) => (target.as_str(), "met"),
-                Some((target, false)) => (target.as_str(), "**missed**"),
+                Some((target, Some(true))) => (target.as_str(), "met"),
+                Some((target, Some(false))) => (target.as_str(), "**missed**"),
+                Some((target, None)) => (target.as_str(), "cannot tell"),
                 None => ("", ""),
             };
-            println!(
-                "| {} | {} | {} | {target} | {verdict} |",
-                row.scenario, row.figure, row.value
-            );
+            let value = &row.value;
+            if compared {
+                println!(
+                    "| {} | {} | {} | {} | {} | {target} | {verdict} |",
+                    row.scenario,
+                    row.figure,
+                    value.current,
+                    value.baseline.as_deref().unwrap_or(""),
+                    value.ratio.as_deref().unwrap_or(""),
+                );
+            } else {
+                println!(
+                    "| {} | {} | {} | {target} | {verdict} |",
+                    row.scenario, row.figure, value.current
+                );
+            }
         }
+    }
+
+    /// The row of the longest pause of all the NATS drains, if any ran.
+    fn check_pauses(&mut self) {
+        const TARGET: Duration = Duration::from_secs(1);
+        let longest = |pick: fn(&PerBuild<Drained>) -> Option<&Drained>| {
+            self.pauses
+                .iter()
+                .filter_map(|(name, drains)| Some((pick(drains)?, name.as_str())))
+                .max_by_key(|&(drain, _)| drain.longest_pause())
+                .map(|(drain, name)| format!("{}, {name}", drain.longest_pause_read()))
+        };
+        let Some(current) = longest(|d| Some(&d.current)) else {
+            return;
+        };
+        let met = self
+            .pauses
+            .iter()
+            .all(|(_, d)| d.current.longest_pause() <= TARGET);
+        let value = Value {
+            current,
+            baseline: longest(|d| d.baseline.as_ref()),
+            ratio: None,
+        };
+        self.check(
+            "all",
+            "longest pause in consumption while events wait (NATS drains)",
+            value,
+            "none over 1 s",
+            met,
+        );
     }
 }
 
@@ -159,4 +337,33 @@ pub fn rate(per_second: f64) -> String {
 /// A ratio as a percentage.
 pub fn percent(ratio: f64) -> String {
     format!("{:.0}%", ratio * 100.0)
+}
+
+/// A short duration in µs: `110 µs`, `8.4 µs`.
+pub fn micros(d: Duration) -> String {
+    micros_of(d.as_secs_f64() * 1e6)
+}
+
+/// A number of µs, as [`micros`] shows it.
+pub fn micros_of(us: f64) -> String {
+    if us >= 100.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+/// CPU µs per event: `110 µs/event`.
+pub fn per_event(us: f64) -> String {
+    format!("{}/event", micros_of(us))
+}
+
+/// Seconds with two decimals: `0.04 s`.
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// KiB as `95.9 MiB`.
+pub fn mib_of(kib: f64) -> String {
+    format!("{:.1} MiB", kib / 1024.0)
 }

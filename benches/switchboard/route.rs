@@ -1,28 +1,23 @@
 //! Route-only: the dispatcher drains a backlog through one chain of one `log`
 //! step (below the log level, so it renders but writes nothing), next to a
-//! bare client consuming the same backlog on the same server.
+//! bare client consuming the same backlog on the same server; and the same
+//! on the embedded bus. Each build drains a backlog of its own.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use async_nats::jetstream;
-use futures::TryStreamExt as _;
 
-use crate::common::{self, Dispatcher, NatsServer, Spec, mib, poll_event};
-use crate::report::{Report, percent, rate};
+use crate::common::{self, Dispatcher, EventsBus, Spec, poll_chain, poll_event};
+use crate::compare::{Build, PerBuild};
+use crate::drain::{self, Drained};
+use crate::report::{Report, Value, mib_of, percent, rate};
 
 const PREFIX: &str = "vumi";
 const ACCOUNT: &str = "bench";
 
-/// The one chain: every `poll_complete` of the account runs a `log` step.
-const CHAIN_FILE: &str = r#"account_key = "bench"
-
-[[chains]]
-name = "poll-complete"
-conversation_type = "survey"
-event_type = "poll_complete"
-
+/// The one chain's step: every `poll_complete` of the account runs a `log`
+/// step.
+const LOG_STEP: &str = r#"
 [[chains.steps]]
 handler = "log"
 config = { level = "debug", message = "{{ event.event_data.msisdn }} finished {{ event.conversation_key }}" }
@@ -31,219 +26,135 @@ config = { level = "debug", message = "{{ event.event_data.msisdn }} finished {{
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
     let n = options.scaled(200_000);
     println!("\n## route: one `log` step, {n} events on NATS");
-    let server = NatsServer::start()?;
-    let client = async_nats::connect(server.url()).await?;
-    let js = jetstream::new(client);
-    let stream = js
-        .create_stream(switchboard_sdk::nats::events_stream_config(PREFIX))
-        .await
-        .context("creating the events stream")?;
-    let (fill, _) = common::fill_nats(&js, PREFIX, n, |i| poll_event(ACCOUNT, i, 1_000)).await?;
-    println!("backlog of {n} published in {:.1} s", fill.as_secs_f64());
-
-    // The bus's limit on this very backlog, then the dispatcher on it.
-    let (taken, took) = common::raw_consume(&stream, "raw").await?;
-    let raw = taken as f64 / took.as_secs_f64();
-    println!("raw pull consume + ack: {}", rate(raw));
-
-    let root = tempfile::tempdir()?;
-    let chains = write_chains(root.path())?;
-    let mut dispatcher = Dispatcher::start(Spec {
-        data: &root.path().join("data"),
-        chains: Some(&chains),
-        nats: Some(server.url()),
-        concurrency: options.concurrency,
-        config: None,
+    let nats = PerBuild::measure(&options.builds, async |build| {
+        on_nats(options, build, n).await
     })
     .await?;
-    let took = drain_nats(&mut dispatcher, &js, n).await?;
-    let nats_rate = n as f64 / took.as_secs_f64();
-    let hwm = dispatcher.hwm_kib()?;
-    dispatcher.stop().await;
-    println!(
-        "dispatcher drained {n} in {:.2} s ({}), peak RSS {} MiB",
-        took.as_secs_f64(),
-        rate(nats_rate),
-        mib(hwm)
-    );
-    drop(server);
+    let drains = nats.map(|(_, r)| r.drained.clone());
+    drain::print_ratios(&drains);
 
     let m = options.scaled(50_000);
     println!("\n## route: one `log` step, {m} events on the embedded bus");
-    let root = tempfile::tempdir()?;
-    let data = root.path().join("data");
-    let fill = common::fill_embedded(&data, PREFIX, m, |i| poll_event(ACCOUNT, i, 1_000)).await?;
-    println!("backlog of {m} queued in {:.1} s", fill.as_secs_f64());
-    let chains = write_chains(root.path())?;
-    let mut dispatcher = Dispatcher::start(Spec {
-        data: &data,
-        chains: Some(&chains),
-        nats: None,
-        concurrency: options.concurrency,
-        config: None,
+    let embedded = PerBuild::measure(&options.builds, async |build| {
+        on_embedded(options, build, m).await
     })
     .await?;
-    let took = drain(&mut dispatcher, Some(ACCOUNT), m).await?;
-    let embedded_rate = m as f64 / took.as_secs_f64();
-    let embedded_hwm = dispatcher.hwm_kib()?;
-    dispatcher.stop().await;
-    println!(
-        "dispatcher drained {m} in {:.2} s ({}), peak RSS {} MiB",
-        took.as_secs_f64(),
-        rate(embedded_rate),
-        mib(embedded_hwm)
-    );
+    let embedded_drains = embedded.map(|r| r.drained.clone());
+    drain::print_ratios(&embedded_drains);
 
-    report.figure("route", "raw pull consume + ack, same backlog", rate(raw));
-    report.figure("route", "dispatcher on NATS", rate(nats_rate));
-    let ratio = nats_rate / raw;
+    report.figure(
+        "route",
+        "raw pull consume + ack, same backlog",
+        Value::of(&nats.map(|&(raw, _)| raw), rate),
+    );
+    report.drain("route", "dispatcher on NATS", &drains);
+    let ratio = nats.map(|(raw, r)| r.drained.rate() / raw);
     report.check(
         "route",
         "dispatcher on NATS / raw consume + ack",
-        percent(ratio),
+        Value::of(&ratio, percent),
         "≥ 50%",
-        ratio >= 0.5,
+        ratio.current >= 0.5,
     );
-    report.figure("route", "peak RSS on NATS", format!("{} MiB", mib(hwm)));
+    report.check_cpu(
+        "route",
+        "dispatcher on NATS, CPU per event",
+        &drains.map(Drained::cpu_per_event_us),
+        20.0,
+    );
     report.figure(
         "route",
-        "dispatcher on the embedded bus",
-        rate(embedded_rate),
+        "peak RSS on NATS",
+        Value::of(&nats.map(|(_, r)| r.hwm_kib as f64), mib_of),
     );
+    report.drain("route", "dispatcher on the embedded bus", &embedded_drains);
     report.figure(
         "route",
         "peak RSS on the embedded bus",
-        format!("{} MiB", mib(embedded_hwm)),
+        Value::of(&embedded.map(|r| r.hwm_kib as f64), mib_of),
     );
     Ok(())
 }
 
-pub fn write_chains(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// What one build's drain of a backlog measured.
+#[derive(Debug)]
+struct Figures {
+    drained: Drained,
+    hwm_kib: u64,
+}
+
+/// A backlog of `n` on a fresh server; a bare consumer takes and acks it
+/// (the bus's limit on this very backlog, events/s), then the dispatcher
+/// drains it.
+async fn on_nats(
+    options: &crate::Options,
+    build: &Build,
+    n: u64,
+) -> anyhow::Result<(f64, Figures)> {
+    let EventsBus {
+        server, js, stream, ..
+    } = EventsBus::start(PREFIX).await?;
+    let (fill, _) = common::fill_nats(&js, PREFIX, n, |i| poll_event(ACCOUNT, i, 1_000)).await?;
+    let (taken, took) = common::raw_consume(&stream, "raw").await?;
+    let raw = taken as f64 / took.as_secs_f64();
+    println!(
+        "{}backlog of {n} published in {:.1} s; raw pull consume + ack: {}",
+        build.tag(),
+        fill.as_secs_f64(),
+        rate(raw)
+    );
+    let root = tempfile::tempdir()?;
+    let figures = drain_with(options, build, root.path(), Some((server.url(), &js)), n).await?;
+    Ok((raw, figures))
+}
+
+/// A backlog of `n` queued in a fresh data directory, drained by the
+/// dispatcher on the embedded bus.
+async fn on_embedded(options: &crate::Options, build: &Build, n: u64) -> anyhow::Result<Figures> {
+    let root = tempfile::tempdir()?;
+    let fill = common::fill_embedded(&root.path().join("data"), PREFIX, n, |i| {
+        poll_event(ACCOUNT, i, 1_000)
+    })
+    .await?;
+    println!(
+        "{}backlog of {n} queued in {:.1} s",
+        build.tag(),
+        fill.as_secs_f64()
+    );
+    drain_with(options, build, root.path(), None, n).await
+}
+
+/// Starts a dispatcher of `build` with its data in `root`, on the NATS
+/// server given or on the embedded bus, and waits until it has drained the
+/// `n` events there.
+async fn drain_with(
+    options: &crate::Options,
+    build: &Build,
+    root: &Path,
+    nats: Option<(&str, &jetstream::Context)>,
+    n: u64,
+) -> anyhow::Result<Figures> {
+    let chains = write_chains(root)?;
+    let mut dispatcher = Dispatcher::start(Spec {
+        binary: Some(&build.binary),
+        data: &root.join("data"),
+        chains: Some(&chains),
+        nats: nats.map(|(url, _)| url),
+        concurrency: options.concurrency,
+        config: None,
+    })
+    .await?;
+    let drained = match nats {
+        Some((_, js)) => drain::nats(&mut dispatcher, js, n).await?,
+        None => drain::embedded(&mut dispatcher, Some(ACCOUNT), n).await?,
+    };
+    let hwm_kib = drain::stop_after(dispatcher, &drained, &build.tag()).await?;
+    Ok(Figures { drained, hwm_kib })
+}
+
+fn write_chains(root: &Path) -> anyhow::Result<std::path::PathBuf> {
     let dir = root.join("chains");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("bench.toml"), CHAIN_FILE)?;
+    std::fs::write(dir.join("bench.toml"), poll_chain(ACCOUNT, LOG_STEP))?;
     Ok(dir)
-}
-
-/// Waits until the dispatcher has taken and acked everything on the NATS
-/// stream (see [`drain_nats_by`]); returns how long that took from when it
-/// started listening.
-pub async fn drain_nats(
-    dispatcher: &mut Dispatcher,
-    js: &jetstream::Context,
-    n: u64,
-) -> anyhow::Result<Duration> {
-    let since = dispatcher.listening_at;
-    drain_nats_by(std::slice::from_mut(dispatcher), js, n, since).await
-}
-
-/// Waits until `dispatchers` (sharing the consumer) have taken and acked
-/// everything on the NATS stream, watching their consumer on the server (so
-/// that the watching costs them nothing: `/metrics` grows with the
-/// accounts), then checks that their `/metrics` count `n` events handled in
-/// all; returns how long that took from `since`.
-pub async fn drain_nats_by(
-    dispatchers: &mut [Dispatcher],
-    js: &jetstream::Context,
-    n: u64,
-    since: Instant,
-) -> anyhow::Result<Duration> {
-    const STALL: Duration = Duration::from_secs(60);
-    let stream = js
-        .get_stream(switchboard_sdk::nats::events_stream_config(PREFIX).name)
-        .await?;
-    // One consumer, or one per partition when replicas share the bus.
-    let mut names: Vec<String> = stream.consumer_names().try_collect().await?;
-    names.sort();
-    if names.is_empty() {
-        bail!("the stream has no consumer:\n{}", dispatchers[0].log_tail());
-    }
-    let mut consumers = Vec::with_capacity(names.len());
-    for name in &names {
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(name)
-            .await
-            .map_err(|e| anyhow::anyhow!("the dispatcher's consumer {name}: {e}"))?;
-        consumers.push(consumer);
-    }
-    let mut last = u64::MAX;
-    let mut progressed = Instant::now();
-    // About 50 consumer reads a second in all, whatever the number of
-    // consumers: the reads cost the server too.
-    let every = Duration::from_millis(20) * consumers.len() as u32;
-    let took = loop {
-        tokio::time::sleep(every).await;
-        for d in dispatchers.iter_mut() {
-            d.check_alive()?;
-        }
-        // Waiting to be delivered, or delivered and not acked.
-        let (mut left, mut delivered) = (0, 0);
-        for consumer in &mut consumers {
-            let info = consumer.info().await?;
-            left += info.num_pending + info.num_ack_pending as u64;
-            delivered = delivered.max(info.delivered.stream_sequence);
-        }
-        if left == 0 && delivered >= n {
-            break since.elapsed();
-        }
-        if left < last {
-            last = left;
-            progressed = Instant::now();
-        } else if progressed.elapsed() > STALL {
-            bail!(
-                "no progress for {STALL:?} with {last} of {n} events left:\n{}",
-                dispatchers[0].log_tail()
-            );
-        }
-    };
-    let (mut handled, mut other) = (0, 0);
-    for d in dispatchers.iter() {
-        let counts = d.counts(None).await?;
-        handled += counts.handled;
-        other += counts.other;
-    }
-    if handled != n || other != 0 {
-        bail!(
-            "the stream is drained, but {handled} events were handled and {other} not \
-             (unrouted, expired or dead-lettered) of {n}:\n{}",
-            dispatchers[0].log_tail()
-        );
-    }
-    Ok(took)
-}
-
-/// Waits until the dispatcher has handled `n` events (of `account`, or of
-/// all); returns how long that took from when it started listening.
-pub async fn drain(
-    dispatcher: &mut Dispatcher,
-    account: Option<&str>,
-    n: u64,
-) -> anyhow::Result<Duration> {
-    const STALL: Duration = Duration::from_secs(60);
-    let mut last = 0;
-    let mut progressed = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        dispatcher.check_alive()?;
-        let counts = dispatcher.counts(account).await?;
-        if counts.other > 0 {
-            bail!(
-                "{} events were not handled (unrouted, expired or dead-lettered):\n{}",
-                counts.other,
-                dispatcher.log_tail()
-            );
-        }
-        if counts.handled >= n {
-            return Ok(dispatcher.listening_at.elapsed());
-        }
-        if counts.handled > last {
-            last = counts.handled;
-            progressed = Instant::now();
-        } else if progressed.elapsed() > STALL {
-            bail!(
-                "no progress for {STALL:?} at {last} of {n} handled:\n{}",
-                dispatcher.log_tail()
-            );
-        }
-    }
 }

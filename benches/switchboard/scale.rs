@@ -1,32 +1,33 @@
 //! Many accounts: 10, 1,000 and 10,000 accounts with 10 chains each. For each,
 //! the dispatcher's start-up (applying the chain files, then again loading
 //! them from its store), the cost of looking up and matching an event's
-//! chains, and the route-only throughput with events spread over every
-//! account and chain.
+//! chains, and the route-only throughput (with the dispatcher's CPU per
+//! event) with events spread over every account and chain.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream;
 use switchboard_sdk::{EventType, VumiApiEvent};
 
-use crate::common::{self, Dispatcher, NatsServer, Spec, mib, poll_event};
-use crate::report::{Report, rate};
+use crate::common::{Dispatcher, EventsBus, Spec, mib, poll_event};
+use crate::compare::{Build, PerBuild, times};
+use crate::drain::{self, Drained};
+use crate::report::{Report, Value, mib_of};
 
 const PREFIX: &str = "vumi";
 const SCALES: [u64; 3] = [10, 1_000, 10_000];
 const CHAINS_PER_ACCOUNT: u64 = 10;
 
-/// What one scale measured.
+/// What one scale measured with one build.
 #[derive(Debug)]
 struct Figures {
-    accounts: u64,
     first_start: Duration,
     start: Duration,
-    lookup_ns: f64,
-    rate: f64,
+    /// In this process, on the current build's store only.
+    lookup_ns: Option<f64>,
+    drained: Drained,
     /// Resident once started, with every chain loaded.
     started_kib: u64,
     hwm_kib: u64,
@@ -39,95 +40,110 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         println!(
             "\n## scale: {accounts} accounts × {CHAINS_PER_ACCOUNT} chains, {n} events over all of them"
         );
-        let figures = one_scale(options, accounts, n).await?;
-        println!(
-            "first start (applies {accounts} chain files) {:.2} s; start {:.2} s; \
-             lookup + match {:.0} ns/event; {}; RSS {} MiB once started, peak {} MiB",
-            figures.first_start.as_secs_f64(),
-            figures.start.as_secs_f64(),
-            figures.lookup_ns,
-            rate(figures.rate),
-            mib(figures.started_kib),
-            mib(figures.hwm_kib)
-        );
-        all.push(figures);
+        let figures = PerBuild::measure(&options.builds, async |build| {
+            let f = one_scale(options, build, accounts, n).await?;
+            println!(
+                "{}first start (applies {accounts} chain files) {:.2} s; start {:.2} s; \
+                 lookup + match {} ns/event; {}; RSS {} MiB once started, peak {} MiB",
+                build.tag(),
+                f.first_start.as_secs_f64(),
+                f.start.as_secs_f64(),
+                f.lookup_ns.map_or("-".into(), |ns| format!("{ns:.0}")),
+                f.drained.describe(),
+                mib(f.started_kib),
+                mib(f.hwm_kib)
+            );
+            Ok(f)
+        })
+        .await?;
+        let drains = figures.map(|f| f.drained.clone());
+        drain::print_ratios(&drains);
+        all.push((accounts, figures, drains));
     }
 
     println!();
     println!(
-        "| accounts | first start s | start s | lookup ns/event | events/s | RSS started MiB | peak RSS MiB |"
+        "| accounts | build | first start s | start s | lookup ns/event | events/s | CPU µs/event | RSS started MiB | peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for f in &all {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} |",
-            f.accounts,
-            f.first_start.as_secs_f64(),
-            f.start.as_secs_f64(),
-            f.lookup_ns,
-            f.rate,
-            mib(f.started_kib),
-            mib(f.hwm_kib)
-        );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (accounts, figures, _) in &all {
+        let builds = std::iter::once(("current", &figures.current))
+            .chain(figures.baseline.as_ref().map(|f| ("baseline", f)));
+        for (build, f) in builds {
+            println!(
+                "| {accounts} | {build} | {:.2} | {:.2} | {} | {:.0} | {:.1} | {} | {} |",
+                f.first_start.as_secs_f64(),
+                f.start.as_secs_f64(),
+                f.lookup_ns.map_or("-".into(), |ns| format!("{ns:.0}")),
+                f.drained.rate(),
+                f.drained.cpu_per_event_us(),
+                mib(f.started_kib),
+                mib(f.hwm_kib)
+            );
+        }
     }
-    for f in &all {
+    for (accounts, figures, drains) in &all {
         report.figure(
             "scale",
-            format!("{} accounts: start / lookup / throughput", f.accounts),
-            format!(
-                "{:.2} s / {:.0} ns / {}",
-                f.start.as_secs_f64(),
-                f.lookup_ns,
-                rate(f.rate)
-            ),
+            format!("{accounts} accounts: start / lookup"),
+            Value::text(&figures.map(|f| {
+                format!(
+                    "{:.2} s / {}",
+                    f.start.as_secs_f64(),
+                    f.lookup_ns.map_or("-".into(), |ns| format!("{ns:.0} ns"))
+                )
+            })),
+        );
+        report.drain("scale", format!("{accounts} accounts: throughput"), drains);
+    }
+    let ((small, small_figures, small_drains), (large, large_figures, large_drains)) =
+        (&all[0], &all[all.len() - 1]);
+    if let (Some(small_ns), Some(large_ns)) = (
+        small_figures.current.lookup_ns,
+        large_figures.current.lookup_ns,
+    ) {
+        let growth = large_ns / small_ns;
+        report.check(
+            "scale",
+            format!("lookup cost, {large} vs {small} accounts"),
+            times(growth),
+            "flat (≤ ×1.5)",
+            growth <= 1.5,
         );
     }
-    let (small, large) = (&all[0], &all[all.len() - 1]);
-    let growth = large.lookup_ns / small.lookup_ns;
+    let kept = large_drains.zip_with(small_drains, |l, s| l.rate() / s.rate());
     report.check(
         "scale",
-        format!(
-            "lookup cost, {} vs {} accounts",
-            large.accounts, small.accounts
-        ),
-        format!("×{growth:.2}"),
-        "flat (≤ ×1.5)",
-        growth <= 1.5,
-    );
-    let kept = large.rate / small.rate;
-    report.check(
-        "scale",
-        format!(
-            "throughput, {} vs {} accounts",
-            large.accounts, small.accounts
-        ),
-        format!("×{kept:.2}"),
+        format!("throughput, {large} vs {small} accounts"),
+        Value::of(&kept, times),
         "does not fall (≥ ×0.8, noise)",
-        kept >= 0.8,
+        kept.current >= 0.8,
     );
+    let hwm = large_figures.map(|f| f.hwm_kib as f64);
     report.check(
         "scale",
-        format!("peak RSS at {} accounts", large.accounts),
-        format!("{} MiB", mib(large.hwm_kib)),
-        "< 300 MB",
-        large.hwm_kib * 1024 < 300_000_000,
+        format!("peak RSS at {large} accounts × {CHAINS_PER_ACCOUNT} chains"),
+        Value::of(&hwm, mib_of),
+        "< 150 MiB",
+        hwm.current < 150.0 * 1024.0,
     );
     Ok(())
 }
 
-async fn one_scale(options: &crate::Options, accounts: u64, n: u64) -> anyhow::Result<Figures> {
+async fn one_scale(
+    options: &crate::Options,
+    build: &Build,
+    accounts: u64,
+    n: u64,
+) -> anyhow::Result<Figures> {
     let root = tempfile::tempdir()?;
     let chains = write_chains(root.path(), accounts)?;
     let data = root.path().join("data");
-    let server = NatsServer::start()?;
-    let client = async_nats::connect(server.url()).await?;
-    let js = jetstream::new(client);
-    js.create_stream(switchboard_sdk::nats::events_stream_config(PREFIX))
-        .await
-        .context("creating the events stream")?;
+    let EventsBus { server, js, .. } = EventsBus::start(PREFIX).await?;
 
     // First start: every chain file is validated and stored.
     let spec = Spec {
+        binary: Some(&build.binary),
         data: &data,
         chains: Some(&chains),
         nats: Some(server.url()),
@@ -138,35 +154,32 @@ async fn one_scale(options: &crate::Options, accounts: u64, n: u64) -> anyhow::R
     let first_start = dispatcher.start_took;
     dispatcher.stop().await;
 
-    // The lookup the executor makes for every event, on the stored chains.
-    let lookup_ns = {
+    // The lookup the executor makes for every event, on the stored chains,
+    // with this checkout's code (so not for another build's store).
+    let lookup_ns = if build.is_current() {
         let store = switchboard_store::Store::open(&data.join("store"))
             .context("opening the dispatcher's store")?;
         let chain_store = switchboard_rules::ChainStore::open(store)?;
         let events: Vec<VumiApiEvent> = (0..4_096).map(|i| event(i, accounts)).collect();
-        measure_lookup(&chain_store, &events)?
+        Some(measure_lookup(&chain_store, &events)?)
+    } else {
+        None
     };
 
     // A backlog spread over every account and chain, drained by a dispatcher
     // that loads its chains from its store.
-    let (fill, _) = common::fill_nats(&js, PREFIX, n, |i| event(i, accounts)).await?;
-    println!("backlog of {n} published in {:.1} s", fill.as_secs_f64());
-    let mut dispatcher = Dispatcher::start(Spec {
-        chains: None,
-        ..spec
-    })
-    .await?;
+    let mut dispatcher =
+        drain::start_on_backlog(&js, spec, n, |i| event(i, accounts), &build.tag()).await?;
     let start = dispatcher.start_took;
     let started_kib = dispatcher.rss_kib()?;
-    let drain = crate::route::drain_nats(&mut dispatcher, &js, n).await?;
+    let drained = drain::nats(&mut dispatcher, &js, n).await?;
     let hwm_kib = dispatcher.hwm_kib()?;
     dispatcher.stop().await;
     Ok(Figures {
-        accounts,
         first_start,
         start,
         lookup_ns,
-        rate: n as f64 / drain.as_secs_f64(),
+        drained,
         started_kib,
         hwm_kib,
     })

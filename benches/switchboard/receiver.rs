@@ -1,0 +1,146 @@
+//! The payment gateway of the chains that end in `payment_webhook`: an
+//! HTTP/1.1 server with keep-alive on loopback in this program, which
+//! answers every webhook 200 and notes when each arrived. The dispatchers
+//! may call it because they run with `--outbound-allow 127.0.0.1`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use axum::extract::State;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use switchboard_sdk::VumiApiEvent;
+
+use crate::common::Dispatcher;
+
+/// The account secret the webhooks are signed with, by its name in the
+/// `payment_webhook` steps.
+pub const SECRET_NAME: &str = "gateway";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Gives `account` the secret [`SECRET_NAME`], through the dispatcher's API.
+pub async fn put_secret(dispatcher: &Dispatcher, account: &str) -> anyhow::Result<()> {
+    dispatcher
+        .put_text(
+            &format!("/v1/accounts/{account}/secrets/{SECRET_NAME}"),
+            SECRET.into(),
+            "text/plain",
+        )
+        .await?;
+    Ok(())
+}
+
+/// Webhook arrivals, by the event id the body carries as `reference`.
+#[derive(Debug, Default)]
+struct Arrivals {
+    first: HashMap<String, Instant>,
+    repeats: u64,
+}
+
+/// The payment gateway: an HTTP/1.1 server with keep-alive that answers every
+/// webhook 200 and notes when it arrived.
+#[derive(Debug)]
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    arrivals: Arc<Mutex<Arrivals>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        let arrivals = Arc::new(Mutex::new(Arrivals::default()));
+        let app = axum::Router::new()
+            .route("/payments", axum::routing::post(payment))
+            .with_state(arrivals.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            addr,
+            arrivals,
+            task,
+        })
+    }
+
+    /// Webhooks that arrived again for an event.
+    pub fn repeats(&self) -> u64 {
+        self.arrivals.lock().expect("arrivals").repeats
+    }
+
+    /// Events with a webhook.
+    pub fn arrived(&self) -> usize {
+        self.arrivals.lock().expect("arrivals").first.len()
+    }
+
+    /// Waits until every one of `events` has arrived; returns their arrivals.
+    pub async fn wait_for(
+        &self,
+        events: &[VumiApiEvent],
+        dispatcher: &mut Dispatcher,
+    ) -> anyhow::Result<HashMap<String, Instant>> {
+        const STALL: Duration = Duration::from_secs(60);
+        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+        let mut seen = 0;
+        let mut progressed = Instant::now();
+        loop {
+            {
+                let arrivals = self.arrivals.lock().expect("arrivals");
+                let arrived = ids
+                    .iter()
+                    .filter(|id| arrivals.first.contains_key(*id))
+                    .count();
+                if arrived == ids.len() {
+                    return Ok(ids
+                        .into_iter()
+                        .map(|id| {
+                            let at = arrivals.first[&id];
+                            (id, at)
+                        })
+                        .collect());
+                }
+                if arrived > seen {
+                    seen = arrived;
+                    progressed = Instant::now();
+                }
+            }
+            dispatcher.check_alive()?;
+            if progressed.elapsed() > STALL {
+                bail!(
+                    "no webhook for {STALL:?} at {seen} of {}:\n{}",
+                    ids.len(),
+                    dispatcher.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn payment(State(arrivals): State<Arc<Mutex<Arrivals>>>, body: Bytes) -> StatusCode {
+    let at = Instant::now();
+    let Some(reference) = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["reference"].as_str().map(str::to_string))
+    else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let mut guard = arrivals.lock().expect("arrivals");
+    let arrivals = &mut *guard;
+    match arrivals.first.entry(reference) {
+        std::collections::hash_map::Entry::Occupied(_) => arrivals.repeats += 1,
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(at);
+        }
+    }
+    StatusCode::OK
+}
