@@ -652,7 +652,8 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
 /// the bucket before it is taken for stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
-    use switchboard_handlers::stores::{ContactStore, ContactUpsert};
+    use switchboard_dispatcher::state::StoredContacts;
+    use switchboard_handlers::records::{ContactUpsert, Contacts};
     use switchboard_store::Store;
 
     let nats = crate::util::NatsServer::start();
@@ -672,7 +673,7 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     let upsert_all = |store: Store, tag: &'static str| {
         let acme = acme.clone();
         tokio::task::spawn_blocking(move || {
-            let contacts = ContactStore::new(store);
+            let contacts = StoredContacts::new(store);
             for i in 0..numbers {
                 let mut fields = serde_json::Map::new();
                 fields.insert(tag.into(), json!(i));
@@ -699,7 +700,7 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     // replicas' fields.
     let c = open("c").await;
     c.caught_up().await;
-    let all = ContactStore::new(c)
+    let all = StoredContacts::new(c)
         .list(&acme, 10_000)
         .expect("the contacts");
     let distinct: HashSet<&str> = all

@@ -15,12 +15,13 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_handlers::ScriptStore;
-use switchboard_handlers::script::{ScriptStoreError, ScriptVersion};
+use switchboard_handlers::records::secrets::check_secret_name;
+use switchboard_handlers::records::{Contacts, Messages, ScriptVersion, Secrets};
+use switchboard_handlers::script::ScriptStoreError;
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
 use crate::dry_run;
-use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore, check_secret_name};
 
 use crate::auth::{self, Auth, Principal, TokenError};
 use crate::bus::Bus;
@@ -59,11 +60,11 @@ pub struct ApiState {
     /// The bus's subject prefix.
     pub prefix: String,
     /// Contacts of every account.
-    pub contacts: ContactStore,
+    pub contacts: Arc<dyn Contacts>,
     /// Message records of every account.
-    pub messages: MessageStore,
+    pub messages: Arc<dyn Messages>,
     /// Secrets of every account (write-only).
-    pub secrets: SecretStore,
+    pub secrets: Arc<dyn Secrets>,
     /// The admin token and the account tokens.
     pub auth: Arc<Auth>,
     /// The per-account limit on `POST /v1/events`.
@@ -255,7 +256,7 @@ impl From<ScriptStoreError> for ApiError {
                 }));
                 err
             }
-            ScriptStoreError::Store(_) | ScriptStoreError::Corrupt { .. } => ApiError::internal(e),
+            ScriptStoreError::Records(_) => ApiError::internal(e),
         }
     }
 }
@@ -1131,7 +1132,7 @@ impl From<CreateError> for ApiError {
             CreateError::Exists { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "exists", e.to_string())
             }
-            CreateError::Store(_) => ApiError::internal(e),
+            CreateError::Store(_) | CreateError::Records(_) => ApiError::internal(e),
         }
     }
 }
@@ -1203,7 +1204,7 @@ impl From<InboundError> for ApiError {
             InboundError::Rejected(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "signature_rejected", e.to_string())
             }
-            InboundError::Store(_) => ApiError::internal(e),
+            InboundError::Store(_) | InboundError::Records(_) => ApiError::internal(e),
             InboundError::Bus(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "bus_unavailable",

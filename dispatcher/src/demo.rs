@@ -19,8 +19,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::{Value, json};
+use switchboard_handlers::records::Secrets;
 use switchboard_handlers::sms::{HttpSms, SmsProvider};
-use switchboard_handlers::stores::SecretStore;
 use switchboard_handlers::webhook;
 use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
@@ -30,6 +30,7 @@ use crate::auth::AdminToken;
 use crate::config::Config;
 use crate::outbound::{EmailProvider, SmtpSecurity};
 use crate::runtime::{Dispatcher, StartError};
+use crate::state::StoredSecrets;
 use crate::trace::{Trace, TraceStatus};
 
 /// Options of the demo.
@@ -103,9 +104,7 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .map(|a| a.account.clone())
         .unwrap_or_else(|| "acme".to_string());
     let account_key = AccountKey::new(account.clone()).expect("applied accounts are valid");
-    SecretStore::new(dispatcher.store().clone())
-        .set(&account_key, "gateway", DEMO_SECRET)
-        .map_err(StartError::Store)?;
+    StoredSecrets::new(dispatcher.store().clone()).set(&account_key, "gateway", DEMO_SECRET)?;
     println!(
         "account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}"
     );

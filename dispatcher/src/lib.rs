@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod ratelimit;
 pub mod runtime;
+pub mod state;
 pub mod trace;
 
 pub use config::Config;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::sms::SmsProvider;
-use switchboard_handlers::stores::{ContactStore, MessageStore, SecretStore};
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
@@ -36,6 +35,7 @@ use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::outbound::{LettreMail, NatsCommands, NoCommands, OutboundPolicy, ReqwestHttp};
 use crate::ratelimit::RateLimiter;
+use crate::state::RecordPorts;
 use crate::trace::Traces;
 
 /// Why the dispatcher could not start.
@@ -47,6 +47,9 @@ pub enum StartError {
     /// The stored chains could not be loaded.
     #[error(transparent)]
     Chains(#[from] switchboard_rules::ChainStoreError),
+    /// A record (the demo's secret) could not be written.
+    #[error(transparent)]
+    Records(#[from] switchboard_handlers::records::RecordError),
     /// A chain file given at start-up is bad.
     #[error("{0}")]
     ChainFile(String),
@@ -180,16 +183,19 @@ impl Dispatcher {
         let metrics = Arc::new(Metrics::default());
         let mail = LettreMail::new(&config.providers.email, metrics.clone())
             .map_err(StartError::Config)?;
+        let records = RecordPorts::over(&store);
         let scripts = Arc::new(ScriptStore::new(
-            store.clone(),
+            records.scripts.clone(),
             Arc::new(ScriptRuntime::new(
                 config.rhai.clone(),
-                Some(Arc::new(ContactStore::new(store.clone()))),
+                Some(records.contacts.clone()),
             )),
         ));
         let registry = Arc::new(
             Registry::with_services(Services {
-                store: store.clone(),
+                contacts: records.contacts.clone(),
+                messages: records.messages.clone(),
+                secrets: records.secrets.clone(),
                 http: Arc::new(ReqwestHttp::new(
                     OutboundPolicy::new(&config.outbound).map_err(StartError::Config)?,
                     metrics.clone(),
@@ -209,6 +215,7 @@ impl Dispatcher {
             registry: registry.clone(),
             bus: bus.clone(),
             store: store.clone(),
+            idempotency: records.idempotency.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             prefix: prefix.clone(),
@@ -252,9 +259,9 @@ impl Dispatcher {
             metrics: metrics.clone(),
             max_event_bytes: config.limits.max_event_bytes,
             prefix: prefix.clone(),
-            contacts: ContactStore::new(store.clone()),
-            messages: MessageStore::new(store.clone()),
-            secrets: SecretStore::new(store.clone()),
+            contacts: records.contacts.clone(),
+            messages: records.messages.clone(),
+            secrets: records.secrets.clone(),
             auth,
             ingest_limit: Arc::new(RateLimiter::new(
                 config.limits.ingest_rate,
@@ -265,6 +272,7 @@ impl Dispatcher {
             )),
             inbound: Arc::new(Inbound::new(
                 store.clone(),
+                &records,
                 bus.clone(),
                 metrics.clone(),
                 &public_url,

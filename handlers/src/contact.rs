@@ -1,11 +1,14 @@
 //! `create_contact`: creates or updates a contact of the event's account,
 //! keyed by msisdn and/or e-mail.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 use switchboard_rules::FieldProblem;
 
 use crate::options::{any_str, object_option, only_known, rendered_string, string_option};
-use crate::stores::{ContactStore, ContactUpsert, normalize_email, normalize_msisdn};
+use crate::records::contacts::{normalize_email, normalize_msisdn};
+use crate::records::{ContactUpsert, Contacts};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// `create_contact`.
@@ -15,12 +18,12 @@ use crate::{Handler, StepError, StepInput, StepOutput};
 /// `email`, `name`, `language`, `fields`) and `created`.
 #[derive(Debug, Clone)]
 pub struct CreateContact {
-    contacts: ContactStore,
+    contacts: Arc<dyn Contacts>,
 }
 
 impl CreateContact {
     /// The handler over `contacts`.
-    pub fn new(contacts: ContactStore) -> Self {
+    pub fn new(contacts: Arc<dyn Contacts>) -> Self {
         Self { contacts }
     }
 }
@@ -35,7 +38,7 @@ impl Handler for CreateContact {
         "create_contact"
     }
 
-    /// A contact is a record in the dispatcher's own store.
+    /// A contact is a record the dispatcher keeps.
     fn effects(&self) -> crate::Effects {
         crate::Effects::Local
     }
@@ -113,11 +116,7 @@ impl Handler for CreateContact {
             .contacts
             .upsert(&input.event.account_key, upsert)
             .map_err(|e| StepError::retryable(format!("storing the contact: {e}"), None))?;
-        let mut output = match serde_json::to_value(&contact) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
-        };
-        output.remove("account_key");
+        let mut output = contact.without_account();
         output.insert("created".into(), Value::Bool(created));
         Ok(StepOutput::next(output))
     }

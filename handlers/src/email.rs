@@ -10,8 +10,9 @@ use switchboard_rules::FieldProblem;
 
 use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
 use crate::ports::{Email, MailPort};
+use crate::records::contacts::normalize_email;
+use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
 use crate::sms::{check_recipients, recipients};
-use crate::stores::{Channel, MessageRecord, MessageStatus, MessageStore, normalize_email};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// The header that carries the message id.
@@ -39,12 +40,16 @@ pub fn queue_id(answer: &str) -> Option<String> {
 pub struct SendEmail {
     mail: Arc<dyn MailPort>,
     providers: Vec<String>,
-    messages: MessageStore,
+    messages: Arc<dyn Messages>,
 }
 
 impl SendEmail {
     /// The handler over the mail port (whose providers are `providers`).
-    pub fn new(mail: Arc<dyn MailPort>, providers: Vec<String>, messages: MessageStore) -> Self {
+    pub fn new(
+        mail: Arc<dyn MailPort>,
+        providers: Vec<String>,
+        messages: Arc<dyn Messages>,
+    ) -> Self {
         Self {
             mail,
             providers,

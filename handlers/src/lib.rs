@@ -3,9 +3,11 @@
 //! A [`Handler`] checks its configuration when a chain is stored and, for each
 //! event, turns the step's input into an outcome: continue with an output,
 //! stop the chain, or fail (retryable or permanent). Handlers do their side
-//! effects through ports the dispatcher provides; the two built-ins of this
-//! crate so far, [`builtin::Log`] and [`builtin::Emit`], need none: `emit`
-//! returns the events to publish, and the dispatcher publishes them.
+//! effects through ports the dispatcher provides: [`ports`] for the outside
+//! world (HTTP, mail, the bus), [`records`] for the records they keep
+//! (contacts, message records, secrets, idempotency keys, scripts).
+//! [`builtin::Log`] and [`builtin::Emit`] need none: `emit` returns the
+//! events to publish, and the dispatcher publishes them.
 //!
 //! `script:NAME` steps run the account's Rhai script `NAME` ([`script`]); the
 //! registry resolves them when a chain is stored, and compiles `when`
@@ -26,23 +28,27 @@ pub mod contact;
 pub mod email;
 mod options;
 pub mod ports;
+pub mod records;
 pub mod script;
 pub mod sms;
-pub mod stores;
 pub mod template;
 pub mod webhook;
 
 pub use script::{
-    ContactLookup, EventConditions, INLINE_MAX_OPERATIONS, RhaiLimits, ScriptHandler,
-    ScriptRuntime, ScriptStore, ScriptStoreError,
+    EventConditions, INLINE_MAX_OPERATIONS, RhaiLimits, ScriptHandler, ScriptRuntime, ScriptStore,
+    ScriptStoreError,
 };
 pub use template::{EventValue, Scope, Templates};
 
 /// What the side-effecting built-in handlers need from the deployment.
 #[derive(Debug, Clone)]
 pub struct Services {
-    /// The store (contacts, messages, secrets).
-    pub store: switchboard_store::Store,
+    /// Contacts (`create_contact`).
+    pub contacts: Arc<dyn records::Contacts>,
+    /// Message records (`send_sms`, `send_email`).
+    pub messages: Arc<dyn records::Messages>,
+    /// Account secrets (`payment_webhook`).
+    pub secrets: Arc<dyn records::Secrets>,
     /// Outbound HTTP.
     pub http: Arc<dyn ports::HttpPort>,
     /// Outbound e-mail.
@@ -297,24 +303,21 @@ impl Registry {
     /// A registry with every built-in handler, side effects going through `services`.
     pub fn with_services(services: Services) -> Self {
         let mut r = Self::with_builtins();
-        let contacts = stores::ContactStore::new(services.store.clone());
-        let messages = stores::MessageStore::new(services.store.clone());
-        let secrets = stores::SecretStore::new(services.store.clone());
-        r.register(Arc::new(contact::CreateContact::new(contacts)));
+        r.register(Arc::new(contact::CreateContact::new(services.contacts)));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,
             services.http.clone(),
             services.commands,
-            messages.clone(),
+            services.messages.clone(),
         )));
         r.register(Arc::new(email::SendEmail::new(
             services.mail,
             services.email_providers,
-            messages,
+            services.messages,
         )));
         r.register(Arc::new(webhook::PaymentWebhook::new(
             services.http,
-            secrets,
+            services.secrets,
         )));
         r
     }

@@ -33,20 +33,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
+use crate::records::Contacts;
 use crate::{EmitRequest, LogLine, StepError, StepOutput};
 
 mod handler;
 mod store;
 
 pub use handler::ScriptHandler;
-pub use store::{CompiledScript, ScriptStore, ScriptStoreError, ScriptVersion, is_script_name};
-
-/// Reads an account's contacts for `contact()`. The dispatcher provides it;
-/// it must only ever answer from `account`'s own contacts.
-pub trait ContactLookup: Send + Sync {
-    /// The contact of `account` with this MSISDN or email address.
-    fn find(&self, account: &AccountKey, msisdn_or_email: &str) -> Option<Map<String, Value>>;
-}
+pub use store::{CompiledScript, ScriptStore, ScriptStoreError, is_script_name};
 
 /// The sandbox limits of every script and `when` condition (`[rhai]` in the
 /// dispatcher's config).
@@ -196,7 +190,7 @@ struct CallState {
     account: AccountKey,
     conversation_type: ConversationType,
     conversation_key: ConversationKey,
-    contacts: Option<Arc<dyn ContactLookup>>,
+    contacts: Option<Arc<dyn Contacts>>,
     emits: Vec<EmitRequest>,
     logs: Vec<LogLine>,
     dropped_logs: usize,
@@ -250,7 +244,7 @@ pub const INLINE_MAX_OPERATIONS: u64 = 100_000;
 pub struct ScriptRuntime {
     engine: Engine,
     limits: RhaiLimits,
-    contacts: Option<Arc<dyn ContactLookup>>,
+    contacts: Option<Arc<dyn Contacts>>,
     /// Compiled `when` conditions, by their text.
     conditions: RwLock<HashMap<String, Arc<AST>>>,
     /// Operations run by every call so far.
@@ -278,7 +272,7 @@ pub const SCRIPT_FUNCTIONS: &str =
 
 impl ScriptRuntime {
     /// An engine with the sandbox `limits`; `contacts` answers `contact()`.
-    pub fn new(limits: RhaiLimits, contacts: Option<Arc<dyn ContactLookup>>) -> Self {
+    pub fn new(limits: RhaiLimits, contacts: Option<Arc<dyn Contacts>>) -> Self {
         let mut engine = Engine::new();
         engine
             .set_optimization_level(OptimizationLevel::Simple)
@@ -800,13 +794,16 @@ fn register_functions(engine: &mut Engine) {
         push_log("info", message.to_string())
     });
     engine.register_fn("contact", |who: ImmutableString| -> Dynamic {
+        // Only the calling account's; a contact that cannot be read is
+        // answered as none, like an unknown one.
         with_call(|c| {
-            c.contacts
-                .as_ref()
-                .and_then(|lookup| lookup.find(&c.account, &who))
+            let contacts = c.contacts.as_ref()?;
+            contacts.find(&c.account, &who).ok().flatten()
         })
         .flatten()
-        .map_or(Dynamic::UNIT, |contact| ScriptRuntime::to_dynamic(&contact))
+        .map_or(Dynamic::UNIT, |contact| {
+            ScriptRuntime::to_dynamic(&contact.without_account())
+        })
     });
     engine.register_fn("now", || -> ImmutableString {
         switchboard_sdk::format_rfc3339(switchboard_sdk::now()).into()

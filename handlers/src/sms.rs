@@ -12,7 +12,8 @@ use switchboard_rules::FieldProblem;
 
 use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
 use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
-use crate::stores::{Channel, MessageRecord, MessageStatus, MessageStore, normalize_msisdn};
+use crate::records::contacts::normalize_msisdn;
+use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
@@ -103,7 +104,7 @@ pub struct SendSms {
     providers: BTreeMap<String, SmsProvider>,
     http: Arc<dyn HttpPort>,
     commands: Arc<dyn CommandPort>,
-    messages: MessageStore,
+    messages: Arc<dyn Messages>,
 }
 
 impl SendSms {
@@ -112,7 +113,7 @@ impl SendSms {
         providers: BTreeMap<String, SmsProvider>,
         http: Arc<dyn HttpPort>,
         commands: Arc<dyn CommandPort>,
-        messages: MessageStore,
+        messages: Arc<dyn Messages>,
     ) -> Self {
         Self {
             providers,

@@ -3,6 +3,8 @@ use switchboard_rules::{StepCatalog, StepSpec};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
 use super::*;
+use crate::records::Contacts;
+use crate::records::test_util::{MemoryContacts, MemoryScripts};
 
 fn step(handler: &str, config: serde_json::Value) -> StepSpec {
     StepSpec {
@@ -26,7 +28,11 @@ fn event() -> VumiApiEvent {
 }
 
 async fn run(step: &StepSpec) -> Result<StepOutput, StepError> {
-    let registry = Registry::with_builtins();
+    run_in(&Registry::with_builtins(), step).await
+}
+
+/// Runs `step` for [`event`] with the handlers of `registry`.
+async fn run_in(registry: &Registry, step: &StepSpec) -> Result<StepOutput, StepError> {
     let event = event();
     let steps = serde_json::Map::new();
     let scope = registry
@@ -236,224 +242,56 @@ fn smtp_queue_ids_become_remote_ids() {
     );
 }
 
-#[test]
-fn delivery_reports_never_move_a_message_back() {
-    use stores::MessageStatus::*;
-    // Out of order: `processed` after `delivered` is stale; equal ranks replace.
-    assert!(Sent.rank() < Delivered.rank());
-    assert!(Deferred.rank() < Delivered.rank());
-    assert_eq!(Delivered.rank(), Bounced.rank());
-    assert!(Delivered.rank() < Opened.rank() && Opened.rank() < Clicked.rank());
-    // The names a send records stay as they were.
-    let names: Vec<String> = [Pending, Sent, Delivered, Failed, Bounced, SpamReported]
-        .iter()
-        .map(|s| {
-            serde_json::to_value(s)
-                .unwrap()
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "pending",
-            "sent",
-            "delivered",
-            "failed",
-            "bounced",
-            "spam_reported"
-        ]
-    );
-    assert_eq!(SpamReported.to_string(), "spam_reported");
-}
-
-#[test]
-fn delivery_reports_apply_once_and_in_order() {
-    use stores::{Channel, MessageRecord, MessageStatus, MessageStore, Reported};
-    let store = switchboard_store::Store::temporary().unwrap();
-    let messages = MessageStore::new(store.clone());
-    let acme = AccountKey::new("acme").unwrap();
-    let now = switchboard_sdk::now();
-    let record = MessageRecord {
-        id: "m-1".into(),
-        account_key: acme.clone(),
-        channel: Channel::Sms,
-        recipient: "+27820000001".into(),
-        body: "hi".into(),
-        subject: None,
-        provider: "twilio".into(),
-        remote_id: None,
-        status: MessageStatus::Pending,
-        event_id: "e".into(),
-        chain: "c".into(),
-        step: "s".into(),
-        created_at: now,
-        updated_at: now,
-        transitions: Vec::new(),
-    };
-    messages.record(record).unwrap();
-    messages
-        .transition(
-            &acme,
-            "m-1",
-            MessageStatus::Sent,
-            "accepted",
-            Some("SM1".into()),
-        )
-        .unwrap();
-    // Found by the provider's id, on its channel and account only.
-    let found = |channel, account: &AccountKey| {
-        messages
-            .find_by_remote_id(account, channel, "SM1")
-            .unwrap()
-            .map(|m| m.id)
-    };
-    assert_eq!(found(Channel::Sms, &acme), Some("m-1".into()));
-    assert_eq!(found(Channel::Email, &acme), None);
-    assert_eq!(
-        found(Channel::Sms, &AccountKey::new("other").unwrap()),
-        None
-    );
-
-    // A second store instance (the API's, beside the handlers') sees and
-    // keeps every change.
-    let other_instance = MessageStore::new(store);
-    let report = |to, source: &str| {
-        other_instance
-            .report(&acme, "m-1", to, &format!("report {source}"), source)
-            .unwrap()
-            .map(|(m, r)| (m.status, r))
-    };
-    assert_eq!(
-        report(MessageStatus::Delivered, "t:1"),
-        Some((
-            MessageStatus::Delivered,
-            Reported::Applied {
-                from: MessageStatus::Sent
-            }
-        ))
-    );
-    assert_eq!(
-        report(MessageStatus::Delivered, "t:1"),
-        Some((MessageStatus::Delivered, Reported::Duplicate))
-    );
-    assert_eq!(
-        report(MessageStatus::Sent, "t:0"),
-        Some((
-            MessageStatus::Delivered,
-            Reported::Stale {
-                current: MessageStatus::Delivered
-            }
-        ))
-    );
-    assert_eq!(
-        other_instance
-            .report(&acme, "m-2", MessageStatus::Sent, "x", "t:2")
-            .unwrap(),
-        None
-    );
-    let m = messages.get(&acme, "m-1").unwrap().unwrap();
-    let path: Vec<(Option<MessageStatus>, MessageStatus, Option<&str>)> = m
-        .transitions
-        .iter()
-        .map(|t| (t.from, t.to, t.source.as_deref()))
-        .collect();
-    assert_eq!(
-        path,
-        [
-            (None, MessageStatus::Pending, None),
-            (Some(MessageStatus::Pending), MessageStatus::Sent, None),
-            (
-                Some(MessageStatus::Sent),
-                MessageStatus::Delivered,
-                Some("t:1")
-            ),
-        ]
-    );
-}
-
-#[test]
-fn msisdns_and_emails_normalise() {
-    use stores::{normalize_email, normalize_msisdn};
-    let good = [
-        ("+27 82 000-0001", "+27820000001"),
-        ("0027820000001", "+27820000001"),
-        ("+1 (500) 555.0006", "+15005550006"),
-    ];
-    for (raw, want) in good {
-        assert_eq!(normalize_msisdn(raw).as_deref(), Ok(want), "{raw}");
-    }
-    for raw in [
-        "0820000001",
-        "12345",
-        "+0820000001",
-        "+2782000000112345",
-        "+27abc",
-        "",
-    ] {
-        assert!(normalize_msisdn(raw).is_err(), "{raw} should be refused");
-    }
-    assert_eq!(
-        normalize_email(" Thandi@Example.ORG ").as_deref(),
-        Ok("thandi@example.org")
-    );
-    for raw in [
-        "thandi",
-        "@example.org",
-        "a@b",
-        "a b@example.org",
-        "a@example.org.",
-        "a@b@c.org",
-    ] {
-        assert!(normalize_email(raw).is_err(), "{raw} should be refused");
-    }
-}
-
-#[test]
-fn contacts_upsert_by_msisdn_or_email_within_an_account() {
-    use stores::{ContactStore, ContactUpsert};
-    let contacts = ContactStore::new(switchboard_store::Store::temporary().unwrap());
-    let acme = AccountKey::new("acme").unwrap();
-    let other = AccountKey::new("other").unwrap();
-    let by_msisdn = ContactUpsert {
-        msisdn: Some("+27820000001".into()),
-        name: Some("Thandi".into()),
-        ..Default::default()
-    };
-    let (first, created) = contacts.upsert(&acme, by_msisdn.clone()).unwrap();
-    assert!(created);
+#[tokio::test]
+async fn create_contact_upserts_by_msisdn_or_email() {
+    let contacts = Arc::new(MemoryContacts::default());
+    let mut registry = Registry::with_builtins();
+    registry.register(Arc::new(contact::CreateContact::new(contacts.clone())));
+    let first = run_in(
+        &registry,
+        &step(
+            "create_contact",
+            json!({"msisdn": "+27 82 000 0001", "fields": {"score": "{{ event.event_data.score }}"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.data["created"], json!(true));
+    assert_eq!(first.data["msisdn"], json!("+27820000001"));
+    assert_eq!(first.data["fields"], json!({"score": 4}));
+    assert!(!first.data.contains_key("account_key"));
     // The same number again, now with an e-mail: the same contact, updated.
-    let (second, created) = contacts
-        .upsert(
-            &acme,
-            ContactUpsert {
-                email: Some("t@example.org".into()),
-                ..by_msisdn.clone()
-            },
-        )
-        .unwrap();
-    assert!(!created);
-    assert_eq!(second.key, first.key);
-    assert_eq!(second.email.as_deref(), Some("t@example.org"));
-    // Found by e-mail too; another account has its own contact for the number.
-    assert_eq!(
-        contacts.find(&acme, "T@example.org").unwrap().unwrap().key,
-        first.key
-    );
-    assert!(contacts.find(&other, "+27820000001").unwrap().is_none());
-    let (theirs, created) = contacts.upsert(&other, by_msisdn).unwrap();
-    assert!(created);
-    assert_ne!(theirs.key, first.key);
+    let second = run_in(
+        &registry,
+        &step(
+            "create_contact",
+            json!({"msisdn": "0027820000001", "email": "T@Example.org"}),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.data["created"], json!(false));
+    assert_eq!(second.data["key"], first.data["key"]);
+    assert_eq!(second.data["email"], json!("t@example.org"));
+    let acme = AccountKey::new("acme").unwrap();
     assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
-    assert!(contacts.get(&other, &first.key).unwrap().is_none());
+    // Nothing to key the contact by, once rendered: a permanent failure.
+    let err = run_in(
+        &registry,
+        &step(
+            "create_contact",
+            json!({"msisdn": "{{ event.event_data.nope | default('') }}"}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
 }
 
 #[test]
 fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
     let scripts = Arc::new(ScriptStore::new(
-        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(MemoryScripts::default()),
         Arc::new(ScriptRuntime::default()),
     ));
     let acme = AccountKey::new("acme").unwrap();
@@ -500,7 +338,7 @@ fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
 #[tokio::test]
 async fn a_script_step_runs_through_the_registry() {
     let scripts = Arc::new(ScriptStore::new(
-        switchboard_store::Store::temporary().unwrap(),
+        Arc::new(MemoryScripts::default()),
         Arc::new(ScriptRuntime::default()),
     ));
     let acme = AccountKey::new("acme").unwrap();

@@ -13,7 +13,8 @@ use switchboard_rules::FieldProblem;
 
 use crate::options::{object_option, only_known, required_string, string_option};
 use crate::ports::{HttpPort, HttpRequest, redact_url};
-use crate::stores::{SecretStore, check_secret_name};
+use crate::records::Secrets;
+use crate::records::secrets::check_secret_name;
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
@@ -121,12 +122,12 @@ pub fn verify(
 #[derive(Debug, Clone)]
 pub struct PaymentWebhook {
     http: Arc<dyn HttpPort>,
-    secrets: SecretStore,
+    secrets: Arc<dyn Secrets>,
 }
 
 impl PaymentWebhook {
     /// The handler over an HTTP port and the account secrets.
-    pub fn new(http: Arc<dyn HttpPort>, secrets: SecretStore) -> Self {
+    pub fn new(http: Arc<dyn HttpPort>, secrets: Arc<dyn Secrets>) -> Self {
         Self { http, secrets }
     }
 }

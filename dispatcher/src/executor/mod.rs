@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use switchboard_handlers::stores::IdempotencyStore;
+use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
 use switchboard_sdk::VumiApiEvent;
@@ -72,8 +72,10 @@ pub struct ExecutorParts {
     pub registry: Arc<Registry>,
     /// Where emitted events and dead letters go.
     pub bus: Arc<dyn Bus>,
-    /// The store under the journal, dead letters and idempotency keys.
+    /// The store under the journal and dead letters.
     pub store: Store,
+    /// Step idempotency keys.
+    pub idempotency: Arc<dyn IdempotencyKeys>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Limits.
@@ -90,7 +92,7 @@ pub struct Executor {
     bus: Arc<dyn Bus>,
     journal: Journal,
     dead_letters: DeadLetters,
-    idempotency: IdempotencyStore,
+    idempotency: Arc<dyn IdempotencyKeys>,
     store: Store,
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
@@ -104,6 +106,8 @@ enum Interrupted {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    Records(#[from] RecordError),
+    #[error(transparent)]
     Bus(#[from] BusError),
 }
 
@@ -113,7 +117,7 @@ impl Executor {
         Self {
             journal: Journal::new(parts.store.clone()),
             dead_letters: DeadLetters::new(parts.store.clone()),
-            idempotency: IdempotencyStore::new(parts.store.clone()),
+            idempotency: parts.idempotency,
             chains: parts.chains,
             registry: parts.registry,
             bus: parts.bus,
@@ -448,7 +452,7 @@ impl Executor {
         let start = record.steps.len();
         let steps = Steps {
             registry: &self.registry,
-            idempotency: &self.idempotency,
+            idempotency: self.idempotency.as_ref(),
             metrics: &self.metrics,
             max_event_bytes: self.limits.max_event_bytes,
         };

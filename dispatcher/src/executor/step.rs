@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use switchboard_handlers::stores::IdempotencyStore;
+use switchboard_handlers::records::IdempotencyKeys;
 use switchboard_handlers::{
     Effects, EventValue, LogLine, Registry, StepError, StepInput, StepOutput,
 };
@@ -43,7 +43,7 @@ pub(super) enum Attempt {
 #[derive(Debug)]
 pub(super) struct Steps<'a> {
     pub registry: &'a Registry,
-    pub idempotency: &'a IdempotencyStore,
+    pub idempotency: &'a dyn IdempotencyKeys,
     pub metrics: &'a Metrics,
     pub max_event_bytes: usize,
 }
@@ -125,7 +125,7 @@ impl Steps<'_> {
                     Ok(true) => return self.skipped(step, trace, spec.window),
                     Ok(false) => Some(key),
                     Err(e) => {
-                        let message = format!("reading idempotency keys: {e}");
+                        let message = format!("reading {e}");
                         return self.failed(
                             step,
                             trace,

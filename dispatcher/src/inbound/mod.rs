@@ -20,10 +20,10 @@ use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use switchboard_handlers::sms::TwilioSms;
-use switchboard_handlers::stores::{
-    Channel, MessageRecord, MessageStatus, MessageStore, Reported, SecretStore,
+use switchboard_handlers::records::{
+    Channel, MessageRecord, MessageStatus, Messages, RecordError, Reported, Secrets,
 };
+use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
 };
@@ -32,6 +32,7 @@ use time::OffsetDateTime;
 
 use crate::bus::{Bus, BusError};
 use crate::metrics::{InboundResult, Metrics};
+use crate::state::RecordPorts;
 
 pub mod sendgrid;
 mod store;
@@ -227,6 +228,10 @@ pub enum InboundError {
     /// The store failed; the provider should post again.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A message record or secret could not be read or written; the
+    /// provider should post again.
+    #[error(transparent)]
+    Records(#[from] RecordError),
     /// The bus would not take an event; the provider should post again.
     #[error("the bus would not take the events: {0}; post again later")]
     Bus(#[from] BusError),
@@ -277,6 +282,9 @@ pub enum CreateError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The account's secrets could not be read.
+    #[error(transparent)]
+    Records(#[from] RecordError),
 }
 
 /// What an inbound POST did with each record.
@@ -327,8 +335,8 @@ pub struct Inbound {
     pub hooks: HookStore,
     /// Records that matched nothing.
     pub unmatched: UnmatchedStore,
-    messages: MessageStore,
-    secrets: SecretStore,
+    messages: Arc<dyn Messages>,
+    secrets: Arc<dyn Secrets>,
     twilio: Vec<TwilioSms>,
     public_url: String,
     bus: Arc<dyn Bus>,
@@ -338,11 +346,13 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Inbound webhooks over `store`, publishing on `bus`. `public_url` is
-    /// the base URL providers post to; `twilio` the deployment's Twilio
-    /// providers.
+    /// Inbound webhooks over `store`, moving the message records of
+    /// `records` and checking signatures with its secrets, publishing on
+    /// `bus`. `public_url` is the base URL providers post to; `twilio` the
+    /// deployment's Twilio providers.
     pub fn new(
         store: Store,
+        records: &RecordPorts,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         public_url: &str,
@@ -352,8 +362,8 @@ impl Inbound {
         Self {
             hooks: HookStore::new(store.clone()),
             unmatched: UnmatchedStore::new(store.clone()),
-            messages: MessageStore::new(store.clone()),
-            secrets: SecretStore::new(store.clone()),
+            messages: records.messages.clone(),
+            secrets: records.secrets.clone(),
             twilio,
             public_url: public_url.trim_end_matches('/').to_string(),
             bus,
@@ -648,7 +658,7 @@ impl Inbound {
         &self,
         account: &AccountKey,
         report: &Report,
-    ) -> Result<Option<MessageRecord>, StoreError> {
+    ) -> Result<Option<MessageRecord>, RecordError> {
         if let Some(id) = &report.message_id
             && let Some(m) = self.messages.get(account, id)?
             && m.channel == report.channel
@@ -697,10 +707,7 @@ impl Inbound {
             tracing::info!(%account, provider = provider.name(), message_id = message.id,
                 from = %before, to = %message.status, cause = report.cause, "message status changed");
         }
-        let channel = match message.channel {
-            Channel::Sms => "sms",
-            Channel::Email => "email",
-        };
+        let channel = message.channel.as_str();
         let mut data = Map::new();
         data.insert("message_id".into(), json!(message.id));
         data.insert("provider".into(), json!(provider.name()));

@@ -8,7 +8,7 @@
 //! suffixes). `open`, `click` and the engagement events carry only the latter.
 
 use serde_json::{Map, Value, json};
-use switchboard_handlers::stores::{Channel, MessageStatus};
+use switchboard_handlers::records::{Channel, MessageStatus};
 
 use super::{Parsed, Report};
 use crate::metrics::InboundResult;

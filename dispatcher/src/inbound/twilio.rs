@@ -8,8 +8,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha1::Sha1;
+use switchboard_handlers::records::{Channel, MessageStatus};
 use switchboard_handlers::sms::TwilioSms;
-use switchboard_handlers::stores::{Channel, MessageStatus};
 
 use super::{Parsed, Report};
 use crate::metrics::InboundResult;

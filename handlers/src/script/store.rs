@@ -3,35 +3,18 @@
 //! A put compiles the script first, so a script that does not compile is never
 //! stored. The compiled AST of each script's current version is cached; a put
 //! replaces it, so the next event runs the new version without a restart and
-//! the old AST is never used again.
+//! the old AST is never used again. The versions themselves are kept by the
+//! [`ScriptRecords`] port the dispatcher provides.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rhai::AST;
-use serde::{Deserialize, Serialize};
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, Write, key};
-use time::OffsetDateTime;
 
 use super::{CompileError, ScriptRuntime};
-
-/// One version of a script, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScriptVersion {
-    /// The account.
-    pub account_key: AccountKey,
-    /// The script's name (`script:NAME` in chains).
-    pub name: String,
-    /// 1 for the first put, then +1 for each put.
-    pub version: u64,
-    /// When it was stored.
-    #[serde(with = "time::serde::rfc3339")]
-    pub stored_at: OffsetDateTime,
-    /// The Rhai source.
-    pub source: String,
-}
+use crate::records::{RecordError, ScriptRecords, ScriptVersion};
 
 /// A script's current version, compiled.
 pub struct CompiledScript {
@@ -55,19 +38,9 @@ impl fmt::Debug for CompiledScript {
 /// Why a script store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptStoreError {
-    /// The storage below failed.
+    /// The stored versions could not be read or written.
     #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A stored record could not be read back.
-    #[error("stored script {name:?} of account {account} is unreadable: {message}")]
-    Corrupt {
-        /// The account.
-        account: String,
-        /// The script.
-        name: String,
-        /// What went wrong.
-        message: String,
-    },
+    Records(#[from] RecordError),
     /// The name cannot be a script's.
     #[error(
         "{0:?} is not a script name: use a letter or _ followed by letters, digits or _ (at most 64)"
@@ -117,7 +90,7 @@ type CacheKey = (AccountKey, String);
 /// Every account's scripts.
 #[derive(Debug)]
 pub struct ScriptStore {
-    store: Store,
+    records: Arc<dyn ScriptRecords>,
     runtime: Arc<ScriptRuntime>,
     /// The compiled current version of each script that has been used or put.
     cache: RwLock<HashMap<CacheKey, Arc<CompiledScript>>>,
@@ -126,10 +99,10 @@ pub struct ScriptStore {
 }
 
 impl ScriptStore {
-    /// Scripts kept in `store`, compiled by `runtime`.
-    pub fn new(store: Store, runtime: Arc<ScriptRuntime>) -> Self {
+    /// Scripts kept in `records`, compiled by `runtime`.
+    pub fn new(records: Arc<dyn ScriptRecords>, runtime: Arc<ScriptRuntime>) -> Self {
         Self {
-            store,
+            records,
             runtime,
             cache: RwLock::new(HashMap::new()),
             writer: Mutex::new(()),
@@ -161,17 +134,12 @@ impl ScriptStore {
                 })?;
         let _guard = self.writer.lock().expect("script writer lock");
         // Another replica may take the same number at the same moment: the
-        // version's key must be new, or the number is read again.
+        // version must be new, or the number is read again.
         let record = loop {
-            let last = self.store.scan_prefix_rev(
-                Collection::ScriptVersions,
-                &key(&[account.as_str().as_bytes(), name.as_bytes(), b""]),
-                1,
-            )?;
-            let next = match last.first() {
-                Some((k, _)) => version_of_key(k) + 1,
-                None => 1,
-            };
+            let next = self
+                .records
+                .last_version(account, name)?
+                .map_or(1, |v| v + 1);
             let record = ScriptVersion {
                 account_key: account.clone(),
                 name: name.to_string(),
@@ -179,27 +147,10 @@ impl ScriptStore {
                 stored_at: switchboard_sdk::now(),
                 source: source.to_string(),
             };
-            let bytes = serde_json::to_vec(&record).expect("a script version serialises");
-            let written = self.store.write_atomically_creating(
-                &[
-                    Write {
-                        collection: Collection::Scripts,
-                        key: current_key(account, name),
-                        value: Some(bytes.clone()),
-                    },
-                    Write {
-                        collection: Collection::ScriptVersions,
-                        key: version_key(account, name, next),
-                        value: Some(bytes),
-                    },
-                ],
-                1,
-            )?;
-            if written {
+            if self.records.create(&record)? {
                 break record;
             }
         };
-        self.store.flush_blocking()?;
         self.cache.write().expect("script cache lock").insert(
             (account.clone(), name.to_string()),
             Arc::new(CompiledScript {
@@ -217,22 +168,12 @@ impl ScriptStore {
         account: &AccountKey,
         name: &str,
     ) -> Result<Option<ScriptVersion>, ScriptStoreError> {
-        self.store
-            .get(Collection::Scripts, &current_key(account, name))?
-            .map(|v| decode(account, name, &v))
-            .transpose()
+        Ok(self.records.current(account, name)?)
     }
 
     /// The current version of every script of `account`, by name.
     pub fn list(&self, account: &AccountKey) -> Result<Vec<ScriptVersion>, ScriptStoreError> {
-        self.store
-            .scan_prefix(
-                Collection::Scripts,
-                &key(&[account.as_str().as_bytes(), b""]),
-            )?
-            .into_iter()
-            .map(|(_, v)| decode(account, "", &v))
-            .collect()
+        Ok(self.records.list(account)?)
     }
 
     /// Every version of a script, oldest first (kept after a remove).
@@ -241,14 +182,7 @@ impl ScriptStore {
         account: &AccountKey,
         name: &str,
     ) -> Result<Vec<ScriptVersion>, ScriptStoreError> {
-        self.store
-            .scan_prefix(
-                Collection::ScriptVersions,
-                &key(&[account.as_str().as_bytes(), name.as_bytes(), b""]),
-            )?
-            .into_iter()
-            .map(|(_, v)| decode(account, name, &v))
-            .collect()
+        Ok(self.records.history(account, name)?)
     }
 
     /// One version of a script.
@@ -258,17 +192,13 @@ impl ScriptStore {
         name: &str,
         version: u64,
     ) -> Result<ScriptVersion, ScriptStoreError> {
-        match self.store.get(
-            Collection::ScriptVersions,
-            &version_key(account, name, version),
-        )? {
-            Some(v) => decode(account, name, &v),
-            None => Err(ScriptStoreError::NoSuchVersion {
+        self.records
+            .version(account, name, version)?
+            .ok_or_else(|| ScriptStoreError::NoSuchVersion {
                 account: account.to_string(),
                 name: name.to_string(),
                 version,
-            }),
-        }
+            })
     }
 
     /// Removes a script (its versions are kept; a later put continues the numbering).
@@ -278,19 +208,15 @@ impl ScriptStore {
         name: &str,
     ) -> Result<ScriptVersion, ScriptStoreError> {
         let _guard = self.writer.lock().expect("script writer lock");
-        let removed = self
-            .store
-            .remove(Collection::Scripts, &current_key(account, name))?
-            .ok_or_else(|| ScriptStoreError::NoSuchScript {
-                account: account.to_string(),
-                name: name.to_string(),
-            })?;
-        self.store.flush_blocking()?;
+        let removed = self.records.remove(account, name);
         self.cache
             .write()
             .expect("script cache lock")
             .remove(&(account.clone(), name.to_string()));
-        decode(account, name, &removed)
+        removed?.ok_or_else(|| ScriptStoreError::NoSuchScript {
+            account: account.to_string(),
+            name: name.to_string(),
+        })
     }
 
     /// Drops the compiled copy of a script that another replica changed:
@@ -355,35 +281,4 @@ impl ScriptStore {
         let mut cache = self.cache.write().expect("script cache lock");
         Ok(Some(cache.entry(cache_key).or_insert(compiled).clone()))
     }
-}
-
-fn current_key(account: &AccountKey, name: &str) -> Vec<u8> {
-    key(&[account.as_str().as_bytes(), name.as_bytes()])
-}
-
-fn version_key(account: &AccountKey, name: &str, version: u64) -> Vec<u8> {
-    key(&[
-        account.as_str().as_bytes(),
-        name.as_bytes(),
-        &version.to_be_bytes(),
-    ])
-}
-
-fn version_of_key(k: &[u8]) -> u64 {
-    let tail: [u8; 8] = k[k.len() - 8..]
-        .try_into()
-        .expect("version keys end in 8 bytes");
-    u64::from_be_bytes(tail)
-}
-
-fn decode(
-    account: &AccountKey,
-    name: &str,
-    bytes: &[u8],
-) -> Result<ScriptVersion, ScriptStoreError> {
-    serde_json::from_slice(bytes).map_err(|e| ScriptStoreError::Corrupt {
-        account: account.to_string(),
-        name: name.to_string(),
-        message: e.to_string(),
-    })
 }

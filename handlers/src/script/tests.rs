@@ -1,13 +1,13 @@
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rhai::Dynamic;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
-use switchboard_store::Store;
 
 use super::*;
+use crate::records::test_util::{MemoryContacts, MemoryScripts};
+use crate::records::{ContactUpsert, Contacts};
 
 fn event(account: &str, data: Value) -> VumiApiEvent {
     VumiApiEvent::new(
@@ -19,32 +19,28 @@ fn event(account: &str, data: Value) -> VumiApiEvent {
     )
 }
 
-/// Contacts of two accounts, in memory: the port's contract, not a store.
-struct TwoAccounts(HashMap<(String, String), Map<String, Value>>);
-
-impl ContactLookup for TwoAccounts {
-    fn find(&self, account: &AccountKey, who: &str) -> Option<Map<String, Value>> {
-        self.0.get(&(account.to_string(), who.to_string())).cloned()
+/// Thandi, a contact of acme, and Hank, of globex.
+fn two_accounts() -> MemoryContacts {
+    let contacts = MemoryContacts::default();
+    for (account, msisdn, name, language) in [
+        ("acme", "+27820000001", "Thandi", "zu"),
+        ("globex", "+27820000002", "Hank", "en"),
+    ] {
+        let upsert = ContactUpsert {
+            msisdn: Some(msisdn.into()),
+            name: Some(name.into()),
+            language: Some(language.into()),
+            ..ContactUpsert::default()
+        };
+        contacts
+            .upsert(&AccountKey::new(account).unwrap(), upsert)
+            .unwrap();
     }
+    contacts
 }
 
 fn runtime_with(limits: RhaiLimits) -> ScriptRuntime {
-    let mut contacts = HashMap::new();
-    contacts.insert(
-        ("acme".to_string(), "+27820000001".to_string()),
-        json!({"name": "Thandi", "language": "zu"})
-            .as_object()
-            .unwrap()
-            .clone(),
-    );
-    contacts.insert(
-        ("globex".to_string(), "+27820000002".to_string()),
-        json!({"name": "Hank", "language": "en"})
-            .as_object()
-            .unwrap()
-            .clone(),
-    );
-    ScriptRuntime::new(limits, Some(Arc::new(TwoAccounts(contacts))))
+    ScriptRuntime::new(limits, Some(Arc::new(two_accounts())))
 }
 
 fn call_in(rt: &ScriptRuntime, account: &str, source: &str, data: Value) -> ScriptRun {
@@ -293,17 +289,20 @@ fn forbidden_and_broken_scripts_do_not_compile() {
 fn contact_reads_only_the_callers_account() {
     let rt = runtime_with(RhaiLimits::default());
     let source = "fn handle(e, s, c) { #{ mine: contact(\"+27820000001\"), theirs: contact(\"+27820000002\") } }";
-    let acme = call_in(&rt, "acme", source, json!({})).result.unwrap();
-    assert_eq!(
-        Value::Object(acme.data),
-        json!({"mine": {"name": "Thandi", "language": "zu"}, "theirs": null})
-    );
-    let globex = call_in(&rt, "globex", source, json!({})).result.unwrap();
-    assert_eq!(
-        Value::Object(globex.data),
-        json!({"mine": null, "theirs": {"name": "Hank", "language": "en"}})
-    );
-    // Without a contact store, nobody is found.
+    let seen = |account| {
+        let out = call_in(&rt, account, source, json!({})).result.unwrap();
+        ["mine", "theirs"].map(|who| match &out.data[who] {
+            Value::Null => None,
+            contact => Some((contact["name"].clone(), contact["language"].clone())),
+        })
+    };
+    assert_eq!(seen("acme"), [Some((json!("Thandi"), json!("zu"))), None]);
+    assert_eq!(seen("globex"), [None, Some((json!("Hank"), json!("en")))]);
+    // A script sees the contact's fields, not its account.
+    let out = call_in(&rt, "acme", source, json!({})).result.unwrap();
+    assert_eq!(out.data["mine"]["msisdn"], json!("+27820000001"));
+    assert!(out.data["mine"].get("account_key").is_none());
+    // Without contacts, nobody is found.
     let bare = ScriptRuntime::default();
     let none = call_in(&bare, "acme", source, json!({})).result.unwrap();
     assert_eq!(
@@ -373,7 +372,7 @@ fn when_conditions() {
 #[test]
 fn store_versions_scripts_and_the_next_call_uses_the_new_ast() {
     let store = ScriptStore::new(
-        Store::temporary().unwrap(),
+        Arc::new(MemoryScripts::default()),
         Arc::new(ScriptRuntime::default()),
     );
     let acme = AccountKey::new("acme").unwrap();

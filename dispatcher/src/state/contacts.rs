@@ -1,0 +1,362 @@
+//! Contacts in the store: each contact's record under (account, key), and
+//! an index entry per msisdn and e-mail, under (account, `kind:value`),
+//! that holds the key of the contact with that value.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use switchboard_handlers::records::{
+    Contact, ContactUpsert, Contacts, Identifier, RecordError, Records,
+};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+
+use super::{About, decode};
+
+/// How many times an upsert reads again after other replicas changed what
+/// it read, before it gives up (the step fails, and is retried).
+const UPSERT_ATTEMPTS: u32 = 50;
+
+/// Contacts, by account.
+#[derive(Debug)]
+pub struct StoredContacts {
+    store: Store,
+    /// Upserts look up, then write: serialise them so two events for one
+    /// number never create two contacts.
+    writer: Mutex<()>,
+}
+
+fn index_key(account: &AccountKey, id: &Identifier) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        format!("{}:{}", id.kind(), id.value()).as_bytes(),
+    ])
+}
+
+fn contact_key(account: &AccountKey, key_: &str) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), key_.as_bytes()])
+}
+
+impl StoredContacts {
+    /// Contacts kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// One attempt at [`Contacts::upsert`]; `None` when another writer got
+    /// in between.
+    fn try_upsert(
+        &self,
+        account: &AccountKey,
+        upsert: &ContactUpsert,
+    ) -> Result<Option<(Contact, bool)>, StoreError> {
+        // A read error fails the upsert (and the step, retryably): taking it
+        // for "no such contact" would create a duplicate.
+        let mut existing = None;
+        for id in upsert.identifiers() {
+            existing = self.indexed_raw(account, &id)?;
+            if existing.is_some() {
+                break;
+            }
+        }
+        let now = switchboard_sdk::now();
+        // The record as read: the compare-and-swap below writes only if it
+        // is still what the changes were made to.
+        let (before, existing) = match existing {
+            Some((contact, raw)) => (Some(raw), Some(contact)),
+            None => (None, None),
+        };
+        let (mut contact, created) = match existing {
+            Some(c) => (c, false),
+            None => (Contact::new(account.clone(), now), true),
+        };
+        let record_key = contact_key(account, &contact.key);
+        let reindex = contact.apply(upsert, now);
+        // New index entries, the record, then stale entries go. With sled,
+        // one after another and no transaction: every prefix a crash can
+        // leave is harmless, since lookups skip an entry whose contact is
+        // missing or no longer has the value.
+        // New index entries (claimed from absent, or from an entry that no
+        // longer holds) and the record (if still as read), together: in one
+        // atomic batch with several replicas, one after another with sled.
+        let mut writes = Vec::with_capacity(reindex.added.len() + 1);
+        let mut found = Vec::with_capacity(reindex.added.len() + 1);
+        for id in &reindex.added {
+            let k = index_key(account, id);
+            let holder = self.store.get(Collection::ContactIndex, &k)?;
+            if created
+                && let Some(holder) = &holder
+                && holder.as_slice() != contact.key.as_bytes()
+                && self.holds(account, holder, id)?
+            {
+                // Another writer made a contact with this value meanwhile:
+                // the next attempt finds it and updates it. (An existing
+                // contact takes a value from another one, as a merge.)
+                return Ok(None);
+            }
+            writes.push(Write {
+                collection: Collection::ContactIndex,
+                key: k,
+                value: Some(contact.key.clone().into_bytes()),
+            });
+            found.push(holder);
+        }
+        writes.push(Write {
+            collection: Collection::Contacts,
+            key: record_key,
+            value: Some(serde_json::to_vec(&contact).expect("a contact serialises")),
+        });
+        found.push(before);
+        let expect: Vec<(usize, Option<&[u8]>)> = found
+            .iter()
+            .enumerate()
+            .map(|(i, old)| (i, old.as_deref()))
+            .collect();
+        if !self.store.write_expecting(&writes, &expect)? {
+            return Ok(None);
+        }
+        for id in &reindex.stale {
+            // Only if it still points here: another contact may hold the
+            // value now.
+            self.store.compare_and_swap(
+                Collection::ContactIndex,
+                &index_key(account, id),
+                Some(contact.key.as_bytes()),
+                None,
+            )?;
+        }
+        Ok(Some((contact, created)))
+    }
+
+    /// Whether the index entry for `id` (pointing at contact `holder`)
+    /// still holds: the contact exists and has that value.
+    fn holds(
+        &self,
+        account: &AccountKey,
+        holder: &[u8],
+        id: &Identifier,
+    ) -> Result<bool, StoreError> {
+        let record = contact_key(account, &String::from_utf8_lossy(holder));
+        // Missing here may mean not arrived yet from the replica that
+        // wrote it: ask the bucket before taking the entry for stale.
+        let found = match self.store.get(Collection::Contacts, &record)? {
+            Some(found) => Some(found),
+            None => self.store.get_latest(Collection::Contacts, &record)?,
+        };
+        Ok(found
+            .and_then(|v| decode::<Contact>(&v))
+            .is_some_and(|contact| contact.has(id)))
+    }
+
+    /// The contact the index has for `id`, if that contact still has it:
+    /// index entries are written without a transaction, so a crash can
+    /// leave one pointing at a contact that no longer has the value, or at
+    /// none. With the record's bytes as stored.
+    fn indexed_raw(
+        &self,
+        account: &AccountKey,
+        id: &Identifier,
+    ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
+        let Some(k) = self
+            .store
+            .get(Collection::ContactIndex, &index_key(account, id))?
+        else {
+            return Ok(None);
+        };
+        let Some(raw) = self.store.get(
+            Collection::Contacts,
+            &contact_key(account, &String::from_utf8_lossy(&k)),
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(decode::<Contact>(&raw)
+            .filter(|c| c.has(id))
+            .map(|c| (c, raw)))
+    }
+}
+
+impl Contacts for StoredContacts {
+    fn upsert(
+        &self,
+        account: &AccountKey,
+        upsert: ContactUpsert,
+    ) -> Result<(Contact, bool), RecordError> {
+        let _guard = self.writer.lock().expect("contact writer lock");
+        for attempt in 0..UPSERT_ATTEMPTS {
+            if let Some(done) = self
+                .try_upsert(account, &upsert)
+                .about(Records::Contacts, account)?
+            {
+                return Ok(done);
+            }
+            // Another writer (a replica) claimed a value or changed the
+            // contact meanwhile: read again, after a moment.
+            std::thread::sleep(Duration::from_millis(u64::from(attempt).min(20)));
+        }
+        Err(RecordError::Contended {
+            records: Records::Contacts,
+            account: account.clone(),
+            attempts: UPSERT_ATTEMPTS,
+        })
+    }
+
+    fn get(&self, account: &AccountKey, key_: &str) -> Result<Option<Contact>, RecordError> {
+        Ok(self
+            .store
+            .get(Collection::Contacts, &contact_key(account, key_))
+            .about(Records::Contacts, account)?
+            .and_then(|v| decode(&v)))
+    }
+
+    fn find(
+        &self,
+        account: &AccountKey,
+        msisdn_or_email: &str,
+    ) -> Result<Option<Contact>, RecordError> {
+        let Some(id) = Identifier::parse(msisdn_or_email) else {
+            return Ok(None);
+        };
+        Ok(self
+            .indexed_raw(account, &id)
+            .about(Records::Contacts, account)?
+            .map(|(c, _)| c))
+    }
+
+    fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, RecordError> {
+        super::list(
+            &self.store,
+            Collection::Contacts,
+            Records::Contacts,
+            account,
+            limit,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_sdk::AccountKey;
+
+    use super::*;
+
+    fn upsert(msisdn: &str) -> ContactUpsert {
+        ContactUpsert {
+            msisdn: Some(msisdn.to_string()),
+            ..ContactUpsert::default()
+        }
+    }
+
+    #[test]
+    fn contacts_upsert_by_msisdn_or_email_within_an_account() {
+        let contacts = StoredContacts::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let other = AccountKey::new("other").unwrap();
+        let by_msisdn = ContactUpsert {
+            name: Some("Thandi".into()),
+            ..upsert("+27820000001")
+        };
+        let (first, created) = contacts.upsert(&acme, by_msisdn.clone()).unwrap();
+        assert!(created);
+        // The same number again, now with an e-mail: the same contact, updated.
+        let (second, created) = contacts
+            .upsert(
+                &acme,
+                ContactUpsert {
+                    email: Some("t@example.org".into()),
+                    ..by_msisdn.clone()
+                },
+            )
+            .unwrap();
+        assert!(!created);
+        assert_eq!(second.key, first.key);
+        assert_eq!(second.email.as_deref(), Some("t@example.org"));
+        // Found by e-mail too; another account has its own contact for the number.
+        assert_eq!(
+            contacts.find(&acme, "T@example.org").unwrap().unwrap().key,
+            first.key
+        );
+        assert!(contacts.find(&other, "+27820000001").unwrap().is_none());
+        let (theirs, created) = contacts.upsert(&other, by_msisdn).unwrap();
+        assert!(created);
+        assert_ne!(theirs.key, first.key);
+        assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
+        assert!(contacts.get(&other, &first.key).unwrap().is_none());
+    }
+
+    /// An upsert whose number belongs to one contact and whose e-mail to
+    /// another finishes (it once retried for ever): the e-mail moves to the
+    /// contact found by number.
+    #[test]
+    fn a_number_and_an_email_of_two_contacts_merge_into_the_first() {
+        let contacts = StoredContacts::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let (thandi, _) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        let by_email = ContactUpsert {
+            email: Some("sipho@example.org".into()),
+            ..upsert("+27820000002")
+        };
+        let (sipho, _) = contacts.upsert(&acme, by_email).unwrap();
+        let both = ContactUpsert {
+            email: Some("sipho@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        let (merged, created) = contacts.upsert(&acme, both).unwrap();
+        assert!(!created);
+        assert_eq!(merged.key, thandi.key);
+        assert_eq!(merged.email.as_deref(), Some("sipho@example.org"));
+        let found = contacts.find(&acme, "sipho@example.org").unwrap().unwrap();
+        assert_eq!(found.key, thandi.key);
+        assert_ne!(found.key, sipho.key);
+    }
+
+    /// A crash between a contact's writes can leave an index entry pointing
+    /// at a contact that no longer has that number: lookups must not take
+    /// it, or a stranger's number would be merged into that contact.
+    #[test]
+    fn a_stale_index_entry_is_taken_for_none() {
+        let store = Store::temporary().unwrap();
+        let contacts = StoredContacts::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let (thandi, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(created);
+        // As a crash could leave it: the number's entry points at a contact
+        // with another number.
+        store
+            .put(
+                Collection::ContactIndex,
+                &index_key(&acme, &Identifier::Msisdn("+27820000002".into())),
+                thandi.key.as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(contacts.find(&acme, "+27820000002").unwrap(), None);
+        let (other, created) = contacts.upsert(&acme, upsert("+27820000002")).unwrap();
+        assert!(created, "a new contact, not Thandi's");
+        assert_ne!(other.key, thandi.key);
+        let thandi_now = contacts.find(&acme, "+27820000001").unwrap().unwrap();
+        assert_eq!(thandi_now.key, thandi.key);
+        assert_eq!(thandi_now.msisdn.as_deref(), Some("+27820000001"));
+        assert_eq!(
+            contacts.find(&acme, "+27820000002").unwrap().unwrap().key,
+            other.key
+        );
+    }
+
+    /// The index keys stay as they were written before: `kind:value`
+    /// under the account.
+    #[test]
+    fn index_entries_keep_their_layout() {
+        let acme = AccountKey::new("acme").unwrap();
+        assert_eq!(
+            index_key(&acme, &Identifier::Email("t@example.org".into())),
+            key(&[b"acme", b"email:t@example.org"])
+        );
+        assert_eq!(
+            index_key(&acme, &Identifier::Msisdn("+27820000001".into())),
+            key(&[b"acme", b"msisdn:+27820000001"])
+        );
+    }
+}

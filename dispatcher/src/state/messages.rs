@@ -1,0 +1,298 @@
+//! Message records in the store: each under (account, id), and an index
+//! entry per remote id, under (account, channel, remote id), that holds the
+//! message's id, for providers' delivery reports.
+
+use std::sync::Mutex;
+
+use switchboard_handlers::records::{
+    Channel, MessageRecord, MessageStatus, Messages, RecordError, Records, Reported,
+};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, StoreError, key};
+
+use super::{About, decode};
+
+fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        channel.as_str().as_bytes(),
+        remote_id.as_bytes(),
+    ])
+}
+
+fn message_key(account: &AccountKey, id: &str) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), id.as_bytes()])
+}
+
+/// Message records, by account.
+#[derive(Debug)]
+pub struct StoredMessages {
+    store: Store,
+    writer: Mutex<()>,
+}
+
+impl StoredMessages {
+    /// Message records kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// Reads message `id`, lets `change` edit it and writes it back if
+    /// `change` says so, with its remote-id index entry: the write only
+    /// lands if the record did not change meanwhile (another writer, e.g. a
+    /// send step on one replica and a delivery report on another at once),
+    /// else it is read and changed again.
+    fn update(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        mut change: impl FnMut(&mut MessageRecord) -> bool,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        let k = message_key(account, id);
+        loop {
+            let Some(before) = self.store.get(Collection::Messages, &k)? else {
+                return Ok(None);
+            };
+            let Some(mut m) = decode::<MessageRecord>(&before) else {
+                return Ok(None);
+            };
+            if !change(&mut m) {
+                return Ok(Some(m));
+            }
+            // The remote-id index entry first (it only ever points at this
+            // message), then the record, if it did not change meanwhile.
+            // No transaction: those write to disk at once.
+            if let Some(remote) = &m.remote_id {
+                self.store.put(
+                    Collection::MessageRemoteIds,
+                    &remote_key(account, m.channel, remote),
+                    m.id.as_bytes(),
+                )?;
+            }
+            let after = serde_json::to_vec(&m).expect("a message record serialises");
+            if self.store.compare_and_swap(
+                Collection::Messages,
+                &k,
+                Some(before.as_slice()),
+                Some(after.as_slice()),
+            )? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// The message `id` of `account`, if it parses.
+    fn read(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, StoreError> {
+        Ok(self
+            .store
+            .get(Collection::Messages, &message_key(account, id))?
+            .and_then(|v| decode(&v)))
+    }
+}
+
+impl Messages for StoredMessages {
+    fn record(&self, mut message: MessageRecord) -> Result<MessageRecord, RecordError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        let account = message.account_key.clone();
+        if let Some(existing) = self
+            .read(&account, &message.id)
+            .about(Records::Messages, &account)?
+        {
+            return Ok(existing);
+        }
+        message.start();
+        self.store
+            .put(
+                Collection::Messages,
+                &message_key(&account, &message.id),
+                &serde_json::to_vec(&message).expect("a message record serialises"),
+            )
+            .about(Records::Messages, &account)?;
+        Ok(message)
+    }
+
+    fn transition(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<String>,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        self.update(account, id, |m| {
+            m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
+            true
+        })
+        .about(Records::Messages, account)
+    }
+
+    fn report(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        source: &str,
+    ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        let mut outcome = Reported::Applied { from: to };
+        let updated = self
+            .update(account, id, |m| {
+                outcome = m.apply_report(to, cause, source, switchboard_sdk::now());
+                outcome.applied()
+            })
+            .about(Records::Messages, account)?;
+        Ok(updated.map(|m| (m, outcome)))
+    }
+
+    fn find_by_remote_id(
+        &self,
+        account: &AccountKey,
+        channel: Channel,
+        remote_id: &str,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        if remote_id.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .store
+            .get(
+                Collection::MessageRemoteIds,
+                &remote_key(account, channel, remote_id),
+            )
+            .about(Records::Messages, account)?;
+        match found {
+            Some(id) => self.get(account, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    fn get(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, RecordError> {
+        self.read(account, id).about(Records::Messages, account)
+    }
+
+    fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError> {
+        super::list(
+            &self.store,
+            Collection::Messages,
+            Records::Messages,
+            account,
+            limit,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_reports_apply_once_and_in_order() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let now = switchboard_sdk::now();
+        let record = MessageRecord {
+            id: "m-1".into(),
+            account_key: acme.clone(),
+            channel: Channel::Sms,
+            recipient: "+27820000001".into(),
+            body: "hi".into(),
+            subject: None,
+            provider: "twilio".into(),
+            remote_id: None,
+            status: MessageStatus::Pending,
+            event_id: "e".into(),
+            chain: "c".into(),
+            step: "s".into(),
+            created_at: now,
+            updated_at: now,
+            transitions: Vec::new(),
+        };
+        messages.record(record.clone()).unwrap();
+        messages
+            .transition(
+                &acme,
+                "m-1",
+                MessageStatus::Sent,
+                "accepted",
+                Some("SM1".into()),
+            )
+            .unwrap();
+        // A re-run step records the same message again: it is kept as it is.
+        assert_eq!(messages.record(record).unwrap().status, MessageStatus::Sent);
+        // Found by the provider's id, on its channel and account only.
+        let found = |channel, account: &AccountKey| {
+            messages
+                .find_by_remote_id(account, channel, "SM1")
+                .unwrap()
+                .map(|m| m.id)
+        };
+        assert_eq!(found(Channel::Sms, &acme), Some("m-1".into()));
+        assert_eq!(found(Channel::Email, &acme), None);
+        assert_eq!(
+            found(Channel::Sms, &AccountKey::new("other").unwrap()),
+            None
+        );
+
+        // A second instance over the same store (as another replica's, whose
+        // writer lock this one does not hold) sees and keeps every change.
+        let other_instance = StoredMessages::new(store);
+        let report = |to, source: &str| {
+            other_instance
+                .report(&acme, "m-1", to, &format!("report {source}"), source)
+                .unwrap()
+                .map(|(m, r)| (m.status, r))
+        };
+        assert_eq!(
+            report(MessageStatus::Delivered, "t:1"),
+            Some((
+                MessageStatus::Delivered,
+                Reported::Applied {
+                    from: MessageStatus::Sent
+                }
+            ))
+        );
+        assert_eq!(
+            report(MessageStatus::Delivered, "t:1"),
+            Some((MessageStatus::Delivered, Reported::Duplicate))
+        );
+        assert_eq!(
+            report(MessageStatus::Sent, "t:0"),
+            Some((
+                MessageStatus::Delivered,
+                Reported::Stale {
+                    current: MessageStatus::Delivered
+                }
+            ))
+        );
+        assert_eq!(
+            other_instance
+                .report(&acme, "m-2", MessageStatus::Sent, "x", "t:2")
+                .unwrap(),
+            None
+        );
+        let m = messages.get(&acme, "m-1").unwrap().unwrap();
+        let path: Vec<(Option<MessageStatus>, MessageStatus, Option<&str>)> = m
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, t.source.as_deref()))
+            .collect();
+        assert_eq!(
+            path,
+            [
+                (None, MessageStatus::Pending, None),
+                (Some(MessageStatus::Pending), MessageStatus::Sent, None),
+                (
+                    Some(MessageStatus::Sent),
+                    MessageStatus::Delivered,
+                    Some("t:1")
+                ),
+            ]
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! The record ports of `switchboard-handlers` ([`switchboard_handlers::records`])
+//! implemented over the store crate's [`Store`]: contacts, message records,
+//! secrets, step idempotency keys and script versions, each in its own
+//! collections, keyed by account first so that one account can never read
+//! or overwrite another's. These are what [`crate::Dispatcher`] hands the
+//! handlers, the API and the inbound webhooks.
+
+use std::sync::Arc;
+
+use switchboard_handlers::records::{
+    Contacts, IdempotencyKeys, Messages, RecordError, Records, ScriptRecords, Secrets,
+};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, StoreError, key};
+
+mod contacts;
+mod idempotency;
+mod messages;
+mod scripts;
+mod secrets;
+
+pub use contacts::StoredContacts;
+pub use idempotency::StoredIdempotencyKeys;
+pub use messages::StoredMessages;
+pub use scripts::StoredScripts;
+pub use secrets::StoredSecrets;
+
+/// Every record port over one store, one instance each, shared by all
+/// that use it.
+#[derive(Debug, Clone)]
+pub struct RecordPorts {
+    /// Contacts.
+    pub contacts: Arc<dyn Contacts>,
+    /// Message records.
+    pub messages: Arc<dyn Messages>,
+    /// Account secrets.
+    pub secrets: Arc<dyn Secrets>,
+    /// Step idempotency keys.
+    pub idempotency: Arc<dyn IdempotencyKeys>,
+    /// Script versions.
+    pub scripts: Arc<dyn ScriptRecords>,
+}
+
+impl RecordPorts {
+    /// The ports over `store`.
+    pub fn over(store: &Store) -> Self {
+        Self {
+            contacts: Arc::new(StoredContacts::new(store.clone())),
+            messages: Arc::new(StoredMessages::new(store.clone())),
+            secrets: Arc::new(StoredSecrets::new(store.clone())),
+            idempotency: Arc::new(StoredIdempotencyKeys::new(store.clone())),
+            scripts: Arc::new(StoredScripts::new(store.clone())),
+        }
+    }
+}
+
+/// Names the records and account a store failure was about.
+trait About<T> {
+    fn about(self, records: Records, account: &AccountKey) -> Result<T, RecordError>;
+}
+
+impl<T> About<T> for Result<T, StoreError> {
+    fn about(self, records: Records, account: &AccountKey) -> Result<T, RecordError> {
+        self.map_err(|e| RecordError::storage(records, account, e))
+    }
+}
+
+/// A record as stored, or `None` when it does not parse.
+fn decode<T: for<'de> serde::Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// The first `limit` of `account`'s records in `collection` (keyed by
+/// account first), in key order; those that do not parse are skipped.
+fn list<T: for<'de> serde::Deserialize<'de>>(
+    store: &Store,
+    collection: Collection,
+    records: Records,
+    account: &AccountKey,
+    limit: usize,
+) -> Result<Vec<T>, RecordError> {
+    Ok(store
+        .scan_prefix(collection, &key(&[account.as_str().as_bytes(), b""]))
+        .about(records, account)?
+        .into_iter()
+        .take(limit)
+        .filter_map(|(_, v)| decode(&v))
+        .collect())
+}

@@ -1,0 +1,530 @@
+//! Message records: every SMS and e-mail a step sent, with where it stands
+//! and how it got there. Send steps record them and move them on the
+//! provider's answer; providers' delivery reports (inbound webhooks) move
+//! them after, by the state machine here: never back, each report once.
+
+use serde::{Deserialize, Serialize};
+use switchboard_sdk::AccountKey;
+use time::OffsetDateTime;
+
+use super::RecordError;
+
+/// The channel a message went out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// A text message.
+    Sms,
+    /// An e-mail.
+    Email,
+}
+
+impl Channel {
+    /// The name it is serialised as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sms => "sms",
+            Channel::Email => "email",
+        }
+    }
+}
+
+/// Where a message stands. The first five are what a send records; the rest
+/// come from providers' delivery reports (inbound webhooks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Recorded, not yet handed to the provider.
+    Pending,
+    /// The provider accepted it.
+    Sent,
+    /// The provider reports it delivered.
+    Delivered,
+    /// Sending or delivery failed.
+    Failed,
+    /// The recipient's server bounced it.
+    Bounced,
+    /// Delivery was tried and will be tried again (a temporary failure).
+    Deferred,
+    /// The carrier could not deliver it (Twilio's `undelivered`).
+    Undelivered,
+    /// The provider would not send it (a suppressed or invalid address).
+    Dropped,
+    /// The recipient opened it.
+    Opened,
+    /// The recipient clicked a link in it.
+    Clicked,
+    /// The recipient reported it as spam.
+    SpamReported,
+    /// The recipient unsubscribed through it.
+    Unsubscribed,
+}
+
+impl MessageStatus {
+    /// How far along a message is: a delivery report never moves a message
+    /// back to a lower rank (providers post reports out of order), and
+    /// reports of equal rank replace each other (a later outcome wins).
+    pub fn rank(self) -> u8 {
+        match self {
+            MessageStatus::Pending => 0,
+            MessageStatus::Sent => 1,
+            MessageStatus::Deferred => 2,
+            MessageStatus::Delivered
+            | MessageStatus::Failed
+            | MessageStatus::Bounced
+            | MessageStatus::Undelivered
+            | MessageStatus::Dropped => 3,
+            MessageStatus::Opened => 4,
+            MessageStatus::Clicked => 5,
+            MessageStatus::SpamReported | MessageStatus::Unsubscribed => 6,
+        }
+    }
+
+    /// The name it is serialised as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Pending => "pending",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Bounced => "bounced",
+            MessageStatus::Deferred => "deferred",
+            MessageStatus::Undelivered => "undelivered",
+            MessageStatus::Dropped => "dropped",
+            MessageStatus::Opened => "opened",
+            MessageStatus::Clicked => "clicked",
+            MessageStatus::SpamReported => "spam_reported",
+            MessageStatus::Unsubscribed => "unsubscribed",
+        }
+    }
+}
+
+impl std::fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One change of a message's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Status before (none for the first record).
+    pub from: Option<MessageStatus>,
+    /// Status after.
+    pub to: MessageStatus,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Why, in words (the provider's answer, the callback's event).
+    pub cause: String,
+    /// The delivery report that caused it (provider and its event id), so
+    /// that a report posted twice is applied once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A message Switchboard sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// The message id (stable for the event, chain, step and recipient).
+    pub id: String,
+    /// The account.
+    pub account_key: AccountKey,
+    /// SMS or e-mail.
+    pub channel: Channel,
+    /// Phone number or e-mail address.
+    pub recipient: String,
+    /// The rendered body (the plain-text part of an e-mail).
+    pub body: String,
+    /// The rendered subject (e-mail).
+    pub subject: Option<String>,
+    /// The provider's name in the dispatcher's config.
+    pub provider: String,
+    /// The provider's id for the message, when it gave one.
+    pub remote_id: Option<String>,
+    /// Where it stands.
+    pub status: MessageStatus,
+    /// The event that sent it.
+    pub event_id: String,
+    /// The chain that sent it.
+    pub chain: String,
+    /// The step that sent it.
+    pub step: String,
+    /// When it was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Every status change, oldest first.
+    pub transitions: Vec<Transition>,
+}
+
+impl MessageRecord {
+    /// A pending record of the `index`th message a step sends. Its id is
+    /// derived from (event, chain, step, index), so a re-run step finds it.
+    pub fn for_step(
+        input: &crate::StepInput<'_>,
+        index: usize,
+        channel: Channel,
+        recipient: String,
+        body: String,
+        subject: Option<String>,
+        provider: String,
+    ) -> Self {
+        let now = switchboard_sdk::now();
+        Self {
+            id: input.child_id(index).to_string(),
+            account_key: input.event.account_key.clone(),
+            channel,
+            recipient,
+            body,
+            subject,
+            provider,
+            remote_id: None,
+            status: MessageStatus::Pending,
+            event_id: input.event.id.to_string(),
+            chain: input.chain.to_string(),
+            step: input.step_name().to_string(),
+            created_at: now,
+            updated_at: now,
+            transitions: Vec::new(),
+        }
+    }
+
+    /// Whether the provider still has to be asked to send it (a re-run step
+    /// does not send again what was already sent).
+    pub fn unsent(&self) -> bool {
+        matches!(self.status, MessageStatus::Pending | MessageStatus::Failed)
+    }
+
+    /// Starts the record's log: pending, sent by its chain and step.
+    pub fn start(&mut self) {
+        self.status = MessageStatus::Pending;
+        self.transitions = vec![Transition {
+            from: None,
+            to: MessageStatus::Pending,
+            at: self.created_at,
+            cause: format!("sent by chain {} step {}", self.chain, self.step),
+            source: None,
+        }];
+    }
+
+    /// Moves the message to `to` as its send step decided (on the
+    /// provider's answer), logging `cause`; sets `remote_id` when given.
+    pub fn move_to(
+        &mut self,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<&str>,
+        at: OffsetDateTime,
+    ) {
+        if let Some(remote_id) = remote_id {
+            self.remote_id = Some(remote_id.to_string());
+        }
+        self.log(to, cause, None, at);
+    }
+
+    /// What a provider's delivery report that the message is now `to`,
+    /// known to the provider as `source`, does to the message: nothing if
+    /// the log has `source` already ([`Reported::Duplicate`]) or if `to`
+    /// would move it back ([`MessageStatus::rank`], [`Reported::Stale`]);
+    /// else it moves ([`Reported::Applied`]).
+    pub fn judge_report(&self, to: MessageStatus, source: &str) -> Reported {
+        if self
+            .transitions
+            .iter()
+            .any(|t| t.source.as_deref() == Some(source))
+        {
+            Reported::Duplicate
+        } else if to.rank() < self.status.rank() {
+            Reported::Stale {
+                current: self.status,
+            }
+        } else {
+            Reported::Applied { from: self.status }
+        }
+    }
+
+    /// Applies a delivery report as [`MessageRecord::judge_report`] says,
+    /// logging `cause` and `source` when it moves the message.
+    pub fn apply_report(
+        &mut self,
+        to: MessageStatus,
+        cause: &str,
+        source: &str,
+        at: OffsetDateTime,
+    ) -> Reported {
+        let verdict = self.judge_report(to, source);
+        if let Reported::Applied { .. } = verdict {
+            self.log(to, cause, Some(source), at);
+        }
+        verdict
+    }
+
+    fn log(&mut self, to: MessageStatus, cause: &str, source: Option<&str>, at: OffsetDateTime) {
+        self.transitions.push(Transition {
+            from: Some(self.status),
+            to,
+            at,
+            cause: cause.to_string(),
+            source: source.map(str::to_string),
+        });
+        self.status = to;
+        self.updated_at = at;
+    }
+}
+
+/// What a delivery report did to a message record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// The status moved (or was confirmed) from `from`.
+    Applied {
+        /// The status before.
+        from: MessageStatus,
+    },
+    /// The same report was applied before: nothing changed.
+    Duplicate,
+    /// The message is further along already (the report came late): nothing changed.
+    Stale {
+        /// The status it keeps.
+        current: MessageStatus,
+    },
+}
+
+impl Reported {
+    /// Whether the report moved the message.
+    pub fn applied(self) -> bool {
+        matches!(self, Reported::Applied { .. })
+    }
+}
+
+/// Message records of every account.
+pub trait Messages: Send + Sync + std::fmt::Debug {
+    /// Records a new message as pending ([`MessageRecord::start`]); a record
+    /// with the same id (a re-run step) is returned as it is.
+    fn record(&self, message: MessageRecord) -> Result<MessageRecord, RecordError>;
+
+    /// Moves message `id` to `to` ([`MessageRecord::move_to`]); sets
+    /// `remote_id` when given, and from then on the message is found by it
+    /// ([`Messages::find_by_remote_id`]). `None` when the account has no
+    /// such message.
+    fn transition(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<String>,
+    ) -> Result<Option<MessageRecord>, RecordError>;
+
+    /// Applies a provider's delivery report to message `id`
+    /// ([`MessageRecord::apply_report`]). `None` when the account has no
+    /// such message.
+    fn report(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        to: MessageStatus,
+        cause: &str,
+        source: &str,
+    ) -> Result<Option<(MessageRecord, Reported)>, RecordError>;
+
+    /// The message of `account` sent on `channel` that the provider knows as
+    /// `remote_id`.
+    fn find_by_remote_id(
+        &self,
+        account: &AccountKey,
+        channel: Channel,
+        remote_id: &str,
+    ) -> Result<Option<MessageRecord>, RecordError>;
+
+    /// The message `id` of `account`.
+    fn get(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, RecordError>;
+
+    /// Up to `limit` messages of `account`.
+    fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageStatus::*;
+    use super::*;
+
+    fn message(status: MessageStatus, sources: &[&str]) -> MessageRecord {
+        let now = switchboard_sdk::now();
+        let mut m = MessageRecord {
+            id: "m-1".into(),
+            account_key: AccountKey::new("acme").unwrap(),
+            channel: Channel::Sms,
+            recipient: "+27820000001".into(),
+            body: "hi".into(),
+            subject: None,
+            provider: "twilio".into(),
+            remote_id: None,
+            status: Pending,
+            event_id: "e".into(),
+            chain: "c".into(),
+            step: "s".into(),
+            created_at: now,
+            updated_at: now,
+            transitions: Vec::new(),
+        };
+        m.start();
+        for source in sources {
+            m.log(status, "earlier", Some(source), now);
+        }
+        m.status = status;
+        m
+    }
+
+    /// A report that the message (at `status`, with reports `seen`) is now
+    /// `to`, from `source`.
+    fn check_report(
+        (status, seen): (MessageStatus, &[&str]),
+        (to, source): (MessageStatus, &str),
+        expected: Reported,
+    ) {
+        let mut m = message(status, seen);
+        let before = m.clone();
+        let verdict = m.apply_report(to, "report", source, switchboard_sdk::now());
+        assert_eq!(verdict, expected, "{status} + {to} from {source}");
+        if verdict.applied() {
+            assert_eq!(m.status, to);
+            let last = m.transitions.last().unwrap();
+            assert_eq!(
+                (last.from, last.to, last.source.as_deref()),
+                (Some(status), to, Some(source))
+            );
+        } else {
+            assert_eq!(m, before, "a report not applied changes nothing");
+        }
+    }
+
+    #[test]
+    fn delivery_reports_apply_once_and_never_move_a_message_back() {
+        check_report(
+            (Sent, &[]),
+            (Delivered, "t:1"),
+            Reported::Applied { from: Sent },
+        );
+        // The same report posted again.
+        check_report(
+            (Delivered, &["t:1"]),
+            (Delivered, "t:1"),
+            Reported::Duplicate,
+        );
+        // Out of order: `sent` after `delivered` is stale.
+        check_report(
+            (Delivered, &["t:1"]),
+            (Sent, "t:0"),
+            Reported::Stale { current: Delivered },
+        );
+        check_report(
+            (Opened, &[]),
+            (Deferred, "sg:2"),
+            Reported::Stale { current: Opened },
+        );
+        // Equal ranks replace each other: a later outcome wins.
+        check_report(
+            (Delivered, &[]),
+            (Bounced, "sg:3"),
+            Reported::Applied { from: Delivered },
+        );
+        // Further along is always taken, from any status.
+        check_report(
+            (Pending, &[]),
+            (Clicked, "sg:4"),
+            Reported::Applied { from: Pending },
+        );
+        check_report(
+            (Failed, &[]),
+            (Unsubscribed, "sg:5"),
+            Reported::Applied { from: Failed },
+        );
+    }
+
+    #[test]
+    fn statuses_rank_by_how_far_along_they_are() {
+        let ranks: Vec<(MessageStatus, u8)> = [
+            Pending,
+            Sent,
+            Deferred,
+            Delivered,
+            Failed,
+            Bounced,
+            Undelivered,
+            Dropped,
+            Opened,
+            Clicked,
+            SpamReported,
+            Unsubscribed,
+        ]
+        .into_iter()
+        .map(|s| (s, s.rank()))
+        .collect();
+        assert_eq!(
+            ranks,
+            [
+                (Pending, 0),
+                (Sent, 1),
+                (Deferred, 2),
+                (Delivered, 3),
+                (Failed, 3),
+                (Bounced, 3),
+                (Undelivered, 3),
+                (Dropped, 3),
+                (Opened, 4),
+                (Clicked, 5),
+                (SpamReported, 6),
+                (Unsubscribed, 6),
+            ]
+        );
+    }
+
+    #[test]
+    fn statuses_keep_the_names_they_are_stored_by() {
+        let names: Vec<String> = [Pending, Sent, Delivered, Failed, Bounced, SpamReported]
+            .iter()
+            .map(|s| {
+                let stored = serde_json::to_value(s).unwrap();
+                assert_eq!(stored, s.as_str(), "{s:?}");
+                s.to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "pending",
+                "sent",
+                "delivered",
+                "failed",
+                "bounced",
+                "spam_reported"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_send_step_logs_each_move() {
+        let mut m = message(Pending, &[]);
+        let at = switchboard_sdk::now();
+        m.move_to(Sent, "accepted", Some("SM1"), at);
+        m.move_to(Failed, "refused", None, at);
+        assert_eq!(m.remote_id.as_deref(), Some("SM1"));
+        let path: Vec<_> = m
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, t.cause.as_str()))
+            .collect();
+        assert_eq!(
+            path,
+            [
+                (None, Pending, "sent by chain c step s"),
+                (Some(Pending), Sent, "accepted"),
+                (Some(Sent), Failed, "refused"),
+            ]
+        );
+        assert_eq!(m.updated_at, at);
+    }
+}

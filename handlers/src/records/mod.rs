@@ -1,0 +1,111 @@
+//! The records handlers keep per account — contacts, message records,
+//! secrets, step idempotency keys and scripts — as ports.
+//!
+//! Each module holds one record: its domain types, the decisions about it as
+//! plain functions over data (which delivery report moves a message, what an
+//! upsert changes in a contact), and the trait through which handlers and
+//! the API read and write it. The dispatcher implements the traits for each
+//! backend it runs on; nothing in this crate knows how, or where, a record
+//! is stored. Every operation is for one account, and an implementation
+//! must only ever answer from that account's records.
+
+use std::fmt;
+
+use switchboard_sdk::AccountKey;
+
+pub mod contacts;
+pub mod idempotency;
+pub mod messages;
+pub mod scripts;
+pub mod secrets;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
+pub use idempotency::IdempotencyKeys;
+pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
+pub use scripts::{ScriptRecords, ScriptVersion};
+pub use secrets::Secrets;
+
+/// Which records a port keeps, for errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Records {
+    /// [`Contacts`].
+    Contacts,
+    /// [`Messages`].
+    Messages,
+    /// [`Secrets`].
+    Secrets,
+    /// [`IdempotencyKeys`].
+    IdempotencyKeys,
+    /// [`ScriptRecords`].
+    Scripts,
+}
+
+impl fmt::Display for Records {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Records::Contacts => "contacts",
+            Records::Messages => "message records",
+            Records::Secrets => "secrets",
+            Records::IdempotencyKeys => "idempotency keys",
+            Records::Scripts => "scripts",
+        })
+    }
+}
+
+/// Why a record port could not read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The storage below failed; trying again later may succeed.
+    #[error("{records} of account {account}: {source}")]
+    Storage {
+        /// The records involved.
+        records: Records,
+        /// The account.
+        account: AccountKey,
+        /// What the backend said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Other writers (replicas) changed the record every time it was read.
+    #[error(
+        "{records} of account {account}: other replicas changed the record {attempts} times in a \
+         row"
+    )]
+    Contended {
+        /// The records involved.
+        records: Records,
+        /// The account.
+        account: AccountKey,
+        /// How many times it was read.
+        attempts: u32,
+    },
+    /// A stored record could not be read back.
+    #[error("{records} of account {account}: stored record {id:?} is unreadable: {source}")]
+    Unreadable {
+        /// The records involved.
+        records: Records,
+        /// The account.
+        account: AccountKey,
+        /// The record's id (a script's name).
+        id: String,
+        /// Why it does not parse.
+        source: serde_json::Error,
+    },
+}
+
+impl RecordError {
+    /// A failure of the backend under `account`'s `records`.
+    pub fn storage(
+        records: Records,
+        account: &AccountKey,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        RecordError::Storage {
+            records,
+            account: account.clone(),
+            source: Box::new(source),
+        }
+    }
+}

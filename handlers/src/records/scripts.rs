@@ -1,0 +1,65 @@
+//! Stored scripts: each account's Rhai handlers, by name, every version
+//! kept. [`crate::ScriptStore`] compiles, validates and caches them; this
+//! port is where it keeps their versions.
+
+use serde::{Deserialize, Serialize};
+use switchboard_sdk::AccountKey;
+use time::OffsetDateTime;
+
+use super::RecordError;
+
+/// One version of a script, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScriptVersion {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The script's name (`script:NAME` in chains).
+    pub name: String,
+    /// 1 for the first put, then +1 for each put.
+    pub version: u64,
+    /// When it was stored.
+    #[serde(with = "time::serde::rfc3339")]
+    pub stored_at: OffsetDateTime,
+    /// The Rhai source.
+    pub source: String,
+}
+
+/// The stored versions of every account's scripts.
+pub trait ScriptRecords: Send + Sync + std::fmt::Debug {
+    /// The number of the last version of a script, removed or not.
+    fn last_version(&self, account: &AccountKey, name: &str) -> Result<Option<u64>, RecordError>;
+
+    /// Stores `version` as its script's current version and in its history,
+    /// durably, if its history has no version of that number yet (which
+    /// another replica may have taken meanwhile); returns whether it did.
+    fn create(&self, version: &ScriptVersion) -> Result<bool, RecordError>;
+
+    /// The current version of a script.
+    fn current(
+        &self,
+        account: &AccountKey,
+        name: &str,
+    ) -> Result<Option<ScriptVersion>, RecordError>;
+
+    /// The current version of every script of `account`, by name.
+    fn list(&self, account: &AccountKey) -> Result<Vec<ScriptVersion>, RecordError>;
+
+    /// Every version of a script, oldest first (kept after a remove).
+    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<ScriptVersion>, RecordError>;
+
+    /// One version of a script.
+    fn version(
+        &self,
+        account: &AccountKey,
+        name: &str,
+        version: u64,
+    ) -> Result<Option<ScriptVersion>, RecordError>;
+
+    /// Makes a script have no current version, durably, keeping its
+    /// history; returns the version that was current.
+    fn remove(
+        &self,
+        account: &AccountKey,
+        name: &str,
+    ) -> Result<Option<ScriptVersion>, RecordError>;
+}
