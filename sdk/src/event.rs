@@ -225,12 +225,20 @@ impl VumiApiEvent {
                 limit: max_bytes,
             });
         }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let event: Self =
-            serde_path_to_error::deserialize(&mut de).map_err(|e| classify(bytes, e))?;
-        de.end().map_err(|e| EventError::Syntax {
-            message: e.to_string(),
-        })?;
+        // The plain decoder first: tracking the path of every field costs
+        // as much as decoding, and only an error needs it.
+        let event: Self = match serde_json::from_slice(bytes) {
+            Ok(event) => event,
+            Err(_) => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                let event: Self =
+                    serde_path_to_error::deserialize(&mut de).map_err(|e| classify(bytes, e))?;
+                de.end().map_err(|e| EventError::Syntax {
+                    message: e.to_string(),
+                })?;
+                event
+            }
+        };
         event.check()?;
         Ok(event)
     }

@@ -43,10 +43,8 @@ impl Pass {
             unflushed: false,
             earlier,
         };
-        if pass.journal.event.is_none() {
-            pass.record(Entry::Begin {
-                event: Box::new(event.clone()),
-            });
+        if !pass.journal.has_begun() {
+            pass.pending.push_begin(&mut pass.journal, event);
         }
         pass
     }

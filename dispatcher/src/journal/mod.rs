@@ -13,8 +13,11 @@
 //! allow (see `executor::pass`): an event whose chains have no effects
 //! outside the dispatcher costs one write, however many steps they have.
 //!
-//! Keys are `{account}\0{event id}\0{sequence:BE u64}`, so one prefix scan
-//! reads a record and an account's records lie together. Every value starts
+//! A record's first write goes under `{account}\0{event id}`, its head, and
+//! later ones under `{account}\0{event id}\0{sequence:BE u64}`: so an
+//! account's records lie together, one prefix scan reads a record, and
+//! finding that a fresh event has none is one point lookup (a scan of a
+//! sled tree copies a node even when it finds nothing). Every value starts
 //! with the event's start time and a flag byte, so that expiry
 //! ([`Journal::expire`]) reads no JSON for the records it keeps: records
 //! expire after the retention, except those of events with a chain in dead
@@ -241,6 +244,8 @@ pub struct EventJournal {
     pub finish: Option<Finish>,
     /// The sequence number of the last entry read or written.
     last_seq: Option<u64>,
+    /// Whether the record has its `Begin` entry (read, or pending).
+    begun: bool,
 }
 
 impl EventJournal {
@@ -273,6 +278,11 @@ impl EventJournal {
         self.chains.iter().find(|c| c.name == name)
     }
 
+    /// Whether the record has its `Begin` entry.
+    pub fn has_begun(&self) -> bool {
+        self.begun
+    }
+
     /// Whether a chain is in dead letters (so the record must not expire).
     pub fn holds_dead_letter(&self) -> bool {
         self.chains
@@ -290,6 +300,7 @@ impl EventJournal {
         match entry {
             Entry::Begin { event } => {
                 self.event.get_or_insert(*event);
+                self.begun = true;
             }
             Entry::Step {
                 chain,
@@ -402,25 +413,52 @@ impl Pending {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+
+    /// Adds the `Begin` entry of `event` to what `journal` will write: the
+    /// event is serialised from where it is, not copied into an entry.
+    pub fn push_begin(&mut self, journal: &mut EventJournal, event: &VumiApiEvent) {
+        #[derive(Serialize)]
+        #[serde(tag = "entry", rename = "begin")]
+        struct Begin<'a> {
+            event: &'a VumiApiEvent,
+        }
+        self.json.push(if self.count == 0 { b'[' } else { b',' });
+        serde_json::to_writer(&mut self.json, &Begin { event }).expect("an event serialises");
+        self.count += 1;
+        journal.finish = None;
+        journal.begun = true;
+    }
 }
 
 /// Where an event's record is kept: its account and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordKey {
-    prefix: Vec<u8>,
+    /// `{account}\0{event id}`: the head's key, and the prefix of the rest.
+    head: Vec<u8>,
 }
 
 impl RecordKey {
     /// The record of event `id` of `account`.
     pub fn new(account: &AccountKey, id: &EventId) -> Self {
-        let mut prefix = key(&[account.as_str().as_bytes(), id.to_string().as_bytes()]);
-        prefix.push(0);
-        Self { prefix }
+        Self {
+            head: key(&[account.as_str().as_bytes(), id.to_string().as_bytes()]),
+        }
     }
 
+    /// The key of the write numbered `seq`: the head for 0.
     fn entry(&self, seq: u64) -> Vec<u8> {
-        let mut k = self.prefix.clone();
-        k.extend_from_slice(&seq.to_be_bytes());
+        let mut k = self.head.clone();
+        if seq > 0 {
+            k.push(0);
+            k.extend_from_slice(&seq.to_be_bytes());
+        }
+        k
+    }
+
+    /// The prefix of the writes after the head.
+    fn rest(&self) -> Vec<u8> {
+        let mut k = self.head.clone();
+        k.push(0);
         k
     }
 }
@@ -444,7 +482,11 @@ impl Journal {
 
     /// The record of the event under `at`, folded; `None` if it has none.
     pub fn load(&self, at: &RecordKey) -> Result<Option<EventJournal>, StoreError> {
-        let entries = self.store.scan_prefix(Collection::Journal, &at.prefix)?;
+        let Some(head) = self.store.get(Collection::Journal, &at.head)? else {
+            return Ok(None);
+        };
+        let mut entries = vec![(at.head.clone(), head)];
+        entries.extend(self.store.scan_prefix(Collection::Journal, &at.rest())?);
         Ok(fold(&entries))
     }
 
@@ -463,10 +505,13 @@ impl Journal {
         // After the last entry read or written, and after every number this
         // store handed out before: two writers of one record (a pass and a
         // replay from the API) never take the same key.
-        let seq = self
-            .store
-            .next_id()?
-            .max(journal.last_seq.map_or(0, |s| s + 1));
+        let seq = match journal.last_seq {
+            None => 0,
+            // From the store's counter (plus one: 0 is the head), which
+            // never hands a number out twice; after the last entry, should
+            // another writer's counter have been ahead.
+            Some(last) => (self.store.next_id()? + 1).max(last + 1),
+        };
         Ok(self.append_at(at, journal, pending, seq))
     }
 
@@ -514,7 +559,7 @@ impl Journal {
             for (k, v) in batch {
                 if group
                     .first()
-                    .is_some_and(|(g, _)| record_prefix(g) != record_prefix(&k))
+                    .is_some_and(|(g, _)| record_of(g) != record_of(&k))
                 {
                     removed += self.expire_record(&std::mem::take(&mut group), cutoff)?;
                 }
@@ -577,11 +622,7 @@ fn fold(entries: &[(Vec<u8>, Vec<u8>)]) -> Option<EventJournal> {
             ..EventJournal::default()
         });
         j.started_ms = j.started_ms.min(started);
-        j.last_seq = k
-            .len()
-            .checked_sub(8)
-            .and_then(|at| k[at..].try_into().ok())
-            .map(u64::from_be_bytes);
+        j.last_seq = Some(entry_seq(k));
         for entry in decoded {
             j.apply(entry);
         }
@@ -594,10 +635,27 @@ fn started_ms(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
-/// `{account}\0{event id}\0` of an entry's key.
-fn record_prefix(k: &[u8]) -> &[u8] {
-    &k[..k.len().saturating_sub(8)]
+/// The length of `{account}\0{event id}` in a journal key.
+fn head_len(k: &[u8]) -> usize {
+    k.iter()
+        .position(|b| *b == 0)
+        .map_or(k.len(), |account| (account + 1 + EVENT_ID_LEN).min(k.len()))
 }
+
+/// `{account}\0{event id}` of a journal key: the record it belongs to.
+fn record_of(k: &[u8]) -> &[u8] {
+    &k[..head_len(k)]
+}
+
+/// The sequence number of a journal key (0 for the head).
+fn entry_seq(k: &[u8]) -> u64 {
+    k.get(head_len(k) + 1..)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Event ids are UUIDs in their hyphenated form.
+const EVENT_ID_LEN: usize = 36;
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
