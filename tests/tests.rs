@@ -16,6 +16,7 @@ mod handlers;
 mod inbound;
 mod matching;
 mod metrics;
+mod pull_stall;
 mod replicas;
 mod rhai;
 mod workers;

@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod nats;
 pub mod partitions;
 mod pull;
+mod puller;
 
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;

@@ -20,8 +20,9 @@ use tokio::task::JoinHandle;
 use super::partitions::PARTITIONS;
 use super::pull::{
     GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
-    pull_single, send_all, unpin_if_held,
+    pull_settings, pull_single, send_all, unpin_if_held,
 };
+use super::puller::Puller;
 use super::{Bus, BusError, Delivery, Published};
 use crate::dead_letters::DeadLetter;
 
@@ -376,6 +377,7 @@ impl NatsBus {
         mut stop: watch::Receiver<bool>,
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let stream = self.events_stream().await?;
+        let js = self.js.clone();
         let start = self.partitions_start(&stream).await;
         let config = |p: u16| pull::Config {
             durable_name: Some(partition_consumer(p)),
@@ -442,6 +444,7 @@ impl NatsBus {
                     let (stop_pulling, stopped) = watch::channel(false);
                     let partition = Partition {
                         number: p,
+                        js: js.clone(),
                         stream: stream.clone(),
                         consumer: consumers[p as usize].clone(),
                         config: configs[p as usize].clone(),
@@ -596,14 +599,15 @@ impl Bus for NatsBus {
             .await
             .map_err(|e| BusError::Unavailable(format!("creating consumer {CONSUMER}: {e}")))?;
         let batch = capacity.clamp(1, 1024);
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(PULL_EXPIRES / 2)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("pulling from consumer {CONSUMER}: {e}")))?;
+        let info = consumer.cached_info();
+        let messages = Puller::start(
+            &self.js,
+            &info.stream_name,
+            &info.name,
+            pull_settings(batch, None),
+        )
+        .await
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let sink = Sink {
             tx,

@@ -1,7 +1,7 @@
 //! Pulling from NATS consumers into the executor's channel: the single
 //! consumer of a dispatcher that does not share the bus, and a partition's
 //! pinned consumer, with the fence that keeps its order when it changes
-//! hands.
+//! hands. The requests themselves are [`super::puller`]'s.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::partitions::strip_partition;
+use super::puller::{PullError, PullSettings, Puller};
 use super::{Acker, Delivery, InFlight};
 
 /// How long one pull request lasts. Short, because a stopping dispatcher's
@@ -33,12 +33,23 @@ const FENCE_CHECK: Duration = Duration::from_millis(250);
 /// partitioned to be handled.
 const UNPARTITIONED_PATIENCE: Duration = Duration::from_secs(600);
 
-type Messages = pull::Stream;
+type Messages = Puller;
+
+/// How a consumer with `batch` messages per request is pulled: requests
+/// that last [`PULL_EXPIRES`], with heartbeats twice as often.
+pub(super) fn pull_settings(batch: usize, pinned_group: Option<&str>) -> PullSettings {
+    PullSettings {
+        batch,
+        expires: PULL_EXPIRES,
+        heartbeat: PULL_EXPIRES / 2,
+        pinned_group: pinned_group.map(str::to_string),
+    }
+}
 
 /// A pulled message as a delivery, with the pin it came under; `None` for
 /// an error of the pull itself.
 fn delivery_of(
-    next: Result<jetstream::Message, pull::MessagesError>,
+    next: Result<jetstream::Message, PullError>,
     prefix: &str,
     in_flight: Option<&Arc<AtomicUsize>>,
 ) -> Option<(Delivery, Option<String>)> {
@@ -121,14 +132,14 @@ pub(super) async fn pull_single(
     send_all(&sink, drained.into_iter().map(|(d, _)| d)).await;
 }
 
-/// What a stopped pull has taken but not handed on: the client's last
-/// pulled messages. Bounded: the pull may ask the server for one more batch
-/// while this drains.
+/// What a stopped pull has taken but not handed on: what its live requests
+/// still bring (it asks for no more). Bounded: at most a batch and a half.
 async fn drain(
     messages: &mut Messages,
     sink: &Sink,
     in_flight: Option<&Arc<AtomicUsize>>,
 ) -> Vec<(Delivery, Option<String>)> {
+    messages.stop_asking();
     let mut drained = Vec::new();
     for _ in 0..2 * sink.batch {
         match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
@@ -142,6 +153,8 @@ async fn drain(
 /// One partition of the events stream, as this replica pulls it.
 pub(super) struct Partition {
     pub number: u16,
+    /// The bus's context, which pulled messages ack through.
+    pub js: jetstream::Context,
     pub stream: jetstream::stream::Stream,
     pub consumer: jetstream::consumer::Consumer<pull::Config>,
     /// The consumer's config, to create it again if it was deleted.
@@ -182,15 +195,14 @@ pub(super) async fn pull_partition(
 ) -> PullEnd {
     let p = partition.number;
     loop {
-        let started = partition
-            .consumer
-            .stream()
-            .group(GROUP)
-            .max_messages_per_batch(sink.batch)
-            .heartbeat(PULL_EXPIRES / 2)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
+        let info = partition.consumer.cached_info();
+        let started = Puller::start(
+            &partition.js,
+            &info.stream_name,
+            &info.name,
+            pull_settings(sink.batch, Some(GROUP)),
+        )
+        .await;
         let end = match started {
             Ok(messages) => {
                 tracing::debug!(partition = p, "pulling the partition");
@@ -338,9 +350,9 @@ async fn pull_fenced(
         // back, for the new owner to handle in order.
         unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
         let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
-        // While draining, the client may have asked again and been pinned
-        // again (if the new owner was not pulling yet): release that pin
-        // too, once the pull is gone.
+        // While draining, a request the pull had sent before may have been
+        // given the pin again (if the new owner was not pulling yet):
+        // release that pin too, once the pull is gone.
         drop(messages);
         let again = drained.iter().rev().find_map(|(_, p)| p.clone());
         if again.is_some() && again != pin {
@@ -390,7 +402,7 @@ async fn hand_on(
     enum Step<T> {
         Stop,
         Send(T),
-        Next(Option<Box<Result<jetstream::Message, pull::MessagesError>>>),
+        Next(Option<Box<Result<jetstream::Message, PullError>>>),
         Tick,
     }
     while !waiting.is_empty() {
