@@ -593,16 +593,39 @@ async fn consume(
 /// (`max_ack_pending` on NATS) usually bounds them first.
 const SETTLE_QUEUE: usize = 4_096;
 
+/// How long the settler gathers handled deliveries before one flush covers
+/// them all. Each flush seals a store buffer, writes it and syncs it, and
+/// wakes several threads to do so: flushing as soon as anything waited made
+/// about one flush per five events on a fast drain, and those flushes cost
+/// more CPU than the events. Gathering for 2 ms makes them a few hundred a
+/// second whatever the rate; only the acks wait, not the steps.
+const SETTLE_GATHER: Duration = Duration::from_millis(2);
+
 /// Settles handled deliveries: acks each once what was recorded about it is
 /// durable (or naks it for a retry once the attempt count is). Everything
-/// waiting shares one flush, so a worker goes on to its next event without
-/// waiting for the disk, and the disk sees one flush per batch, not per event.
+/// gathered within [`SETTLE_GATHER`] of the first shares one flush, so a
+/// worker goes on to its next event without waiting for the disk, and the
+/// disk sees one flush per batch, not per event.
 async fn settle_batches(
     executor: Arc<Executor>,
     mut queue: mpsc::Receiver<(Delivery, Disposition)>,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
     while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
+        let gathered = tokio::time::sleep(SETTLE_GATHER);
+        tokio::pin!(gathered);
+        while batch.len() < SETTLE_QUEUE {
+            let room = SETTLE_QUEUE - batch.len();
+            tokio::select! {
+                biased;
+                _ = &mut gathered => break,
+                n = queue.recv_many(&mut batch, room) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        }
         let durable = executor.make_durable().await;
         if let Err(e) = &durable {
             tracing::error!(error = %e, count = batch.len(),
