@@ -230,7 +230,7 @@ async fn nats_case(n: u64, concurrency: usize) -> anyhow::Result<Row> {
 
     // Every message acked, none left: the consumer agrees with /metrics.
     let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_consumer(switchboard_dispatcher::bus::nats::CONSUMER)
+        .get_consumer(switchboard_bus::nats::CONSUMER)
         .await
         .map_err(|e| anyhow::anyhow!("opening the dispatcher's consumer: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);

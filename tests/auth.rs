@@ -4,7 +4,7 @@
 //! The isolation matrix is one table with a row for every
 //! `/v1/accounts/{account}/...` route and method; every other route is in a
 //! second table with how it authenticates. A route in
-//! `switchboard_dispatcher::api::ROUTES` that neither table has fails
+//! `switchboard_http::api::ROUTES` that neither table has fails
 //! [`every_route_is_in_a_table`] (and the matrix test itself), so a new route
 //! cannot be added without deciding, and testing, who may call it.
 
@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use switchboard_dispatcher::api::ROUTES;
+use switchboard_http::api::ROUTES;
 
 use crate::peers::HttpReceiver;
 use crate::util::{ADMIN_TOKEN, Dispatcher, NatsServer, TIMEOUT, wait_until};

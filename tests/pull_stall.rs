@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use serde_json::json;
-use switchboard_dispatcher::bus::nats::{CONSUMER, partition_consumer, partition_transform};
-use switchboard_dispatcher::bus::partitions::PARTITIONS;
+use switchboard_bus::nats::{CONSUMER, partition_consumer, partition_transform};
+use switchboard_bus::partitions::PARTITIONS;
 
 use crate::util::{Dispatcher, NatsServer, event};
 

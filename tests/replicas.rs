@@ -652,8 +652,8 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
 /// the bucket before it is taken for stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
-    use switchboard_dispatcher::state::StoredContacts;
     use switchboard_handlers::records::{ContactUpsert, Contacts};
+    use switchboard_state::StoredContacts;
     use switchboard_store::Store;
 
     let nats = crate::util::NatsServer::start();

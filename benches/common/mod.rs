@@ -541,7 +541,8 @@ pub async fn fill_embedded(
     make: impl Fn(u64) -> switchboard_sdk::VumiApiEvent,
 ) -> anyhow::Result<Duration> {
     use futures::StreamExt as _;
-    use switchboard_dispatcher::bus::{Bus as _, EmbeddedBus};
+    use switchboard_bus::EmbeddedBus;
+    use switchboard_engine::bus::Bus as _;
     let started = Instant::now();
     let store = switchboard_store::Store::open(&data.join("store")).context("opening the store")?;
     let bus = EmbeddedBus::open(store, prefix).context("opening the embedded bus")?;

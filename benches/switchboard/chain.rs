@@ -243,7 +243,7 @@ async fn one_build(options: &crate::Options, build: &Build) -> anyhow::Result<Ch
     let mut outbound = js
         .get_stream(switchboard_sdk::nats::stream_name(
             PREFIX,
-            switchboard_dispatcher::outbound::OUTBOUND_STREAM,
+            switchboard_bus::commands::OUTBOUND_STREAM,
         ))
         .await
         .context("the outbound stream")?;

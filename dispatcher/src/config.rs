@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use switchboard_handlers::sms::SmsProvider;
 
-use crate::auth::AdminToken;
-use crate::outbound::{EmailProvider, OutboundConfig, OutboundPolicy};
+pub use switchboard_engine::LimitsConfig;
 use switchboard_handlers::RhaiLimits;
-use switchboard_sdk::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, DEFAULT_SUBJECT_PREFIX};
+use switchboard_http::auth::AdminToken;
+use switchboard_outbound::{EmailProvider, OutboundConfig, OutboundPolicy};
+use switchboard_sdk::DEFAULT_SUBJECT_PREFIX;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -106,7 +107,7 @@ impl Default for BusConfig {
         Self {
             nats_url: None,
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
-            ack_wait_secs: crate::bus::nats::DEFAULT_ACK_WAIT.as_secs(),
+            ack_wait_secs: switchboard_bus::nats::DEFAULT_ACK_WAIT.as_secs(),
             stream_replicas: 1,
             replicated: false,
         }
@@ -152,36 +153,6 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("switchboard-data"),
-        }
-    }
-}
-
-/// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Largest accepted event, in bytes.
-    pub max_event_bytes: usize,
-    /// Deepest lineage handled; deeper events go to dead letters.
-    pub max_depth: u32,
-    /// Conversations handled at once (each conversation in order).
-    pub concurrency: usize,
-    /// Events a second each account may post to `POST /v1/events`; 0 (the
-    /// default) sets no limit. Over it the API answers 429 with `Retry-After`.
-    pub ingest_rate: u32,
-    /// How many events over the rate an account may post at once (default:
-    /// the rate).
-    pub ingest_burst: Option<u32>,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            max_depth: DEFAULT_MAX_DEPTH,
-            concurrency: 32,
-            ingest_rate: 0,
-            ingest_burst: None,
         }
     }
 }

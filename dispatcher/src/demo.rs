@@ -26,12 +26,13 @@ use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
 };
 
-use crate::auth::AdminToken;
+use switchboard_engine::trace::{Trace, TraceStatus};
+use switchboard_http::auth::AdminToken;
+use switchboard_outbound::{EmailProvider, SmtpSecurity};
+use switchboard_state::StoredSecrets;
+
 use crate::config::Config;
-use crate::outbound::{EmailProvider, SmtpSecurity};
 use crate::runtime::{Dispatcher, StartError};
-use crate::state::StoredSecrets;
-use crate::trace::{Trace, TraceStatus};
 
 /// Options of the demo.
 #[derive(Debug, Clone)]

@@ -1,34 +1,20 @@
-//! The Switchboard runtime: buses, the chain executor, traces, dead letters and
-//! the HTTP API.
+//! The dispatcher, put together: the configuration, the backend factory,
+//! the wiring of the engine, the buses, the HTTP surface, the outbound ports
+//! and the record stores ([`Dispatcher::start`]), the demo, and the CLI with
+//! its [`client`] of a running dispatcher's API.
 //!
-//! This is the only crate that knows the bus, the journal and the HTTP server.
-//! [`Dispatcher::start`] puts it all together; [`client`] talks to a running
-//! dispatcher's API for the CLI.
+//! Each part lives in a crate of its own under `dispatcher/` (see
+//! `docs/architecture.md`); this one only wires them.
 
-pub mod api;
-pub mod auth;
-pub mod bus;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod dead_letters;
 pub mod demo;
-pub mod dry_run;
-pub mod executor;
-pub mod inbound;
-pub mod journal;
-pub mod metrics;
-pub mod outbound;
-pub mod ratelimit;
 pub mod runtime;
-pub mod state;
-pub mod trace;
 
 pub use config::Config;
 pub use runtime::{AppliedFile, Dispatcher, StartError};
-
-/// How long a bus remembers an event id to drop duplicate publishes.
-pub const DUPLICATE_WINDOW: std::time::Duration = switchboard_sdk::nats::DUPLICATE_WINDOW;
 
 /// Sets up logging to stderr: human-readable text, or JSON lines with
 /// `json`. `RUST_LOG` overrides `default_filter` (e.g. `info`).

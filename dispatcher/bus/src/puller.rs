@@ -1,4 +1,4 @@
-//! Pulls messages from one JetStream pull consumer for [`super::pull`]:
+//! Pulls messages from one JetStream pull consumer for [`crate::pull`]:
 //! pull requests kept pipelined, with an exact count of what they may still
 //! bring, so that one is always live on the server while messages wait.
 //!

@@ -1,6 +1,6 @@
 //! From a delivery's bytes to an event, or to the reason it is poison.
 
-use switchboard_sdk::{AccountKey, VumiApiEvent};
+use switchboard_sdk::VumiApiEvent;
 
 use crate::dead_letters::{DeadLetter, DeadReason, UNKNOWN_ACCOUNT};
 
@@ -10,9 +10,11 @@ const PAYLOAD_KEPT: usize = 64 * 1024;
 /// Decodes a payload taken from `subject`: an event, valid, within
 /// `max_bytes`, published on the subject its account, conversation type
 /// and event type give (under `prefix`). Anything else is poison: the dead
-/// letter to file, with the reason and the payload.
+/// letter to file under `account` (what the bus read from the subject), with
+/// the reason and the payload.
 pub(super) fn decode(
     subject: &str,
+    account: Option<&str>,
     payload: &[u8],
     prefix: &str,
     max_bytes: usize,
@@ -32,21 +34,11 @@ pub(super) fn decode(
             }
         });
     result.map_err(|error| {
-        let account = account_of_subject(subject, prefix);
-        let mut letter = DeadLetter::new(&account, DeadReason::Poison, error);
+        let account = account.unwrap_or(UNKNOWN_ACCOUNT);
+        let mut letter = DeadLetter::new(account, DeadReason::Poison, error);
         letter.subject = Some(subject.to_string());
         letter.payload =
             Some(String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_KEPT)]).into_owned());
         Box::new(letter)
     })
-}
-
-/// The account a subject names, if it names a valid one.
-fn account_of_subject(subject: &str, prefix: &str) -> String {
-    subject
-        .strip_prefix(prefix)
-        .and_then(|s| s.strip_prefix(".events."))
-        .and_then(|s| s.split('.').next())
-        .and_then(|a| AccountKey::new(a).ok())
-        .map_or_else(|| UNKNOWN_ACCOUNT.to_string(), |a| a.to_string())
 }

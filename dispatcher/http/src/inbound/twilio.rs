@@ -12,7 +12,7 @@ use switchboard_handlers::records::{Channel, MessageStatus};
 use switchboard_handlers::sms::TwilioSms;
 
 use super::{Parsed, Report};
-use crate::metrics::InboundResult;
+use switchboard_engine::metrics::InboundResult;
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "x-twilio-signature";

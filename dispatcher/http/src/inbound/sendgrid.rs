@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use switchboard_handlers::records::{Channel, MessageStatus};
 
 use super::{Parsed, Report};
-use crate::metrics::InboundResult;
+use switchboard_engine::metrics::InboundResult;
 
 /// Every SendGrid event Switchboard reads: its name, the status it moves a
 /// message to (none: the message keeps its status) and the event type emitted.

@@ -1,7 +1,7 @@
 //! Pulling from NATS consumers into the executor's channel: the single
 //! consumer of a dispatcher that does not share the bus, and a partition's
 //! pinned consumer, with the fence that keeps its order when it changes
-//! hands. The requests themselves are [`super::puller`]'s.
+//! hands. The requests themselves are [`crate::puller`]'s.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -12,15 +12,16 @@ use async_nats::jetstream::{self, consumer::pull};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::partitions::strip_partition;
-use super::puller::{PullError, PullSettings, Puller};
-use super::{Acker, Delivery, InFlight};
+use switchboard_engine::bus::{BusError, Delivery, Settle};
+
+use crate::partitions::strip_partition;
+use crate::puller::{PullError, PullSettings, Puller};
 
 /// How long one pull request lasts. Short, because a stopping dispatcher's
 /// last request outlives it on the server: a message given back (nakked)
 /// while it lasts is offered to it, found undeliverable and put at the back
 /// of the redelivery queue — out of order. So the nakking waits until it has
-/// expired ([`super::Bus::quiesce`]).
+/// expired ([`Bus::quiesce`](switchboard_engine::bus::Bus::quiesce)).
 pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 /// The priority group replicas pull the partition consumers in.
@@ -46,13 +47,73 @@ pub(super) fn pull_settings(batch: usize, pinned_group: Option<&str>) -> PullSet
     }
 }
 
-/// A pulled message as a delivery, with the pin it came under; `None` for
-/// an error of the pull itself.
+/// One delivery of a partition not settled yet: counted while it lives.
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Settles a NATS delivery: acks and naks are publishes to its reply
+/// subject.
+#[derive(Debug)]
+struct NatsSettle {
+    message: Box<jetstream::Message>,
+    /// Counts the delivery among its partition's until it is settled.
+    _in_flight: Option<InFlight>,
+}
+
+impl NatsSettle {
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> BusError {
+        BusError::Unavailable(format!("{what} {}: {e}", self.message.subject))
+    }
+}
+
+#[async_trait::async_trait]
+impl Settle for NatsSettle {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        self.message
+            .ack()
+            .await
+            .map_err(|e| self.failed("acking", e))
+    }
+
+    /// A plain nak puts the message on the consumer's redelivery queue at
+    /// once, in nak order; one with a delay is redelivered when a server
+    /// timer finds it due, in no particular order among those due together.
+    async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError> {
+        self.message
+            .ack_with(jetstream::AckKind::Nak((!delay.is_zero()).then_some(delay)))
+            .await
+            .map_err(|e| self.failed("nakking", e))
+    }
+
+    async fn in_progress(&self) -> Result<(), BusError> {
+        self.message
+            .ack_with(jetstream::AckKind::Progress)
+            .await
+            .map_err(|e| self.failed("extending", e))
+    }
+}
+
+/// A pulled message as a delivery, with the pin it came under and which
+/// delivery of its consumer it is (for the fence); `None` for an error of
+/// the pull itself.
 fn delivery_of(
     next: Result<jetstream::Message, PullError>,
     prefix: &str,
     in_flight: Option<&Arc<AtomicUsize>>,
-) -> Option<(Delivery, Option<String>)> {
+) -> Option<(Delivery, Option<String>, u64)> {
     let message = match next {
         Ok(m) => m,
         Err(e) => {
@@ -75,16 +136,20 @@ fn delivery_of(
         .as_ref()
         .and_then(|h| h.get_last("Nats-Pin-Id"))
         .map(|v| v.as_str().to_string());
-    let delivery = Delivery {
-        subject: strip_partition(prefix, &message.subject).to_string(),
-        payload: message.payload.clone(),
+    let subject = strip_partition(prefix, &message.subject).to_string();
+    let account = crate::account_of(prefix, &subject);
+    let delivery = Delivery::new(
+        subject,
+        account,
+        message.payload.clone(),
         attempt,
         seq,
-        delivery_seq,
-        acker: Acker::Nats(Box::new(message)),
-        _in_flight: in_flight.map(InFlight::new),
-    };
-    Some((delivery, pin))
+        Box::new(NatsSettle {
+            message: Box::new(message),
+            _in_flight: in_flight.map(InFlight::new),
+        }),
+    );
+    Some((delivery, pin, delivery_seq))
 }
 
 /// Where pulled messages go.
@@ -121,7 +186,7 @@ pub(super) async fn pull_single(
             next = messages.next() => next,
         };
         let Some(next) = next else { return };
-        if let Some((delivery, _)) = delivery_of(next, &sink.prefix, None)
+        if let Some((delivery, _, _)) = delivery_of(next, &sink.prefix, None)
             && let Err(unsent) = sink.tx.send(delivery).await
         {
             let _ = unsent.0.nak(Duration::ZERO).await;
@@ -129,7 +194,7 @@ pub(super) async fn pull_single(
         }
     }
     let drained = drain(&mut messages, &sink, None).await;
-    send_all(&sink, drained.into_iter().map(|(d, _)| d)).await;
+    send_all(&sink, drained.into_iter().map(|(d, _, _)| d)).await;
 }
 
 /// What a stopped pull has taken but not handed on: what its live requests
@@ -138,7 +203,7 @@ async fn drain(
     messages: &mut Messages,
     sink: &Sink,
     in_flight: Option<&Arc<AtomicUsize>>,
-) -> Vec<(Delivery, Option<String>)> {
+) -> Vec<(Delivery, Option<String>, u64)> {
     messages.stop_asking();
     let mut drained = Vec::new();
     for _ in 0..2 * sink.batch {
@@ -233,7 +298,7 @@ pub(super) async fn pull_partition(
             return PullEnd::default();
         }
         // The pull may have ended because its consumer was deleted.
-        let name = super::nats::partition_consumer(p);
+        let name = crate::nats::partition_consumer(p);
         match partition
             .stream
             .get_or_create_consumer(&name, partition.config.clone())
@@ -306,7 +371,7 @@ async fn pull_fenced(
                 .unwrap_or_default();
             return PullEnd { held, pin };
         };
-        let Some((delivery, delivery_pin)) =
+        let Some((delivery, delivery_pin, delivery_seq)) =
             delivery_of(next, &sink.prefix, Some(&partition.in_flight))
         else {
             continue;
@@ -329,7 +394,7 @@ async fn pull_fenced(
                     f.arm();
                     check.reset_immediately();
                 }
-                f.hold(delivery);
+                f.hold(delivery, delivery_seq);
             }
             None => {
                 if let Err(unsent) = sink.tx.send(delivery).await {
@@ -354,22 +419,22 @@ async fn pull_fenced(
         // given the pin again (if the new owner was not pulling yet):
         // release that pin too, once the pull is gone.
         drop(messages);
-        let again = drained.iter().rev().find_map(|(_, p)| p.clone());
+        let again = drained.iter().rev().find_map(|(_, p, _)| p.clone());
         if again.is_some() && again != pin {
             unpin_if_held(&partition.stream, partition.number, again.as_deref()).await;
         }
         let mut held: Vec<Delivery> = fence
             .map(|f| f.held.into_values().collect())
             .unwrap_or_default();
-        held.extend(drained.into_iter().map(|(d, _)| d));
+        held.extend(drained.into_iter().map(|(d, _, _)| d));
         return PullEnd { held, pin: None };
     }
     let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
     match fence {
         // Not ours to handle yet: everything goes back.
         Some(mut f) => {
-            for (delivery, _) in drained {
-                f.hold(delivery);
+            for (delivery, _, delivery_seq) in drained {
+                f.hold(delivery, delivery_seq);
             }
             PullEnd {
                 held: f.held.into_values().collect(),
@@ -377,7 +442,7 @@ async fn pull_fenced(
             }
         }
         None => {
-            send_all(sink, drained.into_iter().map(|(d, _)| d)).await;
+            send_all(sink, drained.into_iter().map(|(d, _, _)| d)).await;
             PullEnd {
                 held: Vec::new(),
                 pin,
@@ -423,7 +488,7 @@ async fn hand_on(
                 }
             }
             Step::Next(Some(next)) => {
-                if let Some((delivery, _)) = delivery_of(*next, &sink.prefix, Some(in_flight)) {
+                if let Some((delivery, _, _)) = delivery_of(*next, &sink.prefix, Some(in_flight)) {
                     waiting.push_back(delivery);
                 }
             }
@@ -463,7 +528,7 @@ pub(super) async fn give_back(p: u16, held: Vec<Delivery>) {
 /// this replica's pull last held: another replica's pin stays.
 pub(super) async fn unpin_if_held(stream: &jetstream::stream::Stream, p: u16, held: Option<&str>) {
     let Some(held) = held else { return };
-    let name = super::nats::partition_consumer(p);
+    let name = crate::nats::partition_consumer(p);
     let pinned = match stream.consumer_info(&name).await {
         Ok(info) => info
             .priority_groups
@@ -553,8 +618,8 @@ impl Fence {
         self.last_keepalive = now;
     }
 
-    fn hold(&mut self, delivery: Delivery) {
-        self.last_delivery_seq = self.last_delivery_seq.max(delivery.delivery_seq);
+    fn hold(&mut self, delivery: Delivery, delivery_seq: u64) {
+        self.last_delivery_seq = self.last_delivery_seq.max(delivery_seq);
         self.held.insert(delivery.seq, delivery);
     }
 

@@ -1,8 +1,10 @@
-//! Buses carry events from publishers to the executor, at least once.
+//! The bus, as the engine sees it: ports that carry events from
+//! publishers to the executor, at least once.
 //!
-//! Two implement [`Bus`]: NATS JetStream (production, many replicas) and the
-//! embedded bus (one process, durable in the store). The executor does not know
-//! which one it runs on: it takes [`Delivery`]s, handles them and acks.
+//! The buses themselves (NATS JetStream, the embedded bus) live in the
+//! `switchboard-bus` crate and implement [`Bus`]; a delivery carries its
+//! bus's way of settling it as a [`Settle`]. The engine does not know which
+//! bus it runs on: it takes [`Delivery`]s, handles them and acks.
 
 use std::time::Duration;
 
@@ -11,15 +13,6 @@ use switchboard_sdk::VumiApiEvent;
 
 use crate::dead_letters::DeadLetter;
 use tokio::sync::{mpsc, watch};
-
-pub mod embedded;
-pub mod nats;
-pub mod partitions;
-mod pull;
-mod puller;
-
-pub use embedded::EmbeddedBus;
-pub use nats::NatsBus;
 
 /// A bus failure.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +99,19 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// How a bus settles one of its deliveries.
+#[async_trait::async_trait]
+pub trait Settle: Send + Sync + std::fmt::Debug {
+    /// Done with: never deliver again.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+
+    /// Not done: deliver again, after `delay`.
+    async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError>;
+
+    /// Still working on it: do not redeliver yet.
+    async fn in_progress(&self) -> Result<(), BusError>;
+}
+
 /// One message handed to the executor. It must be acked once handled, or
 /// nakked to be delivered again; one dropped without either is redelivered by
 /// the bus after its ack timeout (NATS) or after a restart (embedded).
@@ -113,82 +119,50 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
 pub struct Delivery {
     /// The subject it was published on.
     pub subject: String,
+    /// The account its subject names, if a valid one (poison is filed
+    /// under it).
+    pub account: Option<String>,
     /// The raw payload.
     pub payload: Bytes,
     /// 1 for the first delivery.
     pub attempt: u32,
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
-    /// Which delivery of its consumer this is (NATS; 0 on the embedded bus).
-    delivery_seq: u64,
-    acker: Acker,
-    /// Counts the delivery among its partition's until it is settled.
-    _in_flight: Option<InFlight>,
-}
-
-/// One delivery of a partition not settled yet: counted while it lives.
-#[derive(Debug)]
-struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl InFlight {
-    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(count.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[derive(Debug)]
-enum Acker {
-    Embedded(embedded::Acker),
-    Nats(Box<async_nats::jetstream::Message>),
+    settle: Box<dyn Settle>,
 }
 
 impl Delivery {
+    /// A delivery its bus settles through `settle`.
+    pub fn new(
+        subject: String,
+        account: Option<String>,
+        payload: Bytes,
+        attempt: u32,
+        seq: u64,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            subject,
+            account,
+            payload,
+            attempt,
+            seq,
+            settle,
+        }
+    }
+
     /// Done with: never deliver again.
     pub async fn ack(self) -> Result<(), BusError> {
-        match self.acker {
-            Acker::Embedded(a) => a.ack(),
-            Acker::Nats(m) => m
-                .ack()
-                .await
-                .map_err(|e| BusError::Unavailable(format!("acking {}: {e}", self.subject))),
-        }
+        self.settle.ack().await
     }
 
     /// Not done: deliver again, after `delay`.
     pub async fn nak(self, delay: Duration) -> Result<(), BusError> {
-        match self.acker {
-            Acker::Embedded(a) => {
-                a.nak(delay, self.attempt);
-                Ok(())
-            }
-            // A plain nak puts the message on the consumer's redelivery queue
-            // at once, in nak order; one with a delay is redelivered when a
-            // server timer finds it due, in no particular order among those
-            // due together.
-            Acker::Nats(m) => m
-                .ack_with(async_nats::jetstream::AckKind::Nak(
-                    (!delay.is_zero()).then_some(delay),
-                ))
-                .await
-                .map_err(|e| BusError::Unavailable(format!("nakking {}: {e}", self.subject))),
-        }
+        self.settle.nak(delay).await
     }
 
     /// Still working on it: do not redeliver yet.
     pub async fn in_progress(&self) -> Result<(), BusError> {
-        match &self.acker {
-            Acker::Embedded(_) => Ok(()),
-            Acker::Nats(m) => m
-                .ack_with(async_nats::jetstream::AckKind::Progress)
-                .await
-                .map_err(|e| BusError::Unavailable(format!("extending {}: {e}", self.subject))),
-        }
+        self.settle.in_progress().await
     }
 }

@@ -26,10 +26,10 @@ use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_c
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Store, StoreError, WriteMark};
 
-use crate::bus::{Bus, BusError};
-use crate::config::LimitsConfig;
+use crate::bus::{Bus, BusError, Delivery};
 use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
 use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
+use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
 use crate::trace::TraceStatus;
 
@@ -134,19 +134,20 @@ impl Executor {
         self.store.flush().await
     }
 
-    /// Decodes a payload taken from `subject`. Poison — bad JSON, a schema
-    /// violation, an oversize payload, an event on the wrong subject — is filed
-    /// in dead letters with the reason, and `Err` is returned with the
-    /// disposition: ack it once the letter is durable, or try again if it
-    /// could not be filed. `first` says whether this is the message's first
-    /// delivery: only those count as received.
-    pub async fn decode(
-        &self,
-        subject: &str,
-        payload: &[u8],
-        first: bool,
-    ) -> Result<VumiApiEvent, Disposition> {
-        match decode::decode(subject, payload, &self.prefix, self.limits.max_event_bytes) {
+    /// Decodes a delivery. Poison — bad JSON, a schema violation, an
+    /// oversize payload, an event on the wrong subject — is filed in dead
+    /// letters with the reason, and `Err` is returned with the disposition:
+    /// ack it once the letter is durable, or try again if it could not be
+    /// filed. Only first deliveries count as received.
+    pub async fn decode(&self, delivery: &Delivery) -> Result<VumiApiEvent, Disposition> {
+        let (subject, first) = (delivery.subject.as_str(), delivery.attempt == 1);
+        match decode::decode(
+            subject,
+            delivery.account.as_deref(),
+            &delivery.payload,
+            &self.prefix,
+            self.limits.max_event_bytes,
+        ) {
             Ok(event) => {
                 if first {
                     self.metrics.count(

@@ -17,7 +17,8 @@ use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Collection, Guard, Store, Write};
 use tokio::sync::{mpsc, watch};
 
-use super::{Acker as DeliveryAcker, Bus, BusError, Delivery, Published};
+use switchboard_engine::bus::{Bus, BusError, Delivery, Published, Settle};
+
 use crate::DUPLICATE_WINDOW;
 
 /// Work for the delivery task.
@@ -54,10 +55,12 @@ struct Inner {
 pub struct Acker {
     inner: Arc<Inner>,
     seq: u64,
+    attempt: u32,
 }
 
-impl Acker {
-    pub(super) fn ack(self) -> Result<(), BusError> {
+#[async_trait::async_trait]
+impl Settle for Acker {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
         let removed = self
             .inner
             .store
@@ -68,9 +71,9 @@ impl Acker {
         Ok(())
     }
 
-    pub(super) fn nak(self, delay: Duration, attempt: u32) {
+    async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError> {
         let notices = self.inner.notices.clone();
-        let seq = self.seq;
+        let (seq, attempt) = (self.seq, self.attempt);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let _ = notices.send(Notice::Again {
@@ -78,6 +81,13 @@ impl Acker {
                 attempt: attempt + 1,
             });
         });
+        Ok(())
+    }
+
+    /// Nothing to report: the embedded bus never redelivers while the
+    /// process lives.
+    async fn in_progress(&self) -> Result<(), BusError> {
+        Ok(())
     }
 }
 
@@ -245,15 +255,19 @@ impl Bus for EmbeddedBus {
                         .ok()
                         .flatten()?;
                     let (subject, payload) = decode(&record);
-                    Some(Delivery {
+                    let account = crate::account_of(&inner.prefix, &subject);
+                    Some(Delivery::new(
                         subject,
+                        account,
                         payload,
                         attempt,
                         seq,
-                        delivery_seq: 0,
-                        acker: DeliveryAcker::Embedded(Acker { inner, seq }),
-                        _in_flight: None,
-                    })
+                        Box::new(Acker {
+                            inner,
+                            seq,
+                            attempt,
+                        }),
+                    ))
                 }
             };
             // First what an earlier process left behind, in order.

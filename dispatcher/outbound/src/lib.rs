@@ -1,23 +1,21 @@
-//! The dispatcher's implementations of the handlers' ports: outbound HTTP
-//! (reqwest, pooled connections, no redirects, bodies read with a cap,
-//! account URLs checked against the [outbound policy](policy)),
-//! e-mail (lettre, one pooled SMTP transport per provider) and commands to
-//! workers on NATS.
+//! The dispatcher's outbound ports for the handlers: HTTP (reqwest, pooled
+//! connections, no redirects, bodies read with a cap, account URLs checked
+//! against the [outbound policy](policy)) and e-mail (lettre, one pooled
+//! SMTP transport per provider). Commands to workers go over the bus, so
+//! each bus backend provides that port (`switchboard-bus`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
-use crate::metrics::Metrics;
+use switchboard_engine::metrics::Metrics;
 use switchboard_handlers::ports::{
-    CommandPort, Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort,
-    redact_url,
+    Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort, redact_url,
 };
 
 /// Largest response body kept from an outbound call.
@@ -346,80 +344,5 @@ impl MailPort for LettreMail {
         self.providers
             .get(provider)
             .and_then(|(p, _)| p.from.clone())
-    }
-}
-
-/// The name of the stream that keeps outbound commands until transport
-/// workers take them.
-pub const OUTBOUND_STREAM: &str = "VUMI_OUTBOUND";
-
-/// Commands published to JetStream (stream `VUMI_OUTBOUND`, `{prefix}.outbound.>`),
-/// each with its message id as `Nats-Msg-Id`.
-#[derive(Debug, Clone)]
-pub struct NatsCommands {
-    js: jetstream::Context,
-    prefix: String,
-}
-
-impl NatsCommands {
-    /// Makes sure the outbound stream exists (kept on `replicas` servers).
-    pub async fn new(
-        client: async_nats::Client,
-        prefix: &str,
-        replicas: usize,
-    ) -> Result<Self, String> {
-        let js = jetstream::new(client);
-        crate::bus::nats::ensure_stream(
-            &js,
-            jetstream::stream::Config {
-                name: switchboard_sdk::nats::stream_name(prefix, OUTBOUND_STREAM),
-                subjects: vec![format!("{prefix}.outbound.>")],
-                duplicate_window: switchboard_sdk::nats::DUPLICATE_WINDOW,
-                num_replicas: replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(Self {
-            js,
-            prefix: prefix.to_string(),
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl CommandPort for NatsCommands {
-    async fn publish(&self, subject: &str, payload: Vec<u8>, msg_id: &str) -> Result<(), String> {
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(msg_id);
-        self.js
-            .send_publish(self.subject(subject), publish)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    fn subject(&self, suffix: &str) -> String {
-        format!("{}.{suffix}", self.prefix)
-    }
-}
-
-/// Commands on the embedded bus: there is no transport worker to take them.
-#[derive(Debug, Clone)]
-pub struct NoCommands;
-
-#[async_trait::async_trait]
-impl CommandPort for NoCommands {
-    async fn publish(&self, subject: &str, _: Vec<u8>, _: &str) -> Result<(), String> {
-        Err(format!(
-            "{subject}: commands to workers need the dispatcher on NATS (run with --nats); this one runs on the embedded bus"
-        ))
-    }
-
-    fn subject(&self, suffix: &str) -> String {
-        suffix.to_string()
     }
 }

@@ -21,16 +21,15 @@ use switchboard_handlers::script::ScriptStoreError;
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
-use crate::dry_run;
+use switchboard_engine::dry_run;
 
 use crate::auth::{self, Auth, Principal, TokenError};
-use crate::bus::Bus;
-use crate::dead_letters::LetterStatus;
-use crate::executor::{LetterError, Letters};
 use crate::inbound::{CreateError, CreateRequest, Inbound, InboundError, Provider};
-use crate::metrics::Gauges;
-use crate::metrics::Metrics;
-use crate::trace::Traces;
+use switchboard_engine::bus::Bus;
+use switchboard_engine::dead_letters::LetterStatus;
+use switchboard_engine::executor::{LetterError, Letters};
+use switchboard_engine::metrics::{Gauges, Metrics};
+use switchboard_engine::trace::Traces;
 use switchboard_handlers::Registry;
 use switchboard_rules::ChainStore;
 use switchboard_store::Store;
@@ -282,7 +281,7 @@ type ApiResult = Result<Response, ApiError>;
 /// Checks the account of a dead-letter route: a valid account key, or the
 /// name poison is filed under when its subject named no valid account.
 fn dead_letter_account(raw: &str) -> Result<(), ApiError> {
-    if raw != crate::dead_letters::UNKNOWN_ACCOUNT {
+    if raw != switchboard_engine::dead_letters::UNKNOWN_ACCOUNT {
         account_key(raw)?;
     }
     Ok(())
@@ -380,7 +379,10 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            switchboard_engine::metrics::CONTENT_TYPE,
+        )],
         s.metrics.render(&Gauges {
             bus_lag: s.bus.lag().await,
             rhai_operations: s.registry.runtime().operations_total(),

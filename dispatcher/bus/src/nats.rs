@@ -2,7 +2,7 @@
 //! a two-minute duplicate window) and durable pull consumers with explicit
 //! acks: `switchboard` for one dispatcher, or, when replicas share the bus,
 //! one per partition (`switchboard-p0` …), each pinned to one replica at a
-//! time (see [`super::partitions`]).
+//! time (see [`crate::partitions`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,14 +17,14 @@ use switchboard_sdk::nats::{NatsEmitter, events_stream_config, stream_name};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::partitions::PARTITIONS;
-use super::pull::{
+use crate::partitions::PARTITIONS;
+use crate::pull::{
     GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
     pull_settings, pull_single, send_all, unpin_if_held,
 };
-use super::puller::Puller;
-use super::{Bus, BusError, Delivery, Published};
-use crate::dead_letters::DeadLetter;
+use crate::puller::Puller;
+use switchboard_engine::bus::{Bus, BusError, Delivery, Published};
+use switchboard_engine::dead_letters::DeadLetter;
 
 /// The durable consumer of a dispatcher that does not share the bus.
 pub const CONSUMER: &str = "switchboard";
@@ -339,7 +339,7 @@ impl NatsBus {
     }
 
     /// Consumes only the partitions `owned` names, as it changes (see
-    /// [`super::partitions::Membership`]). Needs a bus connected with
+    /// [`crate::partitions::Membership`]). Needs a bus connected with
     /// `partitioned`.
     pub fn with_partitions(mut self, owned: watch::Receiver<Vec<u16>>) -> Self {
         self.partitions = Some(Partitions {

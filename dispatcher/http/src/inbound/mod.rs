@@ -30,9 +30,8 @@ use switchboard_sdk::{
 use switchboard_store::{Store, StoreError};
 use time::OffsetDateTime;
 
-use crate::bus::{Bus, BusError};
-use crate::metrics::{InboundResult, Metrics};
-use crate::state::RecordPorts;
+use switchboard_engine::bus::{Bus, BusError};
+use switchboard_engine::metrics::{InboundResult, Metrics};
 
 pub mod sendgrid;
 mod store;
@@ -345,6 +344,15 @@ pub struct Inbound {
     max_event_bytes: usize,
 }
 
+/// The records inbound webhooks read and change.
+#[derive(Debug, Clone)]
+pub struct InboundRecords {
+    /// The message records delivery reports move.
+    pub messages: Arc<dyn Messages>,
+    /// The secrets signatures are checked with.
+    pub secrets: Arc<dyn Secrets>,
+}
+
 impl Inbound {
     /// Inbound webhooks over `store`, moving the message records of
     /// `records` and checking signatures with its secrets, publishing on
@@ -352,7 +360,7 @@ impl Inbound {
     /// deployment's Twilio providers.
     pub fn new(
         store: Store,
-        records: &RecordPorts,
+        records: InboundRecords,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         public_url: &str,
@@ -362,8 +370,8 @@ impl Inbound {
         Self {
             hooks: HookStore::new(store.clone()),
             unmatched: UnmatchedStore::new(store.clone()),
-            messages: records.messages.clone(),
-            secrets: records.secrets.clone(),
+            messages: records.messages,
+            secrets: records.secrets,
             twilio,
             public_url: public_url.trim_end_matches('/').to_string(),
             bus,

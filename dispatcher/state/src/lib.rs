@@ -2,7 +2,7 @@
 //! implemented over the store crate's [`Store`]: contacts, message records,
 //! secrets, step idempotency keys and script versions, each in its own
 //! collections, keyed by account first so that one account can never read
-//! or overwrite another's. These are what [`crate::Dispatcher`] hands the
+//! or overwrite another's. These are what `switchboard_dispatcher::Dispatcher` hands the
 //! handlers, the API and the inbound webhooks.
 
 use std::sync::Arc;

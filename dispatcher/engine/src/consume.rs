@@ -1,0 +1,334 @@
+//! The consume loop: takes deliveries off the bus and hands each to a
+//! worker chosen by (account, conversation). One worker handles its events
+//! one at a time, so events of a conversation are handled in order while
+//! different conversations run concurrently; a settler acks what the
+//! workers handled once it is durable, in gathered batches.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::bus::{Bus, Delivery};
+use crate::executor::{Disposition, Executor};
+
+/// Consumes `deliveries` with `concurrency` workers until `stopped` turns
+/// true, then gives back what was not handled, in bus order. `keepalive`:
+/// how often a worker reports a long-running event in progress; `grace`:
+/// how long a stop waits for the events being handled.
+pub async fn consume(
+    executor: Arc<Executor>,
+    bus: Arc<dyn Bus>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    concurrency: usize,
+    keepalive: Option<Duration>,
+    grace: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
+    let settler = tokio::spawn(settle_batches(executor.clone(), settling));
+    let mut workers = Vec::with_capacity(concurrency);
+    let mut queues = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        // Small buffers: a delivery waiting here gets no progress reports, so
+        // it must reach its worker well within the bus's ack wait.
+        let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
+        queues.push(tx);
+        workers.push(tokio::spawn(
+            Worker {
+                executor: executor.clone(),
+                settle: settle.clone(),
+                earlier: None,
+                keepalive,
+                grace,
+                stopped: stopped.clone(),
+                waiting: HashMap::new(),
+            }
+            .run(rx),
+        ));
+    }
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|s| *s) => break,
+            d = deliveries.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let event = match executor.decode(&delivery).await {
+            Ok(event) => event,
+            Err(disposition) => {
+                // Poison: acked once its dead letter is durable.
+                if let Err(unsent) = settle.send((delivery, disposition)).await {
+                    let _ = unsent.0.0.nak(Duration::ZERO).await;
+                }
+                continue;
+            }
+        };
+        let mut h = DefaultHasher::new();
+        event.account_key.hash(&mut h);
+        event.conversation_key.hash(&mut h);
+        let shard = (h.finish() % concurrency as u64) as usize;
+        if queues[shard].send((event, delivery)).await.is_err() {
+            break;
+        }
+    }
+    // The bus stops pulling and hands over what it already took; workers
+    // finish what they are handling, within the grace period, and what they
+    // handled is settled. Everything not handled then goes back to the bus in
+    // bus order, so that a conversation's events come back in the order they
+    // were published.
+    let mut released = Vec::new();
+    while let Some(delivery) = deliveries.recv().await {
+        released.push(delivery);
+    }
+    drop(queues);
+    for w in workers {
+        if let Ok(unhandled) = w.await {
+            released.extend(unhandled);
+        }
+    }
+    drop(settle);
+    let _ = settler.await;
+    released.sort_by_key(|d| d.seq);
+    if !released.is_empty() {
+        bus.quiesce().await;
+        tracing::info!(
+            count = released.len(),
+            "giving unhandled events back to the bus"
+        );
+    }
+    for delivery in released {
+        if let Err(e) = delivery.nak(Duration::ZERO).await {
+            tracing::warn!(error = %e, "giving a delivery back failed; the bus delivers it again after its ack wait");
+        }
+    }
+    // Acks and naks are fire-and-forget: they leave before the hand-over.
+    if let Err(e) = bus.flush().await {
+        tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
+    }
+    bus.hand_over().await;
+}
+
+/// Handled deliveries waiting to be settled. Workers wait only when this
+/// many are waiting; the bus's own limit on unacked messages
+/// (`max_ack_pending` on NATS) usually bounds them first.
+const SETTLE_QUEUE: usize = 4_096;
+
+/// How long the settler gathers handled deliveries before one flush covers
+/// them all. Each flush seals a store buffer, writes it and syncs it, and
+/// wakes several threads to do so: flushing as soon as anything waited made
+/// about one flush per five events on a fast drain, and those flushes cost
+/// more CPU than the events. Gathering for 2 ms makes them a few hundred a
+/// second whatever the rate; only the acks wait, not the steps.
+const SETTLE_GATHER: Duration = Duration::from_millis(2);
+
+/// Settles handled deliveries: acks each once what was recorded about it is
+/// durable (or naks it for a retry once the attempt count is). Everything
+/// gathered within [`SETTLE_GATHER`] of the first shares one flush, so a
+/// worker goes on to its next event without waiting for the disk, and the
+/// disk sees one flush per batch, not per event.
+async fn settle_batches(
+    executor: Arc<Executor>,
+    mut queue: mpsc::Receiver<(Delivery, Disposition)>,
+) {
+    let mut batch = Vec::with_capacity(SETTLE_QUEUE);
+    while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
+        let gathered = tokio::time::sleep(SETTLE_GATHER);
+        tokio::pin!(gathered);
+        while batch.len() < SETTLE_QUEUE {
+            let room = SETTLE_QUEUE - batch.len();
+            tokio::select! {
+                biased;
+                _ = &mut gathered => break,
+                n = queue.recv_many(&mut batch, room) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        let durable = executor.make_durable().await;
+        if let Err(e) = &durable {
+            tracing::error!(error = %e, count = batch.len(),
+                "flushing the store failed; these events will be handled again");
+        }
+        for (delivery, disposition) in batch.drain(..) {
+            let result = match (disposition, &durable) {
+                (Disposition::Ack, Ok(())) => delivery.ack().await,
+                (Disposition::Ack, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
+                // A retry's attempt count is durable only once this flush
+                // is: a crash before it (or a failed flush) gives the step
+                // one more attempt than it should get.
+                (Disposition::Retry(delay), _) => delivery.nak(delay).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
+            }
+        }
+    }
+}
+
+/// How long past its due time a conversation waits for the event it is held
+/// for before deciding that event went elsewhere (another replica took it).
+const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// How much later than the event it waits for a held delivery comes back.
+const HELD_MARGIN: Duration = Duration::from_millis(50);
+
+/// A conversation whose event `head` went back to the bus for a retry: its
+/// later events are held (nakked) until `head` is done, and then handled in
+/// bus order.
+#[derive(Debug)]
+struct Held {
+    /// The bus position of the event the conversation waits for.
+    head: u64,
+    /// When that event is due back.
+    due: tokio::time::Instant,
+    /// Later events of the conversation, sent back to wait.
+    later: BTreeSet<u64>,
+}
+
+/// One worker: handles the events of the conversations hashed to it, one at
+/// a time, in bus order, also across retries.
+struct Worker {
+    executor: Arc<Executor>,
+    /// Where handled deliveries go to be acked or nakked.
+    settle: mpsc::Sender<(Delivery, Disposition)>,
+    /// This worker's last outside effect whose record may not be durable
+    /// yet (see [`Executor::handle`]).
+    earlier: Option<switchboard_store::WriteMark>,
+    keepalive: Option<Duration>,
+    grace: Duration,
+    stopped: watch::Receiver<bool>,
+    waiting: HashMap<(AccountKey, ConversationKey), Held>,
+}
+
+impl Worker {
+    /// Handles what arrives until the queue closes; returns the deliveries
+    /// left unhandled by a shutdown, to be given back to the bus.
+    async fn run(mut self, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) -> Vec<Delivery> {
+        let mut unhandled = Vec::new();
+        while let Some((event, delivery)) = queue.recv().await {
+            if *self.stopped.borrow() {
+                unhandled.push(delivery);
+                continue;
+            }
+            let conversation = (event.account_key.clone(), event.conversation_key.clone());
+            if let Some(wait) = self.hold(&conversation, delivery.seq) {
+                if let Err(e) = delivery.nak(wait).await {
+                    tracing::warn!(event_id = %event.id, error = %e, "holding back a delivery failed");
+                }
+                continue;
+            }
+            let Some(disposition) = self.handle(&event, &delivery).await else {
+                // The grace period ran out mid-handling: give it back.
+                unhandled.push(delivery);
+                continue;
+            };
+            match disposition {
+                Disposition::Retry(delay) => {
+                    let held = self.waiting.entry(conversation).or_insert_with(|| Held {
+                        head: delivery.seq,
+                        due: tokio::time::Instant::now(),
+                        later: BTreeSet::new(),
+                    });
+                    held.head = delivery.seq;
+                    held.due = tokio::time::Instant::now() + delay;
+                }
+                Disposition::Ack => {
+                    self.done(&conversation, delivery.seq);
+                }
+            }
+            if let Err(unsent) = self.settle.send((delivery, disposition)).await {
+                // The settler is gone (it panicked): give the delivery back.
+                unhandled.push(unsent.0.0);
+            }
+        }
+        unhandled
+    }
+
+    /// Whether the delivery at `seq` must wait for an earlier event of its
+    /// conversation, and for how long.
+    fn hold(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) -> Option<Duration> {
+        let held = self.waiting.get_mut(conversation)?;
+        if seq <= held.head {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        if now > held.due + HEAD_LOST_AFTER {
+            tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                "the event this conversation waits for has not come back; going on without it");
+            held.later.insert(seq);
+            held.head = held.later.pop_first().expect("just inserted");
+            held.due = now;
+            return (held.head != seq).then_some(HELD_MARGIN);
+        }
+        held.later.insert(seq);
+        Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
+    }
+
+    /// The event at `seq` is done: its conversation moves on to the next
+    /// held event, if any.
+    fn done(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) {
+        let Some(held) = self.waiting.get_mut(conversation) else {
+            return;
+        };
+        held.later.remove(&seq);
+        if seq != held.head {
+            return;
+        }
+        match held.later.pop_first() {
+            Some(next) => {
+                held.head = next;
+                held.due = tokio::time::Instant::now();
+            }
+            None => {
+                self.waiting.remove(conversation);
+            }
+        }
+    }
+
+    /// Handles one event, reporting progress to the bus meanwhile. `None` when
+    /// a shutdown's grace period ran out first.
+    async fn handle(&mut self, event: &VumiApiEvent, delivery: &Delivery) -> Option<Disposition> {
+        // Every log line of the event's handling carries its account and id.
+        let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
+        let handling = self
+            .executor
+            .handle(event, &mut self.earlier)
+            .instrument(span);
+        tokio::pin!(handling);
+        // Tell the bus the event is still being worked on (a slow step), so
+        // it is not delivered to someone else meanwhile.
+        let every = self.keepalive.unwrap_or(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let grace = self.grace;
+        let mut stopped = self.stopped.clone();
+        let deadline = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                d = &mut handling => return Some(d),
+                _ = tick.tick(), if self.keepalive.is_some() => {
+                    if let Err(e) = delivery.in_progress().await {
+                        tracing::warn!(event_id = %event.id, error = %e, "reporting progress failed");
+                    }
+                }
+                _ = &mut deadline => {
+                    tracing::warn!(event_id = %event.id, "shutdown grace period over: releasing the event being handled");
+                    return None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The backend factory: from the `[bus]` and `[store]` config to the bus,
+//! the port commands to workers go out on, and the store under both.
+//!
+//! Adding a bus backend touches its own files in `switchboard-bus` and the
+//! match in [`open`], no more: everything after this (executor, API, consume
+//! loop) takes the [`Backend`] as it is.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_bus::commands::{NatsCommands, NoCommands};
+use switchboard_bus::partitions::Membership;
+use switchboard_bus::{EmbeddedBus, NatsBus};
+use switchboard_engine::bus::{Bus, BusError};
+use switchboard_handlers::ports::CommandPort;
+use switchboard_store::Store;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::runtime::StartError;
+
+/// What the dispatcher runs on.
+#[derive(Debug)]
+pub struct Backend {
+    /// The store.
+    pub store: Store,
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// Where `send_sms` commands to transport workers go.
+    pub commands: Arc<dyn CommandPort>,
+    /// Set when replicas share the bus: the partitions this one owns.
+    pub replicas: Option<Replicas>,
+}
+
+/// This replica's share of a bus partitioned among replicas: which
+/// partitions it owns, once it has joined the others.
+#[derive(Debug)]
+pub struct Replicas {
+    owned_tx: watch::Sender<Vec<u16>>,
+    owned: watch::Receiver<Vec<u16>>,
+}
+
+impl Replicas {
+    fn new() -> Self {
+        let (owned_tx, owned) = watch::channel(Vec::new());
+        Self { owned_tx, owned }
+    }
+
+    /// The partitions this replica owns, as they change.
+    pub fn owned(&self) -> watch::Receiver<Vec<u16>> {
+        self.owned.clone()
+    }
+
+    /// Joins the other replicas (a heartbeat in `store`): from now on the
+    /// partitions are divided among the members.
+    pub fn join(self, store: Store) -> Result<Membership, StartError> {
+        Ok(Membership::join(store, self.owned_tx)?)
+    }
+}
+
+/// Opens the backend `config` names: NATS JetStream when `bus.nats_url` is
+/// set (with the shared, partitioned state when `bus.replicated`), the
+/// embedded bus otherwise.
+pub async fn open(config: &Config) -> Result<Backend, StartError> {
+    match &config.bus.nats_url {
+        Some(url) => nats(config, url).await,
+        None => embedded(config),
+    }
+}
+
+/// The embedded bus, in the store: one process, no commands to workers.
+fn embedded(config: &Config) -> Result<Backend, StartError> {
+    let store = Store::open(&store_dir(&config.store.data_dir))?;
+    let bus = EmbeddedBus::open(store.clone(), &config.bus.subject_prefix)?;
+    Ok(Backend {
+        store,
+        bus: Arc::new(bus),
+        commands: Arc::new(NoCommands),
+        replicas: None,
+    })
+}
+
+/// NATS JetStream: the events stream and its consumer (partitioned, and the
+/// state in a shared bucket, when replicas share them), and the outbound
+/// commands stream.
+async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
+    let prefix = &config.bus.subject_prefix;
+    let bus = NatsBus::connect(
+        url,
+        prefix,
+        config.limits.max_event_bytes,
+        // Unacked messages out at once: those being handled and those
+        // waiting on the server for a retry (nakked with a delay). Generous,
+        // so that one account's failing receiver cannot hold up the others;
+        // what this process buffers is bounded by the pull batch instead.
+        (config.limits.concurrency * 4).max(1024),
+        Duration::from_secs(config.bus.ack_wait_secs),
+        config.bus.stream_replicas,
+        config.bus.replicated,
+    )
+    .await?;
+    let commands = NatsCommands::new(bus.client().clone(), prefix, config.bus.stream_replicas)
+        .await
+        .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
+    if !config.bus.replicated {
+        return Ok(Backend {
+            store: Store::open(&store_dir(&config.store.data_dir))?,
+            bus: Arc::new(bus),
+            commands: Arc::new(commands),
+            replicas: None,
+        });
+    }
+    let replicas = Replicas::new();
+    let bus = bus.with_partitions(replicas.owned());
+    let (options, servers) = switchboard_sdk::nats::connect_options(url);
+    let store = Store::replicated(
+        &config.store.data_dir.join("replica"),
+        options.name("switchboard-dispatcher-state"),
+        servers.urls().to_vec(),
+        config.bus.stream_replicas,
+    )
+    .await?;
+    Ok(Backend {
+        store,
+        bus: Arc::new(bus),
+        commands: Arc::new(commands),
+        replicas: Some(replicas),
+    })
+}
+
+/// Where a dispatcher with its own store keeps it.
+fn store_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("store")
+}
