@@ -911,3 +911,35 @@ config = { provider = "smsc", to = "{{ event.event_data.msisdn }}", body = "hell
         "the NATS password is in the log"
     );
 }
+
+/// Regression: a secret set (or removed) through the API was answered
+/// before it reached the disk, so a crash right after lost it although the
+/// caller had been told it was set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_set_or_removed_through_the_api_survive_a_crash_right_after() {
+    let mut d = Dispatcher::embedded();
+    let names = |body: Value| -> Vec<String> {
+        body["secrets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a list of secrets: {body}"))
+            .iter()
+            .map(|s| s.as_str().expect("a secret's name").to_string())
+            .collect()
+    };
+    for name in ["gateway", "mailer"] {
+        d.cli(&["secrets", "set", "acme", name, "--value", "whsec_c2VjcmV0"])
+            .await
+            .ok();
+    }
+    d.kill9();
+    d.restart();
+    let (status, body) = d.get("/v1/accounts/acme/secrets").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(names(body), ["gateway", "mailer"]);
+
+    d.cli(&["secrets", "rm", "acme", "mailer"]).await.ok();
+    d.kill9();
+    d.restart();
+    let (_, body) = d.get("/v1/accounts/acme/secrets").await;
+    assert_eq!(names(body), ["gateway"]);
+}

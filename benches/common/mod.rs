@@ -368,6 +368,16 @@ impl Dispatcher {
         })
     }
 
+    /// The store's group-commit flushes so far (`None` from a build that
+    /// does not count them).
+    pub async fn store_flushes(&self) -> anyhow::Result<Option<u64>> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("switchboard_store_flushes_total "))
+            .and_then(|v| v.trim().parse().ok()))
+    }
+
     /// Kills it at once (SIGKILL): what it had not flushed is lost.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;

@@ -271,6 +271,12 @@ async fn one_build(options: &crate::Options, build: &Build) -> anyhow::Result<Ch
     }
     let steps = steps.join(", ");
     println!("{tag}mean time per step: {steps}");
+    if let Some(flushes) = dispatcher.store_flushes().await? {
+        println!(
+            "{tag}store flushes: {flushes} ({:.2} per event)",
+            flushes as f64 / total as f64
+        );
+    }
     let repeats = receiver.repeats();
     let hwm_kib = dispatcher.hwm_kib()?;
     dispatcher.stop().await;

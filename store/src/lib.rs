@@ -273,19 +273,40 @@ pub struct WriteMark(u64);
 /// store closes (and unlocks) at once.
 type FlushWaiter = (sled::Db, tokio::sync::oneshot::Sender<Result<(), String>>);
 
+/// How long a flush asked for soon after the last one waits for more
+/// callers to share it (a commit delay). Each flush writes and syncs the
+/// store's log through sled's I/O threads, some 0.5 ms of CPU on the
+/// development machine: on a busy dispatcher, flushes that each covered one
+/// or two waiting steps cost more than the steps (the full chain: 0.84
+/// flushes per event without a delay, 0.47 with 0.5 ms, 0.31 with 1.5 ms;
+/// 1 ms adds at most that to a step that waits, and nothing to one on an
+/// idle dispatcher).
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Group commit: one thread flushes for every caller that asked while the
-/// previous flush ran. (sled 0.34's `flush_async` can hang when several
+/// previous flush ran, or within [`COMMIT_DELAY`] of asking when the last
+/// flush was that recent. (sled 0.34's `flush_async` can hang when several
 /// callers flush at once, so it is not used.)
 fn spawn_flusher(counts: Arc<FlushCounts>) -> std::sync::mpsc::Sender<FlushWaiter> {
     let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
     std::thread::Builder::new()
         .name("switchboard-flush".into())
         .spawn(move || {
+            let mut last_flush = std::time::Instant::now() - COMMIT_DELAY;
             while let Ok((db, first)) = rx.recv() {
                 let mut waiters = vec![first];
+                if last_flush.elapsed() < COMMIT_DELAY {
+                    let until = std::time::Instant::now() + COMMIT_DELAY;
+                    while let Some(left) = until.checked_duration_since(std::time::Instant::now())
+                        && let Ok((_, w)) = rx.recv_timeout(left)
+                    {
+                        waiters.push(w);
+                    }
+                }
                 waiters.extend(rx.try_iter().map(|(_, w)| w));
                 let n = counts.begun.fetch_add(1, Ordering::SeqCst) + 1;
                 let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                last_flush = std::time::Instant::now();
                 if result.is_ok() {
                     counts.finished.store(n, Ordering::SeqCst);
                 }
@@ -742,6 +763,11 @@ impl Store {
         rx.await
             .map_err(|_| failed("the flush thread has stopped".into()))?
             .map_err(failed)
+    }
+
+    /// How many group-commit flushes the store has begun.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.begun.load(Ordering::Relaxed)
     }
 
     /// Marks the writes made so far, by any thread: they are durable once a

@@ -156,6 +156,9 @@ pub struct Gauges {
     pub bus_lag: Option<u64>,
     /// Rhai operations run by scripts and conditions since start.
     pub rhai_operations: u64,
+    /// Flushes of the store since start (each a group commit: one write
+    /// and sync of the store's log for every caller waiting at the time).
+    pub store_flushes: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -290,6 +293,11 @@ impl Metrics {
             "Rhai operations run by scripts and conditions",
             ConstCounter::new(gauges.rhai_operations),
         );
+        scraped.register(
+            "store_flushes",
+            "Flushes of the store (group commits)",
+            ConstCounter::new(gauges.store_flushes),
+        );
         let mut out = String::new();
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(&mut out, &self.registry)
@@ -317,6 +325,7 @@ mod tests {
         let text = m.render(&Gauges {
             bus_lag: Some(4),
             rhai_operations: 9,
+            store_flushes: 3,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -328,6 +337,7 @@ mod tests {
             "switchboard_events_total{outcome=\"dead_lettered\",account=\"acme\",event_type=\"poll_complete\"} 1",
             "switchboard_bus_lag_messages 4",
             "switchboard_rhai_operations_total 9",
+            "switchboard_store_flushes_total 3",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

@@ -386,6 +386,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         s.metrics.render(&Gauges {
             bus_lag: s.bus.lag().await,
             rhai_operations: s.registry.runtime().operations_total(),
+            store_flushes: s.store.flushes(),
         }),
     )
         .into_response()
@@ -973,6 +974,8 @@ async fn set_secret(
     s.secrets
         .set(&account, &name, value)
         .map_err(ApiError::internal)?;
+    // Durable before the answer: a chain applied next may sign with it.
+    s.store.flush().await.map_err(ApiError::internal)?;
     tracing::info!(%account, secret = name, "secret set");
     Ok(Json(json!({"account_key": account, "secret": name, "set": true})).into_response())
 }
@@ -986,6 +989,7 @@ async fn remove_secret(
         .remove(&account, &name)
         .map_err(ApiError::internal)?
     {
+        s.store.flush().await.map_err(ApiError::internal)?;
         Ok(Json(json!({"account_key": account, "secret": name, "removed": true})).into_response())
     } else {
         Err(ApiError::not_found(format!(
