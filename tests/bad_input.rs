@@ -750,3 +750,30 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
         );
     }
 }
+
+/// A page cache of no size, or of more than the machine could hold, stops
+/// `run` before it starts, naming the key and the range.
+#[tokio::test]
+async fn a_store_cache_out_of_range_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for mib in ["0", "70000"] {
+        let config = dir.path().join(format!("c{mib}.toml"));
+        std::fs::write(&config, format!("[store]\ncache_mib = {mib}\n")).expect("a config file");
+        let out = crate::util::switchboard(&[
+            "run",
+            "--config",
+            config.to_str().expect("a UTF-8 path"),
+            "--data",
+            dir.path().join("data").to_str().expect("a UTF-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .await;
+        let line = out.fails();
+        assert!(
+            line.contains("store.cache_mib must be between 1 and 65536")
+                && line.contains(&format!("not {mib}")),
+            "{line}"
+        );
+    }
+}

@@ -5,7 +5,6 @@
 //! match in [`open`], no more: everything after this (executor, API, consume
 //! loop) takes the [`Backend`] as it is.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,7 @@ pub async fn open(config: &Config) -> Result<Backend, StartError> {
 
 /// The embedded bus, in the store: one process, no commands to workers.
 fn embedded(config: &Config) -> Result<Backend, StartError> {
-    let store = Store::open(&store_dir(&config.store.data_dir))?;
+    let store = config.store.open()?;
     let bus = EmbeddedBus::open(store.clone(), &config.bus.subject_prefix)?;
     Ok(Backend {
         store,
@@ -105,7 +104,7 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
     if !config.bus.replicated {
         return Ok(Backend {
-            store: Store::open(&store_dir(&config.store.data_dir))?,
+            store: config.store.open()?,
             bus: Arc::new(bus),
             commands: Arc::new(commands),
             replicas: None,
@@ -127,9 +126,4 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         commands: Arc::new(commands),
         replicas: Some(replicas),
     })
-}
-
-/// Where a dispatcher with its own store keeps it.
-fn store_dir(data_dir: &Path) -> std::path::PathBuf {
-    data_dir.join("store")
 }

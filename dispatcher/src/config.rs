@@ -147,13 +147,28 @@ impl Default for HttpConfig {
 pub struct StoreConfig {
     /// Data directory.
     pub data_dir: PathBuf,
+    /// sled's page cache, in MiB: records read or written lately stay in
+    /// memory up to about this much. Raise it when contact lookups of a
+    /// large contact set miss; the dispatcher's memory grows by about as much.
+    pub cache_mib: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("switchboard-data"),
+            cache_mib: switchboard_store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
+    }
+}
+
+impl StoreConfig {
+    /// Opens this process's own store (`{data_dir}/store`).
+    pub fn open(&self) -> Result<switchboard_store::Store, switchboard_store::StoreError> {
+        switchboard_store::Store::open_with_cache(
+            &self.data_dir.join("store"),
+            self.cache_mib.saturating_mul(1024 * 1024),
+        )
     }
 }
 
@@ -304,6 +319,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits.max_event_bytes must be at least 512".into(),
             ));
+        }
+        if !(1..=65_536).contains(&self.store.cache_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "store.cache_mib must be between 1 and 65536 (MiB), not {}",
+                self.store.cache_mib
+            )));
         }
         if self.bus.replicated && self.bus.nats_url.is_none() {
             return Err(ConfigError::Invalid(
