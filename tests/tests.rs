@@ -7,6 +7,7 @@ mod util;
 mod auth;
 mod bad_input;
 mod chains_cli;
+mod changelog;
 mod cluster;
 mod crash;
 mod delivery;

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub mod changelog;
 mod replicated;
 
 pub use replicated::{BUCKET, Change, MARKER_TTL};

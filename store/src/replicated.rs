@@ -123,7 +123,7 @@ pub(crate) fn bucket_key(c: Collection, key: &[u8]) -> String {
 }
 
 /// The collection and key of a bucket key.
-fn parse_key(k: &str) -> Option<(Collection, Vec<u8>)> {
+pub(crate) fn parse_key(k: &str) -> Option<(Collection, Vec<u8>)> {
     let (name, encoded) = k.split_once('.')?;
     let c = Collection::ALL.into_iter().find(|c| c.name() == name)?;
     let key = if encoded == "=" {

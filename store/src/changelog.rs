@@ -1,0 +1,518 @@
+//! The partition changelog: how a partition's owner makes the state it
+//! writes durable, and how the other replicas follow it (DESIGN.md, "State,
+//! and scaling out"; the fencing argument is in RELIABILITY.md).
+//!
+//! One JetStream stream, [`STREAM`], holds every partition's changelog:
+//!
+//! - a write to partition `p` is a message on
+//!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
+//!   carrying the new value (a removal: no payload and a `Switchboard-Op:
+//!   del` header). The stream keeps one message per subject, so the
+//!   changelog compacts itself: it holds the latest value of each live key
+//!   (and removal markers, which expire after [`crate::MARKER_TTL`] for
+//!   housekeeping collections);
+//! - a term of ownership of `p` begins with a marker on
+//!   `switchboard.changelog.{p}.epoch`; the marker's stream sequence is the
+//!   term's epoch. The new owner publishes it only if the last marker is the
+//!   one it read (`Nats-Expected-Last-Subject-Sequence`), so two replicas
+//!   taking a partition at once cannot both begin a term from the same one.
+//!
+//! Every write carries `Nats-Expected-Last-Subject-Sequence: {epoch}` with
+//! `Nats-Expected-Last-Subject-Sequence-Subject` naming the partition's epoch
+//! subject (nats-server 2.11 or later): the stream stores it only while its
+//! term's marker is still the partition's last. Once a new owner has begun
+//! its term, every write of the deposed owner is refused ([`ChangelogError::Fenced`]),
+//! however long it was paused, so none can land after the new owner's
+//! marker and overwrite what the new owner writes. Writes stored before
+//! the marker precede it in the stream, and the new owner applies them all
+//! before it handles an event of the partition (it waits until it has read
+//! up to its own marker).
+//!
+//! Writes are group-committed: [`Appender::append`] only queues a write;
+//! a task publishes each at once, many in flight, and [`Appender::commit`]
+//! returns once the stream has acknowledged every write appended before it.
+//! An event is acked only after such a commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Collection;
+use crate::replicated::{bucket_key, parse_key};
+
+/// The stream holding every partition's changelog.
+pub const STREAM: &str = "SWITCHBOARD_CHANGELOG";
+
+/// The first tokens of every changelog subject.
+const PREFIX: &str = "switchboard.changelog";
+
+/// Stream metadata: how many partitions the changelog was made for.
+const PARTITIONS_KEY: &str = "switchboard.partitions";
+
+/// Marks a removal.
+const OP_HEADER: &str = "Switchboard-Op";
+
+/// Names the subject whose last sequence `Nats-Expected-Last-Subject-Sequence`
+/// is checked against (nats-server 2.11).
+const EXPECTED_SUBJECT_HEADER: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// Writes published and not yet acknowledged, at most: beyond it, appending
+/// waits for the oldest acknowledgement.
+const IN_FLIGHT: usize = 8192;
+
+/// Why the changelog refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangelogError {
+    /// The NATS server could not be reached, or answered with an error.
+    #[error("changelog stream {STREAM}: {0}")]
+    Remote(String),
+    /// The stream was made for another number of partitions.
+    #[error(
+        "the changelog stream {STREAM} holds {stream} partitions, but this dispatcher divides \
+         accounts into {configured}: every replica must use the stream's partition count"
+    )]
+    PartitionCount {
+        /// The stream's partition count.
+        stream: u16,
+        /// This replica's.
+        configured: u16,
+    },
+    /// Another replica began a term on the partition after this one's: the
+    /// write was refused, and every later one of this term will be.
+    #[error(
+        "partition {partition}: another replica has taken it over since this replica's term \
+         (epoch {epoch}) began; its writes to the partition are refused"
+    )]
+    Fenced {
+        /// The partition.
+        partition: u16,
+        /// The refused term's epoch.
+        epoch: u64,
+    },
+    /// No term of this replica's covers the partition.
+    #[error("partition {0} is not {1}")]
+    Partition(u16, &'static str),
+}
+
+fn remote(what: impl std::fmt::Display) -> ChangelogError {
+    ChangelogError::Remote(what.to_string())
+}
+
+/// A term of ownership of one partition: writes made under it are stored
+/// until another replica begins a term on the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Term {
+    /// The partition.
+    pub partition: u16,
+    /// The stream sequence of the term's marker.
+    pub epoch: u64,
+}
+
+/// One write to a partition's state: `value` `None` removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The collection written.
+    pub collection: Collection,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value, or `None` to remove.
+    pub value: Option<Bytes>,
+}
+
+/// A changelog message, as a follower reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A write to a partition.
+    Write {
+        /// Its stream sequence.
+        seq: u64,
+        /// The partition.
+        partition: u16,
+        /// What was written.
+        change: Change,
+    },
+    /// A term began.
+    Term(Term),
+    /// A message that is not a changelog record (written by hand, or by an
+    /// incompatible build): to be logged, counted and skipped.
+    Undecodable {
+        /// Its stream sequence.
+        seq: u64,
+        /// Its partition, when the subject names one.
+        partition: Option<u16>,
+        /// Its subject.
+        subject: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Record {
+    /// The record's stream sequence.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Record::Write { seq, .. } | Record::Undecodable { seq, .. } => *seq,
+            Record::Term(t) => t.epoch,
+        }
+    }
+}
+
+fn epoch_subject(partition: u16) -> String {
+    format!("{PREFIX}.{partition}.epoch")
+}
+
+fn write_subject(partition: u16, change: &Change) -> String {
+    format!(
+        "{PREFIX}.{partition}.w.{}",
+        bucket_key(change.collection, &change.key)
+    )
+}
+
+/// Reads a changelog message.
+pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Record {
+    let undecodable = |partition, reason: &str| Record::Undecodable {
+        seq,
+        partition,
+        subject: subject.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some(rest) = subject
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return undecodable(None, "not a changelog subject");
+    };
+    let (partition, rest) = rest.split_once('.').unwrap_or((rest, ""));
+    let Ok(partition) = partition.parse::<u16>() else {
+        return undecodable(None, "the subject names no partition");
+    };
+    if rest == "epoch" {
+        return Record::Term(Term {
+            partition,
+            epoch: seq,
+        });
+    }
+    let Some(key) = rest.strip_prefix("w.") else {
+        return undecodable(Some(partition), "neither a write nor a term marker");
+    };
+    let Some((collection, key)) = parse_key(key) else {
+        return undecodable(Some(partition), "no collection and key in the subject");
+    };
+    let removed = headers
+        .and_then(|h| h.get(OP_HEADER))
+        .is_some_and(|op| op.as_str() == "del");
+    Record::Write {
+        seq,
+        partition,
+        change: Change {
+            collection,
+            key,
+            value: (!removed).then_some(payload),
+        },
+    }
+}
+
+/// Whether the stream refused a publish for its expected last sequence.
+fn is_wrong_sequence(e: &async_nats::jetstream::context::PublishError) -> bool {
+    e.kind() == PublishErrorKind::WrongLastSequence
+}
+
+/// A replica's handle on the changelog stream.
+#[derive(Debug, Clone)]
+pub struct Changelog {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    partitions: u16,
+}
+
+impl Changelog {
+    /// Binds to the changelog stream, creating it with `replicas` copies if
+    /// it does not exist; refuses a stream made for another partition count.
+    pub async fn bind(
+        js: jetstream::Context,
+        partitions: u16,
+        replicas: usize,
+    ) -> Result<Self, ChangelogError> {
+        let config = stream::Config {
+            name: STREAM.into(),
+            description: Some(
+                "Switchboard's partition-owned state: the latest write of each key, by partition"
+                    .into(),
+            ),
+            subjects: vec![format!("{PREFIX}.>")],
+            max_messages_per_subject: 1,
+            allow_message_ttl: true,
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            metadata: HashMap::from([(PARTITIONS_KEY.to_string(), partitions.to_string())]),
+            ..Default::default()
+        };
+        let mut stream = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| remote(format!("creating or reading the stream: {e}")))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| remote(format!("reading the stream: {e}")))?;
+        let held = info.config.metadata.get(PARTITIONS_KEY).cloned();
+        match held.as_deref().map(str::parse::<u16>) {
+            Some(Ok(n)) if n == partitions => {}
+            Some(Ok(n)) => {
+                return Err(ChangelogError::PartitionCount {
+                    stream: n,
+                    configured: partitions,
+                });
+            }
+            _ => {
+                return Err(remote(format!(
+                    "the stream's metadata has no valid {PARTITIONS_KEY} (found {held:?}): it was \
+                     not made by Switchboard"
+                )));
+            }
+        }
+        Ok(Self {
+            js,
+            stream,
+            partitions,
+        })
+    }
+
+    /// How many partitions the changelog holds.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// The stream sequence of the last message in the changelog (0: empty).
+    pub async fn last_seq(&self) -> Result<u64, ChangelogError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| remote(format!("reading the stream: {e}")))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Begins a term on `partition`: from its marker on, the writes of every
+    /// earlier term are refused. The caller must read the changelog up to
+    /// the returned epoch before it handles the partition's events.
+    pub async fn begin_term(&self, partition: u16, owner: &str) -> Result<Term, ChangelogError> {
+        if partition >= self.partitions {
+            return Err(ChangelogError::Partition(partition, "in the changelog"));
+        }
+        let subject = epoch_subject(partition);
+        // Another replica may begin a term between the read and the publish:
+        // read again. A handful of rounds is plenty, since terms begin only
+        // when membership changes.
+        for _ in 0..8 {
+            let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => m.sequence,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    0
+                }
+                Err(e) => return Err(remote(format!("reading {subject}: {e}"))),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                last.to_string().as_str(),
+            );
+            let published = self
+                .js
+                .publish_with_headers(subject.clone(), headers, Bytes::from(owner.to_string()))
+                .await
+                .map_err(|e| remote(format!("publishing {subject}: {e}")))?;
+            match published.await {
+                Ok(ack) => {
+                    return Ok(Term {
+                        partition,
+                        epoch: ack.sequence,
+                    });
+                }
+                Err(e) if is_wrong_sequence(&e) => continue,
+                Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
+            }
+        }
+        Err(remote(format!(
+            "{subject}: other replicas kept beginning terms; giving up for now"
+        )))
+    }
+
+    /// An appender: publishes writes under their terms, many in flight.
+    /// Spawns its task on the current runtime.
+    pub fn appender(&self) -> Appender {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(append_task(self.js.clone(), rx));
+        Appender { tx }
+    }
+
+    /// The changelog's records from stream sequence `from` on, in order,
+    /// read by an ordered consumer (recreated by the client if it falls
+    /// behind or the server restarts).
+    pub async fn records(
+        &self,
+        from: u64,
+    ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
+    {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        let consumer = self
+            .stream
+            .create_consumer(OrderedConfig {
+                filter_subject: format!("{PREFIX}.>"),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| remote(format!("following the changelog: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| remote(format!("following the changelog: {e}")))?;
+        Ok(messages.map(|m| {
+            let m = m.map_err(|e| remote(format!("following the changelog: {e}")))?;
+            let seq = m
+                .info()
+                .map_err(|e| remote(format!("a changelog message without its metadata: {e}")))?
+                .stream_sequence;
+            let message = m.split().0;
+            Ok(decode(
+                seq,
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                message.payload,
+            ))
+        }))
+    }
+}
+
+/// Queues writes for publishing and waits for their acknowledgements.
+/// Cheap to clone; clones share the task and its order.
+#[derive(Debug, Clone)]
+pub struct Appender {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+enum Op {
+    Append {
+        term: Term,
+        change: Change,
+        ttl: Option<Duration>,
+    },
+    Commit(oneshot::Sender<Result<(), ChangelogError>>),
+}
+
+impl Appender {
+    /// Queues `change` to `term`'s partition. It is durable once a later
+    /// [`Appender::commit`] returns `Ok`.
+    pub fn append(&self, term: Term, change: Change) {
+        let ttl = (change.value.is_none() && change.collection.is_housekeeping())
+            .then_some(crate::MARKER_TTL);
+        let _ = self.tx.send(Op::Append { term, change, ttl });
+    }
+
+    /// Waits until the stream has every write appended before this call:
+    /// `Err` if any of them was refused or failed (a fenced term, the server
+    /// unreachable), naming the first.
+    pub async fn commit(&self) -> Result<(), ChangelogError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Commit(tx))
+            .map_err(|_| remote("the changelog's appender has stopped"))?;
+        rx.await
+            .map_err(|_| remote("the changelog's appender has stopped"))?
+    }
+}
+
+/// Publishes appended writes in order, keeping up to [`IN_FLIGHT`]
+/// unacknowledged, and answers each commit once every write appended before
+/// it is acknowledged. A failed write fails the commits waiting for it, or
+/// the next one if none is.
+async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op>) {
+    type Acked = (
+        u64,
+        Term,
+        Result<(), async_nats::jetstream::context::PublishError>,
+    );
+    let mut next = 0u64;
+    let mut acks = FuturesUnordered::new();
+    let mut unacked = std::collections::BTreeSet::new();
+    let mut commits: BTreeMap<u64, Vec<oneshot::Sender<Result<(), ChangelogError>>>> =
+        BTreeMap::new();
+    let mut failed: Option<ChangelogError> = None;
+    loop {
+        tokio::select! {
+            op = ops.recv(), if acks.len() < IN_FLIGHT => match op {
+                None => break,
+                Some(Op::Append { term, change, ttl }) => {
+                    next += 1;
+                    let n = next;
+                    let subject = write_subject(term.partition, &change);
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                        term.epoch.to_string().as_str(),
+                    );
+                    headers.insert(EXPECTED_SUBJECT_HEADER, epoch_subject(term.partition).as_str());
+                    if change.value.is_none() {
+                        headers.insert(OP_HEADER, "del");
+                    }
+                    if let Some(ttl) = ttl {
+                        headers.insert(
+                            async_nats::header::NATS_MESSAGE_TTL,
+                            ttl.as_secs().to_string().as_str(),
+                        );
+                    }
+                    let payload = change.value.unwrap_or_default();
+                    let published = js.publish_with_headers(subject, headers, payload).await;
+                    unacked.insert(n);
+                    acks.push(async move {
+                        let result = match published {
+                            Ok(ack) => ack.await.map(|_| ()),
+                            Err(e) => Err(e),
+                        };
+                        (n, term, result) as Acked
+                    });
+                }
+                Some(Op::Commit(reply)) => {
+                    if unacked.is_empty() {
+                        let _ = reply.send(failed.take().map_or(Ok(()), Err));
+                    } else {
+                        commits.entry(next).or_default().push(reply);
+                    }
+                }
+            },
+            Some((n, term, result)) = acks.next(), if !acks.is_empty() => {
+                unacked.remove(&n);
+                if let Err(e) = result {
+                    let error = if is_wrong_sequence(&e) {
+                        ChangelogError::Fenced { partition: term.partition, epoch: term.epoch }
+                    } else {
+                        remote(format!("writing to partition {}: {e}", term.partition))
+                    };
+                    failed.get_or_insert(error);
+                }
+                // Every commit waiting for nothing older than the oldest
+                // unacknowledged write is answered.
+                let oldest = unacked.first().copied().unwrap_or(u64::MAX);
+                let done: Vec<u64> = commits.range(..oldest).map(|(k, _)| *k).collect();
+                let answer = if done.is_empty() { None } else { Some(failed.take()) };
+                for k in done {
+                    for reply in commits.remove(&k).unwrap_or_default() {
+                        let _ = reply.send(answer.clone().flatten().map_or(Ok(()), Err));
+                    }
+                }
+            }
+        }
+    }
+}

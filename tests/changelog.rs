@@ -1,0 +1,307 @@
+//! The partition changelog (`store/src/changelog.rs`) against a real
+//! nats-server: group commit, fencing of a deposed owner, compaction,
+//! undecodable records, and the partition count.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use switchboard_store::Collection;
+use switchboard_store::changelog::{Change, Changelog, ChangelogError, Record, STREAM};
+
+use crate::util::NatsServer;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn jetstream(nats: &NatsServer) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("connecting to nats-server");
+    async_nats::jetstream::new(client)
+}
+
+fn put(collection: Collection, key: &str, value: &str) -> Change {
+    Change {
+        collection,
+        key: key.as_bytes().to_vec(),
+        value: Some(Bytes::from(value.to_string())),
+    }
+}
+
+/// Reads the changelog from the start until `n` records have come.
+async fn read(log: &Changelog, n: usize) -> Vec<Record> {
+    let records = log.records(1).await.expect("following the changelog");
+    tokio::time::timeout(TIMEOUT, records.take(n).collect::<Vec<_>>())
+        .await
+        .expect("the records come")
+        .into_iter()
+        .map(|r| r.expect("a record"))
+        .collect()
+}
+
+/// The latest value of every written key, as a follower would apply them.
+fn latest(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Write {
+                partition, change, ..
+            } => Some((
+                *partition,
+                String::from_utf8_lossy(&change.key).into_owned(),
+                change
+                    .value
+                    .as_ref()
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A commit returns once the stream holds every write appended before it,
+/// in order, under the right partition; a removal reads back as one.
+#[tokio::test]
+async fn a_commit_makes_every_appended_write_readable_in_order() {
+    let nats = NatsServer::start();
+    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog");
+    let term = log.begin_term(3, "replica-a").await.expect("a term");
+    let appender = log.appender();
+    for i in 0..500 {
+        appender.append(
+            term,
+            put(Collection::Contacts, &format!("acme\0c{i}"), &i.to_string()),
+        );
+    }
+    appender.append(
+        term,
+        Change {
+            collection: Collection::Contacts,
+            key: b"acme\0c7".to_vec(),
+            value: None,
+        },
+    );
+    appender.commit().await.expect("the writes are stored");
+    assert_eq!(log.last_seq().await.expect("the stream's state"), 1 + 501);
+
+    let records = read(&log, 501).await;
+    assert_eq!(records[0], Record::Term(term));
+    let writes = latest(&records);
+    // c7 was written, then removed: the stream keeps only the removal.
+    assert_eq!(writes.len(), 500);
+    assert_eq!(writes[0], (3, "acme\0c0".into(), Some("0".into())));
+    assert_eq!(writes[498], (3, "acme\0c499".into(), Some("499".into())));
+    assert_eq!(writes[499], (3, "acme\0c7".into(), None));
+    assert!(
+        records.windows(2).all(|w| w[0].seq() < w[1].seq()),
+        "records come in stream order"
+    );
+}
+
+/// A deposed owner's writes are refused once another replica has begun a
+/// term on the partition, however long the deposed one was away, and the
+/// new owner's value stands; other partitions of the deposed owner go on.
+#[tokio::test]
+async fn a_deposed_owner_cannot_overwrite_the_new_owners_state() {
+    let nats = NatsServer::start();
+    let old = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog");
+    let new = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog again");
+    let old_term = old.begin_term(5, "replica-a").await.expect("a term");
+    let old_other = old.begin_term(6, "replica-a").await.expect("a term");
+    let old_writer = old.appender();
+    old_writer.append(
+        old_term,
+        put(Collection::Contacts, "acme\0k", "from the old owner"),
+    );
+    old_writer
+        .commit()
+        .await
+        .expect("stored while its term is current");
+
+    let new_term = new.begin_term(5, "replica-b").await.expect("the take-over");
+    assert!(new_term.epoch > old_term.epoch);
+    let new_writer = new.appender();
+    new_writer.append(
+        new_term,
+        put(Collection::Contacts, "acme\0k", "from the new owner"),
+    );
+    new_writer.commit().await.expect("the new owner's write");
+
+    // The old owner wakes up and writes under its old term.
+    old_writer.append(old_term, put(Collection::Contacts, "acme\0k", "stale"));
+    old_writer.append(old_term, put(Collection::Journal, "acme\0e1", "stale too"));
+    let refused = old_writer.commit().await.expect_err("refused");
+    assert_eq!(
+        refused,
+        ChangelogError::Fenced {
+            partition: 5,
+            epoch: old_term.epoch
+        }
+    );
+    assert!(refused.to_string().contains("partition 5"), "{refused}");
+    // Its other partition is still its own.
+    old_writer.append(old_other, put(Collection::Contacts, "zeta\0k", "fine"));
+    old_writer
+        .commit()
+        .await
+        .expect("partition 6 is still the old owner's");
+
+    let last = new.last_seq().await.expect("the stream's state");
+    let records = read(&new, 4).await;
+    assert_eq!(records.last().map(Record::seq), Some(last));
+    let writes = latest(&records);
+    assert_eq!(
+        writes,
+        vec![
+            (5, "acme\0k".into(), Some("from the new owner".into())),
+            (6, "zeta\0k".into(), Some("fine".into())),
+        ]
+    );
+    assert!(records.contains(&Record::Term(new_term)));
+}
+
+/// Two replicas beginning a term at once both get one, one after the
+/// other; the earlier is fenced by the later.
+#[tokio::test]
+async fn terms_begun_at_once_are_ordered() {
+    let nats = NatsServer::start();
+    let a = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding");
+    let b = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding");
+    let (ta, tb) = tokio::join!(a.begin_term(0, "a"), b.begin_term(0, "b"));
+    let (ta, tb) = (ta.expect("a's term"), tb.expect("b's term"));
+    assert_ne!(ta.epoch, tb.epoch);
+    let (earlier, later, earlier_log, later_log) = if ta.epoch < tb.epoch {
+        (ta, tb, &a, &b)
+    } else {
+        (tb, ta, &b, &a)
+    };
+    let w = earlier_log.appender();
+    w.append(earlier, put(Collection::Messages, "acme\0m", "x"));
+    assert!(matches!(
+        w.commit().await,
+        Err(ChangelogError::Fenced { partition: 0, .. })
+    ));
+    let w = later_log.appender();
+    w.append(later, put(Collection::Messages, "acme\0m", "y"));
+    w.commit().await.expect("the later term writes");
+}
+
+/// Writing the same keys over and over keeps one message per key: the
+/// changelog stays the size of the live state.
+#[tokio::test]
+async fn the_changelog_keeps_one_record_per_live_key() {
+    let nats = NatsServer::start();
+    let js = jetstream(&nats).await;
+    let log = Changelog::bind(js.clone(), 16, 1).await.expect("binding");
+    let term = log.begin_term(1, "a").await.expect("a term");
+    let appender = log.appender();
+    for round in 0..20 {
+        for contact in 0..100 {
+            appender.append(
+                term,
+                put(
+                    Collection::Contacts,
+                    &format!("acme\0c{contact}"),
+                    &format!("v{round}"),
+                ),
+            );
+        }
+    }
+    appender.commit().await.expect("stored");
+    let mut stream = js.get_stream(STREAM).await.expect("the stream");
+    let state = stream.info().await.expect("its state").state.clone();
+    assert_eq!(state.messages, 100 + 1, "100 contacts and the term marker");
+    let writes = latest(&read(&log, 101).await);
+    assert!(writes.iter().all(|(_, _, v)| v.as_deref() == Some("v19")));
+}
+
+/// A message in the changelog that is not a record (written by hand) is
+/// read as undecodable, with its sequence and partition, and what follows
+/// it is read as usual.
+#[tokio::test]
+async fn an_undecodable_record_is_reported_and_passed_over() {
+    let nats = NatsServer::start();
+    let js = jetstream(&nats).await;
+    let log = Changelog::bind(js.clone(), 16, 1).await.expect("binding");
+    let term = log.begin_term(2, "a").await.expect("a term");
+    js.publish(
+        "switchboard.changelog.2.w.no_such_collection.AAAA",
+        "junk".into(),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+    js.publish("switchboard.changelog.x.epoch", "junk".into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let appender = log.appender();
+    appender.append(term, put(Collection::Contacts, "acme\0k", "after"));
+    appender.commit().await.expect("stored");
+
+    let records = read(&log, 4).await;
+    match &records[1] {
+        Record::Undecodable {
+            seq,
+            partition,
+            subject,
+            reason,
+        } => {
+            assert_eq!((*seq, *partition), (2, Some(2)));
+            assert_eq!(subject, "switchboard.changelog.2.w.no_such_collection.AAAA");
+            assert!(reason.contains("collection"), "{reason}");
+        }
+        other => panic!("expected an undecodable record, got {other:?}"),
+    }
+    assert!(matches!(
+        &records[2],
+        Record::Undecodable {
+            seq: 3,
+            partition: None,
+            ..
+        }
+    ));
+    assert_eq!(
+        latest(&records),
+        vec![(2, "acme\0k".into(), Some("after".into()))]
+    );
+}
+
+/// A replica configured with another partition count than the stream's is
+/// refused, naming both; a term on a partition the changelog does not
+/// have is refused too.
+#[tokio::test]
+async fn a_partition_count_other_than_the_streams_is_refused() {
+    let nats = NatsServer::start();
+    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding");
+    let refused = Changelog::bind(jetstream(&nats).await, 8, 1)
+        .await
+        .expect_err("another partition count");
+    assert_eq!(
+        refused,
+        ChangelogError::PartitionCount {
+            stream: 16,
+            configured: 8
+        }
+    );
+    let message = refused.to_string();
+    assert!(message.contains("16") && message.contains("8"), "{message}");
+    assert!(matches!(
+        log.begin_term(16, "a").await,
+        Err(ChangelogError::Partition(16, _))
+    ));
+}
