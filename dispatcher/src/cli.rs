@@ -1,12 +1,35 @@
 //! What the CLI's commands do, apart from parsing their arguments: each calls
 //! the API and returns the text to print — for people, or JSON with `--json`.
+//!
+//! Answers are read as the types of `switchboard_api`, the ones the server
+//! builds them from. Records an answer carries as JSON (a chain, a trace, a
+//! dead letter, a contact, a message) are decoded here into the type of the
+//! crate that owns them. `--json` prints the answer as the server sent it
+//! (the typed answer encoded again gives the same JSON).
 
 use std::fmt::Write as _;
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use switchboard_api::chains::{ChainHistory, ChainVersion};
+use switchboard_api::dead_letters::{
+    DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters,
+};
+use switchboard_api::events::Accepted;
+use switchboard_api::inbound::{
+    CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
+};
+use switchboard_api::records::{ContactList, MessageList, SecretList, SecretRemoved, SecretSet};
+use switchboard_api::scripts::{RemovedScript, Script, ScriptList, StoredScript, VersionQuery};
+use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, TokenList};
+use switchboard_api::{ListQuery, paths};
+use switchboard_engine::dead_letters::{DeadLetter, LetterStatus};
+use switchboard_engine::trace::Trace;
+use switchboard_handlers::records::{Contact, MessageRecord};
 use switchboard_rules::{ChainFile, ChainSpec, Format, parse_chain_file};
 use switchboard_sdk::{
-    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent,
+    AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent, format_rfc3339,
 };
 
 use crate::client::{Client, ClientError};
@@ -26,8 +49,36 @@ fn input(e: impl std::fmt::Display) -> CliError {
     CliError::Input(e.to_string())
 }
 
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).expect("a JSON value prints")
+/// An answer as `--json` prints it. Through a `Value`, so that keys come out
+/// in the order they always have (sorted), whatever the type's field order.
+fn pretty(v: &impl Serialize) -> String {
+    let value = serde_json::to_value(v).expect("an answer serialises");
+    serde_json::to_string_pretty(&value).expect("a JSON value prints")
+}
+
+/// A record an answer carries as JSON, decoded into the type of the crate
+/// that owns it; `path` says which call answered it.
+fn decode<T: DeserializeOwned>(record: Value, path: &str) -> Result<T, CliError> {
+    serde_json::from_value(record).map_err(|e| {
+        CliError::Client(ClientError::Unexpected {
+            url: path.to_string(),
+            message: e.to_string(),
+        })
+    })
+}
+
+/// Each of `records`, decoded (see [`decode`]).
+fn decode_all<T: DeserializeOwned>(records: Vec<Value>, path: &str) -> Result<Vec<T>, CliError> {
+    records.into_iter().map(|r| decode(r, path)).collect()
+}
+
+/// A unit enum's name as the API spells it (`step_failed`, `done`).
+fn wire_name(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_string(),
+    }
 }
 
 fn account(raw: &str) -> Result<AccountKey, CliError> {
@@ -69,22 +120,18 @@ pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<Str
         event.id = EventId::parse(&id).map_err(|e| input(format!("--id: {e}")))?;
         event.root_id = event.id;
     }
-    let body = serde_json::to_value(&event).expect("an event serialises");
-    let answer = client.post("/v1/events", &body).await?;
+    let answer: Accepted = client.post(&paths::events(), &event).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let dup = if answer["duplicate"] == json!(true) {
+    let dup = if answer.duplicate {
         " (duplicate: already on the bus)"
     } else {
         ""
     };
     Ok(format!(
         "accepted event {} on {}{dup}\nsee what it did: switchboard trace {} {}",
-        answer["id"].as_str().unwrap_or_default(),
-        answer["subject"].as_str().unwrap_or_default(),
-        event.account_key,
-        answer["id"].as_str().unwrap_or_default(),
+        answer.id, answer.subject, event.account_key, answer.id,
     ))
 }
 
@@ -108,8 +155,8 @@ pub async fn chains_apply(
             Format::Json => "application/json",
             Format::Toml => "application/toml",
         };
-        let path_url = format!("/v1/accounts/{}/chains", file.account_key);
-        let answer = client
+        let path_url = paths::chains(file.account_key.as_str());
+        let answer: ChainVersion = client
             .put_text(&path_url, text, content_type)
             .await
             .map_err(|e| match e {
@@ -120,19 +167,20 @@ pub async fn chains_apply(
             out,
             "applied {shown}: account {} now at chain version {} ({} chains)",
             file.account_key,
-            answer["version"],
-            answer["chains"].as_array().map_or(0, Vec::len)
+            answer.version,
+            answer.chains.len()
         );
         answers.push(answer);
     }
     if json_out {
-        return Ok(pretty(&Value::Array(answers)));
+        return Ok(pretty(&answers));
     }
     Ok(out.trim_end().to_string())
 }
 
-fn chains_of(version: &Value) -> Vec<ChainSpec> {
-    serde_json::from_value(version["chains"].clone()).unwrap_or_default()
+/// The chains of a version, decoded into the rules' model.
+fn chains_of(version: &ChainVersion, path: &str) -> Result<Vec<ChainSpec>, CliError> {
+    decode_all(version.chains.clone(), path)
 }
 
 fn describe_match(c: &ChainSpec) -> String {
@@ -150,12 +198,13 @@ pub async fn chains_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
+    let path = paths::chains(a.as_str());
+    let version: ChainVersion = client.get(&path).await?;
     if json_out {
         return Ok(pretty(&version));
     }
-    let chains = chains_of(&version);
-    let mut out = format!("account {a}, chain version {}\n", version["version"]);
+    let chains = chains_of(&version, &path)?;
+    let mut out = format!("account {a}, chain version {}\n", version.version);
     if chains.is_empty() {
         out.push_str("(no chains)");
     }
@@ -181,8 +230,9 @@ pub async fn chains_show(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let version = client.get(&format!("/v1/accounts/{a}/chains")).await?;
-    let mut chains = chains_of(&version);
+    let path = paths::chains(a.as_str());
+    let version: ChainVersion = client.get(&path).await?;
+    let mut chains = chains_of(&version, &path)?;
     if let Some(name) = chain {
         chains.retain(|c| c.name == name);
         if chains.is_empty() {
@@ -202,7 +252,7 @@ pub async fn chains_show(
         toml::to_string(&file).map_err(|e| input(format!("showing as TOML: {e}; try --json")))?;
     Ok(format!(
         "# chain version {}\n{}",
-        version["version"],
+        version.version,
         toml.trim_end()
     ))
 }
@@ -214,9 +264,7 @@ pub async fn chains_history(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let history = client
-        .get(&format!("/v1/accounts/{a}/chain-versions"))
-        .await?;
+    let history: ChainHistory = client.get(&paths::chain_versions(a.as_str())).await?;
     if json_out {
         return Ok(pretty(&history));
     }
@@ -224,23 +272,17 @@ pub async fn chains_history(
         "{:<8} {:<28} {:<24} chains\n",
         "version", "applied at", "change"
     );
-    for v in history["versions"].as_array().into_iter().flatten() {
-        let names: Vec<&str> = v["chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+    for v in &history.versions {
         let _ = writeln!(
             out,
             "{:<8} {:<28} {:<24} {}",
-            v["version"].to_string(),
-            v["applied_at"].as_str().unwrap_or_default(),
-            v["change"].as_str().unwrap_or_default(),
-            if names.is_empty() {
+            v.version,
+            format_rfc3339(v.applied_at),
+            v.change,
+            if v.chains.is_empty() {
                 "(none)".to_string()
             } else {
-                names.join(", ")
+                v.chains.join(", ")
             }
         );
     }
@@ -255,10 +297,11 @@ pub async fn chains_restore(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
+    // The restore takes no body; `{}` says so.
+    let answer: ChainVersion = client
         .post(
-            &format!("/v1/accounts/{a}/chain-versions/{version}/restore"),
-            &json!({}),
+            &paths::chain_version_restore(a.as_str(), version),
+            &serde_json::Map::new(),
         )
         .await?;
     if json_out {
@@ -266,7 +309,7 @@ pub async fn chains_restore(
     }
     Ok(format!(
         "restored version {version} of account {a} as version {}",
-        answer["version"]
+        answer.version
     ))
 }
 
@@ -278,25 +321,22 @@ pub async fn chains_rm(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = match chain {
-        Some(name) => {
-            client
-                .delete(&format!("/v1/accounts/{a}/chains/{name}"))
-                .await?
-        }
-        None => client.delete(&format!("/v1/accounts/{a}/chains")).await?,
+    let path = match chain {
+        Some(name) => paths::chain(a.as_str(), name),
+        None => paths::chains(a.as_str()),
     };
+    let answer: ChainVersion = client.delete(&path).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
     Ok(match chain {
         Some(name) => format!(
             "removed chain {name:?} of account {a}; now at version {}",
-            answer["version"]
+            answer.version
         ),
         None => format!(
             "removed every chain of account {a}; now at version {}",
-            answer["version"]
+            answer.version
         ),
     })
 }
@@ -310,71 +350,59 @@ pub async fn trace(
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let id = EventId::parse(id).map_err(input)?;
-    let trace = client
-        .get(&format!("/v1/accounts/{a}/events/{id}/trace"))
-        .await?;
+    let path = paths::trace(a.as_str(), &id.to_string());
+    let trace: switchboard_api::events::Trace = client.get(&path).await?;
     if json_out {
         return Ok(pretty(&trace));
     }
-    Ok(render_trace(&trace))
+    Ok(render_trace(&decode(trace, &path)?))
 }
 
 /// A trace, for people.
-pub fn render_trace(t: &Value) -> String {
-    let e = &t["event"];
+pub fn render_trace(t: &Trace) -> String {
+    let e = &t.event;
     let mut out = format!(
         "event {} ({}/{}, conversation {}, depth {})\nstatus: {}\n",
-        e["id"].as_str().unwrap_or_default(),
-        e["conversation_type"].as_str().unwrap_or_default(),
-        e["event_type"].as_str().unwrap_or_default(),
-        e["conversation_key"].as_str().unwrap_or_default(),
-        e["depth"],
-        t["status"].as_str().unwrap_or_default(),
+        e.id,
+        e.conversation_type,
+        e.event_type,
+        e.conversation_key,
+        e.depth,
+        wire_name(&t.status),
     );
-    if let Some(parent) = t["parent_id"].as_str() {
+    if let Some(parent) = &t.parent_id {
         let _ = writeln!(out, "emitted by: {parent}");
     }
-    let chains = t["chains"].as_array().cloned().unwrap_or_default();
-    if chains.is_empty() {
+    if t.chains.is_empty() {
         out.push_str("no chain ran\n");
     }
-    for c in chains {
-        let _ = writeln!(
-            out,
-            "chain {} (version {})",
-            c["name"].as_str().unwrap_or_default(),
-            c["version"]
-        );
-        for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
+    for c in &t.chains {
+        let _ = writeln!(out, "chain {} (version {})", c.name, c.version);
+        for (i, s) in c.steps.iter().enumerate() {
             let _ = write!(
                 out,
                 "  {}. {:<20} {:<8} {:>3} attempt(s) {:>8.2} ms",
                 i + 1,
-                s["name"].as_str().unwrap_or_default(),
-                s["outcome"].as_str().unwrap_or_default(),
-                s["attempts"].to_string(),
-                s["duration_ms"].as_f64().unwrap_or(0.0),
+                s.name,
+                wire_name(&s.outcome),
+                s.attempts,
+                s.duration_ms,
             );
-            if let Some(output) = s["output"].as_object().filter(|o| !o.is_empty()) {
+            if let Some(output) = s.output.as_ref().filter(|o| !o.is_empty()) {
                 let _ = write!(
                     out,
                     "  output {}",
                     shorten(&Value::Object(output.clone()).to_string(), 100)
                 );
             }
-            if let Some(error) = s["error"].as_str() {
+            if let Some(error) = &s.error {
                 let _ = write!(out, "\n     error: {error}");
             }
             out.push('\n');
         }
     }
-    let children: Vec<&str> = t["children"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    if !children.is_empty() {
+    if !t.children.is_empty() {
+        let children: Vec<String> = t.children.iter().map(EventId::to_string).collect();
         let _ = writeln!(out, "emitted: {}", children.join(", "));
     }
     out.trim_end().to_string()
@@ -387,22 +415,26 @@ pub async fn dead_letters_list(
     limit: usize,
     json_out: bool,
 ) -> Result<String, CliError> {
-    let path = format!("/v1/accounts/{account_raw}/dead-letters?limit={limit}");
+    let path = paths::dead_letters(account_raw);
+    let answer: DeadLetterList = client.get_with(&path, &ListQuery::limit(limit)).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let letters: Vec<DeadLetter> = decode_all(answer.dead_letters, &path)?;
     let empty = format!("account {account_raw} has no dead letters");
-    list(client, &path, "dead_letters", json_out, None, empty, |l| {
-        let status = match l["status"].as_str() {
-            Some("replaying") => " (replaying)",
+    Ok(rows(&letters, None, empty, |l| {
+        let status = match l.status {
+            LetterStatus::Replaying => " (replaying)",
             _ => "",
         };
         format!(
             "{}  {}  {:<11} {}{status}",
-            l["id"].as_str().unwrap_or_default(),
-            l["at"].as_str().unwrap_or_default(),
-            l["reason"].as_str().unwrap_or_default(),
-            l["error"].as_str().unwrap_or_default(),
+            l.id,
+            format_rfc3339(l.at),
+            wire_name(&l.reason),
+            l.error,
         )
-    })
-    .await
+    }))
 }
 
 /// `switchboard dead-letters show ACCOUNT ID`
@@ -411,9 +443,7 @@ pub async fn dead_letters_show(
     account_raw: &str,
     id: &str,
 ) -> Result<String, CliError> {
-    let answer = client
-        .get(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
-        .await?;
+    let answer: Value = client.get(&paths::dead_letter(account_raw, id)).await?;
     Ok(pretty(&answer))
 }
 
@@ -424,17 +454,14 @@ pub async fn dead_letters_replay(
     id: &str,
     json_out: bool,
 ) -> Result<String, CliError> {
-    let answer = client
-        .post(
-            &format!("/v1/accounts/{account_raw}/dead-letters/{id}/replay"),
-            &Value::Null,
-        )
-        .await?;
+    let path = paths::dead_letter_replay(account_raw, id);
+    // The replay takes no body; `null` says so.
+    let answer: ReplayedLetter = client.post(&path, &Value::Null).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let letter = &answer["replayed"];
-    let at = match (letter["chain"].as_str(), letter["step"].as_str()) {
+    let letter: DeadLetter = decode(answer.replayed, &path)?;
+    let at = match (&letter.chain, &letter.step) {
         (Some(chain), Some(step)) if step != "when" => {
             format!("; chain {chain} resumes at step {step}")
         }
@@ -442,7 +469,10 @@ pub async fn dead_letters_replay(
     };
     Ok(format!(
         "replayed dead letter {id}: event {} is back on the bus{at}",
-        letter["event"]["id"].as_str().unwrap_or("?")
+        letter
+            .event
+            .as_ref()
+            .map_or_else(|| "?".to_string(), |e| e.id.to_string())
     ))
 }
 
@@ -455,40 +485,31 @@ pub async fn dead_letters_replay_all(
     since: Option<&str>,
     json_out: bool,
 ) -> Result<String, CliError> {
-    let mut filter = serde_json::Map::new();
-    if let Some(chain) = chain {
-        filter.insert("chain".into(), Value::String(chain.to_string()));
-    }
-    if let Some(since) = since {
-        filter.insert("since".into(), Value::String(since_time(since)?));
-    }
-    let answer = client
-        .post(
-            &format!("/v1/accounts/{account_raw}/dead-letters/replay"),
-            &Value::Object(filter),
-        )
+    let filter = ReplayFilter {
+        chain: chain.map(str::to_string),
+        since: since.map(since_time).transpose()?,
+    };
+    let answer: ReplayedLetters = client
+        .post(&paths::dead_letters_replay(account_raw), &filter)
         .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let replayed = answer["replayed"].as_array().map_or(0, Vec::len);
-    let mut out = format!("replayed {replayed} dead letters of account {account_raw}");
-    for skipped in answer["skipped"].as_array().into_iter().flatten() {
-        let _ = write!(
-            out,
-            "\nskipped {}: {}",
-            skipped["id"].as_str().unwrap_or("?"),
-            skipped["error"].as_str().unwrap_or("?")
-        );
+    let mut out = format!(
+        "replayed {} dead letters of account {account_raw}",
+        answer.replayed.len()
+    );
+    for skipped in &answer.skipped {
+        let _ = write!(out, "\nskipped {}: {}", skipped.id, skipped.error);
     }
     Ok(out)
 }
 
 /// An RFC 3339 time given as one, or as a duration back from now.
-fn since_time(raw: &str) -> Result<String, CliError> {
+fn since_time(raw: &str) -> Result<time::OffsetDateTime, CliError> {
     let rfc3339 = &time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(raw, rfc3339) {
-        return Ok(t.format(rfc3339).expect("a parsed time formats"));
+        return Ok(t);
     }
     let ago = switchboard_rules::duration::parse(raw).map_err(|_| {
         input(format!(
@@ -496,9 +517,7 @@ fn since_time(raw: &str) -> Result<String, CliError> {
              from now (30m, 2h, 1d)"
         ))
     })?;
-    Ok((switchboard_sdk::now() - ago)
-        .format(rfc3339)
-        .expect("a time formats"))
+    Ok(switchboard_sdk::now() - ago)
 }
 
 /// `switchboard dead-letters discard ACCOUNT ID`
@@ -508,9 +527,7 @@ pub async fn dead_letters_discard(
     id: &str,
     json_out: bool,
 ) -> Result<String, CliError> {
-    let answer = client
-        .delete(&format!("/v1/accounts/{account_raw}/dead-letters/{id}"))
-        .await?;
+    let answer: DiscardedLetter = client.delete(&paths::dead_letter(account_raw, id)).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -537,9 +554,9 @@ pub async fn scripts_put(
     let shown = file.display().to_string();
     let source =
         std::fs::read_to_string(file).map_err(|e| input(format!("reading {shown}: {e}")))?;
-    let answer = client
+    let answer: StoredScript = client
         .put_text(
-            &format!("/v1/accounts/{a}/scripts/{name}"),
+            &paths::script(a.as_str(), name),
             source,
             "text/plain; charset=utf-8",
         )
@@ -553,7 +570,7 @@ pub async fn scripts_put(
     }
     Ok(format!(
         "stored {shown} as script {name} of account {a}, version {}\nuse it in a chain: handler = \"script:{name}\"",
-        answer["version"]
+        answer.version
     ))
 }
 
@@ -564,29 +581,24 @@ pub async fn scripts_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client.get(&format!("/v1/accounts/{a}/scripts")).await?;
+    let answer: ScriptList = client.get(&paths::scripts(a.as_str())).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let scripts = answer["scripts"].as_array().cloned().unwrap_or_default();
-    if scripts.is_empty() {
-        return Ok(format!("account {a} has no scripts"));
-    }
-    let mut out = format!(
-        "{:<24} {:<8} {:<28} lines\n",
+    let header = format!(
+        "{:<24} {:<8} {:<28} lines",
         "script", "version", "stored at"
     );
-    for s in scripts {
-        let _ = writeln!(
-            out,
+    let empty = format!("account {a} has no scripts");
+    Ok(rows(&answer.scripts, Some(header), empty, |s| {
+        format!(
             "{:<24} {:<8} {:<28} {}",
-            s["name"].as_str().unwrap_or_default(),
-            s["version"].to_string(),
-            s["stored_at"].as_str().unwrap_or_default(),
-            s["lines"]
-        );
-    }
-    Ok(out.trim_end().to_string())
+            s.name,
+            s.version,
+            format_rfc3339(s.stored_at),
+            s.lines
+        )
+    }))
 }
 
 /// `switchboard scripts show ACCOUNT NAME [--at VERSION]`: the source.
@@ -598,19 +610,17 @@ pub async fn scripts_show(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let mut path = format!("/v1/accounts/{a}/scripts/{name}");
-    if let Some(v) = version {
-        let _ = write!(path, "?version={v}");
-    }
-    let answer = client.get(&path).await?;
+    let answer: Script = client
+        .get_with(&paths::script(a.as_str(), name), &VersionQuery { version })
+        .await?;
     if json_out {
         return Ok(pretty(&answer));
     }
     Ok(format!(
         "// script {name} of account {a}, version {} (stored {})\n{}",
-        answer["version"],
-        answer["stored_at"].as_str().unwrap_or_default(),
-        answer["source"].as_str().unwrap_or_default().trim_end()
+        answer.version,
+        format_rfc3339(answer.stored_at),
+        answer.source.trim_end()
     ))
 }
 
@@ -622,15 +632,13 @@ pub async fn scripts_rm(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .delete(&format!("/v1/accounts/{a}/scripts/{name}"))
-        .await?;
+    let answer: RemovedScript = client.delete(&paths::script(a.as_str(), name)).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
     Ok(format!(
         "removed script {name} of account {a} (its {} version(s) are kept; a new put continues the numbering)",
-        answer["version"]
+        answer.version
     ))
 }
 
@@ -644,8 +652,8 @@ pub async fn scripts_test(
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let sample = read_json_file(event_file)?;
-    let answer = client
-        .post(&format!("/v1/accounts/{a}/scripts/{name}/test"), &sample)
+    let answer: switchboard_api::scripts::ScriptTest = client
+        .post(&paths::script_test(a.as_str(), name), &sample)
         .await?;
     if json_out {
         return Ok(pretty(&answer));
@@ -714,9 +722,8 @@ pub async fn chains_test(
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
     let sample = read_json_file(event_file)?;
-    let answer = client
-        .post(&format!("/v1/accounts/{a}/chain-test"), &sample)
-        .await?;
+    let answer: switchboard_api::chains::ChainTest =
+        client.post(&paths::chain_test(a.as_str()), &sample).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -724,7 +731,7 @@ pub async fn chains_test(
         "account {a}, chain version {} (dry run: nothing was performed or published)\n",
         answer["chain_version"]
     );
-    if answer["unrouted"] == json!(true) {
+    if answer["unrouted"] == Value::Bool(true) {
         out.push_str("no chain would run: the event would be unrouted\n");
     }
     for c in answer["chains"].as_array().into_iter().flatten() {
@@ -784,12 +791,8 @@ pub async fn secrets_set(
             v
         }
     };
-    let answer = client
-        .put_text(
-            &format!("/v1/accounts/{a}/secrets/{name}"),
-            value,
-            "text/plain",
-        )
+    let answer: SecretSet = client
+        .put_text(&paths::secret(a.as_str(), name), value, "text/plain")
         .await?;
     if json_out {
         return Ok(pretty(&answer));
@@ -804,12 +807,12 @@ pub async fn secrets_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/secrets");
+    let answer: SecretList = client.get(&paths::secrets(a.as_str())).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
     let empty = format!("account {a} has no secrets");
-    list(client, &path, "secrets", json_out, None, empty, |name| {
-        name.as_str().unwrap_or_default().to_string()
-    })
-    .await
+    Ok(rows(&answer.secrets, None, empty, String::clone))
 }
 
 /// `switchboard secrets rm ACCOUNT NAME`
@@ -820,9 +823,7 @@ pub async fn secrets_rm(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .delete(&format!("/v1/accounts/{a}/secrets/{name}"))
-        .await?;
+    let answer: SecretRemoved = client.delete(&paths::secret(a.as_str(), name)).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
@@ -837,27 +838,23 @@ pub async fn contacts_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/contacts?limit={limit}");
+    let path = paths::contacts(a.as_str());
+    let answer: ContactList = client.get_with(&path, &ListQuery::limit(limit)).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let contacts: Vec<Contact> = decode_all(answer.contacts, &path)?;
     let header = format!("{:<38} {:<16} {:<28} name", "key", "msisdn", "email");
     let empty = format!("account {a} has no contacts");
-    list(
-        client,
-        &path,
-        "contacts",
-        json_out,
-        Some(header),
-        empty,
-        |c| {
-            format!(
-                "{:<38} {:<16} {:<28} {}",
-                c["key"].as_str().unwrap_or_default(),
-                c["msisdn"].as_str().unwrap_or("-"),
-                c["email"].as_str().unwrap_or("-"),
-                c["name"].as_str().unwrap_or("-"),
-            )
-        },
-    )
-    .await
+    Ok(rows(&contacts, Some(header), empty, |c| {
+        format!(
+            "{:<38} {:<16} {:<28} {}",
+            c.key,
+            c.msisdn.as_deref().unwrap_or("-"),
+            c.email.as_deref().unwrap_or("-"),
+            c.name.as_deref().unwrap_or("-"),
+        )
+    }))
 }
 
 /// `switchboard contacts show ACCOUNT KEY|MSISDN|EMAIL`
@@ -867,9 +864,7 @@ pub async fn contacts_show(
     key: &str,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .get(&format!("/v1/accounts/{a}/contacts/{}", url_segment(key)))
-        .await?;
+    let answer: Value = client.get(&paths::contact(a.as_str(), key)).await?;
     Ok(pretty(&answer))
 }
 
@@ -881,42 +876,37 @@ pub async fn messages_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/messages?limit={limit}");
-    let empty = format!("account {a} has no messages");
-    list(client, &path, "messages", json_out, None, empty, |m| {
-        format!(
-            "{}  {:<5} {:<9} {:<28} {}",
-            m["id"].as_str().unwrap_or_default(),
-            m["channel"].as_str().unwrap_or_default(),
-            m["status"].as_str().unwrap_or_default(),
-            m["recipient"].as_str().unwrap_or_default(),
-            m["provider"].as_str().unwrap_or_default(),
-        )
-    })
-    .await
-}
-
-/// Gets `path` and prints the answer as JSON with `--json`, or else one line
-/// per item of its `field` array (after `header`), or `empty` when there is none.
-async fn list(
-    client: &Client,
-    path: &str,
-    field: &str,
-    json_out: bool,
-    header: Option<String>,
-    empty: String,
-    row: impl Fn(&Value) -> String,
-) -> Result<String, CliError> {
-    let answer = client.get(path).await?;
+    let path = paths::messages(a.as_str());
+    let answer: MessageList = client.get_with(&path, &ListQuery::limit(limit)).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let items = answer[field].as_array().cloned().unwrap_or_default();
+    let messages: Vec<MessageRecord> = decode_all(answer.messages, &path)?;
+    let empty = format!("account {a} has no messages");
+    Ok(rows(&messages, None, empty, |m| {
+        format!(
+            "{}  {:<5} {:<9} {:<28} {}",
+            m.id,
+            m.channel.as_str(),
+            m.status.as_str(),
+            m.recipient,
+            m.provider,
+        )
+    }))
+}
+
+/// One line per item (after `header`), or `empty` when there is none.
+fn rows<T>(
+    items: &[T],
+    header: Option<String>,
+    empty: String,
+    row: impl Fn(&T) -> String,
+) -> String {
     if items.is_empty() {
-        return Ok(empty);
+        return empty;
     }
     let lines = header.into_iter().chain(items.iter().map(row));
-    Ok(lines.collect::<Vec<_>>().join("\n").trim_end().to_string())
+    lines.collect::<Vec<_>>().join("\n").trim_end().to_string()
 }
 
 /// `switchboard messages show ACCOUNT ID`
@@ -926,9 +916,7 @@ pub async fn messages_show(
     id: &str,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .get(&format!("/v1/accounts/{a}/messages/{}", url_segment(id)))
-        .await?;
+    let answer: Value = client.get(&paths::message(a.as_str(), id)).await?;
     Ok(pretty(&answer))
 }
 
@@ -941,30 +929,26 @@ pub async fn messages_unmatched(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/messages/unmatched?limit={limit}");
+    let answer: UnmatchedList = client
+        .get_with(&paths::unmatched(a.as_str()), &ListQuery::limit(limit))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
     let header = format!(
         "{:<26} {:<9} {:<16} reason",
         "received at", "provider", "result"
     );
     let empty = format!("account {a} has no unmatched inbound records");
-    list(
-        client,
-        &path,
-        "unmatched",
-        json_out,
-        Some(header),
-        empty,
-        |u| {
-            format!(
-                "{:<26} {:<9} {:<16} {}",
-                u["received_at"].as_str().unwrap_or_default(),
-                u["provider"].as_str().unwrap_or_default(),
-                u["result"].as_str().unwrap_or_default(),
-                shorten(u["reason"].as_str().unwrap_or_default(), 120),
-            )
-        },
-    )
-    .await
+    Ok(rows(&answer.unmatched, Some(header), empty, |u| {
+        format!(
+            "{:<26} {:<9} {:<16} {}",
+            format_rfc3339(u.received_at),
+            u.provider.name(),
+            u.result,
+            shorten(&u.reason, 120),
+        )
+    }))
 }
 
 /// What each inbound provider's URL is for, told once it is made.
@@ -997,16 +981,12 @@ pub async fn inbound_create(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let mut body = serde_json::Map::new();
-    if let Some(secret) = secret {
-        body.insert("secret".into(), json!(secret));
-    }
-    body.insert("rotate".into(), json!(rotate));
-    let answer = client
-        .post(
-            &format!("/v1/accounts/{a}/inbound/{}", url_segment(provider)),
-            &Value::Object(body),
-        )
+    let body = CreateInboundRequest {
+        secret: secret.map(str::to_string),
+        rotate,
+    };
+    let answer: CreatedInbound = client
+        .post(&paths::inbound_hook(a.as_str(), provider), &body)
         .await?;
     if json_out {
         return Ok(pretty(&answer));
@@ -1016,7 +996,7 @@ pub async fn inbound_create(
         "{verb} the inbound {provider} webhook of account {a}:\n\n  {}\n\n{}\nThe URL is shown \
          this once (only a hash of its secret is kept); `switchboard inbound create {a} {provider} \
          --rotate` makes a new one.",
-        answer["url"].as_str().unwrap_or_default(),
+        answer.url,
         inbound_hint(provider, secret),
     ))
 }
@@ -1029,26 +1009,20 @@ pub async fn inbound_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/inbound");
+    let answer: InboundList = client.get(&paths::inbound_hooks(a.as_str())).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
     let header = format!("{:<10} {:<26} secret", "provider", "created at");
     let empty = format!("account {a} has no inbound webhooks");
-    list(
-        client,
-        &path,
-        "inbound",
-        json_out,
-        Some(header),
-        empty,
-        |h| {
-            format!(
-                "{:<10} {:<26} {}",
-                h["provider"].as_str().unwrap_or_default(),
-                h["created_at"].as_str().unwrap_or_default(),
-                h["secret"].as_str().unwrap_or("-"),
-            )
-        },
-    )
-    .await
+    Ok(rows(&answer.inbound, Some(header), empty, |h| {
+        format!(
+            "{:<10} {:<26} {}",
+            h.provider.name(),
+            format_rfc3339(h.created_at),
+            h.secret.as_deref().unwrap_or("-"),
+        )
+    }))
 }
 
 /// `switchboard inbound revoke ACCOUNT PROVIDER`
@@ -1059,11 +1033,8 @@ pub async fn inbound_revoke(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .delete(&format!(
-            "/v1/accounts/{a}/inbound/{}",
-            url_segment(provider)
-        ))
+    let answer: RevokedInbound = client
+        .delete(&paths::inbound_hook(a.as_str(), provider))
         .await?;
     if json_out {
         return Ok(pretty(&answer));
@@ -1071,13 +1042,6 @@ pub async fn inbound_revoke(
     Ok(format!(
         "revoked the inbound {provider} webhook of account {a}: its URL answers 404 from now on"
     ))
-}
-
-/// Escapes a path segment (`+` and `@` in msisdns and e-mails).
-fn url_segment(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
 }
 
 /// `s` cut to `max` characters, with `…` when cut (`--json` shows everything).
@@ -1099,26 +1063,24 @@ pub async fn tokens_create(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let body = match name {
-        Some(n) => json!({ "name": n }),
-        None => json!({}),
+    let body = NewTokenRequest {
+        name: name.map(str::to_string),
     };
-    let answer = client
-        .post(&format!("/v1/accounts/{a}/tokens"), &body)
-        .await?;
+    let answer: CreatedToken = client.post(&paths::tokens(a.as_str()), &body).await?;
     if json_out {
         return Ok(pretty(&answer));
     }
-    let token = answer["token"].as_str().unwrap_or_default();
-    let named = answer["name"]
-        .as_str()
+    let token = &answer.token;
+    let named = answer
+        .name
+        .as_ref()
         .map(|n| format!(" ({n})"))
         .unwrap_or_default();
     Ok(format!(
         "created token {}{named} for account {a}; it reaches account {a} only:\n{token}\n\
          This is the only time it is shown: store it now (the dispatcher keeps only its hash).\n\
          Use it: export SWITCHBOARD_TOKEN={token}",
-        answer["id"].as_str().unwrap_or_default(),
+        answer.id,
     ))
 }
 
@@ -1129,26 +1091,20 @@ pub async fn tokens_list(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let path = format!("/v1/accounts/{a}/tokens");
+    let answer: TokenList = client.get(&paths::tokens(a.as_str())).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
     let header = format!("{:<36}  {:<28} name", "id", "created at");
     let empty = format!("account {a} has no tokens");
-    list(
-        client,
-        &path,
-        "tokens",
-        json_out,
-        Some(header),
-        empty,
-        |t| {
-            format!(
-                "{:<36}  {:<28} {}",
-                t["id"].as_str().unwrap_or_default(),
-                t["created_at"].as_str().unwrap_or_default(),
-                t["name"].as_str().unwrap_or("-"),
-            )
-        },
-    )
-    .await
+    Ok(rows(&answer.tokens, Some(header), empty, |t| {
+        format!(
+            "{:<36}  {:<28} {}",
+            t.id,
+            format_rfc3339(t.created_at),
+            t.name.as_deref().unwrap_or("-"),
+        )
+    }))
 }
 
 /// `switchboard tokens revoke ACCOUNT ID`
@@ -1159,9 +1115,7 @@ pub async fn tokens_revoke(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer = client
-        .delete(&format!("/v1/accounts/{a}/tokens/{}", url_segment(id)))
-        .await?;
+    let answer: RevokedToken = client.delete(&paths::token(a.as_str(), id)).await?;
     if json_out {
         return Ok(pretty(&answer));
     }

@@ -1,9 +1,16 @@
 //! A client of a running dispatcher's HTTP API, for the CLI. It sends the
 //! token it is given (the CLI's `SWITCHBOARD_TOKEN`) as a bearer token.
+//!
+//! Requests and answers are the types of `switchboard_api`, which the server
+//! builds its answers from, and paths come from `switchboard_api::paths`:
+//! each call names the type it expects (`client.get::<ChainVersion>(...)`).
 
 use std::time::Duration;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use switchboard_api::ErrorResponse;
 
 /// Why a call to the API failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +46,17 @@ pub enum ClientError {
         /// Structured details (e.g. each chain problem).
         details: Option<Value>,
     },
+    /// The dispatcher answered something that is not the expected type.
+    #[error(
+        "the dispatcher at {url} answered something this CLI does not understand: {message} \
+         (are the CLI and the dispatcher the same version?)"
+    )]
+    Unexpected {
+        /// The URL called.
+        url: String,
+        /// What did not fit.
+        message: String,
+    },
 }
 
 /// A client of one dispatcher.
@@ -63,29 +81,43 @@ impl Client {
         }
     }
 
-    /// `GET path`.
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+    /// `GET path`, answered a `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.http.get(self.url(path)), path).await
     }
 
-    /// `DELETE path`.
-    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+    /// `GET path?query`, answered a `T`.
+    pub async fn get_with<Q: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.get(self.url(path)).query(query), path)
+            .await
+    }
+
+    /// `DELETE path`, answered a `T`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.http.delete(self.url(path)), path).await
     }
 
-    /// `POST path` with a JSON body.
-    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+    /// `POST path` with `body` as JSON, answered a `T`.
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         self.send(self.http.post(self.url(path)).json(body), path)
             .await
     }
 
-    /// `PUT path` with a text body of `content_type`.
-    pub async fn put_text(
+    /// `PUT path` with a text body of `content_type`, answered a `T`.
+    pub async fn put_text<T: DeserializeOwned>(
         &self,
         path: &str,
         body: String,
         content_type: &str,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<T, ClientError> {
         let request = self
             .http
             .put(self.url(path))
@@ -98,11 +130,11 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    async fn send(
+    async fn send<T: DeserializeOwned>(
         &self,
         mut request: reqwest::RequestBuilder,
         path: &str,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<T, ClientError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -119,18 +151,23 @@ impl Client {
                 url: url.clone(),
                 message: root_cause(&e),
             })?;
-        let value: Value = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         if status.is_success() {
-            return Ok(value);
+            return serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
+                url,
+                message: e.to_string(),
+            });
         }
-        let error = &value["error"];
+        // Not every failure is the API's: a proxy may answer with HTML.
+        let error = serde_json::from_slice::<ErrorResponse>(&body)
+            .ok()
+            .map(|e| e.error);
+        let message = error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| format!("{url} answered {status}"));
         if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized {
-                message: error["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{url} answered {status}")),
+                message,
                 hint: if self.token.is_some() {
                     "the token in SWITCHBOARD_TOKEN was refused: set SWITCHBOARD_TOKEN to the admin \
                      token or a live account token"
@@ -140,14 +177,15 @@ impl Client {
                 },
             });
         }
+        let (code, details) = match error {
+            Some(e) => (e.code, e.details),
+            None => ("unknown".to_string(), None),
+        };
         Err(ClientError::Api {
             status: status.as_u16(),
-            code: error["code"].as_str().unwrap_or("unknown").to_string(),
-            message: error["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("{url} answered {status}")),
-            details: error.get("details").cloned(),
+            code,
+            message,
+            details,
         })
     }
 }

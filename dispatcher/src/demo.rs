@@ -174,8 +174,7 @@ async fn show_lineage(dispatcher: &Dispatcher, account: &str, id: EventId) -> St
     while let Some(id) = pending.pop() {
         match wait_for_trace(dispatcher, account, id, Duration::from_secs(10)).await {
             Some(trace) => {
-                let value = serde_json::to_value(&trace).expect("a trace serialises");
-                let _ = writeln!(out, "{}", indent(&crate::cli::render_trace(&value)));
+                let _ = writeln!(out, "{}", indent(&crate::cli::render_trace(&trace)));
                 pending.extend(trace.children.iter().rev());
             }
             None => {

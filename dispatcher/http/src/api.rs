@@ -1,6 +1,9 @@
 //! The HTTP API of a running dispatcher (axum), JSON under `/v1`.
 //!
-//! Errors are `{"error": {"code": "...", "message": "..."}}` with the status
+//! Every request and response body is a type of `switchboard_api` (one
+//! module per resource there), so the answers built here and what the CLI
+//! reads are the same types. Errors are `{"error": {"code": "...",
+//! "message": "..."}}` ([`switchboard_api::ErrorResponse`]) with the status
 //! that fits. Every route is declared once in [`ROUTES`]; who may call which
 //! is decided in one place, [`auth::require_token`], in front of all of them.
 
@@ -12,8 +15,26 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use switchboard_api::chains::{
+    AccountList, ChainAnswer, ChainHistory, ChainVersion as ChainVersionAnswer, ChainVersionSummary,
+};
+use switchboard_api::dead_letters::{
+    DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters, SkippedLetter,
+};
+use switchboard_api::error::{ChainProblem, ScriptCompileError, StepRef};
+use switchboard_api::events::Accepted;
+use switchboard_api::health::{Health, Readiness};
+use switchboard_api::inbound::{
+    CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
+};
+use switchboard_api::records::{ContactList, MessageList, SecretList, SecretRemoved, SecretSet};
+use switchboard_api::scripts::{
+    RemovedScript, Script, ScriptHistory, ScriptList, ScriptSummary, StoredScript, VersionQuery,
+};
+use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, TokenList};
+use switchboard_api::{ErrorBody, ErrorResponse, ListQuery};
 use switchboard_handlers::ScriptStore;
 use switchboard_handlers::records::secrets::check_secret_name;
 use switchboard_handlers::records::{Contacts, Messages, ScriptVersion, Secrets};
@@ -24,7 +45,7 @@ use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_engine::dry_run;
 
 use crate::auth::{self, Auth, Principal, TokenError};
-use crate::inbound::{CreateError, CreateRequest, Inbound, InboundError, Provider};
+use crate::inbound::{CreateError, Inbound, InboundError, Provider};
 use switchboard_engine::bus::Bus;
 use switchboard_engine::dead_letters::LetterStatus;
 use switchboard_engine::executor::{LetterError, Letters};
@@ -213,11 +234,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some(details) = self.details {
-            error["details"] = details;
-        }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let body = ErrorResponse {
+            error: ErrorBody {
+                code: self.code.to_string(),
+                message: self.message,
+                details: self.details,
+            },
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -248,10 +272,10 @@ impl From<ScriptStoreError> for ApiError {
             }
             ScriptStoreError::Compile { error, .. } => {
                 let mut err = ApiError::bad_request("invalid_script", e.to_string());
-                err.details = Some(json!({
-                    "line": error.line,
-                    "column": error.column,
-                    "message": error.message,
+                err.details = Some(to_json(&ScriptCompileError {
+                    line: error.line,
+                    column: error.column,
+                    message: error.message.clone(),
                 }));
                 err
             }
@@ -261,19 +285,26 @@ impl From<ScriptStoreError> for ApiError {
 }
 
 fn problems_json(v: &switchboard_rules::ValidationError) -> Value {
-    Value::Array(
-        v.problems
-            .iter()
-            .map(|p| {
-                json!({
-                    "chain": p.chain,
-                    "step": p.step.as_ref().map(|(n, name)| json!({"position": n, "name": name})),
-                    "field": p.field,
-                    "message": p.message,
-                })
-            })
-            .collect(),
-    )
+    let problems: Vec<ChainProblem> = v
+        .problems
+        .iter()
+        .map(|p| ChainProblem {
+            chain: p.chain.clone(),
+            step: p.step.as_ref().map(|(position, name)| StepRef {
+                position: *position,
+                name: name.clone(),
+            }),
+            field: p.field.clone(),
+            message: p.message.clone(),
+        })
+        .collect();
+    to_json(&problems)
+}
+
+/// A record of a lower crate as the JSON an answer embeds (see the
+/// `Value` fields of `switchboard_api`).
+fn to_json(record: &impl Serialize) -> Value {
+    serde_json::to_value(record).expect("an API record serialises")
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -342,8 +373,10 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; the API lives under /v1 (see the README)")
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_string(),
+    })
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
@@ -363,16 +396,16 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     };
     (
         status,
-        Json(json!({
-            "ready": ready,
-            "bus": s.bus.kind(),
-            "bus_connected": bus,
-            "store_open": store,
-            "started": started,
-            "replicated": s.store.is_replicated(),
-            "caught_up": caught_up,
-            "partitions": s.partitions.as_ref().map(|p| p.borrow().clone()),
-        })),
+        Json(Readiness {
+            ready,
+            bus: s.bus.kind().to_string(),
+            bus_connected: bus,
+            store_open: store,
+            started,
+            replicated: s.store.is_replicated(),
+            caught_up,
+            partitions: s.partitions.as_ref().map(|p| p.borrow().clone()),
+        }),
     )
         .into_response()
 }
@@ -436,11 +469,11 @@ async fn ingest(
     })?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "id": event.id,
-            "subject": event.subject(&s.prefix),
-            "duplicate": published.duplicate,
-        })),
+        Json(Accepted {
+            id: event.id,
+            subject: event.subject(&s.prefix),
+            duplicate: published.duplicate,
+        }),
     )
         .into_response())
 }
@@ -449,20 +482,26 @@ async fn ingest(
 async fn list_accounts(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
-) -> Json<Value> {
+) -> Json<AccountList> {
     let mut accounts = s.chains.accounts();
     accounts.retain(|a| principal.reaches(a.as_str()));
-    Json(json!({ "accounts": accounts }))
+    Json(AccountList { accounts })
 }
 
-fn version_json(v: &ChainVersion) -> Value {
-    serde_json::to_value(v).expect("a chain version serialises")
+fn version_json(v: &ChainVersion) -> Json<ChainVersionAnswer> {
+    Json(ChainVersionAnswer {
+        account_key: v.account_key.clone(),
+        version: v.version,
+        applied_at: v.applied_at,
+        change: v.change.clone(),
+        chains: v.chains.iter().map(to_json).collect(),
+    })
 }
 
 async fn show_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     match s.chains.current(&account)? {
-        Some(v) => Ok(Json(version_json(&v)).into_response()),
+        Some(v) => Ok(version_json(&v).into_response()),
         None => Err(ApiError::not_found(format!(
             "account {account} has no chains"
         ))),
@@ -492,13 +531,13 @@ async fn apply_chains(
     let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
     let version = s.chains.apply(valid)?;
     tracing::info!(%account, version = version.version, "chains applied");
-    Ok(Json(version_json(&version)).into_response())
+    Ok(version_json(&version).into_response())
 }
 
 async fn remove_all_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     let version = s.chains.remove_all(&account)?;
-    Ok(Json(version_json(&version)).into_response())
+    Ok(version_json(&version).into_response())
 }
 
 async fn show_chain(
@@ -517,10 +556,12 @@ async fn show_chain(
         .ok_or_else(|| {
             ApiError::not_found(format!("account {account} has no chain named {name:?}"))
         })?;
-    Ok(
-        Json(json!({"account_key": account, "version": current.version, "chain": chain}))
-            .into_response(),
-    )
+    Ok(Json(ChainAnswer {
+        version: current.version,
+        chain: to_json(chain),
+        account_key: account,
+    })
+    .into_response())
 }
 
 async fn remove_chain(
@@ -529,22 +570,20 @@ async fn remove_chain(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let version = s.chains.remove_chain(&account, &name)?;
-    Ok(Json(version_json(&version)).into_response())
+    Ok(version_json(&version).into_response())
 }
 
 async fn history(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
-    let versions: Vec<Value> = s
+    let versions: Vec<ChainVersionSummary> = s
         .chains
         .history(&account)?
         .iter()
-        .map(|v| {
-            json!({
-                "version": v.version,
-                "applied_at": switchboard_sdk::format_rfc3339(v.applied_at),
-                "change": v.change,
-                "chains": v.chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-            })
+        .map(|v| ChainVersionSummary {
+            version: v.version,
+            applied_at: v.applied_at,
+            change: v.change.clone(),
+            chains: v.chains.iter().map(|c| c.name.clone()).collect(),
         })
         .collect();
     if versions.is_empty() {
@@ -552,7 +591,11 @@ async fn history(State(s): State<ApiState>, Path(account): Path<String>) -> ApiR
             "account {account} has no chains"
         )));
     }
-    Ok(Json(json!({"account_key": account, "versions": versions})).into_response())
+    Ok(Json(ChainHistory {
+        account_key: account,
+        versions,
+    })
+    .into_response())
 }
 
 async fn show_version(
@@ -561,7 +604,7 @@ async fn show_version(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
-    Ok(Json(version_json(&s.chains.version(&account, version)?)).into_response())
+    Ok(version_json(&s.chains.version(&account, version)?).into_response())
 }
 
 async fn restore(
@@ -571,7 +614,7 @@ async fn restore(
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
     let restored = s.chains.restore(&account, version, s.registry.as_ref())?;
-    Ok(Json(version_json(&restored)).into_response())
+    Ok(version_json(&restored).into_response())
 }
 
 fn parse_version(raw: &str) -> Result<u64, ApiError> {
@@ -597,11 +640,6 @@ async fn trace(
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    limit: Option<usize>,
-}
-
 async fn list_dead_letters(
     State(s): State<ApiState>,
     Path(account): Path<String>,
@@ -610,9 +648,13 @@ async fn list_dead_letters(
     dead_letter_account(&account)?;
     let letters = s
         .letters
-        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .list(&account, q.effective_limit())
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "dead_letters": letters})).into_response())
+    Ok(Json(DeadLetterList {
+        account_key: account,
+        dead_letters: letters.iter().map(to_json).collect(),
+    })
+    .into_response())
 }
 
 async fn show_dead_letter(
@@ -651,7 +693,11 @@ async fn replay_dead_letter(
 ) -> ApiResult {
     dead_letter_account(&account)?;
     let letter = s.letters.replay(&account, &id).await?;
-    Ok(Json(json!({"account_key": account, "replayed": letter})).into_response())
+    Ok(Json(ReplayedLetter {
+        account_key: account,
+        replayed: to_json(&letter),
+    })
+    .into_response())
 }
 
 async fn discard_dead_letter(
@@ -660,18 +706,11 @@ async fn discard_dead_letter(
 ) -> ApiResult {
     dead_letter_account(&account)?;
     let letter = s.letters.discard(&account, &id).await?;
-    Ok(Json(json!({"account_key": account, "discarded": letter})).into_response())
-}
-
-/// The body of `POST .../dead-letters/replay`: which letters to replay.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplayFilter {
-    /// Only letters of this chain.
-    chain: Option<String>,
-    /// Only letters filed at or after this instant (RFC 3339).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    since: Option<time::OffsetDateTime>,
+    Ok(Json(DiscardedLetter {
+        account_key: account,
+        discarded: to_json(&letter),
+    })
+    .into_response())
 }
 
 /// Replays every dead letter of the account that the filter selects and that
@@ -710,15 +749,20 @@ async fn replay_dead_letters(
         match s.letters.replay(&account, &letter.id).await {
             Ok(_) => replayed.push(letter.id),
             Err(e @ LetterError::NoEvent(_)) => {
-                skipped.push(json!({"id": letter.id, "error": e.to_string()}));
+                skipped.push(SkippedLetter {
+                    id: letter.id,
+                    error: e.to_string(),
+                });
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(
-        Json(json!({"account_key": account, "replayed": replayed, "skipped": skipped}))
-            .into_response(),
-    )
+    Ok(Json(ReplayedLetters {
+        account_key: account,
+        replayed,
+        skipped,
+    })
+    .into_response())
 }
 
 fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
@@ -729,38 +773,27 @@ fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
 }
 
 /// A script without its source (lists, history).
-fn script_summary(v: &ScriptVersion) -> Value {
-    json!({
-        "name": v.name,
-        "version": v.version,
-        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
-        "lines": v.source.lines().count(),
-    })
-}
-
-fn script_json(v: &ScriptVersion) -> Value {
-    json!({
-        "account_key": v.account_key,
-        "name": v.name,
-        "version": v.version,
-        "stored_at": switchboard_sdk::format_rfc3339(v.stored_at),
-        "source": v.source,
-    })
+fn script_summary(v: &ScriptVersion) -> ScriptSummary {
+    ScriptSummary {
+        name: v.name.clone(),
+        version: v.version,
+        stored_at: v.stored_at,
+        lines: v.source.lines().count(),
+    }
 }
 
 async fn list_scripts(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
-    let list: Vec<Value> = scripts(&s)?
+    let list: Vec<ScriptSummary> = scripts(&s)?
         .list(&account)?
         .iter()
         .map(script_summary)
         .collect();
-    Ok(Json(json!({"account_key": account, "scripts": list})).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-struct VersionQuery {
-    version: Option<u64>,
+    Ok(Json(ScriptList {
+        account_key: account,
+        scripts: list,
+    })
+    .into_response())
 }
 
 async fn show_script(
@@ -779,7 +812,14 @@ async fn show_script(
                 name: name.clone(),
             })?,
     };
-    Ok(Json(script_json(&version)).into_response())
+    Ok(Json(Script {
+        account_key: version.account_key,
+        name: version.name,
+        version: version.version,
+        stored_at: version.stored_at,
+        source: version.source,
+    })
+    .into_response())
 }
 
 async fn put_script(
@@ -798,9 +838,15 @@ async fn put_script(
         .await
         .map_err(ApiError::internal)??;
     tracing::info!(account = %version.account_key, script = version.name, version = version.version, "script stored");
-    let mut answer = script_summary(&version);
-    answer["account_key"] = json!(version.account_key);
-    Ok(Json(answer).into_response())
+    let summary = script_summary(&version);
+    Ok(Json(StoredScript {
+        account_key: version.account_key,
+        name: summary.name,
+        version: summary.version,
+        stored_at: summary.stored_at,
+        lines: summary.lines,
+    })
+    .into_response())
 }
 
 async fn remove_script(
@@ -829,10 +875,16 @@ async fn remove_script(
         }
     }
     let removed = scripts(&s)?.remove(&account, &name)?;
-    let mut answer = script_summary(&removed);
-    answer["account_key"] = json!(account);
-    answer["removed"] = json!(true);
-    Ok(Json(answer).into_response())
+    let summary = script_summary(&removed);
+    Ok(Json(RemovedScript {
+        account_key: account,
+        name: summary.name,
+        version: summary.version,
+        stored_at: summary.stored_at,
+        lines: summary.lines,
+        removed: true,
+    })
+    .into_response())
 }
 
 async fn script_history(
@@ -840,7 +892,7 @@ async fn script_history(
     Path((account, name)): Path<(String, String)>,
 ) -> ApiResult {
     let account = account_key(&account)?;
-    let versions: Vec<Value> = scripts(&s)?
+    let versions: Vec<ScriptSummary> = scripts(&s)?
         .history(&account, &name)?
         .iter()
         .map(script_summary)
@@ -850,7 +902,12 @@ async fn script_history(
             "account {account} has no script named {name:?}"
         )));
     }
-    Ok(Json(json!({"account_key": account, "name": name, "versions": versions})).into_response())
+    Ok(Json(ScriptHistory {
+        account_key: account,
+        name,
+        versions,
+    })
+    .into_response())
 }
 
 async fn test_script(
@@ -897,9 +954,13 @@ async fn list_contacts(
     let account = account_key(&account)?;
     let contacts = s
         .contacts
-        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .list(&account, q.effective_limit())
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "contacts": contacts})).into_response())
+    Ok(Json(ContactList {
+        account_key: account,
+        contacts: contacts.iter().map(to_json).collect(),
+    })
+    .into_response())
 }
 
 async fn show_contact(
@@ -916,6 +977,7 @@ async fn show_contact(
             .map_err(ApiError::internal)?,
     };
     match contact {
+        // The record itself: a `Contact` (see `switchboard_api::records`).
         Some(c) => Ok(Json(c).into_response()),
         None => Err(ApiError::not_found(format!(
             "account {account} has no contact {key:?}"
@@ -931,9 +993,13 @@ async fn list_messages(
     let account = account_key(&account)?;
     let messages = s
         .messages
-        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .list(&account, q.effective_limit())
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "messages": messages})).into_response())
+    Ok(Json(MessageList {
+        account_key: account,
+        messages: messages.iter().map(to_json).collect(),
+    })
+    .into_response())
 }
 
 async fn show_message(
@@ -952,7 +1018,11 @@ async fn show_message(
 async fn list_secrets(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     let names = s.secrets.names(&account).map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "secrets": names})).into_response())
+    Ok(Json(SecretList {
+        account_key: account,
+        secrets: names,
+    })
+    .into_response())
 }
 
 async fn set_secret(
@@ -977,7 +1047,12 @@ async fn set_secret(
     // Durable before the answer: a chain applied next may sign with it.
     s.store.flush().await.map_err(ApiError::internal)?;
     tracing::info!(%account, secret = name, "secret set");
-    Ok(Json(json!({"account_key": account, "secret": name, "set": true})).into_response())
+    Ok(Json(SecretSet {
+        account_key: account,
+        secret: name,
+        set: true,
+    })
+    .into_response())
 }
 
 async fn remove_secret(
@@ -990,7 +1065,12 @@ async fn remove_secret(
         .map_err(ApiError::internal)?
     {
         s.store.flush().await.map_err(ApiError::internal)?;
-        Ok(Json(json!({"account_key": account, "secret": name, "removed": true})).into_response())
+        Ok(Json(SecretRemoved {
+            account_key: account,
+            secret: name,
+            removed: true,
+        })
+        .into_response())
     } else {
         Err(ApiError::not_found(format!(
             "account {account} has no secret {name:?}"
@@ -1009,14 +1089,6 @@ impl From<TokenError> for ApiError {
             }
         }
     }
-}
-
-/// The body of `POST .../tokens`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewTokenRequest {
-    /// A name for people.
-    name: Option<String>,
 }
 
 /// Creates an account token and answers it, the only time it is shown.
@@ -1042,8 +1114,13 @@ async fn create_token(
         .create(&account, request.name.as_deref())
         .await?;
     tracing::info!(%account, token_id = new.record.id, "account token created");
-    let mut answer = serde_json::to_value(&new.record).expect("a token record serialises");
-    answer["token"] = json!(new.token);
+    let answer = CreatedToken {
+        id: new.record.id,
+        account_key: new.record.account_key,
+        name: new.record.name,
+        created_at: new.record.created_at,
+        token: new.token,
+    };
     Ok((
         StatusCode::CREATED,
         [(header::CACHE_CONTROL, "no-store")],
@@ -1056,7 +1133,11 @@ async fn create_token(
 async fn list_tokens(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     let tokens = s.auth.tokens().list(&account)?;
-    Ok(Json(json!({"account_key": account, "tokens": tokens})).into_response())
+    Ok(Json(TokenList {
+        account_key: account,
+        tokens: tokens.iter().map(auth::TokenRecord::answer).collect(),
+    })
+    .into_response())
 }
 
 async fn revoke_token(
@@ -1067,7 +1148,11 @@ async fn revoke_token(
     match s.auth.tokens().revoke(&account, &id).await? {
         Some(record) => {
             tracing::info!(%account, token_id = record.id, "account token revoked");
-            Ok(Json(json!({"account_key": account, "revoked": record})).into_response())
+            Ok(Json(RevokedToken {
+                revoked: record.answer(),
+                account_key: account,
+            })
+            .into_response())
         }
         None => Err(ApiError::not_found(format!(
             "account {account} has no token {id:?}"
@@ -1084,9 +1169,16 @@ async fn list_unmatched(
     let unmatched = s
         .inbound
         .unmatched
-        .list(&account, q.limit.unwrap_or(100).min(10_000))
+        .list(&account, q.effective_limit())
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "unmatched": unmatched})).into_response())
+    Ok(Json(UnmatchedList {
+        account_key: account,
+        unmatched: unmatched
+            .iter()
+            .map(crate::inbound::Unmatched::answer)
+            .collect(),
+    })
+    .into_response())
 }
 
 fn provider(raw: &str) -> Result<Provider, ApiError> {
@@ -1101,7 +1193,11 @@ fn provider(raw: &str) -> Result<Provider, ApiError> {
 async fn list_inbound(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
     let account = account_key(&account)?;
     let hooks = s.inbound.hooks.list(&account).map_err(ApiError::internal)?;
-    Ok(Json(json!({"account_key": account, "inbound": hooks})).into_response())
+    Ok(Json(InboundList {
+        account_key: account,
+        inbound: hooks.iter().map(crate::inbound::Hook::answer).collect(),
+    })
+    .into_response())
 }
 
 async fn show_inbound(
@@ -1116,7 +1212,7 @@ async fn show_inbound(
         .get(&account, provider)
         .map_err(ApiError::internal)?
     {
-        Some(hook) => Ok(Json(hook).into_response()),
+        Some(hook) => Ok(Json(hook.answer()).into_response()),
         None => Err(ApiError::not_found(format!(
             "account {account} has no inbound {raw} webhook"
         ))),
@@ -1149,8 +1245,8 @@ async fn create_inbound(
     TextBody(body): TextBody,
 ) -> ApiResult {
     let account = account_key(&account)?;
-    let request: CreateRequest = if body.trim().is_empty() {
-        CreateRequest::default()
+    let request: CreateInboundRequest = if body.trim().is_empty() {
+        CreateInboundRequest::default()
     } else {
         serde_json::from_str(&body).map_err(|e| {
             ApiError::bad_request(
@@ -1168,9 +1264,14 @@ async fn create_inbound(
         .inbound
         .create(&account, &raw, request.secret, request.rotate)
         .await?;
-    let mut answer = serde_json::to_value(&hook).expect("a hook serialises");
-    answer["url"] = json!(url);
-    answer["rotated"] = json!(request.rotate);
+    let answer = CreatedInbound {
+        account_key: hook.account_key,
+        provider: hook.provider,
+        created_at: hook.created_at,
+        secret: hook.secret,
+        url,
+        rotated: request.rotate,
+    };
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
@@ -1188,9 +1289,14 @@ async fn revoke_inbound(
     {
         Some(hook) => {
             tracing::info!(%account, provider = raw, "inbound webhook revoked");
-            let mut answer = serde_json::to_value(&hook).expect("a hook serialises");
-            answer["revoked"] = json!(true);
-            Ok(Json(answer).into_response())
+            Ok(Json(RevokedInbound {
+                account_key: hook.account_key,
+                provider: hook.provider,
+                created_at: hook.created_at,
+                secret: hook.secret,
+                revoked: true,
+            })
+            .into_response())
         }
         None => Err(ApiError::not_found(format!(
             "account {account} has no inbound {raw} webhook"
@@ -1237,3 +1343,6 @@ async fn receive_inbound(
         .await?;
     Ok(Json(receipt).into_response())
 }
+
+#[cfg(test)]
+mod tests;

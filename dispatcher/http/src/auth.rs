@@ -348,6 +348,18 @@ pub struct TokenRecord {
     pub created_at: OffsetDateTime,
 }
 
+impl TokenRecord {
+    /// The record as the API answers it.
+    pub fn answer(&self) -> switchboard_api::tokens::Token {
+        switchboard_api::tokens::Token {
+            id: self.id.clone(),
+            account_key: self.account_key.clone(),
+            name: self.name.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
 /// A token just created: the only time the token itself is at hand.
 pub struct NewToken {
     /// The token, to show once.

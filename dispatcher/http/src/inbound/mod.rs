@@ -17,7 +17,6 @@
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
@@ -46,47 +45,9 @@ mod tests;
 const INBOUND_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x3b0f_6c2a_51d4_4f0e_9a7e_c1d2_8e44_b6a9);
 
-/// A provider that can post to an inbound webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    /// SendGrid's Event Webhook (JSON array of e-mail events).
-    Sendgrid,
-    /// Twilio's SMS status callbacks (form-encoded, signed).
-    Twilio,
-    /// Any sender of JSON signed per Standard Webhooks.
-    Webhook,
-}
-
-impl Provider {
-    /// Every provider.
-    pub const ALL: [Provider; 3] = [Provider::Sendgrid, Provider::Twilio, Provider::Webhook];
-
-    /// Its name in URLs and commands.
-    pub fn name(self) -> &'static str {
-        match self {
-            Provider::Sendgrid => "sendgrid",
-            Provider::Twilio => "twilio",
-            Provider::Webhook => "webhook",
-        }
-    }
-
-    /// The provider called `name`.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// The names, for messages.
-    pub fn names() -> String {
-        Self::ALL.map(Provider::name).join(", ")
-    }
-}
-
-impl std::fmt::Display for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The providers (part of the API: their names are the `{provider}` of the
+/// routes), and what a provider's POST is answered.
+pub use switchboard_api::inbound::{Provider, Receipt, RecordResult};
 
 /// What one record says, read without touching the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,47 +245,6 @@ pub enum CreateError {
     /// The account's secrets could not be read.
     #[error(transparent)]
     Records(#[from] RecordError),
-}
-
-/// What an inbound POST did with each record.
-#[derive(Debug, Clone, Serialize)]
-pub struct Receipt {
-    /// The provider.
-    pub provider: Provider,
-    /// How many records the POST held.
-    pub records: usize,
-    /// How many matched (and became events).
-    pub matched: usize,
-    /// How many were kept as unmatched.
-    pub unmatched: usize,
-    /// Per record, in order.
-    pub results: Vec<RecordResult>,
-}
-
-/// What became of one record.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecordResult {
-    /// `matched`, `unknown_message`, `undocumented` or `malformed`.
-    pub result: &'static str,
-    /// The message it matched.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message_id: Option<String>,
-    /// The message's status after it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<MessageStatus>,
-    /// `applied`, `duplicate` (reported before), `stale` (the message is
-    /// further along) or `none` (the record reports no status).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transition: Option<&'static str>,
-    /// The event it was published as.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_id: Option<String>,
-    /// The id of the unmatched record kept.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unmatched_id: Option<String>,
-    /// Why it matched nothing.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
 }
 
 /// The inbound webhooks of a dispatcher.
@@ -602,7 +522,7 @@ impl Inbound {
                     tracing::info!(%account, provider = provider.name(), event_id = %event.id,
                         event_type = %event.event_type, "inbound webhook published");
                     RecordResult {
-                        result: InboundResult::Matched.label(),
+                        result: InboundResult::Matched.label().to_string(),
                         message_id: None,
                         status: None,
                         transition: None,
@@ -640,7 +560,7 @@ impl Inbound {
             tracing::warn!(%account, provider = provider.name(), result = result.label(),
                 unmatched_id = u.id, %reason, "inbound record matched nothing: kept as unmatched");
             results[index] = Some(RecordResult {
-                result: result.label(),
+                result: result.label().to_string(),
                 message_id: None,
                 status: None,
                 transition: None,
@@ -748,10 +668,10 @@ impl Inbound {
         );
         self.bus.publish(&event).await?;
         Ok(RecordResult {
-            result: InboundResult::Matched.label(),
+            result: InboundResult::Matched.label().to_string(),
             message_id: Some(message.id),
-            status: Some(message.status),
-            transition: Some(transition),
+            status: Some(message.status.as_str().to_string()),
+            transition: Some(transition.to_string()),
             event_id: Some(event.id.to_string()),
             unmatched_id: None,
             reason: None,
@@ -828,15 +748,4 @@ fn redact_secret(url: &str, secret: &str) -> String {
     } else {
         url.replace(secret, "{secret}")
     }
-}
-
-/// The body of `POST /v1/accounts/{a}/inbound/{provider}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    /// `webhook`: the account secret signatures are checked with.
-    pub secret: Option<String>,
-    /// Replace an existing URL.
-    #[serde(default)]
-    pub rotate: bool,
 }

@@ -26,6 +26,18 @@ pub struct Hook {
     pub secret: Option<String>,
 }
 
+impl Hook {
+    /// The hook as the API answers it.
+    pub fn answer(&self) -> switchboard_api::inbound::InboundHook {
+        switchboard_api::inbound::InboundHook {
+            account_key: self.account_key.clone(),
+            provider: self.provider,
+            created_at: self.created_at,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
 /// Inbound webhook URLs: `InboundHooks` maps the SHA-256 of a URL's secret to
 /// its [`Hook`]; `InboundIndex` maps (account, provider) to that hash, for
 /// listing, rotation and revocation.
@@ -176,6 +188,21 @@ pub struct Unmatched {
     /// When it arrived.
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
+}
+
+impl Unmatched {
+    /// The record as the API answers it.
+    pub fn answer(&self) -> switchboard_api::inbound::UnmatchedRecord {
+        switchboard_api::inbound::UnmatchedRecord {
+            id: self.id.clone(),
+            account_key: self.account_key.clone(),
+            provider: self.provider,
+            result: self.result.clone(),
+            reason: self.reason.clone(),
+            record: self.record.clone(),
+            received_at: self.received_at,
+        }
+    }
 }
 
 /// Unmatched records, by account, in arrival order.

@@ -1,0 +1,80 @@
+//! Chains: the accounts that have them, an account's current chains, their
+//! versions, and dry runs.
+//!
+//! `PUT /v1/accounts/{account}/chains` takes a chain file as its body, TOML
+//! or JSON (by the `Content-Type`, else sniffed), not a type of this crate.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_sdk::AccountKey;
+use time::OffsetDateTime;
+
+/// `GET /v1/accounts`: accounts that have chains (for an account token, only
+/// its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountList {
+    /// The accounts.
+    pub accounts: Vec<AccountKey>,
+}
+
+/// One version of an account's chains: the answer of every call that shows
+/// or changes them (`GET`, `PUT` and `DELETE .../chains`, `DELETE
+/// .../chains/{name}`, `GET .../chain-versions/{version}`, `POST
+/// .../chain-versions/{version}/restore`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainVersion {
+    /// The account.
+    pub account_key: AccountKey,
+    /// 1 for the first apply, then +1 for each change.
+    pub version: u64,
+    /// When the version was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub applied_at: OffsetDateTime,
+    /// What made it: `apply`, `remove chain NAME`, `remove all`, `restore N`.
+    pub change: String,
+    /// The chains of this version, each a `switchboard_rules::ChainSpec` as
+    /// JSON (the chain file's model, which lives with the rules).
+    pub chains: Vec<Value>,
+}
+
+/// `GET /v1/accounts/{account}/chains/{name}`: one chain of the current
+/// version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainAnswer {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The current version of the account's chains.
+    pub version: u64,
+    /// The chain, a `switchboard_rules::ChainSpec` as JSON.
+    pub chain: Value,
+}
+
+/// `GET /v1/accounts/{account}/chain-versions`: every version, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHistory {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The versions.
+    pub versions: Vec<ChainVersionSummary>,
+}
+
+/// A version of an account's chains without the chains themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainVersionSummary {
+    /// Its number.
+    pub version: u64,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub applied_at: OffsetDateTime,
+    /// What made it.
+    pub change: String,
+    /// The names of its chains.
+    pub chains: Vec<String>,
+}
+
+/// The answer of `POST /v1/accounts/{account}/chain-test` (a dry run of a
+/// sample event through the account's chains): which chains would run and
+/// what each step would do. Built by `switchboard_engine::dry_run`, kept as
+/// JSON here; its body is a sample event (a `VumiApiEvent` or its
+/// `event_data` with the step outputs to assume).
+pub type ChainTest = Value;

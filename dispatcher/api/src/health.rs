@@ -1,0 +1,33 @@
+//! The probes: `GET /healthz` and `GET /readyz` (open, outside `/v1`).
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /healthz`: the process answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `GET /readyz`: whether this dispatcher takes traffic, and why not. 200
+/// when `ready`, 503 otherwise, with the same body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// Started, bus connected, store open and caught up.
+    pub ready: bool,
+    /// The bus's kind (`nats`, `embedded`).
+    pub bus: String,
+    /// The bus is connected.
+    pub bus_connected: bool,
+    /// The store answers reads.
+    pub store_open: bool,
+    /// Chain files applied and consuming.
+    pub started: bool,
+    /// The store is replicated between dispatchers.
+    pub replicated: bool,
+    /// This replica has caught up with the shared state.
+    pub caught_up: bool,
+    /// The bus partitions this replica consumes; null when replicas do not
+    /// share the bus.
+    pub partitions: Option<Vec<u16>>,
+}

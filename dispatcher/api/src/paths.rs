@@ -1,0 +1,232 @@
+//! The path of each endpoint, for clients: `paths::chains("acme")` is
+//! `/v1/accounts/acme/chains`. Every argument is one path segment and is
+//! percent-encoded (a msisdn's `+`, an e-mail's `@`, a `/` in a name), so a
+//! value can never reach another route. The server declares the same routes
+//! as templates (`/v1/accounts/{account}/chains`); a test of the server
+//! checks that every path built here matches one of them.
+
+use std::fmt::Write as _;
+
+/// `s` as one path segment: everything but RFC 3986's unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn account_path(account: &str, tail: &str) -> String {
+    format!("/v1/accounts/{}/{tail}", segment(account))
+}
+
+/// `GET /healthz`.
+pub fn healthz() -> String {
+    "/healthz".to_string()
+}
+
+/// `GET /readyz`.
+pub fn readyz() -> String {
+    "/readyz".to_string()
+}
+
+/// `GET /metrics` (Prometheus text, not JSON).
+pub fn metrics() -> String {
+    "/metrics".to_string()
+}
+
+/// `POST /v1/events`.
+pub fn events() -> String {
+    "/v1/events".to_string()
+}
+
+/// `GET /v1/accounts`.
+pub fn accounts() -> String {
+    "/v1/accounts".to_string()
+}
+
+/// `GET`, `PUT`, `DELETE` an account's chains.
+pub fn chains(account: &str) -> String {
+    account_path(account, "chains")
+}
+
+/// `GET`, `DELETE` one chain.
+pub fn chain(account: &str, name: &str) -> String {
+    account_path(account, &format!("chains/{}", segment(name)))
+}
+
+/// `GET` the versions of an account's chains.
+pub fn chain_versions(account: &str) -> String {
+    account_path(account, "chain-versions")
+}
+
+/// `GET` one version of an account's chains.
+pub fn chain_version(account: &str, version: u64) -> String {
+    account_path(account, &format!("chain-versions/{version}"))
+}
+
+/// `POST`: restore a version of an account's chains as a new version.
+pub fn chain_version_restore(account: &str, version: u64) -> String {
+    account_path(account, &format!("chain-versions/{version}/restore"))
+}
+
+/// `POST` a sample event for a dry run of an account's chains.
+pub fn chain_test(account: &str) -> String {
+    account_path(account, "chain-test")
+}
+
+/// `GET` an account's scripts.
+pub fn scripts(account: &str) -> String {
+    account_path(account, "scripts")
+}
+
+/// `GET`, `PUT`, `DELETE` one script.
+pub fn script(account: &str, name: &str) -> String {
+    account_path(account, &format!("scripts/{}", segment(name)))
+}
+
+/// `GET` the versions of a script.
+pub fn script_versions(account: &str, name: &str) -> String {
+    account_path(account, &format!("scripts/{}/versions", segment(name)))
+}
+
+/// `POST` a sample event for a dry run of a script.
+pub fn script_test(account: &str, name: &str) -> String {
+    account_path(account, &format!("scripts/{}/test", segment(name)))
+}
+
+/// `GET` the trace of an event.
+pub fn trace(account: &str, event_id: &str) -> String {
+    account_path(account, &format!("events/{}/trace", segment(event_id)))
+}
+
+/// `GET` an account's contacts.
+pub fn contacts(account: &str) -> String {
+    account_path(account, "contacts")
+}
+
+/// `GET` a contact by its key, msisdn or e-mail.
+pub fn contact(account: &str, key: &str) -> String {
+    account_path(account, &format!("contacts/{}", segment(key)))
+}
+
+/// `GET` the messages an account's chains sent.
+pub fn messages(account: &str) -> String {
+    account_path(account, "messages")
+}
+
+/// `GET` one message.
+pub fn message(account: &str, id: &str) -> String {
+    account_path(account, &format!("messages/{}", segment(id)))
+}
+
+/// `GET` the inbound records of an account that matched nothing.
+pub fn unmatched(account: &str) -> String {
+    account_path(account, "messages/unmatched")
+}
+
+/// `GET` an account's inbound webhooks.
+pub fn inbound_hooks(account: &str) -> String {
+    account_path(account, "inbound")
+}
+
+/// `GET`, `POST` (create), `DELETE` (revoke) an account's inbound webhook
+/// of `provider`.
+pub fn inbound_hook(account: &str, provider: &str) -> String {
+    account_path(account, &format!("inbound/{}", segment(provider)))
+}
+
+/// `POST`: where a provider posts (the URL that creating a hook answers).
+pub fn inbound_receive(account: &str, provider: &str, secret: &str) -> String {
+    format!(
+        "/v1/inbound/{}/{}/{}",
+        segment(account),
+        segment(provider),
+        segment(secret)
+    )
+}
+
+/// `GET` the names of an account's secrets.
+pub fn secrets(account: &str) -> String {
+    account_path(account, "secrets")
+}
+
+/// `PUT`, `DELETE` one secret.
+pub fn secret(account: &str, name: &str) -> String {
+    account_path(account, &format!("secrets/{}", segment(name)))
+}
+
+/// `GET` an account's dead letters (`~unknown` for poison of no account).
+pub fn dead_letters(account: &str) -> String {
+    account_path(account, "dead-letters")
+}
+
+/// `POST` a filter: replay an account's dead letters.
+pub fn dead_letters_replay(account: &str) -> String {
+    account_path(account, "dead-letters/replay")
+}
+
+/// `GET`, `DELETE` (discard) one dead letter.
+pub fn dead_letter(account: &str, id: &str) -> String {
+    account_path(account, &format!("dead-letters/{}", segment(id)))
+}
+
+/// `POST`: replay one dead letter.
+pub fn dead_letter_replay(account: &str, id: &str) -> String {
+    account_path(account, &format!("dead-letters/{}/replay", segment(id)))
+}
+
+/// `GET`, `POST` (create) an account's tokens.
+pub fn tokens(account: &str) -> String {
+    account_path(account, "tokens")
+}
+
+/// `DELETE` (revoke) one token.
+pub fn token(account: &str, id: &str) -> String {
+    account_path(account, &format!("tokens/{}", segment(id)))
+}
+
+/// Every path function, called with sample arguments: what the server's
+/// test matches against its route table.
+pub fn samples() -> Vec<String> {
+    let (a, n) = ("acme", "a name/with+odd@chars");
+    vec![
+        healthz(),
+        readyz(),
+        metrics(),
+        events(),
+        accounts(),
+        chains(a),
+        chain(a, n),
+        chain_versions(a),
+        chain_version(a, 3),
+        chain_version_restore(a, 3),
+        chain_test(a),
+        scripts(a),
+        script(a, n),
+        script_versions(a, n),
+        script_test(a, n),
+        trace(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
+        contacts(a),
+        contact(a, "+27820000001"),
+        messages(a),
+        message(a, n),
+        unmatched(a),
+        inbound_hooks(a),
+        inbound_hook(a, "sendgrid"),
+        inbound_receive(a, "sendgrid", "s3cr3t"),
+        secrets(a),
+        secret(a, n),
+        dead_letters("~unknown"),
+        dead_letters_replay(a),
+        dead_letter(a, n),
+        dead_letter_replay(a, n),
+        tokens(a),
+        token(a, n),
+    ]
+}

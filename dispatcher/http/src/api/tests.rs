@@ -1,0 +1,138 @@
+//! The client's paths (`switchboard_api::paths`) against the router's
+//! [`ROUTES`]: every path a client builds reaches a route, and every route
+//! has a path function.
+
+use super::ROUTES;
+
+/// Whether `path` (percent-encoded, as sent) fits the axum `template`: the
+/// same number of segments, literal segments equal, `{name}` anything.
+fn fits(template: &str, path: &str) -> bool {
+    let t: Vec<&str> = template.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
+}
+
+/// The template axum routes `path` to: a literal segment wins over a
+/// `{name}` one, as in axum.
+fn route_of(path: &str) -> Option<&'static str> {
+    ROUTES
+        .iter()
+        .map(|(_, template)| *template)
+        .filter(|t| fits(t, path))
+        .max_by_key(|t| t.split('/').filter(|s| !s.starts_with('{')).count())
+}
+
+#[test]
+fn every_client_path_reaches_a_route() {
+    for path in switchboard_api::paths::samples() {
+        assert!(
+            route_of(&path).is_some(),
+            "{path} reaches no route of the router"
+        );
+    }
+}
+
+#[test]
+fn every_route_has_a_client_path() {
+    let reached: Vec<&str> = switchboard_api::paths::samples()
+        .iter()
+        .filter_map(|p| route_of(p))
+        .collect();
+    for (method, template) in ROUTES {
+        assert!(
+            reached.contains(template),
+            "{method} {template} has no function in switchboard_api::paths"
+        );
+    }
+}
+
+#[test]
+fn static_segments_win() {
+    assert_eq!(
+        route_of(&switchboard_api::paths::unmatched("acme")),
+        Some("/v1/accounts/{account}/messages/unmatched")
+    );
+    assert_eq!(
+        route_of(&switchboard_api::paths::dead_letters_replay("acme")),
+        Some("/v1/accounts/{account}/dead-letters/replay")
+    );
+}
+
+// The answers that used to be a stored record serialised as it is (with a
+// field or two added) must still be exactly that: built from the record,
+// the api type gives the record's own JSON.
+
+/// `record`'s own JSON, with `extra` added.
+fn record_json(record: &impl serde::Serialize, extra: serde_json::Value) -> serde_json::Value {
+    let mut json = serde_json::to_value(record).expect("serialises");
+    if let (Some(json), serde_json::Value::Object(extra)) = (json.as_object_mut(), extra) {
+        json.extend(extra);
+    }
+    json
+}
+
+#[test]
+fn a_chain_version_answers_as_stored() {
+    let stored: switchboard_rules::ChainVersion = serde_json::from_value(serde_json::json!({
+        "account_key": "acme",
+        "version": 2,
+        "applied_at": "2026-12-02T07:00:00.5Z",
+        "change": "apply",
+        "chains": [{
+            "name": "welcome",
+            "conversation_type": "survey",
+            "event_type": "poll_complete",
+            "when": "event.score > 3",
+            "steps": [{"handler": "log", "name": "note"}]
+        }]
+    }))
+    .expect("a chain version decodes");
+    let answer = serde_json::to_value(super::version_json(&stored).0).expect("serialises");
+    assert_eq!(answer, record_json(&stored, serde_json::json!({})));
+}
+
+#[test]
+fn tokens_hooks_and_unmatched_answer_as_stored() {
+    let at = time::macros::datetime!(2026-12-02 07:00:00.25 UTC);
+    let account = switchboard_sdk::AccountKey::new("acme").expect("a valid key");
+    for name in [None, Some("ci".to_string())] {
+        let token = crate::auth::TokenRecord {
+            id: "t1".into(),
+            account_key: account.clone(),
+            name,
+            created_at: at,
+        };
+        assert_eq!(
+            serde_json::to_value(token.answer()).expect("serialises"),
+            record_json(&token, serde_json::json!({}))
+        );
+    }
+    for secret in [None, Some("hook_key".to_string())] {
+        let hook = crate::inbound::Hook {
+            account_key: account.clone(),
+            provider: crate::inbound::Provider::Webhook,
+            created_at: at,
+            secret,
+        };
+        assert_eq!(
+            serde_json::to_value(hook.answer()).expect("serialises"),
+            record_json(&hook, serde_json::json!({}))
+        );
+    }
+    let unmatched = crate::inbound::Unmatched {
+        id: "u1".into(),
+        account_key: account,
+        provider: crate::inbound::Provider::Sendgrid,
+        result: "malformed".into(),
+        reason: "not JSON".into(),
+        record: serde_json::json!("text"),
+        received_at: at,
+    };
+    assert_eq!(
+        serde_json::to_value(unmatched.answer()).expect("serialises"),
+        record_json(&unmatched, serde_json::json!({}))
+    );
+}
