@@ -305,3 +305,49 @@ async fn a_partition_count_other_than_the_streams_is_refused() {
         Err(ChangelogError::Partition(16, _))
     ));
 }
+
+/// On a three-node cluster (the changelog kept on all three), many writes
+/// of two partitions appended at once are all stored: each partition's
+/// writes go as one fenced batch, which the leader checks once (it refuses
+/// a second conditional publish on a subject while one is in flight). A
+/// deposed owner is refused there too.
+#[tokio::test]
+async fn on_a_cluster_appended_writes_are_stored_and_a_deposed_owner_refused() {
+    let cluster = crate::util::NatsCluster::start(3).await;
+    let connect = || async {
+        let client = async_nats::connect(cluster.url(0))
+            .await
+            .expect("connecting to the cluster");
+        async_nats::jetstream::new(client)
+    };
+    let log = Changelog::bind(connect().await, 16, 3)
+        .await
+        .expect("binding the changelog on three servers");
+    let (t1, t2) = (
+        log.begin_term(1, "a").await.expect("a term"),
+        log.begin_term(2, "a").await.expect("a term"),
+    );
+    let appender = log.appender();
+    for i in 0..300 {
+        let term = if i % 2 == 0 { t1 } else { t2 };
+        appender.append(term, put(Collection::Journal, &format!("acme\0e{i}"), "x"));
+    }
+    appender.commit().await.expect("every write is stored");
+    let writes = latest(&read(&log, 302).await);
+    assert_eq!(writes.len(), 300);
+
+    let other = Changelog::bind(connect().await, 16, 3)
+        .await
+        .expect("binding");
+    other.begin_term(1, "b").await.expect("the take-over");
+    appender.append(t1, put(Collection::Journal, "acme\0late", "stale"));
+    assert!(matches!(
+        appender.commit().await,
+        Err(ChangelogError::Fenced { partition: 1, .. })
+    ));
+    appender.append(t2, put(Collection::Journal, "acme\0fine", "y"));
+    appender
+        .commit()
+        .await
+        .expect("partition 2 is still this owner's");
+}

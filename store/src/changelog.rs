@@ -17,10 +17,11 @@
 //!   one it read (`Nats-Expected-Last-Subject-Sequence`), so two replicas
 //!   taking a partition at once cannot both begin a term from the same one.
 //!
-//! Every write carries `Nats-Expected-Last-Subject-Sequence: {epoch}` with
-//! `Nats-Expected-Last-Subject-Sequence-Subject` naming the partition's epoch
-//! subject (nats-server 2.11 or later): the stream stores it only while its
-//! term's marker is still the partition's last. Once a new owner has begun
+//! Every batch of writes carries `Nats-Expected-Last-Subject-Sequence:
+//! {epoch}` with `Nats-Expected-Last-Subject-Sequence-Subject` naming the
+//! partition's epoch subject (nats-server 2.11 or later; atomic batches
+//! 2.12): the stream stores it only while its term's marker is still the
+//! partition's last. Once a new owner has begun
 //! its term, every write of the deposed owner is refused ([`ChangelogError::Fenced`]),
 //! however long it was paused, so none can land after the new owner's
 //! marker and overwrite what the new owner writes. Writes stored before
@@ -28,10 +29,15 @@
 //! before it handles an event of the partition (it waits until it has read
 //! up to its own marker).
 //!
-//! Writes are group-committed: [`Appender::append`] only queues a write;
-//! a task publishes each at once, many in flight, and [`Appender::commit`]
-//! returns once the stream has acknowledged every write appended before it.
-//! An event is acked only after such a commit.
+//! Writes are group-committed: [`Appender::append`] only queues a write; a
+//! task publishes what each partition has queued as one atomic batch (up to
+//! 500 writes; one batch in flight per partition, every partition's at
+//! once), and [`Appender::commit`] returns once the stream has acknowledged
+//! every write appended before it. An event is acked only after such a
+//! commit. (A batch, not one conditional publish per write: on a clustered
+//! stream the leader refuses a conditional publish while another checking
+//! the same subject is in flight, and every write of a partition checks its
+//! epoch subject.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -61,10 +67,6 @@ const OP_HEADER: &str = "Switchboard-Op";
 /// Names the subject whose last sequence `Nats-Expected-Last-Subject-Sequence`
 /// is checked against (nats-server 2.11).
 const EXPECTED_SUBJECT_HEADER: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
-
-/// Writes published and not yet acknowledged, at most: beyond it, appending
-/// waits for the oldest acknowledgement.
-const IN_FLIGHT: usize = 8192;
 
 /// Why the changelog refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +141,11 @@ pub enum Record {
     },
     /// A term began.
     Term(Term),
+    /// A point a reader asked to be told it passed ([`Changelog::sync`]).
+    Sync {
+        /// Its stream sequence.
+        seq: u64,
+    },
     /// A message that is not a changelog record (written by hand, or by an
     /// incompatible build): to be logged, counted and skipped.
     Undecodable {
@@ -157,7 +164,9 @@ impl Record {
     /// The record's stream sequence.
     pub fn seq(&self) -> u64 {
         match self {
-            Record::Write { seq, .. } | Record::Undecodable { seq, .. } => *seq,
+            Record::Write { seq, .. } | Record::Undecodable { seq, .. } | Record::Sync { seq } => {
+                *seq
+            }
             Record::Term(t) => t.epoch,
         }
     }
@@ -188,6 +197,9 @@ pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Byt
     else {
         return undecodable(None, "not a changelog subject");
     };
+    if rest == "sync" {
+        return Record::Sync { seq };
+    }
     let (partition, rest) = rest.split_once('.').unwrap_or((rest, ""));
     let Ok(partition) = partition.parse::<u16>() else {
         return undecodable(None, "the subject names no partition");
@@ -248,6 +260,7 @@ impl Changelog {
             subjects: vec![format!("{PREFIX}.>")],
             max_messages_per_subject: 1,
             allow_message_ttl: true,
+            allow_atomic_publish: true,
             num_replicas: replicas,
             storage: stream::StorageType::File,
             metadata: HashMap::from([(PARTITIONS_KEY.to_string(), partitions.to_string())]),
@@ -261,6 +274,16 @@ impl Changelog {
             .info()
             .await
             .map_err(|e| remote(format!("reading the stream: {e}")))?;
+        if !info.config.allow_atomic_publish || !info.config.allow_message_ttl {
+            let mut config = info.config.clone();
+            config.allow_atomic_publish = true;
+            config.allow_message_ttl = true;
+            js.update_stream(config).await.map_err(|e| {
+                remote(format!(
+                    "allowing atomic batches and message TTLs (nats-server 2.12 or later): {e}"
+                ))
+            })?;
+        }
         let held = info.config.metadata.get(PARTITIONS_KEY).cloned();
         match held.as_deref().map(str::parse::<u16>) {
             Some(Ok(n)) if n == partitions => {}
@@ -287,6 +310,21 @@ impl Changelog {
     /// How many partitions the changelog holds.
     pub fn partitions(&self) -> u16 {
         self.partitions
+    }
+
+    /// Marks the changelog's present end: returns a sequence that a reader
+    /// following from an earlier point is sure to reach (the mark, or a
+    /// later one), whatever expired or was replaced meanwhile.
+    pub async fn sync(&self) -> Result<u64, ChangelogError> {
+        let subject = format!("{PREFIX}.sync");
+        let ack = self
+            .js
+            .publish(subject.clone(), Bytes::new())
+            .await
+            .map_err(|e| remote(format!("publishing {subject}: {e}")))?
+            .await
+            .map_err(|e| remote(format!("publishing {subject}: {e}")))?;
+        Ok(ack.sequence)
     }
 
     /// The stream sequence of the last message in the changelog (0: empty).
@@ -363,11 +401,30 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
+        self.read(format!("{PREFIX}.>"), from).await
+    }
+
+    /// Partition `partition`'s records from stream sequence `from` on.
+    pub async fn records_of(
+        &self,
+        partition: u16,
+        from: u64,
+    ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
+    {
+        self.read(format!("{PREFIX}.{partition}.>"), from).await
+    }
+
+    async fn read(
+        &self,
+        filter_subject: String,
+        from: u64,
+    ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
+    {
         use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
         let consumer = self
             .stream
             .create_consumer(OrderedConfig {
-                filter_subject: format!("{PREFIX}.>"),
+                filter_subject,
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
                 },
@@ -434,55 +491,60 @@ impl Appender {
     }
 }
 
-/// Publishes appended writes in order, keeping up to [`IN_FLIGHT`]
-/// unacknowledged, and answers each commit once every write appended before
-/// it is acknowledged. A failed write fails the commits waiting for it, or
-/// the next one if none is.
+/// One write waiting for its batch: its number, term, change and the time
+/// to live of a removal marker.
+type Queued = (u64, Term, Change, Option<Duration>);
+
+/// Publishes appended writes as atomic batches, one batch in flight per
+/// partition (and the partitions' batches at once), and answers each
+/// commit once every write appended before it is acknowledged. A failed
+/// write fails the commits waiting for it, or the next one if none is.
+///
+/// Why batches: on a clustered stream the leader refuses a conditional
+/// publish while another one checking the same subject is still in flight
+/// (10164, "wrong last sequence" without comparing), and every write of a
+/// partition checks its epoch subject. One atomic batch carries the check
+/// once for all of its writes, and stores all of them or none.
 async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op>) {
-    type Acked = (
-        u64,
-        Term,
-        Result<(), async_nats::jetstream::context::PublishError>,
-    );
     let mut next = 0u64;
-    let mut acks = FuturesUnordered::new();
+    let mut queued: BTreeMap<u16, std::collections::VecDeque<Queued>> = BTreeMap::new();
+    let mut busy = std::collections::BTreeSet::new();
+    let mut flights = FuturesUnordered::new();
     let mut unacked = std::collections::BTreeSet::new();
     let mut commits: BTreeMap<u64, Vec<oneshot::Sender<Result<(), ChangelogError>>>> =
         BTreeMap::new();
     let mut failed: Option<ChangelogError> = None;
-    loop {
+    let mut open = true;
+    while open || !flights.is_empty() {
+        // A batch for each partition with writes waiting and none in flight:
+        // the writes of one term, in order.
+        for (p, waiting) in queued.iter_mut() {
+            if busy.contains(p) || waiting.is_empty() {
+                continue;
+            }
+            let term = waiting[0].1;
+            let mut batch = Vec::new();
+            while batch.len() < BATCH
+                && let Some(w) = waiting.front()
+                && w.1 == term
+            {
+                batch.extend(waiting.pop_front());
+            }
+            busy.insert(*p);
+            let js = js.clone();
+            flights.push(async move {
+                let numbers: Vec<u64> = batch.iter().map(|w| w.0).collect();
+                (term, numbers, publish_batch(&js, term, batch).await)
+            });
+        }
+        queued.retain(|_, w| !w.is_empty());
         tokio::select! {
-            op = ops.recv(), if acks.len() < IN_FLIGHT => match op {
-                None => break,
+            op = ops.recv(), if open => match op {
+                None => open = false,
                 Some(Op::Append { term, change, ttl }) => {
                     next += 1;
-                    let n = next;
-                    let subject = write_subject(term.partition, &change);
-                    let mut headers = HeaderMap::new();
-                    headers.insert(
-                        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                        term.epoch.to_string().as_str(),
-                    );
-                    headers.insert(EXPECTED_SUBJECT_HEADER, epoch_subject(term.partition).as_str());
-                    if change.value.is_none() {
-                        headers.insert(OP_HEADER, "del");
-                    }
-                    if let Some(ttl) = ttl {
-                        headers.insert(
-                            async_nats::header::NATS_MESSAGE_TTL,
-                            ttl.as_secs().to_string().as_str(),
-                        );
-                    }
-                    let payload = change.value.unwrap_or_default();
-                    let published = js.publish_with_headers(subject, headers, payload).await;
-                    unacked.insert(n);
-                    acks.push(async move {
-                        let result = match published {
-                            Ok(ack) => ack.await.map(|_| ()),
-                            Err(e) => Err(e),
-                        };
-                        (n, term, result) as Acked
-                    });
+                    unacked.insert(next);
+                    queued.entry(term.partition).or_default().push_back((next, term, change, ttl));
                 }
                 Some(Op::Commit(reply)) => {
                     if unacked.is_empty() {
@@ -492,15 +554,13 @@ async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op
                     }
                 }
             },
-            Some((n, term, result)) = acks.next(), if !acks.is_empty() => {
-                unacked.remove(&n);
+            Some((term, numbers, result)) = flights.next(), if !flights.is_empty() => {
+                busy.remove(&term.partition);
+                for n in numbers {
+                    unacked.remove(&n);
+                }
                 if let Err(e) = result {
-                    let error = if is_wrong_sequence(&e) {
-                        ChangelogError::Fenced { partition: term.partition, epoch: term.epoch }
-                    } else {
-                        remote(format!("writing to partition {}: {e}", term.partition))
-                    };
-                    failed.get_or_insert(error);
+                    failed.get_or_insert(e);
                 }
                 // Every commit waiting for nothing older than the oldest
                 // unacknowledged write is answered.
@@ -515,4 +575,100 @@ async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op
             }
         }
     }
+}
+
+/// Most writes in one atomic batch (nats-server accepts 1,000).
+const BATCH: usize = 500;
+
+/// How many times a batch is sent again while the stream cannot check its
+/// epoch yet (another replica's batch on the partition in flight).
+const NOT_READY_TRIES: u32 = 50;
+
+/// Publishes `batch` under `term` as one atomic batch, fenced by the term's
+/// epoch; the stream stores all of it or none.
+async fn publish_batch(
+    js: &jetstream::Context,
+    term: Term,
+    batch: Vec<Queued>,
+) -> Result<(), ChangelogError> {
+    use async_nats::jetstream::{Error as JsError, ErrorCode};
+    let failed = |e: &dyn std::fmt::Display| {
+        remote(format!(
+            "writing {} records to partition {}: {e}",
+            batch.len(),
+            term.partition
+        ))
+    };
+    let last = batch.len() - 1;
+    for _ in 0..NOT_READY_TRIES {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut result = Ok(());
+        for (i, (_, _, change, ttl)) in batch.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
+            headers.insert(
+                async_nats::header::NATS_BATCH_SEQUENCE,
+                (i + 1).to_string().as_str(),
+            );
+            if i == 0 {
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    term.epoch.to_string().as_str(),
+                );
+                headers.insert(
+                    EXPECTED_SUBJECT_HEADER,
+                    epoch_subject(term.partition).as_str(),
+                );
+            }
+            if change.value.is_none() {
+                headers.insert(OP_HEADER, "del");
+            }
+            if let Some(ttl) = ttl {
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_TTL,
+                    ttl.as_secs().to_string().as_str(),
+                );
+            }
+            let subject = write_subject(term.partition, change);
+            let payload = change.value.clone().unwrap_or_default();
+            if i < last {
+                js.client()
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                continue;
+            }
+            headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
+            let acked = match js.publish_with_headers(subject, headers, payload).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            result = acked.map(|_| ());
+        }
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let code = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<JsError>())
+            .map(|s| s.error_code());
+        if is_wrong_sequence(&e) || code == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE) {
+            return Err(ChangelogError::Fenced {
+                partition: term.partition,
+                epoch: term.epoch,
+            });
+        }
+        if matches!(
+            code,
+            Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+                | Some(ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY)
+        ) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        return Err(failed(&e));
+    }
+    Err(failed(
+        &"the stream kept answering that it cannot check the partition's epoch yet",
+    ))
 }
