@@ -647,14 +647,15 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
 }
 
 /// Two replicas' stores upserting the same numbers at the same moment make
-/// one contact per number: the index entry is claimed by compare-and-set,
-/// and a claim whose contact has not reached this replica yet is read from
-/// the bucket before it is taken for stale.
+/// one contact per number: the account's partition is held by one of them,
+/// which decides every compare-and-swap on its own copy; the other's writes
+/// are forwarded to it. A third replica, following the changelog, sees the
+/// result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     use switchboard_handlers::records::{ContactUpsert, Contacts};
     use switchboard_state::StoredContacts;
-    use switchboard_store::Store;
+    use switchboard_store::{Store, partition_of_account};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -662,12 +663,15 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
         let path = dir.path().join(name);
         let url = nats.url().to_string();
         async move {
-            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1)
+            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
                 .await
                 .expect("a replicated store")
         }
     };
     let (a, b) = (open("a").await, open("b").await);
+    a.take_partition(partition_of_account(b"acme", 16))
+        .await
+        .expect("replica a takes acme's partition");
     let acme = switchboard_sdk::AccountKey::new("acme").expect("an account key");
     let numbers = 200;
     let upsert_all = |store: Store, tag: &'static str| {
@@ -692,9 +696,10 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
             }
         })
     };
-    let (first, second) = (upsert_all(a, "a"), upsert_all(b, "b"));
+    let (first, second) = (upsert_all(a.clone(), "a"), upsert_all(b, "b"));
     first.await.expect("replica a");
     second.await.expect("replica b");
+    a.flush().await.expect("replica a's writes are durable");
 
     // A third replica, caught up, sees one contact per number, with both
     // replicas' fields.
@@ -716,14 +721,15 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     );
 }
 
-/// Removing an expired record (a journal entry) leaves a delete marker that
-/// the bucket drops after a day, so that markers do not pile up and every
-/// start does not replay them; removing a chain keeps its marker, so that a
-/// replica that was cut off for longer still learns of it.
+/// Removing an expired record (a journal entry) leaves a removal marker in
+/// the changelog that the stream drops after a day, so that markers do not
+/// pile up and every start does not replay them; removing a chain keeps its
+/// marker in the bucket, so that a replica that was cut off for longer still
+/// learns of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn housekeeping_delete_markers_expire_and_others_stay() {
     use base64::Engine as _;
-    use switchboard_store::{Collection, MARKER_TTL, Store};
+    use switchboard_store::{Collection, MARKER_TTL, Store, partition_of_account};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -732,54 +738,63 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
         async_nats::ConnectOptions::new(),
         vec![nats.url().to_string()],
         1,
+        16,
     )
     .await
     .expect("a replicated store");
+    let partition = partition_of_account(b"acme", 16);
+    store
+        .take_partition(partition)
+        .await
+        .expect("the partition of acme");
     let writes = store.clone();
     tokio::task::spawn_blocking(move || {
         for c in [Collection::Journal, Collection::Chains] {
-            writes.put(c, b"key", b"value").expect("a put");
-            writes.remove(c, b"key").expect("a removal");
+            writes.put(c, b"acme\0key", b"value").expect("a put");
+            writes.remove(c, b"acme\0key").expect("a removal");
         }
     })
     .await
     .expect("the writes");
+    store.flush().await.expect("the changelog has them");
 
     let client = async_nats::connect(nats.url()).await.expect("a connection");
     let js = jetstream::new(client);
-    let mut stream = js
-        .get_stream(format!("KV_{}", switchboard_store::BUCKET))
-        .await
-        .expect("the bucket's stream");
-    assert!(
-        stream
-            .info()
-            .await
-            .expect("its info")
-            .config
-            .allow_message_ttl
-    );
-    let marker = |collection: &str| {
-        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"key");
-        let subject = format!("$KV.{}.{collection}.{key}", switchboard_store::BUCKET);
-        let stream = &stream;
+    let last = |stream: String, subject: String| {
+        let js = js.clone();
         async move {
-            let message = stream
+            let stream = js.get_stream(&stream).await.expect("the stream");
+            stream
                 .get_last_raw_message_by_subject(&subject)
                 .await
-                .unwrap_or_else(|e| panic!("the last message on {subject}: {e}"));
-            let headers = message.headers;
-            assert_eq!(
-                headers.get("KV-Operation").map(|v| v.as_str()),
-                Some("DEL"),
-                "{subject}: {headers:?}"
-            );
-            headers.get("Nats-TTL").map(|v| v.as_str().to_string())
+                .unwrap_or_else(|e| panic!("the last message on {subject}: {e}"))
+                .headers
         }
     };
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"acme\0key");
+    let journal = last(
+        switchboard_store::changelog::STREAM.to_string(),
+        format!("switchboard.changelog.{partition}.w.event_journal.{key}"),
+    )
+    .await;
     assert_eq!(
-        marker("event_journal").await,
+        journal.get("Switchboard-Op").map(|v| v.as_str()),
+        Some("del"),
+        "{journal:?}"
+    );
+    assert_eq!(
+        journal.get("Nats-TTL").map(|v| v.as_str().to_string()),
         Some(MARKER_TTL.as_secs().to_string())
     );
-    assert_eq!(marker("chains").await, None);
+    let chains = last(
+        format!("KV_{}", switchboard_store::BUCKET),
+        format!("$KV.{}.chains.{key}", switchboard_store::BUCKET),
+    )
+    .await;
+    assert_eq!(
+        chains.get("KV-Operation").map(|v| v.as_str()),
+        Some("DEL"),
+        "{chains:?}"
+    );
+    assert_eq!(chains.get("Nats-TTL"), None);
 }

@@ -111,15 +111,16 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         });
     }
     let replicas = Replicas::new();
-    let bus = bus.with_partitions(replicas.owned());
     let (options, servers) = switchboard_sdk::nats::connect_options(url);
     let store = Store::replicated(
         &config.store.data_dir.join("replica"),
         options.name("switchboard-dispatcher-state"),
         servers.urls().to_vec(),
         config.bus.stream_replicas,
+        switchboard_bus::partitions::PARTITIONS,
     )
     .await?;
+    let bus = bus.with_partitions(replicas.owned(), store.clone());
     Ok(Backend {
         store,
         bus: Arc::new(bus),

@@ -271,6 +271,9 @@ fn admin_token(config: &Config) -> Result<(AdminToken, Option<PathBuf>), StartEr
 /// chains, the journal.
 struct Engine {
     metrics: Arc<Metrics>,
+    /// The records as the API and inbound webhooks write them (forwarded
+    /// to a partition's owner when replicas share the bus); the handlers
+    /// have their own, over the store for handling events.
     records: RecordPorts,
     registry: Arc<Registry>,
     chains: Arc<ChainStore>,
@@ -289,7 +292,9 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         let mail = LettreMail::new(&config.providers.email, metrics.clone())
             .map_err(StartError::Config)?;
-        let records = RecordPorts::over(store);
+        // An event's handling writes only the partitions this replica holds.
+        let event_store = store.handling_events();
+        let records = RecordPorts::over(&event_store);
         let scripts = Arc::new(ScriptStore::new(
             records.scripts.clone(),
             Arc::new(ScriptRuntime::new(
@@ -320,7 +325,7 @@ impl Engine {
             chains: chains.clone(),
             registry: registry.clone(),
             bus: bus.clone(),
-            store: store.clone(),
+            store: event_store,
             idempotency: records.idempotency.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
@@ -328,7 +333,7 @@ impl Engine {
         }));
         Ok(Self {
             metrics,
-            records,
+            records: RecordPorts::over(store),
             registry,
             chains,
             journal,

@@ -9,16 +9,22 @@
 //!   buffered; [`Store::flush`] makes everything written so far durable, and
 //!   callers group-commit: one flush covers many writes.
 //! - [`Store::replicated`]: several dispatcher replicas on one NATS JetStream
-//!   cluster. The shared collections live in a key-value bucket and every
-//!   write is durable once it returns; reads come from a local sled copy fed
-//!   by a watch of the bucket (see `replicated.rs`).
+//!   cluster. Account configuration lives in a key-value bucket and every
+//!   write to it is durable once it returns; reads come from a local sled
+//!   copy fed by a watch of the bucket (see `replicated.rs`). The
+//!   partitioned collections are written by their partition's owner and
+//!   made durable by [`Store::flush`] through the partition changelog (see
+//!   `partitioned.rs` and `changelog.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod changelog;
+mod partitioned;
 mod replicated;
+
+pub use partitioned::{partition_of_account, partition_of_key};
 
 pub use replicated::{BUCKET, Change, MARKER_TTL};
 
@@ -140,10 +146,30 @@ impl Collection {
         }
     }
 
-    /// Whether replicas share the collection (in the replicated backend):
-    /// all but the embedded bus's own.
+    /// Whether replicas share the collection through the key-value bucket
+    /// (in the replicated backend): account configuration and the
+    /// replicas' heartbeats; not the embedded bus's own collections, nor
+    /// the partitioned ones.
     pub fn is_shared(self) -> bool {
-        !matches!(self, Collection::BusQueue | Collection::BusDedup)
+        !matches!(self, Collection::BusQueue | Collection::BusDedup) && !self.is_partitioned()
+    }
+
+    /// Whether the collection is written per event and belongs to the
+    /// partition of the account its keys begin with (`{account}\0...`): in
+    /// the replicated backend only the partition's owner writes it, and the
+    /// partition's changelog makes it durable (`partitioned.rs`).
+    pub fn is_partitioned(self) -> bool {
+        matches!(
+            self,
+            Collection::Journal
+                | Collection::DeadLetters
+                | Collection::Contacts
+                | Collection::ContactIndex
+                | Collection::Messages
+                | Collection::MessageRemoteIds
+                | Collection::Idempotency
+                | Collection::Unmatched
+        )
     }
 
     /// Whether removals from the collection are housekeeping: the expiry of
@@ -196,6 +222,16 @@ pub enum StoreError {
     Remote {
         /// What failed, and what the NATS server said.
         message: String,
+    },
+    /// An event's handling wrote a partition this replica no longer holds
+    /// (another replica took it over meanwhile): the event is left to the
+    /// partition's new owner, which redoes what was not made durable.
+    #[error(
+        "partition {partition} has moved to another replica: its state is no longer written here"
+    )]
+    PartitionMoved {
+        /// The partition.
+        partition: u16,
     },
     /// The backend cannot do this.
     #[error("the replicated store does not support {what}")]
@@ -255,6 +291,13 @@ pub struct Store {
     flushes: Arc<FlushCounts>,
     /// The bucket, in the replicated backend.
     replica: Option<Arc<replicated::Replica>>,
+    /// The partitioned collections' owner and changelog, in the replicated
+    /// backend.
+    partitioned: Option<Arc<partitioned::Partitioned>>,
+    /// Whether a write to a partition another replica holds is forwarded
+    /// there (the API, inbound webhooks) or refused (an event's handling:
+    /// see [`Store::handling_events`]).
+    forward: bool,
 }
 
 /// The group-commit thread's flushes: how many it has begun and finished.
@@ -387,6 +430,8 @@ impl Store {
             flusher,
             flushes,
             replica: None,
+            partitioned: None,
+            forward: true,
         })
     }
 
@@ -396,11 +441,16 @@ impl Store {
     /// missing), read through a local copy in `dir`, which is rebuilt from
     /// the bucket. The synchronous methods wait for the NATS server in
     /// place (on a multi-threaded runtime, in `block_in_place`).
+    ///
+    /// The partitioned collections ([`Collection::is_partitioned`]) are
+    /// owned by partitions (`partitions` of them, as the events stream has):
+    /// see [`Store::take_partition`].
     pub async fn replicated(
         dir: &Path,
         options: async_nats::ConnectOptions,
         servers: Vec<String>,
         replicas: usize,
+        partitions: u16,
     ) -> Result<Self, StoreError> {
         let mut store = Self::open(dir)?;
         let revisions =
@@ -411,10 +461,17 @@ impl Store {
                     collection: "replica_revisions",
                     source,
                 })?;
-        store.replica = Some(
-            replicated::Replica::start(options, servers, replicas, store.trees.clone(), revisions)
-                .await?,
-        );
+        let (replica, partitioned) = replicated::Replica::start(
+            options,
+            servers,
+            replicas,
+            partitions,
+            store.trees.clone(),
+            revisions,
+        )
+        .await?;
+        store.replica = Some(replica);
+        store.partitioned = Some(partitioned);
         Ok(store)
     }
 
@@ -448,6 +505,85 @@ impl Store {
         self.replica.as_ref().filter(|_| c.is_shared())
     }
 
+    /// The partitions' owner, when `c` is partitioned in this backend.
+    fn owned(&self, c: Collection) -> Option<&Arc<partitioned::Partitioned>> {
+        self.partitioned.as_ref().filter(|_| c.is_partitioned())
+    }
+
+    /// The partitions' owner, when every write of `batch` is partitioned
+    /// in this backend; an error when only some are.
+    fn owned_batch(
+        &self,
+        batch: &[Write],
+    ) -> Result<Option<&Arc<partitioned::Partitioned>>, StoreError> {
+        let Some(p) = &self.partitioned else {
+            return Ok(None);
+        };
+        match batch
+            .iter()
+            .filter(|w| w.collection.is_partitioned())
+            .count()
+        {
+            0 => Ok(None),
+            n if n == batch.len() => Ok(Some(p)),
+            _ => Err(StoreError::Unsupported {
+                what: "batches mixing partitioned collections with others",
+            }),
+        }
+    }
+
+    /// Begins this replica's term on `partition` (the bus hands it the
+    /// partition's events): reads the partition's changelog up to the term's
+    /// start, after which this replica writes the partition's state and
+    /// every earlier owner's writes are refused. Nothing to do for the sled
+    /// backend.
+    pub async fn take_partition(&self, partition: u16) -> Result<(), StoreError> {
+        match &self.partitioned {
+            Some(p) => p.take(partition).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The same store for handling events: a write to a partition this
+    /// replica does not hold fails with [`StoreError::PartitionMoved`]
+    /// instead of being forwarded to its owner. An event whose partition
+    /// moved while it was handled must stop there, since what it holds in
+    /// memory may include writes the changelog refused; the new owner
+    /// handles it again from what is durable.
+    pub fn handling_events(&self) -> Store {
+        Store {
+            forward: false,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this replica holds a term on `partition` (always, for the
+    /// sled backend).
+    pub fn holds_partition(&self, partition: u16) -> bool {
+        self.partitioned.as_ref().is_none_or(|p| p.holds(partition))
+    }
+
+    /// Ends this replica's term on `partition` (handed over to another).
+    pub fn release_partition(&self, partition: u16) {
+        if let Some(p) = &self.partitioned {
+            p.release(partition);
+        }
+    }
+
+    /// Whether this replica writes `key` of `c` itself: always, except for
+    /// a partitioned collection in the replicated backend whose partition
+    /// another replica holds (its writes are forwarded there). Sweeps leave
+    /// other replicas' keys to them.
+    pub fn writes_locally(&self, c: Collection, key: &[u8]) -> bool {
+        self.owned(c).is_none_or(|p| p.owns(key))
+    }
+
+    /// Changelog records this replica could not read and skipped, since
+    /// start (0 for the sled backend).
+    pub fn undecodable_records(&self) -> u64 {
+        self.partitioned.as_ref().map_or(0, |p| p.undecodable())
+    }
+
     fn tree(&self, c: Collection) -> &sled::Tree {
         &self.trees[c.index()]
     }
@@ -467,12 +603,17 @@ impl Store {
         if let Some(r) = self.shared(c) {
             r.read_through(c, key)?;
         }
+        if let Some(p) = self.owned(c)
+            && !p.owns(key)
+        {
+            p.catch_up()?;
+        }
         self.get(c, key)
     }
 
     /// Puts `value` under `key`.
     pub fn put(&self, c: Collection, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        if self.shared(c).is_some() {
+        if self.shared(c).is_some() || self.owned(c).is_some() {
             return self.write_one(&Write {
                 collection: c,
                 key: key.to_vec(),
@@ -492,6 +633,9 @@ impl Store {
         if let Some(r) = self.shared(c) {
             return r.compare_and_swap(c, key, None, Some(value));
         }
+        if self.owned(c).is_some() {
+            return self.compare_and_swap(c, key, None, Some(value));
+        }
         self.tree(c)
             .compare_and_swap(key, None as Option<&[u8]>, Some(value))
             .map(|r| r.is_ok())
@@ -500,7 +644,7 @@ impl Store {
 
     /// Removes `key`; returns the value it had.
     pub fn remove(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if self.shared(c).is_some() {
+        if self.shared(c).is_some() || self.owned(c).is_some() {
             let old = self.get(c, key)?;
             if old.is_some() {
                 self.write_one(&Write {
@@ -587,6 +731,16 @@ impl Store {
             // One key is atomic by itself.
             return self.write_one(only);
         }
+        if let Some(p) = self.owned_batch(batch)? {
+            // The changelog stores a prefix of what is appended: written in
+            // order, with the journal last, a crash part-way leaves the
+            // event's record without the entry that says the rest was done
+            // (a dead letter filed, or removed on a replay's success), and
+            // its redelivery does it again.
+            let mut ordered: Vec<Write> = batch.to_vec();
+            ordered.sort_by_key(|w| w.collection == Collection::Journal);
+            return p.write(self.forward, &ordered, &[]).map(|_| ());
+        }
         if let Some(r) = &self.replica {
             if batch.iter().any(|w| !w.collection.is_shared()) {
                 return Err(StoreError::Unsupported {
@@ -609,6 +763,9 @@ impl Store {
         new: usize,
     ) -> Result<bool, StoreError> {
         assert!(new < batch.len(), "the write that creates is in the batch");
+        if let Some(p) = self.owned_batch(batch)? {
+            return p.write(self.forward, batch, &[(new, None)]);
+        }
         if let Some(r) = &self.replica {
             if batch.iter().any(|w| !w.collection.is_shared()) {
                 return Err(StoreError::Unsupported {
@@ -644,6 +801,13 @@ impl Store {
         batch: &[Write],
         expect: &[(usize, Option<&[u8]>)],
     ) -> Result<bool, StoreError> {
+        if let Some(p) = self.owned_batch(batch)? {
+            let expect: Vec<(usize, Option<Vec<u8>>)> = expect
+                .iter()
+                .map(|(i, old)| (*i, old.map(<[u8]>::to_vec)))
+                .collect();
+            return p.write(self.forward, batch, &expect);
+        }
         if let Some(r) = &self.replica
             && batch.iter().all(|w| w.collection.is_shared())
         {
@@ -674,12 +838,22 @@ impl Store {
         // (In the replicated backend, one publish after another: an atomic
         // batch would be one write fewer to wait for, but measured ten times
         // slower, see BENCHMARKS.md.)
+        if let Some(p) = self.owned_batch(batch)?
+            && !batch.is_empty()
+        {
+            return p.write(self.forward, batch, &[]).map(|_| ());
+        }
         batch.iter().try_for_each(|w| self.write_one(w))
     }
 
     fn write_one(&self, w: &Write) -> Result<(), StoreError> {
         if let Some(r) = self.shared(w.collection) {
             return r.write(w);
+        }
+        if let Some(p) = self.owned(w.collection) {
+            return p
+                .write(self.forward, std::slice::from_ref(w), &[])
+                .map(|_| ());
         }
         let tree = self.tree(w.collection);
         match &w.value {
@@ -701,6 +875,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         if let Some(r) = self.shared(c) {
             return r.compare_and_swap(c, key, old, new);
+        }
+        if let Some(p) = self.owned(c) {
+            let w = Write {
+                collection: c,
+                key: key.to_vec(),
+                value: new.map(<[u8]>::to_vec),
+            };
+            return p.write(self.forward, &[w], &[(0, old.map(<[u8]>::to_vec))]);
         }
         self.tree(c)
             .compare_and_swap(key, old, new)
@@ -765,9 +947,14 @@ impl Store {
     }
 
     /// Makes every write so far durable. Concurrent callers share flushes.
-    /// (In the replicated backend every write is durable once it returns.)
+    /// (In the replicated backend a write to the bucket is durable once it
+    /// returns; writes of partitioned collections once the changelog has
+    /// acknowledged them, which this waits for.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if self.replica.is_some() {
+        if let Some(p) = &self.partitioned {
+            let n = self.flushes.begun.fetch_add(1, Ordering::SeqCst) + 1;
+            p.commit().await?;
+            self.flushes.finished.fetch_max(n, Ordering::SeqCst);
             return Ok(());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -794,9 +981,6 @@ impl Store {
     /// Whether the writes made before `mark` are durable (as far as
     /// [`Store::flush`] knows: other flushes are not counted).
     pub fn is_durable(&self, mark: WriteMark) -> bool {
-        if self.replica.is_some() {
-            return true;
-        }
         self.flushes.finished.load(Ordering::SeqCst) >= mark.0
     }
 

@@ -35,6 +35,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 
+use crate::partitioned::Partitioned;
 use crate::{Collection, StoreError, Write};
 
 /// The bucket holding every shared collection.
@@ -220,13 +221,17 @@ impl Replica {
     /// watch run on that thread, so a synchronous store call waiting for the
     /// server never waits for the caller's runtime, whatever its threads are
     /// blocked on. The watch feeds `trees` (emptied first).
+    ///
+    /// The partitioned collections are left to [`Partitioned`], started on
+    /// the same runtime and connection.
     pub(crate) async fn start(
         options: async_nats::ConnectOptions,
         servers: Vec<String>,
         replicas: usize,
+        partitions: u16,
         trees: Vec<sled::Tree>,
         revisions: sled::Tree,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<(Arc<Self>, Arc<Partitioned>), StoreError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -245,14 +250,23 @@ impl Replica {
                 let client = options.connect(&servers).await.map_err(|e| {
                     remote(format!("connecting to NATS at {}: {e}", servers.join(",")))
                 })?;
-                let js = jetstream::new(client);
+                let js = jetstream::new(client.clone());
                 let (kv, target) = bind_bucket(&js, replicas).await?;
-                for tree in trees.iter().chain([&revisions]) {
-                    tree.clear().map_err(|source| StoreError::Io {
-                        collection: "(replica copy)",
-                        source,
-                    })?;
+                for (c, tree) in Collection::ALL.into_iter().zip(&trees) {
+                    if c.is_shared() {
+                        tree.clear().map_err(|source| StoreError::Io {
+                            collection: "(replica copy)",
+                            source,
+                        })?;
+                    }
                 }
+                revisions.clear().map_err(|source| StoreError::Io {
+                    collection: "(replica copy)",
+                    source,
+                })?;
+                let partitioned =
+                    Partitioned::start(client, setup.clone(), trees.clone(), partitions, replicas)
+                        .await?;
                 let (caught_up, _) = watch::channel(target == 0);
                 let replica = Arc::new(Self {
                     subject_prefix: format!("$KV.{BUCKET}."),
@@ -268,7 +282,7 @@ impl Replica {
                     shutdown: Mutex::new(Some(shutdown)),
                 });
                 tokio::spawn(Self::follow(Arc::downgrade(&replica), target));
-                Ok(replica)
+                Ok((replica, partitioned))
             })
             .await
             .map_err(|e| remote(format!("starting the replica: {e}")))?
@@ -303,7 +317,9 @@ impl Replica {
                     Ok(Some(Ok(entry))) => entry,
                 };
                 let revision = entry.revision;
-                if let Some((c, key)) = parse_key(&entry.key) {
+                // Partitioned collections follow their changelog, not the
+                // bucket (which may hold them from an earlier release).
+                if let Some((c, key)) = parse_key(&entry.key).filter(|(c, _)| c.is_shared()) {
                     let value = match entry.operation {
                         kv::Operation::Put => Some(entry.value.as_ref()),
                         kv::Operation::Delete | kv::Operation::Purge => None,

@@ -25,6 +25,7 @@ use crate::pull::{
 use crate::puller::Puller;
 use switchboard_engine::bus::{Bus, BusError, Delivery, Published};
 use switchboard_engine::dead_letters::DeadLetter;
+use switchboard_store::Store;
 
 /// The durable consumer of a dispatcher that does not share the bus.
 pub const CONSUMER: &str = "switchboard";
@@ -99,6 +100,7 @@ async fn release(
     in_flight: Arc<AtomicUsize>,
     pin_timeout: Duration,
     mut stop: watch::Receiver<bool>,
+    state: Store,
 ) -> u16 {
     let end = match pull.await {
         Ok(end) => end,
@@ -118,6 +120,7 @@ async fn release(
         _ = stop.wait_for(|s| *s) => {}
         _ = settled => {}
     }
+    state.release_partition(p);
     p
 }
 
@@ -271,6 +274,8 @@ struct Partitions {
     /// Those it was pulling when it stopped, with the pin each last held,
     /// to unpin at hand-over.
     pulled: Arc<Mutex<Vec<LastPin>>>,
+    /// The store whose partition-owned state follows the partitions.
+    state: Store,
 }
 
 impl NatsBus {
@@ -339,12 +344,13 @@ impl NatsBus {
     }
 
     /// Consumes only the partitions `owned` names, as it changes (see
-    /// [`crate::partitions::Membership`]). Needs a bus connected with
-    /// `partitioned`.
-    pub fn with_partitions(mut self, owned: watch::Receiver<Vec<u16>>) -> Self {
+    /// [`crate::partitions::Membership`]), taking each one's state in
+    /// `state` while it holds it. Needs a bus connected with `partitioned`.
+    pub fn with_partitions(mut self, owned: watch::Receiver<Vec<u16>>, state: Store) -> Self {
         self.partitions = Some(Partitions {
             owned,
             pulled: Arc::default(),
+            state,
         });
         self
     }
@@ -418,6 +424,7 @@ impl NatsBus {
         };
         let mut owned = partitions.owned.clone();
         let pulled = partitions.pulled.clone();
+        let state = partitions.state.clone();
         let ended = PullEnded(self.pull_stopped.clone());
         let (patience, keepalive) = (self.pin_timeout(), self.ack_wait / 3);
         let unpartitioned_until = self.unpartitioned_until;
@@ -459,6 +466,7 @@ impl NatsBus {
                                 until: unpartitioned_until,
                             },
                         ),
+                        state: state.clone(),
                     };
                     let in_flight = partition.in_flight.clone();
                     let releasing = partition.releasing.clone();
@@ -482,6 +490,7 @@ impl NatsBus {
                         in_flights.remove(&p).expect("counted"),
                         patience,
                         stop.clone(),
+                        state.clone(),
                     ));
                 }
                 let step = tokio::select! {

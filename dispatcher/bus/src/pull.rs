@@ -30,6 +30,86 @@ pub const GROUP: &str = "switchboard";
 /// How often a fence checks whether it can open.
 const FENCE_CHECK: Duration = Duration::from_millis(250);
 
+/// How often a partition pulled here with nothing delivered yet checks
+/// whether its state can be taken (nothing unacked anywhere).
+const IDLE_TERM_CHECK: Duration = Duration::from_millis(500);
+
+/// How long a pull waits before it takes an idle partition's state: long
+/// enough for every replica to learn the membership that gave it the
+/// partition (a heartbeat and then some), so that the replica that had it
+/// has stopped pulling it and cannot be handling its events unpinned for a
+/// moment. Until then the state is taken only with a delivery, which
+/// comes with the pin.
+const IDLE_TERM_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether no replica holds the partition's pin and nothing of it is
+/// unacked anywhere: nobody is at work on it, and its state can be taken
+/// (so that writes forwarded to it have an owner) without fencing anyone.
+async fn nothing_unacked(partition: &mut Partition) -> bool {
+    match partition.consumer.info().await {
+        Ok(info) => {
+            info.num_ack_pending == 0
+                && info
+                    .priority_groups
+                    .iter()
+                    .filter(|g| g.group == GROUP)
+                    .all(|g| g.pinned_client_id.is_none())
+        }
+        Err(e) => {
+            tracing::debug!(partition = partition.number, error = %e, "reading the partition's consumer failed");
+            false
+        }
+    }
+}
+
+/// Makes sure this replica holds a term on the partition's state before it
+/// hands a delivery on: one taken earlier may have ended (another replica
+/// took the idle partition meanwhile). Tries until it does or `stop`.
+///
+/// A delivery's account may belong to another partition: events stored
+/// before the stream was partitioned all come through partition 0 (and the
+/// other partitions wait for them), so the account's partition is taken too.
+async fn hold_term(
+    state: &switchboard_store::Store,
+    own: u16,
+    delivery: &Delivery,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let of_account = delivery
+        .account
+        .as_deref()
+        .map(|a| {
+            switchboard_store::partition_of_account(a.as_bytes(), crate::partitions::PARTITIONS)
+        })
+        .filter(|p| *p != own);
+    for p in std::iter::once(own).chain(of_account) {
+        while !state.holds_partition(p) {
+            if take(state, p).await {
+                break;
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+/// Begins this replica's term on the partition's state; whether it did.
+async fn take_term(partition: &Partition) -> bool {
+    take(&partition.state, partition.number).await
+}
+
+async fn take(state: &switchboard_store::Store, partition: u16) -> bool {
+    match state.take_partition(partition).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(partition, error = %e, "taking the partition's state failed; trying again");
+            false
+        }
+    }
+}
+
 /// How long a partition waits for the events stored before the stream was
 /// partitioned to be handled.
 const UNPARTITIONED_PATIENCE: Duration = Duration::from_secs(600);
@@ -236,6 +316,9 @@ pub(super) struct Partition {
     /// The events stored before the stream was partitioned, which partition
     /// 0 has: the other partitions wait for them once.
     pub unpartitioned: Option<Unpartitioned>,
+    /// The store whose partition-owned state this replica writes while it
+    /// holds the partition.
+    pub state: switchboard_store::Store,
 }
 
 /// What a partition's pull left when it stopped.
@@ -323,9 +406,17 @@ async fn pull_fenced(
     let mut fence = Some(Fence::new(partition));
     let mut check = tokio::time::interval(FENCE_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether this replica holds a term on the partition's state: taken
+    // once the last holder's deliveries are settled (when the fence opens,
+    // or, with nothing delivered here yet, once nothing is unacked), so
+    // that the term fences only a holder that is gone or paused.
+    let mut term = false;
+    let mut idle = tokio::time::interval_at(Instant::now() + IDLE_TERM_AFTER, IDLE_TERM_CHECK);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     enum Step<T> {
         Stop,
         Check,
+        Idle,
         Next(Option<T>),
     }
     loop {
@@ -333,14 +424,28 @@ async fn pull_fenced(
             biased;
             _ = stop.wait_for(|s| *s) => Step::Stop,
             _ = check.tick(), if fence.as_ref().is_some_and(Fence::armed) => Step::Check,
+            _ = idle.tick(), if !term && fence.as_ref().is_some_and(|f| !f.armed()) => Step::Idle,
             next = messages.next() => Step::Next(next),
         };
         let next = match step {
             Step::Stop => break,
             Step::Next(next) => next,
+            Step::Idle => {
+                if nothing_unacked(partition).await {
+                    term = take_term(partition).await;
+                }
+                continue;
+            }
             Step::Check => {
                 let f = fence.as_mut().expect("armed");
                 if f.opens().await {
+                    if !term {
+                        term = take_term(partition).await;
+                        if !term {
+                            // Tried again at the next check.
+                            continue;
+                        }
+                    }
                     let held = std::mem::take(&mut f.held);
                     let keepalive = f.keepalive;
                     fence = None;
@@ -348,6 +453,7 @@ async fn pull_fenced(
                         sink,
                         held,
                         &mut messages,
+                        (&partition.state, partition.number),
                         &partition.in_flight,
                         keepalive,
                         stop,
@@ -385,6 +491,7 @@ async fn pull_fenced(
                     "the partition's pin changed: fencing again"
                 );
                 fence = Some(Fence::new(partition));
+                term = false;
             }
             pin = delivery_pin;
         }
@@ -397,6 +504,7 @@ async fn pull_fenced(
                 f.hold(delivery, delivery_seq);
             }
             None => {
+                hold_term(&partition.state, partition.number, &delivery, stop).await;
                 if let Err(unsent) = sink.tx.send(delivery).await {
                     let _ = unsent.0.nak(Duration::ZERO).await;
                     return PullEnd {
@@ -458,6 +566,7 @@ async fn hand_on(
     sink: &Sink,
     held: BTreeMap<u64, Delivery>,
     messages: &mut Messages,
+    (state, own): (&switchboard_store::Store, u16),
     in_flight: &Arc<AtomicUsize>,
     keepalive: Duration,
     stop: &mut watch::Receiver<bool>,
@@ -480,7 +589,11 @@ async fn hand_on(
         };
         match step {
             Step::Stop => break,
-            Step::Send(Ok(permit)) => permit.send(waiting.pop_front().expect("not empty")),
+            Step::Send(Ok(permit)) => {
+                let delivery = waiting.pop_front().expect("not empty");
+                hold_term(state, own, &delivery, stop).await;
+                permit.send(delivery)
+            }
             Step::Send(Err(_)) => {
                 // The dispatcher is gone: everything goes straight back.
                 for delivery in waiting.drain(..) {

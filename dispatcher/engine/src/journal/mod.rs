@@ -581,6 +581,13 @@ impl Journal {
         let Some(started) = entries.iter().filter_map(|(_, v)| started_ms(v)).min() else {
             return Ok(0);
         };
+        // Another replica's partition: its sweep removes it.
+        if entries
+            .first()
+            .is_some_and(|(k, _)| !self.store.writes_locally(Collection::Journal, k))
+        {
+            return Ok(0);
+        }
         if started >= cutoff {
             return Ok(0);
         }

@@ -1,0 +1,881 @@
+//! Partition-owned state in the replicated backend: the collections written
+//! per event ([`Collection::is_partitioned`]) belong to the partition of
+//! their account, and only the replica holding a term on the partition
+//! writes them.
+//!
+//! - **The owner** writes into its local sled copy and appends each write to
+//!   the partition's changelog ([`crate::changelog`]); [`crate::Store::flush`]
+//!   waits for the changelog to acknowledge every write so far (group
+//!   commit). No compare-and-set or atomic batch reaches the server: a
+//!   compare-and-swap is decided on the local copy, which no one else
+//!   writes.
+//! - **Every other replica** follows the changelog into its local copy (a
+//!   standby), so its reads are at most the follow delay behind, and a
+//!   take-over reads only the tail. A write it is asked for (by the API, an
+//!   inbound webhook, a sweep) is forwarded to the owner, which makes it,
+//!   commits it and answers.
+//! - **A term begins** when the bus hands this replica the partition (its
+//!   fence opened: the last holder settled, or its pin timed out). The
+//!   marker fences the last holder's writes; the replica then reads the
+//!   partition's changelog up to the marker before it handles an event. A
+//!   replica whose term ended (handed over, or fenced while paused) rebuilds
+//!   the partition from the changelog before it begins another: writes the
+//!   changelog refused may still be in its copy.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{oneshot, watch};
+
+use crate::changelog::{Appender, Change, Changelog, Record, Term};
+use crate::{Collection, StoreError, Write};
+
+/// How many times a forwarded write is tried while the partition has no
+/// owner answering (a take-over in progress), half a second apart, each
+/// waiting [`FORWARD_WAIT`] at most. A write of an event's handling that
+/// finds its partition gone fails after that, and the event is retried
+/// (by the partition's new owner).
+const FORWARD_TRIES: u32 = 6;
+
+/// How long a forwarded write waits for the owner's answer.
+const FORWARD_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a reader waits for the follower to reach a point of the
+/// changelog before it reports the follower behind.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+
+/// The partition of an account: FNV-1a (32 bits) of its key, modulo the
+/// partition count, as the events stream's `partition()` subject transform
+/// computes it, so that state and events agree on the owner.
+pub fn partition_of_account(account: &[u8], partitions: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in account {
+        hash ^= u32::from(*b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(partitions)) as u16
+}
+
+/// The partition of a partitioned collection's key: of the account it
+/// begins with (up to the first NUL).
+pub fn partition_of_key(key: &[u8], partitions: u16) -> u16 {
+    let account = key.split(|b| *b == 0).next().unwrap_or_default();
+    partition_of_account(account, partitions)
+}
+
+fn remote(message: impl std::fmt::Display) -> StoreError {
+    StoreError::Remote {
+        message: message.to_string(),
+    }
+}
+
+/// A replica's partition-owned state.
+pub(crate) struct Partitioned {
+    changelog: Changelog,
+    appender: Appender,
+    client: async_nats::Client,
+    handle: tokio::runtime::Handle,
+    trees: Vec<sled::Tree>,
+    partitions: u16,
+    /// This replica's name in its term markers.
+    me: String,
+    /// The partitions this replica holds a term on. Taken with `order`
+    /// held by whoever also applies or appends, so that a partition's
+    /// writes reach the local copy in the changelog's order.
+    terms: Mutex<HashMap<u16, Term>>,
+    /// Serialises local writes of partitioned collections with their
+    /// appends, and the follower's applying with terms beginning.
+    order: Mutex<()>,
+    /// Partitions whose term ended: the local copy may hold writes the
+    /// changelog refused.
+    dirty: Mutex<BTreeSet<u16>>,
+    /// The last changelog sequence the follower applied or passed.
+    applied: watch::Sender<u64>,
+    /// Records the follower could not read.
+    undecodable: AtomicU64,
+    /// Stops the forwarded-write service of each partition held.
+    serving: Mutex<HashMap<u16, oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Partitioned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partitioned")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Partitioned {
+    /// Binds to the changelog on `client`'s server, empties the local
+    /// copies of the partitioned collections and starts following the
+    /// changelog from its start, on `handle`'s runtime.
+    pub(crate) async fn start(
+        client: async_nats::Client,
+        handle: tokio::runtime::Handle,
+        trees: Vec<sled::Tree>,
+        partitions: u16,
+        replicas: usize,
+    ) -> Result<Arc<Self>, StoreError> {
+        let js = jetstream::new(client.clone());
+        let changelog = Changelog::bind(js, partitions, replicas)
+            .await
+            .map_err(remote)?;
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            trees[c.index()].clear().map_err(|source| StoreError::Io {
+                collection: c.name(),
+                source,
+            })?;
+        }
+        let target = changelog.sync().await.map_err(remote)?;
+        let this = Arc::new(Self {
+            appender: changelog.appender(),
+            changelog,
+            client,
+            handle,
+            trees,
+            partitions,
+            me: uuid::Uuid::now_v7().simple().to_string(),
+            terms: Mutex::default(),
+            order: Mutex::default(),
+            dirty: Mutex::default(),
+            applied: watch::Sender::new(0),
+            undecodable: AtomicU64::new(0),
+            serving: Mutex::default(),
+        });
+        tokio::spawn(Self::follow(Arc::downgrade(&this)));
+        this.wait_applied(target).await;
+        Ok(this)
+    }
+
+    pub(crate) fn partition_of(&self, key: &[u8]) -> u16 {
+        partition_of_key(key, self.partitions)
+    }
+
+    fn term(&self, partition: u16) -> Option<Term> {
+        self.terms
+            .lock()
+            .expect("terms lock")
+            .get(&partition)
+            .copied()
+    }
+
+    /// Whether this replica holds a term on `partition`.
+    pub(crate) fn holds(&self, partition: u16) -> bool {
+        self.term(partition).is_some()
+    }
+
+    /// Whether this replica writes `key` itself (it holds the partition).
+    pub(crate) fn owns(&self, key: &[u8]) -> bool {
+        self.term(self.partition_of(key)).is_some()
+    }
+
+    /// Records the follower could not read, since start.
+    pub(crate) fn undecodable(&self) -> u64 {
+        self.undecodable.load(Ordering::Relaxed)
+    }
+
+    async fn wait_applied(&self, seq: u64) {
+        let mut rx = self.applied.subscribe();
+        let _ = rx.wait_for(|a| *a >= seq).await;
+    }
+
+    /// Applies the changelog to the local copy, from its start; after an
+    /// error, from after the last record applied.
+    async fn follow(this: std::sync::Weak<Self>) {
+        loop {
+            let Some(me) = this.upgrade() else { return };
+            let from = *me.applied.borrow() + 1;
+            let records = me.changelog.records(from).await;
+            drop(me);
+            let mut records = match records {
+                Ok(r) => Box::pin(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the changelog failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut quiet = 0;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(1), records.next()).await;
+                let Some(me) = this.upgrade() else { return };
+                match next {
+                    Err(_) => {
+                        // A consumer can go silent with records waiting
+                        // (its server lost, say): read again if so.
+                        quiet += 1;
+                        if quiet % 5 == 0
+                            && let Ok(last) = me.changelog.last_seq().await
+                            && last > *me.applied.borrow()
+                        {
+                            tracing::warn!(
+                                applied = *me.applied.borrow(),
+                                last,
+                                "the changelog's follower went silent with records waiting; reading again"
+                            );
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "the changelog's follower failed; resuming");
+                        break;
+                    }
+                    Ok(Some(Ok(record))) => {
+                        quiet = 0;
+                        me.apply_followed(record);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Applies a record the follower read, unless it is this replica's own
+    /// (of a partition it holds a term on).
+    fn apply_followed(&self, record: Record) {
+        let seq = record.seq();
+        {
+            let _order = self.order.lock().expect("order lock");
+            match &record {
+                Record::Write {
+                    partition, change, ..
+                } => {
+                    if self.term(*partition).is_none()
+                        && let Err(e) = self.apply_local(change)
+                    {
+                        tracing::error!(error = %e, seq, partition, "applying a changelog record to the local copy failed");
+                    }
+                }
+                Record::Term(t) => {
+                    let mut terms = self.terms.lock().expect("terms lock");
+                    if terms
+                        .get(&t.partition)
+                        .is_some_and(|ours| ours.epoch < t.epoch)
+                    {
+                        terms.remove(&t.partition);
+                        drop(terms);
+                        self.ended(t.partition);
+                        tracing::warn!(
+                            partition = t.partition,
+                            epoch = t.epoch,
+                            "another replica took the partition over"
+                        );
+                    }
+                }
+                Record::Undecodable {
+                    seq,
+                    partition,
+                    subject,
+                    reason,
+                } => {
+                    self.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        seq,
+                        partition,
+                        subject,
+                        reason,
+                        "an undecodable changelog record was skipped"
+                    );
+                }
+                Record::Sync { .. } => {}
+            }
+        }
+        self.applied.send_if_modified(|a| {
+            let newer = seq > *a;
+            *a = (*a).max(seq);
+            newer
+        });
+    }
+
+    fn apply_local(&self, change: &Change) -> Result<(), StoreError> {
+        let tree = &self.trees[change.collection.index()];
+        match &change.value {
+            Some(v) => tree.insert(change.key.as_slice(), v.as_ref()).map(|_| ()),
+            None => tree.remove(change.key.as_slice()).map(|_| ()),
+        }
+        .map_err(|source| StoreError::Io {
+            collection: change.collection.name(),
+            source,
+        })
+    }
+
+    /// A term of this replica's ended: its copy of the partition may hold
+    /// refused writes, and it no longer serves the partition's writes.
+    fn ended(&self, partition: u16) {
+        self.dirty.lock().expect("dirty lock").insert(partition);
+        if let Some(stop) = self
+            .serving
+            .lock()
+            .expect("serving lock")
+            .remove(&partition)
+        {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Begins a term on `partition` and brings the local copy of it up to
+    /// the term's marker: from there on this replica writes it.
+    pub(crate) async fn take(self: &Arc<Self>, partition: u16) -> Result<(), StoreError> {
+        let this = self.clone();
+        self.handle
+            .spawn(async move { this.take_here(partition).await })
+            .await
+            .map_err(|e| remote(format!("taking partition {partition}: {e}")))?
+    }
+
+    async fn take_here(self: &Arc<Self>, partition: u16) -> Result<(), StoreError> {
+        if self.term(partition).is_some() {
+            // Still current as far as the follower knows; if another
+            // replica fenced it meanwhile, the next commit ends it.
+            return Ok(());
+        }
+        let term = self
+            .changelog
+            .begin_term(partition, &self.me)
+            .await
+            .map_err(remote)?;
+        let rebuild = self.dirty.lock().expect("dirty lock").remove(&partition);
+        // From here the follower leaves the partition to this reader.
+        let from = {
+            let _order = self.order.lock().expect("order lock");
+            self.terms
+                .lock()
+                .expect("terms lock")
+                .insert(partition, term);
+            if rebuild {
+                self.clear_local(partition)?;
+                1
+            } else {
+                *self.applied.borrow() + 1
+            }
+        };
+        if let Err(e) = self.read_up_to(partition, from, term.epoch).await {
+            self.terms.lock().expect("terms lock").remove(&partition);
+            self.dirty.lock().expect("dirty lock").insert(partition);
+            return Err(e);
+        }
+        self.serve(partition, term);
+        tracing::info!(
+            partition,
+            epoch = term.epoch,
+            rebuilt = rebuild,
+            "partition taken: its state is written here"
+        );
+        Ok(())
+    }
+
+    /// Applies partition `partition`'s records from `from` up to `until`.
+    async fn read_up_to(&self, partition: u16, from: u64, until: u64) -> Result<(), StoreError> {
+        if from > until {
+            return Ok(());
+        }
+        let mut records = Box::pin(
+            self.changelog
+                .records_of(partition, from)
+                .await
+                .map_err(remote)?,
+        );
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), records.next())
+                .await
+                .map_err(|_| {
+                    remote(format!(
+                        "reading partition {partition}'s changelog up to {until}: nothing came for 30 s"
+                    ))
+                })?;
+            let record = match next {
+                Some(r) => r.map_err(remote)?,
+                None => {
+                    return Err(remote(format!(
+                        "reading partition {partition}'s changelog up to {until}: it ended"
+                    )));
+                }
+            };
+            let seq = record.seq();
+            match &record {
+                Record::Write { change, .. } => self.apply_local(change)?,
+                Record::Undecodable {
+                    seq,
+                    subject,
+                    reason,
+                    ..
+                } => {
+                    self.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        seq,
+                        partition,
+                        subject,
+                        reason,
+                        "an undecodable changelog record was skipped"
+                    );
+                }
+                Record::Term(_) | Record::Sync { .. } => {}
+            }
+            if seq >= until {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Removes every key of `partition` from the local copy.
+    fn clear_local(&self, partition: u16) -> Result<(), StoreError> {
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            let tree = &self.trees[c.index()];
+            let io = |source| StoreError::Io {
+                collection: c.name(),
+                source,
+            };
+            for entry in tree.iter().keys() {
+                let key = entry.map_err(io)?;
+                if self.partition_of(&key) == partition {
+                    tree.remove(&key).map_err(io)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends this replica's term on `partition` (handed over).
+    pub(crate) fn release(&self, partition: u16) {
+        let _order = self.order.lock().expect("order lock");
+        if self
+            .terms
+            .lock()
+            .expect("terms lock")
+            .remove(&partition)
+            .is_some()
+        {
+            self.ended(partition);
+            tracing::info!(partition, "partition released");
+        }
+    }
+
+    /// Applies `batch` in order if each `(i, old)` of `expect` holds (the
+    /// value under `batch[i]`'s key is `old`); returns whether it did. Every
+    /// key must belong to a partition this replica holds (else `None`).
+    fn write_owned(
+        &self,
+        batch: &[Write],
+        expect: &[(usize, Option<Vec<u8>>)],
+    ) -> Result<Option<bool>, StoreError> {
+        let _order = self.order.lock().expect("order lock");
+        let mut terms = Vec::with_capacity(batch.len());
+        for w in batch {
+            match self.term(self.partition_of(&w.key)) {
+                Some(t) => terms.push(t),
+                None => return Ok(None),
+            }
+        }
+        for (i, old) in expect {
+            let w = &batch[*i];
+            let found = self.trees[w.collection.index()]
+                .get(&w.key)
+                .map_err(|source| StoreError::Io {
+                    collection: w.collection.name(),
+                    source,
+                })?;
+            if found.as_deref() != old.as_deref() {
+                return Ok(Some(false));
+            }
+        }
+        for (w, term) in batch.iter().zip(terms) {
+            let change = Change {
+                collection: w.collection,
+                key: w.key.clone(),
+                value: w.value.clone().map(Bytes::from),
+            };
+            self.apply_local(&change)?;
+            self.appender.append(term, change);
+        }
+        Ok(Some(true))
+    }
+
+    /// Applies `batch` (all of one partition's keys, or each forwarded to
+    /// its owner) in order, if `expect` holds; returns whether it did.
+    /// Writes to a partition held elsewhere are forwarded to its owner if
+    /// `forward`, else refused with [`StoreError::PartitionMoved`].
+    pub(crate) fn write(
+        self: &Arc<Self>,
+        forward: bool,
+        batch: &[Write],
+        expect: &[(usize, Option<Vec<u8>>)],
+    ) -> Result<bool, StoreError> {
+        if let Some(done) = self.write_owned(batch, expect)? {
+            return Ok(done);
+        }
+        let partition = self.partition_of(&batch[0].key);
+        if !forward {
+            return Err(StoreError::PartitionMoved { partition });
+        }
+        if batch.iter().any(|w| self.partition_of(&w.key) != partition) {
+            return Err(StoreError::Unsupported {
+                what: "one write across partitions this replica does not hold",
+            });
+        }
+        let request = forward::encode(batch, expect);
+        let this = self.clone();
+        block(&self.handle, async move {
+            this.forward(partition, request).await
+        })?
+    }
+
+    /// Sends a write to the owner of `partition` and waits for its answer.
+    async fn forward(&self, partition: u16, request: Bytes) -> Result<bool, StoreError> {
+        let subject = forward::subject(partition);
+        let mut last = String::new();
+        for _ in 0..FORWARD_TRIES {
+            match tokio::time::timeout(
+                FORWARD_WAIT,
+                self.client.request(subject.clone(), request.clone()),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => match forward::decode_answer(&reply.payload) {
+                    Ok(done) => return Ok(done),
+                    Err(e) => last = e,
+                },
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer in {FORWARD_WAIT:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(remote(format!(
+            "writing to partition {partition} through its owner: {last}"
+        )))
+    }
+
+    /// Answers the writes other replicas forward for `partition` while
+    /// this replica holds it.
+    fn serve(self: &Arc<Self>, partition: u16, term: Term) {
+        let (stop, mut stopped) = oneshot::channel();
+        if let Some(old) = self
+            .serving
+            .lock()
+            .expect("serving lock")
+            .insert(partition, stop)
+        {
+            let _ = old.send(());
+        }
+        let this = Arc::downgrade(self);
+        let client = self.client.clone();
+        self.handle.spawn(async move {
+            let subject = forward::subject(partition);
+            let mut requests = match client.queue_subscribe(subject.clone(), "owner".into()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(partition, error = %e, "serving the partition's forwarded writes failed");
+                    return;
+                }
+            };
+            loop {
+                let request = tokio::select! {
+                    _ = &mut stopped => return,
+                    r = requests.next() => match r {
+                        Some(r) => r,
+                        None => return,
+                    },
+                };
+                let Some(this) = this.upgrade() else { return };
+                let Some(reply) = request.reply else { continue };
+                let answer = match forward::decode(&request.payload) {
+                    Err(e) => forward::answer(Err(format!("a forwarded write that does not decode: {e}"))),
+                    Ok((batch, expect)) => match this.write_owned(&batch, &expect) {
+                        Ok(Some(done)) => match this.appender.commit().await {
+                            Ok(()) => forward::answer(Ok(done)),
+                            Err(e) => forward::answer(Err(e.to_string())),
+                        },
+                        Ok(None) => forward::answer(Err(format!(
+                            "partition {partition} is no longer held here (epoch {})",
+                            term.epoch
+                        ))),
+                        Err(e) => forward::answer(Err(e.to_string())),
+                    },
+                };
+                let _ = client.publish(reply, answer).await;
+            }
+        });
+    }
+
+    /// Waits until the changelog acknowledged every write appended so far.
+    /// A term found fenced ends here.
+    pub(crate) async fn commit(&self) -> Result<(), StoreError> {
+        match self.appender.commit().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let crate::changelog::ChangelogError::Fenced { partition, epoch } = &e {
+                    let _order = self.order.lock().expect("order lock");
+                    let mut terms = self.terms.lock().expect("terms lock");
+                    if terms.get(partition).is_some_and(|t| t.epoch == *epoch) {
+                        terms.remove(partition);
+                        drop(terms);
+                        self.ended(*partition);
+                    }
+                }
+                Err(remote(e))
+            }
+        }
+    }
+
+    /// Waits until the local copy holds every write the changelog held when
+    /// called: a fresh read of a partition held elsewhere.
+    pub(crate) fn catch_up(self: &Arc<Self>) -> Result<(), StoreError> {
+        let this = self.clone();
+        block(&self.handle, async move {
+            let mark = this.changelog.sync().await.map_err(remote)?;
+            tokio::time::timeout(CATCH_UP_WAIT, this.wait_applied(mark))
+                .await
+                .map_err(|_| {
+                    remote(format!(
+                        "the changelog's follower has not reached {mark} in {CATCH_UP_WAIT:?} \
+                         (it is at {})",
+                        *this.applied.borrow()
+                    ))
+                })
+        })?
+    }
+}
+
+/// Runs `f` on `handle`'s runtime and waits for it, from synchronous code
+/// on a runtime thread or not.
+fn block<F>(handle: &tokio::runtime::Handle, f: F) -> Result<F::Output, StoreError>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    let wait = || rx.recv();
+    let done = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    done.map_err(|_| remote("the replica's runtime stopped before a write finished"))
+}
+
+/// The wire format of a forwarded write: `u32` count of writes, each a
+/// collection index (`u8`), the key and an optional value; then a `u32`
+/// count of expectations, each a write index (`u32`) and an optional old
+/// value. Lengths are `u32` big-endian; an optional is a `u8` flag first.
+/// The answer: `1` written, `0` an expectation failed, or `E` and a message.
+mod forward {
+    use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+    use crate::{Collection, Write};
+
+    pub(super) fn subject(partition: u16) -> String {
+        format!("switchboard.state.{partition}.write")
+    }
+
+    fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+        out.put_u32(b.len() as u32);
+        out.put_slice(b);
+    }
+
+    fn put_optional(out: &mut BytesMut, b: Option<&[u8]>) {
+        match b {
+            Some(b) => {
+                out.put_u8(1);
+                put_bytes(out, b);
+            }
+            None => out.put_u8(0),
+        }
+    }
+
+    pub(super) fn encode(batch: &[Write], expect: &[(usize, Option<Vec<u8>>)]) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_u32(batch.len() as u32);
+        for w in batch {
+            out.put_u8(w.collection.index() as u8);
+            put_bytes(&mut out, &w.key);
+            put_optional(&mut out, w.value.as_deref());
+        }
+        out.put_u32(expect.len() as u32);
+        for (i, old) in expect {
+            out.put_u32(*i as u32);
+            put_optional(&mut out, old.as_deref());
+        }
+        out.freeze()
+    }
+
+    fn get_bytes(input: &mut &[u8]) -> Result<Vec<u8>, String> {
+        if input.remaining() < 4 {
+            return Err("cut short".into());
+        }
+        let n = input.get_u32() as usize;
+        if input.remaining() < n {
+            return Err("cut short".into());
+        }
+        let b = input[..n].to_vec();
+        input.advance(n);
+        Ok(b)
+    }
+
+    fn get_optional(input: &mut &[u8]) -> Result<Option<Vec<u8>>, String> {
+        if !input.has_remaining() {
+            return Err("cut short".into());
+        }
+        match input.get_u8() {
+            0 => Ok(None),
+            1 => get_bytes(input).map(Some),
+            f => Err(format!("flag {f}")),
+        }
+    }
+
+    /// A batch and its expectations, as `encode` wrote them.
+    pub(super) type Decoded = (Vec<Write>, Vec<(usize, Option<Vec<u8>>)>);
+
+    pub(super) fn decode(mut input: &[u8]) -> Result<Decoded, String> {
+        let input = &mut input;
+        if input.remaining() < 4 {
+            return Err("cut short".into());
+        }
+        let n = input.get_u32() as usize;
+        let mut batch = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            if !input.has_remaining() {
+                return Err("cut short".into());
+            }
+            let c = input.get_u8() as usize;
+            let collection = *Collection::ALL
+                .get(c)
+                .ok_or_else(|| format!("no collection {c}"))?;
+            if !collection.is_partitioned() {
+                return Err(format!("{} is not partitioned", collection.name()));
+            }
+            let key = get_bytes(input)?;
+            let value = get_optional(input)?;
+            batch.push(Write {
+                collection,
+                key,
+                value,
+            });
+        }
+        if input.remaining() < 4 {
+            return Err("cut short".into());
+        }
+        let m = input.get_u32() as usize;
+        let mut expect = Vec::with_capacity(m.min(1024));
+        for _ in 0..m {
+            if input.remaining() < 4 {
+                return Err("cut short".into());
+            }
+            let i = input.get_u32() as usize;
+            if i >= batch.len() {
+                return Err(format!("expectation on write {i} of {}", batch.len()));
+            }
+            expect.push((i, get_optional(input)?));
+        }
+        if batch.is_empty() {
+            return Err("no writes".into());
+        }
+        Ok((batch, expect))
+    }
+
+    pub(super) fn answer(result: Result<bool, String>) -> Bytes {
+        match result {
+            Ok(true) => Bytes::from_static(b"1"),
+            Ok(false) => Bytes::from_static(b"0"),
+            Err(e) => Bytes::from(format!("E{e}")),
+        }
+    }
+
+    pub(super) fn decode_answer(answer: &[u8]) -> Result<bool, String> {
+        match answer {
+            b"1" => Ok(true),
+            b"0" => Ok(false),
+            [b'E', message @ ..] => Err(String::from_utf8_lossy(message).into_owned()),
+            _ => Err("an answer that does not decode".into()),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_forwarded_write_reads_back_as_written() {
+            let batch = vec![
+                Write {
+                    collection: Collection::Contacts,
+                    key: b"acme\0c1".to_vec(),
+                    value: Some(b"{}".to_vec()),
+                },
+                Write {
+                    collection: Collection::ContactIndex,
+                    key: b"acme\0msisdn:+27".to_vec(),
+                    value: None,
+                },
+            ];
+            let expect = vec![(0, None), (1, Some(b"c0".to_vec()))];
+            let (b, e) = decode(&encode(&batch, &expect)).expect("decodes");
+            assert_eq!(e, expect);
+            assert_eq!(b.len(), 2);
+            assert_eq!(
+                (b[1].collection, b[1].value.clone()),
+                (Collection::ContactIndex, None)
+            );
+            assert_eq!(b[0].key, b"acme\0c1");
+        }
+
+        #[test]
+        fn a_bad_forwarded_write_is_refused_with_a_reason() {
+            let check = |input: &[u8], expected: &str| {
+                let e = decode(input).expect_err("refused");
+                assert!(e.contains(expected), "{e}");
+            };
+            check(b"", "cut short");
+            check(&[0, 0, 0, 1, 99], "no collection 99");
+            let chains = Collection::ALL
+                .iter()
+                .position(|c| *c == Collection::Chains)
+                .expect("listed") as u8;
+            check(&[0, 0, 0, 1, chains, 0, 0, 0, 0, 0], "not partitioned");
+            check(&[0, 0, 0, 0, 0, 0, 0, 0], "no writes");
+            assert_eq!(decode_answer(&answer(Ok(true))), Ok(true));
+            assert_eq!(decode_answer(&answer(Ok(false))), Ok(false));
+            assert_eq!(
+                decode_answer(&answer(Err("partition 3 is busy".into()))),
+                Err("partition 3 is busy".into())
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The partition function is the events stream's: FNV-1a 32 of the
+    /// account, modulo the count. Reference values from the FNV-1a
+    /// definition (the empty input hashes to the offset basis).
+    #[test]
+    fn partitions_follow_fnv1a() {
+        let check = |account: &str, partitions: u16, expected: u16| {
+            assert_eq!(
+                partition_of_account(account.as_bytes(), partitions),
+                expected,
+                "{account}"
+            );
+        };
+        // fnv1a32("") = 0x811c9dc5, ("a") = 0xe40c292c, ("foobar") = 0xbf9cf968
+        check("", 16, (0x811c_9dc5u32 % 16) as u16);
+        check("a", 16, (0xe40c_292cu32 % 16) as u16);
+        check("foobar", 16, (0xbf9c_f968u32 % 16) as u16);
+        check("foobar", 7, (0xbf9c_f968u32 % 7) as u16);
+        assert_eq!(
+            partition_of_key(b"foobar\0contact", 16),
+            partition_of_account(b"foobar", 16)
+        );
+    }
+}
