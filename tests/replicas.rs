@@ -1,5 +1,6 @@
 //! Several dispatcher replicas on one three-node JetStream cluster, sharing
-//! state through the `switchboard` key-value bucket (`bus.replicated`).
+//! account configuration through the `switchboard` key-value bucket and
+//! partition-owned state through the partition changelog (`bus.replicated`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -797,4 +798,47 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
         "{chains:?}"
     );
     assert_eq!(chains.get("Nats-TTL"), None);
+}
+
+/// A changelog record that does not decode (written by hand into the
+/// stream) is logged with its subject, counted on `/metrics`, and passed
+/// over: the replica reads what follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::nats_url(nats.url(), &config_with(&receiver, true, 1));
+    let undecodable = || async {
+        let (status, body) = d.get("/metrics").await;
+        assert_eq!(status, 200, "GET /metrics");
+        body.as_str()
+            .expect("metrics are text")
+            .lines()
+            .find_map(|l| l.strip_prefix("switchboard_changelog_undecodable_records_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("the counter is exported")
+    };
+    assert_eq!(undecodable().await, 0);
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("a connection"));
+    for subject in [
+        "switchboard.changelog.3.w.no_such_collection.AAAA",
+        "switchboard.changelog.x.epoch",
+    ] {
+        js.publish(subject, "junk".into())
+            .await
+            .expect("published")
+            .await
+            .expect("stored");
+    }
+    wait_until("both records counted", Duration::from_secs(10), || async {
+        (undecodable().await == 2).then_some(())
+    })
+    .await;
+    let log = d.log();
+    assert!(
+        log.contains("an undecodable changelog record was skipped")
+            && log.contains("switchboard.changelog.3.w.no_such_collection.AAAA"),
+        "{log}"
+    );
 }

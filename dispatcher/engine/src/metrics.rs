@@ -159,6 +159,10 @@ pub struct Gauges {
     /// Flushes of the store since start (each a group commit: one write
     /// and sync of the store's log for every caller waiting at the time).
     pub store_flushes: u64,
+    /// Changelog records this replica could not read and skipped since
+    /// start (replicas only; each is logged with its partition and
+    /// sequence).
+    pub changelog_undecodable: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -298,6 +302,11 @@ impl Metrics {
             "Flushes of the store (group commits)",
             ConstCounter::new(gauges.store_flushes),
         );
+        scraped.register(
+            "changelog_undecodable_records",
+            "Partition changelog records that could not be read and were skipped",
+            ConstCounter::new(gauges.changelog_undecodable),
+        );
         let mut out = String::new();
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(&mut out, &self.registry)
@@ -326,6 +335,7 @@ mod tests {
             bus_lag: Some(4),
             rhai_operations: 9,
             store_flushes: 3,
+            changelog_undecodable: 2,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -338,6 +348,7 @@ mod tests {
             "switchboard_bus_lag_messages 4",
             "switchboard_rhai_operations_total 9",
             "switchboard_store_flushes_total 3",
+            "switchboard_changelog_undecodable_records_total 2",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

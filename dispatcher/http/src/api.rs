@@ -420,6 +420,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
             bus_lag: s.bus.lag().await,
             rhai_operations: s.registry.runtime().operations_total(),
             store_flushes: s.store.flushes(),
+            changelog_undecodable: s.store.undecodable_records(),
         }),
     )
         .into_response()
