@@ -724,26 +724,36 @@ async fn an_account_over_its_ingest_rate_gets_429_and_the_emitter_waits() {
     assert_eq!(trace["event"]["id"], late.id.to_string());
 }
 
+/// What `run` prints when `config` (a TOML file's text) stops it before it
+/// starts.
+async fn refused_at_start(dir: &std::path::Path, name: &str, config: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("a config file");
+    let out = crate::util::switchboard(&[
+        "run",
+        "--config",
+        path.to_str().expect("a UTF-8 path"),
+        "--data",
+        dir.join("data").to_str().expect("a UTF-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    out.fails().to_string()
+}
+
 /// A replica count JetStream cannot keep stops `run` before it starts,
 /// naming the key and the range.
 #[tokio::test]
 async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     for replicas in ["0", "6"] {
-        let config = dir.path().join(format!("r{replicas}.toml"));
-        std::fs::write(&config, format!("[bus]\nstream_replicas = {replicas}\n"))
-            .expect("a config file");
-        let out = crate::util::switchboard(&[
-            "run",
-            "--config",
-            config.to_str().expect("a UTF-8 path"),
-            "--data",
-            dir.path().join("data").to_str().expect("a UTF-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        let line = refused_at_start(
+            dir.path(),
+            &format!("r{replicas}"),
+            &format!("[bus]\nstream_replicas = {replicas}\n"),
+        )
         .await;
-        let line = out.fails();
         assert!(
             line.contains(&format!("bus.stream_replicas is {replicas}")) && line.contains("1 to 5"),
             "{line}"
@@ -757,19 +767,12 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
 async fn a_store_cache_out_of_range_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     for mib in ["0", "70000"] {
-        let config = dir.path().join(format!("c{mib}.toml"));
-        std::fs::write(&config, format!("[store]\ncache_mib = {mib}\n")).expect("a config file");
-        let out = crate::util::switchboard(&[
-            "run",
-            "--config",
-            config.to_str().expect("a UTF-8 path"),
-            "--data",
-            dir.path().join("data").to_str().expect("a UTF-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        let line = refused_at_start(
+            dir.path(),
+            &format!("c{mib}"),
+            &format!("[store]\ncache_mib = {mib}\n"),
+        )
         .await;
-        let line = out.fails();
         assert!(
             line.contains("store.cache_mib must be between 1 and 65536")
                 && line.contains(&format!("not {mib}")),

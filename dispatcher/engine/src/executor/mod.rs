@@ -586,17 +586,7 @@ impl Executor {
         end: ChainEnd,
         next: usize,
     ) -> Result<(), StoreError> {
-        let replayed = pass
-            .journal
-            .chain(&chain.name)
-            .and_then(|c| c.replaying.clone());
-        pass.record(Entry::End {
-            chain: chain.name.clone(),
-            version,
-            end: Box::new(end),
-            unrun: unrun(chain, next),
-        });
-        let Some(replayed) = replayed else {
+        let Some(replayed) = record_end(pass, chain, version, end, next) else {
             return Ok(());
         };
         let mut writes: Vec<_> = pass.take_write(&self.journal)?.into_iter().collect();
@@ -617,16 +607,7 @@ impl Executor {
         end: ChainEnd,
         next: usize,
     ) -> Result<(), Interrupted> {
-        let replayed = pass
-            .journal
-            .chain(&chain.name)
-            .and_then(|c| c.replaying.clone());
-        pass.record(Entry::End {
-            chain: chain.name.clone(),
-            version,
-            end: Box::new(end),
-            unrun: unrun(chain, next),
-        });
+        let replayed = record_end(pass, chain, version, end, next);
         let mut writes: Vec<_> = pass.take_write(&self.journal)?.into_iter().collect();
         writes.push(DeadLetters::write(letter));
         if let Some(id) = replayed.filter(|id| *id != letter.id) {
@@ -644,6 +625,28 @@ impl Executor {
         });
         Ok(())
     }
+}
+
+/// Records the chain's end in the pass; returns the dead letter the chain
+/// was being replayed from, if it was.
+fn record_end(
+    pass: &mut Pass,
+    chain: &ChainSpec,
+    version: u64,
+    end: ChainEnd,
+    next: usize,
+) -> Option<String> {
+    let replayed = pass
+        .journal
+        .chain(&chain.name)
+        .and_then(|c| c.replaying.clone());
+    pass.record(Entry::End {
+        chain: chain.name.clone(),
+        version,
+        end: Box::new(end),
+        unrun: unrun(chain, next),
+    });
+    replayed
 }
 
 /// The steps of `chain` from `next` on, which it did not run.
