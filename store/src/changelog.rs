@@ -341,6 +341,19 @@ impl Changelog {
     /// earlier term are refused. The caller must read the changelog up to
     /// the returned epoch before it handles the partition's events.
     pub async fn begin_term(&self, partition: u16, owner: &str) -> Result<Term, ChangelogError> {
+        self.begin_term_after(partition, owner, None).await
+    }
+
+    /// [`Changelog::begin_term`], trying first with `known` as the
+    /// partition's last marker (0: none), as a follower of the changelog
+    /// saw it, instead of asking the stream; if another marker came since,
+    /// the stream refuses that try and the last marker is read.
+    pub async fn begin_term_after(
+        &self,
+        partition: u16,
+        owner: &str,
+        mut known: Option<u64>,
+    ) -> Result<Term, ChangelogError> {
         if partition >= self.partitions {
             return Err(ChangelogError::Partition(partition, "in the changelog"));
         }
@@ -349,8 +362,16 @@ impl Changelog {
         // read again. A handful of rounds is plenty, since terms begin only
         // when membership changes.
         for _ in 0..8 {
-            let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(m) => m.sequence,
+            let last = match known.take() {
+                Some(last) => Ok(last),
+                None => self
+                    .stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .map(|m| m.sequence),
+            };
+            let last = match last {
+                Ok(last) => last,
                 Err(e)
                     if e.kind()
                         == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>

@@ -33,6 +33,7 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 
 use crate::changelog::{Appender, Change, Changelog, Record, Term};
+use crate::replicated::block_on;
 use crate::{Collection, StoreError, Write};
 
 /// How many times a forwarded write is tried while the partition has no
@@ -91,6 +92,8 @@ pub(crate) struct Partitioned {
     /// Serialises local writes of partitioned collections with their
     /// appends, and the follower's applying with terms beginning.
     order: Mutex<()>,
+    /// Each partition's last term marker as the follower read it.
+    markers: Mutex<HashMap<u16, u64>>,
     /// Partitions whose term ended: the local copy may hold writes the
     /// changelog refused.
     dirty: Mutex<BTreeSet<u16>>,
@@ -142,6 +145,7 @@ impl Partitioned {
             me: uuid::Uuid::now_v7().simple().to_string(),
             terms: Mutex::default(),
             order: Mutex::default(),
+            markers: Mutex::default(),
             dirty: Mutex::default(),
             applied: watch::Sender::new(0),
             undecodable: AtomicU64::new(0),
@@ -254,6 +258,10 @@ impl Partitioned {
                     }
                 }
                 Record::Term(t) => {
+                    self.markers
+                        .lock()
+                        .expect("markers lock")
+                        .insert(t.partition, t.epoch);
                     let mut terms = self.terms.lock().expect("terms lock");
                     if terms
                         .get(&t.partition)
@@ -269,21 +277,7 @@ impl Partitioned {
                         );
                     }
                 }
-                Record::Undecodable {
-                    seq,
-                    partition,
-                    subject,
-                    reason,
-                } => {
-                    self.undecodable.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        seq,
-                        partition,
-                        subject,
-                        reason,
-                        "an undecodable changelog record was skipped"
-                    );
-                }
+                Record::Undecodable { .. } => self.skip_undecodable(&record),
                 Record::Sync { .. } => {}
             }
         }
@@ -292,6 +286,26 @@ impl Partitioned {
             *a = (*a).max(seq);
             newer
         });
+    }
+
+    /// Logs and counts a record that could not be read; it is passed over.
+    fn skip_undecodable(&self, record: &Record) {
+        if let Record::Undecodable {
+            seq,
+            partition,
+            subject,
+            reason,
+        } = record
+        {
+            self.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                seq,
+                partition,
+                subject,
+                reason,
+                "an undecodable changelog record was skipped"
+            );
+        }
     }
 
     fn apply_local(&self, change: &Change) -> Result<(), StoreError> {
@@ -336,27 +350,56 @@ impl Partitioned {
             // replica fenced it meanwhile, the next commit ends it.
             return Ok(());
         }
+        // The marker the follower saw last saves asking the stream for it.
+        let known = self
+            .markers
+            .lock()
+            .expect("markers lock")
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
         let term = self
             .changelog
-            .begin_term(partition, &self.me)
+            .begin_term_after(partition, &self.me, Some(known))
             .await
             .map_err(remote)?;
         let rebuild = self.dirty.lock().expect("dirty lock").remove(&partition);
-        // From here the follower leaves the partition to this reader.
-        let from = {
-            let _order = self.order.lock().expect("order lock");
-            self.terms
-                .lock()
-                .expect("terms lock")
-                .insert(partition, term);
-            if rebuild {
+        let caught_up = if rebuild {
+            // The copy may hold writes the changelog refused: read the
+            // partition again from its start. From here the follower leaves
+            // the partition to this reader.
+            {
+                let _order = self.order.lock().expect("order lock");
+                self.terms
+                    .lock()
+                    .expect("terms lock")
+                    .insert(partition, term);
                 self.clear_local(partition)?;
-                1
-            } else {
-                *self.applied.borrow() + 1
             }
+            self.read_up_to(partition, 1, term.epoch).await
+        } else {
+            // The follower brings the partition up to the marker (nothing
+            // of it can be stored after the marker but this term's own
+            // writes); the term counts from there.
+            let reached = tokio::time::timeout(CATCH_UP_WAIT, self.wait_applied(term.epoch))
+                .await
+                .map_err(|_| {
+                    remote(format!(
+                        "taking partition {partition}: the changelog's follower has not reached \
+                         its marker {} in {CATCH_UP_WAIT:?}",
+                        term.epoch
+                    ))
+                });
+            if reached.is_ok() {
+                let _order = self.order.lock().expect("order lock");
+                self.terms
+                    .lock()
+                    .expect("terms lock")
+                    .insert(partition, term);
+            }
+            reached
         };
-        if let Err(e) = self.read_up_to(partition, from, term.epoch).await {
+        if let Err(e) = caught_up {
             self.terms.lock().expect("terms lock").remove(&partition);
             self.dirty.lock().expect("dirty lock").insert(partition);
             return Err(e);
@@ -401,21 +444,7 @@ impl Partitioned {
             let seq = record.seq();
             match &record {
                 Record::Write { change, .. } => self.apply_local(change)?,
-                Record::Undecodable {
-                    seq,
-                    subject,
-                    reason,
-                    ..
-                } => {
-                    self.undecodable.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        seq,
-                        partition,
-                        subject,
-                        reason,
-                        "an undecodable changelog record was skipped"
-                    );
-                }
+                Record::Undecodable { .. } => self.skip_undecodable(&record),
                 Record::Term(_) | Record::Sync { .. } => {}
             }
             if seq >= until {
@@ -521,7 +550,7 @@ impl Partitioned {
         }
         let request = forward::encode(batch, expect);
         let this = self.clone();
-        block(&self.handle, async move {
+        block_on(&self.handle, async move {
             this.forward(partition, request).await
         })?
     }
@@ -627,7 +656,7 @@ impl Partitioned {
     /// called: a fresh read of a partition held elsewhere.
     pub(crate) fn catch_up(self: &Arc<Self>) -> Result<(), StoreError> {
         let this = self.clone();
-        block(&self.handle, async move {
+        block_on(&self.handle, async move {
             let mark = this.changelog.sync().await.map_err(remote)?;
             tokio::time::timeout(CATCH_UP_WAIT, this.wait_applied(mark))
                 .await
@@ -640,27 +669,6 @@ impl Partitioned {
                 })
         })?
     }
-}
-
-/// Runs `f` on `handle`'s runtime and waits for it, from synchronous code
-/// on a runtime thread or not.
-fn block<F>(handle: &tokio::runtime::Handle, f: F) -> Result<F::Output, StoreError>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    handle.spawn(async move {
-        let _ = tx.send(f.await);
-    });
-    let wait = || rx.recv();
-    let done = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait)
-        }
-        _ => wait(),
-    };
-    done.map_err(|_| remote("the replica's runtime stopped before a write finished"))
 }
 
 /// The wire format of a forwarded write: `u32` count of writes, each a

@@ -114,6 +114,28 @@ fn is_conflict(e: &async_nats::jetstream::context::PublishError) -> bool {
             })
 }
 
+/// Runs `f` on `handle`'s runtime (the replica's own thread) and waits for
+/// it, from synchronous code on a runtime thread or not: the store's
+/// synchronous methods wait for the NATS server this way.
+pub(crate) fn block_on<F>(handle: &tokio::runtime::Handle, f: F) -> Result<F::Output, StoreError>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    let wait = || rx.recv();
+    let done = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    done.map_err(|_| remote("the replica's runtime stopped before a shared-state call finished"))
+}
+
 /// The bucket key of a collection's key.
 pub(crate) fn bucket_key(c: Collection, key: &[u8]) -> String {
     if key.is_empty() {
@@ -405,27 +427,13 @@ impl Replica {
         }))
     }
 
-    /// Runs `f` on the replica's runtime and waits for it, from synchronous
-    /// code on a runtime thread or not.
+    /// Runs `f` on the replica's runtime and waits for it.
     fn block<F>(&self, f: F) -> Result<F::Output, StoreError>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(f.await);
-        });
-        let wait = || rx.recv();
-        let done = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        };
-        done.map_err(|_| {
-            remote("the replica's runtime stopped before a shared-state write finished")
-        })
+        block_on(&self.handle, f)
     }
 
     fn headers(w: &Write) -> HeaderMap {
