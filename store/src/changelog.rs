@@ -17,11 +17,12 @@
 //!   one it read (`Nats-Expected-Last-Subject-Sequence`), so two replicas
 //!   taking a partition at once cannot both begin a term from the same one.
 //!
-//! Every batch of writes carries `Nats-Expected-Last-Subject-Sequence:
-//! {epoch}` with `Nats-Expected-Last-Subject-Sequence-Subject` naming the
-//! partition's epoch subject (nats-server 2.11 or later; atomic batches
-//! 2.12): the stream stores it only while its term's marker is still the
-//! partition's last. Once a new owner has begun
+//! Every write is fenced: it carries, or the atomic batch it is part of
+//! carries, `Nats-Expected-Last-Subject-Sequence: {epoch}` with
+//! `Nats-Expected-Last-Subject-Sequence-Subject` naming the partition's
+//! epoch subject (nats-server 2.11 or later; atomic batches 2.12), and the
+//! stream stores it only while its term's marker is still the partition's
+//! last. Once a new owner has begun
 //! its term, every write of the deposed owner is refused ([`ChangelogError::Fenced`]),
 //! however long it was paused, so none can land after the new owner's
 //! marker and overwrite what the new owner writes. Writes stored before
@@ -30,14 +31,16 @@
 //! up to its own marker).
 //!
 //! Writes are group-committed: [`Appender::append`] only queues a write; a
-//! task publishes what each partition has queued as one atomic batch (up to
-//! 500 writes; one batch in flight per partition, every partition's at
+//! task publishes what each partition has queued (up to 500 writes at a
+//! time; one such batch in flight per partition, every partition's at
 //! once), and [`Appender::commit`] returns once the stream has acknowledged
 //! every write appended before it. An event is acked only after such a
-//! commit. (A batch, not one conditional publish per write: on a clustered
-//! stream the leader refuses a conditional publish while another checking
-//! the same subject is in flight, and every write of a partition checks its
-//! epoch subject.)
+//! commit. On a clustered stream a batch is one atomic batch (the leader
+//! refuses a conditional publish while another checking the same subject is
+//! in flight, and every write of a partition checks its epoch subject); on
+//! a stream with one copy its writes are published one by one, each fenced,
+//! all in flight together (an atomic batch costs that server a file store
+//! of its own: see [`Publishing`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -241,6 +244,7 @@ pub struct Changelog {
     js: jetstream::Context,
     stream: stream::Stream,
     partitions: u16,
+    publishing: Publishing,
 }
 
 impl Changelog {
@@ -300,10 +304,12 @@ impl Changelog {
                 )));
             }
         }
+        let publishing = Publishing::for_replicas(info.config.num_replicas);
         Ok(Self {
             js,
             stream,
             partitions,
+            publishing,
         })
     }
 
@@ -410,7 +416,7 @@ impl Changelog {
     /// Spawns its task on the current runtime.
     pub fn appender(&self) -> Appender {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(append_task(self.js.clone(), rx));
+        tokio::spawn(append_task(self.js.clone(), self.publishing, rx));
         Appender { tx }
     }
 
@@ -526,7 +532,11 @@ type Queued = (u64, Term, Change, Option<Duration>);
 /// (10164, "wrong last sequence" without comparing), and every write of a
 /// partition checks its epoch subject. One atomic batch carries the check
 /// once for all of its writes, and stores all of them or none.
-async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op>) {
+async fn append_task(
+    js: jetstream::Context,
+    publishing: Publishing,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+) {
     let mut next = 0u64;
     let mut queued: BTreeMap<u16, std::collections::VecDeque<Queued>> = BTreeMap::new();
     let mut busy = std::collections::BTreeSet::new();
@@ -555,7 +565,11 @@ async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op
             let js = js.clone();
             flights.push(async move {
                 let numbers: Vec<u64> = batch.iter().map(|w| w.0).collect();
-                (term, numbers, publish_batch(&js, term, batch).await)
+                let published = match publishing {
+                    Publishing::Atomic => publish_batch(&js, term, batch).await,
+                    Publishing::EachFenced => publish_each(&js, term, batch).await,
+                };
+                (term, numbers, published)
             });
         }
         queued.retain(|_, w| !w.is_empty());
@@ -598,6 +612,116 @@ async fn append_task(js: jetstream::Context, mut ops: mpsc::UnboundedReceiver<Op
     }
 }
 
+/// How a partition's queued writes are published.
+///
+/// Why two ways: an atomic batch is what a clustered stream needs (see
+/// [`append_task`]), and on a clustered stream the server stages it in
+/// memory. On a stream with one copy the server stages every atomic batch
+/// in a file store of its own, made for the batch and deleted after it,
+/// while it holds the stream's lock: 100–250 ms a batch on the two-core
+/// development machine, whatever its size, with every partition's batch
+/// waiting for the others'. A dispatcher started on a backlog acked nothing
+/// for a second. With one copy nothing is in flight between the server's
+/// check of a header and its store, so every write can carry the epoch
+/// check itself: they are published one after another, all in flight at
+/// once, in order on the one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publishing {
+    /// One atomic batch, the check on its first write (several copies).
+    Atomic,
+    /// Every write checked on its own, many in flight (one copy).
+    EachFenced,
+}
+
+impl Publishing {
+    fn for_replicas(replicas: usize) -> Self {
+        if replicas > 1 {
+            Self::Atomic
+        } else {
+            Self::EachFenced
+        }
+    }
+}
+
+/// The headers of a write: its removal mark and time to live, and with
+/// `fence` the check that `term` is still the partition's latest.
+fn write_headers(term: Term, change: &Change, ttl: Option<Duration>, fence: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if fence {
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            term.epoch.to_string().as_str(),
+        );
+        headers.insert(
+            EXPECTED_SUBJECT_HEADER,
+            epoch_subject(term.partition).as_str(),
+        );
+    }
+    if change.value.is_none() {
+        headers.insert(OP_HEADER, "del");
+    }
+    if let Some(ttl) = ttl {
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_TTL,
+            ttl.as_secs().to_string().as_str(),
+        );
+    }
+    headers
+}
+
+/// Whether a publish was refused because the partition's epoch moved on.
+fn fenced(e: &jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::{Error as JsError, ErrorCode};
+    is_wrong_sequence(e)
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<JsError>())
+            .is_some_and(|s| s.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
+}
+
+/// Publishes `batch` under `term` one write at a time, each fenced by the
+/// term's epoch, all in flight together; waits for every acknowledgement.
+/// The server stores them in the order sent: once one is refused as
+/// fenced, every later one is too.
+async fn publish_each(
+    js: &jetstream::Context,
+    term: Term,
+    batch: Vec<Queued>,
+) -> Result<(), ChangelogError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        remote(format!(
+            "writing {} records to partition {}: {e}",
+            batch.len(),
+            term.partition
+        ))
+    };
+    let mut acks = Vec::with_capacity(batch.len());
+    for (_, _, change, ttl) in &batch {
+        let headers = write_headers(term, change, *ttl, true);
+        let payload = change.value.clone().unwrap_or_default();
+        let ack = js
+            .publish_with_headers(write_subject(term.partition, change), headers, payload)
+            .await
+            .map_err(|e| failed(&e))?;
+        acks.push(ack.into_future());
+    }
+    let mut first_error = None;
+    for result in futures::future::join_all(acks).await {
+        if let Err(e) = result {
+            if fenced(&e) {
+                return Err(ChangelogError::Fenced {
+                    partition: term.partition,
+                    epoch: term.epoch,
+                });
+            }
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(failed(&e)),
+    }
+}
+
 /// Most writes in one atomic batch (nats-server accepts 1,000).
 const BATCH: usize = 500;
 
@@ -625,31 +749,12 @@ async fn publish_batch(
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut result = Ok(());
         for (i, (_, _, change, ttl)) in batch.iter().enumerate() {
-            let mut headers = HeaderMap::new();
+            let mut headers = write_headers(term, change, *ttl, i == 0);
             headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
             headers.insert(
                 async_nats::header::NATS_BATCH_SEQUENCE,
                 (i + 1).to_string().as_str(),
             );
-            if i == 0 {
-                headers.insert(
-                    async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    term.epoch.to_string().as_str(),
-                );
-                headers.insert(
-                    EXPECTED_SUBJECT_HEADER,
-                    epoch_subject(term.partition).as_str(),
-                );
-            }
-            if change.value.is_none() {
-                headers.insert(OP_HEADER, "del");
-            }
-            if let Some(ttl) = ttl {
-                headers.insert(
-                    async_nats::header::NATS_MESSAGE_TTL,
-                    ttl.as_secs().to_string().as_str(),
-                );
-            }
             let subject = write_subject(term.partition, change);
             let payload = change.value.clone().unwrap_or_default();
             if i < last {
@@ -670,15 +775,15 @@ async fn publish_batch(
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        let code = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<JsError>())
-            .map(|s| s.error_code());
-        if is_wrong_sequence(&e) || code == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE) {
+        if fenced(&e) {
             return Err(ChangelogError::Fenced {
                 partition: term.partition,
                 epoch: term.epoch,
             });
         }
+        let code = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<JsError>())
+            .map(|s| s.error_code());
         if matches!(
             code,
             Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
