@@ -372,7 +372,7 @@ enum ChainsCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show what the account's chains would do with a sample event (a dry run: nothing is performed or published).
+    /// Show what the account's chains would do with a sample event (a dry run: every step simulated, nothing performed or published); exits with status 3 if a step would fail.
     Test {
         /// The account.
         account: String,
@@ -429,7 +429,7 @@ enum ScriptsCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Run a script against a sample event (a dry run: its emits are shown, not published).
+    /// Run a script against a sample event (a dry run: its emits are shown, not published); exits with status 3 if it would fail.
     Test {
         /// The account.
         account: String,
@@ -509,7 +509,7 @@ enum DeadLettersCommand {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(args).await.map_err(Failure::Error),
         Command::Demo(args) => {
             // Quiet internals; the `log` steps of the example chains still show.
             switchboard_dispatcher::init_logging(false, "warn,switchboard::log=info");
@@ -520,7 +520,7 @@ async fn main() -> ExitCode {
             })
             .await
             .map(|()| None)
-            .map_err(|e| e.to_string())
+            .map_err(|e| Failure::Error(e.to_string()))
         }
         Command::Emit(e) => {
             let args = EmitArgs {
@@ -731,15 +731,32 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(None) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::WouldFail { report, summary }) => {
+            println!("{report}");
+            eprintln!("switchboard: {summary}");
+            ExitCode::from(cli::WOULD_FAIL_EXIT)
+        }
+        Err(Failure::Error(message)) => {
             eprintln!("switchboard: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn print(result: Result<String, CliError>) -> Result<Option<String>, String> {
-    result.map(Some).map_err(|e| e.to_string())
+/// Why a command did not succeed.
+enum Failure {
+    /// An error: one line on stderr, exit code 1.
+    Error(String),
+    /// A dry run that would fail: its report on stdout, which steps on
+    /// stderr, exit code [`cli::WOULD_FAIL_EXIT`].
+    WouldFail { report: String, summary: String },
+}
+
+fn print(result: Result<String, CliError>) -> Result<Option<String>, Failure> {
+    result.map(Some).map_err(|e| match e {
+        CliError::WouldFail { report, summary } => Failure::WouldFail { report, summary },
+        other => Failure::Error(other.to_string()),
+    })
 }
 
 async fn run(args: RunArgs) -> Result<Option<String>, String> {

@@ -454,7 +454,7 @@ async fn dry_runs_show_what_would_happen_without_doing_it() {
     let chain = &report["chains"][0];
     assert_eq!(chain["name"], "score-poll");
     assert_eq!(chain["steps"][0]["output"]["points"], json!(20));
-    assert_eq!(chain["steps"][1]["action"], "described");
+    assert_eq!(chain["steps"][1]["action"], "simulated");
     assert_eq!(
         chain["steps"][1]["would_run"]["config"]["message"],
         "+27820000001 earned 20 points"

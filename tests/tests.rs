@@ -13,6 +13,7 @@ mod crash;
 mod delivery;
 mod e2e_embedded;
 mod e2e_nats;
+mod first_hour;
 mod handlers;
 mod inbound;
 mod matching;

@@ -43,6 +43,72 @@ pub enum CliError {
     /// The arguments or a file are bad.
     #[error("{0}")]
     Input(String),
+    /// A dry run found a step that would fail or be retried: `report` is
+    /// the whole report, printed as usual; the command exits with
+    /// [`WOULD_FAIL_EXIT`], so that a pipeline can stop on it.
+    #[error("{summary}")]
+    WouldFail {
+        /// What the command prints on stdout.
+        report: String,
+        /// Which steps would fail, for stderr.
+        summary: String,
+    },
+}
+
+/// The exit code of `chains test` and `scripts test` when a step would fail
+/// or be retried (1 is any other error: a bad file, the API unreachable).
+pub const WOULD_FAIL_EXIT: u8 = 3;
+
+/// The steps of a dry-run report that would fail or be retried, as
+/// `chain c, step s (handler): outcome: error`.
+fn failing_steps(report: &Value) -> Vec<String> {
+    let mut failing = Vec::new();
+    collect_failing(report, &mut failing);
+    failing
+}
+
+/// [`failing_steps`] of `report` and of the events its steps would emit.
+fn collect_failing(report: &Value, failing: &mut Vec<String>) {
+    if let Some(error) = report["error"].as_str() {
+        failing.push(format!(
+            "emitted {}: {error}",
+            report["event"]["event_type"].as_str().unwrap_or_default()
+        ));
+    }
+    for c in report["chains"].as_array().into_iter().flatten() {
+        if c["condition"] == "error" {
+            failing.push(format!(
+                "chain {}: its condition fails: {}",
+                c["name"].as_str().unwrap_or_default(),
+                c["error"].as_str().unwrap_or_default()
+            ));
+        }
+        for s in c["steps"].as_array().into_iter().flatten() {
+            if let outcome @ ("failed" | "retry") = s["outcome"].as_str().unwrap_or_default() {
+                failing.push(format!(
+                    "chain {}, step {} ({}): {outcome}: {}",
+                    c["name"].as_str().unwrap_or_default(),
+                    s["name"].as_str().unwrap_or_default(),
+                    s["handler"].as_str().unwrap_or_default(),
+                    s["error"].as_str().unwrap_or_default()
+                ));
+            }
+            for child in s["children"].as_array().into_iter().flatten() {
+                collect_failing(child, failing);
+            }
+        }
+    }
+}
+
+/// `report` as the answer, or as [`CliError::WouldFail`] naming `failing`.
+fn dry_run_result(report: String, failing: Vec<String>) -> Result<String, CliError> {
+    if failing.is_empty() {
+        return Ok(report);
+    }
+    Err(CliError::WouldFail {
+        report,
+        summary: format!("the dry run would fail: {}", failing.join("; ")),
+    })
 }
 
 fn input(e: impl std::fmt::Display) -> CliError {
@@ -655,8 +721,15 @@ pub async fn scripts_test(
     let answer: switchboard_api::scripts::ScriptTest = client
         .post(&paths::script_test(a.as_str(), name), &sample)
         .await?;
+    let failing = match answer["outcome"].as_str().unwrap_or_default() {
+        outcome @ ("failed" | "retry") => vec![format!(
+            "script {name}: {outcome}: {}",
+            answer["error"].as_str().unwrap_or_default()
+        )],
+        _ => Vec::new(),
+    };
     if json_out {
-        return Ok(pretty(&answer));
+        return dry_run_result(pretty(&answer), failing);
     }
     let mut out = format!(
         "script {name} v{} (dry run: nothing was published)\noutcome: {}\n",
@@ -664,7 +737,7 @@ pub async fn scripts_test(
         answer["outcome"].as_str().unwrap_or_default()
     );
     render_run(&answer, "", &mut out);
-    Ok(out.trim_end().to_string())
+    dry_run_result(out.trim_end().to_string(), failing)
 }
 
 /// The output, error, emits, logs and cost of a dry-run step.
@@ -681,7 +754,7 @@ fn render_run(run: &Value, indent: &str, out: &mut String) {
     if let Some(would) = run.get("would_run") {
         let _ = writeln!(
             out,
-            "{indent}would run {} with config {} (not performed)",
+            "{indent}would run {} with config {} (simulated, not performed)",
             would["handler"].as_str().unwrap_or_default(),
             would["config"]
         );
@@ -724,53 +797,16 @@ pub async fn chains_test(
     let sample = read_json_file(event_file)?;
     let answer: switchboard_api::chains::ChainTest =
         client.post(&paths::chain_test(a.as_str()), &sample).await?;
+    let failing = failing_steps(&answer);
     if json_out {
-        return Ok(pretty(&answer));
+        return dry_run_result(pretty(&answer), failing);
     }
     let mut out = format!(
         "account {a}, chain version {} (dry run: nothing was performed or published)\n",
         answer["chain_version"]
     );
-    if answer["unrouted"] == Value::Bool(true) {
-        out.push_str("no chain would run: the event would be unrouted\n");
-    }
-    for c in answer["chains"].as_array().into_iter().flatten() {
-        let name = c["name"].as_str().unwrap_or_default();
-        let when = c["when"]
-            .as_str()
-            .map(|w| format!(" (when {w})"))
-            .unwrap_or_default();
-        match c["condition"].as_str().unwrap_or_default() {
-            "false" => {
-                let _ = writeln!(
-                    out,
-                    "chain {name}: matches, but its condition is false{when}"
-                );
-            }
-            "error" => {
-                let _ = writeln!(
-                    out,
-                    "chain {name}: its condition fails{when}: {}",
-                    c["error"].as_str().unwrap_or_default()
-                );
-            }
-            _ => {
-                let _ = writeln!(out, "chain {name}: runs{when}");
-                for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
-                    let _ = writeln!(
-                        out,
-                        "  {}. {} ({}): {}",
-                        i + 1,
-                        s["name"].as_str().unwrap_or_default(),
-                        s["handler"].as_str().unwrap_or_default(),
-                        s["outcome"].as_str().unwrap_or_default()
-                    );
-                    render_run(s, "     ", &mut out);
-                }
-            }
-        }
-    }
-    Ok(out.trim_end().to_string())
+    render_chains(&answer, "", &mut out);
+    dry_run_result(out.trim_end().to_string(), failing)
 }
 
 /// `switchboard secrets set ACCOUNT NAME`: the value from `--value`, or stdin.
@@ -1122,4 +1158,68 @@ pub async fn tokens_revoke(
     Ok(format!(
         "revoked token {id} of account {a}: requests with it are refused from now on"
     ))
+}
+
+/// What a dry-run report says each chain would do, with the events its
+/// steps would emit followed beneath them.
+fn render_chains(report: &Value, indent: &str, out: &mut String) {
+    if report["unrouted"] == Value::Bool(true) {
+        let _ = writeln!(
+            out,
+            "{indent}no chain would run: the event would be unrouted"
+        );
+    }
+    for c in report["chains"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or_default();
+        let when = c["when"]
+            .as_str()
+            .map(|w| format!(" (when {w})"))
+            .unwrap_or_default();
+        match c["condition"].as_str().unwrap_or_default() {
+            "false" => {
+                let _ = writeln!(
+                    out,
+                    "{indent}chain {name}: matches, but its condition is false{when}"
+                );
+            }
+            "error" => {
+                let _ = writeln!(
+                    out,
+                    "{indent}chain {name}: its condition fails{when}: {}",
+                    c["error"].as_str().unwrap_or_default()
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "{indent}chain {name}: runs{when}");
+                for (i, s) in c["steps"].as_array().into_iter().flatten().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "{indent}  {}. {} ({}): {}",
+                        i + 1,
+                        s["name"].as_str().unwrap_or_default(),
+                        s["handler"].as_str().unwrap_or_default(),
+                        s["outcome"].as_str().unwrap_or_default()
+                    );
+                    let inner = format!("{indent}     ");
+                    render_run(s, &inner, out);
+                    for child in s["children"].as_array().into_iter().flatten() {
+                        let event = &child["event"];
+                        let _ = writeln!(
+                            out,
+                            "{inner}emitted {}/{} would run:",
+                            event["conversation_type"].as_str().unwrap_or_default(),
+                            event["event_type"].as_str().unwrap_or_default(),
+                        );
+                        let deeper = format!("{inner}  ");
+                        match child["error"].as_str() {
+                            Some(error) => {
+                                let _ = writeln!(out, "{deeper}{error}");
+                            }
+                            None => render_chains(child, &deeper, out),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -380,6 +380,7 @@ impl Engine {
             letters: Letters::new(store.clone(), bus.clone()),
             metrics: self.metrics.clone(),
             max_event_bytes: limits.max_event_bytes,
+            max_depth: limits.max_depth,
             prefix: config.bus.subject_prefix.clone(),
             contacts: self.records.contacts.clone(),
             messages: self.records.messages.clone(),

@@ -52,21 +52,9 @@ impl Handler for Log {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let config = input.render_config()?;
+        let (config, level, message) = log_line(input)?;
         let event = input.event;
-        let message = match config.get("message") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => format!(
-                "{}.{} event received",
-                event.conversation_type, event.event_type
-            ),
-        };
         let fields = config.get("fields").map(tracing::field::display);
-        let level = config
-            .get("level")
-            .and_then(Value::as_str)
-            .unwrap_or("info");
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -80,21 +68,50 @@ impl Handler for Log {
                 )
             };
         }
-        match level {
+        match level.as_str() {
             "trace" => line!(trace),
             "debug" => line!(debug),
             "warn" => line!(warn),
             "error" => line!(error),
-            "info" => line!(info),
-            other => {
-                return Err(StepError::permanent(format!(
-                    "config.level: {other:?} is not a level; use one of {}",
-                    LEVELS.join(", ")
-                )));
-            }
+            _ => line!(info),
         }
         Ok(StepOutput::default())
     }
+
+    /// The line it would write, as a log line of the step.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let (_, level, message) = log_line(input)?;
+        Ok(StepOutput {
+            logs: vec![crate::LogLine { level, message }],
+            ..StepOutput::default()
+        })
+    }
+}
+
+/// A `log` step's rendered config, level and message.
+fn log_line(input: &StepInput<'_>) -> Result<(Map<String, Value>, String, String), StepError> {
+    let config = input.render_config()?;
+    let event = input.event;
+    let message = match config.get("message") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => format!(
+            "{}.{} event received",
+            event.conversation_type, event.event_type
+        ),
+    };
+    let level = match config.get("level") {
+        None => "info",
+        Some(Value::String(l)) if LEVELS.contains(&l.as_str()) => l.as_str(),
+        Some(other) => {
+            return Err(StepError::permanent(format!(
+                "config.level: {other} is not a level; use one of {}",
+                LEVELS.join(", ")
+            )));
+        }
+    }
+    .to_string();
+    Ok((config, level, message))
 }
 
 /// `emit`: emits a child event of the event being handled.
@@ -185,9 +202,10 @@ impl Handler for Emit {
         })
     }
 
-    /// `emit` returns its event; the dispatcher publishes it.
-    fn dry_runs_safely(&self) -> bool {
-        true
+    /// `emit` returns its event and has no effect of its own: the
+    /// dispatcher publishes what it returns.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        self.handle(input).await
     }
 
     fn effects(&self) -> crate::Effects {

@@ -77,47 +77,84 @@ impl Handler for CreateContact {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let config = input.render_config()?;
-        let msisdn = rendered_string(&config, "msisdn")?
-            .filter(|s| !s.is_empty())
-            .map(|m| {
-                normalize_msisdn(&m)
-                    .map_err(|e| StepError::permanent(format!("config.msisdn: {e}")))
-            })
-            .transpose()?;
-        let email = rendered_string(&config, "email")?
-            .filter(|s| !s.is_empty())
-            .map(|e| {
-                normalize_email(&e).map_err(|e| StepError::permanent(format!("config.email: {e}")))
-            })
-            .transpose()?;
-        if msisdn.is_none() && email.is_none() {
-            return Err(StepError::permanent(
-                "config.msisdn and config.email both rendered empty: nothing to key the contact by",
-            ));
-        }
-        let fields = match config.get("fields") {
-            None => Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(other) => {
-                return Err(StepError::permanent(format!(
-                    "config.fields: must give a table, but gave {other}"
-                )));
-            }
-        };
-        let upsert = ContactUpsert {
-            msisdn,
-            email,
-            name: rendered_string(&config, "name")?,
-            language: rendered_string(&config, "language")?,
-            fields,
-        };
+        let upsert = upsert_of(input)?;
         let (contact, created) = self
             .contacts
             .upsert(&input.event.account_key, upsert)
             .map_err(|e| StepError::retryable(format!("storing the contact: {e}"), None))?;
-        let mut output = contact.without_account();
-        output.insert("created".into(), Value::Bool(created));
-        Ok(StepOutput::next(output))
+        Ok(contact_output(&contact, created))
     }
+
+    /// The contact as the upsert would leave it, read but not written: the
+    /// existing one with the same msisdn or e-mail updated, or a new one
+    /// whose key is marked `simulated-`.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let upsert = upsert_of(input)?;
+        let account = &input.event.account_key;
+        let read = |id: &Option<String>| match id {
+            Some(id) => self
+                .contacts
+                .find(account, id)
+                .map_err(|e| StepError::retryable(format!("reading the contact: {e}"), None)),
+            None => Ok(None),
+        };
+        let existing = match read(&upsert.msisdn)? {
+            Some(c) => Some(c),
+            None => read(&upsert.email)?,
+        };
+        let now = switchboard_sdk::now();
+        let created = existing.is_none();
+        let mut contact = existing.unwrap_or_else(|| {
+            let mut new = crate::records::Contact::new(account.clone(), now);
+            new.key = format!("{}-{}", crate::SIMULATED, new.key);
+            new
+        });
+        contact.apply(&upsert, now);
+        Ok(contact_output(&contact, created))
+    }
+}
+
+/// The step's output: the contact and whether it was created.
+fn contact_output(contact: &crate::records::Contact, created: bool) -> StepOutput {
+    let mut output = contact.without_account();
+    output.insert("created".into(), Value::Bool(created));
+    StepOutput::next(output)
+}
+
+/// What the step asks of the contacts, from its rendered config.
+fn upsert_of(input: &StepInput<'_>) -> Result<ContactUpsert, StepError> {
+    let config = input.render_config()?;
+    let msisdn = rendered_string(&config, "msisdn")?
+        .filter(|s| !s.is_empty())
+        .map(|m| {
+            normalize_msisdn(&m).map_err(|e| StepError::permanent(format!("config.msisdn: {e}")))
+        })
+        .transpose()?;
+    let email = rendered_string(&config, "email")?
+        .filter(|s| !s.is_empty())
+        .map(|e| {
+            normalize_email(&e).map_err(|e| StepError::permanent(format!("config.email: {e}")))
+        })
+        .transpose()?;
+    if msisdn.is_none() && email.is_none() {
+        return Err(StepError::permanent(
+            "config.msisdn and config.email both rendered empty: nothing to key the contact by",
+        ));
+    }
+    let fields = match config.get("fields") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            return Err(StepError::permanent(format!(
+                "config.fields: must give a table, but gave {other}"
+            )));
+        }
+    };
+    Ok(ContactUpsert {
+        msisdn,
+        email,
+        name: rendered_string(&config, "name")?,
+        language: rendered_string(&config, "language")?,
+        fields,
+    })
 }

@@ -106,41 +106,14 @@ impl Handler for SendEmail {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        // Everything but `html` renders as plain text; `html` with escaping.
-        let mut plain = input.step.config.to_map();
-        let html_source = plain.remove("html");
-        let config = input
-            .templates
-            .render(&Value::Object(plain), "config", input.scope)
-            .map_err(StepError::permanent)?;
-        let config = config.as_object().cloned().unwrap_or_default();
-        let html = match html_source {
-            Some(Value::String(source)) => Some(
-                input
-                    .templates
-                    .render_html(&source, "config.html", input.scope)
-                    .map_err(StepError::permanent)?,
-            ),
-            _ => None,
-        };
-        let provider = self
-            .provider_name(config.get("provider").and_then(Value::as_str))
-            .map_err(StepError::permanent)?;
-        let from = rendered_string(&config, "from")?
-            .or_else(|| self.mail.default_from(&provider))
-            .ok_or_else(|| {
-                StepError::permanent(format!(
-                    "no sender: set `from` on the step or on e-mail provider {provider:?}"
-                ))
-            })?;
-        let subject = required_string(&config, "subject")?;
-        let text = required_string(&config, "text")?;
-        let to = recipients(&config, "to")?
-            .iter()
-            .map(|r| {
-                normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let Prepared {
+            provider,
+            from,
+            subject,
+            text,
+            html,
+            to,
+        } = self.prepare(input)?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
             let record = self
@@ -205,14 +178,97 @@ impl Handler for SendEmail {
                 json!({"message_id": record.id, "to": record.recipient, "status": record.status}),
             );
         }
-        let mut output = Map::new();
-        if let Some(first) = sent.first() {
-            for k in ["message_id", "to", "status"] {
-                output.insert(k.into(), first[k].clone());
-            }
-        }
-        output.insert("provider".into(), json!(provider));
-        output.insert("messages".into(), Value::Array(sent));
-        Ok(StepOutput::next(output))
+        Ok(email_output(sent, &provider))
     }
+
+    /// The messages it would send, each `simulated`, with the ids they
+    /// would have.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let prepared = self.prepare(input)?;
+        let sent = (prepared.to.into_iter().enumerate())
+            .map(|(i, recipient)| {
+                json!({
+                    "message_id": input.child_id(i).to_string(),
+                    "to": recipient,
+                    "status": crate::SIMULATED,
+                })
+            })
+            .collect();
+        Ok(email_output(sent, &prepared.provider))
+    }
+}
+
+/// What a `send_email` step sends, from its rendered config.
+struct Prepared {
+    provider: String,
+    from: String,
+    subject: String,
+    text: String,
+    html: Option<String>,
+    /// The recipients, lower-case.
+    to: Vec<String>,
+}
+
+impl SendEmail {
+    /// Renders and checks the step's config: everything the step checks
+    /// before it sends anything.
+    fn prepare(&self, input: &StepInput<'_>) -> Result<Prepared, StepError> {
+        // Everything but `html` renders as plain text; `html` with escaping.
+        let mut plain = input.step.config.to_map();
+        let html_source = plain.remove("html");
+        let config = input
+            .templates
+            .render(&Value::Object(plain), "config", input.scope)
+            .map_err(StepError::permanent)?;
+        let config = config.as_object().cloned().unwrap_or_default();
+        let html = match html_source {
+            Some(Value::String(source)) => Some(
+                input
+                    .templates
+                    .render_html(&source, "config.html", input.scope)
+                    .map_err(StepError::permanent)?,
+            ),
+            _ => None,
+        };
+        let provider = self
+            .provider_name(config.get("provider").and_then(Value::as_str))
+            .map_err(StepError::permanent)?;
+        let from = rendered_string(&config, "from")?
+            .or_else(|| self.mail.default_from(&provider))
+            .ok_or_else(|| {
+                StepError::permanent(format!(
+                    "no sender: set `from` on the step or on e-mail provider {provider:?}"
+                ))
+            })?;
+        let subject = required_string(&config, "subject")?;
+        let text = required_string(&config, "text")?;
+        let to = recipients(&config, "to")?
+            .iter()
+            .map(|r| {
+                normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared {
+            provider,
+            from,
+            subject,
+            text,
+            html,
+            to,
+        })
+    }
+}
+
+/// A `send_email` step's output: the first message's fields at the top,
+/// and every message.
+fn email_output(sent: Vec<Value>, provider: &str) -> StepOutput {
+    let mut output = Map::new();
+    if let Some(first) = sent.first() {
+        for k in ["message_id", "to", "status"] {
+            output.insert(k.into(), first[k].clone());
+        }
+    }
+    output.insert("provider".into(), json!(provider));
+    output.insert("messages".into(), Value::Array(sent));
+    StepOutput::next(output)
 }

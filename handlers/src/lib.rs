@@ -194,6 +194,10 @@ impl StepError {
     }
 }
 
+/// Marks what a dry run made up: a status a step would only learn by
+/// acting, or the prefix of an id it would generate.
+pub const SIMULATED: &str = "simulated";
+
 /// A step handler.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + std::fmt::Debug {
@@ -208,12 +212,13 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// Runs the step for one event.
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
 
-    /// Whether a dry run may call [`Handler::handle`]: true only for handlers
-    /// whose `handle` has no side effect at all (their effects are returned,
-    /// like `emit`'s events). Dry runs only describe the others.
-    fn dry_runs_safely(&self) -> bool {
-        false
-    }
+    /// What [`Handler::handle`] would return, with no side effect at all:
+    /// every check it makes before it acts (its config, recipients, secrets,
+    /// provider) and the output it would give, so that later steps' templates
+    /// resolve in a dry run. What only acting can tell (a provider's id, a
+    /// receiver's answer) is [`SIMULATED`], and ids it would generate are
+    /// marked with it.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
 
     /// What running the step changes besides its output, which tells the
     /// journal how soon its completion must be durable.

@@ -393,21 +393,13 @@ impl Handler for SendSms {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let config = input.render_config()?;
-        let provider_name = self
-            .provider_name(config.get("provider").and_then(Value::as_str))
-            .map_err(StepError::permanent)?
-            .to_string();
+        let Prepared {
+            provider_name,
+            body,
+            from,
+            to,
+        } = self.prepare(input)?;
         let provider = &self.providers[&provider_name];
-        let body = required_string(&config, "body")?;
-        let from = rendered_string(&config, "from")?
-            .or_else(|| provider.default_from().map(str::to_string));
-        let to = recipients(&config, "to")?
-            .iter()
-            .map(|r| {
-                normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let mut sent = Vec::with_capacity(to.len());
         for (i, recipient) in to.into_iter().enumerate() {
             let record = self
@@ -461,14 +453,74 @@ impl Handler for SendSms {
                 "status": record.status,
             }));
         }
-        let mut output = Map::new();
-        if let Some(first) = sent.first() {
-            for k in ["message_id", "remote_id", "to", "status"] {
-                output.insert(k.into(), first[k].clone());
-            }
-        }
-        output.insert("provider".into(), json!(provider_name));
-        output.insert("messages".into(), Value::Array(sent));
-        Ok(StepOutput::next(output))
+        Ok(sms_output(sent, &provider_name))
     }
+
+    /// The messages it would send, each `simulated`, with the ids they
+    /// would have; no provider's id, which only sending tells.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let prepared = self.prepare(input)?;
+        let sent = (prepared.to.into_iter().enumerate())
+            .map(|(i, recipient)| {
+                json!({
+                    "message_id": input.child_id(i).to_string(),
+                    "remote_id": null,
+                    "to": recipient,
+                    "status": crate::SIMULATED,
+                })
+            })
+            .collect();
+        Ok(sms_output(sent, &prepared.provider_name))
+    }
+}
+
+/// What a `send_sms` step sends, from its rendered config.
+struct Prepared {
+    provider_name: String,
+    body: String,
+    from: Option<String>,
+    /// The recipients, E.164.
+    to: Vec<String>,
+}
+
+impl SendSms {
+    /// Renders and checks the step's config: everything the step checks
+    /// before it sends anything.
+    fn prepare(&self, input: &StepInput<'_>) -> Result<Prepared, StepError> {
+        let config = input.render_config()?;
+        let provider_name = self
+            .provider_name(config.get("provider").and_then(Value::as_str))
+            .map_err(StepError::permanent)?
+            .to_string();
+        let provider = &self.providers[&provider_name];
+        let body = required_string(&config, "body")?;
+        let from = rendered_string(&config, "from")?
+            .or_else(|| provider.default_from().map(str::to_string));
+        let to = recipients(&config, "to")?
+            .iter()
+            .map(|r| {
+                normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared {
+            provider_name,
+            body,
+            from,
+            to,
+        })
+    }
+}
+
+/// A `send_sms` step's output: the first message's fields at the top, and
+/// every message.
+fn sms_output(sent: Vec<Value>, provider_name: &str) -> StepOutput {
+    let mut output = Map::new();
+    if let Some(first) = sent.first() {
+        for k in ["message_id", "remote_id", "to", "status"] {
+            output.insert(k.into(), first[k].clone());
+        }
+    }
+    output.insert("provider".into(), json!(provider_name));
+    output.insert("messages".into(), Value::Array(sent));
+    StepOutput::next(output)
 }

@@ -179,27 +179,15 @@ impl Handler for PaymentWebhook {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let config = input.render_config()?;
-        let url = required_string(&config, "url")?;
-        check_url(&url).map_err(|e| StepError::permanent(format!("config.url: {e}")))?;
-        let account = &input.event.account_key;
-        let secret_name = required_string(&config, "secret")?;
-        let secret = self
-            .secrets
-            .get(account, &secret_name)
-            .map_err(|e| {
-                StepError::retryable(format!("reading secret {secret_name:?}: {e}"), None)
-            })?
-            .ok_or_else(|| {
-                StepError::permanent(format!(
-                    "secret {secret_name:?} of account {account} is not set; set it with \
-                     `switchboard secrets set {account} {secret_name}`"
-                ))
-            })?;
+        let Prepared {
+            config,
+            url,
+            secret_name,
+            secret,
+            webhook_id,
+        } = self.prepare(input)?;
         let body =
             serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
-        // Stable for the (event, chain, step): a retry carries the same id.
-        let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
         let timestamp = switchboard_sdk::now().unix_timestamp();
         let signature = sign(&secret, &webhook_id, timestamp, &body)
             .map_err(|e| StepError::permanent(format!("secret {secret_name:?} {e}")))?;
@@ -238,5 +226,58 @@ impl Handler for PaymentWebhook {
         output.insert("webhook_id".into(), json!(webhook_id));
         output.insert("response".into(), json!(response.excerpt()));
         Ok(StepOutput::next(output))
+    }
+
+    /// The request it would sign and send (its secret must be set); the
+    /// receiver's status and answer are `simulated`.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let prepared = self.prepare(input)?;
+        let mut output = Map::new();
+        output.insert("status".into(), json!(crate::SIMULATED));
+        output.insert("webhook_id".into(), json!(prepared.webhook_id));
+        output.insert("response".into(), json!(crate::SIMULATED));
+        Ok(StepOutput::next(output))
+    }
+}
+
+/// What a `payment_webhook` step sends, from its rendered config.
+struct Prepared {
+    config: Map<String, Value>,
+    url: String,
+    secret_name: String,
+    secret: String,
+    /// Stable for the (event, chain, step): a retry carries the same id.
+    webhook_id: String,
+}
+
+impl PaymentWebhook {
+    /// Renders and checks the step's config and reads its secret:
+    /// everything the step checks before it sends anything.
+    fn prepare(&self, input: &StepInput<'_>) -> Result<Prepared, StepError> {
+        let config = input.render_config()?;
+        let url = required_string(&config, "url")?;
+        check_url(&url).map_err(|e| StepError::permanent(format!("config.url: {e}")))?;
+        let account = &input.event.account_key;
+        let secret_name = required_string(&config, "secret")?;
+        let secret = self
+            .secrets
+            .get(account, &secret_name)
+            .map_err(|e| {
+                StepError::retryable(format!("reading secret {secret_name:?}: {e}"), None)
+            })?
+            .ok_or_else(|| {
+                StepError::permanent(format!(
+                    "secret {secret_name:?} of account {account} is not set; set it with \
+                     `switchboard secrets set {account} {secret_name}`"
+                ))
+            })?;
+        let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
+        Ok(Prepared {
+            config,
+            url,
+            secret_name,
+            secret,
+            webhook_id,
+        })
     }
 }

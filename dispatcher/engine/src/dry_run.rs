@@ -1,8 +1,10 @@
 //! Dry runs: what a script, or an account's chains, would do with a sample
 //! event — with no side effect. Scripts run (their `emit`s are captured, not
-//! published; `contact()` only reads); built-in handlers whose `handle` has no
-//! side effect (`emit`) run too; the others are described: their config is
-//! rendered and returned as `would_run`, and they are not performed.
+//! published; `contact()` only reads); built-in handlers are simulated
+//! ([`switchboard_handlers::Handler::simulate`]): each makes every check it
+//! would make before acting and returns the output it would give, so that
+//! later steps' templates resolve, and its rendered config is returned as
+//! `would_run`.
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use switchboard_handlers::{
     EmitRequest, EventConditions, EventValue, Registry, StepError, StepInput, StepOutput,
 };
 use switchboard_rules::{AccountChains, ChainSpec, OnError, Selected, StepSpec, select_chains};
-use switchboard_sdk::{AccountKey, VumiApiEvent};
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
 /// A sample event, with the step outputs and config a script test runs against.
 #[derive(Debug, Clone)]
@@ -116,6 +118,9 @@ fn describe_result(result: &Result<StepOutput, StepError>, out: &mut Map<String,
             out.insert("output".into(), Value::Object(output.data.clone()));
             out.insert("emits".into(), emits_json(&output.emit));
             out.insert("error".into(), Value::Null);
+            if !output.logs.is_empty() {
+                out.insert("logs".into(), json!(output.logs));
+            }
         }
         Err(StepError::Retryable { message, after }) => {
             out.insert("outcome".into(), json!("retry"));
@@ -176,10 +181,23 @@ pub async fn test_script(
 }
 
 /// What an account's chains would do with a sample event, with no side effect.
+/// The events its steps would emit are followed into the chains they would
+/// run (each step's `children`), down to `max_depth`; one deeper is reported
+/// as the dispatcher would file it, in dead letters.
 pub async fn test_chains(
     registry: &Registry,
     chains: &AccountChains,
     event: &VumiApiEvent,
+    max_depth: u32,
+) -> Value {
+    Box::pin(report(registry, chains, event, max_depth)).await
+}
+
+async fn report(
+    registry: &Registry,
+    chains: &AccountChains,
+    event: &VumiApiEvent,
+    max_depth: u32,
 ) -> Value {
     let event_value = EventValue::new(event);
     // The executor's own selection, so that the dry run shows what the
@@ -208,7 +226,8 @@ pub async fn test_chains(
     for selection in &selected {
         match selection {
             Selected::Run(chain) => {
-                let steps = test_chain(registry, event, &event_value, chain).await;
+                let steps =
+                    test_chain(registry, chains, event, &event_value, chain, max_depth).await;
                 chains_out.push(json!({
                     "name": chain.name,
                     "when": chain.when,
@@ -242,9 +261,11 @@ pub async fn test_chains(
 
 async fn test_chain(
     registry: &Registry,
+    chains: &AccountChains,
     event: &VumiApiEvent,
     event_value: &EventValue,
     chain: &ChainSpec,
+    max_depth: u32,
 ) -> Vec<Value> {
     let templates = registry.templates();
     let mut outputs = Map::new();
@@ -285,21 +306,19 @@ async fn test_chain(
             }
         } else {
             match registry.get(&step.handler) {
-                Some(handler) if handler.dry_runs_safely() => {
-                    out.insert("action".into(), json!("ran"));
-                    handler.handle(&input).await
-                }
-                Some(_) => match input.render_config() {
-                    Ok(config) => {
-                        out.insert("action".into(), json!("described"));
+                Some(handler) => {
+                    out.insert("action".into(), json!("simulated"));
+                    let simulated = handler.simulate(&input).await;
+                    if simulated.is_ok()
+                        && let Ok(config) = input.render_config()
+                    {
                         out.insert(
                             "would_run".into(),
                             json!({"handler": step.handler, "config": config}),
                         );
-                        Ok(StepOutput::default())
                     }
-                    Err(e) => Err(e),
-                },
+                    simulated
+                }
                 None => Err(StepError::permanent(format!(
                     "handler {:?} is not available in this dispatcher",
                     step.handler
@@ -316,6 +335,31 @@ async fn test_chain(
         match result {
             Ok(output) => {
                 ended = output.stop;
+                let mut children = Vec::with_capacity(output.emit.len());
+                for (i, request) in output.emit.into_iter().enumerate() {
+                    let child = event.child(
+                        EventId::derived(event.id, &chain.name, step.step_name(), i),
+                        request.conversation_key,
+                        request.conversation_type,
+                        request.event_type,
+                        request.event_data,
+                    );
+                    children.push(if child.depth > max_depth {
+                        json!({
+                            "event": child,
+                            "error": format!(
+                                "event depth {} is over the limit of {max_depth}: it would be \
+                                 filed in dead letters",
+                                child.depth
+                            ),
+                        })
+                    } else {
+                        Box::pin(report(registry, chains, &child, max_depth)).await
+                    });
+                }
+                if !children.is_empty() {
+                    out.insert("children".into(), Value::Array(children));
+                }
                 outputs.insert(step.step_name().to_string(), Value::Object(output.data));
             }
             Err(_) => {

@@ -77,6 +77,9 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Largest accepted event, in bytes.
     pub max_event_bytes: usize,
+    /// How deep a lineage of emitted events may go (dry runs follow
+    /// emitted events that far).
+    pub max_depth: u32,
     /// The bus's subject prefix.
     pub prefix: String,
     /// Contacts of every account.
@@ -944,7 +947,8 @@ async fn test_chains(
         .chains
         .lookup(&account)
         .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
-    Ok(Json(dry_run::test_chains(&s.registry, &chains, &sample.event).await).into_response())
+    let report = dry_run::test_chains(&s.registry, &chains, &sample.event, s.max_depth).await;
+    Ok(Json(report).into_response())
 }
 
 async fn list_contacts(

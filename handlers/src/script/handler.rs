@@ -82,6 +82,12 @@ impl Handler for ScriptHandler {
         self.run(input).await?.result
     }
 
+    /// A script runs as it would: its `emit`s are returned, not published,
+    /// and `contact()` only reads.
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        self.handle(input).await
+    }
+
     /// A script computes: it reads contacts but writes nothing and calls no one.
     fn effects(&self) -> crate::Effects {
         crate::Effects::None

@@ -1,0 +1,215 @@
+//! What a new script author or operator meets in the first hour, through
+//! the real binary: the shipped example chains, dry runs that can guard a
+//! CI pipeline.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::util::{self, CmdOutput};
+
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(path)
+}
+
+fn text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// A dispatcher on the embedded bus with the example config (its SMS
+/// gateway and mail providers) and the example chains applied.
+async fn with_example_chains() -> util::Dispatcher {
+    let d = util::Dispatcher::with_config(None, &text(&example("switchboard.toml")));
+    let acme = example("chains/acme.toml");
+    d.cli(&["chains", "apply", acme.to_str().expect("a UTF-8 path")])
+        .await
+        .ok();
+    d
+}
+
+async fn chains_test(d: &util::Dispatcher, json: bool) -> CmdOutput {
+    let sample = example("chains/poll_complete.event.json");
+    let mut args = vec![
+        "chains",
+        "test",
+        "acme",
+        "--event",
+        sample.to_str().expect("a UTF-8 path"),
+    ];
+    if json {
+        args.push("--json");
+    }
+    d.cli(&args).await
+}
+
+/// The chain's step called `name` in a dry-run report.
+fn step<'a>(report: &'a Value, chain: &str, name: &str) -> &'a Value {
+    report["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == chain)
+        .and_then(|c| c["steps"].as_array())
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {chain}/{name} in {report:#}"))
+}
+
+/// The README's own chain passes its dry run: every built-in step is
+/// simulated with the output it would give, so `{{ steps.create_contact.msisdn }}`
+/// resolves in the steps after it, and the event it emits is followed into
+/// the chain it would run. Nothing happens: no contact is stored.
+#[tokio::test]
+async fn the_example_chains_dry_run_passes_with_every_step_simulated() {
+    let d = with_example_chains().await;
+    d.cli(&["secrets", "set", "acme", "gateway", "--value", "s3cret"])
+        .await
+        .ok();
+    let report = chains_test(&d, true).await.json();
+
+    let contact = step(&report, "poll-complete", "create_contact");
+    assert_eq!(contact["outcome"], "ok", "{contact:#}");
+    assert_eq!(contact["action"], "simulated");
+    assert_eq!(contact["output"]["msisdn"], "+27820000001");
+    assert_eq!(contact["output"]["created"], true);
+    let key = contact["output"]["key"].as_str().expect("a contact key");
+    assert!(key.starts_with("simulated-"), "{key}");
+
+    let sms = step(&report, "poll-complete", "send_sms");
+    assert_eq!(sms["outcome"], "ok", "{sms:#}");
+    assert_eq!(sms["output"]["to"], "+27820000001");
+    assert_eq!(sms["output"]["status"], "simulated");
+    assert_eq!(
+        sms["would_run"]["config"]["body"],
+        "Thanks Thandi! You scored 4/5. Airtime is on its way."
+    );
+
+    let webhook = step(&report, "poll-complete", "payment_webhook");
+    assert_eq!(webhook["outcome"], "ok", "{webhook:#}");
+    assert_eq!(webhook["output"]["status"], "simulated");
+    assert_eq!(
+        webhook["would_run"]["config"]["body"]["msisdn"],
+        "+27820000001"
+    );
+
+    // The emitted points_awarded event runs the points-awarded chain, whose
+    // log line is rendered.
+    let award = step(&report, "poll-complete", "award");
+    assert_eq!(award["outcome"], "ok", "{award:#}");
+    let child = &award["children"][0];
+    assert_eq!(child["event"]["event_type"], "points_awarded");
+    assert_eq!(child["event"]["depth"], 1);
+    let log = step(child, "points-awarded", "log");
+    assert_eq!(log["outcome"], "ok", "{log:#}");
+    assert_eq!(
+        log["logs"],
+        json!([{"level": "info", "message": "40 points for +27820000001"}])
+    );
+
+    let email = step(&report, "poll-complete-email", "send_email");
+    assert_eq!(email["outcome"], "ok", "{email:#}");
+    assert_eq!(email["output"]["to"], "thandi@example.org");
+
+    // In text, the same, and the exit status is 0.
+    let out = chains_test(&d, false).await;
+    let printed = out.ok();
+    assert!(
+        printed.contains("3. payment_webhook (payment_webhook): ok"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("log info: 40 points for +27820000001"),
+        "{printed}"
+    );
+
+    // A dry run stores nothing.
+    let (status, contacts) = d
+        .request(
+            reqwest::Method::GET,
+            "/v1/accounts/acme/contacts",
+            Some(d.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{contacts:#}");
+    assert_eq!(contacts["contacts"], json!([]), "{contacts:#}");
+}
+
+/// A step that would fail makes the dry run exit with status 3, naming the
+/// chain, the step and the fix, after the whole report.
+#[tokio::test]
+async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
+    let d = with_example_chains().await;
+    // No `gateway` secret: the webhook could not be signed.
+    let out = chains_test(&d, false).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("3. payment_webhook (payment_webhook): failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains(
+            "chain poll-complete, step payment_webhook (payment_webhook): failed: secret \"gateway\" of account acme is not set; set it with `switchboard secrets set acme gateway`"
+        ),
+        "{}",
+        out.stderr
+    );
+    // --json too, with the report on stdout.
+    let out = chains_test(&d, true).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("the report as JSON");
+    assert_eq!(
+        step(&report, "poll-complete", "award")["outcome"],
+        "skipped"
+    );
+
+    // A script whose outcome is failed: `scripts test` exits 3 as well.
+    let script = d.file(
+        "broken.rhai",
+        "fn handle(event, steps, config) { throw \"no points today\"; }\n",
+    );
+    d.cli(&[
+        "scripts",
+        "put",
+        "acme",
+        "broken",
+        script.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    let sample = example("chains/poll_complete.event.json");
+    let out = d
+        .cli(&[
+            "scripts",
+            "test",
+            "acme",
+            "broken",
+            "--event",
+            sample.to_str().expect("a UTF-8 path"),
+        ])
+        .await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stdout.contains("outcome: failed"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("script broken: failed:") && out.stderr.contains("no points today"),
+        "{}",
+        out.stderr
+    );
+    // Any other error is 1: an unknown script.
+    let out = d
+        .cli(&[
+            "scripts",
+            "test",
+            "acme",
+            "missing",
+            "--event",
+            sample.to_str().expect("a UTF-8 path"),
+        ])
+        .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+}
