@@ -297,9 +297,9 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Folder of chain files to apply.
-    #[arg(long, default_value_os_t = demo::default_chains_dir())]
-    chains: PathBuf,
+    /// Folder of chain files to apply [default: the example chains, built in].
+    #[arg(long)]
+    chains: Option<PathBuf>,
     /// Listen address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,

@@ -213,3 +213,41 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
         .await;
     assert_eq!(out.code, Some(1), "{out:?}");
 }
+
+/// `switchboard demo --once` runs from any directory (the example chains
+/// are built in) and, piped, writes no terminal escape codes.
+#[tokio::test]
+async fn the_demo_runs_from_an_empty_directory_and_pipes_plain_text() {
+    let empty = tempfile::tempdir().expect("a temporary directory");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["demo", "--once", "--listen", "127.0.0.1:0"])
+            .current_dir(empty.path())
+            .env_remove("NO_COLOR")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the demo runs")
+    })
+    .await
+    .expect("the demo's thread");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("applied examples/chains/acme.toml (built in) → account acme"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "SMS gateway received for +27820000001: \"Thanks Thandi! You scored 4/5. Airtime is on its way.\""
+        ),
+        "{stdout}"
+    );
+    assert!(stderr.contains("40 points for +27820000001"), "{stderr}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'),
+        "escape codes in piped output:\n{stdout:?}\n{stderr:?}"
+    );
+}

@@ -37,8 +37,10 @@ use crate::runtime::{Dispatcher, StartError};
 /// Options of the demo.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Folder of chain files to apply.
-    pub chains_dir: PathBuf,
+    /// Folder of chain files to apply; `None`: the example chains built
+    /// into the binary ([`EXAMPLE_CHAINS`]), so that the demo runs from
+    /// any directory.
+    pub chains_dir: Option<PathBuf>,
     /// Where the API listens.
     pub listen: SocketAddr,
     /// Stop after printing the traces instead of serving on.
@@ -81,7 +83,11 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
             timeout_secs: Some(10),
         },
     );
-    let dispatcher = Dispatcher::start(config, Some(&options.chains_dir)).await?;
+    let chains_dir = match &options.chains_dir {
+        Some(dir) => dir.clone(),
+        None => write_example_chains(data.path())?,
+    };
+    let dispatcher = Dispatcher::start(config, Some(&chains_dir)).await?;
     let addr = dispatcher.local_addr();
 
     println!("Switchboard demo: the dispatcher on the embedded bus (no NATS needed).");
@@ -90,9 +96,19 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         data.path().display()
     );
     for applied in dispatcher.applied() {
+        let path = match &options.chains_dir {
+            Some(_) => applied.path.display().to_string(),
+            None => format!(
+                "examples/chains/{} (built in)",
+                applied
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ),
+        };
         println!(
-            "applied {} → account {} at chain version {}",
-            applied.path.display(),
+            "applied {path} → account {} at chain version {}",
             applied.account,
             applied
                 .version
@@ -211,9 +227,25 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
-/// The example chains folder, found from the current directory.
-pub fn default_chains_dir() -> PathBuf {
-    Path::new("examples").join("chains")
+/// The example chains (`examples/chains/`), built into the binary: file
+/// name and contents.
+pub const EXAMPLE_CHAINS: &[(&str, &str)] =
+    &[("acme.toml", include_str!("../../examples/chains/acme.toml"))];
+
+/// Writes [`EXAMPLE_CHAINS`] into a folder under `data`; returns it.
+fn write_example_chains(data: &Path) -> Result<PathBuf, StartError> {
+    let dir = data.join("example-chains");
+    let failed = |e: std::io::Error| {
+        StartError::ChainFile(format!(
+            "writing the example chains to {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(&dir).map_err(failed)?;
+    for (name, contents) in EXAMPLE_CHAINS {
+        std::fs::write(dir.join(name), contents).map_err(failed)?;
+    }
+    Ok(dir)
 }
 
 /// Where the demo peers listen (the example chain's webhook URL points here).
