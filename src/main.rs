@@ -331,11 +331,17 @@ struct EmitCommand {
 
 #[derive(Debug, Subcommand)]
 enum ChainsCommand {
-    /// Apply chain files (TOML or JSON); each names its account.
+    /// Apply chain files (TOML or JSON); each names its account. A file's
+    /// chains replace the account's: chains it does not name are removed,
+    /// unless --merge. Prints what each file added, changed and removed.
     Apply {
         /// The files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Keep the account's chains that the file does not name (a chain of
+        /// the file replaces the one of the same name).
+        #[arg(long)]
+        merge: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -534,9 +540,11 @@ async fn main() -> ExitCode {
             print(cli::emit(&e.remote.client(), args, e.remote.json).await)
         }
         Command::Chains(c) => print(match c {
-            ChainsCommand::Apply { files, remote } => {
-                cli::chains_apply(&remote.client(), &files, remote.json).await
-            }
+            ChainsCommand::Apply {
+                files,
+                merge,
+                remote,
+            } => cli::chains_apply(&remote.client(), &files, merge, remote.json).await,
             ChainsCommand::List { account, remote } => {
                 cli::chains_list(&remote.client(), &account, remote.json).await
             }

@@ -74,7 +74,9 @@ async fn chains_apply_list_show_history_restore_and_rm() {
     let out = d.cli(&["chains", "apply", path]).await;
     assert_eq!(
         out.ok().trim(),
-        format!("applied {path}: account shop now at chain version 1 (3 chains)")
+        format!(
+            "applied {path}: account shop now at chain version 1 (3 chains): added orders, refunds, default"
+        )
     );
     let v1 = chains_of(&d, 1).await;
     assert_eq!(names(&v1), ["orders", "refunds", "default"]);

@@ -30,7 +30,7 @@ async fn with_example_chains() -> util::Dispatcher {
 }
 
 async fn chains_test(d: &util::Dispatcher, json: bool) -> CmdOutput {
-    let sample = example("chains/poll_complete.event.json");
+    let sample = example("events/poll_complete.json");
     let mut args = vec![
         "chains",
         "test",
@@ -182,7 +182,7 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
     ])
     .await
     .ok();
-    let sample = example("chains/poll_complete.event.json");
+    let sample = example("events/poll_complete.json");
     let out = d
         .cli(&[
             "scripts",
@@ -249,5 +249,166 @@ async fn the_demo_runs_from_an_empty_directory_and_pipes_plain_text() {
     assert!(
         !stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'),
         "escape codes in piped output:\n{stdout:?}\n{stderr:?}"
+    );
+}
+
+/// The names of the account's current chains.
+async fn chain_names(d: &util::Dispatcher, account: &str) -> Vec<String> {
+    let (_, current) = d.get(&format!("/v1/accounts/{account}/chains")).await;
+    current["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().expect("a chain name").to_string())
+        .collect()
+}
+
+const VIP: &str = r#"account_key = "acme"
+
+[[chains]]
+name = "vip"
+conversation_type = "vip"
+event_type = "joined"
+steps = [{ handler = "log", config = { message = "a VIP joined" } }]
+"#;
+
+/// `chains apply` says what it adds, changes and removes; a file replaces
+/// the account's chains unless `--merge`, which keeps those it does not name.
+#[tokio::test]
+async fn chains_apply_says_what_it_changes_and_merge_keeps_the_rest() {
+    let d = util::Dispatcher::with_config(None, &text(&example("switchboard.toml")));
+    let acme = example("chains/acme.toml");
+    let acme = acme.to_str().expect("a UTF-8 path");
+    let out = d.cli(&["chains", "apply", acme]).await;
+    assert!(
+        out.ok().contains(
+            "now at chain version 1 (4 chains): added poll-complete, points-awarded, default, poll-complete-email"
+        ),
+        "{}",
+        out.stdout
+    );
+
+    // A file with one other chain replaces them all, and says so.
+    let vip = d.file("vip.toml", VIP);
+    let vip = vip.to_str().expect("a UTF-8 path");
+    let out = d.cli(&["chains", "apply", vip]).await;
+    let printed = out.ok();
+    assert!(
+        printed.contains(
+            "now at chain version 2 (1 chains): added vip; removed poll-complete, points-awarded, default, poll-complete-email"
+        ) && printed.contains("`chains apply --merge` keeps those it does not name"),
+        "{printed}"
+    );
+    assert_eq!(chain_names(&d, "acme").await, ["vip"]);
+
+    // --merge keeps vip and adds the example's chains back.
+    let out = d.cli(&["chains", "apply", "--merge", acme]).await;
+    assert!(
+        out.ok().contains(
+            "now at chain version 3 (5 chains): added poll-complete, points-awarded, default, poll-complete-email"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        chain_names(&d, "acme").await,
+        [
+            "vip",
+            "poll-complete",
+            "points-awarded",
+            "default",
+            "poll-complete-email"
+        ]
+    );
+
+    // A merge of a changed chain changes only that one; the JSON answer
+    // lists each kind.
+    let changed = d.file("vip2.toml", &VIP.replace("a VIP joined", "a VIP is here"));
+    let answer = d
+        .cli(&[
+            "chains",
+            "apply",
+            "--merge",
+            changed.to_str().expect("a UTF-8 path"),
+            "--json",
+        ])
+        .await
+        .json();
+    assert_eq!(answer[0]["version"], 4);
+    assert_eq!(answer[0]["changed"], json!(["vip"]));
+    assert_eq!(answer[0]["added"], json!([]));
+    assert_eq!(answer[0]["removed"], json!([]));
+    assert_eq!(
+        answer[0]["unchanged"],
+        json!([
+            "poll-complete",
+            "points-awarded",
+            "default",
+            "poll-complete-email"
+        ])
+    );
+    // Applying the same again changes nothing, and says so.
+    let out = d
+        .cli(&[
+            "chains",
+            "apply",
+            "--merge",
+            changed.to_str().expect("a UTF-8 path"),
+        ])
+        .await;
+    assert!(
+        out.ok()
+            .contains("now at chain version 5 (5 chains): no chain changed"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// `run --chains DIR` applies a file only when it differs from what was
+/// last applied from it: chains changed through the API since are kept
+/// across restarts, and a changed file is applied at the next start.
+#[tokio::test]
+async fn run_with_chains_keeps_api_changes_until_the_file_changes() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("acme.toml");
+    std::fs::write(&file, VIP).expect("writing the chain file");
+    let mut d = util::Dispatcher::embedded_with_chains(dir.path());
+    assert_eq!(chain_names(&d, "acme").await, ["vip"]);
+
+    // Through the API, another chain is merged in.
+    let extra = d.file(
+        "extra.toml",
+        &VIP.replace("\"vip\"", "\"extra\"")
+            .replace("joined", "left"),
+    );
+    d.cli(&[
+        "chains",
+        "apply",
+        "--merge",
+        extra.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    assert_eq!(chain_names(&d, "acme").await, ["vip", "extra"]);
+
+    // A restart with the file unchanged keeps it.
+    d.restart();
+    assert_eq!(chain_names(&d, "acme").await, ["vip", "extra"]);
+    assert!(
+        d.log()
+            .contains("the file is unchanged since it was last applied"),
+        "{}",
+        d.log()
+    );
+
+    // A changed file is applied at the next start, as the account's chains.
+    std::fs::write(&file, VIP.replace("a VIP joined", "welcome, VIP")).expect("rewriting");
+    d.restart();
+    assert_eq!(chain_names(&d, "acme").await, ["vip"]);
+    let (_, current) = d.get("/v1/accounts/acme/chains").await;
+    assert_eq!(current["change"], "apply file acme.toml");
+    assert_eq!(
+        current["chains"][0]["steps"][0]["config"]["message"],
+        "welcome, VIP"
     );
 }

@@ -584,6 +584,12 @@ impl Dispatcher {
         Self::start_as(nats, config, Some(ADMIN_TOKEN))
     }
 
+    /// A dispatcher on the embedded bus applying the chain files in
+    /// `chains` at every start (`run --chains`).
+    pub fn embedded_with_chains(chains: &Path) -> Self {
+        Self::start_with(None, None, Some(ADMIN_TOKEN), Some(chains))
+    }
+
     /// A dispatcher on the NATS server at `url` with `config`, applying the
     /// chain files in `chains` before it consumes.
     pub fn nats_url_with_chains(url: &str, config: &str, chains: &Path) -> Self {

@@ -205,6 +205,7 @@ pub async fn emit(client: &Client, args: EmitArgs, json_out: bool) -> Result<Str
 pub async fn chains_apply(
     client: &Client,
     files: &[std::path::PathBuf],
+    merge: bool,
     json_out: bool,
 ) -> Result<String, CliError> {
     let mut out = String::new();
@@ -221,27 +222,58 @@ pub async fn chains_apply(
             Format::Json => "application/json",
             Format::Toml => "application/toml",
         };
-        let path_url = paths::chains(file.account_key.as_str());
-        let answer: ChainVersion = client
+        let mut path_url = paths::chains(file.account_key.as_str());
+        if merge {
+            path_url.push_str("?merge=true");
+        }
+        let answer: switchboard_api::chains::ChainsApplied = client
             .put_text(&path_url, text, content_type)
             .await
             .map_err(|e| match e {
                 ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
                 other => CliError::Client(other),
             })?;
-        let _ = writeln!(
-            out,
-            "applied {shown}: account {} now at chain version {} ({} chains)",
-            file.account_key,
-            answer.version,
-            answer.chains.len()
-        );
+        let _ = writeln!(out, "{}", describe_apply(&shown, &answer));
         answers.push(answer);
     }
     if json_out {
         return Ok(pretty(&answers));
     }
     Ok(out.trim_end().to_string())
+}
+
+/// What an apply did, for people: the version and the chains it added,
+/// changed and removed.
+fn describe_apply(shown: &str, a: &switchboard_api::chains::ChainsApplied) -> String {
+    let account = &a.version.account_key;
+    let mut parts = Vec::new();
+    for (what, names) in [
+        ("added", &a.added),
+        ("changed", &a.changed),
+        ("removed", &a.removed),
+    ] {
+        if !names.is_empty() {
+            parts.push(format!("{what} {}", names.join(", ")));
+        }
+    }
+    if a.reordered {
+        parts.push("reordered".into());
+    }
+    if parts.is_empty() {
+        parts.push("no chain changed".into());
+    }
+    let mut line = format!(
+        "applied {shown}: account {account} now at chain version {} ({} chains): {}",
+        a.version.version,
+        a.version.chains.len(),
+        parts.join("; ")
+    );
+    if !a.removed.is_empty() {
+        line.push_str(
+            "\n  (the file replaces the account's chains; `chains apply --merge` keeps those it does not name)",
+        );
+    }
+    line
 }
 
 /// The chains of a version, decoded into the rules' model.

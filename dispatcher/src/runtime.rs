@@ -466,8 +466,14 @@ fn spawn_expiry(journal: Journal, retention: Duration) {
     });
 }
 
+/// How a version applied from a chain file (`run --chains`) begins its
+/// `change`, followed by the file's name.
+pub const FROM_FILE: &str = "apply file";
+
 /// Applies every `*.toml` and `*.json` file in `dir`, in name order. A file
-/// whose chains equal the account's current chains makes no new version.
+/// whose chains equal the account's current chains makes no new version, and
+/// neither does a file unchanged since it was last applied ([`FROM_FILE`]):
+/// the account's chains changed through the API since then are kept.
 pub fn apply_chain_dir(
     chains: &ChainStore,
     registry: &Registry,
@@ -496,13 +502,37 @@ pub fn apply_chain_dir(
         let account = file.account_key.clone();
         let valid = validate(file, &account, registry)
             .map_err(|e| StartError::ChainFile(format!("{shown}: {e}")))?;
-        let unchanged = chains
-            .current(&account)?
+        let current = chains.current(&account)?;
+        let unchanged = current
+            .as_ref()
             .is_some_and(|current| current.chains == valid.file().chains);
+        // The chains last applied from a file: if the file still says the
+        // same, the account's chains were changed since through the API,
+        // and those changes stand.
+        let last_from_file = chains
+            .history(&account)?
+            .into_iter()
+            .rev()
+            .find(|v| v.change.starts_with(FROM_FILE));
+        let file_unchanged = last_from_file.is_some_and(|last| last.chains == valid.file().chains);
         let version = if unchanged {
+            tracing::info!(%account, file = %shown, "the account's chains equal the file's: nothing to apply");
+            None
+        } else if file_unchanged {
+            tracing::info!(%account, file = %shown, version = current.as_ref().map(|c| c.version),
+                "the file is unchanged since it was last applied; the account's chains were changed \
+                 since through the API, and those changes are kept");
             None
         } else {
-            Some(chains.apply(valid)?.version)
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            let (version, changes) =
+                chains.apply_changes(valid, false, &format!("{FROM_FILE} {name}"), registry)?;
+            tracing::info!(%account, file = %shown, version = version.version, added = ?changes.added,
+                changed = ?changes.changed, removed = ?changes.removed, "chain file applied");
+            Some(version.version)
         };
         applied.push(AppliedFile {
             path,

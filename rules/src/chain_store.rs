@@ -33,6 +33,53 @@ pub struct ChainVersion {
     pub chains: Vec<ChainSpec>,
 }
 
+/// What a new version changed, by chain name, in the new version's order
+/// (`removed`: the old version's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainChanges {
+    /// Chains the old version did not have.
+    pub added: Vec<String>,
+    /// Chains both have, different.
+    pub changed: Vec<String>,
+    /// Chains only the old version had.
+    pub removed: Vec<String>,
+    /// Chains both have, the same.
+    pub unchanged: Vec<String>,
+    /// Whether the chains both have are in another order.
+    pub reordered: bool,
+}
+
+impl ChainChanges {
+    /// From the chains `old` to the chains `new`.
+    pub fn between(old: &[ChainSpec], new: &[ChainSpec]) -> Self {
+        let mut changes = Self::default();
+        for chain in new {
+            let name = chain.name.clone();
+            match old.iter().find(|c| c.name == chain.name) {
+                None => changes.added.push(name),
+                Some(same) if same == chain => changes.unchanged.push(name),
+                Some(_) => changes.changed.push(name),
+            }
+        }
+        changes.removed = old
+            .iter()
+            .filter(|c| new.iter().all(|n| n.name != c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let kept = |chains: &[ChainSpec]| -> Vec<String> {
+            chains
+                .iter()
+                .filter(|c| {
+                    old.iter().any(|o| o.name == c.name) && new.iter().any(|n| n.name == c.name)
+                })
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        changes.reordered = kept(old) != kept(new);
+        changes
+    }
+}
+
 impl ChainVersion {
     /// The chain file of this version.
     pub fn to_file(&self) -> ChainFile {
@@ -162,6 +209,46 @@ impl ChainStore {
     /// Stores a checked chain file as the account's new version.
     pub fn apply(&self, chains: ValidChainFile) -> Result<ChainVersion, ChainStoreError> {
         self.commit(chains.into_file(), "apply".into())
+    }
+
+    /// Stores a checked chain file as the account's new version, replacing
+    /// the account's chains or merging the file's into them (`merge`: a
+    /// chain of the file replaces the one of the same name, the others
+    /// stay), with `change` as what made it; returns the version and what it
+    /// changed. Every apply makes a version, one that changes nothing too
+    /// (the history shows each apply). The merge is made against the version
+    /// this replica holds, under its writer lock.
+    pub fn apply_changes(
+        &self,
+        chains: ValidChainFile,
+        merge: bool,
+        change: &str,
+        catalog: &dyn crate::StepCatalog,
+    ) -> Result<(ChainVersion, ChainChanges), ChainStoreError> {
+        let _guard = self.writer.lock().expect("chain writer lock");
+        let file = chains.into_file();
+        let account = file.account_key.clone();
+        let current = self.current(&account)?;
+        let old: &[ChainSpec] = current.as_ref().map_or(&[], |v| &v.chains);
+        let file = if merge {
+            let mut merged = old.to_vec();
+            for chain in file.chains {
+                match merged.iter_mut().find(|c| c.name == chain.name) {
+                    Some(same) => *same = chain,
+                    None => merged.push(chain),
+                }
+            }
+            let merged = ChainFile {
+                account_key: account.clone(),
+                chains: merged,
+            };
+            // The merged set is checked as a whole, as an apply would be.
+            crate::validate(merged, &account, catalog)?.into_file()
+        } else {
+            file
+        };
+        let changes = ChainChanges::between(old, &file.chains);
+        Ok((self.commit_locked(file, change.to_string())?, changes))
     }
 
     /// The current version of `account`.

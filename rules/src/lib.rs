@@ -12,7 +12,7 @@ mod model;
 mod selection;
 mod validate;
 
-pub use chain_store::{ChainStore, ChainStoreError, ChainVersion};
+pub use chain_store::{ChainChanges, ChainStore, ChainStoreError, ChainVersion};
 pub use matching::{AccountChains, Routing};
 pub use model::{
     ChainFile, ChainSpec, DEFAULT_CHAIN, OnError, Pattern, RetrySpec, StepConfig, StepSpec,

@@ -37,6 +37,36 @@ pub struct ChainVersion {
     pub chains: Vec<Value>,
 }
 
+/// `PUT /v1/accounts/{account}/chains[?merge=true]`: the version now
+/// current and what the apply changed, by chain name. Without `merge` the
+/// file's chains replace the account's (a chain the file does not name is
+/// removed); with it, they replace those of the same name and the others
+/// stay. Every apply makes a version, one that changes nothing too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainsApplied {
+    /// The version now current.
+    #[serde(flatten)]
+    pub version: ChainVersion,
+    /// Chains the apply added.
+    pub added: Vec<String>,
+    /// Chains it changed.
+    pub changed: Vec<String>,
+    /// Chains it removed.
+    pub removed: Vec<String>,
+    /// Chains it left as they were.
+    pub unchanged: Vec<String>,
+    /// Whether it changed the order of the chains it kept.
+    pub reordered: bool,
+}
+
+/// The query of `PUT /v1/accounts/{account}/chains`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyQuery {
+    /// Keep the account's chains that the file does not name.
+    #[serde(default)]
+    pub merge: bool,
+}
+
 /// `GET /v1/accounts/{account}/chains/{name}`: one chain of the current
 /// version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -515,6 +515,7 @@ async fn show_chains(State(s): State<ApiState>, Path(account): Path<String>) -> 
 async fn apply_chains(
     State(s): State<ApiState>,
     Path(account): Path<String>,
+    Query(q): Query<switchboard_api::chains::ApplyQuery>,
     headers: HeaderMap,
     TextBody(body): TextBody,
 ) -> ApiResult {
@@ -533,9 +534,21 @@ async fn apply_chains(
     let file = parse_chain_file(&body, format, "request body")
         .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
     let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
-    let version = s.chains.apply(valid)?;
-    tracing::info!(%account, version = version.version, "chains applied");
-    Ok(version_json(&version).into_response())
+    let change = if q.merge { "apply (merge)" } else { "apply" };
+    let (version, changes) = s
+        .chains
+        .apply_changes(valid, q.merge, change, s.registry.as_ref())?;
+    tracing::info!(%account, version = version.version, added = ?changes.added,
+        changed = ?changes.changed, removed = ?changes.removed, "chains applied");
+    Ok(Json(switchboard_api::chains::ChainsApplied {
+        version: version_json(&version).0,
+        added: changes.added,
+        changed: changes.changed,
+        removed: changes.removed,
+        unchanged: changes.unchanged,
+        reordered: changes.reordered,
+    })
+    .into_response())
 }
 
 async fn remove_all_chains(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
