@@ -382,9 +382,10 @@ enum ChainsCommand {
     Test {
         /// The account.
         account: String,
-        /// The sample event (JSON; fields a worker may omit get defaults).
+        /// The sample event: a JSON file, `-` for stdin, or the JSON itself
+        /// (`'{...}'`); fields a worker may omit get defaults.
         #[arg(long)]
-        event: PathBuf,
+        event: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -423,7 +424,7 @@ enum ScriptsCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Print a script's source (the current version, or --version N).
+    /// Print a script's source (the current version, or --at VERSION).
     Show {
         /// The account.
         account: String,
@@ -441,9 +442,10 @@ enum ScriptsCommand {
         account: String,
         /// The script.
         name: String,
-        /// The sample: an event, or {"event": ..., "steps": ..., "config": ...} (JSON).
+        /// The sample: an event, or {"event": ..., "steps": ..., "config": ...}; a
+        /// JSON file, `-` for stdin, or the JSON itself (`'{...}'`).
         #[arg(long)]
-        event: PathBuf,
+        event: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -616,7 +618,7 @@ async fn main() -> ExitCode {
                 account,
                 id,
                 remote,
-            } => cli::dead_letters_show(&remote.client(), &account, &id).await,
+            } => cli::dead_letters_show(&remote.client(), &account, &id, remote.json).await,
             DeadLettersCommand::Replay {
                 account,
                 id: Some(id),

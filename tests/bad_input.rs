@@ -90,8 +90,22 @@ async fn bad_events_go_to_dead_letters_and_the_dispatcher_keeps_handling() {
         "{}",
         listed.stdout
     );
-    let shown = d.cli(&["dead-letters", "show", "acme", id]).await.json();
+    let shown = d
+        .cli(&["dead-letters", "show", "acme", id, "--json"])
+        .await
+        .json();
     assert_eq!(shown, letter);
+    // For people by default: why, and how to replay it.
+    let text = d.cli(&["dead-letters", "show", "acme", id]).await;
+    let text = text.ok();
+    assert!(
+        text.contains(&format!("dead letter {id} of account acme (dead)"))
+            && text.contains("reason: poison")
+            && text.contains(&format!(
+                "replay: switchboard dead-letters replay acme {id}"
+            )),
+        "{text}"
+    );
 
     // JSON, but not an event: an account key with a dot in it.
     let mut bad_key = serde_json::to_value(event(

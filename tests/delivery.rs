@@ -484,10 +484,19 @@ config = {{ url = "{recv}/hook/200/receipt", secret = "gateway" }}
 
     // Shown while dead: where it failed, how often, why.
     let shown = d
-        .cli(&["dead-letters", "show", ACCOUNT, &letter_id])
+        .cli(&["dead-letters", "show", ACCOUNT, &letter_id, "--json"])
         .await
         .json();
     assert_eq!(shown, letter);
+    let text = d.cli(&["dead-letters", "show", ACCOUNT, &letter_id]).await;
+    let text = text.ok();
+    assert!(
+        text.contains("after 2 attempt(s)")
+            && text.contains("reason: step_failed")
+            && text.contains("chain orders, step pay")
+            && text.contains("HTTP 500"),
+        "{text}"
+    );
     assert_eq!(shown["status"], "dead");
     assert_eq!(shown["reason"], "step_failed");
     assert_eq!(

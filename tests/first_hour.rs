@@ -412,3 +412,76 @@ async fn run_with_chains_keeps_api_changes_until_the_file_changes() {
         "welcome, VIP"
     );
 }
+
+/// `--event` takes a file, `-` for stdin or the JSON itself; a `log` step's
+/// rendered line is in the trace, in text too.
+#[tokio::test]
+async fn samples_come_from_stdin_or_inline_and_traces_show_log_lines() {
+    let d = util::Dispatcher::embedded();
+    let vip = d.file("vip.toml", VIP);
+    d.cli(&["chains", "apply", vip.to_str().expect("a UTF-8 path")])
+        .await
+        .ok();
+    let sample = r#"{"conversation_type": "vip", "conversation_key": "c1", "event_type": "joined", "event_data": {}}"#;
+
+    let inline = d.cli(&["chains", "test", "acme", "--event", sample]).await;
+    assert!(
+        inline.ok().contains("log info: a VIP joined"),
+        "{}",
+        inline.stdout
+    );
+
+    let (url, token) = (d.url().to_string(), d.admin_token().to_string());
+    let piped = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["chains", "test", "acme", "--event", "-", "--server", &url])
+            .env("SWITCHBOARD_TOKEN", token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the CLI runs");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(sample.as_bytes())
+            .expect("writing the sample");
+        child.wait_with_output().expect("the CLI ends")
+    })
+    .await
+    .expect("the CLI's thread");
+    let stdout = String::from_utf8_lossy(&piped.stdout);
+    assert!(
+        piped.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert!(stdout.contains("log info: a VIP joined"), "{stdout}");
+
+    let missing = d
+        .cli(&["chains", "test", "acme", "--event", "no-such-sample.json"])
+        .await;
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing
+            .stderr
+            .contains("--event takes a JSON file, `-` for stdin, or the JSON itself"),
+        "{}",
+        missing.stderr
+    );
+
+    // The event, handled: its trace shows the log step's line.
+    let event: Value = serde_json::from_str(sample).expect("the sample is JSON");
+    let mut event = event;
+    event["account_key"] = json!("acme");
+    let id = d.post_event(&event).await;
+    d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    let trace = d.cli(&["trace", "acme", &id]).await;
+    assert!(
+        trace.ok().contains("log info: a VIP joined"),
+        "{}",
+        trace.stdout
+    );
+}

@@ -496,6 +496,9 @@ pub fn render_trace(t: &Trace) -> String {
             if let Some(error) = &s.error {
                 let _ = write!(out, "\n     error: {error}");
             }
+            for l in &s.logs {
+                let _ = write!(out, "\n     log {}: {}", l.level, l.message);
+            }
             out.push('\n');
         }
     }
@@ -540,9 +543,65 @@ pub async fn dead_letters_show(
     client: &Client,
     account_raw: &str,
     id: &str,
+    json_out: bool,
 ) -> Result<String, CliError> {
-    let answer: Value = client.get(&paths::dead_letter(account_raw, id)).await?;
-    Ok(pretty(&answer))
+    let path = paths::dead_letter(account_raw, id);
+    let answer: Value = client.get(&path).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let letter: DeadLetter = decode(answer, &path)?;
+    Ok(render_letter(&letter))
+}
+
+/// A dead letter, for people.
+fn render_letter(l: &DeadLetter) -> String {
+    let mut out = format!(
+        "dead letter {} of account {} ({})
+filed {} after {} attempt(s)
+reason: {}
+error: {}
+",
+        l.id,
+        l.account_key,
+        wire_name(&l.status),
+        format_rfc3339(l.at),
+        l.attempts,
+        wire_name(&l.reason),
+        l.error,
+    );
+    if let Some(chain) = &l.chain {
+        let step = l.step.as_deref().unwrap_or("-");
+        let _ = writeln!(out, "chain {chain}, step {step}");
+    }
+    if let Some(subject) = &l.subject {
+        let _ = writeln!(out, "subject: {subject}");
+    }
+    match (&l.event, &l.payload) {
+        (Some(e), _) => {
+            let _ = writeln!(
+                out,
+                "event {} ({}/{}, conversation {}, depth {})
+data: {}",
+                e.id,
+                e.conversation_type,
+                e.event_type,
+                e.conversation_key,
+                e.depth,
+                Value::Object(e.event_data.clone())
+            );
+        }
+        (None, Some(payload)) => {
+            let _ = writeln!(out, "payload (not an event): {}", shorten(payload, 400));
+        }
+        (None, None) => {}
+    }
+    let _ = write!(
+        out,
+        "replay: switchboard dead-letters replay {} {}",
+        l.account_key, l.id
+    );
+    out
 }
 
 /// `switchboard dead-letters replay ACCOUNT ID`
@@ -634,9 +693,24 @@ pub async fn dead_letters_discard(
     ))
 }
 
-fn read_json_file(path: &std::path::Path) -> Result<Value, CliError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| input(format!("reading {shown}: {e}")))?;
+/// A sample given as `--event`: a JSON file, `-` for stdin, or the JSON
+/// itself (an argument that starts with `{`).
+fn read_sample(arg: &str) -> Result<Value, CliError> {
+    let (shown, text) = if arg == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| input(format!("reading the sample from stdin: {e}")))?;
+        ("the sample on stdin".to_string(), text)
+    } else if arg.trim_start().starts_with('{') {
+        ("the --event argument".to_string(), arg.to_string())
+    } else {
+        let text = std::fs::read_to_string(arg).map_err(|e| {
+            input(format!(
+                "reading {arg}: {e} (--event takes a JSON file, `-` for stdin, or the JSON itself)"
+            ))
+        })?;
+        (arg.to_string(), text)
+    };
     serde_json::from_str(&text).map_err(|e| input(format!("{shown} is not JSON: {e}")))
 }
 
@@ -745,11 +819,11 @@ pub async fn scripts_test(
     client: &Client,
     account_raw: &str,
     name: &str,
-    event_file: &std::path::Path,
+    event: &str,
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let sample = read_json_file(event_file)?;
+    let sample = read_sample(event)?;
     let answer: switchboard_api::scripts::ScriptTest = client
         .post(&paths::script_test(a.as_str(), name), &sample)
         .await?;
@@ -822,11 +896,11 @@ fn render_run(run: &Value, indent: &str, out: &mut String) {
 pub async fn chains_test(
     client: &Client,
     account_raw: &str,
-    event_file: &std::path::Path,
+    event: &str,
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let sample = read_json_file(event_file)?;
+    let sample = read_sample(event)?;
     let answer: switchboard_api::chains::ChainTest =
         client.post(&paths::chain_test(a.as_str()), &sample).await?;
     let failing = failing_steps(&answer);

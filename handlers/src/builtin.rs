@@ -7,7 +7,8 @@ use switchboard_sdk::{ConversationKey, ConversationType, EventType};
 use crate::options::{any_str, check_key, object_option, only_known, rendered_key, string_option};
 use crate::{EmitRequest, Handler, StepError, StepInput, StepOutput};
 
-/// `log`: writes a structured tracing line; outputs nothing.
+/// `log`: writes a structured tracing line, kept in the trace as the step's
+/// log line; outputs nothing.
 ///
 /// Options: `message` (template; default names the event), `level` (`trace`,
 /// `debug`, `info` (default), `warn`, `error`), `fields` (an object of templates).
@@ -75,7 +76,11 @@ impl Handler for Log {
             "error" => line!(error),
             _ => line!(info),
         }
-        Ok(StepOutput::default())
+        // The line goes into the trace too.
+        Ok(StepOutput {
+            logs: vec![crate::LogLine { level, message }],
+            ..StepOutput::default()
+        })
     }
 
     /// The line it would write, as a log line of the step.

@@ -139,7 +139,7 @@ pub struct StepOutput {
     pub stop: bool,
     /// Events to publish, in order.
     pub emit: Vec<EmitRequest>,
-    /// Lines the step logged for the trace (scripts; empty for built-ins).
+    /// Lines the step logged for the trace (a script's, a `log` step's).
     pub logs: Vec<LogLine>,
 }
 
