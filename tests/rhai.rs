@@ -213,17 +213,17 @@ async fn a_hostile_script_fails_its_step_while_other_events_are_served() {
         (
             "spin",
             "fn handle(e, s, c) {\n  loop { }\n}",
-            "too many operations (limit 100000)",
+            "too many operations (limit 100000; raise `[rhai] max_operations`",
         ),
         (
             "recurse",
             "fn f(x) { f(x) }\nfn handle(e, s, c) { f(1) }",
-            "function calls nested too deeply (limit 32 levels)",
+            "function calls nested too deeply (limit 32 levels; `[rhai] max_call_levels`)",
         ),
         (
             "grow",
             "fn handle(e, s, c) {\n  let s = \"ab\";\n  loop { s += s; }\n}",
-            "string too large (limit 65536 bytes)",
+            "string too large (limit 65536 bytes; `[rhai] max_string_size`)",
         ),
         (
             "reader",

@@ -74,6 +74,9 @@ pub struct RhaiLimits {
     pub max_emits: usize,
     /// Log lines one call may write (later ones are dropped and counted).
     pub max_log_lines: usize,
+    /// Reading a field a map does not have is an error naming the field,
+    /// instead of `()`.
+    pub strict_fields: bool,
 }
 
 impl Default for RhaiLimits {
@@ -90,6 +93,7 @@ impl Default for RhaiLimits {
             timeout: Duration::from_millis(100),
             max_emits: 100,
             max_log_lines: 100,
+            strict_fields: false,
         }
     }
 }
@@ -284,6 +288,10 @@ impl ScriptRuntime {
             .set_max_map_size(limits.max_map_size)
             .set_max_variables(limits.max_variables)
             .set_max_modules(0)
+            // A name used before it is defined (a typo, or a top-level
+            // `const` read inside `fn handle`) is refused when stored.
+            .set_strict_variables(true)
+            .set_fail_on_invalid_map_property(limits.strict_fields)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new())
             .disable_symbol("eval")
             .disable_symbol("import")
@@ -362,9 +370,12 @@ impl ScriptRuntime {
         {
             return Ok(ast.clone());
         }
+        // `event` is the one name a condition is given.
+        let mut scope = Scope::new();
+        scope.push_constant_dynamic("event", Dynamic::UNIT);
         let ast = Arc::new(
             self.engine
-                .compile_expression(expr)
+                .compile_expression_with_scope(&scope, expr)
                 .map_err(|e| self.parse_error(&e))?,
         );
         let mut cache = self.conditions.write().expect("condition cache lock");
@@ -383,6 +394,11 @@ impl ScriptRuntime {
             rhai::ParseErrorType::ExprTooDeep => format!(
                 "expressions nested too deeply (limits: {} levels at the top, {} in functions)",
                 self.limits.max_expr_depth, self.limits.max_function_expr_depth
+            ),
+            rhai::ParseErrorType::VariableUndefined(name) => format!(
+                "`{name}` is not defined here: `fn handle` sees its parameters (event, steps, \
+                 config) and what it declares itself; a top-level `let` or `const` is not \
+                 visible inside a function (declare it inside, or pass it in `config`)"
             ),
             rhai::ParseErrorType::Reserved(word) if word == "eval" => {
                 "`eval` is not available to scripts".into()
@@ -529,29 +545,43 @@ impl ScriptRuntime {
         let (inner, pos) = innermost(e);
         let l = &self.limits;
         let reason = match inner {
-            EvalAltResult::ErrorTooManyOperations(_) => {
-                format!("too many operations (limit {})", l.max_operations)
-            }
-            EvalAltResult::ErrorStackOverflow(_) => {
-                format!(
-                    "function calls nested too deeply (limit {} levels)",
-                    l.max_call_levels
-                )
-            }
-            EvalAltResult::ErrorTooManyVariables(_) => {
-                format!("too many variables (limit {})", l.max_variables)
-            }
+            EvalAltResult::ErrorTooManyOperations(_) => format!(
+                "too many operations (limit {}; raise `[rhai] max_operations` if the script \
+                 needs more)",
+                l.max_operations
+            ),
+            EvalAltResult::ErrorStackOverflow(_) => format!(
+                "function calls nested too deeply (limit {} levels; `[rhai] max_call_levels`)",
+                l.max_call_levels
+            ),
+            EvalAltResult::ErrorTooManyVariables(_) => format!(
+                "too many variables (limit {}; `[rhai] max_variables`)",
+                l.max_variables
+            ),
+            EvalAltResult::ErrorPropertyNotFound(name, _) => format!(
+                "field {name:?} is missing (`[rhai] strict_fields` is on): test for it first with \
+                 `\"{name}\" in ...`, or give a default with `... ?? value`"
+            ),
             EvalAltResult::ErrorTooManyModules(_) => {
                 "`import` is not available: scripts cannot load modules".into()
             }
             EvalAltResult::ErrorDataTooLarge(what, _) => {
                 let what = what.to_ascii_lowercase();
                 if what.contains("string") {
-                    format!("string too large (limit {} bytes)", l.max_string_size)
+                    format!(
+                        "string too large (limit {} bytes; `[rhai] max_string_size`)",
+                        l.max_string_size
+                    )
                 } else if what.contains("array") {
-                    format!("array too large (limit {} items)", l.max_array_size)
+                    format!(
+                        "array too large (limit {} items; `[rhai] max_array_size`)",
+                        l.max_array_size
+                    )
                 } else if what.contains("map") {
-                    format!("object map too large (limit {} entries)", l.max_map_size)
+                    format!(
+                        "object map too large (limit {} entries; `[rhai] max_map_size`)",
+                        l.max_map_size
+                    )
                 } else {
                     format!("{what} too large")
                 }
@@ -560,14 +590,11 @@ impl ScriptRuntime {
                 if token.clone().into_string().ok().as_deref() == Some(TIMEOUT_TOKEN) =>
             {
                 format!(
-                    "ran out of time (limit {})",
+                    "ran out of time (limit {}; `[rhai] timeout`)",
                     switchboard_rules::duration::format(l.timeout)
                 )
             }
-            EvalAltResult::ErrorFunctionNotFound(signature, _) => format!(
-                "unknown function {signature}: scripts may call {SCRIPT_FUNCTIONS} and the \
-                 functions they define"
-            ),
+            EvalAltResult::ErrorFunctionNotFound(signature, _) => function_not_found(signature),
             EvalAltResult::ErrorModuleNotFound(module, _) => {
                 format!("`import {module:?}` is not available: scripts cannot load modules")
             }
@@ -597,6 +624,55 @@ impl ScriptRuntime {
             format!("{out}: {reason}")
         }
     }
+}
+
+/// Each function Switchboard gives scripts (see `register_functions`):
+/// the numbers of arguments it takes, and how it is called.
+const OUR_FUNCTIONS: &[(&str, &[usize], &str)] = &[
+    (
+        "emit",
+        &[2, 4],
+        "emit(event_type, data) or emit(conversation_type, conversation_key, event_type, data)",
+    ),
+    ("log", &[1, 2], "log(level, message) or log(message)"),
+    ("contact", &[1], "contact(msisdn_or_email)"),
+    ("now", &[0], "now()"),
+    ("parse_json", &[1], "parse_json(text)"),
+    ("to_json", &[1], "to_json(value)"),
+    ("stop", &[0], "stop()"),
+    ("retry", &[1, 2], "retry(delay) or retry(delay, message)"),
+];
+
+/// A call no function takes, in words that say what to do: a function of
+/// ours called with the wrong number of arguments, or an operand that is
+/// `()` (most often a field the map does not have).
+fn function_not_found(signature: &str) -> String {
+    let (name, args) = match signature.split_once(" (") {
+        Some((name, rest)) => (name.trim(), rest.strip_suffix(')').unwrap_or(rest)),
+        None => (signature.trim(), ""),
+    };
+    let arity = if args.trim().is_empty() {
+        0
+    } else {
+        args.split(", ").count()
+    };
+    if let Some((_, arities, usage)) = OUR_FUNCTIONS.iter().find(|(n, _, _)| *n == name)
+        && !arities.contains(&arity)
+    {
+        return format!("{name} was given {arity} argument(s); call it as {usage}");
+    }
+    if args.split(", ").any(|a| a.trim() == "()") {
+        return format!(
+            "{signature}: an operand is `()`, which is what reading a field the map does not \
+             have gives; test for it first with `\"field\" in map`, give a default with \
+             `map.field ?? value`, or turn on `[rhai] strict_fields` to have missing fields \
+             named where they are read"
+        );
+    }
+    format!(
+        "unknown function {signature}: scripts may call {SCRIPT_FUNCTIONS} and the functions \
+         they define"
+    )
 }
 
 /// The error that started it all, and the best position known for it.

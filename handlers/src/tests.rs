@@ -137,6 +137,7 @@ async fn emit_fails_permanently_on_a_bad_rendered_key() {
 
 #[tokio::test]
 async fn log_outputs_nothing_and_fails_on_undefined() {
+    // No output; its line, rendered, is kept for the trace.
     assert_eq!(
         run(&step(
             "log",
@@ -144,7 +145,13 @@ async fn log_outputs_nothing_and_fails_on_undefined() {
         ))
         .await
         .unwrap(),
-        StepOutput::default()
+        StepOutput {
+            logs: vec![crate::LogLine {
+                level: "info".into(),
+                message: "score 4".into()
+            }],
+            ..StepOutput::default()
+        }
     );
     let err = run(&step(
         "log",

@@ -1,6 +1,6 @@
 //! The partition changelog: how a partition's owner makes the state it
-//! writes durable, and how the other replicas follow it (DESIGN.md, "State,
-//! and scaling out"; the fencing argument is in RELIABILITY.md).
+//! writes durable, and how the other replicas follow it (docs/contract.md,
+//! "State"; the fencing argument is in RELIABILITY.md).
 //!
 //! One JetStream stream, [`STREAM`], holds every partition's changelog:
 //!

@@ -210,24 +210,24 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
     check_fails_with(
         fast,
         "fn handle(e, s, c) {\n  loop { }\n}",
-        "script t v3: ran out of time (limit 50ms)",
+        "script t v3: ran out of time (limit 50ms; `[rhai] timeout`)",
     );
     check_fails(
         "fn handle(e, s, c) {\n  let i = 0;\n  while true { i += 1; }\n}",
-        "script t v3: too many operations (limit 100000)",
+        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations`",
     );
     check_fails(
         "fn f(x) { f(x + 1) }\nfn handle(e, s, c) { f(0) }",
-        "script t v3: function calls nested too deeply (limit 32 levels)",
+        "script t v3: function calls nested too deeply (limit 32 levels; `[rhai] max_call_levels`)",
     );
     check_fails(
         "fn handle(e, s, c) {\n  let s = \"x\";\n  loop { s += s; }\n}",
-        "script t v3: string too large (limit 65536 bytes)",
+        "script t v3: string too large (limit 65536 bytes; `[rhai] max_string_size`)",
     );
     check_fails_with(
         roomy(),
         "fn handle(e, s, c) {\n  let a = [];\n  loop { a.push(1); }\n}",
-        "script t v3: array too large (limit 10000 items)",
+        "script t v3: array too large (limit 10000 items; `[rhai] max_array_size`)",
     );
     // Rhai 1.27 does not check max_map_size when `m[new_key] = v` adds an
     // entry; the operation limit bounds a map bomb instead.
@@ -237,7 +237,7 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
             ..RhaiLimits::default()
         },
         "fn handle(e, s, c) {\n  let m = #{};\n  let i = 0;\n  loop { m[`k${i}`] = i; i += 1; }\n}",
-        "script t v3: too many operations (limit 100000)",
+        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations`",
     );
     check_fails(
         "fn handle(e, s, c) {\n  open_file(\"/etc/passwd\")\n}",
@@ -258,7 +258,7 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
     check_fails_with(
         few_variables,
         "fn handle(e, s, c) { let a = 1; let b = 2; let d = 3; let f = 4; let g = 5; }",
-        "too many variables (limit 4)",
+        "too many variables (limit 4; `[rhai] max_variables`)",
     );
 }
 
@@ -352,7 +352,7 @@ fn when_conditions() {
     check_condition(
         "event.event_data.score * 2 > 3",
         json!({}),
-        Err("line 1: unknown function"),
+        Err("line 1: * ((), i64): an operand is `()`"),
     );
     check_condition(
         "emit(\"x\", #{}) == ()",
@@ -569,5 +569,52 @@ fn a_shared_event_serves_conditions_and_scripts_get_a_private_copy() {
         rt.eval_condition(&ast, &shared),
         Ok(true),
         "the script changed only its copy"
+    );
+}
+
+/// The mistakes a new script author makes, each with the message that says
+/// where and what to do.
+#[test]
+fn first_mistakes_are_named_with_the_line_and_the_fix() {
+    // A missing field reads as `()`; arithmetic on it says so.
+    check_fails(
+        "fn handle(event, steps, config) {\n  let p = event.event_data.percent * 100;\n  #{ p: p }\n}",
+        "script t v3, line 2: * ((), i64): an operand is `()`, which is what reading a field the map does not have gives; test for it first with `\"field\" in map`",
+    );
+    // The hint's default works.
+    check_output(
+        "#{ p: (event.event_data.percent ?? 0) * 100, has: \"percent\" in event.event_data }",
+        json!({"p": 0, "has": false}),
+    );
+    // With strict fields, the typo is named where it is read.
+    check_fails_with(
+        RhaiLimits {
+            strict_fields: true,
+            ..RhaiLimits::default()
+        },
+        "fn handle(event, steps, config) {\n  let name = event.event_data.nmae;\n  #{ name: name }\n}",
+        "script t v3, line 2: field \"nmae\" is missing (`[rhai] strict_fields` is on)",
+    );
+    // A name that is not defined is refused when the script is stored,
+    // with its line and column.
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  #{ id: evnt.id }\n}",
+        "line 2, column 10: `evnt` is not defined here",
+    );
+    // So is a top-level constant read inside handle.
+    check_compile_error(
+        "const BONUS = 5;\nfn handle(event, steps, config) {\n  #{ b: BONUS }\n}",
+        "line 3, column 9: `BONUS` is not defined here: `fn handle` sees its parameters (event, steps, config) and what it declares itself; a top-level `let` or `const` is not visible inside a function",
+    );
+    // One of our functions with the wrong number of arguments says how to
+    // call it.
+    check_fails(
+        "fn handle(event, steps, config) {\n  log(\"info\", \"a\", \"b\");\n}",
+        "script t v3, line 2: log was given 3 argument(s); call it as log(level, message) or log(message)",
+    );
+    // An unknown function is still named as one.
+    check_fails(
+        "fn handle(event, steps, config) {\n  sendd(1)\n}",
+        "script t v3, line 2: unknown function sendd (i64): scripts may call emit, log",
     );
 }
