@@ -41,7 +41,10 @@ impl Process {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("starting {name} (python3 on PATH? run ./scripts/test once): {e}")
+                panic!(
+                    "starting {name} (run ./scripts/test once, and put target/test-peers/bin \
+                     first on PATH): {e}"
+                )
             });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();

@@ -52,8 +52,8 @@ async fn python_worker(args: &[&str]) -> Run {
     };
     assert!(
         !run.stderr.contains("ModuleNotFoundError"),
-        "the Python worker's dependencies are missing: \
-         python3 -m pip install -r tests/peers/requirements.txt\n{}",
+        "the Python worker's dependencies are missing: run ./scripts/test once (it installs \
+         them into target/test-peers) and put target/test-peers/bin first on PATH\n{}",
         run.stderr
     );
     run

@@ -2,7 +2,7 @@
 //! NATS JetStream with `switchboard-sdk` (feature `nats`): the example to copy.
 //!
 //! ```sh
-//! cargo run --example worker -- --nats nats://127.0.0.1:4222 --account acme --count 3
+//! cargo run -p switchboard-example-worker -- --nats nats://127.0.0.1:4222 --account acme --count 3
 //! ```
 //!
 //! For each event it prints `ID sequence=N duplicate=false|true`. The
