@@ -1,5 +1,5 @@
 //! Inbound provider webhooks, end to end: the fixture files of
-//! `../shared/fixtures` posted as-is to the dispatcher's inbound URLs after
+//! `tests/fixtures` posted as-is to the dispatcher's inbound URLs after
 //! real sends (through the SMTP sink and the fake Twilio API) recorded the
 //! messages they report on; statuses, transitions, emitted events, chains
 //! reacting to them, unmatched records, and the refusals (wrong secret,
@@ -17,11 +17,11 @@ use crate::util::{Dispatcher, TIMEOUT, event};
 
 const SENDGRID_FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/sendgrid-event-webhook.json"
+    "/tests/fixtures/sendgrid-event-webhook.json"
 );
 const TWILIO_FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/twilio-status-callbacks.txt"
+    "/tests/fixtures/twilio-status-callbacks.txt"
 );
 
 /// The AccountSid of the Twilio fixture.

@@ -4,11 +4,11 @@ use super::*;
 
 const SENDGRID: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/sendgrid-event-webhook.json"
+    "/../../tests/fixtures/sendgrid-event-webhook.json"
 ));
 const TWILIO: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/twilio-status-callbacks.txt"
+    "/../../tests/fixtures/twilio-status-callbacks.txt"
 ));
 
 /// One line per record: what it reports, or why it cannot be used.
