@@ -293,6 +293,12 @@ struct RunArgs {
     /// Log lines as JSON.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    /// Start the demo's peers and deliver to them, as `demo` does: SMS
+    /// provider `gateway` and the payment gateway on 127.0.0.1:8090, e-mail
+    /// provider `mail` to an SMTP sink; sets the webhook secret `gateway` of
+    /// every account --chains applies. What they receive is logged.
+    #[arg(long)]
+    demo_peers: bool,
 }
 
 #[derive(Debug, Args)]
@@ -784,10 +790,26 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
             .filter(|t| !t.is_empty()),
         public_url: args.public_url,
     };
-    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let mut config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let peers = match args.demo_peers {
+        true => Some(
+            demo::DemoPeers::start(&mut config)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        false => None,
+    };
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(peers) = peers {
+        peers.set_secrets(&dispatcher).map_err(|e| e.to_string())?;
+        eprintln!(
+            "demo peers on http://{}: webhook secret \"gateway\" set for the accounts applied",
+            demo::PEERS_ADDR
+        );
+        peers.log_what_arrives();
+    }
     for applied in dispatcher.applied() {
         eprintln!(
             "applied {} → account {} {}",

@@ -215,9 +215,11 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
 }
 
 /// `switchboard demo --once` runs from any directory (the example chains
-/// are built in) and, piped, writes no terminal escape codes.
+/// are built in) and, piped, writes no terminal escape codes; then `run
+/// --demo-peers` with the README's command delivers the example chain to the
+/// same peers. One test: both need the peers' fixed port.
 #[tokio::test]
-async fn the_demo_runs_from_an_empty_directory_and_pipes_plain_text() {
+async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
     let empty = tempfile::tempdir().expect("a temporary directory");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -249,6 +251,65 @@ async fn the_demo_runs_from_an_empty_directory_and_pipes_plain_text() {
     assert!(
         !stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'),
         "escape codes in piped output:\n{stdout:?}\n{stderr:?}"
+    );
+
+    // The README's `run` with the example config and chains, and the demo's
+    // peers: a poll_complete is texted, paid out (signature verified) and
+    // e-mailed.
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let log = data.path().join("run.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["run", "--demo-peers", "--listen", "127.0.0.1:0", "--config"])
+        .arg(example("switchboard.toml"))
+        .arg("--chains")
+        .arg(example("chains"))
+        .arg("--data")
+        .arg(data.path().join("data"))
+        .env("SWITCHBOARD_ADMIN_TOKEN", util::ADMIN_TOKEN)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
+        .spawn()
+        .expect("switchboard run starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let url = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
+    })
+    .await
+    .expect("reading stdout");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(url) = url else {
+        let _ = child.kill();
+        panic!("run did not start:\n{}", read_log());
+    };
+    let sample: Value = serde_json::from_str(&text(&example("events/poll_complete.json")))
+        .expect("the sample is JSON");
+    let answer = util::http_client(Some(util::ADMIN_TOKEN))
+        .post(format!("{url}/v1/events"))
+        .json(&sample)
+        .send()
+        .await
+        .expect("posting the sample");
+    assert!(answer.status().is_success(), "{:?}", answer.text().await);
+    let delivered = |log: &str| {
+        log.contains("SMS gateway received for +27820000001")
+            && log.contains("(signature verified)")
+            && log.contains("SMTP sink received for thandi@example.org")
+    };
+    let deadline = std::time::Instant::now() + util::TIMEOUT;
+    while !delivered(&read_log()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read_log();
+    assert!(
+        delivered(&log) && log.contains("demo peers on http://127.0.0.1:8090"),
+        "{log}"
     );
 }
 

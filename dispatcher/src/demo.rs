@@ -53,36 +53,13 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .prefix("switchboard-demo-")
         .tempdir()
         .map_err(|e| StartError::ChainFile(format!("creating a temporary data directory: {e}")))?;
-    let peers = Peers::start(PEERS_ADDR).await?;
     let mut config = Config::default();
     config.store.data_dir = data.path().to_path_buf();
     config.http.listen = options.listen;
-    // The demo's payment gateway listens on loopback.
-    config.outbound.allow.push("127.0.0.1".into());
     // A fresh admin token per demo, printed for the commands below.
     let admin_token = AdminToken::generate().map_err(|e| StartError::Config(e.to_string()))?;
     config.http.admin_token = Some(admin_token.clone());
-    config.providers.sms.insert(
-        "gateway".into(),
-        SmsProvider::Http(HttpSms {
-            url: format!("http://{PEERS_ADDR}/sms"),
-            from: Some("Switchboard".into()),
-            token: None,
-        }),
-    );
-    let smtp_port = peers.start_smtp().await?;
-    config.providers.email.insert(
-        "mail".into(),
-        EmailProvider {
-            host: "127.0.0.1".into(),
-            port: Some(smtp_port),
-            security: SmtpSecurity::None,
-            username: None,
-            password: None,
-            from: Some("Switchboard demo <demo@switchboard.invalid>".into()),
-            timeout_secs: Some(10),
-        },
-    );
+    let peers = DemoPeers::start(&mut config).await?;
     let chains_dir = match &options.chains_dir {
         Some(dir) => dir.clone(),
         None => write_example_chains(data.path())?,
@@ -120,8 +97,7 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .first()
         .map(|a| a.account.clone())
         .unwrap_or_else(|| "acme".to_string());
-    let account_key = AccountKey::new(account.clone()).expect("applied accounts are valid");
-    StoredSecrets::new(dispatcher.store().clone()).set(&account_key, "gateway", DEMO_SECRET)?;
+    peers.set_secrets(&dispatcher)?;
     println!(
         "account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}"
     );
@@ -160,7 +136,7 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
             continue;
         }
         print!("{}", show_lineage(&dispatcher, &account, event.id).await);
-        for line in peers.take() {
+        for line in peers.peers.take() {
             println!("   ↳ {line}");
         }
     }
@@ -252,6 +228,78 @@ fn write_example_chains(data: &Path) -> Result<PathBuf, StartError> {
 pub const PEERS_ADDR: &str = "127.0.0.1:8090";
 /// The demo account's webhook signing secret.
 const DEMO_SECRET: &str = "whsec_c3dpdGNoYm9hcmQtZGVtby1zaWduaW5nLWtleQ==";
+
+/// The peers the example chains deliver to, on loopback: a payment gateway
+/// that verifies webhook signatures and an SMS gateway on [`PEERS_ADDR`],
+/// and an SMTP sink on a free port. `switchboard demo` starts them, and so
+/// does `switchboard run --demo-peers`, so that the example chains deliver.
+#[derive(Debug, Clone)]
+pub struct DemoPeers {
+    peers: Peers,
+}
+
+impl DemoPeers {
+    /// Starts the peers and points `config` at them: SMS provider `gateway`,
+    /// e-mail provider `mail` (both replaced if configured), and loopback
+    /// allowed for account URLs (the example chain's webhook).
+    pub async fn start(config: &mut Config) -> Result<Self, StartError> {
+        let peers = Peers::start(PEERS_ADDR).await?;
+        config.outbound.allow.push("127.0.0.1".into());
+        config.providers.sms.insert(
+            "gateway".into(),
+            SmsProvider::Http(HttpSms {
+                url: format!("http://{PEERS_ADDR}/sms"),
+                from: Some("Switchboard".into()),
+                token: None,
+            }),
+        );
+        let smtp_port = peers.start_smtp().await?;
+        config.providers.email.insert(
+            "mail".into(),
+            EmailProvider {
+                host: "127.0.0.1".into(),
+                port: Some(smtp_port),
+                security: SmtpSecurity::None,
+                username: None,
+                password: None,
+                from: Some("Switchboard demo <demo@switchboard.invalid>".into()),
+                timeout_secs: Some(10),
+            },
+        );
+        Ok(Self { peers })
+    }
+
+    /// Sets the webhook secret `gateway`, which the payment gateway checks
+    /// signatures with, for every account whose chains `dispatcher` applied
+    /// from files.
+    pub fn set_secrets(&self, dispatcher: &Dispatcher) -> Result<(), StartError> {
+        let secrets = StoredSecrets::new(dispatcher.store().clone());
+        for applied in dispatcher.applied() {
+            let account =
+                AccountKey::new(applied.account.clone()).expect("applied accounts are valid");
+            secrets.set(&account, "gateway", DEMO_SECRET)?;
+        }
+        Ok(())
+    }
+
+    /// What the peers received since the last call, a line each.
+    pub fn take(&self) -> Vec<String> {
+        self.peers.take()
+    }
+
+    /// Logs what the peers receive from now on, a line each (target
+    /// `switchboard::demo_peers`).
+    pub fn log_what_arrives(self) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for line in self.take() {
+                    tracing::info!(target: "switchboard::demo_peers", "{line}");
+                }
+            }
+        });
+    }
+}
 
 /// The demo's payment and SMS gateways; they note what they receive.
 #[derive(Debug, Clone)]
