@@ -12,7 +12,7 @@ use crate::options::{any_str, only_known, rendered_string, required_string, stri
 use crate::ports::{Email, MailPort};
 use crate::records::contacts::normalize_email;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
-use crate::sms::{check_recipients, recipients};
+use crate::sms::{check_recipients, messages_output, normalized_recipients};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// The header that carries the message id.
@@ -242,12 +242,7 @@ impl SendEmail {
             })?;
         let subject = required_string(&config, "subject")?;
         let text = required_string(&config, "text")?;
-        let to = recipients(&config, "to")?
-            .iter()
-            .map(|r| {
-                normalize_email(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let to = normalized_recipients(&config, "to", normalize_email)?;
         Ok(Prepared {
             provider,
             from,
@@ -259,16 +254,7 @@ impl SendEmail {
     }
 }
 
-/// A `send_email` step's output: the first message's fields at the top,
-/// and every message.
+/// A `send_email` step's output.
 fn email_output(sent: Vec<Value>, provider: &str) -> StepOutput {
-    let mut output = Map::new();
-    if let Some(first) = sent.first() {
-        for k in ["message_id", "to", "status"] {
-            output.insert(k.into(), first[k].clone());
-        }
-    }
-    output.insert("provider".into(), json!(provider));
-    output.insert("messages".into(), Value::Array(sent));
-    StepOutput::next(output)
+    messages_output(sent, provider, &["message_id", "to", "status"])
 }

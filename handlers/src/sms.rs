@@ -321,6 +321,33 @@ pub(crate) fn recipients(config: &Map<String, Value>, key: &str) -> Result<Vec<S
     }
 }
 
+/// The recipients at `key`, each normalised by `normalize` (E.164, a
+/// lower-case address); one that is not a valid address fails the step.
+pub(crate) fn normalized_recipients(
+    config: &Map<String, Value>,
+    key: &str,
+    normalize: fn(&str) -> Result<String, String>,
+) -> Result<Vec<String>, StepError> {
+    recipients(config, key)?
+        .iter()
+        .map(|r| normalize(r).map_err(|e| StepError::permanent(format!("config.{key}: {e}"))))
+        .collect()
+}
+
+/// A messaging step's output: the first message's `fields` at the top,
+/// `provider`, and every message.
+pub(crate) fn messages_output(sent: Vec<Value>, provider: &str, fields: &[&str]) -> StepOutput {
+    let mut output = Map::new();
+    if let Some(first) = sent.first() {
+        for k in fields {
+            output.insert((*k).into(), first[*k].clone());
+        }
+    }
+    output.insert("provider".into(), json!(provider));
+    output.insert("messages".into(), Value::Array(sent));
+    StepOutput::next(output)
+}
+
 pub(crate) fn check_recipients(
     config: &Map<String, Value>,
     key: &str,
@@ -496,12 +523,7 @@ impl SendSms {
         let body = required_string(&config, "body")?;
         let from = rendered_string(&config, "from")?
             .or_else(|| provider.default_from().map(str::to_string));
-        let to = recipients(&config, "to")?
-            .iter()
-            .map(|r| {
-                normalize_msisdn(r).map_err(|e| StepError::permanent(format!("config.to: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let to = normalized_recipients(&config, "to", normalize_msisdn)?;
         Ok(Prepared {
             provider_name,
             body,
@@ -511,16 +533,11 @@ impl SendSms {
     }
 }
 
-/// A `send_sms` step's output: the first message's fields at the top, and
-/// every message.
+/// A `send_sms` step's output.
 fn sms_output(sent: Vec<Value>, provider_name: &str) -> StepOutput {
-    let mut output = Map::new();
-    if let Some(first) = sent.first() {
-        for k in ["message_id", "remote_id", "to", "status"] {
-            output.insert(k.into(), first[k].clone());
-        }
-    }
-    output.insert("provider".into(), json!(provider_name));
-    output.insert("messages".into(), Value::Array(sent));
-    StepOutput::next(output)
+    messages_output(
+        sent,
+        provider_name,
+        &["message_id", "remote_id", "to", "status"],
+    )
 }

@@ -687,13 +687,7 @@ async fn publish_each(
     term: Term,
     batch: Vec<Queued>,
 ) -> Result<(), ChangelogError> {
-    let failed = |e: &dyn std::fmt::Display| {
-        remote(format!(
-            "writing {} records to partition {}: {e}",
-            batch.len(),
-            term.partition
-        ))
-    };
+    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
     let mut acks = Vec::with_capacity(batch.len());
     for (_, _, change, ttl) in &batch {
         let headers = write_headers(term, change, *ttl, true);
@@ -722,6 +716,14 @@ async fn publish_each(
     }
 }
 
+/// Writing `n` records of `term`'s partition failed with `e`.
+fn batch_failed(term: Term, n: usize, e: &dyn std::fmt::Display) -> ChangelogError {
+    remote(format!(
+        "writing {n} records to partition {}: {e}",
+        term.partition
+    ))
+}
+
 /// Most writes in one atomic batch (nats-server accepts 1,000).
 const BATCH: usize = 500;
 
@@ -737,13 +739,7 @@ async fn publish_batch(
     batch: Vec<Queued>,
 ) -> Result<(), ChangelogError> {
     use async_nats::jetstream::{Error as JsError, ErrorCode};
-    let failed = |e: &dyn std::fmt::Display| {
-        remote(format!(
-            "writing {} records to partition {}: {e}",
-            batch.len(),
-            term.partition
-        ))
-    };
+    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
     let last = batch.len() - 1;
     for _ in 0..NOT_READY_TRIES {
         let id = uuid::Uuid::new_v4().simple().to_string();
