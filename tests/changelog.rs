@@ -396,3 +396,32 @@ async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
     assert_eq!(everything.last(), Some(&Record::Sync { seq: second }));
     assert!(everything.iter().all(|r| r.seq() != first));
 }
+
+/// Sixteen partitions' full batches at once, each write published on its
+/// own (a one-copy stream): more writes than the JetStream context lets
+/// await their acks at once (5,000), which must not wait on each other.
+#[tokio::test]
+async fn every_partitions_full_batch_at_once_is_stored() {
+    let nats = NatsServer::start();
+    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog");
+    let appender = log.appender();
+    for p in 0..16 {
+        let term = log.begin_term(p, "replica-a").await.expect("a term");
+        for i in 0..500 {
+            appender.append(
+                term,
+                put(Collection::Journal, &format!("acme\0p{p}e{i}"), "x"),
+            );
+        }
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(60), appender.commit())
+        .await
+        .expect("the commit returns")
+        .expect("every write is stored");
+    assert_eq!(
+        log.last_seq().await.expect("the stream's state"),
+        16 + 8_000
+    );
+}

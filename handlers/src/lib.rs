@@ -412,8 +412,7 @@ impl StepCatalog for Registry {
 
     fn check_condition(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {
         self.runtime
-            .compile_condition(expr)
-            .map(|_| ())
+            .check_condition(expr)
             .map_err(|e| format!("not a valid Rhai expression: {e}"))
     }
 }

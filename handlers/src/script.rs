@@ -247,6 +247,10 @@ pub const INLINE_MAX_OPERATIONS: u64 = 100_000;
 /// The Rhai engine with its sandbox, shared by every script and condition.
 pub struct ScriptRuntime {
     engine: Engine,
+    /// The same sandbox with strict variables: what is stored from now on
+    /// (scripts put, conditions applied) must use only names it defines.
+    /// Versions stored before run as they did: `engine` is not strict.
+    checker: Engine,
     limits: RhaiLimits,
     contacts: Option<Arc<dyn Contacts>>,
     /// Compiled `when` conditions, by their text.
@@ -277,6 +281,20 @@ pub const SCRIPT_FUNCTIONS: &str =
 impl ScriptRuntime {
     /// An engine with the sandbox `limits`; `contacts` answers `contact()`.
     pub fn new(limits: RhaiLimits, contacts: Option<Arc<dyn Contacts>>) -> Self {
+        let engine = Self::engine(&limits);
+        let mut checker = Self::engine(&limits);
+        checker.set_strict_variables(true);
+        Self {
+            engine,
+            checker,
+            limits,
+            contacts,
+            conditions: RwLock::new(HashMap::new()),
+            operations: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn engine(limits: &RhaiLimits) -> Engine {
         let mut engine = Engine::new();
         engine
             .set_optimization_level(OptimizationLevel::Simple)
@@ -288,9 +306,6 @@ impl ScriptRuntime {
             .set_max_map_size(limits.max_map_size)
             .set_max_variables(limits.max_variables)
             .set_max_modules(0)
-            // A name used before it is defined (a typo, or a top-level
-            // `const` read inside `fn handle`) is refused when stored.
-            .set_strict_variables(true)
             .set_fail_on_invalid_map_property(limits.strict_fields)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new())
             .disable_symbol("eval")
@@ -310,13 +325,7 @@ impl ScriptRuntime {
         engine.on_print(|s| push_log("info", s.to_string()));
         engine.on_debug(|s, _, _| push_log("debug", s.to_string()));
         register_functions(&mut engine);
-        Self {
-            engine,
-            limits,
-            contacts,
-            conditions: RwLock::new(HashMap::new()),
-            operations: std::sync::atomic::AtomicU64::new(0),
-        }
+        engine
     }
 
     /// The sandbox limits.
@@ -337,6 +346,17 @@ impl ScriptRuntime {
         } else {
             tokio::task::block_in_place(call)
         }
+    }
+
+    /// Checks a handler script about to be stored, then compiles it: as
+    /// [`Self::compile_script`], and every name it uses must be defined where
+    /// it is used (a typo, or a top-level `const` read inside `fn handle`,
+    /// is refused with its line and column).
+    pub fn check_script(&self, source: &str) -> Result<AST, CompileError> {
+        self.checker
+            .compile(source)
+            .map_err(|e| self.parse_error(&e))?;
+        self.compile_script(source)
     }
 
     /// Compiles a handler script: it must parse and define `fn handle(event, steps, config)`.
@@ -360,6 +380,19 @@ impl ScriptRuntime {
         Ok(ast)
     }
 
+    /// Checks a `when` condition about to be stored: it compiles, and uses
+    /// no name but `event` and what it defines.
+    pub fn check_condition(&self, expr: &str) -> Result<(), CompileError> {
+        // A variable, not a constant: the optimizer would fold a constant's
+        // placeholder value into the expression.
+        let mut scope = Scope::new();
+        scope.push_dynamic("event", Dynamic::UNIT);
+        self.checker
+            .compile_expression_with_scope(&scope, expr)
+            .map_err(|e| self.parse_error(&e))?;
+        self.compile_condition(expr).map(|_| ())
+    }
+
     /// Compiles a `when` condition (a Rhai expression over `event`).
     pub fn compile_condition(&self, expr: &str) -> Result<Arc<AST>, CompileError> {
         if let Some(ast) = self
@@ -370,12 +403,9 @@ impl ScriptRuntime {
         {
             return Ok(ast.clone());
         }
-        // `event` is the one name a condition is given.
-        let mut scope = Scope::new();
-        scope.push_constant_dynamic("event", Dynamic::UNIT);
         let ast = Arc::new(
             self.engine
-                .compile_expression_with_scope(&scope, expr)
+                .compile_expression(expr)
                 .map_err(|e| self.parse_error(&e))?,
         );
         let mut cache = self.conditions.write().expect("condition cache lock");
@@ -560,7 +590,7 @@ impl ScriptRuntime {
             ),
             EvalAltResult::ErrorPropertyNotFound(name, _) => format!(
                 "field {name:?} is missing (`[rhai] strict_fields` is on): test for it first with \
-                 `\"{name}\" in ...`, or give a default with `... ?? value`"
+                 `\"{name}\" in ...`"
             ),
             EvalAltResult::ErrorTooManyModules(_) => {
                 "`import` is not available: scripts cannot load modules".into()

@@ -100,6 +100,19 @@ pub enum ChangelogError {
         /// The refused term's epoch.
         epoch: u64,
     },
+    /// A write of the term failed while later ones may have been stored
+    /// (one write at a time, on a one-copy stream): the changelog may lack
+    /// a write the local copy has, so the term ends, and the partition is
+    /// read again from the changelog when it is taken again.
+    #[error("partition {partition} (term {epoch}): {message}; the term ends")]
+    Gap {
+        /// The partition.
+        partition: u16,
+        /// The term's epoch.
+        epoch: u64,
+        /// What failed.
+        message: String,
+    },
     /// No term of this replica's covers the partition.
     #[error("partition {0} is not {1}")]
     Partition(u16, &'static str),
@@ -678,42 +691,57 @@ fn fenced(e: &jetstream::context::PublishError) -> bool {
             .is_some_and(|s| s.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
 }
 
+/// Writes of one partition in flight at once when each is published on its
+/// own: the JetStream context lets 5,000 publishes await their acks in all,
+/// and sixteen partitions' full batches (8,000) waiting on it, none reading
+/// an ack, would wait forever.
+const EACH_IN_FLIGHT: usize = 64;
+
 /// Publishes `batch` under `term` one write at a time, each fenced by the
-/// term's epoch, all in flight together; waits for every acknowledgement.
-/// The server stores them in the order sent: once one is refused as
-/// fenced, every later one is too.
+/// term's epoch, [`EACH_IN_FLIGHT`] in flight together; waits for every
+/// acknowledgement. The server stores them in the order sent: once one is
+/// refused as fenced, every later one is too. Any other failure may leave
+/// later writes stored after a lost one, so it ends the term too
+/// ([`ChangelogError::Gap`]): the partition is read again from the
+/// changelog before it is written again.
 async fn publish_each(
     js: &jetstream::Context,
     term: Term,
     batch: Vec<Queued>,
 ) -> Result<(), ChangelogError> {
-    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
-    let mut acks = Vec::with_capacity(batch.len());
-    for (_, _, change, ttl) in &batch {
-        let headers = write_headers(term, change, *ttl, true);
-        let payload = change.value.clone().unwrap_or_default();
-        let ack = js
-            .publish_with_headers(write_subject(term.partition, change), headers, payload)
-            .await
-            .map_err(|e| failed(&e))?;
-        acks.push(ack.into_future());
-    }
-    let mut first_error = None;
-    for result in futures::future::join_all(acks).await {
-        if let Err(e) = result {
-            if fenced(&e) {
-                return Err(ChangelogError::Fenced {
-                    partition: term.partition,
-                    epoch: term.epoch,
-                });
+    let gap = |e: &dyn std::fmt::Display| ChangelogError::Gap {
+        partition: term.partition,
+        epoch: term.epoch,
+        message: batch_failed(term, batch.len(), e).to_string(),
+    };
+    for chunk in batch.chunks(EACH_IN_FLIGHT) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (_, _, change, ttl) in chunk {
+            let headers = write_headers(term, change, *ttl, true);
+            let payload = change.value.clone().unwrap_or_default();
+            let ack = js
+                .publish_with_headers(write_subject(term.partition, change), headers, payload)
+                .await
+                .map_err(|e| gap(&e))?;
+            acks.push(ack.into_future());
+        }
+        let mut first_error = None;
+        for result in futures::future::join_all(acks).await {
+            if let Err(e) = result {
+                if fenced(&e) {
+                    return Err(ChangelogError::Fenced {
+                        partition: term.partition,
+                        epoch: term.epoch,
+                    });
+                }
+                first_error.get_or_insert(e);
             }
-            first_error.get_or_insert(e);
+        }
+        if let Some(e) = first_error {
+            return Err(gap(&e));
         }
     }
-    match first_error {
-        None => Ok(()),
-        Some(e) => Err(failed(&e)),
-    }
+    Ok(())
 }
 
 /// Writing `n` records of `term`'s partition failed with `e`.

@@ -638,7 +638,11 @@ impl Partitioned {
         match self.appender.commit().await {
             Ok(()) => Ok(()),
             Err(e) => {
-                if let crate::changelog::ChangelogError::Fenced { partition, epoch } = &e {
+                if let crate::changelog::ChangelogError::Fenced { partition, epoch }
+                | crate::changelog::ChangelogError::Gap {
+                    partition, epoch, ..
+                } = &e
+                {
                     let _order = self.order.lock().expect("order lock");
                     let mut terms = self.terms.lock().expect("terms lock");
                     if terms.get(partition).is_some_and(|t| t.epoch == *epoch) {

@@ -124,14 +124,14 @@ impl ScriptStore {
         if !is_script_name(name) {
             return Err(ScriptStoreError::InvalidName(name.to_string()));
         }
-        let ast =
-            self.runtime
-                .compile_script(source)
-                .map_err(|error| ScriptStoreError::Compile {
-                    account: account.to_string(),
-                    name: name.to_string(),
-                    error,
-                })?;
+        let ast = self
+            .runtime
+            .check_script(source)
+            .map_err(|error| ScriptStoreError::Compile {
+                account: account.to_string(),
+                name: name.to_string(),
+                error,
+            })?;
         let _guard = self.writer.lock().expect("script writer lock");
         // Another replica may take the same number at the same moment: the
         // version must be new, or the number is read again.

@@ -97,8 +97,9 @@ fn check_fails_with(limits: RhaiLimits, source: &str, expected: &str) {
     }
 }
 
+/// Checks that `source` is refused when stored (`scripts put`).
 fn check_compile_error(source: &str, expected: &str) {
-    let err = ScriptRuntime::default().compile_script(source).unwrap_err();
+    let err = ScriptRuntime::default().check_script(source).unwrap_err();
     assert!(
         err.to_string().contains(expected),
         "{source}\n=> {err}\nexpected to contain: {expected}"
@@ -600,6 +601,20 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
     check_compile_error(
         "fn handle(event, steps, config) {\n  #{ id: evnt.id }\n}",
         "line 2, column 10: `evnt` is not defined here",
+    );
+    // ...while a version stored before the check still compiles, and runs
+    // as it did (the undefined name is never reached here).
+    ScriptRuntime::default()
+        .compile_script("fn handle(event, steps, config) {\n  if false { evnt.id }\n}")
+        .expect("a stored version compiles without the check");
+    // A condition may use `event` whole, and only `event`.
+    let rt = ScriptRuntime::default();
+    rt.check_condition("\"email\" in event.event_data && event != ()")
+        .expect("a condition over event");
+    let err = rt.check_condition("evnt.event_type == \"x\"").unwrap_err();
+    assert!(
+        err.to_string().contains("`evnt` is not defined here"),
+        "{err}"
     );
     // So is a top-level constant read inside handle.
     check_compile_error(
