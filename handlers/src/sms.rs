@@ -524,6 +524,14 @@ impl SendSms {
         let from = rendered_string(&config, "from")?
             .or_else(|| provider.default_from().map(str::to_string));
         let to = normalized_recipients(&config, "to", normalize_msisdn)?;
+        if let SmsProvider::Twilio(p) = provider
+            && from.is_none()
+            && p.messaging_service_sid.is_none()
+        {
+            return Err(StepError::permanent(
+                "twilio needs a sender: set `from` on the step or the provider, or messaging_service_sid",
+            ));
+        }
         Ok(Prepared {
             provider_name,
             body,

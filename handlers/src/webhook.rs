@@ -185,6 +185,7 @@ impl Handler for PaymentWebhook {
             secret_name,
             secret,
             webhook_id,
+            timeout,
         } = self.prepare(input)?;
         let body =
             serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
@@ -203,11 +204,6 @@ impl Handler for PaymentWebhook {
                 headers.push((k.clone(), v));
             }
         }
-        let timeout = match config.get("timeout").and_then(Value::as_str) {
-            Some(t) => switchboard_rules::duration::parse(t)
-                .map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
-            None => DEFAULT_TIMEOUT,
-        };
         let response = self
             .http
             .post(HttpRequest {
@@ -248,6 +244,7 @@ struct Prepared {
     secret: String,
     /// Stable for the (event, chain, step): a retry carries the same id.
     webhook_id: String,
+    timeout: std::time::Duration,
 }
 
 impl PaymentWebhook {
@@ -272,12 +269,22 @@ impl PaymentWebhook {
                 ))
             })?;
         let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
+        // A secret that cannot sign fails here, before anything is sent (and
+        // in a dry run too).
+        sign(&secret, &webhook_id, 0, b"")
+            .map_err(|e| StepError::permanent(format!("secret {secret_name:?} {e}")))?;
+        let timeout = match config.get("timeout").and_then(Value::as_str) {
+            Some(t) => switchboard_rules::duration::parse(t)
+                .map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
+            None => DEFAULT_TIMEOUT,
+        };
         Ok(Prepared {
             config,
             url,
             secret_name,
             secret,
             webhook_id,
+            timeout,
         })
     }
 }
