@@ -791,13 +791,11 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
         public_url: args.public_url,
     };
     let mut config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
-    let peers = match args.demo_peers {
-        true => Some(
-            demo::DemoPeers::start(&mut config)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
-        false => None,
+    let peers = if args.demo_peers {
+        let peers = demo::DemoPeers::start(&mut config).await;
+        Some(peers.map_err(|e| e.to_string())?)
+    } else {
+        None
     };
     let dispatcher = Dispatcher::start(config, args.chains.as_deref())
         .await

@@ -927,9 +927,7 @@ async fn secrets_set_or_removed_through_the_api_survive_a_crash_right_after() {
             .collect()
     };
     for name in ["gateway", "mailer"] {
-        d.cli(&["secrets", "set", "acme", name, "--value", "whsec_c2VjcmV0"])
-            .await
-            .ok();
+        d.set_secret("acme", name, "whsec_c2VjcmV0").await;
     }
     d.kill9();
     d.restart();

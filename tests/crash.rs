@@ -254,16 +254,7 @@ async fn crash_test(nats: Option<&NatsServer>) {
     };
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let mut d = Dispatcher::with_config(nats, &config(&receiver));
-    d.cli(&[
-        "secrets",
-        "set",
-        "acme",
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     d.apply_chains("acme.toml", &chains(&receiver)).await;
     let sent = events(n);
     let started = Instant::now();
@@ -344,16 +335,7 @@ async fn a_nats_server_restart_mid_run_loses_nothing() {
     let mut nats = NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let d = Dispatcher::with_config(Some(&nats), &config(&receiver));
-    d.cli(&[
-        "secrets",
-        "set",
-        "acme",
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     d.apply_chains("acme.toml", &chains(&receiver)).await;
     let sent = events(n);
     let emitter = NatsEmitter::connect(nats.url())

@@ -72,16 +72,7 @@ impl Setup {
 }
 
 async fn set_secret(d: &Dispatcher) {
-    d.cli(&[
-        "secrets",
-        "set",
-        ACCOUNT,
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret(ACCOUNT, "gateway", WEBHOOK_SECRET).await;
 }
 
 /// The `webhook-id` that `payment_webhook` step `step` of `chain` sends for event `id`.

@@ -200,16 +200,7 @@ async fn slow_steps_are_kept_alive_and_dead_letters_reach_their_stream() {
     // Answers /hook/hang,200 after 2.5 s, past the 1 s ack wait.
     let receiver = HttpReceiver::start(std::time::Duration::from_millis(2500));
     let d = Dispatcher::with_config(Some(&nats), "[bus]\nack_wait_secs = 1\n");
-    d.cli(&[
-        "secrets",
-        "set",
-        "acme",
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     let recv = receiver.url();
     d.apply_chains(
         "acme.toml",

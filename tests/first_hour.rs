@@ -65,16 +65,12 @@ fn step<'a>(report: &'a Value, chain: &str, name: &str) -> &'a Value {
 #[tokio::test]
 async fn the_example_chains_dry_run_passes_with_every_step_simulated() {
     let d = with_example_chains().await;
-    d.cli(&[
-        "secrets",
-        "set",
+    d.set_secret(
         "acme",
         "gateway",
-        "--value",
         "whsec_c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0cw==",
-    ])
-    .await
-    .ok();
+    )
+    .await;
     let report = chains_test(&d, true).await.json();
 
     let contact = step(&report, "poll-complete", "create_contact");
@@ -167,9 +163,7 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
         out.stderr
     );
     // A secret that cannot sign is found by the dry run too.
-    d.cli(&["secrets", "set", "acme", "gateway", "--value", "s3cret"])
-        .await
-        .ok();
+    d.set_secret("acme", "gateway", "s3cret").await;
     let out = chains_test(&d, false).await;
     assert_eq!(out.code, Some(3), "{out:?}");
     assert!(

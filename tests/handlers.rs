@@ -88,16 +88,7 @@ fn step<'a>(trace: &'a Value, chain: &str, name: &str) -> &'a Value {
 }
 
 async fn set_secret(d: &Dispatcher, account: &str) {
-    d.cli(&[
-        "secrets",
-        "set",
-        account,
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret(account, "gateway", WEBHOOK_SECRET).await;
 }
 
 #[tokio::test]

@@ -653,16 +653,7 @@ config = { message = "payment {{ event.event_data.reference }} settled: {{ event
         "{}",
         unset.stderr
     );
-    d.cli(&[
-        "secrets",
-        "set",
-        "acme",
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     let url = create(&d, "acme", "webhook", &["--secret", "gateway"]).await;
 
     let body = r#"{"event_type": "payment_settled", "reference": "PAY-42", "amount": 500}"#;

@@ -54,16 +54,7 @@ fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let d = Dispatcher::embedded();
-    d.cli(&[
-        "secrets",
-        "set",
-        "acme",
-        "gateway",
-        "--value",
-        WEBHOOK_SECRET,
-    ])
-    .await
-    .ok();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     let recv = receiver.url();
     d.apply_chains(
         "acme.toml",

@@ -232,10 +232,7 @@ async fn replicas_share_state_and_survive_losing_a_replica_and_a_node() {
         .for_each_concurrent(8, |i| {
             let (receiver, a) = (&receiver, account(i));
             async move {
-                first
-                    .cli(&["secrets", "set", &a, "gateway", "--value", WEBHOOK_SECRET])
-                    .await
-                    .ok();
+                first.set_secret(&a, "gateway", WEBHOOK_SECRET).await;
                 let v = first
                     .apply_chains(&format!("{a}.toml"), &chains(receiver, &a, "first"))
                     .await;

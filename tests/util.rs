@@ -822,6 +822,14 @@ impl Dispatcher {
         switchboard_as(token, &all).await
     }
 
+    /// Sets an account's secret with `switchboard secrets set ... --value`,
+    /// asserting it succeeds.
+    pub async fn set_secret(&self, account: &str, name: &str, value: &str) {
+        self.cli(&["secrets", "set", account, name, "--value", value])
+            .await
+            .ok();
+    }
+
     /// Applies a chain file with `switchboard chains apply`; returns the new version.
     pub async fn apply_chains(&self, name: &str, contents: &str) -> u64 {
         let path = self.file(name, contents);

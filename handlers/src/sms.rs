@@ -253,9 +253,7 @@ impl SendSms {
                         (Some(from), _) => form.append_pair("From", from),
                         (None, Some(sid)) => form.append_pair("MessagingServiceSid", sid),
                         (None, None) => {
-                            return Err(StepError::permanent(
-                                "twilio needs a sender: set `from` on the step or the provider, or messaging_service_sid",
-                            ));
+                            return Err(no_twilio_sender());
                         }
                     };
                     if let Some(callback) = &p.status_callback {
@@ -528,9 +526,7 @@ impl SendSms {
             && from.is_none()
             && p.messaging_service_sid.is_none()
         {
-            return Err(StepError::permanent(
-                "twilio needs a sender: set `from` on the step or the provider, or messaging_service_sid",
-            ));
+            return Err(no_twilio_sender());
         }
         Ok(Prepared {
             provider_name,
@@ -539,6 +535,14 @@ impl SendSms {
             to,
         })
     }
+}
+
+/// Twilio is given neither a sender nor a messaging service (checked
+/// before sending, and where the request is built).
+fn no_twilio_sender() -> StepError {
+    StepError::permanent(
+        "twilio needs a sender: set `from` on the step or the provider, or messaging_service_sid",
+    )
 }
 
 /// A `send_sms` step's output.
