@@ -246,6 +246,9 @@ async fn the_example_chains_apply_with_the_example_config() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let config = crate::util::read(&root.join("switchboard.toml"));
     let d = Dispatcher::with_config(None, &config);
+    // The payment webhook of the example signs with the account's `gateway`.
+    d.set_secret("acme", "gateway", crate::peers::WEBHOOK_SECRET)
+        .await;
     let mut files: Vec<String> = std::fs::read_dir(root.join("chains"))
         .expect("examples/chains")
         .map(|e| e.expect("a directory entry").path())

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
 use crate::util::{self, CmdOutput};
 
 fn example(path: &str) -> PathBuf {
@@ -22,6 +23,7 @@ fn text(path: &Path) -> String {
 /// gateway and mail providers) and the example chains applied.
 async fn with_example_chains() -> util::Dispatcher {
     let d = util::Dispatcher::with_config(None, &text(&example("switchboard.toml")));
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     let acme = example("chains/acme.toml");
     d.cli(&["chains", "apply", acme.to_str().expect("a UTF-8 path")])
         .await
@@ -146,7 +148,8 @@ async fn the_example_chains_dry_run_passes_with_every_step_simulated() {
 #[tokio::test]
 async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
     let d = with_example_chains().await;
-    // No `gateway` secret: the webhook could not be signed.
+    // A secret that cannot sign: the webhook could not be sent.
+    d.set_secret("acme", "gateway", "s3cret").await;
     let out = chains_test(&d, false).await;
     assert_eq!(out.code, Some(3), "{out:?}");
     assert!(
@@ -157,18 +160,9 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
     );
     assert!(
         out.stderr.contains(
-            "chain poll-complete, step payment_webhook (payment_webhook): failed: secret \"gateway\" of account acme is not set; set it with `switchboard secrets set acme gateway`"
+            "chain poll-complete, step payment_webhook (payment_webhook): failed: secret \"gateway\" \
+             is not a Standard Webhooks secret (whsec_ + base64 of the key)"
         ),
-        "{}",
-        out.stderr
-    );
-    // A secret that cannot sign is found by the dry run too.
-    d.set_secret("acme", "gateway", "s3cret").await;
-    let out = chains_test(&d, false).await;
-    assert_eq!(out.code, Some(3), "{out:?}");
-    assert!(
-        out.stderr
-            .contains("chain poll-complete, step payment_webhook (payment_webhook): failed: secret \"gateway\""),
         "{}",
         out.stderr
     );
@@ -351,6 +345,7 @@ steps = [{ handler = "log", config = { message = "a VIP joined" } }]
 #[tokio::test]
 async fn chains_apply_says_what_it_changes_and_merge_keeps_the_rest() {
     let d = util::Dispatcher::with_config(None, &text(&example("switchboard.toml")));
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
     let acme = example("chains/acme.toml");
     let acme = acme.to_str().expect("a UTF-8 path");
     let out = d.cli(&["chains", "apply", acme]).await;
@@ -485,6 +480,106 @@ async fn run_with_chains_keeps_api_changes_until_the_file_changes() {
         current["chains"][0]["steps"][0]["config"]["message"],
         "welcome, VIP"
     );
+}
+
+/// A chain naming a webhook secret that is not set: applied at start with
+/// a warning (the secret can only be set once the dispatcher runs), and
+/// its runs fail saying how to set it; refused through `chains apply`
+/// with the fix. A secret a chain uses is not removed.
+#[tokio::test]
+async fn secrets_that_chains_name_are_checked_at_apply_and_kept_while_used() {
+    let receiver = HttpReceiver::start(std::time::Duration::from_secs(3));
+    let pay = format!(
+        r#"account_key = "acme"
+
+[[chains]]
+name = "pay"
+event_type = "paid"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{}/hook/200", secret = "gateway" }} }}]
+"#,
+        receiver.url()
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("acme.toml"), &pay).expect("writing the chain file");
+    let d = util::Dispatcher::embedded_with_chains(dir.path());
+    let log = d.log();
+    assert!(
+        log.contains(
+            "chain \"pay\", step 1 (payment_webhook), field config.secret: account acme has no \
+             secret named \"gateway\"; set it first with `switchboard secrets set acme gateway`"
+        ) && log.contains("until it is set, runs of this step fail"),
+        "{log}"
+    );
+    let paid = |order: &'static str| {
+        let d = &d;
+        async move {
+            let e = util::event("acme", "shop", "paid", order, json!({"order": order}));
+            let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+            d.wait_for_trace("acme", &id, std::time::Duration::from_secs(20))
+                .await
+        }
+    };
+    let trace = paid("A-1").await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let error = trace["chains"][0]["steps"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("secret \"gateway\" of account acme is not set; set it with `switchboard secrets set acme gateway`"),
+        "{trace:#}"
+    );
+
+    // Through the API the same chain is refused, saying how to fix it.
+    let file = d.file("pay.toml", &pay.replace("/hook/200", "/hook/201"));
+    let file = file.to_str().expect("a UTF-8 path");
+    let refused = d.cli(&["chains", "apply", file]).await;
+    assert!(
+        refused.fails().contains(
+            "account acme has no secret named \"gateway\"; set it first with `switchboard \
+             secrets set acme gateway` (the value on stdin), then apply again"
+        ),
+        "{}",
+        refused.stderr
+    );
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
+    d.cli(&["chains", "apply", file]).await.ok();
+    let trace = paid("A-2").await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let hooks = receiver.requests_to("/hook/201").await;
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0]["verified"], true);
+
+    // A secret a chain names stays until no chain does.
+    let kept = d.cli(&["secrets", "rm", "acme", "gateway"]).await;
+    assert!(
+        kept.fails().contains(
+            "secret \"gateway\" of account acme is used by chain pay step payment_webhook; \
+             change or remove them first"
+        ),
+        "{}",
+        kept.stderr
+    );
+    let vip = d.file("vip.toml", VIP);
+    d.cli(&["chains", "apply", vip.to_str().expect("a UTF-8 path")])
+        .await
+        .ok();
+    // An inbound webhook checking signatures with it keeps it too.
+    d.cli(&[
+        "inbound", "create", "acme", "webhook", "--secret", "gateway",
+    ])
+    .await
+    .ok();
+    let kept = d.cli(&["secrets", "rm", "acme", "gateway"]).await;
+    assert!(
+        kept.fails()
+            .contains("is used by the inbound webhook URL (`switchboard inbound revoke acme webhook`); change or remove them first"),
+        "{}",
+        kept.stderr
+    );
+    d.cli(&["inbound", "revoke", "acme", "webhook"]).await.ok();
+    d.cli(&["secrets", "rm", "acme", "gateway"]).await.ok();
+    let listed = d.cli(&["secrets", "list", "acme", "--json"]).await.json();
+    assert_eq!(listed["secrets"], json!([]));
 }
 
 /// `--event` takes a file, `-` for stdin or the JSON itself; a `log` step's

@@ -87,6 +87,9 @@ fn step<'a>(trace: &'a Value, chain: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no step {name} of chain {chain} in {trace:#}"))
 }
 
+/// Another account's webhook secret, which the receiver does not know.
+const OTHER_SECRET: &str = "whsec_b3RoZXItYWNjb3VudHMtc2lnbmluZy1rZXk=";
+
 async fn set_secret(d: &Dispatcher, account: &str) {
     d.set_secret(account, "gateway", WEBHOOK_SECRET).await;
 }
@@ -324,11 +327,6 @@ event_type = "down"
 steps = [{{ handler = "payment_webhook", config = {{ url = "http://127.0.0.1:9/hook", secret = "gateway" }}, {fast} }}]
 
 [[chains]]
-name = "no-secret"
-event_type = "no_secret"
-steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/200", secret = "missing" }} }}]
-
-[[chains]]
 name = "bad-number"
 event_type = "bad_number"
 steps = [{{ handler = "create_contact", config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}" }} }}]
@@ -430,14 +428,6 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
         "{trace:#}"
     );
 
-    // Missing secret: permanent, says how to set it.
-    let (_, s) = run("no_secret").await;
-    assert_eq!(s["attempts"], 1);
-    assert!(
-        s["error"].as_str().unwrap().contains("secret \"missing\" of account acme is not set; set it with `switchboard secrets set acme missing`"),
-        "{s}"
-    );
-
     // Invalid msisdn: permanent, names the value.
     let (_, s) = run("bad_number").await;
     assert_eq!(s["attempts"], 1);
@@ -476,14 +466,7 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
     chains.sort();
     assert_eq!(
         chains,
-        [
-            "bad-number",
-            "bad-request",
-            "down",
-            "no-secret",
-            "refused-mail",
-            "slow"
-        ]
+        ["bad-number", "bad-request", "down", "refused-mail", "slow"]
     );
 }
 
@@ -502,7 +485,7 @@ async fn contacts_secrets_and_idempotency_are_per_account() {
     let smtp = SmtpSink::start();
     let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
     let recv = receiver.url();
-    for account in ["acme", "other"] {
+    let chains = |account: &str| {
         let chains = format!(
             r#"
 account_key = "{account}"
@@ -518,10 +501,11 @@ config = {{ url = "{recv}/hook/200", secret = "gateway", body = {{ order = "{{{{
 idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
 "#
         );
-        d.apply_chains(&format!("{account}.toml"), &chains).await;
-    }
+        chains
+    };
     // Secrets: set from stdin-like --value, listed by name only, never read back.
     set_secret(&d, "acme").await;
+    d.apply_chains("acme.toml", &chains("acme")).await;
     let listed = d.cli(&["secrets", "list", "acme", "--json"]).await.json();
     assert_eq!(listed["secrets"], json!(["gateway"]));
     assert!(!listed.to_string().contains(WEBHOOK_SECRET));
@@ -529,6 +513,21 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
         d.cli(&["secrets", "list", "other", "--json"]).await.json()["secrets"],
         json!([])
     );
+    // acme's secret is not other's: other's chain naming it is refused
+    // until other sets its own.
+    let path = d.file("other.toml", &chains("other"));
+    let refused = d
+        .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+        .await;
+    assert!(
+        refused
+            .fails()
+            .contains("account other has no secret named \"gateway\"; set it first with `switchboard secrets set other gateway`"),
+        "{}",
+        refused.stderr
+    );
+    d.set_secret("other", "gateway", OTHER_SECRET).await;
+    d.apply_chains("other.toml", &chains("other")).await;
 
     let send = |account: &'static str, order: &'static str| {
         let d = &d;
@@ -555,17 +554,16 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
     assert_eq!(skipped["outcome"], "skipped", "{again:#}");
     assert_eq!(skipped["output"]["skipped"], true);
     assert_eq!(receiver.requests_to("/hook").await.len(), 1);
-    // The same order number in another account is another key (and that
-    // account has no secret, so its webhook fails: nothing crosses accounts).
+    // The same order number in another account is another key, and its
+    // webhook is signed with that account's own secret (which the receiver,
+    // holding acme's, cannot verify): nothing crosses accounts.
     let other = send("other", "A-1").await;
-    let failed = step(&other, "order", "payment_webhook");
-    assert_eq!(failed["outcome"], "failed", "{other:#}");
-    assert!(
-        failed["error"]
-            .as_str()
-            .unwrap()
-            .contains("secret \"gateway\" of account other is not set")
-    );
+    let sent = step(&other, "order", "payment_webhook");
+    assert_eq!(sent["outcome"], "ok", "{other:#}");
+    let hooks = receiver.requests_to("/hook").await;
+    assert_eq!(hooks.len(), 2, "{hooks:#?}");
+    assert_eq!(hooks[0]["verified"], true);
+    assert_eq!(hooks[1]["verified"], false);
 
     // Contacts: one per account for the same number, each invisible to the other.
     let acme_contact = &step(&first, "order", "create_contact")["output"];

@@ -763,14 +763,15 @@ config = { message = "payment {{ event.event_data.reference }} settled: {{ event
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0]["record"], json!({"event_type": "payment.settled"}));
 
-    // The secret removed: fails closed, saying which secret to set.
-    d.cli(&["secrets", "rm", "acme", "gateway"]).await.ok();
-    let answer = post(&url, "application/json", &signed, body).await;
-    assert_error(
-        &answer,
-        503,
-        "not_configured",
-        "`switchboard secrets set acme gateway`",
+    // The secret stays while the URL checks signatures with it.
+    let kept = d.cli(&["secrets", "rm", "acme", "gateway"]).await;
+    assert!(
+        kept.fails().contains(
+            "secret \"gateway\" of account acme is used by the inbound webhook URL \
+             (`switchboard inbound revoke acme webhook`)"
+        ),
+        "{}",
+        kept.stderr
     );
 }
 

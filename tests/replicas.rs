@@ -605,6 +605,17 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
         .map(|i| Dispatcher::nats_url(&cluster.url(i), &config))
         .collect();
     let a = account(0);
+    replicas[0].set_secret(&a, "gateway", WEBHOOK_SECRET).await;
+    // The chains name the secret: both replicas must see it to apply them.
+    wait_until(
+        "the secret on the second replica",
+        Duration::from_secs(10),
+        || async {
+            let (_, listed) = replicas[1].get(&format!("/v1/accounts/{a}/secrets")).await;
+            (listed["secrets"] == json!(["gateway"])).then_some(())
+        },
+    )
+    .await;
     let applies = 12;
     futures::stream::iter(0..2 * applies)
         .for_each_concurrent(4, |i| {

@@ -225,12 +225,23 @@ async fn a_hostile_script_fails_its_step_while_other_events_are_served() {
             "fn handle(e, s, c) {\n  let s = \"ab\";\n  loop { s += s; }\n}",
             "string too large (limit 65536 bytes; `[rhai] max_string_size`)",
         ),
-        (
+    ];
+    // A function nobody defines is refused before it is stored.
+    let (status, answer) = d
+        .put_script(
+            "acme",
             "reader",
             "fn handle(e, s, c) { read_file(\"/etc/passwd\") }",
-            "unknown function read_file",
-        ),
-    ];
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("line 1, column 22: no function `read_file` is defined"),
+        "{answer}"
+    );
     let mut chains = String::from("account_key = \"acme\"\n");
     for (name, source, _) in &hostile {
         let (status, answer) = d.put_script("acme", name, source).await;

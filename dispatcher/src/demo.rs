@@ -19,7 +19,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::{Value, json};
-use switchboard_handlers::records::Secrets;
 use switchboard_handlers::sms::{HttpSms, SmsProvider};
 use switchboard_handlers::webhook;
 use switchboard_sdk::{
@@ -29,7 +28,6 @@ use switchboard_sdk::{
 use switchboard_engine::trace::{Trace, TraceStatus};
 use switchboard_http::auth::AdminToken;
 use switchboard_outbound::{EmailProvider, SmtpSecurity};
-use switchboard_state::StoredSecrets;
 
 use crate::config::Config;
 use crate::runtime::{Dispatcher, StartError};
@@ -64,7 +62,8 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         Some(dir) => dir.clone(),
         None => write_example_chains(data.path())?,
     };
-    let dispatcher = Dispatcher::start(config, Some(&chains_dir)).await?;
+    let dispatcher =
+        Dispatcher::start_with_secrets(config, Some(&chains_dir), DemoPeers::SECRETS).await?;
     let addr = dispatcher.local_addr();
 
     println!("Switchboard demo: the dispatcher on the embedded bus (no NATS needed).");
@@ -97,7 +96,6 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
         .first()
         .map(|a| a.account.clone())
         .unwrap_or_else(|| "acme".to_string());
-    peers.set_secrets(&dispatcher)?;
     println!(
         "account {account}: webhook secret \"gateway\" set; demo peers on http://{PEERS_ADDR}"
     );
@@ -239,6 +237,11 @@ pub struct DemoPeers {
 }
 
 impl DemoPeers {
+    /// The secrets the peers expect each account to have: `gateway`, which
+    /// the payment gateway checks webhook signatures with (see
+    /// [`Dispatcher::start_with_secrets`]).
+    pub const SECRETS: &[(&str, &str)] = &[("gateway", DEMO_SECRET)];
+
     /// Starts the peers and points `config` at them: SMS provider `gateway`,
     /// e-mail provider `mail` (both replaced if configured), and loopback
     /// allowed for account URLs (the example chain's webhook).
@@ -267,19 +270,6 @@ impl DemoPeers {
             },
         );
         Ok(Self { peers })
-    }
-
-    /// Sets the webhook secret `gateway`, which the payment gateway checks
-    /// signatures with, for every account whose chains `dispatcher` applied
-    /// from files.
-    pub fn set_secrets(&self, dispatcher: &Dispatcher) -> Result<(), StartError> {
-        let secrets = StoredSecrets::new(dispatcher.store().clone());
-        for applied in dispatcher.applied() {
-            let account =
-                AccountKey::new(applied.account.clone()).expect("applied accounts are valid");
-            secrets.set(&account, "gateway", DEMO_SECRET)?;
-        }
-        Ok(())
     }
 
     /// What the peers received since the last call, a line each.

@@ -16,6 +16,7 @@ use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
 use switchboard_engine::trace::Traces;
 use switchboard_handlers::ports::CommandPort;
+use switchboard_handlers::records::Secrets;
 use switchboard_handlers::sms::SmsProvider;
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_http::api::{ApiState, router};
@@ -24,7 +25,7 @@ use switchboard_http::inbound::{Inbound, InboundRecords};
 use switchboard_http::ratelimit::RateLimiter;
 use switchboard_outbound::policy::OutboundPolicy;
 use switchboard_outbound::{LettreMail, ReqwestHttp};
-use switchboard_rules::{ChainStore, Format, parse_chain_file, validate};
+use switchboard_rules::{ChainStore, Format, parse_chain_file, validate_deferring_secrets};
 use switchboard_sdk::{AccountKey, VumiApiEvent};
 use switchboard_state::RecordPorts;
 use switchboard_store::{Change, Collection, Store};
@@ -74,6 +75,9 @@ pub struct AppliedFile {
     pub account: String,
     /// The version now current; `None` when the stored chains already equalled the file.
     pub version: Option<u64>,
+    /// Steps of its chains naming a secret the account has not set: their
+    /// runs fail until it is (logged as warnings at start).
+    pub unset_secrets: Vec<String>,
 }
 
 /// A running dispatcher.
@@ -98,6 +102,17 @@ impl Dispatcher {
     /// applies the chain files in `chains_dir` (if given) and starts
     /// consuming.
     pub async fn start(config: Config, chains_dir: Option<&Path>) -> Result<Self, StartError> {
+        Self::start_with_secrets(config, chains_dir, &[]).await
+    }
+
+    /// [`Dispatcher::start`], setting `secrets` (name, value) for every
+    /// account a file in `chains_dir` is for before its chains are applied
+    /// and consuming starts: the demo's peers check signatures with them.
+    pub async fn start_with_secrets(
+        config: Config,
+        chains_dir: Option<&Path>,
+        secrets: &[(&str, &str)],
+    ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&config.store.data_dir).map_err(|e| {
             StartError::ChainFile(format!(
                 "creating data directory {}: {e}",
@@ -145,7 +160,12 @@ impl Dispatcher {
                 None => None,
             };
             let applied = match chains_dir {
-                Some(dir) => apply_chain_dir(&engine.chains, &engine.registry, dir)?,
+                Some(dir) => apply_chain_dir(
+                    &engine.chains,
+                    &engine.registry,
+                    dir,
+                    (engine.records.secrets.as_ref(), secrets),
+                )?,
                 None => Vec::new(),
             };
             let deliveries = bus
@@ -474,10 +494,16 @@ pub const FROM_FILE: &str = "apply file";
 /// whose chains equal the account's current chains makes no new version, and
 /// neither does a file unchanged since it was last applied ([`FROM_FILE`]):
 /// the account's chains changed through the API since then are kept.
+///
+/// The `preset` secrets (name, value) are set in `store` for each file's
+/// account first. A step naming a secret that is still not set does not
+/// stop the file (the secret may only be set through the API once the
+/// dispatcher runs): it is logged as a warning, and its runs fail until then.
 pub fn apply_chain_dir(
     chains: &ChainStore,
     registry: &Registry,
     dir: &Path,
+    (store, preset): (&dyn Secrets, &[(&str, &str)]),
 ) -> Result<Vec<AppliedFile>, StartError> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
         StartError::ChainFile(format!("reading chain directory {}: {e}", dir.display()))
@@ -500,8 +526,15 @@ pub fn apply_chain_dir(
         let file = parse_chain_file(&text, Format::from_path(&shown), &shown)
             .map_err(|e| StartError::ChainFile(e.to_string()))?;
         let account = file.account_key.clone();
-        let valid = validate(file, &account, registry)
+        for (name, value) in preset {
+            store.set(&account, name, value)?;
+        }
+        let (valid, unset) = validate_deferring_secrets(file, &account, registry)
             .map_err(|e| StartError::ChainFile(format!("{shown}: {e}")))?;
+        let unset: Vec<String> = unset.iter().map(ToString::to_string).collect();
+        for problem in &unset {
+            tracing::warn!(%account, file = %shown, "{problem}; until it is set, runs of this step fail");
+        }
         let current = chains.current(&account)?;
         let unchanged = current
             .as_ref()
@@ -538,6 +571,7 @@ pub fn apply_chain_dir(
             path,
             account: account.to_string(),
             version,
+            unset_secrets: unset,
         });
     }
     Ok(applied)

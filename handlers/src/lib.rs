@@ -209,6 +209,13 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// Templates are checked by the registry before this is called.
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem>;
 
+    /// The account secrets a step's config names, each with the field that
+    /// names it: a chain is stored only when they are set, and a secret is
+    /// removed only when no chain names it.
+    fn secrets_named(&self, _config: &Map<String, Value>) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// Runs the step for one event.
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
 
@@ -253,6 +260,8 @@ pub struct Registry {
     templates: Arc<Templates>,
     runtime: Arc<ScriptRuntime>,
     scripts: Option<(Arc<ScriptStore>, Arc<dyn Handler>, ScriptHandler)>,
+    /// The account secrets steps name, checked when a chain is stored.
+    secrets: Option<Arc<dyn records::Secrets>>,
 }
 
 impl Default for Registry {
@@ -269,6 +278,7 @@ impl Registry {
             templates: Arc::new(Templates::new()),
             runtime: Arc::new(ScriptRuntime::default()),
             scripts: None,
+            secrets: None,
         }
     }
 
@@ -308,6 +318,7 @@ impl Registry {
     /// A registry with every built-in handler, side effects going through `services`.
     pub fn with_services(services: Services) -> Self {
         let mut r = Self::with_builtins();
+        r.secrets = Some(services.secrets.clone());
         r.register(Arc::new(contact::CreateContact::new(services.contacts)));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,
@@ -343,6 +354,14 @@ impl Registry {
     /// The shared template engine.
     pub fn templates(&self) -> &Arc<Templates> {
         &self.templates
+    }
+
+    /// The account secrets `step` names, each with the field that names it
+    /// (none for an unknown handler).
+    pub fn secrets_named(&self, step: &StepSpec) -> Vec<(&'static str, String)> {
+        self.get(&step.handler)
+            .map(|h| h.secrets_named(&step.config.to_map()))
+            .unwrap_or_default()
     }
 
     /// The names of the registered handlers, sorted.
@@ -408,6 +427,30 @@ impl StepCatalog for Registry {
         } else {
             Err(problems)
         }
+    }
+
+    fn check_secrets(&self, account: &AccountKey, step: &StepSpec) -> Vec<FieldProblem> {
+        let Some(secrets) = &self.secrets else {
+            return Vec::new();
+        };
+        self.secrets_named(step)
+            .into_iter()
+            .filter_map(|(field, name)| match secrets.get(account, &name) {
+                Ok(Some(_)) => None,
+                Ok(None) => Some(FieldProblem::new(
+                    field,
+                    format!(
+                        "account {account} has no secret named {name:?}; set it first with \
+                         `switchboard secrets set {account} {name}` (the value on stdin), then \
+                         apply again"
+                    ),
+                )),
+                Err(e) => Some(FieldProblem::new(
+                    field,
+                    format!("reading secret {name:?} of account {account}: {e}"),
+                )),
+            })
+            .collect()
     }
 
     fn check_condition(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {

@@ -36,6 +36,7 @@ use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, 
 use crate::records::Contacts;
 use crate::{EmitRequest, LogLine, StepError, StepOutput};
 
+mod calls;
 mod handler;
 mod store;
 
@@ -251,6 +252,9 @@ pub struct ScriptRuntime {
     /// (scripts put, conditions applied) must use only names it defines.
     /// Versions stored before run as they did: `engine` is not strict.
     checker: Engine,
+    /// The names of the functions the engine has, for [`Self::check_script`]
+    /// (made the first time a script is checked).
+    functions: std::sync::OnceLock<std::collections::HashSet<String>>,
     limits: RhaiLimits,
     contacts: Option<Arc<dyn Contacts>>,
     /// Compiled `when` conditions, by their text.
@@ -283,10 +287,15 @@ impl ScriptRuntime {
     pub fn new(limits: RhaiLimits, contacts: Option<Arc<dyn Contacts>>) -> Self {
         let engine = Self::engine(&limits);
         let mut checker = Self::engine(&limits);
-        checker.set_strict_variables(true);
+        // Not optimized, so that code the optimizer would drop (`if false
+        // { ... }`) is checked too.
+        checker
+            .set_strict_variables(true)
+            .set_optimization_level(OptimizationLevel::None);
         Self {
             engine,
             checker,
+            functions: std::sync::OnceLock::new(),
             limits,
             contacts,
             conditions: RwLock::new(HashMap::new()),
@@ -353,9 +362,14 @@ impl ScriptRuntime {
     /// it is used (a typo, or a top-level `const` read inside `fn handle`,
     /// is refused with its line and column).
     pub fn check_script(&self, source: &str) -> Result<AST, CompileError> {
-        self.checker
+        let strict = self
+            .checker
             .compile(source)
-            .map_err(|e| self.parse_error(&e))?;
+            .map_err(|e| self.parse_error(&e, source))?;
+        let functions = self
+            .functions
+            .get_or_init(|| calls::engine_functions(&self.engine));
+        calls::check_calls(&strict, functions)?;
         self.compile_script(source)
     }
 
@@ -364,7 +378,7 @@ impl ScriptRuntime {
         let ast = self
             .engine
             .compile(source)
-            .map_err(|e| self.parse_error(&e))?;
+            .map_err(|e| self.parse_error(&e, source))?;
         let handle = ast
             .iter_functions()
             .find(|f| f.name == "handle" && f.params.len() == 3);
@@ -389,7 +403,7 @@ impl ScriptRuntime {
         scope.push_dynamic("event", Dynamic::UNIT);
         self.checker
             .compile_expression_with_scope(&scope, expr)
-            .map_err(|e| self.parse_error(&e))?;
+            .map_err(|e| self.parse_error(&e, expr))?;
         self.compile_condition(expr).map(|_| ())
     }
 
@@ -406,7 +420,7 @@ impl ScriptRuntime {
         let ast = Arc::new(
             self.engine
                 .compile_expression(expr)
-                .map_err(|e| self.parse_error(&e))?,
+                .map_err(|e| self.parse_error(&e, expr))?,
         );
         let mut cache = self.conditions.write().expect("condition cache lock");
         // Conditions come from stored chains, so the cache only grows with
@@ -418,8 +432,22 @@ impl ScriptRuntime {
         Ok(ast)
     }
 
-    fn parse_error(&self, e: &ParseError) -> CompileError {
+    fn parse_error(&self, e: &ParseError, source: &str) -> CompileError {
         let pos = e.position();
+        if let rhai::ParseErrorType::MissingToken(token, _) = e.err_type()
+            && token == ";"
+            && let (Some(line), Some(column)) = (pos.line(), pos.position())
+            && let Some((line, column)) = end_of_line_before(source, line, column)
+        {
+            // Rhai finds the missing `;` at the next statement's start, on
+            // the next line; it belongs at the end of this one.
+            return CompileError {
+                line: Some(line),
+                column: Some(column),
+                message: "missing `;` at the end of this line (statements are separated by `;`)"
+                    .into(),
+            };
+        }
         let message = match e.err_type() {
             rhai::ParseErrorType::ExprTooDeep => format!(
                 "expressions nested too deeply (limits: {} levels at the top, {} in functions)",
@@ -536,7 +564,23 @@ impl ScriptRuntime {
             (Err(e), Some(Control::Retry(after, message))) if is_control(&e) => {
                 Err(StepError::retryable(format!("{label}: {message}"), after))
             }
-            (Err(e), _) => Err(StepError::permanent(self.describe(&e, Some(label)))),
+            (Err(e), _) => {
+                let mut message = self.describe(&e, Some(label));
+                // Rhai does not always say where a limit was reached: the
+                // loops are where to look.
+                if innermost(&e).1.is_none()
+                    && matches!(
+                        innermost(&e).0,
+                        EvalAltResult::ErrorTooManyOperations(_)
+                            | EvalAltResult::ErrorTerminated(..)
+                    )
+                    && !is_control(&e)
+                    && let Some(loops) = calls::loop_lines(ast)
+                {
+                    message.push_str(&format!(" ({loops})"));
+                }
+                Err(StepError::permanent(message))
+            }
             (Ok(value), _) => output_of(label, value).map(|data| StepOutput {
                 data,
                 stop: false,
@@ -654,6 +698,22 @@ impl ScriptRuntime {
             format!("{out}: {reason}")
         }
     }
+}
+
+/// Where the last non-blank line before 1-based `line` ends (line, column
+/// just after its last character), when `column` is where `line`'s text
+/// starts (what Rhai stopped at is the first thing on its line).
+fn end_of_line_before(source: &str, line: usize, column: usize) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = source.lines().collect();
+    let this = lines.get(line.checked_sub(1)?)?;
+    let starts = this.chars().take_while(|c| c.is_whitespace()).count() + 1;
+    if this.trim().is_empty() || column != starts {
+        return None;
+    }
+    (1..line).rev().find_map(|n| {
+        let text = lines[n - 1].trim_end();
+        (!text.trim().is_empty()).then(|| (n, text.chars().count() + 1))
+    })
 }
 
 /// Each function Switchboard gives scripts (see `register_functions`):

@@ -178,6 +178,13 @@ impl Handler for PaymentWebhook {
         problems
     }
 
+    fn secrets_named(&self, config: &Map<String, Value>) -> Vec<(&'static str, String)> {
+        match config.get("secret") {
+            Some(Value::String(name)) => vec![("config.secret", name.clone())],
+            _ => Vec::new(),
+        }
+    }
+
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let Prepared {
             config,

@@ -21,7 +21,7 @@ pub use model::{
 pub use selection::{Conditions, Selected, select_chains};
 pub use validate::{
     ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
-    parse_chain_file, toml_error_message, validate,
+    parse_chain_file, toml_error_message, validate, validate_deferring_secrets,
 };
 
 #[cfg(test)]

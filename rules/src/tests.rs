@@ -29,6 +29,18 @@ impl StepCatalog for TestCatalog {
         }
     }
 
+    /// A `log` step whose `secret` option names anything but `set` names an
+    /// unset secret.
+    fn check_secrets(&self, _: &AccountKey, step: &StepSpec) -> Vec<FieldProblem> {
+        match step.config.to_map().get("secret").and_then(|v| v.as_str()) {
+            Some(name) if name != "set" => vec![FieldProblem::new(
+                "config.secret",
+                format!("no secret named {name:?}"),
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// Accepts any condition but one that contains `((`.
     fn check_condition(&self, _: &AccountKey, expr: &str) -> Result<(), String> {
         if expr.contains("((") {
@@ -49,6 +61,33 @@ fn parse(toml: &str) -> ChainFile {
 
 fn check(toml: &str) -> Result<ValidChainFile, ValidationError> {
     validate(parse(toml), &acme(), &TestCatalog)
+}
+
+#[test]
+fn unset_secrets_are_refused_or_set_aside_for_a_warning() {
+    let toml = r#"
+account_key = "acme"
+[[chains]]
+name = "pay"
+event_type = "paid"
+steps = [
+  { handler = "log", config = { secret = "set" } },
+  { handler = "log", name = "second", config = { secret = "gateway" } },
+]
+"#;
+    let err = check(toml).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "account acme: chain \"pay\", step 2 (second), field config.secret: no secret named \"gateway\""
+    );
+    let (valid, unset) = validate_deferring_secrets(parse(toml), &acme(), &TestCatalog).unwrap();
+    assert_eq!(valid.file().chains.len(), 1);
+    assert_eq!(unset, err.problems);
+    // Other problems still refuse the file.
+    let broken = toml.replace("\"paid\"", "\"paid\"\nwhen = \"((\"");
+    let err = validate_deferring_secrets(parse(&broken), &acme(), &TestCatalog).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert_eq!(err.problems[0].field.as_deref(), Some("when"));
 }
 
 fn event(ct: &str, et: &str, ck: &str) -> VumiApiEvent {

@@ -115,6 +115,13 @@ pub trait StepCatalog {
         earlier_steps: &[&str],
     ) -> Result<(), Vec<FieldProblem>>;
 
+    /// Checks that the account secrets a step names are set. Apart from
+    /// [`StepCatalog::check_step`] because it depends on the account's
+    /// state, not the file: see [`validate_deferring_secrets`].
+    fn check_secrets(&self, _account: &AccountKey, _step: &StepSpec) -> Vec<FieldProblem> {
+        Vec::new()
+    }
+
     /// Checks a chain's `when` condition (a Rhai expression over `event`):
     /// it compiles under the sandbox. The error says what is wrong and where.
     fn check_condition(&self, account: &AccountKey, expr: &str) -> Result<(), String>;
@@ -202,7 +209,8 @@ fn is_step_name(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Checks every rule of a chain file, collecting every problem.
+/// Checks every rule of a chain file, collecting every problem, and that
+/// the secrets its steps name are set.
 ///
 /// `expected_account` is the account the file is being applied to; the file's
 /// `account_key` must name it.
@@ -210,6 +218,31 @@ pub fn validate(
     file: ChainFile,
     expected_account: &AccountKey,
     catalog: &dyn StepCatalog,
+) -> Result<ValidChainFile, ValidationError> {
+    check(file, expected_account, catalog, None)
+}
+
+/// Like [`validate`], but a step naming a secret that is not set passes:
+/// those problems are returned beside the file, for the caller to warn of.
+/// For chain files applied as a dispatcher starts, before the secrets can
+/// be set through its API.
+pub fn validate_deferring_secrets(
+    file: ChainFile,
+    expected_account: &AccountKey,
+    catalog: &dyn StepCatalog,
+) -> Result<(ValidChainFile, Vec<ChainProblem>), ValidationError> {
+    let mut unset = Vec::new();
+    let valid = check(file, expected_account, catalog, Some(&mut unset))?;
+    Ok((valid, unset))
+}
+
+/// Checks `file`; unset secrets are problems like the others, or set aside
+/// in `unset` when given.
+fn check(
+    file: ChainFile,
+    expected_account: &AccountKey,
+    catalog: &dyn StepCatalog,
+    mut unset: Option<&mut Vec<ChainProblem>>,
 ) -> Result<ValidChainFile, ValidationError> {
     let mut problems = Vec::new();
     if &file.account_key != expected_account {
@@ -248,6 +281,20 @@ pub fn validate(
             ));
         }
         check_chain(&file.account_key, &label, chain, catalog, &mut problems);
+        for (i, step) in chain.steps.iter().enumerate() {
+            for p in catalog.check_secrets(&file.account_key, step) {
+                let problem = ChainProblem {
+                    chain: Some(label.clone()),
+                    step: Some((i + 1, step.step_name().to_string())),
+                    field: Some(p.field),
+                    message: p.message,
+                };
+                match unset.as_deref_mut() {
+                    Some(unset) => unset.push(problem),
+                    None => problems.push(problem),
+                }
+            }
+        }
     }
     if problems.is_empty() {
         Ok(ValidChainFile(file))

@@ -1078,6 +1078,39 @@ async fn remove_secret(
     Path((account, name)): Path<(String, String)>,
 ) -> ApiResult {
     let account = account_key(&account)?;
+    let mut users = Vec::new();
+    if let Some(current) = s.chains.current(&account)? {
+        for chain in &current.chains {
+            for step in &chain.steps {
+                if s.registry
+                    .secrets_named(step)
+                    .iter()
+                    .any(|(_, named)| *named == name)
+                {
+                    users.push(format!("chain {} step {}", chain.name, step.step_name()));
+                }
+            }
+        }
+    }
+    for hook in s.inbound.hooks.list(&account).map_err(ApiError::internal)? {
+        if hook.secret.as_deref() == Some(name.as_str()) {
+            users.push(format!(
+                "the inbound {} URL (`switchboard inbound revoke {account} {}`)",
+                hook.provider.name(),
+                hook.provider.name()
+            ));
+        }
+    }
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "secret_in_use",
+            format!(
+                "secret {name:?} of account {account} is used by {}; change or remove them first",
+                users.join(", ")
+            ),
+        ));
+    }
     if s.secrets
         .remove(&account, &name)
         .map_err(ApiError::internal)?

@@ -211,11 +211,11 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
     check_fails_with(
         fast,
         "fn handle(e, s, c) {\n  loop { }\n}",
-        "script t v3: ran out of time (limit 50ms; `[rhai] timeout`)",
+        "script t v3: ran out of time (limit 50ms; `[rhai] timeout`) (its loop is at line 2)",
     );
     check_fails(
         "fn handle(e, s, c) {\n  let i = 0;\n  while true { i += 1; }\n}",
-        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations`",
+        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations` if the script needs more) (its loop is at line 3)",
     );
     check_fails(
         "fn f(x) { f(x + 1) }\nfn handle(e, s, c) { f(0) }",
@@ -627,9 +627,73 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
         "fn handle(event, steps, config) {\n  log(\"info\", \"a\", \"b\");\n}",
         "script t v3, line 2: log was given 3 argument(s); call it as log(level, message) or log(message)",
     );
-    // An unknown function is still named as one.
+    // A version stored before the call check still names an unknown
+    // function when it runs.
     check_fails(
         "fn handle(event, steps, config) {\n  sendd(1)\n}",
         "script t v3, line 2: unknown function sendd (i64): scripts may call emit, log",
     );
+    // A call to a function nobody defines is refused when the script is
+    // stored, with the nearest name.
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  let s = to_jsn(event);\n  #{ s: s }\n}",
+        "line 2, column 11: no function `to_jsn` is defined (did you mean `to_json`?); scripts may call emit, log",
+    );
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  if false { sendd(1) }\n}",
+        "line 2, column 14: no function `sendd` is defined; scripts may call",
+    );
+    // A missing `;` is reported where it is missing, not at the next line.
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  let a = 1\n\n  let b = 2;\n  #{ a: a, b: b }\n}",
+        "line 2, column 12: missing `;` at the end of this line",
+    );
+    // (On one line, Rhai's own position is right.)
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  let a = 1 let b = 2;\n  #{ a: a, b: b }\n}",
+        "line 2, column 13: Expecting ';' to terminate this statement",
+    );
+    // ...and one of the script's own functions with the wrong number of
+    // arguments.
+    check_compile_error(
+        "fn bonus(score, factor) { score * factor }\nfn handle(event, steps, config) {\n  #{ b: bonus(4) }\n}",
+        "line 3, column 9: `bonus` is called with 1 argument(s), but the script defines it with 2",
+    );
+}
+
+/// What the call check must not refuse: Rhai's built-ins and keyword
+/// functions, ours, the script's own (at any of its arities), methods, and
+/// calls through a variable holding a function pointer.
+#[test]
+fn the_call_check_accepts_what_runs() {
+    let source = r#"
+fn bonus(score) { bonus(score, 2) }
+fn bonus(score, factor) { score * factor }
+fn handle(event, steps, config) {
+    let f = Fn("bonus");
+    let doubled = f.call(2);
+    let add = |x| x + 1;
+    let three = add.call(2);
+    let words = "a b c".split(" ");
+    let n = parse_int("4") + words.len() + abs(-1) + max(1, 2) + three;
+    let kinds = [type_of(n), to_string(n)];
+    for (k, i) in kinds { log("debug", `${i}: ${k}`); }
+    print("printed");
+    debug("debugged");
+    if is_def_fn("bonus", 1) && !is_def_var("nothing") {
+        log(to_json(#{ n: n, t: timestamp().elapsed >= 0.0, now: now() }));
+    }
+    let parsed = parse_json(`{"a": 1}`);
+    let c = curry(f, 3);
+    #{ n: n, b: bonus(n), d: doubled, c: c.call(), a: parsed.a, r: range(0, 3).contains(1) }
+}
+"#;
+    ScriptRuntime::default()
+        .check_script(source)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = call(source);
+    let output = run.result.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(output.data["n"], json!(13));
+    assert_eq!(output.data["b"], json!(26));
+    assert_eq!(output.data["c"], json!(6));
 }
