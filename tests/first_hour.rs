@@ -654,3 +654,117 @@ async fn samples_come_from_stdin_or_inline_and_traces_show_log_lines() {
         trace.stdout
     );
 }
+
+/// An e-mail sender that cannot be sent from is refused when the chain is
+/// applied, or, when it comes from a template, found by the dry run.
+#[tokio::test]
+async fn e_mail_senders_are_checked_before_anything_is_sent() {
+    let d = util::Dispatcher::with_config(None, &text(&example("switchboard.toml")));
+    let chain = |from: &str| {
+        format!(
+            r#"account_key = "acme"
+
+[[chains]]
+name = "mail"
+event_type = "mail"
+steps = [{{ handler = "send_email", config = {{ to = "a@example.org", subject = "s", text = "t", from = "{from}" }} }}]
+"#
+        )
+    };
+    let file = d.file("mail.toml", &chain("Switchboard noreply"));
+    let refused = d
+        .cli(&["chains", "apply", file.to_str().expect("a UTF-8 path")])
+        .await;
+    assert!(
+        refused.fails().contains(
+            "field config.from: \"Switchboard noreply\" is not a sender (`Name <address>` or an address)"
+        ),
+        "{}",
+        refused.stderr
+    );
+    let file = d.file("mail.toml", &chain("{{ event.event_data.sender }}"));
+    d.cli(&["chains", "apply", file.to_str().expect("a UTF-8 path")])
+        .await
+        .ok();
+    let sample = r#"{"account_key": "acme", "conversation_type": "c", "conversation_key": "k",
+        "event_type": "mail", "event_data": {"sender": "nobody"}}"#;
+    let out = d.cli(&["chains", "test", "acme", "--event", sample]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("failed: sender \"nobody\" is not `Name <address>` or an address"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// A dry run checks what a step emits as the dispatcher would (an event
+/// too large to publish fails the step), and follows at most a bounded
+/// number of emitted events, however wide a chain fans out.
+#[tokio::test]
+async fn dry_runs_check_emitted_events_and_stay_bounded() {
+    let d = util::Dispatcher::with_config(None, "[limits]\nmax_event_bytes = 1024\n");
+    let script = d.file(
+        "fan.rhai",
+        "fn handle(event, steps, config) {\n  let pad = \"x\";\n  pad.pad(event.event_data.size, \"x\");\n  for i in 0..event.event_data.n {\n    emit(\"fan\", #{ n: event.event_data.n, size: event.event_data.size });\n  }\n  if pad.len() > 1 { emit(\"padded\", #{ pad: pad }); }\n  #{}\n}\n",
+    );
+    d.cli(&[
+        "scripts",
+        "put",
+        "acme",
+        "fan",
+        script.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    let chains = d.file(
+        "fan.toml",
+        "account_key = \"acme\"\n\n[[chains]]\nname = \"fan\"\nevent_type = \"fan\"\nsteps = [{ handler = \"script:fan\" }]\n",
+    );
+    d.cli(&["chains", "apply", chains.to_str().expect("a UTF-8 path")])
+        .await
+        .ok();
+    let sample = |n: u32, size: u32| {
+        format!(
+            r#"{{"account_key": "acme", "conversation_type": "c", "conversation_key": "k",
+                "event_type": "fan", "event_data": {{"n": {n}, "size": {size}}}}}"#
+        )
+    };
+
+    // An event of 2,000 bytes: the step fails as it would when run.
+    let out = d
+        .cli(&[
+            "chains",
+            "test",
+            "acme",
+            "--event",
+            &sample(1, 2000),
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    let report: Value = serde_json::from_str(&out.stdout).expect("the report as JSON");
+    let fan = step(&report, "fan", "fan");
+    assert_eq!(fan["outcome"], "failed", "{report:#}");
+    assert!(
+        fan["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("emitted event 2 (padded): "),
+        "{report:#}"
+    );
+
+    // Each event emits four more, to the depth limit: 4 + 16 + ... would
+    // be tens of thousands; the dry run follows a thousand and lists the rest.
+    let out = d
+        .cli(&["chains", "test", "acme", "--event", &sample(4, 1), "--json"])
+        .await;
+    let report: Value = serde_json::from_str(&out.stdout).expect("the report as JSON");
+    let text = report.to_string();
+    assert!(
+        text.contains("\"not_followed\":\"a dry run follows at most 1000 emitted events\""),
+        "{}",
+        &text[..2000.min(text.len())]
+    );
+    assert_eq!(text.matches("\"runs\":true").count(), 1 + 1000);
+}

@@ -13,6 +13,7 @@ use crate::ports::{Email, MailPort};
 use crate::records::contacts::normalize_email;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
 use crate::sms::{check_recipients, messages_output, normalized_recipients};
+use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// The header that carries the message id.
@@ -99,6 +100,15 @@ impl Handler for SendEmail {
         string_option(config, "text", true, any_str, &mut problems);
         string_option(config, "html", false, any_str, &mut problems);
         string_option(config, "from", false, any_str, &mut problems);
+        if let Some(Value::String(from)) = config.get("from")
+            && !is_template(from)
+            && let Err(e) = self.mail.check_sender(from)
+        {
+            problems.push(FieldProblem::new(
+                "config.from",
+                format!("{from:?} is not a sender (`Name <address>` or an address): {e}"),
+            ));
+        }
         if let Err(e) = self.provider_name(config.get("provider").and_then(Value::as_str)) {
             problems.push(FieldProblem::new("config.provider", e));
         }
@@ -240,6 +250,11 @@ impl SendEmail {
                     "no sender: set `from` on the step or on e-mail provider {provider:?}"
                 ))
             })?;
+        self.mail.check_sender(&from).map_err(|e| {
+            StepError::permanent(format!(
+                "sender {from:?} is not `Name <address>` or an address: {e}"
+            ))
+        })?;
         let subject = required_string(&config, "subject")?;
         let text = required_string(&config, "text")?;
         let to = normalized_recipients(&config, "to", normalize_email)?;

@@ -182,6 +182,8 @@ pub trait MailPort: Send + Sync + std::fmt::Debug {
     fn has_provider(&self, provider: &str) -> bool;
     /// The configured default sender of `provider`.
     fn default_from(&self, provider: &str) -> Option<String>;
+    /// Checks a sender (`Name <address>` or an address) as sending would.
+    fn check_sender(&self, from: &str) -> Result<(), String>;
 }
 
 /// Publishing commands to workers (Vumi outbound messages) on the bus.

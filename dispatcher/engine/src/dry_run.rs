@@ -6,6 +6,7 @@
 //! later steps' templates resolve, and its rendered config is returned as
 //! `would_run`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
@@ -180,6 +181,39 @@ pub async fn test_script(
     Ok(Value::Object(out))
 }
 
+/// The events `output` asks to emit, as the dispatcher would make them;
+/// an error like the step's when one is too large to publish.
+fn emitted_events(
+    event: &VumiApiEvent,
+    chain: &ChainSpec,
+    step: &StepSpec,
+    output: &StepOutput,
+    limits: FollowLimits,
+) -> Result<Vec<VumiApiEvent>, StepError> {
+    output
+        .emit
+        .iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let child = event.child(
+                EventId::derived(event.id, &chain.name, step.step_name(), i),
+                request.conversation_key.clone(),
+                request.conversation_type.clone(),
+                request.event_type.clone(),
+                request.event_data.clone(),
+            );
+            child.encode(limits.max_event_bytes).map_err(|e| {
+                StepError::permanent(format!(
+                    "emitted event {} ({}): {e}",
+                    i + 1,
+                    child.event_type
+                ))
+            })?;
+            Ok(child)
+        })
+        .collect()
+}
+
 /// What an account's chains would do with a sample event, with no side effect.
 /// The events its steps would emit are followed into the chains they would
 /// run (each step's `children`), down to `max_depth`; one deeper is reported
@@ -188,16 +222,34 @@ pub async fn test_chains(
     registry: &Registry,
     chains: &AccountChains,
     event: &VumiApiEvent,
-    max_depth: u32,
+    limits: FollowLimits,
 ) -> Value {
-    Box::pin(report(registry, chains, event, max_depth)).await
+    let followed = AtomicUsize::new(0);
+    Box::pin(report(registry, chains, event, limits, &followed)).await
 }
+
+/// How far a dry run follows emitted events.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowLimits {
+    /// The dispatcher's `[limits] max_depth`: a deeper event is reported as
+    /// filed in dead letters.
+    pub max_depth: u32,
+    /// The dispatcher's largest event: a step emitting a larger one fails,
+    /// as it would.
+    pub max_event_bytes: usize,
+}
+
+/// Emitted events a dry run follows into their chains, at most; those
+/// beyond are listed but not followed, so that a chain fanning out to the
+/// depth limit cannot make a dry run unbounded.
+pub const MAX_FOLLOWED: usize = 1_000;
 
 async fn report(
     registry: &Registry,
     chains: &AccountChains,
     event: &VumiApiEvent,
-    max_depth: u32,
+    limits: FollowLimits,
+    followed: &AtomicUsize,
 ) -> Value {
     let event_value = EventValue::new(event);
     // The executor's own selection, so that the dry run shows what the
@@ -226,8 +278,15 @@ async fn report(
     for selection in &selected {
         match selection {
             Selected::Run(chain) => {
-                let steps =
-                    test_chain(registry, chains, event, &event_value, chain, max_depth).await;
+                let steps = test_chain(
+                    registry,
+                    chains,
+                    (event, &event_value),
+                    chain,
+                    limits,
+                    followed,
+                )
+                .await;
                 chains_out.push(json!({
                     "name": chain.name,
                     "when": chain.when,
@@ -262,10 +321,10 @@ async fn report(
 async fn test_chain(
     registry: &Registry,
     chains: &AccountChains,
-    event: &VumiApiEvent,
-    event_value: &EventValue,
+    (event, event_value): (&VumiApiEvent, &EventValue),
     chain: &ChainSpec,
-    max_depth: u32,
+    limits: FollowLimits,
+    followed: &AtomicUsize,
 ) -> Vec<Value> {
     let templates = registry.templates();
     let mut outputs = Map::new();
@@ -325,6 +384,18 @@ async fn test_chain(
                 ))),
             }
         };
+        // The events it would emit, each checked as the dispatcher checks
+        // it before publishing: one too large fails the step.
+        let (result, children) = match result {
+            Ok(output) => match emitted_events(event, chain, step, &output, limits) {
+                Ok(children) => (Ok(output), children),
+                Err(e) => {
+                    out.remove("outcome");
+                    (Err(e), Vec::new())
+                }
+            },
+            Err(e) => (Err(e), Vec::new()),
+        };
         if !out.contains_key("outcome") {
             describe_result(&result, &mut out);
             out.insert(
@@ -335,28 +406,29 @@ async fn test_chain(
         match result {
             Ok(output) => {
                 ended = output.stop;
-                let mut children = Vec::with_capacity(output.emit.len());
-                for (i, request) in output.emit.into_iter().enumerate() {
-                    let child = event.child(
-                        EventId::derived(event.id, &chain.name, step.step_name(), i),
-                        request.conversation_key,
-                        request.conversation_type,
-                        request.event_type,
-                        request.event_data,
-                    );
-                    children.push(if child.depth > max_depth {
+                let mut reports = Vec::with_capacity(children.len());
+                for child in children {
+                    reports.push(if child.depth > limits.max_depth {
                         json!({
                             "event": child,
                             "error": format!(
-                                "event depth {} is over the limit of {max_depth}: it would be \
+                                "event depth {} is over the limit of {}: it would be \
                                  filed in dead letters",
-                                child.depth
+                                child.depth, limits.max_depth
+                            ),
+                        })
+                    } else if followed.fetch_add(1, Ordering::Relaxed) >= MAX_FOLLOWED {
+                        json!({
+                            "event": child,
+                            "not_followed": format!(
+                                "a dry run follows at most {MAX_FOLLOWED} emitted events"
                             ),
                         })
                     } else {
-                        Box::pin(report(registry, chains, &child, max_depth)).await
+                        Box::pin(report(registry, chains, &child, limits, followed)).await
                     });
                 }
+                let children = reports;
                 if !children.is_empty() {
                     out.insert("children".into(), Value::Array(children));
                 }

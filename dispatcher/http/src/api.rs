@@ -960,7 +960,11 @@ async fn test_chains(
         .chains
         .lookup(&account)
         .ok_or_else(|| ApiError::not_found(format!("account {account} has no chains")))?;
-    let report = dry_run::test_chains(&s.registry, &chains, &sample.event, s.max_depth).await;
+    let limits = dry_run::FollowLimits {
+        max_depth: s.max_depth,
+        max_event_bytes: s.max_event_bytes,
+    };
+    let report = dry_run::test_chains(&s.registry, &chains, &sample.event, limits).await;
     Ok(Json(report).into_response())
 }
 

@@ -345,4 +345,10 @@ impl MailPort for LettreMail {
             .get(provider)
             .and_then(|(p, _)| p.from.clone())
     }
+
+    fn check_sender(&self, from: &str) -> Result<(), String> {
+        from.parse::<Mailbox>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
