@@ -653,6 +653,47 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
         )
         .await;
     }
+
+    // Merges at the same moment: each is made against the last version,
+    // made again when another replica took its number, so none is lost.
+    let merges = 6;
+    futures::stream::iter(0..2 * merges)
+        .for_each_concurrent(4, |i| {
+            let (d, a) = (&replicas[i % 2], &a);
+            async move {
+                let file = d.file(
+                    &format!("{a}-merge-{i}.toml"),
+                    &format!(
+                        "account_key = \"{a}\"\n[[chains]]\nname = \"m-{i}\"\nevent_type = \"m_{i}\"\nsteps = [{{ handler = \"log\" }}]\n"
+                    ),
+                );
+                d.cli(&["chains", "apply", "--merge", file.to_str().expect("a UTF-8 path")])
+                    .await
+                    .ok();
+            }
+        })
+        .await;
+    let mut expected: Vec<String> = (0..2 * merges).map(|i| format!("m-{i}")).collect();
+    expected.push("poll-complete".into());
+    expected.sort();
+    for d in &replicas {
+        wait_until(
+            "every merged chain everywhere",
+            Duration::from_secs(10),
+            || async {
+                let (_, current) = d.get(&format!("/v1/accounts/{a}/chains")).await;
+                let mut names: Vec<String> = current["chains"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["name"].as_str().map(str::to_string))
+                    .collect();
+                names.sort();
+                (names == expected).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 /// Two replicas' stores upserting the same numbers at the same moment make

@@ -228,27 +228,27 @@ impl ChainStore {
         let _guard = self.writer.lock().expect("chain writer lock");
         let file = chains.into_file();
         let account = file.account_key.clone();
-        let current = self.current(&account)?;
-        let old: &[ChainSpec] = current.as_ref().map_or(&[], |v| &v.chains);
-        let file = if merge {
-            let mut merged = old.to_vec();
-            for chain in file.chains {
-                match merged.iter_mut().find(|c| c.name == chain.name) {
-                    Some(same) => *same = chain,
-                    None => merged.push(chain),
+        self.commit_locked(&account, change, |old| {
+            let new = if merge {
+                let mut merged = old.to_vec();
+                for chain in &file.chains {
+                    match merged.iter_mut().find(|c| c.name == chain.name) {
+                        Some(same) => *same = chain.clone(),
+                        None => merged.push(chain.clone()),
+                    }
                 }
-            }
-            let merged = ChainFile {
-                account_key: account.clone(),
-                chains: merged,
+                let merged = ChainFile {
+                    account_key: account.clone(),
+                    chains: merged,
+                };
+                // The merged set is checked as a whole, as an apply would be.
+                crate::validate(merged, &account, catalog)?.into_file()
+            } else {
+                file.clone()
             };
-            // The merged set is checked as a whole, as an apply would be.
-            crate::validate(merged, &account, catalog)?.into_file()
-        } else {
-            file
-        };
-        let changes = ChainChanges::between(old, &file.chains);
-        Ok((self.commit_locked(file, change.to_string())?, changes))
+            let changes = ChainChanges::between(old, &new.chains);
+            Ok((new.chains, changes))
+        })
     }
 
     /// The current version of `account`.
@@ -296,22 +296,25 @@ impl ChainStore {
         name: &str,
     ) -> Result<ChainVersion, ChainStoreError> {
         let _guard = self.writer.lock().expect("chain writer lock");
-        let current = self
-            .current(account)?
-            .ok_or_else(|| ChainStoreError::NoChains {
+        if self.current(account)?.is_none() {
+            return Err(ChainStoreError::NoChains {
                 account: account.to_string(),
-            })?;
-        let mut file = current.to_file();
-        let before = file.chains.len();
-        file.chains.retain(|c| c.name != name);
-        if file.chains.len() == before {
-            return Err(ChainStoreError::NoSuchChain {
-                account: account.to_string(),
-                name: name.to_string(),
             });
         }
-        // The chains left were valid together, and no chain refers to another.
-        self.commit_locked(file, format!("remove chain {name}"))
+        let (version, ()) =
+            self.commit_locked(account, &format!("remove chain {name}"), |old| {
+                if !old.iter().any(|c| c.name == name) {
+                    return Err(ChainStoreError::NoSuchChain {
+                        account: account.to_string(),
+                        name: name.to_string(),
+                    });
+                }
+                // The chains left were valid together, and no chain refers
+                // to another.
+                let left = old.iter().filter(|c| c.name != name).cloned().collect();
+                Ok((left, ()))
+            })?;
+        Ok(version)
     }
 
     /// Makes a new, empty version.
@@ -322,11 +325,8 @@ impl ChainStore {
                 account: account.to_string(),
             });
         }
-        let file = ChainFile {
-            account_key: account.clone(),
-            chains: Vec::new(),
-        };
-        self.commit_locked(file, "remove all".into())
+        let (version, ()) = self.commit_locked(account, "remove all", |_| Ok((Vec::new(), ())))?;
+        Ok(version)
     }
 
     /// Makes a new version equal to `version`, checked again against today's
@@ -344,33 +344,44 @@ impl ChainStore {
 
     fn commit(&self, file: ChainFile, change: String) -> Result<ChainVersion, ChainStoreError> {
         let _guard = self.writer.lock().expect("chain writer lock");
-        self.commit_locked(file, change)
+        let (version, ()) = self.commit_locked(&file.account_key, &change, |_| {
+            Ok((file.chains.clone(), ()))
+        })?;
+        Ok(version)
     }
 
-    fn commit_locked(
+    /// Stores the chains `make` derives from the account's current ones as
+    /// its next version. Another replica may take the same number at the
+    /// same moment: the version's key must be new, or the current version is
+    /// read again and `make` called again on it, so that a merge or removal
+    /// is never made against a version that is no longer the last.
+    fn commit_locked<T>(
         &self,
-        file: ChainFile,
-        change: String,
-    ) -> Result<ChainVersion, ChainStoreError> {
-        let account = file.account_key.clone();
-        // Another replica may take the same number at the same moment: the
-        // version's key must be new, or the number is read again.
-        let record = loop {
+        account: &AccountKey,
+        change: &str,
+        mut make: impl FnMut(&[ChainSpec]) -> Result<(Vec<ChainSpec>, T), ChainStoreError>,
+    ) -> Result<(ChainVersion, T), ChainStoreError> {
+        let account = account.clone();
+        let (record, made) = loop {
+            // The base and the number come from the same record, the last
+            // version: a replica's copy of the current-chains key may lag
+            // behind its copy of the versions.
             let last = self.store.scan_prefix_rev(
                 Collection::ChainVersions,
                 &key(&[account.as_str().as_bytes(), b""]),
                 1,
             )?;
-            let next = match last.first() {
-                Some((k, _)) => version_of_key(k) + 1,
-                None => 1,
+            let (next, base) = match last.first() {
+                Some((k, v)) => (version_of_key(k) + 1, decode(account.as_str(), v)?.chains),
+                None => (1, Vec::new()),
             };
+            let (chains, made) = make(&base)?;
             let record = ChainVersion {
                 account_key: account.clone(),
                 version: next,
                 applied_at: switchboard_sdk::now(),
-                change: change.clone(),
-                chains: file.chains.clone(),
+                change: change.to_string(),
+                chains,
             };
             let bytes = serde_json::to_vec(&record).expect("a chain version serialises");
             let written = self.store.write_atomically_creating(
@@ -389,7 +400,7 @@ impl ChainStore {
                 1,
             )?;
             if written {
-                break record;
+                break (record, made);
             }
         };
         let next = record.version;
@@ -399,7 +410,7 @@ impl ChainStore {
             .write()
             .expect("chain cache lock")
             .insert(account, indexed);
-        Ok(record)
+        Ok((record, made))
     }
 }
 
