@@ -36,8 +36,8 @@ use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, 
 use crate::records::Contacts;
 use crate::{EmitRequest, LogLine, StepError, StepOutput};
 
-mod calls;
 mod handler;
+mod inspect;
 mod store;
 
 pub use handler::ScriptHandler;
@@ -368,8 +368,8 @@ impl ScriptRuntime {
             .map_err(|e| self.parse_error(&e, source))?;
         let functions = self
             .functions
-            .get_or_init(|| calls::engine_functions(&self.engine));
-        calls::check_calls(&strict, functions)?;
+            .get_or_init(|| inspect::engine_functions(&self.engine));
+        inspect::check_calls(&strict, functions)?;
         self.compile_script(source)
     }
 
@@ -499,7 +499,7 @@ impl ScriptRuntime {
             Ok(v) => v.as_bool().map_err(|t| {
                 format!("the condition must give true or false, but gave a value of type {t}")
             }),
-            Err(e) => Err(self.describe(&e, None)),
+            Err(e) => Err(self.describe(&e, None, Some(ast))),
         }
     }
 
@@ -565,7 +565,7 @@ impl ScriptRuntime {
                 Err(StepError::retryable(format!("{label}: {message}"), after))
             }
             (Err(e), _) => {
-                let mut message = self.describe(&e, Some(label));
+                let mut message = self.describe(&e, Some(label), Some(ast));
                 // Rhai does not always say where a limit was reached: the
                 // loops are where to look.
                 if innermost(&e).1.is_none()
@@ -575,7 +575,7 @@ impl ScriptRuntime {
                             | EvalAltResult::ErrorTerminated(..)
                     )
                     && !is_control(&e)
-                    && let Some(loops) = calls::loop_lines(ast)
+                    && let Some(loops) = inspect::loop_lines(ast)
                 {
                     message.push_str(&format!(" ({loops})"));
                 }
@@ -615,7 +615,13 @@ impl ScriptRuntime {
     }
 
     /// An error in words: `script award v3, line 4: too many operations (limit 100000)`.
-    fn describe(&self, e: &EvalAltResult, label: Option<ScriptLabel<'_>>) -> String {
+    /// `ast`, when given, names the field a missing-field error is about.
+    fn describe(
+        &self,
+        e: &EvalAltResult,
+        label: Option<ScriptLabel<'_>>,
+        ast: Option<&AST>,
+    ) -> String {
         let (inner, pos) = innermost(e);
         let l = &self.limits;
         let reason = match inner {
@@ -632,10 +638,23 @@ impl ScriptRuntime {
                 "too many variables (limit {}; `[rhai] max_variables`)",
                 l.max_variables
             ),
-            EvalAltResult::ErrorPropertyNotFound(name, _) => format!(
-                "field {name:?} is missing (`[rhai] strict_fields` is on): test for it first with \
-                 `\"{name}\" in ...`"
-            ),
+            EvalAltResult::ErrorPropertyNotFound(name, at) => {
+                match ast
+                    .and_then(|ast| inspect::path_at(ast, *at, None))
+                    .and_then(|path| {
+                        let (parent, _) = inspect::split_last(&path)?;
+                        Some(format!(
+                            "`{path}` is missing (`[rhai] strict_fields` is on): test for it \
+                             first with `\"{name}\" in {parent}`"
+                        ))
+                    }) {
+                    Some(message) => message,
+                    None => format!(
+                        "field {name:?} is missing (`[rhai] strict_fields` is on): test for it \
+                         first with `\"{name}\" in ...`"
+                    ),
+                }
+            }
             EvalAltResult::ErrorTooManyModules(_) => {
                 "`import` is not available: scripts cannot load modules".into()
             }
@@ -668,7 +687,11 @@ impl ScriptRuntime {
                     switchboard_rules::duration::format(l.timeout)
                 )
             }
-            EvalAltResult::ErrorFunctionNotFound(signature, _) => function_not_found(signature),
+            EvalAltResult::ErrorFunctionNotFound(signature, at) => {
+                function_not_found(signature, |i| {
+                    ast.and_then(|ast| inspect::path_at(ast, *at, Some(i)))
+                })
+            }
             EvalAltResult::ErrorModuleNotFound(module, _) => {
                 format!("`import {module:?}` is not available: scripts cannot load modules")
             }
@@ -736,7 +759,10 @@ const OUR_FUNCTIONS: &[(&str, &[usize], &str)] = &[
 /// A call no function takes, in words that say what to do: a function of
 /// ours called with the wrong number of arguments, or an operand that is
 /// `()` (most often a field the map does not have).
-fn function_not_found(signature: &str) -> String {
+///
+/// `path_of` gives the field path the script wrote as the `i`th argument,
+/// when it is one.
+fn function_not_found(signature: &str, path_of: impl Fn(usize) -> Option<String>) -> String {
     let (name, args) = match signature.split_once(" (") {
         Some((name, rest)) => (name.trim(), rest.strip_suffix(')').unwrap_or(rest)),
         None => (signature.trim(), ""),
@@ -751,7 +777,17 @@ fn function_not_found(signature: &str) -> String {
     {
         return format!("{name} was given {arity} argument(s); call it as {usage}");
     }
-    if args.split(", ").any(|a| a.trim() == "()") {
+    if let Some(i) = args.split(", ").position(|a| a.trim() == "()") {
+        if let Some(path) = path_of(i)
+            && let Some((parent, field)) = inspect::split_last(&path)
+        {
+            return format!(
+                "`{path}` is missing, and {signature} cannot use the `()` a missing field reads \
+                 as: test for it first with `\"{field}\" in {parent}`, give a default with \
+                 `{path} ?? value`, or turn on `[rhai] strict_fields` to have missing fields \
+                 named where they are read"
+            );
+        }
         return format!(
             "{signature}: an operand is `()`, which is what reading a field the map does not \
              have gives; test for it first with `\"field\" in map`, give a default with \

@@ -353,7 +353,7 @@ fn when_conditions() {
     check_condition(
         "event.event_data.score * 2 > 3",
         json!({}),
-        Err("line 1: * ((), i64): an operand is `()`"),
+        Err("line 1: `event.event_data.score` is missing, and * ((), i64) cannot use the `()`"),
     );
     check_condition(
         "emit(\"x\", #{}) == ()",
@@ -580,7 +580,12 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
     // A missing field reads as `()`; arithmetic on it says so.
     check_fails(
         "fn handle(event, steps, config) {\n  let p = event.event_data.percent * 100;\n  #{ p: p }\n}",
-        "script t v3, line 2: * ((), i64): an operand is `()`, which is what reading a field the map does not have gives; test for it first with `\"field\" in map`",
+        "script t v3, line 2: `event.event_data.percent` is missing, and * ((), i64) cannot use the `()` a missing field reads as: test for it first with `\"percent\" in event.event_data`, give a default with `event.event_data.percent ?? value`",
+    );
+    // An operand that is not a field read still says what `()` means.
+    check_fails(
+        "fn handle(event, steps, config) {\n  let p = event.event_data;\n  #{ p: p[\"percent\"] * 100 }\n}",
+        "script t v3, line 3: * ((), i64): an operand is `()`, which is what reading a field the map does not have gives; test for it first with `\"field\" in map`",
     );
     // The hint's default works.
     check_output(
@@ -594,7 +599,7 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
             ..RhaiLimits::default()
         },
         "fn handle(event, steps, config) {\n  let name = event.event_data.nmae;\n  #{ name: name }\n}",
-        "script t v3, line 2: field \"nmae\" is missing (`[rhai] strict_fields` is on)",
+        "script t v3, line 2: `event.event_data.nmae` is missing (`[rhai] strict_fields` is on): test for it first with `\"nmae\" in event.event_data`",
     );
     // A name that is not defined is refused when the script is stored,
     // with its line and column.

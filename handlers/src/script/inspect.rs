@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use rhai::{AST, ASTNode, Engine, Expr, Stmt};
+use rhai::{AST, ASTNode, Engine, Expr, Position, Stmt};
 
 use super::CompileError;
 
@@ -167,4 +167,92 @@ pub(super) fn loop_lines(ast: &AST) -> Option<String> {
             ))
         }
     }
+}
+
+/// The field path a failed read or operand names, as the script wrote it
+/// (`event.event_data.percent`), found by the error's position: the
+/// property read at `pos` (a strict-fields error), or the `()` operand
+/// `operand` of the operator or call at `pos`.
+pub(super) fn path_at(ast: &AST, pos: Position, operand: Option<usize>) -> Option<String> {
+    let mut found = None;
+    ast.walk(&mut |path: &[ASTNode<'_>]| {
+        let Some(ASTNode::Expr(expr)) = path.last() else {
+            return true;
+        };
+        found = match (expr, operand) {
+            (Expr::FnCall(call, at), Some(i)) if *at == pos => call
+                .args
+                .get(i)
+                .and_then(|a| field_paths(a).pop())
+                .map(|(_, p)| p),
+            (Expr::Dot(..) | Expr::Index(..), None) => field_paths(expr)
+                .into_iter()
+                .find(|(at, _)| *at == pos)
+                .map(|(_, p)| p),
+            _ => None,
+        };
+        found.is_none()
+    });
+    found
+}
+
+/// Each field a chain of reads (`event.event_data.percent`) reads, with
+/// the position of its name and the path up to it; empty when the chain is
+/// not a plain path from a variable.
+fn field_paths(expr: &Expr) -> Vec<(Position, String)> {
+    let (Expr::Dot(x, ..) | Expr::Index(x, ..)) = expr else {
+        return Vec::new();
+    };
+    let Expr::Variable(root, ..) = &x.lhs else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if !chain(root.1.as_str(), expr, &x.rhs, &mut out) {
+        return Vec::new();
+    }
+    out
+}
+
+/// Appends the fields `rhs` reads after `prefix` (joined as `expr`, a `.`
+/// or an index, joins them); false when a part is not a plain field.
+fn chain(prefix: &str, expr: &Expr, rhs: &Expr, out: &mut Vec<(Position, String)>) -> bool {
+    let dot = matches!(expr, Expr::Dot(..));
+    let step = |name: &str| {
+        if dot {
+            format!("{prefix}.{name}")
+        } else {
+            format!("{prefix}[{name}]")
+        }
+    };
+    match rhs {
+        Expr::Property(p, pos) => {
+            out.push((*pos, step(p.2.as_str())));
+            true
+        }
+        Expr::StringConstant(s, pos) if !dot => {
+            out.push((*pos, step(&format!("{:?}", s.as_str()))));
+            true
+        }
+        Expr::IntegerConstant(n, pos) if !dot => {
+            out.push((*pos, step(&n.to_string())));
+            true
+        }
+        Expr::Dot(x, ..) | Expr::Index(x, ..) => {
+            let mut first = Vec::new();
+            if !chain(prefix, expr, &x.lhs, &mut first) {
+                return false;
+            }
+            let Some(joined) = first.last().map(|(_, p)| p.clone()) else {
+                return false;
+            };
+            out.extend(first);
+            chain(&joined, rhs, &x.rhs, out)
+        }
+        _ => false,
+    }
+}
+
+/// `event.event_data.percent` → (`event.event_data`, `percent`).
+pub(super) fn split_last(path: &str) -> Option<(&str, &str)> {
+    path.rsplit_once('.')
 }
