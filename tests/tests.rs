@@ -9,6 +9,7 @@ mod bad_input;
 mod chains_cli;
 mod changelog;
 mod cluster;
+mod console;
 mod crash;
 mod delivery;
 mod e2e_embedded;

@@ -410,6 +410,7 @@ impl Engine {
                 limits.ingest_rate,
                 limits.ingest_burst.unwrap_or(limits.ingest_rate),
             )),
+            sessions: Arc::default(),
             inbound: Arc::new(Inbound::new(
                 store.clone(),
                 InboundRecords {

@@ -96,6 +96,8 @@ pub struct ApiState {
     pub inbound: Arc<Inbound>,
     /// The partitions of the bus this replica consumes, when replicas share it.
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
+    /// The web console's signed-in browsers.
+    pub sessions: Arc<crate::console::session::Sessions>,
 }
 
 /// Declares every route once: it defines [`ROUTES`] and the function that
@@ -167,6 +169,7 @@ routes! {
 pub fn router(state: ApiState) -> Router {
     let body_limit = state.max_event_bytes.max(1 << 20);
     add_routes(Router::new())
+        .merge(crate::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

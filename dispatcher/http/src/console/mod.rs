@@ -1,0 +1,547 @@
+//! The web console: pages over the state the API serves, for a browser
+//! signed in with an API token (see [`session`]). Pages are rendered on the
+//! server with minijinja, every value HTML-escaped; the one stylesheet is
+//! embedded in the binary, and every page is sent with a
+//! Content-Security-Policy that allows no inline script or style and
+//! nothing from another origin.
+//!
+//! An account token sees only its account, as through the API: another
+//! account's pages answer 404.
+
+pub mod session;
+
+use std::sync::LazyLock;
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use minijinja::{Environment, context};
+use serde::Deserialize;
+use serde_json::Value;
+use switchboard_engine::dead_letters::{DeadLetter, DeadReason};
+use switchboard_engine::trace::{StepOutcome, Trace, TraceStatus};
+use switchboard_sdk::{AccountKey, EventId, format_rfc3339};
+
+use crate::api::ApiState;
+use crate::auth::Principal;
+use session::{SESSION_COOKIE, SESSION_TTL, SIGN_IN_COOKIE, Session, random_token, same_token};
+
+/// What every console response may load: its own stylesheet and scripts.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; script-src 'self'; \
+     img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+     base-uri 'none'";
+
+static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    for (name, source) in [
+        ("base.html", include_str!("templates/base.html")),
+        ("sign_in.html", include_str!("templates/sign_in.html")),
+        ("accounts.html", include_str!("templates/accounts.html")),
+        ("account.html", include_str!("templates/account.html")),
+        ("run.html", include_str!("templates/run.html")),
+        ("error.html", include_str!("templates/error.html")),
+    ] {
+        env.add_template(name, source)
+            .expect("the console's templates compile");
+    }
+    env
+});
+
+/// The console's routes, to merge into the API's router.
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/console") }))
+        .route("/console", get(home))
+        .route("/console/sign-in", get(sign_in_page).post(sign_in))
+        .route("/console/sign-out", post(sign_out))
+        .route("/console/accounts/{account}", get(account_page))
+        .route("/console/accounts/{account}/events", get(find_event))
+        .route("/console/accounts/{account}/events/{id}", get(run_page))
+        .route(
+            "/console/accounts/{account}/dead-letters/{id}/replay",
+            post(replay),
+        )
+        .route("/console/static/console.css", get(stylesheet))
+        .layer(axum::middleware::map_response(secure_headers))
+}
+
+async fn secure_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("static/console.css"),
+    )
+        .into_response()
+}
+
+/// A page, or the page to show instead (sign-in, not found, refused).
+type Page = Result<Response, Instead>;
+
+/// The page shown instead of the one asked for.
+struct Instead(Box<Response>);
+
+impl From<Response> for Instead {
+    fn from(response: Response) -> Self {
+        Instead(Box::new(response))
+    }
+}
+
+impl IntoResponse for Instead {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+fn render(name: &str, ctx: minijinja::Value) -> Response {
+    match PAGES.get_template(name).and_then(|t| t.render(ctx)) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(template = name, error = %e, "rendering a console page failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be rendered",
+            )
+                .into_response()
+        }
+    }
+}
+
+fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let mut response = render(
+        "error.html",
+        context! { title, message, session => session.map(session_view) },
+    );
+    *response.status_mut() = status;
+    response
+}
+
+/// What the layout shows of a session.
+fn session_view(session: &Session) -> minijinja::Value {
+    let who = match &session.principal {
+        Principal::Admin => "admin".to_string(),
+        Principal::Account(a) => format!("account {a}"),
+    };
+    context! { who, csrf => session.csrf.clone() }
+}
+
+/// The request's session, or a redirect to sign in.
+fn signed_in(s: &ApiState, headers: &HeaderMap) -> Result<Session, Instead> {
+    s.sessions
+        .of(headers)
+        .ok_or_else(|| Redirect::to("/console/sign-in").into_response().into())
+}
+
+/// The account a signed-in page is about, if the session reaches it: 404
+/// otherwise, as the API answers.
+fn reachable(session: &Session, account: &str) -> Result<AccountKey, Instead> {
+    match AccountKey::new(account) {
+        Ok(key) if session.principal.reaches(account) => Ok(key),
+        _ => Err(error_page(
+            StatusCode::NOT_FOUND,
+            Some(session),
+            &format!("There is no account {account:?} here."),
+        )
+        .into()),
+    }
+}
+
+/// Checks the CSRF token a form carried.
+fn checked_form(session: &Session, csrf: &str) -> Result<(), Instead> {
+    if same_token(&session.csrf, csrf) {
+        Ok(())
+    } else {
+        Err(error_page(
+            StatusCode::FORBIDDEN,
+            Some(session),
+            "The form was not sent from this console (its CSRF token is missing or wrong). \
+             Reload the page and try again.",
+        )
+        .into())
+    }
+}
+
+async fn home(State(s): State<ApiState>, headers: HeaderMap) -> Page {
+    let session = signed_in(&s, &headers)?;
+    match &session.principal {
+        Principal::Account(own) => {
+            Ok(Redirect::to(&format!("/console/accounts/{own}")).into_response())
+        }
+        Principal::Admin => {
+            let accounts: Vec<String> = s
+                .chains
+                .accounts()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            Ok(render(
+                "accounts.html",
+                context! { accounts, session => session_view(&session) },
+            ))
+        }
+    }
+}
+
+async fn sign_in_page(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if s.sessions.of(&headers).is_some() {
+        return Redirect::to("/console").into_response();
+    }
+    sign_in_form(StatusCode::OK, None)
+}
+
+/// The sign-in form with a fresh CSRF token, in its cookie too.
+fn sign_in_form(status: StatusCode, error: Option<&str>) -> Response {
+    let csrf = random_token();
+    let mut response = render("sign_in.html", context! { csrf => csrf.clone(), error });
+    *response.status_mut() = status;
+    if let Ok(cookie) = HeaderValue::from_str(&session::set_cookie(
+        SIGN_IN_COOKIE,
+        &csrf,
+        std::time::Duration::from_secs(3600),
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn sign_in(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<SignIn>,
+) -> Response {
+    let expected = session::cookie(&headers, SIGN_IN_COOKIE).unwrap_or_default();
+    if expected.is_empty() || !same_token(&expected, &form.csrf) {
+        return sign_in_form(
+            StatusCode::FORBIDDEN,
+            Some(
+                "The form was not sent from this console (its CSRF token is missing or wrong): try again.",
+            ),
+        );
+    }
+    let principal = match s.auth.principal(form.token.trim()) {
+        Ok(Some(principal)) => principal,
+        Ok(None) => {
+            return sign_in_form(
+                StatusCode::UNAUTHORIZED,
+                Some("That token is not the admin token or a live account token."),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "checking a console sign-in token failed");
+            return sign_in_form(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("The token could not be checked; try again."),
+            );
+        }
+    };
+    let id = s.sessions.start(principal);
+    let mut response = Redirect::to("/console").into_response();
+    for cookie in [
+        session::set_cookie(SESSION_COOKIE, &id, SESSION_TTL),
+        session::set_cookie(SIGN_IN_COOKIE, "", std::time::Duration::ZERO),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn sign_out(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    checked_form(&session, &form.csrf)?;
+    s.sessions.end(&headers);
+    let mut response = Redirect::to("/console/sign-in").into_response();
+    if let Ok(value) = HeaderValue::from_str(&session::set_cookie(
+        SESSION_COOKIE,
+        "",
+        std::time::Duration::ZERO,
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// How many dead letters the account page lists.
+const LETTERS_SHOWN: usize = 50;
+
+async fn account_page(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let current = s.chains.current(&key).map_err(|e| internal(&session, &e))?;
+    let version = current.as_ref().map(|v| v.version);
+    let chains: Vec<Value> = current
+        .iter()
+        .flat_map(|v| &v.chains)
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "conversation_type": c.conversation_type.to_string(),
+                "event_type": c.event_type.to_string(),
+                "when": c.when,
+                "steps": c.steps.iter().map(|st| {
+                    if st.step_name() == st.handler {
+                        st.handler.clone()
+                    } else {
+                        format!("{} ({})", st.step_name(), st.handler)
+                    }
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let letters: Vec<Value> = s
+        .letters
+        .list(key.as_str(), LETTERS_SHOWN)
+        .map_err(|e| internal(&session, &e))?
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "at": format_rfc3339(l.at),
+                "event_id": l.event.as_ref().map(|e| e.id.to_string()),
+                "event_type": l.event.as_ref().map(|e| format!("{} / {}", e.conversation_type, e.event_type)),
+                "reason": format!("{:?}", l.reason),
+                "chain": l.chain,
+                "step": l.step,
+                "error": l.error,
+            })
+        })
+        .collect();
+    Ok(render(
+        "account.html",
+        context! {
+            account,
+            version,
+            chains => minijinja::Value::from(minijinja::value::Serde(&chains)),
+            letters => minijinja::Value::from(minijinja::value::Serde(&letters)),
+            session => session_view(&session),
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+struct FindEvent {
+    #[serde(default)]
+    id: String,
+}
+
+async fn find_event(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    Query(q): Query<FindEvent>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    reachable(&session, &account)?;
+    match EventId::parse(q.id.trim()) {
+        Ok(id) => {
+            Ok(Redirect::to(&format!("/console/accounts/{account}/events/{id}")).into_response())
+        }
+        Err(e) => Err(error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            &format!("{:?} is not an event id: {e}", q.id),
+        )
+        .into()),
+    }
+}
+
+async fn run_page(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((account, id)): Path<(String, String)>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let not_found = |session: &Session| {
+        error_page(
+            StatusCode::NOT_FOUND,
+            Some(session),
+            &format!(
+                "No trace of event {id} in account {account}: not handled yet, or never received."
+            ),
+        )
+    };
+    let Ok(event_id) = EventId::parse(&id) else {
+        return Err(not_found(&session).into());
+    };
+    let Some(trace) = s
+        .traces
+        .get(&key, &event_id)
+        .map_err(|e| internal(&session, &e))?
+    else {
+        return Err(not_found(&session).into());
+    };
+    let letters = replayable_letters(&s, &trace).map_err(|e| internal(&session, &e))?;
+    Ok(render(
+        "run.html",
+        run_context(&account, &trace, letters, &session),
+    ))
+}
+
+/// The dead letters a dead event's failed steps filed, still there to replay.
+fn replayable_letters(
+    s: &ApiState,
+    trace: &Trace,
+) -> Result<Vec<DeadLetter>, switchboard_store::StoreError> {
+    if trace.status != TraceStatus::Dead {
+        return Ok(Vec::new());
+    }
+    let mut letters = Vec::new();
+    for chain in &trace.chains {
+        for step in chain
+            .steps
+            .iter()
+            .filter(|st| st.outcome == StepOutcome::Failed)
+        {
+            let id = DeadLetter::for_event(
+                &trace.event,
+                DeadReason::StepFailed,
+                Some(&chain.name),
+                Some(&step.name),
+                "",
+            )
+            .id;
+            if let Some(letter) = s.letters.get(trace.event.account_key.as_str(), &id)? {
+                letters.push(letter);
+            }
+        }
+    }
+    Ok(letters)
+}
+
+fn run_context(
+    account: &str,
+    trace: &Trace,
+    letters: Vec<DeadLetter>,
+    session: &Session,
+) -> minijinja::Value {
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    let status = serde_json::to_value(trace.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let chains: Vec<Value> = trace
+        .chains
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "version": c.version,
+                "steps": c.steps.iter().map(|st| serde_json::json!({
+                    "name": st.name,
+                    "handler": st.handler,
+                    "outcome": serde_json::to_value(st.outcome).ok(),
+                    "attempts": st.attempts,
+                    "duration": format!("{:.1} ms", st.duration_ms),
+                    "output": st.output.as_ref().filter(|o| !o.is_empty()).map(|o| pretty(&Value::Object(o.clone()))),
+                    "error": st.error,
+                    "logs": st.logs,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|l| serde_json::json!({"id": l.id, "chain": l.chain, "step": l.step}))
+        .collect();
+    context! {
+        account,
+        status,
+        event => minijinja::Value::from(minijinja::value::Serde(serde_json::json!({
+            "id": trace.event.id.to_string(),
+            "conversation_type": trace.event.conversation_type.to_string(),
+            "conversation_key": trace.event.conversation_key.to_string(),
+            "event_type": trace.event.event_type.to_string(),
+        }))),
+        event_data => pretty(&Value::Object(trace.event.event_data.clone())),
+        started_at => format_rfc3339(trace.started_at),
+        finished_at => trace.finished_at.map(format_rfc3339),
+        parent_id => trace.parent_id.map(|p| p.to_string()),
+        children => trace.children.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        chains => minijinja::Value::from(minijinja::value::Serde(&chains)),
+        letters => minijinja::Value::from(minijinja::value::Serde(&letters)),
+        session => session_view(session),
+    }
+}
+
+async fn replay(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((account, id)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    reachable(&session, &account)?;
+    checked_form(&session, &form.csrf)?;
+    match s.letters.replay(&account, &id).await {
+        Ok(letter) => {
+            let to = match &letter.event {
+                Some(event) => format!("/console/accounts/{account}/events/{}", event.id),
+                None => format!("/console/accounts/{account}"),
+            };
+            Ok(Redirect::to(&to).into_response())
+        }
+        Err(e) => Err(error_page(
+            StatusCode::CONFLICT,
+            Some(&session),
+            &format!("The dead letter could not be replayed: {e}"),
+        )
+        .into()),
+    }
+}
+
+fn internal(session: &Session, e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "a console page could not read the store");
+    error_page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Some(session),
+        "The store could not be read; try again.",
+    )
+}

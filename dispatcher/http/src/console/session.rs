@@ -1,0 +1,160 @@
+//! Console sessions: an API token exchanged at sign-in for a random session
+//! id in an HttpOnly, SameSite=Strict cookie, with a CSRF token every
+//! state-changing form carries. Sessions live in memory: a restart signs
+//! everyone out, and no token or session id is ever stored or logged.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, header};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::auth::Principal;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "sb_session";
+/// The cookie the sign-in form's CSRF token is checked against (the form
+/// has no session yet: the token is submitted twice, in the cookie and the
+/// form, and a page of another origin can set neither).
+pub const SIGN_IN_COOKIE: &str = "sb_sign_in";
+/// How long a session lasts from sign-in.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions kept at most; expired ones are dropped first, then the oldest.
+const MAX_SESSIONS: usize = 10_000;
+
+/// A signed-in browser.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Whom the token resolved to.
+    pub principal: Principal,
+    /// The token every form of this session carries.
+    pub csrf: String,
+    expires: Instant,
+}
+
+/// The console's sessions, by id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_id: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    /// Starts a session for `principal`; returns its id (the cookie's value).
+    pub fn start(&self, principal: Principal) -> String {
+        let id = random_token();
+        let session = Session {
+            principal,
+            csrf: random_token(),
+            expires: Instant::now() + SESSION_TTL,
+        };
+        let mut by_id = self.by_id.lock().expect("session lock");
+        if by_id.len() >= MAX_SESSIONS {
+            let now = Instant::now();
+            by_id.retain(|_, s| s.expires > now);
+            if by_id.len() >= MAX_SESSIONS
+                && let Some(oldest) = by_id
+                    .iter()
+                    .min_by_key(|(_, s)| s.expires)
+                    .map(|(k, _)| k.clone())
+            {
+                by_id.remove(&oldest);
+            }
+        }
+        by_id.insert(id.clone(), session);
+        id
+    }
+
+    /// The live session the request's cookie names.
+    pub fn of(&self, headers: &HeaderMap) -> Option<Session> {
+        let id = cookie(headers, SESSION_COOKIE)?;
+        let mut by_id = self.by_id.lock().expect("session lock");
+        match by_id.get(&id) {
+            Some(s) if s.expires > Instant::now() => Some(s.clone()),
+            Some(_) => {
+                by_id.remove(&id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Ends the session the request's cookie names.
+    pub fn end(&self, headers: &HeaderMap) {
+        if let Some(id) = cookie(headers, SESSION_COOKIE) {
+            self.by_id.lock().expect("session lock").remove(&id);
+        }
+    }
+}
+
+/// 32 random bytes, URL-safe base64.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random source");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The value of cookie `name` in the request.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, for the whole site;
+/// `max_age` 0 removes it.
+pub fn set_cookie(name: &str, value: &str, max_age: Duration) -> String {
+    format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        max_age.as_secs()
+    )
+}
+
+/// Whether two tokens are equal, in time independent of where they differ.
+pub fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn a_session_is_found_by_its_cookie_until_it_ends() {
+        let sessions = Sessions::default();
+        let id = sessions.start(Principal::Admin);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("other=1; {SESSION_COOKIE}={id}")).unwrap(),
+        );
+        let session = sessions.of(&headers).expect("the session");
+        assert_eq!(session.principal, Principal::Admin);
+        assert_eq!(session.csrf.len(), 43);
+        sessions.end(&headers);
+        assert!(sessions.of(&headers).is_none());
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("sb_session=made-up"),
+        );
+        assert!(sessions.of(&headers).is_none());
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "ab"));
+    }
+}

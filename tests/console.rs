@@ -1,0 +1,481 @@
+//! The web console: sessions, isolation and CSRF over plain HTTP, and what a
+//! person sees in a real browser (Debian's chromium, driven headless through
+//! chromedriver over WebDriver). Screenshots of each page are saved under
+//! `target/console-screenshots/`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
+use crate::util::{self, Dispatcher, event, wait_until};
+
+/// An account token for `account`, made with the CLI.
+async fn account_token(d: &Dispatcher, account: &str) -> String {
+    let created = d.cli(&["tokens", "create", account, "--json"]).await.json();
+    created["token"]
+        .as_str()
+        .expect("a token in the answer")
+        .to_string()
+}
+
+/// A client that follows no redirect, so that each answer can be checked.
+fn plain_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The value `name` is set to by the response's `Set-Cookie` headers, with
+/// the whole header.
+fn set_cookie(response: &reqwest::Response, name: &str) -> Option<(String, String)> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| {
+            let value = v[name.len() + 1..].split(';').next().unwrap_or("");
+            (value.to_string(), v.to_string())
+        })
+}
+
+fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Signs in over plain HTTP as a browser would; returns the session cookie.
+async fn sign_in(http: &reqwest::Client, base: &str, token: &str) -> String {
+    let page = http
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .expect("the sign-in page");
+    let (csrf, _) = set_cookie(&page, "sb_sign_in").expect("a sign-in cookie");
+    let answer = http
+        .post(format!("{base}/console/sign-in"))
+        .header(reqwest::header::COOKIE, format!("sb_sign_in={csrf}"))
+        .form(&[("token", token), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("signing in");
+    assert_eq!(answer.status(), 303, "signing in");
+    set_cookie(&answer, "sb_session")
+        .expect("a session cookie")
+        .0
+}
+
+/// Without a session every page sends the browser to sign in; a session
+/// reaches only what its token reaches (another account is 404, as in the
+/// API); forms without their CSRF token change nothing; every page carries
+/// a Content-Security-Policy without inline scripts.
+#[tokio::test]
+async fn console_sessions_are_isolated_and_forms_need_their_token() {
+    let d = Dispatcher::embedded();
+    for account in ["acme", "other"] {
+        d.apply_chains(
+            &format!("{account}.toml"),
+            &format!(
+                "account_key = \"{account}\"\n[[chains]]\nname = \"fail\"\nevent_type = \"fail\"\nsteps = [{{ handler = \"script:missing\" }}]\n"
+            )
+            .replace("script:missing", "emit")
+            .replace("steps = [{ handler = \"emit\" }]", "steps = [{ handler = \"emit\", config = { event_type = \"{{ event.event_data.next }}\" } }]"),
+        )
+        .await;
+    }
+    // A dead event of `other`: its emit names an invalid event type.
+    let e = event("other", "test", "fail", "k", json!({"next": "not valid!"}));
+    let other_id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("other", &other_id, util::TIMEOUT).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let other_letter = d.dead_letters("other").await[0]["id"]
+        .as_str()
+        .expect("a letter id")
+        .to_string();
+
+    let http = plain_client();
+    let base = d.url();
+    for path in [
+        "/console".to_string(),
+        "/console/accounts/acme".to_string(),
+        format!("/console/accounts/other/events/{other_id}"),
+    ] {
+        let answer = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 303, "{path}");
+        assert_eq!(location(&answer), "/console/sign-in", "{path}");
+    }
+    assert_eq!(
+        location(&http.get(format!("{base}/")).send().await.unwrap()),
+        "/console"
+    );
+
+    // The sign-in page: its CSRF cookie is HttpOnly and SameSite=Strict,
+    // and the policy allows no inline script.
+    let page = http
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let (csrf, cookie) = set_cookie(&page, "sb_sign_in").expect("a sign-in cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    // Without the form's token, or with a wrong API token: no session.
+    let token = account_token(&d, "acme").await;
+    let answer = http
+        .post(format!("{base}/console/sign-in"))
+        .header(reqwest::header::COOKIE, format!("sb_sign_in={csrf}"))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    assert!(set_cookie(&answer, "sb_session").is_none());
+    let answer = http
+        .post(format!("{base}/console/sign-in"))
+        .header(reqwest::header::COOKIE, format!("sb_sign_in={csrf}"))
+        .form(&[("token", "sbt_wrong"), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
+    assert!(
+        answer
+            .text()
+            .await
+            .unwrap()
+            .contains("That token is not the admin token or a live account token.")
+    );
+
+    // acme's session: its account, and nothing of other's.
+    let session = sign_in(&http, base, &token).await;
+    let get = |path: String| {
+        let (http, session) = (&http, &session);
+        async move {
+            http.get(format!("{base}{path}"))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let home = get("/console".into()).await;
+    assert_eq!(location(&home), "/console/accounts/acme");
+    let page = get("/console/accounts/acme".into()).await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("account acme"), "{html}");
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the sign-out form")
+        .to_string();
+    for path in [
+        "/console/accounts/other".to_string(),
+        format!("/console/accounts/other/events/{other_id}"),
+    ] {
+        assert_eq!(get(path.clone()).await.status(), 404, "{path}");
+    }
+    let post = |path: String, form: Vec<(&'static str, String)>| {
+        let (http, session) = (&http, &session);
+        async move {
+            http.post(format!("{base}{path}"))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .form(&form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let replay_other = format!("/console/accounts/other/dead-letters/{other_letter}/replay");
+    assert_eq!(
+        post(replay_other.clone(), vec![("csrf", csrf.clone())])
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(d.dead_letters("other").await[0]["status"], "dead");
+    // Signing out without the form's token does not; with it, it does.
+    assert_eq!(post("/console/sign-out".into(), vec![]).await.status(), 403);
+    assert_eq!(get("/console/accounts/acme".into()).await.status(), 200);
+    let out = post("/console/sign-out".into(), vec![("csrf", csrf)]).await;
+    assert_eq!(location(&out), "/console/sign-in");
+    assert_eq!(get("/console/accounts/acme".into()).await.status(), 303);
+
+    // The admin reaches every account.
+    let admin = sign_in(&http, base, d.admin_token()).await;
+    let page = http
+        .get(format!("{base}/console"))
+        .header(reqwest::header::COOKIE, format!("sb_session={admin}"))
+        .send()
+        .await
+        .unwrap();
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("href=\"/console/accounts/acme\"")
+            && html.contains("href=\"/console/accounts/other\""),
+        "{html}"
+    );
+}
+
+/// chromedriver on a free loopback port, and a headless chromium session
+/// through it; both stopped when dropped.
+struct Browser {
+    driver: Child,
+    client: Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts (./scripts/test installs Debian's chromium-driver)");
+        let profile = tempfile::tempdir().expect("a profile directory");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let client = wait_until("chromedriver", Duration::from_secs(20), || {
+            let (url, caps) = (url.clone(), caps.clone());
+            async move {
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps)
+                    .connect(&url)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        Self {
+            driver,
+            client,
+            _profile: profile,
+        }
+    }
+
+    /// Saves a screenshot as `target/console-screenshots/{name}.png`.
+    async fn screenshot(&self, name: &str) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+        std::fs::create_dir_all(&dir).expect("the screenshot directory");
+        let png = self.client.screenshot().await.expect("a screenshot");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("writing a screenshot");
+    }
+
+    async fn text(&self, css: &str) -> String {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .text()
+            .await
+            .expect("its text")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// In a real browser: sign in with an account token, find a dead event
+/// from the account page, see each step of its run, replay it from the
+/// failed step once the receiver recovers (delivered once); an event whose
+/// data holds markup renders as text and runs nothing; the run view fits a
+/// 390-pixel-wide window.
+#[tokio::test]
+async fn a_browser_signs_in_sees_a_run_and_replays_it() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::embedded();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"account_key = "acme"
+
+[[chains]]
+name = "pay"
+event_type = "paid"
+[[chains.steps]]
+handler = "log"
+config = {{ message = "paying {{{{ event.event_data.name }}}}" }}
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{}/hook/500,200", secret = "gateway" }}
+retry = {{ max_attempts = 1 }}
+"#,
+            receiver.url()
+        ),
+    )
+    .await;
+    let hostile = json!({
+        "name": "<script>alert(1)</script>",
+        "quote": "\"><img src=x onerror=alert(2)>",
+        "link": "javascript:alert(3)",
+    });
+    let e = event("acme", "shop", "paid", "order-1", hostile);
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let token = account_token(&d, "acme").await;
+
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    let base = d.url();
+    c.goto(&format!("{base}/console/accounts/acme"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        "/console/sign-in",
+        "no session: sent to sign in"
+    );
+    browser.screenshot("sign-in").await;
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(&token)
+        .await
+        .unwrap();
+    c.find(Locator::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        "/console/accounts/acme"
+    );
+    assert!(
+        browser
+            .text("#chains")
+            .await
+            .contains("log → payment_webhook")
+    );
+    browser.screenshot("account").await;
+
+    // The dead event, from the dead letters.
+    c.find(Locator::Css("#dead-letters a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        format!("/console/accounts/acme/events/{id}")
+    );
+    assert_eq!(browser.text("#status").await, "dead");
+    let data = browser.text("#event-data").await;
+    assert!(
+        data.contains("<script>alert(1)</script>")
+            && data.contains("\"><img src=x onerror=alert(2)>")
+            && data.contains("javascript:alert(3)"),
+        "{data}"
+    );
+    let steps = browser.text(".steps").await;
+    assert!(
+        steps.contains("paying <script>alert(1)</script>") && steps.contains("answered HTTP 500"),
+        "{steps}"
+    );
+    // Rendered as text: no dialog opened, no element injected.
+    assert!(c.get_alert_text().await.is_err(), "a script ran");
+    assert!(c.find_all(Locator::Css("img")).await.unwrap().is_empty());
+    assert!(
+        c.find_all(Locator::Css("main script"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    browser.screenshot("run-dead").await;
+
+    // Narrow: nothing of the run view is cut off.
+    c.set_window_size(390, 844).await.unwrap();
+    let (scroll_width, inner_width): (Value, Value) = (
+        c.execute("return document.documentElement.scrollWidth", vec![])
+            .await
+            .unwrap(),
+        c.execute("return window.innerWidth", vec![]).await.unwrap(),
+    );
+    assert!(
+        scroll_width.as_u64() <= inner_width.as_u64(),
+        "the run view is {scroll_width} pixels wide in a {inner_width}-pixel window"
+    );
+    browser.screenshot("run-narrow").await;
+    c.set_window_size(1280, 900).await.unwrap();
+
+    // The receiver answers 200 now: replay from the failed step.
+    c.find(Locator::Css("button.replay"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let status = wait_until("the replayed run", util::TIMEOUT, || async {
+        c.refresh().await.ok()?;
+        let status = browser.text("#status").await;
+        (status == "done").then_some(status)
+    })
+    .await;
+    assert_eq!(status, "done");
+    browser.screenshot("run-replayed").await;
+    let hooks = receiver.requests_to("/hook/500,200").await;
+    assert_eq!(
+        hooks.len(),
+        2,
+        "one failed attempt, one delivery: {hooks:#?}"
+    );
+
+    // Signing out ends the session.
+    c.find(Locator::Css("header form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.goto(&format!("{base}/console/accounts/acme"))
+        .await
+        .unwrap();
+    assert_eq!(c.current_url().await.unwrap().path(), "/console/sign-in");
+    c.clone().close().await.unwrap();
+}
