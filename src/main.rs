@@ -821,9 +821,6 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
                 .version
                 .map_or("unchanged".to_string(), |v| format!("at chain version {v}"))
         );
-        for problem in &applied.unset_secrets {
-            eprintln!("warning: {problem}; until it is set, runs of this step fail");
-        }
     }
     if let Some(path) = dispatcher.admin_token_file() {
         eprintln!(

@@ -411,6 +411,7 @@ impl Engine {
                 limits.ingest_burst.unwrap_or(limits.ingest_rate),
             )),
             sessions: Arc::default(),
+            config_writes: Arc::default(),
             inbound: Arc::new(Inbound::new(
                 store.clone(),
                 InboundRecords {

@@ -106,7 +106,7 @@ impl Handler for SendEmail {
         {
             problems.push(FieldProblem::new(
                 "config.from",
-                format!("{from:?} is not a sender (`Name <address>` or an address): {e}"),
+                format!("sender {from:?} is not `Name <address>` or an address: {e}"),
             ));
         }
         if let Err(e) = self.provider_name(config.get("provider").and_then(Value::as_str)) {

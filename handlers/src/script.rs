@@ -401,9 +401,14 @@ impl ScriptRuntime {
         // placeholder value into the expression.
         let mut scope = Scope::new();
         scope.push_dynamic("event", Dynamic::UNIT);
-        self.checker
+        let strict = self
+            .checker
             .compile_expression_with_scope(&scope, expr)
             .map_err(|e| self.parse_error(&e, expr))?;
+        let functions = self
+            .functions
+            .get_or_init(|| inspect::engine_functions(&self.engine));
+        inspect::check_calls(&strict, functions)?;
         self.compile_condition(expr).map(|_| ())
     }
 
@@ -577,7 +582,7 @@ impl ScriptRuntime {
                     && !is_control(&e)
                     && let Some(loops) = inspect::loop_lines(ast)
                 {
-                    message.push_str(&format!(" ({loops})"));
+                    message.push_str(&format!("; {loops}"));
                 }
                 Err(StepError::permanent(message))
             }
@@ -639,16 +644,14 @@ impl ScriptRuntime {
                 l.max_variables
             ),
             EvalAltResult::ErrorPropertyNotFound(name, at) => {
-                match ast
-                    .and_then(|ast| inspect::path_at(ast, *at, None))
-                    .and_then(|path| {
-                        let (parent, _) = inspect::split_last(&path)?;
-                        Some(format!(
-                            "`{path}` is missing (`[rhai] strict_fields` is on): test for it \
-                             first with `\"{name}\" in {parent}`"
-                        ))
-                    }) {
-                    Some(message) => message,
+                match ast.and_then(|ast| inspect::path_at(ast, *at, None)) {
+                    Some(field) => format!(
+                        "`{}` is missing (`[rhai] strict_fields` is on): test for it first with \
+                         `{} in {}`",
+                        field.path,
+                        field.key.unwrap_or_else(|| format!("{name:?}")),
+                        field.parent
+                    ),
                     None => format!(
                         "field {name:?} is missing (`[rhai] strict_fields` is on): test for it \
                          first with `\"{name}\" in ...`"
@@ -734,9 +737,32 @@ fn end_of_line_before(source: &str, line: usize, column: usize) -> Option<(usize
         return None;
     }
     (1..line).rev().find_map(|n| {
-        let text = lines[n - 1].trim_end();
-        (!text.trim().is_empty()).then(|| (n, text.chars().count() + 1))
+        let text = without_line_comment(lines[n - 1]).trim_end();
+        let trimmed = text.trim_start();
+        // Blank lines and the lines of a block comment hold no statement.
+        let code = !trimmed.is_empty()
+            && !trimmed.starts_with("/*")
+            && !trimmed.starts_with('*')
+            && !trimmed.ends_with("*/");
+        code.then(|| (n, text.chars().count() + 1))
     })
+}
+
+/// `line` without a trailing `// comment` (a `//` inside a string stays).
+fn without_line_comment(line: &str) -> &str {
+    let mut quote = None;
+    let mut previous = '\0';
+    for (i, c) in line.char_indices() {
+        match quote {
+            Some(q) if c == q && previous != '\\' => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '`' => quote = Some(c),
+            None if c == '/' && previous == '/' => return &line[..i - 1],
+            None => {}
+        }
+        previous = c;
+    }
+    line
 }
 
 /// Each function Switchboard gives scripts (see `register_functions`):
@@ -762,7 +788,10 @@ const OUR_FUNCTIONS: &[(&str, &[usize], &str)] = &[
 ///
 /// `path_of` gives the field path the script wrote as the `i`th argument,
 /// when it is one.
-fn function_not_found(signature: &str, path_of: impl Fn(usize) -> Option<String>) -> String {
+fn function_not_found(
+    signature: &str,
+    path_of: impl Fn(usize) -> Option<inspect::FieldPath>,
+) -> String {
     let (name, args) = match signature.split_once(" (") {
         Some((name, rest)) => (name.trim(), rest.strip_suffix(')').unwrap_or(rest)),
         None => (signature.trim(), ""),
@@ -778,14 +807,16 @@ fn function_not_found(signature: &str, path_of: impl Fn(usize) -> Option<String>
         return format!("{name} was given {arity} argument(s); call it as {usage}");
     }
     if let Some(i) = args.split(", ").position(|a| a.trim() == "()") {
-        if let Some(path) = path_of(i)
-            && let Some((parent, field)) = inspect::split_last(&path)
-        {
+        if let Some(field) = path_of(i) {
+            let test = match &field.key {
+                Some(key) => format!(", test for it with `{key} in {}`", field.parent),
+                None => String::new(),
+            };
             return format!(
-                "`{path}` is missing, and {signature} cannot use the `()` a missing field reads \
-                 as: test for it first with `\"{field}\" in {parent}`, give a default with \
-                 `{path} ?? value`, or turn on `[rhai] strict_fields` to have missing fields \
-                 named where they are read"
+                "`{}` is missing or null, and {signature} cannot use the `()` it reads as: give a \
+                 default with `{} ?? value`{test}, or turn on `[rhai] strict_fields` to have \
+                 missing fields named where they are read",
+                field.path, field.path
             );
         }
         return format!(

@@ -179,8 +179,12 @@ impl Handler for PaymentWebhook {
     }
 
     fn secrets_named(&self, config: &Map<String, Value>) -> Vec<(&'static str, String)> {
+        // A name that is not one (a template, bad characters) is refused
+        // by `check_config`; there is no secret to look for.
         match config.get("secret") {
-            Some(Value::String(name)) => vec![("config.secret", name.clone())],
+            Some(Value::String(name)) if check_secret_name(name).is_ok() && !is_template(name) => {
+                vec![("config.secret", name.clone())]
+            }
             _ => Vec::new(),
         }
     }

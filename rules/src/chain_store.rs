@@ -241,8 +241,13 @@ impl ChainStore {
                     account_key: account.clone(),
                     chains: merged,
                 };
-                // The merged set is checked as a whole, as an apply would be.
-                crate::validate(merged, &account, catalog)?.into_file()
+                // The merged set is checked as a whole, as an apply would be,
+                // but for secrets: the file's were checked by the caller
+                // (or deferred, at start), and the account's other chains'
+                // are theirs to fix.
+                crate::validate_deferring_secrets(merged, &account, catalog)?
+                    .0
+                    .into_file()
             } else {
                 file.clone()
             };

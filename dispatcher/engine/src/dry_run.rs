@@ -15,7 +15,9 @@ use switchboard_handlers::{
     EmitRequest, EventConditions, EventValue, Registry, StepError, StepInput, StepOutput,
 };
 use switchboard_rules::{AccountChains, ChainSpec, OnError, Selected, StepSpec, select_chains};
-use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_sdk::{AccountKey, VumiApiEvent};
+
+use crate::executor::emitted_events;
 
 /// A sample event, with the step outputs and config a script test runs against.
 #[derive(Debug, Clone)]
@@ -179,39 +181,6 @@ pub async fn test_script(
     out.insert("script".into(), json!(name));
     out.extend(script_run_json(&run));
     Ok(Value::Object(out))
-}
-
-/// The events `output` asks to emit, as the dispatcher would make them;
-/// an error like the step's when one is too large to publish.
-fn emitted_events(
-    event: &VumiApiEvent,
-    chain: &ChainSpec,
-    step: &StepSpec,
-    output: &StepOutput,
-    limits: FollowLimits,
-) -> Result<Vec<VumiApiEvent>, StepError> {
-    output
-        .emit
-        .iter()
-        .enumerate()
-        .map(|(i, request)| {
-            let child = event.child(
-                EventId::derived(event.id, &chain.name, step.step_name(), i),
-                request.conversation_key.clone(),
-                request.conversation_type.clone(),
-                request.event_type.clone(),
-                request.event_data.clone(),
-            );
-            child.encode(limits.max_event_bytes).map_err(|e| {
-                StepError::permanent(format!(
-                    "emitted event {} ({}): {e}",
-                    i + 1,
-                    child.event_type
-                ))
-            })?;
-            Ok(child)
-        })
-        .collect()
 }
 
 /// What an account's chains would do with a sample event, with no side effect.
@@ -387,7 +356,13 @@ async fn test_chain(
         // The events it would emit, each checked as the dispatcher checks
         // it before publishing: one too large fails the step.
         let (result, children) = match result {
-            Ok(output) => match emitted_events(event, chain, step, &output, limits) {
+            Ok(output) => match emitted_events(
+                event,
+                &chain.name,
+                step.step_name(),
+                output.emit.iter().cloned(),
+                limits.max_event_bytes,
+            ) {
                 Ok(children) => (Ok(output), children),
                 Err(e) => {
                     out.remove("outcome");
@@ -407,26 +382,30 @@ async fn test_chain(
             Ok(output) => {
                 ended = output.stop;
                 let mut reports = Vec::with_capacity(children.len());
+                let mut not_followed = 0;
                 for child in children {
-                    reports.push(if child.depth > limits.max_depth {
-                        json!({
+                    if child.depth > limits.max_depth {
+                        reports.push(json!({
                             "event": child,
                             "error": format!(
                                 "event depth {} is over the limit of {}: it would be \
                                  filed in dead letters",
                                 child.depth, limits.max_depth
                             ),
-                        })
+                        }));
                     } else if followed.fetch_add(1, Ordering::Relaxed) >= MAX_FOLLOWED {
-                        json!({
-                            "event": child,
-                            "not_followed": format!(
-                                "a dry run follows at most {MAX_FOLLOWED} emitted events"
-                            ),
-                        })
+                        not_followed += 1;
                     } else {
-                        Box::pin(report(registry, chains, &child, limits, followed)).await
-                    });
+                        reports.push(
+                            Box::pin(report(registry, chains, &child, limits, followed)).await,
+                        );
+                    }
+                }
+                if not_followed > 0 {
+                    reports.push(json!({
+                        "not_followed": not_followed,
+                        "reason": format!("a dry run follows at most {MAX_FOLLOWED} emitted events"),
+                    }));
                 }
                 let children = reports;
                 if !children.is_empty() {

@@ -98,6 +98,12 @@ pub struct ApiState {
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
     /// The web console's signed-in browsers.
     pub sessions: Arc<crate::console::session::Sessions>,
+    /// Held while a chain apply checks what its chains name and stores
+    /// them, and while a script or secret is checked for users and
+    /// removed: in this process, a chain never ends up naming a secret or
+    /// script removed between its check and its store. (Replicas each have
+    /// their own; across them the race remains.)
+    pub config_writes: Arc<std::sync::Mutex<()>>,
 }
 
 /// Declares every route once: it defines [`ROUTES`] and the function that
@@ -536,11 +542,13 @@ async fn apply_chains(
     };
     let file = parse_chain_file(&body, format, "request body")
         .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
-    let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
     let change = if q.merge { "apply (merge)" } else { "apply" };
-    let (version, changes) = s
-        .chains
-        .apply_changes(valid, q.merge, change, s.registry.as_ref())?;
+    let (version, changes) = {
+        let _writes = s.config_writes.lock().expect("config write lock");
+        let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
+        s.chains
+            .apply_changes(valid, q.merge, change, s.registry.as_ref())?
+    };
     tracing::info!(%account, version = version.version, added = ?changes.added,
         changed = ?changes.changed, removed = ?changes.removed, "chains applied");
     Ok(Json(switchboard_api::chains::ChainsApplied {
@@ -633,7 +641,10 @@ async fn restore(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
-    let restored = s.chains.restore(&account, version, s.registry.as_ref())?;
+    let restored = {
+        let _writes = s.config_writes.lock().expect("config write lock");
+        s.chains.restore(&account, version, s.registry.as_ref())?
+    };
     Ok(version_json(&restored).into_response())
 }
 
@@ -875,6 +886,7 @@ async fn remove_script(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let handler = format!("script:{name}");
+    let _writes = s.config_writes.lock().expect("config write lock");
     if let Some(current) = s.chains.current(&account)? {
         let users: Vec<&str> = current
             .chains
@@ -1085,6 +1097,16 @@ async fn remove_secret(
     Path((account, name)): Path<(String, String)>,
 ) -> ApiResult {
     let account = account_key(&account)?;
+    if s.secrets
+        .get(&account, &name)
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!(
+            "account {account} has no secret {name:?}"
+        )));
+    }
+    let writes = s.config_writes.lock().expect("config write lock");
     let mut users = Vec::new();
     if let Some(current) = s.chains.current(&account)? {
         for chain in &current.chains {
@@ -1118,10 +1140,12 @@ async fn remove_secret(
             ),
         ));
     }
-    if s.secrets
+    let removed = s
+        .secrets
         .remove(&account, &name)
-        .map_err(ApiError::internal)?
-    {
+        .map_err(ApiError::internal)?;
+    drop(writes);
+    if removed {
         s.store.flush().await.map_err(ApiError::internal)?;
         Ok(Json(SecretRemoved {
             account_key: account,

@@ -38,8 +38,8 @@ pub(super) fn engine_functions(engine: &Engine) -> HashSet<String> {
 /// nor the script defines, with its position and the nearest names.
 ///
 /// Only plain calls are checked: a method call (`x.f()`) may call a
-/// function pointer kept in a map, and a call through a variable holding
-/// one (`let f = Fn("g"); f(1)`) is skipped by name.
+/// function pointer kept in a map. A plain call of a variable (`let f =
+/// Fn("g"); f(1)`) is refused: Rhai looks for a function of that name.
 pub(super) fn check_calls(ast: &AST, known: &HashSet<String>) -> Result<(), CompileError> {
     let defined: Vec<(String, usize)> = ast
         .iter_functions()
@@ -66,15 +66,13 @@ pub(super) fn check_calls(ast: &AST, known: &HashSet<String>) -> Result<(), Comp
     });
     let mut found = None;
     ast.walk(&mut |path: &[ASTNode<'_>]| {
-        let Some(ASTNode::Expr(Expr::FnCall(call, pos))) = path.last() else {
-            return true;
+        let (call, pos) = match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(call, pos)))
+            | Some(ASTNode::Stmt(Stmt::FnCall(call, pos))) => (call, pos),
+            _ => return true,
         };
         let name = call.name.as_str();
-        if call.op_token.is_some()
-            || call.is_qualified()
-            || known.contains(name)
-            || variables.contains(name)
-        {
+        if call.op_token.is_some() || call.is_qualified() || known.contains(name) {
             return true;
         }
         let arity = call.args.len();
@@ -86,7 +84,14 @@ pub(super) fn check_calls(ast: &AST, known: &HashSet<String>) -> Result<(), Comp
             .filter(|(n, _)| n == name)
             .map(|(_, a)| *a)
             .collect();
-        let message = if arities.is_empty() {
+        let message = if arities.is_empty() && variables.contains(name) {
+            // Rhai calls no function through a variable: `f(1)` looks for a
+            // function named `f`.
+            format!(
+                "`{name}` is a variable, not a function: if it holds a function pointer (`Fn(...)`, \
+                 a closure), call it as `{name}.call(...)`"
+            )
+        } else if arities.is_empty() {
             let mut message = format!("no function `{name}` is defined");
             if let Some(near) = nearest(name, known, &defined) {
                 message.push_str(&format!(" (did you mean `{near}`?)"));
@@ -122,6 +127,10 @@ fn nearest<'a>(
     known: &'a HashSet<String>,
     defined: &'a [(String, usize)],
 ) -> Option<&'a str> {
+    // Too short to tell a typo from another name.
+    if name.chars().count() < 3 {
+        return None;
+    }
     known
         .iter()
         .map(String::as_str)
@@ -169,37 +178,46 @@ pub(super) fn loop_lines(ast: &AST) -> Option<String> {
     }
 }
 
-/// The field path a failed read or operand names, as the script wrote it
+/// A field a script reads, as it wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct FieldPath {
+    /// The whole read: `event.event_data.percent`.
+    pub path: String,
+    /// What it is read from: `event.event_data`.
+    pub parent: String,
+    /// The key, as a Rhai string for an `in` test (`"percent"`); `None`
+    /// for an array index.
+    pub key: Option<String>,
+}
+
+/// The field a failed read or operand names, as the script wrote it
 /// (`event.event_data.percent`), found by the error's position: the
 /// property read at `pos` (a strict-fields error), or the `()` operand
 /// `operand` of the operator or call at `pos`.
-pub(super) fn path_at(ast: &AST, pos: Position, operand: Option<usize>) -> Option<String> {
+pub(super) fn path_at(ast: &AST, pos: Position, operand: Option<usize>) -> Option<FieldPath> {
     let mut found = None;
     ast.walk(&mut |path: &[ASTNode<'_>]| {
-        let Some(ASTNode::Expr(expr)) = path.last() else {
-            return true;
-        };
-        found = match (expr, operand) {
-            (Expr::FnCall(call, at), Some(i)) if *at == pos => call
-                .args
-                .get(i)
-                .and_then(|a| field_paths(a).pop())
-                .map(|(_, p)| p),
-            (Expr::Dot(..) | Expr::Index(..), None) => field_paths(expr)
-                .into_iter()
-                .find(|(at, _)| *at == pos)
-                .map(|(_, p)| p),
+        found = match (path.last(), operand) {
+            (
+                Some(ASTNode::Expr(Expr::FnCall(call, at)))
+                | Some(ASTNode::Stmt(Stmt::FnCall(call, at))),
+                Some(i),
+            ) if *at == pos => call.args.get(i).and_then(|a| field_paths(a).pop()),
+            (Some(ASTNode::Expr(expr @ (Expr::Dot(..) | Expr::Index(..)))), None) => {
+                field_paths(expr).into_iter().find(|f| f.0 == pos)
+            }
             _ => None,
-        };
+        }
+        .map(|(_, f)| f);
         found.is_none()
     });
     found
 }
 
 /// Each field a chain of reads (`event.event_data.percent`) reads, with
-/// the position of its name and the path up to it; empty when the chain is
-/// not a plain path from a variable.
-fn field_paths(expr: &Expr) -> Vec<(Position, String)> {
+/// the position of its name; empty when the chain is not a plain path from
+/// a variable.
+fn field_paths(expr: &Expr) -> Vec<(Position, FieldPath)> {
     let (Expr::Dot(x, ..) | Expr::Index(x, ..)) = expr else {
         return Vec::new();
     };
@@ -215,26 +233,31 @@ fn field_paths(expr: &Expr) -> Vec<(Position, String)> {
 
 /// Appends the fields `rhs` reads after `prefix` (joined as `expr`, a `.`
 /// or an index, joins them); false when a part is not a plain field.
-fn chain(prefix: &str, expr: &Expr, rhs: &Expr, out: &mut Vec<(Position, String)>) -> bool {
+fn chain(prefix: &str, expr: &Expr, rhs: &Expr, out: &mut Vec<(Position, FieldPath)>) -> bool {
     let dot = matches!(expr, Expr::Dot(..));
-    let step = |name: &str| {
-        if dot {
-            format!("{prefix}.{name}")
-        } else {
-            format!("{prefix}[{name}]")
-        }
+    let mut push = |pos: Position, path: String, key: Option<String>| {
+        out.push((
+            pos,
+            FieldPath {
+                path,
+                parent: prefix.to_string(),
+                key,
+            },
+        ));
     };
     match rhs {
-        Expr::Property(p, pos) => {
-            out.push((*pos, step(p.2.as_str())));
+        Expr::Property(p, pos) if dot => {
+            let name = p.2.as_str();
+            push(*pos, format!("{prefix}.{name}"), Some(format!("{name:?}")));
             true
         }
-        Expr::StringConstant(s, pos) if !dot => {
-            out.push((*pos, step(&format!("{:?}", s.as_str()))));
+        Expr::StringConstant(k, pos) if !dot => {
+            let key = format!("{:?}", k.as_str());
+            push(*pos, format!("{prefix}[{key}]"), Some(key));
             true
         }
         Expr::IntegerConstant(n, pos) if !dot => {
-            out.push((*pos, step(&n.to_string())));
+            push(*pos, format!("{prefix}[{n}]"), None);
             true
         }
         Expr::Dot(x, ..) | Expr::Index(x, ..) => {
@@ -242,7 +265,7 @@ fn chain(prefix: &str, expr: &Expr, rhs: &Expr, out: &mut Vec<(Position, String)
             if !chain(prefix, expr, &x.lhs, &mut first) {
                 return false;
             }
-            let Some(joined) = first.last().map(|(_, p)| p.clone()) else {
+            let Some(joined) = first.last().map(|(_, f)| f.path.clone()) else {
                 return false;
             };
             out.extend(first);
@@ -250,9 +273,4 @@ fn chain(prefix: &str, expr: &Expr, rhs: &Expr, out: &mut Vec<(Position, String)
         }
         _ => false,
     }
-}
-
-/// `event.event_data.percent` → (`event.event_data`, `percent`).
-pub(super) fn split_last(path: &str) -> Option<(&str, &str)> {
-    path.rsplit_once('.')
 }

@@ -211,11 +211,11 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
     check_fails_with(
         fast,
         "fn handle(e, s, c) {\n  loop { }\n}",
-        "script t v3: ran out of time (limit 50ms; `[rhai] timeout`) (its loop is at line 2)",
+        "script t v3: ran out of time (limit 50ms; `[rhai] timeout`); its loop is at line 2",
     );
     check_fails(
         "fn handle(e, s, c) {\n  let i = 0;\n  while true { i += 1; }\n}",
-        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations` if the script needs more) (its loop is at line 3)",
+        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations` if the script needs more); its loop is at line 3",
     );
     check_fails(
         "fn f(x) { f(x + 1) }\nfn handle(e, s, c) { f(0) }",
@@ -353,7 +353,9 @@ fn when_conditions() {
     check_condition(
         "event.event_data.score * 2 > 3",
         json!({}),
-        Err("line 1: `event.event_data.score` is missing, and * ((), i64) cannot use the `()`"),
+        Err(
+            "line 1: `event.event_data.score` is missing or null, and * ((), i64) cannot use the `()` it reads as",
+        ),
     );
     check_condition(
         "emit(\"x\", #{}) == ()",
@@ -580,11 +582,21 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
     // A missing field reads as `()`; arithmetic on it says so.
     check_fails(
         "fn handle(event, steps, config) {\n  let p = event.event_data.percent * 100;\n  #{ p: p }\n}",
-        "script t v3, line 2: `event.event_data.percent` is missing, and * ((), i64) cannot use the `()` a missing field reads as: test for it first with `\"percent\" in event.event_data`, give a default with `event.event_data.percent ?? value`",
+        "script t v3, line 2: `event.event_data.percent` is missing or null, and * ((), i64) cannot use the `()` it reads as: give a default with `event.event_data.percent ?? value`, test for it with `\"percent\" in event.event_data`",
+    );
+    // The same as the function's last expression (a statement to Rhai), and
+    // read with an index.
+    check_fails(
+        "fn handle(event, steps, config) {\n  let x = 1;\n  event.event_data.percent * 100\n}",
+        "script t v3, line 3: `event.event_data.percent` is missing or null",
+    );
+    check_fails(
+        "fn handle(event, steps, config) {\n  #{ p: event.event_data[\"percent\"] * 100 }\n}",
+        "script t v3, line 2: `event.event_data[\"percent\"]` is missing or null, and * ((), i64) cannot use the `()` it reads as: give a default with `event.event_data[\"percent\"] ?? value`, test for it with `\"percent\" in event.event_data`",
     );
     // An operand that is not a field read still says what `()` means.
     check_fails(
-        "fn handle(event, steps, config) {\n  let p = event.event_data;\n  #{ p: p[\"percent\"] * 100 }\n}",
+        "fn handle(event, steps, config) {\n  let p = event.event_data.percent;\n  #{ p: p * 100 }\n}",
         "script t v3, line 3: * ((), i64): an operand is `()`, which is what reading a field the map does not have gives; test for it first with `\"field\" in map`",
     );
     // The hint's default works.
@@ -647,6 +659,24 @@ fn first_mistakes_are_named_with_the_line_and_the_fix() {
     check_compile_error(
         "fn handle(event, steps, config) {\n  if false { sendd(1) }\n}",
         "line 2, column 14: no function `sendd` is defined; scripts may call",
+    );
+    // A variable is not called like a function.
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  let f = |x| x + 1;\n  #{ n: f(2) }\n}",
+        "line 3, column 9: `f` is a variable, not a function: if it holds a function pointer (`Fn(...)`, a closure), call it as `f.call(...)`",
+    );
+    // A condition's calls are checked too.
+    let err = ScriptRuntime::default()
+        .check_condition("sizee(event.event_data) > 1")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no function `sizee` is defined"),
+        "{err}"
+    );
+    // A missing `;` before a comment is placed before the comment.
+    check_compile_error(
+        "fn handle(event, steps, config) {\n  let a = 1   // the count\n  // then b\n  let b = 2;\n  #{ a: a, b: b }\n}",
+        "line 2, column 12: missing `;` at the end of this line",
     );
     // A missing `;` is reported where it is missing, not at the next line.
     check_compile_error(

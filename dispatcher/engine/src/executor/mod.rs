@@ -39,6 +39,8 @@ mod pass;
 mod policy;
 mod step;
 
+pub use step::emitted_events;
+
 pub use letters::{LetterError, Letters};
 
 use pass::Pass;

@@ -268,25 +268,13 @@ impl Steps<'_> {
         step: &StepSpec,
         output: StepOutput,
     ) -> Result<Finished, StepError> {
-        let mut children = Vec::with_capacity(output.emit.len());
-        for (i, request) in output.emit.into_iter().enumerate() {
-            let id = EventId::derived(cx.event.id, &cx.chain.name, step.step_name(), i);
-            let child = cx.event.child(
-                id,
-                request.conversation_key,
-                request.conversation_type,
-                request.event_type,
-                request.event_data,
-            );
-            child.encode(self.max_event_bytes).map_err(|e| {
-                StepError::permanent(format!(
-                    "emitted event {} ({}): {e}",
-                    i + 1,
-                    child.event_type
-                ))
-            })?;
-            children.push(child);
-        }
+        let children = emitted_events(
+            cx.event,
+            &cx.chain.name,
+            step.step_name(),
+            output.emit,
+            self.max_event_bytes,
+        )?;
         Ok(Finished {
             data: output.data,
             stop: output.stop,
@@ -294,6 +282,39 @@ impl Steps<'_> {
             logs: output.logs,
         })
     }
+}
+
+/// The events a step of `chain` asks to emit, as the dispatcher makes them
+/// (ids derived from the event, chain, step and index, so that a re-run
+/// emits the same ids); a permanent error when one is larger than
+/// `max_event_bytes`. Dry runs make them the same way.
+pub fn emitted_events(
+    event: &VumiApiEvent,
+    chain: &str,
+    step: &str,
+    emit: impl IntoIterator<Item = switchboard_handlers::EmitRequest>,
+    max_event_bytes: usize,
+) -> Result<Vec<VumiApiEvent>, StepError> {
+    emit.into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let child = event.child(
+                EventId::derived(event.id, chain, step, i),
+                request.conversation_key,
+                request.conversation_type,
+                request.event_type,
+                request.event_data,
+            );
+            child.encode(max_event_bytes).map_err(|e| {
+                StepError::permanent(format!(
+                    "emitted event {} ({}): {e}",
+                    i + 1,
+                    child.event_type
+                ))
+            })?;
+            Ok(child)
+        })
+        .collect()
 }
 
 /// A step's output, with its emit requests turned into events.
