@@ -829,6 +829,10 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
             path.display()
         );
     }
+    eprintln!(
+        "console at http://{}/console (sign in with the admin token or an account token)",
+        dispatcher.local_addr()
+    );
     // The address on stdout, so that scripts (and tests) can find a port chosen by the OS.
     println!("listening on http://{}", dispatcher.local_addr());
     switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;

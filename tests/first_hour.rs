@@ -222,7 +222,8 @@ async fn a_dry_run_that_would_fail_exits_3_and_names_the_step() {
 }
 
 /// `switchboard demo --once` runs from any directory (the example chains
-/// are built in) and, piped, writes no terminal escape codes; then `run
+/// are built in) and, piped, writes no terminal escape codes; serving, it
+/// prints a link that signs into the console once; then `run
 /// --demo-peers` with the README's command delivers the example chain to the
 /// same peers. One test: both need the peers' fixed port.
 #[tokio::test]
@@ -259,6 +260,77 @@ async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
         !stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'),
         "escape codes in piped output:\n{stdout:?}\n{stderr:?}"
     );
+
+    // Serving, the demo prints a link that signs a browser into the
+    // console once.
+    let elsewhere = tempfile::tempdir().expect("a temporary directory");
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .current_dir(elsewhere.path())
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let stdout = demo.stdout.take().expect("piped stdout");
+    let link = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("The console: ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .map(str::to_string)
+            })
+    })
+    .await
+    .expect("reading the demo's output");
+    let Some(link) = link else {
+        let _ = demo.kill();
+        panic!("the demo printed no console link");
+    };
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client");
+    let signed_in = browser.get(&link).send().await.expect("the link answers");
+    assert_eq!(signed_in.status(), 303);
+    let session = signed_in
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("sb_session="))
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let base = link.split("/console/").next().expect("the demo's address");
+    let home = browser
+        .get(format!("{base}/console"))
+        .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+        .send()
+        .await
+        .expect("the console answers");
+    assert_eq!(home.status(), 200);
+    assert!(
+        home.text()
+            .await
+            .expect("a page")
+            .contains("href=\"/console/accounts/acme\""),
+        "the admin's console lists the demo's account"
+    );
+    assert_eq!(
+        browser.get(&link).send().await.unwrap().status(),
+        401,
+        "used once"
+    );
+    std::process::Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .expect("kill runs");
+    demo.wait().expect("the demo stops");
 
     // The README's `run` with the example config and chains, and the demo's
     // peers: a poll_complete is texted, paid out (signature verified) and

@@ -150,6 +150,11 @@ pub async fn run(options: DemoOptions) -> Result<(), StartError> {
     println!("  switchboard trace --server http://{addr} {account} <event id>");
     println!("  switchboard chains list --server http://{addr} {account}");
     if !options.once {
+        println!(
+            "\nThe console: {} (signs you in once, within ten minutes; then http://{addr}/console \
+             with the admin token)",
+            dispatcher.console_sign_in_link()
+        );
         println!("Press Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }

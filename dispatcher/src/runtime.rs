@@ -20,7 +20,8 @@ use switchboard_handlers::records::Secrets;
 use switchboard_handlers::sms::SmsProvider;
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_http::api::{ApiState, router};
-use switchboard_http::auth::{AdminToken, Auth, TokenStore};
+use switchboard_http::auth::{AdminToken, Auth, Principal, TokenStore};
+use switchboard_http::console::session::Sessions;
 use switchboard_http::inbound::{Inbound, InboundRecords};
 use switchboard_http::ratelimit::RateLimiter;
 use switchboard_outbound::policy::OutboundPolicy;
@@ -94,6 +95,8 @@ pub struct Dispatcher {
     /// This replica among those sharing the bus.
     membership: Option<Membership>,
     server: JoinHandle<()>,
+    /// The console's sessions (for sign-in links).
+    sessions: Arc<Sessions>,
 }
 
 impl Dispatcher {
@@ -139,7 +142,7 @@ impl Dispatcher {
             addr: config.http.listen,
             source,
         })?;
-        let app = router(engine.api_state(
+        let state = engine.api_state(
             &config,
             &store,
             &bus,
@@ -147,7 +150,9 @@ impl Dispatcher {
             local_addr,
             replicas.as_ref().map(Replicas::owned),
             ready.clone(),
-        ));
+        );
+        let sessions = state.sessions.clone();
+        let app = router(state);
         let server = serve(listener, app, stopped.clone());
 
         // The API answers (`/readyz` says not ready) while a replica catches
@@ -210,7 +215,18 @@ impl Dispatcher {
             consumer,
             membership,
             server,
+            sessions,
         })
+    }
+
+    /// A link that signs a browser into the console as the admin, once,
+    /// within ten minutes.
+    pub fn console_sign_in_link(&self) -> String {
+        format!(
+            "http://{}/console/sign-in/{}",
+            self.local_addr,
+            self.sessions.sign_in_link(Principal::Admin)
+        )
     }
 
     /// The address the API listens on.

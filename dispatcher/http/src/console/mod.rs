@@ -55,6 +55,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/", get(|| async { Redirect::to("/console") }))
         .route("/console", get(home))
         .route("/console/sign-in", get(sign_in_page).post(sign_in))
+        .route("/console/sign-in/{code}", get(sign_in_link))
         .route("/console/sign-out", post(sign_out))
         .route("/console/accounts/{account}", get(account_page))
         .route("/console/accounts/{account}/events", get(find_event))
@@ -267,6 +268,23 @@ async fn sign_in(
             );
         }
     };
+    signed_in_response(&s, principal)
+}
+
+/// A sign-in link (see [`session::Sessions::sign_in_link`]): signs in and
+/// goes to the console, once.
+async fn sign_in_link(State(s): State<ApiState>, Path(code): Path<String>) -> Response {
+    match s.sessions.redeem(&code) {
+        Some(principal) => signed_in_response(&s, principal),
+        None => sign_in_form(
+            StatusCode::UNAUTHORIZED,
+            Some("That sign-in link was used already or has expired: sign in with a token."),
+        ),
+    }
+}
+
+/// A new session for `principal`: its cookie, and the way to the console.
+fn signed_in_response(s: &ApiState, principal: Principal) -> Response {
     let id = s.sessions.start(principal);
     let mut response = Redirect::to("/console").into_response();
     for cookie in [

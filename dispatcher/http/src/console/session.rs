@@ -34,13 +34,35 @@ pub struct Session {
     expires: Instant,
 }
 
-/// The console's sessions, by id.
+/// How long a sign-in link works, once.
+pub const LINK_TTL: Duration = Duration::from_secs(600);
+
+/// The console's sessions, by id, and the sign-in links not used yet.
 #[derive(Debug, Default)]
 pub struct Sessions {
     by_id: Mutex<HashMap<String, Session>>,
+    links: Mutex<HashMap<String, (Principal, Instant)>>,
 }
 
 impl Sessions {
+    /// A code that signs a browser in as `principal` once, within
+    /// [`LINK_TTL`] (`/console/sign-in/{code}`): what `switchboard demo`
+    /// prints, so that its user needs no token to paste.
+    pub fn sign_in_link(&self, principal: Principal) -> String {
+        let code = random_token();
+        let mut links = self.links.lock().expect("link lock");
+        let now = Instant::now();
+        links.retain(|_, (_, expires)| *expires > now);
+        links.insert(code.clone(), (principal, now + LINK_TTL));
+        code
+    }
+
+    /// Whom a sign-in link's code signs in, if it is live; it is used up.
+    pub fn redeem(&self, code: &str) -> Option<Principal> {
+        let (principal, expires) = self.links.lock().expect("link lock").remove(code)?;
+        (expires > Instant::now()).then_some(principal)
+    }
+
     /// Starts a session for `principal`; returns its id (the cookie's value).
     pub fn start(&self, principal: Principal) -> String {
         let id = random_token();
@@ -149,6 +171,15 @@ mod tests {
             HeaderValue::from_static("sb_session=made-up"),
         );
         assert!(sessions.of(&headers).is_none());
+    }
+
+    #[test]
+    fn a_sign_in_link_works_once() {
+        let sessions = Sessions::default();
+        let code = sessions.sign_in_link(Principal::Admin);
+        assert_eq!(sessions.redeem(&code), Some(Principal::Admin));
+        assert_eq!(sessions.redeem(&code), None);
+        assert_eq!(sessions.redeem("made-up"), None);
     }
 
     #[test]
