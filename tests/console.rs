@@ -479,3 +479,98 @@ retry = {{ max_attempts = 1 }}
     assert_eq!(c.current_url().await.unwrap().path(), "/console/sign-in");
     c.clone().close().await.unwrap();
 }
+
+/// The dead-letters page groups letters that failed the same way (numbers
+/// aside), and a group is discarded or replayed in one action, only with
+/// the form's token.
+#[tokio::test]
+async fn dead_letters_are_grouped_and_a_group_is_handled_at_once() {
+    let d = Dispatcher::embedded();
+    let failing = |name: &str, event_type: &str| {
+        format!(
+            "[[chains]]\nname = \"{name}\"\nevent_type = \"{event_type}\"\nsteps = [{{ handler = \"emit\", config = {{ event_type = \"{{{{ event.event_data.next }}}}\" }} }}]\n"
+        )
+    };
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            "account_key = \"acme\"\n{}{}",
+            failing("fail", "fail"),
+            failing("other", "other")
+        ),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for (event_type, next) in [
+        ("fail", "bad 1"),
+        ("fail", "bad 22"),
+        ("fail", "bad 333"),
+        ("other", "worse!"),
+    ] {
+        let e = event("acme", "test", event_type, "k", json!({ "next": next }));
+        ids.push(d.post_event(&serde_json::to_value(&e).unwrap()).await);
+    }
+    for id in &ids {
+        let trace = d.wait_for_trace("acme", id, util::TIMEOUT).await;
+        assert_eq!(trace["status"], "dead", "{trace:#}");
+    }
+
+    let http = plain_client();
+    let base = d.url();
+    let session = sign_in(&http, base, &account_token(&d, "acme").await).await;
+    let page = http
+        .get(format!("{base}/console/accounts/acme/dead-letters"))
+        .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(">Discard 3</button>") && html.contains(">Replay 1</button>"),
+        "{html}"
+    );
+    // The first group's form, as the page rendered it.
+    let form = html
+        .split("<form method=\"post\" action=\"/console/accounts/acme/dead-letters/groups\"")
+        .nth(2)
+        .expect("the first group's discard form");
+    let field = |name: &str| {
+        let start = form
+            .find(&format!("name=\"{name}\" value=\""))
+            .unwrap_or_else(|| panic!("no {name} in {form}"))
+            + name.len()
+            + 15;
+        let raw = &form[start..start + form[start..].find('"').unwrap()];
+        raw.replace("&quot;", "\"")
+            .replace("&#x27;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&#x2f;", "/")
+            .replace("&amp;", "&")
+    };
+    let fields: Vec<(&str, String)> = ["csrf", "chain", "step", "kind", "last", "action"]
+        .into_iter()
+        .map(|n| (n, field(n)))
+        .collect();
+    assert_eq!(fields[5].1, "discard");
+    let post = |fields: Vec<(&'static str, String)>| {
+        let (http, session) = (&http, &session);
+        async move {
+            http.post(format!("{base}/console/accounts/acme/dead-letters/groups"))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .form(&fields)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let without_token: Vec<_> = fields.iter().skip(1).cloned().collect();
+    assert_eq!(post(without_token).await.status(), 403);
+    assert_eq!(d.dead_letters("acme").await.len(), 4);
+    let done = post(fields).await;
+    assert_eq!(done.status(), 303);
+    let left = d.dead_letters("acme").await;
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["chain"], "other");
+}

@@ -8,6 +8,7 @@
 //! An account token sees only its account, as through the API: another
 //! account's pages answer 404.
 
+mod letters;
 pub mod session;
 
 use std::sync::LazyLock;
@@ -42,6 +43,10 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("account.html", include_str!("templates/account.html")),
         ("run.html", include_str!("templates/run.html")),
         ("error.html", include_str!("templates/error.html")),
+        (
+            "dead_letters.html",
+            include_str!("templates/dead_letters.html"),
+        ),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -60,6 +65,14 @@ pub fn routes() -> Router<ApiState> {
         .route("/console/accounts/{account}", get(account_page))
         .route("/console/accounts/{account}/events", get(find_event))
         .route("/console/accounts/{account}/events/{id}", get(run_page))
+        .route(
+            "/console/accounts/{account}/dead-letters",
+            get(letters::page),
+        )
+        .route(
+            "/console/accounts/{account}/dead-letters/groups",
+            post(letters::act),
+        )
         .route(
             "/console/accounts/{account}/dead-letters/{id}/replay",
             post(replay),
