@@ -574,3 +574,76 @@ async fn dead_letters_are_grouped_and_a_group_is_handled_at_once() {
     assert_eq!(left.len(), 1, "{left:#?}");
     assert_eq!(left[0]["chain"], "other");
 }
+
+/// The contacts page lists what chains made and finds one by msisdn,
+/// e-mail or key; the messages page lists what they sent with each
+/// status change; values from events are shown as text.
+#[tokio::test]
+async fn contacts_and_messages_pages_show_what_chains_made_and_sent() {
+    let smtp = crate::peers::SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"Switchboard <noreply@example.org>\"\n",
+            smtp.port()
+        ),
+    );
+    d.apply_chains(
+        "acme.toml",
+        r#"account_key = "acme"
+[[chains]]
+name = "welcome"
+event_type = "joined"
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}", email = "{{ event.event_data.email }}", name = "{{ event.event_data.name }}" }
+[[chains.steps]]
+handler = "send_email"
+config = { to = "{{ steps.create_contact.email }}", subject = "Welcome {{ event.event_data.name }}", text = "Hello {{ event.event_data.name }}" }
+"#,
+    )
+    .await;
+    let e = event(
+        "acme",
+        "signup",
+        "joined",
+        "k",
+        json!({"msisdn": "+27 82 000 0001", "email": "thandi@example.org", "name": "<b>Thandi</b>"}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+
+    let http = plain_client();
+    let base = d.url();
+    let session = sign_in(&http, base, &account_token(&d, "acme").await).await;
+    let page = |path: &'static str| {
+        let (http, session) = (&http, &session);
+        async move {
+            let answer = http
+                .get(format!("{base}{path}"))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200, "{path}");
+            answer.text().await.unwrap()
+        }
+    };
+    let all = page("/console/accounts/acme/contacts").await;
+    assert!(
+        all.contains("&lt;b&gt;Thandi&lt;&#x2f;b&gt;") && !all.contains("<b>Thandi"),
+        "{all}"
+    );
+    let found = page("/console/accounts/acme/contacts?q=%2B27%2082%20000%200001").await;
+    assert!(found.contains("thandi@example.org"), "{found}");
+    let none = page("/console/accounts/acme/contacts?q=nobody%40example.org").await;
+    assert!(none.contains("id=\"none\""), "{none}");
+    let messages = page("/console/accounts/acme/messages").await;
+    assert!(
+        messages.contains("email: thandi@example.org")
+            && messages.contains("Welcome &lt;b&gt;Thandi&lt;&#x2f;b&gt;")
+            && messages.contains("→ sent"),
+        "{messages}"
+    );
+}

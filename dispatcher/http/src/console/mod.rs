@@ -9,6 +9,7 @@
 //! account's pages answer 404.
 
 mod letters;
+mod records;
 pub mod session;
 
 use std::sync::LazyLock;
@@ -47,6 +48,8 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
             "dead_letters.html",
             include_str!("templates/dead_letters.html"),
         ),
+        ("contacts.html", include_str!("templates/contacts.html")),
+        ("messages.html", include_str!("templates/messages.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -68,6 +71,14 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/console/accounts/{account}/dead-letters",
             get(letters::page),
+        )
+        .route(
+            "/console/accounts/{account}/contacts",
+            get(records::contacts),
+        )
+        .route(
+            "/console/accounts/{account}/messages",
+            get(records::messages),
         )
         .route(
             "/console/accounts/{account}/dead-letters/groups",

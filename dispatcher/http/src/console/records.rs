@@ -1,0 +1,115 @@
+//! The contacts and messages pages: what an account's chains made and sent.
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use minijinja::context;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_sdk::format_rfc3339;
+
+use super::{Page, internal, reachable, render, session_view, signed_in};
+use crate::api::ApiState;
+
+/// Rows a records page shows at most.
+const SHOWN: usize = 200;
+
+#[derive(Deserialize)]
+pub(super) struct Search {
+    /// A contact's key, msisdn or e-mail.
+    #[serde(default)]
+    q: String,
+}
+
+pub(super) async fn contacts(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    Query(search): Query<Search>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let q = search.q.trim().to_string();
+    let found = if q.is_empty() {
+        s.contacts.list(&key, SHOWN)
+    } else {
+        // As the API looks a contact up: by key, then by msisdn or e-mail.
+        s.contacts
+            .get(&key, &q)
+            .and_then(|c| match c {
+                Some(c) => Ok(Some(c)),
+                None => s.contacts.find(&key, &q),
+            })
+            .map(|c| c.into_iter().collect())
+    }
+    .map_err(|e| internal(&session, &e))?;
+    let rows: Vec<Value> = found
+        .iter()
+        .map(|c| {
+            json!({
+                "key": c.key,
+                "name": c.name,
+                "msisdn": c.msisdn,
+                "email": c.email,
+                "fields": if c.fields.is_empty() { None } else { serde_json::to_string(&c.fields).ok() },
+                "updated_at": format_rfc3339(c.updated_at),
+            })
+        })
+        .collect();
+    Ok(render(
+        "contacts.html",
+        context! {
+            account,
+            q,
+            contacts => minijinja::Value::from(minijinja::value::Serde(&rows)),
+            shown => SHOWN,
+            session => session_view(&session),
+        },
+    ))
+}
+
+pub(super) async fn messages(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let mut found = s
+        .messages
+        .list(&key, SHOWN)
+        .map_err(|e| internal(&session, &e))?;
+    found.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    let rows: Vec<Value> = found
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "channel": serde_json::to_value(m.channel).ok(),
+                "recipient": m.recipient,
+                "subject": m.subject,
+                "body": m.body,
+                "provider": m.provider,
+                "status": serde_json::to_value(m.status).ok(),
+                "event_id": m.event_id,
+                "chain": m.chain,
+                "step": m.step,
+                "created_at": format_rfc3339(m.created_at),
+                "transitions": m.transitions.iter().map(|t| json!({
+                    "from": t.from.and_then(|f| serde_json::to_value(f).ok()),
+                    "to": serde_json::to_value(t.to).ok(),
+                    "at": format_rfc3339(t.at),
+                    "cause": t.cause,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(render(
+        "messages.html",
+        context! {
+            account,
+            messages => minijinja::Value::from(minijinja::value::Serde(&rows)),
+            shown => SHOWN,
+            session => session_view(&session),
+        },
+    ))
+}
