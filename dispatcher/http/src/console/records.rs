@@ -78,7 +78,7 @@ pub(super) async fn messages(
         .messages
         .list(&key, SHOWN)
         .map_err(|e| internal(&session, &e))?;
-    found.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    found.sort_by_key(|m| std::cmp::Reverse(m.created_at));
     let rows: Vec<Value> = found
         .iter()
         .map(|m| {
