@@ -647,3 +647,108 @@ config = { to = "{{ steps.create_contact.email }}", subject = "Welcome {{ event.
         "{messages}"
     );
 }
+
+/// In a real browser: a script with a syntax error is not stored and its
+/// error is shown at its line; the fixed script is stored, and its test
+/// against a sample is green.
+#[tokio::test]
+async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"x\"\nevent_type = \"x\"\nsteps = [{ handler = \"log\" }]\n",
+    )
+    .await;
+    let token = account_token(&d, "acme").await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    let base = d.url();
+    c.goto(&format!("{base}/console/sign-in")).await.unwrap();
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(&token)
+        .await
+        .unwrap();
+    c.find(Locator::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.goto(&format!("{base}/console/accounts/acme/scripts"))
+        .await
+        .unwrap();
+    c.find(Locator::Css("#new-script input"))
+        .await
+        .unwrap()
+        .send_keys("award")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#new-script button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        "/console/accounts/acme/scripts/award"
+    );
+    let source = c.find(Locator::Id("source")).await.unwrap();
+    source.clear().await.unwrap();
+    source
+        .send_keys("fn handle(event, steps, config) {\n  let points = event.event_data.score * 10\n  #{ points: points }\n}\n")
+        .await
+        .unwrap();
+    c.find(Locator::Id("save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let error = browser.text("#error").await;
+    assert!(
+        error.contains("line 2, column 43: missing `;` at the end of this line"),
+        "{error}"
+    );
+    assert_eq!(
+        browser.text(".error-line").await,
+        "  let points = event.event_data.score * 10"
+    );
+    let listed = d.cli(&["scripts", "list", "acme", "--json"]).await.json();
+    assert_eq!(listed["scripts"], json!([]), "nothing stored");
+    browser.screenshot("script-error").await;
+
+    // Fixed, stored, and tested against the sample.
+    let source = c.find(Locator::Id("source")).await.unwrap();
+    source.clear().await.unwrap();
+    source
+        .send_keys("fn handle(event, steps, config) {\n  let points = event.event_data.score * 10;\n  #{ points: points }\n}\n")
+        .await
+        .unwrap();
+    c.find(Locator::Id("save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#saved").await, "Stored as version 1.");
+    c.find(Locator::Id("test"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#test-outcome").await, "ok");
+    assert!(
+        browser
+            .text("#test-result")
+            .await
+            .contains("\"points\": 40"),
+        "{}",
+        browser.text("#test-result").await
+    );
+    browser.screenshot("script-tested").await;
+    c.clone().close().await.unwrap();
+}

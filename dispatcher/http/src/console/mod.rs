@@ -10,6 +10,7 @@
 
 mod letters;
 mod records;
+mod scripts;
 pub mod session;
 
 use std::sync::LazyLock;
@@ -50,6 +51,8 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ),
         ("contacts.html", include_str!("templates/contacts.html")),
         ("messages.html", include_str!("templates/messages.html")),
+        ("scripts.html", include_str!("templates/scripts.html")),
+        ("script.html", include_str!("templates/script.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -79,6 +82,11 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/console/accounts/{account}/messages",
             get(records::messages),
+        )
+        .route("/console/accounts/{account}/scripts", get(scripts::list))
+        .route(
+            "/console/accounts/{account}/scripts/{name}",
+            get(scripts::edit).post(scripts::act),
         )
         .route(
             "/console/accounts/{account}/dead-letters/groups",

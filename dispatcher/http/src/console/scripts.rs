@@ -1,0 +1,277 @@
+//! The scripts pages: an account's Rhai scripts, an editor that shows a
+//! compile error at its line, and a test against a sample event.
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect};
+use minijinja::context;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_engine::dry_run;
+use switchboard_handlers::script::ScriptStoreError;
+use switchboard_sdk::format_rfc3339;
+
+use super::{Page, checked_form, error_page, internal, reachable, render, session_view, signed_in};
+use crate::api::ApiState;
+
+/// The sample a new test starts from.
+const SAMPLE: &str = r#"{
+  "conversation_type": "survey",
+  "conversation_key": "poll-2026",
+  "event_type": "poll_complete",
+  "event_data": {"msisdn": "+27820000001", "score": 4}
+}"#;
+
+#[derive(Deserialize)]
+pub(super) struct Open {
+    /// A script to open in the editor (new or not).
+    #[serde(default)]
+    open: String,
+}
+
+pub(super) async fn list(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    Query(open): Query<Open>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let name = open.open.trim();
+    if !name.is_empty() {
+        let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        return Ok(
+            Redirect::to(&format!("/console/accounts/{account}/scripts/{name}")).into_response(),
+        );
+    }
+    let scripts: Vec<Value> = match s.registry.scripts() {
+        Some(store) => store
+            .list(&key)
+            .map_err(|e| internal(&session, &e))?
+            .iter()
+            .map(|v| {
+                json!({
+                    "name": v.name,
+                    "version": v.version,
+                    "stored_at": format_rfc3339(v.stored_at),
+                    "lines": v.source.lines().count(),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(render(
+        "scripts.html",
+        context! {
+            account,
+            scripts => minijinja::Value::from(minijinja::value::Serde(&scripts)),
+            session => session_view(&session),
+        },
+    ))
+}
+
+/// What the editor page shows besides the script.
+#[derive(Default)]
+struct Shown {
+    source: Option<String>,
+    error: Option<(String, Option<usize>)>,
+    sample: Option<String>,
+    test: Option<Value>,
+    saved: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Saved {
+    /// The version a save just stored, to say so.
+    saved: Option<u64>,
+}
+
+pub(super) async fn edit(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((account, name)): Path<(String, String)>,
+    Query(q): Query<Saved>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    reachable(&session, &account)?;
+    let shown = Shown {
+        saved: q.saved,
+        ..Shown::default()
+    };
+    editor(&s, &session, &account, &name, shown, StatusCode::OK)
+}
+
+fn editor(
+    s: &ApiState,
+    session: &super::session::Session,
+    account: &str,
+    name: &str,
+    shown: Shown,
+    status: StatusCode,
+) -> Page {
+    let key = reachable(session, account)?;
+    let Some(store) = s.registry.scripts() else {
+        return Err(error_page(
+            StatusCode::NOT_FOUND,
+            Some(session),
+            "This dispatcher has no script store.",
+        )
+        .into());
+    };
+    let history = store
+        .history(&key, name)
+        .map_err(|e| internal(session, &e))?;
+    let current = store
+        .current(&key, name)
+        .map_err(|e| internal(session, &e))?;
+    let source = shown
+        .source
+        .or_else(|| current.as_ref().map(|v| v.source.clone()))
+        .unwrap_or_else(|| "fn handle(event, steps, config) {\n    #{}\n}\n".into());
+    let (error, error_line) = match shown.error {
+        Some((message, line)) => (Some(message), line),
+        None => (None, None),
+    };
+    let lines: Vec<Value> = source
+        .lines()
+        .enumerate()
+        .map(|(i, text)| json!({"n": i + 1, "text": text, "error": error_line == Some(i + 1)}))
+        .collect();
+    let versions: Vec<Value> = history
+        .iter()
+        .rev()
+        .map(|v| json!({"version": v.version, "stored_at": format_rfc3339(v.stored_at)}))
+        .collect();
+    let test = shown.test.map(|t| {
+        json!({
+            "outcome": t["outcome"],
+            "pretty": serde_json::to_string_pretty(&t).unwrap_or_default(),
+        })
+    });
+    let mut page = render(
+        "script.html",
+        context! {
+            account,
+            name,
+            source,
+            lines => minijinja::Value::from(minijinja::value::Serde(&lines)),
+            error,
+            error_line,
+            current => current.as_ref().map(|v| v.version),
+            versions => minijinja::Value::from(minijinja::value::Serde(&versions)),
+            sample => shown.sample.unwrap_or_else(|| SAMPLE.to_string()),
+            test => minijinja::Value::from(minijinja::value::Serde(&test)),
+            saved => shown.saved,
+            session => session_view(session),
+        },
+    );
+    *page.status_mut() = status;
+    Ok(page)
+}
+
+#[derive(Deserialize)]
+pub(super) struct ScriptForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    sample: String,
+    action: String,
+}
+
+pub(super) async fn act(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((account, name)): Path<(String, String)>,
+    Form(form): Form<ScriptForm>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    checked_form(&session, &form.csrf)?;
+    let Some(store) = s.registry.scripts().cloned() else {
+        return Err(error_page(
+            StatusCode::NOT_FOUND,
+            Some(&session),
+            "This dispatcher has no script store.",
+        )
+        .into());
+    };
+    // Browsers send a textarea's lines with CR LF.
+    let source = form.source.replace("\r\n", "\n");
+    let sample = form.sample.replace("\r\n", "\n");
+    match form.action.as_str() {
+        "save" => {
+            let (k, n, src) = (key.clone(), name.clone(), source.clone());
+            let stored = tokio::task::spawn_blocking(move || store.put(&k, &n, &src))
+                .await
+                .map_err(|e| internal(&session, &e))?;
+            match stored {
+                Ok(version) => Ok(Redirect::to(&format!(
+                    "/console/accounts/{account}/scripts/{name}?saved={}",
+                    version.version
+                ))
+                .into_response()),
+                Err(ScriptStoreError::Compile { error, .. }) => {
+                    let shown = Shown {
+                        error: Some((error.to_string(), error.line)),
+                        source: Some(source),
+                        sample: Some(sample),
+                        ..Shown::default()
+                    };
+                    editor(
+                        &s,
+                        &session,
+                        &account,
+                        &name,
+                        shown,
+                        StatusCode::BAD_REQUEST,
+                    )
+                }
+                Err(e) => {
+                    let shown = Shown {
+                        error: Some((e.to_string(), None)),
+                        source: Some(source),
+                        sample: Some(sample),
+                        ..Shown::default()
+                    };
+                    editor(
+                        &s,
+                        &session,
+                        &account,
+                        &name,
+                        shown,
+                        StatusCode::BAD_REQUEST,
+                    )
+                }
+            }
+        }
+        "test" => {
+            let result = match dry_run::parse_sample(sample.as_bytes(), &key, s.max_event_bytes) {
+                Ok(parsed) => dry_run::test_script(&s.registry, &key, &name, &parsed).await,
+                Err(e) => Err(e),
+            };
+            let shown = match result {
+                Ok(answer) => Shown {
+                    test: Some(answer),
+                    source: Some(source),
+                    sample: Some(sample),
+                    ..Shown::default()
+                },
+                Err(e) => Shown {
+                    error: Some((format!("The test did not run: {e}"), None)),
+                    source: Some(source),
+                    sample: Some(sample),
+                    ..Shown::default()
+                },
+            };
+            editor(&s, &session, &account, &name, shown, StatusCode::OK)
+        }
+        other => Err(error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            &format!("{other:?} is not an action: save or test"),
+        )
+        .into()),
+    }
+}
