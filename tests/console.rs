@@ -646,6 +646,32 @@ config = { to = "{{ steps.create_contact.email }}", subject = "Welcome {{ event.
             && messages.contains("→ sent"),
         "{messages}"
     );
+
+    // A provider's report that names no message of the account.
+    let created = d
+        .cli(&["inbound", "create", "acme", "sendgrid", "--json"])
+        .await
+        .json();
+    let url = created["url"].as_str().expect("a URL");
+    let answer = reqwest::Client::new()
+        .post(url)
+        .json(&json!([{
+            "event": "delivered",
+            "email": "someone@example.org",
+            "timestamp": 1_700_000_000,
+            "sg_event_id": "<script>alert(1)</script>",
+        }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let unmatched = page("/console/accounts/acme/messages/unmatched").await;
+    assert!(
+        unmatched.contains("sendgrid")
+            && unmatched.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;")
+            && !unmatched.contains("<script>alert"),
+        "{unmatched}"
+    );
 }
 
 /// In a real browser: a script with a syntax error is not stored and its

@@ -51,6 +51,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ),
         ("contacts.html", include_str!("templates/contacts.html")),
         ("messages.html", include_str!("templates/messages.html")),
+        ("unmatched.html", include_str!("templates/unmatched.html")),
         ("scripts.html", include_str!("templates/scripts.html")),
         ("script.html", include_str!("templates/script.html")),
     ] {
@@ -82,6 +83,10 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/console/accounts/{account}/messages",
             get(records::messages),
+        )
+        .route(
+            "/console/accounts/{account}/messages/unmatched",
+            get(records::unmatched),
         )
         .route("/console/accounts/{account}/scripts", get(scripts::list))
         .route(

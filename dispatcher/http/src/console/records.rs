@@ -1,4 +1,5 @@
-//! The contacts and messages pages: what an account's chains made and sent.
+//! The contacts and messages pages: what an account's chains made and
+//! sent, and what providers posted that matched nothing.
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -109,6 +110,40 @@ pub(super) async fn messages(
             account,
             messages => minijinja::Value::from(minijinja::value::Serde(&rows)),
             shown => SHOWN,
+            session => session_view(&session),
+        },
+    ))
+}
+
+pub(super) async fn unmatched(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    let found = s
+        .inbound
+        .unmatched
+        .list(&key, SHOWN)
+        .map_err(|e| internal(&session, &e))?;
+    let rows: Vec<Value> = found
+        .iter()
+        .map(|u| {
+            json!({
+                "provider": u.provider.name(),
+                "result": u.result,
+                "reason": u.reason,
+                "record": serde_json::to_string_pretty(&u.record).unwrap_or_default(),
+                "received_at": format_rfc3339(u.received_at),
+            })
+        })
+        .collect();
+    Ok(render(
+        "unmatched.html",
+        context! {
+            account,
+            unmatched => minijinja::Value::from(minijinja::value::Serde(&rows)),
             session => session_view(&session),
         },
     ))
