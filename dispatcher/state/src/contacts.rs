@@ -84,18 +84,39 @@ impl StoredContacts {
         // atomic batch with several replicas, one after another with sled.
         let mut writes = Vec::with_capacity(reindex.added.len() + 1);
         let mut found = Vec::with_capacity(reindex.added.len() + 1);
+        let mut holders_expected: Vec<Vec<u8>> = Vec::new();
         for id in &reindex.added {
             let k = index_key(account, id);
             let holder = self.store.get(Collection::ContactIndex, &k)?;
-            if created
-                && let Some(holder) = &holder
+            if let Some(holder) = &holder
                 && holder.as_slice() != contact.key.as_bytes()
-                && self.holds(account, holder, id)?
             {
-                // Another writer made a contact with this value meanwhile:
-                // the next attempt finds it and updates it. (An existing
-                // contact takes a value from another one, as a merge.)
-                return Ok(None);
+                let (holder_key, holder_raw) = self.holder_record(account, holder)?;
+                let holds = holder_raw
+                    .as_deref()
+                    .and_then(decode::<Contact>)
+                    .is_some_and(|c| c.has(id));
+                if created && holds {
+                    // Another writer made a contact with this value
+                    // meanwhile: the next attempt finds it and updates it.
+                    // (An existing contact takes a value from another one,
+                    // as a merge.)
+                    return Ok(None);
+                }
+                // The holder as read here (missing, or without the value)
+                // must still be so where the write is decided: a replica's
+                // copy can show an index entry before the record it points
+                // at, and the entry alone would let this claim it from a
+                // contact that has the value (a duplicate contact).
+                if !holders_expected.contains(&holder_key) {
+                    holders_expected.push(holder_key.clone());
+                    writes.push(Write {
+                        collection: Collection::Contacts,
+                        key: holder_key,
+                        value: holder_raw.clone(),
+                    });
+                    found.push(holder_raw);
+                }
             }
             writes.push(Write {
                 collection: Collection::ContactIndex,
@@ -133,22 +154,20 @@ impl StoredContacts {
 
     /// Whether the index entry for `id` (pointing at contact `holder`)
     /// still holds: the contact exists and has that value.
-    fn holds(
+    /// The key and record of the contact an index entry names (`holder`).
+    /// Missing here may mean not arrived yet from the replica that wrote
+    /// it: the latest copy is asked for before taking it for missing.
+    fn holder_record(
         &self,
         account: &AccountKey,
         holder: &[u8],
-        id: &Identifier,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), StoreError> {
         let record = contact_key(account, &String::from_utf8_lossy(holder));
-        // Missing here may mean not arrived yet from the replica that
-        // wrote it: ask the bucket before taking the entry for stale.
         let found = match self.store.get(Collection::Contacts, &record)? {
             Some(found) => Some(found),
             None => self.store.get_latest(Collection::Contacts, &record)?,
         };
-        Ok(found
-            .and_then(|v| decode::<Contact>(&v))
-            .is_some_and(|contact| contact.has(id)))
+        Ok((record, found))
     }
 
     /// The contact the index has for `id`, if that contact still has it:
