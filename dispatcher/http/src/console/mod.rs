@@ -10,22 +10,21 @@
 
 mod letters;
 mod records;
+mod run;
 mod scripts;
 pub mod session;
 
 use std::sync::LazyLock;
 
 use axum::Router;
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use minijinja::{Environment, context};
 use serde::Deserialize;
 use serde_json::Value;
-use switchboard_engine::dead_letters::{DeadLetter, DeadReason};
-use switchboard_engine::trace::{StepOutcome, Trace, TraceStatus};
-use switchboard_sdk::{AccountKey, EventId, format_rfc3339};
+use switchboard_sdk::{AccountKey, format_rfc3339};
 
 use crate::api::ApiState;
 use crate::auth::Principal;
@@ -70,8 +69,11 @@ pub fn routes() -> Router<ApiState> {
         .route("/console/sign-in/{code}", get(sign_in_link))
         .route("/console/sign-out", post(sign_out))
         .route("/console/accounts/{account}", get(account_page))
-        .route("/console/accounts/{account}/events", get(find_event))
-        .route("/console/accounts/{account}/events/{id}", get(run_page))
+        .route("/console/accounts/{account}/events", get(run::find_event))
+        .route(
+            "/console/accounts/{account}/events/{id}",
+            get(run::run_page),
+        )
         .route(
             "/console/accounts/{account}/dead-letters",
             get(letters::page),
@@ -99,7 +101,7 @@ pub fn routes() -> Router<ApiState> {
         )
         .route(
             "/console/accounts/{account}/dead-letters/{id}/replay",
-            post(replay),
+            post(run::replay),
         )
         .route("/console/static/console.css", get(stylesheet))
         .layer(axum::middleware::map_response(secure_headers))
@@ -418,178 +420,6 @@ async fn account_page(
             session => session_view(&session),
         },
     ))
-}
-
-#[derive(Deserialize)]
-struct FindEvent {
-    #[serde(default)]
-    id: String,
-}
-
-async fn find_event(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
-    Query(q): Query<FindEvent>,
-) -> Page {
-    let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
-    match EventId::parse(q.id.trim()) {
-        Ok(id) => {
-            Ok(Redirect::to(&format!("/console/accounts/{account}/events/{id}")).into_response())
-        }
-        Err(e) => Err(error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&session),
-            &format!("{:?} is not an event id: {e}", q.id),
-        )
-        .into()),
-    }
-}
-
-async fn run_page(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, id)): Path<(String, String)>,
-) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
-    let not_found = |session: &Session| {
-        error_page(
-            StatusCode::NOT_FOUND,
-            Some(session),
-            &format!(
-                "No trace of event {id} in account {account}: not handled yet, or never received."
-            ),
-        )
-    };
-    let Ok(event_id) = EventId::parse(&id) else {
-        return Err(not_found(&session).into());
-    };
-    let Some(trace) = s
-        .traces
-        .get(&key, &event_id)
-        .map_err(|e| internal(&session, &e))?
-    else {
-        return Err(not_found(&session).into());
-    };
-    let letters = replayable_letters(&s, &trace).map_err(|e| internal(&session, &e))?;
-    Ok(render(
-        "run.html",
-        run_context(&account, &trace, letters, &session),
-    ))
-}
-
-/// The dead letters a dead event's failed steps filed, still there to replay.
-fn replayable_letters(
-    s: &ApiState,
-    trace: &Trace,
-) -> Result<Vec<DeadLetter>, switchboard_store::StoreError> {
-    if trace.status != TraceStatus::Dead {
-        return Ok(Vec::new());
-    }
-    let mut letters = Vec::new();
-    for chain in &trace.chains {
-        for step in chain
-            .steps
-            .iter()
-            .filter(|st| st.outcome == StepOutcome::Failed)
-        {
-            let id = DeadLetter::for_event(
-                &trace.event,
-                DeadReason::StepFailed,
-                Some(&chain.name),
-                Some(&step.name),
-                "",
-            )
-            .id;
-            if let Some(letter) = s.letters.get(trace.event.account_key.as_str(), &id)? {
-                letters.push(letter);
-            }
-        }
-    }
-    Ok(letters)
-}
-
-fn run_context(
-    account: &str,
-    trace: &Trace,
-    letters: Vec<DeadLetter>,
-    session: &Session,
-) -> minijinja::Value {
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    let status = serde_json::to_value(trace.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let chains: Vec<Value> = trace
-        .chains
-        .iter()
-        .map(|c| {
-            serde_json::json!({
-                "name": c.name,
-                "version": c.version,
-                "steps": c.steps.iter().map(|st| serde_json::json!({
-                    "name": st.name,
-                    "handler": st.handler,
-                    "outcome": serde_json::to_value(st.outcome).ok(),
-                    "attempts": st.attempts,
-                    "duration": format!("{:.1} ms", st.duration_ms),
-                    "output": st.output.as_ref().filter(|o| !o.is_empty()).map(|o| pretty(&Value::Object(o.clone()))),
-                    "error": st.error,
-                    "logs": st.logs,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let letters: Vec<Value> = letters
-        .iter()
-        .map(|l| serde_json::json!({"id": l.id, "chain": l.chain, "step": l.step}))
-        .collect();
-    context! {
-        account,
-        status,
-        event => minijinja::Value::from(minijinja::value::Serde(serde_json::json!({
-            "id": trace.event.id.to_string(),
-            "conversation_type": trace.event.conversation_type.to_string(),
-            "conversation_key": trace.event.conversation_key.to_string(),
-            "event_type": trace.event.event_type.to_string(),
-        }))),
-        event_data => pretty(&Value::Object(trace.event.event_data.clone())),
-        started_at => format_rfc3339(trace.started_at),
-        finished_at => trace.finished_at.map(format_rfc3339),
-        parent_id => trace.parent_id.map(|p| p.to_string()),
-        children => trace.children.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        chains => minijinja::Value::from(minijinja::value::Serde(&chains)),
-        letters => minijinja::Value::from(minijinja::value::Serde(&letters)),
-        session => session_view(session),
-    }
-}
-
-async fn replay(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, id)): Path<(String, String)>,
-    Form(form): Form<CsrfForm>,
-) -> Page {
-    let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
-    checked_form(&session, &form.csrf)?;
-    match s.letters.replay(&account, &id).await {
-        Ok(letter) => {
-            let to = match &letter.event {
-                Some(event) => format!("/console/accounts/{account}/events/{}", event.id),
-                None => format!("/console/accounts/{account}"),
-            };
-            Ok(Redirect::to(&to).into_response())
-        }
-        Err(e) => Err(error_page(
-            StatusCode::CONFLICT,
-            Some(&session),
-            &format!("The dead letter could not be replayed: {e}"),
-        )
-        .into()),
-    }
 }
 
 fn internal(session: &Session, e: &dyn std::fmt::Display) -> Response {
