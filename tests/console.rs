@@ -291,6 +291,24 @@ impl Browser {
         }
     }
 
+    /// Fills in the sign-in form the browser shows, and sends it.
+    async fn sign_in(&self, token: &str) {
+        self.client
+            .find(Locator::Id("token"))
+            .await
+            .expect("the token field")
+            .send_keys(token)
+            .await
+            .expect("typing the token");
+        self.client
+            .find(Locator::Id("sign-in"))
+            .await
+            .expect("the sign-in button")
+            .click()
+            .await
+            .expect("signing in");
+    }
+
     /// Saves a screenshot as `target/console-screenshots/{name}.png`.
     async fn screenshot(&self, name: &str) {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
@@ -370,18 +388,7 @@ retry = {{ max_attempts = 1 }}
         "no session: sent to sign in"
     );
     browser.screenshot("sign-in").await;
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(&token)
-        .await
-        .unwrap();
-    c.find(Locator::Id("sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.sign_in(&token).await;
     assert_eq!(
         c.current_url().await.unwrap().path(),
         "/console/accounts/acme"
@@ -690,18 +697,7 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
     let c = &browser.client;
     let base = d.url();
     c.goto(&format!("{base}/console/sign-in")).await.unwrap();
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(&token)
-        .await
-        .unwrap();
-    c.find(Locator::Id("sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.sign_in(&token).await;
     c.goto(&format!("{base}/console/accounts/acme/scripts"))
         .await
         .unwrap();

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use switchboard_engine::dead_letters::{DeadLetter, LetterStatus};
 use switchboard_sdk::format_rfc3339;
 
-use super::{Page, checked_form, error_page, internal, reachable, render, session_view, signed_in};
+use super::{
+    Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
+};
 use crate::api::ApiState;
 
 /// Dead letters that failed the same way: the same chain, step, reason and
@@ -108,7 +110,7 @@ pub(super) async fn page(
         "dead_letters.html",
         context! {
             account,
-            groups => minijinja::Value::from(minijinja::value::Serde(&groups)),
+            groups => view(&groups),
             session => session_view(&session),
         },
     ))

@@ -171,6 +171,11 @@ fn render(name: &str, ctx: minijinja::Value) -> Response {
     }
 }
 
+/// A serialisable value for a template.
+fn view(value: impl serde::Serialize) -> minijinja::Value {
+    minijinja::Value::from(minijinja::value::Serde(value))
+}
+
 fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
     let title = status.canonical_reason().unwrap_or("Error");
     let mut response = render(
@@ -415,8 +420,8 @@ async fn account_page(
         context! {
             account,
             version,
-            chains => minijinja::Value::from(minijinja::value::Serde(&chains)),
-            letters => minijinja::Value::from(minijinja::value::Serde(&letters)),
+            chains => view(&chains),
+            letters => view(&letters),
             session => session_view(&session),
         },
     ))

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_sdk::format_rfc3339;
 
-use super::{Page, internal, reachable, render, session_view, signed_in};
+use super::{Page, internal, reachable, render, session_view, signed_in, view};
 use crate::api::ApiState;
 
 /// Rows a records page shows at most.
@@ -61,7 +61,7 @@ pub(super) async fn contacts(
         context! {
             account,
             q,
-            contacts => minijinja::Value::from(minijinja::value::Serde(&rows)),
+            contacts => view(&rows),
             shown => SHOWN,
             session => session_view(&session),
         },
@@ -108,7 +108,7 @@ pub(super) async fn messages(
         "messages.html",
         context! {
             account,
-            messages => minijinja::Value::from(minijinja::value::Serde(&rows)),
+            messages => view(&rows),
             shown => SHOWN,
             session => session_view(&session),
         },
@@ -143,7 +143,7 @@ pub(super) async fn unmatched(
         "unmatched.html",
         context! {
             account,
-            unmatched => minijinja::Value::from(minijinja::value::Serde(&rows)),
+            unmatched => view(&rows),
             session => session_view(&session),
         },
     ))

@@ -14,6 +14,7 @@ use switchboard_sdk::{EventId, format_rfc3339};
 use super::session::Session;
 use super::{
     CsrfForm, Page, checked_form, error_page, internal, reachable, render, session_view, signed_in,
+    view,
 };
 use crate::api::ApiState;
 
@@ -146,19 +147,19 @@ fn run_context(
     context! {
         account,
         status,
-        event => minijinja::Value::from(minijinja::value::Serde(serde_json::json!({
+        event => view(serde_json::json!({
             "id": trace.event.id.to_string(),
             "conversation_type": trace.event.conversation_type.to_string(),
             "conversation_key": trace.event.conversation_key.to_string(),
             "event_type": trace.event.event_type.to_string(),
-        }))),
+        })),
         event_data => pretty(&Value::Object(trace.event.event_data.clone())),
         started_at => format_rfc3339(trace.started_at),
         finished_at => trace.finished_at.map(format_rfc3339),
         parent_id => trace.parent_id.map(|p| p.to_string()),
         children => trace.children.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        chains => minijinja::Value::from(minijinja::value::Serde(&chains)),
-        letters => minijinja::Value::from(minijinja::value::Serde(&letters)),
+        chains => view(&chains),
+        letters => view(&letters),
         session => session_view(session),
     }
 }

@@ -11,7 +11,9 @@ use switchboard_engine::dry_run;
 use switchboard_handlers::script::ScriptStoreError;
 use switchboard_sdk::format_rfc3339;
 
-use super::{Page, checked_form, error_page, internal, reachable, render, session_view, signed_in};
+use super::{
+    Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
+};
 use crate::api::ApiState;
 
 /// The sample a new test starts from.
@@ -64,7 +66,7 @@ pub(super) async fn list(
         "scripts.html",
         context! {
             account,
-            scripts => minijinja::Value::from(minijinja::value::Serde(&scripts)),
+            scripts => view(&scripts),
             session => session_view(&session),
         },
     ))
@@ -154,13 +156,13 @@ fn editor(
             account,
             name,
             source,
-            lines => minijinja::Value::from(minijinja::value::Serde(&lines)),
+            lines => view(&lines),
             error,
             error_line,
             current => current.as_ref().map(|v| v.version),
-            versions => minijinja::Value::from(minijinja::value::Serde(&versions)),
+            versions => view(&versions),
             sample => shown.sample.unwrap_or_else(|| SAMPLE.to_string()),
-            test => minijinja::Value::from(minijinja::value::Serde(&test)),
+            test => view(&test),
             saved => shown.saved,
             session => session_view(session),
         },
@@ -212,25 +214,14 @@ pub(super) async fn act(
                     version.version
                 ))
                 .into_response()),
-                Err(ScriptStoreError::Compile { error, .. }) => {
-                    let shown = Shown {
-                        error: Some((error.to_string(), error.line)),
-                        source: Some(source),
-                        sample: Some(sample),
-                        ..Shown::default()
-                    };
-                    editor(
-                        &s,
-                        &session,
-                        &account,
-                        &name,
-                        shown,
-                        StatusCode::BAD_REQUEST,
-                    )
-                }
                 Err(e) => {
+                    // A compile error is shown at its line; any other as it is.
+                    let error = match &e {
+                        ScriptStoreError::Compile { error, .. } => (error.to_string(), error.line),
+                        other => (other.to_string(), None),
+                    };
                     let shown = Shown {
-                        error: Some((e.to_string(), None)),
+                        error: Some(error),
                         source: Some(source),
                         sample: Some(sample),
                         ..Shown::default()
