@@ -1006,13 +1006,10 @@ async fn show_contact(
 ) -> ApiResult {
     let account = account_key(&account)?;
     // A contact can be asked for by its key, its msisdn or its e-mail.
-    let contact = match s.contacts.get(&account, &key).map_err(ApiError::internal)? {
-        Some(c) => Some(c),
-        None => s
-            .contacts
-            .find(&account, &key)
-            .map_err(ApiError::internal)?,
-    };
+    let contact = s
+        .contacts
+        .lookup(&account, &key)
+        .map_err(ApiError::internal)?;
     match contact {
         // The record itself: a `Contact` (see `switchboard_api::records`).
         Some(c) => Ok(Json(c).into_response()),

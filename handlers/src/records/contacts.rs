@@ -256,6 +256,19 @@ pub trait Contacts: Send + Sync + std::fmt::Debug {
 
     /// Up to `limit` contacts of `account`, oldest first.
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, RecordError>;
+
+    /// The contact of `account` asked for by its key, or else by its msisdn
+    /// or e-mail (how the API and the console look one up).
+    fn lookup(
+        &self,
+        account: &AccountKey,
+        key_or_identifier: &str,
+    ) -> Result<Option<Contact>, RecordError> {
+        match self.get(account, key_or_identifier)? {
+            Some(contact) => Ok(Some(contact)),
+            None => self.find(account, key_or_identifier),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -264,13 +264,12 @@ fn sign_in_form(status: StatusCode, error: Option<&str>) -> Response {
     let csrf = random_token();
     let mut response = render("sign_in.html", context! { csrf => csrf.clone(), error });
     *response.status_mut() = status;
-    if let Ok(cookie) = HeaderValue::from_str(&session::set_cookie(
+    session::set_cookie(
+        &mut response,
         SIGN_IN_COOKIE,
         &csrf,
         std::time::Duration::from_secs(3600),
-    )) {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
-    }
+    );
     response
 }
 
@@ -331,14 +330,8 @@ async fn sign_in_link(State(s): State<ApiState>, Path(code): Path<String>) -> Re
 fn signed_in_response(s: &ApiState, principal: Principal) -> Response {
     let id = s.sessions.start(principal);
     let mut response = Redirect::to("/console").into_response();
-    for cookie in [
-        session::set_cookie(SESSION_COOKIE, &id, SESSION_TTL),
-        session::set_cookie(SIGN_IN_COOKIE, "", std::time::Duration::ZERO),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(&cookie) {
-            response.headers_mut().append(header::SET_COOKIE, value);
-        }
-    }
+    session::set_cookie(&mut response, SESSION_COOKIE, &id, SESSION_TTL);
+    session::set_cookie(&mut response, SIGN_IN_COOKIE, "", std::time::Duration::ZERO);
     response
 }
 
@@ -357,13 +350,7 @@ async fn sign_out(
     checked_form(&session, &form.csrf)?;
     s.sessions.end(&headers);
     let mut response = Redirect::to("/console/sign-in").into_response();
-    if let Ok(value) = HeaderValue::from_str(&session::set_cookie(
-        SESSION_COOKIE,
-        "",
-        std::time::Duration::ZERO,
-    )) {
-        response.headers_mut().append(header::SET_COOKIE, value);
-    }
+    session::set_cookie(&mut response, SESSION_COOKIE, "", std::time::Duration::ZERO);
     Ok(response)
 }
 

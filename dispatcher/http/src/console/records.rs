@@ -33,14 +33,7 @@ pub(super) async fn contacts(
     let found = if q.is_empty() {
         s.contacts.list(&key, SHOWN)
     } else {
-        // As the API looks a contact up: by key, then by msisdn or e-mail.
-        s.contacts
-            .get(&key, &q)
-            .and_then(|c| match c {
-                Some(c) => Ok(Some(c)),
-                None => s.contacts.find(&key, &q),
-            })
-            .map(|c| c.into_iter().collect())
+        s.contacts.lookup(&key, &q).map(|c| c.into_iter().collect())
     }
     .map_err(|e| internal(&session, &e))?;
     let rows: Vec<Value> = found

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_engine::dry_run;
 use switchboard_handlers::script::ScriptStoreError;
-use switchboard_sdk::format_rfc3339;
+use switchboard_sdk::{AccountKey, format_rfc3339};
 
 use super::{
     Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
@@ -95,23 +95,23 @@ pub(super) async fn edit(
     Query(q): Query<Saved>,
 ) -> Page {
     let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
+    let key = reachable(&session, &account)?;
     let shown = Shown {
         saved: q.saved,
         ..Shown::default()
     };
-    editor(&s, &session, &account, &name, shown, StatusCode::OK)
+    editor(&s, &session, &key, &name, shown, StatusCode::OK)
 }
 
+/// The editor of script `name` of `key` (an account the session reaches).
 fn editor(
     s: &ApiState,
     session: &super::session::Session,
-    account: &str,
+    key: &AccountKey,
     name: &str,
     shown: Shown,
     status: StatusCode,
 ) -> Page {
-    let key = reachable(session, account)?;
     let Some(store) = s.registry.scripts() else {
         return Err(error_page(
             StatusCode::NOT_FOUND,
@@ -121,10 +121,10 @@ fn editor(
         .into());
     };
     let history = store
-        .history(&key, name)
+        .history(key, name)
         .map_err(|e| internal(session, &e))?;
     let current = store
-        .current(&key, name)
+        .current(key, name)
         .map_err(|e| internal(session, &e))?;
     let source = shown
         .source
@@ -153,7 +153,7 @@ fn editor(
     let mut page = render(
         "script.html",
         context! {
-            account,
+            account => key.as_str(),
             name,
             source,
             lines => view(&lines),
@@ -226,14 +226,7 @@ pub(super) async fn act(
                         sample: Some(sample),
                         ..Shown::default()
                     };
-                    editor(
-                        &s,
-                        &session,
-                        &account,
-                        &name,
-                        shown,
-                        StatusCode::BAD_REQUEST,
-                    )
+                    editor(&s, &session, &key, &name, shown, StatusCode::BAD_REQUEST)
                 }
             }
         }
@@ -256,7 +249,7 @@ pub(super) async fn act(
                     ..Shown::default()
                 },
             };
-            editor(&s, &session, &account, &name, shown, StatusCode::OK)
+            editor(&s, &session, &key, &name, shown, StatusCode::OK)
         }
         other => Err(error_page(
             StatusCode::BAD_REQUEST,

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -129,13 +130,18 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, for the whole site;
-/// `max_age` 0 removes it.
-pub fn set_cookie(name: &str, value: &str, max_age: Duration) -> String {
-    format!(
+/// Adds a `Set-Cookie` to `response`: HttpOnly, SameSite=Strict, for the
+/// whole site; `max_age` 0 removes the cookie.
+pub fn set_cookie(response: &mut Response, name: &str, value: &str, max_age: Duration) {
+    let cookie = format!(
         "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
         max_age.as_secs()
-    )
+    );
+    // Names are ours and values random tokens (URL-safe base64): always a
+    // valid header value.
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
 }
 
 /// Whether two tokens are equal, in time independent of where they differ.
