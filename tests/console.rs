@@ -293,20 +293,36 @@ impl Browser {
 
     /// Fills in the sign-in form the browser shows, and sends it.
     async fn sign_in(&self, token: &str) {
+        self.type_into(Locator::Id("token"), token).await;
+        self.click(Locator::Id("sign-in")).await;
+    }
+
+    /// Clicks the element `locator` finds.
+    async fn click(&self, locator: Locator<'_>) {
         self.client
-            .find(Locator::Id("token"))
+            .find(locator)
             .await
-            .expect("the token field")
-            .send_keys(token)
-            .await
-            .expect("typing the token");
-        self.client
-            .find(Locator::Id("sign-in"))
-            .await
-            .expect("the sign-in button")
+            .unwrap_or_else(|e| panic!("nothing to click for {locator:?}: {e}"))
             .click()
             .await
-            .expect("signing in");
+            .unwrap_or_else(|e| panic!("clicking {locator:?}: {e}"));
+    }
+
+    /// Replaces the text of the field `locator` finds with `text`.
+    async fn type_into(&self, locator: Locator<'_>, text: &str) {
+        let field = self
+            .client
+            .find(locator)
+            .await
+            .unwrap_or_else(|e| panic!("no field for {locator:?}: {e}"));
+        field
+            .clear()
+            .await
+            .unwrap_or_else(|e| panic!("clearing {locator:?}: {e}"));
+        field
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("typing into {locator:?}: {e}"));
     }
 
     /// Saves a screenshot as `target/console-screenshots/{name}.png`.
@@ -317,14 +333,30 @@ impl Browser {
         std::fs::write(dir.join(format!("{name}.png")), png).expect("writing a screenshot");
     }
 
+    /// The text of the element `css` finds, waiting for it to appear: a
+    /// click that submits a form can return before the next page loads.
     async fn text(&self, css: &str) -> String {
         self.client
-            .find(Locator::Css(css))
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
             .text()
             .await
             .expect("its text")
+    }
+
+    /// Waits (a click may return before its page loads) until the browser
+    /// is at `path`.
+    async fn on_page(&self, path: &str) {
+        let client = &self.client;
+        wait_until(
+            &format!("the browser at {path}"),
+            Duration::from_secs(10),
+            || async move { (client.current_url().await.ok()?.path() == path).then_some(()) },
+        )
+        .await;
     }
 }
 
@@ -389,10 +421,7 @@ retry = {{ max_attempts = 1 }}
     );
     browser.screenshot("sign-in").await;
     browser.sign_in(&token).await;
-    assert_eq!(
-        c.current_url().await.unwrap().path(),
-        "/console/accounts/acme"
-    );
+    browser.on_page("/console/accounts/acme").await;
     assert!(
         browser
             .text("#chains")
@@ -402,16 +431,10 @@ retry = {{ max_attempts = 1 }}
     browser.screenshot("account").await;
 
     // The dead event, from the dead letters.
-    c.find(Locator::Css("#dead-letters a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(
-        c.current_url().await.unwrap().path(),
-        format!("/console/accounts/acme/events/{id}")
-    );
+    browser.click(Locator::Css("#dead-letters a")).await;
+    browser
+        .on_page(&format!("/console/accounts/acme/events/{id}"))
+        .await;
     assert_eq!(browser.text("#status").await, "dead");
     let data = browser.text("#event-data").await;
     assert!(
@@ -452,12 +475,7 @@ retry = {{ max_attempts = 1 }}
     c.set_window_size(1280, 900).await.unwrap();
 
     // The receiver answers 200 now: replay from the failed step.
-    c.find(Locator::Css("button.replay"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(Locator::Css("button.replay")).await;
     let status = wait_until("the replayed run", util::TIMEOUT, || async {
         c.refresh().await.ok()?;
         let status = browser.text("#status").await;
@@ -474,12 +492,8 @@ retry = {{ max_attempts = 1 }}
     );
 
     // Signing out ends the session.
-    c.find(Locator::Css("header form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(Locator::Css("header form button")).await;
+    browser.on_page("/console/sign-in").await;
     c.goto(&format!("{base}/console/accounts/acme"))
         .await
         .unwrap();
@@ -701,34 +715,20 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
     c.goto(&format!("{base}/console/accounts/acme/scripts"))
         .await
         .unwrap();
-    c.find(Locator::Css("#new-script input"))
-        .await
-        .unwrap()
-        .send_keys("award")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#new-script button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(
-        c.current_url().await.unwrap().path(),
-        "/console/accounts/acme/scripts/award"
-    );
-    let source = c.find(Locator::Id("source")).await.unwrap();
-    source.clear().await.unwrap();
-    source
-        .send_keys("fn handle(event, steps, config) {\n  let points = event.event_data.score * 10\n  #{ points: points }\n}\n")
-        .await
-        .unwrap();
-    c.find(Locator::Id("save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .type_into(Locator::Css("#new-script input"), "award")
+        .await;
+    browser.click(Locator::Css("#new-script button")).await;
+    browser
+        .on_page("/console/accounts/acme/scripts/award")
+        .await;
+    browser
+        .type_into(
+            Locator::Id("source"),
+            "fn handle(event, steps, config) {\n  let points = event.event_data.score * 10\n  #{ points: points }\n}\n",
+        )
+        .await;
+    browser.click(Locator::Id("save")).await;
     let error = browser.text("#error").await;
     assert!(
         error.contains("line 2, column 43: missing `;` at the end of this line"),
@@ -743,25 +743,15 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
     browser.screenshot("script-error").await;
 
     // Fixed, stored, and tested against the sample.
-    let source = c.find(Locator::Id("source")).await.unwrap();
-    source.clear().await.unwrap();
-    source
-        .send_keys("fn handle(event, steps, config) {\n  let points = event.event_data.score * 10;\n  #{ points: points }\n}\n")
-        .await
-        .unwrap();
-    c.find(Locator::Id("save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .type_into(
+            Locator::Id("source"),
+            "fn handle(event, steps, config) {\n  let points = event.event_data.score * 10;\n  #{ points: points }\n}\n",
+        )
+        .await;
+    browser.click(Locator::Id("save")).await;
     assert_eq!(browser.text("#saved").await, "Stored as version 1.");
-    c.find(Locator::Id("test"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click(Locator::Id("test")).await;
     assert_eq!(browser.text("#test-outcome").await, "ok");
     assert!(
         browser
