@@ -69,6 +69,14 @@ enum Command {
     /// Manage an account's Rhai scripts (`handler = "script:NAME"` in chains).
     #[command(subcommand)]
     Scripts(ScriptsCommand),
+    /// List the handlers a chain step can run, with the options each takes
+    /// (and, given an account, its scripts).
+    Handlers {
+        /// The account whose scripts to list too.
+        account: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Show what the dispatcher did with an event.
     Trace {
         /// The account.
@@ -581,6 +589,9 @@ async fn main() -> ExitCode {
                 ..
             } => cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await,
         }),
+        Command::Handlers { account, remote } => {
+            print(cli::handlers(&remote.client(), account.as_deref(), remote.json).await)
+        }
         Command::Scripts(c) => print(match c {
             ScriptsCommand::Put {
                 account,

@@ -51,6 +51,7 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
     ("GET", "/metrics", Guard::Open),
     ("POST", "/v1/events", Guard::Bearer),
     ("GET", "/v1/accounts", Guard::Bearer),
+    ("GET", "/v1/handlers", Guard::Bearer),
     (
         "POST",
         "/v1/inbound/{account}/{provider}/{secret}",
@@ -161,6 +162,8 @@ fn matrix() -> Vec<Row> {
             |_| Some(SAMPLE.into()), 200, 200),
         row("GET", "/v1/accounts/{account}/scripts",
             |f| format!("/v1/accounts/{}/scripts", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/handlers",
+            |f| format!("/v1/accounts/{}/handlers", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/scripts/{name}",
             |f| format!("/v1/accounts/{}/scripts/ok", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/scripts/{name}",

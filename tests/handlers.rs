@@ -717,3 +717,222 @@ event_type = "by_name"
     );
     assert_eq!(hooks[0]["headers"]["host"], format!("localhost:{port}"));
 }
+
+/// The catalog serves each built-in handler's options as a JSON Schema, and
+/// `chains apply` gives the same verdict as that schema on every config
+/// below: a form built from the catalog cannot accept what apply refuses,
+/// nor refuse what it accepts.
+#[tokio::test]
+async fn the_catalog_and_chains_apply_agree() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    set_secret(&d, "acme").await;
+    let (status, catalog) = d.get("/v1/handlers").await;
+    assert_eq!(status, 200, "{catalog}");
+    let names: Vec<&str> = catalog["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "create_contact",
+            "emit",
+            "log",
+            "payment_webhook",
+            "send_email",
+            "send_sms"
+        ]
+    );
+    let entry = |name: &str| {
+        catalog["handlers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let sms = entry("send_sms");
+    assert_eq!(sms["effects"], "external");
+    assert_eq!(
+        sms["options"]["required"],
+        json!(["to", "body", "provider"])
+    );
+    assert_eq!(
+        sms["options"]["properties"]["provider"]["enum"],
+        json!(["gateway", "twilio"])
+    );
+    assert_eq!(sms["options"]["properties"]["body"]["x-template"], true);
+    let webhook = entry("payment_webhook");
+    assert_eq!(webhook["options"]["properties"]["secret"]["x-secret"], true);
+    assert_eq!(
+        webhook["options"]["properties"]["timeout"]["default"],
+        "10s"
+    );
+    let email = entry("send_email");
+    assert_eq!(
+        email["options"]["properties"]["provider"]["default"],
+        "sink"
+    );
+
+    let hook = format!("{}/hook", receiver.url());
+    let cases: Vec<(&str, Value, bool)> = vec![
+        (
+            "create_contact",
+            json!({"msisdn": "{{ event.event_data.msisdn }}"}),
+            true,
+        ),
+        ("create_contact", json!({"name": "Thandi"}), false),
+        (
+            "create_contact",
+            json!({"msisdn": "+27820000001", "fields": [1]}),
+            false,
+        ),
+        (
+            "create_contact",
+            json!({"email": "t@example.org", "fields": "{{ event.event_data }}"}),
+            true,
+        ),
+        (
+            "send_sms",
+            json!({"to": "+27820000001", "body": "hi", "provider": "gateway"}),
+            true,
+        ),
+        (
+            "send_sms",
+            json!({"to": ["{{ event.event_data.msisdn }}"], "body": "hi", "provider": "twilio"}),
+            true,
+        ),
+        (
+            "send_sms",
+            json!({"to": "+27820000001", "body": "hi"}),
+            false,
+        ),
+        (
+            "send_sms",
+            json!({"to": "+27820000001", "body": "hi", "provider": "nope"}),
+            false,
+        ),
+        (
+            "send_sms",
+            json!({"to": [], "body": "hi", "provider": "gateway"}),
+            false,
+        ),
+        (
+            "send_sms",
+            json!({"to": "+27820000001", "body": ["hi"], "provider": "gateway"}),
+            false,
+        ),
+        (
+            "send_email",
+            json!({"to": "a@example.org", "subject": "s", "text": "t"}),
+            true,
+        ),
+        (
+            "send_email",
+            json!({"to": "a@example.org", "subject": "s"}),
+            false,
+        ),
+        (
+            "send_email",
+            json!({"to": "a@example.org", "subject": "s", "text": "t", "cc": "b"}),
+            false,
+        ),
+        (
+            "payment_webhook",
+            json!({"url": hook, "secret": "gateway"}),
+            true,
+        ),
+        (
+            "payment_webhook",
+            json!({"url": hook, "secret": "{{ event.event_data.s }}"}),
+            false,
+        ),
+        (
+            "payment_webhook",
+            json!({"url": hook, "secret": "gateway", "headers": 3}),
+            false,
+        ),
+        ("payment_webhook", json!({"secret": "gateway"}), false),
+        (
+            "emit",
+            json!({"event_type": "done", "data": {"n": "{{ event.event_data.n }}"}}),
+            true,
+        ),
+        ("emit", json!({"event_type": 5}), false),
+        (
+            "log",
+            json!({"level": "warn", "fields": {"a": "{{ event.event_type }}"}}),
+            true,
+        ),
+        ("log", json!({"level": "loud"}), false),
+        ("log", json!({"mesage": "x"}), false),
+    ];
+    let mut disagreements = Vec::new();
+    for (handler, config, valid) in cases {
+        let schema = entry(handler)["options"].clone();
+        let by_schema = jsonschema::validator_for(&schema)
+            .expect("a served schema compiles")
+            .is_valid(&config);
+        let file = json!({
+            "account_key": "acme",
+            "chains": [{
+                "name": "c", "conversation_type": "survey", "event_type": "poll_complete",
+                "steps": [{"handler": handler, "config": config}]
+            }]
+        });
+        let (status, answer) = d
+            .request(
+                reqwest::Method::PUT,
+                "/v1/accounts/acme/chains",
+                Some(d.admin_token()),
+                Some(file.to_string()),
+            )
+            .await;
+        let by_apply = match status {
+            200 => true,
+            400 if answer["error"]["code"] == "invalid_chains" => false,
+            other => panic!("{handler} {config}: {other} {answer}"),
+        };
+        if by_schema != valid || by_apply != valid {
+            disagreements.push(format!(
+                "{handler} {config}: expected valid={valid}, the schema says {by_schema}, apply \
+                 says {status} {answer}"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+
+    // An account's catalog lists its scripts too; the CLI shows both.
+    d.cli(&[
+        "scripts",
+        "put",
+        "acme",
+        "score",
+        d.file("score.rhai", SCORE).to_str().unwrap(),
+    ])
+    .await
+    .ok();
+    let (status, own) = d.get("/v1/accounts/acme/handlers").await;
+    assert_eq!(status, 200, "{own}");
+    assert_eq!(own["scripts"][0]["name"], "score", "{own}");
+    assert_eq!(own["script_options"]["additionalProperties"], true);
+    let out = d.cli(&["handlers", "acme"]).await;
+    let text = out.ok();
+    for line in [
+        "send_sms                 (external)  Sends an SMS",
+        "  provider  required, literal          The SMS provider to send through, one of the \
+         deployment's [providers.sms.NAME]. One of: gateway, twilio.",
+        "  secret   required, a secret's name  The name of the account secret",
+        "  (needs msisdn or email, at least one)",
+        "script:score",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+}
+
+const SCORE: &str = "fn handle(event, steps, config) { #{ score: 1 } }\n";

@@ -17,6 +17,7 @@ use switchboard_api::dead_letters::{
     DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters,
 };
 use switchboard_api::events::Accepted;
+use switchboard_api::handlers::{HandlerCatalog, HandlerEntry};
 use switchboard_api::inbound::{
     CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
 };
@@ -744,6 +745,100 @@ pub async fn scripts_put(
         "stored {shown} as script {name} of account {a}, version {}\nuse it in a chain: handler = \"script:{name}\"",
         answer.version
     ))
+}
+
+/// `switchboard handlers [ACCOUNT]`: the built-in handlers with their
+/// options (and the account's scripts).
+pub async fn handlers(
+    client: &Client,
+    account_raw: Option<&str>,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let path = match account_raw {
+        Some(raw) => paths::account_handlers(account(raw)?.as_str()),
+        None => paths::handlers(),
+    };
+    let answer: HandlerCatalog = client.get(&path).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let mut out = String::new();
+    for h in &answer.handlers {
+        render_handler(&mut out, h);
+    }
+    if let Some(a) = &answer.account_key {
+        if answer.scripts.is_empty() {
+            let _ = writeln!(
+                out,
+                "account {a} has no scripts (`switchboard scripts put`)"
+            );
+        }
+        for s in &answer.scripts {
+            let _ = writeln!(
+                out,
+                "script:{:<17} (none)      account {a}'s Rhai script, version {}; any options \
+                 (the script reads its config)",
+                s.name, s.version
+            );
+        }
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// A handler and one line per option: its name, what it takes (required,
+/// a template or a literal, a secret's name, its default) and what it does.
+fn render_handler(out: &mut String, h: &HandlerEntry) {
+    let _ = writeln!(out, "{:<24} ({})  {}", h.name, h.effects, h.description);
+    let schema = &h.options;
+    let required: Vec<&str> = strings(&schema["required"]);
+    let order = strings(&schema["x-order"]);
+    let width = order.iter().map(|n| n.len()).max().unwrap_or(0);
+    for name in order {
+        let option = &schema["properties"][name];
+        let mut what = vec![if required.contains(&name) {
+            "required"
+        } else {
+            "optional"
+        }];
+        if option["x-secret"] == true {
+            what.push("a secret's name");
+        } else if option["x-template"] == false {
+            what.push("literal");
+        }
+        let mut line = format!("  {name:<width$}  {:<25}  ", what.join(", "));
+        line.push_str(option["description"].as_str().unwrap_or(""));
+        let choices = strings(&option["enum"]);
+        let choices = if choices.is_empty() {
+            strings(&option["anyOf"][0]["enum"])
+        } else {
+            choices
+        };
+        if !choices.is_empty() {
+            let _ = write!(line, " One of: {}.", choices.join(", "));
+        }
+        if let Some(default) = option.get("default") {
+            let _ = write!(line, " Default: {default}.");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    for group in schema["allOf"].as_array().into_iter().flatten() {
+        let names: Vec<&str> = group["anyOf"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["required"][0].as_str())
+            .collect();
+        let _ = writeln!(out, "  (needs {}, at least one)", names.join(" or "));
+    }
+}
+
+/// The strings of a JSON array (none for anything else).
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
 }
 
 /// `switchboard scripts list ACCOUNT`

@@ -1,10 +1,9 @@
 //! Built-in handlers that need no outside peer: `log` and `emit`.
 
 use serde_json::{Map, Value};
-use switchboard_rules::FieldProblem;
 use switchboard_sdk::{ConversationKey, ConversationType, EventType};
 
-use crate::options::{any_str, check_key, object_option, only_known, rendered_key, string_option};
+use crate::options::{OptionSpec, Options, check_key, rendered_key};
 use crate::{EmitRequest, Handler, StepError, StepInput, StepOutput};
 
 /// `log`: writes a structured tracing line, kept in the trace as the step's
@@ -28,28 +27,23 @@ impl Handler for Log {
         crate::Effects::None
     }
 
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(config, &["message", "level", "fields"], &mut problems);
-        string_option(config, "message", false, any_str, &mut problems);
-        string_option(
-            config,
-            "level",
-            false,
-            |s| {
-                if LEVELS.contains(&s) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{s:?} is not a level; use one of {}",
-                        LEVELS.join(", ")
-                    ))
-                }
-            },
-            &mut problems,
-        );
-        object_option(config, "fields", &mut problems);
-        problems
+    fn description(&self) -> &'static str {
+        "Writes a log line (kept in the event's trace too)."
+    }
+
+    fn output(&self) -> &'static str {
+        "nothing; the line is kept in the trace as the step's log"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::text("message", "The line to write.")
+                .default("{conversation_type}.{event_type} event received"),
+            OptionSpec::text("level", "How severe the line is.")
+                .choices(LEVELS)
+                .default("info"),
+            OptionSpec::table("fields", "Structured fields written beside the line."),
+        ])
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
@@ -133,41 +127,34 @@ impl Handler for Emit {
         "emit"
     }
 
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(
-            config,
-            &[
-                "event_type",
+    fn description(&self) -> &'static str {
+        "Emits a child event of the event being handled; the dispatcher publishes it once the step succeeds."
+    }
+
+    fn output(&self) -> &'static str {
+        "`event_id` and `event_type` of the emitted event"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::text("event_type", "The new event's type.")
+                .required()
+                .literal(check_key::<EventType>),
+            OptionSpec::text(
                 "conversation_type",
+                "The new event's conversation type (default: the handled event's).",
+            )
+            .literal(check_key::<ConversationType>),
+            OptionSpec::text(
                 "conversation_key",
+                "The new event's conversation (default: the handled event's).",
+            )
+            .literal(check_key::<ConversationKey>),
+            OptionSpec::table(
                 "data",
-            ],
-            &mut problems,
-        );
-        string_option(
-            config,
-            "event_type",
-            true,
-            check_key::<EventType>,
-            &mut problems,
-        );
-        string_option(
-            config,
-            "conversation_type",
-            false,
-            check_key::<ConversationType>,
-            &mut problems,
-        );
-        string_option(
-            config,
-            "conversation_key",
-            false,
-            check_key::<ConversationKey>,
-            &mut problems,
-        );
-        object_option(config, "data", &mut problems);
-        problems
+                "The new event's data: a table of templates, or one template that gives a table.",
+            ),
+        ])
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

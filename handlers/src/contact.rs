@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use switchboard_rules::FieldProblem;
 
-use crate::options::{any_str, object_option, only_known, rendered_string, string_option};
+use crate::options::{OptionSpec, Options, rendered_string};
 use crate::records::contacts::{normalize_email, normalize_msisdn};
 use crate::records::{ContactUpsert, Contacts};
 use crate::{Handler, StepError, StepInput, StepOutput};
@@ -43,37 +42,35 @@ impl Handler for CreateContact {
         crate::Effects::Local
     }
 
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(
-            config,
-            &["msisdn", "email", "name", "language", "fields"],
-            &mut problems,
-        );
-        if !config.contains_key("msisdn") && !config.contains_key("email") {
-            problems.push(FieldProblem::new(
-                "config",
-                "needs msisdn or email (or both) to key the contact",
-            ));
-        }
-        string_option(
-            config,
-            "msisdn",
-            false,
-            literal(normalize_msisdn),
-            &mut problems,
-        );
-        string_option(
-            config,
-            "email",
-            false,
-            literal(normalize_email),
-            &mut problems,
-        );
-        string_option(config, "name", false, any_str, &mut problems);
-        string_option(config, "language", false, any_str, &mut problems);
-        object_option(config, "fields", &mut problems);
-        problems
+    fn description(&self) -> &'static str {
+        "Creates or updates a contact of the event's account, found by its msisdn or e-mail address."
+    }
+
+    fn output(&self) -> &'static str {
+        "the contact (`key`, `msisdn`, `email`, `name`, `language`, `fields`, `created_at`, \
+         `updated_at`) and `created`"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::text(
+                "msisdn",
+                "The contact's phone number (E.164, e.g. +27821234567).",
+            )
+            .literal(literal(normalize_msisdn)),
+            OptionSpec::text(
+                "email",
+                "The contact's e-mail address (kept in lower case).",
+            )
+            .literal(literal(normalize_email)),
+            OptionSpec::text("name", "The contact's name."),
+            OptionSpec::text("language", "The contact's language (e.g. en, zu)."),
+            OptionSpec::table(
+                "fields",
+                "Fields kept on the contact, merged into its earlier ones.",
+            ),
+        ])
+        .one_of(&["msisdn", "email"])
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

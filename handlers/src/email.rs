@@ -8,11 +8,11 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
-use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
+use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{Email, MailPort};
 use crate::records::contacts::normalize_email;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
-use crate::sms::{check_recipients, messages_output, normalized_recipients};
+use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
@@ -88,31 +88,50 @@ impl Handler for SendEmail {
         "send_email"
     }
 
+    fn description(&self) -> &'static str {
+        "Sends an e-mail to each recipient through one of the deployment's SMTP providers, \
+         recording each message; a step run again does not send again what was sent."
+    }
+
+    fn output(&self) -> &'static str {
+        "`message_id`, `to` and `status` of the first message, `provider`, and `messages` \
+         (all of them)"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::recipients(
+                "to",
+                "The address to send to, or a list of them.",
+                normalize_email,
+            )
+            .required(),
+            OptionSpec::text("subject", "The subject line.").required(),
+            OptionSpec::text("text", "The plain-text body.").required(),
+            OptionSpec::text(
+                "html",
+                "An HTML body besides the text; values inserted into it are HTML-escaped.",
+            ),
+            options::provider("e-mail", "email", self.providers.clone()),
+            OptionSpec::text(
+                "from",
+                "The sender, `Name <address>` or an address (default: the provider's).",
+            ),
+        ])
+    }
+
+    /// A literal sender must be one the mail port can send as.
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(
-            config,
-            &["to", "subject", "text", "html", "provider", "from"],
-            &mut problems,
-        );
-        check_recipients(config, "to", normalize_email, &mut problems);
-        string_option(config, "subject", true, any_str, &mut problems);
-        string_option(config, "text", true, any_str, &mut problems);
-        string_option(config, "html", false, any_str, &mut problems);
-        string_option(config, "from", false, any_str, &mut problems);
-        if let Some(Value::String(from)) = config.get("from")
-            && !is_template(from)
-            && let Err(e) = self.mail.check_sender(from)
-        {
-            problems.push(FieldProblem::new(
-                "config.from",
-                format!("sender {from:?} is not `Name <address>` or an address: {e}"),
-            ));
+        match config.get("from") {
+            Some(Value::String(from)) if !is_template(from) => match self.mail.check_sender(from) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![FieldProblem::new(
+                    "config.from",
+                    format!("sender {from:?} is not `Name <address>` or an address: {e}"),
+                )],
+            },
+            _ => Vec::new(),
         }
-        if let Err(e) = self.provider_name(config.get("provider").and_then(Value::as_str)) {
-            problems.push(FieldProblem::new("config.provider", e));
-        }
-        problems
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

@@ -26,7 +26,7 @@ use switchboard_sdk::{
 pub mod builtin;
 pub mod contact;
 pub mod email;
-mod options;
+pub mod options;
 pub mod ports;
 pub mod records;
 pub mod script;
@@ -34,6 +34,7 @@ pub mod sms;
 pub mod template;
 pub mod webhook;
 
+pub use options::{OptionSpec, Options};
 pub use script::{
     EventConditions, INLINE_MAX_OPERATIONS, RhaiLimits, ScriptHandler, ScriptRuntime, ScriptStore,
     ScriptStoreError,
@@ -204,10 +205,23 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// The name chains use in `handler = "..."`.
     fn name(&self) -> &'static str;
 
-    /// Checks the handler-specific parts of a step's config when the chain is
-    /// stored: required options present, literal values of the right type.
-    /// Templates are checked by the registry before this is called.
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem>;
+    /// What the handler does, in a sentence or two (the catalog's).
+    fn description(&self) -> &'static str;
+
+    /// What the step's output holds, as later steps see it in `steps.NAME`.
+    fn output(&self) -> &'static str;
+
+    /// The step's options. The registry checks a step's config against them
+    /// when a chain is stored, and the catalog publishes them as a JSON
+    /// Schema: one description, so the two cannot disagree.
+    fn options(&self) -> Options;
+
+    /// Checks of a step's config that its [`Handler::options`] cannot say
+    /// (run after them when a chain is stored). Templates are checked by
+    /// the registry.
+    fn check_config(&self, _config: &Map<String, Value>) -> Vec<FieldProblem> {
+        Vec::new()
+    }
 
     /// The account secrets a step's config names, each with the field that
     /// names it: a chain is stored only when they are set, and a secret is
@@ -250,6 +264,17 @@ pub enum Effects {
     /// once and made durable before the next such step starts, so that a
     /// crash repeats at most the one step per worker not yet durable.
     External,
+}
+
+impl Effects {
+    /// `none`, `local` or `external`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effects::None => "none",
+            Effects::Local => "local",
+            Effects::External => "external",
+        }
+    }
 }
 
 /// The handlers a dispatcher knows, by name, and the account scripts
@@ -364,6 +389,13 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// The registered handlers, by name.
+    pub fn handlers(&self) -> Vec<&Arc<dyn Handler>> {
+        let mut handlers: Vec<_> = self.handlers.values().collect();
+        handlers.sort_unstable_by_key(|h| h.name());
+        handlers
+    }
+
     /// The names of the registered handlers, sorted.
     pub fn names(&self) -> Vec<&'static str> {
         let mut names: Vec<_> = self.handlers.keys().copied().collect();
@@ -421,6 +453,7 @@ impl StepCatalog for Registry {
             earlier,
             &mut problems,
         );
+        problems.extend(handler.options().check(&config));
         problems.extend(handler.check_config(&config));
         if problems.is_empty() {
             Ok(())

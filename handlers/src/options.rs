@@ -1,59 +1,410 @@
-//! Checking and reading handler options.
+//! A handler's options: one description that `chains apply` checks a step's
+//! config against ([`Options::check`]), that `GET /v1/handlers` publishes as
+//! a JSON Schema ([`Options::json_schema`]) and that the console builds its
+//! form from — so the three cannot disagree. And the helpers handlers read
+//! their rendered options with.
 
-use serde_json::{Map, Value};
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
 use crate::StepError;
 use crate::template::is_template;
 
-/// Flags options a handler does not know (usually typos), naming the known ones.
-pub(crate) fn only_known(
-    config: &Map<String, Value>,
-    known: &[&str],
-    problems: &mut Vec<FieldProblem>,
-) {
-    for key in config.keys() {
-        if !known.contains(&key.as_str()) {
-            problems.push(FieldProblem::new(
-                format!("config.{key}"),
-                format!("unknown option; this handler takes {}", known.join(", ")),
-            ));
-        }
+/// A check of a literal string option (a template is checked when rendered).
+type Literal = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What one option takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A string: a template, or a literal the option's check accepts.
+    Text,
+    /// A table of name = value (each value may be a template), or one
+    /// template that renders to a table.
+    Table,
+    /// A recipient, or a non-empty list of them (each may be a template).
+    Recipients,
+}
+
+/// One option of a handler.
+#[derive(Clone)]
+pub struct OptionSpec {
+    /// The option's name in `config`.
+    pub name: &'static str,
+    /// What it does, for people.
+    pub description: String,
+    /// What it takes.
+    pub kind: Kind,
+    /// A step must give it.
+    pub required: bool,
+    /// What the handler uses when it is not given.
+    pub default: Option<Value>,
+    /// It may be a template, rendered against the event and earlier steps.
+    pub template: bool,
+    /// It names one of the account's secrets.
+    pub secret: bool,
+    /// The only values it takes (besides a template, if it may be one).
+    pub choices: Vec<String>,
+    literal: Option<Literal>,
+    /// What a missing required option is told, when more than that.
+    missing: Option<String>,
+}
+
+impl fmt::Debug for OptionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OptionSpec")
+            .field("name", &self.name)
+            .field("required", &self.required)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
     }
 }
 
-/// Checks an option that must be a string (a template or a literal that
-/// `literal_ok` accepts).
-pub(crate) fn string_option(
-    config: &Map<String, Value>,
-    key: &str,
-    required: bool,
-    literal_ok: impl Fn(&str) -> Result<(), String>,
-    problems: &mut Vec<FieldProblem>,
-) {
-    match config.get(key) {
-        None if required => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            "required option is missing",
-        )),
-        None => {}
-        Some(Value::String(s)) if is_template(s) => {}
-        Some(Value::String(s)) => {
-            if let Err(message) = literal_ok(s) {
-                problems.push(FieldProblem::new(format!("config.{key}"), message));
+impl OptionSpec {
+    fn new(name: &'static str, kind: Kind, description: impl Into<String>) -> Self {
+        Self {
+            name,
+            description: description.into(),
+            kind,
+            required: false,
+            default: None,
+            template: true,
+            secret: false,
+            choices: Vec::new(),
+            literal: None,
+            missing: None,
+        }
+    }
+
+    /// A string option (a template by default).
+    pub fn text(name: &'static str, description: impl Into<String>) -> Self {
+        Self::new(name, Kind::Text, description)
+    }
+
+    /// A table option.
+    pub fn table(name: &'static str, description: impl Into<String>) -> Self {
+        Self::new(name, Kind::Table, description)
+    }
+
+    /// A recipient or a list of them, each literal checked by `check`.
+    pub fn recipients(
+        name: &'static str,
+        description: impl Into<String>,
+        check: fn(&str) -> Result<String, String>,
+    ) -> Self {
+        Self::new(name, Kind::Recipients, description).literal(move |s| check(s).map(|_| ()))
+    }
+
+    /// A step must give it.
+    pub fn required(mut self) -> Self {
+        self.required = true;
+        self
+    }
+
+    /// A step must give it, and one that does not is told `message`.
+    pub fn required_saying(mut self, message: impl Into<String>) -> Self {
+        self.missing = Some(message.into());
+        self.required()
+    }
+
+    /// What the handler uses when the step does not give it.
+    pub fn default(mut self, value: impl Into<Value>) -> Self {
+        self.default = Some(value.into());
+        self
+    }
+
+    /// It must be a literal: a template is refused.
+    pub fn no_template(mut self) -> Self {
+        self.template = false;
+        self
+    }
+
+    /// It names an account secret (and is a literal).
+    pub fn secret(mut self) -> Self {
+        self.secret = true;
+        self.no_template()
+    }
+
+    /// A literal must pass `check` (whose error is the problem's message).
+    pub fn literal(
+        mut self,
+        check: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.literal = Some(Arc::new(check));
+        self
+    }
+
+    /// It takes one of `choices`; another literal is refused by `check`
+    /// when given (its message), or by a message naming the choices.
+    pub fn choices<S: ToString>(mut self, choices: impl IntoIterator<Item = S>) -> Self {
+        self.choices = choices.into_iter().map(|c| c.to_string()).collect();
+        if self.literal.is_none() {
+            let choices = self.choices.clone();
+            self.literal = Some(Arc::new(move |s: &str| {
+                if choices.iter().any(|c| c == s) {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?} is not one of {}", choices.join(", ")))
+                }
+            }));
+        }
+        self
+    }
+
+    fn check(&self, value: Option<&Value>, problems: &mut Vec<FieldProblem>) {
+        let field = format!("config.{}", self.name);
+        let Some(value) = value else {
+            if self.required {
+                let message = self
+                    .missing
+                    .as_deref()
+                    .unwrap_or("required option is missing");
+                problems.push(FieldProblem::new(field, message));
+            }
+            return;
+        };
+        match (&self.kind, value) {
+            (_, Value::String(s)) if is_template(s) => {
+                if !self.template {
+                    let what = if self.secret {
+                        "names a secret; it cannot be a template"
+                    } else {
+                        "must be a literal value; it cannot be a template"
+                    };
+                    problems.push(FieldProblem::new(field, what));
+                }
+            }
+            (Kind::Text | Kind::Recipients, Value::String(s)) => {
+                self.check_literal(s, field, problems)
+            }
+            (Kind::Text, other) => {
+                problems.push(FieldProblem::new(
+                    field,
+                    format!("must be a string, not {other}"),
+                ));
+            }
+            (Kind::Table, Value::Object(_)) => {}
+            (Kind::Table, _) => problems.push(FieldProblem::new(
+                field,
+                "must be a table of name = value, or a template that gives one",
+            )),
+            (Kind::Recipients, Value::Array(items)) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    let field = format!("{field}[{i}]");
+                    match item {
+                        Value::String(s) if is_template(s) => {}
+                        Value::String(s) => self.check_literal(s, field, problems),
+                        _ => problems.push(FieldProblem::new(field, "must be a string")),
+                    }
+                }
+            }
+            (Kind::Recipients, _) => problems.push(FieldProblem::new(
+                field,
+                "must be a recipient or a non-empty list of them",
+            )),
+        }
+    }
+
+    fn check_literal(&self, s: &str, field: String, problems: &mut Vec<FieldProblem>) {
+        if let Some(check) = &self.literal
+            && let Err(message) = check(s)
+        {
+            problems.push(FieldProblem::new(field, message));
+        }
+    }
+
+    /// The option as a JSON Schema. A template is a string holding `{{`,
+    /// `{%` or `{#` (`#/$defs/template`); `x-template` and `x-secret` say
+    /// what the option is for a form.
+    fn json_schema(&self) -> Value {
+        let template = || json!({ "$ref": "#/$defs/template" });
+        let mut schema = match &self.kind {
+            Kind::Text if self.choices.is_empty() && self.template => json!({ "type": "string" }),
+            Kind::Text if self.choices.is_empty() => {
+                json!({ "type": "string", "not": template() })
+            }
+            Kind::Text if self.template => {
+                json!({ "anyOf": [{ "enum": self.choices }, template()] })
+            }
+            Kind::Text => json!({ "enum": self.choices }),
+            Kind::Table if self.template => {
+                json!({ "anyOf": [{ "type": "object" }, template()] })
+            }
+            Kind::Table => json!({ "type": "object" }),
+            Kind::Recipients => json!({
+                "anyOf": [
+                    { "type": "string" },
+                    { "type": "array", "items": { "type": "string" }, "minItems": 1 }
+                ]
+            }),
+        };
+        let object = schema.as_object_mut().expect("a schema is an object");
+        object.insert("description".into(), self.description.clone().into());
+        if let Some(default) = &self.default {
+            object.insert("default".into(), default.clone());
+        }
+        object.insert("x-template".into(), self.template.into());
+        if self.secret {
+            object.insert("x-secret".into(), true.into());
+        }
+        schema
+    }
+}
+
+/// Every option of a handler.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The options, in the order a form shows them.
+    pub options: Vec<OptionSpec>,
+    /// Groups of options of which a step must give at least one.
+    pub one_of_required: Vec<&'static [&'static str]>,
+    /// Options not listed are accepted too (a script reads what it wants).
+    pub open: bool,
+}
+
+impl Options {
+    /// These options, and no other.
+    pub fn of(options: Vec<OptionSpec>) -> Self {
+        Self {
+            options,
+            ..Self::default()
+        }
+    }
+
+    /// Any option at all.
+    pub fn open() -> Self {
+        Self {
+            open: true,
+            ..Self::default()
+        }
+    }
+
+    /// A step must give at least one of `names`.
+    pub fn one_of(mut self, names: &'static [&'static str]) -> Self {
+        self.one_of_required.push(names);
+        self
+    }
+
+    /// The option called `name`.
+    pub fn get(&self, name: &str) -> Option<&OptionSpec> {
+        self.options.iter().find(|o| o.name == name)
+    }
+
+    /// Checks a step's config: no unknown option (usually a typo, so the
+    /// known ones are named), every required one, each of the kind it
+    /// takes, and literals accepted by their option's check.
+    pub fn check(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let mut problems = Vec::new();
+        if !self.open {
+            for key in config.keys() {
+                if self.get(key).is_none() {
+                    let known: Vec<_> = self.options.iter().map(|o| o.name).collect();
+                    problems.push(FieldProblem::new(
+                        format!("config.{key}"),
+                        format!("unknown option; this handler takes {}", known.join(", ")),
+                    ));
+                }
             }
         }
-        Some(other) => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            format!("must be a string, not {other}"),
-        )),
+        for names in &self.one_of_required {
+            if !names.iter().any(|n| config.contains_key(*n)) {
+                problems.push(FieldProblem::new(
+                    "config",
+                    format!("needs {} (at least one)", names.join(" or ")),
+                ));
+            }
+        }
+        for option in &self.options {
+            option.check(config.get(option.name), &mut problems);
+        }
+        problems
+    }
+
+    /// The options as a JSON Schema (draft 2020-12) of a step's `config`;
+    /// `x-order` lists them in the order a form shows them.
+    pub fn json_schema(&self) -> Value {
+        let properties: Map<String, Value> = self
+            .options
+            .iter()
+            .map(|o| (o.name.to_string(), o.json_schema()))
+            .collect();
+        let required: Vec<&str> = self
+            .options
+            .iter()
+            .filter(|o| o.required)
+            .map(|o| o.name)
+            .collect();
+        let order: Vec<&str> = self.options.iter().map(|o| o.name).collect();
+        let mut schema = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "x-order": order,
+            "additionalProperties": self.open,
+            "$defs": {
+                "template": {
+                    "type": "string",
+                    "pattern": "\\{\\{|\\{%|\\{#",
+                    "description": "a template (minijinja), rendered against `event`, `steps` and `now` when the step runs"
+                }
+            }
+        });
+        if !self.one_of_required.is_empty() {
+            let all: Vec<Value> = self
+                .one_of_required
+                .iter()
+                .map(|names| {
+                    let any: Vec<Value> =
+                        names.iter().map(|n| json!({ "required": [n] })).collect();
+                    json!({ "anyOf": any })
+                })
+                .collect();
+            schema["allOf"] = Value::Array(all);
+        }
+        schema
     }
 }
 
-pub(crate) fn any_str(_: &str) -> Result<(), String> {
-    Ok(())
+/// The `provider` option of a sending handler over the deployment's
+/// `[providers.SECTION.NAME]` (`names`): one of them, required unless there
+/// is only one. `what` names the kind in messages ("SMS", "e-mail").
+pub(crate) fn provider(
+    what: &'static str,
+    section: &'static str,
+    names: Vec<String>,
+) -> OptionSpec {
+    let configured = if names.is_empty() {
+        format!(
+            "none is configured: add [providers.{section}.NAME] to the dispatcher's config file"
+        )
+    } else {
+        format!("configured: {}", names.join(", "))
+    };
+    let spec = OptionSpec::text(
+        "provider",
+        format!("The {what} provider to send through, one of the deployment's [providers.{section}.NAME]."),
+    )
+    .no_template()
+    .choices(&names);
+    let spec = match names.as_slice() {
+        [only] => spec.default(only.clone()),
+        _ => spec.required_saying(format!("name the {what} provider to use ({configured})")),
+    };
+    spec.literal(move |name| {
+        if names.iter().any(|n| n == name) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} provider {name:?} is not configured in this deployment ({configured})"
+            ))
+        }
+    })
 }
 
+/// The literal check of an option that holds a key of the event contract.
 pub(crate) fn check_key<K>(s: &str) -> Result<(), String>
 where
     K: TryFrom<String, Error = switchboard_sdk::KeyError>,
@@ -102,18 +453,5 @@ pub(crate) fn required_string(config: &Map<String, Value>, key: &str) -> Result<
         .ok_or_else(|| StepError::permanent(format!("config.{key}: required option is missing")))
 }
 
-/// Checks an option that must be a table (or a template that gives one).
-pub(crate) fn object_option(
-    config: &Map<String, Value>,
-    key: &str,
-    problems: &mut Vec<FieldProblem>,
-) {
-    match config.get(key) {
-        None | Some(Value::Object(_)) => {}
-        Some(Value::String(s)) if is_template(s) => {}
-        Some(_) => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            "must be a table of name = value, or a template that gives one",
-        )),
-    }
-}
+#[cfg(test)]
+mod tests;

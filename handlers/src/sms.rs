@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use switchboard_rules::FieldProblem;
 
-use crate::options::{any_str, only_known, rendered_string, required_string, string_option};
+use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
 use crate::records::contacts::normalize_msisdn;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
-use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -346,75 +344,34 @@ pub(crate) fn messages_output(sent: Vec<Value>, provider: &str, fields: &[&str])
     StepOutput::next(output)
 }
 
-pub(crate) fn check_recipients(
-    config: &Map<String, Value>,
-    key: &str,
-    check: fn(&str) -> Result<String, String>,
-    problems: &mut Vec<FieldProblem>,
-) {
-    match config.get(key) {
-        None => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            "required option is missing",
-        )),
-        Some(Value::String(s)) if is_template(s) => {}
-        Some(Value::String(s)) => {
-            if let Err(e) = check(s) {
-                problems.push(FieldProblem::new(format!("config.{key}"), e));
-            }
-        }
-        Some(Value::Array(items)) if !items.is_empty() => {
-            for (i, item) in items.iter().enumerate() {
-                match item {
-                    Value::String(s) if is_template(s) => {}
-                    Value::String(s) => {
-                        if let Err(e) = check(s) {
-                            problems.push(FieldProblem::new(format!("config.{key}[{i}]"), e));
-                        }
-                    }
-                    _ => problems.push(FieldProblem::new(
-                        format!("config.{key}[{i}]"),
-                        "must be a string",
-                    )),
-                }
-            }
-        }
-        Some(_) => problems.push(FieldProblem::new(
-            format!("config.{key}"),
-            "must be a recipient or a non-empty list of them",
-        )),
-    }
-}
-
 #[async_trait::async_trait]
 impl Handler for SendSms {
     fn name(&self) -> &'static str {
         "send_sms"
     }
 
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(config, &["to", "body", "provider", "from"], &mut problems);
-        check_recipients(config, "to", normalize_msisdn, &mut problems);
-        string_option(config, "body", true, any_str, &mut problems);
-        string_option(config, "from", false, any_str, &mut problems);
-        match config.get("provider") {
-            Some(Value::String(name)) => {
-                if let Err(e) = self.provider_name(Some(name)) {
-                    problems.push(FieldProblem::new("config.provider", e));
-                }
-            }
-            Some(_) => problems.push(FieldProblem::new(
-                "config.provider",
-                "must be a provider's name",
-            )),
-            None => {
-                if let Err(e) = self.provider_name(None) {
-                    problems.push(FieldProblem::new("config.provider", e));
-                }
-            }
-        }
-        problems
+    fn description(&self) -> &'static str {
+        "Sends an SMS to each recipient through one of the deployment's SMS providers, recording \
+         each message; a step run again does not send again what was sent."
+    }
+
+    fn output(&self) -> &'static str {
+        "`message_id`, `remote_id`, `to` and `status` of the first message, `provider`, and \
+         `messages` (all of them)"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::recipients(
+                "to",
+                "The phone number to send to (E.164), or a list of them.",
+                normalize_msisdn,
+            )
+            .required(),
+            OptionSpec::text("body", "The message's text.").required(),
+            options::provider("SMS", "sms", self.providers.keys().cloned().collect()),
+            OptionSpec::text("from", "The sender (default: the provider's)."),
+        ])
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

@@ -85,7 +85,8 @@ fn catalog_checks() {
         vec!["config.mesage: unknown option; this handler takes message, level, fields"]
     );
     assert!(
-        check_step(&step("log", json!({"level": "loud"})))[0].contains("\"loud\" is not a level")
+        check_step(&step("log", json!({"level": "loud"})))[0]
+            .contains("\"loud\" is not one of trace")
     );
     assert!(
         check_step(&step("teleport", json!({})))[0].starts_with(

@@ -9,9 +9,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
-use switchboard_rules::FieldProblem;
 
-use crate::options::{object_option, only_known, required_string, string_option};
+use crate::options::{OptionSpec, Options, required_string};
 use crate::ports::{HttpPort, HttpRequest, redact_url};
 use crate::records::Secrets;
 use crate::records::secrets::check_secret_name;
@@ -149,33 +148,37 @@ impl Handler for PaymentWebhook {
         "payment_webhook"
     }
 
-    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
-        let mut problems = Vec::new();
-        only_known(
-            config,
-            &["url", "secret", "body", "headers", "timeout"],
-            &mut problems,
-        );
-        string_option(config, "url", true, check_url, &mut problems);
-        string_option(config, "secret", true, check_secret_name, &mut problems);
-        if let Some(Value::String(s)) = config.get("secret")
-            && is_template(s)
-        {
-            problems.push(FieldProblem::new(
-                "config.secret",
-                "names a secret; it cannot be a template",
-            ));
-        }
-        object_option(config, "body", &mut problems);
-        object_option(config, "headers", &mut problems);
-        string_option(
-            config,
-            "timeout",
-            false,
-            |s| switchboard_rules::duration::parse(s).map(|_| ()),
-            &mut problems,
-        );
-        problems
+    fn description(&self) -> &'static str {
+        "POSTs a JSON body to a URL, signed as Standard Webhooks specify with one of the \
+         account's secrets; the same webhook id on every attempt."
+    }
+
+    fn output(&self) -> &'static str {
+        "`status`, `webhook_id`, and `response` (its first 500 characters)"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::text("url", "Where to POST (http or https).")
+                .required()
+                .literal(check_url),
+            OptionSpec::text(
+                "secret",
+                "The name of the account secret that signs the request.",
+            )
+            .required()
+            .secret()
+            .literal(check_secret_name),
+            OptionSpec::table(
+                "body",
+                "The JSON body: a table of templates, or one template that gives a table.",
+            )
+            .default(json!({})),
+            OptionSpec::table("headers", "Request headers, name = value."),
+            OptionSpec::text("timeout", "How long to wait for the answer (e.g. 5s, 1m).")
+                .default("10s")
+                .literal(|s| switchboard_rules::duration::parse(s).map(|_| ())),
+        ])
     }
 
     fn secrets_named(&self, config: &Map<String, Value>) -> Vec<(&'static str, String)> {

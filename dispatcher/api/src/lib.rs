@@ -19,6 +19,7 @@ pub mod chains;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
+pub mod handlers;
 pub mod health;
 pub mod inbound;
 pub mod paths;

@@ -35,6 +35,17 @@ pub fn readyz() -> String {
     "/readyz".to_string()
 }
 
+/// `GET /v1/handlers`: the built-in handlers and their options.
+pub fn handlers() -> String {
+    "/v1/handlers".to_string()
+}
+
+/// `GET /v1/accounts/{account}/handlers`: the built-in handlers and the
+/// account's scripts.
+pub fn account_handlers(account: &str) -> String {
+    account_path(account, "handlers")
+}
+
 /// `GET /metrics` (Prometheus text, not JSON).
 pub fn metrics() -> String {
     "/metrics".to_string()
@@ -201,6 +212,8 @@ pub fn samples() -> Vec<String> {
         metrics(),
         events(),
         accounts(),
+        handlers(),
+        account_handlers(a),
         chains(a),
         chain(a, n),
         chain_versions(a),

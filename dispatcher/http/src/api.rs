@@ -106,6 +106,8 @@ pub struct ApiState {
     pub config_writes: Arc<std::sync::Mutex<()>>,
 }
 
+use handlers::{builtin as handlers_builtin, of_account as handlers_of_account};
+
 /// Declares every route once: it defines [`ROUTES`] and the function that
 /// adds those routes to a router, from the same lines, so that no route can
 /// exist without being listed (the isolation test in `tests/auth.rs` walks
@@ -131,6 +133,8 @@ routes! {
     "/metrics" => { GET: metrics }
     "/v1/events" => { POST: ingest }
     "/v1/accounts" => { GET: list_accounts }
+    "/v1/handlers" => { GET: handlers_builtin }
+    "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
     "/v1/accounts/{account}/chains" => {
         GET: show_chains, PUT: apply_chains, DELETE: remove_all_chains
     }
@@ -1422,6 +1426,8 @@ async fn receive_inbound(
         .await?;
     Ok(Json(receipt).into_response())
 }
+
+mod handlers;
 
 #[cfg(test)]
 mod tests;

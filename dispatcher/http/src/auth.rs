@@ -98,7 +98,7 @@ pub fn access(principal: &Principal, path: &str) -> Access {
     let Principal::Account(own) = principal else {
         return Access::Allowed;
     };
-    if path == "/v1/events" || path == "/v1/accounts" {
+    if matches!(path, "/v1/events" | "/v1/accounts" | "/v1/handlers") {
         return Access::Allowed;
     }
     let Some(rest) = path.strip_prefix("/v1/accounts/") else {

@@ -3,11 +3,9 @@
 use std::sync::Arc;
 
 use rhai::Dynamic;
-use serde_json::{Map, Value};
-use switchboard_rules::FieldProblem;
 
 use super::{ScriptLabel, ScriptRun, ScriptRuntime, ScriptStore};
-use crate::{Handler, StepError, StepInput, StepOutput};
+use crate::{Handler, Options, StepError, StepInput, StepOutput};
 
 /// Runs stored scripts: one handler serves every `script:NAME`.
 #[derive(Debug, Clone)]
@@ -73,9 +71,18 @@ impl Handler for ScriptHandler {
         "script"
     }
 
+    fn description(&self) -> &'static str {
+        "Runs the account's Rhai script NAME (`script:NAME`): its `handle(event, steps, config)` \
+         returns the step's output, and it may emit events, log and read contacts."
+    }
+
+    fn output(&self) -> &'static str {
+        "the map the script's `handle` returns"
+    }
+
     /// Any config: the script reads what it wants from `config`.
-    fn check_config(&self, _config: &Map<String, Value>) -> Vec<FieldProblem> {
-        Vec::new()
+    fn options(&self) -> Options {
+        Options::open()
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
