@@ -164,6 +164,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/scripts", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/handlers",
             |f| format!("/v1/accounts/{}/handlers", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/event-kinds",
+            |f| format!("/v1/accounts/{}/event-kinds", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/scripts/{name}",
             |f| format!("/v1/accounts/{}/scripts/ok", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/scripts/{name}",

@@ -424,7 +424,7 @@ retry = {{ max_attempts = 1 }}
     browser.on_page("/console/accounts/acme").await;
     assert!(
         browser
-            .text("#chains")
+            .text("#chain-table")
             .await
             .contains("log → payment_webhook")
     );
@@ -763,4 +763,167 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
     );
     browser.screenshot("script-tested").await;
     c.clone().close().await.unwrap();
+}
+
+/// In a real browser, the seed's flow for a new handler: the kind of an
+/// event emitted first is offered as the source; `send_sms` is picked from
+/// the catalog; its generated form refuses a bad option with the message
+/// `chains apply` gives, next to the field, and saves nothing; the preview
+/// renders the step against the latest real event of that kind as the form
+/// is edited; once saved, the chain handles the next event emitted with the
+/// CLI, and its run view shows the step's output.
+#[tokio::test]
+async fn a_browser_creates_a_chain_through_the_seeds_flow() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.sms.gateway]\ntype = \"http\"\nurl = \"{}/sms\"\nfrom = \"Switchboard\"\n",
+            receiver.url()
+        ),
+    );
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"noted\"\nevent_type = \"joined\"\n\
+         [[chains.steps]]\nhandler = \"log\"\n",
+    )
+    .await;
+    let first = event(
+        "acme",
+        "signup",
+        "joined",
+        "k1",
+        json!({"msisdn": "+27820000001", "name": "Thandi"}),
+    );
+    let id = d.post_event(&serde_json::to_value(&first).unwrap()).await;
+    d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    // Kinds are counted off the hot path, about once a second.
+    let kinds = wait_until("the event's kind counted", util::TIMEOUT, || async {
+        let (_, answer) = d.get("/v1/accounts/acme/event-kinds").await;
+        (answer["kinds"][0]["event_type"] == "joined").then_some(answer)
+    })
+    .await;
+    assert_eq!(kinds["kinds"][0]["conversation_type"], "signup", "{kinds}");
+    assert_eq!(kinds["kinds"][0]["count"], 1, "{kinds}");
+    assert_eq!(kinds["kinds"][0]["last_event_id"], id.as_str(), "{kinds}");
+
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&format!("{}/console", d.url())).await.unwrap();
+    browser.sign_in(&account_token(&d, "acme").await).await;
+    browser.on_page("/console/accounts/acme").await;
+    browser.click(Locator::Id("new-chain")).await;
+    browser.on_page("/console/accounts/acme/chains/new").await;
+    assert!(browser.text("#kinds").await.contains("signup / joined"));
+    browser.screenshot("new-chain-source").await;
+    browser.click(Locator::Css("#kinds a.kind")).await;
+    let value = |id: &'static str| async move {
+        c.find(Locator::Id(id))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    };
+    wait_until("the kind picked", util::TIMEOUT, || async {
+        (value("event_type").await == "joined").then_some(())
+    })
+    .await;
+    assert_eq!(value("conversation_type").await, "signup");
+    browser
+        .click(Locator::Css("#handler option[value='send_sms']"))
+        .await;
+    browser.click(Locator::Id("next")).await;
+    // The sample is the latest real event's data.
+    assert!(browser.text("#sample").await.contains("Thandi"));
+    browser.type_into(Locator::Id("name"), "welcome-sms").await;
+    browser.type_into(Locator::Id("opt-to"), "call me").await;
+    browser
+        .type_into(
+            Locator::Id("opt-body"),
+            "Hi {{ event.event_data.name }}, welcome!",
+        )
+        .await;
+    browser.click(Locator::Id("save")).await;
+    let shown = browser.text(".field-error").await;
+    browser.screenshot("new-chain-refused").await;
+    // The same message `chains apply` gives, and nothing saved.
+    let file = json!({"account_key": "acme", "chains": [{
+        "name": "welcome-sms", "conversation_type": "signup", "event_type": "joined",
+        "steps": [{"handler": "send_sms", "config": {
+            "to": "call me", "body": "Hi {{ event.event_data.name }}, welcome!"}}]}]});
+    let (status, refused) = d
+        .request(
+            reqwest::Method::PUT,
+            "/v1/accounts/acme/chains?merge=true",
+            Some(d.admin_token()),
+            Some(file.to_string()),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(
+        shown, refused["error"]["details"][0]["message"],
+        "{refused}"
+    );
+    let (_, chains) = d.get("/v1/accounts/acme/chains").await;
+    assert!(!chains.to_string().contains("welcome-sms"), "{chains}");
+
+    // The preview follows the form as it is edited.
+    browser
+        .type_into(Locator::Id("opt-to"), "{{ event.event_data.msisdn }}")
+        .await;
+    let previewed = wait_until("the live preview", util::TIMEOUT, || async {
+        let text = c
+            .find(Locator::Id("preview-config"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("+27820000001").then_some(text)
+    })
+    .await;
+    assert!(previewed.contains("Hi Thandi, welcome!"), "{previewed}");
+    assert_eq!(browser.text("#preview-outcome").await, "ok");
+    browser.screenshot("new-chain-preview").await;
+    browser.click(Locator::Id("save")).await;
+    browser.on_page("/console/accounts/acme").await;
+    let table = browser.text("#chain-table").await;
+    assert!(
+        table.contains("welcome-sms") && table.contains("send_sms"),
+        "{table}"
+    );
+
+    // The next event runs it.
+    let emitted = d
+        .cli(&[
+            "emit",
+            "acme",
+            "signup",
+            "joined",
+            "--conversation",
+            "k2",
+            "--data",
+            r#"{"msisdn": "+27820000002", "name": "Lindiwe"}"#,
+            "--json",
+        ])
+        .await
+        .json();
+    let id = emitted["id"].as_str().unwrap().to_string();
+    let trace = d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let sent = receiver.requests_to("/sms").await;
+    assert_eq!(sent.len(), 1, "{sent:#?}");
+    let body: Value = serde_json::from_str(sent[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["content"], "Hi Lindiwe, welcome!");
+    c.goto(&format!("{}/console/accounts/acme/events/{id}", d.url()))
+        .await
+        .unwrap();
+    let run = browser.text("main").await;
+    assert!(
+        run.contains("welcome-sms") && run.contains("+27820000002"),
+        "{run}"
+    );
+    browser.screenshot("new-chain-run").await;
 }

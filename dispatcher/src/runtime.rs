@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use switchboard_bus::partitions::Membership;
 use switchboard_engine::bus::{Bus, BusError, Published};
 use switchboard_engine::consume::consume;
+use switchboard_engine::event_kinds::EventKinds;
 use switchboard_engine::executor::{Executor, ExecutorParts, Letters};
 use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
@@ -193,6 +194,7 @@ impl Dispatcher {
             config.limits.concurrency,
             bus.ack_wait().map(|w| w / 3),
             config.delivery.shutdown_grace,
+            EventKinds::new(store.clone()),
             stopped,
         ));
         spawn_expiry(
@@ -413,6 +415,7 @@ impl Engine {
             bus: bus.clone(),
             store: store.clone(),
             traces: self.traces.clone(),
+            event_kinds: EventKinds::new(store.clone()),
             letters: Letters::new(store.clone(), bus.clone()),
             metrics: self.metrics.clone(),
             max_event_bytes: limits.max_event_bytes,

@@ -85,11 +85,16 @@ pub enum Collection {
     /// Dispatcher replicas sharing the bus (replicated backend): `{replica id}`
     /// → its latest heartbeat.
     Replicas,
+    /// The kinds of event each account has had, as this process consumed
+    /// them: `{account}\0{conversation type}\0{event type}` → count, last
+    /// seen, latest event id. Local to each replica (a hint for the console,
+    /// not state of record).
+    EventKinds,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 24] = [
+    pub const ALL: [Collection; 25] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -114,6 +119,7 @@ impl Collection {
         Collection::Unmatched,
         Collection::LegacyTraceTimes,
         Collection::Replicas,
+        Collection::EventKinds,
     ];
 
     /// The collection's name on disk.
@@ -143,15 +149,20 @@ impl Collection {
             Collection::Unmatched => "unmatched",
             Collection::LegacyTraceTimes => "trace_times",
             Collection::Replicas => "replicas",
+            Collection::EventKinds => "event_kinds",
         }
     }
 
     /// Whether replicas share the collection through the key-value bucket
     /// (in the replicated backend): account configuration and the
     /// replicas' heartbeats; not the embedded bus's own collections, nor
-    /// the partitioned ones.
+    /// each replica's own [`Collection::EventKinds`], nor the partitioned
+    /// ones.
     pub fn is_shared(self) -> bool {
-        !matches!(self, Collection::BusQueue | Collection::BusDedup) && !self.is_partitioned()
+        !matches!(
+            self,
+            Collection::BusQueue | Collection::BusDedup | Collection::EventKinds
+        ) && !self.is_partitioned()
     }
 
     /// Whether the collection is written per event and belongs to the

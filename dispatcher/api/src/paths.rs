@@ -46,6 +46,12 @@ pub fn account_handlers(account: &str) -> String {
     account_path(account, "handlers")
 }
 
+/// `GET /v1/accounts/{account}/event-kinds`: the kinds of event the account
+/// has had.
+pub fn event_kinds(account: &str) -> String {
+    account_path(account, "event-kinds")
+}
+
 /// `GET /metrics` (Prometheus text, not JSON).
 pub fn metrics() -> String {
     "/metrics".to_string()
@@ -214,6 +220,7 @@ pub fn samples() -> Vec<String> {
         accounts(),
         handlers(),
         account_handlers(a),
+        event_kinds(a),
         chains(a),
         chain(a, n),
         chain_versions(a),

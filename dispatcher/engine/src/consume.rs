@@ -15,12 +15,19 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::bus::{Bus, Delivery};
+use crate::event_kinds::{EventKinds, Tally};
 use crate::executor::{Disposition, Executor};
+
+/// How often the consume loop hands its count of event kinds over to the
+/// store.
+const TALLY_EVERY: Duration = Duration::from_secs(1);
 
 /// Consumes `deliveries` with `concurrency` workers until `stopped` turns
 /// true, then gives back what was not handled, in bus order. `keepalive`:
 /// how often a worker reports a long-running event in progress; `grace`:
-/// how long a stop waits for the events being handled.
+/// how long a stop waits for the events being handled. The kinds of event
+/// consumed are counted into `kinds`.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume(
     executor: Arc<Executor>,
     bus: Arc<dyn Bus>,
@@ -28,6 +35,7 @@ pub async fn consume(
     concurrency: usize,
     keepalive: Option<Duration>,
     grace: Duration,
+    kinds: EventKinds,
     mut stopped: watch::Receiver<bool>,
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
@@ -52,6 +60,9 @@ pub async fn consume(
             .run(rx),
         ));
     }
+    let mut tally = Tally::default();
+    let mut tally_tick = tokio::time::interval(TALLY_EVERY);
+    tally_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let delivery = tokio::select! {
             biased;
@@ -60,6 +71,10 @@ pub async fn consume(
                 Some(d) => d,
                 None => break,
             },
+            _ = tally_tick.tick() => {
+                hand_over(&kinds, std::mem::take(&mut tally));
+                continue;
+            }
         };
         let event = match executor.decode(&delivery).await {
             Ok(event) => event,
@@ -71,6 +86,9 @@ pub async fn consume(
                 continue;
             }
         };
+        if delivery.attempt == 1 {
+            tally.count(&event);
+        }
         let mut h = DefaultHasher::new();
         event.account_key.hash(&mut h);
         event.conversation_key.hash(&mut h);
@@ -79,6 +97,7 @@ pub async fn consume(
             break;
         }
     }
+    hand_over(&kinds, tally);
     // The bus stops pulling and hands over what it already took; workers
     // finish what they are handling, within the grace period, and what they
     // handled is settled. Everything not handled then goes back to the bus in
@@ -114,6 +133,19 @@ pub async fn consume(
         tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
     }
     bus.hand_over().await;
+}
+
+/// Adds `tally` to the store's counts off the consume loop.
+fn hand_over(kinds: &EventKinds, tally: Tally) {
+    if tally.is_empty() {
+        return;
+    }
+    let kinds = kinds.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = kinds.add(tally) {
+            tracing::warn!(error = %e, "counting the kinds of event consumed failed; the console's list of them lags");
+        }
+    });
 }
 
 /// Handled deliveries waiting to be settled. Workers wait only when this

@@ -5,7 +5,8 @@
 //! chains, runs their steps through the handlers, records every step in the
 //! [`journal`] and files what fails in [`dead_letters`]; the settler acks
 //! once what was written is durable. [`trace`] reads traces back from the
-//! journal and [`dry_run`] shows what chains would do.
+//! journal and [`dry_run`] shows what chains would do; [`event_kinds`]
+//! counts the kinds of event each account has had.
 //!
 //! It knows the bus only through the [`bus`] ports, the state only through
 //! the store crate and the handlers' record ports, and no HTTP.
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod consume;
 pub mod dead_letters;
 pub mod dry_run;
+pub mod event_kinds;
 pub mod executor;
 pub mod journal;
 pub mod limits;

@@ -71,6 +71,8 @@ pub struct ApiState {
     pub store: Store,
     /// Event traces.
     pub traces: Traces,
+    /// The kinds of event each account has had.
+    pub event_kinds: switchboard_engine::event_kinds::EventKinds,
     /// Dead letters: list, replay, discard.
     pub letters: Letters,
     /// Counters.
@@ -135,6 +137,7 @@ routes! {
     "/v1/accounts" => { GET: list_accounts }
     "/v1/handlers" => { GET: handlers_builtin }
     "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
+    "/v1/accounts/{account}/event-kinds" => { GET: list_event_kinds }
     "/v1/accounts/{account}/chains" => {
         GET: show_chains, PUT: apply_chains, DELETE: remove_all_chains
     }
@@ -673,6 +676,16 @@ async fn trace(
             "no trace of event {id} in account {account} (not handled yet, or never received)"
         ))),
     }
+}
+
+async fn list_event_kinds(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {
+    let account = account_key(&account)?;
+    let kinds = s.event_kinds.of(&account).map_err(ApiError::internal)?;
+    Ok(Json(switchboard_api::events::EventKindList {
+        account_key: account,
+        kinds,
+    })
+    .into_response())
 }
 
 async fn list_dead_letters(

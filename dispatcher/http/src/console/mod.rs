@@ -9,6 +9,7 @@
 //! account's pages answer 404.
 
 mod letters;
+mod new_chain;
 mod records;
 mod run;
 mod scripts;
@@ -53,6 +54,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("unmatched.html", include_str!("templates/unmatched.html")),
         ("scripts.html", include_str!("templates/scripts.html")),
         ("script.html", include_str!("templates/script.html")),
+        ("new_chain.html", include_str!("templates/new_chain.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -90,6 +92,10 @@ pub fn routes() -> Router<ApiState> {
             "/console/accounts/{account}/messages/unmatched",
             get(records::unmatched),
         )
+        .route(
+            "/console/accounts/{account}/chains/new",
+            get(new_chain::page).post(new_chain::act),
+        )
         .route("/console/accounts/{account}/scripts", get(scripts::list))
         .route(
             "/console/accounts/{account}/scripts/{name}",
@@ -104,6 +110,7 @@ pub fn routes() -> Router<ApiState> {
             post(run::replay),
         )
         .route("/console/static/console.css", get(stylesheet))
+        .route("/console/static/new-chain.js", get(new_chain_script))
         .layer(axum::middleware::map_response(secure_headers))
 }
 
@@ -126,6 +133,17 @@ async fn secure_headers(mut response: Response) -> Response {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+async fn new_chain_script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("static/new-chain.js"),
+    )
+        .into_response()
 }
 
 async fn stylesheet() -> Response {
