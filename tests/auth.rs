@@ -166,6 +166,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/handlers", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/event-kinds",
             |f| format!("/v1/accounts/{}/event-kinds", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/events/stream",
+            |f| format!("/v1/accounts/{}/events/stream", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/scripts/{name}",
             |f| format!("/v1/accounts/{}/scripts/ok", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/scripts/{name}",
@@ -286,6 +288,24 @@ async fn call(
     body: Option<String>,
 ) -> (u16, Value) {
     let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+    if path.ends_with("/events/stream") {
+        // A stream does not end: its status, and its content type when it
+        // answers.
+        let response = crate::util::http_client(token)
+            .request(method, format!("{}{path}", d.url()))
+            .send()
+            .await
+            .expect("the stream answers");
+        let status = response.status().as_u16();
+        if status != 200 {
+            return (status, response.json().await.unwrap_or(Value::Null));
+        }
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        return (status, Value::Null);
+    }
     d.request(method, path, token, body).await
 }
 

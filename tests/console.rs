@@ -771,7 +771,8 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
 /// `chains apply` gives, next to the field, and saves nothing; the preview
 /// renders the step against the latest real event of that kind as the form
 /// is edited; once saved, the chain handles the next event emitted with the
-/// CLI, and its run view shows the step's output.
+/// CLI, which appears in the live tail without a reload, and its run view
+/// shows the step's output.
 #[tokio::test]
 async fn a_browser_creates_a_chain_through_the_seeds_flow() {
     let receiver = HttpReceiver::start(Duration::from_secs(5));
@@ -895,7 +896,17 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{table}"
     );
 
-    // The next event runs it.
+    // The next event runs it, and the live tail shows it without a reload.
+    browser.click(Locator::Id("tail-link")).await;
+    browser.on_page("/console/accounts/acme/tail").await;
+    wait_until("the tail connected", util::TIMEOUT, || async {
+        browser
+            .text("#tail-state")
+            .await
+            .starts_with("Watching")
+            .then_some(())
+    })
+    .await;
     let emitted = d
         .cli(&[
             "emit",
@@ -917,9 +928,26 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
     assert_eq!(sent.len(), 1, "{sent:#?}");
     let body: Value = serde_json::from_str(sent[0]["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["content"], "Hi Lindiwe, welcome!");
-    c.goto(&format!("{}/console/accounts/acme/events/{id}", d.url()))
-        .await
-        .unwrap();
+    let row = wait_until("the event in the live tail", util::TIMEOUT, || async {
+        let text = c
+            .find(Locator::Css("#tail tbody tr"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("welcome-sms: done").then_some(text)
+    })
+    .await;
+    assert!(
+        row.contains("signup / joined") && row.contains("k2"),
+        "{row}"
+    );
+    browser.screenshot("live-events").await;
+    browser.click(Locator::Css("#tail tbody tr a")).await;
+    browser
+        .on_page(&format!("/console/accounts/acme/events/{id}"))
+        .await;
     let run = browser.text("main").await;
     assert!(
         run.contains("welcome-sms") && run.contains("+27820000002"),

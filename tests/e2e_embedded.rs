@@ -382,3 +382,84 @@ async fn the_sdk_http_emitter_delivers_and_a_retried_emit_is_dropped() {
     assert!(err.to_string().contains("HTTP 400"), "{err}");
     assert!(err.to_string().contains("parent_id"), "{err}");
 }
+
+/// The live tail over Server-Sent Events: a row for each pass over an
+/// event of the account as it ends, filtered — none for another account's
+/// events, none for events the filter leaves out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_tail_streams_the_accounts_handled_events() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    d.apply_chains("other.toml", &poll_chains("other")).await;
+    let mut response = crate::util::http_client(Some(d.admin_token()))
+        .get(format!(
+            "{}/v1/accounts/acme/events/stream?event_type=poll_complete",
+            d.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let poll = |account: &str, event_type: &str| {
+        json!({"account_key": account, "conversation_key": "poll-2026",
+               "conversation_type": "survey", "event_type": event_type,
+               "event_data": {"msisdn": "+27820000001", "score": 4}})
+    };
+    let others = d.post_event(&poll("other", "poll_complete")).await;
+    let unwanted = d.post_event(&poll("acme", "poll_started")).await;
+    d.wait_for_trace("other", &others, TIMEOUT).await;
+    d.wait_for_trace("acme", &unwanted, TIMEOUT).await;
+    let wanted = d.post_event(&poll("acme", "poll_complete")).await;
+
+    let mut text = String::new();
+    let row: Value = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            if let Some(data) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .filter(|_| text.contains("\n\n"))
+            {
+                return serde_json::from_str(data.trim()).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no row in time; read so far: {text:?}"));
+    assert!(
+        text.starts_with("event: handled\n") || text.contains("\nevent: handled\n"),
+        "{text:?}"
+    );
+    assert_eq!(row["id"], wanted.as_str(), "{row:#}");
+    assert_eq!(row["account_key"], "acme");
+    assert_eq!(row["status"], "done", "{row:#}");
+    assert_eq!(
+        row["chains"][0],
+        json!({"name": "poll-complete", "outcome": "done"}),
+        "{row:#}"
+    );
+
+    // An open stream does not hold up a graceful stop: it ends.
+    let mut d = d;
+    let stopping = tokio::task::spawn_blocking(move || d.stop());
+    let rest = tokio::time::timeout(TIMEOUT, async {
+        while let Some(chunk) = response.chunk().await.unwrap_or(None) {
+            drop(chunk);
+        }
+    })
+    .await;
+    assert!(
+        rest.is_ok(),
+        "the stream did not end when the dispatcher stopped"
+    );
+    assert_eq!(stopping.await.unwrap(), Some(0));
+}

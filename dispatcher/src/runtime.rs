@@ -15,6 +15,7 @@ use switchboard_engine::event_kinds::EventKinds;
 use switchboard_engine::executor::{Executor, ExecutorParts, Letters};
 use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
+use switchboard_engine::tail::Tail;
 use switchboard_engine::trace::Traces;
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::records::Secrets;
@@ -130,8 +131,8 @@ impl Dispatcher {
             commands,
             replicas,
         } = backend::open(&config).await?;
-        let engine = Engine::build(&config, &store, &bus, commands)?;
         let (stop, stopped) = watch::channel(false);
+        let engine = Engine::build(&config, &store, &bus, commands, stopped.clone())?;
         let ready = Arc::new(AtomicBool::new(false));
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -318,6 +319,8 @@ struct Engine {
     journal: Journal,
     traces: Traces,
     executor: Arc<Executor>,
+    /// Each pass over an event, for whoever watches.
+    tail: Tail,
 }
 
 impl Engine {
@@ -326,6 +329,7 @@ impl Engine {
         store: &Store,
         bus: &Arc<dyn Bus>,
         commands: Arc<dyn CommandPort>,
+        stopped: watch::Receiver<bool>,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::default());
         let mail = LettreMail::new(&config.providers.email, metrics.clone())
@@ -359,6 +363,7 @@ impl Engine {
         let chains = Arc::new(ChainStore::open(store.clone())?);
         let journal = Journal::new(store.clone());
         let traces = Traces::new(journal.clone(), config.delivery.trace_retention);
+        let tail = Tail::new(stopped);
         let executor = Arc::new(Executor::new(ExecutorParts {
             chains: chains.clone(),
             registry: registry.clone(),
@@ -368,8 +373,10 @@ impl Engine {
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             prefix: config.bus.subject_prefix.clone(),
+            tail: tail.clone(),
         }));
         Ok(Self {
+            tail,
             metrics,
             records: RecordPorts::over(store),
             registry,
@@ -416,6 +423,7 @@ impl Engine {
             store: store.clone(),
             traces: self.traces.clone(),
             event_kinds: EventKinds::new(store.clone()),
+            tail: self.tail.clone(),
             letters: Letters::new(store.clone(), bus.clone()),
             metrics: self.metrics.clone(),
             max_event_bytes: limits.max_event_bytes,

@@ -50,3 +50,74 @@ pub struct EventKindList {
     /// Its kinds of event.
     pub kinds: Vec<EventKind>,
 }
+
+/// A row of the live tail: one pass over an event as it ended, sent as the
+/// data (JSON) of an `event: handled` of `GET
+/// /v1/accounts/{account}/events/stream` (Server-Sent Events). Rows a slow
+/// reader could not take are dropped (never the events): an `event:
+/// dropped` says how many, as `{"dropped": N}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRow {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The event.
+    pub id: EventId,
+    /// Its conversation type.
+    pub conversation_type: ConversationType,
+    /// Its type.
+    pub event_type: EventType,
+    /// Its conversation.
+    pub conversation_key: switchboard_sdk::ConversationKey,
+    /// Where it stands after this pass: `done`, `running` (a step waits to
+    /// be tried again), `dead`, `expired` or `unrouted`.
+    pub status: String,
+    /// The chains that ran, and how each stands.
+    pub chains: Vec<ChainRow>,
+    /// When the pass ended.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// How a chain stands after a pass over an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainRow {
+    /// The chain.
+    pub name: String,
+    /// `done`, `dead` (in dead letters), `retrying`, `discarded` or
+    /// `condition_failed`.
+    pub outcome: String,
+    /// The step that failed or waits to be tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// The filters of the live tail: `?conversation_type=&event_type=
+/// &conversation_key=&status=`, each an exact match when given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailQuery {
+    /// Only events of this conversation type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_type: Option<String>,
+    /// Only events of this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Only events of this conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_key: Option<String>,
+    /// Only rows with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl TailQuery {
+    /// Whether `row` passes the filters (an empty filter passes all).
+    pub fn admits(&self, row: &EventRow) -> bool {
+        let pass = |filter: &Option<String>, value: &str| {
+            filter.as_deref().is_none_or(|f| f.is_empty() || f == value)
+        };
+        pass(&self.conversation_type, row.conversation_type.as_str())
+            && pass(&self.event_type, row.event_type.as_str())
+            && pass(&self.conversation_key, row.conversation_key.as_str())
+            && pass(&self.status, &row.status)
+    }
+}

@@ -52,6 +52,12 @@ pub fn event_kinds(account: &str) -> String {
     account_path(account, "event-kinds")
 }
 
+/// `GET /v1/accounts/{account}/events/stream`: the live tail (Server-Sent
+/// Events, [`crate::events::EventRow`]s).
+pub fn event_stream(account: &str) -> String {
+    account_path(account, "events/stream")
+}
+
 /// `GET /metrics` (Prometheus text, not JSON).
 pub fn metrics() -> String {
     "/metrics".to_string()
@@ -221,6 +227,7 @@ pub fn samples() -> Vec<String> {
         handlers(),
         account_handlers(a),
         event_kinds(a),
+        event_stream(a),
         chains(a),
         chain(a, n),
         chain_versions(a),

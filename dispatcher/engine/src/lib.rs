@@ -6,7 +6,8 @@
 //! [`journal`] and files what fails in [`dead_letters`]; the settler acks
 //! once what was written is durable. [`trace`] reads traces back from the
 //! journal and [`dry_run`] shows what chains would do; [`event_kinds`]
-//! counts the kinds of event each account has had.
+//! counts the kinds of event each account has had, and [`tail`] shows each
+//! pass over an event to whoever watches.
 //!
 //! It knows the bus only through the [`bus`] ports, the state only through
 //! the store crate and the handlers' record ports, and no HTTP.
@@ -20,6 +21,7 @@ pub mod executor;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod tail;
 pub mod trace;
 
 pub use limits::LimitsConfig;

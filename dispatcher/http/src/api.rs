@@ -71,6 +71,8 @@ pub struct ApiState {
     pub store: Store,
     /// Event traces.
     pub traces: Traces,
+    /// Each pass over an event as it ends (the live tail).
+    pub tail: switchboard_engine::tail::Tail,
     /// The kinds of event each account has had.
     pub event_kinds: switchboard_engine::event_kinds::EventKinds,
     /// Dead letters: list, replay, discard.
@@ -138,6 +140,7 @@ routes! {
     "/v1/handlers" => { GET: handlers_builtin }
     "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
     "/v1/accounts/{account}/event-kinds" => { GET: list_event_kinds }
+    "/v1/accounts/{account}/events/stream" => { GET: event_stream }
     "/v1/accounts/{account}/chains" => {
         GET: show_chains, PUT: apply_chains, DELETE: remove_all_chains
     }
@@ -1441,6 +1444,9 @@ async fn receive_inbound(
 }
 
 mod handlers;
+pub(crate) mod tail;
+
+use tail::stream as event_stream;
 
 #[cfg(test)]
 mod tests;

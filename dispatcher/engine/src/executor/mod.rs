@@ -31,6 +31,7 @@ use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
 use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
 use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
+use crate::tail::Tail;
 use crate::trace::TraceStatus;
 
 mod decode;
@@ -84,6 +85,8 @@ pub struct ExecutorParts {
     pub limits: LimitsConfig,
     /// The bus's subject prefix.
     pub prefix: String,
+    /// Where each pass over an event is shown as it ends.
+    pub tail: Tail,
 }
 
 /// Runs chains.
@@ -99,6 +102,7 @@ pub struct Executor {
     metrics: Arc<Metrics>,
     limits: LimitsConfig,
     prefix: String,
+    tail: Tail,
 }
 
 /// Why handling could not finish: the store or the bus failed. The event is
@@ -127,6 +131,7 @@ impl Executor {
             metrics: parts.metrics,
             limits: parts.limits,
             prefix: parts.prefix,
+            tail: parts.tail,
         }
     }
 
@@ -247,14 +252,14 @@ impl Executor {
                 self.metrics
                     .count(Outcome::Expired, account, event.event_type.as_str());
                 tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
-                return self.finish(pass, TraceStatus::Expired);
+                return self.finish(event, pass, TraceStatus::Expired);
             }
             policy::Admission::TooDeep(error) => {
                 tracing::warn!(account, event_id = %event.id, %error, "depth limit: filed in dead letters");
                 let letter =
                     DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
                 self.file_dead_letter(&letter).await?;
-                return self.finish(pass, TraceStatus::Dead);
+                return self.finish(event, pass, TraceStatus::Dead);
             }
         }
 
@@ -343,9 +348,10 @@ impl Executor {
                     finished_ms: None,
                 });
                 pass.write(&self.journal, &self.store)?;
+                self.tail.passed(event, &pass.journal, status);
                 Ok(Disposition::Retry(delay))
             }
-            None => self.finish(pass, status),
+            None => self.finish(event, pass, status),
         }
     }
 
@@ -365,16 +371,22 @@ impl Executor {
             event_type = %event.event_type,
             "unrouted event: {why}"
         );
-        self.finish(pass, TraceStatus::Unrouted)
+        self.finish(event, pass, TraceStatus::Unrouted)
     }
 
     /// Ends the pass: its last write, which the ack waits to be flushed.
-    fn finish(&self, mut pass: Pass, status: TraceStatus) -> Result<Disposition, Interrupted> {
+    fn finish(
+        &self,
+        event: &VumiApiEvent,
+        mut pass: Pass,
+        status: TraceStatus,
+    ) -> Result<Disposition, Interrupted> {
         pass.record(Entry::Finish {
             status,
             finished_ms: Some(crate::journal::now_ms()),
         });
         pass.write(&self.journal, &self.store)?;
+        self.tail.passed(event, &pass.journal, status);
         Ok(Disposition::Ack)
     }
 

@@ -14,6 +14,7 @@ mod records;
 mod run;
 mod scripts;
 pub mod session;
+mod tail;
 
 use std::sync::LazyLock;
 
@@ -55,6 +56,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("scripts.html", include_str!("templates/scripts.html")),
         ("script.html", include_str!("templates/script.html")),
         ("new_chain.html", include_str!("templates/new_chain.html")),
+        ("tail.html", include_str!("templates/tail.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -96,6 +98,8 @@ pub fn routes() -> Router<ApiState> {
             "/console/accounts/{account}/chains/new",
             get(new_chain::page).post(new_chain::act),
         )
+        .route("/console/accounts/{account}/tail", get(tail::page))
+        .route("/console/accounts/{account}/tail/stream", get(tail::stream))
         .route("/console/accounts/{account}/scripts", get(scripts::list))
         .route(
             "/console/accounts/{account}/scripts/{name}",
@@ -111,6 +115,7 @@ pub fn routes() -> Router<ApiState> {
         )
         .route("/console/static/console.css", get(stylesheet))
         .route("/console/static/new-chain.js", get(new_chain_script))
+        .route("/console/static/tail.js", get(tail_script))
         .layer(axum::middleware::map_response(secure_headers))
 }
 
@@ -136,12 +141,20 @@ async fn secure_headers(mut response: Response) -> Response {
 }
 
 async fn new_chain_script() -> Response {
+    script(include_str!("static/new-chain.js"))
+}
+
+async fn tail_script() -> Response {
+    script(include_str!("static/tail.js"))
+}
+
+fn script(source: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
             (header::CACHE_CONTROL, "max-age=300"),
         ],
-        include_str!("static/new-chain.js"),
+        source,
     )
         .into_response()
 }
