@@ -192,6 +192,11 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
     for path in [
         "/console/accounts/other".to_string(),
         format!("/console/accounts/other/events/{other_id}"),
+        "/console/accounts/other/chains/new?conversation_type=test&event_type=fail&handler=log"
+            .to_string(),
+        "/console/accounts/other/chains/versions".to_string(),
+        "/console/accounts/other/tail".to_string(),
+        "/console/accounts/other/tail/stream".to_string(),
     ] {
         assert_eq!(get(path.clone()).await.status(), 404, "{path}");
     }
@@ -214,6 +219,54 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
         404
     );
     assert_eq!(d.dead_letters("other").await[0]["status"], "dead");
+    let new_chain = |csrf: Option<&str>| {
+        let mut form = vec![
+            ("name", "sneaky".to_string()),
+            ("conversation_type", "test".to_string()),
+            ("event_type", "fail".to_string()),
+            ("handler", "log".to_string()),
+            ("action", "save".to_string()),
+        ];
+        if let Some(csrf) = csrf {
+            form.push(("csrf", csrf.to_string()));
+        }
+        form
+    };
+    assert_eq!(
+        post(
+            "/console/accounts/other/chains/new".into(),
+            new_chain(Some(&csrf))
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        post(
+            "/console/accounts/other/chains/versions/1/restore".into(),
+            vec![("csrf", csrf.clone())]
+        )
+        .await
+        .status(),
+        404
+    );
+    // acme's own new chain, without the form's token: refused, not saved.
+    assert_eq!(
+        post("/console/accounts/acme/chains/new".into(), new_chain(None))
+            .await
+            .status(),
+        403
+    );
+    for account in ["acme", "other"] {
+        let (_, history) = d
+            .get(&format!("/v1/accounts/{account}/chain-versions"))
+            .await;
+        assert_eq!(
+            history["versions"].as_array().map(Vec::len),
+            Some(1),
+            "{history}"
+        );
+    }
     // Signing out without the form's token does not; with it, it does.
     assert_eq!(post("/console/sign-out".into(), vec![]).await.status(), 403);
     assert_eq!(get("/console/accounts/acme".into()).await.status(), 200);
@@ -896,6 +949,21 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{table}"
     );
 
+    // The version history shows what the save changed.
+    browser.click(Locator::Id("versions-link")).await;
+    browser
+        .on_page("/console/accounts/acme/chains/versions")
+        .await;
+    let diff = browser.text("#diff").await;
+    assert!(
+        diff.contains("+ name = \"welcome-sms\"") && diff.contains("+ handler = \"send_sms\""),
+        "{diff}"
+    );
+    browser.screenshot("chain-versions").await;
+    c.goto(&format!("{}/console/accounts/acme", d.url()))
+        .await
+        .unwrap();
+
     // The next event runs it, and the live tail shows it without a reload.
     browser.click(Locator::Id("tail-link")).await;
     browser.on_page("/console/accounts/acme/tail").await;
@@ -954,4 +1022,99 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{run}"
     );
     browser.screenshot("new-chain-run").await;
+}
+
+/// The version history shows what each change did as a diff of chain files,
+/// and an old version is restored as a new one.
+#[tokio::test]
+async fn chain_versions_show_their_changes_and_restore() {
+    let d = Dispatcher::embedded();
+    let file = |message: &str| {
+        format!(
+            "account_key = \"acme\"\n[[chains]]\nname = \"greet\"\nevent_type = \"joined\"\n\
+             [[chains.steps]]\nhandler = \"log\"\nconfig = {{ message = \"{message}\" }}\n"
+        )
+    };
+    d.apply_chains("v1.toml", &file("hello <b>you</b>")).await;
+    d.apply_chains("v2.toml", &file("welcome")).await;
+    let http = plain_client();
+    let base = d.url();
+    let session = sign_in(&http, base, &account_token(&d, "acme").await).await;
+    let cookie = format!("sb_session={session}");
+    let page = http
+        .get(format!("{base}/console/accounts/acme/chains/versions"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Version 1 → version 2"), "{html}");
+    // Values from the chains are escaped in the diff.
+    assert!(
+        html.contains(
+            "<span class=\"diff-remove\">- message = &quot;hello &lt;b&gt;you&lt;&#x2f;b&gt;&quot;</span>"
+        ),
+        "{html}"
+    );
+    assert!(
+        html.contains("<span class=\"diff-add\">+ message = &quot;welcome&quot;</span>"),
+        "{html}"
+    );
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let restored = http
+        .post(format!(
+            "{base}/console/accounts/acme/chains/versions/1/restore"
+        ))
+        .header(reqwest::header::COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restored.status(), 303);
+    assert_eq!(
+        location(&restored),
+        "/console/accounts/acme/chains/versions?restored=1&from=1&to=3"
+    );
+    let (_, v3) = d.get("/v1/accounts/acme/chain-versions/3").await;
+    assert_eq!(v3["change"], "restore 1", "{v3}");
+    assert_eq!(
+        v3["chains"][0]["steps"][0]["config"]["message"], "hello <b>you</b>",
+        "{v3}"
+    );
+    let page = http
+        .get(format!(
+            "{base}/console/accounts/acme/chains/versions?restored=1&from=1&to=3"
+        ))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Version 1 restored as version 3."), "{page}");
+    assert!(page.contains("id=\"diff\">No difference."), "{page}");
+    // A version that does not exist: refused, nothing made.
+    let missing = http
+        .post(format!(
+            "{base}/console/accounts/acme/chains/versions/9/restore"
+        ))
+        .header(reqwest::header::COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let (_, history) = d.get("/v1/accounts/acme/chain-versions").await;
+    assert_eq!(
+        history["versions"].as_array().map(Vec::len),
+        Some(3),
+        "{history}"
+    );
 }

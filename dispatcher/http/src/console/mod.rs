@@ -15,6 +15,7 @@ mod run;
 mod scripts;
 pub mod session;
 mod tail;
+mod versions;
 
 use std::sync::LazyLock;
 
@@ -57,6 +58,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("script.html", include_str!("templates/script.html")),
         ("new_chain.html", include_str!("templates/new_chain.html")),
         ("tail.html", include_str!("templates/tail.html")),
+        ("versions.html", include_str!("templates/versions.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -97,6 +99,14 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/console/accounts/{account}/chains/new",
             get(new_chain::page).post(new_chain::act),
+        )
+        .route(
+            "/console/accounts/{account}/chains/versions",
+            get(versions::page),
+        )
+        .route(
+            "/console/accounts/{account}/chains/versions/{version}/restore",
+            post(versions::restore),
         )
         .route("/console/accounts/{account}/tail", get(tail::page))
         .route("/console/accounts/{account}/tail/stream", get(tail::stream))
