@@ -195,6 +195,8 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
         "/console/accounts/other/chains/new?conversation_type=test&event_type=fail&handler=log"
             .to_string(),
         "/console/accounts/other/chains/versions".to_string(),
+        "/console/accounts/other/chain/fail".to_string(),
+        "/console/accounts/other/chain/fail/steps/0".to_string(),
         "/console/accounts/other/tail".to_string(),
         "/console/accounts/other/tail/stream".to_string(),
     ] {
@@ -236,6 +238,15 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
         post(
             "/console/accounts/other/chains/new".into(),
             new_chain(Some(&csrf))
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        post(
+            "/console/accounts/other/chain/fail".into(),
+            vec![("csrf", csrf.clone()), ("action", "remove_chain".into())]
         )
         .await
         .status(),
@@ -960,6 +971,14 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{diff}"
     );
     browser.screenshot("chain-versions").await;
+    c.goto(&format!(
+        "{}/console/accounts/acme/chain/welcome-sms",
+        d.url()
+    ))
+    .await
+    .unwrap();
+    assert!(browser.text("#steps").await.contains("send_sms"));
+    browser.screenshot("chain").await;
     c.goto(&format!("{}/console/accounts/acme", d.url()))
         .await
         .unwrap();
@@ -1117,4 +1136,204 @@ async fn chain_versions_show_their_changes_and_restore() {
         Some(3),
         "{history}"
     );
+}
+
+/// A chain's page changes it one step at a time, each change a new version
+/// checked as `chains apply` checks a file: steps moved, edited (in the form
+/// generated from the handler's options), added and removed, its condition
+/// changed, and the chain removed; a change that does not pass is refused
+/// with apply's message and saves nothing.
+#[tokio::test]
+async fn a_chains_steps_are_edited_moved_added_and_removed() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"greet\"\nevent_type = \"joined\"\n\
+         [[chains.steps]]\nhandler = \"log\"\nname = \"one\"\nconfig = { message = \"one\" }\n\
+         [[chains.steps]]\nhandler = \"log\"\nname = \"two\"\nconfig = { message = \"two\" }\n",
+    )
+    .await;
+    let http = plain_client();
+    let base = d.url();
+    let session = sign_in(&http, base, &account_token(&d, "acme").await).await;
+    let cookie = format!("sb_session={session}");
+    let page = http
+        .get(format!("{base}/console/accounts/acme/chain/greet"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let post = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
+        let (http, cookie, csrf) = (&http, &cookie, &csrf);
+        async move {
+            let mut form: Vec<(&str, &str)> = form;
+            form.push(("csrf", csrf));
+            let answer = http
+                .post(format!("{base}/console/accounts/acme/{path}"))
+                .header(reqwest::header::COOKIE, cookie)
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.text().await.unwrap())
+        }
+    };
+    let steps = || async {
+        let (_, chain) = d.get("/v1/accounts/acme/chains/greet").await;
+        chain["chain"]["steps"].clone()
+    };
+    let version = || async {
+        let (_, history) = d.get("/v1/accounts/acme/chain-versions").await;
+        history["versions"].as_array().map(Vec::len).unwrap()
+    };
+
+    assert_eq!(post("chain/greet", vec![("action", "down:0")]).await.0, 303);
+    let now = steps().await;
+    assert_eq!(
+        (now[0]["name"].clone(), now[1]["name"].clone()),
+        (json!("two"), json!("one")),
+        "{now}"
+    );
+
+    // The step's form starts from its config, and saves what it says.
+    let form = http
+        .get(format!("{base}/console/accounts/acme/chain/greet/steps/1"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        form.contains(">one</textarea>") && form.contains("value=\"one\""),
+        "{form}"
+    );
+    let (status, _) = post(
+        "chain/greet/steps/1",
+        vec![
+            ("action", "save"),
+            ("handler", "log"),
+            ("step_name", "first"),
+            ("opt.message", "edited {{ event.event_type }}"),
+            ("opt.level", "warn"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let now = steps().await;
+    assert_eq!(now[1]["name"], "first", "{now}");
+    assert_eq!(
+        now[1]["config"],
+        json!({"message": "edited {{ event.event_type }}", "level": "warn"})
+    );
+
+    // Refused, with apply's message next to the field; nothing saved.
+    let before = version().await;
+    let (status, page) = post(
+        "chain/greet/steps/0",
+        vec![
+            ("action", "save"),
+            ("handler", "log"),
+            ("opt.level", "loud"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<p class=\"error field-error\">&quot;loud&quot; is not one of trace, debug, info, warn, error</p>"),
+        "{page}"
+    );
+    let (status, page) = post(
+        "chain/greet",
+        vec![
+            ("action", "settings"),
+            ("event_type", "joined"),
+            ("when", "(("),
+        ],
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(page.contains("not a valid Rhai expression"), "{page}");
+    assert_eq!(version().await, before);
+
+    let (status, _) = post(
+        "chain/greet/steps/add",
+        vec![
+            ("action", "save"),
+            ("handler", "emit"),
+            ("opt.event_type", "greeted"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, _) = post(
+        "chain/greet",
+        vec![
+            ("action", "settings"),
+            ("conversation_type", "signup"),
+            ("event_type", "joined"),
+            ("when", "event.event_data.score > 3"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        post("chain/greet", vec![("action", "remove:0")]).await.0,
+        303
+    );
+    let (_, chain) = d.get("/v1/accounts/acme/chains/greet").await;
+    let chain = &chain["chain"];
+    assert_eq!(chain["conversation_type"], "signup", "{chain}");
+    assert_eq!(chain["when"], "event.event_data.score > 3", "{chain}");
+    let names: Vec<&str> = chain["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["handler"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["log", "emit"], "{chain}");
+    let (_, history) = d.get("/v1/accounts/acme/chain-versions").await;
+    let changes: Vec<&str> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["change"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        changes[1..],
+        [
+            "console: chain greet: step 1 moved down",
+            "console: chain greet step 2 edited",
+            "console: chain greet step added",
+            "console: chain greet: match and condition changed",
+            "console: chain greet: step 1 removed",
+        ],
+        "{history}"
+    );
+
+    let missing = http
+        .get(format!("{base}/console/accounts/acme/chain/greet/steps/9"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        post("chain/greet", vec![("action", "remove_chain")])
+            .await
+            .0,
+        303
+    );
+    let (status, _) = d.get("/v1/accounts/acme/chains/greet").await;
+    assert_eq!(status, 404);
 }

@@ -8,6 +8,7 @@
 //! An account token sees only its account, as through the API: another
 //! account's pages answer 404.
 
+mod chain_page;
 mod letters;
 mod new_chain;
 mod records;
@@ -59,6 +60,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("new_chain.html", include_str!("templates/new_chain.html")),
         ("tail.html", include_str!("templates/tail.html")),
         ("versions.html", include_str!("templates/versions.html")),
+        ("chain.html", include_str!("templates/chain.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -99,6 +101,18 @@ pub fn routes() -> Router<ApiState> {
         .route(
             "/console/accounts/{account}/chains/new",
             get(new_chain::page).post(new_chain::act),
+        )
+        .route(
+            "/console/accounts/{account}/chain/{name}",
+            get(chain_page::page).post(chain_page::act),
+        )
+        .route(
+            "/console/accounts/{account}/chain/{name}/steps/add",
+            get(chain_page::add_page).post(chain_page::add_act),
+        )
+        .route(
+            "/console/accounts/{account}/chain/{name}/steps/{index}",
+            get(chain_page::step_page).post(chain_page::step_act),
         )
         .route(
             "/console/accounts/{account}/chains/versions",

@@ -17,11 +17,12 @@ use switchboard_engine::dry_run;
 use switchboard_handlers::options::Kind;
 use switchboard_handlers::{Options, Registry};
 use switchboard_rules::{
-    AccountChains, ChainFile, ChainProblem, ChainStoreError, Format, ValidChainFile,
+    AccountChains, ChainFile, ChainProblem, ChainSpec, ChainStoreError, Format, ValidChainFile,
     parse_chain_file, validate,
 };
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
+use super::session::Session;
 use super::{Page, checked_form, internal, reachable, render, session_view, signed_in, view};
 use crate::api::ApiState;
 
@@ -29,7 +30,7 @@ use crate::api::ApiState;
 /// `event_type`, `conversation_key`, `when`, `handler`, `sample` (the
 /// preview's event data), `opt.NAME` per option (`config` for a script's),
 /// and `csrf` and `action` on a post.
-type Fields = HashMap<String, String>;
+pub(super) type Fields = HashMap<String, String>;
 
 fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
     f.get(name).map(|v| v.trim()).unwrap_or("")
@@ -43,9 +44,7 @@ pub(super) async fn page(
 ) -> Page {
     let session = signed_in(&s, &headers)?;
     let key = reachable(&session, &account)?;
-    let mut draft = Draft::new(&s, &key, fields);
-    draft.fill_sample(&s, &key);
-    Ok(draft.render(&s, &key, &session, None))
+    show(&s, &key, &session, Target::NewChain, fields)
 }
 
 pub(super) async fn act(
@@ -56,14 +55,40 @@ pub(super) async fn act(
 ) -> Page {
     let session = signed_in(&s, &headers)?;
     let key = reachable(&session, &account)?;
-    checked_form(&session, field(&fields, "csrf"))?;
+    submit(&s, &key, &session, Target::NewChain, fields).await
+}
+
+/// The form for `target`, from a link (`fields` from its query; a step
+/// being edited starts from its config).
+pub(super) fn show(
+    s: &ApiState,
+    key: &AccountKey,
+    session: &Session,
+    target: Target,
+    fields: Fields,
+) -> Page {
+    let mut draft = Draft::new(s, key, target, fields);
+    draft.fill_sample(s, key);
+    Ok(draft.render(s, key, session, None))
+}
+
+/// The form for `target` posted: a preview (nothing saved), or a save as a
+/// new chain version when it passes the checks `chains apply` makes.
+pub(super) async fn submit(
+    s: &ApiState,
+    key: &AccountKey,
+    session: &Session,
+    target: Target,
+    fields: Fields,
+) -> Page {
+    checked_form(session, field(&fields, "csrf"))?;
     let save = field(&fields, "action") == "save";
-    let mut draft = Draft::new(&s, &key, fields);
+    let mut draft = Draft::new(s, key, target, fields);
     if draft.options.is_none() {
-        return Ok(draft.render(&s, &key, &session, None));
+        return Ok(draft.render(s, key, session, None));
     }
     if !save {
-        let preview = match draft.preview(&s, &key).await {
+        let preview = match draft.preview(s, key).await {
             Some(preview) => preview,
             // The live preview replaces only its own section: it says why
             // there is nothing to show.
@@ -72,13 +97,13 @@ pub(super) async fn act(
                 "error": draft.all_problems(),
             }),
         };
-        return Ok(draft.render(&s, &key, &session, Some(preview)));
+        return Ok(draft.render(s, key, session, Some(preview)));
     }
     let stored = {
         let _writes = s.config_writes.lock().expect("config write lock");
-        match draft.checked(&s, &key) {
+        match draft.checked(s, key) {
             Some(valid) => {
-                let change = format!("console: new chain {}", field(&draft.fields, "name"));
+                let change = draft.change();
                 match s
                     .chains
                     .apply_changes(valid, true, &change, s.registry.as_ref())
@@ -88,23 +113,40 @@ pub(super) async fn act(
                         draft.file_problems(e.problems);
                         None
                     }
-                    Err(e) => return Err(internal(&session, &e).into()),
+                    Err(e) => return Err(internal(session, &e).into()),
                 }
             }
             None => None,
         }
     };
     match stored {
-        Some(version) => Ok(Redirect::to(&format!(
-            "/console/accounts/{account}?saved={version}#chains"
-        ))
-        .into_response()),
-        None => Ok(draft.render(&s, &key, &session, None)),
+        Some(version) => {
+            let to = match &draft.target {
+                Target::NewChain => format!("/console/accounts/{key}?saved={version}#chains"),
+                Target::Step { chain, .. } => format!(
+                    "/console/accounts/{key}/chain/{}?saved={version}",
+                    chain.name
+                ),
+            };
+            Ok(Redirect::to(&to).into_response())
+        }
+        None => Ok(draft.render(s, key, session, None)),
     }
+}
+
+/// What the form makes: a new chain of one step, or a step of an existing
+/// chain (`index`: the step replaced; `None` adds one at the end).
+pub(super) enum Target {
+    NewChain,
+    Step {
+        chain: Box<ChainSpec>,
+        index: Option<usize>,
+    },
 }
 
 /// A chain being written, and what is wrong with it so far.
 struct Draft {
+    target: Target,
     fields: Fields,
     /// The chosen handler's options (none until a known one is chosen).
     options: Option<Options>,
@@ -115,10 +157,32 @@ struct Draft {
 }
 
 impl Draft {
-    fn new(s: &ApiState, account: &AccountKey, fields: Fields) -> Self {
+    fn new(s: &ApiState, account: &AccountKey, target: Target, mut fields: Fields) -> Self {
+        if let Target::Step { chain, index } = &target {
+            // The chain's own match, for the preview's event.
+            for (name, value) in [
+                ("conversation_type", chain.conversation_type.to_string()),
+                ("event_type", chain.event_type.to_string()),
+                ("name", chain.name.clone()),
+            ] {
+                fields.insert(name.into(), value);
+            }
+            // A step being edited starts from what it is.
+            if let Some(step) = index.and_then(|i| chain.steps.get(i))
+                && !fields.contains_key("handler")
+            {
+                fields.insert("handler".into(), step.handler.clone());
+                if let Some(name) = &step.name {
+                    fields.insert("step_name".into(), name.clone());
+                }
+                let options = handler_options(&s.registry, account, &step.handler);
+                prefill(&mut fields, options.as_ref(), &step.config.to_map());
+            }
+        }
         let handler = field(&fields, "handler").to_string();
         let options = handler_options(&s.registry, account, &handler);
         let mut draft = Self {
+            target,
             fields,
             options,
             problems: HashMap::new(),
@@ -184,8 +248,66 @@ impl Draft {
         }
     }
 
+    /// What a save of the form is recorded as, in the version history.
+    fn change(&self) -> String {
+        match &self.target {
+            Target::NewChain => format!("console: new chain {}", field(&self.fields, "name")),
+            Target::Step {
+                chain,
+                index: Some(i),
+            } => format!("console: chain {} step {} edited", chain.name, i + 1),
+            Target::Step { chain, index: None } => {
+                format!("console: chain {} step added", chain.name)
+            }
+        }
+    }
+
+    /// The step as the form gives it (with what the form does not show of
+    /// a step being edited: `on_error`, `retry`, `idempotency`).
+    fn step(&mut self) -> Value {
+        let handler = field(&self.fields, "handler").to_string();
+        let step_name = field(&self.fields, "step_name").to_string();
+        let config = self.config();
+        let mut step = match &self.target {
+            Target::Step {
+                chain,
+                index: Some(i),
+            } => chain
+                .steps
+                .get(*i)
+                .and_then(|old| serde_json::to_value(old).ok())
+                .unwrap_or_else(|| json!({})),
+            _ => json!({}),
+        };
+        step["handler"] = json!(handler);
+        step["config"] = Value::Object(config);
+        match step.as_object_mut() {
+            Some(map) if step_name.is_empty() => {
+                map.remove("name");
+            }
+            Some(map) => {
+                map.insert("name".into(), json!(step_name));
+            }
+            None => {}
+        }
+        step
+    }
+
     /// The chain as a chain file's JSON, from the form.
     fn chain_file(&mut self, account: &AccountKey) -> Value {
+        if let Target::Step { chain, index } = &self.target {
+            let mut chain_json = serde_json::to_value(chain.as_ref()).expect("a chain serialises");
+            let at = *index;
+            let step = self.step();
+            if let Some(steps) = chain_json["steps"].as_array_mut() {
+                match at {
+                    Some(i) if i < steps.len() => steps[i] = step,
+                    _ => steps.push(step),
+                }
+            }
+            return json!({ "account_key": account, "chains": [chain_json] });
+        }
+        let step = self.step();
         let f = &self.fields;
         let mut chain = Map::new();
         for name in ["name", "conversation_type", "event_type"] {
@@ -196,12 +318,7 @@ impl Draft {
                 chain.insert(name.into(), json!(field(f, name)));
             }
         }
-        let handler = field(f, "handler").to_string();
-        let config = self.config();
-        chain.insert(
-            "steps".into(),
-            json!([{ "handler": handler, "config": config }]),
-        );
+        chain.insert("steps".into(), json!([step]));
         json!({ "account_key": account, "chains": [chain] })
     }
 
@@ -261,12 +378,13 @@ impl Draft {
         let file: ChainFile = match parse_chain_file(&text, Format::Json, "the form") {
             Ok(file) => file,
             Err(e) => {
-                self.problem("", e.to_string());
+                self.problem("", form_error(&e));
                 return None;
             }
         };
         let name = field(&self.fields, "name");
-        if let Ok(Some(current)) = s.chains.current(account)
+        if matches!(self.target, Target::NewChain)
+            && let Ok(Some(current)) = s.chains.current(account)
             && current.chains.iter().any(|c| c.name == name)
         {
             self.problem(
@@ -299,6 +417,7 @@ impl Draft {
                         format!("opt.{option}")
                     }
                 }
+                Some("name") if p.step.is_some() => "step_name".to_string(),
                 Some(
                     f @ ("name" | "conversation_type" | "event_type" | "conversation_key" | "when"
                     | "handler" | "config"),
@@ -348,10 +467,15 @@ impl Draft {
             max_event_bytes: s.max_event_bytes,
         };
         let report = dry_run::test_chains(&s.registry, &chains, &event, limits).await;
+        let at = match &self.target {
+            Target::NewChain => 0,
+            Target::Step { index: Some(i), .. } => *i,
+            Target::Step { chain, index: None } => chain.steps.len(),
+        };
         let step = report["chains"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["runs"] == true))
-            .and_then(|c| c["steps"].get(0))
+            .and_then(|c| c["steps"].get(at))
             .cloned();
         Some(match step {
             Some(step) => json!({
@@ -363,7 +487,8 @@ impl Draft {
             None => json!({
                 "outcome": "not run",
                 "error": report["chains"][0]["error"].as_str().unwrap_or(
-                    "the chain does not run for this event (its `when` is false)"
+                    "the step does not run for this event (the chain's `when` is false, or an \
+                     earlier step stops it)"
                 ),
             }),
         })
@@ -373,7 +498,7 @@ impl Draft {
         &self,
         s: &ApiState,
         account: &AccountKey,
-        session: &super::session::Session,
+        session: &Session,
         preview: Option<Value>,
     ) -> axum::response::Response {
         let kinds: Vec<Value> = s
@@ -453,13 +578,37 @@ impl Draft {
             "handler",
             "config",
             "sample",
+            "step_name",
             "",
         ] {
             errors.insert(if name.is_empty() { "form" } else { name }, problems(name));
         }
+        let (mode, action, step_number) = match &self.target {
+            Target::NewChain => (
+                "new",
+                format!("/console/accounts/{account}/chains/new"),
+                None,
+            ),
+            Target::Step {
+                chain,
+                index: Some(i),
+            } => (
+                "edit",
+                format!("/console/accounts/{account}/chain/{}/steps/{i}", chain.name),
+                Some(i + 1),
+            ),
+            Target::Step { chain, index: None } => (
+                "add",
+                format!("/console/accounts/{account}/chain/{}/steps/add", chain.name),
+                Some(chain.steps.len() + 1),
+            ),
+        };
         render(
             "new_chain.html",
             context! {
+                mode,
+                action,
+                step_number,
                 account => account.to_string(),
                 session => session_view(session),
                 kinds => view(&kinds),
@@ -477,12 +626,53 @@ impl Draft {
                     "when": value("when"),
                     "config": value("config"),
                     "sample": value("sample"),
+                    "step_name": value("step_name"),
                 })),
                 sample_from => self.sample_from.clone(),
                 errors => view(&errors),
                 preview => preview.map(view),
             },
         )
+    }
+}
+
+/// A chain file built from a form that does not parse, said without the
+/// place in that file (which no one wrote).
+pub(super) fn form_error(e: &switchboard_rules::ParseError) -> String {
+    let message = e.to_string();
+    let message = message.strip_prefix("the form: ").unwrap_or(&message);
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// The option fields of a step's `config`, for its form: strings as they
+/// are, recipients one per line, tables (and anything else) as JSON.
+fn prefill(fields: &mut Fields, options: Option<&Options>, config: &Map<String, Value>) {
+    let Some(options) = options else {
+        return;
+    };
+    if options.open {
+        if !config.is_empty() {
+            fields.insert("config".into(), pretty(config));
+        }
+        return;
+    }
+    for option in &options.options {
+        let Some(value) = config.get(option.name) else {
+            continue;
+        };
+        let text = match (option.kind, value) {
+            (_, Value::String(s)) => s.clone(),
+            (Kind::Recipients, Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            (_, other) => serde_json::to_string_pretty(other).expect("JSON serialises"),
+        };
+        fields.insert(format!("opt.{}", option.name), text);
     }
 }
 
