@@ -199,6 +199,7 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
         "/console/accounts/other/chain/fail/steps/0".to_string(),
         "/console/accounts/other/tail".to_string(),
         "/console/accounts/other/tail/stream".to_string(),
+        "/console/health".to_string(),
     ] {
         assert_eq!(get(path.clone()).await.status(), 404, "{path}");
     }
@@ -299,6 +300,24 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
             && html.contains("href=\"/console/accounts/other\""),
         "{html}"
     );
+    // And the dispatcher's health: other's dead event, counted.
+    let health = http
+        .get(format!("{base}/console/health"))
+        .header(reqwest::header::COOKIE, format!("sb_session={admin}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let html = health.text().await.unwrap();
+    for part in [
+        "<span id=\"dead-total\">1</span>",
+        "<tr id=\"outcome-dead_lettered\"><td>dead_lettered</td><td>1</td></tr>",
+        "<tr id=\"outcome-received\"><td>received</td><td>1</td></tr>",
+        "<td id=\"lag\">0</td>",
+        "href=\"/console/accounts/other/dead-letters\"",
+    ] {
+        assert!(html.contains(part), "no {part} in {html}");
+    }
 }
 
 /// chromedriver on a free loopback port, and a headless chromium session

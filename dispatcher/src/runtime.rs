@@ -188,6 +188,7 @@ impl Dispatcher {
                 return Err(e);
             }
         };
+        let stopped_for_sampling = stopped.clone();
         let consumer = tokio::spawn(consume(
             engine.executor,
             bus.clone(),
@@ -198,6 +199,7 @@ impl Dispatcher {
             EventKinds::new(store.clone()),
             stopped,
         ));
+        spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
         spawn_expiry(
             engine.journal,
             config
@@ -453,6 +455,19 @@ impl Engine {
             )),
         }
     }
+}
+
+/// Samples the event totals once a minute (the health page's last hour).
+fn spawn_sampling(metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                _ = every.tick() => metrics.sample(),
+            }
+        }
+    });
 }
 
 /// Serves `app` on `listener` until `stopped` turns true.

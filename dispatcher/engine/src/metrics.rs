@@ -6,8 +6,11 @@
 //! when a label set is first seen, so counting on the hot path takes no
 //! exclusive lock.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -34,7 +37,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// Every outcome, in the order [`Metrics::totals`] gives them.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Received,
+        Outcome::Handled,
+        Outcome::Unrouted,
+        Outcome::Expired,
+        Outcome::DeadLettered,
+        Outcome::Retried,
+    ];
+
+    /// The outcome's name, as `/metrics` labels it.
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Received => "received",
             Outcome::Handled => "handled",
@@ -174,7 +188,14 @@ pub struct Metrics {
     durations: Family<HandlerLabels, Histogram, fn() -> Histogram>,
     outbound: Family<OutboundLabels, Counter>,
     inbound: Family<InboundLabels, Counter>,
+    /// Events by outcome, over every account (the health page's).
+    totals: [AtomicU64; 6],
+    /// The totals about once a minute, for the last hour's counts.
+    samples: Mutex<VecDeque<(Instant, [u64; 6])>>,
 }
+
+/// How long the samples of [`Metrics::sample`] reach back.
+const RECENT: Duration = Duration::from_secs(3600);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -218,13 +239,46 @@ impl Default for Metrics {
             durations,
             outbound,
             inbound,
+            totals: Default::default(),
+            samples: Mutex::default(),
         }
     }
 }
 
 impl Metrics {
+    /// Events by outcome since start, in the order of [`Outcome::ALL`].
+    pub fn totals(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.totals[i].load(Ordering::Relaxed))
+    }
+
+    /// Keeps the totals as they are now (call about once a minute), and
+    /// forgets samples older than an hour (but one).
+    pub fn sample(&self) {
+        let now = Instant::now();
+        let mut samples = self.samples.lock().expect("metrics samples");
+        samples.push_back((now, self.totals()));
+        while samples.len() > 2 && now.duration_since(samples[1].0) >= RECENT {
+            samples.pop_front();
+        }
+    }
+
+    /// Events by outcome over about the last hour (since the oldest sample
+    /// within it, or since start), and how long that is.
+    pub fn recent(&self) -> (Duration, [u64; 6]) {
+        let now = self.totals();
+        let samples = self.samples.lock().expect("metrics samples");
+        let Some((at, then)) = samples
+            .iter()
+            .find(|(at, _)| at.elapsed() <= RECENT + Duration::from_secs(60))
+        else {
+            return (Duration::ZERO, now);
+        };
+        (at.elapsed(), std::array::from_fn(|i| now[i] - then[i]))
+    }
+
     /// Counts one event of `account` and `event_type` with `outcome`.
     pub fn count(&self, outcome: Outcome, account: &str, event_type: &str) {
+        self.totals[outcome as usize].fetch_add(1, Ordering::Relaxed);
         self.events
             .get_or_create(&EventLabels {
                 outcome,

@@ -9,6 +9,7 @@
 //! account's pages answer 404.
 
 mod chain_page;
+mod health;
 mod letters;
 mod new_chain;
 mod records;
@@ -61,6 +62,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("tail.html", include_str!("templates/tail.html")),
         ("versions.html", include_str!("templates/versions.html")),
         ("chain.html", include_str!("templates/chain.html")),
+        ("health.html", include_str!("templates/health.html")),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -76,6 +78,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/console/sign-in", get(sign_in_page).post(sign_in))
         .route("/console/sign-in/{code}", get(sign_in_link))
         .route("/console/sign-out", post(sign_out))
+        .route("/console/health", get(health::page))
         .route("/console/accounts/{account}", get(account_page))
         .route("/console/accounts/{account}/events", get(run::find_event))
         .route(
