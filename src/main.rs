@@ -77,6 +77,9 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// List an account's events, the latest taken up first.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Show what the dispatcher did with an event.
     Trace {
         /// The account.
@@ -475,6 +478,36 @@ enum ScriptsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// The account's events, the latest taken up first, while their traces
+    /// are kept: types, conversation, status and each chain's outcome.
+    List {
+        /// The account.
+        account: String,
+        /// At most this many (up to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue below this cursor (the `--before` a page ends with).
+        #[arg(long)]
+        before: Option<String>,
+        /// Only events of this conversation type.
+        #[arg(long = "conversation-type")]
+        conversation_type: Option<String>,
+        /// Only events of this type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only events of this conversation.
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Only events with this status: done, running, dead, expired or unrouted.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DeadLettersCommand {
     /// List an account's dead letters, newest first.
     List {
@@ -589,6 +622,26 @@ async fn main() -> ExitCode {
                 ..
             } => cli::chains_rm(&remote.client(), &account, chain.as_deref(), remote.json).await,
         }),
+        Command::Events(EventsCommand::List {
+            account,
+            limit,
+            before,
+            conversation_type,
+            event_type,
+            conversation,
+            status,
+            remote,
+        }) => {
+            let query = cli::EventListQuery {
+                limit: Some(limit),
+                before,
+                conversation_type,
+                event_type,
+                conversation_key: conversation,
+                status,
+            };
+            print(cli::events_list(&remote.client(), &account, &query, remote.json).await)
+        }
         Command::Handlers { account, remote } => {
             print(cli::handlers(&remote.client(), account.as_deref(), remote.json).await)
         }

@@ -166,6 +166,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/handlers", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/event-kinds",
             |f| format!("/v1/accounts/{}/event-kinds", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/events",
+            |f| format!("/v1/accounts/{}/events", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/events/stream",
             |f| format!("/v1/accounts/{}/events/stream", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/scripts/{name}",

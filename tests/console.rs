@@ -1356,3 +1356,70 @@ async fn a_chains_steps_are_edited_moved_added_and_removed() {
     let (status, _) = d.get("/v1/accounts/acme/chains/greet").await;
     assert_eq!(status, 404);
 }
+
+/// A save re-checks the account's chains as a merge does: when another
+/// chain no longer passes (here: a second SMS provider makes its step's
+/// `provider` necessary), the form says so, naming that chain, and saves
+/// nothing.
+#[tokio::test]
+async fn a_save_refused_for_another_chain_names_that_chain() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let gateway = |name: &str| {
+        format!(
+            "[providers.sms.{name}]\ntype = \"http\"\nurl = \"{}/sms\"\nfrom = \"Switchboard\"\n",
+            receiver.url()
+        )
+    };
+    let mut d = Dispatcher::with_config(None, &gateway("one"));
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"texts\"\nevent_type = \"joined\"\n\
+         [[chains.steps]]\nhandler = \"send_sms\"\nconfig = { to = \"+27820000001\", body = \"hi\" }\n",
+    )
+    .await;
+    let token = account_token(&d, "acme").await;
+    d.set_config(&format!("{}{}", gateway("one"), gateway("two")));
+    d.restart();
+    let http = plain_client();
+    let base = d.url().to_string();
+    let session = sign_in(&http, &base, &token).await;
+    let cookie = format!("sb_session={session}");
+    let page = http
+        .get(format!("{base}/console/accounts/acme/chains/new?conversation_type=signup&event_type=left&handler=log"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let answer = http
+        .post(format!("{base}/console/accounts/acme/chains/new"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("action", "save"),
+            ("name", "farewell"),
+            ("conversation_type", "signup"),
+            ("event_type", "left"),
+            ("handler", "log"),
+            ("opt.message", "bye"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let page = answer.text().await.unwrap();
+    assert!(
+        page.contains("chain &quot;texts&quot;") && page.contains("name the SMS provider to use"),
+        "{page}"
+    );
+    let (_, chains) = d.get("/v1/accounts/acme/chains").await;
+    assert!(!chains.to_string().contains("farewell"), "{chains}");
+}

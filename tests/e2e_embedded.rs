@@ -463,3 +463,91 @@ async fn the_live_tail_streams_the_accounts_handled_events() {
     );
     assert_eq!(stopping.await.unwrap(), Some(0));
 }
+
+/// The account's events, the latest taken up first, page by page and
+/// filtered, through the API and the CLI; another account's never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_latest_first_page_by_page() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    d.apply_chains("other.toml", &poll_chains("other")).await;
+    let post = |account: &'static str, event_type: &'static str, n: u32| {
+        let d = &d;
+        async move {
+            let id = d
+                .post_event(
+                    &json!({"account_key": account, "conversation_key": format!("c{n}"),
+                    "conversation_type": "survey", "event_type": event_type,
+                    "event_data": {"msisdn": "+27820000001", "score": n}}),
+                )
+                .await;
+            let trace = d.wait_for_trace(account, &id, TIMEOUT).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            (id, trace)
+        }
+    };
+    let mut ticks = Vec::new();
+    for n in 1..=4 {
+        ticks.push(post("acme", "tick", n).await.0);
+    }
+    post("other", "tick", 9).await;
+    let (poll, trace) = post("acme", "poll_complete", 5).await;
+    let child = trace["children"][0].as_str().expect("a child").to_string();
+    d.wait_for_trace("acme", &child, TIMEOUT).await;
+
+    let page = |query: &str| {
+        let d = &d;
+        let path = format!("/v1/accounts/acme/events?{query}");
+        async move {
+            let (status, answer) = d.get(&path).await;
+            assert_eq!(status, 200, "{path}: {answer}");
+            answer
+        }
+    };
+    let ids = |answer: &Value| -> Vec<String> {
+        answer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = page("limit=3").await;
+    assert_eq!(
+        ids(&first),
+        [child.clone(), poll.clone(), ticks[3].clone()],
+        "{first:#}"
+    );
+    assert_eq!(
+        first["events"][1]["chains"][0],
+        json!({"name": "poll-complete", "outcome": "done"})
+    );
+    assert_eq!(first["events"][1]["status"], "done");
+    let next = first["next"].as_str().expect("a next page").to_string();
+    let second = page(&format!("limit=3&before={next}")).await;
+    assert_eq!(
+        ids(&second),
+        [ticks[2].clone(), ticks[1].clone(), ticks[0].clone()],
+        "{second:#}"
+    );
+    assert!(second.get("next").is_none(), "{second:#}");
+    let filtered = page("event_type=tick&status=done").await;
+    let mut expected = ticks.clone();
+    expected.reverse();
+    assert_eq!(ids(&filtered), expected, "{filtered:#}");
+    assert_eq!(filtered["events"][0]["chains"][0]["name"], "default");
+
+    let (status, bad) = d.get("/v1/accounts/acme/events?before=yesterday").await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_cursor");
+
+    let out = d.cli(&["events", "list", "acme", "--limit", "2"]).await;
+    let text = out.ok();
+    assert!(text.contains(&child) && text.contains(&poll), "{text}");
+    assert!(!text.contains(&ticks[3]), "{text}");
+    assert!(
+        text.contains("more: switchboard events list acme --before "),
+        "{text}"
+    );
+    assert!(text.contains("loyalty/points_awarded"), "{text}");
+}

@@ -16,7 +16,8 @@ use switchboard_api::chains::{ChainHistory, ChainVersion};
 use switchboard_api::dead_letters::{
     DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters,
 };
-use switchboard_api::events::Accepted;
+pub use switchboard_api::events::EventListQuery;
+use switchboard_api::events::{Accepted, EventList};
 use switchboard_api::handlers::{HandlerCatalog, HandlerEntry};
 use switchboard_api::inbound::{
     CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
@@ -745,6 +746,51 @@ pub async fn scripts_put(
         "stored {shown} as script {name} of account {a}, version {}\nuse it in a chain: handler = \"script:{name}\"",
         answer.version
     ))
+}
+
+/// `switchboard events list ACCOUNT [filters]`: a page of the account's
+/// events, the latest first, and how to get the next.
+pub async fn events_list(
+    client: &Client,
+    account_raw: &str,
+    query: &EventListQuery,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer: EventList = client
+        .get_with(&paths::events_of(a.as_str()), query)
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let header = format!(
+        "{:<28} {:<36} {:<32} {:<16} {:<9} chains",
+        "taken up", "event", "type", "conversation", "status"
+    );
+    let empty = format!("account {a} has no events to show (with these filters)");
+    let mut out = rows(&answer.events, Some(header), empty, |e| {
+        let chains: Vec<String> = e
+            .chains
+            .iter()
+            .map(|c| match &c.step {
+                Some(step) => format!("{}: {} at {step}", c.name, c.outcome),
+                None => format!("{}: {}", c.name, c.outcome),
+            })
+            .collect();
+        format!(
+            "{:<28} {:<36} {:<32} {:<16} {:<9} {}",
+            format_rfc3339(e.at),
+            e.id,
+            format!("{}/{}", e.conversation_type, e.event_type),
+            e.conversation_key,
+            e.status,
+            chains.join(", ")
+        )
+    });
+    if let Some(next) = &answer.next {
+        let _ = write!(out, "\nmore: switchboard events list {a} --before {next}");
+    }
+    Ok(out)
 }
 
 /// `switchboard handlers [ACCOUNT]`: the built-in handlers with their

@@ -37,8 +37,11 @@ impl Handler for Log {
 
     fn options(&self) -> Options {
         Options::of(vec![
-            OptionSpec::text("message", "The line to write.")
-                .default("{conversation_type}.{event_type} event received"),
+            OptionSpec::text(
+                "message",
+                "The line to write (default: the event's conversation type and event type, \
+                 and \"event received\").",
+            ),
             OptionSpec::text("level", "How severe the line is.")
                 .choices(LEVELS)
                 .default("info"),

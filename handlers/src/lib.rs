@@ -213,7 +213,8 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
 
     /// The step's options. The registry checks a step's config against them
     /// when a chain is stored, and the catalog publishes them as a JSON
-    /// Schema: one description, so the two cannot disagree.
+    /// Schema: one description, so the two agree on every option's kind
+    /// (a literal's own form, say an E.164 number, is the option's check).
     fn options(&self) -> Options;
 
     /// Checks of a step's config that its [`Handler::options`] cannot say

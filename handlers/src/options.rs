@@ -1,7 +1,10 @@
 //! A handler's options: one description that `chains apply` checks a step's
 //! config against ([`Options::check`]), that `GET /v1/handlers` publishes as
 //! a JSON Schema ([`Options::json_schema`]) and that the console builds its
-//! form from — so the three cannot disagree. And the helpers handlers read
+//! form from — so the three agree on which options there are, which are
+//! required, what each takes, which may be templates and which take fixed
+//! choices (a literal's own form, an E.164 number or a URL, is the option's
+//! check, said in its description). And the helpers handlers read
 //! their rendered options with.
 
 use std::fmt;
@@ -45,8 +48,12 @@ pub struct OptionSpec {
     pub template: bool,
     /// It names one of the account's secrets.
     pub secret: bool,
-    /// The only values it takes (besides a template, if it may be one).
+    /// The only values it takes (besides a template, if it may be one),
+    /// when `closed`.
     pub choices: Vec<String>,
+    /// It takes only its `choices` (which may be none at all: a provider
+    /// option where the deployment has no provider).
+    pub closed: bool,
     literal: Option<Literal>,
     /// What a missing required option is told, when more than that.
     missing: Option<String>,
@@ -73,6 +80,7 @@ impl OptionSpec {
             template: true,
             secret: false,
             choices: Vec::new(),
+            closed: false,
             literal: None,
             missing: None,
         }
@@ -140,6 +148,7 @@ impl OptionSpec {
     /// when given (its message), or by a message naming the choices.
     pub fn choices<S: ToString>(mut self, choices: impl IntoIterator<Item = S>) -> Self {
         self.choices = choices.into_iter().map(|c| c.to_string()).collect();
+        self.closed = true;
         if self.literal.is_none() {
             let choices = self.choices.clone();
             self.literal = Some(Arc::new(move |s: &str| {
@@ -221,8 +230,8 @@ impl OptionSpec {
     fn json_schema(&self) -> Value {
         let template = || json!({ "$ref": "#/$defs/template" });
         let mut schema = match &self.kind {
-            Kind::Text if self.choices.is_empty() && self.template => json!({ "type": "string" }),
-            Kind::Text if self.choices.is_empty() => {
+            Kind::Text if !self.closed && self.template => json!({ "type": "string" }),
+            Kind::Text if !self.closed => {
                 json!({ "type": "string", "not": template() })
             }
             Kind::Text if self.template => {

@@ -90,11 +90,15 @@ pub enum Collection {
     /// seen, latest event id. Local to each replica (a hint for the console,
     /// not state of record).
     EventKinds,
+    /// Events by when they were taken up, for listings:
+    /// `{account}\0{started:BE u64 ms}\0{event id}` → empty. Written with a
+    /// journal record's first write, expired with it.
+    EventTimes,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 25] = [
+    pub const ALL: [Collection; 26] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -120,6 +124,7 @@ impl Collection {
         Collection::LegacyTraceTimes,
         Collection::Replicas,
         Collection::EventKinds,
+        Collection::EventTimes,
     ];
 
     /// The collection's name on disk.
@@ -150,6 +155,7 @@ impl Collection {
             Collection::LegacyTraceTimes => "trace_times",
             Collection::Replicas => "replicas",
             Collection::EventKinds => "event_kinds",
+            Collection::EventTimes => "event_times",
         }
     }
 
@@ -173,6 +179,7 @@ impl Collection {
         matches!(
             self,
             Collection::Journal
+                | Collection::EventTimes
                 | Collection::DeadLetters
                 | Collection::Contacts
                 | Collection::ContactIndex
@@ -194,6 +201,7 @@ impl Collection {
         matches!(
             self,
             Collection::Journal
+                | Collection::EventTimes
                 | Collection::LegacyJournal
                 | Collection::LegacyJournalTimes
                 | Collection::LegacyTraces
@@ -703,6 +711,41 @@ impl Store {
     }
 
     /// Up to `limit` entries with keys at or after `from`, in key order.
+    /// Up to `limit` entries whose keys start with `prefix` and sort before
+    /// `before` (all of them when `None`), the last first.
+    pub fn scan_prefix_before(
+        &self,
+        c: Collection,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let end = match before {
+            Some(b) => b.to_vec(),
+            None => {
+                // Just past every key starting with `prefix`.
+                let mut end = prefix.to_vec();
+                while let Some(last) = end.pop() {
+                    if last < u8::MAX {
+                        end.push(last + 1);
+                        break;
+                    }
+                }
+                if end.is_empty() {
+                    return self.scan_prefix_rev(c, prefix, limit);
+                }
+                end
+            }
+        };
+        self.tree(c)
+            .range(prefix.to_vec()..end)
+            .rev()
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(io(c))
+    }
+
     pub fn scan_from(
         &self,
         c: Collection,

@@ -121,3 +121,68 @@ impl TailQuery {
             && pass(&self.status, &row.status)
     }
 }
+
+/// The query of `GET /v1/accounts/{account}/events`: `?limit=N` (50 when
+/// absent, at most 500), `before=CURSOR` (the `next` of the page before) and
+/// the filters of [`TailQuery`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventListQuery {
+    /// How many events to answer at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Where the page before ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// Only events of this conversation type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_type: Option<String>,
+    /// Only events of this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Only events of this conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_key: Option<String>,
+    /// Only events with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl EventListQuery {
+    /// The default number of events of a page.
+    pub const DEFAULT_LIMIT: usize = 50;
+    /// The most events a page answers.
+    pub const MAX_LIMIT: usize = 500;
+
+    /// The number of events to answer.
+    pub fn effective_limit(&self) -> usize {
+        self.limit
+            .unwrap_or(Self::DEFAULT_LIMIT)
+            .clamp(1, Self::MAX_LIMIT)
+    }
+
+    /// The filters.
+    pub fn filters(&self) -> TailQuery {
+        TailQuery {
+            conversation_type: self.conversation_type.clone(),
+            event_type: self.event_type.clone(),
+            conversation_key: self.conversation_key.clone(),
+            status: self.status.clone(),
+        }
+    }
+}
+
+/// `GET /v1/accounts/{account}/events`: the account's events, the latest
+/// taken up first (while their traces are kept), each as a [`EventRow`]
+/// whose `at` is when it was taken up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventList {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The events.
+    pub events: Vec<EventRow>,
+    /// Pass as `before` for the next page; absent at the end. A page may
+    /// hold fewer events than asked for and still have a next one, when
+    /// the filters passed few of those it looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}

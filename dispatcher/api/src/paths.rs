@@ -52,6 +52,12 @@ pub fn event_kinds(account: &str) -> String {
     account_path(account, "event-kinds")
 }
 
+/// `GET /v1/accounts/{account}/events`: the account's events, the latest
+/// first.
+pub fn events_of(account: &str) -> String {
+    account_path(account, "events")
+}
+
 /// `GET /v1/accounts/{account}/events/stream`: the live tail (Server-Sent
 /// Events, [`crate::events::EventRow`]s).
 pub fn event_stream(account: &str) -> String {
@@ -227,6 +233,7 @@ pub fn samples() -> Vec<String> {
         handlers(),
         account_handlers(a),
         event_kinds(a),
+        events_of(a),
         event_stream(a),
         chains(a),
         chain(a, n),

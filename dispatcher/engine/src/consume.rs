@@ -67,14 +67,17 @@ pub async fn consume(
         let delivery = tokio::select! {
             biased;
             _ = stopped.wait_for(|s| *s) => break,
+            // Before the deliveries: a backlog must not hold the counts back.
+            _ = tally_tick.tick() => {
+                if !tally.is_empty() {
+                    drop(hand_over(&kinds, std::mem::take(&mut tally)));
+                }
+                continue;
+            }
             d = deliveries.recv() => match d {
                 Some(d) => d,
                 None => break,
             },
-            _ = tally_tick.tick() => {
-                hand_over(&kinds, std::mem::take(&mut tally));
-                continue;
-            }
         };
         let event = match executor.decode(&delivery).await {
             Ok(event) => event,
@@ -97,7 +100,8 @@ pub async fn consume(
             break;
         }
     }
-    hand_over(&kinds, tally);
+    // The last counts are in the store before the store's last flush.
+    let _ = hand_over(&kinds, tally).await;
     // The bus stops pulling and hands over what it already took; workers
     // finish what they are handling, within the grace period, and what they
     // handled is settled. Everything not handled then goes back to the bus in
@@ -135,17 +139,18 @@ pub async fn consume(
     bus.hand_over().await;
 }
 
-/// Adds `tally` to the store's counts off the consume loop.
-fn hand_over(kinds: &EventKinds, tally: Tally) {
-    if tally.is_empty() {
-        return;
-    }
+/// Adds `tally` to the store's counts off the consume loop (the handle
+/// says when it is done).
+fn hand_over(kinds: &EventKinds, tally: Tally) -> tokio::task::JoinHandle<()> {
     let kinds = kinds.clone();
     tokio::task::spawn_blocking(move || {
+        if tally.is_empty() {
+            return;
+        }
         if let Err(e) = kinds.add(tally) {
             tracing::warn!(error = %e, "counting the kinds of event consumed failed; the console's list of them lags");
         }
-    });
+    })
 }
 
 /// Handled deliveries waiting to be settled. Workers wait only when this

@@ -11,6 +11,7 @@
 //! consumed, and a crash forgets at most the last second's counts.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 pub use switchboard_api::events::EventKind;
 use switchboard_sdk::{AccountKey, ConversationType, EventId, EventType, VumiApiEvent};
@@ -66,36 +67,57 @@ impl Tally {
     }
 }
 
+/// The most kinds kept per account: kinds first seen beyond it are not
+/// kept (an account's workers could otherwise make any number of them).
+pub const MAX_KINDS: usize = 200;
+
 /// The kinds of event of every account, in the store.
 #[derive(Debug, Clone)]
 pub struct EventKinds {
     store: Store,
+    /// Held while a tally is added: each kind is read, then written.
+    adding: Arc<Mutex<()>>,
 }
 
 impl EventKinds {
     /// The kinds kept in `store`.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            adding: Arc::default(),
+        }
     }
 
-    /// Adds a tally's counts: one read and one write per kind it holds.
+    /// Adds a tally's counts: one read and one write per kind it holds
+    /// (and, for a kind the account has not had, a count of its kinds).
     pub fn add(&self, tally: Tally) -> Result<(), StoreError> {
+        let _adding = self.adding.lock().expect("event kinds lock");
         for (account, by_type) in tally.counts {
+            let prefix = key(&[account.as_str().as_bytes(), b""]);
             for (conversation_type, by_event) in by_type {
                 for (event_type, seen) in by_event {
                     let k = kind_key(&account, &conversation_type, &event_type);
-                    let count = match self.store.get(Collection::EventKinds, &k)? {
-                        Some(bytes) => serde_json::from_slice::<EventKind>(&bytes)
-                            .map(|old| old.count)
-                            .unwrap_or(0),
-                        None => 0,
+                    let old = match self.store.get(Collection::EventKinds, &k)? {
+                        Some(bytes) => serde_json::from_slice::<EventKind>(&bytes).ok(),
+                        None => {
+                            let kinds = self.store.scan_prefix(Collection::EventKinds, &prefix)?;
+                            if kinds.len() >= MAX_KINDS {
+                                continue;
+                            }
+                            None
+                        }
+                    };
+                    // A later tally may be added first: the latest stays.
+                    let (last_seen, last_event_id) = match &old {
+                        Some(old) if old.last_seen > seen.at => (old.last_seen, old.last_event_id),
+                        _ => (seen.at, seen.latest),
                     };
                     let kind = EventKind {
                         conversation_type: conversation_type.clone(),
                         event_type,
-                        count: count + seen.count,
-                        last_seen: seen.at,
-                        last_event_id: seen.latest,
+                        count: old.map_or(0, |o| o.count) + seen.count,
+                        last_seen,
+                        last_event_id,
                     };
                     let value = serde_json::to_vec(&kind).expect("a kind serialises");
                     self.store.put(Collection::EventKinds, &k, &value)?;

@@ -48,38 +48,50 @@ impl Tail {
         if self.sender.receiver_count() == 0 {
             return;
         }
-        let chains = journal
-            .chains
-            .iter()
-            .map(|c| {
-                let (outcome, step) = match (&c.end, &c.retry, &c.condition_failed) {
-                    (Some(ChainEnd::Done), _, _) => ("done", None),
-                    (Some(ChainEnd::Dead { step, .. }), _, _) => ("dead", Some(step.clone())),
-                    (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
-                    (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
-                    (None, None, Some(_)) => ("condition_failed", None),
-                    (None, None, None) => ("running", None),
-                };
-                ChainRow {
-                    name: c.name.clone(),
-                    outcome: outcome.to_string(),
-                    step,
-                }
-            })
-            .collect();
-        let status = serde_json::to_value(status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let _ = self.sender.send(Arc::new(EventRow {
-            account_key: event.account_key.clone(),
-            id: event.id,
-            conversation_type: event.conversation_type.clone(),
-            event_type: event.event_type.clone(),
-            conversation_key: event.conversation_key.clone(),
-            status,
-            chains,
-            at: switchboard_sdk::now(),
-        }));
+        let row = row(event, journal, status, switchboard_sdk::now());
+        let _ = self.sender.send(Arc::new(row));
+    }
+}
+
+/// The row of `event` whose record is `journal`, standing at `status` at
+/// `at`: each chain with its outcome.
+pub(crate) fn row(
+    event: &VumiApiEvent,
+    journal: &EventJournal,
+    status: TraceStatus,
+    at: time::OffsetDateTime,
+) -> EventRow {
+    let chains = journal
+        .chains
+        .iter()
+        .map(|c| {
+            let (outcome, step) = match (&c.end, &c.retry, &c.condition_failed) {
+                (Some(ChainEnd::Done), _, _) => ("done", None),
+                (Some(ChainEnd::Dead { step, .. }), _, _) => ("dead", Some(step.clone())),
+                (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
+                (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
+                (None, None, Some(_)) => ("condition_failed", None),
+                (None, None, None) => ("running", None),
+            };
+            ChainRow {
+                name: c.name.clone(),
+                outcome: outcome.to_string(),
+                step,
+            }
+        })
+        .collect();
+    let status = serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    EventRow {
+        account_key: event.account_key.clone(),
+        id: event.id,
+        conversation_type: event.conversation_type.clone(),
+        event_type: event.event_type.clone(),
+        conversation_key: event.conversation_key.clone(),
+        status,
+        chains,
+        at,
     }
 }

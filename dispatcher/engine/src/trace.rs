@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use switchboard_api::events::{EventList, EventListQuery};
 use switchboard_handlers::LogLine;
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
-use switchboard_store::StoreError;
+use switchboard_store::{Collection, StoreError, key};
 use time::OffsetDateTime;
 
 use crate::journal::{ChainEnd, ChainJournal, EventJournal, Journal, RecordKey};
@@ -129,6 +130,108 @@ impl Traces {
         }
         Ok(Trace::of(&journal))
     }
+}
+
+/// How many listing entries one page looks at, at most, whatever its
+/// filters pass: a page of a rare kind of event ends early, with a `next`.
+const LISTING_LOOKS_AT: usize = 2_000;
+
+impl Traces {
+    /// A page of `account`'s events, the latest taken up first: those
+    /// `query`'s filters pass, below its `before` cursor. Errors: a cursor
+    /// that is not one.
+    pub fn list(
+        &self,
+        account: &AccountKey,
+        query: &EventListQuery,
+    ) -> Result<Result<EventList, String>, StoreError> {
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        let before = match query.before.as_deref().filter(|b| !b.is_empty()) {
+            None => None,
+            Some(cursor) => match parse_cursor(cursor) {
+                Some((ms, id)) => {
+                    let mut k = prefix.clone();
+                    k.extend_from_slice(&ms.to_be_bytes());
+                    k.push(0);
+                    k.extend_from_slice(id.as_bytes());
+                    Some(k)
+                }
+                None => {
+                    return Ok(Err(format!(
+                        "before: {cursor:?} is not a cursor; pass the `next` of a page"
+                    )));
+                }
+            },
+        };
+        let filters = query.filters();
+        let limit = query.effective_limit();
+        let cutoff = crate::journal::now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let entries = self.journal.store().scan_prefix_before(
+            Collection::EventTimes,
+            &prefix,
+            before.as_deref(),
+            LISTING_LOOKS_AT,
+        )?;
+        let exhausted = entries.len() < LISTING_LOOKS_AT;
+        let mut events = Vec::new();
+        let mut last = None;
+        let mut looked_at = 0;
+        for (k, _) in &entries {
+            looked_at += 1;
+            last = Some(k);
+            let Some((ms, id)) = k.get(prefix.len()..).and_then(split_entry) else {
+                continue;
+            };
+            if ms < cutoff {
+                // Older than the traces shown: so is every later entry.
+                last = None;
+                break;
+            }
+            let Ok(id) = EventId::parse(id) else {
+                continue;
+            };
+            let Some(journal) = self.journal.load(&RecordKey::new(account, &id))? else {
+                continue;
+            };
+            let Some(event) = &journal.event else {
+                continue;
+            };
+            let status = journal.finish.map_or(TraceStatus::Running, |f| f.status);
+            let row = crate::tail::row(event, &journal, status, at(journal.started_ms));
+            if filters.admits(&row) {
+                events.push(row);
+                if events.len() == limit {
+                    break;
+                }
+            }
+        }
+        let more = looked_at < entries.len() || !exhausted;
+        let next = last
+            .filter(|_| more)
+            .and_then(|k| k.get(prefix.len()..))
+            .and_then(split_entry)
+            .map(|(ms, id)| format!("{ms}-{id}"));
+        Ok(Ok(EventList {
+            account_key: account.clone(),
+            events,
+            next,
+        }))
+    }
+}
+
+/// A listing entry's `{started:BE u64}\0{event id}` (after the account).
+fn split_entry(rest: &[u8]) -> Option<(u64, &str)> {
+    let (ms, id) = rest.split_at_checked(8)?;
+    let ms = u64::from_be_bytes(ms.try_into().ok()?);
+    Some((ms, std::str::from_utf8(id.strip_prefix(&[0])?).ok()?))
+}
+
+/// A cursor, `{ms}-{event id}`.
+fn parse_cursor(cursor: &str) -> Option<(u64, String)> {
+    let (ms, id) = cursor.split_once('-')?;
+    let ms = ms.parse().ok()?;
+    EventId::parse(id).ok()?;
+    Some((ms, id.to_string()))
 }
 
 impl Trace {

@@ -140,6 +140,7 @@ routes! {
     "/v1/handlers" => { GET: handlers_builtin }
     "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
     "/v1/accounts/{account}/event-kinds" => { GET: list_event_kinds }
+    "/v1/accounts/{account}/events" => { GET: list_events }
     "/v1/accounts/{account}/events/stream" => { GET: event_stream }
     "/v1/accounts/{account}/chains" => {
         GET: show_chains, PUT: apply_chains, DELETE: remove_all_chains
@@ -679,6 +680,20 @@ async fn trace(
             "no trace of event {id} in account {account} (not handled yet, or never received)"
         ))),
     }
+}
+
+async fn list_events(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<switchboard_api::events::EventListQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let page = s
+        .traces
+        .list(&account, &q)
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad_request("invalid_cursor", e))?;
+    Ok(Json(page).into_response())
 }
 
 async fn list_event_kinds(State(s): State<ApiState>, Path(account): Path<String>) -> ApiResult {

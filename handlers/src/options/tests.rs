@@ -167,6 +167,9 @@ fn the_json_schema_says_what_each_option_takes() {
         "info"
     );
     assert_eq!(Options::open().json_schema()["additionalProperties"], true);
+    // No provider at all: nothing is accepted.
+    let none = sending(&[]).json_schema();
+    assert_eq!(none["properties"]["provider"]["enum"], json!([]));
 }
 
 /// The JSON Schema and [`Options::check`] give the same verdict on a
@@ -265,6 +268,11 @@ fn the_json_schema_and_the_check_agree() {
         ),
         ("emit no type", Emit.options(), json!({"data": {}})),
         ("script", Options::open(), json!({"threshold": 3})),
+        (
+            "no provider",
+            sending(&[]),
+            json!({"to": "+27820000001", "body": "b", "provider": "x"}),
+        ),
     ];
     let mut disagreements = Vec::new();
     for (name, options, config) in cases {

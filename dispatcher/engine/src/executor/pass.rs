@@ -56,18 +56,30 @@ impl Pass {
         self.journal.apply(entry);
     }
 
-    /// The write of what was recorded and not written yet, for a batch the
-    /// caller applies (`None` when there is nothing).
-    pub fn take_write(&mut self, journal: &Journal) -> Result<Option<Write>, StoreError> {
-        journal.append(&self.at, &mut self.journal, &mut self.pending)
+    /// The writes of what was recorded and not written yet, in order, for
+    /// a batch the caller applies (none when there is nothing): the entry,
+    /// and with a record's first write (its head) the record's place in the
+    /// account's listing, after it — a crash between leaves the event out
+    /// of the listing, never lists a record that is not there.
+    pub fn take_write(&mut self, journal: &Journal) -> Result<Vec<Write>, StoreError> {
+        let fresh = self.journal.is_fresh();
+        let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
+            return Ok(Vec::new());
+        };
+        let mut writes = vec![write];
+        if fresh {
+            writes.push(self.at.time_entry(self.journal.started_ms));
+        }
+        Ok(writes)
     }
 
     /// Writes what was recorded and not written yet (not flushed).
     pub fn write(&mut self, journal: &Journal, store: &Store) -> Result<(), StoreError> {
-        match self.take_write(journal)? {
-            Some(write) => store.write_in_order(&[write]),
-            None => Ok(()),
+        let writes = self.take_write(journal)?;
+        if writes.is_empty() {
+            return Ok(());
         }
+        store.write_in_order(&writes)
     }
 
     /// A step finished and was recorded: writes it now if `recording` says so.

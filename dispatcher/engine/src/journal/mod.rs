@@ -249,6 +249,12 @@ pub struct EventJournal {
 }
 
 impl EventJournal {
+    /// Whether nothing of the record was read or written yet (its next
+    /// write is its head).
+    pub fn is_fresh(&self) -> bool {
+        self.last_seq.is_none()
+    }
+
     /// A journal for an event taken up now.
     pub fn starting_now() -> Self {
         Self {
@@ -445,6 +451,28 @@ impl RecordKey {
         }
     }
 
+    /// The record's entry in [`Collection::EventTimes`], for an event
+    /// taken up at `started_ms`: `{account}\0{started_ms:BE}\0{event id}`.
+    pub fn time_entry(&self, started_ms: u64) -> Write {
+        let split = self
+            .head
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.head.len());
+        // `id` keeps the separator before it.
+        let (account, id) = self.head.split_at(split);
+        let mut k = Vec::with_capacity(self.head.len() + 9);
+        k.extend_from_slice(account);
+        k.push(0);
+        k.extend_from_slice(&started_ms.to_be_bytes());
+        k.extend_from_slice(id);
+        Write {
+            collection: Collection::EventTimes,
+            key: k,
+            value: Some(Vec::new()),
+        }
+    }
+
     /// The key of the write numbered `seq`: the head for 0.
     fn entry(&self, seq: u64) -> Vec<u8> {
         let mut k = self.head.clone();
@@ -488,6 +516,11 @@ impl Journal {
         let mut entries = vec![(at.head.clone(), head)];
         entries.extend(self.store.scan_prefix(Collection::Journal, &at.rest())?);
         Ok(fold(&entries))
+    }
+
+    /// The store the records are kept in.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The write that appends the `pending` entries (already applied to
@@ -567,7 +600,36 @@ impl Journal {
             }
             if done {
                 removed += self.expire_record(&group, cutoff)?;
+                self.expire_times(cutoff)?;
                 return Ok(removed);
+            }
+        }
+    }
+
+    /// Removes the listing entries of events taken up before `cutoff` (a
+    /// record kept longer for its dead letter is still found by its id).
+    fn expire_times(&self, cutoff: u64) -> Result<(), StoreError> {
+        let mut from = Vec::new();
+        loop {
+            let batch = self.store.scan_from(Collection::EventTimes, &from, 1024)?;
+            let done = batch.len() < 1024;
+            if let Some((last, _)) = batch.last() {
+                from = last.clone();
+                from.push(0);
+            }
+            for (k, _) in batch {
+                let started = k
+                    .iter()
+                    .position(|b| *b == 0)
+                    .and_then(|at| k.get(at + 1..at + 9))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
+                if started.is_none_or(|ms| ms < cutoff) {
+                    self.store.remove(Collection::EventTimes, &k)?;
+                }
+            }
+            if done {
+                return Ok(());
             }
         }
     }

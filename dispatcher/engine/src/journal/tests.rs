@@ -384,3 +384,22 @@ fn expiry_walks_records_larger_than_one_batch() {
     assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 3);
     assert_eq!(journal.store.len(Collection::Journal), 0);
 }
+
+#[test]
+fn listing_entries_expire_with_the_retention() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let (old, fresh) = (event(20), event(21));
+    let hour_ago = now_ms() - 3_600_000;
+    for (e, at) in [(&old, hour_ago), (&fresh, now_ms())] {
+        let entry = RecordKey::new(&e.account_key, &e.id).time_entry(at);
+        store.write_in_order(&[entry]).expect("the write");
+    }
+    assert_eq!(store.len(Collection::EventTimes), 2);
+    journal.expire(Duration::from_secs(60)).expect("expire");
+    let left = store
+        .scan_prefix(Collection::EventTimes, &[])
+        .expect("a scan");
+    assert_eq!(left.len(), 1);
+    assert!(left[0].0.ends_with(fresh.id.to_string().as_bytes()));
+}

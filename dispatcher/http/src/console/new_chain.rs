@@ -32,8 +32,18 @@ use crate::api::ApiState;
 /// and `csrf` and `action` on a post.
 pub(super) type Fields = HashMap<String, String>;
 
+/// A field as a name or key: trimmed.
 fn field<'a>(f: &'a Fields, name: &str) -> &'a str {
     f.get(name).map(|v| v.trim()).unwrap_or("")
+}
+
+/// A field as text (an option's value, the sample): as typed, but for the
+/// line endings a browser sends (`\r\n`); empty when only whitespace.
+fn text(f: &Fields, name: &str) -> String {
+    match f.get(name) {
+        Some(v) if !v.trim().is_empty() => v.replace("\r\n", "\n"),
+        _ => String::new(),
+    }
 }
 
 pub(super) async fn page(
@@ -344,11 +354,14 @@ impl Draft {
         }
         let mut config = Map::new();
         for option in &options.options {
-            let raw = field(&self.fields, &format!("opt.{}", option.name));
+            let raw = text(&self.fields, &format!("opt.{}", option.name));
             if raw.is_empty() {
                 continue;
             }
+            let raw = raw.as_str();
             let value = match option.kind {
+                // A literal (a provider, a secret's name) is a name: trimmed.
+                Kind::Text if !option.template => json!(raw.trim()),
                 Kind::Text => json!(raw),
                 Kind::Table => match serde_json::from_str::<Value>(raw) {
                     Ok(table @ Value::Object(_)) => table,
@@ -404,27 +417,42 @@ impl Draft {
 
     /// Files each problem next to the form field it is about.
     fn file_problems(&mut self, problems: Vec<ChainProblem>) {
+        let chain = field(&self.fields, "name").to_string();
+        // The step of the form, as problems number steps (from 1).
+        let position = match &self.target {
+            Target::NewChain => 1,
+            Target::Step { index: Some(i), .. } => i + 1,
+            Target::Step { chain, index: None } => chain.steps.len() + 1,
+        };
         for p in problems {
+            // A problem of another chain (a merge re-checks the account's
+            // chains) or of another step is said whole, above the form.
+            let ours = p.chain.as_deref() == Some(chain.as_str())
+                && p.step.as_ref().is_none_or(|(n, _)| *n == position);
             let at = match p.field.as_deref() {
+                _ if !ours => None,
                 Some(f) if f.starts_with("config.") => {
                     let option = f["config.".len()..]
                         .split(['.', '['])
                         .next()
                         .unwrap_or_default();
-                    if self.options.as_ref().is_some_and(|o| o.open) {
-                        "config".to_string()
-                    } else {
-                        format!("opt.{option}")
+                    match &self.options {
+                        Some(o) if o.open => Some("config".to_string()),
+                        Some(o) if o.get(option).is_some() => Some(format!("opt.{option}")),
+                        _ => None,
                     }
                 }
-                Some("name") if p.step.is_some() => "step_name".to_string(),
+                Some("name") if p.step.is_some() => Some("step_name".to_string()),
                 Some(
                     f @ ("name" | "conversation_type" | "event_type" | "conversation_key" | "when"
                     | "handler" | "config"),
-                ) => f.to_string(),
-                _ => String::new(),
+                ) => Some(f.to_string()),
+                _ => None,
             };
-            self.problem(&at, p.message);
+            match at {
+                Some(at) => self.problem(&at, p.message),
+                None => self.problem("", p.to_string()),
+            }
         }
     }
 
@@ -432,11 +460,11 @@ impl Draft {
     /// every template rendered, and what it would give.
     async fn preview(&mut self, s: &ApiState, account: &AccountKey) -> Option<Value> {
         let valid = self.checked(s, account)?;
-        let sample = field(&self.fields, "sample");
+        let sample = text(&self.fields, "sample");
         let data = if sample.is_empty() {
             Map::new()
         } else {
-            match serde_json::from_str(sample) {
+            match serde_json::from_str(&sample) {
                 Ok(Value::Object(map)) => map,
                 _ => {
                     self.problem("sample", "must be a JSON object: the event's event_data");
@@ -556,7 +584,7 @@ impl Draft {
                         Value::String(s) => s.clone(),
                         other => other.to_string(),
                     }),
-                    "value": field(&self.fields, &name),
+                    "value": text(&self.fields, &name),
                     "problems": problems(&name),
                 })
             })
@@ -624,8 +652,8 @@ impl Draft {
                     "event_type": value("event_type"),
                     "conversation_key": value("conversation_key"),
                     "when": value("when"),
-                    "config": value("config"),
-                    "sample": value("sample"),
+                    "config": text(&self.fields, "config"),
+                    "sample": text(&self.fields, "sample"),
                     "step_name": value("step_name"),
                 })),
                 sample_from => self.sample_from.clone(),

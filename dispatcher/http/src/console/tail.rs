@@ -10,24 +10,67 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use minijinja::context;
-use switchboard_api::events::TailQuery;
+use serde_json::json;
+use switchboard_api::events::{EventListQuery, TailQuery};
+use switchboard_sdk::format_rfc3339;
 
-use super::{Page, reachable, render, session_view, signed_in, view};
+use super::{Page, internal, reachable, render, session_view, signed_in, view};
 use crate::api::ApiState;
 
 pub(super) async fn page(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path(account): Path<String>,
-    Query(query): Query<TailQuery>,
+    Query(query): Query<EventListQuery>,
 ) -> Page {
     let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
+    let key = reachable(&session, &account)?;
+    let (events, next, error) = match s.traces.list(&key, &query) {
+        Ok(Ok(page)) => (page.events, page.next, None),
+        Ok(Err(e)) => (Vec::new(), None, Some(e)),
+        Err(e) => return Err(internal(&session, &e).into()),
+    };
+    // The link to the next page keeps the filters.
+    let older = next.map(|next| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("conversation_type", &query.conversation_type),
+            ("event_type", &query.event_type),
+            ("conversation_key", &query.conversation_key),
+            ("status", &query.status),
+        ] {
+            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                q.append_pair(name, v);
+            }
+        }
+        q.append_pair("before", &next);
+        q.finish()
+    });
+    let rows: Vec<_> = events
+        .iter()
+        .map(|e| {
+            json!({
+                "at": format_rfc3339(e.at),
+                "id": e.id.to_string(),
+                "types": format!("{} / {}", e.conversation_type, e.event_type),
+                "conversation_key": e.conversation_key.to_string(),
+                "status": e.status,
+                "chains": e.chains.iter().map(|c| match &c.step {
+                    Some(step) => format!("{}: {} at {step}", c.name, c.outcome),
+                    None => format!("{}: {}", c.name, c.outcome),
+                }).collect::<Vec<_>>().join(", "),
+            })
+        })
+        .collect();
     Ok(render(
         "tail.html",
         context! {
             account,
-            query => view(&query),
+            query => view(query.filters()),
+            live => query.before.as_deref().is_none_or(str::is_empty),
+            rows => view(&rows),
+            older,
+            error,
             session => session_view(&session),
         },
     ))
