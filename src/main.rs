@@ -505,6 +505,17 @@ enum EventsCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Run an event again, whole, as a new event (a new id: every chain
+    /// from its first step, and steps with effects act again). To resume a
+    /// dead event at its failed step, replay its dead letter instead.
+    Rerun {
+        /// The account.
+        account: String,
+        /// The event's id (its trace must still be kept).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -642,6 +653,11 @@ async fn main() -> ExitCode {
             };
             print(cli::events_list(&remote.client(), &account, &query, remote.json).await)
         }
+        Command::Events(EventsCommand::Rerun {
+            account,
+            id,
+            remote,
+        }) => print(cli::events_rerun(&remote.client(), &account, &id, remote.json).await),
         Command::Handlers { account, remote } => {
             print(cli::handlers(&remote.client(), account.as_deref(), remote.json).await)
         }

@@ -180,6 +180,8 @@ fn matrix() -> Vec<Row> {
         row("POST", "/v1/accounts/{account}/scripts/{name}/test",
             |f| format!("/v1/accounts/{}/scripts/ok/test", f.account),
             |_| Some(SAMPLE.into()), 200, 200),
+        row("POST", "/v1/accounts/{account}/events/{id}/rerun",
+            |f| format!("/v1/accounts/{}/events/{}/rerun", f.account, f.event_id), none, 202, 202),
         row("GET", "/v1/accounts/{account}/events/{id}/trace",
             |f| format!("/v1/accounts/{}/events/{}/trace", f.account, f.event_id), none, 200, 200),
         row("GET", "/v1/accounts/{account}/contacts",

@@ -246,6 +246,15 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
     );
     assert_eq!(
         post(
+            format!("/console/accounts/other/events/{other_id}/rerun"),
+            vec![("csrf", csrf.clone())]
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        post(
             "/console/accounts/other/chain/fail".into(),
             vec![("csrf", csrf.clone()), ("action", "remove_chain".into())]
         )
@@ -1060,6 +1069,18 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{run}"
     );
     browser.screenshot("new-chain-run").await;
+    // The whole event, again: a new event, a second SMS.
+    browser.click(Locator::Id("rerun-button")).await;
+    let again = browser.text("#rerun").await;
+    assert!(again.starts_with("Run again as a new event: "), "{again}");
+    browser.click(Locator::Css("#rerun a")).await;
+    let again_id = again
+        .trim_start_matches("Run again as a new event: ")
+        .trim_end_matches('.')
+        .to_string();
+    let trace = d.wait_for_trace("acme", &again_id, util::TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(receiver.requests_to("/sms").await.len(), 2);
 }
 
 /// The version history shows what each change did as a diff of chain files,

@@ -551,3 +551,45 @@ async fn events_are_listed_latest_first_page_by_page() {
     );
     assert!(text.contains("loyalty/points_awarded"), "{text}");
 }
+
+/// An event run again, whole, is a new event with the same data: its own
+/// trace, every chain from its first step; the first is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_run_again_whole_as_a_new_event() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let first = d
+        .post_event(
+            &json!({"account_key": "acme", "conversation_key": "poll-2026",
+            "conversation_type": "survey", "event_type": "poll_complete",
+            "event_data": {"msisdn": "+27820000001", "score": 4}}),
+        )
+        .await;
+    let before = d.wait_for_trace("acme", &first, TIMEOUT).await;
+    let out = d.cli(&["events", "rerun", "acme", &first, "--json"]).await;
+    let again = out.json()["id"].as_str().expect("a new id").to_string();
+    assert_ne!(again, first);
+    let trace = d.wait_for_trace("acme", &again, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["event"]["event_data"], before["event"]["event_data"]);
+    assert_eq!(chain_names(&trace), chain_names(&before));
+    assert_ne!(
+        trace["children"], before["children"],
+        "new children, new ids"
+    );
+    assert_eq!(d.trace("acme", &first).await.unwrap(), before);
+    // An event with no trace cannot be.
+    let out = d
+        .cli(&[
+            "events",
+            "rerun",
+            "acme",
+            "0190d0b6-3c4e-7f00-8000-000000000000",
+        ])
+        .await;
+    assert!(
+        out.fails().contains("has no trace of event"),
+        "{}",
+        out.fails()
+    );
+}

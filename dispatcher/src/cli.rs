@@ -793,6 +793,26 @@ pub async fn events_list(
     Ok(out)
 }
 
+/// `switchboard events rerun ACCOUNT ID`
+pub async fn events_rerun(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let answer: Accepted = client
+        .post(&paths::event_rerun(a.as_str(), id), &serde_json::json!({}))
+        .await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    Ok(format!(
+        "event {id} runs again as event {} on {}\nfollow it: switchboard trace {a} {}",
+        answer.id, answer.subject, answer.id
+    ))
+}
+
 /// `switchboard handlers [ACCOUNT]`: the built-in handlers with their
 /// options (and the account's scripts).
 pub async fn handlers(

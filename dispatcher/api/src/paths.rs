@@ -58,6 +58,12 @@ pub fn events_of(account: &str) -> String {
     account_path(account, "events")
 }
 
+/// `POST /v1/accounts/{account}/events/{id}/rerun`: the event again, as a
+/// new one.
+pub fn event_rerun(account: &str, id: &str) -> String {
+    account_path(account, &format!("events/{}/rerun", segment(id)))
+}
+
 /// `GET /v1/accounts/{account}/events/stream`: the live tail (Server-Sent
 /// Events, [`crate::events::EventRow`]s).
 pub fn event_stream(account: &str) -> String {
@@ -234,6 +240,7 @@ pub fn samples() -> Vec<String> {
         account_handlers(a),
         event_kinds(a),
         events_of(a),
+        event_rerun(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
         event_stream(a),
         chains(a),
         chain(a, n),

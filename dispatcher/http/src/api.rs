@@ -157,6 +157,7 @@ routes! {
     "/v1/accounts/{account}/scripts/{name}/versions" => { GET: script_history }
     "/v1/accounts/{account}/scripts/{name}/test" => { POST: test_script }
     "/v1/accounts/{account}/events/{id}/trace" => { GET: trace }
+    "/v1/accounts/{account}/events/{id}/rerun" => { POST: rerun_event }
     "/v1/accounts/{account}/contacts" => { GET: list_contacts }
     "/v1/accounts/{account}/contacts/{key}" => { GET: show_contact }
     "/v1/accounts/{account}/messages" => { GET: list_messages }
@@ -232,6 +233,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The answer's status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What went wrong.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -1459,7 +1470,10 @@ async fn receive_inbound(
 }
 
 mod handlers;
+pub(crate) mod rerun;
 pub(crate) mod tail;
+
+use rerun::rerun as rerun_event;
 
 use tail::stream as event_stream;
 

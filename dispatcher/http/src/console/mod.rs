@@ -86,6 +86,10 @@ pub fn routes() -> Router<ApiState> {
             get(run::run_page),
         )
         .route(
+            "/console/accounts/{account}/events/{id}/rerun",
+            post(run::rerun),
+        )
+        .route(
             "/console/accounts/{account}/dead-letters",
             get(letters::page),
         )

@@ -45,10 +45,17 @@ pub(super) async fn find_event(
     }
 }
 
+#[derive(Deserialize)]
+pub(super) struct Shown {
+    /// The new event this one was just run again as.
+    rerun: Option<String>,
+}
+
 pub(super) async fn run_page(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path((account, id)): Path<(String, String)>,
+    Query(shown): Query<Shown>,
 ) -> Page {
     let session = signed_in(&s, &headers)?;
     let key = reachable(&session, &account)?;
@@ -72,9 +79,14 @@ pub(super) async fn run_page(
         return Err(not_found(&session).into());
     };
     let letters = replayable_letters(&s, &trace).map_err(|e| internal(&session, &e))?;
+    let rerun = shown
+        .rerun
+        .as_deref()
+        .and_then(|r| EventId::parse(r).ok())
+        .map(|r| r.to_string());
     Ok(render(
         "run.html",
-        run_context(&account, &trace, letters, &session),
+        run_context(&account, &trace, letters, rerun, &session),
     ))
 }
 
@@ -113,6 +125,7 @@ fn run_context(
     account: &str,
     trace: &Trace,
     letters: Vec<DeadLetter>,
+    rerun: Option<String>,
     session: &Session,
 ) -> minijinja::Value {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
@@ -160,6 +173,7 @@ fn run_context(
         children => trace.children.iter().map(ToString::to_string).collect::<Vec<_>>(),
         chains => view(&chains),
         letters => view(&letters),
+        rerun,
         session => session_view(session),
     }
 }
@@ -185,6 +199,32 @@ pub(super) async fn replay(
             StatusCode::CONFLICT,
             Some(&session),
             &format!("The dead letter could not be replayed: {e}"),
+        )
+        .into()),
+    }
+}
+
+/// Runs the event again, whole, as a new event (see `api::rerun`), and shows
+/// the new event's run.
+pub(super) async fn rerun(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((account, id)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    checked_form(&session, &form.csrf)?;
+    match crate::api::rerun::rerun_event(&s, &key, &id).await {
+        Ok(again) => Ok(Redirect::to(&format!(
+            "/console/accounts/{account}/events/{id}?rerun={}",
+            again.id
+        ))
+        .into_response()),
+        Err(e) => Err(error_page(
+            e.status(),
+            Some(&session),
+            &format!("The event could not be run again: {}", e.message()),
         )
         .into()),
     }
