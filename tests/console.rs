@@ -1444,3 +1444,65 @@ async fn a_save_refused_for_another_chain_names_that_chain() {
     let (_, chains) = d.get("/v1/accounts/acme/chains").await;
     assert!(!chains.to_string().contains("farewell"), "{chains}");
 }
+
+/// A session outlives a restart of the dispatcher (it is kept in the store,
+/// under a hash of its id): the browser stays signed in and its live
+/// events stream connects again; signing out ends it for good.
+#[tokio::test]
+async fn a_session_outlives_a_restart() {
+    let mut d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"noted\"\nevent_type = \"joined\"\n\
+         [[chains.steps]]\nhandler = \"log\"\n",
+    )
+    .await;
+    let http = plain_client();
+    let token = account_token(&d, "acme").await;
+    let session = sign_in(&http, d.url(), &token).await;
+    let cookie = format!("sb_session={session}");
+    d.restart();
+    let base = d.url().to_string();
+    let page = http
+        .get(format!("{base}/console/accounts/acme"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let stream = http
+        .get(format!("{base}/console/accounts/acme/tail/stream"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    drop(stream);
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let out = http
+        .post(format!("{base}/console/sign-out"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&out), "/console/sign-in");
+    d.restart();
+    let page = http
+        .get(format!("{}/console/accounts/acme", d.url()))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 303, "signed out for good");
+}

@@ -439,7 +439,7 @@ impl Engine {
                 limits.ingest_rate,
                 limits.ingest_burst.unwrap_or(limits.ingest_rate),
             )),
-            sessions: Arc::default(),
+            sessions: Arc::new(Sessions::new(store.clone())),
             config_writes: Arc::default(),
             inbound: Arc::new(Inbound::new(
                 store.clone(),

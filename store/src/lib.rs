@@ -94,11 +94,14 @@ pub enum Collection {
     /// `{account}\0{started:BE u64 ms}\0{event id}` → empty. Written with a
     /// journal record's first write, expired with it.
     EventTimes,
+    /// Web console sessions: `{sha-256 of the session id}` → whom it signed
+    /// in, its CSRF token and when it expires. The id itself is never stored.
+    ConsoleSessions,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 26] = [
+    pub const ALL: [Collection; 27] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -125,6 +128,7 @@ impl Collection {
         Collection::Replicas,
         Collection::EventKinds,
         Collection::EventTimes,
+        Collection::ConsoleSessions,
     ];
 
     /// The collection's name on disk.
@@ -156,6 +160,7 @@ impl Collection {
             Collection::Replicas => "replicas",
             Collection::EventKinds => "event_kinds",
             Collection::EventTimes => "event_times",
+            Collection::ConsoleSessions => "console_sessions",
         }
     }
 
@@ -208,6 +213,7 @@ impl Collection {
                 | Collection::LegacyTraceTimes
                 | Collection::Idempotency
                 | Collection::Replicas
+                | Collection::ConsoleSessions
         )
     }
 

@@ -1,16 +1,23 @@
 //! Console sessions: an API token exchanged at sign-in for a random session
 //! id in an HttpOnly, SameSite=Strict cookie, with a CSRF token every
-//! state-changing form carries. Sessions live in memory: a restart signs
-//! everyone out, and no token or session id is ever stored or logged.
+//! state-changing form carries. Sessions are kept in the store (shared by
+//! replicas) under the SHA-256 of their id, so a restart or another replica
+//! keeps a browser signed in (and its live tail reconnects); no token or
+//! session id is ever stored or logged.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store};
 
 use crate::auth::Principal;
 
@@ -38,14 +45,129 @@ pub struct Session {
 /// How long a sign-in link works, once.
 pub const LINK_TTL: Duration = Duration::from_secs(600);
 
-/// The console's sessions, by id, and the sign-in links not used yet.
-#[derive(Debug, Default)]
+/// A session as the store keeps it.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// `admin`, or the account.
+    account: Option<AccountKey>,
+    csrf: String,
+    expires_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// A session id's key in the store: its SHA-256, never the id.
+fn stored_key(id: &str) -> Vec<u8> {
+    Sha256::digest(id.as_bytes()).to_vec()
+}
+
+/// How often expired sessions are swept from the store (at a sign-in).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// The console's sessions, by id (the store's, with the ones this process
+/// has read in memory), and the sign-in links not used yet.
+#[derive(Debug)]
 pub struct Sessions {
+    store: Option<Store>,
     by_id: Mutex<HashMap<String, Session>>,
     links: Mutex<HashMap<String, (Principal, Instant)>>,
+    swept: Mutex<Option<Instant>>,
+}
+
+impl Default for Sessions {
+    /// Sessions in memory only.
+    fn default() -> Self {
+        Self {
+            store: None,
+            by_id: Mutex::default(),
+            links: Mutex::default(),
+            swept: Mutex::default(),
+        }
+    }
 }
 
 impl Sessions {
+    /// Sessions kept in `store` too.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store: Some(store),
+            ..Self::default()
+        }
+    }
+
+    fn save(&self, id: &str, session: &Session) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let stored = Stored {
+            account: match &session.principal {
+                Principal::Admin => None,
+                Principal::Account(a) => Some(a.clone()),
+            },
+            csrf: session.csrf.clone(),
+            expires_ms: now_ms()
+                + session
+                    .expires
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+        };
+        let value = serde_json::to_vec(&stored).expect("a session serialises");
+        // Made durable at once: a sign-in is rare, and a crash right after
+        // it should not sign the browser out.
+        if let Err(e) = store
+            .put(Collection::ConsoleSessions, &stored_key(id), &value)
+            .and_then(|()| store.flush_blocking())
+        {
+            tracing::warn!(error = %e, "keeping a console session failed; it lasts until this process stops");
+        }
+        self.sweep(store);
+    }
+
+    fn load(&self, id: &str) -> Option<Session> {
+        let store = self.store.as_ref()?;
+        let bytes = store
+            .get(Collection::ConsoleSessions, &stored_key(id))
+            .ok()??;
+        let stored: Stored = serde_json::from_slice(&bytes).ok()?;
+        let left = stored.expires_ms.checked_sub(now_ms())?;
+        Some(Session {
+            principal: match stored.account {
+                None => Principal::Admin,
+                Some(a) => Principal::Account(a),
+            },
+            csrf: stored.csrf,
+            expires: Instant::now() + Duration::from_millis(left),
+        })
+    }
+
+    /// Removes expired sessions from the store, at most once per
+    /// [`SWEEP_EVERY`].
+    fn sweep(&self, store: &Store) {
+        {
+            let mut swept = self.swept.lock().expect("sweep lock");
+            if swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+                return;
+            }
+            *swept = Some(Instant::now());
+        }
+        let now = now_ms();
+        let Ok(all) = store.scan_prefix(Collection::ConsoleSessions, &[]) else {
+            return;
+        };
+        for (k, v) in all {
+            let expired =
+                serde_json::from_slice::<Stored>(&v).map_or(true, |s| s.expires_ms <= now);
+            if expired {
+                let _ = store.remove(Collection::ConsoleSessions, &k);
+            }
+        }
+    }
+
     /// A code that signs a browser in as `principal` once, within
     /// [`LINK_TTL`] (`/console/sign-in/{code}`): what `switchboard demo`
     /// prints, so that its user needs no token to paste.
@@ -85,7 +207,9 @@ impl Sessions {
                 by_id.remove(&oldest);
             }
         }
-        by_id.insert(id.clone(), session);
+        by_id.insert(id.clone(), session.clone());
+        drop(by_id);
+        self.save(&id, &session);
         id
     }
 
@@ -94,19 +218,34 @@ impl Sessions {
         let id = cookie(headers, SESSION_COOKIE)?;
         let mut by_id = self.by_id.lock().expect("session lock");
         match by_id.get(&id) {
-            Some(s) if s.expires > Instant::now() => Some(s.clone()),
+            Some(s) if s.expires > Instant::now() => return Some(s.clone()),
             Some(_) => {
                 by_id.remove(&id);
-                None
+                return None;
             }
-            None => None,
+            None => {}
         }
+        drop(by_id);
+        // Started before a restart, or by another replica.
+        let session = self.load(&id)?;
+        self.by_id
+            .lock()
+            .expect("session lock")
+            .insert(id, session.clone());
+        Some(session)
     }
 
     /// Ends the session the request's cookie names.
     pub fn end(&self, headers: &HeaderMap) {
         if let Some(id) = cookie(headers, SESSION_COOKIE) {
             self.by_id.lock().expect("session lock").remove(&id);
+            if let Some(store) = &self.store
+                && let Err(e) = store
+                    .remove(Collection::ConsoleSessions, &stored_key(&id))
+                    .and_then(|_| store.flush_blocking())
+            {
+                tracing::warn!(error = %e, "removing a console session failed; it ends when it expires");
+            }
         }
     }
 }
@@ -177,6 +316,31 @@ mod tests {
             HeaderValue::from_static("sb_session=made-up"),
         );
         assert!(sessions.of(&headers).is_none());
+    }
+
+    #[test]
+    fn a_session_kept_in_the_store_outlives_the_process() {
+        let store = Store::temporary().unwrap();
+        let id = Sessions::new(store.clone())
+            .start(Principal::Account(AccountKey::new("acme").unwrap()));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+        );
+        // Another process (a restart, a replica) over the same store.
+        let later = Sessions::new(store.clone());
+        let session = later.of(&headers).expect("the session");
+        assert_eq!(
+            session.principal,
+            Principal::Account(AccountKey::new("acme").unwrap())
+        );
+        // The id itself is nowhere in the store.
+        let kept = store.scan_prefix(Collection::ConsoleSessions, &[]).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(!kept[0].0.windows(id.len()).any(|w| w == id.as_bytes()));
+        later.end(&headers);
+        assert!(Sessions::new(store).of(&headers).is_none());
     }
 
     #[test]
