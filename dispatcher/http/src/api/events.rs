@@ -1,0 +1,108 @@
+//! Events: ingest, the account list, traces, the listing and the kinds of
+//! event an account has had.
+
+use super::*;
+
+pub(super) async fn ingest(
+    State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let event = VumiApiEvent::decode_with_defaults(&body, s.max_event_bytes)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    if let Principal::Account(own) = &principal
+        && own != &event.account_key
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token belongs to account {own}; it cannot publish events of account {}",
+                event.account_key
+            ),
+        ));
+    }
+    if let Err(wait) = s.ingest_limit.take(event.account_key.as_str()) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "account {} is over its ingest rate (limits.ingest_rate); retry in {secs} s",
+                event.account_key
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return Ok(response);
+    }
+    let published = s.bus.publish(&event).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            id: event.id,
+            subject: event.subject(&s.prefix),
+            duplicate: published.duplicate,
+        }),
+    )
+        .into_response())
+}
+
+/// Accounts that have chains; for an account token, only its own.
+pub(super) async fn list_accounts(
+    State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<AccountList> {
+    let mut accounts = s.chains.accounts();
+    accounts.retain(|a| principal.reaches(a.as_str()));
+    Json(AccountList { accounts })
+}
+
+pub(super) async fn trace(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let id = EventId::parse(&id).map_err(|e| ApiError::bad_request("invalid_event_id", e))?;
+    match s.traces.get(&account, &id).map_err(ApiError::internal)? {
+        Some(trace) => Ok(Json(trace).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "no trace of event {id} in account {account} (not handled yet, or never received)"
+        ))),
+    }
+}
+
+pub(super) async fn list_events(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<switchboard_api::events::EventListQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let page = s
+        .traces
+        .list(&account, &q)
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad_request("invalid_cursor", e))?;
+    Ok(Json(page).into_response())
+}
+
+pub(super) async fn list_event_kinds(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let kinds = s.event_kinds.of(&account).map_err(ApiError::internal)?;
+    Ok(Json(switchboard_api::events::EventKindList {
+        account_key: account,
+        kinds,
+    })
+    .into_response())
+}

@@ -1,0 +1,191 @@
+//! Inbound provider webhooks: their URLs, the records they posted that
+//! matched nothing, and receiving a provider's post.
+
+use super::*;
+
+pub(super) async fn list_unmatched(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let unmatched = s
+        .inbound
+        .unmatched
+        .list(&account, q.effective_limit())
+        .map_err(ApiError::internal)?;
+    Ok(Json(UnmatchedList {
+        account_key: account,
+        unmatched: unmatched
+            .iter()
+            .map(crate::inbound::Unmatched::answer)
+            .collect(),
+    })
+    .into_response())
+}
+
+pub(super) fn provider(raw: &str) -> Result<Provider, ApiError> {
+    Provider::parse(raw).ok_or_else(|| {
+        ApiError::bad_request(
+            "unknown_provider",
+            CreateError::UnknownProvider(raw.to_string()).to_string(),
+        )
+    })
+}
+
+pub(super) async fn list_inbound(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let hooks = s.inbound.hooks.list(&account).map_err(ApiError::internal)?;
+    Ok(Json(InboundList {
+        account_key: account,
+        inbound: hooks.iter().map(crate::inbound::Hook::answer).collect(),
+    })
+    .into_response())
+}
+
+pub(super) async fn show_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let provider = provider(&raw)?;
+    match s
+        .inbound
+        .hooks
+        .get(&account, provider)
+        .map_err(ApiError::internal)?
+    {
+        Some(hook) => Ok(Json(hook.answer()).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no inbound {raw} webhook"
+        ))),
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(e: CreateError) -> Self {
+        match &e {
+            CreateError::UnknownProvider(_) => {
+                ApiError::bad_request("unknown_provider", e.to_string())
+            }
+            CreateError::SecretRequired(_) | CreateError::SecretNotTaken(_) => {
+                ApiError::bad_request("invalid_secret", e.to_string())
+            }
+            CreateError::SecretNotSet { .. } | CreateError::NotConfigured(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_configured", e.to_string())
+            }
+            CreateError::Exists { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "exists", e.to_string())
+            }
+            CreateError::Store(_) | CreateError::Records(_) => ApiError::internal(e),
+        }
+    }
+}
+
+pub(super) async fn create_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let request: CreateInboundRequest = if body.trim().is_empty() {
+        CreateInboundRequest::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!(
+                    "the body must be {{\"secret\": NAME, \"rotate\": true|false}}, both optional: {e}"
+                ),
+            )
+        })?
+    };
+    if let Some(name) = &request.secret {
+        check_secret_name(name).map_err(|e| ApiError::bad_request("invalid_secret", e))?;
+    }
+    let (url, hook) = s
+        .inbound
+        .create(&account, &raw, request.secret, request.rotate)
+        .await?;
+    let answer = CreatedInbound {
+        account_key: hook.account_key,
+        provider: hook.provider,
+        created_at: hook.created_at,
+        secret: hook.secret,
+        url,
+        rotated: request.rotate,
+    };
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+pub(super) async fn revoke_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let provider = provider(&raw)?;
+    match s
+        .inbound
+        .revoke(&account, provider)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(hook) => {
+            tracing::info!(%account, provider = raw, "inbound webhook revoked");
+            Ok(Json(RevokedInbound {
+                account_key: hook.account_key,
+                provider: hook.provider,
+                created_at: hook.created_at,
+                secret: hook.secret,
+                revoked: true,
+            })
+            .into_response())
+        }
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no inbound {raw} webhook"
+        ))),
+    }
+}
+
+impl From<InboundError> for ApiError {
+    fn from(e: InboundError) -> Self {
+        match &e {
+            InboundError::NotFound => ApiError::not_found(e.to_string()),
+            InboundError::NotConfigured(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_configured",
+                e.to_string(),
+            ),
+            InboundError::Rejected(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "signature_rejected", e.to_string())
+            }
+            InboundError::Store(_) | InboundError::Records(_) => ApiError::internal(e),
+            InboundError::Bus(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+/// `POST /v1/inbound/{account}/{provider}/{secret}`: what a provider posts.
+pub(super) async fn receive_inbound(
+    State(s): State<ApiState>,
+    Path((account, raw, secret)): Path<(String, String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    let receipt = s
+        .inbound
+        .receive(&account, &raw, &secret, &path, &headers, &body)
+        .await?;
+    Ok(Json(receipt).into_response())
+}

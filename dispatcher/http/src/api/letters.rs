@@ -1,0 +1,128 @@
+//! Dead letters: list, show, replay (one or many) and discard.
+
+use super::*;
+
+pub(super) async fn list_dead_letters(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let letters = s
+        .letters
+        .list(&account, q.effective_limit())
+        .map_err(ApiError::internal)?;
+    Ok(Json(DeadLetterList {
+        account_key: account,
+        dead_letters: letters.iter().map(to_json).collect(),
+    })
+    .into_response())
+}
+
+pub(super) async fn show_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    match s.letters.get(&account, &id).map_err(ApiError::internal)? {
+        Some(letter) => Ok(Json(letter).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no dead letter {id}"
+        ))),
+    }
+}
+
+impl From<LetterError> for ApiError {
+    fn from(e: LetterError) -> Self {
+        match &e {
+            LetterError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            LetterError::NoEvent(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_replayable", e.to_string())
+            }
+            LetterError::Store(_) => ApiError::internal(e),
+            LetterError::Bus { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+pub(super) async fn replay_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let letter = s.letters.replay(&account, &id).await?;
+    Ok(Json(ReplayedLetter {
+        account_key: account,
+        replayed: to_json(&letter),
+    })
+    .into_response())
+}
+
+pub(super) async fn discard_dead_letter(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let letter = s.letters.discard(&account, &id).await?;
+    Ok(Json(DiscardedLetter {
+        account_key: account,
+        discarded: to_json(&letter),
+    })
+    .into_response())
+}
+
+/// Replays every dead letter of the account that the filter selects and that
+/// holds an event, oldest first. Letters already being replayed are left alone.
+pub(super) async fn replay_dead_letters(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    TextBody(body): TextBody,
+) -> ApiResult {
+    dead_letter_account(&account)?;
+    let filter: ReplayFilter = if body.trim().is_empty() {
+        ReplayFilter::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_filter",
+                format!(
+                    "the body must be {{\"chain\": NAME, \"since\": RFC 3339 time}}, both optional: {e}"
+                ),
+            )
+        })?
+    };
+    let letters = s.letters.all(&account).map_err(ApiError::internal)?;
+    let mut replayed = Vec::new();
+    let mut skipped = Vec::new();
+    for letter in letters {
+        let selected = letter.status == LetterStatus::Dead
+            && filter
+                .chain
+                .as_ref()
+                .is_none_or(|c| letter.chain.as_ref() == Some(c))
+            && filter.since.is_none_or(|t| letter.at >= t);
+        if !selected {
+            continue;
+        }
+        match s.letters.replay(&account, &letter.id).await {
+            Ok(_) => replayed.push(letter.id),
+            Err(e @ LetterError::NoEvent(_)) => {
+                skipped.push(SkippedLetter {
+                    id: letter.id,
+                    error: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(ReplayedLetters {
+        account_key: account,
+        replayed,
+        skipped,
+    })
+    .into_response())
+}
