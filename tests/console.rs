@@ -1505,4 +1505,24 @@ async fn a_session_outlives_a_restart() {
         .await
         .unwrap();
     assert_eq!(page.status(), 303, "signed out for good");
+
+    // A session lasts only while its token does: revoking it ends it.
+    let created = d.cli(&["tokens", "create", "acme", "--json"]).await.json();
+    let (token, id) = (
+        created["token"].as_str().unwrap().to_string(),
+        created["id"].as_str().unwrap().to_string(),
+    );
+    let base = d.url().to_string();
+    let session = sign_in(&http, &base, &token).await;
+    let cookie = format!("sb_session={session}");
+    let get = || {
+        http.get(format!("{base}/console/accounts/acme"))
+            .header(reqwest::header::COOKIE, &cookie)
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    d.cli(&["tokens", "revoke", "acme", &id]).await.ok();
+    let page = get().await.unwrap();
+    assert_eq!(page.status(), 303, "the token was revoked");
+    assert_eq!(location(&page), "/console/sign-in");
 }

@@ -99,6 +99,8 @@ pub struct Dispatcher {
     server: JoinHandle<()>,
     /// The console's sessions (for sign-in links).
     sessions: Arc<Sessions>,
+    /// The admin token's hash (sign-in links sign in as the admin).
+    admin_credential: switchboard_http::auth::Credential,
 }
 
 impl Dispatcher {
@@ -125,6 +127,7 @@ impl Dispatcher {
             ))
         })?;
         let (admin_token, admin_token_file) = admin_token(&config)?;
+        let admin_credential = switchboard_http::auth::credential(admin_token.expose());
         let Backend {
             store,
             bus,
@@ -221,6 +224,7 @@ impl Dispatcher {
             membership,
             server,
             sessions,
+            admin_credential,
         })
     }
 
@@ -230,7 +234,8 @@ impl Dispatcher {
         format!(
             "http://{}/console/sign-in/{}",
             self.local_addr,
-            self.sessions.sign_in_link(Principal::Admin)
+            self.sessions
+                .sign_in_link(Principal::Admin, self.admin_credential)
         )
     }
 

@@ -524,6 +524,16 @@ impl Auth {
         &self.tokens
     }
 
+    /// Whether the token of `credential` is still the admin token or a live
+    /// account token: a console session ends when its token is revoked (or
+    /// the admin token changed).
+    pub fn holds(&self, credential: &Credential) -> Result<bool, TokenError> {
+        if constant_time_eq(credential, &self.admin) {
+            return Ok(true);
+        }
+        Ok(self.tokens.record(credential)?.is_some())
+    }
+
     /// Who `token` is, or `None` when it is nobody. The admin token is
     /// compared by hash in constant time; account tokens are looked up by
     /// their hash, so no secret is compared byte by byte.
@@ -541,6 +551,15 @@ impl Auth {
 
 fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// What a session keeps of the token it was started with: its SHA-256 (the
+/// key the token store already keeps it under), never the token.
+pub type Credential = [u8; 32];
+
+/// The [`Credential`] of `token`.
+pub fn credential(token: &str) -> Credential {
+    hash(token)
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {

@@ -257,11 +257,27 @@ fn session_view(session: &Session) -> minijinja::Value {
     context! { who, csrf => session.csrf.clone() }
 }
 
-/// The request's session, or a redirect to sign in.
+/// The request's session, or a redirect to sign in: also when the token it
+/// was started with has been revoked since (the session ends with it).
 fn signed_in(s: &ApiState, headers: &HeaderMap) -> Result<Session, Instead> {
-    s.sessions
-        .of(headers)
-        .ok_or_else(|| Redirect::to("/console/sign-in").into_response().into())
+    let to_sign_in = || Redirect::to("/console/sign-in").into_response().into();
+    let session = s.sessions.of(headers).ok_or_else(to_sign_in)?;
+    match s.auth.holds(&session.credential) {
+        Ok(true) => Ok(session),
+        Ok(false) => {
+            s.sessions.end(headers);
+            Err(to_sign_in())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "checking a console session's token failed");
+            Err(error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "The session could not be checked; try again.",
+            )
+            .into())
+        }
+    }
 }
 
 /// The account a signed-in page is about, if the session reaches it: 404
@@ -373,14 +389,14 @@ async fn sign_in(
             );
         }
     };
-    signed_in_response(&s, principal)
+    signed_in_response(&s, principal, crate::auth::credential(form.token.trim()))
 }
 
 /// A sign-in link (see [`session::Sessions::sign_in_link`]): signs in and
 /// goes to the console, once.
 async fn sign_in_link(State(s): State<ApiState>, Path(code): Path<String>) -> Response {
     match s.sessions.redeem(&code) {
-        Some(principal) => signed_in_response(&s, principal),
+        Some((principal, credential)) => signed_in_response(&s, principal, credential),
         None => sign_in_form(
             StatusCode::UNAUTHORIZED,
             Some("That sign-in link was used already or has expired: sign in with a token."),
@@ -389,8 +405,12 @@ async fn sign_in_link(State(s): State<ApiState>, Path(code): Path<String>) -> Re
 }
 
 /// A new session for `principal`: its cookie, and the way to the console.
-fn signed_in_response(s: &ApiState, principal: Principal) -> Response {
-    let id = s.sessions.start(principal);
+fn signed_in_response(
+    s: &ApiState,
+    principal: Principal,
+    credential: crate::auth::Credential,
+) -> Response {
+    let id = s.sessions.start(principal, credential);
     let mut response = Redirect::to("/console").into_response();
     session::set_cookie(&mut response, SESSION_COOKIE, &id, SESSION_TTL);
     session::set_cookie(&mut response, SIGN_IN_COOKIE, "", std::time::Duration::ZERO);

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store};
 
-use crate::auth::Principal;
+use crate::auth::{Credential, Principal};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "sb_session";
@@ -39,6 +39,9 @@ pub struct Session {
     pub principal: Principal,
     /// The token every form of this session carries.
     pub csrf: String,
+    /// The token it was started with, as its hash: the session lasts only
+    /// while that token does.
+    pub credential: Credential,
     expires: Instant,
 }
 
@@ -51,6 +54,8 @@ struct Stored {
     /// `admin`, or the account.
     account: Option<AccountKey>,
     csrf: String,
+    /// The token's hash, hex.
+    credential: String,
     expires_ms: u64,
 }
 
@@ -66,6 +71,17 @@ fn stored_key(id: &str) -> Vec<u8> {
     Sha256::digest(id.as_bytes()).to_vec()
 }
 
+fn unhex(s: &str) -> Option<Credential> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// How often expired sessions are swept from the store (at a sign-in).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -75,7 +91,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 pub struct Sessions {
     store: Option<Store>,
     by_id: Mutex<HashMap<String, Session>>,
-    links: Mutex<HashMap<String, (Principal, Instant)>>,
+    links: Mutex<HashMap<String, (Principal, Credential, Instant)>>,
     swept: Mutex<Option<Instant>>,
 }
 
@@ -110,6 +126,11 @@ impl Sessions {
                 Principal::Account(a) => Some(a.clone()),
             },
             csrf: session.csrf.clone(),
+            credential: session
+                .credential
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
             expires_ms: now_ms()
                 + session
                     .expires
@@ -135,12 +156,14 @@ impl Sessions {
             .ok()??;
         let stored: Stored = serde_json::from_slice(&bytes).ok()?;
         let left = stored.expires_ms.checked_sub(now_ms())?;
+        let credential = unhex(&stored.credential)?;
         Some(Session {
             principal: match stored.account {
                 None => Principal::Admin,
                 Some(a) => Principal::Account(a),
             },
             csrf: stored.csrf,
+            credential,
             expires: Instant::now() + Duration::from_millis(left),
         })
     }
@@ -171,27 +194,31 @@ impl Sessions {
     /// A code that signs a browser in as `principal` once, within
     /// [`LINK_TTL`] (`/console/sign-in/{code}`): what `switchboard demo`
     /// prints, so that its user needs no token to paste.
-    pub fn sign_in_link(&self, principal: Principal) -> String {
+    pub fn sign_in_link(&self, principal: Principal, credential: Credential) -> String {
         let code = random_token();
         let mut links = self.links.lock().expect("link lock");
         let now = Instant::now();
-        links.retain(|_, (_, expires)| *expires > now);
-        links.insert(code.clone(), (principal, now + LINK_TTL));
+        links.retain(|_, (_, _, expires)| *expires > now);
+        links.insert(code.clone(), (principal, credential, now + LINK_TTL));
         code
     }
 
-    /// Whom a sign-in link's code signs in, if it is live; it is used up.
-    pub fn redeem(&self, code: &str) -> Option<Principal> {
-        let (principal, expires) = self.links.lock().expect("link lock").remove(code)?;
-        (expires > Instant::now()).then_some(principal)
+    /// Whom a sign-in link's code signs in (and with which token), if it is
+    /// live; it is used up.
+    pub fn redeem(&self, code: &str) -> Option<(Principal, Credential)> {
+        let (principal, credential, expires) =
+            self.links.lock().expect("link lock").remove(code)?;
+        (expires > Instant::now()).then_some((principal, credential))
     }
 
-    /// Starts a session for `principal`; returns its id (the cookie's value).
-    pub fn start(&self, principal: Principal) -> String {
+    /// Starts a session for `principal`, signed in with the token of
+    /// `credential`; returns its id (the cookie's value).
+    pub fn start(&self, principal: Principal, credential: Credential) -> String {
         let id = random_token();
         let session = Session {
             principal,
             csrf: random_token(),
+            credential,
             expires: Instant::now() + SESSION_TTL,
         };
         let mut by_id = self.by_id.lock().expect("session lock");
@@ -300,7 +327,7 @@ mod tests {
     #[test]
     fn a_session_is_found_by_its_cookie_until_it_ends() {
         let sessions = Sessions::default();
-        let id = sessions.start(Principal::Admin);
+        let id = sessions.start(Principal::Admin, [1; 32]);
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
@@ -346,8 +373,8 @@ mod tests {
     #[test]
     fn a_sign_in_link_works_once() {
         let sessions = Sessions::default();
-        let code = sessions.sign_in_link(Principal::Admin);
-        assert_eq!(sessions.redeem(&code), Some(Principal::Admin));
+        let code = sessions.sign_in_link(Principal::Admin, [2; 32]);
+        assert_eq!(sessions.redeem(&code), Some((Principal::Admin, [2; 32])));
         assert_eq!(sessions.redeem(&code), None);
         assert_eq!(sessions.redeem("made-up"), None);
     }
