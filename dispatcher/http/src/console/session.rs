@@ -348,8 +348,10 @@ mod tests {
     #[test]
     fn a_session_kept_in_the_store_outlives_the_process() {
         let store = Store::temporary().unwrap();
-        let id = Sessions::new(store.clone())
-            .start(Principal::Account(AccountKey::new("acme").unwrap()));
+        let id = Sessions::new(store.clone()).start(
+            Principal::Account(AccountKey::new("acme").unwrap()),
+            [7; 32],
+        );
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
@@ -362,6 +364,7 @@ mod tests {
             session.principal,
             Principal::Account(AccountKey::new("acme").unwrap())
         );
+        assert_eq!(session.credential, [7; 32]);
         // The id itself is nowhere in the store.
         let kept = store.scan_prefix(Collection::ConsoleSessions, &[]).unwrap();
         assert_eq!(kept.len(), 1);
