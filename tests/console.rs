@@ -1526,3 +1526,99 @@ async fn a_session_outlives_a_restart() {
     assert_eq!(page.status(), 303, "the token was revoked");
     assert_eq!(location(&page), "/console/sign-in");
 }
+
+/// The script editor tests against the latest real event of a kind the
+/// account has had, and restores an old version as a new one.
+#[tokio::test]
+async fn a_script_is_tested_on_a_real_event_and_an_old_version_restored() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        "account_key = \"acme\"\n[[chains]]\nname = \"noted\"\nevent_type = \"joined\"\n\
+         [[chains.steps]]\nhandler = \"log\"\n",
+    )
+    .await;
+    for (file, source) in [
+        (
+            "v1.rhai",
+            "fn handle(event, steps, config) { #{ version: 1 } }\n",
+        ),
+        (
+            "v2.rhai",
+            "fn handle(event, steps, config) { #{ version: 2 } }\n",
+        ),
+    ] {
+        let path = d.file(file, source);
+        d.cli(&["scripts", "put", "acme", "score", path.to_str().unwrap()])
+            .await
+            .ok();
+    }
+    let e = event(
+        "acme",
+        "signup",
+        "joined",
+        "k",
+        json!({"name": "Thandi <3"}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    d.wait_for_trace("acme", &id, util::TIMEOUT).await;
+    wait_until("the kind counted", util::TIMEOUT, || async {
+        let (_, answer) = d.get("/v1/accounts/acme/event-kinds").await;
+        (answer["kinds"][0]["event_type"] == "joined").then_some(())
+    })
+    .await;
+
+    let http = plain_client();
+    let base = d.url();
+    let session = sign_in(&http, base, &account_token(&d, "acme").await).await;
+    let cookie = format!("sb_session={session}");
+    let get = |path: String| {
+        let (http, cookie) = (&http, &cookie);
+        async move {
+            http.get(format!("{base}{path}"))
+                .header(reqwest::header::COOKIE, cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let page = get("/console/accounts/acme/scripts/score".into()).await;
+    assert!(page.contains("href=\"?kind=signup&#x2f;joined\""), "{page}");
+    let page = get("/console/accounts/acme/scripts/score?kind=signup%2Fjoined".into()).await;
+    assert!(
+        page.contains(&id) && page.contains("Thandi &lt;3"),
+        "{page}"
+    );
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let restored = http
+        .post(format!("{base}/console/accounts/acme/scripts/score"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .form(&[("csrf", csrf.as_str()), ("action", "restore:1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restored.status(), 303);
+    assert_eq!(
+        location(&restored),
+        "/console/accounts/acme/scripts/score?saved=3&restored=1"
+    );
+    let (_, script) = d.get("/v1/accounts/acme/scripts/score").await;
+    assert_eq!(script["version"], 3, "{script}");
+    assert!(
+        script["source"].as_str().unwrap().contains("version: 1"),
+        "{script}"
+    );
+    let page = get("/console/accounts/acme/scripts/score?saved=3&restored=1".into()).await;
+    assert!(
+        page.contains("Stored as version 3 (version 1's source)."),
+        "{page}"
+    );
+}

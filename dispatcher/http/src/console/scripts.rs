@@ -80,12 +80,18 @@ struct Shown {
     sample: Option<String>,
     test: Option<Value>,
     saved: Option<u64>,
+    restored: Option<u64>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct Saved {
     /// The version a save just stored, to say so.
     saved: Option<u64>,
+    /// The version that save restored.
+    restored: Option<u64>,
+    /// `CONVERSATION_TYPE/EVENT_TYPE`: the sample is the latest real event
+    /// of that kind.
+    kind: Option<String>,
 }
 
 pub(super) async fn edit(
@@ -96,11 +102,26 @@ pub(super) async fn edit(
 ) -> Page {
     let session = signed_in(&s, &headers)?;
     let key = reachable(&session, &account)?;
+    let sample = q
+        .kind
+        .as_deref()
+        .and_then(|kind| latest_event(&s, &key, kind));
     let shown = Shown {
         saved: q.saved,
+        restored: q.restored,
+        sample,
         ..Shown::default()
     };
     editor(&s, &session, &key, &name, shown, StatusCode::OK)
+}
+
+/// The latest real event of `kind` (`CONVERSATION_TYPE/EVENT_TYPE`) as a
+/// sample, while its trace is kept.
+fn latest_event(s: &ApiState, key: &AccountKey, kind: &str) -> Option<String> {
+    let (ct, et) = kind.split_once('/')?;
+    let latest = s.event_kinds.get(key, ct, et).ok()??;
+    let trace = s.traces.get(key, &latest.last_event_id).ok()??;
+    serde_json::to_string_pretty(&trace.event).ok()
 }
 
 /// The editor of script `name` of `key` (an account the session reaches).
@@ -144,6 +165,13 @@ fn editor(
         .rev()
         .map(|v| json!({"version": v.version, "stored_at": format_rfc3339(v.stored_at)}))
         .collect();
+    let kinds: Vec<String> = s
+        .event_kinds
+        .of(key)
+        .unwrap_or_default()
+        .iter()
+        .map(|k| format!("{}/{}", k.conversation_type, k.event_type))
+        .collect();
     let test = shown.test.map(|t| {
         json!({
             "outcome": t["outcome"],
@@ -162,6 +190,8 @@ fn editor(
             current => current.as_ref().map(|v| v.version),
             versions => view(&versions),
             sample => shown.sample.unwrap_or_else(|| SAMPLE.to_string()),
+            kinds => view(&kinds),
+            restored => shown.restored,
             test => view(&test),
             saved => shown.saved,
             session => session_view(session),
@@ -251,11 +281,47 @@ pub(super) async fn act(
             };
             editor(&s, &session, &key, &name, shown, StatusCode::OK)
         }
-        other => Err(error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&session),
-            &format!("{other:?} is not an action: save or test"),
-        )
-        .into()),
+        other => {
+            let Some(version) = other
+                .strip_prefix("restore:")
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                return Err(error_page(
+                    StatusCode::BAD_REQUEST,
+                    Some(&session),
+                    &format!("{other:?} is not an action: save, test or restore:N"),
+                )
+                .into());
+            };
+            let (k, n) = (key.clone(), name.clone());
+            let restored = tokio::task::spawn_blocking(move || {
+                let old = store
+                    .history(&k, &n)?
+                    .into_iter()
+                    .find(|v| v.version == version);
+                old.map(|old| store.put(&k, &n, &old.source)).transpose()
+            })
+            .await
+            .map_err(|e| internal(&session, &e))?;
+            match restored {
+                Ok(Some(new)) => Ok(Redirect::to(&format!(
+                    "/console/accounts/{account}/scripts/{name}?saved={}&restored={version}",
+                    new.version
+                ))
+                .into_response()),
+                Ok(None) => Err(error_page(
+                    StatusCode::NOT_FOUND,
+                    Some(&session),
+                    &format!("Script {name:?} has no version {version}."),
+                )
+                .into()),
+                Err(e) => Err(error_page(
+                    StatusCode::CONFLICT,
+                    Some(&session),
+                    &format!("Version {version} was not restored: {e}"),
+                )
+                .into()),
+            }
+        }
     }
 }
