@@ -23,6 +23,15 @@ async fn account_token(d: &Dispatcher, account: &str) -> String {
         .to_string()
 }
 
+/// The CSRF token of the first form of a console page.
+fn csrf_in(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in a form of the page")
+        .to_string()
+}
+
 /// A client that follows no redirect, so that each answer can be checked.
 fn plain_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -183,12 +192,7 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     assert!(html.contains("account acme"), "{html}");
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a CSRF token in the sign-out form")
-        .to_string();
+    let csrf = csrf_in(&html);
     for path in [
         "/console/accounts/other".to_string(),
         format!("/console/accounts/other/events/{other_id}"),
@@ -1120,12 +1124,7 @@ async fn chain_versions_show_their_changes_and_restore() {
         html.contains("<span class=\"diff-add\">+ message = &quot;welcome&quot;</span>"),
         "{html}"
     );
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_in(&html);
     let restored = http
         .post(format!(
             "{base}/console/accounts/acme/chains/versions/1/restore"
@@ -1205,12 +1204,7 @@ async fn a_chains_steps_are_edited_moved_added_and_removed() {
         .unwrap();
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_in(&html);
     let post = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
         let (http, cookie, csrf) = (&http, &cookie, &csrf);
         async move {
@@ -1414,12 +1408,7 @@ async fn a_save_refused_for_another_chain_names_that_chain() {
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_in(&page);
     let answer = http
         .post(format!("{base}/console/accounts/acme/chains/new"))
         .header(reqwest::header::COOKIE, &cookie)
@@ -1483,12 +1472,7 @@ async fn a_session_outlives_a_restart() {
         "text/event-stream"
     );
     drop(stream);
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_in(&html);
     let out = http
         .post(format!("{base}/console/sign-out"))
         .header(reqwest::header::COOKIE, &cookie)
@@ -1592,12 +1576,7 @@ async fn a_script_is_tested_on_a_real_event_and_an_old_version_restored() {
         page.contains(&id) && page.contains("Thandi &lt;3"),
         "{page}"
     );
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_in(&page);
     let restored = http
         .post(format!("{base}/console/accounts/acme/scripts/score"))
         .header(reqwest::header::COOKIE, &cookie)
