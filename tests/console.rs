@@ -1601,3 +1601,30 @@ async fn a_script_is_tested_on_a_real_event_and_an_old_version_restored() {
         "{page}"
     );
 }
+
+/// Reached over https (`http.public_url`), the console's cookies are
+/// `Secure`; over plain http they cannot be (a browser would drop them).
+#[tokio::test]
+async fn cookies_are_secure_when_the_console_is_served_over_https() {
+    for (public_url, secure) in [
+        ("https://console.example.org", true),
+        ("http://127.0.0.1:1", false),
+    ] {
+        let d = Dispatcher::with_config(None, &format!("[http]\npublic_url = \"{public_url}\"\n"));
+        let page = plain_client()
+            .get(format!("{}/console/sign-in", d.url()))
+            .send()
+            .await
+            .unwrap();
+        let (_, cookie) = set_cookie(&page, "sb_sign_in").expect("a sign-in cookie");
+        assert_eq!(
+            cookie.contains("; Secure"),
+            secure,
+            "{public_url}: {cookie}"
+        );
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+    }
+}

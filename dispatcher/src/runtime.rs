@@ -444,7 +444,9 @@ impl Engine {
                 limits.ingest_rate,
                 limits.ingest_burst.unwrap_or(limits.ingest_rate),
             )),
-            sessions: Arc::new(Sessions::new(store.clone())),
+            sessions: Arc::new(
+                Sessions::new(store.clone()).secure(public_url.starts_with("https://")),
+            ),
             config_writes: Arc::default(),
             inbound: Arc::new(Inbound::new(
                 store.clone(),

@@ -334,15 +334,15 @@ async fn sign_in_page(State(s): State<ApiState>, headers: HeaderMap) -> Response
     if s.sessions.of(&headers).is_some() {
         return Redirect::to("/console").into_response();
     }
-    sign_in_form(StatusCode::OK, None)
+    sign_in_form(&s, StatusCode::OK, None)
 }
 
 /// The sign-in form with a fresh CSRF token, in its cookie too.
-fn sign_in_form(status: StatusCode, error: Option<&str>) -> Response {
+fn sign_in_form(s: &ApiState, status: StatusCode, error: Option<&str>) -> Response {
     let csrf = random_token();
     let mut response = render("sign_in.html", context! { csrf => csrf.clone(), error });
     *response.status_mut() = status;
-    session::set_cookie(
+    s.sessions.set_cookie(
         &mut response,
         SIGN_IN_COOKIE,
         &csrf,
@@ -367,6 +367,7 @@ async fn sign_in(
     let expected = session::cookie(&headers, SIGN_IN_COOKIE).unwrap_or_default();
     if expected.is_empty() || !same_token(&expected, &form.csrf) {
         return sign_in_form(
+            &s,
             StatusCode::FORBIDDEN,
             Some(
                 "The form was not sent from this console (its CSRF token is missing or wrong): try again.",
@@ -377,6 +378,7 @@ async fn sign_in(
         Ok(Some(principal)) => principal,
         Ok(None) => {
             return sign_in_form(
+                &s,
                 StatusCode::UNAUTHORIZED,
                 Some("That token is not the admin token or a live account token."),
             );
@@ -384,6 +386,7 @@ async fn sign_in(
         Err(e) => {
             tracing::error!(error = %e, "checking a console sign-in token failed");
             return sign_in_form(
+                &s,
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("The token could not be checked; try again."),
             );
@@ -398,6 +401,7 @@ async fn sign_in_link(State(s): State<ApiState>, Path(code): Path<String>) -> Re
     match s.sessions.redeem(&code) {
         Some((principal, credential)) => signed_in_response(&s, principal, credential),
         None => sign_in_form(
+            &s,
             StatusCode::UNAUTHORIZED,
             Some("That sign-in link was used already or has expired: sign in with a token."),
         ),
@@ -412,8 +416,10 @@ fn signed_in_response(
 ) -> Response {
     let id = s.sessions.start(principal, credential);
     let mut response = Redirect::to("/console").into_response();
-    session::set_cookie(&mut response, SESSION_COOKIE, &id, SESSION_TTL);
-    session::set_cookie(&mut response, SIGN_IN_COOKIE, "", std::time::Duration::ZERO);
+    s.sessions
+        .set_cookie(&mut response, SESSION_COOKIE, &id, SESSION_TTL);
+    s.sessions
+        .set_cookie(&mut response, SIGN_IN_COOKIE, "", std::time::Duration::ZERO);
     response
 }
 
@@ -432,7 +438,8 @@ async fn sign_out(
     checked_form(&session, &form.csrf)?;
     s.sessions.end(&headers);
     let mut response = Redirect::to("/console/sign-in").into_response();
-    session::set_cookie(&mut response, SESSION_COOKIE, "", std::time::Duration::ZERO);
+    s.sessions
+        .set_cookie(&mut response, SESSION_COOKIE, "", std::time::Duration::ZERO);
     Ok(response)
 }
 

@@ -90,6 +90,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct Sessions {
     store: Option<Store>,
+    /// The console is reached over https (`http.public_url`): cookies are
+    /// `Secure`.
+    secure: bool,
     by_id: Mutex<HashMap<String, Session>>,
     links: Mutex<HashMap<String, (Principal, Credential, Instant)>>,
     swept: Mutex<Option<Instant>>,
@@ -100,6 +103,7 @@ impl Default for Sessions {
     fn default() -> Self {
         Self {
             store: None,
+            secure: false,
             by_id: Mutex::default(),
             links: Mutex::default(),
             swept: Mutex::default(),
@@ -114,6 +118,17 @@ impl Sessions {
             store: Some(store),
             ..Self::default()
         }
+    }
+
+    /// Marks the cookies `Secure`: the console is reached over https.
+    pub fn secure(mut self, secure: bool) -> Self {
+        self.secure = secure;
+        self
+    }
+
+    /// Adds the console's cookie `name` to `response` (see [`set_cookie`]).
+    pub fn set_cookie(&self, response: &mut Response, name: &str, value: &str, max_age: Duration) {
+        set_cookie(response, name, value, max_age, self.secure);
     }
 
     fn save(&self, id: &str, session: &Session) {
@@ -297,11 +312,18 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Adds a `Set-Cookie` to `response`: HttpOnly, SameSite=Strict, for the
-/// whole site; `max_age` 0 removes the cookie.
-pub fn set_cookie(response: &mut Response, name: &str, value: &str, max_age: Duration) {
+/// whole site, and `Secure` when `secure`; `max_age` 0 removes the cookie.
+pub fn set_cookie(
+    response: &mut Response,
+    name: &str,
+    value: &str,
+    max_age: Duration,
+    secure: bool,
+) {
     let cookie = format!(
-        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        max_age.as_secs()
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        max_age.as_secs(),
+        if secure { "; Secure" } else { "" }
     );
     // Names are ours and values random tokens (URL-safe base64): always a
     // valid header value.
