@@ -443,6 +443,25 @@ impl Browser {
             .expect("its text")
     }
 
+    /// In a 390-pixel-wide window (a phone), nothing of the page is cut
+    /// off: it is no wider than the window. Saves a screenshot of it.
+    async fn fits_narrow(&self, name: &str) {
+        let c = &self.client;
+        c.set_window_size(390, 844).await.unwrap();
+        let (scroll_width, inner_width): (Value, Value) = (
+            c.execute("return document.documentElement.scrollWidth", vec![])
+                .await
+                .unwrap(),
+            c.execute("return window.innerWidth", vec![]).await.unwrap(),
+        );
+        self.screenshot(&format!("{name}-narrow")).await;
+        c.set_window_size(1280, 900).await.unwrap();
+        assert!(
+            scroll_width.as_u64() <= inner_width.as_u64(),
+            "{name} is {scroll_width} pixels wide in a {inner_width}-pixel window"
+        );
+    }
+
     /// Waits (a click may return before its page loads) until the browser
     /// is at `path`.
     async fn on_page(&self, path: &str) {
@@ -984,6 +1003,7 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
     assert!(previewed.contains("Hi Thandi, welcome!"), "{previewed}");
     assert_eq!(browser.text("#preview-outcome").await, "ok");
     browser.screenshot("new-chain-preview").await;
+    browser.fits_narrow("new-chain").await;
     browser.click(Locator::Id("save")).await;
     browser.on_page("/console/accounts/acme").await;
     let table = browser.text("#chain-table").await;
@@ -1003,6 +1023,7 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{diff}"
     );
     browser.screenshot("chain-versions").await;
+    browser.fits_narrow("chain-versions").await;
     c.goto(&format!(
         "{}/console/accounts/acme/chain/welcome-sms",
         d.url()
@@ -1011,6 +1032,7 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
     .unwrap();
     assert!(browser.text("#steps").await.contains("send_sms"));
     browser.screenshot("chain").await;
+    browser.fits_narrow("chain").await;
     c.goto(&format!("{}/console/accounts/acme", d.url()))
         .await
         .unwrap();
@@ -1063,6 +1085,7 @@ async fn a_browser_creates_a_chain_through_the_seeds_flow() {
         "{row}"
     );
     browser.screenshot("live-events").await;
+    browser.fits_narrow("live-events").await;
     browser.click(Locator::Css("#tail tbody tr a")).await;
     browser
         .on_page(&format!("/console/accounts/acme/events/{id}"))

@@ -50,7 +50,8 @@ pub(super) async fn page(
         .iter()
         .map(|e| {
             json!({
-                "at": format_rfc3339(e.at),
+                // As the stream's rows show it: to the second.
+                "at": e.at.replace_nanosecond(0).map_or_else(|_| format_rfc3339(e.at), format_rfc3339).replace('T', " "),
                 "id": e.id.to_string(),
                 "types": format!("{} / {}", e.conversation_type, e.event_type),
                 "conversation_key": e.conversation_key.to_string(),

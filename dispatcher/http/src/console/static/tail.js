@@ -31,7 +31,7 @@
       tr.appendChild(td);
       return td;
     };
-    cell(row.at.replace("T", " ").replace(/\.\d+/, ""));
+    cell(row.at.replace("T", " ").replace(/\.\d+/, "")).className = "nowrap";
     const link = document.createElement("a");
     link.href = "/console/accounts/" + encodeURIComponent(account) + "/events/" + encodeURIComponent(row.id);
     link.textContent = row.conversation_type + " / " + row.event_type;
