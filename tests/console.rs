@@ -250,6 +250,20 @@ async fn console_sessions_are_isolated_and_forms_need_their_token() {
     );
     assert_eq!(
         post(
+            "/console/accounts/other/dead-letters/range".into(),
+            vec![
+                ("csrf", csrf.clone()),
+                ("from", "2020-01-01T00:00:00Z".into()),
+                ("to", "2099-01-01T00:00:00Z".into()),
+                ("action", "discard".into()),
+            ]
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        post(
             format!("/console/accounts/other/events/{other_id}/rerun"),
             vec![("csrf", csrf.clone())]
         )
@@ -709,6 +723,57 @@ async fn dead_letters_are_grouped_and_a_group_is_handled_at_once() {
     let left = d.dead_letters("acme").await;
     assert_eq!(left.len(), 1, "{left:#?}");
     assert_eq!(left[0]["chain"], "other");
+
+    // By time: a range's preview counts what it holds; its discard takes
+    // them, and a range before them holds none.
+    let get = |query: String| {
+        let (http, session) = (&http, &session);
+        async move {
+            http.get(format!("{base}/console/accounts/acme/dead-letters?{query}"))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let html = get("from=2020-01-01T00:00&to=2020-01-02T00:00".into()).await;
+    assert!(
+        html.contains("<span class=\"count\">0</span> dead letters filed"),
+        "{html}"
+    );
+    let html = get("from=2020-01-01T00:00&to=2099-01-01T00:00".into()).await;
+    assert!(
+        html.contains("<span class=\"count\">1</span> dead letters filed"),
+        "{html}"
+    );
+    let html = get("from=yesterday&to=2099-01-01T00:00".into()).await;
+    assert!(html.contains("id=\"range-error\""), "{html}");
+    let html = get("from=2020-01-01T00:00&to=2099-01-01T00:00".into()).await;
+    let form = html
+        .split("<form method=\"post\" action=\"/console/accounts/acme/dead-letters/range\"")
+        .nth(2)
+        .expect("the range's discard form");
+    let value = |name: &str| {
+        let at = form.find(&format!("name=\"{name}\" value=\"")).unwrap() + name.len() + 15;
+        form[at..at + form[at..].find('"').unwrap()].to_string()
+    };
+    let done = http
+        .post(format!("{base}/console/accounts/acme/dead-letters/range"))
+        .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+        .form(&[
+            ("csrf", value("csrf")),
+            ("from", value("from")),
+            ("to", value("to")),
+            ("action", value("action")),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 303);
+    assert!(d.dead_letters("acme").await.is_empty());
 }
 
 /// The contacts page lists what chains made and finds one by msisdn,

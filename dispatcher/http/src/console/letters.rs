@@ -1,15 +1,18 @@
 //! The dead-letters page: an account's dead letters grouped by chain, step
-//! and kind of error, each group replayed or discarded in one action.
+//! and kind of error, each group — or every letter filed in a time range,
+//! previewed with its count — replayed or discarded in one action.
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde::{Deserialize, Serialize};
 use switchboard_engine::dead_letters::{DeadLetter, LetterStatus};
 use switchboard_sdk::format_rfc3339;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use super::{
     Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
@@ -94,10 +97,32 @@ fn groups(letters: &[DeadLetter]) -> Vec<Group> {
     groups
 }
 
+/// A time range asked for on the page: `from` and `to`, RFC 3339 or a
+/// browser's `datetime-local` (`2026-12-03T14:30`, taken as UTC).
+#[derive(Deserialize, Default)]
+pub(super) struct Range {
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: String,
+}
+
+/// A time as the range's fields give it.
+fn parse_time(raw: &str) -> Option<OffsetDateTime> {
+    let raw = raw.trim();
+    OffsetDateTime::parse(raw, &Rfc3339).ok().or_else(|| {
+        let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
+        time::PrimitiveDateTime::parse(raw, &format)
+            .ok()
+            .map(time::PrimitiveDateTime::assume_utc)
+    })
+}
+
 pub(super) async fn page(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path(account): Path<String>,
+    Query(range): Query<Range>,
 ) -> Page {
     let session = signed_in(&s, &headers)?;
     let key = reachable(&session, &account)?;
@@ -106,14 +131,124 @@ pub(super) async fn page(
         .all(key.as_str())
         .map_err(|e| internal(&session, &e))?;
     let groups = groups(&letters);
+    // The preview of a range: how many it holds, up to now (letters filed
+    // after the preview are left for the next look).
+    let (range_view, range_error) = match (parse_time(&range.from), parse_time(&range.to)) {
+        _ if range.from.trim().is_empty() && range.to.trim().is_empty() => (None, None),
+        (Some(from), Some(to)) if from <= to => {
+            let to = to.min(switchboard_sdk::now());
+            let count = letters
+                .iter()
+                .filter(|l| l.status == LetterStatus::Dead && l.at >= from && l.at <= to)
+                .count();
+            (
+                Some(serde_json::json!({
+                    "from": format_rfc3339(from),
+                    "to": format_rfc3339(to),
+                    "count": count,
+                })),
+                None,
+            )
+        }
+        (Some(_), Some(_)) => (None, Some("The range ends before it starts.".to_string())),
+        _ => (
+            None,
+            Some(format!(
+                "{:?} – {:?} is not a range of times: give both, as 2026-12-03T14:30 (UTC) or RFC 3339",
+                range.from, range.to
+            )),
+        ),
+    };
     Ok(render(
         "dead_letters.html",
         context! {
             account,
             groups => view(&groups),
+            range => range_view.map(view),
+            range_error,
+            from => range.from,
+            to => range.to,
             session => session_view(&session),
         },
     ))
+}
+
+/// A range action: the range as its preview showed it, and what to do.
+#[derive(Deserialize)]
+pub(super) struct RangeAction {
+    #[serde(default)]
+    csrf: String,
+    from: String,
+    to: String,
+    action: String,
+}
+
+pub(super) async fn act_on_range(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    Form(form): Form<RangeAction>,
+) -> Page {
+    let session = signed_in(&s, &headers)?;
+    let key = reachable(&session, &account)?;
+    checked_form(&session, &form.csrf)?;
+    let (Some(from), Some(to)) = (parse_time(&form.from), parse_time(&form.to)) else {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            &format!("{:?} – {:?} is not a range of times", form.from, form.to),
+        )
+        .into());
+    };
+    let letters = s
+        .letters
+        .all(key.as_str())
+        .map_err(|e| internal(&session, &e))?;
+    let members: Vec<&DeadLetter> = letters
+        .iter()
+        .filter(|l| l.status == LetterStatus::Dead && l.at >= from && l.at <= to)
+        .collect();
+    handle_all(&s, &session, &account, &members, &form.action).await
+}
+
+/// Replays or discards every one of `letters`; the page again, or what
+/// could not be done.
+async fn handle_all(
+    s: &ApiState,
+    session: &super::session::Session,
+    account: &str,
+    letters: &[&DeadLetter],
+    action: &str,
+) -> Page {
+    if !matches!(action, "replay" | "discard") {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            Some(session),
+            &format!("{action:?} is not an action: replay or discard"),
+        )
+        .into());
+    }
+    let mut failed = Vec::new();
+    for letter in letters {
+        let done = if action == "replay" {
+            s.letters.replay(account, &letter.id).await.map(|_| ())
+        } else {
+            s.letters.discard(account, &letter.id).await.map(|_| ())
+        };
+        if let Err(e) = done {
+            failed.push(format!("{}: {e}", letter.id));
+        }
+    }
+    if failed.is_empty() {
+        Ok(Redirect::to(&format!("/console/accounts/{account}/dead-letters")).into_response())
+    } else {
+        Err(error_page(
+            StatusCode::CONFLICT,
+            Some(session),
+            &format!("Some letters could not be handled: {}", failed.join("; ")),
+        )
+        .into())
+    }
 }
 
 /// A group action: what the form showed (the group and how many it held
@@ -144,9 +279,7 @@ pub(super) async fn act(
         .letters
         .all(key.as_str())
         .map_err(|e| internal(&session, &e))?;
-    let Ok(last) =
-        time::OffsetDateTime::parse(&form.last, &time::format_description::well_known::Rfc3339)
-    else {
+    let Ok(last) = OffsetDateTime::parse(&form.last, &Rfc3339) else {
         return Err(error_page(
             StatusCode::BAD_REQUEST,
             Some(&session),
@@ -155,39 +288,9 @@ pub(super) async fn act(
         .into());
     };
     let wanted = (form.chain, form.step, form.kind);
-    let members = letters
+    let members: Vec<&DeadLetter> = letters
         .iter()
-        .filter(|l| l.status == LetterStatus::Dead && group_key(l) == wanted && l.at <= last);
-    let mut failed = Vec::new();
-    for letter in members {
-        let done = match form.action.as_str() {
-            "replay" => s.letters.replay(key.as_str(), &letter.id).await.map(|_| ()),
-            "discard" => s
-                .letters
-                .discard(key.as_str(), &letter.id)
-                .await
-                .map(|_| ()),
-            other => {
-                return Err(error_page(
-                    StatusCode::BAD_REQUEST,
-                    Some(&session),
-                    &format!("{other:?} is not an action: replay or discard"),
-                )
-                .into());
-            }
-        };
-        if let Err(e) = done {
-            failed.push(format!("{}: {e}", letter.id));
-        }
-    }
-    if failed.is_empty() {
-        Ok(Redirect::to(&format!("/console/accounts/{account}/dead-letters")).into_response())
-    } else {
-        Err(error_page(
-            StatusCode::CONFLICT,
-            Some(&session),
-            &format!("Some letters could not be handled: {}", failed.join("; ")),
-        )
-        .into())
-    }
+        .filter(|l| l.status == LetterStatus::Dead && group_key(l) == wanted && l.at <= last)
+        .collect();
+    handle_all(&s, &session, &account, &members, &form.action).await
 }

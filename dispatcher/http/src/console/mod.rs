@@ -141,6 +141,10 @@ pub fn routes() -> Router<ApiState> {
             post(letters::act),
         )
         .route(
+            "/console/accounts/{account}/dead-letters/range",
+            post(letters::act_on_range),
+        )
+        .route(
             "/console/accounts/{account}/dead-letters/{id}/replay",
             post(run::replay),
         )
