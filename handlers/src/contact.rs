@@ -70,7 +70,7 @@ impl Handler for CreateContact {
                 "Fields kept on the contact, merged into its earlier ones.",
             ),
         ])
-        .one_of(&["msisdn", "email"])
+        .one_of(&["msisdn", "email"], "to key the contact")
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

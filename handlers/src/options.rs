@@ -178,9 +178,14 @@ impl OptionSpec {
             (_, Value::String(s)) if is_template(s) => {
                 if !self.template {
                     let what = if self.secret {
-                        "names a secret; it cannot be a template"
+                        "names a secret; it cannot be a template".to_string()
+                    } else if self.closed && !self.choices.is_empty() {
+                        format!(
+                            "must be one of {}; it cannot be a template",
+                            self.choices.join(", ")
+                        )
                     } else {
-                        "must be a literal value; it cannot be a template"
+                        "must be a literal value; it cannot be a template".to_string()
                     };
                     problems.push(FieldProblem::new(field, what));
                 }
@@ -267,8 +272,9 @@ impl OptionSpec {
 pub struct Options {
     /// The options, in the order a form shows them.
     pub options: Vec<OptionSpec>,
-    /// Groups of options of which a step must give at least one.
-    pub one_of_required: Vec<&'static [&'static str]>,
+    /// Groups of options of which a step must give at least one, each with
+    /// what they are for.
+    pub one_of_required: Vec<(&'static [&'static str], &'static str)>,
     /// Options not listed are accepted too (a script reads what it wants).
     pub open: bool,
 }
@@ -290,9 +296,10 @@ impl Options {
         }
     }
 
-    /// A step must give at least one of `names`.
-    pub fn one_of(mut self, names: &'static [&'static str]) -> Self {
-        self.one_of_required.push(names);
+    /// A step must give at least one of `names`, `why` (e.g. "to key the
+    /// contact").
+    pub fn one_of(mut self, names: &'static [&'static str], why: &'static str) -> Self {
+        self.one_of_required.push((names, why));
         self
     }
 
@@ -317,11 +324,11 @@ impl Options {
                 }
             }
         }
-        for names in &self.one_of_required {
+        for (names, why) in &self.one_of_required {
             if !names.iter().any(|n| config.contains_key(*n)) {
                 problems.push(FieldProblem::new(
                     "config",
-                    format!("needs {} (at least one)", names.join(" or ")),
+                    format!("needs {} (at least one) {why}", names.join(" or ")),
                 ));
             }
         }
@@ -365,7 +372,7 @@ impl Options {
             let all: Vec<Value> = self
                 .one_of_required
                 .iter()
-                .map(|names| {
+                .map(|(names, _)| {
                     let any: Vec<Value> =
                         names.iter().map(|n| json!({ "required": [n] })).collect();
                     json!({ "anyOf": any })

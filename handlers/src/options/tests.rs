@@ -96,7 +96,7 @@ fn configs_are_checked_against_the_options() {
     check(
         &two,
         json!({"to": "+27820000001", "body": "hi", "provider": "{{ event.p }}"}),
-        &["config.provider: must be a literal value; it cannot be a template"],
+        &["config.provider: must be one of gw, twilio; it cannot be a template"],
     );
     check(
         &none,
@@ -114,7 +114,7 @@ fn configs_are_checked_against_the_options() {
     check(
         &contact(),
         json!({"name": "Thandi"}),
-        &["config: needs msisdn or email (at least one)"],
+        &["config: needs msisdn or email (at least one) to key the contact"],
     );
     check(
         &contact(),

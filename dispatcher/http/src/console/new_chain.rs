@@ -593,7 +593,7 @@ impl Draft {
             .options
             .iter()
             .flat_map(|o| &o.one_of_required)
-            .map(|names| names.join(" or "))
+            .map(|(names, why)| format!("{} {why}", names.join(" or ")))
             .collect();
         let value = |name: &str| field(&self.fields, name).to_string();
         let mut errors = HashMap::new();
