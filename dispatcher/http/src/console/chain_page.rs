@@ -243,12 +243,28 @@ fn bad_action(session: &Session, action: &str) -> super::Instead {
     .into()
 }
 
-/// The step at `index` (from 0) of the chain, or a new one at its end.
-fn target(chain: ChainSpec, index: Option<usize>) -> Target {
-    Target::Step {
+/// The signed-in session, its account and what the form edits: the step at
+/// `index` (from 0) of chain `name`, or a new one at its end (`None`).
+fn step_target(
+    s: &ApiState,
+    headers: &HeaderMap,
+    account: &str,
+    name: &str,
+    index: Option<usize>,
+) -> Result<(Session, AccountKey, Target), super::Instead> {
+    let session = signed_in(s, headers)?;
+    let key = reachable(&session, account)?;
+    let chain = chain_of(s, &session, &key, name)?;
+    if let Some(i) = index
+        && i >= chain.steps.len()
+    {
+        return Err(no_step(&session, name, i));
+    }
+    let target = Target::Step {
         chain: Box::new(chain),
         index,
-    }
+    };
+    Ok((session, key, target))
 }
 
 pub(super) async fn step_page(
@@ -257,13 +273,8 @@ pub(super) async fn step_page(
     Path((account, name, index)): Path<(String, String, usize)>,
     Query(fields): Query<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
-    let chain = chain_of(&s, &session, &key, &name)?;
-    if index >= chain.steps.len() {
-        return Err(no_step(&session, &name, index));
-    }
-    new_chain::show(&s, &key, &session, target(chain, Some(index)), fields)
+    let (session, key, target) = step_target(&s, &headers, &account, &name, Some(index))?;
+    new_chain::show(&s, &key, &session, target, fields)
 }
 
 pub(super) async fn step_act(
@@ -272,13 +283,8 @@ pub(super) async fn step_act(
     Path((account, name, index)): Path<(String, String, usize)>,
     Form(fields): Form<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
-    let chain = chain_of(&s, &session, &key, &name)?;
-    if index >= chain.steps.len() {
-        return Err(no_step(&session, &name, index));
-    }
-    new_chain::submit(&s, &key, &session, target(chain, Some(index)), fields).await
+    let (session, key, target) = step_target(&s, &headers, &account, &name, Some(index))?;
+    new_chain::submit(&s, &key, &session, target, fields).await
 }
 
 pub(super) async fn add_page(
@@ -287,10 +293,8 @@ pub(super) async fn add_page(
     Path((account, name)): Path<(String, String)>,
     Query(fields): Query<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
-    let chain = chain_of(&s, &session, &key, &name)?;
-    new_chain::show(&s, &key, &session, target(chain, None), fields)
+    let (session, key, target) = step_target(&s, &headers, &account, &name, None)?;
+    new_chain::show(&s, &key, &session, target, fields)
 }
 
 pub(super) async fn add_act(
@@ -299,10 +303,8 @@ pub(super) async fn add_act(
     Path((account, name)): Path<(String, String)>,
     Form(fields): Form<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
-    let chain = chain_of(&s, &session, &key, &name)?;
-    new_chain::submit(&s, &key, &session, target(chain, None), fields).await
+    let (session, key, target) = step_target(&s, &headers, &account, &name, None)?;
+    new_chain::submit(&s, &key, &session, target, fields).await
 }
 
 fn no_step(session: &Session, name: &str, index: usize) -> super::Instead {

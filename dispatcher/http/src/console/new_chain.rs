@@ -529,10 +529,13 @@ impl Draft {
         session: &Session,
         preview: Option<Value>,
     ) -> axum::response::Response {
-        let kinds: Vec<Value> = s
-            .event_kinds
-            .of(account)
-            .unwrap_or_default()
+        // Offered only where the events are chosen: a new chain's form, not
+        // a step's.
+        let offered = match self.target {
+            Target::NewChain => s.event_kinds.of(account).unwrap_or_default(),
+            Target::Step { .. } => Vec::new(),
+        };
+        let kinds: Vec<Value> = offered
             .iter()
             .map(|k| {
                 json!({
