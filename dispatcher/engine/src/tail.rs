@@ -80,17 +80,13 @@ pub(crate) fn row(
             }
         })
         .collect();
-    let status = serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
     EventRow {
         account_key: event.account_key.clone(),
         id: event.id,
         conversation_type: event.conversation_type.clone(),
         event_type: event.event_type.clone(),
         conversation_key: event.conversation_key.clone(),
-        status,
+        status: status.as_str().to_string(),
         chains,
         at,
     }

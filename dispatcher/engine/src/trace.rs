@@ -34,6 +34,19 @@ pub enum TraceStatus {
     Unrouted,
 }
 
+impl TraceStatus {
+    /// The status as the API spells it (`done`, `running`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TraceStatus::Done => "done",
+            TraceStatus::Running => "running",
+            TraceStatus::Dead => "dead",
+            TraceStatus::Expired => "expired",
+            TraceStatus::Unrouted => "unrouted",
+        }
+    }
+}
+
 /// The outcome of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -308,5 +321,23 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         name: record.name.clone(),
         version: record.version,
         steps,
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::TraceStatus;
+
+    #[test]
+    fn a_status_is_spelled_as_it_serialises() {
+        for status in [
+            TraceStatus::Done,
+            TraceStatus::Running,
+            TraceStatus::Dead,
+            TraceStatus::Expired,
+            TraceStatus::Unrouted,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
     }
 }

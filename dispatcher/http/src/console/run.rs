@@ -129,10 +129,7 @@ fn run_context(
     session: &Session,
 ) -> minijinja::Value {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    let status = serde_json::to_value(trace.status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let status = trace.status.as_str();
     let chains: Vec<Value> = trace
         .chains
         .iter()
