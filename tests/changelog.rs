@@ -145,6 +145,10 @@ async fn a_deposed_owner_cannot_overwrite_the_new_owners_state() {
         }
     );
     assert!(refused.to_string().contains("partition 5"), "{refused}");
+    // The term is known broken, so that a writer told nothing by the
+    // commit it waited for does not take its writes as durable.
+    assert!(old_writer.is_broken(old_term));
+    assert!(!old_writer.is_broken(old_other));
     // Its other partition is still its own.
     old_writer.append(old_other, put(Collection::Contacts, "zeta\0k", "fine"));
     old_writer
@@ -350,6 +354,77 @@ async fn on_a_cluster_appended_writes_are_stored_and_a_deposed_owner_refused() {
         .commit()
         .await
         .expect("partition 2 is still this owner's");
+}
+
+/// Losing the node that leads the changelog stream while writes are
+/// appended does not lose any or fail the commits that cover them: a batch
+/// refused or unanswered while the cluster elects a new leader is sent
+/// again, and each commit returns once its writes are stored. (A commit
+/// that failed here would leave the owner's local copy with writes the
+/// changelog lacks; one that returned early would ack events whose state
+/// no other replica can read.)
+#[tokio::test]
+async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
+    let mut cluster = crate::util::NatsCluster::start(3).await;
+    let node = |i: usize| {
+        let url = cluster.url(i);
+        async move {
+            let client = async_nats::connect(url)
+                .await
+                .expect("connecting to the cluster");
+            async_nats::jetstream::new(client)
+        }
+    };
+    Changelog::bind(node(0).await, 16, 3)
+        .await
+        .expect("making the changelog on three servers");
+    let mut stream = node(0).await.get_stream(STREAM).await.expect("the stream");
+    let leader = stream
+        .info()
+        .await
+        .expect("its info")
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .and_then(|name| name.strip_prefix('n')?.parse::<usize>().ok())
+        .expect("a leader, named n{i}");
+    // The writer talks to a node that survives.
+    let log = Changelog::bind(node((leader + 1) % 3).await, 16, 3)
+        .await
+        .expect("binding the changelog");
+    let terms = [
+        log.begin_term(3, "a").await.expect("a term"),
+        log.begin_term(4, "a").await.expect("a term"),
+    ];
+    let appender = log.appender();
+    let rounds = 30;
+    let per_round = 20;
+    let mut slowest = Duration::ZERO;
+    for round in 0..rounds {
+        for i in 0..per_round {
+            let term = terms[i % 2];
+            appender.append(
+                term,
+                put(Collection::Journal, &format!("acme\0r{round}-{i}"), "x"),
+            );
+        }
+        if round == rounds / 3 {
+            cluster.kill(leader);
+        }
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), appender.commit())
+            .await
+            .expect("the commit returns once a new leader stores the writes")
+            .unwrap_or_else(|e| panic!("round {round}: the commit failed: {e}"));
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("changelog: the slowest commit, across the leader's loss, took {slowest:?}");
+    // Two term markers, then every write (none lost, none twice: one
+    // message per key).
+    let writes = latest(&read(&log, 2 + rounds * per_round).await);
+    let keys: std::collections::HashSet<String> = writes.iter().map(|w| w.1.clone()).collect();
+    assert_eq!(writes.len(), rounds * per_round);
+    assert_eq!(keys.len(), rounds * per_round);
 }
 
 /// A partition's reader sees that partition's records only; a sync mark is

@@ -43,6 +43,7 @@
 //! of its own: see [`Publishing`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -100,10 +101,10 @@ pub enum ChangelogError {
         /// The refused term's epoch.
         epoch: u64,
     },
-    /// A write of the term failed while later ones may have been stored
-    /// (one write at a time, on a one-copy stream): the changelog may lack
-    /// a write the local copy has, so the term ends, and the partition is
-    /// read again from the changelog when it is taken again.
+    /// A batch of the term's writes kept failing for as long as it was
+    /// sent again: the changelog may lack writes the local copy has, so
+    /// the term ends, and the partition is read again from the changelog
+    /// when it is taken again.
     #[error("partition {partition} (term {epoch}): {message}; the term ends")]
     Gap {
         /// The partition.
@@ -124,7 +125,7 @@ fn remote(what: impl std::fmt::Display) -> ChangelogError {
 
 /// A term of ownership of one partition: writes made under it are stored
 /// until another replica begins a term on the partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Term {
     /// The partition.
     pub partition: u16,
@@ -429,8 +430,14 @@ impl Changelog {
     /// Spawns its task on the current runtime.
     pub fn appender(&self) -> Appender {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(append_task(self.js.clone(), self.publishing, rx));
-        Appender { tx }
+        let broken = Arc::default();
+        tokio::spawn(append_task(
+            self.js.clone(),
+            self.publishing,
+            Arc::clone(&broken),
+            rx,
+        ));
+        Appender { tx, broken }
     }
 
     /// The changelog's records from stream sequence `from` on, in order,
@@ -498,6 +505,9 @@ impl Changelog {
 #[derive(Debug, Clone)]
 pub struct Appender {
     tx: mpsc::UnboundedSender<Op>,
+    /// The terms whose writes were refused or failed: none of their later
+    /// writes is stored.
+    broken: Arc<Mutex<HashMap<Term, ChangelogError>>>,
 }
 
 enum Op {
@@ -529,25 +539,37 @@ impl Appender {
         rx.await
             .map_err(|_| remote("the changelog's appender has stopped"))?
     }
+
+    /// Whether a write of `term` was refused or failed for good: then the
+    /// changelog may lack writes made under it, whatever a later commit
+    /// answered. Known before any commit waiting for the write is answered.
+    pub fn is_broken(&self, term: Term) -> bool {
+        self.broken.lock().expect("broken lock").contains_key(&term)
+    }
 }
 
 /// One write waiting for its batch: its number, term, change and the time
 /// to live of a removal marker.
 type Queued = (u64, Term, Change, Option<Duration>);
 
-/// Publishes appended writes as atomic batches, one batch in flight per
-/// partition (and the partitions' batches at once), and answers each
-/// commit once every write appended before it is acknowledged. A failed
-/// write fails the commits waiting for it, or the next one if none is.
+/// Publishes appended writes, one batch in flight per partition (and the
+/// partitions' batches at once), and answers each commit once every write
+/// appended before it is stored or has failed.
 ///
-/// Why batches: on a clustered stream the leader refuses a conditional
-/// publish while another one checking the same subject is still in flight
-/// (10164, "wrong last sequence" without comparing), and every write of a
-/// partition checks its epoch subject. One atomic batch carries the check
-/// once for all of its writes, and stores all of them or none.
+/// A batch that fails for any reason but a fence is sent again
+/// ([`publish_term_batch`]), so a commit waits through a stream electing a
+/// new leader instead of failing while the local copy keeps writes the
+/// changelog lacks. A term whose batch was fenced, or kept failing, is
+/// broken: it is marked so in `broken` before any commit is answered, and
+/// its later writes are not sent but fail at once. The failure fails every
+/// waiting commit asked for after the failed batch's first write was
+/// appended, or, if none is waiting, the next commit. Commits are not told
+/// whose writes they cover, so a writer that asks for its commit later
+/// checks [`Appender::is_broken`] for the term it wrote under.
 async fn append_task(
     js: jetstream::Context,
     publishing: Publishing,
+    broken: Arc<Mutex<HashMap<Term, ChangelogError>>>,
     mut ops: mpsc::UnboundedReceiver<Op>,
 ) {
     let mut next = 0u64;
@@ -557,7 +579,10 @@ async fn append_task(
     let mut unacked = std::collections::BTreeSet::new();
     let mut commits: BTreeMap<u64, Vec<oneshot::Sender<Result<(), ChangelogError>>>> =
         BTreeMap::new();
-    let mut failed: Option<ChangelogError> = None;
+    // Waiting commits to be answered with an error, by their key.
+    let mut doomed: BTreeMap<u64, ChangelogError> = BTreeMap::new();
+    // A failure no waiting commit was told of: the next commit's answer.
+    let mut untold: Option<ChangelogError> = None;
     let mut open = true;
     while open || !flights.is_empty() {
         // A batch for each partition with writes waiting and none in flight:
@@ -576,11 +601,12 @@ async fn append_task(
             }
             busy.insert(*p);
             let js = js.clone();
+            let refused = broken.lock().expect("broken lock").get(&term).cloned();
             flights.push(async move {
                 let numbers: Vec<u64> = batch.iter().map(|w| w.0).collect();
-                let published = match publishing {
-                    Publishing::Atomic => publish_batch(&js, term, batch).await,
-                    Publishing::EachFenced => publish_each(&js, term, batch).await,
+                let published = match refused {
+                    Some(e) => Err(e),
+                    None => publish_term_batch(&js, publishing, term, &batch).await,
                 };
                 (term, numbers, published)
             });
@@ -596,32 +622,87 @@ async fn append_task(
                 }
                 Some(Op::Commit(reply)) => {
                     if unacked.is_empty() {
-                        let _ = reply.send(failed.take().map_or(Ok(()), Err));
+                        let _ = reply.send(untold.take().map_or(Ok(()), Err));
                     } else {
+                        if let Some(e) = untold.take() {
+                            doomed.insert(next, e);
+                        }
                         commits.entry(next).or_default().push(reply);
                     }
                 }
             },
             Some((term, numbers, result)) = flights.next(), if !flights.is_empty() => {
                 busy.remove(&term.partition);
-                for n in numbers {
-                    unacked.remove(&n);
+                for n in &numbers {
+                    unacked.remove(n);
                 }
                 if let Err(e) = result {
-                    failed.get_or_insert(e);
+                    broken.lock().expect("broken lock").entry(term).or_insert_with(|| e.clone());
+                    let first = numbers.first().copied().unwrap_or(0);
+                    let waiting: Vec<u64> = commits.range(first..).map(|(k, _)| *k).collect();
+                    if waiting.is_empty() {
+                        untold.get_or_insert(e);
+                    } else {
+                        for k in waiting {
+                            doomed.entry(k).or_insert_with(|| e.clone());
+                        }
+                    }
                 }
                 // Every commit waiting for nothing older than the oldest
                 // unacknowledged write is answered.
                 let oldest = unacked.first().copied().unwrap_or(u64::MAX);
                 let done: Vec<u64> = commits.range(..oldest).map(|(k, _)| *k).collect();
-                let answer = if done.is_empty() { None } else { Some(failed.take()) };
                 for k in done {
+                    let answer = doomed.remove(&k).map_or(Ok(()), Err);
                     for reply in commits.remove(&k).unwrap_or_default() {
-                        let _ = reply.send(answer.clone().flatten().map_or(Ok(()), Err));
+                        let _ = reply.send(answer.clone());
                     }
                 }
             }
         }
+    }
+}
+
+/// How long a batch is sent again after failures other than a fence before
+/// its term gives up ([`ChangelogError::Gap`]): longer than a clustered
+/// stream takes to elect a new leader after losing a node.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Publishes `batch` under `term`, sending it again after any failure but a
+/// fence (with a pause growing to a second) until it is stored, fenced, or
+/// [`RETRY_FOR`] has passed. Sending a batch again is safe: an atomic batch
+/// was stored whole or not at all, and writes sent one by one are sent
+/// again in their order, so each key ends with the batch's last value for
+/// it, and the fence still refuses all of them once another term began.
+async fn publish_term_batch(
+    js: &jetstream::Context,
+    publishing: Publishing,
+    term: Term,
+    batch: &[Queued],
+) -> Result<(), ChangelogError> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let result = match publishing {
+            Publishing::Atomic => publish_batch(js, term, batch).await,
+            Publishing::EachFenced => publish_each(js, term, batch).await,
+        };
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e @ ChangelogError::Fenced { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        if started.elapsed() >= RETRY_FOR {
+            return Err(ChangelogError::Gap {
+                partition: term.partition,
+                epoch: term.epoch,
+                message: format!("{e}, still after {RETRY_FOR:?} of sending it again"),
+            });
+        }
+        tracing::warn!(partition = term.partition, epoch = term.epoch, error = %e,
+            "writing to the changelog failed; sending the batch again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -701,19 +782,14 @@ const EACH_IN_FLIGHT: usize = 64;
 /// term's epoch, [`EACH_IN_FLIGHT`] in flight together; waits for every
 /// acknowledgement. The server stores them in the order sent: once one is
 /// refused as fenced, every later one is too. Any other failure may leave
-/// later writes stored after a lost one, so it ends the term too
-/// ([`ChangelogError::Gap`]): the partition is read again from the
-/// changelog before it is written again.
+/// later writes stored after a lost one: the caller sends the whole batch
+/// again ([`publish_term_batch`]).
 async fn publish_each(
     js: &jetstream::Context,
     term: Term,
-    batch: Vec<Queued>,
+    batch: &[Queued],
 ) -> Result<(), ChangelogError> {
-    let gap = |e: &dyn std::fmt::Display| ChangelogError::Gap {
-        partition: term.partition,
-        epoch: term.epoch,
-        message: batch_failed(term, batch.len(), e).to_string(),
-    };
+    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
     for chunk in batch.chunks(EACH_IN_FLIGHT) {
         let mut acks = Vec::with_capacity(chunk.len());
         for (_, _, change, ttl) in chunk {
@@ -722,7 +798,7 @@ async fn publish_each(
             let ack = js
                 .publish_with_headers(write_subject(term.partition, change), headers, payload)
                 .await
-                .map_err(|e| gap(&e))?;
+                .map_err(|e| failed(&e))?;
             acks.push(ack.into_future());
         }
         let mut first_error = None;
@@ -738,7 +814,7 @@ async fn publish_each(
             }
         }
         if let Some(e) = first_error {
-            return Err(gap(&e));
+            return Err(failed(&e));
         }
     }
     Ok(())
@@ -764,7 +840,7 @@ const NOT_READY_TRIES: u32 = 50;
 async fn publish_batch(
     js: &jetstream::Context,
     term: Term,
-    batch: Vec<Queued>,
+    batch: &[Queued],
 ) -> Result<(), ChangelogError> {
     use async_nats::jetstream::{Error as JsError, ErrorCode};
     let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);

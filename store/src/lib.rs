@@ -332,6 +332,11 @@ struct FlushCounts {
     finished: AtomicU64,
 }
 
+/// The term an event's writes are made under (see [`Store::holding`]);
+/// the default holds nothing (writes of no partition).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holding(Option<(u16, Option<changelog::Term>)>);
+
 /// A point in the store's writes: every write made before it is durable
 /// once [`Store::is_durable`] says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,6 +591,30 @@ impl Store {
     /// sled backend).
     pub fn holds_partition(&self, partition: u16) -> bool {
         self.partitioned.as_ref().is_none_or(|p| p.holds(partition))
+    }
+
+    /// What a handler of `account`'s events writes under now: the term of
+    /// the account's partition (nothing to hold for the sled backend).
+    /// Taken before an event is handled and checked with
+    /// [`Store::still_holds`] before it is acked.
+    pub fn holding(&self, account: &[u8]) -> Holding {
+        match &self.partitioned {
+            Some(p) => p.holding(account),
+            None => Holding(None),
+        }
+    }
+
+    /// Whether what was written under `holding` is durable once a flush
+    /// after it succeeded: the term is still current and none of its
+    /// writes was refused or failed. A flush answers for every write before
+    /// it, but a write that failed is told to the flushes waiting then,
+    /// which need not be the one its writer waits for; an event is acked
+    /// only if this holds too.
+    pub fn still_holds(&self, holding: &Holding) -> bool {
+        match (&self.partitioned, holding.0) {
+            (Some(p), Some((partition, term))) => p.still_holds(partition, term),
+            _ => true,
+        }
     }
 
     /// Ends this replica's term on `partition` (handed over to another).

@@ -173,6 +173,46 @@ impl Partitioned {
         self.term(partition).is_some()
     }
 
+    /// The term this replica writes `account`'s partition under now.
+    pub(crate) fn holding(&self, account: &[u8]) -> crate::Holding {
+        let partition = partition_of_account(account, self.partitions);
+        crate::Holding(Some((partition, self.term(partition))))
+    }
+
+    /// Whether `holding`'s term is still current and none of its writes
+    /// failed: every write made under it and covered by a successful
+    /// commit is in the changelog. A term found broken ends here.
+    pub(crate) fn still_holds(&self, partition: u16, term: Option<Term>) -> bool {
+        if self.term(partition) != term {
+            return false;
+        }
+        match term {
+            Some(t) if self.appender.is_broken(t) => {
+                self.end_term(t);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Ends `term` if it is still this replica's term on its partition: its
+    /// writes failed or were refused.
+    fn end_term(&self, term: Term) {
+        let _order = self.order.lock().expect("order lock");
+        let mut terms = self.terms.lock().expect("terms lock");
+        if terms.get(&term.partition) == Some(&term) {
+            terms.remove(&term.partition);
+            drop(terms);
+            self.ended(term.partition);
+            tracing::warn!(
+                partition = term.partition,
+                epoch = term.epoch,
+                "the partition's term ended: its writes failed or were refused; the \
+                 partition is read again from the changelog when taken again"
+            );
+        }
+    }
+
     /// Whether this replica writes `key` itself (it holds the partition).
     pub(crate) fn owns(&self, key: &[u8]) -> bool {
         self.term(self.partition_of(key)).is_some()
@@ -643,13 +683,10 @@ impl Partitioned {
                     partition, epoch, ..
                 } = &e
                 {
-                    let _order = self.order.lock().expect("order lock");
-                    let mut terms = self.terms.lock().expect("terms lock");
-                    if terms.get(partition).is_some_and(|t| t.epoch == *epoch) {
-                        terms.remove(partition);
-                        drop(terms);
-                        self.ended(*partition);
-                    }
+                    self.end_term(Term {
+                        partition: *partition,
+                        epoch: *epoch,
+                    });
                 }
                 Err(remote(e))
             }

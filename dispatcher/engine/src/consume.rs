@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
+use switchboard_store::Holding;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -83,7 +84,8 @@ pub async fn consume(
             Ok(event) => event,
             Err(disposition) => {
                 // Poison: acked once its dead letter is durable.
-                if let Err(unsent) = settle.send((delivery, disposition)).await {
+                let holding = executor.holding(delivery.account.as_deref());
+                if let Err(unsent) = settle.send((delivery, disposition, holding)).await {
                     let _ = unsent.0.0.nak(Duration::ZERO).await;
                 }
                 continue;
@@ -153,6 +155,10 @@ fn hand_over(kinds: &EventKinds, tally: Tally) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// A handled delivery, what to do with it, and the state it was handled
+/// on (see [`Executor::holding`]).
+type Handled = (Delivery, Disposition, Holding);
+
 /// Handled deliveries waiting to be settled. Workers wait only when this
 /// many are waiting; the bus's own limit on unacked messages
 /// (`max_ack_pending` on NATS) usually bounds them first.
@@ -171,10 +177,7 @@ const SETTLE_GATHER: Duration = Duration::from_millis(2);
 /// gathered within [`SETTLE_GATHER`] of the first shares one flush, so a
 /// worker goes on to its next event without waiting for the disk, and the
 /// disk sees one flush per batch, not per event.
-async fn settle_batches(
-    executor: Arc<Executor>,
-    mut queue: mpsc::Receiver<(Delivery, Disposition)>,
-) {
+async fn settle_batches(executor: Arc<Executor>, mut queue: mpsc::Receiver<Handled>) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
     while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
         let gathered = tokio::time::sleep(SETTLE_GATHER);
@@ -196,9 +199,17 @@ async fn settle_batches(
             tracing::error!(error = %e, count = batch.len(),
                 "flushing the store failed; these events will be handled again");
         }
-        for (delivery, disposition) in batch.drain(..) {
+        for (delivery, disposition, holding) in batch.drain(..) {
             let result = match (disposition, &durable) {
-                (Disposition::Ack, Ok(())) => delivery.ack().await,
+                (Disposition::Ack, Ok(())) if executor.still_holds(&holding) => {
+                    delivery.ack().await
+                }
+                (Disposition::Ack, Ok(())) => {
+                    tracing::warn!(subject = %delivery.subject,
+                        "the state this event was handled on is gone (its partition's changelog \
+                         refused or lost writes); it will be handled again");
+                    delivery.nak(Duration::from_secs(1)).await
+                }
                 (Disposition::Ack, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
                 // A retry's attempt count is durable only once this flush
                 // is: a crash before it (or a failed flush) gives the step
@@ -237,7 +248,7 @@ struct Held {
 struct Worker {
     executor: Arc<Executor>,
     /// Where handled deliveries go to be acked or nakked.
-    settle: mpsc::Sender<(Delivery, Disposition)>,
+    settle: mpsc::Sender<Handled>,
     /// This worker's last outside effect whose record may not be durable
     /// yet (see [`Executor::handle`]).
     earlier: Option<switchboard_store::WriteMark>,
@@ -264,6 +275,7 @@ impl Worker {
                 }
                 continue;
             }
+            let holding = self.executor.holding(Some(event.account_key.as_str()));
             let Some(disposition) = self.handle(&event, &delivery).await else {
                 // The grace period ran out mid-handling: give it back.
                 unhandled.push(delivery);
@@ -283,7 +295,7 @@ impl Worker {
                     self.done(&conversation, delivery.seq);
                 }
             }
-            if let Err(unsent) = self.settle.send((delivery, disposition)).await {
+            if let Err(unsent) = self.settle.send((delivery, disposition, holding)).await {
                 // The settler is gone (it panicked): give the delivery back.
                 unhandled.push(unsent.0.0);
             }

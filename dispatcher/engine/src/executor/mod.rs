@@ -24,7 +24,7 @@ use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
 use switchboard_sdk::VumiApiEvent;
-use switchboard_store::{Store, StoreError, WriteMark};
+use switchboard_store::{Holding, Store, StoreError, WriteMark};
 
 use crate::bus::{Bus, BusError, Delivery};
 use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
@@ -139,6 +139,18 @@ impl Executor {
     /// covers every caller waiting at the time), before their acks.
     pub async fn make_durable(&self) -> Result<(), StoreError> {
         self.store.flush().await
+    }
+
+    /// What `account`'s events are written under now: taken before one is
+    /// handled, checked with [`Executor::still_holds`] before it is acked.
+    pub fn holding(&self, account: Option<&str>) -> Holding {
+        account.map_or_else(Holding::default, |a| self.store.holding(a.as_bytes()))
+    }
+
+    /// Whether what an event wrote under `holding` is durable once
+    /// [`Executor::make_durable`] succeeded after it.
+    pub fn still_holds(&self, holding: &Holding) -> bool {
+        self.store.still_holds(holding)
     }
 
     /// Decodes a delivery. Poison — bad JSON, a schema violation, an
