@@ -33,7 +33,7 @@ fn csrf_in(html: &str) -> String {
 }
 
 /// A client that follows no redirect, so that each answer can be checked.
-fn plain_client() -> reqwest::Client {
+pub(crate) fn plain_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -65,7 +65,7 @@ fn location(response: &reqwest::Response) -> String {
 }
 
 /// Signs in over plain HTTP as a browser would; returns the session cookie.
-async fn sign_in(http: &reqwest::Client, base: &str, token: &str) -> String {
+pub(crate) async fn sign_in(http: &reqwest::Client, base: &str, token: &str) -> String {
     let page = http
         .get(format!("{base}/console/sign-in"))
         .send()

@@ -591,6 +591,55 @@ async fn replicas_joining_and_leaving_keep_every_conversation_in_order() {
     )
     .await;
     eprintln!("replicas: after the join and the leave, partitions {pa:?} and {pc:?}");
+
+    // The admin's health page on `a` lists both live replicas with the
+    // partitions each handles, as their own `/readyz` say.
+    let http = crate::console::plain_client();
+    let session = crate::console::sign_in(&http, a.url(), crate::util::ADMIN_TOKEN).await;
+    let rows = wait_until(
+        "the health page showing both replicas' partitions",
+        Duration::from_secs(20),
+        || async {
+            let html = http
+                .get(format!("{}/console/health", a.url()))
+                .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let rows = replica_rows(&html);
+            let mine: Vec<_> = rows.iter().filter(|r| r.0).collect();
+            (rows.len() == 2
+                && mine.len() == 1
+                && mine[0].1 == pa
+                && rows.iter().any(|r| r.1 == pc))
+            .then_some(rows)
+        },
+    )
+    .await;
+    eprintln!("replicas: the health page shows {rows:?}");
+}
+
+/// The replica rows of the console's health page: whether the row is the
+/// page's own replica, and the partitions it lists.
+fn replica_rows(html: &str) -> Vec<(bool, Vec<u64>)> {
+    html.split("<tr id=\"replica-")
+        .skip(1)
+        .map(|row| {
+            let row = row.split("</tr>").next().unwrap_or_default();
+            let partitions = row
+                .split("<td class=\"partitions\">")
+                .nth(1)
+                .and_then(|p| p.split("</td>").next())
+                .unwrap_or_default()
+                .split(", ")
+                .filter_map(|p| p.trim().parse().ok())
+                .collect();
+            (row.contains("(this one)"), partitions)
+        })
+        .collect()
 }
 
 /// Two replicas applying chains for one account at the same moment never

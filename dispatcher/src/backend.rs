@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_api::health::ReplicaView;
 use switchboard_bus::commands::{NatsCommands, NoCommands};
 use switchboard_bus::partitions::Membership;
 use switchboard_bus::{EmbeddedBus, NatsBus};
@@ -38,12 +39,20 @@ pub struct Backend {
 pub struct Replicas {
     owned_tx: watch::Sender<Vec<u16>>,
     owned: watch::Receiver<Vec<u16>>,
+    viewed_tx: watch::Sender<ReplicaView>,
+    viewed: watch::Receiver<ReplicaView>,
 }
 
 impl Replicas {
     fn new() -> Self {
         let (owned_tx, owned) = watch::channel(Vec::new());
-        Self { owned_tx, owned }
+        let (viewed_tx, viewed) = watch::channel(ReplicaView::default());
+        Self {
+            owned_tx,
+            owned,
+            viewed_tx,
+            viewed,
+        }
     }
 
     /// The partitions this replica owns, as they change.
@@ -51,10 +60,15 @@ impl Replicas {
         self.owned.clone()
     }
 
+    /// The live members and their partitions as this replica sees them.
+    pub fn viewed(&self) -> watch::Receiver<ReplicaView> {
+        self.viewed.clone()
+    }
+
     /// Joins the other replicas (a heartbeat in `store`): from now on the
     /// partitions are divided among the members.
     pub fn join(self, store: Store) -> Result<Membership, StartError> {
-        Ok(Membership::join(store, self.owned_tx)?)
+        Ok(Membership::join(store, self.owned_tx, self.viewed_tx)?)
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use switchboard_api::health::ReplicaView;
 use switchboard_bus::partitions::Membership;
 use switchboard_engine::bus::{Bus, BusError, Published};
 use switchboard_engine::consume::consume;
@@ -35,7 +36,7 @@ use switchboard_store::{Change, Collection, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{self, Backend, Replicas};
+use crate::backend::{self, Backend};
 use crate::config::Config;
 
 /// Why the dispatcher could not start.
@@ -153,7 +154,7 @@ impl Dispatcher {
             &bus,
             admin_token,
             local_addr,
-            replicas.as_ref().map(Replicas::owned),
+            replicas.as_ref().map(|r| (r.owned(), r.viewed())),
             ready.clone(),
         );
         let sessions = state.sessions.clone();
@@ -403,7 +404,7 @@ impl Engine {
         bus: &Arc<dyn Bus>,
         admin_token: AdminToken,
         local_addr: SocketAddr,
-        partitions: Option<watch::Receiver<Vec<u16>>>,
+        replicas: Option<(watch::Receiver<Vec<u16>>, watch::Receiver<ReplicaView>)>,
         ready: Arc<AtomicBool>,
     ) -> ApiState {
         let public_url = config
@@ -421,8 +422,10 @@ impl Engine {
             })
             .collect();
         let limits = &config.limits;
+        let (partitions, replicas) = replicas.unzip();
         ApiState {
             partitions,
+            replicas,
             ready,
             chains: self.chains.clone(),
             registry: self.registry.clone(),

@@ -9,6 +9,27 @@ pub struct Health {
     pub status: String,
 }
 
+/// The replicas sharing the bus as one of them sees them: the live members
+/// and the partitions each handles. Every replica divides the partitions
+/// the same way among the members it sees live, so two views differ only
+/// while a member joins or goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    /// The id of the replica whose view this is.
+    pub me: String,
+    /// The live members, this one included, by id.
+    pub members: Vec<ReplicaShare>,
+}
+
+/// One live replica and its partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaShare {
+    /// Its id.
+    pub id: String,
+    /// The partitions it handles.
+    pub partitions: Vec<u16>,
+}
+
 /// `GET /readyz`: whether this dispatcher takes traffic, and why not. 200
 /// when `ready`, 503 otherwise, with the same body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

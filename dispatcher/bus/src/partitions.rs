@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+use switchboard_api::health::{ReplicaShare, ReplicaView};
 use switchboard_store::{Collection, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -54,6 +55,20 @@ fn score(member: &str, partition: u16) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
+/// How `me` sees the replicas: each live member with its partitions.
+fn view(me: &str, members: &[&str]) -> ReplicaView {
+    ReplicaView {
+        me: me.to_string(),
+        members: members
+            .iter()
+            .map(|m| ReplicaShare {
+                id: m.to_string(),
+                partitions: owned_by(m, members),
+            })
+            .collect(),
+    }
+}
+
 /// This replica's membership: it writes a heartbeat every [`HEARTBEAT`],
 /// follows the others' and publishes the partitions this replica owns.
 #[derive(Debug)]
@@ -65,12 +80,14 @@ pub struct Membership {
 
 impl Membership {
     /// Joins: writes the first heartbeat and starts following, sending the
-    /// partitions this replica owns into `owned` whenever they change.
-    /// Members found in the (caught-up) store count as live until their
-    /// heartbeat stops changing for [`GONE_AFTER`].
+    /// partitions this replica owns into `owned` whenever they change, and
+    /// the members with theirs into `viewed`. Members found in the
+    /// (caught-up) store count as live until their heartbeat stops
+    /// changing for [`GONE_AFTER`].
     pub fn join(
         store: Store,
         owned_tx: watch::Sender<Vec<u16>>,
+        viewed: watch::Sender<ReplicaView>,
     ) -> Result<Self, switchboard_store::StoreError> {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let mut follower = Follower {
@@ -84,6 +101,7 @@ impl Membership {
         tracing::info!(replica = %id, partitions = ?owned, members = members.len(),
             "joined the replicas sharing the bus");
         owned_tx.send_replace(owned);
+        viewed.send_replace(view(&id, &members_of(&members)));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT);
@@ -96,6 +114,12 @@ impl Membership {
                 }
                 match follower.tick() {
                     Ok(members) => {
+                        let seen = view(&follower.id, &members_of(&members));
+                        viewed.send_if_modified(|was| {
+                            let changed = *was != seen;
+                            *was = seen;
+                            changed
+                        });
                         let owned = owned_by(&follower.id, &members_of(&members));
                         owned_tx.send_if_modified(|was| {
                             if *was == owned {

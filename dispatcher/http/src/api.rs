@@ -100,6 +100,9 @@ pub struct ApiState {
     pub inbound: Arc<Inbound>,
     /// The partitions of the bus this replica consumes, when replicas share it.
     pub partitions: Option<tokio::sync::watch::Receiver<Vec<u16>>>,
+    /// The replicas sharing the bus and their partitions, as this one sees
+    /// them, when replicas share it.
+    pub replicas: Option<tokio::sync::watch::Receiver<switchboard_api::health::ReplicaView>>,
     /// The web console's signed-in browsers.
     pub sessions: Arc<crate::console::session::Sessions>,
     /// Held while a chain apply checks what its chains name and stores

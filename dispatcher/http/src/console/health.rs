@@ -1,6 +1,7 @@
 //! The dispatcher's health, for the admin: the bus and its lag, the store,
 //! events by outcome over the last hour, dead letters by account, and the
-//! replicas sharing the bus with the partitions this one handles.
+//! replicas sharing the bus with the partitions each handles, as this one
+//! sees them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -53,18 +54,29 @@ pub(super) async fn page(State(s): State<ApiState>, headers: HeaderMap) -> Page 
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
+    // Every replica with a heartbeat in the store, and how this one sees
+    // it: live with its partitions, or gone (its heartbeat stopped
+    // changing; the entry is removed a minute later).
+    let seen = s.replicas.as_ref().map(|v| v.borrow().clone());
     let replicas: Vec<Value> = if s.store.is_replicated() {
         s.store
             .scan_prefix(Collection::Replicas, &[])
             .map_err(|e| internal(&session, &e))?
             .into_iter()
             .map(|(id, beat)| {
+                let id = String::from_utf8_lossy(&id).into_owned();
                 let at = serde_json::from_slice::<Value>(&beat)
                     .ok()
                     .and_then(|b| b["at_ms"].as_u64());
+                let share = seen
+                    .as_ref()
+                    .and_then(|v| v.members.iter().find(|m| m.id == id));
                 json!({
-                    "id": String::from_utf8_lossy(&id),
+                    "me": seen.as_ref().is_some_and(|v| v.me == id),
+                    "live": share.is_some(),
+                    "partitions": share.map(|m| m.partitions.clone()),
                     "heartbeat_s_ago": at.map(|at| now_ms.saturating_sub(at) as f64 / 1000.0),
+                    "id": id,
                 })
             })
             .collect()
