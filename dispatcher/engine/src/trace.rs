@@ -203,7 +203,14 @@ impl Traces {
             let Ok(id) = EventId::parse(id) else {
                 continue;
             };
-            let Some(journal) = self.journal.load(&RecordKey::new(account, &id))? else {
+            // An entry whose record is missing, or started at another
+            // time, was left by a crash before the record's head was
+            // written: the event is listed at its record's own entry.
+            let Some(journal) = self
+                .journal
+                .load(&RecordKey::new(account, &id))?
+                .filter(|j| j.started_ms == ms)
+            else {
                 continue;
             };
             let Some(event) = &journal.event else {

@@ -57,20 +57,22 @@ impl Pass {
     }
 
     /// The writes of what was recorded and not written yet, in order, for
-    /// a batch the caller applies (none when there is nothing): the entry,
-    /// and with a record's first write (its head) the record's place in the
-    /// account's listing, after it — a crash between leaves the event out
-    /// of the listing, never lists a record that is not there.
+    /// a batch the caller applies (none when there is nothing): with a
+    /// record's first write (its head), the record's place in the
+    /// account's listing first, then the entry. A crash between leaves a
+    /// listing entry whose record is missing, or, once the event is taken
+    /// up again, started at another time: the listing takes such an entry
+    /// for none, so an event is listed once, at its record's start.
     pub fn take_write(&mut self, journal: &Journal) -> Result<Vec<Write>, StoreError> {
         let fresh = self.journal.is_fresh();
         let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
             return Ok(Vec::new());
         };
-        let mut writes = vec![write];
-        if fresh {
-            writes.push(self.at.time_entry(self.journal.started_ms));
-        }
-        Ok(writes)
+        Ok(if fresh {
+            vec![self.at.time_entry(self.journal.started_ms), write]
+        } else {
+            vec![write]
+        })
     }
 
     /// Writes what was recorded and not written yet (not flushed).

@@ -385,6 +385,36 @@ fn expiry_walks_records_larger_than_one_batch() {
     assert_eq!(journal.store.len(Collection::Journal), 0);
 }
 
+/// A crash between a record's listing entry (written first) and its head
+/// leaves an entry with no record; the event taken up again gets another
+/// entry, at its new start. The listing shows the event once, at the start
+/// its record holds, and nothing for an entry with no record.
+#[test]
+fn the_listing_takes_an_entry_without_its_record_for_none() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(3_600));
+    let (handled, lost) = (event(30), event(31));
+    let started = now_ms() - 5_000;
+    for (e, at) in [(&handled, started - 2_000), (&lost, started - 1_000)] {
+        let entry = RecordKey::new(&e.account_key, &e.id).time_entry(at);
+        store.write_in_order(&[entry]).expect("the listing entry");
+    }
+    let begin = Entry::Begin {
+        event: Box::new(handled.clone()),
+    };
+    let entry = RecordKey::new(&handled.account_key, &handled.id).time_entry(started);
+    store.write_in_order(&[entry]).expect("the listing entry");
+    append(&journal, &handled, Some(started), vec![begin]);
+
+    let list = traces
+        .list(&handled.account_key, &Default::default())
+        .expect("the listing")
+        .expect("a valid query");
+    let ids: Vec<String> = list.events.iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(ids, [handled.id.to_string()]);
+}
+
 #[test]
 fn listing_entries_expire_with_the_retention() {
     let store = Store::temporary().expect("a store");
