@@ -5,7 +5,7 @@
 //! chain version, or refused with the problems and nothing saved.
 
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use minijinja::context;
 use serde::Deserialize;
@@ -15,9 +15,7 @@ use switchboard_sdk::AccountKey;
 
 use super::new_chain::{self, Fields, Target};
 use super::session::Session;
-use super::{
-    Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
-};
+use super::{OnAccount, Page, checked_form, error_page, internal, render, session_view, view};
 use crate::api::ApiState;
 
 /// The chain `name` of the account, or the page saying there is none.
@@ -47,12 +45,10 @@ pub(super) struct Shown {
 
 pub(super) async fn page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Query(shown): Query<Shown>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let chain = chain_of(&s, &session, &key, &name)?;
     Ok(show(
         &key,
@@ -126,19 +122,17 @@ pub(super) struct Change {
 
 pub(super) async fn act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Form(change): Form<Change>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     checked_form(&session, &change.csrf)?;
     let _writes = s.config_writes.lock().expect("config write lock");
     let chain = chain_of(&s, &session, &key, &name)?;
     if change.action == "remove_chain" {
         return match s.chains.remove_chain(&key, &name) {
             Ok(version) => Ok(Redirect::to(&format!(
-                "/console/accounts/{account}?saved={}#chains",
+                "/console/accounts/{key}?saved={}#chains",
                 version.version
             ))
             .into_response()),
@@ -215,7 +209,7 @@ pub(super) async fn act(
         .apply_changes(valid, true, &change, s.registry.as_ref())
     {
         Ok((version, _)) => Ok(Redirect::to(&format!(
-            "/console/accounts/{account}/chain/{name}?saved={}",
+            "/console/accounts/{key}/chain/{name}?saved={}",
             version.version
         ))
         .into_response()),
@@ -243,67 +237,64 @@ fn bad_action(session: &Session, action: &str) -> super::Instead {
     .into()
 }
 
-/// The signed-in session, its account and what the form edits: the step at
-/// `index` (from 0) of chain `name`, or a new one at its end (`None`).
+/// What the form edits: the step at `index` (from 0) of chain `name`, or
+/// a new one at its end (`None`).
 fn step_target(
     s: &ApiState,
-    headers: &HeaderMap,
-    account: &str,
+    session: &Session,
+    key: &AccountKey,
     name: &str,
     index: Option<usize>,
-) -> Result<(Session, AccountKey, Target), super::Instead> {
-    let session = signed_in(s, headers)?;
-    let key = reachable(&session, account)?;
-    let chain = chain_of(s, &session, &key, name)?;
+) -> Result<Target, super::Instead> {
+    let chain = chain_of(s, session, key, name)?;
     if let Some(i) = index
         && i >= chain.steps.len()
     {
-        return Err(no_step(&session, name, i));
+        return Err(no_step(session, name, i));
     }
-    let target = Target::Step {
+    Ok(Target::Step {
         chain: Box::new(chain),
         index,
-    };
-    Ok((session, key, target))
+    })
 }
 
 pub(super) async fn step_page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name, index)): Path<(String, String, usize)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name, index)): Path<(String, String, usize)>,
     Query(fields): Query<Fields>,
 ) -> Page {
-    let (session, key, target) = step_target(&s, &headers, &account, &name, Some(index))?;
+    let target = step_target(&s, &session, &key, &name, Some(index))?;
     new_chain::show(&s, &key, &session, target, fields)
 }
 
 pub(super) async fn step_act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name, index)): Path<(String, String, usize)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name, index)): Path<(String, String, usize)>,
     Form(fields): Form<Fields>,
 ) -> Page {
-    let (session, key, target) = step_target(&s, &headers, &account, &name, Some(index))?;
+    let target = step_target(&s, &session, &key, &name, Some(index))?;
     new_chain::submit(&s, &key, &session, target, fields).await
 }
 
 pub(super) async fn add_page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Query(fields): Query<Fields>,
 ) -> Page {
-    let (session, key, target) = step_target(&s, &headers, &account, &name, None)?;
+    let target = step_target(&s, &session, &key, &name, None)?;
     new_chain::show(&s, &key, &session, target, fields)
 }
 
 pub(super) async fn add_act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Form(fields): Form<Fields>,
 ) -> Page {
-    let (session, key, target) = step_target(&s, &headers, &account, &name, None)?;
+    let target = step_target(&s, &session, &key, &name, None)?;
     new_chain::submit(&s, &key, &session, target, fields).await
 }
 

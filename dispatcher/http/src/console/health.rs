@@ -6,19 +6,18 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use minijinja::context;
 use serde_json::{Value, json};
 use switchboard_engine::dead_letters::LetterStatus;
 use switchboard_engine::metrics::Outcome;
 use switchboard_store::Collection;
 
-use super::{Page, error_page, internal, render, session_view, signed_in, view};
+use super::{Page, SignedIn, error_page, internal, render, session_view, view};
 use crate::api::ApiState;
 use crate::auth::Principal;
 
-pub(super) async fn page(State(s): State<ApiState>, headers: HeaderMap) -> Page {
-    let session = signed_in(&s, &headers)?;
+pub(super) async fn page(State(s): State<ApiState>, SignedIn(session): SignedIn) -> Page {
     if session.principal != Principal::Admin {
         return Err(error_page(
             StatusCode::NOT_FOUND,

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Form, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde::{Deserialize, Serialize};
@@ -14,9 +14,7 @@ use switchboard_sdk::format_rfc3339;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{
-    Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
-};
+use super::{OnAccount, Page, checked_form, error_page, internal, render, session_view, view};
 use crate::api::ApiState;
 
 /// Dead letters that failed the same way: the same chain, step, reason and
@@ -120,12 +118,9 @@ fn parse_time(raw: &str) -> Option<OffsetDateTime> {
 
 pub(super) async fn page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(range): Query<Range>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let letters = s
         .letters
         .all(key.as_str())
@@ -162,7 +157,7 @@ pub(super) async fn page(
     Ok(render(
         "dead_letters.html",
         context! {
-            account,
+            account => key.as_str(),
             groups => view(&groups),
             range => range_view.map(view),
             range_error,
@@ -185,12 +180,9 @@ pub(super) struct RangeAction {
 
 pub(super) async fn act_on_range(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Form(form): Form<RangeAction>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
     let (Some(from), Some(to)) = (parse_time(&form.from), parse_time(&form.to)) else {
         return Err(error_page(
@@ -208,7 +200,7 @@ pub(super) async fn act_on_range(
         .iter()
         .filter(|l| l.status == LetterStatus::Dead && l.at >= from && l.at <= to)
         .collect();
-    handle_all(&s, &session, &account, &members, &form.action).await
+    handle_all(&s, &session, key.as_str(), &members, &form.action).await
 }
 
 /// Replays or discards every one of `letters`; the page again, or what
@@ -268,12 +260,9 @@ pub(super) struct GroupAction {
 
 pub(super) async fn act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Form(form): Form<GroupAction>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
     let letters = s
         .letters
@@ -292,5 +281,5 @@ pub(super) async fn act(
         .iter()
         .filter(|l| l.status == LetterStatus::Dead && group_key(l) == wanted && l.at <= last)
         .collect();
-    handle_all(&s, &session, &account, &members, &form.action).await
+    handle_all(&s, &session, key.as_str(), &members, &form.action).await
 }

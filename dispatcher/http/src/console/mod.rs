@@ -298,6 +298,48 @@ fn reachable(session: &Session, account: &str) -> Result<AccountKey, Instead> {
     }
 }
 
+/// A request from a signed-in browser (else the sign-in page instead).
+struct SignedIn(Session);
+
+impl axum::extract::FromRequestParts<ApiState> for SignedIn {
+    type Rejection = Instead;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, Instead> {
+        signed_in(s, &parts.headers).map(SignedIn)
+    }
+}
+
+/// A request from a signed-in browser for a page of an account (the
+/// route's `{account}`) its token reaches; another account is not found,
+/// as in the API.
+struct OnAccount {
+    session: Session,
+    key: AccountKey,
+}
+
+impl axum::extract::FromRequestParts<ApiState> for OnAccount {
+    type Rejection = Instead;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, Instead> {
+        let session = signed_in(s, &parts.headers)?;
+        let params = axum::extract::RawPathParams::from_request_parts(parts, s)
+            .await
+            .map_err(|e| Instead::from(e.into_response()))?;
+        let account = params
+            .iter()
+            .find_map(|(name, value)| (name == "account").then_some(value))
+            .unwrap_or_default();
+        let key = reachable(&session, account)?;
+        Ok(Self { session, key })
+    }
+}
+
 /// Checks the CSRF token a form carried.
 fn checked_form(session: &Session, csrf: &str) -> Result<(), Instead> {
     if same_token(&session.csrf, csrf) {
@@ -313,8 +355,7 @@ fn checked_form(session: &Session, csrf: &str) -> Result<(), Instead> {
     }
 }
 
-async fn home(State(s): State<ApiState>, headers: HeaderMap) -> Page {
-    let session = signed_in(&s, &headers)?;
+async fn home(State(s): State<ApiState>, SignedIn(session): SignedIn) -> Page {
     match &session.principal {
         Principal::Account(own) => {
             Ok(Redirect::to(&format!("/console/accounts/{own}")).into_response())
@@ -435,10 +476,10 @@ struct CsrfForm {
 
 async fn sign_out(
     State(s): State<ApiState>,
+    SignedIn(session): SignedIn,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
     checked_form(&session, &form.csrf)?;
     s.sessions.end(&headers);
     let mut response = Redirect::to("/console/sign-in").into_response();
@@ -450,13 +491,7 @@ async fn sign_out(
 /// How many dead letters the account page lists.
 const LETTERS_SHOWN: usize = 50;
 
-async fn account_page(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
-) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
+async fn account_page(State(s): State<ApiState>, OnAccount { session, key }: OnAccount) -> Page {
     let current = s.chains.current(&key).map_err(|e| internal(&session, &e))?;
     let version = current.as_ref().map(|v| v.version);
     let chains: Vec<Value> = current
@@ -498,7 +533,7 @@ async fn account_page(
     Ok(render(
         "account.html",
         context! {
-            account,
+            account => key.as_str(),
             version,
             chains => view(&chains),
             letters => view(&letters),

@@ -8,8 +8,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Form, Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Form, Query, State};
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde_json::{Map, Value, json};
@@ -23,7 +22,7 @@ use switchboard_rules::{
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
 use super::session::Session;
-use super::{Page, checked_form, internal, reachable, render, session_view, signed_in, view};
+use super::{OnAccount, Page, checked_form, internal, render, session_view, view};
 use crate::api::ApiState;
 
 /// The form, as the browser sent it: `name`, `conversation_type`,
@@ -48,23 +47,17 @@ fn text(f: &Fields, name: &str) -> String {
 
 pub(super) async fn page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(fields): Query<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     show(&s, &key, &session, Target::NewChain, fields)
 }
 
 pub(super) async fn act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Form(fields): Form<Fields>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     submit(&s, &key, &session, Target::NewChain, fields).await
 }
 

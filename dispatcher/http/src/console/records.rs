@@ -1,14 +1,13 @@
 //! The contacts and messages pages: what an account's chains made and
 //! sent, and what providers posted that matched nothing.
 
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use minijinja::context;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_sdk::format_rfc3339;
 
-use super::{Page, internal, reachable, render, session_view, signed_in, view};
+use super::{OnAccount, Page, internal, render, session_view, view};
 use crate::api::ApiState;
 
 /// Rows a records page shows at most.
@@ -23,12 +22,9 @@ pub(super) struct Search {
 
 pub(super) async fn contacts(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(search): Query<Search>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let q = search.q.trim().to_string();
     let found = if q.is_empty() {
         s.contacts.list(&key, SHOWN)
@@ -52,7 +48,7 @@ pub(super) async fn contacts(
     Ok(render(
         "contacts.html",
         context! {
-            account,
+            account => key.as_str(),
             q,
             contacts => view(&rows),
             shown => SHOWN,
@@ -63,11 +59,8 @@ pub(super) async fn contacts(
 
 pub(super) async fn messages(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let mut found = s
         .messages
         .list(&key, SHOWN)
@@ -100,7 +93,7 @@ pub(super) async fn messages(
     Ok(render(
         "messages.html",
         context! {
-            account,
+            account => key.as_str(),
             messages => view(&rows),
             shown => SHOWN,
             session => session_view(&session),
@@ -110,11 +103,8 @@ pub(super) async fn messages(
 
 pub(super) async fn unmatched(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let found = s
         .inbound
         .unmatched
@@ -135,7 +125,7 @@ pub(super) async fn unmatched(
     Ok(render(
         "unmatched.html",
         context! {
-            account,
+            account => key.as_str(),
             unmatched => view(&rows),
             session => session_view(&session),
         },

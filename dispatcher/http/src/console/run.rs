@@ -2,7 +2,7 @@
 //! and replay from a failed step.
 
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde::Deserialize;
@@ -13,8 +13,7 @@ use switchboard_sdk::{EventId, format_rfc3339};
 
 use super::session::Session;
 use super::{
-    CsrfForm, Page, checked_form, error_page, internal, reachable, render, session_view, signed_in,
-    view,
+    CsrfForm, OnAccount, Page, checked_form, error_page, internal, render, session_view, view,
 };
 use crate::api::ApiState;
 
@@ -25,17 +24,11 @@ pub(super) struct FindEvent {
 }
 
 pub(super) async fn find_event(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(q): Query<FindEvent>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
     match EventId::parse(q.id.trim()) {
-        Ok(id) => {
-            Ok(Redirect::to(&format!("/console/accounts/{account}/events/{id}")).into_response())
-        }
+        Ok(id) => Ok(Redirect::to(&format!("/console/accounts/{key}/events/{id}")).into_response()),
         Err(e) => Err(error_page(
             StatusCode::BAD_REQUEST,
             Some(&session),
@@ -53,18 +46,16 @@ pub(super) struct Shown {
 
 pub(super) async fn run_page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, id)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, id)): Path<(String, String)>,
     Query(shown): Query<Shown>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let not_found = |session: &Session| {
         error_page(
             StatusCode::NOT_FOUND,
             Some(session),
             &format!(
-                "No trace of event {id} in account {account}: not handled yet, or never received."
+                "No trace of event {id} in account {key}: not handled yet, or never received."
             ),
         )
     };
@@ -86,7 +77,7 @@ pub(super) async fn run_page(
         .map(|r| r.to_string());
     Ok(render(
         "run.html",
-        run_context(&account, &trace, letters, rerun, &session),
+        run_context(key.as_str(), &trace, letters, rerun, &session),
     ))
 }
 
@@ -177,18 +168,16 @@ fn run_context(
 
 pub(super) async fn replay(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, id)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, id)): Path<(String, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
-    match s.letters.replay(&account, &id).await {
+    match s.letters.replay(key.as_str(), &id).await {
         Ok(letter) => {
             let to = match &letter.event {
-                Some(event) => format!("/console/accounts/{account}/events/{}", event.id),
-                None => format!("/console/accounts/{account}"),
+                Some(event) => format!("/console/accounts/{key}/events/{}", event.id),
+                None => format!("/console/accounts/{key}"),
             };
             Ok(Redirect::to(&to).into_response())
         }
@@ -205,16 +194,14 @@ pub(super) async fn replay(
 /// the new event's run.
 pub(super) async fn rerun(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, id)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, id)): Path<(String, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
     match crate::api::rerun::rerun_event(&s, &key, &id).await {
         Ok(again) => Ok(Redirect::to(&format!(
-            "/console/accounts/{account}/events/{id}?rerun={}",
+            "/console/accounts/{key}/events/{id}?rerun={}",
             again.id
         ))
         .into_response()),

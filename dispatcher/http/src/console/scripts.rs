@@ -2,7 +2,7 @@
 //! compile error at its line, and a test against a sample event.
 
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde::Deserialize;
@@ -11,9 +11,7 @@ use switchboard_engine::dry_run;
 use switchboard_handlers::script::ScriptStoreError;
 use switchboard_sdk::{AccountKey, format_rfc3339};
 
-use super::{
-    Page, checked_form, error_page, internal, reachable, render, session_view, signed_in, view,
-};
+use super::{OnAccount, Page, checked_form, error_page, internal, render, session_view, view};
 use crate::api::ApiState;
 
 /// The sample a new test starts from.
@@ -33,17 +31,14 @@ pub(super) struct Open {
 
 pub(super) async fn list(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(open): Query<Open>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let name = open.open.trim();
     if !name.is_empty() {
         let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
         return Ok(
-            Redirect::to(&format!("/console/accounts/{account}/scripts/{name}")).into_response(),
+            Redirect::to(&format!("/console/accounts/{key}/scripts/{name}")).into_response(),
         );
     }
     let scripts: Vec<Value> = match s.registry.scripts() {
@@ -65,7 +60,7 @@ pub(super) async fn list(
     Ok(render(
         "scripts.html",
         context! {
-            account,
+            account => key.as_str(),
             scripts => view(&scripts),
             session => session_view(&session),
         },
@@ -96,12 +91,10 @@ pub(super) struct Saved {
 
 pub(super) async fn edit(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Query(q): Query<Saved>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let sample = q
         .kind
         .as_deref()
@@ -214,12 +207,10 @@ pub(super) struct ScriptForm {
 
 pub(super) async fn act(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, name)): Path<(String, String)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, name)): Path<(String, String)>,
     Form(form): Form<ScriptForm>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
     let Some(store) = s.registry.scripts().cloned() else {
         return Err(error_page(
@@ -240,7 +231,7 @@ pub(super) async fn act(
                 .map_err(|e| internal(&session, &e))?;
             match stored {
                 Ok(version) => Ok(Redirect::to(&format!(
-                    "/console/accounts/{account}/scripts/{name}?saved={}",
+                    "/console/accounts/{key}/scripts/{name}?saved={}",
                     version.version
                 ))
                 .into_response()),
@@ -305,7 +296,7 @@ pub(super) async fn act(
             .map_err(|e| internal(&session, &e))?;
             match restored {
                 Ok(Some(new)) => Ok(Redirect::to(&format!(
-                    "/console/accounts/{account}/scripts/{name}?saved={}&restored={version}",
+                    "/console/accounts/{key}/scripts/{name}?saved={}&restored={version}",
                     new.version
                 ))
                 .into_response()),

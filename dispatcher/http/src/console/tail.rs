@@ -4,27 +4,22 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use minijinja::context;
 use serde_json::json;
 use switchboard_api::events::{EventListQuery, TailQuery};
 use switchboard_sdk::format_rfc3339;
 
-use super::{Page, internal, reachable, render, session_view, signed_in, view};
+use super::{OnAccount, Page, internal, render, session_view, view};
 use crate::api::ApiState;
 
 pub(super) async fn page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(query): Query<EventListQuery>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let (events, next, error) = match s.traces.list(&key, &query) {
         Ok(Ok(page)) => (page.events, page.next, None),
         Ok(Err(e)) => (Vec::new(), None, Some(e)),
@@ -66,7 +61,7 @@ pub(super) async fn page(
     Ok(render(
         "tail.html",
         context! {
-            account,
+            account => key.as_str(),
             query => view(query.filters()),
             live => query.before.as_deref().is_none_or(str::is_empty),
             rows => view(&rows),
@@ -79,11 +74,8 @@ pub(super) async fn page(
 
 pub(super) async fn stream(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { key, .. }: OnAccount,
     Query(query): Query<TailQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    let session = signed_in(&s, &headers).map_err(IntoResponse::into_response)?;
-    let key = reachable(&session, &account).map_err(IntoResponse::into_response)?;
-    Ok(crate::api::tail::sse(&s.tail, key, query))
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    crate::api::tail::sse(&s.tail, key, query)
 }

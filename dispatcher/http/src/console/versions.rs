@@ -3,18 +3,17 @@
 //! old one as a new version.
 
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect};
 use minijinja::context;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use similar::{ChangeTag, TextDiff};
 use switchboard_rules::{ChainFile, ChainStoreError, ChainVersion};
-use switchboard_sdk::{AccountKey, format_rfc3339};
+use switchboard_sdk::format_rfc3339;
 
 use super::{
-    CsrfForm, Page, checked_form, error_page, internal, reachable, render, session_view, signed_in,
-    view,
+    CsrfForm, OnAccount, Page, checked_form, error_page, internal, render, session_view, view,
 };
 use crate::api::ApiState;
 
@@ -39,12 +38,9 @@ fn file_text(v: &ChainVersion) -> String {
 
 pub(super) async fn page(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(account): Path<String>,
+    OnAccount { session, key }: OnAccount,
     Query(q): Query<Compare>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key = reachable(&session, &account)?;
     let history = s.chains.history(&key).map_err(|e| internal(&session, &e))?;
     let current = history.last().map(|v| v.version);
     let to = q.to.or(current);
@@ -71,7 +67,7 @@ pub(super) async fn page(
     Ok(render(
         "versions.html",
         context! {
-            account,
+            account => key.as_str(),
             versions => view(&versions),
             from,
             to,
@@ -109,12 +105,10 @@ fn diff_lines(old: &str, new: &str) -> Vec<Value> {
 
 pub(super) async fn restore(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path((account, version)): Path<(String, u64)>,
+    OnAccount { session, key }: OnAccount,
+    Path((_, version)): Path<(String, u64)>,
     Form(form): Form<CsrfForm>,
 ) -> Page {
-    let session = signed_in(&s, &headers)?;
-    let key: AccountKey = reachable(&session, &account)?;
     checked_form(&session, &form.csrf)?;
     let restored = {
         let _writes = s.config_writes.lock().expect("config write lock");
@@ -122,7 +116,7 @@ pub(super) async fn restore(
     };
     match restored {
         Ok(new) => Ok(Redirect::to(&format!(
-            "/console/accounts/{account}/chains/versions?restored={version}&from={version}&to={}",
+            "/console/accounts/{key}/chains/versions?restored={version}&from={version}&to={}",
             new.version
         ))
         .into_response()),
