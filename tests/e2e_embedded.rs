@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use switchboard_sdk::EventId;
 use tokio::task::JoinSet;
@@ -462,6 +463,120 @@ async fn the_live_tail_streams_the_accounts_handled_events() {
         "the stream did not end when the dispatcher stopped"
     );
     assert_eq!(stopping.await.unwrap(), Some(0));
+}
+
+/// A tail reader that stops reading loses rows, not events: the
+/// dispatcher handles every event at its own pace while the reader's
+/// socket is full, and the reader is told how many rows it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_reader_that_falls_behind_loses_rows_not_events() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let d = Dispatcher::embedded();
+    // Forty chains of one `log` step: a row of about four kilobytes per
+    // event (each chain named with its outcome).
+    let chains: String = (0..40)
+        .map(|i| {
+            format!(
+                "[[chains]]\nname = \"a-chain-with-a-long-name-so-that-rows-are-large-{i:02}\"\n\
+                 event_type = \"tick\"\n\
+                 steps = [{{ handler = \"log\" }}]\n"
+            )
+        })
+        .collect();
+    d.apply_chains("acme.toml", &format!("account_key = \"acme\"\n{chains}"))
+        .await;
+    // A reader with a small receive buffer that reads nothing for now.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = d.url().trim_start_matches("http://").to_string();
+    let mut reader = socket.connect(address.parse().unwrap()).await.unwrap();
+    reader
+        .write_all(
+            format!(
+                "GET /v1/accounts/acme/events/stream HTTP/1.1\r\nHost: {address}\r\n\
+                 Authorization: Bearer {}\r\n\r\n",
+                d.admin_token()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0; 256];
+    let n = reader.read(&mut head).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+
+    // Enough rows to fill the socket's buffers (up to 4 MiB on the
+    // server's side) and the tail's backlog.
+    let n = 3_000;
+    let started = Instant::now();
+    let ids: Vec<String> = futures::stream::iter(0..n)
+        .map(|i| {
+            let d = &d;
+            async move {
+                d.post_event(
+                    &json!({"account_key": "acme", "conversation_key": format!("c{}", i % 50),
+                    "conversation_type": "clock", "event_type": "tick",
+                    "event_data": {"n": i}}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    futures::stream::iter(&ids[n - 100..])
+        .for_each_concurrent(16, |id| {
+            let d = &d;
+            async move {
+                let trace = d.wait_for_trace("acme", id, TIMEOUT).await;
+                assert_eq!(trace["status"], "done", "{trace:#}");
+            }
+        })
+        .await;
+    eprintln!(
+        "tail: {n} events handled in {:?} while a tail reader read nothing",
+        started.elapsed()
+    );
+
+    // Now the reader reads: what its socket held, word of the rows it
+    // lost, then the tail's backlog. Every pass is accounted for.
+    let mut text = String::new();
+    let mut buffer = vec![0; 64 * 1024];
+    let (rows, dropped) = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let got = reader.read(&mut buffer).await.unwrap();
+            assert!(got > 0, "the stream ended");
+            text.push_str(&String::from_utf8_lossy(&buffer[..got]));
+            let rows = text.matches("event: handled").count();
+            let dropped: usize = text
+                .split("event: dropped\ndata: {\"dropped\":")
+                .skip(1)
+                .filter_map(|rest| rest.split('}').next()?.parse::<usize>().ok())
+                .sum();
+            if rows + dropped >= n {
+                return (rows, dropped);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "every row read or reported lost; read {} rows and {} reports",
+            text.matches("event: handled").count(),
+            text.matches("event: dropped").count()
+        )
+    });
+    eprintln!("tail: the reader read {rows} rows and was told of {dropped} lost");
+    assert!(
+        dropped > 0,
+        "the reader fell behind by more than its socket held"
+    );
+    assert_eq!(rows + dropped, n, "one account's rows: the count is exact");
 }
 
 /// The account's events, the latest taken up first, page by page and
