@@ -161,6 +161,9 @@ struct Draft {
 
 impl Draft {
     fn new(s: &ApiState, account: &AccountKey, target: Target, mut fields: Fields) -> Self {
+        // The options of the handler an edited step names, when the form
+        // does not name another.
+        let mut prefilled = None;
         if let Target::Step { chain, index } = &target {
             // The chain's own match, for the preview's event.
             for (name, value) in [
@@ -180,10 +183,12 @@ impl Draft {
                 }
                 let options = handler_options(&s.registry, account, &step.handler);
                 prefill(&mut fields, options.as_ref(), &step.config.to_map());
+                prefilled = Some(options);
             }
         }
         let handler = field(&fields, "handler").to_string();
-        let options = handler_options(&s.registry, account, &handler);
+        let options =
+            prefilled.unwrap_or_else(|| handler_options(&s.registry, account, &handler));
         let mut draft = Self {
             target,
             fields,
