@@ -646,10 +646,12 @@ async fn main() -> ExitCode {
             let query = cli::EventListQuery {
                 limit: Some(limit),
                 before,
-                conversation_type,
-                event_type,
-                conversation_key: conversation,
-                status,
+                filters: cli::TailQuery {
+                    conversation_type,
+                    event_type,
+                    conversation_key: conversation,
+                    status,
+                },
             };
             print(cli::events_list(&remote.client(), &account, &query, remote.json).await)
         }

@@ -655,6 +655,13 @@ async fn events_are_listed_latest_first_page_by_page() {
     let (status, bad) = d.get("/v1/accounts/acme/events?before=yesterday").await;
     assert_eq!(status, 400, "{bad}");
     assert_eq!(bad["error"]["code"], "invalid_cursor");
+    let (status, bad) = d.get("/v1/accounts/acme/events?limit=ten").await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad.to_string()
+            .contains("limit: \\\"ten\\\" is not a whole number"),
+        "{bad}"
+    );
 
     let out = d.cli(&["events", "list", "acme", "--limit", "2"]).await;
     let text = out.ok();

@@ -16,8 +16,8 @@ use switchboard_api::chains::{ChainHistory, ChainVersion};
 use switchboard_api::dead_letters::{
     DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters,
 };
-pub use switchboard_api::events::EventListQuery;
 use switchboard_api::events::{Accepted, EventList};
+pub use switchboard_api::events::{EventListQuery, TailQuery};
 use switchboard_api::handlers::{HandlerCatalog, HandlerEntry};
 use switchboard_api::inbound::{
     CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,

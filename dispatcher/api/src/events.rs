@@ -128,23 +128,38 @@ impl TailQuery {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventListQuery {
     /// How many events to answer at most.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole_number",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub limit: Option<usize>,
     /// Where the page before ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<String>,
-    /// Only events of this conversation type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation_type: Option<String>,
-    /// Only events of this type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_type: Option<String>,
-    /// Only events of this conversation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation_key: Option<String>,
-    /// Only events with this status.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    /// Which events.
+    #[serde(flatten)]
+    pub filters: TailQuery,
+}
+
+/// A whole number, given as one (JSON) or as text (a query string: what
+/// serde's `flatten` hands on of one is text).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Number(usize),
+        Text(String),
+    }
+    match Option::<Given>::deserialize(d)? {
+        None => Ok(None),
+        Some(Given::Number(n)) => Ok(Some(n)),
+        Some(Given::Text(t)) => {
+            t.trim().parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!("limit: {t:?} is not a whole number"))
+            })
+        }
+    }
 }
 
 impl EventListQuery {
@@ -158,16 +173,6 @@ impl EventListQuery {
         self.limit
             .unwrap_or(Self::DEFAULT_LIMIT)
             .clamp(1, Self::MAX_LIMIT)
-    }
-
-    /// The filters.
-    pub fn filters(&self) -> TailQuery {
-        TailQuery {
-            conversation_type: self.conversation_type.clone(),
-            event_type: self.event_type.clone(),
-            conversation_key: self.conversation_key.clone(),
-            status: self.status.clone(),
-        }
     }
 }
 

@@ -176,7 +176,7 @@ impl Traces {
                 }
             },
         };
-        let filters = query.filters();
+        let filters = &query.filters;
         let limit = query.effective_limit();
         let cutoff = crate::journal::now_ms().saturating_sub(self.retention.as_millis() as u64);
         let entries = self.journal.store().scan_prefix_before(

@@ -187,8 +187,7 @@ impl Draft {
             }
         }
         let handler = field(&fields, "handler").to_string();
-        let options =
-            prefilled.unwrap_or_else(|| handler_options(&s.registry, account, &handler));
+        let options = prefilled.unwrap_or_else(|| handler_options(&s.registry, account, &handler));
         let mut draft = Self {
             target,
             fields,

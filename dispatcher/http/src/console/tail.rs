@@ -29,10 +29,10 @@ pub(super) async fn page(
     let older = next.map(|next| {
         let mut q = form_urlencoded::Serializer::new(String::new());
         for (name, value) in [
-            ("conversation_type", &query.conversation_type),
-            ("event_type", &query.event_type),
-            ("conversation_key", &query.conversation_key),
-            ("status", &query.status),
+            ("conversation_type", &query.filters.conversation_type),
+            ("event_type", &query.filters.event_type),
+            ("conversation_key", &query.filters.conversation_key),
+            ("status", &query.filters.status),
         ] {
             if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
                 q.append_pair(name, v);
@@ -62,7 +62,7 @@ pub(super) async fn page(
         "tail.html",
         context! {
             account => key.as_str(),
-            query => view(query.filters()),
+            query => view(&query.filters),
             live => query.before.as_deref().is_none_or(str::is_empty),
             rows => view(&rows),
             older,
