@@ -241,6 +241,10 @@ struct Held {
     due: tokio::time::Instant,
     /// Later events of the conversation, sent back to wait.
     later: BTreeSet<u64>,
+    /// The state the conversation was handled on: once its partition's
+    /// term has ended (another replica took it over), what it waited for
+    /// went to that replica, and the wait is over.
+    holding: Holding,
 }
 
 /// One worker: handles the events of the conversations hashed to it, one at
@@ -287,9 +291,11 @@ impl Worker {
                         head: delivery.seq,
                         due: tokio::time::Instant::now(),
                         later: BTreeSet::new(),
+                        holding,
                     });
                     held.head = delivery.seq;
                     held.due = tokio::time::Instant::now() + delay;
+                    held.holding = holding;
                 }
                 Disposition::Ack => {
                     self.done(&conversation, delivery.seq);
@@ -307,6 +313,13 @@ impl Worker {
     /// conversation, and for how long.
     fn hold(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) -> Option<Duration> {
         let held = self.waiting.get_mut(conversation)?;
+        if !self.executor.still_holds(&held.holding) {
+            // The partition changed hands since: the events it waited for
+            // were delivered to the replica that took it, and what comes
+            // now comes in bus order under a new term.
+            self.waiting.remove(conversation);
+            return None;
+        }
         if seq <= held.head {
             return None;
         }
