@@ -1144,3 +1144,125 @@ async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
         "{log}"
     );
 }
+
+/// A take-over from the changelog alone: the only replica is killed
+/// (SIGKILL) while its events wait on their second step; a replica that
+/// never saw the partitions (a fresh data directory) starts, reads their
+/// state from the changelog, and resumes each event at the step it was at:
+/// the first step's webhook is never sent again, the second's goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_resumes_a_killed_owners_events_from_the_changelog() {
+    let nats = crate::util::NatsServer::start();
+    // The second step's first attempt hangs until the owner is dead.
+    let receiver = HttpReceiver::start(Duration::from_secs(20));
+    let accounts = 4;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let recv = receiver.url();
+    for i in 0..accounts {
+        let a = account(i);
+        let chain = format!(
+            r#"
+account_key = "{a}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "payment_webhook"
+name = "first"
+config = {{ url = "{recv}/hook/200", secret = "gateway", body = {{ account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
+
+[[chains.steps]]
+handler = "payment_webhook"
+name = "second"
+config = {{ url = "{recv}/hook/hang,200", secret = "gateway", timeout = "60s", body = {{ account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
+retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
+"#
+        );
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
+    }
+    let config = config_with(&receiver, true, 1);
+    let mut owner = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    for i in 0..accounts {
+        owner
+            .set_secret(&account(i), "gateway", WEBHOOK_SECRET)
+            .await;
+    }
+    wait_until(
+        "the owner holding every partition",
+        Duration::from_secs(30),
+        || async { (partitions_of(&owner).await == (0..16).collect::<Vec<u64>>()).then_some(()) },
+    )
+    .await;
+    let sent: Vec<VumiApiEvent> = (0..accounts)
+        .map(|i| {
+            event(
+                &account(i),
+                "survey",
+                "poll_complete",
+                "talk-0",
+                json!({"msisdn": format!("+2785{i:07}"), "n": 0}),
+            )
+        })
+        .collect();
+    emit_all(nats.url(), &sent).await;
+    let by_path = |requests: &[Value], path: &str| -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for r in requests.iter().filter(|r| r["path"] == path) {
+            let id = r["headers"]["webhook-id"].as_str().expect("a webhook-id");
+            *seen.entry(id.to_string()).or_default() += 1;
+        }
+        seen
+    };
+    wait_until(
+        "an event waiting on its second step",
+        Duration::from_secs(60),
+        || async {
+            let requests = receiver.requests().await;
+            requests
+                .iter()
+                .any(|r| r["path"] == "/hook/hang,200" && r["status"].is_null())
+                .then_some(())
+        },
+    )
+    .await;
+    owner.kill9();
+
+    let fresh = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    for e in &sent {
+        let trace = fresh
+            .wait_for_trace(
+                e.account_key.as_str(),
+                &e.id.to_string(),
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+        let steps = &trace["chains"][0]["steps"];
+        assert_eq!(steps[0]["name"], "first", "{trace:#}");
+        assert_eq!(
+            steps[0]["attempts"], 1,
+            "done once, by the owner: {trace:#}"
+        );
+        assert_eq!(steps[1]["name"], "second", "{trace:#}");
+    }
+    let requests = receiver.requests().await;
+    let first = by_path(&requests, "/hook/200");
+    let second = by_path(&requests, "/hook/hang,200");
+    assert_eq!(first.len(), accounts, "{first:?}");
+    assert!(
+        first.values().all(|n| *n == 1),
+        "a first step ran again: {first:?}"
+    );
+    // A second step the owner had sent when it died is sent again by the
+    // new replica (its outcome was unknown); one it had not reached is
+    // sent once.
+    assert_eq!(second.len(), accounts, "{second:?}");
+    assert!(second.values().all(|n| *n <= 2), "{second:?}");
+    assert!(
+        second.values().any(|n| *n == 2),
+        "the hung second step resumed by the new replica: {second:?}"
+    );
+}
