@@ -339,6 +339,16 @@ impl Dispatcher {
         Ok(Counts::parse(&self.metrics().await?, account))
     }
 
+    /// Whether `/readyz` says it takes traffic (caught up, when replicated).
+    pub async fn is_ready(&self) -> anyhow::Result<bool> {
+        let answer = self
+            .http
+            .get(format!("{}/readyz", self.url))
+            .send()
+            .await?;
+        Ok(answer.status().is_success())
+    }
+
     /// `/metrics`, as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

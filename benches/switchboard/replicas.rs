@@ -1,7 +1,11 @@
 //! Replicas: 1, 2 and 3 dispatchers with `--replicated` sharing one NATS
 //! server, draining the same backlog through `create_contact` → `log`; and
 //! one dispatcher with its own store, for the cost of keeping the state in
-//! the key-value bucket. The CPU per event is summed over the replicas.
+//! the changelog. The CPU per event is summed over the replicas; the
+//! nats-server's CPU per event is printed beside it. After the one
+//! replicated dispatcher's drain, a replica started with an empty data
+//! directory is timed until it has caught up, and the changelog's size is
+//! printed.
 
 use async_nats::jetstream;
 
@@ -81,11 +85,65 @@ async fn drain_with(
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::new(client);
     let since = Sample::now(&dispatchers)?;
+    let server_cpu = common::cpu_time(server.pid())?;
     common::fill_nats(&js, "vumi", n, event).await?;
     let drained = drain::nats_by(&mut dispatchers, &js, n, since).await?;
+    let server_cpu = common::cpu_time(server.pid())? - server_cpu;
+    println!("{}{}", build.tag(), drained.describe());
+    println!(
+        "{}  nats-server CPU per event (storing, delivering, acks{}): {:.1} µs",
+        build.tag(),
+        if replicated { ", the changelog" } else { "" },
+        server_cpu.as_secs_f64() * 1e6 / n as f64
+    );
+    if replicated && replicas == 1 {
+        catch_up(options, build, &js, root.path(), &server, n).await?;
+    }
     for d in dispatchers {
         d.stop().await;
     }
-    println!("{}{}", build.tag(), drained.describe());
     Ok(drained)
+}
+
+/// Times a replica started with an empty data directory until it has
+/// caught up with the shared state (`/readyz`), and prints the changelog's
+/// size: it keeps the latest write of each key.
+async fn catch_up(
+    options: &crate::Options,
+    build: &Build,
+    js: &jetstream::Context,
+    root: &std::path::Path,
+    server: &NatsServer,
+    n: u64,
+) -> anyhow::Result<()> {
+    let mut changelog = js.get_stream("SWITCHBOARD_CHANGELOG").await?;
+    let held = changelog.info().await?.state.messages;
+    let started = std::time::Instant::now();
+    let late = Dispatcher::start(Spec {
+        binary: Some(&build.binary),
+        data: &root.join("data-late"),
+        chains: None,
+        nats: Some(server.url()),
+        concurrency: options.concurrency,
+        config: Some(&root.join("switchboard.toml")),
+    })
+    .await?;
+    let deadline = started + std::time::Duration::from_secs(300);
+    while !late.is_ready().await? {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a fresh replica did not catch up in 300 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    println!(
+        "{}  a fresh replica caught up in {took:.2?} (start included; its CPU {:.2?}); the \
+         changelog holds {held} records after {n} events ({:.2} a event)",
+        build.tag(),
+        late.cpu_time()?,
+        held as f64 / n as f64
+    );
+    late.stop().await;
+    Ok(())
 }
