@@ -341,11 +341,7 @@ impl Dispatcher {
 
     /// Whether `/readyz` says it takes traffic (caught up, when replicated).
     pub async fn is_ready(&self) -> anyhow::Result<bool> {
-        let answer = self
-            .http
-            .get(format!("{}/readyz", self.url))
-            .send()
-            .await?;
+        let answer = self.http.get(format!("{}/readyz", self.url)).send().await?;
         Ok(answer.status().is_success())
     }
 

@@ -141,11 +141,18 @@ impl Drained {
     /// left: from the reading that first showed a count to the one that
     /// showed more (so it is known to about a reading's interval).
     pub fn longest_pause(&self) -> Duration {
-        let mut longest = Duration::ZERO;
+        self.longest_pause_at().0
+    }
+
+    /// The longest pause and how many events were done when it began.
+    fn longest_pause_at(&self) -> (Duration, u64) {
+        let mut longest = (Duration::ZERO, 0);
         let mut since = self.samples[0];
         for s in &self.samples[1..] {
             if s.done > since.done {
-                longest = longest.max(s.at - since.at);
+                if s.at - since.at > longest.0 {
+                    longest = (s.at - since.at, since.done);
+                }
                 since = *s;
             }
         }
@@ -178,9 +185,10 @@ impl Drained {
     /// The longest pause and how often the watcher read: `0.24 s (read
     /// every 20 ms)`.
     pub fn longest_pause_read(&self) -> String {
+        let (pause, done) = self.longest_pause_at();
         format!(
-            "{} (read every {} ms)",
-            secs(self.longest_pause()),
+            "{} (read every {} ms; from {done} done)",
+            secs(pause),
             self.every.as_millis()
         )
     }
