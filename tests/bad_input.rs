@@ -450,7 +450,8 @@ handler = "log"
     }
     // Nothing was stored.
     let (status, body) = d.get("/v1/accounts/acme/chains").await;
-    assert_eq!(status, 404, "{body}");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 0, "{body}");
 
     // Over HTTP the refusal is a 400 with each problem spelt out.
     let response = d
@@ -561,7 +562,7 @@ async fn the_http_api_refuses_bad_requests_with_a_coded_error() {
     for (path, status, code) in [
         ("/nope", 404, "not_found"),
         ("/v1/accounts/ac.me/chains", 400, "invalid_account"),
-        ("/v1/accounts/acme/chains", 404, "not_found"),
+        ("/v1/accounts/acme/chains/checkout", 404, "not_found"),
         (
             "/v1/accounts/acme/events/xyz/trace",
             400,

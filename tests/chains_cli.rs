@@ -298,10 +298,6 @@ async fn chains_commands_fail_with_one_line_saying_what_and_where() {
             &[r#"account shop has no chain named "nope""#],
         ),
         (
-            &["chains", "list", "ghost"],
-            &["account ghost has no chains"],
-        ),
-        (
             &["chains", "history", "ghost"],
             &["account ghost has no chains"],
         ),
@@ -336,4 +332,33 @@ async fn chains_commands_fail_with_one_line_saying_what_and_where() {
     // None of the failures changed anything.
     let (_, current) = d.get("/v1/accounts/shop/chains").await;
     assert_eq!(current["version"], 1);
+}
+
+/// An account with no chains is an account with nothing configured yet, as
+/// its empty contact list says: `GET .../chains` answers 200 with version 0
+/// and no chains, to the admin and to the account's own token; the CLI says
+/// so and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_without_chains_has_version_zero_not_a_404() {
+    let d = Dispatcher::embedded();
+    let (status, body) = d.get("/v1/accounts/ghost/chains").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"account_key": "ghost", "version": 0, "chains": []})
+    );
+    let created = d.cli(&["tokens", "create", "ghost", "--json"]).await.json();
+    let token = created["token"].as_str().expect("a token");
+    let own = crate::util::http_client(Some(token))
+        .get(format!("{}/v1/accounts/ghost/chains", d.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let body: Value = own.json().await.unwrap();
+    assert_eq!(body["version"], 0, "{body}");
+    let (contacts_status, _) = d.get("/v1/accounts/ghost/contacts").await;
+    assert_eq!(contacts_status, status, "chains and contacts agree");
+    let out = d.cli(&["chains", "list", "ghost"]).await;
+    assert_eq!(out.ok().trim(), "account ghost has no chains");
 }

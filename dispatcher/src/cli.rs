@@ -303,6 +303,9 @@ pub async fn chains_list(
     if json_out {
         return Ok(pretty(&version));
     }
+    if version.version == 0 {
+        return Ok(format!("account {a} has no chains"));
+    }
     let chains = chains_of(&version, &path)?;
     let mut out = format!("account {a}, chain version {}\n", version.version);
     if chains.is_empty() {

@@ -25,12 +25,19 @@ pub struct AccountList {
 pub struct ChainVersion {
     /// The account.
     pub account_key: AccountKey,
-    /// 1 for the first apply, then +1 for each change.
+    /// 1 for the first apply, then +1 for each change; 0 for an account
+    /// that has never had chains (then the other fields are absent or
+    /// empty).
     pub version: u64,
     /// When the version was made.
-    #[serde(with = "time::serde::rfc3339")]
-    pub applied_at: OffsetDateTime,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub applied_at: Option<OffsetDateTime>,
     /// What made it: `apply`, `remove chain NAME`, `remove all`, `restore N`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub change: String,
     /// The chains of this version, each a `switchboard_rules::ChainSpec` as
     /// JSON (the chain file's model, which lives with the rules).

@@ -7,7 +7,7 @@ pub(super) fn version_json(v: &ChainVersion) -> Json<ChainVersionAnswer> {
     Json(ChainVersionAnswer {
         account_key: v.account_key.clone(),
         version: v.version,
-        applied_at: v.applied_at,
+        applied_at: Some(v.applied_at),
         change: v.change.clone(),
         chains: v.chains.iter().map(to_json).collect(),
     })
@@ -20,9 +20,15 @@ pub(super) async fn show_chains(
     let account = account_key(&account)?;
     match s.chains.current(&account)? {
         Some(v) => Ok(version_json(&v).into_response()),
-        None => Err(ApiError::not_found(format!(
-            "account {account} has no chains"
-        ))),
+        // An account like any other, with nothing configured yet.
+        None => Ok(Json(ChainVersionAnswer {
+            account_key: account,
+            version: 0,
+            applied_at: None,
+            change: String::new(),
+            chains: Vec::new(),
+        })
+        .into_response()),
     }
 }
 
