@@ -81,6 +81,26 @@ fn string_field<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a st
         .filter(|s| !s.is_empty())
 }
 
+/// A message id field: absent (or null, or empty) is `None`; any other
+/// kind of value than text is refused, naming the field and the kind.
+fn id_field<'a>(record: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, String> {
+    match record.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.trim()).filter(|s| !s.is_empty())),
+        Some(other) => {
+            let kind = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::Array(_) => "an array",
+                _ => "an object",
+            };
+            Err(format!(
+                "`{name}` is {kind} ({other}), not the text of a message id"
+            ))
+        }
+    }
+}
+
 /// Reads one event record.
 pub fn parse_record(raw: &Value) -> Parsed {
     let Value::Object(record) = raw else {
@@ -116,8 +136,12 @@ pub fn parse_record(raw: &Value) -> Parsed {
             ),
         );
     };
-    let message_id = string_field(record, "switchboard_message_id").map(str::to_string);
-    let sg_message_id = string_field(record, "sg_message_id");
+    let ids = id_field(record, "switchboard_message_id")
+        .and_then(|ours| Ok((ours, id_field(record, "sg_message_id")?)));
+    let (message_id, sg_message_id) = match ids {
+        Ok((ours, theirs)) => (ours.map(str::to_string), theirs),
+        Err(why) => return Parsed::unusable(InboundResult::Malformed, why),
+    };
     // The X-Message-Id is what precedes the first `.` of sg_message_id.
     let mut remote_ids = Vec::new();
     if let Some(sg) = sg_message_id {

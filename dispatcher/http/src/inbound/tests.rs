@@ -115,6 +115,19 @@ fn sendgrid_bodies_that_are_not_arrays_are_one_malformed_record() {
         summary(&sendgrid::parse_record(&json!({"event": "open"}))),
         "malformed: the record names no message: it has neither switchboard_message_id nor sg_message_id"
     );
+    // An id of the wrong kind is named as such, not as missing.
+    assert_eq!(
+        summary(&sendgrid::parse_record(
+            &json!({"event": "open", "sg_message_id": 14123})
+        )),
+        "malformed: `sg_message_id` is a number (14123), not the text of a message id"
+    );
+    assert_eq!(
+        summary(&sendgrid::parse_record(
+            &json!({"event": "open", "sg_message_id": "x.y", "switchboard_message_id": ["a"]})
+        )),
+        "malformed: `switchboard_message_id` is an array ([\"a\"]), not the text of a message id"
+    );
 }
 
 #[test]
