@@ -870,3 +870,30 @@ async fn inbound_urls_are_listed_rotated_and_revoked_per_account() {
         empty.ok()
     );
 }
+
+/// A provider's batch over the body limit is refused with 413, saying what
+/// the limit is and how to raise it; nothing of it is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_batch_over_the_body_limit_says_the_limit_and_how_to_raise_it() {
+    let d = Dispatcher::embedded();
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    let record = json!({"event": "delivered", "sg_message_id": "x.y", "timestamp": 1,
+                        "sg_event_id": "e", "padding": "p".repeat(1_000)});
+    let batch = Value::Array(vec![record; 1_100]).to_string();
+    assert!(batch.len() > 1 << 20);
+    let (status, answer) = post(&url, "application/json", &[], &batch).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"]["code"], "body_too_large", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("a message");
+    for part in [
+        "1048576 bytes",
+        "limits.max_event_bytes",
+        "fewer records a post",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    assert!(unmatched(&d, "acme").await.is_empty());
+    // A batch within the limit is read.
+    let (status, answer) = post(&url, "application/json", &[], "[]").await;
+    assert_eq!(status, 200, "{answer}");
+}

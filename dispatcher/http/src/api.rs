@@ -188,7 +188,7 @@ routes! {
 /// The router of the whole API: the [`ROUTES`], each behind
 /// [`auth::require_token`].
 pub fn router(state: ApiState) -> Router {
-    let body_limit = state.max_event_bytes.max(1 << 20);
+    let body_limit = body_limit(state.max_event_bytes);
     add_routes(Router::new())
         .merge(crate::console::routes())
         .fallback(not_found)
@@ -375,34 +375,48 @@ pub struct TextBody(pub String);
 #[derive(Debug)]
 pub struct RawBody(pub axum::body::Bytes);
 
-fn body_error(status: StatusCode, text: String) -> ApiError {
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "body_too_large"
-    } else {
-        "invalid_body"
-    };
-    ApiError::new(status, code, text)
+/// The largest request body the API reads: an event's limit, but at least
+/// 1 MiB (chain files, scripts and providers' batches of records).
+fn body_limit(max_event_bytes: usize) -> usize {
+    max_event_bytes.max(1 << 20)
 }
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for TextBody {
+fn body_error(s: &ApiState, status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = body_limit(s.max_event_bytes);
+        return ApiError::new(
+            status,
+            "body_too_large",
+            format!(
+                "the request body is larger than this dispatcher reads: {limit} bytes (the \
+                 larger of 1 MiB and `limits.max_event_bytes`); send it in smaller parts (a \
+                 provider's batch: fewer records a post), or raise `limits.max_event_bytes` in \
+                 the dispatcher's config"
+            ),
+        );
+    }
+    ApiError::new(status, "invalid_body", text)
+}
+
+impl axum::extract::FromRequest<ApiState> for TextBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        String::from_request(req, state)
+    async fn from_request(req: axum::extract::Request, s: &ApiState) -> Result<Self, ApiError> {
+        String::from_request(req, s)
             .await
             .map(TextBody)
-            .map_err(|r| body_error(r.status(), r.body_text()))
+            .map_err(|r| body_error(s, r.status(), r.body_text()))
     }
 }
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+impl axum::extract::FromRequest<ApiState> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        axum::body::Bytes::from_request(req, state)
+    async fn from_request(req: axum::extract::Request, s: &ApiState) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, s)
             .await
             .map(RawBody)
-            .map_err(|r| body_error(r.status(), r.body_text()))
+            .map_err(|r| body_error(s, r.status(), r.body_text()))
     }
 }
 
