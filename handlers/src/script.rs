@@ -209,6 +209,7 @@ thread_local! {
     static CALL: RefCell<Option<CallState>> = const { RefCell::new(None) };
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
     static OPERATIONS: Cell<u64> = const { Cell::new(0) };
+    static VARIABLE_READS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The token `on_progress` ends a call with when its deadline passes.
@@ -217,6 +218,9 @@ const TIMEOUT_TOKEN: &str = "switchboard:timeout";
 const CONTROL_TOKEN: &str = "switchboard:control";
 /// How many operations pass between two looks at the clock.
 const CLOCK_EVERY: u64 = 256;
+/// How many variable reads pass between two measurements of the variable
+/// read (see `Runtime::engine`).
+const SIZE_CHECK_EVERY: u64 = 16;
 
 /// Undoes the thread-local call state however the call ends.
 struct CallGuard;
@@ -226,6 +230,25 @@ impl Drop for CallGuard {
         DEADLINE.with(|d| d.set(None));
         CALL.with(|c| c.borrow_mut().take());
     }
+}
+
+/// The items of the arrays and the entries of the maps `value` holds,
+/// nested ones included, as Rhai counts them against its limits.
+fn container_sizes(value: &Dynamic) -> (usize, usize) {
+    let mut sizes = (0, 0);
+    let mut add = |inner: &Dynamic| {
+        let (arrays, maps) = container_sizes(inner);
+        sizes.0 += arrays;
+        sizes.1 += maps;
+    };
+    if let Some(map) = value.read_lock::<rhai::Map>() {
+        map.values().for_each(&mut add);
+        sizes.1 += map.len();
+    } else if let Some(array) = value.read_lock::<rhai::Array>() {
+        array.iter().for_each(&mut add);
+        sizes.0 += array.len();
+    }
+    sizes
 }
 
 fn with_call<R>(f: impl FnOnce(&mut CallState) -> R) -> Option<R> {
@@ -320,6 +343,39 @@ impl ScriptRuntime {
             .disable_symbol("eval")
             .disable_symbol("import")
             .disable_symbol("export");
+        // Rhai checks the size limits when a value is written as a literal,
+        // passed to or returned by a function, but not when `m[key] = value`
+        // grows what a variable holds. Every [`SIZE_CHECK_EVERY`]th read of
+        // a variable measures every variable in scope against the limits,
+        // so a container grown in a loop is stopped within a few entries of
+        // its limit. (`on_var` is marked deprecated as "volatile": it may
+        // change, not go.)
+        // Only containers are measured: strings are checked by Rhai as they
+        // grow, and an event's strings may add up to more than one string
+        // may hold.
+        let (max_maps, max_arrays) = (limits.max_map_size, limits.max_array_size);
+        #[allow(deprecated)]
+        engine.on_var(move |_, _, context| {
+            let reads = VARIABLE_READS.with(|r| {
+                r.set(r.get().wrapping_add(1));
+                r.get()
+            });
+            if reads % SIZE_CHECK_EVERY != 0 {
+                return Ok(None);
+            }
+            for (_, _, value) in context.scope().iter_raw() {
+                let (arrays, maps) = container_sizes(value);
+                let what = if maps > max_maps {
+                    "Size of object map"
+                } else if arrays > max_arrays {
+                    "Size of array"
+                } else {
+                    continue;
+                };
+                return Err(EvalAltResult::ErrorDataTooLarge(what.into(), Position::NONE).into());
+            }
+            Ok(None)
+        });
         engine.on_progress(|ops| {
             OPERATIONS.with(|o| o.set(ops));
             if ops % CLOCK_EVERY == 0

@@ -230,15 +230,29 @@ fn hostile_scripts_fail_their_step_with_the_limit_named() {
         "fn handle(e, s, c) {\n  let a = [];\n  loop { a.push(1); }\n}",
         "script t v3: array too large (limit 10000 items; `[rhai] max_array_size`)",
     );
-    // Rhai 1.27 does not check max_map_size when `m[new_key] = v` adds an
-    // entry; the operation limit bounds a map bomb instead.
+    // Rhai itself does not check max_map_size when `m[new_key] = v` adds
+    // an entry; the runtime measures variables as they are read.
     check_fails_with(
-        RhaiLimits {
-            timeout: Duration::from_secs(20),
-            ..RhaiLimits::default()
-        },
+        roomy(),
         "fn handle(e, s, c) {\n  let m = #{};\n  let i = 0;\n  loop { m[`k${i}`] = i; i += 1; }\n}",
-        "script t v3: too many operations (limit 100000; raise `[rhai] max_operations`",
+        "script t v3: object map too large (limit 10000 entries; `[rhai] max_map_size`)",
+    );
+    // Also one whose keys come from the map itself, one inside another,
+    // and one that only a closure holds.
+    check_fails_with(
+        roomy(),
+        "fn handle(e, s, c) {\n  let m = #{};\n  loop { m[`${m.len()}`] = 1; }\n}",
+        "object map too large (limit 10000 entries; `[rhai] max_map_size`)",
+    );
+    check_fails_with(
+        roomy(),
+        "fn handle(e, s, c) {\n  let o = #{ m: #{} };\n  let i = 0;\n  loop { o.m[`k${i}`] = i; i += 1; }\n}",
+        "object map too large (limit 10000 entries; `[rhai] max_map_size`)",
+    );
+    check_fails_with(
+        roomy(),
+        "fn handle(e, s, c) {\n  let m = #{};\n  let add = |k| m[k] = 1;\n  let i = 0;\n  loop { add.call(`k${i}`); i += 1; }\n}",
+        "object map too large (limit 10000 entries; `[rhai] max_map_size`)",
     );
     check_fails(
         "fn handle(e, s, c) {\n  open_file(\"/etc/passwd\")\n}",
