@@ -360,7 +360,7 @@ impl ScriptRuntime {
                 r.set(r.get().wrapping_add(1));
                 r.get()
             });
-            if reads % SIZE_CHECK_EVERY != 0 {
+            if !reads.is_multiple_of(SIZE_CHECK_EVERY) {
                 return Ok(None);
             }
             for (_, _, value) in context.scope().iter_raw() {
