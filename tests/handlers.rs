@@ -936,3 +936,66 @@ async fn the_catalog_and_chains_apply_agree() {
 }
 
 const SCORE: &str = "fn handle(event, steps, config) { #{ score: 1 } }\n";
+
+/// An idempotency key is claimed before its step runs: two events with the
+/// same key in different conversations, handled at once while the webhook
+/// takes a second to answer, send one webhook; the other is skipped. A step
+/// that fails for good gives its key back: the next event with the key
+/// runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_at_once_with_one_idempotency_key_run_its_step_once() {
+    let receiver = HttpReceiver::start(Duration::from_secs(1));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    let recv = receiver.url();
+    set_secret(&d, "acme").await;
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "acme"
+[[chains]]
+name = "order"
+event_type = "order"
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ order = "{{{{ event.event_data.order }}}}" }} }}
+idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
+"#
+        ),
+    )
+    .await;
+    let post = |conversation: &str, order: &str, plan: &str| {
+        let e = event(
+            "acme",
+            "shop",
+            "order",
+            conversation,
+            json!({"order": order, "plan": plan}),
+        );
+        let body = serde_json::to_value(&e).unwrap();
+        let d = &d;
+        async move { d.post_event(&body).await }
+    };
+    let (first, second) = futures::join!(post("c-1", "B-7", "hang"), post("c-2", "B-7", "hang"));
+    let mut outcomes = Vec::new();
+    for id in [&first, &second] {
+        let trace = d.wait_for_trace("acme", id, TIMEOUT).await;
+        outcomes.push(step(&trace, "order", "payment_webhook")["outcome"].clone());
+    }
+    outcomes.sort_by_key(|o| o.to_string());
+    assert_eq!(outcomes, [json!("ok"), json!("skipped")]);
+    assert_eq!(receiver.requests_to("/hook/hang").await.len(), 1);
+
+    // A step refused for good (HTTP 400) gives the key back.
+    let refused = post("c-3", "C-9", "400").await;
+    let trace = d.wait_for_trace("acme", &refused, TIMEOUT).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let after = post("c-4", "C-9", "200").await;
+    let trace = d.wait_for_trace("acme", &after, TIMEOUT).await;
+    assert_eq!(
+        step(&trace, "order", "payment_webhook")["outcome"],
+        "ok",
+        "{trace:#}"
+    );
+}

@@ -1266,3 +1266,76 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
         "the hung second step resumed by the new replica: {second:?}"
     );
 }
+
+/// Step idempotency keys on the replicated backend: claims made through
+/// two replicas at once (one holds the account's partition, the other's are
+/// forwarded to it) let one event run the step; keys past their window are
+/// swept by the partition's owner, others kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_claims_are_won_once_and_expire_on_the_replicated_backend() {
+    use switchboard_handlers::records::IdempotencyKeys;
+    use switchboard_state::StoredIdempotencyKeys;
+    use switchboard_store::{Collection, Store, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        let url = nats.url().to_string();
+        async move {
+            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
+                .await
+                .expect("a replicated store")
+        }
+    };
+    let (a, b) = (open("a").await, open("b").await);
+    a.take_partition(partition_of_account(b"acme", 16))
+        .await
+        .expect("replica a takes acme's partition");
+    let acme = switchboard_sdk::AccountKey::new("acme").expect("an account key");
+    let hour = Duration::from_secs(3_600);
+    let rounds = 20;
+    let claims = |store: Store, claimant: &'static str| {
+        let acme = acme.clone();
+        tokio::task::spawn_blocking(move || {
+            let keys = StoredIdempotencyKeys::new(store);
+            (0..rounds)
+                .map(|i| {
+                    keys.claim(&acme, "c", "s", &format!("k-{i}"), hour, claimant)
+                        .expect("a claim")
+                })
+                .collect::<Vec<bool>>()
+        })
+    };
+    let (first, second) = (claims(a.clone(), "event-a"), claims(b.clone(), "event-b"));
+    let (first, second) = (first.await.expect("a"), second.await.expect("b"));
+    for i in 0..rounds {
+        assert!(
+            first[i] ^ second[i],
+            "key {i}: a {} b {}",
+            first[i],
+            second[i]
+        );
+    }
+
+    let keys = StoredIdempotencyKeys::new(a.clone());
+    let claim = |key: &str, window: Duration| {
+        keys.claim(&acme, "c", "t", key, window, "event-c")
+            .expect("a claim")
+    };
+    assert!(claim("short", Duration::ZERO) && claim("long", hour));
+    let before = a.len(Collection::Idempotency);
+    let now = switchboard_sdk::now().unix_timestamp();
+    // Replica b holds no partition: it sweeps nothing of acme's.
+    assert_eq!(
+        StoredIdempotencyKeys::new(b.clone()).expire(now).unwrap(),
+        0
+    );
+    assert_eq!(keys.expire(now).expect("a sweep"), 1);
+    assert_eq!(a.len(Collection::Idempotency), before - 1);
+    assert!(
+        !StoredIdempotencyKeys::new(b)
+            .claim(&acme, "c", "t", "long", hour, "event-d")
+            .expect("a claim")
+    );
+}

@@ -206,6 +206,7 @@ impl Dispatcher {
         spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
         spawn_expiry(
             engine.journal,
+            engine.records.idempotency.clone(),
             config
                 .delivery
                 .journal_retention
@@ -518,12 +519,18 @@ async fn migrate_journal(store: &Store) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Expires old journal records (and with them their traces) now and
-/// then, for as long as the process runs. A sweep reads the whole journal,
-/// so it runs an eighth of the retention apart (at most every six hours):
-/// a record goes between one and one and an eighth retentions after its
-/// event was taken up.
-fn spawn_expiry(journal: Journal, retention: Duration) {
+/// Expires old journal records (and with them their traces), and step
+/// idempotency keys past their window, now and then, for as long as the
+/// process runs. A sweep reads the whole journal, so it runs an eighth of
+/// the retention apart (at most every six hours): a record goes between one
+/// and one and an eighth retentions after its event was taken up. (A key
+/// past its window no longer holds its step back whether or not it is
+/// swept yet: the sweep only frees its space.)
+fn spawn_expiry(
+    journal: Journal,
+    keys: std::sync::Arc<dyn switchboard_handlers::records::IdempotencyKeys>,
+    retention: Duration,
+) {
     let every = (retention / 8).clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -535,6 +542,14 @@ fn spawn_expiry(journal: Journal, retention: Duration) {
                 Ok(Ok(n)) => tracing::debug!(removed = n, "expired journal records"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "expiring journal records failed"),
                 Err(e) => tracing::warn!(error = %e, "expiring journal records panicked"),
+            }
+            let keys = keys.clone();
+            let now = switchboard_sdk::now().unix_timestamp();
+            match tokio::task::spawn_blocking(move || keys.expire(now)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "expired idempotency keys"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
+                Err(e) => tracing::warn!(error = %e, "expiring idempotency keys panicked"),
             }
         }
     });

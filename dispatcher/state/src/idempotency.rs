@@ -1,11 +1,11 @@
 //! Step idempotency keys in the store: under (account, chain, step, SHA-256
-//! of the rendered key), the Unix time it was first recorded, in 8
-//! big-endian bytes.
+//! of the rendered key), the claim on it ([`Claim`]: its time, the end of
+//! its window and the event that made it).
 
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use switchboard_handlers::records::idempotency::within_window;
+use switchboard_handlers::records::idempotency::Claim;
 use switchboard_handlers::records::{IdempotencyKeys, RecordError, Records};
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, key};
@@ -35,43 +35,99 @@ impl StoredIdempotencyKeys {
     }
 }
 
+/// How many times a claim is tried while other claims on the key change it.
+const CLAIM_TRIES: usize = 8;
+
 impl IdempotencyKeys for StoredIdempotencyKeys {
-    fn seen(
+    fn claim(
         &self,
         account: &AccountKey,
         chain: &str,
         step: &str,
         rendered: &str,
         window: Duration,
+        claimant: &str,
     ) -> Result<bool, RecordError> {
         let k = idempotency_key(account, chain, step, rendered);
-        let Some(v) = self
-            .store
-            .get(Collection::Idempotency, &k)
-            .about(Records::IdempotencyKeys, account)?
-        else {
-            return Ok(false);
-        };
-        let at = i64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8]));
-        Ok(within_window(
-            at,
-            switchboard_sdk::now().unix_timestamp(),
-            window,
-        ))
+        for attempt in 0..CLAIM_TRIES {
+            let now = switchboard_sdk::now().unix_timestamp();
+            // After a lost compare-and-set, read past a replica's copy, which
+            // may lag the partition's owner.
+            let current = if attempt == 0 {
+                self.store.get(Collection::Idempotency, &k)
+            } else {
+                self.store.get_latest(Collection::Idempotency, &k)
+            }
+            .about(Records::IdempotencyKeys, account)?;
+            match current.as_deref().map(Claim::decode) {
+                Some(Some(held)) if held.claimant.as_deref() == Some(claimant) => return Ok(true),
+                Some(Some(held)) if !held.yields_to(claimant, now, window) => return Ok(false),
+                // Absent, past its window, or unreadable: claimed anew.
+                _ => {}
+            }
+            let claim = Claim::new(now, window, claimant).encode();
+            if self
+                .store
+                .compare_and_swap(
+                    Collection::Idempotency,
+                    &k,
+                    current.as_deref(),
+                    Some(&claim),
+                )
+                .about(Records::IdempotencyKeys, account)?
+            {
+                return Ok(true);
+            }
+        }
+        Err(RecordError::Contended {
+            records: Records::IdempotencyKeys,
+            account: account.clone(),
+            attempts: CLAIM_TRIES as u32,
+        })
     }
 
-    fn record(
+    fn release(
         &self,
         account: &AccountKey,
         chain: &str,
         step: &str,
         rendered: &str,
+        claimant: &str,
     ) -> Result<(), RecordError> {
         let k = idempotency_key(account, chain, step, rendered);
-        let now = switchboard_sdk::now().unix_timestamp();
-        self.store
-            .put(Collection::Idempotency, &k, &now.to_be_bytes())
-            .about(Records::IdempotencyKeys, account)
+        let current = self
+            .store
+            .get(Collection::Idempotency, &k)
+            .about(Records::IdempotencyKeys, account)?;
+        let ours = current
+            .as_deref()
+            .and_then(Claim::decode)
+            .is_some_and(|c| c.claimant.as_deref() == Some(claimant));
+        if ours {
+            // Another claim in between (none can be, while ours holds) is kept.
+            self.store
+                .compare_and_swap(Collection::Idempotency, &k, current.as_deref(), None)
+                .about(Records::IdempotencyKeys, account)?;
+        }
+        Ok(())
+    }
+
+    fn expire(&self, now: i64) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let mut removed = 0;
+        for (k, v) in self.store.scan_prefix(Collection::Idempotency, &[])? {
+            let expired = Claim::decode(&v).is_some_and(|c| c.expired(now));
+            // Another replica's partition: its own sweep removes it.
+            if expired && self.store.writes_locally(Collection::Idempotency, &k) {
+                // A claim made since the scan is kept.
+                if self
+                    .store
+                    .compare_and_swap(Collection::Idempotency, &k, Some(&v), None)?
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -79,19 +135,89 @@ impl IdempotencyKeys for StoredIdempotencyKeys {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3_600);
+
     #[test]
-    fn a_recorded_key_is_seen_for_its_step_only() {
+    fn a_claim_is_its_claimants_and_per_step() {
         let keys = StoredIdempotencyKeys::new(Store::temporary().unwrap());
         let acme = AccountKey::new("acme").unwrap();
-        let hour = Duration::from_secs(3_600);
-        assert!(!keys.seen(&acme, "c", "s", "k-1", hour).unwrap());
-        keys.record(&acme, "c", "s", "k-1").unwrap();
-        assert!(keys.seen(&acme, "c", "s", "k-1", hour).unwrap());
-        assert!(!keys.seen(&acme, "c", "s", "k-1", Duration::ZERO).unwrap());
-        assert!(!keys.seen(&acme, "c", "s", "k-2", hour).unwrap());
-        assert!(!keys.seen(&acme, "c", "t", "k-1", hour).unwrap());
-        assert!(!keys.seen(&acme, "d", "s", "k-1", hour).unwrap());
+        assert!(keys.claim(&acme, "c", "s", "k-1", HOUR, "event-a").unwrap());
+        // Held: another event is skipped; the claimant runs again.
+        assert!(!keys.claim(&acme, "c", "s", "k-1", HOUR, "event-b").unwrap());
+        assert!(keys.claim(&acme, "c", "s", "k-1", HOUR, "event-a").unwrap());
+        // Other keys, steps, chains and accounts are their own.
+        assert!(keys.claim(&acme, "c", "s", "k-2", HOUR, "event-b").unwrap());
+        assert!(keys.claim(&acme, "c", "t", "k-1", HOUR, "event-b").unwrap());
+        assert!(keys.claim(&acme, "d", "s", "k-1", HOUR, "event-b").unwrap());
         let other = AccountKey::new("other").unwrap();
-        assert!(!keys.seen(&other, "c", "s", "k-1", hour).unwrap());
+        assert!(
+            keys.claim(&other, "c", "s", "k-1", HOUR, "event-b")
+                .unwrap()
+        );
+        // Released by someone else: nothing; by its claimant: free.
+        keys.release(&acme, "c", "s", "k-1", "event-b").unwrap();
+        assert!(!keys.claim(&acme, "c", "s", "k-1", HOUR, "event-c").unwrap());
+        keys.release(&acme, "c", "s", "k-1", "event-a").unwrap();
+        assert!(keys.claim(&acme, "c", "s", "k-1", HOUR, "event-c").unwrap());
+        // A claim whose window has ended yields to the next event.
+        assert!(
+            keys.claim(&acme, "c", "s", "k-3", Duration::ZERO, "event-a")
+                .unwrap()
+        );
+        assert!(keys.claim(&acme, "c", "s", "k-3", HOUR, "event-b").unwrap());
+    }
+
+    #[test]
+    fn keys_past_their_window_are_swept_and_others_kept() {
+        let store = Store::temporary().unwrap();
+        let keys = StoredIdempotencyKeys::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        assert!(
+            keys.claim(&acme, "c", "s", "short", Duration::ZERO, "e")
+                .unwrap()
+        );
+        assert!(keys.claim(&acme, "c", "s", "long", HOUR, "e").unwrap());
+        // An earlier release's key (its time only) is left to its step's window.
+        let legacy = idempotency_key(&acme, "c", "s", "legacy");
+        store
+            .put(Collection::Idempotency, &legacy, &0i64.to_be_bytes())
+            .unwrap();
+        let now = switchboard_sdk::now().unix_timestamp();
+        assert_eq!(keys.expire(now).unwrap(), 1);
+        assert_eq!(store.len(Collection::Idempotency), 2);
+        assert!(!keys.claim(&acme, "c", "s", "long", HOUR, "f").unwrap());
+        assert_eq!(keys.expire(now + 3_600).unwrap(), 1);
+        assert_eq!(store.len(Collection::Idempotency), 1);
+        // The earlier release's key still holds within its step's window.
+        assert!(
+            keys.claim(&acme, "c", "s", "legacy", Duration::from_secs(60), "f")
+                .unwrap()
+        );
+    }
+
+    /// Of many events claiming one key at once, one runs the step.
+    #[test]
+    fn of_concurrent_claims_one_wins() {
+        let keys = std::sync::Arc::new(StoredIdempotencyKeys::new(Store::temporary().unwrap()));
+        let acme = AccountKey::new("acme").unwrap();
+        for round in 0..20 {
+            let key = format!("k-{round}");
+            let winners: usize = std::thread::scope(|s| {
+                let claims: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (keys, acme, key) = (&keys, &acme, &key);
+                        s.spawn(move || {
+                            keys.claim(acme, "c", "s", key, HOUR, &format!("event-{i}"))
+                                .unwrap()
+                        })
+                    })
+                    .collect();
+                claims
+                    .into_iter()
+                    .map(|c| usize::from(c.join().unwrap()))
+                    .sum()
+            });
+            assert_eq!(winners, 1, "round {round}");
+        }
     }
 }

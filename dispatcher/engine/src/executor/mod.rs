@@ -510,7 +510,6 @@ impl Executor {
                 Attempt::Done {
                     record,
                     stop,
-                    idempotency_key,
                     effects,
                 } => {
                     if let Some(output) = &record.trace.output {
@@ -521,12 +520,8 @@ impl Executor {
                         version,
                         record: Box::new(record),
                     });
-                    let recording = policy::recording(effects, idempotency_key.is_some());
+                    let recording = policy::recording(effects);
                     pass.step_recorded(recording, &self.journal, &self.store)?;
-                    if let Some(key) = idempotency_key {
-                        self.idempotency
-                            .record(&event.account_key, &chain.name, name, &key)?;
-                    }
                     if stop {
                         self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
                         return Ok(None);
@@ -561,11 +556,7 @@ impl Executor {
                             published: true,
                         }),
                     });
-                    pass.step_recorded(
-                        policy::recording(effects, false),
-                        &self.journal,
-                        &self.store,
-                    )?;
+                    pass.step_recorded(policy::recording(effects), &self.journal, &self.store)?;
                 }
                 Attempt::Failed { trace, message } => {
                     tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,

@@ -121,15 +121,13 @@ pub enum Recording {
     NowThenDurable,
 }
 
-/// When the record of a finished step with `effects` is written; a step
-/// with an idempotency key is written at once whatever its effects, before
-/// its key, so that a crash cannot keep the key without the record (the
-/// step would then be found skipped by its own key).
-pub fn recording(effects: Effects, has_idempotency_key: bool) -> Recording {
+/// When the record of a finished step with `effects` is written. (A step's
+/// idempotency key needs nothing here: it was claimed before the step ran,
+/// by the event, which finds it its own if it runs the step again.)
+pub fn recording(effects: Effects) -> Recording {
     match effects {
         Effects::External => Recording::NowThenDurable,
         Effects::Local => Recording::Now,
-        Effects::None if has_idempotency_key => Recording::Now,
         Effects::None => Recording::WithTheEnd,
     }
 }
@@ -297,15 +295,12 @@ mod tests {
 
     #[test]
     fn recording_and_flushing() {
-        let check = |effects: Effects, key: bool, expected: Recording| {
-            assert_eq!(recording(effects, key), expected, "{effects:?}, key {key}");
+        let check = |effects: Effects, expected: Recording| {
+            assert_eq!(recording(effects), expected, "{effects:?}");
         };
-        check(Effects::None, false, Recording::WithTheEnd);
-        check(Effects::None, true, Recording::Now);
-        check(Effects::Local, false, Recording::Now);
-        check(Effects::Local, true, Recording::Now);
-        check(Effects::External, false, Recording::NowThenDurable);
-        check(Effects::External, true, Recording::NowThenDurable);
+        check(Effects::None, Recording::WithTheEnd);
+        check(Effects::Local, Recording::Now);
+        check(Effects::External, Recording::NowThenDurable);
 
         for (effects, earlier, expected) in [
             (Effects::External, true, true),

@@ -23,8 +23,6 @@ pub(super) enum Attempt {
     Done {
         record: StepRecord,
         stop: bool,
-        /// Its rendered idempotency key, to record once the step is.
-        idempotency_key: Option<String>,
         /// What it changed besides its output.
         effects: Effects,
     },
@@ -115,15 +113,18 @@ impl Steps<'_> {
                         );
                     }
                 };
-                match self.idempotency.seen(
+                // Claimed before the step runs: of two events running it at
+                // once with the same key, one runs it.
+                match self.idempotency.claim(
                     &cx.event.account_key,
                     &cx.chain.name,
                     step.step_name(),
                     &key,
                     spec.window,
+                    &cx.event.id.to_string(),
                 ) {
-                    Ok(true) => return self.skipped(step, trace, spec.window),
-                    Ok(false) => Some(key),
+                    Ok(false) => return self.skipped(step, trace, spec.window),
+                    Ok(true) => Some(key),
                     Err(e) => {
                         let message = format!("reading {e}");
                         return self.failed(
@@ -170,7 +171,6 @@ impl Steps<'_> {
                         published,
                     },
                     stop: finished.stop,
-                    idempotency_key,
                     effects,
                 }
             }
@@ -181,7 +181,24 @@ impl Steps<'_> {
                     }
                     StepError::Permanent { message } => Failure::Permanent { message },
                 };
-                self.failed(step, trace, failure, effects, took)
+                let attempt = self.failed(step, trace, failure, effects, took);
+                // A step that failed for good did not happen: its key goes
+                // back (a retry keeps it, as its own).
+                if let (Attempt::Failed { .. } | Attempt::Continue { .. }, Some(key)) =
+                    (&attempt, &idempotency_key)
+                    && let Err(e) = self.idempotency.release(
+                        &cx.event.account_key,
+                        &cx.chain.name,
+                        step.step_name(),
+                        key,
+                        &cx.event.id.to_string(),
+                    )
+                {
+                    tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
+                        step = step.step_name(), error = %e,
+                        "giving a failed step's idempotency key back failed; the key holds until its window ends");
+                }
+                attempt
             }
         }
     }
@@ -256,7 +273,6 @@ impl Steps<'_> {
                 published: true,
             },
             stop: false,
-            idempotency_key: None,
             effects: Effects::None,
         }
     }
