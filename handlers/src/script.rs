@@ -218,9 +218,12 @@ const TIMEOUT_TOKEN: &str = "switchboard:timeout";
 const CONTROL_TOKEN: &str = "switchboard:control";
 /// How many operations pass between two looks at the clock.
 const CLOCK_EVERY: u64 = 256;
-/// How many variable reads pass between two measurements of the variable
-/// read (see `Runtime::engine`).
+/// How many variable reads pass between two measurements of the variables
+/// in scope (see `Runtime::engine`).
 const SIZE_CHECK_EVERY: u64 = 16;
+/// How many variable reads pass between two measurements of everything the
+/// variables in scope hold, nested containers included.
+const DEEP_CHECK_EVERY: u64 = 1024;
 
 /// Undoes the thread-local call state however the call ends.
 struct CallGuard;
@@ -232,23 +235,32 @@ impl Drop for CallGuard {
     }
 }
 
-/// The items of the arrays and the entries of the maps `value` holds,
-/// nested ones included, as Rhai counts them against its limits.
-fn container_sizes(value: &Dynamic) -> (usize, usize) {
-    let mut sizes = (0, 0);
-    let mut add = |inner: &Dynamic| {
-        let (arrays, maps) = container_sizes(inner);
-        sizes.0 += arrays;
-        sizes.1 += maps;
+/// The items of the arrays and the entries of the maps `value` is, with
+/// (`deep`) those of the ones nested in it, as Rhai counts them against
+/// its limits.
+fn container_sizes(value: &Dynamic, deep: bool) -> (usize, usize) {
+    let nested = |inner: &mut dyn Iterator<Item = &Dynamic>| {
+        inner
+            .map(|v| container_sizes(v, true))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
     if let Some(map) = value.read_lock::<rhai::Map>() {
-        map.values().for_each(&mut add);
-        sizes.1 += map.len();
+        let (arrays, maps) = if deep {
+            nested(&mut map.values())
+        } else {
+            (0, 0)
+        };
+        (arrays, maps + map.len())
     } else if let Some(array) = value.read_lock::<rhai::Array>() {
-        array.iter().for_each(&mut add);
-        sizes.0 += array.len();
+        let (arrays, maps) = if deep {
+            nested(&mut array.iter())
+        } else {
+            (0, 0)
+        };
+        (arrays + array.len(), maps)
+    } else {
+        (0, 0)
     }
-    sizes
 }
 
 fn with_call<R>(f: impl FnOnce(&mut CallState) -> R) -> Option<R> {
@@ -346,13 +358,15 @@ impl ScriptRuntime {
         // Rhai checks the size limits when a value is written as a literal,
         // passed to or returned by a function, but not when `m[key] = value`
         // grows what a variable holds. Every [`SIZE_CHECK_EVERY`]th read of
-        // a variable measures every variable in scope against the limits,
-        // so a container grown in a loop is stopped within a few entries of
-        // its limit. (`on_var` is marked deprecated as "volatile": it may
-        // change, not go.)
-        // Only containers are measured: strings are checked by Rhai as they
-        // grow, and an event's strings may add up to more than one string
-        // may hold.
+        // a variable measures the variables in scope against the limits: the
+        // maps and arrays they hold themselves (a container grown in a loop
+        // stops within a few entries of its limit), and every
+        // [`DEEP_CHECK_EVERY`]th read everything they hold, nested ones
+        // included (walking a large event at every check made a script ten
+        // times slower). Only containers are measured: strings are checked
+        // by Rhai as they grow, and an event's strings may add up to more
+        // than one string may hold. (`on_var` is marked deprecated as
+        // "volatile": it may change, not go.)
         let (max_maps, max_arrays) = (limits.max_map_size, limits.max_array_size);
         #[allow(deprecated)]
         engine.on_var(move |_, _, context| {
@@ -363,8 +377,9 @@ impl ScriptRuntime {
             if !reads.is_multiple_of(SIZE_CHECK_EVERY) {
                 return Ok(None);
             }
+            let deep = reads.is_multiple_of(DEEP_CHECK_EVERY);
             for (_, _, value) in context.scope().iter_raw() {
-                let (arrays, maps) = container_sizes(value);
+                let (arrays, maps) = container_sizes(value, deep);
                 let what = if maps > max_maps {
                     "Size of object map"
                 } else if arrays > max_arrays {
