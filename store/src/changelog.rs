@@ -117,6 +117,10 @@ pub enum ChangelogError {
     /// No term of this replica's covers the partition.
     #[error("partition {0} is not {1}")]
     Partition(u16, &'static str),
+    /// The stream could not be reached or did not answer in time (a
+    /// connection lost, a leader being elected): worth sending again.
+    #[error("changelog stream {STREAM}: {0}")]
+    Unavailable(String),
 }
 
 fn remote(what: impl std::fmt::Display) -> ChangelogError {
@@ -556,7 +560,7 @@ type Queued = (u64, Term, Change, Option<Duration>);
 /// partitions' batches at once), and answers each commit once every write
 /// appended before it is stored or has failed.
 ///
-/// A batch that fails for any reason but a fence is sent again
+/// A batch that fails because the stream is unavailable is sent again
 /// ([`publish_term_batch`]), so a commit waits through a stream electing a
 /// new leader instead of failing while the local copy keeps writes the
 /// changelog lacks. A term whose batch was fenced, or kept failing, is
@@ -663,14 +667,16 @@ async fn append_task(
     }
 }
 
-/// How long a batch is sent again after failures other than a fence before
+/// How long a batch is sent again while the stream is unavailable before
 /// its term gives up ([`ChangelogError::Gap`]): longer than a clustered
-/// stream takes to elect a new leader after losing a node.
-const RETRY_FOR: Duration = Duration::from_secs(30);
+/// stream takes to elect a new leader after losing a node (a few seconds),
+/// shorter than the events stream's default ack wait (30 s), so that the
+/// events waiting for the commit are not delivered again meanwhile.
+const RETRY_FOR: Duration = Duration::from_secs(20);
 
-/// Publishes `batch` under `term`, sending it again after any failure but a
-/// fence (with a pause growing to a second) until it is stored, fenced, or
-/// [`RETRY_FOR`] has passed. Sending a batch again is safe: an atomic batch
+/// Publishes `batch` under `term`, sending it again while the stream is
+/// unavailable (with a pause growing to a second) until it is stored,
+/// fenced, refused, or [`RETRY_FOR`] has passed. Sending a batch again is safe: an atomic batch
 /// was stored whole or not at all, and writes sent one by one are sent
 /// again in their order, so each key ends with the batch's last value for
 /// it, and the fence still refuses all of them once another term began.
@@ -689,8 +695,16 @@ async fn publish_term_batch(
         };
         let e = match result {
             Ok(()) => return Ok(()),
+            Err(ChangelogError::Unavailable(e)) => e,
             Err(e @ ChangelogError::Fenced { .. }) => return Err(e),
-            Err(e) => e,
+            // Refused (too large, say): sending it again would not help.
+            Err(e) => {
+                return Err(ChangelogError::Gap {
+                    partition: term.partition,
+                    epoch: term.epoch,
+                    message: e.to_string(),
+                });
+            }
         };
         if started.elapsed() >= RETRY_FOR {
             return Err(ChangelogError::Gap {
@@ -789,7 +803,7 @@ async fn publish_each(
     term: Term,
     batch: &[Queued],
 ) -> Result<(), ChangelogError> {
-    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
+    let failed = |e: &jetstream::context::PublishError| send_failed(term, batch.len(), e);
     for chunk in batch.chunks(EACH_IN_FLIGHT) {
         let mut acks = Vec::with_capacity(chunk.len());
         for (_, _, change, ttl) in chunk {
@@ -828,6 +842,22 @@ fn batch_failed(term: Term, n: usize, e: &dyn std::fmt::Display) -> ChangelogErr
     ))
 }
 
+/// Writing `n` records of `term`'s partition failed with `e`: worth
+/// sending again ([`ChangelogError::Unavailable`]) when the stream was not
+/// reached or did not answer, not when it refused the writes.
+fn send_failed(term: Term, n: usize, e: &jetstream::context::PublishError) -> ChangelogError {
+    use async_nats::jetstream::context::PublishErrorKind as Kind;
+    match e.kind() {
+        Kind::StreamNotFound | Kind::TimedOut | Kind::BrokenPipe | Kind::MaxAckPending => {
+            ChangelogError::Unavailable(format!(
+                "writing {n} records to partition {}: {e}",
+                term.partition
+            ))
+        }
+        _ => batch_failed(term, n, e),
+    }
+}
+
 /// Most writes in one atomic batch (nats-server accepts 1,000).
 const BATCH: usize = 500;
 
@@ -843,7 +873,13 @@ async fn publish_batch(
     batch: &[Queued],
 ) -> Result<(), ChangelogError> {
     use async_nats::jetstream::{Error as JsError, ErrorCode};
-    let failed = |e: &dyn std::fmt::Display| batch_failed(term, batch.len(), e);
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ChangelogError::Unavailable(format!(
+            "writing {} records to partition {}: {e}",
+            batch.len(),
+            term.partition
+        ))
+    };
     let last = batch.len() - 1;
     for _ in 0..NOT_READY_TRIES {
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -861,7 +897,7 @@ async fn publish_batch(
                 js.client()
                     .publish_with_headers(subject, headers, payload)
                     .await
-                    .map_err(|e| failed(&e))?;
+                    .map_err(|e| unavailable(&e))?;
                 continue;
             }
             headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
@@ -892,9 +928,9 @@ async fn publish_batch(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        return Err(failed(&e));
+        return Err(send_failed(term, batch.len(), &e));
     }
-    Err(failed(
+    Err(unavailable(
         &"the stream kept answering that it cannot check the partition's epoch yet",
     ))
 }
