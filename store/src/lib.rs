@@ -335,7 +335,14 @@ struct FlushCounts {
 /// The term an event's writes are made under (see [`Store::holding`]);
 /// the default holds nothing (writes of no partition).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Holding(Option<(u16, Option<changelog::Term>)>);
+pub struct Holding(Option<HeldTerm>);
+
+/// A partition and the term this replica held on it then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeldTerm {
+    partition: u16,
+    term: Option<changelog::Term>,
+}
 
 /// A point in the store's writes: every write made before it is durable
 /// once [`Store::is_durable`] says so.
@@ -612,7 +619,7 @@ impl Store {
     /// only if this holds too.
     pub fn still_holds(&self, holding: &Holding) -> bool {
         match (&self.partitioned, holding.0) {
-            (Some(p), Some((partition, term))) => p.still_holds(partition, term),
+            (Some(p), Some(h)) => p.still_holds(h.partition, h.term),
             _ => true,
         }
     }

@@ -176,23 +176,27 @@ impl Partitioned {
     /// The term this replica writes `account`'s partition under now.
     pub(crate) fn holding(&self, account: &[u8]) -> crate::Holding {
         let partition = partition_of_account(account, self.partitions);
-        crate::Holding(Some((partition, self.term(partition))))
+        crate::Holding(Some(crate::HeldTerm {
+            partition,
+            term: self.term(partition),
+        }))
     }
 
     /// Whether `holding`'s term is still current and none of its writes
     /// failed: every write made under it and covered by a successful
     /// commit is in the changelog. A term found broken ends here.
     pub(crate) fn still_holds(&self, partition: u16, term: Option<Term>) -> bool {
-        if self.term(partition) != term {
+        // Handled while the partition was not held here: whatever it wrote
+        // went under a term taken since, which it cannot vouch for.
+        let Some(t) = term else { return false };
+        if self.term(partition) != Some(t) {
             return false;
         }
-        match term {
-            Some(t) if self.appender.is_broken(t) => {
-                self.end_term(t);
-                false
-            }
-            _ => true,
+        if self.appender.is_broken(t) {
+            self.end_term(t);
+            return false;
         }
+        true
     }
 
     /// Ends `term` if it is still this replica's term on its partition: its
@@ -656,9 +660,24 @@ impl Partitioned {
                 let answer = match forward::decode(&request.payload) {
                     Err(e) => forward::answer(Err(format!("a forwarded write that does not decode: {e}"))),
                     Ok((batch, expect)) => match this.write_owned(&batch, &expect) {
+                        // A commit answers for every write before it, but a
+                        // failure is told to whichever commit waited: the
+                        // term's own mark says whether this write is stored.
                         Ok(Some(done)) => match this.appender.commit().await {
-                            Ok(()) => forward::answer(Ok(done)),
-                            Err(e) => forward::answer(Err(e.to_string())),
+                            Ok(()) if this.still_holds(partition, Some(term)) => {
+                                forward::answer(Ok(done))
+                            }
+                            Ok(()) => forward::answer(Err(format!(
+                                "partition {partition}: the term's writes failed (epoch {}); \
+                                 the partition is read again from the changelog",
+                                term.epoch
+                            ))),
+                            Err(e) => {
+                                if this.appender.is_broken(term) {
+                                    this.end_term(term);
+                                }
+                                forward::answer(Err(e.to_string()))
+                            }
                         },
                         Ok(None) => forward::answer(Err(format!(
                             "partition {partition} is no longer held here (epoch {})",

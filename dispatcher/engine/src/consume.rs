@@ -80,11 +80,13 @@ pub async fn consume(
                 None => break,
             },
         };
+        // Taken before anything is written for the delivery (a poison
+        // delivery's dead letter, in `decode`).
+        let holding = executor.holding(delivery.account.as_deref());
         let event = match executor.decode(&delivery).await {
             Ok(event) => event,
             Err(disposition) => {
                 // Poison: acked once its dead letter is durable.
-                let holding = executor.holding(delivery.account.as_deref());
                 if let Err(unsent) = settle.send((delivery, disposition, holding)).await {
                     let _ = unsent.0.0.nak(Duration::ZERO).await;
                 }
@@ -241,10 +243,6 @@ struct Held {
     due: tokio::time::Instant,
     /// Later events of the conversation, sent back to wait.
     later: BTreeSet<u64>,
-    /// The state the conversation was handled on: once its partition's
-    /// term has ended (another replica took it over), what it waited for
-    /// went to that replica, and the wait is over.
-    holding: Holding,
 }
 
 /// One worker: handles the events of the conversations hashed to it, one at
@@ -291,11 +289,9 @@ impl Worker {
                         head: delivery.seq,
                         due: tokio::time::Instant::now(),
                         later: BTreeSet::new(),
-                        holding,
                     });
                     held.head = delivery.seq;
                     held.due = tokio::time::Instant::now() + delay;
-                    held.holding = holding;
                 }
                 Disposition::Ack => {
                     self.done(&conversation, delivery.seq);
@@ -313,13 +309,6 @@ impl Worker {
     /// conversation, and for how long.
     fn hold(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) -> Option<Duration> {
         let held = self.waiting.get_mut(conversation)?;
-        if !self.executor.still_holds(&held.holding) {
-            // The partition changed hands since: the events it waited for
-            // were delivered to the replica that took it, and what comes
-            // now comes in bus order under a new term.
-            self.waiting.remove(conversation);
-            return None;
-        }
         if seq <= held.head {
             return None;
         }

@@ -114,20 +114,32 @@ impl IdempotencyKeys for StoredIdempotencyKeys {
 
     fn expire(&self, now: i64) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
         let mut removed = 0;
+        let mut first_error = None;
         for (k, v) in self.store.scan_prefix(Collection::Idempotency, &[])? {
             let expired = Claim::decode(&v).is_some_and(|c| c.expired(now));
             // Another replica's partition: its own sweep removes it.
-            if expired && self.store.writes_locally(Collection::Idempotency, &k) {
-                // A claim made since the scan is kept.
-                if self
-                    .store
-                    .compare_and_swap(Collection::Idempotency, &k, Some(&v), None)?
-                {
-                    removed += 1;
+            if !expired || !self.store.writes_locally(Collection::Idempotency, &k) {
+                continue;
+            }
+            // A claim made since the scan is kept; a key that cannot be
+            // removed now (its partition moving) is left for the next sweep.
+            match self
+                .store
+                .compare_and_swap(Collection::Idempotency, &k, Some(&v), None)
+            {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        Ok(removed)
+        // Removed ones are counted; an error is told only when nothing could
+        // be removed (the next sweep tries the rest again).
+        match first_error {
+            Some(e) if removed == 0 => Err(e.into()),
+            _ => Ok(removed),
+        }
     }
 }
 

@@ -125,12 +125,17 @@ impl Steps<'_> {
                 ) {
                     Ok(false) => return self.skipped(step, trace, spec.window),
                     Ok(true) => Some(key),
+                    // The store failed or was contended: the step has not
+                    // run; try again.
                     Err(e) => {
-                        let message = format!("reading {e}");
+                        let message = format!("claiming its idempotency key: {e}");
                         return self.failed(
                             step,
                             trace,
-                            Failure::Permanent { message },
+                            Failure::Retryable {
+                                message,
+                                after: None,
+                            },
                             Effects::None,
                             Duration::ZERO,
                         );
