@@ -746,6 +746,31 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
     }
 }
 
+/// A replicated store over `nats`, its local copy in `path`.
+async fn replicated_store(
+    nats: &crate::util::NatsServer,
+    path: &std::path::Path,
+) -> switchboard_store::Store {
+    let url = nats.url().to_string();
+    switchboard_store::Store::replicated(path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
+        .await
+        .expect("a replicated store")
+}
+
+/// Two replicated stores over `nats` in `dir`, `a` holding the partition of
+/// account `acme` (so `b`'s writes to it are forwarded to `a`).
+async fn two_stores_a_holding_acme(
+    nats: &crate::util::NatsServer,
+    dir: &std::path::Path,
+) -> (switchboard_store::Store, switchboard_store::Store) {
+    let a = replicated_store(nats, &dir.join("a")).await;
+    let b = replicated_store(nats, &dir.join("b")).await;
+    a.take_partition(switchboard_store::partition_of_account(b"acme", 16))
+        .await
+        .expect("replica a takes acme's partition");
+    (a, b)
+}
+
 /// Two replicas' stores upserting the same numbers at the same moment make
 /// one contact per number: the account's partition is held by one of them,
 /// which decides every compare-and-swap on its own copy; the other's writes
@@ -755,23 +780,11 @@ async fn concurrent_applies_on_two_replicas_number_every_version_once() {
 async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     use switchboard_handlers::records::{ContactUpsert, Contacts};
     use switchboard_state::StoredContacts;
-    use switchboard_store::{Store, partition_of_account};
+    use switchboard_store::Store;
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let open = |name: &str| {
-        let path = dir.path().join(name);
-        let url = nats.url().to_string();
-        async move {
-            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
-                .await
-                .expect("a replicated store")
-        }
-    };
-    let (a, b) = (open("a").await, open("b").await);
-    a.take_partition(partition_of_account(b"acme", 16))
-        .await
-        .expect("replica a takes acme's partition");
+    let (a, b) = two_stores_a_holding_acme(&nats, dir.path()).await;
     let acme = switchboard_sdk::AccountKey::new("acme").expect("an account key");
     let numbers = 200;
     let upsert_all = |store: Store, tag: &'static str| {
@@ -803,7 +816,7 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
 
     // A third replica, caught up, sees one contact per number, with both
     // replicas' fields.
-    let c = open("c").await;
+    let c = replicated_store(&nats, &dir.path().join("c")).await;
     c.caught_up().await;
     let all = StoredContacts::new(c)
         .list(&acme, 10_000)
@@ -829,19 +842,11 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn housekeeping_delete_markers_expire_and_others_stay() {
     use base64::Engine as _;
-    use switchboard_store::{Collection, MARKER_TTL, Store, partition_of_account};
+    use switchboard_store::{Collection, MARKER_TTL, partition_of_account};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = Store::replicated(
-        &dir.path().join("replica"),
-        async_nats::ConnectOptions::new(),
-        vec![nats.url().to_string()],
-        1,
-        16,
-    )
-    .await
-    .expect("a replicated store");
+    let store = replicated_store(&nats, &dir.path().join("replica")).await;
     let partition = partition_of_account(b"acme", 16);
     store
         .take_partition(partition)
@@ -1072,23 +1077,11 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 async fn idempotency_claims_are_won_once_and_expire_on_the_replicated_backend() {
     use switchboard_handlers::records::IdempotencyKeys;
     use switchboard_state::StoredIdempotencyKeys;
-    use switchboard_store::{Collection, Store, partition_of_account};
+    use switchboard_store::{Collection, Store};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let open = |name: &str| {
-        let path = dir.path().join(name);
-        let url = nats.url().to_string();
-        async move {
-            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
-                .await
-                .expect("a replicated store")
-        }
-    };
-    let (a, b) = (open("a").await, open("b").await);
-    a.take_partition(partition_of_account(b"acme", 16))
-        .await
-        .expect("replica a takes acme's partition");
+    let (a, b) = two_stores_a_holding_acme(&nats, dir.path()).await;
     let acme = switchboard_sdk::AccountKey::new("acme").expect("an account key");
     let hour = Duration::from_secs(3_600);
     let rounds = 20;

@@ -758,16 +758,6 @@ impl Dispatcher {
         child.wait().expect("reap the dispatcher");
     }
 
-    /// Sends the process `signal` (`STOP`, `CONT`, …) with `kill`.
-    pub fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("the dispatcher is running");
-        let sent = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()
-            .expect("the kill command runs");
-        assert!(sent.success(), "sending SIG{signal} failed");
-    }
-
     /// Stops the process with SIGTERM, as an operator would, and waits (at
     /// most [`TIMEOUT`]) for it to exit; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {

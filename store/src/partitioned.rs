@@ -199,15 +199,25 @@ impl Partitioned {
         true
     }
 
+    /// Ends this replica's term on `partition` if `ends` says so of it;
+    /// returns whether it did. The caller holds the order lock, so that no
+    /// write of the term is applied after it ends.
+    fn end_term_if(&self, partition: u16, ends: impl FnOnce(&Term) -> bool) -> bool {
+        let mut terms = self.terms.lock().expect("terms lock");
+        if !terms.get(&partition).is_some_and(ends) {
+            return false;
+        }
+        terms.remove(&partition);
+        drop(terms);
+        self.ended(partition);
+        true
+    }
+
     /// Ends `term` if it is still this replica's term on its partition: its
     /// writes failed or were refused.
     fn end_term(&self, term: Term) {
         let _order = self.order.lock().expect("order lock");
-        let mut terms = self.terms.lock().expect("terms lock");
-        if terms.get(&term.partition) == Some(&term) {
-            terms.remove(&term.partition);
-            drop(terms);
-            self.ended(term.partition);
+        if self.end_term_if(term.partition, |ours| *ours == term) {
             tracing::warn!(
                 partition = term.partition,
                 epoch = term.epoch,
@@ -306,14 +316,7 @@ impl Partitioned {
                         .lock()
                         .expect("markers lock")
                         .insert(t.partition, t.epoch);
-                    let mut terms = self.terms.lock().expect("terms lock");
-                    if terms
-                        .get(&t.partition)
-                        .is_some_and(|ours| ours.epoch < t.epoch)
-                    {
-                        terms.remove(&t.partition);
-                        drop(terms);
-                        self.ended(t.partition);
+                    if self.end_term_if(t.partition, |ours| ours.epoch < t.epoch) {
                         tracing::warn!(
                             partition = t.partition,
                             epoch = t.epoch,
@@ -518,14 +521,7 @@ impl Partitioned {
     /// Ends this replica's term on `partition` (handed over).
     pub(crate) fn release(&self, partition: u16) {
         let _order = self.order.lock().expect("order lock");
-        if self
-            .terms
-            .lock()
-            .expect("terms lock")
-            .remove(&partition)
-            .is_some()
-        {
-            self.ended(partition);
+        if self.end_term_if(partition, |_| true) {
             tracing::info!(partition, "partition released");
         }
     }
