@@ -420,8 +420,24 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
     }
     eprintln!("changelog: the slowest commit, across the leader's loss, took {slowest:?}");
     // Two term markers, then every write (none lost, none twice: one
-    // message per key).
-    let writes = latest(&read(&log, 2 + rounds * per_round).await);
+    // message per key). The two nodes left may still be settling their
+    // consumers' leaders: a reader is asked for again until one is made.
+    let records = crate::util::wait_until(
+        "a reader of the changelog on the nodes left",
+        Duration::from_secs(60),
+        || async { log.records(1).await.ok() },
+    )
+    .await;
+    let records: Vec<Record> = tokio::time::timeout(
+        Duration::from_secs(30),
+        records.take(2 + rounds * per_round).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the records come")
+    .into_iter()
+    .map(|r| r.expect("a record"))
+    .collect();
+    let writes = latest(&records);
     let keys: std::collections::HashSet<String> = writes.iter().map(|w| w.1.clone()).collect();
     assert_eq!(writes.len(), rounds * per_round);
     assert_eq!(keys.len(), rounds * per_round);
