@@ -771,6 +771,83 @@ async fn two_stores_a_holding_acme(
     (a, b)
 }
 
+/// An event's writes are made under the term its partition was held under
+/// when it began. Once that term ended (handed over, or fenced while the
+/// replica was paused), its writes are refused and its flush fails, also
+/// after this replica took the partition again under a new term: what the
+/// event holds in memory may include writes the changelog refused, and it
+/// must be handled again from what is durable. An event begun under the
+/// new term writes as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_writes_under_a_term_that_ended_are_refused_after_a_new_term_began() {
+    use switchboard_store::{Collection, StoreError, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = replicated_store(&nats, &dir.path().join("a")).await;
+    let partition = partition_of_account(b"acme", 16);
+    store
+        .take_partition(partition)
+        .await
+        .expect("the partition is taken");
+    let first = store.handling_events().under(&store.holding(b"acme"));
+    first
+        .put(Collection::Contacts, b"acme\0c1", b"first")
+        .expect("a write under the current term");
+    first.flush().await.expect("durable under the current term");
+
+    store.release_partition(partition);
+    store
+        .take_partition(partition)
+        .await
+        .expect("the partition is taken again");
+    let refused = first.put(Collection::Contacts, b"acme\0c2", b"late");
+    assert!(
+        matches!(refused, Err(StoreError::PartitionMoved { partition: p }) if p == partition),
+        "{refused:?}"
+    );
+    let flushed = first.flush().await;
+    assert!(
+        matches!(flushed, Err(StoreError::PartitionMoved { .. })),
+        "{flushed:?}"
+    );
+
+    let second = store.handling_events().under(&store.holding(b"acme"));
+    second
+        .put(Collection::Contacts, b"acme\0c3", b"second")
+        .expect("a write under the new term");
+    second.flush().await.expect("durable under the new term");
+    assert_eq!(
+        store
+            .get(Collection::Contacts, b"acme\0c1")
+            .expect("a read"),
+        Some(b"first".to_vec())
+    );
+    assert_eq!(
+        store
+            .get(Collection::Contacts, b"acme\0c2")
+            .expect("a read"),
+        None
+    );
+
+    // A replica that follows the changelog has the writes made under a
+    // current term, and not the refused one.
+    let other = replicated_store(&nats, &dir.path().join("b")).await;
+    other.caught_up().await;
+    for (key, value) in [
+        (&b"acme\0c1"[..], Some(b"first".to_vec())),
+        (b"acme\0c2", None),
+        (b"acme\0c3", Some(b"second".to_vec())),
+    ] {
+        assert_eq!(
+            other.get(Collection::Contacts, key).expect("a read"),
+            value,
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
+
 /// Two replicas' stores upserting the same numbers at the same moment make
 /// one contact per number: the account's partition is held by one of them,
 /// which decides every compare-and-swap on its own copy; the other's writes
@@ -1152,5 +1229,208 @@ async fn idempotency_claims_are_won_once_and_expire_on_the_replicated_backend() 
         !StoredIdempotencyKeys::new(b)
             .claim(&acme, "c", "t", "long", hour, "event-d")
             .expect("a claim")
+    );
+}
+
+/// A zombie owner. Replica `a` is frozen (SIGSTOP) while it holds events
+/// in flight, past its pin timeout; `b` takes its partitions (new terms,
+/// fencing `a`'s) and handles those events and the next ones of the same
+/// conversations; then `a` is resumed (SIGCONT), wakes up mid-step, finds
+/// its terms ended, rejoins and gets a share of the partitions back (read
+/// again from the changelog). Afterwards every event is done as either
+/// replica reads it, each contact holds the last wave's value (nothing `a`
+/// wrote after the take-over overwrote `b`'s), no webhook went out a third
+/// time, and each conversation's webhooks came in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_resumed_after_a_take_over_overwrites_nothing() {
+    use switchboard_store::partition_of_account;
+
+    let nats = crate::util::NatsServer::start();
+    // Every webhook hangs a second, so a frozen replica holds events
+    // mid-chain.
+    let receiver = HttpReceiver::start(Duration::from_secs(1));
+    let (accounts, conversations) = (8, 3);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let recv = receiver.url();
+    for i in 0..accounts {
+        let a = account(i);
+        let chain = format!(
+            r#"
+account_key = "{a}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "create_contact"
+config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{{{ event.event_data.wave }}}}" }} }}
+
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{recv}/hook/hang", secret = "gateway", body = {{ account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
+retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
+"#
+        );
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
+    }
+    let config = config_with(&receiver, true, 1);
+    let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    for d in [&a, &b] {
+        for i in 0..accounts {
+            d.set_secret(&account(i), "gateway", WEBHOOK_SECRET).await;
+        }
+    }
+    let shared = |a: Vec<u64>, b: Vec<u64>| {
+        let mut every: Vec<u64> = a.iter().chain(&b).copied().collect();
+        every.sort_unstable();
+        (!a.is_empty() && !b.is_empty() && every == (0..16).collect::<Vec<u64>>()).then_some(a)
+    };
+    let held_by_a = wait_until(
+        "the replicas sharing the partitions",
+        Duration::from_secs(30),
+        || async { shared(partitions_of(&a).await, partitions_of(&b).await) },
+    )
+    .await;
+    let of_a: HashSet<String> = (0..accounts)
+        .map(account)
+        .filter(|x| held_by_a.contains(&u64::from(partition_of_account(x.as_bytes(), 16))))
+        .collect();
+    assert!(!of_a.is_empty(), "replica a handles some of the accounts");
+
+    let wave = |wave: u64, n: u64| -> Vec<VumiApiEvent> {
+        (0..accounts)
+            .flat_map(|i| {
+                (0..conversations).map(move |c| {
+                    event(
+                        &account(i),
+                        "survey",
+                        "poll_complete",
+                        &format!("talk-{c}"),
+                        json!({"msisdn": format!("+2784{i:03}{c:04}"), "n": n, "wave": wave}),
+                    )
+                })
+            })
+            .collect()
+    };
+    let mut sent: Vec<VumiApiEvent> = wave(1, 0).into_iter().chain(wave(1, 1)).collect();
+    emit_all(nats.url(), &sent).await;
+
+    // Freeze `a` while a webhook of one of its accounts hangs.
+    wait_until(
+        "a webhook in flight at replica a",
+        Duration::from_secs(30),
+        || async {
+            receiver
+                .requests()
+                .await
+                .iter()
+                .filter_map(webhook_arrival)
+                .any(|(_, account, ..)| of_a.contains(&account))
+                .then_some(())
+        },
+    )
+    .await;
+    a.signal("STOP");
+    let frozen = Instant::now();
+    wait_until(
+        "b holding every partition",
+        Duration::from_secs(90),
+        || async { (partitions_of(&b).await == (0..16).collect::<Vec<u64>>()).then_some(()) },
+    )
+    .await;
+    let taken = frozen.elapsed();
+    let second = wave(2, 2);
+    emit_all(nats.url(), &second).await;
+    sent.extend(second);
+    for e in &sent {
+        let trace = b
+            .wait_for_trace(
+                e.account_key.as_str(),
+                &e.id.to_string(),
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
+
+    // `a` wakes up mid-step, rejoins and takes its share back.
+    a.signal("CONT");
+    let resumed = Instant::now();
+    wait_until(
+        "the replicas sharing the partitions again",
+        Duration::from_secs(90),
+        || async { shared(partitions_of(&a).await, partitions_of(&b).await) },
+    )
+    .await;
+    let rejoined = resumed.elapsed();
+    let third = wave(3, 3);
+    emit_all(nats.url(), &third).await;
+    sent.extend(third);
+    let last_wave = Instant::now();
+    for d in [&a, &b] {
+        for e in &sent {
+            let trace = d
+                .wait_for_trace(
+                    e.account_key.as_str(),
+                    &e.id.to_string(),
+                    Duration::from_secs(120),
+                )
+                .await;
+            assert_eq!(trace["status"], "done", "{trace:#}");
+        }
+    }
+
+    let last_wave = last_wave.elapsed();
+
+    // No webhook a third time, none missing, each conversation in order.
+    let requests = receiver.requests().await;
+    let arrivals: Vec<Arrival> = requests.iter().filter_map(webhook_arrival).collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (id, ..) in &arrivals {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let expected: HashSet<String> = sent
+        .iter()
+        .map(|e| {
+            let id = EventId::derived(e.id, "poll-complete", "payment_webhook", 0);
+            format!("msg_{}", id.as_uuid().simple())
+        })
+        .collect();
+    let ids: HashSet<String> = seen.keys().map(|id| id.to_string()).collect();
+    assert_eq!(ids, expected, "a webhook per event, no other");
+    let thrice: Vec<_> = seen.iter().filter(|(_, n)| **n > 2).collect();
+    assert!(thrice.is_empty(), "webhooks sent a third time: {thrice:?}");
+    let repeats: usize = seen.values().map(|n| n - 1).sum();
+    assert_in_conversation_order(arrivals);
+
+    // Each contact holds the last wave's value, as either replica reads it.
+    for d in [&a, &b] {
+        for i in 0..accounts {
+            let all = contacts(d, &account(i)).await;
+            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
+            for c in &all {
+                assert_eq!(c["fields"]["wave"], 3, "{}: {c:#}", account(i));
+            }
+        }
+    }
+    eprintln!(
+        "replicas: a zombie owner resumed after a take-over: {} events done, {repeats} webhook \
+         repeats (each at most twice), contacts as the new owner left them; the take-over \
+         took {taken:.1?}, the rejoin {rejoined:.1?}, the last wave {last_wave:.1?}",
+        sent.len()
+    );
+    // `a` held terms when it froze, and learnt they had ended; none of its
+    // conversations then waited for an event that `b` had handled.
+    let log = a.log();
+    assert!(
+        log.contains("another replica took the partition over"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("has not come back; going on without it"),
+        "{log}"
     );
 }

@@ -751,6 +751,16 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Sends the process `signal` (`STOP`, `CONT`, …) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the dispatcher is running");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("the kill command runs");
+        assert!(sent.success(), "sending SIG{signal} failed");
+    }
+
     /// Kills the process with SIGKILL: no shutdown, no flush.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("the dispatcher is running");

@@ -43,6 +43,7 @@
 //! of its own: see [`Publishing`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -435,13 +436,19 @@ impl Changelog {
     pub fn appender(&self) -> Appender {
         let (tx, rx) = mpsc::unbounded_channel();
         let broken = Arc::default();
+        let failed = Arc::default();
         tokio::spawn(append_task(
             self.js.clone(),
             self.publishing,
-            Arc::clone(&broken),
+            (Arc::clone(&broken), Arc::clone(&failed)),
             rx,
         ));
-        Appender { tx, broken }
+        Appender {
+            tx,
+            broken,
+            numbers: Arc::default(),
+            failed,
+        }
     }
 
     /// The changelog's records from stream sequence `from` on, in order,
@@ -511,11 +518,55 @@ pub struct Appender {
     tx: mpsc::UnboundedSender<Op>,
     /// The terms whose writes were refused or failed: none of their later
     /// writes is stored.
-    broken: Arc<Mutex<HashMap<Term, ChangelogError>>>,
+    broken: Broken,
+    /// The number of the last write appended (writes are numbered from 1).
+    numbers: Arc<AtomicU64>,
+    /// The numbers of the writes that failed.
+    failed: Arc<Mutex<Failed>>,
+}
+
+/// The terms whose writes were refused or failed, and why.
+type Broken = Arc<Mutex<HashMap<Term, ChangelogError>>>;
+
+/// The numbers of the writes that failed, as ranges, the latest
+/// [`FAILED_KEPT`]; of older ones, only the highest number is kept.
+#[derive(Debug, Default)]
+struct Failed {
+    ranges: std::collections::VecDeque<(u64, u64)>,
+    forgotten_up_to: u64,
+}
+
+/// How many ranges of failed writes are kept to answer
+/// [`Appender::failed_since`] exactly; a span older than the ones forgotten
+/// is answered as failed.
+const FAILED_KEPT: usize = 1024;
+
+impl Failed {
+    fn add(&mut self, numbers: &[u64]) {
+        let (Some(first), Some(last)) = (numbers.iter().min(), numbers.iter().max()) else {
+            return;
+        };
+        if self.ranges.len() == FAILED_KEPT
+            && let Some((_, l)) = self.ranges.pop_front()
+        {
+            self.forgotten_up_to = self.forgotten_up_to.max(l);
+        }
+        self.ranges.push_back((*first, *last));
+    }
+
+    /// Whether a write numbered in `(since, through]` failed (or may have).
+    fn any_in(&self, since: u64, through: u64) -> bool {
+        self.forgotten_up_to > since
+            || self
+                .ranges
+                .iter()
+                .any(|(first, last)| *first <= through && *last > since)
+    }
 }
 
 enum Op {
     Append {
+        number: u64,
         term: Term,
         change: Change,
         ttl: Option<Duration>,
@@ -524,12 +575,37 @@ enum Op {
 }
 
 impl Appender {
-    /// Queues `change` to `term`'s partition. It is durable once a later
-    /// [`Appender::commit`] returns `Ok`.
-    pub fn append(&self, term: Term, change: Change) {
+    /// Queues `change` to `term`'s partition; returns its number. It is
+    /// durable once a later [`Appender::commit`] returned and neither
+    /// [`Appender::is_broken`] holds for `term` nor
+    /// [`Appender::failed_since`] for a number before it. Calls must be
+    /// serialised (the caller holds a lock): numbers follow their order.
+    pub fn append(&self, term: Term, change: Change) -> u64 {
         let ttl = (change.value.is_none() && change.collection.is_housekeeping())
             .then_some(crate::MARKER_TTL);
-        let _ = self.tx.send(Op::Append { term, change, ttl });
+        let number = self.numbers.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        let _ = self.tx.send(Op::Append {
+            number,
+            term,
+            change,
+            ttl,
+        });
+        number
+    }
+
+    /// The number of the last write appended so far.
+    pub fn last_number(&self) -> u64 {
+        self.numbers.load(AtomicOrdering::SeqCst)
+    }
+
+    /// Whether a write numbered after `since` and up to `through` failed:
+    /// exact once a commit asked for after the write at `through` returned
+    /// (a failure is recorded before any commit is answered).
+    pub fn failed_since(&self, since: u64, through: u64) -> bool {
+        self.failed
+            .lock()
+            .expect("failed lock")
+            .any_in(since, through)
     }
 
     /// Waits until the stream has every write appended before this call:
@@ -573,7 +649,7 @@ type Queued = (u64, Term, Change, Option<Duration>);
 async fn append_task(
     js: jetstream::Context,
     publishing: Publishing,
-    broken: Arc<Mutex<HashMap<Term, ChangelogError>>>,
+    (broken, failed): (Broken, Arc<Mutex<Failed>>),
     mut ops: mpsc::UnboundedReceiver<Op>,
 ) {
     let mut next = 0u64;
@@ -619,10 +695,10 @@ async fn append_task(
         tokio::select! {
             op = ops.recv(), if open => match op {
                 None => open = false,
-                Some(Op::Append { term, change, ttl }) => {
-                    next += 1;
-                    unacked.insert(next);
-                    queued.entry(term.partition).or_default().push_back((next, term, change, ttl));
+                Some(Op::Append { number, term, change, ttl }) => {
+                    next = next.max(number);
+                    unacked.insert(number);
+                    queued.entry(term.partition).or_default().push_back((number, term, change, ttl));
                 }
                 Some(Op::Commit(reply)) => {
                     if unacked.is_empty() {
@@ -642,6 +718,7 @@ async fn append_task(
                 }
                 if let Err(e) = result {
                     broken.lock().expect("broken lock").entry(term).or_insert_with(|| e.clone());
+                    failed.lock().expect("failed lock").add(&numbers);
                     let first = numbers.first().copied().unwrap_or(0);
                     let waiting: Vec<u64> = commits.range(first..).map(|(k, _)| *k).collect();
                     if waiting.is_empty() {
@@ -933,4 +1010,28 @@ async fn publish_batch(
     Err(unavailable(
         &"the stream kept answering that it cannot check the partition's epoch yet",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer's span fails if a write numbered in it failed, whichever
+    /// commit was told; spans before or after the failure do not; a span
+    /// older than the failures forgotten is answered as failed.
+    #[test]
+    fn a_span_fails_exactly_when_a_write_in_it_failed() {
+        let mut failed = Failed::default();
+        failed.add(&[10, 11, 12]);
+        assert!(failed.any_in(9, 10), "the failed batch's first write");
+        assert!(failed.any_in(11, 20), "a span over the failed batch's end");
+        assert!(!failed.any_in(0, 9), "a span before the failure");
+        assert!(!failed.any_in(12, 30), "a span after the failure");
+        for n in 0..FAILED_KEPT as u64 {
+            failed.add(&[1000 + n]);
+        }
+        assert!(failed.any_in(5, 6), "forgotten: older spans are failed");
+        assert!(!failed.any_in(12, 999), "between failures still kept");
+        assert!(failed.any_in(1000 + FAILED_KEPT as u64 - 2, u64::MAX));
+    }
 }

@@ -311,7 +311,7 @@ impl std::fmt::Debug for Guard<'_> {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    trees: Vec<sled::Tree>,
+    trees: Arc<[sled::Tree]>,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
     flushes: Arc<FlushCounts>,
     /// The bucket, in the replicated backend.
@@ -319,10 +319,23 @@ pub struct Store {
     /// The partitioned collections' owner and changelog, in the replicated
     /// backend.
     partitioned: Option<Arc<partitioned::Partitioned>>,
-    /// Whether a write to a partition another replica holds is forwarded
-    /// there (the API, inbound webhooks) or refused (an event's handling:
-    /// see [`Store::handling_events`]).
-    forward: bool,
+    /// Where a write of a partitioned collection goes when this replica
+    /// does not hold its partition, or no longer under the term it was
+    /// asked for (see [`Store::handling_events`] and [`Store::under`]).
+    route: Route,
+}
+
+/// What becomes of a write of a partitioned collection that this replica
+/// does not write itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Forwarded to the partition's owner (the API, inbound webhooks).
+    Forward,
+    /// Refused with [`StoreError::PartitionMoved`] (an event's handling).
+    Refuse,
+    /// Refused, and so is a write of the held partition unless this
+    /// replica still holds it under the held term (one event's handling).
+    Under(HeldTerm),
 }
 
 /// The group-commit thread's flushes: how many it has begun and finished.
@@ -339,10 +352,14 @@ pub struct Holding(Option<HeldTerm>);
 
 /// A partition and the term this replica held on it then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct HeldTerm {
+pub(crate) struct HeldTerm {
     partition: u16,
     term: Option<changelog::Term>,
 }
+
+/// Where a writer's writes begin (see [`Store::span`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteSpan(u64);
 
 /// A point in the store's writes: every write made before it is durable
 /// once [`Store::is_durable`] says so.
@@ -468,7 +485,7 @@ impl Store {
             flushes,
             replica: None,
             partitioned: None,
-            forward: true,
+            route: Route::Forward,
         })
     }
 
@@ -503,7 +520,7 @@ impl Store {
             servers,
             replicas,
             partitions,
-            store.trees.clone(),
+            store.trees.to_vec(),
             revisions,
         )
         .await?;
@@ -589,7 +606,24 @@ impl Store {
     /// handles it again from what is durable.
     pub fn handling_events(&self) -> Store {
         Store {
-            forward: false,
+            route: Route::Refuse,
+            ..self.clone()
+        }
+    }
+
+    /// The same store for handling one event under `holding` (taken with
+    /// [`Store::holding`] before the event was): as
+    /// [`Store::handling_events`], and besides, a write of the held
+    /// partition fails with [`StoreError::PartitionMoved`] unless this
+    /// replica still holds it under the same term, and [`Store::flush`]
+    /// fails unless the term is still current and none of its writes
+    /// failed. An event whose partition was re-taken while it ran (its
+    /// term ended, the partition was read again from the changelog, and a
+    /// new term began here) must not go on writing under the new term:
+    /// what it holds in memory may include writes the changelog refused.
+    pub fn under(&self, holding: &Holding) -> Store {
+        Store {
+            route: holding.0.map_or(Route::Refuse, Route::Under),
             ..self.clone()
         }
     }
@@ -835,7 +869,7 @@ impl Store {
             // its redelivery does it again.
             let mut ordered: Vec<Write> = batch.to_vec();
             ordered.sort_by_key(|w| w.collection == Collection::Journal);
-            return p.write(self.forward, &ordered, &[]).map(|_| ());
+            return p.write(self.route, &ordered, &[]).map(|_| ());
         }
         if let Some(r) = &self.replica {
             if batch.iter().any(|w| !w.collection.is_shared()) {
@@ -860,7 +894,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         assert!(new < batch.len(), "the write that creates is in the batch");
         if let Some(p) = self.owned_batch(batch)? {
-            return p.write(self.forward, batch, &[(new, None)]);
+            return p.write(self.route, batch, &[(new, None)]);
         }
         if let Some(r) = &self.replica {
             if batch.iter().any(|w| !w.collection.is_shared()) {
@@ -902,7 +936,7 @@ impl Store {
                 .iter()
                 .map(|(i, old)| (*i, old.map(<[u8]>::to_vec)))
                 .collect();
-            return p.write(self.forward, batch, &expect);
+            return p.write(self.route, batch, &expect);
         }
         if let Some(r) = &self.replica
             && batch.iter().all(|w| w.collection.is_shared())
@@ -937,7 +971,7 @@ impl Store {
         if let Some(p) = self.owned_batch(batch)?
             && !batch.is_empty()
         {
-            return p.write(self.forward, batch, &[]).map(|_| ());
+            return p.write(self.route, batch, &[]).map(|_| ());
         }
         batch.iter().try_for_each(|w| self.write_one(w))
     }
@@ -948,7 +982,7 @@ impl Store {
         }
         if let Some(p) = self.owned(w.collection) {
             return p
-                .write(self.forward, std::slice::from_ref(w), &[])
+                .write(self.route, std::slice::from_ref(w), &[])
                 .map(|_| ());
         }
         let tree = self.tree(w.collection);
@@ -978,7 +1012,7 @@ impl Store {
                 key: key.to_vec(),
                 value: new.map(<[u8]>::to_vec),
             };
-            return p.write(self.forward, &[w], &[(0, old.map(<[u8]>::to_vec))]);
+            return p.write(self.route, &[w], &[(0, old.map(<[u8]>::to_vec))]);
         }
         self.tree(c)
             .compare_and_swap(key, old, new)
@@ -1051,6 +1085,16 @@ impl Store {
             let n = self.flushes.begun.fetch_add(1, Ordering::SeqCst) + 1;
             p.commit().await?;
             self.flushes.finished.fetch_max(n, Ordering::SeqCst);
+            // A commit answers for every write before it, but a failed
+            // write's error may have gone to another commit: under a held
+            // term, the term itself says whether its writes are stored.
+            if let Route::Under(h) = self.route
+                && !p.still_holds(h.partition, h.term)
+            {
+                return Err(StoreError::PartitionMoved {
+                    partition: h.partition,
+                });
+            }
             return Ok(());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1061,6 +1105,31 @@ impl Store {
         rx.await
             .map_err(|_| failed("the flush thread has stopped".into()))?
             .map_err(failed)
+    }
+
+    /// Marks where a writer's writes begin, for [`Store::flush_span`].
+    pub fn span(&self) -> WriteSpan {
+        WriteSpan(self.partitioned.as_ref().map_or(0, |p| p.last_number()))
+    }
+
+    /// Makes every write so far durable, as [`Store::flush`], and fails if
+    /// any write of partition-owned state made since `span` failed. A
+    /// flush answers for every write before it, but in the replicated
+    /// backend a write that failed is told to the flushes waiting then,
+    /// which need not be its writer's: a writer that must know its writes
+    /// are durable (the API's, outside an event's handling) marks a span
+    /// before them and flushes it. (A failure of another writer's write in
+    /// the span fails it too: never an `Ok` for a write that was lost.)
+    pub async fn flush_span(&self, span: WriteSpan) -> Result<(), StoreError> {
+        match &self.partitioned {
+            Some(p) => {
+                let n = self.flushes.begun.fetch_add(1, Ordering::SeqCst) + 1;
+                p.commit_since(span.0).await?;
+                self.flushes.finished.fetch_max(n, Ordering::SeqCst);
+                Ok(())
+            }
+            None => self.flush().await,
+        }
     }
 
     /// How many group-commit flushes the store has begun.

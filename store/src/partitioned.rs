@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::changelog::{Appender, Change, Changelog, Record, Term};
 use crate::replicated::block_on;
-use crate::{Collection, StoreError, Write};
+use crate::{Collection, Route, StoreError, Write};
 
 /// How many times a forwarded write is tried while the partition has no
 /// owner answering (a take-over in progress), half a second apart, each
@@ -97,6 +97,9 @@ pub(crate) struct Partitioned {
     /// Partitions whose term ended: the local copy may hold writes the
     /// changelog refused.
     dirty: Mutex<BTreeSet<u16>>,
+    /// Partitions being read again from the changelog for a term that has
+    /// not begun here yet: the follower leaves them alone.
+    rebuilding: Mutex<BTreeSet<u16>>,
     /// The last changelog sequence the follower applied or passed.
     applied: watch::Sender<u64>,
     /// Records the follower could not read.
@@ -147,6 +150,7 @@ impl Partitioned {
             order: Mutex::default(),
             markers: Mutex::default(),
             dirty: Mutex::default(),
+            rebuilding: Mutex::default(),
             applied: watch::Sender::new(0),
             undecodable: AtomicU64::new(0),
             serving: Mutex::default(),
@@ -306,6 +310,11 @@ impl Partitioned {
                     partition, change, ..
                 } => {
                     if self.term(*partition).is_none()
+                        && !self
+                            .rebuilding
+                            .lock()
+                            .expect("rebuilding lock")
+                            .contains(partition)
                         && let Err(e) = self.apply_local(change)
                     {
                         tracing::error!(error = %e, seq, partition, "applying a changelog record to the local copy failed");
@@ -413,22 +422,26 @@ impl Partitioned {
         let rebuild = self.dirty.lock().expect("dirty lock").remove(&partition);
         let caught_up = if rebuild {
             // The copy may hold writes the changelog refused: read the
-            // partition again from its start. From here the follower leaves
-            // the partition to this reader.
-            {
+            // partition again from its start. Meanwhile the follower leaves
+            // the partition to this reader, and nothing writes it here: the
+            // term counts only once the copy is rebuilt.
+            let cleared = {
                 let _order = self.order.lock().expect("order lock");
-                self.terms
+                self.rebuilding
                     .lock()
-                    .expect("terms lock")
-                    .insert(partition, term);
-                self.clear_local(partition)?;
+                    .expect("rebuilding lock")
+                    .insert(partition);
+                self.clear_local(partition)
+            };
+            match cleared {
+                Ok(()) => self.read_up_to(partition, 1, term.epoch).await,
+                Err(e) => Err(e),
             }
-            self.read_up_to(partition, 1, term.epoch).await
         } else {
             // The follower brings the partition up to the marker (nothing
             // of it can be stored after the marker but this term's own
             // writes); the term counts from there.
-            let reached = tokio::time::timeout(CATCH_UP_WAIT, self.wait_applied(term.epoch))
+            tokio::time::timeout(CATCH_UP_WAIT, self.wait_applied(term.epoch))
                 .await
                 .map_err(|_| {
                     remote(format!(
@@ -436,21 +449,27 @@ impl Partitioned {
                          its marker {} in {CATCH_UP_WAIT:?}",
                         term.epoch
                     ))
-                });
-            if reached.is_ok() {
-                let _order = self.order.lock().expect("order lock");
-                self.terms
-                    .lock()
-                    .expect("terms lock")
-                    .insert(partition, term);
-            }
-            reached
+                })
         };
-        if let Err(e) = caught_up {
-            self.terms.lock().expect("terms lock").remove(&partition);
-            self.dirty.lock().expect("dirty lock").insert(partition);
-            return Err(e);
+        {
+            let _order = self.order.lock().expect("order lock");
+            self.rebuilding
+                .lock()
+                .expect("rebuilding lock")
+                .remove(&partition);
+            match &caught_up {
+                Ok(()) => {
+                    self.terms
+                        .lock()
+                        .expect("terms lock")
+                        .insert(partition, term);
+                }
+                Err(_) => {
+                    self.dirty.lock().expect("dirty lock").insert(partition);
+                }
+            }
         }
+        caught_up?;
         self.serve(partition, term);
         tracing::info!(
             partition,
@@ -528,16 +547,23 @@ impl Partitioned {
 
     /// Applies `batch` in order if each `(i, old)` of `expect` holds (the
     /// value under `batch[i]`'s key is `old`); returns whether it did. Every
-    /// key must belong to a partition this replica holds (else `None`).
+    /// key must belong to a partition this replica holds, and a key of
+    /// `under`'s partition must be held under its term (else `None`).
     fn write_owned(
         &self,
         batch: &[Write],
         expect: &[(usize, Option<Vec<u8>>)],
+        under: Option<crate::HeldTerm>,
     ) -> Result<Option<bool>, StoreError> {
         let _order = self.order.lock().expect("order lock");
         let mut terms = Vec::with_capacity(batch.len());
         for w in batch {
-            match self.term(self.partition_of(&w.key)) {
+            let partition = self.partition_of(&w.key);
+            let term = self.term(partition);
+            if under.is_some_and(|h| h.partition == partition && h.term != term) {
+                return Ok(None);
+            }
+            match term {
                 Some(t) => terms.push(t),
                 None => return Ok(None),
             }
@@ -568,19 +594,23 @@ impl Partitioned {
 
     /// Applies `batch` (all of one partition's keys, or each forwarded to
     /// its owner) in order, if `expect` holds; returns whether it did.
-    /// Writes to a partition held elsewhere are forwarded to its owner if
-    /// `forward`, else refused with [`StoreError::PartitionMoved`].
+    /// Writes to a partition held elsewhere are forwarded to its owner or
+    /// refused with [`StoreError::PartitionMoved`], as `route` says.
     pub(crate) fn write(
         self: &Arc<Self>,
-        forward: bool,
+        route: Route,
         batch: &[Write],
         expect: &[(usize, Option<Vec<u8>>)],
     ) -> Result<bool, StoreError> {
-        if let Some(done) = self.write_owned(batch, expect)? {
+        let under = match route {
+            Route::Under(h) => Some(h),
+            Route::Forward | Route::Refuse => None,
+        };
+        if let Some(done) = self.write_owned(batch, expect, under)? {
             return Ok(done);
         }
         let partition = self.partition_of(&batch[0].key);
-        if !forward {
+        if route != Route::Forward {
             return Err(StoreError::PartitionMoved { partition });
         }
         if batch.iter().any(|w| self.partition_of(&w.key) != partition) {
@@ -655,7 +685,7 @@ impl Partitioned {
                 let Some(reply) = request.reply else { continue };
                 let answer = match forward::decode(&request.payload) {
                     Err(e) => forward::answer(Err(format!("a forwarded write that does not decode: {e}"))),
-                    Ok((batch, expect)) => match this.write_owned(&batch, &expect) {
+                    Ok((batch, expect)) => match this.write_owned(&batch, &expect, Some(crate::HeldTerm { partition, term: Some(term) })) {
                         // A commit answers for every write before it, but a
                         // failure is told to whichever commit waited: the
                         // term's own mark says whether this write is stored.
@@ -706,6 +736,26 @@ impl Partitioned {
                 Err(remote(e))
             }
         }
+    }
+
+    /// The number of the last write appended so far.
+    pub(crate) fn last_number(&self) -> u64 {
+        self.appender.last_number()
+    }
+
+    /// Waits until the changelog acknowledged every write appended so far,
+    /// and fails if any appended after number `since` was refused or failed
+    /// (whichever commit its failure was told to).
+    pub(crate) async fn commit_since(&self, since: u64) -> Result<(), StoreError> {
+        let through = self.appender.last_number();
+        self.commit().await?;
+        if self.appender.failed_since(since, through) {
+            return Err(remote(format!(
+                "a write of the changelog after write {since} was refused or failed; \
+                 its partition is read again from the changelog"
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until the local copy holds every write the changelog held when

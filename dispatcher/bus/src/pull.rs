@@ -689,6 +689,9 @@ struct Fence {
     held: BTreeMap<u64, Delivery>,
     /// The consumer sequence of the last delivery held.
     last_delivery_seq: u64,
+    /// Everything else unacked was delivered here, up to this consumer
+    /// sequence, and not all of it read yet: the fence opens once it is.
+    read_to: Option<u64>,
     unpartitioned: Option<Unpartitioned>,
 }
 
@@ -711,6 +714,7 @@ impl Fence {
             last_keepalive: Instant::now(),
             held: BTreeMap::new(),
             last_delivery_seq: 0,
+            read_to: None,
             // Waited for once per process.
             unpartitioned: partition.unpartitioned.take(),
         }
@@ -777,10 +781,16 @@ impl Fence {
     }
 
     /// Whether every unacked delivery of the consumer is one this fence
-    /// holds or one on its way to it (delivered, not read yet). Only when no
-    /// other delivery of the partition is alive here: one being settled
-    /// while the consumer is asked could otherwise hide another replica's.
+    /// holds. Only when no other delivery of the partition is alive here:
+    /// one being settled while the consumer is asked could otherwise hide
+    /// another replica's. Deliveries made to this replica and not read yet
+    /// count as its own, but the fence stays up until they are read: the
+    /// last holder's redeliveries can be among them, earlier in bus order
+    /// than what the fence holds.
     async fn settled(&mut self) -> bool {
+        if let Some(to) = self.read_to {
+            return self.last_delivery_seq >= to;
+        }
         let held = self.held.len() as u64;
         if self.in_flight.load(Ordering::SeqCst) as u64 != held {
             return false;
@@ -789,7 +799,14 @@ impl Fence {
         match self.consumer.info().await {
             Ok(info) => {
                 let on_the_way = info.delivered.consumer_sequence.saturating_sub(read);
-                info.num_ack_pending as u64 <= held + on_the_way
+                if info.num_ack_pending as u64 > held + on_the_way {
+                    return false;
+                }
+                if on_the_way > 0 {
+                    self.read_to = Some(info.delivered.consumer_sequence);
+                    return false;
+                }
+                true
             }
             Err(e) => {
                 tracing::debug!(partition = self.partition, error = %e, "reading the partition's consumer failed");

@@ -5,12 +5,12 @@
 //! workers handled once it is durable, in gathered batches.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_sdk::{AccountKey, ConversationKey, VumiApiEvent};
+use switchboard_sdk::{AccountKey, ConversationKey, EventId, VumiApiEvent};
 use switchboard_store::Holding;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -226,7 +226,8 @@ async fn settle_batches(executor: Arc<Executor>, mut queue: mpsc::Receiver<Handl
 }
 
 /// How long past its due time a conversation waits for the event it is held
-/// for before deciding that event went elsewhere (another replica took it).
+/// for before deciding that event went elsewhere (another replica took it)
+/// when its journal record does not say so.
 const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
 
 /// How much later than the event it waits for a held delivery comes back.
@@ -239,10 +240,12 @@ const HELD_MARGIN: Duration = Duration::from_millis(50);
 struct Held {
     /// The bus position of the event the conversation waits for.
     head: u64,
+    /// Its id.
+    head_id: EventId,
     /// When that event is due back.
     due: tokio::time::Instant,
-    /// Later events of the conversation, sent back to wait.
-    later: BTreeSet<u64>,
+    /// Later events of the conversation, sent back to wait, by bus position.
+    later: BTreeMap<u64, EventId>,
 }
 
 /// One worker: handles the events of the conversations hashed to it, one at
@@ -271,14 +274,14 @@ impl Worker {
                 continue;
             }
             let conversation = (event.account_key.clone(), event.conversation_key.clone());
-            if let Some(wait) = self.hold(&conversation, delivery.seq) {
+            if let Some(wait) = self.hold(&conversation, delivery.seq, event.id) {
                 if let Err(e) = delivery.nak(wait).await {
                     tracing::warn!(event_id = %event.id, error = %e, "holding back a delivery failed");
                 }
                 continue;
             }
             let holding = self.executor.holding(Some(event.account_key.as_str()));
-            let Some(disposition) = self.handle(&event, &delivery).await else {
+            let Some(disposition) = self.handle(&event, &holding, &delivery).await else {
                 // The grace period ran out mid-handling: give it back.
                 unhandled.push(delivery);
                 continue;
@@ -287,10 +290,12 @@ impl Worker {
                 Disposition::Retry(delay) => {
                     let held = self.waiting.entry(conversation).or_insert_with(|| Held {
                         head: delivery.seq,
+                        head_id: event.id,
                         due: tokio::time::Instant::now(),
-                        later: BTreeSet::new(),
+                        later: BTreeMap::new(),
                     });
                     held.head = delivery.seq;
+                    held.head_id = event.id;
                     held.due = tokio::time::Instant::now() + delay;
                 }
                 Disposition::Ack => {
@@ -305,23 +310,42 @@ impl Worker {
         unhandled
     }
 
-    /// Whether the delivery at `seq` must wait for an earlier event of its
-    /// conversation, and for how long.
-    fn hold(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) -> Option<Duration> {
+    /// Whether the delivery at `seq` (event `id`) must wait for an earlier
+    /// event of its conversation, and for how long.
+    ///
+    /// The event waited for may never come back here: another replica took
+    /// the partition while it was away (this one paused, say) and finished
+    /// it. Once it is overdue, its journal record says so (this replica
+    /// holds the partition again to be handed `seq`, so its copy has
+    /// everything the other replica made durable), and the conversation
+    /// goes on at once; without a record that says so, after
+    /// [`HEAD_LOST_AFTER`].
+    fn hold(
+        &mut self,
+        conversation: &(AccountKey, ConversationKey),
+        seq: u64,
+        id: EventId,
+    ) -> Option<Duration> {
         let held = self.waiting.get_mut(conversation)?;
         if seq <= held.head {
             return None;
         }
         let now = tokio::time::Instant::now();
-        if now > held.due + HEAD_LOST_AFTER {
-            tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
-                "the event this conversation waits for has not come back; going on without it");
-            held.later.insert(seq);
-            held.head = held.later.pop_first().expect("just inserted");
-            held.due = now;
+        let finished_elsewhere = || self.executor.has_finished(&conversation.0, &held.head_id);
+        if now > held.due && (now > held.due + HEAD_LOST_AFTER || finished_elsewhere()) {
+            if now > held.due + HEAD_LOST_AFTER {
+                tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                    "the event this conversation waits for has not come back; going on without it");
+            } else {
+                tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                    "the event this conversation waits for was finished elsewhere; going on");
+            }
+            held.later.insert(seq, id);
+            let (head, head_id) = held.later.pop_first().expect("just inserted");
+            (held.head, held.head_id, held.due) = (head, head_id, now);
             return (held.head != seq).then_some(HELD_MARGIN);
         }
-        held.later.insert(seq);
+        held.later.insert(seq, id);
         Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
     }
 
@@ -336,8 +360,9 @@ impl Worker {
             return;
         }
         match held.later.pop_first() {
-            Some(next) => {
+            Some((next, id)) => {
                 held.head = next;
+                held.head_id = id;
                 held.due = tokio::time::Instant::now();
             }
             None => {
@@ -348,12 +373,17 @@ impl Worker {
 
     /// Handles one event, reporting progress to the bus meanwhile. `None` when
     /// a shutdown's grace period ran out first.
-    async fn handle(&mut self, event: &VumiApiEvent, delivery: &Delivery) -> Option<Disposition> {
+    async fn handle(
+        &mut self,
+        event: &VumiApiEvent,
+        holding: &Holding,
+        delivery: &Delivery,
+    ) -> Option<Disposition> {
         // Every log line of the event's handling carries its account and id.
         let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
         let handling = self
             .executor
-            .handle(event, &mut self.earlier)
+            .handle(event, holding, &mut self.earlier)
             .instrument(span);
         tokio::pin!(handling);
         // Tell the bus the event is still being worked on (a slow step), so

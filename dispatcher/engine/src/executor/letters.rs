@@ -124,8 +124,9 @@ impl Letters {
                     .into_iter()
                     .collect();
                 writes.push(DeadLetters::write(&letter));
+                let span = self.store.span();
                 self.store.write_atomically(&writes)?;
-                self.store.flush().await?;
+                self.store.flush_span(span).await?;
                 self.put_back(&event, id).await?;
             }
             None => {
@@ -183,8 +184,9 @@ impl Letters {
                 writes.extend(self.journal.append(&at, &mut journal, &mut pending)?);
             }
         }
+        let span = self.store.span();
         self.store.write_atomically(&writes)?;
-        self.store.flush().await?;
+        self.store.flush_span(span).await?;
         tracing::info!(account, letter = id, "dead letter discarded");
         Ok(letter)
     }

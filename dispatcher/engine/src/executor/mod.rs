@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
-use switchboard_sdk::VumiApiEvent;
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Holding, Store, StoreError, WriteMark};
 
 use crate::bus::{Bus, BusError, Delivery};
@@ -153,6 +153,17 @@ impl Executor {
         self.store.still_holds(holding)
     }
 
+    /// Whether `account`'s event `id` was handled to the end (done, dead,
+    /// expired or unrouted) as far as the local copy of the store knows;
+    /// `false` if its record cannot be read.
+    pub fn has_finished(&self, account: &AccountKey, id: &EventId) -> bool {
+        let at = crate::journal::RecordKey::new(account, id);
+        self.journal.load(&at).ok().flatten().is_some_and(|j| {
+            j.finish
+                .is_some_and(|f| f.status != TraceStatus::Running && f.finished_ms.is_some())
+        })
+    }
+
     /// Decodes a delivery. Poison — bad JSON, a schema violation, an
     /// oversize payload, an event on the wrong subject — is filed in dead
     /// letters with the reason, and `Err` is returned with the disposition:
@@ -210,7 +221,10 @@ impl Executor {
         Ok(())
     }
 
-    /// Handles one decoded event. `earlier` is the worker's last outside
+    /// Handles one decoded event, writing under `holding` (taken with
+    /// [`Executor::holding`] before the event was handed to its worker: a
+    /// write after the partition's term changed fails, and the event is
+    /// handled again). `earlier` is the worker's last outside
     /// effect whose record may not be durable yet (its event was handed to
     /// be acked after a flush): this event's first outside step waits for it,
     /// so that a crash repeats at most one outside effect per worker. It is
@@ -218,9 +232,10 @@ impl Executor {
     pub async fn handle(
         &self,
         event: &VumiApiEvent,
+        holding: &Holding,
         earlier: &mut Option<WriteMark>,
     ) -> Disposition {
-        match self.try_handle(event, earlier).await {
+        match self.try_handle(event, holding, earlier).await {
             Ok(disposition) => disposition,
             Err(e) => {
                 // The pass may have left an outside step's record unflushed:
@@ -236,6 +251,7 @@ impl Executor {
     async fn try_handle(
         &self,
         event: &VumiApiEvent,
+        holding: &Holding,
         earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
         let account = event.account_key.as_str();
@@ -246,7 +262,7 @@ impl Executor {
         let started = loaded
             .as_ref()
             .is_some_and(|j| j.chains.iter().any(ChainJournal::ran));
-        let mut pass = Pass::new(event, loaded, earlier.take());
+        let mut pass = Pass::new(event, loaded, earlier.take(), self.store.under(holding));
         let lineage = policy::Lineage {
             expires_at: event.expires_at,
             depth: event.depth,
@@ -340,7 +356,7 @@ impl Executor {
         // What the finished steps emitted goes on the bus: at every pass, so
         // that children do not wait for a sibling chain's retry.
         if let Err(e) = self.publish_children(event, &mut pass, &ran).await {
-            pass.write(&self.journal, &self.store)?;
+            pass.write(&self.journal)?;
             return Err(e);
         }
         let status = if retry_in.is_some() {
@@ -352,14 +368,14 @@ impl Executor {
                 .count(Outcome::Handled, account, event.event_type.as_str());
             TraceStatus::Done
         };
-        *earlier = pass.earlier_for_next(&self.store);
+        *earlier = pass.earlier_for_next();
         match retry_in {
             Some(delay) => {
                 pass.record(Entry::Finish {
                     status,
                     finished_ms: None,
                 });
-                pass.write(&self.journal, &self.store)?;
+                pass.write(&self.journal)?;
                 self.tail.passed(event, &pass.journal, status);
                 Ok(Disposition::Retry(delay))
             }
@@ -397,7 +413,7 @@ impl Executor {
             status,
             finished_ms: Some(crate::journal::now_ms()),
         });
-        pass.write(&self.journal, &self.store)?;
+        pass.write(&self.journal)?;
         self.tail.passed(event, &pass.journal, status);
         Ok(Disposition::Ack)
     }
@@ -489,9 +505,8 @@ impl Executor {
                 .registry
                 .get(&step.handler)
                 .map_or(switchboard_handlers::Effects::None, |h| h.effects());
-            if policy::flush_before(effects, pass.awaits_flush(&self.store)) {
-                self.store.flush().await?;
-                pass.flushed();
+            if policy::flush_before(effects, pass.awaits_flush()) {
+                pass.flush().await?;
             }
             let prior = pass
                 .journal
@@ -521,7 +536,7 @@ impl Executor {
                         record: Box::new(record),
                     });
                     let recording = policy::recording(effects);
-                    pass.step_recorded(recording, &self.journal, &self.store)?;
+                    pass.step_recorded(recording, &self.journal)?;
                     if stop {
                         self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
                         return Ok(None);
@@ -556,7 +571,7 @@ impl Executor {
                             published: true,
                         }),
                     });
-                    pass.step_recorded(policy::recording(effects), &self.journal, &self.store)?;
+                    pass.step_recorded(policy::recording(effects), &self.journal)?;
                 }
                 Attempt::Failed { trace, message } => {
                     tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
@@ -608,7 +623,7 @@ impl Executor {
         };
         let mut writes: Vec<_> = pass.take_write(&self.journal)?.into_iter().collect();
         writes.push(DeadLetters::removal(event.account_key.as_str(), &replayed));
-        self.store.write_atomically(&writes)
+        pass.store().write_atomically(&writes)
     }
 
     /// Files the dead letter of a chain's failed step together with the
@@ -630,7 +645,7 @@ impl Executor {
         if let Some(id) = replayed.filter(|id| *id != letter.id) {
             writes.push(DeadLetters::removal(event.account_key.as_str(), &id));
         }
-        self.store.write_atomically(&writes)?;
+        pass.store().write_atomically(&writes)?;
         self.metrics.count(
             Outcome::DeadLettered,
             event.account_key.as_str(),

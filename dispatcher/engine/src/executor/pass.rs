@@ -26,15 +26,20 @@ pub(super) struct Pass {
     unflushed: bool,
     /// The same, left by the worker's earlier event.
     earlier: Option<WriteMark>,
+    /// The store as this event writes it: under the term its partition was
+    /// held under when it began ([`Store::under`]).
+    store: Store,
 }
 
 impl Pass {
-    /// A pass over `event`, whose record so far is `loaded`; `earlier` is
-    /// the worker's last outside effect whose record may not be durable.
+    /// A pass over `event`, whose record so far is `loaded`, writing to
+    /// `store`; `earlier` is the worker's last outside effect whose record
+    /// may not be durable.
     pub fn new(
         event: &VumiApiEvent,
         loaded: Option<EventJournal>,
         earlier: Option<WriteMark>,
+        store: Store,
     ) -> Self {
         let mut pass = Self {
             at: RecordKey::new(&event.account_key, &event.id),
@@ -42,6 +47,7 @@ impl Pass {
             pending: Pending::default(),
             unflushed: false,
             earlier,
+            store,
         };
         if !pass.journal.has_begun() {
             pass.pending.push_begin(&mut pass.journal, event);
@@ -75,13 +81,18 @@ impl Pass {
         })
     }
 
+    /// The store as this pass writes it.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Writes what was recorded and not written yet (not flushed).
-    pub fn write(&mut self, journal: &Journal, store: &Store) -> Result<(), StoreError> {
+    pub fn write(&mut self, journal: &Journal) -> Result<(), StoreError> {
         let writes = self.take_write(journal)?;
         if writes.is_empty() {
             return Ok(());
         }
-        store.write_in_order(&writes)
+        self.store.write_in_order(&writes)
     }
 
     /// A step finished and was recorded: writes it now if `recording` says so.
@@ -89,13 +100,12 @@ impl Pass {
         &mut self,
         recording: Recording,
         journal: &Journal,
-        store: &Store,
     ) -> Result<(), StoreError> {
         match recording {
             Recording::WithTheEnd => Ok(()),
-            Recording::Now => self.write(journal, store),
+            Recording::Now => self.write(journal),
             Recording::NowThenDurable => {
-                self.write(journal, store)?;
+                self.write(journal)?;
                 self.unflushed = true;
                 Ok(())
             }
@@ -104,21 +114,24 @@ impl Pass {
 
     /// Whether an outside effect's record (this pass's or the worker's
     /// earlier event's) may not be durable yet.
-    pub fn awaits_flush(&self, store: &Store) -> bool {
-        self.unflushed || self.earlier.is_some_and(|m| !store.is_durable(m))
+    pub fn awaits_flush(&self) -> bool {
+        self.unflushed || self.earlier.is_some_and(|m| !self.store.is_durable(m))
     }
 
-    /// Everything written so far is durable.
-    pub fn flushed(&mut self) {
+    /// Makes everything written so far durable: fails if the store did not,
+    /// or if this event's term ended meanwhile (what it wrote may be lost).
+    pub async fn flush(&mut self) -> Result<(), StoreError> {
+        self.store.flush().await?;
         self.unflushed = false;
         self.earlier = None;
+        Ok(())
     }
 
     /// The mark the worker's next event waits for before its first outside
     /// step: this pass's last outside effect, or the earlier one.
-    pub fn earlier_for_next(&self, store: &Store) -> Option<WriteMark> {
+    pub fn earlier_for_next(&self) -> Option<WriteMark> {
         if self.unflushed {
-            Some(store.mark())
+            Some(self.store.mark())
         } else {
             self.earlier
         }

@@ -489,6 +489,7 @@ impl Inbound {
         provider: Provider,
         records: Vec<(Value, Parsed)>,
     ) -> Result<Receipt, InboundError> {
+        let span = self.store.span();
         let mut results = Vec::with_capacity(records.len());
         let mut unmatched = Vec::new();
         for (raw, parsed) in records {
@@ -569,7 +570,7 @@ impl Inbound {
                 reason: Some(reason),
             });
         }
-        self.store.flush().await?;
+        self.store.flush_span(span).await?;
         let results: Vec<RecordResult> = results.into_iter().flatten().collect();
         Ok(Receipt {
             provider,
