@@ -483,3 +483,67 @@ async fn dry_runs_show_what_would_happen_without_doing_it() {
         "{out}"
     );
 }
+
+/// A step whose handler ran keeps its idempotency key even when what it
+/// returned cannot become events (an emitted event over the size limit): it
+/// happened, so the next event with the key skips it. A step whose handler
+/// itself failed gives the key back, and the next event with it runs.
+#[tokio::test]
+async fn a_step_that_ran_keeps_its_idempotency_key_when_its_output_cannot_be_emitted() {
+    let d = Dispatcher(util::Dispatcher::with_config(
+        None,
+        "[limits]\nmax_event_bytes = 1024\n",
+    ));
+    let script = r#"
+fn handle(event, steps, config) {
+    if event.event_data.fail { throw "refused"; }
+    if event.event_data.big {
+        let pad = "x";
+        pad.pad(2000, "x");
+        emit("padded", #{ pad: pad });
+    }
+    #{ ran: true }
+}
+"#;
+    assert_eq!(d.put_script("acme", "pad", script).await.0, 200);
+    let (status, answer) = d
+        .apply(
+            "acme",
+            r#"
+account_key = "acme"
+
+[[chains]]
+name = "order"
+event_type = "order"
+steps = [{ handler = "script:pad", idempotency = { key = "{{ event.event_data.order }}", window = "1h" } }]
+"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let run = |order: &str, big: bool, fail: bool| {
+        let e = event(
+            "acme",
+            "order",
+            json!({"order": order, "big": big, "fail": fail}),
+        );
+        let d = &d;
+        async move {
+            let id = d.emit(e).await;
+            d.trace("acme", &id).await
+        }
+    };
+
+    let oversized = run("A-1", true, false).await;
+    assert_eq!(oversized["status"], "dead", "{oversized:#}");
+    let again = run("A-1", false, false).await;
+    assert_eq!(
+        step(&again, "order", "pad")["outcome"],
+        "skipped",
+        "{again:#}"
+    );
+
+    let refused = run("B-2", false, true).await;
+    assert_eq!(refused["status"], "dead", "{refused:#}");
+    let after = run("B-2", false, false).await;
+    assert_eq!(step(&after, "order", "pad")["outcome"], "ok", "{after:#}");
+}

@@ -157,6 +157,10 @@ impl Steps<'_> {
         let result = handler.handle(&input).await;
         let took = started.elapsed();
         trace.duration_ms += took.as_secs_f64() * 1000.0;
+        // Whether the handler itself failed: only then did the step not
+        // happen (an output that cannot become children came from a step
+        // whose effect did).
+        let happened = result.is_ok();
         match result.and_then(|output| self.children_of(cx, step, output)) {
             Ok(finished) => {
                 self.metrics.step(&step.handler, StepResult::Ok, took);
@@ -189,8 +193,8 @@ impl Steps<'_> {
                 let attempt = self.failed(step, trace, failure, effects, took);
                 // A step that failed for good did not happen: its key goes
                 // back (a retry keeps it, as its own).
-                if let (Attempt::Failed { .. } | Attempt::Continue { .. }, Some(key)) =
-                    (&attempt, &idempotency_key)
+                if let (Attempt::Failed { .. } | Attempt::Continue { .. }, Some(key), false) =
+                    (&attempt, &idempotency_key, happened)
                     && let Err(e) = self.idempotency.release(
                         &cx.event.account_key,
                         &cx.chain.name,
