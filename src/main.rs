@@ -69,6 +69,9 @@ enum Command {
     /// Manage an account's Rhai scripts (`handler = "script:NAME"` in chains).
     #[command(subcommand)]
     Scripts(ScriptsCommand),
+    /// Manage an account's message templates (e-mail and SMS, by slug).
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
     /// List the handlers a chain step can run, with the options each takes
     /// (and, given an account, its scripts).
     Handlers {
@@ -422,6 +425,75 @@ enum ChainsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TemplatesCommand {
+    /// Compile a template file (TOML) and store it as the next version of SLUG.
+    Put {
+        /// The account.
+        account: String,
+        /// The template's slug (lowercase letters, digits, - and _).
+        slug: String,
+        /// The template file: channel, subject/html/text, context schema.
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List an account's templates.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a template's file (the current version, or --at VERSION).
+    Show {
+        /// The account.
+        account: String,
+        /// The template.
+        slug: String,
+        /// An older version (`--version` is the program's own version).
+        #[arg(long, value_name = "VERSION")]
+        at: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a template's versions.
+    Versions {
+        /// The account.
+        account: String,
+        /// The template.
+        slug: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Render a template's current version with a context and a recipient.
+    Test {
+        /// The account.
+        account: String,
+        /// The template.
+        slug: String,
+        /// The context (checked against the template's schema): a JSON
+        /// file, `-` for stdin, or the JSON itself.
+        #[arg(long)]
+        context: Option<String>,
+        /// The recipient (`name`, `email`, `phone`, fields): a JSON file,
+        /// `-` for stdin, or the JSON itself.
+        #[arg(long)]
+        recipient: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a template (its versions are kept).
+    Rm {
+        /// The account.
+        account: String,
+        /// The template.
+        slug: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ScriptsCommand {
     /// Compile a Rhai script and store it as the next version of NAME.
     Put {
@@ -690,6 +762,50 @@ async fn main() -> ExitCode {
                 name,
                 remote,
             } => cli::scripts_rm(&remote.client(), &account, &name, remote.json).await,
+        }),
+        Command::Templates(c) => print(match c {
+            TemplatesCommand::Put {
+                account,
+                slug,
+                file,
+                remote,
+            } => cli::templates_put(&remote.client(), &account, &slug, &file, remote.json).await,
+            TemplatesCommand::List { account, remote } => {
+                cli::templates_list(&remote.client(), &account, remote.json).await
+            }
+            TemplatesCommand::Show {
+                account,
+                slug,
+                at,
+                remote,
+            } => cli::templates_show(&remote.client(), &account, &slug, at, remote.json).await,
+            TemplatesCommand::Versions {
+                account,
+                slug,
+                remote,
+            } => cli::templates_versions(&remote.client(), &account, &slug, remote.json).await,
+            TemplatesCommand::Test {
+                account,
+                slug,
+                context,
+                recipient,
+                remote,
+            } => {
+                cli::templates_test(
+                    &remote.client(),
+                    &account,
+                    &slug,
+                    context.as_deref(),
+                    recipient.as_deref(),
+                    remote.json,
+                )
+                .await
+            }
+            TemplatesCommand::Rm {
+                account,
+                slug,
+                remote,
+            } => cli::templates_rm(&remote.client(), &account, &slug, remote.json).await,
         }),
         Command::Trace {
             account,

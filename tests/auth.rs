@@ -116,6 +116,8 @@ config = {{ message = "extra" }}
     )
 }
 
+const TEMPLATE: &str = "channel = \"sms\"\ntext = \"Hello {{ recipient.name }}\"\n";
+
 const SAMPLE: &str = r#"{"conversation_key": "c", "conversation_type": "survey",
     "event_type": "poll_complete", "event_data": {"msisdn": "+27820000001"}}"#;
 
@@ -166,6 +168,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/handlers", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/event-kinds",
             |f| format!("/v1/accounts/{}/event-kinds", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/counts",
+            |f| format!("/v1/accounts/{}/counts", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/events",
             |f| format!("/v1/accounts/{}/events", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/events/stream",
@@ -180,6 +184,18 @@ fn matrix() -> Vec<Row> {
         row("POST", "/v1/accounts/{account}/scripts/{name}/test",
             |f| format!("/v1/accounts/{}/scripts/ok/test", f.account),
             |_| Some(SAMPLE.into()), 200, 200),
+        row("GET", "/v1/accounts/{account}/templates",
+            |f| format!("/v1/accounts/{}/templates", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/templates/{slug}",
+            |f| format!("/v1/accounts/{}/templates/hello", f.account), none, 200, 200),
+        row("PUT", "/v1/accounts/{account}/templates/{slug}",
+            |f| format!("/v1/accounts/{}/templates/hello", f.account),
+            |_| Some(TEMPLATE.into()), 200, 200),
+        row("GET", "/v1/accounts/{account}/templates/{slug}/versions",
+            |f| format!("/v1/accounts/{}/templates/hello/versions", f.account), none, 200, 200),
+        row("POST", "/v1/accounts/{account}/templates/{slug}/test",
+            |f| format!("/v1/accounts/{}/templates/hello/test", f.account),
+            |_| Some(r#"{"recipient": {"name": "Ada"}}"#.into()), 200, 200),
         row("POST", "/v1/accounts/{account}/events/{id}/rerun",
             |f| format!("/v1/accounts/{}/events/{}/rerun", f.account, f.event_id), none, 202, 202),
         row("GET", "/v1/accounts/{account}/events/{id}/trace",
@@ -234,6 +250,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/inbound/sendgrid", f.account), none, 200, 200),
         row("DELETE", "/v1/accounts/{account}/scripts/{name}",
             |f| format!("/v1/accounts/{}/scripts/spare", f.account), none, 200, 200),
+        row("DELETE", "/v1/accounts/{account}/templates/{slug}",
+            |f| format!("/v1/accounts/{}/templates/spare", f.account), none, 200, 200),
         row("DELETE", "/v1/accounts/{account}/chains/{name}",
             |f| format!("/v1/accounts/{}/chains/extra", f.account), none, 200, 200),
         row("DELETE", "/v1/accounts/{account}/chains",
@@ -344,6 +362,16 @@ async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
             "PUT",
             &format!("{base}/scripts/{name}"),
             Some(source),
+            200,
+        )
+        .await;
+    }
+    for slug in ["hello", "spare"] {
+        admin(
+            d,
+            "PUT",
+            &format!("{base}/templates/{slug}"),
+            Some(TEMPLATE),
             200,
         )
         .await;

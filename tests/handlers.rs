@@ -758,9 +758,20 @@ async fn the_catalog_and_chains_apply_agree() {
     };
     let sms = entry("send_sms");
     assert_eq!(sms["effects"], "external");
+    // A provider always; then an inline message or a template.
+    assert_eq!(sms["options"]["required"], json!(["provider"]));
+    let ways: Vec<(Value, Value)> = sms["options"]["oneOf"]
+        .as_array()
+        .expect("the ways of giving a message")
+        .iter()
+        .map(|w| (w["description"].clone(), w["required"].clone()))
+        .collect();
     assert_eq!(
-        sms["options"]["required"],
-        json!(["to", "body", "provider"])
+        ways,
+        [
+            (json!("an inline message"), json!(["to", "body"])),
+            (json!("a template"), json!(["template", "recipients"])),
+        ]
     );
     assert_eq!(
         sms["options"]["properties"]["provider"]["enum"],
@@ -828,6 +839,16 @@ async fn the_catalog_and_chains_apply_agree() {
             false,
         ),
         (
+            "send_sms",
+            json!({"template": "code", "recipients": ["+27820000001"], "provider": "gateway"}),
+            true,
+        ),
+        (
+            "send_sms",
+            json!({"template": "code", "body": "hi", "recipients": "k", "provider": "gateway"}),
+            false,
+        ),
+        (
             "send_email",
             json!({"to": "a@example.org", "subject": "s", "text": "t"}),
             true,
@@ -840,6 +861,28 @@ async fn the_catalog_and_chains_apply_agree() {
         (
             "send_email",
             json!({"to": "a@example.org", "subject": "s", "text": "t", "cc": "b"}),
+            false,
+        ),
+        (
+            "send_email",
+            json!({"template": "signed-up", "context": {"plan": "gold"},
+                   "recipients": ["{{ event.event_data.contact }}", {"name": "Bob", "email": "b@example.org"}]}),
+            true,
+        ),
+        ("send_email", json!({"template": "signed-up"}), false),
+        (
+            "send_email",
+            json!({"template": "signed-up", "recipients": "k", "subject": "s"}),
+            false,
+        ),
+        (
+            "send_email",
+            json!({"template": "signed-up", "recipients": [{"nickname": "x"}]}),
+            false,
+        ),
+        (
+            "send_email",
+            json!({"recipients": "k", "to": "a@example.org"}),
             false,
         ),
         (
@@ -925,8 +968,9 @@ async fn the_catalog_and_chains_apply_agree() {
     let text = out.ok();
     for line in [
         "send_sms                 (external)  Sends an SMS",
-        "  provider  required, literal          The SMS provider to send through, one of the \
+        "  provider    required, literal          The SMS provider to send through, one of the \
          deployment's [providers.sms.NAME]. One of: gateway, twilio.",
+        "  (needs to, body (an inline message) or template, recipients (a template))",
         "  secret   required, a secret's name  The name of the account secret",
         "  (needs msisdn or email, at least one)",
         "script:score",

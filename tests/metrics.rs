@@ -10,11 +10,12 @@ use serde_json::{Value, json};
 use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
 use crate::util::{Dispatcher, TIMEOUT, event};
 
-/// The samples of `text`, parsed by `prometheus_client`.
-fn parse(text: &str) -> Vec<Value> {
+/// The samples of `text` in `format` (`openmetrics` or `prometheus`),
+/// parsed by `prometheus_client`.
+fn parse(text: &str, format: &str) -> Vec<Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/parse_metrics.py");
     let mut child = Command::new("python3")
-        .arg(script)
+        .args([script, format])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -37,6 +38,25 @@ fn parse(text: &str) -> Vec<Value> {
         .as_array()
         .expect("an array")
         .clone()
+}
+
+const OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5";
+
+/// `GET /metrics`, with `accept` as the Accept header: the content type and
+/// the text.
+async fn scrape(d: &Dispatcher, accept: Option<&str>) -> (String, String) {
+    let mut request = reqwest::Client::new().get(format!("{}/metrics", d.url()));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("a content type")
+        .to_string();
+    (content_type, response.text().await.expect("the text"))
 }
 
 /// The value of the sample `name` whose labels include `labels` (summed when
@@ -105,9 +125,36 @@ steps = [{{ handler = "log", config = {{ message = "gated" }} }}]
     for id in &ids {
         d.wait_for_trace("acme", id, TIMEOUT).await;
     }
-    let (status, text) = d.get("/metrics").await;
-    assert_eq!(status, 200);
-    let samples = parse(text.as_str().expect("text"));
+    // OpenMetrics when asked for, as Prometheus asks; the Prometheus text
+    // format otherwise; the same samples either way.
+    let (content_type, text) = scrape(&d, Some(OPENMETRICS)).await;
+    assert!(content_type.starts_with("application/openmetrics-text; version=1.0.0"));
+    let samples = parse(&text, "openmetrics");
+    let (content_type, plain) = scrape(&d, None).await;
+    assert!(content_type.starts_with("text/plain; version=0.0.4"));
+    let counters = |samples: Vec<Value>| -> Vec<Value> {
+        let mut c: Vec<Value> = samples
+            .into_iter()
+            // Counted between the two scrapes: flushes and Rhai operations.
+            .filter(|s| {
+                s["type"] == "counter"
+                    && s["name"] != "switchboard_rhai_operations_total"
+                    && s["name"] != "switchboard_store_flushes_total"
+            })
+            .map(|mut s| {
+                s["type"] = Value::Null;
+                s["value"] = json!(s["value"].as_f64().expect("a number"));
+                s
+            })
+            .collect();
+        c.sort_by_key(|s| s.to_string());
+        c
+    };
+    assert_eq!(
+        counters(parse(&plain, "prometheus")),
+        counters(samples.clone()),
+        "the two formats' counters"
+    );
 
     let events = |outcome: &str, event_type: &str| {
         value(
@@ -181,4 +228,69 @@ steps = [{{ handler = "log", config = {{ message = "gated" }} }}]
     // The queue is drained, and the `when` condition ran Rhai operations.
     assert_eq!(value(&samples, "switchboard_bus_lag_messages", &[]), 0.0);
     assert!(value(&samples, "switchboard_rhai_operations_total", &[]) > 0.0);
+}
+
+/// With `metrics.accounts` naming some accounts, only those have series of
+/// their own; the others are summed into series without the label, and
+/// every account's counts are read from `GET /v1/accounts/{a}/counts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_named_accounts_have_series_and_every_account_has_counts() {
+    let d = Dispatcher::with_config(None, "[metrics]\naccounts = [\"vip\"]\n");
+    for account in ["vip", "small", "tiny"] {
+        d.apply_chains(
+            &format!("{account}.toml"),
+            &format!(
+                "account_key = \"{account}\"\n[[chains]]\nname = \"log\"\nevent_type = \"paid\"\nsteps = [{{ handler = \"log\" }}]\n"
+            ),
+        )
+        .await;
+        for (event_type, n) in [("paid", 2), ("other", 1)] {
+            for i in 0..n {
+                let e = event(account, "shop", event_type, &format!("c-{i}"), json!({}));
+                let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+                d.wait_for_trace(account, &id, TIMEOUT).await;
+            }
+        }
+    }
+    let (_, text) = scrape(&d, Some(OPENMETRICS)).await;
+    let samples = parse(&text, "openmetrics");
+    let handled = |labels: &[(&str, &str)]| value(&samples, "switchboard_events_total", labels);
+    assert_eq!(
+        handled(&[
+            ("outcome", "handled"),
+            ("account", "vip"),
+            ("event_type", "paid")
+        ]),
+        2.0
+    );
+    let unlabelled: f64 = samples
+        .iter()
+        .filter(|s| {
+            s["name"] == "switchboard_events_total"
+                && s["labels"]["outcome"] == "handled"
+                && s["labels"]["event_type"] == "paid"
+                && s["labels"].get("account").is_none()
+        })
+        .map(|s| s["value"].as_f64().expect("a number"))
+        .sum();
+    assert_eq!(unlabelled, 4.0, "small's and tiny's, summed: {text}");
+    assert!(!text.contains("small") && !text.contains("tiny"), "{text}");
+
+    let (status, counts) = d.get("/v1/accounts/small/counts").await;
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["account_key"], "small");
+    assert!(
+        counts["since"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{counts}"
+    );
+    assert_eq!(
+        counts["events"],
+        json!([
+            {"event_type": "other", "received": 1, "handled": 0, "unrouted": 1, "expired": 0, "dead_lettered": 0, "retried": 0},
+            {"event_type": "paid", "received": 2, "handled": 2, "unrouted": 0, "expired": 0, "dead_lettered": 0, "retried": 0},
+        ])
+    );
+    let (status, none) = d.get("/v1/accounts/nobody/counts").await;
+    assert_eq!(status, 200, "{none}");
+    assert_eq!(none["events"], json!([]));
 }

@@ -22,4 +22,5 @@ mod metrics;
 mod pull_stall;
 mod replicas;
 mod rhai;
+mod templates;
 mod workers;

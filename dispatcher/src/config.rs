@@ -37,6 +37,63 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// What account-configured URLs may reach.
     pub outbound: OutboundConfig,
+    /// What `/metrics` shows.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Which accounts have series of their own on `/metrics` (an `account`
+    /// label): `"all"` (the default), `"none"`, or a list of account keys.
+    /// Each account adds a series per outcome and event type; a platform
+    /// of many accounts names the few it watches, or none, and reads every
+    /// account's counts from `GET /v1/accounts/{account}/counts`.
+    pub accounts: MetricsAccounts,
+}
+
+/// `metrics.accounts`: `"all"`, `"none"`, or the account keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MetricsAccounts {
+    /// Every account.
+    #[default]
+    All,
+    /// None.
+    None,
+    /// These.
+    Named(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for MetricsAccounts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Named(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "all" => Ok(MetricsAccounts::All),
+            Raw::Word(w) if w == "none" => Ok(MetricsAccounts::None),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "metrics.accounts is \"all\", \"none\" or a list of account keys, not {w:?}"
+            ))),
+            Raw::Named(named) => Ok(MetricsAccounts::Named(named)),
+        }
+    }
+}
+
+impl MetricsAccounts {
+    /// As the metrics take it.
+    pub fn labels(&self) -> switchboard_engine::metrics::AccountLabels {
+        use switchboard_engine::metrics::AccountLabels;
+        match self {
+            MetricsAccounts::All => AccountLabels::All,
+            MetricsAccounts::None => AccountLabels::None,
+            MetricsAccounts::Named(named) => AccountLabels::Named(named.iter().cloned().collect()),
+        }
+    }
 }
 
 /// `[delivery]`

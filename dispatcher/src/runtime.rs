@@ -18,6 +18,7 @@ use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
 use switchboard_engine::tail::Tail;
 use switchboard_engine::trace::Traces;
+use switchboard_handlers::message_template::{MessageTemplates, TemplateStore};
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::records::Secrets;
 use switchboard_handlers::sms::SmsProvider;
@@ -340,13 +341,13 @@ impl Engine {
         commands: Arc<dyn CommandPort>,
         stopped: watch::Receiver<bool>,
     ) -> Result<Self, StartError> {
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.metrics.accounts.labels()));
         let mail = LettreMail::new(&config.providers.email, metrics.clone())
             .map_err(StartError::Config)?;
         // An event's handling writes only the partitions this replica holds.
         let event_store = store.handling_events();
         let records = RecordPorts::over(&event_store);
-        let scripts = Arc::new(ScriptStore::new(
+        let scripts = Arc::new(ScriptStore::scripts(
             records.scripts.clone(),
             Arc::new(ScriptRuntime::new(
                 config.rhai.clone(),
@@ -366,6 +367,11 @@ impl Engine {
                 mail: Arc::new(mail),
                 commands,
                 sms_providers: config.providers.sms.clone(),
+                templates: Some(Arc::new(TemplateStore::new(
+                    records.templates.clone(),
+                    MessageTemplates,
+                ))),
+                idempotency: records.idempotency.clone(),
             })
             .with_scripts(scripts),
         );
@@ -667,6 +673,9 @@ async fn follow_replicas(
         if let Some(scripts) = registry.scripts() {
             scripts.forget_all();
         }
+        if let Some(templates) = registry.message_templates() {
+            templates.forget_all();
+        }
         Ok(())
     };
     refresh_all(chains, registry)?;
@@ -723,6 +732,16 @@ fn apply_change(chains: &ChainStore, registry: &Registry, change: &Change) {
                 scripts.forget(&account, name);
                 tracing::info!(%account, script = name, delay_ms = change.delay.as_millis() as u64,
                     "script changed by another replica: the next use compiles it");
+            }
+        }
+        Collection::Templates => {
+            if let (Some(templates), Some(slug)) = (
+                registry.message_templates(),
+                parts.next().and_then(|n| std::str::from_utf8(n).ok()),
+            ) {
+                templates.forget(&account, slug);
+                tracing::info!(%account, template = slug, delay_ms = change.delay.as_millis() as u64,
+                    "template changed by another replica: the next use compiles it");
             }
         }
         _ => {}

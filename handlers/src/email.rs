@@ -8,12 +8,14 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
-use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
+use crate::message_template::{Rendered, TemplateChannel};
+use crate::options::{self, Alternative, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{Email, MailPort};
 use crate::records::contacts::normalize_email;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
 use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
+use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// The header that carries the message id.
@@ -33,28 +35,50 @@ pub fn queue_id(answer: &str) -> Option<String> {
 
 /// `send_email`.
 ///
-/// Options: `to` (an address or a list), `subject` and `text` (required),
-/// `html` (optional; values inserted into it are HTML-escaped), `provider`
-/// (optional when there is exactly one), `from` (default: the provider's).
-/// Output: `message_id`, `to`, `status` of the first message and `messages`.
+/// Options: an inline message — `to` (an address or a list), `subject` and
+/// `text`, `html` (optional; values inserted into it are HTML-escaped) — or
+/// a template — `template` (an e-mail template's slug), `context` and
+/// `recipients` (contacts' keys or `{ name, email, phone }` tables), each
+/// recipient's message rendered for it; `provider` (optional when there is
+/// exactly one), `from` (default: the provider's). Output: `message_id`,
+/// `to`, `status` of the first message and `messages`.
 #[derive(Debug, Clone)]
 pub struct SendEmail {
     mail: Arc<dyn MailPort>,
     providers: Vec<String>,
     messages: Arc<dyn Messages>,
+    templated: TemplatePorts,
 }
+
+/// The ways of giving a message: inline, or a template.
+pub(crate) const INLINE_OR_TEMPLATE: fn(&'static [&'static str]) -> Vec<Alternative> = |inline| {
+    vec![
+        Alternative {
+            what: "an inline message",
+            needs: inline,
+            only: &["to", "subject", "text", "html", "body"],
+        },
+        Alternative {
+            what: "a template",
+            needs: &["template", "recipients"],
+            only: &["template", "context", "recipients"],
+        },
+    ]
+};
 
 impl SendEmail {
     /// The handler over the mail port (whose providers are `providers`).
-    pub fn new(
+    pub(crate) fn new(
         mail: Arc<dyn MailPort>,
         providers: Vec<String>,
         messages: Arc<dyn Messages>,
+        templated: TemplatePorts,
     ) -> Self {
         Self {
             mail,
             providers,
             messages,
+            templated,
         }
     }
 
@@ -104,13 +128,26 @@ impl Handler for SendEmail {
                 "to",
                 "The address to send to, or a list of them.",
                 normalize_email,
-            )
-            .required(),
-            OptionSpec::text("subject", "The subject line.").required(),
-            OptionSpec::text("text", "The plain-text body.").required(),
+            ),
+            OptionSpec::text("subject", "The subject line."),
+            OptionSpec::text("text", "The plain-text body."),
             OptionSpec::text(
                 "html",
                 "An HTML body besides the text; values inserted into it are HTML-escaped.",
+            ),
+            OptionSpec::text(
+                "template",
+                "An e-mail template of the account (`switchboard templates`), by slug, \
+                 instead of an inline message.",
+            ),
+            OptionSpec::table(
+                "context",
+                "The data the template renders (checked against its schema before anything is sent).",
+            ),
+            OptionSpec::people(
+                "recipients",
+                "Whom a template is sent to: contacts (by key, msisdn or e-mail) or \
+                 { name, email, phone } tables; each gets the template rendered for it.",
             ),
             options::provider("e-mail", "email", self.providers.clone()),
             OptionSpec::text(
@@ -118,6 +155,7 @@ impl Handler for SendEmail {
                 "The sender, `Name <address>` or an address (default: the provider's).",
             ),
         ])
+        .alternatives(INLINE_OR_TEMPLATE(&["to", "subject", "text"]))
     }
 
     /// A literal sender must be one the mail port can send as.
@@ -138,13 +176,45 @@ impl Handler for SendEmail {
         let Prepared {
             provider,
             from,
-            subject,
-            text,
-            html,
-            to,
+            messages,
+            template,
         } = self.prepare(input)?;
-        let mut sent = Vec::with_capacity(to.len());
-        for (i, recipient) in to.into_iter().enumerate() {
+        let mut sent = Vec::with_capacity(messages.len());
+        for (i, outgoing) in messages.into_iter().enumerate() {
+            let (recipient, rendered) = match outgoing {
+                Outgoing::Skip { shown, reason } => {
+                    let record = crate::records::messages::record_skipped(
+                        self.messages.as_ref(),
+                        input,
+                        (i, Channel::Email),
+                        shown,
+                        provider.clone(),
+                        &reason,
+                    )?;
+                    sent.push(json!({"message_id": record.id, "to": record.recipient,
+                        "status": record.status, "reason": reason}));
+                    continue;
+                }
+                Outgoing::Send { address, rendered } => (address, rendered),
+            };
+            let key = template.as_ref().zip(rendered.idempotency.as_deref());
+            if let Some((used, key)) = key
+                && let Some(reason) = self.templated.claim(input, i, used, key)?
+            {
+                let record = crate::records::messages::record_skipped(
+                    self.messages.as_ref(),
+                    input,
+                    (i, Channel::Email),
+                    recipient,
+                    provider.clone(),
+                    &reason,
+                )?;
+                sent.push(json!({"message_id": record.id, "to": record.recipient,
+                    "status": record.status, "reason": reason}));
+                continue;
+            }
+            let subject = rendered.subject.unwrap_or_default();
+            let text = rendered.text.unwrap_or_default();
             let record = self
                 .messages
                 .record(MessageRecord::for_step(
@@ -152,7 +222,11 @@ impl Handler for SendEmail {
                     i,
                     Channel::Email,
                     recipient.clone(),
-                    text.clone(),
+                    if text.is_empty() {
+                        rendered.html.clone().unwrap_or_default()
+                    } else {
+                        text.clone()
+                    },
                     Some(subject.clone()),
                     provider.clone(),
                 ))
@@ -161,9 +235,9 @@ impl Handler for SendEmail {
                 let email = Email {
                     from: from.clone(),
                     to: recipient,
-                    subject: subject.clone(),
-                    text: text.clone(),
-                    html: html.clone(),
+                    subject,
+                    text,
+                    html: rendered.html,
                     headers: vec![
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
@@ -189,6 +263,9 @@ impl Handler for SendEmail {
                         .unwrap_or(record),
                     Err(e) => {
                         if e.permanent {
+                            if let Some((used, key)) = key {
+                                self.templated.release(input, i, &used.slug, key);
+                            }
                             let _ = self.messages.transition(
                                 &record.account_key,
                                 &record.id,
@@ -207,23 +284,33 @@ impl Handler for SendEmail {
                 json!({"message_id": record.id, "to": record.recipient, "status": record.status}),
             );
         }
-        Ok(email_output(sent, &provider))
+        Ok(email_output(sent, &provider, template.as_ref()))
     }
 
     /// The messages it would send, each `simulated`, with the ids they
     /// would have.
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let prepared = self.prepare(input)?;
-        let sent = (prepared.to.into_iter().enumerate())
-            .map(|(i, recipient)| {
-                json!({
+        let sent = (prepared.messages.into_iter().enumerate())
+            .map(|(i, outgoing)| match outgoing {
+                Outgoing::Send { address, .. } => json!({
                     "message_id": input.child_id(i).to_string(),
-                    "to": recipient,
+                    "to": address,
                     "status": crate::SIMULATED,
-                })
+                }),
+                Outgoing::Skip { shown, reason } => json!({
+                    "message_id": input.child_id(i).to_string(),
+                    "to": shown,
+                    "status": MessageStatus::Skipped,
+                    "reason": reason,
+                }),
             })
             .collect();
-        Ok(email_output(sent, &prepared.provider))
+        Ok(email_output(
+            sent,
+            &prepared.provider,
+            prepared.template.as_ref(),
+        ))
     }
 }
 
@@ -231,11 +318,10 @@ impl Handler for SendEmail {
 struct Prepared {
     provider: String,
     from: String,
-    subject: String,
-    text: String,
-    html: Option<String>,
-    /// The recipients, lower-case.
-    to: Vec<String>,
+    /// One per recipient, in order.
+    messages: Vec<Outgoing>,
+    /// The template, when one is sent.
+    template: Option<TemplateUse>,
 }
 
 impl SendEmail {
@@ -274,21 +360,48 @@ impl SendEmail {
                 "sender {from:?} is not `Name <address>` or an address: {e}"
             ))
         })?;
+        if config.contains_key("template") {
+            let (used, messages) = self
+                .templated
+                .prepare(input, &config, TemplateChannel::Email)?
+                .split();
+            return Ok(Prepared {
+                provider,
+                from,
+                messages,
+                template: Some(used),
+            });
+        }
         let subject = required_string(&config, "subject")?;
         let text = required_string(&config, "text")?;
         let to = normalized_recipients(&config, "to", normalize_email)?;
+        let messages = to
+            .into_iter()
+            .map(|address| Outgoing::Send {
+                address,
+                rendered: Rendered {
+                    subject: Some(subject.clone()),
+                    html: html.clone(),
+                    text: Some(text.clone()),
+                    idempotency: None,
+                },
+            })
+            .collect();
         Ok(Prepared {
             provider,
             from,
-            subject,
-            text,
-            html,
-            to,
+            messages,
+            template: None,
         })
     }
 }
 
-/// A `send_email` step's output.
-fn email_output(sent: Vec<Value>, provider: &str) -> StepOutput {
-    messages_output(sent, provider, &["message_id", "to", "status"])
+/// A `send_email` step's output: with `template` (`slug`, `version`) when
+/// it sent one.
+fn email_output(sent: Vec<Value>, provider: &str, template: Option<&TemplateUse>) -> StepOutput {
+    let mut output = messages_output(sent, provider, &["message_id", "to", "status"]);
+    if let Some(used) = template {
+        output.data.insert("template".into(), used.output());
+    }
+    output
 }

@@ -26,12 +26,15 @@ use switchboard_sdk::{
 pub mod builtin;
 pub mod contact;
 pub mod email;
+pub mod message_template;
 pub mod options;
 pub mod ports;
 pub mod records;
 pub mod script;
 pub mod sms;
 pub mod template;
+mod templated;
+pub mod versioned;
 pub mod webhook;
 
 pub use options::{OptionSpec, Options};
@@ -60,6 +63,10 @@ pub struct Services {
     pub commands: Arc<dyn ports::CommandPort>,
     /// The deployment's SMS providers, by name.
     pub sms_providers: std::collections::BTreeMap<String, sms::SmsProvider>,
+    /// The account message templates (`send_email`, `send_sms`).
+    pub templates: Option<Arc<message_template::TemplateStore>>,
+    /// Where templates' idempotency keys are claimed.
+    pub idempotency: Arc<dyn records::IdempotencyKeys>,
 }
 
 /// Everything a handler sees of one step run.
@@ -286,6 +293,8 @@ pub struct Registry {
     templates: Arc<Templates>,
     runtime: Arc<ScriptRuntime>,
     scripts: Option<(Arc<ScriptStore>, Arc<dyn Handler>, ScriptHandler)>,
+    /// The account message templates, when attached.
+    message_templates: Option<Arc<message_template::TemplateStore>>,
     /// The account secrets steps name, checked when a chain is stored.
     secrets: Option<Arc<dyn records::Secrets>>,
 }
@@ -304,8 +313,14 @@ impl Registry {
             templates: Arc::new(Templates::new()),
             runtime: Arc::new(ScriptRuntime::default()),
             scripts: None,
+            message_templates: None,
             secrets: None,
         }
+    }
+
+    /// The account message templates, when attached.
+    pub fn message_templates(&self) -> Option<&Arc<message_template::TemplateStore>> {
+        self.message_templates.as_ref()
     }
 
     /// Attaches the account scripts: `script:NAME` steps run them, and `when`
@@ -345,17 +360,25 @@ impl Registry {
     pub fn with_services(services: Services) -> Self {
         let mut r = Self::with_builtins();
         r.secrets = Some(services.secrets.clone());
+        r.message_templates = services.templates.clone();
+        let templated = templated::TemplatePorts {
+            templates: services.templates,
+            contacts: services.contacts.clone(),
+            idempotency: services.idempotency,
+        };
         r.register(Arc::new(contact::CreateContact::new(services.contacts)));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,
             services.http.clone(),
             services.commands,
             services.messages.clone(),
+            templated.clone(),
         )));
         r.register(Arc::new(email::SendEmail::new(
             services.mail,
             services.email_providers,
             services.messages,
+            templated,
         )));
         r.register(Arc::new(webhook::PaymentWebhook::new(
             services.http,

@@ -29,6 +29,9 @@ pub enum Kind {
     Table,
     /// A recipient, or a non-empty list of them (each may be a template).
     Recipients,
+    /// A person: a contact's key or a `{ name, email, phone }` table; or a
+    /// non-empty list of them (each may be a template).
+    People,
 }
 
 /// One option of a handler.
@@ -103,6 +106,11 @@ impl OptionSpec {
         check: fn(&str) -> Result<String, String>,
     ) -> Self {
         Self::new(name, Kind::Recipients, description).literal(move |s| check(s).map(|_| ()))
+    }
+
+    /// A person or a list of them ([`Kind::People`]).
+    pub fn people(name: &'static str, description: impl Into<String>) -> Self {
+        Self::new(name, Kind::People, description)
     }
 
     /// A step must give it.
@@ -218,6 +226,25 @@ impl OptionSpec {
                 field,
                 "must be a recipient or a non-empty list of them",
             )),
+            (Kind::People, Value::String(_)) => {}
+            (Kind::People, Value::Object(person)) => check_person(person, field, problems),
+            (Kind::People, Value::Array(items)) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    let field = format!("{field}[{i}]");
+                    match item {
+                        Value::String(_) => {}
+                        Value::Object(person) => check_person(person, field, problems),
+                        _ => problems.push(FieldProblem::new(
+                            field,
+                            "must be a contact's key or a { name, email, phone } table",
+                        )),
+                    }
+                }
+            }
+            (Kind::People, _) => problems.push(FieldProblem::new(
+                field,
+                "must be a contact's key, a { name, email, phone } table, or a non-empty list of them",
+            )),
         }
     }
 
@@ -253,6 +280,28 @@ impl OptionSpec {
                     { "type": "array", "items": { "type": "string" }, "minItems": 1 }
                 ]
             }),
+            Kind::People => {
+                let person = json!({
+                    "anyOf": [
+                        { "type": "string" },
+                        {
+                            "type": "object",
+                            "additionalProperties": { "type": "string" },
+                            "anyOf": [
+                                { "required": ["email"] },
+                                { "required": ["phone"] },
+                                { "required": ["name"] }
+                            ]
+                        }
+                    ]
+                });
+                json!({
+                    "anyOf": [
+                        person,
+                        { "type": "array", "items": person, "minItems": 1 }
+                    ]
+                })
+            }
         };
         let object = schema.as_object_mut().expect("a schema is an object");
         object.insert("description".into(), self.description.clone().into());
@@ -275,8 +324,22 @@ pub struct Options {
     /// Groups of options of which a step must give at least one, each with
     /// what they are for.
     pub one_of_required: Vec<(&'static [&'static str], &'static str)>,
+    /// Ways of giving what a step does, of which a step uses exactly one
+    /// (an inline message, or a template).
+    pub alternatives: Vec<Alternative>,
     /// Options not listed are accepted too (a script reads what it wants).
     pub open: bool,
+}
+
+/// One way of giving what a step does (see [`Options::alternatives`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alternative {
+    /// What it is, for people ("an inline message").
+    pub what: &'static str,
+    /// The options it needs.
+    pub needs: &'static [&'static str],
+    /// The options only it takes (its `needs` among them).
+    pub only: &'static [&'static str],
 }
 
 impl Options {
@@ -301,6 +364,23 @@ impl Options {
     pub fn one_of(mut self, names: &'static [&'static str], why: &'static str) -> Self {
         self.one_of_required.push((names, why));
         self
+    }
+
+    /// A step uses exactly one of `alternatives`: it gives every option
+    /// one `needs` and none that only another takes.
+    pub fn alternatives(mut self, alternatives: Vec<Alternative>) -> Self {
+        self.alternatives = alternatives;
+        self
+    }
+
+    /// The alternatives as words: "to, subject and text (an inline
+    /// message) or template and recipients (a template)".
+    pub fn alternatives_text(&self) -> String {
+        self.alternatives
+            .iter()
+            .map(|a| format!("{} ({})", and_list(a.needs), a.what))
+            .collect::<Vec<_>>()
+            .join(" or ")
     }
 
     /// The option called `name`.
@@ -330,6 +410,39 @@ impl Options {
                     "config",
                     format!("needs {} (at least one) {why}", names.join(" or ")),
                 ));
+            }
+        }
+        if !self.alternatives.is_empty() {
+            let used: Vec<&Alternative> = self
+                .alternatives
+                .iter()
+                .filter(|a| a.only.iter().any(|o| config.contains_key(*o)))
+                .collect();
+            match used.as_slice() {
+                [] => problems.push(FieldProblem::new(
+                    "config",
+                    format!("needs {}", self.alternatives_text()),
+                )),
+                [one] => {
+                    for need in one.needs.iter().filter(|n| !config.contains_key(**n)) {
+                        problems.push(FieldProblem::new(
+                            format!("config.{need}"),
+                            format!("required with {} ({})", and_list(one.needs), one.what),
+                        ));
+                    }
+                }
+                several => problems.push(FieldProblem::new(
+                    "config",
+                    format!(
+                        "gives options of {}: use one of them ({})",
+                        several
+                            .iter()
+                            .map(|a| a.what)
+                            .collect::<Vec<_>>()
+                            .join(" and of "),
+                        self.alternatives_text()
+                    ),
+                )),
             }
         }
         for option in &self.options {
@@ -379,6 +492,28 @@ impl Options {
                 })
                 .collect();
             schema["allOf"] = Value::Array(all);
+        }
+        if !self.alternatives.is_empty() {
+            let ways: Vec<Value> = self
+                .alternatives
+                .iter()
+                .map(|a| {
+                    let others: Vec<Value> = self
+                        .alternatives
+                        .iter()
+                        .filter(|o| o != &a)
+                        .flat_map(|o| o.only.iter())
+                        .filter(|name| !a.only.contains(name))
+                        .map(|name| json!({ "required": [name] }))
+                        .collect();
+                    json!({
+                        "description": a.what,
+                        "required": a.needs,
+                        "not": { "anyOf": others },
+                    })
+                })
+                .collect();
+            schema["oneOf"] = Value::Array(ways);
         }
         schema
     }
@@ -471,3 +606,34 @@ pub(crate) fn required_string(config: &Map<String, Value>, key: &str) -> Result<
 
 #[cfg(test)]
 mod tests;
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// A `{ name, email, phone }` table: string values (each may be a template),
+/// and a name or an address.
+fn check_person(person: &Map<String, Value>, field: String, problems: &mut Vec<FieldProblem>) {
+    for (key, value) in person {
+        if !value.is_string() {
+            problems.push(FieldProblem::new(
+                format!("{field}.{key}"),
+                "must be a string",
+            ));
+        }
+    }
+    if !["email", "phone", "name"]
+        .iter()
+        .any(|k| person.contains_key(*k))
+    {
+        problems.push(FieldProblem::new(
+            field,
+            "a person needs a name, an email or a phone",
+        ));
+    }
+}

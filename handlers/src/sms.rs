@@ -9,10 +9,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::message_template::TemplateChannel;
 use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
 use crate::records::contacts::normalize_msisdn;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
+use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,9 +94,12 @@ impl SmsProvider {
 
 /// `send_sms`.
 ///
-/// Options: `to` (a number, or a list of numbers), `body` (required),
-/// `provider` (a name from the deployment's `[providers.sms]`; optional when
-/// there is exactly one), `from`. One message per recipient, each recorded.
+/// Options: an inline message — `to` (a number, or a list of numbers) and
+/// `body` — or a template — `template` (an SMS template's slug), `context`
+/// and `recipients` (contacts' keys or `{ name, email, phone }` tables),
+/// each recipient's text rendered for it; `provider` (a name from the
+/// deployment's `[providers.sms]`; optional when there is exactly one),
+/// `from`. One message per recipient, each recorded.
 /// Output: `message_id`, `remote_id`, `to`, `provider` of the first message
 /// and `messages` (all of them).
 #[derive(Debug, Clone)]
@@ -103,21 +108,24 @@ pub struct SendSms {
     http: Arc<dyn HttpPort>,
     commands: Arc<dyn CommandPort>,
     messages: Arc<dyn Messages>,
+    templated: TemplatePorts,
 }
 
 impl SendSms {
     /// The handler over the deployment's providers and ports.
-    pub fn new(
+    pub(crate) fn new(
         providers: BTreeMap<String, SmsProvider>,
         http: Arc<dyn HttpPort>,
         commands: Arc<dyn CommandPort>,
         messages: Arc<dyn Messages>,
+        templated: TemplatePorts,
     ) -> Self {
         Self {
             providers,
             http,
             commands,
             messages,
+            templated,
         }
     }
 
@@ -366,24 +374,70 @@ impl Handler for SendSms {
                 "to",
                 "The phone number to send to (E.164), or a list of them.",
                 normalize_msisdn,
-            )
-            .required(),
-            OptionSpec::text("body", "The message's text.").required(),
+            ),
+            OptionSpec::text("body", "The message's text."),
+            OptionSpec::text(
+                "template",
+                "An SMS template of the account (`switchboard templates`), by slug, instead \
+                 of an inline message.",
+            ),
+            OptionSpec::table(
+                "context",
+                "The data the template renders (checked against its schema before anything is sent).",
+            ),
+            OptionSpec::people(
+                "recipients",
+                "Whom a template is sent to: contacts (by key, msisdn or e-mail) or \
+                 { name, email, phone } tables; each gets the template rendered for it.",
+            ),
             options::provider("SMS", "sms", self.providers.keys().cloned().collect()),
             OptionSpec::text("from", "The sender (default: the provider's)."),
         ])
+        .alternatives(crate::email::INLINE_OR_TEMPLATE(&["to", "body"]))
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let Prepared {
             provider_name,
-            body,
             from,
-            to,
+            messages,
+            template,
         } = self.prepare(input)?;
         let provider = &self.providers[&provider_name];
-        let mut sent = Vec::with_capacity(to.len());
-        for (i, recipient) in to.into_iter().enumerate() {
+        let mut sent = Vec::with_capacity(messages.len());
+        for (i, outgoing) in messages.into_iter().enumerate() {
+            let (recipient, body) = match outgoing {
+                Outgoing::Skip { shown, reason } => {
+                    let record = crate::records::messages::record_skipped(
+                        self.messages.as_ref(),
+                        input,
+                        (i, Channel::Sms),
+                        shown,
+                        provider_name.clone(),
+                        &reason,
+                    )?;
+                    sent.push(json!({"message_id": record.id, "remote_id": null,
+                        "to": record.recipient, "status": record.status, "reason": reason}));
+                    continue;
+                }
+                Outgoing::Send { address, rendered } => (address, rendered),
+            };
+            let key = template.as_ref().zip(body.idempotency.as_deref());
+            if let Some((used, key)) = key
+                && let Some(reason) = self.templated.claim(input, i, used, key)?
+            {
+                let record = crate::records::messages::record_skipped(
+                    self.messages.as_ref(),
+                    input,
+                    (i, Channel::Sms),
+                    recipient,
+                    provider_name.clone(),
+                    &reason,
+                )?;
+                sent.push(json!({"message_id": record.id, "remote_id": null,
+                    "to": record.recipient, "status": record.status, "reason": reason}));
+                continue;
+            }
             let record = self
                 .messages
                 .record(MessageRecord::for_step(
@@ -391,7 +445,7 @@ impl Handler for SendSms {
                     i,
                     Channel::Sms,
                     recipient,
-                    body.clone(),
+                    body.text.clone().unwrap_or_default(),
                     None,
                     provider_name.clone(),
                 ))
@@ -414,6 +468,9 @@ impl Handler for SendSms {
                         .unwrap_or(record),
                     Err(e) => {
                         if !e.is_retryable() {
+                            if let Some((used, key)) = key {
+                                self.templated.release(input, i, &used.slug, key);
+                            }
                             let _ = self.messages.transition(
                                 &record.account_key,
                                 &record.id,
@@ -435,34 +492,46 @@ impl Handler for SendSms {
                 "status": record.status,
             }));
         }
-        Ok(sms_output(sent, &provider_name))
+        Ok(sms_output(sent, &provider_name, template.as_ref()))
     }
 
     /// The messages it would send, each `simulated`, with the ids they
     /// would have; no provider's id, which only sending tells.
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let prepared = self.prepare(input)?;
-        let sent = (prepared.to.into_iter().enumerate())
-            .map(|(i, recipient)| {
-                json!({
+        let sent = (prepared.messages.into_iter().enumerate())
+            .map(|(i, outgoing)| match outgoing {
+                Outgoing::Send { address, .. } => json!({
                     "message_id": input.child_id(i).to_string(),
                     "remote_id": null,
-                    "to": recipient,
+                    "to": address,
                     "status": crate::SIMULATED,
-                })
+                }),
+                Outgoing::Skip { shown, reason } => json!({
+                    "message_id": input.child_id(i).to_string(),
+                    "remote_id": null,
+                    "to": shown,
+                    "status": MessageStatus::Skipped,
+                    "reason": reason,
+                }),
             })
             .collect();
-        Ok(sms_output(sent, &prepared.provider_name))
+        Ok(sms_output(
+            sent,
+            &prepared.provider_name,
+            prepared.template.as_ref(),
+        ))
     }
 }
 
 /// What a `send_sms` step sends, from its rendered config.
 struct Prepared {
     provider_name: String,
-    body: String,
     from: Option<String>,
-    /// The recipients, E.164.
-    to: Vec<String>,
+    /// One per recipient, in order (numbers E.164).
+    messages: Vec<Outgoing>,
+    /// The template, when one is sent.
+    template: Option<TemplateUse>,
 }
 
 impl SendSms {
@@ -475,21 +544,42 @@ impl SendSms {
             .map_err(StepError::permanent)?
             .to_string();
         let provider = &self.providers[&provider_name];
-        let body = required_string(&config, "body")?;
         let from = rendered_string(&config, "from")?
             .or_else(|| provider.default_from().map(str::to_string));
-        let to = normalized_recipients(&config, "to", normalize_msisdn)?;
         if let SmsProvider::Twilio(p) = provider
             && from.is_none()
             && p.messaging_service_sid.is_none()
         {
             return Err(no_twilio_sender());
         }
+        if config.contains_key("template") {
+            let (used, messages) = self
+                .templated
+                .prepare(input, &config, TemplateChannel::Sms)?
+                .split();
+            return Ok(Prepared {
+                provider_name,
+                from,
+                messages,
+                template: Some(used),
+            });
+        }
+        let body = required_string(&config, "body")?;
+        let messages = normalized_recipients(&config, "to", normalize_msisdn)?
+            .into_iter()
+            .map(|address| Outgoing::Send {
+                address,
+                rendered: crate::message_template::Rendered {
+                    text: Some(body.clone()),
+                    ..Default::default()
+                },
+            })
+            .collect();
         Ok(Prepared {
             provider_name,
-            body,
             from,
-            to,
+            messages,
+            template: None,
         })
     }
 }
@@ -502,11 +592,16 @@ fn no_twilio_sender() -> StepError {
     )
 }
 
-/// A `send_sms` step's output.
-fn sms_output(sent: Vec<Value>, provider_name: &str) -> StepOutput {
-    messages_output(
+/// A `send_sms` step's output: with `template` (`slug`, `version`) when it
+/// sent one.
+fn sms_output(sent: Vec<Value>, provider_name: &str, template: Option<&TemplateUse>) -> StepOutput {
+    let mut output = messages_output(
         sent,
         provider_name,
         &["message_id", "remote_id", "to", "status"],
-    )
+    );
+    if let Some(used) = template {
+        output.data.insert("template".into(), used.output());
+    }
+    output
 }

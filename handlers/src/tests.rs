@@ -4,7 +4,7 @@ use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, 
 
 use super::*;
 use crate::records::Contacts;
-use crate::records::test_util::{MemoryContacts, MemoryScripts};
+use crate::records::test_util::{MemoryContacts, MemorySources};
 
 fn step(handler: &str, config: serde_json::Value) -> StepSpec {
     StepSpec {
@@ -298,8 +298,8 @@ async fn create_contact_upserts_by_msisdn_or_email() {
 
 #[test]
 fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
-    let scripts = Arc::new(ScriptStore::new(
-        Arc::new(MemoryScripts::default()),
+    let scripts = Arc::new(ScriptStore::scripts(
+        Arc::new(MemorySources::default()),
         Arc::new(ScriptRuntime::default()),
     ));
     let acme = AccountKey::new("acme").unwrap();
@@ -345,8 +345,8 @@ fn script_steps_and_conditions_are_resolved_when_a_chain_is_stored() {
 
 #[tokio::test]
 async fn a_script_step_runs_through_the_registry() {
-    let scripts = Arc::new(ScriptStore::new(
-        Arc::new(MemoryScripts::default()),
+    let scripts = Arc::new(ScriptStore::scripts(
+        Arc::new(MemorySources::default()),
         Arc::new(ScriptRuntime::default()),
     ));
     let acme = AccountKey::new("acme").unwrap();

@@ -97,11 +97,16 @@ pub enum Collection {
     /// Web console sessions: `{sha-256 of the session id}` → whom it signed
     /// in, its CSRF token and when it expires. The id itself is never stored.
     ConsoleSessions,
+    /// Current message template of each account and slug: `{account}\0{slug}` → version.
+    Templates,
+    /// Every version of each message template:
+    /// `{account}\0{slug}\0{version:BE u64}` → version.
+    TemplateVersions,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 27] = [
+    pub const ALL: [Collection; 29] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -129,6 +134,8 @@ impl Collection {
         Collection::EventKinds,
         Collection::EventTimes,
         Collection::ConsoleSessions,
+        Collection::Templates,
+        Collection::TemplateVersions,
     ];
 
     /// The collection's name on disk.
@@ -161,6 +168,8 @@ impl Collection {
             Collection::EventKinds => "event_kinds",
             Collection::EventTimes => "event_times",
             Collection::ConsoleSessions => "console_sessions",
+            Collection::Templates => "templates",
+            Collection::TemplateVersions => "template_versions",
         }
     }
 

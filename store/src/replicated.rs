@@ -347,9 +347,15 @@ impl Replica {
                         kv::Operation::Delete | kv::Operation::Purge => None,
                     };
                     match r.apply_local(c, &key, value, revision) {
-                        // Only chains and scripts are also kept in memory
-                        // (compiled): the others are read from the copy.
-                        Ok(true) if matches!(c, Collection::Chains | Collection::Scripts) => {
+                        // Only chains, scripts and templates are also kept
+                        // in memory (compiled): the others are read from
+                        // the copy.
+                        Ok(true)
+                            if matches!(
+                                c,
+                                Collection::Chains | Collection::Scripts | Collection::Templates
+                            ) =>
+                        {
                             let written = std::time::UNIX_EPOCH
                                 + Duration::from_nanos(
                                     entry.created.unix_timestamp_nanos().max(0) as u64

@@ -191,3 +191,50 @@ pub struct EventList {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
 }
+
+/// The answer of `GET /v1/accounts/{account}/counts`: the account's events
+/// and inbound records as this replica counted them since it started (what
+/// `/metrics` shows only for the accounts `metrics.accounts` names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountCounts {
+    /// The account.
+    pub account_key: AccountKey,
+    /// When this replica began counting.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// Its events by type, sorted by type.
+    pub events: Vec<EventTypeCounts>,
+    /// Records posted to its inbound webhooks, by provider and result.
+    pub inbound: Vec<InboundCount>,
+}
+
+/// One event type's events by outcome (as `switchboard_events_total`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventTypeCounts {
+    /// The event type (`~unknown` for what could not be decoded).
+    pub event_type: String,
+    /// Taken off the bus (first deliveries).
+    pub received: u64,
+    /// Every matching chain ran.
+    pub handled: u64,
+    /// No chain matched.
+    pub unrouted: u64,
+    /// Dropped: expired.
+    pub expired: u64,
+    /// Sent to dead letters.
+    pub dead_lettered: u64,
+    /// Steps tried again.
+    pub retried: u64,
+}
+
+/// Records of one provider with one result (as
+/// `switchboard_inbound_records_total`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundCount {
+    /// `sendgrid`, `twilio` or `webhook`.
+    pub provider: String,
+    /// `matched`, `unknown_message`, `undocumented`, `malformed` or `rejected`.
+    pub result: String,
+    /// How many.
+    pub count: u64,
+}

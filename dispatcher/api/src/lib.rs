@@ -25,6 +25,7 @@ pub mod inbound;
 pub mod paths;
 pub mod records;
 pub mod scripts;
+pub mod templates;
 pub mod tokens;
 
 pub use error::{ErrorBody, ErrorResponse};

@@ -135,6 +135,31 @@ pub fn script_test(account: &str, name: &str) -> String {
     account_path(account, &format!("scripts/{}/test", segment(name)))
 }
 
+/// `GET` an account's event and inbound counts since this replica started.
+pub fn counts(account: &str) -> String {
+    account_path(account, "counts")
+}
+
+/// `GET` an account's message templates.
+pub fn templates(account: &str) -> String {
+    account_path(account, "templates")
+}
+
+/// `GET`, `PUT`, `DELETE` one message template.
+pub fn template(account: &str, slug: &str) -> String {
+    account_path(account, &format!("templates/{}", segment(slug)))
+}
+
+/// `GET` the versions of a message template.
+pub fn template_versions(account: &str, slug: &str) -> String {
+    account_path(account, &format!("templates/{}/versions", segment(slug)))
+}
+
+/// `POST` a context and a recipient to render a message template with.
+pub fn template_test(account: &str, slug: &str) -> String {
+    account_path(account, &format!("templates/{}/test", segment(slug)))
+}
+
 /// `GET` the trace of an event.
 pub fn trace(account: &str, event_id: &str) -> String {
     account_path(account, &format!("events/{}/trace", segment(event_id)))
@@ -239,6 +264,7 @@ pub fn samples() -> Vec<String> {
         handlers(),
         account_handlers(a),
         event_kinds(a),
+        counts(a),
         events_of(a),
         event_rerun(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
         event_stream(a),
@@ -252,6 +278,10 @@ pub fn samples() -> Vec<String> {
         script(a, n),
         script_versions(a, n),
         script_test(a, n),
+        templates(a),
+        template(a, n),
+        template_versions(a, n),
+        template_test(a, n),
         trace(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
         contacts(a),
         contact(a, "+27820000001"),

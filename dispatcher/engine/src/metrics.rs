@@ -6,13 +6,15 @@
 //! when a label set is first seen, so counting on the hot path takes no
 //! exclusive lock.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -121,12 +123,56 @@ impl EncodeLabelValue for InboundResult {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+/// An event series' labels; `account` only for the accounts
+/// [`AccountLabels`] names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct EventLabels {
     outcome: Outcome,
-    account: String,
+    account: Option<String>,
     event_type: String,
 }
+
+impl EncodeLabelSet for EventLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("outcome", self.outcome).encode(encoder.encode_label())?;
+        if let Some(account) = &self.account {
+            ("account", account.as_str()).encode(encoder.encode_label())?;
+        }
+        ("event_type", self.event_type.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// Which accounts `/metrics` gives series of their own (an `account`
+/// label on `switchboard_events_total` and
+/// `switchboard_inbound_records_total`). Every account's series is a set
+/// of series per outcome and event type: on a platform of 10,000 accounts,
+/// some 200,000 series for the scraper to keep. The others are summed into
+/// series without the label; every account's counts stay readable through
+/// the API ([`Metrics::of_account`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AccountLabels {
+    /// Every account (a platform of a few accounts).
+    #[default]
+    All,
+    /// None.
+    None,
+    /// These accounts only.
+    Named(BTreeSet<String>),
+}
+
+impl AccountLabels {
+    fn label(&self, account: &str) -> Option<String> {
+        match self {
+            AccountLabels::All => Some(account.to_string()),
+            AccountLabels::None => None,
+            AccountLabels::Named(named) => named.contains(account).then(|| account.to_string()),
+        }
+    }
+}
+
+/// One account's events of one type by outcome, in the order of
+/// [`Outcome::ALL`].
+type Counts = [AtomicU64; 6];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StepLabels {
@@ -146,11 +192,21 @@ struct OutboundLabels {
     status: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct InboundLabels {
     provider: String,
-    account: String,
+    account: Option<String>,
     result: InboundResult,
+}
+
+impl EncodeLabelSet for InboundLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("provider", self.provider.as_str()).encode(encoder.encode_label())?;
+        if let Some(account) = &self.account {
+            ("account", account.as_str()).encode(encoder.encode_label())?;
+        }
+        ("result", self.result).encode(encoder.encode_label())
+    }
 }
 
 /// Upper bounds of the step-duration buckets, in seconds.
@@ -192,6 +248,14 @@ pub struct Metrics {
     totals: [AtomicU64; 6],
     /// The totals about once a minute, for the last hour's counts.
     samples: Mutex<VecDeque<(Instant, [u64; 6])>>,
+    /// Which accounts have series of their own.
+    accounts: AccountLabels,
+    /// When counting began.
+    started: time::OffsetDateTime,
+    /// Every account's events by type and outcome, for the API.
+    by_account: RwLock<HashMap<String, HashMap<String, Counts>>>,
+    /// Every account's inbound records by provider and result, for the API.
+    inbound_by_account: RwLock<HashMap<(String, String, InboundResult), AtomicU64>>,
 }
 
 /// How long the samples of [`Metrics::sample`] reach back.
@@ -199,6 +263,13 @@ const RECENT: Duration = Duration::from_secs(3600);
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(AccountLabels::default())
+    }
+}
+
+impl Metrics {
+    /// Counters whose per-account series are those `accounts` names.
+    pub fn new(accounts: AccountLabels) -> Self {
         let events = Family::<EventLabels, Counter>::default();
         let steps = Family::<StepLabels, Counter>::default();
         let durations = Family::<HandlerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -241,11 +312,18 @@ impl Default for Metrics {
             inbound,
             totals: Default::default(),
             samples: Mutex::default(),
+            accounts,
+            started: switchboard_sdk::now(),
+            by_account: RwLock::default(),
+            inbound_by_account: RwLock::default(),
         }
     }
-}
 
-impl Metrics {
+    /// When counting began (the process started).
+    pub fn started(&self) -> time::OffsetDateTime {
+        self.started
+    }
+
     /// Events by outcome since start, in the order of [`Outcome::ALL`].
     pub fn totals(&self) -> [u64; 6] {
         std::array::from_fn(|i| self.totals[i].load(Ordering::Relaxed))
@@ -282,10 +360,62 @@ impl Metrics {
         self.events
             .get_or_create(&EventLabels {
                 outcome,
-                account: account.to_string(),
+                account: self.accounts.label(account),
                 event_type: event_type.to_string(),
             })
             .inc();
+        let counted = self
+            .by_account
+            .read()
+            .expect("account counts")
+            .get(account)
+            .and_then(|types| types.get(event_type))
+            .map(|counts| counts[outcome as usize].fetch_add(1, Ordering::Relaxed))
+            .is_some();
+        if !counted {
+            self.by_account
+                .write()
+                .expect("account counts")
+                .entry(account.to_string())
+                .or_default()
+                .entry(event_type.to_string())
+                .or_default()[outcome as usize]
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `account`'s counts since start: its events by type (sorted) and
+    /// outcome, in the order of [`Outcome::ALL`], and its inbound records
+    /// by provider and result.
+    pub fn of_account(&self, account: &str) -> AccountCounts {
+        let mut events: Vec<(String, [u64; 6])> = self
+            .by_account
+            .read()
+            .expect("account counts")
+            .get(account)
+            .map(|types| {
+                types
+                    .iter()
+                    .map(|(t, c)| {
+                        (
+                            t.clone(),
+                            std::array::from_fn(|i| c[i].load(Ordering::Relaxed)),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        events.sort();
+        let mut inbound: Vec<(String, InboundResult, u64)> = self
+            .inbound_by_account
+            .read()
+            .expect("inbound counts")
+            .iter()
+            .filter(|((a, ..), _)| a == account)
+            .map(|((_, p, r), n)| (p.clone(), *r, n.load(Ordering::Relaxed)))
+            .collect();
+        inbound.sort();
+        AccountCounts { events, inbound }
     }
 
     /// Counts one attempt at a step of `handler`, and how long it took.
@@ -319,21 +449,35 @@ impl Metrics {
         self.inbound
             .get_or_create(&InboundLabels {
                 provider: provider.to_string(),
-                account: account.to_string(),
+                account: self.accounts.label(account),
                 result,
             })
             .inc();
+        let key = (account.to_string(), provider.to_string(), result);
+        let counted = self
+            .inbound_by_account
+            .read()
+            .expect("inbound counts")
+            .get(&key)
+            .map(|n| n.fetch_add(1, Ordering::Relaxed))
+            .is_some();
+        if !counted {
+            self.inbound_by_account
+                .write()
+                .expect("inbound counts")
+                .entry(key)
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The count of records posted to `account`'s `provider` webhook with `result`.
     pub fn inbound_count(&self, provider: &str, account: &str, result: InboundResult) -> u64 {
-        self.inbound
-            .get(&InboundLabels {
-                provider: provider.to_string(),
-                account: account.to_string(),
-                result,
-            })
-            .map_or(0, |c| c.get())
+        self.inbound_by_account
+            .read()
+            .expect("inbound counts")
+            .get(&(account.to_string(), provider.to_string(), result))
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// The OpenMetrics text exposition of everything, with `gauges`.
@@ -371,8 +515,51 @@ impl Metrics {
     }
 }
 
+/// One account's counts since start (see [`Metrics::of_account`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountCounts {
+    /// Events by type and outcome, in the order of [`Outcome::ALL`].
+    pub events: Vec<(String, [u64; 6])>,
+    /// Inbound records by provider and result.
+    pub inbound: Vec<(String, InboundResult, u64)>,
+}
+
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of [`prometheus_text`]'s.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The OpenMetrics text of [`Metrics::render`] in the Prometheus text
+/// format (0.0.4), for a scraper that does not ask for OpenMetrics: a
+/// counter's `# TYPE` and `# HELP` name its samples (`…_total`), and there
+/// is no `# UNIT` or `# EOF` line.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
@@ -407,5 +594,65 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn only_named_accounts_have_series_of_their_own_and_every_account_counts() {
+        let m = Metrics::new(AccountLabels::Named(["vip".to_string()].into()));
+        m.count(Outcome::Handled, "vip", "order");
+        m.count(Outcome::Handled, "small", "order");
+        m.count(Outcome::Handled, "other", "order");
+        m.count(Outcome::Received, "small", "signup");
+        m.inbound("twilio", "small", InboundResult::Matched);
+        let text = m.render(&Gauges::default());
+        for line in [
+            "switchboard_events_total{outcome=\"handled\",account=\"vip\",event_type=\"order\"} 1",
+            "switchboard_events_total{outcome=\"handled\",event_type=\"order\"} 2",
+            "switchboard_inbound_records_total{provider=\"twilio\",result=\"matched\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(!text.contains("small"), "{text}");
+        let small = m.of_account("small");
+        assert_eq!(
+            small.events,
+            [
+                ("order".to_string(), [0, 1, 0, 0, 0, 0]),
+                ("signup".to_string(), [1, 0, 0, 0, 0, 0])
+            ]
+        );
+        assert_eq!(
+            small.inbound,
+            [("twilio".to_string(), InboundResult::Matched, 1)]
+        );
+        assert_eq!(
+            m.inbound_count("twilio", "small", InboundResult::Matched),
+            1
+        );
+        assert_eq!(m.of_account("nobody"), AccountCounts::default());
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counters_by_their_samples() {
+        let m = Metrics::new(AccountLabels::None);
+        m.count(Outcome::Handled, "acme", "order");
+        m.step("log", StepResult::Ok, Duration::from_millis(3));
+        let text = prometheus_text(&m.render(&Gauges::default()));
+        for line in [
+            "# TYPE switchboard_events_total counter",
+            "switchboard_events_total{outcome=\"handled\",event_type=\"order\"} 1",
+            "# TYPE switchboard_step_duration_seconds histogram",
+            "switchboard_step_duration_seconds_count{handler=\"log\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("# HELP switchboard_events_total "))
+        );
     }
 }

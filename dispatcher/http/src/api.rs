@@ -37,7 +37,7 @@ use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, Token
 use switchboard_api::{ErrorBody, ErrorResponse, ListQuery};
 use switchboard_handlers::ScriptStore;
 use switchboard_handlers::records::secrets::check_secret_name;
-use switchboard_handlers::records::{Contacts, Messages, ScriptVersion, Secrets};
+use switchboard_handlers::records::{Contacts, Messages, Secrets, SourceVersion};
 use switchboard_handlers::script::ScriptStoreError;
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
@@ -143,6 +143,7 @@ routes! {
     "/v1/handlers" => { GET: handlers_builtin }
     "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
     "/v1/accounts/{account}/event-kinds" => { GET: list_event_kinds }
+    "/v1/accounts/{account}/counts" => { GET: account_counts }
     "/v1/accounts/{account}/events" => { GET: list_events }
     "/v1/accounts/{account}/events/stream" => { GET: event_stream }
     "/v1/accounts/{account}/chains" => {
@@ -159,6 +160,12 @@ routes! {
     }
     "/v1/accounts/{account}/scripts/{name}/versions" => { GET: script_history }
     "/v1/accounts/{account}/scripts/{name}/test" => { POST: test_script }
+    "/v1/accounts/{account}/templates" => { GET: list_templates }
+    "/v1/accounts/{account}/templates/{slug}" => {
+        GET: show_template, PUT: put_template, DELETE: remove_template
+    }
+    "/v1/accounts/{account}/templates/{slug}/versions" => { GET: template_history }
+    "/v1/accounts/{account}/templates/{slug}/test" => { POST: test_template }
     "/v1/accounts/{account}/events/{id}/trace" => { GET: trace }
     "/v1/accounts/{account}/events/{id}/rerun" => { POST: rerun_event }
     "/v1/accounts/{account}/contacts" => { GET: list_contacts }
@@ -301,10 +308,10 @@ impl From<ChainStoreError> for ApiError {
 impl From<ScriptStoreError> for ApiError {
     fn from(e: ScriptStoreError) -> Self {
         match &e {
-            ScriptStoreError::NoSuchScript { .. } | ScriptStoreError::NoSuchVersion { .. } => {
+            ScriptStoreError::NoSuch { .. } | ScriptStoreError::NoSuchVersion { .. } => {
                 ApiError::not_found(e.to_string())
             }
-            ScriptStoreError::InvalidName(_) => {
+            ScriptStoreError::InvalidName { .. } => {
                 ApiError::bad_request("invalid_name", e.to_string())
             }
             ScriptStoreError::Compile { error, .. } => {
@@ -434,6 +441,7 @@ mod records;
 pub(crate) mod rerun;
 mod scripts;
 pub(crate) mod tail;
+mod templates;
 mod tokens;
 
 use self::chains::*;
@@ -443,6 +451,7 @@ use self::letters::*;
 use self::probes::*;
 use self::records::*;
 use self::scripts::*;
+use self::templates::*;
 use self::tokens::*;
 
 use rerun::rerun as rerun_event;

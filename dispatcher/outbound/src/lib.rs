@@ -306,14 +306,16 @@ impl MailPort for LettreMail {
                 value,
             ));
         }
-        let text = SinglePart::plain(email.text);
+        // An HTML-only message (a template without a text part) is one
+        // HTML part, not an empty text beside it.
         let message = match email.html {
+            Some(html) if email.text.is_empty() => builder.singlepart(SinglePart::html(html)),
             Some(html) => builder.multipart(
                 MultiPart::alternative()
-                    .singlepart(text)
+                    .singlepart(SinglePart::plain(email.text))
                     .singlepart(SinglePart::html(html)),
             ),
-            None => builder.singlepart(text),
+            None => builder.singlepart(SinglePart::plain(email.text)),
         }
         .map_err(|e| permanent(format!("building the message: {e}")))?;
         let result = transport.send(message).await;

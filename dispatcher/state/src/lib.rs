@@ -1,6 +1,6 @@
 //! The record ports of `switchboard-handlers` ([`switchboard_handlers::records`])
 //! implemented over the store crate's [`Store`]: contacts, message records,
-//! secrets, step idempotency keys and script versions, each in its own
+//! secrets, step idempotency keys, script and template versions, each in its own
 //! collections, keyed by account first so that one account can never read
 //! or overwrite another's. These are what `switchboard_dispatcher::Dispatcher` hands the
 //! handlers, the API and the inbound webhooks.
@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use switchboard_handlers::records::{
-    Contacts, IdempotencyKeys, Messages, RecordError, Records, ScriptRecords, Secrets,
+    Contacts, IdempotencyKeys, Messages, RecordError, Records, Secrets, SourceRecords,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
@@ -16,14 +16,14 @@ use switchboard_store::{Collection, Store, StoreError, key};
 mod contacts;
 mod idempotency;
 mod messages;
-mod scripts;
 mod secrets;
+mod sources;
 
 pub use contacts::StoredContacts;
 pub use idempotency::StoredIdempotencyKeys;
 pub use messages::StoredMessages;
-pub use scripts::StoredScripts;
 pub use secrets::StoredSecrets;
+pub use sources::StoredSources;
 
 /// Every record port over one store, one instance each, shared by all
 /// that use it.
@@ -38,7 +38,9 @@ pub struct RecordPorts {
     /// Step idempotency keys.
     pub idempotency: Arc<dyn IdempotencyKeys>,
     /// Script versions.
-    pub scripts: Arc<dyn ScriptRecords>,
+    pub scripts: Arc<dyn SourceRecords>,
+    /// Message template versions.
+    pub templates: Arc<dyn SourceRecords>,
 }
 
 impl RecordPorts {
@@ -49,7 +51,8 @@ impl RecordPorts {
             messages: Arc::new(StoredMessages::new(store.clone())),
             secrets: Arc::new(StoredSecrets::new(store.clone())),
             idempotency: Arc::new(StoredIdempotencyKeys::new(store.clone())),
-            scripts: Arc::new(StoredScripts::new(store.clone())),
+            scripts: Arc::new(StoredSources::scripts(store.clone())),
+            templates: Arc::new(StoredSources::templates(store.clone())),
         }
     }
 }

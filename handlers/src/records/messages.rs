@@ -58,6 +58,9 @@ pub enum MessageStatus {
     SpamReported,
     /// The recipient unsubscribed through it.
     Unsubscribed,
+    /// Not sent: the recipient has no address for the channel (or no
+    /// contact); the record's log says why.
+    Skipped,
 }
 
 impl MessageStatus {
@@ -73,7 +76,8 @@ impl MessageStatus {
             | MessageStatus::Failed
             | MessageStatus::Bounced
             | MessageStatus::Undelivered
-            | MessageStatus::Dropped => 3,
+            | MessageStatus::Dropped
+            | MessageStatus::Skipped => 3,
             MessageStatus::Opened => 4,
             MessageStatus::Clicked => 5,
             MessageStatus::SpamReported | MessageStatus::Unsubscribed => 6,
@@ -95,6 +99,7 @@ impl MessageStatus {
             MessageStatus::Clicked => "clicked",
             MessageStatus::SpamReported => "spam_reported",
             MessageStatus::Unsubscribed => "unsubscribed",
+            MessageStatus::Skipped => "skipped",
         }
     }
 }
@@ -297,6 +302,44 @@ impl Reported {
     pub fn applied(self) -> bool {
         matches!(self, Reported::Applied { .. })
     }
+}
+
+/// Records a step's message `index` to `recipient` on `channel` as
+/// skipped for `reason` (a re-run step finds it so and leaves it): nothing
+/// was sent to its recipient.
+pub(crate) fn record_skipped(
+    messages: &dyn Messages,
+    input: &crate::StepInput<'_>,
+    (index, channel): (usize, Channel),
+    recipient: String,
+    provider: String,
+    reason: &str,
+) -> Result<MessageRecord, crate::StepError> {
+    let failed =
+        |e: RecordError| crate::StepError::retryable(format!("recording the message: {e}"), None);
+    let message = MessageRecord::for_step(
+        input,
+        index,
+        channel,
+        recipient,
+        String::new(),
+        None,
+        provider,
+    );
+    let record = messages.record(message).map_err(failed)?;
+    if record.status != MessageStatus::Pending {
+        return Ok(record);
+    }
+    Ok(messages
+        .transition(
+            &record.account_key,
+            &record.id,
+            MessageStatus::Skipped,
+            reason,
+            None,
+        )
+        .map_err(failed)?
+        .unwrap_or(record))
 }
 
 /// Message records of every account.

@@ -16,8 +16,8 @@ use switchboard_sdk::AccountKey;
 pub mod contacts;
 pub mod idempotency;
 pub mod messages;
-pub mod scripts;
 pub mod secrets;
+pub mod sources;
 
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -25,8 +25,8 @@ pub(crate) mod test_util;
 pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
 pub use idempotency::IdempotencyKeys;
 pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
-pub use scripts::{ScriptRecords, ScriptVersion};
 pub use secrets::Secrets;
+pub use sources::{SourceRecords, SourceVersion};
 
 /// Which records a port keeps, for errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +39,10 @@ pub enum Records {
     Secrets,
     /// [`IdempotencyKeys`].
     IdempotencyKeys,
-    /// [`ScriptRecords`].
+    /// Scripts' [`SourceRecords`].
     Scripts,
+    /// Message templates' [`SourceRecords`].
+    Templates,
 }
 
 impl fmt::Display for Records {
@@ -51,6 +53,7 @@ impl fmt::Display for Records {
             Records::Secrets => "secrets",
             Records::IdempotencyKeys => "idempotency keys",
             Records::Scripts => "scripts",
+            Records::Templates => "message templates",
         })
     }
 }

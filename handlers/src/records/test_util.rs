@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use switchboard_sdk::AccountKey;
 
 use super::{
-    Contact, ContactUpsert, Contacts, Identifier, RecordError, ScriptRecords, ScriptVersion,
+    Contact, ContactUpsert, Contacts, Identifier, RecordError, SourceRecords, SourceVersion,
 };
 
 /// Contacts in a list, upserted by [`Contact::apply`].
@@ -74,27 +74,27 @@ impl Contacts for MemoryContacts {
 
 /// Script versions in a list; the current ones in another.
 #[derive(Debug, Default)]
-pub(crate) struct MemoryScripts {
-    versions: Mutex<Vec<ScriptVersion>>,
-    current: Mutex<Vec<ScriptVersion>>,
+pub(crate) struct MemorySources {
+    versions: Mutex<Vec<SourceVersion>>,
+    current: Mutex<Vec<SourceVersion>>,
 }
 
 fn of<'a>(
-    list: &'a [ScriptVersion],
+    list: &'a [SourceVersion],
     account: &'a AccountKey,
     name: &'a str,
-) -> impl Iterator<Item = &'a ScriptVersion> + 'a {
+) -> impl Iterator<Item = &'a SourceVersion> + 'a {
     list.iter()
         .filter(move |v| v.account_key == *account && v.name == name)
 }
 
-impl ScriptRecords for MemoryScripts {
+impl SourceRecords for MemorySources {
     fn last_version(&self, account: &AccountKey, name: &str) -> Result<Option<u64>, RecordError> {
         let versions = self.versions.lock().unwrap();
         Ok(of(&versions, account, name).map(|v| v.version).max())
     }
 
-    fn create(&self, version: &ScriptVersion) -> Result<bool, RecordError> {
+    fn create(&self, version: &SourceVersion) -> Result<bool, RecordError> {
         let mut versions = self.versions.lock().unwrap();
         if of(&versions, &version.account_key, &version.name).any(|v| v.version == version.version)
         {
@@ -111,14 +111,14 @@ impl ScriptRecords for MemoryScripts {
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         Ok(of(&self.current.lock().unwrap(), account, name)
             .next()
             .cloned())
     }
 
-    fn list(&self, account: &AccountKey) -> Result<Vec<ScriptVersion>, RecordError> {
-        let mut list: Vec<ScriptVersion> = self
+    fn list(&self, account: &AccountKey) -> Result<Vec<SourceVersion>, RecordError> {
+        let mut list: Vec<SourceVersion> = self
             .current
             .lock()
             .unwrap()
@@ -130,7 +130,7 @@ impl ScriptRecords for MemoryScripts {
         Ok(list)
     }
 
-    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<ScriptVersion>, RecordError> {
+    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<SourceVersion>, RecordError> {
         Ok(of(&self.versions.lock().unwrap(), account, name)
             .cloned()
             .collect())
@@ -141,7 +141,7 @@ impl ScriptRecords for MemoryScripts {
         account: &AccountKey,
         name: &str,
         version: u64,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         Ok(of(&self.versions.lock().unwrap(), account, name)
             .find(|v| v.version == version)
             .cloned())
@@ -151,7 +151,7 @@ impl ScriptRecords for MemoryScripts {
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         let mut current = self.current.lock().unwrap();
         let at = current
             .iter()

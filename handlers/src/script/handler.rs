@@ -54,7 +54,7 @@ impl ScriptHandler {
         Ok(runtime.run_sandboxed(|| {
             runtime.call_handle(
                 label,
-                &compiled.ast,
+                &compiled.compiled,
                 account,
                 conversation,
                 event,

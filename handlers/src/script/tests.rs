@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
 
 use super::*;
-use crate::records::test_util::{MemoryContacts, MemoryScripts};
+use crate::records::test_util::{MemoryContacts, MemorySources};
 use crate::records::{ContactUpsert, Contacts};
 
 fn event(account: &str, data: Value) -> VumiApiEvent {
@@ -388,8 +388,8 @@ fn when_conditions() {
 
 #[test]
 fn store_versions_scripts_and_the_next_call_uses_the_new_ast() {
-    let store = ScriptStore::new(
-        Arc::new(MemoryScripts::default()),
+    let store = ScriptStore::scripts(
+        Arc::new(MemorySources::default()),
         Arc::new(ScriptRuntime::default()),
     );
     let acme = AccountKey::new("acme").unwrap();
@@ -423,7 +423,7 @@ fn store_versions_scripts_and_the_next_call_uses_the_new_ast() {
                 name: "award",
                 version: second.version,
             },
-            &second.ast,
+            &second.compiled,
             &acme,
             (&e.conversation_type, &e.conversation_key),
             ScriptRuntime::to_dynamic(&e),
@@ -452,7 +452,7 @@ fn store_versions_scripts_and_the_next_call_uses_the_new_ast() {
     );
     assert!(matches!(
         store.put(&acme, "bad-name", "fn handle(e, s, c) {}"),
-        Err(ScriptStoreError::InvalidName(_))
+        Err(ScriptStoreError::InvalidName { .. })
     ));
 
     store.remove(&acme, "award").unwrap();

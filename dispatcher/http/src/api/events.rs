@@ -94,6 +94,47 @@ pub(super) async fn list_events(
     Ok(Json(page).into_response())
 }
 
+pub(super) async fn account_counts(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult {
+    use switchboard_api::events::{AccountCounts, EventTypeCounts, InboundCount};
+    let account = account_key(&account)?;
+    let counts = s.metrics.of_account(account.as_str());
+    let events = counts
+        .events
+        .into_iter()
+        .map(|(event_type, n)| {
+            let [received, handled, unrouted, expired, dead_lettered, retried] = n;
+            EventTypeCounts {
+                event_type,
+                received,
+                handled,
+                unrouted,
+                expired,
+                dead_lettered,
+                retried,
+            }
+        })
+        .collect();
+    let inbound = counts
+        .inbound
+        .into_iter()
+        .map(|(provider, result, count)| InboundCount {
+            provider,
+            result: result.label().to_string(),
+            count,
+        })
+        .collect();
+    Ok(Json(AccountCounts {
+        account_key: account,
+        since: s.metrics.started(),
+        events,
+        inbound,
+    })
+    .into_response())
+}
+
 pub(super) async fn list_event_kinds(
     State(s): State<ApiState>,
     Path(account): Path<String>,

@@ -39,18 +39,28 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
-pub(super) async fn metrics(State(s): State<ApiState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            switchboard_engine::metrics::CONTENT_TYPE,
-        )],
-        s.metrics.render(&Gauges {
-            bus_lag: s.bus.lag().await,
-            rhai_operations: s.registry.runtime().operations_total(),
-            store_flushes: s.store.flushes(),
-            changelog_undecodable: s.store.undecodable_records(),
-        }),
-    )
-        .into_response()
+pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    use switchboard_engine::metrics::{CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, prometheus_text};
+    let text = s.metrics.render(&Gauges {
+        bus_lag: s.bus.lag().await,
+        rhai_operations: s.registry.runtime().operations_total(),
+        store_flushes: s.store.flushes(),
+        changelog_undecodable: s.store.undecodable_records(),
+    });
+    // OpenMetrics when asked for (as Prometheus asks), else the older
+    // Prometheus text that every scraper reads.
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            prometheus_text(&text),
+        )
+            .into_response()
+    }
 }

@@ -11,7 +11,7 @@ pub(super) fn scripts(s: &ApiState) -> Result<&ScriptStore, ApiError> {
 }
 
 /// A script without its source (lists, history).
-pub(super) fn script_summary(v: &ScriptVersion) -> ScriptSummary {
+pub(super) fn script_summary(v: &SourceVersion) -> ScriptSummary {
     ScriptSummary {
         name: v.name.clone(),
         version: v.version,
@@ -48,10 +48,7 @@ pub(super) async fn show_script(
         Some(v) => store.version(&account, &name, v)?,
         None => store
             .current(&account, &name)?
-            .ok_or(ScriptStoreError::NoSuchScript {
-                account: account.to_string(),
-                name: name.clone(),
-            })?,
+            .ok_or(ScriptStore::missing(&account, &name))?,
     };
     Ok(Json(Script {
         account_key: version.account_key,
@@ -159,11 +156,7 @@ pub(super) async fn test_script(
 ) -> ApiResult {
     let account = account_key(&account)?;
     if scripts(&s)?.current(&account, &name)?.is_none() {
-        return Err(ScriptStoreError::NoSuchScript {
-            account: account.to_string(),
-            name,
-        }
-        .into());
+        return Err(ScriptStore::missing(&account, &name).into());
     }
     let sample = dry_run::parse_sample(&body, &account, s.max_event_bytes)
         .map_err(|e| ApiError::bad_request("invalid_sample", e))?;

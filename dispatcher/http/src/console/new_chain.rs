@@ -375,6 +375,23 @@ impl Draft {
                         _ => json!(lines),
                     }
                 }
+                // One per line: a contact's key (or a template), or a
+                // person as a JSON object.
+                Kind::People => {
+                    let people: Vec<Value> = raw
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(|l| match serde_json::from_str::<Value>(l) {
+                            Ok(person @ Value::Object(_)) => person,
+                            _ => json!(l),
+                        })
+                        .collect();
+                    match people.as_slice() {
+                        [one] => one.clone(),
+                        _ => Value::Array(people),
+                    }
+                }
             };
             config.insert(option.name.to_string(), value);
         }
@@ -575,6 +592,7 @@ impl Draft {
                         Kind::Text => "text",
                         Kind::Table => "table",
                         Kind::Recipients => "recipients",
+                        Kind::People => "people",
                     },
                     "required": o.required,
                     "template": o.template,
@@ -594,6 +612,12 @@ impl Draft {
             .iter()
             .flat_map(|o| &o.one_of_required)
             .map(|(names, why)| format!("{} {why}", names.join(" or ")))
+            .collect();
+        let alternatives: Vec<String> = self
+            .options
+            .iter()
+            .filter(|o| !o.alternatives.is_empty())
+            .map(|o| o.alternatives_text())
             .collect();
         let value = |name: &str| field(&self.fields, name).to_string();
         let mut errors = HashMap::new();
@@ -646,6 +670,7 @@ impl Draft {
                 chosen => self.options.is_some(),
                 options => view(&options),
                 one_of,
+                alternatives,
                 values => view(json!({
                     "name": value("name"),
                     "conversation_type": value("conversation_type"),
@@ -693,11 +718,12 @@ fn prefill(fields: &mut Fields, options: Option<&Options>, config: &Map<String, 
         };
         let text = match (option.kind, value) {
             (_, Value::String(s)) => s.clone(),
-            (Kind::Recipients, Value::Array(items)) => items
+            (Kind::Recipients | Kind::People, Value::Array(items)) => items
                 .iter()
                 .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
                 .collect::<Vec<_>>()
                 .join("\n"),
+            (Kind::People, Value::Object(_)) => value.to_string(),
             (_, other) => serde_json::to_string_pretty(other).expect("JSON serialises"),
         };
         fields.insert(format!("opt.{}", option.name), text);

@@ -1,17 +1,24 @@
-//! Script versions in the store: every version under (account, name,
-//! version as 8 big-endian bytes), and the current one under (account,
-//! name). Written rarely, so each write is flushed before it returns.
+//! Named, versioned sources in the store (Rhai scripts, message
+//! templates): every version under (account, name, version as 8 big-endian
+//! bytes) in one collection, and the current one under (account, name) in
+//! another. Written rarely, so each write is flushed before it returns.
 
-use switchboard_handlers::records::{RecordError, Records, ScriptRecords, ScriptVersion};
+use switchboard_handlers::records::{RecordError, Records, SourceRecords, SourceVersion};
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, Write, key};
 
 use super::About;
 
-/// Script versions.
+/// One kind of source's versions.
 #[derive(Debug)]
-pub struct StoredScripts {
+pub struct StoredSources {
     store: Store,
+    /// The current versions.
+    current: Collection,
+    /// Every version.
+    versions: Collection,
+    /// What they are, for errors.
+    records: Records,
 }
 
 fn current_key(account: &AccountKey, name: &str) -> Vec<u8> {
@@ -38,32 +45,52 @@ fn version_of_key(k: &[u8]) -> u64 {
     u64::from_be_bytes(tail)
 }
 
-fn decode(account: &AccountKey, name: &str, bytes: &[u8]) -> Result<ScriptVersion, RecordError> {
-    serde_json::from_slice(bytes).map_err(|source| RecordError::Unreadable {
-        records: Records::Scripts,
-        account: account.clone(),
-        id: name.to_string(),
-        source,
-    })
-}
-
-impl StoredScripts {
+impl StoredSources {
     /// Script versions kept in `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn scripts(store: Store) -> Self {
+        Self {
+            store,
+            current: Collection::Scripts,
+            versions: Collection::ScriptVersions,
+            records: Records::Scripts,
+        }
+    }
+
+    /// Message template versions kept in `store`.
+    pub fn templates(store: Store) -> Self {
+        Self {
+            store,
+            current: Collection::Templates,
+            versions: Collection::TemplateVersions,
+            records: Records::Templates,
+        }
+    }
+
+    fn decode(
+        &self,
+        account: &AccountKey,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<SourceVersion, RecordError> {
+        serde_json::from_slice(bytes).map_err(|source| RecordError::Unreadable {
+            records: self.records,
+            account: account.clone(),
+            id: name.to_string(),
+            source,
+        })
     }
 }
 
-impl ScriptRecords for StoredScripts {
+impl SourceRecords for StoredSources {
     fn last_version(&self, account: &AccountKey, name: &str) -> Result<Option<u64>, RecordError> {
         let last = self
             .store
-            .scan_prefix_rev(Collection::ScriptVersions, &prefix(account, name), 1)
-            .about(Records::Scripts, account)?;
+            .scan_prefix_rev(self.versions, &prefix(account, name), 1)
+            .about(self.records, account)?;
         Ok(last.first().map(|(k, _)| version_of_key(k)))
     }
 
-    fn create(&self, version: &ScriptVersion) -> Result<bool, RecordError> {
+    fn create(&self, version: &SourceVersion) -> Result<bool, RecordError> {
         let (account, name) = (&version.account_key, version.name.as_str());
         let bytes = serde_json::to_vec(version).expect("a script version serialises");
         // The version's key must be new: the backend checks it at the write,
@@ -73,23 +100,21 @@ impl ScriptRecords for StoredScripts {
             .write_atomically_creating(
                 &[
                     Write {
-                        collection: Collection::Scripts,
+                        collection: self.current,
                         key: current_key(account, name),
                         value: Some(bytes.clone()),
                     },
                     Write {
-                        collection: Collection::ScriptVersions,
+                        collection: self.versions,
                         key: version_key(account, name, version.version),
                         value: Some(bytes),
                     },
                 ],
                 1,
             )
-            .about(Records::Scripts, account)?;
+            .about(self.records, account)?;
         if written {
-            self.store
-                .flush_blocking()
-                .about(Records::Scripts, account)?;
+            self.store.flush_blocking().about(self.records, account)?;
         }
         Ok(written)
     }
@@ -98,32 +123,29 @@ impl ScriptRecords for StoredScripts {
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         self.store
-            .get(Collection::Scripts, &current_key(account, name))
-            .about(Records::Scripts, account)?
-            .map(|v| decode(account, name, &v))
+            .get(self.current, &current_key(account, name))
+            .about(self.records, account)?
+            .map(|v| self.decode(account, name, &v))
             .transpose()
     }
 
-    fn list(&self, account: &AccountKey) -> Result<Vec<ScriptVersion>, RecordError> {
+    fn list(&self, account: &AccountKey) -> Result<Vec<SourceVersion>, RecordError> {
         self.store
-            .scan_prefix(
-                Collection::Scripts,
-                &key(&[account.as_str().as_bytes(), b""]),
-            )
-            .about(Records::Scripts, account)?
+            .scan_prefix(self.current, &key(&[account.as_str().as_bytes(), b""]))
+            .about(self.records, account)?
             .into_iter()
-            .map(|(_, v)| decode(account, "", &v))
+            .map(|(_, v)| self.decode(account, "", &v))
             .collect()
     }
 
-    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<ScriptVersion>, RecordError> {
+    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<SourceVersion>, RecordError> {
         self.store
-            .scan_prefix(Collection::ScriptVersions, &prefix(account, name))
-            .about(Records::Scripts, account)?
+            .scan_prefix(self.versions, &prefix(account, name))
+            .about(self.records, account)?
             .into_iter()
-            .map(|(_, v)| decode(account, name, &v))
+            .map(|(_, v)| self.decode(account, name, &v))
             .collect()
     }
 
@@ -132,14 +154,11 @@ impl ScriptRecords for StoredScripts {
         account: &AccountKey,
         name: &str,
         version: u64,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         self.store
-            .get(
-                Collection::ScriptVersions,
-                &version_key(account, name, version),
-            )
-            .about(Records::Scripts, account)?
-            .map(|v| decode(account, name, &v))
+            .get(self.versions, &version_key(account, name, version))
+            .about(self.records, account)?
+            .map(|v| self.decode(account, name, &v))
             .transpose()
     }
 
@@ -147,18 +166,16 @@ impl ScriptRecords for StoredScripts {
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError> {
+    ) -> Result<Option<SourceVersion>, RecordError> {
         let Some(removed) = self
             .store
-            .remove(Collection::Scripts, &current_key(account, name))
-            .about(Records::Scripts, account)?
+            .remove(self.current, &current_key(account, name))
+            .about(self.records, account)?
         else {
             return Ok(None);
         };
-        self.store
-            .flush_blocking()
-            .about(Records::Scripts, account)?;
-        decode(account, name, &removed).map(Some)
+        self.store.flush_blocking().about(self.records, account)?;
+        self.decode(account, name, &removed).map(Some)
     }
 }
 
@@ -172,8 +189,8 @@ mod tests {
 
     #[test]
     fn versions_are_numbered_per_script_and_kept_after_a_remove() {
-        let store = ScriptStore::new(
-            Arc::new(StoredScripts::new(Store::temporary().unwrap())),
+        let store = ScriptStore::scripts(
+            Arc::new(StoredSources::scripts(Store::temporary().unwrap())),
             Arc::new(ScriptRuntime::default()),
         );
         let acme = AccountKey::new("acme").unwrap();

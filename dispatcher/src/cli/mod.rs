@@ -36,6 +36,9 @@ use switchboard_sdk::{
 
 use crate::client::{Client, ClientError};
 
+mod templates;
+pub use templates::*;
+
 /// A command that failed: one line for stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -701,17 +704,23 @@ pub async fn dead_letters_discard(
 /// A sample given as `--event`: a JSON file, `-` for stdin, or the JSON
 /// itself (an argument that starts with `{`).
 fn read_sample(arg: &str) -> Result<Value, CliError> {
+    read_json_arg(arg, "--event")
+}
+
+/// JSON given as the argument `flag`: a file, `-` for stdin, or the JSON
+/// itself (an argument that starts with `{` or `[`).
+fn read_json_arg(arg: &str, flag: &str) -> Result<Value, CliError> {
     let (shown, text) = if arg == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .map_err(|e| input(format!("reading the sample from stdin: {e}")))?;
-        ("the sample on stdin".to_string(), text)
-    } else if arg.trim_start().starts_with('{') {
-        ("the --event argument".to_string(), arg.to_string())
+            .map_err(|e| input(format!("reading {flag} from stdin: {e}")))?;
+        (format!("{flag} on stdin"), text)
+    } else if arg.trim_start().starts_with(['{', '[']) {
+        (format!("the {flag} argument"), arg.to_string())
     } else {
         let text = std::fs::read_to_string(arg).map_err(|e| {
             input(format!(
-                "reading {arg}: {e} (--event takes a JSON file, `-` for stdin, or the JSON itself)"
+                "reading {arg}: {e} ({flag} takes a JSON file, `-` for stdin, or the JSON itself)"
             ))
         })?;
         (arg.to_string(), text)
@@ -898,6 +907,21 @@ fn render_handler(out: &mut String, h: &HandlerEntry) {
             .filter_map(|r| r["required"][0].as_str())
             .collect();
         let _ = writeln!(out, "  (needs {}, at least one)", names.join(" or "));
+    }
+    let ways: Vec<String> = schema["oneOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|way| {
+            format!(
+                "{} ({})",
+                strings(&way["required"]).join(", "),
+                way["description"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    if !ways.is_empty() {
+        let _ = writeln!(out, "  (needs {})", ways.join(" or "));
     }
 }
 

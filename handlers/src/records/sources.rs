@@ -10,7 +10,7 @@ use super::RecordError;
 
 /// One version of a script, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScriptVersion {
+pub struct SourceVersion {
     /// The account.
     pub account_key: AccountKey,
     /// The script's name (`script:NAME` in chains).
@@ -25,27 +25,27 @@ pub struct ScriptVersion {
 }
 
 /// The stored versions of every account's scripts.
-pub trait ScriptRecords: Send + Sync + std::fmt::Debug {
+pub trait SourceRecords: Send + Sync + std::fmt::Debug {
     /// The number of the last version of a script, removed or not.
     fn last_version(&self, account: &AccountKey, name: &str) -> Result<Option<u64>, RecordError>;
 
     /// Stores `version` as its script's current version and in its history,
     /// durably, if its history has no version of that number yet (which
     /// another replica may have taken meanwhile); returns whether it did.
-    fn create(&self, version: &ScriptVersion) -> Result<bool, RecordError>;
+    fn create(&self, version: &SourceVersion) -> Result<bool, RecordError>;
 
     /// The current version of a script.
     fn current(
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError>;
+    ) -> Result<Option<SourceVersion>, RecordError>;
 
     /// The current version of every script of `account`, by name.
-    fn list(&self, account: &AccountKey) -> Result<Vec<ScriptVersion>, RecordError>;
+    fn list(&self, account: &AccountKey) -> Result<Vec<SourceVersion>, RecordError>;
 
     /// Every version of a script, oldest first (kept after a remove).
-    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<ScriptVersion>, RecordError>;
+    fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<SourceVersion>, RecordError>;
 
     /// One version of a script.
     fn version(
@@ -53,7 +53,7 @@ pub trait ScriptRecords: Send + Sync + std::fmt::Debug {
         account: &AccountKey,
         name: &str,
         version: u64,
-    ) -> Result<Option<ScriptVersion>, RecordError>;
+    ) -> Result<Option<SourceVersion>, RecordError>;
 
     /// Makes a script have no current version, durably, keeping its
     /// history; returns the version that was current.
@@ -61,5 +61,5 @@ pub trait ScriptRecords: Send + Sync + std::fmt::Debug {
         &self,
         account: &AccountKey,
         name: &str,
-    ) -> Result<Option<ScriptVersion>, RecordError>;
+    ) -> Result<Option<SourceVersion>, RecordError>;
 }

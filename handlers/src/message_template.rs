@@ -1,0 +1,422 @@
+//! Message templates: an account's reusable e-mail and SMS messages, by
+//! slug, versioned like scripts ([`crate::versioned`]).
+//!
+//! A template is a TOML file:
+//!
+//! ```toml
+//! slug = "signed-up"          # optional; the name it is put under
+//! channel = "email"           # or "sms"
+//! subject = "Welcome, {{ recipient.name }}"
+//! html = "<p>Your plan: {{ context.plan }}</p>"   # HTML-escaped values
+//! text = "Your plan: {{ context.plan }}"
+//! idempotency = "{{ template }}:{{ recipient.email }}:{{ now | date(format='%Y-%m-%d-%H') }}"
+//! idempotency_window = "24h"  # how long a key holds (the default)
+//!
+//! [context]                   # a JSON Schema of the data it needs
+//! type = "object"
+//! required = ["plan"]
+//! properties.plan = { type = "string" }
+//! ```
+//!
+//! Every part is a minijinja template over `context` (the data a step
+//! gives), `recipient` (`name`, `email`, `phone` and a contact's fields),
+//! `template` (the slug) and `now` (RFC 3339, UTC); undefined values are
+//! errors, and the `html` part escapes every value it inserts. A put
+//! compiles every part and checks the schema; an error names the part, line
+//! and column.
+
+use std::fmt;
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value as JinjaValue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::versioned::{Compiled, SourceKind, SourceStore, SourceStoreError};
+
+/// The channels a template is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChannel {
+    /// E-mail: a subject, and an HTML or a text body (or both).
+    Email,
+    /// SMS: a text.
+    Sms,
+}
+
+impl TemplateChannel {
+    /// The channel's name, as files and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TemplateChannel::Email => "email",
+            TemplateChannel::Sms => "sms",
+        }
+    }
+}
+
+/// The parts of a template, in the order they are checked and rendered.
+const PARTS: [&str; 4] = ["subject", "html", "text", "idempotency"];
+
+/// Bounds the work one part may do (loops over large data).
+const FUEL: u64 = 50_000;
+
+/// A template file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateFile {
+    slug: Option<String>,
+    channel: String,
+    subject: Option<String>,
+    html: Option<String>,
+    text: Option<String>,
+    idempotency: Option<String>,
+    idempotency_window: Option<String>,
+    context: Option<toml::Table>,
+}
+
+/// How long a send's idempotency key holds unless the template says.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+/// The `channel` a template file names, read without compiling it (for
+/// listings of versions stored, which all compiled when put).
+pub fn channel_of(source: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Channel {
+        channel: String,
+    }
+    toml::from_str::<Channel>(source).ok().map(|c| c.channel)
+}
+
+/// Why a template cannot be stored or rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// The file is not TOML of a template.
+    #[error("{0}")]
+    File(String),
+    /// A part does not compile or render.
+    #[error("part `{part}`{}: {message}", at(*.line, *.column))]
+    Part {
+        /// `subject`, `html`, `text` or `idempotency`.
+        part: &'static str,
+        /// The line in the part, from 1.
+        line: Option<usize>,
+        /// The column in that line, from 1.
+        column: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `context` section is not a valid JSON Schema.
+    #[error("`context` is not a valid JSON Schema: {0}")]
+    Schema(String),
+    /// A context given to render breaks the template's schema.
+    #[error("the context does not match the template's schema: {field}: {rule}")]
+    Context {
+        /// Where, as a JSON pointer (`/plan`; empty for the whole context).
+        field: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+}
+
+fn at(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(" (line {l}, column {c})"),
+        (Some(l), None) => format!(" (line {l})"),
+        _ => String::new(),
+    }
+}
+
+/// A template, compiled: its channel, its parts in an engine, its schema.
+pub struct MessageTemplate {
+    slug: String,
+    channel: TemplateChannel,
+    idempotency_window: std::time::Duration,
+    env: Environment<'static>,
+    parts: Vec<&'static str>,
+    schema: Option<jsonschema::Validator>,
+}
+
+impl fmt::Debug for MessageTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageTemplate")
+            .field("slug", &self.slug)
+            .field("channel", &self.channel)
+            .field("parts", &self.parts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A template rendered for one recipient.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendered {
+    /// The e-mail's subject.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The e-mail's HTML body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// The text body (e-mail) or the message (SMS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// The send's idempotency key, when the template has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<String>,
+}
+
+impl MessageTemplate {
+    /// Parses and compiles a template file put under `slug`.
+    pub fn compile(slug: &str, source: &str) -> Result<Self, TemplateError> {
+        let file: TemplateFile = toml::from_str(source)
+            .map_err(|e| TemplateError::File(e.to_string().trim_end().replace('\n', " ")))?;
+        if let Some(named) = &file.slug
+            && named != slug
+        {
+            return Err(TemplateError::File(format!(
+                "the file's slug {named:?} is not the one it is put under ({slug:?})"
+            )));
+        }
+        let channel = match file.channel.as_str() {
+            "email" => TemplateChannel::Email,
+            "sms" => TemplateChannel::Sms,
+            "inbox" => {
+                return Err(TemplateError::File(
+                    "channel \"inbox\" is not supported yet (in-app notifications come later)"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(TemplateError::File(format!(
+                    "channel {other:?} is not one of \"email\", \"sms\""
+                )));
+            }
+        };
+        match channel {
+            TemplateChannel::Email if file.subject.is_none() => {
+                return Err(TemplateError::File(
+                    "an e-mail template needs a `subject`".into(),
+                ));
+            }
+            TemplateChannel::Email if file.html.is_none() && file.text.is_none() => {
+                return Err(TemplateError::File(
+                    "an e-mail template needs an `html` or a `text` part (or both)".into(),
+                ));
+            }
+            TemplateChannel::Sms if file.text.is_none() => {
+                return Err(TemplateError::File("an SMS template needs a `text`".into()));
+            }
+            TemplateChannel::Sms if file.subject.is_some() || file.html.is_some() => {
+                return Err(TemplateError::File(
+                    "an SMS template has only a `text` (and an `idempotency`): no `subject` or `html`"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let idempotency_window = match &file.idempotency_window {
+            None => DEFAULT_IDEMPOTENCY_WINDOW,
+            Some(_) if file.idempotency.is_none() => {
+                return Err(TemplateError::File(
+                    "`idempotency_window` without an `idempotency` key".into(),
+                ));
+            }
+            Some(w) => switchboard_rules::duration::parse(w)
+                .map_err(|e| TemplateError::File(format!("idempotency_window: {e}")))?,
+        };
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(FUEL));
+        env.set_auto_escape_callback(|name| {
+            if name == "html" {
+                AutoEscape::Html
+            } else {
+                AutoEscape::None
+            }
+        });
+        env.add_filter("date", date_filter);
+        let mut parts = Vec::new();
+        for (part, source) in
+            PARTS
+                .into_iter()
+                .zip([file.subject, file.html, file.text, file.idempotency])
+        {
+            let Some(source) = source else { continue };
+            env.add_template_owned(part, source.clone())
+                .map_err(|e| part_error(part, &source, &e))?;
+            parts.push(part);
+        }
+        let schema = match file.context {
+            None => None,
+            Some(table) => {
+                let schema = serde_json::to_value(&table)
+                    .map_err(|e| TemplateError::Schema(e.to_string()))?;
+                Some(
+                    jsonschema::validator_for(&schema)
+                        .map_err(|e| TemplateError::Schema(e.to_string()))?,
+                )
+            }
+        };
+        Ok(Self {
+            slug: slug.to_string(),
+            channel,
+            idempotency_window,
+            env,
+            parts,
+            schema,
+        })
+    }
+
+    /// The channel it is for.
+    pub fn channel(&self) -> TemplateChannel {
+        self.channel
+    }
+
+    /// How long a send's idempotency key holds.
+    pub fn idempotency_window(&self) -> std::time::Duration {
+        self.idempotency_window
+    }
+
+    /// Checks `context` against the template's schema (any context, when
+    /// it has none).
+    pub fn check_context(&self, context: &Value) -> Result<(), TemplateError> {
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
+        schema
+            .validate(context)
+            .map_err(|e| TemplateError::Context {
+                field: e.instance_path().to_string(),
+                rule: e.to_string(),
+            })
+    }
+
+    /// Renders every part for `recipient`, after checking `context`.
+    pub fn render(&self, context: &Value, recipient: &Value) -> Result<Rendered, TemplateError> {
+        self.check_context(context)?;
+        let scope = JinjaValue::from(minijinja::value::Serde(serde_json::json!({
+            "context": context,
+            "recipient": recipient,
+            "template": self.slug,
+            "now": switchboard_sdk::format_rfc3339(switchboard_sdk::now()),
+        })));
+        let mut rendered = Rendered::default();
+        for part in &self.parts {
+            let template = self
+                .env
+                .get_template(part)
+                .expect("every part listed was added");
+            let source = template.source().to_string();
+            let text = template
+                .render(&scope)
+                .map_err(|e| part_error(part, &source, &e))?;
+            let slot = match *part {
+                "subject" => &mut rendered.subject,
+                "html" => &mut rendered.html,
+                "text" => &mut rendered.text,
+                _ => &mut rendered.idempotency,
+            };
+            *slot = Some(text);
+        }
+        Ok(rendered)
+    }
+}
+
+/// A part's error, with the line and column minijinja points at.
+fn part_error(part: &'static str, source: &str, e: &minijinja::Error) -> TemplateError {
+    let column = e.range().map(|r| {
+        let start = r.start.min(source.len());
+        let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
+        source[line_start..start].chars().count() + 1
+    });
+    let mut message = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        message.push_str(": ");
+        message.push_str(detail);
+    }
+    TemplateError::Part {
+        part,
+        line: e.line(),
+        column,
+        message,
+    }
+}
+
+/// `{{ now | date(format='%Y-%m-%d') }}` (or `date('%Y-%m-%d')`): see
+/// [`format_date`].
+fn date_filter(
+    value: String,
+    format: Option<String>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let named: Option<String> = kwargs.get("format")?;
+    kwargs.assert_all_used()?;
+    format_date(value, format.or(named))
+}
+
+/// An RFC 3339 time formatted with `%Y` (year), `%m`, `%d`, `%H`, `%M`,
+/// `%S` (two digits each), `%j` (day of the year, three digits) and `%%`;
+/// `%Y-%m-%d` without a format.
+fn format_date(value: String, format: Option<String>) -> Result<String, minijinja::Error> {
+    let invalid = |why: String| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, why);
+    let t = time::OffsetDateTime::parse(&value, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| invalid(format!("date: {value:?} is not an RFC 3339 time: {e}")))?;
+    let format = format.unwrap_or_else(|| "%Y-%m-%d".to_string());
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&format!("{:04}", t.year())),
+            Some('m') => out.push_str(&format!("{:02}", u8::from(t.month()))),
+            Some('d') => out.push_str(&format!("{:02}", t.day())),
+            Some('H') => out.push_str(&format!("{:02}", t.hour())),
+            Some('M') => out.push_str(&format!("{:02}", t.minute())),
+            Some('S') => out.push_str(&format!("{:02}", t.second())),
+            Some('j') => out.push_str(&format!("{:03}", t.ordinal())),
+            Some('%') => out.push('%'),
+            other => {
+                return Err(invalid(format!(
+                    "date: %{} is not a supported directive (use %Y %m %d %H %M %S %j %%)",
+                    other.map(String::from).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Message templates as a kind of versioned source.
+#[derive(Debug, Default)]
+pub struct MessageTemplates;
+
+impl SourceKind for MessageTemplates {
+    type Compiled = MessageTemplate;
+    type Error = TemplateError;
+    const NOUN: &'static str = "template";
+    const NAME_RULE: &'static str = "use a lowercase letter or digit followed by lowercase letters, digits, - or _ (at most 64)";
+
+    fn is_name(name: &str) -> bool {
+        let mut bytes = name.bytes();
+        matches!(bytes.next(), Some(b) if b.is_ascii_lowercase() || b.is_ascii_digit())
+            && name.len() <= 64
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    }
+
+    fn check(&self, name: &str, source: &str) -> Result<MessageTemplate, TemplateError> {
+        MessageTemplate::compile(name, source)
+    }
+}
+
+/// Every account's message templates.
+pub type TemplateStore = SourceStore<MessageTemplates>;
+
+/// A template's current version, compiled.
+pub type CompiledTemplate = Compiled<MessageTemplate>;
+
+/// Why a template store operation failed.
+pub type TemplateStoreError = SourceStoreError<TemplateError>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! Sending with a message template ([`crate::message_template`]): a
+//! `send_email` or `send_sms` step's `template`, `context` and
+//! `recipients`, resolved into one message per recipient, each rendered
+//! with that recipient in scope.
+//!
+//! The context is checked against the template's schema before anything is
+//! sent (a failure is permanent and names the field and the rule). A
+//! recipient is a contact (by key, msisdn or e-mail), whose `recipient` is
+//! `key`, `name`, `email`, `phone`, `language` and `fields`; or a
+//! `{ name, email, phone }` table, which is its `recipient` as given. One
+//! without an address for the channel is not sent to, and says why.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use crate::message_template::{Rendered, TemplateChannel, TemplateStore, TemplateStoreError};
+use crate::records::contacts::{normalize_email, normalize_msisdn};
+use crate::records::{Contacts, IdempotencyKeys};
+use crate::{StepError, StepInput};
+
+/// What a templated send sends.
+#[derive(Debug)]
+pub(crate) struct Templated {
+    /// The template's slug.
+    pub slug: String,
+    /// The version used.
+    pub version: u64,
+    /// How long a message's idempotency key holds.
+    pub window: std::time::Duration,
+    /// One per recipient, in the order given.
+    pub messages: Vec<Outgoing>,
+}
+
+/// The template a send used.
+#[derive(Debug, Clone)]
+pub(crate) struct TemplateUse {
+    /// Its slug.
+    pub slug: String,
+    /// The version.
+    pub version: u64,
+    /// How long a message's idempotency key holds.
+    pub window: std::time::Duration,
+}
+
+impl Templated {
+    /// The template used, apart from the messages.
+    pub fn split(self) -> (TemplateUse, Vec<Outgoing>) {
+        (
+            TemplateUse {
+                slug: self.slug,
+                version: self.version,
+                window: self.window,
+            },
+            self.messages,
+        )
+    }
+}
+
+impl TemplateUse {
+    /// As a step's output shows it.
+    pub fn output(&self) -> Value {
+        json!({"slug": self.slug, "version": self.version})
+    }
+}
+
+/// The scope a template's idempotency keys are claimed in (with the
+/// template's slug): across the account's chains and steps.
+const KEY_SCOPE: &str = "~template";
+
+/// One recipient's message.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// To send to `address`, as rendered for its recipient.
+    Send {
+        /// The normalised address (e-mail or msisdn).
+        address: String,
+        /// Every part, rendered.
+        rendered: Rendered,
+    },
+    /// Not sent: the recipient (as shown) and why.
+    Skip {
+        /// The recipient: an address, a name or a contact's key.
+        shown: String,
+        /// Why nothing is sent to it.
+        reason: String,
+    },
+}
+
+/// Where templated sends find templates and contacts, and claim their
+/// idempotency keys.
+#[derive(Debug, Clone)]
+pub(crate) struct TemplatePorts {
+    /// The account templates (none: a dispatcher without a template store).
+    pub templates: Option<Arc<TemplateStore>>,
+    /// The account contacts.
+    pub contacts: Arc<dyn Contacts>,
+    /// Where a template's `idempotency` keys are claimed.
+    pub idempotency: Arc<dyn IdempotencyKeys>,
+}
+
+impl TemplatePorts {
+    /// Resolves a step's rendered `config` (its `template`, `context` and
+    /// `recipients`) for `channel`: everything checked before anything is
+    /// sent.
+    pub fn prepare(
+        &self,
+        input: &StepInput<'_>,
+        config: &Map<String, Value>,
+        channel: TemplateChannel,
+    ) -> Result<Templated, StepError> {
+        let account = &input.event.account_key;
+        let slug = match config.get("template") {
+            Some(Value::String(s)) => s.clone(),
+            other => {
+                return Err(StepError::permanent(format!(
+                    "config.template: must be a template's slug, not {}",
+                    other.map_or("nothing".to_string(), Value::to_string)
+                )));
+            }
+        };
+        let store = self.templates.as_ref().ok_or_else(|| {
+            StepError::permanent("this dispatcher has no template store".to_string())
+        })?;
+        let compiled = match store.compiled(account, &slug) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(StepError::permanent(format!(
+                    "account {account} has no template named {slug:?} (`switchboard templates put {account} {slug} FILE`)"
+                )));
+            }
+            Err(TemplateStoreError::Records(e)) => {
+                return Err(StepError::retryable(
+                    format!("reading template {slug:?}: {e}"),
+                    None,
+                ));
+            }
+            Err(e) => return Err(StepError::permanent(e.to_string())),
+        };
+        let template = &compiled.compiled;
+        if template.channel() != channel {
+            return Err(StepError::permanent(format!(
+                "template {slug:?} is an {} template; this step sends {}",
+                template.channel().name(),
+                channel.name()
+            )));
+        }
+        let context = config
+            .get("context")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        template.check_context(&context).map_err(|e| {
+            StepError::permanent(format!("template {slug:?} v{}: {e}", compiled.version))
+        })?;
+        let people = match config.get("recipients") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(one) => vec![one.clone()],
+            None => Vec::new(),
+        };
+        let mut messages = Vec::with_capacity(people.len());
+        for person in people {
+            let recipient = match self.recipient(input, person)? {
+                Ok(r) => r,
+                Err(skip) => {
+                    messages.push(skip);
+                    continue;
+                }
+            };
+            let mut recipient = recipient;
+            let address = match address(&recipient, channel) {
+                Ok((field, a)) => {
+                    // Templates (and idempotency keys) see the address
+                    // as it is sent to.
+                    recipient[field] = json!(a);
+                    a
+                }
+                Err(reason) => {
+                    messages.push(Outgoing::Skip {
+                        shown: shown(&recipient),
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            let rendered = template.render(&context, &recipient).map_err(|e| {
+                StepError::permanent(format!(
+                    "template {slug:?} v{} for {address}: {e}",
+                    compiled.version
+                ))
+            })?;
+            messages.push(Outgoing::Send { address, rendered });
+        }
+        Ok(Templated {
+            slug,
+            version: compiled.version,
+            window: template.idempotency_window(),
+            messages,
+        })
+    }
+
+    /// Claims message `index`'s idempotency key (its template's
+    /// `idempotency` part, rendered for its recipient) for the message
+    /// about to be sent; `Some(reason)` when another message holds it
+    /// within the window, and this one is not to be sent. The claimant is
+    /// the message's own id, so a step run again wins its own claim.
+    pub fn claim(
+        &self,
+        input: &StepInput<'_>,
+        index: usize,
+        used: &TemplateUse,
+        key: &str,
+    ) -> Result<Option<String>, StepError> {
+        let (slug, window) = (used.slug.as_str(), used.window);
+        let claimant = input.child_id(index).to_string();
+        match self.idempotency.claim(
+            &input.event.account_key,
+            KEY_SCOPE,
+            slug,
+            key,
+            window,
+            &claimant,
+        ) {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(format!(
+                "template {slug:?}: idempotency key {key:?} was sent to within {}",
+                humantime_window(window)
+            ))),
+            Err(e) => Err(StepError::retryable(
+                format!("claiming template {slug:?}'s idempotency key: {e}"),
+                None,
+            )),
+        }
+    }
+
+    /// Gives message `index`'s claim on `key` back: it failed for good, so
+    /// another message may be sent with the key.
+    pub fn release(&self, input: &StepInput<'_>, index: usize, slug: &str, key: &str) {
+        let claimant = input.child_id(index).to_string();
+        if let Err(e) =
+            self.idempotency
+                .release(&input.event.account_key, KEY_SCOPE, slug, key, &claimant)
+        {
+            tracing::warn!(account = %input.event.account_key, template = slug, error = %e,
+                "giving a failed message's idempotency key back failed; the key holds until its window ends");
+        }
+    }
+
+    /// A recipient as templates see it, or why there is none.
+    fn recipient(
+        &self,
+        input: &StepInput<'_>,
+        person: Value,
+    ) -> Result<Result<Value, Outgoing>, StepError> {
+        let account = &input.event.account_key;
+        match person {
+            Value::String(id) => match self.contacts.lookup(account, &id) {
+                Ok(Some(c)) => Ok(Ok(json!({
+                    "key": c.key,
+                    "name": c.name,
+                    "email": c.email,
+                    "phone": c.msisdn,
+                    "language": c.language,
+                    "fields": c.fields,
+                }))),
+                Ok(None) => Ok(Err(Outgoing::Skip {
+                    shown: id.clone(),
+                    reason: format!("account {account} has no contact {id:?}"),
+                })),
+                Err(e) => Err(StepError::retryable(
+                    format!("looking up contact {id:?}: {e}"),
+                    None,
+                )),
+            },
+            person @ Value::Object(_) => Ok(Ok(person)),
+            other => Ok(Err(Outgoing::Skip {
+                shown: other.to_string(),
+                reason: "a recipient is a contact's key or a { name, email, phone } table"
+                    .to_string(),
+            })),
+        }
+    }
+}
+
+/// The recipient's address for `channel` (its field and the address,
+/// normalised), or why it has none.
+fn address(recipient: &Value, channel: TemplateChannel) -> Result<(&'static str, String), String> {
+    type Normalize = fn(&str) -> Result<String, String>;
+    let (field, what, normalize): (&'static str, &str, Normalize) = match channel {
+        TemplateChannel::Email => ("email", "e-mail address", normalize_email),
+        TemplateChannel::Sms => ("phone", "phone number", normalize_msisdn),
+    };
+    match recipient.get(field) {
+        Some(Value::String(raw)) if !raw.trim().is_empty() => normalize(raw)
+            .map(|a| (field, a))
+            .map_err(|e| format!("{field} {raw:?} is not a valid {what}: {e}")),
+        _ => Err(format!("the recipient has no {what}")),
+    }
+}
+
+/// The recipient as a record shows it: its address for any channel, its
+/// name or its key.
+fn shown(recipient: &Value) -> String {
+    ["email", "phone", "name", "key"]
+        .iter()
+        .find_map(|k| recipient.get(*k).and_then(Value::as_str))
+        .unwrap_or("(unnamed)")
+        .to_string()
+}
+
+/// A window as people write it: `24h`, `90m`, `45s`.
+fn humantime_window(window: std::time::Duration) -> String {
+    let secs = window.as_secs();
+    if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}

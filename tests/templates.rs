@@ -1,0 +1,509 @@
+//! Message templates: each account's e-mail and SMS messages by slug,
+//! versioned, through the CLI and the API.
+
+use serde_json::{Value, json};
+
+use crate::util::Dispatcher;
+
+const SIGNED_UP_V1: &str = r#"
+channel = "email"
+subject = "Welcome"
+text = "Hello"
+"#;
+
+const SIGNED_UP_V2: &str = r#"
+slug = "signed-up"
+channel = "email"
+subject = "Welcome, {{ recipient.name }}"
+html = """<p>Hi {{ recipient.name }},
+your plan is <b>{{ context.plan }}</b>.</p>"""
+text = "Hi {{ recipient.name }}, your plan is {{ context.plan }}."
+idempotency = "{{ template }}:{{ recipient.email }}"
+
+[context]
+type = "object"
+required = ["plan"]
+properties.plan = { type = "string" }
+"#;
+
+async fn api(
+    d: &Dispatcher,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    d.request(
+        method,
+        path,
+        Some(d.admin_token()),
+        body.map(str::to_string),
+    )
+    .await
+}
+
+/// A template is put from a file, versioned, listed, shown at any version,
+/// rendered per recipient with its HTML escaped and its context checked,
+/// and removed with its history kept.
+#[tokio::test]
+async fn templates_are_versioned_rendered_per_recipient_and_checked() {
+    let d = Dispatcher::embedded();
+    let v1 = d.file("v1.toml", SIGNED_UP_V1);
+    let v2 = d.file("v2.toml", SIGNED_UP_V2);
+    let path = |p: &std::path::PathBuf| p.to_str().expect("a UTF-8 path").to_string();
+    let out = d
+        .cli(&["templates", "put", "acme", "signed-up", &path(&v1)])
+        .await;
+    assert!(
+        out.ok()
+            .contains("as email template signed-up of account acme, version 1"),
+        "{out:?}"
+    );
+    let out = d
+        .cli(&["templates", "put", "acme", "signed-up", &path(&v2)])
+        .await;
+    assert!(out.ok().contains("version 2"), "{out:?}");
+
+    let list = d.cli(&["templates", "list", "acme"]).await;
+    let row = list
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("signed-up"))
+        .unwrap_or_else(|| panic!("no row: {list:?}"))
+        .to_string();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..3], ["signed-up", "email", "2"], "{row}");
+    let shown = d
+        .cli(&["templates", "show", "acme", "signed-up", "--at", "1"])
+        .await;
+    assert!(shown.ok().contains("subject = \"Welcome\""), "{shown:?}");
+    assert!(shown.ok().contains("version 1"), "{shown:?}");
+
+    let rendered = d
+        .cli(&[
+            "templates",
+            "test",
+            "acme",
+            "signed-up",
+            "--context",
+            r#"{"plan": "<gold>"}"#,
+            "--recipient",
+            r#"{"name": "Ada & co", "email": "ada@example.org"}"#,
+        ])
+        .await;
+    let text = rendered.ok();
+    for expected in [
+        "--- subject\nWelcome, Ada & co",
+        "--- html\n<p>Hi Ada &amp; co,\nyour plan is <b>&lt;gold&gt;</b>.</p>",
+        "--- text\nHi Ada & co, your plan is <gold>.",
+        "--- idempotency\nsigned-up:ada@example.org",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+
+    // A context that breaks the schema: the field and the rule.
+    let (status, answer) = api(
+        &d,
+        reqwest::Method::POST,
+        "/v1/accounts/acme/templates/signed-up/test",
+        Some(r#"{"context": {"plan": 7}, "recipient": {"name": "Ada"}}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "context_invalid", "{answer}");
+    assert_eq!(answer["error"]["details"]["field"], "/plan", "{answer}");
+    let refused = d
+        .cli(&["templates", "test", "acme", "signed-up", "--context", "{}"])
+        .await;
+    assert_ne!(refused.code, Some(0));
+    assert!(
+        refused.stderr.contains("\"plan\" is a required property"),
+        "{refused:?}"
+    );
+
+    // A syntax error names the part, line and column; nothing is stored.
+    let broken = "channel = \"email\"\nsubject = \"Hi\"\nhtml = \"\"\"<p>ok</p>\n<p>{{ recipient.name }</p>\"\"\"\n";
+    let (status, answer) = api(
+        &d,
+        reqwest::Method::PUT,
+        "/v1/accounts/acme/templates/signed-up",
+        Some(broken),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "invalid_template", "{answer}");
+    let details = &answer["error"]["details"];
+    assert_eq!(
+        (details["part"].clone(), details["line"].clone()),
+        (json!("html"), json!(2)),
+        "{answer}"
+    );
+    assert!(
+        details["column"].as_u64().is_some_and(|c| c > 1),
+        "{answer}"
+    );
+    let file = d.file("broken.toml", broken);
+    let out = d
+        .cli(&["templates", "put", "acme", "signed-up", &path(&file)])
+        .await;
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("part `html` (line 2, column"),
+        "{out:?}"
+    );
+    let (_, current) = api(
+        &d,
+        reqwest::Method::GET,
+        "/v1/accounts/acme/templates/signed-up",
+        None,
+    )
+    .await;
+    assert_eq!(current["version"], 2, "{current}");
+
+    // Slugs are lowercase words.
+    let (status, answer) = api(
+        &d,
+        reqwest::Method::PUT,
+        "/v1/accounts/acme/templates/Bad%20Slug",
+        Some(SIGNED_UP_V1),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (400, json!("invalid_name")),
+        "{answer}"
+    );
+
+    // Removed: gone, its versions kept, the numbering goes on.
+    let out = d.cli(&["templates", "rm", "acme", "signed-up"]).await;
+    assert!(out.ok().contains("removed template signed-up"), "{out:?}");
+    let (status, _) = api(
+        &d,
+        reqwest::Method::GET,
+        "/v1/accounts/acme/templates/signed-up",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let versions = d.cli(&["templates", "versions", "acme", "signed-up"]).await;
+    assert_eq!(
+        versions
+            .ok()
+            .lines()
+            .filter(|l| l.starts_with("signed-up"))
+            .count(),
+        2,
+        "{versions:?}"
+    );
+    let out = d
+        .cli(&["templates", "put", "acme", "signed-up", &path(&v1)])
+        .await;
+    assert!(out.ok().contains("version 3"), "{out:?}");
+    let (_, globex) = api(
+        &d,
+        reqwest::Method::GET,
+        "/v1/accounts/globex/templates",
+        None,
+    )
+    .await;
+    assert_eq!(globex["templates"], json!([]), "{globex}");
+}
+
+/// A `send_email` step with a template: one message per recipient, each
+/// rendered for it (a contact created by an earlier step, a manual
+/// recipient), the HTML escaped; a recipient without an e-mail address is
+/// recorded as skipped with the reason; a context that breaks the
+/// template's schema fails the step for good and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_is_sent_to_each_recipient_rendered_for_it() {
+    use crate::peers::SmtpSink;
+    use crate::util::{TIMEOUT, wait_until};
+
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"Switchboard <noreply@example.org>\"\n",
+            smtp.port()
+        ),
+    );
+    let file = d.file("signed-up.toml", SIGNED_UP_V2);
+    d.cli(&[
+        "templates",
+        "put",
+        "acme",
+        "signed-up",
+        file.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "welcome"
+event_type = "signed_up"
+
+[[chains.steps]]
+handler = "create_contact"
+config = { email = "{{ event.event_data.email }}", name = "{{ event.event_data.name }}" }
+
+[[chains.steps]]
+handler = "send_email"
+config = { template = "signed-up", context = { plan = "{{ event.event_data.plan }}" }, recipients = [
+  "{{ steps.create_contact.key }}",
+  { name = "Bob <the builder>", email = "BOB@example.org" },
+  { name = "Carol", phone = "+27820000003" },
+] }
+"#,
+    )
+    .await;
+    let sent = |plan: Value| {
+        let d = &d;
+        async move {
+            let id = d
+                .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+                    "conversation_type": "web", "event_type": "signed_up",
+                    "event_data": {"email": "ada@example.org", "name": "Ada & co", "plan": plan}}))
+                .await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+    let trace = sent(json!("<gold>")).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let mails = wait_until("two e-mails", TIMEOUT, || async {
+        let m = smtp.messages();
+        (m.len() >= 2).then_some(m)
+    })
+    .await;
+    let to = |address: &str| {
+        mails
+            .iter()
+            .find(|m| m["rcpt_tos"] == json!([address]))
+            .unwrap_or_else(|| panic!("no e-mail to {address}: {mails:#?}"))
+            .clone()
+    };
+    let ada = to("ada@example.org");
+    assert_eq!(ada["subject"], "Welcome, Ada & co");
+    assert_eq!(
+        ada["html"]
+            .as_str()
+            .expect("an HTML part")
+            .replace("\r\n", "\n")
+            .trim(),
+        "<p>Hi Ada &amp; co,\nyour plan is <b>&lt;gold&gt;</b>.</p>"
+    );
+    assert_eq!(
+        ada["text"].as_str().expect("a text part").trim(),
+        "Hi Ada & co, your plan is <gold>."
+    );
+    let bob = to("bob@example.org");
+    assert_eq!(bob["subject"], "Welcome, Bob <the builder>");
+    assert!(
+        bob["html"]
+            .as_str()
+            .expect("an HTML part")
+            .contains("Hi Bob &lt;the builder&gt;,"),
+        "{bob:#}"
+    );
+    assert_eq!(mails.len(), 2, "{mails:#?}");
+
+    let send = trace["chains"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["name"] == "send_email")
+        .expect("the send_email step")
+        .clone();
+    let out = &send["output"];
+    assert_eq!(
+        out["template"],
+        json!({"slug": "signed-up", "version": 1}),
+        "{send:#}"
+    );
+    let statuses: Vec<(Value, Value)> = out["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (m["to"].clone(), m["status"].clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (json!("ada@example.org"), json!("sent")),
+            (json!("bob@example.org"), json!("sent")),
+            (json!("+27820000003"), json!("skipped")),
+        ],
+        "{send:#}"
+    );
+    let carol = &out["messages"][2];
+    assert_eq!(
+        carol["reason"], "the recipient has no e-mail address",
+        "{carol}"
+    );
+    let (status, record) = d
+        .get(&format!(
+            "/v1/accounts/acme/messages/{}",
+            carol["message_id"].as_str().expect("an id")
+        ))
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["status"], "skipped", "{record}");
+
+    // A context that breaks the schema: dead, with the field named, and
+    // nothing more sent.
+    let trace = sent(json!(7)).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let text = trace.to_string();
+    assert!(
+        text.contains("/plan") && text.contains("is not of type"),
+        "{trace:#}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(smtp.messages().len(), 2);
+
+    // The same people again: the template's idempotency key (template and
+    // address) holds for its window, so nothing is sent a second time.
+    let trace = sent(json!("gold")).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let again = trace["chains"][0]["steps"][1]["output"]["messages"].clone();
+    for (i, address) in ["ada@example.org", "bob@example.org"].iter().enumerate() {
+        assert_eq!(again[i]["status"], "skipped", "{again:#}");
+        assert_eq!(
+            again[i]["reason"],
+            format!(
+                "template \"signed-up\": idempotency key \"signed-up:{address}\" was sent to within 24h"
+            ),
+            "{again:#}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(smtp.messages().len(), 2);
+
+    // A template a chain names is not removed; the step is named.
+    let out = d.cli(&["templates", "rm", "acme", "signed-up"]).await;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "template \"signed-up\" of account acme is used by chain welcome step send_email"
+        ),
+        "{out:?}"
+    );
+}
+
+/// A `send_sms` step with an SMS template: each recipient with a number
+/// gets its own text; one with only an e-mail address is skipped; an
+/// e-mail template is refused by an SMS step, naming both channels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sms_template_is_sent_to_each_number_rendered_for_it() {
+    use crate::peers::HttpReceiver;
+    use crate::util::{TIMEOUT, wait_until};
+
+    let receiver = HttpReceiver::start(std::time::Duration::ZERO);
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.sms.gateway]\ntype = \"http\"\nurl = \"{}/sms\"\nfrom = \"Switchboard\"\n",
+            receiver.url()
+        ),
+    );
+    for (slug, source) in [
+        (
+            "code",
+            "channel = \"sms\"\ntext = \"Hi {{ recipient.name }}, your code is {{ context.code }}\"\n[context]\nrequired = [\"code\"]\n",
+        ),
+        ("signed-up", SIGNED_UP_V1),
+    ] {
+        let (status, answer) = api(
+            &d,
+            reqwest::Method::PUT,
+            &format!("/v1/accounts/acme/templates/{slug}"),
+            Some(source),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "code"
+event_type = "code"
+
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}", name = "Ada" }
+
+[[chains.steps]]
+handler = "send_sms"
+config = { template = "{{ event.event_data.template }}", context = { code = "{{ event.event_data.code }}" }, recipients = [
+  "{{ event.event_data.msisdn }}",
+  { name = "Bob", phone = "+27820000002" },
+  { name = "Carol", email = "carol@example.org" },
+] }
+"#,
+    )
+    .await;
+    let run = |template: &str| {
+        let d = &d;
+        let template = template.to_string();
+        async move {
+            let id = d
+                .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+                    "conversation_type": "web", "event_type": "code",
+                    "event_data": {"msisdn": "+27820000001", "code": "4711", "template": template}}))
+                .await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+    let trace = run("code").await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let requests = wait_until("two SMS", TIMEOUT, || async {
+        let r = receiver.requests_to("/sms").await;
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    let mut texts: Vec<(String, String)> = requests
+        .iter()
+        .map(|r| {
+            let body: Value =
+                serde_json::from_str(r["body"].as_str().expect("a body")).expect("JSON");
+            (
+                body["to"].as_str().expect("to").to_string(),
+                body["content"].as_str().expect("content").to_string(),
+            )
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            (
+                "+27820000001".to_string(),
+                "Hi Ada, your code is 4711".to_string()
+            ),
+            (
+                "+27820000002".to_string(),
+                "Hi Bob, your code is 4711".to_string()
+            ),
+        ]
+    );
+    let send = trace["chains"][0]["steps"][1]["output"].clone();
+    assert_eq!(send["messages"][2]["status"], "skipped", "{send:#}");
+    assert_eq!(
+        send["messages"][2]["reason"], "the recipient has no phone number",
+        "{send:#}"
+    );
+
+    let trace = run("signed-up").await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    assert!(
+        trace
+            .to_string()
+            .contains("template \\\"signed-up\\\" is an email template; this step sends sms"),
+        "{trace:#}"
+    );
+}
