@@ -350,6 +350,34 @@ config = { template = "signed-up", context = { plan = "{{ event.event_data.plan 
         .await;
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["status"], "skipped", "{record}");
+    assert_eq!(
+        record["template"],
+        json!({"slug": "signed-up", "version": 1})
+    );
+    // The record of a sent one keeps what was sent: both bodies, the
+    // subject, the template and its version.
+    let (_, record) = d
+        .get(&format!(
+            "/v1/accounts/acme/messages/{}",
+            out["messages"][0]["message_id"].as_str().expect("an id")
+        ))
+        .await;
+    assert_eq!(
+        record["template"],
+        json!({"slug": "signed-up", "version": 1}),
+        "{record}"
+    );
+    assert_eq!(record["subject"], "Welcome, Ada & co", "{record}");
+    assert_eq!(
+        record["body"], "Hi Ada & co, your plan is <gold>.",
+        "{record}"
+    );
+    assert!(
+        record["html"]
+            .as_str()
+            .is_some_and(|h| h.contains("<b>&lt;gold&gt;</b>")),
+        "{record}"
+    );
 
     // A context that breaks the schema: dead, with the field named, and
     // nothing more sent.

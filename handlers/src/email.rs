@@ -186,7 +186,7 @@ impl Handler for SendEmail {
                     let record = crate::records::messages::record_skipped(
                         self.messages.as_ref(),
                         input,
-                        (i, Channel::Email),
+                        (i, Channel::Email, template.as_ref()),
                         shown,
                         provider.clone(),
                         &reason,
@@ -204,7 +204,7 @@ impl Handler for SendEmail {
                 let record = crate::records::messages::record_skipped(
                     self.messages.as_ref(),
                     input,
-                    (i, Channel::Email),
+                    (i, Channel::Email, template.as_ref()),
                     recipient,
                     provider.clone(),
                     &reason,
@@ -217,19 +217,19 @@ impl Handler for SendEmail {
             let text = rendered.text.unwrap_or_default();
             let record = self
                 .messages
-                .record(MessageRecord::for_step(
-                    input,
-                    i,
-                    Channel::Email,
-                    recipient.clone(),
-                    if text.is_empty() {
-                        rendered.html.clone().unwrap_or_default()
-                    } else {
-                        text.clone()
-                    },
-                    Some(subject.clone()),
-                    provider.clone(),
-                ))
+                .record(MessageRecord {
+                    html: rendered.html.clone(),
+                    template: template.as_ref().map(TemplateUse::reference),
+                    ..MessageRecord::for_step(
+                        input,
+                        i,
+                        Channel::Email,
+                        recipient.clone(),
+                        text.clone(),
+                        Some(subject.clone()),
+                        provider.clone(),
+                    )
+                })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = if record.unsent() {
                 let email = Email {

@@ -411,7 +411,7 @@ impl Handler for SendSms {
                     let record = crate::records::messages::record_skipped(
                         self.messages.as_ref(),
                         input,
-                        (i, Channel::Sms),
+                        (i, Channel::Sms, template.as_ref()),
                         shown,
                         provider_name.clone(),
                         &reason,
@@ -429,7 +429,7 @@ impl Handler for SendSms {
                 let record = crate::records::messages::record_skipped(
                     self.messages.as_ref(),
                     input,
-                    (i, Channel::Sms),
+                    (i, Channel::Sms, template.as_ref()),
                     recipient,
                     provider_name.clone(),
                     &reason,
@@ -440,15 +440,18 @@ impl Handler for SendSms {
             }
             let record = self
                 .messages
-                .record(MessageRecord::for_step(
-                    input,
-                    i,
-                    Channel::Sms,
-                    recipient,
-                    body.text.clone().unwrap_or_default(),
-                    None,
-                    provider_name.clone(),
-                ))
+                .record(MessageRecord {
+                    template: template.as_ref().map(TemplateUse::reference),
+                    ..MessageRecord::for_step(
+                        input,
+                        i,
+                        Channel::Sms,
+                        recipient,
+                        body.text.clone().unwrap_or_default(),
+                        None,
+                        provider_name.clone(),
+                    )
+                })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             // A re-run step does not send again what was already sent.
             let record = if record.unsent() {

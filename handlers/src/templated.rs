@@ -58,6 +58,14 @@ impl Templated {
 }
 
 impl TemplateUse {
+    /// As a message record keeps it.
+    pub fn reference(&self) -> crate::records::messages::TemplateRef {
+        crate::records::messages::TemplateRef {
+            slug: self.slug.clone(),
+            version: self.version,
+        }
+    }
+
     /// As a step's output shows it.
     pub fn output(&self) -> Value {
         json!({"slug": self.slug, "version": self.version})

@@ -212,6 +212,8 @@ mod tests {
             created_at: now,
             updated_at: now,
             transitions: Vec::new(),
+            html: None,
+            template: None,
         };
         messages.record(record.clone()).unwrap();
         messages

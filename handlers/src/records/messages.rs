@@ -163,6 +163,21 @@ pub struct MessageRecord {
     pub updated_at: OffsetDateTime,
     /// Every status change, oldest first.
     pub transitions: Vec<Transition>,
+    /// The rendered HTML part of an e-mail, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// The message template it was rendered from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
+}
+
+/// A message template and the version a message was rendered from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    /// The template's slug.
+    pub slug: String,
+    /// Its version.
+    pub version: u64,
 }
 
 impl MessageRecord {
@@ -194,6 +209,8 @@ impl MessageRecord {
             created_at: now,
             updated_at: now,
             transitions: Vec::new(),
+            html: None,
+            template: None,
         }
     }
 
@@ -304,28 +321,31 @@ impl Reported {
     }
 }
 
-/// Records a step's message `index` to `recipient` on `channel` as
-/// skipped for `reason` (a re-run step finds it so and leaves it): nothing
+/// Records a step's message `index` to `recipient` on `channel` (rendered
+/// from `template`, if one) as skipped for `reason` (a re-run step finds it so and leaves it): nothing
 /// was sent to its recipient.
 pub(crate) fn record_skipped(
     messages: &dyn Messages,
     input: &crate::StepInput<'_>,
-    (index, channel): (usize, Channel),
+    (index, channel, template): (usize, Channel, Option<&crate::templated::TemplateUse>),
     recipient: String,
     provider: String,
     reason: &str,
 ) -> Result<MessageRecord, crate::StepError> {
     let failed =
         |e: RecordError| crate::StepError::retryable(format!("recording the message: {e}"), None);
-    let message = MessageRecord::for_step(
-        input,
-        index,
-        channel,
-        recipient,
-        String::new(),
-        None,
-        provider,
-    );
+    let message = MessageRecord {
+        template: template.map(crate::templated::TemplateUse::reference),
+        ..MessageRecord::for_step(
+            input,
+            index,
+            channel,
+            recipient,
+            String::new(),
+            None,
+            provider,
+        )
+    };
     let record = messages.record(message).map_err(failed)?;
     if record.status != MessageStatus::Pending {
         return Ok(record);
@@ -412,6 +432,8 @@ mod tests {
             created_at: now,
             updated_at: now,
             transitions: Vec::new(),
+            html: None,
+            template: None,
         };
         m.start();
         for source in sources {
