@@ -181,38 +181,25 @@ impl Handler for SendEmail {
         } = self.prepare(input)?;
         let mut sent = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
-            let (recipient, rendered) = match outgoing {
-                Outgoing::Skip { shown, reason } => {
-                    let record = crate::records::messages::record_skipped(
-                        self.messages.as_ref(),
-                        input,
-                        (i, Channel::Email, template.as_ref()),
-                        shown,
-                        provider.clone(),
-                        &reason,
-                    )?;
-                    sent.push(json!({"message_id": record.id, "to": record.recipient,
-                        "status": record.status, "reason": reason}));
-                    continue;
-                }
-                Outgoing::Send { address, rendered } => (address, rendered),
-            };
+            let (recipient, rendered) =
+                match self
+                    .templated
+                    .admit(input, i, template.as_ref(), outgoing)?
+                {
+                    Outgoing::Skip { shown, reason } => {
+                        sent.push(Value::Object(self.templated.skip(
+                            self.messages.as_ref(),
+                            input,
+                            (i, Channel::Email, template.as_ref()),
+                            (shown, provider.clone()),
+                            reason,
+                        )?));
+                        continue;
+                    }
+                    Outgoing::Send { address, rendered } => (address, rendered),
+                };
+            // Claimed by `admit`: given back if the send fails for good.
             let key = template.as_ref().zip(rendered.idempotency.as_deref());
-            if let Some((used, key)) = key
-                && let Some(reason) = self.templated.claim(input, i, used, key)?
-            {
-                let record = crate::records::messages::record_skipped(
-                    self.messages.as_ref(),
-                    input,
-                    (i, Channel::Email, template.as_ref()),
-                    recipient,
-                    provider.clone(),
-                    &reason,
-                )?;
-                sent.push(json!({"message_id": record.id, "to": record.recipient,
-                    "status": record.status, "reason": reason}));
-                continue;
-            }
             let subject = rendered.subject.unwrap_or_default();
             let text = rendered.text.unwrap_or_default();
             let record = self

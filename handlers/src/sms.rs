@@ -406,38 +406,27 @@ impl Handler for SendSms {
         let provider = &self.providers[&provider_name];
         let mut sent = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
-            let (recipient, body) = match outgoing {
-                Outgoing::Skip { shown, reason } => {
-                    let record = crate::records::messages::record_skipped(
-                        self.messages.as_ref(),
-                        input,
-                        (i, Channel::Sms, template.as_ref()),
-                        shown,
-                        provider_name.clone(),
-                        &reason,
-                    )?;
-                    sent.push(json!({"message_id": record.id, "remote_id": null,
-                        "to": record.recipient, "status": record.status, "reason": reason}));
-                    continue;
-                }
-                Outgoing::Send { address, rendered } => (address, rendered),
-            };
+            let (recipient, body) =
+                match self
+                    .templated
+                    .admit(input, i, template.as_ref(), outgoing)?
+                {
+                    Outgoing::Skip { shown, reason } => {
+                        let mut line = self.templated.skip(
+                            self.messages.as_ref(),
+                            input,
+                            (i, Channel::Sms, template.as_ref()),
+                            (shown, provider_name.clone()),
+                            reason,
+                        )?;
+                        line.insert("remote_id".into(), Value::Null);
+                        sent.push(Value::Object(line));
+                        continue;
+                    }
+                    Outgoing::Send { address, rendered } => (address, rendered),
+                };
+            // Claimed by `admit`: given back if the send fails for good.
             let key = template.as_ref().zip(body.idempotency.as_deref());
-            if let Some((used, key)) = key
-                && let Some(reason) = self.templated.claim(input, i, used, key)?
-            {
-                let record = crate::records::messages::record_skipped(
-                    self.messages.as_ref(),
-                    input,
-                    (i, Channel::Sms, template.as_ref()),
-                    recipient,
-                    provider_name.clone(),
-                    &reason,
-                )?;
-                sent.push(json!({"message_id": record.id, "remote_id": null,
-                    "to": record.recipient, "status": record.status, "reason": reason}));
-                continue;
-            }
             let record = self
                 .messages
                 .record(MessageRecord {

@@ -16,7 +16,8 @@ use serde_json::{Map, Value, json};
 
 use crate::message_template::{Rendered, TemplateChannel, TemplateStore, TemplateStoreError};
 use crate::records::contacts::{normalize_email, normalize_msisdn};
-use crate::records::{Contacts, IdempotencyKeys};
+use crate::records::messages::record_skipped;
+use crate::records::{Channel, Contacts, IdempotencyKeys, Messages};
 use crate::{StepError, StepInput};
 
 /// What a templated send sends.
@@ -206,38 +207,74 @@ impl TemplatePorts {
         })
     }
 
-    /// Claims message `index`'s idempotency key (its template's
-    /// `idempotency` part, rendered for its recipient) for the message
-    /// about to be sent; `Some(reason)` when another message holds it
-    /// within the window, and this one is not to be sent. The claimant is
-    /// the message's own id, so a step run again wins its own claim.
-    pub fn claim(
+    /// Message `index` as it is to go out: a send whose template's
+    /// `idempotency` key (rendered for its recipient) another message holds
+    /// within the template's window becomes a skip; otherwise the key is
+    /// claimed for it. The claimant is the message's own id, so a step run
+    /// again wins its own claim.
+    pub fn admit(
         &self,
         input: &StepInput<'_>,
         index: usize,
-        used: &TemplateUse,
-        key: &str,
-    ) -> Result<Option<String>, StepError> {
-        let (slug, window) = (used.slug.as_str(), used.window);
+        template: Option<&TemplateUse>,
+        outgoing: Outgoing,
+    ) -> Result<Outgoing, StepError> {
+        let (Some(used), Outgoing::Send { address, rendered }) = (template, &outgoing) else {
+            return Ok(outgoing);
+        };
+        let Some(key) = rendered.idempotency.as_deref() else {
+            return Ok(outgoing);
+        };
         let claimant = input.child_id(index).to_string();
         match self.idempotency.claim(
             &input.event.account_key,
             KEY_SCOPE,
-            slug,
+            &used.slug,
             key,
-            window,
+            used.window,
             &claimant,
         ) {
-            Ok(true) => Ok(None),
-            Ok(false) => Ok(Some(format!(
-                "template {slug:?}: idempotency key {key:?} was sent to within {}",
-                humantime_window(window)
-            ))),
+            Ok(true) => Ok(outgoing),
+            Ok(false) => Ok(Outgoing::Skip {
+                shown: address.clone(),
+                reason: format!(
+                    "template {:?}: idempotency key {key:?} was sent to within {}",
+                    used.slug,
+                    humantime_window(used.window)
+                ),
+            }),
             Err(e) => Err(StepError::retryable(
-                format!("claiming template {slug:?}'s idempotency key: {e}"),
+                format!("claiming template {:?}'s idempotency key: {e}", used.slug),
                 None,
             )),
         }
+    }
+
+    /// Records message `index` (to `shown`, on `channel`, from `template`
+    /// if one) as skipped for `reason`; returns its line of the step's
+    /// `messages`.
+    pub fn skip(
+        &self,
+        messages: &dyn Messages,
+        input: &StepInput<'_>,
+        (index, channel, template): (usize, Channel, Option<&TemplateUse>),
+        (shown, provider): (String, String),
+        reason: String,
+    ) -> Result<Map<String, Value>, StepError> {
+        let record = record_skipped(
+            messages,
+            input,
+            (index, channel, template),
+            shown,
+            provider,
+            &reason,
+        )?;
+        let mut line = Map::new();
+        line.insert("message_id".into(), json!(record.id));
+        line.insert("to".into(), json!(record.recipient));
+        line.insert("status".into(), json!(record.status));
+        line.insert("reason".into(), json!(reason));
+        Ok(line)
     }
 
     /// Gives message `index`'s claim on `key` back: it failed for good, so

@@ -150,17 +150,13 @@ impl<K: SourceKind> SourceStore<K> {
         &self.kind
     }
 
-    fn no_such(account: &AccountKey, name: &str) -> SourceStoreError<K::Error> {
+    /// The error for a source that is not there.
+    pub fn missing(account: &AccountKey, name: &str) -> SourceStoreError<K::Error> {
         SourceStoreError::NoSuch {
             noun: K::NOUN,
             account: account.to_string(),
             name: name.to_string(),
         }
-    }
-
-    /// The error for a source that is not there.
-    pub fn missing(account: &AccountKey, name: &str) -> SourceStoreError<K::Error> {
-        Self::no_such(account, name)
     }
 
     /// Compiles `source` and stores it as the next version of `name`.
@@ -272,7 +268,7 @@ impl<K: SourceKind> SourceStore<K> {
             .write()
             .expect("source cache lock")
             .remove(&(account.clone(), name.to_string()));
-        removed?.ok_or_else(|| Self::no_such(account, name))
+        removed?.ok_or_else(|| Self::missing(account, name))
     }
 
     /// Drops the compiled copy of a source that another replica changed:

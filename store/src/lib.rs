@@ -1130,14 +1130,11 @@ impl Store {
     /// before them and flushes it. (A failure of another writer's write in
     /// the span fails it too: never an `Ok` for a write that was lost.)
     pub async fn flush_span(&self, span: WriteSpan) -> Result<(), StoreError> {
+        let through = self.span();
+        self.flush().await?;
         match &self.partitioned {
-            Some(p) => {
-                let n = self.flushes.begun.fetch_add(1, Ordering::SeqCst) + 1;
-                p.commit_since(span.0).await?;
-                self.flushes.finished.fetch_max(n, Ordering::SeqCst);
-                Ok(())
-            }
-            None => self.flush().await,
+            Some(p) => p.check_span(span.0, through.0),
+            None => Ok(()),
         }
     }
 

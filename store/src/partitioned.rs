@@ -743,12 +743,10 @@ impl Partitioned {
         self.appender.last_number()
     }
 
-    /// Waits until the changelog acknowledged every write appended so far,
-    /// and fails if any appended after number `since` was refused or failed
-    /// (whichever commit its failure was told to).
-    pub(crate) async fn commit_since(&self, since: u64) -> Result<(), StoreError> {
-        let through = self.appender.last_number();
-        self.commit().await?;
+    /// Fails if a write numbered after `since` and up to `through` was
+    /// refused or failed (whichever commit its failure was told to): exact
+    /// once a commit asked for after write `through` has returned.
+    pub(crate) fn check_span(&self, since: u64, through: u64) -> Result<(), StoreError> {
         if self.appender.failed_since(since, through) {
             return Err(remote(format!(
                 "a write of the changelog after write {since} was refused or failed; \

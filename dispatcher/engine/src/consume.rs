@@ -80,12 +80,9 @@ pub async fn consume(
                 None => break,
             },
         };
-        // Taken before anything is written for the delivery (a poison
-        // delivery's dead letter, in `decode`).
-        let holding = executor.holding(delivery.account.as_deref());
         let event = match executor.decode(&delivery).await {
             Ok(event) => event,
-            Err(disposition) => {
+            Err((disposition, holding)) => {
                 // Poison: acked once its dead letter is durable.
                 if let Err(unsent) = settle.send((delivery, disposition, holding)).await {
                     let _ = unsent.0.0.nak(Duration::ZERO).await;

@@ -728,6 +728,27 @@ fn read_json_arg(arg: &str, flag: &str) -> Result<Value, CliError> {
     serde_json::from_str(&text).map_err(|e| input(format!("{shown} is not JSON: {e}")))
 }
 
+/// PUTs `file`'s text to `path`; a refusal is reported against the file.
+/// Returns the answer and the file as shown.
+async fn put_file<T: DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    file: &std::path::Path,
+    content_type: &str,
+) -> Result<(T, String), CliError> {
+    let shown = file.display().to_string();
+    let source =
+        std::fs::read_to_string(file).map_err(|e| input(format!("reading {shown}: {e}")))?;
+    let answer = client
+        .put_text(path, source, content_type)
+        .await
+        .map_err(|e| match e {
+            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
+            other => CliError::Client(other),
+        })?;
+    Ok((answer, shown))
+}
+
 /// `switchboard scripts put ACCOUNT NAME FILE`
 pub async fn scripts_put(
     client: &Client,
@@ -737,20 +758,13 @@ pub async fn scripts_put(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let shown = file.display().to_string();
-    let source =
-        std::fs::read_to_string(file).map_err(|e| input(format!("reading {shown}: {e}")))?;
-    let answer: StoredScript = client
-        .put_text(
-            &paths::script(a.as_str(), name),
-            source,
-            "text/plain; charset=utf-8",
-        )
-        .await
-        .map_err(|e| match e {
-            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
-            other => CliError::Client(other),
-        })?;
+    let (answer, shown): (StoredScript, String) = put_file(
+        client,
+        &paths::script(a.as_str(), name),
+        file,
+        "text/plain; charset=utf-8",
+    )
+    .await?;
     if json_out {
         return Ok(pretty(&answer));
     }

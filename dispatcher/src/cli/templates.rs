@@ -16,20 +16,13 @@ pub async fn templates_put(
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let shown = file.display().to_string();
-    let source =
-        std::fs::read_to_string(file).map_err(|e| input(format!("reading {shown}: {e}")))?;
-    let answer: Template = client
-        .put_text(
-            &paths::template(a.as_str(), slug),
-            source,
-            "application/toml; charset=utf-8",
-        )
-        .await
-        .map_err(|e| match e {
-            ClientError::Api { message, .. } => input(format!("{shown}: {message}")),
-            other => CliError::Client(other),
-        })?;
+    let (answer, shown): (Template, String) = put_file(
+        client,
+        &paths::template(a.as_str(), slug),
+        file,
+        "application/toml; charset=utf-8",
+    )
+    .await?;
     if json_out {
         return Ok(pretty(&answer));
     }

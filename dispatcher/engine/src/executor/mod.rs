@@ -166,10 +166,14 @@ impl Executor {
 
     /// Decodes a delivery. Poison — bad JSON, a schema violation, an
     /// oversize payload, an event on the wrong subject — is filed in dead
-    /// letters with the reason, and `Err` is returned with the disposition:
-    /// ack it once the letter is durable, or try again if it could not be
-    /// filed. Only first deliveries count as received.
-    pub async fn decode(&self, delivery: &Delivery) -> Result<VumiApiEvent, Disposition> {
+    /// letters with the reason, and `Err` is returned with the disposition
+    /// (ack it once the letter is durable, or try again if it could not be
+    /// filed) and what the letter was written under, taken before it was
+    /// (see [`Executor::holding`]). Only first deliveries count as received.
+    pub async fn decode(
+        &self,
+        delivery: &Delivery,
+    ) -> Result<VumiApiEvent, (Disposition, Holding)> {
         let (subject, first) = (delivery.subject.as_str(), delivery.attempt == 1);
         match decode::decode(
             subject,
@@ -195,11 +199,12 @@ impl Executor {
                 }
                 tracing::warn!(subject, account = letter.account_key, error = %letter.error,
                     "poison message: filed in dead letters");
+                let holding = self.holding(delivery.account.as_deref());
                 match self.file_dead_letter(&letter).await {
-                    Ok(()) => Err(Disposition::Ack),
+                    Ok(()) => Err((Disposition::Ack, holding)),
                     Err(e) => {
                         tracing::error!(error = %e, subject, "filing a poison message failed; it will be tried again");
-                        Err(Disposition::Retry(INFRA_RETRY))
+                        Err((Disposition::Retry(INFRA_RETRY), holding))
                     }
                 }
             }
