@@ -438,9 +438,76 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
     .map(|r| r.expect("a record"))
     .collect();
     let writes = latest(&records);
-    let keys: std::collections::HashSet<String> = writes.iter().map(|w| w.1.clone()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let twice: Vec<&String> = writes
+        .iter()
+        .map(|w| &w.1)
+        .filter(|k| !seen.insert(*k))
+        .collect();
+    assert!(twice.is_empty(), "writes stored twice: {twice:?}");
     assert_eq!(writes.len(), rounds * per_round);
-    assert_eq!(keys.len(), rounds * per_round);
+}
+
+/// What a batch sent again relies on: the stream refuses an atomic batch
+/// whose first write carries the message id of one it stored, storing
+/// nothing of it (so the appender counts it as stored, never twice).
+#[tokio::test]
+async fn the_stream_refuses_a_stored_batch_sent_again_whole() {
+    use async_nats::header::{
+        NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_MESSAGE_ID,
+    };
+    use async_nats::jetstream::ErrorCode;
+    let nats = NatsServer::start();
+    let js = jetstream(&nats).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BATCHES".into(),
+        subjects: vec!["batches.>".into()],
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .expect("making a stream");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let batch = uuid::Uuid::new_v4().simple().to_string();
+        for i in 1..=3 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(NATS_BATCH_ID, batch.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, i.to_string().as_str());
+            if i == 1 {
+                headers.insert(NATS_MESSAGE_ID, "writer-17");
+            }
+            let subject = format!("batches.{i}");
+            if i < 3 {
+                js.client()
+                    .publish_with_headers(subject, headers, "v".into())
+                    .await
+                    .expect("publishing");
+            } else {
+                headers.insert(NATS_BATCH_COMMIT, "1");
+                let ack = js
+                    .publish_with_headers(subject, headers, "v".into())
+                    .await
+                    .expect("publishing");
+                answers.push(ack.await);
+            }
+        }
+    }
+    assert!(answers[0].is_ok(), "the first send: {:?}", answers[0]);
+    let code = answers[1]
+        .as_ref()
+        .err()
+        .and_then(std::error::Error::source)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|e| e.error_code());
+    assert_eq!(
+        code,
+        Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE),
+        "the second send: {:?}",
+        answers[1]
+    );
+    let mut stream = js.get_stream("BATCHES").await.expect("the stream");
+    assert_eq!(stream.info().await.expect("its info").state.messages, 3);
 }
 
 /// A partition's reader sees that partition's records only; a sync mark is

@@ -663,6 +663,9 @@ async fn append_task(
     let mut doomed: BTreeMap<u64, ChangelogError> = BTreeMap::new();
     // A failure no waiting commit was told of: the next commit's answer.
     let mut untold: Option<ChangelogError> = None;
+    // Names this appender's batches so that one sent again after its
+    // answer was lost is known as stored ([`publish_batch`]).
+    let writer: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let mut open = true;
     while open || !flights.is_empty() {
         // A batch for each partition with writes waiting and none in flight:
@@ -681,12 +684,13 @@ async fn append_task(
             }
             busy.insert(*p);
             let js = js.clone();
+            let writer = Arc::clone(&writer);
             let refused = broken.lock().expect("broken lock").get(&term).cloned();
             flights.push(async move {
                 let numbers: Vec<u64> = batch.iter().map(|w| w.0).collect();
                 let published = match refused {
                     Some(e) => Err(e),
-                    None => publish_term_batch(&js, publishing, term, &batch).await,
+                    None => publish_term_batch(&js, publishing, &writer, term, &batch).await,
                 };
                 (term, numbers, published)
             });
@@ -753,13 +757,15 @@ const RETRY_FOR: Duration = Duration::from_secs(20);
 
 /// Publishes `batch` under `term`, sending it again while the stream is
 /// unavailable (with a pause growing to a second) until it is stored,
-/// fenced, refused, or [`RETRY_FOR`] has passed. Sending a batch again is safe: an atomic batch
-/// was stored whole or not at all, and writes sent one by one are sent
+/// fenced, refused, or [`RETRY_FOR`] has passed. Sending a batch again is
+/// safe: an atomic batch was stored whole or not at all (and once only,
+/// [`publish_batch`]), and writes sent one by one are sent
 /// again in their order, so each key ends with the batch's last value for
 /// it, and the fence still refuses all of them once another term began.
 async fn publish_term_batch(
     js: &jetstream::Context,
     publishing: Publishing,
+    writer: &str,
     term: Term,
     batch: &[Queued],
 ) -> Result<(), ChangelogError> {
@@ -767,7 +773,7 @@ async fn publish_term_batch(
     let mut pause = Duration::from_millis(50);
     loop {
         let result = match publishing {
-            Publishing::Atomic => publish_batch(js, term, batch).await,
+            Publishing::Atomic => publish_batch(js, writer, term, batch).await,
             Publishing::EachFenced => publish_each(js, term, batch).await,
         };
         let e = match result {
@@ -944,8 +950,17 @@ const NOT_READY_TRIES: u32 = 50;
 
 /// Publishes `batch` under `term` as one atomic batch, fenced by the term's
 /// epoch; the stream stores all of it or none.
+///
+/// The batch's first write carries a message id made of `writer` and its
+/// number: a batch sent again after the stream stored it but its answer was
+/// lost (the leader lost between the two) is refused by the stream's
+/// duplicate window as containing a stored id, storing nothing, and counts
+/// as stored, so no batch is stored twice. A batch the stream dropped part
+/// of (its first writes sent to a leader that then went away) is sent again
+/// whole under a new batch id.
 async fn publish_batch(
     js: &jetstream::Context,
+    writer: &str,
     term: Term,
     batch: &[Queued],
 ) -> Result<(), ChangelogError> {
@@ -958,6 +973,7 @@ async fn publish_batch(
         ))
     };
     let last = batch.len() - 1;
+    let message_id = format!("{writer}-{}", batch[0].0);
     for _ in 0..NOT_READY_TRIES {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut result = Ok(());
@@ -968,6 +984,9 @@ async fn publish_batch(
                 async_nats::header::NATS_BATCH_SEQUENCE,
                 (i + 1).to_string().as_str(),
             );
+            if i == 0 {
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+            }
             let subject = write_subject(term.partition, change);
             let payload = change.value.clone().unwrap_or_default();
             if i < last {
@@ -997,15 +1016,29 @@ async fn publish_batch(
         let code = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<JsError>())
             .map(|s| s.error_code());
-        if matches!(
-            code,
+        match code {
+            // Stored by an earlier send whose answer was lost.
+            Some(ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) => return Ok(()),
             Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
-                | Some(ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY)
-        ) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+            | Some(ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            // The batch as sent can never be stored: sending it again
+            // would not help.
+            Some(
+                ErrorCode::ATOMIC_PUBLISH_DISABLED
+                | ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER
+                | ErrorCode::ATOMIC_PUBLISH_INVALID_BATCH_ID
+                | ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH
+                | ErrorCode::ATOMIC_PUBLISH_INVALID_BATCH_COMMIT,
+            ) => return Err(batch_failed(term, batch.len(), &e)),
+            // Any other answer from the stream (a batch missing writes sent
+            // to a leader that went away, too many batches in flight, the
+            // cluster electing a leader) may pass once sent again.
+            Some(_) => return Err(unavailable(&e)),
+            None => return Err(send_failed(term, batch.len(), &e)),
         }
-        return Err(send_failed(term, batch.len(), &e));
     }
     Err(unavailable(
         &"the stream kept answering that it cannot check the partition's epoch yet",
