@@ -72,6 +72,9 @@ enum Command {
     /// Manage an account's message templates (e-mail and SMS, by slug).
     #[command(subcommand)]
     Templates(TemplatesCommand),
+    /// Show the chains paused by a `delay` step, and when each goes on.
+    #[command(subcommand)]
+    Timers(TimersCommand),
     /// List the handlers a chain step can run, with the options each takes
     /// (and, given an account, its scripts).
     Handlers {
@@ -425,6 +428,17 @@ enum ChainsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TimersCommand {
+    /// List an account's pending timers, the soonest first.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TemplatesCommand {
     /// Compile a template file (TOML) and store it as the next version of SLUG.
     Put {
@@ -763,6 +777,9 @@ async fn main() -> ExitCode {
                 remote,
             } => cli::scripts_rm(&remote.client(), &account, &name, remote.json).await,
         }),
+        Command::Timers(TimersCommand::List { account, remote }) => {
+            print(cli::timers_list(&remote.client(), &account, remote.json).await)
+        }
         Command::Templates(c) => print(match c {
             TemplatesCommand::Put {
                 account,

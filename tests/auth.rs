@@ -170,6 +170,8 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/event-kinds", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/counts",
             |f| format!("/v1/accounts/{}/counts", f.account), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/timers",
+            |f| format!("/v1/accounts/{}/timers", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/events",
             |f| format!("/v1/accounts/{}/events", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/events/stream",

@@ -740,6 +740,7 @@ async fn the_catalog_and_chains_apply_agree() {
         names,
         [
             "create_contact",
+            "delay",
             "emit",
             "log",
             "payment_webhook",
@@ -914,6 +915,15 @@ async fn the_catalog_and_chains_apply_agree() {
         ),
         ("log", json!({"level": "loud"}), false),
         ("log", json!({"mesage": "x"}), false),
+        ("delay", json!({"duration": "24h"}), true),
+        ("delay", json!({"until": "{{ event.event_data.at }}"}), true),
+        ("delay", json!({}), false),
+        (
+            "delay",
+            json!({"duration": "1s", "until": "2026-01-01T00:00:00Z"}),
+            false,
+        ),
+        ("delay", json!({"wait": "1s"}), false),
     ];
     let mut disagreements = Vec::new();
     for (handler, config, valid) in cases {

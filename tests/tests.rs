@@ -11,6 +11,7 @@ mod changelog;
 mod cluster;
 mod console;
 mod crash;
+mod delay;
 mod delivery;
 mod e2e_embedded;
 mod e2e_nats;

@@ -17,6 +17,7 @@ use switchboard_engine::executor::{Executor, ExecutorParts, Letters};
 use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
 use switchboard_engine::tail::Tail;
+use switchboard_engine::timers::Timers;
 use switchboard_engine::trace::Traces;
 use switchboard_handlers::message_template::{MessageTemplates, TemplateStore};
 use switchboard_handlers::ports::CommandPort;
@@ -194,6 +195,7 @@ impl Dispatcher {
             }
         };
         let stopped_for_sampling = stopped.clone();
+        tokio::spawn(engine.timers.clone().run(stopped.clone()));
         let consumer = tokio::spawn(consume(
             engine.executor,
             bus.clone(),
@@ -331,6 +333,8 @@ struct Engine {
     executor: Arc<Executor>,
     /// Each pass over an event, for whoever watches.
     tail: Tail,
+    /// What brings paused chains' events back.
+    timers: Timers,
 }
 
 impl Engine {
@@ -379,6 +383,7 @@ impl Engine {
         let journal = Journal::new(store.clone());
         let traces = Traces::new(journal.clone(), config.delivery.trace_retention);
         let tail = Tail::new(stopped);
+        let timers = Timers::new(store.clone(), bus.clone(), metrics.clone());
         let executor = Arc::new(Executor::new(ExecutorParts {
             chains: chains.clone(),
             registry: registry.clone(),
@@ -389,9 +394,11 @@ impl Engine {
             limits: config.limits.clone(),
             prefix: config.bus.subject_prefix.clone(),
             tail: tail.clone(),
+            timers: timers.clone(),
         }));
         Ok(Self {
             tail,
+            timers,
             metrics,
             records: RecordPorts::over(store),
             registry,
@@ -442,6 +449,7 @@ impl Engine {
             event_kinds: EventKinds::new(store.clone()),
             tail: self.tail.clone(),
             letters: Letters::new(store.clone(), bus.clone()),
+            timers: self.timers.clone(),
             metrics: self.metrics.clone(),
             max_event_bytes: limits.max_event_bytes,
             max_depth: limits.max_depth,

@@ -25,6 +25,7 @@ use switchboard_sdk::{
 
 pub mod builtin;
 pub mod contact;
+pub mod delay;
 pub mod email;
 pub mod message_template;
 pub mod options;
@@ -149,6 +150,10 @@ pub struct StepOutput {
     pub emit: Vec<EmitRequest>,
     /// Lines the step logged for the trace (a script's, a `log` step's).
     pub logs: Vec<LogLine>,
+    /// Pause the chain after this step until this time (ms since the
+    /// epoch): the run is kept in the journal, a durable timer resumes it at
+    /// the next step when due (a `delay` step's).
+    pub pause_until_ms: Option<u64>,
 }
 
 impl StepOutput {
@@ -353,6 +358,7 @@ impl Registry {
         let mut r = Self::empty();
         r.register(Arc::new(builtin::Log));
         r.register(Arc::new(builtin::Emit));
+        r.register(Arc::new(delay::Delay));
         r
     }
 

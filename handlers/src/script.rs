@@ -662,6 +662,7 @@ impl ScriptRuntime {
                 stop: false,
                 emit: state.emits,
                 logs: logs.clone(),
+                pause_until_ms: None,
             }),
         };
         ScriptRun {

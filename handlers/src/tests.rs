@@ -90,7 +90,7 @@ fn catalog_checks() {
     );
     assert!(
         check_step(&step("teleport", json!({})))[0].starts_with(
-            "handler: unknown handler \"teleport\"; the built-in handlers are emit, log"
+            "handler: unknown handler \"teleport\"; the built-in handlers are delay, emit, log"
         )
     );
     assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));

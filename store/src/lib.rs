@@ -102,11 +102,15 @@ pub enum Collection {
     /// Every version of each message template:
     /// `{account}\0{slug}\0{version:BE u64}` → version.
     TemplateVersions,
+    /// Durable timers of paused chains (a `delay` step's):
+    /// `{account}\0{due:BE u64 ms}\0{event id}\0{chain}` → empty. The
+    /// event's journal record holds the rest.
+    Timers,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 29] = [
+    pub const ALL: [Collection; 30] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -136,6 +140,7 @@ impl Collection {
         Collection::ConsoleSessions,
         Collection::Templates,
         Collection::TemplateVersions,
+        Collection::Timers,
     ];
 
     /// The collection's name on disk.
@@ -170,6 +175,7 @@ impl Collection {
             Collection::ConsoleSessions => "console_sessions",
             Collection::Templates => "templates",
             Collection::TemplateVersions => "template_versions",
+            Collection::Timers => "timers",
         }
     }
 
@@ -201,6 +207,7 @@ impl Collection {
                 | Collection::MessageRemoteIds
                 | Collection::Idempotency
                 | Collection::Unmatched
+                | Collection::Timers
         )
     }
 
@@ -223,6 +230,7 @@ impl Collection {
                 | Collection::Idempotency
                 | Collection::Replicas
                 | Collection::ConsoleSessions
+                | Collection::Timers
         )
     }
 

@@ -119,7 +119,12 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, current)
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
-        record = {"path": path, "headers": headers, "body": raw.decode("utf-8", "replace")}
+        record = {
+            "path": path,
+            "headers": headers,
+            "body": raw.decode("utf-8", "replace"),
+            "at_ms": time.time_ns() // 1_000_000,
+        }
         if "x-www-form-urlencoded" in headers.get("content-type", ""):
             record["form"] = dict(urllib.parse.parse_qsl(raw.decode()))
         parts = path.strip("/").split("/")

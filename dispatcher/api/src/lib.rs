@@ -26,6 +26,7 @@ pub mod paths;
 pub mod records;
 pub mod scripts;
 pub mod templates;
+pub mod timers;
 pub mod tokens;
 
 pub use error::{ErrorBody, ErrorResponse};

@@ -135,6 +135,11 @@ pub fn script_test(account: &str, name: &str) -> String {
     account_path(account, &format!("scripts/{}/test", segment(name)))
 }
 
+/// `GET` an account's pending timers (chains paused by a `delay` step).
+pub fn timers(account: &str) -> String {
+    account_path(account, "timers")
+}
+
 /// `GET` an account's event and inbound counts since this replica started.
 pub fn counts(account: &str) -> String {
     account_path(account, "counts")
@@ -265,6 +270,7 @@ pub fn samples() -> Vec<String> {
         account_handlers(a),
         event_kinds(a),
         counts(a),
+        timers(a),
         events_of(a),
         event_rerun(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
         event_stream(a),

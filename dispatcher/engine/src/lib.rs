@@ -7,7 +7,8 @@
 //! once what was written is durable. [`trace`] reads traces back from the
 //! journal and [`dry_run`] shows what chains would do; [`event_kinds`]
 //! counts the kinds of event each account has had, and [`tail`] shows each
-//! pass over an event to whoever watches.
+//! pass over an event to whoever watches. [`timers`] bring back the events
+//! of chains paused by a `delay` step when their pause ends.
 //!
 //! It knows the bus only through the [`bus`] ports, the state only through
 //! the store crate and the handlers' record ports, and no HTTP.
@@ -22,6 +23,7 @@ pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod tail;
+pub mod timers;
 pub mod trace;
 
 pub use limits::LimitsConfig;

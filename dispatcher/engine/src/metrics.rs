@@ -233,6 +233,8 @@ pub struct Gauges {
     /// start (replicas only; each is logged with its partition and
     /// sequence).
     pub changelog_undecodable: u64,
+    /// Timers of paused chains this process knows of.
+    pub timers_pending: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -244,6 +246,7 @@ pub struct Metrics {
     durations: Family<HandlerLabels, Histogram, fn() -> Histogram>,
     outbound: Family<OutboundLabels, Counter>,
     inbound: Family<InboundLabels, Counter>,
+    timers_fired: Counter,
     /// Events by outcome, over every account (the health page's).
     totals: [AtomicU64; 6],
     /// The totals about once a minute, for the last hour's counts.
@@ -277,6 +280,7 @@ impl Metrics {
         );
         let outbound = Family::<OutboundLabels, Counter>::default();
         let inbound = Family::<InboundLabels, Counter>::default();
+        let timers_fired = Counter::default();
         let mut registry = Registry::with_prefix("switchboard");
         registry.register(
             "events",
@@ -303,8 +307,14 @@ impl Metrics {
             "Records posted to inbound webhooks by provider, account and result",
             inbound.clone(),
         );
+        registry.register(
+            "timers_fired",
+            "Timers of paused chains that fired (their events put back on the bus)",
+            timers_fired.clone(),
+        );
         Self {
             registry,
+            timers_fired,
             events,
             steps,
             durations,
@@ -317,6 +327,11 @@ impl Metrics {
             by_account: RwLock::default(),
             inbound_by_account: RwLock::default(),
         }
+    }
+
+    /// A timer of a paused chain fired.
+    pub fn timer_fired(&self) {
+        self.timers_fired.inc();
     }
 
     /// When counting began (the process started).
@@ -505,6 +520,11 @@ impl Metrics {
             "Partition changelog records that could not be read and were skipped",
             ConstCounter::new(gauges.changelog_undecodable),
         );
+        scraped.register(
+            "timers_pending",
+            "Timers of paused chains waiting to fire",
+            ConstGauge::new(i64::try_from(gauges.timers_pending).unwrap_or(i64::MAX)),
+        );
         let mut out = String::new();
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(&mut out, &self.registry)
@@ -572,11 +592,13 @@ mod tests {
         m.step("log", StepResult::Ok, Duration::from_millis(30));
         m.outbound("http", "odd\"name", "200");
         m.count(Outcome::DeadLettered, "acme", "poll_complete");
+        m.timer_fired();
         let text = m.render(&Gauges {
             bus_lag: Some(4),
             rhai_operations: 9,
             store_flushes: 3,
             changelog_undecodable: 2,
+            timers_pending: 5,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -590,6 +612,8 @@ mod tests {
             "switchboard_rhai_operations_total 9",
             "switchboard_store_flushes_total 3",
             "switchboard_changelog_undecodable_records_total 2",
+            "switchboard_timers_pending 5",
+            "switchboard_timers_fired_total 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

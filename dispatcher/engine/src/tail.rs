@@ -71,6 +71,9 @@ pub(crate) fn row(
                 (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
                 (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
                 (None, None, Some(_)) => ("condition_failed", None),
+                (None, None, None) if c.waiting.is_some() => {
+                    ("waiting", c.steps.last().map(|s| s.trace.name.clone()))
+                }
                 (None, None, None) => ("running", None),
             };
             ChainRow {

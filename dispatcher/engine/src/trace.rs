@@ -26,6 +26,8 @@ pub enum TraceStatus {
     Done,
     /// Being handled (a step is waiting to be retried).
     Running,
+    /// A chain is paused (a `delay` step) until a durable timer resumes it.
+    Waiting,
     /// A chain failed and the event went to dead letters.
     Dead,
     /// Dropped because it had expired.
@@ -40,6 +42,7 @@ impl TraceStatus {
         match self {
             TraceStatus::Done => "done",
             TraceStatus::Running => "running",
+            TraceStatus::Waiting => "waiting",
             TraceStatus::Dead => "dead",
             TraceStatus::Expired => "expired",
             TraceStatus::Unrouted => "unrouted",
@@ -61,6 +64,9 @@ pub enum StepOutcome {
     Failed,
     /// The step failed and will be tried again.
     Retrying,
+    /// The step paused the chain (a `delay`), which goes on at the next
+    /// step when the chain's `waiting_until` comes.
+    Waiting,
 }
 
 /// One step in a trace.
@@ -94,6 +100,13 @@ pub struct ChainTrace {
     pub version: u64,
     /// Its steps, in order.
     pub steps: Vec<StepTrace>,
+    /// While the chain is paused: when it goes on.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub waiting_until: Option<OffsetDateTime>,
 }
 
 /// What the dispatcher did with one event.
@@ -306,6 +319,11 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         });
     }
     steps.extend(record.steps.iter().map(|s| s.trace.clone()));
+    if record.waiting.is_some()
+        && let Some(last) = steps.last_mut()
+    {
+        last.outcome = StepOutcome::Waiting;
+    }
     if let Some(retry) = &record.retry {
         steps.push(retry.trace.clone());
     }
@@ -328,6 +346,7 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         name: record.name.clone(),
         version: record.version,
         steps,
+        waiting_until: record.waiting.map(at),
     }
 }
 
@@ -340,6 +359,7 @@ mod status_tests {
         for status in [
             TraceStatus::Done,
             TraceStatus::Running,
+            TraceStatus::Waiting,
             TraceStatus::Dead,
             TraceStatus::Expired,
             TraceStatus::Unrouted,

@@ -77,6 +77,8 @@ pub struct ApiState {
     pub event_kinds: switchboard_engine::event_kinds::EventKinds,
     /// Dead letters: list, replay, discard.
     pub letters: Letters,
+    /// Timers of paused chains (their count; listings read the store).
+    pub timers: switchboard_engine::timers::Timers,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Largest accepted event, in bytes.
@@ -144,6 +146,7 @@ routes! {
     "/v1/accounts/{account}/handlers" => { GET: handlers_of_account }
     "/v1/accounts/{account}/event-kinds" => { GET: list_event_kinds }
     "/v1/accounts/{account}/counts" => { GET: account_counts }
+    "/v1/accounts/{account}/timers" => { GET: list_timers }
     "/v1/accounts/{account}/events" => { GET: list_events }
     "/v1/accounts/{account}/events/stream" => { GET: event_stream }
     "/v1/accounts/{account}/chains" => {

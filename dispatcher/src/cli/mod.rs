@@ -37,7 +37,9 @@ use switchboard_sdk::{
 use crate::client::{Client, ClientError};
 
 mod templates;
+mod timers;
 pub use templates::*;
+pub use timers::*;
 
 /// A command that failed: one line for stderr.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,7 @@ use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
 use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
 use crate::tail::Tail;
+use crate::timers::{PendingTimer, Timers};
 use crate::trace::TraceStatus;
 
 mod decode;
@@ -87,6 +88,8 @@ pub struct ExecutorParts {
     pub prefix: String,
     /// Where each pass over an event is shown as it ends.
     pub tail: Tail,
+    /// The timers that bring back paused chains' events.
+    pub timers: Timers,
 }
 
 /// Runs chains.
@@ -103,6 +106,7 @@ pub struct Executor {
     limits: LimitsConfig,
     prefix: String,
     tail: Tail,
+    timers: Timers,
 }
 
 /// Why handling could not finish: the store or the bus failed. The event is
@@ -132,6 +136,7 @@ impl Executor {
             limits: parts.limits,
             prefix: parts.prefix,
             tail: parts.tail,
+            timers: parts.timers,
         }
     }
 
@@ -317,16 +322,21 @@ impl Executor {
         }
 
         let mut retry_in: Option<Duration> = None;
+        let mut paused = false;
         let mut dead = false;
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
                 Selected::Run(chain) => {
-                    let delay = self
+                    match self
                         .run_chain(event, &event_value, chain, &account_chains, &mut pass)
-                        .await?;
-                    if let Some(delay) = delay {
-                        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                        .await?
+                    {
+                        ChainRun::Over => {}
+                        ChainRun::Retry(delay) => {
+                            retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                        }
+                        ChainRun::Paused => paused = true,
                     }
                     dead |= pass
                         .journal
@@ -366,6 +376,8 @@ impl Executor {
         }
         let status = if retry_in.is_some() {
             TraceStatus::Running
+        } else if paused {
+            TraceStatus::Waiting
         } else if dead {
             TraceStatus::Dead
         } else {
@@ -374,18 +386,21 @@ impl Executor {
             TraceStatus::Done
         };
         *earlier = pass.earlier_for_next();
-        match retry_in {
-            Some(delay) => {
-                pass.record(Entry::Finish {
-                    status,
-                    finished_ms: None,
-                });
-                pass.write(&self.journal)?;
-                self.tail.passed(event, &pass.journal, status);
-                Ok(Disposition::Retry(delay))
-            }
-            None => self.finish(event, pass, status),
+        if retry_in.is_none() && !paused {
+            return self.finish(event, pass, status);
         }
+        // Not over: a step waits to be tried again, or a chain is paused
+        // (the event is acked, and its timer brings it back).
+        pass.record(Entry::Finish {
+            status,
+            finished_ms: None,
+        });
+        pass.write(&self.journal)?;
+        for timer in pass.written_timers() {
+            self.timers.noted(&timer);
+        }
+        self.tail.passed(event, &pass.journal, status);
+        Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
     }
 
     fn unrouted(
@@ -460,8 +475,8 @@ impl Executor {
         result
     }
 
-    /// Runs `chain` from where the journal says it stopped. Returns the
-    /// delay after which a failed step is to be tried again, if one is.
+    /// Runs `chain` from where the journal says it stopped: on at once, or
+    /// after its pause once that has passed.
     async fn run_chain(
         &self,
         event: &VumiApiEvent,
@@ -469,11 +484,11 @@ impl Executor {
         chain: &ChainSpec,
         chains: &AccountChains,
         pass: &mut Pass,
-    ) -> Result<Option<Duration>, Interrupted> {
+    ) -> Result<ChainRun, Interrupted> {
         let version = chains.version();
         let record = pass.journal.chain_mut(&chain.name, version);
         match &record.end {
-            Some(ChainEnd::Done | ChainEnd::Discarded) => return Ok(None),
+            Some(ChainEnd::Done | ChainEnd::Discarded) => return Ok(ChainRun::Over),
             Some(ChainEnd::Dead { letter, .. }) => {
                 // Filed by an earlier pass; make sure it was announced.
                 if !record.announced
@@ -485,10 +500,32 @@ impl Executor {
                         chain: chain.name.clone(),
                     });
                 }
-                return Ok(None);
+                return Ok(ChainRun::Over);
             }
             None => {}
         }
+        if let Some(until_ms) = record.waiting {
+            let timer = PendingTimer {
+                account: event.account_key.clone(),
+                event_id: event.id,
+                chain: chain.name.clone(),
+                due_ms: until_ms,
+            };
+            let now = crate::journal::now_ms();
+            if now < until_ms {
+                // Back early (a duplicate, or a timer fired by a replica
+                // whose clock is ahead): the chain stays paused, and its
+                // timer is set again in case it was the one that fired.
+                pass.set_timer(timer);
+                return Ok(ChainRun::Paused);
+            }
+            pass.record(Entry::Woke {
+                chain: chain.name.clone(),
+                at_ms: now,
+            });
+            pass.clear_timer(&timer);
+        }
+        let record = pass.journal.chain_mut(&chain.name, version);
         let mut outputs: Map<String, Value> = record
             .steps
             .iter()
@@ -531,6 +568,7 @@ impl Executor {
                     record,
                     stop,
                     effects,
+                    pause_until_ms,
                 } => {
                     if let Some(output) = &record.trace.output {
                         outputs.insert(name.to_string(), Value::Object(output.clone()));
@@ -544,7 +582,20 @@ impl Executor {
                     pass.step_recorded(recording, &self.journal)?;
                     if stop {
                         self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
-                        return Ok(None);
+                        return Ok(ChainRun::Over);
+                    }
+                    if let Some(until_ms) = pause_until_ms {
+                        pass.record(Entry::Wait {
+                            chain: chain.name.clone(),
+                            until_ms,
+                        });
+                        pass.set_timer(PendingTimer {
+                            account: event.account_key.clone(),
+                            event_id: event.id,
+                            chain: chain.name.clone(),
+                            due_ms: until_ms,
+                        });
+                        return Ok(ChainRun::Paused);
                     }
                 }
                 Attempt::Retry { delay, pending } => {
@@ -561,7 +612,7 @@ impl Executor {
                         version,
                         pending: Box::new(pending),
                     });
-                    return Ok(Some(delay));
+                    return Ok(ChainRun::Retry(delay));
                 }
                 Attempt::Continue { trace, effects } => {
                     tracing::warn!(account = %event.account_key, event_id = %event.id, chain = chain.name,
@@ -596,7 +647,7 @@ impl Executor {
                     };
                     self.file_chain_letter(event, pass, chain, version, &letter, end, i + 1)
                         .await?;
-                    return Ok(None);
+                    return Ok(ChainRun::Over);
                 }
             }
         }
@@ -608,7 +659,7 @@ impl Executor {
             ChainEnd::Done,
             chain.steps.len(),
         )?;
-        Ok(None)
+        Ok(ChainRun::Over)
     }
 
     /// Records that `chain` ended with its steps from `next` on not run. A
@@ -662,6 +713,16 @@ impl Executor {
         });
         Ok(())
     }
+}
+
+/// Where a chain stands after a pass.
+enum ChainRun {
+    /// It ended (or had ended before).
+    Over,
+    /// A failed step is to be tried again after the delay.
+    Retry(Duration),
+    /// It is paused (a `delay` step) until its timer brings it back.
+    Paused,
 }
 
 /// Records the chain's end in the pass; returns the dead letter the chain

@@ -13,6 +13,7 @@ use switchboard_store::{Store, StoreError, Write, WriteMark};
 
 use super::policy::Recording;
 use crate::journal::{Entry, EventJournal, Journal, Pending, RecordKey};
+use crate::timers::PendingTimer;
 
 /// A pass over one event.
 #[derive(Debug)]
@@ -29,6 +30,10 @@ pub(super) struct Pass {
     /// The store as this event writes it: under the term its partition was
     /// held under when it began ([`Store::under`]).
     store: Store,
+    /// Writes beside the journal's (timers), with its next write.
+    beside: Vec<Write>,
+    /// Timers set by this pass, to be noted once written.
+    timers: Vec<PendingTimer>,
 }
 
 impl Pass {
@@ -48,6 +53,8 @@ impl Pass {
             unflushed: false,
             earlier,
             store,
+            beside: Vec::new(),
+            timers: Vec::new(),
         };
         if !pass.journal.has_begun() {
             pass.pending.push_begin(&mut pass.journal, event);
@@ -72,13 +79,31 @@ impl Pass {
     pub fn take_write(&mut self, journal: &Journal) -> Result<Vec<Write>, StoreError> {
         let fresh = self.journal.is_fresh();
         let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
-            return Ok(Vec::new());
+            return Ok(std::mem::take(&mut self.beside));
         };
-        Ok(if fresh {
+        let mut writes = if fresh {
             vec![self.at.time_entry(self.journal.started_ms), write]
         } else {
             vec![write]
-        })
+        };
+        writes.append(&mut self.beside);
+        Ok(writes)
+    }
+
+    /// Sets `timer` with the record's next write.
+    pub fn set_timer(&mut self, timer: PendingTimer) {
+        self.beside.push(timer.put());
+        self.timers.push(timer);
+    }
+
+    /// Removes `timer` with the record's next write.
+    pub fn clear_timer(&mut self, timer: &PendingTimer) {
+        self.beside.push(timer.removal());
+    }
+
+    /// The timers this pass set, once they are written.
+    pub fn written_timers(&mut self) -> Vec<PendingTimer> {
+        std::mem::take(&mut self.timers)
     }
 
     /// The store as this pass writes it.

@@ -21,7 +21,8 @@
 //! with the event's start time and a flag byte, so that expiry
 //! ([`Journal::expire`]) reads no JSON for the records it keeps: records
 //! expire after the retention, except those of events with a chain in dead
-//! letters, which stay until the letter is replayed or discarded.
+//! letters, which stay until the letter is replayed or discarded, and those
+//! with a paused chain (a `delay`), which stay until it goes on.
 
 use std::time::Duration;
 
@@ -110,6 +111,22 @@ pub enum Entry {
         /// The dead letter.
         letter: String,
     },
+    /// A chain paused after its last finished step (a `delay`): it goes
+    /// on at the next step once `until_ms` has passed; a durable timer
+    /// brings the event back then.
+    Wait {
+        /// The chain.
+        chain: String,
+        /// When it goes on, in ms since the epoch.
+        until_ms: u64,
+    },
+    /// A paused chain went on, at `at_ms`.
+    Woke {
+        /// The chain.
+        chain: String,
+        /// When, in ms since the epoch.
+        at_ms: u64,
+    },
     /// A pass over the event ended.
     Finish {
         /// Where the event stands.
@@ -122,12 +139,15 @@ pub enum Entry {
 }
 
 impl Entry {
-    /// Whether the entry changes whether the record holds a dead letter
-    /// (which keeps it from expiring).
+    /// Whether the entry changes whether the record holds a dead letter or
+    /// a paused chain (either keeps it from expiring).
     fn touches_dead_letters(&self) -> bool {
         match self {
             Entry::End { end, .. } => matches!(**end, ChainEnd::Dead { .. }),
-            Entry::Replaying { .. } | Entry::Discarded { .. } => true,
+            Entry::Replaying { .. }
+            | Entry::Discarded { .. }
+            | Entry::Wait { .. }
+            | Entry::Woke { .. } => true,
             _ => false,
         }
     }
@@ -204,6 +224,8 @@ pub struct ChainJournal {
     pub replaying: Option<String>,
     /// The error of its `when` condition, when that is all the chain did.
     pub condition_failed: Option<String>,
+    /// Paused after its last finished step until then (ms since the epoch).
+    pub waiting: Option<u64>,
 }
 
 impl ChainJournal {
@@ -289,11 +311,12 @@ impl EventJournal {
         self.begun
     }
 
-    /// Whether a chain is in dead letters (so the record must not expire).
+    /// Whether a chain is in dead letters or paused (so the record must
+    /// not expire).
     pub fn holds_dead_letter(&self) -> bool {
         self.chains
             .iter()
-            .any(|c| matches!(c.end, Some(ChainEnd::Dead { .. })))
+            .any(|c| matches!(c.end, Some(ChainEnd::Dead { .. })) || c.waiting.is_some())
     }
 
     /// Applies one entry.
@@ -317,6 +340,7 @@ impl EventJournal {
                 chain.steps.push(*record);
                 chain.retry = None;
                 chain.condition_failed = None;
+                chain.waiting = None;
             }
             Entry::Published { chain, step } => {
                 if let Some(record) = self
@@ -350,6 +374,7 @@ impl EventJournal {
                 chain.retry = None;
                 chain.replaying = None;
                 chain.condition_failed = None;
+                chain.waiting = None;
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
@@ -379,6 +404,16 @@ impl EventJournal {
                     && matches!(&c.end, Some(ChainEnd::Dead { letter: filed, .. }) if *filed == letter)
                 {
                     c.end = Some(ChainEnd::Discarded);
+                }
+            }
+            Entry::Wait { chain, until_ms } => {
+                if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
+                    c.waiting = Some(until_ms);
+                }
+            }
+            Entry::Woke { chain, .. } => {
+                if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
+                    c.waiting = None;
                 }
             }
             Entry::Finish {

@@ -433,3 +433,46 @@ fn listing_entries_expire_with_the_retention() {
     assert_eq!(left.len(), 1);
     assert!(left[0].0.ends_with(fresh.id.to_string().as_bytes()));
 }
+
+#[test]
+fn a_paused_chain_keeps_its_record_until_it_goes_on() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let hour_ago = now_ms() - 3_600_000;
+    let paused = event(20);
+    append(
+        &journal,
+        &paused,
+        Some(hour_ago),
+        vec![
+            step("a", "pause"),
+            Entry::Wait {
+                chain: "a".into(),
+                until_ms: now_ms() + 86_400_000,
+            },
+        ],
+    );
+    let loaded = load(&journal, &paused).expect("the record");
+    assert!(loaded.chain("a").is_some_and(|c| c.waiting.is_some()));
+    assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 0);
+    assert!(load(&journal, &paused).is_some());
+
+    // It went on (and its next step cleared nothing else): the record may go.
+    append(
+        &journal,
+        &paused,
+        None,
+        vec![
+            Entry::Woke {
+                chain: "a".into(),
+                at_ms: now_ms(),
+            },
+            step("a", "after"),
+        ],
+    );
+    let loaded = load(&journal, &paused).expect("the record");
+    let chain = loaded.chain("a").expect("the chain");
+    assert_eq!(chain.waiting, None);
+    assert_eq!(chain.steps.len(), 2);
+    assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
+    assert!(load(&journal, &paused).is_none());
+}

@@ -147,3 +147,30 @@ pub(super) async fn list_event_kinds(
     })
     .into_response())
 }
+
+/// `GET /v1/accounts/{account}/timers`: the chains of the account paused
+/// by a `delay` step, the soonest to go on first.
+pub(super) async fn list_timers(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult {
+    use switchboard_api::timers::{Timer, TimerList};
+    let account = account_key(&account)?;
+    let timers = switchboard_engine::timers::list(&s.store, &account)
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|t| Timer {
+            event_id: t.event_id,
+            chain: t.chain,
+            due_at: time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(t.due_ms) * 1_000_000,
+            )
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        })
+        .collect();
+    Ok(Json(TimerList {
+        account_key: account,
+        timers,
+    })
+    .into_response())
+}

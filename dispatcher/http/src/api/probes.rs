@@ -46,6 +46,7 @@ pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Re
         rhai_operations: s.registry.runtime().operations_total(),
         store_flushes: s.store.flushes(),
         changelog_undecodable: s.store.undecodable_records(),
+        timers_pending: s.timers.pending(),
     });
     // OpenMetrics when asked for (as Prometheus asks), else the older
     // Prometheus text that every scraper reads.

@@ -1,0 +1,323 @@
+//! Durable timers: what brings a paused chain's event back when its pause
+//! ends.
+//!
+//! A chain paused by a `delay` step is kept in the event's journal record
+//! (`Entry::Wait`), and a timer is written beside it, in the same batch:
+//! `{account}\0{due:BE u64 ms}\0{event id}\0{chain}` in
+//! [`Collection::Timers`], partition-owned state like the journal. The
+//! event is acked; the worker and the conversation are free meanwhile.
+//!
+//! [`Timers::run`] keeps every timer of the store in memory by due time (a
+//! scan at start, then the executor's notes of the timers it writes; with
+//! replicas, a rescan every few seconds picks up the timers other replicas
+//! wrote, which reach this one's copy through the changelog). When one is
+//! due and this replica holds its partition, it puts the event back on the
+//! bus (under a duplicate-detection id of its own, like a replay) and
+//! removes the timer. The executor goes on with the chain only once the
+//! journal's pause has passed by its own clock: a timer never makes a chain
+//! go on early, and firing twice (a crash between the publish and the
+//! removal) finds the chain already gone on.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_sdk::{AccountKey, EventId};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
+use tokio::sync::{Notify, watch};
+
+use crate::bus::Bus;
+use crate::journal::{Journal, RecordKey, now_ms};
+use crate::metrics::Metrics;
+
+/// How long a due timer that could not fire (its partition is another
+/// replica's, or the bus or store failed) waits before it is looked at
+/// again.
+const AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a replica reads every timer again, to learn of those other
+/// replicas wrote.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// One pending timer, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTimer {
+    /// The account.
+    pub account: AccountKey,
+    /// The paused event.
+    pub event_id: EventId,
+    /// Its paused chain.
+    pub chain: String,
+    /// When the chain goes on, in ms since the epoch.
+    pub due_ms: u64,
+}
+
+impl PendingTimer {
+    /// The timer's key.
+    fn key(&self) -> Vec<u8> {
+        let mut k = key(&[self.account.as_str().as_bytes(), b""]);
+        k.extend_from_slice(&self.due_ms.to_be_bytes());
+        k.push(0);
+        k.extend_from_slice(self.event_id.to_string().as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.chain.as_bytes());
+        k
+    }
+
+    /// The timer a key names; `None` for a key not made by
+    /// [`PendingTimer::key`].
+    fn parse(k: &[u8]) -> Option<Self> {
+        let split = k.iter().position(|b| *b == 0)?;
+        let account = AccountKey::new(std::str::from_utf8(&k[..split]).ok()?).ok()?;
+        let rest = k.get(split + 1..)?;
+        let (due, rest) = rest.split_at_checked(8)?;
+        let due_ms = u64::from_be_bytes(due.try_into().ok()?);
+        let rest = std::str::from_utf8(rest.strip_prefix(&[0])?).ok()?;
+        let (id, chain) = rest.split_once('\0')?;
+        Some(Self {
+            account,
+            event_id: EventId::parse(id).ok()?,
+            chain: chain.to_string(),
+            due_ms,
+        })
+    }
+
+    /// The write that sets the timer.
+    pub fn put(&self) -> Write {
+        Write {
+            collection: Collection::Timers,
+            key: self.key(),
+            value: Some(Vec::new()),
+        }
+    }
+
+    /// The write that removes it.
+    pub fn removal(&self) -> Write {
+        Write {
+            collection: Collection::Timers,
+            key: self.key(),
+            value: None,
+        }
+    }
+}
+
+/// The pending timers of `account`, the soonest first.
+pub fn list(store: &Store, account: &AccountKey) -> Result<Vec<PendingTimer>, StoreError> {
+    let prefix = key(&[account.as_str().as_bytes(), b""]);
+    Ok(store
+        .scan_prefix(Collection::Timers, &prefix)?
+        .iter()
+        .filter_map(|(k, _)| PendingTimer::parse(k))
+        .collect())
+}
+
+/// The process's timers: the executor notes those it writes, and
+/// [`Timers::run`] fires them.
+#[derive(Debug, Clone)]
+pub struct Timers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    journal: Journal,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    /// Every known timer by when to look at it next, and its key.
+    index: Mutex<BTreeSet<(u64, Vec<u8>)>>,
+    /// Told when a timer is noted.
+    noted: Notify,
+}
+
+impl Timers {
+    /// The timers of `store`, fired onto `bus`.
+    pub fn new(store: Store, bus: Arc<dyn Bus>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                journal: Journal::new(store.clone()),
+                store,
+                bus,
+                metrics,
+                index: Mutex::default(),
+                noted: Notify::new(),
+            }),
+        }
+    }
+
+    /// `timer` was written: fire it when due.
+    pub fn noted(&self, timer: &PendingTimer) {
+        self.index().insert((timer.due_ms, timer.key()));
+        self.inner.noted.notify_one();
+    }
+
+    /// How many timers this process knows of.
+    pub fn pending(&self) -> u64 {
+        self.index().len() as u64
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, Vec<u8>)>> {
+        self.inner.index.lock().expect("timer index lock")
+    }
+
+    /// Reads every timer of the store into memory.
+    fn scan(&self) {
+        let entries = match self.inner.store.scan_prefix(Collection::Timers, b"") {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the timers failed; trying again shortly");
+                return;
+            }
+        };
+        let mut index = self.index();
+        index.clear();
+        for (k, _) in entries {
+            if let Some(timer) = PendingTimer::parse(&k) {
+                index.insert((timer.due_ms, k));
+            }
+        }
+    }
+
+    /// Fires due timers until `stopped` turns true.
+    pub async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let rescan = self.inner.store.is_replicated().then_some(RESCAN_EVERY);
+        self.scan();
+        let mut scanned = tokio::time::Instant::now();
+        loop {
+            if rescan.is_some_and(|every| scanned.elapsed() >= every) {
+                self.scan();
+                scanned = tokio::time::Instant::now();
+            }
+            let now = now_ms();
+            let due: Vec<Vec<u8>> = {
+                let mut index = self.index();
+                let mut due = Vec::new();
+                while index.first().is_some_and(|(at, _)| *at <= now) {
+                    due.extend(index.pop_first().map(|(_, k)| k));
+                }
+                due
+            };
+            for k in due {
+                if let Some(again) = self.fire(&k).await {
+                    self.index().insert((again, k));
+                }
+            }
+            let next = self.index().first().map(|(at, _)| *at);
+            let mut wait = next.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(at.saturating_sub(now_ms()))
+            });
+            if let Some(every) = rescan {
+                wait = wait.min(every.saturating_sub(scanned.elapsed()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.noted.notified() => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Fires the due timer at `k`: puts its event back on the bus and
+    /// removes it. Returns when to look at it again if it could not fire.
+    async fn fire(&self, k: &[u8]) -> Option<u64> {
+        let again = now_ms() + AGAIN_AFTER.as_millis() as u64;
+        let inner = &self.inner;
+        match inner.store.contains(Collection::Timers, k) {
+            Ok(true) => {}
+            // Fired or removed already (by this replica or another).
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a timer failed; trying again");
+                return Some(again);
+            }
+        }
+        // Another replica's partition: its owner fires it.
+        if !inner.store.writes_locally(Collection::Timers, k) {
+            return Some(again);
+        }
+        let Some(timer) = PendingTimer::parse(k) else {
+            tracing::warn!(key = %String::from_utf8_lossy(k), "removing a timer whose key is not one");
+            self.remove(Write {
+                collection: Collection::Timers,
+                key: k.to_vec(),
+                value: None,
+            });
+            return None;
+        };
+        let record = match inner
+            .journal
+            .load(&RecordKey::new(&timer.account, &timer.event_id))
+        {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(account = %timer.account, event_id = %timer.event_id, error = %e,
+                    "reading a paused event's journal failed; trying again");
+                return Some(again);
+            }
+        };
+        let paused = record.as_ref().and_then(|j| {
+            let event = j.event.as_ref()?;
+            let chain = j.chain(&timer.chain)?;
+            (chain.waiting == Some(timer.due_ms)).then_some(event)
+        });
+        let Some(event) = paused else {
+            // The chain went on already (its event came back another way)
+            // or its record is gone: nothing to bring back.
+            self.remove(timer.removal());
+            return None;
+        };
+        let dedup_id = format!("{}:wake:{}:{}", event.id, timer.chain, timer.due_ms);
+        if let Err(e) = inner.bus.publish_as(event, &dedup_id).await {
+            tracing::warn!(account = %timer.account, event_id = %timer.event_id, chain = timer.chain,
+                error = %e, "putting a paused event back on the bus failed; trying again");
+            return Some(again);
+        }
+        tracing::debug!(account = %timer.account, event_id = %timer.event_id, chain = timer.chain,
+            late_ms = now_ms().saturating_sub(timer.due_ms), "timer fired");
+        inner.metrics.timer_fired();
+        self.remove(timer.removal());
+        None
+    }
+
+    fn remove(&self, removal: Write) {
+        if let Err(e) = self
+            .inner
+            .store
+            .write_atomically(std::slice::from_ref(&removal))
+        {
+            // It fires again later; the chain has gone on by then, or the
+            // bus drops the second publish as a duplicate.
+            tracing::warn!(key = %String::from_utf8_lossy(&removal.key), error = %e,
+                "removing a fired timer failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timers_key_reads_back_as_the_timer() {
+        let timer = PendingTimer {
+            account: AccountKey::new("acme").unwrap(),
+            event_id: EventId::new_v7(),
+            chain: "remind later".into(),
+            due_ms: 1_790_000_000_123,
+        };
+        assert_eq!(PendingTimer::parse(&timer.key()), Some(timer.clone()));
+        assert_eq!(PendingTimer::parse(b"acme\0short"), None);
+    }
+
+    #[test]
+    fn timers_of_an_account_sort_by_due_time() {
+        let at = |due_ms| PendingTimer {
+            account: AccountKey::new("acme").unwrap(),
+            event_id: EventId::new_v7(),
+            chain: "c".into(),
+            due_ms,
+        };
+        let (soon, late) = (at(1_000), at(1_000_000));
+        assert!(soon.key() < late.key());
+    }
+}

@@ -1,0 +1,295 @@
+//! The `delay` step: a chain paused durably (journal + timer), resumed at
+//! the next step when due, never early, once, across a SIGKILL of the
+//! dispatcher; its config checked at apply; a time already past goes on at
+//! once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::peers::HttpReceiver;
+use crate::util::{Dispatcher, NatsServer, event, wait_until};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn config(receiver: &HttpReceiver) -> String {
+    format!(
+        r#"
+[bus]
+ack_wait_secs = 3
+
+[providers.sms.gateway]
+type = "http"
+url = "{}/sms"
+from = "Switchboard"
+"#,
+        receiver.url()
+    )
+}
+
+const REMINDER: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "remind"
+conversation_type = "survey"
+event_type = "signed_up"
+
+[[chains.steps]]
+name = "welcome"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "welcome" }
+
+[[chains.steps]]
+name = "wait"
+handler = "delay"
+config = { duration = "2s" }
+
+[[chains.steps]]
+name = "reminder"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "reminder" }
+"#;
+
+/// The SMS requests the receiver has with `body`.
+async fn sms_saying(receiver: &HttpReceiver, body: &str) -> Vec<Value> {
+    receiver
+        .requests_to("/sms")
+        .await
+        .into_iter()
+        .filter(|r| r["body"].as_str().is_some_and(|b| b.contains(body)))
+        .collect()
+}
+
+async fn a_delay_survives_a_sigkill(nats: Option<&NatsServer>) {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(nats, &config(&receiver));
+    d.apply_chains("acme.toml", REMINDER).await;
+    let e = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "msisdn": "+27820000001" }),
+    );
+    let id = e.id.to_string();
+    d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+
+    // Paused: the first SMS went, the trace says until when, a timer waits.
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let chain = &trace["chains"][0];
+    let until = chain["waiting_until"]
+        .as_str()
+        .expect("waiting_until")
+        .to_string();
+    assert_eq!(chain["steps"][1]["name"], "wait");
+    assert_eq!(chain["steps"][1]["outcome"], "waiting");
+    assert_eq!(chain["steps"][1]["output"]["until"], until.as_str());
+    let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
+    assert_eq!(timers["timers"][0]["event_id"], id.as_str(), "{timers:#}");
+    assert_eq!(timers["timers"][0]["chain"], "remind");
+    let listed = d.cli(&["timers", "list", "acme"]).await;
+    assert!(listed.ok().contains(&id), "{}", listed.ok());
+    assert_eq!(sms_saying(&receiver, "welcome").await.len(), 1);
+
+    // Killed during the pause and started again: the reminder goes once,
+    // not before the pause ends.
+    let due_ms =
+        time::OffsetDateTime::parse(&until, &time::format_description::well_known::Rfc3339)
+            .expect("an RFC 3339 time")
+            .unix_timestamp_nanos()
+            / 1_000_000;
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    assert!(
+        now_ms < due_ms,
+        "the pause ended before the kill: the test proves too little"
+    );
+    d.kill9();
+    d.restart();
+    let reminders = wait_until("the reminder", TIMEOUT, || async {
+        let sent = sms_saying(&receiver, "reminder").await;
+        (!sent.is_empty()).then_some(sent)
+    })
+    .await;
+    let at_ms = i128::from(reminders[0]["at_ms"].as_i64().expect("at_ms"));
+    assert!(
+        at_ms >= due_ms,
+        "the reminder went {} ms before the pause ended",
+        due_ms - at_ms
+    );
+    let trace = wait_until("the chain's end", TIMEOUT, || async {
+        d.trace("acme", &id).await.filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[1]["outcome"], "ok", "{trace:#}");
+    assert_eq!(steps[2]["outcome"], "ok", "{trace:#}");
+    assert!(trace["chains"][0].get("waiting_until").is_none());
+    // Once: a second firing would have sent it again by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sms_saying(&receiver, "reminder").await.len(), 1);
+    assert_eq!(sms_saying(&receiver, "welcome").await.len(), 1);
+    let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
+    assert_eq!(timers["timers"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_survives_a_sigkill_and_goes_on_once_not_early_on_nats() {
+    let nats = NatsServer::start();
+    a_delay_survives_a_sigkill(Some(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_survives_a_sigkill_and_goes_on_once_not_early_on_the_embedded_bus() {
+    a_delay_survives_a_sigkill(None).await;
+}
+
+/// A bad `delay` is refused at apply naming the step and the option; an
+/// `until` already past goes on at once (said in the output); one that does
+/// not render to a time fails the step for good, naming the option.
+#[tokio::test]
+async fn a_delays_config_is_checked_and_a_past_until_goes_on_at_once() {
+    let d = Dispatcher::embedded();
+    let chain = |config: &str| {
+        format!(
+            "account_key = \"acme\"\n\n[[chains]]\nname = \"later\"\nconversation_type = \"survey\"\n\
+             event_type = \"signed_up\"\n\n[[chains.steps]]\nname = \"pause\"\nhandler = \"delay\"\n\
+             config = {config}\n\n[[chains.steps]]\nhandler = \"log\"\n"
+        )
+    };
+    for (config, expected) in [
+        (r#"{ duration = "-5s" }"#, "config.duration"),
+        (r#"{ duration = "soon" }"#, "config.duration"),
+        (r#"{ until = "next tuesday" }"#, "config.until"),
+        (
+            r#"{ duration = "1s", until = "2026-01-01T00:00:00Z" }"#,
+            "config",
+        ),
+        ("{}", "config"),
+    ] {
+        let path = d.file("bad.toml", &chain(config));
+        let out = d
+            .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+            .await;
+        let line = out.fails();
+        for part in [r#"chain "later""#, "pause", expected] {
+            assert!(line.contains(part), "{config}: {line:?} lacks {part:?}");
+        }
+    }
+
+    d.apply_chains(
+        "acme.toml",
+        &chain(r#"{ until = "{{ event.event_data.at }}" }"#),
+    )
+    .await;
+    let past = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "at": "2020-01-01T00:00:00Z" }),
+    );
+    let id = d
+        .post_event(&serde_json::to_value(&past).expect("JSON"))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let pause = &trace["chains"][0]["steps"][0];
+    assert_eq!(pause["output"]["past"], true, "{trace:#}");
+    assert_eq!(pause["output"]["until"], "2020-01-01T00:00:00Z");
+
+    let garbled = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-2",
+        json!({ "at": "tomorrow-ish" }),
+    );
+    let id = d
+        .post_event(&serde_json::to_value(&garbled).expect("JSON"))
+        .await;
+    let letter = d
+        .wait_for_dead_letter("acme", "the garbled until", |l| {
+            l["event"]["id"] == id.as_str()
+        })
+        .await;
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("config.until") && error.contains("tomorrow-ish"),
+        "{letter:#}"
+    );
+}
+
+/// With replicas, a paused chain is the partition's state: the owner is
+/// killed during the pause, and the replica that takes the partition over
+/// sends the reminder, once, not before the pause ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_chain_goes_on_on_the_replica_that_took_its_partition_over() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(
+        dir.path().join("acme.toml"),
+        REMINDER.replace(r#"duration = "2s""#, r#"duration = "4s""#),
+    )
+    .expect("a chain file");
+    let config =
+        config(&receiver).replace("[bus]\n", "[bus]\nreplicated = true\nstream_replicas = 1\n");
+    let mut owner = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    wait_until("the owner holding every partition", TIMEOUT, || async {
+        let (_, ready) = owner.get("/readyz").await;
+        (ready["partitions"].as_array().map(Vec::len) == Some(16)).then_some(())
+    })
+    .await;
+    let e = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "msisdn": "+27820000002" }),
+    );
+    let id = e.id.to_string();
+    switchboard_sdk::nats::NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection")
+        .emit(&e)
+        .await
+        .expect("emitting");
+    let trace = owner.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let until = trace["chains"][0]["waiting_until"]
+        .as_str()
+        .expect("waiting_until")
+        .to_string();
+    owner.kill9();
+
+    let fresh = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let reminders = wait_until("the reminder, from the new owner", TIMEOUT, || async {
+        let sent = sms_saying(&receiver, "reminder").await;
+        (!sent.is_empty()).then_some(sent)
+    })
+    .await;
+    let due_ms =
+        time::OffsetDateTime::parse(&until, &time::format_description::well_known::Rfc3339)
+            .expect("an RFC 3339 time")
+            .unix_timestamp_nanos()
+            / 1_000_000;
+    let at_ms = i128::from(reminders[0]["at_ms"].as_i64().expect("at_ms"));
+    assert!(
+        at_ms >= due_ms,
+        "the reminder went {} ms early",
+        due_ms - at_ms
+    );
+    let trace = wait_until("the chain's end", TIMEOUT, || async {
+        fresh
+            .trace("acme", &id)
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["steps"][0]["attempts"], 1, "{trace:#}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sms_saying(&receiver, "reminder").await.len(), 1);
+    assert_eq!(sms_saying(&receiver, "welcome").await.len(), 1);
+}
