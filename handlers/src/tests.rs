@@ -88,11 +88,9 @@ fn catalog_checks() {
         check_step(&step("log", json!({"level": "loud"})))[0]
             .contains("\"loud\" is not one of trace")
     );
-    assert!(
-        check_step(&step("teleport", json!({})))[0].starts_with(
-            "handler: unknown handler \"teleport\"; the built-in handlers are delay, emit, log"
-        )
-    );
+    assert!(check_step(&step("teleport", json!({})))[0].starts_with(
+        "handler: unknown handler \"teleport\"; the built-in handlers are delay, emit, log"
+    ));
     assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));
     assert!(
         check_step(&step("log", json!({"message": "{{ event.nope }}"})))[0]
