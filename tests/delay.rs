@@ -293,3 +293,61 @@ async fn a_paused_chain_goes_on_on_the_replica_that_took_its_partition_over() {
     assert_eq!(sms_saying(&receiver, "reminder").await.len(), 1);
     assert_eq!(sms_saying(&receiver, "welcome").await.len(), 1);
 }
+
+/// The time to live holds at every step: an event whose `expires_at`
+/// passes during a pause stops before the next step, its trace saying
+/// which, and is counted expired.
+#[tokio::test]
+async fn an_event_expiring_during_a_pause_stops_there_counted_expired() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "later"
+conversation_type = "survey"
+event_type = "signed_up"
+
+[[chains.steps]]
+name = "before"
+handler = "log"
+
+[[chains.steps]]
+name = "pause"
+handler = "delay"
+config = { duration = "3s" }
+
+[[chains.steps]]
+name = "after"
+handler = "log"
+"#,
+    )
+    .await;
+    let mut e = event("acme", "survey", "signed_up", "c-1", json!({}));
+    e.expires_at = Some(time::OffsetDateTime::now_utc() + Duration::from_millis(1500));
+    let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let trace = wait_until("the pause's end", TIMEOUT, || async {
+        d.trace("acme", &id)
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "expired", "{trace:#}");
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["outcome"], "ok", "{trace:#}");
+    assert_eq!(steps[1]["outcome"], "ok", "{trace:#}");
+    assert_eq!(steps[2]["name"], "after");
+    assert_eq!(steps[2]["outcome"], "skipped", "{trace:#}");
+    assert!(
+        steps[2]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expired")),
+        "{trace:#}"
+    );
+    assert_eq!(d.metric("expired", "acme").await, 1);
+    assert_eq!(d.metric("handled", "acme").await, 0);
+}

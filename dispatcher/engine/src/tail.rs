@@ -69,6 +69,7 @@ pub(crate) fn row(
                 (Some(ChainEnd::Done), _, _) => ("done", None),
                 (Some(ChainEnd::Dead { step, .. }), _, _) => ("dead", Some(step.clone())),
                 (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
+                (Some(ChainEnd::Expired { step }), _, _) => ("expired", Some(step.clone())),
                 (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
                 (None, None, Some(_)) => ("condition_failed", None),
                 (None, None, None) if c.waiting.is_some() => {

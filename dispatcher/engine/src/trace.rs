@@ -331,6 +331,10 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         steps.push(trace.clone());
     }
     if record.end.is_some() {
+        let expired_at = match &record.end {
+            Some(ChainEnd::Expired { step }) => Some(step.as_str()),
+            _ => None,
+        };
         steps.extend(record.unrun.iter().map(|step| StepTrace {
             name: step.name.clone(),
             handler: step.handler.clone(),
@@ -338,7 +342,10 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
             attempts: 0,
             duration_ms: 0.0,
             output: None,
-            error: None,
+            error:
+                (expired_at == Some(step.name.as_str())).then(|| {
+                    "the event expired (its expires_at passed) before this step".to_string()
+                }),
             logs: Vec::new(),
         }));
     }

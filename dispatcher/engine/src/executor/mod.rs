@@ -324,6 +324,7 @@ impl Executor {
         let mut retry_in: Option<Duration> = None;
         let mut paused = false;
         let mut dead = false;
+        let mut expired = false;
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
@@ -338,10 +339,9 @@ impl Executor {
                         }
                         ChainRun::Paused => paused = true,
                     }
-                    dead |= pass
-                        .journal
-                        .chain(&chain.name)
-                        .is_some_and(|c| matches!(c.end, Some(ChainEnd::Dead { .. })));
+                    let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
+                    dead |= matches!(end, Some(ChainEnd::Dead { .. }));
+                    expired |= matches!(end, Some(ChainEnd::Expired { .. }));
                     ran.push(chain.name.as_str());
                 }
                 Selected::ConditionFailed(chain, error) => {
@@ -380,6 +380,10 @@ impl Executor {
             TraceStatus::Waiting
         } else if dead {
             TraceStatus::Dead
+        } else if expired {
+            self.metrics
+                .count(Outcome::Expired, account, event.event_type.as_str());
+            TraceStatus::Expired
         } else {
             self.metrics
                 .count(Outcome::Handled, account, event.event_type.as_str());
@@ -488,7 +492,9 @@ impl Executor {
         let version = chains.version();
         let record = pass.journal.chain_mut(&chain.name, version);
         match &record.end {
-            Some(ChainEnd::Done | ChainEnd::Discarded) => return Ok(ChainRun::Over),
+            Some(ChainEnd::Done | ChainEnd::Discarded | ChainEnd::Expired { .. }) => {
+                return Ok(ChainRun::Over);
+            }
             Some(ChainEnd::Dead { letter, .. }) => {
                 // Filed by an earlier pass; make sure it was announced.
                 if !record.announced
@@ -543,6 +549,15 @@ impl Executor {
         };
         for (i, step) in chain.steps.iter().enumerate().skip(start) {
             let name = step.step_name();
+            if policy::expired_before_step(event.expires_at, switchboard_sdk::now()) {
+                tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
+                    step = name, "event expired: the chain stops before this step");
+                let end = ChainEnd::Expired {
+                    step: name.to_string(),
+                };
+                self.end_chain(event, pass, chain, version, end, i)?;
+                return Ok(ChainRun::Over);
+            }
             let effects = self
                 .registry
                 .get(&step.handler)

@@ -51,6 +51,13 @@ pub fn admit(event: Lineage<'_>, started: bool, now: OffsetDateTime, max_depth: 
     Admission::Handle
 }
 
+/// Whether a chain of an event that expires at `expires_at` stops before
+/// its next step at `now`: the time to live holds at every step, including
+/// one after a pause or a retry's wait.
+pub fn expired_before_step(expires_at: Option<OffsetDateTime>, now: OffsetDateTime) -> bool {
+    expires_at.is_some_and(|at| at <= now)
+}
+
 /// How an attempt at a step failed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -155,6 +162,21 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-12-02 12:00 UTC);
 
     #[test]
+    fn the_time_to_live_holds_before_every_step() {
+        let check = |expires_at, expected| {
+            assert_eq!(
+                expired_before_step(expires_at, NOW),
+                expected,
+                "{expires_at:?}"
+            );
+        };
+        check(None, false);
+        check(Some(datetime!(2026-12-02 12:00:01 UTC)), false);
+        check(Some(NOW), true);
+        check(Some(datetime!(2026-12-01 12:00 UTC)), true);
+    }
+
+    #[test]
     fn admission() {
         fn check(expires_at: Option<OffsetDateTime>, depth: u32, started: bool, expected: &str) {
             let lineage = Lineage {
@@ -179,7 +201,8 @@ mod tests {
         check(future, 8, false, "handle");
         check(past, 0, false, "expired");
         check(Some(NOW), 0, false, "expired");
-        // Started chains finish, whatever the expiry.
+        // Started chains are taken up: each stops before its next step
+        // (`expired_before_step`), which the trace shows.
         check(past, 0, true, "handle");
         // Expiry first: an expired loop is dropped, not dead-lettered.
         check(past, 9, false, "expired");

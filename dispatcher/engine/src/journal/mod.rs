@@ -201,6 +201,13 @@ pub enum ChainEnd {
     },
     /// The dead letter was discarded: the chain stays ended.
     Discarded,
+    /// The event's `expires_at` passed while the chain ran (between steps,
+    /// during a pause or while a step waited to be tried again): it stopped
+    /// before `step`.
+    Expired {
+        /// The step it did not run.
+        step: String,
+    },
 }
 
 /// What one chain has done with an event.
