@@ -42,8 +42,17 @@ async fn on_a_three_node_cluster_losing_the_dispatchers_server_loses_no_event() 
         .expect("a connection to node 1");
     let js = jetstream::new(client.clone());
     for name in ["VUMI_EVENTS", "VUMI_DEAD_LETTERS", "VUMI_OUTBOUND"] {
-        let mut stream = js.get_stream(name).await.expect("the stream");
-        let info = stream.info().await.expect("its info");
+        // A stream just made on a cluster answers once its group has a
+        // leader; on a loaded machine that can take a moment.
+        let info = wait_until(
+            &format!("{name}'s info from the cluster"),
+            Duration::from_secs(30),
+            || async {
+                let mut stream = js.get_stream(name).await.ok()?;
+                stream.info().await.ok().cloned()
+            },
+        )
+        .await;
         assert_eq!(info.config.num_replicas, 3, "{name}");
         let peers = info.cluster.as_ref().expect("cluster info").replicas.len();
         assert_eq!(peers, 2, "{name}: a leader and two replicas");

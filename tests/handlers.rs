@@ -745,7 +745,8 @@ async fn the_catalog_and_chains_apply_agree() {
             "log",
             "payment_webhook",
             "send_email",
-            "send_sms"
+            "send_sms",
+            "wait_for_event"
         ]
     );
     let entry = |name: &str| {
@@ -924,6 +925,13 @@ async fn the_catalog_and_chains_apply_agree() {
             false,
         ),
         ("delay", json!({"wait": "1s"}), false),
+        (
+            "wait_for_event",
+            json!({"event_type": "replied", "timeout": "1h"}),
+            true,
+        ),
+        ("wait_for_event", json!({"event_type": "replied"}), false),
+        ("wait_for_event", json!({"timeout": "1h"}), false),
     ];
     let mut disagreements = Vec::new();
     for (handler, config, valid) in cases {

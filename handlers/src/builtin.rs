@@ -194,7 +194,7 @@ impl Handler for Emit {
                 event_data,
             }],
             logs: Vec::new(),
-            pause_until_ms: None,
+            pause: None,
         })
     }
 

@@ -1,7 +1,7 @@
 //! `delay`: pauses the chain's run for a while, or until a time.
 //!
 //! The step itself only works out when the run goes on: it returns that
-//! time as [`StepOutput::pause_until_ms`], and the dispatcher keeps the run
+//! time as [`StepOutput::pause`], and the dispatcher keeps the run
 //! in the event's journal with a durable timer that resumes it at the next
 //! step once due (after a restart, or on the replica that took the
 //! account's partition over), never before.
@@ -101,7 +101,7 @@ impl Handler for Delay {
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let now = switchboard_sdk::now();
         let mut output = pause(input, now)?;
-        output.pause_until_ms = None;
+        output.pause = None;
         Ok(output)
     }
 }
@@ -139,7 +139,10 @@ fn pause(input: &StepInput<'_>, now: OffsetDateTime) -> Result<StepOutput, StepE
     }
     Ok(StepOutput {
         data,
-        pause_until_ms: (!past).then(|| ms_of(until)),
+        pause: (!past).then(|| crate::Pause {
+            until_ms: ms_of(until),
+            awaits: None,
+        }),
         ..StepOutput::default()
     })
 }

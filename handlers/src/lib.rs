@@ -36,6 +36,7 @@ pub mod sms;
 pub mod template;
 mod templated;
 pub mod versioned;
+pub mod wait_for_event;
 pub mod webhook;
 
 pub use options::{OptionSpec, Options};
@@ -150,10 +151,29 @@ pub struct StepOutput {
     pub emit: Vec<EmitRequest>,
     /// Lines the step logged for the trace (a script's, a `log` step's).
     pub logs: Vec<LogLine>,
-    /// Pause the chain after this step until this time (ms since the
-    /// epoch): the run is kept in the journal, a durable timer resumes it at
-    /// the next step when due (a `delay` step's).
-    pub pause_until_ms: Option<u64>,
+    /// Pause the chain after this step (a `delay`, a `wait_for_event`): the
+    /// run is kept in the journal and goes on at the next step when a
+    /// durable timer fires, or when an awaited event arrives.
+    pub pause: Option<Pause>,
+}
+
+/// How a step pauses its chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// When the pause ends (ms since the epoch) if nothing ends it first.
+    pub until_ms: u64,
+    /// The event that ends it early (a `wait_for_event`'s), if any.
+    pub awaits: Option<AwaitedEvent>,
+}
+
+/// An event a paused run waits for: its type, and a Rhai condition over
+/// `event`, `paused` and `steps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwaitedEvent {
+    /// The event type.
+    pub event_type: String,
+    /// The condition.
+    pub condition: String,
 }
 
 impl StepOutput {
@@ -240,6 +260,13 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// names it: a chain is stored only when they are set, and a secret is
     /// removed only when no chain names it.
     fn secrets_named(&self, _config: &Map<String, Value>) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// The Rhai match conditions (over `event`, `paused` and `steps`) a
+    /// step's config holds, each with its field: the registry checks they
+    /// compile when a chain is stored.
+    fn match_conditions(&self, _config: &Map<String, Value>) -> Vec<(&'static str, String)> {
         Vec::new()
     }
 
@@ -359,6 +386,7 @@ impl Registry {
         r.register(Arc::new(builtin::Log));
         r.register(Arc::new(builtin::Emit));
         r.register(Arc::new(delay::Delay));
+        r.register(Arc::new(wait_for_event::WaitForEvent));
         r
     }
 
@@ -485,6 +513,14 @@ impl StepCatalog for Registry {
         );
         problems.extend(handler.options().check(&config));
         problems.extend(handler.check_config(&config));
+        for (field, expr) in handler.match_conditions(&config) {
+            if let Err(e) = self.runtime.check_match(&expr) {
+                problems.push(FieldProblem::new(
+                    field,
+                    format!("not a valid Rhai expression: {e}"),
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -519,6 +555,12 @@ impl StepCatalog for Registry {
     fn check_condition(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {
         self.runtime
             .check_condition(expr)
+            .map_err(|e| format!("not a valid Rhai expression: {e}"))
+    }
+
+    fn check_match(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {
+        self.runtime
+            .check_match(expr)
             .map_err(|e| format!("not a valid Rhai expression: {e}"))
     }
 }

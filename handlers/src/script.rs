@@ -468,10 +468,23 @@ impl ScriptRuntime {
     /// Checks a `when` condition about to be stored: it compiles, and uses
     /// no name but `event` and what it defines.
     pub fn check_condition(&self, expr: &str) -> Result<(), CompileError> {
-        // A variable, not a constant: the optimizer would fold a constant's
+        self.check_expression(expr, &["event"])
+    }
+
+    /// Checks the condition of a paused run's match (`cancel_on`,
+    /// `wait_for_event`) about to be stored: it compiles, and uses no name
+    /// but `event`, `paused`, `steps` and what it defines.
+    pub fn check_match(&self, expr: &str) -> Result<(), CompileError> {
+        self.check_expression(expr, &["event", "paused", "steps"])
+    }
+
+    fn check_expression(&self, expr: &str, names: &[&str]) -> Result<(), CompileError> {
+        // Variables, not constants: the optimizer would fold a constant's
         // placeholder value into the expression.
         let mut scope = Scope::new();
-        scope.push_dynamic("event", Dynamic::UNIT);
+        for name in names {
+            scope.push_dynamic(*name, Dynamic::UNIT);
+        }
         let strict = self
             .checker
             .compile_expression_with_scope(&scope, expr)
@@ -566,9 +579,33 @@ impl ScriptRuntime {
 
     /// Evaluates a compiled `when` condition against `event` (see [`Self::to_dynamic`]).
     pub fn eval_condition(&self, ast: &AST, event: &Dynamic) -> Result<bool, String> {
+        self.eval_with(ast, &[("event", event.clone())])
+    }
+
+    /// Whether an arriving `event` matches a paused run (of event `paused`,
+    /// whose steps gave `steps`) by the condition `expr`.
+    pub fn event_matches(
+        &self,
+        expr: &str,
+        event: &VumiApiEvent,
+        paused: &VumiApiEvent,
+        steps: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<bool, String> {
+        let ast = self.compile_condition(expr).map_err(|e| e.to_string())?;
+        let constants = [
+            ("event", Self::to_dynamic(event)),
+            ("paused", Self::to_dynamic(paused)),
+            ("steps", Self::to_dynamic(steps)),
+        ];
+        self.run_sandboxed(|| self.eval_with(&ast, &constants))
+    }
+
+    fn eval_with(&self, ast: &AST, constants: &[(&'static str, Dynamic)]) -> Result<bool, String> {
         let _guard = self.begin(None);
         let mut scope = Scope::new();
-        scope.push_constant_dynamic("event", event.clone());
+        for (name, value) in constants {
+            scope.push_constant_dynamic(*name, value.clone());
+        }
         let result = self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast);
         self.count_operations(OPERATIONS.with(Cell::get));
         match result {
@@ -662,7 +699,7 @@ impl ScriptRuntime {
                 stop: false,
                 emit: state.emits,
                 logs: logs.clone(),
-                pause_until_ms: None,
+                pause: None,
             }),
         };
         ScriptRun {

@@ -20,7 +20,12 @@ pub struct AccountChains {
     /// conversation type (or `*`) → event type (or `*`) → chain positions.
     index: HashMap<String, HashMap<String, Vec<usize>>>,
     default: Option<usize>,
+    /// The event types that can reach a paused run ([`AccountChains::awaits`]).
+    awaited: Box<[String]>,
 }
+
+/// The handler whose steps wait for an event (its `event_type` option).
+pub const WAIT_FOR_EVENT: &str = "wait_for_event";
 
 /// What an event runs.
 #[derive(Debug, PartialEq)]
@@ -68,13 +73,40 @@ impl AccountChains {
                 .or_default()
                 .push(i);
         }
+        let mut awaited: Vec<String> = file
+            .chains
+            .iter()
+            .filter_map(|c| c.cancel_on.as_ref().map(|m| m.event_type.to_string()))
+            .chain(file.chains.iter().flat_map(|c| {
+                c.steps
+                    .iter()
+                    .filter(|s| s.handler == WAIT_FOR_EVENT)
+                    .filter_map(|s| {
+                        s.config
+                            .to_map()
+                            .get("event_type")?
+                            .as_str()
+                            .map(String::from)
+                    })
+            }))
+            .collect();
+        awaited.sort();
+        awaited.dedup();
         Self {
             account: file.account_key,
             version,
             chains: file.chains,
             index,
             default,
+            awaited: awaited.into(),
         }
+    }
+
+    /// Whether an event of `event_type` can reach a paused run of these
+    /// chains: a chain's `cancel_on` names it, or a `wait_for_event` step
+    /// waits for it. Only then does the dispatcher look for paused runs.
+    pub fn awaits(&self, event_type: &str) -> bool {
+        self.awaited.iter().any(|t| t == event_type)
     }
 
     /// The account.

@@ -45,6 +45,35 @@ pub struct ChainSpec {
     /// The steps, run in order.
     #[serde(default)]
     pub steps: Vec<StepSpec>,
+    /// Events that cancel a run of this chain while it is paused (in a
+    /// `delay` or a `wait_for_event` step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_on: Option<EventMatch>,
+}
+
+/// Which later events reach a paused run: those of a type for which a Rhai
+/// condition holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventMatch {
+    /// The arriving event's type.
+    pub event_type: EventType,
+    /// A Rhai expression over `event` (the arriving event), `paused` (the
+    /// paused run's event) and `steps` (the paused run's step outputs);
+    /// default: [`SAME_CONVERSATION`].
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+}
+
+/// The condition of an [`EventMatch`] that gives none: the arriving event
+/// is of the paused run's conversation.
+pub const SAME_CONVERSATION: &str = "event.conversation_key == paused.conversation_key";
+
+impl EventMatch {
+    /// The condition, or [`SAME_CONVERSATION`].
+    pub fn condition(&self) -> &str {
+        self.condition.as_deref().unwrap_or(SAME_CONVERSATION)
+    }
 }
 
 /// One step of a chain.

@@ -49,6 +49,11 @@ impl StepCatalog for TestCatalog {
             Ok(())
         }
     }
+
+    /// As `check_condition`.
+    fn check_match(&self, account: &AccountKey, expr: &str) -> Result<(), String> {
+        self.check_condition(account, expr)
+    }
 }
 
 fn acme() -> AccountKey {

@@ -125,6 +125,11 @@ pub trait StepCatalog {
     /// Checks a chain's `when` condition (a Rhai expression over `event`):
     /// it compiles under the sandbox. The error says what is wrong and where.
     fn check_condition(&self, account: &AccountKey, expr: &str) -> Result<(), String>;
+
+    /// Checks the condition of a paused run's match (`cancel_on.match`, a
+    /// Rhai expression over `event`, `paused` and `steps`), as
+    /// [`StepCatalog::check_condition`].
+    fn check_match(&self, account: &AccountKey, expr: &str) -> Result<(), String>;
 }
 
 /// One thing wrong with a chain file.
@@ -333,6 +338,23 @@ fn check_chain(
             ));
         } else if let Err(message) = catalog.check_condition(account, expr) {
             problems.push(chain_problem(label, "when", message));
+        }
+    }
+    if let Some(cancel) = &chain.cancel_on {
+        match cancel.condition.as_deref().map(str::trim) {
+            Some("") => problems.push(chain_problem(
+                label,
+                "cancel_on.match",
+                "an empty condition; write a Rhai expression over `event`, `paused` and \
+                 `steps`, or leave it out for the same conversation"
+                    .into(),
+            )),
+            Some(expr) => {
+                if let Err(message) = catalog.check_match(account, expr) {
+                    problems.push(chain_problem(label, "cancel_on.match", message));
+                }
+            }
+            None => {}
         }
     }
     if chain.steps.is_empty() {

@@ -106,11 +106,18 @@ pub enum Collection {
     /// `{account}\0{due:BE u64 ms}\0{event id}\0{chain}` → empty. The
     /// event's journal record holds the rest.
     Timers,
+    /// Paused runs that later events may reach (`cancel_on`, a
+    /// `wait_for_event`): `{account}\0{event type}\0{paused event id}\0{chain}\0{kind}`
+    /// → the match's condition.
+    Waiters,
+    /// Events that reached a paused run, for its next pass:
+    /// `{account}\0{paused event id}\0{chain}\0{arriving event id}` → the kind and the event.
+    Signals,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 30] = [
+    pub const ALL: [Collection; 32] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -141,6 +148,8 @@ impl Collection {
         Collection::Templates,
         Collection::TemplateVersions,
         Collection::Timers,
+        Collection::Waiters,
+        Collection::Signals,
     ];
 
     /// The collection's name on disk.
@@ -176,6 +185,8 @@ impl Collection {
             Collection::Templates => "templates",
             Collection::TemplateVersions => "template_versions",
             Collection::Timers => "timers",
+            Collection::Waiters => "waiters",
+            Collection::Signals => "signals",
         }
     }
 
@@ -208,6 +219,8 @@ impl Collection {
                 | Collection::Idempotency
                 | Collection::Unmatched
                 | Collection::Timers
+                | Collection::Waiters
+                | Collection::Signals
         )
     }
 
@@ -231,6 +244,8 @@ impl Collection {
                 | Collection::Replicas
                 | Collection::ConsoleSessions
                 | Collection::Timers
+                | Collection::Waiters
+                | Collection::Signals
         )
     }
 

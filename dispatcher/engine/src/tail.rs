@@ -70,6 +70,7 @@ pub(crate) fn row(
                 (Some(ChainEnd::Dead { step, .. }), _, _) => ("dead", Some(step.clone())),
                 (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
                 (Some(ChainEnd::Expired { step }), _, _) => ("expired", Some(step.clone())),
+                (Some(ChainEnd::Cancelled { .. }), _, _) => ("cancelled", None),
                 (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
                 (None, None, Some(_)) => ("condition_failed", None),
                 (None, None, None) if c.waiting.is_some() => {

@@ -28,6 +28,8 @@ pub enum TraceStatus {
     Running,
     /// A chain is paused (a `delay` step) until a durable timer resumes it.
     Waiting,
+    /// A later event cancelled a paused chain (its `cancel_on`).
+    Cancelled,
     /// A chain failed and the event went to dead letters.
     Dead,
     /// Dropped because it had expired.
@@ -43,6 +45,7 @@ impl TraceStatus {
             TraceStatus::Done => "done",
             TraceStatus::Running => "running",
             TraceStatus::Waiting => "waiting",
+            TraceStatus::Cancelled => "cancelled",
             TraceStatus::Dead => "dead",
             TraceStatus::Expired => "expired",
             TraceStatus::Unrouted => "unrouted",
@@ -107,6 +110,9 @@ pub struct ChainTrace {
         with = "time::serde::rfc3339::option"
     )]
     pub waiting_until: Option<OffsetDateTime>,
+    /// The event that cancelled the chain while it was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<EventId>,
 }
 
 /// What the dispatcher did with one event.
@@ -354,6 +360,10 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         version: record.version,
         steps,
         waiting_until: record.waiting.map(at),
+        cancelled_by: match &record.end {
+            Some(ChainEnd::Cancelled { by }) => Some(*by),
+            _ => None,
+        },
     }
 }
 
@@ -367,6 +377,7 @@ mod status_tests {
             TraceStatus::Done,
             TraceStatus::Running,
             TraceStatus::Waiting,
+            TraceStatus::Cancelled,
             TraceStatus::Dead,
             TraceStatus::Expired,
             TraceStatus::Unrouted,

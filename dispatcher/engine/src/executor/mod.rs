@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
 use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
@@ -32,12 +32,13 @@ use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
 use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
 use crate::tail::Tail;
-use crate::timers::{PendingTimer, Timers};
+use crate::timers::Timers;
 use crate::trace::TraceStatus;
 
 mod decode;
 mod letters;
 mod pass;
+mod paused;
 mod policy;
 mod step;
 
@@ -304,6 +305,9 @@ impl Executor {
         let Some(account_chains) = self.chains.lookup(&event.account_key) else {
             return self.unrouted(pass, event, "the account has no chains");
         };
+        // Before its own chains: the event may cancel or resume paused runs
+        // whether or not a chain of its own matches it.
+        self.reach_paused(event, &account_chains, &pass).await?;
         let event_value = EventValue::new(event);
         let runtime = self.registry.runtime();
         let selected = runtime.run_sandboxed(|| {
@@ -325,6 +329,7 @@ impl Executor {
         let mut paused = false;
         let mut dead = false;
         let mut expired = false;
+        let mut cancelled = false;
         let mut ran = Vec::with_capacity(selected.len());
         for selection in selected {
             match selection {
@@ -342,6 +347,7 @@ impl Executor {
                     let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
                     dead |= matches!(end, Some(ChainEnd::Dead { .. }));
                     expired |= matches!(end, Some(ChainEnd::Expired { .. }));
+                    cancelled |= matches!(end, Some(ChainEnd::Cancelled { .. }));
                     ran.push(chain.name.as_str());
                 }
                 Selected::ConditionFailed(chain, error) => {
@@ -384,6 +390,10 @@ impl Executor {
             self.metrics
                 .count(Outcome::Expired, account, event.event_type.as_str());
             TraceStatus::Expired
+        } else if cancelled {
+            self.metrics
+                .count(Outcome::Handled, account, event.event_type.as_str());
+            TraceStatus::Cancelled
         } else {
             self.metrics
                 .count(Outcome::Handled, account, event.event_type.as_str());
@@ -492,7 +502,12 @@ impl Executor {
         let version = chains.version();
         let record = pass.journal.chain_mut(&chain.name, version);
         match &record.end {
-            Some(ChainEnd::Done | ChainEnd::Discarded | ChainEnd::Expired { .. }) => {
+            Some(
+                ChainEnd::Done
+                | ChainEnd::Discarded
+                | ChainEnd::Expired { .. }
+                | ChainEnd::Cancelled { .. },
+            ) => {
                 return Ok(ChainRun::Over);
             }
             Some(ChainEnd::Dead { letter, .. }) => {
@@ -511,35 +526,15 @@ impl Executor {
             None => {}
         }
         if let Some(until_ms) = record.waiting {
-            let timer = PendingTimer {
-                account: event.account_key.clone(),
-                event_id: event.id,
-                chain: chain.name.clone(),
-                due_ms: until_ms,
-            };
-            let now = crate::journal::now_ms();
-            if now < until_ms {
-                // Back early (a duplicate, or a timer fired by a replica
-                // whose clock is ahead): the chain stays paused, and its
-                // timer is set again in case it was the one that fired.
-                pass.set_timer(timer);
-                return Ok(ChainRun::Paused);
+            let waiting_for = record.waiting_for.clone();
+            match self.resume(event, chain, version, pass, (until_ms, waiting_for))? {
+                paused::Resumed::Paused => return Ok(ChainRun::Paused),
+                paused::Resumed::Cancelled => return Ok(ChainRun::Over),
+                paused::Resumed::GoesOn => {}
             }
-            pass.record(Entry::Woke {
-                chain: chain.name.clone(),
-                at_ms: now,
-            });
-            pass.clear_timer(&timer);
         }
         let record = pass.journal.chain_mut(&chain.name, version);
-        let mut outputs: Map<String, Value> = record
-            .steps
-            .iter()
-            .filter_map(|r| {
-                let output = r.trace.output.clone()?;
-                Some((r.trace.name.clone(), Value::Object(output)))
-            })
-            .collect();
+        let mut outputs = paused::outputs_of(record);
         let start = record.steps.len();
         let steps = Steps {
             registry: &self.registry,
@@ -583,7 +578,7 @@ impl Executor {
                     record,
                     stop,
                     effects,
-                    pause_until_ms,
+                    pause,
                 } => {
                     if let Some(output) = &record.trace.output {
                         outputs.insert(name.to_string(), Value::Object(output.clone()));
@@ -599,17 +594,8 @@ impl Executor {
                         self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
                         return Ok(ChainRun::Over);
                     }
-                    if let Some(until_ms) = pause_until_ms {
-                        pass.record(Entry::Wait {
-                            chain: chain.name.clone(),
-                            until_ms,
-                        });
-                        pass.set_timer(PendingTimer {
-                            account: event.account_key.clone(),
-                            event_id: event.id,
-                            chain: chain.name.clone(),
-                            due_ms: until_ms,
-                        });
+                    if let Some(pause) = pause {
+                        self.pause(event, chain, pass, pause);
                         return Ok(ChainRun::Paused);
                     }
                 }

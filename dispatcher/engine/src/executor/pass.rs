@@ -90,6 +90,11 @@ impl Pass {
         Ok(writes)
     }
 
+    /// Writes `write` with the record's next write.
+    pub fn write_beside(&mut self, write: Write) {
+        self.beside.push(write);
+    }
+
     /// Sets `timer` with the record's next write.
     pub fn set_timer(&mut self, timer: PendingTimer) {
         self.beside.push(timer.put());

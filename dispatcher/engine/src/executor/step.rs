@@ -25,8 +25,8 @@ pub(super) enum Attempt {
         stop: bool,
         /// What it changed besides its output.
         effects: Effects,
-        /// The chain pauses after it until then (ms since the epoch).
-        pause_until_ms: Option<u64>,
+        /// The chain pauses after it.
+        pause: Option<switchboard_handlers::Pause>,
     },
     /// It failed and is worth trying again after `delay`.
     Retry {
@@ -183,7 +183,7 @@ impl Steps<'_> {
                     },
                     stop: finished.stop,
                     effects,
-                    pause_until_ms: finished.pause_until_ms,
+                    pause: finished.pause,
                 }
             }
             Err(e) => {
@@ -286,7 +286,7 @@ impl Steps<'_> {
             },
             stop: false,
             effects: Effects::None,
-            pause_until_ms: None,
+            pause: None,
         }
     }
 
@@ -309,7 +309,7 @@ impl Steps<'_> {
             stop: output.stop,
             children,
             logs: output.logs,
-            pause_until_ms: output.pause_until_ms,
+            pause: output.pause,
         })
     }
 }
@@ -353,5 +353,5 @@ struct Finished {
     stop: bool,
     children: Vec<VumiApiEvent>,
     logs: Vec<LogLine>,
-    pause_until_ms: Option<u64>,
+    pause: Option<switchboard_handlers::Pause>,
 }

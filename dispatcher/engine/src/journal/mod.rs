@@ -27,6 +27,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 
@@ -117,8 +118,12 @@ pub enum Entry {
     Wait {
         /// The chain.
         chain: String,
-        /// When it goes on, in ms since the epoch.
+        /// When it goes on, in ms since the epoch, if nothing ends the
+        /// pause first.
         until_ms: u64,
+        /// The type of the event that ends it first (a `wait_for_event`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_event: Option<String>,
     },
     /// A paused chain went on, at `at_ms`.
     Woke {
@@ -126,6 +131,10 @@ pub enum Entry {
         chain: String,
         /// When, in ms since the epoch.
         at_ms: u64,
+        /// The pausing step's output, now that it is known (a
+        /// `wait_for_event`'s: the event that came, or that none did).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Map<String, Value>>,
     },
     /// A pass over the event ended.
     Finish {
@@ -201,6 +210,12 @@ pub enum ChainEnd {
     },
     /// The dead letter was discarded: the chain stays ended.
     Discarded,
+    /// A later event cancelled the chain while it was paused (its
+    /// `cancel_on`).
+    Cancelled {
+        /// The event that cancelled it.
+        by: EventId,
+    },
     /// The event's `expires_at` passed while the chain ran (between steps,
     /// during a pause or while a step waited to be tried again): it stopped
     /// before `step`.
@@ -233,6 +248,8 @@ pub struct ChainJournal {
     pub condition_failed: Option<String>,
     /// Paused after its last finished step until then (ms since the epoch).
     pub waiting: Option<u64>,
+    /// The type of the event the pause waits for, if any.
+    pub waiting_for: Option<String>,
 }
 
 impl ChainJournal {
@@ -382,6 +399,7 @@ impl EventJournal {
                 chain.replaying = None;
                 chain.condition_failed = None;
                 chain.waiting = None;
+                chain.waiting_for = None;
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
@@ -413,14 +431,23 @@ impl EventJournal {
                     c.end = Some(ChainEnd::Discarded);
                 }
             }
-            Entry::Wait { chain, until_ms } => {
+            Entry::Wait {
+                chain,
+                until_ms,
+                for_event,
+            } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = Some(until_ms);
+                    c.waiting_for = for_event;
                 }
             }
-            Entry::Woke { chain, .. } => {
+            Entry::Woke { chain, output, .. } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = None;
+                    c.waiting_for = None;
+                    if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {
+                        last.trace.output = Some(output);
+                    }
                 }
             }
             Entry::Finish {

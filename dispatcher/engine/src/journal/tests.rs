@@ -448,6 +448,7 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
             Entry::Wait {
                 chain: "a".into(),
                 until_ms: now_ms() + 86_400_000,
+                for_event: None,
             },
         ],
     );
@@ -465,6 +466,7 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
             Entry::Woke {
                 chain: "a".into(),
                 at_ms: now_ms(),
+                output: None,
             },
             step("a", "after"),
         ],

@@ -1,7 +1,8 @@
-//! The `delay` step: a chain paused durably (journal + timer), resumed at
-//! the next step when due, never early, once, across a SIGKILL of the
-//! dispatcher; its config checked at apply; a time already past goes on at
-//! once.
+//! Paused chains: a `delay` keeps its run durably (journal + timer) and it
+//! goes on at the next step when due, never early, once, across a SIGKILL
+//! of the dispatcher and a take-over; a `wait_for_event` goes on when a
+//! matching event comes or times out; `cancel_on` cancels a paused run;
+//! bad configs are refused at apply; the time to live holds during a pause.
 
 use std::time::Duration;
 
@@ -350,4 +351,234 @@ handler = "log"
     );
     assert_eq!(d.metric("expired", "acme").await, 1);
     assert_eq!(d.metric("handled", "acme").await, 0);
+}
+
+const CANCELLABLE: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "remind"
+conversation_type = "survey"
+event_type = "signed_up"
+cancel_on = { event_type = "replied" }
+
+[[chains.steps]]
+name = "welcome"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "welcome" }
+
+[[chains.steps]]
+name = "wait"
+handler = "delay"
+config = { duration = "3s" }
+
+[[chains.steps]]
+name = "reminder"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "reminder" }
+"#;
+
+/// `cancel_on`: a reply in the conversation cancels its paused reminder;
+/// another conversation's reminder goes.
+#[tokio::test]
+async fn cancel_on_cancels_a_paused_reminder_of_the_same_conversation() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains("acme.toml", CANCELLABLE).await;
+    let signed_up = |conversation: &str, msisdn: &str| {
+        event(
+            "acme",
+            "survey",
+            "signed_up",
+            conversation,
+            json!({ "msisdn": msisdn }),
+        )
+    };
+    let (quiet, talker) = (
+        signed_up("c-quiet", "+27820000010"),
+        signed_up("c-talker", "+27820000011"),
+    );
+    for e in [&quiet, &talker] {
+        d.post_event(&serde_json::to_value(e).expect("JSON")).await;
+    }
+    for e in [&quiet, &talker] {
+        let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+        assert_eq!(trace["status"], "waiting", "{trace:#}");
+    }
+    let reply = event("acme", "survey", "replied", "c-talker", json!({}));
+    let reply_id = d
+        .post_event(&serde_json::to_value(&reply).expect("JSON"))
+        .await;
+    let trace = wait_until("the cancellation", TIMEOUT, || async {
+        d.trace("acme", &talker.id.to_string())
+            .await
+            .filter(|t| t["status"] == "cancelled")
+    })
+    .await;
+    let chain = &trace["chains"][0];
+    assert_eq!(chain["cancelled_by"], reply_id.as_str(), "{trace:#}");
+    assert_eq!(chain["steps"][2]["name"], "reminder");
+    assert_eq!(chain["steps"][2]["outcome"], "skipped", "{trace:#}");
+    // The quiet conversation's reminder goes; the talker's never does.
+    let trace = wait_until("the quiet reminder", TIMEOUT, || async {
+        d.trace("acme", &quiet.id.to_string())
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["steps"][2]["outcome"], "ok", "{trace:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reminders = sms_saying(&receiver, "reminder").await;
+    assert_eq!(reminders.len(), 1, "{reminders:#?}");
+    assert!(
+        reminders[0]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("+27820000010")),
+        "{reminders:#?}"
+    );
+    let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
+    assert_eq!(timers["timers"], json!([]));
+}
+
+/// `wait_for_event`: a run goes on when an event meeting its `match` comes
+/// (whatever its conversation), its step's output holding that event; one
+/// no event meets times out, its output saying so.
+#[tokio::test]
+async fn wait_for_event_goes_on_when_its_event_comes_or_times_out() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "order"
+conversation_type = "shop"
+event_type = "order_placed"
+
+[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = { event_type = "order_paid", match = "event.event_data.order_id == paused.event_data.order_id", timeout = "4s" }
+
+[[chains.steps]]
+name = "after"
+handler = "log"
+config = { message = "paid: {{ steps.paid.event.event_data.amount if steps.paid.matched else 'never' }}" }
+"#,
+    )
+    .await;
+    let placed = |order: u32| {
+        event(
+            "acme",
+            "shop",
+            "order_placed",
+            &format!("order-{order}"),
+            json!({ "order_id": order }),
+        )
+    };
+    let (unpaid, paid) = (placed(1), placed(2));
+    for e in [&unpaid, &paid] {
+        d.post_event(&serde_json::to_value(e).expect("JSON")).await;
+        let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+        assert_eq!(trace["status"], "waiting", "{trace:#}");
+        assert_eq!(
+            trace["chains"][0]["steps"][0]["output"]["waiting_for"],
+            "order_paid"
+        );
+    }
+    // From another conversation: the match is on the order, not the
+    // conversation.
+    let payment = event(
+        "acme",
+        "payments",
+        "order_paid",
+        "gateway",
+        json!({ "order_id": 2, "amount": 12 }),
+    );
+    let payment_id = d
+        .post_event(&serde_json::to_value(&payment).expect("JSON"))
+        .await;
+    let trace = wait_until("the paid order going on", TIMEOUT, || async {
+        d.trace("acme", &paid.id.to_string())
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["outcome"], "ok", "{trace:#}");
+    assert_eq!(steps[0]["output"]["matched"], true, "{trace:#}");
+    assert_eq!(steps[0]["output"]["timed_out"], false, "{trace:#}");
+    assert_eq!(steps[0]["output"]["event"]["id"], payment_id.as_str());
+    assert_eq!(steps[0]["output"]["event"]["event_data"]["amount"], 12);
+    assert_eq!(steps[1]["logs"][0]["message"], "paid: 12", "{trace:#}");
+    // The unpaid order is still waiting, then times out.
+    let trace = d
+        .trace("acme", &unpaid.id.to_string())
+        .await
+        .expect("a trace");
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let trace = wait_until("the unpaid order timing out", TIMEOUT, || async {
+        d.trace("acme", &unpaid.id.to_string())
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["output"]["timed_out"], true, "{trace:#}");
+    assert_eq!(steps[0]["output"]["matched"], false, "{trace:#}");
+    assert_eq!(steps[0]["output"]["event"], Value::Null, "{trace:#}");
+    assert_eq!(steps[1]["logs"][0]["message"], "paid: never", "{trace:#}");
+}
+
+/// Conditions of paused runs' matches are checked at apply: the field named,
+/// a name other than `event`, `paused` and `steps` refused.
+#[tokio::test]
+async fn bad_matches_are_refused_at_apply() {
+    let d = Dispatcher::embedded();
+    let cases = [
+        (
+            r#"cancel_on = { event_type = "replied", match = "event.x ==" }
+[[chains.steps]]
+handler = "delay"
+config = { duration = "1s" }"#,
+            "cancel_on.match",
+        ),
+        (
+            r#"[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = { event_type = "order_paid", match = "event.id == pasued.id", timeout = "1m" }"#,
+            "config.match",
+        ),
+        (
+            r#"[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = { event_type = "order_paid", timeout = "0s" }"#,
+            "config.timeout",
+        ),
+        (
+            r#"[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = { event_type = "order_paid" }"#,
+            "config.timeout",
+        ),
+    ];
+    for (body, field) in cases {
+        let text = format!(
+            "account_key = \"acme\"\n\n[[chains]]\nname = \"shop\"\nconversation_type = \"shop\"\n\
+             event_type = \"order_placed\"\n{body}\n"
+        );
+        let path = d.file("bad.toml", &text);
+        let out = d
+            .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+            .await;
+        let line = out.fails();
+        assert!(
+            line.contains(r#"chain "shop""#) && line.contains(field),
+            "{body}: {line:?} lacks {field:?}"
+        );
+    }
 }

@@ -1,0 +1,387 @@
+//! Paused runs: how a chain pauses (a `delay`, a `wait_for_event`), how a
+//! later event reaches it (the chain's `cancel_on`, the awaited event), and
+//! how it goes on.
+//!
+//! A pause is recorded in the event's journal (`Entry::Wait`) with, in the
+//! same write, its timer and a *waiter* per way a later event may reach it
+//! (`{account}\0{event type}\0{paused event id}\0{chain}\0{kind}` in
+//! [`Collection::Waiters`], holding the match's condition). An arriving
+//! event of a type some chain of its account awaits
+//! ([`AccountChains::awaits`]) reads the waiters of its type; for each
+//! whose condition holds it writes a *signal* (the arriving event, in
+//! [`Collection::Signals`]), makes it durable, and puts the paused event
+//! back on the bus. Only the paused event's own pass changes its record: it
+//! takes the first signal (cancelled, or the awaited event came), or, with
+//! none, goes on once its pause has ended, and removes the timer, waiters
+//! and signals. So two events reaching the same run at once, or an event
+//! and the timer, never write the record together: the run's own worker
+//! decides, one pass at a time.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_handlers::Pause;
+use switchboard_rules::{AccountChains, ChainSpec};
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::{Collection, Write, key};
+
+use super::pass::Pass;
+use super::{Executor, Interrupted};
+use crate::journal::{ChainEnd, ChainJournal, Entry, RecordKey, now_ms};
+use crate::timers::PendingTimer;
+
+/// What a later event that reaches a paused run does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Reach {
+    /// Ends the chain (its `cancel_on`).
+    Cancel,
+    /// Ends the pause: the chain goes on (a `wait_for_event`).
+    Resume,
+}
+
+impl Reach {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reach::Cancel => "cancel",
+            Reach::Resume => "resume",
+        }
+    }
+}
+
+/// A waiter's key.
+fn waiter_key(
+    account: &AccountKey,
+    event_type: &str,
+    paused: EventId,
+    chain: &str,
+    kind: Reach,
+) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        event_type.as_bytes(),
+        paused.to_string().as_bytes(),
+        chain.as_bytes(),
+        kind.as_str().as_bytes(),
+    ])
+}
+
+/// A waiter key's paused event id, chain and kind (after the account and
+/// event type).
+fn parse_waiter(k: &[u8]) -> Option<(EventId, String, Reach)> {
+    let text = std::str::from_utf8(k).ok()?;
+    let mut parts = text.split('\0').skip(2);
+    let id = EventId::parse(parts.next()?).ok()?;
+    let chain = parts.next()?.to_string();
+    let kind = match parts.next()? {
+        "cancel" => Reach::Cancel,
+        "resume" => Reach::Resume,
+        _ => return None,
+    };
+    Some((id, chain, kind))
+}
+
+/// A waiter's value.
+#[derive(Debug, Serialize, Deserialize)]
+struct Waiting {
+    /// The Rhai condition over `event`, `paused` and `steps`.
+    condition: String,
+}
+
+/// The prefix of the signals for `chain` of the paused event `paused`.
+fn signal_prefix(account: &AccountKey, paused: EventId, chain: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        paused.to_string().as_bytes(),
+        chain.as_bytes(),
+        b"",
+    ])
+}
+
+/// A signal's value: what the arriving event does, and the event.
+#[derive(Debug, Serialize, Deserialize)]
+struct Signal {
+    kind: Reach,
+    event: VumiApiEvent,
+}
+
+/// Where a paused chain stands after a pass looked at it.
+pub(super) enum Resumed {
+    /// Still paused (its timer set again).
+    Paused,
+    /// A later event cancelled it: it ended.
+    Cancelled,
+    /// Its pause ended: it goes on at the next step.
+    GoesOn,
+}
+
+/// The outputs of a chain's finished steps, by name.
+pub(super) fn outputs_of(record: &ChainJournal) -> Map<String, Value> {
+    record
+        .steps
+        .iter()
+        .filter_map(|r| {
+            let output = r.trace.output.clone()?;
+            Some((r.trace.name.clone(), Value::Object(output)))
+        })
+        .collect()
+}
+
+impl Executor {
+    /// Pauses `chain` of `event` after its last finished step, as `pause`
+    /// says: the journal's `Wait`, the timer, and a waiter per way a later
+    /// event may reach the run, all with the pass's next write.
+    pub(super) fn pause(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        pass: &mut Pass,
+        pause: Pause,
+    ) {
+        pass.record(Entry::Wait {
+            chain: chain.name.clone(),
+            until_ms: pause.until_ms,
+            for_event: pause.awaits.as_ref().map(|a| a.event_type.clone()),
+        });
+        pass.set_timer(PendingTimer {
+            account: event.account_key.clone(),
+            event_id: event.id,
+            chain: chain.name.clone(),
+            due_ms: pause.until_ms,
+        });
+        let waiters = pause
+            .awaits
+            .map(|a| (Reach::Resume, a.event_type, a.condition))
+            .into_iter()
+            .chain(chain.cancel_on.as_ref().map(|c| {
+                (
+                    Reach::Cancel,
+                    c.event_type.to_string(),
+                    c.condition().to_string(),
+                )
+            }));
+        for (kind, event_type, condition) in waiters {
+            let value = serde_json::to_vec(&Waiting { condition }).expect("a waiter serialises");
+            pass.write_beside(Write {
+                collection: Collection::Waiters,
+                key: waiter_key(&event.account_key, &event_type, event.id, &chain.name, kind),
+                value: Some(value),
+            });
+        }
+    }
+
+    /// Looks at `chain` of `event`, paused until `until_ms` (waiting for an
+    /// event of type `waiting_for`, if any): cancels it or ends its pause if
+    /// a later event reached it, ends the pause if it is over, or leaves it
+    /// paused. Once it no longer is, its timer, waiters and signals go with
+    /// the pass's next write.
+    pub(super) fn resume(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        version: u64,
+        pass: &mut Pass,
+        (until_ms, waiting_for): (u64, Option<String>),
+    ) -> Result<Resumed, Interrupted> {
+        let account = &event.account_key;
+        let timer = PendingTimer {
+            account: account.clone(),
+            event_id: event.id,
+            chain: chain.name.clone(),
+            due_ms: until_ms,
+        };
+        let signals = pass.store().scan_prefix(
+            Collection::Signals,
+            &signal_prefix(account, event.id, &chain.name),
+        )?;
+        let first = signals
+            .iter()
+            .find_map(|(_, v)| serde_json::from_slice::<Signal>(v).ok());
+        let now = now_ms();
+        if first.is_none() && now < until_ms {
+            // Back early (a duplicate, a timer fired by a replica whose
+            // clock is ahead): still paused, its timer set again in case it
+            // was the one that fired.
+            pass.set_timer(timer);
+            return Ok(Resumed::Paused);
+        }
+        let record = pass.journal.chain_mut(&chain.name, version);
+        let finished = record.steps.len();
+        let mut output = record
+            .steps
+            .last()
+            .and_then(|s| s.trace.output.clone())
+            .unwrap_or_default();
+        let resumed = match first {
+            Some(Signal {
+                kind: Reach::Cancel,
+                event: by,
+            }) => {
+                tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
+                    by = %by.id, "paused chain cancelled");
+                self.end_chain(
+                    event,
+                    pass,
+                    chain,
+                    version,
+                    ChainEnd::Cancelled { by: by.id },
+                    finished,
+                )?;
+                Resumed::Cancelled
+            }
+            Some(Signal {
+                kind: Reach::Resume,
+                event: came,
+            }) => {
+                output.insert("matched".into(), Value::Bool(true));
+                output.insert("timed_out".into(), Value::Bool(false));
+                output.insert(
+                    "event".into(),
+                    serde_json::to_value(&came).unwrap_or(Value::Null),
+                );
+                pass.record(Entry::Woke {
+                    chain: chain.name.clone(),
+                    at_ms: now,
+                    output: Some(output),
+                });
+                Resumed::GoesOn
+            }
+            None => {
+                let output = waiting_for.is_some().then(|| {
+                    output.insert("matched".into(), Value::Bool(false));
+                    output.insert("timed_out".into(), Value::Bool(true));
+                    output.insert("event".into(), Value::Null);
+                    output
+                });
+                pass.record(Entry::Woke {
+                    chain: chain.name.clone(),
+                    at_ms: now,
+                    output,
+                });
+                Resumed::GoesOn
+            }
+        };
+        pass.clear_timer(&timer);
+        let waiters = waiting_for.map(|t| (Reach::Resume, t)).into_iter().chain(
+            chain
+                .cancel_on
+                .as_ref()
+                .map(|c| (Reach::Cancel, c.event_type.to_string())),
+        );
+        for (kind, event_type) in waiters {
+            pass.write_beside(Write {
+                collection: Collection::Waiters,
+                key: waiter_key(account, &event_type, event.id, &chain.name, kind),
+                value: None,
+            });
+        }
+        for (k, _) in signals {
+            pass.write_beside(Write {
+                collection: Collection::Signals,
+                key: k,
+                value: None,
+            });
+        }
+        Ok(resumed)
+    }
+
+    /// Lets `event` reach the paused runs of its account that wait for its
+    /// type: each whose condition holds gets a signal, made durable, and
+    /// its event back on the bus, whose next pass decides.
+    pub(super) async fn reach_paused(
+        &self,
+        event: &VumiApiEvent,
+        chains: &AccountChains,
+        pass: &Pass,
+    ) -> Result<(), Interrupted> {
+        if !chains.awaits(event.event_type.as_str()) {
+            return Ok(());
+        }
+        let account = &event.account_key;
+        let prefix = key(&[
+            account.as_str().as_bytes(),
+            event.event_type.as_str().as_bytes(),
+            b"",
+        ]);
+        let store = pass.store();
+        let mut reached = false;
+        for (k, v) in store.scan_prefix(Collection::Waiters, &prefix)? {
+            let Some((paused, chain, kind)) = parse_waiter(&k) else {
+                continue;
+            };
+            if paused == event.id {
+                continue;
+            }
+            let Ok(waiting) = serde_json::from_slice::<Waiting>(&v) else {
+                continue;
+            };
+            let record = self.journal.load(&RecordKey::new(account, &paused))?;
+            let run = record.as_ref().and_then(|j| {
+                let c = j.chain(&chain).filter(|c| c.waiting.is_some())?;
+                Some((j.event.as_ref()?, c))
+            });
+            let Some((paused_event, run)) = run else {
+                // The run went on or its record is gone: a waiter left
+                // behind (its chains were changed meanwhile, say).
+                store.write_atomically(&[Write {
+                    collection: Collection::Waiters,
+                    key: k,
+                    value: None,
+                }])?;
+                continue;
+            };
+            let runtime = self.registry.runtime();
+            match runtime.event_matches(&waiting.condition, event, paused_event, &outputs_of(run)) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(account = %account, event_id = %event.id, paused = %paused,
+                        chain, error = %e,
+                        "a paused run's match failed to evaluate; taken as not matching");
+                    continue;
+                }
+            }
+            let mut signal_key = signal_prefix(account, paused, &chain);
+            signal_key.extend_from_slice(event.id.to_string().as_bytes());
+            let signal = Signal {
+                kind,
+                event: event.clone(),
+            };
+            store.write_atomically(&[Write {
+                collection: Collection::Signals,
+                key: signal_key,
+                value: Some(serde_json::to_vec(&signal).expect("a signal serialises")),
+            }])?;
+            if !reached {
+                // The signal is durable before the paused event comes back
+                // to read it.
+                store.flush().await?;
+                reached = true;
+            }
+            tracing::info!(account = %account, event_id = %event.id, paused = %paused, chain,
+                kind = kind.as_str(), "event reached a paused run");
+            let dedup_id = format!(
+                "{paused}:reached:{chain}:{}:{}",
+                event.id,
+                uuid::Uuid::now_v7()
+            );
+            self.bus.publish_as(paused_event, &dedup_id).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiters_key_reads_back() {
+        let account = AccountKey::new("acme").unwrap();
+        let id = EventId::new_v7();
+        for kind in [Reach::Cancel, Reach::Resume] {
+            let k = waiter_key(&account, "replied", id, "remind me", kind);
+            assert_eq!(parse_waiter(&k), Some((id, "remind me".to_string(), kind)));
+        }
+        assert_eq!(parse_waiter(b"acme\0replied\0not-an-id\0c\0cancel"), None);
+    }
+}
