@@ -303,7 +303,7 @@ impl Executor {
             b"",
         ]);
         let store = pass.store();
-        let mut reached = false;
+        let mut reached = Vec::new();
         for (k, v) in store.scan_prefix(Collection::Waiters, &prefix)? {
             let Some((paused, chain, kind)) = parse_waiter(&k) else {
                 continue;
@@ -351,12 +351,6 @@ impl Executor {
                 key: signal_key,
                 value: Some(serde_json::to_vec(&signal).expect("a signal serialises")),
             }])?;
-            if !reached {
-                // The signal is durable before the paused event comes back
-                // to read it.
-                store.flush().await?;
-                reached = true;
-            }
             tracing::info!(account = %account, event_id = %event.id, paused = %paused, chain,
                 kind = kind.as_str(), "event reached a paused run");
             let dedup_id = format!(
@@ -364,7 +358,16 @@ impl Executor {
                 event.id,
                 uuid::Uuid::now_v7()
             );
-            self.bus.publish_as(paused_event, &dedup_id).await?;
+            reached.push((paused_event.clone(), dedup_id));
+        }
+        if reached.is_empty() {
+            return Ok(());
+        }
+        // The signals are durable before the paused events come back to
+        // read them.
+        store.flush().await?;
+        for (paused_event, dedup_id) in reached {
+            self.bus.publish_as(&paused_event, &dedup_id).await?;
         }
         Ok(())
     }
