@@ -167,6 +167,16 @@ enum MessagesCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Cancel a scheduled message (a send step's `scheduled_at`) before it
+    /// goes; refused once it went.
+    Cancel {
+        /// The account.
+        account: String,
+        /// The message id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// List records posted to inbound webhooks that matched nothing (unknown
     /// messages, undocumented event types, malformed records), newest first.
     Unmatched {
@@ -907,6 +917,11 @@ async fn main() -> ExitCode {
                 id,
                 remote,
             } => cli::messages_show(&remote.client(), &account, &id).await,
+            MessagesCommand::Cancel {
+                account,
+                id,
+                remote,
+            } => cli::messages_cancel(&remote.client(), &account, &id, remote.json).await,
             MessagesCommand::Unmatched {
                 account,
                 limit,

@@ -210,6 +210,11 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/messages", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages/{id}",
             |f| format!("/v1/accounts/{}/messages/{}", f.account, f.message_id), none, 200, 200),
+        // The fixture's message went: it is not scheduled, so 409 once
+        // the token is let through.
+        row("POST", "/v1/accounts/{account}/messages/{id}/cancel",
+            |f| format!("/v1/accounts/{}/messages/{}/cancel", f.account, f.message_id),
+            none, 409, 409),
         row("GET", "/v1/accounts/{account}/messages/unmatched",
             |f| format!("/v1/accounts/{}/messages/unmatched", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/inbound",

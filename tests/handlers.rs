@@ -986,9 +986,10 @@ async fn the_catalog_and_chains_apply_agree() {
     let text = out.ok();
     for line in [
         "send_sms                 (external)  Sends an SMS",
-        "  provider    required, literal          The SMS provider to send through, one of the \
+        "  provider      required, literal          The SMS provider to send through, one of the \
          deployment's [providers.sms.NAME]. One of: gateway, twilio.",
         "  (needs to, body (an inline message) or template, recipients (a template))",
+        "  scheduled_at  optional                   When to send: an RFC 3339 time",
         "  secret   required, a secret's name  The name of the account secret",
         "  (needs msisdn or email, at least one)",
         "script:score",

@@ -582,3 +582,175 @@ config = { event_type = "order_paid" }"#,
         );
     }
 }
+
+const SCHEDULED: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "booking"
+conversation_type = "survey"
+event_type = "booked"
+cancel_on = { event_type = "replied" }
+
+[[chains.steps]]
+name = "remind"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "see you, {{ event.event_data.msisdn }}", scheduled_at = "{{ event.event_data.at }}" }
+
+[[chains.steps]]
+name = "after"
+handler = "log"
+config = { message = "reminder {{ steps.remind.status }}" }
+"#;
+
+/// Scheduled sends: messages recorded `scheduled` go at their time, not
+/// before, once, across a SIGKILL; one cancelled by the account and one
+/// cancelled by the chain's `cancel_on` never go; a message that went can
+/// no longer be cancelled; a `scheduled_at` that is no time is refused.
+#[tokio::test]
+async fn scheduled_sends_go_at_their_time_unless_cancelled() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(Some(&nats), &config(&receiver));
+
+    let bad = SCHEDULED.replace("{{ event.event_data.at }}", "tomorrow at nine");
+    let path = d.file("bad.toml", &bad);
+    let out = d
+        .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+        .await;
+    let line = out.fails();
+    for part in [r#"chain "booking""#, "remind", "config.scheduled_at"] {
+        assert!(line.contains(part), "{line:?} lacks {part:?}");
+    }
+    d.apply_chains("acme.toml", SCHEDULED).await;
+
+    let due = time::OffsetDateTime::now_utc() + Duration::from_secs(5);
+    let due = due.replace_nanosecond(0).expect("a whole second");
+    let due_ms = due.unix_timestamp_nanos() / 1_000_000;
+    let at = due
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let booked = |conversation: &str, msisdn: &str| {
+        event(
+            "acme",
+            "survey",
+            "booked",
+            conversation,
+            json!({ "msisdn": msisdn, "at": at }),
+        )
+    };
+    let kept = booked("c-kept", "+27820000021");
+    let by_account = booked("c-account", "+27820000022");
+    let by_reply = booked("c-reply", "+27820000023");
+    let mut message_of = std::collections::HashMap::new();
+    for e in [&kept, &by_account, &by_reply] {
+        d.post_event(&serde_json::to_value(e).expect("JSON")).await;
+    }
+    for e in [&kept, &by_account, &by_reply] {
+        let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+        assert_eq!(trace["status"], "waiting", "{trace:#}");
+        let step = &trace["chains"][0]["steps"][0];
+        assert_eq!(step["outcome"], "waiting", "{trace:#}");
+        assert_eq!(step["output"]["status"], "scheduled", "{trace:#}");
+        assert_eq!(step["output"]["scheduled_at"], at.as_str(), "{trace:#}");
+        let id = step["output"]["message_id"].as_str().expect("a message id");
+        message_of.insert(e.id, id.to_string());
+    }
+    let listed = d.cli(&["messages", "list", "acme", "--json"]).await.json();
+    let messages = listed["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 3, "{listed:#}");
+    for m in messages {
+        assert_eq!(m["status"], "scheduled", "{m:#}");
+        assert_eq!(m["scheduled_at"], at.as_str(), "{m:#}");
+    }
+
+    // Cancelled by the account, and by a reply in its conversation.
+    let cancelled = d
+        .cli(&["messages", "cancel", "acme", &message_of[&by_account.id]])
+        .await;
+    assert!(
+        cancelled.ok().contains("cancelled message"),
+        "{}",
+        cancelled.ok()
+    );
+    let reply = event("acme", "survey", "replied", "c-reply", json!({}));
+    d.post_event(&serde_json::to_value(&reply).expect("JSON"))
+        .await;
+    wait_until("the reply's cancellation", TIMEOUT, || async {
+        d.trace("acme", &by_reply.id.to_string())
+            .await
+            .filter(|t| t["status"] == "cancelled")
+    })
+    .await;
+
+    // Killed before the time and started again: the kept one goes once,
+    // not early.
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    assert!(
+        now_ms < due_ms,
+        "the time came before the kill: the test proves too little"
+    );
+    d.kill9();
+    d.restart();
+    let sent = wait_until("the scheduled SMS", TIMEOUT, || async {
+        let sent = sms_saying(&receiver, "see you").await;
+        (!sent.is_empty()).then_some(sent)
+    })
+    .await;
+    let at_ms = i128::from(sent[0]["at_ms"].as_i64().expect("at_ms"));
+    assert!(at_ms >= due_ms, "sent {} ms early", due_ms - at_ms);
+    let trace = wait_until("the kept booking's end", TIMEOUT, || async {
+        d.trace("acme", &kept.id.to_string())
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["output"]["status"], "sent", "{trace:#}");
+    assert_eq!(steps[1]["logs"][0]["message"], "reminder sent", "{trace:#}");
+    // The account's cancel: the chain goes on, its message never sent.
+    let trace = wait_until("the cancelled booking's end", TIMEOUT, || async {
+        d.trace("acme", &by_account.id.to_string())
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    assert_eq!(steps[0]["output"]["status"], "cancelled", "{trace:#}");
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = sms_saying(&receiver, "see you").await;
+    assert_eq!(sent.len(), 1, "{sent:#?}");
+    assert!(
+        sent[0]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("+27820000021")),
+        "{sent:#?}"
+    );
+    let status = |id: &str| {
+        let d = &d;
+        let id = id.to_string();
+        async move { d.cli(&["messages", "show", "acme", &id]).await.json() }
+    };
+    assert_eq!(status(&message_of[&kept.id]).await["status"], "sent");
+    assert_eq!(
+        status(&message_of[&by_account.id]).await["status"],
+        "cancelled"
+    );
+    let m = status(&message_of[&by_reply.id]).await;
+    assert_eq!(m["status"], "cancelled", "{m:#}");
+    let cause = m["transitions"][1]["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains(&reply.id.to_string()), "{m:#}");
+
+    // What went can no longer be cancelled.
+    let refused = d
+        .cli(&["messages", "cancel", "acme", &message_of[&kept.id]])
+        .await;
+    assert!(
+        refused.fails().contains("not scheduled"),
+        "{}",
+        refused.fails()
+    );
+    let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
+    assert_eq!(timers["timers"], json!([]));
+}

@@ -27,13 +27,13 @@ fn check_until(s: &str) -> Result<(), String> {
     parse_until(s).map(|_| ())
 }
 
-fn parse_until(s: &str) -> Result<OffsetDateTime, String> {
+pub(crate) fn parse_until(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|e| {
         format!("{s:?} is not an RFC 3339 time (write e.g. \"2026-12-24T09:00:00Z\"): {e}")
     })
 }
 
-fn ms_of(t: OffsetDateTime) -> u64 {
+pub(crate) fn ms_of(t: OffsetDateTime) -> u64 {
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
@@ -142,6 +142,7 @@ fn pause(input: &StepInput<'_>, now: OffsetDateTime) -> Result<StepOutput, StepE
         pause: (!past).then(|| crate::Pause {
             until_ms: ms_of(until),
             awaits: None,
+            again: false,
         }),
         ..StepOutput::default()
     })

@@ -12,7 +12,8 @@ use crate::message_template::{Rendered, TemplateChannel};
 use crate::options::{self, Alternative, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{Email, MailPort};
 use crate::records::contacts::normalize_email;
-use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
+use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
+use crate::scheduled;
 use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
@@ -154,6 +155,7 @@ impl Handler for SendEmail {
                 "from",
                 "The sender, `Name <address>` or an address (default: the provider's).",
             ),
+            scheduled::option(),
         ])
         .alternatives(INLINE_OR_TEMPLATE(&["to", "subject", "text"]))
     }
@@ -172,14 +174,26 @@ impl Handler for SendEmail {
         }
     }
 
+    fn cancel_paused(
+        &self,
+        account: &switchboard_sdk::AccountKey,
+        output: &Map<String, Value>,
+        cause: &str,
+    ) -> Result<(), RecordError> {
+        scheduled::cancel_held(self.messages.as_ref(), account, output, cause)
+    }
+
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let now = switchboard_sdk::now();
         let Prepared {
             provider,
             from,
             messages,
             template,
-        } = self.prepare(input)?;
+            scheduled_at,
+        } = self.prepare(input, now)?;
         let mut sent = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
             let (recipient, rendered) =
                 match self
@@ -207,6 +221,7 @@ impl Handler for SendEmail {
                 .record(MessageRecord {
                     html: rendered.html.clone(),
                     template: template.as_ref().map(TemplateUse::reference),
+                    scheduled_at,
                     ..MessageRecord::for_step(
                         input,
                         i,
@@ -218,6 +233,7 @@ impl Handler for SendEmail {
                     )
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
+            let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
             let record = if record.unsent() {
                 let email = Email {
                     from: from.clone(),
@@ -270,20 +286,23 @@ impl Handler for SendEmail {
             sent.push(
                 json!({"message_id": record.id, "to": record.recipient, "status": record.status}),
             );
+            records.push(record);
         }
-        Ok(email_output(sent, &provider, template.as_ref()))
+        let output = email_output(sent, &provider, template.as_ref());
+        Ok(scheduled::hold(output, &records))
     }
 
     /// The messages it would send, each `simulated`, with the ids they
     /// would have.
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let prepared = self.prepare(input)?;
+        let prepared = self.prepare(input, switchboard_sdk::now())?;
+        let status = scheduled::simulated_status(prepared.scheduled_at);
         let sent = (prepared.messages.into_iter().enumerate())
             .map(|(i, outgoing)| match outgoing {
                 Outgoing::Send { address, .. } => json!({
                     "message_id": input.child_id(i).to_string(),
                     "to": address,
-                    "status": crate::SIMULATED,
+                    "status": status,
                 }),
                 Outgoing::Skip { shown, reason } => json!({
                     "message_id": input.child_id(i).to_string(),
@@ -293,11 +312,8 @@ impl Handler for SendEmail {
                 }),
             })
             .collect();
-        Ok(email_output(
-            sent,
-            &prepared.provider,
-            prepared.template.as_ref(),
-        ))
+        let output = email_output(sent, &prepared.provider, prepared.template.as_ref());
+        Ok(scheduled::simulated(output, prepared.scheduled_at))
     }
 }
 
@@ -309,12 +325,18 @@ struct Prepared {
     messages: Vec<Outgoing>,
     /// The template, when one is sent.
     template: Option<TemplateUse>,
+    /// When to send, if that is still to come.
+    scheduled_at: Option<time::OffsetDateTime>,
 }
 
 impl SendEmail {
     /// Renders and checks the step's config: everything the step checks
     /// before it sends anything.
-    fn prepare(&self, input: &StepInput<'_>) -> Result<Prepared, StepError> {
+    fn prepare(
+        &self,
+        input: &StepInput<'_>,
+        now: time::OffsetDateTime,
+    ) -> Result<Prepared, StepError> {
         // Everything but `html` renders as plain text; `html` with escaping.
         let mut plain = input.step.config.to_map();
         let html_source = plain.remove("html");
@@ -323,6 +345,7 @@ impl SendEmail {
             .render(&Value::Object(plain), "config", input.scope)
             .map_err(StepError::permanent)?;
         let config = config.as_object().cloned().unwrap_or_default();
+        let scheduled_at = scheduled::from_config(&config, now)?;
         let html = match html_source {
             Some(Value::String(source)) => Some(
                 input
@@ -357,6 +380,7 @@ impl SendEmail {
                 from,
                 messages,
                 template: Some(used),
+                scheduled_at,
             });
         }
         let subject = required_string(&config, "subject")?;
@@ -379,6 +403,7 @@ impl SendEmail {
             from,
             messages,
             template: None,
+            scheduled_at,
         })
     }
 }

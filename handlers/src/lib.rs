@@ -31,6 +31,7 @@ pub mod message_template;
 pub mod options;
 pub mod ports;
 pub mod records;
+mod scheduled;
 pub mod script;
 pub mod sms;
 pub mod template;
@@ -164,6 +165,9 @@ pub struct Pause {
     pub until_ms: u64,
     /// The event that ends it early (a `wait_for_event`'s), if any.
     pub awaits: Option<AwaitedEvent>,
+    /// The step runs again when the pause ends, instead of the chain going
+    /// on at the next one (a scheduled send, which sends then).
+    pub again: bool,
 }
 
 /// An event a paused run waits for: its type, and a Rhai condition over
@@ -268,6 +272,19 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// compile when a chain is stored.
     fn match_conditions(&self, _config: &Map<String, Value>) -> Vec<(&'static str, String)> {
         Vec::new()
+    }
+
+    /// A run paused by this step to run it again ([`Pause::again`]) was
+    /// cancelled (its chain's `cancel_on`) by `cause`: let go of what the
+    /// step holds for it, given the `output` it paused with (a scheduled
+    /// send cancels its messages).
+    fn cancel_paused(
+        &self,
+        _account: &AccountKey,
+        _output: &Map<String, Value>,
+        _cause: &str,
+    ) -> Result<(), records::RecordError> {
+        Ok(())
     }
 
     /// Runs the step for one event.

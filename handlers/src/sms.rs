@@ -13,7 +13,8 @@ use crate::message_template::TemplateChannel;
 use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
 use crate::records::contacts::normalize_msisdn;
-use crate::records::{Channel, MessageRecord, MessageStatus, Messages};
+use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
+use crate::scheduled;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
@@ -392,19 +393,32 @@ impl Handler for SendSms {
             ),
             options::provider("SMS", "sms", self.providers.keys().cloned().collect()),
             OptionSpec::text("from", "The sender (default: the provider's)."),
+            scheduled::option(),
         ])
         .alternatives(crate::email::INLINE_OR_TEMPLATE(&["to", "body"]))
     }
 
+    fn cancel_paused(
+        &self,
+        account: &switchboard_sdk::AccountKey,
+        output: &Map<String, Value>,
+        cause: &str,
+    ) -> Result<(), RecordError> {
+        scheduled::cancel_held(self.messages.as_ref(), account, output, cause)
+    }
+
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let now = switchboard_sdk::now();
         let Prepared {
             provider_name,
             from,
             messages,
             template,
-        } = self.prepare(input)?;
+            scheduled_at,
+        } = self.prepare(input, now)?;
         let provider = &self.providers[&provider_name];
         let mut sent = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
             let (recipient, body) =
                 match self
@@ -431,6 +445,7 @@ impl Handler for SendSms {
                 .messages
                 .record(MessageRecord {
                     template: template.as_ref().map(TemplateUse::reference),
+                    scheduled_at,
                     ..MessageRecord::for_step(
                         input,
                         i,
@@ -442,6 +457,7 @@ impl Handler for SendSms {
                     )
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
+            let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
             // A re-run step does not send again what was already sent.
             let record = if record.unsent() {
                 match self.deliver(provider, &record, from.as_deref()).await {
@@ -483,21 +499,24 @@ impl Handler for SendSms {
                 "to": record.recipient,
                 "status": record.status,
             }));
+            records.push(record);
         }
-        Ok(sms_output(sent, &provider_name, template.as_ref()))
+        let output = sms_output(sent, &provider_name, template.as_ref());
+        Ok(scheduled::hold(output, &records))
     }
 
     /// The messages it would send, each `simulated`, with the ids they
     /// would have; no provider's id, which only sending tells.
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let prepared = self.prepare(input)?;
+        let prepared = self.prepare(input, switchboard_sdk::now())?;
+        let status = scheduled::simulated_status(prepared.scheduled_at);
         let sent = (prepared.messages.into_iter().enumerate())
             .map(|(i, outgoing)| match outgoing {
                 Outgoing::Send { address, .. } => json!({
                     "message_id": input.child_id(i).to_string(),
                     "remote_id": null,
                     "to": address,
-                    "status": crate::SIMULATED,
+                    "status": status,
                 }),
                 Outgoing::Skip { shown, reason } => json!({
                     "message_id": input.child_id(i).to_string(),
@@ -508,11 +527,8 @@ impl Handler for SendSms {
                 }),
             })
             .collect();
-        Ok(sms_output(
-            sent,
-            &prepared.provider_name,
-            prepared.template.as_ref(),
-        ))
+        let output = sms_output(sent, &prepared.provider_name, prepared.template.as_ref());
+        Ok(scheduled::simulated(output, prepared.scheduled_at))
     }
 }
 
@@ -524,13 +540,20 @@ struct Prepared {
     messages: Vec<Outgoing>,
     /// The template, when one is sent.
     template: Option<TemplateUse>,
+    /// When to send, if that is still to come.
+    scheduled_at: Option<time::OffsetDateTime>,
 }
 
 impl SendSms {
     /// Renders and checks the step's config: everything the step checks
     /// before it sends anything.
-    fn prepare(&self, input: &StepInput<'_>) -> Result<Prepared, StepError> {
+    fn prepare(
+        &self,
+        input: &StepInput<'_>,
+        now: time::OffsetDateTime,
+    ) -> Result<Prepared, StepError> {
         let config = input.render_config()?;
+        let scheduled_at = scheduled::from_config(&config, now)?;
         let provider_name = self
             .provider_name(config.get("provider").and_then(Value::as_str))
             .map_err(StepError::permanent)?
@@ -554,6 +577,7 @@ impl SendSms {
                 from,
                 messages,
                 template: Some(used),
+                scheduled_at,
             });
         }
         let body = required_string(&config, "body")?;
@@ -572,6 +596,7 @@ impl SendSms {
             from,
             messages,
             template: None,
+            scheduled_at,
         })
     }
 }

@@ -116,6 +116,7 @@ impl Handler for WaitForEvent {
                     event_type: event_type.to_string(),
                     condition,
                 }),
+                again: false,
             }),
             ..StepOutput::default()
         })

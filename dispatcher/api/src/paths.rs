@@ -190,6 +190,11 @@ pub fn message(account: &str, id: &str) -> String {
     account_path(account, &format!("messages/{}", segment(id)))
 }
 
+/// `POST` to cancel a scheduled message before it goes.
+pub fn message_cancel(account: &str, id: &str) -> String {
+    account_path(account, &format!("messages/{}/cancel", segment(id)))
+}
+
 /// `GET` the inbound records of an account that matched nothing.
 pub fn unmatched(account: &str) -> String {
     account_path(account, "messages/unmatched")
@@ -293,6 +298,7 @@ pub fn samples() -> Vec<String> {
         contact(a, "+27820000001"),
         messages(a),
         message(a, n),
+        message_cancel(a, n),
         unmatched(a),
         inbound_hooks(a),
         inbound_hook(a, "sendgrid"),

@@ -37,7 +37,7 @@ use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, Token
 use switchboard_api::{ErrorBody, ErrorResponse, ListQuery};
 use switchboard_handlers::ScriptStore;
 use switchboard_handlers::records::secrets::check_secret_name;
-use switchboard_handlers::records::{Contacts, Messages, Secrets, SourceVersion};
+use switchboard_handlers::records::{Contacts, MessageStatus, Messages, Secrets, SourceVersion};
 use switchboard_handlers::script::ScriptStoreError;
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
@@ -177,6 +177,7 @@ routes! {
     // A static segment wins over `{id}` (message ids are UUIDs).
     "/v1/accounts/{account}/messages/unmatched" => { GET: list_unmatched }
     "/v1/accounts/{account}/messages/{id}" => { GET: show_message }
+    "/v1/accounts/{account}/messages/{id}/cancel" => { POST: cancel_message }
     "/v1/accounts/{account}/inbound" => { GET: list_inbound }
     "/v1/accounts/{account}/inbound/{provider}" => {
         GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound

@@ -28,7 +28,7 @@ use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, Token
 use switchboard_api::{ListQuery, paths};
 use switchboard_engine::dead_letters::{DeadLetter, LetterStatus};
 use switchboard_engine::trace::Trace;
-use switchboard_handlers::records::{Contact, MessageRecord};
+use switchboard_handlers::records::{Contact, MessageRecord, MessageStatus};
 use switchboard_rules::{ChainFile, ChainSpec, Format, parse_chain_file};
 use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent, format_rfc3339,
@@ -1230,8 +1230,14 @@ pub async fn messages_list(
     let messages: Vec<MessageRecord> = decode_all(answer.messages, &path)?;
     let empty = format!("account {a} has no messages");
     Ok(rows(&messages, None, empty, |m| {
+        let due = match (m.status, m.scheduled_at) {
+            (MessageStatus::Scheduled, Some(at)) => {
+                format!("  at {}", switchboard_sdk::format_rfc3339(at))
+            }
+            _ => String::new(),
+        };
         format!(
-            "{}  {:<5} {:<9} {:<28} {}",
+            "{}  {:<5} {:<9} {:<28} {}{due}",
             m.id,
             m.channel.as_str(),
             m.status.as_str(),
@@ -1264,6 +1270,32 @@ pub async fn messages_show(
     let a = account(account_raw)?;
     let answer: Value = client.get(&paths::message(a.as_str(), id)).await?;
     Ok(pretty(&answer))
+}
+
+/// `switchboard messages cancel ACCOUNT ID`: cancels a scheduled message
+/// before it goes.
+pub async fn messages_cancel(
+    client: &Client,
+    account_raw: &str,
+    id: &str,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let a = account(account_raw)?;
+    let path = paths::message_cancel(a.as_str(), id);
+    // The cancel takes no body; `null` says so.
+    let answer: Value = client.post(&path, &Value::Null).await?;
+    if json_out {
+        return Ok(pretty(&answer));
+    }
+    let message: MessageRecord = decode(answer, &path)?;
+    Ok(format!(
+        "cancelled message {} to {} (it was scheduled for {})",
+        message.id,
+        message.recipient,
+        message
+            .scheduled_at
+            .map_or_else(|| "-".to_string(), switchboard_sdk::format_rfc3339)
+    ))
 }
 
 /// `switchboard messages unmatched ACCOUNT`: records providers posted that

@@ -130,6 +130,28 @@ impl Messages for StoredMessages {
         .about(Records::Messages, account)
     }
 
+    fn transition_from(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        from: MessageStatus,
+        to: MessageStatus,
+        cause: &str,
+    ) -> Result<Option<(MessageRecord, bool)>, RecordError> {
+        let _guard = self.writer.lock().expect("message writer lock");
+        let mut moved = false;
+        let updated = self
+            .update(account, id, |m| {
+                moved = m.status == from;
+                if moved {
+                    m.move_to(to, cause, None, switchboard_sdk::now());
+                }
+                moved
+            })
+            .about(Records::Messages, account)?;
+        Ok(updated.map(|m| (m, moved)))
+    }
+
     fn report(
         &self,
         account: &AccountKey,
@@ -190,15 +212,12 @@ impl Messages for StoredMessages {
 mod tests {
     use super::*;
 
-    #[test]
-    fn delivery_reports_apply_once_and_in_order() {
-        let store = Store::temporary().unwrap();
-        let messages = StoredMessages::new(store.clone());
-        let acme = AccountKey::new("acme").unwrap();
+    /// A pending SMS `id` of `account`, through `twilio`.
+    fn sms(account: &AccountKey, id: &str) -> MessageRecord {
         let now = switchboard_sdk::now();
-        let record = MessageRecord {
-            id: "m-1".into(),
-            account_key: acme.clone(),
+        MessageRecord {
+            id: id.into(),
+            account_key: account.clone(),
             channel: Channel::Sms,
             recipient: "+27820000001".into(),
             body: "hi".into(),
@@ -214,7 +233,58 @@ mod tests {
             transitions: Vec::new(),
             html: None,
             template: None,
+            scheduled_at: None,
+        }
+    }
+
+    /// Of a scheduled message falling due and its cancellation, the first
+    /// wins and the second changes nothing.
+    #[test]
+    fn a_scheduled_message_is_cancelled_or_sent_never_both() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store);
+        let acme = AccountKey::new("acme").unwrap();
+        let scheduled = |id: &str| MessageRecord {
+            scheduled_at: Some(switchboard_sdk::now() + std::time::Duration::from_secs(60)),
+            ..sms(&acme, id)
         };
+        let first = messages.record(scheduled("m-1")).unwrap();
+        assert_eq!(first.status, MessageStatus::Scheduled);
+        assert!(first.transitions[0].cause.starts_with("scheduled for "));
+        let moved = |id: &str, to: MessageStatus| {
+            messages
+                .transition_from(&acme, id, MessageStatus::Scheduled, to, "test")
+                .unwrap()
+                .map(|(m, moved)| (m.status, moved))
+        };
+        // Cancelled first: falling due finds it cancelled.
+        assert_eq!(
+            moved("m-1", MessageStatus::Cancelled),
+            Some((MessageStatus::Cancelled, true))
+        );
+        assert_eq!(
+            moved("m-1", MessageStatus::Pending),
+            Some((MessageStatus::Cancelled, false))
+        );
+        // Due first: the cancel finds it on its way.
+        messages.record(scheduled("m-2")).unwrap();
+        assert_eq!(
+            moved("m-2", MessageStatus::Pending),
+            Some((MessageStatus::Pending, true))
+        );
+        assert_eq!(
+            moved("m-2", MessageStatus::Cancelled),
+            Some((MessageStatus::Pending, false))
+        );
+        assert_eq!(moved("m-3", MessageStatus::Cancelled), None);
+    }
+
+    #[test]
+    fn delivery_reports_apply_once_and_in_order() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let record = sms(&acme, "m-1");
         messages.record(record.clone()).unwrap();
         messages
             .transition(

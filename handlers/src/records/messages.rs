@@ -29,11 +29,15 @@ impl Channel {
     }
 }
 
-/// Where a message stands. The first five are what a send records; the rest
+/// Where a message stands. A send records `scheduled`, `pending`, `sent`,
+/// `failed` or `skipped`, and `cancelled` comes from the account; the rest
 /// come from providers' delivery reports (inbound webhooks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageStatus {
+    /// Recorded to be sent at its `scheduled_at`; it can be cancelled until
+    /// then.
+    Scheduled,
     /// Recorded, not yet handed to the provider.
     Pending,
     /// The provider accepted it.
@@ -61,6 +65,8 @@ pub enum MessageStatus {
     /// Not sent: the recipient has no address for the channel (or no
     /// contact); the record's log says why.
     Skipped,
+    /// Cancelled while it was scheduled: never sent.
+    Cancelled,
 }
 
 impl MessageStatus {
@@ -69,7 +75,7 @@ impl MessageStatus {
     /// reports of equal rank replace each other (a later outcome wins).
     pub fn rank(self) -> u8 {
         match self {
-            MessageStatus::Pending => 0,
+            MessageStatus::Scheduled | MessageStatus::Pending => 0,
             MessageStatus::Sent => 1,
             MessageStatus::Deferred => 2,
             MessageStatus::Delivered
@@ -77,7 +83,8 @@ impl MessageStatus {
             | MessageStatus::Bounced
             | MessageStatus::Undelivered
             | MessageStatus::Dropped
-            | MessageStatus::Skipped => 3,
+            | MessageStatus::Skipped
+            | MessageStatus::Cancelled => 3,
             MessageStatus::Opened => 4,
             MessageStatus::Clicked => 5,
             MessageStatus::SpamReported | MessageStatus::Unsubscribed => 6,
@@ -87,6 +94,7 @@ impl MessageStatus {
     /// The name it is serialised as.
     pub fn as_str(self) -> &'static str {
         match self {
+            MessageStatus::Scheduled => "scheduled",
             MessageStatus::Pending => "pending",
             MessageStatus::Sent => "sent",
             MessageStatus::Delivered => "delivered",
@@ -100,6 +108,7 @@ impl MessageStatus {
             MessageStatus::SpamReported => "spam_reported",
             MessageStatus::Unsubscribed => "unsubscribed",
             MessageStatus::Skipped => "skipped",
+            MessageStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -169,6 +178,13 @@ pub struct MessageRecord {
     /// The message template it was rendered from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<TemplateRef>,
+    /// When it is to be sent, for a message recorded `scheduled`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub scheduled_at: Option<OffsetDateTime>,
 }
 
 /// A message template and the version a message was rendered from.
@@ -211,6 +227,7 @@ impl MessageRecord {
             transitions: Vec::new(),
             html: None,
             template: None,
+            scheduled_at: None,
         }
     }
 
@@ -220,14 +237,30 @@ impl MessageRecord {
         matches!(self.status, MessageStatus::Pending | MessageStatus::Failed)
     }
 
-    /// Starts the record's log: pending, sent by its chain and step.
+    /// Starts the record's log: pending, sent by its chain and step, or
+    /// scheduled when it has a `scheduled_at`.
     pub fn start(&mut self) {
-        self.status = MessageStatus::Pending;
+        let (status, cause) = match self.scheduled_at {
+            Some(at) => (
+                MessageStatus::Scheduled,
+                format!(
+                    "scheduled for {} by chain {} step {}",
+                    switchboard_sdk::format_rfc3339(at),
+                    self.chain,
+                    self.step
+                ),
+            ),
+            None => (
+                MessageStatus::Pending,
+                format!("sent by chain {} step {}", self.chain, self.step),
+            ),
+        };
+        self.status = status;
         self.transitions = vec![Transition {
             from: None,
-            to: MessageStatus::Pending,
+            to: status,
             at: self.created_at,
-            cause: format!("sent by chain {} step {}", self.chain, self.step),
+            cause,
             source: None,
         }];
     }
@@ -381,6 +414,19 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError>;
 
+    /// Moves message `id` to `to` only if it is `from` now, logging
+    /// `cause`: of a scheduled message falling due and its cancellation,
+    /// exactly one happens. The record as it is after, and whether it
+    /// moved; `None` when the account has no such message.
+    fn transition_from(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        from: MessageStatus,
+        to: MessageStatus,
+        cause: &str,
+    ) -> Result<Option<(MessageRecord, bool)>, RecordError>;
+
     /// Applies a provider's delivery report to message `id`
     /// ([`MessageRecord::apply_report`]). `None` when the account has no
     /// such message.
@@ -434,6 +480,7 @@ mod tests {
             transitions: Vec::new(),
             html: None,
             template: None,
+            scheduled_at: None,
         };
         m.start();
         for source in sources {

@@ -141,6 +141,7 @@ impl Executor {
             chain: chain.name.clone(),
             until_ms: pause.until_ms,
             for_event: pause.awaits.as_ref().map(|a| a.event_type.clone()),
+            again: pause.again,
         });
         pass.set_timer(PendingTimer {
             account: event.account_key.clone(),
@@ -218,6 +219,15 @@ impl Executor {
             }) => {
                 tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
                     by = %by.id, "paused chain cancelled");
+                if record.waiting_again {
+                    // The paused step holds something for its second run
+                    // (a scheduled send, its messages): let it go.
+                    let step = finished.checked_sub(1).and_then(|i| chain.steps.get(i));
+                    if let Some(handler) = step.and_then(|s| self.registry.get(&s.handler)) {
+                        let cause = format!("cancelled by event {} (cancel_on)", by.id);
+                        handler.cancel_paused(account, &output, &cause)?;
+                    }
+                }
                 self.end_chain(
                     event,
                     pass,

@@ -124,6 +124,10 @@ pub enum Entry {
         /// The type of the event that ends it first (a `wait_for_event`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         for_event: Option<String>,
+        /// The last finished step runs again when the pause ends (a
+        /// scheduled send): `Woke` takes it off the finished steps.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        again: bool,
     },
     /// A paused chain went on, at `at_ms`.
     Woke {
@@ -250,6 +254,8 @@ pub struct ChainJournal {
     pub waiting: Option<u64>,
     /// The type of the event the pause waits for, if any.
     pub waiting_for: Option<String>,
+    /// Whether the last finished step runs again when the pause ends.
+    pub waiting_again: bool,
 }
 
 impl ChainJournal {
@@ -400,6 +406,7 @@ impl EventJournal {
                 chain.condition_failed = None;
                 chain.waiting = None;
                 chain.waiting_for = None;
+                chain.waiting_again = false;
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
@@ -435,17 +442,21 @@ impl EventJournal {
                 chain,
                 until_ms,
                 for_event,
+                again,
             } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = Some(until_ms);
                     c.waiting_for = for_event;
+                    c.waiting_again = again;
                 }
             }
             Entry::Woke { chain, output, .. } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = None;
                     c.waiting_for = None;
-                    if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {
+                    if std::mem::take(&mut c.waiting_again) {
+                        c.steps.pop();
+                    } else if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {
                         last.trace.output = Some(output);
                     }
                 }

@@ -69,6 +69,43 @@ pub(super) async fn show_message(
     }
 }
 
+/// Cancels a scheduled message before it goes: 409 `not_scheduled` once it
+/// went (or was cancelled, or was never scheduled).
+pub(super) async fn cancel_message(
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let cancelled = s
+        .messages
+        .transition_from(
+            &account,
+            &id,
+            MessageStatus::Scheduled,
+            MessageStatus::Cancelled,
+            "cancelled by the account",
+        )
+        .map_err(ApiError::internal)?;
+    match cancelled {
+        Some((m, true)) => {
+            tracing::info!(%account, message_id = id, "scheduled message cancelled");
+            Ok(Json(m).into_response())
+        }
+        Some((m, false)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_scheduled",
+            format!(
+                "message {id} of account {account} is {}, not scheduled: only a scheduled \
+                 message can be cancelled",
+                m.status
+            ),
+        )),
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no message {id}"
+        ))),
+    }
+}
+
 pub(super) async fn list_secrets(
     State(s): State<ApiState>,
     Path(account): Path<String>,
