@@ -2,7 +2,7 @@
 //! run. A program that prints numbers, not a test:
 //!
 //! ```sh
-//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas]
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas,timers]
 //!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
@@ -37,6 +37,9 @@
 //! - `replicas`: 1, 2 and 3 dispatchers with `--replicated` draining one
 //!   backlog through `create_contact` → `log`, next to one dispatcher with its
 //!   own store.
+//! - `timers`: 100,000 chains paused in a `delay` on NATS, a tenth of them
+//!   due in the same second: pausing's cost, the resident set, a start over
+//!   them, and how late the ones due together go on (p50, p99).
 //!
 //! Every drain on NATS also gives the longest pause in consumption while
 //! events wait (see `drain`). The summary at the end compares each figure
@@ -60,13 +63,14 @@ mod report;
 mod rhai;
 mod route;
 mod scale;
+mod timers;
 
 use compare::Build;
 
 use report::Report;
 
 const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
-[--only bus,route,effects,chain,scale,rhai,replicas] [--concurrency C] [--baseline PATH]";
+[--only bus,route,effects,chain,scale,rhai,replicas,timers] [--concurrency C] [--baseline PATH]";
 
 /// What a run measures, and how much.
 #[derive(Debug, Clone)]
@@ -97,10 +101,11 @@ pub enum Scenario {
     Scale,
     Rhai,
     Replicas,
+    Timers,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Bus,
         Scenario::Route,
         Scenario::Effects,
@@ -108,6 +113,7 @@ impl Scenario {
         Scenario::Scale,
         Scenario::Rhai,
         Scenario::Replicas,
+        Scenario::Timers,
     ];
 
     fn parse(s: &str) -> anyhow::Result<Self> {
@@ -119,9 +125,10 @@ impl Scenario {
             "scale" => Self::Scale,
             "rhai" => Self::Rhai,
             "replicas" => Self::Replicas,
+            "timers" => Self::Timers,
             other => {
                 bail!(
-                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai or replicas"
+                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai, replicas or timers"
                 )
             }
         })
@@ -207,6 +214,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             Scenario::Scale => scale::run(&options, &mut report).await?,
             Scenario::Rhai => rhai::run(&mut report)?,
             Scenario::Replicas => replicas::run(&options, &mut report).await?,
+            Scenario::Timers => timers::run(&options, &mut report).await?,
         }
     }
     report.print_summary();

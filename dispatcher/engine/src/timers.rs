@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use switchboard_sdk::{AccountKey, EventId};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 use tokio::sync::{Notify, watch};
@@ -38,6 +39,11 @@ const AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// How often a replica reads every timer again, to learn of those other
 /// replicas wrote.
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// How many due timers fire at once: each puts its event back on the bus
+/// and waits for the bus's answer, so many falling due together fire in
+/// the time of a few round trips, not one after another.
+const FIRING_AT_ONCE: usize = 64;
 
 /// One pending timer, as listings show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,8 +203,12 @@ impl Timers {
                 }
                 due
             };
-            for k in due {
-                if let Some(again) = self.fire(&k).await {
+            let this = &self;
+            let mut firing = futures::stream::iter(due)
+                .map(|k| async move { (this.fire(&k).await, k) })
+                .buffer_unordered(FIRING_AT_ONCE);
+            while let Some((again, k)) = firing.next().await {
+                if let Some(again) = again {
                     self.index().insert((again, k));
                 }
             }
