@@ -353,6 +353,70 @@ handler = "log"
     assert_eq!(d.metric("handled", "acme").await, 0);
 }
 
+/// Emitted children inherit their parent's `expires_at` unless the emit
+/// sets one.
+#[tokio::test]
+async fn an_emitted_child_inherits_its_parents_expiry_unless_the_emit_sets_one() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "notes"
+conversation_type = "survey"
+event_type = "signed_up"
+
+[[chains.steps]]
+name = "inherits"
+handler = "emit"
+config = { event_type = "noted" }
+
+[[chains.steps]]
+name = "sets"
+handler = "emit"
+config = { event_type = "noted", expires_at = "{{ event.event_data.until }}" }
+"#,
+    )
+    .await;
+    let mut e = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "until": "2031-06-01T12:00:00Z" }),
+    );
+    let parent_expiry = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    let parent_expiry = parent_expiry.replace_nanosecond(0).expect("whole seconds");
+    e.expires_at = Some(parent_expiry);
+    let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+    let trace = wait_until("the parent's end", TIMEOUT, || async {
+        d.trace("acme", &id).await.filter(|t| t["status"] == "done")
+    })
+    .await;
+    let steps = &trace["chains"][0]["steps"];
+    let expiry_of = |step: usize| {
+        let child = steps[step]["output"]["event_id"]
+            .as_str()
+            .expect("the child's id")
+            .to_string();
+        let d = &d;
+        async move {
+            let trace = d.wait_for_trace("acme", &child, TIMEOUT).await;
+            trace["event"]["expires_at"].clone()
+        }
+    };
+    let inherited = expiry_of(0).await;
+    let parsed = time::OffsetDateTime::parse(
+        inherited.as_str().expect("an expiry"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339");
+    assert_eq!(parsed, parent_expiry);
+    assert_eq!(expiry_of(1).await, "2031-06-01T12:00:00Z");
+}
+
 const CANCELLABLE: &str = r#"
 account_key = "acme"
 

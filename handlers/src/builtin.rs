@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 use switchboard_sdk::{ConversationKey, ConversationType, EventType};
 
-use crate::options::{OptionSpec, Options, check_key, rendered_key};
+use crate::options::{OptionSpec, Options, check_key, rendered_key, rendered_string};
 use crate::{EmitRequest, Handler, StepError, StepInput, StepOutput};
 
 /// `log`: writes a structured tracing line, kept in the trace as the step's
@@ -157,6 +157,12 @@ impl Handler for Emit {
                 "data",
                 "The new event's data: a table of templates, or one template that gives a table.",
             ),
+            OptionSpec::text(
+                "expires_at",
+                "When the new event expires: an RFC 3339 time, usually a template (default: \
+                 when the handled event does).",
+            )
+            .literal(|s| crate::delay::parse_until(s).map(|_| ())),
         ])
     }
 
@@ -178,6 +184,12 @@ impl Handler for Emit {
                 )));
             }
         };
+        let expires_at = rendered_string(&config, "expires_at")?
+            .map(|at| {
+                crate::delay::parse_until(&at)
+                    .map_err(|e| StepError::permanent(format!("config.expires_at: {e}")))
+            })
+            .transpose()?;
         let mut output = Map::new();
         output.insert(
             "event_id".into(),
@@ -192,6 +204,7 @@ impl Handler for Emit {
                 conversation_key,
                 event_type,
                 event_data,
+                expires_at,
             }],
             logs: Vec::new(),
             pause: None,

@@ -130,6 +130,8 @@ pub struct EmitRequest {
     pub event_type: EventType,
     /// The new event's data.
     pub event_data: Map<String, Value>,
+    /// When the new event expires, if not when the handled event does.
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 /// A line a script wrote with `log(level, message)`; it goes into the trace.

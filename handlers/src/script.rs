@@ -1072,6 +1072,7 @@ fn emit(
             conversation_key,
             event_type,
             event_data,
+            expires_at: None,
         });
         Ok(())
     })

@@ -118,6 +118,34 @@ async fn emit_builds_a_child_request() {
     assert_eq!(out.data["event_type"], json!("points_awarded"));
 }
 
+/// A child inherits its parent's `expires_at` (the executor's part) unless
+/// the emit sets one; one that renders to no time fails the step for good.
+#[tokio::test]
+async fn emit_may_set_the_childs_expiry() {
+    let out = run(&step("emit", json!({"event_type": "noted"})))
+        .await
+        .unwrap();
+    assert_eq!(out.emit[0].expires_at, None);
+    let out = run(&step(
+        "emit",
+        json!({"event_type": "noted", "expires_at": "2030-01-0{{ 1 + 1 }}T09:00:00Z"}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        out.emit[0].expires_at,
+        Some(time::macros::datetime!(2030-01-02 09:00 UTC))
+    );
+    let err = run(&step(
+        "emit",
+        json!({"event_type": "noted", "expires_at": "{{ event.event_type }}"}),
+    ))
+    .await
+    .unwrap_err();
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("config.expires_at"), "{err}");
+}
+
 #[tokio::test]
 async fn emit_fails_permanently_on_a_bad_rendered_key() {
     let err = run(&step(

@@ -328,13 +328,16 @@ pub fn emitted_events(
     emit.into_iter()
         .enumerate()
         .map(|(i, request)| {
-            let child = event.child(
+            let mut child = event.child(
                 EventId::derived(event.id, chain, step, i),
                 request.conversation_key,
                 request.conversation_type,
                 request.event_type,
                 request.event_data,
             );
+            if let Some(at) = request.expires_at {
+                child.expires_at = Some(at);
+            }
             child.encode(max_event_bytes).map_err(|e| {
                 StepError::permanent(format!(
                     "emitted event {} ({}): {e}",
