@@ -481,6 +481,14 @@ async fn cancel_on_cancels_a_paused_reminder_of_the_same_conversation() {
     .await;
     let chain = &trace["chains"][0];
     assert_eq!(chain["cancelled_by"], reply_id.as_str(), "{trace:#}");
+    let shown = d.cli(&["trace", "acme", &talker.id.to_string()]).await;
+    assert!(
+        shown
+            .ok()
+            .contains(&format!("cancelled by event {reply_id}")),
+        "{}",
+        shown.ok()
+    );
     assert_eq!(chain["steps"][2]["name"], "reminder");
     assert_eq!(chain["steps"][2]["outcome"], "skipped", "{trace:#}");
     // The quiet conversation's reminder goes; the talker's never does.
@@ -549,6 +557,15 @@ config = { message = "paid: {{ steps.paid.event.event_data.amount if steps.paid.
         assert_eq!(
             trace["chains"][0]["steps"][0]["output"]["waiting_for"],
             "order_paid"
+        );
+        assert_eq!(trace["chains"][0]["waiting_for"], "order_paid", "{trace:#}");
+        let shown = d.cli(&["trace", "acme", &e.id.to_string()]).await;
+        assert!(
+            shown
+                .ok()
+                .contains("or until an event of type order_paid matches"),
+            "{}",
+            shown.ok()
         );
     }
     // From another conversation: the match is on the order, not the

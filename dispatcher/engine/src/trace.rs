@@ -110,6 +110,10 @@ pub struct ChainTrace {
         with = "time::serde::rfc3339::option"
     )]
     pub waiting_until: Option<OffsetDateTime>,
+    /// While the chain is paused in a `wait_for_event`: the type of the
+    /// event it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// The event that cancelled the chain while it was paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_by: Option<EventId>,
@@ -360,6 +364,7 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         version: record.version,
         steps,
         waiting_until: record.waiting.map(at),
+        waiting_for: record.waiting_for.clone(),
         cancelled_by: match &record.end {
             Some(ChainEnd::Cancelled { by }) => Some(*by),
             _ => None,

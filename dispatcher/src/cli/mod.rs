@@ -486,6 +486,16 @@ pub fn render_trace(t: &Trace) -> String {
     }
     for c in &t.chains {
         let _ = writeln!(out, "chain {} (version {})", c.name, c.version);
+        if let Some(until) = c.waiting_until {
+            let awaited = c.waiting_for.as_ref().map_or_else(String::new, |t| {
+                format!(", or until an event of type {t} matches")
+            });
+            let until = switchboard_sdk::format_rfc3339(until);
+            let _ = writeln!(out, "  waiting until {until}{awaited}");
+        }
+        if let Some(by) = c.cancelled_by {
+            let _ = writeln!(out, "  cancelled by event {by}");
+        }
         for (i, s) in c.steps.iter().enumerate() {
             let _ = write!(
                 out,
