@@ -723,11 +723,14 @@ async fn scheduled_sends_go_at_their_time_unless_cancelled() {
     let kept = booked("c-kept", "+27820000021");
     let by_account = booked("c-account", "+27820000022");
     let by_reply = booked("c-reply", "+27820000023");
+    // Expires before its message is due: the message is cancelled with it.
+    let mut expiring = booked("c-expiring", "+27820000024");
+    expiring.expires_at = Some(time::OffsetDateTime::now_utc() + Duration::from_secs(2));
     let mut message_of = std::collections::HashMap::new();
-    for e in [&kept, &by_account, &by_reply] {
+    for e in [&kept, &by_account, &by_reply, &expiring] {
         d.post_event(&serde_json::to_value(e).expect("JSON")).await;
     }
-    for e in [&kept, &by_account, &by_reply] {
+    for e in [&kept, &by_account, &by_reply, &expiring] {
         let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
         assert_eq!(trace["status"], "waiting", "{trace:#}");
         let step = &trace["chains"][0]["steps"][0];
@@ -739,7 +742,7 @@ async fn scheduled_sends_go_at_their_time_unless_cancelled() {
     }
     let listed = d.cli(&["messages", "list", "acme", "--json"]).await.json();
     let messages = listed["messages"].as_array().expect("messages");
-    assert_eq!(messages.len(), 3, "{listed:#}");
+    assert_eq!(messages.len(), 4, "{listed:#}");
     for m in messages {
         assert_eq!(m["status"], "scheduled", "{m:#}");
         assert_eq!(m["scheduled_at"], at.as_str(), "{m:#}");
@@ -822,6 +825,20 @@ async fn scheduled_sends_go_at_their_time_unless_cancelled() {
     assert_eq!(m["status"], "cancelled", "{m:#}");
     let cause = m["transitions"][1]["cause"].as_str().unwrap_or_default();
     assert!(cause.contains(&reply.id.to_string()), "{m:#}");
+    let trace = wait_until("the expiring booking's end", TIMEOUT, || async {
+        d.trace("acme", &expiring.id.to_string())
+            .await
+            .filter(|t| t["status"] == "expired")
+    })
+    .await;
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["name"], "remind",
+        "{trace:#}"
+    );
+    let m = status(&message_of[&expiring.id]).await;
+    assert_eq!(m["status"], "cancelled", "{m:#}");
+    let cause = m["transitions"][1]["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains("expired"), "{m:#}");
 
     // What went can no longer be cancelled.
     let refused = d

@@ -184,7 +184,9 @@ impl Handler for Emit {
                 )));
             }
         };
+        // One that renders empty is not set: the child inherits.
         let expires_at = rendered_string(&config, "expires_at")?
+            .filter(|at| !at.trim().is_empty())
             .map(|at| {
                 crate::delay::parse_until(&at)
                     .map_err(|e| StepError::permanent(format!("config.expires_at: {e}")))

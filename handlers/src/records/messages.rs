@@ -380,19 +380,25 @@ pub(crate) fn record_skipped(
         )
     };
     let record = messages.record(message).map_err(failed)?;
-    if record.status != MessageStatus::Pending {
+    // A fresh record is pending; one scheduled by the step's first run
+    // (whose recipient is now skipped: a contact gone, a key claimed) is
+    // skipped too, unless it was cancelled meanwhile.
+    if !matches!(
+        record.status,
+        MessageStatus::Pending | MessageStatus::Scheduled
+    ) {
         return Ok(record);
     }
     Ok(messages
-        .transition(
+        .transition_from(
             &record.account_key,
             &record.id,
+            record.status,
             MessageStatus::Skipped,
             reason,
-            None,
         )
         .map_err(failed)?
-        .unwrap_or(record))
+        .map_or(record, |(m, _)| m))
 }
 
 /// Message records of every account.

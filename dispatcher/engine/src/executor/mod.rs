@@ -588,14 +588,24 @@ impl Executor {
                         version,
                         record: Box::new(record),
                     });
+                    // The pause (its journal entry, timer and waiters) goes
+                    // in the same write as the step: a step written at once
+                    // (one with effects, a scheduled send) is never found
+                    // finished without the pause it asked for.
+                    let paused = match pause {
+                        Some(pause) if !stop => {
+                            self.pause(event, chain, pass, pause);
+                            true
+                        }
+                        _ => false,
+                    };
                     let recording = policy::recording(effects);
                     pass.step_recorded(recording, &self.journal)?;
                     if stop {
                         self.end_chain(event, pass, chain, version, ChainEnd::Done, i + 1)?;
                         return Ok(ChainRun::Over);
                     }
-                    if let Some(pause) = pause {
-                        self.pause(event, chain, pass, pause);
+                    if paused {
                         return Ok(ChainRun::Paused);
                     }
                 }

@@ -25,7 +25,7 @@ use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Write, key};
 
 use super::pass::Pass;
-use super::{Executor, Interrupted};
+use super::{Executor, Interrupted, policy};
 use crate::journal::{ChainEnd, ChainJournal, Entry, RecordKey, now_ms};
 use crate::timers::PendingTimer;
 
@@ -85,6 +85,10 @@ fn parse_waiter(k: &[u8]) -> Option<(EventId, String, Reach)> {
 struct Waiting {
     /// The Rhai condition over `event`, `paused` and `steps`.
     condition: String,
+    /// The end of the pause it belongs to: a waiter or signal left from an
+    /// earlier pause of the same run reaches nothing.
+    #[serde(default)]
+    until_ms: u64,
 }
 
 /// The prefix of the signals for `chain` of the paused event `paused`.
@@ -102,6 +106,9 @@ fn signal_prefix(account: &AccountKey, paused: EventId, chain: &str) -> Vec<u8> 
 struct Signal {
     kind: Reach,
     event: VumiApiEvent,
+    /// The end of the pause it reached ([`Waiting::until_ms`]).
+    #[serde(default)]
+    until_ms: u64,
 }
 
 /// Where a paused chain stands after a pass looked at it.
@@ -161,7 +168,11 @@ impl Executor {
                 )
             }));
         for (kind, event_type, condition) in waiters {
-            let value = serde_json::to_vec(&Waiting { condition }).expect("a waiter serialises");
+            let waiting = Waiting {
+                condition,
+                until_ms: pause.until_ms,
+            };
+            let value = serde_json::to_vec(&waiting).expect("a waiter serialises");
             pass.write_beside(Write {
                 collection: Collection::Waiters,
                 key: waiter_key(&event.account_key, &event_type, event.id, &chain.name, kind),
@@ -194,9 +205,16 @@ impl Executor {
             Collection::Signals,
             &signal_prefix(account, event.id, &chain.name),
         )?;
+        // Only this pause's signals: one left from an earlier pause of the
+        // run (written as it went on) reaches nothing.
         let first = signals
             .iter()
-            .find_map(|(_, v)| serde_json::from_slice::<Signal>(v).ok());
+            .filter_map(|(_, v)| serde_json::from_slice::<Signal>(v).ok())
+            .find(|s| {
+                s.until_ms == until_ms
+                    && (s.kind == Reach::Cancel
+                        || waiting_for.as_deref() == Some(s.event.event_type.as_str()))
+            });
         let now = now_ms();
         if first.is_none() && now < until_ms {
             // Back early (a duplicate, a timer fired by a replica whose
@@ -212,21 +230,33 @@ impl Executor {
             .last()
             .and_then(|s| s.trace.output.clone())
             .unwrap_or_default();
+        // A step paused to run again (a scheduled send) holds something for
+        // that run, by the handler that ran it (the chain may have changed
+        // since): given back if the run will not come.
+        let held = record
+            .waiting_again
+            .then(|| record.steps.last())
+            .flatten()
+            .and_then(|s| self.registry.get(&s.trace.handler));
+        let expired = policy::expired_before_step(event.expires_at, switchboard_sdk::now());
+        if let Some(handler) = held.as_ref().filter(|_| first.is_none() && expired) {
+            handler.cancel_paused(
+                account,
+                &output,
+                "the event expired (its expires_at passed)",
+            )?;
+        }
         let resumed = match first {
             Some(Signal {
                 kind: Reach::Cancel,
                 event: by,
+                ..
             }) => {
                 tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
                     by = %by.id, "paused chain cancelled");
-                if record.waiting_again {
-                    // The paused step holds something for its second run
-                    // (a scheduled send, its messages): let it go.
-                    let step = finished.checked_sub(1).and_then(|i| chain.steps.get(i));
-                    if let Some(handler) = step.and_then(|s| self.registry.get(&s.handler)) {
-                        let cause = format!("cancelled by event {} (cancel_on)", by.id);
-                        handler.cancel_paused(account, &output, &cause)?;
-                    }
+                if let Some(handler) = &held {
+                    let cause = format!("cancelled by event {} (cancel_on)", by.id);
+                    handler.cancel_paused(account, &output, &cause)?;
                 }
                 self.end_chain(
                     event,
@@ -241,6 +271,7 @@ impl Executor {
             Some(Signal {
                 kind: Reach::Resume,
                 event: came,
+                ..
             }) => {
                 output.insert("matched".into(), Value::Bool(true));
                 output.insert("timed_out".into(), Value::Bool(false));
@@ -326,7 +357,9 @@ impl Executor {
             };
             let record = self.journal.load(&RecordKey::new(account, &paused))?;
             let run = record.as_ref().and_then(|j| {
-                let c = j.chain(&chain).filter(|c| c.waiting.is_some())?;
+                let c = j
+                    .chain(&chain)
+                    .filter(|c| c.waiting == Some(waiting.until_ms))?;
                 Some((j.event.as_ref()?, c))
             });
             let Some((paused_event, run)) = run else {
@@ -355,6 +388,7 @@ impl Executor {
             let signal = Signal {
                 kind,
                 event: event.clone(),
+                until_ms: waiting.until_ms,
             };
             store.write_atomically(&[Write {
                 collection: Collection::Signals,
