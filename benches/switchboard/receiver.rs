@@ -32,11 +32,75 @@ pub async fn put_secret(dispatcher: &Dispatcher, account: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// Webhook arrivals, by the event id the body carries as `reference`.
+/// When each of a run's events was first seen arriving (a webhook, an
+/// emitted event), by the id it refers to, and how many arrived again.
 #[derive(Debug, Default)]
-struct Arrivals {
+pub struct Arrivals {
     first: HashMap<String, Instant>,
     repeats: u64,
+}
+
+impl Arrivals {
+    /// `reference` arrived at `at`.
+    pub fn note(&mut self, reference: String, at: Instant) {
+        match self.first.entry(reference) {
+            std::collections::hash_map::Entry::Occupied(_) => self.repeats += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(at);
+            }
+        }
+    }
+
+    /// How many arrived again.
+    pub fn repeats(&self) -> u64 {
+        self.repeats
+    }
+}
+
+/// Waits until every one of `events` has arrived in `arrivals` (what
+/// arrives is `what`, for the error when none comes for a while); returns
+/// their arrivals.
+pub async fn wait_for(
+    arrivals: &Mutex<Arrivals>,
+    what: &str,
+    events: &[VumiApiEvent],
+    dispatcher: &mut Dispatcher,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    const STALL: Duration = Duration::from_secs(60);
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let mut seen = 0;
+    let mut progressed = Instant::now();
+    loop {
+        {
+            let arrivals = arrivals.lock().expect("arrivals");
+            let arrived = ids
+                .iter()
+                .filter(|id| arrivals.first.contains_key(*id))
+                .count();
+            if arrived == ids.len() {
+                return Ok(ids
+                    .into_iter()
+                    .map(|id| {
+                        let at = arrivals.first[&id];
+                        (id, at)
+                    })
+                    .collect());
+            }
+            if arrived > seen {
+                seen = arrived;
+                progressed = Instant::now();
+            }
+        }
+        dispatcher.check_alive()?;
+        if progressed.elapsed() > STALL {
+            bail!(
+                "no {what} for {STALL:?} at {seen} of {}:\n{}",
+                ids.len(),
+                dispatcher.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The payment gateway: an HTTP/1.1 server with keep-alive that answers every
@@ -82,41 +146,7 @@ impl Receiver {
         events: &[VumiApiEvent],
         dispatcher: &mut Dispatcher,
     ) -> anyhow::Result<HashMap<String, Instant>> {
-        const STALL: Duration = Duration::from_secs(60);
-        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
-        let mut seen = 0;
-        let mut progressed = Instant::now();
-        loop {
-            {
-                let arrivals = self.arrivals.lock().expect("arrivals");
-                let arrived = ids
-                    .iter()
-                    .filter(|id| arrivals.first.contains_key(*id))
-                    .count();
-                if arrived == ids.len() {
-                    return Ok(ids
-                        .into_iter()
-                        .map(|id| {
-                            let at = arrivals.first[&id];
-                            (id, at)
-                        })
-                        .collect());
-                }
-                if arrived > seen {
-                    seen = arrived;
-                    progressed = Instant::now();
-                }
-            }
-            dispatcher.check_alive()?;
-            if progressed.elapsed() > STALL {
-                bail!(
-                    "no webhook for {STALL:?} at {seen} of {}:\n{}",
-                    ids.len(),
-                    dispatcher.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(&self.arrivals, "webhook", events, dispatcher).await
     }
 }
 
@@ -134,13 +164,6 @@ async fn payment(State(arrivals): State<Arc<Mutex<Arrivals>>>, body: Bytes) -> S
     else {
         return StatusCode::BAD_REQUEST;
     };
-    let mut guard = arrivals.lock().expect("arrivals");
-    let arrivals = &mut *guard;
-    match arrivals.first.entry(reference) {
-        std::collections::hash_map::Entry::Occupied(_) => arrivals.repeats += 1,
-        std::collections::hash_map::Entry::Vacant(v) => {
-            v.insert(at);
-        }
-    }
+    arrivals.lock().expect("arrivals").note(reference, at);
     StatusCode::OK
 }

@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::common::{self, Dispatcher, EventsBus, Spec, poll_chain, poll_event};
+use crate::receiver::{self, Arrivals};
 use crate::report::{Report, mib_of, micros_of, per_event, rate, secs};
 
 const PREFIX: &str = "vumi";
@@ -243,7 +244,7 @@ async fn pending(dispatcher: &Dispatcher) -> anyhow::Result<u64> {
 /// The `woke` events the paused chains emit when they go on, by the event
 /// that paused: when each first arrived, on a core subscription.
 struct Woke {
-    arrivals: Arc<Mutex<(HashMap<String, Instant>, u64)>>,
+    arrivals: Arc<Mutex<Arrivals>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -254,7 +255,7 @@ impl Woke {
             .subscribe(format!("{PREFIX}.events.{ACCOUNT}.survey.woke"))
             .await?;
         client.flush().await?;
-        let arrivals = Arc::new(Mutex::new((HashMap::new(), 0)));
+        let arrivals = Arc::new(Mutex::new(Arrivals::default()));
         let noted = arrivals.clone();
         let task = tokio::spawn(async move {
             while let Some(message) = subscriber.next().await {
@@ -263,11 +264,7 @@ impl Woke {
                     .ok()
                     .and_then(|e| e["event_data"]["parent"].as_str().map(str::to_string));
                 if let Some(parent) = parent {
-                    let mut guard = noted.lock().expect("arrivals");
-                    let (first, repeats) = &mut *guard;
-                    if first.insert(parent, at).is_some() {
-                        *repeats += 1;
-                    }
+                    noted.lock().expect("arrivals").note(parent, at);
                 }
             }
         });
@@ -276,7 +273,7 @@ impl Woke {
 
     /// Events that went on twice.
     fn repeats(&self) -> u64 {
-        self.arrivals.lock().expect("arrivals").1
+        self.arrivals.lock().expect("arrivals").repeats()
     }
 
     /// Waits until each of `events` went on; returns when, by event id.
@@ -285,35 +282,7 @@ impl Woke {
         events: &[switchboard_sdk::VumiApiEvent],
         dispatcher: &mut Dispatcher,
     ) -> anyhow::Result<HashMap<String, Instant>> {
-        const STALL: Duration = Duration::from_secs(60);
-        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
-        let mut seen = 0;
-        let mut progressed = Instant::now();
-        loop {
-            {
-                let arrivals = self.arrivals.lock().expect("arrivals");
-                let got: HashMap<String, Instant> = ids
-                    .iter()
-                    .filter_map(|id| arrivals.0.get(id).map(|at| (id.clone(), *at)))
-                    .collect();
-                if got.len() == ids.len() {
-                    return Ok(got);
-                }
-                if got.len() > seen {
-                    seen = got.len();
-                    progressed = Instant::now();
-                }
-            }
-            dispatcher.check_alive()?;
-            if progressed.elapsed() > STALL {
-                bail!(
-                    "no paused chain went on for {STALL:?} at {seen} of {}:\n{}",
-                    ids.len(),
-                    dispatcher.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        receiver::wait_for(&self.arrivals, "paused chain going on", events, dispatcher).await
     }
 }
 

@@ -390,14 +390,14 @@ impl Executor {
             self.metrics
                 .count(Outcome::Expired, account, event.event_type.as_str());
             TraceStatus::Expired
-        } else if cancelled {
-            self.metrics
-                .count(Outcome::Handled, account, event.event_type.as_str());
-            TraceStatus::Cancelled
         } else {
             self.metrics
                 .count(Outcome::Handled, account, event.event_type.as_str());
-            TraceStatus::Done
+            if cancelled {
+                TraceStatus::Cancelled
+            } else {
+                TraceStatus::Done
+            }
         };
         *earlier = pass.earlier_for_next();
         if retry_in.is_none() && !paused {
