@@ -741,6 +741,7 @@ async fn the_catalog_and_chains_apply_agree() {
         [
             "create_contact",
             "delay",
+            "digest",
             "emit",
             "log",
             "payment_webhook",
@@ -932,6 +933,21 @@ async fn the_catalog_and_chains_apply_agree() {
         ),
         ("wait_for_event", json!({"event_type": "replied"}), false),
         ("wait_for_event", json!({"timeout": "1h"}), false),
+        (
+            "digest",
+            json!({"key": "{{ event.event_data.msisdn }}", "window": "1h"}),
+            true,
+        ),
+        ("digest", json!({"key": "k", "max_events": 3}), true),
+        (
+            "digest",
+            json!({"key": "k", "window": "1h", "max_events": 3}),
+            true,
+        ),
+        ("digest", json!({"key": "k"}), false),
+        ("digest", json!({"key": "k", "max_events": 0}), false),
+        ("digest", json!({"key": "k", "max_events": 2.5}), false),
+        ("digest", json!({"window": "1h"}), false),
     ];
     let mut disagreements = Vec::new();
     for (handler, config, valid) in cases {

@@ -12,6 +12,7 @@ mod cluster;
 mod console;
 mod crash;
 mod delivery;
+mod digests;
 mod e2e_embedded;
 mod e2e_nats;
 mod first_hour;

@@ -143,6 +143,7 @@ fn pause(input: &StepInput<'_>, now: OffsetDateTime) -> Result<StepOutput, StepE
             until_ms: ms_of(until),
             awaits: None,
             again: false,
+            window: None,
         }),
         ..StepOutput::default()
     })

@@ -26,6 +26,7 @@ use switchboard_sdk::{
 pub mod builtin;
 pub mod contact;
 pub mod delay;
+pub mod digest;
 pub mod email;
 pub mod message_template;
 pub mod options;
@@ -170,7 +171,24 @@ pub struct Pause {
     /// The step runs again when the pause ends, instead of the chain going
     /// on at the next one (a scheduled send, which sends then).
     pub again: bool,
+    /// The digest window the event opens or joins (a `digest` step's): the
+    /// dispatcher decides which, and pauses only the event that opens it.
+    pub window: Option<DigestWindow>,
 }
+
+/// A digest's window, as a `digest` step asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestWindow {
+    /// The rendered key: events of the same key share a window.
+    pub key: String,
+    /// The window closes at this many events, if set (before its time,
+    /// [`Pause::until_ms`], if it has one).
+    pub max_events: Option<u32>,
+}
+
+/// A pause that ends only when something other than time ends it (a
+/// digest window with `max_events` and no `window`).
+pub const NEVER: u64 = u64::MAX;
 
 /// An event a paused run waits for: its type, and a Rhai condition over
 /// `event`, `paused` and `steps`.
@@ -405,6 +423,7 @@ impl Registry {
         r.register(Arc::new(builtin::Log));
         r.register(Arc::new(builtin::Emit));
         r.register(Arc::new(delay::Delay));
+        r.register(Arc::new(digest::Digest));
         r.register(Arc::new(wait_for_event::WaitForEvent));
         r
     }

@@ -32,6 +32,8 @@ pub enum Kind {
     /// A person: a contact's key or a `{ name, email, phone }` table; or a
     /// non-empty list of them (each may be a template).
     People,
+    /// A whole number, one or more (never a template).
+    Count,
 }
 
 /// One option of a handler.
@@ -92,6 +94,11 @@ impl OptionSpec {
     /// A string option (a template by default).
     pub fn text(name: &'static str, description: impl Into<String>) -> Self {
         Self::new(name, Kind::Text, description)
+    }
+
+    /// A whole-number option, one or more: a literal, not a template.
+    pub fn count(name: &'static str, description: impl Into<String>) -> Self {
+        Self::new(name, Kind::Count, description).no_template()
     }
 
     /// A table option.
@@ -245,6 +252,14 @@ impl OptionSpec {
                 field,
                 "must be a contact's key, a { name, email, phone } table, or a non-empty list of them",
             )),
+            (Kind::Count, value) => {
+                if count(value).is_none() {
+                    problems.push(FieldProblem::new(
+                        field,
+                        format!("must be a whole number from 1 to {}, not {value}", u32::MAX),
+                    ));
+                }
+            }
         }
     }
 
@@ -274,6 +289,7 @@ impl OptionSpec {
                 json!({ "anyOf": [{ "type": "object" }, template()] })
             }
             Kind::Table => json!({ "type": "object" }),
+            Kind::Count => json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
             Kind::Recipients => json!({
                 "anyOf": [
                     { "type": "string" },
@@ -314,6 +330,14 @@ impl OptionSpec {
         }
         schema
     }
+}
+
+/// A [`Kind::Count`] option's value: a whole number from 1 to `u32::MAX`.
+pub fn count(value: &Value) -> Option<u32> {
+    value
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
 }
 
 /// Every option of a handler.

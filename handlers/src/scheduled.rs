@@ -91,6 +91,7 @@ pub(crate) fn hold(mut output: StepOutput, records: &[MessageRecord]) -> StepOut
             until_ms: crate::delay::ms_of(until),
             awaits: None,
             again: true,
+            window: None,
         });
     }
     output

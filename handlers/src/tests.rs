@@ -89,7 +89,7 @@ fn catalog_checks() {
             .contains("\"loud\" is not one of trace")
     );
     assert!(check_step(&step("teleport", json!({})))[0].starts_with(
-        "handler: unknown handler \"teleport\"; the built-in handlers are delay, emit, log, wait_for_event"
+        "handler: unknown handler \"teleport\"; the built-in handlers are delay, digest, emit, log, wait_for_event"
     ));
     assert!(check_step(&step("script:award", json!({})))[0].contains("no script store"));
     assert!(

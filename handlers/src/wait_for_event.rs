@@ -117,6 +117,7 @@ impl Handler for WaitForEvent {
                     condition,
                 }),
                 again: false,
+                window: None,
             }),
             ..StepOutput::default()
         })

@@ -113,11 +113,17 @@ pub enum Collection {
     /// Events that reached a paused run, for its next pass:
     /// `{account}\0{paused event id}\0{chain}\0{arriving event id}` → the kind and the event.
     Signals,
+    /// Open digest windows: `{account}\0{chain}\0{step}\0{key}` → the event
+    /// that opened it, when it closes, and how many events it holds.
+    Digests,
+    /// The events of each open digest window:
+    /// `{account}\0{opening event id}\0{chain}\0{position:BE u32}` → the event.
+    DigestEvents,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 32] = [
+    pub const ALL: [Collection; 34] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -150,6 +156,8 @@ impl Collection {
         Collection::Timers,
         Collection::Waiters,
         Collection::Signals,
+        Collection::Digests,
+        Collection::DigestEvents,
     ];
 
     /// The collection's name on disk.
@@ -187,6 +195,8 @@ impl Collection {
             Collection::Timers => "timers",
             Collection::Waiters => "waiters",
             Collection::Signals => "signals",
+            Collection::Digests => "digests",
+            Collection::DigestEvents => "digest_events",
         }
     }
 
@@ -221,6 +231,8 @@ impl Collection {
                 | Collection::Timers
                 | Collection::Waiters
                 | Collection::Signals
+                | Collection::Digests
+                | Collection::DigestEvents
         )
     }
 
@@ -246,6 +258,8 @@ impl Collection {
                 | Collection::Timers
                 | Collection::Waiters
                 | Collection::Signals
+                | Collection::Digests
+                | Collection::DigestEvents
         )
     }
 

@@ -235,6 +235,8 @@ pub struct Gauges {
     pub changelog_undecodable: u64,
     /// Timers of paused chains this process knows of.
     pub timers_pending: u64,
+    /// Digest windows open (in this process's copy of the store).
+    pub digests_open: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -247,6 +249,7 @@ pub struct Metrics {
     outbound: Family<OutboundLabels, Counter>,
     inbound: Family<InboundLabels, Counter>,
     timers_fired: Counter,
+    digests_joined: Counter,
     /// Events by outcome, over every account (the health page's).
     totals: [AtomicU64; 6],
     /// The totals about once a minute, for the last hour's counts.
@@ -281,6 +284,7 @@ impl Metrics {
         let outbound = Family::<OutboundLabels, Counter>::default();
         let inbound = Family::<InboundLabels, Counter>::default();
         let timers_fired = Counter::default();
+        let digests_joined = Counter::default();
         let mut registry = Registry::with_prefix("switchboard");
         registry.register(
             "events",
@@ -312,9 +316,15 @@ impl Metrics {
             "Timers of paused chains that fired (their events put back on the bus)",
             timers_fired.clone(),
         );
+        registry.register(
+            "digest_events_joined",
+            "Events that joined another's digest window (their chains stopped there)",
+            digests_joined.clone(),
+        );
         Self {
             registry,
             timers_fired,
+            digests_joined,
             events,
             steps,
             durations,
@@ -332,6 +342,11 @@ impl Metrics {
     /// A timer of a paused chain fired.
     pub fn timer_fired(&self) {
         self.timers_fired.inc();
+    }
+
+    /// An event joined another's digest window.
+    pub fn digest_joined(&self) {
+        self.digests_joined.inc();
     }
 
     /// When counting began (the process started).
@@ -525,6 +540,11 @@ impl Metrics {
             "Timers of paused chains waiting to fire",
             ConstGauge::new(i64::try_from(gauges.timers_pending).unwrap_or(i64::MAX)),
         );
+        scraped.register(
+            "digests_open",
+            "Digest windows open, waiting to close",
+            ConstGauge::new(i64::try_from(gauges.digests_open).unwrap_or(i64::MAX)),
+        );
         let mut out = String::new();
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(&mut out, &self.registry)
@@ -593,12 +613,14 @@ mod tests {
         m.outbound("http", "odd\"name", "200");
         m.count(Outcome::DeadLettered, "acme", "poll_complete");
         m.timer_fired();
+        m.digest_joined();
         let text = m.render(&Gauges {
             bus_lag: Some(4),
             rhai_operations: 9,
             store_flushes: 3,
             changelog_undecodable: 2,
             timers_pending: 5,
+            digests_open: 2,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -614,6 +636,8 @@ mod tests {
             "switchboard_changelog_undecodable_records_total 2",
             "switchboard_timers_pending 5",
             "switchboard_timers_fired_total 1",
+            "switchboard_digests_open 2",
+            "switchboard_digest_events_joined_total 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

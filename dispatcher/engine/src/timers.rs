@@ -268,7 +268,12 @@ impl Timers {
         let paused = record.as_ref().and_then(|j| {
             let event = j.event.as_ref()?;
             let chain = j.chain(&timer.chain)?;
-            (chain.waiting == Some(timer.due_ms)).then_some(event)
+            // Its pause's own timer; or, for a digest window that filled
+            // before its time, the earlier one its last event set.
+            let fires = chain.waiting == Some(timer.due_ms)
+                || (chain.waiting_digest.is_some()
+                    && chain.waiting.is_some_and(|until| timer.due_ms < until));
+            fires.then_some(event)
         });
         let Some(event) = paused else {
             // The chain went on already (its event came back another way)

@@ -114,6 +114,10 @@ pub struct ChainTrace {
     /// event it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// While the chain waits in a `digest` step for its window to close:
+    /// the window's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_digest: Option<String>,
     /// The event that cancelled the chain while it was paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_by: Option<EventId>,
@@ -363,8 +367,13 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
         name: record.name.clone(),
         version: record.version,
         steps,
-        waiting_until: record.waiting.map(at),
+        // A window closed only by its count has no time to show.
+        waiting_until: record
+            .waiting
+            .filter(|u| *u != switchboard_handlers::NEVER)
+            .map(at),
         waiting_for: record.waiting_for.clone(),
+        waiting_digest: record.waiting_digest.clone(),
         cancelled_by: match &record.end {
             Some(ChainEnd::Cancelled { by }) => Some(*by),
             _ => None,

@@ -493,6 +493,21 @@ pub fn render_trace(t: &Trace) -> String {
             let until = switchboard_sdk::format_rfc3339(until);
             let _ = writeln!(out, "  waiting until {until}{awaited}");
         }
+        if let Some(key) = &c.waiting_digest {
+            let until = c.waiting_until.map_or_else(
+                || " (when it is full)".to_string(),
+                |u| {
+                    format!(
+                        " (at {} or when it is full)",
+                        switchboard_sdk::format_rfc3339(u)
+                    )
+                },
+            );
+            let _ = writeln!(
+                out,
+                "  gathering the digest of {key:?}: goes on when its window closes{until}"
+            );
+        }
         if let Some(by) = c.cancelled_by {
             let _ = writeln!(out, "  cancelled by event {by}");
         }

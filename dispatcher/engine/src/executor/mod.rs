@@ -36,12 +36,14 @@ use crate::timers::Timers;
 use crate::trace::TraceStatus;
 
 mod decode;
+mod digest;
 mod letters;
 mod pass;
 mod paused;
 mod policy;
 mod step;
 
+pub use digest::open_windows;
 pub use step::emitted_events;
 
 pub use letters::{LetterError, Letters};
@@ -108,6 +110,7 @@ pub struct Executor {
     prefix: String,
     tail: Tail,
     timers: Timers,
+    windows: digest::WindowLocks,
 }
 
 /// Why handling could not finish: the store or the bus failed. The event is
@@ -138,6 +141,7 @@ impl Executor {
             prefix: parts.prefix,
             tail: parts.tail,
             timers: parts.timers,
+            windows: digest::WindowLocks::default(),
         }
     }
 
@@ -527,7 +531,13 @@ impl Executor {
         }
         if let Some(until_ms) = record.waiting {
             let waiting_for = record.waiting_for.clone();
-            match self.resume(event, chain, version, pass, (until_ms, waiting_for))? {
+            let resumed = match record.waiting_digest.clone() {
+                Some(digest) => {
+                    self.close_digest(event, chain, version, pass, (until_ms, &digest))?
+                }
+                None => self.resume(event, chain, version, pass, (until_ms, waiting_for))?,
+            };
+            match resumed {
                 paused::Resumed::Paused => return Ok(ChainRun::Paused),
                 paused::Resumed::Cancelled => return Ok(ChainRun::Over),
                 paused::Resumed::GoesOn => {}
@@ -574,6 +584,20 @@ impl Executor {
                 outputs: &outputs,
             };
             match steps.attempt(&cx, step, prior).await {
+                Attempt::Done {
+                    record,
+                    stop,
+                    effects: _,
+                    pause: Some(pause),
+                } if !stop && pause.window.is_some() => {
+                    let window = pause.window.clone().expect("a digest's window");
+                    let (run, output) =
+                        self.digest(event, chain, version, i + 1, record, pause, &window, pass)?;
+                    outputs.insert(name.to_string(), Value::Object(output));
+                    if let Some(run) = run {
+                        return Ok(run);
+                    }
+                }
                 Attempt::Done {
                     record,
                     stop,

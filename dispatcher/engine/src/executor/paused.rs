@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use switchboard_handlers::Pause;
+use switchboard_handlers::{NEVER, Pause};
 use switchboard_rules::{AccountChains, ChainSpec};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Write, key};
@@ -149,18 +149,23 @@ impl Executor {
             until_ms: pause.until_ms,
             for_event: pause.awaits.as_ref().map(|a| a.event_type.clone()),
             again: pause.again,
+            digest: pause.window.as_ref().map(|w| w.key.clone()),
         });
-        pass.set_timer(PendingTimer {
-            account: event.account_key.clone(),
-            event_id: event.id,
-            chain: chain.name.clone(),
-            due_ms: pause.until_ms,
-        });
+        if pause.until_ms != NEVER {
+            pass.set_timer(PendingTimer {
+                account: event.account_key.clone(),
+                event_id: event.id,
+                chain: chain.name.clone(),
+                due_ms: pause.until_ms,
+            });
+        }
+        // A digest window is not cancelled: it holds other events' runs.
+        let cancel_on = chain.cancel_on.as_ref().filter(|_| pause.window.is_none());
         let waiters = pause
             .awaits
             .map(|a| (Reach::Resume, a.event_type, a.condition))
             .into_iter()
-            .chain(chain.cancel_on.as_ref().map(|c| {
+            .chain(cancel_on.map(|c| {
                 (
                     Reach::Cancel,
                     c.event_type.to_string(),

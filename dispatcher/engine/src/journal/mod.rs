@@ -128,6 +128,10 @@ pub enum Entry {
         /// scheduled send): `Woke` takes it off the finished steps.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         again: bool,
+        /// The key of the digest window it opened (a `digest` step's): it
+        /// goes on when that closes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// A paused chain went on, at `at_ms`.
     Woke {
@@ -256,6 +260,8 @@ pub struct ChainJournal {
     pub waiting_for: Option<String>,
     /// Whether the last finished step runs again when the pause ends.
     pub waiting_again: bool,
+    /// The key of the digest window the pause waits on to close, if any.
+    pub waiting_digest: Option<String>,
 }
 
 impl ChainJournal {
@@ -407,6 +413,7 @@ impl EventJournal {
                 chain.waiting = None;
                 chain.waiting_for = None;
                 chain.waiting_again = false;
+                chain.waiting_digest = None;
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
@@ -443,17 +450,20 @@ impl EventJournal {
                 until_ms,
                 for_event,
                 again,
+                digest,
             } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = Some(until_ms);
                     c.waiting_for = for_event;
                     c.waiting_again = again;
+                    c.waiting_digest = digest;
                 }
             }
             Entry::Woke { chain, output, .. } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = None;
                     c.waiting_for = None;
+                    c.waiting_digest = None;
                     if std::mem::take(&mut c.waiting_again) {
                         c.steps.pop();
                     } else if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {

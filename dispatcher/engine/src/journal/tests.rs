@@ -450,6 +450,7 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
                 until_ms: now_ms() + 86_400_000,
                 for_event: None,
                 again: false,
+                digest: None,
             },
         ],
     );

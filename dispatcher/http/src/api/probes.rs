@@ -47,6 +47,7 @@ pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Re
         store_flushes: s.store.flushes(),
         changelog_undecodable: s.store.undecodable_records(),
         timers_pending: s.timers.pending(),
+        digests_open: switchboard_engine::executor::open_windows(&s.store),
     });
     // OpenMetrics when asked for (as Prometheus asks), else the older
     // Prometheus text that every scraper reads.

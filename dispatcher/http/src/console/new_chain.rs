@@ -360,6 +360,12 @@ impl Draft {
                 // A literal (a provider, a secret's name) is a name: trimmed.
                 Kind::Text if !option.template => json!(raw.trim()),
                 Kind::Text => json!(raw),
+                // A number as a number; anything else as written, for the
+                // check to name.
+                Kind::Count => raw
+                    .trim()
+                    .parse::<u64>()
+                    .map_or_else(|_| json!(raw.trim()), |n| json!(n)),
                 Kind::Table => match serde_json::from_str::<Value>(raw) {
                     Ok(table @ Value::Object(_)) => table,
                     _ => json!(raw),
@@ -593,6 +599,7 @@ impl Draft {
                         Kind::Table => "table",
                         Kind::Recipients => "recipients",
                         Kind::People => "people",
+                        Kind::Count => "count",
                     },
                     "required": o.required,
                     "template": o.template,

@@ -1,0 +1,354 @@
+//! Digest windows: the first event of a key opens one and its run pauses;
+//! each later event of the key joins it (its chain stops there); when the
+//! window closes, the opening event's run goes on once with every event.
+//!
+//! A window is partition-owned state of its account: a header
+//! `{account}\0{chain}\0{step}\0{key}` in [`Collection::Digests`] (the
+//! opening event, when the window closes, how many joined) and each
+//! event under the opening event's id in [`Collection::DigestEvents`]. Only
+//! the partition's owner handles the account's events, and within it a
+//! lock per window makes reading the header and writing the change one
+//! step, so two events of a key never both open a window, and none joins
+//! a window that is closing.
+//!
+//! Writes are ordered so a crash at any point loses no event and closes
+//! no window twice: a joining event's window entries go before its
+//! journal (a crash between repeats the join, and the close keeps each
+//! event once); the opening event's header goes before its journal (a
+//! header whose opener is not paused on it is taken for none); a close
+//! writes the journal, with every event in the step's output, before the
+//! window is removed.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_handlers::{DigestWindow, NEVER, Pause};
+use switchboard_rules::ChainSpec;
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::{Collection, Store, Write, key};
+
+use super::pass::Pass;
+use super::paused::Resumed;
+use super::{ChainRun, Executor, Interrupted};
+use crate::journal::{ChainEnd, Entry, RecordKey, StepRecord, now_ms};
+use crate::timers::PendingTimer;
+use crate::trace::StepOutcome;
+
+/// How many locks the windows share (by their key's hash).
+const LOCKS: usize = 64;
+
+/// The locks that make a window's read and write one step.
+#[derive(Debug)]
+pub(super) struct WindowLocks([Mutex<()>; LOCKS]);
+
+impl Default for WindowLocks {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Mutex::new(())))
+    }
+}
+
+impl WindowLocks {
+    fn lock(&self, window: &[u8]) -> MutexGuard<'_, ()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        window.hash(&mut hasher);
+        let at = (hasher.finish() % LOCKS as u64) as usize;
+        self.0[at].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// An open window's header.
+#[derive(Debug, Serialize, Deserialize)]
+struct Window {
+    /// The event that opened it, whose run goes on when it closes.
+    opener: EventId,
+    /// When it closes ([`NEVER`]: only at `max_events`).
+    until_ms: u64,
+    /// How many events joined it, the opener among them.
+    count: u32,
+    /// It closes at this many events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_events: Option<u32>,
+    /// It holds `max_events`: closed, its opener on the way back.
+    #[serde(default)]
+    full: bool,
+}
+
+/// A window's header key.
+fn window_key(account: &AccountKey, chain: &str, step: &str, digest: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        chain.as_bytes(),
+        step.as_bytes(),
+        digest.as_bytes(),
+    ])
+}
+
+/// The prefix of the events of the window `opener` opened for `chain`.
+fn events_prefix(account: &AccountKey, opener: EventId, chain: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        opener.to_string().as_bytes(),
+        chain.as_bytes(),
+        b"",
+    ])
+}
+
+/// The write of `event` at `position` (from 0) of `opener`'s window.
+fn event_write(
+    account: &AccountKey,
+    opener: EventId,
+    chain: &str,
+    position: u32,
+    event: &VumiApiEvent,
+) -> Write {
+    let mut k = events_prefix(account, opener, chain);
+    k.extend_from_slice(&position.to_be_bytes());
+    Write {
+        collection: Collection::DigestEvents,
+        key: k,
+        value: Some(serde_json::to_vec(event).expect("an event serialises")),
+    }
+}
+
+fn header_write(k: Vec<u8>, window: &Window) -> Write {
+    Write {
+        collection: Collection::Digests,
+        key: k,
+        value: Some(serde_json::to_vec(window).expect("a window serialises")),
+    }
+}
+
+/// How many digest windows are open in `store` (this replica's copy).
+pub fn open_windows(store: &Store) -> u64 {
+    store.len(Collection::Digests) as u64
+}
+
+impl Executor {
+    /// A `digest` step of `chain` finished with `record`, asking for
+    /// `window`: `event` opens it (its run pauses), or joins the open one
+    /// (its chain stops here). `None`: the chain goes on at once (a window
+    /// of one event closes as it opens).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn digest(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        version: u64,
+        next: usize,
+        mut record: StepRecord,
+        pause: Pause,
+        window: &DigestWindow,
+        pass: &mut Pass,
+    ) -> Result<(Option<ChainRun>, Map<String, Value>), Interrupted> {
+        let account = &event.account_key;
+        let step = record.trace.name.clone();
+        let header_key = window_key(account, &chain.name, &step, &window.key);
+        let _locked = self.windows.lock(&header_key);
+        let mut output = record.trace.output.take().unwrap_or_default();
+        match self.open_window(pass.store(), &header_key, account, &chain.name)? {
+            Some(mut open) => {
+                let position = open.count;
+                open.count = open.count.saturating_add(1);
+                let mut writes = vec![event_write(
+                    account,
+                    open.opener,
+                    &chain.name,
+                    position,
+                    event,
+                )];
+                let mut opener_timer = None;
+                if !open.full && open.max_events.is_some_and(|m| open.count >= m) {
+                    // Full: its opener comes back now, by a timer of its own
+                    // (durable, unlike a publish from here).
+                    open.full = true;
+                    let timer = PendingTimer {
+                        account: account.clone(),
+                        event_id: open.opener,
+                        chain: chain.name.clone(),
+                        due_ms: now_ms(),
+                    };
+                    writes.push(timer.put());
+                    opener_timer = Some(timer);
+                }
+                writes.push(header_write(header_key, &open));
+                pass.store().write_in_order(&writes)?;
+                output.insert("joined".into(), Value::String(open.opener.to_string()));
+                output.insert("position".into(), Value::from(position + 1));
+                record.trace.output = Some(output.clone());
+                record.trace.outcome = StepOutcome::Stopped;
+                pass.record(Entry::Step {
+                    chain: chain.name.clone(),
+                    version,
+                    record: Box::new(record),
+                });
+                self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
+                pass.write(&self.journal)?;
+                if let Some(timer) = opener_timer {
+                    self.timers.noted(&timer);
+                }
+                self.metrics.digest_joined();
+                tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
+                    step, opener = %open.opener, position = position + 1,
+                    "event joined a digest window");
+                Ok((Some(ChainRun::Over), output))
+            }
+            None if window.max_events == Some(1) => {
+                // A window of one closes as it opens.
+                output.insert("events".into(), Value::Array(vec![event_value(event)]));
+                output.insert("count".into(), Value::from(1));
+                record.trace.output = Some(output.clone());
+                pass.record(Entry::Step {
+                    chain: chain.name.clone(),
+                    version,
+                    record: Box::new(record),
+                });
+                Ok((None, output))
+            }
+            None => {
+                let open = Window {
+                    opener: event.id,
+                    until_ms: pause.until_ms,
+                    count: 1,
+                    max_events: window.max_events,
+                    full: false,
+                };
+                pass.store().write_in_order(&[
+                    event_write(account, event.id, &chain.name, 0, event),
+                    header_write(header_key, &open),
+                ])?;
+                record.trace.output = Some(output.clone());
+                pass.record(Entry::Step {
+                    chain: chain.name.clone(),
+                    version,
+                    record: Box::new(record),
+                });
+                self.pause(event, chain, pass, pause);
+                pass.write(&self.journal)?;
+                for timer in pass.written_timers() {
+                    self.timers.noted(&timer);
+                }
+                tracing::info!(account = %account, event_id = %event.id, chain = chain.name,
+                    step, key = window.key, "digest window opened");
+                Ok((Some(ChainRun::Paused), output))
+            }
+        }
+    }
+
+    /// The window at `header_key` if it is open: its opener is paused on
+    /// it. A header left by a crash, or one this replica's copy kept after
+    /// its window closed, is taken for none.
+    fn open_window(
+        &self,
+        store: &Store,
+        header_key: &[u8],
+        account: &AccountKey,
+        chain: &str,
+    ) -> Result<Option<Window>, Interrupted> {
+        let Some(bytes) = store.get(Collection::Digests, header_key)? else {
+            return Ok(None);
+        };
+        let Ok(window) = serde_json::from_slice::<Window>(&bytes) else {
+            return Ok(None);
+        };
+        let record = self
+            .journal
+            .load(&RecordKey::new(account, &window.opener))?;
+        let paused_on_it = record
+            .as_ref()
+            .and_then(|j| j.chain(chain))
+            .is_some_and(|c| c.waiting == Some(window.until_ms) && c.waiting_digest.is_some());
+        Ok(paused_on_it.then_some(window))
+    }
+
+    /// Looks at `chain` of `event`, paused on the digest window `digest`
+    /// it opened (until `until_ms`): if the window closed (its time is up,
+    /// or it is full), the run goes on with every event of the window in
+    /// the step's output, and the window goes; otherwise it stays paused.
+    pub(super) fn close_digest(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        version: u64,
+        pass: &mut Pass,
+        (until_ms, digest): (u64, &str),
+    ) -> Result<Resumed, Interrupted> {
+        let account = &event.account_key;
+        let record = pass.journal.chain_mut(&chain.name, version);
+        let Some(step) = record.steps.last().map(|s| s.trace.name.clone()) else {
+            return Ok(Resumed::GoesOn);
+        };
+        let mut output = record
+            .steps
+            .last()
+            .and_then(|s| s.trace.output.clone())
+            .unwrap_or_default();
+        let header_key = window_key(account, &chain.name, &step, digest);
+        let _locked = self.windows.lock(&header_key);
+        let store = pass.store().clone();
+        let header = store
+            .get(Collection::Digests, &header_key)?
+            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
+            .filter(|w| w.opener == event.id);
+        let now = now_ms();
+        let timer = PendingTimer {
+            account: account.clone(),
+            event_id: event.id,
+            chain: chain.name.clone(),
+            due_ms: until_ms,
+        };
+        if header.as_ref().is_some_and(|w| !w.full) && now < until_ms {
+            // Back early (a duplicate, a clock ahead): still open.
+            if until_ms != NEVER {
+                pass.set_timer(timer);
+            }
+            return Ok(Resumed::Paused);
+        }
+        // Closed: its events in the order they joined, each once (a crash
+        // during a join may have written one twice).
+        let prefix = events_prefix(account, event.id, &chain.name);
+        let entries = store.scan_prefix(Collection::DigestEvents, &prefix)?;
+        let mut seen = HashSet::new();
+        let events: Vec<Value> = entries
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<VumiApiEvent>(v).ok())
+            .filter(|e| seen.insert(e.id))
+            .map(|e| event_value(&e))
+            .collect();
+        let count = events.len();
+        output.insert("events".into(), Value::Array(events));
+        output.insert("count".into(), Value::from(count));
+        pass.record(Entry::Woke {
+            chain: chain.name.clone(),
+            at_ms: now,
+            output: Some(output),
+        });
+        pass.clear_timer(&timer);
+        if header.is_some() {
+            pass.write_beside(Write {
+                collection: Collection::Digests,
+                key: header_key,
+                value: None,
+            });
+        }
+        for (k, _) in entries {
+            pass.write_beside(Write {
+                collection: Collection::DigestEvents,
+                key: k,
+                value: None,
+            });
+        }
+        // The journal (with every event) first, then the window goes.
+        pass.write(&self.journal)?;
+        tracing::info!(account = %account, event_id = %event.id, chain = chain.name, step,
+            key = digest, count, "digest window closed");
+        Ok(Resumed::GoesOn)
+    }
+}
+
+/// An event as a window's output holds it.
+fn event_value(event: &VumiApiEvent) -> Value {
+    serde_json::to_value(event).unwrap_or(Value::Null)
+}

@@ -1,0 +1,345 @@
+//! Digests: the events of a key gather in one window, and the chain goes
+//! on once per window with all of them, through SIGKILLs of the
+//! dispatcher and a take-over by another replica; bad digests are refused
+//! at apply or fail their step for good.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::peers::HttpReceiver;
+use crate::util::{Dispatcher, NatsServer, event, wait_until};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn config(receiver: &HttpReceiver) -> String {
+    format!(
+        r#"
+[bus]
+ack_wait_secs = 3
+
+[providers.sms.gateway]
+type = "http"
+url = "{}/sms"
+from = "Switchboard"
+"#,
+        receiver.url()
+    )
+}
+
+/// A chain gathering `signed_up` events (`gather` is the digest step's
+/// config), then texting the event's number the ids it gathered.
+fn digest_chain(gather: &str) -> String {
+    format!(
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "daily"
+conversation_type = "survey"
+event_type = "signed_up"
+
+[[chains.steps]]
+name = "gather"
+handler = "digest"
+config = {{ {gather} }}
+
+[[chains.steps]]
+name = "text"
+handler = "send_sms"
+config = {{ provider = "gateway", to = "{{{{ event.event_data.msisdn }}}}", body = "digest {{{{ steps.gather.count }}}}: {{{{ steps.gather.events | map(attribute='id') | join(',') }}}}" }}
+"#
+    )
+}
+
+fn msisdn(key: usize) -> String {
+    format!("+2782000{key:04}")
+}
+
+/// The digest step's config gathering by phone number, closing as `rest` says.
+fn by_number(rest: &str) -> String {
+    format!(r#"key = "{{{{ event.event_data.msisdn }}}}", {rest}"#)
+}
+
+/// The digests texted so far: the number each went to, and the ids it
+/// listed.
+async fn digests(receiver: &HttpReceiver) -> Vec<(String, Vec<String>)> {
+    receiver
+        .requests_to("/sms")
+        .await
+        .into_iter()
+        .filter_map(|r| {
+            let body: Value = serde_json::from_str(r["body"].as_str()?).ok()?;
+            let text = body["content"].as_str()?;
+            let (_, ids) = text.strip_prefix("digest ")?.split_once(": ")?;
+            Some((
+                body["to"].as_str()?.to_string(),
+                ids.split(',').map(str::to_string).collect(),
+            ))
+        })
+        .collect()
+}
+
+/// Posts `n` events from `first` on, over `keys` numbers in turn; returns
+/// each number's event ids.
+async fn post(
+    d: &Dispatcher,
+    first: usize,
+    n: usize,
+    keys: usize,
+    ids: &mut BTreeMap<String, Vec<String>>,
+) {
+    for i in first..first + n {
+        let number = msisdn(i % keys);
+        let e = event(
+            "acme",
+            "survey",
+            "signed_up",
+            &format!("c-{i}"),
+            json!({ "msisdn": number }),
+        );
+        let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+        ids.entry(number).or_default().push(id);
+    }
+}
+
+/// Waits until every event of `ids` was handled (paused in its window, or
+/// joined one).
+async fn handled(d: &Dispatcher, ids: &BTreeMap<String, Vec<String>>) {
+    for id in ids.values().flatten() {
+        d.wait_for_trace("acme", id, TIMEOUT).await;
+    }
+}
+
+/// Exactly one digest per number, listing its events once each.
+async fn one_digest_per_key(receiver: &HttpReceiver, ids: &BTreeMap<String, Vec<String>>) {
+    let sent = wait_until("a digest per number", TIMEOUT, || async {
+        let sent = digests(receiver).await;
+        (sent.len() >= ids.len()).then_some(sent)
+    })
+    .await;
+    // Once: a second continuation of a window would have texted by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = digests(receiver).await;
+    assert_eq!(
+        again.len(),
+        sent.len(),
+        "a window went on twice: {again:#?}"
+    );
+    assert_eq!(sent.len(), ids.len(), "{sent:#?}");
+    for (to, listed) in &sent {
+        let expected: BTreeSet<&String> = ids[to].iter().collect();
+        let got: BTreeSet<&String> = listed.iter().collect();
+        assert_eq!(got, expected, "the digest to {to}");
+        assert_eq!(listed.len(), expected.len(), "an event twice in {listed:?}");
+    }
+}
+
+fn now_ms() -> i128 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
+}
+
+fn ms_of(rfc3339: &str) -> i128 {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time")
+        .unix_timestamp_nanos()
+        / 1_000_000
+}
+
+/// 50 events over 10 numbers, with the dispatcher SIGKILLed twice while
+/// the windows are open: 10 digests, each with its number's 5 events, in
+/// the order they came; the events that joined stop there, saying whose
+/// window they joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_goes_on_once_per_window_with_every_event_through_sigkills_on_nats() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(Some(&nats), &config(&receiver));
+    d.apply_chains("acme.toml", &digest_chain(&by_number(r#"window = "12s""#)))
+        .await;
+    let mut ids = BTreeMap::new();
+    post(&d, 0, 25, 10, &mut ids).await;
+    handled(&d, &ids).await;
+
+    // The first event of a number opened its window and waits; the next
+    // joined it and stopped.
+    let opener = &ids[&msisdn(0)][0].clone();
+    let trace = d.wait_for_trace("acme", opener, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let chain = &trace["chains"][0];
+    assert_eq!(chain["waiting_digest"], msisdn(0).as_str(), "{trace:#}");
+    let until = ms_of(chain["waiting_until"].as_str().expect("waiting_until"));
+    assert_eq!(chain["steps"][0]["outcome"], "waiting");
+    let joiner = d.wait_for_trace("acme", &ids[&msisdn(0)][1], TIMEOUT).await;
+    assert_eq!(joiner["status"], "done", "{joiner:#}");
+    let gather = &joiner["chains"][0]["steps"][0];
+    assert_eq!(gather["outcome"], "stopped", "{joiner:#}");
+    assert_eq!(gather["output"]["joined"], opener.as_str());
+    assert_eq!(gather["output"]["position"], 2);
+    assert_eq!(joiner["chains"][0]["steps"][1]["outcome"], "skipped");
+    let (_, metrics) = d.get("/metrics").await;
+    let metrics = metrics.as_str().expect("metrics are text").to_string();
+    assert!(
+        metrics.lines().any(|l| l == "switchboard_digests_open 10"),
+        "{metrics}"
+    );
+
+    d.kill9();
+    d.restart();
+    post(&d, 25, 25, 10, &mut ids).await;
+    handled(&d, &ids).await;
+    assert!(
+        now_ms() < until,
+        "the windows closed before the second kill: the test proves too little"
+    );
+    d.kill9();
+    d.restart();
+
+    one_digest_per_key(&receiver, &ids).await;
+    // In the order they came, and not before the window closed.
+    let sent = digests(&receiver).await;
+    let first = sent.iter().find(|(to, _)| *to == msisdn(0)).expect("sent");
+    assert_eq!(&first.1, &ids[&msisdn(0)]);
+    let at = receiver.requests_to("/sms").await[0]["at_ms"]
+        .as_i64()
+        .expect("at_ms");
+    assert!(
+        i128::from(at) >= until - 1000,
+        "a digest went before its window closed"
+    );
+    let trace = wait_until("the opener's end", TIMEOUT, || async {
+        d.trace("acme", opener)
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    let gather = &trace["chains"][0]["steps"][0]["output"];
+    assert_eq!(gather["count"], 5, "{trace:#}");
+    assert_eq!(gather["events"][4]["id"], ids[&msisdn(0)][4].as_str());
+    let (_, metrics) = d.get("/metrics").await;
+    let metrics = metrics.as_str().expect("metrics are text").to_string();
+    assert!(
+        metrics.lines().any(|l| l == "switchboard_digests_open 0"),
+        "{metrics}"
+    );
+}
+
+/// A window closed by its count alone (`max_events`, no time): each
+/// number's fifth event closes it, across a SIGKILL, on the embedded bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_closes_at_max_events_through_a_sigkill_on_the_embedded_bus() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains("acme.toml", &digest_chain(&by_number("max_events = 5")))
+        .await;
+    let mut ids = BTreeMap::new();
+    post(&d, 0, 30, 10, &mut ids).await;
+    handled(&d, &ids).await;
+    let trace = d.wait_for_trace("acme", &ids[&msisdn(3)][0], TIMEOUT).await;
+    let chain = &trace["chains"][0];
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    assert_eq!(chain["waiting_digest"], msisdn(3).as_str());
+    assert!(chain.get("waiting_until").is_none(), "{trace:#}");
+    assert!(digests(&receiver).await.is_empty());
+
+    d.kill9();
+    d.restart();
+    post(&d, 30, 20, 10, &mut ids).await;
+    one_digest_per_key(&receiver, &ids).await;
+}
+
+/// With replicas, open windows are the partition's state: the owner is
+/// killed while they are open, and the replica that takes the partition
+/// over closes each once, with every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_digests_close_on_the_replica_that_took_their_partition_over() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(
+        dir.path().join("acme.toml"),
+        digest_chain(&by_number(r#"window = "5s""#)),
+    )
+    .expect("a chain file");
+    let config =
+        config(&receiver).replace("[bus]\n", "[bus]\nreplicated = true\nstream_replicas = 1\n");
+    let mut owner = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    wait_until("the owner holding every partition", TIMEOUT, || async {
+        let (_, ready) = owner.get("/readyz").await;
+        (ready["partitions"].as_array().map(Vec::len) == Some(16)).then_some(())
+    })
+    .await;
+    let emitter = switchboard_sdk::nats::NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..6 {
+        let number = msisdn(i % 2);
+        let e = event(
+            "acme",
+            "survey",
+            "signed_up",
+            &format!("c-{i}"),
+            json!({ "msisdn": number }),
+        );
+        emitter.emit(&e).await.expect("emitting");
+        ids.entry(number).or_default().push(e.id.to_string());
+    }
+    handled(&owner, &ids).await;
+    owner.kill9();
+
+    let _fresh = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    one_digest_per_key(&receiver, &ids).await;
+}
+
+/// A digest without a way to close, with a count below one or a window
+/// that is no duration is refused at apply, naming the step and option; a
+/// key that renders empty fails the step for good, into dead letters.
+#[tokio::test]
+async fn bad_digests_are_refused_at_apply_or_fail_their_step() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    for (config, expected) in [
+        (
+            r#"key = "{{ event.event_data.msisdn }}""#,
+            "window or max_events",
+        ),
+        (r#"key = "k", max_events = 0"#, "config.max_events"),
+        (r#"key = "k", max_events = "5""#, "config.max_events"),
+        (r#"key = "k", window = "-1h""#, "config.window"),
+        (r#"key = "k", window = "soon""#, "config.window"),
+        (r#"window = "1h""#, "config.key"),
+    ] {
+        let text = digest_chain(config);
+        let path = d.file("bad.toml", &text);
+        let out = d
+            .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+            .await;
+        let line = out.fails();
+        for part in [r#"chain "daily""#, "gather", expected] {
+            assert!(line.contains(part), "{config}: {line:?} lacks {part:?}");
+        }
+    }
+
+    d.apply_chains("acme.toml", &digest_chain(&by_number(r#"window = "1h""#)))
+        .await;
+    let keyless = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "msisdn": "" }),
+    );
+    let id = d
+        .post_event(&serde_json::to_value(&keyless).expect("JSON"))
+        .await;
+    let letter = d
+        .wait_for_dead_letter("acme", "the empty key", |l| l["event"]["id"] == id.as_str())
+        .await;
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("config.key") && error.contains("empty"),
+        "{letter:#}"
+    );
+}
