@@ -16,6 +16,7 @@ mod digests;
 mod e2e_embedded;
 mod e2e_nats;
 mod first_hour;
+mod flow;
 mod handlers;
 mod inbound;
 mod matching;

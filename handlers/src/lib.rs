@@ -590,6 +590,17 @@ impl StepCatalog for Registry {
             .collect()
     }
 
+    fn check_key_template(&self, _account: &AccountKey, template: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.templates.check(
+            &Value::String(template.to_string()),
+            "key",
+            &[],
+            &mut problems,
+        );
+        problems.into_iter().map(|p| p.message).collect()
+    }
+
     fn check_condition(&self, _account: &AccountKey, expr: &str) -> Result<(), String> {
         self.runtime
             .check_condition(expr)

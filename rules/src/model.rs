@@ -49,6 +49,107 @@ pub struct ChainSpec {
     /// `delay` or a `wait_for_event` step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_on: Option<EventMatch>,
+    /// Only the last event of a burst (per key) runs the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce: Option<Debounce>,
+    /// At most `limit` runs start per `period` (per key); the others wait
+    /// their turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<Limit>,
+    /// At most `limit` runs per `period` (per key); the others are skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Limit>,
+    /// At most `limit` runs at once (per key); the others wait for one to
+    /// end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A chain's `debounce`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debounce {
+    /// A template over `event` and `account`: the runs it groups.
+    pub key: String,
+    /// How long a key must be quiet before its last event runs.
+    #[serde(with = "duration")]
+    pub period: Duration,
+}
+
+/// A chain's `throttle` or `rate_limit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// A template over `event` and `account`: the runs it counts together.
+    pub key: String,
+    /// How many runs per period.
+    pub limit: u32,
+    /// The period.
+    #[serde(with = "duration")]
+    pub period: Duration,
+}
+
+/// A chain's `concurrency`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// A template over `event` and `account`: the runs it counts together.
+    pub key: String,
+    /// How many runs at once.
+    pub limit: u32,
+}
+
+/// Flow control of a chain, in the order it applies to a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    /// `rate_limit`: over the limit, the run is skipped.
+    RateLimit,
+    /// `debounce`: the run waits; a later event of its key supersedes it.
+    Debounce,
+    /// `throttle`: over the limit, the run waits its turn.
+    Throttle,
+    /// `concurrency`: at the limit, the run waits for another to end.
+    Concurrency,
+}
+
+impl Control {
+    /// Every control, in the order they apply.
+    pub const ALL: [Control; 4] = [
+        Control::RateLimit,
+        Control::Debounce,
+        Control::Throttle,
+        Control::Concurrency,
+    ];
+
+    /// Its name in a chain file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::RateLimit => "rate_limit",
+            Control::Debounce => "debounce",
+            Control::Throttle => "throttle",
+            Control::Concurrency => "concurrency",
+        }
+    }
+}
+
+impl ChainSpec {
+    /// The key template of `control`, if the chain has it.
+    pub fn flow_key(&self, control: Control) -> Option<&str> {
+        match control {
+            Control::RateLimit => self.rate_limit.as_ref().map(|l| l.key.as_str()),
+            Control::Debounce => self.debounce.as_ref().map(|d| d.key.as_str()),
+            Control::Throttle => self.throttle.as_ref().map(|l| l.key.as_str()),
+            Control::Concurrency => self.concurrency.as_ref().map(|c| c.key.as_str()),
+        }
+    }
+
+    /// The flow controls the chain has, in the order they apply.
+    pub fn controls(&self) -> impl Iterator<Item = Control> + '_ {
+        Control::ALL
+            .into_iter()
+            .filter(|c| self.flow_key(*c).is_some())
+    }
 }
 
 /// Which later events reach a paused run: those of a type for which a Rhai

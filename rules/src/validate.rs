@@ -130,6 +130,13 @@ pub trait StepCatalog {
     /// Rhai expression over `event`, `paused` and `steps`), as
     /// [`StepCatalog::check_condition`].
     fn check_match(&self, account: &AccountKey, expr: &str) -> Result<(), String>;
+
+    /// Checks a flow control's key (a template over `event` and `account`,
+    /// rendered before the chain's first step): it compiles and refers
+    /// only to what is in scope. Each problem's message.
+    fn check_key_template(&self, _account: &AccountKey, _template: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One thing wrong with a chain file.
@@ -320,6 +327,77 @@ fn chain_problem(chain: &str, field: &str, message: String) -> ChainProblem {
     }
 }
 
+/// Checks a chain's flow controls: keys that render, limits of one or
+/// more, periods longer than zero, and at most one control that holds runs
+/// back (debounce, throttle, concurrency) beside a `rate_limit`.
+fn check_flow(
+    account: &AccountKey,
+    label: &str,
+    chain: &ChainSpec,
+    catalog: &dyn StepCatalog,
+    problems: &mut Vec<ChainProblem>,
+) {
+    use crate::model::Control;
+    for control in chain.controls() {
+        let name = control.as_str();
+        let key = chain.flow_key(control).unwrap_or_default();
+        if key.trim().is_empty() {
+            problems.push(chain_problem(
+                label,
+                &format!("{name}.key"),
+                "an empty key; write a template over `event` (e.g.                  \"{{ event.event_data.msisdn }}\"), or a fixed text for one key for all"
+                    .into(),
+            ));
+        }
+        for message in catalog.check_key_template(account, key) {
+            problems.push(chain_problem(label, &format!("{name}.key"), message));
+        }
+        let (limit, period) = match control {
+            Control::RateLimit => chain
+                .rate_limit
+                .as_ref()
+                .map(|l| (Some(l.limit), Some(l.period))),
+            Control::Throttle => chain
+                .throttle
+                .as_ref()
+                .map(|l| (Some(l.limit), Some(l.period))),
+            Control::Debounce => chain.debounce.as_ref().map(|d| (None, Some(d.period))),
+            Control::Concurrency => chain.concurrency.as_ref().map(|c| (Some(c.limit), None)),
+        }
+        .unwrap_or((None, None));
+        if limit == Some(0) {
+            problems.push(chain_problem(
+                label,
+                &format!("{name}.limit"),
+                "must be 1 or more".into(),
+            ));
+        }
+        if period.is_some_and(|p| p.is_zero()) {
+            problems.push(chain_problem(
+                label,
+                &format!("{name}.period"),
+                "must be longer than zero".into(),
+            ));
+        }
+    }
+    let holding: Vec<&str> = chain
+        .controls()
+        .filter(|c| *c != Control::RateLimit)
+        .map(Control::as_str)
+        .collect();
+    if holding.len() > 1 {
+        problems.push(chain_problem(
+            label,
+            holding[1],
+            format!(
+                "a chain takes one of debounce, throttle and concurrency (this one has {}); \
+                 a rate_limit may go with any of them",
+                holding.join(" and ")
+            ),
+        ));
+    }
+}
+
 fn check_chain(
     account: &AccountKey,
     label: &str,
@@ -357,6 +435,7 @@ fn check_chain(
             None => {}
         }
     }
+    check_flow(account, label, chain, catalog, problems);
     if chain.steps.is_empty() {
         problems.push(chain_problem(
             label,

@@ -119,11 +119,16 @@ pub enum Collection {
     /// The events of each open digest window:
     /// `{account}\0{opening event id}\0{chain}\0{position:BE u32}` → the event.
     DigestEvents,
+    /// Flow control of chains' runs, per key:
+    /// `{account}\0{chain}\0{control}\0{key}` → the control's state (the
+    /// turns given, the latest event, the runs holding a slot and those
+    /// waiting for one).
+    Flow,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 34] = [
+    pub const ALL: [Collection; 35] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -158,6 +163,7 @@ impl Collection {
         Collection::Signals,
         Collection::Digests,
         Collection::DigestEvents,
+        Collection::Flow,
     ];
 
     /// The collection's name on disk.
@@ -197,6 +203,7 @@ impl Collection {
             Collection::Signals => "signals",
             Collection::Digests => "digests",
             Collection::DigestEvents => "digest_events",
+            Collection::Flow => "flow",
         }
     }
 
@@ -233,6 +240,7 @@ impl Collection {
                 | Collection::Signals
                 | Collection::Digests
                 | Collection::DigestEvents
+                | Collection::Flow
         )
     }
 

@@ -186,6 +186,12 @@ struct HandlerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlowLabels {
+    control: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutboundLabels {
     channel: String,
     provider: String,
@@ -250,6 +256,7 @@ pub struct Metrics {
     inbound: Family<InboundLabels, Counter>,
     timers_fired: Counter,
     digests_joined: Counter,
+    flow: Family<FlowLabels, Counter>,
     /// Events by outcome, over every account (the health page's).
     totals: [AtomicU64; 6],
     /// The totals about once a minute, for the last hour's counts.
@@ -285,6 +292,7 @@ impl Metrics {
         let inbound = Family::<InboundLabels, Counter>::default();
         let timers_fired = Counter::default();
         let digests_joined = Counter::default();
+        let flow = Family::<FlowLabels, Counter>::default();
         let mut registry = Registry::with_prefix("switchboard");
         registry.register(
             "events",
@@ -321,7 +329,14 @@ impl Metrics {
             "Events that joined another's digest window (their chains stopped there)",
             digests_joined.clone(),
         );
+        registry.register(
+            "flow_control",
+            "Runs a chain's flow control held back (throttle, debounce, concurrency), \
+             skipped (rate_limit) or superseded (debounce), by control and result",
+            flow.clone(),
+        );
         Self {
+            flow,
             registry,
             timers_fired,
             digests_joined,
@@ -342,6 +357,22 @@ impl Metrics {
     /// A timer of a paused chain fired.
     pub fn timer_fired(&self) {
         self.timers_fired.inc();
+    }
+
+    /// A chain's flow control held a run back, skipped it or superseded it.
+    pub fn flow(&self, control: switchboard_rules::Control, result: crate::journal::FlowResult) {
+        let result = match result {
+            crate::journal::FlowResult::Passed => "passed",
+            crate::journal::FlowResult::Held => "held",
+            crate::journal::FlowResult::Skipped => "skipped",
+            crate::journal::FlowResult::Superseded => "superseded",
+        };
+        self.flow
+            .get_or_create(&FlowLabels {
+                control: control.as_str(),
+                result,
+            })
+            .inc();
     }
 
     /// An event joined another's digest window.

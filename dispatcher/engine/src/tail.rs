@@ -71,6 +71,9 @@ pub(crate) fn row(
                 (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
                 (Some(ChainEnd::Expired { step }), _, _) => ("expired", Some(step.clone())),
                 (Some(ChainEnd::Cancelled { .. }), _, _) => ("cancelled", None),
+                (Some(ChainEnd::Limited { control }), _, _) => {
+                    (crate::executor::ended_as(*control), None)
+                }
                 (None, Some(retry), _) => ("retrying", Some(retry.step.clone())),
                 (None, None, Some(_)) => ("condition_failed", None),
                 (None, None, None) if c.waiting.is_some() => {

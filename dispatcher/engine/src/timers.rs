@@ -269,9 +269,10 @@ impl Timers {
             let event = j.event.as_ref()?;
             let chain = j.chain(&timer.chain)?;
             // Its pause's own timer; or, for a digest window that filled
-            // before its time, the earlier one its last event set.
+            // before its time, the earlier one its last event set
+            // (or a run held back by `concurrency`, whose slot came free).
             let fires = chain.waiting == Some(timer.due_ms)
-                || (chain.waiting_digest.is_some()
+                || ((chain.waiting_digest.is_some() || chain.waiting_flow.is_some())
                     && chain.waiting.is_some_and(|until| timer.due_ms < until));
             fires.then_some(event)
         });

@@ -121,6 +121,31 @@ pub struct ChainTrace {
     /// The event that cancelled the chain while it was paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_by: Option<EventId>,
+    /// What the chain's flow controls decided about the run, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flow: Vec<FlowTrace>,
+}
+
+/// What one flow control decided about a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowTrace {
+    /// `rate_limit`, `debounce`, `throttle` or `concurrency`.
+    pub control: switchboard_rules::Control,
+    /// `passed`, `held`, `skipped` or `superseded`.
+    pub result: crate::journal::FlowResult,
+    /// The run's key.
+    pub key: String,
+    /// When it decided; for a run held back, when its turn comes (none
+    /// while it waits for a `concurrency` slot).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub at: Option<OffsetDateTime>,
+    /// The later event that superseded it (`debounce`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<EventId>,
 }
 
 /// What the dispatcher did with one event.
@@ -378,6 +403,17 @@ fn chain_trace(record: &ChainJournal) -> ChainTrace {
             Some(ChainEnd::Cancelled { by }) => Some(*by),
             _ => None,
         },
+        flow: record
+            .flow
+            .iter()
+            .map(|f| FlowTrace {
+                control: f.control,
+                result: f.result,
+                key: f.key.clone(),
+                at: (f.at_ms != switchboard_handlers::NEVER).then(|| at(f.at_ms)),
+                by: f.by,
+            })
+            .collect(),
     }
 }
 

@@ -508,6 +508,24 @@ pub fn render_trace(t: &Trace) -> String {
                 "  gathering the digest of {key:?}: goes on when its window closes{until}"
             );
         }
+        for f in &c.flow {
+            let mut line = format!(
+                "  {}: {} (key {:?}",
+                f.control.as_str(),
+                serde_json::to_value(f.result)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                f.key
+            );
+            if let Some(at) = f.at {
+                let _ = write!(line, ", at {}", switchboard_sdk::format_rfc3339(at));
+            }
+            if let Some(by) = f.by {
+                let _ = write!(line, ", by event {by}");
+            }
+            let _ = writeln!(out, "{line})");
+        }
         if let Some(by) = c.cancelled_by {
             let _ = writeln!(out, "  cancelled by event {by}");
         }

@@ -37,21 +37,22 @@ use crate::journal::{ChainEnd, Entry, RecordKey, StepRecord, now_ms};
 use crate::timers::PendingTimer;
 use crate::trace::StepOutcome;
 
-/// How many locks the windows share (by their key's hash).
+/// How many locks the keys share (by their hash).
 const LOCKS: usize = 64;
 
-/// The locks that make a window's read and write one step.
+/// The locks that make reading and writing a digest window's, or a flow
+/// control's, state one step.
 #[derive(Debug)]
-pub(super) struct WindowLocks([Mutex<()>; LOCKS]);
+pub(super) struct KeyLocks([Mutex<()>; LOCKS]);
 
-impl Default for WindowLocks {
+impl Default for KeyLocks {
     fn default() -> Self {
         Self(std::array::from_fn(|_| Mutex::new(())))
     }
 }
 
-impl WindowLocks {
-    fn lock(&self, window: &[u8]) -> MutexGuard<'_, ()> {
+impl KeyLocks {
+    pub(super) fn lock(&self, window: &[u8]) -> MutexGuard<'_, ()> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         window.hash(&mut hasher);
         let at = (hasher.finish() % LOCKS as u64) as usize;
@@ -146,7 +147,7 @@ impl Executor {
         let account = &event.account_key;
         let step = record.trace.name.clone();
         let header_key = window_key(account, &chain.name, &step, &window.key);
-        let _locked = self.windows.lock(&header_key);
+        let _locked = self.locks.lock(&header_key);
         let mut output = record.trace.output.take().unwrap_or_default();
         match self.open_window(pass.store(), &header_key, account, &chain.name)? {
             Some(mut open) => {
@@ -286,7 +287,7 @@ impl Executor {
             .and_then(|s| s.trace.output.clone())
             .unwrap_or_default();
         let header_key = window_key(account, &chain.name, &step, digest);
-        let _locked = self.windows.lock(&header_key);
+        let _locked = self.locks.lock(&header_key);
         let store = pass.store().clone();
         let header = store
             .get(Collection::Digests, &header_key)?

@@ -37,6 +37,7 @@ use crate::trace::TraceStatus;
 
 mod decode;
 mod digest;
+mod flow;
 mod letters;
 mod pass;
 mod paused;
@@ -44,6 +45,7 @@ mod policy;
 mod step;
 
 pub use digest::open_windows;
+pub use flow::ended_as;
 pub use step::emitted_events;
 
 pub use letters::{LetterError, Letters};
@@ -110,7 +112,7 @@ pub struct Executor {
     prefix: String,
     tail: Tail,
     timers: Timers,
-    windows: digest::WindowLocks,
+    locks: digest::KeyLocks,
 }
 
 /// Why handling could not finish: the store or the bus failed. The event is
@@ -141,7 +143,7 @@ impl Executor {
             prefix: parts.prefix,
             tail: parts.tail,
             timers: parts.timers,
-            windows: digest::WindowLocks::default(),
+            locks: digest::KeyLocks::default(),
         }
     }
 
@@ -348,6 +350,7 @@ impl Executor {
                         }
                         ChainRun::Paused => paused = true,
                     }
+                    self.release_slot(event, chain, &pass)?;
                     let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
                     dead |= matches!(end, Some(ChainEnd::Dead { .. }));
                     expired |= matches!(end, Some(ChainEnd::Expired { .. }));
@@ -510,7 +513,8 @@ impl Executor {
                 ChainEnd::Done
                 | ChainEnd::Discarded
                 | ChainEnd::Expired { .. }
-                | ChainEnd::Cancelled { .. },
+                | ChainEnd::Cancelled { .. }
+                | ChainEnd::Limited { .. },
             ) => {
                 return Ok(ChainRun::Over);
             }
@@ -531,16 +535,36 @@ impl Executor {
         }
         if let Some(until_ms) = record.waiting {
             let waiting_for = record.waiting_for.clone();
-            let resumed = match record.waiting_digest.clone() {
-                Some(digest) => {
+            let resumed = match (record.waiting_digest.clone(), record.waiting_flow) {
+                (Some(digest), _) => {
                     self.close_digest(event, chain, version, pass, (until_ms, &digest))?
                 }
-                None => self.resume(event, chain, version, pass, (until_ms, waiting_for))?,
+                (None, Some(control)) => {
+                    self.flow_resume(event, chain, version, pass, (until_ms, control))?
+                }
+                (None, None) => {
+                    self.resume(event, chain, version, pass, (until_ms, waiting_for))?
+                }
             };
             match resumed {
                 paused::Resumed::Paused => return Ok(ChainRun::Paused),
                 paused::Resumed::Cancelled => return Ok(ChainRun::Over),
                 paused::Resumed::GoesOn => {}
+            }
+        }
+        if pass
+            .journal
+            .chain_mut(&chain.name, version)
+            .steps
+            .is_empty()
+        {
+            match self
+                .flow_gate(event, event_value, chain, version, pass)
+                .await?
+            {
+                flow::Gate::Goes => {}
+                flow::Gate::Held => return Ok(ChainRun::Paused),
+                flow::Gate::Ended => return Ok(ChainRun::Over),
             }
         }
         let record = pass.journal.chain_mut(&chain.name, version);

@@ -150,6 +150,7 @@ impl Executor {
             for_event: pause.awaits.as_ref().map(|a| a.event_type.clone()),
             again: pause.again,
             digest: pause.window.as_ref().map(|w| w.key.clone()),
+            flow: None,
         });
         if pause.until_ms != NEVER {
             pass.set_timer(PendingTimer {

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use switchboard_rules::Control;
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 
@@ -132,6 +133,9 @@ pub enum Entry {
         /// goes on when that closes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
+        /// The flow control holding the run back before its first step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        flow: Option<Control>,
     },
     /// A paused chain went on, at `at_ms`.
     Woke {
@@ -143,6 +147,16 @@ pub enum Entry {
         /// `wait_for_event`'s: the event that came, or that none did).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         output: Option<Map<String, Value>>,
+    },
+    /// A chain's flow control decided about its run (before its first
+    /// step): let it go, held it back, or ended it.
+    Flow {
+        /// The chain.
+        chain: String,
+        /// The version of the account's chains it ran under.
+        version: u64,
+        /// What it decided.
+        record: FlowRecord,
     },
     /// A pass over the event ended.
     Finish {
@@ -231,6 +245,43 @@ pub enum ChainEnd {
         /// The step it did not run.
         step: String,
     },
+    /// Its flow control ended it before its first step: a `rate_limit`
+    /// skipped it, or a later event superseded it (`debounce`).
+    Limited {
+        /// Which.
+        control: Control,
+    },
+}
+
+/// What a chain's flow control decided about a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// The control.
+    pub control: Control,
+    /// What it decided.
+    pub result: FlowResult,
+    /// The run's key, rendered.
+    pub key: String,
+    /// When it decided, or (held) when the run's turn comes, in ms since
+    /// the epoch.
+    pub at_ms: u64,
+    /// The later event that superseded it (`debounce`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<EventId>,
+}
+
+/// What a flow control decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowResult {
+    /// The run goes on.
+    Passed,
+    /// The run waits (its turn, a quiet key, a free slot).
+    Held,
+    /// Over the limit: the run is skipped (`rate_limit`).
+    Skipped,
+    /// A later event of the key came first: it runs instead (`debounce`).
+    Superseded,
 }
 
 /// What one chain has done with an event.
@@ -262,6 +313,19 @@ pub struct ChainJournal {
     pub waiting_again: bool,
     /// The key of the digest window the pause waits on to close, if any.
     pub waiting_digest: Option<String>,
+    /// The flow control holding the run back, if any.
+    pub waiting_flow: Option<Control>,
+    /// What its flow controls decided, one record per control (the latest).
+    pub flow: Vec<FlowRecord>,
+}
+
+impl ChainJournal {
+    /// Whether `control` let the run go.
+    pub fn passed(&self, control: Control) -> bool {
+        self.flow
+            .iter()
+            .any(|f| f.control == control && f.result == FlowResult::Passed)
+    }
 }
 
 impl ChainJournal {
@@ -414,11 +478,21 @@ impl EventJournal {
                 chain.waiting_for = None;
                 chain.waiting_again = false;
                 chain.waiting_digest = None;
+                chain.waiting_flow = None;
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.announced = true;
                 }
+            }
+            Entry::Flow {
+                chain,
+                version,
+                record,
+            } => {
+                let chain = self.chain_mut(&chain, version);
+                chain.flow.retain(|f| f.control != record.control);
+                chain.flow.push(record);
             }
             Entry::Condition {
                 chain,
@@ -451,12 +525,14 @@ impl EventJournal {
                 for_event,
                 again,
                 digest,
+                flow,
             } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = Some(until_ms);
                     c.waiting_for = for_event;
                     c.waiting_again = again;
                     c.waiting_digest = digest;
+                    c.waiting_flow = flow;
                 }
             }
             Entry::Woke { chain, output, .. } => {
@@ -464,6 +540,7 @@ impl EventJournal {
                     c.waiting = None;
                     c.waiting_for = None;
                     c.waiting_digest = None;
+                    c.waiting_flow = None;
                     if std::mem::take(&mut c.waiting_again) {
                         c.steps.pop();
                     } else if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {

@@ -451,6 +451,7 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
                 for_event: None,
                 again: false,
                 digest: None,
+                flow: None,
             },
         ],
     );

@@ -1,0 +1,488 @@
+//! Flow control of a chain's runs, per key: `rate_limit` skips runs over
+//! its limit, `debounce` lets only the last event of a burst run,
+//! `throttle` makes runs over its limit wait their turn, `concurrency`
+//! keeps at most so many runs going at once.
+//!
+//! Each control keeps a small state per (chain, control, key) in
+//! [`Collection::Flow`], partition-owned like the journal: only the owner
+//! of the account's partition decides, and a lock per key makes reading
+//! and writing the state one step. A control decides before the chain's
+//! first step and records what it decided in the journal (`Entry::Flow`);
+//! a run held back is a pause (`Entry::Wait` with the control), brought
+//! back by its timer (its turn, the end of the quiet period) or, for
+//! `concurrency`, by a timer the run that frees a slot sets for it.
+//!
+//! Decisions are written before the run's journal, keyed by the event, so
+//! a crash and a redelivery find them: a run let go stays let go, a turn
+//! given stays its turn. Only a crash between a run's end and its end
+//! being durable can let one more run than `concurrency` allows: the slot
+//! is given back when the end is recorded, and the run goes on again from
+//! its last durable step.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_handlers::{EventValue, NEVER};
+use switchboard_rules::{ChainSpec, Control};
+use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::{Collection, Store, Write, key};
+
+use super::pass::Pass;
+use super::paused::Resumed;
+use super::{Executor, Interrupted};
+use crate::dead_letters::{DeadLetter, DeadReason};
+use crate::journal::{ChainEnd, Entry, FlowRecord, FlowResult, now_ms};
+use crate::timers::PendingTimer;
+
+/// What a chain's flow controls made of a run.
+pub(super) enum Gate {
+    /// Every control let it go: it runs.
+    Goes,
+    /// One holds it back: it is paused.
+    Held,
+    /// One ended it (skipped, superseded, or its key failed to render).
+    Ended,
+}
+
+/// One control's state for one key.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FlowState {
+    /// `rate_limit`: the runs let go within the period; `throttle`: the
+    /// last turns given. Each with the event it is for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    turns: Vec<(u64, EventId)>,
+    /// `debounce`: the latest event of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latest: Option<EventId>,
+    /// `concurrency`: the runs holding a slot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    holders: Vec<EventId>,
+    /// `concurrency`: the runs waiting for one, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    queue: Vec<EventId>,
+}
+
+impl FlowState {
+    fn is_empty(&self) -> bool {
+        self.turns.is_empty()
+            && self.latest.is_none()
+            && self.holders.is_empty()
+            && self.queue.is_empty()
+    }
+}
+
+/// The state's key.
+fn state_key(account: &AccountKey, chain: &str, control: Control, k: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        chain.as_bytes(),
+        control.as_str().as_bytes(),
+        k.as_bytes(),
+    ])
+}
+
+fn load(store: &Store, at: &[u8]) -> Result<FlowState, Interrupted> {
+    Ok(store
+        .get(Collection::Flow, at)?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default())
+}
+
+fn state_write(at: Vec<u8>, state: &FlowState) -> Write {
+    Write {
+        collection: Collection::Flow,
+        key: at,
+        value: (!state.is_empty())
+            .then(|| serde_json::to_vec(state).expect("a flow state serialises")),
+    }
+}
+
+/// How an ended run shows in the events' listing.
+pub fn ended_as(control: Control) -> &'static str {
+    match control {
+        Control::RateLimit => "rate_limited",
+        Control::Debounce => "debounced",
+        Control::Throttle => "throttled",
+        Control::Concurrency => "queued",
+    }
+}
+
+impl Executor {
+    /// Applies `chain`'s flow controls to the run of `event` before its
+    /// first step, each it has not passed yet, in order.
+    pub(super) async fn flow_gate(
+        &self,
+        event: &VumiApiEvent,
+        event_value: &EventValue,
+        chain: &ChainSpec,
+        version: u64,
+        pass: &mut Pass,
+    ) -> Result<Gate, Interrupted> {
+        for control in chain.controls() {
+            if pass.journal.chain_mut(&chain.name, version).passed(control) {
+                continue;
+            }
+            let k = match self.flow_key(event, event_value, chain, control) {
+                Ok(k) => k,
+                Err(error) => {
+                    tracing::warn!(account = %event.account_key, event_id = %event.id,
+                        chain = chain.name, %error, "flow control key failed: filed in dead letters");
+                    let field = format!("{}.key", control.as_str());
+                    let mut letter = DeadLetter::for_event(
+                        event,
+                        DeadReason::StepFailed,
+                        Some(&chain.name),
+                        Some(&field),
+                        error.clone(),
+                    );
+                    letter.attempts = 1;
+                    self.file_dead_letter(&letter).await?;
+                    pass.record(Entry::Condition {
+                        chain: chain.name.clone(),
+                        version,
+                        error,
+                    });
+                    return Ok(Gate::Ended);
+                }
+            };
+            match self.decide(event, chain, version, control, k, pass)? {
+                Gate::Goes => {}
+                other => return Ok(other),
+            }
+        }
+        Ok(Gate::Goes)
+    }
+
+    /// The key of `control` for `event`, rendered.
+    fn flow_key(
+        &self,
+        event: &VumiApiEvent,
+        event_value: &EventValue,
+        chain: &ChainSpec,
+        control: Control,
+    ) -> Result<String, String> {
+        let field = format!("{}.key", control.as_str());
+        let template = chain.flow_key(control).unwrap_or_default();
+        let templates = self.registry.templates();
+        let scope = templates.scope(event_value, &Map::new(), &event.account_key);
+        let k = match templates.render(&Value::String(template.to_string()), &field, &scope)? {
+            Value::String(s) => s.trim().to_string(),
+            other => other.to_string(),
+        };
+        if k.is_empty() {
+            return Err(format!(
+                "{field}: {template:?} rendered empty: every run needs a key (check the \
+                 template's fields)"
+            ));
+        }
+        if k.contains('\0') || k.len() > 512 {
+            return Err(format!(
+                "{field}: a key is at most 512 bytes, without NUL characters"
+            ));
+        }
+        Ok(k)
+    }
+
+    /// One control's decision about the run, with the key `k`.
+    fn decide(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        version: u64,
+        control: Control,
+        k: String,
+        pass: &mut Pass,
+    ) -> Result<Gate, Interrupted> {
+        let account = &event.account_key;
+        let at = state_key(account, &chain.name, control, &k);
+        let _locked = self.locks.lock(&at);
+        let store = pass.store().clone();
+        let mut state = load(&store, &at)?;
+        let now = now_ms();
+        let id = event.id;
+        let record = |result, at_ms| FlowRecord {
+            control,
+            result,
+            key: k.clone(),
+            at_ms,
+            by: None,
+        };
+        // (result, when; for a hold, until when) and whether the state changed.
+        let (result, at_ms) = match control {
+            Control::RateLimit => {
+                let rule = chain.rate_limit.as_ref().expect("the chain's rate_limit");
+                let period = rule.period.as_millis() as u64;
+                state.turns.retain(|(t, _)| t.saturating_add(period) > now);
+                if state.turns.iter().any(|(_, e)| *e == id) {
+                    (FlowResult::Passed, now)
+                } else if state.turns.len() < rule.limit as usize {
+                    state.turns.push((now, id));
+                    (FlowResult::Passed, now)
+                } else {
+                    (FlowResult::Skipped, now)
+                }
+            }
+            Control::Throttle => {
+                let rule = chain.throttle.as_ref().expect("the chain's throttle");
+                let period = rule.period.as_millis() as u64;
+                let turn = match state.turns.iter().find(|(_, e)| *e == id) {
+                    Some((t, _)) => *t,
+                    None => {
+                        let limit = rule.limit as usize;
+                        let turn = match state.turns.len() {
+                            n if n < limit => now,
+                            n => now.max(state.turns[n - limit].0.saturating_add(period)),
+                        };
+                        state.turns.push((turn, id));
+                        // The last `limit` turns decide the next.
+                        let excess = state.turns.len().saturating_sub(limit);
+                        state.turns.drain(..excess);
+                        turn
+                    }
+                };
+                if turn <= now {
+                    (FlowResult::Passed, turn)
+                } else {
+                    (FlowResult::Held, turn)
+                }
+            }
+            Control::Debounce => {
+                let rule = chain.debounce.as_ref().expect("the chain's debounce");
+                state.latest = Some(id);
+                (
+                    FlowResult::Held,
+                    now.saturating_add(rule.period.as_millis() as u64),
+                )
+            }
+            Control::Concurrency => {
+                let rule = chain.concurrency.as_ref().expect("the chain's concurrency");
+                if state.holders.contains(&id) {
+                    (FlowResult::Passed, now)
+                } else if state.holders.len() < rule.limit as usize {
+                    state.queue.retain(|e| *e != id);
+                    state.holders.push(id);
+                    (FlowResult::Passed, now)
+                } else {
+                    if !state.queue.contains(&id) {
+                        state.queue.push(id);
+                    }
+                    (FlowResult::Held, NEVER)
+                }
+            }
+        };
+        // The decision is the state's before it is the journal's.
+        store.write_in_order(&[state_write(at, &state)])?;
+        pass.record(Entry::Flow {
+            chain: chain.name.clone(),
+            version,
+            record: record(result, at_ms),
+        });
+        match result {
+            FlowResult::Passed => Ok(Gate::Goes),
+            FlowResult::Skipped | FlowResult::Superseded => {
+                self.metrics.flow(control, result);
+                tracing::info!(account = %account, event_id = %id, chain = chain.name,
+                    control = control.as_str(), key = k, "run skipped by its flow control");
+                self.end_chain(
+                    event,
+                    pass,
+                    chain,
+                    version,
+                    ChainEnd::Limited { control },
+                    0,
+                )?;
+                Ok(Gate::Ended)
+            }
+            FlowResult::Held => {
+                self.metrics.flow(control, result);
+                pass.record(Entry::Wait {
+                    chain: chain.name.clone(),
+                    until_ms: at_ms,
+                    for_event: None,
+                    again: false,
+                    digest: None,
+                    flow: Some(control),
+                });
+                if at_ms != NEVER {
+                    pass.set_timer(PendingTimer {
+                        account: account.clone(),
+                        event_id: id,
+                        chain: chain.name.clone(),
+                        due_ms: at_ms,
+                    });
+                }
+                // Written under the lock: the run that frees a slot finds
+                // this one paused, and its timer brings it back.
+                pass.write(&self.journal)?;
+                Ok(Gate::Held)
+            }
+        }
+    }
+
+    /// Looks at `chain` of `event`, held back by `control` until
+    /// `until_ms`: lets it go when its turn came (a `throttle`), when its
+    /// key was quiet and it is the latest (a `debounce`: a later event
+    /// supersedes it) or when it holds a slot (`concurrency`).
+    pub(super) fn flow_resume(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        version: u64,
+        pass: &mut Pass,
+        (until_ms, control): (u64, Control),
+    ) -> Result<Resumed, Interrupted> {
+        let account = &event.account_key;
+        let id = event.id;
+        let now = now_ms();
+        let timer = PendingTimer {
+            account: account.clone(),
+            event_id: id,
+            chain: chain.name.clone(),
+            due_ms: until_ms,
+        };
+        let record = pass.journal.chain_mut(&chain.name, version);
+        let k = record
+            .flow
+            .iter()
+            .find(|f| f.control == control)
+            .map(|f| f.key.clone())
+            .unwrap_or_default();
+        let at = state_key(account, &chain.name, control, &k);
+        let woke = Entry::Woke {
+            chain: chain.name.clone(),
+            at_ms: now,
+            output: None,
+        };
+        let flow = |result, by| Entry::Flow {
+            chain: chain.name.clone(),
+            version,
+            record: FlowRecord {
+                control,
+                result,
+                key: k.clone(),
+                at_ms: now,
+                by,
+            },
+        };
+        match control {
+            Control::Throttle | Control::Debounce | Control::RateLimit if now < until_ms => {
+                // Back early (a duplicate, a clock ahead): still held.
+                pass.set_timer(timer);
+                Ok(Resumed::Paused)
+            }
+            Control::Throttle | Control::RateLimit => {
+                pass.record(woke);
+                // Let go at its turn (however late its timer).
+                pass.record(Entry::Flow {
+                    chain: chain.name.clone(),
+                    version,
+                    record: FlowRecord {
+                        control,
+                        result: FlowResult::Passed,
+                        key: k.clone(),
+                        at_ms: until_ms,
+                        by: None,
+                    },
+                });
+                pass.clear_timer(&timer);
+                Ok(Resumed::GoesOn)
+            }
+            Control::Debounce => {
+                let _locked = self.locks.lock(&at);
+                let store = pass.store().clone();
+                let mut state = load(&store, &at)?;
+                pass.record(woke);
+                pass.clear_timer(&timer);
+                if state.latest == Some(id) {
+                    state.latest = None;
+                    pass.write_beside(state_write(at, &state));
+                    pass.record(flow(FlowResult::Passed, None));
+                    return Ok(Resumed::GoesOn);
+                }
+                // A later event of the key came within the period: it runs
+                // instead.
+                pass.record(flow(FlowResult::Superseded, state.latest));
+                self.metrics.flow(control, FlowResult::Superseded);
+                self.end_chain(
+                    event,
+                    pass,
+                    chain,
+                    version,
+                    ChainEnd::Limited { control },
+                    0,
+                )?;
+                Ok(Resumed::Cancelled)
+            }
+            Control::Concurrency => {
+                let _locked = self.locks.lock(&at);
+                let state = load(pass.store(), &at)?;
+                if !state.holders.contains(&id) {
+                    // Not its turn yet (back by a duplicate).
+                    return Ok(Resumed::Paused);
+                }
+                pass.record(woke);
+                pass.record(flow(FlowResult::Passed, None));
+                Ok(Resumed::GoesOn)
+            }
+        }
+    }
+
+    /// `chain` of `event` ended: gives back its `concurrency` slot, if it
+    /// held one, to the run waiting longest (whose timer, due at once,
+    /// brings it back).
+    pub(super) fn release_slot(
+        &self,
+        event: &VumiApiEvent,
+        chain: &ChainSpec,
+        pass: &Pass,
+    ) -> Result<(), Interrupted> {
+        let Some(rule) = &chain.concurrency else {
+            return Ok(());
+        };
+        let Some(record) = pass.journal.chain(&chain.name) else {
+            return Ok(());
+        };
+        if record.end.is_none() || !record.passed(Control::Concurrency) {
+            return Ok(());
+        }
+        let Some(k) = record
+            .flow
+            .iter()
+            .find(|f| f.control == Control::Concurrency)
+            .map(|f| f.key.clone())
+        else {
+            return Ok(());
+        };
+        let account = &event.account_key;
+        let at = state_key(account, &chain.name, Control::Concurrency, &k);
+        let _locked = self.locks.lock(&at);
+        let store = pass.store();
+        let mut state = load(store, &at)?;
+        if !state.holders.contains(&event.id) {
+            return Ok(());
+        }
+        state.holders.retain(|e| *e != event.id);
+        let mut writes = Vec::new();
+        let mut timers = Vec::new();
+        while state.holders.len() < rule.limit as usize && !state.queue.is_empty() {
+            let next = state.queue.remove(0);
+            state.holders.push(next);
+            let timer = PendingTimer {
+                account: account.clone(),
+                event_id: next,
+                chain: chain.name.clone(),
+                due_ms: now_ms(),
+            };
+            writes.push(timer.put());
+            timers.push(timer);
+        }
+        // The new holders' timers before the slot is given: a crash between
+        // leaves this run a holder, and its event, handled again, gives
+        // the slot again.
+        writes.push(state_write(at, &state));
+        store.write_in_order(&writes)?;
+        for timer in &timers {
+            self.timers.noted(timer);
+        }
+        Ok(())
+    }
+}

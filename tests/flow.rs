@@ -1,0 +1,390 @@
+//! Flow control per key, with replicas: 200 events over 5 keys run four
+//! chains, one per control — `rate_limit` lets the first runs of a key go
+//! and skips the rest, `debounce` runs only the last event of a burst,
+//! `throttle` gives every run a turn (none dropped, none early),
+//! `concurrency` keeps at most so many runs of a key going at once. Bad
+//! controls are refused at apply; a key that renders empty files the
+//! event in dead letters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::peers::HttpReceiver;
+use crate::util::{Dispatcher, NatsServer, event, wait_until};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const KEYS: usize = 5;
+const EVENTS: usize = 200;
+
+fn config(receiver: &HttpReceiver) -> String {
+    format!(
+        r#"
+[bus]
+ack_wait_secs = 5
+
+[providers.sms.gateway]
+type = "http"
+url = "{}/sms"
+from = "Switchboard"
+"#,
+        receiver.url()
+    )
+}
+
+/// One chain per control over the same events, each texting what it ran.
+const CHAINS: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "limited"
+conversation_type = "survey"
+event_type = "replied"
+rate_limit = { key = "{{ event.event_data.msisdn }}", limit = 3, period = "1h" }
+
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "rate {{ event.id }}" }
+
+[[chains]]
+name = "quiet"
+conversation_type = "survey"
+event_type = "replied"
+debounce = { key = "{{ event.event_data.msisdn }}", period = "6s" }
+
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "debounce {{ event.id }}" }
+
+[[chains]]
+name = "paced"
+conversation_type = "survey"
+event_type = "replied"
+throttle = { key = "{{ event.event_data.msisdn }}", limit = 4, period = "1s" }
+
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "throttle {{ event.id }}" }
+
+[[chains]]
+name = "bounded"
+conversation_type = "survey"
+event_type = "replied"
+concurrency = { key = "{{ event.event_data.msisdn }}", limit = 2 }
+
+[[chains.steps]]
+name = "start"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "start {{ event.id }}" }
+
+[[chains.steps]]
+handler = "delay"
+config = { duration = "300ms" }
+
+[[chains.steps]]
+name = "end"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "end {{ event.id }}" }
+"#;
+
+fn msisdn(key: usize) -> String {
+    format!("+2782100{key:04}")
+}
+
+/// A text the receiver got: to whom, what it said (its first word), the
+/// event id it names, and when it came.
+#[derive(Debug, Clone)]
+struct Text {
+    to: String,
+    kind: String,
+    id: String,
+    at_ms: i64,
+}
+
+async fn texts(receiver: &HttpReceiver) -> Vec<Text> {
+    receiver
+        .requests_to("/sms")
+        .await
+        .into_iter()
+        .filter_map(|r| {
+            let body: Value = serde_json::from_str(r["body"].as_str()?).ok()?;
+            let (kind, id) = body["content"].as_str()?.split_once(' ')?;
+            Some(Text {
+                to: body["to"].as_str()?.to_string(),
+                kind: kind.to_string(),
+                id: id.to_string(),
+                at_ms: r["at_ms"].as_i64()?,
+            })
+        })
+        .collect()
+}
+
+fn of_kind<'a>(texts: &'a [Text], kind: &str) -> Vec<&'a Text> {
+    texts.iter().filter(|t| t.kind == kind).collect()
+}
+
+fn ms_of(rfc3339: &str) -> i64 {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time");
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).expect("a time in range")
+}
+
+/// The chain called `name` in an event's trace.
+fn chain<'a>(trace: &'a Value, name: &str) -> &'a Value {
+    trace["chains"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no chain {name} in {trace:#}"))
+}
+
+/// A counter of `/metrics`, summed over the replicas.
+async fn flow_count(replicas: &[&Dispatcher], control: &str, result: &str) -> u64 {
+    let series =
+        format!("switchboard_flow_control_total{{control=\"{control}\",result=\"{result}\"}} ");
+    let mut total = 0;
+    for d in replicas {
+        let (_, text) = d.get("/metrics").await;
+        total += text
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&series))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_controls_hold_per_key_with_replicas() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("acme.toml"), CHAINS).expect("a chain file");
+    let config =
+        config(&receiver).replace("[bus]\n", "[bus]\nreplicated = true\nstream_replicas = 1\n");
+    let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    wait_until("the replicas sharing the partitions", TIMEOUT, || async {
+        let mut held = 0;
+        for d in [&a, &b] {
+            let (_, ready) = d.get("/readyz").await;
+            held += ready["partitions"].as_array().map_or(0, Vec::len);
+        }
+        (held == 16).then_some(())
+    })
+    .await;
+
+    let emitter = switchboard_sdk::nats::NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    // Each key is one conversation: its events are handled in order.
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..EVENTS {
+        let k = i % KEYS;
+        let e = event(
+            "acme",
+            "survey",
+            "replied",
+            &format!("k-{k}"),
+            json!({ "msisdn": msisdn(k), "n": i }),
+        );
+        emitter.emit(&e).await.expect("emitting");
+        ids.entry(msisdn(k)).or_default().push(e.id.to_string());
+    }
+
+    // Every run of the throttled and the bounded chain, and each key's
+    // debounced one, happen: nothing is dropped.
+    let sent = wait_until("every run", TIMEOUT, || async {
+        let sent = texts(&receiver).await;
+        let done = of_kind(&sent, "throttle").len() >= EVENTS
+            && of_kind(&sent, "end").len() >= EVENTS
+            && of_kind(&sent, "debounce").len() >= KEYS
+            && of_kind(&sent, "rate").len() >= KEYS * 3;
+        done.then_some(sent)
+    })
+    .await;
+    // Settled: nothing more comes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = texts(&receiver).await;
+    assert_eq!(again.len(), sent.len(), "more runs came after the last");
+    let owner = |id: &str| {
+        let a = &a;
+        let b = &b;
+        let id = id.to_string();
+        async move {
+            match a.trace("acme", &id).await {
+                Some(t) => t,
+                None => b.trace("acme", &id).await.expect("a trace on one replica"),
+            }
+        }
+    };
+
+    for (number, ids) in &ids {
+        let of = |kind: &str| -> Vec<&Text> {
+            of_kind(&sent, kind)
+                .into_iter()
+                .filter(|t| t.to == *number)
+                .collect()
+        };
+        // rate_limit: the first three of the key, and no other.
+        let rated: Vec<&str> = of("rate").iter().map(|t| t.id.as_str()).collect();
+        let mut expected: Vec<&str> = ids[..3].iter().map(String::as_str).collect();
+        let mut got = rated.clone();
+        got.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(got, expected, "rate-limited runs of {number}");
+
+        // debounce: one run, the key's last event.
+        let quiet: Vec<&str> = of("debounce").iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(
+            quiet,
+            [ids.last().expect("events").as_str()],
+            "debounced runs of {number}"
+        );
+
+        // throttle: every event once; no five turns within a second; none
+        // ran before its turn.
+        let paced = of("throttle");
+        assert_eq!(paced.len(), ids.len(), "throttled runs of {number}");
+        let mut turns = Vec::new();
+        for t in &paced {
+            let trace = owner(&t.id).await;
+            let flow = &chain(&trace, "paced")["flow"][0];
+            assert_eq!(flow["control"], "throttle", "{trace:#}");
+            assert_eq!(flow["result"], "passed", "{trace:#}");
+            let turn = ms_of(flow["at"].as_str().expect("its turn"));
+            assert!(
+                t.at_ms >= turn,
+                "a throttled run went {} ms before its turn",
+                turn - t.at_ms
+            );
+            turns.push(turn);
+        }
+        turns.sort_unstable();
+        for w in turns.windows(5) {
+            assert!(
+                w[4] - w[0] >= 1000,
+                "five turns of {number} within {} ms",
+                w[4] - w[0]
+            );
+        }
+
+        // concurrency: every run started and ended; never more than two
+        // between a start and its end.
+        let mut marks: Vec<(i64, i32)> = of("start")
+            .iter()
+            .map(|t| (t.at_ms, 1))
+            .chain(of("end").iter().map(|t| (t.at_ms, -1)))
+            .collect();
+        assert_eq!(of("start").len(), ids.len(), "bounded runs of {number}");
+        assert_eq!(of("end").len(), ids.len(), "bounded runs of {number}");
+        // At the same millisecond, an end frees its slot first.
+        marks.sort_unstable();
+        let (mut running, mut most) = (0, 0);
+        for (_, step) in marks {
+            running += step;
+            most = most.max(running);
+        }
+        assert!(most <= 2, "{most} runs of {number} at once");
+        assert_eq!(
+            most, 2,
+            "the limit was never reached: the test proves too little"
+        );
+    }
+
+    // A skipped and a superseded run say so in their traces.
+    let first = &ids[&msisdn(0)];
+    let skipped = owner(&first[5]).await;
+    let limited = chain(&skipped, "limited");
+    assert_eq!(limited["flow"][0]["result"], "skipped", "{skipped:#}");
+    assert_eq!(limited["steps"][0]["outcome"], "skipped", "{skipped:#}");
+    let quiet = chain(&skipped, "quiet");
+    assert_eq!(quiet["flow"][0]["result"], "superseded", "{skipped:#}");
+    assert!(quiet["flow"][0]["by"].is_string(), "{skipped:#}");
+
+    let replicas = [&a, &b];
+    let rate_skipped = (EVENTS - KEYS * 3) as u64;
+    assert_eq!(
+        flow_count(&replicas, "rate_limit", "skipped").await,
+        rate_skipped
+    );
+    assert_eq!(
+        flow_count(&replicas, "debounce", "superseded").await,
+        (EVENTS - KEYS) as u64
+    );
+    assert!(flow_count(&replicas, "throttle", "held").await > 0);
+    assert!(flow_count(&replicas, "concurrency", "held").await > 0);
+}
+
+/// Bad flow controls are refused at apply, naming the chain and the
+/// field; a key that renders empty files the event in dead letters.
+#[tokio::test]
+async fn bad_flow_controls_are_refused_at_apply_or_dead_lettered() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    let chain = |control: &str| {
+        format!(
+            "account_key = \"acme\"\n\n[[chains]]\nname = \"paced\"\nconversation_type = \"survey\"\n\
+             event_type = \"replied\"\n{control}\n\n[[chains.steps]]\nhandler = \"log\"\n"
+        )
+    };
+    for (control, expected) in [
+        (
+            r#"rate_limit = { key = "k", limit = 0, period = "1m" }"#,
+            "rate_limit.limit",
+        ),
+        (
+            r#"throttle = { key = "k", limit = 2, period = "0s" }"#,
+            "throttle.period",
+        ),
+        (
+            r#"concurrency = { key = "{{ event.nope }}", limit = 2 }"#,
+            "concurrency.key",
+        ),
+        (r#"debounce = { key = "", period = "1s" }"#, "debounce.key"),
+        (
+            "debounce = { key = \"k\", period = \"1s\" }\nthrottle = { key = \"k\", limit = 1, period = \"1s\" }",
+            "one of debounce, throttle and concurrency",
+        ),
+        (
+            r#"rate_limit = { key = "k", limit = 1, period = "1m", burst = 3 }"#,
+            "burst",
+        ),
+    ] {
+        let path = d.file("bad.toml", &chain(control));
+        let out = d
+            .cli(&["chains", "apply", path.to_str().expect("a UTF-8 path")])
+            .await;
+        let line = out.fails();
+        // A field the control does not take is the file's error, at its
+        // line; the others are the chain's.
+        let whose = if expected == "burst" {
+            "line 7"
+        } else {
+            "paced"
+        };
+        for part in [whose, expected] {
+            assert!(line.contains(part), "{control}: {line:?} lacks {part:?}");
+        }
+    }
+
+    d.apply_chains(
+        "acme.toml",
+        &chain(r#"rate_limit = { key = "{{ event.event_data.who }}", limit = 1, period = "1m" }"#),
+    )
+    .await;
+    let keyless = event("acme", "survey", "replied", "c-1", json!({ "who": " " }));
+    let id = d
+        .post_event(&serde_json::to_value(&keyless).expect("JSON"))
+        .await;
+    let letter = d
+        .wait_for_dead_letter("acme", "the empty key", |l| l["event"]["id"] == id.as_str())
+        .await;
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("rate_limit.key") && error.contains("empty"),
+        "{letter:#}"
+    );
+}
