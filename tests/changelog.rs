@@ -388,8 +388,20 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
         .and_then(|c| c.leader)
         .and_then(|name| name.strip_prefix('n')?.parse::<usize>().ok())
         .expect("a leader, named n{i}");
-    // The writer talks to a node that survives.
-    let log = Changelog::bind(node((leader + 1) % 3).await, 16, 3)
+    // The writer talks to a node that survives, once that node knows the
+    // stream: a stream just made on a cluster reaches the other servers a
+    // moment later, and a publish there before it does finds no stream.
+    let writer = node((leader + 1) % 3).await;
+    crate::util::wait_until(
+        "the stream's info from the writer's server",
+        Duration::from_secs(30),
+        || async {
+            let mut stream = writer.get_stream(STREAM).await.ok()?;
+            stream.info().await.ok().map(|_| ())
+        },
+    )
+    .await;
+    let log = Changelog::bind(writer, 16, 3)
         .await
         .expect("binding the changelog");
     let terms = [
