@@ -346,7 +346,7 @@ async fn bad_flow_controls_are_refused_at_apply_or_dead_lettered() {
         (r#"debounce = { key = "", period = "1s" }"#, "debounce.key"),
         (
             "debounce = { key = \"k\", period = \"1s\" }\nthrottle = { key = \"k\", limit = 1, period = \"1s\" }",
-            "one of debounce, throttle and concurrency",
+            "one of debounce, throttle, concurrency",
         ),
         (
             r#"rate_limit = { key = "k", limit = 1, period = "1m", burst = 3 }"#,

@@ -852,3 +852,79 @@ async fn scheduled_sends_go_at_their_time_unless_cancelled() {
     let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
     assert_eq!(timers["timers"], json!([]));
 }
+
+/// `order = "conversation"`: a later event of the conversation waits for
+/// the chain's paused run of an earlier one to end, then runs; an event of
+/// another conversation goes ahead at once.
+#[tokio::test]
+async fn with_order_conversation_a_later_event_waits_for_the_paused_run() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains(
+        "acme.toml",
+        &REMINDER
+            .replace(
+                "event_type = \"signed_up\"\n",
+                "event_type = \"signed_up\"\norder = \"conversation\"\n",
+            )
+            .replace(r#"duration = "2s""#, r#"duration = "4s""#)
+            .replace(
+                r#"body = "welcome""#,
+                r#"body = "welcome {{ event.event_data.n }}""#,
+            )
+            .replace(
+                r#"body = "reminder""#,
+                r#"body = "reminder {{ event.event_data.n }}""#,
+            ),
+    )
+    .await;
+    let post = |conversation: &str, n: u32| {
+        let e = event(
+            "acme",
+            "survey",
+            "signed_up",
+            conversation,
+            json!({ "msisdn": "+27820000009", "n": n }),
+        );
+        serde_json::to_value(&e).expect("JSON")
+    };
+    let first = d.post_event(&post("c-1", 1)).await;
+    d.wait_for_trace("acme", &first, TIMEOUT).await;
+    let second = d.post_event(&post("c-1", 2)).await;
+    let other = d.post_event(&post("c-2", 3)).await;
+
+    // The second waits for a slot, with no time to show; the other
+    // conversation's goes ahead.
+    let held = d.wait_for_trace("acme", &second, TIMEOUT).await;
+    assert_eq!(held["status"], "waiting", "{held:#}");
+    let flow = &held["chains"][0]["flow"][0];
+    assert_eq!(flow["control"], "concurrency", "{held:#}");
+    assert_eq!(flow["result"], "held", "{held:#}");
+    assert_eq!(flow["key"], "c-1", "{held:#}");
+    assert!(held["chains"][0].get("waiting_until").is_none(), "{held:#}");
+    d.wait_for_trace("acme", &other, TIMEOUT).await;
+    assert_eq!(sms_saying(&receiver, "welcome 3").await.len(), 1);
+    assert!(sms_saying(&receiver, "welcome 2").await.is_empty());
+
+    // Once the first run ends, the second runs, after it.
+    let at = |sent: Vec<Value>| sent[0]["at_ms"].as_i64().expect("at_ms");
+    let welcome = wait_until("the second's welcome", TIMEOUT, || async {
+        let sent = sms_saying(&receiver, "welcome 2").await;
+        (!sent.is_empty()).then_some(sent)
+    })
+    .await;
+    let reminded = sms_saying(&receiver, "reminder 1").await;
+    assert_eq!(
+        reminded.len(),
+        1,
+        "the first run ended before the second began"
+    );
+    assert!(at(welcome) >= at(reminded));
+    wait_until("the second's end", TIMEOUT, || async {
+        d.trace("acme", &second)
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    assert_eq!(sms_saying(&receiver, "reminder 2").await.len(), 1);
+}

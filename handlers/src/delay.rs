@@ -52,7 +52,7 @@ impl Handler for Delay {
         "Pauses the chain for a while (`duration`) or until a time (`until`), then goes on \
          with the next step. The pause is durable: it survives restarts and take-overs, and \
          the chain never goes on early. Other events of the conversation are not held \
-         behind it."
+         behind it unless the chain has `order = \"conversation\"`."
     }
 
     fn output(&self) -> &'static str {

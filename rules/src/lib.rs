@@ -16,7 +16,7 @@ pub use chain_store::{ChainChanges, ChainStore, ChainStoreError, ChainVersion};
 pub use matching::{AccountChains, Routing, WAIT_FOR_EVENT};
 pub use model::{
     ChainFile, ChainSpec, Concurrency, Control, DEFAULT_CHAIN, Debounce, EventMatch, Limit,
-    OnError, Pattern, RetrySpec, SAME_CONVERSATION, StepConfig, StepSpec, duration,
+    OnError, Order, Pattern, RetrySpec, SAME_CONVERSATION, StepConfig, StepSpec, duration,
 };
 pub use selection::{Conditions, Selected, select_chains};
 pub use validate::{

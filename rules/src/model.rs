@@ -63,7 +63,35 @@ pub struct ChainSpec {
     /// end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
+    /// Whether a later event of a conversation waits for this chain's run
+    /// of an earlier one to end (a paused run included).
+    #[serde(default, skip_serializing_if = "Order::is_independent")]
+    pub order: Order,
 }
+
+/// A chain's `order`: whether runs of a conversation's events wait for one
+/// another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// A later event's run goes ahead while an earlier one is paused (what
+    /// a pause waits for, a reply, usually comes as a later event of the
+    /// same conversation).
+    #[default]
+    Independent,
+    /// A later event's run waits for the earlier one's to end: one run per
+    /// conversation at once, in the order the events came.
+    Conversation,
+}
+
+impl Order {
+    fn is_independent(&self) -> bool {
+        *self == Order::Independent
+    }
+}
+
+/// The key of `order = "conversation"`.
+pub const CONVERSATION_KEY: &str = "{{ event.conversation_key }}";
 
 /// A chain's `debounce`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,7 +168,24 @@ impl ChainSpec {
             Control::RateLimit => self.rate_limit.as_ref().map(|l| l.key.as_str()),
             Control::Debounce => self.debounce.as_ref().map(|d| d.key.as_str()),
             Control::Throttle => self.throttle.as_ref().map(|l| l.key.as_str()),
-            Control::Concurrency => self.concurrency.as_ref().map(|c| c.key.as_str()),
+            Control::Concurrency => match (&self.concurrency, self.order) {
+                (Some(c), _) => Some(c.key.as_str()),
+                (None, Order::Conversation) => Some(CONVERSATION_KEY),
+                (None, Order::Independent) => None,
+            },
+        }
+    }
+
+    /// The chain's `concurrency`, or, with `order = "conversation"`, one
+    /// run per conversation at once.
+    pub fn concurrency_rule(&self) -> Option<Concurrency> {
+        match (&self.concurrency, self.order) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Order::Conversation) => Some(Concurrency {
+                key: CONVERSATION_KEY.to_string(),
+                limit: 1,
+            }),
+            (None, Order::Independent) => None,
         }
     }
 

@@ -362,7 +362,7 @@ fn check_flow(
                 .as_ref()
                 .map(|l| (Some(l.limit), Some(l.period))),
             Control::Debounce => chain.debounce.as_ref().map(|d| (None, Some(d.period))),
-            Control::Concurrency => chain.concurrency.as_ref().map(|c| (Some(c.limit), None)),
+            Control::Concurrency => chain.concurrency_rule().map(|c| (Some(c.limit), None)),
         }
         .unwrap_or((None, None));
         if limit == Some(0) {
@@ -380,18 +380,27 @@ fn check_flow(
             ));
         }
     }
-    let holding: Vec<&str> = chain
-        .controls()
-        .filter(|c| *c != Control::RateLimit)
-        .map(Control::as_str)
-        .collect();
+    let mut holding: Vec<&str> = [
+        (chain.debounce.is_some(), "debounce"),
+        (chain.throttle.is_some(), "throttle"),
+        (chain.concurrency.is_some(), "concurrency"),
+        (
+            chain.order == crate::model::Order::Conversation,
+            "order = \"conversation\"",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(has, name)| has.then_some(name))
+    .collect();
+    holding.dedup();
     if holding.len() > 1 {
         problems.push(chain_problem(
             label,
-            holding[1],
+            holding[1].split(' ').next().unwrap_or("order"),
             format!(
-                "a chain takes one of debounce, throttle and concurrency (this one has {}); \
-                 a rate_limit may go with any of them",
+                "a chain takes one of debounce, throttle, concurrency and order = \
+                 \"conversation\" (which is a concurrency of one per conversation; this one \
+                 has {}); a rate_limit may go with any of them",
                 holding.join(" and ")
             ),
         ));

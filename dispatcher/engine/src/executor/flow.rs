@@ -254,7 +254,7 @@ impl Executor {
                 )
             }
             Control::Concurrency => {
-                let rule = chain.concurrency.as_ref().expect("the chain's concurrency");
+                let rule = chain.concurrency_rule().expect("the chain's concurrency");
                 if state.holders.contains(&id) {
                     (FlowResult::Passed, now)
                 } else if state.holders.len() < rule.limit as usize {
@@ -435,7 +435,7 @@ impl Executor {
         chain: &ChainSpec,
         pass: &Pass,
     ) -> Result<(), Interrupted> {
-        let Some(rule) = &chain.concurrency else {
+        let Some(rule) = chain.concurrency_rule() else {
             return Ok(());
         };
         let Some(record) = pass.journal.chain(&chain.name) else {
