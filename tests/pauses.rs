@@ -928,3 +928,86 @@ async fn with_order_conversation_a_later_event_waits_for_the_paused_run() {
     .await;
     assert_eq!(sms_saying(&receiver, "reminder 2").await.len(), 1);
 }
+
+/// A run under way follows its chain by name: a paused run goes on after
+/// its chain's match was edited so the event no longer matches it; a
+/// paused run whose chain was removed stops there (`removed`), and a
+/// scheduled send's messages are cancelled with it.
+#[tokio::test]
+async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    let reminder = REMINDER.replace(r#"duration = "2s""#, r#"duration = "3s""#);
+    let at = switchboard_sdk::format_rfc3339(
+        time::OffsetDateTime::now_utc() + time::Duration::seconds(5),
+    );
+    d.apply_chains(
+        "acme.toml",
+        &format!("{reminder}\n{}", chains_of(SCHEDULED)),
+    )
+    .await;
+    let signed_up = event(
+        "acme",
+        "survey",
+        "signed_up",
+        "c-1",
+        json!({ "msisdn": "+27820000011" }),
+    );
+    let booked = event(
+        "acme",
+        "survey",
+        "booked",
+        "c-2",
+        json!({ "msisdn": "+27820000012", "at": at }),
+    );
+    let paused = d
+        .post_event(&serde_json::to_value(&signed_up).expect("JSON"))
+        .await;
+    let scheduled = d
+        .post_event(&serde_json::to_value(&booked).expect("JSON"))
+        .await;
+    for id in [&paused, &scheduled] {
+        let trace = d.wait_for_trace("acme", id, TIMEOUT).await;
+        assert_eq!(trace["status"], "waiting", "{trace:#}");
+    }
+
+    // The reminder chain now matches another event type; the booking
+    // chain is gone.
+    d.apply_chains(
+        "acme.toml",
+        &reminder.replace(
+            "event_type = \"signed_up\"\n",
+            "event_type = \"registered\"\n",
+        ),
+    )
+    .await;
+    let trace = wait_until("the edited chain's run going on", TIMEOUT, || async {
+        d.trace("acme", &paused)
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["steps"][2]["outcome"], "ok", "{trace:#}");
+    assert_eq!(sms_saying(&receiver, "reminder").await.len(), 1);
+
+    // The removed chain's run stops when its timer brings it back.
+    let trace = wait_until("the removed chain's run stopping", TIMEOUT, || async {
+        d.trace("acme", &scheduled)
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "cancelled", "{trace:#}");
+    let listed = d.cli(&["messages", "list", "acme", "--json"]).await.json();
+    let message = listed["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["recipient"] == "+27820000012"))
+        .unwrap_or_else(|| panic!("the scheduled message in {listed:#}"));
+    assert_eq!(message["status"], "cancelled", "{message:#}");
+    assert!(sms_saying(&receiver, "see you").await.is_empty());
+}
+
+/// The `[[chains]]` of a chain file, without its account line.
+fn chains_of(file: &str) -> String {
+    file.replace("account_key = \"acme\"\n", "")
+}

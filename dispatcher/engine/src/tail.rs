@@ -71,6 +71,7 @@ pub(crate) fn row(
                 (Some(ChainEnd::Discarded), _, _) => ("discarded", None),
                 (Some(ChainEnd::Expired { step }), _, _) => ("expired", Some(step.clone())),
                 (Some(ChainEnd::Cancelled { .. }), _, _) => ("cancelled", None),
+                (Some(ChainEnd::Removed), _, _) => ("removed", None),
                 (Some(ChainEnd::Limited { control }), _, _) => {
                     (crate::executor::ended_as(*control), None)
                 }

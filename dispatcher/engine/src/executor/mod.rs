@@ -316,13 +316,17 @@ impl Executor {
         self.reach_paused(event, &account_chains, &pass).await?;
         let event_value = EventValue::new(event);
         let runtime = self.registry.runtime();
-        let selected = runtime.run_sandboxed(|| {
+        let mut selected = runtime.run_sandboxed(|| {
             select_chains(
                 &account_chains,
                 event,
                 &mut EventConditions::new(runtime, event, &event_value),
             )
         });
+        let stopped = self.runs_under_way(event, &account_chains, &mut selected, &mut pass)?;
+        if selected.is_empty() && stopped {
+            return self.finish(event, pass, TraceStatus::Cancelled);
+        }
         if selected.is_empty() {
             return self.unrouted(
                 pass,
@@ -424,6 +428,61 @@ impl Executor {
         Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
     }
 
+    /// Runs of `event` under way (paused, or a step waiting to be tried
+    /// again) go on under their chain by name, matched or not: the chain
+    /// was selected when they began, and an edit since (a changed match or
+    /// condition) must not strand them. A run whose chain was removed
+    /// stops (`removed`), giving back what a paused step held (a scheduled
+    /// send's messages). Returns whether one stopped.
+    fn runs_under_way<'a>(
+        &self,
+        event: &VumiApiEvent,
+        chains: &'a AccountChains,
+        selected: &mut Vec<Selected<'a>>,
+        pass: &mut Pass,
+    ) -> Result<bool, Interrupted> {
+        let under_way: Vec<String> = pass
+            .journal
+            .chains
+            .iter()
+            .filter(|c| c.end.is_none() && (c.ran() || c.waiting.is_some()))
+            .filter(|c| !selected.iter().any(|s| s.chain().name == c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let mut stopped = false;
+        for name in under_way {
+            if let Some(chain) = chains.chains().iter().find(|c| c.name == name) {
+                selected.push(Selected::Run(chain));
+                continue;
+            }
+            let Some(record) = pass.journal.chain(&name) else {
+                continue;
+            };
+            let version = record.version;
+            if record.waiting_again
+                && let Some(last) = record.steps.last()
+                && let Some(handler) = self.registry.get(&last.trace.handler)
+            {
+                let output = last.trace.output.clone().unwrap_or_default();
+                handler.cancel_paused(
+                    &event.account_key,
+                    &output,
+                    "its chain was removed from the account",
+                )?;
+            }
+            tracing::info!(account = %event.account_key, event_id = %event.id, chain = name,
+                "the chain of a run under way was removed: the run stops");
+            pass.record(Entry::End {
+                chain: name,
+                version,
+                end: Box::new(ChainEnd::Removed),
+                unrun: Vec::new(),
+            });
+            stopped = true;
+        }
+        Ok(stopped)
+    }
+
     fn unrouted(
         &self,
         pass: Pass,
@@ -514,7 +573,8 @@ impl Executor {
                 | ChainEnd::Discarded
                 | ChainEnd::Expired { .. }
                 | ChainEnd::Cancelled { .. }
-                | ChainEnd::Limited { .. },
+                | ChainEnd::Limited { .. }
+                | ChainEnd::Removed,
             ) => {
                 return Ok(ChainRun::Over);
             }

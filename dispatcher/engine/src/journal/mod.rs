@@ -245,6 +245,9 @@ pub enum ChainEnd {
         /// The step it did not run.
         step: String,
     },
+    /// Its chain was removed from the account while the run was under way
+    /// (paused, or a step waiting to be tried again): it stopped there.
+    Removed,
     /// Its flow control ended it before its first step: a `rate_limit`
     /// skipped it, or a later event superseded it (`debounce`).
     Limited {
