@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod chains_cli;
 mod changelog;
+mod cloudevents;
 mod cluster;
 mod console;
 mod crash;

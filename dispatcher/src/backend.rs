@@ -112,7 +112,8 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         config.bus.stream_replicas,
         config.bus.replicated,
     )
-    .await?;
+    .await?
+    .publishing_cloudevents(config.bus.publish_cloudevents);
     let commands = NatsCommands::new(bus.client().clone(), prefix, config.bus.stream_replicas)
         .await
         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;

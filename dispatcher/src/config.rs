@@ -157,6 +157,11 @@ pub struct BusConfig {
     /// JetStream key-value bucket `switchboard` (with `stream_replicas`
     /// copies), instead of keeping it in this process's data directory.
     pub replicated: bool,
+    /// NATS only: publish events (ingested and emitted) as binary-mode
+    /// CloudEvents (`ce-` headers, the event's data as the payload) for
+    /// consumers of the stream that read CloudEvents; the dispatcher reads
+    /// both forms.
+    pub publish_cloudevents: bool,
 }
 
 impl Default for BusConfig {
@@ -167,6 +172,7 @@ impl Default for BusConfig {
             ack_wait_secs: switchboard_bus::nats::DEFAULT_ACK_WAIT.as_secs(),
             stream_replicas: 1,
             replicated: false,
+            publish_cloudevents: false,
         }
     }
 }
@@ -387,6 +393,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "bus.replicated: replicas share state through NATS JetStream, but no NATS URL is \
                  configured (set bus.nats_url or --nats)"
+                    .into(),
+            ));
+        }
+        if self.bus.publish_cloudevents && self.bus.nats_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "bus.publish_cloudevents: CloudEvents are published for consumers of the NATS \
+                 stream, but no NATS URL is configured (set bus.nats_url or --nats)"
                     .into(),
             ));
         }

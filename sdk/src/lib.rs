@@ -20,6 +20,7 @@
 //! # Ok::<(), switchboard_sdk::KeyError>(())
 //! ```
 
+pub mod cloudevents;
 mod event;
 mod keys;
 

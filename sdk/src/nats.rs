@@ -196,6 +196,7 @@ pub struct NatsEmitter {
     prefix: String,
     max_bytes: usize,
     attempts: u32,
+    cloudevents: bool,
 }
 
 impl NatsEmitter {
@@ -220,7 +221,16 @@ impl NatsEmitter {
             prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
             max_bytes: crate::DEFAULT_MAX_EVENT_BYTES,
             attempts: DEFAULT_PUBLISH_ATTEMPTS,
+            cloudevents: false,
         }
+    }
+
+    /// Publishes events as binary-mode CloudEvents (`ce-` headers, the
+    /// event's data as the payload; see [`crate::cloudevents`]) when `yes`,
+    /// instead of the event envelope. A dispatcher reads both.
+    pub fn with_cloudevents(mut self, yes: bool) -> Self {
+        self.cloudevents = yes;
+        self
     }
 
     /// Uses `prefix` instead of `vumi` as the first subject segment.
@@ -268,7 +278,17 @@ impl NatsEmitter {
         event: &VumiApiEvent,
         dedup_id: &str,
     ) -> Result<Emitted, EmitError> {
-        let payload = bytes::Bytes::from(event.encode(self.max_bytes)?);
+        let encoded = event.encode(self.max_bytes)?;
+        let (headers, payload) = if self.cloudevents {
+            let (attributes, data) = crate::cloudevents::to_binary(event);
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, value) in attributes {
+                headers.insert(name.as_str(), value.as_str());
+            }
+            (Some(headers), bytes::Bytes::from(data))
+        } else {
+            (None, bytes::Bytes::from(encoded))
+        };
         let subject = event.subject(&self.prefix);
         let id = dedup_id.to_string();
         let mut last = String::new();
@@ -276,9 +296,16 @@ impl NatsEmitter {
             if attempt > 1 {
                 tokio::time::sleep(crate::publish_backoff(attempt - 1)).await;
             }
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(id.as_str());
+            if let Some(headers) = &headers {
+                for (name, values) in headers.iter() {
+                    for value in values {
+                        publish = publish.header(name.clone(), value.clone());
+                    }
+                }
+            }
             match self.js.send_publish(subject.clone(), publish).await {
                 Ok(ack) => match ack.await {
                     Ok(ack) => {

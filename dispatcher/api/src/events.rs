@@ -18,6 +18,14 @@ pub struct Accepted {
     pub duplicate: bool,
 }
 
+/// The answer of `POST /v1/events` with a batch of CloudEvents (202):
+/// every event is on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedBatch {
+    /// Each event's acceptance, in the batch's order.
+    pub accepted: Vec<Accepted>,
+}
+
 /// The answer of `GET /v1/accounts/{account}/events/{id}/trace`: a
 /// `switchboard_engine::trace::Trace` (the event, its status, the chains and
 /// steps that ran, its parent and children), kept as JSON here because that

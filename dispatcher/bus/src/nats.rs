@@ -562,6 +562,12 @@ impl NatsBus {
         }
     }
 
+    /// Publishes events as binary-mode CloudEvents when `yes`.
+    pub fn publishing_cloudevents(mut self, yes: bool) -> Self {
+        self.emitter = self.emitter.with_cloudevents(yes);
+        self
+    }
+
     /// The client, for publishing commands and dead letters.
     pub fn client(&self) -> &async_nats::Client {
         &self.client

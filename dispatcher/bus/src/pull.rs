@@ -216,6 +216,23 @@ fn delivery_of(
         .as_ref()
         .and_then(|h| h.get_last("Nats-Pin-Id"))
         .map(|v| v.as_str().to_string());
+    // A binary-mode CloudEvent's attributes (and its data's type).
+    let headers: Vec<(String, String)> = message
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .filter(|(name, _)| {
+                    let name: &str = name.as_ref();
+                    name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
+                        || name.eq_ignore_ascii_case("content-type")
+                })
+                .filter_map(|(name, values)| {
+                    Some((name.to_string(), values.first()?.as_str().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let subject = strip_partition(prefix, &message.subject).to_string();
     let account = crate::account_of(prefix, &subject);
     let delivery = Delivery::new(
@@ -228,7 +245,8 @@ fn delivery_of(
             message: Box::new(message),
             _in_flight: in_flight.map(InFlight::new),
         }),
-    );
+    )
+    .with_headers(headers);
     Some((delivery, pin, delivery_seq))
 }
 

@@ -128,6 +128,9 @@ pub struct Delivery {
     pub attempt: u32,
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
+    /// Its CloudEvents headers (`ce-` attributes and `content-type`), if
+    /// it was published as a binary-mode CloudEvent.
+    pub headers: Vec<(String, String)>,
     settle: Box<dyn Settle>,
 }
 
@@ -147,8 +150,15 @@ impl Delivery {
             payload,
             attempt,
             seq,
+            headers: Vec::new(),
             settle,
         }
+    }
+
+    /// The same delivery, with the CloudEvents headers it came with.
+    pub fn with_headers(mut self, headers: Vec<(String, String)>) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Done with: never deliver again.

@@ -1,8 +1,41 @@
 //! From a delivery's bytes to an event, or to the reason it is poison.
 
-use switchboard_sdk::VumiApiEvent;
+use switchboard_sdk::{AccountKey, VumiApiEvent, cloudevents};
 
 use crate::dead_letters::{DeadLetter, DeadReason, UNKNOWN_ACCOUNT};
+
+/// A payload as an event: the envelope, or a CloudEvent in binary mode
+/// (`ce-` headers) or structured mode (`content-type:
+/// application/cloudevents+json`), for the account its subject names.
+fn read(
+    payload: &[u8],
+    headers: &[(String, String)],
+    account: Option<&str>,
+    max_bytes: usize,
+) -> Result<VumiApiEvent, String> {
+    let structured = headers.iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case("content-type")
+            && value.split(';').next().map(str::trim) == Some(cloudevents::STRUCTURED)
+    });
+    if !cloudevents::is_binary(headers) && !structured {
+        return VumiApiEvent::decode(payload, max_bytes).map_err(|e| e.to_string());
+    }
+    if payload.len() > max_bytes {
+        return Err(format!(
+            "CloudEvent is {} bytes, over the limit of {max_bytes} bytes",
+            payload.len()
+        ));
+    }
+    let account = account.and_then(|a| AccountKey::new(a).ok());
+    let event = if structured {
+        let value = serde_json::from_slice(payload)
+            .map_err(|e| format!("structured CloudEvent is not valid JSON: {e}"))?;
+        cloudevents::from_structured(value, account.as_ref())
+    } else {
+        cloudevents::from_binary(headers, payload, account.as_ref())
+    };
+    event.map_err(|e| e.to_string())
+}
 
 /// How much of a poison payload its dead letter keeps.
 const PAYLOAD_KEPT: usize = 64 * 1024;
@@ -15,24 +48,22 @@ const PAYLOAD_KEPT: usize = 64 * 1024;
 pub(super) fn decode(
     subject: &str,
     account: Option<&str>,
-    payload: &[u8],
+    (payload, headers): (&[u8], &[(String, String)]),
     prefix: &str,
     max_bytes: usize,
 ) -> Result<VumiApiEvent, Box<DeadLetter>> {
-    let result = VumiApiEvent::decode(payload, max_bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|event| {
-            let expected = event.subject(prefix);
-            if expected == subject {
-                Ok(event)
-            } else {
-                Err(format!(
-                    "event {} was published on {subject}, but its account, conversation_type and \
-                     event_type give the subject {expected}",
-                    event.id
-                ))
-            }
-        });
+    let result = read(payload, headers, account, max_bytes).and_then(|event| {
+        let expected = event.subject(prefix);
+        if expected == subject {
+            Ok(event)
+        } else {
+            Err(format!(
+                "event {} was published on {subject}, but its account, conversation_type and \
+                 event_type give the subject {expected}",
+                event.id
+            ))
+        }
+    });
     result.map_err(|error| {
         let account = account.unwrap_or(UNKNOWN_ACCOUNT);
         let mut letter = DeadLetter::new(account, DeadReason::Poison, error);

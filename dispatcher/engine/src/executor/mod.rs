@@ -190,7 +190,7 @@ impl Executor {
         match decode::decode(
             subject,
             delivery.account.as_deref(),
-            &delivery.payload,
+            (&delivery.payload, &delivery.headers),
             &self.prefix,
             self.limits.max_event_bytes,
         ) {

@@ -2,58 +2,166 @@
 //! event an account has had.
 
 use super::*;
+use switchboard_sdk::cloudevents;
 
+/// How `POST /v1/events` reads its body, by its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ingest {
+    /// The event envelope (`application/json`, or no type).
+    Envelope,
+    /// One structured-mode CloudEvent.
+    CloudEvent,
+    /// A batch of structured-mode CloudEvents.
+    CloudEvents,
+}
+
+impl Ingest {
+    fn of(headers: &HeaderMap) -> Self {
+        let media = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        match media.as_str() {
+            cloudevents::STRUCTURED => Ingest::CloudEvent,
+            cloudevents::BATCH => Ingest::CloudEvents,
+            _ => Ingest::Envelope,
+        }
+    }
+}
+
+/// The events of a body, as `kind` says to read it, for `principal`.
+fn events_of(
+    body: &[u8],
+    kind: Ingest,
+    principal: &Principal,
+    max_event_bytes: usize,
+) -> Result<Vec<VumiApiEvent>, ApiError> {
+    let account = match principal {
+        Principal::Account(own) => Some(own),
+        Principal::Admin => None,
+    };
+    let invalid = |e: cloudevents::CloudEventError| {
+        ApiError::bad_request("invalid_cloudevent", e.to_string())
+    };
+    let json = || {
+        serde_json::from_slice::<serde_json::Value>(body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}"))
+        })
+    };
+    let events = match kind {
+        Ingest::Envelope => {
+            let event = VumiApiEvent::decode_with_defaults(body, max_event_bytes)
+                .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+            return Ok(vec![event]);
+        }
+        Ingest::CloudEvent => {
+            vec![cloudevents::from_structured(json()?, account).map_err(invalid)?]
+        }
+        Ingest::CloudEvents => {
+            let serde_json::Value::Array(items) = json()? else {
+                return Err(ApiError::bad_request(
+                    "invalid_cloudevent",
+                    format!(
+                        "a {} body is a JSON array of CloudEvents",
+                        cloudevents::BATCH
+                    ),
+                ));
+            };
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    cloudevents::from_structured(item, account).map_err(|e| {
+                        ApiError::bad_request(
+                            "invalid_cloudevent",
+                            format!("CloudEvent [{i}]: {e}"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    for event in &events {
+        event
+            .encode(max_event_bytes)
+            .map_err(|e| ApiError::bad_request(e.code(), format!("event {}: {e}", event.id)))?;
+    }
+    Ok(events)
+}
+
+/// `POST /v1/events`: an event envelope, a structured-mode CloudEvent
+/// (`application/cloudevents+json`) or a batch of them
+/// (`application/cloudevents-batch+json`, answered with every event's
+/// acceptance). A batch is checked whole before any of it is published.
 pub(super) async fn ingest(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult {
-    let event = VumiApiEvent::decode_with_defaults(&body, s.max_event_bytes)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
-    if let Principal::Account(own) = &principal
-        && own != &event.account_key
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "this token belongs to account {own}; it cannot publish events of account {}",
-                event.account_key
-            ),
-        ));
+    let kind = Ingest::of(&headers);
+    let events = events_of(&body, kind, &principal, s.max_event_bytes)?;
+    for event in &events {
+        if let Principal::Account(own) = &principal
+            && own != &event.account_key
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "this token belongs to account {own}; it cannot publish events of account {}",
+                    event.account_key
+                ),
+            ));
+        }
     }
-    if let Err(wait) = s.ingest_limit.take(event.account_key.as_str()) {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "account {} is over its ingest rate (limits.ingest_rate); retry in {secs} s",
-                event.account_key
-            ),
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        return Ok(response);
-    }
-    let published = s.bus.publish(&event).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            e.to_string(),
-        )
-    })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
+    let mut accepted = Vec::with_capacity(events.len());
+    for event in &events {
+        if let Err(wait) = s.ingest_limit.take(event.account_key.as_str()) {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let done = if accepted.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} of the batch were accepted first)", accepted.len())
+            };
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "account {} is over its ingest rate (limits.ingest_rate); retry in {secs} s{done}",
+                    event.account_key
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            return Ok(response);
+        }
+        let published = s.bus.publish(event).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            )
+        })?;
+        accepted.push(Accepted {
             id: event.id,
             subject: event.subject(&s.prefix),
             duplicate: published.duplicate,
-        }),
-    )
-        .into_response())
+        });
+    }
+    if kind == Ingest::CloudEvents {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(switchboard_api::events::AcceptedBatch { accepted }),
+        )
+            .into_response());
+    }
+    let one = accepted.pop().expect("one event was accepted");
+    Ok((StatusCode::ACCEPTED, Json(one)).into_response())
 }
 
 /// Accounts that have chains; for an account token, only its own.
