@@ -179,7 +179,8 @@ async fn flow_controls_hold_per_key_with_replicas() {
     let emitter = switchboard_sdk::nats::NatsEmitter::connect(nats.url())
         .await
         .expect("a NATS connection");
-    // Each key is one conversation: its events are handled in order.
+    // Each event is a conversation of its own: events of a key are handled
+    // by different workers at once, and meet only in the key's state.
     let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for i in 0..EVENTS {
         let k = i % KEYS;
@@ -187,7 +188,7 @@ async fn flow_controls_hold_per_key_with_replicas() {
             "acme",
             "survey",
             "replied",
-            &format!("k-{k}"),
+            &format!("c-{i}"),
             json!({ "msisdn": msisdn(k), "n": i }),
         );
         emitter.emit(&e).await.expect("emitting");
@@ -228,21 +229,21 @@ async fn flow_controls_hold_per_key_with_replicas() {
                 .filter(|t| t.to == *number)
                 .collect()
         };
-        // rate_limit: the first three of the key, and no other.
+        // rate_limit: three runs of the key, each of its events.
         let rated: Vec<&str> = of("rate").iter().map(|t| t.id.as_str()).collect();
-        let mut expected: Vec<&str> = ids[..3].iter().map(String::as_str).collect();
-        let mut got = rated.clone();
-        got.sort_unstable();
-        expected.sort_unstable();
-        assert_eq!(got, expected, "rate-limited runs of {number}");
+        assert_eq!(rated.len(), 3, "rate-limited runs of {number}: {rated:?}");
+        assert!(rated.iter().all(|id| ids.iter().any(|i| i == id)));
 
-        // debounce: one run, the key's last event.
+        // debounce: one run, the event of the key handled last; every other
+        // one superseded by it.
         let quiet: Vec<&str> = of("debounce").iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(
-            quiet,
-            [ids.last().expect("events").as_str()],
-            "debounced runs of {number}"
-        );
+        assert_eq!(quiet.len(), 1, "debounced runs of {number}: {quiet:?}");
+        let last = quiet[0];
+        let other = ids.iter().find(|id| *id != last).expect("another event");
+        let superseded = owner(other).await;
+        let flow = &chain(&superseded, "quiet")["flow"][0];
+        assert_eq!(flow["result"], "superseded", "{superseded:#}");
+        assert_eq!(flow["by"], last, "{superseded:#}");
 
         // throttle: every event once; no five turns within a second; none
         // ran before its turn.
@@ -294,15 +295,19 @@ async fn flow_controls_hold_per_key_with_replicas() {
         );
     }
 
-    // A skipped and a superseded run say so in their traces.
-    let first = &ids[&msisdn(0)];
-    let skipped = owner(&first[5]).await;
+    // A skipped run says so in its trace.
+    let rated: Vec<String> = of_kind(&sent, "rate")
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    let skipped_id = ids[&msisdn(0)]
+        .iter()
+        .find(|id| !rated.contains(id))
+        .expect("a skipped event");
+    let skipped = owner(skipped_id).await;
     let limited = chain(&skipped, "limited");
     assert_eq!(limited["flow"][0]["result"], "skipped", "{skipped:#}");
     assert_eq!(limited["steps"][0]["outcome"], "skipped", "{skipped:#}");
-    let quiet = chain(&skipped, "quiet");
-    assert_eq!(quiet["flow"][0]["result"], "superseded", "{skipped:#}");
-    assert!(quiet["flow"][0]["by"].is_string(), "{skipped:#}");
 
     let replicas = [&a, &b];
     let rate_skipped = (EVENTS - KEYS * 3) as u64;
@@ -352,6 +357,10 @@ async fn bad_flow_controls_are_refused_at_apply_or_dead_lettered() {
             r#"rate_limit = { key = "k", limit = 1, period = "1m", burst = 3 }"#,
             "burst",
         ),
+        (
+            "order = \"conversation\"\n\n[[chains.steps]]\nhandler = \"digest\"\nconfig = { key = \"k\", window = \"1m\" }",
+            "a chain with a digest takes no concurrency",
+        ),
     ] {
         let path = d.file("bad.toml", &chain(control));
         let out = d
@@ -387,4 +396,72 @@ async fn bad_flow_controls_are_refused_at_apply_or_dead_lettered() {
         error.contains("rate_limit.key") && error.contains("empty"),
         "{letter:#}"
     );
+}
+
+/// A run waiting for a `concurrency` slot whose event expires meanwhile
+/// ends `expired` when its turn comes and gives the slot on: the runs
+/// after it are not held up for good.
+#[tokio::test]
+async fn an_expired_waiting_run_gives_its_slot_on() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "one-at-a-time"
+conversation_type = "survey"
+event_type = "replied"
+order = "conversation"
+
+[[chains.steps]]
+name = "start"
+handler = "send_sms"
+config = { provider = "gateway", to = "+27821000001", body = "start {{ event.id }}" }
+
+[[chains.steps]]
+handler = "delay"
+config = { duration = "2s" }
+"#,
+    )
+    .await;
+    let post = |expires: Option<String>| {
+        let mut e = event("acme", "survey", "replied", "c-1", json!({}));
+        e.expires_at = expires.map(|t| {
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                .expect("a time")
+        });
+        serde_json::to_value(&e).expect("JSON")
+    };
+    let first = d.post_event(&post(None)).await;
+    d.wait_for_trace("acme", &first, TIMEOUT).await;
+    let soon = switchboard_sdk::format_rfc3339(
+        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(800),
+    );
+    let expiring = d.post_event(&post(Some(soon))).await;
+    let last = d.post_event(&post(None)).await;
+    let done = |id: String| {
+        let d = &d;
+        async move {
+            wait_until("a run's end", TIMEOUT, || async {
+                d.trace("acme", &id)
+                    .await
+                    .filter(|t| t["status"] != "waiting" && t["status"] != "running")
+            })
+            .await
+        }
+    };
+    assert_eq!(done(first).await["status"], "done");
+    let trace = done(expiring.clone()).await;
+    assert_eq!(trace["status"], "expired", "{trace:#}");
+    let trace = done(last.clone()).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let started: Vec<Text> = of_kind(&texts(&receiver).await, "start")
+        .into_iter()
+        .cloned()
+        .collect();
+    assert!(started.iter().any(|t| t.id == last), "{started:?}");
+    assert!(!started.iter().any(|t| t.id == expiring), "{started:?}");
 }

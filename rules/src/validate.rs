@@ -345,7 +345,8 @@ fn check_flow(
             problems.push(chain_problem(
                 label,
                 &format!("{name}.key"),
-                "an empty key; write a template over `event` (e.g.                  \"{{ event.event_data.msisdn }}\"), or a fixed text for one key for all"
+                "an empty key; write a template over `event` (e.g. \"{{ event.event_data.msisdn }}\"), \
+                 or a fixed text for one key for all"
                     .into(),
             ));
         }
@@ -393,6 +394,21 @@ fn check_flow(
     .filter_map(|(has, name)| has.then_some(name))
     .collect();
     holding.dedup();
+    if chain.concurrency_rule().is_some() && chain.steps.iter().any(|s| s.handler == "digest") {
+        let field = if chain.concurrency.is_some() {
+            "concurrency"
+        } else {
+            "order"
+        };
+        problems.push(chain_problem(
+            label,
+            field,
+            "a digest step keeps its window's first run going until the window closes, so the \
+             events that would join it would wait behind it for good: a chain with a digest \
+             takes no concurrency or order = \"conversation\""
+                .into(),
+        ));
+    }
     if holding.len() > 1 {
         problems.push(chain_problem(
             label,

@@ -82,9 +82,11 @@ pub fn from_binary(
     for (name, value) in headers {
         let name = name.to_ascii_lowercase();
         if let Some(attribute) = name.strip_prefix(HEADER_PREFIX) {
-            attributes.insert(attribute.to_string(), Value::String(value.clone()));
+            attributes.insert(attribute.to_string(), Value::String(percent_decoded(value)));
         } else if name == "content-type" {
-            attributes.insert("datacontenttype".into(), Value::String(value.clone()));
+            attributes
+                .entry("datacontenttype")
+                .or_insert_with(|| Value::String(value.clone()));
         }
     }
     let data = if payload.iter().all(u8::is_ascii_whitespace) {
@@ -98,6 +100,46 @@ pub fn from_binary(
         })?)
     };
     from_attributes(&attributes, data, account)
+}
+
+/// A header value with its `%XX` escapes decoded (as the bindings escape
+/// what a header cannot carry); one that does not decode to UTF-8 is kept
+/// as it came.
+fn percent_decoded(value: &str) -> String {
+    if !value.contains('%') {
+        return value.to_string();
+    }
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| value.to_string())
+}
+
+/// Whether a JSON payload that is no event envelope is a structured-mode
+/// CloudEvent (one published without headers).
+pub fn looks_structured(payload: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        specversion: Option<Value>,
+        v: Option<Value>,
+    }
+    serde_json::from_slice::<Probe>(payload).is_ok_and(|p| p.specversion.is_some() && p.v.is_none())
 }
 
 /// Whether binary-mode `headers` carry a CloudEvent.
@@ -121,6 +163,10 @@ pub fn to_binary(event: &VumiApiEvent) -> (Vec<(String, String)>, Vec<u8>) {
         ("ce-subject".to_string(), event.conversation_key.to_string()),
         ("ce-time".to_string(), format_rfc3339(event.occurred_at)),
         ("ce-account".to_string(), event.account_key.to_string()),
+        (
+            "ce-datacontenttype".to_string(),
+            "application/json".to_string(),
+        ),
         ("content-type".to_string(), "application/json".to_string()),
     ];
     if let Some(expires) = event.expires_at {
@@ -165,6 +211,7 @@ fn time_of(
     text(attributes, name)?
         .map(|s| {
             OffsetDateTime::parse(s, &Rfc3339)
+                .map(|t| t.to_offset(time::UtcOffset::UTC))
                 .map_err(|e| error(name, format!("{s:?} is not an RFC 3339 time: {e}")))
         })
         .transpose()
@@ -433,5 +480,30 @@ mod tests {
         let headers = vec![("ce-specversion".to_string(), "1.0".to_string())];
         let e = from_binary(&headers, b"not json", Some(&acme())).unwrap_err();
         assert_eq!(e.attribute, "data", "{e}");
+    }
+
+    #[test]
+    fn times_with_an_offset_and_escaped_headers_are_read() {
+        let mut v = signed_up();
+        v["time"] = json!("2026-12-03T12:00:00+02:00");
+        let e = from_structured(v, Some(&acme())).unwrap();
+        assert_eq!(format_rfc3339(e.occurred_at), "2026-12-03T10:00:00Z");
+        let headers: Vec<(String, String)> = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "A234-1234-1234"),
+            ("ce-source", "%2Fapps%2Fsurvey"),
+            ("CE-Type", "com.example.survey.signed_up"),
+            ("ce-subject", "poll-2026"),
+            ("ce-time", "2026-12-03T10:00:00Z"),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        let binary =
+            from_binary(&headers, br#"{"msisdn": "+27820000001"}"#, Some(&acme())).unwrap();
+        let structured = from_structured(signed_up(), Some(&acme())).unwrap();
+        assert_eq!(binary, structured);
+        assert!(looks_structured(signed_up().to_string().as_bytes()));
+        assert!(!looks_structured(br#"{"v": 1, "specversion": "1.0"}"#));
     }
 }

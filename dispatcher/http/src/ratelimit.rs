@@ -38,7 +38,19 @@ impl RateLimiter {
         self.take_at(account, Instant::now())
     }
 
+    /// Takes `n` events' worth for `account` at once (a batch), or none
+    /// and says how long until that many are available; a batch larger
+    /// than the burst can never pass, and says so with `None`.
+    pub fn take_many(&self, account: &str, n: usize) -> Result<(), Option<Duration>> {
+        self.take_n_at(account, n as f64, Instant::now())
+    }
+
     fn take_at(&self, account: &str, now: Instant) -> Result<(), Duration> {
+        self.take_n_at(account, 1.0, now)
+            .map_err(|wait| wait.unwrap_or(Duration::MAX))
+    }
+
+    fn take_n_at(&self, account: &str, n: f64, now: Instant) -> Result<(), Option<Duration>> {
         if self.rate <= 0.0 {
             return Ok(());
         }
@@ -50,11 +62,15 @@ impl RateLimiter {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= n {
+            bucket.tokens -= n;
             Ok(())
+        } else if n > self.burst {
+            Err(None)
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+            Err(Some(Duration::from_secs_f64(
+                (n - bucket.tokens) / self.rate,
+            )))
         }
     }
 }

@@ -30,7 +30,7 @@ use super::pass::Pass;
 use super::paused::Resumed;
 use super::{Executor, Interrupted};
 use crate::dead_letters::{DeadLetter, DeadReason};
-use crate::journal::{ChainEnd, Entry, FlowRecord, FlowResult, now_ms};
+use crate::journal::{ChainEnd, Entry, FlowRecord, FlowResult, RecordKey, now_ms};
 use crate::timers::PendingTimer;
 
 /// What a chain's flow controls made of a run.
@@ -393,8 +393,11 @@ impl Executor {
                 pass.record(woke);
                 pass.clear_timer(&timer);
                 if state.latest == Some(id) {
+                    // Cleared now, under the lock: a later event of the key
+                    // (another conversation's, on another worker) may be
+                    // about to set itself the latest.
                     state.latest = None;
-                    pass.write_beside(state_write(at, &state));
+                    store.write_in_order(&[state_write(at, &state)])?;
                     pass.record(flow(FlowResult::Passed, None));
                     return Ok(Resumed::GoesOn);
                 }
@@ -426,36 +429,62 @@ impl Executor {
         }
     }
 
-    /// `chain` of `event` ended: gives back its `concurrency` slot, if it
-    /// held one, to the run waiting longest (whose timer, due at once,
-    /// brings it back).
-    pub(super) fn release_slot(
+    /// The `concurrency` slot `chain` of `event` holds, if its run ended
+    /// having taken one: its state's key (from the journal's decision, so
+    /// it is found whatever the chain says now).
+    pub(super) fn slot_to_release(
         &self,
         event: &VumiApiEvent,
         chain: &ChainSpec,
         pass: &Pass,
+    ) -> Option<Slot> {
+        let limit = chain
+            .concurrency_rule()
+            .map_or(usize::MAX, |r| r.limit as usize);
+        slot_of(event, &chain.name, pass).map(|at| (chain.name.clone(), limit, at))
+    }
+}
+
+/// A `concurrency` slot to give back: the chain, how many runs it lets go
+/// at once now, and the state's key.
+pub(super) type Slot = (String, usize, Vec<u8>);
+
+/// The key of the `concurrency` slot `event`'s run of `chain` took, if it
+/// ended having taken one (from the journal's decision, so it is found
+/// whatever the chain says now).
+pub(super) fn slot_of(event: &VumiApiEvent, chain: &str, pass: &Pass) -> Option<Vec<u8>> {
+    let record = pass.journal.chain(chain)?;
+    if record.end.is_none() || !record.passed(Control::Concurrency) {
+        return None;
+    }
+    let k = &record
+        .flow
+        .iter()
+        .find(|f| f.control == Control::Concurrency)?
+        .key;
+    Some(state_key(
+        &event.account_key,
+        chain,
+        Control::Concurrency,
+        k,
+    ))
+}
+
+impl Executor {
+    /// Gives back the slot at `at` that `event`'s run of `chain` held, once
+    /// its end is written, to the runs waiting longest (whose timers, due
+    /// at once, bring them back): as many as the chain's `concurrency`
+    /// lets go now (all of them if it has none any more). A waiting run
+    /// that no longer waits (it ended meanwhile) is passed over.
+    pub(super) fn release_slot(
+        &self,
+        event: &VumiApiEvent,
+        (chain, limit, at): Slot,
     ) -> Result<(), Interrupted> {
-        let Some(rule) = chain.concurrency_rule() else {
-            return Ok(());
-        };
-        let Some(record) = pass.journal.chain(&chain.name) else {
-            return Ok(());
-        };
-        if record.end.is_none() || !record.passed(Control::Concurrency) {
-            return Ok(());
-        }
-        let Some(k) = record
-            .flow
-            .iter()
-            .find(|f| f.control == Control::Concurrency)
-            .map(|f| f.key.clone())
-        else {
-            return Ok(());
-        };
+        let chain = chain.as_str();
         let account = &event.account_key;
-        let at = state_key(account, &chain.name, Control::Concurrency, &k);
         let _locked = self.locks.lock(&at);
-        let store = pass.store();
+        let store = &self.store;
         let mut state = load(store, &at)?;
         if !state.holders.contains(&event.id) {
             return Ok(());
@@ -463,13 +492,21 @@ impl Executor {
         state.holders.retain(|e| *e != event.id);
         let mut writes = Vec::new();
         let mut timers = Vec::new();
-        while state.holders.len() < rule.limit as usize && !state.queue.is_empty() {
+        while state.holders.len() < limit && !state.queue.is_empty() {
             let next = state.queue.remove(0);
+            let waits = self
+                .journal
+                .load(&RecordKey::new(account, &next))?
+                .and_then(|j| j.chain(chain).map(|c| c.waiting_flow))
+                == Some(Some(Control::Concurrency));
+            if !waits {
+                continue;
+            }
             state.holders.push(next);
             let timer = PendingTimer {
                 account: account.clone(),
                 event_id: next,
-                chain: chain.name.clone(),
+                chain: chain.to_string(),
                 due_ms: now_ms(),
             };
             writes.push(timer.put());

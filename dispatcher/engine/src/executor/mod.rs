@@ -323,9 +323,15 @@ impl Executor {
                 &mut EventConditions::new(runtime, event, &event_value),
             )
         });
-        let stopped = self.runs_under_way(event, &account_chains, &mut selected, &mut pass)?;
+        let mut slots = Vec::new();
+        let stopped =
+            self.runs_under_way(event, &account_chains, &mut selected, &mut pass, &mut slots)?;
         if selected.is_empty() && stopped {
-            return self.finish(event, pass, TraceStatus::Cancelled);
+            let disposition = self.finish(event, pass, TraceStatus::Cancelled)?;
+            for slot in slots {
+                self.release_slot(event, slot)?;
+            }
+            return Ok(disposition);
         }
         if selected.is_empty() {
             return self.unrouted(
@@ -341,6 +347,8 @@ impl Executor {
         let mut expired = false;
         let mut cancelled = false;
         let mut ran = Vec::with_capacity(selected.len());
+        // Concurrency slots of runs that ended are given back once their
+        // ends are written.
         for selection in selected {
             match selection {
                 Selected::Run(chain) => {
@@ -354,9 +362,14 @@ impl Executor {
                         }
                         ChainRun::Paused => paused = true,
                     }
-                    self.release_slot(event, chain, &pass)?;
+                    slots.extend(self.slot_to_release(event, chain, &pass));
                     let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
-                    dead |= matches!(end, Some(ChainEnd::Dead { .. }));
+                    // (A flow control whose key failed filed a letter too.)
+                    dead |= matches!(end, Some(ChainEnd::Dead { .. }))
+                        || pass
+                            .journal
+                            .chain(&chain.name)
+                            .is_some_and(|c| c.condition_failed.is_some());
                     expired |= matches!(end, Some(ChainEnd::Expired { .. }));
                     cancelled |= matches!(end, Some(ChainEnd::Cancelled { .. }));
                     ran.push(chain.name.as_str());
@@ -412,7 +425,11 @@ impl Executor {
         };
         *earlier = pass.earlier_for_next();
         if retry_in.is_none() && !paused {
-            return self.finish(event, pass, status);
+            let disposition = self.finish(event, pass, status)?;
+            for slot in slots {
+                self.release_slot(event, slot)?;
+            }
+            return Ok(disposition);
         }
         // Not over: a step waits to be tried again, or a chain is paused
         // (the event is acked, and its timer brings it back).
@@ -423,6 +440,9 @@ impl Executor {
         pass.write(&self.journal)?;
         for timer in pass.written_timers() {
             self.timers.noted(&timer);
+        }
+        for slot in slots {
+            self.release_slot(event, slot)?;
         }
         self.tail.passed(event, &pass.journal, status);
         Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
@@ -440,14 +460,35 @@ impl Executor {
         chains: &'a AccountChains,
         selected: &mut Vec<Selected<'a>>,
         pass: &mut Pass,
+        slots: &mut Vec<flow::Slot>,
     ) -> Result<bool, Interrupted> {
         let under_way: Vec<String> = pass
             .journal
             .chains
             .iter()
-            .filter(|c| c.end.is_none() && (c.ran() || c.waiting.is_some()))
-            .filter(|c| !selected.iter().any(|s| s.chain().name == c.name))
+            .filter(|c| c.end.is_none() && c.ran())
             .map(|c| c.name.clone())
+            .collect();
+        if under_way.is_empty() {
+            return Ok(false);
+        }
+        // A condition is for a run's start: one under way whose `when` now
+        // fails goes on. The default chain, picked because the event came
+        // back matching nothing else, starts no second run beside them.
+        selected.retain(|s| {
+            !(s.chain().name == switchboard_rules::DEFAULT_CHAIN
+                && pass.journal.chain(&s.chain().name).is_none())
+        });
+        for s in selected.iter_mut() {
+            if let Selected::ConditionFailed(chain, _) = s
+                && under_way.contains(&chain.name)
+            {
+                *s = Selected::Run(chain);
+            }
+        }
+        let under_way: Vec<String> = under_way
+            .into_iter()
+            .filter(|name| !selected.iter().any(|s| s.chain().name == *name))
             .collect();
         let mut stopped = false;
         for name in under_way {
@@ -473,12 +514,16 @@ impl Executor {
             tracing::info!(account = %event.account_key, event_id = %event.id, chain = name,
                 "the chain of a run under way was removed: the run stops");
             pass.record(Entry::End {
-                chain: name,
+                chain: name.clone(),
                 version,
                 end: Box::new(ChainEnd::Removed),
                 unrun: Vec::new(),
             });
             stopped = true;
+            // Its slot goes once its end is written, to every run waiting
+            // (the chain is gone: no limit holds them back).
+            slots
+                .extend(flow::slot_of(event, &name, pass).map(|at| (name.clone(), usize::MAX, at)));
         }
         Ok(stopped)
     }

@@ -339,9 +339,14 @@ impl ChainJournal {
             || self.replaying.as_deref() == Some(letter)
     }
 
-    /// Whether the chain has started: a step finished or waits, or it ended.
+    /// Whether the chain has started: a step finished or waits, its flow
+    /// control decided about it, or it ended.
     pub fn ran(&self) -> bool {
-        !self.steps.is_empty() || self.retry.is_some() || self.end.is_some()
+        !self.steps.is_empty()
+            || self.retry.is_some()
+            || self.end.is_some()
+            || self.waiting.is_some()
+            || !self.flow.is_empty()
     }
 }
 

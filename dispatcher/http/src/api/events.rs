@@ -94,7 +94,9 @@ fn events_of(
 /// `POST /v1/events`: an event envelope, a structured-mode CloudEvent
 /// (`application/cloudevents+json`) or a batch of them
 /// (`application/cloudevents-batch+json`, answered with every event's
-/// acceptance). A batch is checked whole before any of it is published.
+/// acceptance). A batch is checked, and its rate taken, whole before any
+/// of it is published (a bus failure part-way answers 503: publishing the
+/// batch again is safe, the bus drops what it has by id).
 pub(super) async fn ingest(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
@@ -117,29 +119,50 @@ pub(super) async fn ingest(
             ));
         }
     }
-    let mut accepted = Vec::with_capacity(events.len());
+    // The whole batch's worth first: a batch is published whole or not at
+    // all as far as the rate goes (every event is of one account: the
+    // token's, or checked below for the admin's).
+    let mut per_account: Vec<(&AccountKey, usize)> = Vec::new();
     for event in &events {
-        if let Err(wait) = s.ingest_limit.take(event.account_key.as_str()) {
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            let done = if accepted.is_empty() {
-                String::new()
-            } else {
-                format!(" ({} of the batch were accepted first)", accepted.len())
-            };
-            let mut response = ApiError::new(
+        match per_account
+            .iter_mut()
+            .find(|(a, _)| *a == &event.account_key)
+        {
+            Some((_, n)) => *n += 1,
+            None => per_account.push((&event.account_key, 1)),
+        }
+    }
+    for (account, n) in per_account {
+        let wait = match s.ingest_limit.take_many(account.as_str(), n) {
+            Ok(()) => continue,
+            Err(wait) => wait,
+        };
+        let Some(wait) = wait else {
+            return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "account {} is over its ingest rate (limits.ingest_rate); retry in {secs} s{done}",
-                    event.account_key
+                    "a batch of {n} events of account {account} is more than its ingest burst \
+                     (limits.ingest_burst) allows at once; send smaller batches"
                 ),
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-            return Ok(response);
-        }
+            ));
+        };
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "account {account} is over its ingest rate (limits.ingest_rate); retry in {secs} s"
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return Ok(response);
+    }
+    let mut accepted = Vec::with_capacity(events.len());
+    for event in &events {
         let published = s.bus.publish(event).await.map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
