@@ -13,8 +13,9 @@
 //!
 //! Writes are ordered so a crash at any point loses no event and closes
 //! no window twice: a joining event's window entries go before its
-//! journal (a crash between repeats the join, and the close keeps each
-//! event once); the opening event's header goes before its journal (a
+//! journal, the mark that it joined last of them (a crash before the mark
+//! repeats the join, and the close keeps each event once; after it, the
+//! event handled again finds the mark and stops); the opening event's header goes before its journal (a
 //! header whose opener is not paused on it is taken for none); a close
 //! writes the journal, with every event in the step's output, before the
 //! window is removed.
@@ -114,6 +115,18 @@ fn event_write(
     }
 }
 
+/// The mark that `member` joined a window of `chain` (the window's opener
+/// its value): written last in a join, so a join repeated after a crash
+/// finds it, and the event is not gathered into a second window.
+fn member_key(account: &AccountKey, member: EventId, chain: &str) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        member.to_string().as_bytes(),
+        chain.as_bytes(),
+        b"joined",
+    ])
+}
+
 fn header_write(k: Vec<u8>, window: &Window) -> Write {
     Write {
         collection: Collection::Digests,
@@ -149,6 +162,25 @@ impl Executor {
         let header_key = window_key(account, &chain.name, &step, &window.key);
         let _locked = self.locks.lock(&header_key);
         let mut output = record.trace.output.take().unwrap_or_default();
+        let member = member_key(account, event.id, &chain.name);
+        let joined_before = pass
+            .store()
+            .get(Collection::DigestEvents, &member)?
+            .and_then(|v| String::from_utf8(v).ok());
+        if let Some(opener) = joined_before {
+            // Handled again after a crash that kept its join: it is in that
+            // window (gathered already, if it closed since).
+            output.insert("joined".into(), Value::String(opener));
+            record.trace.output = Some(output.clone());
+            record.trace.outcome = StepOutcome::Stopped;
+            pass.record(Entry::Step {
+                chain: chain.name.clone(),
+                version,
+                record: Box::new(record),
+            });
+            self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
+            return Ok((Some(ChainRun::Over), output));
+        }
         match self.open_window(pass.store(), &header_key, account, &chain.name)? {
             Some(mut open) => {
                 let position = open.count;
@@ -175,6 +207,11 @@ impl Executor {
                     opener_timer = Some(timer);
                 }
                 writes.push(header_write(header_key, &open));
+                writes.push(Write {
+                    collection: Collection::DigestEvents,
+                    key: member,
+                    value: Some(open.opener.to_string().into_bytes()),
+                });
                 pass.store().write_in_order(&writes)?;
                 output.insert("joined".into(), Value::String(open.opener.to_string()));
                 output.insert("position".into(), Value::from(position + 1));
@@ -310,14 +347,18 @@ impl Executor {
         // Closed: its events in the order they joined, each once (a crash
         // during a join may have written one twice).
         let prefix = events_prefix(account, event.id, &chain.name);
-        let entries = store.scan_prefix(Collection::DigestEvents, &prefix)?;
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = store
+            .scan_prefix(Collection::DigestEvents, &prefix)?
+            .into_iter()
+            .filter(|(k, _)| k.len() == prefix.len() + 4)
+            .collect();
         let mut seen = HashSet::new();
-        let events: Vec<Value> = entries
+        let members: Vec<VumiApiEvent> = entries
             .iter()
             .filter_map(|(_, v)| serde_json::from_slice::<VumiApiEvent>(v).ok())
             .filter(|e| seen.insert(e.id))
-            .map(|e| event_value(&e))
             .collect();
+        let events: Vec<Value> = members.iter().map(event_value).collect();
         let count = events.len();
         output.insert("events".into(), Value::Array(events));
         output.insert("count".into(), Value::from(count));
@@ -338,6 +379,13 @@ impl Executor {
             pass.write_beside(Write {
                 collection: Collection::DigestEvents,
                 key: k,
+                value: None,
+            });
+        }
+        for member in members.iter().filter(|m| m.id != event.id) {
+            pass.write_beside(Write {
+                collection: Collection::DigestEvents,
+                key: member_key(account, member.id, &chain.name),
                 value: None,
             });
         }
