@@ -471,20 +471,21 @@ pub(super) fn slot_of(event: &VumiApiEvent, chain: &str, pass: &Pass) -> Option<
 }
 
 impl Executor {
-    /// Gives back the slot at `at` that `event`'s run of `chain` held, once
-    /// its end is written, to the runs waiting longest (whose timers, due
+    /// Gives back, writing to `store` (the event's, under its term), the
+    /// slot at `at` that `event`'s run of `chain` held, once its end is
+    /// written, to the runs waiting longest (whose timers, due
     /// at once, bring them back): as many as the chain's `concurrency`
     /// lets go now (all of them if it has none any more). A waiting run
     /// that no longer waits (it ended meanwhile) is passed over.
     pub(super) fn release_slot(
         &self,
+        store: &Store,
         event: &VumiApiEvent,
         (chain, limit, at): Slot,
     ) -> Result<(), Interrupted> {
         let chain = chain.as_str();
         let account = &event.account_key;
         let _locked = self.locks.lock(&at);
-        let store = &self.store;
         let mut state = load(store, &at)?;
         if !state.holders.contains(&event.id) {
             return Ok(());

@@ -326,10 +326,13 @@ impl Executor {
         let mut slots = Vec::new();
         let stopped =
             self.runs_under_way(event, &account_chains, &mut selected, &mut pass, &mut slots)?;
+        // Slots are given back under the event's term, like its other
+        // writes: a deposed owner's are refused.
+        let store = pass.store().clone();
         if selected.is_empty() && stopped {
             let disposition = self.finish(event, pass, TraceStatus::Cancelled)?;
             for slot in slots {
-                self.release_slot(event, slot)?;
+                self.release_slot(&store, event, slot)?;
             }
             return Ok(disposition);
         }
@@ -427,7 +430,7 @@ impl Executor {
         if retry_in.is_none() && !paused {
             let disposition = self.finish(event, pass, status)?;
             for slot in slots {
-                self.release_slot(event, slot)?;
+                self.release_slot(&store, event, slot)?;
             }
             return Ok(disposition);
         }
@@ -442,7 +445,7 @@ impl Executor {
             self.timers.noted(&timer);
         }
         for slot in slots {
-            self.release_slot(event, slot)?;
+            self.release_slot(&store, event, slot)?;
         }
         self.tail.passed(event, &pass.journal, status);
         Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
