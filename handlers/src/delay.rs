@@ -33,6 +33,15 @@ pub(crate) fn parse_until(s: &str) -> Result<OffsetDateTime, String> {
     })
 }
 
+/// Checks that `s` is a duration longer than zero; `what` names it in the
+/// error ("a timeout").
+pub(crate) fn check_positive(s: &str, what: &str) -> Result<(), String> {
+    match switchboard_rules::duration::parse(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: {what} must be longer than zero")),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn ms_of(t: OffsetDateTime) -> u64 {
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }

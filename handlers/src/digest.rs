@@ -24,10 +24,7 @@ const MAX_KEY_BYTES: usize = 512;
 pub struct Digest;
 
 fn check_window(s: &str) -> Result<(), String> {
-    match switchboard_rules::duration::parse(s)? {
-        d if d.is_zero() => Err(format!("{s:?}: a window must be longer than zero")),
-        _ => Ok(()),
-    }
+    crate::delay::check_positive(s, "a window")
 }
 
 #[async_trait::async_trait]

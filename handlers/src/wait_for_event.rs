@@ -26,10 +26,7 @@ fn check_event_type(s: &str) -> Result<(), String> {
 }
 
 fn check_timeout(s: &str) -> Result<(), String> {
-    match switchboard_rules::duration::parse(s)? {
-        d if d.is_zero() => Err(format!("{s:?}: a timeout must be longer than zero")),
-        _ => Ok(()),
-    }
+    crate::delay::check_positive(s, "a timeout")
 }
 
 #[async_trait::async_trait]
