@@ -171,13 +171,7 @@ impl Executor {
             // Handled again after a crash that kept its join: it is in that
             // window (gathered already, if it closed since).
             output.insert("joined".into(), Value::String(opener));
-            record.trace.output = Some(output.clone());
-            record.trace.outcome = StepOutcome::Stopped;
-            pass.record(Entry::Step {
-                chain: chain.name.clone(),
-                version,
-                record: Box::new(record),
-            });
+            record_step(pass, (chain, version), record, &output, true);
             self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
             return Ok((Some(ChainRun::Over), output));
         }
@@ -215,13 +209,7 @@ impl Executor {
                 pass.store().write_in_order(&writes)?;
                 output.insert("joined".into(), Value::String(open.opener.to_string()));
                 output.insert("position".into(), Value::from(position + 1));
-                record.trace.output = Some(output.clone());
-                record.trace.outcome = StepOutcome::Stopped;
-                pass.record(Entry::Step {
-                    chain: chain.name.clone(),
-                    version,
-                    record: Box::new(record),
-                });
+                record_step(pass, (chain, version), record, &output, true);
                 self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
                 pass.write(&self.journal)?;
                 if let Some(timer) = opener_timer {
@@ -237,12 +225,7 @@ impl Executor {
                 // A window of one closes as it opens.
                 output.insert("events".into(), Value::Array(vec![event_value(event)]));
                 output.insert("count".into(), Value::from(1));
-                record.trace.output = Some(output.clone());
-                pass.record(Entry::Step {
-                    chain: chain.name.clone(),
-                    version,
-                    record: Box::new(record),
-                });
+                record_step(pass, (chain, version), record, &output, false);
                 Ok((None, output))
             }
             None => {
@@ -257,12 +240,7 @@ impl Executor {
                     event_write(account, event.id, &chain.name, 0, event),
                     header_write(header_key, &open),
                 ])?;
-                record.trace.output = Some(output.clone());
-                pass.record(Entry::Step {
-                    chain: chain.name.clone(),
-                    version,
-                    record: Box::new(record),
-                });
+                record_step(pass, (chain, version), record, &output, false);
                 self.pause(event, chain, pass, pause);
                 pass.write(&self.journal)?;
                 for timer in pass.written_timers() {
@@ -395,6 +373,26 @@ impl Executor {
             key = digest, count, "digest window closed");
         Ok(Resumed::GoesOn)
     }
+}
+
+/// Records the digest step of `chain` (under `version`) as finished with
+/// `output`; `stops` when the chain ends there (the event joined a window).
+fn record_step(
+    pass: &mut Pass,
+    (chain, version): (&ChainSpec, u64),
+    mut record: StepRecord,
+    output: &Map<String, Value>,
+    stops: bool,
+) {
+    record.trace.output = Some(output.clone());
+    if stops {
+        record.trace.outcome = StepOutcome::Stopped;
+    }
+    pass.record(Entry::Step {
+        chain: chain.name.clone(),
+        version,
+        record: Box::new(record),
+    });
 }
 
 /// An event as a window's output holds it.

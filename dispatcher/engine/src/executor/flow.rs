@@ -339,11 +339,10 @@ impl Executor {
             chain: chain.name.clone(),
             due_ms: until_ms,
         };
-        let record = pass.journal.chain_mut(&chain.name, version);
-        let k = record
-            .flow
-            .iter()
-            .find(|f| f.control == control)
+        let k = pass
+            .journal
+            .chain_mut(&chain.name, version)
+            .flow_of(control)
             .map(|f| f.key.clone())
             .unwrap_or_default();
         let at = state_key(account, &chain.name, control, &k);
@@ -352,14 +351,14 @@ impl Executor {
             at_ms: now,
             output: None,
         };
-        let flow = |result, by| Entry::Flow {
+        let flow = |result, at_ms, by| Entry::Flow {
             chain: chain.name.clone(),
             version,
             record: FlowRecord {
                 control,
                 result,
                 key: k.clone(),
-                at_ms: now,
+                at_ms,
                 by,
             },
         };
@@ -372,17 +371,7 @@ impl Executor {
             Control::Throttle | Control::RateLimit => {
                 pass.record(woke);
                 // Let go at its turn (however late its timer).
-                pass.record(Entry::Flow {
-                    chain: chain.name.clone(),
-                    version,
-                    record: FlowRecord {
-                        control,
-                        result: FlowResult::Passed,
-                        key: k.clone(),
-                        at_ms: until_ms,
-                        by: None,
-                    },
-                });
+                pass.record(flow(FlowResult::Passed, until_ms, None));
                 pass.clear_timer(&timer);
                 Ok(Resumed::GoesOn)
             }
@@ -398,12 +387,12 @@ impl Executor {
                     // about to set itself the latest.
                     state.latest = None;
                     store.write_in_order(&[state_write(at, &state)])?;
-                    pass.record(flow(FlowResult::Passed, None));
+                    pass.record(flow(FlowResult::Passed, now, None));
                     return Ok(Resumed::GoesOn);
                 }
                 // A later event of the key came within the period: it runs
                 // instead.
-                pass.record(flow(FlowResult::Superseded, state.latest));
+                pass.record(flow(FlowResult::Superseded, now, state.latest));
                 self.metrics.flow(control, FlowResult::Superseded);
                 self.end_chain(
                     event,
@@ -423,7 +412,7 @@ impl Executor {
                     return Ok(Resumed::Paused);
                 }
                 pass.record(woke);
-                pass.record(flow(FlowResult::Passed, None));
+                pass.record(flow(FlowResult::Passed, now, None));
                 Ok(Resumed::GoesOn)
             }
         }
@@ -454,19 +443,14 @@ pub(super) type Slot = (String, usize, Vec<u8>);
 /// whatever the chain says now).
 pub(super) fn slot_of(event: &VumiApiEvent, chain: &str, pass: &Pass) -> Option<Vec<u8>> {
     let record = pass.journal.chain(chain)?;
-    if record.end.is_none() || !record.passed(Control::Concurrency) {
-        return None;
-    }
-    let k = &record
-        .flow
-        .iter()
-        .find(|f| f.control == Control::Concurrency)?
-        .key;
+    let slot = record
+        .flow_of(Control::Concurrency)
+        .filter(|f| f.result == FlowResult::Passed && record.end.is_some())?;
     Some(state_key(
         &event.account_key,
         chain,
         Control::Concurrency,
-        k,
+        &slot.key,
     ))
 }
 
@@ -477,7 +461,19 @@ impl Executor {
     /// at once, bring them back): as many as the chain's `concurrency`
     /// lets go now (all of them if it has none any more). A waiting run
     /// that no longer waits (it ended meanwhile) is passed over.
-    pub(super) fn release_slot(
+    pub(super) fn release_slots(
+        &self,
+        store: &Store,
+        event: &VumiApiEvent,
+        slots: Vec<Slot>,
+    ) -> Result<(), Interrupted> {
+        for slot in slots {
+            self.release_slot(store, event, slot)?;
+        }
+        Ok(())
+    }
+
+    fn release_slot(
         &self,
         store: &Store,
         event: &VumiApiEvent,

@@ -331,9 +331,7 @@ impl Executor {
         let store = pass.store().clone();
         if selected.is_empty() && stopped {
             let disposition = self.finish(event, pass, TraceStatus::Cancelled)?;
-            for slot in slots {
-                self.release_slot(&store, event, slot)?;
-            }
+            self.release_slots(&store, event, slots)?;
             return Ok(disposition);
         }
         if selected.is_empty() {
@@ -429,9 +427,7 @@ impl Executor {
         *earlier = pass.earlier_for_next();
         if retry_in.is_none() && !paused {
             let disposition = self.finish(event, pass, status)?;
-            for slot in slots {
-                self.release_slot(&store, event, slot)?;
-            }
+            self.release_slots(&store, event, slots)?;
             return Ok(disposition);
         }
         // Not over: a step waits to be tried again, or a chain is paused
@@ -444,9 +440,7 @@ impl Executor {
         for timer in pass.written_timers() {
             self.timers.noted(&timer);
         }
-        for slot in slots {
-            self.release_slot(&store, event, slot)?;
-        }
+        self.release_slots(&store, event, slots)?;
         self.tail.passed(event, &pass.journal, status);
         Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
     }

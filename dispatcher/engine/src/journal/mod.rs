@@ -323,11 +323,15 @@ pub struct ChainJournal {
 }
 
 impl ChainJournal {
+    /// What `control` last decided about the run, if it did.
+    pub fn flow_of(&self, control: Control) -> Option<&FlowRecord> {
+        self.flow.iter().find(|f| f.control == control)
+    }
+
     /// Whether `control` let the run go.
     pub fn passed(&self, control: Control) -> bool {
-        self.flow
-            .iter()
-            .any(|f| f.control == control && f.result == FlowResult::Passed)
+        self.flow_of(control)
+            .is_some_and(|f| f.result == FlowResult::Passed)
     }
 }
 
