@@ -9,23 +9,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::peers::HttpReceiver;
-use crate::util::{Dispatcher, NatsServer, event, wait_until};
+use crate::util::{Dispatcher, NatsServer, event, ms_of, now_ms, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn config(receiver: &HttpReceiver) -> String {
-    format!(
-        r#"
-[bus]
-ack_wait_secs = 3
-
-[providers.sms.gateway]
-type = "http"
-url = "{}/sms"
-from = "Switchboard"
-"#,
-        receiver.url()
-    )
+    receiver.sms_gateway_config(3)
 }
 
 /// A chain gathering `signed_up` events (`gather` is the digest step's
@@ -134,17 +123,6 @@ async fn one_digest_per_key(receiver: &HttpReceiver, ids: &BTreeMap<String, Vec<
         assert_eq!(got, expected, "the digest to {to}");
         assert_eq!(listed.len(), expected.len(), "an event twice in {listed:?}");
     }
-}
-
-fn now_ms() -> i128 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
-}
-
-fn ms_of(rfc3339: &str) -> i128 {
-    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .expect("an RFC 3339 time")
-        .unix_timestamp_nanos()
-        / 1_000_000
 }
 
 /// 50 events over 10 numbers, with the dispatcher SIGKILLed twice while

@@ -12,25 +12,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::peers::HttpReceiver;
-use crate::util::{Dispatcher, NatsServer, event, wait_until};
+use crate::util::{Dispatcher, NatsServer, event, ms_of, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const KEYS: usize = 5;
 const EVENTS: usize = 200;
 
 fn config(receiver: &HttpReceiver) -> String {
-    format!(
-        r#"
-[bus]
-ack_wait_secs = 5
-
-[providers.sms.gateway]
-type = "http"
-url = "{}/sms"
-from = "Switchboard"
-"#,
-        receiver.url()
-    )
+    receiver.sms_gateway_config(5)
 }
 
 /// One chain per control over the same events, each texting what it ran.
@@ -122,12 +111,6 @@ async fn texts(receiver: &HttpReceiver) -> Vec<Text> {
 
 fn of_kind<'a>(texts: &'a [Text], kind: &str) -> Vec<&'a Text> {
     texts.iter().filter(|t| t.kind == kind).collect()
-}
-
-fn ms_of(rfc3339: &str) -> i64 {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .expect("an RFC 3339 time");
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).expect("a time in range")
 }
 
 /// The chain called `name` in an event's trace.
@@ -256,10 +239,11 @@ async fn flow_controls_hold_per_key_with_replicas() {
             assert_eq!(flow["control"], "throttle", "{trace:#}");
             assert_eq!(flow["result"], "passed", "{trace:#}");
             let turn = ms_of(flow["at"].as_str().expect("its turn"));
+            let at_ms = i128::from(t.at_ms);
             assert!(
-                t.at_ms >= turn,
+                at_ms >= turn,
                 "a throttled run went {} ms before its turn",
-                turn - t.at_ms
+                turn - at_ms
             );
             turns.push(turn);
         }

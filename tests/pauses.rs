@@ -9,23 +9,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::peers::HttpReceiver;
-use crate::util::{Dispatcher, NatsServer, event, wait_until};
+use crate::util::{Dispatcher, NatsServer, event, ms_of, now_ms, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn config(receiver: &HttpReceiver) -> String {
-    format!(
-        r#"
-[bus]
-ack_wait_secs = 3
-
-[providers.sms.gateway]
-type = "http"
-url = "{}/sms"
-from = "Switchboard"
-"#,
-        receiver.url()
-    )
+    receiver.sms_gateway_config(3)
 }
 
 const REMINDER: &str = r#"
@@ -96,14 +85,9 @@ async fn a_delay_survives_a_sigkill(nats: Option<&NatsServer>) {
 
     // Killed during the pause and started again: the reminder goes once,
     // not before the pause ends.
-    let due_ms =
-        time::OffsetDateTime::parse(&until, &time::format_description::well_known::Rfc3339)
-            .expect("an RFC 3339 time")
-            .unix_timestamp_nanos()
-            / 1_000_000;
-    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let due_ms = ms_of(&until);
     assert!(
-        now_ms < due_ms,
+        now_ms() < due_ms,
         "the pause ended before the kill: the test proves too little"
     );
     d.kill9();
@@ -271,11 +255,7 @@ async fn a_paused_chain_goes_on_on_the_replica_that_took_its_partition_over() {
         (!sent.is_empty()).then_some(sent)
     })
     .await;
-    let due_ms =
-        time::OffsetDateTime::parse(&until, &time::format_description::well_known::Rfc3339)
-            .expect("an RFC 3339 time")
-            .unix_timestamp_nanos()
-            / 1_000_000;
+    let due_ms = ms_of(&until);
     let at_ms = i128::from(reminders[0]["at_ms"].as_i64().expect("at_ms"));
     assert!(
         at_ms >= due_ms,
@@ -769,9 +749,8 @@ async fn scheduled_sends_go_at_their_time_unless_cancelled() {
 
     // Killed before the time and started again: the kept one goes once,
     // not early.
-    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     assert!(
-        now_ms < due_ms,
+        now_ms() < due_ms,
         "the time came before the kill: the test proves too little"
     );
     d.kill9();

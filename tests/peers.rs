@@ -135,6 +135,24 @@ impl HttpReceiver {
         assert_eq!(answer, sids, "the receiver's Twilio sids");
     }
 
+    /// A dispatcher config whose SMS provider `gateway` posts to this
+    /// receiver's `/sms`, with NATS deliveries redelivered after
+    /// `ack_wait_secs`.
+    pub fn sms_gateway_config(&self, ack_wait_secs: u64) -> String {
+        format!(
+            r#"
+[bus]
+ack_wait_secs = {ack_wait_secs}
+
+[providers.sms.gateway]
+type = "http"
+url = "{}/sms"
+from = "Switchboard"
+"#,
+            self.url()
+        )
+    }
+
     /// Every request received so far, oldest first.
     pub async fn requests(&self) -> Vec<Value> {
         let answer = reqwest::get(format!("{}/_requests", self.url()))

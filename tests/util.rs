@@ -98,6 +98,19 @@ pub fn event(
     )
 }
 
+/// Now, in ms since the epoch.
+pub fn now_ms() -> i128 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
+}
+
+/// An RFC 3339 time, in ms since the epoch.
+pub fn ms_of(rfc3339: &str) -> i128 {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time")
+        .unix_timestamp_nanos()
+        / 1_000_000
+}
+
 /// The map inside a JSON object.
 pub fn object(v: Value) -> Map<String, Value> {
     match v {
