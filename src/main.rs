@@ -1006,7 +1006,6 @@ fn print(result: Result<String, CliError>) -> Result<Option<String>, Failure> {
 }
 
 async fn run(args: RunArgs) -> Result<Option<String>, String> {
-    switchboard_dispatcher::init_logging(args.log_format == "json", "info");
     let overrides = Overrides {
         nats_url: args.nats,
         replicated: args.replicated,
@@ -1021,6 +1020,11 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
         public_url: args.public_url,
     };
     let mut config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let telemetry = switchboard_dispatcher::telemetry::init(
+        args.log_format == "json",
+        "info",
+        Some(&config.otel),
+    );
     let peers = if args.demo_peers {
         let peers = demo::DemoPeers::start(&mut config).await;
         Some(peers.map_err(|e| e.to_string())?)
@@ -1067,6 +1071,7 @@ async fn run(args: RunArgs) -> Result<Option<String>, String> {
     println!("listening on http://{}", dispatcher.local_addr());
     switchboard_dispatcher::runtime::wait_for_shutdown_signal().await;
     dispatcher.shutdown().await;
+    telemetry.shutdown().await;
     Ok(None)
 }
 

@@ -741,7 +741,7 @@ async fn an_account_over_its_ingest_rate_gets_429_and_the_emitter_waits() {
 
 /// What `run` prints when `config` (a TOML file's text) stops it before it
 /// starts.
-async fn refused_at_start(dir: &std::path::Path, name: &str, config: &str) -> String {
+pub(crate) async fn refused_at_start(dir: &std::path::Path, name: &str, config: &str) -> String {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).expect("a config file");
     let out = crate::util::switchboard(&[

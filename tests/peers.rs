@@ -1,7 +1,7 @@
 //! Real peers for the handler tests, started per test on 127.0.0.1 and
 //! stopped when dropped: an HTTP receiver (webhooks verified with the official
-//! Standard Webhooks package, an SMS gateway, the Twilio API) and an SMTP sink.
-//! Both are the Python programs in `tests/peers/`.
+//! Standard Webhooks package, an SMS gateway, the Twilio API), an SMTP sink
+//! and an OTLP trace receiver. All are the Python programs in `tests/peers/`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -182,6 +182,38 @@ from = "Switchboard"
             .into_iter()
             .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
             .collect()
+    }
+}
+
+/// The OTLP/HTTP trace receiver (`otlp_receiver.py`): decodes what the
+/// dispatcher exports with the OpenTelemetry project's protobuf classes.
+#[derive(Debug)]
+pub struct OtlpReceiver {
+    process: Process,
+}
+
+impl OtlpReceiver {
+    /// Starts one.
+    pub fn start() -> Self {
+        Self {
+            process: Process::start("otlp_receiver.py", &[]),
+        }
+    }
+
+    /// Its base URL, as `OTEL_EXPORTER_OTLP_ENDPOINT` takes it.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.process.port)
+    }
+
+    /// Every span received so far, oldest first.
+    pub async fn spans(&self) -> Vec<Value> {
+        let answer = reqwest::get(format!("{}/_spans", self.url()))
+            .await
+            .expect("the OTLP receiver answers")
+            .json::<Value>()
+            .await
+            .expect("JSON");
+        answer.as_array().cloned().unwrap_or_default()
     }
 }
 

@@ -22,6 +22,7 @@ mod handlers;
 mod inbound;
 mod matching;
 mod metrics;
+mod otel;
 mod pauses;
 mod pull_stall;
 mod replicas;

@@ -32,7 +32,7 @@ pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
 
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 12] = [
+const SWITCHBOARD_ENV: [&str; 18] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_NATS_URL",
     "SWITCHBOARD_DATA",
@@ -45,6 +45,13 @@ const SWITCHBOARD_ENV: [&str; 12] = [
     "SWITCHBOARD_TOKEN",
     "SWITCHBOARD_OUTBOUND_ALLOW",
     "SWITCHBOARD_ADMIN_TOKEN",
+    // OpenTelemetry's: a test turns traces on itself.
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SDK_DISABLED",
 ];
 
 /// The `switchboard` binary under test.
@@ -558,6 +565,8 @@ pub struct Dispatcher {
     configured_token: Option<String>,
     /// A folder of chain files applied at every start (`--chains`).
     chains: Option<PathBuf>,
+    /// Environment variables set at every start.
+    env: Vec<(String, String)>,
     /// The admin token in use (known once started).
     admin_token: String,
     http: reqwest::Client,
@@ -618,7 +627,35 @@ impl Dispatcher {
         Self::start_with(nats, config, admin_token, None)
     }
 
+    /// A dispatcher like [`Dispatcher::with_config`], started with `env`
+    /// set too.
+    pub fn with_config_env(nats: Option<&NatsServer>, config: &str, env: &[(&str, &str)]) -> Self {
+        let mut d = Self::prepare(
+            nats.map(|n| n.url().to_string()),
+            Some(config),
+            Some(ADMIN_TOKEN),
+            None,
+        );
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.spawn();
+        d
+    }
+
     fn start_with(
+        nats: Option<String>,
+        config: Option<&str>,
+        admin_token: Option<&str>,
+        chains: Option<&Path>,
+    ) -> Self {
+        let mut d = Self::prepare(nats, config, admin_token, chains);
+        d.spawn();
+        d
+    }
+
+    fn prepare(
         nats: Option<String>,
         config: Option<&str>,
         admin_token: Option<&str>,
@@ -630,7 +667,7 @@ impl Dispatcher {
             std::fs::write(&path, text).expect("writing the config file");
             path
         });
-        let mut d = Self {
+        Self {
             child: None,
             root,
             nats,
@@ -639,11 +676,10 @@ impl Dispatcher {
             url: String::new(),
             configured_token: admin_token.map(str::to_string),
             chains: chains.map(Path::to_path_buf),
+            env: Vec::new(),
             admin_token: String::new(),
             http: http_client(None),
-        };
-        d.spawn();
-        d
+        }
     }
 
     /// Starts the process and waits for its `listening on URL` line.
@@ -671,6 +707,7 @@ impl Dispatcher {
         if let Some(token) = &self.configured_token {
             cmd.env("SWITCHBOARD_ADMIN_TOKEN", token);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

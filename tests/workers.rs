@@ -23,14 +23,14 @@ mod rust_worker;
 
 /// What a run of the Python worker did.
 #[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs `python3 examples/python-worker/worker.py ARGS` (at most [`TIMEOUT`]).
-async fn python_worker(args: &[&str]) -> Run {
+pub(crate) async fn python_worker(args: &[&str]) -> Run {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/python-worker/worker.py"

@@ -39,6 +39,8 @@ pub struct Config {
     pub outbound: OutboundConfig,
     /// What `/metrics` shows.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces.
+    pub otel: crate::telemetry::OtelConfig,
 }
 
 /// `[metrics]`
@@ -416,6 +418,7 @@ impl Config {
             )));
         }
         self.rhai.check().map_err(ConfigError::Invalid)?;
+        self.otel.check().map_err(ConfigError::Invalid)?;
         OutboundPolicy::new(&self.outbound).map_err(ConfigError::Invalid)?;
         if let Some(url) = &self.http.public_url {
             check_public_url(url).map_err(ConfigError::Invalid)?;

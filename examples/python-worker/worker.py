@@ -106,18 +106,21 @@ def check(validator, event: dict) -> bytes:
     return payload
 
 
-async def publish(js, event: dict, payload: bytes):
+async def publish(js, event: dict, payload: bytes, traceparent: str | None = None):
     """Publishes and waits for JetStream's ack; retries with the same
-    `Nats-Msg-Id`, so that JetStream drops the copies it already has."""
+    `Nats-Msg-Id`, so that JetStream drops the copies it already has.
+    A W3C `traceparent` (the worker's current span, in a traced worker)
+    goes in a header of that name: the dispatcher's spans continue its trace."""
     subject = f"vumi.events.{event['account_key']}.{event['conversation_type']}.{event['event_type']}"
+    headers = {"Nats-Msg-Id": event["id"]}
+    if traceparent:
+        headers["traceparent"] = traceparent
     last = None
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         if attempt > 1:
             await asyncio.sleep(min(0.05 * 2 ** (attempt - 2), 2.0))
         try:
-            return await js.publish(
-                subject, payload, timeout=5, headers={"Nats-Msg-Id": event["id"]}
-            )
+            return await js.publish(subject, payload, timeout=5, headers=headers)
         except nats.errors.Error as e:  # timeouts, no responders, JetStream API errors
             last = e
     raise WorkerError(
@@ -154,7 +157,7 @@ async def run(args) -> None:
             event = poll_complete(args.account, args.conversation, msisdn, name, args.score)
             payload = check(validator, event)
             for _ in range(2 if args.resend else 1):
-                ack = await publish(js, event, payload)
+                ack = await publish(js, event, payload, args.traceparent)
                 duplicate = "true" if ack.duplicate else "false"
                 print(f"{event['id']} sequence={ack.seq} duplicate={duplicate}", flush=True)
     finally:
@@ -177,6 +180,9 @@ def main() -> int:
     parser.add_argument("--resend", action="store_true",
                         help="publish every event twice, as after a lost ack: "
                              "JetStream stores it once and answers duplicate=true")
+    parser.add_argument("--traceparent",
+                        help="a W3C trace context (00-TRACEID-SPANID-01) to publish with, "
+                             "as a traced worker passes its current span's")
     parser.add_argument("--schema", type=Path, default=DEFAULT_SCHEMA,
                         help="the event schema (default: %(default)s)")
     args = parser.parse_args()

@@ -94,6 +94,10 @@ impl HttpEmitter {
             if let Some(token) = &self.token {
                 request = request.bearer_auth(token);
             }
+            #[cfg(feature = "otel")]
+            for (name, value) in crate::trace_context::current_headers() {
+                request = request.header(name, value);
+            }
             match request.send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
                 // Over the account's ingest rate: wait as asked, then again.

@@ -4,7 +4,8 @@
 //! the public event format), the typed keys it is made of, its validation, the
 //! JSON Schema (`schema/event.v1.json`, also as [`EVENT_SCHEMA_V1`]) and two
 //! emitters: straight to NATS JetStream (feature `nats`) or to a dispatcher's
-//! HTTP API (feature `http`).
+//! HTTP API (feature `http`). With feature `otel`, both carry the current
+//! OpenTelemetry span's W3C trace context ([`trace_context`]).
 //!
 //! ```
 //! use switchboard_sdk::{VumiApiEvent, AccountKey, ConversationKey, ConversationType, EventType};
@@ -28,6 +29,8 @@ mod keys;
 pub mod http;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "otel")]
+pub mod trace_context;
 
 pub use event::{
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, EventError, EventId, SCHEMA_VERSION, VumiApiEvent,

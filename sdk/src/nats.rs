@@ -291,6 +291,8 @@ impl NatsEmitter {
         };
         let subject = event.subject(&self.prefix);
         let id = dedup_id.to_string();
+        #[cfg(feature = "otel")]
+        let trace = crate::trace_context::current_headers();
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             if attempt > 1 {
@@ -305,6 +307,10 @@ impl NatsEmitter {
                         publish = publish.header(name.clone(), value.clone());
                     }
                 }
+            }
+            #[cfg(feature = "otel")]
+            for (name, value) in &trace {
+                publish = publish.header(*name, value.as_str());
             }
             match self.js.send_publish(subject.clone(), publish).await {
                 Ok(ack) => match ack.await {

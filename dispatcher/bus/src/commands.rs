@@ -4,6 +4,7 @@
 
 use async_nats::jetstream;
 use switchboard_handlers::ports::CommandPort;
+use tracing::Instrument;
 
 /// The name of the stream that keeps outbound commands until transport
 /// workers take them.
@@ -46,16 +47,42 @@ impl NatsCommands {
 #[async_trait::async_trait]
 impl CommandPort for NatsCommands {
     async fn publish(&self, subject: &str, payload: Vec<u8>, msg_id: &str) -> Result<(), String> {
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(msg_id);
-        self.js
-            .send_publish(self.subject(subject), publish)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let subject = self.subject(subject);
+        let span = tracing::info_span!(
+            target: switchboard_engine::otel::TARGET,
+            "publish",
+            otel.name = %format_args!("publish {subject}"),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = %subject,
+            messaging.message.id = msg_id,
+        );
+        let publish = async {
+            // The command carries the span's trace context to the worker.
+            let mut publish = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .message_id(msg_id);
+            for (name, value) in switchboard_sdk::trace_context::current_headers() {
+                publish = publish.header(name, value.as_str());
+            }
+            self.js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let published = publish.instrument(span.clone()).await;
+        if let Err(e) = &published {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", e.as_str());
+        }
+        published
     }
 
     fn subject(&self, suffix: &str) -> String {

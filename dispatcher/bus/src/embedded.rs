@@ -170,18 +170,52 @@ fn millis_of(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
-fn encode(subject: &str, payload: &[u8]) -> Vec<u8> {
+/// The mark that a queued record carries headers: no subject is this long.
+const WITH_HEADERS: u16 = u16::MAX;
+
+/// A queued record: the subject (its length, a big-endian u16, first),
+/// then the payload. With headers (the W3C trace context), the record
+/// starts with [`WITH_HEADERS`] and their count, each name and value
+/// length-prefixed like the subject, before the subject.
+fn encode(subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(2 + subject.len() + payload.len());
-    v.extend_from_slice(&(subject.len() as u16).to_be_bytes());
-    v.extend_from_slice(subject.as_bytes());
+    let put = |v: &mut Vec<u8>, s: &[u8]| {
+        v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        v.extend_from_slice(s);
+    };
+    if !headers.is_empty() {
+        v.extend_from_slice(&WITH_HEADERS.to_be_bytes());
+        v.extend_from_slice(&(headers.len() as u16).to_be_bytes());
+        for (name, value) in headers {
+            put(&mut v, name.as_bytes());
+            put(&mut v, value.as_bytes());
+        }
+    }
+    put(&mut v, subject.as_bytes());
     v.extend_from_slice(payload);
     v
 }
 
-fn decode(v: &[u8]) -> (String, Bytes) {
-    let n = u16::from_be_bytes([v[0], v[1]]) as usize;
-    let subject = String::from_utf8_lossy(&v[2..2 + n]).into_owned();
-    (subject, Bytes::copy_from_slice(&v[2 + n..]))
+fn decode(v: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
+    fn take<'a>(v: &mut &'a [u8]) -> &'a [u8] {
+        let n = u16::from_be_bytes([v[0], v[1]]) as usize;
+        let (s, rest) = v[2..].split_at(n);
+        *v = rest;
+        s
+    }
+    let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
+    let mut v = v;
+    let mut headers = Vec::new();
+    if v[..2] == WITH_HEADERS.to_be_bytes() {
+        let count = u16::from_be_bytes([v[2], v[3]]);
+        v = &v[4..];
+        for _ in 0..count {
+            let name = text(take(&mut v));
+            headers.push((name, text(take(&mut v))));
+        }
+    }
+    let subject = text(take(&mut v));
+    (subject, headers, Bytes::copy_from_slice(v))
 }
 
 #[async_trait::async_trait]
@@ -196,7 +230,9 @@ impl Bus for EmbeddedBus {
         let now = now_millis();
         let window = DUPLICATE_WINDOW.as_millis() as u64;
         let seq = store.next_id()?;
-        let record = encode(&event.subject(&self.inner.prefix), &event.to_json());
+        // The current span's trace context goes with it, as NATS carries it.
+        let trace = switchboard_sdk::trace_context::current_headers();
+        let record = encode(&event.subject(&self.inner.prefix), &trace, &event.to_json());
         // The id is marked seen and the event queued in one transaction, so a
         // crash can never leave an id seen whose event is not on the queue.
         let fresh =
@@ -254,20 +290,23 @@ impl Bus for EmbeddedBus {
                         .get(Collection::BusQueue, &seq.to_be_bytes())
                         .ok()
                         .flatten()?;
-                    let (subject, payload) = decode(&record);
+                    let (subject, headers, payload) = decode(&record);
                     let account = crate::account_of(&inner.prefix, &subject);
-                    Some(Delivery::new(
-                        subject,
-                        account,
-                        payload,
-                        attempt,
-                        seq,
-                        Box::new(Acker {
-                            inner,
-                            seq,
+                    Some(
+                        Delivery::new(
+                            subject,
+                            account,
+                            payload,
                             attempt,
-                        }),
-                    ))
+                            seq,
+                            Box::new(Acker {
+                                inner,
+                                seq,
+                                attempt,
+                            }),
+                        )
+                        .with_headers(headers),
+                    )
                 }
             };
             // First what an earlier process left behind, in order.
@@ -341,5 +380,38 @@ impl Bus for EmbeddedBus {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{decode, encode};
+
+    #[test]
+    fn a_queued_record_keeps_its_subject_headers_and_payload() {
+        let subject = "vumi.events.acme.survey.poll_complete";
+        let plain = encode(subject, &[], b"{}");
+        assert_eq!(
+            decode(&plain),
+            (subject.to_string(), Vec::new(), b"{}".as_slice().into())
+        );
+        let headers = [
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
+            ),
+            ("tracestate", "vendor=1".to_string()),
+        ];
+        let traced = encode(subject, &headers, br#"{"a":1}"#);
+        let (s, h, payload) = decode(&traced);
+        assert_eq!(s, subject);
+        assert_eq!(
+            h,
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(&payload[..], br#"{"a":1}"#);
     }
 }

@@ -216,7 +216,8 @@ fn delivery_of(
         .as_ref()
         .and_then(|h| h.get_last("Nats-Pin-Id"))
         .map(|v| v.as_str().to_string());
-    // A binary-mode CloudEvent's attributes (and its data's type).
+    // A binary-mode CloudEvent's attributes (and its data's type), and the
+    // trace context.
     let headers: Vec<(String, String)> = message
         .headers
         .as_ref()
@@ -226,6 +227,8 @@ fn delivery_of(
                     let name: &str = name.as_ref();
                     name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
                         || name.eq_ignore_ascii_case("content-type")
+                        || name.eq_ignore_ascii_case("traceparent")
+                        || name.eq_ignore_ascii_case("tracestate")
                 })
                 .filter_map(|(name, values)| {
                     Some((name.to_string(), values.first()?.as_str().to_string()))

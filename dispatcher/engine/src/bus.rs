@@ -128,8 +128,9 @@ pub struct Delivery {
     pub attempt: u32,
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
-    /// Its CloudEvents headers (`ce-` attributes and `content-type`), if
-    /// it was published as a binary-mode CloudEvent.
+    /// The headers the engine reads: a binary-mode CloudEvent's (`ce-`
+    /// attributes and `content-type`) and the W3C trace context
+    /// (`traceparent`, `tracestate`).
     pub headers: Vec<(String, String)>,
     settle: Box<dyn Settle>,
 }
@@ -155,7 +156,8 @@ impl Delivery {
         }
     }
 
-    /// The same delivery, with the CloudEvents headers it came with.
+    /// The same delivery, with the headers it came with that the engine
+    /// reads (see [`Delivery::headers`]).
     pub fn with_headers(mut self, headers: Vec<(String, String)>) -> Self {
         self.headers = headers;
         self

@@ -380,7 +380,7 @@ impl Worker {
         let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
         let handling = self
             .executor
-            .handle(event, holding, &mut self.earlier)
+            .handle(event, delivery, holding, &mut self.earlier)
             .instrument(span);
         tokio::pin!(handling);
         // Tell the bus the event is still being worked on (a slow step), so

@@ -22,6 +22,7 @@ pub mod executor;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod otel;
 pub mod tail;
 pub mod timers;
 pub mod trace;

@@ -16,9 +16,9 @@ use prometheus_client::encoding::{
     EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// What happened to an event.
@@ -220,8 +220,24 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-fn step_histogram() -> Histogram {
-    Histogram::new(BUCKETS)
+fn step_histogram() -> StepHistogram {
+    HistogramWithExemplars::new(BUCKETS.into_iter())
+}
+
+/// The step-duration histogram: each bucket keeps the trace id of its last
+/// observation made in a sampled trace as its exemplar (OpenMetrics only).
+type StepHistogram = HistogramWithExemplars<TraceExemplar>;
+
+/// An exemplar's labels: the trace the observation was made in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TraceExemplar {
+    trace_id: String,
+}
+
+impl EncodeLabelSet for TraceExemplar {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("trace_id", self.trace_id.as_str()).encode(encoder.encode_label())
+    }
 }
 
 /// Values read when `/metrics` is scraped rather than counted as they happen.
@@ -251,7 +267,7 @@ pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
     steps: Family<StepLabels, Counter>,
-    durations: Family<HandlerLabels, Histogram, fn() -> Histogram>,
+    durations: Family<HandlerLabels, StepHistogram, fn() -> StepHistogram>,
     outbound: Family<OutboundLabels, Counter>,
     inbound: Family<InboundLabels, Counter>,
     timers_fired: Counter,
@@ -285,9 +301,10 @@ impl Metrics {
     pub fn new(accounts: AccountLabels) -> Self {
         let events = Family::<EventLabels, Counter>::default();
         let steps = Family::<StepLabels, Counter>::default();
-        let durations = Family::<HandlerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            step_histogram,
-        );
+        let durations =
+            Family::<HandlerLabels, StepHistogram, fn() -> StepHistogram>::new_with_constructor(
+                step_histogram,
+            );
         let outbound = Family::<OutboundLabels, Counter>::default();
         let inbound = Family::<InboundLabels, Counter>::default();
         let timers_fired = Counter::default();
@@ -480,13 +497,17 @@ impl Metrics {
     }
 
     /// Counts one attempt at a step of `handler`, and how long it took.
+    /// Made in a sampled trace (see [`crate::otel`]), the observation is its
+    /// bucket's exemplar, with the trace id.
     pub fn step(&self, handler: &str, result: StepResult, took: Duration) {
         let handler = handler.to_string();
+        let exemplar = crate::otel::current_trace_id().map(|trace_id| TraceExemplar { trace_id });
+        let at = exemplar.as_ref().map(|_| std::time::SystemTime::now());
         self.durations
             .get_or_create(&HandlerLabels {
                 handler: handler.clone(),
             })
-            .observe(took.as_secs_f64());
+            .observe(took.as_secs_f64(), exemplar, at);
         self.steps
             .get_or_create(&StepLabels { handler, result })
             .inc();
@@ -603,8 +624,8 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 
 /// The OpenMetrics text of [`Metrics::render`] in the Prometheus text
 /// format (0.0.4), for a scraper that does not ask for OpenMetrics: a
-/// counter's `# TYPE` and `# HELP` name its samples (`…_total`), and there
-/// is no `# UNIT` or `# EOF` line.
+/// counter's `# TYPE` and `# HELP` name its samples (`…_total`), there
+/// is no `# UNIT` or `# EOF` line, and no exemplar.
 pub fn prometheus_text(openmetrics: &str) -> String {
     let mut counters = std::collections::HashSet::new();
     for line in openmetrics.lines() {
@@ -626,10 +647,42 @@ pub fn prometheus_text(openmetrics: &str) -> String {
                 .contains(name)
                 .then(|| format!("{prefix}{name}_total {tail}"))
         });
-        out.push_str(renamed.as_deref().unwrap_or(line));
+        let line = renamed.as_deref().unwrap_or(line);
+        out.push_str(if line.starts_with('#') {
+            line
+        } else {
+            without_exemplar(line)
+        });
         out.push('\n');
     }
     out
+}
+
+/// A sample line without the exemplar that may follow it (` # {labels}
+/// value [timestamp]`), looked for after the sample's own label set, whose
+/// quoted values may hold anything.
+fn without_exemplar(line: &str) -> &str {
+    let name_end = line.find([' ', '{']).unwrap_or(line.len());
+    let mut labels_end = name_end;
+    if line[name_end..].starts_with('{') {
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in line[name_end..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '}' if !quoted => {
+                    labels_end = name_end + i + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    match line[labels_end..].find(" # ") {
+        Some(at) => &line[..labels_end + at],
+        None => line,
+    }
 }
 
 #[cfg(test)]
@@ -733,5 +786,64 @@ mod tests {
             text.lines()
                 .any(|l| l.starts_with("# HELP switchboard_events_total "))
         );
+    }
+
+    #[test]
+    fn a_step_in_a_sampled_trace_is_its_buckets_exemplar_in_openmetrics_only() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let m = Metrics::new(AccountLabels::None);
+        m.step("log", StepResult::Ok, Duration::from_millis(30));
+        let trace = |flags| {
+            opentelemetry::Context::current().with_remote_span_context(SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                TraceState::default(),
+            ))
+        };
+        {
+            let _in_trace = trace(TraceFlags::SAMPLED).attach();
+            m.step("log", StepResult::Ok, Duration::from_millis(3));
+        }
+        {
+            // An unsampled trace leaves no exemplar.
+            let _in_trace = trace(TraceFlags::default()).attach();
+            m.step("log", StepResult::Ok, Duration::from_millis(300));
+        }
+        let text = m.render(&Gauges::default());
+        let with: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(with.len(), 1, "{text}");
+        assert!(
+            with[0].starts_with(
+                "switchboard_step_duration_seconds_bucket{le=\"0.005\",handler=\"log\"} 1 \
+                 # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 0.003 "
+            ),
+            "{text}"
+        );
+        let prometheus = prometheus_text(&text);
+        assert!(!prometheus.contains("trace_id"), "{prometheus}");
+        assert!(
+            prometheus
+                .lines()
+                .any(|l| l
+                    == "switchboard_step_duration_seconds_bucket{le=\"0.005\",handler=\"log\"} 1"),
+            "{prometheus}"
+        );
+    }
+
+    #[test]
+    fn an_exemplar_is_cut_after_the_samples_labels_whatever_they_hold() {
+        assert_eq!(
+            without_exemplar(r#"a_bucket{le="1",x="b # {\"}"} 2 # {trace_id="t"} 0.5 12.5"#),
+            r#"a_bucket{le="1",x="b # {\"}"} 2"#
+        );
+        assert_eq!(
+            without_exemplar("a_count 2 # {trace_id=\"t\"} 1"),
+            "a_count 2"
+        );
+        assert_eq!(without_exemplar(r#"a{x="y # z"} 2"#), r#"a{x="y # z"} 2"#);
     }
 }

@@ -12,6 +12,7 @@ use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use switchboard_engine::metrics::Metrics;
 use switchboard_handlers::ports::{
@@ -93,16 +94,52 @@ impl ReqwestHttp {
 impl HttpPort for ReqwestHttp {
     async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let provider = request.provider.clone();
-        let result = self.send(request).await;
+        let span = client_span(&request);
+        let result = self.send(request).instrument(span.clone()).await;
         let status = match &result {
             Ok(response) => response.status.to_string(),
             Err(HttpError::Timeout { .. }) => "timeout".to_string(),
             Err(HttpError::Connect { .. }) => "error".to_string(),
             Err(HttpError::Refused { .. }) => "refused".to_string(),
         };
+        match &result {
+            Ok(response) => {
+                span.record("http.response.status_code", i64::from(response.status));
+                if response.status >= 400 {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", status.as_str());
+                }
+            }
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", status.as_str());
+                span.record("otel.status_message", tracing::field::display(e));
+            }
+        }
         self.metrics.outbound("http", &provider, &status);
         result
     }
+}
+
+/// The OpenTelemetry client span of an outbound request (HTTP semantic
+/// conventions), the URL without its credentials or query.
+fn client_span(request: &HttpRequest) -> tracing::Span {
+    use tracing::field::Empty;
+    let url = url::Url::parse(&request.url).ok();
+    tracing::info_span!(
+        target: switchboard_engine::otel::TARGET,
+        "POST",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        otel.status_message = Empty,
+        http.request.method = "POST",
+        url.full = %redact_url(&request.url),
+        server.address = url.as_ref().and_then(|u| u.host_str()).unwrap_or_default(),
+        server.port = i64::from(url.as_ref().and_then(|u| u.port_or_known_default()).unwrap_or_default()),
+        http.response.status_code = Empty,
+        error.type = Empty,
+        switchboard.provider = %request.provider,
+    )
 }
 
 impl ReqwestHttp {
@@ -115,6 +152,11 @@ impl ReqwestHttp {
             .timeout(request.timeout)
             .body(request.body);
         for (k, v) in &request.headers {
+            builder = builder.header(k, v);
+        }
+        // The client span's trace context (run inside it), so that the
+        // receiver's trace goes on from this call.
+        for (k, v) in switchboard_sdk::trace_context::current_headers() {
             builder = builder.header(k, v);
         }
         if let Some((user, password)) = &request.basic_auth {
@@ -318,7 +360,20 @@ impl MailPort for LettreMail {
             None => builder.singlepart(SinglePart::plain(email.text)),
         }
         .map_err(|e| permanent(format!("building the message: {e}")))?;
-        let result = transport.send(message).await;
+        let span = tracing::info_span!(
+            target: switchboard_engine::otel::TARGET,
+            "SMTP send",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+            network.protocol.name = "smtp",
+            switchboard.provider = provider,
+        );
+        let result = transport.send(message).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", tracing::field::display(e));
+        }
         let status = match &result {
             Ok(_) => "accepted",
             Err(e) if e.is_permanent() => "rejected",

@@ -19,6 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use serde_json::Value;
 use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
@@ -31,6 +33,7 @@ use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
 use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
 use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
+use crate::otel;
 use crate::tail::Tail;
 use crate::timers::Timers;
 use crate::trace::TraceStatus;
@@ -246,13 +249,34 @@ impl Executor {
     /// be acked after a flush): this event's first outside step waits for it,
     /// so that a crash repeats at most one outside effect per worker. It is
     /// updated for the worker's next event.
+    ///
+    /// The pass is the `process` span of `delivery` (see [`crate::otel`]).
     pub async fn handle(
         &self,
         event: &VumiApiEvent,
+        delivery: &Delivery,
         holding: &Holding,
         earlier: &mut Option<WriteMark>,
     ) -> Disposition {
-        match self.try_handle(event, holding, earlier).await {
+        let at = crate::journal::RecordKey::new(&event.account_key, &event.id);
+        let handled = match self.journal.load(&at) {
+            Ok(loaded) => {
+                let span = otel::process(
+                    event,
+                    (&delivery.subject, delivery.attempt, &delivery.headers),
+                    self.bus.kind(),
+                    &self.prefix,
+                    loaded.as_ref().and_then(|j| j.traceparent.as_deref()),
+                );
+                let handled = self.try_handle(event, loaded, holding, earlier);
+                handled.instrument(span.clone()).await.inspect_err(|e| {
+                    otel::outcome(&span, "interrupted", true);
+                    span.record("otel.status_message", tracing::field::display(e));
+                })
+            }
+            Err(e) => Err(e.into()),
+        };
+        match handled {
             Ok(disposition) => disposition,
             Err(e) => {
                 // The pass may have left an outside step's record unflushed:
@@ -268,14 +292,11 @@ impl Executor {
     async fn try_handle(
         &self,
         event: &VumiApiEvent,
+        loaded: Option<crate::journal::EventJournal>,
         holding: &Holding,
         earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
         let account = event.account_key.as_str();
-        let loaded = self.journal.load(&crate::journal::RecordKey::new(
-            &event.account_key,
-            &event.id,
-        ))?;
         let started = loaded
             .as_ref()
             .is_some_and(|j| j.chains.iter().any(ChainJournal::ran));
@@ -353,10 +374,12 @@ impl Executor {
         for selection in selected {
             match selection {
                 Selected::Run(chain) => {
-                    match self
+                    let span = otel::chain(&chain.name, account_chains.version());
+                    let run = self
                         .run_chain(event, &event_value, chain, &account_chains, &mut pass)
-                        .await?
-                    {
+                        .instrument(span.clone())
+                        .await?;
+                    match run {
                         ChainRun::Over => {}
                         ChainRun::Retry(delay) => {
                             retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
@@ -365,6 +388,7 @@ impl Executor {
                     }
                     slots.extend(self.slot_to_release(event, chain, &pass));
                     let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
+                    span.record("switchboard.outcome", chain_outcome(&run, end));
                     // (A flow control whose key failed filed a letter too.)
                     dead |= matches!(end, Some(ChainEnd::Dead { .. }))
                         || pass
@@ -441,6 +465,7 @@ impl Executor {
             self.timers.noted(&timer);
         }
         self.release_slots(&store, event, slots)?;
+        passed(status);
         self.tail.passed(event, &pass.journal, status);
         Ok(retry_in.map_or(Disposition::Ack, Disposition::Retry))
     }
@@ -556,6 +581,7 @@ impl Executor {
             finished_ms: Some(crate::journal::now_ms()),
         });
         pass.write(&self.journal)?;
+        passed(status);
         self.tail.passed(event, &pass.journal, status);
         Ok(Disposition::Ack)
     }
@@ -581,7 +607,8 @@ impl Executor {
                     continue;
                 }
                 for child in &step.children {
-                    if let Err(e) = self.bus.publish(child).await {
+                    let span = otel::publish(child, self.bus.kind(), &self.prefix);
+                    if let Err(e) = self.bus.publish(child).instrument(span).await {
                         tracing::warn!(account = %event.account_key, event_id = %event.id, child = %child.id,
                             error = %e, "publishing an emitted event failed");
                         result = Err(e.into());
@@ -709,7 +736,13 @@ impl Executor {
                 chain,
                 outputs: &outputs,
             };
-            match steps.attempt(&cx, step, prior).await {
+            let span = otel::step(&chain.name, name, &step.handler);
+            let attempt = steps
+                .attempt(&cx, step, prior)
+                .instrument(span.clone())
+                .await;
+            step_ended(&span, &attempt);
+            match attempt {
                 Attempt::Done {
                     record,
                     stop,
@@ -874,6 +907,53 @@ impl Executor {
         });
         Ok(())
     }
+}
+
+/// Records how a pass over the event ended on its `process` span.
+fn passed(status: TraceStatus) {
+    otel::outcome(
+        &tracing::Span::current(),
+        status.as_str(),
+        status == TraceStatus::Dead,
+    );
+}
+
+/// How a chain's run in a pass ended, for its span.
+fn chain_outcome(run: &ChainRun, end: Option<&ChainEnd>) -> &'static str {
+    match (run, end) {
+        (ChainRun::Retry(_), _) => "retry",
+        (ChainRun::Paused, _) => "paused",
+        (ChainRun::Over, Some(ChainEnd::Dead { .. })) => "dead",
+        (ChainRun::Over, Some(ChainEnd::Expired { .. })) => "expired",
+        (ChainRun::Over, Some(ChainEnd::Cancelled { .. })) => "cancelled",
+        (ChainRun::Over, Some(ChainEnd::Limited { .. })) => "limited",
+        (ChainRun::Over, Some(ChainEnd::Removed)) => "removed",
+        (ChainRun::Over, _) => "done",
+    }
+}
+
+/// Records an attempt's end on its step span.
+fn step_ended(span: &tracing::Span, attempt: &Attempt) {
+    use crate::trace::StepOutcome;
+    let (trace, outcome) = match attempt {
+        Attempt::Done { record, .. } => {
+            let outcome = match record.trace.outcome {
+                StepOutcome::Skipped => "skipped",
+                StepOutcome::Stopped => "stopped",
+                StepOutcome::Waiting => "waiting",
+                _ => "ok",
+            };
+            (&record.trace, outcome)
+        }
+        Attempt::Retry { pending, .. } => (&pending.trace, "retry"),
+        Attempt::Continue { trace, .. } => (trace, "continued"),
+        Attempt::Failed { trace, .. } => (trace, "failed"),
+    };
+    let error = match attempt {
+        Attempt::Done { .. } => None,
+        _ => trace.error.as_deref(),
+    };
+    otel::step_ended(span, trace.attempts, outcome, error);
 }
 
 /// Where a chain stands after a pass.

@@ -57,7 +57,9 @@ impl Pass {
             timers: Vec::new(),
         };
         if !pass.journal.has_begun() {
-            pass.pending.push_begin(&mut pass.journal, event);
+            let traceparent = crate::otel::current_traceparent();
+            pass.pending
+                .push_begin(&mut pass.journal, event, traceparent);
         }
         pass
     }

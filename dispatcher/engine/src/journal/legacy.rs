@@ -138,6 +138,7 @@ fn removal(collection: Collection, key: Vec<u8>) -> Write {
 fn entries(trace: &Trace, legacy: Option<LegacyJournal>) -> Vec<Entry> {
     let mut out = vec![Entry::Begin {
         event: Box::new(trace.event.clone()),
+        traceparent: None,
     }];
     let journaled: Vec<LegacyChain> = legacy.map(|j| j.chains).unwrap_or_default();
     for chain in &journaled {

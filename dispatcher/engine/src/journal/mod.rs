@@ -44,6 +44,10 @@ pub enum Entry {
     Begin {
         /// The event.
         event: Box<VumiApiEvent>,
+        /// The W3C `traceparent` of the first pass's `process` span, when
+        /// traces are on: later passes link to it ([`crate::otel`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A step of a chain finished (succeeded, or failed under `on_error =
     /// "continue"`); the chain resumes after it.
@@ -380,6 +384,8 @@ pub struct EventJournal {
     last_seq: Option<u64>,
     /// Whether the record has its `Begin` entry (read, or pending).
     begun: bool,
+    /// The first pass's trace context, if traces were on then.
+    pub traceparent: Option<String>,
 }
 
 impl EventJournal {
@@ -439,8 +445,9 @@ impl EventJournal {
             self.finish = None;
         }
         match entry {
-            Entry::Begin { event } => {
+            Entry::Begin { event, traceparent } => {
                 self.event.get_or_insert(*event);
+                self.traceparent = self.traceparent.take().or(traceparent);
                 self.begun = true;
             }
             Entry::Step {
@@ -601,17 +608,33 @@ impl Pending {
 
     /// Adds the `Begin` entry of `event` to what `journal` will write: the
     /// event is serialised from where it is, not copied into an entry.
-    pub fn push_begin(&mut self, journal: &mut EventJournal, event: &VumiApiEvent) {
+    /// `traceparent` is the pass's trace context, if traces are on.
+    pub fn push_begin(
+        &mut self,
+        journal: &mut EventJournal,
+        event: &VumiApiEvent,
+        traceparent: Option<String>,
+    ) {
         #[derive(Serialize)]
         #[serde(tag = "entry", rename = "begin")]
         struct Begin<'a> {
             event: &'a VumiApiEvent,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            traceparent: &'a Option<String>,
         }
         self.json.push(if self.count == 0 { b'[' } else { b',' });
-        serde_json::to_writer(&mut self.json, &Begin { event }).expect("an event serialises");
+        serde_json::to_writer(
+            &mut self.json,
+            &Begin {
+                event,
+                traceparent: &traceparent,
+            },
+        )
+        .expect("an event serialises");
         self.count += 1;
         journal.finish = None;
         journal.begun = true;
+        journal.traceparent = traceparent;
     }
 }
 

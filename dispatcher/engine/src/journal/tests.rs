@@ -108,6 +108,7 @@ fn a_record_folds_its_entries_in_the_order_they_were_written() {
         vec![
             Entry::Begin {
                 event: Box::new(e.clone()),
+                traceparent: None,
             },
             step("a", "one"),
             Entry::Retry {
@@ -187,6 +188,7 @@ fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
         vec![
             Entry::Begin {
                 event: Box::new(e.clone()),
+                traceparent: None,
             },
             step("a", "one"),
             dead("a", "L1"),
@@ -402,6 +404,7 @@ fn the_listing_takes_an_entry_without_its_record_for_none() {
     }
     let begin = Entry::Begin {
         event: Box::new(handled.clone()),
+        traceparent: None,
     };
     let entry = RecordKey::new(&handled.account_key, &handled.id).time_entry(started);
     store.write_in_order(&[entry]).expect("the listing entry");

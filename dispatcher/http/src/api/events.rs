@@ -97,11 +97,54 @@ fn events_of(
 /// acceptance). A batch is checked, and its rate taken, whole before any
 /// of it is published (a bus failure part-way answers 503: publishing the
 /// batch again is safe, the bus drops what it has by id).
+///
+/// The request is an OpenTelemetry server span, continuing the trace of
+/// its `traceparent` header; the events published carry its context.
 pub(super) async fn ingest(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     RawBody(body): RawBody,
+) -> ApiResult {
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        target: switchboard_engine::otel::TARGET,
+        "POST /v1/events",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = "/v1/events",
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some(parent) = switchboard_sdk::trace_context::extract(
+            headers
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+        )
+    {
+        let _ = span.set_parent(parent);
+    }
+    let answer = publish_events(s, principal, headers, body)
+        .instrument(span.clone())
+        .await;
+    let status = match &answer {
+        Ok(response) => response.status(),
+        Err(e) => e.status,
+    };
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    answer
+}
+
+async fn publish_events(
+    s: ApiState,
+    principal: Principal,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> ApiResult {
     let kind = Ingest::of(&headers);
     let events = events_of(&body, kind, &principal, s.max_event_bytes)?;
