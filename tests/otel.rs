@@ -176,7 +176,7 @@ async fn one_trace_runs_from_the_worker_through_steps_calls_commands_and_childre
             .iter()
             .filter(|s| s["kind"] == "SPAN_KIND_CONSUMER")
             .count();
-        (processed == 3).then_some(spans)
+        (processed >= 3).then_some(spans)
     })
     .await;
     let by_id: HashMap<&str, &Value> = spans
@@ -258,11 +258,19 @@ async fn one_trace_runs_from_the_worker_through_steps_calls_commands_and_childre
 
     // Each outbound call is a client span under its step, and the request
     // carried that span's context.
-    let posts = named("POST");
-    assert_eq!(posts.len(), 3, "{posts:#?}");
-    for (post, carried) in posts.iter().zip(&call_parents) {
+    assert_eq!(named("POST").len(), 3, "{spans:#?}");
+    // In the order the receiver got the requests: the webhook's two, the gateway's.
+    let posts: Vec<&Value> = call_parents
+        .iter()
+        .map(|carried| {
+            *by_id
+                .get(carried.as_str())
+                .unwrap_or_else(|| panic!("the span {carried} a request carried was exported"))
+        })
+        .collect();
+    for post in &posts {
+        assert_eq!(post["name"], "POST", "{post}");
         assert_eq!(post["kind"], "SPAN_KIND_CLIENT");
-        assert_eq!(&post["span_id"], carried.as_str(), "{post}");
         assert_eq!(attr(post, "http.request.method"), "POST");
     }
     assert_eq!(attr(posts[0], "http.response.status_code"), 500);
@@ -426,7 +434,9 @@ config = { message = "noted" }
             .iter()
             .filter(|s| s["kind"] == "SPAN_KIND_CONSUMER")
             .count();
-        (processed == 2).then_some(spans)
+        // The request's span may end after the events' own.
+        let served = spans.iter().any(|s| s["kind"] == "SPAN_KIND_SERVER");
+        (processed >= 2 && served).then_some(spans)
     })
     .await;
     for s in &spans {

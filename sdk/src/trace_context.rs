@@ -30,6 +30,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The W3C `tracestate` header.
 pub const TRACESTATE: &str = "tracestate";
 
+/// The longest `tracestate` carried on (W3C: at least 512 characters are
+/// kept); a longer one is left behind.
+const MAX_TRACESTATE: usize = 512;
+
 /// The current OpenTelemetry context as W3C headers: `traceparent`, and
 /// `tracestate` when it is not empty. Empty when there is no valid span.
 pub fn current_headers() -> Vec<(&'static str, String)> {
@@ -43,7 +47,9 @@ pub fn headers_of(cx: &Context) -> Vec<(&'static str, String)> {
         fn set(&mut self, key: &str, value: String) {
             match key {
                 TRACEPARENT => self.0.push((TRACEPARENT, value)),
-                TRACESTATE if !value.is_empty() => self.0.push((TRACESTATE, value)),
+                TRACESTATE if !value.is_empty() && value.len() <= MAX_TRACESTATE => {
+                    self.0.push((TRACESTATE, value));
+                }
                 _ => {}
             }
         }
@@ -74,18 +80,24 @@ pub fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Opt
             vec![TRACEPARENT, TRACESTATE]
         }
     }
-    let mut found = Headers([None, None]);
+    // The plain headers first, then a CloudEvent's, whatever their order.
+    let (mut plain, mut cloudevent) = (Headers([None, None]), Headers([None, None]));
     for (name, value) in headers {
-        let name = name
-            .get(..3)
-            .filter(|p| p.eq_ignore_ascii_case("ce-"))
-            .map_or(name, |_| &name[3..]);
+        let (found, name) = match name.get(..3) {
+            Some(p) if p.eq_ignore_ascii_case("ce-") => (&mut cloudevent, &name[3..]),
+            _ => (&mut plain, name),
+        };
         if name.eq_ignore_ascii_case(TRACEPARENT) {
             found.0[0].get_or_insert(value);
-        } else if name.eq_ignore_ascii_case(TRACESTATE) {
+        } else if name.eq_ignore_ascii_case(TRACESTATE) && value.len() <= MAX_TRACESTATE {
             found.0[1].get_or_insert(value);
         }
     }
+    let found = if plain.0[0].is_some() {
+        plain
+    } else {
+        cloudevent
+    };
     found.0[0]?;
     let cx = TraceContextPropagator::new().extract(&found);
     cx.span().span_context().is_valid().then_some(cx)
@@ -126,6 +138,15 @@ mod tests {
         );
         let cx = extract([("traceparent", PARENT), ("ce-traceparent", other)]).unwrap();
         assert_eq!(headers_of(&cx)[0].1, PARENT);
+        let cx = extract([("ce-traceparent", other), ("traceparent", PARENT)]).unwrap();
+        assert_eq!(headers_of(&cx)[0].1, PARENT);
+    }
+
+    #[test]
+    fn an_oversize_tracestate_is_left_behind() {
+        let state = format!("vendor={}", "x".repeat(600));
+        let cx = extract([("traceparent", PARENT), ("tracestate", state.as_str())]).unwrap();
+        assert_eq!(headers_of(&cx), vec![(TRACEPARENT, PARENT.to_string())]);
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl CommandPort for NatsCommands {
             otel.name = %format_args!("publish {subject}"),
             otel.kind = "producer",
             otel.status_code = tracing::field::Empty,
-            otel.status_message = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
             messaging.system = "nats",
             messaging.operation.type = "send",
             messaging.operation.name = "publish",
@@ -80,7 +80,7 @@ impl CommandPort for NatsCommands {
         let published = publish.instrument(span.clone()).await;
         if let Err(e) = &published {
             span.record("otel.status_code", "ERROR");
-            span.record("otel.status_message", e.as_str());
+            span.record("otel.status_description", e.as_str());
         }
         published
     }

@@ -183,6 +183,11 @@ fn encode(subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> 
         v.extend_from_slice(&(s.len() as u16).to_be_bytes());
         v.extend_from_slice(s);
     };
+    // (Trace context headers are short: `trace_context` caps them.)
+    let headers: Vec<_> = headers
+        .iter()
+        .filter(|(n, v)| n.len() < usize::from(u16::MAX) && v.len() < usize::from(u16::MAX))
+        .collect();
     if !headers.is_empty() {
         v.extend_from_slice(&WITH_HEADERS.to_be_bytes());
         v.extend_from_slice(&(headers.len() as u16).to_be_bytes());
@@ -196,26 +201,35 @@ fn encode(subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> 
     v
 }
 
-fn decode(v: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
-    fn take<'a>(v: &mut &'a [u8]) -> &'a [u8] {
-        let n = u16::from_be_bytes([v[0], v[1]]) as usize;
-        let (s, rest) = v[2..].split_at(n);
-        *v = rest;
-        s
+/// A queued record's subject, headers and payload. One that cannot be read
+/// is handed on whole under no subject: the executor files it in dead
+/// letters as poison rather than lose it.
+fn decode(record: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
+    fn u16_at(v: &[u8]) -> Option<u16> {
+        Some(u16::from_be_bytes([*v.first()?, *v.get(1)?]))
     }
-    let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
-    let mut v = v;
-    let mut headers = Vec::new();
-    if v[..2] == WITH_HEADERS.to_be_bytes() {
-        let count = u16::from_be_bytes([v[2], v[3]]);
-        v = &v[4..];
-        for _ in 0..count {
-            let name = text(take(&mut v));
-            headers.push((name, text(take(&mut v))));
+    fn take<'a>(v: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = usize::from(u16_at(v)?);
+        let s = v.get(2..2 + n)?;
+        *v = &v[2 + n..];
+        Some(s)
+    }
+    let read = || {
+        let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
+        let mut v = record;
+        let mut headers = Vec::new();
+        if u16_at(v)? == WITH_HEADERS {
+            let count = u16_at(&v[2..])?;
+            v = &v[4..];
+            for _ in 0..count {
+                let name = text(take(&mut v)?);
+                headers.push((name, text(take(&mut v)?)));
+            }
         }
-    }
-    let subject = text(take(&mut v));
-    (subject, headers, Bytes::copy_from_slice(v))
+        let subject = text(take(&mut v)?);
+        Some((subject, headers, Bytes::copy_from_slice(v)))
+    };
+    read().unwrap_or_else(|| (String::new(), Vec::new(), Bytes::copy_from_slice(record)))
 }
 
 #[async_trait::async_trait]
@@ -405,6 +419,12 @@ mod tests {
         let traced = encode(subject, &headers, br#"{"a":1}"#);
         let (s, h, payload) = decode(&traced);
         assert_eq!(s, subject);
+        // A record cut short is handed on whole, under no subject.
+        for cut in [1, 3, 10, traced.len() - 40] {
+            let (s, h, payload) = decode(&traced[..cut]);
+            assert_eq!((s.as_str(), h.len()), ("", 0), "cut at {cut}");
+            assert_eq!(&payload[..], &traced[..cut]);
+        }
         assert_eq!(
             h,
             headers

@@ -49,7 +49,7 @@ pub fn process(
         otel.name = %format_args!("process {prefix}.events.{{account}}.{{conversation_type}}.{{event_type}}"),
         otel.kind = "consumer",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         messaging.system = system,
         messaging.operation.type = "process",
         messaging.operation.name = "process",
@@ -125,7 +125,7 @@ pub fn step(chain: &str, step: &str, handler: &str) -> Span {
         "step",
         otel.name = %format_args!("step {step}"),
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         switchboard.chain = chain,
         switchboard.step = step,
         switchboard.handler = handler,
@@ -142,7 +142,7 @@ pub fn step_ended(span: &Span, attempt: u32, outcome: &str, error: Option<&str>)
     span.record("switchboard.outcome", outcome);
     if let Some(error) = error {
         span.record("otel.status_code", "ERROR");
-        span.record("otel.status_message", error);
+        span.record("otel.status_description", error);
     }
 }
 
@@ -179,6 +179,6 @@ pub fn current_trace_id() -> Option<String> {
 
 /// Whether anything takes these spans: a check of a call site's cached
 /// interest, so that with traces off nothing else is done.
-fn on() -> bool {
+pub fn on() -> bool {
     tracing::enabled!(target: TARGET, tracing::Level::INFO)
 }

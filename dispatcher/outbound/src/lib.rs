@@ -113,7 +113,7 @@ impl HttpPort for ReqwestHttp {
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
                 span.record("error.type", status.as_str());
-                span.record("otel.status_message", tracing::field::display(e));
+                span.record("otel.status_description", tracing::field::display(e));
             }
         }
         self.metrics.outbound("http", &provider, &status);
@@ -125,13 +125,16 @@ impl HttpPort for ReqwestHttp {
 /// conventions), the URL without its credentials or query.
 fn client_span(request: &HttpRequest) -> tracing::Span {
     use tracing::field::Empty;
+    if !switchboard_engine::otel::on() {
+        return tracing::Span::none();
+    }
     let url = url::Url::parse(&request.url).ok();
     tracing::info_span!(
         target: switchboard_engine::otel::TARGET,
         "POST",
         otel.kind = "client",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         http.request.method = "POST",
         url.full = %redact_url(&request.url),
         server.address = url.as_ref().and_then(|u| u.host_str()).unwrap_or_default(),
@@ -365,14 +368,14 @@ impl MailPort for LettreMail {
             "SMTP send",
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
-            otel.status_message = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
             network.protocol.name = "smtp",
             switchboard.provider = provider,
         );
         let result = transport.send(message).instrument(span.clone()).await;
         if let Err(e) = &result {
             span.record("otel.status_code", "ERROR");
-            span.record("otel.status_message", tracing::field::display(e));
+            span.record("otel.status_description", tracing::field::display(e));
         }
         let status = match &result {
             Ok(_) => "accepted",

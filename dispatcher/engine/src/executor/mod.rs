@@ -271,7 +271,7 @@ impl Executor {
                 let handled = self.try_handle(event, loaded, holding, earlier);
                 handled.instrument(span.clone()).await.inspect_err(|e| {
                     otel::outcome(&span, "interrupted", true);
-                    span.record("otel.status_message", tracing::field::display(e));
+                    span.record("otel.status_description", tracing::field::display(e));
                 })
             }
             Err(e) => Err(e.into()),
@@ -911,6 +911,9 @@ impl Executor {
 
 /// Records how a pass over the event ended on its `process` span.
 fn passed(status: TraceStatus) {
+    if !otel::on() {
+        return;
+    }
     otel::outcome(
         &tracing::Span::current(),
         status.as_str(),
