@@ -87,6 +87,41 @@ fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
     &span["attributes"][key]
 }
 
+/// The worker's span, as its `traceparent` carries it.
+fn worker_traceparent() -> String {
+    format!("00-{TRACE_ID}-{WORKER_SPAN}-01")
+}
+
+/// Runs the Python worker, publishing one `poll_complete` of account
+/// `traced` with the worker's `traceparent`; returns the event's id.
+async fn publish_traced(nats: &NatsServer) -> String {
+    let run = python_worker(&[
+        "--nats",
+        nats.url(),
+        "--account",
+        "traced",
+        "--count",
+        "1",
+        "--traceparent",
+        &worker_traceparent(),
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    run.stdout.split_whitespace().next().unwrap().to_string()
+}
+
+/// The spans exported once `consumers` events' passes (`process` spans)
+/// and, with `served`, the ingest request's span are among them.
+async fn exported(otlp: &OtlpReceiver, consumers: usize, served: bool) -> Vec<Value> {
+    wait_until("the spans of the events", TIMEOUT, || async {
+        let spans = otlp.spans().await;
+        let kind = |kind: &str| spans.iter().filter(|s| s["kind"] == kind).count();
+        (kind("SPAN_KIND_CONSUMER") >= consumers && (!served || kind("SPAN_KIND_SERVER") > 0))
+            .then_some(spans)
+    })
+    .await
+}
+
 /// The span id a W3C `traceparent` names, checked to be of our trace.
 fn span_of_traceparent(traceparent: &str) -> String {
     let parts: Vec<&str> = traceparent.split('-').collect();
@@ -120,20 +155,7 @@ async fn one_trace_runs_from_the_worker_through_steps_calls_commands_and_childre
     let mut commands = client.subscribe("vumi.outbound.smsc").await.unwrap();
     client.flush().await.unwrap();
 
-    let traceparent = format!("00-{TRACE_ID}-{WORKER_SPAN}-01");
-    let run = python_worker(&[
-        "--nats",
-        nats.url(),
-        "--account",
-        "traced",
-        "--count",
-        "1",
-        "--traceparent",
-        &traceparent,
-    ])
-    .await;
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let event_id = run.stdout.split_whitespace().next().unwrap().to_string();
+    let event_id = publish_traced(&nats).await;
 
     // What left the dispatcher carries the trace: the command on NATS...
     let command = tokio::time::timeout(TIMEOUT, commands.next())
@@ -170,15 +192,7 @@ async fn one_trace_runs_from_the_worker_through_steps_calls_commands_and_childre
 
     // Both events' passes end with a `process` span each; the spans of the
     // calls come before them.
-    let spans = wait_until("the spans of both events", TIMEOUT, || async {
-        let spans = otlp.spans().await;
-        let processed = spans
-            .iter()
-            .filter(|s| s["kind"] == "SPAN_KIND_CONSUMER")
-            .count();
-        (processed >= 3).then_some(spans)
-    })
-    .await;
+    let spans = exported(&otlp, 3, false).await;
     let by_id: HashMap<&str, &Value> = spans
         .iter()
         .map(|s| (s["span_id"].as_str().unwrap(), s))
@@ -344,18 +358,7 @@ config = { provider = "gateway", to = "{{ event.event_data.msisdn }}", body = "T
 "#,
     )
     .await;
-    let run = python_worker(&[
-        "--nats",
-        nats.url(),
-        "--account",
-        "traced",
-        "--count",
-        "1",
-        "--traceparent",
-        &format!("00-{TRACE_ID}-{WORKER_SPAN}-01"),
-    ])
-    .await;
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    publish_traced(&nats).await;
     let sent = wait_until("the SMS", TIMEOUT, || async {
         let sent = receiver.requests_to("/sms").await;
         (!sent.is_empty()).then_some(sent)
@@ -422,23 +425,14 @@ config = { message = "noted" }
     let answer = d
         .http()
         .post(format!("{}/v1/events", d.url()))
-        .header("traceparent", format!("00-{TRACE_ID}-{WORKER_SPAN}-01"))
+        .header("traceparent", worker_traceparent())
         .json(&event)
         .send()
         .await
         .unwrap();
     assert_eq!(answer.status(), 202);
-    let spans = wait_until("the spans of the event and its child", TIMEOUT, || async {
-        let spans = otlp.spans().await;
-        let processed = spans
-            .iter()
-            .filter(|s| s["kind"] == "SPAN_KIND_CONSUMER")
-            .count();
-        // The request's span may end after the events' own.
-        let served = spans.iter().any(|s| s["kind"] == "SPAN_KIND_SERVER");
-        (processed >= 2 && served).then_some(spans)
-    })
-    .await;
+    // The request's span may end after the events' own.
+    let spans = exported(&otlp, 2, true).await;
     for s in &spans {
         assert_eq!(s["trace_id"], TRACE_ID, "{s}");
         assert_eq!(s["service"], "switchboard", "the default service name: {s}");

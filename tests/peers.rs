@@ -24,6 +24,24 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// What a peer's JSON endpoint at `url` answers.
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url} answers: {e}"))
+        .json::<Value>()
+        .await
+        .unwrap_or_else(|e| panic!("{url} answers JSON: {e}"))
+}
+
+/// The items of a JSON array (none for anything else).
+fn list(answer: Value) -> Vec<Value> {
+    match answer {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
+
 /// A peer process that printed `listening on PORT`.
 #[derive(Debug)]
 struct Process {
@@ -155,23 +173,12 @@ from = "Switchboard"
 
     /// Every request received so far, oldest first.
     pub async fn requests(&self) -> Vec<Value> {
-        let answer = reqwest::get(format!("{}/_requests", self.url()))
-            .await
-            .expect("the receiver answers")
-            .json::<Value>()
-            .await
-            .expect("JSON");
-        answer.as_array().cloned().unwrap_or_default()
+        list(get_json(&format!("{}/_requests", self.url())).await)
     }
 
     /// How many requests it has received.
     pub async fn count(&self) -> usize {
-        let answer = reqwest::get(format!("{}/_count", self.url()))
-            .await
-            .expect("the receiver answers")
-            .json::<Value>()
-            .await
-            .expect("JSON");
+        let answer = get_json(&format!("{}/_count", self.url())).await;
         answer["count"].as_u64().expect("a count") as usize
     }
 
@@ -207,13 +214,7 @@ impl OtlpReceiver {
 
     /// Every span received so far, oldest first.
     pub async fn spans(&self) -> Vec<Value> {
-        let answer = reqwest::get(format!("{}/_spans", self.url()))
-            .await
-            .expect("the OTLP receiver answers")
-            .json::<Value>()
-            .await
-            .expect("JSON");
-        answer.as_array().cloned().unwrap_or_default()
+        list(get_json(&format!("{}/_spans", self.url())).await)
     }
 }
 

@@ -102,11 +102,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn tracing(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports what is buffered and stops the exporter (waiting at most a
     /// few seconds for the collector).
     pub async fn shutdown(self) {

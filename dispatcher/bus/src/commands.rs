@@ -79,8 +79,7 @@ impl CommandPort for NatsCommands {
         };
         let published = publish.instrument(span.clone()).await;
         if let Err(e) = &published {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", e.as_str());
+            switchboard_engine::otel::failed(&span, e);
         }
         published
     }

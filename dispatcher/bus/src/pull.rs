@@ -227,8 +227,8 @@ fn delivery_of(
                     let name: &str = name.as_ref();
                     name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
                         || name.eq_ignore_ascii_case("content-type")
-                        || name.eq_ignore_ascii_case("traceparent")
-                        || name.eq_ignore_ascii_case("tracestate")
+                        || name.eq_ignore_ascii_case(switchboard_sdk::trace_context::TRACEPARENT)
+                        || name.eq_ignore_ascii_case(switchboard_sdk::trace_context::TRACESTATE)
                 })
                 .filter_map(|(name, values)| {
                     Some((name.to_string(), values.first()?.as_str().to_string()))

@@ -46,7 +46,7 @@ pub fn process(
     let span = tracing::info_span!(
         target: TARGET,
         "process",
-        otel.name = %format_args!("process {prefix}.events.{{account}}.{{conversation_type}}.{{event_type}}"),
+        otel.name = %format_args!("process {}", events_template(prefix)),
         otel.kind = "consumer",
         otel.status_code = Empty,
         otel.status_description = Empty,
@@ -54,7 +54,7 @@ pub fn process(
         messaging.operation.type = "process",
         messaging.operation.name = "process",
         messaging.destination.name = subject,
-        messaging.destination.template = %format_args!("{prefix}.events.{{account}}.{{conversation_type}}.{{event_type}}"),
+        messaging.destination.template = %events_template(prefix),
         messaging.message.id = %event.id,
         messaging.message.conversation_id = %event.conversation_key,
         messaging.consumer.group.name = CONSUMER_GROUP,
@@ -69,15 +69,10 @@ pub fn process(
         return span;
     }
     let incoming = trace_context::extract(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    let earlier = recorded.and_then(|tp| trace_context::extract([("traceparent", tp)]));
-    match (incoming, &earlier) {
-        (Some(parent), _) => {
-            let _ = span.set_parent(parent);
-        }
-        (None, Some(earlier)) => {
-            let _ = span.set_parent(earlier.clone());
-        }
-        (None, None) => {}
+    let earlier =
+        recorded.and_then(|tp| trace_context::extract([(trace_context::TRACEPARENT, tp)]));
+    if let Some(parent) = incoming.or_else(|| earlier.clone()) {
+        let _ = span.set_parent(parent);
     }
     if let Some(earlier) = earlier {
         span.add_link(earlier.span().span_context().clone());
@@ -98,12 +93,24 @@ pub fn current_traceparent() -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// The events subjects' template, `messaging.destination.template`.
+fn events_template(prefix: &str) -> String {
+    format!("{prefix}.events.{{account}}.{{conversation_type}}.{{event_type}}")
+}
+
 /// Records how the pass over the event ended on its `process` span.
 pub fn outcome(span: &Span, outcome: &str, error: bool) {
     span.record("switchboard.outcome", outcome);
     if error {
         span.record("otel.status_code", "ERROR");
     }
+}
+
+/// Marks `span` failed, with `error` as its status description (a span
+/// made with `otel.status_code` and `otel.status_description` declared).
+pub fn failed(span: &Span, error: &dyn std::fmt::Display) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", tracing::field::display(error));
 }
 
 /// The span of one chain's run in a pass.
@@ -141,8 +148,7 @@ pub fn step_ended(span: &Span, attempt: u32, outcome: &str, error: Option<&str>)
     span.record("switchboard.attempt", i64::from(attempt));
     span.record("switchboard.outcome", outcome);
     if let Some(error) = error {
-        span.record("otel.status_code", "ERROR");
-        span.record("otel.status_description", error);
+        failed(span, &error);
     }
 }
 
@@ -152,7 +158,7 @@ pub fn publish(child: &VumiApiEvent, system: &str, prefix: &str) -> Span {
     tracing::info_span!(
         target: TARGET,
         "publish",
-        otel.name = %format_args!("publish {prefix}.events.{{account}}.{{conversation_type}}.{{event_type}}"),
+        otel.name = %format_args!("publish {}", events_template(prefix)),
         otel.kind = "producer",
         messaging.system = system,
         messaging.operation.type = "send",

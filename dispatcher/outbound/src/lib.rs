@@ -111,9 +111,8 @@ impl HttpPort for ReqwestHttp {
                 }
             }
             Err(e) => {
-                span.record("otel.status_code", "ERROR");
                 span.record("error.type", status.as_str());
-                span.record("otel.status_description", tracing::field::display(e));
+                switchboard_engine::otel::failed(&span, e);
             }
         }
         self.metrics.outbound("http", &provider, &status);
@@ -374,8 +373,7 @@ impl MailPort for LettreMail {
         );
         let result = transport.send(message).instrument(span.clone()).await;
         if let Err(e) = &result {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", tracing::field::display(e));
+            switchboard_engine::otel::failed(&span, e);
         }
         let status = match &result {
             Ok(_) => "accepted",

@@ -270,8 +270,8 @@ impl Executor {
                 );
                 let handled = self.try_handle(event, loaded, holding, earlier);
                 handled.instrument(span.clone()).await.inspect_err(|e| {
-                    otel::outcome(&span, "interrupted", true);
-                    span.record("otel.status_description", tracing::field::display(e));
+                    otel::outcome(&span, "interrupted", false);
+                    otel::failed(&span, e);
                 })
             }
             Err(e) => Err(e.into()),
