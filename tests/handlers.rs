@@ -285,6 +285,97 @@ config = { provider = "smsc", to = ["{{ event.event_data.msisdn }}", "+278200000
     }
 }
 
+/// Twilio takes no idempotency key: a send whose answer is lost after Twilio
+/// created the message is found at Twilio on the retry, not sent again —
+/// and the same text twice to one number is two messages, each found as
+/// its own.
+#[tokio::test]
+async fn a_twilio_send_whose_answer_is_lost_is_not_sent_again() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let smtp = SmtpSink::start();
+    let config = providers(&receiver, &smtp, false).replace(
+        "status_callback = \"https://hooks.example.org/twilio/status\"",
+        "timeout = \"1s\"",
+    );
+    let d = Dispatcher::with_config(None, &config);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "twilio", to = ["{{ event.event_data.msisdn }}", "{{ event.event_data.msisdn }}"], body = "Your code is 1234" }
+retry = { max_attempts = 4, initial = "50ms", max = "100ms" }
+"#,
+    )
+    .await;
+    // Both sends to the number are created at Twilio, and their answers lost.
+    receiver.twilio_hang(json!({"+27820000007": 2})).await;
+    let e = event(
+        "acme",
+        "survey",
+        "notify",
+        "c1",
+        json!({"msisdn": "+27820000007"}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let send = step(&trace, "notify", "send_sms");
+    assert_eq!(send["attempts"], 3, "{send:#}");
+
+    let calls = receiver
+        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
+        .await;
+    let methods: Vec<&str> = calls
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["POST", "GET", "POST", "GET"], "{calls:#?}");
+    assert_eq!(calls[1]["query"]["To"], "+27820000007");
+    assert_eq!(calls[1]["query"]["From"], "+15005550006");
+
+    // Each message has the sid Twilio gave it when its answer was lost.
+    for post in calls.iter().filter(|r| r["method"] == "POST") {
+        assert_eq!(post["form"]["Body"], "Your code is 1234");
+        assert_eq!(post["answer"], "hang", "{post}");
+    }
+    let out = &send["output"]["messages"];
+    let remote: Vec<&str> = (0..2)
+        .map(|i| out[i]["remote_id"].as_str().unwrap())
+        .collect();
+    assert_ne!(remote[0], remote[1], "{out:#}");
+    for (i, m) in out.as_array().unwrap().iter().enumerate() {
+        assert_eq!(m["status"], "sent", "{m}");
+        let record = d
+            .cli(&[
+                "messages",
+                "show",
+                "acme",
+                m["message_id"].as_str().unwrap(),
+            ])
+            .await;
+        let record: Value = serde_json::from_str(record.ok()).unwrap();
+        assert_eq!(record["remote_id"], remote[i]);
+        let path: Vec<&str> = record["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["to"].as_str().unwrap())
+            .collect();
+        assert_eq!(path, ["pending", "sending", "sent"], "{record:#}");
+        let cause = record["transitions"][2]["cause"].as_str().unwrap();
+        assert!(
+            cause.contains(&format!("found at twilio as {}", remote[i]))
+                && cause.contains("not sent again"),
+            "{cause}"
+        );
+    }
+}
+
 fn id_str(e: &switchboard_sdk::VumiApiEvent) -> String {
     e.id.to_string()
 }

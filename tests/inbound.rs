@@ -519,14 +519,18 @@ config = { message = "SMS {{ event.event_data.message_id }} failed: {{ event.eve
         (
             "+27831234567",
             "delivered",
-            vec!["pending", "sent", "sent", "delivered"],
+            vec!["pending", "sending", "sent", "sent", "delivered"],
         ),
         (
             "+27830000000",
             "undelivered",
-            vec!["pending", "sent", "undelivered"],
+            vec!["pending", "sending", "sent", "undelivered"],
         ),
-        ("+27839999999", "failed", vec!["pending", "sent", "failed"]),
+        (
+            "+27839999999",
+            "failed",
+            vec!["pending", "sending", "sent", "failed"],
+        ),
     ] {
         let id = sent[to]["id"].as_str().unwrap();
         assert_eq!(

@@ -141,16 +141,28 @@ impl HttpReceiver {
     /// Makes the fake Twilio API answer a message to each number with the
     /// sid given for it (`{"+27831234567": "SM..."}`).
     pub async fn twilio_sids(&self, sids: Value) {
-        let answer = reqwest::Client::new()
-            .post(format!("{}/_twilio_sids", self.url()))
-            .json(&sids)
+        let answer = self.twilio_control("_twilio_sids", &sids).await;
+        assert_eq!(answer, sids, "the receiver's Twilio sids");
+    }
+
+    /// Makes the fake Twilio API create the next message to each number
+    /// given (`{"+27831234567": 1}`: how many sends) and then hang before
+    /// answering: a send whose answer is lost.
+    pub async fn twilio_hang(&self, numbers: Value) {
+        let answer = self.twilio_control("_twilio_hang", &numbers).await;
+        assert_eq!(answer, numbers, "the receiver's Twilio hangs");
+    }
+
+    async fn twilio_control(&self, path: &str, body: &Value) -> Value {
+        reqwest::Client::new()
+            .post(format!("{}/{path}", self.url()))
+            .json(body)
             .send()
             .await
             .expect("the receiver answers")
             .json::<Value>()
             .await
-            .expect("JSON");
-        assert_eq!(answer, sids, "the receiver's Twilio sids");
+            .expect("JSON")
     }
 
     /// A dispatcher config whose SMS provider `gateway` posts to this

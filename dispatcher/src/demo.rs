@@ -259,6 +259,7 @@ impl DemoPeers {
                 url: format!("http://{PEERS_ADDR}/sms"),
                 from: Some("Switchboard".into()),
                 token: None,
+                timeout: None,
             }),
         );
         let smtp_port = peers.start_smtp().await?;

@@ -661,3 +661,19 @@ fn check_person(person: &Map<String, Value>, field: String, problems: &mut Vec<F
         ));
     }
 }
+
+/// A provider's optional `timeout` in the deployment's config (`"5s"`,
+/// `"1m"`): refused at start when it does not parse or is zero.
+pub(crate) fn deserialize_timeout<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    use serde::Deserialize;
+    let Some(s) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    match switchboard_rules::duration::parse(&s) {
+        Ok(t) if t.is_zero() => Err(serde::de::Error::custom("timeout: must be more than 0s")),
+        Ok(t) => Ok(Some(t)),
+        Err(e) => Err(serde::de::Error::custom(format!("timeout: {e}"))),
+    }
+}

@@ -27,9 +27,32 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The method of an outbound request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Send something (a webhook, a message).
+    #[default]
+    Post,
+    /// Look something up (whether a provider has a message); the body is
+    /// empty.
+    Get,
+}
+
+impl Method {
+    /// The method's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Post => "POST",
+            Method::Get => "GET",
+        }
+    }
+}
+
 /// An outbound HTTP request.
 #[derive(Debug, Clone)]
 pub struct HttpRequest {
+    /// POST or GET.
+    pub method: Method,
     /// The URL (`http` or `https`).
     pub url: String,
     /// Extra headers (content type included).
@@ -132,8 +155,8 @@ impl From<HttpError> for StepError {
 /// Outbound HTTP.
 #[async_trait::async_trait]
 pub trait HttpPort: Send + Sync + std::fmt::Debug {
-    /// POSTs `request`; an answer of any status is `Ok`.
-    async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError>;
+    /// Sends `request`; an answer of any status is `Ok`.
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError>;
 }
 
 /// An e-mail to send.

@@ -11,12 +11,14 @@ use serde_json::{Map, Value, json};
 
 use crate::message_template::TemplateChannel;
 use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
-use crate::ports::{CommandPort, HttpPort, HttpRequest, redact_url};
+use crate::ports::{CommandPort, HttpPort, HttpRequest, Method, redact_url};
 use crate::records::contacts::normalize_msisdn;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
 use crate::scheduled;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
 use crate::{Handler, StepError, StepInput, StepOutput};
+
+mod twilio;
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,6 +57,9 @@ pub struct HttpSms {
     /// Sent as `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
+    /// How long to wait for the gateway's answer (e.g. `"5s"`; 10 s).
+    #[serde(default, deserialize_with = "crate::options::deserialize_timeout")]
+    pub timeout: Option<Duration>,
 }
 
 /// `type = "twilio"`
@@ -77,6 +82,9 @@ pub struct TwilioSms {
     /// Where Twilio posts status callbacks.
     #[serde(default)]
     pub status_callback: Option<String>,
+    /// How long to wait for Twilio's answer (e.g. `"5s"`; 10 s).
+    #[serde(default, deserialize_with = "crate::options::deserialize_timeout")]
+    pub timeout: Option<Duration>,
 }
 
 fn twilio_base_url() -> String {
@@ -225,12 +233,13 @@ impl SendSms {
                 }
                 let response = self
                     .http
-                    .post(HttpRequest {
+                    .send(HttpRequest {
+                        method: Method::Post,
                         url: p.url.clone(),
                         headers,
                         body: serde_json::to_vec(&body).expect("JSON serialises"),
                         basic_auth: None,
-                        timeout: DEFAULT_TIMEOUT,
+                        timeout: p.timeout.unwrap_or(DEFAULT_TIMEOUT),
                         provider: message.provider.clone(),
                         from_account: false,
                     })
@@ -247,11 +256,7 @@ impl SendSms {
                     }))
             }
             SmsProvider::Twilio(p) => {
-                let url = format!(
-                    "{}/2010-04-01/Accounts/{}/Messages.json",
-                    p.base_url.trim_end_matches('/'),
-                    p.account_sid
-                );
+                let url = twilio::messages_url(p);
                 let body = {
                     let mut form = form_urlencoded::Serializer::new(String::new());
                     form.append_pair("To", &message.recipient);
@@ -270,7 +275,8 @@ impl SendSms {
                 };
                 let response = self
                     .http
-                    .post(HttpRequest {
+                    .send(HttpRequest {
+                        method: Method::Post,
                         url: url.clone(),
                         headers: vec![(
                             "content-type".to_string(),
@@ -278,7 +284,7 @@ impl SendSms {
                         )],
                         body,
                         basic_auth: Some((p.account_sid.clone(), p.auth_token.clone())),
-                        timeout: DEFAULT_TIMEOUT,
+                        timeout: p.timeout.unwrap_or(DEFAULT_TIMEOUT),
                         provider: message.provider.clone(),
                         from_account: false,
                     })
@@ -291,6 +297,73 @@ impl SendSms {
                     .map(str::to_string))
             }
         }
+    }
+}
+
+impl SendSms {
+    /// Hands `record` to `provider` and records it `sent`, with the
+    /// provider's id; unless Twilio has it already from an attempt that got
+    /// no answer ([`twilio`]), when it is recorded `sent` with the id
+    /// Twilio gave it then.
+    async fn hand_over(
+        &self,
+        (provider, provider_name): (&SmsProvider, &str),
+        mut record: MessageRecord,
+        from: Option<&str>,
+    ) -> Result<MessageRecord, StepError> {
+        let recording =
+            |e: RecordError| StepError::retryable(format!("recording the message: {e}"), None);
+        let mut cause = format!("accepted by {provider_name}");
+        let remote_id = match (provider, record.handed_over_at()) {
+            (SmsProvider::Twilio(p), Some(since)) => {
+                let found = twilio::find_earlier(
+                    p,
+                    self.http.as_ref(),
+                    self.messages.as_ref(),
+                    (&record, from),
+                    since,
+                )
+                .await?;
+                match found {
+                    Some(sid) => {
+                        cause = format!(
+                            "found at {provider_name} as {sid} after an attempt with no answer: \
+                             not sent again"
+                        );
+                        Some(sid)
+                    }
+                    None => self.deliver(provider, &record, from).await?,
+                }
+            }
+            (SmsProvider::Twilio(_), None) => {
+                let handing = format!(
+                    "handed to {provider_name}, which takes no idempotency key: a retry asks it \
+                     for the message before sending it again"
+                );
+                record = (self.messages)
+                    .transition(
+                        &record.account_key,
+                        &record.id,
+                        MessageStatus::Sending,
+                        &handing,
+                        None,
+                    )
+                    .map_err(recording)?
+                    .unwrap_or(record);
+                self.deliver(provider, &record, from).await?
+            }
+            _ => self.deliver(provider, &record, from).await?,
+        };
+        Ok((self.messages)
+            .transition(
+                &record.account_key,
+                &record.id,
+                MessageStatus::Sent,
+                &cause,
+                remote_id,
+            )
+            .map_err(recording)?
+            .unwrap_or(record))
     }
 }
 
@@ -460,20 +533,11 @@ impl Handler for SendSms {
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
             // A re-run step does not send again what was already sent.
             let record = if record.unsent() {
-                match self.deliver(provider, &record, from.as_deref()).await {
-                    Ok(remote_id) => self
-                        .messages
-                        .transition(
-                            &record.account_key,
-                            &record.id,
-                            MessageStatus::Sent,
-                            &format!("accepted by {provider_name}"),
-                            remote_id,
-                        )
-                        .map_err(|e| {
-                            StepError::retryable(format!("recording the message: {e}"), None)
-                        })?
-                        .unwrap_or(record),
+                match self
+                    .hand_over((provider, &provider_name), record.clone(), from.as_deref())
+                    .await
+                {
+                    Ok(record) => record,
                     Err(e) => {
                         if !e.is_retryable() {
                             if let Some((used, key)) = key {

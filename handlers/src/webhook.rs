@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
 use crate::options::{OptionSpec, Options, required_string};
-use crate::ports::{HttpPort, HttpRequest, redact_url};
+use crate::ports::{HttpPort, HttpRequest, Method, redact_url};
 use crate::records::Secrets;
 use crate::records::secrets::check_secret_name;
 use crate::template::is_template;
@@ -220,7 +220,8 @@ impl Handler for PaymentWebhook {
         }
         let response = self
             .http
-            .post(HttpRequest {
+            .send(HttpRequest {
+                method: Method::Post,
                 url: url.clone(),
                 headers,
                 body,

@@ -29,11 +29,17 @@ plans); it answers with the current settings and is not recorded.
 The fake Twilio Messages API answers with a sid `SM` + 32 hex digits, unless
 `POST /_twilio_sids` (not recorded) named one for the message's `To` number:
 `{"+27831234567": "SM0001..."}`, so a test can produce the sids of Twilio
-status callback samples.
+status callback samples. `POST /_twilio_hang` (not recorded) with
+`{"+27831234567": 1}` makes the next send to that number create the message
+and then hang (--hang seconds) before answering, as a send whose answer is
+lost. `GET .../Messages.json?To=&From=` lists the messages created, newest
+first, in Twilio's shape (recorded, with `method` GET).
 """
 
 import argparse
 import base64
+import datetime
+import email.utils
 import json
 import random
 import threading
@@ -54,6 +60,8 @@ requests = []
 attempts = {}
 control = {"healthy": False}
 twilio_sids = {}
+twilio_hang = {}
+twilio_messages = []
 verifier = Webhook(args.secret)
 
 
@@ -91,14 +99,35 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
         if self.path == "/_requests":
             with lock:
                 self.reply(200, requests)
         elif self.path == "/_count":
             with lock:
                 self.reply(200, {"count": len(requests)})
+        elif url.path.startswith("/2010-04-01/Accounts/") and url.path.endswith("/Messages.json"):
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            query = dict(urllib.parse.parse_qsl(url.query))
+            record = {"method": "GET", "path": url.path, "headers": headers, "query": query,
+                      "body": "", "at_ms": time.time_ns() // 1_000_000}
+            with lock:
+                requests.append(record)
+                listed = [m for m in reversed(twilio_messages)
+                          if m["to"] == query.get("To")
+                          and query.get("From") in (None, m["from"])]
+            if not self.twilio_authorized(headers, url.path):
+                self.answer(record, 401, {"code": 20003, "message": "Authenticate"})
+            else:
+                self.answer(record, 200, {"messages": listed, "page": 0,
+                                          "page_size": int(query.get("PageSize", 50))})
         else:
             self.reply(404, {"error": "not found"})
+
+    def twilio_authorized(self, headers, path):
+        sid = path.split("/")[3]
+        expected = "Basic " + base64.b64encode(f"{sid}:twilio-token".encode()).decode()
+        return headers.get("authorization", "") == expected
 
     def do_POST(self):
         length = int(self.headers.get("content-length", 0))
@@ -118,8 +147,15 @@ class Handler(BaseHTTPRequestHandler):
                 current = dict(twilio_sids)
             self.reply(200, current)
             return
+        if path == "/_twilio_hang":
+            with lock:
+                twilio_hang.update(json.loads(raw))
+                current = dict(twilio_hang)
+            self.reply(200, current)
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         record = {
+            "method": "POST",
             "path": path,
             "headers": headers,
             "body": raw.decode("utf-8", "replace"),
@@ -159,15 +195,27 @@ class Handler(BaseHTTPRequestHandler):
         extra = [("retry-after", retry_after)] if retry_after else []
         if path.startswith("/2010-04-01/Accounts/"):
             # Twilio's Messages API answers 201 with the message's sid.
-            auth = headers.get("authorization", "")
-            sid = path.split("/")[3]
-            expected = "Basic " + base64.b64encode(f"{sid}:twilio-token".encode()).decode()
-            if auth != expected:
+            form = record.get("form", {})
+            if not self.twilio_authorized(headers, path):
                 self.answer(record, 401, {"code": 20003, "message": "Authenticate"})
-            elif not record.get("form", {}).get("To", "").startswith("+"):
+            elif not form.get("To", "").startswith("+"):
                 self.answer(record, 400, {"code": 21211, "message": "Invalid 'To' Phone Number"})
             else:
-                sid = twilio_sids.get(record["form"]["To"]) or "SM" + format(len(requests), "032x")
+                with lock:
+                    sid = twilio_sids.get(form["To"]) or "SM" + format(len(requests), "032x")
+                    twilio_messages.append({
+                        "sid": sid, "to": form["To"], "from": form.get("From"),
+                        "body": form.get("Body"), "status": "queued",
+                        "messaging_service_sid": form.get("MessagingServiceSid"),
+                        "date_created": email.utils.format_datetime(
+                            datetime.datetime.now(datetime.timezone.utc)),
+                    })
+                    hang = twilio_hang.get(form["To"], 0) > 0
+                    if hang:
+                        twilio_hang[form["To"]] -= 1
+                if hang:
+                    record["answer"] = "hang"
+                    time.sleep(args.hang)
                 self.answer(record, 201, {"sid": sid, "status": "queued"})
         elif path.startswith("/sms"):
             self.answer(record, status, {"id": f"gw-{len(requests)}"}, extra)

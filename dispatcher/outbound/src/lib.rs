@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use switchboard_engine::metrics::Metrics;
 use switchboard_handlers::ports::{
-    Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort, redact_url,
+    Email, HttpError, HttpPort, HttpRequest, HttpResponse, MailError, MailPort, Method, redact_url,
 };
 
 /// Largest response body kept from an outbound call.
@@ -92,10 +92,10 @@ impl ReqwestHttp {
 
 #[async_trait::async_trait]
 impl HttpPort for ReqwestHttp {
-    async fn post(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let provider = request.provider.clone();
         let span = client_span(&request);
-        let result = self.send(request).instrument(span.clone()).await;
+        let result = self.call(request).instrument(span.clone()).await;
         let status = match &result {
             Ok(response) => response.status.to_string(),
             Err(HttpError::Timeout { .. }) => "timeout".to_string(),
@@ -130,11 +130,12 @@ fn client_span(request: &HttpRequest) -> tracing::Span {
     let url = url::Url::parse(&request.url).ok();
     tracing::info_span!(
         target: switchboard_engine::otel::TARGET,
-        "POST",
+        "HTTP",
+        otel.name = request.method.as_str(),
         otel.kind = "client",
         otel.status_code = Empty,
         otel.status_description = Empty,
-        http.request.method = "POST",
+        http.request.method = request.method.as_str(),
         url.full = %redact_url(&request.url),
         server.address = url.as_ref().and_then(|u| u.host_str()).unwrap_or_default(),
         server.port = i64::from(url.as_ref().and_then(|u| u.port_or_known_default()).unwrap_or_default()),
@@ -145,12 +146,18 @@ fn client_span(request: &HttpRequest) -> tracing::Span {
 }
 
 impl ReqwestHttp {
-    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         // Errors name the URL without its credentials or query.
         let url = redact_url(&request.url);
         let mut builder = self
             .client_for(&request, &url)?
-            .post(&request.url)
+            .request(
+                match request.method {
+                    Method::Post => reqwest::Method::POST,
+                    Method::Get => reqwest::Method::GET,
+                },
+                &request.url,
+            )
             .timeout(request.timeout)
             .body(request.body);
         for (k, v) in &request.headers {

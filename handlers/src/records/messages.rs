@@ -40,6 +40,10 @@ pub enum MessageStatus {
     Scheduled,
     /// Recorded, not yet handed to the provider.
     Pending,
+    /// Handed to a provider that takes no idempotency key (Twilio), with
+    /// no answer yet: before it is handed over again, the provider is asked
+    /// whether it has it.
+    Sending,
     /// The provider accepted it.
     Sent,
     /// The provider reports it delivered.
@@ -75,7 +79,7 @@ impl MessageStatus {
     /// reports of equal rank replace each other (a later outcome wins).
     pub fn rank(self) -> u8 {
         match self {
-            MessageStatus::Scheduled | MessageStatus::Pending => 0,
+            MessageStatus::Scheduled | MessageStatus::Pending | MessageStatus::Sending => 0,
             MessageStatus::Sent => 1,
             MessageStatus::Deferred => 2,
             MessageStatus::Delivered
@@ -96,6 +100,7 @@ impl MessageStatus {
         match self {
             MessageStatus::Scheduled => "scheduled",
             MessageStatus::Pending => "pending",
+            MessageStatus::Sending => "sending",
             MessageStatus::Sent => "sent",
             MessageStatus::Delivered => "delivered",
             MessageStatus::Failed => "failed",
@@ -234,7 +239,23 @@ impl MessageRecord {
     /// Whether the provider still has to be asked to send it (a re-run step
     /// does not send again what was already sent).
     pub fn unsent(&self) -> bool {
-        matches!(self.status, MessageStatus::Pending | MessageStatus::Failed)
+        matches!(
+            self.status,
+            MessageStatus::Pending | MessageStatus::Sending | MessageStatus::Failed
+        )
+    }
+
+    /// When the message was last handed to its provider with no answer
+    /// ([`MessageStatus::Sending`]): the provider may have it since then.
+    pub fn handed_over_at(&self) -> Option<OffsetDateTime> {
+        if self.status != MessageStatus::Sending {
+            return None;
+        }
+        self.transitions
+            .iter()
+            .rev()
+            .find(|t| t.to == MessageStatus::Sending)
+            .map(|t| t.at)
     }
 
     /// Starts the record's log: pending, sent by its chain and step, or

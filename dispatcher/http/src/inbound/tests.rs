@@ -165,6 +165,7 @@ fn provider(sid: &str, token: &str) -> TwilioSms {
         messaging_service_sid: None,
         base_url: "https://api.twilio.com".into(),
         status_callback: None,
+        timeout: None,
     }
 }
 
