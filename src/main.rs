@@ -108,6 +108,10 @@ enum Command {
     /// provider reports that matched none.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// See and set what a contact (or an address) opted in to and out of:
+    /// sends to an address that opted out are recorded `suppressed`.
+    #[command(subcommand)]
+    Preferences(PreferencesCommand),
     /// Manage account tokens, which reach one account's API only (needs the admin token).
     #[command(subcommand)]
     Tokens(TokensCommand),
@@ -141,6 +145,43 @@ enum TokensCommand {
         account: String,
         /// The token's id (from `tokens list`).
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PreferencesCommand {
+    /// Show a contact's (or an address's) preferences, per channel and topic.
+    Show {
+        /// The account.
+        account: String,
+        /// A contact's key, msisdn or e-mail, or an address no contact has.
+        contact: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Opt a contact's address on a channel in or out, of everything on it
+    /// or of one template or category.
+    Set {
+        /// The account.
+        account: String,
+        /// A contact's key, msisdn or e-mail, or an address no contact has.
+        contact: String,
+        /// `email` or `sms`.
+        channel: String,
+        /// `in` or `out`.
+        #[arg(value_parser = ["in", "out"])]
+        choice: String,
+        /// Only the messages of this template (by slug).
+        #[arg(long, conflicts_with = "category")]
+        template: Option<String>,
+        /// Only the messages of this template category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Why, recorded with the choice.
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -927,6 +968,36 @@ async fn main() -> ExitCode {
                 limit,
                 remote,
             } => cli::messages_unmatched(&remote.client(), &account, limit, remote.json).await,
+        }),
+        Command::Preferences(c) => print(match c {
+            PreferencesCommand::Show {
+                account,
+                contact,
+                remote,
+            } => cli::preferences_show(&remote.client(), &account, &contact, remote.json).await,
+            PreferencesCommand::Set {
+                account,
+                contact,
+                channel,
+                choice,
+                template,
+                category,
+                reason,
+                remote,
+            } => {
+                let topic = match (template, category) {
+                    (Some(slug), _) => Some(format!("template:{slug}")),
+                    (None, Some(name)) => Some(format!("category:{name}")),
+                    (None, None) => None,
+                };
+                let set = cli::SetPreference {
+                    channel,
+                    subscribed: choice == "in",
+                    topic,
+                    reason,
+                };
+                cli::preferences_set(&remote.client(), &account, &contact, set, remote.json).await
+            }
         }),
         Command::Inbound(c) => print(match c {
             InboundCommand::Create {

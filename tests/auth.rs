@@ -42,6 +42,9 @@ enum Guard {
     /// No token: the secret in the URL is the credential (inbound webhooks,
     /// tested in `tests/inbound.rs`); a wrong one answers 404.
     UrlSecret,
+    /// No token: the link's signature is the credential (unsubscribe links,
+    /// tested in `tests/preferences.rs`); a link not ours answers 404.
+    SignedLink,
 }
 
 /// Every route outside `/v1/accounts/{account}/`, and how it authenticates.
@@ -56,6 +59,16 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
         "POST",
         "/v1/inbound/{account}/{provider}/{secret}",
         Guard::UrlSecret,
+    ),
+    (
+        "GET",
+        "/v1/unsubscribe/{account}/{token}",
+        Guard::SignedLink,
+    ),
+    (
+        "POST",
+        "/v1/unsubscribe/{account}/{token}",
+        Guard::SignedLink,
     ),
 ];
 
@@ -206,6 +219,12 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/contacts", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/contacts/{key}",
             |f| format!("/v1/accounts/{}/contacts/{}", f.account, f.contact_key), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/preferences/{contact}",
+            |f| format!("/v1/accounts/{}/preferences/{}", f.account, f.contact_key),
+            none, 200, 200),
+        row("PUT", "/v1/accounts/{account}/preferences/{contact}",
+            |f| format!("/v1/accounts/{}/preferences/{}", f.account, f.contact_key),
+            |_| Some(r#"{"channel": "sms", "subscribed": true}"#.into()), 200, 200),
         row("GET", "/v1/accounts/{account}/messages",
             |f| format!("/v1/accounts/{}/messages", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages/{id}",
@@ -571,6 +590,7 @@ async fn ingest_account_list_and_open_routes() {
                 assert_eq!(status, 404, "{method} {route}: {answer}");
                 assert_eq!(answer["error"]["code"], "not_found", "{answer}");
             }
+            Guard::SignedLink => assert_eq!(status, 404, "{method} {route}: {answer}"),
         }
     }
     for account in ["alpha", "beta"] {

@@ -24,6 +24,7 @@ mod matching;
 mod metrics;
 mod otel;
 mod pauses;
+mod preferences;
 mod pull_stall;
 mod replicas;
 mod rhai;

@@ -111,6 +111,16 @@ impl Client {
             .await
     }
 
+    /// `PUT path` with `body` as JSON, answered a `T`.
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.put(self.url(path)).json(body), path)
+            .await
+    }
+
     /// `PUT path` with a text body of `content_type`, answered a `T`.
     pub async fn put_text<T: DeserializeOwned>(
         &self,

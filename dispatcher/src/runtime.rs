@@ -29,6 +29,7 @@ use switchboard_http::auth::{AdminToken, Auth, Principal, TokenStore};
 use switchboard_http::console::session::Sessions;
 use switchboard_http::inbound::{Inbound, InboundRecords};
 use switchboard_http::ratelimit::RateLimiter;
+use switchboard_http::unsubscribe::OneClick;
 use switchboard_outbound::policy::OutboundPolicy;
 use switchboard_outbound::{LettreMail, ReqwestHttp};
 use switchboard_rules::{ChainStore, Format, parse_chain_file, validate_deferring_secrets};
@@ -138,7 +139,6 @@ impl Dispatcher {
             replicas,
         } = backend::open(&config).await?;
         let (stop, stopped) = watch::channel(false);
-        let engine = Engine::build(&config, &store, &bus, commands, stopped.clone())?;
         let ready = Arc::new(AtomicBool::new(false));
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -150,12 +150,23 @@ impl Dispatcher {
             addr: config.http.listen,
             source,
         })?;
+        let public_url = config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local_addr}"));
+        let engine = Engine::build(
+            &config,
+            (&store, &bus),
+            commands,
+            &public_url,
+            stopped.clone(),
+        )?;
         let state = engine.api_state(
             &config,
-            &store,
-            &bus,
+            (&store, &bus),
             admin_token,
-            local_addr,
+            &public_url,
             replicas.as_ref().map(|r| (r.owned(), r.viewed())),
             ready.clone(),
         );
@@ -326,6 +337,8 @@ struct Engine {
     /// to a partition's owner when replicas share the bus); the handlers
     /// have their own, over the store for handling events.
     records: RecordPorts,
+    /// The one-click unsubscribe links e-mails carry.
+    unsubscribe: Arc<OneClick>,
     registry: Arc<Registry>,
     chains: Arc<ChainStore>,
     journal: Journal,
@@ -340,9 +353,9 @@ struct Engine {
 impl Engine {
     fn build(
         config: &Config,
-        store: &Store,
-        bus: &Arc<dyn Bus>,
+        (store, bus): (&Store, &Arc<dyn Bus>),
         commands: Arc<dyn CommandPort>,
+        public_url: &str,
         stopped: watch::Receiver<bool>,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics.accounts.labels()));
@@ -351,6 +364,14 @@ impl Engine {
         // An event's handling writes only the partitions this replica holds.
         let event_store = store.handling_events();
         let records = RecordPorts::over(&event_store);
+        // The API's records (see `Engine::records`), which links change.
+        let api_records = RecordPorts::over(store);
+        let unsubscribe = Arc::new(OneClick::new(
+            public_url,
+            store.clone(),
+            api_records.preferences.clone(),
+            api_records.messages.clone(),
+        ));
         let scripts = Arc::new(ScriptStore::scripts(
             records.scripts.clone(),
             Arc::new(ScriptRuntime::new(
@@ -376,6 +397,8 @@ impl Engine {
                     MessageTemplates,
                 ))),
                 idempotency: records.idempotency.clone(),
+                preferences: records.preferences.clone(),
+                unsubscribe: Some(unsubscribe.clone()),
             })
             .with_scripts(scripts),
         );
@@ -400,7 +423,8 @@ impl Engine {
             tail,
             timers,
             metrics,
-            records: RecordPorts::over(store),
+            records: api_records,
+            unsubscribe,
             registry,
             chains,
             journal,
@@ -414,18 +438,12 @@ impl Engine {
     fn api_state(
         &self,
         config: &Config,
-        store: &Store,
-        bus: &Arc<dyn Bus>,
+        (store, bus): (&Store, &Arc<dyn Bus>),
         admin_token: AdminToken,
-        local_addr: SocketAddr,
+        public_url: &str,
         replicas: Option<(watch::Receiver<Vec<u16>>, watch::Receiver<ReplicaView>)>,
         ready: Arc<AtomicBool>,
     ) -> ApiState {
-        let public_url = config
-            .http
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{local_addr}"));
         let twilio = config
             .providers
             .sms
@@ -457,6 +475,8 @@ impl Engine {
             contacts: self.records.contacts.clone(),
             messages: self.records.messages.clone(),
             secrets: self.records.secrets.clone(),
+            preferences: self.records.preferences.clone(),
+            unsubscribe: self.unsubscribe.clone(),
             auth: Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone()))),
             ingest_limit: Arc::new(RateLimiter::new(
                 limits.ingest_rate,
@@ -471,10 +491,11 @@ impl Engine {
                 InboundRecords {
                     messages: self.records.messages.clone(),
                     secrets: self.records.secrets.clone(),
+                    preferences: self.records.preferences.clone(),
                 },
                 bus.clone(),
                 self.metrics.clone(),
-                &public_url,
+                public_url,
                 twilio,
                 limits.max_event_bytes,
             )),

@@ -10,9 +10,9 @@ use switchboard_rules::FieldProblem;
 
 use crate::message_template::{Rendered, TemplateChannel};
 use crate::options::{self, Alternative, OptionSpec, Options, rendered_string, required_string};
-use crate::ports::{Email, MailPort};
+use crate::ports::{Email, MailPort, Unsubscribe, UnsubscribeLinks};
 use crate::records::contacts::normalize_email;
-use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
+use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError, Topic};
 use crate::scheduled;
 use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
@@ -49,6 +49,7 @@ pub struct SendEmail {
     providers: Vec<String>,
     messages: Arc<dyn Messages>,
     templated: TemplatePorts,
+    unsubscribe: Option<Arc<dyn UnsubscribeLinks>>,
 }
 
 /// The ways of giving a message: inline, or a template.
@@ -74,13 +75,52 @@ impl SendEmail {
         providers: Vec<String>,
         messages: Arc<dyn Messages>,
         templated: TemplatePorts,
+        unsubscribe: Option<Arc<dyn UnsubscribeLinks>>,
     ) -> Self {
         Self {
             mail,
             providers,
             messages,
             templated,
+            unsubscribe,
         }
+    }
+
+    /// The message's `List-Unsubscribe` and `List-Unsubscribe-Post` headers
+    /// (RFC 8058 one-click), when the dispatcher makes links: from the
+    /// template's category, else the template, else all e-mail.
+    fn unsubscribe_headers(
+        &self,
+        record: &MessageRecord,
+        template: Option<&TemplateUse>,
+    ) -> Vec<(String, String)> {
+        let Some(links) = &self.unsubscribe else {
+            return Vec::new();
+        };
+        let topic = match template {
+            Some(TemplateUse {
+                category: Some(category),
+                ..
+            }) => Topic::Category(category.clone()),
+            Some(used) => Topic::Template(used.slug.clone()),
+            None => Topic::All,
+        };
+        let Some(url) = links.url(&Unsubscribe {
+            account: record.account_key.clone(),
+            channel: Channel::Email,
+            address: record.recipient.clone(),
+            topic,
+            message_id: record.id.clone(),
+        }) else {
+            return Vec::new();
+        };
+        vec![
+            ("List-Unsubscribe".to_string(), format!("<{url}>")),
+            (
+                "List-Unsubscribe-Post".to_string(),
+                "List-Unsubscribe=One-Click".to_string(),
+            ),
+        ]
     }
 
     fn provider_name(&self, asked: Option<&str>) -> Result<String, String> {
@@ -195,23 +235,28 @@ impl Handler for SendEmail {
         let mut sent = Vec::with_capacity(messages.len());
         let mut records = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
-            let (recipient, rendered) =
-                match self
-                    .templated
-                    .admit(input, i, template.as_ref(), outgoing)?
-                {
-                    Outgoing::Skip { shown, reason } => {
-                        sent.push(Value::Object(self.templated.skip(
-                            self.messages.as_ref(),
-                            input,
-                            (i, Channel::Email, template.as_ref()),
-                            (shown, provider.clone()),
-                            reason,
-                        )?));
-                        continue;
-                    }
-                    Outgoing::Send { address, rendered } => (address, rendered),
-                };
+            let (recipient, rendered) = match self.templated.admit(
+                input,
+                (i, Channel::Email),
+                template.as_ref(),
+                outgoing,
+            )? {
+                Outgoing::Skip {
+                    shown,
+                    reason,
+                    status,
+                } => {
+                    sent.push(Value::Object(self.templated.skip(
+                        self.messages.as_ref(),
+                        input,
+                        (i, Channel::Email, template.as_ref()),
+                        (shown, provider.clone()),
+                        (status, reason),
+                    )?));
+                    continue;
+                }
+                Outgoing::Send { address, rendered } => (address, rendered),
+            };
             // Claimed by `admit`: given back if the send fails for good.
             let key = template.as_ref().zip(rendered.idempotency.as_deref());
             let subject = rendered.subject.unwrap_or_default();
@@ -241,14 +286,17 @@ impl Handler for SendEmail {
                     subject,
                     text,
                     html: rendered.html,
-                    headers: vec![
+                    headers: [
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
                             "X-SMTPAPI".to_string(),
                             json!({"unique_args": {"switchboard_message_id": record.id}})
                                 .to_string(),
                         ),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(self.unsubscribe_headers(&record, template.as_ref()))
+                    .collect(),
                 };
                 match self.mail.send(&provider, email).await {
                     Ok(answer) => self
@@ -304,10 +352,14 @@ impl Handler for SendEmail {
                     "to": address,
                     "status": status,
                 }),
-                Outgoing::Skip { shown, reason } => json!({
+                Outgoing::Skip {
+                    shown,
+                    reason,
+                    status,
+                } => json!({
                     "message_id": input.child_id(i).to_string(),
                     "to": shown,
-                    "status": MessageStatus::Skipped,
+                    "status": status,
                     "reason": reason,
                 }),
             })

@@ -71,6 +71,11 @@ pub struct Services {
     pub templates: Option<Arc<message_template::TemplateStore>>,
     /// Where templates' idempotency keys are claimed.
     pub idempotency: Arc<dyn records::IdempotencyKeys>,
+    /// Who opted out of what (`send_sms`, `send_email`).
+    pub preferences: Arc<dyn records::Preferences>,
+    /// The one-click unsubscribe links `send_email` puts on its e-mails
+    /// (none: no `List-Unsubscribe` header).
+    pub unsubscribe: Option<Arc<dyn ports::UnsubscribeLinks>>,
 }
 
 /// Everything a handler sees of one step run.
@@ -437,6 +442,7 @@ impl Registry {
             templates: services.templates,
             contacts: services.contacts.clone(),
             idempotency: services.idempotency,
+            preferences: services.preferences,
         };
         r.register(Arc::new(contact::CreateContact::new(services.contacts)));
         r.register(Arc::new(sms::SendSms::new(
@@ -451,6 +457,7 @@ impl Registry {
             services.email_providers,
             services.messages,
             templated,
+            services.unsubscribe,
         )));
         r.register(Arc::new(webhook::PaymentWebhook::new(
             services.http,

@@ -6,6 +6,7 @@
 //! ```toml
 //! slug = "signed-up"          # optional; the name it is put under
 //! channel = "email"           # or "sms"
+//! category = "onboarding"     # optional: preferences can opt out of a category
 //! subject = "Welcome, {{ recipient.name }}"
 //! html = "<p>Your plan: {{ context.plan }}</p>"   # HTML-escaped values
 //! text = "Your plan: {{ context.plan }}"
@@ -65,6 +66,7 @@ const FUEL: u64 = 50_000;
 struct TemplateFile {
     slug: Option<String>,
     channel: String,
+    category: Option<String>,
     subject: Option<String>,
     html: Option<String>,
     text: Option<String>,
@@ -130,6 +132,7 @@ fn at(line: Option<usize>, column: Option<usize>) -> String {
 pub struct MessageTemplate {
     slug: String,
     channel: TemplateChannel,
+    category: Option<String>,
     idempotency_window: std::time::Duration,
     env: Environment<'static>,
     parts: Vec<&'static str>,
@@ -212,6 +215,17 @@ impl MessageTemplate {
             }
             _ => {}
         }
+        if let Some(category) = &file.category
+            && (category.is_empty()
+                || category.len() > 64
+                || !category
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
+        {
+            return Err(TemplateError::File(format!(
+                "category {category:?}: use 1 to 64 of A-Z a-z 0-9 _ - ."
+            )));
+        }
         let idempotency_window = match &file.idempotency_window {
             None => DEFAULT_IDEMPOTENCY_WINDOW,
             Some(_) if file.idempotency.is_none() => {
@@ -258,6 +272,7 @@ impl MessageTemplate {
         Ok(Self {
             slug: slug.to_string(),
             channel,
+            category: file.category,
             idempotency_window,
             env,
             parts,
@@ -268,6 +283,11 @@ impl MessageTemplate {
     /// The channel it is for.
     pub fn channel(&self) -> TemplateChannel {
         self.channel
+    }
+
+    /// The category it belongs to, if any (preferences can be per category).
+    pub fn category(&self) -> Option<&str> {
+        self.category.as_deref()
     }
 
     /// How long a send's idempotency key holds.

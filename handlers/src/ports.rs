@@ -218,3 +218,26 @@ pub trait CommandPort: Send + Sync + std::fmt::Debug {
     /// The full subject for `suffix` (e.g. `vumi.outbound.sms_transport`).
     fn subject(&self, suffix: &str) -> String;
 }
+
+/// What a one-click unsubscribe link unsubscribes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscribe {
+    /// The account.
+    pub account: switchboard_sdk::AccountKey,
+    /// The channel.
+    pub channel: crate::records::Channel,
+    /// The recipient's address.
+    pub address: String,
+    /// What from: the template's category, else the template, else all.
+    pub topic: crate::records::Topic,
+    /// The message the link came in.
+    pub message_id: String,
+}
+
+/// The dispatcher's signed one-click unsubscribe links (RFC 8058).
+pub trait UnsubscribeLinks: Send + Sync + std::fmt::Debug {
+    /// The public URL that records `unsubscribe`, signed so that nothing
+    /// else can be made of it; `None` when links cannot be made now (the
+    /// account's key could not be read), and the e-mail goes without.
+    fn url(&self, unsubscribe: &Unsubscribe) -> Option<String>;
+}

@@ -496,15 +496,19 @@ impl Handler for SendSms {
             let (recipient, body) =
                 match self
                     .templated
-                    .admit(input, i, template.as_ref(), outgoing)?
+                    .admit(input, (i, Channel::Sms), template.as_ref(), outgoing)?
                 {
-                    Outgoing::Skip { shown, reason } => {
+                    Outgoing::Skip {
+                        shown,
+                        reason,
+                        status,
+                    } => {
                         let mut line = self.templated.skip(
                             self.messages.as_ref(),
                             input,
                             (i, Channel::Sms, template.as_ref()),
                             (shown, provider_name.clone()),
-                            reason,
+                            (status, reason),
                         )?;
                         line.insert("remote_id".into(), Value::Null);
                         sent.push(Value::Object(line));
@@ -582,11 +586,15 @@ impl Handler for SendSms {
                     "to": address,
                     "status": status,
                 }),
-                Outgoing::Skip { shown, reason } => json!({
+                Outgoing::Skip {
+                    shown,
+                    reason,
+                    status,
+                } => json!({
                     "message_id": input.child_id(i).to_string(),
                     "remote_id": null,
                     "to": shown,
-                    "status": MessageStatus::Skipped,
+                    "status": status,
                     "reason": reason,
                 }),
             })

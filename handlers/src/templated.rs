@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use crate::message_template::{Rendered, TemplateChannel, TemplateStore, TemplateStoreError};
 use crate::records::contacts::{normalize_email, normalize_msisdn};
 use crate::records::messages::record_skipped;
-use crate::records::{Channel, Contacts, IdempotencyKeys, Messages};
+use crate::records::{Channel, Contacts, IdempotencyKeys, MessageStatus, Messages, Preferences};
 use crate::{StepError, StepInput};
 
 /// What a templated send sends.
@@ -27,6 +27,8 @@ pub(crate) struct Templated {
     pub slug: String,
     /// The version used.
     pub version: u64,
+    /// Its category, if it has one.
+    pub category: Option<String>,
     /// How long a message's idempotency key holds.
     pub window: std::time::Duration,
     /// One per recipient, in the order given.
@@ -40,6 +42,8 @@ pub(crate) struct TemplateUse {
     pub slug: String,
     /// The version.
     pub version: u64,
+    /// Its category, if it has one.
+    pub category: Option<String>,
     /// How long a message's idempotency key holds.
     pub window: std::time::Duration,
 }
@@ -51,6 +55,7 @@ impl Templated {
             TemplateUse {
                 slug: self.slug,
                 version: self.version,
+                category: self.category,
                 window: self.window,
             },
             self.messages,
@@ -64,6 +69,7 @@ impl TemplateUse {
         crate::records::messages::TemplateRef {
             slug: self.slug.clone(),
             version: self.version,
+            category: self.category.clone(),
         }
     }
 
@@ -93,6 +99,9 @@ pub(crate) enum Outgoing {
         shown: String,
         /// Why nothing is sent to it.
         reason: String,
+        /// `skipped` (no address, a key sent to already) or `suppressed`
+        /// (the recipient opted out).
+        status: MessageStatus,
     },
 }
 
@@ -106,6 +115,8 @@ pub(crate) struct TemplatePorts {
     pub contacts: Arc<dyn Contacts>,
     /// Where a template's `idempotency` keys are claimed.
     pub idempotency: Arc<dyn IdempotencyKeys>,
+    /// Who opted out of what: every send is checked against them.
+    pub preferences: Arc<dyn Preferences>,
 }
 
 impl TemplatePorts {
@@ -187,6 +198,7 @@ impl TemplatePorts {
                     messages.push(Outgoing::Skip {
                         shown: shown(&recipient),
                         reason,
+                        status: MessageStatus::Skipped,
                     });
                     continue;
                 }
@@ -202,24 +214,44 @@ impl TemplatePorts {
         Ok(Templated {
             slug,
             version: compiled.version,
+            category: template.category().map(str::to_string),
             window: template.idempotency_window(),
             messages,
         })
     }
 
-    /// Message `index` as it is to go out: a send whose template's
-    /// `idempotency` key (rendered for its recipient) another message holds
-    /// within the template's window becomes a skip; otherwise the key is
-    /// claimed for it. The claimant is the message's own id, so a step run
-    /// again wins its own claim.
+    /// Message `index` on `channel` as it is to go out: a send to an
+    /// address that opted out of it ([`Preferences`]) is suppressed; a send
+    /// whose template's `idempotency` key (rendered for its recipient)
+    /// another message holds within the template's window becomes a skip;
+    /// otherwise the key is claimed for it. The claimant is the message's
+    /// own id, so a step run again wins its own claim.
     pub fn admit(
         &self,
         input: &StepInput<'_>,
-        index: usize,
+        (index, channel): (usize, Channel),
         template: Option<&TemplateUse>,
         outgoing: Outgoing,
     ) -> Result<Outgoing, StepError> {
-        let (Some(used), Outgoing::Send { address, rendered }) = (template, &outgoing) else {
+        let Outgoing::Send { address, rendered } = &outgoing else {
+            return Ok(outgoing);
+        };
+        let account = &input.event.account_key;
+        let preferences = self
+            .preferences
+            .get(account, channel, address)
+            .map_err(|e| {
+                StepError::retryable(format!("reading the preferences of {address}: {e}"), None)
+            })?;
+        let topic = template.map(|t| (t.slug.as_str(), t.category.as_deref()));
+        if let Some(reason) = preferences.and_then(|p| p.suppression(topic)) {
+            return Ok(Outgoing::Skip {
+                shown: address.clone(),
+                reason,
+                status: MessageStatus::Suppressed,
+            });
+        }
+        let Some(used) = template else {
             return Ok(outgoing);
         };
         let Some(key) = rendered.idempotency.as_deref() else {
@@ -242,6 +274,7 @@ impl TemplatePorts {
                     used.slug,
                     humantime_window(used.window)
                 ),
+                status: MessageStatus::Skipped,
             }),
             Err(e) => Err(StepError::retryable(
                 format!("claiming template {:?}'s idempotency key: {e}", used.slug),
@@ -251,23 +284,22 @@ impl TemplatePorts {
     }
 
     /// Records message `index` (to `shown`, on `channel`, from `template`
-    /// if one) as skipped for `reason`; returns its line of the step's
-    /// `messages`.
+    /// if one) as `status` (skipped or suppressed) for `reason`; returns its
+    /// line of the step's `messages`.
     pub fn skip(
         &self,
         messages: &dyn Messages,
         input: &StepInput<'_>,
         (index, channel, template): (usize, Channel, Option<&TemplateUse>),
         (shown, provider): (String, String),
-        reason: String,
+        (status, reason): (MessageStatus, String),
     ) -> Result<Map<String, Value>, StepError> {
         let record = record_skipped(
             messages,
             input,
             (index, channel, template),
-            shown,
-            provider,
-            &reason,
+            (shown, provider),
+            (status, &reason),
         )?;
         let mut line = Map::new();
         line.insert("message_id".into(), json!(record.id));
@@ -310,6 +342,7 @@ impl TemplatePorts {
                 Ok(None) => Ok(Err(Outgoing::Skip {
                     shown: id.clone(),
                     reason: format!("account {account} has no contact {id:?}"),
+                    status: MessageStatus::Skipped,
                 })),
                 Err(e) => Err(StepError::retryable(
                     format!("looking up contact {id:?}: {e}"),
@@ -321,6 +354,7 @@ impl TemplatePorts {
                 shown: other.to_string(),
                 reason: "a recipient is a contact's key or a { name, email, phone } table"
                     .to_string(),
+                status: MessageStatus::Skipped,
             })),
         }
     }

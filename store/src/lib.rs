@@ -124,11 +124,17 @@ pub enum Collection {
     /// turns given, the latest event, the runs holding a slot and those
     /// waiting for one).
     Flow,
+    /// Preferences per address: `{account}\0{channel}\0{address}` → what
+    /// the address opted in to and out of.
+    Preferences,
+    /// Signing keys of accounts: `{account}\0{purpose}` → the key (32
+    /// random bytes), made on first use.
+    SigningKeys,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 35] = [
+    pub const ALL: [Collection; 37] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -164,6 +170,8 @@ impl Collection {
         Collection::Digests,
         Collection::DigestEvents,
         Collection::Flow,
+        Collection::Preferences,
+        Collection::SigningKeys,
     ];
 
     /// The collection's name on disk.
@@ -204,6 +212,8 @@ impl Collection {
             Collection::Digests => "digests",
             Collection::DigestEvents => "digest_events",
             Collection::Flow => "flow",
+            Collection::Preferences => "preferences",
+            Collection::SigningKeys => "signing_keys",
         }
     }
 
@@ -241,6 +251,7 @@ impl Collection {
                 | Collection::Digests
                 | Collection::DigestEvents
                 | Collection::Flow
+                | Collection::Preferences
         )
     }
 

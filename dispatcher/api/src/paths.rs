@@ -185,6 +185,12 @@ pub fn messages(account: &str) -> String {
     account_path(account, "messages")
 }
 
+/// `GET` or `PUT` the preferences of a contact (by key, msisdn or e-mail)
+/// or an address.
+pub fn preferences(account: &str, contact: &str) -> String {
+    account_path(account, &format!("preferences/{}", segment(contact)))
+}
+
 /// `GET` one message.
 pub fn message(account: &str, id: &str) -> String {
     account_path(account, &format!("messages/{}", segment(id)))

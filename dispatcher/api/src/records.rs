@@ -62,3 +62,36 @@ pub struct SecretRemoved {
     /// Always true.
     pub removed: bool,
 }
+
+/// `GET /v1/accounts/{account}/preferences/{contact}`: what a contact (by
+/// key) or an address opted in to and out of, per channel. Nothing
+/// recorded for a channel means subscribed to everything on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferencesAnswer {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The contact's key, when the contact asked for is one.
+    pub contact: Option<String>,
+    /// The e-mail address's preferences (an `AddressPreferences` as JSON):
+    /// `address` and `topics`; null when there is no address.
+    pub email: Option<Value>,
+    /// The number's preferences, the same way.
+    pub sms: Option<Value>,
+}
+
+/// `PUT /v1/accounts/{account}/preferences/{contact}`: opts a contact's
+/// address (or the address given) in or out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPreference {
+    /// `email` or `sms`.
+    pub channel: String,
+    /// Whether it may be sent.
+    pub subscribed: bool,
+    /// `all` (the default), `template:SLUG` or `category:NAME`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Why, recorded with the choice (default: set through the API).
+    #[serde(default)]
+    pub reason: Option<String>,
+}

@@ -94,6 +94,10 @@ pub struct ApiState {
     pub messages: Arc<dyn Messages>,
     /// Secrets of every account (write-only).
     pub secrets: Arc<dyn Secrets>,
+    /// Preferences of every account.
+    pub preferences: Arc<dyn switchboard_handlers::records::Preferences>,
+    /// The one-click unsubscribe links.
+    pub unsubscribe: Arc<crate::unsubscribe::OneClick>,
     /// The admin token and the account tokens.
     pub auth: Arc<Auth>,
     /// The per-account limit on `POST /v1/events`.
@@ -173,6 +177,9 @@ routes! {
     "/v1/accounts/{account}/events/{id}/rerun" => { POST: rerun_event }
     "/v1/accounts/{account}/contacts" => { GET: list_contacts }
     "/v1/accounts/{account}/contacts/{key}" => { GET: show_contact }
+    "/v1/accounts/{account}/preferences/{contact}" => {
+        GET: show_preferences, PUT: set_preferences
+    }
     "/v1/accounts/{account}/messages" => { GET: list_messages }
     // A static segment wins over `{id}` (message ids are UUIDs).
     "/v1/accounts/{account}/messages/unmatched" => { GET: list_unmatched }
@@ -184,6 +191,10 @@ routes! {
     }
     // Authenticated by the secret in the URL and the provider's signature.
     "/v1/inbound/{account}/{provider}/{secret}" => { POST: receive_inbound }
+    // Authenticated by the link's signature.
+    "/v1/unsubscribe/{account}/{token}" => {
+        GET: unsubscribe_page, POST: unsubscribe_one_click
+    }
     "/v1/accounts/{account}/secrets" => { GET: list_secrets }
     "/v1/accounts/{account}/secrets/{name}" => { PUT: set_secret, DELETE: remove_secret }
     "/v1/accounts/{account}/dead-letters" => { GET: list_dead_letters }
@@ -440,6 +451,7 @@ mod events;
 mod handlers;
 mod inbound;
 mod letters;
+mod preferences;
 mod probes;
 mod records;
 pub(crate) mod rerun;
@@ -452,6 +464,7 @@ use self::chains::*;
 use self::events::*;
 use self::inbound::*;
 use self::letters::*;
+use self::preferences::*;
 use self::probes::*;
 use self::records::*;
 use self::scripts::*;

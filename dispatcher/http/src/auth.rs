@@ -2,7 +2,7 @@
 //!
 //! Every `/v1` request carries `Authorization: Bearer <token>`, except provider
 //! callbacks under `/v1/inbound/` (they are authenticated by the secret in
-//! their path). `/healthz`, `/readyz` and `/metrics` are open. A token is
+//! their path) and unsubscribe links under `/v1/unsubscribe/` (signed). `/healthz`, `/readyz` and `/metrics` are open. A token is
 //!
 //! - the deployment's **admin token** (`http.admin_token` in the config file,
 //!   env `SWITCHBOARD_ADMIN_TOKEN`, or else generated at first start into
@@ -87,7 +87,9 @@ pub enum Access {
 
 /// Whether `path` needs a bearer token at all.
 pub fn needs_token(path: &str) -> bool {
-    (path == "/v1" || path.starts_with("/v1/")) && !path.starts_with(INBOUND_PREFIX)
+    (path == "/v1" || path.starts_with("/v1/"))
+        && !path.starts_with(INBOUND_PREFIX)
+        && !path.starts_with(crate::unsubscribe::UNSUBSCRIBE_PREFIX)
 }
 
 /// What `principal` may do with `path` (the raw path, as routed). The

@@ -10,3 +10,4 @@ pub mod auth;
 pub mod console;
 pub mod inbound;
 pub mod ratelimit;
+pub mod unsubscribe;

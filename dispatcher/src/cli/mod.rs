@@ -36,8 +36,10 @@ use switchboard_sdk::{
 
 use crate::client::{Client, ClientError};
 
+mod preferences;
 mod templates;
 mod timers;
+pub use preferences::*;
 pub use templates::*;
 pub use timers::*;
 

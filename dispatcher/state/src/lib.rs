@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use switchboard_handlers::records::{
-    Contacts, IdempotencyKeys, Messages, RecordError, Records, Secrets, SourceRecords,
+    Contacts, IdempotencyKeys, Messages, Preferences, RecordError, Records, Secrets, SourceRecords,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
@@ -16,13 +16,17 @@ use switchboard_store::{Collection, Store, StoreError, key};
 mod contacts;
 mod idempotency;
 mod messages;
+mod preferences;
 mod secrets;
+mod signing_keys;
 mod sources;
 
 pub use contacts::StoredContacts;
 pub use idempotency::StoredIdempotencyKeys;
 pub use messages::StoredMessages;
+pub use preferences::StoredPreferences;
 pub use secrets::StoredSecrets;
+pub use signing_keys::{Purpose, SigningKeys};
 pub use sources::StoredSources;
 
 /// Every record port over one store, one instance each, shared by all
@@ -33,6 +37,8 @@ pub struct RecordPorts {
     pub contacts: Arc<dyn Contacts>,
     /// Message records.
     pub messages: Arc<dyn Messages>,
+    /// Preferences.
+    pub preferences: Arc<dyn Preferences>,
     /// Account secrets.
     pub secrets: Arc<dyn Secrets>,
     /// Step idempotency keys.
@@ -49,6 +55,7 @@ impl RecordPorts {
         Self {
             contacts: Arc::new(StoredContacts::new(store.clone())),
             messages: Arc::new(StoredMessages::new(store.clone())),
+            preferences: Arc::new(StoredPreferences::new(store.clone())),
             secrets: Arc::new(StoredSecrets::new(store.clone())),
             idempotency: Arc::new(StoredIdempotencyKeys::new(store.clone())),
             scripts: Arc::new(StoredSources::scripts(store.clone())),

@@ -71,6 +71,9 @@ pub enum MessageStatus {
     Skipped,
     /// Cancelled while it was scheduled: never sent.
     Cancelled,
+    /// Not sent: the recipient opted out of it (an unsubscribe, a spam
+    /// report, a bounce, a STOP); the record's log says which.
+    Suppressed,
 }
 
 impl MessageStatus {
@@ -88,7 +91,8 @@ impl MessageStatus {
             | MessageStatus::Undelivered
             | MessageStatus::Dropped
             | MessageStatus::Skipped
-            | MessageStatus::Cancelled => 3,
+            | MessageStatus::Cancelled
+            | MessageStatus::Suppressed => 3,
             MessageStatus::Opened => 4,
             MessageStatus::Clicked => 5,
             MessageStatus::SpamReported | MessageStatus::Unsubscribed => 6,
@@ -114,6 +118,7 @@ impl MessageStatus {
             MessageStatus::Unsubscribed => "unsubscribed",
             MessageStatus::Skipped => "skipped",
             MessageStatus::Cancelled => "cancelled",
+            MessageStatus::Suppressed => "suppressed",
         }
     }
 }
@@ -199,6 +204,9 @@ pub struct TemplateRef {
     pub slug: String,
     /// Its version.
     pub version: u64,
+    /// Its category, when it has one (preferences can be per category).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 impl MessageRecord {
@@ -376,15 +384,15 @@ impl Reported {
 }
 
 /// Records a step's message `index` to `recipient` on `channel` (rendered
-/// from `template`, if one) as skipped for `reason` (a re-run step finds it so and leaves it): nothing
-/// was sent to its recipient.
+/// from `template`, if one) as `status` — skipped, or suppressed — for
+/// `reason` (a re-run step finds it so and leaves it): nothing was sent to
+/// its recipient.
 pub(crate) fn record_skipped(
     messages: &dyn Messages,
     input: &crate::StepInput<'_>,
     (index, channel, template): (usize, Channel, Option<&crate::templated::TemplateUse>),
-    recipient: String,
-    provider: String,
-    reason: &str,
+    (recipient, provider): (String, String),
+    (status, reason): (MessageStatus, &str),
 ) -> Result<MessageRecord, crate::StepError> {
     let failed =
         |e: RecordError| crate::StepError::retryable(format!("recording the message: {e}"), None);
@@ -415,7 +423,7 @@ pub(crate) fn record_skipped(
             &record.account_key,
             &record.id,
             record.status,
-            MessageStatus::Skipped,
+            status,
             reason,
         )
         .map_err(failed)?

@@ -1,5 +1,5 @@
 //! The records handlers keep per account — contacts, message records,
-//! secrets, step idempotency keys and scripts — as ports.
+//! preferences, secrets, step idempotency keys and scripts — as ports.
 //!
 //! Each module holds one record: its domain types, the decisions about it as
 //! plain functions over data (which delivery report moves a message, what an
@@ -16,6 +16,7 @@ use switchboard_sdk::AccountKey;
 pub mod contacts;
 pub mod idempotency;
 pub mod messages;
+pub mod preferences;
 pub mod secrets;
 pub mod sources;
 
@@ -25,6 +26,7 @@ pub(crate) mod test_util;
 pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
 pub use idempotency::IdempotencyKeys;
 pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
+pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;
 pub use sources::{SourceRecords, SourceVersion};
 
@@ -43,6 +45,8 @@ pub enum Records {
     Scripts,
     /// Message templates' [`SourceRecords`].
     Templates,
+    /// [`Preferences`].
+    Preferences,
 }
 
 impl fmt::Display for Records {
@@ -54,6 +58,7 @@ impl fmt::Display for Records {
             Records::IdempotencyKeys => "idempotency keys",
             Records::Scripts => "scripts",
             Records::Templates => "message templates",
+            Records::Preferences => "preferences",
         })
     }
 }

@@ -20,7 +20,8 @@ use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
-    Channel, MessageRecord, MessageStatus, Messages, RecordError, Reported, Secrets,
+    Channel, Choice, MessageRecord, MessageStatus, Messages, Preferences, RecordError, Reported,
+    Secrets,
 };
 use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
@@ -256,6 +257,7 @@ pub struct Inbound {
     pub unmatched: UnmatchedStore,
     messages: Arc<dyn Messages>,
     secrets: Arc<dyn Secrets>,
+    preferences: Arc<dyn Preferences>,
     twilio: Vec<TwilioSms>,
     public_url: String,
     bus: Arc<dyn Bus>,
@@ -271,6 +273,8 @@ pub struct InboundRecords {
     pub messages: Arc<dyn Messages>,
     /// The secrets signatures are checked with.
     pub secrets: Arc<dyn Secrets>,
+    /// The preferences unsubscribes, spam reports and bounces set.
+    pub preferences: Arc<dyn Preferences>,
 }
 
 impl Inbound {
@@ -292,6 +296,7 @@ impl Inbound {
             unmatched: UnmatchedStore::new(store.clone()),
             messages: records.messages,
             secrets: records.secrets,
+            preferences: records.preferences,
             twilio,
             public_url: public_url.trim_end_matches('/').to_string(),
             bus,
@@ -494,15 +499,30 @@ impl Inbound {
         let mut unmatched = Vec::new();
         for (raw, parsed) in records {
             let outcome = match parsed {
-                Parsed::Report(report) => match self.find_message(account, &report)? {
-                    Some(message) => self.report(account, provider, message, report, raw).await?,
-                    None => {
-                        let reason = unknown_message(account, &report);
-                        unmatched.push((results.len(), InboundResult::UnknownMessage, reason, raw));
-                        results.push(None);
-                        continue;
+                Parsed::Report(report) => {
+                    let found = self.find_message(account, &report)?;
+                    if provider == Provider::Sendgrid {
+                        // The recipient's preference holds whether or not
+                        // the message is known.
+                        self.note_preference(account, &report, found.as_ref())?;
                     }
-                },
+                    match found {
+                        Some(message) => {
+                            self.report(account, provider, message, report, raw).await?
+                        }
+                        None => {
+                            let reason = unknown_message(account, &report);
+                            unmatched.push((
+                                results.len(),
+                                InboundResult::UnknownMessage,
+                                reason,
+                                raw,
+                            ));
+                            results.push(None);
+                            continue;
+                        }
+                    }
+                }
                 Parsed::Event {
                     event_type,
                     conversation_key,
@@ -579,6 +599,36 @@ impl Inbound {
             unmatched: kept,
             results,
         })
+    }
+
+    /// Records what a SendGrid `report` (about `message`, when known) says
+    /// of its recipient's preferences ([`sendgrid::preference_change`]);
+    /// whether it said anything. A provider's report posted again changes
+    /// nothing more.
+    fn note_preference(
+        &self,
+        account: &AccountKey,
+        report: &Report,
+        message: Option<&MessageRecord>,
+    ) -> Result<bool, RecordError> {
+        let Some((address, topic, subscribed)) = sendgrid::preference_change(report, message)
+        else {
+            return Ok(false);
+        };
+        self.preferences.choose(
+            account,
+            (Channel::Email, &address),
+            &topic,
+            Choice {
+                subscribed,
+                at: report.occurred_at.unwrap_or_else(switchboard_sdk::now),
+                cause: report.cause.clone(),
+                source: Some(report.source.clone()),
+            },
+        )?;
+        tracing::info!(%account, %topic, subscribed, provider_event = %report.provider_event,
+            "preference recorded from a SendGrid event");
+        Ok(true)
     }
 
     /// The message a report is about: by its message id, then by each of

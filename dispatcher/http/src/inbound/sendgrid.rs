@@ -8,7 +8,9 @@
 //! suffixes). `open`, `click` and the engagement events carry only the latter.
 
 use serde_json::{Map, Value, json};
-use switchboard_handlers::records::{Channel, MessageStatus};
+use switchboard_handlers::records::contacts::normalize_email;
+use switchboard_handlers::records::messages::TemplateRef;
+use switchboard_handlers::records::{Channel, MessageRecord, MessageStatus, Topic};
 
 use super::{Parsed, Report};
 use switchboard_engine::metrics::InboundResult;
@@ -197,4 +199,39 @@ pub fn parse_record(raw: &Value) -> Parsed {
         details,
         cause,
     })
+}
+
+/// What a SendGrid report says of its recipient's preferences, given the
+/// message it is about (when known): the address, the topic and whether it
+/// is now subscribed. An `unsubscribe`, a `spamreport` and a `bounce`
+/// (not a `blocked` one, which is temporary) opt the address out of all
+/// e-mail; a `group_unsubscribe` opts it out of the message's template's
+/// category, else its template (all e-mail when the message is unknown or
+/// had no template), and a `group_resubscribe` opts it back in.
+pub fn preference_change(
+    report: &Report,
+    message: Option<&MessageRecord>,
+) -> Option<(String, Topic, bool)> {
+    let address = report
+        .details
+        .get("email")
+        .and_then(Value::as_str)
+        .and_then(|e| normalize_email(e).ok())
+        .or_else(|| message.map(|m| m.recipient.clone()))?;
+    let template_topic = || match message.and_then(|m| m.template.as_ref()) {
+        Some(TemplateRef {
+            category: Some(category),
+            ..
+        }) => Topic::Category(category.clone()),
+        Some(t) => Topic::Template(t.slug.clone()),
+        None => Topic::All,
+    };
+    let bounce_type = report.details.get("bounce_type").and_then(Value::as_str);
+    match report.provider_event.as_str() {
+        "unsubscribe" | "spamreport" => Some((address, Topic::All, false)),
+        "bounce" if bounce_type != Some("blocked") => Some((address, Topic::All, false)),
+        "group_unsubscribe" => Some((address, template_topic(), false)),
+        "group_resubscribe" => Some((address, template_topic(), true)),
+        _ => None,
+    }
 }

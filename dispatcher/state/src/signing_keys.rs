@@ -1,0 +1,90 @@
+//! Accounts' signing keys: 32 random bytes per (account, purpose), made on
+//! first use and shared by every replica (a key made by two replicas at
+//! once is settled by compare-and-swap: both use the one that landed).
+
+use switchboard_handlers::records::{RecordError, Records};
+use switchboard_sdk::AccountKey;
+use switchboard_store::{Collection, Store, key};
+
+use super::About;
+
+/// What a key signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// One-click unsubscribe links.
+    Unsubscribe,
+}
+
+impl Purpose {
+    fn name(self) -> &'static str {
+        match self {
+            Purpose::Unsubscribe => "unsubscribe",
+        }
+    }
+}
+
+/// The signing keys of accounts.
+#[derive(Debug, Clone)]
+pub struct SigningKeys {
+    store: Store,
+}
+
+impl SigningKeys {
+    /// Keys kept in `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The account's key for `purpose`, made now if it has none.
+    pub fn get(&self, account: &AccountKey, purpose: Purpose) -> Result<[u8; 32], RecordError> {
+        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        loop {
+            if let Some(existing) = self
+                .store
+                .get(Collection::SigningKeys, &k)
+                .about(Records::Secrets, account)?
+                && let Ok(existing) = <[u8; 32]>::try_from(existing.as_slice())
+            {
+                return Ok(existing);
+            }
+            let made = random_key();
+            if self
+                .store
+                .compare_and_swap(Collection::SigningKeys, &k, None, Some(&made))
+                .about(Records::Secrets, account)?
+            {
+                return Ok(made);
+            }
+        }
+    }
+}
+
+fn random_key() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system gives random bytes");
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_made_once_per_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let keys = SigningKeys::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let first = keys.get(&acme, Purpose::Unsubscribe).unwrap();
+        assert_eq!(
+            SigningKeys::new(store)
+                .get(&acme, Purpose::Unsubscribe)
+                .unwrap(),
+            first
+        );
+        let other = keys
+            .get(&AccountKey::new("other").unwrap(), Purpose::Unsubscribe)
+            .unwrap();
+        assert_ne!(first, other);
+    }
+}
