@@ -185,13 +185,13 @@ async fn opted_out_addresses_are_suppressed_until_they_opt_in() {
         .await
         .json();
     let hook = printed["url"].as_str().unwrap().to_string();
-    let report = json!([{"email": "bob@example.org", "event": "unsubscribe",
+    let report_body = json!([{"email": "bob@example.org", "event": "unsubscribe",
         "sg_event_id": "unsub-1", "switchboard_message_id": bob_message,
-        "timestamp": switchboard_sdk::now().unix_timestamp()}]);
+        "timestamp": switchboard_sdk::now().unix_timestamp() - 1}]);
     let receipt = http
         .post(&hook)
         .header("content-type", "application/json")
-        .body(report.to_string())
+        .body(report_body.to_string())
         .send()
         .await
         .unwrap();
@@ -212,6 +212,45 @@ async fn opted_out_addresses_are_suppressed_until_they_opt_in() {
         .await;
     assert!(set.ok().contains("sms +27820000004"), "{set:?}");
     assert!(set.ok().contains("opted out"), "{set:?}");
+
+    // A dry run says who would be suppressed, and sends nothing.
+    let (status, report) = d
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts/acme/chain-test",
+            Some(d.admin_token()),
+            Some(
+                json!({"account_key": "acme", "conversation_key": "c",
+                    "conversation_type": "web", "event_type": "news",
+                    "event_data": {"headline": "dry"}})
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{report:#}");
+    let dry: Vec<(Value, Value)> = report["chains"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .flat_map(|s| {
+            s["output"]["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|m| (m["to"].clone(), m["status"].clone()))
+        .collect();
+    assert_eq!(
+        dry,
+        [
+            (json!("ann@example.org"), json!("suppressed")),
+            (json!("bob@example.org"), json!("suppressed")),
+            (json!("cat@example.org"), json!("simulated")),
+            (json!("+27820000004"), json!("suppressed")),
+        ],
+        "{report:#}"
+    );
+    assert!(mails_with(&smtp, "dry").is_empty());
 
     // Second: only Cat is sent to; the others are suppressed, each saying why.
     let steps = news(&d, "second").await;
@@ -259,7 +298,8 @@ async fn opted_out_addresses_are_suppressed_until_they_opt_in() {
         .await;
     assert_eq!(record["status"], "suppressed", "{record:#}");
 
-    // Bob opts in again; Ann's category opt-out holds.
+    // Bob opts in again; Ann's category opt-out holds. SendGrid posting
+    // its (older) unsubscribe again does not undo his choice.
     d.cli(&[
         "preferences",
         "set",
@@ -270,6 +310,14 @@ async fn opted_out_addresses_are_suppressed_until_they_opt_in() {
     ])
     .await
     .ok();
+    let again = http
+        .post(&hook)
+        .header("content-type", "application/json")
+        .body(report_body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
     let steps = news(&d, "third").await;
     let email = outcomes(&steps["send_email"]);
     assert_eq!(

@@ -155,6 +155,11 @@ impl Dispatcher {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{local_addr}"));
+        if !config.providers.email.is_empty() && !public_url.starts_with("https://") {
+            tracing::warn!(%public_url, "e-mails' one-click unsubscribe links (List-Unsubscribe) point at this URL, \
+                which is not https: mail clients offer one-click unsubscribe only for https links; set \
+                http.public_url to the https address they reach this dispatcher at");
+        }
         let engine = Engine::build(
             &config,
             (&store, &bus),

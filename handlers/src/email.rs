@@ -235,28 +235,23 @@ impl Handler for SendEmail {
         let mut sent = Vec::with_capacity(messages.len());
         let mut records = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
-            let (recipient, rendered) = match self.templated.admit(
-                input,
-                (i, Channel::Email),
-                template.as_ref(),
-                outgoing,
-            )? {
-                Outgoing::Skip {
-                    shown,
-                    reason,
-                    status,
-                } => {
-                    sent.push(Value::Object(self.templated.skip(
-                        self.messages.as_ref(),
-                        input,
-                        (i, Channel::Email, template.as_ref()),
-                        (shown, provider.clone()),
-                        (status, reason),
-                    )?));
-                    continue;
-                }
-                Outgoing::Send { address, rendered } => (address, rendered),
-            };
+            let (recipient, rendered) =
+                match self
+                    .templated
+                    .admit(input, i, template.as_ref(), outgoing)?
+                {
+                    Outgoing::Skip { shown, reason } => {
+                        sent.push(Value::Object(self.templated.skip(
+                            self.messages.as_ref(),
+                            input,
+                            (i, Channel::Email, template.as_ref()),
+                            (shown, provider.clone()),
+                            reason,
+                        )?));
+                        continue;
+                    }
+                    Outgoing::Send { address, rendered } => (address, rendered),
+                };
             // Claimed by `admit`: given back if the send fails for good.
             let key = template.as_ref().zip(rendered.idempotency.as_deref());
             let subject = rendered.subject.unwrap_or_default();
@@ -279,6 +274,16 @@ impl Handler for SendEmail {
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
+            let template_key = template.as_ref().map(|t| (t, key.map(|(_, k)| k)));
+            if let Some(line) = self.templated.suppress(
+                (self.messages.as_ref(), input),
+                i,
+                &record,
+                template_key,
+            )? {
+                sent.push(Value::Object(line));
+                continue;
+            }
             let record = if record.unsent() {
                 let email = Email {
                     from: from.clone(),
@@ -345,25 +350,22 @@ impl Handler for SendEmail {
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let prepared = self.prepare(input, switchboard_sdk::now())?;
         let status = scheduled::simulated_status(prepared.scheduled_at);
-        let sent = (prepared.messages.into_iter().enumerate())
-            .map(|(i, outgoing)| match outgoing {
-                Outgoing::Send { address, .. } => json!({
-                    "message_id": input.child_id(i).to_string(),
-                    "to": address,
-                    "status": status,
-                }),
-                Outgoing::Skip {
-                    shown,
-                    reason,
-                    status,
-                } => json!({
-                    "message_id": input.child_id(i).to_string(),
-                    "to": shown,
-                    "status": status,
-                    "reason": reason,
-                }),
-            })
-            .collect();
+        let mut sent = Vec::with_capacity(prepared.messages.len());
+        for (i, outgoing) in prepared.messages.into_iter().enumerate() {
+            let id = input.child_id(i).to_string();
+            sent.push(match outgoing {
+                Outgoing::Send { address, .. } => {
+                    let at = (Channel::Email, address.as_str());
+                    match (self.templated).suppression(input, at, prepared.template.as_ref())? {
+                        Some(reason) => json!({"message_id": id, "to": address,
+                            "status": MessageStatus::Suppressed, "reason": reason}),
+                        None => json!({"message_id": id, "to": address, "status": status}),
+                    }
+                }
+                Outgoing::Skip { shown, reason } => json!({"message_id": id, "to": shown,
+                    "status": MessageStatus::Skipped, "reason": reason}),
+            });
+        }
         let output = email_output(sent, &prepared.provider, prepared.template.as_ref());
         Ok(scheduled::simulated(output, prepared.scheduled_at))
     }

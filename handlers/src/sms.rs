@@ -316,6 +316,7 @@ impl SendSms {
         let mut cause = format!("accepted by {provider_name}");
         let remote_id = match (provider, record.handed_over_at()) {
             (SmsProvider::Twilio(p), Some(since)) => {
+                twilio::answer_settled(p, &record, since)?;
                 let found = twilio::find_earlier(
                     p,
                     self.http.as_ref(),
@@ -350,6 +351,12 @@ impl SendSms {
                     )
                     .map_err(recording)?
                     .unwrap_or(record);
+                // Durable before Twilio is asked: a crash must not leave a
+                // message Twilio has looking unsent.
+                (self.messages)
+                    .flush(&record.account_key)
+                    .await
+                    .map_err(recording)?;
                 self.deliver(provider, &record, from).await?
             }
             _ => self.deliver(provider, &record, from).await?,
@@ -496,19 +503,15 @@ impl Handler for SendSms {
             let (recipient, body) =
                 match self
                     .templated
-                    .admit(input, (i, Channel::Sms), template.as_ref(), outgoing)?
+                    .admit(input, i, template.as_ref(), outgoing)?
                 {
-                    Outgoing::Skip {
-                        shown,
-                        reason,
-                        status,
-                    } => {
+                    Outgoing::Skip { shown, reason } => {
                         let mut line = self.templated.skip(
                             self.messages.as_ref(),
                             input,
                             (i, Channel::Sms, template.as_ref()),
                             (shown, provider_name.clone()),
-                            (status, reason),
+                            reason,
                         )?;
                         line.insert("remote_id".into(), Value::Null);
                         sent.push(Value::Object(line));
@@ -535,6 +538,17 @@ impl Handler for SendSms {
                 })
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
+            let template_key = template.as_ref().map(|t| (t, key.map(|(_, k)| k)));
+            if let Some(mut line) = self.templated.suppress(
+                (self.messages.as_ref(), input),
+                i,
+                &record,
+                template_key,
+            )? {
+                line.insert("remote_id".into(), Value::Null);
+                sent.push(Value::Object(line));
+                continue;
+            }
             // A re-run step does not send again what was already sent.
             let record = if record.unsent() {
                 match self
@@ -578,27 +592,23 @@ impl Handler for SendSms {
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let prepared = self.prepare(input, switchboard_sdk::now())?;
         let status = scheduled::simulated_status(prepared.scheduled_at);
-        let sent = (prepared.messages.into_iter().enumerate())
-            .map(|(i, outgoing)| match outgoing {
-                Outgoing::Send { address, .. } => json!({
-                    "message_id": input.child_id(i).to_string(),
-                    "remote_id": null,
-                    "to": address,
-                    "status": status,
-                }),
-                Outgoing::Skip {
-                    shown,
-                    reason,
-                    status,
-                } => json!({
-                    "message_id": input.child_id(i).to_string(),
-                    "remote_id": null,
-                    "to": shown,
-                    "status": status,
-                    "reason": reason,
-                }),
-            })
-            .collect();
+        let mut sent = Vec::with_capacity(prepared.messages.len());
+        for (i, outgoing) in prepared.messages.into_iter().enumerate() {
+            let id = input.child_id(i).to_string();
+            sent.push(match outgoing {
+                Outgoing::Send { address, .. } => {
+                    let at = (Channel::Sms, address.as_str());
+                    match (self.templated).suppression(input, at, prepared.template.as_ref())? {
+                        Some(reason) => json!({"message_id": id, "remote_id": null,
+                            "to": address, "status": MessageStatus::Suppressed, "reason": reason}),
+                        None => json!({"message_id": id, "remote_id": null, "to": address,
+                            "status": status}),
+                    }
+                }
+                Outgoing::Skip { shown, reason } => json!({"message_id": id, "remote_id": null,
+                    "to": shown, "status": MessageStatus::Skipped, "reason": reason}),
+            });
+        }
         let output = sms_output(sent, &prepared.provider_name, prepared.template.as_ref());
         Ok(scheduled::simulated(output, prepared.scheduled_at))
     }

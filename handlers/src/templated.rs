@@ -17,7 +17,9 @@ use serde_json::{Map, Value, json};
 use crate::message_template::{Rendered, TemplateChannel, TemplateStore, TemplateStoreError};
 use crate::records::contacts::{normalize_email, normalize_msisdn};
 use crate::records::messages::record_skipped;
-use crate::records::{Channel, Contacts, IdempotencyKeys, MessageStatus, Messages, Preferences};
+use crate::records::{
+    Channel, Contacts, IdempotencyKeys, MessageRecord, MessageStatus, Messages, Preferences,
+};
 use crate::{StepError, StepInput};
 
 /// What a templated send sends.
@@ -99,9 +101,6 @@ pub(crate) enum Outgoing {
         shown: String,
         /// Why nothing is sent to it.
         reason: String,
-        /// `skipped` (no address, a key sent to already) or `suppressed`
-        /// (the recipient opted out).
-        status: MessageStatus,
     },
 }
 
@@ -198,7 +197,6 @@ impl TemplatePorts {
                     messages.push(Outgoing::Skip {
                         shown: shown(&recipient),
                         reason,
-                        status: MessageStatus::Skipped,
                     });
                     continue;
                 }
@@ -220,38 +218,19 @@ impl TemplatePorts {
         })
     }
 
-    /// Message `index` on `channel` as it is to go out: a send to an
-    /// address that opted out of it ([`Preferences`]) is suppressed; a send
-    /// whose template's `idempotency` key (rendered for its recipient)
-    /// another message holds within the template's window becomes a skip;
-    /// otherwise the key is claimed for it. The claimant is the message's
-    /// own id, so a step run again wins its own claim.
+    /// Message `index` as it is to go out: a send whose template's
+    /// `idempotency` key (rendered for its recipient) another message holds
+    /// within the template's window becomes a skip; otherwise the key is
+    /// claimed for it. The claimant is the message's own id, so a step run
+    /// again wins its own claim.
     pub fn admit(
         &self,
         input: &StepInput<'_>,
-        (index, channel): (usize, Channel),
+        index: usize,
         template: Option<&TemplateUse>,
         outgoing: Outgoing,
     ) -> Result<Outgoing, StepError> {
-        let Outgoing::Send { address, rendered } = &outgoing else {
-            return Ok(outgoing);
-        };
-        let account = &input.event.account_key;
-        let preferences = self
-            .preferences
-            .get(account, channel, address)
-            .map_err(|e| {
-                StepError::retryable(format!("reading the preferences of {address}: {e}"), None)
-            })?;
-        let topic = template.map(|t| (t.slug.as_str(), t.category.as_deref()));
-        if let Some(reason) = preferences.and_then(|p| p.suppression(topic)) {
-            return Ok(Outgoing::Skip {
-                shown: address.clone(),
-                reason,
-                status: MessageStatus::Suppressed,
-            });
-        }
-        let Some(used) = template else {
+        let (Some(used), Outgoing::Send { address, rendered }) = (template, &outgoing) else {
             return Ok(outgoing);
         };
         let Some(key) = rendered.idempotency.as_deref() else {
@@ -274,7 +253,6 @@ impl TemplatePorts {
                     used.slug,
                     humantime_window(used.window)
                 ),
-                status: MessageStatus::Skipped,
             }),
             Err(e) => Err(StepError::retryable(
                 format!("claiming template {:?}'s idempotency key: {e}", used.slug),
@@ -283,23 +261,89 @@ impl TemplatePorts {
         }
     }
 
+    /// Why a message of `template` on `channel` is not to go to `address`,
+    /// if it opted out of it ([`Preferences`]).
+    pub fn suppression(
+        &self,
+        input: &StepInput<'_>,
+        (channel, address): (Channel, &str),
+        template: Option<&TemplateUse>,
+    ) -> Result<Option<String>, StepError> {
+        let preferences = self
+            .preferences
+            .get(&input.event.account_key, channel, address)
+            .map_err(|e| {
+                StepError::retryable(format!("reading the preferences of {address}: {e}"), None)
+            })?;
+        let topic = template.map(|t| (t.slug.as_str(), t.category.as_deref()));
+        Ok(preferences.and_then(|p| p.suppression(topic)))
+    }
+
+    /// Message `index`'s `record`, about to go, as its recipient's
+    /// preferences allow: one still to be sent (pending, or failed and run
+    /// again) to an address that opted out is recorded `suppressed` (and its
+    /// template's idempotency key given back); the step's line for it.
+    /// `None` when it is to go (or went already: a record further along is
+    /// left as it is, a `sending` one included, which may have gone).
+    pub fn suppress(
+        &self,
+        (messages, input): (&dyn Messages, &StepInput<'_>),
+        index: usize,
+        record: &MessageRecord,
+        template: Option<(&TemplateUse, Option<&str>)>,
+    ) -> Result<Option<Map<String, Value>>, StepError> {
+        if !matches!(
+            record.status,
+            MessageStatus::Pending | MessageStatus::Failed
+        ) {
+            return Ok(None);
+        }
+        let Some(reason) = self.suppression(
+            input,
+            (record.channel, &record.recipient),
+            template.map(|(t, _)| t),
+        )?
+        else {
+            return Ok(None);
+        };
+        let moved = messages
+            .transition_from(
+                &record.account_key,
+                &record.id,
+                record.status,
+                MessageStatus::Suppressed,
+                &reason,
+            )
+            .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
+        if let Some((used, Some(key))) = template {
+            self.release(input, index, &used.slug, key);
+        }
+        let status = moved.map_or(record.status, |(m, _)| m.status);
+        let mut line = Map::new();
+        line.insert("message_id".into(), json!(record.id));
+        line.insert("to".into(), json!(record.recipient));
+        line.insert("status".into(), json!(status));
+        line.insert("reason".into(), json!(reason));
+        Ok(Some(line))
+    }
+
     /// Records message `index` (to `shown`, on `channel`, from `template`
-    /// if one) as `status` (skipped or suppressed) for `reason`; returns its
-    /// line of the step's `messages`.
+    /// if one) as skipped for `reason`; returns its line of the step's
+    /// `messages`.
     pub fn skip(
         &self,
         messages: &dyn Messages,
         input: &StepInput<'_>,
         (index, channel, template): (usize, Channel, Option<&TemplateUse>),
         (shown, provider): (String, String),
-        (status, reason): (MessageStatus, String),
+        reason: String,
     ) -> Result<Map<String, Value>, StepError> {
         let record = record_skipped(
             messages,
             input,
             (index, channel, template),
             (shown, provider),
-            (status, &reason),
+            &reason,
         )?;
         let mut line = Map::new();
         line.insert("message_id".into(), json!(record.id));
@@ -342,7 +386,6 @@ impl TemplatePorts {
                 Ok(None) => Ok(Err(Outgoing::Skip {
                     shown: id.clone(),
                     reason: format!("account {account} has no contact {id:?}"),
-                    status: MessageStatus::Skipped,
                 })),
                 Err(e) => Err(StepError::retryable(
                     format!("looking up contact {id:?}: {e}"),
@@ -354,7 +397,6 @@ impl TemplatePorts {
                 shown: other.to_string(),
                 reason: "a recipient is a contact's key or a { name, email, phone } table"
                     .to_string(),
-                status: MessageStatus::Skipped,
             })),
         }
     }

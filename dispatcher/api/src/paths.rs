@@ -217,6 +217,11 @@ pub fn inbound_hook(account: &str, provider: &str) -> String {
     account_path(account, &format!("inbound/{}", segment(provider)))
 }
 
+/// A one-click unsubscribe link's path (the link's signed `token`).
+pub fn unsubscribe(account: &str, token: &str) -> String {
+    format!("/v1/unsubscribe/{}/{}", segment(account), segment(token))
+}
+
 /// `POST`: where a provider posts (the URL that creating a hook answers).
 pub fn inbound_receive(account: &str, provider: &str, secret: &str) -> String {
     format!(
@@ -302,6 +307,7 @@ pub fn samples() -> Vec<String> {
         trace(a, "0190d0b6-3c4e-7f00-8000-000000000000"),
         contacts(a),
         contact(a, "+27820000001"),
+        preferences(a, "ann@example.org"),
         messages(a),
         message(a, n),
         message_cancel(a, n),
@@ -309,6 +315,7 @@ pub fn samples() -> Vec<String> {
         inbound_hooks(a),
         inbound_hook(a, "sendgrid"),
         inbound_receive(a, "sendgrid", "s3cr3t"),
+        unsubscribe(a, "payload.mac"),
         secrets(a),
         secret(a, n),
         dead_letters("~unknown"),

@@ -101,7 +101,11 @@ impl OneClick {
         if mac.len() != MAC_BYTES {
             return Err(UnsubscribeError::Invalid);
         }
-        let key = self.keys.get(&account, Purpose::Unsubscribe)?;
+        // Only read: a link of an account that never had one made no key.
+        let key = self
+            .keys
+            .find(&account, Purpose::Unsubscribe)?
+            .ok_or(UnsubscribeError::Invalid)?;
         let mut expected = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
         expected.update(format!("{account}.{payload}").as_bytes());
         expected
@@ -265,13 +269,34 @@ mod tests {
             .strip_prefix("https://hooks.example.org/v1/unsubscribe/acme/")
             .unwrap_or_else(|| panic!("{url}"));
         assert_eq!(links.verify("acme", token).unwrap(), unsubscribe("acme"));
-        // Another account's path, an altered payload or mac, a cut token.
-        assert!(links.verify("other", token).is_err());
+        // Another account's path (one that never had a link: no key is
+        // made for it), an altered payload or mac, a cut token.
+        assert!(matches!(
+            links.verify("nobody", token),
+            Err(UnsubscribeError::Invalid)
+        ));
+        assert_eq!(
+            links
+                .keys
+                .find(&AccountKey::new("nobody").unwrap(), Purpose::Unsubscribe)
+                .unwrap(),
+            None
+        );
+        // An account with a key of its own: acme's link is not its.
+        links.url(&unsubscribe("other")).unwrap();
+        assert!(matches!(
+            links.verify("other", token),
+            Err(UnsubscribeError::Invalid)
+        ));
         let (payload, mac) = token.split_once('.').unwrap();
-        let other = links.url(&unsubscribe("other")).unwrap();
-        let other_payload = other.rsplit('/').next().unwrap().split_once('.').unwrap().0;
+        let bob = Unsubscribe {
+            address: "bob@example.org".into(),
+            ..unsubscribe("acme")
+        };
+        let bob = links.url(&bob).unwrap();
+        let bob_payload = bob.rsplit('/').next().unwrap().split_once('.').unwrap().0;
         for bad in [
-            format!("{other_payload}.{mac}"),
+            format!("{bob_payload}.{mac}"),
             format!("{payload}.{}", &mac[..mac.len() - 2]),
             format!("{payload}x.{mac}"),
             payload.to_string(),

@@ -206,6 +206,14 @@ impl Messages for StoredMessages {
             limit,
         )
     }
+
+    fn flush<'a>(
+        &'a self,
+        account: &'a AccountKey,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RecordError>> + Send + 'a>>
+    {
+        Box::pin(async move { self.store.flush().await.about(Records::Messages, account) })
+    }
 }
 
 #[cfg(test)]

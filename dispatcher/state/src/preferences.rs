@@ -56,11 +56,15 @@ impl Preferences for StoredPreferences {
         choice: Choice,
     ) -> Result<AddressPreferences, RecordError> {
         let k = preferences_key(account, channel, address);
-        loop {
-            let before = self
-                .store
-                .get(Collection::Preferences, &k)
-                .about(Records::Preferences, account)?;
+        for attempt in 0..CHOOSE_TRIES {
+            // After a lost compare-and-set, read past a replica's copy,
+            // which may lag the partition's owner.
+            let before = if attempt == 0 {
+                self.store.get(Collection::Preferences, &k)
+            } else {
+                self.store.get_latest(Collection::Preferences, &k)
+            }
+            .about(Records::Preferences, account)?;
             let mut preferences = before
                 .as_deref()
                 .and_then(decode::<AddressPreferences>)
@@ -79,8 +83,17 @@ impl Preferences for StoredPreferences {
                 return Ok(preferences);
             }
         }
+        Err(RecordError::Contended {
+            records: Records::Preferences,
+            account: account.clone(),
+            attempts: CHOOSE_TRIES,
+        })
     }
 }
+
+/// How many times a choice is read and written before giving up to
+/// contention.
+const CHOOSE_TRIES: u32 = 16;
 
 #[cfg(test)]
 mod tests {

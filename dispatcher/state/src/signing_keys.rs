@@ -35,16 +35,27 @@ impl SigningKeys {
         Self { store }
     }
 
-    /// The account's key for `purpose`, made now if it has none.
+    /// The account's key for `purpose`, if it has one (for checking a
+    /// signature: what was never signed needs no key made).
+    pub fn find(
+        &self,
+        account: &AccountKey,
+        purpose: Purpose,
+    ) -> Result<Option<[u8; 32]>, RecordError> {
+        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        Ok(self
+            .store
+            .get(Collection::SigningKeys, &k)
+            .about(Records::Secrets, account)?
+            .and_then(|existing| <[u8; 32]>::try_from(existing.as_slice()).ok()))
+    }
+
+    /// The account's key for `purpose`, made now if it has none (for
+    /// signing).
     pub fn get(&self, account: &AccountKey, purpose: Purpose) -> Result<[u8; 32], RecordError> {
         let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
         loop {
-            if let Some(existing) = self
-                .store
-                .get(Collection::SigningKeys, &k)
-                .about(Records::Secrets, account)?
-                && let Ok(existing) = <[u8; 32]>::try_from(existing.as_slice())
-            {
+            if let Some(existing) = self.find(account, purpose)? {
                 return Ok(existing);
             }
             let made = random_key();
@@ -75,7 +86,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let keys = SigningKeys::new(store.clone());
         let acme = AccountKey::new("acme").unwrap();
+        assert_eq!(keys.find(&acme, Purpose::Unsubscribe).unwrap(), None);
         let first = keys.get(&acme, Purpose::Unsubscribe).unwrap();
+        assert_eq!(keys.find(&acme, Purpose::Unsubscribe).unwrap(), Some(first));
         assert_eq!(
             SigningKeys::new(store)
                 .get(&acme, Purpose::Unsubscribe)

@@ -384,15 +384,14 @@ impl Reported {
 }
 
 /// Records a step's message `index` to `recipient` on `channel` (rendered
-/// from `template`, if one) as `status` — skipped, or suppressed — for
-/// `reason` (a re-run step finds it so and leaves it): nothing was sent to
-/// its recipient.
+/// from `template`, if one) as skipped for `reason` (a re-run step finds it
+/// so and leaves it): nothing was sent to its recipient.
 pub(crate) fn record_skipped(
     messages: &dyn Messages,
     input: &crate::StepInput<'_>,
     (index, channel, template): (usize, Channel, Option<&crate::templated::TemplateUse>),
     (recipient, provider): (String, String),
-    (status, reason): (MessageStatus, &str),
+    reason: &str,
 ) -> Result<MessageRecord, crate::StepError> {
     let failed =
         |e: RecordError| crate::StepError::retryable(format!("recording the message: {e}"), None);
@@ -423,7 +422,7 @@ pub(crate) fn record_skipped(
             &record.account_key,
             &record.id,
             record.status,
-            status,
+            MessageStatus::Skipped,
             reason,
         )
         .map_err(failed)?
@@ -488,6 +487,14 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
 
     /// Up to `limit` messages of `account`.
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError>;
+
+    /// Makes every change to `account`'s messages so far durable: before
+    /// an effect that must not be repeated on the strength of a change lost
+    /// in a crash (a message marked `sending`).
+    fn flush<'a>(
+        &'a self,
+        account: &'a AccountKey,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RecordError>> + Send + 'a>>;
 }
 
 #[cfg(test)]

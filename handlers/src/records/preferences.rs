@@ -131,14 +131,14 @@ impl AddressPreferences {
         })
     }
 
-    /// Records `choice` about `topic`; whether it changed anything (the
-    /// same choice again, from the same source, does not).
+    /// Records `choice` about `topic`; whether it changed anything. The
+    /// same choice again does not, nor a choice made before the one it has
+    /// (a provider's event posted again, or late, after the person or the
+    /// account chose otherwise).
     pub fn choose(&mut self, topic: &Topic, choice: Choice) -> bool {
         let key = topic.to_string();
         match self.topics.get(&key) {
-            Some(current)
-                if current.subscribed == choice.subscribed && current.source == choice.source =>
-            {
+            Some(current) if current.subscribed == choice.subscribed || current.at > choice.at => {
                 false
             }
             _ => {
@@ -262,11 +262,18 @@ mod tests {
     }
 
     #[test]
-    fn the_same_choice_again_changes_nothing() {
+    fn the_same_choice_again_or_an_older_one_changes_nothing() {
         let mut p = preferences(&[("all", false)]);
         assert!(!p.choose(&Topic::All, choice(false, "again")));
         assert_eq!(p.topics["all"].cause, "test");
         assert!(p.choose(&Topic::All, choice(true, "resubscribed")));
+        assert!(p.topics["all"].subscribed);
+        // An unsubscribe made before that resubscribe, posted late.
+        let late = Choice {
+            at: time::macros::datetime!(2026-12-04 16:00:00 UTC),
+            ..choice(false, "sendgrid unsubscribe, posted again")
+        };
+        assert!(!p.choose(&Topic::All, late));
         assert!(p.topics["all"].subscribed);
     }
 }

@@ -4,7 +4,8 @@
 //! Twilio takes no idempotency key: a send whose answer never came (a
 //! timeout, a connection reset) may or may not have created the message.
 //! So a message is recorded `sending` before it is handed over, and a step
-//! run again that finds it so first lists Twilio's recent messages to that
+//! run again that finds it so waits until Twilio's answer could no longer
+//! come ([`answer_settled`]), then lists Twilio's recent messages to that
 //! number and looks for it — same recipient, sender and body, created since
 //! it was handed over, and not already another of the account's messages —
 //! before sending it again. Twilio's answer is needed: if it cannot be
@@ -24,6 +25,33 @@ const CLOCK_SLACK: time::Duration = time::Duration::seconds(60);
 
 /// How many of the number's latest messages are looked through.
 const PAGE_SIZE: &str = "50";
+
+/// Whether Twilio is to be asked about `message`, handed over at `since`
+/// with no answer: not before the provider's timeout has passed twice over
+/// since then — by then a request Twilio was still working on when the
+/// answer was given up on has become a message, or never will — else the
+/// step is retried when it has.
+pub(super) fn answer_settled(
+    p: &TwilioSms,
+    message: &MessageRecord,
+    since: OffsetDateTime,
+) -> Result<(), StepError> {
+    let timeout = p.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let settled = since + timeout * 2;
+    let wait = settled - switchboard_sdk::now();
+    if wait <= time::Duration::ZERO {
+        return Ok(());
+    }
+    Err(StepError::retryable(
+        format!(
+            "message {} was handed to Twilio at {} with no answer: Twilio is asked whether it has              it from {} on, before it is sent again",
+            message.id,
+            switchboard_sdk::format_rfc3339(since),
+            switchboard_sdk::format_rfc3339(settled)
+        ),
+        Some(wait.unsigned_abs()),
+    ))
+}
 
 /// The Messages resource of the provider's account.
 pub(super) fn messages_url(p: &TwilioSms) -> String {

@@ -206,8 +206,9 @@ pub fn parse_record(raw: &Value) -> Parsed {
 /// is now subscribed. An `unsubscribe`, a `spamreport` and a `bounce`
 /// (not a `blocked` one, which is temporary) opt the address out of all
 /// e-mail; a `group_unsubscribe` opts it out of the message's template's
-/// category, else its template (all e-mail when the message is unknown or
-/// had no template), and a `group_resubscribe` opts it back in.
+/// category, else its template, and a `group_resubscribe` opts it back in
+/// — nothing when the message is unknown or had no template (SendGrid's
+/// own group suppression still holds; a group is not all e-mail).
 pub fn preference_change(
     report: &Report,
     message: Option<&MessageRecord>,
@@ -218,20 +219,19 @@ pub fn preference_change(
         .and_then(Value::as_str)
         .and_then(|e| normalize_email(e).ok())
         .or_else(|| message.map(|m| m.recipient.clone()))?;
-    let template_topic = || match message.and_then(|m| m.template.as_ref()) {
-        Some(TemplateRef {
+    let template_topic = || match message?.template.as_ref()? {
+        TemplateRef {
             category: Some(category),
             ..
-        }) => Topic::Category(category.clone()),
-        Some(t) => Topic::Template(t.slug.clone()),
-        None => Topic::All,
+        } => Some(Topic::Category(category.clone())),
+        t => Some(Topic::Template(t.slug.clone())),
     };
     let bounce_type = report.details.get("bounce_type").and_then(Value::as_str);
     match report.provider_event.as_str() {
         "unsubscribe" | "spamreport" => Some((address, Topic::All, false)),
         "bounce" if bounce_type != Some("blocked") => Some((address, Topic::All, false)),
-        "group_unsubscribe" => Some((address, template_topic(), false)),
-        "group_resubscribe" => Some((address, template_topic(), true)),
+        "group_unsubscribe" => Some((address, template_topic()?, false)),
+        "group_resubscribe" => Some((address, template_topic()?, true)),
         _ => None,
     }
 }

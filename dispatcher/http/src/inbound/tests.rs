@@ -271,3 +271,103 @@ fn generic_webhooks_become_the_event_they_name() {
     };
     assert_eq!(conversation_key.as_str(), "webhook");
 }
+
+/// What each SendGrid event of the fixture says of its recipient's
+/// preferences, given a message of template `news` (category `newsletter`)
+/// or none.
+#[test]
+fn sendgrid_events_say_what_they_mean_for_preferences() {
+    use switchboard_handlers::records::Topic;
+    use switchboard_handlers::records::messages::TemplateRef;
+
+    let record = |event: &str, extra: Value| {
+        let mut raw = json!({"email": "Ann@Example.org", "event": event,
+            "sg_event_id": format!("e-{event}"), "sg_message_id": "sgm-1.filter"});
+        raw.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        match sendgrid::parse_record(&raw) {
+            Parsed::Report(r) => r,
+            other => panic!("{other:?}"),
+        }
+    };
+    let message = |category: Option<&str>| {
+        let at = switchboard_sdk::now();
+        MessageRecord {
+            id: "m-1".into(),
+            account_key: AccountKey::new("acme").unwrap(),
+            channel: Channel::Email,
+            recipient: "ann@example.org".into(),
+            body: String::new(),
+            subject: None,
+            provider: "sink".into(),
+            remote_id: None,
+            status: MessageStatus::Sent,
+            event_id: "e".into(),
+            chain: "c".into(),
+            step: "s".into(),
+            created_at: at,
+            updated_at: at,
+            transitions: Vec::new(),
+            html: None,
+            template: Some(TemplateRef {
+                slug: "news".into(),
+                version: 1,
+                category: category.map(str::to_string),
+            }),
+            scheduled_at: None,
+        }
+    };
+    let ann =
+        |topic: Topic, subscribed: bool| Some(("ann@example.org".to_string(), topic, subscribed));
+    let with_category = message(Some("newsletter"));
+    let without = message(None);
+    for (report, message, expected) in [
+        (
+            record("unsubscribe", json!({})),
+            None,
+            ann(Topic::All, false),
+        ),
+        (
+            record("spamreport", json!({})),
+            Some(&with_category),
+            ann(Topic::All, false),
+        ),
+        (
+            record("bounce", json!({"type": "bounce"})),
+            None,
+            ann(Topic::All, false),
+        ),
+        // A blocked bounce is temporary: no opt-out.
+        (record("bounce", json!({"type": "blocked"})), None, None),
+        (
+            record("group_unsubscribe", json!({"asm_group_id": 7})),
+            Some(&with_category),
+            ann(Topic::Category("newsletter".into()), false),
+        ),
+        (
+            record("group_unsubscribe", json!({})),
+            Some(&without),
+            ann(Topic::Template("news".into()), false),
+        ),
+        // A group is not all e-mail: unknown, it changes nothing.
+        (record("group_unsubscribe", json!({})), None, None),
+        (record("group_resubscribe", json!({})), None, None),
+        (
+            record("group_resubscribe", json!({})),
+            Some(&with_category),
+            ann(Topic::Category("newsletter".into()), true),
+        ),
+        // Deliveries, opens and clicks say nothing of preferences.
+        (record("delivered", json!({})), Some(&with_category), None),
+        (record("open", json!({})), None, None),
+    ] {
+        assert_eq!(
+            sendgrid::preference_change(&report, message),
+            expected,
+            "{} {:?}",
+            report.provider_event,
+            report.details
+        );
+    }
+}
