@@ -795,3 +795,31 @@ async fn a_store_cache_out_of_range_is_refused_at_start() {
         );
     }
 }
+
+/// A message retention or body cap that cannot work stops `run` before it
+/// starts, naming the key and the least it takes; so does a provider's
+/// timeout that is not a duration.
+#[tokio::test]
+async fn message_settings_that_cannot_work_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (name, config, expected) in [
+        (
+            "retention",
+            "[messages]\nretention = \"0s\"\n",
+            "messages.retention must be at least 1s",
+        ),
+        (
+            "cap",
+            "[messages]\nmax_body_bytes = 100\n",
+            "messages.max_body_bytes must be at least 1024",
+        ),
+        (
+            "timeout",
+            "[providers.sms.twilio]\ntype = \"twilio\"\naccount_sid = \"AC1\"\nauth_token = \"t\"\nfrom = \"+15005550006\"\ntimeout = \"soon\"\n",
+            "timeout: ",
+        ),
+    ] {
+        let line = refused_at_start(dir.path(), name, config).await;
+        assert!(line.contains(expected), "{name}: {line}");
+    }
+}

@@ -535,3 +535,96 @@ config = { template = "{{ event.event_data.template }}", context = { code = "{{ 
         "{trace:#}"
     );
 }
+
+/// A message record keeps what was sent — its bodies cut at the
+/// deployment's cap (the message goes whole), when it was sent, the hash of
+/// its idempotency key — and is removed once its retention has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_records_are_capped_and_expire_after_their_retention() {
+    use crate::peers::SmtpSink;
+    use crate::util::{TIMEOUT, wait_until};
+    use sha2::Digest;
+
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[messages]\nretention = \"3s\"\nmax_body_bytes = 1024\n\n\
+             [providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+            smtp.port()
+        ),
+    );
+    let file = d.file(
+        "long.toml",
+        "channel = \"email\"\nsubject = \"Long\"\ntext = \"{{ context.text }}\"\n\
+         idempotency = \"long:{{ recipient.email }}\"\n",
+    );
+    d.cli(&["templates", "put", "acme", "long", file.to_str().unwrap()])
+        .await
+        .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "long"
+event_type = "long"
+[[chains.steps]]
+handler = "send_email"
+config = { template = "long", context = { text = "{{ event.event_data.text }}" }, recipients = [{ email = "ann@example.org" }] }
+"#,
+    )
+    .await;
+    let text = "ü".repeat(1500);
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "long", "event_data": {"text": text}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let message_id = trace["chains"][0]["steps"][0]["output"]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mail = wait_until("the e-mail", TIMEOUT, || async {
+        smtp.messages().into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        mail["text"].as_str().unwrap().trim_end(),
+        text,
+        "sent whole"
+    );
+
+    let record = d
+        .cli(&["messages", "show", "acme", &message_id])
+        .await
+        .json();
+    let body = record["body"].as_str().unwrap();
+    assert_eq!(body, "ü".repeat(512), "cut at 1024 bytes: {record:#}");
+    assert_eq!(
+        record["cut"],
+        json!({"cap": 1024, "text_bytes": 3000}),
+        "{record:#}"
+    );
+    assert_eq!(
+        record["sent_at"], record["transitions"][1]["at"],
+        "{record:#}"
+    );
+    let key: String = sha2::Sha256::digest(b"long:ann@example.org")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(record["idempotency_key"], key, "{record:#}");
+
+    // Past its retention (3 s after it last changed), it is gone.
+    wait_until("the record to expire", TIMEOUT, || async {
+        let (status, _) = d
+            .get(&format!("/v1/accounts/acme/messages/{message_id}"))
+            .await;
+        (status == 404).then_some(())
+    })
+    .await;
+    let (_, list) = d.get("/v1/accounts/acme/messages").await;
+    assert_eq!(list["messages"], json!([]), "{list:#}");
+}

@@ -41,6 +41,30 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// OpenTelemetry traces.
     pub otel: crate::telemetry::OtelConfig,
+    /// Message records.
+    pub messages: MessagesConfig,
+}
+
+/// `[messages]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// How long a message record is kept after it last changed (`"90d"`);
+    /// one still scheduled, pending or sending is kept until it is done.
+    #[serde(with = "switchboard_rules::duration")]
+    pub retention: Duration,
+    /// The most of each body (text, HTML) a record keeps, in bytes; a body
+    /// over it is cut in the record (which says so) and sent whole.
+    pub max_body_bytes: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(90 * 86400),
+            max_body_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// `[metrics]`
@@ -373,6 +397,16 @@ impl Config {
         if self.delivery.journal_retention < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(
                 "delivery.journal_retention must be at least 1m: a redelivered event must find its journal".into(),
+            ));
+        }
+        if self.messages.retention < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "messages.retention must be at least 1s".into(),
+            ));
+        }
+        if self.messages.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "messages.max_body_bytes must be at least 1024".into(),
             ));
         }
         if self.delivery.trace_retention < Duration::from_secs(60) {

@@ -223,6 +223,7 @@ impl Dispatcher {
             stopped,
         ));
         spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
+        spawn_message_expiry(engine.records.messages.clone(), config.messages.retention);
         spawn_expiry(
             engine.journal,
             engine.records.idempotency.clone(),
@@ -404,6 +405,7 @@ impl Engine {
                 idempotency: records.idempotency.clone(),
                 preferences: records.preferences.clone(),
                 unsubscribe: Some(unsubscribe.clone()),
+                message_body_cap: config.messages.max_body_bytes,
             })
             .with_scripts(scripts),
         );
@@ -590,6 +592,31 @@ fn spawn_expiry(
                 Ok(Ok(n)) => tracing::debug!(removed = n, "expired idempotency keys"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
                 Err(e) => tracing::warn!(error = %e, "expiring idempotency keys panicked"),
+            }
+        }
+    });
+}
+
+/// Removes message records past their retention (`[messages] retention`)
+/// now and then, for as long as the process runs: an eighth of the
+/// retention apart (at least a second, at most six hours), so a record goes
+/// between one and one and an eighth retentions after it last changed.
+fn spawn_message_expiry(
+    messages: std::sync::Arc<dyn switchboard_handlers::records::Messages>,
+    retention: Duration,
+) {
+    let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(6 * 3600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let messages = messages.clone();
+            let before = switchboard_sdk::now() - retention;
+            match tokio::task::spawn_blocking(move || messages.expire(before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "expired message records"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring message records failed"),
+                Err(e) => tracing::warn!(error = %e, "expiring message records panicked"),
             }
         }
     });

@@ -12,6 +12,7 @@ use crate::message_template::{Rendered, TemplateChannel};
 use crate::options::{self, Alternative, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{Email, MailPort, Unsubscribe, UnsubscribeLinks};
 use crate::records::contacts::normalize_email;
+use crate::records::messages::hashed_key;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError, Topic};
 use crate::scheduled;
 use crate::sms::{messages_output, normalized_recipients};
@@ -258,20 +259,24 @@ impl Handler for SendEmail {
             let text = rendered.text.unwrap_or_default();
             let record = self
                 .messages
-                .record(MessageRecord {
-                    html: rendered.html.clone(),
-                    template: template.as_ref().map(TemplateUse::reference),
-                    scheduled_at,
-                    ..MessageRecord::for_step(
-                        input,
-                        i,
-                        Channel::Email,
-                        recipient.clone(),
-                        text.clone(),
-                        Some(subject.clone()),
-                        provider.clone(),
-                    )
-                })
+                .record(
+                    MessageRecord {
+                        html: rendered.html.clone(),
+                        template: template.as_ref().map(TemplateUse::reference),
+                        scheduled_at,
+                        idempotency_key: rendered.idempotency.as_deref().map(hashed_key),
+                        ..MessageRecord::for_step(
+                            input,
+                            i,
+                            Channel::Email,
+                            recipient.clone(),
+                            text.clone(),
+                            Some(subject.clone()),
+                            provider.clone(),
+                        )
+                    }
+                    .capped(self.templated.body_cap),
+                )
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
             let template_key = template.as_ref().map(|t| (t, key.map(|(_, k)| k)));

@@ -76,6 +76,9 @@ pub struct Services {
     /// The one-click unsubscribe links `send_email` puts on its e-mails
     /// (none: no `List-Unsubscribe` header).
     pub unsubscribe: Option<Arc<dyn ports::UnsubscribeLinks>>,
+    /// The most of each body (text, HTML) a message record keeps, in bytes
+    /// (the message goes whole).
+    pub message_body_cap: usize,
 }
 
 /// Everything a handler sees of one step run.
@@ -443,6 +446,7 @@ impl Registry {
             contacts: services.contacts.clone(),
             idempotency: services.idempotency,
             preferences: services.preferences,
+            body_cap: services.message_body_cap,
         };
         r.register(Arc::new(contact::CreateContact::new(services.contacts)));
         r.register(Arc::new(sms::SendSms::new(

@@ -13,6 +13,7 @@ use crate::message_template::TemplateChannel;
 use crate::options::{self, OptionSpec, Options, rendered_string, required_string};
 use crate::ports::{CommandPort, HttpPort, HttpRequest, Method, redact_url};
 use crate::records::contacts::normalize_msisdn;
+use crate::records::messages::hashed_key;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
 use crate::scheduled;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
@@ -171,11 +172,13 @@ impl SendSms {
         }
     }
 
+    /// Hands `message`, whose whole text is `text` (its record may hold it
+    /// cut), to `provider`; the provider's id for it, when it gives one.
     async fn deliver(
         &self,
         provider: &SmsProvider,
         message: &MessageRecord,
-        from: Option<&str>,
+        (from, text): (Option<&str>, &str),
     ) -> Result<Option<String>, StepError> {
         match provider {
             SmsProvider::Nats(p) => {
@@ -186,7 +189,7 @@ impl SendSms {
                     "timestamp": vumi_timestamp(message.created_at),
                     "to_addr": message.recipient,
                     "from_addr": from,
-                    "content": message.body,
+                    "content": text,
                     "transport_name": p.transport,
                     "transport_type": "sms",
                     "in_reply_to": null,
@@ -220,7 +223,7 @@ impl SendSms {
                     "message_id": message.id,
                     "to": message.recipient,
                     "from": from,
-                    "content": message.body,
+                    "content": text,
                     "account_key": message.account_key,
                     "event_id": message.event_id,
                 });
@@ -260,7 +263,7 @@ impl SendSms {
                 let body = {
                     let mut form = form_urlencoded::Serializer::new(String::new());
                     form.append_pair("To", &message.recipient);
-                    form.append_pair("Body", &message.body);
+                    form.append_pair("Body", text);
                     match (from, &p.messaging_service_sid) {
                         (Some(from), _) => form.append_pair("From", from),
                         (None, Some(sid)) => form.append_pair("MessagingServiceSid", sid),
@@ -309,7 +312,7 @@ impl SendSms {
         &self,
         (provider, provider_name): (&SmsProvider, &str),
         mut record: MessageRecord,
-        from: Option<&str>,
+        (from, text): (Option<&str>, &str),
     ) -> Result<MessageRecord, StepError> {
         let recording =
             |e: RecordError| StepError::retryable(format!("recording the message: {e}"), None);
@@ -321,7 +324,7 @@ impl SendSms {
                     p,
                     self.http.as_ref(),
                     self.messages.as_ref(),
-                    (&record, from),
+                    (&record, from, text),
                     since,
                 )
                 .await?;
@@ -333,7 +336,7 @@ impl SendSms {
                         );
                         Some(sid)
                     }
-                    None => self.deliver(provider, &record, from).await?,
+                    None => self.deliver(provider, &record, (from, text)).await?,
                 }
             }
             (SmsProvider::Twilio(_), None) => {
@@ -357,9 +360,9 @@ impl SendSms {
                     .flush(&record.account_key)
                     .await
                     .map_err(recording)?;
-                self.deliver(provider, &record, from).await?
+                self.deliver(provider, &record, (from, text)).await?
             }
-            _ => self.deliver(provider, &record, from).await?,
+            _ => self.deliver(provider, &record, (from, text)).await?,
         };
         Ok((self.messages)
             .transition(
@@ -521,21 +524,26 @@ impl Handler for SendSms {
                 };
             // Claimed by `admit`: given back if the send fails for good.
             let key = template.as_ref().zip(body.idempotency.as_deref());
+            let text = body.text.clone().unwrap_or_default();
             let record = self
                 .messages
-                .record(MessageRecord {
-                    template: template.as_ref().map(TemplateUse::reference),
-                    scheduled_at,
-                    ..MessageRecord::for_step(
-                        input,
-                        i,
-                        Channel::Sms,
-                        recipient,
-                        body.text.clone().unwrap_or_default(),
-                        None,
-                        provider_name.clone(),
-                    )
-                })
+                .record(
+                    MessageRecord {
+                        template: template.as_ref().map(TemplateUse::reference),
+                        scheduled_at,
+                        idempotency_key: body.idempotency.as_deref().map(hashed_key),
+                        ..MessageRecord::for_step(
+                            input,
+                            i,
+                            Channel::Sms,
+                            recipient,
+                            text.clone(),
+                            None,
+                            provider_name.clone(),
+                        )
+                    }
+                    .capped(self.templated.body_cap),
+                )
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
             let template_key = template.as_ref().map(|t| (t, key.map(|(_, k)| k)));
@@ -552,7 +560,11 @@ impl Handler for SendSms {
             // A re-run step does not send again what was already sent.
             let record = if record.unsent() {
                 match self
-                    .hand_over((provider, &provider_name), record.clone(), from.as_deref())
+                    .hand_over(
+                        (provider, &provider_name),
+                        record.clone(),
+                        (from.as_deref(), &text),
+                    )
                     .await
                 {
                     Ok(record) => record,

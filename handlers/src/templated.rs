@@ -116,6 +116,8 @@ pub(crate) struct TemplatePorts {
     pub idempotency: Arc<dyn IdempotencyKeys>,
     /// Who opted out of what: every send is checked against them.
     pub preferences: Arc<dyn Preferences>,
+    /// The most of each body a message record keeps, in bytes.
+    pub body_cap: usize,
 }
 
 impl TemplatePorts {

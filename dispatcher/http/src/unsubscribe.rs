@@ -150,9 +150,8 @@ impl OneClick {
         self.messages.report(
             &link.account,
             &link.message_id,
-            MessageStatus::Unsubscribed,
-            cause,
-            &source,
+            (MessageStatus::Unsubscribed, cause),
+            (&source, None),
         )?;
         self.store.flush().await?;
         tracing::info!(account = %link.account, channel = link.channel.as_str(), topic = %link.topic,

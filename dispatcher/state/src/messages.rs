@@ -9,6 +9,7 @@ use switchboard_handlers::records::{
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
+use time::OffsetDateTime;
 
 use super::{About, decode};
 
@@ -23,6 +24,9 @@ fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8
 fn message_key(account: &AccountKey, id: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), id.as_bytes()])
 }
+
+/// How many message records an expiry sweep reads at a time.
+const EXPIRY_PAGE: usize = 1024;
 
 /// Message records, by account.
 #[derive(Debug)]
@@ -156,19 +160,84 @@ impl Messages for StoredMessages {
         &self,
         account: &AccountKey,
         id: &str,
-        to: MessageStatus,
-        cause: &str,
-        source: &str,
+        (to, cause): (MessageStatus, &str),
+        report: (&str, Option<&serde_json::Value>),
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
         let _guard = self.writer.lock().expect("message writer lock");
         let mut outcome = Reported::Applied { from: to };
         let updated = self
             .update(account, id, |m| {
-                outcome = m.apply_report(to, cause, source, switchboard_sdk::now());
+                outcome = m.apply_report(to, cause, report, switchboard_sdk::now());
                 outcome.applied()
             })
             .about(Records::Messages, account)?;
         Ok(updated.map(|m| (m, outcome)))
+    }
+
+    fn expire(
+        &self,
+        before: OffsetDateTime,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let mut removed = 0;
+        let mut first_error = None;
+        let mut from = Vec::new();
+        loop {
+            let page = self
+                .store
+                .scan_from(Collection::Messages, &from, EXPIRY_PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.clone();
+            from.push(0);
+            for (k, v) in &page {
+                let Some(m) = decode::<MessageRecord>(v) else {
+                    continue;
+                };
+                let done = !matches!(
+                    m.status,
+                    MessageStatus::Scheduled | MessageStatus::Pending | MessageStatus::Sending
+                );
+                // Another replica's partition: its own sweep removes it.
+                if !done
+                    || m.updated_at >= before
+                    || !self.store.writes_locally(Collection::Messages, k)
+                {
+                    continue;
+                }
+                // A message changed since the scan is kept; one that
+                // cannot be removed now is left for the next sweep.
+                let gone = self
+                    .store
+                    .compare_and_swap(Collection::Messages, k, Some(v), None)
+                    .and_then(|gone| {
+                        if gone && let Some(remote) = &m.remote_id {
+                            let at = remote_key(&m.account_key, m.channel, remote);
+                            self.store.compare_and_swap(
+                                Collection::MessageRemoteIds,
+                                &at,
+                                Some(m.id.as_bytes()),
+                                None,
+                            )?;
+                        }
+                        Ok(gone)
+                    });
+                match gone {
+                    Ok(true) => removed += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if page.len() < EXPIRY_PAGE {
+                break;
+            }
+        }
+        // Removed ones are counted; an error is told only when nothing could
+        // be removed (the next sweep tries the rest again).
+        match first_error {
+            Some(e) if removed == 0 => Err(e.into()),
+            _ => Ok(removed),
+        }
     }
 
     fn find_by_remote_id(
@@ -242,6 +311,9 @@ mod tests {
             html: None,
             template: None,
             scheduled_at: None,
+            sent_at: None,
+            idempotency_key: None,
+            cut: None,
         }
     }
 
@@ -323,8 +395,14 @@ mod tests {
         // writer lock this one does not hold) sees and keeps every change.
         let other_instance = StoredMessages::new(store);
         let report = |to, source: &str| {
+            let payload = serde_json::json!({"event": "delivered", "id": source});
             other_instance
-                .report(&acme, "m-1", to, &format!("report {source}"), source)
+                .report(
+                    &acme,
+                    "m-1",
+                    (to, &format!("report {source}")),
+                    (source, Some(&payload)),
+                )
                 .unwrap()
                 .map(|(m, r)| (m.status, r))
         };
@@ -352,7 +430,7 @@ mod tests {
         );
         assert_eq!(
             other_instance
-                .report(&acme, "m-2", MessageStatus::Sent, "x", "t:2")
+                .report(&acme, "m-2", (MessageStatus::Sent, "x"), ("t:2", None))
                 .unwrap(),
             None
         );
@@ -374,5 +452,55 @@ mod tests {
                 ),
             ]
         );
+        // The report as the provider posted it, in the log; when it was
+        // sent.
+        assert_eq!(
+            m.transitions[2].payload,
+            Some(serde_json::json!({"event": "delivered", "id": "t:1"}))
+        );
+        assert_eq!(m.sent_at, Some(m.transitions[1].at));
+    }
+
+    /// Done messages last changed before the cut-off go, with their
+    /// remote-id entries; newer ones, and ones still to go, stay.
+    #[test]
+    fn expired_messages_are_removed_with_their_remote_ids() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store);
+        let acme = AccountKey::new("acme").unwrap();
+        for id in ["old-sent", "old-pending", "new-sent"] {
+            messages.record(sms(&acme, id)).unwrap();
+        }
+        for (id, remote) in [("old-sent", "SM1"), ("new-sent", "SM2")] {
+            messages
+                .transition(&acme, id, MessageStatus::Sent, "ok", Some(remote.into()))
+                .unwrap();
+        }
+        let cutoff = switchboard_sdk::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        messages
+            .transition(&acme, "new-sent", MessageStatus::Delivered, "later", None)
+            .unwrap();
+        assert_eq!(messages.expire(cutoff).unwrap(), 1);
+        let left: Vec<String> = messages
+            .list(&acme, 10)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(left, ["new-sent", "old-pending"]);
+        assert_eq!(
+            messages
+                .find_by_remote_id(&acme, Channel::Sms, "SM1")
+                .unwrap(),
+            None
+        );
+        assert!(
+            messages
+                .find_by_remote_id(&acme, Channel::Sms, "SM2")
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(messages.expire(cutoff).unwrap(), 0);
     }
 }

@@ -145,6 +145,9 @@ pub struct Transition {
     /// that a report posted twice is applied once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// That report as the provider posted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
 }
 
 /// A message Switchboard sent.
@@ -195,6 +198,61 @@ pub struct MessageRecord {
         with = "time::serde::rfc3339::option"
     )]
     pub scheduled_at: Option<OffsetDateTime>,
+    /// When the provider accepted it (it first became `sent`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub sent_at: Option<OffsetDateTime>,
+    /// The SHA-256 (hex) of the idempotency key its template rendered for
+    /// it, when it had one: which sends it held back, without the key
+    /// (often an address) in the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Its bodies as recorded were cut at the deployment's cap: the cap,
+    /// and the whole sizes of the parts cut (the message went whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<Cut>,
+}
+
+/// How a message record's bodies were cut to the deployment's cap
+/// (`[messages] max_body_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cut {
+    /// The cap, in bytes, of each body kept.
+    pub cap: usize,
+    /// The text body's whole size, when it was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_bytes: Option<usize>,
+    /// The HTML body's whole size, when it was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html_bytes: Option<usize>,
+}
+
+/// A template's idempotency key as a message record keeps it: its SHA-256,
+/// in hex.
+pub fn hashed_key(key: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `text` cut to at most `cap` bytes, on a character boundary; its whole
+/// size when it was cut.
+fn cut_to(text: &mut String, cap: usize) -> Option<usize> {
+    if text.len() <= cap {
+        return None;
+    }
+    let whole = text.len();
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    Some(whole)
 }
 
 /// A message template and the version a message was rendered from.
@@ -241,7 +299,25 @@ impl MessageRecord {
             html: None,
             template: None,
             scheduled_at: None,
+            sent_at: None,
+            idempotency_key: None,
+            cut: None,
         }
+    }
+
+    /// The record with its bodies cut to `cap` bytes each, and the cut
+    /// recorded ([`Cut`]); as it was when they fit.
+    pub fn capped(mut self, cap: usize) -> Self {
+        let text_bytes = cut_to(&mut self.body, cap);
+        let html_bytes = self.html.as_mut().and_then(|h| cut_to(h, cap));
+        if text_bytes.is_some() || html_bytes.is_some() {
+            self.cut = Some(Cut {
+                cap,
+                text_bytes,
+                html_bytes,
+            });
+        }
+        self
     }
 
     /// Whether the provider still has to be asked to send it (a re-run step
@@ -291,6 +367,7 @@ impl MessageRecord {
             at: self.created_at,
             cause,
             source: None,
+            payload: None,
         }];
     }
 
@@ -306,7 +383,7 @@ impl MessageRecord {
         if let Some(remote_id) = remote_id {
             self.remote_id = Some(remote_id.to_string());
         }
-        self.log(to, cause, None, at);
+        self.log(to, cause, (None, None), at);
     }
 
     /// What a provider's delivery report that the message is now `to`,
@@ -331,29 +408,40 @@ impl MessageRecord {
     }
 
     /// Applies a delivery report as [`MessageRecord::judge_report`] says,
-    /// logging `cause` and `source` when it moves the message.
+    /// logging `cause`, `source` and the report's raw `payload` (as the
+    /// provider posted it) when it moves the message.
     pub fn apply_report(
         &mut self,
         to: MessageStatus,
         cause: &str,
-        source: &str,
+        (source, payload): (&str, Option<&serde_json::Value>),
         at: OffsetDateTime,
     ) -> Reported {
         let verdict = self.judge_report(to, source);
         if let Reported::Applied { .. } = verdict {
-            self.log(to, cause, Some(source), at);
+            self.log(to, cause, (Some(source), payload), at);
         }
         verdict
     }
 
-    fn log(&mut self, to: MessageStatus, cause: &str, source: Option<&str>, at: OffsetDateTime) {
+    fn log(
+        &mut self,
+        to: MessageStatus,
+        cause: &str,
+        (source, payload): (Option<&str>, Option<&serde_json::Value>),
+        at: OffsetDateTime,
+    ) {
         self.transitions.push(Transition {
             from: Some(self.status),
             to,
             at,
             cause: cause.to_string(),
             source: source.map(str::to_string),
+            payload: payload.cloned(),
         });
+        if to == MessageStatus::Sent && self.sent_at.is_none() {
+            self.sent_at = Some(at);
+        }
         self.status = to;
         self.updated_at = at;
     }
@@ -461,17 +549,25 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
         cause: &str,
     ) -> Result<Option<(MessageRecord, bool)>, RecordError>;
 
-    /// Applies a provider's delivery report to message `id`
-    /// ([`MessageRecord::apply_report`]). `None` when the account has no
-    /// such message.
+    /// Applies a provider's delivery report that message `id` is now
+    /// `moved.0`, because of `moved.1`, with the report's source and raw
+    /// payload ([`MessageRecord::apply_report`]). `None` when the account
+    /// has no such message.
     fn report(
         &self,
         account: &AccountKey,
         id: &str,
-        to: MessageStatus,
-        cause: &str,
-        source: &str,
+        moved: (MessageStatus, &str),
+        report: (&str, Option<&serde_json::Value>),
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError>;
+
+    /// Removes the messages last changed before `before` that are done (not
+    /// scheduled, pending or sending), with their remote-id entries: the
+    /// retention of message records. How many were removed.
+    fn expire(
+        &self,
+        before: OffsetDateTime,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>>;
 
     /// The message of `account` sent on `channel` that the provider knows as
     /// `remote_id`.
@@ -523,10 +619,13 @@ mod tests {
             html: None,
             template: None,
             scheduled_at: None,
+            sent_at: None,
+            idempotency_key: None,
+            cut: None,
         };
         m.start();
         for source in sources {
-            m.log(status, "earlier", Some(source), now);
+            m.log(status, "earlier", (Some(source), None), now);
         }
         m.status = status;
         m
@@ -541,7 +640,7 @@ mod tests {
     ) {
         let mut m = message(status, seen);
         let before = m.clone();
-        let verdict = m.apply_report(to, "report", source, switchboard_sdk::now());
+        let verdict = m.apply_report(to, "report", (source, None), switchboard_sdk::now());
         assert_eq!(verdict, expected, "{status} + {to} from {source}");
         if verdict.applied() {
             assert_eq!(m.status, to);
@@ -660,6 +759,38 @@ mod tests {
     }
 
     #[test]
+    fn bodies_over_the_cap_are_cut_on_a_character_and_the_cut_recorded() {
+        let whole = MessageRecord {
+            body: "héllo wörld".into(),
+            html: Some("<p>short</p>".into()),
+            ..message(Pending, &[])
+        };
+        // Byte 2 falls inside "é": the text is cut before it.
+        let cut = whole.clone().capped(2);
+        assert_eq!(cut.body, "h");
+        assert_eq!(cut.html.as_deref(), Some("<p"));
+        assert_eq!(
+            cut.cut,
+            Some(Cut {
+                cap: 2,
+                text_bytes: Some("héllo wörld".len()),
+                html_bytes: Some("<p>short</p>".len()),
+            })
+        );
+        // Only the part over the cap is cut, and said to be.
+        let cut = whole.clone().capped(12);
+        assert_eq!(cut.body, "héllo wörl");
+        assert_eq!(cut.html.as_deref(), Some("<p>short</p>"));
+        assert_eq!(cut.cut.as_ref().and_then(|c| c.html_bytes), None);
+        assert_eq!(
+            whole.clone().capped(1024),
+            whole,
+            "within the cap: as it was"
+        );
+        assert_eq!(hashed_key("k").len(), 64);
+    }
+
+    #[test]
     fn a_send_step_logs_each_move() {
         let mut m = message(Pending, &[]);
         let at = switchboard_sdk::now();
@@ -680,5 +811,6 @@ mod tests {
             ]
         );
         assert_eq!(m.updated_at, at);
+        assert_eq!(m.sent_at, Some(at), "when it was first sent");
     }
 }

@@ -62,13 +62,14 @@ pub(super) fn messages_url(p: &TwilioSms) -> String {
     )
 }
 
-/// The sid Twilio gave `message`, handed over at `since` with no answer,
-/// if Twilio has it; `None` if it has not (it is to be sent).
+/// The sid Twilio gave `message` (from `from`, its whole text `text`),
+/// handed over at `since` with no answer, if Twilio has it; `None` if it
+/// has not (it is to be sent).
 pub(super) async fn find_earlier(
     p: &TwilioSms,
     http: &dyn HttpPort,
     messages: &dyn Messages,
-    (message, from): (&MessageRecord, Option<&str>),
+    (message, from, text): (&MessageRecord, Option<&str>, &str),
     since: OffsetDateTime,
 ) -> Result<Option<String>, StepError> {
     let asking = || {
@@ -120,7 +121,7 @@ pub(super) async fn find_earlier(
         Some(from) => Sender::From(from),
         None => Sender::Service(p.messaging_service_sid.as_deref().unwrap_or_default()),
     };
-    for sid in candidates(&listed, message, sender, since) {
+    for sid in candidates(&listed, (&message.recipient, text), sender, since) {
         // A sid another of the account's messages has is not this one's
         // (the same text sent twice to one number).
         match messages.find_by_remote_id(&message.account_key, Channel::Sms, &sid) {
@@ -141,12 +142,13 @@ pub(super) enum Sender<'a> {
     Service(&'a str),
 }
 
-/// The sids in Twilio's message list `listed` that may be `message`, oldest
-/// first: to its recipient, from its sender, with its body, created no
-/// earlier than `since` (less the clocks' slack).
+/// The sids in Twilio's message list `listed` that may be the message to
+/// `recipient` with `text`, oldest first: to its recipient, from its
+/// sender, with its text, created no earlier than `since` (less the
+/// clocks' slack).
 pub(super) fn candidates(
     listed: &Value,
-    message: &MessageRecord,
+    (recipient, text): (&str, &str),
     sender: Sender<'_>,
     since: OffsetDateTime,
 ) -> Vec<String> {
@@ -156,8 +158,8 @@ pub(super) fn candidates(
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|m| field(m, "to").as_deref() == Some(message.recipient.as_str()))
-        .filter(|m| field(m, "body").as_deref() == Some(message.body.as_str()))
+        .filter(|m| field(m, "to").as_deref() == Some(recipient))
+        .filter(|m| field(m, "body").as_deref() == Some(text))
         .filter(|m| match sender {
             Sender::From(from) => field(m, "from").as_deref() == Some(from),
             Sender::Service(sid) => field(m, "messaging_service_sid").as_deref() == Some(sid),
@@ -175,35 +177,9 @@ pub(super) fn candidates(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use switchboard_sdk::AccountKey;
     use time::macros::datetime;
 
     use super::*;
-    use crate::records::MessageStatus;
-
-    fn message() -> MessageRecord {
-        let at = datetime!(2026-12-04 17:00:00 UTC);
-        MessageRecord {
-            id: "m-1".into(),
-            account_key: AccountKey::new("acme").unwrap(),
-            channel: Channel::Sms,
-            recipient: "+27820000001".into(),
-            body: "Your code is 1234".into(),
-            subject: None,
-            provider: "twilio".into(),
-            remote_id: None,
-            status: MessageStatus::Sending,
-            event_id: "e".into(),
-            chain: "c".into(),
-            step: "s".into(),
-            created_at: at,
-            updated_at: at,
-            transitions: Vec::new(),
-            html: None,
-            template: None,
-            scheduled_at: None,
-        }
-    }
 
     fn listed(sid: &str, to: &str, from: &str, body: &str, created: &str) -> Value {
         json!({"sid": sid, "to": to, "from": from, "body": body, "date_created": created,
@@ -212,7 +188,12 @@ mod tests {
 
     fn check(messages: Vec<Value>, sender: Sender<'_>, expected: &[&str]) {
         let since = datetime!(2026-12-04 17:00:00 UTC);
-        let found = candidates(&json!({ "messages": messages }), &message(), sender, since);
+        let found = candidates(
+            &json!({ "messages": messages }),
+            ("+27820000001", "Your code is 1234"),
+            sender,
+            since,
+        );
         assert_eq!(found, expected, "{messages:#?}");
     }
 
@@ -287,7 +268,7 @@ mod tests {
         assert!(
             candidates(
                 &json!({"code": 20404}),
-                &message(),
+                (to, body),
                 Sender::From(from),
                 since
             )

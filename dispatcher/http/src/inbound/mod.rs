@@ -670,9 +670,8 @@ impl Inbound {
                 match self.messages.report(
                     account,
                     &message.id,
-                    to,
-                    &report.cause,
-                    &report.source,
+                    (to, &report.cause),
+                    (&report.source, Some(&raw)),
                 )? {
                     Some((m, Reported::Applied { .. })) => (m, "applied"),
                     Some((m, Reported::Duplicate)) => (m, "duplicate"),

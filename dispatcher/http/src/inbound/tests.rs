@@ -316,6 +316,9 @@ fn sendgrid_events_say_what_they_mean_for_preferences() {
                 category: category.map(str::to_string),
             }),
             scheduled_at: None,
+            sent_at: None,
+            idempotency_key: None,
+            cut: None,
         }
     };
     let ann =
