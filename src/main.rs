@@ -108,6 +108,10 @@ enum Command {
     /// provider reports that matched none.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// Manage the numbers and addresses an account owns, which replies are
+    /// sent to (a reply becomes a `message_response` event of its owner).
+    #[command(subcommand)]
+    Numbers(NumbersCommand),
     /// See and set what a contact (or an address) opted in to and out of:
     /// sends to an address that opted out are recorded `suppressed`.
     #[command(subcommand)]
@@ -145,6 +149,41 @@ enum TokensCommand {
         account: String,
         /// The token's id (from `tokens list`).
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NumbersCommand {
+    /// Make an address the account's on a transport (refused when another
+    /// account has it).
+    Add {
+        /// The account.
+        account: String,
+        /// The transport or provider replies come through (`twilio`, a Vumi
+        /// transport's name).
+        transport: String,
+        /// An E.164 number, a short code, or an e-mail address.
+        address: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the account's addresses.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Give an address up: replies to it are kept as unmatched.
+    Rm {
+        /// The account.
+        account: String,
+        /// The transport.
+        transport: String,
+        /// The address.
+        address: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -968,6 +1007,29 @@ async fn main() -> ExitCode {
                 limit,
                 remote,
             } => cli::messages_unmatched(&remote.client(), &account, limit, remote.json).await,
+        }),
+        Command::Numbers(c) => print(match c {
+            NumbersCommand::Add {
+                account,
+                transport,
+                address,
+                remote,
+            } => {
+                let at = (transport.as_str(), address.as_str());
+                cli::numbers_add(&remote.client(), &account, at, remote.json).await
+            }
+            NumbersCommand::List { account, remote } => {
+                cli::numbers_list(&remote.client(), &account, remote.json).await
+            }
+            NumbersCommand::Rm {
+                account,
+                transport,
+                address,
+                remote,
+            } => {
+                let at = (transport.as_str(), address.as_str());
+                cli::numbers_rm(&remote.client(), &account, at, remote.json).await
+            }
         }),
         Command::Preferences(c) => print(match c {
             PreferencesCommand::Show {

@@ -28,6 +28,8 @@ struct Fixture {
     event_id: String,
     contact_key: String,
     message_id: String,
+    /// A number the account does not own yet (its own, not the other's).
+    number: String,
     /// Three dead letters: shown, discarded, replayed.
     dead_letters: [String; 3],
 }
@@ -225,6 +227,12 @@ fn matrix() -> Vec<Row> {
         row("PUT", "/v1/accounts/{account}/preferences/{contact}",
             |f| format!("/v1/accounts/{}/preferences/{}", f.account, f.contact_key),
             |_| Some(r#"{"channel": "sms", "subscribed": true}"#.into()), 200, 200),
+        row("GET", "/v1/accounts/{account}/numbers",
+            |f| format!("/v1/accounts/{}/numbers", f.account), none, 200, 200),
+        row("PUT", "/v1/accounts/{account}/numbers/{transport}/{address}",
+            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 200, 200),
+        row("DELETE", "/v1/accounts/{account}/numbers/{transport}/{address}",
+            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages",
             |f| format!("/v1/accounts/{}/messages", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages/{id}",
@@ -467,6 +475,11 @@ async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
             .as_str()
             .expect("a message")
             .to_string(),
+        number: match account {
+            "alpha" => "+27830000001",
+            _ => "+27830000002",
+        }
+        .to_string(),
         dead_letters,
     }
 }

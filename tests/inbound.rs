@@ -25,14 +25,14 @@ const TWILIO_FIXTURE: &str = concat!(
 );
 
 /// The AccountSid of the Twilio fixture.
-const TWILIO_ACCOUNT: &str = "AC00000000000000000000000000000000";
+pub(crate) const TWILIO_ACCOUNT: &str = "AC00000000000000000000000000000000";
 
 fn fixture(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading the fixture {path}: {e}"))
 }
 
 /// POSTs `body` to `url` with `headers`: the status and the JSON answer.
-async fn post(
+pub(crate) async fn post(
     url: &str,
     content_type: &str,
     headers: &[(&str, String)],
@@ -70,7 +70,7 @@ fn assert_error(answer: &(u16, Value), status: u16, code: &str, text: &str) {
 }
 
 /// `X-Twilio-Signature` of a form POST to `url`.
-fn twilio_signature(token: &str, url: &str, body: &str) -> String {
+pub(crate) fn twilio_signature(token: &str, url: &str, body: &str) -> String {
     let parsed = reqwest::Url::parse(&format!("http://x/?{body}")).expect("a form body");
     let mut params: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
     params.sort();
@@ -111,7 +111,7 @@ fn now() -> i64 {
 }
 
 /// `switchboard inbound create ACCOUNT PROVIDER [ARGS] --json`: the URL.
-async fn create(d: &Dispatcher, account: &str, provider: &str, args: &[&str]) -> String {
+pub(crate) async fn create(d: &Dispatcher, account: &str, provider: &str, args: &[&str]) -> String {
     let mut all = vec!["inbound", "create", account, provider, "--json"];
     all.extend(args);
     let answer = d.cli(&all).await.json();

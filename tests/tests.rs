@@ -27,6 +27,7 @@ mod pauses;
 mod preferences;
 mod pull_stall;
 mod replicas;
+mod replies;
 mod rhai;
 mod templates;
 mod workers;

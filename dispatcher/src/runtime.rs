@@ -499,6 +499,7 @@ impl Engine {
                     messages: self.records.messages.clone(),
                     secrets: self.records.secrets.clone(),
                     preferences: self.records.preferences.clone(),
+                    contacts: self.records.contacts.clone(),
                 },
                 bus.clone(),
                 self.metrics.clone(),

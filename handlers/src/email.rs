@@ -265,6 +265,7 @@ impl Handler for SendEmail {
                         template: template.as_ref().map(TemplateUse::reference),
                         scheduled_at,
                         idempotency_key: rendered.idempotency.as_deref().map(hashed_key),
+                        sender: Some(from.clone()),
                         ..MessageRecord::for_step(
                             input,
                             i,

@@ -532,6 +532,7 @@ impl Handler for SendSms {
                         template: template.as_ref().map(TemplateUse::reference),
                         scheduled_at,
                         idempotency_key: body.idempotency.as_deref().map(hashed_key),
+                        sender: from.clone(),
                         ..MessageRecord::for_step(
                             input,
                             i,

@@ -130,11 +130,20 @@ pub enum Collection {
     /// Signing keys of accounts: `{account}\0{purpose}` → the key (32
     /// random bytes), made on first use.
     SigningKeys,
+    /// The addresses accounts own, for replies: `{transport}\0{address}` →
+    /// the owner and when it was added.
+    Numbers,
+    /// The addresses of each account: `{account}\0{transport}\0{address}` →
+    /// the same.
+    NumberIndex,
+    /// The latest message sent to each recipient from each sender, for
+    /// replies: `{account}\0{channel}\0{recipient}\0{sender}` → message id.
+    LatestSent,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 37] = [
+    pub const ALL: [Collection; 40] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -172,6 +181,9 @@ impl Collection {
         Collection::Flow,
         Collection::Preferences,
         Collection::SigningKeys,
+        Collection::Numbers,
+        Collection::NumberIndex,
+        Collection::LatestSent,
     ];
 
     /// The collection's name on disk.
@@ -214,6 +226,9 @@ impl Collection {
             Collection::Flow => "flow",
             Collection::Preferences => "preferences",
             Collection::SigningKeys => "signing_keys",
+            Collection::Numbers => "numbers",
+            Collection::NumberIndex => "number_index",
+            Collection::LatestSent => "latest_sent",
         }
     }
 
@@ -252,6 +267,7 @@ impl Collection {
                 | Collection::DigestEvents
                 | Collection::Flow
                 | Collection::Preferences
+                | Collection::LatestSent
         )
     }
 

@@ -137,7 +137,7 @@ pub struct UnmatchedRecord {
     pub account_key: AccountKey,
     /// The provider.
     pub provider: Provider,
-    /// `unknown_message`, `undocumented` or `malformed`.
+    /// `unknown_message`, `unknown_address`, `undocumented` or `malformed`.
     pub result: String,
     /// Why it matched nothing, in words.
     pub reason: String,
@@ -177,7 +177,7 @@ pub struct Receipt {
 /// are absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordResult {
-    /// `matched`, `unknown_message`, `undocumented` or `malformed`.
+    /// `matched`, `unknown_message`, `unknown_address`, `undocumented` or `malformed`.
     pub result: String,
     /// The message it matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,4 +198,27 @@ pub struct RecordResult {
     /// Why it matched nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// An address an account owns on a transport, which replies are sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberAnswer {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The transport or provider (`twilio`, a Vumi transport's name).
+    pub transport: String,
+    /// The address, normalised (E.164, a short code, an e-mail address).
+    pub address: String,
+    /// When it was added.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+}
+
+/// `GET /v1/accounts/{account}/numbers`: the account's addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberList {
+    /// The account.
+    pub account_key: AccountKey,
+    /// Its addresses, by transport and address.
+    pub numbers: Vec<NumberAnswer>,
 }

@@ -217,6 +217,19 @@ pub fn inbound_hook(account: &str, provider: &str) -> String {
     account_path(account, &format!("inbound/{}", segment(provider)))
 }
 
+/// `GET` the addresses an account owns, which replies are sent to.
+pub fn numbers(account: &str) -> String {
+    account_path(account, "numbers")
+}
+
+/// `PUT` (add) or `DELETE` an address an account owns on a transport.
+pub fn number(account: &str, transport: &str, address: &str) -> String {
+    account_path(
+        account,
+        &format!("numbers/{}/{}", segment(transport), segment(address)),
+    )
+}
+
 /// A one-click unsubscribe link's path (the link's signed `token`).
 pub fn unsubscribe(account: &str, token: &str) -> String {
     format!("/v1/unsubscribe/{}/{}", segment(account), segment(token))
@@ -316,6 +329,8 @@ pub fn samples() -> Vec<String> {
         inbound_hook(a, "sendgrid"),
         inbound_receive(a, "sendgrid", "s3cr3t"),
         unsubscribe(a, "payload.mac"),
+        numbers(a),
+        number(a, "twilio", "+27820000001"),
         secrets(a),
         secret(a, n),
         dead_letters("~unknown"),

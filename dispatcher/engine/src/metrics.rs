@@ -96,6 +96,8 @@ pub enum InboundResult {
     Matched,
     /// Well-formed, but for a message this account never sent.
     UnknownMessage,
+    /// A reply to an address that is not the account's.
+    UnknownAddress,
     /// An event type or status the provider does not document.
     Undocumented,
     /// Not a record that can be read.
@@ -110,6 +112,7 @@ impl InboundResult {
         match self {
             InboundResult::Matched => "matched",
             InboundResult::UnknownMessage => "unknown_message",
+            InboundResult::UnknownAddress => "unknown_address",
             InboundResult::Undocumented => "undocumented",
             InboundResult::Malformed => "malformed",
             InboundResult::Rejected => "rejected",

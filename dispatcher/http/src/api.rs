@@ -27,7 +27,8 @@ use switchboard_api::error::{ChainProblem, ScriptCompileError, StepRef};
 use switchboard_api::events::Accepted;
 use switchboard_api::health::{Health, Readiness};
 use switchboard_api::inbound::{
-    CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
+    CreateInboundRequest, CreatedInbound, InboundList, NumberAnswer, NumberList, RevokedInbound,
+    UnmatchedList,
 };
 use switchboard_api::records::{ContactList, MessageList, SecretList, SecretRemoved, SecretSet};
 use switchboard_api::scripts::{
@@ -188,6 +189,10 @@ routes! {
     "/v1/accounts/{account}/inbound" => { GET: list_inbound }
     "/v1/accounts/{account}/inbound/{provider}" => {
         GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound
+    }
+    "/v1/accounts/{account}/numbers" => { GET: list_numbers }
+    "/v1/accounts/{account}/numbers/{transport}/{address}" => {
+        PUT: add_number, DELETE: remove_number
     }
     // Authenticated by the secret in the URL and the provider's signature.
     "/v1/inbound/{account}/{provider}/{secret}" => { POST: receive_inbound }

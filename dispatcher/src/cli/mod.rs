@@ -36,9 +36,11 @@ use switchboard_sdk::{
 
 use crate::client::{Client, ClientError};
 
+mod numbers;
 mod preferences;
 mod templates;
 mod timers;
+pub use numbers::*;
 pub use preferences::*;
 pub use templates::*;
 pub use timers::*;

@@ -21,6 +21,20 @@ fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8
     ])
 }
 
+fn latest_key(
+    account: &AccountKey,
+    channel: Channel,
+    recipient: &str,
+    sender: Option<&str>,
+) -> Vec<u8> {
+    key(&[
+        account.as_str().as_bytes(),
+        channel.as_str().as_bytes(),
+        recipient.as_bytes(),
+        sender.unwrap_or_default().as_bytes(),
+    ])
+}
+
 fn message_key(account: &AccountKey, id: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), id.as_bytes()])
 }
@@ -127,11 +141,25 @@ impl Messages for StoredMessages {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError> {
         let _guard = self.writer.lock().expect("message writer lock");
-        self.update(account, id, |m| {
-            m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
-            true
-        })
-        .about(Records::Messages, account)
+        let moved = self
+            .update(account, id, |m| {
+                m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
+                true
+            })
+            .about(Records::Messages, account)?;
+        // The latest sent to its recipient from its sender, for replies.
+        if let Some(m) = &moved
+            && to == MessageStatus::Sent
+        {
+            self.store
+                .put(
+                    Collection::LatestSent,
+                    &latest_key(account, m.channel, &m.recipient, m.sender.as_deref()),
+                    m.id.as_bytes(),
+                )
+                .about(Records::Messages, account)?;
+        }
+        Ok(moved)
     }
 
     fn transition_from(
@@ -266,6 +294,26 @@ impl Messages for StoredMessages {
         self.read(account, id).about(Records::Messages, account)
     }
 
+    fn latest_sent(
+        &self,
+        account: &AccountKey,
+        channel: Channel,
+        recipient: &str,
+        sender: Option<&str>,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        let found = self
+            .store
+            .get(
+                Collection::LatestSent,
+                &latest_key(account, channel, recipient, sender),
+            )
+            .about(Records::Messages, account)?;
+        match found {
+            Some(id) => self.get(account, &String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError> {
         super::list(
             &self.store,
@@ -297,6 +345,7 @@ mod tests {
             account_key: account.clone(),
             channel: Channel::Sms,
             recipient: "+27820000001".into(),
+            sender: None,
             body: "hi".into(),
             subject: None,
             provider: "twilio".into(),

@@ -161,6 +161,10 @@ pub struct MessageRecord {
     pub channel: Channel,
     /// Phone number or e-mail address.
     pub recipient: String,
+    /// Who it was sent from (a number, an address), when the step or the
+    /// provider named one: a reply to it is matched by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
     /// The rendered body (the plain-text part of an e-mail).
     pub body: String,
     /// The rendered subject (e-mail).
@@ -285,6 +289,7 @@ impl MessageRecord {
             account_key: input.event.account_key.clone(),
             channel,
             recipient,
+            sender: None,
             body,
             subject,
             provider,
@@ -581,6 +586,18 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
     /// The message `id` of `account`.
     fn get(&self, account: &AccountKey, id: &str) -> Result<Option<MessageRecord>, RecordError>;
 
+    /// The latest message of `account` sent (it became `sent`) on
+    /// `channel` to `recipient` from `sender` (`None`: from no sender named,
+    /// a messaging service's pool): what a reply from `recipient` to
+    /// `sender` answers.
+    fn latest_sent(
+        &self,
+        account: &AccountKey,
+        channel: Channel,
+        recipient: &str,
+        sender: Option<&str>,
+    ) -> Result<Option<MessageRecord>, RecordError>;
+
     /// Up to `limit` messages of `account`.
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError>;
 
@@ -605,6 +622,7 @@ mod tests {
             account_key: AccountKey::new("acme").unwrap(),
             channel: Channel::Sms,
             recipient: "+27820000001".into(),
+            sender: None,
             body: "hi".into(),
             subject: None,
             provider: "twilio".into(),

@@ -150,6 +150,76 @@ pub(super) async fn revoke_inbound(
     }
 }
 
+fn number_answer(n: crate::inbound::numbers::Number) -> NumberAnswer {
+    NumberAnswer {
+        account_key: n.account_key,
+        transport: n.transport,
+        address: n.address,
+        created_at: n.created_at,
+    }
+}
+
+pub(super) async fn list_numbers(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    let numbers = s
+        .inbound
+        .numbers
+        .list(&account)
+        .map_err(ApiError::internal)?;
+    Ok(Json(NumberList {
+        account_key: account,
+        numbers: numbers.into_iter().map(number_answer).collect(),
+    })
+    .into_response())
+}
+
+pub(super) async fn add_number(
+    State(s): State<ApiState>,
+    Path((account, transport, address)): Path<(String, String, String)>,
+) -> ApiResult {
+    use crate::inbound::numbers::NumberError;
+    let account = account_key(&account)?;
+    let number = s
+        .inbound
+        .numbers
+        .add(&account, &transport, &address)
+        .map_err(|e| match e {
+            NumberError::Invalid(why) => ApiError::bad_request("invalid_address", why),
+            e @ NumberError::Taken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "address_taken", e.to_string())
+            }
+            NumberError::Store(e) => ApiError::internal(e),
+        })?;
+    s.store.flush().await.map_err(ApiError::internal)?;
+    tracing::info!(%account, transport, address = number.address, "address added");
+    Ok(Json(number_answer(number)).into_response())
+}
+
+pub(super) async fn remove_number(
+    State(s): State<ApiState>,
+    Path((account, transport, address)): Path<(String, String, String)>,
+) -> ApiResult {
+    let account = account_key(&account)?;
+    match s
+        .inbound
+        .numbers
+        .remove(&account, &transport, &address)
+        .map_err(ApiError::internal)?
+    {
+        Some(number) => {
+            s.store.flush().await.map_err(ApiError::internal)?;
+            tracing::info!(%account, transport, address = number.address, "address removed");
+            Ok(Json(number_answer(number)).into_response())
+        }
+        None => Err(ApiError::not_found(format!(
+            "account {account} has no address {address:?} on {transport}"
+        ))),
+    }
+}
+
 impl From<InboundError> for ApiError {
     fn from(e: InboundError) -> Self {
         match &e {

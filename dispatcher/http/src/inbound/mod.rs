@@ -20,8 +20,8 @@ use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
-    Channel, Choice, MessageRecord, MessageStatus, Messages, Preferences, RecordError, Reported,
-    Secrets,
+    Channel, Choice, Contacts, MessageRecord, MessageStatus, Messages, Preferences, RecordError,
+    Reported, Secrets, Topic,
 };
 use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
@@ -33,6 +33,8 @@ use time::OffsetDateTime;
 use switchboard_engine::bus::{Bus, BusError};
 use switchboard_engine::metrics::{InboundResult, Metrics};
 
+pub mod numbers;
+pub mod replies;
 pub mod sendgrid;
 mod store;
 pub mod twilio;
@@ -66,6 +68,8 @@ pub enum Parsed {
         /// What identifies it (the event id is derived from it).
         source: String,
     },
+    /// A message a person sent to one of the account's addresses.
+    Reply(replies::Reply),
     /// A record that cannot be used.
     Unusable {
         /// `Undocumented` or `Malformed`.
@@ -255,9 +259,12 @@ pub struct Inbound {
     pub hooks: HookStore,
     /// Records that matched nothing.
     pub unmatched: UnmatchedStore,
+    /// The addresses accounts own, which replies are sent to.
+    pub numbers: numbers::NumberStore,
     messages: Arc<dyn Messages>,
     secrets: Arc<dyn Secrets>,
     preferences: Arc<dyn Preferences>,
+    contacts: Arc<dyn Contacts>,
     twilio: Vec<TwilioSms>,
     public_url: String,
     bus: Arc<dyn Bus>,
@@ -273,8 +280,11 @@ pub struct InboundRecords {
     pub messages: Arc<dyn Messages>,
     /// The secrets signatures are checked with.
     pub secrets: Arc<dyn Secrets>,
-    /// The preferences unsubscribes, spam reports and bounces set.
+    /// The preferences unsubscribes, spam reports, bounces and STOP
+    /// replies set.
     pub preferences: Arc<dyn Preferences>,
+    /// The contacts replies are matched to.
+    pub contacts: Arc<dyn Contacts>,
 }
 
 impl Inbound {
@@ -293,6 +303,8 @@ impl Inbound {
     ) -> Self {
         Self {
             hooks: HookStore::new(store.clone()),
+            numbers: numbers::NumberStore::new(store.clone()),
+            contacts: records.contacts,
             unmatched: UnmatchedStore::new(store.clone()),
             messages: records.messages,
             secrets: records.secrets,
@@ -552,6 +564,14 @@ impl Inbound {
                         reason: None,
                     }
                 }
+                Parsed::Reply(reply) => match self.reply(account, provider, &reply).await? {
+                    Ok(outcome) => outcome,
+                    Err(reason) => {
+                        unmatched.push((results.len(), InboundResult::UnknownAddress, reason, raw));
+                        results.push(None);
+                        continue;
+                    }
+                },
                 Parsed::Unusable { result, reason } => {
                     unmatched.push((results.len(), result, reason, raw));
                     results.push(None);
@@ -599,6 +619,88 @@ impl Inbound {
             unmatched: kept,
             results,
         })
+    }
+
+    /// Takes a reply to one of the account's addresses: matched to its
+    /// contact and the message it answers, STOP and START applied to the
+    /// sender's preferences, and published as a `message_response` event.
+    /// `Err` (the reason) when the address it was sent to is not the
+    /// account's: it is kept as unmatched.
+    async fn reply(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        reply: &replies::Reply,
+    ) -> Result<Result<RecordResult, String>, InboundError> {
+        let owner = self.numbers.owner(&reply.transport, &reply.to)?;
+        if owner.as_ref().is_none_or(|n| n.account_key != *account) {
+            return Ok(Err(format!(
+                "a reply to {} on {}, which is not one of account {account}'s addresses                  (`switchboard numbers add {account} {} {}`)",
+                reply.to, reply.transport, reply.transport, reply.to
+            )));
+        }
+        let now = switchboard_sdk::now();
+        let contact = self.contacts.find(account, &reply.from)?;
+        let mut message = None;
+        for sender in [Some(reply.to.as_str()), None] {
+            if let Some(m) =
+                self.messages
+                    .latest_sent(account, reply.channel, &reply.from, sender)?
+                && replies::answers(&m, now)
+            {
+                message = Some(m);
+                break;
+            }
+        }
+        if let (_, Some(keyword @ (replies::Keyword::Stop | replies::Keyword::Start))) =
+            replies::keyword(&reply.text)
+        {
+            let subscribed = keyword == replies::Keyword::Start;
+            self.preferences.choose(
+                account,
+                (reply.channel, &reply.from),
+                &Topic::All,
+                Choice {
+                    subscribed,
+                    at: now,
+                    cause: format!(
+                        "replied {} to {}",
+                        if subscribed { "START" } else { "STOP" },
+                        reply.to
+                    ),
+                    source: Some(reply.source.clone()),
+                },
+            )?;
+        }
+        let data = replies::event_data(reply, contact.as_ref(), message.as_ref(), now);
+        let conversation = format!(
+            "{}-{}",
+            reply.channel.as_str(),
+            reply.from.trim_start_matches('+')
+        );
+        let event = self.event(
+            account,
+            provider,
+            &reply.source,
+            ConversationKey::new(conversation)
+                .unwrap_or_else(|_| ConversationKey::new("reply").expect("a valid key")),
+            ConversationType::new(reply.channel.as_str()).expect("a valid type"),
+            EventType::new("message_response").expect("a valid event type"),
+            data,
+            None,
+        );
+        self.bus.publish(&event).await?;
+        tracing::info!(%account, provider = provider.name(), event_id = %event.id,
+            answers = message.as_ref().map(|m| m.id.as_str()), "reply published");
+        Ok(Ok(RecordResult {
+            result: InboundResult::Matched.label().to_string(),
+            message_id: message.map(|m| m.id),
+            status: None,
+            transition: None,
+            event_id: Some(event.id.to_string()),
+            unmatched_id: None,
+            reason: None,
+        }))
     }
 
     /// Records what a SendGrid `report` (about `message`, when known) says

@@ -29,6 +29,10 @@ fn summary(parsed: &Parsed) -> String {
             source,
             ..
         } => format!("event {event_type} in {conversation_key} source={source}"),
+        Parsed::Reply(r) => format!(
+            "reply from {} to {} on {}: {:?} source={}",
+            r.from, r.to, r.transport, r.text, r.source
+        ),
         Parsed::Unusable { result, reason } => format!("{}: {reason}", result.label()),
     }
 }
@@ -213,6 +217,9 @@ fn twilio_fixture_callbacks_are_read() {
                     "MessageSid=SM1&MessageStatus=receiving",
                     "MessageSid=SM1",
                     "SmsSid=SM9&SmsStatus=queued",
+                    // Incoming messages: replies.
+                    "MessageSid=SMr1&SmsStatus=received&From=%2B27820000001&To=%2B15005550006&Body=Stop+please",
+                    "MessageSid=SMr2&SmsStatus=received&From=nobody&To=%2B15005550006&Body=hi",
                 ]
                 .iter()
                 .map(|l| summary(&twilio::parse(&twilio::params(l.as_bytes())))),
@@ -227,6 +234,8 @@ fn twilio_fixture_callbacks_are_read() {
             "undocumented: Twilio message status \"receiving\" is not one Switchboard reads (accepted, scheduled, queued, sending, sent, delivered, undelivered, failed, canceled, read)",
             "malformed: the callback has no MessageStatus",
             "queued -> sent (sms_queued) id=- remote=SM9 source=twilio:SM9:queued",
+            "reply from +27820000001 to +15005550006 on twilio: \"Stop please\" source=twilio:SMr1:received",
+            "malformed: the incoming message's From \"nobody\": \"nobody\" is not an E.164 number: write it with the country code, e.g. +27821234567 (an address is an E.164 number, a short code of 3 to 8 digits, or an e-mail address)",
         ],
     );
     let Parsed::Report(undelivered) =
@@ -298,6 +307,7 @@ fn sendgrid_events_say_what_they_mean_for_preferences() {
             account_key: AccountKey::new("acme").unwrap(),
             channel: Channel::Email,
             recipient: "ann@example.org".into(),
+            sender: None,
             body: String::new(),
             subject: None,
             provider: "sink".into(),

@@ -11,6 +11,7 @@ use sha1::Sha1;
 use switchboard_handlers::records::{Channel, MessageStatus};
 use switchboard_handlers::sms::TwilioSms;
 
+use super::replies::Reply;
 use super::{Parsed, Report};
 use switchboard_engine::metrics::InboundResult;
 
@@ -103,6 +104,11 @@ pub fn parse(params: &[(String, String)]) -> Parsed {
             "the callback has no MessageSid: it names no message",
         );
     };
+    // A message to one of the account's numbers: `SmsStatus=received`, no
+    // `MessageStatus`.
+    if get("MessageStatus").is_none() && get("SmsStatus") == Some("received") {
+        return reply(params, sid);
+    }
     let Some(raw_status) = get("MessageStatus").or_else(|| get("SmsStatus")) else {
         return Parsed::unusable(
             InboundResult::Malformed,
@@ -147,6 +153,35 @@ pub fn parse(params: &[(String, String)]) -> Parsed {
         occurred_at: None,
         details,
         cause,
+    })
+}
+
+/// An incoming message (`sid`) as a [`Reply`]; malformed without a valid
+/// `From` or `To`.
+fn reply(params: &[(String, String)], sid: &str) -> Parsed {
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let address = |name: &str| {
+        let raw = get(name).unwrap_or_default();
+        super::numbers::normalize_address(raw)
+            .map_err(|e| format!("the incoming message's {name} {raw:?}: {e}"))
+    };
+    let (from, to) = match (address("From"), address("To")) {
+        (Ok(from), Ok(to)) => (from, to),
+        (Err(e), _) | (_, Err(e)) => return Parsed::unusable(InboundResult::Malformed, e),
+    };
+    Parsed::Reply(Reply {
+        channel: Channel::Sms,
+        transport: "twilio".to_string(),
+        from,
+        to,
+        text: get("Body").unwrap_or_default().to_string(),
+        source: format!("twilio:{sid}:received"),
+        remote_id: sid.to_string(),
     })
 }
 

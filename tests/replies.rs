@@ -1,0 +1,197 @@
+//! Replies: an SMS sent to one of an account's numbers becomes a
+//! `message_response` event of that account, matched to the contact and to
+//! the message it answers, and runs its chains; STOP and START set the
+//! sender's preferences; a reply to a number no account owns is kept as
+//! unmatched.
+
+use serde_json::json;
+
+use crate::inbound::{TWILIO_ACCOUNT, create, post, twilio_signature};
+use crate::peers::{HttpReceiver, TWILIO_TOKEN};
+use crate::util::{Dispatcher, TIMEOUT};
+
+const CHAINS: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}", name = "Thandi" }
+[[chains.steps]]
+handler = "send_sms"
+config = { to = "{{ steps.create_contact.msisdn }}", body = "Did you get your results?" }
+
+[[chains]]
+name = "on-reply"
+conversation_type = "sms"
+event_type = "message_response"
+[[chains.steps]]
+handler = "log"
+config = { message = "{{ event.event_data.contact.name }} said {{ event.event_data.keyword }} to {{ event.event_data.message.id }}" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_replies_become_events_of_the_number_owner() {
+    let receiver = HttpReceiver::start(std::time::Duration::from_secs(5));
+    receiver
+        .twilio_sids(json!({"+27820000007": "SM00000000000000000000000000000007"}))
+        .await;
+    let public = "https://hooks.example.org/switchboard";
+    let config = format!(
+        "[http]\npublic_url = \"{public}\"\n\n[providers.sms.twilio]\ntype = \"twilio\"\n\
+         account_sid = \"{TWILIO_ACCOUNT}\"\nauth_token = \"{TWILIO_TOKEN}\"\nfrom = \"+15005550006\"\n\
+         base_url = \"{}\"\n",
+        receiver.url()
+    );
+    let d = Dispatcher::with_config(None, &config);
+    d.apply_chains("acme.toml", CHAINS).await;
+    let added = d
+        .cli(&["numbers", "add", "acme", "twilio", "+1 500 555 0006"])
+        .await;
+    assert!(
+        added
+            .ok()
+            .contains("+15005550006 on twilio is account acme's"),
+        "{added:?}"
+    );
+    // One address, one account.
+    let taken = d
+        .cli(&["numbers", "add", "other", "twilio", "+15005550006"])
+        .await;
+    assert_ne!(taken.code, Some(0));
+    assert!(
+        taken.stderr.contains("belongs to another account"),
+        "{taken:?}"
+    );
+    let listed = d.cli(&["numbers", "list", "acme", "--json"]).await.json();
+    assert_eq!(
+        listed["numbers"][0]["address"], "+15005550006",
+        "{listed:#}"
+    );
+
+    let notify = || async {
+        let id = d
+            .post_event(&json!({"account_key": "acme", "conversation_key": "c1",
+                "conversation_type": "survey", "event_type": "notify",
+                "event_data": {"msisdn": "+27820000007"}}))
+            .await;
+        let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+        trace["chains"][0]["steps"][1]["output"]["messages"][0].clone()
+    };
+    let sent = notify().await;
+    assert_eq!(sent["status"], "sent", "{sent:#}");
+
+    let url = create(&d, "acme", "twilio", &[]).await;
+    let local = format!("{}{}", d.url(), url.strip_prefix(public).unwrap());
+    let reply = |sid: &str, to: &str, text: &str| {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("MessageSid", sid)
+            .append_pair("SmsSid", sid)
+            .append_pair("AccountSid", TWILIO_ACCOUNT)
+            .append_pair("From", "+27820000007")
+            .append_pair("To", to)
+            .append_pair("Body", text)
+            .append_pair("NumMedia", "0")
+            .append_pair("SmsStatus", "received")
+            .append_pair("ApiVersion", "2010-04-01")
+            .finish();
+        let signature = twilio_signature(TWILIO_TOKEN, &url, &body);
+        let local = local.clone();
+        async move {
+            let (status, receipt) = post(
+                &local,
+                "application/x-www-form-urlencoded",
+                &[("x-twilio-signature", signature)],
+                &body,
+            )
+            .await;
+            assert_eq!(status, 200, "{receipt:#}");
+            receipt["results"][0].clone()
+        }
+    };
+
+    // A reply: matched to the contact and the message it answers, and run.
+    let thanks = reply("SMr1", "+15005550006", "Thanks, got them").await;
+    assert_eq!(thanks["result"], "matched", "{thanks:#}");
+    assert_eq!(thanks["message_id"], sent["message_id"], "{thanks:#}");
+    let event_id = thanks["event_id"].as_str().unwrap().to_string();
+    let trace = d.wait_for_trace("acme", &event_id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["chains"][0]["name"], "on-reply", "{trace:#}");
+    let data = &trace["event"]["event_data"];
+    assert_eq!(
+        (&data["from"], &data["to"], &data["text"], &data["provider"]),
+        (
+            &json!("+27820000007"),
+            &json!("+15005550006"),
+            &json!("Thanks, got them"),
+            &json!("twilio")
+        ),
+        "{data:#}"
+    );
+    let (_, event) = d
+        .get("/v1/accounts/acme/events?event_type=message_response")
+        .await;
+    assert!(event.to_string().contains(&event_id), "{event:#}");
+    let logged = trace["chains"][0]["steps"][0]["logs"].to_string();
+    assert!(
+        logged.contains(&format!(
+            "Thandi said THANKS to {}",
+            sent["message_id"].as_str().unwrap()
+        )),
+        "{trace:#}"
+    );
+    // Posted again by Twilio: the same event.
+    let again = reply("SMr1", "+15005550006", "Thanks, got them").await;
+    assert_eq!(again["event_id"], event_id.as_str());
+
+    // STOP: the next text to the number is suppressed; START undoes it.
+    let stop = reply("SMr2", "+15005550006", "stop").await;
+    assert_eq!(stop["result"], "matched", "{stop:#}");
+    let shown = d
+        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
+        .await
+        .json();
+    let choice = &shown["sms"]["topics"]["all"];
+    assert_eq!(choice["subscribed"], false, "{shown:#}");
+    assert_eq!(choice["cause"], "replied STOP to +15005550006", "{shown:#}");
+    let suppressed = notify().await;
+    assert_eq!(suppressed["status"], "suppressed", "{suppressed:#}");
+    reply("SMr3", "+15005550006", "START").await;
+    assert_eq!(notify().await["status"], "sent");
+    let texts = receiver
+        .requests_to(&format!(
+            "/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Messages.json"
+        ))
+        .await;
+    assert_eq!(texts.len(), 2, "the suppressed text did not go: {texts:#?}");
+
+    // To a number no account owns: kept as unmatched, and nothing runs.
+    let stray = reply("SMr4", "+15005550099", "hello?").await;
+    assert_eq!(stray["result"], "unknown_address", "{stray:#}");
+    assert!(
+        stray["reason"]
+            .as_str()
+            .unwrap()
+            .contains("switchboard numbers add acme twilio +15005550099"),
+        "{stray:#}"
+    );
+    let unmatched = d
+        .cli(&["messages", "unmatched", "acme", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        unmatched["unmatched"][0]["result"], "unknown_address",
+        "{unmatched:#}"
+    );
+
+    // Given up, the number's replies are unmatched too.
+    d.cli(&["numbers", "rm", "acme", "twilio", "+15005550006"])
+        .await
+        .ok();
+    let after = reply("SMr5", "+15005550006", "hi").await;
+    assert_eq!(after["result"], "unknown_address", "{after:#}");
+}
