@@ -30,6 +30,16 @@ event_type = "message_response"
 [[chains.steps]]
 handler = "log"
 config = { message = "{{ event.event_data.contact.name }} said {{ event.event_data.keyword }} to {{ event.event_data.message.id }}" }
+
+# HELP answers with the account's text.
+[[chains]]
+name = "help"
+conversation_type = "sms"
+event_type = "message_response"
+when = 'event.event_data.keyword == "HELP"'
+[[chains.steps]]
+handler = "send_sms"
+config = { to = "{{ event.event_data.from }}", from = "{{ event.event_data.to }}", body = "Acme results: reply STOP to stop, START to start again." }
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +158,25 @@ async fn sms_replies_become_events_of_the_number_owner() {
     let again = reply("SMr1", "+15005550006", "Thanks, got them").await;
     assert_eq!(again["event_id"], event_id.as_str());
 
+    // HELP: the help chain answers, from the number it was sent to.
+    let help = reply("SMrh", "+15005550006", "help").await;
+    let trace = d
+        .wait_for_trace("acme", help["event_id"].as_str().unwrap(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let texts = receiver
+        .requests_to(&format!(
+            "/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Messages.json"
+        ))
+        .await;
+    let answer = &texts.last().unwrap()["form"];
+    assert_eq!(
+        (&answer["To"], &answer["From"]),
+        (&json!("+27820000007"), &json!("+15005550006")),
+        "{texts:#?}"
+    );
+    assert!(answer["Body"].as_str().unwrap().starts_with("Acme results"));
+
     // STOP: the next text to the number is suppressed; START undoes it.
     let stop = reply("SMr2", "+15005550006", "stop").await;
     assert_eq!(stop["result"], "matched", "{stop:#}");
@@ -167,7 +196,11 @@ async fn sms_replies_become_events_of_the_number_owner() {
             "/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Messages.json"
         ))
         .await;
-    assert_eq!(texts.len(), 2, "the suppressed text did not go: {texts:#?}");
+    assert_eq!(
+        texts.len(),
+        3,
+        "the first text, HELP's answer and the one after START: {texts:#?}"
+    );
 
     // To a number no account owns: kept as unmatched, and nothing runs.
     let stray = reply("SMr4", "+15005550099", "hello?").await;
