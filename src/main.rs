@@ -108,6 +108,10 @@ enum Command {
     /// provider reports that matched none.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// Manage the files an account attaches to its e-mails (`send_email`'s
+    /// `attachments`).
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Manage the numbers and addresses an account owns, which replies are
     /// sent to (a reply becomes a `message_response` event of its owner).
     #[command(subcommand)]
@@ -149,6 +153,38 @@ enum TokensCommand {
         account: String,
         /// The token's id (from `tokens list`).
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FilesCommand {
+    /// Store a file (its type is sniffed from its bytes and checked against
+    /// the deployment's allow list; a file of that name is replaced).
+    Put {
+        /// The account.
+        account: String,
+        /// The name steps attach it by (`invoice-42.pdf`).
+        name: String,
+        /// The file to read.
+        path: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the account's files.
+    List {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a file.
+    Rm {
+        /// The account.
+        account: String,
+        /// The file's name.
+        name: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -1007,6 +1043,22 @@ async fn main() -> ExitCode {
                 limit,
                 remote,
             } => cli::messages_unmatched(&remote.client(), &account, limit, remote.json).await,
+        }),
+        Command::Files(c) => print(match c {
+            FilesCommand::Put {
+                account,
+                name,
+                path,
+                remote,
+            } => cli::files_put(&remote.client(), &account, &name, &path, remote.json).await,
+            FilesCommand::List { account, remote } => {
+                cli::files_list(&remote.client(), &account, remote.json).await
+            }
+            FilesCommand::Rm {
+                account,
+                name,
+                remote,
+            } => cli::files_rm(&remote.client(), &account, &name, remote.json).await,
         }),
         Command::Numbers(c) => print(match c {
             NumbersCommand::Add {

@@ -16,6 +16,7 @@ mod delivery;
 mod digests;
 mod e2e_embedded;
 mod e2e_nats;
+mod files;
 mod first_hour;
 mod flow;
 mod handlers;

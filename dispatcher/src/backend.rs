@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use switchboard_api::health::ReplicaView;
 use switchboard_bus::commands::{NatsCommands, NoCommands};
+use switchboard_bus::files::NatsFiles;
 use switchboard_bus::partitions::Membership;
 use switchboard_bus::{EmbeddedBus, NatsBus};
 use switchboard_engine::bus::{Bus, BusError};
 use switchboard_handlers::ports::CommandPort;
+use switchboard_handlers::records::Files;
+use switchboard_state::StoredFiles;
 use switchboard_store::Store;
 use tokio::sync::watch;
 
@@ -29,6 +32,8 @@ pub struct Backend {
     pub bus: Arc<dyn Bus>,
     /// Where `send_sms` commands to transport workers go.
     pub commands: Arc<dyn CommandPort>,
+    /// The files accounts attach to their e-mails.
+    pub files: Arc<dyn Files>,
     /// Set when replicas share the bus: the partitions this one owns.
     pub replicas: Option<Replicas>,
 }
@@ -87,6 +92,7 @@ fn embedded(config: &Config) -> Result<Backend, StartError> {
     let store = config.store.open()?;
     let bus = EmbeddedBus::open(store.clone(), &config.bus.subject_prefix)?;
     Ok(Backend {
+        files: Arc::new(StoredFiles::new(store.clone())),
         store,
         bus: Arc::new(bus),
         commands: Arc::new(NoCommands),
@@ -117,11 +123,17 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
     let commands = NatsCommands::new(bus.client().clone(), prefix, config.bus.stream_replicas)
         .await
         .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?;
+    let files = Arc::new(
+        NatsFiles::open(bus.client().clone(), config.bus.stream_replicas)
+            .await
+            .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?,
+    );
     if !config.bus.replicated {
         return Ok(Backend {
             store: config.store.open()?,
             bus: Arc::new(bus),
             commands: Arc::new(commands),
+            files,
             replicas: None,
         });
     }
@@ -140,6 +152,7 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         store,
         bus: Arc::new(bus),
         commands: Arc::new(commands),
+        files,
         replicas: Some(replicas),
     })
 }

@@ -121,6 +121,20 @@ impl Client {
             .await
     }
 
+    /// `PUT path` with the bytes of a file, answered a `T`.
+    pub async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let request = self
+            .http
+            .put(self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(request, path).await
+    }
+
     /// `PUT path` with a text body of `content_type`, answered a `T`.
     pub async fn put_text<T: DeserializeOwned>(
         &self,

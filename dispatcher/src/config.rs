@@ -43,6 +43,8 @@ pub struct Config {
     pub otel: crate::telemetry::OtelConfig,
     /// Message records.
     pub messages: MessagesConfig,
+    /// The files accounts may keep (attachments).
+    pub files: switchboard_handlers::records::FilePolicy,
 }
 
 /// `[messages]`

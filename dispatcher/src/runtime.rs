@@ -21,7 +21,7 @@ use switchboard_engine::timers::Timers;
 use switchboard_engine::trace::Traces;
 use switchboard_handlers::message_template::{MessageTemplates, TemplateStore};
 use switchboard_handlers::ports::CommandPort;
-use switchboard_handlers::records::Secrets;
+use switchboard_handlers::records::{Files, Secrets};
 use switchboard_handlers::sms::SmsProvider;
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_http::api::{ApiState, router};
@@ -136,6 +136,7 @@ impl Dispatcher {
             store,
             bus,
             commands,
+            files,
             replicas,
         } = backend::open(&config).await?;
         let (stop, stopped) = watch::channel(false);
@@ -163,7 +164,7 @@ impl Dispatcher {
         let engine = Engine::build(
             &config,
             (&store, &bus),
-            commands,
+            (commands, files),
             &public_url,
             stopped.clone(),
         )?;
@@ -345,6 +346,8 @@ struct Engine {
     records: RecordPorts,
     /// The one-click unsubscribe links e-mails carry.
     unsubscribe: Arc<OneClick>,
+    /// The files accounts attach to their e-mails.
+    files: Arc<dyn Files>,
     registry: Arc<Registry>,
     chains: Arc<ChainStore>,
     journal: Journal,
@@ -360,7 +363,7 @@ impl Engine {
     fn build(
         config: &Config,
         (store, bus): (&Store, &Arc<dyn Bus>),
-        commands: Arc<dyn CommandPort>,
+        (commands, files): (Arc<dyn CommandPort>, Arc<dyn Files>),
         public_url: &str,
         stopped: watch::Receiver<bool>,
     ) -> Result<Self, StartError> {
@@ -406,6 +409,7 @@ impl Engine {
                 preferences: records.preferences.clone(),
                 unsubscribe: Some(unsubscribe.clone()),
                 message_body_cap: config.messages.max_body_bytes,
+                files: files.clone(),
             })
             .with_scripts(scripts),
         );
@@ -432,6 +436,7 @@ impl Engine {
             metrics,
             records: api_records,
             unsubscribe,
+            files,
             registry,
             chains,
             journal,
@@ -484,6 +489,8 @@ impl Engine {
             secrets: self.records.secrets.clone(),
             preferences: self.records.preferences.clone(),
             unsubscribe: self.unsubscribe.clone(),
+            files: self.files.clone(),
+            file_policy: config.files.clone(),
             auth: Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone()))),
             ingest_limit: Arc::new(RateLimiter::new(
                 limits.ingest_rate,

@@ -10,10 +10,11 @@ use switchboard_rules::FieldProblem;
 
 use crate::message_template::{Rendered, TemplateChannel};
 use crate::options::{self, Alternative, OptionSpec, Options, rendered_string, required_string};
-use crate::ports::{Email, MailPort, Unsubscribe, UnsubscribeLinks};
+use crate::ports::{Attachment, Email, MailPort, Unsubscribe, UnsubscribeLinks};
 use crate::records::contacts::normalize_email;
-use crate::records::messages::hashed_key;
-use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError, Topic};
+use crate::records::files::{check_file_name, sha256_hex};
+use crate::records::messages::{AttachmentRef, hashed_key};
+use crate::records::{Channel, Files, MessageRecord, MessageStatus, Messages, RecordError, Topic};
 use crate::scheduled;
 use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
@@ -51,6 +52,7 @@ pub struct SendEmail {
     messages: Arc<dyn Messages>,
     templated: TemplatePorts,
     unsubscribe: Option<Arc<dyn UnsubscribeLinks>>,
+    files: Arc<dyn Files>,
 }
 
 /// The ways of giving a message: inline, or a template.
@@ -77,6 +79,7 @@ impl SendEmail {
         messages: Arc<dyn Messages>,
         templated: TemplatePorts,
         unsubscribe: Option<Arc<dyn UnsubscribeLinks>>,
+        files: Arc<dyn Files>,
     ) -> Self {
         Self {
             mail,
@@ -84,7 +87,39 @@ impl SendEmail {
             messages,
             templated,
             unsubscribe,
+            files,
         }
+    }
+
+    /// The files a step's `attachments` name, read from the account's
+    /// files: a name the account has no file for fails the step for good.
+    async fn attachments(
+        &self,
+        input: &StepInput<'_>,
+        names: &[String],
+    ) -> Result<Vec<Attachment>, StepError> {
+        let account = &input.event.account_key;
+        let mut attached = Vec::with_capacity(names.len());
+        for name in names {
+            let found = self.files.get(account, name).await.map_err(|e| {
+                StepError::retryable(format!("reading attachment {name:?}: {e}"), None)
+            })?;
+            let Some((info, bytes)) = found else {
+                return Err(StepError::permanent(format!(
+                    "config.attachments: account {account} has no file {name:?} (`switchboard \
+                     files put {account} {name} PATH`)"
+                )));
+            };
+            attached.push((info, bytes));
+        }
+        Ok(attached
+            .into_iter()
+            .map(|(info, bytes)| Attachment {
+                name: info.name,
+                content_type: info.content_type,
+                bytes: bytes.into(),
+            })
+            .collect())
     }
 
     /// The message's `List-Unsubscribe` and `List-Unsubscribe-Post` headers
@@ -196,6 +231,12 @@ impl Handler for SendEmail {
                 "from",
                 "The sender, `Name <address>` or an address (default: the provider's).",
             ),
+            OptionSpec::recipients(
+                "attachments",
+                "Files of the account (`switchboard files put`) to attach, by name, or a list \
+                 of them (each may be a template: \"invoice-{{ event.event_data.invoice }}.pdf\").",
+                |name| check_file_name(name).map(|()| name.to_string()),
+            ),
             scheduled::option(),
         ])
         .alternatives(INLINE_OR_TEMPLATE(&["to", "subject", "text"]))
@@ -232,7 +273,18 @@ impl Handler for SendEmail {
             messages,
             template,
             scheduled_at,
+            attachments,
         } = self.prepare(input, now)?;
+        let attachments = self.attachments(input, &attachments).await?;
+        let attached: Vec<AttachmentRef> = attachments
+            .iter()
+            .map(|a| AttachmentRef {
+                name: a.name.clone(),
+                content_type: a.content_type.clone(),
+                size: a.bytes.len() as u64,
+                sha256: sha256_hex(&a.bytes),
+            })
+            .collect();
         let mut sent = Vec::with_capacity(messages.len());
         let mut records = Vec::with_capacity(messages.len());
         for (i, outgoing) in messages.into_iter().enumerate() {
@@ -266,6 +318,7 @@ impl Handler for SendEmail {
                         scheduled_at,
                         idempotency_key: rendered.idempotency.as_deref().map(hashed_key),
                         sender: Some(from.clone()),
+                        attachments: attached.clone(),
                         ..MessageRecord::for_step(
                             input,
                             i,
@@ -308,6 +361,7 @@ impl Handler for SendEmail {
                     .into_iter()
                     .chain(self.unsubscribe_headers(&record, template.as_ref()))
                     .collect(),
+                    attachments: attachments.clone(),
                 };
                 match self.mail.send(&provider, email).await {
                     Ok(answer) => self
@@ -355,6 +409,7 @@ impl Handler for SendEmail {
     /// would have.
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let prepared = self.prepare(input, switchboard_sdk::now())?;
+        self.attachments(input, &prepared.attachments).await?;
         let status = scheduled::simulated_status(prepared.scheduled_at);
         let mut sent = Vec::with_capacity(prepared.messages.len());
         for (i, outgoing) in prepared.messages.into_iter().enumerate() {
@@ -387,6 +442,8 @@ struct Prepared {
     template: Option<TemplateUse>,
     /// When to send, if that is still to come.
     scheduled_at: Option<time::OffsetDateTime>,
+    /// The names of the files to attach.
+    attachments: Vec<String>,
 }
 
 impl SendEmail {
@@ -430,6 +487,17 @@ impl SendEmail {
                 "sender {from:?} is not `Name <address>` or an address: {e}"
             ))
         })?;
+        let attachments = match config.get("attachments") {
+            None => Vec::new(),
+            Some(_) => crate::sms::recipients(&config, "attachments")?
+                .into_iter()
+                .map(|name| {
+                    check_file_name(&name)
+                        .map(|()| name)
+                        .map_err(|e| StepError::permanent(format!("config.attachments: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+        };
         if config.contains_key("template") {
             let (used, messages) = self
                 .templated
@@ -441,6 +509,7 @@ impl SendEmail {
                 messages,
                 template: Some(used),
                 scheduled_at,
+                attachments,
             });
         }
         let subject = required_string(&config, "subject")?;
@@ -464,6 +533,7 @@ impl SendEmail {
             messages,
             template: None,
             scheduled_at,
+            attachments,
         })
     }
 }

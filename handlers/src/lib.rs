@@ -79,6 +79,8 @@ pub struct Services {
     /// The most of each body (text, HTML) a message record keeps, in bytes
     /// (the message goes whole).
     pub message_body_cap: usize,
+    /// The files `send_email` attaches.
+    pub files: Arc<dyn records::Files>,
 }
 
 /// Everything a handler sees of one step run.
@@ -462,6 +464,7 @@ impl Registry {
             services.messages,
             templated,
             services.unsubscribe,
+            services.files,
         )));
         r.register(Arc::new(webhook::PaymentWebhook::new(
             services.http,

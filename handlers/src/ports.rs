@@ -174,6 +174,19 @@ pub struct Email {
     pub html: Option<String>,
     /// Extra headers.
     pub headers: Vec<(String, String)>,
+    /// Files attached, in order.
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file attached to an e-mail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    /// Its file name.
+    pub name: String,
+    /// Its content type.
+    pub content_type: String,
+    /// Its bytes.
+    pub bytes: std::sync::Arc<[u8]>,
 }
 
 /// Why an e-mail was not accepted.

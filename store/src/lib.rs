@@ -139,11 +139,16 @@ pub enum Collection {
     /// The latest message sent to each recipient from each sender, for
     /// replies: `{account}\0{channel}\0{recipient}\0{sender}` → message id.
     LatestSent,
+    /// The files accounts keep (the embedded bus's; on NATS they live in a
+    /// JetStream object store): `{account}\0{name}` → its description.
+    Files,
+    /// Their bytes: `{account}\0{name}` → the bytes.
+    FileData,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 40] = [
+    pub const ALL: [Collection; 42] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -184,6 +189,8 @@ impl Collection {
         Collection::Numbers,
         Collection::NumberIndex,
         Collection::LatestSent,
+        Collection::Files,
+        Collection::FileData,
     ];
 
     /// The collection's name on disk.
@@ -229,6 +236,8 @@ impl Collection {
             Collection::Numbers => "numbers",
             Collection::NumberIndex => "number_index",
             Collection::LatestSent => "latest_sent",
+            Collection::Files => "files",
+            Collection::FileData => "file_data",
         }
     }
 

@@ -2,7 +2,8 @@
 
 Prints `listening on PORT` once it serves. Recipients whose address contains
 `reject` are refused with 550. Each accepted message is parsed and written as
-JSON (`mail_from`, `rcpt_tos`, `subject`, `headers`, `text`, `html`) to a file
+JSON (`mail_from`, `rcpt_tos`, `subject`, `headers`, `text`, `html`,
+`attachments`: `filename`, `content_type`, `size`, `sha256`) to a file
 in the directory given as the first argument.
 
 When that directory holds `queue-ids.conf` (JSON: recipient → queue id), a
@@ -13,6 +14,7 @@ answers with the X-Message-Id its delivery events carry.
 import asyncio
 import email
 import email.policy
+import hashlib
 import json
 import os
 import socket
@@ -42,6 +44,15 @@ class Sink:
             "headers": {k.lower(): str(v) for k, v in message.items()},
             "text": text.get_content() if text is not None else None,
             "html": html.get_content() if html is not None else None,
+            "attachments": [
+                {
+                    "filename": part.get_filename(),
+                    "content_type": part.get_content_type(),
+                    "size": len(part.get_payload(decode=True)),
+                    "sha256": hashlib.sha256(part.get_payload(decode=True)).hexdigest(),
+                }
+                for part in message.iter_attachments()
+            ],
         }
         path = os.path.join(out_dir, f"{uuid.uuid4()}.json")
         with open(path + ".tmp", "w") as f:
@@ -64,9 +75,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-port = free_port()
-controller = Controller(Sink(), hostname="127.0.0.1", port=port)
-controller.start()
+# A free port can be taken between finding it and binding it: try again.
+for attempt in range(10):
+    port = free_port()
+    controller = Controller(Sink(), hostname="127.0.0.1", port=port)
+    try:
+        controller.start()
+        break
+    except OSError:
+        if attempt == 9:
+            raise
 print(f"listening on {port}", flush=True)
 try:
     asyncio.get_event_loop().run_forever()

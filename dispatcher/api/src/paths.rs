@@ -217,6 +217,16 @@ pub fn inbound_hook(account: &str, provider: &str) -> String {
     account_path(account, &format!("inbound/{}", segment(provider)))
 }
 
+/// `GET` an account's files.
+pub fn files(account: &str) -> String {
+    account_path(account, "files")
+}
+
+/// `GET`, `PUT` or `DELETE` one of an account's files.
+pub fn file(account: &str, name: &str) -> String {
+    account_path(account, &format!("files/{}", segment(name)))
+}
+
 /// `GET` the addresses an account owns, which replies are sent to.
 pub fn numbers(account: &str) -> String {
     account_path(account, "numbers")
@@ -330,6 +340,8 @@ pub fn samples() -> Vec<String> {
         inbound_receive(a, "sendgrid", "s3cr3t"),
         unsubscribe(a, "payload.mac"),
         numbers(a),
+        files(a),
+        file(a, "invoice.pdf"),
         number(a, "twilio", "+27820000001"),
         secrets(a),
         secret(a, n),

@@ -95,3 +95,24 @@ pub struct SetPreference {
     #[serde(default)]
     pub reason: Option<String>,
 }
+
+/// `GET /v1/accounts/{account}/files`: the account's files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileList {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The files, each a `FileInfo` as JSON: `name`, `content_type`,
+    /// `size`, `sha256`, `created_at`.
+    pub files: Vec<Value>,
+}
+
+/// `DELETE /v1/accounts/{account}/files/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedFile {
+    /// The account.
+    pub account_key: AccountKey,
+    /// The file's name.
+    pub name: String,
+    /// Always true.
+    pub removed: bool,
+}

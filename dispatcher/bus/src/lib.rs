@@ -6,6 +6,7 @@
 
 pub mod commands;
 pub mod embedded;
+pub mod files;
 pub mod nats;
 pub mod partitions;
 mod pull;

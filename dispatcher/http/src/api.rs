@@ -99,6 +99,10 @@ pub struct ApiState {
     pub preferences: Arc<dyn switchboard_handlers::records::Preferences>,
     /// The one-click unsubscribe links.
     pub unsubscribe: Arc<crate::unsubscribe::OneClick>,
+    /// The files accounts keep.
+    pub files: Arc<dyn switchboard_handlers::records::Files>,
+    /// What they may keep.
+    pub file_policy: switchboard_handlers::records::FilePolicy,
     /// The admin token and the account tokens.
     pub auth: Arc<Auth>,
     /// The per-account limit on `POST /v1/events`.
@@ -189,6 +193,10 @@ routes! {
     "/v1/accounts/{account}/inbound" => { GET: list_inbound }
     "/v1/accounts/{account}/inbound/{provider}" => {
         GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound
+    }
+    "/v1/accounts/{account}/files" => { GET: list_files }
+    "/v1/accounts/{account}/files/{name}" => {
+        GET: get_file, PUT: put_file, DELETE: remove_file
     }
     "/v1/accounts/{account}/numbers" => { GET: list_numbers }
     "/v1/accounts/{account}/numbers/{transport}/{address}" => {
@@ -453,6 +461,7 @@ async fn not_found() -> ApiError {
 
 mod chains;
 mod events;
+mod files;
 mod handlers;
 mod inbound;
 mod letters;
@@ -467,6 +476,7 @@ mod tokens;
 
 use self::chains::*;
 use self::events::*;
+use self::files::*;
 use self::inbound::*;
 use self::letters::*;
 use self::preferences::*;

@@ -239,6 +239,12 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     ))
 }
 
+/// An e-mail's body: one part, or text and HTML as alternatives.
+enum Body {
+    One(SinglePart),
+    Many(MultiPart),
+}
+
 /// How to talk to an SMTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -359,14 +365,35 @@ impl MailPort for LettreMail {
         }
         // An HTML-only message (a template without a text part) is one
         // HTML part, not an empty text beside it.
-        let message = match email.html {
-            Some(html) if email.text.is_empty() => builder.singlepart(SinglePart::html(html)),
-            Some(html) => builder.multipart(
+        let body = match email.html {
+            Some(html) if email.text.is_empty() => Body::One(SinglePart::html(html)),
+            Some(html) => Body::Many(
                 MultiPart::alternative()
                     .singlepart(SinglePart::plain(email.text))
                     .singlepart(SinglePart::html(html)),
             ),
-            None => builder.singlepart(SinglePart::plain(email.text)),
+            None => Body::One(SinglePart::plain(email.text)),
+        };
+        let message = if email.attachments.is_empty() {
+            match body {
+                Body::One(part) => builder.singlepart(part),
+                Body::Many(parts) => builder.multipart(parts),
+            }
+        } else {
+            // The body, then each file: multipart/mixed.
+            let mut mixed = match body {
+                Body::One(part) => MultiPart::mixed().singlepart(part),
+                Body::Many(parts) => MultiPart::mixed().multipart(parts),
+            };
+            for a in email.attachments {
+                let content_type = header::ContentType::parse(&a.content_type).map_err(|e| {
+                    permanent(format!("attachment {:?}: content type: {e}", a.name))
+                })?;
+                mixed = mixed.singlepart(
+                    lettre::message::Attachment::new(a.name).body(a.bytes.to_vec(), content_type),
+                );
+            }
+            builder.multipart(mixed)
         }
         .map_err(|e| permanent(format!("building the message: {e}")))?;
         let span = tracing::info_span!(

@@ -36,10 +36,12 @@ use switchboard_sdk::{
 
 use crate::client::{Client, ClientError};
 
+mod files;
 mod numbers;
 mod preferences;
 mod templates;
 mod timers;
+pub use files::*;
 pub use numbers::*;
 pub use preferences::*;
 pub use templates::*;

@@ -14,6 +14,7 @@ use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
 
 mod contacts;
+mod files;
 mod idempotency;
 mod messages;
 mod preferences;
@@ -22,6 +23,7 @@ mod signing_keys;
 mod sources;
 
 pub use contacts::StoredContacts;
+pub use files::StoredFiles;
 pub use idempotency::StoredIdempotencyKeys;
 pub use messages::StoredMessages;
 pub use preferences::StoredPreferences;

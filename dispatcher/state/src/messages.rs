@@ -363,6 +363,7 @@ mod tests {
             sent_at: None,
             idempotency_key: None,
             cut: None,
+            attachments: Vec::new(),
         }
     }
 

@@ -218,6 +218,22 @@ pub struct MessageRecord {
     /// and the whole sizes of the parts cut (the message went whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<Cut>,
+    /// The files attached to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentRef>,
+}
+
+/// A file attached to a message, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRef {
+    /// The file's name.
+    pub name: String,
+    /// Its content type.
+    pub content_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The SHA-256 of its bytes, in hex.
+    pub sha256: String,
 }
 
 /// How a message record's bodies were cut to the deployment's cap
@@ -307,6 +323,7 @@ impl MessageRecord {
             sent_at: None,
             idempotency_key: None,
             cut: None,
+            attachments: Vec::new(),
         }
     }
 
@@ -640,6 +657,7 @@ mod tests {
             sent_at: None,
             idempotency_key: None,
             cut: None,
+            attachments: Vec::new(),
         };
         m.start();
         for source in sources {

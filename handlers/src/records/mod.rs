@@ -14,6 +14,7 @@ use std::fmt;
 use switchboard_sdk::AccountKey;
 
 pub mod contacts;
+pub mod files;
 pub mod idempotency;
 pub mod messages;
 pub mod preferences;
@@ -24,6 +25,7 @@ pub mod sources;
 pub(crate) mod test_util;
 
 pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
+pub use files::{FileInfo, FilePolicy, FileRefused, Files};
 pub use idempotency::IdempotencyKeys;
 pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
 pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
@@ -47,6 +49,8 @@ pub enum Records {
     Templates,
     /// [`Preferences`].
     Preferences,
+    /// [`Files`].
+    Files,
 }
 
 impl fmt::Display for Records {
@@ -59,6 +63,7 @@ impl fmt::Display for Records {
             Records::Scripts => "scripts",
             Records::Templates => "message templates",
             Records::Preferences => "preferences",
+            Records::Files => "files",
         })
     }
 }

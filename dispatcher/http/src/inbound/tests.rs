@@ -329,6 +329,7 @@ fn sendgrid_events_say_what_they_mean_for_preferences() {
             sent_at: None,
             idempotency_key: None,
             cut: None,
+            attachments: Vec::new(),
         }
     };
     let ann =
