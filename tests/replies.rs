@@ -228,3 +228,190 @@ async fn sms_replies_become_events_of_the_number_owner() {
     let after = reply("SMr5", "+15005550006", "hi").await;
     assert_eq!(after["result"], "unknown_address", "{after:#}");
 }
+
+/// A multipart/form-data body as SendGrid Inbound Parse posts it: the
+/// fields, then each file.
+fn inbound_parse_body(
+    boundary: &str,
+    fields: &[(&str, String)],
+    files: &[(&str, &str, &[u8])],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    for (name, file_name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                 filename=\"{file_name}\"\r\nContent-Type: application/pdf\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// An e-mail reply through SendGrid Inbound Parse: matched by our
+/// Message-ID in its In-Reply-To, its file kept as the account's, run as a
+/// message_response event; a post that is not Inbound Parse's, or to an
+/// address the account does not own, is kept as unmatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_replies_through_inbound_parse_become_events() {
+    use crate::peers::SmtpSink;
+    use crate::util::wait_until;
+
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n\
+             from = \"Acme <hello@acme.example>\"\n",
+            smtp.port()
+        ),
+    );
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "welcome"
+event_type = "welcome"
+[[chains.steps]]
+handler = "send_email"
+config = { to = "ann@example.org", subject = "Welcome", text = "Reply to tell us more." }
+
+[[chains]]
+name = "on-reply"
+conversation_type = "email"
+event_type = "message_response"
+[[chains.steps]]
+handler = "log"
+config = { message = "{{ event.event_data.from }} wrote {{ event.event_data.subject }}" }
+"#,
+    )
+    .await;
+    d.cli(&["numbers", "add", "acme", "sendgrid", "replies@acme.example"])
+        .await
+        .ok();
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "welcome", "event_data": {}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    let sent_id = trace["chains"][0]["steps"][0]["output"]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mail = wait_until("the e-mail", TIMEOUT, || async {
+        smtp.messages().into_iter().next()
+    })
+    .await;
+    let our_message_id = format!("<{sent_id}@switchboard>");
+    assert_eq!(mail["headers"]["message-id"], our_message_id, "{mail:#}");
+
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    // No public URL configured: the listen address.
+    let local = url.clone();
+    let boundary = "xYzZY";
+    let form = format!("multipart/form-data; boundary={boundary}");
+    let scan = b"%PDF-1.4\nsigned form\n".to_vec();
+    let parse_post = |to: &str, with_envelope: bool| {
+        let mut fields = vec![
+            (
+                "headers",
+                format!(
+                    "From: Ann <ann@example.org>\r\nTo: replies@acme.example\r\nMessage-ID: \
+                     <reply-1@mail.example.org>\r\nIn-Reply-To: {our_message_id}\r\nSubject: Re: \
+                     Welcome"
+                ),
+            ),
+            ("from", "Ann <ann@example.org>".to_string()),
+            ("to", to.to_string()),
+            ("subject", "Re: Welcome".to_string()),
+            ("text", "Here is the signed form.".to_string()),
+            ("attachments", "1".to_string()),
+        ];
+        if with_envelope {
+            fields.push((
+                "envelope",
+                json!({"to": [to], "from": "ann@example.org"}).to_string(),
+            ));
+        }
+        inbound_parse_body(
+            boundary,
+            &fields,
+            &[("attachment1", "signed form.pdf", &scan)],
+        )
+    };
+    let post_form = |body: Vec<u8>| {
+        let (local, form) = (local.clone(), form.clone());
+        async move {
+            let response = reqwest::Client::new()
+                .post(&local)
+                .header("content-type", form)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()["results"][0].clone()
+        }
+    };
+
+    let result = post_form(parse_post("replies@acme.example", true)).await;
+    assert_eq!(result["result"], "matched", "{result:#}");
+    assert_eq!(result["message_id"], sent_id.as_str(), "{result:#}");
+    let trace = d
+        .wait_for_trace("acme", result["event_id"].as_str().unwrap(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let data = &trace["event"]["event_data"];
+    assert_eq!(
+        (
+            &data["channel"],
+            &data["from"],
+            &data["to"],
+            &data["subject"],
+            &data["text"]
+        ),
+        (
+            &json!("email"),
+            &json!("ann@example.org"),
+            &json!("replies@acme.example"),
+            &json!("Re: Welcome"),
+            &json!("Here is the signed form.")
+        ),
+        "{data:#}"
+    );
+    let file = &data["attachments"][0];
+    let name = file["name"].as_str().unwrap();
+    assert!(
+        name.starts_with("reply-") && name.ends_with("-signed_form.pdf"),
+        "{file:#}"
+    );
+    assert_eq!(file["content_type"], "application/pdf", "{file:#}");
+    let (status, _) = d.get(&format!("/v1/accounts/acme/files/{name}")).await;
+    assert_eq!(status, 200, "the file is the account's");
+
+    // Not Inbound Parse's (no envelope), or to an address not the account's.
+    let malformed = post_form(parse_post("replies@acme.example", false)).await;
+    assert_eq!(malformed["result"], "malformed", "{malformed:#}");
+    assert!(
+        malformed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no `envelope`"),
+        "{malformed:#}"
+    );
+    let stray = post_form(parse_post("sales@acme.example", true)).await;
+    assert_eq!(stray["result"], "unknown_address", "{stray:#}");
+}

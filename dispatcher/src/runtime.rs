@@ -507,6 +507,8 @@ impl Engine {
                     secrets: self.records.secrets.clone(),
                     preferences: self.records.preferences.clone(),
                     contacts: self.records.contacts.clone(),
+                    files: self.files.clone(),
+                    file_policy: config.files.clone(),
                 },
                 bus.clone(),
                 self.metrics.clone(),

@@ -351,6 +351,12 @@ impl Handler for SendEmail {
                     text,
                     html: rendered.html,
                     headers: [
+                        // Replies name it in `In-Reply-To`: how an e-mail
+                        // reply finds the message it answers.
+                        (
+                            "Message-ID".to_string(),
+                            format!("<{}@switchboard>", record.id),
+                        ),
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
                             "X-SMTPAPI".to_string(),

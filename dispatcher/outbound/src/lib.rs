@@ -357,6 +357,10 @@ impl MailPort for LettreMail {
             .map_err(|e| permanent(format!("recipient {:?}: {e}", email.to)))?;
         let mut builder = Message::builder().from(from).to(to).subject(email.subject);
         for (name, value) in email.headers {
+            if name.eq_ignore_ascii_case("message-id") {
+                builder = builder.message_id(Some(value));
+                continue;
+            }
             builder = builder.raw_header(header::HeaderValue::new(
                 header::HeaderName::new_from_ascii(name)
                     .map_err(|e| permanent(format!("header name: {e}")))?,

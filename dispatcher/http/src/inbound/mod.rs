@@ -20,8 +20,8 @@ use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
-    Channel, Choice, Contacts, MessageRecord, MessageStatus, Messages, Preferences, RecordError,
-    Reported, Secrets, Topic,
+    Channel, Choice, Contacts, FilePolicy, Files, MessageRecord, MessageStatus, Messages,
+    Preferences, RecordError, Reported, Secrets, Topic,
 };
 use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
@@ -34,6 +34,7 @@ use switchboard_engine::bus::{Bus, BusError};
 use switchboard_engine::metrics::{InboundResult, Metrics};
 
 pub mod numbers;
+pub mod parse;
 pub mod replies;
 pub mod sendgrid;
 mod store;
@@ -265,6 +266,8 @@ pub struct Inbound {
     secrets: Arc<dyn Secrets>,
     preferences: Arc<dyn Preferences>,
     contacts: Arc<dyn Contacts>,
+    files: Arc<dyn Files>,
+    file_policy: FilePolicy,
     twilio: Vec<TwilioSms>,
     public_url: String,
     bus: Arc<dyn Bus>,
@@ -285,6 +288,10 @@ pub struct InboundRecords {
     pub preferences: Arc<dyn Preferences>,
     /// The contacts replies are matched to.
     pub contacts: Arc<dyn Contacts>,
+    /// Where the files e-mail replies carry are kept.
+    pub files: Arc<dyn Files>,
+    /// What files may be kept.
+    pub file_policy: FilePolicy,
 }
 
 impl Inbound {
@@ -305,6 +312,8 @@ impl Inbound {
             hooks: HookStore::new(store.clone()),
             numbers: numbers::NumberStore::new(store.clone()),
             contacts: records.contacts,
+            files: records.files,
+            file_policy: records.file_policy,
             unmatched: UnmatchedStore::new(store.clone()),
             messages: records.messages,
             secrets: records.secrets,
@@ -408,7 +417,19 @@ impl Inbound {
         if hook.account_key != account || hook.provider != provider {
             return Err(InboundError::NotFound);
         }
+        let content_type = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let records = match provider {
+            // Inbound Parse: an e-mail sent to one of the account's addresses.
+            Provider::Sendgrid if content_type.starts_with("multipart/form-data") => {
+                let raw = json!({"content_type": content_type, "bytes": body.len()});
+                match parse::read(content_type, body).await {
+                    Ok(reply) => vec![(raw, Parsed::Reply(reply))],
+                    Err(reason) => vec![(raw, Parsed::unusable(InboundResult::Malformed, reason))],
+                }
+            }
             Provider::Sendgrid => sendgrid::parse(body),
             Provider::Twilio => {
                 if self.twilio.is_empty() {
@@ -641,17 +662,11 @@ impl Inbound {
         }
         let now = switchboard_sdk::now();
         let contact = self.contacts.find(account, &reply.from)?;
-        let mut message = None;
-        for sender in [Some(reply.to.as_str()), None] {
-            if let Some(m) =
-                self.messages
-                    .latest_sent(account, reply.channel, &reply.from, sender)?
-                && replies::answers(&m, now)
-            {
-                message = Some(m);
-                break;
-            }
-        }
+        let message = self.answered(account, reply, now)?;
+        let files = match &reply.email {
+            Some(email) => self.keep_carried(account, reply, &email.carried).await,
+            None => Vec::new(),
+        };
         if let (_, Some(keyword @ (replies::Keyword::Stop | replies::Keyword::Start))) =
             replies::keyword(&reply.text)
         {
@@ -672,7 +687,7 @@ impl Inbound {
                 },
             )?;
         }
-        let data = replies::event_data(reply, contact.as_ref(), message.as_ref(), now);
+        let data = replies::event_data(reply, (contact.as_ref(), message.as_ref()), files, now);
         let conversation = format!(
             "{}-{}",
             reply.channel.as_str(),
@@ -701,6 +716,77 @@ impl Inbound {
             unmatched_id: None,
             reason: None,
         }))
+    }
+
+    /// The message `reply` answers: an e-mail's, by our Message-ID in its
+    /// `In-Reply-To` or `References`; a text's, the latest sent to its
+    /// sender from the number it was sent to (or from no number named)
+    /// within [`replies::REPLY_WINDOW`].
+    fn answered(
+        &self,
+        account: &AccountKey,
+        reply: &replies::Reply,
+        now: OffsetDateTime,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        if let Some(email) = &reply.email {
+            for id in replies::our_message_ids(&email.answers) {
+                if let Some(m) = self.messages.get(account, id)?
+                    && m.channel == Channel::Email
+                {
+                    return Ok(Some(m));
+                }
+            }
+            return Ok(None);
+        }
+        for sender in [Some(reply.to.as_str()), None] {
+            if let Some(m) =
+                self.messages
+                    .latest_sent(account, reply.channel, &reply.from, sender)?
+                && replies::answers(&m, now)
+            {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keeps the files an e-mail reply carried as the account's files,
+    /// named `reply-{8 hex of the reply's source}-{file name}`; each one's
+    /// description, or why it was not kept (a name that is not plain, a
+    /// size or type the deployment does not keep, the store failing).
+    async fn keep_carried(
+        &self,
+        account: &AccountKey,
+        reply: &replies::Reply,
+        carried: &[parse::Carried],
+    ) -> Vec<Value> {
+        let tag = &digest(reply.source.as_bytes())[..8];
+        let mut kept = Vec::with_capacity(carried.len());
+        for file in carried {
+            let name: String = format!("reply-{tag}-{}", file.file_name)
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let outcome = match self.file_policy.check(&name, &file.bytes) {
+                Ok(content_type) => match self
+                    .files
+                    .put(account, &name, content_type, file.bytes.clone())
+                    .await
+                {
+                    Ok(info) => serde_json::to_value(&info).unwrap_or(Value::Null),
+                    Err(e) => json!({"file_name": file.file_name, "refused": e.to_string()}),
+                },
+                Err(e) => json!({"file_name": file.file_name, "refused": e.to_string()}),
+            };
+            kept.push(outcome);
+        }
+        kept
     }
 
     /// Records what a SendGrid `report` (about `message`, when known) says

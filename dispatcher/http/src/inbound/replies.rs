@@ -30,8 +30,34 @@ pub struct Reply {
     pub text: String,
     /// Identifies it (`twilio:{sid}`): the event's id derives from it.
     pub source: String,
-    /// The provider's id for it.
+    /// The provider's id for it (an e-mail's `Message-ID`).
     pub remote_id: String,
+    /// An e-mail's own parts.
+    pub email: Option<EmailParts>,
+}
+
+/// What an e-mail reply has besides its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailParts {
+    /// Its subject.
+    pub subject: String,
+    /// The Message-IDs it answers (`In-Reply-To`, then `References`),
+    /// without their angle brackets.
+    pub answers: Vec<String>,
+    /// The files it carried.
+    pub carried: Vec<super::parse::Carried>,
+}
+
+/// The domain of the Message-IDs `send_email` gives its e-mails:
+/// `<{message id}@switchboard>`.
+pub const MESSAGE_ID_DOMAIN: &str = "switchboard";
+
+/// The message ids of ours among the Message-IDs `answers`, in order.
+pub fn our_message_ids(answers: &[String]) -> Vec<&str> {
+    answers
+        .iter()
+        .filter_map(|id| id.strip_suffix(&format!("@{MESSAGE_ID_DOMAIN}")))
+        .collect()
 }
 
 /// What a reply's first word asks.
@@ -80,11 +106,13 @@ pub fn answers(message: &MessageRecord, now: OffsetDateTime) -> bool {
         .is_some_and(|at| at <= now && now - at <= REPLY_WINDOW)
 }
 
-/// The `event_data` of a reply's `message_response` event.
+/// The `event_data` of a reply's `message_response` event; an e-mail's
+/// `subject` and `attachments` (`files`: each stored file's description,
+/// or what became of a file that was not kept) besides.
 pub fn event_data(
     reply: &Reply,
-    contact: Option<&Contact>,
-    message: Option<&MessageRecord>,
+    (contact, message): (Option<&Contact>, Option<&MessageRecord>),
+    files: Vec<Value>,
     received_at: OffsetDateTime,
 ) -> Map<String, Value> {
     let (keyword, _) = keyword(&reply.text);
@@ -107,6 +135,10 @@ pub fn event_data(
             |c| json!({"key": c.key, "name": c.name, "msisdn": c.msisdn, "email": c.email}),
         ),
     );
+    if let Some(email) = &reply.email {
+        data.insert("subject".into(), json!(email.subject));
+        data.insert("attachments".into(), Value::Array(files));
+    }
     data.insert(
         "message".into(),
         message.map_or(Value::Null, |m| {
@@ -125,6 +157,13 @@ mod tests {
     fn check(text: &str, expected: (Option<&str>, Option<Keyword>)) {
         let (shown, known) = keyword(text);
         assert_eq!((shown.as_deref(), known), expected, "{text:?}");
+    }
+
+    #[test]
+    fn only_our_message_ids_are_taken() {
+        let answers =
+            ["m-1@switchboard", "abc@mail.example.org", "m-2@switchboard"].map(str::to_string);
+        assert_eq!(our_message_ids(&answers), ["m-1", "m-2"]);
     }
 
     #[test]

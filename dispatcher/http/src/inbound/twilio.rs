@@ -182,6 +182,7 @@ fn reply(params: &[(String, String)], sid: &str) -> Parsed {
         text: get("Body").unwrap_or_default().to_string(),
         source: format!("twilio:{sid}:received"),
         remote_id: sid.to_string(),
+        email: None,
     })
 }
 
