@@ -206,10 +206,10 @@ async fn sms_replies_become_events_of_the_number_owner() {
     let stray = reply("SMr4", "+15005550099", "hello?").await;
     assert_eq!(stray["result"], "unknown_address", "{stray:#}");
     assert!(
-        stray["reason"]
-            .as_str()
-            .unwrap()
-            .contains("switchboard numbers add acme twilio +15005550099"),
+        stray["reason"].as_str().unwrap().contains(
+            "a reply to +15005550099 on twilio, which is not one of account acme's \
+                 addresses (`switchboard numbers add acme twilio +15005550099`)"
+        ),
         "{stray:#}"
     );
     let unmatched = d
@@ -414,4 +414,114 @@ config = { message = "{{ event.event_data.from }} wrote {{ event.event_data.subj
     );
     let stray = post_form(parse_post("sales@acme.example", true)).await;
     assert_eq!(stray["result"], "unknown_address", "{stray:#}");
+}
+
+/// A Vumi inbound message a transport worker publishes on NATS becomes a
+/// reply of the account that owns its `to_addr` on that transport, matched
+/// to the text it answers; one to an address no account owns is counted
+/// and left in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vumi_inbound_messages_on_nats_become_replies() {
+    use crate::util::{NatsServer, wait_until};
+
+    let nats = NatsServer::start();
+    let d = Dispatcher::with_config(
+        Some(&nats),
+        "[providers.sms.smsc]\ntype = \"nats\"\ntransport = \"smsc\"\nfrom = \"1234\"\n",
+    );
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+config = { to = "+27820000008", body = "Your results are in" }
+
+[[chains]]
+name = "on-reply"
+conversation_type = "sms"
+event_type = "message_response"
+[[chains.steps]]
+handler = "log"
+config = { message = "{{ event.event_data.keyword }} to {{ event.event_data.message.id }}" }
+"#,
+    )
+    .await;
+    d.cli(&["numbers", "add", "acme", "smsc", "1234"])
+        .await
+        .ok();
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "survey", "event_type": "notify", "event_data": {}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    let sent_id = trace["chains"][0]["steps"][0]["output"]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let publish = |message_id: &str, to: &str, content: &str| {
+        let message = json!({"message_version": "20110921", "message_type": "user_message",
+            "message_id": message_id, "timestamp": "2026-12-04 17:00:00.000000",
+            "to_addr": to, "from_addr": "+27820000008", "content": content,
+            "transport_name": "smsc", "transport_type": "sms", "in_reply_to": null,
+            "session_event": null, "transport_metadata": {}, "helper_metadata": {}});
+        let js = js.clone();
+        async move {
+            js.publish("vumi.inbound.smsc", message.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish("vumi-1", "1234", "Yes please").await;
+    let listed = wait_until("the reply's event", TIMEOUT, || async {
+        let (_, list) = d
+            .get("/v1/accounts/acme/events?event_type=message_response")
+            .await;
+        list["events"].as_array().filter(|e| !e.is_empty()).cloned()
+    })
+    .await;
+    let event_id = listed[0]["id"].as_str().unwrap();
+    let trace = d.wait_for_trace("acme", event_id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let data = &trace["event"]["event_data"];
+    assert_eq!(
+        (
+            &data["from"],
+            &data["to"],
+            &data["provider"],
+            &data["keyword"]
+        ),
+        (
+            &json!("+27820000008"),
+            &json!("1234"),
+            &json!("smsc"),
+            &json!("START")
+        ),
+        "{data:#}"
+    );
+    assert_eq!(data["message"]["id"], sent_id.as_str(), "{data:#}");
+
+    // To a number no account owns: counted, no event.
+    publish("vumi-2", "5678", "hello?").await;
+    wait_until("the stray reply counted", TIMEOUT, || async {
+        let (_, text) = d.get("/metrics").await;
+        text.as_str()
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("provider=\"vumi\"") && l.contains("unknown_address"))
+            .then_some(())
+    })
+    .await;
+    let (_, list) = d
+        .get("/v1/accounts/acme/events?event_type=message_response")
+        .await;
+    assert_eq!(list["events"].as_array().unwrap().len(), 1, "{list:#}");
 }

@@ -12,6 +12,7 @@ use switchboard_api::health::ReplicaView;
 use switchboard_bus::commands::{NatsCommands, NoCommands};
 use switchboard_bus::files::NatsFiles;
 use switchboard_bus::partitions::Membership;
+use switchboard_bus::vumi_inbound::VumiInbound;
 use switchboard_bus::{EmbeddedBus, NatsBus};
 use switchboard_engine::bus::{Bus, BusError};
 use switchboard_handlers::ports::CommandPort;
@@ -34,6 +35,8 @@ pub struct Backend {
     pub commands: Arc<dyn CommandPort>,
     /// The files accounts attach to their e-mails.
     pub files: Arc<dyn Files>,
+    /// Replies transport workers publish (NATS only).
+    pub vumi_inbound: Option<VumiInbound>,
     /// Set when replicas share the bus: the partitions this one owns.
     pub replicas: Option<Replicas>,
 }
@@ -93,6 +96,7 @@ fn embedded(config: &Config) -> Result<Backend, StartError> {
     let bus = EmbeddedBus::open(store.clone(), &config.bus.subject_prefix)?;
     Ok(Backend {
         files: Arc::new(StoredFiles::new(store.clone())),
+        vumi_inbound: None,
         store,
         bus: Arc::new(bus),
         commands: Arc::new(NoCommands),
@@ -128,12 +132,18 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
             .await
             .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?,
     );
+    let vumi_inbound = Some(
+        VumiInbound::open(bus.client().clone(), prefix, config.bus.stream_replicas)
+            .await
+            .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?,
+    );
     if !config.bus.replicated {
         return Ok(Backend {
             store: config.store.open()?,
             bus: Arc::new(bus),
             commands: Arc::new(commands),
             files,
+            vumi_inbound,
             replicas: None,
         });
     }
@@ -153,6 +163,7 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         bus: Arc::new(bus),
         commands: Arc::new(commands),
         files,
+        vumi_inbound,
         replicas: Some(replicas),
     })
 }

@@ -137,6 +137,7 @@ impl Dispatcher {
             bus,
             commands,
             files,
+            vumi_inbound,
             replicas,
         } = backend::open(&config).await?;
         let (stop, stopped) = watch::channel(false);
@@ -176,6 +177,9 @@ impl Dispatcher {
             replicas.as_ref().map(|r| (r.owned(), r.viewed())),
             ready.clone(),
         );
+        if let Some(vumi) = vumi_inbound {
+            spawn_vumi_replies(vumi, state.inbound.clone(), stopped.clone());
+        }
         let sessions = state.sessions.clone();
         let app = router(state);
         let server = serve(listener, app, stopped.clone());
@@ -602,6 +606,37 @@ fn spawn_expiry(
                 Ok(Ok(n)) => tracing::debug!(removed = n, "expired idempotency keys"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
                 Err(e) => tracing::warn!(error = %e, "expiring idempotency keys panicked"),
+            }
+        }
+    });
+}
+
+/// Takes the replies transport workers publish, each once, as the
+/// number owner's `message_response` events, until the process stops; one
+/// that cannot be taken now (the store or the bus failing) comes again.
+fn spawn_vumi_replies(
+    vumi: switchboard_bus::vumi_inbound::VumiInbound,
+    inbound: Arc<Inbound>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let run = vumi.run(|message| {
+            let inbound = inbound.clone();
+            async move {
+                match inbound.vumi(&message.transport, &message.payload).await {
+                    Ok(()) => message.done().await,
+                    Err(e) => {
+                        tracing::warn!(transport = message.transport, error = %e,
+                            "taking a Vumi reply failed: it comes again");
+                        message.later(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => {}
+            ended = run => if let Err(e) = ended {
+                tracing::error!(error = %e, "Vumi replies are not taken: {e}");
             }
         }
     });

@@ -11,6 +11,7 @@ pub mod nats;
 pub mod partitions;
 mod pull;
 mod puller;
+pub mod vumi_inbound;
 
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;

@@ -44,7 +44,8 @@ pub(super) fn answer_settled(
     }
     Err(StepError::retryable(
         format!(
-            "message {} was handed to Twilio at {} with no answer: Twilio is asked whether it has              it from {} on, before it is sent again",
+            "message {} was handed to Twilio at {} with no answer: Twilio is asked whether it has \
+             it from {} on, before it is sent again",
             message.id,
             switchboard_sdk::format_rfc3339(since),
             switchboard_sdk::format_rfc3339(settled)

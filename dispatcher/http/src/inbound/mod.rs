@@ -564,7 +564,7 @@ impl Inbound {
                 } => {
                     let event = self.event(
                         account,
-                        provider,
+                        provider.name(),
                         &source,
                         conversation_key,
                         ConversationType::new("webhook").expect("a valid type"),
@@ -585,7 +585,7 @@ impl Inbound {
                         reason: None,
                     }
                 }
-                Parsed::Reply(reply) => match self.reply(account, provider, &reply).await? {
+                Parsed::Reply(reply) => match self.reply(account, provider.name(), &reply).await? {
                     Ok(outcome) => outcome,
                     Err(reason) => {
                         unmatched.push((results.len(), InboundResult::UnknownAddress, reason, raw));
@@ -650,13 +650,14 @@ impl Inbound {
     async fn reply(
         &self,
         account: &AccountKey,
-        provider: Provider,
+        provider: &str,
         reply: &replies::Reply,
     ) -> Result<Result<RecordResult, String>, InboundError> {
         let owner = self.numbers.owner(&reply.transport, &reply.to)?;
         if owner.as_ref().is_none_or(|n| n.account_key != *account) {
             return Ok(Err(format!(
-                "a reply to {} on {}, which is not one of account {account}'s addresses                  (`switchboard numbers add {account} {} {}`)",
+                "a reply to {} on {}, which is not one of account {account}'s addresses \
+                 (`switchboard numbers add {account} {} {}`)",
                 reply.to, reply.transport, reply.transport, reply.to
             )));
         }
@@ -705,7 +706,7 @@ impl Inbound {
             None,
         );
         self.bus.publish(&event).await?;
-        tracing::info!(%account, provider = provider.name(), event_id = %event.id,
+        tracing::info!(%account, provider, event_id = %event.id,
             answers = message.as_ref().map(|m| m.id.as_str()), "reply published");
         Ok(Ok(RecordResult {
             result: InboundResult::Matched.label().to_string(),
@@ -716,6 +717,80 @@ impl Inbound {
             unmatched_id: None,
             reason: None,
         }))
+    }
+
+    /// Takes a Vumi inbound message a transport worker published on
+    /// `{prefix}.inbound.{transport}`: a reply of the account that owns its
+    /// `to_addr` on `transport`. `Ok` when it is done with (published, or
+    /// unusable: logged and counted, and kept a week in the stream);
+    /// `Err` when it should come again (the store or the bus failed).
+    pub async fn vumi(&self, transport: &str, payload: &[u8]) -> Result<(), InboundError> {
+        let unusable = |why: String| {
+            self.metrics.inbound(
+                "vumi",
+                switchboard_engine::dead_letters::UNKNOWN_ACCOUNT,
+                InboundResult::Malformed,
+            );
+            tracing::warn!(transport, reason = %why, "a Vumi inbound message cannot be used: it stays in the stream for a week");
+            Ok(())
+        };
+        let Ok(message) = serde_json::from_slice::<Value>(payload) else {
+            return unusable("it is not JSON".into());
+        };
+        let field = |k: &str| message.get(k).and_then(Value::as_str).unwrap_or_default();
+        if field("message_type") != "user_message" {
+            return unusable(format!(
+                "message_type {:?} is not user_message",
+                field("message_type")
+            ));
+        }
+        let (from, to) = match (
+            numbers::normalize_address(field("from_addr")),
+            numbers::normalize_address(field("to_addr")),
+        ) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(e), _) => return unusable(format!("from_addr: {e}")),
+            (_, Err(e)) => return unusable(format!("to_addr: {e}")),
+        };
+        let id = field("message_id");
+        if id.is_empty() {
+            return unusable("it has no message_id".into());
+        }
+        let Some(owner) = self.numbers.owner(transport, &to)? else {
+            self.metrics.inbound(
+                "vumi",
+                switchboard_engine::dead_letters::UNKNOWN_ACCOUNT,
+                InboundResult::UnknownAddress,
+            );
+            tracing::warn!(
+                transport,
+                to,
+                "a reply to an address no account owns (`switchboard numbers add ACCOUNT {transport} {to}`): it stays in the stream for a week"
+            );
+            return Ok(());
+        };
+        let reply = replies::Reply {
+            channel: Channel::Sms,
+            transport: transport.to_string(),
+            from,
+            to,
+            text: field("content").to_string(),
+            source: format!("vumi:{transport}:{id}"),
+            remote_id: id.to_string(),
+            email: None,
+        };
+        let account = owner.account_key;
+        match self.reply(&account, "vumi", &reply).await? {
+            Ok(_) => {
+                self.metrics
+                    .inbound("vumi", account.as_str(), InboundResult::Matched);
+            }
+            Err(reason) => {
+                tracing::warn!(%account, transport, %reason, "a Vumi reply matched no address");
+            }
+        }
+        self.store.flush().await?;
+        Ok(())
     }
 
     /// The message `reply` answers: an e-mail's, by our Message-ID in its
@@ -894,7 +969,7 @@ impl Inbound {
         data.insert("record".into(), raw);
         let event = self.event(
             account,
-            provider,
+            provider.name(),
             &report.source,
             ConversationKey::new(message.id.clone()).unwrap_or_else(|_| {
                 ConversationKey::new(channel).expect("a valid conversation key")
@@ -923,7 +998,7 @@ impl Inbound {
     fn event(
         &self,
         account: &AccountKey,
-        provider: Provider,
+        provider: &str,
         source: &str,
         conversation_key: ConversationKey,
         conversation_type: ConversationType,
@@ -933,7 +1008,7 @@ impl Inbound {
     ) -> VumiApiEvent {
         let id = EventId::from(uuid::Uuid::new_v5(
             &INBOUND_ID_NAMESPACE,
-            format!("{}\n{account}\n{source}", provider.name()).as_bytes(),
+            format!("{provider}\n{account}\n{source}").as_bytes(),
         ));
         let mut event = VumiApiEvent::new(
             account.clone(),
