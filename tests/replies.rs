@@ -374,6 +374,7 @@ config = { message = "{{ event.event_data.from }} wrote {{ event.event_data.subj
         .wait_for_trace("acme", result["event_id"].as_str().unwrap(), TIMEOUT)
         .await;
     assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["event"]["conversation_key"], "email-ann_example.org");
     let data = &trace["event"]["event_data"];
     assert_eq!(
         (

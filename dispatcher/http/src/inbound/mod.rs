@@ -689,11 +689,22 @@ impl Inbound {
             )?;
         }
         let data = replies::event_data(reply, (contact.as_ref(), message.as_ref()), files, now);
-        let conversation = format!(
+        // `sms-27820000001`, `email-ann_example.org`: a conversation per sender.
+        let conversation: String = format!(
             "{}-{}",
             reply.channel.as_str(),
             reply.from.trim_start_matches('+')
-        );
+        )
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
         let event = self.event(
             account,
             provider,
