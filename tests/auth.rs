@@ -238,10 +238,12 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/files/matrix.txt", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/numbers",
             |f| format!("/v1/accounts/{}/numbers", f.account), none, 200, 200),
+        // Who owns an address is the deployment's to decide: 403 on the
+        // caller's own account.
         row("PUT", "/v1/accounts/{account}/numbers/{transport}/{address}",
-            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 200, 200),
+            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 403, 200),
         row("DELETE", "/v1/accounts/{account}/numbers/{transport}/{address}",
-            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 200, 200),
+            |f| format!("/v1/accounts/{}/numbers/matrix/{}", f.account, f.number), none, 403, 200),
         row("GET", "/v1/accounts/{account}/messages",
             |f| format!("/v1/accounts/{}/messages", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/messages/{id}",

@@ -191,6 +191,18 @@ async fn sms_replies_become_events_of_the_number_owner() {
     assert_eq!(suppressed["status"], "suppressed", "{suppressed:#}");
     reply("SMr3", "+15005550006", "START").await;
     assert_eq!(notify().await["status"], "sent");
+    // Twilio posting the STOP again does not undo the START; "stop please"
+    // is no STOP.
+    reply("SMr2", "+15005550006", "stop").await;
+    reply("SMr6", "+15005550006", "stop please, I have them").await;
+    let shown = d
+        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        shown["sms"]["topics"]["all"]["subscribed"], true,
+        "{shown:#}"
+    );
     let texts = receiver
         .requests_to(&format!(
             "/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Messages.json"
@@ -504,7 +516,7 @@ config = { message = "{{ event.event_data.keyword }} to {{ event.event_data.mess
             &json!("+27820000008"),
             &json!("1234"),
             &json!("smsc"),
-            &json!("START")
+            &json!("YES")
         ),
         "{data:#}"
     );

@@ -513,6 +513,7 @@ impl Engine {
                     contacts: self.records.contacts.clone(),
                     files: self.files.clone(),
                     file_policy: config.files.clone(),
+                    idempotency: self.records.idempotency.clone(),
                 },
                 bus.clone(),
                 self.metrics.clone(),
@@ -620,24 +621,39 @@ fn spawn_vumi_replies(
     mut stopped: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        let run = vumi.run(|message| {
-            let inbound = inbound.clone();
-            async move {
-                match inbound.vumi(&message.transport, &message.payload).await {
-                    Ok(()) => message.done().await,
-                    Err(e) => {
-                        tracing::warn!(transport = message.transport, error = %e,
-                            "taking a Vumi reply failed: it comes again");
-                        message.later(Duration::from_secs(5)).await;
+        // A read that ends (the connection lost, the consumer gone) starts
+        // again, a little later each time it fails at once.
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let run = vumi.run(|message| {
+                let inbound = inbound.clone();
+                async move {
+                    match inbound.vumi(&message.transport, &message.payload).await {
+                        Ok(()) => message.done().await,
+                        Err(e) => {
+                            tracing::warn!(transport = message.transport, error = %e,
+                                "taking a Vumi reply failed: it comes again");
+                            message.later(Duration::from_secs(5)).await;
+                        }
                     }
                 }
+            });
+            let started = Instant::now();
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                ended = run => match ended {
+                    Ok(()) => tracing::warn!("reading Vumi replies ended: reading again"),
+                    Err(e) => tracing::error!(error = %e, "reading Vumi replies failed: trying again"),
+                },
             }
-        });
-        tokio::select! {
-            _ = stopped.wait_for(|s| *s) => {}
-            ended = run => if let Err(e) = ended {
-                tracing::error!(error = %e, "Vumi replies are not taken: {e}");
+            if started.elapsed() > Duration::from_secs(60) {
+                pause = Duration::from_millis(500);
             }
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
         }
     });
 }

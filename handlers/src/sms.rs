@@ -532,7 +532,10 @@ impl Handler for SendSms {
                         template: template.as_ref().map(TemplateUse::reference),
                         scheduled_at,
                         idempotency_key: body.idempotency.as_deref().map(hashed_key),
-                        sender: from.clone(),
+                        // As replies name it: a number in E.164.
+                        sender: from
+                            .as_deref()
+                            .map(|f| normalize_msisdn(f).unwrap_or_else(|_| f.to_string())),
                         ..MessageRecord::for_step(
                             input,
                             i,

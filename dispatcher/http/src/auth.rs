@@ -81,8 +81,9 @@ pub enum Access {
     /// Answer 404, as for something that does not exist: another account's
     /// resource, or a route account tokens do not reach.
     Hidden,
-    /// Answer 403: the caller's own account, but a route for the admin only.
-    AdminOnly,
+    /// Answer 403 saying why: the caller's own account, but a route for
+    /// the admin only.
+    AdminOnly(&'static str),
 }
 
 /// Whether `path` needs a bearer token at all.
@@ -111,7 +112,17 @@ pub fn access(principal: &Principal, path: &str) -> Access {
         return Access::Hidden;
     }
     if tail == "tokens" || tail.starts_with("tokens/") {
-        return Access::AdminOnly;
+        return Access::AdminOnly(
+            "managing tokens needs the admin token; account tokens cannot create, list or \
+             revoke tokens",
+        );
+    }
+    if tail.starts_with("numbers/") {
+        return Access::AdminOnly(
+            "adding or removing an account's numbers and addresses needs the admin token: \
+             replies to an address go to the account that owns it, so the deployment decides \
+             who owns which (an account token can list its own)",
+        );
     }
     Access::Allowed
 }
@@ -166,14 +177,8 @@ pub async fn require_token(
             ))
             .into_response();
         }
-        Access::AdminOnly => {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "managing tokens needs the admin token; account tokens cannot create, list or \
-                 revoke tokens",
-            )
-            .into_response();
+        Access::AdminOnly(why) => {
+            return ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response();
         }
     }
     request.extensions_mut().insert(principal);

@@ -237,16 +237,34 @@ impl Messages for StoredMessages {
                     .store
                     .compare_and_swap(Collection::Messages, k, Some(v), None)
                     .and_then(|gone| {
-                        if gone && let Some(remote) = &m.remote_id {
-                            let at = remote_key(&m.account_key, m.channel, remote);
-                            self.store.compare_and_swap(
+                        if !gone {
+                            return Ok(false);
+                        }
+                        // Its index entries, while they still point at it.
+                        let mut entries = vec![(
+                            Collection::LatestSent,
+                            latest_key(
+                                &m.account_key,
+                                m.channel,
+                                &m.recipient,
+                                m.sender.as_deref(),
+                            ),
+                        )];
+                        if let Some(remote) = &m.remote_id {
+                            entries.push((
                                 Collection::MessageRemoteIds,
+                                remote_key(&m.account_key, m.channel, remote),
+                            ));
+                        }
+                        for (collection, at) in entries {
+                            self.store.compare_and_swap(
+                                collection,
                                 &at,
                                 Some(m.id.as_bytes()),
                                 None,
                             )?;
                         }
-                        Ok(gone)
+                        Ok(true)
                     });
                 match gone {
                     Ok(true) => removed += 1,
@@ -552,5 +570,18 @@ mod tests {
                 .is_some()
         );
         assert_eq!(messages.expire(cutoff).unwrap(), 0);
+        // What a reply answers: the newer, kept one; the expired one's entry gone.
+        let latest = |m: &StoredMessages| {
+            m.latest_sent(&acme, Channel::Sms, "+27820000001", None)
+                .unwrap()
+                .map(|m| m.id)
+        };
+        assert_eq!(latest(&messages), Some("new-sent".into()));
+        messages
+            .transition(&acme, "new-sent", MessageStatus::Sent, "again", None)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(messages.expire(switchboard_sdk::now()).unwrap(), 1);
+        assert_eq!(latest(&messages), None);
     }
 }

@@ -107,6 +107,20 @@ pub fn sniff(name: &str, bytes: &[u8]) -> Option<&'static str> {
     })
 }
 
+/// The extensions a file of content type `t` may have.
+fn extensions(t: &str) -> &'static [&'static str] {
+    match t {
+        "application/pdf" => &["pdf"],
+        "image/png" => &["png"],
+        "image/jpeg" => &["jpg", "jpeg"],
+        "image/gif" => &["gif"],
+        "application/zip" => &["zip", "docx", "xlsx", "pptx", "odt", "ods", "odp"],
+        "text/csv" => &["csv"],
+        "text/plain" => &["txt", "text", "log"],
+        _ => &[],
+    }
+}
+
 /// What the deployment lets accounts keep (`[files]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -154,6 +168,16 @@ pub enum FileRefused {
         /// The limit.
         limit: u64,
     },
+    /// Its name's extension does not say what its content is.
+    #[error("{name:?} is {what}: its name must end in one of {fits}")]
+    Extension {
+        /// The name.
+        name: String,
+        /// What it was sniffed as.
+        what: &'static str,
+        /// The extensions that fit.
+        fits: String,
+    },
     /// Its content is not an allowed type.
     #[error(
         "{name:?} is {what}, which this deployment does not keep (`[files] allowed`: {allowed})"
@@ -182,7 +206,20 @@ impl FilePolicy {
         }
         let sniffed = sniff(name, bytes);
         match sniffed {
-            Some(t) if self.allowed.iter().any(|a| a == t) => Ok(t),
+            Some(t) if self.allowed.iter().any(|a| a == t) => {
+                // Mail clients open attachments by their extension: it must
+                // say what the content is.
+                let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+                if extension.is_some_and(|e| extensions(t).contains(&e.as_str())) {
+                    Ok(t)
+                } else {
+                    Err(FileRefused::Extension {
+                        name: name.to_string(),
+                        what: t,
+                        fits: extensions(t).join(", "),
+                    })
+                }
+            }
             _ => Err(FileRefused::Type {
                 name: name.to_string(),
                 what: sniffed.map_or("of a type not recognised".to_string(), |t| t.to_string()),
@@ -279,5 +316,19 @@ mod tests {
             Err("65 bytes, over this deployment's limit of 64"),
         );
         check("../x.txt", b"x", Err("is not a file name"));
+        // Nor does the content decide the name: text called .html, a PDF
+        // called .exe, a file with no extension.
+        check(
+            "page.html",
+            b"<script>alert(1)</script>",
+            Err("is text/plain: its name must end in one of txt, text, log"),
+        );
+        check(
+            "i.exe",
+            b"%PDF-1.7\n",
+            Err("is application/pdf: its name must end in one of pdf"),
+        );
+        check("README", b"hello", Err("its name must end in one of"));
+        check("photo.JPEG", b"\xff\xd8\xff\xe0..", Ok("image/jpeg"));
     }
 }

@@ -43,7 +43,7 @@ fn refused(e: FileRefused) -> ApiError {
             "file_too_large",
             e.to_string(),
         ),
-        e @ FileRefused::Type { .. } => ApiError::new(
+        e @ (FileRefused::Type { .. } | FileRefused::Extension { .. }) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "file_type_refused",
             e.to_string(),

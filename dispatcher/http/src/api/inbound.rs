@@ -243,12 +243,50 @@ impl From<InboundError> for ApiError {
 }
 
 /// `POST /v1/inbound/{account}/{provider}/{secret}`: what a provider posts.
+/// A provider's post. SendGrid Inbound Parse posts whole e-mails, files
+/// and all (`multipart/form-data`): those are read up to four times the
+/// deployment's file limit; everything else up to the API's body limit.
+pub(super) struct InboundBody(axum::body::Bytes);
+
+impl axum::extract::FromRequest<ApiState> for InboundBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, s: &ApiState) -> Result<Self, ApiError> {
+        let multipart = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("multipart/form-data"));
+        if !multipart {
+            return RawBody::from_request(req, s)
+                .await
+                .map(|RawBody(b)| InboundBody(b));
+        }
+        let limit = usize::try_from(s.file_policy.max_bytes.saturating_mul(4))
+            .unwrap_or(usize::MAX)
+            .max(body_limit(s.max_event_bytes));
+        axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map(InboundBody)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!(
+                        "an Inbound Parse post is read up to {limit} bytes (four times `[files] \
+                         max_bytes`): {e}"
+                    ),
+                )
+            })
+    }
+}
+
 pub(super) async fn receive_inbound(
     State(s): State<ApiState>,
     Path((account, raw, secret)): Path<(String, String, String)>,
     uri: axum::http::Uri,
     headers: HeaderMap,
-    RawBody(body): RawBody,
+    InboundBody(body): InboundBody,
 ) -> ApiResult {
     let path = uri
         .path_and_query()

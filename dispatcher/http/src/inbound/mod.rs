@@ -20,8 +20,8 @@ use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
-    Channel, Choice, Contacts, FilePolicy, Files, MessageRecord, MessageStatus, Messages,
-    Preferences, RecordError, Reported, Secrets, Topic,
+    Channel, Choice, Contacts, FilePolicy, Files, IdempotencyKeys, MessageRecord, MessageStatus,
+    Messages, Preferences, RecordError, Reported, Secrets, Topic,
 };
 use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
@@ -268,6 +268,7 @@ pub struct Inbound {
     contacts: Arc<dyn Contacts>,
     files: Arc<dyn Files>,
     file_policy: FilePolicy,
+    idempotency: Arc<dyn IdempotencyKeys>,
     twilio: Vec<TwilioSms>,
     public_url: String,
     bus: Arc<dyn Bus>,
@@ -292,6 +293,9 @@ pub struct InboundRecords {
     pub files: Arc<dyn Files>,
     /// What files may be kept.
     pub file_policy: FilePolicy,
+    /// Where a reply is noted as taken, so that a provider's repeat of it
+    /// changes no preference again.
+    pub idempotency: Arc<dyn IdempotencyKeys>,
 }
 
 impl Inbound {
@@ -314,6 +318,7 @@ impl Inbound {
             contacts: records.contacts,
             files: records.files,
             file_policy: records.file_policy,
+            idempotency: records.idempotency,
             unmatched: UnmatchedStore::new(store.clone()),
             messages: records.messages,
             secrets: records.secrets,
@@ -665,28 +670,16 @@ impl Inbound {
         let contact = self.contacts.find(account, &reply.from)?;
         let message = self.answered(account, reply, now)?;
         let files = match &reply.email {
-            Some(email) => self.keep_carried(account, reply, &email.carried).await,
+            Some(email) => self.keep_carried(account, reply, &email.carried).await?,
             None => Vec::new(),
         };
-        if let (_, Some(keyword @ (replies::Keyword::Stop | replies::Keyword::Start))) =
-            replies::keyword(&reply.text)
+        // Texts only: an e-mail's first word is no carrier keyword.
+        if let (
+            Channel::Sms,
+            (_, Some(keyword @ (replies::Keyword::Stop | replies::Keyword::Start))),
+        ) = (reply.channel, replies::keyword(&reply.text))
         {
-            let subscribed = keyword == replies::Keyword::Start;
-            self.preferences.choose(
-                account,
-                (reply.channel, &reply.from),
-                &Topic::All,
-                Choice {
-                    subscribed,
-                    at: now,
-                    cause: format!(
-                        "replied {} to {}",
-                        if subscribed { "START" } else { "STOP" },
-                        reply.to
-                    ),
-                    source: Some(reply.source.clone()),
-                },
-            )?;
+            self.apply_keyword(account, reply, keyword == replies::Keyword::Start, now)?;
         }
         let data = replies::event_data(reply, (contact.as_ref(), message.as_ref()), files, now);
         // `sms-27820000001`, `email-ann_example.org`: a conversation per sender.
@@ -804,6 +797,52 @@ impl Inbound {
         Ok(())
     }
 
+    /// Opts the sender of `reply` (a STOP or START alone) out of or back in
+    /// to the account's texts — once per reply: a provider's repeat of it
+    /// (a retry, a redelivery) finds it noted and changes nothing, so a
+    /// STOP repeated after a later START does not undo the START.
+    fn apply_keyword(
+        &self,
+        account: &AccountKey,
+        reply: &replies::Reply,
+        subscribed: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), RecordError> {
+        let noted = uuid::Uuid::new_v4().to_string();
+        let window = replies::REPLY_WINDOW.unsigned_abs();
+        let (scope, kind) = ("~replies", reply.channel.as_str());
+        if !self
+            .idempotency
+            .claim(account, scope, kind, &reply.source, window, &noted)?
+        {
+            tracing::info!(%account, source = reply.source, "a repeated reply: its keyword was applied before");
+            return Ok(());
+        }
+        let chosen = self.preferences.choose(
+            account,
+            (reply.channel, &reply.from),
+            &Topic::All,
+            Choice {
+                subscribed,
+                at: now,
+                cause: format!(
+                    "replied {} to {}",
+                    if subscribed { "START" } else { "STOP" },
+                    reply.to
+                ),
+                source: Some(reply.source.clone()),
+            },
+        );
+        if let Err(e) = chosen {
+            // Not applied: the provider's repeat must apply it.
+            let _ = self
+                .idempotency
+                .release(account, scope, kind, &reply.source, &noted);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The message `reply` answers: an e-mail's, by our Message-ID in its
     /// `In-Reply-To` or `References`; a text's, the latest sent to its
     /// sender from the number it was sent to (or from no number named)
@@ -836,8 +875,8 @@ impl Inbound {
         Ok(None)
     }
 
-    /// Keeps the files an e-mail reply carried as the account's files,
-    /// named `reply-{8 hex of the reply's source}-{file name}`; each one's
+    /// Keeps the files an e-mail reply carried as the account's files
+    /// ([`replies::carried_name`]); each one's
     /// description, or why it was not kept (a name that is not plain, a
     /// size or type the deployment does not keep, the store failing).
     async fn keep_carried(
@@ -845,34 +884,24 @@ impl Inbound {
         account: &AccountKey,
         reply: &replies::Reply,
         carried: &[parse::Carried],
-    ) -> Vec<Value> {
-        let tag = &digest(reply.source.as_bytes())[..8];
+    ) -> Result<Vec<Value>, RecordError> {
+        let tag = &digest(reply.source.as_bytes())[..16];
         let mut kept = Vec::with_capacity(carried.len());
-        for file in carried {
-            let name: String = format!("reply-{tag}-{}", file.file_name)
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
+        for (i, file) in carried.iter().enumerate() {
+            let name = replies::carried_name(tag, i, &file.file_name);
             let outcome = match self.file_policy.check(&name, &file.bytes) {
-                Ok(content_type) => match self
-                    .files
-                    .put(account, &name, content_type, file.bytes.clone())
-                    .await
-                {
-                    Ok(info) => serde_json::to_value(&info).unwrap_or(Value::Null),
-                    Err(e) => json!({"file_name": file.file_name, "refused": e.to_string()}),
-                },
+                Ok(content_type) => {
+                    let info = self
+                        .files
+                        .put(account, &name, content_type, file.bytes.clone())
+                        .await?;
+                    serde_json::to_value(&info).unwrap_or(Value::Null)
+                }
                 Err(e) => json!({"file_name": file.file_name, "refused": e.to_string()}),
             };
             kept.push(outcome);
         }
-        kept
+        Ok(kept)
     }
 
     /// Records what a SendGrid `report` (about `message`, when known) says

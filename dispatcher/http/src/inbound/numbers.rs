@@ -50,14 +50,19 @@ pub enum NumberError {
 }
 
 /// `address` as it is kept: an e-mail address lower-cased, a number in
-/// E.164, a short code (digits, 3 to 8) as it is.
+/// E.164, a short code (digits, 3 to 8) as it is. A number of 9 to 15
+/// digits without its `+` (as SMPP gateways write them) is international.
 pub fn normalize_address(address: &str) -> Result<String, String> {
     let address = address.trim();
     if address.contains('@') {
         return normalize_email(address);
     }
-    if (3..=8).contains(&address.len()) && address.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(address.to_string());
+    if address.bytes().all(|b| b.is_ascii_digit()) {
+        match address.len() {
+            3..=8 => return Ok(address.to_string()),
+            9..=15 => return normalize_msisdn(&format!("+{address}")),
+            _ => {}
+        }
     }
     normalize_msisdn(address).map_err(|e| {
         format!("{e} (an address is an E.164 number, a short code of 3 to 8 digits, or an e-mail address)")
@@ -225,6 +230,8 @@ mod tests {
         // Another transport is another address.
         numbers.add(&other, "smsc", "+27820000001").unwrap();
         numbers.add(&acme, "smsc", "1234").unwrap();
+        // Without its `+`, as SMPP writes it: the same number.
+        assert_eq!(normalize_address("27820000001"), Ok("+27820000001".into()));
         assert!(matches!(
             numbers.add(&acme, "Twilio", "+27820000002"),
             Err(NumberError::Invalid(_))

@@ -70,16 +70,16 @@ pub async fn read(content_type: &str, body: &[u8]) -> Result<Reply, String> {
         .map(String::as_str)
         .unwrap_or_default();
     let message_id = header(headers, "Message-ID");
-    let mut answers: Vec<String> = ["In-Reply-To", "References"]
-        .iter()
-        .filter_map(|h| header(headers, h))
-        .flat_map(|v| {
-            v.split_whitespace()
-                .map(|id| id.trim_matches(['<', '>']).to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    answers.dedup();
+    // What it answers: In-Reply-To, then References newest first.
+    let mut answers = header(headers, "In-Reply-To")
+        .map(|v| message_ids(&v))
+        .unwrap_or_default();
+    let references = header(headers, "References").map(|v| message_ids(&v));
+    for id in references.unwrap_or_default().into_iter().rev() {
+        if !answers.contains(&id) {
+            answers.push(id);
+        }
+    }
     let text = fields.get("text").cloned().unwrap_or_default();
     let source = match &message_id {
         Some(id) => format!("email:{id}"),
@@ -102,6 +102,17 @@ pub async fn read(content_type: &str, body: &[u8]) -> Result<Reply, String> {
             carried,
         }),
     })
+}
+
+/// The Message-IDs in a header's value (`<a@x> <b@y>`, `<a@x><b@y>`),
+/// without their angle brackets, in order.
+fn message_ids(value: &str) -> Vec<String> {
+    value
+        .split('<')
+        .skip(1)
+        .filter_map(|part| part.split_once('>').map(|(id, _)| id.trim().to_string()))
+        .filter(|id| !id.is_empty())
+        .collect()
 }
 
 /// The value of header `name` in a raw header block (folded lines joined).
@@ -140,6 +151,8 @@ mod tests {
             Some("<a@switchboard> <b@switchboard>")
         );
         assert_eq!(header(block, "In-Reply-To"), None);
+        assert_eq!(message_ids("<a@x><b@y> <c@z>"), ["a@x", "b@y", "c@z"]);
+        assert!(message_ids("none").is_empty());
     }
 
     #[tokio::test]

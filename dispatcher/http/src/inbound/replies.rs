@@ -4,9 +4,9 @@
 //! A reply is matched to its account's address ([`super::numbers`]), to
 //! the contact it came from, and to the message it answers: the latest one
 //! sent to its sender from the address it was sent to, within
-//! [`REPLY_WINDOW`]. Its first word is its `keyword`; STOP (and its usual
-//! synonyms) opts the sender out of the account's SMS, START opts it back
-//! in ([`Keyword`]).
+//! [`REPLY_WINDOW`]. Its first word is its `keyword`; a text that is STOP
+//! alone (or a usual synonym) opts the sender out of the account's SMS,
+//! START alone opts it back in ([`Keyword`]).
 
 use serde_json::{Map, Value, json};
 use switchboard_handlers::records::{Channel, Contact, MessageRecord};
@@ -48,6 +48,31 @@ pub struct EmailParts {
     pub carried: Vec<super::parse::Carried>,
 }
 
+/// The name file `index` (sent as `file_name`) of the reply tagged `tag`
+/// is kept by: `reply-{tag}-{index}-{file name}`, each character not
+/// allowed in a file name as `_`, cut to 128 bytes keeping its extension.
+pub fn carried_name(tag: &str, index: usize, file_name: &str) -> String {
+    let clean: String = file_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .replace("..", "_.");
+    let (stem, extension) = match clean.rsplit_once('.') {
+        Some((stem, ext)) if ext.len() <= 10 => (stem.to_string(), format!(".{ext}")),
+        _ => (clean.clone(), String::new()),
+    };
+    let prefix = format!("reply-{tag}-{index}-");
+    let room = 128usize.saturating_sub(prefix.len() + extension.len());
+    let stem: String = stem.chars().take(room).collect();
+    format!("{prefix}{stem}{extension}")
+}
+
 /// The domain of the Message-IDs `send_email` gives its e-mails:
 /// `<{message id}@switchboard>`.
 pub const MESSAGE_ID_DOMAIN: &str = "switchboard";
@@ -60,42 +85,55 @@ pub fn our_message_ids(answers: &[String]) -> Vec<&str> {
         .collect()
 }
 
-/// What a reply's first word asks.
+/// What a reply asks when it is a keyword alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keyword {
     /// Stop sending: STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, OPTOUT.
     Stop,
-    /// Start again: START, UNSTOP, YES.
+    /// Start again: START, UNSTOP.
     Start,
     /// Help: HELP, INFO.
     Help,
 }
 
-/// The reply's keyword, upper-cased: STOP, START or HELP for their
-/// synonyms, else its first word (none for an empty reply); and which of
-/// the three it is.
-pub fn keyword(text: &str) -> (Option<String>, Option<Keyword>) {
-    let Some(first) = text.split_whitespace().next() else {
-        return (None, None);
-    };
-    let word: String = first
-        .trim_matches(|c: char| !c.is_alphanumeric())
-        .to_uppercase();
-    let known = match word.as_str() {
+/// Which keyword `word` (upper-cased) is, if any.
+fn known(word: &str) -> Option<Keyword> {
+    match word {
         "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "OPTOUT" => {
             Some(Keyword::Stop)
         }
-        "START" | "UNSTOP" | "YES" => Some(Keyword::Start),
+        "START" | "UNSTOP" => Some(Keyword::Start),
         "HELP" | "INFO" => Some(Keyword::Help),
         _ => None,
+    }
+}
+
+/// The reply's keyword and what it asks. A reply that is one keyword alone
+/// (any case, punctuation around it aside) is STOP, START or HELP for its
+/// synonyms, and asks it — as carriers read them, "Cancel my appointment"
+/// asks nothing; any other reply's keyword is its first word, upper-cased
+/// (none for an empty reply).
+pub fn keyword(text: &str) -> (Option<String>, Option<Keyword>) {
+    let word = |w: &str| {
+        w.trim_matches(|c: char| !c.is_alphanumeric())
+            .to_uppercase()
     };
-    let shown = match known {
+    let mut words = text.split_whitespace();
+    let Some(first) = words.next().map(word).filter(|w| !w.is_empty()) else {
+        return (None, None);
+    };
+    let asked = if words.next().is_none() {
+        known(&first)
+    } else {
+        None
+    };
+    let shown = match asked {
         Some(Keyword::Stop) => "STOP".to_string(),
         Some(Keyword::Start) => "START".to_string(),
         Some(Keyword::Help) => "HELP".to_string(),
-        None => word,
+        None => first,
     };
-    (Some(shown).filter(|w| !w.is_empty()), known)
+    (Some(shown), asked)
 }
 
 /// Whether `message` is what a reply received at `now` answers: sent
@@ -160,6 +198,33 @@ mod tests {
     }
 
     #[test]
+    fn carried_files_get_plain_unique_names() {
+        use switchboard_handlers::records::files::check_file_name;
+        let tag = "0123456789abcdef";
+        for (i, sent, expected) in [
+            (
+                0,
+                "signed form.pdf",
+                "reply-0123456789abcdef-0-signed_form.pdf",
+            ),
+            (1, "image001.png", "reply-0123456789abcdef-1-image001.png"),
+            (
+                2,
+                "../../etc/passwd",
+                "reply-0123456789abcdef-2-_.__._etc_passwd",
+            ),
+            (3, "naïve..txt", "reply-0123456789abcdef-3-na_ve_.txt"),
+        ] {
+            let name = carried_name(tag, i, sent);
+            assert_eq!(name, expected, "{sent}");
+            assert_eq!(check_file_name(&name), Ok(()), "{name}");
+        }
+        let long = carried_name(tag, 0, &format!("{}.pdf", "x".repeat(300)));
+        assert_eq!(long.len(), 128);
+        assert!(long.ends_with("x.pdf"), "{long}");
+    }
+
+    #[test]
     fn only_our_message_ids_are_taken() {
         let answers =
             ["m-1@switchboard", "abc@mail.example.org", "m-2@switchboard"].map(str::to_string);
@@ -167,16 +232,19 @@ mod tests {
     }
 
     #[test]
-    fn a_replys_first_word_is_its_keyword() {
+    fn a_keyword_alone_asks_it_and_any_reply_has_a_first_word() {
         check("STOP", (Some("STOP"), Some(Keyword::Stop)));
-        check("  stop please", (Some("STOP"), Some(Keyword::Stop)));
-        check("Unsubscribe.", (Some("STOP"), Some(Keyword::Stop)));
+        check("  stop. ", (Some("STOP"), Some(Keyword::Stop)));
+        check("Unsubscribe", (Some("STOP"), Some(Keyword::Stop)));
         check("quit!", (Some("STOP"), Some(Keyword::Stop)));
         check("start", (Some("START"), Some(Keyword::Start)));
-        check("YES", (Some("START"), Some(Keyword::Start)));
-        check("help me", (Some("HELP"), Some(Keyword::Help)));
+        check("help", (Some("HELP"), Some(Keyword::Help)));
+        // Not alone: the first word, asking nothing.
+        check("stop please", (Some("STOP"), None));
+        check("Cancel my appointment", (Some("CANCEL"), None));
+        check("Yes please", (Some("YES"), None));
+        check("YES", (Some("YES"), None));
         check("Thanks, see you", (Some("THANKS"), None));
-        check("stopping by later", (Some("STOPPING"), None));
         check("", (None, None));
         check("!!!", (None, None));
     }
