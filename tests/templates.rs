@@ -251,7 +251,7 @@ config = { email = "{{ event.event_data.email }}", name = "{{ event.event_data.n
 
 [[chains.steps]]
 handler = "send_email"
-config = { template = "signed-up", context = { plan = "{{ event.event_data.plan }}" }, recipients = [
+config = { template = "signed-up", context = { plan = "{{ event.event_data.plan }}" }, attachments = "terms.txt", recipients = [
   "{{ steps.create_contact.key }}",
   { name = "Bob <the builder>", email = "BOB@example.org" },
   { name = "Carol", phone = "+27820000003" },
@@ -259,6 +259,10 @@ config = { template = "signed-up", context = { plan = "{{ event.event_data.plan 
 "#,
     )
     .await;
+    let terms = d.file("terms.txt", "Be excellent to each other.\n");
+    d.cli(&["files", "put", "acme", "terms.txt", terms.to_str().unwrap()])
+        .await
+        .ok();
     let sent = |plan: Value| {
         let d = &d;
         async move {
@@ -308,6 +312,15 @@ config = { template = "signed-up", context = { plan = "{{ event.event_data.plan 
         "{bob:#}"
     );
     assert_eq!(mails.len(), 2, "{mails:#?}");
+    // Each with the file, intact.
+    for mail in [&ada, &bob] {
+        assert_eq!(
+            mail["attachments"],
+            json!([{"filename": "terms.txt", "content_type": "text/plain",
+                    "size": 28, "sha256": "d5ba112a67de435d35ff876d45e68fd67aa33f285e74b4623f2a380374167bba"}]),
+            "{mail:#}"
+        );
+    }
 
     let send = trace["chains"][0]["steps"]
         .as_array()
