@@ -355,7 +355,7 @@ impl Handler for SendEmail {
                         // reply finds the message it answers.
                         (
                             "Message-ID".to_string(),
-                            format!("<{}@switchboard>", record.id),
+                            format!("<{}@{}>", record.id, sender_domain(&from)),
                         ),
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
@@ -436,6 +436,16 @@ impl Handler for SendEmail {
         let output = email_output(sent, &prepared.provider, prepared.template.as_ref());
         Ok(scheduled::simulated(output, prepared.scheduled_at))
     }
+}
+
+/// The domain of `from` (`Name <a@example.org>` or `a@example.org`), for
+/// the Message-IDs of what it sends: a fully qualified one, as spam filters
+/// want (`switchboard.invalid` when it has none).
+fn sender_domain(from: &str) -> &str {
+    from.rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('>').trim())
+        .filter(|d| !d.is_empty())
+        .unwrap_or("switchboard.invalid")
 }
 
 /// What a `send_email` step sends, from its rendered config.

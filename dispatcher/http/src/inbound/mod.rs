@@ -429,10 +429,11 @@ impl Inbound {
         let records = match provider {
             // Inbound Parse: an e-mail sent to one of the account's addresses.
             Provider::Sendgrid if content_type.starts_with("multipart/form-data") => {
-                let raw = json!({"content_type": content_type, "bytes": body.len()});
                 match parse::read(content_type, body).await {
-                    Ok(reply) => vec![(raw, Parsed::Reply(reply))],
-                    Err(reason) => vec![(raw, Parsed::unusable(InboundResult::Malformed, reason))],
+                    (kept, Ok(reply)) => vec![(kept, Parsed::Reply(reply))],
+                    (kept, Err(reason)) => {
+                        vec![(kept, Parsed::unusable(InboundResult::Malformed, reason))]
+                    }
                 }
             }
             Provider::Sendgrid => sendgrid::parse(body),

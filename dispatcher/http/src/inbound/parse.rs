@@ -22,8 +22,20 @@ pub struct Carried {
     pub bytes: Vec<u8>,
 }
 
-/// Reads an Inbound Parse post: the reply it is, or why it cannot be read.
-pub async fn read(content_type: &str, body: &[u8]) -> Result<Reply, String> {
+/// Reads an Inbound Parse post: what it holds, as kept when it matches
+/// nothing (its fields, the text cut to 64 KiB, and its files' names and
+/// sizes), and the reply it is or why it cannot be one.
+pub async fn read(content_type: &str, body: &[u8]) -> (Value, Result<Reply, String>) {
+    let mut summary = serde_json::json!({"content_type": content_type, "bytes": body.len()});
+    let reply = read_fields(content_type, body, &mut summary).await;
+    (summary, reply)
+}
+
+async fn read_fields(
+    content_type: &str,
+    body: &[u8],
+    summary: &mut Value,
+) -> Result<Reply, String> {
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| format!("the body is not multipart/form-data: {e}"))?;
     let body = body.to_vec();
@@ -54,6 +66,14 @@ pub async fn read(content_type: &str, body: &[u8]) -> Result<Reply, String> {
             }
         }
     }
+    for (name, value) in &fields {
+        let kept: String = value.chars().take(64 * 1024).collect();
+        summary[name.as_str()] = Value::String(kept);
+    }
+    summary["files"] = carried
+        .iter()
+        .map(|c| serde_json::json!({"file_name": c.file_name, "size": c.bytes.len()}))
+        .collect();
     let envelope: Value = fields
         .get("envelope")
         .and_then(|e| serde_json::from_str(e).ok())
@@ -157,14 +177,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_is_not_multipart_is_refused_with_the_reason() {
-        let e = read("application/json", b"[]").await.unwrap_err();
+        let e = read("application/json", b"[]").await.1.unwrap_err();
         assert!(e.contains("not multipart/form-data"), "{e}");
-        let e = read(
+        let (kept, e) = read(
             "multipart/form-data; boundary=x",
             b"--x\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nhi\r\n--x--\r\n",
         )
-        .await
-        .unwrap_err();
-        assert!(e.contains("no `envelope`"), "{e}");
+        .await;
+        assert!(e.unwrap_err().contains("no `envelope`"));
+        // What it held is kept with it.
+        assert_eq!(kept["text"], "hi", "{kept}");
     }
 }

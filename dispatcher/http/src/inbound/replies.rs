@@ -73,15 +73,14 @@ pub fn carried_name(tag: &str, index: usize, file_name: &str) -> String {
     format!("{prefix}{stem}{extension}")
 }
 
-/// The domain of the Message-IDs `send_email` gives its e-mails:
-/// `<{message id}@switchboard>`.
-pub const MESSAGE_ID_DOMAIN: &str = "switchboard";
-
-/// The message ids of ours among the Message-IDs `answers`, in order.
+/// The message ids of ours the Message-IDs `answers` may hold, in order:
+/// `send_email` gives each e-mail `<{message id}@{the sender's domain}>`,
+/// and message ids are UUIDs.
 pub fn our_message_ids(answers: &[String]) -> Vec<&str> {
     answers
         .iter()
-        .filter_map(|id| id.strip_suffix(&format!("@{MESSAGE_ID_DOMAIN}")))
+        .filter_map(|id| id.split_once('@').map(|(local, _)| local))
+        .filter(|local| uuid::Uuid::parse_str(local).is_ok())
         .collect()
 }
 
@@ -226,9 +225,13 @@ mod tests {
 
     #[test]
     fn only_our_message_ids_are_taken() {
-        let answers =
-            ["m-1@switchboard", "abc@mail.example.org", "m-2@switchboard"].map(str::to_string);
-        assert_eq!(our_message_ids(&answers), ["m-1", "m-2"]);
+        let ours = "0192f1c0-7b1c-7cc3-9a55-000000000001";
+        let answers = [
+            format!("{ours}@acme.example"),
+            "abc@mail.example.org".to_string(),
+            "not-an-id@acme.example".to_string(),
+        ];
+        assert_eq!(our_message_ids(&answers), [ours]);
     }
 
     #[test]
