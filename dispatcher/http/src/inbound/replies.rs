@@ -9,8 +9,12 @@
 //! START alone opts it back in ([`Keyword`]).
 
 use serde_json::{Map, Value, json};
-use switchboard_handlers::records::{Channel, Contact, MessageRecord};
+use switchboard_engine::metrics::InboundResult;
+use switchboard_handlers::records::{Channel, Choice, Contact, MessageRecord, RecordError, Topic};
+use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
 use time::OffsetDateTime;
+
+use super::{Inbound, InboundError, RecordResult, digest, numbers, parse};
 
 /// How long after a message was sent a reply is taken to answer it.
 pub const REPLY_WINDOW: time::Duration = time::Duration::days(7);
@@ -185,6 +189,264 @@ pub fn event_data(
         }),
     );
     data
+}
+
+/// Taking replies: what [`Inbound`] does with one.
+impl Inbound {
+    /// Takes a reply to one of the account's addresses: matched to its
+    /// contact and the message it answers, STOP and START applied to the
+    /// sender's preferences, and published as a `message_response` event.
+    /// `Err` (the reason) when the address it was sent to is not the
+    /// account's: it is kept as unmatched.
+    pub(super) async fn reply(
+        &self,
+        account: &AccountKey,
+        provider: &str,
+        reply: &Reply,
+    ) -> Result<Result<RecordResult, String>, InboundError> {
+        let owner = self.numbers.owner(&reply.transport, &reply.to)?;
+        if owner.as_ref().is_none_or(|n| n.account_key != *account) {
+            return Ok(Err(format!(
+                "a reply to {} on {}, which is not one of account {account}'s addresses \
+                 (`switchboard numbers add {account} {} {}`)",
+                reply.to, reply.transport, reply.transport, reply.to
+            )));
+        }
+        let now = switchboard_sdk::now();
+        let contact = self.contacts.find(account, &reply.from)?;
+        let message = self.answered(account, reply, now)?;
+        let files = match &reply.email {
+            Some(email) => self.keep_carried(account, reply, &email.carried).await?,
+            None => Vec::new(),
+        };
+        // Texts only: an e-mail's first word is no carrier keyword.
+        if let (Channel::Sms, (_, Some(keyword @ (Keyword::Stop | Keyword::Start)))) =
+            (reply.channel, keyword(&reply.text))
+        {
+            self.apply_keyword(account, reply, keyword == Keyword::Start, now)?;
+        }
+        let data = event_data(reply, (contact.as_ref(), message.as_ref()), files, now);
+        // `sms-27820000001`, `email-ann_example.org`: a conversation per sender.
+        let conversation: String = format!(
+            "{}-{}",
+            reply.channel.as_str(),
+            reply.from.trim_start_matches('+')
+        )
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+        let event = self.event(
+            account,
+            provider,
+            &reply.source,
+            ConversationKey::new(conversation)
+                .unwrap_or_else(|_| ConversationKey::new("reply").expect("a valid key")),
+            ConversationType::new(reply.channel.as_str()).expect("a valid type"),
+            EventType::new("message_response").expect("a valid event type"),
+            data,
+            None,
+        );
+        self.bus.publish(&event).await?;
+        tracing::info!(%account, provider, event_id = %event.id,
+            answers = message.as_ref().map(|m| m.id.as_str()), "reply published");
+        Ok(Ok(RecordResult {
+            result: InboundResult::Matched.label().to_string(),
+            message_id: message.map(|m| m.id),
+            status: None,
+            transition: None,
+            event_id: Some(event.id.to_string()),
+            unmatched_id: None,
+            reason: None,
+        }))
+    }
+
+    /// Takes a Vumi inbound message a transport worker published on
+    /// `{prefix}.inbound.{transport}`: a reply of the account that owns its
+    /// `to_addr` on `transport`. `Ok` when it is done with (published, or
+    /// unusable: logged and counted, and kept a week in the stream);
+    /// `Err` when it should come again (the store or the bus failed).
+    pub async fn vumi(&self, transport: &str, payload: &[u8]) -> Result<(), InboundError> {
+        let unusable = |why: String| {
+            self.metrics.inbound(
+                "vumi",
+                switchboard_engine::dead_letters::UNKNOWN_ACCOUNT,
+                InboundResult::Malformed,
+            );
+            tracing::warn!(transport, reason = %why, "a Vumi inbound message cannot be used: it stays in the stream for a week");
+            Ok(())
+        };
+        let Ok(message) = serde_json::from_slice::<Value>(payload) else {
+            return unusable("it is not JSON".into());
+        };
+        let field = |k: &str| message.get(k).and_then(Value::as_str).unwrap_or_default();
+        if field("message_type") != "user_message" {
+            return unusable(format!(
+                "message_type {:?} is not user_message",
+                field("message_type")
+            ));
+        }
+        let (from, to) = match (
+            numbers::normalize_address(field("from_addr")),
+            numbers::normalize_address(field("to_addr")),
+        ) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(e), _) => return unusable(format!("from_addr: {e}")),
+            (_, Err(e)) => return unusable(format!("to_addr: {e}")),
+        };
+        let id = field("message_id");
+        if id.is_empty() {
+            return unusable("it has no message_id".into());
+        }
+        let Some(owner) = self.numbers.owner(transport, &to)? else {
+            self.metrics.inbound(
+                "vumi",
+                switchboard_engine::dead_letters::UNKNOWN_ACCOUNT,
+                InboundResult::UnknownAddress,
+            );
+            tracing::warn!(
+                transport,
+                to,
+                "a reply to an address no account owns (`switchboard numbers add ACCOUNT {transport} {to}`): it stays in the stream for a week"
+            );
+            return Ok(());
+        };
+        let reply = Reply {
+            channel: Channel::Sms,
+            transport: transport.to_string(),
+            from,
+            to,
+            text: field("content").to_string(),
+            source: format!("vumi:{transport}:{id}"),
+            remote_id: id.to_string(),
+            email: None,
+        };
+        let account = owner.account_key;
+        match self.reply(&account, "vumi", &reply).await? {
+            Ok(_) => {
+                self.metrics
+                    .inbound("vumi", account.as_str(), InboundResult::Matched);
+            }
+            Err(reason) => {
+                tracing::warn!(%account, transport, %reason, "a Vumi reply matched no address");
+            }
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// Opts the sender of `reply` (a STOP or START alone) out of or back in
+    /// to the account's texts — once per reply: a provider's repeat of it
+    /// (a retry, a redelivery) finds it noted and changes nothing, so a
+    /// STOP repeated after a later START does not undo the START.
+    fn apply_keyword(
+        &self,
+        account: &AccountKey,
+        reply: &Reply,
+        subscribed: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), RecordError> {
+        let noted = uuid::Uuid::new_v4().to_string();
+        let window = REPLY_WINDOW.unsigned_abs();
+        let (scope, kind) = ("~replies", reply.channel.as_str());
+        if !self
+            .idempotency
+            .claim(account, scope, kind, &reply.source, window, &noted)?
+        {
+            tracing::info!(%account, source = reply.source, "a repeated reply: its keyword was applied before");
+            return Ok(());
+        }
+        let chosen = self.preferences.choose(
+            account,
+            (reply.channel, &reply.from),
+            &Topic::All,
+            Choice {
+                subscribed,
+                at: now,
+                cause: format!(
+                    "replied {} to {}",
+                    if subscribed { "START" } else { "STOP" },
+                    reply.to
+                ),
+                source: Some(reply.source.clone()),
+            },
+        );
+        if let Err(e) = chosen {
+            // Not applied: the provider's repeat must apply it.
+            let _ = self
+                .idempotency
+                .release(account, scope, kind, &reply.source, &noted);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The message `reply` answers: an e-mail's, by our Message-ID in its
+    /// `In-Reply-To` or `References`; a text's, the latest sent to its
+    /// sender from the number it was sent to (or from no number named)
+    /// within [`REPLY_WINDOW`].
+    fn answered(
+        &self,
+        account: &AccountKey,
+        reply: &Reply,
+        now: OffsetDateTime,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        if let Some(email) = &reply.email {
+            for id in our_message_ids(&email.answers) {
+                if let Some(m) = self.messages.get(account, id)?
+                    && m.channel == Channel::Email
+                {
+                    return Ok(Some(m));
+                }
+            }
+            return Ok(None);
+        }
+        for sender in [Some(reply.to.as_str()), None] {
+            if let Some(m) =
+                self.messages
+                    .latest_sent(account, reply.channel, &reply.from, sender)?
+                && answers(&m, now)
+            {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keeps the files an e-mail reply carried as the account's files
+    /// ([`carried_name`]); each one's
+    /// description, or why it was not kept (a name that is not plain, a
+    /// size or type the deployment does not keep, the store failing).
+    async fn keep_carried(
+        &self,
+        account: &AccountKey,
+        reply: &Reply,
+        carried: &[parse::Carried],
+    ) -> Result<Vec<Value>, RecordError> {
+        let tag = &digest(reply.source.as_bytes())[..16];
+        let mut kept = Vec::with_capacity(carried.len());
+        for (i, file) in carried.iter().enumerate() {
+            let name = carried_name(tag, i, &file.file_name);
+            let outcome = match self.file_policy.check(&name, &file.bytes) {
+                Ok(content_type) => {
+                    let info = self
+                        .files
+                        .put(account, &name, content_type, file.bytes.clone())
+                        .await?;
+                    serde_json::to_value(&info).unwrap_or(Value::Null)
+                }
+                Err(e) => json!({"file_name": file.file_name, "refused": e.to_string()}),
+            };
+            kept.push(outcome);
+        }
+        Ok(kept)
+    }
 }
 
 #[cfg(test)]
