@@ -108,6 +108,9 @@ enum Command {
     /// provider reports that matched none.
     #[command(subcommand)]
     Messages(MessagesCommand),
+    /// Look at the in-app notifications `notify` steps leave for a person.
+    #[command(subcommand)]
+    Inbox(InboxCommand),
     /// Manage the files an account attaches to its e-mails (`send_email`'s
     /// `attachments`).
     #[command(subcommand)]
@@ -153,6 +156,22 @@ enum TokensCommand {
         account: String,
         /// The token's id (from `tokens list`).
         id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InboxCommand {
+    /// List a receiver's notifications, newest first, with the unread count.
+    List {
+        /// The account.
+        account: String,
+        /// The receiver (a contact's key, or the account's own id for the person).
+        receiver: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
         #[command(flatten)]
         remote: Remote,
     },
@@ -1043,6 +1062,14 @@ async fn main() -> ExitCode {
                 limit,
                 remote,
             } => cli::messages_unmatched(&remote.client(), &account, limit, remote.json).await,
+        }),
+        Command::Inbox(c) => print(match c {
+            InboxCommand::List {
+                account,
+                receiver,
+                limit,
+                remote,
+            } => cli::inbox_list(&remote.client(), &account, &receiver, limit, remote.json).await,
         }),
         Command::Files(c) => print(match c {
             FilesCommand::Put {

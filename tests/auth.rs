@@ -227,6 +227,8 @@ fn matrix() -> Vec<Row> {
         row("PUT", "/v1/accounts/{account}/preferences/{contact}",
             |f| format!("/v1/accounts/{}/preferences/{}", f.account, f.contact_key),
             |_| Some(r#"{"channel": "sms", "subscribed": true}"#.into()), 200, 200),
+        row("GET", "/v1/accounts/{account}/inbox/{receiver}",
+            |f| format!("/v1/accounts/{}/inbox/{}", f.account, f.contact_key), none, 200, 200),
         row("GET", "/v1/accounts/{account}/files",
             |f| format!("/v1/accounts/{}/files", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/files/{name}",

@@ -838,6 +838,7 @@ async fn the_catalog_and_chains_apply_agree() {
             "digest",
             "emit",
             "log",
+            "notify",
             "payment_webhook",
             "send_email",
             "send_sms",
@@ -895,6 +896,13 @@ async fn the_catalog_and_chains_apply_agree() {
             true,
         ),
         ("create_contact", json!({"name": "Thandi"}), false),
+        ("notify", json!({"to": "ann", "body": "hi"}), true),
+        ("notify", json!({"body": "hi"}), false),
+        (
+            "notify",
+            json!({"to": "ann", "content_type": "video", "body": "hi"}),
+            false,
+        ),
         (
             "create_contact",
             json!({"msisdn": "+27820000001", "fields": [1]}),

@@ -21,6 +21,7 @@ mod first_hour;
 mod flow;
 mod handlers;
 mod inbound;
+mod inbox;
 mod matching;
 mod metrics;
 mod otel;

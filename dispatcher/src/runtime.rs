@@ -414,6 +414,7 @@ impl Engine {
                 unsubscribe: Some(unsubscribe.clone()),
                 message_body_cap: config.messages.max_body_bytes,
                 files: files.clone(),
+                inbox: records.inbox.clone(),
             })
             .with_scripts(scripts),
         );
@@ -492,6 +493,7 @@ impl Engine {
             messages: self.records.messages.clone(),
             secrets: self.records.secrets.clone(),
             preferences: self.records.preferences.clone(),
+            inbox: self.records.inbox.clone(),
             unsubscribe: self.unsubscribe.clone(),
             files: self.files.clone(),
             file_policy: config.files.clone(),

@@ -29,6 +29,7 @@ pub mod delay;
 pub mod digest;
 pub mod email;
 pub mod message_template;
+pub mod notify;
 pub mod options;
 pub mod ports;
 pub mod records;
@@ -81,6 +82,8 @@ pub struct Services {
     pub message_body_cap: usize,
     /// The files `send_email` attaches.
     pub files: Arc<dyn records::Files>,
+    /// The in-app inboxes `notify` leaves notifications in.
+    pub inbox: Arc<dyn records::Inbox>,
 }
 
 /// Everything a handler sees of one step run.
@@ -451,6 +454,7 @@ impl Registry {
             body_cap: services.message_body_cap,
         };
         r.register(Arc::new(contact::CreateContact::new(services.contacts)));
+        r.register(Arc::new(notify::Notify::new(services.inbox)));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,
             services.http.clone(),

@@ -144,11 +144,16 @@ pub enum Collection {
     Files,
     /// Their bytes: `{account}\0{name}` → the bytes.
     FileData,
+    /// In-app notifications:
+    /// `{account}\0{receiver}\0{created:BE u64 µs}\0{id}` → the notification.
+    Inbox,
+    /// Notifications by id: `{account}\0{id}` → its key in `Inbox`.
+    InboxIds,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 42] = [
+    pub const ALL: [Collection; 44] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -191,6 +196,8 @@ impl Collection {
         Collection::LatestSent,
         Collection::Files,
         Collection::FileData,
+        Collection::Inbox,
+        Collection::InboxIds,
     ];
 
     /// The collection's name on disk.
@@ -238,6 +245,8 @@ impl Collection {
             Collection::LatestSent => "latest_sent",
             Collection::Files => "files",
             Collection::FileData => "file_data",
+            Collection::Inbox => "inbox",
+            Collection::InboxIds => "inbox_ids",
         }
     }
 
@@ -277,6 +286,8 @@ impl Collection {
                 | Collection::Flow
                 | Collection::Preferences
                 | Collection::LatestSent
+                | Collection::Inbox
+                | Collection::InboxIds
         )
     }
 

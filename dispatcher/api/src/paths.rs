@@ -217,6 +217,11 @@ pub fn inbound_hook(account: &str, provider: &str) -> String {
     account_path(account, &format!("inbound/{}", segment(provider)))
 }
 
+/// `GET` a receiver's in-app notifications.
+pub fn inbox(account: &str, receiver: &str) -> String {
+    account_path(account, &format!("inbox/{}", segment(receiver)))
+}
+
 /// `GET` an account's files.
 pub fn files(account: &str) -> String {
     account_path(account, "files")
@@ -341,6 +346,7 @@ pub fn samples() -> Vec<String> {
         unsubscribe(a, "payload.mac"),
         numbers(a),
         files(a),
+        inbox(a, "ann"),
         file(a, "invoice.pdf"),
         number(a, "twilio", "+27820000001"),
         secrets(a),

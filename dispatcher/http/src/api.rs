@@ -97,6 +97,8 @@ pub struct ApiState {
     pub secrets: Arc<dyn Secrets>,
     /// Preferences of every account.
     pub preferences: Arc<dyn switchboard_handlers::records::Preferences>,
+    /// In-app inboxes of every account.
+    pub inbox: Arc<dyn switchboard_handlers::records::Inbox>,
     /// The one-click unsubscribe links.
     pub unsubscribe: Arc<crate::unsubscribe::OneClick>,
     /// The files accounts keep.
@@ -194,6 +196,7 @@ routes! {
     "/v1/accounts/{account}/inbound/{provider}" => {
         GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound
     }
+    "/v1/accounts/{account}/inbox/{receiver}" => { GET: show_inbox }
     "/v1/accounts/{account}/files" => { GET: list_files }
     "/v1/accounts/{account}/files/{name}" => {
         GET: get_file, PUT: put_file, DELETE: remove_file

@@ -37,11 +37,13 @@ use switchboard_sdk::{
 use crate::client::{Client, ClientError};
 
 mod files;
+mod inbox;
 mod numbers;
 mod preferences;
 mod templates;
 mod timers;
 pub use files::*;
+pub use inbox::*;
 pub use numbers::*;
 pub use preferences::*;
 pub use templates::*;

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use switchboard_handlers::records::{
-    Contacts, IdempotencyKeys, Messages, Preferences, RecordError, Records, Secrets, SourceRecords,
+    Contacts, IdempotencyKeys, Inbox, Messages, Preferences, RecordError, Records, Secrets,
+    SourceRecords,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
@@ -16,6 +17,7 @@ use switchboard_store::{Collection, Store, StoreError, key};
 mod contacts;
 mod files;
 mod idempotency;
+mod inbox;
 mod messages;
 mod preferences;
 mod secrets;
@@ -25,6 +27,7 @@ mod sources;
 pub use contacts::StoredContacts;
 pub use files::StoredFiles;
 pub use idempotency::StoredIdempotencyKeys;
+pub use inbox::StoredInbox;
 pub use messages::StoredMessages;
 pub use preferences::StoredPreferences;
 pub use secrets::StoredSecrets;
@@ -41,6 +44,8 @@ pub struct RecordPorts {
     pub messages: Arc<dyn Messages>,
     /// Preferences.
     pub preferences: Arc<dyn Preferences>,
+    /// In-app notifications.
+    pub inbox: Arc<dyn Inbox>,
     /// Account secrets.
     pub secrets: Arc<dyn Secrets>,
     /// Step idempotency keys.
@@ -58,6 +63,7 @@ impl RecordPorts {
             contacts: Arc::new(StoredContacts::new(store.clone())),
             messages: Arc::new(StoredMessages::new(store.clone())),
             preferences: Arc::new(StoredPreferences::new(store.clone())),
+            inbox: Arc::new(StoredInbox::new(store.clone())),
             secrets: Arc::new(StoredSecrets::new(store.clone())),
             idempotency: Arc::new(StoredIdempotencyKeys::new(store.clone())),
             scripts: Arc::new(StoredSources::scripts(store.clone())),

@@ -16,6 +16,7 @@ use switchboard_sdk::AccountKey;
 pub mod contacts;
 pub mod files;
 pub mod idempotency;
+pub mod inbox;
 pub mod messages;
 pub mod preferences;
 pub mod secrets;
@@ -27,6 +28,7 @@ pub(crate) mod test_util;
 pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
 pub use files::{FileInfo, FilePolicy, FileRefused, Files};
 pub use idempotency::IdempotencyKeys;
+pub use inbox::{Content, Inbox, InboxCount, Notification};
 pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
 pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;
@@ -51,6 +53,8 @@ pub enum Records {
     Preferences,
     /// [`Files`].
     Files,
+    /// [`Inbox`].
+    Inbox,
 }
 
 impl fmt::Display for Records {
@@ -64,6 +68,7 @@ impl fmt::Display for Records {
             Records::Templates => "message templates",
             Records::Preferences => "preferences",
             Records::Files => "files",
+            Records::Inbox => "inbox",
         })
     }
 }

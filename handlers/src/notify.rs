@@ -1,0 +1,209 @@
+//! `notify`: leaves a notification in a person's in-app inbox
+//! ([`crate::records::inbox`]).
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use switchboard_rules::FieldProblem;
+
+use crate::options::{OptionSpec, Options, rendered_string};
+use crate::records::Inbox;
+use crate::records::inbox::{
+    CONTENT_TYPES, Notification, check_action_url, check_receiver, content_of,
+};
+use crate::template::is_template;
+use crate::{Handler, StepError, StepInput, StepOutput};
+
+/// The category of a notification whose step names none.
+const DEFAULT_CATEGORY: &str = "basic";
+
+/// `notify`.
+///
+/// Options: `to` (the receiver: a contact's key, or the account's own id
+/// for that person), `content_type` (`text`, `markdown` or `url_action`)
+/// and its fields (`body`; `title`, `url`, `action_label` for an action),
+/// `category`, `sender`. Output: the notification.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    inbox: Arc<dyn Inbox>,
+}
+
+impl Notify {
+    /// The handler over the inboxes.
+    pub(crate) fn new(inbox: Arc<dyn Inbox>) -> Self {
+        Self { inbox }
+    }
+
+    /// The notification a step's config makes, not yet stored.
+    fn notification(&self, input: &StepInput<'_>) -> Result<Notification, StepError> {
+        let config = input.render_config()?;
+        let receiver = rendered_string(&config, "to")?
+            .ok_or_else(|| StepError::permanent("config.to: required option is missing"))?;
+        check_receiver(&receiver).map_err(|e| StepError::permanent(format!("config.to: {e}")))?;
+        let content = content_of(&config).map_err(StepError::permanent)?;
+        let category = rendered_string(&config, "category")?
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
+        Ok(Notification {
+            id: input.child_id(0).to_string(),
+            account_key: input.event.account_key.clone(),
+            receiver,
+            category,
+            sender: rendered_string(&config, "sender")?.filter(|s| !s.is_empty()),
+            content,
+            event_id: input.event.id.to_string(),
+            created_at: switchboard_sdk::now(),
+            read_at: None,
+            archived_at: None,
+        })
+    }
+}
+
+fn output(notification: &Notification) -> StepOutput {
+    let mut out = Map::new();
+    out.insert("notification_id".into(), json!(notification.id));
+    out.insert("receiver".into(), json!(notification.receiver));
+    out.insert("category".into(), json!(notification.category));
+    out.insert(
+        "content".into(),
+        serde_json::to_value(&notification.content).unwrap_or(Value::Null),
+    );
+    StepOutput::next(out)
+}
+
+#[async_trait::async_trait]
+impl Handler for Notify {
+    fn name(&self) -> &'static str {
+        "notify"
+    }
+
+    fn effects(&self) -> crate::Effects {
+        crate::Effects::Local
+    }
+
+    fn description(&self) -> &'static str {
+        "Leaves a notification in a person's in-app inbox: text, Markdown (rendered and \
+         sanitised) or an action with a link; a step run again does not leave it twice."
+    }
+
+    fn output(&self) -> &'static str {
+        "`notification_id`, `receiver`, `category` and `content` (with `html` for Markdown)"
+    }
+
+    fn options(&self) -> Options {
+        Options::of(vec![
+            OptionSpec::text(
+                "to",
+                "Whom it is for: a contact's key, or the account's own id for that person.",
+            )
+            .required()
+            .literal(check_receiver),
+            OptionSpec::text("content_type", "What it is: text, markdown or url_action.")
+                .default("text")
+                .choices(CONTENT_TYPES),
+            OptionSpec::text(
+                "body",
+                "Its text (Markdown for markdown: rendered, raw HTML and javascript: links removed).",
+            ),
+            OptionSpec::text("title", "url_action: its title."),
+            OptionSpec::text("url", "url_action: where it leads (http or https).")
+                .literal(check_action_url),
+            OptionSpec::text("action_label", "url_action: the button's label."),
+            OptionSpec::text(
+                "category",
+                "Its category (default basic): inboxes filter by it.",
+            ),
+            OptionSpec::text("sender", "Who it is from, as shown."),
+        ])
+    }
+
+    /// A content whose fields are all literals is checked when the chain
+    /// is stored; one with templates, when the step runs.
+    fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        let literal = |v: &Value| v.as_str().is_some_and(|s| !is_template(s));
+        let fields = ["content_type", "body", "title", "url", "action_label"];
+        if !fields.iter().filter_map(|f| config.get(*f)).all(literal) {
+            return Vec::new();
+        }
+        match content_of(config) {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                let (field, message) = e.split_once(": ").unwrap_or(("config", e.as_str()));
+                vec![FieldProblem::new(field, message)]
+            }
+        }
+    }
+
+    async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        let notification = self.notification(input)?;
+        let stored = self
+            .inbox
+            .deliver(notification)
+            .map_err(|e| StepError::retryable(format!("storing the notification: {e}"), None))?;
+        Ok(output(&stored))
+    }
+
+    async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
+        Ok(output(&self.notification(input)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_content_is_checked_when_the_chain_is_stored() {
+        #[derive(Debug)]
+        struct NoInbox;
+        impl Inbox for NoInbox {
+            fn deliver(
+                &self,
+                n: Notification,
+            ) -> Result<Notification, crate::records::RecordError> {
+                Ok(n)
+            }
+            fn list(
+                &self,
+                _: &switchboard_sdk::AccountKey,
+                _: &str,
+                _: usize,
+            ) -> Result<Vec<Notification>, crate::records::RecordError> {
+                Ok(Vec::new())
+            }
+            fn count(
+                &self,
+                _: &switchboard_sdk::AccountKey,
+                _: &str,
+            ) -> Result<crate::records::InboxCount, crate::records::RecordError> {
+                Ok(crate::records::InboxCount {
+                    unread: 0,
+                    total: 0,
+                })
+            }
+        }
+        let notify = Notify::new(Arc::new(NoInbox));
+        let check = |config: Value| {
+            notify
+                .check_config(config.as_object().unwrap())
+                .into_iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect::<Vec<_>>()
+        };
+        assert!(check(json!({"to": "ann", "body": "hi"})).is_empty());
+        let problems = check(
+            json!({"to": "ann", "content_type": "url_action", "title": "t",
+            "body": "b", "url": "javascript:alert(1)", "action_label": "go"}),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("config.url: "), "{problems:?}");
+        // Templated: checked when it runs.
+        assert!(
+            check(
+                json!({"to": "ann", "content_type": "url_action", "title": "t", "body": "b",
+                "url": "{{ event.event_data.url }}", "action_label": "go"})
+            )
+            .is_empty()
+        );
+    }
+}

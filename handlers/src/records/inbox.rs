@@ -1,0 +1,288 @@
+//! The in-app inbox: notifications a chain's `notify` step leaves for a
+//! person (a receiver: a contact's key, or the account's own id for that
+//! person), each with its content — plain text, Markdown (kept with its
+//! HTML, rendered and sanitised here), or an action with a link — a
+//! category, and its read and archived state.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_sdk::AccountKey;
+use time::OffsetDateTime;
+
+use super::RecordError;
+
+/// The largest body or title, in bytes.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+/// What a notification says, by its `content_type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "content_type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Content {
+    /// Plain text.
+    Text {
+        /// The text.
+        body: String,
+    },
+    /// Markdown (CommonMark), with the HTML it renders to, sanitised: no
+    /// raw HTML, no scripts, no `javascript:` links.
+    Markdown {
+        /// The Markdown as given.
+        body: String,
+        /// Its HTML, safe to put in a page.
+        html: String,
+    },
+    /// A call to act: a title, a text and a link (http or https).
+    UrlAction {
+        /// The title.
+        title: String,
+        /// The text.
+        body: String,
+        /// Where the action goes.
+        url: String,
+        /// The button's label.
+        action_label: String,
+    },
+}
+
+/// The content types, as `content_type` names them.
+pub const CONTENT_TYPES: [&str; 3] = ["text", "markdown", "url_action"];
+
+/// The content a `notify` step's (rendered) config gives: `content_type`
+/// (`text` by default) and its fields. A missing or bad field is an error
+/// naming it.
+pub fn content_of(config: &Map<String, Value>) -> Result<Content, String> {
+    let field = |name: &str| -> Result<String, String> {
+        match config.get(name) {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                if s.len() > MAX_TEXT_BYTES {
+                    Err(format!(
+                        "config.{name}: {} bytes, over the {MAX_TEXT_BYTES} a notification takes",
+                        s.len()
+                    ))
+                } else {
+                    Ok(s.clone())
+                }
+            }
+            Some(Value::String(_)) | None => {
+                Err(format!("config.{name}: required for this content_type"))
+            }
+            Some(other) => Err(format!("config.{name}: must be text, not {other}")),
+        }
+    };
+    let content_type = match config.get("content_type") {
+        None => "text",
+        Some(Value::String(t)) => t.as_str(),
+        Some(other) => return Err(format!("config.content_type: must be text, not {other}")),
+    };
+    match content_type {
+        "text" => Ok(Content::Text {
+            body: field("body")?,
+        }),
+        "markdown" => {
+            let body = field("body")?;
+            let html = markdown_html(&body);
+            Ok(Content::Markdown { body, html })
+        }
+        "url_action" => {
+            let url = field("url")?;
+            check_action_url(&url).map_err(|e| format!("config.url: {e}"))?;
+            Ok(Content::UrlAction {
+                title: field("title")?,
+                body: field("body")?,
+                url,
+                action_label: field("action_label")?,
+            })
+        }
+        other => Err(format!(
+            "config.content_type: {other:?} is not one of {}",
+            CONTENT_TYPES.join(", ")
+        )),
+    }
+}
+
+/// An action's link: an absolute http or https URL.
+pub fn check_action_url(url: &str) -> Result<(), String> {
+    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("http" | "https") if url.contains("://") && url.len() > "https://".len() => Ok(()),
+        _ => Err(format!(
+            "{url:?} is not an http or https link (javascript:, data: and other schemes are refused)"
+        )),
+    }
+}
+
+/// Markdown as sanitised HTML: CommonMark rendered without the raw HTML it
+/// holds, then cleaned by an allow-list sanitiser all the same (no
+/// `script`, no event attributes, links only to http, https and mailto).
+pub fn markdown_html(markdown: &str) -> String {
+    use pulldown_cmark::Event;
+    // Raw HTML in the Markdown is dropped, not passed through.
+    let parser = pulldown_cmark::Parser::new_ext(markdown, pulldown_cmark::Options::empty())
+        .filter(|event| !matches!(event, Event::Html(_) | Event::InlineHtml(_)));
+    let mut html = String::new();
+    pulldown_cmark::html::push_html(&mut html, parser);
+    ammonia::Builder::default()
+        .url_schemes(["http", "https", "mailto"].into())
+        .link_rel(Some("noopener noreferrer"))
+        .clean(&html)
+        .to_string()
+}
+
+/// Receivers: `^[A-Za-z0-9_.:@+-]{1,128}$` (a contact's key, an e-mail,
+/// the account's own user id).
+pub fn check_receiver(receiver: &str) -> Result<(), String> {
+    if !receiver.is_empty()
+        && receiver.len() <= 128
+        && receiver.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'+' | b'-')
+        })
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{receiver:?} is not a receiver: use 1 to 128 of A-Z a-z 0-9 _ . : @ + -"
+        ))
+    }
+}
+
+/// One notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Its id (stable for the event, chain and step: a re-run step finds it).
+    pub id: String,
+    /// The account.
+    pub account_key: AccountKey,
+    /// Whom it is for.
+    pub receiver: String,
+    /// Its category (`basic` unless the step says).
+    pub category: String,
+    /// Who it is from, when the step says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// What it says.
+    pub content: Content,
+    /// The event that made it.
+    pub event_id: String,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When its receiver read it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub read_at: Option<OffsetDateTime>,
+    /// When its receiver archived it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub archived_at: Option<OffsetDateTime>,
+}
+
+/// A receiver's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxCount {
+    /// Not read and not archived.
+    pub unread: u64,
+    /// Not archived.
+    pub total: u64,
+}
+
+/// The inboxes of every account.
+pub trait Inbox: Send + Sync + std::fmt::Debug {
+    /// Leaves `notification` in its receiver's inbox; one with the same id
+    /// (a re-run step) is returned as it is.
+    fn deliver(&self, notification: Notification) -> Result<Notification, RecordError>;
+
+    /// Up to `limit` of `receiver`'s notifications, newest first.
+    fn list(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        limit: usize,
+    ) -> Result<Vec<Notification>, RecordError>;
+
+    /// `receiver`'s counts.
+    fn count(&self, account: &AccountKey, receiver: &str) -> Result<InboxCount, RecordError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn content(config: Value) -> Result<Content, String> {
+        content_of(config.as_object().unwrap())
+    }
+
+    #[test]
+    fn each_content_type_takes_its_fields() {
+        assert_eq!(
+            content(json!({"body": "hi"})),
+            Ok(Content::Text { body: "hi".into() })
+        );
+        let action = content(json!({"content_type": "url_action", "title": "Pay",
+            "body": "Your bill", "url": "https://acme.example/pay", "action_label": "Pay now"}));
+        assert!(
+            matches!(action, Ok(Content::UrlAction { .. })),
+            "{action:?}"
+        );
+        for (config, error) in [
+            (json!({"content_type": "text"}), "config.body: required"),
+            (
+                json!({"content_type": "url_action", "title": "t", "body": "b", "action_label": "a"}),
+                "config.url: required",
+            ),
+            (
+                json!({"content_type": "url_action", "title": "t", "body": "b", "url": "javascript:alert(1)", "action_label": "a"}),
+                "config.url: \"javascript:alert(1)\" is not an http or https link",
+            ),
+            (
+                json!({"content_type": "url_action", "title": "t", "body": "b", "url": "data:text/html,x", "action_label": "a"}),
+                "is not an http or https link",
+            ),
+            (
+                json!({"content_type": "video", "body": "b"}),
+                "config.content_type: \"video\" is not one of text, markdown, url_action",
+            ),
+            (
+                json!({"body": "x".repeat(MAX_TEXT_BYTES + 1)}),
+                "over the 16384 a notification takes",
+            ),
+        ] {
+            let got = content(config.clone()).unwrap_err();
+            assert!(got.contains(error), "{config}: {got}");
+        }
+    }
+
+    #[test]
+    fn markdown_is_rendered_and_nothing_in_it_runs() {
+        let html = markdown_html(
+            "**Hi** [site](https://acme.example) [bad](javascript:alert(1))\n\n\
+             <script>alert(1)</script><img src=x onerror=\"alert(1)\"><b onclick=\"x()\">b</b>",
+        );
+        assert!(html.contains("<strong>Hi</strong>"), "{html}");
+        assert!(html.contains("href=\"https://acme.example\""), "{html}");
+        for bad in [
+            "<script",
+            "javascript:",
+            "onerror",
+            "onclick",
+            "<img",
+            "<b ",
+        ] {
+            assert!(!html.contains(bad), "{bad} in {html}");
+        }
+    }
+
+    #[test]
+    fn receivers_are_plain_ids() {
+        for ok in [
+            "0192f1c0-7b1c",
+            "ann@example.org",
+            "user:42",
+            "+27820000001",
+        ] {
+            assert_eq!(check_receiver(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "<x>"] {
+            assert!(check_receiver(bad).is_err(), "{bad:?}");
+        }
+    }
+}
