@@ -9,7 +9,7 @@ use switchboard_rules::FieldProblem;
 use crate::options::{OptionSpec, Options, rendered_string};
 use crate::records::Inbox;
 use crate::records::inbox::{
-    CONTENT_TYPES, Notification, check_action_url, check_receiver, content_of,
+    CONTENT_TYPES, Notification, check_action_url, check_label, check_receiver, content_of,
 };
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
@@ -41,15 +41,21 @@ impl Notify {
             .ok_or_else(|| StepError::permanent("config.to: required option is missing"))?;
         check_receiver(&receiver).map_err(|e| StepError::permanent(format!("config.to: {e}")))?;
         let content = content_of(&config).map_err(StepError::permanent)?;
-        let category = rendered_string(&config, "category")?
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
+        let label = |name: &str| -> Result<Option<String>, StepError> {
+            let value = rendered_string(&config, name)?.filter(|v| !v.is_empty());
+            if let Some(v) = &value {
+                check_label(v).map_err(|e| StepError::permanent(format!("config.{name}: {e}")))?;
+            }
+            Ok(value)
+        };
+        let category = label("category")?.unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
+        let sender = label("sender")?;
         Ok(Notification {
             id: input.child_id(0).to_string(),
             account_key: input.event.account_key.clone(),
             receiver,
             category,
-            sender: rendered_string(&config, "sender")?.filter(|s| !s.is_empty()),
+            sender,
             content,
             event_id: input.event.id.to_string(),
             created_at: switchboard_sdk::now(),
@@ -112,8 +118,9 @@ impl Handler for Notify {
             OptionSpec::text(
                 "category",
                 "Its category (default basic): inboxes filter by it.",
-            ),
-            OptionSpec::text("sender", "Who it is from, as shown."),
+            )
+            .literal(check_label),
+            OptionSpec::text("sender", "Who it is from, as shown.").literal(check_label),
         ])
     }
 

@@ -34,6 +34,8 @@ pub async fn inbox_list(
             .or_else(|| content["body"].as_str())
             .unwrap_or("")
             .chars()
+            // Event data is shown, not obeyed: no terminal escapes.
+            .filter(|c| !c.is_control())
             .take(60)
             .collect::<String>();
         format!(

@@ -100,14 +100,35 @@ pub fn content_of(config: &Map<String, Value>) -> Result<Content, String> {
     }
 }
 
-/// An action's link: an absolute http or https URL.
+/// An action's link: an absolute http or https URL with a host.
 pub fn check_action_url(url: &str) -> Result<(), String> {
-    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
-    match scheme.as_deref() {
-        Some("http" | "https") if url.contains("://") && url.len() > "https://".len() => Ok(()),
-        _ => Err(format!(
-            "{url:?} is not an http or https link (javascript:, data: and other schemes are refused)"
-        )),
+    let refused = || {
+        format!(
+            "{url:?} is not an http or https link (javascript:, data: and other schemes are \
+             refused)"
+        )
+    };
+    // Written out in full: the URL standard reads `https:evil` as a host.
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(refused());
+    }
+    let parsed = url::Url::parse(url).map_err(|_| refused())?;
+    match parsed.scheme() {
+        "http" | "https" if parsed.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        _ => Err(refused()),
+    }
+}
+
+/// A notification's `category` or `sender`: at most 128 characters, no
+/// control characters.
+pub fn check_label(label: &str) -> Result<(), String> {
+    if label.chars().count() > 128 || label.chars().any(char::is_control) {
+        Err(format!(
+            "{label:?}: at most 128 characters, and no control characters"
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -121,8 +142,12 @@ pub fn markdown_html(markdown: &str) -> String {
         .filter(|event| !matches!(event, Event::Html(_) | Event::InlineHtml(_)));
     let mut html = String::new();
     pulldown_cmark::html::push_html(&mut html, parser);
+    // No images (a picture from elsewhere is a tracking pixel, one from
+    // here a request in the reader's name) and no relative links.
     ammonia::Builder::default()
         .url_schemes(["http", "https", "mailto"].into())
+        .url_relative(ammonia::UrlRelative::Deny)
+        .rm_tags(["img"])
         .link_rel(Some("noopener noreferrer"))
         .clean(&html)
         .to_string()
@@ -238,6 +263,14 @@ mod tests {
                 "is not an http or https link",
             ),
             (
+                json!({"content_type": "url_action", "title": "t", "body": "b", "url": "https:evil", "action_label": "a"}),
+                "is not an http or https link",
+            ),
+            (
+                json!({"content_type": "url_action", "title": "t", "body": "b", "url": "https://", "action_label": "a"}),
+                "is not an http or https link",
+            ),
+            (
                 json!({"content_type": "video", "body": "b"}),
                 "config.content_type: \"video\" is not one of text, markdown, url_action",
             ),
@@ -259,6 +292,11 @@ mod tests {
         );
         assert!(html.contains("<strong>Hi</strong>"), "{html}");
         assert!(html.contains("href=\"https://acme.example\""), "{html}");
+        // Nor does anything leave for elsewhere unasked.
+        let html = format!(
+            "{html}{}",
+            markdown_html("![pixel](https://evil.example/px) [rel](/v1/x) [proto](//evil.example)")
+        );
         for bad in [
             "<script",
             "javascript:",
@@ -266,6 +304,9 @@ mod tests {
             "onclick",
             "<img",
             "<b ",
+            "evil.example/px",
+            "/v1/x",
+            "//evil.example",
         ] {
             assert!(!html.contains(bad), "{bad} in {html}");
         }
