@@ -8,11 +8,11 @@
 //! bytes, not taken from the caller — is on the allow list.
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 use switchboard_sdk::AccountKey;
 use time::OffsetDateTime;
 
 use super::RecordError;
+pub use super::sha256_hex;
 
 /// A file an account keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,14 +45,6 @@ impl FileInfo {
             created_at: switchboard_sdk::now(),
         }
     }
-}
-
-/// The SHA-256 of `bytes`, in hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// File names: `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, without `..`: a name,

@@ -253,11 +253,7 @@ pub struct Cut {
 /// A template's idempotency key as a message record keeps it: its SHA-256,
 /// in hex.
 pub fn hashed_key(key: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::sha256_hex(key.as_bytes())
 }
 
 /// `text` cut to at most `cap` bytes, on a character boundary; its whole

@@ -34,6 +34,16 @@ pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;
 pub use sources::{SourceRecords, SourceVersion};
 
+/// The SHA-256 of `bytes`, in hex: how records keep a hash (a file's, a
+/// message's idempotency key, an inbound record without an id).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Which records a port keeps, for errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Records {

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 use switchboard_handlers::records::{
     Channel, Choice, Contacts, FilePolicy, Files, IdempotencyKeys, MessageRecord, MessageStatus,
     Messages, Preferences, RecordError, Reported, Secrets,
@@ -116,12 +115,7 @@ pub struct Report {
 }
 
 /// Hex SHA-256, for records without an id of their own.
-pub(crate) fn digest(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub(crate) use switchboard_handlers::records::sha256_hex as digest;
 
 /// The Standard Webhooks headers.
 const WEBHOOK_HEADERS: [&str; 3] = ["webhook-id", "webhook-timestamp", "webhook-signature"];

@@ -52,21 +52,24 @@ pub struct EmailParts {
     pub carried: Vec<super::parse::Carried>,
 }
 
-/// The name file `index` (sent as `file_name`) of the reply tagged `tag`
-/// is kept by: `reply-{tag}-{index}-{file name}`, each character not
-/// allowed in a file name as `_`, cut to 128 bytes keeping its extension.
-pub fn carried_name(tag: &str, index: usize, file_name: &str) -> String {
-    let clean: String = file_name
-        .chars()
+/// `text` with every character but ASCII letters, digits and `kept` as `_`.
+fn underscored(text: &str, kept: &[char]) -> String {
+    text.chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            if c.is_ascii_alphanumeric() || kept.contains(&c) {
                 c
             } else {
                 '_'
             }
         })
-        .collect::<String>()
-        .replace("..", "_.");
+        .collect()
+}
+
+/// The name file `index` (sent as `file_name`) of the reply tagged `tag`
+/// is kept by: `reply-{tag}-{index}-{file name}`, each character not
+/// allowed in a file name as `_`, cut to 128 bytes keeping its extension.
+pub fn carried_name(tag: &str, index: usize, file_name: &str) -> String {
+    let clean = underscored(file_name, &['.', '_', '-']).replace("..", "_.");
     let (stem, extension) = match clean.rsplit_once('.') {
         Some((stem, ext)) if ext.len() <= 10 => (stem.to_string(), format!(".{ext}")),
         _ => (clean.clone(), String::new()),
@@ -227,21 +230,17 @@ impl Inbound {
         }
         let data = event_data(reply, (contact.as_ref(), message.as_ref()), files, now);
         // `sms-27820000001`, `email-ann_example.org`: a conversation per sender.
-        let conversation: String = format!(
-            "{}-{}",
-            reply.channel.as_str(),
-            reply.from.trim_start_matches('+')
+        let conversation = underscored(
+            &format!(
+                "{}-{}",
+                reply.channel.as_str(),
+                reply.from.trim_start_matches('+')
+            ),
+            &['_', '.', ':', '-'],
         )
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
         .take(128)
-        .collect();
+        .collect::<String>();
         let event = self.event(
             account,
             provider,
