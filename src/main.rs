@@ -108,7 +108,8 @@ enum Command {
     /// provider reports that matched none.
     #[command(subcommand)]
     Messages(MessagesCommand),
-    /// Look at the in-app notifications `notify` steps leave for a person.
+    /// Look at and manage the in-app notifications `notify` steps leave for
+    /// a person, and mint the receiver tokens that open a person's inbox.
     #[command(subcommand)]
     Inbox(InboxCommand),
     /// Manage the files an account attaches to its e-mails (`send_email`'s
@@ -172,6 +173,74 @@ enum InboxCommand {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Only unread ones.
+        #[arg(long)]
+        unread: bool,
+        /// Only those of this category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Only archived ones (otherwise those not archived).
+        #[arg(long)]
+        archived: bool,
+        /// Go on from where a listing said `more: --before …`.
+        #[arg(long)]
+        before: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A receiver's unread and total counts.
+    Count {
+        /// The account.
+        account: String,
+        /// The receiver.
+        receiver: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Mark one notification: read, unread, archive or unarchive.
+    Mark {
+        /// The account.
+        account: String,
+        /// The receiver.
+        receiver: String,
+        /// The notification's id.
+        id: String,
+        /// read, unread, archive or unarchive.
+        #[arg(value_parser = ["read", "unread", "archive", "unarchive"])]
+        action: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Mark all of a receiver's notifications read.
+    ReadAll {
+        /// The account.
+        account: String,
+        /// The receiver.
+        receiver: String,
+        /// Only those of this category.
+        #[arg(long)]
+        category: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Mint a receiver token: it opens this receiver's inbox (`/v1/inbox`,
+    /// the widget) and nothing else, until it expires or the account's
+    /// key is rotated. Printed alone, for a script to hand on.
+    Token {
+        /// The account.
+        account: String,
+        /// The receiver.
+        receiver: String,
+        /// How long it lasts (at most 90d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// End every receiver token of the account (a new signing key).
+    RotateTokens {
+        /// The account.
+        account: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -1068,8 +1137,76 @@ async fn main() -> ExitCode {
                 account,
                 receiver,
                 limit,
+                unread,
+                category,
+                archived,
+                before,
                 remote,
-            } => cli::inbox_list(&remote.client(), &account, &receiver, limit, remote.json).await,
+            } => {
+                let query = cli::InboxQuery {
+                    limit: Some(limit),
+                    before,
+                    unread: unread.then_some(true),
+                    category,
+                    archived: archived.then_some(true),
+                };
+                cli::inbox_list(&remote.client(), &account, &receiver, &query, remote.json).await
+            }
+            InboxCommand::Count {
+                account,
+                receiver,
+                remote,
+            } => cli::inbox_count(&remote.client(), &account, &receiver, remote.json).await,
+            InboxCommand::Mark {
+                account,
+                receiver,
+                id,
+                action,
+                remote,
+            } => {
+                cli::inbox_mark(
+                    &remote.client(),
+                    &account,
+                    &receiver,
+                    &id,
+                    &action,
+                    remote.json,
+                )
+                .await
+            }
+            InboxCommand::ReadAll {
+                account,
+                receiver,
+                category,
+                remote,
+            } => {
+                cli::inbox_read_all(
+                    &remote.client(),
+                    &account,
+                    &receiver,
+                    category.as_deref(),
+                    remote.json,
+                )
+                .await
+            }
+            InboxCommand::Token {
+                account,
+                receiver,
+                ttl,
+                remote,
+            } => {
+                cli::inbox_token(
+                    &remote.client(),
+                    &account,
+                    &receiver,
+                    Some(&ttl),
+                    remote.json,
+                )
+                .await
+            }
+            InboxCommand::RotateTokens { account, remote } => {
+                cli::inbox_rotate_tokens(&remote.client(), &account, remote.json).await
+            }
         }),
         Command::Files(c) => print(match c {
             FilesCommand::Put {

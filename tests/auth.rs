@@ -32,6 +32,9 @@ struct Fixture {
     number: String,
     /// Three dead letters: shown, discarded, replayed.
     dead_letters: [String; 3],
+    /// The receiver the handled event notified, and its notification.
+    receiver: String,
+    notification_id: String,
 }
 
 /// How a route authenticates when it is not an account route.
@@ -47,6 +50,8 @@ enum Guard {
     /// No token: the link's signature is the credential (unsubscribe links,
     /// tested in `tests/preferences.rs`); a link not ours answers 404.
     SignedLink,
+    /// A receiver token, and no other (see [`receiver_token_matrix`]).
+    Receiver,
 }
 
 /// Every route outside `/v1/accounts/{account}/`, and how it authenticates.
@@ -72,6 +77,12 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
         "/v1/unsubscribe/{account}/{token}",
         Guard::SignedLink,
     ),
+    ("GET", "/v1/inbox", Guard::Receiver),
+    ("GET", "/v1/inbox/count", Guard::Receiver),
+    ("POST", "/v1/inbox/read_all", Guard::Receiver),
+    ("POST", "/v1/inbox/{id}/{action}", Guard::Receiver),
+    ("GET", "/v1/inbox/stream", Guard::Receiver),
+    ("GET", "/inbox/widget.js", Guard::Open),
 ];
 
 /// A row of the isolation matrix.
@@ -110,6 +121,10 @@ config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}" }}
 [[chains.steps]]
 handler = "send_sms"
 config = {{ to = "{{{{ steps.create_contact.msisdn }}}}", body = "Thanks!", provider = "gateway" }}
+
+[[chains.steps]]
+handler = "notify"
+config = {{ to = "{{{{ event.event_data.msisdn }}}}", body = "Thanks for your answers" }}
 
 [[chains]]
 name = "fail"
@@ -228,7 +243,20 @@ fn matrix() -> Vec<Row> {
             |f| format!("/v1/accounts/{}/preferences/{}", f.account, f.contact_key),
             |_| Some(r#"{"channel": "sms", "subscribed": true}"#.into()), 200, 200),
         row("GET", "/v1/accounts/{account}/inbox/{receiver}",
-            |f| format!("/v1/accounts/{}/inbox/{}", f.account, f.contact_key), none, 200, 200),
+            |f| format!("/v1/accounts/{}/inbox/{}", f.account, f.receiver), none, 200, 200),
+        row("GET", "/v1/accounts/{account}/inbox/{receiver}/count",
+            |f| format!("/v1/accounts/{}/inbox/{}/count", f.account, f.receiver), none, 200, 200),
+        row("POST", "/v1/accounts/{account}/inbox/{receiver}/{id}/{action}",
+            |f| format!("/v1/accounts/{}/inbox/{}/{}/read", f.account, f.receiver,
+                f.notification_id), none, 200, 200),
+        row("POST", "/v1/accounts/{account}/inbox/{receiver}/read_all",
+            |f| format!("/v1/accounts/{}/inbox/{}/read_all", f.account, f.receiver),
+            none, 200, 200),
+        row("POST", "/v1/accounts/{account}/inbox/{receiver}/token",
+            |f| format!("/v1/accounts/{}/inbox/{}/token", f.account, f.receiver),
+            |_| Some(r#"{"ttl": "1h"}"#.into()), 201, 201),
+        row("POST", "/v1/accounts/{account}/inbox-tokens/rotate",
+            |f| format!("/v1/accounts/{}/inbox-tokens/rotate", f.account), none, 200, 200),
         row("GET", "/v1/accounts/{account}/files",
             |f| format!("/v1/accounts/{}/files", f.account), none, 200, 200),
         row("PUT", "/v1/accounts/{account}/files/{name}",
@@ -357,7 +385,7 @@ async fn call(
     body: Option<String>,
 ) -> (u16, Value) {
     let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-    if path.ends_with("/events/stream") {
+    if path.ends_with("/stream") {
         // A stream does not end: its status, and its content type when it
         // answers.
         let response = crate::util::http_client(token)
@@ -473,6 +501,12 @@ async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
         <[String; 3]>::try_from(ids).ok()
     })
     .await;
+    let receiver = "+27820000001".to_string();
+    let inbox = admin(d, "GET", &format!("{base}/inbox/{receiver}"), None, 200).await;
+    let notification_id = inbox["notifications"][0]["id"]
+        .as_str()
+        .expect("a notification")
+        .to_string();
     let contacts = admin(d, "GET", &format!("{base}/contacts"), None, 200).await;
     let messages = admin(d, "GET", &format!("{base}/messages"), None, 200).await;
     Fixture {
@@ -494,6 +528,8 @@ async fn fixture(d: &Dispatcher, account: &str) -> Fixture {
         }
         .to_string(),
         dead_letters,
+        receiver,
+        notification_id,
     }
 }
 
@@ -617,6 +653,10 @@ async fn ingest_account_list_and_open_routes() {
                 assert_eq!(answer["error"]["code"], "not_found", "{answer}");
             }
             Guard::SignedLink => assert_eq!(status, 404, "{method} {route}: {answer}"),
+            Guard::Receiver => {
+                assert_eq!(status, 401, "{method} {route}: {answer}");
+                assert_eq!(answer["error"]["code"], "unauthorized", "{answer}");
+            }
         }
     }
     for account in ["alpha", "beta"] {
@@ -1050,4 +1090,213 @@ async fn secrets_set_or_removed_through_the_api_survive_a_crash_right_after() {
     d.restart();
     let (_, body) = d.get("/v1/accounts/acme/secrets").await;
     assert_eq!(names(body), ["gateway"]);
+}
+
+const NOTIFY_CHAINS: &str = r#"
+[[chains]]
+name = "notify"
+event_type = "signed_up"
+
+[[chains.steps]]
+handler = "notify"
+config = { to = "{{ event.event_data.user }}", body = "Hello {{ event.event_data.user }}" }
+"#;
+
+/// Receiver tokens in the isolation matrix: on each receiver route, the
+/// receiver's own token (200), another receiver's of the same account and
+/// the same receiver's of another account (never the first one's
+/// notifications: 404 for it by id, their own in listings), and an
+/// expired, a forged and no token (401); the admin and account tokens get
+/// 403 there. A receiver token on any account route: 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_token_matrix() {
+    let d = Dispatcher::embedded();
+    for account in ["alpha", "beta"] {
+        d.apply_chains(
+            &format!("{account}.toml"),
+            &format!("account_key = \"{account}\"\n{NOTIFY_CHAINS}"),
+        )
+        .await;
+    }
+    for (account, user) in [("alpha", "ann"), ("alpha", "bob"), ("beta", "ann")] {
+        let id = d
+            .post_event(&json!({"account_key": account, "conversation_key": "c",
+                "conversation_type": "web", "event_type": "signed_up",
+                "event_data": {"user": user}}))
+            .await;
+        let trace = d.wait_for_trace(account, &id, TIMEOUT).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
+    let mint = |account: &'static str, receiver: &'static str, ttl: &'static str| {
+        let d = &d;
+        async move {
+            let minted = admin(
+                d,
+                "POST",
+                &format!("/v1/accounts/{account}/inbox/{receiver}/token"),
+                Some(&format!(r#"{{"ttl": "{ttl}"}}"#)),
+                201,
+            )
+            .await;
+            assert_eq!(minted["receiver"], receiver, "{minted}");
+            minted["token"].as_str().unwrap().to_string()
+        }
+    };
+    let expired = mint("alpha", "ann", "1s").await;
+    let own = mint("alpha", "ann", "1h").await;
+    let other_receiver = mint("alpha", "bob", "1h").await;
+    let other_account = mint("beta", "ann", "1h").await;
+    // The same claims, saying bob, under ann's signature.
+    let forged = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (signed, mac) = own.rsplit_once('.').unwrap();
+        let claims: Value =
+            serde_json::from_slice(&b64.decode(signed.strip_prefix("sbr_").unwrap()).unwrap())
+                .unwrap();
+        let mut claims = claims;
+        claims["r"] = json!("bob");
+        format!("sbr_{}.{mac}", b64.encode(claims.to_string()))
+    };
+    let alpha_token = admin(&d, "POST", "/v1/accounts/alpha/tokens", None, 201).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ann_note =
+        admin(&d, "GET", "/v1/accounts/alpha/inbox/ann", None, 200).await["notifications"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+
+    // Listings and counts: each token its own receiver's, nobody else's.
+    for (token, account, receiver) in [
+        (&own, "alpha", "ann"),
+        (&other_receiver, "alpha", "bob"),
+        (&other_account, "beta", "ann"),
+    ] {
+        let (status, list) = call(&d, "GET", "/v1/inbox", Some(token), None).await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(
+            (&list["account_key"], &list["receiver"], &list["total"]),
+            (&json!(account), &json!(receiver), &json!(1)),
+            "{list}"
+        );
+        let body = format!("Hello {receiver}");
+        assert_eq!(list["notifications"][0]["content"]["body"], body.as_str());
+        assert_eq!(
+            list["notifications"][0]["id"] == ann_note.as_str(),
+            token == &own,
+            "{list}"
+        );
+        let (status, count) = call(&d, "GET", "/v1/inbox/count", Some(token), None).await;
+        assert_eq!(
+            (status, count),
+            (200, json!({"unread": 1, "total": 1})),
+            "{receiver} of {account}"
+        );
+    }
+
+    // Ann's notification by id: only ann of alpha reaches it.
+    let read = format!("/v1/inbox/{ann_note}/read");
+    for token in [&other_receiver, &other_account] {
+        let (status, answer) = call(&d, "POST", &read, Some(token), None).await;
+        assert_eq!(status, 404, "{answer}");
+        assert_eq!(answer["error"]["code"], "not_found", "{answer}");
+    }
+    let answer = admin(&d, "GET", "/v1/accounts/alpha/inbox/ann", None, 200).await;
+    assert_eq!(answer["unread"], 1, "nobody else read it: {answer}");
+    let (status, answer) = call(&d, "POST", &read, Some(&own), None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["read_at"].is_string(), "{answer}");
+
+    // Expired, forged, none: 401 on every receiver route; the admin and
+    // account tokens: 403 there.
+    let receiver_routes = [
+        ("GET", "/v1/inbox".to_string()),
+        ("GET", "/v1/inbox/count".to_string()),
+        ("POST", "/v1/inbox/read_all".to_string()),
+        ("POST", read.clone()),
+        ("GET", "/v1/inbox/stream".to_string()),
+    ];
+    for (method, path) in &receiver_routes {
+        for (who, token) in [
+            ("expired", Some(expired.as_str())),
+            ("forged", Some(forged.as_str())),
+            ("none", None),
+        ] {
+            let (status, answer) = call(&d, method, path, token, None).await;
+            assert_eq!(status, 401, "{who} on {method} {path}: {answer}");
+            assert_eq!(answer["error"]["code"], "unauthorized", "{answer}");
+        }
+        for token in [ADMIN_TOKEN, alpha_token.as_str()] {
+            let (status, answer) = call(&d, method, path, Some(token), None).await;
+            assert_eq!(status, 403, "{method} {path}: {answer}");
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("receiver token"),
+                "{answer}"
+            );
+        }
+        let (status, _) = call(&d, method, path, Some(&own), None).await;
+        assert_eq!(status, 200, "own on {method} {path}");
+    }
+
+    // A receiver token on the account routes, its own account's included:
+    // 401, whatever the route.
+    let fixture = Fixture {
+        account: "alpha".into(),
+        token: String::new(),
+        spare_token_id: "none".into(),
+        event_id: "0190d0b6-3c4e-7f00-8000-000000000000".into(),
+        contact_key: "ann".into(),
+        message_id: "none".into(),
+        number: "+27830000009".into(),
+        dead_letters: ["a".into(), "b".into(), "c".into()],
+        receiver: "ann".into(),
+        notification_id: ann_note.clone(),
+    };
+    for row in matrix() {
+        let path = (row.path)(&fixture);
+        let (status, answer) = call(&d, row.method, &path, Some(&own), (row.body)(&fixture)).await;
+        assert_eq!(
+            status, 401,
+            "ann's token on {} {path}: {answer}",
+            row.method
+        );
+    }
+    for (method, path) in [
+        ("POST", "/v1/events"),
+        ("GET", "/v1/accounts"),
+        ("GET", "/v1/handlers"),
+    ] {
+        let (status, _) = call(&d, method, path, Some(&own), Some("{}".into())).await;
+        assert_eq!(status, 401, "{method} {path}");
+    }
+
+    // Rotating the account's key ends its receiver tokens, not another's.
+    admin(
+        &d,
+        "POST",
+        "/v1/accounts/alpha/inbox-tokens/rotate",
+        None,
+        200,
+    )
+    .await;
+    for token in [&own, &other_receiver] {
+        let (status, _) = call(&d, "GET", "/v1/inbox", Some(token), None).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _) = call(&d, "GET", "/v1/inbox", Some(&other_account), None).await;
+    assert_eq!(status, 200);
+
+    let log = d.log();
+    for secret in [&own, &other_receiver, &other_account] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a receiver token is in the log"
+        );
+    }
 }

@@ -159,3 +159,334 @@ config = { to = "ann", content_type = "url_action", title = "t", body = "b", url
         "{answer:#}"
     );
 }
+
+/// One Server-Sent Events stream, read event by event.
+struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+/// An event of a stream: its type, id (if it has one) and data as JSON.
+#[derive(Debug)]
+struct StreamEvent {
+    kind: String,
+    id: Option<String>,
+    data: Value,
+}
+
+impl EventStream {
+    async fn open(d: &Dispatcher, token: &str, last_event_id: Option<&str>) -> Self {
+        let mut request =
+            crate::util::http_client(Some(token)).get(format!("{}/v1/inbox/stream", d.url()));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event within `within` (keep-alive comments skipped).
+    async fn next(&mut self, within: std::time::Duration) -> StreamEvent {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    let (mut kind, mut id, mut data) = (String::new(), None, String::new());
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event:") {
+                            kind = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("id:") {
+                            id = Some(v.trim().to_string());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim());
+                        }
+                    }
+                    if kind.is_empty() {
+                        continue;
+                    }
+                    return StreamEvent {
+                        kind,
+                        id,
+                        data: serde_json::from_str(&data).unwrap(),
+                    };
+                }
+                let chunk = self
+                    .response
+                    .chunk()
+                    .await
+                    .unwrap()
+                    .expect("the stream stays open");
+                self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no event within {within:?}; read so far {:?}", self.buffer))
+    }
+}
+
+const ONBOARDING: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "onboarding"
+event_type = "joined"
+
+[[chains.steps]]
+handler = "notify"
+name = "welcome"
+config = { to = "ann", body = "Welcome, Ann" }
+
+[[chains.steps]]
+handler = "notify"
+name = "guide"
+config = { to = "bob", content_type = "markdown", category = "tips", body = "Read **the guide**" }
+
+[[chains.steps]]
+handler = "notify"
+name = "verify"
+config = { to = "cat", content_type = "url_action", title = "Verify", body = "Confirm your e-mail", url = "https://acme.example/verify", action_label = "Verify" }
+
+[[chains]]
+name = "ping"
+event_type = "ping"
+
+[[chains.steps]]
+handler = "notify"
+config = { to = "{{ event.event_data.to }}", category = "{{ event.event_data.category }}", body = "{{ event.event_data.text }}" }
+"#;
+
+async fn ping(d: &Dispatcher, to: &str, category: &str, text: &str) {
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "ping",
+            "event_data": {"to": to, "category": category, "text": text}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+}
+
+/// The issue's receiver flow: a chain notifies three people (text,
+/// Markdown, an action); each one's token lists only its own, with the
+/// right counts; read, unread, archive and read-all change them; the
+/// stream brings a new notification and the count change within a
+/// second; a stream reconnecting with Last-Event-ID gets what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_read_their_own_inbox_live() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", ONBOARDING).await;
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "joined", "event_data": {}}))
+        .await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+
+    // Tokens through the CLI, as an account's server script would.
+    let token = |receiver: &str| {
+        let receiver = receiver.to_string();
+        let d = &d;
+        async move {
+            let out = d
+                .cli(&["inbox", "token", "acme", &receiver, "--ttl", "2h"])
+                .await;
+            let token = out.ok().trim().to_string();
+            assert!(token.starts_with("sbr_"), "{out:?}");
+            token
+        }
+    };
+    let (ann, bob, cat) = (token("ann").await, token("bob").await, token("cat").await);
+    let get = |token: &str, path: &str| {
+        let (token, path) = (token.to_string(), path.to_string());
+        let d = &d;
+        async move {
+            let (status, body) = d
+                .request(reqwest::Method::GET, &path, Some(&token), None)
+                .await;
+            assert_eq!(status, 200, "{path}: {body}");
+            body
+        }
+    };
+    let post = |token: &str, path: &str| {
+        let (token, path) = (token.to_string(), path.to_string());
+        let d = &d;
+        async move {
+            let (status, body) = d
+                .request(reqwest::Method::POST, &path, Some(&token), None)
+                .await;
+            assert_eq!(status, 200, "{path}: {body}");
+            body
+        }
+    };
+    for (token, receiver, content_type) in [
+        (&ann, "ann", "text"),
+        (&bob, "bob", "markdown"),
+        (&cat, "cat", "url_action"),
+    ] {
+        let list = get(token, "/v1/inbox").await;
+        let notes = list["notifications"].as_array().unwrap();
+        assert_eq!(notes.len(), 1, "{list:#}");
+        assert_eq!(notes[0]["receiver"], receiver);
+        assert_eq!(notes[0]["content"]["content_type"], content_type);
+        assert_eq!((&list["unread"], &list["total"]), (&json!(1), &json!(1)));
+    }
+
+    // Ann's inbox grows; her stream is open.
+    ping(&d, "ann", "billing", "Invoice 1").await;
+    ping(&d, "ann", "billing", "Invoice 2").await;
+    let mut stream = EventStream::open(&d, &ann, None).await;
+    let opening = stream.next(TIMEOUT).await;
+    assert_eq!(opening.kind, "count");
+    assert_eq!(opening.data, json!({"unread": 3, "total": 3}));
+
+    // Keyset pages, newest first, and the filters.
+    let first = get(&ann, "/v1/inbox?limit=2").await;
+    let texts = |list: &Value| -> Vec<String> {
+        list["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["content"]["body"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(texts(&first), ["Invoice 2", "Invoice 1"]);
+    let next = first["next"].as_str().expect("a next page").to_string();
+    let second = get(&ann, &format!("/v1/inbox?limit=2&before={next}")).await;
+    assert_eq!(texts(&second), ["Welcome, Ann"]);
+    assert!(second.get("next").is_none(), "{second:#}");
+    let billing = get(&ann, "/v1/inbox?category=billing").await;
+    assert_eq!(texts(&billing), ["Invoice 2", "Invoice 1"]);
+
+    // Read, unread, archive: each changes the counts, and the stream says so.
+    let welcome = second["notifications"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let read = post(&ann, &format!("/v1/inbox/{welcome}/read")).await;
+    assert!(read["read_at"].is_string(), "{read:#}");
+    let updated = stream.next(TIMEOUT).await;
+    assert_eq!(
+        (updated.kind.as_str(), &updated.data["id"]),
+        ("updated", &json!(welcome))
+    );
+    assert_eq!(updated.id, None, "updates move no resume point");
+    let count = stream.next(TIMEOUT).await;
+    assert_eq!(
+        (count.kind.as_str(), count.data),
+        ("count", json!({"unread": 2, "total": 3}))
+    );
+    assert_eq!(
+        texts(&get(&ann, "/v1/inbox?unread=true").await),
+        ["Invoice 2", "Invoice 1"]
+    );
+    assert_eq!(
+        texts(&get(&ann, "/v1/inbox?unread=false").await),
+        ["Welcome, Ann"]
+    );
+    post(&ann, &format!("/v1/inbox/{welcome}/unread")).await;
+    post(&ann, &format!("/v1/inbox/{welcome}/archive")).await;
+    assert_eq!(
+        get(&ann, "/v1/inbox/count").await,
+        json!({"unread": 2, "total": 2})
+    );
+    assert_eq!(
+        texts(&get(&ann, "/v1/inbox").await),
+        ["Invoice 2", "Invoice 1"]
+    );
+    assert_eq!(
+        texts(&get(&ann, "/v1/inbox?archived=true").await),
+        ["Welcome, Ann"]
+    );
+    for _ in 0..4 {
+        // updated, count (unread), updated, count (archive)
+        stream.next(TIMEOUT).await;
+    }
+
+    // A new notification reaches the open stream within a second of its
+    // step, with the count after it; bob's, left just before, does not.
+    ping(&d, "bob", "news", "For bob").await;
+    ping(&d, "ann", "news", "Live one").await;
+    let live = stream.next(std::time::Duration::from_secs(1)).await;
+    assert_eq!(live.kind, "notification");
+    assert_eq!(live.data["content"]["body"], "Live one");
+    let count = stream.next(std::time::Duration::from_secs(1)).await;
+    assert_eq!(count.data, json!({"unread": 3, "total": 3}));
+    let resume_at = live.id.expect("a notification's event has an id");
+    drop(stream);
+
+    // Missed while away: two more; a reconnecting stream gets both, in
+    // order, then the counts.
+    ping(&d, "ann", "news", "Missed 1").await;
+    ping(&d, "ann", "news", "Missed 2").await;
+    let mut again = EventStream::open(&d, &ann, Some(&resume_at)).await;
+    let missed: Vec<StreamEvent> = vec![again.next(TIMEOUT).await, again.next(TIMEOUT).await];
+    assert_eq!(
+        missed
+            .iter()
+            .map(|e| (e.kind.as_str(), e.data["content"]["body"].as_str().unwrap()))
+            .collect::<Vec<_>>(),
+        [("notification", "Missed 1"), ("notification", "Missed 2")]
+    );
+    let count = again.next(TIMEOUT).await;
+    assert_eq!(
+        (count.kind.as_str(), count.data),
+        ("count", json!({"unread": 5, "total": 5}))
+    );
+    let (status, bad) = d
+        .request(
+            reqwest::Method::GET,
+            "/v1/inbox?before=nonsense",
+            Some(&ann),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_cursor");
+
+    // Read all of a category, then all; the stream follows.
+    let marked = post(&ann, "/v1/inbox/read_all?category=billing").await;
+    assert_eq!(marked, json!({"marked": 2, "unread": 3, "total": 5}));
+    let marked = post(&ann, "/v1/inbox/read_all").await;
+    assert_eq!(marked, json!({"marked": 3, "unread": 0, "total": 5}));
+    let last_count = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let e = again.next(TIMEOUT).await;
+            if e.kind == "count" && e.data["unread"] == 0 {
+                return e.data;
+            }
+        }
+    })
+    .await
+    .expect("the stream's counts reach 0 unread");
+    assert_eq!(last_count, json!({"unread": 0, "total": 5}));
+
+    // Support staff see and manage the same through the account's routes.
+    let (_, staff) = d.get("/v1/accounts/acme/inbox/ann/count").await;
+    assert_eq!(staff, json!({"unread": 0, "total": 5}));
+    let shown = d
+        .cli(&["inbox", "mark", "acme", "ann", &welcome, "unarchive"])
+        .await;
+    assert!(shown.ok().contains("archived no"), "{shown:?}");
+    let shown = d.cli(&["inbox", "count", "acme", "ann"]).await;
+    assert!(
+        shown.ok().contains("ann of account acme: 1 unread of 6"),
+        "{shown:?}"
+    );
+    let shown = d.cli(&["inbox", "read-all", "acme", "ann"]).await;
+    assert!(shown.ok().contains("marked 1 read"), "{shown:?}");
+    let shown = d
+        .cli(&["inbox", "list", "acme", "ann", "--limit", "2"])
+        .await;
+    assert!(shown.ok().contains("more: --before "), "{shown:?}");
+    let bob_list = get(&bob, "/v1/inbox").await;
+    assert_eq!(texts(&bob_list), ["For bob", "Read **the guide**"]);
+}

@@ -497,7 +497,11 @@ impl Engine {
             unsubscribe: self.unsubscribe.clone(),
             files: self.files.clone(),
             file_policy: config.files.clone(),
-            auth: Arc::new(Auth::new(&admin_token, TokenStore::new(store.clone()))),
+            auth: Arc::new(Auth::new(
+                &admin_token,
+                TokenStore::new(store.clone()),
+                switchboard_http::receiver_tokens::ReceiverTokens::new(store.clone()),
+            )),
             ingest_limit: Arc::new(RateLimiter::new(
                 limits.ingest_rate,
                 limits.ingest_burst.unwrap_or(limits.ingest_rate),

@@ -161,32 +161,54 @@ mod tests {
 
     #[test]
     fn static_content_is_checked_when_the_chain_is_stored() {
+        use crate::records::RecordError;
+        use crate::records::inbox::{Cursor, InboxCount, InboxFilter, InboxPage, Mark};
+        use switchboard_sdk::AccountKey;
+        /// Checking a config reads and writes no inbox.
         #[derive(Debug)]
         struct NoInbox;
         impl Inbox for NoInbox {
-            fn deliver(
-                &self,
-                n: Notification,
-            ) -> Result<Notification, crate::records::RecordError> {
-                Ok(n)
+            fn deliver(&self, _: Notification) -> Result<Notification, RecordError> {
+                unreachable!("checking a config delivers nothing")
             }
-            fn list(
+            fn page(
                 &self,
-                _: &switchboard_sdk::AccountKey,
+                _: &AccountKey,
                 _: &str,
+                _: &InboxFilter,
+                _: Option<&Cursor>,
                 _: usize,
-            ) -> Result<Vec<Notification>, crate::records::RecordError> {
-                Ok(Vec::new())
+            ) -> Result<InboxPage, RecordError> {
+                unreachable!("checking a config reads no inbox")
             }
-            fn count(
+            fn after(
                 &self,
-                _: &switchboard_sdk::AccountKey,
+                _: &AccountKey,
                 _: &str,
-            ) -> Result<crate::records::InboxCount, crate::records::RecordError> {
-                Ok(crate::records::InboxCount {
-                    unread: 0,
-                    total: 0,
-                })
+                _: &Cursor,
+                _: usize,
+            ) -> Result<Vec<Notification>, RecordError> {
+                unreachable!("checking a config reads no inbox")
+            }
+            fn count(&self, _: &AccountKey, _: &str) -> Result<InboxCount, RecordError> {
+                unreachable!("checking a config reads no inbox")
+            }
+            fn mark(
+                &self,
+                _: &AccountKey,
+                _: &str,
+                _: &str,
+                _: Mark,
+            ) -> Result<Option<Notification>, RecordError> {
+                unreachable!("checking a config changes no inbox")
+            }
+            fn read_all(
+                &self,
+                _: &AccountKey,
+                _: &str,
+                _: Option<&str>,
+            ) -> Result<u64, RecordError> {
+                unreachable!("checking a config changes no inbox")
             }
         }
         let notify = Notify::new(Arc::new(NoInbox));

@@ -424,7 +424,22 @@ pub struct Store {
     /// does not hold its partition, or no longer under the term it was
     /// asked for (see [`Store::handling_events`] and [`Store::under`]).
     route: Route,
+    /// The change feeds of watched collections ([`Store::watch`]).
+    watchers: Arc<std::sync::Mutex<Vec<Option<tokio::sync::broadcast::Sender<Watched>>>>>,
 }
+
+/// A change to a watched collection: its key and new value (`None` when
+/// removed).
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// The key.
+    pub key: sled::IVec,
+    /// The value now, or `None` when it was removed.
+    pub value: Option<sled::IVec>,
+}
+
+/// How many changes a watcher may fall behind before it is told it lagged.
+const WATCH_BUFFER: usize = 4096;
 
 /// What becomes of a write of a partitioned collection that this replica
 /// does not write itself.
@@ -587,6 +602,7 @@ impl Store {
             replica: None,
             partitioned: None,
             route: Route::Forward,
+            watchers: Arc::default(),
         })
     }
 
@@ -653,6 +669,45 @@ impl Store {
     /// (`None` for the sled backend, where nobody else writes).
     pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         self.replica.as_ref().map(|r| r.subscribe())
+    }
+
+    /// Every change to `c` from now on, whoever makes it: this process's
+    /// writes, and in the replicated backend the writes of other replicas
+    /// as the local copy applies them. A watcher that falls more than
+    /// 4,096 changes behind is told so ([`RecvError::Lagged`]) and never
+    /// slows a writer down: one thread per watched collection moves sled's
+    /// own feed into the channel.
+    ///
+    /// [`RecvError::Lagged`]: tokio::sync::broadcast::error::RecvError::Lagged
+    pub fn watch(&self, c: Collection) -> tokio::sync::broadcast::Receiver<Watched> {
+        let mut watchers = self.watchers.lock().expect("watchers lock");
+        if watchers.is_empty() {
+            watchers.resize(Collection::ALL.len(), None);
+        }
+        if let Some(tx) = &watchers[c.index()] {
+            return tx.subscribe();
+        }
+        let (tx, rx) = tokio::sync::broadcast::channel(WATCH_BUFFER);
+        let feed = self.tree(c).watch_prefix(Vec::<u8>::new());
+        let sender = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("switchboard-watch-{}", c.name()))
+            .spawn(move || {
+                for event in feed {
+                    let watched = match event {
+                        sled::Event::Insert { key, value } => Watched {
+                            key,
+                            value: Some(value),
+                        },
+                        sled::Event::Remove { key } => Watched { key, value: None },
+                    };
+                    // Nobody watching now is fine: a watcher may come later.
+                    let _ = sender.send(watched);
+                }
+            })
+            .expect("starting a watch thread");
+        watchers[c.index()] = Some(tx);
+        rx
     }
 
     /// The bucket, when `c` lives there.

@@ -200,3 +200,52 @@ async fn a_write_is_durable_once_a_flush_begun_after_its_mark_has_finished() {
     s.flush().await.unwrap();
     assert!(s.is_durable(second));
 }
+
+#[tokio::test]
+async fn a_watch_sees_every_change_and_a_slow_watcher_slows_no_writer() {
+    use tokio::sync::broadcast::error::RecvError;
+    let store = Store::temporary().unwrap();
+    let mut watch = store.watch(Collection::Inbox);
+    let mut slow = store.watch(Collection::Inbox);
+    store.put(Collection::Inbox, b"a", b"1").unwrap();
+    store.remove(Collection::Inbox, b"a").unwrap();
+    // Other collections are not watched.
+    store.put(Collection::Contacts, b"c", b"1").unwrap();
+    store.put(Collection::Inbox, b"b", b"2").unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let w = tokio::time::timeout(std::time::Duration::from_secs(5), watch.recv())
+            .await
+            .expect("a change in time")
+            .unwrap();
+        seen.push((w.key.to_vec(), w.value.map(|v| v.to_vec())));
+    }
+    assert_eq!(
+        seen,
+        [
+            (b"a".to_vec(), Some(b"1".to_vec())),
+            (b"a".to_vec(), None),
+            (b"b".to_vec(), Some(b"2".to_vec())),
+        ]
+    );
+    // Far more changes than a watcher may fall behind: every write lands
+    // while `slow` reads nothing, and `slow` is told it lagged.
+    for i in 0..(2 * WATCH_BUFFER) {
+        store
+            .put(Collection::Inbox, format!("k{i}").as_bytes(), b"v")
+            .unwrap();
+    }
+    assert_eq!(store.len(Collection::Inbox), 2 * WATCH_BUFFER + 1);
+    let lagged = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match slow.recv().await {
+                Err(RecvError::Lagged(n)) => return n,
+                Ok(_) => {}
+                Err(RecvError::Closed) => panic!("the feed closed"),
+            }
+        }
+    })
+    .await
+    .expect("told it lagged");
+    assert!(lagged > 0);
+}

@@ -22,6 +22,7 @@ pub mod events;
 pub mod handlers;
 pub mod health;
 pub mod inbound;
+pub mod inbox;
 pub mod paths;
 pub mod records;
 pub mod scripts;

@@ -222,6 +222,67 @@ pub fn inbox(account: &str, receiver: &str) -> String {
     account_path(account, &format!("inbox/{}", segment(receiver)))
 }
 
+/// `GET` a receiver's counts.
+pub fn inbox_count(account: &str, receiver: &str) -> String {
+    format!("{}/count", inbox(account, receiver))
+}
+
+/// `POST` marks all of a receiver's notifications read.
+pub fn inbox_read_all(account: &str, receiver: &str) -> String {
+    format!("{}/read_all", inbox(account, receiver))
+}
+
+/// `POST` marks one of a receiver's notifications (`read`, `unread`,
+/// `archive`, `unarchive`).
+pub fn inbox_mark(account: &str, receiver: &str, id: &str, mark: &str) -> String {
+    format!(
+        "{}/{}/{}",
+        inbox(account, receiver),
+        segment(id),
+        segment(mark)
+    )
+}
+
+/// `POST` mints a receiver token.
+pub fn inbox_token(account: &str, receiver: &str) -> String {
+    format!("{}/token", inbox(account, receiver))
+}
+
+/// `POST` ends every receiver token of the account.
+pub fn inbox_tokens_rotate(account: &str) -> String {
+    account_path(account, "inbox-tokens/rotate")
+}
+
+/// `GET` the inbox of the receiver token's person (`/v1/inbox`).
+pub fn own_inbox() -> String {
+    "/v1/inbox".to_string()
+}
+
+/// `GET` the counts of the receiver token's inbox.
+pub fn own_inbox_count() -> String {
+    "/v1/inbox/count".to_string()
+}
+
+/// `POST` marks all of the receiver token's notifications read.
+pub fn own_inbox_read_all() -> String {
+    "/v1/inbox/read_all".to_string()
+}
+
+/// `POST` marks one of the receiver token's notifications.
+pub fn own_inbox_mark(id: &str, mark: &str) -> String {
+    format!("/v1/inbox/{}/{}", segment(id), segment(mark))
+}
+
+/// `GET` the receiver token's inbox live (Server-Sent Events).
+pub fn own_inbox_stream() -> String {
+    "/v1/inbox/stream".to_string()
+}
+
+/// `GET` the inbox web component.
+pub fn inbox_widget() -> String {
+    "/inbox/widget.js".to_string()
+}
+
 /// `GET` an account's files.
 pub fn files(account: &str) -> String {
     account_path(account, "files")
@@ -347,6 +408,17 @@ pub fn samples() -> Vec<String> {
         numbers(a),
         files(a),
         inbox(a, "ann"),
+        inbox_count(a, "ann"),
+        inbox_read_all(a, "ann"),
+        inbox_mark(a, "ann", n, "read"),
+        inbox_token(a, "ann"),
+        inbox_tokens_rotate(a),
+        own_inbox(),
+        own_inbox_count(),
+        own_inbox_read_all(),
+        own_inbox_mark(n, "archive"),
+        own_inbox_stream(),
+        inbox_widget(),
         file(a, "invoice.pdf"),
         number(a, "twilio", "+27820000001"),
         secrets(a),

@@ -116,21 +116,3 @@ pub struct RemovedFile {
     /// Always true.
     pub removed: bool,
 }
-
-/// `GET /v1/accounts/{account}/inbox/{receiver}[?limit=N]`: a receiver's
-/// notifications, newest first, and its counts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InboxList {
-    /// The account.
-    pub account_key: AccountKey,
-    /// The receiver.
-    pub receiver: String,
-    /// Not read and not archived.
-    pub unread: u64,
-    /// Not archived.
-    pub total: u64,
-    /// The notifications, each a `Notification` as JSON: `id`, `receiver`,
-    /// `category`, `sender`, `content` (`content_type` and its fields),
-    /// `event_id`, `created_at`, `read_at`, `archived_at`.
-    pub notifications: Vec<Value>,
-}

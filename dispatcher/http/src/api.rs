@@ -197,6 +197,18 @@ routes! {
         GET: show_inbound, POST: create_inbound, DELETE: revoke_inbound
     }
     "/v1/accounts/{account}/inbox/{receiver}" => { GET: show_inbox }
+    "/v1/accounts/{account}/inbox/{receiver}/count" => { GET: inbox_count }
+    "/v1/accounts/{account}/inbox/{receiver}/read_all" => { POST: inbox_read_all }
+    "/v1/accounts/{account}/inbox/{receiver}/token" => { POST: mint_receiver_token }
+    "/v1/accounts/{account}/inbox/{receiver}/{id}/{action}" => { POST: inbox_mark }
+    "/v1/accounts/{account}/inbox-tokens/rotate" => { POST: rotate_receiver_tokens }
+    // A receiver token's own inbox.
+    "/v1/inbox" => { GET: own_inbox }
+    "/v1/inbox/count" => { GET: own_count }
+    "/v1/inbox/read_all" => { POST: own_read_all }
+    "/v1/inbox/stream" => { GET: own_stream }
+    "/inbox/widget.js" => { GET: inbox_widget }
+    "/v1/inbox/{id}/{action}" => { POST: own_mark }
     "/v1/accounts/{account}/files" => { GET: list_files }
     "/v1/accounts/{account}/files/{name}" => {
         GET: get_file, PUT: put_file, DELETE: remove_file
@@ -240,6 +252,7 @@ pub fn router(state: ApiState) -> Router {
             require_caught_up,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(inbox_cors))
         .with_state(state)
 }
 
@@ -467,6 +480,8 @@ mod events;
 mod files;
 mod handlers;
 mod inbound;
+mod inbox;
+mod inbox_stream;
 mod letters;
 mod preferences;
 mod probes;
@@ -481,6 +496,8 @@ use self::chains::*;
 use self::events::*;
 use self::files::*;
 use self::inbound::*;
+use self::inbox::*;
+use self::inbox_stream::own_stream;
 use self::letters::*;
 use self::preferences::*;
 use self::probes::*;

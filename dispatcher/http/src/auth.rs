@@ -10,7 +10,12 @@
 //! - an **account token** (`sbt_…`, made by `switchboard tokens create`,
 //!   shown once, stored only as its SHA-256): it reaches its own account and
 //!   nothing else. Another account's resources answer 404, exactly as if they
-//!   did not exist; managing tokens needs the admin token (403).
+//!   did not exist; managing tokens needs the admin token (403); or
+//! - a **receiver token** (`sbr_…`, minted by an account for one person of
+//!   its in-app inbox, signed and expiring, see [`crate::receiver_tokens`]):
+//!   it reaches `/v1/inbox` and below, where every route is that person's
+//!   own, and nothing else (401). The `/v1/inbox` routes need one (403
+//!   for other tokens, which reach a receiver's inbox under the account).
 //!
 //! [`require_token`] is the one place these rules are enforced, for every
 //! route at once: it resolves the bearer to a [`Principal`] and checks the
@@ -61,6 +66,8 @@ pub enum Principal {
     Admin,
     /// An account token: this account only.
     Account(AccountKey),
+    /// A receiver token: this person's inbox only.
+    Receiver(crate::receiver_tokens::Receiver),
 }
 
 impl Principal {
@@ -69,6 +76,7 @@ impl Principal {
         match self {
             Principal::Admin => true,
             Principal::Account(own) => own.as_str() == account,
+            Principal::Receiver(_) => false,
         }
     }
 }
@@ -82,8 +90,20 @@ pub enum Access {
     /// resource, or a route account tokens do not reach.
     Hidden,
     /// Answer 403 saying why: the caller's own account, but a route for
-    /// the admin only.
-    AdminOnly(&'static str),
+    /// the admin only; or a receiver's own route, and not a receiver.
+    Forbidden(&'static str),
+    /// Answer 401 saying why: a receiver token, on a route that is not its
+    /// inbox.
+    Unauthorized(&'static str),
+}
+
+/// The routes of a receiver's own inbox.
+pub const RECEIVER_PREFIX: &str = "/v1/inbox";
+
+/// Whether `path` is one of a receiver's own routes.
+pub fn is_receiver_route(path: &str) -> bool {
+    path.strip_prefix(RECEIVER_PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Whether `path` needs a bearer token at all.
@@ -98,8 +118,23 @@ pub fn needs_token(path: &str) -> bool {
 /// name its account literally (account keys need no escaping), so an escaped
 /// form is refused rather than decoded here differently than by the router.
 pub fn access(principal: &Principal, path: &str) -> Access {
-    let Principal::Account(own) = principal else {
-        return Access::Allowed;
+    let own = match principal {
+        Principal::Receiver(_) if is_receiver_route(path) => return Access::Allowed,
+        Principal::Receiver(_) => {
+            return Access::Unauthorized(
+                "a receiver token opens its receiver's inbox (/v1/inbox) and nothing else: this \
+                 route needs the admin token or an account token",
+            );
+        }
+        _ if is_receiver_route(path) => {
+            return Access::Forbidden(
+                "the /v1/inbox routes are a receiver's own: call them with a receiver token \
+                 (switchboard inbox token); the account manages a receiver's inbox under \
+                 /v1/accounts/{account}/inbox/{receiver}",
+            );
+        }
+        Principal::Admin => return Access::Allowed,
+        Principal::Account(own) => own,
     };
     if matches!(path, "/v1/events" | "/v1/accounts" | "/v1/handlers") {
         return Access::Allowed;
@@ -112,13 +147,13 @@ pub fn access(principal: &Principal, path: &str) -> Access {
         return Access::Hidden;
     }
     if tail == "tokens" || tail.starts_with("tokens/") {
-        return Access::AdminOnly(
+        return Access::Forbidden(
             "managing tokens needs the admin token; account tokens cannot create, list or \
              revoke tokens",
         );
     }
     if tail.starts_with("numbers/") {
-        return Access::AdminOnly(
+        return Access::Forbidden(
             "adding or removing an account's numbers and addresses needs the admin token: \
              replies to an address go to the account that owns it, so the deployment decides \
              who owns which (an account token can list its own)",
@@ -157,9 +192,9 @@ pub async fn require_token(
         Bearer::Token(token) => match auth.principal(token) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                tracing::info!(method = %request.method(), path, "refused a request with an unknown or revoked token");
+                tracing::info!(method = %request.method(), path, "refused a request with an unknown, expired or revoked token");
                 return unauthorized(
-                    "the bearer token is not valid: unknown or revoked",
+                    "the bearer token is not valid: unknown, expired or revoked",
                     "Bearer error=\"invalid_token\"",
                 );
             }
@@ -177,8 +212,11 @@ pub async fn require_token(
             ))
             .into_response();
         }
-        Access::AdminOnly(why) => {
+        Access::Forbidden(why) => {
             return ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response();
+        }
+        Access::Unauthorized(why) => {
+            return unauthorized(why, "Bearer error=\"invalid_token\"");
         }
     }
     request.extensions_mut().insert(principal);
@@ -338,6 +376,9 @@ pub enum TokenError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The signing keys could not be read.
+    #[error(transparent)]
+    Records(#[from] switchboard_handlers::records::RecordError),
 }
 
 /// What is stored about an account token (never the token itself).
@@ -509,6 +550,7 @@ fn index_key(account: &AccountKey, id: &str) -> Vec<u8> {
 pub struct Auth {
     admin: [u8; 32],
     tokens: TokenStore,
+    receivers: crate::receiver_tokens::ReceiverTokens,
 }
 
 impl std::fmt::Debug for Auth {
@@ -518,12 +560,23 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// Accepts `admin` as the admin token and the account tokens of `tokens`.
-    pub fn new(admin: &AdminToken, tokens: TokenStore) -> Self {
+    /// Accepts `admin` as the admin token, the account tokens of `tokens`
+    /// and the receiver tokens `receivers` signed.
+    pub fn new(
+        admin: &AdminToken,
+        tokens: TokenStore,
+        receivers: crate::receiver_tokens::ReceiverTokens,
+    ) -> Self {
         Self {
             admin: hash(admin.expose()),
             tokens,
+            receivers,
         }
+    }
+
+    /// The receiver tokens.
+    pub fn receivers(&self) -> &crate::receiver_tokens::ReceiverTokens {
+        &self.receivers
     }
 
     /// The account tokens.
@@ -545,6 +598,13 @@ impl Auth {
     /// compared by hash in constant time; account tokens are looked up by
     /// their hash, so no secret is compared byte by byte.
     pub fn principal(&self, token: &str) -> Result<Option<Principal>, TokenError> {
+        if token.starts_with(crate::receiver_tokens::RECEIVER_TOKEN_PREFIX) {
+            return self
+                .receivers
+                .verify(token)
+                .map(|r| r.map(Principal::Receiver))
+                .map_err(TokenError::Records);
+        }
         let presented = hash(token);
         if constant_time_eq(&presented, &self.admin) {
             return Ok(Some(Principal::Admin));

@@ -1,28 +1,36 @@
 //! Inboxes in the store: each notification under
 //! `{account}\0{receiver}\0{created:BE u64 µs}\0{id}` (so a receiver's are
-//! read newest first by a reverse scan), and its id under
-//! `{account}\0{id}` pointing at that key (so a re-run step finds it).
+//! read newest first by a reverse scan, and a [`Cursor`] is a key), and its
+//! id under `{account}\0{id}` pointing at that key (so a re-run step, and a
+//! receiver marking one read, find it). Read and archived state change by
+//! compare-and-swap, so a receiver's two tabs marking at once both land.
 
-use switchboard_handlers::records::{Inbox, InboxCount, Notification, RecordError, Records};
+use switchboard_handlers::records::{
+    Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification, RecordError, Records,
+};
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, Write, key};
 
 use super::{About, decode};
 
+/// How many times a change is tried against other writers.
+const MARK_TRIES: u32 = 8;
+
 fn receiver_prefix(account: &AccountKey, receiver: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), receiver.as_bytes(), b""])
 }
 
-fn notification_key(n: &Notification) -> Vec<u8> {
-    // Microseconds: a chain's notifications to one person, a step apart,
-    // stay in the order they were left.
-    let us = (n.created_at.unix_timestamp_nanos() / 1_000).max(0) as u64;
+fn cursor_key(account: &AccountKey, receiver: &str, cursor: &Cursor) -> Vec<u8> {
     key(&[
-        n.account_key.as_str().as_bytes(),
-        n.receiver.as_bytes(),
-        &us.to_be_bytes(),
-        n.id.as_bytes(),
+        account.as_str().as_bytes(),
+        receiver.as_bytes(),
+        &cursor.micros.to_be_bytes(),
+        cursor.id.as_bytes(),
     ])
+}
+
+fn notification_key(n: &Notification) -> Vec<u8> {
+    cursor_key(&n.account_key, &n.receiver, &n.cursor())
 }
 
 fn id_key(account: &AccountKey, id: &str) -> Vec<u8> {
@@ -39,6 +47,48 @@ impl StoredInbox {
     /// Inboxes kept in `store`.
     pub fn new(store: Store) -> Self {
         Self { store }
+    }
+
+    /// Makes `mark` to the notification under `at`, if it is `receiver`'s.
+    fn mark_at(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        at: &[u8],
+        mark: Mark,
+    ) -> Result<Option<(Notification, bool)>, RecordError> {
+        for attempt in 0..MARK_TRIES {
+            // After a lost compare-and-set, read past a replica's copy,
+            // which may lag the partition's owner.
+            let before = if attempt == 0 {
+                self.store.get(Collection::Inbox, at)
+            } else {
+                self.store.get_latest(Collection::Inbox, at)
+            }
+            .about(Records::Inbox, account)?;
+            let Some(mut n) = before.as_deref().and_then(decode::<Notification>) else {
+                return Ok(None);
+            };
+            if n.receiver != receiver || n.account_key != *account {
+                return Ok(None);
+            }
+            if !mark.apply(&mut n, switchboard_sdk::now()) {
+                return Ok(Some((n, false)));
+            }
+            let after = serde_json::to_vec(&n).expect("a notification serialises");
+            if self
+                .store
+                .compare_and_swap(Collection::Inbox, at, before.as_deref(), Some(&after))
+                .about(Records::Inbox, account)?
+            {
+                return Ok(Some((n, true)));
+            }
+        }
+        Err(RecordError::Contended {
+            records: Records::Inbox,
+            account: account.clone(),
+            attempts: MARK_TRIES,
+        })
     }
 }
 
@@ -78,21 +128,73 @@ impl Inbox for StoredInbox {
         Ok(notification)
     }
 
-    fn list(
+    fn page(
         &self,
         account: &AccountKey,
         receiver: &str,
+        filter: &InboxFilter,
+        before: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<InboxPage, RecordError> {
+        let prefix = receiver_prefix(account, receiver);
+        let mut from = before.map(|c| cursor_key(account, receiver, c));
+        let mut notifications = Vec::new();
+        // Filtered out ones are read past, a batch at a time.
+        let batch = limit.clamp(16, 512);
+        while notifications.len() < limit {
+            let entries = self
+                .store
+                .scan_prefix_before(Collection::Inbox, &prefix, from.as_deref(), batch)
+                .about(Records::Inbox, account)?;
+            let Some((last, _)) = entries.last() else {
+                break;
+            };
+            let exhausted = entries.len() < batch;
+            from = Some(last.clone());
+            for (_, v) in entries {
+                if notifications.len() == limit {
+                    // The page ends before this one: `next` is the last shown.
+                    break;
+                }
+                if let Some(n) = decode::<Notification>(&v)
+                    && filter.admits(&n)
+                {
+                    notifications.push(n);
+                }
+            }
+            if notifications.len() < limit && exhausted {
+                return Ok(InboxPage {
+                    notifications,
+                    next: None,
+                });
+            }
+        }
+        let next = (notifications.len() == limit)
+            .then(|| notifications.last().map(Notification::cursor))
+            .flatten();
+        Ok(InboxPage {
+            notifications,
+            next,
+        })
+    }
+
+    fn after(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        after: &Cursor,
         limit: usize,
     ) -> Result<Vec<Notification>, RecordError> {
+        let prefix = receiver_prefix(account, receiver);
+        let from = cursor_key(account, receiver, after);
         Ok(self
             .store
-            .scan_prefix_rev(
-                Collection::Inbox,
-                &receiver_prefix(account, receiver),
-                limit,
-            )
+            .scan_from(Collection::Inbox, &from, limit.saturating_add(1))
             .about(Records::Inbox, account)?
             .into_iter()
+            .filter(|(k, _)| *k != from)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .take(limit)
             .filter_map(|(_, v)| decode(&v))
             .collect())
     }
@@ -102,19 +204,51 @@ impl Inbox for StoredInbox {
             .store
             .scan_prefix(Collection::Inbox, &receiver_prefix(account, receiver))
             .about(Records::Inbox, account)?;
-        let mut count = InboxCount {
-            unread: 0,
-            total: 0,
+        let notifications: Vec<Notification> = all.iter().filter_map(|(_, v)| decode(v)).collect();
+        Ok(InboxCount::of(&notifications))
+    }
+
+    fn mark(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        id: &str,
+        mark: Mark,
+    ) -> Result<Option<Notification>, RecordError> {
+        let Some(at) = self
+            .store
+            .get_latest(Collection::InboxIds, &id_key(account, id))
+            .about(Records::Inbox, account)?
+        else {
+            return Ok(None);
         };
-        for n in all.iter().filter_map(|(_, v)| decode::<Notification>(v)) {
-            if n.archived_at.is_none() {
-                count.total += 1;
-                if n.read_at.is_none() {
-                    count.unread += 1;
-                }
+        Ok(self.mark_at(account, receiver, &at, mark)?.map(|(n, _)| n))
+    }
+
+    fn read_all(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        category: Option<&str>,
+    ) -> Result<u64, RecordError> {
+        let filter = InboxFilter {
+            unread: Some(true),
+            category: category.map(str::to_string),
+            archived: false,
+        };
+        let mut marked = 0;
+        for (at, v) in self
+            .store
+            .scan_prefix(Collection::Inbox, &receiver_prefix(account, receiver))
+            .about(Records::Inbox, account)?
+        {
+            if decode::<Notification>(&v).is_some_and(|n| filter.admits(&n))
+                && let Some((_, true)) = self.mark_at(account, receiver, &at, Mark::Read)?
+            {
+                marked += 1;
             }
         }
-        Ok(count)
+        Ok(marked)
     }
 }
 
@@ -140,6 +274,110 @@ mod tests {
         }
     }
 
+    fn ids(notifications: &[Notification]) -> Vec<&str> {
+        notifications.iter().map(|n| n.id.as_str()).collect()
+    }
+
+    #[test]
+    fn pages_filters_marks_and_resumes() {
+        let inbox = StoredInbox::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        for i in 1..=7 {
+            let mut n = notification(&acme, "ann", &format!("n-{i}"), i * 1_000);
+            if i % 2 == 0 {
+                n.category = "tips".into();
+            }
+            inbox.deliver(n).unwrap();
+        }
+        // Someone else's, between ann's keys: never in ann's pages.
+        inbox
+            .deliver(notification(&acme, "ann2", "x-1", 3_500))
+            .unwrap();
+        let all = InboxFilter::default();
+
+        // Keyset pages, newest first, end to end without gaps or repeats.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = inbox.page(&acme, "ann", &all, before.as_ref(), 3).unwrap();
+            seen.extend(page.notifications.iter().map(|n| n.id.clone()));
+            match page.next {
+                Some(next) => before = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["n-7", "n-6", "n-5", "n-4", "n-3", "n-2", "n-1"]);
+
+        // Marks: only the receiver's own, and counts follow.
+        assert_eq!(inbox.mark(&acme, "ann2", "n-7", Mark::Read).unwrap(), None);
+        assert_eq!(inbox.mark(&acme, "ann", "nope", Mark::Read).unwrap(), None);
+        let read = inbox
+            .mark(&acme, "ann", "n-7", Mark::Read)
+            .unwrap()
+            .unwrap();
+        assert!(read.read_at.is_some());
+        inbox
+            .mark(&acme, "ann", "n-6", Mark::Archive)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            inbox.count(&acme, "ann").unwrap(),
+            InboxCount {
+                unread: 5,
+                total: 6
+            }
+        );
+        let unread_tips = InboxFilter {
+            unread: Some(true),
+            category: Some("tips".into()),
+            archived: false,
+        };
+        let page = inbox.page(&acme, "ann", &unread_tips, None, 10).unwrap();
+        assert_eq!(ids(&page.notifications), ["n-4", "n-2"]);
+        let archived = InboxFilter {
+            archived: true,
+            ..all.clone()
+        };
+        let page = inbox.page(&acme, "ann", &archived, None, 10).unwrap();
+        assert_eq!(ids(&page.notifications), ["n-6"]);
+        // A filtered page that fills up says where to go on.
+        let page = inbox.page(&acme, "ann", &unread_tips, None, 1).unwrap();
+        let page = inbox
+            .page(&acme, "ann", &unread_tips, page.next.as_ref(), 1)
+            .unwrap();
+        assert_eq!(ids(&page.notifications), ["n-2"]);
+
+        // Read all of a category, then all.
+        assert_eq!(inbox.read_all(&acme, "ann", Some("tips")).unwrap(), 2);
+        assert_eq!(inbox.count(&acme, "ann").unwrap().unread, 3);
+        assert_eq!(inbox.read_all(&acme, "ann", None).unwrap(), 3);
+        assert_eq!(inbox.read_all(&acme, "ann", None).unwrap(), 0);
+        assert_eq!(
+            inbox.count(&acme, "ann").unwrap(),
+            InboxCount {
+                unread: 0,
+                total: 6
+            }
+        );
+        assert_eq!(inbox.count(&acme, "ann2").unwrap().unread, 1);
+
+        // What a stream that saw n-4 missed, oldest first.
+        let n4 = inbox
+            .page(&acme, "ann", &all, None, 10)
+            .unwrap()
+            .notifications[2]
+            .clone();
+        assert_eq!(n4.id, "n-4");
+        let missed = inbox.after(&acme, "ann", &n4.cursor(), 10).unwrap();
+        assert_eq!(ids(&missed), ["n-5", "n-6", "n-7"]);
+        assert_eq!(
+            ids(&inbox.after(&acme, "ann", &n4.cursor(), 1).unwrap()),
+            ["n-5"]
+        );
+        let last = missed.last().unwrap().cursor();
+        assert!(inbox.after(&acme, "ann", &last, 10).unwrap().is_empty());
+    }
+
     #[test]
     fn each_receiver_sees_its_own_newest_first_once() {
         let inbox = StoredInbox::new(Store::temporary().unwrap());
@@ -162,14 +400,10 @@ mod tests {
             .deliver(notification(&acme, "ann", "n-1", 9_000))
             .unwrap();
         assert_eq!(again.created_at.unix_timestamp(), 1);
-        let ids: Vec<String> = inbox
-            .list(&acme, "ann", 10)
-            .unwrap()
-            .into_iter()
-            .map(|n| n.id)
-            .collect();
-        assert_eq!(ids, ["n-2", "n-1"]);
-        assert_eq!(inbox.list(&acme, "ann", 1).unwrap().len(), 1);
+        let all = InboxFilter::default();
+        let page = inbox.page(&acme, "ann", &all, None, 10).unwrap();
+        assert_eq!(ids(&page.notifications), ["n-2", "n-1"]);
+        assert_eq!(page.next, None);
         assert_eq!(
             inbox.count(&acme, "ann").unwrap(),
             InboxCount {

@@ -13,12 +13,15 @@ use super::About;
 pub enum Purpose {
     /// One-click unsubscribe links.
     Unsubscribe,
+    /// Receiver tokens of the in-app inbox.
+    ReceiverTokens,
 }
 
 impl Purpose {
     fn name(self) -> &'static str {
         match self {
             Purpose::Unsubscribe => "unsubscribe",
+            Purpose::ReceiverTokens => "receiver_tokens",
         }
     }
 }
@@ -70,6 +73,24 @@ impl SigningKeys {
     }
 }
 
+impl SigningKeys {
+    /// Replaces the account's key for `purpose` with a new one: everything
+    /// signed with the old one stops being valid. Durable when this returns.
+    pub async fn rotate(
+        &self,
+        account: &AccountKey,
+        purpose: Purpose,
+    ) -> Result<[u8; 32], RecordError> {
+        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        let made = random_key();
+        self.store
+            .put(Collection::SigningKeys, &k, &made)
+            .about(Records::Secrets, account)?;
+        self.store.flush().await.about(Records::Secrets, account)?;
+        Ok(made)
+    }
+}
+
 fn random_key() -> [u8; 32] {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the operating system gives random bytes");
@@ -99,5 +120,20 @@ mod tests {
             .get(&AccountKey::new("other").unwrap(), Purpose::Unsubscribe)
             .unwrap();
         assert_ne!(first, other);
+        // Each purpose its own key.
+        assert_ne!(keys.get(&acme, Purpose::ReceiverTokens).unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_key_replaces_the_old_one() {
+        let keys = SigningKeys::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let first = keys.get(&acme, Purpose::ReceiverTokens).unwrap();
+        let rotated = keys.rotate(&acme, Purpose::ReceiverTokens).await.unwrap();
+        assert_ne!(first, rotated);
+        assert_eq!(
+            keys.find(&acme, Purpose::ReceiverTokens).unwrap(),
+            Some(rotated)
+        );
     }
 }

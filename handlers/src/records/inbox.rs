@@ -199,6 +199,119 @@ pub struct Notification {
     pub archived_at: Option<OffsetDateTime>,
 }
 
+impl Notification {
+    /// Its place in its receiver's inbox.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            // Microseconds: a chain's notifications to one person, a step
+            // apart, keep the order they were left in.
+            micros: (self.created_at.unix_timestamp_nanos() / 1_000).max(0) as u64,
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// A place in a receiver's inbox, which is ordered by when each
+/// notification was made, then by id: `{micros}.{id}` as text (the keyset
+/// of a page, and a live stream's event ids).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    /// When the notification was made, in microseconds since 1970.
+    pub micros: u64,
+    /// Its id.
+    pub id: String,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.micros, self.id)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{:?} is not a place in an inbox: use a `next` of a listing, or an event id of \
+                 the stream",
+                text.chars().take(80).collect::<String>()
+            )
+        };
+        let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+        let micros = micros.parse().map_err(|_| bad())?;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad());
+        }
+        Ok(Cursor {
+            micros,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Which of a receiver's notifications a listing shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboxFilter {
+    /// Only unread ones (`Some(true)`) or only read ones (`Some(false)`).
+    pub unread: Option<bool>,
+    /// Only those of this category.
+    pub category: Option<String>,
+    /// Only archived ones when set; otherwise only those not archived.
+    pub archived: bool,
+}
+
+impl InboxFilter {
+    /// Whether `n` is shown.
+    pub fn admits(&self, n: &Notification) -> bool {
+        n.archived_at.is_some() == self.archived
+            && self.unread.is_none_or(|u| n.read_at.is_none() == u)
+            && self.category.as_deref().is_none_or(|c| n.category == c)
+    }
+}
+
+/// A page of a receiver's notifications, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxPage {
+    /// The notifications.
+    pub notifications: Vec<Notification>,
+    /// Where the next page begins, when there may be more.
+    pub next: Option<Cursor>,
+}
+
+/// A change a receiver (or the account, for one) makes to a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Read now.
+    Read,
+    /// Not read after all.
+    Unread,
+    /// Put away: out of the listing and the counts, kept.
+    Archive,
+    /// Back from the archive.
+    Unarchive,
+}
+
+impl Mark {
+    /// Makes the change to `n` at `now`; whether anything changed (reading
+    /// what was read keeps the first time it was).
+    pub fn apply(self, n: &mut Notification, now: OffsetDateTime) -> bool {
+        let (field, set) = match self {
+            Mark::Read => (&mut n.read_at, true),
+            Mark::Unread => (&mut n.read_at, false),
+            Mark::Archive => (&mut n.archived_at, true),
+            Mark::Unarchive => (&mut n.archived_at, false),
+        };
+        match (field.is_some(), set) {
+            (false, true) => *field = Some(now),
+            (true, false) => *field = None,
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// A receiver's counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxCount {
@@ -208,22 +321,75 @@ pub struct InboxCount {
     pub total: u64,
 }
 
+impl InboxCount {
+    /// The counts of `notifications`.
+    pub fn of<'a>(notifications: impl IntoIterator<Item = &'a Notification>) -> Self {
+        let mut count = InboxCount {
+            unread: 0,
+            total: 0,
+        };
+        for n in notifications {
+            if n.archived_at.is_none() {
+                count.total += 1;
+                if n.read_at.is_none() {
+                    count.unread += 1;
+                }
+            }
+        }
+        count
+    }
+}
+
 /// The inboxes of every account.
 pub trait Inbox: Send + Sync + std::fmt::Debug {
     /// Leaves `notification` in its receiver's inbox; one with the same id
     /// (a re-run step) is returned as it is.
     fn deliver(&self, notification: Notification) -> Result<Notification, RecordError>;
 
-    /// Up to `limit` of `receiver`'s notifications, newest first.
-    fn list(
+    /// Up to `limit` of `receiver`'s notifications that `filter` admits,
+    /// newest first, from just before `before` (from the newest when
+    /// `None`).
+    fn page(
         &self,
         account: &AccountKey,
         receiver: &str,
+        filter: &InboxFilter,
+        before: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<InboxPage, RecordError>;
+
+    /// Up to `limit` of `receiver`'s notifications made after `after`,
+    /// oldest first, archived or not (what a stream resuming there missed).
+    fn after(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        after: &Cursor,
         limit: usize,
     ) -> Result<Vec<Notification>, RecordError>;
 
     /// `receiver`'s counts.
     fn count(&self, account: &AccountKey, receiver: &str) -> Result<InboxCount, RecordError>;
+
+    /// Makes `mark` to `receiver`'s notification `id`; `None` when
+    /// `receiver` has no such notification (another receiver's answers
+    /// the same).
+    fn mark(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        id: &str,
+        mark: Mark,
+    ) -> Result<Option<Notification>, RecordError>;
+
+    /// Marks every unread notification of `receiver` (of `category` only,
+    /// when given) read; how many it marked.
+    fn read_all(
+        &self,
+        account: &AccountKey,
+        receiver: &str,
+        category: Option<&str>,
+    ) -> Result<u64, RecordError>;
 }
 
 #[cfg(test)]
@@ -309,6 +475,105 @@ mod tests {
             "//evil.example",
         ] {
             assert!(!html.contains(bad), "{bad} in {html}");
+        }
+    }
+
+    fn note(read: bool, archived: bool, category: &str) -> Notification {
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        Notification {
+            id: "0192f1c0-7b1c-7000-8000-000000000001".into(),
+            account_key: AccountKey::new("acme").unwrap(),
+            receiver: "ann".into(),
+            category: category.into(),
+            sender: None,
+            content: Content::Text { body: "b".into() },
+            event_id: "e".into(),
+            created_at: at,
+            read_at: read.then_some(at),
+            archived_at: archived.then_some(at),
+        }
+    }
+
+    #[test]
+    fn filters_marks_and_counts() {
+        let unread = note(false, false, "basic");
+        let read = note(true, false, "tips");
+        let archived = note(false, true, "basic");
+        let all = InboxFilter::default();
+        for (filter, expected) in [
+            (all.clone(), [true, true, false]),
+            (
+                InboxFilter {
+                    unread: Some(true),
+                    ..all.clone()
+                },
+                [true, false, false],
+            ),
+            (
+                InboxFilter {
+                    unread: Some(false),
+                    ..all.clone()
+                },
+                [false, true, false],
+            ),
+            (
+                InboxFilter {
+                    category: Some("tips".into()),
+                    ..all.clone()
+                },
+                [false, true, false],
+            ),
+            (
+                InboxFilter {
+                    archived: true,
+                    ..all.clone()
+                },
+                [false, false, true],
+            ),
+        ] {
+            let got = [&unread, &read, &archived].map(|n| filter.admits(n));
+            assert_eq!(got, expected, "{filter:?}");
+        }
+        // Unread and total leave out what is archived.
+        assert_eq!(
+            InboxCount::of([&unread, &read, &archived]),
+            InboxCount {
+                unread: 1,
+                total: 2
+            }
+        );
+
+        let later = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let mut n = read.clone();
+        // Reading again keeps when it was first read.
+        assert!(!Mark::Read.apply(&mut n, later));
+        assert_eq!(n.read_at, read.read_at);
+        assert!(Mark::Unread.apply(&mut n, later));
+        assert_eq!(n.read_at, None);
+        assert!(!Mark::Unread.apply(&mut n, later));
+        assert!(Mark::Archive.apply(&mut n, later));
+        assert_eq!(n.archived_at, Some(later));
+        assert!(Mark::Unarchive.apply(&mut n, later));
+        assert_eq!(n.archived_at, None);
+    }
+
+    #[test]
+    fn cursors_read_back_what_they_wrote() {
+        let n = note(false, false, "basic");
+        let cursor = n.cursor();
+        assert_eq!(cursor.micros, 1_700_000_000_000_000);
+        assert_eq!(cursor.to_string().parse::<Cursor>(), Ok(cursor.clone()));
+        assert!(
+            Cursor {
+                micros: 2,
+                id: "a".into()
+            } > Cursor {
+                micros: 1,
+                id: "z".into()
+            }
+        );
+        for bad in ["", "12", "x.id", "12.", "12.a b"] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
         }
     }
 

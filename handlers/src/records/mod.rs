@@ -28,7 +28,7 @@ pub(crate) mod test_util;
 pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
 pub use files::{FileInfo, FilePolicy, FileRefused, Files};
 pub use idempotency::IdempotencyKeys;
-pub use inbox::{Content, Inbox, InboxCount, Notification};
+pub use inbox::{Content, Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification};
 pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
 pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;

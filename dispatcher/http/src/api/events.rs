@@ -41,6 +41,13 @@ fn events_of(
     let account = match principal {
         Principal::Account(own) => Some(own),
         Principal::Admin => None,
+        Principal::Receiver(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a receiver token cannot send events",
+            ));
+        }
     };
     let invalid = |e: cloudevents::CloudEventError| {
         ApiError::bad_request("invalid_cloudevent", e.to_string())

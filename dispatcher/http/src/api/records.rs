@@ -216,29 +216,3 @@ pub(super) async fn remove_secret(
         )))
     }
 }
-
-pub(super) async fn show_inbox(
-    State(s): State<ApiState>,
-    Path((account, receiver)): Path<(String, String)>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult {
-    let account = account_key(&account)?;
-    switchboard_handlers::records::inbox::check_receiver(&receiver)
-        .map_err(|e| ApiError::bad_request("invalid_receiver", e))?;
-    let notifications = s
-        .inbox
-        .list(&account, &receiver, q.effective_limit())
-        .map_err(ApiError::internal)?;
-    let count = s
-        .inbox
-        .count(&account, &receiver)
-        .map_err(ApiError::internal)?;
-    Ok(Json(switchboard_api::records::InboxList {
-        account_key: account,
-        receiver,
-        unread: count.unread,
-        total: count.total,
-        notifications: notifications.iter().map(to_json).collect(),
-    })
-    .into_response())
-}

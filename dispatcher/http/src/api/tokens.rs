@@ -8,9 +8,10 @@ impl From<TokenError> for ApiError {
             TokenError::InvalidName(_) => {
                 ApiError::bad_request("invalid_token_name", e.to_string())
             }
-            TokenError::Random(_) | TokenError::Corrupt { .. } | TokenError::Store(_) => {
-                ApiError::internal(e)
-            }
+            TokenError::Random(_)
+            | TokenError::Corrupt { .. }
+            | TokenError::Store(_)
+            | TokenError::Records(_) => ApiError::internal(e),
         }
     }
 }

@@ -10,7 +10,7 @@ fn what_an_account_token_reaches() {
     let check = |path: &str, expected: Access| {
         let got = match access(&acme(), path) {
             // The reason is for people; the row says which answer.
-            Access::AdminOnly(_) => Access::AdminOnly(""),
+            Access::Forbidden(_) => Access::Forbidden(""),
             other => other,
         };
         assert_eq!(got, expected, "{path}");
@@ -21,12 +21,12 @@ fn what_an_account_token_reaches() {
     check("/v1/accounts/acme", Access::Allowed);
     check("/v1/accounts/acme/chains", Access::Allowed);
     check("/v1/accounts/acme/dead-letters/x/replay", Access::Allowed);
-    check("/v1/accounts/acme/tokens", Access::AdminOnly(""));
-    check("/v1/accounts/acme/tokens/0190", Access::AdminOnly(""));
+    check("/v1/accounts/acme/tokens", Access::Forbidden(""));
+    check("/v1/accounts/acme/tokens/0190", Access::Forbidden(""));
     check("/v1/accounts/acme/numbers", Access::Allowed);
     check(
         "/v1/accounts/acme/numbers/twilio/+15005550006",
-        Access::AdminOnly(""),
+        Access::Forbidden(""),
     );
     check("/v1/accounts/acme/tokensmith", Access::Allowed);
     check("/v1/accounts/beta/chains", Access::Hidden);
@@ -42,6 +42,43 @@ fn what_an_account_token_reaches() {
     check("/v1//accounts/beta/chains", Access::Hidden);
     check("/v1/admin", Access::Hidden);
     check("/v1/events/", Access::Hidden);
+}
+
+/// A receiver token reaches its inbox and nothing else (401); the inbox
+/// routes are for receiver tokens only (403 for the others).
+#[test]
+fn what_a_receiver_token_reaches() {
+    let ann = Principal::Receiver(crate::receiver_tokens::Receiver {
+        account: AccountKey::new("acme").unwrap(),
+        receiver: "ann".into(),
+    });
+    for path in [
+        "/v1/inbox",
+        "/v1/inbox/count",
+        "/v1/inbox/x/read",
+        "/v1/inbox/stream",
+    ] {
+        assert_eq!(access(&ann, path), Access::Allowed, "{path}");
+        for other in [Principal::Admin, acme()] {
+            assert!(
+                matches!(access(&other, path), Access::Forbidden(_)),
+                "{other:?} {path}"
+            );
+        }
+    }
+    for path in [
+        "/v1/events",
+        "/v1/accounts",
+        "/v1/accounts/acme/inbox/ann",
+        "/v1/accounts/acme/chains",
+        "/v1/inboxes",
+        "/v1/handlers",
+    ] {
+        assert!(
+            matches!(access(&ann, path), Access::Unauthorized(_)),
+            "{path}"
+        );
+    }
 }
 
 #[test]
@@ -111,10 +148,23 @@ async fn tokens_are_created_found_listed_and_revoked() {
         }
     }
 
+    let receivers = crate::receiver_tokens::ReceiverTokens::new(store.clone());
     let auth = Auth::new(
         &AdminToken::try_from("admin-token-for-tests".to_string()).unwrap(),
         tokens.clone(),
+        receivers.clone(),
     );
+    let ann = receivers
+        .mint(&acme, "ann", std::time::Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        auth.principal(&ann.token).unwrap(),
+        Some(Principal::Receiver(crate::receiver_tokens::Receiver {
+            account: acme.clone(),
+            receiver: "ann".into()
+        }))
+    );
+    assert_eq!(auth.principal("sbr_forged.token").unwrap(), None);
     assert_eq!(
         auth.principal("admin-token-for-tests").unwrap(),
         Some(Principal::Admin)

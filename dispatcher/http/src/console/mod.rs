@@ -257,6 +257,7 @@ fn session_view(session: &Session) -> minijinja::Value {
     let who = match &session.principal {
         Principal::Admin => "admin".to_string(),
         Principal::Account(a) => format!("account {a}"),
+        Principal::Receiver(r) => format!("receiver {} of account {}", r.receiver, r.account),
     };
     context! { who, csrf => session.csrf.clone() }
 }
@@ -360,6 +361,12 @@ async fn home(State(s): State<ApiState>, SignedIn(session): SignedIn) -> Page {
         Principal::Account(own) => {
             Ok(Redirect::to(&format!("/console/accounts/{own}")).into_response())
         }
+        Principal::Receiver(_) => Err(error_page(
+            StatusCode::FORBIDDEN,
+            Some(&session),
+            "A receiver token opens its receiver's inbox, not the console.",
+        )
+        .into()),
         Principal::Admin => {
             let accounts: Vec<String> = s
                 .chains
@@ -420,6 +427,16 @@ async fn sign_in(
         );
     }
     let principal = match s.auth.principal(form.token.trim()) {
+        Ok(Some(Principal::Receiver(_))) => {
+            return sign_in_form(
+                &s,
+                StatusCode::UNAUTHORIZED,
+                Some(
+                    "That is a receiver token: it opens one person's inbox, not the console. \
+                     Sign in with the admin token or an account token.",
+                ),
+            );
+        }
         Ok(Some(principal)) => principal,
         Ok(None) => {
             return sign_in_form(

@@ -135,11 +135,14 @@ impl Sessions {
         let Some(store) = &self.store else {
             return;
         };
+        let account = match &session.principal {
+            Principal::Admin => None,
+            Principal::Account(a) => Some(a.clone()),
+            // Receiver tokens do not sign in to the console.
+            Principal::Receiver(_) => return,
+        };
         let stored = Stored {
-            account: match &session.principal {
-                Principal::Admin => None,
-                Principal::Account(a) => Some(a.clone()),
-            },
+            account,
             csrf: session.csrf.clone(),
             credential: session
                 .credential
