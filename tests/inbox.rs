@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{Dispatcher, TIMEOUT};
+use crate::util::{Dispatcher, TIMEOUT, wait_until};
 
 const CHAINS: &str = r#"
 account_key = "acme"
@@ -489,4 +489,209 @@ async fn receivers_read_their_own_inbox_live() {
     assert!(shown.ok().contains("more: --before "), "{shown:?}");
     let bob_list = get(&bob, "/v1/inbox").await;
     assert_eq!(texts(&bob_list), ["For bob", "Read **the guide**"]);
+}
+
+/// A page of the account's own app, on an origin of its own (another
+/// port), that embeds the widget from the dispatcher: a loopback server
+/// answering every request with `html`, until the test ends.
+fn app_page(html: String) -> String {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{html}",
+                html.len()
+            );
+        }
+    });
+    url
+}
+
+/// The widget in a real browser, embedded in a page of another origin:
+/// the bell shows the unread count, a notification a chain leaves appears
+/// live, a click marks one read, "Mark all read" the rest; Markdown shows
+/// as the sanitised HTML and nothing in any content runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_widget_shows_the_inbox_live_and_runs_nothing_from_it() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", ONBOARDING).await;
+    ping(
+        &d,
+        "ann",
+        "billing",
+        "<script>window.pwned = 'text'</script>Invoice 1",
+    )
+    .await;
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            "{ONBOARDING}{}",
+            r#"
+[[chains]]
+name = "tip"
+event_type = "tip"
+
+[[chains.steps]]
+handler = "notify"
+config = { to = "ann", content_type = "markdown", body = "**Bold tip** <img src=x onerror=\"window.pwned='img'\"> [click](javascript:window.pwned='link') <script>window.pwned='script'</script>" }
+"#
+        ),
+    )
+    .await;
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "tip", "event_data": {}}))
+        .await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    let token = d
+        .cli(&["inbox", "token", "acme", "ann"])
+        .await
+        .ok()
+        .trim()
+        .to_string();
+    let page = app_page(format!(
+        "<!doctype html><html><head><title>Acme</title>\
+         <script src=\"{}/inbox/widget.js\"></script></head>\
+         <body><h1>Acme</h1><switchboard-inbox id=\"inbox\" token=\"{token}\">\
+         </switchboard-inbox></body></html>",
+        d.url()
+    ));
+
+    let browser = crate::browser::Browser::start().await;
+    let c = &browser.client;
+    c.goto(&page).await.unwrap();
+    // What the widget shows, read from inside its shadow root.
+    let shown = || async {
+        c.execute(
+            "const root = document.getElementById('inbox').shadowRoot;
+             const badge = root.querySelector('.badge');
+             return {
+               badge: badge.hidden ? '' : badge.textContent,
+               items: [...root.querySelectorAll('li[data-id]')].map(li => ({
+                 id: li.dataset.id, unread: li.classList.contains('unread'),
+                 text: li.querySelector('.body').textContent,
+                 html: li.querySelector('.body').innerHTML })),
+               pwned: window.pwned === undefined ? null : String(window.pwned),
+             };",
+            vec![],
+        )
+        .await
+        .expect("the page runs the script")
+    };
+    let wait_for = |what: &'static str, check: fn(&Value) -> bool| async move {
+        wait_until(what, TIMEOUT, || async {
+            let now = shown().await;
+            check(&now).then_some(now)
+        })
+        .await
+    };
+    let now = wait_for("the bell to count two unread", |v| {
+        v["badge"] == "2" && v["items"].as_array().is_some_and(|i| i.len() == 2)
+    })
+    .await;
+    let items = now["items"].as_array().unwrap();
+    assert!(
+        items[0]["html"]
+            .as_str()
+            .unwrap()
+            .contains("<strong>Bold tip</strong>"),
+        "{now:#}"
+    );
+    assert_eq!(
+        items[1]["text"], "<script>window.pwned = 'text'</script>Invoice 1",
+        "text is shown as text: {now:#}"
+    );
+    c.execute(
+        "document.getElementById('inbox').shadowRoot.querySelector('.bell').click()",
+        vec![],
+    )
+    .await
+    .unwrap();
+    browser.screenshot("inbox-widget-open").await;
+    let panel = c
+        .execute(
+            "const r = document.getElementById('inbox').shadowRoot
+               .querySelector('.panel').getBoundingClientRect();
+             return {left: r.left, right: r.right, width: r.width, window: window.innerWidth};",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        panel["left"].as_f64().unwrap() >= 0.0
+            && panel["right"].as_f64().unwrap() <= panel["window"].as_f64().unwrap()
+            && panel["width"].as_f64().unwrap() > 200.0,
+        "the open panel is on screen: {panel}"
+    );
+
+    // A chain notifies ann while the page is open: it appears, counted.
+    ping(&d, "ann", "news", "Fresh news").await;
+    let now = wait_for("the live notification", |v| {
+        v["badge"] == "3" && v["items"][0]["text"] == "Fresh news"
+    })
+    .await;
+    let fresh = now["items"][0]["id"].as_str().unwrap().to_string();
+
+    // A click marks it read, here and in the dispatcher.
+    c.execute(
+        "document.getElementById('inbox').shadowRoot
+           .querySelector(`li[data-id='${arguments[0]}']`).click()",
+        vec![json!(fresh)],
+    )
+    .await
+    .unwrap();
+    wait_for("the badge at two after a click", |v| {
+        v["badge"] == "2" && v["items"][0]["unread"] == false
+    })
+    .await;
+    let (_, count) = d.get("/v1/accounts/acme/inbox/ann/count").await;
+    assert_eq!(count, json!({"unread": 2, "total": 3}));
+
+    // Mark all read: the bell empties.
+    c.execute(
+        "document.getElementById('inbox').shadowRoot.querySelector('.read-all').click()",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let now = wait_for("no unread left", |v| {
+        v["badge"] == ""
+            && v["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|n| n["unread"] == false))
+    })
+    .await;
+    browser.screenshot("inbox-widget-read").await;
+    let (_, count) = d.get("/v1/accounts/acme/inbox/ann/count").await;
+    assert_eq!(count, json!({"unread": 0, "total": 3}));
+
+    // Nothing from any content ran: no script, no handler, no link.
+    for link in ["a[href^='javascript']", "img", "script"] {
+        let found = c
+            .execute(
+                "return document.getElementById('inbox').shadowRoot
+                   .querySelectorAll(arguments[0]).length",
+                vec![json!(link)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(found, json!(0), "{link} in the widget");
+    }
+    assert_eq!(now["pwned"], Value::Null, "content ran: {now:#}");
 }

@@ -6,6 +6,7 @@ mod util;
 
 mod auth;
 mod bad_input;
+mod browser;
 mod chains_cli;
 mod changelog;
 mod cloudevents;

@@ -22,11 +22,12 @@
   const STYLE = `
     :host { position: relative; display: inline-block; font: 14px/1.4 system-ui, sans-serif; }
     button { font: inherit; cursor: pointer; }
-    .bell { position: relative; background: none; border: 0; padding: 6px; font-size: 20px; }
+    .bell { position: relative; background: none; border: 0; padding: 6px; color: inherit; line-height: 0; }
+    .bell svg { width: 22px; height: 22px; fill: currentColor; }
     .badge { position: absolute; top: 0; right: 0; min-width: 16px; padding: 0 4px;
       border-radius: 8px; background: #c62828; color: #fff; font-size: 11px; line-height: 16px; }
     .badge[hidden] { display: none; }
-    .panel { position: absolute; right: 0; z-index: 1000; width: min(360px, 92vw); max-height: 70vh;
+    .panel { position: absolute; z-index: 1000; width: min(360px, 92vw); max-height: 70vh;
       overflow: auto; background: #fff; color: #222; border: 1px solid #ccc; border-radius: 6px;
       box-shadow: 0 4px 16px rgba(0,0,0,.15); }
     .panel[hidden] { display: none; }
@@ -60,7 +61,15 @@
       this.root.innerHTML = "";
       const style = document.createElement("style");
       style.textContent = STYLE;
-      this.bell = el("button", "bell", "🔔");
+      this.bell = el("button", "bell");
+      // A bell drawn here: no icon font or emoji needed.
+      const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+      svg.setAttribute("viewBox", "0 0 24 24");
+      svg.setAttribute("aria-hidden", "true");
+      const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+      path.setAttribute("d", "M12 22a2.5 2.5 0 0 0 2.45-2h-4.9A2.5 2.5 0 0 0 12 22zm7-6V11a7 7 0 0 0-5.5-6.84V3.5a1.5 1.5 0 0 0-3 0v.66A7 7 0 0 0 5 11v5l-2 2v1h18v-1l-2-2z");
+      svg.append(path);
+      this.bell.append(svg);
       this.bell.setAttribute("aria-label", "Notifications");
       this.bell.part = "bell";
       this.badge = el("span", "badge", "0");
@@ -75,9 +84,20 @@
       this.list = el("ul", "list");
       this.panel.append(header, this.list);
       this.root.append(style, this.bell, this.panel);
-      this.bell.addEventListener("click", () => { this.panel.hidden = !this.panel.hidden; });
+      this.bell.addEventListener("click", () => this.toggle());
       this.readAllButton.addEventListener("click", () => this.post("/v1/inbox/read_all"));
       this.start();
+    }
+
+    // Opens the panel towards the wider side of the window, so it stays on
+    // screen wherever the bell is.
+    toggle() {
+      this.panel.hidden = !this.panel.hidden;
+      if (this.panel.hidden) return;
+      const box = this.getBoundingClientRect();
+      const leftHalf = box.left + box.width / 2 < window.innerWidth / 2;
+      this.panel.style.left = leftHalf ? "0" : "auto";
+      this.panel.style.right = leftHalf ? "auto" : "0";
     }
 
     disconnectedCallback() {
