@@ -695,3 +695,159 @@ config = { to = "ann", content_type = "markdown", body = "**Bold tip** <img src=
     }
     assert_eq!(now["pwned"], Value::Null, "content ran: {now:#}");
 }
+
+const BROADCAST: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "register"
+event_type = "register"
+
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}", fields = { plan = "{{ event.event_data.plan }}" } }
+
+[[chains]]
+name = "announce"
+event_type = "announce"
+
+[[chains.steps]]
+handler = "notify"
+name = "announcement"
+config = { to = { all = true }, category = "news", body = "Announcement {{ event.event_data.n }}" }
+
+[[chains]]
+name = "upsell"
+event_type = "upsell"
+
+[[chains.steps]]
+handler = "notify"
+config = { to = { field = "plan", equals = "{{ event.event_data.plan }}" }, body = "Upgrade?" }
+"#;
+
+/// How many notifications of event `event` the store in `dir` holds (the
+/// dispatcher stopped): what a killed dispatcher had made durable.
+fn durable_notifications(dir: &std::path::Path, event: &str) -> usize {
+    let store = switchboard_store::Store::open(&dir.join("store")).expect("the store opens");
+    store
+        .scan_prefix(switchboard_store::Collection::Inbox, b"acme\0")
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| serde_json::from_slice::<Value>(v).unwrap()["event_id"] == event)
+        .count()
+}
+
+/// A broadcast to 1,000 contacts, the dispatcher SIGKILLed part-way:
+/// after the restart every contact has exactly one notification of it (the
+/// re-run step left exactly those the killed one had not made durable),
+/// and a filtered broadcast reaches only the contacts it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_killed_midway_reaches_everyone_once() {
+    const CONTACTS: usize = 1_000;
+    let mut d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", BROADCAST).await;
+    for chunk in (0..CONTACTS).collect::<Vec<_>>().chunks(100) {
+        let events: Vec<Value> = chunk
+            .iter()
+            .map(|i| {
+                let plan = if i % 10 == 0 { "gold" } else { "basic" };
+                json!({"account_key": "acme", "conversation_key": format!("r{i}"),
+                    "conversation_type": "web", "event_type": "register",
+                    "event_data": {"msisdn": format!("+2782{i:07}"), "plan": plan}})
+            })
+            .collect();
+        let posts = events.iter().map(|e| d.post_event(e));
+        futures::future::join_all(posts).await;
+    }
+    let contacts: Vec<String> = wait_until("1,000 contacts", TIMEOUT * 4, || async {
+        let (_, list) = d.get("/v1/accounts/acme/contacts?limit=5000").await;
+        let keys: Vec<String> = list["contacts"]
+            .as_array()?
+            .iter()
+            .map(|c| c["key"].as_str().unwrap().to_string())
+            .collect();
+        (keys.len() == CONTACTS).then_some(keys)
+    })
+    .await;
+    let mut sorted = contacts.clone();
+    sorted.sort();
+
+    // Kill once the broadcast has passed the 300th contact (in the order
+    // it goes): its first batch of 200 is durable, the rest not all. Again
+    // with a new announcement if the kill came too early or too late.
+    let mut midway = None;
+    let mut announcements = Vec::new();
+    for n in 0..6 {
+        let id = d
+            .post_event(&json!({"account_key": "acme", "conversation_key": "news",
+                "conversation_type": "web", "event_type": "announce",
+                "event_data": {"n": n}}))
+            .await;
+        announcements.push(id.clone());
+        let watched = format!("/v1/accounts/acme/inbox/{}/count", sorted[300]);
+        wait_until("the broadcast past the 300th contact", TIMEOUT, || async {
+            let (_, count) = d.get(&watched).await;
+            (count["total"].as_u64()? > n).then_some(())
+        })
+        .await;
+        d.kill9();
+        let durable = durable_notifications(&d.data_dir(), &id);
+        d.restart();
+        let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+        if (1..CONTACTS).contains(&durable) {
+            let output = &trace["chains"][0]["steps"][0]["output"];
+            midway = Some((durable, output.clone()));
+            break;
+        }
+    }
+    let (durable, output) = midway.expect("a kill landed part-way through a broadcast");
+    assert_eq!(output["receivers"], CONTACTS, "{output:#}");
+    assert_eq!(
+        output["left_now"],
+        CONTACTS - durable,
+        "the re-run left exactly those not yet durable: {output:#}"
+    );
+
+    // Every contact: exactly one notification of each announcement.
+    for key in &contacts {
+        let (_, inbox) = d
+            .get(&format!("/v1/accounts/acme/inbox/{key}?limit=100"))
+            .await;
+        let mut events: Vec<&str> = inbox["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["event_id"].as_str().unwrap())
+            .collect();
+        events.sort();
+        let mut expected: Vec<&str> = announcements.iter().map(String::as_str).collect();
+        expected.sort();
+        assert_eq!(events, expected, "contact {key}");
+    }
+
+    // A broadcast to those whose plan is gold: 100 of them, nobody else.
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "news",
+            "conversation_type": "web", "event_type": "upsell",
+            "event_data": {"plan": "gold"}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["output"]["receivers"], 100,
+        "{trace:#}"
+    );
+    let (_, contacts) = d.get("/v1/accounts/acme/contacts?limit=5000").await;
+    for contact in contacts["contacts"].as_array().unwrap() {
+        let key = contact["key"].as_str().unwrap();
+        let (_, inbox) = d
+            .get(&format!("/v1/accounts/acme/inbox/{key}?limit=100"))
+            .await;
+        let upsold = inbox["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["event_id"] == id.as_str());
+        assert_eq!(upsold, contact["fields"]["plan"] == "gold", "{contact}");
+    }
+}

@@ -453,8 +453,13 @@ impl Registry {
             preferences: services.preferences,
             body_cap: services.message_body_cap,
         };
-        r.register(Arc::new(contact::CreateContact::new(services.contacts)));
-        r.register(Arc::new(notify::Notify::new(services.inbox)));
+        r.register(Arc::new(contact::CreateContact::new(
+            services.contacts.clone(),
+        )));
+        r.register(Arc::new(notify::Notify::new(
+            services.inbox,
+            services.contacts.clone(),
+        )));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,
             services.http.clone(),

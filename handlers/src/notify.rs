@@ -7,39 +7,135 @@ use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
 use crate::options::{OptionSpec, Options, rendered_string};
-use crate::records::Inbox;
 use crate::records::inbox::{
-    CONTENT_TYPES, Notification, check_action_url, check_label, check_receiver, content_of,
+    Audience, CONTENT_TYPES, Notification, broadcast_id, check_action_url, check_label,
+    check_receiver, content_of,
 };
+use crate::records::{Contacts, Inbox};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// The category of a notification whose step names none.
 const DEFAULT_CATEGORY: &str = "basic";
 
+/// Contacts a broadcast reads, and notifications it makes durable, at a time.
+const BROADCAST_BATCH: usize = 200;
+
 /// `notify`.
 ///
 /// Options: `to` (the receiver: a contact's key, or the account's own id
-/// for that person), `content_type` (`text`, `markdown` or `url_action`)
-/// and its fields (`body`; `title`, `url`, `action_label` for an action),
-/// `category`, `sender`. Output: the notification.
+/// for that person; or a broadcast to the account's contacts, `{ all =
+/// true }` or `{ field = F, equals = V }`), `content_type` (`text`,
+/// `markdown` or `url_action`) and its fields (`body`; `title`, `url`,
+/// `action_label` for an action), `category`, `sender`. Output: the
+/// notification, or for a broadcast how many it reached.
+///
+/// A broadcast leaves one notification per matching contact, each under an
+/// id made of the step's and the contact's ([`broadcast_id`]), and makes
+/// them durable a batch at a time: a step run again after a crash finds
+/// those it left and leaves the rest, so nobody is skipped or notified
+/// twice.
 #[derive(Debug, Clone)]
 pub struct Notify {
     inbox: Arc<dyn Inbox>,
+    contacts: Arc<dyn Contacts>,
 }
 
 impl Notify {
-    /// The handler over the inboxes.
-    pub(crate) fn new(inbox: Arc<dyn Inbox>) -> Self {
-        Self { inbox }
+    /// The handler over the inboxes, broadcasting to `contacts`.
+    pub(crate) fn new(inbox: Arc<dyn Inbox>, contacts: Arc<dyn Contacts>) -> Self {
+        Self { inbox, contacts }
     }
 
-    /// The notification a step's config makes, not yet stored.
-    fn notification(&self, input: &StepInput<'_>) -> Result<Notification, StepError> {
+    /// Whom the step's rendered config is for.
+    fn audience(config: &Map<String, Value>) -> Result<Audience, StepError> {
+        match config.get("to") {
+            Some(Value::Object(table)) => Audience::of_table(table)
+                .map_err(|e| StepError::permanent(format!("config.to: {e}"))),
+            _ => {
+                let receiver = rendered_string(config, "to")?
+                    .ok_or_else(|| StepError::permanent("config.to: required option is missing"))?;
+                check_receiver(&receiver)
+                    .map_err(|e| StepError::permanent(format!("config.to: {e}")))?;
+                Ok(Audience::One(receiver))
+            }
+        }
+    }
+
+    /// Leaves the notification `template` with every contact of
+    /// `audience`: how many it matched, and how many of those it left now
+    /// (the rest were left by an earlier run of the step).
+    async fn broadcast(
+        &self,
+        input: &StepInput<'_>,
+        audience: &Audience,
+        template: &Notification,
+    ) -> Result<(u64, u64), StepError> {
+        let account = &template.account_key;
+        let failed = |e: crate::records::RecordError| {
+            StepError::retryable(format!("broadcasting the notification: {e}"), None)
+        };
+        let step = input.child_id(0).to_string();
+        let (mut matched, mut left) = (0, 0);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .contacts
+                .list_after(account, after.as_deref(), BROADCAST_BATCH)
+                .map_err(failed)?;
+            for contact in page.iter().filter(|c| audience.admits(c)) {
+                matched += 1;
+                let id = broadcast_id(&step, &contact.key);
+                let stored = self
+                    .inbox
+                    .deliver(Notification {
+                        id: id.clone(),
+                        receiver: contact.key.clone(),
+                        ..template.clone()
+                    })
+                    .map_err(failed)?;
+                if stored.created_at == template.created_at {
+                    left += 1;
+                }
+            }
+            self.inbox.flush(account).await.map_err(failed)?;
+            match page.last() {
+                Some(last) if page.len() == BROADCAST_BATCH => after = Some(last.key.clone()),
+                _ => return Ok((matched, left)),
+            }
+        }
+    }
+
+    /// How many contacts `audience` matches now (a dry run's answer).
+    fn count(
+        &self,
+        account: &switchboard_sdk::AccountKey,
+        audience: &Audience,
+    ) -> Result<u64, StepError> {
+        let mut matched = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .contacts
+                .list_after(account, after.as_deref(), BROADCAST_BATCH)
+                .map_err(|e| StepError::retryable(format!("reading contacts: {e}"), None))?;
+            matched += page.iter().filter(|c| audience.admits(c)).count() as u64;
+            match page.last() {
+                Some(last) if page.len() == BROADCAST_BATCH => after = Some(last.key.clone()),
+                _ => return Ok(matched),
+            }
+        }
+    }
+
+    /// Whom the step is for, and the notification its config makes (for
+    /// one receiver; a broadcast's template, with no receiver yet).
+    fn notification(&self, input: &StepInput<'_>) -> Result<(Audience, Notification), StepError> {
         let config = input.render_config()?;
-        let receiver = rendered_string(&config, "to")?
-            .ok_or_else(|| StepError::permanent("config.to: required option is missing"))?;
-        check_receiver(&receiver).map_err(|e| StepError::permanent(format!("config.to: {e}")))?;
+        let audience = Self::audience(&config)?;
+        let receiver = match &audience {
+            Audience::One(receiver) => receiver.clone(),
+            _ => String::new(),
+        };
         let content = content_of(&config).map_err(StepError::permanent)?;
         let label = |name: &str| -> Result<Option<String>, StepError> {
             let value = rendered_string(&config, name)?.filter(|v| !v.is_empty());
@@ -50,7 +146,7 @@ impl Notify {
         };
         let category = label("category")?.unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
         let sender = label("sender")?;
-        Ok(Notification {
+        let notification = Notification {
             id: input.child_id(0).to_string(),
             account_key: input.event.account_key.clone(),
             receiver,
@@ -61,8 +157,22 @@ impl Notify {
             created_at: switchboard_sdk::now(),
             read_at: None,
             archived_at: None,
-        })
+        };
+        Ok((audience, notification))
     }
+}
+
+fn broadcast_output(notification: &Notification, matched: u64, left: u64) -> StepOutput {
+    let mut out = Map::new();
+    out.insert("broadcast".into(), json!(true));
+    out.insert("receivers".into(), json!(matched));
+    out.insert("left_now".into(), json!(left));
+    out.insert("category".into(), json!(notification.category));
+    out.insert(
+        "content".into(),
+        serde_json::to_value(&notification.content).unwrap_or(Value::Null),
+    );
+    StepOutput::next(out)
 }
 
 fn output(notification: &Notification) -> StepOutput {
@@ -98,9 +208,12 @@ impl Handler for Notify {
 
     fn options(&self) -> Options {
         Options::of(vec![
-            OptionSpec::text(
+            OptionSpec::text_or_table(
                 "to",
-                "Whom it is for: a contact's key, or the account's own id for that person.",
+                "Whom it is for: a contact's key, or the account's own id for that person; or \
+                 every contact ({ all = true }) or those whose field has a value ({ field = \
+                 \"language\", equals = \"fr\" }).",
+                |table| Audience::of_table(table).map(|_| ()),
             )
             .required()
             .literal(check_receiver),
@@ -142,7 +255,11 @@ impl Handler for Notify {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let notification = self.notification(input)?;
+        let (audience, notification) = self.notification(input)?;
+        if !matches!(audience, Audience::One(_)) {
+            let (matched, left) = self.broadcast(input, &audience, &notification).await?;
+            return Ok(broadcast_output(&notification, matched, left));
+        }
         let stored = self
             .inbox
             .deliver(notification)
@@ -151,7 +268,12 @@ impl Handler for Notify {
     }
 
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        Ok(output(&self.notification(input)?))
+        let (audience, notification) = self.notification(input)?;
+        if !matches!(audience, Audience::One(_)) {
+            let matched = self.count(&notification.account_key, &audience)?;
+            return Ok(broadcast_output(&notification, matched, 0));
+        }
+        Ok(output(&notification))
     }
 }
 
@@ -210,8 +332,19 @@ mod tests {
             ) -> Result<u64, RecordError> {
                 unreachable!("checking a config changes no inbox")
             }
+            fn flush<'a>(
+                &'a self,
+                _: &'a AccountKey,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), RecordError>> + Send + 'a>,
+            > {
+                unreachable!("checking a config changes no inbox")
+            }
         }
-        let notify = Notify::new(Arc::new(NoInbox));
+        let notify = Notify::new(
+            Arc::new(NoInbox),
+            Arc::new(crate::records::test_util::MemoryContacts::default()),
+        );
         let check = |config: Value| {
             notify
                 .check_config(config.as_object().unwrap())

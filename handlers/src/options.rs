@@ -34,6 +34,9 @@ pub enum Kind {
     People,
     /// A whole number, one or more (never a template).
     Count,
+    /// A string (a template, or a literal the option's check accepts), or
+    /// a literal table its table check accepts.
+    TextOrTable,
 }
 
 /// One option of a handler.
@@ -60,9 +63,13 @@ pub struct OptionSpec {
     /// option where the deployment has no provider).
     pub closed: bool,
     literal: Option<Literal>,
+    /// The check of a literal table ([`Kind::TextOrTable`]).
+    table_literal: Option<TableLiteral>,
     /// What a missing required option is told, when more than that.
     missing: Option<String>,
 }
+
+type TableLiteral = Arc<dyn Fn(&Map<String, Value>) -> Result<(), String> + Send + Sync>;
 
 impl fmt::Debug for OptionSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,8 +94,21 @@ impl OptionSpec {
             choices: Vec::new(),
             closed: false,
             literal: None,
+            table_literal: None,
             missing: None,
         }
+    }
+
+    /// A string (each literal checked by [`OptionSpec::literal`]) or a
+    /// table checked by `check`.
+    pub fn text_or_table(
+        name: &'static str,
+        description: impl Into<String>,
+        check: impl Fn(&Map<String, Value>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        let mut spec = Self::new(name, Kind::TextOrTable, description);
+        spec.table_literal = Some(Arc::new(check));
+        spec
     }
 
     /// A string option (a template by default).
@@ -205,9 +225,20 @@ impl OptionSpec {
                     problems.push(FieldProblem::new(field, what));
                 }
             }
-            (Kind::Text | Kind::Recipients, Value::String(s)) => {
+            (Kind::Text | Kind::Recipients | Kind::TextOrTable, Value::String(s)) => {
                 self.check_literal(s, field, problems)
             }
+            (Kind::TextOrTable, Value::Object(table)) => {
+                if let Some(check) = &self.table_literal
+                    && let Err(message) = check(table)
+                {
+                    problems.push(FieldProblem::new(field, message));
+                }
+            }
+            (Kind::TextOrTable, other) => problems.push(FieldProblem::new(
+                field,
+                format!("must be a string or a table, not {other}"),
+            )),
             (Kind::Text, other) => {
                 problems.push(FieldProblem::new(
                     field,
@@ -290,6 +321,7 @@ impl OptionSpec {
             }
             Kind::Table => json!({ "type": "object" }),
             Kind::Count => json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+            Kind::TextOrTable => json!({ "anyOf": [{ "type": "string" }, { "type": "object" }] }),
             Kind::Recipients => json!({
                 "anyOf": [
                     { "type": "string" },

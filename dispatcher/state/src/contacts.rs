@@ -254,6 +254,27 @@ impl Contacts for StoredContacts {
             limit,
         )
     }
+
+    fn list_after(
+        &self,
+        account: &AccountKey,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Contact>, RecordError> {
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        let from = key(&[account.as_str().as_bytes(), after.unwrap_or("").as_bytes()]);
+        Ok(self
+            .store
+            .scan_from(Collection::Contacts, &from, limit.saturating_add(1))
+            .about(Records::Contacts, account)?
+            .into_iter()
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            // `after` itself, when it is a contact's key.
+            .filter(|(k, _)| after.is_none() || *k != from)
+            .take(limit)
+            .filter_map(|(_, v)| decode(&v))
+            .collect())
+    }
 }
 
 #[cfg(test)]

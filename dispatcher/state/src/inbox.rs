@@ -250,6 +250,14 @@ impl Inbox for StoredInbox {
         }
         Ok(marked)
     }
+
+    fn flush<'a>(
+        &'a self,
+        account: &'a AccountKey,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RecordError>> + Send + 'a>>
+    {
+        Box::pin(async move { self.store.flush().await.about(Records::Inbox, account) })
+    }
 }
 
 #[cfg(test)]

@@ -257,6 +257,16 @@ pub trait Contacts: Send + Sync + std::fmt::Debug {
     /// Up to `limit` contacts of `account`, oldest first.
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, RecordError>;
 
+    /// Up to `limit` contacts of `account` in key order, from just after
+    /// the key `after` (from the first when `None`): every contact, a page
+    /// at a time.
+    fn list_after(
+        &self,
+        account: &AccountKey,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Contact>, RecordError>;
+
     /// The contact of `account` asked for by its key, or else by its msisdn
     /// or e-mail (how the API and the console look one up).
     fn lookup(

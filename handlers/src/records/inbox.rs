@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use switchboard_sdk::AccountKey;
 use time::OffsetDateTime;
 
-use super::RecordError;
+use super::{Contact, RecordError};
 
 /// The largest body or title, in bytes.
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
@@ -168,6 +168,98 @@ pub fn check_receiver(receiver: &str) -> Result<(), String> {
             "{receiver:?} is not a receiver: use 1 to 128 of A-Z a-z 0-9 _ . : @ + -"
         ))
     }
+}
+
+/// Whom a `notify` step is for: `to` names one receiver, or is a table
+/// for a broadcast to the account's contacts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// One receiver.
+    One(String),
+    /// Every contact (`{ all = true }`).
+    All,
+    /// Every contact whose `field` is `equals` (`{ field = "language",
+    /// equals = "fr" }`): `msisdn`, `email`, `name`, `language`, or one of
+    /// the contact's own fields.
+    Where {
+        /// The field.
+        field: String,
+        /// Its value, as text (a number or a boolean as written).
+        equals: String,
+    },
+}
+
+impl Audience {
+    /// The broadcast a `to` table asks for.
+    pub fn of_table(table: &Map<String, Value>) -> Result<Self, String> {
+        let shape = "a broadcast's `to` is { all = true } or { field = NAME, equals = VALUE }";
+        let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        match keys.as_slice() {
+            ["all"] => match table["all"] {
+                Value::Bool(true) => Ok(Audience::All),
+                _ => Err(format!("all must be true ({shape})")),
+            },
+            ["equals", "field"] => {
+                let field = match &table["field"] {
+                    Value::String(f) if !f.trim().is_empty() => f.clone(),
+                    _ => return Err(format!("field must name a contact field ({shape})")),
+                };
+                check_label(&field).map_err(|e| format!("field {e}"))?;
+                let equals = scalar_text(&table["equals"]).ok_or_else(|| {
+                    format!("equals must be text, a number or a boolean ({shape})")
+                })?;
+                Ok(Audience::Where { field, equals })
+            }
+            _ => Err(format!(
+                "{} ({shape})",
+                serde_json::Value::Object(table.clone())
+            )),
+        }
+    }
+
+    /// Whether `contact` is one of the audience.
+    pub fn admits(&self, contact: &Contact) -> bool {
+        match self {
+            Audience::One(receiver) => contact.key == *receiver,
+            Audience::All => true,
+            Audience::Where { field, equals } => {
+                let value = match field.as_str() {
+                    "key" => Some(contact.key.clone()),
+                    "msisdn" => contact.msisdn.clone(),
+                    "email" => contact.email.clone(),
+                    "name" => contact.name.clone(),
+                    "language" => contact.language.clone(),
+                    other => contact.fields.get(other).and_then(scalar_text),
+                };
+                value.as_deref() == Some(equals.as_str())
+            }
+        }
+    }
+}
+
+/// A string, number or boolean as text.
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The id of a broadcast's notification to one contact: the same for the
+/// same step and contact however often the step runs, whatever other
+/// contacts came or went meanwhile (a UUID-shaped digest of both).
+pub fn broadcast_id(step: &str, contact_key: &str) -> String {
+    let hex = super::sha256_hex(format!("{step}\0{contact_key}").as_bytes());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// One notification.
@@ -390,6 +482,13 @@ pub trait Inbox: Send + Sync + std::fmt::Debug {
         receiver: &str,
         category: Option<&str>,
     ) -> Result<u64, RecordError>;
+
+    /// Makes every notification of `account` delivered so far durable (a
+    /// broadcast's progress, a batch at a time).
+    fn flush<'a>(
+        &'a self,
+        account: &'a AccountKey,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RecordError>> + Send + 'a>>;
 }
 
 #[cfg(test)]
@@ -575,6 +674,44 @@ mod tests {
         for bad in ["", "12", "x.id", "12.", "12.a b"] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn audiences() {
+        let table = |v: Value| Audience::of_table(v.as_object().unwrap());
+        assert_eq!(table(json!({"all": true})), Ok(Audience::All));
+        let french = table(json!({"field": "language", "equals": "fr"})).unwrap();
+        let gold = table(json!({"field": "tier", "equals": 3})).unwrap();
+        for (bad, says) in [
+            (json!({"all": false}), "all must be true"),
+            (json!({"all": true, "field": "x"}), "{ all = true } or"),
+            (json!({"field": "", "equals": "x"}), "field must name"),
+            (json!({"field": "x", "equals": [1]}), "equals must be"),
+            (json!({}), "{ all = true } or"),
+        ] {
+            let got = table(bad.clone()).unwrap_err();
+            assert!(got.contains(says), "{bad}: {got}");
+        }
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let mut contact = Contact::new(AccountKey::new("acme").unwrap(), at);
+        contact.language = Some("fr".into());
+        contact.fields.insert("tier".into(), json!(3));
+        assert!(Audience::All.admits(&contact));
+        assert!(french.admits(&contact));
+        assert!(gold.admits(&contact));
+        contact.language = Some("en".into());
+        contact.fields.insert("tier".into(), json!("3"));
+        assert!(!french.admits(&contact));
+        assert!(gold.admits(&contact), "3 as text or number");
+        assert!(Audience::One(contact.key.clone()).admits(&contact));
+
+        // Ids: stable per step and contact, distinct across either.
+        let id = broadcast_id("step-1", "c-1");
+        assert_eq!(id, broadcast_id("step-1", "c-1"));
+        assert_ne!(id, broadcast_id("step-1", "c-2"));
+        assert_ne!(id, broadcast_id("step-2", "c-1"));
+        assert_eq!(id.len(), 36);
+        assert!(format!("1.{id}").parse::<Cursor>().is_ok());
     }
 
     #[test]

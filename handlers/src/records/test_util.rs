@@ -70,6 +70,25 @@ impl Contacts for MemoryContacts {
             .cloned()
             .collect())
     }
+
+    fn list_after(
+        &self,
+        account: &AccountKey,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Contact>, RecordError> {
+        let mut all: Vec<Contact> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.account_key == *account && after.is_none_or(|a| c.key.as_str() > a))
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all.truncate(limit);
+        Ok(all)
+    }
 }
 
 /// Script versions in a list; the current ones in another.

@@ -370,6 +370,11 @@ impl Draft {
                     Ok(table @ Value::Object(_)) => table,
                     _ => json!(raw),
                 },
+                // A JSON object is the table; anything else is the text.
+                Kind::TextOrTable => match serde_json::from_str::<Value>(raw.trim()) {
+                    Ok(table @ Value::Object(_)) => table,
+                    _ => json!(raw.trim()),
+                },
                 Kind::Recipients => {
                     let lines: Vec<&str> = raw
                         .lines()
@@ -600,6 +605,7 @@ impl Draft {
                         Kind::Recipients => "recipients",
                         Kind::People => "people",
                         Kind::Count => "count",
+                        Kind::TextOrTable => "text_or_table",
                     },
                     "required": o.required,
                     "template": o.template,
