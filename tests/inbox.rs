@@ -347,6 +347,54 @@ async fn receivers_read_their_own_inbox_live() {
     let opening = stream.next(TIMEOUT).await;
     assert_eq!(opening.kind, "count");
     assert_eq!(opening.data, json!({"unread": 3, "total": 3}));
+    // The opening counts carry the newest notification's place, so a
+    // client that reconnects before anything new resumes from there.
+    assert!(opening.id.is_some(), "{opening:?}");
+
+    // The account's pages, on another origin, may call the receiver
+    // routes: preflight without a token, and every answer says so.
+    let preflight = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/inbox/stream", d.url()),
+        )
+        .header("origin", "https://app.acme.example")
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "authorization, last-event-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let allowed = |name: &str| preflight.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(allowed("access-control-allow-origin"), "*");
+    assert!(allowed("access-control-allow-headers").contains("last-event-id"));
+    assert!(allowed("access-control-allow-methods").contains("POST"));
+    let listed = crate::util::http_client(Some(&ann))
+        .get(format!("{}/v1/inbox", d.url()))
+        .header("origin", "https://app.acme.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.headers()["access-control-allow-origin"], "*");
+    // Not the account's routes.
+    let account_route = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/accounts/acme/chains", d.url()),
+        )
+        .header("origin", "https://app.acme.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        account_route
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
 
     // Keyset pages, newest first, and the filters.
     let first = get(&ann, "/v1/inbox?limit=2").await;
@@ -406,10 +454,20 @@ async fn receivers_read_their_own_inbox_live() {
         texts(&get(&ann, "/v1/inbox?archived=true").await),
         ["Welcome, Ann"]
     );
+    let mut seen = Vec::new();
     for _ in 0..4 {
-        // updated, count (unread), updated, count (archive)
-        stream.next(TIMEOUT).await;
+        let e = stream.next(TIMEOUT).await;
+        seen.push((e.kind, e.data["id"].clone(), e.data["unread"].clone()));
     }
+    assert_eq!(
+        seen,
+        [
+            ("updated".to_string(), json!(welcome), Value::Null),
+            ("count".to_string(), Value::Null, json!(3)),
+            ("updated".to_string(), json!(welcome), Value::Null),
+            ("count".to_string(), Value::Null, json!(2)),
+        ]
+    );
 
     // A new notification reaches the open stream within a second of its
     // step, with the count after it; bob's, left just before, does not.
@@ -849,5 +907,86 @@ async fn a_broadcast_killed_midway_reaches_everyone_once() {
             .iter()
             .any(|n| n["event_id"] == id.as_str());
         assert_eq!(upsold, contact["fields"]["plan"] == "gold", "{contact}");
+    }
+}
+
+/// A stream ends when its token expires: a token that leaked cannot watch
+/// an inbox past its lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    let d = Dispatcher::embedded();
+    d.apply_chains("acme.toml", ONBOARDING).await;
+    let token = d
+        .cli(&["inbox", "token", "acme", "ann", "--ttl", "2s"])
+        .await
+        .ok()
+        .trim()
+        .to_string();
+    let mut stream = EventStream::open(&d, &token, None).await;
+    assert_eq!(stream.next(TIMEOUT).await.kind, "count");
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match stream.response.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token");
+    let (status, _) = d
+        .request(reqwest::Method::GET, "/v1/inbox/stream", Some(&token), None)
+        .await;
+    assert_eq!(status, 401);
+}
+
+/// Housekeeping: past `[inbox] max_per_receiver` the oldest go, read or
+/// not; a read one goes once `read_retention` has passed since it was
+/// made; unread ones within the cap stay. An open stream says `removed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_keeps_inboxes_within_their_cap_and_retention() {
+    let d = Dispatcher::with_config(
+        None,
+        "[inbox]\nread_retention = \"1s\"\nmax_per_receiver = 3\n",
+    );
+    d.apply_chains("acme.toml", ONBOARDING).await;
+    let token = d
+        .cli(&["inbox", "token", "acme", "dan"])
+        .await
+        .ok()
+        .trim()
+        .to_string();
+    let mut stream = EventStream::open(&d, &token, None).await;
+    assert_eq!(stream.next(TIMEOUT).await.kind, "count");
+    for n in 1..=5 {
+        ping(&d, "dan", "news", &format!("News {n}")).await;
+    }
+    let (_, list) = d.get("/v1/accounts/acme/inbox/dan?limit=10").await;
+    let newest = list["notifications"][0]["id"].as_str().unwrap().to_string();
+    d.request(
+        reqwest::Method::POST,
+        &format!("/v1/inbox/{newest}/read"),
+        Some(&token),
+        None,
+    )
+    .await;
+    let bodies = wait_until("housekeeping", TIMEOUT, || async {
+        let (_, list) = d.get("/v1/accounts/acme/inbox/dan?limit=10").await;
+        let bodies: Vec<String> = list["notifications"]
+            .as_array()?
+            .iter()
+            .map(|n| n["content"]["body"].as_str().unwrap().to_string())
+            .collect();
+        (bodies.len() == 2).then_some(bodies)
+    })
+    .await;
+    assert_eq!(bodies, ["News 4", "News 3"]);
+    let mut removed = 0;
+    while removed < 3 {
+        let e = stream.next(TIMEOUT).await;
+        if e.kind == "removed" {
+            assert!(e.data["id"].is_string(), "{e:?}");
+            removed += 1;
+        }
     }
 }

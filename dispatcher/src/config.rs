@@ -45,6 +45,8 @@ pub struct Config {
     pub messages: MessagesConfig,
     /// The files accounts may keep (attachments).
     pub files: switchboard_handlers::records::FilePolicy,
+    /// How long in-app inboxes keep notifications.
+    pub inbox: switchboard_handlers::records::inbox::InboxPolicy,
 }
 
 /// `[messages]`
@@ -404,6 +406,16 @@ impl Config {
         if self.messages.retention < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "messages.retention must be at least 1s".into(),
+            ));
+        }
+        if self.inbox.read_retention < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "inbox.read_retention must be at least 1s".into(),
+            ));
+        }
+        if self.inbox.max_per_receiver == 0 {
+            return Err(ConfigError::Invalid(
+                "inbox.max_per_receiver must be at least 1".into(),
             ));
         }
         if self.messages.max_body_bytes < 1024 {

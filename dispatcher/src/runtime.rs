@@ -229,6 +229,7 @@ impl Dispatcher {
         ));
         spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
         spawn_message_expiry(engine.records.messages.clone(), config.messages.retention);
+        spawn_inbox_expiry(engine.records.inbox.clone(), config.inbox);
         spawn_expiry(
             engine.journal,
             engine.records.idempotency.clone(),
@@ -684,6 +685,31 @@ fn spawn_message_expiry(
                 Ok(Ok(n)) => tracing::debug!(removed = n, "expired message records"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "expiring message records failed"),
                 Err(e) => tracing::warn!(error = %e, "expiring message records panicked"),
+            }
+        }
+    });
+}
+
+/// Removes what inboxes no longer keep (`[inbox]`: read notifications past
+/// `read_retention`, the oldest past `max_per_receiver`) now and then: an
+/// eighth of the retention apart, at least a second, at most ten minutes
+/// (so a receiver's inbox is back under its cap soon after it went over).
+fn spawn_inbox_expiry(
+    inbox: std::sync::Arc<dyn switchboard_handlers::records::Inbox>,
+    policy: switchboard_handlers::records::inbox::InboxPolicy,
+) {
+    let every = (policy.read_retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let inbox = inbox.clone();
+            let now = switchboard_sdk::now();
+            match tokio::task::spawn_blocking(move || inbox.expire(&policy, now)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "removed notifications past retention"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "inbox housekeeping failed"),
+                Err(e) => tracing::warn!(error = %e, "inbox housekeeping panicked"),
             }
         }
     });

@@ -332,6 +332,13 @@ mod tests {
             ) -> Result<u64, RecordError> {
                 unreachable!("checking a config changes no inbox")
             }
+            fn expire(
+                &self,
+                _: &crate::records::inbox::InboxPolicy,
+                _: time::OffsetDateTime,
+            ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+                unreachable!("checking a config changes no inbox")
+            }
             fn flush<'a>(
                 &'a self,
                 _: &'a AccountKey,

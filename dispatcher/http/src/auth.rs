@@ -598,16 +598,16 @@ impl Auth {
     /// compared by hash in constant time; account tokens are looked up by
     /// their hash, so no secret is compared byte by byte.
     pub fn principal(&self, token: &str) -> Result<Option<Principal>, TokenError> {
+        let presented = hash(token);
+        if constant_time_eq(&presented, &self.admin) {
+            return Ok(Some(Principal::Admin));
+        }
         if token.starts_with(crate::receiver_tokens::RECEIVER_TOKEN_PREFIX) {
             return self
                 .receivers
                 .verify(token)
                 .map(|r| r.map(Principal::Receiver))
                 .map_err(TokenError::Records);
-        }
-        let presented = hash(token);
-        if constant_time_eq(&presented, &self.admin) {
-            return Ok(Some(Principal::Admin));
         }
         Ok(self
             .tokens

@@ -5,6 +5,7 @@
 //! receiver marking one read, find it). Read and archived state change by
 //! compare-and-swap, so a receiver's two tabs marking at once both land.
 
+use switchboard_handlers::records::inbox::InboxPolicy;
 use switchboard_handlers::records::{
     Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification, RecordError, Records,
 };
@@ -15,6 +16,22 @@ use super::{About, decode};
 
 /// How many times a change is tried against other writers.
 const MARK_TRIES: u32 = 8;
+
+/// Notifications housekeeping reads at a time.
+const SWEEP_PAGE: usize = 1_024;
+
+/// The `{account}\0{receiver}\0` a notification's key begins with.
+fn group_of(key: &[u8]) -> &[u8] {
+    let mut nuls = key
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == 0)
+        .map(|(i, _)| i);
+    match (nuls.next(), nuls.next()) {
+        (Some(_), Some(second)) => &key[..=second],
+        _ => key,
+    }
+}
 
 fn receiver_prefix(account: &AccountKey, receiver: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), receiver.as_bytes(), b""])
@@ -41,12 +58,19 @@ fn id_key(account: &AccountKey, id: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct StoredInbox {
     store: Store,
+    /// Held while a notification is placed: deliveries (made only by the
+    /// owner of the account's partition, so in one process) take their
+    /// places one at a time.
+    placing: std::sync::Mutex<()>,
 }
 
 impl StoredInbox {
     /// Inboxes kept in `store`.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            placing: std::sync::Mutex::new(()),
+        }
     }
 
     /// Makes `mark` to the notification under `at`, if it is `receiver`'s.
@@ -93,7 +117,13 @@ impl StoredInbox {
 }
 
 impl Inbox for StoredInbox {
-    fn deliver(&self, notification: Notification) -> Result<Notification, RecordError> {
+    /// A new notification is placed after every one its receiver has, so
+    /// the order of an inbox is the order notifications were left in: a
+    /// stream that resumes after one misses none left later, even when
+    /// two workers' clocks, or two replicas', disagree. Its `created_at`
+    /// is moved on (by microseconds) when it must be.
+    fn deliver(&self, mut notification: Notification) -> Result<Notification, RecordError> {
+        let _placing = self.placing.lock().expect("placing lock");
         let account = notification.account_key.clone();
         let by_id = id_key(&account, &notification.id);
         if let Some(at) = self
@@ -107,6 +137,30 @@ impl Inbox for StoredInbox {
                 .and_then(|v| decode::<Notification>(&v))
         {
             return Ok(existing);
+        }
+        if let Some((newest, _)) = self
+            .store
+            .scan_prefix_rev(
+                Collection::Inbox,
+                &receiver_prefix(&account, &notification.receiver),
+                1,
+            )
+            .about(Records::Inbox, &account)?
+            .first()
+        {
+            let prefix_len = receiver_prefix(&account, &notification.receiver).len();
+            let newest = newest
+                .get(prefix_len..prefix_len + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            if let Some(newest) = newest
+                && notification.cursor().micros <= newest
+            {
+                notification.created_at = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    (i128::from(newest) + 1) * 1_000,
+                )
+                .expect("a time within range");
+            }
         }
         let at = notification_key(&notification);
         self.store
@@ -258,6 +312,61 @@ impl Inbox for StoredInbox {
     {
         Box::pin(async move { self.store.flush().await.about(Records::Inbox, account) })
     }
+
+    fn expire(
+        &self,
+        policy: &InboxPolicy,
+        now: time::OffsetDateTime,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let mut removed = 0;
+        // One receiver's notifications at a time, oldest first as stored.
+        let mut group: Vec<u8> = Vec::new();
+        let mut held: Vec<(Vec<u8>, Vec<u8>, Notification)> = Vec::new();
+        let mut sweep = |held: &mut Vec<(Vec<u8>, Vec<u8>, Notification)>| {
+            held.reverse();
+            let newest_first: Vec<Notification> = held.iter().map(|(_, _, n)| n.clone()).collect();
+            for i in policy.to_remove(&newest_first, now) {
+                let (k, v, n) = &held[i];
+                // Another replica's partition: its own sweep removes it.
+                if !self.store.writes_locally(Collection::Inbox, k) {
+                    continue;
+                }
+                // One changed since it was read is left for the next sweep.
+                if self
+                    .store
+                    .compare_and_swap(Collection::Inbox, k, Some(v), None)?
+                {
+                    self.store.compare_and_swap(
+                        Collection::InboxIds,
+                        &id_key(&n.account_key, &n.id),
+                        Some(k),
+                        None,
+                    )?;
+                    removed += 1;
+                }
+            }
+            held.clear();
+            Ok::<_, switchboard_store::StoreError>(())
+        };
+        let mut from = Vec::new();
+        loop {
+            let page = self.store.scan_from(Collection::Inbox, &from, SWEEP_PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.clone();
+            from.push(0);
+            for (k, v) in page {
+                if group_of(&k) != group.as_slice() {
+                    sweep(&mut held)?;
+                    group = group_of(&k).to_vec();
+                }
+                if let Some(n) = decode::<Notification>(&v) {
+                    held.push((k, v, n));
+                }
+            }
+        }
+        sweep(&mut held)?;
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -384,6 +493,80 @@ mod tests {
         );
         let last = missed.last().unwrap().cursor();
         assert!(inbox.after(&acme, "ann", &last, 10).unwrap().is_empty());
+    }
+
+    /// Left later means placed later, whatever the clock said.
+    #[test]
+    fn a_notification_left_later_is_placed_after_the_newest() {
+        let inbox = StoredInbox::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let first = inbox
+            .deliver(notification(&acme, "ann", "n-1", 5_000))
+            .unwrap();
+        // A worker whose clock is behind.
+        let second = inbox
+            .deliver(notification(&acme, "ann", "n-2", 4_000))
+            .unwrap();
+        assert!(second.cursor() > first.cursor(), "{second:?}");
+        assert_eq!(second.cursor().micros, first.cursor().micros + 1);
+        let page = inbox
+            .page(&acme, "ann", &InboxFilter::default(), None, 10)
+            .unwrap();
+        assert_eq!(ids(&page.notifications), ["n-2", "n-1"]);
+        let missed = inbox.after(&acme, "ann", &first.cursor(), 10).unwrap();
+        assert_eq!(ids(&missed), ["n-2"]);
+        // Another receiver's inbox is its own.
+        let bob = inbox
+            .deliver(notification(&acme, "bob", "b-1", 1_000))
+            .unwrap();
+        assert_eq!(bob.cursor().micros, 1_000_000);
+    }
+
+    #[test]
+    fn housekeeping_removes_past_the_cap_and_old_read_ones_with_their_ids() {
+        let inbox = StoredInbox::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let now = time::OffsetDateTime::from_unix_timestamp(10).unwrap();
+        for i in 1..=5 {
+            inbox
+                .deliver(notification(&acme, "ann", &format!("n-{i}"), i * 1_000))
+                .unwrap();
+        }
+        inbox
+            .deliver(notification(&acme, "bob", "b-1", 500))
+            .unwrap();
+        inbox
+            .mark(&acme, "ann", "n-4", Mark::Read)
+            .unwrap()
+            .unwrap();
+        inbox
+            .mark(&acme, "bob", "b-1", Mark::Read)
+            .unwrap()
+            .unwrap();
+        let policy = InboxPolicy {
+            read_retention: std::time::Duration::from_secs(3600),
+            max_per_receiver: 3,
+        };
+        // n-4 read but recent; n-1 and n-2 past the cap.
+        assert_eq!(inbox.expire(&policy, now).unwrap(), 2);
+        let all = InboxFilter::default();
+        let left = inbox.page(&acme, "ann", &all, None, 10).unwrap();
+        assert_eq!(ids(&left.notifications), ["n-5", "n-4", "n-3"]);
+        // Their ids went too: marking one finds nothing.
+        assert_eq!(inbox.mark(&acme, "ann", "n-1", Mark::Read).unwrap(), None);
+        // Later: the read ones (made long before) go, the unread stay.
+        let later = now + time::Duration::days(2);
+        assert_eq!(inbox.expire(&policy, later).unwrap(), 2);
+        let left = inbox.page(&acme, "ann", &all, None, 10).unwrap();
+        assert_eq!(ids(&left.notifications), ["n-5", "n-3"]);
+        assert!(
+            inbox
+                .page(&acme, "bob", &all, None, 10)
+                .unwrap()
+                .notifications
+                .is_empty()
+        );
+        assert_eq!(inbox.expire(&policy, later).unwrap(), 0);
     }
 
     #[test]

@@ -432,6 +432,44 @@ impl InboxCount {
     }
 }
 
+/// How long inboxes keep what they hold (`[inbox]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxPolicy {
+    /// A notification read this long after it was made is removed
+    /// (`"30d"`); unread ones stay, up to the cap.
+    #[serde(with = "switchboard_rules::duration")]
+    pub read_retention: std::time::Duration,
+    /// The most a receiver keeps: beyond it the oldest go, read or not.
+    pub max_per_receiver: usize,
+}
+
+impl Default for InboxPolicy {
+    fn default() -> Self {
+        Self {
+            read_retention: std::time::Duration::from_secs(30 * 86400),
+            max_per_receiver: 1_000,
+        }
+    }
+}
+
+impl InboxPolicy {
+    /// Which of one receiver's notifications (newest first) housekeeping
+    /// removes at `now`: every one past the cap, and each read one made
+    /// more than the retention ago. Their positions.
+    pub fn to_remove(&self, newest_first: &[Notification], now: OffsetDateTime) -> Vec<usize> {
+        let cut = now - self.read_retention;
+        newest_first
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| {
+                *i >= self.max_per_receiver || (n.read_at.is_some() && n.created_at < cut)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
 /// The inboxes of every account.
 pub trait Inbox: Send + Sync + std::fmt::Debug {
     /// Leaves `notification` in its receiver's inbox; one with the same id
@@ -482,6 +520,15 @@ pub trait Inbox: Send + Sync + std::fmt::Debug {
         receiver: &str,
         category: Option<&str>,
     ) -> Result<u64, RecordError>;
+
+    /// Housekeeping over every inbox this process writes: removes what
+    /// `policy` says goes at `now` ([`InboxPolicy::to_remove`]). How many
+    /// it removed.
+    fn expire(
+        &self,
+        policy: &InboxPolicy,
+        now: OffsetDateTime,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>>;
 
     /// Makes every notification of `account` delivered so far durable (a
     /// broadcast's progress, a batch at a time).
@@ -712,6 +759,31 @@ mod tests {
         assert_ne!(id, broadcast_id("step-2", "c-1"));
         assert_eq!(id.len(), 36);
         assert!(format!("1.{id}").parse::<Cursor>().is_ok());
+    }
+
+    #[test]
+    fn housekeeping_keeps_the_newest_and_the_unread() {
+        let policy = InboxPolicy {
+            read_retention: std::time::Duration::from_secs(3600),
+            max_per_receiver: 3,
+        };
+        let now = OffsetDateTime::from_unix_timestamp(1_700_100_000).unwrap();
+        let at = |minutes_ago: i64, read: bool| {
+            let mut n = note(read, false, "basic");
+            n.created_at = now - time::Duration::minutes(minutes_ago);
+            n
+        };
+        // Newest first: a read one within the hour, a read one older, an
+        // unread one older, then two past the cap.
+        let inbox = [
+            at(10, true),
+            at(90, true),
+            at(120, false),
+            at(130, false),
+            at(140, true),
+        ];
+        assert_eq!(policy.to_remove(&inbox, now), [1, 3, 4]);
+        assert!(policy.to_remove(&inbox[..1], now).is_empty());
     }
 
     #[test]

@@ -11,12 +11,21 @@ use switchboard_handlers::records::inbox::{check_label, check_receiver};
 use switchboard_handlers::records::{Cursor, InboxFilter, Mark};
 
 use super::*;
-use crate::receiver_tokens::{self, MintError, Receiver};
+use crate::receiver_tokens::{self, MintError};
+
+/// Whose inbox a request is about.
+struct Receiver {
+    account: AccountKey,
+    receiver: String,
+}
 
 /// Whose inbox a `/v1/inbox` request is about: its receiver token's.
 fn receiver_of(principal: &Principal) -> Result<Receiver, ApiError> {
     match principal {
-        Principal::Receiver(r) => Ok(r.clone()),
+        Principal::Receiver(r) => Ok(Receiver {
+            account: r.account.clone(),
+            receiver: r.receiver.clone(),
+        }),
         // `auth::access` lets only receiver tokens here.
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -5,15 +5,25 @@
 //!   event's id): a new notification;
 //! - `updated`: one was read, unread, archived or unarchived;
 //! - `removed` (`{"id": …}`): one was removed by housekeeping;
-//! - `count` (`{"unread": …, "total": …}`): the counts, once at the start
-//!   and after every change to them.
+//! - `count` (`{"unread": …, "total": …}`): the counts, at the start (with
+//!   the newest notification's place as its id) and whenever they change
+//!   (once after a burst of changes);
+//! - `reset`: more was missed than a stream resends: reload the listing.
 //!
-//! A client reconnecting with `Last-Event-ID` (which browsers' EventSource
-//! send by themselves) first gets every notification made after that one,
-//! so nothing is missed across a reconnection. The feed is the store's own
-//! ([`Store::watch`]), so a notification left by any replica's chain
-//! reaches a stream on any replica. A client that falls behind is dropped
-//! (it reconnects and resumes); the dispatcher never waits for one.
+//! An inbox is ordered by when notifications were left (see
+//! `StoredInbox::deliver`), so a client reconnecting with `Last-Event-ID`
+//! (browsers' EventSource send it by themselves; the widget too) first gets
+//! every notification left after that one: nothing is missed across a
+//! reconnection. Changes to read and archived state made meanwhile are
+//! not resent: reload the listing after a reconnection (the widget does).
+//!
+//! The feed is the store's own ([`Store::watch`]), so a notification left
+//! by any replica's chain reaches a stream on any replica. A client that
+//! falls behind is dropped (it reconnects and resumes); the dispatcher
+//! never waits for one. A stream ends when its token expires, and within
+//! [`RECHECK`] of the account's key being rotated.
+//!
+//! [`Store::watch`]: switchboard_store::Store::watch
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -22,29 +32,39 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use switchboard_handlers::records::{Cursor, InboxCount, InboxFilter, Notification};
 use switchboard_store::Collection;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::*;
 use crate::receiver_tokens::Receiver;
 
-/// Notifications a resuming stream is sent per read of the store.
-const RESUME_BATCH: usize = 500;
+/// Notifications a resuming stream reads from the store at a time.
+const RESUME_BATCH: usize = 200;
+
+/// The most a resuming stream resends; past it, `reset`.
+const RESUME_MAX: usize = 1_000;
+
+/// How often an open stream checks that its token is still valid.
+pub const RECHECK: Duration = Duration::from_secs(30);
 
 pub(super) async fn own_stream(
     State(s): State<ApiState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let who = match principal {
-        Principal::Receiver(r) => r,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "the /v1/inbox routes need a receiver token",
-            ));
-        }
+    let Principal::Receiver(who) = principal else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the /v1/inbox routes need a receiver token",
+        ));
     };
+    // `auth::require_token` resolved this very header to `who`.
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, t)| t.trim().to_string())
+        .unwrap_or_default();
     let resume = headers
         .get("last-event-id")
         .map(|v| {
@@ -59,50 +79,64 @@ pub(super) async fn own_stream(
                 })
         })
         .transpose()?;
-    // Watch first, then read: nothing made in between is missed (what
+    // Watch first, then read: nothing left in between is missed (what
     // both show is sent twice, the second time as `updated`).
     let changes = s.store.watch(Collection::Inbox);
     let mut opening = Vec::new();
-    let high_water = match resume {
-        Some(from) => {
-            let mut last = from;
-            loop {
-                let missed = s
-                    .inbox
-                    .after(&who.account, &who.receiver, &last, RESUME_BATCH)
-                    .map_err(ApiError::internal)?;
-                let done = missed.len() < RESUME_BATCH;
-                for n in missed {
-                    last = n.cursor();
-                    opening.push(new_notification(&n));
-                }
-                if done {
-                    break;
-                }
+    let mut high_water = newest(&s, &who)?;
+    if let Some(from) = resume {
+        let mut missed = Vec::new();
+        let mut last = from;
+        loop {
+            let batch = s
+                .inbox
+                .after(&who.account, &who.receiver, &last, RESUME_BATCH)
+                .map_err(ApiError::internal)?;
+            let Some(end) = batch.last() else { break };
+            last = end.cursor();
+            missed.extend(batch);
+            if missed.len() > RESUME_MAX {
+                break;
             }
-            Some(last)
         }
-        None => newest(&s, &who)?,
-    };
+        if missed.len() > RESUME_MAX {
+            opening.push(Event::default().event("reset").data("{}"));
+        } else {
+            opening.extend(missed.iter().map(new_notification));
+        }
+    }
     let count = s
         .inbox
         .count(&who.account, &who.receiver)
         .map_err(ApiError::internal)?;
-    opening.push(count_event(count));
+    let mut first_count = count_event(count);
+    if let Some(newest) = &high_water {
+        first_count = first_count.id(newest.to_string());
+    }
+    opening.push(first_count);
     let prefix = switchboard_store::key(&[
         who.account.as_str().as_bytes(),
         who.receiver.as_bytes(),
         b"",
     ]);
+    let expires = tokio::time::Instant::now()
+        + (who.expires_at - switchboard_sdk::now())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let live = Live {
         s: s.clone(),
         who,
+        token,
         prefix,
         changes,
         stopped: s.tail.stopped(),
-        high_water,
+        expires,
+        recheck,
+        high_water: high_water.take(),
         count,
-        pending: None,
+        counts_moved: false,
     };
     let opening = futures::stream::iter(opening.into_iter().map(Ok));
     let live = futures::stream::unfold(live, |mut live| async move {
@@ -149,28 +183,52 @@ fn count_event(count: InboxCount) -> Event {
 struct Live {
     s: ApiState,
     who: Receiver,
+    /// The stream's token, checked again now and then.
+    token: String,
     prefix: Vec<u8>,
     changes: tokio::sync::broadcast::Receiver<switchboard_store::Watched>,
     stopped: tokio::sync::watch::Receiver<bool>,
+    /// When the token expires.
+    expires: tokio::time::Instant,
+    recheck: tokio::time::Interval,
     /// The newest notification sent (or there when the stream began).
     high_water: Option<Cursor>,
     /// The counts last sent.
     count: InboxCount,
-    /// The counts after a change, not yet sent.
-    pending: Option<Event>,
+    /// Whether a change since the counts were last sent may have moved them.
+    counts_moved: bool,
 }
 
 impl Live {
     /// The next event, or `None` when the stream ends (the dispatcher
-    /// stops, or the client fell behind and must reconnect).
+    /// stops, the token is no longer valid, or the client fell behind and
+    /// must reconnect).
     async fn next(&mut self) -> Option<Event> {
-        if let Some(count) = self.pending.take() {
-            return Some(count);
-        }
         loop {
-            let changed = tokio::select! {
-                _ = self.stopped.wait_for(|s| *s) => return None,
-                changed = self.changes.recv() => changed,
+            let changed = match self.changes.try_recv() {
+                Ok(w) => Ok(w),
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => {
+                    // Caught up: the counts once for the changes so far.
+                    if self.counts_moved {
+                        self.counts_moved = false;
+                        if let Some(event) = self.recount() {
+                            return Some(event);
+                        }
+                    }
+                    let woke = tokio::select! {
+                        _ = self.stopped.wait_for(|s| *s) => return None,
+                        _ = tokio::time::sleep_until(self.expires) => return None,
+                        _ = self.recheck.tick() => None,
+                        changed = self.changes.recv() => Some(changed),
+                    };
+                    match woke {
+                        Some(changed) => changed,
+                        None if self.still_valid() => continue,
+                        None => return None,
+                    }
+                }
             };
             let watched = match changed {
                 Ok(w) => w,
@@ -188,6 +246,7 @@ impl Live {
             if !watched.key.starts_with(&self.prefix) {
                 continue;
             }
+            self.counts_moved = true;
             let event = match watched
                 .value
                 .as_deref()
@@ -215,19 +274,36 @@ impl Live {
                         .expect("an id serialises")
                 }
             };
-            // Every change may move the counts: send them after it when
-            // they did.
-            match self.s.inbox.count(&self.who.account, &self.who.receiver) {
-                Ok(count) if count != self.count => {
-                    self.count = count;
-                    self.pending = Some(count_event(count));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "counting an inbox for its stream failed");
-                }
-            }
             return Some(event);
+        }
+    }
+
+    /// The counts, when they moved since last sent.
+    fn recount(&mut self) -> Option<Event> {
+        match self.s.inbox.count(&self.who.account, &self.who.receiver) {
+            Ok(count) if count != self.count => {
+                self.count = count;
+                Some(count_event(count))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "counting an inbox for its stream failed");
+                None
+            }
+        }
+    }
+
+    /// Whether the stream's token still opens this inbox (the account's
+    /// key may have been rotated).
+    fn still_valid(&self) -> bool {
+        match self.s.auth.receivers().verify(&self.token) {
+            Ok(Some(r)) => r.account == self.who.account && r.receiver == self.who.receiver,
+            Ok(None) => false,
+            // Checked again at the next tick.
+            Err(e) => {
+                tracing::warn!(error = %e, "checking an inbox stream's token failed");
+                true
+            }
         }
     }
 }

@@ -10,7 +10,9 @@
 // address, by default where this script came from. The bell shows the unread
 // count; clicking it opens the panel: notifications newest first, each marked
 // read when clicked, and "Mark all read". New notifications and count changes
-// arrive live over /v1/inbox/stream, resumed with Last-Event-ID after a drop.
+// arrive live over /v1/inbox/stream; after a drop the stream resumes with
+// Last-Event-ID (nothing left meanwhile is missed) and the list is read again
+// (for what was read or archived meanwhile).
 //
 // Content is shown, never run: text and titles as text, Markdown as the HTML
 // the dispatcher rendered and sanitised, action links only when http(s).
@@ -130,7 +132,7 @@
       if (!this.token) return;
       const abort = new AbortController();
       this.abort = abort;
-      this.stream(abort, () => this.load(abort));
+      this.stream(abort);
     }
 
     async load(abort) {
@@ -139,9 +141,7 @@
           { headers: this.headers(), signal: abort.signal });
         if (!response.ok) throw new Error("listing: HTTP " + response.status);
         const page = await response.json();
-        for (const n of page.notifications) {
-          if (!this.items.has(n.id)) this.items.set(n.id, n);
-        }
+        for (const n of page.notifications) this.items.set(n.id, n);
         this.setCount(page.unread);
         this.render();
       } catch (e) {
@@ -149,8 +149,11 @@
       }
     }
 
-    async stream(abort, opened) {
+    // Each connection, once its first counts arrive (it is watching), reads
+    // the list: what the stream would not resend.
+    async stream(abort) {
       while (!abort.signal.aborted) {
+        let opened = () => this.load(abort);
         try {
           const headers = this.headers({ Accept: "text/event-stream" });
           if (this.lastEventId) headers["Last-Event-ID"] = this.lastEventId;
@@ -172,8 +175,7 @@
             while ((end = buffer.indexOf("\n\n")) >= 0) {
               const block = buffer.slice(0, end);
               buffer = buffer.slice(end + 2);
-              this.onEvent(block, opened);
-              opened = null;
+              if (this.onEvent(block, opened)) opened = null;
             }
           }
         } catch (e) {
@@ -185,6 +187,7 @@
       }
     }
 
+    // Handles one event; whether it was the counts (which call `opened`).
     onEvent(block, opened) {
       let type = "message", data = "", id = null;
       for (const line of block.split("\n")) {
@@ -197,7 +200,7 @@
         else if (field === "id") id = value;
       }
       if (id) this.lastEventId = id;
-      if (!data) return;
+      if (!data) return false;
       const payload = JSON.parse(data);
       if (type === "notification" || type === "updated") {
         this.items.set(payload.id, payload);
@@ -209,7 +212,12 @@
       } else if (type === "count") {
         this.setCount(payload.unread);
         if (opened) opened();
+        return true;
+      } else if (type === "reset") {
+        // More was missed than the stream resends: the list is read anew.
+        this.items.clear();
       }
+      return false;
     }
 
     setCount(unread) {

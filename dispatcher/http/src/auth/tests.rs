@@ -51,6 +51,7 @@ fn what_a_receiver_token_reaches() {
     let ann = Principal::Receiver(crate::receiver_tokens::Receiver {
         account: AccountKey::new("acme").unwrap(),
         receiver: "ann".into(),
+        expires_at: time::OffsetDateTime::UNIX_EPOCH,
     });
     for path in [
         "/v1/inbox",
@@ -161,7 +162,8 @@ async fn tokens_are_created_found_listed_and_revoked() {
         auth.principal(&ann.token).unwrap(),
         Some(Principal::Receiver(crate::receiver_tokens::Receiver {
             account: acme.clone(),
-            receiver: "ann".into()
+            receiver: "ann".into(),
+            expires_at: ann.expires_at,
         }))
     );
     assert_eq!(auth.principal("sbr_forged.token").unwrap(), None);
