@@ -990,3 +990,96 @@ async fn housekeeping_keeps_inboxes_within_their_cap_and_retention() {
         }
     }
 }
+
+/// The example of docs/inbox.md, as shipped in `examples/inbox/`: the
+/// "before" callbacks stop a send (a `when`, a script's `stop()`) or
+/// redirect it (the script picks the receiver); "upon" is the notify
+/// step's output, the notification as stored; "after" steps run once it is
+/// stored, and see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_upon_and_after_a_notification() {
+    let d = Dispatcher::embedded();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inbox");
+    let put = d
+        .cli(&[
+            "scripts",
+            "put",
+            "shop",
+            "route_notice",
+            example.join("route_notice.rhai").to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(put.code, Some(0), "{put:?}");
+    d.apply_chains(
+        "shop.toml",
+        &std::fs::read_to_string(example.join("chains.toml")).unwrap(),
+    )
+    .await;
+    let shipped = |data: Value| {
+        let d = &d;
+        async move {
+            let id = d
+                .post_event(&json!({"account_key": "shop", "conversation_key": "orders",
+                    "conversation_type": "shop", "event_type": "order_shipped",
+                    "event_data": data}))
+                .await;
+            d.wait_for_trace("shop", &id, TIMEOUT).await
+        }
+    };
+    let inbox = |receiver: &'static str| {
+        let d = &d;
+        async move {
+            let (_, list) = d.get(&format!("/v1/accounts/shop/inbox/{receiver}")).await;
+            list["notifications"].as_array().unwrap().clone()
+        }
+    };
+
+    // Plain: the customer is told; the after step saw the stored one.
+    let trace = shipped(json!({"order": "A-1", "customer": "ann"})).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let ann = inbox("ann").await;
+    assert_eq!(ann.len(), 1);
+    assert_eq!(ann[0]["content"]["title"], "Order A-1 shipped");
+    let steps = trace["chains"][0]["steps"].as_array().unwrap();
+    let notice = &steps[1]["output"];
+    assert_eq!(notice["notification_id"], ann[0]["id"], "upon: {notice:#}");
+    let told = trace["children"][0]
+        .as_str()
+        .expect("the after step's event");
+    let child = d.wait_for_trace("shop", told, TIMEOUT).await;
+    assert_eq!(child["event"]["event_type"], "notice_left", "{child:#}");
+    let data = &child["event"]["event_data"];
+    assert_eq!(
+        (&data["notification"], &data["receiver"]),
+        (&ann[0]["id"], &json!("ann")),
+        "after: {child:#}"
+    );
+
+    // Redirect: the delegate is told, not the customer.
+    let trace = shipped(json!({"order": "A-2", "customer": "ann", "delegate": "bob"})).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(inbox("bob").await.len(), 1);
+    assert_eq!(inbox("ann").await.len(), 1);
+
+    // Stop, by the script: nobody is told, and no after step ran.
+    let trace = shipped(json!({"order": "A-3", "customer": "cat", "muted": true})).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert!(inbox("cat").await.is_empty());
+    let outcomes: Vec<&Value> = trace["chains"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["outcome"])
+        .collect();
+    assert_eq!(
+        outcomes,
+        [&json!("stopped"), &json!("skipped"), &json!("skipped")],
+        "the chain ended at the script: {trace:#}"
+    );
+    assert_eq!(trace["children"], json!([]));
+
+    // Stop, by the chain's `when`: the chain does not run.
+    let trace = shipped(json!({"order": "A-4", "customer": "dan", "quiet": true})).await;
+    assert!(inbox("dan").await.is_empty(), "{trace:#}");
+    assert_eq!(trace["chains"], json!([]), "{trace:#}");
+}
