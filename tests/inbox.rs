@@ -1083,3 +1083,156 @@ async fn before_upon_and_after_a_notification() {
     assert!(inbox("dan").await.is_empty(), "{trace:#}");
     assert_eq!(trace["chains"], json!([]), "{trace:#}");
 }
+
+/// An in-app template (`channel = "inbox"`) fills a notify step's content,
+/// rendered for each receiver: one person, or each contact of a broadcast;
+/// values inserted into Markdown show as written; an e-mail template is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_renders_an_inbox_template_for_each_receiver() {
+    let d = Dispatcher::embedded();
+    for (slug, source) in [
+        (
+            "shipped",
+            "channel = \"inbox\"\ncategory = \"orders\"\ncontent_type = \"url_action\"\n\
+             title = \"Order {{ context.order }} shipped\"\n\
+             text = \"On its way, {{ recipient.name | default('friend') }}.\"\n\
+             url = \"https://shop.example/orders/{{ context.order }}\"\n\
+             action_label = \"Track it\"\n\
+             [context]\ntype = \"object\"\nrequired = [\"order\"]\n",
+        ),
+        (
+            "hello",
+            "channel = \"inbox\"\ncontent_type = \"markdown\"\n\
+             text = \"**Hello** {{ recipient.name }}\"\n",
+        ),
+        (
+            "mail",
+            "channel = \"email\"\nsubject = \"s\"\ntext = \"t\"\n",
+        ),
+    ] {
+        let (status, answer) = d
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/accounts/acme/templates/{slug}"),
+                Some(d.admin_token()),
+                Some(source.into()),
+            )
+            .await;
+        assert_eq!(status, 200, "{slug}: {answer}");
+    }
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "register"
+event_type = "register"
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}", name = "{{ event.event_data.name }}" }
+
+[[chains]]
+name = "shipped"
+event_type = "shipped"
+[[chains.steps]]
+handler = "notify"
+config = { to = "{{ event.event_data.to }}", template = "shipped", context = { order = "{{ event.event_data.order }}" } }
+
+[[chains]]
+name = "hello-all"
+event_type = "hello_all"
+[[chains.steps]]
+handler = "notify"
+config = { to = { all = true }, template = "hello" }
+
+[[chains]]
+name = "wrong"
+event_type = "wrong"
+[[chains.steps]]
+handler = "notify"
+config = { to = "ann", template = "mail" }
+"#,
+    )
+    .await;
+    let run = |event_type: &str, data: Value| {
+        let d = &d;
+        let event_type = event_type.to_string();
+        async move {
+            let id = d
+                .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+                    "conversation_type": "web", "event_type": event_type, "event_data": data}))
+                .await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+    for (msisdn, name) in [("+27820000001", "Ann"), ("+27820000002", "**Bob**")] {
+        let trace = run("register", json!({"msisdn": msisdn, "name": name})).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
+    let (_, contacts) = d.get("/v1/accounts/acme/contacts").await;
+    let key_of = |name: &str| {
+        contacts["contacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (ann, bob) = (key_of("Ann"), key_of("**Bob**"));
+
+    // One receiver, a contact: its name; one that is not: the default.
+    for (to, greeting) in [
+        (ann.as_str(), "On its way, Ann."),
+        ("guest-7", "On its way, friend."),
+    ] {
+        let trace = run("shipped", json!({"to": to, "order": "A-9"})).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+        let (_, inbox) = d.get(&format!("/v1/accounts/acme/inbox/{to}")).await;
+        let n = &inbox["notifications"][0];
+        assert_eq!(n["category"], "orders", "{n:#}");
+        assert_eq!(
+            n["content"],
+            json!({"content_type": "url_action", "title": "Order A-9 shipped",
+                   "body": greeting, "url": "https://shop.example/orders/A-9",
+                   "action_label": "Track it"})
+        );
+    }
+    // An event without an order: the step fails for good, naming it.
+    let trace = run("shipped", json!({"to": ann})).await;
+    let error = trace["chains"][0]["steps"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("config.context.order"), "{trace:#}");
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+
+    // A broadcast: each contact's own name, Markdown in a name shown as
+    // written.
+    let trace = run("hello_all", json!({})).await;
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["output"]["receivers"], 2,
+        "{trace:#}"
+    );
+    for (key, shown) in [(&ann, "Ann"), (&bob, "**Bob**")] {
+        let (_, inbox) = d.get(&format!("/v1/accounts/acme/inbox/{key}")).await;
+        let html = inbox["notifications"][0]["content"]["html"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(html.contains("<strong>Hello</strong>"), "{html}");
+        assert!(html.contains(shown), "{shown} in {html}");
+    }
+
+    // An e-mail template: refused for good, saying why.
+    let trace = run("wrong", json!({})).await;
+    let error = trace["chains"][0]["steps"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("\"mail\" is an email template"), "{trace:#}");
+}

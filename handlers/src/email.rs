@@ -539,7 +539,7 @@ impl SendEmail {
                     subject: Some(subject.clone()),
                     html: html.clone(),
                     text: Some(text.clone()),
-                    idempotency: None,
+                    ..Rendered::default()
                 },
             })
             .collect();

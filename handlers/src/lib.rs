@@ -447,7 +447,7 @@ impl Registry {
         r.secrets = Some(services.secrets.clone());
         r.message_templates = services.templates.clone();
         let templated = templated::TemplatePorts {
-            templates: services.templates,
+            templates: services.templates.clone(),
             contacts: services.contacts.clone(),
             idempotency: services.idempotency,
             preferences: services.preferences,
@@ -459,6 +459,7 @@ impl Registry {
         r.register(Arc::new(notify::Notify::new(
             services.inbox,
             services.contacts.clone(),
+            services.templates.clone(),
         )));
         r.register(Arc::new(sms::SendSms::new(
             services.sms_providers,

@@ -1,5 +1,5 @@
-//! Message templates: an account's reusable e-mail and SMS messages, by
-//! slug, versioned like scripts ([`crate::versioned`]).
+//! Message templates: an account's reusable e-mail, SMS and in-app
+//! messages, by slug, versioned like scripts ([`crate::versioned`]).
 //!
 //! A template is a TOML file:
 //!
@@ -19,10 +19,26 @@
 //! properties.plan = { type = "string" }
 //! ```
 //!
+//! An in-app template (`channel = "inbox"`, for `notify`) has a
+//! `content_type` (`text`, `markdown` or `url_action`), a `text` (the
+//! body; Markdown for `markdown`), and for an action a `title`, `url` and
+//! `action_label`:
+//!
+//! ```toml
+//! channel = "inbox"
+//! content_type = "url_action"
+//! title = "Order {{ context.order }} shipped"
+//! text = "It is on its way, {{ recipient.name }}."
+//! url = "https://shop.example/orders/{{ context.order }}"
+//! action_label = "Track it"
+//! ```
+//!
 //! Every part is a minijinja template over `context` (the data a step
 //! gives), `recipient` (`name`, `email`, `phone` and a contact's fields),
 //! `template` (the slug) and `now` (RFC 3339, UTC); undefined values are
-//! errors, and the `html` part escapes every value it inserts. A put
+//! errors. The `html` part escapes every value it inserts as HTML, and a
+//! `markdown` template's `text` escapes them as Markdown (a value's `**` or
+//! `[link](…)` shows as written, it does not format or link). A put
 //! compiles every part and checks the schema; an error names the part, line
 //! and column.
 
@@ -42,6 +58,8 @@ pub enum TemplateChannel {
     Email,
     /// SMS: a text.
     Sms,
+    /// In-app (`notify`): a content type and its parts.
+    Inbox,
 }
 
 impl TemplateChannel {
@@ -50,12 +68,24 @@ impl TemplateChannel {
         match self {
             TemplateChannel::Email => "email",
             TemplateChannel::Sms => "sms",
+            TemplateChannel::Inbox => "inbox",
         }
     }
 }
 
 /// The parts of a template, in the order they are checked and rendered.
-const PARTS: [&str; 4] = ["subject", "html", "text", "idempotency"];
+const PARTS: [&str; 7] = [
+    "subject",
+    "html",
+    "text",
+    "idempotency",
+    "title",
+    "url",
+    "action_label",
+];
+
+/// The auto-escape of a `markdown` template's `text`.
+const MARKDOWN: &str = "markdown";
 
 /// Bounds the work one part may do (loops over large data).
 const FUEL: u64 = 50_000;
@@ -72,6 +102,10 @@ struct TemplateFile {
     text: Option<String>,
     idempotency: Option<String>,
     idempotency_window: Option<String>,
+    content_type: Option<String>,
+    title: Option<String>,
+    url: Option<String>,
+    action_label: Option<String>,
     context: Option<toml::Table>,
 }
 
@@ -132,6 +166,7 @@ fn at(line: Option<usize>, column: Option<usize>) -> String {
 pub struct MessageTemplate {
     slug: String,
     channel: TemplateChannel,
+    content_type: Option<String>,
     category: Option<String>,
     idempotency_window: std::time::Duration,
     env: Environment<'static>,
@@ -164,6 +199,15 @@ pub struct Rendered {
     /// The send's idempotency key, when the template has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<String>,
+    /// An in-app action's title.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// An in-app action's link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// An in-app action's button label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_label: Option<String>,
 }
 
 impl MessageTemplate {
@@ -181,18 +225,35 @@ impl MessageTemplate {
         let channel = match file.channel.as_str() {
             "email" => TemplateChannel::Email,
             "sms" => TemplateChannel::Sms,
-            "inbox" => {
-                return Err(TemplateError::File(
-                    "channel \"inbox\" is not supported yet (in-app notifications come later)"
-                        .into(),
-                ));
-            }
+            "inbox" => TemplateChannel::Inbox,
             other => {
                 return Err(TemplateError::File(format!(
-                    "channel {other:?} is not one of \"email\", \"sms\""
+                    "channel {other:?} is not one of \"email\", \"sms\", \"inbox\""
                 )));
             }
         };
+        let inbox_parts = [
+            ("content_type", file.content_type.is_some()),
+            ("title", file.title.is_some()),
+            ("url", file.url.is_some()),
+            ("action_label", file.action_label.is_some()),
+        ];
+        if channel != TemplateChannel::Inbox
+            && let Some((part, _)) = inbox_parts.iter().find(|(_, given)| *given)
+        {
+            return Err(TemplateError::File(format!(
+                "`{part}` is for in-app templates (channel = \"inbox\"), not {}",
+                channel.name()
+            )));
+        }
+        let content_type = match channel {
+            TemplateChannel::Inbox => {
+                check_inbox_file(&file)?;
+                Some(file.content_type.clone().unwrap_or_else(|| "text".into()))
+            }
+            _ => None,
+        };
+        let markdown = content_type.as_deref() == Some(MARKDOWN);
         match channel {
             TemplateChannel::Email if file.subject.is_none() => {
                 return Err(TemplateError::File(
@@ -239,20 +300,33 @@ impl MessageTemplate {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_fuel(Some(FUEL));
-        env.set_auto_escape_callback(|name| {
-            if name == "html" {
-                AutoEscape::Html
-            } else {
-                AutoEscape::None
+        env.set_auto_escape_callback(move |name| match name {
+            "html" => AutoEscape::Html,
+            "text" if markdown => AutoEscape::Custom(MARKDOWN.into()),
+            _ => AutoEscape::None,
+        });
+        env.set_formatter(|out, state, value| {
+            if *state.auto_escape() == AutoEscape::Custom(MARKDOWN.into()) {
+                let text = if value.is_safe() {
+                    value.to_string()
+                } else {
+                    escape_markdown(&value.to_string())
+                };
+                return out.write_str(&text).map_err(minijinja::Error::from);
             }
+            minijinja::escape_formatter(out, state, value)
         });
         env.add_filter("date", date_filter);
         let mut parts = Vec::new();
-        for (part, source) in
-            PARTS
-                .into_iter()
-                .zip([file.subject, file.html, file.text, file.idempotency])
-        {
+        for (part, source) in PARTS.into_iter().zip([
+            file.subject,
+            file.html,
+            file.text,
+            file.idempotency,
+            file.title,
+            file.url,
+            file.action_label,
+        ]) {
             let Some(source) = source else { continue };
             env.add_template_owned(part, source.clone())
                 .map_err(|e| part_error(part, &source, &e))?;
@@ -272,6 +346,7 @@ impl MessageTemplate {
         Ok(Self {
             slug: slug.to_string(),
             channel,
+            content_type,
             category: file.category,
             idempotency_window,
             env,
@@ -283,6 +358,12 @@ impl MessageTemplate {
     /// The channel it is for.
     pub fn channel(&self) -> TemplateChannel {
         self.channel
+    }
+
+    /// An in-app template's `content_type` (`text`, `markdown` or
+    /// `url_action`).
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
     }
 
     /// The category it belongs to, if any (preferences can be per category).
@@ -332,12 +413,64 @@ impl MessageTemplate {
                 "subject" => &mut rendered.subject,
                 "html" => &mut rendered.html,
                 "text" => &mut rendered.text,
+                "title" => &mut rendered.title,
+                "url" => &mut rendered.url,
+                "action_label" => &mut rendered.action_label,
                 _ => &mut rendered.idempotency,
             };
             *slot = Some(text);
         }
         Ok(rendered)
     }
+}
+
+/// What an in-app template must have for its `content_type`.
+fn check_inbox_file(file: &TemplateFile) -> Result<(), TemplateError> {
+    let refuse = |why: &str| Err(TemplateError::File(why.to_string()));
+    if file.subject.is_some() || file.html.is_some() {
+        return refuse(
+            "an in-app template has a `text` (and for an action a `title`, `url` and \
+             `action_label`): no `subject` or `html`",
+        );
+    }
+    if file.idempotency.is_some() {
+        return refuse(
+            "an in-app template has no `idempotency`: a notify step leaves its notification once",
+        );
+    }
+    if file.text.is_none() {
+        return refuse("an in-app template needs a `text`");
+    }
+    match file.content_type.as_deref().unwrap_or("text") {
+        "text" | "markdown"
+            if file.title.is_some() || file.url.is_some() || file.action_label.is_some() =>
+        {
+            refuse("`title`, `url` and `action_label` are for content_type = \"url_action\"")
+        }
+        "text" | "markdown" => Ok(()),
+        "url_action"
+            if file.title.is_none() || file.url.is_none() || file.action_label.is_none() =>
+        {
+            refuse("content_type = \"url_action\" needs a `title`, a `url` and an `action_label`")
+        }
+        "url_action" => Ok(()),
+        other => Err(TemplateError::File(format!(
+            "content_type {other:?} is not one of \"text\", \"markdown\", \"url_action\""
+        ))),
+    }
+}
+
+/// `text` with every ASCII punctuation character backslash-escaped: in
+/// CommonMark it reads as itself, never as markup.
+pub fn escape_markdown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_ascii_punctuation() {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A part's error, with the line and column minijinja points at.

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use switchboard_rules::FieldProblem;
 
-use crate::options::{OptionSpec, Options, rendered_string};
+use crate::message_template::{TemplateChannel, TemplateStore, TemplateStoreError};
+use crate::options::{Alternative, OptionSpec, Options, rendered_string};
 use crate::records::inbox::{
-    Audience, CONTENT_TYPES, Notification, broadcast_id, check_action_url, check_label,
+    Audience, CONTENT_TYPES, Content, Notification, broadcast_id, check_action_url, check_label,
     check_receiver, content_of,
 };
-use crate::records::{Contacts, Inbox};
+use crate::records::{Contact, Contacts, Inbox};
 use crate::template::is_template;
 use crate::{Handler, StepError, StepInput, StepOutput};
 
@@ -39,12 +40,136 @@ const BROADCAST_BATCH: usize = 200;
 pub struct Notify {
     inbox: Arc<dyn Inbox>,
     contacts: Arc<dyn Contacts>,
+    templates: Option<Arc<TemplateStore>>,
+}
+
+/// Where a step's content comes from.
+enum Source {
+    /// Its config: the same for everyone.
+    Inline(Content),
+    /// An in-app template of the account, rendered for each receiver.
+    Template {
+        template: crate::versioned::Current<crate::message_template::MessageTemplates>,
+        context: Value,
+    },
+}
+
+impl Source {
+    /// The content for `recipient` (a contact as templates see it, or
+    /// `{ "key": receiver }` for a receiver that is not a contact).
+    fn content_for(&self, recipient: &Value) -> Result<Content, StepError> {
+        let (template, context) = match self {
+            Source::Inline(content) => return Ok(content.clone()),
+            Source::Template { template, context } => (template, context),
+        };
+        let about = |e: String| {
+            StepError::permanent(format!(
+                "template {:?} v{}: {e}",
+                template.name, template.version
+            ))
+        };
+        let rendered = template
+            .compiled
+            .render(context, recipient)
+            .map_err(|e| about(e.to_string()))?;
+        let mut fields = Map::new();
+        fields.insert(
+            "content_type".into(),
+            json!(template.compiled.content_type().unwrap_or("text")),
+        );
+        for (field, value) in [
+            ("body", rendered.text),
+            ("title", rendered.title),
+            ("url", rendered.url),
+            ("action_label", rendered.action_label),
+        ] {
+            if let Some(v) = value {
+                fields.insert(field.into(), json!(v));
+            }
+        }
+        content_of(&fields).map_err(|e| about(e.replace("config.", "part ")))
+    }
 }
 
 impl Notify {
-    /// The handler over the inboxes, broadcasting to `contacts`.
-    pub(crate) fn new(inbox: Arc<dyn Inbox>, contacts: Arc<dyn Contacts>) -> Self {
-        Self { inbox, contacts }
+    /// The handler over the inboxes, broadcasting to `contacts`, with the
+    /// account's message `templates` (none: a step naming one fails).
+    pub(crate) fn new(
+        inbox: Arc<dyn Inbox>,
+        contacts: Arc<dyn Contacts>,
+        templates: Option<Arc<TemplateStore>>,
+    ) -> Self {
+        Self {
+            inbox,
+            contacts,
+            templates,
+        }
+    }
+
+    /// Where the step's rendered config takes its content from.
+    fn source(
+        &self,
+        input: &StepInput<'_>,
+        config: &Map<String, Value>,
+    ) -> Result<Source, StepError> {
+        let Some(slug) = config.get("template") else {
+            return Ok(Source::Inline(
+                content_of(config).map_err(StepError::permanent)?,
+            ));
+        };
+        let account = &input.event.account_key;
+        let slug = slug.as_str().ok_or_else(|| {
+            StepError::permanent(format!(
+                "config.template: must be a template's slug, not {slug}"
+            ))
+        })?;
+        let store = self.templates.as_ref().ok_or_else(|| {
+            StepError::permanent("this dispatcher has no template store".to_string())
+        })?;
+        let template = match store.compiled(account, slug) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(StepError::permanent(format!(
+                    "config.template: account {account} has no template named {slug:?} \
+                     (`switchboard templates put {account} {slug} FILE`)"
+                )));
+            }
+            Err(TemplateStoreError::Records(e)) => {
+                return Err(StepError::retryable(
+                    format!("reading template {slug:?}: {e}"),
+                    None,
+                ));
+            }
+            Err(e) => return Err(StepError::permanent(e.to_string())),
+        };
+        if template.compiled.channel() != TemplateChannel::Inbox {
+            return Err(StepError::permanent(format!(
+                "config.template: {slug:?} is an {} template; notify takes an in-app one \
+                 (channel = \"inbox\")",
+                template.compiled.channel().name()
+            )));
+        }
+        let context = config
+            .get("context")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        template.compiled.check_context(&context).map_err(|e| {
+            StepError::permanent(format!("template {slug:?} v{}: {e}", template.version))
+        })?;
+        Ok(Source::Template { template, context })
+    }
+
+    /// `receiver` as a template sees it: its contact's fields when it is a
+    /// contact's key, else just the key.
+    fn recipient(&self, input: &StepInput<'_>, receiver: &str) -> Result<Value, StepError> {
+        match self.contacts.get(&input.event.account_key, receiver) {
+            Ok(Some(contact)) => Ok(contact.as_recipient()),
+            Ok(None) => Ok(json!({ "key": receiver })),
+            Err(e) => Err(StepError::retryable(
+                format!("looking up contact {receiver:?}: {e}"),
+                None,
+            )),
+        }
     }
 
     /// Whom the step's rendered config is for.
@@ -69,6 +194,7 @@ impl Notify {
         &self,
         input: &StepInput<'_>,
         audience: &Audience,
+        source: &Source,
         template: &Notification,
     ) -> Result<(u64, u64), StepError> {
         let account = &template.account_key;
@@ -86,11 +212,13 @@ impl Notify {
             for contact in page.iter().filter(|c| audience.admits(c)) {
                 matched += 1;
                 let id = broadcast_id(&step, &contact.key);
+                let content = source.content_for(&Contact::as_recipient(contact))?;
                 let stored = self
                     .inbox
                     .deliver(Notification {
                         id: id.clone(),
                         receiver: contact.key.clone(),
+                        content,
                         ..template.clone()
                     })
                     .map_err(failed)?;
@@ -127,16 +255,28 @@ impl Notify {
         }
     }
 
-    /// Whom the step is for, and the notification its config makes (for
-    /// one receiver; a broadcast's template, with no receiver yet).
-    fn notification(&self, input: &StepInput<'_>) -> Result<(Audience, Notification), StepError> {
+    /// Whom the step is for, where its content comes from, and the
+    /// notification its config makes (for one receiver; for a broadcast,
+    /// the model of each one, with no receiver yet).
+    fn notification(
+        &self,
+        input: &StepInput<'_>,
+    ) -> Result<(Audience, Source, Notification), StepError> {
         let config = input.render_config()?;
         let audience = Self::audience(&config)?;
-        let receiver = match &audience {
-            Audience::One(receiver) => receiver.clone(),
-            _ => String::new(),
+        let source = self.source(input, &config)?;
+        let (receiver, content) = match &audience {
+            Audience::One(receiver) => (
+                receiver.clone(),
+                source.content_for(&self.recipient(input, receiver)?)?,
+            ),
+            _ => (
+                String::new(),
+                Content::Text {
+                    body: String::new(),
+                },
+            ),
         };
-        let content = content_of(&config).map_err(StepError::permanent)?;
         let label = |name: &str| -> Result<Option<String>, StepError> {
             let value = rendered_string(&config, name)?.filter(|v| !v.is_empty());
             if let Some(v) = &value {
@@ -144,7 +284,15 @@ impl Notify {
             }
             Ok(value)
         };
-        let category = label("category")?.unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
+        // The step's, else the template's, else `basic`.
+        let category = label("category")?
+            .or_else(|| match &source {
+                Source::Template { template, .. } => {
+                    template.compiled.category().map(str::to_string)
+                }
+                Source::Inline(_) => None,
+            })
+            .unwrap_or_else(|| DEFAULT_CATEGORY.to_string());
         let sender = label("sender")?;
         let notification = Notification {
             id: input.child_id(0).to_string(),
@@ -158,20 +306,35 @@ impl Notify {
             read_at: None,
             archived_at: None,
         };
-        Ok((audience, notification))
+        Ok((audience, source, notification))
     }
 }
 
-fn broadcast_output(notification: &Notification, matched: u64, left: u64) -> StepOutput {
+fn broadcast_output(
+    notification: &Notification,
+    source: &Source,
+    matched: u64,
+    left: u64,
+) -> StepOutput {
     let mut out = Map::new();
     out.insert("broadcast".into(), json!(true));
     out.insert("receivers".into(), json!(matched));
     out.insert("left_now".into(), json!(left));
     out.insert("category".into(), json!(notification.category));
-    out.insert(
-        "content".into(),
-        serde_json::to_value(&notification.content).unwrap_or(Value::Null),
-    );
+    match source {
+        Source::Inline(content) => {
+            out.insert(
+                "content".into(),
+                serde_json::to_value(content).unwrap_or(Value::Null),
+            );
+        }
+        Source::Template { template, .. } => {
+            out.insert(
+                "template".into(),
+                json!({"slug": template.name, "version": template.version}),
+            );
+        }
+    }
     StepOutput::next(out)
 }
 
@@ -234,12 +397,36 @@ impl Handler for Notify {
             )
             .literal(check_label),
             OptionSpec::text("sender", "Who it is from, as shown.").literal(check_label),
+            OptionSpec::text(
+                "template",
+                "An in-app template of the account (`switchboard templates`, channel = \
+                 \"inbox\"), by slug, instead of inline content; rendered for each receiver.",
+            ),
+            OptionSpec::table(
+                "context",
+                "The data the template renders (checked against its schema first).",
+            ),
+        ])
+        .alternatives(vec![
+            Alternative {
+                what: "inline content",
+                needs: &["body"],
+                only: &["content_type", "body", "title", "url", "action_label"],
+            },
+            Alternative {
+                what: "a template",
+                needs: &["template"],
+                only: &["template", "context"],
+            },
         ])
     }
 
     /// A content whose fields are all literals is checked when the chain
     /// is stored; one with templates, when the step runs.
     fn check_config(&self, config: &Map<String, Value>) -> Vec<FieldProblem> {
+        if config.contains_key("template") {
+            return Vec::new();
+        }
         let literal = |v: &Value| v.as_str().is_some_and(|s| !is_template(s));
         let fields = ["content_type", "body", "title", "url", "action_label"];
         if !fields.iter().filter_map(|f| config.get(*f)).all(literal) {
@@ -255,10 +442,12 @@ impl Handler for Notify {
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let (audience, notification) = self.notification(input)?;
+        let (audience, source, notification) = self.notification(input)?;
         if !matches!(audience, Audience::One(_)) {
-            let (matched, left) = self.broadcast(input, &audience, &notification).await?;
-            return Ok(broadcast_output(&notification, matched, left));
+            let (matched, left) = self
+                .broadcast(input, &audience, &source, &notification)
+                .await?;
+            return Ok(broadcast_output(&notification, &source, matched, left));
         }
         let stored = self
             .inbox
@@ -268,10 +457,10 @@ impl Handler for Notify {
     }
 
     async fn simulate(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
-        let (audience, notification) = self.notification(input)?;
+        let (audience, source, notification) = self.notification(input)?;
         if !matches!(audience, Audience::One(_)) {
             let matched = self.count(&notification.account_key, &audience)?;
-            return Ok(broadcast_output(&notification, matched, 0));
+            return Ok(broadcast_output(&notification, &source, matched, 0));
         }
         Ok(output(&notification))
     }
@@ -351,6 +540,7 @@ mod tests {
         let notify = Notify::new(
             Arc::new(NoInbox),
             Arc::new(crate::records::test_util::MemoryContacts::default()),
+            None,
         );
         let check = |config: Value| {
             notify

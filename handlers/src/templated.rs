@@ -377,14 +377,7 @@ impl TemplatePorts {
         let account = &input.event.account_key;
         match person {
             Value::String(id) => match self.contacts.lookup(account, &id) {
-                Ok(Some(c)) => Ok(Ok(json!({
-                    "key": c.key,
-                    "name": c.name,
-                    "email": c.email,
-                    "phone": c.msisdn,
-                    "language": c.language,
-                    "fields": c.fields,
-                }))),
+                Ok(Some(c)) => Ok(Ok(c.as_recipient())),
                 Ok(None) => Ok(Err(Outgoing::Skip {
                     shown: id.clone(),
                     reason: format!("account {account} has no contact {id:?}"),
@@ -411,6 +404,10 @@ fn address(recipient: &Value, channel: TemplateChannel) -> Result<(&'static str,
     let (field, what, normalize): (&'static str, &str, Normalize) = match channel {
         TemplateChannel::Email => ("email", "e-mail address", normalize_email),
         TemplateChannel::Sms => ("phone", "phone number", normalize_msisdn),
+        // `prepare` checked the channel: in-app templates are `notify`'s.
+        TemplateChannel::Inbox => {
+            return Err("an in-app template has no address to send to".into());
+        }
     };
     match recipient.get(field) {
         Some(Value::String(raw)) if !raw.trim().is_empty() => normalize(raw)

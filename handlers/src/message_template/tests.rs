@@ -106,7 +106,30 @@ fn bad_files_are_refused_with_the_reason() {
         "channel = \"fax\"\ntext = \"x\"",
         "channel \"fax\" is not one of",
     );
-    refused("channel = \"inbox\"\ntext = \"x\"", "not supported yet");
+    refused(
+        "channel = \"inbox\"\nsubject = \"s\"\ntext = \"x\"",
+        "no `subject` or `html`",
+    );
+    refused(
+        "channel = \"inbox\"\ncontent_type = \"url_action\"\ntext = \"x\"",
+        "needs a `title`, a `url` and an `action_label`",
+    );
+    refused(
+        "channel = \"inbox\"\ntitle = \"t\"\ntext = \"x\"",
+        "are for content_type = \"url_action\"",
+    );
+    refused(
+        "channel = \"inbox\"\ncontent_type = \"video\"\ntext = \"x\"",
+        "content_type \"video\" is not one of",
+    );
+    refused(
+        "channel = \"inbox\"\ntext = \"x\"\nidempotency = \"k\"",
+        "no `idempotency`",
+    );
+    refused(
+        "channel = \"sms\"\ntext = \"x\"\ntitle = \"t\"",
+        "`title` is for in-app templates",
+    );
     refused(
         "channel = \"sms\"\nsubject = \"s\"\ntext = \"x\"",
         "no `subject` or `html`",
@@ -179,4 +202,60 @@ fn the_example_template_compiles_and_renders() {
             .is_some_and(|k| k.starts_with("signed-up:ada@example.org:20")),
     );
     assert!(t.render(&json!({"plan": "platinum"}), &json!({})).is_err());
+}
+
+#[test]
+fn an_inbox_template_renders_its_parts_and_escapes_markdown_values() {
+    let action = MessageTemplate::compile(
+        "shipped",
+        r#"
+channel = "inbox"
+content_type = "url_action"
+title = "Order {{ context.order }} shipped"
+text = "Hi {{ recipient.name }}"
+url = "https://shop.example/orders/{{ context.order }}"
+action_label = "Track"
+"#,
+    )
+    .unwrap();
+    assert_eq!(action.channel(), TemplateChannel::Inbox);
+    assert_eq!(action.content_type(), Some("url_action"));
+    let rendered = action
+        .render(&json!({"order": "A-1"}), &json!({"name": "Ann"}))
+        .unwrap();
+    assert_eq!(rendered.title.as_deref(), Some("Order A-1 shipped"));
+    assert_eq!(rendered.text.as_deref(), Some("Hi Ann"));
+    assert_eq!(
+        rendered.url.as_deref(),
+        Some("https://shop.example/orders/A-1")
+    );
+    assert_eq!(rendered.action_label.as_deref(), Some("Track"));
+
+    // Markdown: the template's own markup formats; a value's shows as
+    // written.
+    let markdown = MessageTemplate::compile(
+        "tip",
+        "channel = \"inbox\"\ncontent_type = \"markdown\"\ntext = \"**Tip** for {{ recipient.name }}: {{ context.tip | safe }}\"",
+    )
+    .unwrap();
+    let rendered = markdown
+        .render(
+            &json!({"tip": "_use_ it"}),
+            &json!({"name": "[click](https://evil.example) **Ann**"}),
+        )
+        .unwrap();
+    let text = rendered.text.unwrap();
+    assert!(text.starts_with("**Tip** for \\[click\\]"), "{text}");
+    assert!(
+        text.ends_with(": _use_ it"),
+        "a value marked safe is kept: {text}"
+    );
+    let html = crate::records::inbox::markdown_html(&text);
+    assert!(html.contains("<strong>Tip</strong>"), "{html}");
+    assert!(!html.contains("<a "), "{html}");
+    assert!(!html.contains("<strong>Ann"), "{html}");
+    assert!(
+        html.contains("[click](https://evil.example) **Ann**"),
+        "{html}"
+    );
 }

@@ -134,6 +134,19 @@ pub struct Reindex {
 }
 
 impl Contact {
+    /// The contact as message templates see it (`recipient`): `key`,
+    /// `name`, `email`, `phone`, `language` and its `fields`.
+    pub fn as_recipient(&self) -> Value {
+        serde_json::json!({
+            "key": self.key,
+            "name": self.name,
+            "email": self.email,
+            "phone": self.msisdn,
+            "language": self.language,
+            "fields": self.fields,
+        })
+    }
+
     /// A new contact of `account`, with a fresh key and nothing else yet.
     pub fn new(account: AccountKey, now: OffsetDateTime) -> Self {
         Self {
