@@ -99,6 +99,8 @@ pub struct ApiState {
     pub preferences: Arc<dyn switchboard_handlers::records::Preferences>,
     /// In-app inboxes of every account.
     pub inbox: Arc<dyn switchboard_handlers::records::Inbox>,
+    /// Their changes, by receiver, for the live streams.
+    pub inbox_feed: Arc<crate::inbox_feed::InboxFeed>,
     /// The one-click unsubscribe links.
     pub unsubscribe: Arc<crate::unsubscribe::OneClick>,
     /// The files accounts keep.

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod console;
 pub mod inbound;
+pub mod inbox_feed;
 pub mod ratelimit;
 pub mod receiver_tokens;
 pub mod unsubscribe;

@@ -17,10 +17,10 @@
 //! reconnection. Changes to read and archived state made meanwhile are
 //! not resent: reload the listing after a reconnection (the widget does).
 //!
-//! The feed is the store's own ([`Store::watch`]), so a notification left
-//! by any replica's chain reaches a stream on any replica. A client that
-//! falls behind is dropped (it reconnects and resumes); the dispatcher
-//! never waits for one. A stream ends when its token expires, and within
+//! The feed is the store's own ([`Store::watch`], handed out by receiver
+//! in [`crate::inbox_feed`]), so a notification left by any replica's chain
+//! reaches a stream on any replica. A client that falls behind is dropped
+//! (it reconnects and resumes); the dispatcher never waits for one. A stream ends when its token expires, and within
 //! [`RECHECK`] of the account's key being rotated.
 //!
 //! [`Store::watch`]: switchboard_store::Store::watch
@@ -31,7 +31,6 @@ use std::time::Duration;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use switchboard_handlers::records::{Cursor, InboxCount, InboxFilter, Notification};
-use switchboard_store::Collection;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::*;
@@ -81,7 +80,12 @@ pub(super) async fn own_stream(
         .transpose()?;
     // Watch first, then read: nothing left in between is missed (what
     // both show is sent twice, the second time as `updated`).
-    let changes = s.store.watch(Collection::Inbox);
+    let prefix = switchboard_store::key(&[
+        who.account.as_str().as_bytes(),
+        who.receiver.as_bytes(),
+        b"",
+    ]);
+    let changes = s.inbox_feed.subscribe(prefix.clone());
     let mut opening = Vec::new();
     let mut high_water = newest(&s, &who)?;
     if let Some(from) = resume {
@@ -114,11 +118,6 @@ pub(super) async fn own_stream(
         first_count = first_count.id(newest.to_string());
     }
     opening.push(first_count);
-    let prefix = switchboard_store::key(&[
-        who.account.as_str().as_bytes(),
-        who.receiver.as_bytes(),
-        b"",
-    ]);
     let expires = tokio::time::Instant::now()
         + (who.expires_at - switchboard_sdk::now())
             .try_into()
@@ -243,9 +242,6 @@ impl Live {
                 }
                 Err(RecvError::Closed) => return None,
             };
-            if !watched.key.starts_with(&self.prefix) {
-                continue;
-            }
             self.counts_moved = true;
             let event = match watched
                 .value

@@ -1,0 +1,151 @@
+//! The inbox streams' feed: one task reads every change to the inboxes
+//! ([`Store::watch`]) and hands each to the streams of its receiver only,
+//! so a change wakes the streams it concerns and no others, however many
+//! are open.
+//!
+//! A stream that falls behind its receiver's channel is told it lagged and
+//! ends (its client reconnects and resumes). If the feed itself falls
+//! behind the store, it cannot know whose changes it missed: every stream
+//! ends, and reconnects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use switchboard_store::{Collection, Store, Watched};
+use tokio::sync::broadcast::{self, error::RecvError};
+
+/// How many changes a stream may fall behind its receiver's channel.
+const PER_RECEIVER: usize = 256;
+
+/// The `{account}\0{receiver}\0` an inbox key begins with.
+pub fn receiver_of_key(key: &[u8]) -> &[u8] {
+    let mut nuls = key
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == 0)
+        .map(|(i, _)| i);
+    match (nuls.next(), nuls.next()) {
+        (Some(_), Some(second)) => &key[..=second],
+        _ => key,
+    }
+}
+
+/// Changes to inboxes, by receiver.
+#[derive(Debug)]
+pub struct InboxFeed {
+    store: Store,
+    receivers: Mutex<HashMap<Vec<u8>, broadcast::Sender<Watched>>>,
+    started: OnceLock<()>,
+}
+
+impl InboxFeed {
+    /// The feed of the inboxes in `store`; it starts reading with its
+    /// first subscriber.
+    pub fn new(store: Store) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            receivers: Mutex::new(HashMap::new()),
+            started: OnceLock::new(),
+        })
+    }
+
+    /// Every change to the inbox whose keys begin with `prefix`
+    /// (`{account}\0{receiver}\0`) from now on. Must be called in a tokio
+    /// runtime.
+    pub fn subscribe(self: &Arc<Self>, prefix: Vec<u8>) -> broadcast::Receiver<Watched> {
+        self.started.get_or_init(|| self.start());
+        let mut receivers = self.receivers.lock().expect("feed lock");
+        // Channels whose streams all ended go.
+        receivers.retain(|_, tx| tx.receiver_count() > 0);
+        receivers
+            .entry(prefix)
+            .or_insert_with(|| broadcast::channel(PER_RECEIVER).0)
+            .subscribe()
+    }
+
+    /// How many receivers have a stream open.
+    pub fn receivers(&self) -> usize {
+        self.receivers
+            .lock()
+            .expect("feed lock")
+            .values()
+            .filter(|tx| tx.receiver_count() > 0)
+            .count()
+    }
+
+    fn start(self: &Arc<Self>) {
+        let mut changes = self.store.watch(Collection::Inbox);
+        let feed = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let received = changes.recv().await;
+                let Some(feed) = feed.upgrade() else { return };
+                match received {
+                    Ok(watched) => {
+                        let receivers = feed.receivers.lock().expect("feed lock");
+                        if let Some(tx) = receivers.get(receiver_of_key(&watched.key)) {
+                            // No stream open: nothing to tell.
+                            let _ = tx.send(watched);
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            "the inbox streams' feed fell behind the store: every stream ends \
+                             and resumes when its client reconnects"
+                        );
+                        // Dropping the senders ends every stream.
+                        feed.receivers.lock().expect("feed lock").clear();
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_stream_hears_its_own_receiver_only() {
+        let store = Store::temporary().unwrap();
+        let feed = InboxFeed::new(store.clone());
+        let mut ann = feed.subscribe(b"acme\0ann\0".to_vec());
+        let mut ann_too = feed.subscribe(b"acme\0ann\0".to_vec());
+        let mut annie = feed.subscribe(b"acme\0annie\0".to_vec());
+        assert_eq!(feed.receivers(), 2);
+        store
+            .put(Collection::Inbox, b"acme\0annie\0\x01\0n-1", b"{}")
+            .unwrap();
+        store
+            .put(Collection::Inbox, b"acme\0ann\0\x02\0n-2", b"{}")
+            .unwrap();
+        let within = std::time::Duration::from_secs(5);
+        for stream in [&mut ann, &mut ann_too] {
+            let got = tokio::time::timeout(within, stream.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got.key[..], b"acme\0ann\0\x02\0n-2");
+        }
+        let got = tokio::time::timeout(within, annie.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got.key[..], b"acme\0annie\0\x01\0n-1");
+        assert!(ann.try_recv().is_err(), "annie's change is not ann's");
+        drop((ann, ann_too));
+        // A later subscription tidies the channels nobody listens to.
+        let _bob = feed.subscribe(b"acme\0bob\0".to_vec());
+        assert_eq!(feed.receivers(), 2);
+        assert_eq!(feed.receivers.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_key_names_its_receiver() {
+        assert_eq!(receiver_of_key(b"acme\0ann\0\x00\x01\0id"), b"acme\0ann\0");
+        assert_eq!(receiver_of_key(b"odd"), b"odd");
+    }
+}
