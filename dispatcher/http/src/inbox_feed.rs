@@ -15,7 +15,7 @@ use switchboard_store::{Collection, Store, Watched};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 /// How many changes a stream may fall behind its receiver's channel.
-const PER_RECEIVER: usize = 256;
+const PER_RECEIVER: usize = 64;
 
 /// The `{account}\0{receiver}\0` an inbox key begins with.
 pub fn receiver_of_key(key: &[u8]) -> &[u8] {
