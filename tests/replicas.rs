@@ -1434,3 +1434,166 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
         "{log}"
     );
 }
+
+/// An inbox stream on any replica: a notification the owner of the
+/// account's partition leaves reaches streams open on both replicas, and a
+/// receiver marking it read through the replica that does not own the
+/// partition (the write forwarded to the owner) reaches both too. A
+/// receiver token minted on one replica opens a stream on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_streams_on_every_replica_see_the_owners_notifications() {
+    let server = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let config = config_with(&receiver, true, 1);
+    let replicas: Vec<Dispatcher> = (0..2)
+        .map(|_| Dispatcher::nats_url(server.url(), &config))
+        .collect();
+    replicas[0]
+        .apply_chains(
+            "acme.toml",
+            r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "ping"
+[[chains.steps]]
+handler = "notify"
+config = { to = "ann", body = "{{ event.event_data.text }}" }
+"#,
+        )
+        .await;
+    wait_until(
+        "the chain on both replicas",
+        Duration::from_secs(10),
+        || async { (version_at(&replicas[1], "acme").await == Some(1)).then_some(()) },
+    )
+    .await;
+    let (status, minted) = replicas[0]
+        .request(
+            reqwest::Method::POST,
+            "/v1/accounts/acme/inbox/ann/token",
+            Some(replicas[0].admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().unwrap().to_string();
+
+    // A stream on each replica, each past its opening counts.
+    let mut streams = Vec::new();
+    for d in &replicas {
+        let response = wait_until(
+            "a stream on the replica",
+            Duration::from_secs(10),
+            || async {
+                let r = crate::util::http_client(Some(&token))
+                    .get(format!("{}/v1/inbox/stream", d.url()))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == 200).then_some(r)
+            },
+        )
+        .await;
+        let mut stream = SseReader::new(response);
+        assert_eq!(stream.next().await.0, "count");
+        streams.push(stream);
+    }
+
+    let id = replicas[0]
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": "ping", "event_data": {"text": "hello"}}))
+        .await;
+    replicas[0]
+        .wait_for_trace("acme", &id, Duration::from_secs(30))
+        .await;
+    let mut note = String::new();
+    for stream in &mut streams {
+        let (kind, data) = stream.next_of(&["notification"]).await;
+        assert_eq!(kind, "notification");
+        assert_eq!(data["content"]["body"], "hello", "{data}");
+        note = data["id"].as_str().unwrap().to_string();
+        let (_, count) = stream.next_of(&["count"]).await;
+        assert_eq!(count, json!({"unread": 1, "total": 1}));
+    }
+
+    // Read through each replica in turn: both streams hear both changes.
+    for (d, action) in [
+        (&replicas[0], "read"),
+        (&replicas[1], "unread"),
+        (&replicas[1], "read"),
+    ] {
+        let (status, changed) = d
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/inbox/{note}/{action}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{action} through {}: {changed}", d.url());
+        let unread = u64::from(action == "unread");
+        for stream in &mut streams {
+            let (_, count) = stream.next_of(&["count"]).await;
+            assert_eq!(
+                count,
+                json!({"unread": unread, "total": 1}),
+                "after {action}"
+            );
+        }
+    }
+}
+
+/// Reads Server-Sent Events from a response.
+struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event's type and data.
+    async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    let kind = block.lines().find_map(|l| l.strip_prefix("event:"));
+                    let data = block.lines().find_map(|l| l.strip_prefix("data:"));
+                    if let (Some(kind), Some(data)) = (kind, data) {
+                        return (
+                            kind.trim().to_string(),
+                            serde_json::from_str(data.trim()).unwrap(),
+                        );
+                    }
+                    continue;
+                }
+                let chunk = self
+                    .response
+                    .chunk()
+                    .await
+                    .unwrap()
+                    .expect("the stream stays open");
+                self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no event in 30 s; read {:?}", self.buffer))
+    }
+
+    /// The next event of one of `kinds`, passing over others.
+    async fn next_of(&mut self, kinds: &[&str]) -> (String, Value) {
+        loop {
+            let (kind, data) = self.next().await;
+            if kinds.contains(&kind.as_str()) {
+                return (kind, data);
+            }
+        }
+    }
+}
