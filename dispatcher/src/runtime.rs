@@ -705,6 +705,8 @@ fn spawn_inbox_expiry(
     let every = (policy.read_retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        // A slow sweep is followed by a pause, not at once by the next.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let inbox = inbox.clone();

@@ -38,7 +38,9 @@
 //! `template` (the slug) and `now` (RFC 3339, UTC); undefined values are
 //! errors. The `html` part escapes every value it inserts as HTML, and a
 //! `markdown` template's `text` escapes them as Markdown (a value's `**` or
-//! `[link](…)` shows as written, it does not format or link). A put
+//! `[link](…)` shows as written, it does not format or link, and its line
+//! breaks are spaces; a value marked `safe`, or made by `tojson`, goes in
+//! as it is). A put
 //! compiles every part and checks the schema; an error names the part, line
 //! and column.
 
@@ -460,15 +462,20 @@ fn check_inbox_file(file: &TemplateFile) -> Result<(), TemplateError> {
     }
 }
 
-/// `text` with every ASCII punctuation character backslash-escaped: in
-/// CommonMark it reads as itself, never as markup.
+/// `text` with every ASCII punctuation character backslash-escaped, and
+/// its line breaks made spaces: in CommonMark it reads as itself, never as
+/// markup, and starts no new block (a list, a heading, code).
 pub fn escape_markdown(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_ascii_punctuation() {
-            out.push('\\');
+        match c {
+            '\r' | '\n' => out.push(' '),
+            c if c.is_ascii_punctuation() => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
         }
-        out.push(c);
     }
     out
 }

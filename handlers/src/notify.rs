@@ -188,49 +188,59 @@ impl Notify {
     }
 
     /// Leaves the notification `template` with every contact of
-    /// `audience`: how many it matched, and how many of those it left now
-    /// (the rest were left by an earlier run of the step).
+    /// `audience`. A contact its template cannot be rendered for (a field
+    /// it lacks, a link that is not http) is passed over and reported; the
+    /// others still get theirs.
     async fn broadcast(
         &self,
         input: &StepInput<'_>,
         audience: &Audience,
         source: &Source,
         template: &Notification,
-    ) -> Result<(u64, u64), StepError> {
+    ) -> Result<Broadcast, StepError> {
         let account = &template.account_key;
         let failed = |e: crate::records::RecordError| {
             StepError::retryable(format!("broadcasting the notification: {e}"), None)
         };
         let step = input.child_id(0).to_string();
-        let (mut matched, mut left) = (0, 0);
+        let mut done = Broadcast::default();
         let mut after: Option<String> = None;
         loop {
             let page = self
                 .contacts
                 .list_after(account, after.as_deref(), BROADCAST_BATCH)
                 .map_err(failed)?;
+            // A short page may only have passed over a record it could not
+            // read: the end is an empty one.
+            let Some(last) = page.last() else {
+                return Ok(done);
+            };
+            after = Some(last.key.clone());
             for contact in page.iter().filter(|c| audience.admits(c)) {
-                matched += 1;
-                let id = broadcast_id(&step, &contact.key);
-                let content = source.content_for(&Contact::as_recipient(contact))?;
-                let stored = self
+                done.matched += 1;
+                let content = match source.content_for(&Contact::as_recipient(contact)) {
+                    Ok(content) => content,
+                    Err(e) if !e.is_retryable() => {
+                        done.skipped += 1;
+                        if done.reasons.len() < 3 {
+                            done.reasons.push(format!("contact {}: {e}", contact.key));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (_, left_now) = self
                     .inbox
-                    .deliver(Notification {
-                        id: id.clone(),
+                    .place(Notification {
+                        id: broadcast_id(&step, &contact.key),
                         receiver: contact.key.clone(),
                         content,
                         ..template.clone()
                     })
                     .map_err(failed)?;
-                if stored.created_at == template.created_at {
-                    left += 1;
-                }
+                done.left += u64::from(left_now);
             }
             self.inbox.flush(account).await.map_err(failed)?;
-            match page.last() {
-                Some(last) if page.len() == BROADCAST_BATCH => after = Some(last.key.clone()),
-                _ => return Ok((matched, left)),
-            }
         }
     }
 
@@ -249,8 +259,8 @@ impl Notify {
                 .map_err(|e| StepError::retryable(format!("reading contacts: {e}"), None))?;
             matched += page.iter().filter(|c| audience.admits(c)).count() as u64;
             match page.last() {
-                Some(last) if page.len() == BROADCAST_BATCH => after = Some(last.key.clone()),
-                _ => return Ok(matched),
+                Some(last) => after = Some(last.key.clone()),
+                None => return Ok(matched),
             }
         }
     }
@@ -310,16 +320,28 @@ impl Notify {
     }
 }
 
-fn broadcast_output(
-    notification: &Notification,
-    source: &Source,
+/// What a broadcast did.
+#[derive(Debug, Default)]
+struct Broadcast {
+    /// Contacts of the audience.
     matched: u64,
+    /// Notifications left by this run (the others by an earlier one).
     left: u64,
-) -> StepOutput {
+    /// Contacts passed over: their content could not be made.
+    skipped: u64,
+    /// Why, for the first few.
+    reasons: Vec<String>,
+}
+
+fn broadcast_output(notification: &Notification, source: &Source, done: &Broadcast) -> StepOutput {
     let mut out = Map::new();
     out.insert("broadcast".into(), json!(true));
-    out.insert("receivers".into(), json!(matched));
-    out.insert("left_now".into(), json!(left));
+    out.insert("receivers".into(), json!(done.matched));
+    out.insert("left_now".into(), json!(done.left));
+    if done.skipped > 0 {
+        out.insert("skipped".into(), json!(done.skipped));
+        out.insert("skipped_reasons".into(), json!(done.reasons));
+    }
     out.insert("category".into(), json!(notification.category));
     match source {
         Source::Inline(content) => {
@@ -444,10 +466,10 @@ impl Handler for Notify {
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let (audience, source, notification) = self.notification(input)?;
         if !matches!(audience, Audience::One(_)) {
-            let (matched, left) = self
+            let done = self
                 .broadcast(input, &audience, &source, &notification)
                 .await?;
-            return Ok(broadcast_output(&notification, &source, matched, left));
+            return Ok(broadcast_output(&notification, &source, &done));
         }
         let stored = self
             .inbox
@@ -460,7 +482,11 @@ impl Handler for Notify {
         let (audience, source, notification) = self.notification(input)?;
         if !matches!(audience, Audience::One(_)) {
             let matched = self.count(&notification.account_key, &audience)?;
-            return Ok(broadcast_output(&notification, &source, matched, 0));
+            let done = Broadcast {
+                matched,
+                ..Broadcast::default()
+            };
+            return Ok(broadcast_output(&notification, &source, &done));
         }
         Ok(output(&notification))
     }
@@ -479,8 +505,11 @@ mod tests {
         #[derive(Debug)]
         struct NoInbox;
         impl Inbox for NoInbox {
-            fn deliver(&self, _: Notification) -> Result<Notification, RecordError> {
+            fn place(&self, _: Notification) -> Result<(Notification, bool), RecordError> {
                 unreachable!("checking a config delivers nothing")
+            }
+            fn newest(&self, _: &AccountKey, _: &str) -> Result<Option<Cursor>, RecordError> {
+                unreachable!("checking a config reads no inbox")
             }
             fn page(
                 &self,

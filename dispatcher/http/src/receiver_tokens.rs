@@ -158,15 +158,14 @@ impl ReceiverTokens {
         let Ok(presented) = URL_SAFE_NO_PAD.decode(mac_text) else {
             return Ok(None);
         };
-        // Only read: an account that never minted a token has no key (a
-        // replica's copy may not have a key made on another yet: then the
-        // shared one). The mac is checked all the same, under a key no
-        // token has, so that the time taken does not tell which accounts
-        // have minted tokens.
-        let key = match self.keys.find(&account, Purpose::ReceiverTokens)? {
-            Some(key) => Some(key),
-            None => self.keys.find_latest(&account, Purpose::ReceiverTokens)?,
-        };
+        // Only read, from this replica's copy (never past it: a made-up
+        // token must not cost a round trip to the bucket). An account that
+        // never minted a token has no key; a key another replica made a
+        // moment ago reaches this one within the copy's lag, and a token
+        // refused meanwhile is refused with a 401 the widget retries. The
+        // mac is checked all the same, under a key no token has, so that
+        // the time taken does not tell which accounts have minted tokens.
+        let key = self.keys.find(&account, Purpose::ReceiverTokens)?;
         let valid = mac(&key.unwrap_or([0; 32]), signed)
             .verify_slice(&presented)
             .is_ok();

@@ -122,7 +122,7 @@ impl Inbox for StoredInbox {
     /// stream that resumes after one misses none left later, even when
     /// two workers' clocks, or two replicas', disagree. Its `created_at`
     /// is moved on (by microseconds) when it must be.
-    fn deliver(&self, mut notification: Notification) -> Result<Notification, RecordError> {
+    fn place(&self, mut notification: Notification) -> Result<(Notification, bool), RecordError> {
         let _placing = self.placing.lock().expect("placing lock");
         let account = notification.account_key.clone();
         let by_id = id_key(&account, &notification.id);
@@ -136,7 +136,7 @@ impl Inbox for StoredInbox {
                 .about(Records::Inbox, &account)?
                 .and_then(|v| decode::<Notification>(&v))
         {
-            return Ok(existing);
+            return Ok((existing, false));
         }
         if let Some((newest, _)) = self
             .store
@@ -155,11 +155,11 @@ impl Inbox for StoredInbox {
                 .map(u64::from_be_bytes);
             if let Some(newest) = newest
                 && notification.cursor().micros <= newest
-            {
-                notification.created_at = time::OffsetDateTime::from_unix_timestamp_nanos(
+                && let Ok(after) = time::OffsetDateTime::from_unix_timestamp_nanos(
                     (i128::from(newest) + 1) * 1_000,
                 )
-                .expect("a time within range");
+            {
+                notification.created_at = after;
             }
         }
         let at = notification_key(&notification);
@@ -179,7 +179,17 @@ impl Inbox for StoredInbox {
                 },
             ])
             .about(Records::Inbox, &account)?;
-        Ok(notification)
+        Ok((notification, true))
+    }
+
+    fn newest(&self, account: &AccountKey, receiver: &str) -> Result<Option<Cursor>, RecordError> {
+        Ok(self
+            .store
+            .scan_prefix_rev(Collection::Inbox, &receiver_prefix(account, receiver), 1)
+            .about(Records::Inbox, account)?
+            .first()
+            .and_then(|(_, v)| decode::<Notification>(v))
+            .map(|n| n.cursor()))
     }
 
     fn page(

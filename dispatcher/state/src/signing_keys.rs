@@ -53,21 +53,6 @@ impl SigningKeys {
             .and_then(|existing| <[u8; 32]>::try_from(existing.as_slice()).ok()))
     }
 
-    /// As [`SigningKeys::find`], past this replica's copy of the shared
-    /// keys (a key another replica just made).
-    pub fn find_latest(
-        &self,
-        account: &AccountKey,
-        purpose: Purpose,
-    ) -> Result<Option<[u8; 32]>, RecordError> {
-        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
-        Ok(self
-            .store
-            .get_latest(Collection::SigningKeys, &k)
-            .about(Records::Secrets, account)?
-            .and_then(|existing| <[u8; 32]>::try_from(existing.as_slice()).ok()))
-    }
-
     /// The account's key for `purpose`, made now if it has none (for
     /// signing).
     pub fn get(&self, account: &AccountKey, purpose: Purpose) -> Result<[u8; 32], RecordError> {

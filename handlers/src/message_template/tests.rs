@@ -258,4 +258,6 @@ action_label = "Track"
         html.contains("[click](https://evil.example) **Ann**"),
         "{html}"
     );
+    // A value's line breaks start no block of their own.
+    assert_eq!(escape_markdown("a\n# b\r\n- c"), "a \\# b  \\- c");
 }

@@ -473,8 +473,16 @@ impl InboxPolicy {
 /// The inboxes of every account.
 pub trait Inbox: Send + Sync + std::fmt::Debug {
     /// Leaves `notification` in its receiver's inbox; one with the same id
-    /// (a re-run step) is returned as it is.
-    fn deliver(&self, notification: Notification) -> Result<Notification, RecordError>;
+    /// (a re-run step) is returned as it is. Whether it was left now.
+    fn place(&self, notification: Notification) -> Result<(Notification, bool), RecordError>;
+
+    /// [`Inbox::place`], without saying whether it was left now.
+    fn deliver(&self, notification: Notification) -> Result<Notification, RecordError> {
+        self.place(notification).map(|(n, _)| n)
+    }
+
+    /// The place of `receiver`'s newest notification, archived or not.
+    fn newest(&self, account: &AccountKey, receiver: &str) -> Result<Option<Cursor>, RecordError>;
 
     /// Up to `limit` of `receiver`'s notifications that `filter` admits,
     /// newest first, from just before `before` (from the newest when

@@ -6,8 +6,9 @@
 //! - `updated`: one was read, unread, archived or unarchived;
 //! - `removed` (`{"id": …}`): one was removed by housekeeping;
 //! - `count` (`{"unread": …, "total": …}`): the counts, at the start (with
-//!   the newest notification's place as its id) and whenever they change
-//!   (once after a burst of changes);
+//!   the place a reconnecting client resumes from as its id: past the
+//!   newest notification, or the beginning of an empty inbox) and whenever
+//!   they change (once after a burst of changes);
 //! - `reset`: more was missed than a stream resends: reload the listing.
 //!
 //! An inbox is ordered by when notifications were left (see
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
-use switchboard_handlers::records::{Cursor, InboxCount, InboxFilter, Notification};
+use switchboard_handlers::records::{Cursor, InboxCount, Notification};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::*;
@@ -87,10 +88,13 @@ pub(super) async fn own_stream(
     ]);
     let changes = s.inbox_feed.subscribe(prefix.clone());
     let mut opening = Vec::new();
-    let mut high_water = newest(&s, &who)?;
-    if let Some(from) = resume {
+    let mut high_water = s
+        .inbox
+        .newest(&who.account, &who.receiver)
+        .map_err(ApiError::internal)?;
+    if let Some(from) = &resume {
         let mut missed = Vec::new();
-        let mut last = from;
+        let mut last = from.clone();
         loop {
             let batch = s
                 .inbox
@@ -107,17 +111,27 @@ pub(super) async fn own_stream(
             opening.push(Event::default().event("reset").data("{}"));
         } else {
             opening.extend(missed.iter().map(new_notification));
+            // One left since the newest was read is sent once.
+            high_water = high_water.max(missed.last().map(Notification::cursor));
         }
     }
     let count = s
         .inbox
         .count(&who.account, &who.receiver)
         .map_err(ApiError::internal)?;
-    let mut first_count = count_event(count);
-    if let Some(newest) = &high_water {
-        first_count = first_count.id(newest.to_string());
-    }
-    opening.push(first_count);
+    // Where a client that reconnects resumes: past everything sent or
+    // there; from the start for an inbox that was empty.
+    let resume_point = high_water.clone().max(resume);
+    opening.push(count_event(count).id(resume_point.map_or_else(
+        || {
+            Cursor {
+                micros: 0,
+                id: "0".into(),
+            }
+            .to_string()
+        },
+        |c| c.to_string(),
+    )));
     let expires = tokio::time::Instant::now()
         + (who.expires_at - switchboard_sdk::now())
             .try_into()
@@ -144,23 +158,6 @@ pub(super) async fn own_stream(
     });
     Ok(Sse::new(futures::StreamExt::chain(opening, live))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// The newest notification's place, archived or not.
-fn newest(s: &ApiState, who: &Receiver) -> Result<Option<Cursor>, ApiError> {
-    let mut newest = None;
-    for archived in [false, true] {
-        let filter = InboxFilter {
-            archived,
-            ..InboxFilter::default()
-        };
-        let page = s
-            .inbox
-            .page(&who.account, &who.receiver, &filter, None, 1)
-            .map_err(ApiError::internal)?;
-        newest = newest.max(page.notifications.first().map(Notification::cursor));
-    }
-    Ok(newest)
 }
 
 fn new_notification(n: &Notification) -> Event {

@@ -141,7 +141,12 @@
           { headers: this.headers(), signal: abort.signal });
         if (!response.ok) throw new Error("listing: HTTP " + response.status);
         const page = await response.json();
-        for (const n of page.notifications) this.items.set(n.id, n);
+        // The page is the state of what it lists; kept besides are only
+        // those newer than its newest (streamed while it was read).
+        const newest = page.notifications.length ? micros(page.notifications[0]) : 0;
+        const fresh = [...this.items.values()].filter((n) => micros(n) > newest);
+        this.items = new Map(page.notifications.map((n) => [n.id, n]));
+        for (const n of fresh) this.items.set(n.id, n);
         this.setCount(page.unread);
         this.render();
       } catch (e) {
@@ -152,6 +157,7 @@
     // Each connection, once its first counts arrive (it is watching), reads
     // the list: what the stream would not resend.
     async stream(abort) {
+      let refused = 0;
       while (!abort.signal.aborted) {
         let opened = () => this.load(abort);
         try {
@@ -160,9 +166,16 @@
           const response = await fetch(this.base + "/v1/inbox/stream",
             { headers, signal: abort.signal, cache: "no-store" });
           if (response.status === 401 || response.status === 403) {
-            this.dispatchEvent(new CustomEvent("inbox-error", { detail: "the receiver token was refused" }));
-            return;
+            // A token minted a moment ago on another replica may not be
+            // known here yet: a few tries before giving up.
+            refused += 1;
+            if (refused >= 4) {
+              this.dispatchEvent(new CustomEvent("inbox-error", { detail: "the receiver token was refused" }));
+              return;
+            }
+            throw new Error("stream: HTTP " + response.status);
           }
+          refused = 0;
           if (!response.ok || !response.body) throw new Error("stream: HTTP " + response.status);
           this.retry = 1000;
           const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -248,7 +261,7 @@
       if (!this.list) return;
       const shown = [...this.items.values()]
         .filter((n) => !n.archived_at)
-        .sort((a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0));
+        .sort((a, b) => micros(b) - micros(a));
       this.list.replaceChildren();
       if (shown.length === 0) {
         this.list.append(el("li", "empty", "Nothing here yet."));
@@ -282,6 +295,14 @@
       li.addEventListener("click", () => this.markRead(n));
       return li;
     }
+  }
+
+  // When a notification was made, in microseconds: the inbox's own order
+  // (each one a receiver gets is placed after the last).
+  function micros(n) {
+    const m = /\.(\d+)/.exec(n.created_at);
+    const fraction = m ? (m[1] + "000000").slice(0, 6) : "000000";
+    return Math.floor(Date.parse(n.created_at) / 1000) * 1e6 + Number(fraction);
   }
 
   function el(tag, className, text) {
