@@ -910,6 +910,54 @@ async fn a_broadcast_killed_midway_reaches_everyone_once() {
     }
 }
 
+/// A stream ends when its account's receiver-token key is rotated: the
+/// way to shut out a token that leaked, open streams included. Another
+/// account's rotation leaves it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_accounts_key_is_rotated() {
+    let d = Dispatcher::embedded();
+    let token = |account: &str| {
+        let d = &d;
+        let account = account.to_string();
+        async move {
+            d.cli(&["inbox", "token", &account, "ann"])
+                .await
+                .ok()
+                .trim()
+                .to_string()
+        }
+    };
+    let (acme, other) = (token("acme").await, token("other").await);
+    let mut stream = EventStream::open(&d, &acme, None).await;
+    assert_eq!(stream.next(TIMEOUT).await.kind, "count");
+    d.cli(&["inbox", "rotate-tokens", "other"]).await.ok();
+    let still_open =
+        tokio::time::timeout(std::time::Duration::from_secs(1), stream.response.chunk()).await;
+    assert!(
+        still_open.is_err(),
+        "another account's rotation ended it: {still_open:?}"
+    );
+    d.cli(&["inbox", "rotate-tokens", "acme"]).await.ok();
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match stream.response.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived the rotation");
+    let (status, _) = d
+        .request(reqwest::Method::GET, "/v1/inbox", Some(&acme), None)
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = d
+        .request(reqwest::Method::GET, "/v1/inbox", Some(&other), None)
+        .await;
+    assert_eq!(status, 401, "other's own rotation ended its token");
+}
+
 /// A stream ends when its token expires: a token that leaked cannot watch
 /// an inbox past its lifetime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

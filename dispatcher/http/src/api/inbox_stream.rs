@@ -21,8 +21,10 @@
 //! The feed is the store's own ([`Store::watch`], handed out by receiver
 //! in [`crate::inbox_feed`]), so a notification left by any replica's chain
 //! reaches a stream on any replica. A client that falls behind is dropped
-//! (it reconnects and resumes); the dispatcher never waits for one. A stream ends when its token expires, and within
-//! [`RECHECK`] of the account's key being rotated.
+//! (it reconnects and resumes); the dispatcher never waits for one. A
+//! stream ends when its token expires, and when the account's key is
+//! rotated (on any replica: the keys are watched as the inboxes are), or
+//! at the latest [`RECHECK`] after.
 //!
 //! [`Store::watch`]: switchboard_store::Store::watch
 
@@ -43,8 +45,9 @@ const RESUME_BATCH: usize = 200;
 /// The most a resuming stream resends; past it, `reset`.
 const RESUME_MAX: usize = 1_000;
 
-/// How often an open stream checks that its token is still valid.
-pub const RECHECK: Duration = Duration::from_secs(30);
+/// How often an open stream checks that its token is still valid besides
+/// when a signing key changes.
+pub const RECHECK: Duration = Duration::from_secs(60);
 
 pub(super) async fn own_stream(
     State(s): State<ApiState>,
@@ -138,7 +141,9 @@ pub(super) async fn own_stream(
             .unwrap_or(Duration::ZERO);
     let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keys = s.store.watch(switchboard_store::Collection::SigningKeys);
     let live = Live {
+        keys,
         s: s.clone(),
         who,
         token,
@@ -187,6 +192,8 @@ struct Live {
     /// When the token expires.
     expires: tokio::time::Instant,
     recheck: tokio::time::Interval,
+    /// Changes to signing keys (a rotation ends the stream).
+    keys: tokio::sync::broadcast::Receiver<switchboard_store::Watched>,
     /// The newest notification sent (or there when the stream began).
     high_water: Option<Cursor>,
     /// The counts last sent.
@@ -213,10 +220,20 @@ impl Live {
                             return Some(event);
                         }
                     }
+                    let key_prefix = self.key_prefix();
                     let woke = tokio::select! {
                         _ = self.stopped.wait_for(|s| *s) => return None,
                         _ = tokio::time::sleep_until(self.expires) => return None,
                         _ = self.recheck.tick() => None,
+                        key = self.keys.recv() => match key {
+                            // Another account's key: nothing to check.
+                            Ok(k) if !k.key.starts_with(&key_prefix) => {
+                                continue;
+                            }
+                            Err(RecvError::Closed) => return None,
+                            // This account's key changed, or changes were missed.
+                            _ => None,
+                        },
                         changed = self.changes.recv() => Some(changed),
                     };
                     match woke {
@@ -284,6 +301,11 @@ impl Live {
                 None
             }
         }
+    }
+
+    /// The start of the account's signing keys' keys.
+    fn key_prefix(&self) -> Vec<u8> {
+        switchboard_store::key(&[self.who.account.as_str().as_bytes(), b""])
     }
 
     /// Whether the stream's token still opens this inbox (the account's
