@@ -958,6 +958,38 @@ async fn a_stream_ends_when_its_accounts_key_is_rotated() {
     assert_eq!(status, 401, "other's own rotation ended its token");
 }
 
+/// A receiver may have `[inbox] max_streams_per_receiver` streams open;
+/// one more is refused, saying why, and other receivers are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_has_at_most_its_streams_open() {
+    let d = Dispatcher::with_config(None, "[inbox]\nmax_streams_per_receiver = 2\n");
+    let token = |receiver: &str| {
+        let d = &d;
+        let receiver = receiver.to_string();
+        async move {
+            d.cli(&["inbox", "token", "acme", &receiver])
+                .await
+                .ok()
+                .trim()
+                .to_string()
+        }
+    };
+    let (ann, bob) = (token("ann").await, token("bob").await);
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = EventStream::open(&d, &ann, None).await;
+        assert_eq!(stream.next(TIMEOUT).await.kind, "count");
+        open.push(stream);
+    }
+    let (status, refused) = d
+        .request(reqwest::Method::GET, "/v1/inbox/stream", Some(&ann), None)
+        .await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["error"]["code"], "too_many_streams", "{refused}");
+    let mut other = EventStream::open(&d, &bob, None).await;
+    assert_eq!(other.next(TIMEOUT).await.kind, "count");
+}
+
 /// A stream ends when its token expires: a token that leaked cannot watch
 /// an inbox past its lifetime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -413,6 +413,11 @@ impl Config {
                 "inbox.read_retention must be at least 1s".into(),
             ));
         }
+        if self.inbox.max_streams_per_receiver == 0 {
+            return Err(ConfigError::Invalid(
+                "inbox.max_streams_per_receiver must be at least 1".into(),
+            ));
+        }
         if self.inbox.max_per_receiver == 0 {
             return Err(ConfigError::Invalid(
                 "inbox.max_per_receiver must be at least 1".into(),

@@ -495,7 +495,10 @@ impl Engine {
             secrets: self.records.secrets.clone(),
             preferences: self.records.preferences.clone(),
             inbox: self.records.inbox.clone(),
-            inbox_feed: switchboard_http::inbox_feed::InboxFeed::new(store.clone()),
+            inbox_feed: switchboard_http::inbox_feed::InboxFeed::new(
+                store.clone(),
+                config.inbox.max_streams_per_receiver,
+            ),
             unsubscribe: self.unsubscribe.clone(),
             files: self.files.clone(),
             file_policy: config.files.clone(),

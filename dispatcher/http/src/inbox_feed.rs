@@ -36,31 +36,45 @@ pub struct InboxFeed {
     store: Store,
     receivers: Mutex<HashMap<Vec<u8>, broadcast::Sender<Watched>>>,
     started: OnceLock<()>,
+    /// The most streams one receiver may have open.
+    max_per_receiver: usize,
 }
 
+/// A receiver already has as many streams open as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this receiver already has {0} live streams open here, the most it may")]
+pub struct TooManyStreams(pub usize);
+
 impl InboxFeed {
-    /// The feed of the inboxes in `store`; it starts reading with its
-    /// first subscriber.
-    pub fn new(store: Store) -> Arc<Self> {
+    /// The feed of the inboxes in `store`, `max_per_receiver` streams at
+    /// most for each receiver; it starts reading with its first subscriber.
+    pub fn new(store: Store, max_per_receiver: usize) -> Arc<Self> {
         Arc::new(Self {
             store,
             receivers: Mutex::new(HashMap::new()),
             started: OnceLock::new(),
+            max_per_receiver,
         })
     }
 
     /// Every change to the inbox whose keys begin with `prefix`
-    /// (`{account}\0{receiver}\0`) from now on. Must be called in a tokio
-    /// runtime.
-    pub fn subscribe(self: &Arc<Self>, prefix: Vec<u8>) -> broadcast::Receiver<Watched> {
+    /// (`{account}\0{receiver}\0`) from now on; refused when the receiver
+    /// has its most streams open. Must be called in a tokio runtime.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        prefix: Vec<u8>,
+    ) -> Result<broadcast::Receiver<Watched>, TooManyStreams> {
         self.started.get_or_init(|| self.start());
         let mut receivers = self.receivers.lock().expect("feed lock");
         // Channels whose streams all ended go.
         receivers.retain(|_, tx| tx.receiver_count() > 0);
-        receivers
+        let tx = receivers
             .entry(prefix)
-            .or_insert_with(|| broadcast::channel(PER_RECEIVER).0)
-            .subscribe()
+            .or_insert_with(|| broadcast::channel(PER_RECEIVER).0);
+        if tx.receiver_count() >= self.max_per_receiver {
+            return Err(TooManyStreams(self.max_per_receiver));
+        }
+        Ok(tx.subscribe())
     }
 
     /// How many receivers have a stream open.
@@ -111,10 +125,15 @@ mod tests {
     #[tokio::test]
     async fn each_stream_hears_its_own_receiver_only() {
         let store = Store::temporary().unwrap();
-        let feed = InboxFeed::new(store.clone());
-        let mut ann = feed.subscribe(b"acme\0ann\0".to_vec());
-        let mut ann_too = feed.subscribe(b"acme\0ann\0".to_vec());
-        let mut annie = feed.subscribe(b"acme\0annie\0".to_vec());
+        let feed = InboxFeed::new(store.clone(), 2);
+        let mut ann = feed.subscribe(b"acme\0ann\0".to_vec()).unwrap();
+        let mut ann_too = feed.subscribe(b"acme\0ann\0".to_vec()).unwrap();
+        // Two is ann's most.
+        assert_eq!(
+            feed.subscribe(b"acme\0ann\0".to_vec()).unwrap_err(),
+            TooManyStreams(2)
+        );
+        let mut annie = feed.subscribe(b"acme\0annie\0".to_vec()).unwrap();
         assert_eq!(feed.receivers(), 2);
         store
             .put(Collection::Inbox, b"acme\0annie\0\x01\0n-1", b"{}")
@@ -138,7 +157,7 @@ mod tests {
         assert!(ann.try_recv().is_err(), "annie's change is not ann's");
         drop((ann, ann_too));
         // A later subscription tidies the channels nobody listens to.
-        let _bob = feed.subscribe(b"acme\0bob\0".to_vec());
+        let _bob = feed.subscribe(b"acme\0bob\0".to_vec()).unwrap();
         assert_eq!(feed.receivers(), 2);
         assert_eq!(feed.receivers.lock().unwrap().len(), 2);
     }

@@ -556,6 +556,7 @@ mod tests {
         let policy = InboxPolicy {
             read_retention: std::time::Duration::from_secs(3600),
             max_per_receiver: 3,
+            ..InboxPolicy::default()
         };
         // n-4 read but recent; n-1 and n-2 past the cap.
         assert_eq!(inbox.expire(&policy, now).unwrap(), 2);

@@ -442,6 +442,9 @@ pub struct InboxPolicy {
     pub read_retention: std::time::Duration,
     /// The most a receiver keeps: beyond it the oldest go, read or not.
     pub max_per_receiver: usize,
+    /// The most live streams a receiver may have open on one dispatcher
+    /// (its tabs and devices); one more is refused.
+    pub max_streams_per_receiver: usize,
 }
 
 impl Default for InboxPolicy {
@@ -449,6 +452,7 @@ impl Default for InboxPolicy {
         Self {
             read_retention: std::time::Duration::from_secs(30 * 86400),
             max_per_receiver: 1_000,
+            max_streams_per_receiver: 10,
         }
     }
 }
@@ -774,6 +778,7 @@ mod tests {
         let policy = InboxPolicy {
             read_retention: std::time::Duration::from_secs(3600),
             max_per_receiver: 3,
+            ..InboxPolicy::default()
         };
         let now = OffsetDateTime::from_unix_timestamp(1_700_100_000).unwrap();
         let at = |minutes_ago: i64, read: bool| {

@@ -89,7 +89,13 @@ pub(super) async fn own_stream(
         who.receiver.as_bytes(),
         b"",
     ]);
-    let changes = s.inbox_feed.subscribe(prefix.clone());
+    let changes = s.inbox_feed.subscribe(prefix.clone()).map_err(|e| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!("{e} ([inbox] max_streams_per_receiver): close one first"),
+        )
+    })?;
     let mut opening = Vec::new();
     let mut high_water = s
         .inbox
