@@ -341,15 +341,24 @@ impl Changelog {
     /// following from an earlier point is sure to reach (the mark, or a
     /// later one), whatever expired or was replaced meanwhile.
     pub async fn sync(&self) -> Result<u64, ChangelogError> {
+        use async_nats::jetstream::context::PublishErrorKind;
         let subject = format!("{PREFIX}.sync");
-        let ack = self
-            .js
-            .publish(subject.clone(), Bytes::new())
-            .await
-            .map_err(|e| remote(format!("publishing {subject}: {e}")))?
-            .await
-            .map_err(|e| remote(format!("publishing {subject}: {e}")))?;
-        Ok(ack.sequence)
+        // Replicas starting together on a cluster: the stream another one
+        // made a moment ago may not be known yet to the server this one
+        // talks to (no stream answers its subject). It is, within seconds.
+        let mut unknown = 0;
+        loop {
+            let published =
+                async { self.js.publish(subject.clone(), Bytes::new()).await?.await }.await;
+            match published {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && unknown < 50 => {
+                    unknown += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
+            }
+        }
     }
 
     /// The stream sequence of the last message in the changelog (0: empty).
