@@ -741,6 +741,8 @@ async fn a_browser_edits_a_script_and_sees_its_error_at_its_line() {
     let base = d.url();
     c.goto(&format!("{base}/console/sign-in")).await.unwrap();
     browser.sign_in(&token).await;
+    // Signed in (the session cookie set) before going on.
+    browser.on_page("/console/accounts/acme").await;
     c.goto(&format!("{base}/console/accounts/acme/scripts"))
         .await
         .unwrap();
