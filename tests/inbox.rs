@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{Dispatcher, TIMEOUT, wait_until};
+use crate::util::{Dispatcher, EventStream, StreamEvent, TIMEOUT, wait_until};
 
 const CHAINS: &str = r#"
 account_key = "acme"
@@ -160,76 +160,14 @@ config = { to = "ann", content_type = "url_action", title = "t", body = "b", url
     );
 }
 
-/// One Server-Sent Events stream, read event by event.
-struct EventStream {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-/// An event of a stream: its type, id (if it has one) and data as JSON.
-#[derive(Debug)]
-struct StreamEvent {
-    kind: String,
-    id: Option<String>,
-    data: Value,
-}
-
-impl EventStream {
-    async fn open(d: &Dispatcher, token: &str, last_event_id: Option<&str>) -> Self {
-        let mut request =
-            crate::util::http_client(Some(token)).get(format!("{}/v1/inbox/stream", d.url()));
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            response.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Self {
-            response,
-            buffer: String::new(),
-        }
+/// `token`'s inbox stream, resumed after `last_event_id` when given.
+async fn open_stream(d: &Dispatcher, token: &str, last_event_id: Option<&str>) -> EventStream {
+    let mut request =
+        crate::util::http_client(Some(token)).get(format!("{}/v1/inbox/stream", d.url()));
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
     }
-
-    /// The next event within `within` (keep-alive comments skipped).
-    async fn next(&mut self, within: std::time::Duration) -> StreamEvent {
-        tokio::time::timeout(within, async {
-            loop {
-                if let Some(end) = self.buffer.find("\n\n") {
-                    let block: String = self.buffer.drain(..end + 2).collect();
-                    let (mut kind, mut id, mut data) = (String::new(), None, String::new());
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            kind = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("id:") {
-                            id = Some(v.trim().to_string());
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.trim());
-                        }
-                    }
-                    if kind.is_empty() {
-                        continue;
-                    }
-                    return StreamEvent {
-                        kind,
-                        id,
-                        data: serde_json::from_str(&data).unwrap(),
-                    };
-                }
-                let chunk = self
-                    .response
-                    .chunk()
-                    .await
-                    .unwrap()
-                    .expect("the stream stays open");
-                self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no event within {within:?}; read so far {:?}", self.buffer))
-    }
+    EventStream::new(request.send().await.unwrap())
 }
 
 const ONBOARDING: &str = r#"
@@ -343,7 +281,7 @@ async fn receivers_read_their_own_inbox_live() {
     // Ann's inbox grows; her stream is open.
     ping(&d, "ann", "billing", "Invoice 1").await;
     ping(&d, "ann", "billing", "Invoice 2").await;
-    let mut stream = EventStream::open(&d, &ann, None).await;
+    let mut stream = open_stream(&d, &ann, None).await;
     let opening = stream.next(TIMEOUT).await;
     assert_eq!(opening.kind, "count");
     assert_eq!(opening.data, json!({"unread": 3, "total": 3}));
@@ -485,7 +423,7 @@ async fn receivers_read_their_own_inbox_live() {
     // order, then the counts.
     ping(&d, "ann", "news", "Missed 1").await;
     ping(&d, "ann", "news", "Missed 2").await;
-    let mut again = EventStream::open(&d, &ann, Some(&resume_at)).await;
+    let mut again = open_stream(&d, &ann, Some(&resume_at)).await;
     let missed: Vec<StreamEvent> = vec![again.next(TIMEOUT).await, again.next(TIMEOUT).await];
     assert_eq!(
         missed
@@ -928,7 +866,7 @@ async fn a_stream_ends_when_its_accounts_key_is_rotated() {
         }
     };
     let (acme, other) = (token("acme").await, token("other").await);
-    let mut stream = EventStream::open(&d, &acme, None).await;
+    let mut stream = open_stream(&d, &acme, None).await;
     assert_eq!(stream.next(TIMEOUT).await.kind, "count");
     d.cli(&["inbox", "rotate-tokens", "other"]).await.ok();
     let still_open =
@@ -938,16 +876,10 @@ async fn a_stream_ends_when_its_accounts_key_is_rotated() {
         "another account's rotation ended it: {still_open:?}"
     );
     d.cli(&["inbox", "rotate-tokens", "acme"]).await.ok();
-    let ended = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            match stream.response.chunk().await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the stream outlived the rotation");
+    assert!(
+        stream.ends_within(TIMEOUT).await,
+        "the stream outlived the rotation"
+    );
     let (status, _) = d
         .request(reqwest::Method::GET, "/v1/inbox", Some(&acme), None)
         .await;
@@ -977,7 +909,7 @@ async fn a_receiver_has_at_most_its_streams_open() {
     let (ann, bob) = (token("ann").await, token("bob").await);
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut stream = EventStream::open(&d, &ann, None).await;
+        let mut stream = open_stream(&d, &ann, None).await;
         assert_eq!(stream.next(TIMEOUT).await.kind, "count");
         open.push(stream);
     }
@@ -986,7 +918,7 @@ async fn a_receiver_has_at_most_its_streams_open() {
         .await;
     assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["code"], "too_many_streams", "{refused}");
-    let mut other = EventStream::open(&d, &bob, None).await;
+    let mut other = open_stream(&d, &bob, None).await;
     assert_eq!(other.next(TIMEOUT).await.kind, "count");
 }
 
@@ -1002,18 +934,12 @@ async fn a_stream_ends_when_its_token_expires() {
         .ok()
         .trim()
         .to_string();
-    let mut stream = EventStream::open(&d, &token, None).await;
+    let mut stream = open_stream(&d, &token, None).await;
     assert_eq!(stream.next(TIMEOUT).await.kind, "count");
-    let ended = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            match stream.response.chunk().await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the stream outlived its token");
+    assert!(
+        stream.ends_within(TIMEOUT).await,
+        "the stream outlived its token"
+    );
     let (status, _) = d
         .request(reqwest::Method::GET, "/v1/inbox/stream", Some(&token), None)
         .await;
@@ -1036,7 +962,7 @@ async fn housekeeping_keeps_inboxes_within_their_cap_and_retention() {
         .ok()
         .trim()
         .to_string();
-    let mut stream = EventStream::open(&d, &token, None).await;
+    let mut stream = open_stream(&d, &token, None).await;
     assert_eq!(stream.next(TIMEOUT).await.kind, "count");
     for n in 1..=5 {
         ping(&d, "dan", "news", &format!("News {n}")).await;

@@ -12,7 +12,7 @@ use switchboard_sdk::nats::NatsEmitter;
 use switchboard_sdk::{EventId, VumiApiEvent};
 
 use crate::peers::{HttpReceiver, WEBHOOK_SECRET};
-use crate::util::{Dispatcher, NatsCluster, event, long_tests, wait_until};
+use crate::util::{Dispatcher, EventStream, NatsCluster, event, long_tests, wait_until};
 
 fn config(receiver: &HttpReceiver) -> String {
     config_with(receiver, true, 3)
@@ -1442,6 +1442,7 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 /// receiver token minted on one replica opens a stream on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_streams_on_every_replica_see_the_owners_notifications() {
+    const WITHIN: Duration = Duration::from_secs(30);
     let server = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let config = config_with(&receiver, true, 1);
@@ -1495,8 +1496,8 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
             },
         )
         .await;
-        let mut stream = SseReader::new(response);
-        assert_eq!(stream.next().await.0, "count");
+        let mut stream = EventStream::new(response);
+        assert_eq!(stream.next(WITHIN).await.kind, "count");
         streams.push(stream);
     }
 
@@ -1509,11 +1510,10 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
         .await;
     let mut note = String::new();
     for stream in &mut streams {
-        let (kind, data) = stream.next_of(&["notification"]).await;
-        assert_eq!(kind, "notification");
+        let data = stream.next_of(&["notification"], WITHIN).await.data;
         assert_eq!(data["content"]["body"], "hello", "{data}");
         note = data["id"].as_str().unwrap().to_string();
-        let (_, count) = stream.next_of(&["count"]).await;
+        let count = stream.next_of(&["count"], WITHIN).await.data;
         assert_eq!(count, json!({"unread": 1, "total": 1}));
     }
 
@@ -1534,66 +1534,12 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
         assert_eq!(status, 200, "{action} through {}: {changed}", d.url());
         let unread = u64::from(action == "unread");
         for stream in &mut streams {
-            let (_, count) = stream.next_of(&["count"]).await;
+            let count = stream.next_of(&["count"], WITHIN).await.data;
             assert_eq!(
                 count,
                 json!({"unread": unread, "total": 1}),
                 "after {action}"
             );
-        }
-    }
-}
-
-/// Reads Server-Sent Events from a response.
-struct SseReader {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
-        Self {
-            response,
-            buffer: String::new(),
-        }
-    }
-
-    /// The next event's type and data.
-    async fn next(&mut self) -> (String, Value) {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Some(end) = self.buffer.find("\n\n") {
-                    let block: String = self.buffer.drain(..end + 2).collect();
-                    let kind = block.lines().find_map(|l| l.strip_prefix("event:"));
-                    let data = block.lines().find_map(|l| l.strip_prefix("data:"));
-                    if let (Some(kind), Some(data)) = (kind, data) {
-                        return (
-                            kind.trim().to_string(),
-                            serde_json::from_str(data.trim()).unwrap(),
-                        );
-                    }
-                    continue;
-                }
-                let chunk = self
-                    .response
-                    .chunk()
-                    .await
-                    .unwrap()
-                    .expect("the stream stays open");
-                self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no event in 30 s; read {:?}", self.buffer))
-    }
-
-    /// The next event of one of `kinds`, passing over others.
-    async fn next_of(&mut self, kinds: &[&str]) -> (String, Value) {
-        loop {
-            let (kind, data) = self.next().await;
-            if kinds.contains(&kind.as_str()) {
-                return (kind, data);
-            }
         }
     }
 }

@@ -1142,3 +1142,90 @@ pub async fn check_poll_lineage(
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
+
+/// A Server-Sent Events response, read event by event.
+pub struct EventStream {
+    /// The response, for a test that reads it raw (to see it end).
+    pub response: reqwest::Response,
+    buffer: String,
+}
+
+/// An event of a stream: its type, id (if it has one) and data as JSON.
+#[derive(Debug)]
+pub struct StreamEvent {
+    pub kind: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+impl EventStream {
+    /// Reads `response`, which must be an event stream.
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event within `within` (keep-alive comments skipped).
+    pub async fn next(&mut self, within: Duration) -> StreamEvent {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    let (mut kind, mut id, mut data) = (String::new(), None, String::new());
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event:") {
+                            kind = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("id:") {
+                            id = Some(v.trim().to_string());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim());
+                        }
+                    }
+                    if kind.is_empty() {
+                        continue;
+                    }
+                    return StreamEvent {
+                        kind,
+                        id,
+                        data: serde_json::from_str(&data).unwrap(),
+                    };
+                }
+                let chunk = self
+                    .response
+                    .chunk()
+                    .await
+                    .unwrap()
+                    .expect("the stream stays open");
+                self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no event within {within:?}; read so far {:?}", self.buffer))
+    }
+
+    /// The next event of one of `kinds` within `within`, passing over others.
+    pub async fn next_of(&mut self, kinds: &[&str], within: Duration) -> StreamEvent {
+        loop {
+            let event = self.next(within).await;
+            if kinds.contains(&event.kind.as_str()) {
+                return event;
+            }
+        }
+    }
+
+    /// Whether the server ends the stream within `within`.
+    pub async fn ends_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            while let Ok(Some(_)) = self.response.chunk().await {}
+        })
+        .await
+        .is_ok()
+    }
+}

@@ -11,24 +11,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use switchboard_state::inbox::receiver_of_key;
 use switchboard_store::{Collection, Store, Watched};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 /// How many changes a stream may fall behind its receiver's channel.
 const PER_RECEIVER: usize = 64;
-
-/// The `{account}\0{receiver}\0` an inbox key begins with.
-pub fn receiver_of_key(key: &[u8]) -> &[u8] {
-    let mut nuls = key
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == 0)
-        .map(|(i, _)| i);
-    match (nuls.next(), nuls.next()) {
-        (Some(_), Some(second)) => &key[..=second],
-        _ => key,
-    }
-}
 
 /// Changes to inboxes, by receiver.
 #[derive(Debug)]
@@ -160,11 +148,5 @@ mod tests {
         let _bob = feed.subscribe(b"acme\0bob\0".to_vec()).unwrap();
         assert_eq!(feed.receivers(), 2);
         assert_eq!(feed.receivers.lock().unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_key_names_its_receiver() {
-        assert_eq!(receiver_of_key(b"acme\0ann\0\x00\x01\0id"), b"acme\0ann\0");
-        assert_eq!(receiver_of_key(b"odd"), b"odd");
     }
 }

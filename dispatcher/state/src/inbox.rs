@@ -21,7 +21,7 @@ const MARK_TRIES: u32 = 8;
 const SWEEP_PAGE: usize = 1_024;
 
 /// The `{account}\0{receiver}\0` a notification's key begins with.
-fn group_of(key: &[u8]) -> &[u8] {
+pub fn receiver_of_key(key: &[u8]) -> &[u8] {
     let mut nuls = key
         .iter()
         .enumerate()
@@ -33,8 +33,21 @@ fn group_of(key: &[u8]) -> &[u8] {
     }
 }
 
-fn receiver_prefix(account: &AccountKey, receiver: &str) -> Vec<u8> {
+/// The start of every key of `receiver`'s notifications.
+pub fn receiver_prefix(account: &AccountKey, receiver: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), receiver.as_bytes(), b""])
+}
+
+/// The place a notification's key holds
+/// (`{account}\0{receiver}\0{micros: BE u64}\0{id}`).
+pub fn cursor_of_key(key: &[u8]) -> Option<Cursor> {
+    let rest = key.get(receiver_of_key(key).len()..)?;
+    let micros = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let id = std::str::from_utf8(rest.get(9..)?).ok()?;
+    Some(Cursor {
+        micros,
+        id: id.to_string(),
+    })
 }
 
 fn cursor_key(account: &AccountKey, receiver: &str, cursor: &Cursor) -> Vec<u8> {
@@ -138,29 +151,13 @@ impl Inbox for StoredInbox {
         {
             return Ok((existing, false));
         }
-        if let Some((newest, _)) = self
-            .store
-            .scan_prefix_rev(
-                Collection::Inbox,
-                &receiver_prefix(&account, &notification.receiver),
-                1,
+        if let Some(newest) = self.newest(&account, &notification.receiver)?
+            && notification.cursor().micros <= newest.micros
+            && let Ok(after) = time::OffsetDateTime::from_unix_timestamp_nanos(
+                (i128::from(newest.micros) + 1) * 1_000,
             )
-            .about(Records::Inbox, &account)?
-            .first()
         {
-            let prefix_len = receiver_prefix(&account, &notification.receiver).len();
-            let newest = newest
-                .get(prefix_len..prefix_len + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes);
-            if let Some(newest) = newest
-                && notification.cursor().micros <= newest
-                && let Ok(after) = time::OffsetDateTime::from_unix_timestamp_nanos(
-                    (i128::from(newest) + 1) * 1_000,
-                )
-            {
-                notification.created_at = after;
-            }
+            notification.created_at = after;
         }
         let at = notification_key(&notification);
         self.store
@@ -188,8 +185,7 @@ impl Inbox for StoredInbox {
             .scan_prefix_rev(Collection::Inbox, &receiver_prefix(account, receiver), 1)
             .about(Records::Inbox, account)?
             .first()
-            .and_then(|(_, v)| decode::<Notification>(v))
-            .map(|n| n.cursor()))
+            .and_then(|(k, _)| cursor_of_key(k)))
     }
 
     fn page(
@@ -365,9 +361,9 @@ impl Inbox for StoredInbox {
             from = last.clone();
             from.push(0);
             for (k, v) in page {
-                if group_of(&k) != group.as_slice() {
+                if receiver_of_key(&k) != group.as_slice() {
                     sweep(&mut held)?;
-                    group = group_of(&k).to_vec();
+                    group = receiver_of_key(&k).to_vec();
                 }
                 if let Some(n) = decode::<Notification>(&v) {
                     held.push((k, v, n));
@@ -530,6 +526,17 @@ mod tests {
             .deliver(notification(&acme, "bob", "b-1", 1_000))
             .unwrap();
         assert_eq!(bob.cursor().micros, 1_000_000);
+    }
+
+    #[test]
+    fn a_key_names_its_receiver_and_place() {
+        let acme = AccountKey::new("acme").unwrap();
+        let n = notification(&acme, "ann", "n-1", 5_000);
+        let k = notification_key(&n);
+        assert_eq!(receiver_of_key(&k), receiver_prefix(&acme, "ann"));
+        assert_eq!(cursor_of_key(&k), Some(n.cursor()));
+        assert_eq!(receiver_of_key(b"odd"), b"odd");
+        assert_eq!(cursor_of_key(b"acme\0ann\0short"), None);
     }
 
     #[test]

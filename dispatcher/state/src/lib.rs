@@ -17,7 +17,7 @@ use switchboard_store::{Collection, Store, StoreError, key};
 mod contacts;
 mod files;
 mod idempotency;
-mod inbox;
+pub mod inbox;
 mod messages;
 mod preferences;
 mod secrets;
@@ -31,7 +31,7 @@ pub use inbox::StoredInbox;
 pub use messages::StoredMessages;
 pub use preferences::StoredPreferences;
 pub use secrets::StoredSecrets;
-pub use signing_keys::{Purpose, SigningKeys};
+pub use signing_keys::{Purpose, SigningKeys, account_prefix as signing_keys_prefix};
 pub use sources::StoredSources;
 
 /// Every record port over one store, one instance each, shared by all

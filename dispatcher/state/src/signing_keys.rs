@@ -45,7 +45,7 @@ impl SigningKeys {
         account: &AccountKey,
         purpose: Purpose,
     ) -> Result<Option<[u8; 32]>, RecordError> {
-        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        let k = key_of(account, purpose);
         Ok(self
             .store
             .get(Collection::SigningKeys, &k)
@@ -56,7 +56,7 @@ impl SigningKeys {
     /// The account's key for `purpose`, made now if it has none (for
     /// signing).
     pub fn get(&self, account: &AccountKey, purpose: Purpose) -> Result<[u8; 32], RecordError> {
-        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        let k = key_of(account, purpose);
         loop {
             if let Some(existing) = self.find(account, purpose)? {
                 return Ok(existing);
@@ -81,7 +81,7 @@ impl SigningKeys {
         account: &AccountKey,
         purpose: Purpose,
     ) -> Result<[u8; 32], RecordError> {
-        let k = key(&[account.as_str().as_bytes(), purpose.name().as_bytes()]);
+        let k = key_of(account, purpose);
         let made = random_key();
         self.store
             .put(Collection::SigningKeys, &k, &made)
@@ -89,6 +89,16 @@ impl SigningKeys {
         self.store.flush().await.about(Records::Secrets, account)?;
         Ok(made)
     }
+}
+
+/// Where the account's key for `purpose` is kept.
+fn key_of(account: &AccountKey, purpose: Purpose) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), purpose.name().as_bytes()])
+}
+
+/// The start of every key of `account`'s signing keys (to watch them).
+pub fn account_prefix(account: &AccountKey) -> Vec<u8> {
+    key(&[account.as_str().as_bytes(), b""])
 }
 
 fn random_key() -> [u8; 32] {

@@ -84,18 +84,19 @@ pub(super) async fn own_stream(
         .transpose()?;
     // Watch first, then read: nothing left in between is missed (what
     // both show is sent twice, the second time as `updated`).
-    let prefix = switchboard_store::key(&[
-        who.account.as_str().as_bytes(),
-        who.receiver.as_bytes(),
-        b"",
-    ]);
-    let changes = s.inbox_feed.subscribe(prefix.clone()).map_err(|e| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            format!("{e} ([inbox] max_streams_per_receiver): close one first"),
-        )
-    })?;
+    let changes = s
+        .inbox_feed
+        .subscribe(switchboard_state::inbox::receiver_prefix(
+            &who.account,
+            &who.receiver,
+        ))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!("{e} ([inbox] max_streams_per_receiver): close one first"),
+            )
+        })?;
     let mut opening = Vec::new();
     let mut high_water = s
         .inbox
@@ -150,10 +151,10 @@ pub(super) async fn own_stream(
     let keys = s.store.watch(switchboard_store::Collection::SigningKeys);
     let live = Live {
         keys,
+        keys_prefix: switchboard_state::signing_keys_prefix(&who.account),
         s: s.clone(),
         who,
         token,
-        prefix,
         changes,
         stopped: s.tail.stopped(),
         expires,
@@ -192,7 +193,6 @@ struct Live {
     who: Receiver,
     /// The stream's token, checked again now and then.
     token: String,
-    prefix: Vec<u8>,
     changes: tokio::sync::broadcast::Receiver<switchboard_store::Watched>,
     stopped: tokio::sync::watch::Receiver<bool>,
     /// When the token expires.
@@ -200,6 +200,8 @@ struct Live {
     recheck: tokio::time::Interval,
     /// Changes to signing keys (a rotation ends the stream).
     keys: tokio::sync::broadcast::Receiver<switchboard_store::Watched>,
+    /// The start of the keys of the account's signing keys.
+    keys_prefix: Vec<u8>,
     /// The newest notification sent (or there when the stream began).
     high_water: Option<Cursor>,
     /// The counts last sent.
@@ -226,14 +228,13 @@ impl Live {
                             return Some(event);
                         }
                     }
-                    let key_prefix = self.key_prefix();
                     let woke = tokio::select! {
                         _ = self.stopped.wait_for(|s| *s) => return None,
                         _ = tokio::time::sleep_until(self.expires) => return None,
                         _ = self.recheck.tick() => None,
                         key = self.keys.recv() => match key {
                             // Another account's key: nothing to check.
-                            Ok(k) if !k.key.starts_with(&key_prefix) => {
+                            Ok(k) if !k.key.starts_with(&self.keys_prefix) => {
                                 continue;
                             }
                             Err(RecvError::Closed) => return None,
@@ -282,11 +283,13 @@ impl Live {
                 }
                 Some(Err(_)) => continue,
                 None => {
-                    // `{micros: 8 bytes}\0{id}` after the receiver's prefix.
-                    let id = watched.key.get(self.prefix.len() + 9..).unwrap_or_default();
+                    let Some(removed) = switchboard_state::inbox::cursor_of_key(&watched.key)
+                    else {
+                        continue;
+                    };
                     Event::default()
                         .event("removed")
-                        .json_data(serde_json::json!({"id": String::from_utf8_lossy(id)}))
+                        .json_data(serde_json::json!({ "id": removed.id }))
                         .expect("an id serialises")
                 }
             };
@@ -307,11 +310,6 @@ impl Live {
                 None
             }
         }
-    }
-
-    /// The start of the account's signing keys' keys.
-    fn key_prefix(&self) -> Vec<u8> {
-        switchboard_store::key(&[self.who.account.as_str().as_bytes(), b""])
     }
 
     /// Whether the stream's token still opens this inbox (the account's
