@@ -16,7 +16,9 @@ use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, StoreError, key};
 use time::OffsetDateTime;
 
-use crate::journal::{ChainEnd, ChainJournal, EventJournal, Journal, RecordKey};
+use crate::journal::{
+    ChainEnd, ChainJournal, EVENT_ID_LEN, EventJournal, Journal, RecordKey, id_time_ms, leading_ms,
+};
 
 /// Where an event stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,14 +199,45 @@ impl Traces {
     }
 }
 
-/// How many listing entries one page looks at, at most, whatever its
-/// filters pass: a page of a rare kind of event ends early, with a `next`.
+/// How many keys one page reads from each of the listing's two sources, at
+/// most, whatever its filters pass: a page of a rare kind of event ends
+/// early, with a `next`.
 const LISTING_LOOKS_AT: usize = 2_000;
 
+/// A place in an account's listing, which runs newest first: an event's
+/// time in ms (its id's for a UUIDv7 id, else when it was taken up), then
+/// its id's text.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Place {
+    ms: u64,
+    id: String,
+}
+
+impl Place {
+    /// The cursor a page ends with.
+    fn cursor(&self) -> String {
+        format!("{}-{}", self.ms, self.id)
+    }
+}
+
+/// What one page read from one of the listing's sources: its events
+/// (newest first, each with the start time its record must hold, if any),
+/// and, unless the source is exhausted, the place everything it did not
+/// read sorts below.
+struct Read {
+    events: Vec<(Place, Option<u64>)>,
+    frontier: Option<Place>,
+}
+
 impl Traces {
-    /// A page of `account`'s events, the latest taken up first: those
-    /// `query`'s filters pass, below its `before` cursor. Errors: a cursor
-    /// that is not one.
+    /// A page of `account`'s events, newest first: those `query`'s filters
+    /// pass, below its `before` cursor. Errors: a cursor that is not one.
+    ///
+    /// Two sources make the listing: the heads of records whose event ids
+    /// are UUIDv7 (what the SDK gives every new event), read from the
+    /// journal's keys, which sort by the time in the id; and the listing
+    /// entries of the other records (emitted events' derived ids, ids a
+    /// worker chose), by the time each was taken up. A page merges them.
     pub fn list(
         &self,
         account: &AccountKey,
@@ -214,13 +247,7 @@ impl Traces {
         let before = match query.before.as_deref().filter(|b| !b.is_empty()) {
             None => None,
             Some(cursor) => match parse_cursor(cursor) {
-                Some((ms, id)) => {
-                    let mut k = prefix.clone();
-                    k.extend_from_slice(&ms.to_be_bytes());
-                    k.push(0);
-                    k.extend_from_slice(id.as_bytes());
-                    Some(k)
-                }
+                Some((ms, id)) => Some(Place { ms, id }),
                 None => {
                     return Ok(Err(format!(
                         "before: {cursor:?} is not a cursor; pass the `next` of a page"
@@ -231,37 +258,45 @@ impl Traces {
         let filters = &query.filters;
         let limit = query.effective_limit();
         let cutoff = crate::journal::now_ms().saturating_sub(self.retention.as_millis() as u64);
-        let entries = self.journal.store().scan_prefix_before(
-            Collection::EventTimes,
-            &prefix,
-            before.as_deref(),
-            LISTING_LOOKS_AT,
-        )?;
-        let exhausted = entries.len() < LISTING_LOOKS_AT;
+        let (by_id, by_time) = (
+            self.read_by_id(&prefix, before.as_ref())?,
+            self.read_by_time(&prefix, before.as_ref())?,
+        );
+        // What a source did not read sorts below its frontier: the page
+        // lists nothing below the higher one, and the next page starts there.
+        let frontier = by_id.frontier.max(by_time.frontier);
+        let mut candidates: Vec<(Place, Option<u64>)> =
+            by_id.events.into_iter().chain(by_time.events).collect();
+        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0));
         let mut events = Vec::new();
+        // Where the next page starts: the frontier, unless this one ends
+        // first.
+        let mut next = frontier.clone();
         let mut last = None;
-        let mut looked_at = 0;
-        for (k, _) in &entries {
-            looked_at += 1;
-            last = Some(k);
-            let Some((ms, id)) = k.get(prefix.len()..).and_then(split_entry) else {
-                continue;
-            };
-            if ms < cutoff {
-                // Older than the traces shown: so is every later entry.
-                last = None;
+        for (place, started) in candidates {
+            if frontier.as_ref().is_some_and(|f| place < *f) {
                 break;
             }
-            let Ok(id) = EventId::parse(id) else {
+            if place.ms < cutoff {
+                // Older than the traces shown: so is everything after it.
+                next = None;
+                break;
+            }
+            if events.len() == limit {
+                next = last;
+                break;
+            }
+            last = Some(place.clone());
+            let Ok(id) = EventId::parse(&place.id) else {
                 continue;
             };
-            // An entry whose record is missing, or started at another
-            // time, was left by a crash before the record's head was
-            // written: the event is listed at its record's own entry.
+            // A listing entry whose record is missing, or started at
+            // another time, was left by a crash before the record's head
+            // was written: the event is listed at its record's own entry.
             let Some(journal) = self
                 .journal
                 .load(&RecordKey::new(account, &id))?
-                .filter(|j| j.started_ms == ms)
+                .filter(|j| started.is_none_or(|ms| j.started_ms == ms))
             else {
                 continue;
             };
@@ -272,22 +307,112 @@ impl Traces {
             let row = crate::tail::row(event, &journal, status, at(journal.started_ms));
             if filters.admits(&row) {
                 events.push(row);
-                if events.len() == limit {
-                    break;
-                }
             }
         }
-        let more = looked_at < entries.len() || !exhausted;
-        let next = last
-            .filter(|_| more)
-            .and_then(|k| k.get(prefix.len()..))
-            .and_then(split_entry)
-            .map(|(ms, id)| format!("{ms}-{id}"));
         Ok(Ok(EventList {
             account_key: account.clone(),
             events,
-            next,
+            next: next.map(|p| p.cursor()),
         }))
+    }
+
+    /// The listing's events whose ids tell their time, below `before`:
+    /// the heads of their records, read newest first from the journal's
+    /// keys (`{account}\0{event id}`, and `{account}\0{event id}\0{seq}`
+    /// for a record's later writes), whose order is that of the ids' text.
+    fn read_by_id(&self, prefix: &[u8], before: Option<&Place>) -> Result<Read, StoreError> {
+        // Every id made in `before`'s ms or earlier sorts below the text
+        // of the next ms; those of that very ms are sorted out below.
+        let bound = before.map(|b| {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(ms_text(b.ms + 1).as_bytes());
+            k
+        });
+        let store = self.journal.store();
+        let keys = store.scan_prefix_before(
+            Collection::Journal,
+            prefix,
+            bound.as_deref(),
+            LISTING_LOOKS_AT,
+        )?;
+        let exhausted = keys.len() < LISTING_LOOKS_AT;
+        let mut events = Vec::new();
+        let mut admit = |place: Place, id: &EventId| {
+            if id_time_ms(id).is_some() && before.is_none_or(|b| place < *b) {
+                events.push((place, None));
+            }
+        };
+        let mut last_head = None;
+        for (k, _) in &keys {
+            let Some((place, id)) = k.get(prefix.len()..).and_then(head_place) else {
+                continue;
+            };
+            last_head = Some(place.clone());
+            admit(place, &id);
+        }
+        let frontier = match keys.last() {
+            _ if exhausted => None,
+            None => None,
+            Some((k, _)) => {
+                // The last key read belongs to a record whose head sorts
+                // at or below it: read that head too, so that everything
+                // not read sorts below it.
+                let head = &k[..(prefix.len() + EVENT_ID_LEN).min(k.len())];
+                let Some((place, id)) = head.get(prefix.len()..).and_then(head_place) else {
+                    return Ok(Read {
+                        events,
+                        frontier: last_head,
+                    });
+                };
+                if last_head.as_ref() != Some(&place)
+                    && store.get(Collection::Journal, head)?.is_some()
+                {
+                    admit(place.clone(), &id);
+                }
+                Some(place)
+            }
+        };
+        Ok(Read { events, frontier })
+    }
+
+    /// The listing's other events, below `before`: their listing entries,
+    /// `{account}\0{started:BE u64}\0{event id}`, newest first.
+    fn read_by_time(&self, prefix: &[u8], before: Option<&Place>) -> Result<Read, StoreError> {
+        let bound = before.map(|b| {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(&b.ms.to_be_bytes());
+            k.push(0);
+            k.extend_from_slice(b.id.as_bytes());
+            k
+        });
+        let entries = self.journal.store().scan_prefix_before(
+            Collection::EventTimes,
+            prefix,
+            bound.as_deref(),
+            LISTING_LOOKS_AT,
+        )?;
+        let exhausted = entries.len() < LISTING_LOOKS_AT;
+        let mut events = Vec::new();
+        let mut last = None;
+        for (k, _) in &entries {
+            let Some((ms, id)) = k.get(prefix.len()..).and_then(split_entry) else {
+                continue;
+            };
+            let place = Place {
+                ms,
+                id: id.to_string(),
+            };
+            last = Some(place.clone());
+            // (A record whose id tells its time is listed by it: entries
+            // written for such ids by earlier versions are passed over.)
+            if EventId::parse(id).is_ok_and(|id| id_time_ms(&id).is_none()) {
+                events.push((place, Some(ms)));
+            }
+        }
+        Ok(Read {
+            events,
+            frontier: last.filter(|_| !exhausted),
+        })
     }
 }
 
@@ -296,6 +421,27 @@ fn split_entry(rest: &[u8]) -> Option<(u64, &str)> {
     let (ms, id) = rest.split_at_checked(8)?;
     let ms = u64::from_be_bytes(ms.try_into().ok()?);
     Some((ms, std::str::from_utf8(id.strip_prefix(&[0])?).ok()?))
+}
+
+/// The place of a journal key's record when the key is a head
+/// (`{event id}` after the account): its id's leading 48 bits as the ms.
+fn head_place(rest: &[u8]) -> Option<(Place, EventId)> {
+    if rest.len() != EVENT_ID_LEN {
+        return None;
+    }
+    let text = std::str::from_utf8(rest).ok()?;
+    let id = EventId::parse(text).ok()?;
+    let place = Place {
+        ms: leading_ms(id.as_uuid().as_bytes()),
+        id: text.to_string(),
+    };
+    Some((place, id))
+}
+
+/// The start of the text of every UUIDv7 made in millisecond `ms`
+/// (`xxxxxxxx-xxxx`, lower-case, as ids are written in keys).
+fn ms_text(ms: u64) -> String {
+    format!("{:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
 /// A cursor, `{ms}-{event id}`.

@@ -74,16 +74,18 @@ impl Pass {
     /// The writes of what was recorded and not written yet, in order, for
     /// a batch the caller applies (none when there is nothing): with a
     /// record's first write (its head), the record's place in the
-    /// account's listing first, then the entry. A crash between leaves a
-    /// listing entry whose record is missing, or, once the event is taken
-    /// up again, started at another time: the listing takes such an entry
-    /// for none, so an event is listed once, at its record's start.
+    /// account's listing first when its id does not give it one
+    /// ([`crate::journal::RecordKey::needs_time_entry`]), then the entry.
+    /// A crash between leaves a listing entry whose record is missing, or,
+    /// once the event is taken up again, started at another time: the
+    /// listing takes such an entry for none, so an event is listed once, at
+    /// its record's start.
     pub fn take_write(&mut self, journal: &Journal) -> Result<Vec<Write>, StoreError> {
         let fresh = self.journal.is_fresh();
         let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
             return Ok(std::mem::take(&mut self.beside));
         };
-        let mut writes = if fresh {
+        let mut writes = if fresh && self.at.needs_time_entry() {
             vec![self.at.time_entry(self.journal.started_ms), write]
         } else {
             vec![write]

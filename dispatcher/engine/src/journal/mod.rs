@@ -17,7 +17,12 @@
 //! later ones under `{account}\0{event id}\0{sequence:BE u64}`: so an
 //! account's records lie together, one prefix scan reads a record, and
 //! finding that a fresh event has none is one point lookup (a scan of a
-//! sled tree copies a node even when it finds nothing). Every value starts
+//! sled tree copies a node even when it finds nothing). An account's
+//! listing (newest first) reads the heads of records whose event ids tell
+//! their time — UUIDv7, what the SDK gives every new event, whose text
+//! sorts by it — straight from these keys; only the other records (derived
+//! ids of emitted events, ids a worker chose) are also entered in
+//! [`Collection::EventTimes`] by their start time. Every value starts
 //! with the event's start time and a flag byte, so that expiry
 //! ([`Journal::expire`]) reads no JSON for the records it keeps: records
 //! expire after the retention, except those of events with a chain in dead
@@ -643,6 +648,9 @@ impl Pending {
 pub struct RecordKey {
     /// `{account}\0{event id}`: the head's key, and the prefix of the rest.
     head: Vec<u8>,
+    /// Whether the account's listing finds the record by its head's key
+    /// (the id tells its time: see [`id_time_ms`]).
+    listed_by_id: bool,
 }
 
 impl RecordKey {
@@ -650,7 +658,15 @@ impl RecordKey {
     pub fn new(account: &AccountKey, id: &EventId) -> Self {
         Self {
             head: key(&[account.as_str().as_bytes(), id.to_string().as_bytes()]),
+            listed_by_id: id_time_ms(id).is_some(),
         }
+    }
+
+    /// Whether the record needs an entry in [`Collection::EventTimes`] to
+    /// be listed: only when its event's id does not tell its time. (An
+    /// entry costs a second store write per event, as much as the record's.)
+    pub fn needs_time_entry(&self) -> bool {
+        !self.listed_by_id
     }
 
     /// The record's entry in [`Collection::EventTimes`], for an event
@@ -926,7 +942,22 @@ fn entry_seq(k: &[u8]) -> u64 {
 }
 
 /// Event ids are UUIDs in their hyphenated form.
-const EVENT_ID_LEN: usize = 36;
+pub(crate) const EVENT_ID_LEN: usize = 36;
+
+/// The time a UUIDv7 event id was made at, in ms since the epoch (its
+/// first 48 bits, which its hyphenated text sorts by); `None` for ids of
+/// other versions (derived ids are v5; a worker may send v4).
+pub fn id_time_ms(id: &EventId) -> Option<u64> {
+    let uuid = id.as_uuid();
+    (uuid.get_version_num() == 7).then(|| leading_ms(uuid.as_bytes()))
+}
+
+/// The first 48 bits of a UUID, as a number: a v7 id's time in ms.
+pub(crate) fn leading_ms(bytes: &[u8; 16]) -> u64 {
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&bytes[..6]);
+    u64::from_be_bytes(ms)
+}
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {

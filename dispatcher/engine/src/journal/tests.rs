@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use switchboard_api::events::EventListQuery;
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
 
 use super::*;
@@ -483,4 +484,167 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
     assert_eq!(chain.steps.len(), 2);
     assert_eq!(journal.expire(Duration::from_secs(60)).expect("expire"), 1);
     assert!(load(&journal, &paused).is_none());
+}
+
+/// An event whose id is a UUIDv7 made at `ms` (as the SDK makes them).
+fn event_made_at(ms: u64, n: u8) -> VumiApiEvent {
+    let mut e = event(n);
+    let ts =
+        uuid::Timestamp::from_unix(uuid::NoContext, ms / 1_000, (ms % 1_000) as u32 * 1_000_000);
+    e.id = EventId::from(uuid::Uuid::new_v7(ts));
+    e
+}
+
+/// Writes `e`'s record as a pass would: its first write, with the listing
+/// entry when the record needs one.
+fn take_up(journal: &Journal, e: &VumiApiEvent, started_ms: u64) {
+    let at = RecordKey::new(&e.account_key, &e.id);
+    if at.needs_time_entry() {
+        let entry = at.time_entry(started_ms);
+        journal.store.write_in_order(&[entry]).expect("the entry");
+    }
+    let begin = Entry::Begin {
+        event: Box::new(e.clone()),
+        traceparent: None,
+    };
+    append(journal, e, Some(started_ms), vec![begin, step("c", "s")]);
+}
+
+/// Every page of `account`'s listing, `limit` at a time: the ids in order.
+fn listed(traces: &crate::trace::Traces, account: &AccountKey, limit: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut before = None;
+    loop {
+        let query = EventListQuery {
+            before: before.clone(),
+            limit: Some(limit),
+            ..Default::default()
+        };
+        let page = traces
+            .list(account, &query)
+            .expect("the listing")
+            .expect("a valid query");
+        assert!(page.events.len() <= limit);
+        ids.extend(page.events.iter().map(|r| r.id.to_string()));
+        match page.next {
+            Some(next) => before = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+#[test]
+fn only_records_whose_ids_do_not_tell_their_time_get_a_listing_entry() {
+    let made = now_ms() - 1_000;
+    let sdk = RecordKey::new(&event(1).account_key, &event_made_at(made, 1).id);
+    assert!(
+        !sdk.needs_time_entry(),
+        "a UUIDv7 id orders the record itself"
+    );
+    let derived = RecordKey::new(&event(1).account_key, &event(1).id);
+    assert!(
+        derived.needs_time_entry(),
+        "a derived (v5) id says nothing of time"
+    );
+    assert_eq!(id_time_ms(&event_made_at(made, 1).id), Some(made));
+    assert_eq!(id_time_ms(&event(1).id), None);
+}
+
+/// The listing merges records found by their ids' time with those found
+/// by their listing entries, newest first, each once, across pages; an
+/// entry an earlier version wrote for a UUIDv7 id lists nothing twice.
+#[test]
+fn the_listing_merges_ids_that_tell_their_time_with_listing_entries() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(3_600));
+    let base = now_ms() - 60_000;
+    // Newest first: v7 at base+50, derived taken up at base+40, v7 at +30
+    // and +30 (the same ms), derived at +20 and +10, v7 at +0.
+    let v7 = [
+        event_made_at(base + 50, 1),
+        event_made_at(base + 30, 2),
+        event_made_at(base + 30, 3),
+        event_made_at(base, 4),
+    ];
+    let derived = [
+        (event(5), base + 40),
+        (event(6), base + 20),
+        (event(7), base + 10),
+    ];
+    for e in &v7 {
+        take_up(&journal, e, base + 100);
+    }
+    for (e, at) in &derived {
+        take_up(&journal, e, *at);
+    }
+    // An entry an earlier version wrote for a v7 id.
+    let old = RecordKey::new(&v7[0].account_key, &v7[0].id).time_entry(base + 100);
+    store.write_in_order(&[old]).expect("the entry");
+    assert_eq!(store.len(Collection::EventTimes), 4);
+
+    let (same_ms_high, same_ms_low) = if v7[1].id.to_string() > v7[2].id.to_string() {
+        (&v7[1], &v7[2])
+    } else {
+        (&v7[2], &v7[1])
+    };
+    let expected: Vec<String> = [
+        &v7[0],
+        &derived[0].0,
+        same_ms_high,
+        same_ms_low,
+        &derived[1].0,
+        &derived[2].0,
+        &v7[3],
+    ]
+    .iter()
+    .map(|e| e.id.to_string())
+    .collect();
+    let account = &v7[0].account_key;
+    for limit in [1, 2, 3, 7, 50] {
+        assert_eq!(
+            listed(&traces, account, limit),
+            expected,
+            "pages of {limit}"
+        );
+    }
+}
+
+/// A source that has more keys than a page reads stops the page at its
+/// frontier; the next pages go on from there and miss nothing, even when a
+/// page's last key read is a record's later write (its head unread).
+#[test]
+fn the_listing_goes_on_past_what_one_page_reads() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(3_600));
+    let base = now_ms() - 600_000;
+    let mut expected = Vec::new();
+    // 400 records of seven writes each, and 5 derived ones among them
+    // (2,835 journal keys: a page reads 2,000, which end part-way through
+    // a record and hold fewer heads than a page of 500 lists).
+    for i in 0..400u64 {
+        let e = event_made_at(base + i * 10, 0);
+        take_up(&journal, &e, base + i * 10);
+        for n in 0..6 {
+            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
+        }
+        expected.push((base + i * 10, e.id.to_string()));
+    }
+    for i in 0..5u8 {
+        let e = event(100 + i);
+        let at = base + 5 + u64::from(i) * 700;
+        take_up(&journal, &e, at);
+        // Seven writes too: wherever these ids sort among the others, a
+        // page's 2,000th key is a record's later write.
+        for n in 0..6 {
+            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
+        }
+        expected.push((at, e.id.to_string()));
+    }
+    expected.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+    let account = event(1).account_key;
+    assert_eq!(listed(&traces, &account, 500), expected);
+    assert_eq!(listed(&traces, &account, 120), expected);
 }
