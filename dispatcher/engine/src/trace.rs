@@ -17,7 +17,8 @@ use switchboard_store::{Collection, StoreError, key};
 use time::OffsetDateTime;
 
 use crate::journal::{
-    ChainEnd, ChainJournal, EVENT_ID_LEN, EventJournal, Journal, RecordKey, id_time_ms, leading_ms,
+    ChainEnd, ChainJournal, EVENT_ID_LEN, EventJournal, Journal, LISTED_BY_ID_WITHIN, RecordKey,
+    id_time_ms, leading_ms, listed_by_id, started_ms,
 };
 
 /// Where an event stands.
@@ -259,8 +260,8 @@ impl Traces {
         let limit = query.effective_limit();
         let cutoff = crate::journal::now_ms().saturating_sub(self.retention.as_millis() as u64);
         let (by_id, by_time) = (
-            self.read_by_id(&prefix, before.as_ref())?,
-            self.read_by_time(&prefix, before.as_ref())?,
+            self.read_by_id(&prefix, before.as_ref(), (cutoff, crate::journal::now_ms()))?,
+            self.read_by_time(&prefix, before.as_ref(), cutoff)?,
         );
         // What a source did not read sorts below its frontier: the page
         // lists nothing below the higher one, and the next page starts there.
@@ -312,43 +313,57 @@ impl Traces {
         Ok(Ok(EventList {
             account_key: account.clone(),
             events,
-            next: next.map(|p| p.cursor()),
+            // (Nothing older than the cutoff is listed.)
+            next: next.filter(|p| p.ms >= cutoff).map(|p| p.cursor()),
         }))
     }
 
-    /// The listing's events whose ids tell their time, below `before`:
-    /// the heads of their records, read newest first from the journal's
-    /// keys (`{account}\0{event id}`, and `{account}\0{event id}\0{seq}`
-    /// for a record's later writes), whose order is that of the ids' text.
-    fn read_by_id(&self, prefix: &[u8], before: Option<&Place>) -> Result<Read, StoreError> {
-        // Every id made in `before`'s ms or earlier sorts below the text
-        // of the next ms; those of that very ms are sorted out below.
-        let bound = before.map(|b| {
-            let mut k = prefix.to_vec();
-            k.extend_from_slice(ms_text(b.ms + 1).as_bytes());
-            k
-        });
+    /// The listing's events whose ids tell their time, below `before` and
+    /// not older than `cutoff`: the heads of their records, read newest
+    /// first from the journal's keys (`{account}\0{event id}`, and
+    /// `{account}\0{event id}\0{seq}` for a record's later writes), whose
+    /// order is that of the ids' text (lower-case hex: (ms, text) order).
+    /// Ids of other versions sort anywhere; only the range UUIDv7 ids of
+    /// listed events can take is read.
+    fn read_by_id(
+        &self,
+        prefix: &[u8],
+        before: Option<&Place>,
+        (cutoff, now): (u64, u64),
+    ) -> Result<Read, StoreError> {
+        let newest = now + LISTED_BY_ID_WITHIN;
+        let mut start = prefix.to_vec();
+        start.extend_from_slice(ms_text(cutoff).as_bytes());
+        let mut end = prefix.to_vec();
+        match before.filter(|b| b.ms <= newest) {
+            // Ids below (b.ms, b.id): below the smallest text of that ms if
+            // b.id sorts before it, below the next ms's if after.
+            Some(b) => {
+                let (low, high) = (ms_text(b.ms), ms_text(b.ms + 1));
+                end.extend_from_slice(b.id.as_str().clamp(low.as_str(), high.as_str()).as_bytes());
+            }
+            None => end.extend_from_slice(ms_text(newest + 1).as_bytes()),
+        }
         let store = self.journal.store();
-        let keys = store.scan_prefix_before(
-            Collection::Journal,
-            prefix,
-            bound.as_deref(),
-            LISTING_LOOKS_AT,
-        )?;
+        let keys =
+            store.scan_prefix_before(Collection::Journal, &start, Some(&end), LISTING_LOOKS_AT)?;
         let exhausted = keys.len() < LISTING_LOOKS_AT;
         let mut events = Vec::new();
-        let mut admit = |place: Place, id: &EventId| {
-            if id_time_ms(id).is_some() && before.is_none_or(|b| place < *b) {
+        let mut admit = |place: Place, id: &EventId, value: &[u8]| {
+            let by_id = id_time_ms(id)
+                .zip(started_ms(value))
+                .is_some_and(|(id_ms, started)| listed_by_id(id_ms, started));
+            if by_id && before.is_none_or(|b| place < *b) {
                 events.push((place, None));
             }
         };
         let mut last_head = None;
-        for (k, _) in &keys {
+        for (k, v) in &keys {
             let Some((place, id)) = k.get(prefix.len()..).and_then(head_place) else {
                 continue;
             };
             last_head = Some(place.clone());
-            admit(place, &id);
+            admit(place, &id, v);
         }
         let frontier = match keys.last() {
             _ if exhausted => None,
@@ -365,9 +380,9 @@ impl Traces {
                     });
                 };
                 if last_head.as_ref() != Some(&place)
-                    && store.get(Collection::Journal, head)?.is_some()
+                    && let Some(value) = store.get(Collection::Journal, head)?
                 {
-                    admit(place.clone(), &id);
+                    admit(place.clone(), &id, &value);
                 }
                 Some(place)
             }
@@ -375,20 +390,30 @@ impl Traces {
         Ok(Read { events, frontier })
     }
 
-    /// The listing's other events, below `before`: their listing entries,
-    /// `{account}\0{started:BE u64}\0{event id}`, newest first.
-    fn read_by_time(&self, prefix: &[u8], before: Option<&Place>) -> Result<Read, StoreError> {
-        let bound = before.map(|b| {
-            let mut k = prefix.to_vec();
-            k.extend_from_slice(&b.ms.to_be_bytes());
-            k.push(0);
-            k.extend_from_slice(b.id.as_bytes());
-            k
-        });
+    /// The listing's other events, below `before` and not older than
+    /// `cutoff`: their listing entries, `{account}\0{started:BE
+    /// u64}\0{event id}`, newest first.
+    fn read_by_time(
+        &self,
+        prefix: &[u8],
+        before: Option<&Place>,
+        cutoff: u64,
+    ) -> Result<Read, StoreError> {
+        let mut start = prefix.to_vec();
+        start.extend_from_slice(&cutoff.to_be_bytes());
+        let mut end = prefix.to_vec();
+        match before {
+            Some(b) => {
+                end.extend_from_slice(&b.ms.to_be_bytes());
+                end.push(0);
+                end.extend_from_slice(b.id.as_bytes());
+            }
+            None => end.extend_from_slice(&u64::MAX.to_be_bytes()),
+        }
         let entries = self.journal.store().scan_prefix_before(
             Collection::EventTimes,
-            prefix,
-            bound.as_deref(),
+            &start,
+            Some(&end),
             LISTING_LOOKS_AT,
         )?;
         let exhausted = entries.len() < LISTING_LOOKS_AT;
@@ -403,9 +428,12 @@ impl Traces {
                 id: id.to_string(),
             };
             last = Some(place.clone());
-            // (A record whose id tells its time is listed by it: entries
-            // written for such ids by earlier versions are passed over.)
-            if EventId::parse(id).is_ok_and(|id| id_time_ms(&id).is_none()) {
+            // A record listed by its id is passed over here (an earlier
+            // version wrote entries for those too).
+            let Ok(id) = EventId::parse(id) else {
+                continue;
+            };
+            if !id_time_ms(&id).is_some_and(|id_ms| listed_by_id(id_ms, ms)) {
                 events.push((place, Some(ms)));
             }
         }
@@ -444,12 +472,16 @@ fn ms_text(ms: u64) -> String {
     format!("{:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
-/// A cursor, `{ms}-{event id}`.
+/// A cursor, `{ms}-{event id}`: a time before the 48 bits of a UUIDv7's
+/// run out, and an id (in lower case, as keys hold ids).
 fn parse_cursor(cursor: &str) -> Option<(u64, String)> {
     let (ms, id) = cursor.split_once('-')?;
-    let ms = ms.parse().ok()?;
+    let ms: u64 = ms.parse().ok()?;
+    if ms >= (1 << 48) - 1 {
+        return None;
+    }
     EventId::parse(id).ok()?;
-    Some((ms, id.to_string()))
+    Some((ms, id.to_ascii_lowercase()))
 }
 
 impl Trace {

@@ -85,7 +85,7 @@ impl Pass {
         let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
             return Ok(std::mem::take(&mut self.beside));
         };
-        let mut writes = if fresh && self.at.needs_time_entry() {
+        let mut writes = if fresh && self.at.needs_time_entry(self.journal.started_ms) {
             vec![self.at.time_entry(self.journal.started_ms), write]
         } else {
             vec![write]

@@ -20,9 +20,11 @@
 //! sled tree copies a node even when it finds nothing). An account's
 //! listing (newest first) reads the heads of records whose event ids tell
 //! their time — UUIDv7, what the SDK gives every new event, whose text
-//! sorts by it — straight from these keys; only the other records (derived
-//! ids of emitted events, ids a worker chose) are also entered in
-//! [`Collection::EventTimes`] by their start time. Every value starts
+//! sorts by it — straight from these keys, when the event was taken up
+//! within [`LISTED_BY_ID_WITHIN`] of that time; only the other records
+//! (derived ids of emitted events, ids a worker chose, events that waited
+//! long on the bus) are also entered in [`Collection::EventTimes`] by their
+//! start time. Every value starts
 //! with the event's start time and a flag byte, so that expiry
 //! ([`Journal::expire`]) reads no JSON for the records it keeps: records
 //! expire after the retention, except those of events with a chain in dead
@@ -648,9 +650,8 @@ impl Pending {
 pub struct RecordKey {
     /// `{account}\0{event id}`: the head's key, and the prefix of the rest.
     head: Vec<u8>,
-    /// Whether the account's listing finds the record by its head's key
-    /// (the id tells its time: see [`id_time_ms`]).
-    listed_by_id: bool,
+    /// When the event's id says it was made (see [`id_time_ms`]).
+    id_ms: Option<u64>,
 }
 
 impl RecordKey {
@@ -658,15 +659,19 @@ impl RecordKey {
     pub fn new(account: &AccountKey, id: &EventId) -> Self {
         Self {
             head: key(&[account.as_str().as_bytes(), id.to_string().as_bytes()]),
-            listed_by_id: id_time_ms(id).is_some(),
+            id_ms: id_time_ms(id),
         }
     }
 
-    /// Whether the record needs an entry in [`Collection::EventTimes`] to
-    /// be listed: only when its event's id does not tell its time. (An
-    /// entry costs a second store write per event, as much as the record's.)
-    pub fn needs_time_entry(&self) -> bool {
-        !self.listed_by_id
+    /// Whether the record of an event taken up at `started_ms` needs an
+    /// entry in [`Collection::EventTimes`] to be listed: unless its id
+    /// tells its time and it was taken up within [`LISTED_BY_ID_WITHIN`]
+    /// of it ([`listed_by_id`]). (An entry costs a second store write per
+    /// event, as much as the record's.)
+    pub fn needs_time_entry(&self, started_ms: u64) -> bool {
+        !self
+            .id_ms
+            .is_some_and(|id_ms| listed_by_id(id_ms, started_ms))
     }
 
     /// The record's entry in [`Collection::EventTimes`], for an event
@@ -918,7 +923,7 @@ fn fold(entries: &[(Vec<u8>, Vec<u8>)]) -> Option<EventJournal> {
 }
 
 /// The event's start time a value begins with.
-fn started_ms(value: &[u8]) -> Option<u64> {
+pub(crate) fn started_ms(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
@@ -950,6 +955,19 @@ pub(crate) const EVENT_ID_LEN: usize = 36;
 pub fn id_time_ms(id: &EventId) -> Option<u64> {
     let uuid = id.as_uuid();
     (uuid.get_version_num() == 7).then(|| leading_ms(uuid.as_bytes()))
+}
+
+/// How far apart the time in a UUIDv7 id and the event's take-up may be
+/// for the account's listing to place the event by its id (in ms): further
+/// apart (the event waited long on the bus, or its maker's clock is off),
+/// the record gets a listing entry at its take-up time instead.
+pub const LISTED_BY_ID_WITHIN: u64 = 60_000;
+
+/// Whether the record of an event whose id was made at `id_ms` and which
+/// was taken up at `started_ms` is listed by its id (else by its entry in
+/// [`Collection::EventTimes`]).
+pub fn listed_by_id(id_ms: u64, started_ms: u64) -> bool {
+    id_ms.abs_diff(started_ms) <= LISTED_BY_ID_WITHIN
 }
 
 /// The first 48 bits of a UUID, as a number: a v7 id's time in ms.

@@ -499,7 +499,7 @@ fn event_made_at(ms: u64, n: u8) -> VumiApiEvent {
 /// entry when the record needs one.
 fn take_up(journal: &Journal, e: &VumiApiEvent, started_ms: u64) {
     let at = RecordKey::new(&e.account_key, &e.id);
-    if at.needs_time_entry() {
+    if at.needs_time_entry(started_ms) {
         let entry = at.time_entry(started_ms);
         journal.store.write_in_order(&[entry]).expect("the entry");
     }
@@ -514,7 +514,7 @@ fn take_up(journal: &Journal, e: &VumiApiEvent, started_ms: u64) {
 fn listed(traces: &crate::trace::Traces, account: &AccountKey, limit: usize) -> Vec<String> {
     let mut ids = Vec::new();
     let mut before = None;
-    loop {
+    for _ in 0..1_000 {
         let query = EventListQuery {
             before: before.clone(),
             limit: Some(limit),
@@ -531,19 +531,32 @@ fn listed(traces: &crate::trace::Traces, account: &AccountKey, limit: usize) -> 
             None => return ids,
         }
     }
+    panic!("the listing did not end within 1,000 pages (it stalled at {before:?})");
 }
 
 #[test]
-fn only_records_whose_ids_do_not_tell_their_time_get_a_listing_entry() {
+fn only_records_not_listed_by_their_ids_get_a_listing_entry() {
     let made = now_ms() - 1_000;
     let sdk = RecordKey::new(&event(1).account_key, &event_made_at(made, 1).id);
     assert!(
-        !sdk.needs_time_entry(),
-        "a UUIDv7 id orders the record itself"
+        !sdk.needs_time_entry(made + 20),
+        "a UUIDv7 id taken up soon orders the record itself"
+    );
+    assert!(
+        !sdk.needs_time_entry(made + LISTED_BY_ID_WITHIN),
+        "at the limit"
+    );
+    assert!(
+        sdk.needs_time_entry(made + LISTED_BY_ID_WITHIN + 1),
+        "an event that waited longer is listed by when it was taken up"
+    );
+    assert!(
+        sdk.needs_time_entry(made - LISTED_BY_ID_WITHIN - 1),
+        "and so is one whose maker's clock runs ahead"
     );
     let derived = RecordKey::new(&event(1).account_key, &event(1).id);
     assert!(
-        derived.needs_time_entry(),
+        derived.needs_time_entry(made),
         "a derived (v5) id says nothing of time"
     );
     assert_eq!(id_time_ms(&event_made_at(made, 1).id), Some(made));
@@ -647,4 +660,108 @@ fn the_listing_goes_on_past_what_one_page_reads() {
     let account = event(1).account_key;
     assert_eq!(listed(&traces, &account, 500), expected);
     assert_eq!(listed(&traces, &account, 120), expected);
+}
+
+/// Thousands of keys in one ms (a burst of ids made together) do not stall
+/// the listing: each page goes on exactly below the last id it listed.
+#[test]
+fn the_listing_goes_on_through_a_burst_of_ids_of_one_ms() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(3_600));
+    let made = now_ms() - 5_000;
+    let mut expected = Vec::new();
+    for _ in 0..300 {
+        let e = event_made_at(made, 0);
+        take_up(&journal, &e, made + 1);
+        for n in 0..6 {
+            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
+        }
+        expected.push(e.id.to_string());
+    }
+    expected.sort_by(|a, b| b.cmp(a));
+    let account = event(1).account_key;
+    assert_eq!(listed(&traces, &account, 500), expected);
+    assert_eq!(listed(&traces, &account, 7), expected);
+}
+
+/// Records of ids that sort anywhere (derived ids) outnumbering what a
+/// page reads do not hide the events listed by their ids: the first page
+/// holds the newest.
+#[test]
+fn many_derived_records_do_not_empty_the_first_page() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(3_600));
+    let base = now_ms() - 100_000;
+    let parent = EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").expect("an id");
+    let mut derived = Vec::new();
+    for n in 0..2_100usize {
+        let mut e = event(0);
+        e.id = EventId::derived(parent, "c", "s", n);
+        take_up(&journal, &e, base + n as u64);
+        derived.push((base + n as u64, e.id.to_string()));
+    }
+    let newest = event_made_at(base + 50_000, 1);
+    take_up(&journal, &newest, base + 50_000);
+    let first = traces
+        .list(&newest.account_key, &Default::default())
+        .expect("the listing")
+        .expect("a valid query");
+    assert_eq!(first.events[0].id, newest.id);
+    assert_eq!(first.events.len(), EventListQuery::DEFAULT_LIMIT);
+    derived.sort_by(|a, b| b.cmp(a));
+    let mut expected = vec![newest.id.to_string()];
+    expected.extend(derived.into_iter().map(|(_, id)| id));
+    assert_eq!(listed(&traces, &newest.account_key, 500), expected);
+}
+
+/// An event taken up long after its id was made (it waited on the bus) is
+/// listed by when it was taken up, once, among the others.
+#[test]
+fn an_event_that_waited_long_is_listed_by_when_it_was_taken_up() {
+    let store = Store::temporary().expect("a store");
+    let journal = Journal::new(store.clone());
+    let traces = crate::trace::Traces::new(journal.clone(), Duration::from_secs(86_400));
+    let now = now_ms();
+    let waited = event_made_at(now - 3_600_000, 1);
+    take_up(&journal, &waited, now - 10_000);
+    let (earlier, later) = (
+        event_made_at(now - 20_000, 2),
+        event_made_at(now - 5_000, 3),
+    );
+    take_up(&journal, &earlier, now - 20_000);
+    take_up(&journal, &later, now - 5_000);
+    assert_eq!(
+        store.len(Collection::EventTimes),
+        1,
+        "only the one that waited"
+    );
+    let ids: Vec<String> = [&later, &waited, &earlier]
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(listed(&traces, &waited.account_key, 1), ids);
+    assert_eq!(listed(&traces, &waited.account_key, 50), ids);
+}
+
+#[test]
+fn cursors_past_what_an_id_can_hold_are_refused() {
+    let store = Store::temporary().expect("a store");
+    let traces = crate::trace::Traces::new(Journal::new(store), Duration::from_secs(60));
+    let id = event(1).id.to_string();
+    for cursor in [
+        format!("{}-{id}", u64::MAX),
+        format!("{}-{id}", (1u64 << 48) - 1),
+        "12-not-an-id".to_string(),
+    ] {
+        let query = EventListQuery {
+            before: Some(cursor.clone()),
+            ..Default::default()
+        };
+        let refused = traces
+            .list(&event(1).account_key, &query)
+            .expect("the store answers");
+        assert!(refused.is_err(), "{cursor} was taken for a cursor");
+    }
 }
