@@ -8,6 +8,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use switchboard_sdk::{AccountKey, ConversationKey, EventId, VumiApiEvent};
@@ -383,6 +384,14 @@ impl Worker {
             .handle(event, delivery, holding, &mut self.earlier)
             .instrument(span);
         tokio::pin!(handling);
+        // Most events are handled without waiting on anything (an
+        // effect-free chain): those need neither timer below, and setting
+        // one up and tearing it down is a lock on the timer wheel each way.
+        if let Poll::Ready(d) =
+            std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await
+        {
+            return Some(d);
+        }
         // Tell the bus the event is still being worked on (a slow step), so
         // it is not delivered to someone else meanwhile.
         let every = self.keepalive.unwrap_or(Duration::from_secs(3600));
