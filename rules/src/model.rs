@@ -48,21 +48,21 @@ pub struct ChainSpec {
     /// Events that cancel a run of this chain while it is paused (in a
     /// `delay` or a `wait_for_event` step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancel_on: Option<EventMatch>,
+    pub cancel_on: Option<Box<EventMatch>>,
     /// Only the last event of a burst (per key) runs the chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub debounce: Option<Debounce>,
+    pub debounce: Option<Box<Debounce>>,
     /// At most `limit` runs start per `period` (per key); the others wait
     /// their turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttle: Option<Limit>,
+    pub throttle: Option<Box<Limit>>,
     /// At most `limit` runs per `period` (per key); the others are skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<Limit>,
+    pub rate_limit: Option<Box<Limit>>,
     /// At most `limit` runs at once (per key); the others wait for one to
     /// end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<Concurrency>,
+    pub concurrency: Option<Box<Concurrency>>,
     /// Whether a later event of a conversation waits for this chain's run
     /// of an earlier one to end (a paused run included).
     #[serde(default, skip_serializing_if = "Order::is_independent")]
@@ -180,7 +180,7 @@ impl ChainSpec {
     /// run per conversation at once.
     pub fn concurrency_rule(&self) -> Option<Concurrency> {
         match (&self.concurrency, self.order) {
-            (Some(c), _) => Some(c.clone()),
+            (Some(c), _) => Some((**c).clone()),
             (None, Order::Conversation) => Some(Concurrency {
                 key: CONVERSATION_KEY.to_string(),
                 limit: 1,
@@ -240,10 +240,10 @@ pub struct StepSpec {
     pub on_error: OnError,
     /// How a retryable failure is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetrySpec>,
+    pub retry: Option<Box<RetrySpec>>,
     /// Skip the step when the same key was seen within a window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency: Option<IdempotencySpec>,
+    pub idempotency: Option<Box<IdempotencySpec>>,
 }
 
 /// A step's options, held as compact JSON text: an account's chains stay in

@@ -179,6 +179,46 @@ fn matching_table() {
     ));
 }
 
+/// Chains of every kind of match, interleaved: each event gets its chains
+/// in file order, whichever of the index's four lookups found them.
+#[test]
+fn matches_come_in_file_order_across_wildcards() {
+    let mut file = String::from("account_key = \"acme\"\n");
+    for (name, ct, et) in [
+        ("all", "*", "*"),
+        ("exact", "survey", "poll_complete"),
+        ("any-type", "*", "poll_complete"),
+        ("any-event", "survey", "*"),
+        ("exact-again", "survey", "poll_complete"),
+        ("other", "ussd", "menu_shown"),
+    ] {
+        file.push_str(&format!(
+            "[[chains]]\nname = \"{name}\"\nconversation_type = \"{ct}\"\nevent_type = \"{et}\"\nsteps = [{{ handler = \"log\" }}]\n"
+        ));
+    }
+    let chains = AccountChains::new(1, check(&file).unwrap().into_file());
+    let table: &[(&str, &str, &[&str])] = &[
+        (
+            "survey",
+            "poll_complete",
+            &["all", "exact", "any-type", "any-event", "exact-again"],
+        ),
+        ("ussd", "poll_complete", &["all", "any-type"]),
+        ("survey", "menu_shown", &["all", "any-event"]),
+        ("ussd", "menu_shown", &["all", "other"]),
+        ("sms", "sent", &["all"]),
+    ];
+    for (ct, et, expected) in table {
+        let names: Vec<&str> = chains
+            .route(&event(ct, et, "x"))
+            .chains()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(&names, expected, "event {ct}/{et}");
+    }
+}
+
 #[test]
 fn no_match_without_default_is_unrouted() {
     let file = parse(&MATCH_FILE.replace(

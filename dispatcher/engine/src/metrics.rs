@@ -9,12 +9,15 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+    LabelSetEncoder, LabelValueEncoder,
 };
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
@@ -129,19 +132,76 @@ impl EncodeLabelValue for InboundResult {
 /// An event series' labels; `account` only for the accounts
 /// [`AccountLabels`] names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct EventLabels {
+struct EventLabels<'a> {
     outcome: Outcome,
-    account: Option<String>,
-    event_type: String,
+    account: Option<&'a str>,
+    event_type: &'a str,
 }
 
-impl EncodeLabelSet for EventLabels {
+impl EncodeLabelSet for EventLabels<'_> {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
         ("outcome", self.outcome).encode(encoder.encode_label())?;
-        if let Some(account) = &self.account {
-            ("account", account.as_str()).encode(encoder.encode_label())?;
+        if let Some(account) = self.account {
+            ("account", account).encode(encoder.encode_label())?;
         }
-        ("event_type", self.event_type.as_str()).encode(encoder.encode_label())
+        ("event_type", self.event_type).encode(encoder.encode_label())
+    }
+}
+
+/// Every account's events by type and outcome: what the API reads of an
+/// account ([`Metrics::of_account`]), and what `switchboard_events` is
+/// rendered from at each scrape — one set of counters per account and
+/// type, not a second family of series kept beside them.
+#[derive(Debug)]
+struct EventCounts {
+    by_account: RwLock<HashMap<String, HashMap<String, Counts>>>,
+    /// Which accounts have series of their own.
+    accounts: AccountLabels,
+}
+
+impl Collector for EventCounts {
+    /// A series for each outcome of each (account, type) counted, with its
+    /// `account` label where [`AccountLabels`] names the account; the other
+    /// accounts' counts summed by outcome and type into series without it.
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "events",
+            "Events by outcome, account and event type",
+            None,
+            MetricType::Counter,
+        )?;
+        let by_account = self.by_account.read().expect("account counts");
+        let mut summed: HashMap<(&str, Outcome), u64> = HashMap::new();
+        for (account, types) in by_account.iter() {
+            let labelled = self.accounts.labels(account);
+            for (event_type, counts) in types {
+                for outcome in Outcome::ALL {
+                    let n = counts[outcome as usize].load(Ordering::Relaxed);
+                    if n == 0 {
+                        continue;
+                    }
+                    if labelled {
+                        let labels = EventLabels {
+                            outcome,
+                            account: Some(account),
+                            event_type,
+                        };
+                        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                    } else {
+                        *summed.entry((event_type, outcome)).or_default() += n;
+                    }
+                }
+            }
+        }
+        for ((event_type, outcome), n) in summed {
+            let labels = EventLabels {
+                outcome,
+                account: None,
+                event_type,
+            };
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -165,10 +225,15 @@ pub enum AccountLabels {
 
 impl AccountLabels {
     fn label(&self, account: &str) -> Option<String> {
+        self.labels(account).then(|| account.to_string())
+    }
+
+    /// Whether `account` has series of its own.
+    fn labels(&self, account: &str) -> bool {
         match self {
-            AccountLabels::All => Some(account.to_string()),
-            AccountLabels::None => None,
-            AccountLabels::Named(named) => named.contains(account).then(|| account.to_string()),
+            AccountLabels::All => true,
+            AccountLabels::None => false,
+            AccountLabels::Named(named) => named.contains(account),
         }
     }
 }
@@ -268,7 +333,7 @@ pub struct Gauges {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    events: Family<EventLabels, Counter>,
+    events: Arc<EventCounts>,
     steps: Family<StepLabels, Counter>,
     durations: Family<HandlerLabels, StepHistogram, fn() -> StepHistogram>,
     outbound: Family<OutboundLabels, Counter>,
@@ -284,8 +349,6 @@ pub struct Metrics {
     accounts: AccountLabels,
     /// When counting began.
     started: time::OffsetDateTime,
-    /// Every account's events by type and outcome, for the API.
-    by_account: RwLock<HashMap<String, HashMap<String, Counts>>>,
     /// Every account's inbound records by provider and result, for the API.
     inbound_by_account: RwLock<HashMap<(String, String, InboundResult), AtomicU64>>,
 }
@@ -302,7 +365,10 @@ impl Default for Metrics {
 impl Metrics {
     /// Counters whose per-account series are those `accounts` names.
     pub fn new(accounts: AccountLabels) -> Self {
-        let events = Family::<EventLabels, Counter>::default();
+        let events = Arc::new(EventCounts {
+            by_account: RwLock::default(),
+            accounts: accounts.clone(),
+        });
         let steps = Family::<StepLabels, Counter>::default();
         let durations =
             Family::<HandlerLabels, StepHistogram, fn() -> StepHistogram>::new_with_constructor(
@@ -314,11 +380,7 @@ impl Metrics {
         let digests_joined = Counter::default();
         let flow = Family::<FlowLabels, Counter>::default();
         let mut registry = Registry::with_prefix("switchboard");
-        registry.register(
-            "events",
-            "Events by outcome, account and event type",
-            events.clone(),
-        );
+        registry.register_collector(Box::new(events.clone()));
         registry.register(
             "step_attempts",
             "Step attempts by handler and result",
@@ -369,7 +431,6 @@ impl Metrics {
             samples: Mutex::default(),
             accounts,
             started: switchboard_sdk::now(),
-            by_account: RwLock::default(),
             inbound_by_account: RwLock::default(),
         }
     }
@@ -438,14 +499,8 @@ impl Metrics {
     /// Counts one event of `account` and `event_type` with `outcome`.
     pub fn count(&self, outcome: Outcome, account: &str, event_type: &str) {
         self.totals[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        self.events
-            .get_or_create(&EventLabels {
-                outcome,
-                account: self.accounts.label(account),
-                event_type: event_type.to_string(),
-            })
-            .inc();
         let counted = self
+            .events
             .by_account
             .read()
             .expect("account counts")
@@ -454,7 +509,8 @@ impl Metrics {
             .map(|counts| counts[outcome as usize].fetch_add(1, Ordering::Relaxed))
             .is_some();
         if !counted {
-            self.by_account
+            self.events
+                .by_account
                 .write()
                 .expect("account counts")
                 .entry(account.to_string())
@@ -470,6 +526,7 @@ impl Metrics {
     /// by provider and result.
     pub fn of_account(&self, account: &str) -> AccountCounts {
         let mut events: Vec<(String, [u64; 6])> = self
+            .events
             .by_account
             .read()
             .expect("account counts")
@@ -638,7 +695,11 @@ pub fn prometheus_text(openmetrics: &str) -> String {
             counters.insert(name.to_string());
         }
     }
-    let mut out = String::with_capacity(openmetrics.len());
+    // Room for all of it and the counters' renamed `# TYPE` and `# HELP`
+    // lines: no more, since at 10,000 accounts the text runs to megabytes
+    // (a string that outgrew its room would double it).
+    let extra = 2 * "_total".len() * counters.len();
+    let mut out = String::with_capacity(openmetrics.len() + extra);
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
