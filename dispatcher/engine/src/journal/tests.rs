@@ -510,6 +510,15 @@ fn take_up(journal: &Journal, e: &VumiApiEvent, started_ms: u64) {
     append(journal, e, Some(started_ms), vec![begin, step("c", "s")]);
 }
 
+/// Writes `e`'s record in seven writes ([`take_up`], then six steps), so
+/// that its later writes sort among the keys a listing page reads.
+fn take_up_in_seven_writes(journal: &Journal, e: &VumiApiEvent, started_ms: u64) {
+    take_up(journal, e, started_ms);
+    for n in 0..6 {
+        append(journal, e, None, vec![step("c", &format!("t{n}"))]);
+    }
+}
+
 /// Every page of `account`'s listing, `limit` at a time: the ids in order.
 fn listed(traces: &crate::trace::Traces, account: &AccountKey, limit: usize) -> Vec<String> {
     let mut ids = Vec::new();
@@ -638,21 +647,15 @@ fn the_listing_goes_on_past_what_one_page_reads() {
     // a record and hold fewer heads than a page of 500 lists).
     for i in 0..400u64 {
         let e = event_made_at(base + i * 10, 0);
-        take_up(&journal, &e, base + i * 10);
-        for n in 0..6 {
-            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
-        }
+        take_up_in_seven_writes(&journal, &e, base + i * 10);
         expected.push((base + i * 10, e.id.to_string()));
     }
     for i in 0..5u8 {
         let e = event(100 + i);
         let at = base + 5 + u64::from(i) * 700;
-        take_up(&journal, &e, at);
         // Seven writes too: wherever these ids sort among the others, a
         // page's 2,000th key is a record's later write.
-        for n in 0..6 {
-            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
-        }
+        take_up_in_seven_writes(&journal, &e, at);
         expected.push((at, e.id.to_string()));
     }
     expected.sort_by(|a, b| b.cmp(a));
@@ -673,10 +676,7 @@ fn the_listing_goes_on_through_a_burst_of_ids_of_one_ms() {
     let mut expected = Vec::new();
     for _ in 0..300 {
         let e = event_made_at(made, 0);
-        take_up(&journal, &e, made + 1);
-        for n in 0..6 {
-            append(&journal, &e, None, vec![step("c", &format!("t{n}"))]);
-        }
+        take_up_in_seven_writes(&journal, &e, made + 1);
         expected.push(e.id.to_string());
     }
     expected.sort_by(|a, b| b.cmp(a));
