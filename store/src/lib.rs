@@ -534,6 +534,16 @@ fn spawn_flusher(counts: Arc<FlushCounts>) -> std::sync::mpsc::Sender<FlushWaite
     tx
 }
 
+/// How long [`Store::open`] waits for sled to release a store's lock file
+/// that a handle dropped in this process still holds.
+const LOCK_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether sled refused to open a store because its lock file is held (it
+/// says so only in its error's text).
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
 /// sled's page cache unless configured otherwise: the hot set is the
 /// journal records of events in flight, recent contacts and the chains'
 /// sources, and a larger cache mostly keeps records of events long done (a
@@ -563,10 +573,27 @@ impl Store {
             // only bounds what an unflushed crash can lose of the rest.
             .flush_every_ms(Some(1_000))
             .cache_capacity(cache_bytes);
-        let db = config.open().map_err(|source| StoreError::Open {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        // sled lets go of its lock file only when its I/O threads are done
+        // with the last handle, a moment after a store in this process is
+        // dropped: a store reopened at once (a restart in process) waits for
+        // that, briefly. Another process holding it still fails, as clearly.
+        let waited_since = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(source)
+                    if is_lock_held(&source) && waited_since.elapsed() < LOCK_RELEASE_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: dir.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        };
         Self::from_db(db)
     }
 

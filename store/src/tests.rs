@@ -104,6 +104,17 @@ fn data_survives_reopening() {
     assert!(s.next_id().unwrap() < s.next_id().unwrap());
 }
 
+/// A store another open handle holds is refused with an error naming its
+/// directory, after the short wait for a handle just dropped.
+#[test]
+fn a_store_held_open_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(err.contains("could not acquire lock"), "{err}");
+}
+
 #[test]
 fn writes_in_order_apply_puts_and_removals_one_after_another() {
     let s = Store::temporary().unwrap();
