@@ -454,6 +454,12 @@ retry = {{ max_attempts = 1 }}
 
     // The receiver answers 200 now: replay from the failed step.
     browser.click(Locator::Css("button.replay")).await;
+    // The replay delivered before the page is reloaded: a reload while the
+    // form's post is under way would cancel it.
+    wait_until("the replayed delivery", util::TIMEOUT, || async {
+        (receiver.requests_to("/hook/500,200").await.len() >= 2).then_some(())
+    })
+    .await;
     let status = wait_until("the replayed run", util::TIMEOUT, || async {
         c.refresh().await.ok()?;
         let status = browser.text("#status").await;
