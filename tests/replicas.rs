@@ -438,6 +438,17 @@ async fn partitions_of(d: &Dispatcher) -> Vec<u64> {
         .collect()
 }
 
+/// The partitions whose state a replica's `/readyz` says it writes.
+async fn state_partitions_of(d: &Dispatcher) -> Vec<u64> {
+    let (_, ready) = d.get("/readyz").await;
+    ready["state_partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("state partitions in {ready}"))
+        .iter()
+        .map(|p| p.as_u64().expect("a partition"))
+        .collect()
+}
+
 /// Replicas joining and leaving (SIGTERM) while events flow hand their
 /// partitions over without losing, repeating or reordering anything. The
 /// stream was used by a single dispatcher first: the replicas partition it,
@@ -983,13 +994,17 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
 
 /// A changelog record that does not decode (written by hand into the
 /// stream) is logged with its subject, counted on `/metrics`, and passed
-/// over: the replica reads what follows it.
+/// over by every replica that reads it: one that follows the partition
+/// (here a replica started afterwards, which reads the whole changelog),
+/// and, for a record in a term marker's place, one that holds the
+/// partition too (an owner does not read its partition's writes back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let d = Dispatcher::nats_url(nats.url(), &config_with(&receiver, true, 1));
-    let undecodable = || async {
+    let config = config_with(&receiver, true, 1);
+    let first = Dispatcher::nats_url(nats.url(), &config);
+    async fn undecodable(d: &Dispatcher) -> u64 {
         let (status, body) = d.get("/metrics").await;
         assert_eq!(status, 200, "GET /metrics");
         body.as_str()
@@ -998,8 +1013,8 @@ async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
             .find_map(|l| l.strip_prefix("switchboard_changelog_undecodable_records_total "))
             .and_then(|n| n.parse::<u64>().ok())
             .expect("the counter is exported")
-    };
-    assert_eq!(undecodable().await, 0);
+    }
+    assert_eq!(undecodable(&first).await, 0);
 
     let js = jetstream::new(async_nats::connect(nats.url()).await.expect("a connection"));
     for subject in [
@@ -1012,16 +1027,131 @@ async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
             .await
             .expect("stored");
     }
-    wait_until("both records counted", Duration::from_secs(10), || async {
-        (undecodable().await == 2).then_some(())
+    wait_until(
+        "the marker-like record counted",
+        Duration::from_secs(10),
+        || async { (undecodable(&first).await >= 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        first.log().contains("switchboard.changelog.x.epoch"),
+        "{}",
+        first.log()
+    );
+
+    let second = Dispatcher::nats_url(nats.url(), &config);
+    wait_until("both records counted", Duration::from_secs(20), || async {
+        (undecodable(&second).await == 2).then_some(())
     })
     .await;
-    let log = d.log();
+    let log = second.log();
     assert!(
         log.contains("an undecodable changelog record was skipped")
-            && log.contains("switchboard.changelog.3.w.no_such_collection.AAAA"),
+            && log.contains("switchboard.changelog.3.w.no_such_collection.AAAA")
+            && log.contains("switchboard.changelog.x.epoch"),
         "{log}"
     );
+}
+
+/// An owner does not read its own writes back from the changelog; once it
+/// hands partitions over, it reads the new owner's writes of them. `a`
+/// holds every partition and handles a first wave; `b` joins and takes a
+/// share; a second wave over the same numbers is handled by both. Then
+/// every event is done and every contact holds the second wave's value as
+/// either replica reads it, so `a` applied `b`'s writes of the partitions
+/// it gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_handed_partitions_over_reads_the_new_owners_writes() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let accounts = 8;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        let chain = format!(
+            r#"
+account_key = "{a}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "create_contact"
+config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{{{ event.event_data.wave }}}}" }} }}
+
+[[chains.steps]]
+handler = "log"
+config = {{ message = "wave {{{{ event.event_data.wave }}}}" }}
+"#
+        );
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
+    }
+    let wave = |wave: u64| -> Vec<VumiApiEvent> {
+        (0..accounts)
+            .flat_map(|i| {
+                (0..3).map(move |c| {
+                    event(
+                        &account(i),
+                        "survey",
+                        "poll_complete",
+                        &format!("talk-{c}"),
+                        json!({"msisdn": format!("+2785{i:03}{c:04}"), "wave": wave}),
+                    )
+                })
+            })
+            .collect()
+    };
+    async fn all_done(d: &Dispatcher, events: &[VumiApiEvent]) {
+        for e in events {
+            let trace = d
+                .wait_for_trace(
+                    e.account_key.as_str(),
+                    &e.id.to_string(),
+                    Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(trace["status"], "done", "{trace:#}");
+        }
+    }
+    let config = config_with(&receiver, true, 1);
+    let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let every: Vec<u64> = (0..16).collect();
+    wait_until(
+        "a holding every partition's state",
+        Duration::from_secs(60),
+        || async { (state_partitions_of(&a).await == every).then_some(()) },
+    )
+    .await;
+    let first = wave(1);
+    emit_all(nats.url(), &first).await;
+    all_done(&a, &first).await;
+
+    let b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    wait_until(
+        "the replicas sharing the partitions",
+        Duration::from_secs(60),
+        || async {
+            let (of_a, of_b) = (partitions_of(&a).await, partitions_of(&b).await);
+            let mut both: Vec<u64> = of_a.iter().chain(&of_b).copied().collect();
+            both.sort_unstable();
+            (!of_a.is_empty() && !of_b.is_empty() && both == every).then_some(())
+        },
+    )
+    .await;
+    let second = wave(2);
+    emit_all(nats.url(), &second).await;
+    for d in [&a, &b] {
+        all_done(d, &[first.as_slice(), second.as_slice()].concat()).await;
+        for i in 0..accounts {
+            let all = contacts(d, &account(i)).await;
+            assert_eq!(all.len(), 3, "{}: {all:#?}", account(i));
+            for c in &all {
+                assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
+            }
+        }
+    }
 }
 
 /// A take-over from the changelog alone: the only replica is killed

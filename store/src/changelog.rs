@@ -205,6 +205,23 @@ fn write_subject(partition: u16, change: &Change) -> String {
     )
 }
 
+/// The subjects a follower reads when it holds the partitions in `held`.
+/// A consumer's filters may not overlap, so they go by token count: three
+/// tokens (the sync mark), four (every partition's term marker), and five
+/// or more under each partition not held (its writes).
+fn follower_filter(partitions: u16, held: &[u16]) -> Vec<String> {
+    if held.is_empty() {
+        return vec![format!("{PREFIX}.>")];
+    }
+    let mut subjects = vec![format!("{PREFIX}.*"), format!("{PREFIX}.*.*")];
+    subjects.extend(
+        (0..partitions)
+            .filter(|p| !held.contains(p))
+            .map(|p| format!("{PREFIX}.{p}.*.>")),
+    );
+    subjects
+}
+
 /// Reads a changelog message.
 pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Record {
     let undecodable = |partition, reason: &str| Record::Undecodable {
@@ -468,7 +485,22 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.read(format!("{PREFIX}.>"), from).await
+        self.read(vec![format!("{PREFIX}.>")], from).await
+    }
+
+    /// The changelog's records from stream sequence `from` on, in order,
+    /// but for the writes of the partitions in `held` (the ones a reader
+    /// writes itself): every term marker and sync mark, and every record
+    /// of the other partitions. A record of a held partition that is not a
+    /// term marker — a write, or one that does not decode — is not read.
+    pub async fn records_except(
+        &self,
+        from: u64,
+        held: &[u16],
+    ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
+    {
+        self.read(follower_filter(self.partitions, held), from)
+            .await
     }
 
     /// Partition `partition`'s records from stream sequence `from` on.
@@ -478,12 +510,13 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.read(format!("{PREFIX}.{partition}.>"), from).await
+        self.read(vec![format!("{PREFIX}.{partition}.>")], from)
+            .await
     }
 
     async fn read(
         &self,
-        filter_subject: String,
+        filter_subjects: Vec<String>,
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
@@ -491,7 +524,7 @@ impl Changelog {
         let consumer = self
             .stream
             .create_consumer(OrderedConfig {
-                filter_subject,
+                filter_subjects,
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
                 },
@@ -1057,6 +1090,49 @@ async fn publish_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether NATS subject filter `filter` matches `subject`.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let (mut f, mut s) = (filter.split('.'), subject.split('.'));
+        loop {
+            match (f.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// A follower holding partitions 3 and 9 of 16 reads every marker, the
+    /// sync mark and the other partitions' records, each through exactly
+    /// one filter (the server refuses overlapping ones), and not the held
+    /// partitions' writes; holding none, it reads everything.
+    #[test]
+    fn a_follower_reads_all_but_the_writes_of_the_partitions_it_holds() {
+        let filter = follower_filter(16, &[3, 9]);
+        let through = |subject: &str| filter.iter().filter(|f| matches(f, subject)).count();
+        for read in [
+            "switchboard.changelog.sync",
+            "switchboard.changelog.3.epoch",
+            "switchboard.changelog.4.epoch",
+            "switchboard.changelog.x.epoch",
+            "switchboard.changelog.4.w.contacts.AAAA",
+            "switchboard.changelog.15.w.journal.AAAA",
+            "switchboard.changelog.0.junk.more",
+        ] {
+            assert_eq!(through(read), 1, "{read} through {filter:?}");
+        }
+        for passed in [
+            "switchboard.changelog.3.w.contacts.AAAA",
+            "switchboard.changelog.9.w.journal.AAAA",
+            "switchboard.changelog.9.junk.more",
+        ] {
+            assert_eq!(through(passed), 0, "{passed} through {filter:?}");
+        }
+        assert_eq!(follower_filter(16, &[]), ["switchboard.changelog.>"]);
+    }
 
     /// A writer's span fails if a write numbered in it failed, whichever
     /// commit was told; spans before or after the failure do not; a span

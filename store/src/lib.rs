@@ -817,6 +817,12 @@ impl Store {
         self.partitioned.as_ref().is_none_or(|p| p.holds(partition))
     }
 
+    /// The partitions this replica holds a term on, in order; `None` for
+    /// the sled backend.
+    pub fn held_partitions(&self) -> Option<Vec<u16>> {
+        self.partitioned.as_ref().map(|p| p.held())
+    }
+
     /// What a handler of `account`'s events writes under now: the term of
     /// the account's partition (nothing to hold for the sled backend).
     /// Taken before an event is handled and checked with

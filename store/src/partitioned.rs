@@ -11,7 +11,11 @@
 //!   writes.
 //! - **Every other replica** follows the changelog into its local copy (a
 //!   standby), so its reads are at most the follow delay behind, and a
-//!   take-over reads only the tail. A write it is asked for (by the API, an
+//!   take-over reads only the tail. The follower does not read back the
+//!   writes of the partitions this replica holds (its consumer's filter
+//!   leaves them out, so they cost neither the server nor this replica):
+//!   when the partitions held change it reads again with the new filter,
+//!   from where it stood when a term of its ended, if one did. A write it is asked for (by the API, an
 //!   inbound webhook, a sweep) is forwarded to the owner, which makes it,
 //!   commits it and answers.
 //! - **A term begins** when the bus hands this replica the partition (its
@@ -30,7 +34,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::changelog::{Appender, Change, Changelog, Record, Term};
 use crate::replicated::block_on;
@@ -102,6 +106,12 @@ pub(crate) struct Partitioned {
     rebuilding: Mutex<BTreeSet<u16>>,
     /// The last changelog sequence the follower applied or passed.
     applied: watch::Sender<u64>,
+    /// Tells the follower that the partitions held changed: it reads the
+    /// changelog again without the writes of those held now.
+    refilter: Arc<Notify>,
+    /// Where the follower reads from again after a term ended here: the
+    /// partition's writes from then on are others' and must be applied.
+    reread_from: Mutex<Option<u64>>,
     /// Records the follower could not read.
     undecodable: AtomicU64,
     /// Stops the forwarded-write service of each partition held.
@@ -152,10 +162,12 @@ impl Partitioned {
             dirty: Mutex::default(),
             rebuilding: Mutex::default(),
             applied: watch::Sender::new(0),
+            refilter: Arc::default(),
+            reread_from: Mutex::default(),
             undecodable: AtomicU64::new(0),
             serving: Mutex::default(),
         });
-        tokio::spawn(Self::follow(Arc::downgrade(&this)));
+        tokio::spawn(Self::follow(Arc::downgrade(&this), this.refilter.clone()));
         this.wait_applied(target).await;
         Ok(this)
     }
@@ -175,6 +187,19 @@ impl Partitioned {
     /// Whether this replica holds a term on `partition`.
     pub(crate) fn holds(&self, partition: u16) -> bool {
         self.term(partition).is_some()
+    }
+
+    /// The partitions this replica holds a term on, in order.
+    pub(crate) fn held(&self) -> Vec<u16> {
+        let mut held: Vec<u16> = self
+            .terms
+            .lock()
+            .expect("terms lock")
+            .keys()
+            .copied()
+            .collect();
+        held.sort_unstable();
+        held
     }
 
     /// The term this replica writes `account`'s partition under now.
@@ -247,12 +272,25 @@ impl Partitioned {
     }
 
     /// Applies the changelog to the local copy, from its start; after an
-    /// error, from after the last record applied.
-    async fn follow(this: std::sync::Weak<Self>) {
+    /// error, from after the last record applied. It does not read the
+    /// writes of the partitions held here (their owner wrote them): when
+    /// those change, it reads again with the new set, from where a term
+    /// that ended here left off if one did.
+    async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            let from = *me.applied.borrow() + 1;
-            let records = me.changelog.records(from).await;
+            let (from, held) = {
+                let _order = me.order.lock().expect("order lock");
+                let next = *me.applied.borrow() + 1;
+                let from = me
+                    .reread_from
+                    .lock()
+                    .expect("reread lock")
+                    .take()
+                    .map_or(next, |f| f.min(next));
+                (from, me.held())
+            };
+            let records = me.changelog.records_except(from, &held).await;
             drop(me);
             let mut records = match records {
                 Ok(r) => Box::pin(r),
@@ -263,26 +301,45 @@ impl Partitioned {
                 }
             };
             let mut quiet = 0;
+            let mut refiltered = false;
+            // A sync mark published while quiet: the follower reads it,
+            // unless it went silent.
+            let mut probe = None;
             loop {
-                let next = tokio::time::timeout(Duration::from_secs(1), records.next()).await;
+                let next = tokio::select! {
+                    biased;
+                    () = refilter.notified() => {
+                        refiltered = true;
+                        break;
+                    }
+                    next = tokio::time::timeout(Duration::from_secs(1), records.next()) => next,
+                };
                 let Some(me) = this.upgrade() else { return };
                 match next {
                     Err(_) => {
                         // A consumer can go silent with records waiting
-                        // (its server lost, say): read again if so.
+                        // (its server lost, say): read again if so. The
+                        // stream's last record may be one of the held
+                        // partitions' writes, which this follower does
+                        // not read: a sync mark it does read tells.
                         quiet += 1;
-                        if quiet % 5 == 0
-                            && let Ok(last) = me.changelog.last_seq().await
-                            && last > *me.applied.borrow()
-                        {
+                        if quiet % 5 != 0 {
+                            continue;
+                        }
+                        let applied = *me.applied.borrow();
+                        if let Some(mark) = probe.take_if(|mark| *mark > applied) {
                             tracing::warn!(
-                                applied = *me.applied.borrow(),
-                                last,
+                                applied,
+                                mark,
                                 "the changelog's follower went silent with records waiting; reading again"
                             );
                             break;
                         }
-                        continue;
+                        if let Ok(last) = me.changelog.last_seq().await
+                            && last > applied
+                        {
+                            probe = me.changelog.sync().await.ok();
+                        }
                     }
                     Ok(None) => break,
                     Ok(Some(Err(e))) => {
@@ -295,7 +352,9 @@ impl Partitioned {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !refiltered {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 
@@ -380,6 +439,14 @@ impl Partitioned {
     /// refused writes, and it no longer serves the partition's writes.
     fn ended(&self, partition: u16) {
         self.dirty.lock().expect("dirty lock").insert(partition);
+        // The follower skipped the partition's writes: from here on they are
+        // the next owner's, to be applied. (The order lock is held, so no
+        // record past `applied` has been applied.)
+        let next = *self.applied.borrow() + 1;
+        let mut reread = self.reread_from.lock().expect("reread lock");
+        *reread = Some(reread.map_or(next, |f| f.min(next)));
+        drop(reread);
+        self.refilter.notify_one();
         if let Some(stop) = self
             .serving
             .lock()
@@ -463,6 +530,8 @@ impl Partitioned {
                         .lock()
                         .expect("terms lock")
                         .insert(partition, term);
+                    // The follower stops reading this partition's writes.
+                    self.refilter.notify_one();
                 }
                 Err(_) => {
                     self.dirty.lock().expect("dirty lock").insert(partition);

@@ -51,4 +51,9 @@ pub struct Readiness {
     /// The bus partitions this replica consumes; null when replicas do not
     /// share the bus.
     pub partitions: Option<Vec<u16>>,
+    /// The partitions whose state this replica writes (it holds a term on
+    /// each: see RELIABILITY.md, "Partition-owned state"); null when the
+    /// store is not replicated.
+    #[serde(default)]
+    pub state_partitions: Option<Vec<u16>>,
 }

@@ -68,12 +68,15 @@ fn chain_version_and_history() {
 fn readiness_partitions_are_null_when_not_shared() {
     let r: Readiness = check(json!({
         "ready": false, "bus": "embedded", "bus_connected": true, "store_open": true,
-        "started": false, "replicated": false, "caught_up": true, "partitions": null
+        "started": false, "replicated": false, "caught_up": true, "partitions": null,
+        "state_partitions": null
     }));
     assert_eq!(r.partitions, None);
+    assert_eq!(r.state_partitions, None);
     check::<Readiness>(json!({
         "ready": true, "bus": "nats", "bus_connected": true, "store_open": true,
-        "started": true, "replicated": true, "caught_up": true, "partitions": [0, 3]
+        "started": true, "replicated": true, "caught_up": true, "partitions": [0, 3],
+        "state_partitions": [3]
     }));
 }
 

@@ -34,6 +34,7 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
             replicated: s.store.is_replicated(),
             caught_up,
             partitions: s.partitions.as_ref().map(|p| p.borrow().clone()),
+            state_partitions: s.store.held_partitions(),
         }),
     )
         .into_response()
