@@ -345,6 +345,22 @@ impl Dispatcher {
         Ok(answer.status().is_success())
     }
 
+    /// The bus partitions `/readyz` says this replica consumes (none when
+    /// replicas do not share the bus).
+    pub async fn partitions(&self) -> anyhow::Result<Vec<u64>> {
+        let ready: serde_json::Value = self
+            .http
+            .get(format!("{}/readyz", self.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(ready["partitions"]
+            .as_array()
+            .map(|p| p.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default())
+    }
+
     /// `/metrics`, as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

@@ -38,7 +38,7 @@ fn handle(event, steps, config) {
 }
 "#;
 
-fn chain_file(receiver: std::net::SocketAddr) -> String {
+fn chain_file(account: &str, receiver: std::net::SocketAddr) -> String {
     let steps = format!(
         r#"
 [[chains.steps]]
@@ -58,7 +58,7 @@ handler = "payment_webhook"
 config = {{ url = "http://{receiver}/payments", secret = "{SECRET_NAME}", body = {{ msisdn = "{{{{ steps.create_contact.msisdn }}}}", amount_cents = "{{{{ steps.score.points }}}}", reference = "{{{{ event.id }}}}" }} }}
 "#
     );
-    poll_chain(ACCOUNT, &steps)
+    poll_chain(account, &steps)
 }
 
 const CONFIG: &str = r#"
@@ -168,6 +168,168 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     Ok(())
 }
 
+/// The offered load of the replicated latency run.
+const REPLICATED_PER_SECOND: f64 = 500.0;
+/// How many replicas it runs.
+const REPLICAS: usize = 3;
+/// Its accounts, so that the partitions (by account) spread over the
+/// replicas.
+const REPLICATED_ACCOUNTS: u64 = 16;
+
+/// The full chain on three replicas with `--replicated` sharing one
+/// nats-server, at 500 events/s offered over 16 accounts: latency from
+/// publish to webhook, and the replicas' CPU per event in total.
+pub async fn replicated(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
+    let n = options.scaled(10_000);
+    println!(
+        "\n## chain on {REPLICAS} replicas: the full chain over {REPLICATED_ACCOUNTS} accounts, \
+         {n} events at {REPLICATED_PER_SECOND}/s offered, one nats-server"
+    );
+    let runs = PerBuild::measure(&options.builds, async |build| {
+        replicated_build(options, build, n).await
+    })
+    .await?;
+    print_ratios(&[
+        (
+            &format!("p99 at {REPLICATED_PER_SECOND}/s"),
+            runs.map(|r| r.p99.as_secs_f64()),
+        ),
+        (
+            "CPU per event (all replicas)",
+            runs.map(|r| r.cpu_per_event_us),
+        ),
+    ]);
+    let p99 = runs.map(|r| r.p99.as_secs_f64() * 1e3);
+    let what = format!("{REPLICAS} replicas, latency p99 at {REPLICATED_PER_SECOND}/s offered");
+    report.check(
+        "replicas",
+        what,
+        Value::of(&p99, |v| format!("{v:.1} ms")),
+        "< 25 ms",
+        p99.current < 25.0,
+    );
+    report.figure(
+        "replicas",
+        format!("{REPLICAS} replicas, full chain at {REPLICATED_PER_SECOND}/s offered"),
+        Value::join([
+            Value::text(&runs.map(|r| format!("p50 / p99.9 {} / {}", ms(r.p50), ms(r.p999)))),
+            Value::of(&runs.map(|r| r.rate), rate),
+            Value::of(&runs.map(|r| r.cpu_per_event_us), per_event),
+        ]),
+    );
+    Ok(())
+}
+
+/// The replicated latency run with `build`: the replicas started and
+/// sharing the partitions, the accounts configured through the first, a
+/// warm-up, then the measured run; every event must come all the way.
+async fn replicated_build(options: &crate::Options, build: &Build, n: u64) -> anyhow::Result<Run> {
+    let tag = build.tag();
+    let server = crate::common::NatsServer::start()?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    let receiver = Receiver::start().await?;
+    let root = tempfile::tempdir()?;
+    let config = root.path().join("switchboard.toml");
+    std::fs::write(&config, format!("[bus]\nreplicated = true\n{CONFIG}"))?;
+    let mut replicas = Vec::new();
+    for i in 0..REPLICAS {
+        replicas.push(
+            Dispatcher::start(Spec {
+                binary: Some(&build.binary),
+                data: &root.path().join(format!("data-{i}")),
+                chains: None,
+                nats: Some(server.url()),
+                concurrency: options.concurrency,
+                config: Some(&config),
+            })
+            .await?,
+        );
+    }
+    let accounts: Vec<String> = (0..REPLICATED_ACCOUNTS)
+        .map(|i| format!("{ACCOUNT}-{i}"))
+        .collect();
+    for account in &accounts {
+        let first = &replicas[0];
+        first
+            .put_text(
+                &format!("/v1/accounts/{account}/scripts/score"),
+                SCORE.into(),
+                "text/plain",
+            )
+            .await?;
+        receiver::put_secret(first, account).await?;
+        first
+            .put_text(
+                &format!("/v1/accounts/{account}/chains"),
+                chain_file(account, receiver.addr),
+                "application/toml",
+            )
+            .await?;
+    }
+    // Each replica pulls its share of the partitions before the clock runs.
+    let started = Instant::now();
+    loop {
+        let mut shares = Vec::new();
+        for r in &replicas {
+            shares.push(r.partitions().await?);
+        }
+        let mut every: Vec<u64> = shares.iter().flatten().copied().collect();
+        every.sort_unstable();
+        if shares.iter().all(|s| !s.is_empty()) && every == (0..16).collect::<Vec<u64>>() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the {REPLICAS} replicas did not share the partitions in 60 s: {shares:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut next = 0u64;
+    let mut batch = |n: u64| -> Vec<VumiApiEvent> {
+        let events = (next..next + n)
+            .map(|i| {
+                let account = &accounts[(i % REPLICATED_ACCOUNTS) as usize];
+                poll_event(account, i / REPLICATED_ACCOUNTS, CONVERSATIONS)
+            })
+            .collect();
+        next += n;
+        events
+    };
+    // A warm-up: every account's partition taken, connections, caches.
+    let warm_up = batch(options.scaled(2_000));
+    offer(&js, &warm_up, Some(REPLICATED_PER_SECOND)).await?;
+    receiver.wait_for(&warm_up, &mut replicas).await?;
+
+    let events = batch(n);
+    let cpu = |replicas: &[Dispatcher]| -> anyhow::Result<Duration> {
+        replicas.iter().map(Dispatcher::cpu_time).sum()
+    };
+    let before = cpu(&replicas)?;
+    let published = offer(&js, &events, Some(REPLICATED_PER_SECOND)).await?;
+    let arrived = receiver.wait_for(&events, &mut replicas).await?;
+    let used = cpu(&replicas)?.saturating_sub(before);
+    let run = Run::new(&events, &published, &arrived, used);
+    println!("{tag}offered {REPLICATED_PER_SECOND}/s to {REPLICAS} replicas: {run}");
+
+    let total = next;
+    let mut handled = 0;
+    for r in &replicas {
+        for account in &accounts {
+            handled += r.counts(Some(account)).await?.handled;
+        }
+    }
+    let repeats = receiver.repeats();
+    println!(
+        "{tag}{handled} of {total} handled (summed over the replicas), {repeats} repeated webhooks"
+    );
+    if handled < total {
+        bail!("{total} events published, but the replicas handled {handled}");
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+    Ok(run)
+}
+
 /// What the chain measured with one build.
 #[derive(Debug)]
 struct ChainRun {
@@ -209,7 +371,7 @@ async fn one_build(options: &crate::Options, build: &Build) -> anyhow::Result<Ch
     dispatcher
         .put_text(
             &format!("/v1/accounts/{ACCOUNT}/chains"),
-            chain_file(receiver.addr),
+            chain_file(ACCOUNT, receiver.addr),
             "application/toml",
         )
         .await?;
@@ -335,7 +497,9 @@ impl Run {
     ) -> anyhow::Result<Self> {
         let cpu = dispatcher.cpu_time()?;
         let published = offer(js, events, per_second).await?;
-        let arrived = receiver.wait_for(events, dispatcher).await?;
+        let arrived = receiver
+            .wait_for(events, std::slice::from_mut(dispatcher))
+            .await?;
         let cpu = dispatcher.cpu_time()?.saturating_sub(cpu);
         Ok(Self::new(events, &published, &arrived, cpu))
     }

@@ -64,7 +64,7 @@ pub async fn wait_for(
     arrivals: &Mutex<Arrivals>,
     what: &str,
     events: &[VumiApiEvent],
-    dispatcher: &mut Dispatcher,
+    dispatchers: &mut [Dispatcher],
 ) -> anyhow::Result<HashMap<String, Instant>> {
     const STALL: Duration = Duration::from_secs(60);
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
@@ -91,12 +91,15 @@ pub async fn wait_for(
                 progressed = Instant::now();
             }
         }
-        dispatcher.check_alive()?;
+        for d in dispatchers.iter_mut() {
+            d.check_alive()?;
+        }
         if progressed.elapsed() > STALL {
+            let logs: Vec<String> = dispatchers.iter().map(Dispatcher::log_tail).collect();
             bail!(
                 "no {what} for {STALL:?} at {seen} of {}:\n{}",
                 ids.len(),
-                dispatcher.log_tail()
+                logs.join("\n--\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -144,9 +147,9 @@ impl Receiver {
     pub async fn wait_for(
         &self,
         events: &[VumiApiEvent],
-        dispatcher: &mut Dispatcher,
+        dispatchers: &mut [Dispatcher],
     ) -> anyhow::Result<HashMap<String, Instant>> {
-        wait_for(&self.arrivals, "webhook", events, dispatcher).await
+        wait_for(&self.arrivals, "webhook", events, dispatchers).await
     }
 }
 

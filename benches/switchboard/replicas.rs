@@ -5,7 +5,8 @@
 //! nats-server's CPU per event is printed beside it. After the one
 //! replicated dispatcher's drain, a replica started with an empty data
 //! directory is timed until it has caught up, and the changelog's size is
-//! printed.
+//! printed. Last, the full chain's latency on three replicas at 500
+//! events/s offered ([`crate::chain::replicated`]).
 
 use async_nats::jetstream;
 
@@ -49,7 +50,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         report.note_pauses("replicas", &what, &drains);
         report.figure("replicas", what, value);
     }
-    Ok(())
+    crate::chain::replicated(options, report).await
 }
 
 /// Starts `replicas` dispatchers of `build` (replicated or not) on a fresh

@@ -282,7 +282,13 @@ impl Woke {
         events: &[switchboard_sdk::VumiApiEvent],
         dispatcher: &mut Dispatcher,
     ) -> anyhow::Result<HashMap<String, Instant>> {
-        receiver::wait_for(&self.arrivals, "paused chain going on", events, dispatcher).await
+        receiver::wait_for(
+            &self.arrivals,
+            "paused chain going on",
+            events,
+            std::slice::from_mut(dispatcher),
+        )
+        .await
     }
 }
 
