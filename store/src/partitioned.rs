@@ -230,15 +230,17 @@ impl Partitioned {
 
     /// Ends this replica's term on `partition` if `ends` says so of it;
     /// returns whether it did. The caller holds the order lock, so that no
-    /// write of the term is applied after it ends.
-    fn end_term_if(&self, partition: u16, ends: impl FnOnce(&Term) -> bool) -> bool {
+    /// write of the term is applied after it ends. `deposed`: another
+    /// replica took the partition (a newer marker, a refused write) while
+    /// this one held it.
+    fn end_term_if(&self, partition: u16, deposed: bool, ends: impl FnOnce(&Term) -> bool) -> bool {
         let mut terms = self.terms.lock().expect("terms lock");
-        if !terms.get(&partition).is_some_and(ends) {
+        let Some(term) = terms.get(&partition).copied().filter(ends) else {
             return false;
-        }
+        };
         terms.remove(&partition);
         drop(terms);
-        self.ended(partition);
+        self.ended(term, deposed);
         true
     }
 
@@ -246,7 +248,7 @@ impl Partitioned {
     /// writes failed or were refused.
     fn end_term(&self, term: Term) {
         let _order = self.order.lock().expect("order lock");
-        if self.end_term_if(term.partition, |ours| *ours == term) {
+        if self.end_term_if(term.partition, true, |ours| *ours == term) {
             tracing::warn!(
                 partition = term.partition,
                 epoch = term.epoch,
@@ -291,6 +293,11 @@ impl Partitioned {
                 (from, me.held())
             };
             let records = me.changelog.records_except(from, &held).await;
+            if records.is_err() {
+                // Where to read from again is still owed.
+                let mut reread = me.reread_from.lock().expect("reread lock");
+                *reread = Some(reread.map_or(from, |f| f.min(from)));
+            }
             drop(me);
             let mut records = match records {
                 Ok(r) => Box::pin(r),
@@ -384,7 +391,7 @@ impl Partitioned {
                         .lock()
                         .expect("markers lock")
                         .insert(t.partition, t.epoch);
-                    if self.end_term_if(t.partition, |ours| ours.epoch < t.epoch) {
+                    if self.end_term_if(t.partition, true, |ours| ours.epoch < t.epoch) {
                         tracing::warn!(
                             partition = t.partition,
                             epoch = t.epoch,
@@ -437,12 +444,21 @@ impl Partitioned {
 
     /// A term of this replica's ended: its copy of the partition may hold
     /// refused writes, and it no longer serves the partition's writes.
-    fn ended(&self, partition: u16) {
+    fn ended(&self, term: Term, deposed: bool) {
+        let partition = term.partition;
         self.dirty.lock().expect("dirty lock").insert(partition);
         // The follower skipped the partition's writes: from here on they are
-        // the next owner's, to be applied. (The order lock is held, so no
-        // record past `applied` has been applied.)
-        let next = *self.applied.borrow() + 1;
+        // the next owner's, to be applied. Handed over, the next owner's
+        // marker comes after what was applied (the order lock is held, so
+        // no record past `applied` has been applied). Deposed, other
+        // owners may have written the partition since the term began, and
+        // their markers may be gone from the stream (it keeps the last of
+        // each subject): read again from the term's own marker.
+        let next = if deposed {
+            (*self.applied.borrow() + 1).min(term.epoch + 1)
+        } else {
+            *self.applied.borrow() + 1
+        };
         let mut reread = self.reread_from.lock().expect("reread lock");
         *reread = Some(reread.map_or(next, |f| f.min(next)));
         drop(reread);
@@ -609,7 +625,7 @@ impl Partitioned {
     /// Ends this replica's term on `partition` (handed over).
     pub(crate) fn release(&self, partition: u16) {
         let _order = self.order.lock().expect("order lock");
-        if self.end_term_if(partition, |_| true) {
+        if self.end_term_if(partition, false, |_| true) {
             tracing::info!(partition, "partition released");
         }
     }
