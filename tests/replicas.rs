@@ -427,26 +427,82 @@ fn sms_arrival(r: &Value) -> Option<Arrival> {
     Some((id, account, conversation, n.parse().expect("a number")))
 }
 
-/// The partitions a replica's `/readyz` says it consumes.
-async fn partitions_of(d: &Dispatcher) -> Vec<u64> {
+/// The list of partitions under `field` in a replica's `/readyz`.
+async fn readyz_partitions(d: &Dispatcher, field: &str) -> Vec<u64> {
     let (_, ready) = d.get("/readyz").await;
-    ready["partitions"]
+    ready[field]
         .as_array()
-        .unwrap_or_else(|| panic!("partitions in {ready}"))
+        .unwrap_or_else(|| panic!("{field} in {ready}"))
         .iter()
         .map(|p| p.as_u64().expect("a partition"))
         .collect()
 }
 
+/// The partitions a replica's `/readyz` says it consumes.
+async fn partitions_of(d: &Dispatcher) -> Vec<u64> {
+    readyz_partitions(d, "partitions").await
+}
+
 /// The partitions whose state a replica's `/readyz` says it writes.
 async fn state_partitions_of(d: &Dispatcher) -> Vec<u64> {
-    let (_, ready) = d.get("/readyz").await;
-    ready["state_partitions"]
-        .as_array()
-        .unwrap_or_else(|| panic!("state partitions in {ready}"))
-        .iter()
-        .map(|p| p.as_u64().expect("a partition"))
+    readyz_partitions(d, "state_partitions").await
+}
+
+/// `a`'s share of the 16 partitions, when `a` and `b` each hold some and
+/// together all.
+fn shared(a: Vec<u64>, b: Vec<u64>) -> Option<Vec<u64>> {
+    let mut every: Vec<u64> = a.iter().chain(&b).copied().collect();
+    every.sort_unstable();
+    (!a.is_empty() && !b.is_empty() && every == (0..16).collect::<Vec<u64>>()).then_some(a)
+}
+
+/// A chain file of `account` for every `poll_complete` of a `survey`:
+/// `create_contact`, keeping the event's `wave` in a field, then `then`
+/// (a `[[chains.steps]]` table).
+fn wave_chain(account: &str, then: &str) -> String {
+    format!(
+        r#"
+account_key = "{account}"
+
+[[chains]]
+name = "poll-complete"
+conversation_type = "survey"
+event_type = "poll_complete"
+
+[[chains.steps]]
+handler = "create_contact"
+config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{{{ event.event_data.wave }}}}" }} }}
+{then}"#
+    )
+}
+
+/// A wave of events: one in each of `conversations` conversations of each
+/// of `accounts` accounts, each conversation its own number, carrying
+/// `wave` and `n`.
+fn wave_events(accounts: usize, conversations: usize, wave: u64, n: u64) -> Vec<VumiApiEvent> {
+    (0..accounts)
+        .flat_map(|i| {
+            (0..conversations).map(move |c| {
+                event(
+                    &account(i),
+                    "survey",
+                    "poll_complete",
+                    &format!("talk-{c}"),
+                    json!({"msisdn": format!("+2784{i:03}{c:04}"), "n": n, "wave": wave}),
+                )
+            })
+        })
         .collect()
+}
+
+/// Waits until `d` reads each of `events` as done, each within `within`.
+async fn all_done(d: &Dispatcher, events: &[VumiApiEvent], within: Duration) {
+    for e in events {
+        let trace = d
+            .wait_for_trace(e.account_key.as_str(), &e.id.to_string(), within)
+            .await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
 }
 
 /// Replicas joining and leaving (SIGTERM) while events flow hand their
@@ -493,16 +549,7 @@ async fn replicas_joining_and_leaving_keep_every_conversation_in_order() {
     );
     let first = wave(0..2);
     emit_all(nats.url(), &first).await;
-    for e in &first {
-        let trace = single
-            .wait_for_trace(
-                e.account_key.as_str(),
-                &e.id.to_string(),
-                Duration::from_secs(60),
-            )
-            .await;
-        assert_eq!(trace["status"], "done", "{trace:#}");
-    }
+    all_done(&single, &first, Duration::from_secs(60)).await;
     assert_eq!(single.stop(), Some(0));
     // Stored while no dispatcher runs, under the subjects as published.
     emit_all(nats.url(), &wave(2..3)).await;
@@ -1064,57 +1111,21 @@ async fn an_undecodable_changelog_record_is_counted_and_passed_over() {
 async fn a_replica_that_handed_partitions_over_reads_the_new_owners_writes() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let accounts = 8;
+    let (accounts, conversations) = (8, 3);
     let dir = tempfile::tempdir().expect("a temporary directory");
     for i in 0..accounts {
         let a = account(i);
-        let chain = format!(
+        let chain = wave_chain(
+            &a,
             r#"
-account_key = "{a}"
-
-[[chains]]
-name = "poll-complete"
-conversation_type = "survey"
-event_type = "poll_complete"
-
-[[chains.steps]]
-handler = "create_contact"
-config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{{{ event.event_data.wave }}}}" }} }}
-
 [[chains.steps]]
 handler = "log"
-config = {{ message = "wave {{{{ event.event_data.wave }}}}" }}
-"#
+config = { message = "wave {{ event.event_data.wave }}" }
+"#,
         );
         std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
     }
-    let wave = |wave: u64| -> Vec<VumiApiEvent> {
-        (0..accounts)
-            .flat_map(|i| {
-                (0..3).map(move |c| {
-                    event(
-                        &account(i),
-                        "survey",
-                        "poll_complete",
-                        &format!("talk-{c}"),
-                        json!({"msisdn": format!("+2785{i:03}{c:04}"), "wave": wave}),
-                    )
-                })
-            })
-            .collect()
-    };
-    async fn all_done(d: &Dispatcher, events: &[VumiApiEvent]) {
-        for e in events {
-            let trace = d
-                .wait_for_trace(
-                    e.account_key.as_str(),
-                    &e.id.to_string(),
-                    Duration::from_secs(60),
-                )
-                .await;
-            assert_eq!(trace["status"], "done", "{trace:#}");
-        }
-    }
+    let within = Duration::from_secs(60);
     let config = config_with(&receiver, true, 1);
     let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
     let every: Vec<u64> = (0..16).collect();
@@ -1124,29 +1135,24 @@ config = {{ message = "wave {{{{ event.event_data.wave }}}}" }}
         || async { (state_partitions_of(&a).await == every).then_some(()) },
     )
     .await;
-    let first = wave(1);
+    let first = wave_events(accounts, conversations, 1, 1);
     emit_all(nats.url(), &first).await;
-    all_done(&a, &first).await;
+    all_done(&a, &first, within).await;
 
     let b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
     wait_until(
         "the replicas sharing the partitions",
         Duration::from_secs(60),
-        || async {
-            let (of_a, of_b) = (partitions_of(&a).await, partitions_of(&b).await);
-            let mut both: Vec<u64> = of_a.iter().chain(&of_b).copied().collect();
-            both.sort_unstable();
-            (!of_a.is_empty() && !of_b.is_empty() && both == every).then_some(())
-        },
+        || async { shared(partitions_of(&a).await, partitions_of(&b).await) },
     )
     .await;
-    let second = wave(2);
+    let second = wave_events(accounts, conversations, 2, 2);
     emit_all(nats.url(), &second).await;
     for d in [&a, &b] {
-        all_done(d, &[first.as_slice(), second.as_slice()].concat()).await;
+        all_done(d, &[first.as_slice(), second.as_slice()].concat(), within).await;
         for i in 0..accounts {
             let all = contacts(d, &account(i)).await;
-            assert_eq!(all.len(), 3, "{}: {all:#?}", account(i));
+            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
             for c in &all {
                 assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
             }
@@ -1384,24 +1390,16 @@ async fn a_frozen_owner_resumed_after_a_take_over_overwrites_nothing() {
     let recv = receiver.url();
     for i in 0..accounts {
         let a = account(i);
-        let chain = format!(
-            r#"
-account_key = "{a}"
-
-[[chains]]
-name = "poll-complete"
-conversation_type = "survey"
-event_type = "poll_complete"
-
-[[chains.steps]]
-handler = "create_contact"
-config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{{{ event.event_data.wave }}}}" }} }}
-
+        let chain = wave_chain(
+            &a,
+            &format!(
+                r#"
 [[chains.steps]]
 handler = "payment_webhook"
 config = {{ url = "{recv}/hook/hang", secret = "gateway", body = {{ account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
 retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 "#
+            ),
         );
         std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
     }
@@ -1413,11 +1411,6 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
             d.set_secret(&account(i), "gateway", WEBHOOK_SECRET).await;
         }
     }
-    let shared = |a: Vec<u64>, b: Vec<u64>| {
-        let mut every: Vec<u64> = a.iter().chain(&b).copied().collect();
-        every.sort_unstable();
-        (!a.is_empty() && !b.is_empty() && every == (0..16).collect::<Vec<u64>>()).then_some(a)
-    };
     let held_by_a = wait_until(
         "the replicas sharing the partitions",
         Duration::from_secs(30),
@@ -1430,21 +1423,7 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
         .collect();
     assert!(!of_a.is_empty(), "replica a handles some of the accounts");
 
-    let wave = |wave: u64, n: u64| -> Vec<VumiApiEvent> {
-        (0..accounts)
-            .flat_map(|i| {
-                (0..conversations).map(move |c| {
-                    event(
-                        &account(i),
-                        "survey",
-                        "poll_complete",
-                        &format!("talk-{c}"),
-                        json!({"msisdn": format!("+2784{i:03}{c:04}"), "n": n, "wave": wave}),
-                    )
-                })
-            })
-            .collect()
-    };
+    let wave = |wave: u64, n: u64| wave_events(accounts, conversations, wave, n);
     let mut sent: Vec<VumiApiEvent> = wave(1, 0).into_iter().chain(wave(1, 1)).collect();
     emit_all(nats.url(), &sent).await;
 
@@ -1475,16 +1454,7 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
     let second = wave(2, 2);
     emit_all(nats.url(), &second).await;
     sent.extend(second);
-    for e in &sent {
-        let trace = b
-            .wait_for_trace(
-                e.account_key.as_str(),
-                &e.id.to_string(),
-                Duration::from_secs(120),
-            )
-            .await;
-        assert_eq!(trace["status"], "done", "{trace:#}");
-    }
+    all_done(&b, &sent, Duration::from_secs(120)).await;
 
     // `a` wakes up mid-step, rejoins and takes its share back.
     a.signal("CONT");
@@ -1501,16 +1471,7 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
     sent.extend(third);
     let last_wave = Instant::now();
     for d in [&a, &b] {
-        for e in &sent {
-            let trace = d
-                .wait_for_trace(
-                    e.account_key.as_str(),
-                    &e.id.to_string(),
-                    Duration::from_secs(120),
-                )
-                .await;
-            assert_eq!(trace["status"], "done", "{trace:#}");
-        }
+        all_done(d, &sent, Duration::from_secs(120)).await;
     }
 
     let last_wave = last_wave.elapsed();

@@ -249,22 +249,7 @@ async fn replicated_build(options: &crate::Options, build: &Build, n: u64) -> an
         .map(|i| format!("{ACCOUNT}-{i}"))
         .collect();
     for account in &accounts {
-        let first = &replicas[0];
-        first
-            .put_text(
-                &format!("/v1/accounts/{account}/scripts/score"),
-                SCORE.into(),
-                "text/plain",
-            )
-            .await?;
-        receiver::put_secret(first, account).await?;
-        first
-            .put_text(
-                &format!("/v1/accounts/{account}/chains"),
-                chain_file(account, receiver.addr),
-                "application/toml",
-            )
-            .await?;
+        set_up_account(&replicas[0], account, &receiver).await?;
     }
     // Each replica pulls its share of the partitions before the clock runs.
     let started = Instant::now();
@@ -330,6 +315,31 @@ async fn replicated_build(options: &crate::Options, build: &Build, n: u64) -> an
     Ok(run)
 }
 
+/// Gives `account` the scoring script, the webhook's secret and the chain,
+/// through `dispatcher`'s API.
+async fn set_up_account(
+    dispatcher: &Dispatcher,
+    account: &str,
+    receiver: &Receiver,
+) -> anyhow::Result<()> {
+    dispatcher
+        .put_text(
+            &format!("/v1/accounts/{account}/scripts/score"),
+            SCORE.into(),
+            "text/plain",
+        )
+        .await?;
+    receiver::put_secret(dispatcher, account).await?;
+    dispatcher
+        .put_text(
+            &format!("/v1/accounts/{account}/chains"),
+            chain_file(account, receiver.addr),
+            "application/toml",
+        )
+        .await?;
+    Ok(())
+}
+
 /// What the chain measured with one build.
 #[derive(Debug)]
 struct ChainRun {
@@ -360,21 +370,7 @@ async fn one_build(options: &crate::Options, build: &Build) -> anyhow::Result<Ch
         config: Some(&config),
     })
     .await?;
-    dispatcher
-        .put_text(
-            &format!("/v1/accounts/{ACCOUNT}/scripts/score"),
-            SCORE.into(),
-            "text/plain",
-        )
-        .await?;
-    receiver::put_secret(&dispatcher, ACCOUNT).await?;
-    dispatcher
-        .put_text(
-            &format!("/v1/accounts/{ACCOUNT}/chains"),
-            chain_file(ACCOUNT, receiver.addr),
-            "application/toml",
-        )
-        .await?;
+    set_up_account(&dispatcher, ACCOUNT, &receiver).await?;
 
     let mut next = 0u64;
     let mut batch = |n: u64| {

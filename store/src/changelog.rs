@@ -485,7 +485,7 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.read(vec![format!("{PREFIX}.>")], from).await
+        self.records_except(from, &[]).await
     }
 
     /// The changelog's records from stream sequence `from` on, in order,

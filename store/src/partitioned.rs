@@ -15,9 +15,9 @@
 //!   writes of the partitions this replica holds (its consumer's filter
 //!   leaves them out, so they cost neither the server nor this replica):
 //!   when the partitions held change it reads again with the new filter,
-//!   from where it stood when a term of its ended, if one did. A write it is asked for (by the API, an
-//!   inbound webhook, a sweep) is forwarded to the owner, which makes it,
-//!   commits it and answers.
+//!   from where it stood when a term of its ended, if one did. A write it
+//!   is asked for (by the API, an inbound webhook, a sweep) is forwarded to
+//!   the owner, which makes it, commits it and answers.
 //! - **A term begins** when the bus hands this replica the partition (its
 //!   fence opened: the last holder settled, or its pin timed out). The
 //!   marker fences the last holder's writes; the replica then reads the
@@ -295,8 +295,7 @@ impl Partitioned {
             let records = me.changelog.records_except(from, &held).await;
             if records.is_err() {
                 // Where to read from again is still owed.
-                let mut reread = me.reread_from.lock().expect("reread lock");
-                *reread = Some(reread.map_or(from, |f| f.min(from)));
+                me.reread_from(from);
             }
             drop(me);
             let mut records = match records {
@@ -442,6 +441,13 @@ impl Partitioned {
         })
     }
 
+    /// Has the follower read again from `seq` at the latest, when it next
+    /// reads the changelog anew.
+    fn reread_from(&self, seq: u64) {
+        let mut reread = self.reread_from.lock().expect("reread lock");
+        *reread = Some(reread.map_or(seq, |f| f.min(seq)));
+    }
+
     /// A term of this replica's ended: its copy of the partition may hold
     /// refused writes, and it no longer serves the partition's writes.
     fn ended(&self, term: Term, deposed: bool) {
@@ -454,14 +460,12 @@ impl Partitioned {
         // owners may have written the partition since the term began, and
         // their markers may be gone from the stream (it keeps the last of
         // each subject): read again from the term's own marker.
-        let next = if deposed {
-            (*self.applied.borrow() + 1).min(term.epoch + 1)
+        let next = *self.applied.borrow() + 1;
+        self.reread_from(if deposed {
+            next.min(term.epoch + 1)
         } else {
-            *self.applied.borrow() + 1
-        };
-        let mut reread = self.reread_from.lock().expect("reread lock");
-        *reread = Some(reread.map_or(next, |f| f.min(next)));
-        drop(reread);
+            next
+        });
         self.refilter.notify_one();
         if let Some(stop) = self
             .serving
