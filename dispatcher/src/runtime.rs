@@ -189,6 +189,7 @@ impl Dispatcher {
         let rest = async {
             follow_replicas(&store, &engine.chains, &engine.registry).await?;
             migrate_journal(&store).await?;
+            upgrade_event_kinds(&store).await;
             let membership = match replicas {
                 Some(replicas) => Some(replicas.join(store.clone())?),
                 None => None,
@@ -588,6 +589,26 @@ async fn migrate_journal(store: &Store) -> Result<(), StartError> {
         );
     }
     Ok(())
+}
+
+/// Brings the event kinds an earlier release kept (one record per kind)
+/// into one record per account. They are for display only: a failure is
+/// logged, and the console lists kinds again as events come.
+async fn upgrade_event_kinds(store: &Store) {
+    let kinds = EventKinds::new(store.clone());
+    match tokio::task::spawn_blocking(move || kinds.upgrade()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(moved)) => {
+            tracing::info!(
+                moved,
+                "brought the event kinds of the earlier release into one record per account"
+            );
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the event kinds of the earlier release could not be brought over");
+        }
+        Err(e) => tracing::warn!(error = %e, "bringing the event kinds over panicked"),
+    }
 }
 
 /// Expires old journal records (and with them their traces), and step
