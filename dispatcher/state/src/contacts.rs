@@ -55,9 +55,16 @@ impl StoredContacts {
     ) -> Result<Option<(Contact, bool)>, StoreError> {
         // A read error fails the upsert (and the step, retryably): taking it
         // for "no such contact" would create a duplicate.
+        // The index entries read, kept for the claims below: a new
+        // contact's values are each looked up once, not twice.
         let mut existing = None;
+        let mut entries: Vec<(Identifier, Option<Vec<u8>>)> = Vec::new();
         for id in upsert.identifiers() {
-            existing = self.indexed_raw(account, &id)?;
+            let entry = self
+                .store
+                .get(Collection::ContactIndex, &index_key(account, &id))?;
+            existing = self.indexed_at(account, &id, entry.as_deref())?;
+            entries.push((id, entry));
             if existing.is_some() {
                 break;
             }
@@ -87,7 +94,10 @@ impl StoredContacts {
         let mut holders_expected: Vec<Vec<u8>> = Vec::new();
         for id in &reindex.added {
             let k = index_key(account, id);
-            let holder = self.store.get(Collection::ContactIndex, &k)?;
+            let holder = match entries.iter().position(|(read, _)| read == id) {
+                Some(at) => entries.swap_remove(at).1,
+                None => self.store.get(Collection::ContactIndex, &k)?,
+            };
             if let Some(holder) = &holder
                 && holder.as_slice() != contact.key.as_bytes()
             {
@@ -179,15 +189,25 @@ impl StoredContacts {
         account: &AccountKey,
         id: &Identifier,
     ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
-        let Some(k) = self
+        let entry = self
             .store
-            .get(Collection::ContactIndex, &index_key(account, id))?
-        else {
+            .get(Collection::ContactIndex, &index_key(account, id))?;
+        self.indexed_at(account, id, entry.as_deref())
+    }
+
+    /// [`Self::indexed_raw`] with the index entry for `id` already read.
+    fn indexed_at(
+        &self,
+        account: &AccountKey,
+        id: &Identifier,
+        entry: Option<&[u8]>,
+    ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
+        let Some(k) = entry else {
             return Ok(None);
         };
         let Some(raw) = self.store.get(
             Collection::Contacts,
-            &contact_key(account, &String::from_utf8_lossy(&k)),
+            &contact_key(account, &String::from_utf8_lossy(k)),
         )?
         else {
             return Ok(None);
