@@ -73,6 +73,10 @@ impl Tally {
 /// kept (an account's workers could otherwise make any number of them).
 pub const MAX_KINDS: usize = 200;
 
+/// The key that marks the kinds as kept one record per account (no
+/// account's key starts with a zero byte).
+const UPGRADED: &[u8] = b"\0one record per account";
+
 /// The kinds of event of every account, in the store: one record per
 /// account (its key the account's), a JSON array of [`EventKind`].
 #[derive(Debug, Clone)]
@@ -98,12 +102,17 @@ impl EventKinds {
     /// [`EventKinds::add`]. Returns how many it moved. Each account's record
     /// is written before its old records are removed, so an account that
     /// has a record already was upgraded by a start that stopped part-way:
-    /// its old records are removed without being counted again.
+    /// its old records are removed without being counted again. Once done
+    /// it leaves a mark ([`UPGRADED`]), so that later starts read one key
+    /// instead of every account's record.
     pub fn upgrade(&self) -> Result<usize, StoreError> {
         let _adding = self.adding.lock().expect("event kinds lock");
+        if self.store.contains(Collection::EventKinds, UPGRADED)? {
+            return Ok(0);
+        }
         let mut by_account: HashMap<Vec<u8>, Vec<Entry>> = HashMap::new();
         for (k, v) in self.store.scan_prefix(Collection::EventKinds, b"")? {
-            if let Some(end) = k.iter().position(|b| *b == 0) {
+            if let Some(end) = k.iter().position(|b| *b == 0).filter(|end| *end > 0) {
                 by_account
                     .entry(k[..end].to_vec())
                     .or_default()
@@ -128,6 +137,7 @@ impl EventKinds {
                 moved += 1;
             }
         }
+        self.store.put(Collection::EventKinds, UPGRADED, b"")?;
         Ok(moved)
     }
 
@@ -377,11 +387,19 @@ mod tests {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(keys, [b"acme".to_vec(), b"other".to_vec()]);
+        assert_eq!(
+            keys,
+            [UPGRADED.to_vec(), b"acme".to_vec(), b"other".to_vec()]
+        );
         assert_eq!(kinds.upgrade().unwrap(), 0, "nothing is left to bring over");
+        // Marked as done: a later start reads the mark, not the collection.
+        put_old(&store, "acme", "poll_complete", 7);
+        assert_eq!(kinds.upgrade().unwrap(), 0);
 
         // A start that stopped after writing an account's record but before
-        // removing its old ones: they are removed, not counted twice.
+        // removing its old ones (and so before the mark): they are removed,
+        // not counted twice.
+        store.remove(Collection::EventKinds, UPGRADED).unwrap();
         put_old(&store, "acme", "poll_complete", 7);
         assert_eq!(kinds.upgrade().unwrap(), 1);
         assert_eq!(
