@@ -33,18 +33,44 @@ const GONE_AFTER: Duration = Duration::from_secs(10);
 /// A gone replica's entry is removed after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
-/// The partitions `me` owns among `members`: those for which its rendezvous
-/// score is the highest. Every replica computes the same answer from the
-/// same members.
+/// The partitions `me` owns among `members`. Every replica computes the
+/// same answer from the same members (see [`owners`]).
 pub fn owned_by(me: &str, members: &[&str]) -> Vec<u16> {
+    let owners = owners(members);
     (0..PARTITIONS)
-        .filter(|p| {
-            members
-                .iter()
-                .max_by_key(|m| (score(m, *p), **m))
-                .is_some_and(|owner| *owner == me)
-        })
+        .filter(|p| owners[*p as usize] == Some(me))
         .collect()
+}
+
+/// The owner of each partition among `members`: the member whose rendezvous
+/// score for it is the highest. Rendezvous alone leaves a member with no
+/// partition for about one set of 3 members in 200 (and for most sets of 8),
+/// so then each member left with none, in id order, takes the partition it
+/// scores highest on among those of members owning more than one: up to
+/// [`PARTITIONS`] members, every one owns a partition.
+fn owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
+    let mut owners: Vec<Option<&'a str>> = (0..PARTITIONS)
+        .map(|p| members.iter().copied().max_by_key(|m| (score(m, p), *m)))
+        .collect();
+    let mut ids = members.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for m in ids {
+        let owns = |o: &Option<&str>, who: &str| *o == Some(who);
+        if owners.iter().any(|o| owns(o, m)) {
+            continue;
+        }
+        let spare = (0..PARTITIONS)
+            .filter(|p| {
+                owners[*p as usize]
+                    .is_some_and(|o| owners.iter().filter(|x| owns(x, o)).count() > 1)
+            })
+            .max_by_key(|p| (score(m, *p), *p));
+        if let Some(p) = spare {
+            owners[p as usize] = Some(m);
+        }
+    }
+    owners
 }
 
 fn score(member: &str, partition: u16) -> u64 {
@@ -284,6 +310,33 @@ mod tests {
         }
         assert_eq!(owned_by("a1", &["a1"]).len(), PARTITIONS as usize);
         assert!(owned_by("z", &["a1"]).is_empty());
+    }
+
+    #[test]
+    fn every_member_owns_a_partition_up_to_one_each() {
+        for n in 2..=PARTITIONS as usize {
+            for set in 0..200 {
+                let members: Vec<String> = (0..n).map(|i| format!("{set}-{i}")).collect();
+                let members: Vec<&str> = members.iter().map(String::as_str).collect();
+                let mut owners = vec![0; PARTITIONS as usize];
+                for m in &members {
+                    let owned = owned_by(m, &members);
+                    assert!(!owned.is_empty(), "{m} of {n} owns none");
+                    for p in owned {
+                        owners[p as usize] += 1;
+                    }
+                }
+                assert!(owners.iter().all(|n| *n == 1), "{owners:?}");
+            }
+        }
+        // Past one each, the extra members own none.
+        let members: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        let owning = members
+            .iter()
+            .filter(|m| !owned_by(m, &members).is_empty())
+            .count();
+        assert_eq!(owning, PARTITIONS as usize);
     }
 
     #[test]
