@@ -1,6 +1,15 @@
 //! Contacts in the store: each contact's record under (account, key), and
 //! an index entry per msisdn and e-mail, under (account, `kind:value`),
 //! that holds the key of the contact with that value.
+//!
+//! A contact created with a value is keyed by that value when it can be:
+//! its key is a UUID derived from the account and the value
+//! ([`derived_key`]), so a lookup finds it there without an index entry,
+//! and creating it writes one record instead of a record and an entry.
+//! The index holds the rest: the values a contact took later, and values
+//! whose derived key a contact already has (one that gave the value up).
+//! A lookup reads the index first: an entry whose contact has the value
+//! wins over the contact under the derived key.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,6 +19,7 @@ use switchboard_handlers::records::{
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, Write, key};
+use time::OffsetDateTime;
 
 use super::{About, decode};
 
@@ -37,6 +47,31 @@ fn contact_key(account: &AccountKey, key_: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), key_.as_bytes()])
 }
 
+/// The namespace of [`derived_key`]'s UUIDs.
+const DERIVED: uuid::Uuid = uuid::Uuid::from_u128(0x5b1c_0c3e_8f0a_4d6e_9a71_3e2f_c0de_c047);
+
+/// The key of a contact created with `id` in `account`, unless a contact
+/// already has it: a name-based UUID (version 5) of the account and the
+/// value, as the index writes it.
+fn derived_key(account: &AccountKey, id: &Identifier) -> String {
+    let name = format!("{}\0{}:{}", account.as_str(), id.kind(), id.value());
+    uuid::Uuid::new_v5(&DERIVED, name.as_bytes()).to_string()
+}
+
+/// A contact, with its record's bytes as stored.
+type Stored = (Contact, Vec<u8>);
+
+/// What looking a value up read.
+struct Looked {
+    /// The value.
+    id: Identifier,
+    /// Its index entry, as read.
+    entry: Option<Vec<u8>>,
+    /// The record under the value's derived key, when the entry did not
+    /// lead to a contact with the value (`None`: not read).
+    derived: Option<Option<Vec<u8>>>,
+}
+
 impl StoredContacts {
     /// Contacts kept in `store`.
     pub fn new(store: Store) -> Self {
@@ -55,17 +90,15 @@ impl StoredContacts {
     ) -> Result<Option<(Contact, bool)>, StoreError> {
         // A read error fails the upsert (and the step, retryably): taking it
         // for "no such contact" would create a duplicate.
-        // The index entries read, kept for the claims below: a new
+        // What the lookups read is kept for the claims below: a new
         // contact's values are each looked up once, not twice.
         let mut existing = None;
-        let mut entries: Vec<(Identifier, Option<Vec<u8>>)> = Vec::new();
+        let mut looked: Vec<Looked> = Vec::new();
         for id in upsert.identifiers() {
-            let entry = self
-                .store
-                .get(Collection::ContactIndex, &index_key(account, &id))?;
-            existing = self.indexed_at(account, &id, entry.as_deref())?;
-            entries.push((id, entry));
-            if existing.is_some() {
+            let (found, read) = self.look_up(account, id)?;
+            looked.push(read);
+            if found.is_some() {
+                existing = found;
                 break;
             }
         }
@@ -78,7 +111,7 @@ impl StoredContacts {
         };
         let (mut contact, created) = match existing {
             Some(c) => (c, false),
-            None => (Contact::new(account.clone(), now), true),
+            None => (self.new_contact(account, &looked, now), true),
         };
         let record_key = contact_key(account, &contact.key);
         let reindex = contact.apply(upsert, now);
@@ -94,10 +127,17 @@ impl StoredContacts {
         let mut holders_expected: Vec<Vec<u8>> = Vec::new();
         for id in &reindex.added {
             let k = index_key(account, id);
-            let holder = match entries.iter().position(|(read, _)| read == id) {
-                Some(at) => entries.swap_remove(at).1,
+            let holder = match looked.iter().position(|read| read.id == *id) {
+                Some(at) => looked.swap_remove(at).entry,
                 None => self.store.get(Collection::ContactIndex, &k)?,
             };
+            if holder.is_none() && contact.key == derived_key(account, id) {
+                // Found under its key: no entry needed. Nothing guards the
+                // entry's absence at the write, as a claim would: only the
+                // partition's owner upserts (handlers run there), one
+                // upsert at a time (`writer`).
+                continue;
+            }
             if let Some(holder) = &holder
                 && holder.as_slice() != contact.key.as_bytes()
             {
@@ -180,28 +220,54 @@ impl StoredContacts {
         Ok((record, found))
     }
 
-    /// The contact the index has for `id`, if that contact still has it:
-    /// index entries are written without a transaction, so a crash can
-    /// leave one pointing at a contact that no longer has the value, or at
-    /// none. With the record's bytes as stored.
-    fn indexed_raw(
+    /// The contact that has `id`, with its record's bytes: the one its
+    /// index entry names, if that contact still has it (index entries are
+    /// written without a transaction, so a crash can leave one pointing at
+    /// a contact that no longer has the value, or at none); otherwise the
+    /// one under its derived key, if that has it. With what was read.
+    fn look_up(
         &self,
         account: &AccountKey,
-        id: &Identifier,
-    ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
+        id: Identifier,
+    ) -> Result<(Option<Stored>, Looked), StoreError> {
         let entry = self
             .store
-            .get(Collection::ContactIndex, &index_key(account, id))?;
-        self.indexed_at(account, id, entry.as_deref())
+            .get(Collection::ContactIndex, &index_key(account, &id))?;
+        let mut found = self.indexed_at(account, &id, entry.as_deref())?;
+        let mut derived = None;
+        if found.is_none() {
+            let raw = self.store.get(
+                Collection::Contacts,
+                &contact_key(account, &derived_key(account, &id)),
+            )?;
+            found = raw
+                .as_deref()
+                .and_then(decode::<Contact>)
+                .filter(|c| c.has(&id))
+                .zip(raw.clone());
+            derived = Some(raw);
+        }
+        Ok((found, Looked { id, entry, derived }))
     }
 
-    /// [`Self::indexed_raw`] with the index entry for `id` already read.
+    /// A new contact, keyed by its first value (the number, if it has
+    /// one) when no contact has that key yet.
+    fn new_contact(&self, account: &AccountKey, looked: &[Looked], now: OffsetDateTime) -> Contact {
+        match looked.first() {
+            Some(first) if matches!(first.derived, Some(None)) => {
+                Contact::with_key(account.clone(), derived_key(account, &first.id), now)
+            }
+            _ => Contact::new(account.clone(), now),
+        }
+    }
+
+    /// The contact index entry `entry` (for `id`) names, if it has `id`.
     fn indexed_at(
         &self,
         account: &AccountKey,
         id: &Identifier,
         entry: Option<&[u8]>,
-    ) -> Result<Option<(Contact, Vec<u8>)>, StoreError> {
+    ) -> Result<Option<Stored>, StoreError> {
         let Some(k) = entry else {
             return Ok(None);
         };
@@ -260,8 +326,9 @@ impl Contacts for StoredContacts {
             return Ok(None);
         };
         Ok(self
-            .indexed_raw(account, &id)
+            .look_up(account, id)
             .about(Records::Contacts, account)?
+            .0
             .map(|(c, _)| c))
     }
 
@@ -418,5 +485,132 @@ mod tests {
             index_key(&acme, &Identifier::Msisdn("+27820000001".into())),
             key(&[b"acme", b"msisdn:+27820000001"])
         );
+    }
+
+    /// The index entries of `account`, as `kind:value`.
+    fn indexed(store: &Store, account: &AccountKey) -> Vec<String> {
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        store
+            .scan_prefix(Collection::ContactIndex, &prefix)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect()
+    }
+
+    /// A contact created with a number is keyed by it: the index gets no
+    /// entry for the number, only for values the contact takes later.
+    #[test]
+    fn a_contact_is_keyed_by_the_value_it_was_created_with() {
+        let store = Store::temporary().unwrap();
+        let contacts = StoredContacts::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let (thandi, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(created);
+        let number = Identifier::Msisdn("+27820000001".into());
+        assert_eq!(thandi.key, derived_key(&acme, &number));
+        assert_eq!(indexed(&store, &acme), Vec::<String>::new());
+        assert_eq!(
+            contacts.find(&acme, "+27820000001").unwrap(),
+            Some(thandi.clone())
+        );
+        // Another account's contact for the number has a key of its own.
+        let other = AccountKey::new("other").unwrap();
+        let (theirs, _) = contacts.upsert(&other, upsert("+27820000001")).unwrap();
+        assert_ne!(theirs.key, thandi.key);
+
+        let with_email = ContactUpsert {
+            email: Some("t@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        let (updated, created) = contacts.upsert(&acme, with_email).unwrap();
+        assert!(!created);
+        assert_eq!(updated.key, thandi.key);
+        assert_eq!(indexed(&store, &acme), ["email:t@example.org"]);
+        assert_eq!(
+            contacts.find(&acme, "t@example.org").unwrap().unwrap().key,
+            thandi.key
+        );
+    }
+
+    /// A contact that gave up the number it was created with keeps its
+    /// key; the number's next contact gets a fresh key and an index entry.
+    #[test]
+    fn a_number_given_up_goes_to_a_new_contact_through_the_index() {
+        let store = Store::temporary().unwrap();
+        let contacts = StoredContacts::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let thandi_email = ContactUpsert {
+            email: Some("t@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        let (thandi, _) = contacts.upsert(&acme, thandi_email).unwrap();
+        // Found by e-mail, the contact takes a new number.
+        let new_number = ContactUpsert {
+            email: Some("t@example.org".into()),
+            ..upsert("+27820000009")
+        };
+        let (moved, created) = contacts.upsert(&acme, new_number).unwrap();
+        assert!(!created);
+        assert_eq!(moved.key, thandi.key);
+        assert_eq!(moved.msisdn.as_deref(), Some("+27820000009"));
+        assert_eq!(contacts.find(&acme, "+27820000001").unwrap(), None);
+
+        let (sipho, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(created);
+        assert_ne!(sipho.key, thandi.key);
+        assert_eq!(
+            contacts.find(&acme, "+27820000001").unwrap().unwrap().key,
+            sipho.key
+        );
+        assert_eq!(
+            contacts.find(&acme, "+27820000009").unwrap().unwrap().key,
+            thandi.key
+        );
+        let mut entries = indexed(&store, &acme);
+        entries.sort();
+        assert_eq!(
+            entries,
+            [
+                "email:t@example.org",
+                "msisdn:+27820000001",
+                "msisdn:+27820000009"
+            ]
+        );
+        // Sipho's number again: the same contact, not a third.
+        let (again, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(!created);
+        assert_eq!(again.key, sipho.key);
+    }
+
+    /// An e-mail taken by another contact moves to it through the index,
+    /// which wins over the contact keyed by the e-mail.
+    #[test]
+    fn an_index_entry_wins_over_the_contact_keyed_by_the_value() {
+        let contacts = StoredContacts::new(Store::temporary().unwrap());
+        let acme = AccountKey::new("acme").unwrap();
+        let by_email = ContactUpsert {
+            email: Some("s@example.org".into()),
+            ..ContactUpsert::default()
+        };
+        let (sipho, _) = contacts.upsert(&acme, by_email.clone()).unwrap();
+        let email = Identifier::Email("s@example.org".into());
+        assert_eq!(sipho.key, derived_key(&acme, &email));
+        let (thandi, _) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        let both = ContactUpsert {
+            email: Some("s@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        let (merged, created) = contacts.upsert(&acme, both).unwrap();
+        assert!(!created);
+        assert_eq!(merged.key, thandi.key);
+        assert_eq!(
+            contacts.find(&acme, "s@example.org").unwrap().unwrap().key,
+            thandi.key
+        );
+        // Upserting by the e-mail alone updates the contact that has it now.
+        let (again, created) = contacts.upsert(&acme, by_email).unwrap();
+        assert!(!created);
+        assert_eq!(again.key, thandi.key);
     }
 }

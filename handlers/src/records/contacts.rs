@@ -149,8 +149,13 @@ impl Contact {
 
     /// A new contact of `account`, with a fresh key and nothing else yet.
     pub fn new(account: AccountKey, now: OffsetDateTime) -> Self {
+        Self::with_key(account, uuid::Uuid::now_v7().to_string(), now)
+    }
+
+    /// A new contact of `account` under `key`, with nothing else yet.
+    pub fn with_key(account: AccountKey, key: String, now: OffsetDateTime) -> Self {
         Self {
-            key: uuid::Uuid::now_v7().to_string(),
+            key,
             account_key: account,
             msisdn: None,
             email: None,
