@@ -938,6 +938,7 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
                             name: None,
                             language: None,
                             fields,
+                            by: None,
                         },
                     )
                     .expect("an upsert");

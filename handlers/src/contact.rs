@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::options::{OptionSpec, Options, rendered_string};
 use crate::records::contacts::{normalize_email, normalize_msisdn};
-use crate::records::{ContactUpsert, Contacts};
+use crate::records::{ContactUpsert, Contacts, StepRef};
 use crate::{Handler, StepError, StepInput, StepOutput};
 
 /// `create_contact`.
@@ -37,9 +37,10 @@ impl Handler for CreateContact {
         "create_contact"
     }
 
-    /// A contact is a record the dispatcher keeps.
+    /// A contact is a record the dispatcher keeps; the upsert names the
+    /// step, so running it again for the same event changes nothing.
     fn effects(&self) -> crate::Effects {
-        crate::Effects::Local
+        crate::Effects::LocalRepeatable
     }
 
     fn description(&self) -> &'static str {
@@ -153,5 +154,10 @@ fn upsert_of(input: &StepInput<'_>) -> Result<ContactUpsert, StepError> {
         name: rendered_string(&config, "name")?,
         language: rendered_string(&config, "language")?,
         fields,
+        by: Some(StepRef {
+            event: input.event.id.to_string(),
+            chain: input.chain.to_string(),
+            step: input.step_name().to_string(),
+        }),
     })
 }

@@ -350,6 +350,11 @@ pub enum Effects {
     /// keeps the change written before it. After a crash the step has
     /// happened and is journaled, or neither.
     Local,
+    /// Records in the dispatcher's own store, kept so that the same step of
+    /// the same event running again finds them as it left them and answers
+    /// as it did (a contact upsert): journaled with the event's end, as a
+    /// step without effects, and run again after a crash in between.
+    LocalRepeatable,
     /// Something outside the dispatcher (a message, a request): journaled at
     /// once and made durable before the next such step starts, so that a
     /// crash repeats at most the one step per worker not yet durable.
@@ -361,7 +366,7 @@ impl Effects {
     pub fn as_str(self) -> &'static str {
         match self {
             Effects::None => "none",
-            Effects::Local => "local",
+            Effects::Local | Effects::LocalRepeatable => "local",
             Effects::External => "external",
         }
     }

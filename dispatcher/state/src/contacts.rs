@@ -109,9 +109,22 @@ impl StoredContacts {
             Some((contact, raw)) => (Some(raw), Some(contact)),
             None => (None, None),
         };
+        if let Some(c) = &existing
+            && upsert.by.is_some()
+            && c.updated_by == upsert.by
+        {
+            // This step upserted it last: it runs again (a crash came
+            // before its journal entry), and finds it as it left it.
+            let created = c.created_by == upsert.by;
+            return Ok(existing.map(|c| (c, created)));
+        }
         let (mut contact, created) = match existing {
             Some(c) => (c, false),
-            None => (self.new_contact(account, &looked, now), true),
+            None => {
+                let mut new = self.new_contact(account, &looked, now);
+                new.created_by.clone_from(&upsert.by);
+                (new, true)
+            }
         };
         let record_key = contact_key(account, &contact.key);
         let reindex = contact.apply(upsert, now);
@@ -612,5 +625,68 @@ mod tests {
         let (again, created) = contacts.upsert(&acme, by_email).unwrap();
         assert!(!created);
         assert_eq!(again.key, thandi.key);
+    }
+
+    use switchboard_handlers::records::StepRef;
+
+    fn by(event: &str, step: &str) -> Option<StepRef> {
+        Some(StepRef {
+            event: event.into(),
+            chain: "welcome".into(),
+            step: step.into(),
+        })
+    }
+
+    /// A step run again for the same event (its journal entry lost to a
+    /// crash) finds the contact as it left it and answers as it did; the
+    /// next step, or the next event, upserts as usual.
+    #[test]
+    fn the_same_step_upserting_again_finds_the_contact_as_it_left_it() {
+        let store = Store::temporary().unwrap();
+        let contacts = StoredContacts::new(store.clone());
+        let acme = AccountKey::new("acme").unwrap();
+        let first = ContactUpsert {
+            name: Some("Thandi".into()),
+            by: by("e1", "contact"),
+            ..upsert("+27820000001")
+        };
+        let (made, created) = contacts.upsert(&acme, first.clone()).unwrap();
+        assert!(created);
+        assert_eq!(made.created_by, by("e1", "contact"));
+        assert_eq!(made.updated_by, by("e1", "contact"));
+        let raw = |key: &str| {
+            store
+                .get(Collection::Contacts, &contact_key(&acme, key))
+                .unwrap()
+        };
+        let stored = raw(&made.key);
+
+        let (again, created) = contacts.upsert(&acme, first.clone()).unwrap();
+        assert!(created, "it answers as the first run did");
+        assert_eq!(again, made);
+        assert_eq!(raw(&made.key), stored, "nothing written");
+
+        // Another step of the same event: an update, not a creation.
+        let second = ContactUpsert {
+            name: Some("Thandi M".into()),
+            by: by("e1", "rename"),
+            ..upsert("+27820000001")
+        };
+        let (renamed, created) = contacts.upsert(&acme, second).unwrap();
+        assert!(!created);
+        assert_eq!(renamed.name.as_deref(), Some("Thandi M"));
+        assert_eq!(renamed.created_by, by("e1", "contact"));
+        assert_eq!(renamed.updated_by, by("e1", "rename"));
+        // The first step again, after that: no longer the last to upsert,
+        // it applies its values as any upsert does.
+        let (back, created) = contacts.upsert(&acme, first).unwrap();
+        assert!(!created);
+        assert_eq!(back.name.as_deref(), Some("Thandi"));
+        assert_eq!(back.updated_by, by("e1", "contact"));
+        // An upsert by no step (nothing names it) never takes that path.
+        let (plain, created) = contacts.upsert(&acme, upsert("+27820000001")).unwrap();
+        assert!(!created);
+        assert_eq!(plain.updated_by, None);
+        assert_eq!(plain.created_by, by("e1", "contact"));
     }
 }

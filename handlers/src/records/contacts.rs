@@ -121,6 +121,25 @@ pub struct Contact {
     /// When it last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The step that created it, when a step did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<StepRef>,
+    /// The step that last upserted it, when a step did: the same step of
+    /// the same event upserting again (run again after a crash, before its
+    /// journal entry was written) finds it as it left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_by: Option<StepRef>,
+}
+
+/// A step of a chain handling an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRef {
+    /// The event's id.
+    pub event: String,
+    /// The chain.
+    pub chain: String,
+    /// The step.
+    pub step: String,
 }
 
 /// The index entries an upsert changed: new ones to point at the contact,
@@ -164,6 +183,8 @@ impl Contact {
             fields: Map::new(),
             created_at: now,
             updated_at: now,
+            created_by: None,
+            updated_by: None,
         }
     }
 
@@ -207,15 +228,18 @@ impl Contact {
         self.fields
             .extend(upsert.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.updated_at = now;
+        self.updated_by.clone_from(&upsert.by);
         reindex
     }
 
     /// The contact as handlers and scripts see it: every field but the
-    /// account, which is theirs anyway.
+    /// account, which is theirs anyway, and the steps that wrote it.
     pub fn without_account(&self) -> Map<String, Value> {
         match serde_json::to_value(self) {
             Ok(Value::Object(mut m)) => {
                 m.remove("account_key");
+                m.remove("created_by");
+                m.remove("updated_by");
                 m
             }
             _ => Map::new(),
@@ -237,6 +261,9 @@ pub struct ContactUpsert {
     pub language: Option<String>,
     /// Fields to set (merged over the existing ones).
     pub fields: Map<String, Value>,
+    /// The step asking, if a step is: the contact records it
+    /// ([`Contact::created_by`], [`Contact::updated_by`]).
+    pub by: Option<StepRef>,
 }
 
 impl ContactUpsert {

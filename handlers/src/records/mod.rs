@@ -25,7 +25,7 @@ pub mod sources;
 #[cfg(test)]
 pub(crate) mod test_util;
 
-pub use contacts::{Contact, ContactUpsert, Contacts, Identifier};
+pub use contacts::{Contact, ContactUpsert, Contacts, Identifier, StepRef};
 pub use files::{FileInfo, FilePolicy, FileRefused, Files};
 pub use idempotency::IdempotencyKeys;
 pub use inbox::{Content, Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification};

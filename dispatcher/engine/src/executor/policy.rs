@@ -135,7 +135,7 @@ pub fn recording(effects: Effects) -> Recording {
     match effects {
         Effects::External => Recording::NowThenDurable,
         Effects::Local => Recording::Now,
-        Effects::None => Recording::WithTheEnd,
+        Effects::None | Effects::LocalRepeatable => Recording::WithTheEnd,
     }
 }
 
@@ -323,12 +323,14 @@ mod tests {
         };
         check(Effects::None, Recording::WithTheEnd);
         check(Effects::Local, Recording::Now);
+        check(Effects::LocalRepeatable, Recording::WithTheEnd);
         check(Effects::External, Recording::NowThenDurable);
 
         for (effects, earlier, expected) in [
             (Effects::External, true, true),
             (Effects::External, false, false),
             (Effects::Local, true, false),
+            (Effects::LocalRepeatable, true, false),
             (Effects::None, true, false),
         ] {
             assert_eq!(
