@@ -61,6 +61,69 @@ fn derived_key(account: &AccountKey, id: &Identifier) -> String {
 /// A contact, with its record's bytes as stored.
 type Stored = (Contact, Vec<u8>);
 
+/// A contact an upsert claims a value from.
+struct Holder {
+    /// Its record's key.
+    key: Vec<u8>,
+    /// Its record, as read.
+    read: Option<Vec<u8>>,
+    /// Its record, decoded, with the values it gives up taken off.
+    giving_up: Option<Contact>,
+    /// Whether it gives any value up.
+    gives_up: bool,
+}
+
+impl Holder {
+    /// Notes that the contact under `key` (`read`) is claimed `id` from:
+    /// it gives the value up if it has it. False if the claiming contact
+    /// is being `created`, and the holder has the value: another writer
+    /// made a contact with it meanwhile, which the next attempt finds and
+    /// updates. (An existing contact takes a value from another one, as a
+    /// merge.)
+    fn note(
+        holders: &mut Vec<Holder>,
+        key: Vec<u8>,
+        read: Option<Vec<u8>>,
+        id: &Identifier,
+        created: bool,
+        now: OffsetDateTime,
+    ) -> bool {
+        let at = match holders.iter().position(|h| h.key == key) {
+            Some(at) => at,
+            None => {
+                let giving_up = read.as_deref().and_then(decode::<Contact>);
+                holders.push(Holder {
+                    key,
+                    read,
+                    giving_up,
+                    gives_up: false,
+                });
+                holders.len() - 1
+            }
+        };
+        let Some(contact) = &mut holders[at].giving_up else {
+            return true;
+        };
+        if !contact.has(id) {
+            return true;
+        }
+        if created {
+            return false;
+        }
+        contact.give_up(id, now);
+        holders[at].gives_up = true;
+        true
+    }
+
+    /// The record to write: as read, or without the values given up.
+    fn written(&self) -> Option<Vec<u8>> {
+        match &self.giving_up {
+            Some(c) if self.gives_up => Some(serde_json::to_vec(c).expect("a contact serialises")),
+            _ => self.read.clone(),
+        }
+    }
+}
+
 /// What looking a value up read.
 struct Looked {
     /// The value.
@@ -126,6 +189,9 @@ impl StoredContacts {
                 (new, true)
             }
         };
+        // What the upsert answers: created, also when this step made the
+        // contact and runs again after another upsert of it.
+        let answer = created || (upsert.by.is_some() && contact.created_by == upsert.by);
         let record_key = contact_key(account, &contact.key);
         let reindex = contact.apply(upsert, now);
         // New index entries, the record, then stale entries go. With sled,
@@ -135,58 +201,88 @@ impl StoredContacts {
         // New index entries (claimed from absent, or from an entry that no
         // longer holds) and the record (if still as read), together: in one
         // atomic batch with several replicas, one after another with sled.
-        let mut writes = Vec::with_capacity(reindex.added.len() + 1);
-        let mut found = Vec::with_capacity(reindex.added.len() + 1);
-        let mut holders_expected: Vec<Vec<u8>> = Vec::new();
+        // Contacts that give up a value to this one (or, missing or
+        // without it, must still be so where the write is decided), as
+        // read and as they are to be written.
+        let mut holders: Vec<Holder> = Vec::new();
+        let mut claims: Vec<(Write, Option<Vec<u8>>)> = Vec::new();
         for id in &reindex.added {
             let k = index_key(account, id);
-            let holder = match looked.iter().position(|read| read.id == *id) {
-                Some(at) => looked.swap_remove(at).entry,
-                None => self.store.get(Collection::ContactIndex, &k)?,
+            let (entry, derived) = match looked.iter().position(|read| read.id == *id) {
+                Some(at) => {
+                    let read = looked.swap_remove(at);
+                    (read.entry, read.derived)
+                }
+                None => (self.store.get(Collection::ContactIndex, &k)?, None),
             };
-            if holder.is_none() && contact.key == derived_key(account, id) {
-                // Found under its key: no entry needed. Nothing guards the
-                // entry's absence at the write, as a claim would: only the
-                // partition's owner upserts (handlers run there), one
-                // upsert at a time (`writer`).
+            let derived_key = derived_key(account, id);
+            // Found under its key, a value needs no entry. The entry's
+            // absence is as read when this replica writes the account's
+            // contacts (one upsert at a time: `writer`); when another
+            // replica does, this copy may lag, and the entry is claimed
+            // from absent, which the owner checks.
+            if entry.is_none()
+                && contact.key == derived_key
+                && self.store.writes_locally(Collection::ContactIndex, &k)
+            {
                 continue;
             }
-            if let Some(holder) = &holder
-                && holder.as_slice() != contact.key.as_bytes()
-            {
-                let (holder_key, holder_raw) = self.holder_record(account, holder)?;
-                let holds = holder_raw
-                    .as_deref()
-                    .and_then(decode::<Contact>)
-                    .is_some_and(|c| c.has(id));
-                if created && holds {
-                    // Another writer made a contact with this value
-                    // meanwhile: the next attempt finds it and updates it.
-                    // (An existing contact takes a value from another one,
-                    // as a merge.)
-                    return Ok(None);
+            match &entry {
+                Some(holder) if holder.as_slice() != contact.key.as_bytes() => {
+                    // The holder as read here (missing, or without the
+                    // value) must still be so where the write is decided: a
+                    // replica's copy can show an index entry before the
+                    // record it points at, and the entry alone would let
+                    // this claim it from a contact that has the value (a
+                    // duplicate contact).
+                    let (holder_key, holder_raw) = self.holder_record(account, holder)?;
+                    if !Holder::note(&mut holders, holder_key, holder_raw, id, created, now) {
+                        return Ok(None);
+                    }
                 }
-                // The holder as read here (missing, or without the value)
-                // must still be so where the write is decided: a replica's
-                // copy can show an index entry before the record it points
-                // at, and the entry alone would let this claim it from a
-                // contact that has the value (a duplicate contact).
-                if !holders_expected.contains(&holder_key) {
-                    holders_expected.push(holder_key.clone());
-                    writes.push(Write {
-                        collection: Collection::Contacts,
-                        key: holder_key,
-                        value: holder_raw.clone(),
-                    });
-                    found.push(holder_raw);
+                Some(_) => {}
+                None if contact.key != derived_key => {
+                    // The contact under the value's derived key, if it has
+                    // the value, gives it up (as when its entry names it).
+                    let holder_key = contact_key(account, &derived_key);
+                    let holder_raw = match derived {
+                        Some(raw) => raw,
+                        None => self.store.get(Collection::Contacts, &holder_key)?,
+                    };
+                    let holds = holder_raw
+                        .as_deref()
+                        .and_then(decode::<Contact>)
+                        .is_some_and(|c| c.has(id));
+                    if holds
+                        && !Holder::note(&mut holders, holder_key, holder_raw, id, created, now)
+                    {
+                        return Ok(None);
+                    }
                 }
+                None => {}
             }
+            claims.push((
+                Write {
+                    collection: Collection::ContactIndex,
+                    key: k,
+                    value: Some(contact.key.clone().into_bytes()),
+                },
+                entry,
+            ));
+        }
+        let mut writes = Vec::with_capacity(holders.len() + claims.len() + 1);
+        let mut found = Vec::with_capacity(writes.capacity());
+        for holder in holders {
             writes.push(Write {
-                collection: Collection::ContactIndex,
-                key: k,
-                value: Some(contact.key.clone().into_bytes()),
+                collection: Collection::Contacts,
+                value: holder.written(),
+                key: holder.key,
             });
-            found.push(holder);
+            found.push(holder.read);
+        }
+        for (write, entry) in claims {
+            writes.push(write);
+            found.push(entry);
         }
         writes.push(Write {
             collection: Collection::Contacts,
@@ -212,7 +308,7 @@ impl StoredContacts {
                 None,
             )?;
         }
-        Ok(Some((contact, created)))
+        Ok(Some((contact, answer)))
     }
 
     /// Whether the index entry for `id` (pointing at contact `holder`)
@@ -451,6 +547,10 @@ mod tests {
         let found = contacts.find(&acme, "sipho@example.org").unwrap().unwrap();
         assert_eq!(found.key, thandi.key);
         assert_ne!(found.key, sipho.key);
+        // Sipho gave the e-mail up.
+        let sipho = contacts.get(&acme, &sipho.key).unwrap().unwrap();
+        assert_eq!(sipho.email, None);
+        assert_eq!(sipho.msisdn.as_deref(), Some("+27820000002"));
     }
 
     /// A crash between a contact's writes can leave an index entry pointing
@@ -621,10 +721,22 @@ mod tests {
             contacts.find(&acme, "s@example.org").unwrap().unwrap().key,
             thandi.key
         );
+        // The contact keyed by the e-mail gave it up.
+        assert_eq!(
+            contacts.get(&acme, &sipho.key).unwrap().unwrap().email,
+            None
+        );
         // Upserting by the e-mail alone updates the contact that has it now.
         let (again, created) = contacts.upsert(&acme, by_email).unwrap();
         assert!(!created);
         assert_eq!(again.key, thandi.key);
+        // Once that contact gives it up too, no contact has it.
+        let other_email = ContactUpsert {
+            email: Some("t@example.org".into()),
+            ..upsert("+27820000001")
+        };
+        contacts.upsert(&acme, other_email).unwrap();
+        assert_eq!(contacts.find(&acme, "s@example.org").unwrap(), None);
     }
 
     use switchboard_handlers::records::StepRef;
@@ -678,9 +790,10 @@ mod tests {
         assert_eq!(renamed.created_by, by("e1", "contact"));
         assert_eq!(renamed.updated_by, by("e1", "rename"));
         // The first step again, after that: no longer the last to upsert,
-        // it applies its values as any upsert does.
+        // it applies its values as any upsert does, and still answers that
+        // it created the contact.
         let (back, created) = contacts.upsert(&acme, first).unwrap();
-        assert!(!created);
+        assert!(created);
         assert_eq!(back.name.as_deref(), Some("Thandi"));
         assert_eq!(back.updated_by, by("e1", "contact"));
         // An upsert by no step (nothing names it) never takes that path.

@@ -197,6 +197,17 @@ impl Contact {
         mine.as_deref() == Some(id.value())
     }
 
+    /// Gives up `id` (taken by another contact), if the contact has it.
+    pub fn give_up(&mut self, id: &Identifier, now: OffsetDateTime) {
+        if self.has(id) {
+            match id {
+                Identifier::Msisdn(_) => self.msisdn = None,
+                Identifier::Email(_) => self.email = None,
+            }
+            self.updated_at = now;
+        }
+    }
+
     /// Applies `upsert`: its identifiers replace the contact's, its name
     /// and language are set if given, its fields merged over the existing
     /// ones. Returns the index entries that changed.
@@ -299,7 +310,8 @@ pub trait Contacts: Send + Sync + std::fmt::Debug {
         msisdn_or_email: &str,
     ) -> Result<Option<Contact>, RecordError>;
 
-    /// Up to `limit` contacts of `account`, oldest first.
+    /// Up to `limit` contacts of `account`, in key order (UUIDs, most of
+    /// them derived from a number or an e-mail: no order a reader relies on).
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<Contact>, RecordError>;
 
     /// Up to `limit` contacts of `account` in key order, from just after
