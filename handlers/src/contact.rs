@@ -154,10 +154,10 @@ fn upsert_of(input: &StepInput<'_>) -> Result<ContactUpsert, StepError> {
         name: rendered_string(&config, "name")?,
         language: rendered_string(&config, "language")?,
         fields,
-        by: Some(StepRef {
-            event: input.event.id.to_string(),
-            chain: input.chain.to_string(),
-            step: input.step_name().to_string(),
-        }),
+        by: Some(StepRef::of(
+            &input.event.id.to_string(),
+            input.chain,
+            input.step_name(),
+        )),
     })
 }

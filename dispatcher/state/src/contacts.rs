@@ -742,11 +742,7 @@ mod tests {
     use switchboard_handlers::records::StepRef;
 
     fn by(event: &str, step: &str) -> Option<StepRef> {
-        Some(StepRef {
-            event: event.into(),
-            chain: "welcome".into(),
-            step: step.into(),
-        })
+        Some(StepRef::of(event, "welcome", step))
     }
 
     /// A step run again for the same event (its journal entry lost to a

@@ -131,15 +131,32 @@ pub struct Contact {
     pub updated_by: Option<StepRef>,
 }
 
-/// A step of a chain handling an event.
+/// A step of a chain handling an event, as a contact records it: 16 hex
+/// digits of a SHA-256 of the event's id, the chain and the step. Only
+/// ever compared, and kept short: every contact holds two, and a
+/// contact's size is what its tree's leaves copy on every write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepRef {
-    /// The event's id.
-    pub event: String,
-    /// The chain.
-    pub chain: String,
-    /// The step.
-    pub step: String,
+#[serde(transparent)]
+pub struct StepRef(String);
+
+impl StepRef {
+    /// Step `step` of chain `chain` handling event `event`.
+    pub fn of(event: &str, chain: &str, step: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(event.as_bytes())
+            .chain_update([0])
+            .chain_update(chain.as_bytes())
+            .chain_update([0])
+            .chain_update(step.as_bytes())
+            .finalize();
+        let mut hex = String::with_capacity(16);
+        for b in &digest[..8] {
+            use std::fmt::Write as _;
+            let _ = write!(hex, "{b:02x}");
+        }
+        StepRef(hex)
+    }
 }
 
 /// The index entries an upsert changed: new ones to point at the contact,
@@ -343,6 +360,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A step's digest tells steps apart, whichever part differs (the
+    /// parts are separated, so moving a character between them does too).
+    #[test]
+    fn a_step_ref_names_one_step() {
+        let a = StepRef::of("e1", "welcome", "contact");
+        assert_eq!(a, StepRef::of("e1", "welcome", "contact"));
+        assert_eq!(a.0.len(), 16);
+        assert!(a.0.bytes().all(|b| b.is_ascii_hexdigit()));
+        for other in [
+            StepRef::of("e2", "welcome", "contact"),
+            StepRef::of("e1", "welcome2", "contact"),
+            StepRef::of("e1", "welcome", "contact2"),
+            StepRef::of("e1", "welcomec", "ontact"),
+        ] {
+            assert_ne!(a, other);
+        }
+    }
 
     fn check_msisdn(raw: &str, expected: Option<&str>) {
         assert_eq!(normalize_msisdn(raw).ok().as_deref(), expected, "{raw:?}");
