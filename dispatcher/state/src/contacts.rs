@@ -61,6 +61,11 @@ fn derived_key(account: &AccountKey, id: &Identifier) -> String {
 /// A contact, with its record's bytes as stored.
 type Stored = (Contact, Vec<u8>);
 
+/// The contact a record holds, if it has `id`.
+fn having(raw: Option<&[u8]>, id: &Identifier) -> Option<Contact> {
+    raw.and_then(decode::<Contact>).filter(|c| c.has(id))
+}
+
 /// A contact an upsert claims a value from.
 struct Holder {
     /// Its record's key.
@@ -249,11 +254,7 @@ impl StoredContacts {
                         Some(raw) => raw,
                         None => self.store.get(Collection::Contacts, &holder_key)?,
                     };
-                    let holds = holder_raw
-                        .as_deref()
-                        .and_then(decode::<Contact>)
-                        .is_some_and(|c| c.has(id));
-                    if holds
+                    if having(holder_raw.as_deref(), id).is_some()
                         && !Holder::note(&mut holders, holder_key, holder_raw, id, created, now)
                     {
                         return Ok(None);
@@ -349,11 +350,7 @@ impl StoredContacts {
                 Collection::Contacts,
                 &contact_key(account, &derived_key(account, &id)),
             )?;
-            found = raw
-                .as_deref()
-                .and_then(decode::<Contact>)
-                .filter(|c| c.has(&id))
-                .zip(raw.clone());
+            found = having(raw.as_deref(), &id).zip(raw.clone());
             derived = Some(raw);
         }
         Ok((found, Looked { id, entry, derived }))
@@ -387,9 +384,7 @@ impl StoredContacts {
         else {
             return Ok(None);
         };
-        Ok(decode::<Contact>(&raw)
-            .filter(|c| c.has(id))
-            .map(|c| (c, raw)))
+        Ok(having(Some(&raw), id).map(|c| (c, raw)))
     }
 }
 

@@ -142,19 +142,8 @@ pub struct StepRef(String);
 impl StepRef {
     /// Step `step` of chain `chain` handling event `event`.
     pub fn of(event: &str, chain: &str, step: &str) -> Self {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::new()
-            .chain_update(event.as_bytes())
-            .chain_update([0])
-            .chain_update(chain.as_bytes())
-            .chain_update([0])
-            .chain_update(step.as_bytes())
-            .finalize();
-        let mut hex = String::with_capacity(16);
-        for b in &digest[..8] {
-            use std::fmt::Write as _;
-            let _ = write!(hex, "{b:02x}");
-        }
+        let mut hex = super::sha256_hex(format!("{event}\0{chain}\0{step}").as_bytes());
+        hex.truncate(16);
         StepRef(hex)
     }
 }
