@@ -523,6 +523,11 @@ async fn pull_fenced(
                     check.reset_immediately();
                 }
                 f.hold(delivery, delivery_seq);
+                if f.read_all() {
+                    // What the consumer had delivered when last asked is
+                    // read: the fence can open now, not at the next check.
+                    check.reset_immediately();
+                }
             }
             None => {
                 hold_term(&partition.state, partition.number, &delivery, stop).await;
@@ -809,8 +814,8 @@ impl Fence {
     /// last holder's redeliveries can be among them, earlier in bus order
     /// than what the fence holds.
     async fn settled(&mut self) -> bool {
-        if let Some(to) = self.read_to {
-            return self.last_delivery_seq >= to;
+        if self.read_to.is_some() {
+            return self.read_all();
         }
         let held = self.held.len() as u64;
         if self.in_flight.load(Ordering::SeqCst) as u64 != held {
@@ -834,6 +839,12 @@ impl Fence {
                 false
             }
         }
+    }
+
+    /// Whether everything the consumer had delivered when [`Fence::settled`]
+    /// last asked has been read since.
+    fn read_all(&self) -> bool {
+        self.read_to.is_some_and(|to| self.last_delivery_seq >= to)
     }
 
     async fn keep_alive(&mut self, now: Instant) {
