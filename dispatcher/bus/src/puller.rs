@@ -48,6 +48,14 @@ const API_PREFIX: &str = "$JS.API";
 /// change, too many waiting requests), so that it does not ask in a loop.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 
+/// The least time between two looks for silent requests. A request is
+/// judged over only after two heartbeats of silence, so a look this much
+/// late changes nothing; looking each time the next one is due did, at
+/// thousands of events a second: a filled request stays in the ledger
+/// until its silence ends, so each look went over a few thousand of them,
+/// and one came due every few milliseconds.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
 /// How a consumer is pulled.
 #[derive(Debug, Clone)]
 pub(super) struct PullSettings {
@@ -386,6 +394,8 @@ struct Ledger {
     counted_from: u64,
     /// When the last message came.
     last_message: Option<Instant>,
+    /// When [`Ledger::check`] last looked.
+    last_check: Option<Instant>,
     /// The pin this client holds (pinned consumers), as its last message
     /// said.
     pin: Option<String>,
@@ -418,6 +428,7 @@ impl Ledger {
             next: 0,
             counted_from: 0,
             last_message: None,
+            last_check: None,
             pin: None,
             paused_until: None,
             turned_away: 0,
@@ -514,17 +525,22 @@ impl Ledger {
         (busy + self.silence).min(r.expires_at + self.silence)
     }
 
-    /// When [`Ledger::check`] has something to do next, or the pause ends.
+    /// When [`Ledger::check`] has something to do next (no sooner than
+    /// [`CHECK_EVERY`] after it last looked), or the pause ends.
     fn next_check(&self) -> Option<Instant> {
-        self.live
-            .values()
-            .map(|r| self.over_at(r))
+        let over = self.live.values().map(|r| self.over_at(r)).min();
+        let over = match (over, self.last_check) {
+            (Some(at), Some(last)) => Some(at.max(last + CHECK_EVERY)),
+            (over, _) => over,
+        };
+        over.into_iter()
             .chain(self.paused_until.filter(|_| self.asking))
             .min()
     }
 
     /// Drops the requests over by `now`.
     fn check(&mut self, now: Instant) {
+        self.last_check = Some(now);
         let over: Vec<u64> = self
             .live
             .iter()

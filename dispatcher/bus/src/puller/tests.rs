@@ -73,6 +73,42 @@ fn heartbeats_and_messages_keep_requests_alive_and_silence_ends_them() {
 }
 
 #[test]
+fn silence_is_looked_for_at_most_every_check_interval_and_a_pause_ends_on_time() {
+    let t = Instant::now();
+    let ms = Duration::from_millis(1);
+    let mut l = ledger();
+    // Requests asked for a millisecond apart, none heard from.
+    for i in 0..10 {
+        l.ask(t + i * ms);
+        messages(&mut l, BATCH, None, t + i * ms);
+    }
+    l.last_message = None;
+    assert_eq!(l.next_check(), Some(t + 2 * SECOND));
+    l.check(t + 2 * SECOND);
+    assert_eq!(l.live.len(), 9, "the first is over");
+    assert_eq!(
+        l.next_check(),
+        Some(t + 2 * SECOND + CHECK_EVERY),
+        "the second is over a millisecond later, looked for with the rest"
+    );
+    l.check(t + 2 * SECOND + CHECK_EVERY);
+    assert!(l.live.is_empty());
+    assert_eq!(l.next_check(), None);
+    // A pause after a request turned away ends when it ends, however
+    // recent the last look.
+    let t = t + 10 * SECOND;
+    assert_eq!(l.ask(t + ms), Some((10, None)));
+    messages(&mut l, BATCH / 2, None, t + ms);
+    assert_eq!(l.ask(t + 2 * SECOND - RETRY_AFTER + ms), Some((11, None)));
+    l.turned_away(Some(11), None, t + 2 * SECOND - RETRY_AFTER + ms);
+    l.check(t + 2 * SECOND);
+    assert_eq!(l.live.len(), 1, "request 10 is over a millisecond later");
+    assert_eq!(l.next_check(), Some(t + 2 * SECOND + ms), "the pause's end");
+    l.paused_until = None;
+    assert_eq!(l.next_check(), Some(t + 2 * SECOND + CHECK_EVERY));
+}
+
+#[test]
 fn requests_lost_without_a_word_are_written_off_once_none_is_alive() {
     let t = Instant::now();
     let mut l = ledger();
