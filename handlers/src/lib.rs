@@ -115,13 +115,15 @@ impl StepInput<'_> {
 
     /// The step's whole config, every template rendered.
     pub fn render_config(&self) -> Result<Map<String, Value>, StepError> {
-        match self.templates.render(
-            &Value::Object(self.step.config.to_map()),
-            "config",
-            self.scope,
-        ) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => unreachable!("rendering an object gives an object"),
+        let mut config = Value::Object(self.step.config.to_map());
+        match self
+            .templates
+            .render_in_place(&mut config, "config", self.scope)
+        {
+            Ok(()) => match config {
+                Value::Object(map) => Ok(map),
+                _ => unreachable!("rendering an object in place leaves an object"),
+            },
             Err(message) => Err(StepError::permanent(message)),
         }
     }

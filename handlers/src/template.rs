@@ -247,24 +247,47 @@ impl Templates {
 
     /// Renders every template in `value` against `scope`.
     pub fn render(&self, value: &Value, path: &str, scope: &Scope) -> Result<Value, String> {
-        Ok(match value {
-            Value::String(s) if is_template(s) => self
-                .render_one(s, scope)
-                .map_err(|e| format!("{path}: {e}"))?,
-            Value::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| self.render(v, &format!("{path}[{i}]"), scope))
-                    .collect::<Result<_, _>>()?,
-            ),
-            Value::Object(map) => Value::Object(
-                map.iter()
-                    .map(|(k, v)| Ok((k.clone(), self.render(v, &format!("{path}.{k}"), scope)?)))
-                    .collect::<Result<_, String>>()?,
-            ),
-            other => other.clone(),
-        })
+        let mut value = value.clone();
+        self.render_in_place(&mut value, path, scope)?;
+        Ok(value)
+    }
+
+    /// Renders every template in `value` against `scope`, in place: what
+    /// holds no template is neither copied nor rebuilt. `path` names
+    /// `value` in errors.
+    pub fn render_in_place(
+        &self,
+        value: &mut Value,
+        path: &str,
+        scope: &Scope,
+    ) -> Result<(), String> {
+        /// Whether `v` is or holds something to render.
+        fn renders(v: &Value) -> bool {
+            match v {
+                Value::String(s) => is_template(s),
+                Value::Array(_) | Value::Object(_) => true,
+                _ => false,
+            }
+        }
+        match value {
+            Value::String(s) if is_template(s) => {
+                *value = self
+                    .render_one(s, scope)
+                    .map_err(|e| format!("{path}: {e}"))?;
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter_mut().enumerate().filter(|(_, v)| renders(v)) {
+                    self.render_in_place(v, &format!("{path}[{i}]"), scope)?;
+                }
+            }
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut().filter(|(_, v)| renders(v)) {
+                    self.render_in_place(v, &format!("{path}.{k}"), scope)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn render_one(&self, source: &str, scope: &Scope) -> Result<Value, String> {
