@@ -8,8 +8,12 @@
 //! and creating it writes one record instead of a record and an entry.
 //! The index holds the rest: the values a contact took later, and values
 //! whose derived key a contact already has (one that gave the value up).
-//! A lookup reads the index first: an entry whose contact has the value
-//! wins over the contact under the derived key.
+//! A lookup reads the derived key first, then the index. At most one
+//! contact has a value: a contact that takes a value from another (by its
+//! index entry, or from under its derived key) writes the other without it
+//! before anything else, so a contact under the derived key that has the
+//! value is the one, and a returning contact found by the value it was
+//! created with costs one read.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -133,10 +137,10 @@ impl Holder {
 struct Looked {
     /// The value.
     id: Identifier,
-    /// Its index entry, as read.
-    entry: Option<Vec<u8>>,
-    /// The record under the value's derived key, when the entry did not
-    /// lead to a contact with the value (`None`: not read).
+    /// Its index entry, as read, when the derived key did not lead to a
+    /// contact with the value (`None`: not read).
+    entry: Option<Option<Vec<u8>>>,
+    /// The record under the value's derived key, as read.
     derived: Option<Option<Vec<u8>>>,
 }
 
@@ -218,7 +222,11 @@ impl StoredContacts {
                     let read = looked.swap_remove(at);
                     (read.entry, read.derived)
                 }
-                None => (self.store.get(Collection::ContactIndex, &k)?, None),
+                None => (None, None),
+            };
+            let entry = match entry {
+                Some(entry) => entry,
+                None => self.store.get(Collection::ContactIndex, &k)?,
             };
             let derived_key = derived_key(account, id);
             // Found under its key, a value needs no entry. The entry's
@@ -330,30 +338,39 @@ impl StoredContacts {
         Ok((record, found))
     }
 
-    /// The contact that has `id`, with its record's bytes: the one its
-    /// index entry names, if that contact still has it (index entries are
-    /// written without a transaction, so a crash can leave one pointing at
-    /// a contact that no longer has the value, or at none); otherwise the
-    /// one under its derived key, if that has it. With what was read.
+    /// The contact that has `id`, with its record's bytes: the one under
+    /// its derived key, if that has it (no other can: see the module's
+    /// doc); otherwise the one its index entry names, if that contact still
+    /// has it (index entries are written without a transaction, so a crash
+    /// can leave one pointing at a contact that no longer has the value, or
+    /// at none). With what was read.
     fn look_up(
         &self,
         account: &AccountKey,
         id: Identifier,
     ) -> Result<(Option<Stored>, Looked), StoreError> {
+        let derived = self.store.get(
+            Collection::Contacts,
+            &contact_key(account, &derived_key(account, &id)),
+        )?;
+        if let Some(found) = having(derived.as_deref(), &id).zip(derived.clone()) {
+            let read = Looked {
+                id,
+                entry: None,
+                derived: Some(derived),
+            };
+            return Ok((Some(found), read));
+        }
         let entry = self
             .store
             .get(Collection::ContactIndex, &index_key(account, &id))?;
-        let mut found = self.indexed_at(account, &id, entry.as_deref())?;
-        let mut derived = None;
-        if found.is_none() {
-            let raw = self.store.get(
-                Collection::Contacts,
-                &contact_key(account, &derived_key(account, &id)),
-            )?;
-            found = having(raw.as_deref(), &id).zip(raw.clone());
-            derived = Some(raw);
-        }
-        Ok((found, Looked { id, entry, derived }))
+        let found = self.indexed_at(account, &id, entry.as_deref())?;
+        let read = Looked {
+            id,
+            entry: Some(entry),
+            derived: Some(derived),
+        };
+        Ok((found, read))
     }
 
     /// A new contact, keyed by its first value (the number, if it has
