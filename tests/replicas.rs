@@ -906,6 +906,77 @@ async fn an_events_writes_under_a_term_that_ended_are_refused_after_a_new_term_b
     }
 }
 
+/// A replica that takes a partition again after its term ended rebuilds
+/// its copy from the changelog, and changes only what differs from it:
+/// those watching the store (the inbox streams) see nothing of the records
+/// the copy already had as the changelog has them. (The rebuild once
+/// cleared the partition and wrote it again: a stream on that replica saw
+/// every notification removed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
+    use switchboard_store::{Collection, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = replicated_store(&nats, &dir.path().join("a")).await;
+    let partition = partition_of_account(b"acme", 16);
+    store
+        .take_partition(partition)
+        .await
+        .expect("the partition is taken");
+    let first = store.handling_events().under(&store.holding(b"acme"));
+    for (key, value) in [
+        (&b"acme\0ann\0k1"[..], &b"one"[..]),
+        (b"acme\0ann\0k2", b"two"),
+    ] {
+        first
+            .put(Collection::Inbox, key, value)
+            .expect("a write under the term");
+    }
+    first.flush().await.expect("durable");
+
+    let mut watched = store.watch(Collection::Inbox);
+    store.release_partition(partition);
+    store
+        .take_partition(partition)
+        .await
+        .expect("the partition is taken again, rebuilt");
+    let second = store.handling_events().under(&store.holding(b"acme"));
+    second
+        .put(Collection::Inbox, b"acme\0ann\0k3", b"three")
+        .expect("a write under the new term");
+    // Everything the rebuild did reaches a watcher before this write.
+    let mut seen = Vec::new();
+    loop {
+        let w = tokio::time::timeout(Duration::from_secs(10), watched.recv())
+            .await
+            .expect("the write after the rebuild is watched")
+            .expect("a change");
+        let key = String::from_utf8_lossy(&w.key).replace('\0', "/");
+        if key == "acme/ann/k3" {
+            break;
+        }
+        seen.push((key, w.value.is_some()));
+    }
+    assert_eq!(
+        seen,
+        vec![],
+        "the rebuild changed records the changelog holds"
+    );
+    for (key, value) in [
+        (&b"acme\0ann\0k1"[..], &b"one"[..]),
+        (b"acme\0ann\0k2", b"two"),
+    ] {
+        assert_eq!(
+            store
+                .get(Collection::Inbox, key)
+                .expect("a read")
+                .as_deref(),
+            Some(value)
+        );
+    }
+}
+
 /// Two replicas' stores upserting the same numbers at the same moment make
 /// one contact per number: the account's partition is held by one of them,
 /// which decides every compare-and-swap on its own copy; the other's writes

@@ -26,7 +26,7 @@
 //!   the partition from the changelog before it begins another: writes the
 //!   changelog refused may still be in its copy.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +53,18 @@ const FORWARD_WAIT: Duration = Duration::from_secs(5);
 /// How long a reader waits for the follower to reach a point of the
 /// changelog before it reports the follower behind.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+
+/// A key of collection `c`, in 128 bits (two SipHashes): for telling keys
+/// apart in a set without holding them.
+fn fingerprint(c: Collection, key: &[u8]) -> u128 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let half = |seed: u8| {
+        let mut h = DefaultHasher::new();
+        (seed, c.index(), key).hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
+}
 
 /// The partition of an account: FNV-1a (32 bits) of its key, modulo the
 /// partition count, as the events stream's `partition()` subject transform
@@ -512,18 +524,14 @@ impl Partitioned {
             // partition again from its start. Meanwhile the follower leaves
             // the partition to this reader, and nothing writes it here: the
             // term counts only once the copy is rebuilt.
-            let cleared = {
+            {
                 let _order = self.order.lock().expect("order lock");
                 self.rebuilding
                     .lock()
                     .expect("rebuilding lock")
                     .insert(partition);
-                self.clear_local(partition)
-            };
-            match cleared {
-                Ok(()) => self.read_up_to(partition, 1, term.epoch).await,
-                Err(e) => Err(e),
             }
+            self.rebuild(partition, term.epoch).await
         } else {
             // The follower brings the partition up to the marker (nothing
             // of it can be stored after the marker but this term's own
@@ -569,8 +577,66 @@ impl Partitioned {
         Ok(())
     }
 
-    /// Applies partition `partition`'s records from `from` up to `until`.
-    async fn read_up_to(&self, partition: u16, from: u64, until: u64) -> Result<(), StoreError> {
+    /// Makes the local copy of `partition` what its changelog holds up to
+    /// `until`, changing only what differs: a key the changelog has with
+    /// another value takes its value, and a key it does not have goes (a
+    /// write it refused). What is the same is left alone, so that a
+    /// rebuild is not, to those watching the store (the inbox streams),
+    /// every record of the partition removed and written again.
+    async fn rebuild(&self, partition: u16, until: u64) -> Result<(), StoreError> {
+        // The keys the changelog has, by a 128-bit fingerprint: a large
+        // partition's keys are not held in memory whole.
+        let mut kept: HashSet<u128> = HashSet::new();
+        let mut changed = 0usize;
+        self.read_up_to(partition, 1, until, |change| {
+            let tree = &self.trees[change.collection.index()];
+            let io = |source| StoreError::Io {
+                collection: change.collection.name(),
+                source,
+            };
+            let now = tree.get(&change.key).map_err(io)?;
+            if now.as_deref() != change.value.as_deref() {
+                changed += 1;
+                self.apply_local(change)?;
+            }
+            kept.insert(fingerprint(change.collection, &change.key));
+            Ok(())
+        })
+        .await?;
+        let mut removed = 0usize;
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            let tree = &self.trees[c.index()];
+            let io = |source| StoreError::Io {
+                collection: c.name(),
+                source,
+            };
+            for entry in tree.iter().keys() {
+                let key = entry.map_err(io)?;
+                if self.partition_of(&key) == partition && !kept.contains(&fingerprint(c, &key)) {
+                    tree.remove(&key).map_err(io)?;
+                    removed += 1;
+                }
+            }
+        }
+        tracing::info!(
+            partition,
+            records = kept.len(),
+            changed,
+            removed,
+            "the partition's copy is rebuilt from its changelog"
+        );
+        Ok(())
+    }
+
+    /// Hands partition `partition`'s writes from `from` up to `until` to
+    /// `apply`, in order.
+    async fn read_up_to(
+        &self,
+        partition: u16,
+        from: u64,
+        until: u64,
+        mut apply: impl FnMut(&Change) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         if from > until {
             return Ok(());
         }
@@ -598,7 +664,7 @@ impl Partitioned {
             };
             let seq = record.seq();
             match &record {
-                Record::Write { change, .. } => self.apply_local(change)?,
+                Record::Write { change, .. } => apply(change)?,
                 Record::Undecodable { .. } => self.skip_undecodable(&record),
                 Record::Term(_) | Record::Sync { .. } => {}
             }
@@ -606,24 +672,6 @@ impl Partitioned {
                 return Ok(());
             }
         }
-    }
-
-    /// Removes every key of `partition` from the local copy.
-    fn clear_local(&self, partition: u16) -> Result<(), StoreError> {
-        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
-            let tree = &self.trees[c.index()];
-            let io = |source| StoreError::Io {
-                collection: c.name(),
-                source,
-            };
-            for entry in tree.iter().keys() {
-                let key = entry.map_err(io)?;
-                if self.partition_of(&key) == partition {
-                    tree.remove(&key).map_err(io)?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Ends this replica's term on `partition` (handed over).
