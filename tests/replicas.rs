@@ -908,43 +908,58 @@ async fn an_events_writes_under_a_term_that_ended_are_refused_after_a_new_term_b
 
 /// A replica that takes a partition again after its term ended rebuilds
 /// its copy from the changelog, and changes only what differs from it:
-/// those watching the store (the inbox streams) see nothing of the records
-/// the copy already had as the changelog has them. (The rebuild once
-/// cleared the partition and wrote it again: a stream on that replica saw
-/// every notification removed.)
+/// those watching the store (the inbox streams) see each change another
+/// owner made meanwhile once, and nothing of the records the copy already
+/// had as the changelog has them. (The rebuild once cleared the partition
+/// and wrote it again: a stream on that replica saw every notification
+/// removed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
     use switchboard_store::{Collection, partition_of_account};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = replicated_store(&nats, &dir.path().join("a")).await;
+    let a = replicated_store(&nats, &dir.path().join("a")).await;
+    let b = replicated_store(&nats, &dir.path().join("b")).await;
     let partition = partition_of_account(b"acme", 16);
-    store
-        .take_partition(partition)
+    let key = |k: &str| format!("acme\0ann\0{k}").into_bytes();
+    a.take_partition(partition)
         .await
-        .expect("the partition is taken");
-    let first = store.handling_events().under(&store.holding(b"acme"));
-    for (key, value) in [
-        (&b"acme\0ann\0k1"[..], &b"one"[..]),
-        (b"acme\0ann\0k2", b"two"),
-    ] {
-        first
-            .put(Collection::Inbox, key, value)
-            .expect("a write under the term");
+        .expect("a takes the partition");
+    let writes = a.handling_events().under(&a.holding(b"acme"));
+    for (k, value) in [("k1", "one"), ("k2", "two"), ("k5", "five")] {
+        writes
+            .put(Collection::Inbox, &key(k), value.as_bytes())
+            .expect("a write under a's term");
     }
-    first.flush().await.expect("durable");
+    writes.flush().await.expect("durable");
+    a.release_partition(partition);
 
-    let mut watched = store.watch(Collection::Inbox);
-    store.release_partition(partition);
-    store
-        .take_partition(partition)
+    // Another owner changes two records and adds one meanwhile.
+    let mut watched = a.watch(Collection::Inbox);
+    b.take_partition(partition)
         .await
-        .expect("the partition is taken again, rebuilt");
-    let second = store.handling_events().under(&store.holding(b"acme"));
-    second
-        .put(Collection::Inbox, b"acme\0ann\0k3", b"three")
-        .expect("a write under the new term");
+        .expect("b takes the partition");
+    let writes = b.handling_events().under(&b.holding(b"acme"));
+    writes
+        .put(Collection::Inbox, &key("k2"), b"two again")
+        .expect("b's update");
+    writes
+        .remove(Collection::Inbox, &key("k1"))
+        .expect("b's removal");
+    writes
+        .put(Collection::Inbox, &key("k4"), b"four")
+        .expect("b's new record");
+    writes.flush().await.expect("durable");
+    b.release_partition(partition);
+
+    a.take_partition(partition)
+        .await
+        .expect("a takes the partition again, rebuilt");
+    a.handling_events()
+        .under(&a.holding(b"acme"))
+        .put(Collection::Inbox, &key("k3"), b"three")
+        .expect("a write under a's new term");
     // Everything the rebuild did reaches a watcher before this write.
     let mut seen = Vec::new();
     loop {
@@ -952,27 +967,34 @@ async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
             .await
             .expect("the write after the rebuild is watched")
             .expect("a change");
-        let key = String::from_utf8_lossy(&w.key).replace('\0', "/");
-        if key == "acme/ann/k3" {
+        let k = String::from_utf8_lossy(&w.key).replace('\0', "/");
+        let value = w.value.map(|v| String::from_utf8_lossy(&v).into_owned());
+        if k == "acme/ann/k3" {
             break;
         }
-        seen.push((key, w.value.is_some()));
+        seen.push((k, value));
     }
     assert_eq!(
         seen,
-        vec![],
-        "the rebuild changed records the changelog holds"
+        vec![
+            ("acme/ann/k2".to_string(), Some("two again".to_string())),
+            ("acme/ann/k1".to_string(), None),
+            ("acme/ann/k4".to_string(), Some("four".to_string())),
+        ],
+        "b's changes, each once (by a's follower or its rebuild), and nothing else"
     );
-    for (key, value) in [
-        (&b"acme\0ann\0k1"[..], &b"one"[..]),
-        (b"acme\0ann\0k2", b"two"),
+    for (k, value) in [
+        ("k1", None),
+        ("k2", Some(&b"two again"[..])),
+        ("k4", Some(b"four")),
+        ("k5", Some(b"five")),
     ] {
         assert_eq!(
-            store
-                .get(Collection::Inbox, key)
+            a.get(Collection::Inbox, &key(k))
                 .expect("a read")
                 .as_deref(),
-            Some(value)
+            value,
+            "{k}"
         );
     }
 }

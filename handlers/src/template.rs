@@ -254,7 +254,8 @@ impl Templates {
 
     /// Renders every template in `value` against `scope`, in place: what
     /// holds no template is neither copied nor rebuilt. `path` names
-    /// `value` in errors.
+    /// `value` in errors. After an error `value` is partly rendered: drop
+    /// it.
     pub fn render_in_place(
         &self,
         value: &mut Value,

@@ -54,15 +54,11 @@ const FORWARD_WAIT: Duration = Duration::from_secs(5);
 /// changelog before it reports the follower behind.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
-/// A key of collection `c`, in 128 bits (two SipHashes): for telling keys
-/// apart in a set without holding them.
-fn fingerprint(c: Collection, key: &[u8]) -> u128 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let half = |seed: u8| {
-        let mut h = DefaultHasher::new();
-        (seed, c.index(), key).hash(&mut h);
-        h.finish()
-    };
+/// A key of collection `c`, in 128 bits (two SipHashes under the random
+/// keys of `state`): for telling keys apart in a set without holding them.
+fn fingerprint(state: &std::hash::RandomState, c: Collection, key: &[u8]) -> u128 {
+    use std::hash::BuildHasher;
+    let half = |seed: u8| state.hash_one((seed, c.index(), key));
     (u128::from(half(0)) << 64) | u128::from(half(1))
 }
 
@@ -587,6 +583,7 @@ impl Partitioned {
         // The keys the changelog has, by a 128-bit fingerprint: a large
         // partition's keys are not held in memory whole.
         let mut kept: HashSet<u128> = HashSet::new();
+        let state = std::hash::RandomState::new();
         let mut changed = 0usize;
         self.read_up_to(partition, 1, until, |change| {
             let tree = &self.trees[change.collection.index()];
@@ -599,7 +596,7 @@ impl Partitioned {
                 changed += 1;
                 self.apply_local(change)?;
             }
-            kept.insert(fingerprint(change.collection, &change.key));
+            kept.insert(fingerprint(&state, change.collection, &change.key));
             Ok(())
         })
         .await?;
@@ -612,7 +609,9 @@ impl Partitioned {
             };
             for entry in tree.iter().keys() {
                 let key = entry.map_err(io)?;
-                if self.partition_of(&key) == partition && !kept.contains(&fingerprint(c, &key)) {
+                if self.partition_of(&key) == partition
+                    && !kept.contains(&fingerprint(&state, c, &key))
+                {
                     tree.remove(&key).map_err(io)?;
                     removed += 1;
                 }

@@ -522,10 +522,12 @@ async fn pull_fenced(
                     f.arm();
                     check.reset_immediately();
                 }
+                let was_read = f.read_all();
                 f.hold(delivery, delivery_seq);
-                if f.read_all() {
+                if !was_read && f.read_all() {
                     // What the consumer had delivered when last asked is
                     // read: the fence can open now, not at the next check.
+                    // (Once: a take that fails is tried at the checks.)
                     check.reset_immediately();
                 }
             }
