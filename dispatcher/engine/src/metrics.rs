@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -351,6 +351,10 @@ pub struct Metrics {
     started: time::OffsetDateTime,
     /// Every account's inbound records by provider and result, for the API.
     inbound_by_account: RwLock<HashMap<(String, String, InboundResult), AtomicU64>>,
+    /// How long the last exposition was: the next is written into room
+    /// for about as much (at 10,000 accounts it runs to megabytes, and a
+    /// string that outgrows its room doubles it).
+    last_len: AtomicUsize,
 }
 
 /// How long the samples of [`Metrics::sample`] reach back.
@@ -432,6 +436,7 @@ impl Metrics {
             accounts,
             started: switchboard_sdk::now(),
             inbound_by_account: RwLock::default(),
+            last_len: AtomicUsize::new(0),
         }
     }
 
@@ -624,6 +629,30 @@ impl Metrics {
 
     /// The OpenMetrics text exposition of everything, with `gauges`.
     pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(self.room());
+        self.render_into(gauges, &mut out);
+        self.last_len.store(out.len(), Ordering::Relaxed);
+        out
+    }
+
+    /// The exposition in the Prometheus text format (see
+    /// [`prometheus_text`]), converted as it is written: the OpenMetrics
+    /// text is never held whole beside it.
+    pub fn render_prometheus(&self, gauges: &Gauges) -> String {
+        let mut out = PrometheusWriter::with_capacity(self.room());
+        self.render_into(gauges, &mut out);
+        let out = out.finish();
+        self.last_len.store(out.len(), Ordering::Relaxed);
+        out
+    }
+
+    /// Room for the next exposition: a little more than the last.
+    fn room(&self) -> usize {
+        let last = self.last_len.load(Ordering::Relaxed);
+        last + last / 16
+    }
+
+    fn render_into(&self, gauges: &Gauges, out: &mut impl std::fmt::Write) {
         let mut scraped = Registry::with_prefix("switchboard");
         if let Some(lag) = gauges.bus_lag {
             scraped.register(
@@ -657,13 +686,11 @@ impl Metrics {
             "Digest windows open, waiting to close",
             ConstGauge::new(i64::try_from(gauges.digests_open).unwrap_or(i64::MAX)),
         );
-        let mut out = String::new();
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
-        encode_registry(&mut out, &self.registry)
-            .and_then(|()| encode_registry(&mut out, &scraped))
-            .and_then(|()| encode_eof(&mut out))
+        encode_registry(out, &self.registry)
+            .and_then(|()| encode_registry(out, &scraped))
+            .and_then(|()| encode_eof(out))
             .expect("writing to a string cannot fail");
-        out
     }
 }
 
@@ -687,39 +714,115 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 /// counter's `# TYPE` and `# HELP` name its samples (`…_total`), there
 /// is no `# UNIT` or `# EOF` line, and no exemplar.
 pub fn prometheus_text(openmetrics: &str) -> String {
-    let mut counters = std::collections::HashSet::new();
-    for line in openmetrics.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ")
-            && let Some(name) = rest.strip_suffix(" counter")
-        {
-            counters.insert(name.to_string());
+    let mut out = PrometheusWriter::with_capacity(openmetrics.len());
+    out.write_str(openmetrics)
+        .expect("writing to a string cannot fail");
+    out.finish()
+}
+
+/// Converts OpenMetrics text to the Prometheus text format line by line,
+/// as it is written (see [`prometheus_text`]). A family's `# HELP` line
+/// comes before its `# TYPE` line, which says whether it is a counter: it
+/// waits for it.
+struct PrometheusWriter {
+    out: String,
+    /// The unfinished line written so far.
+    line: String,
+    /// A `# HELP` line waiting for its family's `# TYPE` line.
+    help: Option<String>,
+}
+
+impl PrometheusWriter {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            out: String::with_capacity(capacity),
+            line: String::new(),
+            help: None,
         }
     }
-    // Room for all of it and the counters' renamed `# TYPE` and `# HELP`
-    // lines: no more, since at 10,000 accounts the text runs to megabytes
-    // (a string that outgrew its room would double it).
-    let extra = 2 * "_total".len() * counters.len();
-    let mut out = String::with_capacity(openmetrics.len() + extra);
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
+
+    fn take_line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            self.flush_help(None);
+            self.help = Some(rest.to_string());
+            return;
         }
-        let renamed = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        let line = renamed.as_deref().unwrap_or(line);
-        out.push_str(if line.starts_with('#') {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let counter = rest
+                .strip_suffix(" counter")
+                .filter(|name| !name.contains(' '));
+            self.flush_help(counter);
+            match counter {
+                Some(name) => {
+                    self.out.push_str("# TYPE ");
+                    self.out.push_str(name);
+                    self.out.push_str("_total counter\n");
+                }
+                None => self.push(line),
+            }
+            return;
+        }
+        self.flush_help(None);
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            return;
+        }
+        let line = if line.starts_with('#') {
             line
         } else {
             without_exemplar(line)
-        });
-        out.push('\n');
+        };
+        self.push(line);
     }
-    out
+
+    /// Writes the waiting `# HELP` line, as a counter's if `counter` is its
+    /// family's name.
+    fn flush_help(&mut self, counter: Option<&str>) {
+        let Some(help) = self.help.take() else { return };
+        self.out.push_str("# HELP ");
+        match (counter, help.split_once(' ')) {
+            (Some(name), Some((of, text))) if of == name => {
+                self.out.push_str(name);
+                self.out.push_str("_total ");
+                self.out.push_str(text);
+            }
+            _ => self.out.push_str(&help),
+        }
+        self.out.push('\n');
+    }
+
+    fn push(&mut self, line: &str) {
+        self.out.push_str(line);
+        self.out.push('\n');
+    }
+
+    fn finish(mut self) -> String {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.take_line(&line);
+        }
+        self.flush_help(None);
+        self.out
+    }
+}
+
+impl std::fmt::Write for PrometheusWriter {
+    fn write_str(&mut self, mut s: &str) -> std::fmt::Result {
+        while let Some(at) = s.find('\n') {
+            let (head, rest) = s.split_at(at);
+            if self.line.is_empty() {
+                self.take_line(head);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.push_str(head);
+                self.take_line(&line);
+                line.clear();
+                self.line = line;
+            }
+            s = &rest[1..];
+        }
+        self.line.push_str(s);
+        Ok(())
+    }
 }
 
 /// A sample line without the exemplar that may follow it (` # {labels}
@@ -850,6 +953,38 @@ mod tests {
             text.lines()
                 .any(|l| l.starts_with("# HELP switchboard_events_total "))
         );
+    }
+
+    /// `/metrics` without OpenMetrics in `Accept` converts as it writes:
+    /// the same text as converting the whole exposition, however the
+    /// writes split its lines.
+    #[test]
+    fn the_prometheus_text_converted_as_written_is_the_same() {
+        let m = Metrics::new(AccountLabels::All);
+        m.count(Outcome::Handled, "acme", "order");
+        m.count(Outcome::DeadLettered, "odd\"account", "poll_complete");
+        m.step("log", StepResult::Ok, Duration::from_millis(3));
+        m.outbound("http", "gateway", "200");
+        let gauges = Gauges {
+            bus_lag: Some(4),
+            rhai_operations: 9,
+            ..Gauges::default()
+        };
+        let openmetrics = m.render(&gauges);
+        let whole = prometheus_text(&openmetrics);
+        assert!(
+            whole.contains("# HELP switchboard_rhai_operations_total "),
+            "{whole}"
+        );
+        assert_eq!(m.render_prometheus(&gauges), whole);
+        for size in [1, 7, 64] {
+            let mut out = PrometheusWriter::with_capacity(0);
+            for piece in openmetrics.as_bytes().chunks(size) {
+                out.write_str(std::str::from_utf8(piece).expect("ASCII"))
+                    .expect("a string takes it");
+            }
+            assert_eq!(out.finish(), whole, "written {size} bytes at a time");
+        }
     }
 
     #[test]

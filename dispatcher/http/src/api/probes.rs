@@ -41,15 +41,15 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
 }
 
 pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    use switchboard_engine::metrics::{CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, prometheus_text};
-    let text = s.metrics.render(&Gauges {
+    use switchboard_engine::metrics::{CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+    let gauges = Gauges {
         bus_lag: s.bus.lag().await,
         rhai_operations: s.registry.runtime().operations_total(),
         store_flushes: s.store.flushes(),
         changelog_undecodable: s.store.undecodable_records(),
         timers_pending: s.timers.pending(),
         digests_open: switchboard_engine::executor::open_windows(&s.store),
-    });
+    };
     // OpenMetrics when asked for (as Prometheus asks), else the older
     // Prometheus text that every scraper reads.
     let openmetrics = headers
@@ -58,11 +58,15 @@ pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Re
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
     if openmetrics {
-        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+        (
+            [(header::CONTENT_TYPE, CONTENT_TYPE)],
+            s.metrics.render(&gauges),
+        )
+            .into_response()
     } else {
         (
             [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-            prometheus_text(&text),
+            s.metrics.render_prometheus(&gauges),
         )
             .into_response()
     }
