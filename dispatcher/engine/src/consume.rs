@@ -21,8 +21,29 @@ use crate::event_kinds::{EventKinds, Tally};
 use crate::executor::{Disposition, Executor};
 
 /// How often the consume loop hands its count of event kinds over to the
-/// store.
+/// store, at most.
 const TALLY_EVERY: Duration = Duration::from_secs(1);
+
+/// How many accounts' kinds a hand-over writes a second, about: a tally of
+/// more accounts is handed over less often (see [`tally_due`]).
+const TALLY_ACCOUNTS_PER_SECOND: usize = 1_000;
+
+/// The longest a tally waits to be handed over.
+const TALLY_AT_MOST_EVERY: Duration = Duration::from_secs(15);
+
+/// Whether a tally of `accounts` accounts, gathered for `gathered`, is
+/// handed over. A hand-over reads and writes one record per account, so a
+/// tally over many accounts (each with few events in a second) waits
+/// longer: each account's record is then written once for several of its
+/// events, not once for each. Up to [`TALLY_ACCOUNTS_PER_SECOND`]
+/// accounts, every [`TALLY_EVERY`]; at 10,000, every 10 s; never longer
+/// than [`TALLY_AT_MOST_EVERY`].
+fn tally_due(accounts: usize, gathered: Duration) -> bool {
+    let wait = TALLY_EVERY
+        .saturating_mul(u32::try_from(accounts / TALLY_ACCOUNTS_PER_SECOND).unwrap_or(u32::MAX))
+        .clamp(TALLY_EVERY, TALLY_AT_MOST_EVERY);
+    accounts > 0 && gathered >= wait
+}
 
 /// Consumes `deliveries` with `concurrency` workers until `stopped` turns
 /// true, then gives back what was not handled, in bus order. `keepalive`:
@@ -63,6 +84,7 @@ pub async fn consume(
         ));
     }
     let mut tally = Tally::default();
+    let mut tally_since = tokio::time::Instant::now();
     let mut tally_tick = tokio::time::interval(TALLY_EVERY);
     tally_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -71,8 +93,9 @@ pub async fn consume(
             _ = stopped.wait_for(|s| *s) => break,
             // Before the deliveries: a backlog must not hold the counts back.
             _ = tally_tick.tick() => {
-                if !tally.is_empty() {
+                if tally_due(tally.accounts(), tally_since.elapsed()) {
                     drop(hand_over(&kinds, std::mem::take(&mut tally)));
+                    tally_since = tokio::time::Instant::now();
                 }
                 continue;
             }
@@ -416,6 +439,34 @@ impl Worker {
                     return None;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tally_over_more_accounts_is_handed_over_less_often() {
+        let s = Duration::from_secs;
+        for (accounts, gathered, due) in [
+            (0, s(60), false),
+            (1, s(1), true),
+            (999, s(1), true),
+            (1_999, s(1), true),
+            (2_000, s(1), false),
+            (2_000, s(2), true),
+            (10_000, s(9), false),
+            (10_000, s(10), true),
+            (1_000_000, s(14), false),
+            (1_000_000, s(15), true),
+        ] {
+            assert_eq!(
+                tally_due(accounts, gathered),
+                due,
+                "{accounts} accounts, gathered for {gathered:?}"
+            );
         }
     }
 }

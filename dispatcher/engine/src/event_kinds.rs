@@ -67,6 +67,11 @@ impl Tally {
     pub fn is_empty(&self) -> bool {
         self.counts.is_empty()
     }
+
+    /// How many accounts it counted events of.
+    pub fn accounts(&self) -> usize {
+        self.counts.len()
+    }
 }
 
 /// The most kinds kept per account: kinds first seen beyond it are not
