@@ -1,8 +1,9 @@
 //! Steps with effects, drained from a backlog by a freshly started
 //! dispatcher: `create_contact` → `log` (every event a new contact), with the
 //! dispatcher's CPU per event over the first and the last slice of the drain
-//! as the contact store grows; and `create_contact` → `payment_webhook`
-//! (signed) to a keep-alive HTTP receiver in this program.
+//! as the contact store grows; the same chain for returning contacts (each
+//! account's events over 1,000 numbers); and `create_contact` →
+//! `payment_webhook` (signed) to a keep-alive HTTP receiver in this program.
 //!
 //! Each backlog goes on a fresh server while no dispatcher runs: a first
 //! start applies the chain files (and gives the accounts the webhook
@@ -90,6 +91,16 @@ pub fn event(i: u64) -> switchboard_sdk::VumiApiEvent {
     poll_event(&account(i % ACCOUNTS), i, 1_000)
 }
 
+/// Numbers per account in the returning contacts' backlog.
+const RETURNING: u64 = 1_000;
+
+/// The `i`th event of the returning contacts' backlog: the accounts in
+/// turn, each account's events over [`RETURNING`] numbers (the first of
+/// each creates its contact, the others find it).
+fn returning_event(i: u64) -> switchboard_sdk::VumiApiEvent {
+    poll_event(&account(i % ACCOUNTS), i % (RETURNING * ACCOUNTS), 1_000)
+}
+
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
     let n = options.scaled(EVENTS);
     let slice = options.scaled(SLICE);
@@ -98,7 +109,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
          backlog"
     );
     let log = PerBuild::measure(&options.builds, async |build| {
-        let drained = drain_backlog(options, build, n, contact_log_chain).await?;
+        let drained = drain_backlog(options, build, n, contact_log_chain, event).await?;
         let slices = drained.slice(0, slice).zip(drained.slice(n - slice, n));
         println!(
             "{}CPU per event over the first and the last {slice} events: {}",
@@ -112,14 +123,28 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     drain::print_ratios(&log_drains);
 
     println!(
+        "\n## effects: create_contact → log for returning contacts, {n} events over {ACCOUNTS} \
+         accounts × {RETURNING} numbers, drained from a backlog"
+    );
+    let returning = PerBuild::measure(&options.builds, async |build| {
+        drain_backlog(options, build, n, contact_log_chain, returning_event).await
+    })
+    .await?;
+    drain::print_ratios(&returning);
+
+    println!(
         "\n## effects: create_contact → payment_webhook (signed, to a keep-alive receiver), {n} \
          events over {ACCOUNTS} accounts, drained from a backlog"
     );
     let webhook = PerBuild::measure(&options.builds, async |build| {
         let receiver = Receiver::start().await?;
-        let drained = drain_backlog(options, build, n, |account| {
-            contact_webhook_chain(account, receiver.addr)
-        })
+        let drained = drain_backlog(
+            options,
+            build,
+            n,
+            |account| contact_webhook_chain(account, receiver.addr),
+            event,
+        )
         .await?;
         let arrived = receiver.arrived() as u64;
         if arrived != n {
@@ -152,6 +177,11 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         Value::text(&log.map(|(_, slices)| show_slices(*slices))),
         &format!("flat as the store grows (last ≤ ×{FLAT} the first)"),
         flat,
+    );
+    report.drain(
+        "effects",
+        format!("create_contact → log, returning contacts ({RETURNING} numbers an account)"),
+        &returning,
     );
     report.drain("effects", "create_contact → payment_webhook", &webhook);
     report.check_cpu(
@@ -194,13 +224,14 @@ fn growth(first: Slice, last: Slice) -> f64 {
 
 /// On a fresh server, a dispatcher of `build` applies a chain file made by
 /// `chain_file` for each account (and gives each the webhook secret) and is
-/// shut down; then `n` events are published, and a freshly started dispatcher
-/// drains them.
+/// shut down; then `n` events made by `event` are published, and a freshly
+/// started dispatcher drains them.
 async fn drain_backlog(
     options: &crate::Options,
     build: &Build,
     n: u64,
     chain_file: impl Fn(&str) -> String,
+    event: fn(u64) -> switchboard_sdk::VumiApiEvent,
 ) -> anyhow::Result<Drained> {
     let EventsBus { server, js, .. } = EventsBus::start(PREFIX).await?;
     let root = tempfile::tempdir()?;

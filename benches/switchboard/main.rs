@@ -25,7 +25,8 @@
 //!   same on the embedded bus.
 //! - `effects`: backlogs drained by a freshly started dispatcher through
 //!   steps with effects: `create_contact` → `log` (every event a new
-//!   contact; the CPU per event as the store grows) and `create_contact` →
+//!   contact; the CPU per event as the store grows), the same for
+//!   returning contacts (1,000 numbers an account) and `create_contact` →
 //!   `payment_webhook` to a keep-alive HTTP receiver in this program.
 //! - `chain`: a full chain (Rhai scoring → `create_contact` → `send_sms` over
 //!   NATS → `payment_webhook` to a keep-alive HTTP receiver in this program):
