@@ -40,7 +40,9 @@ const TALLY_AT_MOST_EVERY: Duration = Duration::from_secs(15);
 /// than [`TALLY_AT_MOST_EVERY`].
 fn tally_due(accounts: usize, gathered: Duration) -> bool {
     let wait = TALLY_EVERY
-        .saturating_mul(u32::try_from(accounts / TALLY_ACCOUNTS_PER_SECOND).unwrap_or(u32::MAX))
+        .saturating_mul(
+            u32::try_from(accounts.div_ceil(TALLY_ACCOUNTS_PER_SECOND)).unwrap_or(u32::MAX),
+        )
         .clamp(TALLY_EVERY, TALLY_AT_MOST_EVERY);
     accounts > 0 && gathered >= wait
 }
@@ -453,10 +455,11 @@ mod tests {
         for (accounts, gathered, due) in [
             (0, s(60), false),
             (1, s(1), true),
-            (999, s(1), true),
-            (1_999, s(1), true),
-            (2_000, s(1), false),
+            (1_000, s(1), true),
+            (1_001, s(1), false),
+            (1_001, s(2), true),
             (2_000, s(2), true),
+            (2_001, s(2), false),
             (10_000, s(9), false),
             (10_000, s(10), true),
             (1_000_000, s(14), false),
