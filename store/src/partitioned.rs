@@ -38,7 +38,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::changelog::{Appender, Change, Changelog, Record, Term};
 use crate::replicated::block_on;
-use crate::{Collection, Route, StoreError, Write};
+use crate::{Collection, Route, StoreError, Write, io};
 
 /// How many times a forwarded write is tried while the partition has no
 /// owner answering (a take-over in progress), half a second apart, each
@@ -443,10 +443,7 @@ impl Partitioned {
             Some(v) => tree.insert(change.key.as_slice(), v.as_ref()).map(|_| ()),
             None => tree.remove(change.key.as_slice()).map(|_| ()),
         }
-        .map_err(|source| StoreError::Io {
-            collection: change.collection.name(),
-            source,
-        })
+        .map_err(io(change.collection))
     }
 
     /// Has the follower read again from `seq` at the latest, when it next
@@ -587,11 +584,7 @@ impl Partitioned {
         let mut changed = 0usize;
         self.read_up_to(partition, 1, until, |change| {
             let tree = &self.trees[change.collection.index()];
-            let io = |source| StoreError::Io {
-                collection: change.collection.name(),
-                source,
-            };
-            let now = tree.get(&change.key).map_err(io)?;
+            let now = tree.get(&change.key).map_err(io(change.collection))?;
             if now.as_deref() != change.value.as_deref() {
                 changed += 1;
                 self.apply_local(change)?;
@@ -603,16 +596,12 @@ impl Partitioned {
         let mut removed = 0usize;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
-            let io = |source| StoreError::Io {
-                collection: c.name(),
-                source,
-            };
             for entry in tree.iter().keys() {
-                let key = entry.map_err(io)?;
+                let key = entry.map_err(io(c))?;
                 if self.partition_of(&key) == partition
                     && !kept.contains(&fingerprint(&state, c, &key))
                 {
-                    tree.remove(&key).map_err(io)?;
+                    tree.remove(&key).map_err(io(c))?;
                     removed += 1;
                 }
             }
