@@ -141,7 +141,7 @@ struct Looked {
     /// contact with the value (`None`: not read).
     entry: Option<Option<Vec<u8>>>,
     /// The record under the value's derived key, as read.
-    derived: Option<Option<Vec<u8>>>,
+    derived: Option<Vec<u8>>,
 }
 
 impl StoredContacts {
@@ -220,7 +220,7 @@ impl StoredContacts {
             let (entry, derived) = match looked.iter().position(|read| read.id == *id) {
                 Some(at) => {
                     let read = looked.swap_remove(at);
-                    (read.entry, read.derived)
+                    (read.entry, Some(read.derived))
                 }
                 None => (None, None),
             };
@@ -357,7 +357,7 @@ impl StoredContacts {
             let read = Looked {
                 id,
                 entry: None,
-                derived: Some(derived),
+                derived,
             };
             return Ok((Some(found), read));
         }
@@ -368,7 +368,7 @@ impl StoredContacts {
         let read = Looked {
             id,
             entry: Some(entry),
-            derived: Some(derived),
+            derived,
         };
         Ok((found, read))
     }
@@ -377,7 +377,7 @@ impl StoredContacts {
     /// one) when no contact has that key yet.
     fn new_contact(&self, account: &AccountKey, looked: &[Looked], now: OffsetDateTime) -> Contact {
         match looked.first() {
-            Some(first) if matches!(first.derived, Some(None)) => {
+            Some(first) if first.derived.is_none() => {
                 Contact::with_key(account.clone(), derived_key(account, &first.id), now)
             }
             _ => Contact::new(account.clone(), now),
