@@ -473,11 +473,14 @@ impl SendEmail {
         // Everything but `html` renders as plain text; `html` with escaping.
         let mut plain = input.step.config.to_map();
         let html_source = plain.remove("html");
-        let config = input
+        let mut config = Value::Object(plain);
+        input
             .templates
-            .render(&Value::Object(plain), "config", input.scope)
+            .render_in_place(&mut config, "config", input.scope)
             .map_err(StepError::permanent)?;
-        let config = config.as_object().cloned().unwrap_or_default();
+        let Value::Object(config) = config else {
+            unreachable!("rendering an object in place leaves an object")
+        };
         let scheduled_at = scheduled::from_config(&config, now)?;
         let html = match html_source {
             Some(Value::String(source)) => Some(
