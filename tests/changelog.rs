@@ -424,7 +424,7 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
             cluster.kill(leader);
         }
         let started = std::time::Instant::now();
-        tokio::time::timeout(Duration::from_secs(60), appender.commit())
+        tokio::time::timeout(Duration::from_secs(90), appender.commit())
             .await
             .expect("the commit returns once a new leader stores the writes")
             .unwrap_or_else(|e| panic!("round {round}: the commit failed: {e}"));
@@ -441,7 +441,7 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
     )
     .await;
     let records: Vec<Record> = tokio::time::timeout(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         records.take(2 + rounds * per_round).collect::<Vec<_>>(),
     )
     .await

@@ -791,11 +791,15 @@ async fn append_task(
 }
 
 /// How long a batch is sent again while the stream is unavailable before
-/// its term gives up ([`ChangelogError::Gap`]): longer than a clustered
-/// stream takes to elect a new leader after losing a node (a few seconds),
-/// shorter than the events stream's default ack wait (30 s), so that the
-/// events waiting for the commit are not delivered again meanwhile.
-const RETRY_FOR: Duration = Duration::from_secs(20);
+/// its term gives up ([`ChangelogError::Gap`]). A clustered stream that
+/// lost its leader elects another after a random 4–9 s, and a split vote
+/// (both nodes left standing at once) starts another round: several rounds
+/// fit in a minute, on a machine busy enough to slow the votes too. Giving
+/// up earlier gains nothing, since the partition cannot be written until
+/// the stream has a leader again. The events waiting for the commit are
+/// reported in progress meanwhile (the dispatcher's settler), so the bus
+/// does not deliver them again.
+const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Publishes `batch` under `term`, sending it again while the stream is
 /// unavailable (with a pause growing to a second) until it is stored,

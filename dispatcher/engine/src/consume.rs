@@ -64,7 +64,7 @@ pub async fn consume(
     mut stopped: watch::Receiver<bool>,
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
-    let settler = tokio::spawn(settle_batches(executor.clone(), settling));
+    let settler = tokio::spawn(settle_batches(executor.clone(), settling, keepalive));
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -201,8 +201,15 @@ const SETTLE_GATHER: Duration = Duration::from_millis(2);
 /// durable (or naks it for a retry once the attempt count is). Everything
 /// gathered within [`SETTLE_GATHER`] of the first shares one flush, so a
 /// worker goes on to its next event without waiting for the disk, and the
-/// disk sees one flush per batch, not per event.
-async fn settle_batches(executor: Arc<Executor>, mut queue: mpsc::Receiver<Handled>) {
+/// disk sees one flush per batch, not per event. A flush that takes longer
+/// than `keepalive` (a changelog whose stream is electing a leader) reports
+/// the batch's deliveries in progress every `keepalive`, so that the bus
+/// does not deliver them again while they wait.
+async fn settle_batches(
+    executor: Arc<Executor>,
+    mut queue: mpsc::Receiver<Handled>,
+    keepalive: Option<Duration>,
+) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
     while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
         let gathered = tokio::time::sleep(SETTLE_GATHER);
@@ -219,7 +226,7 @@ async fn settle_batches(executor: Arc<Executor>, mut queue: mpsc::Receiver<Handl
                 }
             }
         }
-        let durable = executor.make_durable().await;
+        let durable = in_progress_until(executor.make_durable(), &batch, keepalive).await;
         if let Err(e) = &durable {
             tracing::error!(error = %e, count = batch.len(),
                 "flushing the store failed; these events will be handled again");
@@ -243,6 +250,35 @@ async fn settle_batches(executor: Arc<Executor>, mut queue: mpsc::Receiver<Handl
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
+            }
+        }
+    }
+}
+
+/// Awaits `durable` (the flush that makes what `batch` recorded durable);
+/// meanwhile, every `keepalive`, reports each of its deliveries in
+/// progress.
+async fn in_progress_until<T>(
+    durable: impl std::future::Future<Output = T>,
+    batch: &[Handled],
+    keepalive: Option<Duration>,
+) -> T {
+    let Some(every) = keepalive else {
+        return durable.await;
+    };
+    tokio::pin!(durable);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            result = &mut durable => return result,
+            _ = tick.tick() => {
+                tracing::info!(count = batch.len(),
+                    "the store's flush is slow; reporting the events waiting for it in progress");
+                for (delivery, _, _) in batch {
+                    if let Err(e) = delivery.in_progress().await {
+                        tracing::warn!(error = %e, "reporting progress failed");
+                    }
+                }
             }
         }
     }
@@ -448,6 +484,68 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Counts the progress reports of a delivery.
+    #[derive(Debug)]
+    struct Reports(Arc<AtomicU32>);
+
+    #[async_trait::async_trait]
+    impl crate::bus::Settle for Reports {
+        async fn ack(self: Box<Self>) -> Result<(), crate::bus::BusError> {
+            Ok(())
+        }
+        async fn nak(self: Box<Self>, _: Duration) -> Result<(), crate::bus::BusError> {
+            Ok(())
+        }
+        async fn in_progress(&self) -> Result<(), crate::bus::BusError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A flush slower than the keepalive (a changelog electing a leader)
+    /// has every delivery waiting for it reported in progress once per
+    /// keepalive, so the bus does not deliver them again; a quick one, or
+    /// a bus without an ack wait, reports none.
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_waiting_for_a_slow_flush_are_reported_in_progress() {
+        let ms = Duration::from_millis;
+        for (flush, keepalive, reports) in [
+            (ms(2_500), Some(ms(1_000)), 2),
+            (ms(10_500), Some(ms(1_000)), 10),
+            (ms(500), Some(ms(1_000)), 0),
+            (ms(10_500), None, 0),
+        ] {
+            let counts: Vec<Arc<AtomicU32>> = (0..3).map(|_| Arc::default()).collect();
+            let batch: Vec<Handled> = counts
+                .iter()
+                .map(|c| {
+                    let settle = Box::new(Reports(Arc::clone(c)));
+                    let delivery =
+                        Delivery::new("e".into(), None, Default::default(), 1, 1, settle);
+                    (delivery, Disposition::Ack, Holding::default())
+                })
+                .collect();
+            let answer = in_progress_until(
+                async {
+                    tokio::time::sleep(flush).await;
+                    7
+                },
+                &batch,
+                keepalive,
+            )
+            .await;
+            assert_eq!(answer, 7, "the flush's own answer");
+            for c in &counts {
+                assert_eq!(
+                    c.load(Ordering::SeqCst),
+                    reports,
+                    "a flush of {flush:?}, keepalive {keepalive:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_tally_over_more_accounts_is_handed_over_less_often() {
