@@ -15,7 +15,6 @@
 //! value is the one, and a returning contact found by the value it was
 //! created with costs one read.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use switchboard_handlers::records::{
@@ -25,7 +24,7 @@ use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
-use super::{About, decode};
+use super::{About, AccountLocks, decode};
 
 /// How many times an upsert reads again after other replicas changed what
 /// it read, before it gives up (the step fails, and is retried).
@@ -35,9 +34,9 @@ const UPSERT_ATTEMPTS: u32 = 50;
 #[derive(Debug)]
 pub struct StoredContacts {
     store: Store,
-    /// Upserts look up, then write: serialise them so two events for one
-    /// number never create two contacts.
-    writer: Mutex<()>,
+    /// Upserts look up, then write: an account's are serialised so two
+    /// events for one number never create two contacts.
+    writers: AccountLocks,
 }
 
 fn index_key(account: &AccountKey, id: &Identifier) -> Vec<u8> {
@@ -149,7 +148,7 @@ impl StoredContacts {
     pub fn new(store: Store) -> Self {
         Self {
             store,
-            writer: Mutex::new(()),
+            writers: AccountLocks::new(),
         }
     }
 
@@ -411,7 +410,7 @@ impl Contacts for StoredContacts {
         account: &AccountKey,
         upsert: ContactUpsert,
     ) -> Result<(Contact, bool), RecordError> {
-        let _guard = self.writer.lock().expect("contact writer lock");
+        let _guard = self.writers.lock(account);
         for attempt in 0..UPSERT_ATTEMPTS {
             if let Some(done) = self
                 .try_upsert(account, &upsert)
@@ -533,6 +532,62 @@ mod tests {
         assert_ne!(theirs.key, first.key);
         assert_eq!(contacts.list(&acme, 10).unwrap().len(), 1);
         assert!(contacts.get(&other, &first.key).unwrap().is_none());
+    }
+
+    /// Upserts on several threads at once, of the same numbers and
+    /// e-mails in several accounts (whose upserts take different locks, or
+    /// share one), make one contact per number in each account, found by
+    /// its number and by its e-mail alike.
+    #[test]
+    fn concurrent_upserts_of_the_same_values_make_one_contact_each() {
+        let contacts = std::sync::Arc::new(StoredContacts::new(Store::temporary().unwrap()));
+        let accounts: Vec<AccountKey> = ["acme", "other", "third"]
+            .iter()
+            .map(|a| AccountKey::new(*a).unwrap())
+            .collect();
+        let numbers = 100;
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let contacts = std::sync::Arc::clone(&contacts);
+                let accounts = accounts.clone();
+                std::thread::spawn(move || {
+                    for n in 0..numbers {
+                        for account in &accounts {
+                            // Half the threads bring the e-mail along, the
+                            // other half the number alone; every other
+                            // thread goes through the numbers backwards.
+                            let n = if t % 2 == 0 { n } else { numbers - 1 - n };
+                            let mut u = upsert(&format!("+2782000{n:04}"));
+                            if t < 2 {
+                                u.email = Some(format!("c{n}@example.org"));
+                            }
+                            contacts.upsert(account, u).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for account in &accounts {
+            assert_eq!(
+                contacts.list(account, 1_000).unwrap().len(),
+                numbers,
+                "{account}"
+            );
+            for n in 0..numbers {
+                let by_number = contacts.find(account, &format!("+2782000{n:04}")).unwrap();
+                let by_email = contacts
+                    .find(account, &format!("c{n}@example.org"))
+                    .unwrap();
+                assert_eq!(
+                    by_number.map(|c| c.key),
+                    by_email.map(|c| c.key),
+                    "{account}: number {n} and its e-mail"
+                );
+            }
+        }
     }
 
     /// An upsert whose number belongs to one contact and whose e-mail to

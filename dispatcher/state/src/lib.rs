@@ -34,6 +34,40 @@ pub use secrets::StoredSecrets;
 pub use signing_keys::{Purpose, SigningKeys, account_prefix as signing_keys_prefix};
 pub use sources::StoredSources;
 
+/// Locks chosen by account: a record store whose writes read first holds
+/// its account's lock from the read to the write, so that this process's
+/// writers of one account's records go one at a time while other
+/// accounts' go on. (One lock for every account made each worker thread
+/// but one wait for it, for the reads and writes it covers.) Records of
+/// different accounts never share a key, so accounts that share a lock
+/// only wait for one another.
+#[derive(Debug)]
+struct AccountLocks(Box<[std::sync::Mutex<()>]>);
+
+impl AccountLocks {
+    /// How many locks the accounts share (by their hash).
+    const COUNT: usize = 64;
+
+    fn new() -> Self {
+        Self(
+            (0..Self::COUNT)
+                .map(|_| std::sync::Mutex::default())
+                .collect(),
+        )
+    }
+
+    /// Holds `account`'s lock until the guard is dropped.
+    fn lock(&self, account: &AccountKey) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let hash =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(account.as_str());
+        self.0[(hash % Self::COUNT as u64) as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Every record port over one store, one instance each, shared by all
 /// that use it.
 #[derive(Debug, Clone)]

@@ -2,8 +2,6 @@
 //! entry per remote id, under (account, channel, remote id), that holds the
 //! message's id, for providers' delivery reports.
 
-use std::sync::Mutex;
-
 use switchboard_handlers::records::{
     Channel, MessageRecord, MessageStatus, Messages, RecordError, Records, Reported,
 };
@@ -11,7 +9,7 @@ use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, StoreError, key};
 use time::OffsetDateTime;
 
-use super::{About, decode};
+use super::{About, AccountLocks, decode};
 
 fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8> {
     key(&[
@@ -46,7 +44,9 @@ const EXPIRY_PAGE: usize = 1024;
 #[derive(Debug)]
 pub struct StoredMessages {
     store: Store,
-    writer: Mutex<()>,
+    /// A record is read, then written: an account's writers go one at a
+    /// time.
+    writers: AccountLocks,
 }
 
 impl StoredMessages {
@@ -54,7 +54,7 @@ impl StoredMessages {
     pub fn new(store: Store) -> Self {
         Self {
             store,
-            writer: Mutex::new(()),
+            writers: AccountLocks::new(),
         }
     }
 
@@ -113,8 +113,8 @@ impl StoredMessages {
 
 impl Messages for StoredMessages {
     fn record(&self, mut message: MessageRecord) -> Result<MessageRecord, RecordError> {
-        let _guard = self.writer.lock().expect("message writer lock");
         let account = message.account_key.clone();
+        let _guard = self.writers.lock(&account);
         if let Some(existing) = self
             .read(&account, &message.id)
             .about(Records::Messages, &account)?
@@ -140,7 +140,7 @@ impl Messages for StoredMessages {
         cause: &str,
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError> {
-        let _guard = self.writer.lock().expect("message writer lock");
+        let _guard = self.writers.lock(account);
         let moved = self
             .update(account, id, |m| {
                 m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
@@ -170,7 +170,7 @@ impl Messages for StoredMessages {
         to: MessageStatus,
         cause: &str,
     ) -> Result<Option<(MessageRecord, bool)>, RecordError> {
-        let _guard = self.writer.lock().expect("message writer lock");
+        let _guard = self.writers.lock(account);
         let mut moved = false;
         let updated = self
             .update(account, id, |m| {
@@ -191,7 +191,7 @@ impl Messages for StoredMessages {
         (to, cause): (MessageStatus, &str),
         report: (&str, Option<&serde_json::Value>),
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
-        let _guard = self.writer.lock().expect("message writer lock");
+        let _guard = self.writers.lock(account);
         let mut outcome = Reported::Applied { from: to };
         let updated = self
             .update(account, id, |m| {
