@@ -791,14 +791,18 @@ async fn append_task(
 }
 
 /// How long a batch is sent again while the stream is unavailable before
-/// its term gives up ([`ChangelogError::Gap`]). A clustered stream that
-/// lost its leader elects another after a random 4–9 s, and a split vote
-/// (both nodes left standing at once) starts another round: several rounds
-/// fit in a minute, on a machine busy enough to slow the votes too. Giving
-/// up earlier gains nothing, since the partition cannot be written until
-/// the stream has a leader again. The events waiting for the commit are
-/// reported in progress meanwhile (the dispatcher's settler), so the bus
-/// does not deliver them again.
+/// its term gives up ([`ChangelogError::Gap`]; the last try may add the
+/// publish's own timeout). A clustered stream that lost its leader elects
+/// another after a random 4–9 s, and a split vote (both nodes left
+/// standing at once) starts another round: several rounds fit in a
+/// minute, on a machine busy enough to slow the votes too. Giving up
+/// sooner would not let the partition be written sooner (that needs a
+/// leader either way), only end the term. The events waiting for the
+/// commit are reported in progress meanwhile (the dispatcher's settler).
+/// What waits as long: a stop (after its grace period) and a hand-over,
+/// and a forwarded write, whose sender gives up after about 33 s
+/// (`FORWARD_TRIES` × `FORWARD_WAIT` in `partitioned.rs`) though the
+/// write may still be stored.
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Publishes `batch` under `term`, sending it again while the stream is

@@ -203,15 +203,25 @@ const SETTLE_GATHER: Duration = Duration::from_millis(2);
 /// worker goes on to its next event without waiting for the disk, and the
 /// disk sees one flush per batch, not per event. A flush that takes longer
 /// than `keepalive` (a changelog whose stream is electing a leader) reports
-/// the batch's deliveries in progress every `keepalive`, so that the bus
-/// does not deliver them again while they wait.
+/// the deliveries waiting for it in progress every `keepalive`, and those
+/// handled meanwhile (they wait for the next flush), so that the bus does
+/// not deliver them again while they wait.
 async fn settle_batches(
     executor: Arc<Executor>,
     mut queue: mpsc::Receiver<Handled>,
     keepalive: Option<Duration>,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
-    while queue.recv_many(&mut batch, SETTLE_QUEUE).await > 0 {
+    // What was handled while a slow flush lasted: the next batch's start.
+    let mut later = Vec::new();
+    loop {
+        if later.is_empty() {
+            if queue.recv_many(&mut batch, SETTLE_QUEUE).await == 0 {
+                break;
+            }
+        } else {
+            batch.append(&mut later);
+        }
         let gathered = tokio::time::sleep(SETTLE_GATHER);
         tokio::pin!(gathered);
         while batch.len() < SETTLE_QUEUE {
@@ -226,7 +236,13 @@ async fn settle_batches(
                 }
             }
         }
-        let durable = in_progress_until(executor.make_durable(), &batch, keepalive).await;
+        let durable = in_progress_until(
+            executor.make_durable(),
+            &batch,
+            (&mut queue, &mut later),
+            keepalive,
+        )
+        .await;
         if let Err(e) = &durable {
             tracing::error!(error = %e, count = batch.len(),
                 "flushing the store failed; these events will be handled again");
@@ -255,12 +271,14 @@ async fn settle_batches(
     }
 }
 
-/// Awaits `durable` (the flush that makes what `batch` recorded durable);
-/// meanwhile, every `keepalive`, reports each of its deliveries in
-/// progress.
+/// Awaits `durable` (the flush that makes what `batch` recorded durable).
+/// Meanwhile, every `keepalive`, it takes what was handled since off
+/// `queue` into `later` (a later flush covers those) and reports each
+/// delivery of `batch` and `later` in progress.
 async fn in_progress_until<T>(
     durable: impl std::future::Future<Output = T>,
     batch: &[Handled],
+    (queue, later): (&mut mpsc::Receiver<Handled>, &mut Vec<Handled>),
     keepalive: Option<Duration>,
 ) -> T {
     let Some(every) = keepalive else {
@@ -268,13 +286,17 @@ async fn in_progress_until<T>(
     };
     tokio::pin!(durable);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             result = &mut durable => return result,
             _ = tick.tick() => {
-                tracing::info!(count = batch.len(),
+                while let Ok(handled) = queue.try_recv() {
+                    later.push(handled);
+                }
+                tracing::info!(waiting = batch.len() + later.len(),
                     "the store's flush is slow; reporting the events waiting for it in progress");
-                for (delivery, _, _) in batch {
+                for (delivery, _, _) in batch.iter().chain(later.iter()) {
                     if let Err(e) = delivery.in_progress().await {
                         tracing::warn!(error = %e, "reporting progress failed");
                     }
@@ -506,44 +528,65 @@ mod tests {
 
     /// A flush slower than the keepalive (a changelog electing a leader)
     /// has every delivery waiting for it reported in progress once per
-    /// keepalive, so the bus does not deliver them again; a quick one, or
-    /// a bus without an ack wait, reports none.
+    /// keepalive, and those handled while it lasts too, from the first
+    /// report after they came (they wait for the next flush, and are
+    /// handed back for it); a quick flush, or a bus without an ack wait,
+    /// reports none.
     #[tokio::test(start_paused = true)]
     async fn deliveries_waiting_for_a_slow_flush_are_reported_in_progress() {
         let ms = Duration::from_millis;
-        for (flush, keepalive, reports) in [
-            (ms(2_500), Some(ms(1_000)), 2),
-            (ms(10_500), Some(ms(1_000)), 10),
-            (ms(500), Some(ms(1_000)), 0),
-            (ms(10_500), None, 0),
+        let handled = |count: &Arc<AtomicU32>| -> Handled {
+            let settle = Box::new(Reports(Arc::clone(count)));
+            let delivery = Delivery::new("e".into(), None, Default::default(), 1, 1, settle);
+            (delivery, Disposition::Ack, Holding::default())
+        };
+        // (flush, keepalive, reports of the batch's, of those handled after
+        // 1.5 s, of those handled after 20 s)
+        for (flush, keepalive, reports, reports_later, reports_last) in [
+            (ms(2_500), Some(ms(1_000)), 2, 1, 0),
+            (ms(10_500), Some(ms(1_000)), 10, 9, 0),
+            (ms(500), Some(ms(1_000)), 0, 0, 0),
+            (ms(10_500), None, 0, 0, 0),
         ] {
             let counts: Vec<Arc<AtomicU32>> = (0..3).map(|_| Arc::default()).collect();
-            let batch: Vec<Handled> = counts
-                .iter()
-                .map(|c| {
-                    let settle = Box::new(Reports(Arc::clone(c)));
-                    let delivery =
-                        Delivery::new("e".into(), None, Default::default(), 1, 1, settle);
-                    (delivery, Disposition::Ack, Holding::default())
+            let batch: Vec<Handled> = counts.iter().map(handled).collect();
+            let (tx, mut queue) = mpsc::channel(8);
+            let (soon, last) = (Arc::<AtomicU32>::default(), Arc::<AtomicU32>::default());
+            let sent = {
+                let (soon, last) = (handled(&soon), handled(&last));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ms(1_500)).await;
+                    let _ = tx.send(soon).await;
+                    tokio::time::sleep(ms(18_500)).await;
+                    let _ = tx.send(last).await;
                 })
-                .collect();
+            };
+            let mut later = Vec::new();
             let answer = in_progress_until(
                 async {
                     tokio::time::sleep(flush).await;
                     7
                 },
                 &batch,
+                (&mut queue, &mut later),
                 keepalive,
             )
             .await;
             assert_eq!(answer, 7, "the flush's own answer");
+            let case = format!("a flush of {flush:?}, keepalive {keepalive:?}");
             for c in &counts {
-                assert_eq!(
-                    c.load(Ordering::SeqCst),
-                    reports,
-                    "a flush of {flush:?}, keepalive {keepalive:?}"
-                );
+                assert_eq!(c.load(Ordering::SeqCst), reports, "{case}");
             }
+            assert_eq!(
+                soon.load(Ordering::SeqCst),
+                reports_later,
+                "{case}: handled later"
+            );
+            // Taken off the queue only when a report was due.
+            assert_eq!(later.len(), usize::from(reports_later > 0), "{case}");
+            sent.await.unwrap();
+            assert_eq!(last.load(Ordering::SeqCst), reports_last, "{case}");
         }
     }
 

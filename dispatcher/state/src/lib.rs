@@ -36,24 +36,22 @@ pub use sources::StoredSources;
 
 /// Locks chosen by account: a record store whose writes read first holds
 /// its account's lock from the read to the write, so that this process's
-/// writers of one account's records go one at a time while other
-/// accounts' go on. (One lock for every account made each worker thread
-/// but one wait for it, for the reads and writes it covers.) Records of
-/// different accounts never share a key, so accounts that share a lock
-/// only wait for one another.
+/// writers of one account's records go one at a time (the handlers' and the
+/// API's instances alike: each store keeps its locks in a static) while
+/// other accounts' go on. Records of different accounts never share a key
+/// (keys lead with the account), so accounts whose hashes pick the same
+/// lock only wait for one another. One lock for every account made every
+/// worker thread but one wait for it (`perf`: futex waits in the contact
+/// upsert, and the thread switches they bring).
 #[derive(Debug)]
-struct AccountLocks(Box<[std::sync::Mutex<()>]>);
+struct AccountLocks([std::sync::Mutex<()>; ACCOUNT_LOCKS]);
+
+/// How many locks the accounts share (by their hash).
+const ACCOUNT_LOCKS: usize = 64;
 
 impl AccountLocks {
-    /// How many locks the accounts share (by their hash).
-    const COUNT: usize = 64;
-
-    fn new() -> Self {
-        Self(
-            (0..Self::COUNT)
-                .map(|_| std::sync::Mutex::default())
-                .collect(),
-        )
+    const fn new() -> Self {
+        Self([const { std::sync::Mutex::new(()) }; ACCOUNT_LOCKS])
     }
 
     /// Holds `account`'s lock until the guard is dropped.
@@ -62,7 +60,7 @@ impl AccountLocks {
         let hash =
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
                 .hash_one(account.as_str());
-        self.0[(hash % Self::COUNT as u64) as usize]
+        self.0[(hash % ACCOUNT_LOCKS as u64) as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }

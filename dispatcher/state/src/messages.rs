@@ -40,22 +40,20 @@ fn message_key(account: &AccountKey, id: &str) -> Vec<u8> {
 /// How many message records an expiry sweep reads at a time.
 const EXPIRY_PAGE: usize = 1024;
 
+/// A record is read, then written: an account's writers go one at a time
+/// in this process, whichever instance runs them.
+static WRITERS: AccountLocks = AccountLocks::new();
+
 /// Message records, by account.
 #[derive(Debug)]
 pub struct StoredMessages {
     store: Store,
-    /// A record is read, then written: an account's writers go one at a
-    /// time.
-    writers: AccountLocks,
 }
 
 impl StoredMessages {
     /// Message records kept in `store`.
     pub fn new(store: Store) -> Self {
-        Self {
-            store,
-            writers: AccountLocks::new(),
-        }
+        Self { store }
     }
 
     /// Reads message `id`, lets `change` edit it and writes it back if
@@ -114,7 +112,7 @@ impl StoredMessages {
 impl Messages for StoredMessages {
     fn record(&self, mut message: MessageRecord) -> Result<MessageRecord, RecordError> {
         let account = message.account_key.clone();
-        let _guard = self.writers.lock(&account);
+        let _guard = WRITERS.lock(&account);
         if let Some(existing) = self
             .read(&account, &message.id)
             .about(Records::Messages, &account)?
@@ -140,7 +138,7 @@ impl Messages for StoredMessages {
         cause: &str,
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError> {
-        let _guard = self.writers.lock(account);
+        let _guard = WRITERS.lock(account);
         let moved = self
             .update(account, id, |m| {
                 m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
@@ -170,7 +168,7 @@ impl Messages for StoredMessages {
         to: MessageStatus,
         cause: &str,
     ) -> Result<Option<(MessageRecord, bool)>, RecordError> {
-        let _guard = self.writers.lock(account);
+        let _guard = WRITERS.lock(account);
         let mut moved = false;
         let updated = self
             .update(account, id, |m| {
@@ -191,7 +189,7 @@ impl Messages for StoredMessages {
         (to, cause): (MessageStatus, &str),
         report: (&str, Option<&serde_json::Value>),
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
-        let _guard = self.writers.lock(account);
+        let _guard = WRITERS.lock(account);
         let mut outcome = Reported::Applied { from: to };
         let updated = self
             .update(account, id, |m| {
@@ -459,8 +457,8 @@ mod tests {
             None
         );
 
-        // A second instance over the same store (as another replica's, whose
-        // writer lock this one does not hold) sees and keeps every change.
+        // A second instance over the same store (standing in for another
+        // replica's) sees and keeps every change.
         let other_instance = StoredMessages::new(store);
         let report = |to, source: &str| {
             let payload = serde_json::json!({"event": "delivered", "id": source});
