@@ -12,7 +12,7 @@ use switchboard_handlers::records::{
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, Write, key};
 
-use super::{About, decode};
+use super::{About, AccountLocks, decode};
 
 /// How many times a change is tried against other writers.
 const MARK_TRIES: u32 = 8;
@@ -67,23 +67,21 @@ fn id_key(account: &AccountKey, id: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), id.as_bytes()])
 }
 
+/// Held while a notification is placed: an account's deliveries (made
+/// only by the owner of the account's partition, so in one process) take
+/// their places one at a time.
+static PLACING: AccountLocks = AccountLocks::new();
+
 /// Inboxes, by account and receiver.
 #[derive(Debug)]
 pub struct StoredInbox {
     store: Store,
-    /// Held while a notification is placed: deliveries (made only by the
-    /// owner of the account's partition, so in one process) take their
-    /// places one at a time.
-    placing: std::sync::Mutex<()>,
 }
 
 impl StoredInbox {
     /// Inboxes kept in `store`.
     pub fn new(store: Store) -> Self {
-        Self {
-            store,
-            placing: std::sync::Mutex::new(()),
-        }
+        Self { store }
     }
 
     /// Makes `mark` to the notification under `at`, if it is `receiver`'s.
@@ -136,8 +134,8 @@ impl Inbox for StoredInbox {
     /// two workers' clocks, or two replicas', disagree. Its `created_at`
     /// is moved on (by microseconds) when it must be.
     fn place(&self, mut notification: Notification) -> Result<(Notification, bool), RecordError> {
-        let _placing = self.placing.lock().expect("placing lock");
         let account = notification.account_key.clone();
+        let _placing = PLACING.lock(&account);
         let by_id = id_key(&account, &notification.id);
         if let Some(at) = self
             .store
