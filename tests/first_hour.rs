@@ -273,20 +273,9 @@ async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("the demo starts");
-    let stdout = demo.stdout.take().expect("piped stdout");
-    let link = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| {
-                l.strip_prefix("The console: ")
-                    .and_then(|rest| rest.split(' ').next())
-                    .map(str::to_string)
-            })
-    })
-    .await
-    .expect("reading the demo's output");
+    let link = first_line_after(demo.stdout.take().expect("piped stdout"), "The console: ")
+        .await
+        .and_then(|rest| rest.split(' ').next().map(str::to_string));
     let Some(link) = link else {
         let _ = demo.kill();
         panic!("the demo printed no console link");
@@ -350,16 +339,7 @@ async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
         .stderr(std::fs::File::create(&log).expect("a log file"))
         .spawn()
         .expect("switchboard run starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let url = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
-    })
-    .await
-    .expect("reading stdout");
+    let url = first_line_after(child.stdout.take().expect("piped stdout"), "listening on ").await;
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let Some(url) = url else {
         let _ = child.kill();
@@ -390,6 +370,32 @@ async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
         delivered(&log) && log.contains("demo peers on http://127.0.0.1:8090"),
         "{log}"
     );
+}
+
+/// What follows `prefix` on the first line of `stdout` that starts with
+/// it (`None` if the output ends first). The output is read to its end,
+/// on a thread of its own: a pipe closed early fails the process's next
+/// print, and a broken pipe ends it.
+async fn first_line_after(
+    stdout: std::process::ChildStdout,
+    prefix: &'static str,
+) -> Option<String> {
+    let (found, line) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut found = Some(found);
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = l.strip_prefix(prefix)
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(rest.to_string());
+            }
+        }
+    });
+    line.await.ok()
 }
 
 /// The names of the account's current chains.
