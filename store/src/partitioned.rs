@@ -811,25 +811,18 @@ impl Partitioned {
                 let answer = match forward::decode(&request.payload) {
                     Err(e) => forward::answer(Err(format!("a forwarded write that does not decode: {e}"))),
                     Ok((batch, expect)) => match this.write_owned(&batch, &expect, Some(crate::HeldTerm { partition, term: Some(term) })) {
-                        // A commit answers for every write before it, but a
-                        // failure is told to whichever commit waited: the
-                        // term's own mark says whether this write is stored.
-                        Ok(Some(done)) => match this.appender.commit().await {
-                            Ok(()) if this.still_holds(partition, Some(term)) => {
-                                forward::answer(Ok(done))
-                            }
-                            Ok(()) => forward::answer(Err(format!(
-                                "partition {partition}: the term's writes failed (epoch {}); \
-                                 the partition is read again from the changelog",
-                                term.epoch
-                            ))),
-                            Err(e) => {
-                                if this.appender.is_broken(term) {
-                                    this.end_term(term);
-                                }
-                                forward::answer(Err(e.to_string()))
-                            }
-                        },
+                        // Applied: answered once its commit returns, by a
+                        // task of its own, so that the next forwarded write
+                        // does not wait for this one's commit (which waits
+                        // through a leader election, up to a minute).
+                        Ok(Some(done)) => {
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let answer = this.committed(partition, term, done).await;
+                                let _ = client.publish(reply, answer).await;
+                            });
+                            continue;
+                        }
                         Ok(None) => forward::answer(Err(format!(
                             "partition {partition} is no longer held here (epoch {})",
                             term.epoch
@@ -840,6 +833,28 @@ impl Partitioned {
                 let _ = client.publish(reply, answer).await;
             }
         });
+    }
+
+    /// The answer to a forwarded write applied under `term` (whose
+    /// expectations held if `done`), once a commit after it returned.
+    async fn committed(&self, partition: u16, term: Term, done: bool) -> Bytes {
+        // A commit answers for every write before it, but a failure is told
+        // to whichever commit waited: the term's own mark says whether this
+        // write is stored.
+        match self.appender.commit().await {
+            Ok(()) if self.still_holds(partition, Some(term)) => forward::answer(Ok(done)),
+            Ok(()) => forward::answer(Err(format!(
+                "partition {partition}: the term's writes failed (epoch {}); \
+                 the partition is read again from the changelog",
+                term.epoch
+            ))),
+            Err(e) => {
+                if self.appender.is_broken(term) {
+                    self.end_term(term);
+                }
+                forward::answer(Err(e.to_string()))
+            }
+        }
     }
 
     /// Waits until the changelog acknowledged every write appended so far.
