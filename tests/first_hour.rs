@@ -373,29 +373,16 @@ async fn the_demo_and_run_with_demo_peers_deliver_the_example_chain() {
 }
 
 /// What follows `prefix` on the first line of `stdout` that starts with
-/// it (`None` if the output ends first). The output is read to its end,
-/// on a thread of its own: a pipe closed early fails the process's next
-/// print, and a broken pipe ends it.
+/// it (`None` if the output ends first); the output is read to its end
+/// ([`util::lines_after`]).
 async fn first_line_after(
     stdout: std::process::ChildStdout,
     prefix: &'static str,
 ) -> Option<String> {
-    let (found, line) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut found = Some(found);
-        for l in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = l.strip_prefix(prefix)
-                && let Some(found) = found.take()
-            {
-                let _ = found.send(rest.to_string());
-            }
-        }
-    });
-    line.await.ok()
+    let lines = util::lines_after(stdout, prefix);
+    tokio::task::spawn_blocking(move || lines.recv().ok())
+        .await
+        .expect("reading the output")
 }
 
 /// The names of the account's current chains.

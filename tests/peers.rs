@@ -3,10 +3,8 @@
 //! Standard Webhooks package, an SMS gateway, the Twilio API), an SMTP sink
 //! and an OTLP trace receiver. All are the Python programs in `tests/peers/`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -64,19 +62,14 @@ impl Process {
                      first on PATH): {e}"
                 )
             });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(port) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(port.trim().parse::<u16>().expect("a port"));
-                }
-            }
-        });
-        let port = rx
+        let listening =
+            crate::util::lines_after(child.stdout.take().expect("piped stdout"), "listening on ");
+        let port = listening
             .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{name} did not start (are its Python packages installed? see tests/peers/requirements.txt)"));
+            .unwrap_or_else(|_| panic!("{name} did not start (are its Python packages installed? see tests/peers/requirements.txt)"))
+            .trim()
+            .parse::<u16>()
+            .expect("a port");
         Self { child, port }
     }
 }

@@ -714,20 +714,10 @@ impl Dispatcher {
             .stderr(log)
             .spawn()
             .expect("the switchboard binary runs");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        // Reads until EOF, so that the pipe never fills; sends the address once.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
+        let listening = lines_after(child.stdout.take().expect("piped stdout"), "listening on ");
         self.child = Some(child);
-        match rx.recv_timeout(TIMEOUT) {
-            Ok(url) => self.url = url,
+        match listening.recv_timeout(TIMEOUT) {
+            Ok(url) => self.url = url.trim().to_string(),
             Err(_) => panic!(
                 "the dispatcher did not print `listening on ...` in {TIMEOUT:?}:\n{}",
                 self.log()
@@ -1228,4 +1218,25 @@ impl EventStream {
         .await
         .is_ok()
     }
+}
+
+/// What follows `prefix` on each line of a child's `stdout` that starts
+/// with it, as the lines come. The output is read to its end on a thread of
+/// its own: a pipe nobody reads fills up and stalls the child, and one
+/// closed early fails the child's next print (a broken pipe ends a Rust
+/// program).
+pub fn lines_after(
+    stdout: std::process::ChildStdout,
+    prefix: &'static str,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    rx
 }
