@@ -21,8 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod changelog;
+mod key_locks;
 mod partitioned;
 mod replicated;
+
+pub use key_locks::KeyLocks;
 
 pub use partitioned::{partition_of_account, partition_of_key};
 

@@ -21,10 +21,10 @@ use switchboard_handlers::records::{
     Contact, ContactUpsert, Contacts, Identifier, RecordError, Records,
 };
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, Write, key};
+use switchboard_store::{Collection, KeyLocks, Store, StoreError, Write, key};
 use time::OffsetDateTime;
 
-use super::{About, AccountLocks, decode};
+use super::{About, decode};
 
 /// How many times an upsert reads again after other replicas changed what
 /// it read, before it gives up (the step fails, and is retried).
@@ -33,7 +33,7 @@ const UPSERT_ATTEMPTS: u32 = 50;
 /// Upserts look up, then write: an account's go one at a time in this
 /// process, whichever instance runs them, so that two events for one
 /// number do not race to create two contacts.
-static WRITERS: AccountLocks = AccountLocks::new();
+static WRITERS: KeyLocks = KeyLocks::new();
 
 /// Contacts, by account.
 #[derive(Debug)]
@@ -409,7 +409,7 @@ impl Contacts for StoredContacts {
         account: &AccountKey,
         upsert: ContactUpsert,
     ) -> Result<(Contact, bool), RecordError> {
-        let _guard = WRITERS.lock(account);
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
         for attempt in 0..UPSERT_ATTEMPTS {
             if let Some(done) = self
                 .try_upsert(account, &upsert)

@@ -10,9 +10,9 @@ use switchboard_handlers::records::{
     Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification, RecordError, Records,
 };
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, Write, key};
+use switchboard_store::{Collection, KeyLocks, Store, Write, key};
 
-use super::{About, AccountLocks, decode};
+use super::{About, decode};
 
 /// How many times a change is tried against other writers.
 const MARK_TRIES: u32 = 8;
@@ -70,7 +70,7 @@ fn id_key(account: &AccountKey, id: &str) -> Vec<u8> {
 /// Held while a notification is placed: an account's deliveries (made
 /// only by the owner of the account's partition, so in one process) take
 /// their places one at a time.
-static PLACING: AccountLocks = AccountLocks::new();
+static PLACING: KeyLocks = KeyLocks::new();
 
 /// Inboxes, by account and receiver.
 #[derive(Debug)]
@@ -135,7 +135,7 @@ impl Inbox for StoredInbox {
     /// is moved on (by microseconds) when it must be.
     fn place(&self, mut notification: Notification) -> Result<(Notification, bool), RecordError> {
         let account = notification.account_key.clone();
-        let _placing = PLACING.lock(&account);
+        let _placing = PLACING.lock(account.as_str().as_bytes());
         let by_id = id_key(&account, &notification.id);
         if let Some(at) = self
             .store

@@ -2,7 +2,11 @@
 //! implemented over the store crate's [`Store`]: contacts, message records,
 //! secrets, step idempotency keys, script and template versions, each in its own
 //! collections, keyed by account first so that one account can never read
-//! or overwrite another's. These are what `switchboard_dispatcher::Dispatcher` hands the
+//! or overwrite another's. A record that is read and then written is so
+//! under its account's lock (a static [`switchboard_store::KeyLocks`] per
+//! kind of record, shared by every instance in the process): records of
+//! different accounts never share a key, so other accounts do not wait.
+//! These are what `switchboard_dispatcher::Dispatcher` hands the
 //! handlers, the API and the inbound webhooks.
 
 use std::sync::Arc;
@@ -33,38 +37,6 @@ pub use preferences::StoredPreferences;
 pub use secrets::StoredSecrets;
 pub use signing_keys::{Purpose, SigningKeys, account_prefix as signing_keys_prefix};
 pub use sources::StoredSources;
-
-/// Locks chosen by account: a record store whose writes read first holds
-/// its account's lock from the read to the write, so that this process's
-/// writers of one account's records go one at a time (the handlers' and the
-/// API's instances alike: each store keeps its locks in a static) while
-/// other accounts' go on. Records of different accounts never share a key
-/// (keys lead with the account), so accounts whose hashes pick the same
-/// lock only wait for one another. One lock for every account made every
-/// worker thread but one wait for it (`perf`: futex waits in the contact
-/// upsert, and the thread switches they bring).
-#[derive(Debug)]
-struct AccountLocks([std::sync::Mutex<()>; ACCOUNT_LOCKS]);
-
-/// How many locks the accounts share (by their hash).
-const ACCOUNT_LOCKS: usize = 64;
-
-impl AccountLocks {
-    const fn new() -> Self {
-        Self([const { std::sync::Mutex::new(()) }; ACCOUNT_LOCKS])
-    }
-
-    /// Holds `account`'s lock until the guard is dropped.
-    fn lock(&self, account: &AccountKey) -> std::sync::MutexGuard<'_, ()> {
-        use std::hash::BuildHasher;
-        let hash =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(account.as_str());
-        self.0[(hash % ACCOUNT_LOCKS as u64) as usize]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
 
 /// Every record port over one store, one instance each, shared by all
 /// that use it.

@@ -6,10 +6,10 @@ use switchboard_handlers::records::{
     Channel, MessageRecord, MessageStatus, Messages, RecordError, Records, Reported,
 };
 use switchboard_sdk::AccountKey;
-use switchboard_store::{Collection, Store, StoreError, key};
+use switchboard_store::{Collection, KeyLocks, Store, StoreError, key};
 use time::OffsetDateTime;
 
-use super::{About, AccountLocks, decode};
+use super::{About, decode};
 
 fn remote_key(account: &AccountKey, channel: Channel, remote_id: &str) -> Vec<u8> {
     key(&[
@@ -42,7 +42,7 @@ const EXPIRY_PAGE: usize = 1024;
 
 /// A record is read, then written: an account's writers go one at a time
 /// in this process, whichever instance runs them.
-static WRITERS: AccountLocks = AccountLocks::new();
+static WRITERS: KeyLocks = KeyLocks::new();
 
 /// Message records, by account.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl StoredMessages {
 impl Messages for StoredMessages {
     fn record(&self, mut message: MessageRecord) -> Result<MessageRecord, RecordError> {
         let account = message.account_key.clone();
-        let _guard = WRITERS.lock(&account);
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
         if let Some(existing) = self
             .read(&account, &message.id)
             .about(Records::Messages, &account)?
@@ -138,7 +138,7 @@ impl Messages for StoredMessages {
         cause: &str,
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError> {
-        let _guard = WRITERS.lock(account);
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
         let moved = self
             .update(account, id, |m| {
                 m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
@@ -168,7 +168,7 @@ impl Messages for StoredMessages {
         to: MessageStatus,
         cause: &str,
     ) -> Result<Option<(MessageRecord, bool)>, RecordError> {
-        let _guard = WRITERS.lock(account);
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
         let mut moved = false;
         let updated = self
             .update(account, id, |m| {
@@ -189,7 +189,7 @@ impl Messages for StoredMessages {
         (to, cause): (MessageStatus, &str),
         report: (&str, Option<&serde_json::Value>),
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
-        let _guard = WRITERS.lock(account);
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
         let mut outcome = Reported::Applied { from: to };
         let updated = self
             .update(account, id, |m| {

@@ -21,8 +21,6 @@
 //! window is removed.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -37,29 +35,6 @@ use super::{ChainRun, Executor, Interrupted};
 use crate::journal::{ChainEnd, Entry, RecordKey, StepRecord, now_ms};
 use crate::timers::PendingTimer;
 use crate::trace::StepOutcome;
-
-/// How many locks the keys share (by their hash).
-const LOCKS: usize = 64;
-
-/// The locks that make reading and writing a digest window's, or a flow
-/// control's, state one step.
-#[derive(Debug)]
-pub(super) struct KeyLocks([Mutex<()>; LOCKS]);
-
-impl Default for KeyLocks {
-    fn default() -> Self {
-        Self(std::array::from_fn(|_| Mutex::new(())))
-    }
-}
-
-impl KeyLocks {
-    pub(super) fn lock(&self, window: &[u8]) -> MutexGuard<'_, ()> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        window.hash(&mut hasher);
-        let at = (hasher.finish() % LOCKS as u64) as usize;
-        self.0[at].lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
 
 /// An open window's header.
 #[derive(Debug, Serialize, Deserialize)]

@@ -115,7 +115,9 @@ pub struct Executor {
     prefix: String,
     tail: Tail,
     timers: Timers,
-    locks: digest::KeyLocks,
+    /// Make reading and writing a digest window's, or a flow control's,
+    /// state one step.
+    locks: switchboard_store::KeyLocks,
 }
 
 /// Why handling could not finish: the store or the bus failed. The event is
@@ -146,7 +148,7 @@ impl Executor {
             prefix: parts.prefix,
             tail: parts.tail,
             timers: parts.timers,
-            locks: digest::KeyLocks::default(),
+            locks: switchboard_store::KeyLocks::new(),
         }
     }
 
