@@ -999,6 +999,70 @@ async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
     }
 }
 
+/// A forwarded write that its sender had no answer for in time (the
+/// owner's commit waiting through a leader election, say) is sent again
+/// with the same id. The owner answers it with the first sending's answer
+/// instead of applying it again: a compare-and-swap applied twice would
+/// answer "expectation failed" for a write that went in. The same write
+/// under another id is a new write, and its expectation fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_sent_again_gets_its_first_answer() {
+    use switchboard_store::{Collection, Write, forward, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (a, _b) = two_stores_a_holding_acme(&nats, dir.path()).await;
+    let partition = partition_of_account(b"acme", 16);
+    let client = async_nats::connect(nats.url()).await.expect("a client");
+    // Create c1 as "first", expecting it absent.
+    let request = forward::encode(
+        &[Write {
+            collection: Collection::Contacts,
+            key: b"acme\0c1".to_vec(),
+            value: Some(b"first".to_vec()),
+        }],
+        &[(0, None)],
+    );
+    let send = |id: Option<&'static str>| {
+        let client = client.clone();
+        let request = request.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(id) = id {
+                headers.insert(forward::ID_HEADER, id);
+            }
+            let reply = client
+                .request_with_headers(forward::subject(partition), headers, request)
+                .await
+                .expect("the owner answers");
+            forward::decode_answer(&reply.payload)
+        }
+    };
+
+    assert_eq!(send(Some("write-1")).await, Ok(true), "the first sending");
+    assert_eq!(
+        send(Some("write-1")).await,
+        Ok(true),
+        "sent again, the write has its first answer"
+    );
+    assert_eq!(
+        send(Some("write-2")).await,
+        Ok(false),
+        "another write expecting c1 absent finds it"
+    );
+    assert_eq!(
+        send(None).await,
+        Ok(false),
+        "a sender without ids (an older build) has every sending applied"
+    );
+    assert_eq!(
+        a.get(Collection::Contacts, b"acme\0c1")
+            .expect("a read")
+            .as_deref(),
+        Some(&b"first"[..])
+    );
+}
+
 /// Two replicas' stores upserting the same numbers at the same moment make
 /// one contact per number: the account's partition is held by one of them,
 /// which decides every compare-and-swap on its own copy; the other's writes

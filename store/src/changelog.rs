@@ -799,11 +799,10 @@ async fn append_task(
 /// sooner would not let the partition be written sooner (that needs a
 /// leader either way), only end the term. The events waiting for the
 /// commit are reported in progress meanwhile (the dispatcher's settler).
-/// What waits as long: a stop (after its grace period) and a hand-over,
-/// and a forwarded write, whose sender gives up after about 33 s
-/// (`FORWARD_TRIES` × `FORWARD_WAIT` in `partitioned.rs`) though the
-/// write may still be stored.
-const RETRY_FOR: Duration = Duration::from_secs(60);
+/// What waits as long: a stop (after its grace period), a hand-over, and
+/// a forwarded write, whose sender keeps asking the owner for its answer
+/// a little longer than this (`FORWARD_DEADLINE` in `partitioned.rs`).
+pub(crate) const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Publishes `batch` under `term`, sending it again while the stream is
 /// unavailable (with a pause growing to a second) until it is stored,

@@ -27,7 +27,7 @@ mod replicated;
 
 pub use key_locks::KeyLocks;
 
-pub use partitioned::{partition_of_account, partition_of_key};
+pub use partitioned::{forward, partition_of_account, partition_of_key};
 
 pub use replicated::{BUCKET, Change, MARKER_TTL};
 

@@ -40,15 +40,27 @@ use crate::changelog::{Appender, Change, Changelog, Record, Term};
 use crate::replicated::block_on;
 use crate::{Collection, Route, StoreError, Write, io};
 
-/// How many times a forwarded write is tried while the partition has no
-/// owner answering (a take-over in progress), half a second apart, each
-/// waiting [`FORWARD_WAIT`] at most. A write of an event's handling that
-/// finds its partition gone fails after that, and the event is retried
-/// (by the partition's new owner).
+pub mod forward;
+
+use forward::Seen;
+
+/// How many times a forwarded write is sent while no owner takes it (a
+/// take-over in progress) or the owner answers with an error, half a
+/// second apart. A write of an event's handling that finds its partition
+/// gone fails after that, and the event is retried (by the partition's
+/// new owner).
 const FORWARD_TRIES: u32 = 6;
 
-/// How long a forwarded write waits for the owner's answer.
+/// How long a forwarded write waits for the owner's answer before it is
+/// sent again (with the same id: the owner answers it once,
+/// [`forward::Answers`]).
 const FORWARD_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a sender keeps sending a write that an owner may have taken
+/// and not answered: past the longest the owner's commit may wait
+/// (through a leader election of the changelog's stream), so that a
+/// write that went in is answered as such.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(crate::changelog::RETRY_FOR.as_secs() + 15);
 
 /// How long a reader waits for the follower to reach a point of the
 /// changelog before it reports the follower behind.
@@ -124,6 +136,9 @@ pub(crate) struct Partitioned {
     undecodable: AtomicU64,
     /// Stops the forwarded-write service of each partition held.
     serving: Mutex<HashMap<u16, oneshot::Sender<()>>>,
+    /// The forwarded writes in flight here and those answered lately, for
+    /// their senders' sending them again.
+    answers: Mutex<forward::Answers>,
 }
 
 impl std::fmt::Debug for Partitioned {
@@ -174,6 +189,7 @@ impl Partitioned {
             reread_from: Mutex::default(),
             undecodable: AtomicU64::new(0),
             serving: Mutex::default(),
+            answers: Mutex::default(),
         });
         tokio::spawn(Self::follow(Arc::downgrade(&this), this.refilter.clone()));
         this.wait_applied(target).await;
@@ -751,27 +767,61 @@ impl Partitioned {
     }
 
     /// Sends a write to the owner of `partition` and waits for its answer.
+    /// Every sending carries the same id, so that the owner applies the
+    /// write once however often it is sent.
     async fn forward(&self, partition: u16, request: Bytes) -> Result<bool, StoreError> {
+        use async_nats::RequestErrorKind;
+
         let subject = forward::subject(partition);
-        let mut last = String::new();
-        for _ in 0..FORWARD_TRIES {
-            match tokio::time::timeout(
-                FORWARD_WAIT,
-                self.client.request(subject.clone(), request.clone()),
-            )
-            .await
-            {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            forward::ID_HEADER,
+            uuid::Uuid::new_v4().simple().to_string().as_str(),
+        );
+        let started = tokio::time::Instant::now();
+        let mut refused = 0;
+        // Whether an owner may have taken the write without answering.
+        let mut unanswered = false;
+        let mut last;
+        loop {
+            let sent =
+                self.client
+                    .request_with_headers(subject.clone(), headers.clone(), request.clone());
+            match tokio::time::timeout(FORWARD_WAIT, sent).await {
                 Ok(Ok(reply)) => match forward::decode_answer(&reply.payload) {
                     Ok(done) => return Ok(done),
-                    Err(e) => last = e,
+                    Err(e) => {
+                        last = e;
+                        refused += 1;
+                    }
                 },
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = format!("no answer in {FORWARD_WAIT:?}"),
+                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+                    last = "no replica takes the partition's writes (a take-over in progress?)"
+                        .to_string();
+                    refused += 1;
+                }
+                Ok(Err(e)) => {
+                    last = e.to_string();
+                    unanswered = true;
+                }
+                Err(_) => {
+                    last = format!("no answer in {FORWARD_WAIT:?}");
+                    unanswered = true;
+                }
+            }
+            if refused >= FORWARD_TRIES || started.elapsed() >= FORWARD_DEADLINE {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let maybe = if unanswered {
+            "; an owner may have stored it without answering"
+        } else {
+            ""
+        };
         Err(remote(format!(
-            "writing to partition {partition} through its owner: {last}"
+            "writing to partition {partition} through its owner: {last} (after {:.0?}){maybe}",
+            started.elapsed()
         )))
     }
 
@@ -808,8 +858,28 @@ impl Partitioned {
                 };
                 let Some(this) = this.upgrade() else { return };
                 let Some(reply) = request.reply else { continue };
-                let answer = match forward::decode(&request.payload) {
-                    Err(e) => forward::answer(Err(format!("a forwarded write that does not decode: {e}"))),
+                let id = request
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(forward::ID_HEADER))
+                    .map(|id| id.as_str().to_string());
+                if let Some(id) = &id {
+                    let seen = this.answers.lock().expect("answers lock").receive(
+                        id,
+                        reply.clone(),
+                        std::time::Instant::now(),
+                    );
+                    match seen {
+                        Seen::New => {}
+                        Seen::Pending => continue,
+                        Seen::Answered(answer) => {
+                            let _ = client.publish(reply, answer).await;
+                            continue;
+                        }
+                    }
+                }
+                let refusal = match forward::decode(&request.payload) {
+                    Err(e) => format!("a forwarded write that does not decode: {e}"),
                     Ok((batch, expect)) => match this.write_owned(&batch, &expect, Some(crate::HeldTerm { partition, term: Some(term) })) {
                         // Applied: answered once its commit returns, by a
                         // task of its own, so that the next forwarded write
@@ -819,18 +889,35 @@ impl Partitioned {
                             let client = client.clone();
                             tokio::spawn(async move {
                                 let answer = this.committed(partition, term, done).await;
-                                let _ = client.publish(reply, answer).await;
+                                let replies = match &id {
+                                    Some(id) => this.answers.lock().expect("answers lock").give(
+                                        id,
+                                        answer.clone(),
+                                        std::time::Instant::now(),
+                                    ),
+                                    None => vec![reply],
+                                };
+                                for reply in replies {
+                                    let _ = client.publish(reply, answer.clone()).await;
+                                }
                             });
                             continue;
                         }
-                        Ok(None) => forward::answer(Err(format!(
+                        Ok(None) => format!(
                             "partition {partition} is no longer held here (epoch {})",
                             term.epoch
-                        ))),
-                        Err(e) => forward::answer(Err(e.to_string())),
+                        ),
+                        Err(e) => e.to_string(),
                     },
                 };
-                let _ = client.publish(reply, answer).await;
+                let replies = match &id {
+                    Some(id) => this.answers.lock().expect("answers lock").refuse(id),
+                    None => vec![reply],
+                };
+                let refusal = forward::answer(Err(refusal));
+                for reply in replies {
+                    let _ = client.publish(reply, refusal.clone()).await;
+                }
             }
         });
     }
@@ -912,195 +999,6 @@ impl Partitioned {
                     ))
                 })
         })?
-    }
-}
-
-/// The wire format of a forwarded write: `u32` count of writes, each a
-/// collection index (`u8`), the key and an optional value; then a `u32`
-/// count of expectations, each a write index (`u32`) and an optional old
-/// value. Lengths are `u32` big-endian; an optional is a `u8` flag first.
-/// The answer: `1` written, `0` an expectation failed, or `E` and a message.
-mod forward {
-    use bytes::{Buf, BufMut, Bytes, BytesMut};
-
-    use crate::{Collection, Write};
-
-    pub(super) fn subject(partition: u16) -> String {
-        format!("switchboard.state.{partition}.write")
-    }
-
-    fn put_bytes(out: &mut BytesMut, b: &[u8]) {
-        out.put_u32(b.len() as u32);
-        out.put_slice(b);
-    }
-
-    fn put_optional(out: &mut BytesMut, b: Option<&[u8]>) {
-        match b {
-            Some(b) => {
-                out.put_u8(1);
-                put_bytes(out, b);
-            }
-            None => out.put_u8(0),
-        }
-    }
-
-    pub(super) fn encode(batch: &[Write], expect: &[(usize, Option<Vec<u8>>)]) -> Bytes {
-        let mut out = BytesMut::new();
-        out.put_u32(batch.len() as u32);
-        for w in batch {
-            out.put_u8(w.collection.index() as u8);
-            put_bytes(&mut out, &w.key);
-            put_optional(&mut out, w.value.as_deref());
-        }
-        out.put_u32(expect.len() as u32);
-        for (i, old) in expect {
-            out.put_u32(*i as u32);
-            put_optional(&mut out, old.as_deref());
-        }
-        out.freeze()
-    }
-
-    fn get_bytes(input: &mut &[u8]) -> Result<Vec<u8>, String> {
-        if input.remaining() < 4 {
-            return Err("cut short".into());
-        }
-        let n = input.get_u32() as usize;
-        if input.remaining() < n {
-            return Err("cut short".into());
-        }
-        let b = input[..n].to_vec();
-        input.advance(n);
-        Ok(b)
-    }
-
-    fn get_optional(input: &mut &[u8]) -> Result<Option<Vec<u8>>, String> {
-        if !input.has_remaining() {
-            return Err("cut short".into());
-        }
-        match input.get_u8() {
-            0 => Ok(None),
-            1 => get_bytes(input).map(Some),
-            f => Err(format!("flag {f}")),
-        }
-    }
-
-    /// A batch and its expectations, as `encode` wrote them.
-    pub(super) type Decoded = (Vec<Write>, Vec<(usize, Option<Vec<u8>>)>);
-
-    pub(super) fn decode(mut input: &[u8]) -> Result<Decoded, String> {
-        let input = &mut input;
-        if input.remaining() < 4 {
-            return Err("cut short".into());
-        }
-        let n = input.get_u32() as usize;
-        let mut batch = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            if !input.has_remaining() {
-                return Err("cut short".into());
-            }
-            let c = input.get_u8() as usize;
-            let collection = *Collection::ALL
-                .get(c)
-                .ok_or_else(|| format!("no collection {c}"))?;
-            if !collection.is_partitioned() {
-                return Err(format!("{} is not partitioned", collection.name()));
-            }
-            let key = get_bytes(input)?;
-            let value = get_optional(input)?;
-            batch.push(Write {
-                collection,
-                key,
-                value,
-            });
-        }
-        if input.remaining() < 4 {
-            return Err("cut short".into());
-        }
-        let m = input.get_u32() as usize;
-        let mut expect = Vec::with_capacity(m.min(1024));
-        for _ in 0..m {
-            if input.remaining() < 4 {
-                return Err("cut short".into());
-            }
-            let i = input.get_u32() as usize;
-            if i >= batch.len() {
-                return Err(format!("expectation on write {i} of {}", batch.len()));
-            }
-            expect.push((i, get_optional(input)?));
-        }
-        if batch.is_empty() {
-            return Err("no writes".into());
-        }
-        Ok((batch, expect))
-    }
-
-    pub(super) fn answer(result: Result<bool, String>) -> Bytes {
-        match result {
-            Ok(true) => Bytes::from_static(b"1"),
-            Ok(false) => Bytes::from_static(b"0"),
-            Err(e) => Bytes::from(format!("E{e}")),
-        }
-    }
-
-    pub(super) fn decode_answer(answer: &[u8]) -> Result<bool, String> {
-        match answer {
-            b"1" => Ok(true),
-            b"0" => Ok(false),
-            [b'E', message @ ..] => Err(String::from_utf8_lossy(message).into_owned()),
-            _ => Err("an answer that does not decode".into()),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn a_forwarded_write_reads_back_as_written() {
-            let batch = vec![
-                Write {
-                    collection: Collection::Contacts,
-                    key: b"acme\0c1".to_vec(),
-                    value: Some(b"{}".to_vec()),
-                },
-                Write {
-                    collection: Collection::ContactIndex,
-                    key: b"acme\0msisdn:+27".to_vec(),
-                    value: None,
-                },
-            ];
-            let expect = vec![(0, None), (1, Some(b"c0".to_vec()))];
-            let (b, e) = decode(&encode(&batch, &expect)).expect("decodes");
-            assert_eq!(e, expect);
-            assert_eq!(b.len(), 2);
-            assert_eq!(
-                (b[1].collection, b[1].value.clone()),
-                (Collection::ContactIndex, None)
-            );
-            assert_eq!(b[0].key, b"acme\0c1");
-        }
-
-        #[test]
-        fn a_bad_forwarded_write_is_refused_with_a_reason() {
-            let check = |input: &[u8], expected: &str| {
-                let e = decode(input).expect_err("refused");
-                assert!(e.contains(expected), "{e}");
-            };
-            check(b"", "cut short");
-            check(&[0, 0, 0, 1, 99], "no collection 99");
-            let chains = Collection::ALL
-                .iter()
-                .position(|c| *c == Collection::Chains)
-                .expect("listed") as u8;
-            check(&[0, 0, 0, 1, chains, 0, 0, 0, 0, 0], "not partitioned");
-            check(&[0, 0, 0, 0, 0, 0, 0, 0], "no writes");
-            assert_eq!(decode_answer(&answer(Ok(true))), Ok(true));
-            assert_eq!(decode_answer(&answer(Ok(false))), Ok(false));
-            assert_eq!(
-                decode_answer(&answer(Err("partition 3 is busy".into()))),
-                Err("partition 3 is busy".into())
-            );
-        }
     }
 }
 
