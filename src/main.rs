@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use switchboard_dispatcher::cli::{self, CliError, EmitArgs};
 use switchboard_dispatcher::client::Client;
-use switchboard_dispatcher::config::Overrides;
+use switchboard_dispatcher::config::{Overrides, RuntimeConfig};
 use switchboard_dispatcher::{Config, Dispatcher, demo};
 
 /// mimalloc rather than the system allocator: an event allocates a few
@@ -513,6 +513,10 @@ struct RunArgs {
     /// Conversations handled at once.
     #[arg(long, env = "SWITCHBOARD_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// The async runtime's worker threads (`runtime.worker_threads`;
+    /// default one per CPU).
+    #[arg(long, env = "SWITCHBOARD_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Hosts, addresses or networks that account URLs (webhooks) may reach
     /// even when private or loopback; added to `outbound.allow`. Repeat it,
     /// or separate entries with commas.
@@ -871,11 +875,34 @@ enum DeadLettersCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `run`'s configuration says how many threads its runtime has, so it is
+    // read before the runtime starts.
+    let (config, runtime) = match &cli.command {
+        Command::Run(args) => match run_config(args) {
+            Ok(config) => {
+                let runtime = config.runtime.build();
+                (Some(config), runtime)
+            }
+            Err(message) => return report(Err(Failure::Error(message))),
+        },
+        _ => (None, RuntimeConfig::default().build()),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(command(cli, config)),
+        Err(e) => report(Err(Failure::Error(format!(
+            "starting the async runtime: {e}"
+        )))),
+    }
+}
+
+/// Runs `cli`'s command; `config` is `run`'s.
+async fn command(cli: Cli, config: Option<Config>) -> ExitCode {
     let result = match cli.command {
-        Command::Run(args) => run(args).await.map_err(Failure::Error),
+        Command::Run(args) => run(args, config.expect("run's configuration is read"))
+            .await
+            .map_err(Failure::Error),
         Command::Demo(args) => {
             // Quiet internals; the `log` steps of the example chains still show.
             switchboard_dispatcher::init_logging(false, "warn,switchboard::log=info");
@@ -1320,6 +1347,11 @@ async fn main() -> ExitCode {
             } => cli::tokens_revoke(&remote.client(), &account, &id, remote.json).await,
         }),
     };
+    report(result)
+}
+
+/// Prints a command's result and gives its exit code.
+fn report(result: Result<Option<String>, Failure>) -> ExitCode {
     match result {
         Ok(Some(text)) => {
             println!("{text}");
@@ -1354,21 +1386,26 @@ fn print(result: Result<String, CliError>) -> Result<Option<String>, Failure> {
     })
 }
 
-async fn run(args: RunArgs) -> Result<Option<String>, String> {
+/// `run`'s configuration: its file, with the flags and variables given.
+fn run_config(args: &RunArgs) -> Result<Config, String> {
     let overrides = Overrides {
-        nats_url: args.nats,
+        nats_url: args.nats.clone(),
         replicated: args.replicated,
-        data_dir: args.data,
+        data_dir: args.data.clone(),
         listen: args.listen,
-        subject_prefix: args.subject_prefix,
+        subject_prefix: args.subject_prefix.clone(),
         concurrency: args.concurrency,
-        outbound_allow: args.outbound_allow,
+        outbound_allow: args.outbound_allow.clone(),
         admin_token: std::env::var("SWITCHBOARD_ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
-        public_url: args.public_url,
+        public_url: args.public_url.clone(),
+        worker_threads: args.worker_threads,
     };
-    let mut config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())
+}
+
+async fn run(args: RunArgs, mut config: Config) -> Result<Option<String>, String> {
     let telemetry = switchboard_dispatcher::telemetry::init(
         args.log_format == "json",
         "info",

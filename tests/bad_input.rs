@@ -776,6 +776,26 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
     }
 }
 
+/// A runtime without worker threads, or with more than it takes, stops `run`
+/// before it starts, naming the key and the range.
+#[tokio::test]
+async fn a_worker_thread_count_out_of_range_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for threads in ["0", "5000"] {
+        let line = refused_at_start(
+            dir.path(),
+            &format!("w{threads}"),
+            &format!("[runtime]\nworker_threads = {threads}\n"),
+        )
+        .await;
+        assert!(
+            line.contains(&format!("runtime.worker_threads is {threads}"))
+                && line.contains("1 to 1024"),
+            "{line}"
+        );
+    }
+}
+
 /// A page cache of no size, or of more than the machine could hold, stops
 /// `run` before it starts, naming the key and the range.
 #[tokio::test]

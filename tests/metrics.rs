@@ -305,3 +305,28 @@ async fn only_named_accounts_have_series_and_every_account_has_counts() {
     assert_eq!(status, 200, "{none}");
     assert_eq!(none["events"], json!([]));
 }
+
+/// The runtime has as many worker threads as `runtime.worker_threads`, or
+/// the flag's variable, says (the variable wins over the file), and one per
+/// CPU without either; `/metrics` shows how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_has_the_worker_threads_configured() {
+    let threads = |text: &str| -> f64 {
+        value(
+            &parse(text, "prometheus"),
+            "switchboard_runtime_worker_threads",
+            &[],
+        )
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let default = Dispatcher::embedded();
+    assert_eq!(threads(&scrape(&default, None).await.1), cpus);
+    let from_file = Dispatcher::with_config(None, "[runtime]\nworker_threads = 3\n");
+    assert_eq!(threads(&scrape(&from_file, None).await.1), 3.0);
+    let from_env = Dispatcher::with_config_env(
+        None,
+        "[runtime]\nworker_threads = 3\n",
+        &[("SWITCHBOARD_WORKER_THREADS", "1")],
+    );
+    assert_eq!(threads(&scrape(&from_env, None).await.1), 1.0);
+}

@@ -170,6 +170,11 @@ pub fn default_binary() -> PathBuf {
         .into()
 }
 
+/// The variable that sets every dispatcher's runtime worker threads, passed
+/// on from the benchmark's own environment (a build that predates it runs
+/// with its default).
+pub const WORKER_THREADS: &str = "SWITCHBOARD_WORKER_THREADS";
+
 /// How to start a dispatcher.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec<'a> {
@@ -212,9 +217,10 @@ impl Dispatcher {
         ));
         let program = spec.binary.map_or_else(default_binary, Path::to_path_buf);
         let mut cmd = tokio::process::Command::new(&program);
-        // Only what is passed here configures it.
+        // Only what is passed here configures it, but for the runtime's
+        // worker threads, which a run may set for every dispatcher.
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SWITCHBOARD_") {
+            if k.to_string_lossy().starts_with("SWITCHBOARD_") && k != WORKER_THREADS {
                 cmd.env_remove(k);
             }
         }

@@ -6,6 +6,10 @@
 //!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
+//! `SWITCHBOARD_WORKER_THREADS`, if set, is passed on to every dispatcher
+//! (`runtime.worker_threads`); nothing else of the environment configures
+//! them.
+//!
 //! Every scenario starts its own `nats-server -js` on loopback (in a
 //! temporary directory) and, where a dispatcher runs, the real `switchboard
 //! run` binary as a child process, whose peak resident set (`VmHWM`) is read

@@ -169,8 +169,12 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        let threads = std::env::var(crate::common::WORKER_THREADS).map_or_else(
+            |_| "one per CPU".into(),
+            |n| format!("{n} ({})", crate::common::WORKER_THREADS),
+        );
         println!(
-            "- {nats}; dispatchers run with --concurrency {}; CPU times in ticks of 1/{} s",
+            "- {nats}; dispatchers run with --concurrency {} and worker threads {threads}; CPU times in ticks of 1/{} s",
             self.concurrency,
             crate::common::clock_ticks_per_second().map_or_else(|_| "?".into(), |t| t.to_string())
         );

@@ -47,6 +47,37 @@ pub struct Config {
     pub files: switchboard_handlers::records::FilePolicy,
     /// How long in-app inboxes keep notifications.
     pub inbox: switchboard_handlers::records::inbox::InboxPolicy,
+    /// The threads that run the dispatcher's work.
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// The async runtime's worker threads, which run the event path
+    /// (decoding, every step, the store's reads and writes), the API and
+    /// the timers; default one per CPU. Fewer threads hand work between
+    /// each other less often: on the 2-core machine of BENCHMARKS.md one
+    /// thread costs about a quarter less CPU per event than two, while one
+    /// busy thread delays the events waiting behind it (see "One runtime
+    /// thread" there).
+    pub worker_threads: Option<usize>,
+}
+
+/// The most worker threads `runtime.worker_threads` takes.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+impl RuntimeConfig {
+    /// The runtime this configuration describes.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if let Some(n) = self.worker_threads {
+            builder.worker_threads(n);
+        }
+        builder.build()
+    }
 }
 
 /// `[messages]`
@@ -312,6 +343,8 @@ pub struct Overrides {
     pub admin_token: Option<String>,
     /// `http.public_url`
     pub public_url: Option<String>,
+    /// `runtime.worker_threads`
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -331,6 +364,7 @@ impl Config {
             outbound_allow,
             admin_token,
             public_url,
+            worker_threads,
         } = overrides;
         config.outbound.allow.extend(outbound_allow);
         if nats_url.is_some() {
@@ -358,6 +392,9 @@ impl Config {
         if public_url.is_some() {
             config.http.public_url = public_url;
         }
+        if worker_threads.is_some() {
+            config.runtime.worker_threads = worker_threads;
+        }
         config.check()?;
         Ok(config)
     }
@@ -382,6 +419,13 @@ impl Config {
 
     /// Checks values that parse but cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(n) = self.runtime.worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&n)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.worker_threads is {n}: it must be 1 to {MAX_WORKER_THREADS}"
+            )));
+        }
         if self.limits.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "limits.concurrency must be at least 1".into(),

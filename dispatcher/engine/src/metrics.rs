@@ -327,6 +327,8 @@ pub struct Gauges {
     pub timers_pending: u64,
     /// Digest windows open (in this process's copy of the store).
     pub digests_open: u64,
+    /// The async runtime's worker threads (`runtime.worker_threads`).
+    pub runtime_worker_threads: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -686,6 +688,11 @@ impl Metrics {
             "Digest windows open, waiting to close",
             ConstGauge::new(i64::try_from(gauges.digests_open).unwrap_or(i64::MAX)),
         );
+        scraped.register(
+            "runtime_worker_threads",
+            "The async runtime's worker threads",
+            ConstGauge::new(i64::try_from(gauges.runtime_worker_threads).unwrap_or(i64::MAX)),
+        );
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(out, &self.registry)
             .and_then(|()| encode_registry(out, &scraped))
@@ -872,6 +879,7 @@ mod tests {
             changelog_undecodable: 2,
             timers_pending: 5,
             digests_open: 2,
+            runtime_worker_threads: 2,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -889,6 +897,7 @@ mod tests {
             "switchboard_timers_fired_total 1",
             "switchboard_digests_open 2",
             "switchboard_digest_events_joined_total 1",
+            "switchboard_runtime_worker_threads 2",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
