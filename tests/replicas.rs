@@ -1007,7 +1007,8 @@ async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
 /// under another id is a new write, and its expectation fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_write_sent_again_gets_its_first_answer() {
-    use switchboard_store::{Collection, Write, forward, partition_of_account};
+    use switchboard_store::forward::{self, Answer};
+    use switchboard_store::{Collection, Write, partition_of_account};
 
     let nats = crate::util::NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -1031,28 +1032,46 @@ async fn a_forwarded_write_sent_again_gets_its_first_answer() {
             if let Some(id) = id {
                 headers.insert(forward::ID_HEADER, id);
             }
-            let reply = client
-                .request_with_headers(forward::subject(partition), headers, request)
-                .await
-                .expect("the owner answers");
-            forward::decode_answer(&reply.payload)
+            // The owner's subscription may reach the server a moment
+            // after the partition is taken.
+            for _ in 0..50 {
+                match client
+                    .request_with_headers(
+                        forward::subject(partition),
+                        headers.clone(),
+                        request.clone(),
+                    )
+                    .await
+                {
+                    Ok(reply) => return Answer::decode(&reply.payload),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("the owner does not answer: {e}"),
+                }
+            }
+            panic!("no owner takes the partition's writes");
         }
     };
 
-    assert_eq!(send(Some("write-1")).await, Ok(true), "the first sending");
     assert_eq!(
         send(Some("write-1")).await,
-        Ok(true),
+        Answer::Written(true),
+        "the first sending"
+    );
+    assert_eq!(
+        send(Some("write-1")).await,
+        Answer::Written(true),
         "sent again, the write has its first answer"
     );
     assert_eq!(
         send(Some("write-2")).await,
-        Ok(false),
+        Answer::Written(false),
         "another write expecting c1 absent finds it"
     );
     assert_eq!(
         send(None).await,
-        Ok(false),
+        Answer::Written(false),
         "a sender without ids (an older build) has every sending applied"
     );
     assert_eq!(

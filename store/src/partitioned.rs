@@ -42,13 +42,12 @@ use crate::{Collection, Route, StoreError, Write, io};
 
 pub mod forward;
 
-use forward::Seen;
+use forward::{Answer, Seen};
 
 /// How many times a forwarded write is sent while no owner takes it (a
-/// take-over in progress) or the owner answers with an error, half a
-/// second apart. A write of an event's handling that finds its partition
-/// gone fails after that, and the event is retried (by the partition's
-/// new owner).
+/// take-over in progress) or an owner refuses it without applying it, half
+/// a second apart. The write (the API's, an inbound webhook's, a sweep's)
+/// fails after that, saying why.
 const FORWARD_TRIES: u32 = 6;
 
 /// How long a forwarded write waits for the owner's answer before it is
@@ -57,9 +56,10 @@ const FORWARD_TRIES: u32 = 6;
 const FORWARD_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a sender keeps sending a write that an owner may have taken
-/// and not answered: past the longest the owner's commit may wait
-/// (through a leader election of the changelog's stream), so that a
-/// write that went in is answered as such.
+/// and not answered: past the longest the owner's commit usually waits
+/// (through a leader election of the changelog's stream, bounded by
+/// `RETRY_FOR` and one publish's timeout), so that a write that went in
+/// is answered as such.
 const FORWARD_DEADLINE: Duration = Duration::from_secs(crate::changelog::RETRY_FOR.as_secs() + 15);
 
 /// How long a reader waits for the follower to reach a point of the
@@ -576,7 +576,7 @@ impl Partitioned {
             }
         }
         caught_up?;
-        self.serve(partition, term);
+        self.serve(partition, term).await;
         tracing::info!(
             partition,
             epoch = term.epoch,
@@ -779,18 +779,26 @@ impl Partitioned {
             uuid::Uuid::new_v4().simple().to_string().as_str(),
         );
         let started = tokio::time::Instant::now();
+        let mut sendings = 0;
         let mut refused = 0;
         // Whether an owner may have taken the write without answering.
         let mut unanswered = false;
         let mut last;
         loop {
+            sendings += 1;
             let sent =
                 self.client
                     .request_with_headers(subject.clone(), headers.clone(), request.clone());
             match tokio::time::timeout(FORWARD_WAIT, sent).await {
-                Ok(Ok(reply)) => match forward::decode_answer(&reply.payload) {
-                    Ok(done) => return Ok(done),
-                    Err(e) => {
+                Ok(Ok(reply)) => match Answer::decode(&reply.payload) {
+                    Answer::Written(done) => return Ok(done),
+                    Answer::Unknown(e) => {
+                        return Err(remote(format!(
+                            "writing to partition {partition} through its owner: {e}; the \
+                             write may or may not be stored"
+                        )));
+                    }
+                    Answer::Refused(e) => {
                         last = e;
                         refused += 1;
                     }
@@ -820,14 +828,28 @@ impl Partitioned {
             ""
         };
         Err(remote(format!(
-            "writing to partition {partition} through its owner: {last} (after {:.0?}){maybe}",
+            "writing to partition {partition} through its owner: {last} (the last of {sendings} \
+             sendings in {:.0?}){maybe}",
             started.elapsed()
         )))
     }
 
     /// Answers the writes other replicas forward for `partition` while
     /// this replica holds it.
-    fn serve(self: &Arc<Self>, partition: u16, term: Term) {
+    /// The subscription is made before this returns, so that a write
+    /// forwarded once the partition is taken finds this owner.
+    async fn serve(self: &Arc<Self>, partition: u16, term: Term) {
+        let subject = forward::subject(partition);
+        let mut requests = match self.client.queue_subscribe(subject, "owner".into()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "serving the partition's forwarded writes failed");
+                return;
+            }
+        };
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(partition, error = %e, "sending the subscription to forwarded writes failed");
+        }
         let (stop, mut stopped) = oneshot::channel();
         if let Some(old) = self
             .serving
@@ -840,14 +862,6 @@ impl Partitioned {
         let this = Arc::downgrade(self);
         let client = self.client.clone();
         self.handle.spawn(async move {
-            let subject = forward::subject(partition);
-            let mut requests = match client.queue_subscribe(subject.clone(), "owner".into()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(partition, error = %e, "serving the partition's forwarded writes failed");
-                    return;
-                }
-            };
             loop {
                 let request = tokio::select! {
                     _ = &mut stopped => return,
@@ -880,7 +894,14 @@ impl Partitioned {
                 }
                 let refusal = match forward::decode(&request.payload) {
                     Err(e) => format!("a forwarded write that does not decode: {e}"),
-                    Ok((batch, expect)) => match this.write_owned(&batch, &expect, Some(crate::HeldTerm { partition, term: Some(term) })) {
+                    Ok((batch, expect)) => match this.write_owned(
+                        &batch,
+                        &expect,
+                        Some(crate::HeldTerm {
+                            partition,
+                            term: Some(term),
+                        }),
+                    ) {
                         // Applied: answered once its commit returns, by a
                         // task of its own, so that the next forwarded write
                         // does not wait for this one's commit (which waits
@@ -914,7 +935,7 @@ impl Partitioned {
                     Some(id) => this.answers.lock().expect("answers lock").refuse(id),
                     None => vec![reply],
                 };
-                let refusal = forward::answer(Err(refusal));
+                let refusal = Answer::Refused(refusal).encode();
                 for reply in replies {
                     let _ = client.publish(reply, refusal.clone()).await;
                 }
@@ -929,17 +950,18 @@ impl Partitioned {
         // to whichever commit waited: the term's own mark says whether this
         // write is stored.
         match self.appender.commit().await {
-            Ok(()) if self.still_holds(partition, Some(term)) => forward::answer(Ok(done)),
-            Ok(()) => forward::answer(Err(format!(
+            Ok(()) if self.still_holds(partition, Some(term)) => Answer::Written(done).encode(),
+            Ok(()) => Answer::Unknown(format!(
                 "partition {partition}: the term's writes failed (epoch {}); \
                  the partition is read again from the changelog",
                 term.epoch
-            ))),
+            ))
+            .encode(),
             Err(e) => {
                 if self.appender.is_broken(term) {
                     self.end_term(term);
                 }
-                forward::answer(Err(e.to_string()))
+                Answer::Unknown(e.to_string()).encode()
             }
         }
     }

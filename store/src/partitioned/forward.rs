@@ -5,8 +5,9 @@
 //! each a collection index (`u8`), the key and an optional value; then a
 //! `u32` count of expectations, each a write index (`u32`) and an optional
 //! old value. Lengths are `u32` big-endian; an optional is a `u8` flag
-//! first. The answer: `1` written, `0` an expectation failed, or `E` and a
-//! message.
+//! first. The answer ([`Answer`]): `1` written, `0` an expectation failed,
+//! `E` and why it was refused without being applied, or `U` and why its
+//! outcome is unknown (applied, its commit failed).
 //!
 //! A request carries an id of the sender's in its [`ID_HEADER`]; a sender
 //! that had no answer in time sends it again with the same id. The owner
@@ -143,22 +144,45 @@ pub(super) fn decode(mut input: &[u8]) -> Result<Decoded, String> {
     Ok((batch, expect))
 }
 
-pub(super) fn answer(result: Result<bool, String>) -> Bytes {
-    match result {
-        Ok(true) => Bytes::from_static(b"1"),
-        Ok(false) => Bytes::from_static(b"0"),
-        Err(e) => Bytes::from(format!("E{e}")),
-    }
+/// An owner's answer to a forwarded write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Applied and committed: whether it was written (`false`: an
+    /// expectation failed, nothing was written).
+    Written(bool),
+    /// Not applied (the owner no longer holds the partition, or the request
+    /// does not decode): sent again, it may find an owner that takes it.
+    Refused(String),
+    /// Applied, but its commit failed: the changelog may or may not hold
+    /// it. Sending it again would not tell.
+    Unknown(String),
 }
 
-/// An answer: whether the write went in (`false`: an expectation failed), or
-/// the owner's error.
-pub fn decode_answer(answer: &[u8]) -> Result<bool, String> {
-    match answer {
-        b"1" => Ok(true),
-        b"0" => Ok(false),
-        [b'E', message @ ..] => Err(String::from_utf8_lossy(message).into_owned()),
-        _ => Err("an answer that does not decode".into()),
+impl Answer {
+    /// The answer on the wire: `1`, `0`, `E` and the refusal, or `U` and
+    /// why the outcome is unknown.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Answer::Written(true) => Bytes::from_static(b"1"),
+            Answer::Written(false) => Bytes::from_static(b"0"),
+            Answer::Refused(e) => Bytes::from(format!("E{e}")),
+            Answer::Unknown(e) => Bytes::from(format!("U{e}")),
+        }
+    }
+
+    /// Reads an answer [`Answer::encode`] wrote.
+    pub fn decode(answer: &[u8]) -> Self {
+        let text = |m: &[u8]| String::from_utf8_lossy(m).into_owned();
+        match answer {
+            b"1" => Answer::Written(true),
+            b"0" => Answer::Written(false),
+            [b'E', message @ ..] => Answer::Refused(text(message)),
+            [b'U', message @ ..] => Answer::Unknown(text(message)),
+            _ => Answer::Refused(format!(
+                "an answer that does not decode: {:?}",
+                text(answer)
+            )),
+        }
     }
 }
 
@@ -178,13 +202,13 @@ pub(super) enum Seen {
 /// their answer, and those answered within [`REMEMBERED`].
 #[derive(Debug, Default)]
 pub(super) struct Answers {
-    by_id: HashMap<String, Answer>,
+    by_id: HashMap<String, Slot>,
     /// Answered ids with when they were answered, oldest first.
     answered: VecDeque<(Instant, String)>,
 }
 
 #[derive(Debug)]
-enum Answer {
+enum Slot {
     Pending(Vec<Subject>),
     Given(Bytes),
 }
@@ -194,14 +218,14 @@ impl Answers {
     pub(super) fn receive(&mut self, id: &str, reply: Subject, now: Instant) -> Seen {
         self.forget(now);
         match self.by_id.get_mut(id) {
-            Some(Answer::Pending(replies)) => {
+            Some(Slot::Pending(replies)) => {
                 replies.push(reply);
                 Seen::Pending
             }
-            Some(Answer::Given(answer)) => Seen::Answered(answer.clone()),
+            Some(Slot::Given(answer)) => Seen::Answered(answer.clone()),
             None => {
                 self.by_id
-                    .insert(id.to_string(), Answer::Pending(vec![reply]));
+                    .insert(id.to_string(), Slot::Pending(vec![reply]));
                 Seen::New
             }
         }
@@ -210,25 +234,22 @@ impl Answers {
     /// Write `id` was answered with `answer` at `now`: where to send it
     /// (every request for it that is waiting).
     pub(super) fn give(&mut self, id: &str, answer: Bytes, now: Instant) -> Vec<Subject> {
-        let waiting = match self.by_id.insert(id.to_string(), Answer::Given(answer)) {
-            Some(Answer::Pending(replies)) => replies,
+        self.forget(now);
+        let waiting = match self.by_id.insert(id.to_string(), Slot::Given(answer)) {
+            Some(Slot::Pending(replies)) => replies,
             _ => Vec::new(),
         };
         self.answered.push_back((now, id.to_string()));
         waiting
     }
 
-    /// Write `id` was refused without being applied (not decodable, or its
-    /// partition no longer held here): where to send the refusal. It is
-    /// not remembered: sent again, the write may find an owner.
+    /// Write `id` was refused without being applied: where to send the
+    /// refusal. It is not remembered: sent again, the write may find an
+    /// owner.
     pub(super) fn refuse(&mut self, id: &str) -> Vec<Subject> {
         match self.by_id.remove(id) {
-            Some(Answer::Pending(replies)) => replies,
-            Some(given @ Answer::Given(_)) => {
-                self.by_id.insert(id.to_string(), given);
-                Vec::new()
-            }
-            None => Vec::new(),
+            Some(Slot::Pending(replies)) => replies,
+            _ => Vec::new(),
         }
     }
 
@@ -286,11 +307,17 @@ mod tests {
             .expect("listed") as u8;
         check(&[0, 0, 0, 1, chains, 0, 0, 0, 0, 0], "not partitioned");
         check(&[0, 0, 0, 0, 0, 0, 0, 0], "no writes");
-        assert_eq!(decode_answer(&answer(Ok(true))), Ok(true));
-        assert_eq!(decode_answer(&answer(Ok(false))), Ok(false));
+        for answer in [
+            Answer::Written(true),
+            Answer::Written(false),
+            Answer::Refused("partition 3 is no longer held here".into()),
+            Answer::Unknown("the changelog's commit failed".into()),
+        ] {
+            assert_eq!(Answer::decode(&answer.encode()), answer);
+        }
         assert_eq!(
-            decode_answer(&answer(Err("partition 3 is busy".into()))),
-            Err("partition 3 is busy".into())
+            Answer::decode(b"?"),
+            Answer::Refused("an answer that does not decode: \"?\"".into())
         );
     }
 
@@ -306,18 +333,18 @@ mod tests {
         assert_eq!(answers.receive("w1", reply(2), start), Seen::Pending);
         assert_eq!(answers.receive("w2", reply(3), start), Seen::New);
         assert_eq!(
-            answers.give("w1", answer(Ok(true)), start),
+            answers.give("w1", Answer::Written(true).encode(), start),
             vec![reply(1), reply(2)],
             "every waiting request is answered"
         );
         let later = start + REMEMBERED - Duration::from_secs(1);
         assert_eq!(
             answers.receive("w1", reply(4), later),
-            Seen::Answered(answer(Ok(true)))
+            Seen::Answered(Answer::Written(true).encode())
         );
         assert_eq!(answers.receive("w2", reply(5), later), Seen::Pending);
         assert_eq!(
-            answers.give("w2", answer(Ok(false)), later),
+            answers.give("w2", Answer::Written(false).encode(), later),
             vec![reply(3), reply(5)]
         );
 
@@ -325,7 +352,7 @@ mod tests {
         assert_eq!(answers.receive("w1", reply(6), forgotten), Seen::New);
         assert_eq!(
             answers.receive("w2", reply(7), forgotten),
-            Seen::Answered(answer(Ok(false))),
+            Seen::Answered(Answer::Written(false).encode()),
             "answered later, remembered longer"
         );
         assert_eq!(answers.by_id.len(), 2);
