@@ -1082,6 +1082,85 @@ async fn a_forwarded_write_sent_again_gets_its_first_answer() {
     );
 }
 
+/// A sender that has no answer in time sends the write again with the same
+/// id, and takes the answer to a later sending; an answer that the outcome
+/// is unknown (the owner applied the write, its commit failed) ends the
+/// write at once, saying so. The owner here is this test, answering by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_with_no_answer_is_sent_again_with_its_id() {
+    use futures::StreamExt as _;
+    use switchboard_store::forward::{self, Answer};
+    use switchboard_store::{Collection, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let sender = replicated_store(&nats, &dir.path().join("b")).await;
+    let partition = partition_of_account(b"acme", 16);
+    let client = async_nats::connect(nats.url()).await.expect("a client");
+    let mut owner = client
+        .queue_subscribe(forward::subject(partition), "owner".into())
+        .await
+        .expect("subscribing as the owner");
+    client.flush().await.expect("the subscription is sent");
+    let next = async |owner: &mut async_nats::Subscriber| {
+        let request = tokio::time::timeout(crate::util::TIMEOUT, owner.next())
+            .await
+            .expect("a sending in time")
+            .expect("the subscription is open");
+        let id = request
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(forward::ID_HEADER))
+            .map(|id| id.as_str().to_string())
+            .expect("a sending names its write");
+        (id, request.reply.expect("a request"))
+    };
+
+    let store = sender.clone();
+    let write =
+        tokio::task::spawn_blocking(move || store.put(Collection::Contacts, b"acme\0c1", b"v"));
+    let (first, _) = next(&mut owner).await;
+    let (again, reply) = next(&mut owner).await;
+    assert_eq!(again, first, "sent again under the same id");
+    client
+        .publish(reply, Answer::Written(true).encode())
+        .await
+        .expect("answering");
+    write
+        .await
+        .expect("the write's thread")
+        .expect("the later sending's answer is the write's");
+
+    let store = sender.clone();
+    let write =
+        tokio::task::spawn_blocking(move || store.put(Collection::Contacts, b"acme\0c2", b"v"));
+    let (second, reply) = next(&mut owner).await;
+    assert_ne!(second, first, "another write, another id");
+    client
+        .publish(
+            reply,
+            Answer::Unknown("the changelog did not answer".into()).encode(),
+        )
+        .await
+        .expect("answering");
+    let error = write
+        .await
+        .expect("the write's thread")
+        .expect_err("an unknown outcome fails the write")
+        .to_string();
+    assert!(
+        error.contains("the changelog did not answer")
+            && error.contains("may or may not be stored"),
+        "{error}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), owner.next())
+            .await
+            .is_err(),
+        "an unknown outcome is not sent again"
+    );
+}
+
 /// Two replicas' stores upserting the same numbers at the same moment make
 /// one contact per number: the account's partition is held by one of them,
 /// which decides every compare-and-swap on its own copy; the other's writes
