@@ -40,7 +40,7 @@
 //! in flight, and every write of a partition checks its epoch subject); on
 //! a stream with one copy its writes are published one by one, each fenced,
 //! all in flight together (an atomic batch costs that server a file store
-//! of its own: see [`Publishing`]).
+//! of its own: see `Publishing`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
