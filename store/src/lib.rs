@@ -378,6 +378,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed without anyone acting: the
+    /// shared state's server or a partition's owner did not answer or
+    /// refused (a take-over, a leader election), or the partition moved.
+    /// A local read or write that failed, or a backend that cannot do
+    /// something, is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Remote { .. } | StoreError::PartitionMoved { .. }
+        )
+    }
+}
+
 /// A key and value as stored.
 pub type Entry = (Vec<u8>, Vec<u8>);
 

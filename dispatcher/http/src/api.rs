@@ -316,10 +316,31 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
+    /// A failure below the API: 503 when it is the shared state's and
+    /// passing ([`switchboard_store::StoreError::is_transient`]: a replica cannot reach the
+    /// partition's owner or the changelog, during a take-over or a leader
+    /// election), which clients retry; else 500.
+    pub(crate) fn internal(e: impl std::error::Error + 'static) -> Self {
+        if is_transient(&e) {
+            tracing::warn!(error = %e, "API request met a passing failure of the shared state");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e}; try again in a moment"),
+            );
+        }
         tracing::error!(error = %e, "API request failed");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     }
+}
+
+/// Whether `e`, or an error it wraps, is a passing failure of the shared
+/// state.
+fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<switchboard_store::StoreError>()
+            .is_some_and(switchboard_store::StoreError::is_transient)
+    })
 }
 
 impl IntoResponse for ApiError {

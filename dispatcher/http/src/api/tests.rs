@@ -136,3 +136,42 @@ fn tokens_hooks_and_unmatched_answer_as_stored() {
         record_json(&unmatched, serde_json::json!({}))
     );
 }
+
+/// A passing failure of the shared state, however deeply wrapped, answers
+/// 503 (clients retry it); any other failure below the API answers 500.
+#[test]
+fn passing_store_failures_answer_503_and_others_500() {
+    use axum::http::StatusCode;
+    use switchboard_handlers::records::{RecordError, Records};
+    use switchboard_store::StoreError;
+
+    use super::ApiError;
+
+    let wrapped = |source: StoreError| RecordError::Storage {
+        records: Records::Contacts,
+        account: switchboard_sdk::AccountKey::new("acme").expect("an account key"),
+        source: Box::new(source),
+    };
+    let no_owner = ApiError::internal(wrapped(StoreError::Remote {
+        message: "writing to partition 3 through its owner: no replica takes the partition's \
+                  writes"
+            .into(),
+    }));
+    assert_eq!(no_owner.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        no_owner
+            .message()
+            .contains("no replica takes the partition's writes")
+            && no_owner.message().ends_with("try again in a moment"),
+        "{}",
+        no_owner.message()
+    );
+    let moved = ApiError::internal(StoreError::PartitionMoved { partition: 3 });
+    assert_eq!(moved.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let unsupported = ApiError::internal(wrapped(StoreError::Unsupported {
+        what: "one write across partitions",
+    }));
+    assert_eq!(unsupported.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let io = ApiError::internal(std::io::Error::other("disk full"));
+    assert_eq!(io.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
