@@ -910,17 +910,8 @@ impl Partitioned {
                             let client = client.clone();
                             tokio::spawn(async move {
                                 let answer = this.committed(partition, term, done).await;
-                                let replies = match &id {
-                                    Some(id) => this.answers.lock().expect("answers lock").give(
-                                        id,
-                                        answer.clone(),
-                                        std::time::Instant::now(),
-                                    ),
-                                    None => vec![reply],
-                                };
-                                for reply in replies {
-                                    let _ = client.publish(reply, answer.clone()).await;
-                                }
+                                this.send_answer(&client, id.as_deref(), reply, answer)
+                                    .await;
                             });
                             continue;
                         }
@@ -931,37 +922,53 @@ impl Partitioned {
                         Err(e) => e.to_string(),
                     },
                 };
-                let replies = match &id {
-                    Some(id) => this.answers.lock().expect("answers lock").refuse(id),
-                    None => vec![reply],
-                };
-                let refusal = Answer::Refused(refusal).encode();
-                for reply in replies {
-                    let _ = client.publish(reply, refusal.clone()).await;
-                }
+                this.send_answer(&client, id.as_deref(), reply, Answer::Refused(refusal))
+                    .await;
             }
         });
     }
 
+    /// Sends `answer` to `reply`, and to every sending of write `id`
+    /// waiting for it ([`forward::Answers::settle`]).
+    async fn send_answer(
+        &self,
+        client: &async_nats::Client,
+        id: Option<&str>,
+        reply: async_nats::Subject,
+        answer: Answer,
+    ) {
+        let replies = match id {
+            Some(id) => self.answers.lock().expect("answers lock").settle(
+                id,
+                &answer,
+                std::time::Instant::now(),
+            ),
+            None => vec![reply],
+        };
+        let answer = answer.encode();
+        for reply in replies {
+            let _ = client.publish(reply, answer.clone()).await;
+        }
+    }
+
     /// The answer to a forwarded write applied under `term` (whose
     /// expectations held if `done`), once a commit after it returned.
-    async fn committed(&self, partition: u16, term: Term, done: bool) -> Bytes {
+    async fn committed(&self, partition: u16, term: Term, done: bool) -> Answer {
         // A commit answers for every write before it, but a failure is told
         // to whichever commit waited: the term's own mark says whether this
         // write is stored.
         match self.appender.commit().await {
-            Ok(()) if self.still_holds(partition, Some(term)) => Answer::Written(done).encode(),
+            Ok(()) if self.still_holds(partition, Some(term)) => Answer::Written(done),
             Ok(()) => Answer::Unknown(format!(
                 "partition {partition}: the term's writes failed (epoch {}); \
                  the partition is read again from the changelog",
                 term.epoch
-            ))
-            .encode(),
+            )),
             Err(e) => {
                 if self.appender.is_broken(term) {
                     self.end_term(term);
                 }
-                Answer::Unknown(e.to_string()).encode()
+                Answer::Unknown(e.to_string())
             }
         }
     }

@@ -190,7 +190,7 @@ impl Answer {
 #[derive(Debug, PartialEq)]
 pub(super) enum Seen {
     /// A write not seen before (or forgotten): apply it, then
-    /// [`Answers::give`] its answer.
+    /// [`Answers::settle`] its answer.
     New,
     /// Being applied: the reply goes with its answer.
     Pending,
@@ -232,22 +232,19 @@ impl Answers {
     }
 
     /// Write `id` was answered with `answer` at `now`: where to send it
-    /// (every request for it that is waiting).
-    pub(super) fn give(&mut self, id: &str, answer: Bytes, now: Instant) -> Vec<Subject> {
+    /// (every request for it that is waiting). The answer is remembered,
+    /// unless it is a refusal: a write refused without being applied, sent
+    /// again, may find an owner.
+    pub(super) fn settle(&mut self, id: &str, answer: &Answer, now: Instant) -> Vec<Subject> {
         self.forget(now);
-        let waiting = match self.by_id.insert(id.to_string(), Slot::Given(answer)) {
-            Some(Slot::Pending(replies)) => replies,
-            _ => Vec::new(),
+        let waiting = if let Answer::Refused(_) = answer {
+            self.by_id.remove(id)
+        } else {
+            self.answered.push_back((now, id.to_string()));
+            self.by_id
+                .insert(id.to_string(), Slot::Given(answer.encode()))
         };
-        self.answered.push_back((now, id.to_string()));
-        waiting
-    }
-
-    /// Write `id` was refused without being applied: where to send the
-    /// refusal. It is not remembered: sent again, the write may find an
-    /// owner.
-    pub(super) fn refuse(&mut self, id: &str) -> Vec<Subject> {
-        match self.by_id.remove(id) {
+        match waiting {
             Some(Slot::Pending(replies)) => replies,
             _ => Vec::new(),
         }
@@ -333,7 +330,7 @@ mod tests {
         assert_eq!(answers.receive("w1", reply(2), start), Seen::Pending);
         assert_eq!(answers.receive("w2", reply(3), start), Seen::New);
         assert_eq!(
-            answers.give("w1", Answer::Written(true).encode(), start),
+            answers.settle("w1", &Answer::Written(true), start),
             vec![reply(1), reply(2)],
             "every waiting request is answered"
         );
@@ -344,7 +341,7 @@ mod tests {
         );
         assert_eq!(answers.receive("w2", reply(5), later), Seen::Pending);
         assert_eq!(
-            answers.give("w2", Answer::Written(false).encode(), later),
+            answers.settle("w2", &Answer::Written(false), later),
             vec![reply(3), reply(5)]
         );
 
@@ -361,7 +358,10 @@ mod tests {
         // A refused write is not remembered: sent again, it is new.
         assert_eq!(answers.receive("w3", reply(8), forgotten), Seen::New);
         assert_eq!(answers.receive("w3", reply(9), forgotten), Seen::Pending);
-        assert_eq!(answers.refuse("w3"), vec![reply(8), reply(9)]);
+        assert_eq!(
+            answers.settle("w3", &Answer::Refused("not held here".into()), forgotten),
+            vec![reply(8), reply(9)]
+        );
         assert_eq!(answers.receive("w3", reply(10), forgotten), Seen::New);
     }
 }
