@@ -757,18 +757,25 @@ pub(crate) async fn refused_at_start(dir: &std::path::Path, name: &str, config: 
     out.fails().to_string()
 }
 
+/// What `run` printed, refusing to start, for each of `values` of `key`
+/// (`section.name`), each set alone in a config file.
+async fn refused_values(key: &str, values: &[&'static str]) -> Vec<(&'static str, String)> {
+    let (section, name) = key.split_once('.').expect("a section.name key");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut lines = Vec::new();
+    for (i, value) in values.iter().enumerate() {
+        let config = format!("[{section}]\n{name} = {value}\n");
+        let line = refused_at_start(dir.path(), &format!("{name}-{i}"), &config).await;
+        lines.push((*value, line));
+    }
+    lines
+}
+
 /// A replica count JetStream cannot keep stops `run` before it starts,
 /// naming the key and the range.
 #[tokio::test]
 async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for replicas in ["0", "6"] {
-        let line = refused_at_start(
-            dir.path(),
-            &format!("r{replicas}"),
-            &format!("[bus]\nstream_replicas = {replicas}\n"),
-        )
-        .await;
+    for (replicas, line) in refused_values("bus.stream_replicas", &["0", "6"]).await {
         assert!(
             line.contains(&format!("bus.stream_replicas is {replicas}")) && line.contains("1 to 5"),
             "{line}"
@@ -780,14 +787,7 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
 /// before it starts, naming the key and the range.
 #[tokio::test]
 async fn a_worker_thread_count_out_of_range_is_refused_at_start() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for threads in ["0", "5000"] {
-        let line = refused_at_start(
-            dir.path(),
-            &format!("w{threads}"),
-            &format!("[runtime]\nworker_threads = {threads}\n"),
-        )
-        .await;
+    for (threads, line) in refused_values("runtime.worker_threads", &["0", "5000"]).await {
         assert!(
             line.contains(&format!("runtime.worker_threads is {threads}"))
                 && line.contains("1 to 1024"),
@@ -800,14 +800,7 @@ async fn a_worker_thread_count_out_of_range_is_refused_at_start() {
 /// `run` before it starts, naming the key and the range.
 #[tokio::test]
 async fn a_store_cache_out_of_range_is_refused_at_start() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for mib in ["0", "70000"] {
-        let line = refused_at_start(
-            dir.path(),
-            &format!("c{mib}"),
-            &format!("[store]\ncache_mib = {mib}\n"),
-        )
-        .await;
+    for (mib, line) in refused_values("store.cache_mib", &["0", "70000"]).await {
         assert!(
             line.contains("store.cache_mib must be between 1 and 65536")
                 && line.contains(&format!("not {mib}")),
