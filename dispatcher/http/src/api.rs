@@ -271,8 +271,7 @@ async fn require_caught_up(
     if probe || store.is_caught_up() {
         return next.run(request).await;
     }
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+    ApiError::unavailable(
         "catching_up",
         "this replica is catching up with the shared state; try again in a moment",
     )
@@ -286,6 +285,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     details: Option<Value>,
+    /// A passing failure: the answer carries `Retry-After`.
+    passing: bool,
 }
 
 impl ApiError {
@@ -305,6 +306,17 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            passing: false,
+        }
+    }
+
+    /// 503 for a failure that passes on its own (the bus or the shared
+    /// state coming back, a replica catching up): the answer carries
+    /// `Retry-After`.
+    pub(crate) fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            passing: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
 
@@ -323,11 +335,7 @@ impl ApiError {
     pub(crate) fn internal(e: impl std::error::Error + 'static) -> Self {
         if is_transient(&e) {
             tracing::warn!(error = %e, "API request met a passing failure of the shared state");
-            return Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("{e}; try again in a moment"),
-            );
+            return Self::unavailable("unavailable", format!("{e}; try again in a moment"));
         }
         tracing::error!(error = %e, "API request failed");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
@@ -336,7 +344,7 @@ impl ApiError {
 
 /// Whether `e`, or an error it wraps, is a passing failure of the shared
 /// state.
-fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(e), |e| e.source()).any(|e| {
         e.downcast_ref::<switchboard_store::StoreError>()
             .is_some_and(switchboard_store::StoreError::is_transient)
@@ -352,8 +360,25 @@ impl IntoResponse for ApiError {
                 details: self.details,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.passing {
+            retry_after(&mut response);
+        }
+        response
     }
+}
+
+/// How many seconds a 503 asks a client to wait before it tries again:
+/// a take-over or a leader election passes in a few.
+const RETRY_AFTER_SECS: u32 = 1;
+
+/// Marks a 503 with `Retry-After`, so that clients and providers that
+/// honour it come back soon rather than on their own longer schedule.
+pub(crate) fn retry_after(response: &mut Response) {
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+    );
 }
 
 impl From<ChainStoreError> for ApiError {

@@ -213,13 +213,11 @@ async fn publish_events(
     }
     let mut accepted = Vec::with_capacity(events.len());
     for event in &events {
-        let published = s.bus.publish(event).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "bus_unavailable",
-                e.to_string(),
-            )
-        })?;
+        let published = s
+            .bus
+            .publish(event)
+            .await
+            .map_err(|e| ApiError::unavailable("bus_unavailable", e.to_string()))?;
         accepted.push(Accepted {
             id: event.id,
             subject: event.subject(&s.prefix),

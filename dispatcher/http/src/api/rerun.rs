@@ -57,13 +57,10 @@ pub(crate) async fn rerun_event(
         old.event_type,
         old.event_data,
     );
-    s.bus.publish(&again).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            e.to_string(),
-        )
-    })?;
+    s.bus
+        .publish(&again)
+        .await
+        .map_err(|e| ApiError::unavailable("bus_unavailable", e.to_string()))?;
     tracing::info!(%account, event_id = %id, new_id = %again.id, "event run again as a new event");
     Ok(again)
 }

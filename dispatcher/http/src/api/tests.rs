@@ -138,7 +138,8 @@ fn tokens_hooks_and_unmatched_answer_as_stored() {
 }
 
 /// A passing failure of the shared state, however deeply wrapped, answers
-/// 503 (clients retry it); any other failure below the API answers 500.
+/// 503 with `Retry-After` (clients retry it); any other failure below the
+/// API answers 500.
 #[test]
 fn passing_store_failures_answer_503_and_others_500() {
     use axum::http::StatusCode;
@@ -168,10 +169,18 @@ fn passing_store_failures_answer_503_and_others_500() {
     );
     let moved = ApiError::internal(StoreError::PartitionMoved { partition: 3 });
     assert_eq!(moved.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after = |e: ApiError| {
+        axum::response::IntoResponse::into_response(e)
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .map(|v| v.to_str().expect("an ASCII header").to_string())
+    };
+    assert_eq!(retry_after(moved).as_deref(), Some("1"));
     let unsupported = ApiError::internal(wrapped(StoreError::Unsupported {
         what: "one write across partitions",
     }));
     assert_eq!(unsupported.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(retry_after(unsupported), None);
     let io = ApiError::internal(std::io::Error::other("disk full"));
     assert_eq!(io.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }

@@ -559,11 +559,62 @@ async fn account_page(State(s): State<ApiState>, OnAccount { session, key }: OnA
     ))
 }
 
-fn internal(session: &Session, e: &dyn std::fmt::Display) -> Response {
+/// A page the store failed: 503 with "try again in a moment" when the
+/// failure is the shared state's and passing (as the API answers it,
+/// [`crate::api::is_transient`]), else 500.
+fn internal(session: &Session, e: &(dyn std::error::Error + 'static)) -> Response {
+    if crate::api::is_transient(e) {
+        tracing::warn!(error = %e, "a console page met a passing failure of the shared state");
+        let mut page = error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(session),
+            "The shared state is changing hands (a replica is taking over its part); \
+             try again in a moment.",
+        );
+        crate::api::retry_after(&mut page);
+        return page;
+    }
     tracing::error!(error = %e, "a console page could not read the store");
     error_page(
         StatusCode::INTERNAL_SERVER_ERROR,
         Some(session),
         "The store could not be read; try again.",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+    use switchboard_store::StoreError;
+
+    use super::session::{SESSION_COOKIE, Sessions};
+    use crate::auth::Principal;
+
+    /// A page the shared state failed in passing answers 503 with
+    /// `Retry-After` and asks to try again in a moment; any other store
+    /// failure answers 500.
+    #[tokio::test]
+    async fn a_page_meeting_a_passing_store_failure_answers_503() {
+        let sessions = Sessions::default();
+        let id = sessions.start(Principal::Admin, [1; 32]);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+        );
+        let session = sessions.of(&headers).expect("the session");
+
+        let moved = super::internal(&session, &StoreError::PartitionMoved { partition: 3 });
+        assert_eq!(moved.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(moved.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(moved.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let page = String::from_utf8(body.to_vec()).unwrap();
+        assert!(page.contains("try again in a moment"), "{page}");
+
+        let disk = super::internal(&session, &std::io::Error::other("disk full"));
+        assert_eq!(disk.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(disk.headers().get(header::RETRY_AFTER).is_none());
+    }
 }
