@@ -352,6 +352,15 @@ pub enum StoreError {
         /// What failed, and what the NATS server said.
         message: String,
     },
+    /// A write sent to a partition's owner may or may not be stored: the
+    /// owner applied it and its commit failed, or no answer came before
+    /// the sender gave up. Reading it back tells; sending it again blindly
+    /// may apply it twice, so this is not [`StoreError::is_transient`].
+    #[error("shared state: {message}")]
+    OutcomeUnknown {
+        /// What failed.
+        message: String,
+    },
     /// An event's handling wrote a partition this replica no longer holds
     /// (another replica took it over meanwhile): the event is left to the
     /// partition's new owner, which redoes what was not made durable.
@@ -382,8 +391,8 @@ impl StoreError {
     /// Whether trying again later may succeed without anyone acting: the
     /// shared state's server or a partition's owner did not answer or
     /// refused (a take-over, a leader election), or the partition moved.
-    /// A local read or write that failed, or a backend that cannot do
-    /// something, is not.
+    /// A local read or write that failed, a backend that cannot do
+    /// something, or a write whose outcome is unknown, is not.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,

@@ -793,10 +793,12 @@ impl Partitioned {
                 Ok(Ok(reply)) => match Answer::decode(&reply.payload) {
                     Answer::Written(done) => return Ok(done),
                     Answer::Unknown(e) => {
-                        return Err(remote(format!(
-                            "writing to partition {partition} through its owner: {e}; the \
-                             write may or may not be stored"
-                        )));
+                        return Err(StoreError::OutcomeUnknown {
+                            message: format!(
+                                "writing to partition {partition} through its owner: {e}; the \
+                                 write may or may not be stored"
+                            ),
+                        });
                     }
                     Answer::Refused(e) => {
                         last = e;
@@ -822,16 +824,20 @@ impl Partitioned {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let maybe = if unanswered {
-            "; an owner may have stored it without answering"
-        } else {
-            ""
-        };
-        Err(remote(format!(
+        let message = format!(
             "writing to partition {partition} through its owner: {last} (the last of {sendings} \
-             sendings in {:.0?}){maybe}",
+             sendings in {:.0?})",
             started.elapsed()
-        )))
+        );
+        if unanswered {
+            // A sending that got no answer may have reached an owner that
+            // stored the write.
+            Err(StoreError::OutcomeUnknown {
+                message: format!("{message}; an owner may have stored it without answering"),
+            })
+        } else {
+            Err(remote(message))
+        }
     }
 
     /// Answers the writes other replicas forward for `partition` while

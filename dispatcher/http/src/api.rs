@@ -42,6 +42,7 @@ use switchboard_handlers::records::{Contacts, MessageStatus, Messages, Secrets, 
 use switchboard_handlers::script::ScriptStoreError;
 use switchboard_rules::{ChainStoreError, ChainVersion, Format, parse_chain_file, validate};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
+use switchboard_store::StoreError;
 
 use switchboard_engine::dry_run;
 
@@ -331,24 +332,43 @@ impl ApiError {
     /// A failure below the API: 503 when it is the shared state's and
     /// passing ([`switchboard_store::StoreError::is_transient`]: a replica cannot reach the
     /// partition's owner or the changelog, during a take-over or a leader
-    /// election), which clients retry; else 500.
+    /// election), which clients retry; 500 `outcome_unknown` for a write
+    /// that may or may not be stored (sending it again could apply it
+    /// twice: a second token, a second message); else 500.
     pub(crate) fn internal(e: impl std::error::Error + 'static) -> Self {
         if is_transient(&e) {
             tracing::warn!(error = %e, "API request met a passing failure of the shared state");
             return Self::unavailable("unavailable", format!("{e}; try again in a moment"));
         }
         tracing::error!(error = %e, "API request failed");
+        if is_outcome_unknown(&e) {
+            return Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "outcome_unknown",
+                format!("{e}; read it back before sending it again"),
+            );
+        }
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     }
+}
+
+/// The store's errors among `e` and the errors it wraps.
+fn store_errors<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'e StoreError> {
+    std::iter::successors(Some(e), |e| e.source()).filter_map(|e| e.downcast_ref::<StoreError>())
+}
+
+/// Whether `e`, or an error it wraps, is a write that may or may not be
+/// stored.
+pub(crate) fn is_outcome_unknown(e: &(dyn std::error::Error + 'static)) -> bool {
+    store_errors(e).any(|e| matches!(e, StoreError::OutcomeUnknown { .. }))
 }
 
 /// Whether `e`, or an error it wraps, is a passing failure of the shared
 /// state.
 pub(crate) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source()).any(|e| {
-        e.downcast_ref::<switchboard_store::StoreError>()
-            .is_some_and(switchboard_store::StoreError::is_transient)
-    })
+    store_errors(e).any(StoreError::is_transient)
 }
 
 impl IntoResponse for ApiError {

@@ -138,8 +138,9 @@ fn tokens_hooks_and_unmatched_answer_as_stored() {
 }
 
 /// A passing failure of the shared state, however deeply wrapped, answers
-/// 503 with `Retry-After` (clients retry it); any other failure below the
-/// API answers 500.
+/// 503 with `Retry-After` (clients retry it); a write that may or may not
+/// be stored answers 500 `outcome_unknown` (retrying it blindly could apply
+/// it twice); any other failure below the API answers 500.
 #[test]
 fn passing_store_failures_answer_503_and_others_500() {
     use axum::http::StatusCode;
@@ -181,6 +182,22 @@ fn passing_store_failures_answer_503_and_others_500() {
     }));
     assert_eq!(unsupported.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(retry_after(unsupported), None);
+    let unknown = ApiError::internal(wrapped(StoreError::OutcomeUnknown {
+        message: "writing to partition 3 through its owner: the changelog did not answer; the \
+                  write may or may not be stored"
+            .into(),
+    }));
+    assert_eq!(unknown.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(unknown.code, "outcome_unknown");
+    assert!(
+        unknown.message().contains("may or may not be stored")
+            && unknown
+                .message()
+                .ends_with("read it back before sending it again"),
+        "{}",
+        unknown.message()
+    );
+    assert_eq!(retry_after(unknown), None);
     let io = ApiError::internal(std::io::Error::other("disk full"));
     assert_eq!(io.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }

@@ -561,7 +561,8 @@ async fn account_page(State(s): State<ApiState>, OnAccount { session, key }: OnA
 
 /// A page the store failed: 503 with "try again in a moment" when the
 /// failure is the shared state's and passing (as the API answers it,
-/// [`crate::api::is_transient`]), else 500.
+/// [`crate::api::is_transient`]), else 500, saying so when a change may or
+/// may not have been saved.
 fn internal(session: &Session, e: &(dyn std::error::Error + 'static)) -> Response {
     if crate::api::is_transient(e) {
         tracing::warn!(error = %e, "a console page met a passing failure of the shared state");
@@ -574,12 +575,13 @@ fn internal(session: &Session, e: &(dyn std::error::Error + 'static)) -> Respons
         crate::api::retry_after(&mut page);
         return page;
     }
-    tracing::error!(error = %e, "a console page could not read the store");
-    error_page(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        Some(session),
-        "The store could not be read; try again.",
-    )
+    tracing::error!(error = %e, "a console page could not read or write the store");
+    let message = if crate::api::is_outcome_unknown(e) {
+        "The change may or may not have been saved; reload to see before trying again."
+    } else {
+        "The store could not be read; try again."
+    };
+    error_page(StatusCode::INTERNAL_SERVER_ERROR, Some(session), message)
 }
 
 #[cfg(test)]
@@ -591,8 +593,8 @@ mod tests {
     use crate::auth::Principal;
 
     /// A page the shared state failed in passing answers 503 with
-    /// `Retry-After` and asks to try again in a moment; any other store
-    /// failure answers 500.
+    /// `Retry-After` and asks to try again in a moment; a change that may or
+    /// may not have been saved, and any other store failure, answer 500.
     #[tokio::test]
     async fn a_page_meeting_a_passing_store_failure_answers_503() {
         let sessions = Sessions::default();
@@ -612,6 +614,20 @@ mod tests {
             .unwrap();
         let page = String::from_utf8(body.to_vec()).unwrap();
         assert!(page.contains("try again in a moment"), "{page}");
+
+        let unknown = super::internal(
+            &session,
+            &StoreError::OutcomeUnknown {
+                message: "no answer".into(),
+            },
+        );
+        assert_eq!(unknown.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(unknown.headers().get(header::RETRY_AFTER).is_none());
+        let body = axum::body::to_bytes(unknown.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let page = String::from_utf8(body.to_vec()).unwrap();
+        assert!(page.contains("may or may not have been saved"), "{page}");
 
         let disk = super::internal(&session, &std::io::Error::other("disk full"));
         assert_eq!(disk.status(), StatusCode::INTERNAL_SERVER_ERROR);
