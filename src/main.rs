@@ -517,6 +517,10 @@ struct RunArgs {
     /// default one per CPU).
     #[arg(long, env = "SWITCHBOARD_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Threads of the event path's own (`runtime.event_threads`; default
+    /// 0: the event path shares the runtime's worker threads).
+    #[arg(long, env = "SWITCHBOARD_EVENT_THREADS")]
+    event_threads: Option<usize>,
     /// Hosts, addresses or networks that account URLs (webhooks) may reach
     /// even when private or loopback; added to `outbound.allow`. Repeat it,
     /// or separate entries with commas.
@@ -1401,6 +1405,7 @@ fn run_config(args: &RunArgs) -> Result<Config, String> {
             .filter(|t| !t.is_empty()),
         public_url: args.public_url.clone(),
         worker_threads: args.worker_threads,
+        event_threads: args.event_threads,
     };
     Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())
 }

@@ -796,6 +796,19 @@ async fn a_worker_thread_count_out_of_range_is_refused_at_start() {
     }
 }
 
+/// More event threads than the most it takes stops `run` before it
+/// starts, naming the key and the range.
+#[tokio::test]
+async fn an_event_thread_count_out_of_range_is_refused_at_start() {
+    for (threads, line) in refused_values("runtime.event_threads", &["300"]).await {
+        assert!(
+            line.contains(&format!("runtime.event_threads is {threads}"))
+                && line.contains("0 (the shared runtime) to 256"),
+            "{line}"
+        );
+    }
+}
+
 /// A page cache of no size, or of more than the machine could hold, stops
 /// `run` before it starts, naming the key and the range.
 #[tokio::test]

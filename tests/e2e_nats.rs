@@ -161,6 +161,75 @@ async fn events_of_one_conversation_are_handled_one_after_another_in_order() {
     }
 }
 
+/// With the event path on threads of its own (`runtime.event_threads`),
+/// the events of several conversations are all handled, each
+/// conversation's one after another in order, emitted events included;
+/// `/metrics` shows the threads, and a stop is still clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_path_on_threads_of_its_own_keeps_each_conversation_in_order() {
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::with_config(Some(&nats), "[runtime]\nevent_threads = 2\n");
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 4];
+    for n in 0..10 {
+        for (c, conversation) in ids.iter_mut().enumerate() {
+            let e = event(
+                "acme",
+                "survey",
+                "step",
+                &format!("conversation-{c}"),
+                json!({"n": n}),
+            );
+            emitter.emit(&e).await.expect("emit");
+            conversation.push(e.id.to_string());
+        }
+    }
+    for conversation in &ids {
+        let mut previous: Option<serde_json::Value> = None;
+        for id in conversation {
+            let trace = d.wait_for_trace("acme", id, TIMEOUT).await;
+            assert_eq!(trace["status"], "done", "{trace:#}");
+            if let Some(p) = &previous {
+                assert!(
+                    instant(&trace["started_at"]) >= instant(&p["finished_at"]),
+                    "event {} of {} started before event {} finished",
+                    trace["event"]["event_data"]["n"],
+                    trace["event"]["conversation_key"],
+                    p["event"]["event_data"]["n"]
+                );
+            }
+            previous = Some(trace);
+        }
+    }
+    // A poll's lineage (an emitted event and its chain) runs there too.
+    let poll = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "poll-2026",
+        json!({"msisdn": "+27820000009", "score": 4}),
+    );
+    emitter.emit(&poll).await.expect("emit");
+    check_poll_lineage(&d, "acme", &poll.id.to_string(), "+27820000009").await;
+
+    let metrics = reqwest::get(format!("{}/metrics", d.url()))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "switchboard_runtime_event_threads 2"),
+        "{metrics}"
+    );
+    assert_eq!(d.stop(), Some(0), "SIGTERM is a clean stop:\n{}", d.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_published_while_the_dispatcher_is_down_are_handled_when_it_is_back() {
     let nats = NatsServer::start();

@@ -320,7 +320,17 @@ async fn the_runtime_has_the_worker_threads_configured() {
     };
     let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let default = Dispatcher::embedded();
-    assert_eq!(threads(&scrape(&default, None).await.1), cpus);
+    let text = scrape(&default, None).await.1;
+    assert_eq!(threads(&text), cpus);
+    assert_eq!(
+        value(
+            &parse(&text, "prometheus"),
+            "switchboard_runtime_event_threads",
+            &[]
+        ),
+        0.0,
+        "the event path shares the runtime by default"
+    );
     let from_file = Dispatcher::with_config(None, "[runtime]\nworker_threads = 3\n");
     assert_eq!(threads(&scrape(&from_file, None).await.1), 3.0);
     let from_env = Dispatcher::with_config_env(

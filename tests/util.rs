@@ -32,9 +32,10 @@ pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
 
 /// Environment variables the binary reads; cleared so that the developer's
 /// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 20] = [
+const SWITCHBOARD_ENV: [&str; 21] = [
     "SWITCHBOARD_CONFIG",
     "SWITCHBOARD_WORKER_THREADS",
+    "SWITCHBOARD_EVENT_THREADS",
     // Tokio's own, read when `runtime.worker_threads` is not set.
     "TOKIO_WORKER_THREADS",
     "SWITCHBOARD_NATS_URL",

@@ -175,6 +175,9 @@ pub fn default_binary() -> PathBuf {
 /// with its default).
 pub const WORKER_THREADS: &str = "SWITCHBOARD_WORKER_THREADS";
 
+/// The same for the event path's own threads (`runtime.event_threads`).
+pub const EVENT_THREADS: &str = "SWITCHBOARD_EVENT_THREADS";
+
 /// How to start a dispatcher.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec<'a> {
@@ -218,9 +221,12 @@ impl Dispatcher {
         let program = spec.binary.map_or_else(default_binary, Path::to_path_buf);
         let mut cmd = tokio::process::Command::new(&program);
         // Only what is passed here configures it, but for the runtime's
-        // worker threads, which a run may set for every dispatcher.
+        // threads, which a run may set for every dispatcher.
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SWITCHBOARD_") && k != WORKER_THREADS {
+            if k.to_string_lossy().starts_with("SWITCHBOARD_")
+                && k != WORKER_THREADS
+                && k != EVENT_THREADS
+            {
                 cmd.env_remove(k);
             }
         }

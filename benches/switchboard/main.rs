@@ -6,8 +6,9 @@
 //!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
-//! `SWITCHBOARD_WORKER_THREADS`, if set, is passed on to every dispatcher
-//! (`runtime.worker_threads`); nothing else of the environment configures
+//! `SWITCHBOARD_WORKER_THREADS` and `SWITCHBOARD_EVENT_THREADS`, if set,
+//! are passed on to every dispatcher (`runtime.worker_threads`,
+//! `runtime.event_threads`); nothing else of the environment configures
 //! them.
 //!
 //! Every scenario starts its own `nats-server -js` on loopback (in a

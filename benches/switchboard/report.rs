@@ -173,8 +173,12 @@ impl Report {
             |_| "one per CPU".into(),
             |n| format!("{n} ({})", crate::common::WORKER_THREADS),
         );
+        let event_threads = std::env::var(crate::common::EVENT_THREADS).map_or_else(
+            |_| "none".into(),
+            |n| format!("{n} ({})", crate::common::EVENT_THREADS),
+        );
         println!(
-            "- {nats}; dispatchers run with --concurrency {} and worker threads {threads}; CPU times in ticks of 1/{} s",
+            "- {nats}; dispatchers run with --concurrency {}, worker threads {threads} and event threads {event_threads}; CPU times in ticks of 1/{} s",
             self.concurrency,
             crate::common::clock_ticks_per_second().map_or_else(|_| "?".into(), |t| t.to_string())
         );

@@ -63,10 +63,23 @@ pub struct RuntimeConfig {
     /// busy thread delays the events waiting behind it (see "One runtime
     /// thread" there).
     pub worker_threads: Option<usize>,
+    /// Threads of the event path's own (the consume loop, the settler and
+    /// the conversations' workers), each a single-threaded runtime with a
+    /// share of the workers; 0 (the default): the event path runs on the
+    /// shared runtime. Work handed between the event path's tasks then
+    /// stays on its thread: on the 2-core machine of BENCHMARKS.md one
+    /// event thread costs about a fifth less CPU per event than the shared
+    /// runtime (see "Event threads" there), while a script step with a
+    /// large operation limit holds up its thread's conversations
+    /// (`switchboard_engine::event_threads`).
+    pub event_threads: usize,
 }
 
 /// The most worker threads `runtime.worker_threads` takes.
 pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// The most event threads `runtime.event_threads` takes.
+pub const MAX_EVENT_THREADS: usize = 256;
 
 impl RuntimeConfig {
     /// The runtime this configuration describes.
@@ -345,6 +358,8 @@ pub struct Overrides {
     pub public_url: Option<String>,
     /// `runtime.worker_threads`
     pub worker_threads: Option<usize>,
+    /// `runtime.event_threads`
+    pub event_threads: Option<usize>,
 }
 
 impl Config {
@@ -365,6 +380,7 @@ impl Config {
             admin_token,
             public_url,
             worker_threads,
+            event_threads,
         } = overrides;
         config.outbound.allow.extend(outbound_allow);
         if nats_url.is_some() {
@@ -395,6 +411,9 @@ impl Config {
         if worker_threads.is_some() {
             config.runtime.worker_threads = worker_threads;
         }
+        if let Some(n) = event_threads {
+            config.runtime.event_threads = n;
+        }
         config.check()?;
         Ok(config)
     }
@@ -424,6 +443,13 @@ impl Config {
         {
             return Err(ConfigError::Invalid(format!(
                 "runtime.worker_threads is {n}: it must be 1 to {MAX_WORKER_THREADS}"
+            )));
+        }
+        let n = self.runtime.event_threads;
+        if n > MAX_EVENT_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.event_threads is {n}: it must be 0 (the shared runtime) to \
+                 {MAX_EVENT_THREADS}"
             )));
         }
         if self.limits.concurrency == 0 {

@@ -13,6 +13,7 @@ use switchboard_bus::partitions::Membership;
 use switchboard_engine::bus::{Bus, BusError, Published};
 use switchboard_engine::consume::consume;
 use switchboard_engine::event_kinds::EventKinds;
+use switchboard_engine::event_threads::EventThreads;
 use switchboard_engine::executor::{Executor, ExecutorParts, Letters};
 use switchboard_engine::journal::Journal;
 use switchboard_engine::metrics::Metrics;
@@ -98,6 +99,8 @@ pub struct Dispatcher {
     admin_token_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
     consumer: JoinHandle<()>,
+    /// The event path's own threads (none unless configured).
+    event_threads: EventThreads,
     /// This replica among those sharing the bus.
     membership: Option<Membership>,
     server: JoinHandle<()>,
@@ -218,16 +221,32 @@ impl Dispatcher {
         };
         let stopped_for_sampling = stopped.clone();
         tokio::spawn(engine.timers.clone().run(stopped.clone()));
-        let consumer = tokio::spawn(consume(
-            engine.executor,
-            bus.clone(),
-            deliveries,
-            config.limits.concurrency,
-            bus.ack_wait().map(|w| w / 3),
-            config.delivery.shutdown_grace,
-            EventKinds::new(store.clone()),
-            stopped,
-        ));
+        let event_threads = match EventThreads::start(config.runtime.event_threads) {
+            Ok(threads) => threads,
+            Err(e) => {
+                let _ = stop.send(true);
+                let _ = server.await;
+                return Err(StartError::Config(format!(
+                    "starting {} event threads (runtime.event_threads): {e}",
+                    config.runtime.event_threads
+                )));
+            }
+        };
+        let spawner = event_threads.spawner();
+        let consumer = spawner.spawn(
+            0,
+            consume(
+                engine.executor,
+                bus.clone(),
+                deliveries,
+                config.limits.concurrency,
+                bus.ack_wait().map(|w| w / 3),
+                config.delivery.shutdown_grace,
+                EventKinds::new(store.clone()),
+                spawner.clone(),
+                stopped,
+            ),
+        );
         spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
         spawn_message_expiry(engine.records.messages.clone(), config.messages.retention);
         spawn_inbox_expiry(engine.records.inbox.clone(), config.inbox);
@@ -250,6 +269,7 @@ impl Dispatcher {
             admin_token_file,
             stop,
             consumer,
+            event_threads,
             membership,
             server,
             sessions,
@@ -303,6 +323,7 @@ impl Dispatcher {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.consumer.await;
+        self.event_threads.stop().await;
         if let Some(membership) = self.membership {
             membership.leave().await;
         }
@@ -488,6 +509,7 @@ impl Engine {
             letters: Letters::new(store.clone(), bus.clone()),
             timers: self.timers.clone(),
             metrics: self.metrics.clone(),
+            event_threads: config.runtime.event_threads,
             max_event_bytes: limits.max_event_bytes,
             max_depth: limits.max_depth,
             prefix: config.bus.subject_prefix.clone(),

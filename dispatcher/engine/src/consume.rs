@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, Delivery};
 use crate::event_kinds::{EventKinds, Tally};
+use crate::event_threads::Spawner;
 use crate::executor::{Disposition, Executor};
 
 /// How often the consume loop hands its count of event kinds over to the
@@ -51,7 +52,9 @@ fn tally_due(accounts: usize, gathered: Duration) -> bool {
 /// true, then gives back what was not handled, in bus order. `keepalive`:
 /// how often a worker reports a long-running event in progress; `grace`:
 /// how long a stop waits for the events being handled. The kinds of event
-/// consumed are counted into `kinds`.
+/// consumed are counted into `kinds`. The settler and the workers run where
+/// `spawner` puts them: the settler with the first worker, the workers
+/// spread over the event threads.
 #[allow(clippy::too_many_arguments)]
 pub async fn consume(
     executor: Arc<Executor>,
@@ -61,29 +64,33 @@ pub async fn consume(
     keepalive: Option<Duration>,
     grace: Duration,
     kinds: EventKinds,
+    spawner: Spawner,
     mut stopped: watch::Receiver<bool>,
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
-    let settler = tokio::spawn(settle_batches(executor.clone(), settling, keepalive));
+    let settler = spawner.spawn(0, settle_batches(executor.clone(), settling, keepalive));
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    for n in 0..concurrency {
         // Small buffers: a delivery waiting here gets no progress reports, so
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
         queues.push(tx);
-        workers.push(tokio::spawn(
-            Worker {
-                executor: executor.clone(),
-                settle: settle.clone(),
-                earlier: None,
-                keepalive,
-                grace,
-                stopped: stopped.clone(),
-                waiting: HashMap::new(),
-            }
-            .run(rx),
-        ));
+        workers.push(
+            spawner.spawn(
+                n,
+                Worker {
+                    executor: executor.clone(),
+                    settle: settle.clone(),
+                    earlier: None,
+                    keepalive,
+                    grace,
+                    stopped: stopped.clone(),
+                    waiting: HashMap::new(),
+                }
+                .run(rx),
+            ),
+        );
     }
     let mut tally = Tally::default();
     let mut tally_since = tokio::time::Instant::now();

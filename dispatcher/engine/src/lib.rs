@@ -8,7 +8,8 @@
 //! journal and [`dry_run`] shows what chains would do; [`event_kinds`]
 //! counts the kinds of event each account has had, and [`tail`] shows each
 //! pass over an event to whoever watches. [`timers`] bring back the events
-//! of chains paused by a `delay` step when their pause ends.
+//! of chains paused by a `delay` step when their pause ends. The event path
+//! runs on the shared runtime or on [`event_threads`] of its own.
 //!
 //! It knows the bus only through the [`bus`] ports, the state only through
 //! the store crate and the handlers' record ports, and no HTTP.
@@ -18,6 +19,7 @@ pub mod consume;
 pub mod dead_letters;
 pub mod dry_run;
 pub mod event_kinds;
+pub mod event_threads;
 pub mod executor;
 pub mod journal;
 pub mod limits;

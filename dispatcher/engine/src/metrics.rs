@@ -329,6 +329,8 @@ pub struct Gauges {
     pub digests_open: u64,
     /// The async runtime's worker threads (`runtime.worker_threads`).
     pub runtime_worker_threads: u64,
+    /// The event path's own threads (`runtime.event_threads`).
+    pub runtime_event_threads: u64,
 }
 
 /// Every counter and histogram of the process.
@@ -693,6 +695,11 @@ impl Metrics {
             "The async runtime's worker threads",
             ConstGauge::new(i64::try_from(gauges.runtime_worker_threads).unwrap_or(i64::MAX)),
         );
+        scraped.register(
+            "runtime_event_threads",
+            "Threads of the event path's own (0: it shares the runtime's worker threads)",
+            ConstGauge::new(i64::try_from(gauges.runtime_event_threads).unwrap_or(i64::MAX)),
+        );
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         encode_registry(out, &self.registry)
             .and_then(|()| encode_registry(out, &scraped))
@@ -880,6 +887,7 @@ mod tests {
             timers_pending: 5,
             digests_open: 2,
             runtime_worker_threads: 2,
+            runtime_event_threads: 1,
         });
         for line in [
             "switchboard_step_duration_seconds_bucket{le=\"0.001\",handler=\"log\"} 0",
@@ -898,6 +906,7 @@ mod tests {
             "switchboard_digests_open 2",
             "switchboard_digest_events_joined_total 1",
             "switchboard_runtime_worker_threads 2",
+            "switchboard_runtime_event_threads 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

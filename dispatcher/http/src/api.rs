@@ -83,6 +83,8 @@ pub struct ApiState {
     pub timers: switchboard_engine::timers::Timers,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The event path's own threads (`runtime.event_threads`; 0: none).
+    pub event_threads: usize,
     /// Largest accepted event, in bytes.
     pub max_event_bytes: usize,
     /// How deep a lineage of emitted events may go (dry runs follow

@@ -50,6 +50,7 @@ pub(super) async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Re
         timers_pending: s.timers.pending(),
         digests_open: switchboard_engine::executor::open_windows(&s.store),
         runtime_worker_threads: tokio::runtime::Handle::current().metrics().num_workers() as u64,
+        runtime_event_threads: s.event_threads as u64,
     };
     // OpenMetrics when asked for (as Prometheus asks), else the older
     // Prometheus text that every scraper reads.
