@@ -517,8 +517,9 @@ struct RunArgs {
     /// default one per CPU).
     #[arg(long, env = "SWITCHBOARD_WORKER_THREADS")]
     worker_threads: Option<usize>,
-    /// Threads of the event path's own (`runtime.event_threads`; default
-    /// 0: the event path shares the runtime's worker threads).
+    /// Threads of the event path's own (`runtime.event_threads`; 0: the
+    /// event path shares the runtime's worker threads; default 1 on a
+    /// machine of up to 2 CPUs, else 0).
     #[arg(long, env = "SWITCHBOARD_EVENT_THREADS")]
     event_threads: Option<usize>,
     /// Hosts, addresses or networks that account URLs (webhooks) may reach

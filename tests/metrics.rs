@@ -308,7 +308,8 @@ async fn only_named_accounts_have_series_and_every_account_has_counts() {
 
 /// The runtime has as many worker threads as `runtime.worker_threads`, or
 /// the flag's variable, says (the variable wins over the file), and one per
-/// CPU without either; `/metrics` shows how many.
+/// CPU without either; `/metrics` shows how many, and how many event
+/// threads (one by default on a machine of up to 2 CPUs, none when set to 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runtime_has_the_worker_threads_configured() {
     let threads = |text: &str| -> f64 {
@@ -328,8 +329,18 @@ async fn the_runtime_has_the_worker_threads_configured() {
             "switchboard_runtime_event_threads",
             &[]
         ),
-        0.0,
-        "the event path shares the runtime by default"
+        if cpus <= 2.0 { 1.0 } else { 0.0 },
+        "by default the event path has a thread of its own on a machine of up to 2 CPUs"
+    );
+    let shared = Dispatcher::with_config(None, "[runtime]\nevent_threads = 0\n");
+    let text = scrape(&shared, None).await.1;
+    assert_eq!(
+        value(
+            &parse(&text, "prometheus"),
+            "switchboard_runtime_event_threads",
+            &[]
+        ),
+        0.0
     );
     let from_file = Dispatcher::with_config(None, "[runtime]\nworker_threads = 3\n");
     assert_eq!(threads(&scrape(&from_file, None).await.1), 3.0);

@@ -65,15 +65,23 @@ pub struct RuntimeConfig {
     pub worker_threads: Option<usize>,
     /// Threads of the event path's own (the consume loop, the settler and
     /// the conversations' workers), each a single-threaded runtime with a
-    /// share of the workers; 0 (the default): the event path runs on the
-    /// shared runtime. Work handed between the event path's tasks then
-    /// stays on its thread: on the 2-core machine of BENCHMARKS.md one
-    /// event thread costs about a fifth less CPU per event than the shared
-    /// runtime (see "Event threads" there), while a script step with a
-    /// large operation limit holds up its thread's conversations
+    /// share of the workers; 0: the event path runs on the shared runtime.
+    /// Default ([`RuntimeConfig::event_threads`]): 1 on a machine of up to
+    /// [`ONE_EVENT_THREAD_UP_TO_CPUS`] CPUs, else 0. Work the event path's
+    /// tasks hand each other then stays on its thread: on the 2-core
+    /// machine of BENCHMARKS.md one event thread costs about a fifth less
+    /// CPU per event than the shared runtime at the same tail latency, and
+    /// two cost more than one (see "Event threads" there); a script step
+    /// with a large operation limit holds up its thread's conversations
     /// (`switchboard_engine::event_threads`).
-    pub event_threads: usize,
+    #[serde(rename = "event_threads")]
+    pub event_threads_set: Option<usize>,
 }
+
+/// Up to how many CPUs the event path gets a thread of its own by default:
+/// measured on 2; with more, the shared runtime's threads can each take a
+/// share of the events, which one event thread cannot.
+pub const ONE_EVENT_THREAD_UP_TO_CPUS: usize = 2;
 
 /// The most worker threads `runtime.worker_threads` takes.
 pub const MAX_WORKER_THREADS: usize = 1024;
@@ -82,6 +90,15 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 pub const MAX_EVENT_THREADS: usize = 256;
 
 impl RuntimeConfig {
+    /// The event path's own threads: as set, or the default for this
+    /// machine.
+    pub fn event_threads(&self) -> usize {
+        self.event_threads_set.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            usize::from(cpus <= ONE_EVENT_THREAD_UP_TO_CPUS)
+        })
+    }
+
     /// The runtime this configuration describes.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -411,8 +428,8 @@ impl Config {
         if worker_threads.is_some() {
             config.runtime.worker_threads = worker_threads;
         }
-        if let Some(n) = event_threads {
-            config.runtime.event_threads = n;
+        if event_threads.is_some() {
+            config.runtime.event_threads_set = event_threads;
         }
         config.check()?;
         Ok(config)
@@ -445,8 +462,9 @@ impl Config {
                 "runtime.worker_threads is {n}: it must be 1 to {MAX_WORKER_THREADS}"
             )));
         }
-        let n = self.runtime.event_threads;
-        if n > MAX_EVENT_THREADS {
+        if let Some(n) = self.runtime.event_threads_set
+            && n > MAX_EVENT_THREADS
+        {
             return Err(ConfigError::Invalid(format!(
                 "runtime.event_threads is {n}: it must be 0 (the shared runtime) to \
                  {MAX_EVENT_THREADS}"

@@ -221,14 +221,14 @@ impl Dispatcher {
         };
         let stopped_for_sampling = stopped.clone();
         tokio::spawn(engine.timers.clone().run(stopped.clone()));
-        let event_threads = match EventThreads::start(config.runtime.event_threads) {
+        let event_threads = match EventThreads::start(config.runtime.event_threads()) {
             Ok(threads) => threads,
             Err(e) => {
                 let _ = stop.send(true);
                 let _ = server.await;
                 return Err(StartError::Config(format!(
                     "starting {} event threads (runtime.event_threads): {e}",
-                    config.runtime.event_threads
+                    config.runtime.event_threads()
                 )));
             }
         };
@@ -509,7 +509,7 @@ impl Engine {
             letters: Letters::new(store.clone(), bus.clone()),
             timers: self.timers.clone(),
             metrics: self.metrics.clone(),
-            event_threads: config.runtime.event_threads,
+            event_threads: config.runtime.event_threads(),
             max_event_bytes: limits.max_event_bytes,
             max_depth: limits.max_depth,
             prefix: config.bus.subject_prefix.clone(),
