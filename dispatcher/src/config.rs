@@ -55,11 +55,13 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// The async runtime's worker threads, which run the event path
-    /// (decoding, every step, the store's reads and writes), the API and
-    /// the timers; default one per CPU. Fewer threads hand work between
-    /// each other less often: on the 2-core machine of BENCHMARKS.md one
-    /// thread costs about a quarter less CPU per event than two, while one
+    /// The shared async runtime's worker threads, which run the API, the
+    /// bus's connection, the timers and, without event threads (below),
+    /// the event path (decoding, every step, the store's reads and
+    /// writes); default one per CPU. Fewer threads hand work between
+    /// each other less often: on the 2-core machine of BENCHMARKS.md, with
+    /// the event path on them, one thread costs about a quarter less CPU
+    /// per event than two, while one
     /// busy thread delays the events waiting behind it (see "One runtime
     /// thread" there).
     pub worker_threads: Option<usize>,
