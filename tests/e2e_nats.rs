@@ -164,11 +164,15 @@ async fn events_of_one_conversation_are_handled_one_after_another_in_order() {
 /// With the event path on threads of its own (`runtime.event_threads`),
 /// the events of several conversations are all handled, each
 /// conversation's one after another in order, emitted events included;
-/// `/metrics` shows the threads, and a stop is still clean.
+/// `/metrics` shows the threads, a script timeout longer than the progress
+/// reports' interval is warned of, and a stop is still clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_path_on_threads_of_its_own_keeps_each_conversation_in_order() {
     let nats = NatsServer::start();
-    let mut d = Dispatcher::with_config(Some(&nats), "[runtime]\nevent_threads = 2\n");
+    let mut d = Dispatcher::with_config(
+        Some(&nats),
+        "[runtime]\nevent_threads = 2\n[rhai]\ntimeout = \"15s\"\n",
+    );
     d.apply_chains("acme.toml", &poll_chains("acme")).await;
     let emitter = NatsEmitter::connect(nats.url())
         .await
@@ -226,6 +230,15 @@ async fn the_event_path_on_threads_of_its_own_keeps_each_conversation_in_order()
             .lines()
             .any(|l| l == "switchboard_runtime_event_threads 2"),
         "{metrics}"
+    );
+    // A script call may hold an event thread longer than a third of the
+    // ack wait (30 s): the start warns, naming both settings.
+    assert!(
+        d.log()
+            .contains("rhai.timeout lets one script call hold an event thread")
+            && d.log().contains("bus.ack_wait_secs"),
+        "{}",
+        d.log()
     );
     assert_eq!(d.stop(), Some(0), "SIGTERM is a clean stop:\n{}", d.log());
 }

@@ -61,9 +61,8 @@ pub struct RuntimeConfig {
     /// writes); default one per CPU. Fewer threads hand work between
     /// each other less often: on the 2-core machine of BENCHMARKS.md, with
     /// the event path on them, one thread costs about a quarter less CPU
-    /// per event than two, while one
-    /// busy thread delays the events waiting behind it (see "One runtime
-    /// thread" there).
+    /// per event than two, while one busy thread delays the events waiting
+    /// behind it (see "One runtime thread" there).
     pub worker_threads: Option<usize>,
     /// Threads of the event path's own (the consume loop, the settler and
     /// the conversations' workers), each a single-threaded runtime with a

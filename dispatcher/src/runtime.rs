@@ -99,7 +99,8 @@ pub struct Dispatcher {
     admin_token_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
     consumer: JoinHandle<()>,
-    /// The event path's own threads (none unless configured).
+    /// The event path's own threads (`runtime.event_threads`; none when
+    /// it runs on the shared runtime).
     event_threads: EventThreads,
     /// This replica among those sharing the bus.
     membership: Option<Membership>,
@@ -172,8 +173,15 @@ impl Dispatcher {
             &public_url,
             stopped.clone(),
         )?;
+        let wanted = config.runtime.event_threads();
+        let event_threads = EventThreads::start(wanted).map_err(|e| {
+            StartError::Config(format!(
+                "starting {wanted} event threads (runtime.event_threads): {e}"
+            ))
+        })?;
         let state = engine.api_state(
             &config,
+            event_threads.spawner().threads(),
             (&store, &bus),
             admin_token,
             &public_url,
@@ -221,18 +229,21 @@ impl Dispatcher {
         };
         let stopped_for_sampling = stopped.clone();
         tokio::spawn(engine.timers.clone().run(stopped.clone()));
-        let event_threads = match EventThreads::start(config.runtime.event_threads()) {
-            Ok(threads) => threads,
-            Err(e) => {
-                let _ = stop.send(true);
-                let _ = server.await;
-                return Err(StartError::Config(format!(
-                    "starting {} event threads (runtime.event_threads): {e}",
-                    config.runtime.event_threads()
-                )));
-            }
-        };
         let spawner = event_threads.spawner();
+        let keepalive = bus.ack_wait().map(|w| w / 3);
+        if spawner.threads() > 0
+            && let Some(every) = keepalive
+            && config.rhai.timeout >= every
+        {
+            tracing::warn!(
+                timeout = ?config.rhai.timeout,
+                progress_every = ?every,
+                "rhai.timeout lets one script call hold an event thread past the progress \
+                 reports of the events waiting there, which the bus may then deliver again; \
+                 keep rhai.timeout under a third of bus.ack_wait_secs, or set \
+                 runtime.event_threads = 0"
+            );
+        }
         let consumer = spawner.spawn(
             0,
             consume(
@@ -240,7 +251,7 @@ impl Dispatcher {
                 bus.clone(),
                 deliveries,
                 config.limits.concurrency,
-                bus.ack_wait().map(|w| w / 3),
+                keepalive,
                 config.delivery.shutdown_grace,
                 EventKinds::new(store.clone()),
                 spawner.clone(),
@@ -478,6 +489,7 @@ impl Engine {
     fn api_state(
         &self,
         config: &Config,
+        event_threads: usize,
         (store, bus): (&Store, &Arc<dyn Bus>),
         admin_token: AdminToken,
         public_url: &str,
@@ -509,7 +521,7 @@ impl Engine {
             letters: Letters::new(store.clone(), bus.clone()),
             timers: self.timers.clone(),
             metrics: self.metrics.clone(),
-            event_threads: config.runtime.event_threads(),
+            event_threads,
             max_event_bytes: limits.max_event_bytes,
             max_depth: limits.max_depth,
             prefix: config.bus.subject_prefix.clone(),

@@ -94,7 +94,7 @@ impl ChainVersion {
 #[derive(Debug, thiserror::Error)]
 pub enum ChainStoreError {
     /// The storage below failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// A stored record could not be read back.
     #[error("stored chains of account {account} are unreadable: {message}")]

@@ -980,13 +980,18 @@ impl Partitioned {
     }
 
     /// Waits until the changelog acknowledged every write appended so far.
-    /// A term found fenced ends here.
+    /// A term found fenced ends here. A fenced write was refused (its
+    /// partition moved: passing); any other failure leaves writes applied
+    /// here that the changelog may or may not hold
+    /// ([`StoreError::OutcomeUnknown`]).
     pub(crate) async fn commit(&self) -> Result<(), StoreError> {
+        use crate::changelog::ChangelogError;
+
         match self.appender.commit().await {
             Ok(()) => Ok(()),
             Err(e) => {
-                if let crate::changelog::ChangelogError::Fenced { partition, epoch }
-                | crate::changelog::ChangelogError::Gap {
+                if let ChangelogError::Fenced { partition, epoch }
+                | ChangelogError::Gap {
                     partition, epoch, ..
                 } = &e
                 {
@@ -995,7 +1000,13 @@ impl Partitioned {
                         epoch: *epoch,
                     });
                 }
-                Err(remote(e))
+                if matches!(e, ChangelogError::Fenced { .. }) {
+                    Err(remote(e))
+                } else {
+                    Err(StoreError::OutcomeUnknown {
+                        message: format!("{e}; what was written may or may not be stored"),
+                    })
+                }
             }
         }
     }

@@ -100,6 +100,20 @@ fn remote(message: impl std::fmt::Display) -> StoreError {
 /// Whether the stream refused a write because the key changed since the
 /// revision it was given (alone, or in an atomic batch), or cannot check
 /// that yet: read the key again and retry.
+/// The error of a publish sent to the bucket's stream that failed: one
+/// whose acknowledgement did not come in time may have been stored
+/// ([`StoreError::OutcomeUnknown`]); one the server refused, or that never
+/// left, was not.
+fn unanswered(e: &async_nats::jetstream::context::PublishError, message: String) -> StoreError {
+    if e.kind() == PublishErrorKind::TimedOut {
+        StoreError::OutcomeUnknown {
+            message: format!("{message}; the write may or may not be stored"),
+        }
+    } else {
+        StoreError::Remote { message }
+    }
+}
+
 fn is_conflict(e: &async_nats::jetstream::context::PublishError) -> bool {
     use async_nats::jetstream::{Error, ErrorCode};
     e.kind() == PublishErrorKind::WrongLastSequence
@@ -492,10 +506,13 @@ impl Replica {
                 Ok(Conditional::Written)
             }
             Err(e) if is_conflict(&e) => Ok(Conditional::Conflict),
-            Err(e) => Err(remote(format!(
-                "writing {} to the shared-state bucket: {e}",
-                w.collection.name()
-            ))),
+            Err(e) => Err(unanswered(
+                &e,
+                format!(
+                    "writing {} to the shared-state bucket: {e}",
+                    w.collection.name()
+                ),
+            )),
         }
     }
 
@@ -507,12 +524,13 @@ impl Replica {
     ) -> Result<Conditional, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let client = self.js.client();
-        let failed = |e: &dyn std::fmt::Display| {
-            remote(format!(
+        let what = |e: &dyn std::fmt::Display| {
+            format!(
                 "writing a batch of {} to the shared-state bucket: {e}",
                 batch.len()
-            ))
+            )
         };
+        let failed = |e: &dyn std::fmt::Display| remote(what(e));
         let last = batch.len() - 1;
         let mut ack = None;
         for (i, w) in batch.iter().enumerate() {
@@ -539,7 +557,7 @@ impl Replica {
                 match published.await {
                     Ok(a) => ack = Some(a),
                     Err(e) if is_conflict(&e) => return Ok(Conditional::Conflict),
-                    Err(e) => return Err(failed(&e)),
+                    Err(e) => return Err(unanswered(&e, what(&e))),
                 }
             } else {
                 client

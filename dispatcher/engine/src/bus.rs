@@ -21,7 +21,7 @@ pub enum BusError {
     #[error("{0}")]
     Unavailable(String),
     /// The store under the embedded bus failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] switchboard_store::StoreError),
 }
 

@@ -36,6 +36,7 @@ use switchboard_api::scripts::{
 };
 use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, TokenList};
 use switchboard_api::{ErrorBody, ErrorResponse, ListQuery};
+use switchboard_engine::bus::BusError;
 use switchboard_handlers::ScriptStore;
 use switchboard_handlers::records::secrets::check_secret_name;
 use switchboard_handlers::records::{Contacts, MessageStatus, Messages, Secrets, SourceVersion};
@@ -323,6 +324,17 @@ impl ApiError {
         }
     }
 
+    /// A publish the bus refused: 503 `bus_unavailable` with `Retry-After`
+    /// when the bus could not be reached (it comes back), or as
+    /// [`ApiError::internal`] when the store under the embedded bus failed.
+    /// `e` is what the answer says; `bus` the bus's error inside it.
+    pub(crate) fn bus(e: &(dyn std::error::Error + 'static), bus: &BusError) -> Self {
+        match bus {
+            BusError::Unavailable(_) => Self::unavailable("bus_unavailable", e.to_string()),
+            BusError::Store(_) => Self::below(e),
+        }
+    }
+
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -338,12 +350,17 @@ impl ApiError {
     /// that may or may not be stored (sending it again could apply it
     /// twice: a second token, a second message); else 500.
     pub(crate) fn internal(e: impl std::error::Error + 'static) -> Self {
-        if is_transient(&e) {
+        Self::below(&e)
+    }
+
+    /// [`ApiError::internal`] of a borrowed error.
+    fn below(e: &(dyn std::error::Error + 'static)) -> Self {
+        if is_transient(e) {
             tracing::warn!(error = %e, "API request met a passing failure of the shared state");
             return Self::unavailable("unavailable", format!("{e}; try again in a moment"));
         }
         tracing::error!(error = %e, "API request failed");
-        if is_outcome_unknown(&e) {
+        if is_outcome_unknown(e) {
             return Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "outcome_unknown",

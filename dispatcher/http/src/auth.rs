@@ -374,7 +374,7 @@ pub enum TokenError {
         message: String,
     },
     /// The store failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The signing keys could not be read.
     #[error(transparent)]

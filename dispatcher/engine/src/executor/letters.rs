@@ -28,7 +28,7 @@ pub enum LetterError {
     )]
     NoEvent(String),
     /// The store failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The bus would not take the event.
     #[error(

@@ -217,7 +217,7 @@ async fn publish_events(
             .bus
             .publish(event)
             .await
-            .map_err(|e| ApiError::unavailable("bus_unavailable", e.to_string()))?;
+            .map_err(|e| ApiError::bus(&e, &e))?;
         accepted.push(Accepted {
             id: event.id,
             subject: event.subject(&s.prefix),

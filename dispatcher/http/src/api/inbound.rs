@@ -233,7 +233,7 @@ impl From<InboundError> for ApiError {
                 ApiError::new(StatusCode::FORBIDDEN, "signature_rejected", e.to_string())
             }
             InboundError::Store(_) | InboundError::Records(_) => ApiError::internal(e),
-            InboundError::Bus(_) => ApiError::unavailable("bus_unavailable", e.to_string()),
+            InboundError::Bus(bus) => ApiError::bus(&e, bus),
         }
     }
 }

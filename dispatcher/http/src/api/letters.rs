@@ -40,7 +40,7 @@ impl From<LetterError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "not_replayable", e.to_string())
             }
             LetterError::Store(_) => ApiError::internal(e),
-            LetterError::Bus { .. } => ApiError::unavailable("bus_unavailable", e.to_string()),
+            LetterError::Bus { source, .. } => ApiError::bus(&e, source),
         }
     }
 }

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use switchboard_api::events::Accepted;
+use switchboard_engine::bus::BusError;
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 
 use super::{ApiError, ApiState, account_key};
@@ -57,10 +58,21 @@ pub(crate) async fn rerun_event(
         old.event_type,
         old.event_data,
     );
-    s.bus
-        .publish(&again)
-        .await
-        .map_err(|e| ApiError::unavailable("bus_unavailable", e.to_string()))?;
+    // Each run again is a new event: a publish that failed may still have
+    // reached the bus, and sending the request again would run it twice,
+    // so the answer names the new event instead of asking for a retry.
+    s.bus.publish(&again).await.map_err(|e| match &e {
+        BusError::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            format!(
+                "{e}; the event may have been run again as {}: look for its trace before \
+                 trying again",
+                again.id
+            ),
+        ),
+        BusError::Store(_) => ApiError::internal(e),
+    })?;
     tracing::info!(%account, event_id = %id, new_id = %again.id, "event run again as a new event");
     Ok(again)
 }

@@ -201,3 +201,47 @@ fn passing_store_failures_answer_503_and_others_500() {
     let io = ApiError::internal(std::io::Error::other("disk full"));
     assert_eq!(io.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+/// The errors that carry a store's error inside (chains, tokens, dead
+/// letters) answer as the store's error does, and a bus's failure answers
+/// 503 with `Retry-After` only when it is the bus's own, not the store's
+/// under the embedded bus.
+#[test]
+fn wrapped_store_and_bus_failures_answer_as_what_they_carry() {
+    use axum::http::StatusCode;
+    use switchboard_engine::bus::BusError;
+    use switchboard_engine::executor::LetterError;
+    use switchboard_rules::ChainStoreError;
+    use switchboard_store::StoreError;
+
+    use super::ApiError;
+    use crate::auth::TokenError;
+
+    let retry_after = |e: ApiError| {
+        axum::response::IntoResponse::into_response(e)
+            .headers()
+            .contains_key(axum::http::header::RETRY_AFTER)
+    };
+    let moved = ApiError::from(ChainStoreError::Store(StoreError::PartitionMoved {
+        partition: 3,
+    }));
+    assert_eq!(moved.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(retry_after(moved));
+    let unknown = ApiError::internal(TokenError::Store(StoreError::OutcomeUnknown {
+        message: "no answer".into(),
+    }));
+    assert_eq!(unknown.code, "outcome_unknown");
+    let bus_down = ApiError::from(LetterError::Bus {
+        id: "l1".into(),
+        source: BusError::Unavailable("no connection".into()),
+    });
+    assert_eq!(bus_down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(bus_down.code, "bus_unavailable");
+    assert!(retry_after(bus_down));
+    let bus_store = ApiError::from(LetterError::Bus {
+        id: "l1".into(),
+        source: BusError::Store(StoreError::Unsupported { what: "this" }),
+    });
+    assert_eq!(bus_store.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!retry_after(bus_store));
+}

@@ -186,7 +186,7 @@ pub enum InboundError {
     #[error("{0}")]
     Rejected(String),
     /// The store failed; the provider should post again.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// A message record or secret could not be read or written; the
     /// provider should post again.
@@ -240,7 +240,7 @@ pub enum CreateError {
         created_at: String,
     },
     /// The store failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The account's secrets could not be read.
     #[error(transparent)]
