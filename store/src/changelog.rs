@@ -63,6 +63,11 @@ pub const STREAM: &str = "SWITCHBOARD_CHANGELOG";
 /// The first tokens of every changelog subject.
 const PREFIX: &str = "switchboard.changelog";
 
+/// How long a publish waits for a stream that does not answer yet (just
+/// made on a cluster, or not yet known to the server this replica talks
+/// to: "no stream found"); it is there within seconds.
+const STREAM_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
+
 /// Stream metadata: how many partitions the changelog was made for.
 const PARTITIONS_KEY: &str = "switchboard.partitions";
 
@@ -358,20 +363,21 @@ impl Changelog {
     /// following from an earlier point is sure to reach (the mark, or a
     /// later one), whatever expired or was replaced meanwhile.
     pub async fn sync(&self) -> Result<u64, ChangelogError> {
-        use async_nats::jetstream::context::PublishErrorKind;
         let subject = format!("{PREFIX}.sync");
         // Replicas starting together on a cluster: the stream another one
         // made a moment ago may not be known yet to the server this one
         // talks to (no stream answers its subject). It is, within seconds.
-        let mut unknown = 0;
+        let since = tokio::time::Instant::now();
         loop {
             let published =
                 async { self.js.publish(subject.clone(), Bytes::new()).await?.await }.await;
             match published {
                 Ok(ack) => return Ok(ack.sequence),
-                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && unknown < 50 => {
-                    unknown += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Err(e)
+                    if e.kind() == PublishErrorKind::StreamNotFound
+                        && since.elapsed() < STREAM_ANSWERS_WITHIN =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
             }
@@ -411,8 +417,13 @@ impl Changelog {
         let subject = epoch_subject(partition);
         // Another replica may begin a term between the read and the publish:
         // read again. A handful of rounds is plenty, since terms begin only
-        // when membership changes.
-        for _ in 0..8 {
+        // when membership changes. A stream just made on a cluster may not
+        // answer publishes for a moment (no responders while its leader is
+        // chosen): wait for it, a little.
+        let mut rounds = 0;
+        let since = tokio::time::Instant::now();
+        while rounds < 8 {
+            rounds += 1;
             let last = match known.take() {
                 Some(last) => Ok(last),
                 None => self
@@ -449,6 +460,13 @@ impl Changelog {
                     });
                 }
                 Err(e) if is_wrong_sequence(&e) => continue,
+                Err(e)
+                    if e.kind() == PublishErrorKind::StreamNotFound
+                        && since.elapsed() < STREAM_ANSWERS_WITHIN =>
+                {
+                    rounds -= 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
             }
         }
