@@ -352,10 +352,12 @@ pub enum StoreError {
         /// What failed, and what the NATS server said.
         message: String,
     },
-    /// A write sent to a partition's owner may or may not be stored: the
-    /// owner applied it and its commit failed, or no answer came before
-    /// the sender gave up. Reading it back tells; sending it again blindly
-    /// may apply it twice, so this is not [`StoreError::is_transient`].
+    /// A write may or may not be stored: it was applied and the
+    /// changelog's commit failed (on this replica, or on the partition's
+    /// owner it was sent to), no answer came from the owner before the
+    /// sender gave up, or the shared-state bucket did not acknowledge it in
+    /// time. Reading it back tells; sending it again blindly may apply it
+    /// twice, so this is not [`StoreError::is_transient`].
     #[error("shared state: {message}")]
     OutcomeUnknown {
         /// What failed.

@@ -97,9 +97,6 @@ fn remote(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Whether the stream refused a write because the key changed since the
-/// revision it was given (alone, or in an atomic batch), or cannot check
-/// that yet: read the key again and retry.
 /// The error of a publish sent to the bucket's stream that failed: one
 /// whose acknowledgement did not come in time may have been stored
 /// ([`StoreError::OutcomeUnknown`]); one the server refused, or that never
@@ -114,6 +111,9 @@ fn unanswered(e: &async_nats::jetstream::context::PublishError, message: String)
     }
 }
 
+/// Whether the stream refused a write because the key changed since the
+/// revision it was given (alone, or in an atomic batch), or cannot check
+/// that yet: read the key again and retry.
 fn is_conflict(e: &async_nats::jetstream::context::PublishError) -> bool {
     use async_nats::jetstream::{Error, ErrorCode};
     e.kind() == PublishErrorKind::WrongLastSequence
@@ -725,6 +725,33 @@ impl Drop for Replica {
     fn drop(&mut self) {
         if let Some(stop) = self.shutdown.lock().expect("replica shutdown lock").take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    use super::unanswered;
+    use crate::StoreError;
+
+    /// A bucket write whose acknowledgement timed out may have been
+    /// stored; one refused, or whose stream was not found, was not.
+    #[test]
+    fn a_write_unacknowledged_in_time_has_an_unknown_outcome() {
+        let timed_out = unanswered(
+            &PublishError::new(PublishErrorKind::TimedOut),
+            "writing tokens".into(),
+        );
+        assert!(
+            matches!(&timed_out, StoreError::OutcomeUnknown { message } if message.contains("may or may not be stored")),
+            "{timed_out:?}"
+        );
+        assert!(!timed_out.is_transient());
+        for kind in [PublishErrorKind::StreamNotFound, PublishErrorKind::Other] {
+            let refused = unanswered(&PublishError::new(kind), "writing tokens".into());
+            assert!(refused.is_transient(), "{refused:?}");
         }
     }
 }

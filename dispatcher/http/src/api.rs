@@ -84,7 +84,8 @@ pub struct ApiState {
     pub timers: switchboard_engine::timers::Timers,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// The event path's own threads (`runtime.event_threads`; 0: none).
+    /// The event path's own threads, as started (`runtime.event_threads`;
+    /// 0: it runs on the shared runtime).
     pub event_threads: usize,
     /// Largest accepted event, in bytes.
     pub max_event_bytes: usize,
