@@ -4,8 +4,8 @@
 //!
 //! On the shared (work-stealing) runtime a task woken while another worker
 //! thread sleeps wakes that thread, and tasks move between threads' caches;
-//! on a small machine this hand-off traffic costs a quarter of the CPU of
-//! an event (BENCHMARKS.md, "Event threads"). An event thread keeps the
+//! on a small machine this hand-off traffic costs about a fifth of the CPU
+//! of an event (BENCHMARKS.md, "Event threads"). An event thread keeps the
 //! consume loop, the settler and its workers' tasks on one thread: they
 //! hand work to each other without waking anyone. What is not the event
 //! path (the API, the bus's connection, timers, sweeps) stays on the
