@@ -174,7 +174,7 @@ impl Report {
             |n| format!("{n} ({})", crate::common::WORKER_THREADS),
         );
         let event_threads = std::env::var(crate::common::EVENT_THREADS).map_or_else(
-            |_| "none".into(),
+            |_| "as the dispatchers' default (1 on a machine of up to 2 CPUs, else 0)".into(),
             |n| format!("{n} ({})", crate::common::EVENT_THREADS),
         );
         println!(
