@@ -569,8 +569,8 @@ fn internal(session: &Session, e: &(dyn std::error::Error + 'static)) -> Respons
         let mut page = error_page(
             StatusCode::SERVICE_UNAVAILABLE,
             Some(session),
-            "The shared state is changing hands (a replica is taking over its part); \
-             try again in a moment.",
+            "The shared state cannot be reached just now (a replica taking over, a \
+             leader election); try again in a moment.",
         );
         crate::api::retry_after(&mut page);
         return page;
