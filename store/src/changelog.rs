@@ -420,10 +420,9 @@ impl Changelog {
         // when membership changes. A stream just made on a cluster may not
         // answer publishes for a moment (no responders while its leader is
         // chosen): wait for it, a little.
-        let mut rounds = 0;
+        let mut lost_races = 0;
         let since = tokio::time::Instant::now();
-        while rounds < 8 {
-            rounds += 1;
+        while lost_races < 8 {
             let last = match known.take() {
                 Some(last) => Ok(last),
                 None => self
@@ -459,12 +458,11 @@ impl Changelog {
                         epoch: ack.sequence,
                     });
                 }
-                Err(e) if is_wrong_sequence(&e) => continue,
+                Err(e) if is_wrong_sequence(&e) => lost_races += 1,
                 Err(e)
                     if e.kind() == PublishErrorKind::StreamNotFound
                         && since.elapsed() < STREAM_ANSWERS_WITHIN =>
                 {
-                    rounds -= 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),

@@ -23,7 +23,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// Spawns the event path's tasks in their places: a cheap handle.
+/// Spawns the event path's tasks in their places: a cheap handle. The
+/// default puts every task on the shared runtime (the caller's).
 #[derive(Debug, Clone, Default)]
 pub struct Spawner {
     /// The event threads' runtimes; none: the shared runtime.
@@ -31,11 +32,6 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    /// Tasks on the shared runtime (the caller's).
-    pub fn shared() -> Self {
-        Self::default()
-    }
-
     /// How many event threads there are (0: the shared runtime).
     pub fn threads(&self) -> usize {
         self.threads.len()
@@ -162,7 +158,7 @@ mod tests {
         );
         threads.stop().await;
 
-        let shared = Spawner::shared();
+        let shared = Spawner::default();
         assert_eq!(shared.threads(), 0);
         let flavor = shared
             .spawn(5, async {
