@@ -3,6 +3,7 @@
 //! `scripts/test`).
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,7 +14,8 @@ use serde_json::{Value, json};
 use crate::util::wait_until;
 
 /// chromedriver on a free loopback port, and a headless chromium session
-/// through it; both stopped when dropped.
+/// through it; both stopped when dropped (the whole process group, so
+/// that the browser chromedriver started goes with it).
 pub(crate) struct Browser {
     driver: Child,
     pub(crate) client: Client,
@@ -28,6 +30,9 @@ impl Browser {
             .port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // A group of its own: killing chromedriver alone would leave
+            // the browser it started running after the tests.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -156,6 +161,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
