@@ -535,7 +535,7 @@ impl TokenStore {
         serde_json::from_slice(&value)
             .map(Some)
             .map_err(|e| TokenError::Corrupt {
-                id: hex(hash),
+                id: switchboard_handlers::records::hex(hash),
                 message: e.to_string(),
             })
     }
@@ -631,10 +631,6 @@ pub fn credential(token: &str) -> Credential {
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `prefix` and 32 bytes from the operating system's random generator,

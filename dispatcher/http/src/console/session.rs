@@ -144,11 +144,7 @@ impl Sessions {
         let stored = Stored {
             account,
             csrf: session.csrf.clone(),
-            credential: session
-                .credential
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            credential: switchboard_handlers::records::hex(&session.credential),
             expires_ms: now_ms()
                 + session
                     .expires

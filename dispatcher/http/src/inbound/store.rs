@@ -52,7 +52,7 @@ fn new_secret() -> String {
     bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
     bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
     // A v4 UUID has 122 random bits: 244 between the two.
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    switchboard_handlers::records::hex(&bytes)
 }
 
 fn hash(secret: &str) -> Vec<u8> {
