@@ -2,7 +2,7 @@
 //! run. A program that prints numbers, not a test:
 //!
 //! ```sh
-//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas,timers,inbox]
+//! cargo bench --bench switchboard -- [--quick] [--only bus,route,effects,chain,scale,rhai,replicas,changelog,timers,inbox]
 //!     [--concurrency C] [--baseline PATH]
 //! ```
 //!
@@ -43,6 +43,9 @@
 //! - `replicas`: 1, 2 and 3 dispatchers with `--replicated` draining one
 //!   backlog through `create_contact` → `log`, next to one dispatcher with its
 //!   own store.
+//! - `changelog`: what a changelog record costs the nats-server and its
+//!   writer: the replicated dispatcher's appender (a message per record),
+//!   and raw publishes of a record to a message and of 50 to a message.
 //! - `timers`: 100,000 chains paused in a `delay` on NATS, a tenth of them
 //!   due in the same second: pausing's cost, the resident set, a start over
 //!   them, and how late the ones due together go on (p50, p99).
@@ -63,6 +66,7 @@ mod common;
 
 mod bus;
 mod chain;
+mod changelog;
 mod compare;
 mod drain;
 mod effects;
@@ -80,7 +84,7 @@ use compare::Build;
 use report::Report;
 
 const USAGE: &str = "usage: cargo bench --bench switchboard -- [--quick] \
-[--only bus,route,effects,chain,scale,rhai,replicas,timers,inbox] [--concurrency C] [--baseline PATH]";
+[--only bus,route,effects,chain,scale,rhai,replicas,changelog,timers,inbox] [--concurrency C] [--baseline PATH]";
 
 /// What a run measures, and how much.
 #[derive(Debug, Clone)]
@@ -111,12 +115,13 @@ pub enum Scenario {
     Scale,
     Rhai,
     Replicas,
+    Changelog,
     Timers,
     Inbox,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Bus,
         Scenario::Route,
         Scenario::Effects,
@@ -124,6 +129,7 @@ impl Scenario {
         Scenario::Scale,
         Scenario::Rhai,
         Scenario::Replicas,
+        Scenario::Changelog,
         Scenario::Timers,
         Scenario::Inbox,
     ];
@@ -137,11 +143,12 @@ impl Scenario {
             "scale" => Self::Scale,
             "rhai" => Self::Rhai,
             "replicas" => Self::Replicas,
+            "changelog" => Self::Changelog,
             "timers" => Self::Timers,
             "inbox" => Self::Inbox,
             other => {
                 bail!(
-                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai, replicas, timers or inbox"
+                    "unknown scenario {other:?}: use bus, route, effects, chain, scale, rhai, replicas, changelog, timers or inbox"
                 )
             }
         })
@@ -227,6 +234,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
             Scenario::Scale => scale::run(&options, &mut report).await?,
             Scenario::Rhai => rhai::run(&mut report)?,
             Scenario::Replicas => replicas::run(&options, &mut report).await?,
+            Scenario::Changelog => changelog::run(&options, &mut report).await?,
             Scenario::Timers => timers::run(&options, &mut report).await?,
             Scenario::Inbox => inbox::run(&options, &mut report).await?,
         }
