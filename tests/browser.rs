@@ -31,7 +31,10 @@ impl Browser {
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             // A group of its own: killing chromedriver alone would leave
-            // the browser it started running after the tests.
+            // the browser it started running after the tests. (A run
+            // interrupted from the terminal drops nothing, and the
+            // terminal's Ctrl-C does not reach this group: `pkill
+            // chromedriver; pkill chromium` ends what such a run left.)
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -45,7 +45,8 @@
 //!   own store.
 //! - `changelog`: what a changelog record costs the nats-server and its
 //!   writer: the replicated dispatcher's appender (a message per record),
-//!   and raw publishes of a record to a message and of 50 to a message.
+//!   and raw publishes of a record to a message and of 50 to a message;
+//!   then what deleting and purging batches of 50 costs the server.
 //! - `timers`: 100,000 chains paused in a `delay` on NATS, a tenth of them
 //!   due in the same second: pausing's cost, the resident set, a start over
 //!   them, and how late the ones due together go on (p50, p99).
