@@ -41,8 +41,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&sha2::Sha256::digest(bytes))
 }
 
-/// `bytes` in lower-case hex, two digits a byte. (On the event path, in
-/// every contact's and message's key: one allocation, not one a byte.)
+/// `bytes` in lower-case hex, two digits a byte. (On the event path, for
+/// every `create_contact`'s step reference and every message's
+/// idempotency key: one allocation, not one a byte.)
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(2 * bytes.len());
