@@ -29,7 +29,7 @@ use switchboard_store::Collection;
 use switchboard_store::changelog::{Change, Changelog};
 
 use crate::common::NatsServer;
-use crate::report::{Report, per_event, rate};
+use crate::report::{Report, micros_of, rate};
 
 const PARTITIONS: u16 = 16;
 /// Records per message when they are packed.
@@ -50,10 +50,10 @@ struct Cost {
 impl Cost {
     fn line(&self) -> String {
         format!(
-            "{}; nats-server {}, writer {}",
+            "{}; nats-server {}/record, writer {}/record",
             rate(self.per_second),
-            per_event(self.server_us).replace("event", "record"),
-            per_event(self.writer_us).replace("event", "record"),
+            micros_of(self.server_us),
+            micros_of(self.writer_us),
         )
     }
 }

@@ -179,9 +179,10 @@ impl Dispatcher {
                 "starting {wanted} event threads (runtime.event_threads): {e}"
             ))
         })?;
+        let spawner = event_threads.spawner();
         let state = engine.api_state(
             &config,
-            event_threads.spawner().threads(),
+            spawner.threads(),
             (&store, &bus),
             admin_token,
             &public_url,
@@ -229,7 +230,6 @@ impl Dispatcher {
         };
         let stopped_for_sampling = stopped.clone();
         tokio::spawn(engine.timers.clone().run(stopped.clone()));
-        let spawner = event_threads.spawner();
         let keepalive = bus.ack_wait().map(|w| w / 3);
         if spawner.threads() > 0
             && let Some(every) = keepalive
