@@ -39,24 +39,57 @@ async fn read(log: &Changelog, n: usize) -> Vec<Record> {
         .collect()
 }
 
-/// The latest value of every written key, as a follower would apply them.
-fn latest(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
+/// Reads the changelog from the start up to its last message.
+async fn read_all(log: &Changelog) -> Vec<Record> {
+    let last = log.last_seq().await.expect("the stream's state");
+    let mut records = Box::pin(log.records(1).await.expect("following the changelog"));
+    let mut out = Vec::new();
+    while out.last().is_none_or(|r: &Record| r.seq() < last) {
+        let next = tokio::time::timeout(TIMEOUT, records.next())
+            .await
+            .expect("the records come")
+            .expect("the reader goes on");
+        out.push(next.expect("a record"));
+    }
+    out
+}
+
+/// Every write the records carry, in order: (partition, key, value).
+fn writes(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
     records
         .iter()
-        .filter_map(|r| match r {
+        .flat_map(|r| match r {
             Record::Write {
-                partition, change, ..
-            } => Some((
-                *partition,
-                String::from_utf8_lossy(&change.key).into_owned(),
-                change
-                    .value
-                    .as_ref()
-                    .map(|v| String::from_utf8_lossy(v).into_owned()),
-            )),
-            _ => None,
+                partition, changes, ..
+            } => changes
+                .iter()
+                .map(|change| {
+                    (
+                        *partition,
+                        String::from_utf8_lossy(&change.key).into_owned(),
+                        change
+                            .value
+                            .as_ref()
+                            .map(|v| String::from_utf8_lossy(v).into_owned()),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
         })
         .collect()
+}
+
+/// The latest value of every written key, as a follower applying the
+/// records ends with it, in the order of each key's latest write.
+fn latest(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut latest: Vec<_> = writes(records)
+        .into_iter()
+        .rev()
+        .filter(|w| seen.insert((w.0, w.1.clone())))
+        .collect();
+    latest.reverse();
+    latest
 }
 
 /// A commit returns once the stream holds every write appended before it,
@@ -84,12 +117,26 @@ async fn a_commit_makes_every_appended_write_readable_in_order() {
         },
     );
     appender.commit().await.expect("the writes are stored");
-    assert_eq!(log.last_seq().await.expect("the stream's state"), 1 + 501);
-
-    let records = read(&log, 501).await;
+    let records = read_all(&log).await;
     assert_eq!(records[0], Record::Term(term));
+    // The puts go in packs of up to 128 (how many in each depends on how
+    // many were queued when a batch left), the removal alone on its key's
+    // subject, last.
+    let sizes: Vec<usize> = records[1..]
+        .iter()
+        .map(|r| match r {
+            Record::Write { changes, .. } => changes.len(),
+            other => panic!("a write, not {other:?}"),
+        })
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 501);
+    assert_eq!(sizes.last(), Some(&1));
+    assert!(
+        sizes.iter().all(|n| *n <= 128) && sizes.len() <= 10,
+        "{sizes:?}"
+    );
     let writes = latest(&records);
-    // c7 was written, then removed: the stream keeps only the removal.
+    // c7 was written, then removed: the removal is its latest write.
     assert_eq!(writes.len(), 500);
     assert_eq!(writes[0], (3, "acme\0c0".into(), Some("0".into())));
     assert_eq!(writes[498], (3, "acme\0c499".into(), Some("499".into())));
@@ -156,9 +203,7 @@ async fn a_deposed_owner_cannot_overwrite_the_new_owners_state() {
         .await
         .expect("partition 6 is still the old owner's");
 
-    let last = new.last_seq().await.expect("the stream's state");
-    let records = read(&new, 4).await;
-    assert_eq!(records.last().map(Record::seq), Some(last));
+    let records = read_all(&new).await;
     let writes = latest(&records);
     assert_eq!(
         writes,
@@ -200,19 +245,25 @@ async fn terms_begun_at_once_are_ordered() {
     w.commit().await.expect("the later term writes");
 }
 
-/// Writing the same keys over and over keeps one message per key: the
-/// changelog stays the size of the live state.
+/// A purge of a partition's packs below a sync mark takes the packs
+/// stored before it and nothing else: not the partition's removal markers,
+/// its later packs, or another partition's. It is what the cleaner does
+/// once it has written the live records again (tested with the store in
+/// `a_partitions_changelog_stays_about_the_size_of_its_live_state`).
 #[tokio::test]
-async fn the_changelog_keeps_one_record_per_live_key() {
+async fn purging_a_partitions_packs_leaves_its_removals_and_later_writes() {
     let nats = NatsServer::start();
     let js = jetstream(&nats).await;
     let log = Changelog::bind(js.clone(), 16, 1).await.expect("binding");
-    let term = log.begin_term(1, "a").await.expect("a term");
+    let (t1, t2) = (
+        log.begin_term(1, "a").await.expect("a term"),
+        log.begin_term(2, "a").await.expect("a term"),
+    );
     let appender = log.appender();
     for round in 0..20 {
         for contact in 0..100 {
             appender.append(
-                term,
+                t1,
                 put(
                     Collection::Contacts,
                     &format!("acme\0c{contact}"),
@@ -221,12 +272,43 @@ async fn the_changelog_keeps_one_record_per_live_key() {
             );
         }
     }
+    appender.append(
+        t1,
+        Change {
+            collection: Collection::Contacts,
+            key: b"acme\0c0".to_vec(),
+            value: None,
+        },
+    );
+    appender.append(t2, put(Collection::Contacts, "zeta\0k", "other"));
     appender.commit().await.expect("stored");
-    let mut stream = js.get_stream(STREAM).await.expect("the stream");
-    let state = stream.info().await.expect("its state").state.clone();
-    assert_eq!(state.messages, 100 + 1, "100 contacts and the term marker");
-    let writes = latest(&read(&log, 101).await);
-    assert!(writes.iter().all(|(_, _, v)| v.as_deref() == Some("v19")));
+    let below = log.sync().await.expect("a mark");
+    // The live records written again, as the cleaner does.
+    for contact in 1..100 {
+        appender.append(
+            t1,
+            put(Collection::Contacts, &format!("acme\0c{contact}"), "v19"),
+        );
+    }
+    appender.commit().await.expect("stored");
+    let before = writes(&read_all(&log).await).len();
+    assert_eq!(before, 20 * 100 + 1 + 1 + 99);
+
+    let purged = log.purge_packs(1, below).await.expect("purged");
+    assert!(purged >= 16, "2,000 puts in packs of up to 128: {purged}");
+    let records = read_all(&log).await;
+    assert_eq!(writes(&records).len(), 1 + 1 + 99);
+    let mut expected: Vec<_> = vec![
+        (1, "acme\0c0".to_string(), None),
+        (2, "zeta\0k".to_string(), Some("other".to_string())),
+    ];
+    expected.extend((1..100).map(|c| (1, format!("acme\0c{c}"), Some("v19".to_string()))));
+    // The two partitions' batches are published side by side: no order
+    // between them.
+    let mut latest = latest(&records);
+    latest.sort();
+    expected.sort();
+    assert_eq!(latest, expected);
 }
 
 /// A message in the changelog that is not a record (written by hand) is
@@ -251,11 +333,19 @@ async fn an_undecodable_record_is_reported_and_passed_over() {
         .expect("published")
         .await
         .expect("stored");
+    js.publish(
+        "switchboard.changelog.2.b.handmade",
+        "\x01\x08contacts".into(),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
     let appender = log.appender();
     appender.append(term, put(Collection::Contacts, "acme\0k", "after"));
     appender.commit().await.expect("stored");
 
-    let records = read(&log, 4).await;
+    let records = read(&log, 5).await;
     match &records[1] {
         Record::Undecodable {
             seq,
@@ -277,6 +367,15 @@ async fn an_undecodable_record_is_reported_and_passed_over() {
             ..
         }
     ));
+    match &records[3] {
+        Record::Undecodable {
+            seq: 4,
+            partition: Some(2),
+            reason,
+            ..
+        } => assert!(reason.contains("pack cut short"), "{reason}"),
+        other => panic!("expected an undecodable pack, got {other:?}"),
+    }
     assert_eq!(
         latest(&records),
         vec![(2, "acme\0k".into(), Some("after".into()))]
@@ -337,7 +436,7 @@ async fn on_a_cluster_appended_writes_are_stored_and_a_deposed_owner_refused() {
         appender.append(term, put(Collection::Journal, &format!("acme\0e{i}"), "x"));
     }
     appender.commit().await.expect("every write is stored");
-    let writes = latest(&read(&log, 302).await);
+    let writes = latest(&read_all(&log).await);
     assert_eq!(writes.len(), 300);
 
     let other = Changelog::bind(connect().await, 16, 3)
@@ -431,25 +530,33 @@ async fn a_commit_waits_through_the_loss_of_the_streams_leader() {
         slowest = slowest.max(started.elapsed());
     }
     eprintln!("changelog: the slowest commit, across the leader's loss, took {slowest:?}");
-    // Two term markers, then every write (none lost, none twice: one
-    // message per key). The two nodes left may still be settling their
-    // consumers' leaders: a reader is asked for again until one is made.
+    // Two term markers, then every write (none lost, none twice: a pack
+    // sent again replaces itself, an atomic batch sent again is refused).
+    // The two nodes left may still be settling their consumers' leaders: a
+    // reader is asked for again until one is made.
+    let last = crate::util::wait_until(
+        "the stream's state on the nodes left",
+        Duration::from_secs(60),
+        || async { log.last_seq().await.ok() },
+    )
+    .await;
     let records = crate::util::wait_until(
         "a reader of the changelog on the nodes left",
         Duration::from_secs(60),
         || async { log.records(1).await.ok() },
     )
     .await;
-    let records: Vec<Record> = tokio::time::timeout(
-        Duration::from_secs(60),
-        records.take(2 + rounds * per_round).collect::<Vec<_>>(),
-    )
+    let records: Vec<Record> = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut records = Box::pin(records);
+        let mut out: Vec<Record> = Vec::new();
+        while out.last().is_none_or(|r| r.seq() < last) {
+            out.push(records.next().await.expect("more").expect("a record"));
+        }
+        out
+    })
     .await
-    .expect("the records come")
-    .into_iter()
-    .map(|r| r.expect("a record"))
-    .collect();
-    let writes = latest(&records);
+    .expect("the records come");
+    let writes = writes(&records);
     let mut seen = std::collections::HashSet::new();
     let twice: Vec<&String> = writes
         .iter()
@@ -567,9 +674,9 @@ async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
     assert!(everything.iter().all(|r| r.seq() != first));
 }
 
-/// Sixteen partitions' full batches at once, each write published on its
-/// own (a one-copy stream): more writes than the JetStream context lets
-/// await their acks at once (5,000), which must not wait on each other.
+/// Sixteen partitions' full batches at once (a one-copy stream: each pack
+/// published on its own, many in flight): all stored, none waiting on
+/// another's.
 #[tokio::test]
 async fn every_partitions_full_batch_at_once_is_stored() {
     let nats = NatsServer::start();
@@ -590,8 +697,74 @@ async fn every_partitions_full_batch_at_once_is_stored() {
         .await
         .expect("the commit returns")
         .expect("every write is stored");
-    assert_eq!(
-        log.last_seq().await.expect("the stream's state"),
-        16 + 8_000
+    let records = read_all(&log).await;
+    assert_eq!(writes(&records).len(), 8_000);
+    assert_eq!(latest(&records).len(), 8_000);
+}
+
+/// The cleaner keeps a partition's changelog about the size of its live
+/// state: after 100 contacts are each written 50 times by the partition's
+/// owner, the changelog soon holds at most two records per contact, and a
+/// replica started afterwards reads every contact's latest value from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
+    use switchboard_store::{Store, partition_of_account};
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        let url = nats.url().to_string();
+        async move {
+            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
+                .await
+                .expect("a replicated store")
+        }
+    };
+    let owner = open("owner").await;
+    owner
+        .take_partition(partition_of_account(b"acme", 16))
+        .await
+        .expect("the owner takes acme's partition");
+    for round in 0..50 {
+        for contact in 0..100 {
+            owner
+                .put(
+                    Collection::Contacts,
+                    format!("acme\0c{contact}").as_bytes(),
+                    format!("v{round}").as_bytes(),
+                )
+                .expect("a contact written");
+        }
+        owner.flush().await.expect("durable");
+    }
+    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding");
+    let records = crate::util::wait_until(
+        "the partition's changelog compacted",
+        Duration::from_secs(30),
+        || async {
+            let records = read_all(&log).await;
+            (writes(&records).len() <= 200).then_some(records)
+        },
+    )
+    .await;
+    let latest = latest(&records);
+    assert_eq!(latest.len(), 100);
+    assert!(
+        latest.iter().all(|(_, _, v)| v.as_deref() == Some("v49")),
+        "{latest:?}"
     );
+
+    let fresh = open("fresh").await;
+    for contact in 0..100 {
+        let key = format!("acme\0c{contact}");
+        assert_eq!(
+            fresh
+                .get(Collection::Contacts, key.as_bytes())
+                .expect("read"),
+            Some(b"v49".to_vec()),
+            "{key}"
+        );
+    }
 }

@@ -108,7 +108,7 @@ async fn drain_with(
 
 /// Times a replica started with an empty data directory until it has
 /// caught up with the shared state (`/readyz`), and prints the changelog's
-/// size: it keeps the latest write of each key.
+/// size: the records it holds (many to a message), against the events.
 async fn catch_up(
     options: &crate::Options,
     build: &Build,
@@ -117,8 +117,7 @@ async fn catch_up(
     server: &NatsServer,
     n: u64,
 ) -> anyhow::Result<()> {
-    let mut changelog = js.get_stream("SWITCHBOARD_CHANGELOG").await?;
-    let held = changelog.info().await?.state.messages;
+    let (messages, held) = changelog_size(js).await?;
     let started = std::time::Instant::now();
     let late = Dispatcher::start(Spec {
         binary: Some(&build.binary),
@@ -140,11 +139,45 @@ async fn catch_up(
     let took = started.elapsed();
     println!(
         "{}  a fresh replica caught up in {took:.2?} (start included; its CPU {:.2?}); the \
-         changelog holds {held} records after {n} events ({:.2} a event)",
+         changelog holds {held} records in {messages} messages after {n} events ({:.2} records \
+         an event)",
         build.tag(),
         late.cpu_time()?,
         held as f64 / n as f64
     );
     late.stop().await;
     Ok(())
+}
+
+/// The changelog's messages, and the records they carry: read from its
+/// start to its last message (a build writing a message per record gives
+/// as many of each).
+async fn changelog_size(js: &jetstream::Context) -> anyhow::Result<(u64, u64)> {
+    use futures::StreamExt;
+    use switchboard_store::changelog::{Changelog, Record, STREAM};
+    let info = js.get_stream(STREAM).await?.info().await?.clone();
+    let partitions: u16 = info
+        .config
+        .metadata
+        .get("switchboard.partitions")
+        .ok_or_else(|| anyhow::anyhow!("the changelog's metadata names no partition count"))?
+        .parse()?;
+    let (messages, last) = (info.state.messages, info.state.last_sequence);
+    if messages == 0 {
+        return Ok((0, 0));
+    }
+    let log = Changelog::bind(js.clone(), partitions, 1).await?;
+    let mut records = Box::pin(log.records(1).await?);
+    let mut held = 0;
+    loop {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(30), records.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the changelog's reader ended"))??;
+        if let Record::Write { changes, .. } = &record {
+            held += changes.len() as u64;
+        }
+        if record.seq() >= last {
+            return Ok((messages, held));
+        }
+    }
 }

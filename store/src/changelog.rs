@@ -4,13 +4,19 @@
 //!
 //! One JetStream stream, [`STREAM`], holds every partition's changelog:
 //!
-//! - a write to partition `p` is a message on
+//! - puts to partition `p` travel in packs: many puts in one message on a
+//!   subject of its own, `switchboard.changelog.{p}.b.{writer}x{number}`
+//!   (its payload framed by `pack`). A pack stays until the partition's
+//!   owner purges it: its cleaner (`partitioned/cleaner.rs`) writes the
+//!   partition's live records again and purges the packs from before them,
+//!   so the changelog holds about one to two records per live key;
+//! - a removal is a message on
 //!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
-//!   carrying the new value (a removal: no payload and a `Switchboard-Op:
-//!   del` header). The stream keeps one message per subject, so the
-//!   changelog compacts itself: it holds the latest value of each live key
-//!   (and removal markers, which expire after [`crate::MARKER_TTL`] for
-//!   housekeeping collections);
+//!   with no payload and a `Switchboard-Op: del` header. The stream keeps
+//!   one message per subject, so a key keeps its latest marker, which no
+//!   purge of packs reaches (and which expires after [`crate::MARKER_TTL`]
+//!   for housekeeping collections). Changelogs written before packs hold
+//!   puts on these subjects too; they are read as ever;
 //! - a term of ownership of `p` begins with a marker on
 //!   `switchboard.changelog.{p}.epoch`; the marker's stream sequence is the
 //!   term's epoch. The new owner publishes it only if the last marker is the
@@ -32,15 +38,18 @@
 //!
 //! Writes are group-committed: [`Appender::append`] only queues a write; a
 //! task publishes what each partition has queued (up to 500 writes at a
-//! time; one such batch in flight per partition, every partition's at
-//! once), and [`Appender::commit`] returns once the stream has acknowledged
-//! every write appended before it. An event is acked only after such a
-//! commit. On a clustered stream a batch is one atomic batch (the leader
-//! refuses a conditional publish while another checking the same subject is
-//! in flight, and every write of a partition checks its epoch subject); on
-//! a stream with one copy its writes are published one by one, each fenced,
-//! all in flight together (an atomic batch costs that server a file store
-//! of its own: see `Publishing`).
+//! time, in packs of up to 128 puts; one such batch in flight per
+//! partition, every partition's at once) once it is wanted: a commit
+//! waits, a pack's worth of the partition's puts waits, or the oldest write
+//! has waited 5 ms (so that the puts of many events share a message
+//! instead of each event's going alone). [`Appender::commit`] returns
+//! once the stream has acknowledged every write appended before it. An
+//! event is acked only after such a commit. On a clustered stream a batch's
+//! messages are one atomic batch (the leader refuses a conditional publish
+//! while another checking the same subject is in flight, and every message
+//! of a partition checks its epoch subject); on a stream with one copy they
+//! are published one by one, each fenced, all in flight together (an atomic
+//! batch costs that server a file store of its own: see `Publishing`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -157,14 +166,15 @@ pub struct Change {
 /// A changelog message, as a follower reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
-    /// A write to a partition.
+    /// Writes to a partition, in the order they were made: a pack of puts,
+    /// or one write on its key's subject (a removal marker).
     Write {
         /// Its stream sequence.
         seq: u64,
         /// The partition.
         partition: u16,
         /// What was written.
-        change: Change,
+        changes: Vec<Change>,
     },
     /// A term began.
     Term(Term),
@@ -208,6 +218,91 @@ fn write_subject(partition: u16, change: &Change) -> String {
         "{PREFIX}.{partition}.w.{}",
         bucket_key(change.collection, &change.key)
     )
+}
+
+/// The token after the partition that marks a pack of puts.
+const PACK_TOKEN: &str = "b";
+
+/// The first byte of a pack: its format.
+const PACK_FORMAT: u8 = 1;
+
+/// Most puts in one pack.
+const PACK_RECORDS: usize = 128;
+
+/// A pack is closed once its payload reaches this many bytes (a single
+/// larger put goes alone).
+const PACK_BYTES: usize = 256 * 1024;
+
+/// The subject of a pack: `{PREFIX}.{partition}.b.{writer}x{number}`, with
+/// the number of its first write. A subject of its own, so that the
+/// stream's one message per subject keeps it, and a pack sent again (the
+/// answer lost) replaces itself instead of being stored twice.
+fn pack_subject(partition: u16, writer: &str, first: u64) -> String {
+    format!("{PREFIX}.{partition}.{PACK_TOKEN}.{writer}x{first}")
+}
+
+/// The subjects of a partition's packs, for a purge.
+fn packs_of(partition: u16) -> String {
+    format!("{PREFIX}.{partition}.{PACK_TOKEN}.>")
+}
+
+/// Frames puts into a pack's payload: the format byte, then for each put
+/// its collection's name (a byte of length), its key and its value (four
+/// bytes of length each, big-endian).
+fn pack<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Bytes {
+    let mut out = vec![PACK_FORMAT];
+    for c in changes {
+        let name = c.collection.name().as_bytes();
+        let value = c.value.as_deref().unwrap_or_default();
+        out.reserve(1 + name.len() + 8 + c.key.len() + value.len());
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(c.key.len() as u32).to_be_bytes());
+        out.extend_from_slice(&c.key);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+    }
+    Bytes::from(out)
+}
+
+/// Reads a pack's puts; the values share the payload's memory.
+fn unpack(payload: &Bytes) -> Result<Vec<Change>, &'static str> {
+    let (&format, mut rest) = payload.split_first().ok_or("an empty pack")?;
+    if format != PACK_FORMAT {
+        return Err("a pack of an unknown format");
+    }
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+        if rest.len() < n {
+            return Err("a pack cut short");
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head)
+    }
+    fn length(rest: &mut &[u8]) -> Result<usize, &'static str> {
+        let bytes = take(rest, 4)?;
+        Ok(u32::from_be_bytes(bytes.try_into().expect("four bytes")) as usize)
+    }
+    let mut changes = Vec::new();
+    while !rest.is_empty() {
+        let name_len = usize::from(take(&mut rest, 1)?[0]);
+        let name = take(&mut rest, name_len)?;
+        let collection = Collection::ALL
+            .into_iter()
+            .find(|c| c.name().as_bytes() == name)
+            .ok_or("a pack naming an unknown collection")?;
+        let key_len = length(&mut rest)?;
+        let key = take(&mut rest, key_len)?.to_vec();
+        let value_len = length(&mut rest)?;
+        let start = payload.len() - rest.len();
+        take(&mut rest, value_len)?;
+        changes.push(Change {
+            collection,
+            key,
+            value: Some(payload.slice(start..start + value_len)),
+        });
+    }
+    Ok(changes)
 }
 
 /// The subjects a follower reads when it holds the partitions in `held`.
@@ -254,6 +349,16 @@ pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Byt
             epoch: seq,
         });
     }
+    if rest.starts_with(PACK_TOKEN) && rest.as_bytes().get(PACK_TOKEN.len()) == Some(&b'.') {
+        return match unpack(&payload) {
+            Ok(changes) => Record::Write {
+                seq,
+                partition,
+                changes,
+            },
+            Err(reason) => undecodable(Some(partition), reason),
+        };
+    }
     let Some(key) = rest.strip_prefix("w.") else {
         return undecodable(Some(partition), "neither a write nor a term marker");
     };
@@ -266,11 +371,11 @@ pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Byt
     Record::Write {
         seq,
         partition,
-        change: Change {
+        changes: vec![Change {
             collection,
             key,
             value: (!removed).then_some(payload),
-        },
+        }],
     }
 }
 
@@ -471,6 +576,24 @@ impl Changelog {
         Err(remote(format!(
             "{subject}: other replicas kept beginning terms; giving up for now"
         )))
+    }
+
+    /// Removes `partition`'s packs stored before stream sequence `below`;
+    /// returns how many messages went. Only the partition's owner calls it,
+    /// once the live records of those packs are written again under its
+    /// term and committed (the cleaner in `partitioned/cleaner.rs`): what
+    /// it removes is shadowed by later writes. A removal marker is not in a
+    /// pack, so none goes.
+    pub async fn purge_packs(&self, partition: u16, below: u64) -> Result<u64, ChangelogError> {
+        let subjects = packs_of(partition);
+        let purged = self
+            .stream
+            .purge()
+            .filter(subjects.clone())
+            .sequence(below)
+            .await
+            .map_err(|e| remote(format!("purging {subjects} below {below}: {e}")))?;
+        Ok(purged.purged)
     }
 
     /// An appender: publishes writes under their terms, many in flight.
@@ -725,11 +848,19 @@ async fn append_task(
     // answer was lost is known as stored ([`publish_batch`]).
     let writer: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let mut open = true;
+    // When the oldest write waiting for its batch was queued.
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     while open || !flights.is_empty() {
-        // A batch for each partition with writes waiting and none in flight:
-        // the writes of one term, in order.
+        // A batch for each partition with writes waiting and none in flight
+        // (the writes of one term, in order), once they are wanted: a
+        // commit waits, a pack's worth waits, the oldest has waited
+        // [`LINGER`], or the appender is closing. Until then writes gather,
+        // so that a batch's puts share few messages.
+        let lingered = waiting_since.is_some_and(|since| since.elapsed() >= LINGER);
+        let wanted = !commits.is_empty() || lingered || !open;
         for (p, waiting) in queued.iter_mut() {
-            if busy.contains(p) || waiting.is_empty() {
+            if busy.contains(p) || waiting.is_empty() || !(wanted || waiting.len() >= PACK_RECORDS)
+            {
                 continue;
             }
             let term = waiting[0].1;
@@ -754,10 +885,24 @@ async fn append_task(
             });
         }
         queued.retain(|_, w| !w.is_empty());
+        if queued.is_empty() {
+            waiting_since = None;
+        } else if wanted {
+            // What is left waits for a batch in flight: no sooner than that.
+            waiting_since = Some(tokio::time::Instant::now());
+        }
+        let linger = async {
+            match waiting_since {
+                Some(since) => tokio::time::sleep_until(since + LINGER).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = linger => {}
             op = ops.recv(), if open => match op {
                 None => open = false,
                 Some(Op::Append { number, term, change, ttl }) => {
+                    waiting_since.get_or_insert_with(tokio::time::Instant::now);
                     next = next.max(number);
                     unacked.insert(number);
                     queued.entry(term.partition).or_default().push_back((number, term, change, ttl));
@@ -806,6 +951,11 @@ async fn append_task(
     }
 }
 
+/// How long an appended write waits for a commit (or a pack's worth of
+/// writes of its partition) before it is published anyway: writes that no
+/// one commits (yet) reach the other replicas about this soon.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// How long a batch is sent again while the stream is unavailable before
 /// its term gives up ([`ChangelogError::Gap`]; the last try may add the
 /// publish's own timeout). A clustered stream that lost its leader elects
@@ -834,12 +984,13 @@ async fn publish_term_batch(
     term: Term,
     batch: &[Queued],
 ) -> Result<(), ChangelogError> {
+    let messages = outgoing(term.partition, writer, batch);
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(50);
     loop {
         let result = match publishing {
-            Publishing::Atomic => publish_batch(js, writer, term, batch).await,
-            Publishing::EachFenced => publish_each(js, term, batch).await,
+            Publishing::Atomic => publish_batch(js, writer, term, batch, &messages).await,
+            Publishing::EachFenced => publish_each(js, term, batch.len(), &messages).await,
         };
         let e = match result {
             Ok(()) => return Ok(()),
@@ -899,9 +1050,61 @@ impl Publishing {
     }
 }
 
-/// The headers of a write: its removal mark and time to live, and with
+/// A message carrying writes of a batch: a pack of puts, or one write on
+/// its key's subject.
+#[derive(Debug)]
+struct Outgoing {
+    subject: String,
+    payload: Bytes,
+    /// A removal marker.
+    removal: bool,
+    /// The marker's time to live.
+    ttl: Option<Duration>,
+}
+
+/// The messages that carry `batch`, in its order: consecutive puts in
+/// packs (up to [`PACK_RECORDS`] puts, closed at [`PACK_BYTES`]); a removal
+/// alone on its key's subject, where it replaces the key's earlier marker
+/// and no purge of packs reaches it (see [`Changelog::purge_packs`]).
+fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
+    let packable = |w: &Queued| w.2.value.is_some() && w.3.is_none();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(first) = batch.get(i) {
+        if !packable(first) {
+            let (_, _, change, ttl) = first;
+            out.push(Outgoing {
+                subject: write_subject(partition, change),
+                payload: change.value.clone().unwrap_or_default(),
+                removal: change.value.is_none(),
+                ttl: *ttl,
+            });
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut bytes = 0;
+        while let Some(w) = batch.get(i)
+            && packable(w)
+            && i - start < PACK_RECORDS
+            && bytes < PACK_BYTES
+        {
+            bytes += w.2.key.len() + w.2.value.as_ref().map_or(0, Bytes::len);
+            i += 1;
+        }
+        out.push(Outgoing {
+            subject: pack_subject(partition, writer, first.0),
+            payload: pack(batch[start..i].iter().map(|w| &w.2)),
+            removal: false,
+            ttl: None,
+        });
+    }
+    out
+}
+
+/// The headers of a message: its removal mark and time to live, and with
 /// `fence` the check that `term` is still the partition's latest.
-fn write_headers(term: Term, change: &Change, ttl: Option<Duration>, fence: bool) -> HeaderMap {
+fn write_headers(term: Term, message: &Outgoing, fence: bool) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if fence {
         headers.insert(
@@ -913,10 +1116,10 @@ fn write_headers(term: Term, change: &Change, ttl: Option<Duration>, fence: bool
             epoch_subject(term.partition).as_str(),
         );
     }
-    if change.value.is_none() {
+    if message.removal {
         headers.insert(OP_HEADER, "del");
     }
-    if let Some(ttl) = ttl {
+    if let Some(ttl) = message.ttl {
         headers.insert(
             async_nats::header::NATS_MESSAGE_TTL,
             ttl.as_secs().to_string().as_str(),
@@ -940,25 +1143,26 @@ fn fenced(e: &jetstream::context::PublishError) -> bool {
 /// an ack, would wait forever.
 const EACH_IN_FLIGHT: usize = 64;
 
-/// Publishes `batch` under `term` one write at a time, each fenced by the
-/// term's epoch, [`EACH_IN_FLIGHT`] in flight together; waits for every
-/// acknowledgement. The server stores them in the order sent: once one is
-/// refused as fenced, every later one is too. Any other failure may leave
-/// later writes stored after a lost one: the caller sends the whole batch
-/// again ([`publish_term_batch`]).
+/// Publishes the `writes` of a batch under `term`, carried by `messages`,
+/// one message at a time, each fenced by the term's epoch,
+/// [`EACH_IN_FLIGHT`] in flight together; waits for every acknowledgement.
+/// The server stores them in the order sent: once one is refused as fenced,
+/// every later one is too. Any other failure may leave later messages
+/// stored after a lost one: the caller sends the whole batch again
+/// ([`publish_term_batch`]).
 async fn publish_each(
     js: &jetstream::Context,
     term: Term,
-    batch: &[Queued],
+    writes: usize,
+    messages: &[Outgoing],
 ) -> Result<(), ChangelogError> {
-    let failed = |e: &jetstream::context::PublishError| send_failed(term, batch.len(), e);
-    for chunk in batch.chunks(EACH_IN_FLIGHT) {
+    let failed = |e: &jetstream::context::PublishError| send_failed(term, writes, e);
+    for chunk in messages.chunks(EACH_IN_FLIGHT) {
         let mut acks = Vec::with_capacity(chunk.len());
-        for (_, _, change, ttl) in chunk {
-            let headers = write_headers(term, change, *ttl, true);
-            let payload = change.value.clone().unwrap_or_default();
+        for message in chunk {
+            let headers = write_headers(term, message, true);
             let ack = js
-                .publish_with_headers(write_subject(term.partition, change), headers, payload)
+                .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
                 .await
                 .map_err(|e| failed(&e))?;
             acks.push(ack.into_future());
@@ -1028,6 +1232,7 @@ async fn publish_batch(
     writer: &str,
     term: Term,
     batch: &[Queued],
+    messages: &[Outgoing],
 ) -> Result<(), ChangelogError> {
     use async_nats::jetstream::{Error as JsError, ErrorCode};
     let unavailable = |e: &dyn std::fmt::Display| {
@@ -1037,13 +1242,13 @@ async fn publish_batch(
             term.partition
         ))
     };
-    let last = batch.len() - 1;
+    let last = messages.len() - 1;
     let message_id = format!("{writer}-{}", batch[0].0);
     for _ in 0..NOT_READY_TRIES {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut result = Ok(());
-        for (i, (_, _, change, ttl)) in batch.iter().enumerate() {
-            let mut headers = write_headers(term, change, *ttl, i == 0);
+        for (i, message) in messages.iter().enumerate() {
+            let mut headers = write_headers(term, message, i == 0);
             headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
             headers.insert(
                 async_nats::header::NATS_BATCH_SEQUENCE,
@@ -1052,8 +1257,8 @@ async fn publish_batch(
             if i == 0 {
                 headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
             }
-            let subject = write_subject(term.partition, change);
-            let payload = change.value.clone().unwrap_or_default();
+            let subject = message.subject.clone();
+            let payload = message.payload.clone();
             if i < last {
                 js.client()
                     .publish_with_headers(subject, headers, payload)
@@ -1155,6 +1360,102 @@ mod tests {
             assert_eq!(through(passed), 0, "{passed} through {filter:?}");
         }
         assert_eq!(follower_filter(16, &[]), ["switchboard.changelog.>"]);
+    }
+
+    fn change(collection: Collection, key: &str, value: Option<&str>) -> Change {
+        Change {
+            collection,
+            key: key.as_bytes().to_vec(),
+            value: value.map(|v| Bytes::from(v.to_string())),
+        }
+    }
+
+    /// A pack reads back as the puts framed into it, in order, whatever
+    /// their keys and values hold (empty ones, separators, any byte); a
+    /// payload cut short, of another format or naming no collection is
+    /// refused, saying which.
+    #[test]
+    fn a_pack_reads_back_as_its_puts_and_a_damaged_one_is_refused() {
+        let puts = vec![
+            change(
+                Collection::Contacts,
+                "acme\0c1",
+                Some("{\"msisdn\":\"+27\"}"),
+            ),
+            change(Collection::Journal, "acme\0e1\0\u{1}", Some("")),
+            change(Collection::Messages, "", Some("x")),
+        ];
+        let payload = pack(&puts);
+        assert_eq!(unpack(&payload), Ok(puts));
+        assert_eq!(unpack(&pack(&[])), Ok(vec![]));
+        assert_eq!(
+            unpack(&payload.slice(..payload.len() - 1)),
+            Err("a pack cut short")
+        );
+        assert_eq!(unpack(&Bytes::new()), Err("an empty pack"));
+        assert_eq!(
+            unpack(&Bytes::from_static(b"\x02")),
+            Err("a pack of an unknown format")
+        );
+        assert_eq!(
+            unpack(&Bytes::from_static(b"\x01\x04nope\0\0\0\0\0\0\0\0")),
+            Err("a pack naming an unknown collection")
+        );
+    }
+
+    /// A batch goes out in its order: runs of puts in packs of up to
+    /// [`PACK_RECORDS`], each removal alone on its key's subject (marked,
+    /// with its time to live), a pack named by its first write's number.
+    #[test]
+    fn a_batch_goes_out_as_packs_of_puts_and_removals_on_their_keys() {
+        let term = Term {
+            partition: 7,
+            epoch: 3,
+        };
+        let mut batch: Vec<Queued> = (1..=200)
+            .map(|n| {
+                let key = format!("acme\0c{n}");
+                (n, term, change(Collection::Contacts, &key, Some("v")), None)
+            })
+            .collect();
+        batch.insert(
+            130,
+            (
+                500,
+                term,
+                change(Collection::Journal, "acme\0e1", None),
+                Some(crate::MARKER_TTL),
+            ),
+        );
+        let out = outgoing(7, "w", &batch);
+        let subjects: Vec<&str> = out.iter().map(|m| m.subject.as_str()).collect();
+        assert_eq!(
+            subjects,
+            [
+                "switchboard.changelog.7.b.wx1",
+                "switchboard.changelog.7.b.wx129",
+                "switchboard.changelog.7.w.event_journal.YWNtZQBlMQ",
+                "switchboard.changelog.7.b.wx131",
+            ]
+        );
+        let sizes: Vec<usize> = out
+            .iter()
+            .map(|m| unpack(&m.payload).map_or(0, |c| c.len()))
+            .collect();
+        assert_eq!(sizes, [128, 2, 0, 70]);
+        assert!(out[2].removal && out[2].ttl == Some(crate::MARKER_TTL));
+        assert!(out.iter().enumerate().all(|(i, m)| m.removal == (i == 2)));
+        let read: Vec<Change> = out
+            .iter()
+            .filter(|m| !m.removal)
+            .flat_map(|m| unpack(&m.payload).expect("a pack"))
+            .collect();
+        let put: Vec<Change> = batch
+            .iter()
+            .filter(|w| w.2.value.is_some())
+            .map(|w| w.2.clone())
+            .collect();
+        assert_eq!(read, put);
     }
 
     /// A writer's span fails if a write numbered in it failed, whichever

@@ -26,7 +26,7 @@
 //!   the partition from the changelog before it begins another: writes the
 //!   changelog refused may still be in its copy.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +40,7 @@ use crate::changelog::{Appender, Change, Changelog, Record, Term};
 use crate::replicated::block_on;
 use crate::{Collection, Route, StoreError, Write, io};
 
+mod cleaner;
 pub mod forward;
 
 use forward::{Answer, Seen};
@@ -139,6 +140,8 @@ pub(crate) struct Partitioned {
     /// The forwarded writes in flight here and those answered lately, for
     /// their senders' sending them again.
     answers: Mutex<forward::Answers>,
+    /// What the changelog's cleaner counts ([`cleaner`]).
+    tally: cleaner::Tally,
 }
 
 impl std::fmt::Debug for Partitioned {
@@ -190,8 +193,10 @@ impl Partitioned {
             undecodable: AtomicU64::new(0),
             serving: Mutex::default(),
             answers: Mutex::default(),
+            tally: cleaner::Tally::new(partitions),
         });
         tokio::spawn(Self::follow(Arc::downgrade(&this), this.refilter.clone()));
+        tokio::spawn(Self::clean(Arc::downgrade(&this)));
         this.wait_applied(target).await;
         Ok(this)
     }
@@ -396,7 +401,7 @@ impl Partitioned {
             let _order = self.order.lock().expect("order lock");
             match &record {
                 Record::Write {
-                    partition, change, ..
+                    partition, changes, ..
                 } => {
                     if self.term(*partition).is_none()
                         && !self
@@ -404,9 +409,12 @@ impl Partitioned {
                             .lock()
                             .expect("rebuilding lock")
                             .contains(partition)
-                        && let Err(e) = self.apply_local(change)
                     {
-                        tracing::error!(error = %e, seq, partition, "applying a changelog record to the local copy failed");
+                        for change in changes {
+                            if let Err(e) = self.apply_local(change) {
+                                tracing::error!(error = %e, seq, partition, "applying a changelog record to the local copy failed");
+                            }
+                        }
                     }
                 }
                 Record::Term(t) => {
@@ -453,11 +461,17 @@ impl Partitioned {
         }
     }
 
-    fn apply_local(&self, change: &Change) -> Result<(), StoreError> {
+    /// Writes `change` into the local copy; returns by how much it changed
+    /// the number of records there (1 for a new key, -1 for a key removed).
+    fn apply_local(&self, change: &Change) -> Result<i64, StoreError> {
         let tree = &self.trees[change.collection.index()];
         match &change.value {
-            Some(v) => tree.insert(change.key.as_slice(), v.as_ref()).map(|_| ()),
-            None => tree.remove(change.key.as_slice()).map(|_| ()),
+            Some(v) => tree
+                .insert(change.key.as_slice(), v.as_ref())
+                .map(|old| i64::from(old.is_none())),
+            None => tree
+                .remove(change.key.as_slice())
+                .map(|old| -i64::from(old.is_some())),
         }
         .map_err(io(change.collection))
     }
@@ -563,6 +577,7 @@ impl Partitioned {
                 .remove(&partition);
             match &caught_up {
                 Ok(()) => {
+                    self.tally.begin(partition);
                     self.terms
                         .lock()
                         .expect("terms lock")
@@ -593,29 +608,42 @@ impl Partitioned {
     /// rebuild is not, to those watching the store (the inbox streams),
     /// every record of the partition removed and written again.
     async fn rebuild(&self, partition: u16, until: u64) -> Result<(), StoreError> {
-        // The keys the changelog has, by a 128-bit fingerprint: a large
-        // partition's keys are not held in memory whole.
-        let mut kept: HashSet<u128> = HashSet::new();
+        // The changelog may hold several writes of a key (packs stay until
+        // the cleaner's round): a first reading finds where each key's
+        // latest is, a second applies only those. Keys go by a 128-bit
+        // fingerprint: a large partition's keys are not held in memory
+        // whole. (No one else writes the partition meanwhile: this
+        // replica's term has begun. A late purge of an earlier owner's only
+        // takes writes that are not a key's latest.)
+        let mut latest: HashMap<u128, (u64, usize)> = HashMap::new();
         let state = std::hash::RandomState::new();
+        self.read_up_to(partition, 1, until, |at, change| {
+            latest.insert(fingerprint(&state, change.collection, &change.key), at);
+            Ok(())
+        })
+        .await?;
         let mut changed = 0usize;
-        self.read_up_to(partition, 1, until, |change| {
+        self.read_up_to(partition, 1, until, |at, change| {
+            if latest.get(&fingerprint(&state, change.collection, &change.key)) != Some(&at) {
+                return Ok(());
+            }
             let tree = &self.trees[change.collection.index()];
             let now = tree.get(&change.key).map_err(io(change.collection))?;
             if now.as_deref() != change.value.as_deref() {
                 changed += 1;
                 self.apply_local(change)?;
             }
-            kept.insert(fingerprint(&state, change.collection, &change.key));
             Ok(())
         })
         .await?;
+        let kept = latest;
         let mut removed = 0usize;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
             for entry in tree.iter().keys() {
                 let key = entry.map_err(io(c))?;
                 if self.partition_of(&key) == partition
-                    && !kept.contains(&fingerprint(&state, c, &key))
+                    && !kept.contains_key(&fingerprint(&state, c, &key))
                 {
                     tree.remove(&key).map_err(io(c))?;
                     removed += 1;
@@ -633,13 +661,14 @@ impl Partitioned {
     }
 
     /// Hands partition `partition`'s writes from `from` up to `until` to
-    /// `apply`, in order.
+    /// `apply`, in order, each with where it is: its message's stream
+    /// sequence and its place in the message.
     async fn read_up_to(
         &self,
         partition: u16,
         from: u64,
         until: u64,
-        mut apply: impl FnMut(&Change) -> Result<(), StoreError>,
+        mut apply: impl FnMut((u64, usize), &Change) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         if from > until {
             return Ok(());
@@ -668,7 +697,11 @@ impl Partitioned {
             };
             let seq = record.seq();
             match &record {
-                Record::Write { change, .. } => apply(change)?,
+                Record::Write { changes, .. } => {
+                    for (i, change) in changes.iter().enumerate() {
+                        apply((seq, i), change)?;
+                    }
+                }
                 Record::Undecodable { .. } => self.skip_undecodable(&record),
                 Record::Term(_) | Record::Sync { .. } => {}
             }
@@ -727,7 +760,8 @@ impl Partitioned {
                 key: w.key.clone(),
                 value: w.value.clone().map(Bytes::from),
             };
-            self.apply_local(&change)?;
+            let added = self.apply_local(&change)?;
+            self.tally.count(term.partition, &change, added);
             self.appender.append(term, change);
         }
         Ok(Some(true))
