@@ -9,7 +9,8 @@
 //!   (its payload framed by `pack`). A pack stays until the partition's
 //!   owner purges it: its cleaner (`partitioned/cleaner.rs`) writes the
 //!   partition's live records again and purges the packs from before them,
-//!   so the changelog holds about one to two records per live key;
+//!   so the changelog holds up to about two records per live key (or
+//!   1,024 beyond them, for a small partition);
 //! - a removal is a message on
 //!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
 //!   with no payload and a `Switchboard-Op: del` header. The stream keeps
@@ -229,8 +230,8 @@ const PACK_FORMAT: u8 = 1;
 /// Most puts in one pack.
 const PACK_RECORDS: usize = 128;
 
-/// A pack is closed once its payload reaches this many bytes (a single
-/// larger put goes alone).
+/// Most bytes of keys and values in a pack (a single larger put goes
+/// alone, as it did before packs).
 const PACK_BYTES: usize = 256 * 1024;
 
 /// The subject of a pack: `{PREFIX}.{partition}.b.{writer}x{number}`, with
@@ -404,7 +405,7 @@ impl Changelog {
         let config = stream::Config {
             name: STREAM.into(),
             description: Some(
-                "Switchboard's partition-owned state: the latest write of each key, by partition"
+                "Switchboard's partition-owned state by partition: packs of puts, removal markers, terms"
                     .into(),
             ),
             subjects: vec![format!("{PREFIX}.>")],
@@ -850,7 +851,7 @@ async fn append_task(
     let mut open = true;
     // When the oldest write waiting for its batch was queued.
     let mut waiting_since: Option<tokio::time::Instant> = None;
-    while open || !flights.is_empty() {
+    while open || !flights.is_empty() || !queued.is_empty() {
         // A batch for each partition with writes waiting and none in flight
         // (the writes of one term, in order), once they are wanted: a
         // commit waits, a pack's worth waits, the oldest has waited
@@ -1063,7 +1064,7 @@ struct Outgoing {
 }
 
 /// The messages that carry `batch`, in its order: consecutive puts in
-/// packs (up to [`PACK_RECORDS`] puts, closed at [`PACK_BYTES`]); a removal
+/// packs (up to [`PACK_RECORDS`] puts and [`PACK_BYTES`]); a removal
 /// alone on its key's subject, where it replaces the key's earlier marker
 /// and no purge of packs reaches it (see [`Changelog::purge_packs`]).
 fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
@@ -1087,9 +1088,12 @@ fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
         while let Some(w) = batch.get(i)
             && packable(w)
             && i - start < PACK_RECORDS
-            && bytes < PACK_BYTES
         {
-            bytes += w.2.key.len() + w.2.value.as_ref().map_or(0, Bytes::len);
+            let size = w.2.key.len() + w.2.value.as_ref().map_or(0, Bytes::len);
+            if i > start && bytes + size > PACK_BYTES {
+                break;
+            }
+            bytes += size;
             i += 1;
         }
         out.push(Outgoing {

@@ -26,7 +26,7 @@
 //!   the partition from the changelog before it begins another: writes the
 //!   changelog refused may still be in its copy.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -413,6 +413,10 @@ impl Partitioned {
                         for change in changes {
                             if let Err(e) = self.apply_local(change) {
                                 tracing::error!(error = %e, seq, partition, "applying a changelog record to the local copy failed");
+                                // Taken here, the partition is read again
+                                // whole first.
+                                self.dirty.lock().expect("dirty lock").insert(*partition);
+                                self.tally.damaged(*partition);
                             }
                         }
                     }
@@ -458,6 +462,9 @@ impl Partitioned {
                 reason,
                 "an undecodable changelog record was skipped"
             );
+            if let Some(p) = partition {
+                self.tally.damaged(*p);
+            }
         }
     }
 
@@ -622,10 +629,17 @@ impl Partitioned {
             Ok(())
         })
         .await?;
+        // The keys whose latest write the second reading found to be a put:
+        // the rest go (a removal's marker may have expired in between).
+        let mut kept: HashSet<u128> = HashSet::new();
         let mut changed = 0usize;
         self.read_up_to(partition, 1, until, |at, change| {
-            if latest.get(&fingerprint(&state, change.collection, &change.key)) != Some(&at) {
+            let fingerprint = fingerprint(&state, change.collection, &change.key);
+            if latest.get(&fingerprint) != Some(&at) {
                 return Ok(());
+            }
+            if change.value.is_some() {
+                kept.insert(fingerprint);
             }
             let tree = &self.trees[change.collection.index()];
             let now = tree.get(&change.key).map_err(io(change.collection))?;
@@ -636,14 +650,13 @@ impl Partitioned {
             Ok(())
         })
         .await?;
-        let kept = latest;
         let mut removed = 0usize;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
             for entry in tree.iter().keys() {
                 let key = entry.map_err(io(c))?;
                 if self.partition_of(&key) == partition
-                    && !kept.contains_key(&fingerprint(&state, c, &key))
+                    && !kept.contains(&fingerprint(&state, c, &key))
                 {
                     tree.remove(&key).map_err(io(c))?;
                     removed += 1;

@@ -9,14 +9,15 @@
 //! that are no longer the latest of their key as live ones (and at least
 //! [`ROUND_MIN`] of them), a round:
 //!
-//! 1. publishes a sync mark: every pack of the partition stored so far lies
-//!    below its sequence `below`;
+//! 1. commits what was appended so far and publishes a sync mark: every
+//!    pack of the partition stored so far lies below its sequence `below`;
 //! 2. appends every key of the partition held in the local copy again,
 //!    with its value, under the term, in chunks taken with the order lock
 //!    held (so each rewrite is the key's latest value, in order with the
 //!    event path's writes);
 //! 3. commits them, and if none was refused and the term still holds,
-//! 4. purges the partition's packs below `below`.
+//! 4. purges the partition's packs below `below` (a purge that fails is
+//!    owed, and tried again at the next look, without a new round).
 //!
 //! After step 2 every live key's latest value is in a pack above `below`
 //! (a rewrite, or a later write), and removals are never in packs (each is
@@ -24,26 +25,36 @@
 //! A deposed owner's rewrite is refused, so it never purges; one deposed
 //! between its commit and its purge purges only packs below its rewrites,
 //! which precede the new owner's marker. A follower behind the purge misses
-//! older values of keys whose latest it reads later, and no removal.
+//! older values of keys whose latest it reads later, and no removal. A
+//! partition this replica could not read whole (an undecodable record, a
+//! write its copy failed to take) is never compacted here: its copy may
+//! lack what the changelog holds.
 //!
 //! A removal marker of a housekeeping collection expires after
 //! [`crate::MARKER_TTL`], while the put it removed may still be in a pack:
-//! a partition that took such removals is compacted at least every half of
-//! that, so that no replica reading the changelog afresh finds the put
-//! without its marker.
+//! a partition that took such removals, or that this replica has just
+//! taken (an earlier owner's are not known), is compacted at least every
+//! half of that, so that the put is purged before its marker expires.
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
-//! holds between one and about two records per live key. A partition whose
-//! records all stay live (a journal within its retention) is never
-//! rewritten. The counts are this replica's: after a take-over they start
-//! from the partition's live records, so the changelog may hold what the
-//! last owner left on top until the next round.
+//! holds up to the live records and as many again (or [`ROUND_MIN`] more,
+//! for a small partition). A partition whose records all stay live (a
+//! journal within its retention) is rewritten only for its markers. The
+//! counts are this replica's: after a take-over they start from the
+//! partition's live records, so the changelog may hold what the last
+//! owner left on top until the next round.
+//!
+//! A round's last rewrites may still be on their way when the partition is
+//! handed over: they are refused once the next owner's term begins, and the
+//! refusal fails the appender's next commit as a fenced term would (the
+//! events it covers are handled again). Rounds are short and hand-overs
+//! rare.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -52,7 +63,7 @@ use super::{Partitioned, remote};
 use crate::changelog::{Change, Term};
 use crate::{Collection, StoreError, io};
 
-/// A partition is compacted no sooner than after this many puts.
+/// A partition is compacted no sooner than after this many superseded puts.
 const ROUND_MIN: u64 = 1024;
 
 /// How often the held partitions are looked at.
@@ -71,18 +82,33 @@ pub(crate) struct Tally {
     /// The partition's live records: from a term's beginning, the keys its
     /// writes added; from the term's first look, all of them.
     live: Vec<AtomicI64>,
-    /// The records in the partition's packs at its last round (or at the
-    /// term's first look: its live records), the term, and when.
-    base: Mutex<HashMap<u16, (Term, u64, Instant)>>,
+    /// Each held partition's state since its last round or first look.
+    bases: Mutex<HashMap<u16, Base>>,
+    /// Partitions this replica's copy may lack records of: never compacted.
+    damaged: Mutex<BTreeSet<u16>>,
+}
+
+/// A partition's state at its last round, or at its term's first look.
+#[derive(Debug, Clone, Copy)]
+struct Base {
+    term: Term,
+    /// The records in its packs then.
+    records: u64,
+    since: Instant,
+    /// A purge of its packs below this sequence, owed: the round's rewrite
+    /// was committed, the purge failed.
+    owed: Option<u64>,
 }
 
 impl Tally {
     pub(crate) fn new(partitions: u16) -> Self {
+        let zeros = || (0..partitions).map(|_| AtomicU64::new(0)).collect();
         Self {
-            puts: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
-            expiring: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            puts: zeros(),
+            expiring: zeros(),
             live: (0..partitions).map(|_| AtomicI64::new(0)).collect(),
-            base: Mutex::default(),
+            bases: Mutex::default(),
+            damaged: Mutex::default(),
         }
     }
 
@@ -112,12 +138,37 @@ impl Tally {
             n.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Marks `partition` as one whose copy here may lack records the
+    /// changelog holds: it is not compacted from this copy.
+    pub(crate) fn damaged(&self, partition: u16) {
+        if self.damaged.lock().expect("tally lock").insert(partition) {
+            tracing::warn!(
+                partition,
+                "this replica's copy of the partition may lack changelog records: it will not \
+                 compact the partition's changelog"
+            );
+        }
+    }
+
+    fn base(&self, partition: u16, term: Term) -> Option<Base> {
+        let bases = self.bases.lock().expect("tally lock");
+        bases.get(&partition).filter(|b| b.term == term).copied()
+    }
+
+    fn set_base(&self, partition: u16, base: Base) {
+        self.bases
+            .lock()
+            .expect("tally lock")
+            .insert(partition, base);
+    }
 }
 
-/// What a round did.
-struct Round {
-    rewritten: u64,
-    purged: u64,
+/// Takes `n` from `counter`, not below zero.
+fn take(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+        Some(c.saturating_sub(n))
+    });
 }
 
 impl Partitioned {
@@ -127,10 +178,25 @@ impl Partitioned {
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             let Some(me) = this.upgrade() else { return };
-            for partition in me.held() {
-                let Some(term) = me.term(partition) else {
+            let held: Vec<(u16, Term)> = me
+                .held()
+                .into_iter()
+                .filter_map(|p| me.term(p).map(|t| (p, t)))
+                .collect();
+            if let Err(e) = me.first_looks(&held).await {
+                tracing::warn!(error = %e, "counting the partitions' records failed; trying again later");
+                continue;
+            }
+            for (partition, term) in held {
+                if me
+                    .tally
+                    .damaged
+                    .lock()
+                    .expect("tally lock")
+                    .contains(&partition)
+                {
                     continue;
-                };
+                }
                 if let Err(e) = me.clean_if_due(partition, term).await {
                     tracing::warn!(partition, epoch = term.epoch, error = %e,
                         "compacting the partition's changelog failed; trying again later");
@@ -139,133 +205,167 @@ impl Partitioned {
         }
     }
 
-    async fn clean_if_due(&self, partition: u16, term: Term) -> Result<(), StoreError> {
+    /// Counts the live records of the partitions in `held` whose term has
+    /// not been looked at yet (one reading of the local copy, off the
+    /// runtime). The records live when a term began are taken as the
+    /// changelog's then; the term's puts come on top. A removal an earlier
+    /// owner made is not known here, so one round is due within half the
+    /// markers' time to live.
+    async fn first_looks(self: &Arc<Self>, held: &[(u16, Term)]) -> Result<(), StoreError> {
+        let fresh: Vec<(u16, Term)> = held
+            .iter()
+            .copied()
+            .filter(|(p, t)| self.tally.base(*p, *t).is_none())
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let added: Vec<i64> = fresh
+            .iter()
+            .map(|(p, _)| self.tally.live[usize::from(*p)].load(Ordering::Relaxed))
+            .collect();
+        let me = Arc::clone(self);
+        let counts = tokio::task::spawn_blocking(move || me.count_live())
+            .await
+            .map_err(|e| remote(format!("counting the partitions' records: {e}")))??;
+        let now = Instant::now();
+        for ((partition, term), added) in fresh.into_iter().zip(added) {
+            let i = usize::from(partition);
+            let live = counts[i] as i64;
+            self.tally.live[i].fetch_add(live - added, Ordering::Relaxed);
+            self.tally.expiring[i].fetch_max(1, Ordering::Relaxed);
+            self.tally.set_base(
+                partition,
+                Base {
+                    term,
+                    records: (live - added).max(0) as u64,
+                    since: now,
+                    owed: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn clean_if_due(self: &Arc<Self>, partition: u16, term: Term) -> Result<(), StoreError> {
         let i = usize::from(partition);
-        let counted = self
-            .tally
-            .base
-            .lock()
-            .expect("tally lock")
-            .get(&partition)
-            .and_then(|(t, base, since)| (*t == term).then_some((*base, *since)));
-        let (base, since) = match counted {
-            Some(counted) => counted,
-            None => {
-                // The term's first look. The records live when the term
-                // began are taken as the changelog's then (what an earlier
-                // owner left dead is not known here); the term's puts come
-                // on top.
-                let added = self.tally.live[i].load(Ordering::Relaxed);
-                let live = self.count_live(partition)? as i64;
-                self.tally.live[i].fetch_add(live - added, Ordering::Relaxed);
-                let base = (live - added).max(0) as u64;
-                let now = Instant::now();
-                self.tally
-                    .base
-                    .lock()
-                    .expect("tally lock")
-                    .insert(partition, (term, base, now));
-                (base, now)
-            }
+        let Some(base) = self.tally.base(partition, term) else {
+            return Ok(());
         };
+        if let Some(below) = base.owed {
+            return self.purge(partition, below, base).await;
+        }
         let puts = self.tally.puts[i].load(Ordering::Relaxed);
         let live = self.tally.live[i].load(Ordering::Relaxed).max(0) as u64;
-        let dead = (base + puts).saturating_sub(live);
+        let dead = base.records.saturating_add(puts).saturating_sub(live);
         let expiring = self.tally.expiring[i].load(Ordering::Relaxed);
-        let markers_expire = expiring > 0 && since.elapsed() >= crate::MARKER_TTL / 2;
+        let markers_expire = expiring > 0 && base.since.elapsed() >= crate::MARKER_TTL / 2;
         if dead < live.max(ROUND_MIN) && !markers_expire {
             return Ok(());
         }
         let started = Instant::now();
-        let Some(round) = self.round(partition, term).await? else {
+        // What was appended before the counts were read is stored below
+        // the mark, so the purge takes it (a put whose removal was counted
+        // must not outlive the count).
+        self.appender.commit().await.map_err(remote)?;
+        let below = self.changelog.sync().await.map_err(remote)?;
+        let me = Arc::clone(self);
+        let rewritten = tokio::task::spawn_blocking(move || me.rewrite(partition, term))
+            .await
+            .map_err(|e| remote(format!("rewriting partition {partition}: {e}")))??;
+        let Some(rewritten) = rewritten else {
             return Ok(());
         };
-        self.tally.puts[i].fetch_sub(puts, Ordering::Relaxed);
-        self.tally.expiring[i].fetch_sub(expiring, Ordering::Relaxed);
-        self.tally
-            .base
-            .lock()
-            .expect("tally lock")
-            .insert(partition, (term, round.rewritten, started));
+        self.appender.commit().await.map_err(remote)?;
+        if self.appender.is_broken(term) || self.term(partition) != Some(term) {
+            return Ok(());
+        }
+        take(&self.tally.puts[i], puts);
+        take(&self.tally.expiring[i], expiring);
+        let base = Base {
+            term,
+            records: rewritten,
+            since: started,
+            owed: Some(below),
+        };
+        self.tally.set_base(partition, base);
         tracing::info!(
             partition,
             dead,
-            rewritten = round.rewritten,
-            purged_messages = round.purged,
+            rewritten,
             took_ms = started.elapsed().as_millis() as u64,
-            "the partition's changelog is compacted"
+            "the partition's live records are written again; purging its older packs"
         );
-        Ok(())
+        self.purge(partition, below, base).await
     }
 
-    /// How many records of `partition` the local copy holds.
-    fn count_live(&self, partition: u16) -> Result<u64, StoreError> {
-        let mut live = 0;
-        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
-            for key in self.trees[c.index()].iter().keys() {
-                if self.partition_of(&key.map_err(io(c))?) == partition {
-                    live += 1;
-                }
-            }
-        }
-        Ok(live)
-    }
-
-    /// Writes `partition`'s live records again under `term` and purges its
-    /// packs from before them; `None` if the term ended meanwhile (nothing
-    /// is purged then).
-    async fn round(&self, partition: u16, term: Term) -> Result<Option<Round>, StoreError> {
-        let below = self.changelog.sync().await.map_err(remote)?;
-        let mut rewritten = 0;
-        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
-            let tree = &self.trees[c.index()];
-            let mut after: Option<sled::IVec> = None;
-            loop {
-                let last = {
-                    let _order = self.order.lock().expect("order lock");
-                    if self.term(partition) != Some(term) {
-                        return Ok(None);
-                    }
-                    let entries = match after.take() {
-                        Some(k) => {
-                            tree.range::<sled::IVec, _>((Bound::Excluded(k), Bound::Unbounded))
-                        }
-                        None => tree.iter(),
-                    };
-                    let mut last = None;
-                    for entry in entries.take(SCAN_CHUNK) {
-                        let (key, value) = entry.map_err(io(c))?;
-                        if self.partition_of(&key) == partition {
-                            self.appender.append(
-                                term,
-                                Change {
-                                    collection: c,
-                                    key: key.to_vec(),
-                                    value: Some(Bytes::copy_from_slice(&value)),
-                                },
-                            );
-                            rewritten += 1;
-                        }
-                        last = Some(key);
-                    }
-                    last
-                };
-                match last {
-                    Some(key) => after = Some(key),
-                    None => break,
-                }
-                tokio::task::yield_now().await;
-            }
-        }
-        self.appender.commit().await.map_err(remote)?;
-        if self.appender.is_broken(term) || self.term(partition) != Some(term) {
-            return Ok(None);
-        }
+    /// Purges `partition`'s packs below `below`, owed since a round.
+    async fn purge(&self, partition: u16, below: u64, base: Base) -> Result<(), StoreError> {
         let purged = self
             .changelog
             .purge_packs(partition, below)
             .await
             .map_err(remote)?;
-        Ok(Some(Round { rewritten, purged }))
+        self.tally.set_base(partition, Base { owed: None, ..base });
+        tracing::info!(
+            partition,
+            below,
+            purged_messages = purged,
+            "the partition's changelog is compacted"
+        );
+        Ok(())
+    }
+
+    /// How many records of each partition the local copy holds.
+    fn count_live(&self) -> Result<Vec<u64>, StoreError> {
+        let mut live = vec![0; usize::from(self.partitions)];
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            for key in self.trees[c.index()].iter().keys() {
+                live[usize::from(self.partition_of(&key.map_err(io(c))?))] += 1;
+            }
+        }
+        Ok(live)
+    }
+
+    /// Appends every record of `partition` in the local copy again under
+    /// `term`; returns how many, or `None` if the term ended meanwhile.
+    /// Blocks: it reads the whole copy.
+    fn rewrite(&self, partition: u16, term: Term) -> Result<Option<u64>, StoreError> {
+        let mut rewritten = 0;
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            let tree = &self.trees[c.index()];
+            let mut after: Option<sled::IVec> = None;
+            loop {
+                let _order = self.order.lock().expect("order lock");
+                if self.term(partition) != Some(term) {
+                    return Ok(None);
+                }
+                let entries = match after.take() {
+                    Some(k) => tree.range::<sled::IVec, _>((Bound::Excluded(k), Bound::Unbounded)),
+                    None => tree.iter(),
+                };
+                let mut last = None;
+                for entry in entries.take(SCAN_CHUNK) {
+                    let (key, value) = entry.map_err(io(c))?;
+                    if self.partition_of(&key) == partition {
+                        self.appender.append(
+                            term,
+                            Change {
+                                collection: c,
+                                key: key.to_vec(),
+                                value: Some(Bytes::copy_from_slice(&value)),
+                            },
+                        );
+                        rewritten += 1;
+                    }
+                    last = Some(key);
+                }
+                match last {
+                    Some(key) => after = Some(key),
+                    None => break,
+                }
+            }
+        }
+        Ok(Some(rewritten))
     }
 }
