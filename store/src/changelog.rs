@@ -16,8 +16,10 @@
 //!   with no payload and a `Switchboard-Op: del` header. The stream keeps
 //!   one message per subject, so a key keeps its latest marker, which no
 //!   purge of packs reaches (and which expires after [`crate::MARKER_TTL`]
-//!   for housekeeping collections). Changelogs written before packs hold
-//!   puts on these subjects too; they are read as ever;
+//!   for housekeeping collections). The puts of housekeeping collections
+//!   that are not swept by age (timers, waiters, signals, digests) go on
+//!   these subjects too, so that their removal replaces them (see `packs`),
+//!   as do the puts of changelogs written before packs;
 //! - a term of ownership of `p` begins with a marker on
 //!   `switchboard.changelog.{p}.epoch`; the marker's stream sequence is the
 //!   term's epoch. The new owner publishes it only if the last marker is the
@@ -1068,7 +1070,7 @@ struct Outgoing {
 /// alone on its key's subject, where it replaces the key's earlier marker
 /// and no purge of packs reaches it (see [`Changelog::purge_packs`]).
 fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
-    let packable = |w: &Queued| w.2.value.is_some() && w.3.is_none();
+    let packable = |w: &Queued| w.2.value.is_some() && w.3.is_none() && packs(w.2.collection);
     let mut out = Vec::new();
     let mut i = 0;
     while let Some(first) = batch.get(i) {
@@ -1104,6 +1106,23 @@ fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
         });
     }
     out
+}
+
+/// Whether puts of `collection` go in packs. A pack stays until the
+/// cleaner purges it, which may be after a removal's marker expired (those
+/// of housekeeping collections do after [`crate::MARKER_TTL`]); a replica
+/// reading the changelog then gets the put back without its removal. That
+/// is harmless for the records every replica sweeps by age (the journal,
+/// its listing by time, idempotency keys: the sweep removes them again),
+/// not for the other housekeeping ones (timers, waiters, signals,
+/// digests): their puts go on their key's subject, where the removal
+/// replaces them.
+fn packs(collection: Collection) -> bool {
+    !collection.is_housekeeping()
+        || matches!(
+            collection,
+            Collection::Journal | Collection::EventTimes | Collection::Idempotency
+        )
 }
 
 /// The headers of a message: its removal mark and time to live, and with
@@ -1460,6 +1479,28 @@ mod tests {
             .map(|w| w.2.clone())
             .collect();
         assert_eq!(read, put);
+
+        // A timer's put goes on its key's subject, where its removal (whose
+        // marker expires) will replace it; a journal record's goes in a pack.
+        let timer = (
+            1,
+            term,
+            change(Collection::Timers, "acme\0t1", Some("t")),
+            None,
+        );
+        let journal = (
+            2,
+            term,
+            change(Collection::Journal, "acme\0e2", Some("j")),
+            None,
+        );
+        let out = outgoing(7, "w", &[timer, journal]);
+        assert_eq!(
+            out[0].subject,
+            "switchboard.changelog.7.w.timers.YWNtZQB0MQ"
+        );
+        assert!(!out[0].removal && out[0].payload == "t");
+        assert_eq!(out[1].subject, "switchboard.changelog.7.b.wx2");
     }
 
     /// A writer's span fails if a write numbered in it failed, whichever

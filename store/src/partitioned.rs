@@ -18,6 +18,10 @@
 //!   from where it stood when a term of its ended, if one did. A write it
 //!   is asked for (by the API, an inbound webhook, a sweep) is forwarded to
 //!   the owner, which makes it, commits it and answers.
+//! - **The owner compacts** its partitions' changelogs: puts travel in
+//!   packs, which the stream does not compact by itself, so it writes a
+//!   partition's live records again now and then and purges the packs
+//!   from before them ([`cleaner`]).
 //! - **A term begins** when the bus hands this replica the partition (its
 //!   fence opened: the last holder settled, or its pin timed out). The
 //!   marker fences the last holder's writes; the replica then reads the

@@ -31,17 +31,18 @@
 //! lack what the changelog holds.
 //!
 //! A removal marker of a housekeeping collection expires after
-//! [`crate::MARKER_TTL`], while the put it removed may still be in a pack:
-//! a partition that took such removals, or that this replica has just
-//! taken (an earlier owner's are not known), is compacted at least every
-//! half of that, so that the put is purged before its marker expires.
+//! [`crate::MARKER_TTL`], while the put it removed may still be in a pack.
+//! Only puts of records every replica sweeps by age go in packs (the
+//! journal, idempotency keys), so a replica reading such a put again
+//! without its marker removes it at its next sweep; the other housekeeping
+//! puts (timers, waiters, signals, digests) stay on their key's subject.
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
 //! holds up to the live records and as many again (or [`ROUND_MIN`] more,
-//! for a small partition). A partition whose records all stay live (a
-//! journal within its retention) is rewritten only for its markers. The
-//! counts are this replica's: after a take-over they start from the
+//! for a small partition). A removal counts as a put superseded, so a
+//! journal is rewritten about once per retention. The counts are this
+//! replica's: after a take-over they start from the
 //! partition's live records, so the changelog may hold what the last
 //! owner left on top until the next round.
 //!
@@ -77,8 +78,6 @@ const SCAN_CHUNK: usize = 256;
 pub(crate) struct Tally {
     /// Puts appended since the partition's last round here.
     puts: Vec<AtomicU64>,
-    /// Housekeeping removals appended since then.
-    expiring: Vec<AtomicU64>,
     /// The partition's live records: from a term's beginning, the keys its
     /// writes added; from the term's first look, all of them.
     live: Vec<AtomicI64>,
@@ -88,13 +87,12 @@ pub(crate) struct Tally {
     damaged: Mutex<BTreeSet<u16>>,
 }
 
-/// A partition's state at its last round, or at its term's first look.
+/// A partition's count at its last round, or at its term's first look.
 #[derive(Debug, Clone, Copy)]
 struct Base {
     term: Term,
     /// The records in its packs then.
     records: u64,
-    since: Instant,
     /// A purge of its packs below this sequence, owed: the round's rewrite
     /// was committed, the purge failed.
     owed: Option<u64>,
@@ -102,10 +100,8 @@ struct Base {
 
 impl Tally {
     pub(crate) fn new(partitions: u16) -> Self {
-        let zeros = || (0..partitions).map(|_| AtomicU64::new(0)).collect();
         Self {
-            puts: zeros(),
-            expiring: zeros(),
+            puts: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             live: (0..partitions).map(|_| AtomicI64::new(0)).collect(),
             bases: Mutex::default(),
             damaged: Mutex::default(),
@@ -118,7 +114,6 @@ impl Tally {
         let i = usize::from(partition);
         if i < self.puts.len() {
             self.puts[i].store(0, Ordering::Relaxed);
-            self.expiring[i].store(0, Ordering::Relaxed);
             self.live[i].store(0, Ordering::Relaxed);
         }
     }
@@ -126,16 +121,14 @@ impl Tally {
     /// Counts a write appended to `partition`'s changelog, which changed
     /// its live records by `added`.
     pub(crate) fn count(&self, partition: u16, change: &Change, added: i64) {
-        if let Some(live) = self.live.get(usize::from(partition)) {
+        let i = usize::from(partition);
+        if let Some(live) = self.live.get(i) {
             live.fetch_add(added, Ordering::Relaxed);
         }
-        let counter = match change.value {
-            Some(_) => &self.puts,
-            None if change.collection.is_housekeeping() => &self.expiring,
-            None => return,
-        };
-        if let Some(n) = counter.get(usize::from(partition)) {
-            n.fetch_add(1, Ordering::Relaxed);
+        if change.value.is_some()
+            && let Some(puts) = self.puts.get(i)
+        {
+            puts.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -208,9 +201,7 @@ impl Partitioned {
     /// Counts the live records of the partitions in `held` whose term has
     /// not been looked at yet (one reading of the local copy, off the
     /// runtime). The records live when a term began are taken as the
-    /// changelog's then; the term's puts come on top. A removal an earlier
-    /// owner made is not known here, so one round is due within half the
-    /// markers' time to live.
+    /// changelog's then; the term's puts come on top.
     async fn first_looks(self: &Arc<Self>, held: &[(u16, Term)]) -> Result<(), StoreError> {
         let fresh: Vec<(u16, Term)> = held
             .iter()
@@ -228,18 +219,15 @@ impl Partitioned {
         let counts = tokio::task::spawn_blocking(move || me.count_live())
             .await
             .map_err(|e| remote(format!("counting the partitions' records: {e}")))??;
-        let now = Instant::now();
         for ((partition, term), added) in fresh.into_iter().zip(added) {
             let i = usize::from(partition);
             let live = counts[i] as i64;
             self.tally.live[i].fetch_add(live - added, Ordering::Relaxed);
-            self.tally.expiring[i].fetch_max(1, Ordering::Relaxed);
             self.tally.set_base(
                 partition,
                 Base {
                     term,
                     records: (live - added).max(0) as u64,
-                    since: now,
                     owed: None,
                 },
             );
@@ -258,15 +246,13 @@ impl Partitioned {
         let puts = self.tally.puts[i].load(Ordering::Relaxed);
         let live = self.tally.live[i].load(Ordering::Relaxed).max(0) as u64;
         let dead = base.records.saturating_add(puts).saturating_sub(live);
-        let expiring = self.tally.expiring[i].load(Ordering::Relaxed);
-        let markers_expire = expiring > 0 && base.since.elapsed() >= crate::MARKER_TTL / 2;
-        if dead < live.max(ROUND_MIN) && !markers_expire {
+        if dead < live.max(ROUND_MIN) {
             return Ok(());
         }
         let started = Instant::now();
         // What was appended before the counts were read is stored below
-        // the mark, so the purge takes it (a put whose removal was counted
-        // must not outlive the count).
+        // the mark, so the purge takes it: the puts counted are gone with
+        // the round.
         self.appender.commit().await.map_err(remote)?;
         let below = self.changelog.sync().await.map_err(remote)?;
         let me = Arc::clone(self);
@@ -281,11 +267,9 @@ impl Partitioned {
             return Ok(());
         }
         take(&self.tally.puts[i], puts);
-        take(&self.tally.expiring[i], expiring);
         let base = Base {
             term,
             records: rewritten,
-            since: started,
             owed: Some(below),
         };
         self.tally.set_base(partition, base);
