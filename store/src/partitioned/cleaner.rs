@@ -33,7 +33,7 @@
 //! A removal marker of a housekeeping collection expires after
 //! [`crate::MARKER_TTL`], while the put it removed may still be in a pack.
 //! Only puts of records every replica sweeps by age go in packs (the
-//! journal, idempotency keys), so a replica reading such a put again
+//! journal and its listing by time, idempotency keys), so a replica reading such a put again
 //! without its marker removes it at its next sweep; the other housekeeping
 //! puts (timers, waiters, signals, digests) stay on their key's subject.
 //!
@@ -42,9 +42,9 @@
 //! holds up to the live records and as many again (or [`ROUND_MIN`] more,
 //! for a small partition). A removal counts as a put superseded, so a
 //! journal is rewritten about once per retention. The counts are this
-//! replica's: after a take-over they start from the
-//! partition's live records, so the changelog may hold what the last
-//! owner left on top until the next round.
+//! replica's: after a take-over they start from the partition's live
+//! records, so the changelog may hold what the last owner left on top
+//! until the next round.
 //!
 //! A round's last rewrites may still be on their way when the partition is
 //! handed over: they are refused once the next owner's term begins, and the
