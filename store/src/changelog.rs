@@ -17,9 +17,9 @@
 //!   one message per subject, so a key keeps its latest marker, which no
 //!   purge of packs reaches (and which expires after [`crate::MARKER_TTL`]
 //!   for housekeeping collections). The puts of housekeeping collections
-//!   that are not swept by age (timers, waiters, signals, digests) go on
-//!   these subjects too, so that their removal replaces them (see `packs`),
-//!   as do the puts of changelogs written before packs;
+//!   other than the journal's (idempotency keys, timers, waiters, signals,
+//!   digests) go on these subjects too, so that their removal replaces
+//!   them (see `packs`), as do the puts of changelogs written before packs;
 //! - a term of ownership of `p` begins with a marker on
 //!   `switchboard.changelog.{p}.epoch`; the marker's stream sequence is the
 //!   term's epoch. The new owner publishes it only if the last marker is the
@@ -1112,17 +1112,16 @@ fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Outgoing> {
 /// cleaner purges it, which may be after a removal's marker expired (those
 /// of housekeeping collections do after [`crate::MARKER_TTL`]); a replica
 /// reading the changelog then gets the put back without its removal. That
-/// is harmless for the records every replica sweeps by age (the journal,
-/// its listing by time, idempotency keys: the sweep removes them again),
-/// not for the other housekeeping ones (timers, waiters, signals,
-/// digests): their puts go on their key's subject, where the removal
-/// replaces them.
+/// is harmless for the journal (its records and their listing by time): a
+/// journal record is removed only once past its retention, so one read
+/// again is expired, hidden from listings, and its owner's sweep removes it
+/// again. Not for the other housekeeping collections: an idempotency claim
+/// released after a failed step would come back and refuse its key for
+/// the rest of its window, a fired timer would fire again. Their puts go on
+/// their key's subject, where the removal replaces them.
 fn packs(collection: Collection) -> bool {
     !collection.is_housekeeping()
-        || matches!(
-            collection,
-            Collection::Journal | Collection::EventTimes | Collection::Idempotency
-        )
+        || matches!(collection, Collection::Journal | Collection::EventTimes)
 }
 
 /// The headers of a message: its removal mark and time to live, and with
@@ -1428,7 +1427,8 @@ mod tests {
 
     /// A batch goes out in its order: runs of puts in packs of up to
     /// [`PACK_RECORDS`], each removal alone on its key's subject (marked,
-    /// with its time to live), a pack named by its first write's number.
+    /// with its time to live), a pack named by its first write's number;
+    /// a put of a collection that is not packed alone on its key's subject.
     #[test]
     fn a_batch_goes_out_as_packs_of_puts_and_removals_on_their_keys() {
         let term = Term {
@@ -1494,13 +1494,44 @@ mod tests {
             change(Collection::Journal, "acme\0e2", Some("j")),
             None,
         );
-        let out = outgoing(7, "w", &[timer, journal]);
+        let out = outgoing(7, "w", &[timer, journal.clone()]);
+        assert_eq!(out.len(), 2);
         assert_eq!(
             out[0].subject,
             "switchboard.changelog.7.w.timers.YWNtZQB0MQ"
         );
         assert!(!out[0].removal && out[0].payload == "t");
         assert_eq!(out[1].subject, "switchboard.changelog.7.b.wx2");
+        assert_eq!(unpack(&out[1].payload), Ok(vec![journal.2]));
+    }
+
+    /// Which puts go in packs: every collection's but the housekeeping ones
+    /// whose removal must not be lost when its marker expires (all but the
+    /// journal's records and listing, which expire by age anyway).
+    #[test]
+    fn puts_of_collections_whose_removals_must_hold_are_not_packed() {
+        let unpacked: Vec<Collection> =
+            Collection::ALL.into_iter().filter(|c| !packs(*c)).collect();
+        for c in [
+            Collection::Idempotency,
+            Collection::Timers,
+            Collection::Waiters,
+            Collection::Signals,
+            Collection::Digests,
+            Collection::DigestEvents,
+        ] {
+            assert!(unpacked.contains(&c), "{c:?} is packed");
+        }
+        for c in [
+            Collection::Journal,
+            Collection::EventTimes,
+            Collection::Contacts,
+            Collection::Messages,
+            Collection::Inbox,
+        ] {
+            assert!(packs(c), "{c:?} is not packed");
+        }
+        assert!(unpacked.iter().all(|c| c.is_housekeeping()), "{unpacked:?}");
     }
 
     /// A writer's span fails if a write numbered in it failed, whichever

@@ -299,8 +299,11 @@ impl Collection {
     /// heartbeats; the legacy journal and traces, which the migration
     /// empties). In the replicated backend their delete markers are
     /// dropped after [`MARKER_TTL`] instead of kept for ever; a replica whose
-    /// copy missed one still holds the expired record, and its own expiry
-    /// sweep removes it again.
+    /// copy missed one still holds the removed record until the partition's
+    /// owner removes it again (the journal's sweep). So that none missed is
+    /// a record that must stay removed, only the journal's puts go in the
+    /// changelog's packs, which may outlive a marker; the others' go on
+    /// their key's subject, which the marker replaces.
     pub fn is_housekeeping(self) -> bool {
         matches!(
             self,

@@ -19,8 +19,9 @@
 //! 4. purges the partition's packs below `below` (a purge that fails is
 //!    owed, and tried again at the next look, without a new round).
 //!
-//! After step 2 every live key's latest value is in a pack above `below`
-//! (a rewrite, or a later write), and removals are never in packs (each is
+//! After step 2 every live key's latest value is above `below` (a rewrite,
+//! or a later write; in a pack, or on its key's subject for the puts that
+//! are not packed), and removals are never in packs (each is
 //! a marker on its key's own subject), so what the purge takes is shadowed.
 //! A deposed owner's rewrite is refused, so it never purges; one deposed
 //! between its commit and its purge purges only packs below its rewrites,
@@ -32,10 +33,11 @@
 //!
 //! A removal marker of a housekeeping collection expires after
 //! [`crate::MARKER_TTL`], while the put it removed may still be in a pack.
-//! Only puts of records every replica sweeps by age go in packs (the
-//! journal and its listing by time, idempotency keys), so a replica reading such a put again
-//! without its marker removes it at its next sweep; the other housekeeping
-//! puts (timers, waiters, signals, digests) stay on their key's subject.
+//! Only the journal's puts (records and their listing by time) go in packs
+//! of the housekeeping ones: a record read again without its marker is
+//! past its retention, and its owner's sweep removes it again. The others
+//! (idempotency keys, timers, waiters, signals, digests and their events)
+//! stay on their key's subject, where their removal replaces them.
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
