@@ -78,7 +78,7 @@ const PREFIX: &str = "switchboard.changelog";
 /// How long a publish waits for a stream that does not answer yet (just
 /// made on a cluster, or not yet known to the server this replica talks
 /// to: "no stream found"); it is there within seconds.
-const STREAM_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
+pub(crate) const STREAM_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
 
 /// Stream metadata: how many partitions the changelog was made for.
 const PARTITIONS_KEY: &str = "switchboard.partitions";

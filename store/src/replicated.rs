@@ -491,14 +491,29 @@ impl Replica {
                 rev.to_string().as_str(),
             );
         }
-        let payload = w.value.clone().unwrap_or_default().into();
-        let ack = match self
-            .js
-            .publish_with_headers(self.subject(w), headers, payload)
-            .await
-        {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
+        let payload: bytes::Bytes = w.value.clone().unwrap_or_default().into();
+        // A bucket another replica has just made, or is updating, may not
+        // answer for a moment ("no stream found": nothing was stored).
+        let since = tokio::time::Instant::now();
+        let ack = loop {
+            let ack = match self
+                .js
+                .publish_with_headers(self.subject(w), headers.clone(), payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::StreamNotFound
+                        && since.elapsed() < crate::changelog::STREAM_ANSWERS_WITHIN =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                ack => break ack,
+            }
         };
         match ack {
             Ok(ack) => {
