@@ -154,12 +154,12 @@ async fn catch_up(
 /// as many of each).
 async fn changelog_size(js: &jetstream::Context) -> anyhow::Result<(u64, u64)> {
     use futures::StreamExt;
-    use switchboard_store::changelog::{Changelog, Record, STREAM};
+    use switchboard_store::changelog::{Changelog, PARTITIONS_KEY, Record, STREAM};
     let info = js.get_stream(STREAM).await?.info().await?.clone();
     let partitions: u16 = info
         .config
         .metadata
-        .get("switchboard.partitions")
+        .get(PARTITIONS_KEY)
         .ok_or_else(|| anyhow::anyhow!("the changelog's metadata names no partition count"))?
         .parse()?;
     let (messages, last) = (info.state.messages, info.state.last_sequence);

@@ -78,10 +78,25 @@ const PREFIX: &str = "switchboard.changelog";
 /// How long a publish waits for a stream that does not answer yet (just
 /// made on a cluster, or not yet known to the server this replica talks
 /// to: "no stream found"); it is there within seconds.
-pub(crate) const STREAM_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
+const STREAM_ANSWERS_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether a publish that failed with `e`, tried first at `since`, is to be
+/// sent again: its stream did not answer ("no stream found": nothing was
+/// stored) and [`STREAM_ANSWERS_WITHIN`] has not passed. Pauses first if so.
+pub(crate) async fn stream_may_answer_soon(
+    e: &jetstream::context::PublishError,
+    since: tokio::time::Instant,
+) -> bool {
+    let soon =
+        e.kind() == PublishErrorKind::StreamNotFound && since.elapsed() < STREAM_ANSWERS_WITHIN;
+    if soon {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    soon
+}
 
 /// Stream metadata: how many partitions the changelog was made for.
-const PARTITIONS_KEY: &str = "switchboard.partitions";
+pub const PARTITIONS_KEY: &str = "switchboard.partitions";
 
 /// Marks a removal.
 const OP_HEADER: &str = "Switchboard-Op";
@@ -481,12 +496,7 @@ impl Changelog {
                 async { self.js.publish(subject.clone(), Bytes::new()).await?.await }.await;
             match published {
                 Ok(ack) => return Ok(ack.sequence),
-                Err(e)
-                    if e.kind() == PublishErrorKind::StreamNotFound
-                        && since.elapsed() < STREAM_ANSWERS_WITHIN =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) if stream_may_answer_soon(&e, since).await => {}
                 Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
             }
         }
@@ -567,12 +577,7 @@ impl Changelog {
                     });
                 }
                 Err(e) if is_wrong_sequence(&e) => lost_races += 1,
-                Err(e)
-                    if e.kind() == PublishErrorKind::StreamNotFound
-                        && since.elapsed() < STREAM_ANSWERS_WITHIN =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) if stream_may_answer_soon(&e, since).await => {}
                 Err(e) => return Err(remote(format!("publishing {subject}: {e}"))),
             }
         }

@@ -505,13 +505,7 @@ impl Replica {
                 Err(e) => Err(e),
             };
             match ack {
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::context::PublishErrorKind::StreamNotFound
-                        && since.elapsed() < crate::changelog::STREAM_ANSWERS_WITHIN =>
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                Err(e) if crate::changelog::stream_may_answer_soon(&e, since).await => {}
                 ack => break ack,
             }
         };
