@@ -22,7 +22,9 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         "\n## replicas: `create_contact` → `log`, {n} events over {ACCOUNTS} accounts, one \
          nats-server"
     );
-    let mut one: Option<PerBuild<f64>> = None;
+    // The own store's rate; one replica's rate and CPU per event.
+    let mut own: Option<PerBuild<f64>> = None;
+    let mut one: Option<(PerBuild<f64>, PerBuild<f64>)> = None;
     for (replicas, replicated) in [(1, false), (1, true), (2, true), (3, true)] {
         let what = if replicated {
             format!("{replicas} replica(s), shared state")
@@ -35,12 +37,13 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         })
         .await?;
         let rates = drains.map(Drained::rate);
+        let cpu = drains.map(Drained::cpu_per_event_us);
         drain::print_ratios(&drains);
         let mut value = Value::drain(&drains);
         if replicated {
             match &one {
-                None => one = Some(rates),
-                Some(base) => {
+                None => one = Some((rates.clone(), cpu.clone())),
+                Some((base, _)) => {
                     let scaling = rates.zip_with(base, |r, one| r / one);
                     value =
                         Value::join([value, Value::of(&scaling, |x| format!("×{x:.2} of one"))]);
@@ -49,6 +52,36 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         }
         report.note_pauses("replicas", &what, &drains);
         report.figure("replicas", what, value);
+        match (replicas, replicated) {
+            (1, false) => own = Some(rates),
+            (1, true) => {
+                if let Some(own) = &own {
+                    let share = rates.zip_with(own, |r, own| r / own);
+                    report.check(
+                        "replicas",
+                        "1 replica's rate / the own store's",
+                        Value::of(&share, |x| format!("{x:.2}")),
+                        "≥ 0.6",
+                        share.current >= 0.6,
+                    );
+                }
+            }
+            (3, true) => {
+                if let Some((_, one_cpu)) = &one {
+                    // Total CPU per event: what three replicas would cost
+                    // with a core each, against one.
+                    let cost = cpu.zip_with(one_cpu, |c, one| c / one);
+                    report.check(
+                        "replicas",
+                        "3 replicas' CPU per event / 1 replica's",
+                        Value::of(&cost, |x| format!("×{x:.2}")),
+                        "≤ 1.25",
+                        cost.current <= 1.25,
+                    );
+                }
+            }
+            _ => {}
+        }
     }
     crate::chain::replicated(options, report).await
 }
