@@ -7,10 +7,11 @@
 //! - puts to partition `p` travel in packs: many puts in one message on a
 //!   subject of its own, `switchboard.changelog.{p}.b.{writer}x{number}`
 //!   (the format, and how a batch is split into packs: `pack`). A pack
-//!   stays until the partition's owner purges it: its cleaner (`partitioned/cleaner.rs`) writes the
-//!   partition's live records again and purges the packs from before them,
-//!   so the changelog holds up to about two records per live key (or
-//!   1,024 beyond them, for a small partition);
+//!   stays until the partition's owner purges it: its cleaner
+//!   (`partitioned/cleaner.rs`) writes the partition's live records again
+//!   and purges the packs from before them, so the changelog holds up to
+//!   about two records per live key (or 1,024 beyond them, for a small
+//!   partition);
 //! - a removal is a message on
 //!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
 //!   with no payload and a `Switchboard-Op: del` header. The stream keeps
