@@ -260,7 +260,9 @@ pub async fn nats(
 /// Waits until `dispatchers` (sharing the bus) have taken and acked the `n`
 /// events on the NATS stream, watching their consumers on the server, then
 /// checks that their `/metrics` count `n` events handled in all; the drain
-/// runs from `since`.
+/// runs from `since`. The events may still be being published while it
+/// watches: what counts as done is what was published and is neither
+/// pending nor waiting for its ack.
 pub async fn nats_by(
     dispatchers: &mut [Dispatcher],
     js: &jetstream::Context,
@@ -286,13 +288,14 @@ pub async fn nats_by(
     }
     let every = READ_EVERY * consumers.len() as u32;
     let drained = watch(dispatchers, n, since, every, async |_| {
+        let published = stream.get_info().await?.state.last_sequence;
         let (mut left, mut delivered) = (0, 0);
         for consumer in &mut consumers {
             let info = consumer.info().await?;
             left += info.num_pending + info.num_ack_pending as u64;
             delivered = delivered.max(info.delivered.stream_sequence);
         }
-        Ok((n.saturating_sub(left), left == 0 && delivered >= n))
+        Ok((published.saturating_sub(left), left == 0 && delivered >= n))
     })
     .await?;
     let mut counts = Counts::default();
