@@ -322,6 +322,97 @@ fn records_are_per_account_and_sequence_numbers_only_grow() {
     );
 }
 
+/// Writes `value` as the head of `e`'s record, as some build left it.
+fn put_head(journal: &Journal, e: &VumiApiEvent, value: Vec<u8>) {
+    let at = RecordKey::new(&e.account_key, &e.id);
+    journal
+        .store
+        .write_in_order(&[Write {
+            collection: Collection::Journal,
+            key: at.head,
+            value: Some(value),
+        }])
+        .expect("the write");
+}
+
+/// A record's first write (the event and its steps, most of a kilobyte of
+/// JSON) is stored compressed and reads back as written; a short write
+/// stays plain JSON; a record written plain by a build from before
+/// compression reads as it did; a compressed value that is damaged is
+/// skipped like any unreadable entry.
+#[test]
+fn large_entries_are_stored_compressed_and_plain_ones_still_read() {
+    let journal = Journal::new(Store::temporary().expect("a store"));
+    let e = event(2);
+    let begin = |e: &VumiApiEvent| Entry::Begin {
+        event: Box::new(e.clone()),
+        traceparent: None,
+    };
+    append(
+        &journal,
+        &e,
+        None,
+        vec![begin(&e), step("a", "one"), step("a", "two")],
+    );
+    let at = RecordKey::new(&e.account_key, &e.id);
+    let head = journal
+        .store
+        .get(Collection::Journal, &at.head)
+        .expect("get")
+        .expect("the head");
+    assert_eq!(head[HEADER - 1] & FLAG_LZ4, FLAG_LZ4, "compressed");
+    let json = decode(&head).expect("it decompresses");
+    assert!(
+        head.len() < HEADER + json.len() * 3 / 4,
+        "{} bytes stored for {} of JSON",
+        head.len(),
+        json.len()
+    );
+    let record = load(&journal, &e).expect("a record");
+    assert_eq!(record.event.as_ref(), Some(&e));
+    assert_eq!(record.chains[0].steps.len(), 2);
+
+    append(
+        &journal,
+        &e,
+        None,
+        vec![Entry::Finish {
+            status: TraceStatus::Done,
+            finished_ms: Some(9),
+        }],
+    );
+    let rest = journal
+        .store
+        .scan_prefix(Collection::Journal, &at.rest())
+        .expect("scan");
+    let [(_, finish)] = rest.as_slice() else {
+        panic!("one write after the head: {rest:?}");
+    };
+    assert_eq!(
+        finish[HEADER - 1] & FLAG_LZ4,
+        0,
+        "a short write stays plain"
+    );
+    assert_eq!(finish.get(HEADER), Some(&b'['));
+    assert_eq!(
+        load(&journal, &e).and_then(|r| r.finish).map(|f| f.status),
+        Some(TraceStatus::Done)
+    );
+
+    let earlier = event(3);
+    let mut plain = now_ms().to_be_bytes().to_vec();
+    plain.push(0);
+    serde_json::to_writer(&mut plain, &[begin(&earlier), step("a", "one")]).expect("JSON");
+    put_head(&journal, &earlier, plain);
+    let record = load(&journal, &earlier).expect("a record written plain");
+    assert_eq!(record.event.as_ref(), Some(&earlier));
+    assert_eq!(record.chains[0].steps.len(), 1);
+
+    let damaged = event(4);
+    put_head(&journal, &damaged, head[..head.len() - 8].to_vec());
+    assert!(load(&journal, &damaged).is_none(), "nothing readable");
+}
+
 #[test]
 fn records_expire_after_the_retention_unless_they_hold_a_dead_letter() {
     let journal = Journal::new(Store::temporary().expect("a store"));
