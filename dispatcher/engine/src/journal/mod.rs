@@ -718,44 +718,6 @@ impl RecordKey {
 const HEADER: usize = 9;
 /// Flag: the entries change whether the record holds a dead letter.
 const FLAG_DEAD_LETTERS: u8 = 1;
-/// Flag: the entries are LZ4-compressed (a block behind its length, four
-/// bytes little-endian), not plain JSON. Entries of up to
-/// [`COMPRESSED_FROM`] bytes, or that would not shrink, are kept plain.
-const FLAG_LZ4: u8 = 2;
-/// The size of entries from which they are compressed. A record's first
-/// write (the event, and its steps when they ran in one pass) is about a
-/// kilobyte of JSON and shrinks by ~40%; sled copies and logs the whole
-/// node a write lands in, so its cost per write follows the bytes of its
-/// neighbours too, on the owner and on every replica that keeps a copy.
-const COMPRESSED_FROM: usize = 256;
-
-/// The value of a journal write: the header, then `json` as it is stored.
-fn encode(started_ms: u64, mut flags: u8, json: &[u8]) -> Vec<u8> {
-    let compressed = (json.len() > COMPRESSED_FROM)
-        .then(|| lz4_flex::compress_prepend_size(json))
-        .filter(|c| c.len() < json.len());
-    if compressed.is_some() {
-        flags |= FLAG_LZ4;
-    }
-    let stored = compressed.as_deref().unwrap_or(json);
-    let mut value = Vec::with_capacity(HEADER + stored.len());
-    value.extend_from_slice(&started_ms.to_be_bytes());
-    value.push(flags);
-    value.extend_from_slice(stored);
-    value
-}
-
-/// The entries of a journal value, as JSON; `None` if it has no header or
-/// its compressed entries do not decompress.
-fn decode(value: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-    let (&flags, stored) = value.get(HEADER - 1..)?.split_first()?;
-    if flags & FLAG_LZ4 == 0 {
-        return Some(stored.into());
-    }
-    lz4_flex::decompress_size_prepended(stored)
-        .ok()
-        .map(Into::into)
-}
 
 /// Journal records in the store.
 #[derive(Debug, Clone)]
@@ -821,8 +783,11 @@ impl Journal {
             return None;
         }
         journal.last_seq = Some(seq);
-        pending.json.push(b']');
-        let value = encode(journal.started_ms, pending.flags, &pending.json);
+        let mut value = Vec::with_capacity(HEADER + pending.json.len() + 1);
+        value.extend_from_slice(&journal.started_ms.to_be_bytes());
+        value.push(pending.flags);
+        value.extend_from_slice(&pending.json);
+        value.push(b']');
         *pending = Pending::default();
         Some(Write {
             collection: Collection::Journal,
@@ -937,11 +902,10 @@ impl Journal {
 fn fold(entries: &[(Vec<u8>, Vec<u8>)]) -> Option<EventJournal> {
     let mut journal: Option<EventJournal> = None;
     for (k, v) in entries {
-        let (Some(started), Some(json)) = (started_ms(v), decode(v)) else {
-            tracing::warn!(key = %String::from_utf8_lossy(k), "an unreadable journal entry was skipped");
+        let (Some(started), Some(json)) = (started_ms(v), v.get(HEADER..)) else {
             continue;
         };
-        let Ok(decoded) = serde_json::from_slice::<Vec<Entry>>(&json) else {
+        let Ok(decoded) = serde_json::from_slice::<Vec<Entry>>(json) else {
             tracing::warn!(key = %String::from_utf8_lossy(k), "an unreadable journal entry was skipped");
             continue;
         };
