@@ -703,12 +703,16 @@ async fn every_partitions_full_batch_at_once_is_stored() {
 }
 
 /// The cleaner keeps a partition's changelog about the size of its live
-/// state: after 2,000 contacts are each written 5 times by the partition's
-/// owner, the changelog soon holds fewer than two records per contact
-/// (a round is due once the superseded puts reach the live records, and
-/// leaves only the live ones; whenever the cleaner looked, fewer than
-/// 2,000 superseded ones can follow the last round), and a replica started
-/// afterwards reads every contact's latest value from it.
+/// state: after 2,000 contacts of `acme` and 100 of `zeta` (the same
+/// partition, far apart in key order) are each written 5 times by the
+/// partition's owner, the changelog soon holds fewer than two records per
+/// contact of it (a round is due once the superseded puts reach the live
+/// records, and leaves only the live ones; whenever the cleaner looked,
+/// fewer than 2,100 superseded ones can follow the last round). A round
+/// passes over the keys of the accounts of other partitions (`ab` before
+/// `acme` in key order, `acme-b` after it), whose records stay as they
+/// were (too few superseded for a round of their own). A replica started
+/// afterwards reads every contact's latest value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
     use switchboard_store::{Store, partition_of_account};
@@ -723,20 +727,35 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
                 .expect("a replicated store")
         }
     };
+    let compacted = partition_of_account(b"acme", 16);
+    assert_eq!(partition_of_account(b"zeta", 16), compacted);
+    let accounts = [("ab", 100), ("acme", 2_000), ("acme-b", 100), ("zeta", 100)];
+    let mut held = std::collections::BTreeSet::new();
+    for (account, _) in accounts {
+        let p = partition_of_account(account.as_bytes(), 16);
+        if !["acme", "zeta"].contains(&account) {
+            assert_ne!(p, compacted, "{account} is of another partition");
+        }
+        held.insert(p);
+    }
     let owner = open("owner").await;
-    owner
-        .take_partition(partition_of_account(b"acme", 16))
-        .await
-        .expect("the owner takes acme's partition");
+    for p in held {
+        owner
+            .take_partition(p)
+            .await
+            .unwrap_or_else(|e| panic!("the owner takes partition {p}: {e}"));
+    }
     for round in 0..5 {
-        for contact in 0..2_000 {
-            owner
-                .put(
-                    Collection::Contacts,
-                    format!("acme\0c{contact}").as_bytes(),
-                    format!("v{round}").as_bytes(),
-                )
-                .expect("a contact written");
+        for (account, contacts) in accounts {
+            for contact in 0..contacts {
+                owner
+                    .put(
+                        Collection::Contacts,
+                        format!("{account}\0c{contact}").as_bytes(),
+                        format!("v{round}").as_bytes(),
+                    )
+                    .expect("a contact written");
+            }
         }
         owner.flush().await.expect("durable");
     }
@@ -748,26 +767,37 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
         Duration::from_secs(30),
         || async {
             let records = read_all(&log).await;
-            (writes(&records).len() < 4_000).then_some(records)
+            let of_compacted = writes(&records)
+                .iter()
+                .filter(|(p, ..)| *p == compacted)
+                .count();
+            (of_compacted < 4_200).then_some(records)
         },
     )
     .await;
+    let others = writes(&records)
+        .iter()
+        .filter(|(p, ..)| *p != compacted)
+        .count();
+    assert_eq!(others, 1_000, "the other partitions' puts, untouched");
     let latest = latest(&records);
-    assert_eq!(latest.len(), 2_000);
+    assert_eq!(latest.len(), 2_300);
     assert!(
         latest.iter().all(|(_, _, v)| v.as_deref() == Some("v4")),
         "{latest:?}"
     );
 
     let fresh = open("fresh").await;
-    for contact in 0..2_000 {
-        let key = format!("acme\0c{contact}");
-        assert_eq!(
-            fresh
-                .get(Collection::Contacts, key.as_bytes())
-                .expect("read"),
-            Some(b"v4".to_vec()),
-            "{key}"
-        );
+    for (account, contacts) in accounts {
+        for contact in 0..contacts {
+            let key = format!("{account}\0c{contact}");
+            assert_eq!(
+                fresh
+                    .get(Collection::Contacts, key.as_bytes())
+                    .expect("read"),
+                Some(b"v4".to_vec()),
+                "{key}"
+            );
+        }
     }
 }

@@ -92,10 +92,16 @@ pub fn partition_of_account(account: &[u8], partitions: u16) -> u16 {
 }
 
 /// The partition of a partitioned collection's key: of the account it
-/// begins with (up to the first NUL).
+/// begins with ([`account_of_key`]).
 pub fn partition_of_key(key: &[u8], partitions: u16) -> u16 {
-    let account = key.split(|b| *b == 0).next().unwrap_or_default();
-    partition_of_account(account, partitions)
+    partition_of_account(account_of_key(key), partitions)
+}
+
+/// The account a partitioned collection's key begins with: up to the first
+/// NUL. An account's keys are `{account}` and `{account}\0…`, so they lie
+/// together, all below `{account}\x01`.
+pub(crate) fn account_of_key(key: &[u8]) -> &[u8] {
+    key.split(|b| *b == 0).next().unwrap_or_default()
 }
 
 fn remote(message: impl std::fmt::Display) -> StoreError {

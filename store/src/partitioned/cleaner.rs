@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Partitioned, remote};
+use super::{Partitioned, account_of_key, partition_of_account, remote};
 use crate::changelog::{Change, Term};
 use crate::{Collection, StoreError, io};
 
@@ -315,39 +315,50 @@ impl Partitioned {
 
     /// Appends every record of `partition` in the local copy again under
     /// `term`; returns how many, or `None` if the term ended meanwhile.
-    /// Blocks: it reads the whole copy.
+    /// Blocks: it reads the copy, passing over each other account's keys
+    /// with one seek (keys begin with their account, see
+    /// [`account_of_key`]), so a round costs the partition's
+    /// records and a look per account, not the whole copy.
     fn rewrite(&self, partition: u16, term: Term) -> Result<Option<u64>, StoreError> {
         let mut rewritten = 0;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
-            let mut after: Option<sled::IVec> = None;
+            let mut from: Bound<Vec<u8>> = Bound::Unbounded;
             loop {
                 let _order = self.order.lock().expect("order lock");
                 if self.term(partition) != Some(term) {
                     return Ok(None);
                 }
-                let entries = match after.take() {
-                    Some(k) => tree.range::<sled::IVec, _>((Bound::Excluded(k), Bound::Unbounded)),
-                    None => tree.iter(),
-                };
-                let mut last = None;
-                for entry in entries.take(SCAN_CHUNK) {
+                let mut next = None;
+                let mut appended = 0;
+                for entry in
+                    tree.range::<&[u8], _>((from.as_ref().map(Vec::as_slice), Bound::Unbounded))
+                {
                     let (key, value) = entry.map_err(io(c))?;
-                    if self.partition_of(&key) == partition {
-                        self.appender.append(
-                            term,
-                            Change {
-                                collection: c,
-                                key: key.to_vec(),
-                                value: Some(Bytes::copy_from_slice(&value)),
-                            },
-                        );
-                        rewritten += 1;
+                    let account = account_of_key(&key);
+                    if partition_of_account(account, self.partitions) != partition {
+                        let mut past = account.to_vec();
+                        past.push(1);
+                        next = Some(Bound::Included(past));
+                        break;
                     }
-                    last = Some(key);
+                    self.appender.append(
+                        term,
+                        Change {
+                            collection: c,
+                            key: key.to_vec(),
+                            value: Some(Bytes::copy_from_slice(&value)),
+                        },
+                    );
+                    rewritten += 1;
+                    appended += 1;
+                    if appended == SCAN_CHUNK {
+                        next = Some(Bound::Excluded(key.to_vec()));
+                        break;
+                    }
                 }
-                match last {
-                    Some(key) => after = Some(key),
+                match next {
+                    Some(bound) => from = bound,
                     None => break,
                 }
             }
