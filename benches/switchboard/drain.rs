@@ -288,13 +288,16 @@ pub async fn nats_by(
     }
     let every = READ_EVERY * consumers.len() as u32;
     let drained = watch(dispatchers, n, since, every, async |_| {
-        let published = stream.get_info().await?.state.last_sequence;
         let (mut left, mut delivered) = (0, 0);
         for consumer in &mut consumers {
             let info = consumer.info().await?;
             left += info.num_pending + info.num_ack_pending as u64;
             delivered = delivered.max(info.delivered.stream_sequence);
         }
+        // Read after the consumers: an event published meanwhile counts as
+        // published, never only as pending (which would count one fewer
+        // done than the reading before).
+        let published = stream.get_info().await?.state.last_sequence;
         Ok((published.saturating_sub(left), left == 0 && delivered >= n))
     })
     .await?;
