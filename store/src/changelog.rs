@@ -527,17 +527,19 @@ impl Changelog {
     /// An appender: publishes writes under their terms, many in flight.
     /// Spawns its task on the current runtime.
     pub fn appender(&self) -> Appender {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (commits, rx) = mpsc::unbounded_channel();
+        let inbox = Arc::<Inbox>::default();
         let broken = Arc::default();
         let failed = Arc::default();
         tokio::spawn(append_task(
             self.js.clone(),
             self.publishing,
             (Arc::clone(&broken), Arc::clone(&failed)),
-            rx,
+            (Arc::clone(&inbox), rx),
         ));
         Appender {
-            tx,
+            inbox,
+            commits,
             broken,
             numbers: Arc::default(),
             failed,
@@ -624,7 +626,11 @@ impl Changelog {
 /// Cheap to clone; clones share the task and its order.
 #[derive(Debug, Clone)]
 pub struct Appender {
-    tx: mpsc::UnboundedSender<Op>,
+    /// The writes appended and not yet taken by the task.
+    inbox: Arc<Inbox>,
+    /// Commits, to the task: each answered once every write appended
+    /// before it is acknowledged.
+    commits: mpsc::UnboundedSender<Commit>,
     /// The terms whose writes were refused or failed: none of their later
     /// writes is stored.
     broken: Broken,
@@ -673,14 +679,36 @@ impl Failed {
     }
 }
 
-enum Op {
-    Append {
-        number: u64,
-        term: Term,
-        change: Change,
-        ttl: Option<Duration>,
-    },
-    Commit(oneshot::Sender<Result<(), ChangelogError>>),
+/// A commit waiting for its answer.
+type Commit = oneshot::Sender<Result<(), ChangelogError>>;
+
+/// The writes appended and not yet taken by the appender's task. Not every
+/// write wakes the task (that costs a wake-up of another thread per
+/// write): one appended while none waited does, so that its linger begins,
+/// and one that makes a pack's worth; between those the task takes them
+/// when it wakes anyway, for a commit, a linger's end or a batch answered.
+#[derive(Debug, Default)]
+struct Inbox {
+    writes: Mutex<Vec<Queued>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Inbox {
+    fn push(&self, write: Queued) {
+        let waiting = {
+            let mut writes = self.writes.lock().expect("inbox lock");
+            writes.push(write);
+            writes.len()
+        };
+        if waiting == 1 || waiting == PACK_RECORDS {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Moves every write appended so far into `into` (empty).
+    fn take(&self, into: &mut Vec<Queued>) {
+        std::mem::swap(&mut *self.writes.lock().expect("inbox lock"), into);
+    }
 }
 
 impl Appender {
@@ -693,12 +721,7 @@ impl Appender {
         let ttl = (change.value.is_none() && change.collection.is_housekeeping())
             .then_some(crate::MARKER_TTL);
         let number = self.numbers.fetch_add(1, AtomicOrdering::SeqCst) + 1;
-        let _ = self.tx.send(Op::Append {
-            number,
-            term,
-            change,
-            ttl,
-        });
+        self.inbox.push((number, term, change, ttl));
         number
     }
 
@@ -722,8 +745,8 @@ impl Appender {
     /// unreachable), naming the first.
     pub async fn commit(&self) -> Result<(), ChangelogError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Op::Commit(tx))
+        self.commits
+            .send(tx)
             .map_err(|_| remote("the changelog's appender has stopped"))?;
         rx.await
             .map_err(|_| remote("the changelog's appender has stopped"))?
@@ -759,9 +782,11 @@ async fn append_task(
     js: jetstream::Context,
     publishing: Publishing,
     (broken, failed): (Broken, Arc<Mutex<Failed>>),
-    mut ops: mpsc::UnboundedReceiver<Op>,
+    (inbox, mut asked): (Arc<Inbox>, mpsc::UnboundedReceiver<Commit>),
 ) {
     let mut next = 0u64;
+    // What the inbox held, moved out of it under its lock.
+    let mut appended = Vec::new();
     let mut queued: BTreeMap<u16, std::collections::VecDeque<Queued>> = BTreeMap::new();
     let mut busy = std::collections::BTreeSet::new();
     let mut flights = FuturesUnordered::new();
@@ -778,7 +803,37 @@ async fn append_task(
     let mut open = true;
     // When the oldest write waiting for its batch was queued.
     let mut waiting_since: Option<tokio::time::Instant> = None;
-    while open || !flights.is_empty() || !queued.is_empty() {
+    // A commit received, registered once the writes before it are taken.
+    let mut asked_for: Option<Commit> = None;
+    loop {
+        // The writes appended so far: before the commit just received is
+        // registered (they were pushed before it was sent), and before the
+        // task ends (no one appends once every appender is gone).
+        inbox.take(&mut appended);
+        if !appended.is_empty() {
+            waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        for (number, term, change, ttl) in appended.drain(..) {
+            next = next.max(number);
+            unacked.insert(number);
+            queued
+                .entry(term.partition)
+                .or_default()
+                .push_back((number, term, change, ttl));
+        }
+        if let Some(reply) = asked_for.take() {
+            if unacked.is_empty() {
+                let _ = reply.send(untold.take().map_or(Ok(()), Err));
+            } else {
+                if let Some(e) = untold.take() {
+                    doomed.insert(next, e);
+                }
+                commits.entry(next).or_default().push(reply);
+            }
+        }
+        if !(open || !flights.is_empty() || !queued.is_empty()) {
+            break;
+        }
         // A batch for each partition with writes waiting and none in flight
         // (the writes of one term, in order), once they are wanted: a
         // commit waits, a pack's worth waits, the oldest has waited
@@ -827,24 +882,10 @@ async fn append_task(
         };
         tokio::select! {
             () = linger => {}
-            op = ops.recv(), if open => match op {
+            () = inbox.wake.notified(), if open => {}
+            commit = asked.recv(), if open => match commit {
                 None => open = false,
-                Some(Op::Append { number, term, change, ttl }) => {
-                    waiting_since.get_or_insert_with(tokio::time::Instant::now);
-                    next = next.max(number);
-                    unacked.insert(number);
-                    queued.entry(term.partition).or_default().push_back((number, term, change, ttl));
-                }
-                Some(Op::Commit(reply)) => {
-                    if unacked.is_empty() {
-                        let _ = reply.send(untold.take().map_or(Ok(()), Err));
-                    } else {
-                        if let Some(e) = untold.take() {
-                            doomed.insert(next, e);
-                        }
-                        commits.entry(next).or_default().push(reply);
-                    }
-                }
+                Some(reply) => asked_for = Some(reply),
             },
             Some((term, numbers, result)) = flights.next(), if !flights.is_empty() => {
                 busy.remove(&term.partition);
