@@ -147,6 +147,56 @@ async fn a_commit_makes_every_appended_write_readable_in_order() {
     );
 }
 
+/// A commit answers for the writes appended before it was asked for, not
+/// for those appended while it waits: a write refused after the call
+/// (under a term another replica has taken over) fails the next commit,
+/// not the one already asked for, whose write is stored.
+#[tokio::test]
+async fn a_commit_is_not_failed_by_a_write_appended_after_it() {
+    let nats = NatsServer::start();
+    let old = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog");
+    let new = Changelog::bind(jetstream(&nats).await, 16, 1)
+        .await
+        .expect("binding the changelog again");
+    let fenced = old.begin_term(5, "replica-a").await.expect("a term");
+    let kept = old.begin_term(6, "replica-a").await.expect("a term");
+    new.begin_term(5, "replica-b").await.expect("the take-over");
+    let writer = old.appender();
+    for round in 0..3 {
+        writer.append(
+            kept,
+            put(Collection::Contacts, &format!("zeta\0k{round}"), "fine"),
+        );
+        let mut commit = Box::pin(writer.commit());
+        assert!(
+            futures::poll!(&mut commit).is_pending(),
+            "the commit is asked for and waits"
+        );
+        writer.append(fenced, put(Collection::Contacts, "acme\0k", "stale"));
+        commit
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the write before the commit: {e}"));
+        let refused = writer.commit().await.expect_err("the later write");
+        assert_eq!(
+            refused,
+            ChangelogError::Fenced {
+                partition: 5,
+                epoch: fenced.epoch
+            },
+            "round {round}"
+        );
+    }
+    let writes = latest(&read_all(&new).await);
+    assert_eq!(
+        writes,
+        (0..3)
+            .map(|round| (6, format!("zeta\0k{round}"), Some("fine".to_string())))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// A deposed owner's writes are refused once another replica has begun a
 /// term on the partition, however long the deposed one was away, and the
 /// new owner's value stands; other partitions of the deposed owner go on.

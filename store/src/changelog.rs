@@ -44,9 +44,11 @@
 //! task publishes what each partition has queued (up to 500 writes at a
 //! time, in packs of up to 128 puts; one such batch in flight per
 //! partition, every partition's at once) once it is wanted: a commit
-//! waits, a pack's worth of the partition's puts waits, or the oldest write
-//! has waited 5 ms (so that the puts of many events share a message
-//! instead of each event's going alone). [`Appender::commit`] returns
+//! waits, a pack's worth of the partition's puts waits (seen at once when
+//! 128 writes wait in all, else at the task's next turn), or the oldest
+//! write has waited 5 ms (so that the puts of many events share a message
+//! instead of each event's going alone). A write wakes the task only when
+//! none was waiting or a pack's worth is (`Inbox`). [`Appender::commit`] returns
 //! once the stream has acknowledged every write appended before it. An
 //! event is acked only after such a commit. On a clustered stream a batch's
 //! messages are one atomic batch (the leader refuses a conditional publish
@@ -679,30 +681,44 @@ impl Failed {
     }
 }
 
-/// A commit waiting for its answer.
-type Commit = oneshot::Sender<Result<(), ChangelogError>>;
+/// A commit waiting for its answer: the number of the last write
+/// appended before it, and where the answer goes.
+type Commit = (u64, oneshot::Sender<Result<(), ChangelogError>>);
 
 /// The writes appended and not yet taken by the appender's task. Not every
 /// write wakes the task (that costs a wake-up of another thread per
 /// write): one appended while none waited does, so that its linger begins,
-/// and one that makes a pack's worth; between those the task takes them
-/// when it wakes anyway, for a commit, a linger's end or a batch answered.
-#[derive(Debug, Default)]
+/// and one that makes [`PACK_RECORDS`] wait (of any partitions); between
+/// those the task takes them when it wakes anyway, for a commit, a
+/// linger's end or a batch answered. So a partition's pack's worth may
+/// wait up to [`LINGER`] for its batch.
+#[derive(Default)]
 struct Inbox {
     writes: Mutex<Vec<Queued>>,
     wake: tokio::sync::Notify,
 }
 
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
 impl Inbox {
-    fn push(&self, write: Queued) {
-        let waiting = {
+    /// Queues a write numbered next by `numbers`; returns its number. The
+    /// number is taken under the inbox's lock, so a write whose number a
+    /// commit read is in the inbox by the time the task looks.
+    fn push(&self, numbers: &AtomicU64, term: Term, change: Change, ttl: Option<Duration>) -> u64 {
+        let (number, waiting) = {
             let mut writes = self.writes.lock().expect("inbox lock");
-            writes.push(write);
-            writes.len()
+            let number = numbers.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+            writes.push((number, term, change, ttl));
+            (number, writes.len())
         };
         if waiting == 1 || waiting == PACK_RECORDS {
             self.wake.notify_one();
         }
+        number
     }
 
     /// Moves every write appended so far into `into` (empty).
@@ -720,9 +736,7 @@ impl Appender {
     pub fn append(&self, term: Term, change: Change) -> u64 {
         let ttl = (change.value.is_none() && change.collection.is_housekeeping())
             .then_some(crate::MARKER_TTL);
-        let number = self.numbers.fetch_add(1, AtomicOrdering::SeqCst) + 1;
-        self.inbox.push((number, term, change, ttl));
-        number
+        self.inbox.push(&self.numbers, term, change, ttl)
     }
 
     /// The number of the last write appended so far.
@@ -745,8 +759,9 @@ impl Appender {
     /// unreachable), naming the first.
     pub async fn commit(&self) -> Result<(), ChangelogError> {
         let (tx, rx) = oneshot::channel();
+        let through = self.numbers.load(AtomicOrdering::SeqCst);
         self.commits
-            .send(tx)
+            .send((through, tx))
             .map_err(|_| remote("the changelog's appender has stopped"))?;
         rx.await
             .map_err(|_| remote("the changelog's appender has stopped"))?
@@ -784,7 +799,6 @@ async fn append_task(
     (broken, failed): (Broken, Arc<Mutex<Failed>>),
     (inbox, mut asked): (Arc<Inbox>, mpsc::UnboundedReceiver<Commit>),
 ) {
-    let mut next = 0u64;
     // What the inbox held, moved out of it under its lock.
     let mut appended = Vec::new();
     let mut queued: BTreeMap<u16, std::collections::VecDeque<Queued>> = BTreeMap::new();
@@ -801,7 +815,9 @@ async fn append_task(
     // answer was lost is known as stored ([`publish_batch`]).
     let writer: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let mut open = true;
-    // When the oldest write waiting for its batch was queued.
+    // When the oldest write waiting for its batch was taken from the inbox
+    // (about when it was appended: a write to an empty inbox wakes the
+    // task).
     let mut waiting_since: Option<tokio::time::Instant> = None;
     // A commit received, registered once the writes before it are taken.
     let mut asked_for: Option<Commit> = None;
@@ -814,21 +830,20 @@ async fn append_task(
             waiting_since.get_or_insert_with(tokio::time::Instant::now);
         }
         for (number, term, change, ttl) in appended.drain(..) {
-            next = next.max(number);
             unacked.insert(number);
             queued
                 .entry(term.partition)
                 .or_default()
                 .push_back((number, term, change, ttl));
         }
-        if let Some(reply) = asked_for.take() {
-            if unacked.is_empty() {
+        if let Some((through, reply)) = asked_for.take() {
+            if unacked.first().is_none_or(|oldest| *oldest > through) {
                 let _ = reply.send(untold.take().map_or(Ok(()), Err));
             } else {
                 if let Some(e) = untold.take() {
-                    doomed.insert(next, e);
+                    doomed.insert(through, e);
                 }
-                commits.entry(next).or_default().push(reply);
+                commits.entry(through).or_default().push(reply);
             }
         }
         if !(open || !flights.is_empty() || !queued.is_empty()) {
