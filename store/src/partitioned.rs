@@ -104,6 +104,54 @@ pub(crate) fn account_of_key(key: &[u8]) -> &[u8] {
     key.split(|b| *b == 0).next().unwrap_or_default()
 }
 
+/// What [`PartitionEntries`] looked at: an entry of its partition, or the
+/// keys of an account of another partition, passed over.
+pub(crate) enum Look {
+    Entry(sled::IVec, sled::IVec),
+    Passed,
+}
+
+/// A partition's entries in a tree of a partitioned collection, in key
+/// order: the keys of each account of another partition are passed over
+/// with one seek (to `{account}\x01`, see [`account_of_key`]), so reading
+/// a partition costs its entries and a look per account, not the tree.
+pub(crate) struct PartitionEntries<'a> {
+    tree: &'a sled::Tree,
+    partitions: u16,
+    partition: u16,
+    entries: sled::Iter,
+}
+
+impl<'a> PartitionEntries<'a> {
+    pub(crate) fn new(tree: &'a sled::Tree, partitions: u16, partition: u16) -> Self {
+        Self {
+            tree,
+            partitions,
+            partition,
+            entries: tree.iter(),
+        }
+    }
+}
+
+impl Iterator for PartitionEntries<'_> {
+    type Item = sled::Result<Look>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, value) = match self.entries.next()? {
+            Ok(entry) => entry,
+            Err(e) => return Some(Err(e)),
+        };
+        let account = account_of_key(&key);
+        if partition_of_account(account, self.partitions) == self.partition {
+            return Some(Ok(Look::Entry(key, value)));
+        }
+        let mut past = account.to_vec();
+        past.push(1);
+        self.entries = self.tree.range(past..);
+        Some(Ok(Look::Passed))
+    }
+}
+
 fn remote(message: impl std::fmt::Display) -> StoreError {
     StoreError::Remote {
         message: message.to_string(),
@@ -663,11 +711,11 @@ impl Partitioned {
         let mut removed = 0usize;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
-            for entry in tree.iter().keys() {
-                let key = entry.map_err(io(c))?;
-                if self.partition_of(&key) == partition
-                    && !kept.contains(&fingerprint(&state, c, &key))
-                {
+            for look in PartitionEntries::new(tree, self.partitions, partition) {
+                let Look::Entry(key, _) = look.map_err(io(c))? else {
+                    continue;
+                };
+                if !kept.contains(&fingerprint(&state, c, &key)) {
                     tree.remove(&key).map_err(io(c))?;
                     removed += 1;
                 }

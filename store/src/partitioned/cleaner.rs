@@ -55,14 +55,13 @@
 //! rare.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Partitioned, account_of_key, partition_of_account, remote};
+use super::{Look, PartitionEntries, Partitioned, remote};
 use crate::changelog::{Change, Term};
 use crate::{Collection, StoreError, io};
 
@@ -72,7 +71,8 @@ const ROUND_MIN: u64 = 1024;
 /// How often the held partitions are looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// How many local records a round reads with the order lock held at once.
+/// How many looks (a record of the partition, or another partition's
+/// account passed over) a round makes with the order lock held at once.
 const SCAN_CHUNK: usize = 256;
 
 /// What the cleaner counts, per partition.
@@ -315,33 +315,24 @@ impl Partitioned {
 
     /// Appends every record of `partition` in the local copy again under
     /// `term`; returns how many, or `None` if the term ended meanwhile.
-    /// Blocks: it reads the copy, passing over each other account's keys
-    /// with one seek (keys begin with their account, see
-    /// [`account_of_key`]), so a round costs the partition's
-    /// records and a look per account, not the whole copy.
+    /// Blocks: it reads the partition's records ([`PartitionEntries`]: a
+    /// look per account of other partitions, not the whole copy).
     fn rewrite(&self, partition: u16, term: Term) -> Result<Option<u64>, StoreError> {
         let mut rewritten = 0;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
-            let tree = &self.trees[c.index()];
-            let mut from: Bound<Vec<u8>> = Bound::Unbounded;
+            let mut entries =
+                PartitionEntries::new(&self.trees[c.index()], self.partitions, partition);
             loop {
                 let _order = self.order.lock().expect("order lock");
                 if self.term(partition) != Some(term) {
                     return Ok(None);
                 }
-                let mut next = None;
-                let mut appended = 0;
-                for entry in
-                    tree.range::<&[u8], _>((from.as_ref().map(Vec::as_slice), Bound::Unbounded))
-                {
-                    let (key, value) = entry.map_err(io(c))?;
-                    let account = account_of_key(&key);
-                    if partition_of_account(account, self.partitions) != partition {
-                        let mut past = account.to_vec();
-                        past.push(1);
-                        next = Some(Bound::Included(past));
-                        break;
-                    }
+                let mut looked = 0;
+                for look in entries.by_ref().take(SCAN_CHUNK) {
+                    looked += 1;
+                    let Look::Entry(key, value) = look.map_err(io(c))? else {
+                        continue;
+                    };
                     self.appender.append(
                         term,
                         Change {
@@ -351,15 +342,9 @@ impl Partitioned {
                         },
                     );
                     rewritten += 1;
-                    appended += 1;
-                    if appended == SCAN_CHUNK {
-                        next = Some(Bound::Excluded(key.to_vec()));
-                        break;
-                    }
                 }
-                match next {
-                    Some(bound) => from = bound,
-                    None => break,
+                if looked < SCAN_CHUNK {
+                    break;
                 }
             }
         }
