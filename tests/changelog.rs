@@ -20,6 +20,14 @@ async fn jetstream(nats: &NatsServer) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
+/// The changelog of 16 partitions on the one server `nats`, bound on a
+/// connection of its own.
+async fn bind(nats: &NatsServer) -> Changelog {
+    Changelog::bind(jetstream(nats).await, 16, 1)
+        .await
+        .expect("binding the changelog")
+}
+
 fn put(collection: Collection, key: &str, value: &str) -> Change {
     Change {
         collection,
@@ -97,9 +105,7 @@ fn latest(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
 #[tokio::test]
 async fn a_commit_makes_every_appended_write_readable_in_order() {
     let nats = NatsServer::start();
-    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog");
+    let log = bind(&nats).await;
     let term = log.begin_term(3, "replica-a").await.expect("a term");
     let appender = log.appender();
     for i in 0..500 {
@@ -154,12 +160,8 @@ async fn a_commit_makes_every_appended_write_readable_in_order() {
 #[tokio::test]
 async fn a_commit_is_not_failed_by_a_write_appended_after_it() {
     let nats = NatsServer::start();
-    let old = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog");
-    let new = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog again");
+    let old = bind(&nats).await;
+    let new = bind(&nats).await;
     let fenced = old.begin_term(5, "replica-a").await.expect("a term");
     let kept = old.begin_term(6, "replica-a").await.expect("a term");
     new.begin_term(5, "replica-b").await.expect("the take-over");
@@ -203,12 +205,8 @@ async fn a_commit_is_not_failed_by_a_write_appended_after_it() {
 #[tokio::test]
 async fn a_deposed_owner_cannot_overwrite_the_new_owners_state() {
     let nats = NatsServer::start();
-    let old = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog");
-    let new = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog again");
+    let old = bind(&nats).await;
+    let new = bind(&nats).await;
     let old_term = old.begin_term(5, "replica-a").await.expect("a term");
     let old_other = old.begin_term(6, "replica-a").await.expect("a term");
     let old_writer = old.appender();
@@ -270,12 +268,8 @@ async fn a_deposed_owner_cannot_overwrite_the_new_owners_state() {
 #[tokio::test]
 async fn terms_begun_at_once_are_ordered() {
     let nats = NatsServer::start();
-    let a = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding");
-    let b = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding");
+    let a = bind(&nats).await;
+    let b = bind(&nats).await;
     let (ta, tb) = tokio::join!(a.begin_term(0, "a"), b.begin_term(0, "b"));
     let (ta, tb) = (ta.expect("a's term"), tb.expect("b's term"));
     assert_ne!(ta.epoch, tb.epoch);
@@ -438,9 +432,7 @@ async fn an_undecodable_record_is_reported_and_passed_over() {
 #[tokio::test]
 async fn a_partition_count_other_than_the_streams_is_refused() {
     let nats = NatsServer::start();
-    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding");
+    let log = bind(&nats).await;
     let refused = Changelog::bind(jetstream(&nats).await, 8, 1)
         .await
         .expect_err("another partition count");
@@ -684,9 +676,7 @@ async fn the_stream_refuses_a_stored_batch_sent_again_whole() {
 #[tokio::test]
 async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
     let nats = NatsServer::start();
-    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding");
+    let log = bind(&nats).await;
     let (t3, t4) = (
         log.begin_term(3, "a").await.expect("a term"),
         log.begin_term(4, "a").await.expect("a term"),
@@ -730,9 +720,7 @@ async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
 #[tokio::test]
 async fn every_partitions_full_batch_at_once_is_stored() {
     let nats = NatsServer::start();
-    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding the changelog");
+    let log = bind(&nats).await;
     let appender = log.appender();
     for p in 0..16 {
         let term = log.begin_term(p, "replica-a").await.expect("a term");
@@ -817,9 +805,7 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
         }
         owner.flush().await.expect("durable");
     }
-    let log = Changelog::bind(jetstream(&nats).await, 16, 1)
-        .await
-        .expect("binding");
+    let log = bind(&nats).await;
     let records = crate::util::wait_until(
         "the partition's changelog compacted",
         Duration::from_secs(30),
