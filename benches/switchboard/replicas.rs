@@ -22,9 +22,9 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         "\n## replicas: `create_contact` → `log`, {n} events over {ACCOUNTS} accounts, one \
          nats-server"
     );
-    // The own store's rate; one replica's rate and CPU per event.
-    let mut own: Option<PerBuild<f64>> = None;
-    let mut one: Option<(PerBuild<f64>, PerBuild<f64>)> = None;
+    // The own store's drain and one replica's, which the others are held to.
+    let mut own: Option<PerBuild<Drained>> = None;
+    let mut one: Option<PerBuild<Drained>> = None;
     for (replicas, replicated) in [(1, false), (1, true), (2, true), (3, true)] {
         let what = if replicated {
             format!("{replicas} replica(s), shared state")
@@ -36,27 +36,18 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
             drain_with(options, build, n, replicas, replicated).await
         })
         .await?;
-        let rates = drains.map(Drained::rate);
-        let cpu = drains.map(Drained::cpu_per_event_us);
         drain::print_ratios(&drains);
-        let mut value = Value::drain(&drains);
-        if replicated {
-            match &one {
-                None => one = Some((rates.clone(), cpu.clone())),
-                Some((base, _)) => {
-                    let scaling = rates.zip_with(base, |r, one| r / one);
-                    value =
-                        Value::join([value, Value::of(&scaling, |x| format!("×{x:.2} of one"))]);
-                }
-            }
-        }
         report.note_pauses("replicas", &what, &drains);
-        report.figure("replicas", what, value);
+        let value = Value::drain(&drains);
         match (replicas, replicated) {
-            (1, false) => own = Some(rates),
+            (1, false) => {
+                report.figure("replicas", what, value);
+                own = Some(drains);
+            }
             (1, true) => {
+                report.figure("replicas", what, value);
                 if let Some(own) = &own {
-                    let share = rates.zip_with(own, |r, own| r / own);
+                    let share = ratio(&drains, own, Drained::rate);
                     report.check(
                         "replicas",
                         "1 replica's rate / the own store's",
@@ -65,12 +56,18 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                         share.current >= 0.6,
                     );
                 }
+                one = Some(drains);
             }
-            (3, true) => {
-                if let Some((_, one_cpu)) = &one {
+            _ => {
+                let one = one.as_ref().expect("one replica's drain comes first");
+                let scaling = ratio(&drains, one, Drained::rate);
+                let value =
+                    Value::join([value, Value::of(&scaling, |x| format!("×{x:.2} of one"))]);
+                report.figure("replicas", what, value);
+                if replicas == 3 {
                     // Total CPU per event: what three replicas would cost
                     // with a core each, against one.
-                    let cost = cpu.zip_with(one_cpu, |c, one| c / one);
+                    let cost = ratio(&drains, one, Drained::cpu_per_event_us);
                     report.check(
                         "replicas",
                         "3 replicas' CPU per event / 1 replica's",
@@ -80,10 +77,18 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                     );
                 }
             }
-            _ => {}
         }
     }
     crate::chain::replicated(options, report).await
+}
+
+/// `figure` of `drains` over `figure` of `base`, build by build.
+fn ratio(
+    drains: &PerBuild<Drained>,
+    base: &PerBuild<Drained>,
+    figure: fn(&Drained) -> f64,
+) -> PerBuild<f64> {
+    drains.map(figure).zip_with(&base.map(figure), |x, b| x / b)
 }
 
 /// Starts `replicas` dispatchers of `build` (replicated or not) on a fresh
