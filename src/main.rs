@@ -498,6 +498,10 @@ struct RunArgs {
     /// a JetStream key-value bucket (`bus.replicated`).
     #[arg(long, env = "SWITCHBOARD_REPLICATED")]
     replicated: bool,
+    /// With --replicated: how many replicas besides a partition's owner
+    /// keep a copy of its state (`bus.standbys`; default: every replica).
+    #[arg(long, env = "SWITCHBOARD_STANDBYS")]
+    standbys: Option<u16>,
     /// Data directory.
     #[arg(long, env = "SWITCHBOARD_DATA")]
     data: Option<PathBuf>,
@@ -1396,6 +1400,7 @@ fn run_config(args: &RunArgs) -> Result<Config, String> {
     let overrides = Overrides {
         nats_url: args.nats.clone(),
         replicated: args.replicated,
+        standbys: args.standbys,
         data_dir: args.data.clone(),
         listen: args.listen,
         subject_prefix: args.subject_prefix.clone(),

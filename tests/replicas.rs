@@ -41,6 +41,14 @@ from = "Switchboard"
     )
 }
 
+/// `config` (of [`config_with`], replicated) with `standbys` copies of each
+/// partition besides its owner's.
+fn with_standbys(config: String, standbys: u16) -> String {
+    let bus = "[bus]\nreplicated = true\n";
+    assert!(config.contains(bus), "{config}");
+    config.replace(bus, &format!("{bus}standbys = {standbys}\n"))
+}
+
 /// `create_contact` → `payment_webhook`, and a `log` step whose message
 /// names the chain version (`tag`).
 fn chains(receiver: &HttpReceiver, account: &str, tag: &str) -> String {
@@ -999,6 +1007,142 @@ async fn a_rebuilt_partition_leaves_what_the_changelog_holds_alone() {
     }
 }
 
+/// A replica that keeps no copy of a partition (`bus.standbys`) reads it
+/// at the owner: a get, a scan and a fresh read answer what the owner
+/// wrote, and the local copy holds none of it. Kept again, the partition
+/// is read whole from the changelog and answered here (with its owner
+/// gone); dropped, its copy is emptied; taken while not copied, it is read
+/// whole first, and the owner's latest writes are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_copy_reads_at_the_owner_and_copies_a_partition_kept_anew() {
+    use switchboard_store::{Collection, partition_of_account};
+
+    let nats = crate::util::NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (a, b) = two_stores_a_holding_acme(&nats, dir.path()).await;
+    let partition = partition_of_account(b"acme", 16);
+    b.keep_copies(Some(&[]));
+    assert!(!b.copies_partition(partition));
+    assert!(!b.copies_account("acme"));
+    assert!(a.copies_partition(partition), "the owner reads its own");
+    let key = |k: &str| format!("acme\0{k}").into_bytes();
+    for (k, v) in [("ann", "1"), ("bob", "2"), ("cat", "3")] {
+        a.put(Collection::Contacts, &key(k), v.as_bytes())
+            .expect("the owner's write");
+    }
+    a.flush().await.expect("durable");
+    let value = |s: &switchboard_store::Store, k: &str| {
+        s.get(Collection::Contacts, &key(k))
+            .expect("a read")
+            .map(|v| String::from_utf8(v).expect("text"))
+    };
+    assert_eq!(value(&b, "bob").as_deref(), Some("2"), "read at the owner");
+    assert_eq!(value(&b, "dan"), None);
+    assert!(
+        b.contains(Collection::Contacts, &key("cat"))
+            .expect("a read")
+    );
+    let scanned = b
+        .scan_prefix_rev(Collection::Contacts, b"acme\0", 2)
+        .expect("a scan at the owner");
+    assert_eq!(
+        scanned,
+        vec![(key("cat"), b"3".to_vec()), (key("bob"), b"2".to_vec())]
+    );
+    assert_eq!(
+        b.get_latest(Collection::Contacts, &key("ann"))
+            .expect("a fresh read")
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    // A write through b goes to the owner as before.
+    b.put(Collection::Contacts, &key("dan"), b"4")
+        .expect("a forwarded write");
+    assert_eq!(value(&a, "dan").as_deref(), Some("4"));
+    // Nothing of the partition is in b's own copy: a scan across accounts
+    // reads only the local copy.
+    assert_eq!(
+        b.scan_prefix(Collection::Contacts, b"")
+            .expect("a local scan"),
+        vec![],
+        "b's copy holds none of the partition's records"
+    );
+
+    b.keep_copies(Some(&[partition]));
+    wait_until(
+        "b reading the partition whole",
+        Duration::from_secs(30),
+        || async { b.copies_partition(partition).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        b.scan_prefix(Collection::Contacts, b"")
+            .expect("a local scan")
+            .len(),
+        4
+    );
+    a.put(Collection::Contacts, &key("eve"), b"5")
+        .expect("the owner's write");
+    a.flush().await.expect("durable");
+    wait_until(
+        "b following the owner's write",
+        Duration::from_secs(30),
+        || async {
+            (b.scan_prefix(Collection::Contacts, b"")
+                .expect("a local scan")
+                .len()
+                == 5)
+                .then_some(())
+        },
+    )
+    .await;
+
+    b.keep_copies(Some(&[]));
+    assert!(!b.copies_partition(partition));
+    wait_until("b emptying its copy", Duration::from_secs(30), || async {
+        b.scan_prefix(Collection::Contacts, b"")
+            .expect("a local scan")
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    a.put(Collection::Contacts, &key("ann"), b"1 again")
+        .expect("the owner's write");
+    a.flush().await.expect("durable");
+    a.release_partition(partition);
+    drop(a);
+
+    b.take_partition(partition)
+        .await
+        .expect("b takes the partition it kept no copy of");
+    assert!(b.copies_partition(partition));
+    let all = b
+        .scan_prefix(Collection::Contacts, b"acme\0")
+        .expect("a local read");
+    let all: Vec<(String, String)> = all
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k[5..]).into_owned(),
+                String::from_utf8(v).expect("text"),
+            )
+        })
+        .collect();
+    let expected = [
+        ("ann", "1 again"),
+        ("bob", "2"),
+        ("cat", "3"),
+        ("dan", "4"),
+        ("eve", "5"),
+    ];
+    assert_eq!(
+        all,
+        expected
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec()
+    );
+}
+
 /// A forwarded write that its sender had no answer for in time (the
 /// owner's commit waiting through a leader election, say) is sent again
 /// with the same id. The owner answers it with the first sending's answer
@@ -1416,6 +1560,87 @@ config = { message = "wave {{ event.event_data.wave }}" }
     }
 }
 
+/// Two replicas that keep no standby copies (`bus.standbys = 0`): each
+/// copies only the partitions it owns, and each one's API reads every
+/// account's contacts (those of the other's partitions at their owner).
+/// When one is killed, the other takes its partitions, which it never
+/// copied, reads them whole from the changelog, and handles the next wave
+/// over the same contacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_without_standbys_read_at_the_owner_and_take_over_from_the_changelog() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let (accounts, conversations) = (8, 3);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        let chain = wave_chain(
+            &a,
+            r#"
+[[chains.steps]]
+handler = "log"
+config = { message = "wave {{ event.event_data.wave }}" }
+"#,
+        );
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
+    }
+    let within = Duration::from_secs(60);
+    let config = with_standbys(config_with(&receiver, true, 1), 0);
+    let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let mut b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    wait_until(
+        "the replicas sharing the partitions",
+        Duration::from_secs(60),
+        || async { shared(state_partitions_of(&a).await, state_partitions_of(&b).await) },
+    )
+    .await;
+    let first = wave_events(accounts, conversations, 1, 1);
+    emit_all(nats.url(), &first).await;
+    for d in [&a, &b] {
+        all_done(d, &first, within).await;
+    }
+    let mut wave_of = HashMap::new();
+    for d in [&a, &b] {
+        for i in 0..accounts {
+            let all = contacts(d, &account(i)).await;
+            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
+            for c in &all {
+                assert_eq!(c["fields"]["wave"], 1, "{}: {c:#}", account(i));
+                wave_of.insert(c["key"].to_string(), 1);
+            }
+        }
+    }
+    assert_eq!(
+        wave_of.len(),
+        accounts * conversations,
+        "both read the same contacts"
+    );
+
+    b.kill9();
+    let every: Vec<u64> = (0..16).collect();
+    wait_until(
+        "a holding every partition's state",
+        Duration::from_secs(60),
+        || async { (state_partitions_of(&a).await == every).then_some(()) },
+    )
+    .await;
+    let second = wave_events(accounts, conversations, 2, 2);
+    emit_all(nats.url(), &second).await;
+    all_done(&a, &[first.as_slice(), second.as_slice()].concat(), within).await;
+    for i in 0..accounts {
+        let all = contacts(&a, &account(i)).await;
+        assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
+        for c in &all {
+            assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
+            assert_eq!(
+                wave_of.get(&c["key"].to_string()),
+                Some(&1),
+                "the same contact: {c:#}"
+            );
+        }
+    }
+}
+
 /// A take-over from the changelog alone: the only replica is killed
 /// (SIGKILL) while its events wait on their second step; a replica that
 /// never saw the partitions (a fresh data directory) starts, reads their
@@ -1789,10 +2014,28 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 /// receiver token minted on one replica opens a stream on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_streams_on_every_replica_see_the_owners_notifications() {
+    inbox_streams_on_both_replicas(None).await;
+}
+
+/// The same with no standby copies (`bus.standbys = 0`): the replica that
+/// does not own the account's partition keeps a copy of it while its
+/// stream is open, so its stream hears what the owner writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_streams_on_a_replica_without_a_standby_copy_see_the_owners_notifications() {
+    inbox_streams_on_both_replicas(Some(0)).await;
+}
+
+/// Two replicas (with `standbys` copies of each partition, or one on
+/// each), a stream on each, as
+/// [`inbox_streams_on_every_replica_see_the_owners_notifications`] says.
+async fn inbox_streams_on_both_replicas(standbys: Option<u16>) {
     const WITHIN: Duration = Duration::from_secs(30);
     let server = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let config = config_with(&receiver, true, 1);
+    let config = match standbys {
+        Some(n) => with_standbys(config_with(&receiver, true, 1), n),
+        None => config_with(&receiver, true, 1),
+    };
     let replicas: Vec<Dispatcher> = (0..2)
         .map(|_| Dispatcher::nats_url(server.url(), &config))
         .collect();

@@ -1,7 +1,8 @@
 //! Replicas: 1, 2 and 3 dispatchers with `--replicated` sharing one NATS
-//! server, draining the same backlog through `create_contact` → `log`; and
-//! one dispatcher with its own store, for the cost of keeping the state in
-//! the changelog. The CPU per event is summed over the replicas; the
+//! server, draining the same backlog through `create_contact` → `log`
+//! (three of them again with one standby copy of each partition, and with
+//! none: `bus.standbys`); and one dispatcher with its own store, for the
+//! cost of keeping the state in the changelog. The CPU per event is summed over the replicas; the
 //! nats-server's CPU per event is printed beside it. After the one
 //! replicated dispatcher's drain, a replica started with an empty data
 //! directory is timed until it has caught up, and the changelog's size is
@@ -25,15 +26,23 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     // The own store's drain and one replica's, which the others are held to.
     let mut own: Option<PerBuild<Drained>> = None;
     let mut one: Option<PerBuild<Drained>> = None;
-    for (replicas, replicated) in [(1, false), (1, true), (2, true), (3, true)] {
-        let what = if replicated {
-            format!("{replicas} replica(s), shared state")
-        } else {
-            "1 dispatcher, own store".to_string()
+    for (replicas, replicated, standbys) in [
+        (1, false, None),
+        (1, true, None),
+        (2, true, None),
+        (3, true, None),
+        (3, true, Some(1)),
+        (3, true, Some(0)),
+    ] {
+        let what = match (replicated, standbys) {
+            (false, _) => "1 dispatcher, own store".to_string(),
+            (true, None) => format!("{replicas} replica(s), shared state"),
+            (true, Some(1)) => format!("{replicas} replicas, one standby copy"),
+            (true, Some(s)) => format!("{replicas} replicas, {s} standby copies"),
         };
         println!("{what}:");
         let drains = PerBuild::measure(&options.builds, async |build| {
-            drain_with(options, build, n, replicas, replicated).await
+            drain_with(options, build, n, replicas, replicated, standbys).await
         })
         .await?;
         drain::print_ratios(&drains);
@@ -68,9 +77,14 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                     // Total CPU per event: what three replicas would cost
                     // with a core each, against one.
                     let cost = ratio(&drains, one, Drained::cpu_per_event_us);
+                    let copies = match standbys {
+                        None => String::new(),
+                        Some(1) => " (one standby copy)".to_string(),
+                        Some(s) => format!(" ({s} standby copies)"),
+                    };
                     report.check(
                         "replicas",
-                        "3 replicas' CPU per event / 1 replica's",
+                        format!("3 replicas' CPU per event / 1 replica's{copies}"),
                         Value::of(&cost, |x| format!("×{x:.2}")),
                         "≤ 1.25",
                         cost.current <= 1.25,
@@ -91,21 +105,34 @@ fn ratio(
     drains.map(figure).zip_with(&base.map(figure), |x, b| x / b)
 }
 
-/// Starts `replicas` dispatchers of `build` (replicated or not) on a fresh
-/// server and publishes the backlog; the drain runs from the first publish
-/// until the consumers have acked everything.
+/// Starts `replicas` dispatchers of `build` (replicated or not, with
+/// `standbys` copies of each partition besides its owner's, or one on every
+/// replica) on a fresh server and publishes the backlog; the drain runs
+/// from the first publish until the consumers have acked everything. A
+/// baseline build is given no `bus.standbys` (it may not know it): it keeps
+/// a copy on every replica.
 async fn drain_with(
     options: &crate::Options,
     build: &Build,
     n: u64,
     replicas: usize,
     replicated: bool,
+    standbys: Option<u16>,
 ) -> anyhow::Result<Drained> {
     let server = NatsServer::start()?;
     let root = tempfile::tempdir()?;
     let chains = write_chains(root.path(), contact_log_chain)?;
     let config = root.path().join("switchboard.toml");
-    std::fs::write(&config, format!("[bus]\nreplicated = {replicated}\n"))?;
+    let mut bus = format!("[bus]\nreplicated = {replicated}\n");
+    match standbys {
+        Some(s) if build.is_current() => bus.push_str(&format!("standbys = {s}\n")),
+        Some(_) => println!(
+            "{}  (every replica keeps a copy: no bus.standbys given)",
+            build.tag()
+        ),
+        None => {}
+    }
+    std::fs::write(&config, bus)?;
     let mut dispatchers = Vec::new();
     for i in 0..replicas {
         dispatchers.push(

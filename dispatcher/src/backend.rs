@@ -45,6 +45,7 @@ pub struct Backend {
 /// partitions it owns, once it has joined the others.
 #[derive(Debug)]
 pub struct Replicas {
+    standbys: Option<u16>,
     owned_tx: watch::Sender<Vec<u16>>,
     owned: watch::Receiver<Vec<u16>>,
     viewed_tx: watch::Sender<ReplicaView>,
@@ -52,10 +53,11 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    fn new() -> Self {
+    fn new(standbys: Option<u16>) -> Self {
         let (owned_tx, owned) = watch::channel(Vec::new());
         let (viewed_tx, viewed) = watch::channel(ReplicaView::default());
         Self {
+            standbys,
             owned_tx,
             owned,
             viewed_tx,
@@ -76,7 +78,12 @@ impl Replicas {
     /// Joins the other replicas (a heartbeat in `store`): from now on the
     /// partitions are divided among the members.
     pub fn join(self, store: Store) -> Result<Membership, StartError> {
-        Ok(Membership::join(store, self.owned_tx, self.viewed_tx)?)
+        Ok(Membership::join(
+            store,
+            self.standbys,
+            self.owned_tx,
+            self.viewed_tx,
+        )?)
     }
 }
 
@@ -147,7 +154,7 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
             replicas: None,
         });
     }
-    let replicas = Replicas::new();
+    let replicas = Replicas::new(config.bus.standbys);
     let (options, servers) = switchboard_sdk::nats::connect_options(url);
     let store = Store::replicated(
         &config.store.data_dir.join("replica"),

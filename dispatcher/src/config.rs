@@ -249,6 +249,14 @@ pub struct BusConfig {
     /// JetStream key-value bucket `switchboard` (with `stream_replicas`
     /// copies), instead of keeping it in this process's data directory.
     pub replicated: bool,
+    /// With `replicated`: how many replicas besides a partition's owner
+    /// keep a copy of its state, chosen by rendezvous hashing over the live
+    /// replicas (Kafka Streams' standby replicas). `None`: every replica
+    /// keeps a copy of every partition. Fewer copies cost less CPU per
+    /// event; a replica without a copy sends its reads of the partition to
+    /// the owner, and one that takes the partition over reads it whole
+    /// from the changelog.
+    pub standbys: Option<u16>,
     /// NATS only: publish events (ingested and emitted) as binary-mode
     /// CloudEvents (`ce-` headers, the event's data as the payload) for
     /// consumers of the stream that read CloudEvents; the dispatcher reads
@@ -264,6 +272,7 @@ impl Default for BusConfig {
             ack_wait_secs: switchboard_bus::nats::DEFAULT_ACK_WAIT.as_secs(),
             stream_replicas: 1,
             replicated: false,
+            standbys: None,
             publish_cloudevents: false,
         }
     }
@@ -359,6 +368,8 @@ pub struct Overrides {
     pub nats_url: Option<String>,
     /// `bus.replicated` (only ever turns it on)
     pub replicated: bool,
+    /// `bus.standbys`
+    pub standbys: Option<u16>,
     /// `store.data_dir`
     pub data_dir: Option<PathBuf>,
     /// `http.listen`
@@ -390,6 +401,7 @@ impl Config {
         let Overrides {
             nats_url,
             replicated,
+            standbys,
             data_dir,
             listen,
             subject_prefix,
@@ -405,6 +417,9 @@ impl Config {
             config.bus.nats_url = nats_url;
         }
         config.bus.replicated |= replicated;
+        if standbys.is_some() {
+            config.bus.standbys = standbys;
+        }
         if let Some(v) = data_dir {
             config.store.data_dir = v;
         }
@@ -537,6 +552,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "bus.replicated: replicas share state through NATS JetStream, but no NATS URL is \
                  configured (set bus.nats_url or --nats)"
+                    .into(),
+            ));
+        }
+        if self.bus.standbys.is_some() && !self.bus.replicated {
+            return Err(ConfigError::Invalid(
+                "bus.standbys: standby copies are kept by replicas, but bus.replicated is off \
+                 (set it, or --replicated)"
                     .into(),
             ));
         }

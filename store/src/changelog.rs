@@ -245,20 +245,17 @@ fn write_subject(partition: u16, change: &Change) -> String {
     )
 }
 
-/// The subjects a follower reads when it holds the partitions in `held`.
-/// A consumer's filters may not overlap, so they go by token count: three
-/// tokens (the sync mark), four (every partition's term marker), and five
-/// or more under each partition not held (its writes).
-fn follower_filter(partitions: u16, held: &[u16]) -> Vec<String> {
-    if held.is_empty() {
+/// The subjects a follower reads when it applies the writes of the
+/// partitions in `followed` (all of them: `None`). A consumer's filters may
+/// not overlap, so they go by token count: three tokens (the sync mark),
+/// four (every partition's term marker), and five or more under each
+/// partition followed (its writes).
+fn follower_filter(partitions: u16, followed: Option<&[u16]>) -> Vec<String> {
+    let Some(followed) = followed.filter(|f| f.len() < usize::from(partitions)) else {
         return vec![format!("{PREFIX}.>")];
-    }
+    };
     let mut subjects = vec![format!("{PREFIX}.*"), format!("{PREFIX}.*.*")];
-    subjects.extend(
-        (0..partitions)
-            .filter(|p| !held.contains(p))
-            .map(|p| format!("{PREFIX}.{p}.*.>")),
-    );
+    subjects.extend(followed.iter().map(|p| format!("{PREFIX}.{p}.*.>")));
     subjects
 }
 
@@ -556,22 +553,69 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.records_except(from, &[]).await
+        self.read(follower_filter(self.partitions, None), from)
+            .await
     }
 
     /// The changelog's records from stream sequence `from` on, in order,
-    /// but for the writes of the partitions in `held` (the ones a reader
-    /// writes itself): every term marker and sync mark, and every record
-    /// of the other partitions. A record of a held partition that is not a
-    /// term marker — a write, or one that does not decode — is not read.
-    pub async fn records_except(
+    /// but for the writes of partitions not in `followed` (those a reader
+    /// writes itself, or keeps no copy of): every term marker and sync
+    /// mark, and every record of the partitions followed. A record of
+    /// another partition that is not a term marker — a write, or one that
+    /// does not decode — is not read.
+    pub async fn records_following(
         &self,
         from: u64,
-        held: &[u16],
+        followed: &[u16],
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.read(follower_filter(self.partitions, held), from)
+        self.read(follower_filter(self.partitions, Some(followed)), from)
             .await
+    }
+
+    /// The stream sequence of partition `partition`'s last record (its
+    /// last write or term marker), 0 if it has none.
+    pub async fn partition_end(&self, partition: u16) -> Result<u64, ChangelogError> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        let mut consumer = self
+            .stream
+            .create_consumer(OrderedConfig {
+                filter_subjects: vec![format!("{PREFIX}.{partition}.>")],
+                deliver_policy: DeliverPolicy::Last,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| remote(format!("finding partition {partition}'s last record: {e}")))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| remote(format!("finding partition {partition}'s last record: {e}")))?
+            .num_pending;
+        if pending == 0 {
+            return Ok(0);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| remote(format!("finding partition {partition}'s last record: {e}")))?;
+        let last = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| {
+                remote(format!(
+                    "finding partition {partition}'s last record: nothing came for 30 s"
+                ))
+            })?
+            .ok_or_else(|| {
+                remote(format!(
+                    "finding partition {partition}'s last record: the reading ended"
+                ))
+            })?
+            .map_err(|e| remote(format!("finding partition {partition}'s last record: {e}")))?;
+        let seq = last
+            .info()
+            .map_err(|e| remote(format!("a changelog message without its metadata: {e}")))?
+            .stream_sequence;
+        Ok(seq)
     }
 
     /// Partition `partition`'s records from stream sequence `from` on.
@@ -1265,13 +1309,14 @@ mod tests {
         }
     }
 
-    /// A follower holding partitions 3 and 9 of 16 reads every marker, the
-    /// sync mark and the other partitions' records, each through exactly
-    /// one filter (the server refuses overlapping ones), and not the held
-    /// partitions' writes; holding none, it reads everything.
+    /// A follower of every partition but 3 and 9 of 16 reads every marker,
+    /// the sync mark and the other partitions' records, each through
+    /// exactly one filter (the server refuses overlapping ones), and not
+    /// the writes of 3 and 9; following all, it reads everything.
     #[test]
-    fn a_follower_reads_all_but_the_writes_of_the_partitions_it_holds() {
-        let filter = follower_filter(16, &[3, 9]);
+    fn a_follower_reads_every_marker_and_the_writes_of_the_partitions_it_follows() {
+        let followed: Vec<u16> = (0..16).filter(|p| ![3, 9].contains(p)).collect();
+        let filter = follower_filter(16, Some(&followed));
         let through = |subject: &str| filter.iter().filter(|f| matches(f, subject)).count();
         for read in [
             "switchboard.changelog.sync",
@@ -1291,7 +1336,14 @@ mod tests {
         ] {
             assert_eq!(through(passed), 0, "{passed} through {filter:?}");
         }
-        assert_eq!(follower_filter(16, &[]), ["switchboard.changelog.>"]);
+        let all: Vec<u16> = (0..16).collect();
+        assert_eq!(follower_filter(16, Some(&all)), ["switchboard.changelog.>"]);
+        assert_eq!(follower_filter(16, None), ["switchboard.changelog.>"]);
+        let none = follower_filter(16, Some(&[]));
+        assert_eq!(
+            none,
+            ["switchboard.changelog.*", "switchboard.changelog.*.*"]
+        );
     }
 
     /// A writer's span fails if a write numbered in it failed, whichever

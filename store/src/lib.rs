@@ -492,6 +492,39 @@ struct FlushCounts {
     finished: AtomicU64,
 }
 
+/// A partition's copy kept up on this replica while this lives (see
+/// [`Store::copy_account`]).
+#[derive(Debug)]
+pub struct AccountCopy {
+    watched: Option<(Arc<partitioned::Partitioned>, u16)>,
+}
+
+impl AccountCopy {
+    /// Waits until the copy is whole (at once when it was already, or for
+    /// the sled backend), for `within` at most; returns whether it is.
+    pub async fn ready(&self, within: std::time::Duration) -> bool {
+        let Some((p, partition)) = &self.watched else {
+            return true;
+        };
+        let until = tokio::time::Instant::now() + within;
+        while !p.reads_here(*partition) {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+impl Drop for AccountCopy {
+    fn drop(&mut self) {
+        if let Some((p, partition)) = &self.watched {
+            p.unwatch(*partition);
+        }
+    }
+}
+
 /// The term an event's writes are made under (see [`Store::holding`]);
 /// the default holds nothing (writes of no partition).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -800,6 +833,51 @@ impl Store {
         }
     }
 
+    /// Keeps this replica's copy up of the partitions in `kept` besides
+    /// those it holds (those it is a standby of), or of every partition
+    /// (`None`, as the replicated store starts). Reads of a partition
+    /// neither held nor copied here go to its owner; a partition kept anew
+    /// is read whole from its changelog first. Nothing to do for the sled
+    /// backend.
+    pub fn keep_copies(&self, kept: Option<&[u16]>) {
+        if let Some(p) = &self.partitioned {
+            p.keep(kept.map(|k| k.iter().copied().collect()));
+        }
+    }
+
+    /// Whether reads of `partition` are answered from this replica's copy
+    /// (always, for the sled backend): it holds the partition, or keeps
+    /// its copy up and has read it whole.
+    pub fn copies_partition(&self, partition: u16) -> bool {
+        self.partitioned
+            .as_ref()
+            .is_none_or(|p| p.reads_here(partition))
+    }
+
+    /// Whether reads of `account`'s partitioned records are answered from
+    /// this replica's copy, and its changes to them seen by
+    /// [`Store::watch`] (always, for the sled backend).
+    pub fn copies_account(&self, account: &str) -> bool {
+        self.partitioned
+            .as_ref()
+            .is_none_or(|p| p.reads_here(partition_of_account(account.as_bytes(), p.partitions())))
+    }
+
+    /// Keeps this replica's copy of `account`'s partition up while the
+    /// returned guard lives, whatever [`Store::keep_copies`] says: for
+    /// watching the account's changes here ([`Store::watch`] sees only what
+    /// the local copy applies). [`AccountCopy::ready`] waits until the copy
+    /// is whole.
+    pub fn copy_account(&self, account: &str) -> AccountCopy {
+        AccountCopy {
+            watched: self.partitioned.as_ref().map(|p| {
+                let partition = partition_of_account(account.as_bytes(), p.partitions());
+                p.watch(partition);
+                (p.clone(), partition)
+            }),
+        }
+    }
+
     /// Begins this replica's term on `partition` (the bus hands it the
     /// partition's events): reads the partition's changelog up to the term's
     /// start, after which this replica writes the partition's state and
@@ -903,8 +981,41 @@ impl Store {
         &self.trees[c.index()]
     }
 
+    /// Runs `read` of `c` on the local copy or, for a partition this
+    /// replica keeps no copy of ([`Store::keep_copies`]), on the
+    /// partition's owner. A read that may span accounts (a prefix short of
+    /// a whole account) reads the local copy, which holds only the
+    /// partitions kept here.
+    fn read(
+        &self,
+        c: Collection,
+        read: partitioned::reads::Read,
+    ) -> Result<Vec<Entry>, StoreError> {
+        if let Some(p) = self.owned(c)
+            && let Some(key) = read.key()
+        {
+            let partition = p.partition_of(key);
+            if !p.reads_here(partition) {
+                return p.read_at_owner(partition, c, &read);
+            }
+        }
+        read.run(c, self.tree(c))
+    }
+
+    /// The partition of `key` of `c` when this replica keeps no copy of it
+    /// (its reads go to the owner).
+    fn absent_partition(&self, c: Collection, key: &[u8]) -> Option<u16> {
+        let p = self.owned(c)?;
+        let partition = p.partition_of(key);
+        (!p.reads_here(partition)).then_some(partition)
+    }
+
     /// The value under `key`.
     pub fn get(&self, c: Collection, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.absent_partition(c, key).is_some() {
+            let found = self.read(c, partitioned::reads::Read::Get(key.to_vec()))?;
+            return Ok(found.into_iter().next().map(|(_, v)| v));
+        }
         self.tree(c)
             .get(key)
             .map(|v| v.map(|v| v.to_vec()))
@@ -920,6 +1031,7 @@ impl Store {
         }
         if let Some(p) = self.owned(c)
             && !p.owns(key)
+            && self.absent_partition(c, key).is_none()
         {
             p.catch_up()?;
         }
@@ -978,16 +1090,23 @@ impl Store {
 
     /// Whether `key` is present.
     pub fn contains(&self, c: Collection, key: &[u8]) -> Result<bool, StoreError> {
+        if self.absent_partition(c, key).is_some() {
+            return self.get(c, key).map(|v| v.is_some());
+        }
         self.tree(c).contains_key(key).map_err(io(c))
     }
 
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, c: Collection, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
-        self.tree(c)
-            .scan_prefix(prefix)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(io(c))
+        self.read(
+            c,
+            partitioned::reads::Read::Prefix {
+                prefix: prefix.to_vec(),
+                before: None,
+                rev: false,
+                limit: usize::MAX,
+            },
+        )
     }
 
     /// Up to `limit` entries with keys starting with `prefix`, walking backwards from the last.
@@ -997,16 +1116,9 @@ impl Store {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        self.tree(c)
-            .scan_prefix(prefix)
-            .rev()
-            .take(limit)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(io(c))
+        self.scan_prefix_before(c, prefix, None, limit)
     }
 
-    /// Up to `limit` entries with keys at or after `from`, in key order.
     /// Up to `limit` entries whose keys start with `prefix` and sort before
     /// `before` (all of them when `None`), the last first.
     pub fn scan_prefix_before(
@@ -1016,44 +1128,34 @@ impl Store {
         before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let end = match before {
-            Some(b) => b.to_vec(),
-            None => {
-                // Just past every key starting with `prefix`.
-                let mut end = prefix.to_vec();
-                while let Some(last) = end.pop() {
-                    if last < u8::MAX {
-                        end.push(last + 1);
-                        break;
-                    }
-                }
-                if end.is_empty() {
-                    return self.scan_prefix_rev(c, prefix, limit);
-                }
-                end
-            }
-        };
-        self.tree(c)
-            .range(prefix.to_vec()..end)
-            .rev()
-            .take(limit)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(io(c))
+        self.read(
+            c,
+            partitioned::reads::Read::Prefix {
+                prefix: prefix.to_vec(),
+                before: before.map(<[u8]>::to_vec),
+                rev: true,
+                limit,
+            },
+        )
     }
 
+    /// Up to `limit` entries with keys at or after `from`, in key order.
+    /// Of a partition this replica keeps no copy of, the owner of `from`'s
+    /// answers; entries past `from`'s account are of whatever partitions
+    /// the answering copy holds.
     pub fn scan_from(
         &self,
         c: Collection,
         from: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        self.tree(c)
-            .range(from.to_vec()..)
-            .take(limit)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(io(c))
+        self.read(
+            c,
+            partitioned::reads::Read::From {
+                from: from.to_vec(),
+                limit,
+            },
+        )
     }
 
     /// The last entry of a collection.

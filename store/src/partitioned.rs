@@ -46,6 +46,7 @@ use crate::{Collection, Route, StoreError, Write, io};
 
 mod cleaner;
 pub mod forward;
+pub(crate) mod reads;
 
 use forward::{Answer, Seen};
 
@@ -158,6 +159,25 @@ fn remote(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// The partitions whose copy a replica keeps up besides those it holds.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Every partition (`None`), or those it is a standby of.
+    assigned: Option<BTreeSet<u16>>,
+    /// Partitions whose changes someone here watches (a live inbox stream),
+    /// each with how many watch it.
+    watched: HashMap<u16, usize>,
+}
+
+impl Kept {
+    fn keeps(&self, partition: u16) -> bool {
+        self.assigned
+            .as_ref()
+            .is_none_or(|a| a.contains(&partition))
+            || self.watched.contains_key(&partition)
+    }
+}
+
 /// A replica's partition-owned state.
 pub(crate) struct Partitioned {
     changelog: Changelog,
@@ -183,6 +203,18 @@ pub(crate) struct Partitioned {
     /// Partitions being read again from the changelog for a term that has
     /// not begun here yet: the follower leaves them alone.
     rebuilding: Mutex<BTreeSet<u16>>,
+    /// The partitions whose copy this replica keeps up besides those it
+    /// holds.
+    kept: Mutex<Kept>,
+    /// Partitions neither held here nor copied: not kept, or kept and not
+    /// read whole yet. Their reads go to their owner. Each is also dirty.
+    absent: Mutex<BTreeSet<u16>>,
+    /// The absent partitions whose records the local copy no longer holds.
+    emptied: Mutex<BTreeSet<u16>>,
+    /// Held while a partition's copy is made whole from its changelog, by a
+    /// take or by the follower for a partition it begins to keep: one at a
+    /// time, so that neither applies an older value over the other's.
+    copying: tokio::sync::Mutex<()>,
     /// The last changelog sequence the follower applied or passed.
     applied: watch::Sender<u64>,
     /// Tells the follower that the partitions held changed: it reads the
@@ -245,6 +277,10 @@ impl Partitioned {
             markers: Mutex::default(),
             dirty: Mutex::default(),
             rebuilding: Mutex::default(),
+            kept: Mutex::default(),
+            absent: Mutex::default(),
+            emptied: Mutex::default(),
+            copying: tokio::sync::Mutex::default(),
             applied: watch::Sender::new(0),
             refilter: Arc::default(),
             reread_from: Mutex::default(),
@@ -257,6 +293,10 @@ impl Partitioned {
         tokio::spawn(Self::clean(Arc::downgrade(&this)));
         this.wait_applied(target).await;
         Ok(this)
+    }
+
+    pub(crate) fn partitions(&self) -> u16 {
+        self.partitions
     }
 
     pub(crate) fn partition_of(&self, key: &[u8]) -> u16 {
@@ -274,6 +314,72 @@ impl Partitioned {
     /// Whether this replica holds a term on `partition`.
     pub(crate) fn holds(&self, partition: u16) -> bool {
         self.term(partition).is_some()
+    }
+
+    /// Whether this replica keeps its copy of `partition` up when it does
+    /// not hold it.
+    fn keeps(&self, partition: u16) -> bool {
+        self.kept.lock().expect("kept lock").keeps(partition)
+    }
+
+    /// Keeps this replica's copy up of the partitions in `assigned` besides
+    /// those it holds (those it is a standby of), or of every partition
+    /// (`None`, as it starts); and of those watched ([`Partitioned::watch`]).
+    pub(crate) fn keep(&self, assigned: Option<BTreeSet<u16>>) {
+        self.change_kept(|kept| kept.assigned = assigned);
+    }
+
+    /// Keeps this replica's copy of `partition` up until
+    /// [`Partitioned::unwatch`] is called as often as this was.
+    pub(crate) fn watch(&self, partition: u16) {
+        self.change_kept(|kept| *kept.watched.entry(partition).or_default() += 1);
+    }
+
+    pub(crate) fn unwatch(&self, partition: u16) {
+        self.change_kept(|kept| {
+            if let Some(n) = kept.watched.get_mut(&partition) {
+                *n -= 1;
+                if *n == 0 {
+                    kept.watched.remove(&partition);
+                }
+            }
+        });
+    }
+
+    /// Changes the partitions kept. One no longer kept is absent from here
+    /// on: its reads go to its owner, the follower empties its copy, and a
+    /// take reads it whole. One kept anew is read whole by the follower,
+    /// and answered here once it is.
+    fn change_kept(&self, change: impl FnOnce(&mut Kept)) {
+        let _order = self.order.lock().expect("order lock");
+        let mut kept = self.kept.lock().expect("kept lock");
+        let before: Vec<bool> = (0..self.partitions).map(|p| kept.keeps(p)).collect();
+        change(&mut kept);
+        let mut changed = false;
+        for (p, was) in (0..self.partitions).zip(before) {
+            let keeps = kept.keeps(p);
+            changed |= keeps != was;
+            if was && !keeps && self.term(p).is_none() {
+                self.absent.lock().expect("absent lock").insert(p);
+                self.dirty.lock().expect("dirty lock").insert(p);
+            }
+        }
+        if changed {
+            tracing::info!(assigned = ?kept.assigned, watched = ?kept.watched.keys().collect::<Vec<_>>(),
+                "the partitions this replica keeps a copy of changed");
+            self.refilter.notify_one();
+        }
+    }
+
+    /// Whether reads of `partition` are answered here: this replica holds
+    /// it, or keeps its copy up and has read it whole.
+    pub(crate) fn reads_here(&self, partition: u16) -> bool {
+        self.holds(partition)
+            || !self
+                .absent
+                .lock()
+                .expect("absent lock")
+                .contains(&partition)
     }
 
     /// The partitions this replica holds a term on, in order.
@@ -368,7 +474,13 @@ impl Partitioned {
     async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            let (from, held) = {
+            if let Err(e) = me.copy_kept().await {
+                tracing::warn!(error = %e, "reading a partition this replica keeps anew failed; trying again");
+                drop(me);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let (from, followed) = {
                 let _order = me.order.lock().expect("order lock");
                 let next = *me.applied.borrow() + 1;
                 let from = me
@@ -377,9 +489,12 @@ impl Partitioned {
                     .expect("reread lock")
                     .take()
                     .map_or(next, |f| f.min(next));
-                (from, me.held())
+                let followed: Vec<u16> = (0..me.partitions)
+                    .filter(|p| me.keeps(*p) && !me.holds(*p))
+                    .collect();
+                (from, followed)
             };
-            let records = me.changelog.records_except(from, &held).await;
+            let records = me.changelog.records_following(from, &followed).await;
             if records.is_err() {
                 // Where to read from again is still owed.
                 me.reread_from(from);
@@ -451,8 +566,115 @@ impl Partitioned {
         }
     }
 
+    /// Brings the local copy in line with the partitions kept: empties the
+    /// copy of each partition no longer kept (so that no scan across
+    /// accounts finds its stale records), and reads each partition kept
+    /// anew whole from its changelog. The follower does this before it
+    /// reads on with the new set, from where it stood: a partition's
+    /// records up to there are in what this reads.
+    async fn copy_kept(&self) -> Result<(), StoreError> {
+        let (entering, leaving): (Vec<u16>, Vec<u16>) = {
+            let _order = self.order.lock().expect("order lock");
+            let absent = self.absent.lock().expect("absent lock").clone();
+            let emptied = self.emptied.lock().expect("emptied lock").clone();
+            absent
+                .iter()
+                .filter(|p| !self.holds(**p) && (self.keeps(**p) || !emptied.contains(p)))
+                .partition(|p| self.keeps(**p))
+        };
+        for partition in leaving {
+            self.empty_copy(partition).await?;
+        }
+        for partition in entering {
+            self.copy_whole(partition).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `partition` is absent here and neither held nor being taken:
+    /// its copy is the follower's to empty or read whole.
+    fn left_to_follower(&self, partition: u16) -> bool {
+        self.absent
+            .lock()
+            .expect("absent lock")
+            .contains(&partition)
+            && !self.holds(partition)
+            && !self
+                .rebuilding
+                .lock()
+                .expect("rebuilding lock")
+                .contains(&partition)
+    }
+
+    /// Removes `partition`'s records from the local copy: it is no longer
+    /// kept here.
+    async fn empty_copy(&self, partition: u16) -> Result<(), StoreError> {
+        let _copying = self.copying.lock().await;
+        let mut removed = 0usize;
+        for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
+            let tree = &self.trees[c.index()];
+            loop {
+                let _order = self.order.lock().expect("order lock");
+                if !self.left_to_follower(partition) || self.keeps(partition) {
+                    return Ok(());
+                }
+                let mut keys = Vec::new();
+                for look in PartitionEntries::new(tree, self.partitions, partition) {
+                    if let Look::Entry(key, _) = look.map_err(io(c))? {
+                        keys.push(key);
+                        if keys.len() == cleaner::SCAN_CHUNK {
+                            break;
+                        }
+                    }
+                }
+                if keys.is_empty() {
+                    break;
+                }
+                for key in keys {
+                    tree.remove(&key).map_err(io(c))?;
+                    removed += 1;
+                }
+            }
+        }
+        let _order = self.order.lock().expect("order lock");
+        if self.left_to_follower(partition) && !self.keeps(partition) {
+            self.emptied.lock().expect("emptied lock").insert(partition);
+            tracing::info!(
+                partition,
+                removed,
+                "the partition's copy is emptied: it is no longer kept here"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads `partition`, kept here anew, whole from its changelog into the
+    /// local copy: its reads are answered here from then on.
+    async fn copy_whole(&self, partition: u16) -> Result<(), StoreError> {
+        let _copying = self.copying.lock().await;
+        if !self.left_to_follower(partition) || !self.keeps(partition) {
+            return Ok(());
+        }
+        let until = self
+            .changelog
+            .partition_end(partition)
+            .await
+            .map_err(remote)?;
+        self.rebuild(partition, until).await?;
+        let _order = self.order.lock().expect("order lock");
+        if self.left_to_follower(partition) && self.keeps(partition) {
+            self.absent.lock().expect("absent lock").remove(&partition);
+            self.emptied
+                .lock()
+                .expect("emptied lock")
+                .remove(&partition);
+            self.dirty.lock().expect("dirty lock").remove(&partition);
+        }
+        Ok(())
+    }
+
     /// Applies a record the follower read, unless it is this replica's own
-    /// (of a partition it holds a term on).
+    /// (of a partition it holds a term on) or of a partition absent here.
     fn apply_followed(&self, record: Record) {
         let seq = record.seq();
         {
@@ -467,6 +689,7 @@ impl Partitioned {
                             .lock()
                             .expect("rebuilding lock")
                             .contains(partition)
+                        && !self.absent.lock().expect("absent lock").contains(partition)
                     {
                         for change in changes {
                             if let Err(e) = self.apply_local(change) {
@@ -553,6 +776,9 @@ impl Partitioned {
     fn ended(&self, term: Term, deposed: bool) {
         let partition = term.partition;
         self.dirty.lock().expect("dirty lock").insert(partition);
+        if !self.keeps(partition) {
+            self.absent.lock().expect("absent lock").insert(partition);
+        }
         // The follower skipped the partition's writes: from here on they are
         // the next owner's, to be applied. Handed over, the next owner's
         // marker comes after what was applied (the order lock is held, so
@@ -606,6 +832,9 @@ impl Partitioned {
             .begin_term_after(partition, &self.me, Some(known))
             .await
             .map_err(remote)?;
+        // A copy is made whole by one reader at a time (the follower reads
+        // partitions kept anew whole too).
+        let mut copying = Some(self.copying.lock().await);
         let rebuild = self.dirty.lock().expect("dirty lock").remove(&partition);
         let caught_up = if rebuild {
             // The copy may hold writes the changelog refused: read the
@@ -621,6 +850,8 @@ impl Partitioned {
             }
             self.rebuild(partition, term.epoch).await
         } else {
+            // The follower may need the lock to reach the marker.
+            drop(copying.take());
             // The follower brings the partition up to the marker (nothing
             // of it can be stored after the marker but this term's own
             // writes); the term counts from there.
@@ -642,6 +873,11 @@ impl Partitioned {
                 .remove(&partition);
             match &caught_up {
                 Ok(()) => {
+                    self.absent.lock().expect("absent lock").remove(&partition);
+                    self.emptied
+                        .lock()
+                        .expect("emptied lock")
+                        .remove(&partition);
                     self.tally.begin(partition);
                     self.terms
                         .lock()
@@ -655,6 +891,7 @@ impl Partitioned {
                 }
             }
         }
+        drop(copying);
         caught_up?;
         self.serve(partition, term).await;
         tracing::info!(
@@ -951,10 +1188,16 @@ impl Partitioned {
     /// forwarded once the partition is taken finds this owner.
     async fn serve(self: &Arc<Self>, partition: u16, term: Term) {
         let subject = forward::subject(partition);
-        let mut requests = match self.client.queue_subscribe(subject, "owner".into()).await {
+        let subscribed = futures::future::try_join(
+            self.client.queue_subscribe(subject, "owner".into()),
+            self.client
+                .queue_subscribe(reads::subject(partition), "owner".into()),
+        )
+        .await;
+        let (mut requests, mut reads) = match subscribed {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(partition, error = %e, "serving the partition's forwarded writes failed");
+                tracing::error!(partition, error = %e, "serving the partition's forwarded writes and reads failed");
                 return;
             }
         };
@@ -980,6 +1223,14 @@ impl Partitioned {
                         Some(r) => r,
                         None => return,
                     },
+                    r = reads.next() => {
+                        let (Some(read), Some(this)) = (r, this.upgrade()) else { return };
+                        if let Some(reply) = read.reply {
+                            let answer = this.answer_read(partition, term, &read.payload);
+                            let _ = client.publish(reply, answer).await;
+                        }
+                        continue;
+                    }
                 };
                 let Some(this) = this.upgrade() else { return };
                 let Some(reply) = request.reply else { continue };
@@ -1037,6 +1288,86 @@ impl Partitioned {
                     .await;
             }
         });
+    }
+
+    /// The answer to a read another replica sent the owner of `partition`
+    /// (this replica, under `term`): the entries from the local copy, or
+    /// why not.
+    fn answer_read(&self, partition: u16, term: Term, request: &[u8]) -> Bytes {
+        let answer = if self.term(partition) != Some(term) {
+            Err(format!(
+                "partition {partition} is no longer held here (epoch {})",
+                term.epoch
+            ))
+        } else {
+            match reads::Read::decode(request) {
+                Err(e) => Err(format!("a read that does not decode: {e}")),
+                Ok((c, read)) if read.key().map(|k| self.partition_of(k)) != Some(partition) => {
+                    Err(format!(
+                        "a read of {} that is not of partition {partition}",
+                        c.name()
+                    ))
+                }
+                Ok((c, read)) => read
+                    .run(c, &self.trees[c.index()])
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        let encoded = reads::encode_answer(&answer);
+        let most = self.client.server_info().max_payload;
+        if encoded.len() > most {
+            return reads::encode_answer(&Err(format!(
+                "the answer ({} bytes) is larger than a message may be ({most} bytes); \
+                 ask for fewer entries",
+                encoded.len()
+            )));
+        }
+        encoded
+    }
+
+    /// Runs `read` of collection `c` on the owner of `partition`, which
+    /// this replica keeps no copy of, and waits for its answer; sent again
+    /// while no owner answers (a take-over in progress), half a second
+    /// apart, [`FORWARD_TRIES`] times.
+    pub(crate) fn read_at_owner(
+        self: &Arc<Self>,
+        partition: u16,
+        c: Collection,
+        read: &reads::Read,
+    ) -> Result<Vec<crate::Entry>, StoreError> {
+        let request = read.encode(c);
+        let this = self.clone();
+        block_on(&self.handle, async move {
+            let subject = reads::subject(partition);
+            let started = tokio::time::Instant::now();
+            let mut last;
+            let mut sendings = 0;
+            loop {
+                sendings += 1;
+                let sent = this.client.request(subject.clone(), request.clone());
+                match tokio::time::timeout(FORWARD_WAIT, sent).await {
+                    Ok(Ok(reply)) => match reads::decode_answer(&reply.payload) {
+                        Ok(entries) => return Ok(entries),
+                        Err(e) => last = e,
+                    },
+                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        last = "no replica holds the partition (a take-over in progress?)".into();
+                    }
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = format!("no answer in {FORWARD_WAIT:?}"),
+                }
+                if sendings >= FORWARD_TRIES {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(remote(format!(
+                "reading {} of partition {partition} at its owner (this replica keeps no copy \
+                 of it): {last} (the last of {sendings} sendings in {:.0?})",
+                c.name(),
+                started.elapsed()
+            )))
+        })?
     }
 
     /// Sends `answer` to `reply`, and to every sending of write `id`

@@ -73,6 +73,31 @@ fn owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
     owners
 }
 
+/// The partitions `me` keeps a copy of among `members` when each partition
+/// has `standbys` copies besides its owner's: those it owns, and those it
+/// is among the `standbys` members other than the owner that score highest
+/// on (rendezvous again, so a member joining or leaving moves few copies).
+/// Every replica computes the same answer from the same members.
+pub fn copied_by(me: &str, members: &[&str], standbys: u16) -> Vec<u16> {
+    let owners = owners(members);
+    (0..PARTITIONS)
+        .filter(|p| {
+            let owner = owners[*p as usize];
+            if owner == Some(me) {
+                return true;
+            }
+            let mut others: Vec<&str> = members
+                .iter()
+                .copied()
+                .filter(|m| Some(*m) != owner)
+                .collect();
+            others.sort_unstable_by_key(|m| std::cmp::Reverse((score(m, *p), *m)));
+            others.dedup();
+            others.iter().take(usize::from(standbys)).any(|m| *m == me)
+        })
+        .collect()
+}
+
 fn score(member: &str, partition: u16) -> u64 {
     let digest = Sha256::new()
         .chain_update(member.as_bytes())
@@ -110,8 +135,13 @@ impl Membership {
     /// the members with theirs into `viewed`. Members found in the
     /// (caught-up) store count as live until their heartbeat stops
     /// changing for [`GONE_AFTER`].
+    ///
+    /// With `standbys` set, it also tells `store` which partitions to keep
+    /// a copy of ([`copied_by`], [`Store::keep_copies`]) as the members
+    /// change; without, every replica keeps a copy of every partition.
     pub fn join(
         store: Store,
+        standbys: Option<u16>,
         owned_tx: watch::Sender<Vec<u16>>,
         viewed: watch::Sender<ReplicaView>,
     ) -> Result<Self, switchboard_store::StoreError> {
@@ -123,6 +153,12 @@ impl Membership {
             seen: HashMap::new(),
         };
         let members = follower.tick()?;
+        let keep = move |store: &Store, id: &str, members: &BTreeSet<String>| {
+            if let Some(n) = standbys {
+                store.keep_copies(Some(&copied_by(id, &members_of(members), n)));
+            }
+        };
+        keep(&follower.store, &id, &members);
         let owned = owned_by(&id, &members_of(&members));
         tracing::info!(replica = %id, partitions = ?owned, members = members.len(),
             "joined the replicas sharing the bus");
@@ -140,6 +176,7 @@ impl Membership {
                 }
                 match follower.tick() {
                     Ok(members) => {
+                        keep(&follower.store, &follower.id, &members);
                         let seen = view(&follower.id, &members_of(&members));
                         viewed.send_if_modified(|was| {
                             let changed = *was != seen;
@@ -287,6 +324,56 @@ pub fn strip_partition<'a>(prefix: &str, subject: &'a str) -> &'a str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each partition is copied by its owner and `n` others (all the others
+    /// when fewer), every member computing the same; a member leaving
+    /// moves only the copies it kept, and its partitions go to a replica
+    /// that already copied them when there was a standby.
+    #[test]
+    fn each_partition_has_its_owners_copy_and_n_standbys() {
+        let members = ["a1", "b2", "c3", "d4"];
+        for n in 0..5u16 {
+            let mut copies = vec![0usize; PARTITIONS as usize];
+            for m in members {
+                let copied = copied_by(m, &members, n);
+                for p in owned_by(m, &members) {
+                    assert!(copied.contains(&p), "{m} copies the partition {p} it owns");
+                }
+                for p in copied {
+                    copies[p as usize] += 1;
+                }
+            }
+            let expected = (1 + usize::from(n)).min(members.len());
+            assert!(
+                copies.iter().all(|c| *c == expected),
+                "{n} standbys: {copies:?}"
+            );
+        }
+        let left = ["a1", "b2", "c3"];
+        let mut moved = 0;
+        for m in left {
+            let before = copied_by(m, &members, 1);
+            let after = copied_by(m, &left, 1);
+            for p in owned_by(m, &left) {
+                let owner_before = members.iter().find(|o| owned_by(o, &members).contains(&p));
+                if owner_before != Some(&"d4") {
+                    continue;
+                }
+                // d4's partitions: the standby (if one of those left) takes them.
+                let standby = left.iter().find(|o| copied_by(o, &members, 1).contains(&p));
+                assert_eq!(standby, Some(&m), "partition {p} goes to its standby");
+                moved += 1;
+            }
+            for p in before.iter().filter(|p| !after.contains(p)) {
+                let owner = members.iter().find(|o| owned_by(o, &members).contains(p));
+                assert!(
+                    owner == Some(&"d4") || copied_by("d4", &members, 1).contains(p),
+                    "{m} dropped its copy of {p}, which d4's leaving did not move"
+                );
+            }
+        }
+        assert_eq!(moved, owned_by("d4", &members).len());
+    }
 
     #[test]
     fn every_partition_has_one_owner_and_moves_only_from_a_leaver() {

@@ -73,7 +73,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How many looks (a record of the partition, or another partition's
 /// account passed over) a round makes with the order lock held at once.
-const SCAN_CHUNK: usize = 256;
+pub(super) const SCAN_CHUNK: usize = 256;
 
 /// What the cleaner counts, per partition.
 #[derive(Debug)]

@@ -38,12 +38,12 @@ pub fn subject(partition: u16) -> String {
     format!("switchboard.state.{partition}.write")
 }
 
-fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+pub(super) fn put_bytes(out: &mut BytesMut, b: &[u8]) {
     out.put_u32(b.len() as u32);
     out.put_slice(b);
 }
 
-fn put_optional(out: &mut BytesMut, b: Option<&[u8]>) {
+pub(super) fn put_optional(out: &mut BytesMut, b: Option<&[u8]>) {
     match b {
         Some(b) => {
             out.put_u8(1);
@@ -70,7 +70,7 @@ pub fn encode(batch: &[Write], expect: &[(usize, Option<Vec<u8>>)]) -> Bytes {
     out.freeze()
 }
 
-fn get_bytes(input: &mut &[u8]) -> Result<Vec<u8>, String> {
+pub(super) fn get_bytes(input: &mut &[u8]) -> Result<Vec<u8>, String> {
     if input.remaining() < 4 {
         return Err("cut short".into());
     }
@@ -83,7 +83,7 @@ fn get_bytes(input: &mut &[u8]) -> Result<Vec<u8>, String> {
     Ok(b)
 }
 
-fn get_optional(input: &mut &[u8]) -> Result<Option<Vec<u8>>, String> {
+pub(super) fn get_optional(input: &mut &[u8]) -> Result<Option<Vec<u8>>, String> {
     if !input.has_remaining() {
         return Err("cut short".into());
     }

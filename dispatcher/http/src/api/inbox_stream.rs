@@ -45,6 +45,10 @@ const RESUME_BATCH: usize = 200;
 /// The most a resuming stream resends; past it, `reset`.
 const RESUME_MAX: usize = 1_000;
 
+/// How long a stream waits for this replica to read the account's records
+/// whole when it kept no copy of them.
+const COPY_WAIT: Duration = Duration::from_secs(30);
+
 /// How often an open stream checks that its token is still valid besides
 /// when a signing key changes.
 pub const RECHECK: Duration = Duration::from_secs(60);
@@ -82,6 +86,20 @@ pub(super) async fn own_stream(
                 })
         })
         .transpose()?;
+    // Changes are watched in the local copy: a replica that keeps none of
+    // the account's partition (`bus.standbys`) keeps one while the stream
+    // lasts.
+    let copy = s.store.copy_account(who.account.as_str());
+    if !copy.ready(COPY_WAIT).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching_up",
+            format!(
+                "this replica is still reading the account's records from the changelog \
+                 after {COPY_WAIT:?}: try again shortly"
+            ),
+        ));
+    }
     // Watch first, then read: nothing left in between is missed (what
     // both show is sent twice, the second time as `updated`).
     let changes = s
@@ -150,6 +168,7 @@ pub(super) async fn own_stream(
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let keys = s.store.watch(switchboard_store::Collection::SigningKeys);
     let live = Live {
+        _copy: copy,
         keys,
         keys_prefix: switchboard_state::signing_keys_prefix(&who.account),
         s: s.clone(),
@@ -189,6 +208,8 @@ fn count_event(count: InboxCount) -> Event {
 
 /// A stream past its opening.
 struct Live {
+    /// The account's partition, copied here while the stream lasts.
+    _copy: switchboard_store::AccountCopy,
     s: ApiState,
     who: Receiver,
     /// The stream's token, checked again now and then.
