@@ -783,6 +783,18 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
     }
 }
 
+/// Standby copies without replicas stop `run` before it starts, saying
+/// what is missing.
+#[tokio::test]
+async fn standbys_without_replicas_are_refused_at_start() {
+    for (_, line) in refused_values("bus.standbys", &["1"]).await {
+        assert!(
+            line.contains("bus.standbys") && line.contains("bus.replicated is off"),
+            "{line}"
+        );
+    }
+}
+
 /// A runtime without worker threads, or with more than it takes, stops `run`
 /// before it starts, naming the key and the range.
 #[tokio::test]

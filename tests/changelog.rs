@@ -753,16 +753,23 @@ async fn every_partitions_full_batch_at_once_is_stored() {
 /// own). A replica started afterwards reads every contact's latest value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
-    use switchboard_store::{Store, partition_of_account};
+    use switchboard_store::{Copies, Store, partition_of_account};
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let open = |name: &str| {
         let path = dir.path().join(name);
         let url = nats.url().to_string();
         async move {
-            Store::replicated(&path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
-                .await
-                .expect("a replicated store")
+            Store::replicated(
+                &path,
+                async_nats::ConnectOptions::new(),
+                vec![url],
+                1,
+                16,
+                Copies::Every,
+            )
+            .await
+            .expect("a replicated store")
         }
     };
     let compacted = partition_of_account(b"acme", 16);

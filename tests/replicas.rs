@@ -818,9 +818,16 @@ async fn replicated_store(
     path: &std::path::Path,
 ) -> switchboard_store::Store {
     let url = nats.url().to_string();
-    switchboard_store::Store::replicated(path, async_nats::ConnectOptions::new(), vec![url], 1, 16)
-        .await
-        .expect("a replicated store")
+    switchboard_store::Store::replicated(
+        path,
+        async_nats::ConnectOptions::new(),
+        vec![url],
+        1,
+        16,
+        switchboard_store::Copies::Every,
+    )
+    .await
+    .expect("a replicated store")
 }
 
 /// Two replicated stores over `nats` in `dir`, `a` holding the partition of

@@ -492,6 +492,17 @@ struct FlushCounts {
     finished: AtomicU64,
 }
 
+/// Which partitions' state a replica of the replicated backend keeps a
+/// copy of as it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copies {
+    /// Every partition's: any replica answers reads from its own copy.
+    Every,
+    /// None but those [`Store::keep_copies`] names later (its standby
+    /// partitions), and those it holds.
+    Assigned,
+}
+
 /// A partition's copy kept up on this replica while this lives (see
 /// [`Store::copy_account`]).
 #[derive(Debug)]
@@ -706,13 +717,15 @@ impl Store {
     ///
     /// The partitioned collections ([`Collection::is_partitioned`]) are
     /// owned by partitions (`partitions` of them, as the events stream has):
-    /// see [`Store::take_partition`].
+    /// see [`Store::take_partition`]. This replica keeps a copy of
+    /// `copies`.
     pub async fn replicated(
         dir: &Path,
         options: async_nats::ConnectOptions,
         servers: Vec<String>,
         replicas: usize,
         partitions: u16,
+        copies: Copies,
     ) -> Result<Self, StoreError> {
         let mut store = Self::open(dir)?;
         let revisions =
@@ -728,6 +741,7 @@ impl Store {
             servers,
             replicas,
             partitions,
+            copies,
             store.trees.to_vec(),
             revisions,
         )

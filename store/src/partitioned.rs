@@ -245,13 +245,16 @@ impl std::fmt::Debug for Partitioned {
 impl Partitioned {
     /// Binds to the changelog on `client`'s server, empties the local
     /// copies of the partitioned collections and starts following the
-    /// changelog from its start, on `handle`'s runtime.
+    /// changelog from its start, on `handle`'s runtime: every partition's
+    /// records, or none but its term markers until [`Partitioned::keep`]
+    /// names some (`copies`).
     pub(crate) async fn start(
         client: async_nats::Client,
         handle: tokio::runtime::Handle,
         trees: Vec<sled::Tree>,
         partitions: u16,
         replicas: usize,
+        copies: crate::Copies,
     ) -> Result<Arc<Self>, StoreError> {
         let js = jetstream::new(client.clone());
         let changelog = Changelog::bind(js, partitions, replicas)
@@ -264,6 +267,10 @@ impl Partitioned {
             })?;
         }
         let target = changelog.sync().await.map_err(remote)?;
+        let (assigned, absent) = match copies {
+            crate::Copies::Every => (None, BTreeSet::new()),
+            crate::Copies::Assigned => (Some(BTreeSet::new()), (0..partitions).collect()),
+        };
         let this = Arc::new(Self {
             appender: changelog.appender(),
             changelog,
@@ -275,11 +282,14 @@ impl Partitioned {
             terms: Mutex::default(),
             order: Mutex::default(),
             markers: Mutex::default(),
-            dirty: Mutex::default(),
+            dirty: Mutex::new(absent.clone()),
             rebuilding: Mutex::default(),
-            kept: Mutex::default(),
-            absent: Mutex::default(),
-            emptied: Mutex::default(),
+            kept: Mutex::new(Kept {
+                assigned,
+                watched: HashMap::new(),
+            }),
+            emptied: Mutex::new(absent.clone()),
+            absent: Mutex::new(absent),
             copying: tokio::sync::Mutex::default(),
             applied: watch::Sender::new(0),
             refilter: Arc::default(),

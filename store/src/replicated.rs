@@ -265,6 +265,7 @@ impl Replica {
         servers: Vec<String>,
         replicas: usize,
         partitions: u16,
+        copies: crate::Copies,
         trees: Vec<sled::Tree>,
         revisions: sled::Tree,
     ) -> Result<(Arc<Self>, Arc<Partitioned>), StoreError> {
@@ -300,9 +301,15 @@ impl Replica {
                     collection: "(replica copy)",
                     source,
                 })?;
-                let partitioned =
-                    Partitioned::start(client, setup.clone(), trees.clone(), partitions, replicas)
-                        .await?;
+                let partitioned = Partitioned::start(
+                    client,
+                    setup.clone(),
+                    trees.clone(),
+                    partitions,
+                    replicas,
+                    copies,
+                )
+                .await?;
                 let (caught_up, _) = watch::channel(target == 0);
                 let replica = Arc::new(Self {
                     subject_prefix: format!("$KV.{BUCKET}."),
