@@ -360,6 +360,16 @@ impl Dispatcher {
     /// The bus partitions `/readyz` says this replica consumes (none when
     /// replicas do not share the bus).
     pub async fn partitions(&self) -> anyhow::Result<Vec<u64>> {
+        self.readyz_list("partitions").await
+    }
+
+    /// The partitions whose state `/readyz` says this replica holds a term
+    /// on (none when replicas do not share the bus).
+    pub async fn state_partitions(&self) -> anyhow::Result<Vec<u64>> {
+        self.readyz_list("state_partitions").await
+    }
+
+    async fn readyz_list(&self, field: &str) -> anyhow::Result<Vec<u64>> {
         let ready: serde_json::Value = self
             .http
             .get(format!("{}/readyz", self.url))
@@ -367,7 +377,7 @@ impl Dispatcher {
             .await?
             .json()
             .await?;
-        Ok(ready["partitions"]
+        Ok(ready[field]
             .as_array()
             .map(|p| p.iter().filter_map(serde_json::Value::as_u64).collect())
             .unwrap_or_default())

@@ -107,8 +107,9 @@ fn ratio(
 
 /// Starts `replicas` dispatchers of `build` (replicated or not, with
 /// `standbys` copies of each partition besides its owner's, or one on every
-/// replica) on a fresh server and publishes the backlog; the drain runs
-/// from the first publish until the consumers have acked everything. A
+/// replica) on a fresh server, waits until they have divided the
+/// partitions, and publishes the backlog; the drain runs from the first
+/// publish until the consumers have acked everything. A
 /// baseline build is given no `bus.standbys` (it may not know it): it keeps
 /// a copy on every replica.
 async fn drain_with(
@@ -148,6 +149,9 @@ async fn drain_with(
             .await?,
         );
     }
+    if replicated {
+        settled(&dispatchers).await?;
+    }
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::new(client);
     let since = Sample::now(&dispatchers)?;
@@ -173,6 +177,33 @@ async fn drain_with(
         d.stop().await;
     }
     Ok(drained)
+}
+
+/// Waits until the replicas have divided the partitions' state among
+/// themselves, each holding a term on its share: the drain measures the
+/// replicas as they run, not the first one handing partitions over to the
+/// others as they join (a replica takes an idle partition once it has
+/// pulled it for 5 s).
+async fn settled(dispatchers: &[Dispatcher]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut shares = Vec::new();
+        for d in dispatchers {
+            shares.push(d.state_partitions().await?);
+        }
+        let mut every: Vec<u64> = shares.iter().flatten().copied().collect();
+        every.sort_unstable();
+        if shares.iter().all(|s| !s.is_empty()) && every == (0..16).collect::<Vec<u64>>() {
+            return Ok(());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            anyhow::bail!(
+                "the {} replicas did not divide the partitions' state in 60 s: {shares:?}",
+                dispatchers.len()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Times a replica started with an empty data directory until it has

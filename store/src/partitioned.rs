@@ -617,32 +617,34 @@ impl Partitioned {
     }
 
     /// Removes `partition`'s records from the local copy: it is no longer
-    /// kept here.
+    /// kept here. Nothing else writes them meanwhile (an absent partition's
+    /// records are neither applied nor written here, and a take waits for
+    /// the copying lock), so the order lock is taken only to see that the
+    /// partition is still to be emptied, a chunk of looks at a time.
     async fn empty_copy(&self, partition: u16) -> Result<(), StoreError> {
         let _copying = self.copying.lock().await;
+        let still = || {
+            let _order = self.order.lock().expect("order lock");
+            self.left_to_follower(partition) && !self.keeps(partition)
+        };
         let mut removed = 0usize;
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             let tree = &self.trees[c.index()];
+            let mut entries = PartitionEntries::new(tree, self.partitions, partition);
             loop {
-                let _order = self.order.lock().expect("order lock");
-                if !self.left_to_follower(partition) || self.keeps(partition) {
+                if !still() {
                     return Ok(());
                 }
-                let mut keys = Vec::new();
-                for look in PartitionEntries::new(tree, self.partitions, partition) {
+                let mut looked = 0;
+                for look in entries.by_ref().take(cleaner::SCAN_CHUNK) {
+                    looked += 1;
                     if let Look::Entry(key, _) = look.map_err(io(c))? {
-                        keys.push(key);
-                        if keys.len() == cleaner::SCAN_CHUNK {
-                            break;
-                        }
+                        tree.remove(&key).map_err(io(c))?;
+                        removed += 1;
                     }
                 }
-                if keys.is_empty() {
+                if looked < cleaner::SCAN_CHUNK {
                     break;
-                }
-                for key in keys {
-                    tree.remove(&key).map_err(io(c))?;
-                    removed += 1;
                 }
             }
         }
