@@ -1066,6 +1066,44 @@ async fn a_replica_without_a_copy_reads_at_the_owner_and_copies_a_partition_kept
     b.put(Collection::Contacts, &key("dan"), b"4")
         .expect("a forwarded write");
     assert_eq!(value(&a, "dan").as_deref(), Some("4"));
+    // Longer reads come in pages (of 256), whole and in order.
+    let many: Vec<Vec<u8>> = (0..600)
+        .map(|i| format!("acme\0m{i:04}").into_bytes())
+        .collect();
+    for k in &many {
+        a.put(Collection::Inbox, k, b"x")
+            .expect("the owner's write");
+    }
+    a.flush().await.expect("durable");
+    let keys = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<Vec<u8>> {
+        entries.into_iter().map(|(k, _)| k).collect()
+    };
+    assert_eq!(
+        keys(
+            b.scan_prefix(Collection::Inbox, b"acme\0")
+                .expect("a scan in pages")
+        ),
+        many
+    );
+    let newest: Vec<Vec<u8>> = many.iter().rev().take(300).cloned().collect();
+    assert_eq!(
+        keys(
+            b.scan_prefix_rev(Collection::Inbox, b"acme\0", 300)
+                .expect("a reverse scan in pages")
+        ),
+        newest
+    );
+    assert_eq!(
+        keys(
+            b.scan_prefix_from(Collection::Inbox, b"acme\0", &many[100], 280)
+                .expect("a page from a key")
+        ),
+        many[100..380].to_vec()
+    );
+    for k in &many {
+        a.remove(Collection::Inbox, k).expect("the owner's removal");
+    }
+    a.flush().await.expect("durable");
     // Nothing of the partition is in b's own copy: a scan across accounts
     // reads only the local copy.
     assert_eq!(
@@ -1073,6 +1111,13 @@ async fn a_replica_without_a_copy_reads_at_the_owner_and_copies_a_partition_kept
             .expect("a local scan"),
         vec![],
         "b's copy holds none of the partition's records"
+    );
+    // A walk of the whole collection (a sweep's) reads the local copy too,
+    // wherever its cursor is.
+    assert_eq!(
+        b.scan_from(Collection::Contacts, &key("bob"), 10)
+            .expect("a local walk"),
+        vec![]
     );
 
     b.keep_copies(Some(&[partition]));

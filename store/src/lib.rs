@@ -528,10 +528,15 @@ impl AccountCopy {
     }
 }
 
+/// How long a partition stays copied after the last [`AccountCopy`] of it
+/// goes: a client that reconnects (a browser's event stream does) finds the
+/// copy there instead of waiting for it to be read whole again.
+const COPY_LINGERS: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Drop for AccountCopy {
     fn drop(&mut self) {
-        if let Some((p, partition)) = &self.watched {
-            p.unwatch(*partition);
+        if let Some((p, partition)) = self.watched.take() {
+            p.unwatch_after(partition, COPY_LINGERS);
         }
     }
 }
@@ -1116,6 +1121,7 @@ impl Store {
             c,
             partitioned::reads::Read::Prefix {
                 prefix: prefix.to_vec(),
+                from: None,
                 before: None,
                 rev: false,
                 limit: usize::MAX,
@@ -1146,6 +1152,7 @@ impl Store {
             c,
             partitioned::reads::Read::Prefix {
                 prefix: prefix.to_vec(),
+                from: None,
                 before: before.map(<[u8]>::to_vec),
                 rev: true,
                 limit,
@@ -1153,23 +1160,45 @@ impl Store {
         )
     }
 
-    /// Up to `limit` entries with keys at or after `from`, in key order.
-    /// Of a partition this replica keeps no copy of, the owner of `from`'s
-    /// answers; entries past `from`'s account are of whatever partitions
-    /// the answering copy holds.
+    /// Up to `limit` entries whose keys start with `prefix` and sort at
+    /// or after `from`, in key order: a page of one account's records (of
+    /// a partition this replica keeps no copy of, read at its owner).
+    pub fn scan_prefix_from(
+        &self,
+        c: Collection,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.read(
+            c,
+            partitioned::reads::Read::Prefix {
+                prefix: prefix.to_vec(),
+                from: Some(from.to_vec()),
+                before: None,
+                rev: false,
+                limit,
+            },
+        )
+    }
+
+    /// Up to `limit` entries with keys at or after `from`, in key order,
+    /// from the local copy, whatever their account: for walking a whole
+    /// collection (a replicated store's copy holds the partitions it
+    /// holds and copies; a page of one account's records is
+    /// [`Store::scan_prefix_from`]).
     pub fn scan_from(
         &self,
         c: Collection,
         from: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        self.read(
-            c,
-            partitioned::reads::Read::From {
-                from: from.to_vec(),
-                limit,
-            },
-        )
+        self.tree(c)
+            .range(from.to_vec()..)
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(io(c))
     }
 
     /// The last entry of a collection.

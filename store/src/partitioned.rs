@@ -211,6 +211,9 @@ pub(crate) struct Partitioned {
     absent: Mutex<BTreeSet<u16>>,
     /// The absent partitions whose records the local copy no longer holds.
     emptied: Mutex<BTreeSet<u16>>,
+    /// Each partition the follower read whole, with how far: its records
+    /// up to there that the follower reads again are not applied again.
+    copied_through: Mutex<HashMap<u16, u64>>,
     /// Held while a partition's copy is made whole from its changelog, by a
     /// take or by the follower for a partition it begins to keep: one at a
     /// time, so that neither applies an older value over the other's.
@@ -290,6 +293,7 @@ impl Partitioned {
             }),
             emptied: Mutex::new(absent.clone()),
             absent: Mutex::new(absent),
+            copied_through: Mutex::default(),
             copying: tokio::sync::Mutex::default(),
             applied: watch::Sender::new(0),
             refilter: Arc::default(),
@@ -343,6 +347,20 @@ impl Partitioned {
     /// [`Partitioned::unwatch`] is called as often as this was.
     pub(crate) fn watch(&self, partition: u16) {
         self.change_kept(|kept| *kept.watched.entry(partition).or_default() += 1);
+    }
+
+    /// [`Partitioned::unwatch`], `after` from now (on this replica's
+    /// runtime: not at all once it has stopped, the store being gone).
+    pub(crate) fn unwatch_after(self: Arc<Self>, partition: u16, after: Duration) {
+        let this = Arc::downgrade(&self);
+        let handle = self.handle.clone();
+        drop(self);
+        handle.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(this) = this.upgrade() {
+                this.unwatch(partition);
+            }
+        });
     }
 
     pub(crate) fn unwatch(&self, partition: u16) {
@@ -484,11 +502,14 @@ impl Partitioned {
     async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            if let Err(e) = me.copy_kept().await {
-                tracing::warn!(error = %e, "reading a partition this replica keeps anew failed; trying again");
-                drop(me);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+            if !me.copy_kept().await {
+                // The others are followed meanwhile; the follower looks
+                // again in a while.
+                let refilter = refilter.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    refilter.notify_one();
+                });
             }
             let (from, followed) = {
                 let _order = me.order.lock().expect("order lock");
@@ -582,7 +603,7 @@ impl Partitioned {
     /// anew whole from its changelog. The follower does this before it
     /// reads on with the new set, from where it stood: a partition's
     /// records up to there are in what this reads.
-    async fn copy_kept(&self) -> Result<(), StoreError> {
+    async fn copy_kept(&self) -> bool {
         let (entering, leaving): (Vec<u16>, Vec<u16>) = {
             let _order = self.order.lock().expect("order lock");
             let absent = self.absent.lock().expect("absent lock").clone();
@@ -592,13 +613,20 @@ impl Partitioned {
                 .filter(|p| !self.holds(**p) && (self.keeps(**p) || !emptied.contains(p)))
                 .partition(|p| self.keeps(**p))
         };
+        let mut done = true;
         for partition in leaving {
-            self.empty_copy(partition).await?;
+            if let Err(e) = self.empty_copy(partition).await {
+                tracing::warn!(partition, error = %e, "emptying a partition no longer kept here failed; trying again shortly");
+                done = false;
+            }
         }
         for partition in entering {
-            self.copy_whole(partition).await?;
+            if let Err(e) = self.copy_whole(partition).await {
+                tracing::warn!(partition, error = %e, "reading a partition kept here anew failed; its reads go to its owner meanwhile, and it is read again shortly");
+                done = false;
+            }
         }
-        Ok(())
+        done
     }
 
     /// Whether `partition` is absent here and neither held nor being taken:
@@ -681,6 +709,14 @@ impl Partitioned {
                 .expect("emptied lock")
                 .remove(&partition);
             self.dirty.lock().expect("dirty lock").remove(&partition);
+            // The follower resumes from where it paused, which may be
+            // before `until`: what it reads of the partition up to there
+            // is in the copy already, and applied again it would show
+            // older values for a while.
+            self.copied_through
+                .lock()
+                .expect("copied lock")
+                .insert(partition, until);
         }
         Ok(())
     }
@@ -702,6 +738,12 @@ impl Partitioned {
                             .expect("rebuilding lock")
                             .contains(partition)
                         && !self.absent.lock().expect("absent lock").contains(partition)
+                        && self
+                            .copied_through
+                            .lock()
+                            .expect("copied lock")
+                            .get(partition)
+                            .is_none_or(|through| seq > *through)
                     {
                         for change in changes {
                             if let Err(e) = self.apply_local(change) {
@@ -877,32 +919,51 @@ impl Partitioned {
                     ))
                 })
         };
-        {
-            let _order = self.order.lock().expect("order lock");
-            self.rebuilding
-                .lock()
-                .expect("rebuilding lock")
-                .remove(&partition);
-            match &caught_up {
-                Ok(()) => {
-                    self.absent.lock().expect("absent lock").remove(&partition);
-                    self.emptied
-                        .lock()
-                        .expect("emptied lock")
-                        .remove(&partition);
-                    self.tally.begin(partition);
-                    self.terms
-                        .lock()
-                        .expect("terms lock")
-                        .insert(partition, term);
-                    // The follower stops reading this partition's writes.
-                    self.refilter.notify_one();
+        let caught_up =
+            {
+                let _order = self.order.lock().expect("order lock");
+                self.rebuilding
+                    .lock()
+                    .expect("rebuilding lock")
+                    .remove(&partition);
+                // A partition no longer kept while the follower brought it up
+                // was marked absent, and may have been emptied since: the next
+                // take reads it whole.
+                let caught_up = caught_up.and_then(|()| {
+                if !rebuild && self.absent.lock().expect("absent lock").contains(&partition) {
+                    Err(remote(format!(
+                        "taking partition {partition}: its copy was dropped meanwhile (it is no \
+                         longer kept here); the next take reads it whole"
+                    )))
+                } else {
+                    Ok(())
                 }
-                Err(_) => {
-                    self.dirty.lock().expect("dirty lock").insert(partition);
+            });
+                match &caught_up {
+                    Ok(()) => {
+                        self.copied_through
+                            .lock()
+                            .expect("copied lock")
+                            .remove(&partition);
+                        self.absent.lock().expect("absent lock").remove(&partition);
+                        self.emptied
+                            .lock()
+                            .expect("emptied lock")
+                            .remove(&partition);
+                        self.tally.begin(partition);
+                        self.terms
+                            .lock()
+                            .expect("terms lock")
+                            .insert(partition, term);
+                        // The follower stops reading this partition's writes.
+                        self.refilter.notify_one();
+                    }
+                    Err(_) => {
+                        self.dirty.lock().expect("dirty lock").insert(partition);
+                    }
                 }
-            }
-        }
+                caught_up
+            };
         drop(copying);
         caught_up?;
         self.serve(partition, term).await;
@@ -1306,80 +1367,111 @@ impl Partitioned {
     /// (this replica, under `term`): the entries from the local copy, or
     /// why not.
     fn answer_read(&self, partition: u16, term: Term, request: &[u8]) -> Bytes {
+        use reads::Answer;
         let answer = if self.term(partition) != Some(term) {
-            Err(format!(
+            Answer::Refused(format!(
                 "partition {partition} is no longer held here (epoch {})",
                 term.epoch
             ))
         } else {
             match reads::Read::decode(request) {
-                Err(e) => Err(format!("a read that does not decode: {e}")),
+                Err(e) => Answer::Failed(format!("a read that does not decode: {e}")),
                 Ok((c, read)) if read.key().map(|k| self.partition_of(k)) != Some(partition) => {
-                    Err(format!(
+                    Answer::Failed(format!(
                         "a read of {} that is not of partition {partition}",
                         c.name()
                     ))
                 }
-                Ok((c, read)) => read
-                    .run(c, &self.trees[c.index()])
-                    .map_err(|e| e.to_string()),
+                Ok((c, read)) => match read.run(c, &self.trees[c.index()]) {
+                    Ok(entries) => Answer::Entries(entries),
+                    Err(e) => Answer::Failed(e.to_string()),
+                },
             }
         };
-        let encoded = reads::encode_answer(&answer);
+        let encoded = answer.encode();
         let most = self.client.server_info().max_payload;
         if encoded.len() > most {
-            return reads::encode_answer(&Err(format!(
-                "the answer ({} bytes) is larger than a message may be ({most} bytes); \
-                 ask for fewer entries",
+            return Answer::Failed(format!(
+                "the answer ({} bytes) is larger than a message may be ({most} bytes)",
                 encoded.len()
-            )));
+            ))
+            .encode();
         }
         encoded
     }
 
     /// Runs `read` of collection `c` on the owner of `partition`, which
-    /// this replica keeps no copy of, and waits for its answer; sent again
-    /// while no owner answers (a take-over in progress), half a second
-    /// apart, [`FORWARD_TRIES`] times.
+    /// this replica keeps no copy of, and waits for its answer: a page of
+    /// [`reads::PAGE`] entries at a time. A page is sent again while no
+    /// owner answers or the one asked no longer holds the partition (a
+    /// take-over in progress), half a second apart, [`FORWARD_TRIES`]
+    /// times. The pages are each as the owner had them when it read them.
     pub(crate) fn read_at_owner(
         self: &Arc<Self>,
         partition: u16,
         c: Collection,
         read: &reads::Read,
     ) -> Result<Vec<crate::Entry>, StoreError> {
-        let request = read.encode(c);
         let this = self.clone();
+        let read = read.clone();
         block_on(&self.handle, async move {
-            let subject = reads::subject(partition);
-            let started = tokio::time::Instant::now();
-            let mut last;
-            let mut sendings = 0;
-            loop {
-                sendings += 1;
-                let sent = this.client.request(subject.clone(), request.clone());
-                match tokio::time::timeout(FORWARD_WAIT, sent).await {
-                    Ok(Ok(reply)) => match reads::decode_answer(&reply.payload) {
-                        Ok(entries) => return Ok(entries),
-                        Err(e) => last = e,
-                    },
-                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                        last = "no replica holds the partition (a take-over in progress?)".into();
-                    }
-                    Ok(Err(e)) => last = e.to_string(),
-                    Err(_) => last = format!("no answer in {FORWARD_WAIT:?}"),
-                }
-                if sendings >= FORWARD_TRIES {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut entries = Vec::new();
+            let mut next = Some(read);
+            while let Some(read) = next {
+                let page = this
+                    .read_page(partition, c, &read.page(reads::PAGE))
+                    .await?;
+                next = match page.last() {
+                    Some((last, _)) if page.len() == reads::PAGE => read.after(page.len(), last),
+                    _ => None,
+                };
+                entries.extend(page);
             }
-            Err(remote(format!(
-                "reading {} of partition {partition} at its owner (this replica keeps no copy \
-                 of it): {last} (the last of {sendings} sendings in {:.0?})",
-                c.name(),
-                started.elapsed()
-            )))
+            Ok(entries)
         })?
+    }
+
+    async fn read_page(
+        &self,
+        partition: u16,
+        c: Collection,
+        read: &reads::Read,
+    ) -> Result<Vec<crate::Entry>, StoreError> {
+        use reads::Answer;
+        let request = read.encode(c);
+        let subject = reads::subject(partition);
+        let started = tokio::time::Instant::now();
+        let mut last;
+        let mut sendings = 0;
+        loop {
+            sendings += 1;
+            let sent = self.client.request(subject.clone(), request.clone());
+            match tokio::time::timeout(FORWARD_WAIT, sent).await {
+                Ok(Ok(reply)) => match Answer::decode(&reply.payload) {
+                    Answer::Entries(entries) => return Ok(entries),
+                    Answer::Refused(e) => last = e,
+                    Answer::Failed(e) => {
+                        last = e;
+                        break;
+                    }
+                },
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    last = "no replica holds the partition (a take-over in progress?)".into();
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer in {FORWARD_WAIT:?}"),
+            }
+            if sendings >= FORWARD_TRIES {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(remote(format!(
+            "reading {} of partition {partition} at its owner (this replica keeps no copy \
+             of it): {last} (the last of {sendings} sendings in {:.0?})",
+            c.name(),
+            started.elapsed()
+        )))
     }
 
     /// Sends `answer` to `reply`, and to every sending of write `id`

@@ -471,10 +471,14 @@ impl Contacts for StoredContacts {
         let from = key(&[account.as_str().as_bytes(), after.unwrap_or("").as_bytes()]);
         Ok(self
             .store
-            .scan_from(Collection::Contacts, &from, limit.saturating_add(1))
+            .scan_prefix_from(
+                Collection::Contacts,
+                &prefix,
+                &from,
+                limit.saturating_add(1),
+            )
             .about(Records::Contacts, account)?
             .into_iter()
-            .take_while(|(k, _)| k.starts_with(&prefix))
             // `after` itself, when it is a contact's key.
             .filter(|(k, _)| after.is_none() || *k != from)
             .take(limit)

@@ -247,11 +247,10 @@ impl Inbox for StoredInbox {
         let from = cursor_key(account, receiver, after);
         Ok(self
             .store
-            .scan_from(Collection::Inbox, &from, limit.saturating_add(1))
+            .scan_prefix_from(Collection::Inbox, &prefix, &from, limit.saturating_add(1))
             .about(Records::Inbox, account)?
             .into_iter()
             .filter(|(k, _)| *k != from)
-            .take_while(|(k, _)| k.starts_with(&prefix))
             .take(limit)
             .filter_map(|(_, v)| decode(&v))
             .collect())

@@ -101,11 +101,11 @@ fn list<T: for<'de> serde::Deserialize<'de>>(
     account: &AccountKey,
     limit: usize,
 ) -> Result<Vec<T>, RecordError> {
+    let prefix = key(&[account.as_str().as_bytes(), b""]);
     Ok(store
-        .scan_prefix(collection, &key(&[account.as_str().as_bytes(), b""]))
+        .scan_prefix_from(collection, &prefix, &prefix, limit)
         .about(records, account)?
         .into_iter()
-        .take(limit)
         .filter_map(|(_, v)| decode(&v))
         .collect())
 }

@@ -4,11 +4,13 @@
 //! their answer's.
 //!
 //! A request is the read's kind (`u8`), the collection's index (`u8`), the
-//! key or prefix, an optional second key (the `before` bound), and a limit
-//! (`u32`); lengths and flags as in [`super::forward`]. The answer is `R`
-//! and a `u32` count of entries, each a key and a value, or `E` and why the
-//! owner could not answer (it no longer holds the partition, say): sent
-//! again, it may find the partition's next owner.
+//! key or prefix, for a prefix an optional lower bound (`from`) and an
+//! optional upper one (`before`), and a limit (`u32`, `u32::MAX` for none);
+//! lengths and flags as in [`super::forward`]. The answer is `R` and a
+//! `u32` count of entries, each a key and a value; `E` and why the owner
+//! did not answer, which another sending may (it no longer holds the
+//! partition); or `F` and why it failed, which no sending will (the request
+//! does not decode, the answer would be larger than a message may be).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -20,23 +22,26 @@ pub fn subject(partition: u16) -> String {
     format!("switchboard.state.{partition}.read")
 }
 
+/// The most entries an owner is asked for at once: a longer read goes in
+/// pages, so that an answer stays well within a message.
+pub(crate) const PAGE: usize = 256;
+
 /// A read of one collection: what [`crate::Store`]'s reads of a
 /// partitioned collection ask, answered the same way wherever it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Read {
     /// The value under a key (an entry with that key, or none).
     Get(Vec<u8>),
-    /// Up to `limit` entries whose keys start with `prefix` and sort before
-    /// `before` (all of them when `None`), the first first or, `rev`, the
-    /// last first.
+    /// Up to `limit` entries whose keys start with `prefix`, sort at or
+    /// after `from` and before `before` (when given), the first first or,
+    /// `rev`, the last first.
     Prefix {
         prefix: Vec<u8>,
+        from: Option<Vec<u8>>,
         before: Option<Vec<u8>>,
         rev: bool,
         limit: usize,
     },
-    /// Up to `limit` entries with keys at or after `from`, in key order.
-    From { from: Vec<u8>, limit: usize },
 }
 
 impl Read {
@@ -45,9 +50,60 @@ impl Read {
     /// whole account, `{account}\0`), which only a local copy answers.
     pub(crate) fn key(&self) -> Option<&[u8]> {
         match self {
-            Read::Get(key) | Read::From { from: key, .. } => Some(key),
+            Read::Get(key) => Some(key),
             Read::Prefix { prefix, .. } => prefix.contains(&0).then_some(prefix.as_slice()),
         }
+    }
+
+    /// The same read limited to `n` entries (a get is one).
+    pub(crate) fn page(&self, n: usize) -> Read {
+        match self {
+            Read::Get(_) => self.clone(),
+            Read::Prefix {
+                prefix,
+                from,
+                before,
+                rev,
+                limit,
+            } => Read::Prefix {
+                prefix: prefix.clone(),
+                from: from.clone(),
+                before: before.clone(),
+                rev: *rev,
+                limit: n.min(*limit),
+            },
+        }
+    }
+
+    /// The rest of the read once `got` entries were read, the last of them
+    /// `last`: `None` when there is no rest (a get, or the limit reached).
+    pub(crate) fn after(&self, got: usize, last: &[u8]) -> Option<Read> {
+        let Read::Prefix {
+            prefix,
+            from,
+            before,
+            rev,
+            limit,
+        } = self
+        else {
+            return None;
+        };
+        let limit = limit.checked_sub(got).filter(|l| *l > 0)?;
+        let (from, before) = if *rev {
+            (from.clone(), Some(last.to_vec()))
+        } else {
+            // Just past `last`.
+            let mut next = last.to_vec();
+            next.push(0);
+            (Some(next), before.clone())
+        };
+        Some(Read::Prefix {
+            prefix: prefix.clone(),
+            from,
+            before,
+            rev: *rev,
+            limit,
+        })
     }
 
     /// Runs the read on `tree`, a copy of collection `c`.
@@ -61,22 +117,24 @@ impl Read {
                 .map(|v| (key.clone(), v.to_vec()))
                 .into_iter()
                 .collect()),
-            Read::From { from, limit } => tree
-                .range(from.clone()..)
-                .take(*limit)
-                .map(owned)
-                .collect::<Result<_, _>>()
-                .map_err(io(c)),
             Read::Prefix {
                 prefix,
+                from,
                 before,
                 rev,
                 limit,
             } => {
+                let start = match from {
+                    Some(f) if f > prefix => f.clone(),
+                    _ => prefix.clone(),
+                };
+                // With no end (a prefix that is empty or all 0xff), every
+                // key from `start` on starts with the prefix.
                 let entries: Box<dyn DoubleEndedIterator<Item = _>> =
                     match before.clone().or_else(|| past(prefix)) {
-                        Some(end) => Box::new(tree.range(prefix.clone()..end)),
-                        None => Box::new(tree.scan_prefix(prefix)),
+                        Some(end) if end > start => Box::new(tree.range(start..end)),
+                        Some(_) => Box::new(std::iter::empty()),
+                        None => Box::new(tree.range(start..)),
                     };
                 let entries: Box<dyn Iterator<Item = _>> = if *rev {
                     Box::new(entries.rev())
@@ -95,8 +153,6 @@ impl Read {
     /// The request for reading `c`.
     pub(crate) fn encode(&self, c: Collection) -> Bytes {
         let mut out = BytesMut::new();
-        let limit =
-            |out: &mut BytesMut, limit: usize| out.put_u32(limit.min(u32::MAX as usize) as u32);
         match self {
             Read::Get(key) => {
                 out.put_u8(b'g');
@@ -105,21 +161,17 @@ impl Read {
             }
             Read::Prefix {
                 prefix,
+                from,
                 before,
                 rev,
-                limit: n,
+                limit,
             } => {
                 out.put_u8(if *rev { b'r' } else { b'p' });
                 out.put_u8(c.index() as u8);
                 put_bytes(&mut out, prefix);
+                put_optional(&mut out, from.as_deref());
                 put_optional(&mut out, before.as_deref());
-                limit(&mut out, *n);
-            }
-            Read::From { from, limit: n } => {
-                out.put_u8(b'f');
-                out.put_u8(c.index() as u8);
-                put_bytes(&mut out, from);
-                limit(&mut out, *n);
+                out.put_u32(u32::try_from(*limit).unwrap_or(u32::MAX));
             }
         }
         out.freeze()
@@ -140,28 +192,26 @@ impl Read {
             return Err(format!("{} is not partitioned", collection.name()));
         }
         let key = get_bytes(input)?;
-        let limit = |input: &mut &[u8]| {
-            if input.remaining() < 4 {
-                return Err("cut short".to_string());
-            }
-            // `u32::MAX` stands for no limit.
-            Ok(match input.get_u32() {
-                u32::MAX => usize::MAX,
-                n => n as usize,
-            })
-        };
         let read = match kind {
             b'g' => Read::Get(key),
-            b'p' | b'r' => Read::Prefix {
-                prefix: key,
-                before: get_optional(input)?,
-                rev: kind == b'r',
-                limit: limit(input)?,
-            },
-            b'f' => Read::From {
-                from: key,
-                limit: limit(input)?,
-            },
+            b'p' | b'r' => {
+                let from = get_optional(input)?;
+                let before = get_optional(input)?;
+                if input.remaining() < 4 {
+                    return Err("cut short".into());
+                }
+                let limit = match input.get_u32() {
+                    u32::MAX => usize::MAX,
+                    n => n as usize,
+                };
+                Read::Prefix {
+                    prefix: key,
+                    from,
+                    before,
+                    rev: kind == b'r',
+                    limit,
+                }
+            }
             k => return Err(format!("no read of kind {k}")),
         };
         if input.has_remaining() {
@@ -184,48 +234,69 @@ fn past(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// The answer to a read: its entries, or why it was not answered.
-pub(crate) fn encode_answer(answer: &Result<Vec<Entry>, String>) -> Bytes {
-    let mut out = BytesMut::new();
-    match answer {
-        Ok(entries) => {
-            out.put_u8(b'R');
-            out.put_u32(entries.len() as u32);
-            for (k, v) in entries {
-                put_bytes(&mut out, k);
-                put_bytes(&mut out, v);
-            }
-        }
-        Err(e) => {
-            out.put_u8(b'E');
-            out.put_slice(e.as_bytes());
-        }
-    }
-    out.freeze()
+/// An owner's answer to a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// The entries read.
+    Entries(Vec<Entry>),
+    /// Not answered here (the partition is no longer held): another
+    /// sending may find its owner.
+    Refused(String),
+    /// Failed, as it would again.
+    Failed(String),
 }
 
-/// Reads an answer [`encode_answer`] wrote: `Err` is the owner's refusal.
-pub(crate) fn decode_answer(mut input: &[u8]) -> Result<Vec<Entry>, String> {
-    let input = &mut input;
-    if !input.has_remaining() {
-        return Err("an empty answer".into());
-    }
-    match input.get_u8() {
-        b'E' => Err(String::from_utf8_lossy(input).into_owned()),
-        b'R' => {
-            if input.remaining() < 4 {
-                return Err("an answer cut short".into());
+impl Answer {
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Answer::Entries(entries) => {
+                out.put_u8(b'R');
+                out.put_u32(entries.len() as u32);
+                for (k, v) in entries {
+                    put_bytes(&mut out, k);
+                    put_bytes(&mut out, v);
+                }
             }
-            let n = input.get_u32() as usize;
-            let mut entries = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                let k = get_bytes(input).map_err(|e| format!("an answer {e}"))?;
-                let v = get_bytes(input).map_err(|e| format!("an answer {e}"))?;
-                entries.push((k, v));
+            Answer::Refused(e) => {
+                out.put_u8(b'E');
+                out.put_slice(e.as_bytes());
             }
-            Ok(entries)
+            Answer::Failed(e) => {
+                out.put_u8(b'F');
+                out.put_slice(e.as_bytes());
+            }
         }
-        k => Err(format!("an answer of kind {k} does not decode")),
+        out.freeze()
+    }
+
+    /// Reads an answer [`Answer::encode`] wrote; one that does not decode
+    /// is a failure.
+    pub(crate) fn decode(mut input: &[u8]) -> Answer {
+        let input = &mut input;
+        if !input.has_remaining() {
+            return Answer::Failed("an empty answer".into());
+        }
+        let text = |input: &mut &[u8]| String::from_utf8_lossy(input).into_owned();
+        match input.get_u8() {
+            b'E' => Answer::Refused(text(input)),
+            b'F' => Answer::Failed(text(input)),
+            b'R' => {
+                if input.remaining() < 4 {
+                    return Answer::Failed("an answer cut short".into());
+                }
+                let n = input.get_u32() as usize;
+                let mut entries = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    match (get_bytes(input), get_bytes(input)) {
+                        (Ok(k), Ok(v)) => entries.push((k, v)),
+                        _ => return Answer::Failed("an answer cut short".into()),
+                    }
+                }
+                Answer::Entries(entries)
+            }
+            k => Answer::Failed(format!("an answer of kind {k} does not decode")),
+        }
     }
 }
 
@@ -248,69 +319,100 @@ mod tests {
         tree
     }
 
-    fn keys(entries: Vec<Entry>) -> Vec<Vec<u8>> {
-        entries.into_iter().map(|(k, _)| k).collect()
+    fn keys(entries: &[Entry]) -> Vec<Vec<u8>> {
+        entries.iter().map(|(k, _)| k.clone()).collect()
     }
 
-    /// Each read answers as `Store`'s reads of the sled backend do, and
-    /// comes back the same through the wire format, request and answer.
+    fn prefix(
+        p: &[u8],
+        from: Option<&[u8]>,
+        before: Option<&[u8]>,
+        rev: bool,
+        limit: usize,
+    ) -> Read {
+        Read::Prefix {
+            prefix: p.to_vec(),
+            from: from.map(<[u8]>::to_vec),
+            before: before.map(<[u8]>::to_vec),
+            rev,
+            limit,
+        }
+    }
+
+    /// Reads `read` from `tree` a page of `n` at a time, as a replica
+    /// without a copy reads at the owner.
+    fn in_pages(read: &Read, tree: &sled::Tree, n: usize) -> Vec<Entry> {
+        let mut all = Vec::new();
+        let mut next = Some(read.clone());
+        while let Some(read) = next {
+            let page = read.page(n).run(Collection::Contacts, tree).unwrap();
+            next = match page.last() {
+                Some((last, _)) if page.len() == n => read.after(page.len(), last),
+                _ => None,
+            };
+            all.extend(page);
+        }
+        all
+    }
+
+    /// Each read answers as `Store`'s reads of the sled backend do, the
+    /// same run here, sent through the wire format, or read in pages.
     #[test]
-    fn a_read_answers_the_same_run_here_or_sent() {
+    fn a_read_answers_the_same_run_here_sent_or_in_pages() {
         let t = tree();
         let c = Collection::Contacts;
+        let (k1, k2, k3) = (
+            b"a\0\x01".to_vec(),
+            b"a\0\x02".to_vec(),
+            b"a\0\x03".to_vec(),
+        );
         let cases = [
-            (Read::Get(b"a\0\x02".to_vec()), vec![b"a\0\x02".to_vec()]),
+            (Read::Get(k2.clone()), vec![k2.clone()]),
             (Read::Get(b"a\0\x09".to_vec()), vec![]),
             (
-                Read::Prefix {
-                    prefix: b"a\0".to_vec(),
-                    before: None,
-                    rev: false,
-                    limit: usize::MAX,
-                },
-                vec![
-                    b"a\0\x01".to_vec(),
-                    b"a\0\x02".to_vec(),
-                    b"a\0\x03".to_vec(),
-                ],
+                prefix(b"a\0", None, None, false, usize::MAX),
+                vec![k1.clone(), k2.clone(), k3.clone()],
             ),
             (
-                Read::Prefix {
-                    prefix: b"a\0".to_vec(),
-                    before: None,
-                    rev: true,
-                    limit: 2,
-                },
-                vec![b"a\0\x03".to_vec(), b"a\0\x02".to_vec()],
+                prefix(b"a\0", None, None, true, 2),
+                vec![k3.clone(), k2.clone()],
             ),
             (
-                Read::Prefix {
-                    prefix: b"a\0".to_vec(),
-                    before: Some(b"a\0\x03".to_vec()),
-                    rev: true,
-                    limit: 5,
-                },
-                vec![b"a\0\x02".to_vec(), b"a\0\x01".to_vec()],
+                prefix(b"a\0", None, Some(&k3), true, 5),
+                vec![k2.clone(), k1.clone()],
             ),
             (
-                Read::From {
-                    from: b"a\0\x03".to_vec(),
-                    limit: 2,
-                },
-                vec![b"a\0\x03".to_vec(), b"ab\0\x01".to_vec()],
+                prefix(b"a\0", Some(&k2), None, false, 5),
+                vec![k2.clone(), k3.clone()],
+            ),
+            (
+                prefix(b"a\0", Some(b"a\0\x02\0"), None, false, 5),
+                vec![k3.clone()],
+            ),
+            (prefix(b"a\0", Some(b"b"), None, false, 5), vec![]),
+            (prefix(b"a\0", None, Some(b"a"), true, 5), vec![]),
+            (
+                prefix(b"", Some(b"ab"), None, false, 5),
+                vec![b"ab\0\x01".to_vec(), b"b\0\x01".to_vec()],
             ),
         ];
         for (read, expected) in cases {
             let here = read.run(c, &t).unwrap();
-            assert_eq!(keys(here.clone()), expected, "{read:?}");
+            assert_eq!(keys(&here), expected, "{read:?}");
             let (collection, sent) = Read::decode(&read.encode(c)).unwrap();
             assert_eq!((collection, &sent), (c, &read));
-            let answered =
-                decode_answer(&encode_answer(&sent.run(c, &t).map_err(|e| e.to_string())));
-            assert_eq!(answered.unwrap(), here);
+            let answered = Answer::decode(&Answer::Entries(sent.run(c, &t).unwrap()).encode());
+            assert_eq!(answered, Answer::Entries(here.clone()));
+            for n in [1, 2, 3] {
+                assert_eq!(in_pages(&read, &t, n), here, "{read:?} in pages of {n}");
+            }
         }
-        let refused = decode_answer(&encode_answer(&Err("not held here".into())));
-        assert_eq!(refused, Err("not held here".to_string()));
+        for refusal in [
+            Answer::Refused("not held here".into()),
+            Answer::Failed("too large".into()),
+        ] {
+            assert_eq!(Answer::decode(&refusal.encode()), refusal);
+        }
     }
 
     /// A read names its partition by a whole account only: a prefix that
@@ -318,15 +420,12 @@ mod tests {
     /// by the local copy.
     #[test]
     fn a_read_names_a_partition_only_by_a_whole_account() {
-        let prefix = |p: &[u8]| Read::Prefix {
-            prefix: p.to_vec(),
-            before: None,
-            rev: false,
-            limit: 1,
-        };
-        assert_eq!(prefix(b"a\0").key(), Some(&b"a\0"[..]));
-        assert_eq!(prefix(b"a").key(), None);
-        assert_eq!(prefix(b"").key(), None);
+        assert_eq!(
+            prefix(b"a\0", None, None, false, 1).key(),
+            Some(&b"a\0"[..])
+        );
+        assert_eq!(prefix(b"a", None, None, false, 1).key(), None);
+        assert_eq!(prefix(b"", None, None, false, 1).key(), None);
         assert_eq!(Read::Get(b"a".to_vec()).key(), Some(&b"a"[..]));
     }
 
@@ -345,5 +444,6 @@ mod tests {
             .to_vec();
         long.push(0);
         assert!(Read::decode(&long).is_err());
+        assert!(matches!(Answer::decode(b"R\0\0\0\x02"), Answer::Failed(_)));
     }
 }
