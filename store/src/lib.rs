@@ -873,15 +873,6 @@ impl Store {
             .is_none_or(|p| p.reads_here(partition))
     }
 
-    /// Whether reads of `account`'s partitioned records are answered from
-    /// this replica's copy, and its changes to them seen by
-    /// [`Store::watch`] (always, for the sled backend).
-    pub fn copies_account(&self, account: &str) -> bool {
-        self.partitioned
-            .as_ref()
-            .is_none_or(|p| p.reads_here(partition_of_account(account.as_bytes(), p.partitions())))
-    }
-
     /// Keeps this replica's copy of `account`'s partition up while the
     /// returned guard lives, whatever [`Store::keep_copies`] says: for
     /// watching the account's changes here ([`Store::watch`] sees only what

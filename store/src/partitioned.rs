@@ -919,51 +919,38 @@ impl Partitioned {
                     ))
                 })
         };
-        let caught_up =
-            {
-                let _order = self.order.lock().expect("order lock");
-                self.rebuilding
-                    .lock()
-                    .expect("rebuilding lock")
-                    .remove(&partition);
-                // A partition no longer kept while the follower brought it up
-                // was marked absent, and may have been emptied since: the next
-                // take reads it whole.
-                let caught_up = caught_up.and_then(|()| {
-                if !rebuild && self.absent.lock().expect("absent lock").contains(&partition) {
-                    Err(remote(format!(
-                        "taking partition {partition}: its copy was dropped meanwhile (it is no \
-                         longer kept here); the next take reads it whole"
-                    )))
-                } else {
-                    Ok(())
+        let caught_up = {
+            let _order = self.order.lock().expect("order lock");
+            self.rebuilding
+                .lock()
+                .expect("rebuilding lock")
+                .remove(&partition);
+            let caught_up = caught_up.and_then(|()| self.still_copied(partition, rebuild));
+            match &caught_up {
+                Ok(()) => {
+                    self.copied_through
+                        .lock()
+                        .expect("copied lock")
+                        .remove(&partition);
+                    self.absent.lock().expect("absent lock").remove(&partition);
+                    self.emptied
+                        .lock()
+                        .expect("emptied lock")
+                        .remove(&partition);
+                    self.tally.begin(partition);
+                    self.terms
+                        .lock()
+                        .expect("terms lock")
+                        .insert(partition, term);
+                    // The follower stops reading this partition's writes.
+                    self.refilter.notify_one();
                 }
-            });
-                match &caught_up {
-                    Ok(()) => {
-                        self.copied_through
-                            .lock()
-                            .expect("copied lock")
-                            .remove(&partition);
-                        self.absent.lock().expect("absent lock").remove(&partition);
-                        self.emptied
-                            .lock()
-                            .expect("emptied lock")
-                            .remove(&partition);
-                        self.tally.begin(partition);
-                        self.terms
-                            .lock()
-                            .expect("terms lock")
-                            .insert(partition, term);
-                        // The follower stops reading this partition's writes.
-                        self.refilter.notify_one();
-                    }
-                    Err(_) => {
-                        self.dirty.lock().expect("dirty lock").insert(partition);
-                    }
+                Err(_) => {
+                    self.dirty.lock().expect("dirty lock").insert(partition);
                 }
-                caught_up
-            };
+            }
+            caught_up
+        };
         drop(copying);
         caught_up?;
         self.serve(partition, term).await;
@@ -973,6 +960,26 @@ impl Partitioned {
             rebuilt = rebuild,
             "partition taken: its state is written here"
         );
+        Ok(())
+    }
+
+    /// Whether a take's copy of `partition` is still whole: one the
+    /// follower brought up (not `rebuilt`) may have stopped being kept
+    /// meanwhile, marked absent and maybe emptied since; the next take
+    /// reads it whole.
+    fn still_copied(&self, partition: u16, rebuilt: bool) -> Result<(), StoreError> {
+        if !rebuilt
+            && self
+                .absent
+                .lock()
+                .expect("absent lock")
+                .contains(&partition)
+        {
+            return Err(remote(format!(
+                "taking partition {partition}: its copy was dropped meanwhile (it is no longer \
+                 kept here); the next take reads it whole"
+            )));
+        }
         Ok(())
     }
 
