@@ -484,6 +484,25 @@ config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{
     )
 }
 
+/// A folder of chain files, one for each of `accounts` accounts: a wave's
+/// contact, then a `log` step naming the wave.
+fn wave_log_chains(accounts: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        let chain = wave_chain(
+            &a,
+            r#"
+[[chains.steps]]
+handler = "log"
+config = { message = "wave {{ event.event_data.wave }}" }
+"#,
+        );
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
+    }
+    dir
+}
+
 /// A wave of events: one in each of `conversations` conversations of each
 /// of `accounts` accounts, each conversation its own number, carrying
 /// `wave` and `n`.
@@ -1563,19 +1582,7 @@ async fn a_replica_that_handed_partitions_over_reads_the_new_owners_writes() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let (accounts, conversations) = (8, 3);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        let chain = wave_chain(
-            &a,
-            r#"
-[[chains.steps]]
-handler = "log"
-config = { message = "wave {{ event.event_data.wave }}" }
-"#,
-        );
-        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
-    }
+    let dir = wave_log_chains(accounts);
     let within = Duration::from_secs(60);
     let config = config_with(&receiver, true, 1);
     let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
@@ -1622,19 +1629,7 @@ async fn replicas_without_standbys_read_at_the_owner_and_take_over_from_the_chan
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let (accounts, conversations) = (8, 3);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        let chain = wave_chain(
-            &a,
-            r#"
-[[chains.steps]]
-handler = "log"
-config = { message = "wave {{ event.event_data.wave }}" }
-"#,
-        );
-        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
-    }
+    let dir = wave_log_chains(accounts);
     let within = Duration::from_secs(60);
     let config = with_standbys(config_with(&receiver, true, 1), 0);
     let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());

@@ -94,6 +94,19 @@ pub(super) fn get_optional(input: &mut &[u8]) -> Result<Option<Vec<u8>>, String>
     }
 }
 
+/// A partitioned collection, by its index (`u8`); the caller has seen
+/// that a byte remains.
+pub(super) fn get_collection(input: &mut &[u8]) -> Result<Collection, String> {
+    let c = input.get_u8() as usize;
+    let collection = *Collection::ALL
+        .get(c)
+        .ok_or_else(|| format!("no collection {c}"))?;
+    if !collection.is_partitioned() {
+        return Err(format!("{} is not partitioned", collection.name()));
+    }
+    Ok(collection)
+}
+
 /// A batch and its expectations, as `encode` wrote them.
 pub(super) type Decoded = (Vec<Write>, Vec<(usize, Option<Vec<u8>>)>);
 
@@ -108,13 +121,7 @@ pub(super) fn decode(mut input: &[u8]) -> Result<Decoded, String> {
         if !input.has_remaining() {
             return Err("cut short".into());
         }
-        let c = input.get_u8() as usize;
-        let collection = *Collection::ALL
-            .get(c)
-            .ok_or_else(|| format!("no collection {c}"))?;
-        if !collection.is_partitioned() {
-            return Err(format!("{} is not partitioned", collection.name()));
-        }
+        let collection = get_collection(input)?;
         let key = get_bytes(input)?;
         let value = get_optional(input)?;
         batch.push(Write {

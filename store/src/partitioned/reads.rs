@@ -14,7 +14,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::forward::{get_bytes, get_optional, put_bytes, put_optional};
+use super::forward::{get_bytes, get_collection, get_optional, put_bytes, put_optional};
 use crate::{Collection, Entry, StoreError, io};
 
 /// The subject the owner of `partition` answers reads on.
@@ -57,53 +57,37 @@ impl Read {
 
     /// The same read limited to `n` entries (a get is one).
     pub(crate) fn page(&self, n: usize) -> Read {
-        match self {
-            Read::Get(_) => self.clone(),
-            Read::Prefix {
-                prefix,
-                from,
-                before,
-                rev,
-                limit,
-            } => Read::Prefix {
-                prefix: prefix.clone(),
-                from: from.clone(),
-                before: before.clone(),
-                rev: *rev,
-                limit: n.min(*limit),
-            },
+        let mut page = self.clone();
+        if let Read::Prefix { limit, .. } = &mut page {
+            *limit = n.min(*limit);
         }
+        page
     }
 
     /// The rest of the read once `got` entries were read, the last of them
     /// `last`: `None` when there is no rest (a get, or the limit reached).
     pub(crate) fn after(&self, got: usize, last: &[u8]) -> Option<Read> {
+        let mut rest = self.clone();
         let Read::Prefix {
-            prefix,
             from,
             before,
             rev,
             limit,
-        } = self
+            ..
+        } = &mut rest
         else {
             return None;
         };
-        let limit = limit.checked_sub(got).filter(|l| *l > 0)?;
-        let (from, before) = if *rev {
-            (from.clone(), Some(last.to_vec()))
+        *limit = limit.checked_sub(got).filter(|l| *l > 0)?;
+        if *rev {
+            *before = Some(last.to_vec());
         } else {
             // Just past `last`.
             let mut next = last.to_vec();
             next.push(0);
-            (Some(next), before.clone())
-        };
-        Some(Read::Prefix {
-            prefix: prefix.clone(),
-            from,
-            before,
-            rev: *rev,
-            limit,
-        })
+            *from = Some(next);
+        }
+        Some(rest)
     }
 
     /// Runs the read on `tree`, a copy of collection `c`.
@@ -184,13 +168,7 @@ impl Read {
             return Err("cut short".into());
         }
         let kind = input.get_u8();
-        let c = input.get_u8() as usize;
-        let collection = *Collection::ALL
-            .get(c)
-            .ok_or_else(|| format!("no collection {c}"))?;
-        if !collection.is_partitioned() {
-            return Err(format!("{} is not partitioned", collection.name()));
-        }
+        let collection = get_collection(input)?;
         let key = get_bytes(input)?;
         let read = match kind {
             b'g' => Read::Get(key),
