@@ -1305,9 +1305,15 @@ impl Partitioned {
                     },
                     r = reads.next() => {
                         let (Some(read), Some(this)) = (r, this.upgrade()) else { return };
+                        // A page's scan is answered by a task of its own,
+                        // so that the partition's forwarded writes do not
+                        // wait for it.
                         if let Some(reply) = read.reply {
-                            let answer = this.answer_read(partition, term, &read.payload);
-                            let _ = client.publish(reply, answer).await;
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let answer = this.answer_read(partition, term, &read.payload);
+                                let _ = client.publish(reply, answer).await;
+                            });
                         }
                         continue;
                     }
