@@ -1626,31 +1626,51 @@ async fn a_replica_that_handed_partitions_over_reads_the_new_owners_writes() {
 /// over the same contacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_without_standbys_read_at_the_owner_and_take_over_from_the_changelog() {
+    read_everywhere_then_lose_a_replica(2, 0).await;
+}
+
+/// Three replicas with one standby copy of each partition: each replica
+/// reads the third of the partitions it does not copy at their owners;
+/// when one is killed, each of its partitions goes to the replica that
+/// kept its standby copy, and the other survivor, which now copies every
+/// partition, reads the ones it lacked whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_one_standby_read_at_the_owner_and_take_over_from_the_standby() {
+    read_everywhere_then_lose_a_replica(3, 1).await;
+}
+
+/// `replicas` dispatchers keeping `standbys` standby copies of each
+/// partition: every replica's API reads every account's contacts after a
+/// first wave; once the last replica is killed (SIGKILL), the others take
+/// its partitions and a second wave updates the same contacts, as every
+/// survivor reads them.
+async fn read_everywhere_then_lose_a_replica(replicas: usize, standbys: u16) {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let (accounts, conversations) = (8, 3);
     let dir = wave_log_chains(accounts);
     let within = Duration::from_secs(60);
-    let config = with_standbys(config_with(&receiver, true, 1), 0);
-    let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
-    let mut b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    let config = with_standbys(config_with(&receiver, true, 1), standbys);
+    let mut all: Vec<Dispatcher> = (0..replicas)
+        .map(|_| Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path()))
+        .collect();
     wait_until(
-        "the replicas sharing the partitions",
+        "the replicas dividing the partitions",
         Duration::from_secs(60),
-        || async { shared(state_partitions_of(&a).await, state_partitions_of(&b).await) },
+        || divided(&all),
     )
     .await;
     let first = wave_events(accounts, conversations, 1, 1);
     emit_all(nats.url(), &first).await;
-    for d in [&a, &b] {
+    for d in &all {
         all_done(d, &first, within).await;
     }
     let mut wave_of = HashMap::new();
-    for d in [&a, &b] {
+    for d in &all {
         for i in 0..accounts {
-            let all = contacts(d, &account(i)).await;
-            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
-            for c in &all {
+            let listed = contacts(d, &account(i)).await;
+            assert_eq!(listed.len(), conversations, "{}: {listed:#?}", account(i));
+            for c in &listed {
                 assert_eq!(c["fields"]["wave"], 1, "{}: {c:#}", account(i));
                 wave_of.insert(c["key"].to_string(), 1);
             }
@@ -1659,32 +1679,87 @@ async fn replicas_without_standbys_read_at_the_owner_and_take_over_from_the_chan
     assert_eq!(
         wave_of.len(),
         accounts * conversations,
-        "both read the same contacts"
+        "every replica read the same contacts"
     );
 
-    b.kill9();
-    let every: Vec<u64> = (0..16).collect();
+    let mut lost = all.pop().expect("a replica");
+    let lost_partitions = state_partitions_of(&lost).await;
+    let logged_before: Vec<usize> = all.iter().map(|d| d.log().len()).collect();
+    lost.kill9();
     wait_until(
-        "a holding every partition's state",
+        "the survivors holding every partition's state",
         Duration::from_secs(60),
-        || async { (state_partitions_of(&a).await == every).then_some(()) },
+        || divided(&all),
     )
     .await;
-    let second = wave_events(accounts, conversations, 2, 2);
-    emit_all(nats.url(), &second).await;
-    all_done(&a, &[first.as_slice(), second.as_slice()].concat(), within).await;
-    for i in 0..accounts {
-        let all = contacts(&a, &account(i)).await;
-        assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
-        for c in &all {
-            assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
+    // Each of the lost replica's partitions was taken by a survivor that
+    // had its standby copy when there was one, else read it whole from
+    // the changelog.
+    let mut taken = Vec::new();
+    for (d, before) in all.iter().zip(logged_before) {
+        let log = d.log();
+        let since = &log[before..];
+        let rebuilt = logged_partitions(since, "the partition's copy is rebuilt");
+        for partition in logged_partitions(since, "partition taken") {
             assert_eq!(
-                wave_of.get(&c["key"].to_string()),
-                Some(&1),
-                "the same contact: {c:#}"
+                rebuilt.contains(&partition),
+                standbys == 0,
+                "partition {partition} of the lost replica, rebuilt: {rebuilt:?}\n{since}"
             );
+            taken.push(partition);
         }
     }
+    taken.sort_unstable();
+    assert_eq!(
+        taken, lost_partitions,
+        "the lost replica's partitions taken"
+    );
+    let second = wave_events(accounts, conversations, 2, 2);
+    emit_all(nats.url(), &second).await;
+    let both = [first.as_slice(), second.as_slice()].concat();
+    for d in &all {
+        all_done(d, &both, within).await;
+        for i in 0..accounts {
+            let listed = contacts(d, &account(i)).await;
+            assert_eq!(listed.len(), conversations, "{}: {listed:#?}", account(i));
+            for c in &listed {
+                assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
+                assert_eq!(
+                    wave_of.get(&c["key"].to_string()),
+                    Some(&1),
+                    "the same contact: {c:#}"
+                );
+            }
+        }
+    }
+}
+
+/// The partitions named by the lines of `log` that say `what`.
+fn logged_partitions(log: &str, what: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .map(|line| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("partition="))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("a partition in {line}"))
+        })
+        .collect()
+}
+
+/// Whether the state of the 16 partitions is divided among `replicas`:
+/// each holds some, and together they hold each once.
+async fn divided(replicas: &[Dispatcher]) -> Option<()> {
+    let mut every = Vec::new();
+    for d in replicas {
+        let held = state_partitions_of(d).await;
+        if held.is_empty() {
+            return None;
+        }
+        every.extend(held);
+    }
+    every.sort_unstable();
+    (every == (0..16).collect::<Vec<u64>>()).then_some(())
 }
 
 /// A take-over from the changelog alone: the only replica is killed
