@@ -346,6 +346,25 @@ impl Dispatcher {
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 
+    /// `GET path`, as the admin: how long it took, and its JSON.
+    pub async fn get_timed(&self, path: &str) -> anyhow::Result<(Duration, serde_json::Value)> {
+        let started = std::time::Instant::now();
+        let answer = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = answer.status();
+        let text = answer.text().await?;
+        let took = started.elapsed();
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {text}");
+        }
+        Ok((took, serde_json::from_str(&text)?))
+    }
+
     /// The event counters of `account`, or of every account.
     pub async fn counts(&self, account: Option<&str>) -> anyhow::Result<Counts> {
         Ok(Counts::parse(&self.metrics().await?, account))

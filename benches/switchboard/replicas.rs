@@ -14,7 +14,7 @@ use async_nats::jetstream;
 use crate::common::{self, Dispatcher, NatsServer, Spec};
 use crate::compare::{Build, PerBuild};
 use crate::drain::{self, Drained, Sample};
-use crate::effects::{ACCOUNTS, contact_log_chain, event, write_chains};
+use crate::effects::{ACCOUNTS, account, contact_log_chain, event, write_chains};
 use crate::report::{Report, Value};
 
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
@@ -173,6 +173,9 @@ async fn drain_with(
     if replicated && replicas == 1 {
         catch_up(options, build, &js, root.path(), &server, n).await?;
     }
+    if standbys == Some(0) && build.is_current() {
+        reads_at_the_owner(build, &dispatchers).await?;
+    }
     for d in dispatchers {
         d.stop().await;
     }
@@ -204,6 +207,60 @@ async fn settled(dispatchers: &[Dispatcher]) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Times contact listings through each replica's API, which keeps no
+/// standby copies: a replica answers an account of a partition it holds
+/// from its own copy, any other at the partition's owner (one NATS request
+/// per page of 256 entries).
+async fn reads_at_the_owner(build: &Build, dispatchers: &[Dispatcher]) -> anyhow::Result<()> {
+    const ROUNDS: usize = 25;
+    for limit in [100, 1000] {
+        let (mut local, mut remote) = (Vec::new(), Vec::new());
+        let mut listed_most = 0;
+        for d in dispatchers {
+            let held = d.state_partitions().await?;
+            for a in 0..ACCOUNTS {
+                let account = account(a);
+                let partition = switchboard_store::partition_of_account(account.as_bytes(), 16);
+                let path = format!("/v1/accounts/{account}/contacts?limit={limit}");
+                for _ in 0..ROUNDS {
+                    let (took, listed) = d.get_timed(&path).await?;
+                    let count = listed["contacts"].as_array().map_or(0, Vec::len);
+                    anyhow::ensure!(count > 0, "GET {path} listed none: {listed}");
+                    listed_most = listed_most.max(count);
+                    if held.contains(&u64::from(partition)) {
+                        local.push(took);
+                    } else {
+                        remote.push(took);
+                    }
+                }
+            }
+        }
+        println!(
+            "{}  a listing of up to {limit} contacts ({listed_most}) through a replica's API: \
+             from its own copy {}, at the owner {}",
+            build.tag(),
+            latencies(&mut local),
+            latencies(&mut remote),
+        );
+    }
+    Ok(())
+}
+
+/// The median and 99th percentile of `took`, in ms.
+fn latencies(took: &mut [std::time::Duration]) -> String {
+    if took.is_empty() {
+        return "(none)".to_string();
+    }
+    took.sort_unstable();
+    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms ({} reads)",
+        at(0.5),
+        at(0.99),
+        took.len()
+    )
 }
 
 /// Times a replica started with an empty data directory until it has
