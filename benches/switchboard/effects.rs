@@ -72,15 +72,15 @@ config = {{ url = "http://{receiver}/payments", secret = "{SECRET_NAME}", body =
     )
 }
 
-/// Writes one chain file per account into `root/chains`.
+/// Writes one chain file for each of `accounts` into `root/chains`.
 pub fn write_chains(
     root: &Path,
+    accounts: impl IntoIterator<Item = String>,
     chain_file: impl Fn(&str) -> String,
 ) -> anyhow::Result<std::path::PathBuf> {
     let dir = root.join("chains");
     std::fs::create_dir_all(&dir)?;
-    for a in 0..ACCOUNTS {
-        let account = account(a);
+    for account in accounts {
         std::fs::write(dir.join(format!("{account}.toml")), chain_file(&account))?;
     }
     Ok(dir)
@@ -235,7 +235,7 @@ async fn drain_backlog(
 ) -> anyhow::Result<Drained> {
     let EventsBus { server, js, .. } = EventsBus::start(PREFIX).await?;
     let root = tempfile::tempdir()?;
-    let chains = write_chains(root.path(), chain_file)?;
+    let chains = write_chains(root.path(), (0..ACCOUNTS).map(account), chain_file)?;
     let spec = Spec {
         binary: Some(&build.binary),
         data: &root.path().join("data"),

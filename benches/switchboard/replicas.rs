@@ -1,6 +1,7 @@
 //! Replicas: 1, 2 and 3 dispatchers with `--replicated` sharing one NATS
-//! server, draining the same backlog through `create_contact` → `log`
-//! (three of them again with one standby copy of each partition, and with
+//! server, draining the same backlog through `create_contact` → `log` over
+//! 32 accounts, two in each partition, so that the work divides among the
+//! replicas by the partitions each holds (three of them again with one standby copy of each partition, and with
 //! none: `bus.standbys`); and one dispatcher with its own store, for the
 //! cost of keeping the state in the changelog. The CPU per event is summed over the replicas; the
 //! nats-server's CPU per event is printed beside it. After the one
@@ -14,14 +15,15 @@ use async_nats::jetstream;
 use crate::common::{self, Dispatcher, NatsServer, Spec};
 use crate::compare::{Build, PerBuild};
 use crate::drain::{self, Drained, Sample};
-use crate::effects::{ACCOUNTS, account, contact_log_chain, event, write_chains};
+use crate::effects::{contact_log_chain, write_chains};
 use crate::report::{Report, Value};
 
 pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Result<()> {
     let n = options.scaled(20_000);
     println!(
-        "\n## replicas: `create_contact` → `log`, {n} events over {ACCOUNTS} accounts, one \
-         nats-server"
+        "\n## replicas: `create_contact` → `log`, {n} events over {} accounts (two in each \
+         partition), one nats-server",
+        accounts().len()
     );
     // The own store's drain and one replica's, which the others are held to.
     let mut own: Option<PerBuild<Drained>> = None;
@@ -96,6 +98,37 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     crate::chain::replicated(options, report).await
 }
 
+/// The scenario's accounts: the first two of `bench-0`, `bench-1`, … in
+/// each of the 16 partitions, so that the work divides among replicas by
+/// the partitions each holds. With a few accounts (the other scenarios'
+/// eight) some replicas would hold none of theirs and sit idle.
+fn accounts() -> &'static [String] {
+    static ACCOUNTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    ACCOUNTS.get_or_init(|| {
+        let mut in_partition = [0u8; 16];
+        (0..)
+            .map(|i| format!("bench-{i}"))
+            .filter(|a| {
+                let held = &mut in_partition[usize::from(partition_of(a))];
+                *held += 1;
+                *held <= 2
+            })
+            .take(32)
+            .collect()
+    })
+}
+
+/// The partition of `account`'s state and events.
+fn partition_of(account: &str) -> u16 {
+    switchboard_store::partition_of_account(account.as_bytes(), 16)
+}
+
+/// The `i`th event of a backlog: the accounts in turn, every msisdn new.
+fn event(i: u64) -> switchboard_sdk::VumiApiEvent {
+    let accounts = accounts();
+    common::poll_event(&accounts[i as usize % accounts.len()], i, 1_000)
+}
+
 /// `figure` of `drains` over `figure` of `base`, build by build.
 fn ratio(
     drains: &PerBuild<Drained>,
@@ -122,7 +155,7 @@ async fn drain_with(
 ) -> anyhow::Result<Drained> {
     let server = NatsServer::start()?;
     let root = tempfile::tempdir()?;
-    let chains = write_chains(root.path(), contact_log_chain)?;
+    let chains = write_chains(root.path(), accounts().iter().cloned(), contact_log_chain)?;
     let config = root.path().join("switchboard.toml");
     let mut bus = format!("[bus]\nreplicated = {replicated}\n");
     match standbys {
@@ -154,6 +187,10 @@ async fn drain_with(
     }
     let client = async_nats::connect(server.url()).await?;
     let js = jetstream::new(client);
+    let cpu_before = dispatchers
+        .iter()
+        .map(Dispatcher::cpu_time)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let since = Sample::now(&dispatchers)?;
     let server_cpu = common::cpu_time(server.pid())?;
     // Watched while it is published, so that a pause at the start is seen
@@ -164,6 +201,14 @@ async fn drain_with(
     )?;
     let server_cpu = common::cpu_time(server.pid())? - server_cpu;
     println!("{}{}", build.tag(), drained.describe());
+    if replicas > 1 {
+        println!(
+            "{}  each replica's CPU over the drain, with the accounts whose partitions it \
+             held: {}",
+            build.tag(),
+            shares(&dispatchers, &cpu_before).await?
+        );
+    }
     println!(
         "{}  nats-server CPU per event (storing, delivering, acks{}): {:.1} µs",
         build.tag(),
@@ -180,6 +225,27 @@ async fn drain_with(
         d.stop().await;
     }
     Ok(drained)
+}
+
+/// Each of `dispatchers`' CPU time since `before`, and how many of the
+/// scenario's accounts it held the partitions of: `1.62 s (5 accounts),
+/// …`. The work divides by account, so with few accounts it divides
+/// unevenly.
+async fn shares(
+    dispatchers: &[Dispatcher],
+    before: &[std::time::Duration],
+) -> anyhow::Result<String> {
+    let mut each = Vec::new();
+    for (d, before) in dispatchers.iter().zip(before) {
+        let held = d.state_partitions().await?;
+        let accounts = accounts()
+            .iter()
+            .filter(|a| held.contains(&u64::from(partition_of(a))))
+            .count();
+        let cpu = d.cpu_time()? - *before;
+        each.push(format!("{:.2} s ({accounts} accounts)", cpu.as_secs_f64()));
+    }
+    Ok(each.join(", "))
 }
 
 /// Waits until the replicas have divided the partitions' state among
@@ -220,9 +286,8 @@ async fn reads_at_the_owner(build: &Build, dispatchers: &[Dispatcher]) -> anyhow
         let mut listed_most = 0;
         for d in dispatchers {
             let held = d.state_partitions().await?;
-            for a in 0..ACCOUNTS {
-                let account = account(a);
-                let partition = switchboard_store::partition_of_account(account.as_bytes(), 16);
+            for account in accounts() {
+                let partition = partition_of(account);
                 let path = format!("/v1/accounts/{account}/contacts?limit={limit}");
                 for _ in 0..ROUNDS {
                     let (took, listed) = d.get_timed(&path).await?;
