@@ -250,8 +250,8 @@ pub struct BusConfig {
     /// copies), instead of keeping it in this process's data directory.
     pub replicated: bool,
     /// With `replicated`: how many replicas besides a partition's owner
-    /// keep a copy of its state, chosen by rendezvous hashing over the live
-    /// replicas (Kafka Streams' standby replicas). `None`: every replica
+    /// keep a copy of its state: those that would own it next were the
+    /// owner gone (Kafka Streams' standby replicas). `None`: every replica
     /// keeps a copy of every partition. Fewer copies cost less CPU per
     /// event; a replica without a copy sends its reads of the partition to
     /// the owner, and one that takes the partition over reads it whole

@@ -4,9 +4,9 @@
 //! one of [`PARTITIONS`] partitions, from a hash of its account (a subject
 //! transform on the stream). Each partition has its own consumer, which the
 //! server delivers to one pinned client at a time. The replicas divide the
-//! partitions among themselves by rendezvous hashing over the live members,
-//! which each replica learns from the heartbeats all of them write into the
-//! shared [`Collection::Replicas`]. So one replica at a time handles an
+//! partitions among themselves evenly, by rendezvous hashing with bounded
+//! loads over the live members, which each replica learns from the
+//! heartbeats all of them write into the shared [`Collection::Replicas`]. So one replica at a time handles an
 //! account's events, and a conversation's events stay in bus order across
 //! replicas.
 
@@ -42,58 +42,91 @@ pub fn owned_by(me: &str, members: &[&str]) -> Vec<u16> {
         .collect()
 }
 
-/// The owner of each partition among `members`: the member whose rendezvous
-/// score for it is the highest. Rendezvous alone leaves a member with no
-/// partition for about one set of 3 members in 200 (and for most sets of 8),
-/// so then each member left with none, in id order, takes the partition it
-/// scores highest on among those of members owning more than one: up to
-/// [`PARTITIONS`] members, every one owns a partition.
+/// The owner of each partition among `members`: rendezvous hashing with
+/// bounded loads. The (member, partition) pairs are taken by descending
+/// rendezvous score, and each partition goes to the first member that still
+/// has room, so every member owns ⌊16/n⌋ or ⌈16/n⌉ of the [`PARTITIONS`]
+/// (members past the sixteenth own none). Rendezvous alone gave three
+/// members anything from 6 to 12 partitions for the busiest, and so a
+/// third of the work or twice that. A member leaving moves its partitions
+/// to the members next in their order (see [`copied_by`]) and, as the
+/// others' shares grow, one or two between them on average (half of one
+/// for three members); a member joining takes its share, and moves about
+/// as many between the others.
 fn owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
-    let mut owners: Vec<Option<&'a str>> = (0..PARTITIONS)
-        .map(|p| members.iter().copied().max_by_key(|m| (score(m, p), *m)))
+    let ids = distinct(members);
+    let mut owners = vec![None; PARTITIONS as usize];
+    if ids.is_empty() {
+        return owners;
+    }
+    let partitions = usize::from(PARTITIONS);
+    // Each member owns `base` partitions, and `extra` of them one more.
+    let (base, extra) = (partitions / ids.len(), partitions % ids.len());
+    let mut pairs: Vec<(u64, &str, u16)> = ids
+        .iter()
+        .flat_map(|m| (0..PARTITIONS).map(move |p| (score(m, p), *m, p)))
         .collect();
-    let mut ids = members.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    for m in ids {
-        let owns = |o: &Option<&str>, who: &str| *o == Some(who);
-        if owners.iter().any(|o| owns(o, m)) {
+    pairs.sort_unstable_by(|a, b| b.cmp(a));
+    let mut owned: HashMap<&str, usize> = HashMap::new();
+    let (mut with_extra, mut left) = (0, partitions);
+    for (_, m, p) in pairs {
+        let owner = &mut owners[usize::from(p)];
+        if owner.is_some() {
             continue;
         }
-        let spare = (0..PARTITIONS)
-            .filter(|p| {
-                owners[*p as usize]
-                    .is_some_and(|o| owners.iter().filter(|x| owns(x, o)).count() > 1)
-            })
-            .max_by_key(|p| (score(m, *p), *p));
-        if let Some(p) = spare {
-            owners[p as usize] = Some(m);
+        let n = owned.entry(m).or_default();
+        if *n < base || (*n == base && with_extra < extra) {
+            *owner = Some(m);
+            *n += 1;
+            if *n > base {
+                with_extra += 1;
+            }
+            left -= 1;
+            if left == 0 {
+                break;
+            }
         }
     }
     owners
 }
 
+/// `members` sorted, each once.
+fn distinct<'a>(members: &[&'a str]) -> Vec<&'a str> {
+    let mut ids = members.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The partitions `me` keeps a copy of among `members` when each partition
 /// has `standbys` copies besides its owner's: those it owns, and those it
-/// is among the `standbys` members other than the owner that score highest
-/// on (rendezvous again, so a member joining or leaving moves few copies).
-/// Every replica computes the same answer from the same members.
+/// would own were their owner gone, or that one too, and so on
+/// (`standbys` deep). So a partition's first standby is the replica that
+/// takes it over when its owner goes, and finds it copied. Every replica
+/// computes the same answer from the same members.
 pub fn copied_by(me: &str, members: &[&str], standbys: u16) -> Vec<u16> {
-    let owners = owners(members);
+    let ids = distinct(members);
+    // The owners among the members but those gone, by who is gone.
+    let mut owners_without: HashMap<Vec<&str>, Vec<Option<&str>>> = HashMap::new();
     (0..PARTITIONS)
         .filter(|p| {
-            let owner = owners[*p as usize];
-            if owner == Some(me) {
-                return true;
+            let mut gone: Vec<&str> = Vec::new();
+            for _ in 0..=standbys {
+                let owner = owners_without.entry(gone.clone()).or_insert_with(|| {
+                    let left: Vec<&str> =
+                        ids.iter().copied().filter(|m| !gone.contains(m)).collect();
+                    owners(&left)
+                })[usize::from(*p)];
+                match owner {
+                    Some(o) if o == me => return true,
+                    Some(o) => {
+                        gone.push(o);
+                        gone.sort_unstable();
+                    }
+                    None => break,
+                }
             }
-            let mut others: Vec<&str> = members
-                .iter()
-                .copied()
-                .filter(|m| Some(*m) != owner)
-                .collect();
-            others.sort_unstable_by_key(|m| std::cmp::Reverse((score(m, *p), *m)));
-            others.dedup();
-            others.iter().take(usize::from(standbys)).any(|m| *m == me)
+            false
         })
         .collect()
 }
@@ -325,114 +358,153 @@ pub fn strip_partition<'a>(prefix: &str, subject: &'a str) -> &'a str {
 mod tests {
     use super::*;
 
+    /// Member sets of `n` replicas, each named as a replica names itself
+    /// (32 hex digits, here made up from `set`).
+    fn member_sets(n: usize, sets: usize) -> Vec<Vec<String>> {
+        (0..sets)
+            .map(|set| {
+                (0..n)
+                    .map(|i| format!("{:016x}{:016x}", 0x0190_0000_0000 + set, i * 7919))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn strs(members: &[String]) -> Vec<&str> {
+        members.iter().map(String::as_str).collect()
+    }
+
+    /// Each partition's owner among `members`.
+    fn owner_of(members: &[&str]) -> Vec<Option<String>> {
+        owners(members)
+            .into_iter()
+            .map(|o| o.map(str::to_string))
+            .collect()
+    }
+
     /// Each partition is copied by its owner and `n` others (all the others
     /// when fewer), every member computing the same; a member leaving
-    /// moves only the copies it kept, and its partitions go to a replica
-    /// that already copied them when there was a standby.
+    /// hands each of its partitions to the replica that kept its first
+    /// standby copy.
     #[test]
     fn each_partition_has_its_owners_copy_and_n_standbys() {
-        let members = ["a1", "b2", "c3", "d4"];
-        for n in 0..5u16 {
-            let mut copies = vec![0usize; PARTITIONS as usize];
-            for m in members {
-                let copied = copied_by(m, &members, n);
-                for p in owned_by(m, &members) {
-                    assert!(copied.contains(&p), "{m} copies the partition {p} it owns");
+        for members in member_sets(4, 50) {
+            let members = strs(&members);
+            for n in 0..5u16 {
+                let mut copies = vec![0usize; PARTITIONS as usize];
+                for m in &members {
+                    let copied = copied_by(m, &members, n);
+                    for p in owned_by(m, &members) {
+                        assert!(copied.contains(&p), "{m} copies the partition {p} it owns");
+                    }
+                    for p in copied {
+                        copies[p as usize] += 1;
+                    }
                 }
-                for p in copied {
-                    copies[p as usize] += 1;
-                }
-            }
-            let expected = (1 + usize::from(n)).min(members.len());
-            assert!(
-                copies.iter().all(|c| *c == expected),
-                "{n} standbys: {copies:?}"
-            );
-        }
-        let left = ["a1", "b2", "c3"];
-        let mut moved = 0;
-        for m in left {
-            let before = copied_by(m, &members, 1);
-            let after = copied_by(m, &left, 1);
-            for p in owned_by(m, &left) {
-                let owner_before = members.iter().find(|o| owned_by(o, &members).contains(&p));
-                if owner_before != Some(&"d4") {
-                    continue;
-                }
-                // d4's partitions: the standby (if one of those left) takes them.
-                let standby = left.iter().find(|o| copied_by(o, &members, 1).contains(&p));
-                assert_eq!(standby, Some(&m), "partition {p} goes to its standby");
-                moved += 1;
-            }
-            for p in before.iter().filter(|p| !after.contains(p)) {
-                let owner = members.iter().find(|o| owned_by(o, &members).contains(p));
+                let expected = (1 + usize::from(n)).min(members.len());
                 assert!(
-                    owner == Some(&"d4") || copied_by("d4", &members, 1).contains(p),
-                    "{m} dropped its copy of {p}, which d4's leaving did not move"
+                    copies.iter().all(|c| *c == expected),
+                    "{n} standbys: {copies:?}"
+                );
+            }
+            let leaver = members[3];
+            let left = &members[..3];
+            let after = owner_of(left);
+            for p in owned_by(leaver, &members) {
+                let standby = left
+                    .iter()
+                    .find(|m| copied_by(m, &members, 1).contains(&p))
+                    .expect("a standby among those left");
+                assert_eq!(
+                    after[p as usize].as_deref(),
+                    Some(*standby),
+                    "partition {p} goes to its standby"
                 );
             }
         }
-        assert_eq!(moved, owned_by("d4", &members).len());
     }
 
+    /// Every partition has one owner, every member owns ⌊16/n⌋ or ⌈16/n⌉,
+    /// and a member leaving moves its own partitions and few others: over
+    /// these sets at most six of the others' in a leave, and two and a half
+    /// on average (about half of one for three members).
     #[test]
-    fn every_partition_has_one_owner_and_moves_only_from_a_leaver() {
-        let members = ["a1", "b2", "c3"];
-        let mut owners = vec![0; PARTITIONS as usize];
-        for m in members {
-            for p in owned_by(m, &members) {
-                owners[p as usize] += 1;
-            }
-        }
-        assert!(owners.iter().all(|n| *n == 1), "{owners:?}");
-        // Without c3, a1 and b2 keep what they had and share c3's.
-        let pairs = ["a1", "b2"];
-        for m in pairs {
-            let before = owned_by(m, &members);
-            let after = owned_by(m, &pairs);
-            assert!(
-                before.iter().all(|p| after.contains(p)),
-                "{m}: {before:?} → {after:?}"
-            );
-        }
-        assert_eq!(owned_by("a1", &["a1"]).len(), PARTITIONS as usize);
-        assert!(owned_by("z", &["a1"]).is_empty());
-    }
-
-    #[test]
-    fn every_member_owns_a_partition_up_to_one_each() {
-        for n in 2..=PARTITIONS as usize {
-            for set in 0..200 {
-                let members: Vec<String> = (0..n).map(|i| format!("{set}-{i}")).collect();
-                let members: Vec<&str> = members.iter().map(String::as_str).collect();
-                let mut owners = vec![0; PARTITIONS as usize];
+    fn partitions_divide_evenly_and_a_leave_moves_few_others() {
+        for n in 1..=PARTITIONS as usize {
+            let (mut moved, mut most) = (0, 0);
+            let sets = member_sets(n, 100);
+            for (i, members) in sets.iter().enumerate() {
+                let members = strs(members);
+                let owners = owner_of(&members);
+                assert!(owners.iter().all(Option::is_some), "{owners:?}");
+                let even = usize::from(PARTITIONS) / n;
                 for m in &members {
-                    let owned = owned_by(m, &members);
-                    assert!(!owned.is_empty(), "{m} of {n} owns none");
-                    for p in owned {
-                        owners[p as usize] += 1;
+                    let owns = owners.iter().filter(|o| o.as_deref() == Some(*m)).count();
+                    if i == 0 {
+                        assert_eq!(owned_by(m, &members).len(), owns);
                     }
+                    assert!(
+                        owns == even || owns == even + 1,
+                        "{m} of {n} owns {owns} partitions"
+                    );
                 }
-                assert!(owners.iter().all(|n| *n == 1), "{owners:?}");
+                if n == 1 {
+                    continue;
+                }
+                let leaver = members[n / 2];
+                let left: Vec<&str> = members.iter().copied().filter(|m| *m != leaver).collect();
+                let after = owner_of(&left);
+                let others_moved = (0..PARTITIONS as usize)
+                    .filter(|p| owners[*p].as_deref() != Some(leaver) && after[*p] != owners[*p])
+                    .count();
+                moved += others_moved;
+                most = most.max(others_moved);
             }
+            assert!(
+                most <= 6,
+                "{n} members: a leave moved {most} of the others' partitions"
+            );
+            assert!(
+                moved <= sets.len() * 5 / 2,
+                "{n} members: {moved} of the others' partitions moved over {} leaves",
+                sets.len()
+            );
         }
         // Past one each, the extra members own none.
         let members: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
-        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        let members = strs(&members);
         let owning = members
             .iter()
             .filter(|m| !owned_by(m, &members).is_empty())
             .count();
         assert_eq!(owning, PARTITIONS as usize);
+        assert_eq!(owned_by("a1", &["a1"]).len(), PARTITIONS as usize);
+        assert!(owned_by("z", &["a1"]).is_empty());
     }
 
+    /// A member joining takes its share, and little else moves: at most
+    /// two and a half partitions a join on average between the members
+    /// already there.
     #[test]
-    fn partitions_spread_over_replicas() {
-        let members: Vec<String> = (0..4).map(|i| format!("replica-{i}")).collect();
-        let members: Vec<&str> = members.iter().map(String::as_str).collect();
-        for m in &members {
-            let n = owned_by(m, &members).len();
-            assert!((1..=8).contains(&n), "{m} owns {n} of {PARTITIONS}");
+    fn a_joining_member_takes_its_share() {
+        for n in 1..PARTITIONS as usize {
+            let mut others = 0;
+            let sets = member_sets(n + 1, 100);
+            for members in &sets {
+                let all = strs(members);
+                let (joiner, before) = (all[n], &all[..n]);
+                let (was, now) = (owner_of(before), owner_of(&all));
+                let share = owned_by(joiner, &all).len();
+                assert!(share >= usize::from(PARTITIONS) / (n + 1), "{share}");
+                others += (0..PARTITIONS as usize)
+                    .filter(|p| now[*p] != was[*p] && now[*p].as_deref() != Some(joiner))
+                    .count();
+            }
+            assert!(
+                others <= sets.len() * 5 / 2,
+                "{n} + 1 members: {others} partitions moved between the others over {} joins",
+                sets.len()
+            );
         }
     }
 
