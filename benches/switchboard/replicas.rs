@@ -7,8 +7,11 @@
 //! nats-server's CPU per event is printed beside it. After the one
 //! replicated dispatcher's drain, a replica started with an empty data
 //! directory is timed until it has caught up, and the changelog's size is
-//! printed. Last, the full chain's latency on three replicas at 500
-//! events/s offered ([`crate::chain::replicated`]).
+//! printed. Each setup drains three times (once with `--quick`), the
+//! setups in turn, and the drain of median CPU per event is reported: the
+//! ratio of three replicas' CPU to one's moved by half between single runs
+//! on the shared development machine. Last, the full chain's latency on
+//! three replicas at 500 events/s offered ([`crate::chain::replicated`]).
 
 use async_nats::jetstream;
 
@@ -25,32 +28,40 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
          partition), one nats-server",
         accounts().len()
     );
+    // Each setup drains `rounds` times, the setups in turn each round, so
+    // that a change in the shared machine's load falls on all of them
+    // alike; each figure is the drain of median CPU per event.
+    let rounds = if options.quick { 1 } else { ROUNDS };
+    let mut drains: Vec<Vec<PerBuild<Drained>>> = vec![Vec::new(); SETUPS.len()];
+    for round in 0..rounds {
+        for (setup, runs) in SETUPS.iter().zip(&mut drains) {
+            println!("{} (round {} of {rounds}):", setup.what(), round + 1);
+            let drained = PerBuild::measure(&options.builds, async |build| {
+                drain_with(options, build, n, setup, round == 0).await
+            })
+            .await?;
+            drain::print_ratios(&drained);
+            runs.push(drained);
+        }
+    }
     // The own store's drain and one replica's, which the others are held to.
     let mut own: Option<PerBuild<Drained>> = None;
     let mut one: Option<PerBuild<Drained>> = None;
-    for (replicas, replicated, standbys) in [
-        (1, false, None),
-        (1, true, None),
-        (2, true, None),
-        (3, true, None),
-        (3, true, Some(1)),
-        (3, true, Some(0)),
-    ] {
-        let what = match (replicated, standbys) {
-            (false, _) => "1 dispatcher, own store".to_string(),
-            (true, None) => format!("{replicas} replica(s), shared state"),
-            (true, Some(1)) => format!("{replicas} replicas, one standby copy"),
-            (true, Some(s)) => format!("{replicas} replicas, {s} standby copies"),
-        };
-        println!("{what}:");
-        let drains = PerBuild::measure(&options.builds, async |build| {
-            drain_with(options, build, n, replicas, replicated, standbys).await
-        })
-        .await?;
-        drain::print_ratios(&drains);
+    for (setup, runs) in SETUPS.iter().zip(&drains) {
+        let what = setup.what();
+        let drains = median(runs);
+        if rounds > 1 {
+            println!(
+                "{what}: CPU per event over the rounds {} µs; the median's figures are reported",
+                runs.iter()
+                    .map(|r| format!("{:.1}", r.current.cpu_per_event_us()))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
         report.note_pauses("replicas", &what, &drains);
         let value = Value::drain(&drains);
-        match (replicas, replicated) {
+        match (setup.replicas, setup.replicated) {
             (1, false) => {
                 report.figure("replicas", what, value);
                 own = Some(drains);
@@ -75,11 +86,11 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                 let value =
                     Value::join([value, Value::of(&scaling, |x| format!("×{x:.2} of one"))]);
                 report.figure("replicas", what, value);
-                if replicas == 3 {
+                if setup.replicas == 3 {
                     // Total CPU per event: what three replicas would cost
                     // with a core each, against one.
                     let cost = ratio(&drains, one, Drained::cpu_per_event_us);
-                    let copies = match standbys {
+                    let copies = match setup.standbys {
                         None => String::new(),
                         Some(1) => " (one standby copy)".to_string(),
                         Some(s) => format!(" ({s} standby copies)"),
@@ -129,6 +140,64 @@ fn event(i: u64) -> switchboard_sdk::VumiApiEvent {
     common::poll_event(&accounts[i as usize % accounts.len()], i, 1_000)
 }
 
+/// How many times each setup drains a backlog (once with `--quick`).
+const ROUNDS: usize = 3;
+
+/// One way of running the dispatchers: how many, sharing state or each
+/// with its own store, and how many standby copies of each partition
+/// (`None`: one on every replica).
+struct Setup {
+    replicas: usize,
+    replicated: bool,
+    standbys: Option<u16>,
+}
+
+const SETUPS: [Setup; 6] = [
+    Setup::new(1, false, None),
+    Setup::new(1, true, None),
+    Setup::new(2, true, None),
+    Setup::new(3, true, None),
+    Setup::new(3, true, Some(1)),
+    Setup::new(3, true, Some(0)),
+];
+
+impl Setup {
+    const fn new(replicas: usize, replicated: bool, standbys: Option<u16>) -> Self {
+        Self {
+            replicas,
+            replicated,
+            standbys,
+        }
+    }
+
+    fn what(&self) -> String {
+        let replicas = self.replicas;
+        match (self.replicated, self.standbys) {
+            (false, _) => "1 dispatcher, own store".to_string(),
+            (true, None) => format!("{replicas} replica(s), shared state"),
+            (true, Some(1)) => format!("{replicas} replicas, one standby copy"),
+            (true, Some(s)) => format!("{replicas} replicas, {s} standby copies"),
+        }
+    }
+}
+
+/// Of each build's drains, the one of median CPU per event.
+fn median(runs: &[PerBuild<Drained>]) -> PerBuild<Drained> {
+    let middle = |mut drains: Vec<&Drained>| {
+        drains.sort_by(|a, b| a.cpu_per_event_us().total_cmp(&b.cpu_per_event_us()));
+        drains[drains.len() / 2].clone()
+    };
+    PerBuild {
+        current: middle(runs.iter().map(|r| &r.current).collect()),
+        baseline: runs
+            .iter()
+            .map(|r| r.baseline.as_ref())
+            .collect::<Option<Vec<_>>>()
+            .filter(|b| !b.is_empty())
+            .map(middle),
+    }
+}
+
 /// `figure` of `drains` over `figure` of `base`, build by build.
 fn ratio(
     drains: &PerBuild<Drained>,
@@ -138,21 +207,25 @@ fn ratio(
     drains.map(figure).zip_with(&base.map(figure), |x, b| x / b)
 }
 
-/// Starts `replicas` dispatchers of `build` (replicated or not, with
-/// `standbys` copies of each partition besides its owner's, or one on every
-/// replica) on a fresh server, waits until they have divided the
-/// partitions, and publishes the backlog; the drain runs from the first
-/// publish until the consumers have acked everything. A
-/// baseline build is given no `bus.standbys` (it may not know it): it keeps
-/// a copy on every replica.
+/// Starts `setup`'s dispatchers of `build` on a fresh server, waits until
+/// they have divided the partitions, and publishes the backlog; the drain
+/// runs from the first publish until the consumers have acked everything.
+/// A baseline build is given no `bus.standbys` (it may not know it): it
+/// keeps a copy on every replica. In the `first_round`, it also times a
+/// fresh replica's catch-up (after one replica's drain) and the listings
+/// through the API (after the drain of replicas without standby copies).
 async fn drain_with(
     options: &crate::Options,
     build: &Build,
     n: u64,
-    replicas: usize,
-    replicated: bool,
-    standbys: Option<u16>,
+    setup: &Setup,
+    first_round: bool,
 ) -> anyhow::Result<Drained> {
+    let Setup {
+        replicas,
+        replicated,
+        standbys,
+    } = *setup;
     let server = NatsServer::start()?;
     let root = tempfile::tempdir()?;
     let chains = write_chains(root.path(), accounts().iter().cloned(), contact_log_chain)?;
@@ -215,10 +288,10 @@ async fn drain_with(
         if replicated { ", the changelog" } else { "" },
         server_cpu.as_secs_f64() * 1e6 / n as f64
     );
-    if replicated && replicas == 1 {
+    if first_round && replicated && replicas == 1 {
         catch_up(options, build, &js, root.path(), &server, n).await?;
     }
-    if standbys == Some(0) && build.is_current() {
+    if first_round && standbys == Some(0) && build.is_current() {
         reads_at_the_owner(build, &dispatchers).await?;
     }
     for d in dispatchers {
