@@ -33,13 +33,90 @@ const GONE_AFTER: Duration = Duration::from_secs(10);
 /// A gone replica's entry is removed after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
+/// How the replicas divide the partitions among themselves. Each replica's
+/// heartbeat names the newest division its build knows, and every replica
+/// uses the oldest named among the live members: so while replicas of
+/// different builds run side by side (a rolling upgrade), they still agree
+/// on every partition's owner, and none is left unpulled because each
+/// build thought it another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Division {
+    /// Plain rendezvous hashing, as builds before [`Division::Even`] divide
+    /// (their heartbeats name no division): see [`rendezvous_owners`].
+    Rendezvous,
+    /// Rendezvous hashing with bounded loads: see [`even_owners`].
+    Even,
+}
+
+impl Division {
+    /// What this build's heartbeats name.
+    pub const NEWEST: Self = Self::Even;
+
+    /// The division a heartbeat names: none, [`Division::Rendezvous`]; one
+    /// newer than this build knows, the newest it does (that build steps
+    /// down to it, since this one's heartbeat names it).
+    fn of_heartbeat(heartbeat: &[u8]) -> Self {
+        let named = serde_json::from_slice::<serde_json::Value>(heartbeat)
+            .ok()
+            .and_then(|h| h.get("division")?.as_u64());
+        match named {
+            None | Some(0 | 1) => Self::Rendezvous,
+            Some(_) => Self::Even,
+        }
+    }
+
+    /// The number a heartbeat names it by.
+    fn number(self) -> u64 {
+        match self {
+            Self::Rendezvous => 1,
+            Self::Even => 2,
+        }
+    }
+}
+
 /// The partitions `me` owns among `members`. Every replica computes the
 /// same answer from the same members (see [`owners`]).
-pub fn owned_by(me: &str, members: &[&str]) -> Vec<u16> {
-    let owners = owners(members);
+pub fn owned_by(me: &str, members: &[&str], division: Division) -> Vec<u16> {
+    let owners = owners(members, division);
     (0..PARTITIONS)
         .filter(|p| owners[*p as usize] == Some(me))
         .collect()
+}
+
+/// The owner of each partition among `members`, divided by `division`.
+fn owners<'a>(members: &[&'a str], division: Division) -> Vec<Option<&'a str>> {
+    match division {
+        Division::Rendezvous => rendezvous_owners(members),
+        Division::Even => even_owners(members),
+    }
+}
+
+/// The owner of each partition among `members` by plain rendezvous hashing:
+/// the member whose score for it is the highest. That alone leaves a member
+/// with no partition for about one set of 3 members in 200 (and for most
+/// sets of 8), so then each member left with none, in id order, takes the
+/// partition it scores highest on among those of members owning more than
+/// one.
+fn rendezvous_owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
+    let mut owners: Vec<Option<&'a str>> = (0..PARTITIONS)
+        .map(|p| members.iter().copied().max_by_key(|m| (score(m, p), *m)))
+        .collect();
+    for m in distinct(members) {
+        let owns = |o: &Option<&str>, who: &str| *o == Some(who);
+        if owners.iter().any(|o| owns(o, m)) {
+            continue;
+        }
+        let spare = (0..PARTITIONS)
+            .filter(|p| {
+                owners[*p as usize]
+                    .is_some_and(|o| owners.iter().filter(|x| owns(x, o)).count() > 1)
+            })
+            .max_by_key(|p| (score(m, *p), *p));
+        if let Some(p) = spare {
+            owners[p as usize] = Some(m);
+        }
+    }
+    owners
 }
 
 /// The owner of each partition among `members`: rendezvous hashing with
@@ -53,7 +130,7 @@ pub fn owned_by(me: &str, members: &[&str]) -> Vec<u16> {
 /// others' shares grow, one or two between them on average (half of one
 /// for three members); a member joining takes its share, and moves about
 /// as many between the others.
-fn owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
+fn even_owners<'a>(members: &[&'a str]) -> Vec<Option<&'a str>> {
     let ids = distinct(members);
     let mut owners = vec![None; PARTITIONS as usize];
     if ids.is_empty() {
@@ -104,7 +181,7 @@ fn distinct<'a>(members: &[&'a str]) -> Vec<&'a str> {
 /// (`standbys` deep). So a partition's first standby is the replica that
 /// takes it over when its owner goes, and finds it copied. Every replica
 /// computes the same answer from the same members.
-pub fn copied_by(me: &str, members: &[&str], standbys: u16) -> Vec<u16> {
+pub fn copied_by(me: &str, members: &[&str], standbys: u16, division: Division) -> Vec<u16> {
     let ids = distinct(members);
     // The owners among the members but those gone, by who is gone.
     let mut owners_without: HashMap<Vec<&str>, Vec<Option<&str>>> = HashMap::new();
@@ -115,7 +192,7 @@ pub fn copied_by(me: &str, members: &[&str], standbys: u16) -> Vec<u16> {
                 let owner = owners_without.entry(gone.clone()).or_insert_with(|| {
                     let left: Vec<&str> =
                         ids.iter().copied().filter(|m| !gone.contains(m)).collect();
-                    owners(&left)
+                    owners(&left, division)
                 })[usize::from(*p)];
                 match owner {
                     Some(o) if o == me => return true,
@@ -140,14 +217,15 @@ fn score(member: &str, partition: u16) -> u64 {
 }
 
 /// How `me` sees the replicas: each live member with its partitions.
-fn view(me: &str, members: &[&str]) -> ReplicaView {
+fn view(me: &str, live: &Live) -> ReplicaView {
+    let members = live.members();
     ReplicaView {
         me: me.to_string(),
         members: members
             .iter()
             .map(|m| ReplicaShare {
                 id: m.to_string(),
-                partitions: owned_by(m, members),
+                partitions: owned_by(m, &members, live.division),
             })
             .collect(),
     }
@@ -185,18 +263,19 @@ impl Membership {
             beat: 0,
             seen: HashMap::new(),
         };
-        let members = follower.tick()?;
-        let keep = move |store: &Store, id: &str, members: &BTreeSet<String>| {
+        let live = follower.tick()?;
+        let keep = move |store: &Store, id: &str, live: &Live| {
             if let Some(n) = standbys {
-                store.keep_copies(Some(&copied_by(id, &members_of(members), n)));
+                store.keep_copies(Some(&copied_by(id, &live.members(), n, live.division)));
             }
         };
-        keep(&follower.store, &id, &members);
-        let owned = owned_by(&id, &members_of(&members));
-        tracing::info!(replica = %id, partitions = ?owned, members = members.len(),
-            "joined the replicas sharing the bus");
+        keep(&follower.store, &id, &live);
+        let owned = owned_by(&id, &live.members(), live.division);
+        tracing::info!(replica = %id, partitions = ?owned, members = live.ids.len(),
+            division = ?live.division, "joined the replicas sharing the bus");
         owned_tx.send_replace(owned);
-        viewed.send_replace(view(&id, &members_of(&members)));
+        viewed.send_replace(view(&id, &live));
+        let mut division = live.division;
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT);
@@ -208,20 +287,25 @@ impl Membership {
                     _ = every.tick() => {}
                 }
                 match follower.tick() {
-                    Ok(members) => {
-                        keep(&follower.store, &follower.id, &members);
-                        let seen = view(&follower.id, &members_of(&members));
+                    Ok(live) => {
+                        if live.division != division {
+                            tracing::info!(division = ?live.division, was = ?division,
+                                "the replicas divide the partitions another way now (the oldest build among them decides)");
+                            division = live.division;
+                        }
+                        keep(&follower.store, &follower.id, &live);
+                        let seen = view(&follower.id, &live);
                         viewed.send_if_modified(|was| {
                             let changed = *was != seen;
                             *was = seen;
                             changed
                         });
-                        let owned = owned_by(&follower.id, &members_of(&members));
+                        let owned = owned_by(&follower.id, &live.members(), live.division);
                         owned_tx.send_if_modified(|was| {
                             if *was == owned {
                                 return false;
                             }
-                            tracing::info!(partitions = ?owned, members = members.len(),
+                            tracing::info!(partitions = ?owned, members = live.ids.len(),
                                 "the replicas changed: this one now owns these partitions");
                             *was = owned;
                             true
@@ -264,8 +348,17 @@ impl Drop for Membership {
     }
 }
 
-fn members_of(members: &BTreeSet<String>) -> Vec<&str> {
-    members.iter().map(String::as_str).collect()
+/// The live members as a replica last saw them, and the division they all
+/// know.
+struct Live {
+    ids: BTreeSet<String>,
+    division: Division,
+}
+
+impl Live {
+    fn members(&self) -> Vec<&str> {
+        self.ids.iter().map(String::as_str).collect()
+    }
 }
 
 /// Writes the heartbeat and follows the other replicas'.
@@ -278,14 +371,19 @@ struct Follower {
 }
 
 impl Follower {
-    /// Writes one heartbeat; returns the live members, this one included.
-    fn tick(&mut self) -> Result<BTreeSet<String>, switchboard_store::StoreError> {
+    /// Writes one heartbeat; returns the live members, this one included,
+    /// and the oldest division their heartbeats name.
+    fn tick(&mut self) -> Result<Live, switchboard_store::StoreError> {
         self.beat += 1;
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        let heartbeat = serde_json::json!({"beat": self.beat, "at_ms": at});
+        let heartbeat = serde_json::json!({
+            "beat": self.beat,
+            "at_ms": at,
+            "division": Division::NEWEST.number(),
+        });
         self.store.put(
             Collection::Replicas,
             self.id.as_bytes(),
@@ -293,10 +391,12 @@ impl Follower {
         )?;
         let now = Instant::now();
         let mut live = BTreeSet::new();
+        let mut division = Division::NEWEST;
         let entries = self.store.scan_prefix(Collection::Replicas, &[])?;
         self.seen
             .retain(|key, _| entries.iter().any(|(k, _)| k == key));
         for (key, value) in entries {
+            let named = Division::of_heartbeat(&value);
             let changed = match self.seen.get_mut(&key) {
                 Some((last, at)) if *last == value => *at,
                 Some(slot) => {
@@ -313,6 +413,7 @@ impl Follower {
             };
             let quiet = now.duration_since(changed);
             if id == self.id || quiet < GONE_AFTER {
+                division = division.min(named);
                 live.insert(id);
             } else if quiet > FORGET_AFTER {
                 // Any replica may forget a long-gone one; a replica that was
@@ -320,7 +421,10 @@ impl Follower {
                 let _ = self.store.remove(Collection::Replicas, id.as_bytes());
             }
         }
-        Ok(live)
+        Ok(Live {
+            ids: live,
+            division,
+        })
     }
 }
 
@@ -376,7 +480,7 @@ mod tests {
 
     /// Each partition's owner among `members`.
     fn owner_of(members: &[&str]) -> Vec<Option<String>> {
-        owners(members)
+        even_owners(members)
             .into_iter()
             .map(|o| o.map(str::to_string))
             .collect()
@@ -393,8 +497,8 @@ mod tests {
             for n in 0..5u16 {
                 let mut copies = vec![0usize; PARTITIONS as usize];
                 for m in &members {
-                    let copied = copied_by(m, &members, n);
-                    for p in owned_by(m, &members) {
+                    let copied = copied_by(m, &members, n, Division::Even);
+                    for p in owned_by(m, &members, Division::Even) {
                         assert!(copied.contains(&p), "{m} copies the partition {p} it owns");
                     }
                     for p in copied {
@@ -410,10 +514,10 @@ mod tests {
             let leaver = members[3];
             let left = &members[..3];
             let after = owner_of(left);
-            for p in owned_by(leaver, &members) {
+            for p in owned_by(leaver, &members, Division::Even) {
                 let standby = left
                     .iter()
-                    .find(|m| copied_by(m, &members, 1).contains(&p))
+                    .find(|m| copied_by(m, &members, 1, Division::Even).contains(&p))
                     .expect("a standby among those left");
                 assert_eq!(
                     after[p as usize].as_deref(),
@@ -441,7 +545,7 @@ mod tests {
                 for m in &members {
                     let owns = owners.iter().filter(|o| o.as_deref() == Some(*m)).count();
                     if i == 0 {
-                        assert_eq!(owned_by(m, &members).len(), owns);
+                        assert_eq!(owned_by(m, &members, Division::Even).len(), owns);
                     }
                     assert!(
                         owns == even || owns == even + 1,
@@ -475,11 +579,14 @@ mod tests {
         let members = strs(&members);
         let owning = members
             .iter()
-            .filter(|m| !owned_by(m, &members).is_empty())
+            .filter(|m| !owned_by(m, &members, Division::Even).is_empty())
             .count();
         assert_eq!(owning, PARTITIONS as usize);
-        assert_eq!(owned_by("a1", &["a1"]).len(), PARTITIONS as usize);
-        assert!(owned_by("z", &["a1"]).is_empty());
+        assert_eq!(
+            owned_by("a1", &["a1"], Division::Even).len(),
+            PARTITIONS as usize
+        );
+        assert!(owned_by("z", &["a1"], Division::Even).is_empty());
     }
 
     /// A member joining takes its share, and little else moves: at most
@@ -494,7 +601,7 @@ mod tests {
                 let all = strs(members);
                 let (joiner, before) = (all[n], &all[..n]);
                 let (was, now) = (owner_of(before), owner_of(&all));
-                let share = owned_by(joiner, &all).len();
+                let share = owned_by(joiner, &all, Division::Even).len();
                 assert!(share >= usize::from(PARTITIONS) / (n + 1), "{share}");
                 others += (0..PARTITIONS as usize)
                     .filter(|p| now[*p] != was[*p] && now[*p].as_deref() != Some(joiner))
@@ -506,6 +613,88 @@ mod tests {
                 sets.len()
             );
         }
+    }
+
+    /// Plain rendezvous, the division of builds whose heartbeats name
+    /// none: each partition to its highest scorer, but for one partition
+    /// given to each member that would own none; its standbys are the next
+    /// owners under it, as under the even division.
+    #[test]
+    fn the_older_division_is_plain_rendezvous() {
+        let mut fixed_up = 0;
+        for members in member_sets(6, 100) {
+            let members = strs(&members);
+            let owners = rendezvous_owners(&members);
+            let top: Vec<&str> = (0..PARTITIONS)
+                .map(|p| {
+                    *members
+                        .iter()
+                        .max_by_key(|m| (score(m, p), **m))
+                        .expect("members")
+                })
+                .collect();
+            let without = members.iter().filter(|m| !top.contains(m)).count();
+            let moved = (0..PARTITIONS as usize)
+                .filter(|p| owners[*p] != Some(top[*p]))
+                .count();
+            assert_eq!(moved, without, "{owners:?} against {top:?}");
+            fixed_up += without;
+            for m in &members {
+                let owned = owned_by(m, &members, Division::Rendezvous);
+                assert!(!owned.is_empty(), "{m} owns none");
+                assert!(owned.iter().all(|p| owners[*p as usize] == Some(*m)));
+                let copied = copied_by(m, &members, 1, Division::Rendezvous);
+                assert!(owned.iter().all(|p| copied.contains(p)));
+            }
+        }
+        assert!(fixed_up > 0, "some set of six needs a member given one");
+    }
+
+    /// A heartbeat's division: none named (an older build) is plain
+    /// rendezvous; one newer than this build knows is the newest it knows.
+    #[test]
+    fn a_heartbeat_names_its_division() {
+        let of = |h: &str| Division::of_heartbeat(h.as_bytes());
+        assert_eq!(of(r#"{"beat":3,"at_ms":1}"#), Division::Rendezvous);
+        assert_eq!(
+            of(r#"{"beat":3,"at_ms":1,"division":1}"#),
+            Division::Rendezvous
+        );
+        assert_eq!(of(r#"{"beat":3,"at_ms":1,"division":2}"#), Division::Even);
+        assert_eq!(of(r#"{"beat":3,"at_ms":1,"division":9}"#), Division::Even);
+        assert_eq!(of("not json"), Division::Rendezvous);
+        assert_eq!(Division::NEWEST.number(), 2);
+    }
+
+    /// Replicas of two builds side by side agree: while one member's
+    /// heartbeat names no division, every member divides by plain
+    /// rendezvous; once it is gone, evenly.
+    #[test]
+    fn members_of_two_builds_divide_the_older_way() {
+        let store = Store::temporary().expect("a store");
+        let old = "0190000000000000aaaa";
+        store
+            .put(
+                Collection::Replicas,
+                old.as_bytes(),
+                br#"{"beat":1,"at_ms":1}"#,
+            )
+            .expect("an older build's heartbeat");
+        let mut new = Follower {
+            id: "0190000000000000bbbb".into(),
+            store: store.clone(),
+            beat: 0,
+            seen: HashMap::new(),
+        };
+        let live = new.tick().expect("a heartbeat");
+        assert_eq!(live.members(), [old, "0190000000000000bbbb"]);
+        assert_eq!(live.division, Division::Rendezvous);
+        store
+            .remove(Collection::Replicas, old.as_bytes())
+            .expect("the older build gone");
+        let live = new.tick().expect("a heartbeat");
+        assert_eq!(live.members(), ["0190000000000000bbbb"]);
+        assert_eq!(live.division, Division::Even);
     }
 
     #[test]
