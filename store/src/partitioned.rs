@@ -56,6 +56,10 @@ use forward::{Answer, Seen};
 /// fails after that, saying why.
 const FORWARD_TRIES: u32 = 6;
 
+/// How many reads of other replicas an owner answers at once (each a page
+/// of [`reads::PAGE`] entries scanned on the blocking pool).
+const READS_AT_ONCE: usize = 4;
+
 /// How long a forwarded write waits for the owner's answer before it is
 /// sent again (with the same id: the owner answers it once,
 /// [`forward::Answers`]).
@@ -233,6 +237,9 @@ pub(crate) struct Partitioned {
     /// The forwarded writes in flight here and those answered lately, for
     /// their senders' sending them again.
     answers: Mutex<forward::Answers>,
+    /// Reads answered for other replicas: at most [`READS_AT_ONCE`] page
+    /// scans at once.
+    reading: Arc<tokio::sync::Semaphore>,
     /// What the changelog's cleaner counts ([`cleaner`]).
     tally: cleaner::Tally,
 }
@@ -301,6 +308,7 @@ impl Partitioned {
             undecodable: AtomicU64::new(0),
             serving: Mutex::default(),
             answers: Mutex::default(),
+            reading: Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE)),
             tally: cleaner::Tally::new(partitions),
         });
         tokio::spawn(Self::follow(Arc::downgrade(&this), this.refilter.clone()));
@@ -1305,14 +1313,24 @@ impl Partitioned {
                     },
                     r = reads.next() => {
                         let (Some(read), Some(this)) = (r, this.upgrade()) else { return };
-                        // A page's scan is answered by a task of its own,
-                        // so that the partition's forwarded writes do not
-                        // wait for it.
+                        // A page's scan runs on the blocking pool, a few at
+                        // once, so that neither the partition's forwarded
+                        // writes nor the rest of this runtime (a single
+                        // thread) wait for it.
                         if let Some(reply) = read.reply {
                             let client = client.clone();
                             tokio::spawn(async move {
-                                let answer = this.answer_read(partition, term, &read.payload);
-                                let _ = client.publish(reply, answer).await;
+                                let Ok(_permit) = this.reading.clone().acquire_owned().await else {
+                                    return;
+                                };
+                                let scan = this.clone();
+                                let answer = tokio::task::spawn_blocking(move || {
+                                    scan.answer_read(partition, term, &read.payload)
+                                })
+                                .await;
+                                if let Ok(answer) = answer {
+                                    let _ = client.publish(reply, answer).await;
+                                }
                             });
                         }
                         continue;
@@ -1396,6 +1414,13 @@ impl Partitioned {
                     ))
                 }
                 Ok((c, read)) => match read.run(c, &self.trees[c.index()]) {
+                    // Still held once read: a copy given up meanwhile may
+                    // have been emptied under the scan, and a short page
+                    // would read as the end.
+                    Ok(_) if self.term(partition) != Some(term) => Answer::Refused(format!(
+                        "partition {partition} was given up while it was read here (epoch {})",
+                        term.epoch
+                    )),
                     Ok(entries) => Answer::Entries(entries),
                     Err(e) => Answer::Failed(e.to_string()),
                 },
