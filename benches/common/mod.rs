@@ -329,40 +329,42 @@ impl Dispatcher {
         body: String,
         content_type: &str,
     ) -> anyhow::Result<serde_json::Value> {
-        let answer = self
+        let request = self
             .http
             .put(format!("{}{path}", self.url))
-            .bearer_auth(ADMIN_TOKEN)
             .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("PUT {path}"))?;
-        let status = answer.status();
-        let text = answer.text().await?;
-        if !status.is_success() {
-            bail!("PUT {path}: {status}: {text}");
-        }
+            .body(body);
+        let (_, text) = self.as_admin(request, &format!("PUT {path}")).await?;
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 
     /// `GET path`, as the admin: how long it took, and its JSON.
     pub async fn get_timed(&self, path: &str) -> anyhow::Result<(Duration, serde_json::Value)> {
-        let started = std::time::Instant::now();
-        let answer = self
-            .http
-            .get(format!("{}{path}", self.url))
+        let request = self.http.get(format!("{}{path}", self.url));
+        let (took, text) = self.as_admin(request, &format!("GET {path}")).await?;
+        Ok((took, serde_json::from_str(&text)?))
+    }
+
+    /// Sends `request` (`what`, for errors) with the admin's token: how long
+    /// it took until the whole answer was in, and its text, if it succeeded.
+    async fn as_admin(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<(Duration, String)> {
+        let started = Instant::now();
+        let answer = request
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
-            .with_context(|| format!("GET {path}"))?;
+            .with_context(|| what.to_string())?;
         let status = answer.status();
         let text = answer.text().await?;
         let took = started.elapsed();
         if !status.is_success() {
-            bail!("GET {path}: {status}: {text}");
+            bail!("{what}: {status}: {text}");
         }
-        Ok((took, serde_json::from_str(&text)?))
+        Ok((took, text))
     }
 
     /// The event counters of `account`, or of every account.

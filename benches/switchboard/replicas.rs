@@ -1,19 +1,22 @@
 //! Replicas: 1, 2 and 3 dispatchers with `--replicated` sharing one NATS
 //! server, draining the same backlog through `create_contact` → `log` over
 //! 32 accounts, two in each partition, so that the work divides among the
-//! replicas by the partitions each holds (three of them again with one standby copy of each partition, and with
-//! none: `bus.standbys`); and one dispatcher with its own store, for the
-//! cost of keeping the state in the changelog. The CPU per event is summed over the replicas; the
+//! replicas by the partitions each holds (three of them again with one
+//! standby copy of each partition, and with none: `bus.standbys`); and one
+//! dispatcher with its own store, for the cost of keeping the state in the
+//! changelog. The CPU per event is summed over the replicas; the
 //! nats-server's CPU per event is printed beside it. After the one
 //! replicated dispatcher's drain, a replica started with an empty data
 //! directory is timed until it has caught up, and the changelog's size is
 //! printed. Each setup drains three times (once with `--quick`), the
-//! setups in turn, and the drain of median CPU per event is reported: the
-//! ratio of three replicas' CPU to one's moved by half between single runs
-//! on the shared development machine. Last, the full chain's latency on
-//! three replicas at 500 events/s offered ([`crate::chain::replicated`]).
+//! setups in turn; the drain of median CPU per event is reported, and the
+//! median of the rounds' ratios: the ratio of three replicas' CPU to one's
+//! moved by half between single runs on the shared development machine.
+//! Last, the full chain's latency on three replicas at 500 events/s
+//! offered ([`crate::chain::replicated`]).
 
 use async_nats::jetstream;
+use switchboard_bus::partitions::{PARTITIONS, partition_of};
 
 use crate::common::{self, Dispatcher, NatsServer, Spec};
 use crate::compare::{Build, PerBuild};
@@ -30,7 +33,8 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     );
     // Each setup drains `rounds` times, the setups in turn each round, so
     // that a change in the shared machine's load falls on all of them
-    // alike; each figure is the drain of median CPU per event.
+    // alike; each figure is the drain of median CPU per event, and each
+    // ratio the median of the rounds' ratios.
     let rounds = if options.quick { 1 } else { ROUNDS };
     let mut drains: Vec<Vec<PerBuild<Drained>>> = vec![Vec::new(); SETUPS.len()];
     for round in 0..rounds {
@@ -44,12 +48,12 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
             runs.push(drained);
         }
     }
-    // The own store's drain and one replica's, which the others are held to.
-    let mut own: Option<PerBuild<Drained>> = None;
-    let mut one: Option<PerBuild<Drained>> = None;
+    // The own store's drains and one replica's, which the others are held
+    // to, round by round: a ratio is the median of the rounds' ratios.
+    let mut own: Option<&[PerBuild<Drained>]> = None;
+    let mut one: Option<&[PerBuild<Drained>]> = None;
     for (setup, runs) in SETUPS.iter().zip(&drains) {
         let what = setup.what();
-        let drains = median(runs);
         if rounds > 1 {
             println!(
                 "{what}: CPU per event over the rounds {} µs; the median's figures are reported",
@@ -59,17 +63,19 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                     .join(" / ")
             );
         }
-        report.note_pauses("replicas", &what, &drains);
-        let value = Value::drain(&drains);
+        for (round, drained) in runs.iter().enumerate() {
+            report.note_pauses("replicas", &format!("{what}, round {}", round + 1), drained);
+        }
+        let value = Value::drain(&median(runs));
         match (setup.replicas, setup.replicated) {
             (1, false) => {
                 report.figure("replicas", what, value);
-                own = Some(drains);
+                own = Some(runs);
             }
             (1, true) => {
                 report.figure("replicas", what, value);
-                if let Some(own) = &own {
-                    let share = ratio(&drains, own, Drained::rate);
+                if let Some(own) = own {
+                    let share = median_ratio(runs, own, Drained::rate);
                     report.check(
                         "replicas",
                         "1 replica's rate / the own store's",
@@ -78,18 +84,18 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
                         share.current >= 0.6,
                     );
                 }
-                one = Some(drains);
+                one = Some(runs);
             }
             _ => {
-                let one = one.as_ref().expect("one replica's drain comes first");
-                let scaling = ratio(&drains, one, Drained::rate);
+                let one = one.expect("one replica's drains come first");
+                let scaling = median_ratio(runs, one, Drained::rate);
                 let value =
                     Value::join([value, Value::of(&scaling, |x| format!("×{x:.2} of one"))]);
                 report.figure("replicas", what, value);
                 if setup.replicas == 3 {
                     // Total CPU per event: what three replicas would cost
                     // with a core each, against one.
-                    let cost = ratio(&drains, one, Drained::cpu_per_event_us);
+                    let cost = median_ratio(runs, one, Drained::cpu_per_event_us);
                     let copies = match setup.standbys {
                         None => String::new(),
                         Some(1) => " (one standby copy)".to_string(),
@@ -116,7 +122,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
 fn accounts() -> &'static [String] {
     static ACCOUNTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     ACCOUNTS.get_or_init(|| {
-        let mut in_partition = [0u8; 16];
+        let mut in_partition = [0u8; PARTITIONS as usize];
         (0..)
             .map(|i| format!("bench-{i}"))
             .filter(|a| {
@@ -127,11 +133,6 @@ fn accounts() -> &'static [String] {
             .take(32)
             .collect()
     })
-}
-
-/// The partition of `account`'s state and events.
-fn partition_of(account: &str) -> u16 {
-    switchboard_store::partition_of_account(account.as_bytes(), 16)
 }
 
 /// The `i`th event of a backlog: the accounts in turn, every msisdn new.
@@ -198,13 +199,31 @@ fn median(runs: &[PerBuild<Drained>]) -> PerBuild<Drained> {
     }
 }
 
-/// `figure` of `drains` over `figure` of `base`, build by build.
-fn ratio(
-    drains: &PerBuild<Drained>,
-    base: &PerBuild<Drained>,
+/// `figure` of each round's drain over `figure` of the same round's `base`,
+/// build by build: the median over the rounds.
+fn median_ratio(
+    runs: &[PerBuild<Drained>],
+    base: &[PerBuild<Drained>],
     figure: fn(&Drained) -> f64,
 ) -> PerBuild<f64> {
-    drains.map(figure).zip_with(&base.map(figure), |x, b| x / b)
+    let ratios: Vec<PerBuild<f64>> = runs
+        .iter()
+        .zip(base)
+        .map(|(r, b)| r.map(figure).zip_with(&b.map(figure), |x, b| x / b))
+        .collect();
+    let middle = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    PerBuild {
+        current: middle(ratios.iter().map(|r| r.current).collect()),
+        baseline: ratios
+            .iter()
+            .map(|r| r.baseline)
+            .collect::<Option<Vec<_>>>()
+            .filter(|b| !b.is_empty())
+            .map(middle),
+    }
 }
 
 /// Starts `setup`'s dispatchers of `build` on a fresh server, waits until
@@ -335,7 +354,9 @@ async fn settled(dispatchers: &[Dispatcher]) -> anyhow::Result<()> {
         }
         let mut every: Vec<u64> = shares.iter().flatten().copied().collect();
         every.sort_unstable();
-        if shares.iter().all(|s| !s.is_empty()) && every == (0..16).collect::<Vec<u64>>() {
+        if shares.iter().all(|s| !s.is_empty())
+            && every == (0..u64::from(PARTITIONS)).collect::<Vec<u64>>()
+        {
             return Ok(());
         }
         if started.elapsed() > std::time::Duration::from_secs(60) {
