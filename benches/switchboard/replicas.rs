@@ -184,9 +184,14 @@ impl Setup {
 
 /// Of each build's drains, the one of median CPU per event.
 fn median(runs: &[PerBuild<Drained>]) -> PerBuild<Drained> {
-    let middle = |mut drains: Vec<&Drained>| {
-        drains.sort_by(|a, b| a.cpu_per_event_us().total_cmp(&b.cpu_per_event_us()));
-        drains[drains.len() / 2].clone()
+    median_by(runs, Drained::cpu_per_event_us)
+}
+
+/// Of each build's values over the rounds, the one of median `key`.
+fn median_by<T: Clone>(runs: &[PerBuild<T>], key: fn(&T) -> f64) -> PerBuild<T> {
+    let middle = |mut values: Vec<&T>| {
+        values.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        values[values.len() / 2].clone()
     };
     PerBuild {
         current: middle(runs.iter().map(|r| &r.current).collect()),
@@ -211,19 +216,7 @@ fn median_ratio(
         .zip(base)
         .map(|(r, b)| r.map(figure).zip_with(&b.map(figure), |x, b| x / b))
         .collect();
-    let middle = |mut xs: Vec<f64>| {
-        xs.sort_by(f64::total_cmp);
-        xs[xs.len() / 2]
-    };
-    PerBuild {
-        current: middle(ratios.iter().map(|r| r.current).collect()),
-        baseline: ratios
-            .iter()
-            .map(|r| r.baseline)
-            .collect::<Option<Vec<_>>>()
-            .filter(|b| !b.is_empty())
-            .map(middle),
-    }
+    median_by(&ratios, |x| *x)
 }
 
 /// Starts `setup`'s dispatchers of `build` on a fresh server, waits until
