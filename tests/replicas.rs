@@ -193,6 +193,27 @@ async fn contacts(d: &Dispatcher, account: &str) -> Vec<Value> {
     body["contacts"].as_array().expect("contacts").clone()
 }
 
+/// Every contact of the first `accounts` accounts, as a replica's API lists
+/// them, after asserting that each account has `conversations` of them,
+/// each holding `wave`'s value.
+async fn contacts_of_wave(
+    d: &Dispatcher,
+    accounts: usize,
+    conversations: usize,
+    wave: u64,
+) -> Vec<Value> {
+    let mut every = Vec::new();
+    for i in 0..accounts {
+        let listed = contacts(d, &account(i)).await;
+        assert_eq!(listed.len(), conversations, "{}: {listed:#?}", account(i));
+        for c in &listed {
+            assert_eq!(c["fields"]["wave"], wave, "{}: {c:#}", account(i));
+        }
+        every.extend(listed);
+    }
+    every
+}
+
 /// The chain version a replica's API reports as current.
 async fn version_at(d: &Dispatcher, account: &str) -> Option<u64> {
     let (status, body) = d.get(&format!("/v1/accounts/{account}/chains")).await;
@@ -1608,13 +1629,7 @@ async fn a_replica_that_handed_partitions_over_reads_the_new_owners_writes() {
     emit_all(nats.url(), &second).await;
     for d in [&a, &b] {
         all_done(d, &[first.as_slice(), second.as_slice()].concat(), within).await;
-        for i in 0..accounts {
-            let all = contacts(d, &account(i)).await;
-            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
-            for c in &all {
-                assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
-            }
-        }
+        contacts_of_wave(d, accounts, conversations, 2).await;
     }
 }
 
@@ -1667,13 +1682,8 @@ async fn read_everywhere_then_lose_a_replica(replicas: usize, standbys: u16) {
     }
     let mut wave_of = HashMap::new();
     for d in &all {
-        for i in 0..accounts {
-            let listed = contacts(d, &account(i)).await;
-            assert_eq!(listed.len(), conversations, "{}: {listed:#?}", account(i));
-            for c in &listed {
-                assert_eq!(c["fields"]["wave"], 1, "{}: {c:#}", account(i));
-                wave_of.insert(c["key"].to_string(), 1);
-            }
+        for c in contacts_of_wave(d, accounts, conversations, 1).await {
+            wave_of.insert(c["key"].to_string(), 1);
         }
     }
     assert_eq!(
@@ -1731,17 +1741,12 @@ async fn read_everywhere_then_lose_a_replica(replicas: usize, standbys: u16) {
     let both = [first.as_slice(), second.as_slice()].concat();
     for d in &all {
         all_done(d, &both, within).await;
-        for i in 0..accounts {
-            let listed = contacts(d, &account(i)).await;
-            assert_eq!(listed.len(), conversations, "{}: {listed:#?}", account(i));
-            for c in &listed {
-                assert_eq!(c["fields"]["wave"], 2, "{}: {c:#}", account(i));
-                assert_eq!(
-                    wave_of.get(&c["key"].to_string()),
-                    Some(&1),
-                    "the same contact: {c:#}"
-                );
-            }
+        for c in contacts_of_wave(d, accounts, conversations, 2).await {
+            assert_eq!(
+                wave_of.get(&c["key"].to_string()),
+                Some(&1),
+                "the same contact: {c:#}"
+            );
         }
     }
 }
@@ -2113,13 +2118,7 @@ retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 
     // Each contact holds the last wave's value, as either replica reads it.
     for d in [&a, &b] {
-        for i in 0..accounts {
-            let all = contacts(d, &account(i)).await;
-            assert_eq!(all.len(), conversations, "{}: {all:#?}", account(i));
-            for c in &all {
-                assert_eq!(c["fields"]["wave"], 3, "{}: {c:#}", account(i));
-            }
-        }
+        contacts_of_wave(d, accounts, conversations, 3).await;
     }
     eprintln!(
         "replicas: a zombie owner resumed after a take-over: {} events done, {repeats} webhook \
