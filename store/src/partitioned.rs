@@ -56,6 +56,15 @@ use forward::{Answer, Seen};
 /// fails after that, saying why.
 const FORWARD_TRIES: u32 = 6;
 
+/// Why an owner refuses a forwarded write or read of `partition`: its
+/// `term` here has ended.
+fn not_held(partition: u16, term: Term) -> String {
+    format!(
+        "partition {partition} is no longer held here (epoch {})",
+        term.epoch
+    )
+}
+
 /// How many reads of other replicas an owner answers at once (each a page
 /// of [`reads::PAGE`] entries scanned on the blocking pool).
 const READS_AT_ONCE: usize = 4;
@@ -1381,10 +1390,7 @@ impl Partitioned {
                             });
                             continue;
                         }
-                        Ok(None) => format!(
-                            "partition {partition} is no longer held here (epoch {})",
-                            term.epoch
-                        ),
+                        Ok(None) => not_held(partition, term),
                         Err(e) => e.to_string(),
                     },
                 };
@@ -1399,32 +1405,25 @@ impl Partitioned {
     /// why not.
     fn answer_read(&self, partition: u16, term: Term, request: &[u8]) -> Bytes {
         use reads::Answer;
-        let answer = if self.term(partition) != Some(term) {
-            Answer::Refused(format!(
-                "partition {partition} is no longer held here (epoch {})",
-                term.epoch
-            ))
-        } else {
-            match reads::Read::decode(request) {
-                Err(e) => Answer::Failed(format!("a read that does not decode: {e}")),
-                Ok((c, read)) if read.key().map(|k| self.partition_of(k)) != Some(partition) => {
-                    Answer::Failed(format!(
-                        "a read of {} that is not of partition {partition}",
-                        c.name()
-                    ))
-                }
-                Ok((c, read)) => match read.run(c, &self.trees[c.index()]) {
-                    // Still held once read: a copy given up meanwhile may
-                    // have been emptied under the scan, and a short page
-                    // would read as the end.
-                    Ok(_) if self.term(partition) != Some(term) => Answer::Refused(format!(
-                        "partition {partition} was given up while it was read here (epoch {})",
-                        term.epoch
-                    )),
-                    Ok(entries) => Answer::Entries(entries),
-                    Err(e) => Answer::Failed(e.to_string()),
-                },
+        let answer = match reads::Read::decode(request) {
+            Err(e) => Answer::Failed(format!("a read that does not decode: {e}")),
+            Ok((c, read)) if read.key().map(|k| self.partition_of(k)) != Some(partition) => {
+                Answer::Failed(format!(
+                    "a read of {} that is not of partition {partition}",
+                    c.name()
+                ))
             }
+            Ok((c, read)) => match read.run(c, &self.trees[c.index()]) {
+                Ok(entries) => Answer::Entries(entries),
+                Err(e) => Answer::Failed(e.to_string()),
+            },
+        };
+        // Held still once read: a copy given up meanwhile may have been
+        // emptied under the scan, and a short page would read as the end.
+        let answer = if self.term(partition) == Some(term) {
+            answer
+        } else {
+            Answer::Refused(not_held(partition, term))
         };
         let encoded = answer.encode();
         let most = self.client.server_info().max_payload;
