@@ -228,9 +228,17 @@ pub async fn stop_after(
     tag: &str,
 ) -> anyhow::Result<u64> {
     let hwm_kib = dispatcher.hwm_kib()?;
+    // Counted since the start, which flushes a few times itself.
+    let flushes = match dispatcher.store_flushes().await? {
+        Some(n) => format!(
+            "; store flushes {:.3} per event",
+            n as f64 / drained.events as f64
+        ),
+        None => String::new(),
+    };
     dispatcher.stop().await;
     println!(
-        "{tag}dispatcher {}; peak RSS {} MiB",
+        "{tag}dispatcher {}; peak RSS {} MiB{flushes}",
         drained.describe(),
         mib(hwm_kib)
     );
