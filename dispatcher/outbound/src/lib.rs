@@ -46,6 +46,10 @@ impl ReqwestHttp {
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(Duration::from_secs(5))
                 .pool_idle_timeout(Duration::from_secs(60))
+                // A step retries under its own policy, with the same ids; a
+                // retry inside the client besides would copy every request
+                // in case it is needed.
+                .retry(reqwest::retry::never().max_retries_per_request(0))
                 .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
         };
         let deployment = builder().build().expect("an HTTP client builds");
@@ -63,8 +67,14 @@ impl ReqwestHttp {
         }
     }
 
-    /// The client for `request`, once its host passes the policy if it must.
-    fn client_for(&self, request: &HttpRequest, url: &str) -> Result<&reqwest::Client, HttpError> {
+    /// The client for `request` to `parsed`, once its host passes the
+    /// policy if it must; `url` names it in errors.
+    fn client_for(
+        &self,
+        request: &HttpRequest,
+        parsed: &reqwest::Url,
+        url: &str,
+    ) -> Result<&reqwest::Client, HttpError> {
         if !request.from_account {
             return Ok(&self.deployment);
         }
@@ -72,8 +82,6 @@ impl ReqwestHttp {
             url: url.to_string(),
             message: format!("refused by the outbound policy: {message}"),
         };
-        let parsed =
-            reqwest::Url::parse(&request.url).map_err(|e| refused(format!("not a URL: {e}")))?;
         match parsed.host() {
             Some(url::Host::Domain(host)) => self.policy.check_host(host).map_err(refused)?,
             Some(url::Host::Ipv4(ip)) => self
@@ -149,14 +157,28 @@ impl ReqwestHttp {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         // Errors name the URL without its credentials or query.
         let url = redact_url(&request.url);
+        let parsed = reqwest::Url::parse(&request.url).map_err(|e| {
+            let message = format!("not a URL: {e}");
+            if request.from_account {
+                HttpError::Refused {
+                    url: url.clone(),
+                    message: format!("refused by the outbound policy: {message}"),
+                }
+            } else {
+                HttpError::Connect {
+                    url: url.clone(),
+                    message,
+                }
+            }
+        })?;
         let mut builder = self
-            .client_for(&request, &url)?
+            .client_for(&request, &parsed, &url)?
             .request(
                 match request.method {
                     Method::Post => reqwest::Method::POST,
                     Method::Get => reqwest::Method::GET,
                 },
-                &request.url,
+                parsed,
             )
             .timeout(request.timeout)
             .body(request.body);
