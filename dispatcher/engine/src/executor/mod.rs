@@ -298,11 +298,26 @@ impl Executor {
         holding: &Holding,
         earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
-        let account = event.account_key.as_str();
         let started = loaded
             .as_ref()
             .is_some_and(|j| j.chains.iter().any(ChainJournal::ran));
         let mut pass = Pass::new(event, loaded, earlier.take(), self.store.under(holding));
+        // Interrupted (or given up at a shutdown), the pass still writes an
+        // outside step's entry that waited for its next write: see `Pass`'s
+        // `Drop`.
+        self.run_pass(event, started, &mut pass, earlier).await
+    }
+
+    /// [`Executor::try_handle`]'s pass over `event`, which has run a chain
+    /// before if `started`.
+    async fn run_pass(
+        &self,
+        event: &VumiApiEvent,
+        started: bool,
+        pass: &mut Pass,
+        earlier: &mut Option<WriteMark>,
+    ) -> Result<Disposition, Interrupted> {
+        let account = event.account_key.as_str();
         let lineage = policy::Lineage {
             expires_at: event.expires_at,
             depth: event.depth,
@@ -320,23 +335,23 @@ impl Executor {
                 self.metrics
                     .count(Outcome::Expired, account, event.event_type.as_str());
                 tracing::info!(account, event_id = %event.id, "event expired before it was handled: dropped");
-                return self.finish(event, pass, TraceStatus::Expired);
+                return self.finish(event, pass, TraceStatus::Expired, earlier);
             }
             policy::Admission::TooDeep(error) => {
                 tracing::warn!(account, event_id = %event.id, %error, "depth limit: filed in dead letters");
                 let letter =
                     DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, error);
                 self.file_dead_letter(&letter).await?;
-                return self.finish(event, pass, TraceStatus::Dead);
+                return self.finish(event, pass, TraceStatus::Dead, earlier);
             }
         }
 
         let Some(account_chains) = self.chains.lookup(&event.account_key) else {
-            return self.unrouted(pass, event, "the account has no chains");
+            return self.unrouted(pass, event, "the account has no chains", earlier);
         };
         // Before its own chains: the event may cancel or resume paused runs
         // whether or not a chain of its own matches it.
-        self.reach_paused(event, &account_chains, &pass).await?;
+        self.reach_paused(event, &account_chains, pass).await?;
         let event_value = EventValue::new(event);
         let runtime = self.registry.runtime();
         let mut selected = runtime.run_sandboxed(|| {
@@ -348,12 +363,12 @@ impl Executor {
         });
         let mut slots = Vec::new();
         let stopped =
-            self.runs_under_way(event, &account_chains, &mut selected, &mut pass, &mut slots)?;
+            self.runs_under_way(event, &account_chains, &mut selected, pass, &mut slots)?;
         // Slots are given back under the event's term, like its other
         // writes: a deposed owner's are refused.
         let store = pass.store().clone();
         if selected.is_empty() && stopped {
-            let disposition = self.finish(event, pass, TraceStatus::Cancelled)?;
+            let disposition = self.finish(event, pass, TraceStatus::Cancelled, earlier)?;
             self.release_slots(&store, event, slots)?;
             return Ok(disposition);
         }
@@ -362,6 +377,7 @@ impl Executor {
                 pass,
                 event,
                 "no chain matches (or no chain's `when` holds) and the account has no default chain",
+                earlier,
             );
         }
 
@@ -378,7 +394,7 @@ impl Executor {
                 Selected::Run(chain) => {
                     let span = otel::chain(&chain.name, account_chains.version());
                     let run = self
-                        .run_chain(event, &event_value, chain, &account_chains, &mut pass)
+                        .run_chain(event, &event_value, chain, &account_chains, pass)
                         .instrument(span.clone())
                         .await?;
                     match run {
@@ -388,7 +404,7 @@ impl Executor {
                         }
                         ChainRun::Paused => paused = true,
                     }
-                    slots.extend(self.slot_to_release(event, chain, &pass));
+                    slots.extend(self.slot_to_release(event, chain, pass));
                     let end = pass.journal.chain(&chain.name).and_then(|c| c.end.as_ref());
                     span.record("switchboard.outcome", chain_outcome(&run, end));
                     // (A flow control whose key failed filed a letter too.)
@@ -427,7 +443,7 @@ impl Executor {
 
         // What the finished steps emitted goes on the bus: at every pass, so
         // that children do not wait for a sibling chain's retry.
-        if let Err(e) = self.publish_children(event, &mut pass, &ran).await {
+        if let Err(e) = self.publish_children(event, pass, &ran).await {
             pass.write(&self.journal)?;
             return Err(e);
         }
@@ -450,9 +466,8 @@ impl Executor {
                 TraceStatus::Done
             }
         };
-        *earlier = pass.earlier_for_next();
         if retry_in.is_none() && !paused {
-            let disposition = self.finish(event, pass, status)?;
+            let disposition = self.finish(event, pass, status, earlier)?;
             self.release_slots(&store, event, slots)?;
             return Ok(disposition);
         }
@@ -463,6 +478,7 @@ impl Executor {
             finished_ms: None,
         });
         pass.write(&self.journal)?;
+        *earlier = pass.earlier_for_next();
         for timer in pass.written_timers() {
             self.timers.noted(&timer);
         }
@@ -554,9 +570,10 @@ impl Executor {
 
     fn unrouted(
         &self,
-        pass: Pass,
+        pass: &mut Pass,
         event: &VumiApiEvent,
         why: &str,
+        earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
         let account = event.account_key.as_str();
         self.metrics
@@ -568,21 +585,24 @@ impl Executor {
             event_type = %event.event_type,
             "unrouted event: {why}"
         );
-        self.finish(event, pass, TraceStatus::Unrouted)
+        self.finish(event, pass, TraceStatus::Unrouted, earlier)
     }
 
-    /// Ends the pass: its last write, which the ack waits to be flushed.
+    /// Ends the pass: its last write, which the ack waits to be flushed
+    /// (and the worker's next outside step, if it holds one's record).
     fn finish(
         &self,
         event: &VumiApiEvent,
-        mut pass: Pass,
+        pass: &mut Pass,
         status: TraceStatus,
+        earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
         pass.record(Entry::Finish {
             status,
             finished_ms: Some(crate::journal::now_ms()),
         });
         pass.write(&self.journal)?;
+        *earlier = pass.earlier_for_next();
         passed(status);
         self.tail.passed(event, &pass.journal, status);
         Ok(Disposition::Ack)
@@ -723,7 +743,7 @@ impl Executor {
                 .get(&step.handler)
                 .map_or(switchboard_handlers::Effects::None, |h| h.effects());
             if policy::flush_before(effects, pass.awaits_flush()) {
-                pass.flush().await?;
+                pass.flush(&self.journal).await?;
             }
             let prior = pass
                 .journal
@@ -774,9 +794,9 @@ impl Executor {
                         record: Box::new(record),
                     });
                     // The pause (its journal entry, timer and waiters) goes
-                    // in the same write as the step: a step written at once
-                    // (one with effects, a scheduled send) is never found
-                    // finished without the pause it asked for.
+                    // in the same write as the step: a step with effects
+                    // (a scheduled send) is never found finished without the
+                    // pause it asked for.
                     let paused = match pause {
                         Some(pause) if !stop => {
                             self.pause(event, chain, pass, pause);

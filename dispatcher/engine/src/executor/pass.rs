@@ -3,10 +3,11 @@
 //!
 //! Entries are recorded as the chains run and written in as few writes as
 //! the guarantees allow: a step without outside effects waits for the
-//! pass's last write; a step with effects is written at once (and, for one
-//! outside the dispatcher, made durable before the next such step). So an
-//! event whose chains have no effects costs one store write, and a step
-//! with effects one small entry, never the whole record again.
+//! pass's last write; a step with effects in the store is written at once;
+//! a step with effects outside the dispatcher goes with the pass's next
+//! write, made durable before the next such step starts. So an event whose
+//! chains have no local effects costs one store write, and every further
+//! write is a small entry, never the whole record again.
 
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Store, StoreError, Write, WriteMark};
@@ -23,8 +24,10 @@ pub(super) struct Pass {
     pub journal: EventJournal,
     /// Recorded, not written yet.
     pending: Pending,
-    /// A step with outside effects was written and is not flushed yet.
+    /// A step with outside effects was recorded and is not durable yet.
     unflushed: bool,
+    /// Such a step's entry waits for the pass's next write.
+    effect_unwritten: bool,
     /// The same, left by the worker's earlier event.
     earlier: Option<WriteMark>,
     /// The store as this event writes it: under the term its partition was
@@ -51,6 +54,7 @@ impl Pass {
             journal: loaded.unwrap_or_else(EventJournal::starting_now),
             pending: Pending::default(),
             unflushed: false,
+            effect_unwritten: false,
             earlier,
             store,
             beside: Vec::new(),
@@ -81,6 +85,7 @@ impl Pass {
     /// listing takes such an entry for none, so an event is listed once, at
     /// its record's start.
     pub fn take_write(&mut self, journal: &Journal) -> Result<Vec<Write>, StoreError> {
+        self.effect_unwritten = false;
         let fresh = self.journal.is_fresh();
         let Some(write) = journal.append(&self.at, &mut self.journal, &mut self.pending)? else {
             return Ok(std::mem::take(&mut self.beside));
@@ -138,9 +143,9 @@ impl Pass {
         match recording {
             Recording::WithTheEnd => Ok(()),
             Recording::Now => self.write(journal),
-            Recording::NowThenDurable => {
-                self.write(journal)?;
+            Recording::BeforeTheNextEffect => {
                 self.unflushed = true;
+                self.effect_unwritten = true;
                 Ok(())
             }
         }
@@ -152,9 +157,11 @@ impl Pass {
         self.unflushed || self.earlier.is_some_and(|m| !self.store.is_durable(m))
     }
 
-    /// Makes everything written so far durable: fails if the store did not,
-    /// or if this event's term ended meanwhile (what it wrote may be lost).
-    pub async fn flush(&mut self) -> Result<(), StoreError> {
+    /// Writes what was recorded and makes everything written so far
+    /// durable: fails if the store did not, or if this event's term ended
+    /// meanwhile (what it wrote may be lost).
+    pub async fn flush(&mut self, journal: &Journal) -> Result<(), StoreError> {
+        self.write(journal)?;
         self.store.flush().await?;
         self.unflushed = false;
         self.earlier = None;
@@ -162,12 +169,115 @@ impl Pass {
     }
 
     /// The mark the worker's next event waits for before its first outside
-    /// step: this pass's last outside effect, or the earlier one.
+    /// step: this pass's last outside effect, or the earlier one. Taken
+    /// after the pass's last write, which it must cover.
     pub fn earlier_for_next(&self) -> Option<WriteMark> {
+        debug_assert!(self.pending.is_empty(), "a mark taken before a write");
         if self.unflushed {
             Some(self.store.mark())
         } else {
             self.earlier
         }
+    }
+}
+
+impl Drop for Pass {
+    /// A pass given up before its next write (interrupted by a failure, or
+    /// cut off by a shutdown's grace period) still writes the entry of an
+    /// outside step it finished, so that the event, handled again, resumes
+    /// after the step instead of repeating it. (Unflushed, as it would have
+    /// been: the store's own flush at a shutdown keeps it.)
+    fn drop(&mut self) {
+        if !self.effect_unwritten {
+            return;
+        }
+        let journal = Journal::new(self.store.clone());
+        if let Err(e) = self.write(&journal) {
+            tracing::warn!(error = %e, "writing the entry of an outside step, its pass given up, failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::tests::{event, step};
+
+    fn open() -> (tempfile::TempDir, Store, Journal) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let journal = Journal::new(store.clone());
+        (dir, store, journal)
+    }
+
+    fn steps_of(journal: &Journal, e: &VumiApiEvent) -> Vec<String> {
+        let at = RecordKey::new(&e.account_key, &e.id);
+        journal
+            .load(&at)
+            .expect("a read")
+            .map(|j| {
+                j.chains
+                    .iter()
+                    .flat_map(|c| c.steps.iter().map(|s| s.trace.name.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// An outside step's entry waits for the pass's next write, which the
+    /// flush before the next outside step makes.
+    #[tokio::test]
+    async fn an_outside_steps_entry_is_written_by_the_flush_before_the_next() {
+        let (_dir, store, journal) = open();
+        let e = event(1);
+        let mut pass = Pass::new(&e, None, None, store.clone());
+        pass.record(step("c", "pay"));
+        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
+            .expect("recorded");
+        assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
+        assert!(pass.awaits_flush());
+        pass.flush(&journal).await.expect("a flush");
+        assert_eq!(steps_of(&journal, &e), ["pay"]);
+        assert!(!pass.awaits_flush());
+        assert_eq!(pass.earlier_for_next(), None);
+    }
+
+    /// A pass given up before its next write (interrupted, or cut off by a
+    /// shutdown) writes a finished outside step's entry as it goes; one
+    /// whose entries were all written writes nothing more.
+    #[test]
+    fn a_pass_given_up_writes_its_outside_steps_entry() {
+        let (_dir, store, journal) = open();
+        let e = event(2);
+        let mut pass = Pass::new(&e, None, None, store.clone());
+        pass.record(step("c", "score"));
+        pass.step_recorded(Recording::WithTheEnd, &journal)
+            .expect("recorded");
+        pass.record(step("c", "pay"));
+        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
+            .expect("recorded");
+        assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
+        drop(pass);
+        assert_eq!(steps_of(&journal, &e), ["score", "pay"]);
+
+        // Without an outside step, what waits for the end goes with it.
+        let e = event(3);
+        let mut pass = Pass::new(&e, None, None, store.clone());
+        pass.record(step("c", "score"));
+        pass.step_recorded(Recording::WithTheEnd, &journal)
+            .expect("recorded");
+        drop(pass);
+        assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
+
+        // Written, then given up: the record is as written.
+        let e = event(4);
+        let mut pass = Pass::new(&e, None, None, store.clone());
+        pass.record(step("c", "pay"));
+        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
+            .expect("recorded");
+        pass.write(&journal).expect("a write");
+        pass.record(step("c", "after"));
+        drop(pass);
+        assert_eq!(steps_of(&journal, &e), ["pay"]);
     }
 }

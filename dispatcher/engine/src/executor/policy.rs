@@ -122,10 +122,12 @@ pub enum Recording {
     /// At once, not flushed: the step's own writes are in the same store
     /// log, which keeps the record only if it keeps what came before it.
     Now,
-    /// At once, and durable before the next step with outside effects
-    /// starts (and before the ack): a crash repeats at most one such step
-    /// per worker.
-    NowThenDurable,
+    /// With the pass's next write, and durable before the next step with
+    /// outside effects starts (and before the ack): a crash repeats at most
+    /// one such step per worker. Written no sooner than that, since a write
+    /// that is not flushed keeps nothing a crash could not lose; so a pass
+    /// whose one outside step is its last writes its record once.
+    BeforeTheNextEffect,
 }
 
 /// When the record of a finished step with `effects` is written. (A step's
@@ -133,7 +135,7 @@ pub enum Recording {
 /// by the event, which finds it its own if it runs the step again.)
 pub fn recording(effects: Effects) -> Recording {
     match effects {
-        Effects::External => Recording::NowThenDurable,
+        Effects::External => Recording::BeforeTheNextEffect,
         Effects::Local => Recording::Now,
         Effects::None | Effects::LocalRepeatable => Recording::WithTheEnd,
     }
@@ -324,7 +326,7 @@ mod tests {
         check(Effects::None, Recording::WithTheEnd);
         check(Effects::Local, Recording::Now);
         check(Effects::LocalRepeatable, Recording::WithTheEnd);
-        check(Effects::External, Recording::NowThenDurable);
+        check(Effects::External, Recording::BeforeTheNextEffect);
 
         for (effects, earlier, expected) in [
             (Effects::External, true, true),

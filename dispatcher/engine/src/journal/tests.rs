@@ -7,7 +7,7 @@ use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
 use super::*;
 use crate::trace::StepOutcome;
 
-fn event(n: u8) -> VumiApiEvent {
+pub(crate) fn event(n: u8) -> VumiApiEvent {
     let mut e = VumiApiEvent::new(
         AccountKey::new("acme").expect("a key"),
         ConversationKey::new("c1").expect("a key"),
@@ -42,7 +42,7 @@ fn trace(name: &str, outcome: StepOutcome) -> StepTrace {
     }
 }
 
-fn step(chain: &str, name: &str) -> Entry {
+pub(crate) fn step(chain: &str, name: &str) -> Entry {
     Entry::Step {
         chain: chain.into(),
         version: 1,
