@@ -25,8 +25,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// to accept the message: older ones are replays.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
 
-/// The HMAC of a message, keyed by the base64 part of a `whsec_` secret.
-fn mac(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Result<Hmac<Sha256>, String> {
+/// The signing key of a `whsec_` secret: its base64 part, decoded.
+fn key_of(secret: &str) -> Result<Vec<u8>, String> {
     let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
     let key = BASE64.decode(encoded).map_err(|e| {
         format!("is not a Standard Webhooks secret (whsec_ + base64 of the key): {e}")
@@ -34,18 +34,36 @@ fn mac(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Result<Hmac<Sha2
     if key.is_empty() {
         return Err("is empty".into());
     }
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes a key of any length");
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    Ok(key)
+}
+
+/// The HMAC of a message under `key`.
+fn mac_with(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
-    Ok(mac)
+    mac
+}
+
+/// The HMAC of a message, keyed by the base64 part of a `whsec_` secret.
+fn mac(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Result<Hmac<Sha256>, String> {
+    Ok(mac_with(&key_of(secret)?, id, timestamp, body))
+}
+
+/// The `webhook-signature` value for a message under `key`.
+fn sign_with(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mac = mac_with(key, id, &timestamp.to_string(), body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
 /// The `webhook-signature` value for a message: `v1,` + base64 of
 /// HMAC-SHA256(key, `{id}.{timestamp}.{body}`), where the key is the base64
 /// part of a `whsec_` secret.
 pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
-    let mac = mac(secret, id, &timestamp.to_string(), body)?;
-    Ok(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
+    Ok(sign_with(&key_of(secret)?, id, timestamp, body))
 }
 
 /// Why a Standard Webhooks message was refused.
@@ -196,16 +214,14 @@ impl Handler for PaymentWebhook {
         let Prepared {
             config,
             url,
-            secret_name,
-            secret,
+            key,
             webhook_id,
             timeout,
         } = self.prepare(input)?;
         let body =
             serde_json::to_vec(config.get("body").unwrap_or(&json!({}))).expect("JSON serialises");
         let timestamp = switchboard_sdk::now().unix_timestamp();
-        let signature = sign(&secret, &webhook_id, timestamp, &body)
-            .map_err(|e| StepError::permanent(format!("secret {secret_name:?} {e}")))?;
+        let signature = sign_with(&key, &webhook_id, timestamp, &body);
         let mut headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("webhook-id".to_string(), webhook_id.clone()),
@@ -255,8 +271,8 @@ impl Handler for PaymentWebhook {
 struct Prepared {
     config: Map<String, Value>,
     url: String,
-    secret_name: String,
-    secret: String,
+    /// The signing key of the account's secret.
+    key: Vec<u8>,
     /// Stable for the (event, chain, step): a retry carries the same id.
     webhook_id: String,
     timeout: std::time::Duration,
@@ -286,7 +302,7 @@ impl PaymentWebhook {
         let webhook_id = format!("msg_{}", input.child_id(0).as_uuid().simple());
         // A secret that cannot sign fails here, before anything is sent (and
         // in a dry run too).
-        sign(&secret, &webhook_id, 0, b"")
+        let key = key_of(&secret)
             .map_err(|e| StepError::permanent(format!("secret {secret_name:?} {e}")))?;
         let timeout = match config.get("timeout").and_then(Value::as_str) {
             Some(t) => switchboard_rules::duration::parse(t)
@@ -296,8 +312,7 @@ impl PaymentWebhook {
         Ok(Prepared {
             config,
             url,
-            secret_name,
-            secret,
+            key,
             webhook_id,
             timeout,
         })
