@@ -155,6 +155,11 @@ pub async fn consume(
     let _ = settler.await;
     released.sort_by_key(|d| d.seq);
     if !released.is_empty() {
+        // What the passes cut off wrote as they went (an outside step's
+        // entry) is durable before their events go to another replica.
+        if let Err(e) = executor.make_durable().await {
+            tracing::warn!(error = %e, "flushing the store before giving events back failed");
+        }
         bus.quiesce().await;
         tracing::info!(
             count = released.len(),

@@ -2,12 +2,14 @@
 //! written, and what is durable.
 //!
 //! Entries are recorded as the chains run and written in as few writes as
-//! the guarantees allow: a step without outside effects waits for the
-//! pass's last write; a step with effects in the store is written at once;
-//! a step with effects outside the dispatcher goes with the pass's next
-//! write, made durable before the next such step starts. So an event whose
-//! chains have no local effects costs one store write, and every further
-//! write is a small entry, never the whole record again.
+//! the guarantees allow: a step without effects, or whose effects a run
+//! again repeats harmlessly, waits for the pass's last write; a step with
+//! effects in the store that must not be repeated (`notify`) is written at
+//! once; a step with effects outside the dispatcher goes with the pass's
+//! next write, made durable before the next such step starts. So an event
+//! whose one outside step (if any) is its last costs one journal write,
+//! unless the worker's earlier outside step is not durable yet; every
+//! further write is a small entry, never the whole record again.
 
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Store, StoreError, Write, WriteMark};
@@ -183,12 +185,15 @@ impl Pass {
 
 impl Drop for Pass {
     /// A pass given up before its next write (interrupted by a failure, or
-    /// cut off by a shutdown's grace period) still writes the entry of an
-    /// outside step it finished, so that the event, handled again, resumes
-    /// after the step instead of repeating it. (Unflushed, as it would have
-    /// been: the store's own flush at a shutdown keeps it.)
+    /// cut off by a shutdown's grace period) still writes what it recorded
+    /// when that holds an outside step's entry, so that the event, handled
+    /// again, resumes after the step instead of repeating it. Unflushed: a
+    /// stop flushes the store before it gives cut-off events back. A write
+    /// that fails (the store's, or one refused because the partition moved)
+    /// keeps nothing, here as anywhere: the step then runs again. Not while
+    /// a panic unwinds, where a second panic would abort the process.
     fn drop(&mut self) {
-        if !self.effect_unwritten {
+        if !self.effect_unwritten || std::thread::panicking() {
             return;
         }
         let journal = Journal::new(self.store.clone());

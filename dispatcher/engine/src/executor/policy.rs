@@ -125,7 +125,7 @@ pub enum Recording {
     /// With the pass's next write, and durable before the next step with
     /// outside effects starts (and before the ack): a crash repeats at most
     /// one such step per worker. Written no sooner than that, since a write
-    /// that is not flushed keeps nothing a crash could not lose; so a pass
+    /// that is not flushed is not promised to outlast a crash; so a pass
     /// whose one outside step is its last writes its record once.
     BeforeTheNextEffect,
 }
