@@ -372,13 +372,7 @@ impl Handler for SendEmail {
                 match self.mail.send(&provider, email).await {
                     Ok(answer) => self
                         .messages
-                        .transition(
-                            &record.account_key,
-                            &record.id,
-                            MessageStatus::Sent,
-                            &answer,
-                            queue_id(&answer),
-                        )
+                        .transition_known(&record, MessageStatus::Sent, &answer, queue_id(&answer))
                         .map_err(|e| {
                             StepError::retryable(format!("recording the message: {e}"), None)
                         })?

@@ -345,13 +345,7 @@ impl SendSms {
                      for the message before sending it again"
                 );
                 record = (self.messages)
-                    .transition(
-                        &record.account_key,
-                        &record.id,
-                        MessageStatus::Sending,
-                        &handing,
-                        None,
-                    )
+                    .transition_known(&record, MessageStatus::Sending, &handing, None)
                     .map_err(recording)?
                     .unwrap_or(record);
                 // Durable before Twilio is asked: a crash must not leave a
@@ -365,13 +359,7 @@ impl SendSms {
             _ => self.deliver(provider, &record, (from, text)).await?,
         };
         Ok((self.messages)
-            .transition(
-                &record.account_key,
-                &record.id,
-                MessageStatus::Sent,
-                &cause,
-                remote_id,
-            )
+            .transition_known(&record, MessageStatus::Sent, &cause, remote_id)
             .map_err(recording)?
             .unwrap_or(record))
     }

@@ -60,20 +60,32 @@ impl StoredMessages {
     /// `change` says so, with its remote-id index entry: the write only
     /// lands if the record did not change meanwhile (another writer, e.g. a
     /// send step on one replica and a delivery report on another at once),
-    /// else it is read and changed again.
+    /// else it is read and changed again. With `known` (the record as the
+    /// caller last saw it written), the first try takes it for what is
+    /// stored instead of reading it.
     fn update(
         &self,
         account: &AccountKey,
         id: &str,
+        mut known: Option<&MessageRecord>,
         mut change: impl FnMut(&mut MessageRecord) -> bool,
     ) -> Result<Option<MessageRecord>, StoreError> {
         let k = message_key(account, id);
         loop {
-            let Some(before) = self.store.get(Collection::Messages, &k)? else {
-                return Ok(None);
-            };
-            let Some(mut m) = decode::<MessageRecord>(&before) else {
-                return Ok(None);
+            let (before, mut m) = match known.take() {
+                Some(m) => (
+                    serde_json::to_vec(m).expect("a message record serialises"),
+                    m.clone(),
+                ),
+                None => {
+                    let Some(before) = self.store.get(Collection::Messages, &k)? else {
+                        return Ok(None);
+                    };
+                    let Some(m) = decode::<MessageRecord>(&before) else {
+                        return Ok(None);
+                    };
+                    (before, m)
+                }
             };
             if !change(&mut m) {
                 return Ok(Some(m));
@@ -107,6 +119,36 @@ impl StoredMessages {
             .get(Collection::Messages, &message_key(account, id))?
             .and_then(|v| decode(&v)))
     }
+
+    /// [`Messages::transition`], from `known` if the caller has the record.
+    fn move_to(
+        &self,
+        account: &AccountKey,
+        id: &str,
+        known: Option<&MessageRecord>,
+        (to, cause, remote_id): (MessageStatus, &str, Option<String>),
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        let _guard = WRITERS.lock(account.as_str().as_bytes());
+        let moved = self
+            .update(account, id, known, |m| {
+                m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
+                true
+            })
+            .about(Records::Messages, account)?;
+        // The latest sent to its recipient from its sender, for replies.
+        if let Some(m) = &moved
+            && to == MessageStatus::Sent
+        {
+            self.store
+                .put(
+                    Collection::LatestSent,
+                    &latest_key(account, m.channel, &m.recipient, m.sender.as_deref()),
+                    m.id.as_bytes(),
+                )
+                .about(Records::Messages, account)?;
+        }
+        Ok(moved)
+    }
 }
 
 impl Messages for StoredMessages {
@@ -138,26 +180,18 @@ impl Messages for StoredMessages {
         cause: &str,
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError> {
-        let _guard = WRITERS.lock(account.as_str().as_bytes());
-        let moved = self
-            .update(account, id, |m| {
-                m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
-                true
-            })
-            .about(Records::Messages, account)?;
-        // The latest sent to its recipient from its sender, for replies.
-        if let Some(m) = &moved
-            && to == MessageStatus::Sent
-        {
-            self.store
-                .put(
-                    Collection::LatestSent,
-                    &latest_key(account, m.channel, &m.recipient, m.sender.as_deref()),
-                    m.id.as_bytes(),
-                )
-                .about(Records::Messages, account)?;
-        }
-        Ok(moved)
+        self.move_to(account, id, None, (to, cause, remote_id))
+    }
+
+    fn transition_known(
+        &self,
+        known: &MessageRecord,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<String>,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        let (account, id) = (&known.account_key, known.id.as_str());
+        self.move_to(account, id, Some(known), (to, cause, remote_id))
     }
 
     fn transition_from(
@@ -171,7 +205,7 @@ impl Messages for StoredMessages {
         let _guard = WRITERS.lock(account.as_str().as_bytes());
         let mut moved = false;
         let updated = self
-            .update(account, id, |m| {
+            .update(account, id, None, |m| {
                 moved = m.status == from;
                 if moved {
                     m.move_to(to, cause, None, switchboard_sdk::now());
@@ -192,7 +226,7 @@ impl Messages for StoredMessages {
         let _guard = WRITERS.lock(account.as_str().as_bytes());
         let mut outcome = Reported::Applied { from: to };
         let updated = self
-            .update(account, id, |m| {
+            .update(account, id, None, |m| {
                 outcome = m.apply_report(to, cause, report, switchboard_sdk::now());
                 outcome.applied()
             })
@@ -423,6 +457,82 @@ mod tests {
             Some((MessageStatus::Pending, false))
         );
         assert_eq!(moved("m-3", MessageStatus::Cancelled), None);
+    }
+
+    /// A send step moves the record it wrote without reading it back; a
+    /// delivery report that came in between is kept: the move finds the
+    /// record changed and is made on the record as it is.
+    #[test]
+    fn a_move_from_the_record_as_written_keeps_what_came_in_between() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store);
+        let acme = AccountKey::new("acme").unwrap();
+        let path = |id: &str| -> Vec<(Option<MessageStatus>, MessageStatus)> {
+            let m = messages.get(&acme, id).unwrap().unwrap();
+            m.transitions.iter().map(|t| (t.from, t.to)).collect()
+        };
+
+        let written = messages.record(sms(&acme, "m-1")).unwrap();
+        let sending = messages
+            .transition_known(&written, MessageStatus::Sending, "handing over", None)
+            .unwrap()
+            .unwrap();
+        let sent = messages
+            .transition_known(
+                &sending,
+                MessageStatus::Sent,
+                "accepted",
+                Some("SM1".into()),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(messages.get(&acme, "m-1").unwrap(), Some(sent));
+        assert_eq!(
+            path("m-1"),
+            [
+                (None, MessageStatus::Pending),
+                (Some(MessageStatus::Pending), MessageStatus::Sending),
+                (Some(MessageStatus::Sending), MessageStatus::Sent),
+            ]
+        );
+        let found = messages
+            .find_by_remote_id(&acme, Channel::Sms, "SM1")
+            .unwrap();
+        assert_eq!(found.map(|m| m.id), Some("m-1".into()));
+
+        // The provider's report comes before the step records the send.
+        let written = messages.record(sms(&acme, "m-2")).unwrap();
+        messages
+            .report(
+                &acme,
+                "m-2",
+                (MessageStatus::Delivered, "report"),
+                ("t:1", None),
+            )
+            .unwrap()
+            .unwrap();
+        let moved = messages
+            .transition_known(&written, MessageStatus::Sent, "accepted", None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.transitions.len(), 3, "{moved:#?}");
+        assert_eq!(
+            path("m-2"),
+            [
+                (None, MessageStatus::Pending),
+                (Some(MessageStatus::Pending), MessageStatus::Delivered),
+                (Some(MessageStatus::Delivered), MessageStatus::Sent),
+            ]
+        );
+
+        // A record that is gone stays gone.
+        let stray = sms(&acme, "m-3");
+        assert_eq!(
+            messages
+                .transition_known(&stray, MessageStatus::Sent, "accepted", None)
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -554,6 +554,22 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError>;
 
+    /// [`Messages::transition`] of a message this caller holds as it last
+    /// saw it written (`known`: as [`Messages::record`] or a transition
+    /// returned it). A store may try the write against `known` first,
+    /// without reading the record back; if the record changed meanwhile (a
+    /// delivery report came first), it reads it and moves it as
+    /// [`Messages::transition`] does.
+    fn transition_known(
+        &self,
+        known: &MessageRecord,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<String>,
+    ) -> Result<Option<MessageRecord>, RecordError> {
+        self.transition(&known.account_key, &known.id, to, cause, remote_id)
+    }
+
     /// Moves message `id` to `to` only if it is `from` now, logging
     /// `cause`: of a scheduled message falling due and its cancellation,
     /// exactly one happens. The record as it is after, and whether it
