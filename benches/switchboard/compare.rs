@@ -6,6 +6,7 @@
 //! alike and their ratio means more than either figure.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A `switchboard` binary the dispatchers run.
 #[derive(Debug, Clone)]
@@ -61,19 +62,38 @@ pub struct PerBuild<T> {
     pub baseline: Option<T>,
 }
 
+/// Whether the next unit measures the baseline first.
+static BASELINE_FIRST: AtomicBool = AtomicBool::new(false);
+
 impl<T> PerBuild<T> {
-    /// Measures with each of `builds` in turn, the current one first.
+    /// Measures with each of `builds` in turn: with a baseline, the two
+    /// go first by turns from one unit to the next, since the first of two
+    /// runs in a row can fare differently on a shared machine (in one day's
+    /// runs the first of each pair was up to a fifth slower, whichever
+    /// build it was).
     pub async fn measure(
         builds: &[Build],
         mut measure: impl AsyncFnMut(&Build) -> anyhow::Result<T>,
     ) -> anyhow::Result<Self> {
         let (first, rest) = builds.split_first().expect("the current build");
-        let current = measure(first).await?;
-        let baseline = match rest.first() {
-            Some(build) => Some(measure(build).await?),
-            None => None,
+        let Some(other) = rest.first() else {
+            let current = measure(first).await?;
+            return Ok(Self {
+                current,
+                baseline: None,
+            });
         };
-        Ok(Self { current, baseline })
+        let (current, baseline) = if BASELINE_FIRST.fetch_xor(true, Ordering::Relaxed) {
+            let baseline = measure(other).await?;
+            (measure(first).await?, baseline)
+        } else {
+            let current = measure(first).await?;
+            (current, measure(other).await?)
+        };
+        Ok(Self {
+            current,
+            baseline: Some(baseline),
+        })
     }
 
     pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> PerBuild<U> {
