@@ -49,17 +49,26 @@ async fn read(log: &Changelog, n: usize) -> Vec<Record> {
 
 /// Reads the changelog from the start up to its last message.
 async fn read_all(log: &Changelog) -> Vec<Record> {
-    let last = log.last_seq().await.expect("the stream's state");
+    let mut last = log.last_seq().await.expect("the stream's state");
     let mut records = Box::pin(log.records(1).await.expect("following the changelog"));
     let mut out = Vec::new();
-    while out.last().is_none_or(|r: &Record| r.seq() < last) {
-        let next = tokio::time::timeout(TIMEOUT, records.next())
-            .await
-            .expect("the records come")
-            .expect("the reader goes on");
-        out.push(next.expect("a record"));
+    loop {
+        while out.last().is_none_or(|r: &Record| r.seq() < last) {
+            let next = tokio::time::timeout(TIMEOUT, records.next())
+                .await
+                .expect("the records come")
+                .expect("the reader goes on");
+            out.push(next.expect("a record"));
+        }
+        // A compaction may have copied records forward meanwhile, and
+        // purged their originals before this read reached them: on to the
+        // end as it is now.
+        let now = log.last_seq().await.expect("the stream's state");
+        if now == last {
+            return out;
+        }
+        last = now;
     }
-    out
 }
 
 /// Every write the records carry, in order: (partition, key, value).
