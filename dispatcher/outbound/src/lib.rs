@@ -67,21 +67,31 @@ impl ReqwestHttp {
         }
     }
 
-    /// The client for `request` to `parsed`, once its host passes the
-    /// policy if it must; `url` names it in errors.
+    /// The client for `request`, once its host passes the policy if it
+    /// must, and its URL, parsed; `url` names it in errors.
     fn client_for(
         &self,
         request: &HttpRequest,
-        parsed: &reqwest::Url,
         url: &str,
-    ) -> Result<&reqwest::Client, HttpError> {
-        if !request.from_account {
-            return Ok(&self.deployment);
-        }
+    ) -> Result<(&reqwest::Client, reqwest::Url), HttpError> {
         let refused = |message: String| HttpError::Refused {
             url: url.to_string(),
             message: format!("refused by the outbound policy: {message}"),
         };
+        let parsed = reqwest::Url::parse(&request.url).map_err(|e| {
+            let message = format!("not a URL: {e}");
+            if request.from_account {
+                refused(message)
+            } else {
+                HttpError::Connect {
+                    url: url.to_string(),
+                    message,
+                }
+            }
+        })?;
+        if !request.from_account {
+            return Ok((&self.deployment, parsed));
+        }
         match parsed.host() {
             Some(url::Host::Domain(host)) => self.policy.check_host(host).map_err(refused)?,
             Some(url::Host::Ipv4(ip)) => self
@@ -94,7 +104,7 @@ impl ReqwestHttp {
                 .map_err(refused)?,
             None => return Err(refused("the URL has no host".into())),
         }
-        Ok(&self.accounts)
+        Ok((&self.accounts, parsed))
     }
 }
 
@@ -157,22 +167,8 @@ impl ReqwestHttp {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         // Errors name the URL without its credentials or query.
         let url = redact_url(&request.url);
-        let parsed = reqwest::Url::parse(&request.url).map_err(|e| {
-            let message = format!("not a URL: {e}");
-            if request.from_account {
-                HttpError::Refused {
-                    url: url.clone(),
-                    message: format!("refused by the outbound policy: {message}"),
-                }
-            } else {
-                HttpError::Connect {
-                    url: url.clone(),
-                    message,
-                }
-            }
-        })?;
-        let mut builder = self
-            .client_for(&request, &parsed, &url)?
+        let (client, parsed) = self.client_for(&request, &url)?;
+        let mut builder = client
             .request(
                 match request.method {
                     Method::Post => reqwest::Method::POST,
