@@ -215,6 +215,12 @@ mod tests {
         (dir, store, journal)
     }
 
+    /// Step `name` of chain `c` finished, recorded as `recording` says.
+    fn finished(pass: &mut Pass, journal: &Journal, name: &str, recording: Recording) {
+        pass.record(step("c", name));
+        pass.step_recorded(recording, journal).expect("recorded");
+    }
+
     fn steps_of(journal: &Journal, e: &VumiApiEvent) -> Vec<String> {
         let at = RecordKey::new(&e.account_key, &e.id);
         journal
@@ -236,9 +242,7 @@ mod tests {
         let (_dir, store, journal) = open();
         let e = event(1);
         let mut pass = Pass::new(&e, None, None, store.clone());
-        pass.record(step("c", "pay"));
-        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
-            .expect("recorded");
+        finished(&mut pass, &journal, "pay", Recording::BeforeTheNextEffect);
         assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
         assert!(pass.awaits_flush());
         pass.flush(&journal).await.expect("a flush");
@@ -255,12 +259,8 @@ mod tests {
         let (_dir, store, journal) = open();
         let e = event(2);
         let mut pass = Pass::new(&e, None, None, store.clone());
-        pass.record(step("c", "score"));
-        pass.step_recorded(Recording::WithTheEnd, &journal)
-            .expect("recorded");
-        pass.record(step("c", "pay"));
-        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
-            .expect("recorded");
+        finished(&mut pass, &journal, "score", Recording::WithTheEnd);
+        finished(&mut pass, &journal, "pay", Recording::BeforeTheNextEffect);
         assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
         drop(pass);
         assert_eq!(steps_of(&journal, &e), ["score", "pay"]);
@@ -268,18 +268,14 @@ mod tests {
         // Without an outside step, what waits for the end goes with it.
         let e = event(3);
         let mut pass = Pass::new(&e, None, None, store.clone());
-        pass.record(step("c", "score"));
-        pass.step_recorded(Recording::WithTheEnd, &journal)
-            .expect("recorded");
+        finished(&mut pass, &journal, "score", Recording::WithTheEnd);
         drop(pass);
         assert_eq!(steps_of(&journal, &e), Vec::<String>::new());
 
         // Written, then given up: the record is as written.
         let e = event(4);
         let mut pass = Pass::new(&e, None, None, store.clone());
-        pass.record(step("c", "pay"));
-        pass.step_recorded(Recording::BeforeTheNextEffect, &journal)
-            .expect("recorded");
+        finished(&mut pass, &journal, "pay", Recording::BeforeTheNextEffect);
         pass.write(&journal).expect("a write");
         pass.record(step("c", "after"));
         drop(pass);
