@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 
 use crate::peers::{HttpReceiver, SmtpSink, TWILIO_TOKEN, WEBHOOK_SECRET};
-use crate::util::{Dispatcher, TIMEOUT, event};
+use crate::util::{Dispatcher, TIMEOUT, event, wait_until};
 
 const SENDGRID_FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -427,6 +427,83 @@ async fn sendgrid_events_update_messages_and_reach_chains() {
         let answer = post(&wrong, "application/json", &[], &body).await;
         assert_error(&answer, 404, "not_found", "no inbound webhook at this URL");
     }
+}
+
+/// A provider can report a message delivered before the send step has its
+/// answer (SendGrid's events carry the message's id): the step then records
+/// the answer without moving the message back to `sent`.
+#[tokio::test]
+async fn a_delivery_report_that_comes_before_the_senders_answer_is_kept() {
+    let smtp = SmtpSink::start();
+    smtp.queue_ids(json!({"fast@example.org": "sgm-0009"}));
+    smtp.hold(json!(["fast@example.org"]));
+    let config = format!(
+        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+        smtp.port()
+    );
+    let d = Dispatcher::with_config(None, &config);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "mail"
+event_type = "mail"
+[[chains.steps]]
+handler = "send_email"
+config = { to = ["fast@example.org"], subject = "Your results", text = "They are in." }
+"#,
+    )
+    .await;
+    let id = d
+        .post_event(
+            &serde_json::to_value(event("acme", "survey", "mail", "c1", json!({}))).unwrap(),
+        )
+        .await;
+
+    // The message is with the provider, whose answer is held.
+    let message_id = wait_until("the message at the SMTP sink", TIMEOUT, || async {
+        smtp.messages().first().map(|m| {
+            m["headers"]["x-switchboard-message-id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+    })
+    .await;
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    let report = json!([{
+        "email": "fast@example.org",
+        "timestamp": now(),
+        "event": "delivered",
+        "response": "250 OK",
+        "sg_event_id": "fast-delivered-1",
+        "sg_message_id": "sgm-0009.filter0001.16648.5515E0B88.0",
+        "switchboard_message_id": message_id,
+    }]);
+    let (status, receipt) = post(&url, "application/json", &[], &report.to_string()).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(receipt["results"][0]["result"], "matched", "{receipt:#}");
+    assert_eq!(message_path(&d, "acme", &message_id).await.0, "delivered");
+
+    // The answer comes: recorded beside the report, the status kept.
+    smtp.release();
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    let (status, path) = message_path(&d, "acme", &message_id).await;
+    assert_eq!(status, "delivered");
+    assert_eq!(path, ["pending", "delivered", "delivered"]);
+    let shown: Value =
+        serde_json::from_str(d.cli(&["messages", "show", "acme", &message_id]).await.ok()).unwrap();
+    assert_eq!(shown["remote_id"], "sgm-0009", "{shown:#}");
+    assert!(shown["sent_at"].is_string(), "{shown:#}");
+    let answer = shown["transitions"][2]["cause"].as_str().unwrap();
+    assert!(
+        answer.contains("a delivery report had it delivered already"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

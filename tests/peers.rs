@@ -253,6 +253,19 @@ impl SmtpSink {
             .expect("writing the sink's queue ids");
     }
 
+    /// Makes the sink hold its answer to a message to each listed recipient
+    /// (`["a@example.org"]`) until [`SmtpSink::release`]: the message is
+    /// written out (so [`SmtpSink::messages`] has it) before its answer goes.
+    pub fn hold(&self, recipients: Value) {
+        std::fs::write(self.dir.path().join("held.conf"), recipients.to_string())
+            .expect("writing the sink's held recipients");
+    }
+
+    /// Lets every held answer go.
+    pub fn release(&self) {
+        self.hold(Value::Array(Vec::new()));
+    }
+
     /// Every message accepted so far.
     pub fn messages(&self) -> Vec<Value> {
         let mut out = Vec::new();

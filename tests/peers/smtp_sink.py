@@ -9,6 +9,11 @@ in the directory given as the first argument.
 When that directory holds `queue-ids.conf` (JSON: recipient → queue id), a
 message to a listed recipient is answered `250 Ok: queued as ID`, as SendGrid
 answers with the X-Message-Id its delivery events carry.
+
+When it holds `held.conf` (JSON: a list of recipients), a message to a listed
+recipient is written out, then its answer waits while the list still names
+the recipient (up to a minute): a provider that takes its time to answer, so
+that a test can post a delivery report before the sender has its answer.
 """
 
 import asyncio
@@ -58,15 +63,24 @@ class Sink:
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.rename(path + ".tmp", path)
-        try:
-            with open(os.path.join(out_dir, "queue-ids.conf")) as f:
-                queue_ids = json.load(f)
-        except FileNotFoundError:
-            queue_ids = {}
+        for _ in range(3000):
+            if not set(envelope.rcpt_tos) & set(read_json("held.conf", [])):
+                break
+            await asyncio.sleep(0.02)
+        queue_ids = read_json("queue-ids.conf", {})
         for rcpt in envelope.rcpt_tos:
             if rcpt in queue_ids:
                 return f"250 Ok: queued as {queue_ids[rcpt]}"
         return "250 Message accepted for delivery"
+
+
+def read_json(name, default):
+    """The JSON file `name` of the sink's directory, or `default` when absent."""
+    try:
+        with open(os.path.join(out_dir, name)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
 
 
 def free_port():

@@ -120,7 +120,8 @@ impl StoredMessages {
             .and_then(|v| decode(&v)))
     }
 
-    /// [`Messages::transition`], from `known` if the caller has the record.
+    /// [`Messages::transition`]; [`Messages::transition_known`] with
+    /// `known`.
     fn move_to(
         &self,
         account: &AccountKey,
@@ -129,9 +130,14 @@ impl StoredMessages {
         (to, cause, remote_id): (MessageStatus, &str, Option<String>),
     ) -> Result<Option<MessageRecord>, RecordError> {
         let _guard = WRITERS.lock(account.as_str().as_bytes());
+        let seen = known.map(|k| k.transitions.len());
         let moved = self
             .update(account, id, known, |m| {
-                m.move_to(to, cause, remote_id.as_deref(), switchboard_sdk::now());
+                let (remote_id, at) = (remote_id.as_deref(), switchboard_sdk::now());
+                match seen {
+                    Some(seen) => m.answer(seen, to, cause, remote_id, at),
+                    None => m.move_to(to, cause, remote_id, at),
+                }
                 true
             })
             .about(Records::Messages, account)?;
@@ -515,15 +521,22 @@ mod tests {
             .transition_known(&written, MessageStatus::Sent, "accepted", None)
             .unwrap()
             .unwrap();
-        assert_eq!(moved.transitions.len(), 3, "{moved:#?}");
+        // The report is kept; the answer is logged beside it.
+        assert_eq!(moved.status, MessageStatus::Delivered, "{moved:#?}");
+        assert!(moved.sent_at.is_some(), "{moved:#?}");
+        assert_eq!(messages.get(&acme, "m-2").unwrap(), Some(moved));
         assert_eq!(
             path("m-2"),
             [
                 (None, MessageStatus::Pending),
                 (Some(MessageStatus::Pending), MessageStatus::Delivered),
-                (Some(MessageStatus::Delivered), MessageStatus::Sent),
+                (Some(MessageStatus::Delivered), MessageStatus::Delivered),
             ]
         );
+        let latest = messages
+            .latest_sent(&acme, Channel::Sms, "+27820000001", None)
+            .unwrap();
+        assert_eq!(latest.map(|m| m.id), Some("m-2".into()));
 
         // A record that is gone stays gone.
         let stray = sms(&acme, "m-3");

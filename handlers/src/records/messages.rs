@@ -404,6 +404,43 @@ impl MessageRecord {
         self.log(to, cause, (None, None), at);
     }
 
+    /// Moves the message to `to` as its send step decided on the
+    /// provider's answer, when the step last saw the record with `seen`
+    /// transitions in its log: a delivery report logged since then that has
+    /// the message at `to`'s rank or beyond is kept (a fast provider can
+    /// report before the step records the answer), and the answer is logged
+    /// beside it, setting `remote_id` and `sent_at`, without moving the
+    /// message back. Else as [`MessageRecord::move_to`]: a step that sends a
+    /// failed message again moves it whatever a report had said before.
+    pub fn answer(
+        &mut self,
+        seen: usize,
+        to: MessageStatus,
+        cause: &str,
+        remote_id: Option<&str>,
+        at: OffsetDateTime,
+    ) {
+        let reported_since = self
+            .transitions
+            .iter()
+            .skip(seen)
+            .any(|t| t.source.is_some());
+        if !reported_since || to.rank() > self.status.rank() {
+            self.move_to(to, cause, remote_id, at);
+            return;
+        }
+        if let Some(remote_id) = remote_id {
+            self.remote_id = Some(remote_id.to_string());
+        }
+        if to == MessageStatus::Sent && self.sent_at.is_none() {
+            self.sent_at = Some(at);
+        }
+        let kept = self.status;
+        let cause =
+            format!("{cause} (the step's answer, {to}; a delivery report had it {kept} already)");
+        self.log(kept, &cause, (None, None), at);
+    }
+
     /// What a provider's delivery report that the message is now `to`,
     /// known to the provider as `source`, does to the message: nothing if
     /// the log has `source` already ([`Reported::Duplicate`]) or if `to`
@@ -554,21 +591,20 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
         remote_id: Option<String>,
     ) -> Result<Option<MessageRecord>, RecordError>;
 
-    /// [`Messages::transition`] of a message this caller holds as it last
-    /// saw it written (`known`: as [`Messages::record`] or a transition
-    /// returned it). A store may try the write against `known` first,
-    /// without reading the record back; if the record changed meanwhile (a
-    /// delivery report came first), it reads it and moves it as
-    /// [`Messages::transition`] does.
+    /// A send step's move of a message it holds as it last saw it written
+    /// (`known`: as [`Messages::record`] or a transition returned it) to
+    /// `to` on the provider's answer ([`MessageRecord::answer`]): a
+    /// delivery report applied since `known` that has the message at `to`'s
+    /// rank or beyond is kept. A store may try the write against `known`
+    /// first, without reading the record back, and read it only if it
+    /// changed meanwhile. `None` when the account has no such message.
     fn transition_known(
         &self,
         known: &MessageRecord,
         to: MessageStatus,
         cause: &str,
         remote_id: Option<String>,
-    ) -> Result<Option<MessageRecord>, RecordError> {
-        self.transition(&known.account_key, &known.id, to, cause, remote_id)
-    }
+    ) -> Result<Option<MessageRecord>, RecordError>;
 
     /// Moves message `id` to `to` only if it is `from` now, logging
     /// `cause`: of a scheduled message falling due and its cancellation,
@@ -860,5 +896,56 @@ mod tests {
         );
         assert_eq!(m.updated_at, at);
         assert_eq!(m.sent_at, Some(at), "when it was first sent");
+    }
+
+    /// A send step's answer against what a delivery report did since the
+    /// step last saw the record: (reports since, the step's move) → the
+    /// status after.
+    #[test]
+    fn a_send_steps_answer_keeps_a_report_that_came_first() {
+        let at = switchboard_sdk::now();
+        let cases: &[(&[MessageStatus], MessageStatus, MessageStatus)] = &[
+            // Nothing came in between: the step moves it.
+            (&[], Sent, Sent),
+            (&[], Sending, Sending),
+            // A fast provider reported before the step recorded its answer.
+            (&[Delivered], Sent, Delivered),
+            (&[Delivered, Opened], Sent, Opened),
+            (&[Deferred], Sent, Deferred),
+            (&[Sent], Sent, Sent),
+            // A report the step's answer outranks.
+            (&[Sent], Failed, Failed),
+            // The provider's report wins over a step that saw no answer.
+            (&[Delivered], Failed, Delivered),
+        ];
+        for &(reports, to, expected) in cases {
+            let mut m = message(Pending, &[]);
+            let seen = m.transitions.len();
+            for (i, &report) in reports.iter().enumerate() {
+                let source = format!("t:{i}");
+                m.apply_report(report, "report", (&source, None), at);
+            }
+            m.answer(seen, to, "accepted", Some("SM1"), at);
+            let case = format!("{reports:?} then the step's {to:?}");
+            assert_eq!(m.status, expected, "{case}");
+            assert_eq!(m.remote_id.as_deref(), Some("SM1"), "{case}");
+            let sent = to == Sent || reports.contains(&Sent);
+            assert_eq!(m.sent_at.is_some(), sent, "{case}");
+            let last = m.transitions.last().unwrap();
+            assert_eq!(
+                (last.from, last.to),
+                (Some(*reports.last().unwrap_or(&Pending)), expected),
+                "{case}"
+            );
+            assert!(last.cause.starts_with("accepted"), "{case}: {}", last.cause);
+        }
+
+        // A step that sends again a message a report had failed (a replay)
+        // saw that report: its answer moves the message on.
+        let mut m = message(Pending, &[]);
+        m.apply_report(Failed, "report", ("t:1", None), at);
+        let seen = m.transitions.len();
+        m.answer(seen, Sent, "accepted", None, at);
+        assert_eq!(m.status, Sent);
     }
 }
