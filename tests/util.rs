@@ -31,9 +31,15 @@ const POLL: Duration = Duration::from_millis(20);
 pub const ADMIN_TOKEN: &str = "sba_test-admin-token-not-a-secret";
 
 /// Environment variables the binary reads; cleared so that the developer's
-/// own settings cannot leak into a test.
-const SWITCHBOARD_ENV: [&str; 21] = [
+/// own settings cannot leak into a test
+/// (`every_variable_the_binary_reads_is_cleared_for_the_tests` checks the
+/// list against the help).
+const SWITCHBOARD_ENV: [&str; 24] = [
     "SWITCHBOARD_CONFIG",
+    "SWITCHBOARD_REPLICATED",
+    "SWITCHBOARD_STANDBYS",
+    // The log filter: tests read the dispatcher's info-level lines.
+    "RUST_LOG",
     "SWITCHBOARD_WORKER_THREADS",
     "SWITCHBOARD_EVENT_THREADS",
     // Tokio's own, read when `runtime.worker_threads` is not set.
@@ -1243,4 +1249,62 @@ pub fn lines_after(
         }
     });
     rx
+}
+
+/// The names in `[env: NAME=...]` of a `--help` text.
+fn env_names(help: &str) -> Vec<String> {
+    help.split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('=').map(|(name, _)| name.to_string()))
+        .collect()
+}
+
+/// The subcommands a `--help` text lists under `Commands:`.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        // A description's second line is indented deeper than a name.
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_variable_the_binary_reads_is_cleared_for_the_tests() {
+    let help = |args: &[String]| {
+        let out = command()
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("running switchboard --help");
+        assert!(out.status.success(), "switchboard {args:?} --help");
+        String::from_utf8(out.stdout).expect("UTF-8 help")
+    };
+    let mut read = std::collections::BTreeSet::new();
+    let mut commands = vec![Vec::<String>::new()];
+    let mut walked = 0;
+    while let Some(args) = commands.pop() {
+        let text = help(&args);
+        read.extend(env_names(&text));
+        for sub in subcommands(&text) {
+            let mut deeper = args.clone();
+            deeper.push(sub);
+            commands.push(deeper);
+        }
+        walked += 1;
+    }
+    assert!(walked > 20, "walked only {walked} commands' help");
+    assert!(read.contains("SWITCHBOARD_DATA"), "{read:?}");
+    let missing: Vec<_> = read
+        .iter()
+        .filter(|name| !SWITCHBOARD_ENV.contains(&name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read by the binary but not cleared for the tests: {missing:?}"
+    );
 }
