@@ -13,22 +13,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use switchboard_api::chains::{ChainHistory, ChainVersion};
-use switchboard_api::dead_letters::{
-    DeadLetterList, DiscardedLetter, ReplayFilter, ReplayedLetter, ReplayedLetters,
-};
 use switchboard_api::events::{Accepted, EventList};
 pub use switchboard_api::events::{EventListQuery, TailQuery};
 use switchboard_api::handlers::{HandlerCatalog, HandlerEntry};
-use switchboard_api::inbound::{
-    CreateInboundRequest, CreatedInbound, InboundList, RevokedInbound, UnmatchedList,
-};
-use switchboard_api::records::{ContactList, MessageList, SecretList, SecretRemoved, SecretSet};
-use switchboard_api::scripts::{RemovedScript, Script, ScriptList, StoredScript, VersionQuery};
-use switchboard_api::tokens::{CreatedToken, NewTokenRequest, RevokedToken, TokenList};
+use switchboard_api::records::ContactList;
 use switchboard_api::{ListQuery, paths};
-use switchboard_engine::dead_letters::{DeadLetter, LetterStatus};
 use switchboard_engine::trace::Trace;
-use switchboard_handlers::records::{Contact, MessageRecord, MessageStatus};
+use switchboard_handlers::records::Contact;
 use switchboard_rules::{ChainFile, ChainSpec, Format, parse_chain_file};
 use switchboard_sdk::{
     AccountKey, ConversationKey, ConversationType, EventId, EventType, VumiApiEvent, format_rfc3339,
@@ -36,16 +27,24 @@ use switchboard_sdk::{
 
 use crate::client::{Client, ClientError};
 
+mod access;
+mod dead_letters;
 mod files;
 mod inbox;
+mod messages;
 mod numbers;
 mod preferences;
+mod scripts;
 mod templates;
 mod timers;
+pub use access::*;
+pub use dead_letters::*;
 pub use files::*;
 pub use inbox::*;
+pub use messages::*;
 pub use numbers::*;
 pub use preferences::*;
+pub use scripts::*;
 pub use templates::*;
 pub use timers::*;
 
@@ -570,190 +569,6 @@ pub fn render_trace(t: &Trace) -> String {
     out.trim_end().to_string()
 }
 
-/// `switchboard dead-letters list ACCOUNT`
-pub async fn dead_letters_list(
-    client: &Client,
-    account_raw: &str,
-    limit: usize,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let path = paths::dead_letters(account_raw);
-    let answer: DeadLetterList = client.get_with(&path, &ListQuery::limit(limit)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let letters: Vec<DeadLetter> = decode_all(answer.dead_letters, &path)?;
-    let empty = format!("account {account_raw} has no dead letters");
-    Ok(rows(&letters, None, empty, |l| {
-        let status = match l.status {
-            LetterStatus::Replaying => " (replaying)",
-            _ => "",
-        };
-        format!(
-            "{}  {}  {:<11} {}{status}",
-            l.id,
-            format_rfc3339(l.at),
-            wire_name(&l.reason),
-            l.error,
-        )
-    }))
-}
-
-/// `switchboard dead-letters show ACCOUNT ID`
-pub async fn dead_letters_show(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let path = paths::dead_letter(account_raw, id);
-    let answer: Value = client.get(&path).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let letter: DeadLetter = decode(answer, &path)?;
-    Ok(render_letter(&letter))
-}
-
-/// A dead letter, for people.
-fn render_letter(l: &DeadLetter) -> String {
-    let mut out = format!(
-        "dead letter {} of account {} ({})
-filed {} after {} attempt(s)
-reason: {}
-error: {}
-",
-        l.id,
-        l.account_key,
-        wire_name(&l.status),
-        format_rfc3339(l.at),
-        l.attempts,
-        wire_name(&l.reason),
-        l.error,
-    );
-    if let Some(chain) = &l.chain {
-        let step = l.step.as_deref().unwrap_or("-");
-        let _ = writeln!(out, "chain {chain}, step {step}");
-    }
-    if let Some(subject) = &l.subject {
-        let _ = writeln!(out, "subject: {subject}");
-    }
-    match (&l.event, &l.payload) {
-        (Some(e), _) => {
-            let _ = writeln!(
-                out,
-                "event {} ({}/{}, conversation {}, depth {})
-data: {}",
-                e.id,
-                e.conversation_type,
-                e.event_type,
-                e.conversation_key,
-                e.depth,
-                Value::Object(e.event_data.clone())
-            );
-        }
-        (None, Some(payload)) => {
-            let _ = writeln!(out, "payload (not an event): {}", shorten(payload, 400));
-        }
-        (None, None) => {}
-    }
-    let _ = write!(
-        out,
-        "replay: switchboard dead-letters replay {} {}",
-        l.account_key, l.id
-    );
-    out
-}
-
-/// `switchboard dead-letters replay ACCOUNT ID`
-pub async fn dead_letters_replay(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let path = paths::dead_letter_replay(account_raw, id);
-    // The replay takes no body; `null` says so.
-    let answer: ReplayedLetter = client.post(&path, &Value::Null).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let letter: DeadLetter = decode(answer.replayed, &path)?;
-    let at = match (&letter.chain, &letter.step) {
-        (Some(chain), Some(step)) if step != "when" => {
-            format!("; chain {chain} resumes at step {step}")
-        }
-        _ => String::new(),
-    };
-    Ok(format!(
-        "replayed dead letter {id}: event {} is back on the bus{at}",
-        letter
-            .event
-            .as_ref()
-            .map_or_else(|| "?".to_string(), |e| e.id.to_string())
-    ))
-}
-
-/// `switchboard dead-letters replay ACCOUNT --all [--chain NAME] [--since T]`.
-/// `since` is an RFC 3339 time or a duration back from now (`"2h"`).
-pub async fn dead_letters_replay_all(
-    client: &Client,
-    account_raw: &str,
-    chain: Option<&str>,
-    since: Option<&str>,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let filter = ReplayFilter {
-        chain: chain.map(str::to_string),
-        since: since.map(since_time).transpose()?,
-    };
-    let answer: ReplayedLetters = client
-        .post(&paths::dead_letters_replay(account_raw), &filter)
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let mut out = format!(
-        "replayed {} dead letters of account {account_raw}",
-        answer.replayed.len()
-    );
-    for skipped in &answer.skipped {
-        let _ = write!(out, "\nskipped {}: {}", skipped.id, skipped.error);
-    }
-    Ok(out)
-}
-
-/// An RFC 3339 time given as one, or as a duration back from now.
-fn since_time(raw: &str) -> Result<time::OffsetDateTime, CliError> {
-    let rfc3339 = &time::format_description::well_known::Rfc3339;
-    if let Ok(t) = time::OffsetDateTime::parse(raw, rfc3339) {
-        return Ok(t);
-    }
-    let ago = switchboard_rules::duration::parse(raw).map_err(|_| {
-        input(format!(
-            "--since {raw:?} is neither an RFC 3339 time (2026-11-22T09:00:00Z) nor a duration back \
-             from now (30m, 2h, 1d)"
-        ))
-    })?;
-    Ok(switchboard_sdk::now() - ago)
-}
-
-/// `switchboard dead-letters discard ACCOUNT ID`
-pub async fn dead_letters_discard(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let answer: DiscardedLetter = client.delete(&paths::dead_letter(account_raw, id)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "discarded dead letter {id} of account {account_raw}"
-    ))
-}
-
 /// A sample given as `--event`: a JSON file, `-` for stdin, or the JSON
 /// itself (an argument that starts with `{`).
 fn read_sample(arg: &str) -> Result<Value, CliError> {
@@ -800,31 +615,6 @@ async fn put_file<T: DeserializeOwned>(
             other => CliError::Client(other),
         })?;
     Ok((answer, shown))
-}
-
-/// `switchboard scripts put ACCOUNT NAME FILE`
-pub async fn scripts_put(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    file: &std::path::Path,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let (answer, shown): (StoredScript, String) = put_file(
-        client,
-        &paths::script(a.as_str(), name),
-        file,
-        "text/plain; charset=utf-8",
-    )
-    .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "stored {shown} as script {name} of account {a}, version {}\nuse it in a chain: handler = \"script:{name}\"",
-        answer.version
-    ))
 }
 
 /// `switchboard events list ACCOUNT [filters]`: a page of the account's
@@ -1001,106 +791,6 @@ fn strings(v: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// `switchboard scripts list ACCOUNT`
-pub async fn scripts_list(
-    client: &Client,
-    account_raw: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: ScriptList = client.get(&paths::scripts(a.as_str())).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let header = format!(
-        "{:<24} {:<8} {:<28} lines",
-        "script", "version", "stored at"
-    );
-    let empty = format!("account {a} has no scripts");
-    Ok(rows(&answer.scripts, Some(header), empty, |s| {
-        format!(
-            "{:<24} {:<8} {:<28} {}",
-            s.name,
-            s.version,
-            format_rfc3339(s.stored_at),
-            s.lines
-        )
-    }))
-}
-
-/// `switchboard scripts show ACCOUNT NAME [--at VERSION]`: the source.
-pub async fn scripts_show(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    version: Option<u64>,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: Script = client
-        .get_with(&paths::script(a.as_str(), name), &VersionQuery { version })
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "// script {name} of account {a}, version {} (stored {})\n{}",
-        answer.version,
-        format_rfc3339(answer.stored_at),
-        answer.source.trim_end()
-    ))
-}
-
-/// `switchboard scripts rm ACCOUNT NAME`
-pub async fn scripts_rm(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: RemovedScript = client.delete(&paths::script(a.as_str(), name)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "removed script {name} of account {a} (its {} version(s) are kept; a new put continues the numbering)",
-        answer.version
-    ))
-}
-
-/// `switchboard scripts test ACCOUNT NAME --event FILE`
-pub async fn scripts_test(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    event: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let sample = read_sample(event)?;
-    let answer: switchboard_api::scripts::ScriptTest = client
-        .post(&paths::script_test(a.as_str(), name), &sample)
-        .await?;
-    let failing = match answer["outcome"].as_str().unwrap_or_default() {
-        outcome @ ("failed" | "retry") => vec![format!(
-            "script {name}: {outcome}: {}",
-            answer["error"].as_str().unwrap_or_default()
-        )],
-        _ => Vec::new(),
-    };
-    if json_out {
-        return dry_run_result(pretty(&answer), failing);
-    }
-    let mut out = format!(
-        "script {name} v{} (dry run: nothing was published)\noutcome: {}\n",
-        answer["version"],
-        answer["outcome"].as_str().unwrap_or_default()
-    );
-    render_run(&answer, "", &mut out);
-    dry_run_result(out.trim_end().to_string(), failing)
-}
-
 /// The output, error, emits, logs and cost of a dry-run step.
 fn render_run(run: &Value, indent: &str, out: &mut String) {
     if let Some(output) = run["output"].as_object().filter(|o| !o.is_empty()) {
@@ -1170,63 +860,6 @@ pub async fn chains_test(
     dry_run_result(out.trim_end().to_string(), failing)
 }
 
-/// `switchboard secrets set ACCOUNT NAME`: the value from `--value`, or stdin.
-pub async fn secrets_set(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    value: Option<String>,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let value = match value {
-        Some(v) => v,
-        None => {
-            let mut v = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut v)
-                .map_err(|e| input(format!("reading the secret from stdin: {e}")))?;
-            v
-        }
-    };
-    let answer: SecretSet = client
-        .put_text(&paths::secret(a.as_str(), name), value, "text/plain")
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!("secret {name:?} of account {a} set"))
-}
-
-/// `switchboard secrets list ACCOUNT`: names only; values are never read back.
-pub async fn secrets_list(
-    client: &Client,
-    account_raw: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: SecretList = client.get(&paths::secrets(a.as_str())).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let empty = format!("account {a} has no secrets");
-    Ok(rows(&answer.secrets, None, empty, String::clone))
-}
-
-/// `switchboard secrets rm ACCOUNT NAME`
-pub async fn secrets_rm(
-    client: &Client,
-    account_raw: &str,
-    name: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: SecretRemoved = client.delete(&paths::secret(a.as_str(), name)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!("secret {name:?} of account {a} removed"))
-}
-
 /// `switchboard contacts list ACCOUNT`
 pub async fn contacts_list(
     client: &Client,
@@ -1265,39 +898,6 @@ pub async fn contacts_show(
     Ok(pretty(&answer))
 }
 
-/// `switchboard messages list ACCOUNT`
-pub async fn messages_list(
-    client: &Client,
-    account_raw: &str,
-    limit: usize,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let path = paths::messages(a.as_str());
-    let answer: MessageList = client.get_with(&path, &ListQuery::limit(limit)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let messages: Vec<MessageRecord> = decode_all(answer.messages, &path)?;
-    let empty = format!("account {a} has no messages");
-    Ok(rows(&messages, None, empty, |m| {
-        let due = match (m.status, m.scheduled_at) {
-            (MessageStatus::Scheduled, Some(at)) => {
-                format!("  at {}", switchboard_sdk::format_rfc3339(at))
-            }
-            _ => String::new(),
-        };
-        format!(
-            "{}  {:<5} {:<9} {:<28} {}{due}",
-            m.id,
-            m.channel.as_str(),
-            m.status.as_str(),
-            m.recipient,
-            m.provider,
-        )
-    }))
-}
-
 /// One line per item (after `header`), or `empty` when there is none.
 fn rows<T>(
     items: &[T],
@@ -1312,167 +912,6 @@ fn rows<T>(
     lines.collect::<Vec<_>>().join("\n").trim_end().to_string()
 }
 
-/// `switchboard messages show ACCOUNT ID`
-pub async fn messages_show(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: Value = client.get(&paths::message(a.as_str(), id)).await?;
-    Ok(pretty(&answer))
-}
-
-/// `switchboard messages cancel ACCOUNT ID`: cancels a scheduled message
-/// before it goes.
-pub async fn messages_cancel(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let path = paths::message_cancel(a.as_str(), id);
-    // The cancel takes no body; `null` says so.
-    let answer: Value = client.post(&path, &Value::Null).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let message: MessageRecord = decode(answer, &path)?;
-    Ok(format!(
-        "cancelled message {} to {} (it was scheduled for {})",
-        message.id,
-        message.recipient,
-        message
-            .scheduled_at
-            .map_or_else(|| "-".to_string(), switchboard_sdk::format_rfc3339)
-    ))
-}
-
-/// `switchboard messages unmatched ACCOUNT`: records providers posted that
-/// matched nothing, newest first.
-pub async fn messages_unmatched(
-    client: &Client,
-    account_raw: &str,
-    limit: usize,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: UnmatchedList = client
-        .get_with(&paths::unmatched(a.as_str()), &ListQuery::limit(limit))
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let header = format!(
-        "{:<26} {:<9} {:<16} reason",
-        "received at", "provider", "result"
-    );
-    let empty = format!("account {a} has no unmatched inbound records");
-    Ok(rows(&answer.unmatched, Some(header), empty, |u| {
-        format!(
-            "{:<26} {:<9} {:<16} {}",
-            format_rfc3339(u.received_at),
-            u.provider.name(),
-            u.result,
-            shorten(&u.reason, 120),
-        )
-    }))
-}
-
-/// What each inbound provider's URL is for, told once it is made.
-fn inbound_hint(provider: &str, secret: Option<&str>) -> String {
-    match provider {
-        "sendgrid" => "Set it as the HTTP Post URL of SendGrid's Event Webhook (Settings → Mail \
-                       Settings → Event Webhook), with the events you want."
-            .to_string(),
-        "twilio" => "Give it to Twilio as the StatusCallback of the messages you send (the \
-                     `status_callback` of the Twilio provider in the dispatcher's config). \
-                     Callbacks are verified with the provider's auth token over this exact URL."
-            .to_string(),
-        _ => format!(
-            "Give it to the sender. It signs per Standard Webhooks with the account secret {:?} \
-             (webhook-id, webhook-timestamp, webhook-signature); messages more than 5 minutes \
-             old are refused.",
-            secret.unwrap_or_default()
-        ),
-    }
-}
-
-/// `switchboard inbound create ACCOUNT PROVIDER [--secret NAME] [--rotate]`:
-/// prints the URL, which is never shown again.
-pub async fn inbound_create(
-    client: &Client,
-    account_raw: &str,
-    provider: &str,
-    secret: Option<&str>,
-    rotate: bool,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let body = CreateInboundRequest {
-        secret: secret.map(str::to_string),
-        rotate,
-    };
-    let answer: CreatedInbound = client
-        .post(&paths::inbound_hook(a.as_str(), provider), &body)
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let verb = if rotate { "rotated" } else { "created" };
-    Ok(format!(
-        "{verb} the inbound {provider} webhook of account {a}:\n\n  {}\n\n{}\nThe URL is shown \
-         this once (only a hash of its secret is kept); `switchboard inbound create {a} {provider} \
-         --rotate` makes a new one.",
-        answer.url,
-        inbound_hint(provider, secret),
-    ))
-}
-
-/// `switchboard inbound list ACCOUNT`: providers and when their URLs were
-/// made (the URLs' secrets are not kept).
-pub async fn inbound_list(
-    client: &Client,
-    account_raw: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: InboundList = client.get(&paths::inbound_hooks(a.as_str())).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let header = format!("{:<10} {:<26} secret", "provider", "created at");
-    let empty = format!("account {a} has no inbound webhooks");
-    Ok(rows(&answer.inbound, Some(header), empty, |h| {
-        format!(
-            "{:<10} {:<26} {}",
-            h.provider.name(),
-            format_rfc3339(h.created_at),
-            h.secret.as_deref().unwrap_or("-"),
-        )
-    }))
-}
-
-/// `switchboard inbound revoke ACCOUNT PROVIDER`
-pub async fn inbound_revoke(
-    client: &Client,
-    account_raw: &str,
-    provider: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: RevokedInbound = client
-        .delete(&paths::inbound_hook(a.as_str(), provider))
-        .await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "revoked the inbound {provider} webhook of account {a}: its URL answers 404 from now on"
-    ))
-}
-
 /// `s` cut to `max` characters, with `…` when cut (`--json` shows everything).
 fn shorten(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
@@ -1481,76 +920,6 @@ fn shorten(s: &str, max: usize) -> String {
     let mut cut: String = s.chars().take(max).collect();
     cut.push('…');
     cut
-}
-
-/// `switchboard tokens create ACCOUNT [--name N]`: the token is printed this
-/// once; the dispatcher keeps only its hash.
-pub async fn tokens_create(
-    client: &Client,
-    account_raw: &str,
-    name: Option<&str>,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let body = NewTokenRequest {
-        name: name.map(str::to_string),
-    };
-    let answer: CreatedToken = client.post(&paths::tokens(a.as_str()), &body).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let token = &answer.token;
-    let named = answer
-        .name
-        .as_ref()
-        .map(|n| format!(" ({n})"))
-        .unwrap_or_default();
-    Ok(format!(
-        "created token {}{named} for account {a}; it reaches account {a} only:\n{token}\n\
-         This is the only time it is shown: store it now (the dispatcher keeps only its hash).\n\
-         Use it: export SWITCHBOARD_TOKEN={token}",
-        answer.id,
-    ))
-}
-
-/// `switchboard tokens list ACCOUNT`: ids, names and creation times.
-pub async fn tokens_list(
-    client: &Client,
-    account_raw: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: TokenList = client.get(&paths::tokens(a.as_str())).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    let header = format!("{:<36}  {:<28} name", "id", "created at");
-    let empty = format!("account {a} has no tokens");
-    Ok(rows(&answer.tokens, Some(header), empty, |t| {
-        format!(
-            "{:<36}  {:<28} {}",
-            t.id,
-            format_rfc3339(t.created_at),
-            t.name.as_deref().unwrap_or("-"),
-        )
-    }))
-}
-
-/// `switchboard tokens revoke ACCOUNT ID`
-pub async fn tokens_revoke(
-    client: &Client,
-    account_raw: &str,
-    id: &str,
-    json_out: bool,
-) -> Result<String, CliError> {
-    let a = account(account_raw)?;
-    let answer: RevokedToken = client.delete(&paths::token(a.as_str(), id)).await?;
-    if json_out {
-        return Ok(pretty(&answer));
-    }
-    Ok(format!(
-        "revoked token {id} of account {a}: requests with it are refused from now on"
-    ))
 }
 
 /// What a dry-run report says each chain would do, with the events its
