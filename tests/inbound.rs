@@ -437,8 +437,9 @@ async fn a_delivery_report_that_comes_before_the_senders_answer_is_kept() {
     let smtp = SmtpSink::start();
     smtp.queue_ids(json!({"fast@example.org": "sgm-0009"}));
     smtp.hold(json!(["fast@example.org"]));
+    // Time enough for the answer held while the test posts the report.
     let config = format!(
-        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\ntimeout_secs = 120\n",
         smtp.port()
     );
     let d = Dispatcher::with_config(None, &config);

@@ -257,7 +257,11 @@ impl SmtpSink {
     /// (`["a@example.org"]`) until [`SmtpSink::release`]: the message is
     /// written out (so [`SmtpSink::messages`] has it) before its answer goes.
     pub fn hold(&self, recipients: Value) {
-        std::fs::write(self.dir.path().join("held.conf"), recipients.to_string())
+        // Whole or not at all: the sink reads the file while it holds.
+        let path = self.dir.path().join("held.conf");
+        let partial = path.with_extension("tmp");
+        std::fs::write(&partial, recipients.to_string())
+            .and_then(|()| std::fs::rename(&partial, &path))
             .expect("writing the sink's held recipients");
     }
 

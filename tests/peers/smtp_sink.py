@@ -12,7 +12,7 @@ answers with the X-Message-Id its delivery events carry.
 
 When it holds `held.conf` (JSON: a list of recipients), a message to a listed
 recipient is written out, then its answer waits while the list still names
-the recipient (up to a minute): a provider that takes its time to answer, so
+the recipient (up to two minutes): a provider that takes its time to answer, so
 that a test can post a delivery report before the sender has its answer.
 """
 
@@ -63,7 +63,7 @@ class Sink:
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
         os.rename(path + ".tmp", path)
-        for _ in range(3000):
+        for _ in range(6000):
             if not set(envelope.rcpt_tos) & set(read_json("held.conf", [])):
                 break
             await asyncio.sleep(0.02)

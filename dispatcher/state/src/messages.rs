@@ -518,7 +518,12 @@ mod tests {
             .unwrap()
             .unwrap();
         let moved = messages
-            .transition_known(&written, MessageStatus::Sent, "accepted", None)
+            .transition_known(
+                &written,
+                MessageStatus::Sent,
+                "accepted",
+                Some("SM2".into()),
+            )
             .unwrap()
             .unwrap();
         // The report is kept; the answer is logged beside it.
@@ -537,6 +542,10 @@ mod tests {
             .latest_sent(&acme, Channel::Sms, "+27820000001", None)
             .unwrap();
         assert_eq!(latest.map(|m| m.id), Some("m-2".into()));
+        let found = messages
+            .find_by_remote_id(&acme, Channel::Sms, "SM2")
+            .unwrap();
+        assert_eq!(found.map(|m| m.id), Some("m-2".into()));
 
         // A record that is gone stays gone.
         let stray = sms(&acme, "m-3");

@@ -202,7 +202,8 @@ pub struct MessageRecord {
         with = "time::serde::rfc3339::option"
     )]
     pub scheduled_at: Option<OffsetDateTime>,
-    /// When the provider accepted it (it first became `sent`).
+    /// When the provider accepted it: it first became `sent`, or its send
+    /// step's answer came after a delivery report had moved it on.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -404,14 +405,17 @@ impl MessageRecord {
         self.log(to, cause, (None, None), at);
     }
 
-    /// Moves the message to `to` as its send step decided on the
-    /// provider's answer, when the step last saw the record with `seen`
-    /// transitions in its log: a delivery report logged since then that has
-    /// the message at `to`'s rank or beyond is kept (a fast provider can
-    /// report before the step records the answer), and the answer is logged
-    /// beside it, setting `remote_id` and `sent_at`, without moving the
-    /// message back. Else as [`MessageRecord::move_to`]: a step that sends a
-    /// failed message again moves it whatever a report had said before.
+    /// Moves the message to `to` as its send step decided, when the step
+    /// last saw the record with `seen` transitions in its log. When the
+    /// step records the provider's acceptance (`to` is
+    /// [`MessageStatus::Sent`]) and a delivery report logged since then has
+    /// the message at `sent`'s rank or beyond (a fast provider can report
+    /// before the step has its answer), the report's status is kept: the
+    /// answer is logged beside it (from and to that status) and sets
+    /// `remote_id` and `sent_at`. Anything else moves as
+    /// [`MessageRecord::move_to`]: a step handing a message over (`sending`)
+    /// or sending a failed one again moves it whatever a report had said
+    /// before the step read it.
     pub fn answer(
         &mut self,
         seen: usize,
@@ -425,7 +429,7 @@ impl MessageRecord {
             .iter()
             .skip(seen)
             .any(|t| t.source.is_some());
-        if !reported_since || to.rank() > self.status.rank() {
+        if to != MessageStatus::Sent || !reported_since || to.rank() > self.status.rank() {
             self.move_to(to, cause, remote_id, at);
             return;
         }
@@ -908,15 +912,16 @@ mod tests {
             // Nothing came in between: the step moves it.
             (&[], Sent, Sent),
             (&[], Sending, Sending),
+            // The step's own moves before an answer stand.
+            (&[Delivered], Sending, Sending),
             // A fast provider reported before the step recorded its answer.
             (&[Delivered], Sent, Delivered),
             (&[Delivered, Opened], Sent, Opened),
             (&[Deferred], Sent, Deferred),
             (&[Sent], Sent, Sent),
-            // A report the step's answer outranks.
+            // A failure the step decided stands.
             (&[Sent], Failed, Failed),
-            // The provider's report wins over a step that saw no answer.
-            (&[Delivered], Failed, Delivered),
+            (&[Delivered], Failed, Failed),
         ];
         for &(reports, to, expected) in cases {
             let mut m = message(Pending, &[]);
