@@ -429,16 +429,15 @@ impl MessageRecord {
             .iter()
             .skip(seen)
             .any(|t| t.source.is_some());
-        if to != MessageStatus::Sent || !reported_since || to.rank() > self.status.rank() {
+        let accepted = MessageStatus::Sent;
+        if to != accepted || !reported_since || self.status.rank() < accepted.rank() {
             self.move_to(to, cause, remote_id, at);
             return;
         }
         if let Some(remote_id) = remote_id {
             self.remote_id = Some(remote_id.to_string());
         }
-        if to == MessageStatus::Sent && self.sent_at.is_none() {
-            self.sent_at = Some(at);
-        }
+        self.sent_at.get_or_insert(at);
         let kept = self.status;
         let cause =
             format!("{cause} (the step's answer, {to}; a delivery report had it {kept} already)");
@@ -597,9 +596,10 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
 
     /// A send step's move of a message it holds as it last saw it written
     /// (`known`: as [`Messages::record`] or a transition returned it) to
-    /// `to` on the provider's answer ([`MessageRecord::answer`]): a
-    /// delivery report applied since `known` that has the message at `to`'s
-    /// rank or beyond is kept. A store may try the write against `known`
+    /// `to` ([`MessageRecord::answer`]): when `to` is the provider's
+    /// acceptance (`sent`), a delivery report applied since `known` that
+    /// has the message at `sent`'s rank or beyond is kept. A store may try
+    /// the write against `known`
     /// first, without reading the record back, and read it only if it
     /// changed meanwhile. `None` when the account has no such message.
     fn transition_known(
