@@ -1,6 +1,8 @@
 //! The chain file: what an account operator writes, in TOML or JSON.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -251,9 +253,39 @@ pub struct StepSpec {
 /// times its text (a B-tree node with room for eleven entries, however few
 /// it holds). Handlers get the map back with [`StepConfig::to_map`] — once
 /// per use, which costs what cloning the map cost before. The text is
-/// canonical (keys sorted, no spaces), so equal configs compare equal.
+/// canonical (keys sorted, no spaces), so equal configs compare equal, and
+/// equal texts are held once however many steps have them ([`shared`]):
+/// accounts often run chains made from the same files.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct StepConfig(Box<str>);
+pub struct StepConfig(Arc<str>);
+
+/// `text`, held once for every step config that has it. A text no config
+/// holds any more is let go when the set next doubles.
+fn shared(text: String) -> Arc<str> {
+    struct Texts {
+        held: HashSet<Arc<str>>,
+        /// The size at which texts no config holds are let go.
+        sweep_at: usize,
+    }
+    static TEXTS: Mutex<Option<Texts>> = Mutex::new(None);
+    let mut texts = TEXTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let texts = texts.get_or_insert_with(|| Texts {
+        held: HashSet::new(),
+        sweep_at: 1024,
+    });
+    if let Some(held) = texts.held.get(text.as_str()) {
+        return Arc::clone(held);
+    }
+    if texts.held.len() >= texts.sweep_at {
+        texts.held.retain(|t| Arc::strong_count(t) > 1);
+        texts.sweep_at = (texts.held.len() * 2).max(1024);
+    }
+    let held: Arc<str> = text.into();
+    texts.held.insert(Arc::clone(&held));
+    held
+}
 
 impl StepConfig {
     /// The options as a map.
@@ -280,11 +312,9 @@ impl From<Map<String, Value>> for StepConfig {
         if map.is_empty() {
             return Self::default();
         }
-        Self(
-            serde_json::to_string(&map)
-                .expect("a JSON map serialises")
-                .into_boxed_str(),
-        )
+        Self(shared(
+            serde_json::to_string(&map).expect("a JSON map serialises"),
+        ))
     }
 }
 

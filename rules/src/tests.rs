@@ -481,3 +481,37 @@ steps = [{ handler = "log" }]
     assert!(chains.candidates(&other).is_empty());
     assert_eq!(chains.route(&other), Routing::Default(&chains.chains()[1]));
 }
+
+/// Step configs with the same options, in any account's chains, hold one
+/// text between them; a config still held keeps its text through the
+/// sweeps that let go of the others.
+#[test]
+fn equal_step_configs_are_held_once() {
+    let file = |account: &str, message: &str| {
+        parse(&format!(
+            r#"
+account_key = "{account}"
+[[chains]]
+name = "poll"
+event_type = "poll_complete"
+[[chains.steps]]
+handler = "log"
+config = {{ level = "info", message = "{message}" }}
+"#
+        ))
+    };
+    let text = |f: &ChainFile| f.chains[0].steps[0].config.as_json().as_ptr();
+    let (a, b) = (file("acme", "done"), file("globex", "done"));
+    assert_eq!(a.chains[0].steps[0].config, b.chains[0].steps[0].config);
+    assert_eq!(text(&a), text(&b), "one text for both");
+    let other = file("acme", "something else");
+    assert_ne!(text(&a), text(&other));
+
+    // Enough texts come and go to sweep the set more than once.
+    for i in 0..5_000 {
+        let map = serde_json::json!({ "n": i });
+        let config = StepConfig::from(map.as_object().unwrap().clone());
+        drop(config);
+    }
+    assert_eq!(text(&file("initech", "done")), text(&a), "still held once");
+}
