@@ -434,14 +434,11 @@ impl MessageRecord {
             self.move_to(to, cause, remote_id, at);
             return;
         }
-        if let Some(remote_id) = remote_id {
-            self.remote_id = Some(remote_id.to_string());
-        }
         self.sent_at.get_or_insert(at);
         let kept = self.status;
         let cause =
             format!("{cause} (the step's answer, {to}; a delivery report had it {kept} already)");
-        self.log(kept, &cause, (None, None), at);
+        self.move_to(kept, &cause, remote_id, at);
     }
 
     /// What a provider's delivery report that the message is now `to`,
