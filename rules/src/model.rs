@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -267,14 +267,15 @@ fn shared(text: String) -> Arc<str> {
         /// The size at which texts no config holds are let go.
         sweep_at: usize,
     }
-    static TEXTS: Mutex<Option<Texts>> = Mutex::new(None);
+    static TEXTS: LazyLock<Mutex<Texts>> = LazyLock::new(|| {
+        Mutex::new(Texts {
+            held: HashSet::new(),
+            sweep_at: 1024,
+        })
+    });
     let mut texts = TEXTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let texts = texts.get_or_insert_with(|| Texts {
-        held: HashSet::new(),
-        sweep_at: 1024,
-    });
     if let Some(held) = texts.held.get(text.as_str()) {
         return Arc::clone(held);
     }
