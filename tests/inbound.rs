@@ -170,6 +170,15 @@ async fn inbound_metric(d: &Dispatcher, provider: &str, account: &str, result: &
         .map_or(0, |n| n.trim().parse().expect("a counter"))
 }
 
+/// A dispatcher config whose SendGrid provider is `smtp`, with `extra`
+/// lines of provider options.
+fn sendgrid(smtp: &SmtpSink, extra: &str) -> String {
+    format!(
+        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n{extra}",
+        smtp.port()
+    )
+}
+
 const SENDGRID_CHAINS: &str = r#"
 account_key = "acme"
 
@@ -200,11 +209,7 @@ async fn sendgrid_events_update_messages_and_reach_chains() {
         "nobody@example.org": "sgm-0002",
         "old@example.org": "sgm-0003",
     }));
-    let config = format!(
-        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
-        smtp.port()
-    );
-    let d = Dispatcher::with_config(None, &config);
+    let d = Dispatcher::with_config(None, &sendgrid(&smtp, ""));
     d.apply_chains("acme.toml", SENDGRID_CHAINS).await;
     let sent = event("acme", "survey", "mail", "poll-2026", json!({}));
     let id = d.post_event(&serde_json::to_value(&sent).unwrap()).await;
@@ -438,11 +443,7 @@ async fn a_delivery_report_that_comes_before_the_senders_answer_is_kept() {
     smtp.queue_ids(json!({"fast@example.org": "sgm-0009"}));
     smtp.hold(json!(["fast@example.org"]));
     // Time enough for the answer held while the test posts the report.
-    let config = format!(
-        "[providers.email.sendgrid]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\ntimeout_secs = 120\n",
-        smtp.port()
-    );
-    let d = Dispatcher::with_config(None, &config);
+    let d = Dispatcher::with_config(None, &sendgrid(&smtp, "timeout_secs = 120\n"));
     d.apply_chains(
         "acme.toml",
         r#"
