@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use switchboard_handlers::ports::{Unsubscribe, UnsubscribeLinks};
 use switchboard_handlers::records::{
-    Channel, Choice, MessageStatus, Messages, Preferences, RecordError, Topic,
+    Channel, Choice, DeliveryReport, MessageStatus, Messages, Preferences, RecordError, Topic,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_state::{Purpose, SigningKeys};
@@ -151,7 +151,7 @@ impl OneClick {
             &link.account,
             &link.message_id,
             (MessageStatus::Unsubscribed, cause),
-            (&source, None),
+            DeliveryReport::new(&source),
         )?;
         self.store.flush().await?;
         tracing::info!(account = %link.account, channel = link.channel.as_str(), topic = %link.topic,

@@ -3,7 +3,7 @@
 //! message's id, for providers' delivery reports.
 
 use switchboard_handlers::records::{
-    Channel, MessageRecord, MessageStatus, Messages, RecordError, Records, Reported,
+    Channel, DeliveryReport, MessageRecord, MessageStatus, Messages, RecordError, Records, Reported,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, KeyLocks, Store, StoreError, key};
@@ -227,7 +227,7 @@ impl Messages for StoredMessages {
         account: &AccountKey,
         id: &str,
         (to, cause): (MessageStatus, &str),
-        report: (&str, Option<&serde_json::Value>),
+        report: DeliveryReport<'_>,
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError> {
         let _guard = WRITERS.lock(account.as_str().as_bytes());
         let mut outcome = Reported::Applied { from: to };
@@ -513,7 +513,7 @@ mod tests {
                 &acme,
                 "m-2",
                 (MessageStatus::Delivered, "report"),
-                ("t:1", None),
+                DeliveryReport::new("t:1"),
             )
             .unwrap()
             .unwrap();
@@ -599,7 +599,10 @@ mod tests {
                     &acme,
                     "m-1",
                     (to, &format!("report {source}")),
-                    (source, Some(&payload)),
+                    DeliveryReport {
+                        payload: Some(&payload),
+                        ..DeliveryReport::new(source)
+                    },
                 )
                 .unwrap()
                 .map(|(m, r)| (m.status, r))
@@ -628,7 +631,12 @@ mod tests {
         );
         assert_eq!(
             other_instance
-                .report(&acme, "m-2", (MessageStatus::Sent, "x"), ("t:2", None))
+                .report(
+                    &acme,
+                    "m-2",
+                    (MessageStatus::Sent, "x"),
+                    DeliveryReport::new("t:2")
+                )
                 .unwrap(),
             None
         );

@@ -145,9 +145,23 @@ pub struct Transition {
     /// that a report posted twice is applied once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The provider's id of the message that report is about, when it
+    /// names one: which send it reports on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
     /// That report as the provider posted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
+}
+
+impl Transition {
+    /// Whether this is a delivery report that may be about the send the
+    /// provider answered with `remote_id`: a report naming another send
+    /// (the one a replay repeats) says nothing of this one.
+    fn reports_on(&self, remote_id: Option<&str>) -> bool {
+        self.source.is_some()
+            && !matches!((self.remote_id.as_deref(), remote_id), (Some(a), Some(b)) if a != b)
+    }
 }
 
 /// A message Switchboard sent.
@@ -386,6 +400,7 @@ impl MessageRecord {
             at: self.created_at,
             cause,
             source: None,
+            remote_id: None,
             payload: None,
         }];
     }
@@ -402,14 +417,15 @@ impl MessageRecord {
         if let Some(remote_id) = remote_id {
             self.remote_id = Some(remote_id.to_string());
         }
-        self.log(to, cause, (None, None), at);
+        self.log(to, cause, None, at);
     }
 
     /// Moves the message to `to` as its send step decided, when the step
     /// last saw the record with `seen` transitions in its log. When the
     /// step records the provider's acceptance (`to` is
-    /// [`MessageStatus::Sent`]) and a delivery report logged since then has
-    /// the message at `sent`'s rank or beyond (a fast provider can report
+    /// [`MessageStatus::Sent`]) and a delivery report logged since then,
+    /// not naming another send than `remote_id`, has the message at
+    /// `sent`'s rank or beyond (a fast provider can report
     /// before the step has its answer), the report's status is kept: the
     /// answer is logged beside it (from and to that status) and sets
     /// `remote_id` and `sent_at`. Anything else moves as
@@ -428,7 +444,7 @@ impl MessageRecord {
             .transitions
             .iter()
             .skip(seen)
-            .any(|t| t.source.is_some());
+            .any(|t| t.reports_on(remote_id));
         let accepted = MessageStatus::Sent;
         if to != accepted || !reported_since || self.status.rank() < accepted.rank() {
             self.move_to(to, cause, remote_id, at);
@@ -463,18 +479,17 @@ impl MessageRecord {
     }
 
     /// Applies a delivery report as [`MessageRecord::judge_report`] says,
-    /// logging `cause`, `source` and the report's raw `payload` (as the
-    /// provider posted it) when it moves the message.
+    /// logging `cause` and the report when it moves the message.
     pub fn apply_report(
         &mut self,
         to: MessageStatus,
         cause: &str,
-        (source, payload): (&str, Option<&serde_json::Value>),
+        report: DeliveryReport<'_>,
         at: OffsetDateTime,
     ) -> Reported {
-        let verdict = self.judge_report(to, source);
+        let verdict = self.judge_report(to, report.source);
         if let Reported::Applied { .. } = verdict {
-            self.log(to, cause, (Some(source), payload), at);
+            self.log(to, cause, Some(report), at);
         }
         verdict
     }
@@ -483,7 +498,7 @@ impl MessageRecord {
         &mut self,
         to: MessageStatus,
         cause: &str,
-        (source, payload): (Option<&str>, Option<&serde_json::Value>),
+        report: Option<DeliveryReport<'_>>,
         at: OffsetDateTime,
     ) {
         self.transitions.push(Transition {
@@ -491,14 +506,40 @@ impl MessageRecord {
             to,
             at,
             cause: cause.to_string(),
-            source: source.map(str::to_string),
-            payload: payload.cloned(),
+            source: report.map(|r| r.source.to_string()),
+            remote_id: report.and_then(|r| r.remote_id).map(str::to_string),
+            payload: report.and_then(|r| r.payload).cloned(),
         });
         if to == MessageStatus::Sent && self.sent_at.is_none() {
             self.sent_at = Some(at);
         }
         self.status = to;
         self.updated_at = at;
+    }
+}
+
+/// A provider's delivery report, as a message record logs it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryReport<'a> {
+    /// The provider and its event id, so that a report posted twice is
+    /// applied once.
+    pub source: &'a str,
+    /// The provider's id of the message the report is about, when it names
+    /// one (SendGrid's X-Message-Id, Twilio's MessageSid): a report about
+    /// an earlier send of the message is told from one about the latest.
+    pub remote_id: Option<&'a str>,
+    /// The report as the provider posted it.
+    pub payload: Option<&'a serde_json::Value>,
+}
+
+impl<'a> DeliveryReport<'a> {
+    /// A report known only by its `source`.
+    pub fn new(source: &'a str) -> Self {
+        Self {
+            source,
+            remote_id: None,
+            payload: None,
+        }
     }
 }
 
@@ -621,15 +662,14 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<(MessageRecord, bool)>, RecordError>;
 
     /// Applies a provider's delivery report that message `id` is now
-    /// `moved.0`, because of `moved.1`, with the report's source and raw
-    /// payload ([`MessageRecord::apply_report`]). `None` when the account
-    /// has no such message.
+    /// `moved.0`, because of `moved.1` ([`MessageRecord::apply_report`]).
+    /// `None` when the account has no such message.
     fn report(
         &self,
         account: &AccountKey,
         id: &str,
         moved: (MessageStatus, &str),
-        report: (&str, Option<&serde_json::Value>),
+        report: DeliveryReport<'_>,
     ) -> Result<Option<(MessageRecord, Reported)>, RecordError>;
 
     /// Removes the messages last changed before `before` that are done (not
@@ -710,7 +750,7 @@ mod tests {
         };
         m.start();
         for source in sources {
-            m.log(status, "earlier", (Some(source), None), now);
+            m.log(status, "earlier", Some(DeliveryReport::new(source)), now);
         }
         m.status = status;
         m
@@ -725,7 +765,12 @@ mod tests {
     ) {
         let mut m = message(status, seen);
         let before = m.clone();
-        let verdict = m.apply_report(to, "report", (source, None), switchboard_sdk::now());
+        let verdict = m.apply_report(
+            to,
+            "report",
+            DeliveryReport::new(source),
+            switchboard_sdk::now(),
+        );
         assert_eq!(verdict, expected, "{status} + {to} from {source}");
         if verdict.applied() {
             assert_eq!(m.status, to);
@@ -925,7 +970,7 @@ mod tests {
             let seen = m.transitions.len();
             for (i, &report) in reports.iter().enumerate() {
                 let source = format!("t:{i}");
-                m.apply_report(report, "report", (&source, None), at);
+                m.apply_report(report, "report", DeliveryReport::new(&source), at);
             }
             m.answer(seen, to, "accepted", Some("SM1"), at);
             let case = format!("{reports:?} then the step's {to:?}");
@@ -945,9 +990,30 @@ mod tests {
         // A step that sends again a message a report had failed (a replay)
         // saw that report: its answer moves the message on.
         let mut m = message(Pending, &[]);
-        m.apply_report(Failed, "report", ("t:1", None), at);
+        m.apply_report(Failed, "report", DeliveryReport::new("t:1"), at);
         let seen = m.transitions.len();
         m.answer(seen, Sent, "accepted", None, at);
         assert_eq!(m.status, Sent);
+
+        // A report that names the message as the provider knows it counts
+        // only when it is this send's answer: a late report on the send a
+        // replay repeats (SM0) says nothing of the new one (SM1).
+        for (named, expected) in [
+            (Some("SM1"), Delivered),
+            (Some("SM0"), Sent),
+            (None, Delivered),
+        ] {
+            let mut m = message(Pending, &[]);
+            let seen = m.transitions.len();
+            let report = DeliveryReport {
+                remote_id: named,
+                ..DeliveryReport::new("t:1")
+            };
+            m.apply_report(Delivered, "report", report, at);
+            assert_eq!(m.transitions.last().unwrap().remote_id.as_deref(), named);
+            m.answer(seen, Sent, "accepted", Some("SM1"), at);
+            assert_eq!(m.status, expected, "a report on {named:?}");
+            assert_eq!(m.remote_id.as_deref(), Some("SM1"));
+        }
     }
 }

@@ -29,7 +29,9 @@ pub use contacts::{Contact, ContactUpsert, Contacts, Identifier, StepRef};
 pub use files::{FileInfo, FilePolicy, FileRefused, Files};
 pub use idempotency::IdempotencyKeys;
 pub use inbox::{Content, Cursor, Inbox, InboxCount, InboxFilter, InboxPage, Mark, Notification};
-pub use messages::{Channel, MessageRecord, MessageStatus, Messages, Reported, Transition};
+pub use messages::{
+    Channel, DeliveryReport, MessageRecord, MessageStatus, Messages, Reported, Transition,
+};
 pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;
 pub use sources::{SourceRecords, SourceVersion};

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 use switchboard_handlers::records::{
-    Channel, Choice, Contacts, FilePolicy, Files, IdempotencyKeys, MessageRecord, MessageStatus,
-    Messages, Preferences, RecordError, Reported, Secrets,
+    Channel, Choice, Contacts, DeliveryReport, FilePolicy, Files, IdempotencyKeys, MessageRecord,
+    MessageStatus, Messages, Preferences, RecordError, Reported, Secrets,
 };
 use switchboard_handlers::sms::TwilioSms;
 use switchboard_sdk::{
@@ -95,7 +95,9 @@ pub struct Report {
     pub channel: Channel,
     /// The message id the record carries (`switchboard_message_id`), tried first.
     pub message_id: Option<String>,
-    /// The provider's ids for the message, tried in order against `remote_id`.
+    /// The provider's ids for the message, tried in order against
+    /// `remote_id`; the last is the one its answer to the send gave
+    /// (SendGrid's X-Message-Id, Twilio's MessageSid).
     pub remote_ids: Vec<String>,
     /// The status it reports; `None` leaves the message's status as it is.
     pub status: Option<MessageStatus>,
@@ -112,6 +114,17 @@ pub struct Report {
     pub details: Map<String, Value>,
     /// The transition's cause, in words.
     pub cause: String,
+}
+
+impl Report {
+    /// The report, as the message's log keeps it once `raw` moved it.
+    fn logged<'a>(&'a self, raw: &'a Value) -> DeliveryReport<'a> {
+        DeliveryReport {
+            source: &self.source,
+            remote_id: self.remote_ids.last().map(String::as_str),
+            payload: Some(raw),
+        }
+    }
 }
 
 /// Hex SHA-256, for records without an id of their own.
@@ -712,7 +725,7 @@ impl Inbound {
                     account,
                     &message.id,
                     (to, &report.cause),
-                    (&report.source, Some(&raw)),
+                    report.logged(&raw),
                 )? {
                     Some((m, Reported::Applied { .. })) => (m, "applied"),
                     Some((m, Reported::Duplicate)) => (m, "duplicate"),
