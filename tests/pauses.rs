@@ -492,6 +492,90 @@ async fn cancel_on_cancels_a_paused_reminder_of_the_same_conversation() {
     assert_eq!(timers["timers"], json!([]));
 }
 
+/// An event reaches only the runs paused before it was taken up: when it is
+/// handled again (here its own chain's pause ends), a run that paused since
+/// (a later sign-up of the same conversation) is left alone.
+#[tokio::test]
+async fn an_event_handled_again_does_not_cancel_a_run_that_paused_after_it() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "remind"
+conversation_type = "survey"
+event_type = "signed_up"
+cancel_on = { event_type = "replied" }
+
+[[chains.steps]]
+name = "wait"
+handler = "delay"
+config = { duration = "4s" }
+
+[[chains.steps]]
+name = "reminder"
+handler = "log"
+config = { message = "reminder" }
+
+[[chains]]
+name = "thank"
+conversation_type = "survey"
+event_type = "replied"
+
+[[chains.steps]]
+name = "wait"
+handler = "delay"
+config = { duration = "2s" }
+
+[[chains.steps]]
+name = "thanks"
+handler = "log"
+config = { message = "thanks" }
+"#,
+    )
+    .await;
+    let post = |event_type: &str| {
+        let e = event("acme", "survey", event_type, "c-1", json!({}));
+        let id = e.id.to_string();
+        let d = &d;
+        async move {
+            d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+            let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+            assert_eq!(trace["status"], "waiting", "{trace:#}");
+            id
+        }
+    };
+    let first = post("signed_up").await;
+    let reply = post("replied").await;
+    let trace = wait_until("the first reminder cancelled", TIMEOUT, || async {
+        d.trace("acme", &first)
+            .await
+            .filter(|t| t["status"] == "cancelled")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["cancelled_by"], reply.as_str());
+    let second = post("signed_up").await;
+    // The reply's pause ends, and its pass runs again: the second sign-up
+    // paused after the reply was taken up, so its reminder still goes.
+    let trace = wait_until("the reply's chain done", TIMEOUT, || async {
+        d.trace("acme", &reply)
+            .await
+            .filter(|t| t["status"] == "done")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["steps"][1]["outcome"], "ok", "{trace:#}");
+    let trace = wait_until("the second reminder", TIMEOUT, || async {
+        d.trace("acme", &second)
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(trace["chains"][0]["steps"][1]["outcome"], "ok", "{trace:#}");
+}
+
 /// `wait_for_event`: a run goes on when an event meeting its `match` comes
 /// (whatever its conversation), its step's output holding that event; one
 /// no event meets times out, its output saying so.

@@ -89,6 +89,12 @@ struct Waiting {
     /// earlier pause of the same run reaches nothing.
     #[serde(default)]
     until_ms: u64,
+    /// When the pause began (ms since the epoch; 0 in waiters written
+    /// before it was kept). An event taken up before then came earlier on
+    /// the bus: when it is handled again (its own pause ends, a retry, a
+    /// redelivery), it does not reach this pause.
+    #[serde(default)]
+    since_ms: u64,
 }
 
 /// The prefix of the signals for `chain` of the paused event `paused`.
@@ -177,6 +183,7 @@ impl Executor {
             let waiting = Waiting {
                 condition,
                 until_ms: pause.until_ms,
+                since_ms: now_ms(),
             };
             let value = serde_json::to_vec(&waiting).expect("a waiter serialises");
             pass.write_beside(Write {
@@ -332,8 +339,9 @@ impl Executor {
     }
 
     /// Lets `event` reach the paused runs of its account that wait for its
-    /// type: each whose condition holds gets a signal, made durable, and
-    /// its event back on the bus, whose next pass decides.
+    /// type and paused before `event` was first taken up: each whose
+    /// condition holds gets a signal, made durable, and its event back on
+    /// the bus, whose next pass decides.
     pub(super) async fn reach_paused(
         &self,
         event: &VumiApiEvent,
@@ -361,6 +369,9 @@ impl Executor {
             let Ok(waiting) = serde_json::from_slice::<Waiting>(&v) else {
                 continue;
             };
+            if waiting.since_ms > pass.journal.started_ms {
+                continue;
+            }
             let record = self.journal.load(&RecordKey::new(account, &paused))?;
             let run = record.as_ref().and_then(|j| {
                 let c = j
