@@ -138,6 +138,8 @@ pub(crate) struct PartitionEntries<'a> {
     partitions: u16,
     partition: u16,
     entries: sled::Iter,
+    /// Where the entries not looked at yet begin.
+    next: Vec<u8>,
 }
 
 impl<'a> PartitionEntries<'a> {
@@ -147,7 +149,17 @@ impl<'a> PartitionEntries<'a> {
             partitions,
             partition,
             entries: tree.iter(),
+            next: Vec::new(),
         }
+    }
+
+    /// Goes on from the tree as it is now. sled's iterator keeps a copy of
+    /// the leaf it is in and reads on from that copy: values written since
+    /// it began that leaf (a key changed or removed) come only from a fresh
+    /// one. A reader that lets writers in between its looks calls this
+    /// before it reads on.
+    pub(crate) fn reread(&mut self) {
+        self.entries = self.tree.range(self.next.as_slice()..);
     }
 }
 
@@ -161,11 +173,15 @@ impl Iterator for PartitionEntries<'_> {
         };
         let account = account_of_key(&key);
         if partition_of_account(account, self.partitions) == self.partition {
+            self.next.clear();
+            self.next.extend_from_slice(&key);
+            self.next.push(0);
             return Some(Ok(Look::Entry(key, value)));
         }
         let mut past = account.to_vec();
         past.push(1);
-        self.entries = self.tree.range(past..);
+        self.entries = self.tree.range(past.as_slice()..);
+        self.next = past;
         Some(Ok(Look::Passed))
     }
 }
@@ -972,5 +988,48 @@ mod tests {
             partition_of_key(b"foobar\0contact", 16),
             partition_of_account(b"foobar", 16)
         );
+    }
+
+    /// A partition's entries read in chunks, with writes let in between:
+    /// after `reread`, each entry not looked at yet is as the tree holds it
+    /// now (sled's iterator alone reads on from its copy of the leaf).
+    #[test]
+    fn partition_entries_read_on_as_the_tree_is_now() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let ours = "a";
+        let other = (0..100)
+            .map(|i| format!("b{i}"))
+            .find(|a| partition_of_account(a.as_bytes(), 16) != partition_of_account(b"a", 16))
+            .unwrap();
+        let k = |account: &str, i: u32| format!("{account}\0k{i:02}").into_bytes();
+        for i in 0..40 {
+            tree.insert(k(ours, i), b"old".to_vec()).unwrap();
+            tree.insert(k(&other, i), b"other".to_vec()).unwrap();
+        }
+        let mut entries = PartitionEntries::new(&tree, 16, partition_of_account(b"a", 16));
+        let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut take = |entries: &mut PartitionEntries, n: usize| {
+            for look in entries.by_ref().take(n) {
+                if let Look::Entry(key, value) = look.unwrap() {
+                    seen.push((key.to_vec(), value.to_vec()));
+                }
+            }
+        };
+        take(&mut entries, 5);
+        tree.insert(k(ours, 6), b"new".to_vec()).unwrap();
+        tree.remove(k(ours, 7)).unwrap();
+        tree.insert(k(ours, 2), b"behind".to_vec()).unwrap();
+        entries.reread();
+        take(&mut entries, 1000);
+        let keys: Vec<Vec<u8>> = seen.iter().map(|(key, _)| key.clone()).collect();
+        let expected: Vec<Vec<u8>> = (0..40).filter(|i| *i != 7).map(|i| k(ours, i)).collect();
+        assert_eq!(
+            keys, expected,
+            "each of the partition's keys once, in order"
+        );
+        let value_of = |i: u32| &seen.iter().find(|(key, _)| *key == k(ours, i)).unwrap().1;
+        assert_eq!(value_of(6), b"new");
+        assert_eq!(value_of(2), b"old", "looked at before the write");
     }
 }

@@ -327,6 +327,9 @@ impl Partitioned {
                 if self.term(partition) != Some(term) {
                     return Ok(None);
                 }
+                // The event path may have written since the last chunk:
+                // each rewrite is the key's value as it is now.
+                entries.reread();
                 let mut looked = 0;
                 for look in entries.by_ref().take(SCAN_CHUNK) {
                     looked += 1;
