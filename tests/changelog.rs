@@ -861,3 +861,68 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
         }
     }
 }
+
+/// Two replicas taking one partition at once: the one whose term began
+/// first (here while it read its copy again whole, a long take) does not
+/// count its term once the other's later one began, so at most one of
+/// them holds the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_takes_at_once_only_the_later_term_holds() {
+    use switchboard_store::{Copies, Store, partition_of_account};
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        let url = nats.url().to_string();
+        async move {
+            Store::replicated(
+                &path,
+                async_nats::ConnectOptions::new(),
+                vec![url],
+                1,
+                16,
+                Copies::Every,
+            )
+            .await
+            .expect("a replicated store")
+        }
+    };
+    let p = partition_of_account(b"acme", 16);
+    let (a, c) = (open("a").await, open("c").await);
+    a.take_partition(p).await.expect("a takes the partition");
+    for contact in 0..20_000 {
+        a.put(
+            Collection::Contacts,
+            format!("acme\0c{contact}").as_bytes(),
+            b"v",
+        )
+        .expect("a contact written");
+    }
+    a.flush().await.expect("durable");
+    // c takes it over: a, deposed, reads it again whole at its next take.
+    c.take_partition(p).await.expect("c takes the partition");
+    crate::util::wait_until("a deposed", TIMEOUT, || async {
+        (!a.holds_partition(p)).then_some(())
+    })
+    .await;
+    c.release_partition(p);
+    let a_takes = a.take_partition(p);
+    let c_takes = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.take_partition(p).await
+    };
+    let (a_took, c_took) = tokio::join!(a_takes, c_takes);
+    c_took.expect("c's later term begins");
+    assert!(
+        !(a.holds_partition(p) && c.holds_partition(p)),
+        "both replicas hold the partition (a's take: {a_took:?})"
+    );
+    assert!(c.holds_partition(p));
+    let refused = a_took.expect_err("a's earlier term does not count");
+    assert!(
+        refused
+            .to_string()
+            .contains("another replica began a later term"),
+        "{refused}"
+    );
+}

@@ -596,6 +596,9 @@ impl Partitioned {
         // partitions kept anew whole too).
         let mut copying = Some(self.copying.lock().await);
         let rebuild = self.dirty.lock().expect("dirty lock").remove(&partition);
+        // What the follower applied before it began leaving the partition
+        // to a rebuild.
+        let mut skipped_from = None;
         let caught_up = if rebuild {
             // The copy may hold writes the changelog refused: read the
             // partition again from its start. Meanwhile the follower leaves
@@ -607,6 +610,7 @@ impl Partitioned {
                     .lock()
                     .expect("rebuilding lock")
                     .insert(partition);
+                skipped_from = Some(*self.applied.borrow() + 1);
             }
             self.rebuild(partition, term.epoch).await
         } else {
@@ -631,7 +635,9 @@ impl Partitioned {
                 .lock()
                 .expect("rebuilding lock")
                 .remove(&partition);
-            let caught_up = caught_up.and_then(|()| self.still_copied(partition, rebuild));
+            let caught_up = caught_up
+                .and_then(|()| self.still_copied(partition, rebuild))
+                .and_then(|()| self.no_later_term(partition, term));
             match &caught_up {
                 Ok(()) => {
                     self.copied_through
@@ -653,6 +659,13 @@ impl Partitioned {
                 }
                 Err(_) => {
                     self.dirty.lock().expect("dirty lock").insert(partition);
+                    // The follower left the partition's records since then
+                    // to the rebuild, which did not make the copy whole:
+                    // it reads them again.
+                    if let Some(from) = skipped_from {
+                        self.reread_from(from);
+                        self.refilter.notify_one();
+                    }
                 }
             }
             caught_up
@@ -667,6 +680,27 @@ impl Partitioned {
             "partition taken: its state is written here"
         );
         Ok(())
+    }
+
+    /// Whether `term` on `partition` is still the latest the follower knows
+    /// of: another replica may have begun a term after it while this one
+    /// caught up (two takes at once), which the follower, finding no term
+    /// here yet, could not end. Called with the order lock held.
+    fn no_later_term(&self, partition: u16, term: Term) -> Result<(), StoreError> {
+        match self
+            .markers
+            .lock()
+            .expect("markers lock")
+            .get(&partition)
+            .copied()
+        {
+            Some(later) if later > term.epoch => Err(remote(format!(
+                "taking partition {partition}: another replica began a later term (epoch \
+                 {later}) while this one (epoch {}) caught up",
+                term.epoch
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a take's copy of `partition` is still whole: one the
