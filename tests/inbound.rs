@@ -846,6 +846,24 @@ config = { message = "payment {{ event.event_data.reference }} settled: {{ event
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0]["record"], json!({"event_type": "payment.settled"}));
 
+    // A secret that cannot verify anything: the sender learns that, and
+    // nothing of the secret's text (the log names what is wrong with it).
+    d.set_secret("acme", "gateway", "hunter2!").await;
+    let answer = post(&url, "application/json", &signed, body).await;
+    assert_error(
+        &answer,
+        503,
+        "not_configured",
+        "the signing secret is not a Standard Webhooks secret: set account secret \"gateway\" \
+         of account acme to whsec_ + base64 of the key",
+    );
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains("symbol") && !message.contains("offset") && !message.contains("33"),
+        "{message}"
+    );
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
+
     // The secret stays while the URL checks signatures with it.
     let kept = d.cli(&["secrets", "rm", "acme", "gateway"]).await;
     assert!(

@@ -509,9 +509,15 @@ impl Inbound {
                 match verified {
                     Ok(()) => {}
                     Err(e @ switchboard_handlers::webhook::VerifyError::Secret(_)) => {
+                        // What is wrong with the secret is the operator's
+                        // to read, not the sender's: it would tell of the
+                        // secret's text.
+                        tracing::error!(%account, secret = name, error = %e,
+                            "an inbound webhook's signing secret is unusable");
                         return Err(InboundError::NotConfigured(format!(
-                            "{e}: set account secret {name:?} of account {account} to whsec_ + \
-                             base64 of the key (`switchboard secrets set {account} {name}`)"
+                            "the signing secret is not a Standard Webhooks secret: set account \
+                             secret {name:?} of account {account} to whsec_ + base64 of the key \
+                             (`switchboard secrets set {account} {name}`)"
                         )));
                     }
                     Err(e) => return Err(self.reject(&account, provider, e.to_string())),
