@@ -201,16 +201,17 @@ fn delivery_of(
             return None;
         }
     };
-    let (attempt, seq, delivery_seq) = message
+    let (attempt, seq, delivery_seq, published_ms) = message
         .info()
         .map(|i| {
             (
                 i.delivered.max(1) as u32,
                 i.stream_sequence,
                 i.consumer_sequence,
+                Some((i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64),
             )
         })
-        .unwrap_or((1, 0, 0));
+        .unwrap_or((1, 0, 0, None));
     let pin = message
         .headers
         .as_ref()
@@ -250,6 +251,10 @@ fn delivery_of(
         }),
     )
     .with_headers(headers);
+    let delivery = match published_ms {
+        Some(ms) => delivery.published_at(ms),
+        None => delivery,
+    };
     Some((delivery, pin, delivery_seq))
 }
 

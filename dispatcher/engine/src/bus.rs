@@ -128,6 +128,8 @@ pub struct Delivery {
     pub attempt: u32,
     /// The message's position on the bus: later publishes have larger ones.
     pub seq: u64,
+    /// When the bus stored the message (ms since the epoch), when it says.
+    pub published_ms: Option<u64>,
     /// The headers the engine reads: a binary-mode CloudEvent's (`ce-`
     /// attributes and `content-type`) and the W3C trace context
     /// (`traceparent`, `tracestate`).
@@ -151,9 +153,16 @@ impl Delivery {
             payload,
             attempt,
             seq,
+            published_ms: None,
             headers: Vec::new(),
             settle,
         }
+    }
+
+    /// The same delivery, stored by the bus at `ms` (since the epoch).
+    pub fn published_at(mut self, ms: u64) -> Self {
+        self.published_ms = Some(ms);
+        self
     }
 
     /// The same delivery, with the headers it came with that the engine

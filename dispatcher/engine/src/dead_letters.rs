@@ -101,11 +101,8 @@ impl DeadLetter {
             chain.unwrap_or(""),
             step.unwrap_or("")
         );
-        let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
-        let mut random = [0u8; 10];
-        random.copy_from_slice(&hash.as_bytes()[6..]);
         let millis = (event.occurred_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+        let id = derived_id(millis, &name);
         let mut letter = Self::new(event.account_key.as_str(), reason, error);
         letter.id = id.to_string();
         letter.event = Some(event.clone());
@@ -113,6 +110,17 @@ impl DeadLetter {
         letter.step = step.map(str::to_string);
         letter
     }
+}
+
+/// A letter's id for what `name` says failed, at `millis` (since the
+/// epoch): a UUIDv7 of that time, so that letters sort by it, whose other
+/// bits derive from `name`, so that filing the same failure again gives the
+/// same id.
+pub(crate) fn derived_id(millis: u64, name: &str) -> uuid::Uuid {
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&hash.as_bytes()[6..]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// Dead letters by (account, id), in filing order.

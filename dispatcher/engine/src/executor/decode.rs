@@ -2,7 +2,7 @@
 
 use switchboard_sdk::{AccountKey, VumiApiEvent, cloudevents};
 
-use crate::dead_letters::{DeadLetter, DeadReason, UNKNOWN_ACCOUNT};
+use crate::dead_letters::{DeadLetter, DeadReason, UNKNOWN_ACCOUNT, derived_id};
 
 /// A payload as an event: the envelope, or a CloudEvent in binary mode
 /// (`ce-` headers) or structured mode (`content-type:
@@ -53,9 +53,11 @@ const PAYLOAD_KEPT: usize = 64 * 1024;
 /// `max_bytes`, published on the subject its account, conversation type
 /// and event type give (under `prefix`). Anything else is poison: the dead
 /// letter to file under `account` (what the bus read from the subject), with
-/// the reason and the payload.
+/// the reason and the payload; its id derives from the message's place on
+/// the bus (`at`: its sequence and, when the bus says, when it was stored),
+/// so the same message delivered again is filed again under the same id.
 pub(super) fn decode(
-    subject: &str,
+    (subject, at): (&str, (u64, Option<u64>)),
     account: Option<&str>,
     (payload, headers): (&[u8], &[(String, String)]),
     prefix: &str,
@@ -76,9 +78,49 @@ pub(super) fn decode(
     result.map_err(|error| {
         let account = account.unwrap_or(UNKNOWN_ACCOUNT);
         let mut letter = DeadLetter::new(account, DeadReason::Poison, error);
+        if let (seq, Some(published_ms)) = at {
+            let name = format!("{subject}\0{seq}");
+            letter.id = derived_id(published_ms, &name).to_string();
+        }
         letter.subject = Some(subject.to_string());
         letter.payload =
             Some(String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_KEPT)]).into_owned());
         Box::new(letter)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same poison message delivered again (its letter's announcement
+    /// failed, or the process died before the ack) is filed under the same
+    /// id, so it replaces its letter; another message gets its own. Without
+    /// the time the bus stored it, the id is a fresh one each time.
+    #[test]
+    fn poison_delivered_again_is_filed_under_the_same_id() {
+        let subject = "vumi.events.acme.survey.signed_up";
+        let poison = |seq: u64, published: Option<u64>| {
+            decode(
+                (subject, (seq, published)),
+                Some("acme"),
+                (b"{not json", &[]),
+                "vumi.events",
+                1024,
+            )
+            .expect_err("poison")
+        };
+        let first = poison(7, Some(1_700_000_000_000));
+        assert_eq!(first.reason, DeadReason::Poison);
+        assert_eq!(first.account_key, "acme");
+        let again = poison(7, Some(1_700_000_000_000));
+        assert_eq!(again.id, first.id);
+        let other = poison(8, Some(1_700_000_000_001));
+        assert_ne!(other.id, first.id);
+        assert!(
+            other.id > first.id,
+            "letters sort by when the bus stored them"
+        );
+        assert_ne!(poison(7, None).id, poison(7, None).id);
+    }
 }

@@ -193,7 +193,7 @@ impl Executor {
     ) -> Result<VumiApiEvent, (Disposition, Holding)> {
         let (subject, first) = (delivery.subject.as_str(), delivery.attempt == 1);
         match decode::decode(
-            subject,
+            (subject, (delivery.seq, delivery.published_ms)),
             delivery.account.as_deref(),
             (&delivery.payload, &delivery.headers),
             &self.prefix,
