@@ -1180,3 +1180,72 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
         "{trace:#}"
     );
 }
+
+/// A step waiting to be tried again holds its idempotency key; when its
+/// event expires meanwhile, the run ends and the key goes back: the next
+/// event with the key runs the step.
+#[tokio::test]
+async fn a_retrying_steps_key_goes_back_when_its_event_expires() {
+    let receiver = HttpReceiver::start(Duration::from_secs(1));
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
+    let recv = receiver.url();
+    set_secret(&d, "acme").await;
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "acme"
+[[chains]]
+name = "order"
+event_type = "order"
+[[chains.steps]]
+handler = "payment_webhook"
+config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ order = "{{{{ event.event_data.order }}}}" }} }}
+idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
+"#
+        ),
+    )
+    .await;
+    // Unavailable, come back in 3 s: past the event's expiry.
+    let mut expiring = event(
+        "acme",
+        "shop",
+        "order",
+        "c-1",
+        json!({"order": "D-1", "plan": "503:3,200"}),
+    );
+    expiring.expires_at = Some(time::OffsetDateTime::now_utc() + Duration::from_secs(1));
+    let id = d
+        .post_event(&serde_json::to_value(&expiring).unwrap())
+        .await;
+    let trace = wait_until("the run expired", TIMEOUT, || async {
+        d.trace("acme", &id)
+            .await
+            .filter(|t| t["status"] == "expired")
+    })
+    .await;
+    let expired = step(&trace, "order", "payment_webhook");
+    assert_eq!(expired["outcome"], "skipped", "{trace:#}");
+    assert_eq!(
+        expired["error"],
+        "the event expired (its expires_at passed) before this step"
+    );
+    // It was tried once, refused for the time being.
+    assert_eq!(receiver.requests_to("/hook/503:3,200").await.len(), 1);
+    let next = event(
+        "acme",
+        "shop",
+        "order",
+        "c-2",
+        json!({"order": "D-1", "plan": "200"}),
+    );
+    let next = d.post_event(&serde_json::to_value(&next).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &next, TIMEOUT).await;
+    assert_eq!(
+        step(&trace, "order", "payment_webhook")["outcome"],
+        "ok",
+        "{trace:#}"
+    );
+    assert_eq!(receiver.requests_to("/hook/200").await.len(), 1);
+}

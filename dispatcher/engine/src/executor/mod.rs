@@ -30,7 +30,7 @@ use switchboard_store::{Holding, Store, StoreError, WriteMark};
 
 use crate::bus::{Bus, BusError, Delivery};
 use crate::dead_letters::{DeadLetter, DeadLetters, DeadReason};
-use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, StepName};
+use crate::journal::{ChainEnd, ChainJournal, Entry, Journal, PendingRetry, StepName};
 use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, Outcome};
 use crate::otel;
@@ -540,6 +540,9 @@ impl Executor {
                 continue;
             };
             let version = record.version;
+            if let Some(retry) = &record.retry {
+                self.give_back_claim(event, &name, retry);
+            }
             if record.waiting_again
                 && let Some(last) = record.steps.last()
                 && let Some(handler) = self.registry.get(&last.trace.handler)
@@ -566,6 +569,26 @@ impl Executor {
                 .extend(flow::slot_of(event, &name, pass).map(|at| (name.clone(), usize::MAX, at)));
         }
         Ok(stopped)
+    }
+
+    /// Gives back the idempotency key a step waiting to be tried again
+    /// claimed, as its run ends before it is: another event may run the
+    /// step with the key.
+    fn give_back_claim(&self, event: &VumiApiEvent, chain: &str, retry: &PendingRetry) {
+        let Some(key) = &retry.claimed else {
+            return;
+        };
+        if let Err(e) = self.idempotency.release(
+            &event.account_key,
+            chain,
+            &retry.step,
+            key,
+            &event.id.to_string(),
+        ) {
+            tracing::warn!(account = %event.account_key, chain, step = retry.step, error = %e,
+                "giving back the idempotency key of a step that will not be tried again failed; \
+                 the key holds until its window ends");
+        }
     }
 
     fn unrouted(
@@ -732,6 +755,9 @@ impl Executor {
             if policy::expired_before_step(event.expires_at, switchboard_sdk::now()) {
                 tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
                     step = name, "event expired: the chain stops before this step");
+                if let Some(retry) = &pass.journal.chain_mut(&chain.name, version).retry {
+                    self.give_back_claim(event, &chain.name, retry);
+                }
                 let end = ChainEnd::Expired {
                     step: name.to_string(),
                 };

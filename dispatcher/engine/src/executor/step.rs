@@ -193,7 +193,10 @@ impl Steps<'_> {
                     }
                     StepError::Permanent { message } => Failure::Permanent { message },
                 };
-                let attempt = self.failed(step, trace, failure, effects, took);
+                let mut attempt = self.failed(step, trace, failure, effects, took);
+                if let Attempt::Retry { pending, .. } = &mut attempt {
+                    pending.claimed = idempotency_key.clone();
+                }
                 // A step that failed for good did not happen: its key goes
                 // back (a retry keeps it, as its own).
                 if let (Attempt::Failed { .. } | Attempt::Continue { .. }, Some(key), false) =
@@ -244,6 +247,7 @@ impl Steps<'_> {
                     pending: PendingRetry {
                         step: step.step_name().to_string(),
                         trace,
+                        claimed: None,
                     },
                 }
             }

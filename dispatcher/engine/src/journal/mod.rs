@@ -224,6 +224,11 @@ pub struct PendingRetry {
     pub step: String,
     /// Its trace so far: attempts, time spent, the last error.
     pub trace: StepTrace,
+    /// The idempotency key the step claimed, held while it waits to be
+    /// tried again: given back if the run ends before it is (the event
+    /// expired, its chain was removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<String>,
 }
 
 /// How a chain ended.

@@ -118,6 +118,7 @@ fn a_record_folds_its_entries_in_the_order_they_were_written() {
                 pending: Box::new(PendingRetry {
                     step: "two".into(),
                     trace: trace("two", StepOutcome::Retrying),
+                    claimed: None,
                 }),
             },
             Entry::Finish {
