@@ -1043,7 +1043,7 @@ mod tests {
         }
         let mut entries = PartitionEntries::new(&tree, 16, partition_of_account(b"a", 16));
         let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut take = |entries: &mut PartitionEntries, n: usize| {
+        let mut take = |entries: &mut PartitionEntries<'_>, n: usize| {
             for look in entries.by_ref().take(n) {
                 if let Look::Entry(key, value) = look.unwrap() {
                     seen.push((key.to_vec(), value.to_vec()));
