@@ -1300,3 +1300,88 @@ async fn receiver_token_matrix() {
         );
     }
 }
+
+/// A live tail stream lasts only while its token does: revoked, the stream
+/// ends (within the stream's check interval); another token's stream goes
+/// on past the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_tokens_open_tail_stream_ends() {
+    use std::time::{Duration, Instant};
+    let d = Dispatcher::embedded();
+    d.apply_chains("alpha.toml", &crate::util::poll_chains("alpha"))
+        .await;
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let created = d.cli(&["tokens", "create", "alpha", "--json"]).await.json();
+        tokens.push((
+            created["token"].as_str().unwrap().to_string(),
+            created["id"].as_str().unwrap().to_string(),
+        ));
+    }
+    let open = |token: String| {
+        let url = format!("{}/v1/accounts/alpha/events/stream", d.url());
+        async move {
+            let response = crate::util::http_client(Some(&token))
+                .get(url)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response
+        }
+    };
+    let (mut revoked, mut kept) = (
+        open(tokens[0].0.clone()).await,
+        open(tokens[1].0.clone()).await,
+    );
+    let out = d.cli(&["tokens", "revoke", "alpha", &tokens[0].1]).await;
+    assert!(out.ok().contains("revoked"), "{}", out.stdout);
+    let since = Instant::now();
+    // Events keep coming meanwhile.
+    let posting = async {
+        loop {
+            let event = json!({"account_key": "alpha", "conversation_key": "c-1",
+                "conversation_type": "survey", "event_type": "poll_complete",
+                "event_data": {"msisdn": "+27820000001", "score": 4}});
+            d.post_event(&event).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let reading = async {
+        let mut rows = 0;
+        while let Ok(Some(chunk)) = revoked.chunk().await {
+            rows += String::from_utf8_lossy(&chunk)
+                .matches("event: handled")
+                .count();
+        }
+        rows
+    };
+    let rows = tokio::select! {
+        rows = reading => rows,
+        _ = posting => unreachable!(),
+        _ = tokio::time::sleep(TIMEOUT) => panic!("the stream stayed open after its token was revoked"),
+    };
+    assert!(rows > 0, "the stream was live before it ended");
+    assert!(
+        since.elapsed() <= switchboard_http::api::tail::RECHECK + Duration::from_secs(2),
+        "ended {:?} after the revocation",
+        since.elapsed()
+    );
+    // The other token's stream was checked too (opened a moment later, a
+    // moment later), and is still open: a row of an event posted now comes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let posted = d
+        .post_event(&json!({"account_key": "alpha", "conversation_key": "c-2",
+            "conversation_type": "survey", "event_type": "poll_complete",
+            "event_data": {"msisdn": "+27820000001", "score": 4}}))
+        .await;
+    let mut text = String::new();
+    tokio::time::timeout(TIMEOUT, async {
+        while !text.contains(&posted) {
+            let chunk = kept.chunk().await.unwrap().expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no row of {posted} on the live token's stream: {text:?}"));
+}

@@ -576,7 +576,7 @@ mod probes;
 mod records;
 pub(crate) mod rerun;
 mod scripts;
-pub(crate) mod tail;
+pub mod tail;
 mod templates;
 mod tokens;
 

@@ -616,6 +616,23 @@ impl Auth {
     }
 }
 
+/// Whether the bearer token `headers` carry is still `principal`'s (not
+/// revoked, not expired): a long request, a stream, checks it again as it
+/// goes. A store that fails to answer counts as yes: the next check asks
+/// again.
+pub fn still_holds(auth: &Auth, headers: &HeaderMap, principal: &Principal) -> bool {
+    let Bearer::Token(token) = bearer(headers) else {
+        return false;
+    };
+    match auth.principal(token) {
+        Ok(found) => found.as_ref() == Some(principal),
+        Err(e) => {
+            tracing::warn!(error = %e, "checking an open stream's token failed");
+            true
+        }
+    }
+}
+
 fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }

@@ -6,7 +6,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use switchboard_api::events::TailQuery;
@@ -15,51 +17,99 @@ use switchboard_sdk::AccountKey;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, ApiState, account_key};
+use crate::auth::{Principal, still_holds};
+
+/// How often an open stream checks that what opened it (a token, a
+/// console session) still holds: revoked, expired or signed out, the
+/// stream ends within this.
+pub const RECHECK: Duration = Duration::from_secs(5);
 
 pub(super) async fn stream(
     State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(account): Path<String>,
     Query(query): Query<TailQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let account = account_key(&account)?;
-    Ok(sse(&s.tail, account, query))
+    let auth = s.auth.clone();
+    let holds = move || still_holds(&auth, &headers, &principal);
+    Ok(sse(&s.tail, account, query, holds))
 }
 
-/// The rows of `account`'s events that pass `query`, from now on. A reader
-/// that falls behind loses rows (an `event: dropped` says how many); the
-/// dispatcher never waits for it.
-pub(crate) fn sse(
+/// The rows of `account`'s events that pass `query`, from now on, while
+/// `holds` says the reader may still read them (asked every [`RECHECK`]).
+/// A reader that falls behind loses rows (an `event: dropped` says how
+/// many); the dispatcher never waits for it.
+pub(crate) fn sse<F>(
     tail: &Tail,
     account: AccountKey,
     query: TailQuery,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
-    let rows = tail.watch();
-    let stopped = tail.stopped();
-    let stream = futures::stream::unfold(
-        (rows, stopped, account, query),
-        |(mut rows, mut stopped, account, query)| async move {
-            loop {
-                let received = tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => return None,
-                    received = rows.recv() => received,
-                };
-                let event = match received {
-                    Ok(row) if row.account_key == account && query.admits(&row) => Event::default()
+    holds: F,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<F>>
+where
+    F: Fn() -> bool + Send + 'static,
+{
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let open = Open {
+        rows: tail.watch(),
+        stopped: tail.stopped(),
+        recheck,
+        holds,
+        account,
+        query,
+    };
+    let stream = futures::stream::unfold(open, |mut open| async move {
+        let event = open.next().await?;
+        Some((Ok(event), open))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// An open stream of one account's rows.
+struct Open<F> {
+    rows: tokio::sync::broadcast::Receiver<std::sync::Arc<switchboard_engine::tail::EventRow>>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    recheck: tokio::time::Interval,
+    holds: F,
+    account: AccountKey,
+    query: TailQuery,
+}
+
+impl<F: Fn() -> bool> Open<F> {
+    /// The next event to send; `None` once the stream ends.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            let received = tokio::select! {
+                _ = self.stopped.wait_for(|s| *s) => return None,
+                _ = self.recheck.tick() => None,
+                received = self.rows.recv() => Some(received),
+            };
+            let Some(received) = received else {
+                if (self.holds)() {
+                    continue;
+                }
+                return None;
+            };
+            return match received {
+                Ok(row) if row.account_key == self.account && self.query.admits(&row) => Some(
+                    Event::default()
                         .event("handled")
                         .id(row.id.to_string())
                         .json_data(&*row)
                         .expect("a row serialises"),
-                    Ok(_) => continue,
-                    // Rows of every account count here, so the number is
-                    // an upper bound for this account's.
-                    Err(RecvError::Lagged(n)) => Event::default()
+                ),
+                Ok(_) => continue,
+                // Rows of every account count here, so the number is an
+                // upper bound for this account's.
+                Err(RecvError::Lagged(n)) => Some(
+                    Event::default()
                         .event("dropped")
                         .data(format!("{{\"dropped\":{n}}}")),
-                    Err(RecvError::Closed) => return None,
-                };
-                return Some((Ok(event), (rows, stopped, account, query)));
-            }
-        },
-    );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+                ),
+                Err(RecvError::Closed) => None,
+            };
+        }
+    }
 }

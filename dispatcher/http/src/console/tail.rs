@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use futures::Stream;
 use minijinja::context;
@@ -75,7 +76,11 @@ pub(super) async fn page(
 pub(super) async fn stream(
     State(s): State<ApiState>,
     OnAccount { key, .. }: OnAccount,
+    headers: HeaderMap,
     Query(query): Query<TailQuery>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    crate::api::tail::sse(&s.tail, key, query)
+    // Signed out, or its token revoked: the stream ends.
+    let state = s.clone();
+    let holds = move || super::signed_in(&state, &headers).is_ok();
+    crate::api::tail::sse(&s.tail, key, query, holds)
 }
