@@ -876,6 +876,39 @@ config = { message = "payment {{ event.event_data.reference }} settled: {{ event
     );
 }
 
+/// A signed webhook whose body would make an event over
+/// `limits.max_event_bytes` is answered with why and kept as unmatched:
+/// it is neither accepted and then lost (poison) nor refused for ever.
+#[tokio::test]
+async fn a_webhook_too_large_for_an_event_is_kept_as_unmatched() {
+    let d = Dispatcher::embedded();
+    d.set_secret("acme", "gateway", WEBHOOK_SECRET).await;
+    let url = create(&d, "acme", "webhook", &["--secret", "gateway"]).await;
+    // 300 KiB of data: over the 256 KiB events may be, under the 1 MiB a
+    // request may be.
+    let body = json!({"event_type": "report_ready", "report": "x".repeat(300 * 1024)}).to_string();
+    let headers = standard_headers(WEBHOOK_SECRET, "msg_large", now(), &body);
+    let (status, receipt) = post(&url, "application/json", &headers, &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    let result = &receipt["results"][0];
+    assert_eq!(result["result"], "malformed", "{receipt:#}");
+    let reason = result["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("too large for the bus") && reason.contains("limits.max_event_bytes"),
+        "{reason}"
+    );
+    let kept = unmatched(&d, "acme").await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        kept[0]["record"]["report"].as_str().map(str::len),
+        Some(300 * 1024)
+    );
+    assert_eq!(
+        d.cli(&["dead-letters", "list", "acme"]).await.ok().trim(),
+        "account acme has no dead letters"
+    );
+}
+
 #[tokio::test]
 async fn inbound_urls_are_listed_rotated_and_revoked_per_account() {
     let d = Dispatcher::embedded();

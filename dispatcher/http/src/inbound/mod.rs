@@ -581,7 +581,7 @@ impl Inbound {
                     data,
                     source,
                 } => {
-                    let event = self.event(
+                    let made = self.event(
                         account,
                         provider.name(),
                         &source,
@@ -591,6 +591,14 @@ impl Inbound {
                         data,
                         None,
                     );
+                    let event = match made {
+                        Ok(event) => event,
+                        Err(reason) => {
+                            unmatched.push((results.len(), InboundResult::Malformed, reason, raw));
+                            results.push(None);
+                            continue;
+                        }
+                    };
                     self.bus.publish(&event).await?;
                     tracing::info!(%account, provider = provider.name(), event_id = %event.id,
                         event_type = %event.event_type, "inbound webhook published");
@@ -606,8 +614,8 @@ impl Inbound {
                 }
                 Parsed::Reply(reply) => match self.reply(account, provider.name(), &reply).await? {
                     Ok(outcome) => outcome,
-                    Err(reason) => {
-                        unmatched.push((results.len(), InboundResult::UnknownAddress, reason, raw));
+                    Err((result, reason)) => {
+                        unmatched.push((results.len(), result, reason, raw));
                         results.push(None);
                         continue;
                     }
@@ -764,7 +772,7 @@ impl Inbound {
         );
         data.extend(report.details);
         data.insert("record".into(), raw);
-        let event = self.event(
+        let made = self.event(
             account,
             provider.name(),
             &report.source,
@@ -776,21 +784,37 @@ impl Inbound {
             data,
             report.occurred_at,
         );
-        self.bus.publish(&event).await?;
+        // The message's status is what the report is for; an event too
+        // large to emit (the provider's own fields are) is told about.
+        let (event_id, reason) = match made {
+            Ok(event) => {
+                self.bus.publish(&event).await?;
+                (Some(event.id.to_string()), None)
+            }
+            Err(reason) => {
+                tracing::warn!(%account, provider = provider.name(), message_id = message.id,
+                    %reason, "a delivery report was applied but its event not emitted");
+                (
+                    None,
+                    Some(format!("applied, but no event emitted: {reason}")),
+                )
+            }
+        };
         Ok(RecordResult {
             result: InboundResult::Matched.label().to_string(),
             message_id: Some(message.id),
             status: Some(message.status.as_str().to_string()),
             transition: Some(transition.to_string()),
-            event_id: Some(event.id.to_string()),
+            event_id,
             unmatched_id: None,
-            reason: None,
+            reason,
         })
     }
 
     /// A root event with an id derived from (provider, account, source), so
     /// that the same record posted again is the same event. Over the size
-    /// limit, `event_data.record` (the record as posted) is left out.
+    /// limit, `event_data.record` (the record as posted) is left out; `Err`
+    /// (why) if the event is over it even so: the bus would refuse it.
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
@@ -802,7 +826,7 @@ impl Inbound {
         event_type: EventType,
         mut data: Map<String, Value>,
         occurred_at: Option<OffsetDateTime>,
-    ) -> VumiApiEvent {
+    ) -> Result<VumiApiEvent, String> {
         let id = EventId::from(uuid::Uuid::new_v5(
             &INBOUND_ID_NAMESPACE,
             format!("{provider}\n{account}\n{source}").as_bytes(),
@@ -828,7 +852,12 @@ impl Inbound {
             );
         }
         event.event_data = data;
-        event
+        match event.encode(self.max_event_bytes) {
+            Ok(_) => Ok(event),
+            Err(e) => Err(format!(
+                "the event it makes is too large for the bus: {e} (limits.max_event_bytes)"
+            )),
+        }
     }
 }
 

@@ -199,20 +199,24 @@ impl Inbound {
     /// Takes a reply to one of the account's addresses: matched to its
     /// contact and the message it answers, STOP and START applied to the
     /// sender's preferences, and published as a `message_response` event.
-    /// `Err` (the reason) when the address it was sent to is not the
-    /// account's: it is kept as unmatched.
+    /// `Err` (the result and the reason) when the address it was sent to is
+    /// not the account's, or the event would be too large for the bus: it
+    /// is kept as unmatched.
     pub(super) async fn reply(
         &self,
         account: &AccountKey,
         provider: &str,
         reply: &Reply,
-    ) -> Result<Result<RecordResult, String>, InboundError> {
+    ) -> Result<Result<RecordResult, (InboundResult, String)>, InboundError> {
         let owner = self.numbers.owner(&reply.transport, &reply.to)?;
         if owner.as_ref().is_none_or(|n| n.account_key != *account) {
-            return Ok(Err(format!(
-                "a reply to {} on {}, which is not one of account {account}'s addresses \
+            return Ok(Err((
+                InboundResult::UnknownAddress,
+                format!(
+                    "a reply to {} on {}, which is not one of account {account}'s addresses \
                  (`switchboard numbers add {account} {} {}`)",
-                reply.to, reply.transport, reply.transport, reply.to
+                    reply.to, reply.transport, reply.transport, reply.to
+                ),
             )));
         }
         let now = switchboard_sdk::now();
@@ -241,7 +245,7 @@ impl Inbound {
         .chars()
         .take(128)
         .collect::<String>();
-        let event = self.event(
+        let made = self.event(
             account,
             provider,
             &reply.source,
@@ -252,6 +256,10 @@ impl Inbound {
             data,
             None,
         );
+        let event = match made {
+            Ok(event) => event,
+            Err(reason) => return Ok(Err((InboundResult::Malformed, reason))),
+        };
         self.bus.publish(&event).await?;
         tracing::info!(%account, provider, event_id = %event.id,
             answers = message.as_ref().map(|m| m.id.as_str()), "reply published");
@@ -332,8 +340,9 @@ impl Inbound {
                 self.metrics
                     .inbound("vumi", account.as_str(), InboundResult::Matched);
             }
-            Err(reason) => {
-                tracing::warn!(%account, transport, %reason, "a Vumi reply matched no address");
+            Err((result, reason)) => {
+                self.metrics.inbound("vumi", account.as_str(), result);
+                tracing::warn!(%account, transport, %reason, "a Vumi reply was not published");
             }
         }
         self.store.flush().await?;
