@@ -909,6 +909,46 @@ async fn a_webhook_too_large_for_an_event_is_kept_as_unmatched() {
     );
 }
 
+/// A large post (an Inbound Parse e-mail may be up to 20 MiB) to a URL
+/// that is none is refused before its body is read: the answer comes while
+/// the body has not been sent.
+#[tokio::test]
+async fn a_large_post_to_a_wrong_inbound_url_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Dispatcher::embedded();
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    let address = d.url().trim_start_matches("http://").to_string();
+    let answer_to = |path: String| {
+        let address = address.clone();
+        async move {
+            let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: {address}\r\n\
+                 Content-Type: multipart/form-data; boundary=xyz\r\n\
+                 Content-Length: {}\r\n\r\n--xyz\r\n",
+                20 * 1024 * 1024
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = vec![0; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut answer))
+                .await
+                .map(|n| String::from_utf8_lossy(&answer[..n.unwrap()]).into_owned());
+            read.ok()
+        }
+    };
+    let path = url.trim_start_matches(d.url()).to_string();
+    let wrong = path
+        .rsplit_once('/')
+        .map(|(p, _)| format!("{p}/not-the-secret"))
+        .unwrap();
+    let answer = answer_to(wrong)
+        .await
+        .expect("an answer before the body is sent");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // The URL itself waits for the body it was promised.
+    assert_eq!(answer_to(path).await, None);
+}
+
 #[tokio::test]
 async fn inbound_urls_are_listed_rotated_and_revoked_per_account() {
     let d = Dispatcher::embedded();

@@ -241,7 +241,8 @@ impl From<InboundError> for ApiError {
 /// `POST /v1/inbound/{account}/{provider}/{secret}`: what a provider posts.
 /// A provider's post. SendGrid Inbound Parse posts whole e-mails, files
 /// and all (`multipart/form-data`): those are read up to four times the
-/// deployment's file limit; everything else up to the API's body limit.
+/// deployment's file limit, once the URL's secret is known to be one;
+/// everything else up to the API's body limit.
 pub(super) struct InboundBody(axum::body::Bytes);
 
 impl axum::extract::FromRequest<ApiState> for InboundBody {
@@ -258,6 +259,23 @@ impl axum::extract::FromRequest<ApiState> for InboundBody {
                 .await
                 .map(|RawBody(b)| InboundBody(b));
         }
+        // A large body is read only for a URL that is one.
+        let (mut parts, body) = req.into_parts();
+        let params =
+            <axum::extract::RawPathParams as axum::extract::FromRequestParts<_>>::from_request_parts(
+                &mut parts, s,
+            )
+            .await
+            .map_err(|e| ApiError::not_found(e.body_text()))?;
+        let param = |name: &str| {
+            params
+                .iter()
+                .find_map(|(n, v)| (n == name).then_some(v))
+                .unwrap_or_default()
+        };
+        s.inbound
+            .opens(param("account"), param("provider"), param("secret"))?;
+        let req = axum::extract::Request::from_parts(parts, body);
         let limit = usize::try_from(s.file_policy.max_bytes.saturating_mul(4))
             .unwrap_or(usize::MAX)
             .max(body_limit(s.max_event_bytes));

@@ -412,6 +412,26 @@ impl Inbound {
 
     /// Handles a POST to `/v1/inbound/{account}/{provider}/{secret}`;
     /// `path_and_query` is the request's, as received.
+    /// The account, provider and record of an inbound URL, if `secret` is
+    /// the URL's: else [`InboundError::NotFound`]. Checked before a post's
+    /// body is read.
+    pub fn opens(
+        &self,
+        account: &str,
+        provider: &str,
+        secret: &str,
+    ) -> Result<(AccountKey, Provider, store::Hook), InboundError> {
+        let (Ok(account), Some(provider)) = (AccountKey::new(account), Provider::parse(provider))
+        else {
+            return Err(InboundError::NotFound);
+        };
+        let hook = self.hooks.find(secret)?.ok_or(InboundError::NotFound)?;
+        if hook.account_key != account || hook.provider != provider {
+            return Err(InboundError::NotFound);
+        }
+        Ok((account, provider, hook))
+    }
+
     pub async fn receive(
         &self,
         account: &str,
@@ -421,14 +441,7 @@ impl Inbound {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<Receipt, InboundError> {
-        let (Ok(account), Some(provider)) = (AccountKey::new(account), Provider::parse(provider))
-        else {
-            return Err(InboundError::NotFound);
-        };
-        let hook = self.hooks.find(secret)?.ok_or(InboundError::NotFound)?;
-        if hook.account_key != account || hook.provider != provider {
-            return Err(InboundError::NotFound);
-        }
+        let (account, provider, hook) = self.opens(account, provider, secret)?;
         let content_type = headers
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
