@@ -132,10 +132,20 @@ impl Letters {
             None => {
                 // Poison of the depth limit or a failed condition (or a letter
                 // whose journal is gone): the event is handled afresh and, if
-                // it fails again, filed again under the same id.
+                // it fails again, filed again under the same id. The letter
+                // goes only as it was: filed again meanwhile (the event's
+                // pass may come before this removal), it stays.
+                let filed = DeadLetters::write(&letter);
+                let as_read = self.store.get(filed.collection, &filed.key)?;
                 self.put_back(&event, id).await?;
-                self.store
-                    .write_atomically(&[DeadLetters::removal(account, id)])?;
+                if let Some(as_read) = as_read {
+                    self.store.compare_and_swap(
+                        filed.collection,
+                        &filed.key,
+                        Some(&as_read),
+                        None,
+                    )?;
+                }
                 letter.status = LetterStatus::Replaying;
             }
         }
@@ -189,5 +199,70 @@ impl Letters {
         self.store.flush_span(span).await?;
         tracing::info!(account, letter = id, "dead letter discarded");
         Ok(letter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Delivery, Published};
+    use crate::dead_letters::DeadReason;
+    use tokio::sync::{mpsc, watch};
+
+    /// A bus on which a replayed event's pass files its letter again before
+    /// `publish_as` returns: the quickest a worker can be.
+    #[derive(Debug)]
+    struct FilesAgain(Store);
+
+    #[async_trait::async_trait]
+    impl Bus for FilesAgain {
+        async fn publish_as(&self, event: &VumiApiEvent, _: &str) -> Result<Published, BusError> {
+            let letter = DeadLetter::for_event(event, DeadReason::DepthLimit, None, None, "again");
+            DeadLetters::new(self.0.clone()).put(&letter).unwrap();
+            Ok(Published { duplicate: false })
+        }
+
+        async fn consume(
+            &self,
+            _: usize,
+            _: watch::Receiver<bool>,
+        ) -> Result<mpsc::Receiver<Delivery>, BusError> {
+            unreachable!("the test does not consume")
+        }
+
+        async fn lag(&self) -> Option<u64> {
+            None
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+
+        fn kind(&self) -> &'static str {
+            "embedded"
+        }
+    }
+
+    /// A replayed letter without a journal record (the depth limit) that
+    /// the event's pass files again is kept, however soon that pass runs.
+    #[tokio::test]
+    async fn a_letter_filed_again_during_its_replay_stays() {
+        let store = Store::temporary().unwrap();
+        let event = VumiApiEvent::new(
+            switchboard_sdk::AccountKey::new("acme").unwrap(),
+            switchboard_sdk::ConversationKey::new("c-1").unwrap(),
+            switchboard_sdk::ConversationType::new("survey").unwrap(),
+            switchboard_sdk::EventType::new("deep").unwrap(),
+            serde_json::Map::new(),
+        );
+        let letter = DeadLetter::for_event(&event, DeadReason::DepthLimit, None, None, "first");
+        DeadLetters::new(store.clone()).put(&letter).unwrap();
+        let letters = Letters::new(store.clone(), Arc::new(FilesAgain(store.clone())));
+        letters.replay("acme", &letter.id).await.unwrap();
+        let kept = letters
+            .get("acme", &letter.id)
+            .unwrap()
+            .expect("filed again");
+        assert_eq!(kept.error, "again");
     }
 }
