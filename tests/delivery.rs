@@ -815,6 +815,64 @@ async fn one_conversation_is_delivered_in_order_across_retries_on_the_embedded_b
     order_is_held_across_retries(BusKind::Embedded).await;
 }
 
+/// A conversation waiting for an event the bus holds back for a retry
+/// still waits for it after a graceful restart (NATS, where the event
+/// waits on the server): a later event of the conversation, published
+/// after the restart, is not delivered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_waits_for_its_retrying_event_across_a_graceful_restart() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let mut s = Setup::start(BusKind::Nats, "").await;
+    let recv = receiver.url();
+    s.d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "{ACCOUNT}"
+[[chains]]
+name = "steps"
+event_type = "step"
+[[chains.steps]]
+handler = "payment_webhook"
+name = "pay"
+config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ n = "{{{{ event.event_data.n }}}}" }} }}
+"#
+        ),
+    )
+    .await;
+    let step_event = |n: u64, plan: &str| {
+        event(
+            ACCOUNT,
+            "survey",
+            "step",
+            "one-conversation",
+            json!({"n": n, "plan": plan}),
+        )
+    };
+    // Unavailable: come back in 6 s.
+    let first = s.publish(&step_event(0, "503:6,200")).await;
+    wait_until("the first event's refusal", TIMEOUT, || async {
+        (!hooks(&receiver).await.is_empty()).then_some(())
+    })
+    .await;
+    // Its retry is recorded once the refusal is in.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.d.stop(), Some(0), "a clean stop:\n{}", s.d.log());
+    s.d.restart();
+    let second = s.publish(&step_event(1, "200")).await;
+    for id in [&first, &second] {
+        let trace = wait_for_status(&s.d, id, "done").await;
+        assert_eq!(step(&trace, "pay")["output"]["status"], 200, "{trace:#}");
+    }
+    let delivered: Vec<u64> = hooks(&receiver)
+        .await
+        .iter()
+        .filter(|h| h.succeeded())
+        .map(|h| h.body["n"].as_u64().expect("an event number"))
+        .collect();
+    assert_eq!(delivered, [0, 1], "successful deliveries in arrival order");
+}
+
 /// Conversations handled at once in the shutdown tests.
 const CONCURRENCY: usize = 4;
 

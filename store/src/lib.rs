@@ -152,11 +152,16 @@ pub enum Collection {
     Inbox,
     /// Notifications by id: `{account}\0{id}` → its key in `Inbox`.
     InboxIds,
+    /// Conversations held back behind an event sent back for a retry, as
+    /// a graceful stop left them: `{account}\0{conversation}` → the event
+    /// and when it is due. Read (and emptied) at the next start. Local to
+    /// each process, like the embedded bus's own collections.
+    HeldConversations,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 44] = [
+    pub const ALL: [Collection; 45] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -201,6 +206,7 @@ impl Collection {
         Collection::FileData,
         Collection::Inbox,
         Collection::InboxIds,
+        Collection::HeldConversations,
     ];
 
     /// The collection's name on disk.
@@ -250,18 +256,22 @@ impl Collection {
             Collection::FileData => "file_data",
             Collection::Inbox => "inbox",
             Collection::InboxIds => "inbox_ids",
+            Collection::HeldConversations => "held_conversations",
         }
     }
 
     /// Whether replicas share the collection through the key-value bucket
     /// (in the replicated backend): account configuration and the
     /// replicas' heartbeats; not the embedded bus's own collections, nor
-    /// each replica's own [`Collection::EventKinds`], nor the partitioned
-    /// ones.
+    /// each replica's own [`Collection::EventKinds`] and
+    /// [`Collection::HeldConversations`], nor the partitioned ones.
     pub fn is_shared(self) -> bool {
         !matches!(
             self,
-            Collection::BusQueue | Collection::BusDedup | Collection::EventKinds
+            Collection::BusQueue
+                | Collection::BusDedup
+                | Collection::EventKinds
+                | Collection::HeldConversations
         ) && !self.is_partitioned()
     }
 

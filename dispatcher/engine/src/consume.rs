@@ -21,6 +21,8 @@ use crate::event_kinds::{EventKinds, Tally};
 use crate::event_threads::Spawner;
 use crate::executor::{Disposition, Executor};
 
+mod kept;
+
 /// How often the consume loop hands its count of event kinds over to the
 /// store, at most.
 const TALLY_EVERY: Duration = Duration::from_secs(1);
@@ -69,9 +71,29 @@ pub async fn consume(
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
     let settler = spawner.spawn(0, settle_batches(executor.clone(), settling, keepalive));
+    // The conversations a graceful stop left held behind a retry, each
+    // to the worker its events go to.
+    let mut kept: Vec<HashMap<_, _>> = (0..concurrency).map(|_| HashMap::new()).collect();
+    match kept::take(executor.store()) {
+        Ok(held) => {
+            if !held.is_empty() {
+                tracing::info!(
+                    count = held.len(),
+                    "conversations held behind a retry at the last stop wait for it again"
+                );
+            }
+            for (conversation, held) in held {
+                kept[shard_of(&conversation.0, &conversation.1, concurrency)]
+                    .insert(conversation, held);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the conversations held at the last stop failed");
+        }
+    }
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
-    for n in 0..concurrency {
+    for (n, waiting) in kept.into_iter().enumerate() {
         // Small buffers: a delivery waiting here gets no progress reports, so
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
@@ -86,7 +108,7 @@ pub async fn consume(
                     keepalive,
                     grace,
                     stopped: stopped.clone(),
-                    waiting: HashMap::new(),
+                    waiting,
                 }
                 .run(rx),
             ),
@@ -126,10 +148,7 @@ pub async fn consume(
         if delivery.attempt == 1 {
             tally.count(&event);
         }
-        let mut h = DefaultHasher::new();
-        event.account_key.hash(&mut h);
-        event.conversation_key.hash(&mut h);
-        let shard = (h.finish() % concurrency as u64) as usize;
+        let shard = shard_of(&event.account_key, &event.conversation_key, concurrency);
         if queues[shard].send((event, delivery)).await.is_err() {
             break;
         }
@@ -146,15 +165,24 @@ pub async fn consume(
         released.push(delivery);
     }
     drop(queues);
+    let mut held = HashMap::new();
     for w in workers {
-        if let Ok(unhandled) = w.await {
+        if let Ok((unhandled, waiting)) = w.await {
             released.extend(unhandled);
+            held.extend(waiting);
         }
     }
     drop(settle);
     let _ = settler.await;
     released.sort_by_key(|d| d.seq);
-    if !released.is_empty() {
+    // The conversations held behind a retry wait for it at the next start
+    // too: their later events, given back now or published meanwhile, do
+    // not overtake it.
+    let kept = kept::keep(executor.store(), held.iter()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "keeping the conversations held behind a retry failed; after the restart their later events may overtake it");
+        0
+    });
+    if !released.is_empty() || kept > 0 {
         // What the passes cut off wrote as they went (an outside step's
         // entry) is durable before their events go to another replica.
         if let Err(e) = executor.make_durable().await {
@@ -176,6 +204,14 @@ pub async fn consume(
         tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
     }
     bus.hand_over().await;
+}
+
+/// The worker the events of `conversation` of `account` go to.
+fn shard_of(account: &AccountKey, conversation: &ConversationKey, concurrency: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    account.hash(&mut h);
+    conversation.hash(&mut h);
+    (h.finish() % concurrency as u64) as usize
 }
 
 /// Adds `tally` to the store's counts off the consume loop (the handle
@@ -358,8 +394,12 @@ struct Worker {
 
 impl Worker {
     /// Handles what arrives until the queue closes; returns the deliveries
-    /// left unhandled by a shutdown, to be given back to the bus.
-    async fn run(mut self, mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>) -> Vec<Delivery> {
+    /// left unhandled by a shutdown, to be given back to the bus, and the
+    /// conversations still held behind a retry.
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
+    ) -> (Vec<Delivery>, HashMap<(AccountKey, ConversationKey), Held>) {
         let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
             if *self.stopped.borrow() {
@@ -400,7 +440,7 @@ impl Worker {
                 unhandled.push(unsent.0.0);
             }
         }
-        unhandled
+        (unhandled, self.waiting)
     }
 
     /// Whether the delivery at `seq` (event `id`) must wait for an earlier

@@ -152,6 +152,11 @@ impl Executor {
         }
     }
 
+    /// The store the executor writes.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Makes what was recorded about settled events durable (one flush
     /// covers every caller waiting at the time), before their acks.
     pub async fn make_durable(&self) -> Result<(), StoreError> {
