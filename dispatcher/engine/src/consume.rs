@@ -362,6 +362,9 @@ const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
 /// How much later than the event it waits for a held delivery comes back.
 const HELD_MARGIN: Duration = Duration::from_millis(50);
 
+/// A conversation: the account and its conversation key.
+type Conversation = (AccountKey, ConversationKey);
+
 /// A conversation whose event `head` went back to the bus for a retry: its
 /// later events are held (nakked) until `head` is done, and then handled in
 /// bus order.
@@ -389,7 +392,7 @@ struct Worker {
     keepalive: Option<Duration>,
     grace: Duration,
     stopped: watch::Receiver<bool>,
-    waiting: HashMap<(AccountKey, ConversationKey), Held>,
+    waiting: HashMap<Conversation, Held>,
 }
 
 impl Worker {
@@ -399,7 +402,7 @@ impl Worker {
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
-    ) -> (Vec<Delivery>, HashMap<(AccountKey, ConversationKey), Held>) {
+    ) -> (Vec<Delivery>, HashMap<Conversation, Held>) {
         let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
             if *self.stopped.borrow() {
@@ -453,12 +456,7 @@ impl Worker {
     /// everything the other replica made durable), and the conversation
     /// goes on at once; without a record that says so, after
     /// [`HEAD_LOST_AFTER`].
-    fn hold(
-        &mut self,
-        conversation: &(AccountKey, ConversationKey),
-        seq: u64,
-        id: EventId,
-    ) -> Option<Duration> {
+    fn hold(&mut self, conversation: &Conversation, seq: u64, id: EventId) -> Option<Duration> {
         let held = self.waiting.get_mut(conversation)?;
         if seq <= held.head {
             return None;
@@ -484,7 +482,7 @@ impl Worker {
 
     /// The event at `seq` is done: its conversation moves on to the next
     /// held event, if any.
-    fn done(&mut self, conversation: &(AccountKey, ConversationKey), seq: u64) {
+    fn done(&mut self, conversation: &Conversation, seq: u64) {
         let Some(held) = self.waiting.get_mut(conversation) else {
             return;
         };

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use switchboard_sdk::{AccountKey, ConversationKey, EventId};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 
-use super::Held;
+use super::{Conversation, Held};
 use crate::journal::now_ms;
 
 /// A held conversation as the store keeps it.
@@ -29,7 +29,7 @@ struct Kept {
 /// Writes the conversations `held` (by its workers) for the next start.
 pub(super) fn keep<'a>(
     store: &Store,
-    held: impl Iterator<Item = (&'a (AccountKey, ConversationKey), &'a Held)>,
+    held: impl Iterator<Item = (&'a Conversation, &'a Held)>,
 ) -> Result<usize, StoreError> {
     let (now, now_ms) = (tokio::time::Instant::now(), now_ms());
     let writes: Vec<Write> = held
@@ -59,9 +59,7 @@ pub(super) fn keep<'a>(
 }
 
 /// Takes the conversations the last graceful stop held out of the store.
-pub(super) fn take(
-    store: &Store,
-) -> Result<Vec<((AccountKey, ConversationKey), Held)>, StoreError> {
+pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreError> {
     let kept = store.scan_prefix(Collection::HeldConversations, b"")?;
     let (now, now_ms) = (tokio::time::Instant::now(), now_ms());
     let mut held = Vec::with_capacity(kept.len());
