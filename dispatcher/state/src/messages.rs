@@ -40,6 +40,9 @@ fn message_key(account: &AccountKey, id: &str) -> Vec<u8> {
 /// How many message records an expiry sweep reads at a time.
 const EXPIRY_PAGE: usize = 1024;
 
+/// Messages a listing reads at a time.
+const LIST_PAGE: usize = 1024;
+
 /// A record is read, then written: an account's writers go one at a time
 /// in this process, whichever instance runs them.
 static WRITERS: KeyLocks = KeyLocks::new();
@@ -371,13 +374,49 @@ impl Messages for StoredMessages {
     }
 
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError> {
-        super::list(
-            &self.store,
-            Collection::Messages,
-            Records::Messages,
-            account,
-            limit,
-        )
+        // Message ids do not sort by time: every record's time is read
+        // (only that field decoded), the newest `limit` kept, then read.
+        #[derive(serde::Deserialize)]
+        struct Made {
+            #[serde(with = "time::serde::rfc3339")]
+            created_at: OffsetDateTime,
+        }
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        let mut newest = std::collections::BinaryHeap::new();
+        let mut from = prefix.clone();
+        loop {
+            let page = self
+                .store
+                .scan_prefix_from(Collection::Messages, &prefix, &from, LIST_PAGE)
+                .about(Records::Messages, account)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.clone();
+            from.push(0);
+            for (k, v) in &page {
+                let Ok(made) = serde_json::from_slice::<Made>(v) else {
+                    continue;
+                };
+                newest.push(std::cmp::Reverse((made.created_at, k.clone())));
+                if newest.len() > limit {
+                    newest.pop();
+                }
+            }
+            if page.len() < LIST_PAGE {
+                break;
+            }
+        }
+        let mut found = Vec::with_capacity(newest.len());
+        for std::cmp::Reverse((_, k)) in newest.into_sorted_vec() {
+            if let Some(m) = self
+                .store
+                .get(Collection::Messages, &k)
+                .about(Records::Messages, account)?
+                .and_then(|v| decode::<MessageRecord>(&v))
+            {
+                found.push(m);
+            }
+        }
+        Ok(found)
     }
 
     fn flush<'a>(
@@ -392,6 +431,40 @@ impl Messages for StoredMessages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing is of the newest messages, newest first, whatever order
+    /// their ids sort in (another account's are not among them).
+    #[test]
+    fn a_listing_is_of_the_newest_messages() {
+        let store = Store::temporary().unwrap();
+        let messages = StoredMessages::new(store);
+        let (acme, other) = (
+            AccountKey::new("acme").unwrap(),
+            AccountKey::new("b").unwrap(),
+        );
+        let base = switchboard_sdk::now();
+        for i in 0..300u32 {
+            // Ids in an order unrelated to the messages' times.
+            let id = format!("m-{:04}", (i * 7919) % 300);
+            let mut m = sms(&acme, &id);
+            m.created_at = base + time::Duration::seconds(i.into());
+            messages.record(m).unwrap();
+        }
+        let mut late = sms(&other, "m-late");
+        late.created_at = base + time::Duration::days(1);
+        messages.record(late).unwrap();
+        let listed = messages.list(&acme, 200).unwrap();
+        assert_eq!(listed.len(), 200);
+        let times: Vec<OffsetDateTime> = listed.iter().map(|m| m.created_at).collect();
+        let expected: Vec<OffsetDateTime> = (100..300u32)
+            .rev()
+            .map(|i| base + time::Duration::seconds(i.into()))
+            .collect();
+        assert_eq!(times, expected);
+        assert_eq!(listed[0].id, format!("m-{:04}", (299 * 7919) % 300));
+        assert!(listed.iter().all(|m| m.account_key == acme));
+        assert_eq!(messages.list(&acme, 0).unwrap(), []);
+    }
 
     /// A pending SMS `id` of `account`, through `twilio`.
     fn sms(account: &AccountKey, id: &str) -> MessageRecord {

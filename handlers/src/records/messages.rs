@@ -704,7 +704,8 @@ pub trait Messages: Send + Sync + std::fmt::Debug {
         sender: Option<&str>,
     ) -> Result<Option<MessageRecord>, RecordError>;
 
-    /// Up to `limit` messages of `account`.
+    /// The `limit` newest messages of `account` (by when they were
+    /// made), newest first.
     fn list(&self, account: &AccountKey, limit: usize) -> Result<Vec<MessageRecord>, RecordError>;
 
     /// Makes every change to `account`'s messages so far durable: before
