@@ -145,8 +145,8 @@ pub struct Transition {
     /// that a report posted twice is applied once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// The provider's id of the message that report is about, when it
-    /// names one: which send it reports on.
+    /// The provider's id of the send it is about: the one a send step's
+    /// answer gave, or the one a report names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_id: Option<String>,
     /// That report as the provider posted it.
@@ -418,6 +418,9 @@ impl MessageRecord {
             self.remote_id = Some(remote_id.to_string());
         }
         self.log(to, cause, None, at);
+        if let Some(logged) = self.transitions.last_mut() {
+            logged.remote_id = remote_id.map(str::to_string);
+        }
     }
 
     /// Moves the message to `to` as its send step decided, when the step
@@ -457,19 +460,29 @@ impl MessageRecord {
         self.move_to(kept, &cause, remote_id, at);
     }
 
-    /// What a provider's delivery report that the message is now `to`,
-    /// known to the provider as `source`, does to the message: nothing if
-    /// the log has `source` already ([`Reported::Duplicate`]) or if `to`
+    /// What a provider's delivery `report` that the message is now `to`
+    /// does to the message: nothing if the log has its source already
+    /// ([`Reported::Duplicate`]), if it is about an earlier send than the
+    /// latest answer's (a send step answered with the send it names, then
+    /// a replay sent the message again: [`Reported::Stale`]), or if `to`
     /// would move it back ([`MessageStatus::rank`], [`Reported::Stale`]);
-    /// else it moves ([`Reported::Applied`]).
-    pub fn judge_report(&self, to: MessageStatus, source: &str) -> Reported {
+    /// else it moves ([`Reported::Applied`]). A report naming a send no
+    /// answer gave yet may be about one under way: it moves the message.
+    pub fn judge_report(&self, to: MessageStatus, report: &DeliveryReport<'_>) -> Reported {
+        let earlier_send = report.remote_id.is_some_and(|named| {
+            self.remote_id.as_deref() != Some(named)
+                && self
+                    .transitions
+                    .iter()
+                    .any(|t| t.source.is_none() && t.remote_id.as_deref() == Some(named))
+        });
         if self
             .transitions
             .iter()
-            .any(|t| t.source.as_deref() == Some(source))
+            .any(|t| t.source.as_deref() == Some(report.source))
         {
             Reported::Duplicate
-        } else if to.rank() < self.status.rank() {
+        } else if earlier_send || to.rank() < self.status.rank() {
             Reported::Stale {
                 current: self.status,
             }
@@ -487,7 +500,7 @@ impl MessageRecord {
         report: DeliveryReport<'_>,
         at: OffsetDateTime,
     ) -> Reported {
-        let verdict = self.judge_report(to, report.source);
+        let verdict = self.judge_report(to, &report);
         if let Reported::Applied { .. } = verdict {
             self.log(to, cause, Some(report), at);
         }
@@ -1016,5 +1029,46 @@ mod tests {
             assert_eq!(m.status, expected, "a report on {named:?}");
             assert_eq!(m.remote_id.as_deref(), Some("SM1"));
         }
+    }
+
+    /// A report on an earlier send of a message sent again (a replay) is
+    /// stale, whenever it comes: it leaves the status of the latest send.
+    /// One naming a send no answer gave yet may be about one under way.
+    #[test]
+    fn a_report_on_an_earlier_send_is_stale() {
+        let at = switchboard_sdk::now();
+        let on = |remote_id: &'static str, source: &'static str| DeliveryReport {
+            remote_id: Some(remote_id),
+            ..DeliveryReport::new(source)
+        };
+        let mut m = message(Pending, &[]);
+        m.move_to(Sent, "accepted", Some("SM0"), at);
+        m.apply_report(Failed, "report", on("SM0", "t:1"), at);
+        // The replay sends it again.
+        let seen = m.transitions.len();
+        m.answer(seen, Sent, "accepted", Some("SM1"), at);
+        assert_eq!((m.status, m.remote_id.as_deref()), (Sent, Some("SM1")));
+        assert_eq!(
+            m.apply_report(Delivered, "report", on("SM0", "t:2"), at),
+            Reported::Stale { current: Sent }
+        );
+        assert_eq!(m.status, Sent);
+        assert_eq!(
+            m.apply_report(Delivered, "report", on("SM1", "t:3"), at),
+            Reported::Applied { from: Sent }
+        );
+        assert_eq!(
+            m.apply_report(Bounced, "report", on("SM0", "t:4"), at),
+            Reported::Stale { current: Delivered }
+        );
+        assert_eq!(m.status, Delivered);
+        assert_eq!(
+            m.apply_report(Opened, "report", on("SM2", "t:5"), at),
+            Reported::Applied { from: Delivered }
+        );
+        assert_eq!(
+            m.apply_report(Clicked, "report", DeliveryReport::new("t:6"), at),
+            Reported::Applied { from: Opened }
+        );
     }
 }
