@@ -906,13 +906,32 @@ async fn of_two_takes_at_once_only_the_later_term_holds() {
     })
     .await;
     c.release_partition(p);
-    let a_takes = a.take_partition(p);
-    let c_takes = async {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        c.take_partition(p).await
-    };
-    let (a_took, c_took) = tokio::join!(a_takes, c_takes);
-    c_took.expect("c's later term begins");
+    let log = bind(&nats).await;
+    let before = log.last_seq().await.expect("the stream's state");
+    let a_takes = tokio::spawn({
+        let a = a.clone();
+        async move { a.take_partition(p).await }
+    });
+    // c begins its term as soon as a's marker is stored, while a reads the
+    // partition's 20,000 records again.
+    let mut after = Box::pin(
+        log.records(before + 1)
+            .await
+            .expect("following the changelog"),
+    );
+    tokio::time::timeout(TIMEOUT, async {
+        while let Some(record) = after.next().await {
+            if let Ok(Record::Term(t)) = record
+                && t.partition == p
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a's term begins");
+    c.take_partition(p).await.expect("c's later term begins");
+    let a_took = a_takes.await.expect("a's take ran");
     assert!(
         !(a.holds_partition(p) && c.holds_partition(p)),
         "both replicas hold the partition (a's take: {a_took:?})"

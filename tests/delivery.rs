@@ -849,17 +849,23 @@ config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gatew
             json!({"n": n, "plan": plan}),
         )
     };
-    // Unavailable: come back in 6 s.
-    let first = s.publish(&step_event(0, "503:6,200")).await;
+    // Unavailable: come back in 10 s.
+    let retry = Duration::from_secs(10);
+    let first = s.publish(&step_event(0, "503:10,200")).await;
     wait_until("the first event's refusal", TIMEOUT, || async {
         (!hooks(&receiver).await.is_empty()).then_some(())
     })
     .await;
+    let refused = Instant::now();
     // Its retry is recorded once the refusal is in.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.d.stop(), Some(0), "a clean stop:\n{}", s.d.log());
     s.d.restart();
     let second = s.publish(&step_event(1, "200")).await;
+    assert!(
+        refused.elapsed() < retry,
+        "the restart took past the first event's retry: too slow to show anything"
+    );
     for id in [&first, &second] {
         let trace = wait_for_status(&s.d, id, "done").await;
         assert_eq!(step(&trace, "pay")["output"]["status"], 200, "{trace:#}");

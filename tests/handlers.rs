@@ -1207,15 +1207,15 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
         ),
     )
     .await;
-    // Unavailable, come back in 3 s: past the event's expiry.
+    // Unavailable, come back in 8 s: past the event's expiry.
     let mut expiring = event(
         "acme",
         "shop",
         "order",
         "c-1",
-        json!({"order": "D-1", "plan": "503:3,200"}),
+        json!({"order": "D-1", "plan": "503:8,200"}),
     );
-    expiring.expires_at = Some(time::OffsetDateTime::now_utc() + Duration::from_secs(1));
+    expiring.expires_at = Some(time::OffsetDateTime::now_utc() + Duration::from_secs(4));
     let id = d
         .post_event(&serde_json::to_value(&expiring).unwrap())
         .await;
@@ -1232,7 +1232,7 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
         "the event expired (its expires_at passed) before this step"
     );
     // It was tried once, refused for the time being.
-    assert_eq!(receiver.requests_to("/hook/503:3,200").await.len(), 1);
+    assert_eq!(receiver.requests_to("/hook/503:8,200").await.len(), 1);
     let next = event(
         "acme",
         "shop",

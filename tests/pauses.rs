@@ -512,7 +512,7 @@ cancel_on = { event_type = "replied" }
 [[chains.steps]]
 name = "wait"
 handler = "delay"
-config = { duration = "4s" }
+config = { duration = "8s" }
 
 [[chains.steps]]
 name = "reminder"
@@ -527,7 +527,7 @@ event_type = "replied"
 [[chains.steps]]
 name = "wait"
 handler = "delay"
-config = { duration = "2s" }
+config = { duration = "4s" }
 
 [[chains.steps]]
 name = "thanks"
@@ -557,6 +557,11 @@ config = { message = "thanks" }
     .await;
     assert_eq!(trace["chains"][0]["cancelled_by"], reply.as_str());
     let second = post("signed_up").await;
+    let reply_now = d.trace("acme", &reply).await.expect("the reply's trace");
+    assert_eq!(
+        reply_now["status"], "waiting",
+        "the reply's pause ended before the second sign-up paused: too slow to show anything"
+    );
     // The reply's pause ends, and its pass runs again: the second sign-up
     // paused after the reply was taken up, so its reminder still goes.
     let trace = wait_until("the reply's chain done", TIMEOUT, || async {

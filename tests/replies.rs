@@ -214,6 +214,27 @@ async fn sms_replies_become_events_of_the_number_owner() {
         "the first text, HELP's answer and the one after START: {texts:#?}"
     );
 
+    // A STOP whose text would make an event too large for the bus: kept as
+    // unmatched, and it changes nothing.
+    let padded = format!("STOP{}", " ".repeat(300 * 1024));
+    let large = reply("SMr7", "+15005550006", &padded).await;
+    assert_eq!(large["result"], "malformed", "{large:#}");
+    assert!(
+        large["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its event would be over limits.max_event_bytes"),
+        "{large:#}"
+    );
+    let shown = d
+        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        shown["sms"]["topics"]["all"]["subscribed"], true,
+        "{shown:#}"
+    );
+
     // To a number no account owns: kept as unmatched, and nothing runs.
     let stray = reply("SMr4", "+15005550099", "hello?").await;
     assert_eq!(stray["result"], "unknown_address", "{stray:#}");

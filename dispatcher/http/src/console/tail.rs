@@ -79,8 +79,12 @@ pub(super) async fn stream(
     headers: HeaderMap,
     Query(query): Query<TailQuery>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    // Signed out, or its token revoked: the stream ends.
+    // Signed out, or its token revoked: the stream ends. A store that
+    // fails to answer counts as yes: the next check asks again.
     let state = s.clone();
-    let holds = move || super::signed_in(&state, &headers).is_ok();
+    let holds = move || match state.sessions.of(&headers) {
+        None => false,
+        Some(session) => !matches!(state.auth.holds(&session.credential), Ok(false)),
+    };
     crate::api::tail::sse(&s.tail, key, query, holds)
 }

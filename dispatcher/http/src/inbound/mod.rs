@@ -410,8 +410,6 @@ impl Inbound {
         Ok((self.url(account, provider, &url_secret), hook))
     }
 
-    /// Handles a POST to `/v1/inbound/{account}/{provider}/{secret}`;
-    /// `path_and_query` is the request's, as received.
     /// The account, provider and record of an inbound URL, if `secret` is
     /// the URL's: else [`InboundError::NotFound`]. Checked before a post's
     /// body is read.
@@ -432,6 +430,8 @@ impl Inbound {
         Ok((account, provider, hook))
     }
 
+    /// Handles a POST to `/v1/inbound/{account}/{provider}/{secret}`;
+    /// `path_and_query` is the request's, as received.
     pub async fn receive(
         &self,
         account: &str,

@@ -194,6 +194,10 @@ pub fn event_data(
     data
 }
 
+/// What a reply's event holds besides its text and subject, at most
+/// about: addresses, ids, the contact and the message it answers.
+const REPLY_EVENT_ROOM: usize = 4 * 1024;
+
 /// Taking replies: what [`Inbound`] does with one.
 impl Inbound {
     /// Takes a reply to one of the account's addresses: matched to its
@@ -216,6 +220,19 @@ impl Inbound {
                     "a reply to {} on {}, which is not one of account {account}'s addresses \
                  (`switchboard numbers add {account} {} {}`)",
                     reply.to, reply.transport, reply.transport, reply.to
+                ),
+            )));
+        }
+        // A reply whose text alone would make its event too large for the
+        // bus changes nothing (no keyword applied, no file kept).
+        let text_bytes = reply.text.len() + reply.email.as_ref().map_or(0, |e| e.subject.len());
+        if text_bytes + REPLY_EVENT_ROOM > self.max_event_bytes {
+            return Ok(Err((
+                InboundResult::Malformed,
+                format!(
+                    "the reply's text is {text_bytes} bytes: its event would be over \
+                     limits.max_event_bytes ({} bytes)",
+                    self.max_event_bytes
                 ),
             )));
         }
