@@ -47,6 +47,9 @@ enum Guard {
     /// No token: the secret in the URL is the credential (inbound webhooks,
     /// tested in `tests/inbound.rs`); a wrong one answers 404.
     UrlSecret,
+    /// No token: the provider's signature is the credential (Twilio's status
+    /// callbacks, tested in `tests/inbound.rs`); unsigned, refused.
+    ProviderSignature,
     /// No token: the link's signature is the credential (unsubscribe links,
     /// tested in `tests/preferences.rs`); a link not ours answers 404.
     SignedLink,
@@ -66,6 +69,11 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
         "POST",
         "/v1/inbound/{account}/{provider}/{secret}",
         Guard::UrlSecret,
+    ),
+    (
+        "POST",
+        "/v1/inbound/twilio-status/{account}",
+        Guard::ProviderSignature,
     ),
     (
         "GET",
@@ -653,6 +661,12 @@ async fn ingest_account_list_and_open_routes() {
                 assert_eq!(answer["error"]["code"], "not_found", "{answer}");
             }
             Guard::SignedLink => assert_eq!(status, 404, "{method} {route}: {answer}"),
+            Guard::ProviderSignature => {
+                assert!(
+                    ![200, 401].contains(&status),
+                    "{method} {route}: {status} {answer}"
+                );
+            }
             Guard::Receiver => {
                 assert_eq!(status, 401, "{method} {route}: {answer}");
                 assert_eq!(answer["error"]["code"], "unauthorized", "{answer}");

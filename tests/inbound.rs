@@ -508,6 +508,86 @@ config = { to = ["fast@example.org"], subject = "Your results", text = "They are
     );
 }
 
+/// One Twilio provider for every account: with `{account}` in its
+/// `status_callback`, each message's callback goes to the account that sent
+/// it, verified by Twilio's signature; nothing lands with another account.
+#[tokio::test]
+async fn twilio_status_callbacks_reach_the_account_that_sent_the_message() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    receiver
+        .twilio_sids(json!({"+27831234567": "SM0001aaaabbbbccccddddeeeeffff0001"}))
+        .await;
+    let public = "https://hooks.example.org/switchboard";
+    let config = format!(
+        "[http]\npublic_url = \"{public}\"\n[providers.sms.twilio]\ntype = \"twilio\"\n\
+         account_sid = \"{TWILIO_ACCOUNT}\"\nauth_token = \"{TWILIO_TOKEN}\"\n\
+         from = \"+15005550006\"\nbase_url = \"{}\"\n\
+         status_callback = \"{public}/v1/inbound/twilio-status/{{account}}\"\n",
+        receiver.url()
+    );
+    let d = Dispatcher::with_config(None, &config);
+    for account in ["acme", "beta"] {
+        d.apply_chains(
+            &format!("{account}.toml"),
+            &format!(
+                r#"
+account_key = "{account}"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "send_sms"
+config = {{ to = "+27831234567", body = "Your results are in" }}
+"#
+            ),
+        )
+        .await;
+    }
+    let id = d
+        .post_event(
+            &serde_json::to_value(event("beta", "survey", "notify", "c1", json!({}))).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        d.wait_for_trace("beta", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    let asked = receiver
+        .requests_to(&format!(
+            "/2010-04-01/Accounts/{TWILIO_ACCOUNT}/Messages.json"
+        ))
+        .await;
+    let callback = format!("{public}/v1/inbound/twilio-status/beta");
+    assert_eq!(
+        asked[0]["form"]["StatusCallback"],
+        callback.as_str(),
+        "{asked:#?}"
+    );
+
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("AccountSid", TWILIO_ACCOUNT)
+        .append_pair("MessageSid", "SM0001aaaabbbbccccddddeeeeffff0001")
+        .append_pair("MessageStatus", "delivered")
+        .append_pair("To", "+27831234567")
+        .finish();
+    let local = format!("{}/v1/inbound/twilio-status/beta", d.url());
+    let form = "application/x-www-form-urlencoded";
+    // Unsigned, or signed for another account's URL: refused.
+    let (status, answer) = post(&local, form, &[], &body).await;
+    assert_eq!(status, 403, "{answer:#}");
+    let other = format!("{public}/v1/inbound/twilio-status/acme");
+    let wrong = twilio_signature(TWILIO_TOKEN, &other, &body);
+    let (status, answer) = post(&local, form, &[("x-twilio-signature", wrong)], &body).await;
+    assert_eq!(status, 403, "{answer:#}");
+    let signature = twilio_signature(TWILIO_TOKEN, &callback, &body);
+    let (status, receipt) = post(&local, form, &[("x-twilio-signature", signature)], &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(receipt["results"][0]["result"], "matched", "{receipt:#}");
+    let sent = messages_by_recipient(&d, "beta").await;
+    assert_eq!(sent["+27831234567"]["status"], "delivered", "{sent:#?}");
+    assert_eq!(unmatched(&d, "acme").await, Vec::<Value>::new());
+}
+
 #[tokio::test]
 async fn twilio_status_callbacks_are_verified_and_applied() {
     let receiver = HttpReceiver::start(Duration::from_secs(5));

@@ -80,7 +80,9 @@ pub struct TwilioSms {
     /// The API's base URL (tests aim it at a local receiver).
     #[serde(default = "twilio_base_url")]
     pub base_url: String,
-    /// Where Twilio posts status callbacks.
+    /// Where Twilio posts status callbacks; `{account}` in it is replaced
+    /// by the sending account's key, so that each account's messages report
+    /// to that account (`{public_url}/v1/inbound/twilio-status/{account}`).
     #[serde(default)]
     pub status_callback: Option<String>,
     /// How long to wait for Twilio's answer (e.g. `"5s"`; 10 s).
@@ -272,7 +274,8 @@ impl SendSms {
                         }
                     };
                     if let Some(callback) = &p.status_callback {
-                        form.append_pair("StatusCallback", callback);
+                        let callback = callback.replace("{account}", message.account_key.as_str());
+                        form.append_pair("StatusCallback", &callback);
                     }
                     form.finish().into_bytes()
                 };

@@ -226,6 +226,8 @@ routes! {
     }
     // Authenticated by the secret in the URL and the provider's signature.
     "/v1/inbound/{account}/{provider}/{secret}" => { POST: receive_inbound }
+    // Authenticated by Twilio's signature (the deployment's auth token).
+    "/v1/inbound/twilio-status/{account}" => { POST: receive_twilio_status }
     // Authenticated by the link's signature.
     "/v1/unsubscribe/{account}/{token}" => {
         GET: unsubscribe_page, POST: unsubscribe_one_click

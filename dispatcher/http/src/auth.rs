@@ -2,7 +2,9 @@
 //!
 //! Every `/v1` request carries `Authorization: Bearer <token>`, except provider
 //! callbacks under `/v1/inbound/` (they are authenticated by the secret in
-//! their path) and unsubscribe links under `/v1/unsubscribe/` (signed). `/healthz`, `/readyz` and `/metrics` are open. A token is
+//! their path, or Twilio's status callbacks by Twilio's signature) and
+//! unsubscribe links under `/v1/unsubscribe/` (signed). `/healthz`,
+//! `/readyz` and `/metrics` are open. A token is
 //!
 //! - the deployment's **admin token** (`http.admin_token` in the config file,
 //!   env `SWITCHBOARD_ADMIN_TOKEN`, or else generated at first start into

@@ -295,6 +295,25 @@ impl axum::extract::FromRequest<ApiState> for InboundBody {
     }
 }
 
+/// `POST /v1/inbound/twilio-status/{account}`: a Twilio status callback
+/// for a message `account` sent.
+pub(super) async fn receive_twilio_status(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    let receipt = s
+        .inbound
+        .receive_twilio_status(&account, &path, &headers, &body)
+        .await?;
+    Ok(Json(receipt).into_response())
+}
+
 pub(super) async fn receive_inbound(
     State(s): State<ApiState>,
     Path((account, raw, secret)): Path<(String, String, String)>,

@@ -458,29 +458,7 @@ impl Inbound {
             }
             Provider::Sendgrid => sendgrid::parse(body),
             Provider::Twilio => {
-                if self.twilio.is_empty() {
-                    return Err(InboundError::NotConfigured(Self::twilio_missing()));
-                }
-                let params = twilio::params(body);
-                let url = format!("{}{path_and_query}", self.public_url);
-                let signature = headers
-                    .get(twilio::SIGNATURE_HEADER)
-                    .and_then(|v| v.to_str().ok());
-                let verified =
-                    signature.is_some_and(|sig| twilio::verify(&self.twilio, &url, &params, sig));
-                if !verified {
-                    let why = match signature {
-                        None => "the X-Twilio-Signature header is missing".to_string(),
-                        Some(_) => format!(
-                            "X-Twilio-Signature does not match the callback signed for {} with \
-                             the auth token of a configured Twilio provider (is http.public_url \
-                             the address Twilio posts to?)",
-                            redact_secret(&url, secret)
-                        ),
-                    };
-                    return Err(self.reject(&account, provider, why));
-                }
-                vec![(twilio::params_json(&params), twilio::parse(&params))]
+                self.twilio_records(&account, (path_and_query, secret), headers, body)?
             }
             Provider::Webhook => {
                 let name = hook.secret.clone().unwrap_or_default();
@@ -542,6 +520,57 @@ impl Inbound {
             }
         };
         self.apply(&account, provider, records).await
+    }
+
+    /// Handles a Twilio status callback posted to
+    /// `/v1/inbound/twilio-status/{account}`: the URL a Twilio provider's
+    /// `status_callback` names with `{account}` in it, so that each
+    /// account's messages report to that account. Authenticated by the
+    /// signature alone (the auth token is the deployment's).
+    pub async fn receive_twilio_status(
+        &self,
+        account: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Receipt, InboundError> {
+        let account = AccountKey::new(account).map_err(|_| InboundError::NotFound)?;
+        let records = self.twilio_records(&account, (path_and_query, ""), headers, body)?;
+        self.apply(&account, Provider::Twilio, records).await
+    }
+
+    /// The records of a Twilio callback to `path_and_query` (its secret,
+    /// if any, left out of what is logged), once its signature is checked.
+    fn twilio_records(
+        &self,
+        account: &AccountKey,
+        (path_and_query, secret): (&str, &str),
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Vec<(Value, Parsed)>, InboundError> {
+        if self.twilio.is_empty() {
+            return Err(InboundError::NotConfigured(Self::twilio_missing()));
+        }
+        let params = twilio::params(body);
+        let url = format!("{}{path_and_query}", self.public_url);
+        let signature = headers
+            .get(twilio::SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let verified =
+            signature.is_some_and(|sig| twilio::verify(&self.twilio, &url, &params, sig));
+        if !verified {
+            let why = match signature {
+                None => "the X-Twilio-Signature header is missing".to_string(),
+                Some(_) => format!(
+                    "X-Twilio-Signature does not match the callback signed for {} with the auth \
+                     token of a configured Twilio provider (is http.public_url the address \
+                     Twilio posts to?)",
+                    redact_secret(&url, secret)
+                ),
+            };
+            return Err(self.reject(account, Provider::Twilio, why));
+        }
+        Ok(vec![(twilio::params_json(&params), twilio::parse(&params))])
     }
 
     fn reject(&self, account: &AccountKey, provider: Provider, why: String) -> InboundError {
