@@ -73,7 +73,7 @@ pub async fn consume(
     let settler = spawner.spawn(0, settle_batches(executor.clone(), settling, keepalive));
     // The conversations a graceful stop left held behind a retry, each
     // to the worker its events go to.
-    let mut kept: Vec<HashMap<_, _>> = (0..concurrency).map(|_| HashMap::new()).collect();
+    let mut by_worker: Vec<HashMap<_, _>> = (0..concurrency).map(|_| HashMap::new()).collect();
     match kept::take(executor.store()) {
         Ok(held) => {
             if !held.is_empty() {
@@ -83,7 +83,7 @@ pub async fn consume(
                 );
             }
             for (conversation, held) in held {
-                kept[shard_of(&conversation.0, &conversation.1, concurrency)]
+                by_worker[shard_of(&conversation.0, &conversation.1, concurrency)]
                     .insert(conversation, held);
             }
         }
@@ -93,7 +93,7 @@ pub async fn consume(
     }
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
-    for (n, waiting) in kept.into_iter().enumerate() {
+    for (n, waiting) in by_worker.into_iter().enumerate() {
         // Small buffers: a delivery waiting here gets no progress reports, so
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
@@ -178,11 +178,11 @@ pub async fn consume(
     // The conversations held behind a retry wait for it at the next start
     // too: their later events, given back now or published meanwhile, do
     // not overtake it.
-    let kept = kept::keep(executor.store(), held.iter()).unwrap_or_else(|e| {
+    let kept_holds = kept::keep(executor.store(), held.iter()).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "keeping the conversations held behind a retry failed; after the restart their later events may overtake it");
         0
     });
-    if !released.is_empty() || kept > 0 {
+    if !released.is_empty() || kept_holds > 0 {
         // What the passes cut off wrote as they went (an outside step's
         // entry) is durable before their events go to another replica.
         if let Err(e) = executor.make_durable().await {
