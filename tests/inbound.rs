@@ -579,6 +579,13 @@ config = {{ to = "+27831234567", body = "Your results are in" }}
     let wrong = twilio_signature(TWILIO_TOKEN, &other, &body);
     let (status, answer) = post(&local, form, &[("x-twilio-signature", wrong)], &body).await;
     assert_eq!(status, 403, "{answer:#}");
+    // Anyone may post here under any name: refused unsigned, it is not
+    // counted under that name.
+    let made_up = format!("{}/v1/inbound/twilio-status/nobody-here", d.url());
+    let (status, _) = post(&made_up, form, &[], &body).await;
+    assert_eq!(status, 403);
+    let (_, metrics) = d.get("/metrics").await;
+    assert!(!metrics.as_str().unwrap().contains("nobody-here"));
     let signature = twilio_signature(TWILIO_TOKEN, &callback, &body);
     let (status, receipt) = post(&local, form, &[("x-twilio-signature", signature)], &body).await;
     assert_eq!(status, 200, "{receipt:#}");

@@ -457,9 +457,9 @@ impl Inbound {
                 }
             }
             Provider::Sendgrid => sendgrid::parse(body),
-            Provider::Twilio => {
-                self.twilio_records(&account, (path_and_query, secret), headers, body)?
-            }
+            Provider::Twilio => self
+                .twilio_records((path_and_query, secret), headers, body)?
+                .map_err(|why| self.reject(&account, provider, why))?,
             Provider::Webhook => {
                 let name = hook.secret.clone().unwrap_or_default();
                 let key = self.secrets.get(&account, &name)?.ok_or_else(|| {
@@ -535,19 +535,26 @@ impl Inbound {
         body: &[u8],
     ) -> Result<Receipt, InboundError> {
         let account = AccountKey::new(account).map_err(|_| InboundError::NotFound)?;
-        let records = self.twilio_records(&account, (path_and_query, ""), headers, body)?;
+        // Refused unsigned, it is not counted under the account its path
+        // names: anyone may post any name here.
+        let records = self
+            .twilio_records((path_and_query, ""), headers, body)?
+            .map_err(|why| {
+                tracing::warn!(path = path_and_query, reason = %why, "Twilio status callback refused");
+                InboundError::Rejected(why)
+            })?;
         self.apply(&account, Provider::Twilio, records).await
     }
 
     /// The records of a Twilio callback to `path_and_query` (its secret,
-    /// if any, left out of what is logged), once its signature is checked.
+    /// if any, left out of what is said), once its signature is checked:
+    /// `Ok(Err(why))` when it does not check out.
     fn twilio_records(
         &self,
-        account: &AccountKey,
         (path_and_query, secret): (&str, &str),
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<Vec<(Value, Parsed)>, InboundError> {
+    ) -> Result<Result<Vec<(Value, Parsed)>, String>, InboundError> {
         if self.twilio.is_empty() {
             return Err(InboundError::NotConfigured(Self::twilio_missing()));
         }
@@ -568,9 +575,12 @@ impl Inbound {
                     redact_secret(&url, secret)
                 ),
             };
-            return Err(self.reject(account, Provider::Twilio, why));
+            return Ok(Err(why));
         }
-        Ok(vec![(twilio::params_json(&params), twilio::parse(&params))])
+        Ok(Ok(vec![(
+            twilio::params_json(&params),
+            twilio::parse(&params),
+        )]))
     }
 
     fn reject(&self, account: &AccountKey, provider: Provider, why: String) -> InboundError {
