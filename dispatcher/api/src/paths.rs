@@ -321,6 +321,12 @@ pub fn inbound_receive(account: &str, provider: &str, secret: &str) -> String {
     )
 }
 
+/// `POST`: where Twilio posts the status callbacks of `account`'s
+/// messages (a Twilio provider's `status_callback` with `{account}`).
+pub fn twilio_status(account: &str) -> String {
+    format!("/v1/inbound/twilio-status/{}", segment(account))
+}
+
 /// `GET` the names of an account's secrets.
 pub fn secrets(account: &str) -> String {
     account_path(account, "secrets")
@@ -404,6 +410,7 @@ pub fn samples() -> Vec<String> {
         inbound_hooks(a),
         inbound_hook(a, "sendgrid"),
         inbound_receive(a, "sendgrid", "s3cr3t"),
+        twilio_status(a),
         unsubscribe(a, "payload.mac"),
         numbers(a),
         files(a),
