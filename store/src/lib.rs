@@ -1215,7 +1215,8 @@ impl Store {
         self.tree(c).len()
     }
 
-    /// Applies every write of `batch` atomically: all of them or none.
+    /// Applies every write of `batch` atomically: all of them or none (an
+    /// empty batch writes nothing).
     ///
     /// A batch of more than one write is a sled transaction, and every sled
     /// transaction writes the log out to disk at once (a `pwrite` and a
@@ -1223,9 +1224,11 @@ impl Store {
     /// them off paths taken per event, and use [`Store::write_in_order`]
     /// where an order makes a crash harmless.
     pub fn write_atomically(&self, batch: &[Write]) -> Result<(), StoreError> {
-        if let [only] = batch {
+        match batch {
+            [] => return Ok(()),
             // One key is atomic by itself.
-            return self.write_one(only);
+            [only] => return self.write_one(only),
+            _ => {}
         }
         if let Some(p) = self.owned_batch(batch)? {
             // The changelog stores a prefix of what is appended: written in

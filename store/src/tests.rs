@@ -1,5 +1,14 @@
 use super::*;
 
+/// A batch with nothing in it writes nothing, and is no error (callers
+/// whose batches are made from what they found need not check).
+#[test]
+fn an_empty_batch_writes_nothing() {
+    let s = Store::temporary().unwrap();
+    s.write_atomically(&[]).unwrap();
+    assert_eq!(s.len(Collection::Contacts), 0);
+}
+
 #[test]
 fn put_get_scan_remove() {
     let s = Store::temporary().unwrap();

@@ -52,9 +52,7 @@ pub(super) fn keep<'a>(
             }
         })
         .collect();
-    if !writes.is_empty() {
-        store.write_atomically(&writes)?;
-    }
+    store.write_atomically(&writes)?;
     Ok(writes.len())
 }
 
@@ -89,8 +87,6 @@ pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreErro
             value: None,
         });
     }
-    if !removals.is_empty() {
-        store.write_atomically(&removals)?;
-    }
+    store.write_atomically(&removals)?;
     Ok(held)
 }
