@@ -123,6 +123,11 @@ pub(crate) fn derived_id(millis: u64, name: &str) -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
+/// Where dead letter `id` of `account` is kept in [`Collection::DeadLetters`].
+pub(crate) fn letter_key(account: &str, id: &str) -> Vec<u8> {
+    key(&[account.as_bytes(), id.as_bytes()])
+}
+
 /// Dead letters by (account, id), in filing order.
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
@@ -144,7 +149,7 @@ impl DeadLetters {
     pub fn write(letter: &DeadLetter) -> Write {
         Write {
             collection: Collection::DeadLetters,
-            key: key(&[letter.account_key.as_bytes(), letter.id.as_bytes()]),
+            key: letter_key(&letter.account_key, &letter.id),
             value: Some(serde_json::to_vec(letter).expect("a dead letter serialises")),
         }
     }
@@ -153,7 +158,7 @@ impl DeadLetters {
     pub fn removal(account: &str, id: &str) -> Write {
         Write {
             collection: Collection::DeadLetters,
-            key: key(&[account.as_bytes(), id.as_bytes()]),
+            key: letter_key(account, id),
             value: None,
         }
     }
@@ -186,10 +191,7 @@ impl DeadLetters {
     pub fn get(&self, account: &str, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         Ok(self
             .store
-            .get(
-                Collection::DeadLetters,
-                &key(&[account.as_bytes(), id.as_bytes()]),
-            )?
+            .get(Collection::DeadLetters, &letter_key(account, id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 }

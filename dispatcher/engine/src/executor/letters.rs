@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use switchboard_sdk::VumiApiEvent;
-use switchboard_store::{Store, StoreError};
+use switchboard_store::{Collection, Store, StoreError};
 
 use crate::bus::{Bus, BusError};
-use crate::dead_letters::{DeadLetter, DeadLetters, LetterStatus};
+use crate::dead_letters::{DeadLetter, DeadLetters, LetterStatus, letter_key};
 use crate::journal::{ChainEnd, Entry, Journal, Pending, RecordKey};
 
 /// Why a dead letter cannot be replayed or discarded.
@@ -135,13 +135,13 @@ impl Letters {
                 // it fails again, filed again under the same id. The letter
                 // goes only as it was: filed again meanwhile (the event's
                 // pass may come before this removal), it stays.
-                let filed = DeadLetters::write(&letter);
-                let as_read = self.store.get(filed.collection, &filed.key)?;
+                let filed = letter_key(account, id);
+                let as_read = self.store.get(Collection::DeadLetters, &filed)?;
                 self.put_back(&event, id).await?;
                 if let Some(as_read) = as_read {
                     self.store.compare_and_swap(
-                        filed.collection,
-                        &filed.key,
+                        Collection::DeadLetters,
+                        &filed,
                         Some(&as_read),
                         None,
                     )?;
