@@ -295,6 +295,13 @@ impl axum::extract::FromRequest<ApiState> for InboundBody {
     }
 }
 
+/// The path and query a request came to, as received (what a provider
+/// signed, after the public URL).
+fn path_and_query(uri: &axum::http::Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string())
+}
+
 /// `POST /v1/inbound/twilio-status/{account}`: a Twilio status callback
 /// for a message `account` sent.
 pub(super) async fn receive_twilio_status(
@@ -304,9 +311,7 @@ pub(super) async fn receive_twilio_status(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult {
-    let path = uri
-        .path_and_query()
-        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    let path = path_and_query(&uri);
     let receipt = s
         .inbound
         .receive_twilio_status(&account, &path, &headers, &body)
@@ -321,9 +326,7 @@ pub(super) async fn receive_inbound(
     headers: HeaderMap,
     InboundBody(body): InboundBody,
 ) -> ApiResult {
-    let path = uri
-        .path_and_query()
-        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string());
+    let path = path_and_query(&uri);
     let receipt = s
         .inbound
         .receive(&account, &raw, &secret, &path, &headers, &body)
