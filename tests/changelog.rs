@@ -71,6 +71,21 @@ async fn read_all(log: &Changelog) -> Vec<Record> {
     }
 }
 
+/// A replicated store of 16 partitions in `dir`, on the one server
+/// `nats`, keeping a copy of every partition.
+async fn replica(nats: &NatsServer, dir: std::path::PathBuf) -> switchboard_store::Store {
+    switchboard_store::Store::replicated(
+        &dir,
+        async_nats::ConnectOptions::new(),
+        vec![nats.url().to_string()],
+        1,
+        16,
+        switchboard_store::Copies::Every,
+    )
+    .await
+    .expect("a replicated store")
+}
+
 /// Every write the records carry, in order: (partition, key, value).
 fn writes(records: &[Record]) -> Vec<(u16, String, Option<String>)> {
     records
@@ -762,25 +777,10 @@ async fn every_partitions_full_batch_at_once_is_stored() {
 /// own). A replica started afterwards reads every contact's latest value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
-    use switchboard_store::{Copies, Store, partition_of_account};
+    use switchboard_store::partition_of_account;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let open = |name: &str| {
-        let path = dir.path().join(name);
-        let url = nats.url().to_string();
-        async move {
-            Store::replicated(
-                &path,
-                async_nats::ConnectOptions::new(),
-                vec![url],
-                1,
-                16,
-                Copies::Every,
-            )
-            .await
-            .expect("a replicated store")
-        }
-    };
+    let open = |name: &str| replica(&nats, dir.path().join(name));
     let compacted = partition_of_account(b"acme", 16);
     let accounts = [
         ("ab", 100),
@@ -868,25 +868,10 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
 /// them holds the partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_takes_at_once_only_the_later_term_holds() {
-    use switchboard_store::{Copies, Store, partition_of_account};
+    use switchboard_store::partition_of_account;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let open = |name: &str| {
-        let path = dir.path().join(name);
-        let url = nats.url().to_string();
-        async move {
-            Store::replicated(
-                &path,
-                async_nats::ConnectOptions::new(),
-                vec![url],
-                1,
-                16,
-                Copies::Every,
-            )
-            .await
-            .expect("a replicated store")
-        }
-    };
+    let open = |name: &str| replica(&nats, dir.path().join(name));
     let p = partition_of_account(b"acme", 16);
     let (a, c) = (open("a").await, open("c").await);
     a.take_partition(p).await.expect("a takes the partition");
