@@ -1118,13 +1118,10 @@ async fn the_catalog_and_chains_apply_agree() {
 
 const SCORE: &str = "fn handle(event, steps, config) { #{ score: 1 } }\n";
 
-/// An idempotency key is claimed before its step runs: two events with the
-/// same key in different conversations, handled at once while the webhook
-/// takes a second to answer, send one webhook; the other is skipped. A step
-/// that fails for good gives its key back: the next event with the key
-/// runs it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_at_once_with_one_idempotency_key_run_its_step_once() {
+/// A dispatcher whose chain `order` posts each `order` event's order to
+/// the receiver's `/hook/{plan}`, keyed by the order for an hour; with its
+/// peers, kept while the test runs.
+async fn orders_keyed_by_order() -> (HttpReceiver, SmtpSink, Dispatcher) {
     let receiver = HttpReceiver::start(Duration::from_secs(1));
     let smtp = SmtpSink::start();
     let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
@@ -1146,6 +1143,17 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
         ),
     )
     .await;
+    (receiver, smtp, d)
+}
+
+/// An idempotency key is claimed before its step runs: two events with the
+/// same key in different conversations, handled at once while the webhook
+/// takes a second to answer, send one webhook; the other is skipped. A step
+/// that fails for good gives its key back: the next event with the key
+/// runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_at_once_with_one_idempotency_key_run_its_step_once() {
+    let (receiver, _smtp, d) = orders_keyed_by_order().await;
     let post = |conversation: &str, order: &str, plan: &str| {
         let e = event(
             "acme",
@@ -1186,27 +1194,7 @@ idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
 /// event with the key runs the step.
 #[tokio::test]
 async fn a_retrying_steps_key_goes_back_when_its_event_expires() {
-    let receiver = HttpReceiver::start(Duration::from_secs(1));
-    let smtp = SmtpSink::start();
-    let d = Dispatcher::with_config(None, &providers(&receiver, &smtp, false));
-    let recv = receiver.url();
-    set_secret(&d, "acme").await;
-    d.apply_chains(
-        "acme.toml",
-        &format!(
-            r#"
-account_key = "acme"
-[[chains]]
-name = "order"
-event_type = "order"
-[[chains.steps]]
-handler = "payment_webhook"
-config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ order = "{{{{ event.event_data.order }}}}" }} }}
-idempotency = {{ key = "{{{{ event.event_data.order }}}}", window = "1h" }}
-"#
-        ),
-    )
-    .await;
+    let (receiver, _smtp, d) = orders_keyed_by_order().await;
     // Unavailable, come back in 8 s: past the event's expiry.
     let mut expiring = event(
         "acme",
