@@ -1350,30 +1350,14 @@ async fn a_revoked_tokens_open_tail_stream_ends() {
     );
     let kept_opened = Instant::now();
     // Live: a row of an event posted now comes.
-    let posted = d
-        .post_event(&json!({"account_key": "alpha", "conversation_key": "c-0",
-            "conversation_type": "survey", "event_type": "poll_complete",
-            "event_data": {"msisdn": "+27820000001", "score": 4}}))
-        .await;
-    let mut text = String::new();
-    tokio::time::timeout(TIMEOUT, async {
-        while !text.contains(&posted) {
-            let chunk = revoked.chunk().await.unwrap().expect("the stream is open");
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no row of {posted} before the revocation: {text:?}"));
+    row_comes(&d, &mut revoked, "c-0", "before the revocation").await;
     let out = d.cli(&["tokens", "revoke", "alpha", &tokens[0].1]).await;
     assert!(out.ok().contains("revoked"), "{}", out.stdout);
     let since = Instant::now();
     // Events keep coming meanwhile.
     let posting = async {
         loop {
-            let event = json!({"account_key": "alpha", "conversation_key": "c-1",
-                "conversation_type": "survey", "event_type": "poll_complete",
-                "event_data": {"msisdn": "+27820000001", "score": 4}});
-            d.post_event(&event).await;
+            d.post_event(&poll_event("c-1")).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -1392,18 +1376,27 @@ async fn a_revoked_tokens_open_tail_stream_ends() {
     // of an event posted now comes.
     let checked = kept_opened + switchboard_http::api::tail::RECHECK + Duration::from_millis(500);
     tokio::time::sleep_until(checked.into()).await;
-    let posted = d
-        .post_event(&json!({"account_key": "alpha", "conversation_key": "c-2",
-            "conversation_type": "survey", "event_type": "poll_complete",
-            "event_data": {"msisdn": "+27820000001", "score": 4}}))
-        .await;
+    row_comes(&d, &mut kept, "c-2", "on the live token's stream").await;
+}
+
+/// An event of alpha's poll chains in `conversation`.
+fn poll_event(conversation: &str) -> Value {
+    json!({"account_key": "alpha", "conversation_key": conversation,
+        "conversation_type": "survey", "event_type": "poll_complete",
+        "event_data": {"msisdn": "+27820000001", "score": 4}})
+}
+
+/// Posts an event in `conversation` and reads `stream` until its row
+/// comes; fails naming `when` if it does not.
+async fn row_comes(d: &Dispatcher, stream: &mut reqwest::Response, conversation: &str, when: &str) {
+    let posted = d.post_event(&poll_event(conversation)).await;
     let mut text = String::new();
     tokio::time::timeout(TIMEOUT, async {
         while !text.contains(&posted) {
-            let chunk = kept.chunk().await.unwrap().expect("the stream stays open");
+            let chunk = stream.chunk().await.unwrap().expect("the stream is open");
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no row of {posted} on the live token's stream: {text:?}"));
+    .unwrap_or_else(|_| panic!("no row of {posted} {when}: {text:?}"));
 }
