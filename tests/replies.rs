@@ -177,13 +177,16 @@ async fn sms_replies_become_events_of_the_number_owner() {
     );
     assert!(answer["Body"].as_str().unwrap().starts_with("Acme results"));
 
+    // What the sender opted in to and out of.
+    let preferences = || async {
+        d.cli(&["preferences", "show", "acme", "+27820000007", "--json"])
+            .await
+            .json()
+    };
     // STOP: the next text to the number is suppressed; START undoes it.
     let stop = reply("SMr2", "+15005550006", "stop").await;
     assert_eq!(stop["result"], "matched", "{stop:#}");
-    let shown = d
-        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
-        .await
-        .json();
+    let shown = preferences().await;
     let choice = &shown["sms"]["topics"]["all"];
     assert_eq!(choice["subscribed"], false, "{shown:#}");
     assert_eq!(choice["cause"], "replied STOP to +15005550006", "{shown:#}");
@@ -195,10 +198,7 @@ async fn sms_replies_become_events_of_the_number_owner() {
     // is no STOP.
     reply("SMr2", "+15005550006", "stop").await;
     reply("SMr6", "+15005550006", "stop please, I have them").await;
-    let shown = d
-        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
-        .await
-        .json();
+    let shown = preferences().await;
     assert_eq!(
         shown["sms"]["topics"]["all"]["subscribed"], true,
         "{shown:#}"
@@ -226,10 +226,7 @@ async fn sms_replies_become_events_of_the_number_owner() {
             .contains("its event would be over limits.max_event_bytes"),
         "{large:#}"
     );
-    let shown = d
-        .cli(&["preferences", "show", "acme", "+27820000007", "--json"])
-        .await
-        .json();
+    let shown = preferences().await;
     assert_eq!(
         shown["sms"]["topics"]["all"]["subscribed"], true,
         "{shown:#}"
