@@ -48,7 +48,8 @@ enum Guard {
     /// tested in `tests/inbound.rs`); a wrong one answers 404.
     UrlSecret,
     /// No token: the provider's signature is the credential (Twilio's status
-    /// callbacks, tested in `tests/inbound.rs`); unsigned, refused.
+    /// callbacks, SendGrid's signed events; tested in `tests/inbound.rs`);
+    /// unsigned, refused.
     ProviderSignature,
     /// No token: the link's signature is the credential (unsubscribe links,
     /// tested in `tests/preferences.rs`); a link not ours answers 404.
@@ -73,6 +74,11 @@ const OTHER_ROUTES: &[(&str, &str, Guard)] = &[
     (
         "POST",
         "/v1/inbound/twilio-status/{account}",
+        Guard::ProviderSignature,
+    ),
+    (
+        "POST",
+        "/v1/inbound/sendgrid-events",
         Guard::ProviderSignature,
     ),
     (

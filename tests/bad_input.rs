@@ -836,7 +836,8 @@ async fn a_store_cache_out_of_range_is_refused_at_start() {
 
 /// A message retention or body cap that cannot work stops `run` before it
 /// starts, naming the key and the least it takes; so does a provider's
-/// timeout that is not a duration.
+/// timeout that is not a duration, or a SendGrid verification key that is
+/// not one.
 #[tokio::test]
 async fn message_settings_that_cannot_work_are_refused_at_start() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -855,6 +856,11 @@ async fn message_settings_that_cannot_work_are_refused_at_start() {
             "timeout",
             "[providers.sms.twilio]\ntype = \"twilio\"\naccount_sid = \"AC1\"\nauth_token = \"t\"\nfrom = \"+15005550006\"\ntimeout = \"soon\"\n",
             "timeout: ",
+        ),
+        (
+            "sendgrid key",
+            "[providers.email.sg]\nhost = \"127.0.0.1\"\nevent_webhook_key = \"MFkwEwYH\"\n",
+            "providers.email.sg.event_webhook_key: not a P-256 public key",
         ),
     ] {
         let line = refused_at_start(dir.path(), name, config).await;

@@ -169,6 +169,8 @@ async fn poll_complete_runs_the_whole_use_case() {
         smtpapi["unique_args"]["switchboard_message_id"],
         email_out["message_id"]
     );
+    // SendGrid's events name the account that sent the message.
+    assert_eq!(smtpapi["unique_args"]["switchboard_account"], "acme");
 
     // Message records, with their transitions, linked to the event.
     let (status, messages) = d.get("/v1/accounts/acme/messages").await;

@@ -10,7 +10,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
+use switchboard_http::inbound::signed_events::VerificationKey;
 
 use crate::peers::{HttpReceiver, SmtpSink, TWILIO_TOKEN, WEBHOOK_SECRET};
 use crate::util::{Dispatcher, TIMEOUT, event, wait_until};
@@ -593,6 +596,209 @@ config = {{ to = "+27831234567", body = "Your results are in" }}
     let sent = messages_by_recipient(&d, "beta").await;
     assert_eq!(sent["+27831234567"]["status"], "delivered", "{sent:#?}");
     assert_eq!(unmatched(&d, "acme").await, Vec::<Value>::new());
+}
+
+/// A signing key of SendGrid's Signed Event Webhook: the pair, and its
+/// verification key as SendGrid shows it.
+fn sendgrid_signing_key() -> (EcdsaKeyPair, String) {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let shown = VerificationKey::from_point("test", pair.public_key().as_ref()).to_base64();
+    (pair, shown)
+}
+
+/// The Signed Event Webhook's headers for `body`, signed by `pair`.
+fn sendgrid_signed(pair: &EcdsaKeyPair, body: &str) -> Vec<(&'static str, String)> {
+    let timestamp = now().to_string();
+    let signed = [timestamp.as_bytes(), body.as_bytes()].concat();
+    let signature = BASE64.encode(pair.sign(&SystemRandom::new(), &signed).unwrap().as_ref());
+    vec![
+        ("x-twilio-email-event-webhook-timestamp", timestamp),
+        ("x-twilio-email-event-webhook-signature", signature),
+    ]
+}
+
+#[tokio::test]
+async fn sendgrid_events_of_several_accounts_reach_each_the_account_that_sent() {
+    let smtp = SmtpSink::start();
+    smtp.queue_ids(json!({"ann@example.com": "sgm-a", "bob@example.com": "sgm-b"}));
+    let (pair, key) = sendgrid_signing_key();
+    let d = Dispatcher::with_config(
+        None,
+        &sendgrid(&smtp, &format!("event_webhook_key = \"{key}\"\n")),
+    );
+    for (account, to) in [("acme", "ann@example.com"), ("beta", "bob@example.com")] {
+        d.apply_chains(
+            &format!("{account}.toml"),
+            &format!(
+                r#"
+account_key = "{account}"
+[[chains]]
+name = "mail"
+event_type = "mail"
+[[chains.steps]]
+handler = "send_email"
+config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
+"#
+            ),
+        )
+        .await;
+        let sent = event(account, "survey", "mail", "c1", json!({}));
+        let id = d.post_event(&serde_json::to_value(&sent).unwrap()).await;
+        assert_eq!(
+            d.wait_for_trace(account, &id, TIMEOUT).await["status"],
+            "done"
+        );
+    }
+    let ann = messages_by_recipient(&d, "acme").await["ann@example.com"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bob = messages_by_recipient(&d, "beta").await["bob@example.com"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // One SendGrid account's batch: a delivery of acme's, a bounce of
+    // beta's, and a record of a message no account sent.
+    let at = now();
+    let body = json!([
+        {"email": "ann@example.com", "event": "delivered", "timestamp": at,
+         "sg_event_id": "d-1", "sg_message_id": "sgm-a.filter1",
+         "switchboard_message_id": ann, "switchboard_account": "acme"},
+        {"email": "bob@example.com", "event": "bounce", "timestamp": at,
+         "reason": "550 5.1.1 unknown recipient", "type": "bounce",
+         "sg_event_id": "b-1", "sg_message_id": "sgm-b.filter1",
+         "switchboard_message_id": bob, "switchboard_account": "beta"},
+        {"email": "eve@example.com", "event": "delivered", "timestamp": at,
+         "sg_event_id": "x-1", "sg_message_id": "sgm-x.filter1"}
+    ])
+    .to_string();
+
+    // Posted to acme's own URL, beta's bounce is not acme's to apply: it
+    // neither moves a message nor opts Bob out of acme's mail.
+    let acme_url = create(&d, "acme", "sendgrid", &[]).await;
+    let (status, receipt) = post(&acme_url, "application/json", &[], &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    let results: Vec<&str> = receipt["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["matched", "other_account", "unknown_message"],
+        "{receipt:#}"
+    );
+    let refused = receipt["results"][1]["reason"].as_str().unwrap();
+    assert!(
+        refused.contains("account \"beta\" sent")
+            && refused.contains(&format!("{}/v1/inbound/sendgrid-events", d.url())),
+        "{refused}"
+    );
+    assert_eq!(
+        messages_by_recipient(&d, "beta").await["bob@example.com"]["status"],
+        "sent"
+    );
+    let acme_bob = d
+        .cli(&["preferences", "show", "acme", "bob@example.com", "--json"])
+        .await
+        .json();
+    assert_eq!(acme_bob["email"]["topics"], json!({}), "{acme_bob:#}");
+    assert!(
+        unmatched(&d, "acme")
+            .await
+            .iter()
+            .any(|u| u["result"] == "other_account"),
+    );
+    assert_eq!(
+        inbound_metric(&d, "sendgrid", "acme", "other_account").await,
+        1
+    );
+
+    // The deployment's route: refused unsigned or signed by another key.
+    let route = format!("{}/v1/inbound/sendgrid-events", d.url());
+    let json_type = "application/json";
+    let (status, answer) = post(&route, json_type, &[], &body).await;
+    assert_error(
+        &(status, answer),
+        403,
+        "signature_rejected",
+        "X-Twilio-Email-Event-Webhook-Signature header is missing",
+    );
+    let (stranger, _) = sendgrid_signing_key();
+    let forged = sendgrid_signed(&stranger, &body);
+    let (status, answer) = post(&route, json_type, &forged, &body).await;
+    assert_error(
+        &(status, answer),
+        403,
+        "signature_rejected",
+        "providers.email.sendgrid.event_webhook_key",
+    );
+    // Signed for another body: refused too.
+    let other_body = sendgrid_signed(&pair, "[]");
+    let (status, _) = post(&route, json_type, &other_body, &body).await;
+    assert_eq!(status, 403);
+
+    // Signed: each record reaches the account that sent its message.
+    let signed = sendgrid_signed(&pair, &body);
+    let (status, receipt) = post(&route, json_type, &signed, &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(
+        (
+            receipt["records"].as_u64(),
+            receipt["matched"].as_u64(),
+            receipt["unmatched"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{receipt:#}"
+    );
+    let routed: Vec<(&str, &Value)> = receipt["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["result"].as_str().unwrap(), &r["account_key"]))
+        .collect();
+    assert_eq!(
+        routed,
+        [
+            ("matched", &json!("acme")),
+            ("matched", &json!("beta")),
+            ("no_account", &Value::Null)
+        ],
+        "{receipt:#}"
+    );
+    // acme's delivery was applied before, from its own URL.
+    assert_eq!(receipt["results"][0]["transition"], "duplicate");
+    assert_eq!(receipt["results"][1]["transition"], "applied");
+    assert_eq!(message_path(&d, "beta", &bob).await.0, "bounced");
+    let beta_bob = d
+        .cli(&["preferences", "show", "beta", "bob@example.com", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        beta_bob["email"]["topics"]["all"]["subscribed"], false,
+        "{beta_bob:#}"
+    );
+    let acme_bob = d
+        .cli(&["preferences", "show", "acme", "bob@example.com", "--json"])
+        .await
+        .json();
+    assert_eq!(acme_bob["email"]["topics"], json!({}), "{acme_bob:#}");
+    // The record no account sent is logged and counted, without an account.
+    assert!(
+        d.log().contains("SendGrid event record went to no account"),
+        "{}",
+        d.log()
+    );
+    let (_, metrics) = d.get("/metrics").await;
+    assert!(
+        metrics.as_str().unwrap().lines().any(|l| l
+            == "switchboard_inbound_records_total{provider=\"sendgrid\",result=\"no_account\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -14,6 +14,8 @@ use switchboard_handlers::sms::SmsProvider;
 pub use switchboard_engine::LimitsConfig;
 use switchboard_handlers::RhaiLimits;
 use switchboard_http::auth::AdminToken;
+use switchboard_http::inbound::ProviderKeys;
+use switchboard_http::inbound::signed_events::VerificationKey;
 use switchboard_outbound::{EmailProvider, OutboundConfig, OutboundPolicy};
 use switchboard_sdk::DEFAULT_SUBJECT_PREFIX;
 
@@ -227,6 +229,35 @@ pub struct ProvidersConfig {
     pub sms: BTreeMap<String, SmsProvider>,
     /// SMTP providers by name.
     pub email: BTreeMap<String, EmailProvider>,
+}
+
+impl ProvidersConfig {
+    /// What the providers prove their inbound posts with: the Twilio
+    /// providers, and the verification keys of SendGrid's Signed Event
+    /// Webhook (`event_webhook_key`); a key that does not read is an error
+    /// naming where it is configured.
+    pub fn inbound_keys(&self) -> Result<ProviderKeys, String> {
+        let twilio = self
+            .sms
+            .values()
+            .filter_map(|p| match p {
+                SmsProvider::Twilio(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        let sendgrid = self
+            .email
+            .iter()
+            .filter_map(|(name, p)| {
+                let key = p.event_webhook_key.as_deref()?;
+                Some(VerificationKey::parse(
+                    &format!("providers.email.{name}.event_webhook_key"),
+                    key,
+                ))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ProviderKeys { twilio, sendgrid })
+    }
 }
 
 /// `[bus]`
@@ -581,6 +612,9 @@ impl Config {
                  URL is configured (set bus.nats_url or --nats)"
             )));
         }
+        self.providers
+            .inbound_keys()
+            .map_err(ConfigError::Invalid)?;
         self.rhai.check().map_err(ConfigError::Invalid)?;
         self.otel.check().map_err(ConfigError::Invalid)?;
         OutboundPolicy::new(&self.outbound).map_err(ConfigError::Invalid)?;

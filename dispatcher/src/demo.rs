@@ -273,6 +273,7 @@ impl DemoPeers {
                 password: None,
                 from: Some("Switchboard demo <demo@switchboard.invalid>".into()),
                 timeout_secs: Some(10),
+                event_webhook_key: None,
             },
         );
         Ok(Self { peers })

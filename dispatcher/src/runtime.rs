@@ -23,12 +23,11 @@ use switchboard_engine::trace::Traces;
 use switchboard_handlers::message_template::{MessageTemplates, TemplateStore};
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::records::{Files, Secrets};
-use switchboard_handlers::sms::SmsProvider;
 use switchboard_handlers::{Registry, ScriptRuntime, ScriptStore, Services};
 use switchboard_http::api::{ApiState, router};
 use switchboard_http::auth::{AdminToken, Auth, Principal, TokenStore};
 use switchboard_http::console::session::Sessions;
-use switchboard_http::inbound::{Inbound, InboundRecords};
+use switchboard_http::inbound::{Inbound, InboundRecords, ProviderKeys};
 use switchboard_http::ratelimit::RateLimiter;
 use switchboard_http::unsubscribe::OneClick;
 use switchboard_outbound::policy::OutboundPolicy;
@@ -166,6 +165,10 @@ impl Dispatcher {
                 which is not https: mail clients offer one-click unsubscribe only for https links; set \
                 http.public_url to the https address they reach this dispatcher at");
         }
+        let inbound_keys = config
+            .providers
+            .inbound_keys()
+            .map_err(StartError::Config)?;
         let engine = Engine::build(
             &config,
             (&store, &bus),
@@ -185,7 +188,7 @@ impl Dispatcher {
             spawner.threads(),
             (&store, &bus),
             admin_token,
-            &public_url,
+            (&public_url, inbound_keys),
             replicas.as_ref().map(|r| (r.owned(), r.viewed())),
             ready.clone(),
         );
@@ -492,19 +495,10 @@ impl Engine {
         event_threads: usize,
         (store, bus): (&Store, &Arc<dyn Bus>),
         admin_token: AdminToken,
-        public_url: &str,
+        (public_url, inbound_keys): (&str, ProviderKeys),
         replicas: Option<(watch::Receiver<Vec<u16>>, watch::Receiver<ReplicaView>)>,
         ready: Arc<AtomicBool>,
     ) -> ApiState {
-        let twilio = config
-            .providers
-            .sms
-            .values()
-            .filter_map(|p| match p {
-                SmsProvider::Twilio(t) => Some(t.clone()),
-                _ => None,
-            })
-            .collect();
         let limits = &config.limits;
         let (partitions, replicas) = replicas.unzip();
         ApiState {
@@ -564,7 +558,7 @@ impl Engine {
                 bus.clone(),
                 self.metrics.clone(),
                 public_url,
-                twilio,
+                inbound_keys,
                 limits.max_event_bytes,
             )),
         }

@@ -360,8 +360,11 @@ impl Handler for SendEmail {
                         (MESSAGE_ID_HEADER.to_string(), record.id.clone()),
                         (
                             "X-SMTPAPI".to_string(),
-                            json!({"unique_args": {"switchboard_message_id": record.id}})
-                                .to_string(),
+                            json!({"unique_args": {
+                                "switchboard_message_id": record.id,
+                                "switchboard_account": record.account_key,
+                            }})
+                            .to_string(),
                         ),
                     ]
                     .into_iter()

@@ -241,7 +241,8 @@ pub struct EventTypeCounts {
 pub struct InboundCount {
     /// `sendgrid`, `twilio` or `webhook`.
     pub provider: String,
-    /// `matched`, `unknown_message`, `unknown_address`, `undocumented`, `malformed` or `rejected`.
+    /// `matched`, `unknown_message`, `unknown_address`, `other_account`, `undocumented`,
+    /// `malformed` or `rejected`.
     pub result: String,
     /// How many.
     pub count: u64,

@@ -137,7 +137,8 @@ pub struct UnmatchedRecord {
     pub account_key: AccountKey,
     /// The provider.
     pub provider: Provider,
-    /// `unknown_message`, `unknown_address`, `undocumented` or `malformed`.
+    /// `unknown_message`, `unknown_address`, `other_account`, `undocumented`
+    /// or `malformed`.
     pub result: String,
     /// Why it matched nothing, in words.
     pub reason: String,
@@ -177,8 +178,13 @@ pub struct Receipt {
 /// are absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordResult {
-    /// `matched`, `unknown_message`, `unknown_address`, `undocumented` or `malformed`.
+    /// `matched`, `unknown_message`, `unknown_address`, `other_account`,
+    /// `no_account`, `undocumented` or `malformed`.
     pub result: String,
+    /// The account it went to: on the deployment's SendGrid events route,
+    /// the one its `switchboard_account` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_key: Option<String>,
     /// The message it matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,

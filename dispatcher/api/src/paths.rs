@@ -327,6 +327,12 @@ pub fn twilio_status(account: &str) -> String {
     format!("/v1/inbound/twilio-status/{}", segment(account))
 }
 
+/// `POST`: where SendGrid's Signed Event Webhook posts for a SendGrid
+/// account that several accounts send through.
+pub fn sendgrid_events() -> String {
+    "/v1/inbound/sendgrid-events".to_string()
+}
+
 /// `GET` the names of an account's secrets.
 pub fn secrets(account: &str) -> String {
     account_path(account, "secrets")
@@ -411,6 +417,7 @@ pub fn samples() -> Vec<String> {
         inbound_hook(a, "sendgrid"),
         inbound_receive(a, "sendgrid", "s3cr3t"),
         twilio_status(a),
+        sendgrid_events(),
         unsubscribe(a, "payload.mac"),
         numbers(a),
         files(a),

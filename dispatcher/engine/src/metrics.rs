@@ -101,6 +101,12 @@ pub enum InboundResult {
     UnknownMessage,
     /// A reply to an address that is not the account's.
     UnknownAddress,
+    /// A SendGrid record about a message another account sent (its
+    /// `switchboard_account`), posted to this account's URL.
+    OtherAccount,
+    /// On the deployment's SendGrid events route: a record that names no
+    /// account (no `switchboard_account`, or not an account key).
+    NoAccount,
     /// An event type or status the provider does not document.
     Undocumented,
     /// Not a record that can be read.
@@ -116,6 +122,8 @@ impl InboundResult {
             InboundResult::Matched => "matched",
             InboundResult::UnknownMessage => "unknown_message",
             InboundResult::UnknownAddress => "unknown_address",
+            InboundResult::OtherAccount => "other_account",
+            InboundResult::NoAccount => "no_account",
             InboundResult::Undocumented => "undocumented",
             InboundResult::Malformed => "malformed",
             InboundResult::Rejected => "rejected",
@@ -597,13 +605,7 @@ impl Metrics {
 
     /// Counts one record posted to `account`'s `provider` inbound webhook.
     pub fn inbound(&self, provider: &str, account: &str, result: InboundResult) {
-        self.inbound
-            .get_or_create(&InboundLabels {
-                provider: provider.to_string(),
-                account: self.accounts.label(account),
-                result,
-            })
-            .inc();
+        self.inbound_series(provider, self.accounts.label(account), result);
         let key = (account.to_string(), provider.to_string(), result);
         let counted = self
             .inbound_by_account
@@ -620,6 +622,22 @@ impl Metrics {
                 .or_default()
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one record posted to a route of the deployment's that names
+    /// no account: its series has no `account` label.
+    pub fn inbound_unattributed(&self, provider: &str, result: InboundResult) {
+        self.inbound_series(provider, None, result);
+    }
+
+    fn inbound_series(&self, provider: &str, account: Option<String>, result: InboundResult) {
+        self.inbound
+            .get_or_create(&InboundLabels {
+                provider: provider.to_string(),
+                account,
+                result,
+            })
+            .inc();
     }
 
     /// The count of records posted to `account`'s `provider` webhook with `result`.

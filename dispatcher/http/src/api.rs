@@ -228,6 +228,8 @@ routes! {
     "/v1/inbound/{account}/{provider}/{secret}" => { POST: receive_inbound }
     // Authenticated by Twilio's signature (the deployment's auth token).
     "/v1/inbound/twilio-status/{account}" => { POST: receive_twilio_status }
+    // Authenticated by SendGrid's signature (the Signed Event Webhook's key).
+    "/v1/inbound/sendgrid-events" => { POST: receive_sendgrid_events }
     // Authenticated by the link's signature.
     "/v1/unsubscribe/{account}/{token}" => {
         GET: unsubscribe_page, POST: unsubscribe_one_click

@@ -300,6 +300,11 @@ pub struct EmailProvider {
     /// Give up on one message after this many seconds (default 30).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// The verification key of SendGrid's Signed Event Webhook, as SendGrid
+    /// shows it (base64), when this is a SendGrid account that posts its
+    /// events to the deployment's route (`/v1/inbound/sendgrid-events`).
+    #[serde(default)]
+    pub event_webhook_key: Option<String>,
 }
 
 /// E-mail through lettre, one pooled transport per provider.

@@ -319,6 +319,17 @@ pub(super) async fn receive_twilio_status(
     Ok(Json(receipt).into_response())
 }
 
+/// `POST /v1/inbound/sendgrid-events`: SendGrid's Signed Event Webhook,
+/// each record for the account that sent its message.
+pub(super) async fn receive_sendgrid_events(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult {
+    let receipt = s.inbound.receive_sendgrid_events(&headers, &body).await?;
+    Ok(Json(receipt).into_response())
+}
+
 pub(super) async fn receive_inbound(
     State(s): State<ApiState>,
     Path((account, raw, secret)): Path<(String, String, String)>,

@@ -36,6 +36,7 @@ pub mod numbers;
 pub mod parse;
 pub mod replies;
 pub mod sendgrid;
+pub mod signed_events;
 mod store;
 pub mod twilio;
 
@@ -95,6 +96,10 @@ pub struct Report {
     pub channel: Channel,
     /// The message id the record carries (`switchboard_message_id`), tried first.
     pub message_id: Option<String>,
+    /// The account the record says sent the message (SendGrid's
+    /// `switchboard_account`, which `send_email` sets); `None` when it does
+    /// not say.
+    pub account: Option<String>,
     /// The provider's ids for the message, tried in order against
     /// `remote_id`; the last is the one its answer to the send gave
     /// (SendGrid's X-Message-Id, Twilio's MessageSid).
@@ -277,11 +282,24 @@ pub struct Inbound {
     file_policy: FilePolicy,
     idempotency: Arc<dyn IdempotencyKeys>,
     twilio: Vec<TwilioSms>,
+    sendgrid_keys: Vec<signed_events::VerificationKey>,
     public_url: String,
     bus: Arc<dyn Bus>,
     metrics: Arc<Metrics>,
     store: Store,
     max_event_bytes: usize,
+}
+
+/// What the deployment's providers prove their posts with.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderKeys {
+    /// The Twilio providers: their auth tokens sign status callbacks and
+    /// incoming messages.
+    pub twilio: Vec<TwilioSms>,
+    /// The verification keys of SendGrid's Signed Event Webhook
+    /// (`providers.email.NAME.event_webhook_key`): the proof of the
+    /// deployment's SendGrid events route.
+    pub sendgrid: Vec<signed_events::VerificationKey>,
 }
 
 /// The records inbound webhooks read and change.
@@ -307,16 +325,15 @@ pub struct InboundRecords {
 
 impl Inbound {
     /// Inbound webhooks over `store`, moving the message records of
-    /// `records` and checking signatures with its secrets, publishing on
-    /// `bus`. `public_url` is the base URL providers post to; `twilio` the
-    /// deployment's Twilio providers.
+    /// `records` and checking signatures with its secrets and `keys`,
+    /// publishing on `bus`. `public_url` is the base URL providers post to.
     pub fn new(
         store: Store,
         records: InboundRecords,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         public_url: &str,
-        twilio: Vec<TwilioSms>,
+        keys: ProviderKeys,
         max_event_bytes: usize,
     ) -> Self {
         Self {
@@ -330,7 +347,8 @@ impl Inbound {
             messages: records.messages,
             secrets: records.secrets,
             preferences: records.preferences,
-            twilio,
+            twilio: keys.twilio,
+            sendgrid_keys: keys.sendgrid,
             public_url: public_url.trim_end_matches('/').to_string(),
             bus,
             metrics,
@@ -604,6 +622,14 @@ impl Inbound {
         for (raw, parsed) in records {
             let outcome = match parsed {
                 Parsed::Report(report) => {
+                    if let Some(sender) =
+                        report.account.as_deref().filter(|a| *a != account.as_str())
+                    {
+                        let reason = self.sent_by_another(account, sender);
+                        unmatched.push((results.len(), InboundResult::OtherAccount, reason, raw));
+                        results.push(None);
+                        continue;
+                    }
                     let found = self.find_message(account, &report)?;
                     if provider == Provider::Sendgrid {
                         // The recipient's preference holds whether or not
@@ -655,6 +681,7 @@ impl Inbound {
                     tracing::info!(%account, provider = provider.name(), event_id = %event.id,
                         event_type = %event.event_type, "inbound webhook published");
                     RecordResult {
+                        account_key: None,
                         result: InboundResult::Matched.label().to_string(),
                         message_id: None,
                         status: None,
@@ -701,6 +728,7 @@ impl Inbound {
             tracing::warn!(%account, provider = provider.name(), result = result.label(),
                 unmatched_id = u.id, %reason, "inbound record matched nothing: kept as unmatched");
             results[index] = Some(RecordResult {
+                account_key: None,
                 result: result.label().to_string(),
                 message_id: None,
                 status: None,
@@ -719,6 +747,20 @@ impl Inbound {
             unmatched: kept,
             results,
         })
+    }
+
+    /// Why a record about a message `sender` sent is not applied when posted
+    /// to `account`'s URL: its status and its recipient's preferences are
+    /// `sender`'s.
+    fn sent_by_another(&self, account: &AccountKey, sender: &str) -> String {
+        format!(
+            "the record is about a message account {sender:?} sent (its `{arg}`), not one of \
+             account {account}'s, so it is not applied here: a SendGrid account that several \
+             accounts send through posts its Event Webhook to {url}, which takes each record \
+             to the account that sent its message",
+            arg = sendgrid::ACCOUNT_ARG,
+            url = self.sendgrid_events_url(),
+        )
     }
 
     /// Records what a SendGrid `report` (about `message`, when known) says
@@ -853,6 +895,7 @@ impl Inbound {
             }
         };
         Ok(RecordResult {
+            account_key: None,
             result: InboundResult::Matched.label().to_string(),
             message_id: Some(message.id),
             status: Some(message.status.as_str().to_string()),

@@ -281,6 +281,7 @@ impl Inbound {
         tracing::info!(%account, provider, event_id = %event.id,
             answers = message.as_ref().map(|m| m.id.as_str()), "reply published");
         Ok(Ok(RecordResult {
+            account_key: None,
             result: InboundResult::Matched.label().to_string(),
             message_id: message.map(|m| m.id),
             status: None,

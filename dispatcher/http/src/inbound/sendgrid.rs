@@ -6,6 +6,8 @@
 //! (SendGrid's X-Message-Id, which the SMTP answer gives and `send_email`
 //! records as the message's `remote_id`, followed by `.filter…` routing
 //! suffixes). `open`, `click` and the engagement events carry only the latter.
+//! It names the account that sent the message by `switchboard_account`
+//! (which `send_email` sets too).
 
 use serde_json::{Map, Value, json};
 use switchboard_handlers::records::contacts::normalize_email;
@@ -14,6 +16,12 @@ use switchboard_handlers::records::{Channel, MessageRecord, MessageStatus, Topic
 
 use super::{Parsed, Report};
 use switchboard_engine::metrics::InboundResult;
+
+/// The custom argument naming the account that sent the message, which
+/// `send_email` sets beside `switchboard_message_id`: what routes a record
+/// on the deployment's events route, and what keeps an account's URL from
+/// applying another account's records.
+pub const ACCOUNT_ARG: &str = "switchboard_account";
 
 /// Every SendGrid event Switchboard reads: its name, the status it moves a
 /// message to (none: the message keeps its status) and the event type emitted.
@@ -83,8 +91,9 @@ fn string_field<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a st
         .filter(|s| !s.is_empty())
 }
 
-/// A message id field: absent (or null, or empty) is `None`; any other
-/// kind of value than text is refused, naming the field and the kind.
+/// An id field (a message's, an account's): absent (or null, or empty) is
+/// `None`; any other kind of value than text is refused, naming the field
+/// and the kind.
 fn id_field<'a>(record: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, String> {
     match record.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -97,7 +106,12 @@ fn id_field<'a>(record: &'a Map<String, Value>, name: &str) -> Result<Option<&'a
                 _ => "an object",
             };
             Err(format!(
-                "`{name}` is {kind} ({other}), not the text of a message id"
+                "`{name}` is {kind} ({other}), not the text of {}",
+                if name == ACCOUNT_ARG {
+                    "an account key"
+                } else {
+                    "a message id"
+                }
             ))
         }
     }
@@ -138,10 +152,15 @@ pub fn parse_record(raw: &Value) -> Parsed {
             ),
         );
     };
-    let ids = id_field(record, "switchboard_message_id")
-        .and_then(|ours| Ok((ours, id_field(record, "sg_message_id")?)));
-    let (message_id, sg_message_id) = match ids {
-        Ok((ours, theirs)) => (ours.map(str::to_string), theirs),
+    let ids = id_field(record, "switchboard_message_id").and_then(|ours| {
+        Ok((
+            ours,
+            id_field(record, "sg_message_id")?,
+            id_field(record, ACCOUNT_ARG)?,
+        ))
+    });
+    let (message_id, sg_message_id, account) = match ids {
+        Ok((ours, theirs, account)) => (ours.map(str::to_string), theirs, account),
         Err(why) => return Parsed::unusable(InboundResult::Malformed, why),
     };
     // The X-Message-Id is what precedes the first `.` of sg_message_id.
@@ -190,6 +209,7 @@ pub fn parse_record(raw: &Value) -> Parsed {
     Parsed::Report(Report {
         channel: Channel::Email,
         message_id,
+        account: account.map(str::to_string),
         remote_ids,
         status: *status,
         event_type: (*event_type).to_string(),

@@ -179,7 +179,8 @@ pub struct Unmatched {
     pub account_key: AccountKey,
     /// The provider.
     pub provider: Provider,
-    /// `unknown_message`, `unknown_address`, `undocumented` or `malformed`.
+    /// `unknown_message`, `unknown_address`, `other_account`, `undocumented`
+    /// or `malformed`.
     pub result: String,
     /// Why it matched nothing, in words.
     pub reason: String,

@@ -132,6 +132,19 @@ fn sendgrid_bodies_that_are_not_arrays_are_one_malformed_record() {
         )),
         "malformed: `switchboard_message_id` is an array ([\"a\"]), not the text of a message id"
     );
+    assert_eq!(
+        summary(&sendgrid::parse_record(
+            &json!({"event": "open", "sg_message_id": "x.y", "switchboard_account": 7})
+        )),
+        "malformed: `switchboard_account` is a number (7), not the text of an account key"
+    );
+    // The account a record names is the report's.
+    let Parsed::Report(named) = sendgrid::parse_record(
+        &json!({"event": "open", "sg_message_id": "x.y", "switchboard_account": " beta "}),
+    ) else {
+        panic!("a report")
+    };
+    assert_eq!(named.account.as_deref(), Some("beta"));
 }
 
 #[test]

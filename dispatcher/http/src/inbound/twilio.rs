@@ -144,6 +144,7 @@ pub fn parse(params: &[(String, String)]) -> Parsed {
     Parsed::Report(Report {
         channel: Channel::Sms,
         message_id: None,
+        account: None,
         remote_ids: vec![sid.to_string()],
         status: Some(*status),
         event_type: format!("sms_{name}"),
