@@ -173,6 +173,35 @@ async fn inbound_metric(d: &Dispatcher, provider: &str, account: &str, result: &
         .map_or(0, |n| n.trim().parse().expect("a counter"))
 }
 
+/// A receipt's counts: records, matched, unmatched.
+fn counts(receipt: &Value) -> (u64, u64, u64) {
+    let count = |name: &str| {
+        receipt[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{receipt:#}"))
+    };
+    (count("records"), count("matched"), count("unmatched"))
+}
+
+/// What became of each record of a receipt.
+fn results(receipt: &Value) -> Vec<&str> {
+    receipt["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["result"].as_str().expect("a result"))
+        .collect()
+}
+
+/// The e-mail topics `account` holds choices of `address` on.
+async fn email_topics(d: &Dispatcher, account: &str, address: &str) -> Value {
+    let shown = d
+        .cli(&["preferences", "show", account, address, "--json"])
+        .await
+        .json();
+    shown["email"]["topics"].clone()
+}
+
 /// A dispatcher config whose SendGrid provider is `smtp`, with `extra`
 /// lines of provider options.
 fn sendgrid(smtp: &SmtpSink, extra: &str) -> String {
@@ -249,23 +278,9 @@ async fn sendgrid_events_update_messages_and_reach_chains() {
     let body = fixture(SENDGRID_FIXTURE);
     let (status, receipt) = post(&url, "application/json", &[], &body).await;
     assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(counts(&receipt), (12, 9, 3), "{receipt:#}");
     assert_eq!(
-        (
-            receipt["records"].as_u64(),
-            receipt["matched"].as_u64(),
-            receipt["unmatched"].as_u64()
-        ),
-        (Some(12), Some(9), Some(3)),
-        "{receipt:#}"
-    );
-    let results: Vec<&str> = receipt["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["result"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        results,
+        results(&receipt),
         [
             "matched",
             "matched",
@@ -681,14 +696,8 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
     let acme_url = create(&d, "acme", "sendgrid", &[]).await;
     let (status, receipt) = post(&acme_url, "application/json", &[], &body).await;
     assert_eq!(status, 200, "{receipt:#}");
-    let results: Vec<&str> = receipt["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["result"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        results,
+        results(&receipt),
         ["matched", "other_account", "unknown_message"],
         "{receipt:#}"
     );
@@ -702,11 +711,7 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
         messages_by_recipient(&d, "beta").await["bob@example.com"]["status"],
         "sent"
     );
-    let acme_bob = d
-        .cli(&["preferences", "show", "acme", "bob@example.com", "--json"])
-        .await
-        .json();
-    assert_eq!(acme_bob["email"]["topics"], json!({}), "{acme_bob:#}");
+    assert_eq!(email_topics(&d, "acme", "bob@example.com").await, json!({}));
     assert!(
         unmatched(&d, "acme")
             .await
@@ -746,15 +751,7 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
     let signed = sendgrid_signed(&pair, &body);
     let (status, receipt) = post(&route, json_type, &signed, &body).await;
     assert_eq!(status, 200, "{receipt:#}");
-    assert_eq!(
-        (
-            receipt["records"].as_u64(),
-            receipt["matched"].as_u64(),
-            receipt["unmatched"].as_u64()
-        ),
-        (Some(3), Some(2), Some(1)),
-        "{receipt:#}"
-    );
+    assert_eq!(counts(&receipt), (3, 2, 1), "{receipt:#}");
     let routed: Vec<(&str, &Value)> = receipt["results"]
         .as_array()
         .unwrap()
@@ -774,19 +771,9 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
     assert_eq!(receipt["results"][0]["transition"], "duplicate");
     assert_eq!(receipt["results"][1]["transition"], "applied");
     assert_eq!(message_path(&d, "beta", &bob).await.0, "bounced");
-    let beta_bob = d
-        .cli(&["preferences", "show", "beta", "bob@example.com", "--json"])
-        .await
-        .json();
-    assert_eq!(
-        beta_bob["email"]["topics"]["all"]["subscribed"], false,
-        "{beta_bob:#}"
-    );
-    let acme_bob = d
-        .cli(&["preferences", "show", "acme", "bob@example.com", "--json"])
-        .await
-        .json();
-    assert_eq!(acme_bob["email"]["topics"], json!({}), "{acme_bob:#}");
+    let beta_bob = email_topics(&d, "beta", "bob@example.com").await;
+    assert_eq!(beta_bob["all"]["subscribed"], false, "{beta_bob:#}");
+    assert_eq!(email_topics(&d, "acme", "bob@example.com").await, json!({}));
     // The record no account sent is logged and counted, without an account.
     assert!(
         d.log().contains("SendGrid event record went to no account"),
