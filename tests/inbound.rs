@@ -620,13 +620,18 @@ fn sendgrid_signing_key() -> (EcdsaKeyPair, String) {
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
     let pair =
         EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    let shown = VerificationKey::from_point("test", pair.public_key().as_ref()).to_base64();
+    let shown = VerificationKey::shown(pair.public_key().as_ref());
     (pair, shown)
 }
 
-/// The Signed Event Webhook's headers for `body`, signed by `pair`.
-fn sendgrid_signed(pair: &EcdsaKeyPair, body: &str) -> Vec<(&'static str, String)> {
-    let timestamp = now().to_string();
+/// The Signed Event Webhook's headers for `body` at `timestamp`, signed by
+/// `pair`.
+fn sendgrid_signed_at(
+    pair: &EcdsaKeyPair,
+    timestamp: i64,
+    body: &str,
+) -> Vec<(&'static str, String)> {
+    let timestamp = timestamp.to_string();
     let signed = [timestamp.as_bytes(), body.as_bytes()].concat();
     let signature = BASE64.encode(pair.sign(&SystemRandom::new(), &signed).unwrap().as_ref());
     vec![
@@ -635,16 +640,30 @@ fn sendgrid_signed(pair: &EcdsaKeyPair, body: &str) -> Vec<(&'static str, String
     ]
 }
 
+/// The Signed Event Webhook's headers for `body`, signed by `pair` now.
+fn sendgrid_signed(pair: &EcdsaKeyPair, body: &str) -> Vec<(&'static str, String)> {
+    sendgrid_signed_at(pair, now(), body)
+}
+
 #[tokio::test]
 async fn sendgrid_events_of_several_accounts_reach_each_the_account_that_sent() {
     let smtp = SmtpSink::start();
     smtp.queue_ids(json!({"ann@example.com": "sgm-a", "bob@example.com": "sgm-b"}));
+    // Two SendGrid accounts of the deployment's, each with its own key:
+    // acme sends through the first, beta through the second.
     let (pair, key) = sendgrid_signing_key();
-    let d = Dispatcher::with_config(
-        None,
-        &sendgrid(&smtp, &format!("event_webhook_key = \"{key}\"\n")),
+    let (second_pair, second_key) = sendgrid_signing_key();
+    let config = format!(
+        "{}\n[providers.email.second]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n\
+         from = \"noreply@example.org\"\nevent_webhook_key = \"{second_key}\"\n",
+        sendgrid(&smtp, &format!("event_webhook_key = \"{key}\"\n")),
+        smtp.port()
     );
-    for (account, to) in [("acme", "ann@example.com"), ("beta", "bob@example.com")] {
+    let d = Dispatcher::with_config(None, &config);
+    for (account, to, provider) in [
+        ("acme", "ann@example.com", "sendgrid"),
+        ("beta", "bob@example.com", "second"),
+    ] {
         d.apply_chains(
             &format!("{account}.toml"),
             &format!(
@@ -655,7 +674,7 @@ name = "mail"
 event_type = "mail"
 [[chains.steps]]
 handler = "send_email"
-config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
+config = {{ to = "{to}", subject = "Your results", text = "They are in.", provider = "{provider}" }}
 "#
             ),
         )
@@ -675,24 +694,23 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
         .as_str()
         .unwrap()
         .to_string();
-    // One SendGrid account's batch: a delivery of acme's, a bounce of
-    // beta's, and a record of a message no account sent.
+    // A batch: a delivery of acme's, a bounce of beta's, and a record of a
+    // message no account sent.
     let at = now();
-    let body = json!([
-        {"email": "ann@example.com", "event": "delivered", "timestamp": at,
+    let delivered = json!({"email": "ann@example.com", "event": "delivered", "timestamp": at,
          "sg_event_id": "d-1", "sg_message_id": "sgm-a.filter1",
-         "switchboard_message_id": ann, "switchboard_account": "acme"},
-        {"email": "bob@example.com", "event": "bounce", "timestamp": at,
+         "switchboard_message_id": ann, "switchboard_account": "acme"});
+    let bounced = json!({"email": "bob@example.com", "event": "bounce", "timestamp": at,
          "reason": "550 5.1.1 unknown recipient", "type": "bounce",
          "sg_event_id": "b-1", "sg_message_id": "sgm-b.filter1",
-         "switchboard_message_id": bob, "switchboard_account": "beta"},
-        {"email": "eve@example.com", "event": "delivered", "timestamp": at,
-         "sg_event_id": "x-1", "sg_message_id": "sgm-x.filter1"}
-    ])
-    .to_string();
+         "switchboard_message_id": bob, "switchboard_account": "beta"});
+    let stray = json!({"email": "eve@example.com", "event": "delivered", "timestamp": at,
+         "sg_event_id": "x-1", "sg_message_id": "sgm-x.filter1"});
+    let body = json!([delivered, bounced, stray]).to_string();
 
     // Posted to acme's own URL, beta's bounce is not acme's to apply: it
-    // neither moves a message nor opts Bob out of acme's mail.
+    // neither moves a message nor opts Bob out of acme's mail, and acme
+    // keeps what happened, not to whom.
     let acme_url = create(&d, "acme", "sendgrid", &[]).await;
     let (status, receipt) = post(&acme_url, "application/json", &[], &body).await;
     assert_eq!(status, 200, "{receipt:#}");
@@ -712,18 +730,23 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
         "sent"
     );
     assert_eq!(email_topics(&d, "acme", "bob@example.com").await, json!({}));
-    assert!(
-        unmatched(&d, "acme")
-            .await
-            .iter()
-            .any(|u| u["result"] == "other_account"),
+    let kept = unmatched(&d, "acme").await;
+    let other = kept
+        .iter()
+        .find(|u| u["result"] == "other_account")
+        .expect("beta's record kept as acme's other_account");
+    assert_eq!(
+        other["record"],
+        json!({"event": "bounce", "timestamp": at, "sg_event_id": "b-1",
+               "switchboard_account": "beta"})
     );
     assert_eq!(
         inbound_metric(&d, "sendgrid", "acme", "other_account").await,
         1
     );
 
-    // The deployment's route: refused unsigned or signed by another key.
+    // The deployment's route: refused unsigned, signed by a key not
+    // configured, for another body, or long ago.
     let route = format!("{}/v1/inbound/sendgrid-events", d.url());
     let json_type = "application/json";
     let (status, answer) = post(&route, json_type, &[], &body).await;
@@ -731,27 +754,29 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
         &(status, answer),
         403,
         "signature_rejected",
-        "X-Twilio-Email-Event-Webhook-Signature header is missing",
+        "X-Twilio-Email-Event-Webhook-Signature or -Timestamp header is missing",
     );
     let (stranger, _) = sendgrid_signing_key();
-    let forged = sendgrid_signed(&stranger, &body);
-    let (status, answer) = post(&route, json_type, &forged, &body).await;
+    let (status, answer) = post(&route, json_type, &sendgrid_signed(&stranger, &body), &body).await;
     assert_error(
         &(status, answer),
         403,
         "signature_rejected",
-        "providers.email.sendgrid.event_webhook_key",
+        "not a signature of the timestamp header and the body",
     );
-    // Signed for another body: refused too.
-    let other_body = sendgrid_signed(&pair, "[]");
-    let (status, _) = post(&route, json_type, &other_body, &body).await;
+    let (status, _) = post(&route, json_type, &sendgrid_signed(&pair, "[]"), &body).await;
     assert_eq!(status, 403);
+    let replayed = sendgrid_signed_at(&pair, now() - 4 * 86_400, &body);
+    let (status, answer) = post(&route, json_type, &replayed, &body).await;
+    assert_error(&(status, answer), 403, "signature_rejected", "a replay");
+    assert_eq!(message_path(&d, "beta", &bob).await.0, "sent");
 
-    // Signed: each record reaches the account that sent its message.
-    let signed = sendgrid_signed(&pair, &body);
-    let (status, receipt) = post(&route, json_type, &signed, &body).await;
+    // Signed by the first provider's key: each record reaches the account
+    // it names, but beta's bounce is about a message the second provider
+    // sent, which the first's key does not speak for.
+    let (status, receipt) = post(&route, json_type, &sendgrid_signed(&pair, &body), &body).await;
     assert_eq!(status, 200, "{receipt:#}");
-    assert_eq!(counts(&receipt), (3, 2, 1), "{receipt:#}");
+    assert_eq!(counts(&receipt), (3, 1, 2), "{receipt:#}");
     let routed: Vec<(&str, &Value)> = receipt["results"]
         .as_array()
         .unwrap()
@@ -762,14 +787,36 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
         routed,
         [
             ("matched", &json!("acme")),
-            ("matched", &json!("beta")),
+            ("unknown_message", &json!("beta")),
             ("no_account", &Value::Null)
         ],
         "{receipt:#}"
     );
     // acme's delivery was applied before, from its own URL.
     assert_eq!(receipt["results"][0]["transition"], "duplicate");
+    let outside = receipt["results"][1]["reason"].as_str().unwrap();
+    assert!(
+        outside.contains("through e-mail provider \"sendgrid\""),
+        "{outside}"
+    );
+    assert_eq!(message_path(&d, "beta", &bob).await.0, "sent");
+    assert_eq!(email_topics(&d, "beta", "bob@example.com").await, json!({}));
+
+    // Signed by the second provider's key, beta's bounce is applied, and
+    // opts Bob out of beta's mail only.
+    let (status, receipt) = post(
+        &route,
+        json_type,
+        &sendgrid_signed(&second_pair, &body),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(receipt["results"][1]["result"], "matched", "{receipt:#}");
+    assert_eq!(receipt["results"][1]["account_key"], "beta");
     assert_eq!(receipt["results"][1]["transition"], "applied");
+    // The second provider sent no message of acme's.
+    assert_eq!(receipt["results"][0]["result"], "unknown_message");
     assert_eq!(message_path(&d, "beta", &bob).await.0, "bounced");
     let beta_bob = email_topics(&d, "beta", "bob@example.com").await;
     assert_eq!(beta_bob["all"]["subscribed"], false, "{beta_bob:#}");
@@ -783,7 +830,7 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in." }}
     let (_, metrics) = d.get("/metrics").await;
     assert!(
         metrics.as_str().unwrap().lines().any(|l| l
-            == "switchboard_inbound_records_total{provider=\"sendgrid\",result=\"no_account\"} 1"),
+            == "switchboard_inbound_records_total{provider=\"sendgrid\",result=\"no_account\"} 2"),
         "{metrics}"
     );
 }

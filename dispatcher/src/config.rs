@@ -250,10 +250,7 @@ impl ProvidersConfig {
             .iter()
             .filter_map(|(name, p)| {
                 let key = p.event_webhook_key.as_deref()?;
-                Some(VerificationKey::parse(
-                    &format!("providers.email.{name}.event_webhook_key"),
-                    key,
-                ))
+                Some(VerificationKey::parse(name, key))
             })
             .collect::<Result<_, _>>()?;
         Ok(ProviderKeys { twilio, sendgrid })

@@ -165,10 +165,6 @@ impl Dispatcher {
                 which is not https: mail clients offer one-click unsubscribe only for https links; set \
                 http.public_url to the https address they reach this dispatcher at");
         }
-        let inbound_keys = config
-            .providers
-            .inbound_keys()
-            .map_err(StartError::Config)?;
         let engine = Engine::build(
             &config,
             (&store, &bus),
@@ -188,7 +184,7 @@ impl Dispatcher {
             spawner.threads(),
             (&store, &bus),
             admin_token,
-            (&public_url, inbound_keys),
+            &public_url,
             replicas.as_ref().map(|r| (r.owned(), r.viewed())),
             ready.clone(),
         );
@@ -398,6 +394,8 @@ struct Engine {
     tail: Tail,
     /// What brings paused chains' events back.
     timers: Timers,
+    /// What the providers prove their inbound posts with.
+    inbound_keys: ProviderKeys,
 }
 
 impl Engine {
@@ -472,9 +470,14 @@ impl Engine {
             tail: tail.clone(),
             timers: timers.clone(),
         }));
+        let inbound_keys = config
+            .providers
+            .inbound_keys()
+            .map_err(StartError::Config)?;
         Ok(Self {
             tail,
             timers,
+            inbound_keys,
             metrics,
             records: api_records,
             unsubscribe,
@@ -495,7 +498,7 @@ impl Engine {
         event_threads: usize,
         (store, bus): (&Store, &Arc<dyn Bus>),
         admin_token: AdminToken,
-        (public_url, inbound_keys): (&str, ProviderKeys),
+        public_url: &str,
         replicas: Option<(watch::Receiver<Vec<u16>>, watch::Receiver<ReplicaView>)>,
         ready: Arc<AtomicBool>,
     ) -> ApiState {
@@ -558,7 +561,7 @@ impl Engine {
                 bus.clone(),
                 self.metrics.clone(),
                 public_url,
-                inbound_keys,
+                self.inbound_keys.clone(),
                 limits.max_event_bytes,
             )),
         }

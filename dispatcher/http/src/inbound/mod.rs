@@ -290,6 +290,16 @@ pub struct Inbound {
     max_event_bytes: usize,
 }
 
+/// What became of a POST's records for one account, before the unmatched
+/// ones are kept.
+#[derive(Debug)]
+struct Handled {
+    /// Per record, in order; `None` for those still to be kept.
+    results: Vec<Option<RecordResult>>,
+    /// The records to keep: where they stand, the result, why, the record.
+    unmatched: Vec<(usize, InboundResult, String, Value)>,
+}
+
 /// What the deployment's providers prove their posts with.
 #[derive(Debug, Clone, Default)]
 pub struct ProviderKeys {
@@ -617,6 +627,24 @@ impl Inbound {
         records: Vec<(Value, Parsed)>,
     ) -> Result<Receipt, InboundError> {
         let span = self.store.span();
+        let handled = self
+            .handle(account, provider, records, signed_events::Scope::Account)
+            .await?;
+        let receipt = self.keep(account, provider, handled)?;
+        self.store.flush_span(span).await?;
+        Ok(receipt)
+    }
+
+    /// Matches, applies and publishes each record posted for `account`
+    /// within `scope`: what became of the ones that did, and the others,
+    /// still to be kept ([`Inbound::keep`]).
+    async fn handle(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        records: Vec<(Value, Parsed)>,
+        scope: signed_events::Scope<'_>,
+    ) -> Result<Handled, InboundError> {
         let mut results = Vec::with_capacity(records.len());
         let mut unmatched = Vec::new();
         for (raw, parsed) in records {
@@ -626,14 +654,17 @@ impl Inbound {
                         report.account.as_deref().filter(|a| *a != account.as_str())
                     {
                         let reason = self.sent_by_another(account, sender);
-                        unmatched.push((results.len(), InboundResult::OtherAccount, reason, raw));
+                        // The record is the other account's: this one is
+                        // told what it was, not to whom it went.
+                        let kept = sendgrid::redacted(&raw);
+                        unmatched.push((results.len(), InboundResult::OtherAccount, reason, kept));
                         results.push(None);
                         continue;
                     }
-                    let found = self.find_message(account, &report)?;
-                    if provider == Provider::Sendgrid {
-                        // The recipient's preference holds whether or not
-                        // the message is known.
+                    let found = self
+                        .find_message(account, &report)?
+                        .filter(|m| scope.reaches(m));
+                    if provider == Provider::Sendgrid && scope.notes_unknown(found.as_ref()) {
                         self.note_preference(account, &report, found.as_ref())?;
                     }
                     match found {
@@ -641,7 +672,7 @@ impl Inbound {
                             self.report(account, provider, message, report, raw).await?
                         }
                         None => {
-                            let reason = unknown_message(account, &report);
+                            let reason = scope.unknown_message(account, &report);
                             unmatched.push((
                                 results.len(),
                                 InboundResult::UnknownMessage,
@@ -709,8 +740,23 @@ impl Inbound {
                 .inbound(provider.name(), account.as_str(), InboundResult::Matched);
             results.push(Some(outcome));
         }
-        // Kept only once every event is on the bus: a POST the provider has to
-        // repeat (the bus failed) does not keep them twice.
+        Ok(Handled { results, unmatched })
+    }
+
+    /// Keeps the records `handled` left unmatched, under `account`: the
+    /// receipt of them all. Called once every event of the POST is on the
+    /// bus, so that a POST the provider has to repeat (the bus failed) does
+    /// not keep them twice; durable once the caller flushes.
+    fn keep(
+        &self,
+        account: &AccountKey,
+        provider: Provider,
+        handled: Handled,
+    ) -> Result<Receipt, InboundError> {
+        let Handled {
+            mut results,
+            unmatched,
+        } = handled;
         let kept = unmatched.len();
         for (index, result, reason, record) in unmatched {
             let u = Unmatched {
@@ -738,8 +784,10 @@ impl Inbound {
                 reason: Some(reason),
             });
         }
-        self.store.flush_span(span).await?;
-        let results: Vec<RecordResult> = results.into_iter().flatten().collect();
+        let results: Vec<RecordResult> = results
+            .into_iter()
+            .map(|r| r.expect("every record handled or kept"))
+            .collect();
         Ok(Receipt {
             provider,
             records: results.len(),

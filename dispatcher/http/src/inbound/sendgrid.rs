@@ -91,10 +91,13 @@ fn string_field<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a st
         .filter(|s| !s.is_empty())
 }
 
-/// An id field (a message's, an account's): absent (or null, or empty) is
+/// An id field (`name`, the text of `what`): absent (or null, or empty) is
 /// `None`; any other kind of value than text is refused, naming the field
 /// and the kind.
-fn id_field<'a>(record: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, String> {
+fn id_field<'a>(
+    record: &'a Map<String, Value>,
+    (name, what): (&str, &str),
+) -> Result<Option<&'a str>, String> {
     match record.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.trim()).filter(|s| !s.is_empty())),
@@ -106,12 +109,7 @@ fn id_field<'a>(record: &'a Map<String, Value>, name: &str) -> Result<Option<&'a
                 _ => "an object",
             };
             Err(format!(
-                "`{name}` is {kind} ({other}), not the text of {}",
-                if name == ACCOUNT_ARG {
-                    "an account key"
-                } else {
-                    "a message id"
-                }
+                "`{name}` is {kind} ({other}), not the text of {what}"
             ))
         }
     }
@@ -152,11 +150,12 @@ pub fn parse_record(raw: &Value) -> Parsed {
             ),
         );
     };
-    let ids = id_field(record, "switchboard_message_id").and_then(|ours| {
+    const MESSAGE: &str = "a message id";
+    let ids = id_field(record, ("switchboard_message_id", MESSAGE)).and_then(|ours| {
         Ok((
             ours,
-            id_field(record, "sg_message_id")?,
-            id_field(record, ACCOUNT_ARG)?,
+            id_field(record, ("sg_message_id", MESSAGE))?,
+            id_field(record, (ACCOUNT_ARG, "an account key"))?,
         ))
     });
     let (message_id, sg_message_id, account) = match ids {
@@ -219,6 +218,20 @@ pub fn parse_record(raw: &Value) -> Parsed {
         details,
         cause,
     })
+}
+
+/// What an account is told of another account's record posted to its URL:
+/// what happened and whose it is, not the recipient or the message.
+pub fn redacted(raw: &Value) -> Value {
+    let Value::Object(record) = raw else {
+        return Value::Null;
+    };
+    Value::Object(
+        ["event", "timestamp", "sg_event_id", ACCOUNT_ARG]
+            .into_iter()
+            .filter_map(|k| Some((k.to_string(), record.get(k)?.clone())))
+            .collect(),
+    )
 }
 
 /// What a SendGrid report says of its recipient's preferences, given the

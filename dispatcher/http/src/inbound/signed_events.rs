@@ -7,9 +7,12 @@
 //! This is the proof of the deployment's SendGrid events route
 //! (`/v1/inbound/sendgrid-events`), which takes no URL secret: any account's
 //! records may come in one POST, each routed by the `switchboard_account`
-//! argument `send_email` sets.
+//! argument `send_email` sets. A record moves only messages sent through
+//! the provider whose key signed the POST: another SendGrid account, even
+//! one the deployment also sends through, cannot speak for them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
@@ -17,14 +20,24 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
 use serde_json::Value;
 use switchboard_engine::metrics::InboundResult;
+use switchboard_handlers::records::MessageRecord;
 use switchboard_sdk::AccountKey;
 
-use super::{Inbound, InboundError, Provider, Receipt, RecordResult, sendgrid};
+use super::{
+    Inbound, InboundError, Parsed, Provider, Receipt, RecordResult, Report, sendgrid,
+    unknown_message,
+};
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "x-twilio-email-event-webhook-signature";
 /// The header whose text is signed before the body.
 pub const TIMESTAMP_HEADER: &str = "x-twilio-email-event-webhook-timestamp";
+
+/// How old a signed POST may be: SendGrid tries a failed POST again for up
+/// to 72 hours. Older is a replay.
+pub const MAX_AGE: Duration = Duration::from_secs(72 * 3600 + 3600);
+/// How far ahead of this clock a signed POST's time may be.
+pub const MAX_AHEAD: Duration = Duration::from_secs(300);
 
 /// What every P-256 SubjectPublicKeyInfo holds before its point: the
 /// algorithm (id-ecPublicKey), the curve (prime256v1) and the bit string's
@@ -34,11 +47,12 @@ const P256_SPKI_PREFIX: [u8; 26] = [
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
-/// A Signed Event Webhook's verification key.
+/// A Signed Event Webhook's verification key, of one e-mail provider.
 #[derive(Clone, PartialEq, Eq)]
 pub struct VerificationKey {
-    /// Where it was configured (`providers.email.NAME.event_webhook_key`).
-    pub origin: String,
+    /// The e-mail provider (`[providers.email.NAME]`) whose SendGrid
+    /// account signs with it.
+    pub provider: String,
     /// The public point, uncompressed (65 bytes).
     point: Vec<u8>,
 }
@@ -46,15 +60,16 @@ pub struct VerificationKey {
 impl std::fmt::Debug for VerificationKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerificationKey")
-            .field("origin", &self.origin)
+            .field("provider", &self.provider)
             .finish_non_exhaustive()
     }
 }
 
 impl VerificationKey {
-    /// Reads the key as SendGrid shows it (base64 of its DER; a PEM's
-    /// framing and line breaks are allowed), configured at `origin`.
-    pub fn parse(origin: &str, text: &str) -> Result<Self, String> {
+    /// Reads `provider`'s key as SendGrid shows it (base64 of its DER; a
+    /// PEM's framing and line breaks are allowed).
+    pub fn parse(provider: &str, text: &str) -> Result<Self, String> {
+        let origin = format!("providers.email.{provider}.event_webhook_key");
         let body: String = text
             .lines()
             .map(str::trim)
@@ -68,7 +83,7 @@ impl VerificationKey {
         })?;
         match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
             Some(point) if point.len() == 65 && point[0] == 0x04 => Ok(Self {
-                origin: origin.to_string(),
+                provider: provider.to_string(),
                 point: point.to_vec(),
             }),
             _ => Err(format!(
@@ -79,33 +94,76 @@ impl VerificationKey {
         }
     }
 
-    /// The key of an uncompressed P-256 `point` (65 bytes): for tests, which
-    /// sign with a key pair of their own.
-    pub fn from_point(origin: &str, point: &[u8]) -> Self {
-        Self {
-            origin: origin.to_string(),
-            point: point.to_vec(),
-        }
-    }
-
-    /// The key as SendGrid shows it: base64 of its DER.
-    pub fn to_base64(&self) -> String {
-        BASE64.encode([&P256_SPKI_PREFIX[..], &self.point].concat())
+    /// The key SendGrid would show for the uncompressed P-256 `point`.
+    pub fn shown(point: &[u8]) -> String {
+        BASE64.encode([&P256_SPKI_PREFIX[..], point].concat())
     }
 }
 
-/// Whether `signature` (the header's text) is one of `keys`' over
-/// `timestamp` (the other header's text) followed by `body`.
-pub fn verify(keys: &[VerificationKey], timestamp: &str, body: &[u8], signature: &str) -> bool {
-    let Ok(signature) = BASE64.decode(signature.trim().as_bytes()) else {
-        return false;
-    };
+/// The key of `keys` whose signature `signature` (the header's text) is,
+/// over `timestamp` (the other header's text) followed by `body`.
+pub fn signer<'k>(
+    keys: &'k [VerificationKey],
+    timestamp: &str,
+    body: &[u8],
+    signature: &str,
+) -> Option<&'k VerificationKey> {
+    let signature = BASE64.decode(signature.trim().as_bytes()).ok()?;
     let signed = [timestamp.as_bytes(), body].concat();
-    keys.iter().any(|key| {
+    keys.iter().find(|key| {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point)
             .verify(&signed, &signature)
             .is_ok()
     })
+}
+
+/// Whether a signed `timestamp` (Unix seconds, as text) is within
+/// [`MAX_AGE`] before `now` and [`MAX_AHEAD`] after it.
+fn fresh(timestamp: &str, now: i64) -> bool {
+    timestamp.trim().parse::<i64>().is_ok_and(|t| {
+        t <= now.saturating_add(MAX_AHEAD.as_secs() as i64)
+            && t >= now.saturating_sub(MAX_AGE.as_secs() as i64)
+    })
+}
+
+/// Whose messages a POST's reports may move.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Scope<'a> {
+    /// Posted to the account's own URL: any of its messages, and a report
+    /// on a message it does not know still notes its recipient's
+    /// preference.
+    Account,
+    /// Posted to the deployment's SendGrid route, signed by the key of
+    /// this e-mail provider: only the messages sent through it, and no
+    /// preference from a report on a message it did not send.
+    SignedBy(&'a str),
+}
+
+impl Scope<'_> {
+    /// Whether a report may move `message`.
+    pub(super) fn reaches(self, message: &MessageRecord) -> bool {
+        match self {
+            Scope::Account => true,
+            Scope::SignedBy(provider) => message.provider == provider,
+        }
+    }
+
+    /// Whether a report on `found` (none: not one of ours) notes its
+    /// recipient's preference.
+    pub(super) fn notes_unknown(self, found: Option<&MessageRecord>) -> bool {
+        matches!(self, Scope::Account) || found.is_some()
+    }
+
+    /// Why a report matched no message of `account` in this scope.
+    pub(super) fn unknown_message(self, account: &AccountKey, report: &Report) -> String {
+        let reason = unknown_message(account, report);
+        match self {
+            Scope::Account => reason,
+            Scope::SignedBy(provider) => {
+                format!("{reason} through e-mail provider {provider:?}, whose key signed the post")
+            }
+        }
+    }
 }
 
 impl Inbound {
@@ -118,12 +176,46 @@ impl Inbound {
         )
     }
 
+    /// The provider whose key signed a POST of `headers` and `body`, or why
+    /// none did (what is logged may name the providers; what is answered
+    /// does not).
+    fn signed_by(&self, headers: &HeaderMap, body: &[u8]) -> Result<&str, String> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(signature), Some(timestamp)) =
+            (header(SIGNATURE_HEADER), header(TIMESTAMP_HEADER))
+        else {
+            return Err(
+                "the X-Twilio-Email-Event-Webhook-Signature or -Timestamp header is missing (is \
+                 Signed Event Webhook Requests on in SendGrid?)"
+                    .into(),
+            );
+        };
+        let Some(key) = signer(&self.sendgrid_keys, timestamp, body, signature) else {
+            return Err(
+                "X-Twilio-Email-Event-Webhook-Signature is not a signature of the timestamp \
+                 header and the body by a configured verification key \
+                 (providers.email.*.event_webhook_key)"
+                    .into(),
+            );
+        };
+        if !fresh(timestamp, switchboard_sdk::now().unix_timestamp()) {
+            return Err(format!(
+                "X-Twilio-Email-Event-Webhook-Timestamp {timestamp:?} is not within {} hours \
+                 before now or {} minutes after: a replay, or a clock far off",
+                MAX_AGE.as_secs() / 3600,
+                MAX_AHEAD.as_secs() / 60
+            ));
+        }
+        Ok(&key.provider)
+    }
+
     /// Handles a POST of SendGrid's Signed Event Webhook to
     /// `/v1/inbound/sendgrid-events`: the deployment's route for a SendGrid
     /// account that several accounts send through. The signature is its
     /// proof. Each record goes to the account its `switchboard_account`
-    /// names, as if posted to that account's URL; a record that names none
-    /// is logged and counted, not kept (it is no account's).
+    /// names, as if posted to that account's URL, but moves only messages
+    /// sent through the signing key's provider; a record that names no
+    /// account is logged and counted, not kept (it is no account's).
     pub async fn receive_sendgrid_events(
         &self,
         headers: &HeaderMap,
@@ -138,91 +230,96 @@ impl Inbound {
                     .into(),
             ));
         }
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let refused = match (header(SIGNATURE_HEADER), header(TIMESTAMP_HEADER)) {
-            (Some(signature), Some(timestamp))
-                if verify(&self.sendgrid_keys, timestamp, body, signature) =>
-            {
-                None
+        let signer = match self.signed_by(headers, body) {
+            Ok(provider) => provider,
+            Err(why) => {
+                self.metrics
+                    .inbound_unattributed(PROVIDER, InboundResult::Rejected);
+                tracing::warn!(provider = PROVIDER, reason = %why,
+                    keys = ?self.sendgrid_keys, "SendGrid events refused");
+                return Err(InboundError::Rejected(why));
             }
-            (None, _) => Some(
-                "the X-Twilio-Email-Event-Webhook-Signature header is missing (is Signed Event \
-                 Webhook Requests on in SendGrid?)"
-                    .to_string(),
-            ),
-            (_, None) => {
-                Some("the X-Twilio-Email-Event-Webhook-Timestamp header is missing".to_string())
-            }
-            (Some(_), Some(_)) => Some(format!(
-                "X-Twilio-Email-Event-Webhook-Signature is not a signature of the timestamp \
-                 header and the body by a configured verification key ({})",
-                self.sendgrid_keys
-                    .iter()
-                    .map(|k| k.origin.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
         };
-        if let Some(why) = refused {
-            self.metrics
-                .inbound_unattributed(PROVIDER, InboundResult::Rejected);
-            tracing::warn!(provider = PROVIDER, reason = %why, "SendGrid events refused");
-            return Err(InboundError::Rejected(why));
-        }
         let records = sendgrid::parse(body);
-        let total = records.len();
-        let mut results: Vec<Option<RecordResult>> = vec![None; total];
+        let mut results: Vec<Option<RecordResult>> = vec![None; records.len()];
         // Each account's records, with where they stand in the POST.
         let mut by_account = BTreeMap::<AccountKey, Vec<_>>::new();
         for (index, (raw, parsed)) in records.into_iter().enumerate() {
-            let named = raw
-                .get(sendgrid::ACCOUNT_ARG)
-                .and_then(Value::as_str)
-                .map(str::trim);
-            match named.map(AccountKey::new) {
-                Some(Ok(account)) => by_account
+            let named = match &parsed {
+                Parsed::Report(report) => report.account.as_deref().map(AccountKey::new),
+                // A record that is no report may still say whose it is.
+                _ => raw
+                    .get(sendgrid::ACCOUNT_ARG)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(AccountKey::new),
+            };
+            if let Some(Ok(account)) = named {
+                by_account
                     .entry(account)
                     .or_default()
-                    .push((index, (raw, parsed))),
-                named => {
-                    let reason = match named {
-                        Some(Err(e)) => format!(
-                            "`{}` is not an account key ({e}): the record is no account's",
-                            sendgrid::ACCOUNT_ARG
-                        ),
-                        _ => format!(
-                            "the record names no account (no `{}`): a message Switchboard did \
-                             not send, or sent before it named the account; it is logged, not \
-                             kept",
-                            sendgrid::ACCOUNT_ARG
-                        ),
-                    };
-                    self.metrics
-                        .inbound_unattributed(PROVIDER, InboundResult::NoAccount);
-                    tracing::warn!(provider = PROVIDER, %reason, record = %raw,
-                        "SendGrid event record went to no account");
-                    results[index] = Some(RecordResult {
-                        result: InboundResult::NoAccount.label().to_string(),
-                        account_key: None,
-                        message_id: None,
-                        status: None,
-                        transition: None,
-                        event_id: None,
-                        unmatched_id: None,
-                        reason: Some(reason),
-                    });
-                }
+                    .push((index, (raw, parsed)));
+                continue;
             }
+            let (result, mut reason) = match parsed {
+                Parsed::Unusable { result, reason } => (result, reason),
+                _ => (
+                    InboundResult::NoAccount,
+                    format!(
+                        "the record names no account (no `{}`): a message Switchboard did not \
+                         send, or sent before it named the account",
+                        sendgrid::ACCOUNT_ARG
+                    ),
+                ),
+            };
+            if let Some(Err(e)) = named {
+                reason = format!("`{}` is not an account key ({e})", sendgrid::ACCOUNT_ARG);
+            }
+            reason.push_str("; no account's, it is logged, not kept");
+            self.metrics.inbound_unattributed(PROVIDER, result);
+            tracing::warn!(provider = PROVIDER, result = result.label(), %reason,
+                record = %raw, "SendGrid event record went to no account");
+            results[index] = Some(RecordResult {
+                result: result.label().to_string(),
+                account_key: None,
+                message_id: None,
+                status: None,
+                transition: None,
+                event_id: None,
+                unmatched_id: None,
+                reason: Some(reason),
+            });
         }
+        // Every account's events go on the bus before any account's
+        // unmatched records are kept: a POST SendGrid has to repeat keeps
+        // none twice.
+        let span = self.store.span();
+        let mut handled = Vec::with_capacity(by_account.len());
         for (account, posted) in by_account {
             let (indices, records): (Vec<usize>, Vec<_>) = posted.into_iter().unzip();
-            let receipt = self.apply(&account, Provider::Sendgrid, records).await?;
+            let done = self
+                .handle(
+                    &account,
+                    Provider::Sendgrid,
+                    records,
+                    Scope::SignedBy(signer),
+                )
+                .await?;
+            handled.push((account, indices, done));
+        }
+        for (account, indices, done) in handled {
+            let receipt = self.keep(&account, Provider::Sendgrid, done)?;
             for (index, mut result) in indices.into_iter().zip(receipt.results) {
                 result.account_key = Some(account.to_string());
                 results[index] = Some(result);
             }
         }
-        let results: Vec<RecordResult> = results.into_iter().flatten().collect();
+        self.store.flush_span(span).await?;
+        let results: Vec<RecordResult> = results
+            .into_iter()
+            .map(|r| r.expect("every record routed"))
+            .collect();
         let matched = results
             .iter()
             .filter(|r| r.result == InboundResult::Matched.label())
@@ -255,41 +352,63 @@ mod tests {
     }
 
     #[test]
-    fn a_key_as_sendgrid_shows_it_reads_back_and_verifies_its_signatures() {
+    fn a_key_as_sendgrid_shows_it_reads_back_and_names_what_it_signs() {
         let pair = pair();
-        let shown = VerificationKey::from_point("t", pair.public_key().as_ref()).to_base64();
+        let shown = VerificationKey::shown(pair.public_key().as_ref());
         assert!(
             shown.starts_with("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE"),
             "{shown}"
         );
-        let key = VerificationKey::parse("providers.email.sg.event_webhook_key", &shown).unwrap();
+        let key = VerificationKey::parse("sg", &shown).unwrap();
         let pem = format!(
             "-----BEGIN PUBLIC KEY-----\n{}\n{}\n-----END PUBLIC KEY-----\n",
             &shown[..64],
             &shown[64..]
         );
-        assert_eq!(
-            VerificationKey::parse("pem", &pem).unwrap().point,
-            key.point
-        );
+        assert_eq!(VerificationKey::parse("sg", &pem).unwrap(), key);
 
         let body = br#"[{"event":"delivered"}]"#;
         let signature = sign(&pair, "1763793600", body);
-        let one = std::slice::from_ref(&key);
-        assert!(verify(one, "1763793600", body, &signature));
+        let other = VerificationKey::parse(
+            "other",
+            &VerificationKey::shown(self::pair().public_key().as_ref()),
+        )
+        .unwrap();
+        let both = [other, key];
+        let named = |keys: &[VerificationKey], timestamp: &str, body: &[u8], signature: &str| {
+            signer(keys, timestamp, body, signature).map(|k| k.provider.clone())
+        };
+        assert_eq!(
+            named(&both, "1763793600", body, &signature).as_deref(),
+            Some("sg")
+        );
         // Another timestamp, another body, another key, no signature.
-        assert!(!verify(one, "1763793601", body, &signature));
-        assert!(!verify(one, "1763793600", b"[]", &signature));
-        let other = VerificationKey::from_point("o", self::pair().public_key().as_ref());
-        let both = [other, key.clone()];
-        assert!(!verify(&both[..1], "1763793600", body, &signature));
-        assert!(verify(&both, "1763793600", body, &signature));
-        assert!(!verify(one, "1763793600", body, "not base64!"));
+        assert_eq!(named(&both, "1763793601", body, &signature), None);
+        assert_eq!(named(&both, "1763793600", b"[]", &signature), None);
+        assert_eq!(named(&both[..1], "1763793600", body, &signature), None);
+        assert_eq!(named(&both, "1763793600", body, "not base64!"), None);
+    }
+
+    #[test]
+    fn a_signed_time_too_old_or_too_far_ahead_is_not_fresh() {
+        let now = 1_800_000_000;
+        let age = MAX_AGE.as_secs() as i64;
+        let ahead = MAX_AHEAD.as_secs() as i64;
+        for (t, expected) in [
+            (now.to_string(), true),
+            ((now - age).to_string(), true),
+            ((now - age - 1).to_string(), false),
+            ((now + ahead).to_string(), true),
+            ((now + ahead + 1).to_string(), false),
+            ("soon".to_string(), false),
+        ] {
+            assert_eq!(fresh(&t, now), expected, "{t}");
+        }
     }
 
     #[test]
     fn a_key_that_is_not_p256_says_what_it_is() {
-        let e = VerificationKey::parse("providers.email.sg.event_webhook_key", "%%%").unwrap_err();
+        let e = VerificationKey::parse("sg", "%%%").unwrap_err();
         assert!(
             e.starts_with("providers.email.sg.event_webhook_key: not base64"),
             "{e}"
