@@ -758,11 +758,20 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in.", provid
     );
     let (stranger, _) = sendgrid_signing_key();
     let (status, answer) = post(&route, json_type, &sendgrid_signed(&stranger, &body), &body).await;
+    let message = answer["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert_error(
         &(status, answer),
         403,
         "signature_rejected",
         "not a signature of the timestamp header and the body",
+    );
+    // The answer does not name the deployment's providers.
+    assert!(
+        !message.contains("second") && !message.contains("providers.email.sendgrid"),
+        "{message}"
     );
     let (status, _) = post(&route, json_type, &sendgrid_signed(&pair, "[]"), &body).await;
     assert_eq!(status, 403);
@@ -821,6 +830,28 @@ config = {{ to = "{to}", subject = "Your results", text = "They are in.", provid
     let beta_bob = email_topics(&d, "beta", "bob@example.com").await;
     assert_eq!(beta_bob["all"]["subscribed"], false, "{beta_bob:#}");
     assert_eq!(email_topics(&d, "acme", "bob@example.com").await, json!({}));
+    // A record Switchboard does not read still goes to the account it
+    // names, kept there as unmatched.
+    let mystery = json!([{"event": "mystery", "timestamp": at, "sg_event_id": "m-1",
+        "sg_message_id": "sgm-b.filter1", "switchboard_account": "beta"}])
+    .to_string();
+    let signed = sendgrid_signed(&second_pair, &mystery);
+    let (status, receipt) = post(&route, json_type, &signed, &mystery).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(
+        (
+            &receipt["results"][0]["result"],
+            &receipt["results"][0]["account_key"]
+        ),
+        (&json!("undocumented"), &json!("beta")),
+        "{receipt:#}"
+    );
+    assert!(
+        unmatched(&d, "beta")
+            .await
+            .iter()
+            .any(|u| u["record"]["sg_event_id"] == "m-1")
+    );
     // The record no account sent is logged and counted, without an account.
     assert!(
         d.log().contains("SendGrid event record went to no account"),

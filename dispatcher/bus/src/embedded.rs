@@ -172,17 +172,33 @@ fn millis_of(v: &[u8]) -> u64 {
 
 /// The mark that a queued record carries headers: no subject is this long.
 const WITH_HEADERS: u16 = u16::MAX;
+/// The mark that a queued record carries the time it was queued (records
+/// queued before it was kept have none): no subject is this long either.
+const WITH_TIME: u16 = u16::MAX - 1;
 
-/// A queued record: the subject (its length, a big-endian u16, first),
-/// then the payload. With headers (the W3C trace context), the record
-/// starts with [`WITH_HEADERS`] and their count, each name and value
-/// length-prefixed like the subject, before the subject.
-fn encode(subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(2 + subject.len() + payload.len());
+/// A queued record, read.
+#[derive(Debug, Clone, PartialEq)]
+struct Queued {
+    subject: String,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    /// When it was queued, in ms since the epoch.
+    queued_ms: Option<u64>,
+}
+
+/// A queued record: [`WITH_TIME`] and the time it was queued (a big-endian
+/// u64 of ms), then the subject (its length, a big-endian u16, first), then
+/// the payload. With headers (the W3C trace context), [`WITH_HEADERS`] and
+/// their count, each name and value length-prefixed like the subject, come
+/// before the subject.
+fn encode(queued_ms: u64, subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + subject.len() + payload.len());
     let put = |v: &mut Vec<u8>, s: &[u8]| {
         v.extend_from_slice(&(s.len() as u16).to_be_bytes());
         v.extend_from_slice(s);
     };
+    v.extend_from_slice(&WITH_TIME.to_be_bytes());
+    v.extend_from_slice(&queued_ms.to_be_bytes());
     // (Trace context headers are short: `trace_context` caps them.)
     let headers: Vec<_> = headers
         .iter()
@@ -201,10 +217,10 @@ fn encode(subject: &str, headers: &[(&str, String)], payload: &[u8]) -> Vec<u8> 
     v
 }
 
-/// A queued record's subject, headers and payload. One that cannot be read
-/// is handed on whole under no subject: the executor files it in dead
-/// letters as poison rather than lose it.
-fn decode(record: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
+/// Reads a queued record. One that cannot be read is handed on whole under
+/// no subject: the executor files it in dead letters as poison rather than
+/// lose it.
+fn decode(record: &[u8]) -> Queued {
     fn u16_at(v: &[u8]) -> Option<u16> {
         Some(u16::from_be_bytes([*v.first()?, *v.get(1)?]))
     }
@@ -217,9 +233,14 @@ fn decode(record: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
     let read = || {
         let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
         let mut v = record;
+        let mut queued_ms = None;
+        if u16_at(v)? == WITH_TIME {
+            queued_ms = Some(u64::from_be_bytes(v.get(2..10)?.try_into().ok()?));
+            v = &v[10..];
+        }
         let mut headers = Vec::new();
         if u16_at(v)? == WITH_HEADERS {
-            let count = u16_at(&v[2..])?;
+            let count = u16_at(v.get(2..)?)?;
             v = &v[4..];
             for _ in 0..count {
                 let name = text(take(&mut v)?);
@@ -227,9 +248,19 @@ fn decode(record: &[u8]) -> (String, Vec<(String, String)>, Bytes) {
             }
         }
         let subject = text(take(&mut v)?);
-        Some((subject, headers, Bytes::copy_from_slice(v)))
+        Some(Queued {
+            subject,
+            headers,
+            payload: Bytes::copy_from_slice(v),
+            queued_ms,
+        })
     };
-    read().unwrap_or_else(|| (String::new(), Vec::new(), Bytes::copy_from_slice(record)))
+    read().unwrap_or_else(|| Queued {
+        subject: String::new(),
+        headers: Vec::new(),
+        payload: Bytes::copy_from_slice(record),
+        queued_ms: None,
+    })
 }
 
 #[async_trait::async_trait]
@@ -246,7 +277,12 @@ impl Bus for EmbeddedBus {
         let seq = store.next_id()?;
         // The current span's trace context goes with it, as NATS carries it.
         let trace = switchboard_sdk::trace_context::current_headers();
-        let record = encode(&event.subject(&self.inner.prefix), &trace, &event.to_json());
+        let record = encode(
+            now,
+            &event.subject(&self.inner.prefix),
+            &trace,
+            &event.to_json(),
+        );
         // The id is marked seen and the event queued in one transaction, so a
         // crash can never leave an id seen whose event is not on the queue.
         let fresh =
@@ -304,23 +340,26 @@ impl Bus for EmbeddedBus {
                         .get(Collection::BusQueue, &seq.to_be_bytes())
                         .ok()
                         .flatten()?;
-                    let (subject, headers, payload) = decode(&record);
-                    let account = crate::account_of(&inner.prefix, &subject);
-                    Some(
-                        Delivery::new(
-                            subject,
-                            account,
-                            payload,
-                            attempt,
+                    let queued = decode(&record);
+                    let account = crate::account_of(&inner.prefix, &queued.subject);
+                    let delivery = Delivery::new(
+                        queued.subject,
+                        account,
+                        queued.payload,
+                        attempt,
+                        seq,
+                        Box::new(Acker {
+                            inner,
                             seq,
-                            Box::new(Acker {
-                                inner,
-                                seq,
-                                attempt,
-                            }),
-                        )
-                        .with_headers(headers),
+                            attempt,
+                        }),
                     )
+                    .with_headers(queued.headers);
+                    // What a poison message's dead letter is named by.
+                    Some(match queued.queued_ms {
+                        Some(ms) => delivery.published_at(ms),
+                        None => delivery,
+                    })
                 }
             };
             // First what an earlier process left behind, in order.
@@ -399,15 +438,20 @@ impl Bus for EmbeddedBus {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, encode};
+    use super::{Queued, WITH_HEADERS, decode, encode};
 
     #[test]
-    fn a_queued_record_keeps_its_subject_headers_and_payload() {
+    fn a_queued_record_keeps_its_time_subject_headers_and_payload() {
         let subject = "vumi.events.acme.survey.poll_complete";
-        let plain = encode(subject, &[], b"{}");
+        let plain = encode(1_700_000_000_123, subject, &[], b"{}");
         assert_eq!(
             decode(&plain),
-            (subject.to_string(), Vec::new(), b"{}".as_slice().into())
+            Queued {
+                subject: subject.to_string(),
+                headers: Vec::new(),
+                payload: b"{}".as_slice().into(),
+                queued_ms: Some(1_700_000_000_123),
+            }
         );
         let headers = [
             (
@@ -416,22 +460,101 @@ mod tests {
             ),
             ("tracestate", "vendor=1".to_string()),
         ];
-        let traced = encode(subject, &headers, br#"{"a":1}"#);
-        let (s, h, payload) = decode(&traced);
-        assert_eq!(s, subject);
-        // A record cut short is handed on whole, under no subject.
-        for cut in [1, 3, 10, traced.len() - 40] {
-            let (s, h, payload) = decode(&traced[..cut]);
-            assert_eq!((s.as_str(), h.len()), ("", 0), "cut at {cut}");
-            assert_eq!(&payload[..], &traced[..cut]);
-        }
+        let traced = encode(7, subject, &headers, br#"{"a":1}"#);
+        let read = decode(&traced);
+        assert_eq!(read.subject, subject);
+        assert_eq!(read.queued_ms, Some(7));
         assert_eq!(
-            h,
+            read.headers,
             headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.clone()))
                 .collect::<Vec<_>>()
         );
-        assert_eq!(&payload[..], br#"{"a":1}"#);
+        assert_eq!(&read.payload[..], br#"{"a":1}"#);
+        // A record cut short is handed on whole, under no subject.
+        for cut in [1, 3, 10, 13, traced.len() - 40] {
+            let read = decode(&traced[..cut]);
+            assert_eq!(
+                (read.subject.as_str(), read.headers.len()),
+                ("", 0),
+                "cut at {cut}"
+            );
+            assert_eq!(&read.payload[..], &traced[..cut]);
+        }
+    }
+
+    /// A delivery carries the time its message was queued, the same when
+    /// a later process delivers it again: what names a poison message's
+    /// dead letter, so that its redelivery replaces the letter.
+    #[tokio::test]
+    async fn a_message_delivered_again_after_a_restart_keeps_its_queued_time() {
+        use switchboard_engine::bus::Bus as _;
+        use switchboard_sdk::{
+            AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let event = VumiApiEvent::new(
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new("c1").unwrap(),
+            ConversationType::new("survey").unwrap(),
+            EventType::new("signed_up").unwrap(),
+            Default::default(),
+        );
+        let delivered = || async {
+            // The last process's tasks let go of the store as they stop.
+            let mut tries = 0;
+            let store = loop {
+                match switchboard_store::Store::open(dir.path()) {
+                    Ok(store) => break store,
+                    Err(_) if tries < 100 => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("opening the store again: {e}"),
+                }
+            };
+            let bus = super::EmbeddedBus::open(store, "vumi.events").unwrap();
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            (bus, (stop, stopped))
+        };
+        let before = super::now_millis();
+        let (bus, (stop, stopped)) = delivered().await;
+        bus.publish_as(&event, &event.id.to_string()).await.unwrap();
+        let mut deliveries = bus.consume(4, stopped).await.unwrap();
+        let first = deliveries.recv().await.expect("a delivery");
+        let queued = first.published_ms.expect("the time it was queued");
+        assert!((before..=super::now_millis()).contains(&queued), "{queued}");
+        // Not acked: the next process delivers it again.
+        let seq = first.seq;
+        drop((first, deliveries, bus, stop));
+        let (bus, (_stop, stopped)) = delivered().await;
+        let mut deliveries = bus.consume(4, stopped).await.unwrap();
+        let again = deliveries.recv().await.expect("delivered again");
+        assert_eq!((again.seq, again.published_ms), (seq, Some(queued)));
+    }
+
+    /// Records queued before their time was kept read as they did.
+    #[test]
+    fn a_record_queued_without_its_time_reads_as_before() {
+        let subject = "vumi.events.acme.survey.poll_complete";
+        let mut old = (subject.len() as u16).to_be_bytes().to_vec();
+        old.extend_from_slice(subject.as_bytes());
+        old.extend_from_slice(b"{}");
+        let read = decode(&old);
+        assert_eq!(
+            (read.subject.as_str(), &read.payload[..], read.queued_ms),
+            (subject, &b"{}"[..], None)
+        );
+        let mut traced = WITH_HEADERS.to_be_bytes().to_vec();
+        traced.extend_from_slice(&1u16.to_be_bytes());
+        for s in ["traceparent", "00-x-01", subject] {
+            traced.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            traced.extend_from_slice(s.as_bytes());
+        }
+        let read = decode(&traced);
+        assert_eq!(read.subject, subject);
+        assert_eq!(read.headers, [("traceparent".into(), "00-x-01".into())]);
+        assert_eq!(read.queued_ms, None);
     }
 }

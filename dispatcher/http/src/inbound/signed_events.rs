@@ -100,21 +100,27 @@ impl VerificationKey {
     }
 }
 
-/// The key of `keys` whose signature `signature` (the header's text) is,
-/// over `timestamp` (the other header's text) followed by `body`.
-pub fn signer<'k>(
+/// The providers of `keys` whose key `signature` (the header's text) is a
+/// signature by, over `timestamp` (the other header's text) followed by
+/// `body`: one SendGrid account may be the provider of several entries.
+pub fn signers<'k>(
     keys: &'k [VerificationKey],
     timestamp: &str,
     body: &[u8],
     signature: &str,
-) -> Option<&'k VerificationKey> {
-    let signature = BASE64.decode(signature.trim().as_bytes()).ok()?;
+) -> Vec<&'k str> {
+    let Ok(signature) = BASE64.decode(signature.trim().as_bytes()) else {
+        return Vec::new();
+    };
     let signed = [timestamp.as_bytes(), body].concat();
-    keys.iter().find(|key| {
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point)
-            .verify(&signed, &signature)
-            .is_ok()
-    })
+    keys.iter()
+        .filter(|key| {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point)
+                .verify(&signed, &signature)
+                .is_ok()
+        })
+        .map(|key| key.provider.as_str())
+        .collect()
 }
 
 /// Whether a signed `timestamp` (Unix seconds, as text) is within
@@ -134,9 +140,10 @@ pub(super) enum Scope<'a> {
     /// preference.
     Account,
     /// Posted to the deployment's SendGrid route, signed by the key of
-    /// this e-mail provider: only the messages sent through it, and no
-    /// preference from a report on a message it did not send.
-    SignedBy(&'a str),
+    /// these e-mail providers (one SendGrid account): only the messages
+    /// sent through them, and no preference from a report on a message
+    /// they did not send.
+    SignedBy(&'a [&'a str]),
 }
 
 impl Scope<'_> {
@@ -144,7 +151,7 @@ impl Scope<'_> {
     pub(super) fn reaches(self, message: &MessageRecord) -> bool {
         match self {
             Scope::Account => true,
-            Scope::SignedBy(provider) => message.provider == provider,
+            Scope::SignedBy(providers) => providers.contains(&message.provider.as_str()),
         }
     }
 
@@ -159,9 +166,14 @@ impl Scope<'_> {
         let reason = unknown_message(account, report);
         match self {
             Scope::Account => reason,
-            Scope::SignedBy(provider) => {
-                format!("{reason} through e-mail provider {provider:?}, whose key signed the post")
-            }
+            Scope::SignedBy(providers) => format!(
+                "{reason} through e-mail provider {}, whose key signed the post",
+                providers
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
         }
     }
 }
@@ -176,10 +188,10 @@ impl Inbound {
         )
     }
 
-    /// The provider whose key signed a POST of `headers` and `body`, or why
-    /// none did (what is logged may name the providers; what is answered
-    /// does not).
-    fn signed_by(&self, headers: &HeaderMap, body: &[u8]) -> Result<&str, String> {
+    /// The providers whose key signed a POST of `headers` and `body`, or
+    /// why none did (what is logged may name the providers; what is
+    /// answered does not).
+    fn signed_by(&self, headers: &HeaderMap, body: &[u8]) -> Result<Vec<&str>, String> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let (Some(signature), Some(timestamp)) =
             (header(SIGNATURE_HEADER), header(TIMESTAMP_HEADER))
@@ -190,14 +202,15 @@ impl Inbound {
                     .into(),
             );
         };
-        let Some(key) = signer(&self.sendgrid_keys, timestamp, body, signature) else {
+        let providers = signers(&self.sendgrid_keys, timestamp, body, signature);
+        if providers.is_empty() {
             return Err(
                 "X-Twilio-Email-Event-Webhook-Signature is not a signature of the timestamp \
                  header and the body by a configured verification key \
                  (providers.email.*.event_webhook_key)"
                     .into(),
             );
-        };
+        }
         if !fresh(timestamp, switchboard_sdk::now().unix_timestamp()) {
             return Err(format!(
                 "X-Twilio-Email-Event-Webhook-Timestamp {timestamp:?} is not within {} hours \
@@ -206,7 +219,7 @@ impl Inbound {
                 MAX_AHEAD.as_secs() / 60
             ));
         }
-        Ok(&key.provider)
+        Ok(providers)
     }
 
     /// Handles a POST of SendGrid's Signed Event Webhook to
@@ -230,8 +243,8 @@ impl Inbound {
                     .into(),
             ));
         }
-        let signer = match self.signed_by(headers, body) {
-            Ok(provider) => provider,
+        let signers = match self.signed_by(headers, body) {
+            Ok(providers) => providers,
             Err(why) => {
                 self.metrics
                     .inbound_unattributed(PROVIDER, InboundResult::Rejected);
@@ -274,7 +287,11 @@ impl Inbound {
                 ),
             };
             if let Some(Err(e)) = named {
-                reason = format!("`{}` is not an account key ({e})", sendgrid::ACCOUNT_ARG);
+                let why = format!("`{}` is not an account key ({e})", sendgrid::ACCOUNT_ARG);
+                reason = match result {
+                    InboundResult::NoAccount => why,
+                    _ => format!("{reason}; {why}"),
+                };
             }
             reason.push_str("; no account's, it is logged, not kept");
             self.metrics.inbound_unattributed(PROVIDER, result);
@@ -303,7 +320,7 @@ impl Inbound {
                     &account,
                     Provider::Sendgrid,
                     records,
-                    Scope::SignedBy(signer),
+                    Scope::SignedBy(&signers),
                 )
                 .await?;
             handled.push((account, indices, done));
@@ -376,17 +393,23 @@ mod tests {
         .unwrap();
         let both = [other, key];
         let named = |keys: &[VerificationKey], timestamp: &str, body: &[u8], signature: &str| {
-            signer(keys, timestamp, body, signature).map(|k| k.provider.clone())
+            signers(keys, timestamp, body, signature).join(",")
         };
-        assert_eq!(
-            named(&both, "1763793600", body, &signature).as_deref(),
-            Some("sg")
-        );
+        assert_eq!(named(&both, "1763793600", body, &signature), "sg");
         // Another timestamp, another body, another key, no signature.
-        assert_eq!(named(&both, "1763793601", body, &signature), None);
-        assert_eq!(named(&both, "1763793600", b"[]", &signature), None);
-        assert_eq!(named(&both[..1], "1763793600", body, &signature), None);
-        assert_eq!(named(&both, "1763793600", body, "not base64!"), None);
+        assert_eq!(named(&both, "1763793601", body, &signature), "");
+        assert_eq!(named(&both, "1763793600", b"[]", &signature), "");
+        assert_eq!(named(&both[..1], "1763793600", body, &signature), "");
+        assert_eq!(named(&both, "1763793600", body, "not base64!"), "");
+        // One SendGrid account behind two providers: both are its.
+        let twice = [
+            both[1].clone(),
+            VerificationKey::parse("sg-marketing", &shown).unwrap(),
+        ];
+        assert_eq!(
+            named(&twice, "1763793600", body, &signature),
+            "sg,sg-marketing"
+        );
     }
 
     #[test]
