@@ -270,6 +270,62 @@ async fn events_published_while_the_dispatcher_is_down_are_handled_when_it_is_ba
     check_poll_lineage(&d, "acme", &e.id.to_string(), "+27820000008").await;
 }
 
+/// The dispatcher's consumer deleted under it (an operator's `nats
+/// consumer rm`, a stream made again): it makes the consumer again and goes
+/// on consuming, instead of answering while it handles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let first = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "c-before",
+        json!({"msisdn": "+27820000011", "score": 4}),
+    );
+    let id = d.post_event(&serde_json::to_value(&first).unwrap()).await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream");
+    assert!(
+        stream
+            .delete_consumer("switchboard")
+            .await
+            .expect("the consumer deleted")
+            .success
+    );
+    let after = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "c-after",
+        json!({"msisdn": "+27820000012", "score": 5}),
+    );
+    let id = d.post_event(&serde_json::to_value(&after).unwrap()).await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+    assert!(
+        d.log()
+            .contains("the pull of the events ended; starting it again"),
+        "{}",
+        d.log()
+    );
+}
+
 /// A step that runs longer than the ack wait is not redelivered meanwhile
 /// (the dispatcher reports progress), and a dead letter is also published to
 /// the `VUMI_DEAD_LETTERS` stream, where alerting can pick it up.

@@ -641,3 +641,91 @@ config = { template = "long", context = { text = "{{ event.event_data.text }}" }
     let (_, list) = d.get("/v1/accounts/acme/messages").await;
     assert_eq!(list["messages"], json!([]), "{list:#}");
 }
+
+/// A scheduled e-mail goes to the address it was recorded for, the one
+/// its opt-out check and unsubscribe link are about, even when the
+/// contact's address changed before it fell due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_email_goes_to_the_address_it_was_recorded_for() {
+    use crate::peers::SmtpSink;
+    use crate::util::{TIMEOUT, wait_until};
+
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+            smtp.port()
+        ),
+    );
+    let file = d.file(
+        "note.toml",
+        "slug = \"note\"\nchannel = \"email\"\nsubject = \"A note\"\ntext = \"Hi {{ recipient.name }}.\"\n",
+    );
+    d.cli(&[
+        "templates",
+        "put",
+        "acme",
+        "note",
+        file.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "contact"
+event_type = "contact"
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "+27820000031", name = "Ann", email = "{{ event.event_data.email }}" }
+
+[[chains]]
+name = "later"
+event_type = "later"
+[[chains.steps]]
+handler = "send_email"
+config = { template = "note", recipients = ["+27820000031"], scheduled_at = "{{ event.event_data.at }}" }
+"#,
+    )
+    .await;
+    let post = |event_type: &str, data: Value| {
+        let d = &d;
+        let body = json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "web", "event_type": event_type, "event_data": data});
+        async move {
+            let id = d.post_event(&body).await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+    let contact = post("contact", json!({"email": "old@example.org"})).await;
+    assert_eq!(contact["status"], "done", "{contact:#}");
+    let due = time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3);
+    let at = due
+        .replace_nanosecond(0)
+        .expect("a whole second")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let later = post("later", json!({"at": at})).await;
+    assert_eq!(later["status"], "waiting", "{later:#}");
+    let moved = post("contact", json!({"email": "new@example.org"})).await;
+    assert_eq!(moved["status"], "done", "{moved:#}");
+    assert!(
+        time::OffsetDateTime::now_utc() < due,
+        "the e-mail fell due before the address changed: the test proves too little"
+    );
+    let mails = wait_until("the scheduled e-mail", TIMEOUT, || async {
+        let m = smtp.messages();
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(mails.len(), 1, "{mails:#?}");
+    assert_eq!(
+        mails[0]["rcpt_tos"],
+        json!(["old@example.org"]),
+        "{mails:#?}"
+    );
+}

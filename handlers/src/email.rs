@@ -323,7 +323,7 @@ impl Handler for SendEmail {
                             input,
                             i,
                             Channel::Email,
-                            recipient.clone(),
+                            recipient,
                             text.clone(),
                             Some(subject.clone()),
                             provider.clone(),
@@ -346,7 +346,12 @@ impl Handler for SendEmail {
             let record = if record.unsent() {
                 let email = Email {
                     from: from.clone(),
-                    to: recipient,
+                    // The address the message was first recorded for, which
+                    // the opt-out check and the unsubscribe link are about:
+                    // run again (a retry, a scheduled send falling due, a
+                    // replay) after the contact's address changed, it does
+                    // not go to the new address unchecked.
+                    to: record.recipient.clone(),
                     subject,
                     text,
                     html: rendered.html,

@@ -8,6 +8,7 @@
 //! acked message may come back, which at-least-once allows and the derived ids
 //! of emitted events make harmless.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -307,11 +308,15 @@ impl Bus for EmbeddedBus {
             ],
         )?;
         // A duplicate is acknowledged only once the first publish is durable too.
-        store.flush().await?;
+        let flushed = store.flush().await;
         if queued {
+            // Queued, whether or not the flush held: the caller, told it
+            // failed, publishes again and finds a duplicate, so this is
+            // the one delivery it gets until a restart.
             self.inner.queued.fetch_add(1, Ordering::Relaxed);
             let _ = self.inner.notices.send(Notice::New(seq));
         }
+        flushed?;
         Ok(Published { duplicate: !queued })
     }
 
@@ -338,6 +343,9 @@ impl Bus for EmbeddedBus {
                     let record = inner
                         .store
                         .get(Collection::BusQueue, &seq.to_be_bytes())
+                        .inspect_err(|e| {
+                            tracing::error!(seq, error = %e, "reading a queued event failed; it is delivered at the next start");
+                        })
                         .ok()
                         .flatten()?;
                     let queued = decode(&record);
@@ -362,7 +370,11 @@ impl Bus for EmbeddedBus {
                     })
                 }
             };
-            // First what an earlier process left behind, in order.
+            // First what an earlier process left behind, in order. What
+            // this process publishes meanwhile waits for it; what comes back
+            // after a nak does not: a retry is not held back for the length
+            // of the backlog.
+            let mut published = VecDeque::new();
             let mut next = 0u64;
             while next < inner.first_new {
                 // What is still in the queue at a stop is delivered again at
@@ -391,11 +403,31 @@ impl Bus for EmbeddedBus {
                     if seq >= inner.first_new {
                         break;
                     }
+                    while let Ok(notice) = notices.try_recv() {
+                        match notice {
+                            Notice::Again { seq, attempt } => {
+                                if let Some(d) = deliver(seq, attempt).await
+                                    && tx.send(d).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Notice::New(seq) => published.push_back(seq),
+                        }
+                    }
                     if let Some(d) = deliver(seq, 1).await
                         && tx.send(d).await.is_err()
                     {
                         return;
                     }
+                }
+            }
+            for seq in published {
+                if seq >= inner.first_new
+                    && let Some(d) = deliver(seq, 1).await
+                    && tx.send(d).await.is_err()
+                {
+                    return;
                 }
             }
             // Then what this process publishes, and what comes back after a nak.
@@ -484,42 +516,52 @@ mod tests {
         }
     }
 
+    use switchboard_engine::bus::Bus as _;
+    use tokio::sync::watch;
+
+    fn event(conversation: &str) -> switchboard_sdk::VumiApiEvent {
+        use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType};
+        switchboard_sdk::VumiApiEvent::new(
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new(conversation).unwrap(),
+            ConversationType::new("survey").unwrap(),
+            EventType::new("signed_up").unwrap(),
+            Default::default(),
+        )
+    }
+
+    /// A process's bus over the store in `dir`, and what stops its
+    /// consumer; once the last process's tasks let go of the store.
+    async fn process(
+        dir: &std::path::Path,
+    ) -> (
+        super::EmbeddedBus,
+        (watch::Sender<bool>, watch::Receiver<bool>),
+    ) {
+        let mut tries = 0;
+        let store = loop {
+            match switchboard_store::Store::open(dir) {
+                Ok(store) => break store,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("opening the store again: {e}"),
+            }
+        };
+        let bus = super::EmbeddedBus::open(store, "vumi.events").unwrap();
+        (bus, watch::channel(false))
+    }
+
     /// A delivery carries the time its message was queued, the same when
     /// a later process delivers it again: what names a poison message's
     /// dead letter, so that its redelivery replaces the letter.
     #[tokio::test]
     async fn a_message_delivered_again_after_a_restart_keeps_its_queued_time() {
-        use switchboard_engine::bus::Bus as _;
-        use switchboard_sdk::{
-            AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent,
-        };
         let dir = tempfile::tempdir().unwrap();
-        let event = VumiApiEvent::new(
-            AccountKey::new("acme").unwrap(),
-            ConversationKey::new("c1").unwrap(),
-            ConversationType::new("survey").unwrap(),
-            EventType::new("signed_up").unwrap(),
-            Default::default(),
-        );
-        let delivered = || async {
-            // The last process's tasks let go of the store as they stop.
-            let mut tries = 0;
-            let store = loop {
-                match switchboard_store::Store::open(dir.path()) {
-                    Ok(store) => break store,
-                    Err(_) if tries < 100 => {
-                        tries += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                    Err(e) => panic!("opening the store again: {e}"),
-                }
-            };
-            let bus = super::EmbeddedBus::open(store, "vumi.events").unwrap();
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            (bus, (stop, stopped))
-        };
+        let event = event("c1");
         let before = super::now_millis();
-        let (bus, (stop, stopped)) = delivered().await;
+        let (bus, (stop, stopped)) = process(dir.path()).await;
         bus.publish_as(&event, &event.id.to_string()).await.unwrap();
         let mut deliveries = bus.consume(4, stopped).await.unwrap();
         let first = deliveries.recv().await.expect("a delivery");
@@ -528,10 +570,40 @@ mod tests {
         // Not acked: the next process delivers it again.
         let seq = first.seq;
         drop((first, deliveries, bus, stop));
-        let (bus, (_stop, stopped)) = delivered().await;
+        let (bus, (_stop, stopped)) = process(dir.path()).await;
         let mut deliveries = bus.consume(4, stopped).await.unwrap();
         let again = deliveries.recv().await.expect("delivered again");
         assert_eq!((again.seq, again.published_ms), (seq, Some(queued)));
+    }
+
+    /// While a process works through what an earlier one left queued, a
+    /// delivery it nakked comes back when due, not after the whole backlog.
+    #[tokio::test]
+    async fn a_retry_comes_back_while_the_backlog_of_an_earlier_process_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, (stop, _)) = process(dir.path()).await;
+        for n in 0..6 {
+            let e = event(&format!("c{n}"));
+            bus.publish_as(&e, &e.id.to_string()).await.unwrap();
+        }
+        drop((bus, stop));
+        let (bus, (_stop, stopped)) = process(dir.path()).await;
+        let mut deliveries = bus.consume(1, stopped).await.unwrap();
+        let first = deliveries.recv().await.expect("the backlog's first");
+        let retried = first.seq;
+        first.nak(std::time::Duration::ZERO).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let d = deliveries.recv().await.expect("a delivery");
+            order.push((d.seq, d.attempt));
+            d.ack().await.unwrap();
+        }
+        let at = order
+            .iter()
+            .position(|&(seq, attempt)| (seq, attempt) == (retried, 2))
+            .unwrap_or_else(|| panic!("the retry never came: {order:?}"));
+        assert!(at < 5, "the retry came after the whole backlog: {order:?}");
     }
 
     /// Records queued before their time was kept read as they did.

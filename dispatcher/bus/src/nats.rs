@@ -599,18 +599,16 @@ impl Bus for NatsBus {
             return self.consume_partitions(partitions, capacity, stop).await;
         }
         let stream = self.events_stream().await?;
+        let config = pull::Config {
+            durable_name: Some(CONSUMER.to_string()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            filter_subject: format!("{}.events.>", self.prefix),
+            ..Default::default()
+        };
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                pull::Config {
-                    durable_name: Some(CONSUMER.to_string()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    max_ack_pending: self.max_ack_pending,
-                    filter_subject: format!("{}.events.>", self.prefix),
-                    ..Default::default()
-                },
-            )
+            .get_or_create_consumer(CONSUMER, config.clone())
             .await
             .map_err(|e| BusError::Unavailable(format!("creating consumer {CONSUMER}: {e}")))?;
         let batch = capacity.clamp(1, 1024);
@@ -630,11 +628,12 @@ impl Bus for NatsBus {
             batch,
         };
         let pull_stopped = self.pull_stopped.clone();
+        let js = self.js.clone();
         tokio::spawn(async move {
             // Marks the time the pull ends, on every way out, after the
             // stream (and its subscription) is gone.
             let _ended = PullEnded(pull_stopped);
-            pull_single(messages, sink, stop).await;
+            pull_single((js, stream, config), messages, sink, stop).await;
         });
         Ok(rx)
     }

@@ -277,30 +277,82 @@ pub(super) async fn send_all(sink: &Sink, deliveries: impl IntoIterator<Item = D
     }
 }
 
-/// Pulls the single consumer into the sink until `stop` turns true; then
-/// hands over what the client already pulled, so that it goes back to the
-/// bus now and in order, instead of waiting out the ack wait.
+/// Pulls the single consumer (`config` on `stream`) into the sink until
+/// `stop` turns true, starting the pull again when it ends early (a deleted
+/// consumer, a stream made again): a dispatcher that stopped consuming
+/// while it went on answering would hold every event back unseen.
 pub(super) async fn pull_single(
+    (js, stream, config): (jetstream::Context, jetstream::stream::Stream, pull::Config),
     mut messages: Messages,
     sink: Sink,
     mut stop: watch::Receiver<bool>,
 ) {
+    while pull_single_once(messages, &sink, &mut stop).await {
+        tracing::warn!("the pull of the events ended; starting it again");
+        messages = loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(200)) => {}
+            }
+            if sink.tx.is_closed() {
+                return;
+            }
+            // The pull may have ended because its consumer was deleted.
+            let started = match stream
+                .get_or_create_consumer(crate::nats::CONSUMER, config.clone())
+                .await
+            {
+                Ok(consumer) => {
+                    let info = consumer.cached_info();
+                    Puller::start(
+                        &js,
+                        &info.stream_name,
+                        &info.name,
+                        pull_settings(sink.batch, None),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("creating consumer {}: {e}", crate::nats::CONSUMER)),
+            };
+            match started {
+                Ok(messages) => break messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pulling the events again failed; trying again")
+                }
+            }
+        };
+    }
+}
+
+/// Pulls until `stop` turns true, then hands over what the client already
+/// pulled, so that it goes back to the bus now and in order, instead of
+/// waiting out the ack wait; whether the pull ended of itself first (and
+/// may be started again).
+async fn pull_single_once(
+    mut messages: Messages,
+    sink: &Sink,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
     loop {
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
             next = messages.next() => next,
         };
-        let Some(next) = next else { return };
+        let Some(next) = next else {
+            return !sink.tx.is_closed();
+        };
         if let Some((delivery, _, _)) = delivery_of(next, &sink.prefix, None)
             && let Err(unsent) = sink.tx.send(delivery).await
         {
             let _ = unsent.0.nak(Duration::ZERO).await;
-            return;
+            return false;
         }
     }
-    let drained = drain(&mut messages, &sink, None).await;
-    send_all(&sink, drained.into_iter().map(|(d, _, _)| d)).await;
+    let drained = drain(&mut messages, sink, None).await;
+    send_all(sink, drained.into_iter().map(|(d, _, _)| d)).await;
+    false
 }
 
 /// What a stopped pull has taken but not handed on: what its live requests
