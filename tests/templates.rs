@@ -729,3 +729,108 @@ config = { template = "note", recipients = ["+27820000031"], scheduled_at = "{{ 
         "{mails:#?}"
     );
 }
+
+/// A scheduled message cancelled before its time, by the account or by
+/// its chain's `cancel_on`, gives its template's idempotency key back: the
+/// next message with the key goes, instead of being skipped for the rest
+/// of the window as if it had been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_scheduled_message_gives_its_idempotency_key_back() {
+    use crate::peers::SmtpSink;
+    use crate::util::{TIMEOUT, wait_until};
+
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+            smtp.port()
+        ),
+    );
+    let file = d.file(
+        "code.toml",
+        "slug = \"code\"\nchannel = \"email\"\nsubject = \"Your code\"\ntext = \"1234\"\nidempotency = \"{{ template }}:{{ recipient.email }}\"\n",
+    );
+    d.cli(&[
+        "templates",
+        "put",
+        "acme",
+        "code",
+        file.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "later"
+event_type = "later"
+cancel_on = { event_type = "stop" }
+[[chains.steps]]
+handler = "send_email"
+config = { template = "code", recipients = [{ email = "{{ event.event_data.email }}" }], scheduled_at = "{{ event.event_data.at }}" }
+
+[[chains]]
+name = "now"
+event_type = "now"
+[[chains.steps]]
+handler = "send_email"
+config = { template = "code", recipients = [{ email = "{{ event.event_data.email }}" }] }
+"#,
+    )
+    .await;
+    let post = |event_type: &str, conversation: &str, data: Value| {
+        let d = &d;
+        let body = json!({"account_key": "acme", "conversation_key": conversation,
+            "conversation_type": "web", "event_type": event_type, "event_data": data});
+        async move {
+            let id = d.post_event(&body).await;
+            (id.clone(), d.wait_for_trace("acme", &id, TIMEOUT).await)
+        }
+    };
+    let at = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600))
+        .replace_nanosecond(0)
+        .expect("a whole second")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let status_now = |email: &'static str| {
+        let post = &post;
+        async move {
+            let (_, trace) = post("now", &email.replace('@', "_"), json!({"email": email})).await;
+            assert_eq!(trace["status"], "done", "{trace:#}");
+            trace["chains"][0]["steps"][0]["output"]["messages"][0]["status"].clone()
+        }
+    };
+
+    // Cancelled by the account.
+    let (_, trace) = post("later", "c-a", json!({"email": "a@example.org", "at": at})).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let id = trace["chains"][0]["steps"][0]["output"]["message_id"]
+        .as_str()
+        .expect("a message id")
+        .to_string();
+    let cancelled = d.cli(&["messages", "cancel", "acme", &id]).await;
+    assert!(
+        cancelled.ok().contains("cancelled message"),
+        "{cancelled:?}"
+    );
+    assert_eq!(status_now("a@example.org").await, "sent");
+
+    // Cancelled by the chain's cancel_on.
+    let (later, trace) = post("later", "c-b", json!({"email": "b@example.org", "at": at})).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    post("stop", "c-b", json!({})).await;
+    wait_until("the cancel_on", TIMEOUT, || async {
+        d.trace("acme", &later)
+            .await
+            .filter(|t| t["status"] == "cancelled")
+    })
+    .await;
+    assert_eq!(status_now("b@example.org").await, "sent");
+
+    // A key still held by a message that went is kept.
+    assert_eq!(status_now("a@example.org").await, "skipped");
+}

@@ -524,6 +524,7 @@ impl Engine {
             prefix: config.bus.subject_prefix.clone(),
             contacts: self.records.contacts.clone(),
             messages: self.records.messages.clone(),
+            idempotency: self.records.idempotency.clone(),
             secrets: self.records.secrets.clone(),
             preferences: self.records.preferences.clone(),
             inbox: self.records.inbox.clone(),

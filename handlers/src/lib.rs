@@ -48,6 +48,7 @@ pub use script::{
     ScriptStoreError,
 };
 pub use template::{EventValue, Scope, Templates};
+pub use templated::release_recorded;
 
 /// What the side-effecting built-in handlers need from the deployment.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use switchboard_sdk::AccountKey;
 use time::OffsetDateTime;
 
 use crate::options::{OptionSpec, rendered_string};
-use crate::records::{MessageRecord, MessageStatus, Messages, RecordError};
+use crate::records::{IdempotencyKeys, MessageRecord, MessageStatus, Messages, RecordError};
 use crate::{Pause, StepError, StepOutput};
 
 /// The option's name.
@@ -120,7 +120,7 @@ pub(crate) fn simulated(mut output: StepOutput, at: Option<OffsetDateTime>) -> S
 /// cancelled (its chain's `cancel_on`), by the `messages` of the `output`
 /// it paused with.
 pub(crate) fn cancel_held(
-    messages: &dyn Messages,
+    (messages, idempotency): (&dyn Messages, &dyn IdempotencyKeys),
     account: &AccountKey,
     output: &Map<String, Value>,
     cause: &str,
@@ -133,13 +133,16 @@ pub(crate) fn cancel_held(
         .filter(|m| m["status"] == MessageStatus::Scheduled.as_str())
         .filter_map(|m| m["message_id"].as_str());
     for id in ids {
-        messages.transition_from(
+        let cancelled = messages.transition_from(
             account,
             id,
             MessageStatus::Scheduled,
             MessageStatus::Cancelled,
             cause,
         )?;
+        if let Some((record, true)) = cancelled {
+            crate::templated::release_recorded(idempotency, &record);
+        }
     }
     Ok(())
 }

@@ -478,7 +478,12 @@ impl Handler for SendSms {
         output: &Map<String, Value>,
         cause: &str,
     ) -> Result<(), RecordError> {
-        scheduled::cancel_held(self.messages.as_ref(), account, output, cause)
+        scheduled::cancel_held(
+            (self.messages.as_ref(), self.templated.idempotency.as_ref()),
+            account,
+            output,
+            cause,
+        )
     }
 
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {

@@ -85,6 +85,25 @@ impl TemplateUse {
 /// template's slug): across the account's chains and steps.
 const KEY_SCOPE: &str = "~template";
 
+/// Gives back the template idempotency key a message `record` claimed,
+/// now that it will never go (it was cancelled before its time), so that
+/// another message may be sent with the key within the window.
+pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecord) {
+    let (Some(template), Some(hashed)) = (&record.template, &record.idempotency_key) else {
+        return;
+    };
+    if let Err(e) = idempotency.release_hashed(
+        &record.account_key,
+        KEY_SCOPE,
+        &template.slug,
+        hashed,
+        &record.id,
+    ) {
+        tracing::warn!(account = %record.account_key, template = template.slug, message_id = record.id,
+            error = %e, "giving a cancelled message's idempotency key back failed; the key holds until its window ends");
+    }
+}
+
 /// One recipient's message.
 #[derive(Debug)]
 pub(crate) enum Outgoing {

@@ -98,6 +98,9 @@ pub struct ApiState {
     pub contacts: Arc<dyn Contacts>,
     /// Message records of every account.
     pub messages: Arc<dyn Messages>,
+    /// Where templates' idempotency keys are claimed: a cancelled message
+    /// gives its key back.
+    pub idempotency: Arc<dyn switchboard_handlers::records::IdempotencyKeys>,
     /// Secrets of every account (write-only).
     pub secrets: Arc<dyn Secrets>,
     /// Preferences of every account.

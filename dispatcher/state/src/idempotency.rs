@@ -19,19 +19,59 @@ pub struct StoredIdempotencyKeys {
 }
 
 fn idempotency_key(account: &AccountKey, chain: &str, step: &str, rendered: &str) -> Vec<u8> {
-    let hash = Sha256::digest(rendered.as_bytes());
+    hashed_key(account, chain, step, &Sha256::digest(rendered.as_bytes()))
+}
+
+/// The store key of a key whose SHA-256 is `hash`.
+fn hashed_key(account: &AccountKey, chain: &str, step: &str, hash: &[u8]) -> Vec<u8> {
     key(&[
         account.as_str().as_bytes(),
         chain.as_bytes(),
         step.as_bytes(),
-        &hash,
+        hash,
     ])
+}
+
+/// The 32 bytes of a SHA-256 in hex.
+fn unhex_sha256(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl StoredIdempotencyKeys {
     /// Keys kept in `store`.
     pub fn new(store: Store) -> Self {
         Self { store }
+    }
+
+    /// Gives `claimant`'s claim on store key `k` back, if it holds it.
+    fn release_at(
+        &self,
+        account: &AccountKey,
+        k: &[u8],
+        claimant: &str,
+    ) -> Result<(), RecordError> {
+        let current = self
+            .store
+            .get(Collection::Idempotency, k)
+            .about(Records::IdempotencyKeys, account)?;
+        let ours = current
+            .as_deref()
+            .and_then(Claim::decode)
+            .is_some_and(|c| c.claimant.as_deref() == Some(claimant));
+        if ours {
+            // Another claim in between (none can be, while ours holds) is kept.
+            self.store
+                .compare_and_swap(Collection::Idempotency, k, current.as_deref(), None)
+                .about(Records::IdempotencyKeys, account)?;
+        }
+        Ok(())
     }
 }
 
@@ -94,22 +134,28 @@ impl IdempotencyKeys for StoredIdempotencyKeys {
         rendered: &str,
         claimant: &str,
     ) -> Result<(), RecordError> {
-        let k = idempotency_key(account, chain, step, rendered);
-        let current = self
-            .store
-            .get(Collection::Idempotency, &k)
-            .about(Records::IdempotencyKeys, account)?;
-        let ours = current
-            .as_deref()
-            .and_then(Claim::decode)
-            .is_some_and(|c| c.claimant.as_deref() == Some(claimant));
-        if ours {
-            // Another claim in between (none can be, while ours holds) is kept.
-            self.store
-                .compare_and_swap(Collection::Idempotency, &k, current.as_deref(), None)
-                .about(Records::IdempotencyKeys, account)?;
+        self.release_at(
+            account,
+            &idempotency_key(account, chain, step, rendered),
+            claimant,
+        )
+    }
+
+    fn release_hashed(
+        &self,
+        account: &AccountKey,
+        chain: &str,
+        step: &str,
+        hashed: &str,
+        claimant: &str,
+    ) -> Result<(), RecordError> {
+        // A hash that is none was never a claim's.
+        match unhex_sha256(hashed) {
+            Some(hash) => {
+                self.release_at(account, &hashed_key(account, chain, step, &hash), claimant)
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn expire(&self, now: i64) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {

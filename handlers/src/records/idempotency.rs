@@ -121,6 +121,17 @@ pub trait IdempotencyKeys: Send + Sync + std::fmt::Debug {
         claimant: &str,
     ) -> Result<(), RecordError>;
 
+    /// As [`IdempotencyKeys::release`], for a key known by its SHA-256 in
+    /// hex (what a message record keeps of its template's key).
+    fn release_hashed(
+        &self,
+        account: &AccountKey,
+        chain: &str,
+        step: &str,
+        hashed: &str,
+        claimant: &str,
+    ) -> Result<(), RecordError>;
+
     /// Removes the claims whose window ended before `now` (Unix seconds);
     /// returns how many.
     fn expire(&self, now: i64) -> Result<usize, Box<dyn std::error::Error + Send + Sync>>;

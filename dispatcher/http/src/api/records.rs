@@ -88,6 +88,7 @@ pub(super) async fn cancel_message(
         .map_err(ApiError::internal)?;
     match cancelled {
         Some((m, true)) => {
+            switchboard_handlers::release_recorded(s.idempotency.as_ref(), &m);
             tracing::info!(%account, message_id = id, "scheduled message cancelled");
             Ok(Json(m).into_response())
         }
