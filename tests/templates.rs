@@ -805,8 +805,19 @@ config = { template = "code", recipients = [{ email = "{{ event.event_data.email
         }
     };
 
-    // Cancelled by the account.
-    let (_, trace) = post("later", "c-a", json!({"email": "a@example.org", "at": at})).await;
+    // Cancelled by the account: the key is free at once, and stays free
+    // once the message's time comes and its step finds it cancelled.
+    let soon = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(2))
+        .replace_nanosecond(0)
+        .expect("a whole second")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let (later, trace) = post(
+        "later",
+        "c-a",
+        json!({"email": "a@example.org", "at": soon}),
+    )
+    .await;
     assert_eq!(trace["status"], "waiting", "{trace:#}");
     let id = trace["chains"][0]["steps"][0]["output"]["message_id"]
         .as_str()
@@ -816,6 +827,16 @@ config = { template = "code", recipients = [{ email = "{{ event.event_data.email
     assert!(
         cancelled.ok().contains("cancelled message"),
         "{cancelled:?}"
+    );
+    let ended = wait_until("the cancelled message's time", TIMEOUT, || async {
+        d.trace("acme", &later)
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(
+        ended["chains"][0]["steps"][0]["output"]["messages"][0]["status"], "cancelled",
+        "{ended:#}"
     );
     assert_eq!(status_now("a@example.org").await, "sent");
 

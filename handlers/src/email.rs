@@ -338,6 +338,13 @@ impl Handler for SendEmail {
                 )
                 .map_err(|e| StepError::retryable(format!("recording the message: {e}"), None))?;
             let record = scheduled::fall_due(self.messages.as_ref(), record, now)?;
+            // Cancelled before its time (`messages cancel`): nothing goes,
+            // so the claim `admit` made again is given back.
+            if record.status == MessageStatus::Cancelled
+                && let Some((used, key)) = key
+            {
+                self.templated.release(input, i, &used.slug, key);
+            }
             let template_key = template.as_ref().map(|t| (t, key.map(|(_, k)| k)));
             if let Some(line) = self.templated.suppress(
                 (self.messages.as_ref(), input),

@@ -403,6 +403,9 @@ impl Bus for EmbeddedBus {
                     if seq >= inner.first_new {
                         break;
                     }
+                    if *stop.borrow() {
+                        return;
+                    }
                     while let Ok(notice) = notices.try_recv() {
                         match notice {
                             Notice::Again { seq, attempt } => {

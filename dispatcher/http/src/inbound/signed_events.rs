@@ -309,8 +309,10 @@ impl Inbound {
             });
         }
         // Every account's events go on the bus before any account's
-        // unmatched records are kept: a POST SendGrid has to repeat keeps
-        // none twice.
+        // unmatched records are kept: a POST SendGrid repeats because the
+        // bus failed keeps none twice (one repeated because keeping or the
+        // flush failed keeps those kept before again, as on an account's
+        // own URL).
         let span = self.store.span();
         let mut handled = Vec::with_capacity(by_account.len());
         for (account, posted) in by_account {
