@@ -278,18 +278,21 @@ async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
     let nats = NatsServer::start();
     let d = Dispatcher::nats(&nats);
     d.apply_chains("acme.toml", &poll_chains("acme")).await;
-    let first = event(
-        "acme",
-        "survey",
-        "poll_complete",
-        "c-before",
-        json!({"msisdn": "+27820000011", "score": 4}),
-    );
-    let id = d.post_event(&serde_json::to_value(&first).unwrap()).await;
-    assert_eq!(
-        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
-        "done"
-    );
+    let handled = |conversation: &'static str, msisdn: &'static str| {
+        let d = &d;
+        async move {
+            let e = event(
+                "acme",
+                "survey",
+                "poll_complete",
+                conversation,
+                json!({"msisdn": msisdn, "score": 4}),
+            );
+            let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await["status"].clone()
+        }
+    };
+    assert_eq!(handled("c-before", "+27820000011").await, "done");
 
     let client = async_nats::connect(nats.url())
         .await
@@ -306,18 +309,7 @@ async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
             .expect("the consumer deleted")
             .success
     );
-    let after = event(
-        "acme",
-        "survey",
-        "poll_complete",
-        "c-after",
-        json!({"msisdn": "+27820000012", "score": 5}),
-    );
-    let id = d.post_event(&serde_json::to_value(&after).unwrap()).await;
-    assert_eq!(
-        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
-        "done"
-    );
+    assert_eq!(handled("c-after", "+27820000012").await, "done");
     assert!(
         d.log()
             .contains("the pull of the events ended; starting it again"),

@@ -26,6 +26,34 @@ required = ["plan"]
 properties.plan = { type = "string" }
 "#;
 
+/// An embedded dispatcher whose e-mail provider `sink` is `smtp`, with
+/// `extra` lines of config before it, and the account `acme`'s template
+/// `slug` put from `template` (TOML).
+async fn mailing(
+    smtp: &crate::peers::SmtpSink,
+    extra: &str,
+    (slug, template): (&str, &str),
+) -> Dispatcher {
+    let d = Dispatcher::with_config(
+        None,
+        &format!(
+            "{extra}[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
+            smtp.port()
+        ),
+    );
+    let file = d.file(&format!("{slug}.toml"), template);
+    d.cli(&[
+        "templates",
+        "put",
+        "acme",
+        slug,
+        file.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    d
+}
+
 async fn api(
     d: &Dispatcher,
     method: reqwest::Method,
@@ -559,22 +587,16 @@ async fn message_records_are_capped_and_expire_after_their_retention() {
     use sha2::Digest;
 
     let smtp = SmtpSink::start();
-    let d = Dispatcher::with_config(
-        None,
-        &format!(
-            "[messages]\nretention = \"3s\"\nmax_body_bytes = 1024\n\n\
-             [providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
-            smtp.port()
+    let d = mailing(
+        &smtp,
+        "[messages]\nretention = \"3s\"\nmax_body_bytes = 1024\n\n",
+        (
+            "long",
+            "channel = \"email\"\nsubject = \"Long\"\ntext = \"{{ context.text }}\"\n\
+             idempotency = \"long:{{ recipient.email }}\"\n",
         ),
-    );
-    let file = d.file(
-        "long.toml",
-        "channel = \"email\"\nsubject = \"Long\"\ntext = \"{{ context.text }}\"\n\
-         idempotency = \"long:{{ recipient.email }}\"\n",
-    );
-    d.cli(&["templates", "put", "acme", "long", file.to_str().unwrap()])
-        .await
-        .ok();
+    )
+    .await;
     d.apply_chains(
         "acme.toml",
         r#"
@@ -651,26 +673,15 @@ async fn a_scheduled_email_goes_to_the_address_it_was_recorded_for() {
     use crate::util::{TIMEOUT, wait_until};
 
     let smtp = SmtpSink::start();
-    let d = Dispatcher::with_config(
-        None,
-        &format!(
-            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
-            smtp.port()
+    let d = mailing(
+        &smtp,
+        "",
+        (
+            "note",
+            "slug = \"note\"\nchannel = \"email\"\nsubject = \"A note\"\ntext = \"Hi {{ recipient.name }}.\"\n",
         ),
-    );
-    let file = d.file(
-        "note.toml",
-        "slug = \"note\"\nchannel = \"email\"\nsubject = \"A note\"\ntext = \"Hi {{ recipient.name }}.\"\n",
-    );
-    d.cli(&[
-        "templates",
-        "put",
-        "acme",
-        "note",
-        file.to_str().expect("a UTF-8 path"),
-    ])
-    .await
-    .ok();
+    )
+    .await;
     d.apply_chains(
         "acme.toml",
         r#"
@@ -740,26 +751,15 @@ async fn a_cancelled_scheduled_message_gives_its_idempotency_key_back() {
     use crate::util::{TIMEOUT, wait_until};
 
     let smtp = SmtpSink::start();
-    let d = Dispatcher::with_config(
-        None,
-        &format!(
-            "[providers.email.sink]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n",
-            smtp.port()
+    let d = mailing(
+        &smtp,
+        "",
+        (
+            "code",
+            "slug = \"code\"\nchannel = \"email\"\nsubject = \"Your code\"\ntext = \"1234\"\nidempotency = \"{{ template }}:{{ recipient.email }}\"\n",
         ),
-    );
-    let file = d.file(
-        "code.toml",
-        "slug = \"code\"\nchannel = \"email\"\nsubject = \"Your code\"\ntext = \"1234\"\nidempotency = \"{{ template }}:{{ recipient.email }}\"\n",
-    );
-    d.cli(&[
-        "templates",
-        "put",
-        "acme",
-        "code",
-        file.to_str().expect("a UTF-8 path"),
-    ])
-    .await
-    .ok();
+    )
+    .await;
     d.apply_chains(
         "acme.toml",
         r#"
