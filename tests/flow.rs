@@ -449,3 +449,74 @@ config = { duration = "2s" }
     assert!(started.iter().any(|t| t.id == last), "{started:?}");
     assert!(!started.iter().any(|t| t.id == expiring), "{started:?}");
 }
+
+/// A chain removed while one run holds its `concurrency` slot and another
+/// waits for it: both end `removed`, and the slot is free again, so that
+/// the chain applied again runs its next event instead of queueing it
+/// behind a run that ended.
+#[tokio::test]
+async fn a_removed_chains_waiting_runs_leave_its_slot_free() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    let chains = r#"
+account_key = "acme"
+
+[[chains]]
+name = "one-at-a-time"
+conversation_type = "survey"
+event_type = "replied"
+order = "conversation"
+
+[[chains.steps]]
+name = "start"
+handler = "send_sms"
+config = { provider = "gateway", to = "+27821000001", body = "start {{ event.id }}" }
+
+[[chains.steps]]
+handler = "delay"
+config = { duration = "2s" }
+"#;
+    d.apply_chains("acme.toml", chains).await;
+    let post = || {
+        serde_json::to_value(event("acme", "survey", "replied", "c-1", json!({}))).expect("JSON")
+    };
+    let ended = |id: String| {
+        let d = &d;
+        async move {
+            wait_until("a run's end", TIMEOUT, || async {
+                d.trace("acme", &id)
+                    .await
+                    .filter(|t| t["status"] != "waiting" && t["status"] != "running")
+            })
+            .await
+        }
+    };
+    let holding = d.post_event(&post()).await;
+    d.wait_for_trace("acme", &holding, TIMEOUT).await;
+    let queued = d.post_event(&post()).await;
+    let trace = d.wait_for_trace("acme", &queued, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    // The chain removed: the account keeps another one.
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "other"
+event_type = "other"
+[[chains.steps]]
+handler = "log"
+config = { message = "other" }
+"#,
+    )
+    .await;
+    for id in [holding, queued] {
+        let trace = ended(id).await;
+        assert_eq!(trace["status"], "cancelled", "{trace:#}");
+    }
+    d.apply_chains("acme.toml", chains).await;
+    let next = d.post_event(&post()).await;
+    let trace = ended(next).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+}

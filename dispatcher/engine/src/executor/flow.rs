@@ -438,14 +438,17 @@ impl Executor {
 /// at once now, and the state's key.
 pub(super) type Slot = (String, usize, Vec<u8>);
 
-/// The key of the `concurrency` slot `event`'s run of `chain` took, if it
-/// ended having taken one (from the journal's decision, so it is found
-/// whatever the chain says now).
+/// The key of the `concurrency` slot `event`'s run of `chain` may hold, if
+/// it ended under one (from the journal's decision, so it is found whatever
+/// the chain says now). A run that waited for the slot may hold it though
+/// its record still says `held`: given the slot, it ended (its chain
+/// removed) before it went on; [`Executor::release_slot`] gives back only
+/// what the run holds.
 pub(super) fn slot_of(event: &VumiApiEvent, chain: &str, pass: &Pass) -> Option<Vec<u8>> {
     let record = pass.journal.chain(chain)?;
     let slot = record
         .flow_of(Control::Concurrency)
-        .filter(|f| f.result == FlowResult::Passed && record.end.is_some())?;
+        .filter(|_| record.end.is_some())?;
     Some(state_key(
         &event.account_key,
         chain,
@@ -484,6 +487,11 @@ impl Executor {
         let _locked = self.locks.lock(&at);
         let mut state = load(store, &at)?;
         if !state.holders.contains(&event.id) {
+            // A run that ended while it waited leaves the queue.
+            if state.queue.contains(&event.id) {
+                state.queue.retain(|e| *e != event.id);
+                store.write_in_order(&[state_write(at, &state)])?;
+            }
             return Ok(());
         }
         state.holders.retain(|e| *e != event.id);
