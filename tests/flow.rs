@@ -382,83 +382,9 @@ async fn bad_flow_controls_are_refused_at_apply_or_dead_lettered() {
     );
 }
 
-/// A run waiting for a `concurrency` slot whose event expires meanwhile
-/// ends `expired` when its turn comes and gives the slot on: the runs
-/// after it are not held up for good.
-#[tokio::test]
-async fn an_expired_waiting_run_gives_its_slot_on() {
-    let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let d = Dispatcher::with_config(None, &config(&receiver));
-    d.apply_chains(
-        "acme.toml",
-        r#"
-account_key = "acme"
-
-[[chains]]
-name = "one-at-a-time"
-conversation_type = "survey"
-event_type = "replied"
-order = "conversation"
-
-[[chains.steps]]
-name = "start"
-handler = "send_sms"
-config = { provider = "gateway", to = "+27821000001", body = "start {{ event.id }}" }
-
-[[chains.steps]]
-handler = "delay"
-config = { duration = "2s" }
-"#,
-    )
-    .await;
-    let post = |expires: Option<String>| {
-        let mut e = event("acme", "survey", "replied", "c-1", json!({}));
-        e.expires_at = expires.map(|t| {
-            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
-                .expect("a time")
-        });
-        serde_json::to_value(&e).expect("JSON")
-    };
-    let first = d.post_event(&post(None)).await;
-    d.wait_for_trace("acme", &first, TIMEOUT).await;
-    let soon = switchboard_sdk::format_rfc3339(
-        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(800),
-    );
-    let expiring = d.post_event(&post(Some(soon))).await;
-    let last = d.post_event(&post(None)).await;
-    let done = |id: String| {
-        let d = &d;
-        async move {
-            wait_until("a run's end", TIMEOUT, || async {
-                d.trace("acme", &id)
-                    .await
-                    .filter(|t| t["status"] != "waiting" && t["status"] != "running")
-            })
-            .await
-        }
-    };
-    assert_eq!(done(first).await["status"], "done");
-    let trace = done(expiring.clone()).await;
-    assert_eq!(trace["status"], "expired", "{trace:#}");
-    let trace = done(last.clone()).await;
-    assert_eq!(trace["status"], "done", "{trace:#}");
-    let started: Vec<Text> = of_kind(&texts(&receiver).await, "start")
-        .into_iter()
-        .cloned()
-        .collect();
-    assert!(started.iter().any(|t| t.id == last), "{started:?}");
-    assert!(!started.iter().any(|t| t.id == expiring), "{started:?}");
-}
-
-/// A chain removed while one run holds its `concurrency` slot and another
-/// waits for it: both end `removed`, and the slot is free again, so that
-/// the chain applied again runs its next event instead of queueing it
-/// behind a run that ended.
-#[tokio::test]
-async fn a_removed_chains_waiting_runs_leave_its_slot_free() {
-    let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let d = Dispatcher::with_config(None, &config(&receiver));
-    let chains = r#"
+/// One run per conversation (`order = "conversation"`): a text, then a
+/// two-second pause.
+const ONE_AT_A_TIME: &str = r#"
 account_key = "acme"
 
 [[chains]]
@@ -476,20 +402,65 @@ config = { provider = "gateway", to = "+27821000001", body = "start {{ event.id 
 handler = "delay"
 config = { duration = "2s" }
 "#;
-    d.apply_chains("acme.toml", chains).await;
+
+/// The trace of `acme`'s event `id` once its run is neither waiting nor
+/// running.
+async fn ended(d: &Dispatcher, id: &str) -> Value {
+    wait_until("a run's end", TIMEOUT, || async {
+        d.trace("acme", id)
+            .await
+            .filter(|t| t["status"] != "waiting" && t["status"] != "running")
+    })
+    .await
+}
+
+/// A run waiting for a `concurrency` slot whose event expires meanwhile
+/// ends `expired` when its turn comes and gives the slot on: the runs
+/// after it are not held up for good.
+#[tokio::test]
+async fn an_expired_waiting_run_gives_its_slot_on() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains("acme.toml", ONE_AT_A_TIME).await;
+    let post = |expires: Option<String>| {
+        let mut e = event("acme", "survey", "replied", "c-1", json!({}));
+        e.expires_at = expires.map(|t| {
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                .expect("a time")
+        });
+        serde_json::to_value(&e).expect("JSON")
+    };
+    let first = d.post_event(&post(None)).await;
+    d.wait_for_trace("acme", &first, TIMEOUT).await;
+    let soon = switchboard_sdk::format_rfc3339(
+        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(800),
+    );
+    let expiring = d.post_event(&post(Some(soon))).await;
+    let last = d.post_event(&post(None)).await;
+    assert_eq!(ended(&d, &first).await["status"], "done");
+    let trace = ended(&d, &expiring).await;
+    assert_eq!(trace["status"], "expired", "{trace:#}");
+    let trace = ended(&d, &last).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let started: Vec<Text> = of_kind(&texts(&receiver).await, "start")
+        .into_iter()
+        .cloned()
+        .collect();
+    assert!(started.iter().any(|t| t.id == last), "{started:?}");
+    assert!(!started.iter().any(|t| t.id == expiring), "{started:?}");
+}
+
+/// A chain removed while one run holds its `concurrency` slot and another
+/// waits for it: both end `removed`, and the slot is free again, so that
+/// the chain applied again runs its next event instead of queueing it
+/// behind a run that ended.
+#[tokio::test]
+async fn a_removed_chains_waiting_runs_leave_its_slot_free() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains("acme.toml", ONE_AT_A_TIME).await;
     let post = || {
         serde_json::to_value(event("acme", "survey", "replied", "c-1", json!({}))).expect("JSON")
-    };
-    let ended = |id: String| {
-        let d = &d;
-        async move {
-            wait_until("a run's end", TIMEOUT, || async {
-                d.trace("acme", &id)
-                    .await
-                    .filter(|t| t["status"] != "waiting" && t["status"] != "running")
-            })
-            .await
-        }
     };
     let holding = d.post_event(&post()).await;
     d.wait_for_trace("acme", &holding, TIMEOUT).await;
@@ -512,11 +483,11 @@ config = { message = "other" }
     )
     .await;
     for id in [holding, queued] {
-        let trace = ended(id).await;
+        let trace = ended(&d, &id).await;
         assert_eq!(trace["status"], "cancelled", "{trace:#}");
     }
-    d.apply_chains("acme.toml", chains).await;
+    d.apply_chains("acme.toml", ONE_AT_A_TIME).await;
     let next = d.post_event(&post()).await;
-    let trace = ended(next).await;
+    let trace = ended(&d, &next).await;
     assert_eq!(trace["status"], "done", "{trace:#}");
 }
