@@ -207,3 +207,68 @@ async fn files_that_cannot_be_kept_are_refused_with_the_reason() {
     assert_eq!(status, 400, "{answer:#}");
     assert!(answer.to_string().contains("../terms.txt"), "{answer:#}");
 }
+
+/// A scheduled e-mail whose attachment is removed before its time fails
+/// for good when its time comes, naming the file, and its message is
+/// recorded `failed`: not left `scheduled`, as if still to go.
+#[tokio::test]
+async fn a_scheduled_email_whose_attachment_went_is_recorded_failed() {
+    let smtp = SmtpSink::start();
+    let d = Dispatcher::with_config(None, &config(&smtp));
+    let path = d.file("terms.txt", "Pay within 30 days.\n");
+    d.cli(&["files", "put", "acme", "terms.txt", path.to_str().unwrap()])
+        .await
+        .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "reminder"
+event_type = "reminder"
+[[chains.steps]]
+handler = "send_email"
+config = { to = "ann@example.org", subject = "Terms", text = "Attached.", attachments = ["terms.txt"], scheduled_at = "{{ event.event_data.at }}" }
+"#,
+    )
+    .await;
+    let at = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(2))
+        .replace_nanosecond(0)
+        .expect("a whole second")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c",
+            "conversation_type": "billing", "event_type": "reminder",
+            "event_data": {"at": at}}))
+        .await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let message_id = trace["chains"][0]["steps"][0]["output"]["message_id"]
+        .as_str()
+        .expect("a message id")
+        .to_string();
+    d.cli(&["files", "rm", "acme", "terms.txt"]).await.ok();
+
+    let trace = wait_until("the scheduled send", TIMEOUT, || async {
+        d.trace("acme", &id)
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let record = d
+        .cli(&["messages", "show", "acme", &message_id])
+        .await
+        .json();
+    assert_eq!(record["status"], "failed", "{record:#}");
+    let last = &record["transitions"][1];
+    assert_eq!(last["from"], "scheduled", "{record:#}");
+    let cause = last["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause.starts_with("not sent: its step failed for good: ")
+            && cause.contains("account acme has no file \"terms.txt\""),
+        "{record:#}"
+    );
+    assert!(smtp.messages().is_empty());
+}

@@ -855,3 +855,89 @@ config = { template = "code", recipients = [{ email = "{{ event.event_data.email
     // A key still held by a message that went is kept.
     assert_eq!(status_now("a@example.org").await, "skipped");
 }
+
+/// A message whose step ran out of retries is recorded `failed`, naming
+/// why, and gives its template's idempotency key back: the next message
+/// with the key goes (it was recorded `skipped` as if the first had gone),
+/// and the failed one is not left `pending` for good.
+#[tokio::test]
+async fn a_message_whose_step_gave_up_is_failed_and_gives_its_key_back() {
+    use crate::peers::SmtpSink;
+    use crate::util::{TIMEOUT, free_port};
+
+    let smtp = SmtpSink::start();
+    // Nothing listens there: every attempt is refused, a retryable failure.
+    let down = free_port();
+    let d = mailing(
+        &smtp,
+        &format!(
+            "[providers.email.down]\nhost = \"127.0.0.1\"\nport = {down}\nsecurity = \"none\"\nfrom = \"noreply@example.org\"\n"
+        ),
+        (
+            "code",
+            "slug = \"code\"\nchannel = \"email\"\nsubject = \"Your code\"\ntext = \"1234\"\nidempotency = \"{{ template }}:{{ recipient.email }}\"\n",
+        ),
+    )
+    .await;
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "flaky"
+event_type = "flaky"
+[[chains.steps]]
+handler = "send_email"
+config = { provider = "down", template = "code", recipients = [{ email = "{{ event.event_data.email }}" }] }
+retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
+
+[[chains]]
+name = "now"
+event_type = "now"
+[[chains.steps]]
+handler = "send_email"
+config = { provider = "sink", template = "code", recipients = [{ email = "{{ event.event_data.email }}" }] }
+"#,
+    )
+    .await;
+    let post = |event_type: &str, data: Value| {
+        let d = &d;
+        let body = json!({"account_key": "acme", "conversation_key": "c-1",
+            "conversation_type": "web", "event_type": event_type, "event_data": data});
+        async move {
+            let id = d.post_event(&body).await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+
+    let trace = post("flaky", json!({"email": "a@example.org"})).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let (status, list) = d.get("/v1/accounts/acme/messages").await;
+    assert_eq!(status, 200, "{list:#}");
+    let messages = list["messages"].as_array().expect("a list of messages");
+    assert_eq!(messages.len(), 1, "{list:#}");
+    let id = messages[0]["id"].as_str().expect("a message id");
+    let (_, record) = d.get(&format!("/v1/accounts/acme/messages/{id}")).await;
+    assert_eq!(record["status"], "failed", "{record:#}");
+    assert_eq!(record["provider"], "down", "{record:#}");
+    let cause = record["transitions"]
+        .as_array()
+        .and_then(|t| t.last())
+        .map(|t| t["cause"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    assert!(
+        cause.starts_with("not sent: its step failed for good: ")
+            && cause.ends_with("(gave up after 2 attempts)"),
+        "{record:#}"
+    );
+
+    // The key is free: the next message with it goes.
+    let trace = post("now", json!({"email": "a@example.org"})).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["output"]["messages"][0]["status"], "sent",
+        "{trace:#}"
+    );
+    assert_eq!(smtp.messages().len(), 1);
+}

@@ -292,7 +292,7 @@ pub fn long_tests() -> bool {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

@@ -323,6 +323,20 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// The step failed for good for `input`'s event, with `error`: its
+    /// error was permanent or its retries ran out, and its run goes on
+    /// (`on_error = "continue"`) or ends in dead letters. Settle what the
+    /// step recorded as still to do (a send records its unsent messages
+    /// `failed` and gives their template keys back). A replayed dead letter
+    /// runs the step again.
+    fn failed_for_good(
+        &self,
+        _input: &StepInput<'_>,
+        _error: &str,
+    ) -> Result<(), records::RecordError> {
+        Ok(())
+    }
+
     /// Runs the step for one event.
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError>;
 

@@ -486,6 +486,14 @@ impl Handler for SendSms {
         )
     }
 
+    fn failed_for_good(&self, input: &StepInput<'_>, error: &str) -> Result<(), RecordError> {
+        crate::templated::give_up(
+            (self.messages.as_ref(), self.templated.idempotency.as_ref()),
+            input,
+            error,
+        )
+    }
+
     async fn handle(&self, input: &StepInput<'_>) -> Result<StepOutput, StepError> {
         let now = switchboard_sdk::now();
         let Prepared {

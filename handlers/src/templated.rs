@@ -86,8 +86,9 @@ impl TemplateUse {
 const KEY_SCOPE: &str = "~template";
 
 /// Gives back the template idempotency key a message `record` claimed,
-/// now that it will never go (it was cancelled before its time), so that
-/// another message may be sent with the key within the window.
+/// now that it will not go (it was cancelled before its time, or its step
+/// failed for good), so that another message may be sent with the key
+/// within the window.
 pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecord) {
     let (Some(template), Some(hashed)) = (&record.template, &record.idempotency_key) else {
         return;
@@ -100,8 +101,45 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
         &record.id,
     ) {
         tracing::warn!(account = %record.account_key, template = template.slug, message_id = record.id,
-            error = %e, "giving a cancelled message's idempotency key back failed; the key holds until its window ends");
+            error = %e, "giving an unsent message's idempotency key back failed; the key holds until its window ends");
     }
+}
+
+/// A send step failed for good for `input`'s event (its error was
+/// permanent, or its retries ran out) with `error`: each message it
+/// recorded that never reached its provider (`scheduled` or `pending`) is
+/// recorded `failed`, naming `error`, and gives its template idempotency key
+/// back, so that neither stays as if still to go. A message handed over
+/// with no answer (`sending`) is left as it is: the provider may have it.
+/// Replaying the event's dead letter runs the step again, which claims the
+/// keys anew and sends the failed messages.
+pub(crate) fn give_up(
+    (messages, idempotency): (&dyn Messages, &dyn IdempotencyKeys),
+    input: &StepInput<'_>,
+    error: &str,
+) -> Result<(), crate::records::RecordError> {
+    let account = &input.event.account_key;
+    let cause = format!("not sent: its step failed for good: {error}");
+    // A step records its messages in order, one per recipient, each before
+    // it sends: the first index without a record is past the last.
+    for index in 0.. {
+        let id = input.child_id(index).to_string();
+        let Some(record) = messages.get(account, &id)? else {
+            break;
+        };
+        if !matches!(
+            record.status,
+            MessageStatus::Scheduled | MessageStatus::Pending
+        ) {
+            continue;
+        }
+        if let Some((record, true)) =
+            messages.transition_from(account, &id, record.status, MessageStatus::Failed, &cause)?
+        {
+            release_recorded(idempotency, &record);
+        }
+    }
+    Ok(())
 }
 
 /// One recipient's message.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use switchboard_handlers::records::IdempotencyKeys;
 use switchboard_handlers::{
-    Effects, EventValue, LogLine, Registry, StepError, StepInput, StepOutput,
+    Effects, EventValue, Handler, LogLine, Registry, StepError, StepInput, StepOutput,
 };
 use switchboard_rules::{ChainSpec, StepSpec};
 use switchboard_sdk::{EventId, VumiApiEvent};
@@ -197,24 +197,55 @@ impl Steps<'_> {
                 if let Attempt::Retry { pending, .. } = &mut attempt {
                     pending.claimed = idempotency_key.clone();
                 }
+                let gave_up = match &attempt {
+                    Attempt::Failed { message, .. } => Some(message.as_str()),
+                    Attempt::Continue { trace, .. } => Some(trace.error.as_deref().unwrap_or("")),
+                    Attempt::Retry { .. } | Attempt::Done { .. } => None,
+                };
                 // A step that failed for good did not happen: its key goes
-                // back (a retry keeps it, as its own).
-                if let (Attempt::Failed { .. } | Attempt::Continue { .. }, Some(key), false) =
-                    (&attempt, &idempotency_key, happened)
-                    && let Err(e) = self.idempotency.release(
-                        &cx.event.account_key,
-                        &cx.chain.name,
-                        step.step_name(),
-                        key,
-                        &cx.event.id.to_string(),
-                    )
-                {
-                    tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
-                        step = step.step_name(), error = %e,
-                        "giving a failed step's idempotency key back failed; the key holds until its window ends");
+                // back (a retry keeps it, as its own), and so does what it
+                // recorded as still to do.
+                if let (Some(error), false) = (gave_up, happened) {
+                    self.gave_up(
+                        cx,
+                        step,
+                        handler.as_ref(),
+                        &input,
+                        (idempotency_key.as_deref(), error),
+                    );
                 }
                 attempt
             }
+        }
+    }
+
+    /// Lets go of what `step`, failed for good with `error`, holds: its
+    /// idempotency `key`, and what its handler recorded as still to do.
+    fn gave_up(
+        &self,
+        cx: &StepContext<'_>,
+        step: &StepSpec,
+        handler: &dyn Handler,
+        input: &StepInput<'_>,
+        (key, error): (Option<&str>, &str),
+    ) {
+        if let Some(key) = key
+            && let Err(e) = self.idempotency.release(
+                &cx.event.account_key,
+                &cx.chain.name,
+                step.step_name(),
+                key,
+                &cx.event.id.to_string(),
+            )
+        {
+            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
+                step = step.step_name(), error = %e,
+                "giving a failed step's idempotency key back failed; the key holds until its window ends");
+        }
+        if let Err(e) = handler.failed_for_good(input, error) {
+            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
+                step = step.step_name(), error = %e,
+                "settling what a step that failed for good left undone failed; its records stay as they are");
         }
     }
 
