@@ -12,8 +12,8 @@
 //! replicas, a rescan every few seconds picks up the timers other replicas
 //! wrote, which reach this one's copy through the changelog). When one is
 //! due and this replica holds its partition, it puts the event back on the
-//! bus (under a duplicate-detection id of its own, like a replay) and
-//! removes the timer. The executor goes on with the chain only once the
+//! bus (under a duplicate-detection id of its own for each firing, like a
+//! replay) and removes the timer. The executor goes on with the chain only once the
 //! journal's pause has passed by its own clock: a timer never makes a chain
 //! go on early, and firing twice (a crash between the publish and the
 //! removal) finds the chain already gone on.
@@ -282,7 +282,17 @@ impl Timers {
             self.remove(timer.removal());
             return None;
         };
-        let dedup_id = format!("{}:wake:{}:{}", event.id, timer.chain, timer.due_ms);
+        // A firing of its own: a timer set again after its event came back
+        // early (a replica whose clock is ahead fired it) fires again under
+        // another id, not as a duplicate the bus would drop. Firing twice
+        // is harmless: the chain goes on once.
+        let dedup_id = format!(
+            "{}:wake:{}:{}:{}",
+            event.id,
+            timer.chain,
+            timer.due_ms,
+            now_ms()
+        );
         if let Err(e) = inner.bus.publish_as(event, &dedup_id).await {
             tracing::warn!(account = %timer.account, event_id = %timer.event_id, chain = timer.chain,
                 error = %e, "putting a paused event back on the bus failed; trying again");
@@ -301,8 +311,7 @@ impl Timers {
             .store
             .write_atomically(std::slice::from_ref(&removal))
         {
-            // It fires again later; the chain has gone on by then, or the
-            // bus drops the second publish as a duplicate.
+            // It fires again later, and the chain has gone on by then.
             tracing::warn!(key = %String::from_utf8_lossy(&removal.key), error = %e,
                 "removing a fired timer failed");
         }
@@ -323,6 +332,107 @@ mod tests {
         };
         assert_eq!(PendingTimer::parse(&timer.key()), Some(timer.clone()));
         assert_eq!(PendingTimer::parse(b"acme\0short"), None);
+    }
+
+    /// A bus that drops a publish whose id it has seen, as NATS does
+    /// within its duplicate window, and keeps the ids it took.
+    #[derive(Debug, Default)]
+    struct Dedups(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl Bus for Dedups {
+        async fn publish_as(
+            &self,
+            _: &switchboard_sdk::VumiApiEvent,
+            dedup_id: &str,
+        ) -> Result<crate::bus::Published, crate::bus::BusError> {
+            let mut taken = self.0.lock().unwrap();
+            let duplicate = taken.iter().any(|id| id == dedup_id);
+            if !duplicate {
+                taken.push(dedup_id.to_string());
+            }
+            Ok(crate::bus::Published { duplicate })
+        }
+
+        async fn consume(
+            &self,
+            _: usize,
+            _: watch::Receiver<bool>,
+        ) -> Result<tokio::sync::mpsc::Receiver<crate::bus::Delivery>, crate::bus::BusError>
+        {
+            unreachable!("the test does not consume")
+        }
+
+        async fn lag(&self) -> Option<u64> {
+            None
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+
+        fn kind(&self) -> &'static str {
+            "embedded"
+        }
+    }
+
+    /// A timer set again after its event came back early (fired by a
+    /// replica whose clock is ahead) fires again: its event goes back on
+    /// the bus, not dropped as a duplicate of the first firing, which left
+    /// the chain paused for good.
+    #[tokio::test]
+    async fn a_timer_set_again_fires_again() {
+        use crate::journal::{Entry, EventJournal, Pending};
+
+        let store = Store::temporary().unwrap();
+        let journal = Journal::new(store.clone());
+        let event = crate::journal::tests::event(1);
+        let due_ms = now_ms() - 1_000;
+        let at = RecordKey::new(&event.account_key, &event.id);
+        let mut record = EventJournal::default();
+        record.started_ms = due_ms - 60_000;
+        record.event = Some(event.clone());
+        let mut pending = Pending::default();
+        pending.push_begin(&mut record, &event, None);
+        for entry in [
+            crate::journal::tests::step("a", "pause"),
+            Entry::Wait {
+                chain: "a".into(),
+                until_ms: due_ms,
+                for_event: None,
+                again: false,
+                digest: None,
+                flow: None,
+            },
+        ] {
+            pending.push(&entry);
+            record.apply(entry);
+        }
+        let write = journal
+            .append(&at, &mut record, &mut pending)
+            .unwrap()
+            .expect("a write");
+        let timer = PendingTimer {
+            account: event.account_key.clone(),
+            event_id: event.id,
+            chain: "a".into(),
+            due_ms,
+        };
+        store.write_in_order(&[write, timer.put()]).unwrap();
+        let bus = Arc::new(Dedups::default());
+        let timers = Timers::new(store.clone(), bus.clone(), Arc::new(Metrics::default()));
+
+        assert_eq!(timers.fire(&timer.key()).await, None);
+        assert_eq!(bus.0.lock().unwrap().len(), 1);
+        assert!(!store.contains(Collection::Timers, &timer.key()).unwrap());
+
+        // Its event came back before the pause's end by that pass's clock:
+        // the pass set the same timer again.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        store.write_in_order(&[timer.put()]).unwrap();
+        assert_eq!(timers.fire(&timer.key()).await, None);
+        let taken = bus.0.lock().unwrap().clone();
+        assert_eq!(taken.len(), 2, "{taken:?}");
     }
 
     #[test]
