@@ -491,3 +491,86 @@ config = { message = "other" }
     let trace = ended(&d, &next).await;
     assert_eq!(trace["status"], "done", "{trace:#}");
 }
+
+/// A run that held a `concurrency` slot gives it back when it ends in dead
+/// letters; replayed, it takes one again, or waits its turn behind the run
+/// holding it, instead of going on beside it (one more than the limit).
+#[tokio::test]
+async fn a_replayed_dead_letter_waits_for_a_concurrency_slot() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "one-at-a-time"
+conversation_type = "survey"
+event_type = "replied"
+concurrency = { key = "all", limit = 1 }
+
+[[chains.steps]]
+handler = "log"
+config = { message = "first {{ event.id }}" }
+
+[[chains.steps]]
+name = "text"
+handler = "send_sms"
+config = { provider = "gateway", to = "{{ event.event_data.to }}", body = "text {{ event.id }}" }
+
+[[chains.steps]]
+handler = "delay"
+config = { duration = "3s" }
+"#,
+    )
+    .await;
+    let post = |conversation: &str, to: &str| {
+        serde_json::to_value(event(
+            "acme",
+            "survey",
+            "replied",
+            conversation,
+            json!({ "to": to }),
+        ))
+        .expect("JSON")
+    };
+    // Its text cannot go: the run ends in dead letters, its slot free.
+    let failing = d.post_event(&post("c-1", "not a number")).await;
+    let trace = ended(&d, &failing).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let letter = d.dead_letters("acme").await[0]["id"]
+        .as_str()
+        .expect("a letter id")
+        .to_string();
+    // Another run takes the slot and holds it for three seconds.
+    let holding = d.post_event(&post("c-2", "+27821000001")).await;
+    let trace = d.wait_for_trace("acme", &holding, TIMEOUT).await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+
+    d.cli(&["dead-letters", "replay", "acme", &letter])
+        .await
+        .ok();
+    let trace = wait_until("the replay's pass", TIMEOUT, || async {
+        d.trace("acme", &failing)
+            .await
+            .filter(|t| t["status"] != "dead")
+    })
+    .await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let holder = d.trace("acme", &holding).await.expect("its trace");
+    assert_eq!(holder["status"], "waiting", "{holder:#}");
+
+    // The holder's end gives it the slot: it goes on at its failed step.
+    assert_eq!(ended(&d, &holding).await["status"], "done");
+    let trace = ended(&d, &failing).await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    let step = &trace["chains"][0]["steps"][1];
+    assert_eq!(step["name"], "text", "{trace:#}");
+    assert!(
+        step["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not an E.164 number")),
+        "{trace:#}"
+    );
+}

@@ -106,9 +106,19 @@ pub fn ended_as(control: Control) -> &'static str {
     }
 }
 
+/// Which of a chain's flow controls decide about a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Controls {
+    /// Every one: the run has not started.
+    All,
+    /// Only `concurrency`: a replayed run, which gave its slot back when it
+    /// ended in dead letters (the others let it go once, and still do).
+    Concurrency,
+}
+
 impl Executor {
-    /// Applies `chain`'s flow controls to the run of `event` before its
-    /// first step, each it has not passed yet, in order.
+    /// Applies `chain`'s flow `controls` to the run of `event` before its
+    /// first step (or its replay's), each it has not passed yet, in order.
     pub(super) async fn flow_gate(
         &self,
         event: &VumiApiEvent,
@@ -116,8 +126,12 @@ impl Executor {
         chain: &ChainSpec,
         version: u64,
         pass: &mut Pass,
+        controls: Controls,
     ) -> Result<Gate, Interrupted> {
         for control in chain.controls() {
+            if controls == Controls::Concurrency && control != Control::Concurrency {
+                continue;
+            }
             if pass.journal.chain_mut(&chain.name, version).passed(control) {
                 continue;
             }

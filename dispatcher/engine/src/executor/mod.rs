@@ -24,7 +24,7 @@ use tracing::Instrument;
 use serde_json::Value;
 use switchboard_handlers::records::{IdempotencyKeys, RecordError};
 use switchboard_handlers::{EventConditions, EventValue, Registry};
-use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Selected, select_chains};
+use switchboard_rules::{AccountChains, ChainSpec, ChainStore, Control, Selected, select_chains};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Holding, Store, StoreError, WriteMark};
 
@@ -731,14 +731,24 @@ impl Executor {
                 paused::Resumed::GoesOn => {}
             }
         }
-        if pass
-            .journal
-            .chain_mut(&chain.name, version)
-            .steps
-            .is_empty()
-        {
+        let gate = {
+            let record = pass.journal.chain_mut(&chain.name, version);
+            if record.steps.is_empty() {
+                Some(flow::Controls::All)
+            } else if record.replaying.is_some()
+                && chain.concurrency_rule().is_some()
+                && record.flow_of(Control::Concurrency).is_none()
+            {
+                // A replayed dead letter goes on where its run stopped,
+                // once it holds a `concurrency` slot again.
+                Some(flow::Controls::Concurrency)
+            } else {
+                None
+            }
+        };
+        if let Some(controls) = gate {
             match self
-                .flow_gate(event, event_value, chain, version, pass)
+                .flow_gate(event, event_value, chain, version, pass, controls)
                 .await?
             {
                 flow::Gate::Goes => {}

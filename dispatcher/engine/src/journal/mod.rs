@@ -541,6 +541,9 @@ impl EventJournal {
                     c.unrun.clear();
                     c.retry = None;
                     c.replaying = Some(letter);
+                    // Its slot went with its end: the replayed run takes
+                    // one again, or waits for it.
+                    c.flow.retain(|f| f.control != Control::Concurrency);
                 }
             }
             Entry::Discarded { chain, letter } => {

@@ -54,6 +54,20 @@ pub(crate) fn step(chain: &str, name: &str) -> Entry {
     }
 }
 
+fn passed(chain: &str, control: Control) -> Entry {
+    Entry::Flow {
+        chain: chain.into(),
+        version: 1,
+        record: FlowRecord {
+            control,
+            result: FlowResult::Passed,
+            key: "k".into(),
+            at_ms: 1,
+            by: None,
+        },
+    }
+}
+
 fn dead(chain: &str, letter: &str) -> Entry {
     Entry::End {
         chain: chain.into(),
@@ -192,6 +206,8 @@ fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
                 event: Box::new(e.clone()),
                 traceparent: None,
             },
+            passed("a", Control::RateLimit),
+            passed("a", Control::Concurrency),
             step("a", "one"),
             dead("a", "L1"),
             Entry::Announced { chain: "a".into() },
@@ -199,6 +215,7 @@ fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
     );
     let j = load(&journal, &e).expect("a record");
     assert!(j.holds_dead_letter());
+    assert!(j.chains[0].passed(Control::Concurrency));
     assert!(j.chains[0].announced);
     assert!(j.chains[0].refers_to("L1"));
     assert_eq!(j.chains[0].unrun.len(), 1);
@@ -218,6 +235,10 @@ fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
     assert!(j.chains[0].unrun.is_empty());
     assert_eq!(j.chains[0].replaying.as_deref(), Some("L1"));
     assert!(j.chains[0].refers_to("L1"));
+    // Its slot went with its end: the replay decides `concurrency` again;
+    // the other controls let it go once, and still do.
+    assert_eq!(j.chains[0].flow_of(Control::Concurrency), None);
+    assert!(j.chains[0].passed(Control::RateLimit));
 
     // Failing again files the letter again; discarding it ends the chain.
     append(&journal, &e, None, vec![dead("a", "L1")]);
