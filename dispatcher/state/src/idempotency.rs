@@ -32,18 +32,6 @@ fn hashed_key(account: &AccountKey, chain: &str, step: &str, hash: &[u8]) -> Vec
     ])
 }
 
-/// The 32 bytes of a SHA-256 in hex.
-fn unhex_sha256(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 impl StoredIdempotencyKeys {
     /// Keys kept in `store`.
     pub fn new(store: Store) -> Self {
@@ -150,7 +138,7 @@ impl IdempotencyKeys for StoredIdempotencyKeys {
         claimant: &str,
     ) -> Result<(), RecordError> {
         // A hash that is none was never a claim's.
-        match unhex_sha256(hashed) {
+        match switchboard_handlers::records::unhex32(hashed) {
             Some(hash) => {
                 self.release_at(account, &hashed_key(account, chain, step, &hash), claimant)
             }

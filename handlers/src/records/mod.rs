@@ -56,6 +56,19 @@ pub fn hex(bytes: &[u8]) -> String {
     hex
 }
 
+/// The 32 bytes (a SHA-256, a credential) that `hex` spells in 64 hex
+/// digits, as [`hex`] writes them; `None` for anything else.
+pub fn unhex32(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Which records a port keeps, for errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Records {
@@ -162,5 +175,27 @@ mod tests {
             super::sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// 64 hex digits read back as the 32 bytes they spell; anything else
+    /// is not read.
+    #[test]
+    fn unhex32_reads_what_hex_writes() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
+        assert_eq!(super::unhex32(&super::hex(&bytes)), Some(bytes));
+        assert_eq!(
+            super::unhex32(&super::hex(&bytes).to_uppercase()),
+            Some(bytes)
+        );
+        for bad in [
+            "",
+            "00",
+            &"0".repeat(63),
+            &"0".repeat(65),
+            &"g".repeat(64),
+            &"é".repeat(32),
+        ] {
+            assert_eq!(super::unhex32(bad), None, "{bad:?}");
+        }
     }
 }

@@ -71,17 +71,6 @@ fn stored_key(id: &str) -> Vec<u8> {
     Sha256::digest(id.as_bytes()).to_vec()
 }
 
-fn unhex(s: &str) -> Option<Credential> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// How often expired sessions are swept from the store (at a sign-in).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -170,7 +159,7 @@ impl Sessions {
             .ok()??;
         let stored: Stored = serde_json::from_slice(&bytes).ok()?;
         let left = stored.expires_ms.checked_sub(now_ms())?;
-        let credential = unhex(&stored.credential)?;
+        let credential = switchboard_handlers::records::unhex32(&stored.credential)?;
         Some(Session {
             principal: match stored.account {
                 None => Principal::Admin,
