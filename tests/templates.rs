@@ -941,3 +941,67 @@ config = { provider = "sink", template = "code", recipients = [{ email = "{{ eve
     );
     assert_eq!(smtp.messages().len(), 1);
 }
+
+/// A step with an idempotency key whose send went to some recipients and
+/// failed for good for another keeps its key: a duplicate event (another
+/// event with the same key) does not send to the first ones again.
+#[tokio::test]
+async fn a_partly_sent_step_keeps_its_idempotency_key() {
+    use crate::peers::SmtpSink;
+    use crate::util::TIMEOUT;
+
+    let smtp = SmtpSink::start();
+    let d = mailing(
+        &smtp,
+        "",
+        (
+            "note",
+            "slug = \"note\"\nchannel = \"email\"\nsubject = \"Note\"\ntext = \"Hello {{ recipient.email }}\"\n",
+        ),
+    )
+    .await;
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "batch"
+event_type = "batch"
+[[chains.steps]]
+handler = "send_email"
+config = { template = "note", recipients = [{ email = "a@example.org" }, { email = "{{ event.event_data.second }}" }] }
+idempotency = { key = "{{ event.event_data.batch }}", window = "1h" }
+"#,
+    )
+    .await;
+    let post = |batch: &str, second: &str| {
+        let d = &d;
+        let body = json!({"account_key": "acme", "conversation_key": format!("c-{batch}-{}", second.len()),
+            "conversation_type": "web", "event_type": "batch",
+            "event_data": {"batch": batch, "second": second}});
+        async move {
+            let id = d.post_event(&body).await;
+            d.wait_for_trace("acme", &id, TIMEOUT).await
+        }
+    };
+
+    // The sink refuses the second address for good: the first went.
+    let trace = post("b1", "reject@example.org").await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    assert_eq!(smtp.messages().len(), 1);
+
+    // The same batch again: skipped, nobody mailed twice.
+    let trace = post("b1", "b@example.org").await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["outcome"], "skipped",
+        "{trace:#}"
+    );
+    assert_eq!(smtp.messages().len(), 1);
+
+    // Another batch goes to both.
+    let trace = post("b2", "b@example.org").await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(smtp.messages().len(), 3);
+}

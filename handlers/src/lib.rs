@@ -327,14 +327,17 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// error was permanent or its retries ran out, and its run goes on
     /// (`on_error = "continue"`) or ends in dead letters. Settle what the
     /// step recorded as still to do (a send records its unsent messages
-    /// `failed` and gives their template keys back). A replayed dead letter
+    /// `failed` and gives their template keys back), and say whether part
+    /// of its effect happened all the same (a send to several recipients
+    /// whose first went): the step's idempotency key then holds, so that a
+    /// duplicate event does not do that part again. A replayed dead letter
     /// runs the step again.
     fn failed_for_good(
         &self,
         _input: &StepInput<'_>,
         _error: &str,
-    ) -> Result<(), records::RecordError> {
-        Ok(())
+    ) -> Result<bool, records::RecordError> {
+        Ok(false)
     }
 
     /// Runs the step for one event.

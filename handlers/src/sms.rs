@@ -486,7 +486,7 @@ impl Handler for SendSms {
         )
     }
 
-    fn failed_for_good(&self, input: &StepInput<'_>, error: &str) -> Result<(), RecordError> {
+    fn failed_for_good(&self, input: &StepInput<'_>, error: &str) -> Result<bool, RecordError> {
         crate::templated::give_up(
             (self.messages.as_ref(), self.templated.idempotency.as_ref()),
             input,

@@ -107,19 +107,25 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
 
 /// A send step failed for good for `input`'s event (its error was
 /// permanent, or its retries ran out) with `error`: each message it
-/// recorded that never reached its provider (`scheduled` or `pending`) is
-/// recorded `failed`, naming `error`, and gives its template idempotency key
-/// back, so that neither stays as if still to go. A message handed over
-/// with no answer (`sending`) is left as it is: the provider may have it.
-/// Replaying the event's dead letter runs the step again, which claims the
-/// keys anew and sends the failed messages.
+/// recorded that was not accepted by its provider (`pending`, or
+/// `scheduled` for a time past) is recorded `failed`, naming `error`, and
+/// gives its template idempotency key back, so that neither stays as if
+/// still to go. (A provider whose answer was lost, a timeout after the
+/// SMTP DATA say, may have it all the same.) A message handed to Twilio
+/// with no answer (`sending`) is left as it is, and so is one scheduled
+/// for a time still to come.
+/// Whether any message went (or may have: `sending`). Replaying the event's
+/// dead letter runs the step again, which claims the keys anew and sends
+/// the failed messages.
 pub(crate) fn give_up(
     (messages, idempotency): (&dyn Messages, &dyn IdempotencyKeys),
     input: &StepInput<'_>,
     error: &str,
-) -> Result<(), crate::records::RecordError> {
+) -> Result<bool, crate::records::RecordError> {
     let account = &input.event.account_key;
     let cause = format!("not sent: its step failed for good: {error}");
+    let now = switchboard_sdk::now();
+    let mut went = false;
     // A step records its messages in order, one per recipient, each before
     // it sends: the first index without a record is past the last.
     for index in 0.. {
@@ -127,11 +133,21 @@ pub(crate) fn give_up(
         let Some(record) = messages.get(account, &id)? else {
             break;
         };
-        if !matches!(
-            record.status,
-            MessageStatus::Scheduled | MessageStatus::Pending
-        ) {
-            continue;
+        match record.status {
+            // Its time is still to come (the step failed before it): a
+            // replay holds it until then.
+            MessageStatus::Scheduled if record.scheduled_at.is_some_and(|at| at > now) => {
+                continue;
+            }
+            MessageStatus::Scheduled | MessageStatus::Pending => {}
+            MessageStatus::Failed
+            | MessageStatus::Skipped
+            | MessageStatus::Suppressed
+            | MessageStatus::Cancelled => continue,
+            _ => {
+                went = true;
+                continue;
+            }
         }
         if let Some((record, true)) =
             messages.transition_from(account, &id, record.status, MessageStatus::Failed, &cause)?
@@ -139,7 +155,7 @@ pub(crate) fn give_up(
             release_recorded(idempotency, &record);
         }
     }
-    Ok(())
+    Ok(went)
 }
 
 /// One recipient's message.

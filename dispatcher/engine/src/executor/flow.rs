@@ -137,6 +137,15 @@ impl Executor {
             }
             let k = match self.flow_key(event, event_value, chain, control) {
                 Ok(k) => k,
+                // A replay's run took its slot under a key that rendered
+                // then: one that fails now (its chain changed) lets the
+                // replay go on without a slot rather than strand it.
+                Err(error) if controls == Controls::Concurrency => {
+                    tracing::warn!(account = %event.account_key, event_id = %event.id,
+                        chain = chain.name, %error,
+                        "a replayed run's concurrency key failed to render: it goes on without a slot");
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(account = %event.account_key, event_id = %event.id,
                         chain = chain.name, %error, "flow control key failed: filed in dead letters");

@@ -202,9 +202,9 @@ impl Steps<'_> {
                     Attempt::Continue { trace, .. } => Some(trace.error.as_deref().unwrap_or("")),
                     Attempt::Retry { .. } | Attempt::Done { .. } => None,
                 };
-                // A step that failed for good did not happen: its key goes
-                // back (a retry keeps it, as its own), and so does what it
-                // recorded as still to do.
+                // A step that failed for good did not happen: what it
+                // recorded as still to do is let go, and its key goes back
+                // (a retry keeps it, as its own) unless part of it happened.
                 if let (Some(error), false) = (gave_up, happened) {
                     self.gave_up(
                         cx,
@@ -219,8 +219,9 @@ impl Steps<'_> {
         }
     }
 
-    /// Lets go of what `step`, failed for good with `error`, holds: its
-    /// idempotency `key`, and what its handler recorded as still to do.
+    /// Lets go of what `step`, failed for good with `error`, holds: what
+    /// its handler recorded as still to do, and its idempotency `key`
+    /// unless part of its effect happened all the same.
     fn gave_up(
         &self,
         cx: &StepContext<'_>,
@@ -229,6 +230,15 @@ impl Steps<'_> {
         input: &StepInput<'_>,
         (key, error): (Option<&str>, &str),
     ) {
+        let happened_in_part = handler.failed_for_good(input, error).unwrap_or_else(|e| {
+            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
+                step = step.step_name(), error = %e,
+                "settling what a step that failed for good left undone failed; its records stay as they are");
+            false
+        });
+        if happened_in_part {
+            return;
+        }
         if let Some(key) = key
             && let Err(e) = self.idempotency.release(
                 &cx.event.account_key,
@@ -241,11 +251,6 @@ impl Steps<'_> {
             tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
                 step = step.step_name(), error = %e,
                 "giving a failed step's idempotency key back failed; the key holds until its window ends");
-        }
-        if let Err(e) = handler.failed_for_good(input, error) {
-            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
-                step = step.step_name(), error = %e,
-                "settling what a step that failed for good left undone failed; its records stay as they are");
         }
     }
 

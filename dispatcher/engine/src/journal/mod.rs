@@ -367,6 +367,7 @@ impl ChainJournal {
             || self.end.is_some()
             || self.waiting.is_some()
             || !self.flow.is_empty()
+            || self.replaying.is_some()
     }
 }
 
@@ -537,13 +538,16 @@ impl EventJournal {
             }
             Entry::Replaying { chain, letter } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
+                    // Its slot went with its end: the replayed run takes
+                    // one again, or waits for it. (Replayed again while it
+                    // waits, it keeps its place.)
+                    if c.end.is_some() {
+                        c.flow.retain(|f| f.control != Control::Concurrency);
+                    }
                     c.end = None;
                     c.unrun.clear();
                     c.retry = None;
                     c.replaying = Some(letter);
-                    // Its slot went with its end: the replayed run takes
-                    // one again, or waits for it.
-                    c.flow.retain(|f| f.control != Control::Concurrency);
                 }
             }
             Entry::Discarded { chain, letter } => {

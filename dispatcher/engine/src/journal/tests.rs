@@ -239,6 +239,22 @@ fn replaying_reopens_a_dead_chain_and_discarding_closes_it_for_good() {
     // the other controls let it go once, and still do.
     assert_eq!(j.chains[0].flow_of(Control::Concurrency), None);
     assert!(j.chains[0].passed(Control::RateLimit));
+    // Replayed again while the replay holds (or waits for) a slot: it
+    // keeps it.
+    append(
+        &journal,
+        &e,
+        None,
+        vec![
+            passed("a", Control::Concurrency),
+            Entry::Replaying {
+                chain: "a".into(),
+                letter: "L1".into(),
+            },
+        ],
+    );
+    let j = load(&journal, &e).expect("a record");
+    assert!(j.chains[0].passed(Control::Concurrency));
 
     // Failing again files the letter again; discarding it ends the chain.
     append(&journal, &e, None, vec![dead("a", "L1")]);
