@@ -893,6 +893,14 @@ config = { provider = "down", template = "code", recipients = [{ email = "{{ eve
 retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
 
 [[chains]]
+name = "expiring"
+event_type = "expiring"
+[[chains.steps]]
+handler = "send_email"
+config = { provider = "down", template = "code", recipients = [{ email = "{{ event.event_data.email }}" }] }
+retry = { max_attempts = 10, initial = "1s", max = "1s" }
+
+[[chains]]
 name = "now"
 event_type = "now"
 [[chains.steps]]
@@ -910,15 +918,26 @@ config = { provider = "sink", template = "code", recipients = [{ email = "{{ eve
             d.wait_for_trace("acme", &id, TIMEOUT).await
         }
     };
+    let record_of = |email: &'static str| {
+        let d = &d;
+        async move {
+            let (status, list) = d.get("/v1/accounts/acme/messages").await;
+            assert_eq!(status, 200, "{list:#}");
+            let id = list["messages"]
+                .as_array()
+                .expect("a list of messages")
+                .iter()
+                .find(|m| m["recipient"] == email)
+                .and_then(|m| m["id"].as_str())
+                .expect("its message")
+                .to_string();
+            d.get(&format!("/v1/accounts/acme/messages/{id}")).await.1
+        }
+    };
 
     let trace = post("flaky", json!({"email": "a@example.org"})).await;
     assert_eq!(trace["status"], "dead", "{trace:#}");
-    let (status, list) = d.get("/v1/accounts/acme/messages").await;
-    assert_eq!(status, 200, "{list:#}");
-    let messages = list["messages"].as_array().expect("a list of messages");
-    assert_eq!(messages.len(), 1, "{list:#}");
-    let id = messages[0]["id"].as_str().expect("a message id");
-    let (_, record) = d.get(&format!("/v1/accounts/acme/messages/{id}")).await;
+    let record = record_of("a@example.org").await;
     assert_eq!(record["status"], "failed", "{record:#}");
     assert_eq!(record["provider"], "down", "{record:#}");
     let cause = record["transitions"]
@@ -933,13 +952,50 @@ config = { provider = "sink", template = "code", recipients = [{ email = "{{ eve
     );
 
     // The key is free: the next message with it goes.
-    let trace = post("now", json!({"email": "a@example.org"})).await;
-    assert_eq!(trace["status"], "done", "{trace:#}");
-    assert_eq!(
-        trace["chains"][0]["steps"][0]["output"]["messages"][0]["status"], "sent",
-        "{trace:#}"
-    );
+    let sent = |email: &'static str| {
+        let post = &post;
+        async move {
+            let trace = post("now", json!({ "email": email })).await;
+            assert_eq!(trace["status"], "done", "{trace:#}");
+            assert_eq!(
+                trace["chains"][0]["steps"][0]["output"]["messages"][0]["status"], "sent",
+                "{trace:#}"
+            );
+        }
+    };
+    sent("a@example.org").await;
     assert_eq!(smtp.messages().len(), 1);
+
+    // The event expires while its step waits to be tried again: the same.
+    let expires = switchboard_sdk::format_rfc3339(
+        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500),
+    );
+    let id = d
+        .post_event(&json!({"account_key": "acme", "conversation_key": "c-2",
+            "conversation_type": "web", "event_type": "expiring",
+            "event_data": {"email": "b@example.org"}, "expires_at": expires}))
+        .await;
+    let trace = crate::util::wait_until("the event's expiry", TIMEOUT, || async {
+        d.trace("acme", &id)
+            .await
+            .filter(|t| t["status"] == "expired")
+    })
+    .await;
+    assert_eq!(trace["chains"][0]["name"], "expiring", "{trace:#}");
+    let record = record_of("b@example.org").await;
+    assert_eq!(record["status"], "failed", "{record:#}");
+    let cause = record["transitions"][1]["cause"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        cause.starts_with(
+            "not sent: its step failed for good: the event expired before it was tried again \
+             (its last attempt: "
+        ),
+        "{record:#}"
+    );
+    sent("b@example.org").await;
+    assert_eq!(smtp.messages().len(), 2);
 }
 
 /// A step with an idempotency key whose send went to some recipients and

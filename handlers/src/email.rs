@@ -19,7 +19,7 @@ use crate::scheduled;
 use crate::sms::{messages_output, normalized_recipients};
 use crate::template::is_template;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
-use crate::{Handler, StepError, StepInput, StepOutput};
+use crate::{Handler, StepError, StepInput, StepOutput, StepRef};
 
 /// The header that carries the message id.
 pub const MESSAGE_ID_HEADER: &str = "X-Switchboard-Message-Id";
@@ -270,10 +270,10 @@ impl Handler for SendEmail {
         )
     }
 
-    fn failed_for_good(&self, input: &StepInput<'_>, error: &str) -> Result<bool, RecordError> {
+    fn failed_for_good(&self, step: &StepRef<'_>, error: &str) -> Result<bool, RecordError> {
         crate::templated::give_up(
             (self.messages.as_ref(), self.templated.idempotency.as_ref()),
-            input,
+            step,
             error,
         )
     }

@@ -132,7 +132,35 @@ impl StepInput<'_> {
     /// The id of the `index`th event this step emits: derived from (event,
     /// chain, step, index), so a re-run emits the same ids.
     pub fn child_id(&self, index: usize) -> EventId {
-        EventId::derived(self.event.id, self.chain, self.step_name(), index)
+        self.as_ref().child_id(index)
+    }
+
+    /// The step, by name.
+    pub fn as_ref(&self) -> StepRef<'_> {
+        StepRef {
+            event: self.event,
+            chain: self.chain,
+            step: self.step_name(),
+        }
+    }
+}
+
+/// One step of one event's run, by name: what a handler needs to find the
+/// records the step made ([`StepInput::child_id`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StepRef<'a> {
+    /// The event.
+    pub event: &'a VumiApiEvent,
+    /// The chain's name.
+    pub chain: &'a str,
+    /// The step's name.
+    pub step: &'a str,
+}
+
+impl StepRef<'_> {
+    /// As [`StepInput::child_id`].
+    pub fn child_id(&self, index: usize) -> EventId {
+        EventId::derived(self.event.id, self.chain, self.step, index)
     }
 }
 
@@ -323,9 +351,11 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// The step failed for good for `input`'s event, with `error`: its
-    /// error was permanent or its retries ran out, and its run goes on
-    /// (`on_error = "continue"`) or ends in dead letters. Settle what the
+    /// The `step` failed for good, with `error`: its error was permanent
+    /// or its retries ran out (its run goes on under `on_error =
+    /// "continue"`, or ends in dead letters), or its run ended while it
+    /// waited to be tried again (the event expired, the chain was
+    /// removed). Settle what the
     /// step recorded as still to do (a send records its unsent messages
     /// `failed` and gives their template keys back), and say whether part
     /// of its effect happened all the same (a send to several recipients
@@ -334,7 +364,7 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// runs the step again.
     fn failed_for_good(
         &self,
-        _input: &StepInput<'_>,
+        _step: &StepRef<'_>,
         _error: &str,
     ) -> Result<bool, records::RecordError> {
         Ok(false)

@@ -17,7 +17,7 @@ use crate::records::messages::hashed_key;
 use crate::records::{Channel, MessageRecord, MessageStatus, Messages, RecordError};
 use crate::scheduled;
 use crate::templated::{Outgoing, TemplatePorts, TemplateUse};
-use crate::{Handler, StepError, StepInput, StepOutput};
+use crate::{Handler, StepError, StepInput, StepOutput, StepRef};
 
 mod twilio;
 
@@ -486,10 +486,10 @@ impl Handler for SendSms {
         )
     }
 
-    fn failed_for_good(&self, input: &StepInput<'_>, error: &str) -> Result<bool, RecordError> {
+    fn failed_for_good(&self, step: &StepRef<'_>, error: &str) -> Result<bool, RecordError> {
         crate::templated::give_up(
             (self.messages.as_ref(), self.templated.idempotency.as_ref()),
-            input,
+            step,
             error,
         )
     }

@@ -105,8 +105,9 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
     }
 }
 
-/// A send step failed for good for `input`'s event (its error was
-/// permanent, or its retries ran out) with `error`: each message it
+/// A send `step` failed for good (its error was permanent, its retries ran
+/// out, or its run ended before its next attempt) with `error`: each
+/// message it
 /// recorded that was not accepted by its provider (`pending`, or
 /// `scheduled` for a time past) is recorded `failed`, naming `error`, and
 /// gives its template idempotency key back, so that neither stays as if
@@ -119,17 +120,17 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
 /// the failed messages.
 pub(crate) fn give_up(
     (messages, idempotency): (&dyn Messages, &dyn IdempotencyKeys),
-    input: &StepInput<'_>,
+    step: &crate::StepRef<'_>,
     error: &str,
 ) -> Result<bool, crate::records::RecordError> {
-    let account = &input.event.account_key;
+    let account = &step.event.account_key;
     let cause = format!("not sent: its step failed for good: {error}");
     let now = switchboard_sdk::now();
     let mut went = false;
     // A step records its messages in order, one per recipient, each before
     // it sends: the first index without a record is past the last.
     for index in 0.. {
-        let id = input.child_id(index).to_string();
+        let id = step.child_id(index).to_string();
         let Some(record) = messages.get(account, &id)? else {
             break;
         };

@@ -546,7 +546,12 @@ impl Executor {
             };
             let version = record.version;
             if let Some(retry) = &record.retry {
-                self.give_back_claim(event, &name, retry);
+                self.give_up_retry(
+                    event,
+                    &name,
+                    retry,
+                    "its chain was removed before it was tried again",
+                );
             }
             if record.waiting_again
                 && let Some(last) = record.steps.last()
@@ -576,24 +581,25 @@ impl Executor {
         Ok(stopped)
     }
 
-    /// Gives back the idempotency key a step waiting to be tried again
-    /// claimed, as its run ends before it is: another event may run the
-    /// step with the key.
-    fn give_back_claim(&self, event: &VumiApiEvent, chain: &str, retry: &PendingRetry) {
-        let Some(key) = &retry.claimed else {
-            return;
+    /// Lets go of what a step waiting to be tried again holds, as its run
+    /// ends before it is (`why`): its handler's records of what was still
+    /// to do, and the idempotency key it claimed, so that another event
+    /// may run the step with the key.
+    fn give_up_retry(&self, event: &VumiApiEvent, chain: &str, retry: &PendingRetry, why: &str) {
+        let error = match &retry.trace.error {
+            Some(last) => format!("{why} (its last attempt: {last})"),
+            None => why.to_string(),
         };
-        if let Err(e) = self.idempotency.release(
-            &event.account_key,
-            chain,
-            &retry.step,
-            key,
-            &event.id.to_string(),
-        ) {
-            tracing::warn!(account = %event.account_key, chain, step = retry.step, error = %e,
-                "giving back the idempotency key of a step that will not be tried again failed; \
-                 the key holds until its window ends");
-        }
+        step::let_go(
+            self.idempotency.as_ref(),
+            self.registry.get(&retry.trace.handler).map(|h| h.as_ref()),
+            &switchboard_handlers::StepRef {
+                event,
+                chain,
+                step: &retry.step,
+            },
+            (retry.claimed.as_deref(), &error),
+        );
     }
 
     fn unrouted(
@@ -771,7 +777,12 @@ impl Executor {
                 tracing::info!(account = %event.account_key, event_id = %event.id, chain = chain.name,
                     step = name, "event expired: the chain stops before this step");
                 if let Some(retry) = &pass.journal.chain_mut(&chain.name, version).retry {
-                    self.give_back_claim(event, &chain.name, retry);
+                    self.give_up_retry(
+                        event,
+                        &chain.name,
+                        retry,
+                        "the event expired before it was tried again",
+                    );
                 }
                 let end = ChainEnd::Expired {
                     step: name.to_string(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use switchboard_handlers::records::IdempotencyKeys;
 use switchboard_handlers::{
-    Effects, EventValue, Handler, LogLine, Registry, StepError, StepInput, StepOutput,
+    Effects, EventValue, Handler, LogLine, Registry, StepError, StepInput, StepOutput, StepRef,
 };
 use switchboard_rules::{ChainSpec, StepSpec};
 use switchboard_sdk::{EventId, VumiApiEvent};
@@ -206,51 +206,15 @@ impl Steps<'_> {
                 // recorded as still to do is let go, and its key goes back
                 // (a retry keeps it, as its own) unless part of it happened.
                 if let (Some(error), false) = (gave_up, happened) {
-                    self.gave_up(
-                        cx,
-                        step,
-                        handler.as_ref(),
-                        &input,
+                    let_go(
+                        self.idempotency,
+                        Some(handler.as_ref()),
+                        &input.as_ref(),
                         (idempotency_key.as_deref(), error),
                     );
                 }
                 attempt
             }
-        }
-    }
-
-    /// Lets go of what `step`, failed for good with `error`, holds: what
-    /// its handler recorded as still to do, and its idempotency `key`
-    /// unless part of its effect happened all the same.
-    fn gave_up(
-        &self,
-        cx: &StepContext<'_>,
-        step: &StepSpec,
-        handler: &dyn Handler,
-        input: &StepInput<'_>,
-        (key, error): (Option<&str>, &str),
-    ) {
-        let happened_in_part = handler.failed_for_good(input, error).unwrap_or_else(|e| {
-            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
-                step = step.step_name(), error = %e,
-                "settling what a step that failed for good left undone failed; its records stay as they are");
-            false
-        });
-        if happened_in_part {
-            return;
-        }
-        if let Some(key) = key
-            && let Err(e) = self.idempotency.release(
-                &cx.event.account_key,
-                &cx.chain.name,
-                step.step_name(),
-                key,
-                &cx.event.id.to_string(),
-            )
-        {
-            tracing::warn!(account = %cx.event.account_key, chain = cx.chain.name,
-                step = step.step_name(), error = %e,
-                "giving a failed step's idempotency key back failed; the key holds until its window ends");
         }
     }
 
@@ -397,4 +361,40 @@ struct Finished {
     children: Vec<VumiApiEvent>,
     logs: Vec<LogLine>,
     pause: Option<switchboard_handlers::Pause>,
+}
+
+/// Lets go of what `step`, failed for good or never to be tried again (its
+/// run ended first), with `error`, holds: what its `handler` recorded as
+/// still to do, and its idempotency `key` unless part of the step's effect
+/// happened all the same.
+pub(super) fn let_go(
+    idempotency: &dyn IdempotencyKeys,
+    handler: Option<&dyn Handler>,
+    step: &StepRef<'_>,
+    (key, error): (Option<&str>, &str),
+) {
+    let account = &step.event.account_key;
+    let happened_in_part = handler.is_some_and(|h| {
+        h.failed_for_good(step, error).unwrap_or_else(|e| {
+            tracing::warn!(account = %account, chain = step.chain, step = step.step, error = %e,
+                "settling what a step that failed for good left undone failed; its records stay as they are");
+            false
+        })
+    });
+    if happened_in_part {
+        return;
+    }
+    if let Some(key) = key
+        && let Err(e) = idempotency.release(
+            account,
+            step.chain,
+            step.step,
+            key,
+            &step.event.id.to_string(),
+        )
+    {
+        tracing::warn!(account = %account, chain = step.chain, step = step.step, error = %e,
+            "giving back the idempotency key of a step that failed for good failed; \
+             the key holds until its window ends");
+    }
 }
