@@ -1040,12 +1040,17 @@ async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed(
     }
 
     // The reminder chain now matches another event type; the booking
-    // chain is gone.
+    // chain is gone; a chain added for `signed_up` does not start for the
+    // paused event when it comes back (it was not selected for it).
     d.apply_chains(
         "acme.toml",
-        &reminder.replace(
-            "event_type = \"signed_up\"\n",
-            "event_type = \"registered\"\n",
+        &format!(
+            "{}\n[[chains]]\nname = \"greet\"\nevent_type = \"signed_up\"\n\
+             [[chains.steps]]\nhandler = \"log\"\nconfig = {{ message = \"hello\" }}\n",
+            reminder.replace(
+                "event_type = \"signed_up\"\n",
+                "event_type = \"registered\"\n",
+            )
         ),
     )
     .await;
@@ -1056,6 +1061,13 @@ async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed(
     })
     .await;
     assert_eq!(trace["chains"][0]["steps"][2]["outcome"], "ok", "{trace:#}");
+    let ran: Vec<&Value> = trace["chains"]
+        .as_array()
+        .expect("its chains")
+        .iter()
+        .map(|c| &c["name"])
+        .collect();
+    assert_eq!(ran, [&json!("remind")], "{trace:#}");
     assert_eq!(sms_saying(&receiver, "reminder").await.len(), 1);
 
     // The removed chain's run stops when its timer brings it back.

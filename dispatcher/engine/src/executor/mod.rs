@@ -306,19 +306,24 @@ impl Executor {
         let started = loaded
             .as_ref()
             .is_some_and(|j| j.chains.iter().any(ChainJournal::ran));
+        // An earlier pass ended (rather than being cut short): every chain
+        // it selected is in the journal.
+        let selected_before = loaded.as_ref().is_some_and(|j| j.finish.is_some());
         let mut pass = Pass::new(event, loaded, earlier.take(), self.store.under(holding));
         // Interrupted (or given up at a shutdown), the pass still writes an
         // outside step's entry that waited for its next write: see `Pass`'s
         // `Drop`.
-        self.run_pass(event, started, &mut pass, earlier).await
+        self.run_pass(event, (started, selected_before), &mut pass, earlier)
+            .await
     }
 
     /// [`Executor::try_handle`]'s pass over `event`, which has run a chain
-    /// before if `started`.
+    /// before if `started`, and whose chains an earlier pass selected if
+    /// `selected_before`.
     async fn run_pass(
         &self,
         event: &VumiApiEvent,
-        started: bool,
+        (started, selected_before): (bool, bool),
         pass: &mut Pass,
         earlier: &mut Option<WriteMark>,
     ) -> Result<Disposition, Interrupted> {
@@ -367,8 +372,13 @@ impl Executor {
             )
         });
         let mut slots = Vec::new();
-        let stopped =
-            self.runs_under_way(event, &account_chains, &mut selected, pass, &mut slots)?;
+        let stopped = self.runs_under_way(
+            event,
+            (&account_chains, selected_before),
+            &mut selected,
+            pass,
+            &mut slots,
+        )?;
         // Slots are given back under the event's term, like its other
         // writes: a deposed owner's are refused.
         let store = pass.store().clone();
@@ -496,13 +506,16 @@ impl Executor {
     /// Runs of `event` under way (paused, or a step waiting to be tried
     /// again) go on under their chain by name, matched or not: the chain
     /// was selected when they began, and an edit since (a changed match or
-    /// condition) must not strand them. A run whose chain was removed
+    /// condition) must not strand them. When an earlier pass ended
+    /// (`selected_before`), they are all that goes on: a chain added since,
+    /// or whose condition holds now, does not start for an event it did
+    /// not start for then. A run whose chain was removed
     /// stops (`removed`), giving back what a paused step held (a scheduled
     /// send's messages). Returns whether one stopped.
     fn runs_under_way<'a>(
         &self,
         event: &VumiApiEvent,
-        chains: &'a AccountChains,
+        (chains, selected_before): (&'a AccountChains, bool),
         selected: &mut Vec<Selected<'a>>,
         pass: &mut Pass,
         slots: &mut Vec<flow::Slot>,
@@ -519,10 +532,11 @@ impl Executor {
         }
         // A condition is for a run's start: one under way whose `when` now
         // fails goes on. The default chain, picked because the event came
-        // back matching nothing else, starts no second run beside them.
+        // back matching nothing else, starts no second run beside them, and
+        // no chain starts that the pass which selected them did not start.
         selected.retain(|s| {
-            !(s.chain().name == switchboard_rules::DEFAULT_CHAIN
-                && pass.journal.chain(&s.chain().name).is_none())
+            pass.journal.chain(&s.chain().name).is_some()
+                || !(selected_before || s.chain().name == switchboard_rules::DEFAULT_CHAIN)
         });
         for s in selected.iter_mut() {
             if let Selected::ConditionFailed(chain, _) = s
