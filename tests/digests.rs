@@ -321,3 +321,49 @@ async fn bad_digests_are_refused_at_apply_or_fail_their_step() {
         "{letter:#}"
     );
 }
+
+/// A window that filled is closing: an event that comes before its opener
+/// went on opens the next window instead of joining it. A backlog of 8
+/// events of one key (published while the dispatcher was down) makes
+/// windows of at most `max_events`, each event in one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_window_takes_no_more_events() {
+    use switchboard_sdk::nats::NatsEmitter;
+
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(Some(&nats), &config(&receiver));
+    d.apply_chains(
+        "acme.toml",
+        &digest_chain(&by_number(r#"max_events = 3, window = "2s""#)),
+    )
+    .await;
+    d.stop();
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let e = event(
+            "acme",
+            "survey",
+            "signed_up",
+            &format!("c-{i}"),
+            json!({ "msisdn": msisdn(0) }),
+        );
+        emitter.emit(&e).await.expect("emit");
+        ids.push(e.id.to_string());
+    }
+    d.restart();
+    let sent = wait_until("every event in a digest", TIMEOUT, || async {
+        let sent = digests(&receiver).await;
+        (sent.iter().map(|(_, ids)| ids.len()).sum::<usize>() >= ids.len()).then_some(sent)
+    })
+    .await;
+    let sizes: Vec<usize> = sent.iter().map(|(_, ids)| ids.len()).collect();
+    assert!(sizes.iter().all(|&n| n <= 3), "{sent:#?}");
+    let listed: Vec<&String> = sent.iter().flat_map(|(_, ids)| ids).collect();
+    let unique: BTreeSet<&String> = listed.iter().copied().collect();
+    assert_eq!(listed.len(), unique.len(), "an event twice: {sent:#?}");
+    assert_eq!(unique, ids.iter().collect(), "{sent:#?}");
+}

@@ -150,7 +150,12 @@ impl Executor {
             self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
             return Ok((Some(ChainRun::Over), output));
         }
-        match self.open_window(pass.store(), &header_key, account, &chain.name)? {
+        // A full window is closing (its opener comes back for it): none
+        // joins it, the event opens the next.
+        let open = self
+            .open_window(pass.store(), &header_key, account, &chain.name)?
+            .filter(|w| !w.full);
+        match open {
             Some(mut open) => {
                 let position = open.count;
                 open.count = open.count.saturating_add(1);
@@ -162,7 +167,7 @@ impl Executor {
                     event,
                 )];
                 let mut opener_timer = None;
-                if !open.full && open.max_events.is_some_and(|m| open.count >= m) {
+                if open.max_events.is_some_and(|m| open.count >= m) {
                     // Full: its opener comes back now, by a timer of its own
                     // (durable, unlike a publish from here).
                     open.full = true;

@@ -381,12 +381,10 @@ impl Executor {
             });
             let Some((paused_event, run)) = run else {
                 // The run went on or its record is gone: a waiter left
-                // behind (its chains were changed meanwhile, say).
-                store.write_atomically(&[Write {
-                    collection: Collection::Waiters,
-                    key: k,
-                    value: None,
-                }])?;
+                // behind (its chains were changed meanwhile, say). Removed
+                // only as read: the run may have paused again since the
+                // scan, under the same key.
+                store.compare_and_swap(Collection::Waiters, &k, Some(&v), None)?;
                 continue;
             };
             let runtime = self.registry.runtime();
