@@ -30,6 +30,15 @@ fn csrf_in(html: &str) -> String {
         .to_string()
 }
 
+/// The chain a console page shows, as its forms post it back (`seen`).
+fn seen_in(html: &str) -> String {
+    html.split("name=\"seen\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the chain as seen in a form of the page")
+        .to_string()
+}
+
 /// A client that follows no redirect, so that each answer can be checked.
 pub(crate) fn plain_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -1150,11 +1159,24 @@ async fn a_chains_steps_are_edited_moved_added_and_removed() {
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     let csrf = csrf_in(&html);
+    // Each change posted from its page as just shown (what a browser posts
+    // after the redirect that follows the last change).
     let post = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
         let (http, cookie, csrf) = (&http, &cookie, &csrf);
         async move {
+            let shown = http
+                .get(format!("{base}/console/accounts/acme/{path}"))
+                .header(reqwest::header::COOKIE, cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let seen = seen_in(&shown);
             let mut form: Vec<(&str, &str)> = form;
             form.push(("csrf", csrf));
+            form.push(("seen", &seen));
             let answer = http
                 .post(format!("{base}/console/accounts/acme/{path}"))
                 .header(reqwest::header::COOKIE, cookie)
@@ -1266,9 +1288,63 @@ async fn a_chains_steps_are_edited_moved_added_and_removed() {
     )
     .await;
     assert_eq!(status, 303);
-    assert_eq!(
-        post("chain/greet", vec![("action", "remove:0")]).await.0,
-        303
+    // A remove sent twice from the same page (a double click) removes one
+    // step: the second finds the chain changed since the page was shown.
+    let shown = http
+        .get(format!("{base}/console/accounts/acme/chain/greet"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let seen = seen_in(&shown);
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let answer = http
+            .post(format!("{base}/console/accounts/acme/chain/greet"))
+            .header(reqwest::header::COOKIE, &cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("seen", &seen),
+                ("action", "remove:0"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        answers.push((answer.status().as_u16(), answer.text().await.unwrap()));
+    }
+    assert_eq!(answers[0].0, 303);
+    assert_eq!(answers[1].0, 409, "{}", answers[1].1);
+    assert!(
+        answers[1]
+            .1
+            .contains("The chain changed since this page was shown"),
+        "{}",
+        answers[1].1
+    );
+    // So does a step's form saved after its chain changed.
+    let (status, page) = {
+        let answer = http
+            .post(format!("{base}/console/accounts/acme/chain/greet/steps/0"))
+            .header(reqwest::header::COOKIE, &cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("seen", &seen),
+                ("action", "save"),
+                ("handler", "log"),
+                ("opt.message", "stale"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    assert_eq!(status, 409, "{page}");
+    assert!(
+        page.contains("The chain changed since this form was shown"),
+        "{page}"
     );
     let (_, chain) = d.get("/v1/accounts/acme/chains/greet").await;
     let chain = &chain["chain"];

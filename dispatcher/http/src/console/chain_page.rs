@@ -38,6 +38,25 @@ fn chain_of(
         })
 }
 
+/// What a page showing `chain` posts back with its changes (`seen`), so
+/// that a change is made only to the chain as it was shown: not after
+/// another tab changed it, nor twice on a double click. A digest of the
+/// chain as stored.
+pub(super) fn fingerprint(chain: &ChainSpec) -> String {
+    let stored = serde_json::to_vec(chain).expect("a chain serialises");
+    switchboard_handlers::records::sha256_hex(&stored)[..16].to_string()
+}
+
+/// Why a change posted from a page showing the chain as it no longer is
+/// was not made.
+pub(super) const CHANGED_SINCE: &str = "The chain changed since this page was shown (in another \
+     tab, or by a click sent twice): nothing was saved. This is the chain as it is now.";
+
+/// Why a step's form posted after its chain changed saved nothing.
+pub(super) const CHANGED_SINCE_FORM: &str = "The chain changed since this form was shown (in \
+     another tab, or by a click sent twice): nothing was saved. Open the step again from the \
+     chain's page.";
+
 #[derive(Deserialize)]
 pub(super) struct Shown {
     saved: Option<u64>,
@@ -95,6 +114,7 @@ fn show(
                 "when": chain.when,
             })),
             steps => view(&steps),
+            seen => fingerprint(chain),
             saved,
             problems => view(problems),
         },
@@ -107,6 +127,9 @@ fn show(
 pub(super) struct Change {
     #[serde(default)]
     csrf: String,
+    /// The chain as the page showed it ([`fingerprint`]).
+    #[serde(default)]
+    seen: String,
     /// `settings`, `up:N`, `down:N`, `remove:N` (steps from 0) or `remove_chain`.
     #[serde(default)]
     action: String,
@@ -129,6 +152,16 @@ pub(super) async fn act(
     checked_form(&session, &change.csrf)?;
     let _writes = s.config_writes.lock().expect("config write lock");
     let chain = chain_of(&s, &session, &key, &name)?;
+    if change.seen != fingerprint(&chain) {
+        return Ok(show(
+            &key,
+            &session,
+            &chain,
+            None,
+            &[CHANGED_SINCE.to_string()],
+            StatusCode::CONFLICT,
+        ));
+    }
     if change.action == "remove_chain" {
         return match s.chains.remove_chain(&key, &name) {
             Ok(version) => Ok(Redirect::to(&format!(

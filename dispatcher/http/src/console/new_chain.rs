@@ -86,6 +86,7 @@ pub(super) async fn submit(
 ) -> Page {
     checked_form(session, field(&fields, "csrf"))?;
     let save = field(&fields, "action") == "save";
+    let seen = field(&fields, "seen").to_string();
     let mut draft = Draft::new(s, key, target, fields);
     if draft.options.is_none() {
         return Ok(draft.render(s, key, session, None));
@@ -104,6 +105,23 @@ pub(super) async fn submit(
     }
     let stored = {
         let _writes = s.config_writes.lock().expect("config write lock");
+        if let Target::Step { chain, .. } = &draft.target {
+            // The step's place and the chain it edits, as the form showed
+            // them: saved only onto that chain.
+            let now = s
+                .chains
+                .current(key)
+                .map_err(|e| internal(session, &e))?
+                .and_then(|v| v.chains.into_iter().find(|c| c.name == chain.name));
+            if now.is_none_or(|now| super::chain_page::fingerprint(&now) != seen) {
+                return Err(super::error_page(
+                    axum::http::StatusCode::CONFLICT,
+                    Some(session),
+                    super::chain_page::CHANGED_SINCE_FORM,
+                )
+                .into());
+            }
+        }
         match draft.checked(s, key) {
             Some(valid) => {
                 let change = draft.change();
@@ -668,12 +686,21 @@ impl Draft {
                 Some(chain.steps.len() + 1),
             ),
         };
+        // The chain as the form was first shown, carried through previews.
+        let seen = match &self.target {
+            Target::NewChain => None,
+            Target::Step { chain, .. } => Some(match field(&self.fields, "seen") {
+                "" => super::chain_page::fingerprint(chain),
+                seen => seen.to_string(),
+            }),
+        };
         render(
             "new_chain.html",
             context! {
                 mode,
                 action,
                 step_number,
+                seen,
                 account => account.to_string(),
                 session => session_view(session),
                 kinds => view(&kinds),
