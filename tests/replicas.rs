@@ -727,6 +727,43 @@ async fn replicas_joining_and_leaving_keep_every_conversation_in_order() {
     )
     .await;
     eprintln!("replicas: the health page shows {rows:?}");
+
+    // The session works on the other replica too, and signing out on one
+    // ends it on both.
+    let page = |replica: &Dispatcher, path: &'static str| {
+        let (http, cookie) = (&http, format!("sb_session={session}"));
+        let url = format!("{}{path}", replica.url());
+        async move {
+            http.get(url)
+                .header(reqwest::header::COOKIE, cookie)
+                .send()
+                .await
+                .expect("the console answers")
+        }
+    };
+    assert_eq!(page(&c, "/console").await.status(), 200);
+    let html = page(&a, "/console").await.text().await.expect("a page");
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the sign-out form's token")
+        .to_string();
+    let out = http
+        .post(format!("{}/console/sign-out", a.url()))
+        .header(reqwest::header::COOKIE, format!("sb_session={session}"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("the console answers");
+    assert_eq!(out.status(), 303);
+    assert_eq!(page(&a, "/console").await.status(), 303);
+    wait_until(
+        "the session ended on the other replica",
+        Duration::from_secs(20),
+        || async { (page(&c, "/console").await.status() == 303).then_some(()) },
+    )
+    .await;
 }
 
 /// The replica rows of the console's health page: whether the row is the

@@ -43,6 +43,9 @@ pub struct Session {
     /// while that token does.
     pub credential: Credential,
     expires: Instant,
+    /// Whether the store keeps it: then it lasts only while the store
+    /// does (signed out on another replica, it is removed there).
+    kept: bool,
 }
 
 /// How long a sign-in link works, once.
@@ -120,15 +123,16 @@ impl Sessions {
         set_cookie(response, name, value, max_age, self.secure);
     }
 
-    fn save(&self, id: &str, session: &Session) {
+    /// Keeps `session` in the store; whether it did.
+    fn save(&self, id: &str, session: &Session) -> bool {
         let Some(store) = &self.store else {
-            return;
+            return false;
         };
         let account = match &session.principal {
             Principal::Admin => None,
             Principal::Account(a) => Some(a.clone()),
             // Receiver tokens do not sign in to the console.
-            Principal::Receiver(_) => return,
+            Principal::Receiver(_) => return false,
         };
         let stored = Stored {
             account,
@@ -143,13 +147,18 @@ impl Sessions {
         let value = serde_json::to_vec(&stored).expect("a session serialises");
         // Made durable at once: a sign-in is rare, and a crash right after
         // it should not sign the browser out.
-        if let Err(e) = store
+        let kept = match store
             .put(Collection::ConsoleSessions, &stored_key(id), &value)
             .and_then(|()| store.flush_blocking())
         {
-            tracing::warn!(error = %e, "keeping a console session failed; it lasts until this process stops");
-        }
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping a console session failed; it lasts until this process stops");
+                false
+            }
+        };
         self.sweep(store);
+        kept
     }
 
     fn load(&self, id: &str) -> Option<Session> {
@@ -168,6 +177,7 @@ impl Sessions {
             csrf: stored.csrf,
             credential,
             expires: Instant::now() + Duration::from_millis(left),
+            kept: true,
         })
     }
 
@@ -218,12 +228,14 @@ impl Sessions {
     /// `credential`; returns its id (the cookie's value).
     pub fn start(&self, principal: Principal, credential: Credential) -> String {
         let id = random_token();
-        let session = Session {
+        let mut session = Session {
             principal,
             csrf: random_token(),
             credential,
             expires: Instant::now() + SESSION_TTL,
+            kept: false,
         };
+        session.kept = self.save(&id, &session);
         let mut by_id = self.by_id.lock().expect("session lock");
         if by_id.len() >= MAX_SESSIONS {
             let now = Instant::now();
@@ -237,9 +249,7 @@ impl Sessions {
                 by_id.remove(&oldest);
             }
         }
-        by_id.insert(id.clone(), session.clone());
-        drop(by_id);
-        self.save(&id, &session);
+        by_id.insert(id.clone(), session);
         id
     }
 
@@ -248,7 +258,22 @@ impl Sessions {
         let id = cookie(headers, SESSION_COOKIE)?;
         let mut by_id = self.by_id.lock().expect("session lock");
         match by_id.get(&id) {
-            Some(s) if s.expires > Instant::now() => return Some(s.clone()),
+            Some(s) if s.expires > Instant::now() && !s.kept => return Some(s.clone()),
+            Some(s) if s.expires > Instant::now() => {
+                let s = s.clone();
+                drop(by_id);
+                // Signed out on another replica: gone from the store. (A
+                // store that cannot answer now does not sign anyone out.)
+                if self.store.as_ref().is_some_and(|store| {
+                    store
+                        .contains(Collection::ConsoleSessions, &stored_key(&id))
+                        .is_ok_and(|kept| !kept)
+                }) {
+                    self.by_id.lock().expect("session lock").remove(&id);
+                    return None;
+                }
+                return Some(s);
+            }
             Some(_) => {
                 by_id.remove(&id);
                 return None;
