@@ -57,10 +57,10 @@ impl SigningKeys {
     /// signing).
     pub fn get(&self, account: &AccountKey, purpose: Purpose) -> Result<[u8; 32], RecordError> {
         let k = key_of(account, purpose);
+        if let Some(existing) = self.find(account, purpose)? {
+            return Ok(existing);
+        }
         loop {
-            if let Some(existing) = self.find(account, purpose)? {
-                return Ok(existing);
-            }
             let made = random_key();
             if self
                 .store
@@ -68,6 +68,16 @@ impl SigningKeys {
                 .about(Records::Secrets, account)?
             {
                 return Ok(made);
+            }
+            // Another replica made it first: its key, read where it was
+            // made (this replica's copy may not have it yet).
+            if let Some(existing) = self
+                .store
+                .get_latest(Collection::SigningKeys, &k)
+                .about(Records::Secrets, account)?
+                .and_then(|existing| <[u8; 32]>::try_from(existing.as_slice()).ok())
+            {
+                return Ok(existing);
             }
         }
     }
