@@ -1091,3 +1091,56 @@ async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed(
 fn chains_of(file: &str) -> String {
     file.replace("account_key = \"acme\"\n", "")
 }
+
+/// An event that a paused run both waits for (`wait_for_event`) and is
+/// cancelled by (its chain's `cancel_on`) cancels it: the cancel is not
+/// overwritten by the wait's match.
+#[tokio::test]
+async fn an_event_both_awaited_and_cancelling_cancels_the_run() {
+    let d = Dispatcher::embedded();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "order"
+conversation_type = "shop"
+event_type = "order_placed"
+cancel_on = { event_type = "order_update", match = "event.event_data.status == \"cancelled\"" }
+
+[[chains.steps]]
+name = "update"
+handler = "wait_for_event"
+config = { event_type = "order_update", match = "event.conversation_key == paused.conversation_key", timeout = "30s" }
+
+[[chains.steps]]
+handler = "log"
+config = { message = "updated" }
+"#,
+    )
+    .await;
+    let placed = event("acme", "shop", "order_placed", "order-1", json!({}));
+    d.post_event(&serde_json::to_value(&placed).expect("JSON"))
+        .await;
+    let trace = d
+        .wait_for_trace("acme", &placed.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+    let update = event(
+        "acme",
+        "shop",
+        "order_update",
+        "order-1",
+        json!({ "status": "cancelled" }),
+    );
+    d.post_event(&serde_json::to_value(&update).expect("JSON"))
+        .await;
+    let trace = wait_until("the paused run's end", TIMEOUT, || async {
+        d.trace("acme", &placed.id.to_string())
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "cancelled", "{trace:#}");
+}

@@ -398,8 +398,13 @@ impl Executor {
                     continue;
                 }
             }
+            // One per kind: an event that both cancels the run and is the
+            // one it waits for leaves both, and the cancel (first in key
+            // order) wins.
             let mut signal_key = signal_prefix(account, paused, &chain);
             signal_key.extend_from_slice(event.id.to_string().as_bytes());
+            signal_key.push(0);
+            signal_key.extend_from_slice(kind.as_str().as_bytes());
             let signal = Signal {
                 kind,
                 event: event.clone(),
