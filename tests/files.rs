@@ -232,7 +232,7 @@ config = { to = "ann@example.org", subject = "Terms", text = "Attached.", attach
 "#,
     )
     .await;
-    let at = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(4))
+    let at = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(6))
         .replace_nanosecond(0)
         .expect("a whole second")
         .format(&time::format_description::well_known::Rfc3339)

@@ -509,6 +509,7 @@ name = "one-at-a-time"
 conversation_type = "survey"
 event_type = "replied"
 concurrency = { key = "all", limit = 1 }
+cancel_on = { event_type = "release" }
 
 [[chains.steps]]
 handler = "log"
@@ -521,7 +522,7 @@ config = { provider = "gateway", to = "{{ event.event_data.to }}", body = "text 
 
 [[chains.steps]]
 handler = "delay"
-config = { duration = "5s" }
+config = { duration = "10m" }
 "#,
     )
     .await;
@@ -543,7 +544,7 @@ config = { duration = "5s" }
         .as_str()
         .expect("a letter id")
         .to_string();
-    // Another run takes the slot and holds it for five seconds.
+    // Another run takes the slot and holds it until it is let go.
     let holding = d.post_event(&post("c-2", "+27821000001")).await;
     let trace = d.wait_for_trace("acme", &holding, TIMEOUT).await;
     assert_eq!(trace["status"], "waiting", "{trace:#}");
@@ -561,8 +562,12 @@ config = { duration = "5s" }
     let holder = d.trace("acme", &holding).await.expect("its trace");
     assert_eq!(holder["status"], "waiting", "{holder:#}");
 
-    // The holder's end gives it the slot: it goes on at its failed step.
-    assert_eq!(ended(&d, &holding).await["status"], "done");
+    // The holder's end (cancelled) gives it the slot: it goes on at its
+    // failed step.
+    let release =
+        serde_json::to_value(event("acme", "survey", "release", "c-2", json!({}))).expect("JSON");
+    d.post_event(&release).await;
+    assert_eq!(ended(&d, &holding).await["status"], "cancelled");
     let trace = ended(&d, &failing).await;
     assert_eq!(trace["status"], "dead", "{trace:#}");
     let step = &trace["chains"][0]["steps"][1];

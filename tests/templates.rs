@@ -968,7 +968,7 @@ config = { provider = "sink", template = "code", recipients = [{ email = "{{ eve
 
     // The event expires while its step waits to be tried again: the same.
     let expires = switchboard_sdk::format_rfc3339(
-        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500),
+        time::OffsetDateTime::now_utc() + time::Duration::milliseconds(3000),
     );
     let id = d
         .post_event(&json!({"account_key": "acme", "conversation_key": "c-2",

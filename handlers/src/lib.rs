@@ -360,12 +360,14 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// `failed` and gives their template keys back), and say whether part
     /// of its effect happened all the same (a send to several recipients
     /// whose first went): the step's idempotency key then holds, so that a
-    /// duplicate event does not do that part again. A replayed dead letter
-    /// runs the step again.
+    /// duplicate event does not do that part again (an error counts as
+    /// yes). When `replayable` (the run ended in dead letters), replaying
+    /// the letter runs the step again; otherwise nothing will.
     fn failed_for_good(
         &self,
         _step: &StepRef<'_>,
         _error: &str,
+        _replayable: bool,
     ) -> Result<bool, records::RecordError> {
         Ok(false)
     }

@@ -486,11 +486,16 @@ impl Handler for SendSms {
         )
     }
 
-    fn failed_for_good(&self, step: &StepRef<'_>, error: &str) -> Result<bool, RecordError> {
+    fn failed_for_good(
+        &self,
+        step: &StepRef<'_>,
+        error: &str,
+        replayable: bool,
+    ) -> Result<bool, RecordError> {
         crate::templated::give_up(
             (self.messages.as_ref(), self.templated.idempotency.as_ref()),
             step,
-            error,
+            (error, replayable),
         )
     }
 

@@ -113,15 +113,15 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
 /// gives its template idempotency key back, so that neither stays as if
 /// still to go. (A provider whose answer was lost, a timeout after the
 /// SMTP DATA say, may have it all the same.) A message handed to Twilio
-/// with no answer (`sending`) is left as it is, and so is one scheduled
-/// for a time still to come.
-/// Whether any message went (or may have: `sending`). Replaying the event's
-/// dead letter runs the step again, which claims the keys anew and sends
-/// the failed messages.
+/// with no answer (`sending`) is left as it is, and so, when the step is
+/// `replayable` (its run ended in dead letters), is one scheduled for a
+/// time still to come: replaying the letter runs the step again, which
+/// holds it until then, claims the keys anew and sends the failed ones.
+/// Whether any message went (or may have: `sending`).
 pub(crate) fn give_up(
     (messages, idempotency): (&dyn Messages, &dyn IdempotencyKeys),
     step: &crate::StepRef<'_>,
-    error: &str,
+    (error, replayable): (&str, bool),
 ) -> Result<bool, crate::records::RecordError> {
     let account = &step.event.account_key;
     let cause = format!("not sent: its step failed for good: {error}");
@@ -137,7 +137,9 @@ pub(crate) fn give_up(
         match record.status {
             // Its time is still to come (the step failed before it): a
             // replay holds it until then.
-            MessageStatus::Scheduled if record.scheduled_at.is_some_and(|at| at > now) => {
+            MessageStatus::Scheduled
+                if replayable && record.scheduled_at.is_some_and(|at| at > now) =>
+            {
                 continue;
             }
             MessageStatus::Scheduled | MessageStatus::Pending => {}

@@ -612,7 +612,7 @@ impl Executor {
                 chain,
                 step: &retry.step,
             },
-            (retry.claimed.as_deref(), &error),
+            (retry.claimed.as_deref(), (&error, false)),
         );
     }
 

@@ -197,20 +197,23 @@ impl Steps<'_> {
                 if let Attempt::Retry { pending, .. } = &mut attempt {
                     pending.claimed = idempotency_key.clone();
                 }
+                // (And whether a dead letter's replay may run it again.)
                 let gave_up = match &attempt {
-                    Attempt::Failed { message, .. } => Some(message.as_str()),
-                    Attempt::Continue { trace, .. } => Some(trace.error.as_deref().unwrap_or("")),
+                    Attempt::Failed { message, .. } => Some((message.as_str(), true)),
+                    Attempt::Continue { trace, .. } => {
+                        Some((trace.error.as_deref().unwrap_or(""), false))
+                    }
                     Attempt::Retry { .. } | Attempt::Done { .. } => None,
                 };
                 // A step that failed for good did not happen: what it
                 // recorded as still to do is let go, and its key goes back
                 // (a retry keeps it, as its own) unless part of it happened.
-                if let (Some(error), false) = (gave_up, happened) {
+                if let (Some(failure), false) = (gave_up, happened) {
                     let_go(
                         self.idempotency,
                         Some(handler.as_ref()),
                         &input.as_ref(),
-                        (idempotency_key.as_deref(), error),
+                        (idempotency_key.as_deref(), failure),
                     );
                 }
                 attempt
@@ -365,21 +368,26 @@ struct Finished {
 
 /// Lets go of what `step`, failed for good or never to be tried again (its
 /// run ended first), with `error`, holds: what its `handler` recorded as
-/// still to do, and its idempotency `key` unless part of the step's effect
-/// happened all the same.
+/// still to do (`replayable`: a dead letter's replay may run it again),
+/// and its idempotency `key` unless part of the step's effect happened all
+/// the same.
 pub(super) fn let_go(
     idempotency: &dyn IdempotencyKeys,
     handler: Option<&dyn Handler>,
     step: &StepRef<'_>,
-    (key, error): (Option<&str>, &str),
+    (key, (error, replayable)): (Option<&str>, (&str, bool)),
 ) {
     let account = &step.event.account_key;
+    // A handler that cannot tell (its records could not be read) may have
+    // done part of it: the key holds.
     let happened_in_part = handler.is_some_and(|h| {
-        h.failed_for_good(step, error).unwrap_or_else(|e| {
-            tracing::warn!(account = %account, chain = step.chain, step = step.step, error = %e,
-                "settling what a step that failed for good left undone failed; its records stay as they are");
-            false
-        })
+        h.failed_for_good(step, error, replayable)
+            .unwrap_or_else(|e| {
+                tracing::warn!(account = %account, chain = step.chain, step = step.step, error = %e,
+                "settling what a step that failed for good left undone failed; its records \
+                 stay as they are and its idempotency key holds");
+                true
+            })
     });
     if happened_in_part {
         return;
