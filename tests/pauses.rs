@@ -1144,3 +1144,73 @@ config = { message = "updated" }
     .await;
     assert_eq!(trace["status"], "cancelled", "{trace:#}");
 }
+
+/// A run paused waiting for an event of a type its chain, edited since,
+/// no longer awaits still goes on when such an event comes: edits do not
+/// leave paused runs unreachable until their timeout.
+#[tokio::test]
+async fn a_run_paused_before_its_chain_was_edited_is_still_reached() {
+    let d = Dispatcher::embedded();
+    let chain = |awaited: &str| {
+        format!(
+            r#"
+account_key = "acme"
+
+[[chains]]
+name = "order"
+conversation_type = "shop"
+event_type = "order_placed"
+
+[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = {{ event_type = "{awaited}", match = "event.event_data.order_id == paused.event_data.order_id", timeout = "10m" }}
+
+[[chains.steps]]
+handler = "log"
+config = {{ message = "paid" }}
+"#
+        )
+    };
+    d.apply_chains("acme.toml", &chain("order_paid")).await;
+    let placed = event(
+        "acme",
+        "shop",
+        "order_placed",
+        "order-1",
+        json!({ "order_id": 1 }),
+    );
+    d.post_event(&serde_json::to_value(&placed).expect("JSON"))
+        .await;
+    let trace = d
+        .wait_for_trace("acme", &placed.id.to_string(), TIMEOUT)
+        .await;
+    assert_eq!(trace["status"], "waiting", "{trace:#}");
+
+    // The chain now waits for another type; the run paused before waits
+    // for the one it was given.
+    d.apply_chains("acme.toml", &chain("payment_done")).await;
+    let paid = event(
+        "acme",
+        "payments",
+        "order_paid",
+        "gateway",
+        json!({ "order_id": 1 }),
+    );
+    d.post_event(&serde_json::to_value(&paid).expect("JSON"))
+        .await;
+    let trace = wait_until("the paused run going on", TIMEOUT, || async {
+        d.trace("acme", &placed.id.to_string())
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let step = &trace["chains"][0]["steps"][0];
+    assert_eq!(step["output"]["matched"], true, "{trace:#}");
+    assert_eq!(
+        step["output"]["event"]["id"],
+        paid.id.to_string(),
+        "{trace:#}"
+    );
+}

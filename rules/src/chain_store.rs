@@ -31,6 +31,11 @@ pub struct ChainVersion {
     pub change: String,
     /// The chains of this version.
     pub chains: Vec<ChainSpec>,
+    /// Event types earlier versions' chains awaited (a `wait_for_event`,
+    /// a `cancel_on`) and this one's do not: runs paused under those
+    /// versions may still wait for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaited_before: Vec<String>,
 }
 
 /// What a new version changed, by chain name, in the new version's order
@@ -81,6 +86,25 @@ impl ChainChanges {
 }
 
 impl ChainVersion {
+    /// This version's chains, indexed for matching.
+    pub fn indexed(&self) -> AccountChains {
+        AccountChains::new(self.version, self.to_file()).awaiting_also(&self.awaited_before)
+    }
+
+    /// What the version after this one, with `chains`, carries forward of
+    /// the event types this one's runs may await.
+    fn awaited_after(&self, chains: &[ChainSpec]) -> Vec<String> {
+        let now = crate::matching::awaited_types(chains);
+        let mut before: Vec<String> = crate::matching::awaited_types(&self.chains)
+            .into_iter()
+            .chain(self.awaited_before.iter().cloned())
+            .filter(|t| !now.contains(t))
+            .collect();
+        before.sort();
+        before.dedup();
+        before
+    }
+
     /// The chain file of this version.
     pub fn to_file(&self) -> ChainFile {
         ChainFile {
@@ -170,10 +194,7 @@ impl ChainStore {
             Some(version) => {
                 let number = version.version;
                 if current.get(account).map(|c| c.version()) != Some(number) {
-                    current.insert(
-                        account.clone(),
-                        Arc::new(AccountChains::new(number, version.to_file())),
-                    );
+                    current.insert(account.clone(), Arc::new(version.indexed()));
                 }
                 Ok(Some(number))
             }
@@ -377,15 +398,16 @@ impl ChainStore {
                 1,
             )?;
             let (next, base) = match last.first() {
-                Some((k, v)) => (version_of_key(k) + 1, decode(account.as_str(), v)?.chains),
-                None => (1, Vec::new()),
+                Some((k, v)) => (version_of_key(k) + 1, Some(decode(account.as_str(), v)?)),
+                None => (1, None),
             };
-            let (chains, made) = make(&base)?;
+            let (chains, made) = make(base.as_ref().map_or(&[], |b| b.chains.as_slice()))?;
             let record = ChainVersion {
                 account_key: account.clone(),
                 version: next,
                 applied_at: switchboard_sdk::now(),
                 change: change.to_string(),
+                awaited_before: base.map(|b| b.awaited_after(&chains)).unwrap_or_default(),
                 chains,
             };
             let bytes = serde_json::to_vec(&record).expect("a chain version serialises");
@@ -408,9 +430,8 @@ impl ChainStore {
                 break (record, made);
             }
         };
-        let next = record.version;
         self.store.flush_blocking()?;
-        let indexed = Arc::new(AccountChains::new(next, record.to_file()));
+        let indexed = Arc::new(record.indexed());
         self.current
             .write()
             .expect("chain cache lock")
@@ -424,10 +445,7 @@ fn load_all(store: &Store) -> Result<HashMap<AccountKey, Arc<AccountChains>>, Ch
     let mut current = HashMap::new();
     for (k, v) in store.scan_prefix(Collection::Chains, b"")? {
         let version = decode(&String::from_utf8_lossy(&k), &v)?;
-        current.insert(
-            version.account_key.clone(),
-            Arc::new(AccountChains::new(version.version, version.to_file())),
-        );
+        current.insert(version.account_key.clone(), Arc::new(version.indexed()));
     }
     Ok(current)
 }

@@ -32,6 +32,30 @@ pub struct AccountChains {
 /// The handler whose steps wait for an event (its `event_type` option).
 pub const WAIT_FOR_EVENT: &str = "wait_for_event";
 
+/// The event types `chains` await: each chain's `cancel_on` and each
+/// `wait_for_event` step's; sorted, each once.
+pub fn awaited_types(chains: &[ChainSpec]) -> Vec<String> {
+    let mut awaited: Vec<String> = chains
+        .iter()
+        .filter_map(|c| c.cancel_on.as_ref().map(|m| m.event_type.to_string()))
+        .chain(chains.iter().flat_map(|c| {
+            c.steps
+                .iter()
+                .filter(|s| s.handler == WAIT_FOR_EVENT)
+                .filter_map(|s| {
+                    s.config
+                        .to_map()
+                        .get("event_type")?
+                        .as_str()
+                        .map(String::from)
+                })
+        }))
+        .collect();
+    awaited.sort();
+    awaited.dedup();
+    awaited
+}
+
 /// What an event runs.
 #[derive(Debug, PartialEq)]
 pub enum Routing<'a> {
@@ -75,25 +99,7 @@ impl AccountChains {
             })
             .collect();
         index.sort_unstable();
-        let mut awaited: Vec<String> = file
-            .chains
-            .iter()
-            .filter_map(|c| c.cancel_on.as_ref().map(|m| m.event_type.to_string()))
-            .chain(file.chains.iter().flat_map(|c| {
-                c.steps
-                    .iter()
-                    .filter(|s| s.handler == WAIT_FOR_EVENT)
-                    .filter_map(|s| {
-                        s.config
-                            .to_map()
-                            .get("event_type")?
-                            .as_str()
-                            .map(String::from)
-                    })
-            }))
-            .collect();
-        awaited.sort();
-        awaited.dedup();
+        let awaited = awaited_types(&file.chains);
         Self {
             account: file.account_key,
             version,
@@ -104,9 +110,23 @@ impl AccountChains {
         }
     }
 
+    /// These chains, whose runs paused under earlier versions may also
+    /// await events of `types` (what those versions' chains awaited).
+    pub fn awaiting_also(mut self, types: &[String]) -> Self {
+        if !types.is_empty() {
+            let mut awaited = std::mem::take(&mut self.awaited).into_vec();
+            awaited.extend(types.iter().cloned());
+            awaited.sort();
+            awaited.dedup();
+            self.awaited = awaited.into();
+        }
+        self
+    }
+
     /// Whether an event of `event_type` can reach a paused run of these
     /// chains: a chain's `cancel_on` names it, or a `wait_for_event` step
-    /// waits for it. Only then does the dispatcher look for paused runs.
+    /// waits for it (in this version, or in an earlier one whose runs may
+    /// still be paused). Only then does the dispatcher look for paused runs.
     pub fn awaits(&self, event_type: &str) -> bool {
         self.awaited.iter().any(|t| t == event_type)
     }

@@ -515,3 +515,39 @@ config = {{ level = "info", message = "{message}" }}
     }
     assert_eq!(text(&file("initech", "done")), text(&a), "still held once");
 }
+
+/// A version's chains still await the event types an earlier version's
+/// did (runs paused under it may wait for them), across a reopen of the
+/// store; the types the current chains await are theirs, not carried.
+#[test]
+fn versions_carry_forward_what_earlier_ones_awaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |cancel_on: &str| {
+        check(&format!(
+            "account_key = \"acme\"\n[[chains]]\nname = \"remind\"\nevent_type = \"signed_up\"\n\
+             {cancel_on}\nsteps = [{{ handler = \"log\" }}]"
+        ))
+        .unwrap()
+    };
+    {
+        let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
+        let v1 = store
+            .apply(file("cancel_on = { event_type = \"stop\" }"))
+            .unwrap();
+        assert!(v1.awaited_before.is_empty());
+        let v2 = store.apply(file("")).unwrap();
+        assert_eq!(v2.awaited_before, ["stop"]);
+        let v3 = store
+            .apply(file("cancel_on = { event_type = \"halt\" }"))
+            .unwrap();
+        assert_eq!(v3.awaited_before, ["stop"]);
+        let v4 = store
+            .apply(file("cancel_on = { event_type = \"stop\" }"))
+            .unwrap();
+        assert_eq!(v4.awaited_before, ["halt"]);
+    }
+    let store = ChainStore::open(Store::open(dir.path()).unwrap()).unwrap();
+    let chains = store.lookup(&acme()).unwrap();
+    assert!(chains.awaits("stop") && chains.awaits("halt"));
+    assert!(!chains.awaits("signed_up"));
+}
