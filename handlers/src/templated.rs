@@ -107,11 +107,10 @@ pub fn release_recorded(idempotency: &dyn IdempotencyKeys, record: &MessageRecor
 
 /// A send `step` failed for good (its error was permanent, its retries ran
 /// out, or its run ended before its next attempt) with `error`: each
-/// message it
-/// recorded that was not accepted by its provider (`pending`, or
-/// `scheduled` for a time past) is recorded `failed`, naming `error`, and
-/// gives its template idempotency key back, so that neither stays as if
-/// still to go. (A provider whose answer was lost, a timeout after the
+/// message it recorded that was not accepted by its provider (`pending`,
+/// or `scheduled` for a time past) is recorded `failed`, naming `error`,
+/// and gives its template idempotency key back, so that neither stays as
+/// if still to go. (A provider whose answer was lost, a timeout after the
 /// SMTP DATA say, may have it all the same.) A message handed to Twilio
 /// with no answer (`sending`) is left as it is, and so, when the step is
 /// `replayable` (its run ended in dead letters), is one scheduled for a

@@ -383,9 +383,9 @@ pub(super) fn let_go(
     let happened_in_part = handler.is_some_and(|h| {
         h.failed_for_good(step, error, replayable)
             .unwrap_or_else(|e| {
-                tracing::warn!(account = %account, chain = step.chain, step = step.step, error = %e,
-                "settling what a step that failed for good left undone failed; its records \
-                 stay as they are and its idempotency key holds");
+                tracing::warn!(account = %account, chain = step.chain, step = step.step,
+                    error = %e, "settling what a step that failed for good left undone failed; \
+                    its records stay as they are and its idempotency key holds");
                 true
             })
     });
