@@ -1214,3 +1214,123 @@ config = {{ message = "paid" }}
         "{trace:#}"
     );
 }
+
+/// The waiters of the runs of the store in `dir` (the dispatcher stopped),
+/// removed if `remove`: as if a crash had taken them between the pause's
+/// journal write and theirs. Returns how many there were.
+fn waiters_in(dir: &std::path::Path, remove: bool) -> usize {
+    use switchboard_store::{Collection, Store, Write};
+    let store = Store::open(&dir.join("store")).expect("the store opens");
+    let waiters = store
+        .scan_prefix(Collection::Waiters, b"acme\0")
+        .expect("the waiters read");
+    if remove {
+        let removals: Vec<Write> = waiters
+            .iter()
+            .map(|(k, _)| Write {
+                collection: Collection::Waiters,
+                key: k.clone(),
+                value: None,
+            })
+            .collect();
+        store
+            .write_atomically(&removals)
+            .expect("the waiters removed");
+    }
+    waiters.len()
+}
+
+/// A run whose waiters were lost after its pause was journaled (a crash
+/// between the two writes) gets them back when its event is delivered
+/// again: the awaited event still resumes it and its chain's `cancel_on`
+/// still cancels it, instead of both waiting out the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_run_handled_again_after_losing_its_waiters_is_still_reached() {
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::nats(&nats);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "order"
+conversation_type = "shop"
+event_type = "order_placed"
+cancel_on = { event_type = "order_cancelled" }
+
+[[chains.steps]]
+name = "paid"
+handler = "wait_for_event"
+config = { event_type = "order_paid", match = "event.event_data.order_id == paused.event_data.order_id", timeout = "1h" }
+
+[[chains.steps]]
+handler = "log"
+config = { message = "paid" }
+"#,
+    )
+    .await;
+    let in_order = |conversation: &str, event_type: &str| {
+        event(
+            "acme",
+            "shop",
+            event_type,
+            conversation,
+            json!({ "order_id": conversation }),
+        )
+    };
+    let (paid, cancelled) = (
+        in_order("order-1", "order_placed"),
+        in_order("order-2", "order_placed"),
+    );
+    for e in [&paid, &cancelled] {
+        d.post_event(&serde_json::to_value(e).expect("JSON")).await;
+        let trace = d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+        assert_eq!(trace["status"], "waiting", "{trace:#}");
+    }
+    d.stop();
+    // Each run waits for its payment and for its cancellation.
+    assert_eq!(waiters_in(&d.data_dir(), true), 4);
+    d.restart();
+
+    // Delivered again, as after a crash before their acks, then the
+    // events that reach them, each in its run's conversation (after it).
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    for e in [
+        paid.clone(),
+        cancelled.clone(),
+        in_order("order-1", "order_paid"),
+        in_order("order-2", "order_cancelled"),
+    ] {
+        js.publish(
+            e.subject("vumi"),
+            serde_json::to_vec(&e).expect("JSON").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("JetStream stores the event");
+    }
+    let trace = wait_until("the paid order going on", TIMEOUT, || async {
+        d.trace("acme", &paid.id.to_string())
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    assert_eq!(
+        trace["chains"][0]["steps"][0]["output"]["matched"], true,
+        "{trace:#}"
+    );
+    let trace = wait_until("the cancelled order's end", TIMEOUT, || async {
+        d.trace("acme", &cancelled.id.to_string())
+            .await
+            .filter(|t| t["status"] != "waiting")
+    })
+    .await;
+    assert_eq!(trace["status"], "cancelled", "{trace:#}");
+    // Neither run left a waiter behind.
+    d.stop();
+    assert_eq!(waiters_in(&d.data_dir(), false), 0);
+}

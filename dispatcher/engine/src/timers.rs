@@ -403,6 +403,7 @@ mod tests {
                 again: false,
                 digest: None,
                 flow: None,
+                reached_by: Vec::new(),
             },
         ] {
             pending.push(&entry);

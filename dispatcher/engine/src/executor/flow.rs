@@ -324,6 +324,7 @@ impl Executor {
                     again: false,
                     digest: None,
                     flow: Some(control),
+                    reached_by: Vec::new(),
                 });
                 if at_ms != NEVER {
                     pass.set_timer(PendingTimer {

@@ -5,7 +5,10 @@
 //! A pause is recorded in the event's journal (`Entry::Wait`) with, in the
 //! same write, its timer and a *waiter* per way a later event may reach it
 //! (`{account}\0{event type}\0{paused event id}\0{chain}\0{kind}` in
-//! [`Collection::Waiters`], holding the match's condition). An arriving
+//! [`Collection::Waiters`], holding the match's condition). The entry keeps
+//! the waiters too: the journal is written first, so a crash between the
+//! writes can lose them, and the event, delivered again and finding its run
+//! still paused, writes them again. An arriving
 //! event of a type some chain of its account awaits
 //! ([`AccountChains::awaits`]) reads the waiters of its type; for each
 //! whose condition holds it writes a *signal* (the arriving event, in
@@ -26,27 +29,8 @@ use switchboard_store::{Collection, Write, key};
 
 use super::pass::Pass;
 use super::{Executor, Interrupted, policy};
-use crate::journal::{ChainEnd, ChainJournal, Entry, RecordKey, now_ms};
+use crate::journal::{ChainEnd, ChainJournal, Entry, Reach, Reachable, RecordKey, now_ms};
 use crate::timers::PendingTimer;
-
-/// What a later event that reaches a paused run does to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Reach {
-    /// Ends the chain (its `cancel_on`).
-    Cancel,
-    /// Ends the pause: the chain goes on (a `wait_for_event`).
-    Resume,
-}
-
-impl Reach {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reach::Cancel => "cancel",
-            Reach::Resume => "resume",
-        }
-    }
-}
 
 /// A waiter's key.
 fn waiter_key(
@@ -95,6 +79,27 @@ struct Waiting {
     /// redelivery), it does not reach this pause.
     #[serde(default)]
     since_ms: u64,
+}
+
+/// The write of `waiter` of the run of `chain` of event `paused`, paused
+/// until `until_ms`.
+fn waiter_write(
+    account: &AccountKey,
+    paused: EventId,
+    chain: &str,
+    until_ms: u64,
+    waiter: &Reachable,
+) -> Write {
+    let waiting = Waiting {
+        condition: waiter.condition.clone(),
+        until_ms,
+        since_ms: waiter.since_ms,
+    };
+    Write {
+        collection: Collection::Waiters,
+        key: waiter_key(account, &waiter.event_type, paused, chain, waiter.kind),
+        value: Some(serde_json::to_vec(&waiting).expect("a waiter serialises")),
+    }
 }
 
 /// The prefix of the signals for `chain` of the paused event `paused`.
@@ -150,27 +155,13 @@ impl Executor {
         pass: &mut Pass,
         pause: Pause,
     ) {
-        pass.record(Entry::Wait {
-            chain: chain.name.clone(),
-            until_ms: pause.until_ms,
-            for_event: pause.awaits.as_ref().map(|a| a.event_type.clone()),
-            again: pause.again,
-            digest: pause.window.as_ref().map(|w| w.key.clone()),
-            flow: None,
-        });
-        if pause.until_ms != NEVER {
-            pass.set_timer(PendingTimer {
-                account: event.account_key.clone(),
-                event_id: event.id,
-                chain: chain.name.clone(),
-                due_ms: pause.until_ms,
-            });
-        }
         // A digest window is not cancelled: it holds other events' runs.
         let cancel_on = chain.cancel_on.as_ref().filter(|_| pause.window.is_none());
-        let waiters = pause
+        let since_ms = now_ms();
+        let reached_by: Vec<Reachable> = pause
             .awaits
-            .map(|a| (Reach::Resume, a.event_type, a.condition))
+            .as_ref()
+            .map(|a| (Reach::Resume, a.event_type.clone(), a.condition.clone()))
             .into_iter()
             .chain(cancel_on.map(|c| {
                 (
@@ -178,18 +169,38 @@ impl Executor {
                     c.event_type.to_string(),
                     c.condition().to_string(),
                 )
-            }));
-        for (kind, event_type, condition) in waiters {
-            let waiting = Waiting {
+            }))
+            .map(|(kind, event_type, condition)| Reachable {
+                kind,
+                event_type,
                 condition,
-                until_ms: pause.until_ms,
-                since_ms: now_ms(),
-            };
-            let value = serde_json::to_vec(&waiting).expect("a waiter serialises");
-            pass.write_beside(Write {
-                collection: Collection::Waiters,
-                key: waiter_key(&event.account_key, &event_type, event.id, &chain.name, kind),
-                value: Some(value),
+                since_ms,
+            })
+            .collect();
+        for waiter in &reached_by {
+            pass.write_beside(waiter_write(
+                &event.account_key,
+                event.id,
+                &chain.name,
+                pause.until_ms,
+                waiter,
+            ));
+        }
+        pass.record(Entry::Wait {
+            chain: chain.name.clone(),
+            until_ms: pause.until_ms,
+            for_event: pause.awaits.map(|a| a.event_type),
+            again: pause.again,
+            digest: pause.window.map(|w| w.key),
+            flow: None,
+            reached_by,
+        });
+        if pause.until_ms != NEVER {
+            pass.set_timer(PendingTimer {
+                account: event.account_key.clone(),
+                event_id: event.id,
+                chain: chain.name.clone(),
+                due_ms: pause.until_ms,
             });
         }
     }
@@ -229,10 +240,26 @@ impl Executor {
                         || waiting_for.as_deref() == Some(s.event.event_type.as_str()))
             });
         let now = now_ms();
+        let reached_by = pass
+            .journal
+            .chain_mut(&chain.name, version)
+            .waiting_reached_by
+            .clone();
         if first.is_none() && now < until_ms {
-            // Back early (a duplicate, a timer fired by a replica whose
-            // clock is ahead): still paused, its timer set again in case it
-            // was the one that fired.
+            // Back early (a duplicate, a redelivery after a crash, a timer
+            // fired by a replica whose clock is ahead): still paused. Its
+            // timer and waiters are written again (the same values), in
+            // case it was the timer that fired or a crash took them
+            // between the pause's journal write and theirs.
+            for waiter in &reached_by {
+                pass.write_beside(waiter_write(
+                    account,
+                    event.id,
+                    &chain.name,
+                    until_ms,
+                    waiter,
+                ));
+            }
             pass.set_timer(timer);
             return Ok(Resumed::Paused);
         }
@@ -315,12 +342,24 @@ impl Executor {
             }
         };
         pass.clear_timer(&timer);
-        let waiters = waiting_for.map(|t| (Reach::Resume, t)).into_iter().chain(
-            chain
+        // The waiters as the pause wrote them; a pause recorded before they
+        // were kept in its entry has them as its chain would now.
+        let waiters: Vec<(Reach, String)> = if reached_by.is_empty() {
+            let cancel_on = chain
                 .cancel_on
                 .as_ref()
-                .map(|c| (Reach::Cancel, c.event_type.to_string())),
-        );
+                .map(|c| (Reach::Cancel, c.event_type.to_string()));
+            waiting_for
+                .map(|t| (Reach::Resume, t))
+                .into_iter()
+                .chain(cancel_on)
+                .collect()
+        } else {
+            reached_by
+                .into_iter()
+                .map(|w| (w.kind, w.event_type))
+                .collect()
+        };
         for (kind, event_type) in waiters {
             pass.write_beside(Write {
                 collection: Collection::Waiters,

@@ -147,6 +147,12 @@ pub enum Entry {
         /// The flow control holding the run back before its first step.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         flow: Option<Control>,
+        /// The waiters the pause wrote beside it (none in entries written
+        /// before they were kept here): written again when the event comes
+        /// back while the run is paused, since a crash or a hand-over
+        /// between the two writes may have lost them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reached_by: Vec<Reachable>,
     },
     /// A paused chain went on, at `at_ms`.
     Woke {
@@ -202,6 +208,42 @@ pub struct StepName {
     pub name: String,
     /// Its handler.
     pub handler: String,
+}
+
+/// What a later event that reaches a paused run does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reach {
+    /// Ends the chain (its `cancel_on`).
+    Cancel,
+    /// Ends the pause: the chain goes on (a `wait_for_event`).
+    Resume,
+}
+
+impl Reach {
+    /// As in a waiter's key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Cancel => "cancel",
+            Reach::Resume => "resume",
+        }
+    }
+}
+
+/// A way a later event may reach a paused run: a waiter of the pause, in
+/// [`Collection::Waiters`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reachable {
+    /// What it does to the run.
+    pub kind: Reach,
+    /// The type of the event that reaches it.
+    pub event_type: String,
+    /// The Rhai condition over `event`, `paused` and `steps` that such an
+    /// event must meet.
+    pub condition: String,
+    /// When the pause began (ms since the epoch): an event taken up before
+    /// then does not reach it.
+    pub since_ms: u64,
 }
 
 /// A finished step.
@@ -334,6 +376,9 @@ pub struct ChainJournal {
     pub waiting_digest: Option<String>,
     /// The flow control holding the run back, if any.
     pub waiting_flow: Option<Control>,
+    /// The ways a later event may reach the pause (its waiters), as
+    /// recorded with it.
+    pub waiting_reached_by: Vec<Reachable>,
     /// What its flow controls decided, one record per control (the latest).
     pub flow: Vec<FlowRecord>,
 }
@@ -511,6 +556,7 @@ impl EventJournal {
                 chain.waiting_again = false;
                 chain.waiting_digest = None;
                 chain.waiting_flow = None;
+                chain.waiting_reached_by.clear();
             }
             Entry::Announced { chain } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
@@ -564,6 +610,7 @@ impl EventJournal {
                 again,
                 digest,
                 flow,
+                reached_by,
             } => {
                 if let Some(c) = self.chains.iter_mut().find(|c| c.name == chain) {
                     c.waiting = Some(until_ms);
@@ -571,6 +618,7 @@ impl EventJournal {
                     c.waiting_again = again;
                     c.waiting_digest = digest;
                     c.waiting_flow = flow;
+                    c.waiting_reached_by = reached_by;
                 }
             }
             Entry::Woke { chain, output, .. } => {
@@ -579,6 +627,7 @@ impl EventJournal {
                     c.waiting_for = None;
                     c.waiting_digest = None;
                     c.waiting_flow = None;
+                    c.waiting_reached_by.clear();
                     if std::mem::take(&mut c.waiting_again) {
                         c.steps.pop();
                     } else if let (Some(output), Some(last)) = (output, c.steps.last_mut()) {

@@ -494,6 +494,7 @@ fn a_paused_chain_keeps_its_record_until_it_goes_on() {
                 again: false,
                 digest: None,
                 flow: None,
+                reached_by: Vec::new(),
             },
         ],
     );
