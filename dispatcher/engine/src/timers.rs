@@ -13,7 +13,10 @@
 //! wrote, which reach this one's copy through the changelog). When one is
 //! due and this replica holds its partition, it puts the event back on the
 //! bus (under a duplicate-detection id of its own for each firing, like a
-//! replay) and removes the timer. The executor goes on with the chain only once the
+//! replay) and removes the timer, if it is still the one it read: each
+//! setting of a timer writes a value of its own, so a timer set again
+//! meanwhile (its event came back before its pause's end, by a clock
+//! stepped back) stays. The executor goes on with the chain only once the
 //! journal's pause has passed by its own clock: a timer never makes a chain
 //! go on early, and firing twice (a crash between the publish and the
 //! removal) finds the chain already gone on.
@@ -88,12 +91,13 @@ impl PendingTimer {
         })
     }
 
-    /// The write that sets the timer.
+    /// The write that sets the timer: its value is this setting's own, so
+    /// that a firing removes only the setting it read.
     pub fn put(&self) -> Write {
         Write {
             collection: Collection::Timers,
             key: self.key(),
-            value: Some(Vec::new()),
+            value: Some(uuid::Uuid::now_v7().as_bytes().to_vec()),
         }
     }
 
@@ -228,30 +232,27 @@ impl Timers {
     }
 
     /// Fires the due timer at `k`: puts its event back on the bus and
-    /// removes it. Returns when to look at it again if it could not fire.
+    /// removes it (unless it was set again meanwhile). Returns when to
+    /// look at it again if it could not fire.
     async fn fire(&self, k: &[u8]) -> Option<u64> {
         let again = now_ms() + AGAIN_AFTER.as_millis() as u64;
         let inner = &self.inner;
-        match inner.store.contains(Collection::Timers, k) {
-            Ok(true) => {}
+        let set = match inner.store.get(Collection::Timers, k) {
+            Ok(Some(set)) => set,
             // Fired or removed already (by this replica or another).
-            Ok(false) => return None,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::warn!(error = %e, "reading a timer failed; trying again");
                 return Some(again);
             }
-        }
+        };
         // Another replica's partition: its owner fires it.
         if !inner.store.writes_locally(Collection::Timers, k) {
             return Some(again);
         }
         let Some(timer) = PendingTimer::parse(k) else {
             tracing::warn!(key = %String::from_utf8_lossy(k), "removing a timer whose key is not one");
-            self.remove(Write {
-                collection: Collection::Timers,
-                key: k.to_vec(),
-                value: None,
-            });
+            self.remove(k, &set);
             return None;
         };
         let record = match inner
@@ -279,19 +280,19 @@ impl Timers {
         let Some(event) = paused else {
             // The chain went on already (its event came back another way)
             // or its record is gone: nothing to bring back.
-            self.remove(timer.removal());
+            self.remove(k, &set);
             return None;
         };
-        // A firing of its own: a timer set again after its event came back
-        // early (a replica whose clock is ahead fired it) fires again under
-        // another id, not as a duplicate the bus would drop. Firing twice
-        // is harmless: the chain goes on once.
+        // An id per setting of the timer: one set again after its event
+        // came back early (a replica whose clock is ahead fired it) fires
+        // again, not as a duplicate the bus would drop. Firing twice is
+        // harmless: the chain goes on once. (A setting written before
+        // settings had their own value fires under its firing's time.)
+        let setting = uuid::Uuid::from_slice(&set)
+            .map_or_else(|_| now_ms().to_string(), |u| u.simple().to_string());
         let dedup_id = format!(
-            "{}:wake:{}:{}:{}",
-            event.id,
-            timer.chain,
-            timer.due_ms,
-            now_ms()
+            "{}:wake:{}:{}:{setting}",
+            event.id, timer.chain, timer.due_ms
         );
         if let Err(e) = inner.bus.publish_as(event, &dedup_id).await {
             tracing::warn!(account = %timer.account, event_id = %timer.event_id, chain = timer.chain,
@@ -301,18 +302,20 @@ impl Timers {
         tracing::debug!(account = %timer.account, event_id = %timer.event_id, chain = timer.chain,
             late_ms = now_ms().saturating_sub(timer.due_ms), "timer fired");
         inner.metrics.timer_fired();
-        self.remove(timer.removal());
+        self.remove(k, &set);
         None
     }
 
-    fn remove(&self, removal: Write) {
-        if let Err(e) = self
+    /// Removes the timer at `k` if it is still the setting `set`: one set
+    /// again since it was read is a pause of its own, left to fire.
+    fn remove(&self, k: &[u8], set: &[u8]) {
+        let removed = self
             .inner
             .store
-            .write_atomically(std::slice::from_ref(&removal))
-        {
+            .compare_and_swap(Collection::Timers, k, Some(set), None);
+        if let Err(e) = removed {
             // It fires again later, and the chain has gone on by then.
-            tracing::warn!(key = %String::from_utf8_lossy(&removal.key), error = %e,
+            tracing::warn!(key = %String::from_utf8_lossy(k), error = %e,
                 "removing a fired timer failed");
         }
     }
@@ -335,9 +338,11 @@ mod tests {
     }
 
     /// A bus that drops a publish whose id it has seen, as NATS does
-    /// within its duplicate window, and keeps the ids it took.
+    /// within its duplicate window, and keeps the ids it took; and writes
+    /// `then` to its store as it takes the next one (what the event's pass
+    /// writes when it comes back).
     #[derive(Debug, Default)]
-    struct Dedups(Mutex<Vec<String>>);
+    struct Dedups(Mutex<Vec<String>>, Mutex<Option<(Store, Write)>>);
 
     #[async_trait::async_trait]
     impl Bus for Dedups {
@@ -346,6 +351,9 @@ mod tests {
             _: &switchboard_sdk::VumiApiEvent,
             dedup_id: &str,
         ) -> Result<crate::bus::Published, crate::bus::BusError> {
+            if let Some((store, write)) = self.1.lock().unwrap().take() {
+                store.write_in_order(&[write]).unwrap();
+            }
             let mut taken = self.0.lock().unwrap();
             let duplicate = taken.iter().any(|id| id == dedup_id);
             if !duplicate {
@@ -379,7 +387,8 @@ mod tests {
     /// A timer set again after its event came back early (fired by a
     /// replica whose clock is ahead) fires again: its event goes back on
     /// the bus, not dropped as a duplicate of the first firing, which left
-    /// the chain paused for good.
+    /// the chain paused for good; nor removed by a firing under way as it
+    /// was set.
     #[tokio::test]
     async fn a_timer_set_again_fires_again() {
         use crate::journal::{Entry, EventJournal, Pending};
@@ -429,11 +438,22 @@ mod tests {
 
         // Its event came back before the pause's end by that pass's clock:
         // the pass set the same timer again.
-        tokio::time::sleep(Duration::from_millis(2)).await;
         store.write_in_order(&[timer.put()]).unwrap();
         assert_eq!(timers.fire(&timer.key()).await, None);
         let taken = bus.0.lock().unwrap().clone();
         assert_eq!(taken.len(), 2, "{taken:?}");
+
+        // Set again while its firing was under way (the event came back at
+        // once, before its pause's end by a clock stepped back): the
+        // firing's removal leaves the new setting, which fires in turn.
+        store.write_in_order(&[timer.put()]).unwrap();
+        *bus.1.lock().unwrap() = Some((store.clone(), timer.put()));
+        assert_eq!(timers.fire(&timer.key()).await, None);
+        assert!(store.contains(Collection::Timers, &timer.key()).unwrap());
+        assert_eq!(timers.fire(&timer.key()).await, None);
+        assert!(!store.contains(Collection::Timers, &timer.key()).unwrap());
+        let taken = bus.0.lock().unwrap().clone();
+        assert_eq!(taken.len(), 4, "{taken:?}");
     }
 
     #[test]
