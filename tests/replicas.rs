@@ -2302,3 +2302,65 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
         }
     }
 }
+
+/// Going back from replicas to one dispatcher: the single dispatcher's
+/// consumer, made then, starts after what the replicas' partition
+/// consumers handled. The stream keeps every event, and the new dispatcher
+/// has no journal of the replicas' work: starting at the stream's start
+/// would send every SMS of their time again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dispatcher_after_replicas_starts_after_what_they_handled() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let accounts = 4;
+    let chains = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
+            .expect("writing a chain file");
+    }
+    let replicated = config_with(&receiver, true, 1);
+    let mut a = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let mut b = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let first = events(80, accounts);
+    emit_all(nats.url(), &first).await;
+    all_done(&a, &first, Duration::from_secs(60)).await;
+    assert_eq!(a.stop(), Some(0));
+    assert_eq!(b.stop(), Some(0));
+
+    let single = Dispatcher::nats_url_with_chains(
+        nats.url(),
+        &config_with(&receiver, false, 1),
+        chains.path(),
+    );
+    // Later events, told apart from the first by their `n`.
+    let second: Vec<VumiApiEvent> = events(40, accounts)
+        .into_iter()
+        .map(|mut e| {
+            let n = e.event_data["n"].as_u64().expect("n");
+            e.event_data["n"] = json!(n + 1_000);
+            e
+        })
+        .collect();
+    emit_all(nats.url(), &second).await;
+    all_done(&single, &second, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    for e in &first {
+        assert_eq!(
+            single
+                .trace(e.account_key.as_str(), &e.id.to_string())
+                .await,
+            None,
+            "the single dispatcher handled an event the replicas had handled"
+        );
+    }
+    let mut sent: HashMap<(String, String, u64), usize> = HashMap::new();
+    for arrival in receiver.requests().await.iter().filter_map(sms_arrival) {
+        let (_, account, conversation, n) = arrival;
+        *sent.entry((account, conversation, n)).or_default() += 1;
+    }
+    let again: Vec<_> = sent.iter().filter(|(_, times)| **times > 1).collect();
+    assert!(again.is_empty(), "sent more than once: {again:?}");
+    assert_eq!(sent.len(), first.len() + second.len());
+}
