@@ -367,3 +367,100 @@ async fn a_full_window_takes_no_more_events() {
     assert_eq!(listed.len(), unique.len(), "an event twice: {sent:#?}");
     assert_eq!(unique, ids.iter().collect(), "{sent:#?}");
 }
+
+/// Removes the records of `member` (the dispatcher stopped) that a crash
+/// between its join's window entries and its own journal would lose: its
+/// journal record and its mark that it joined.
+fn forget_the_join(dir: &std::path::Path, member: &str) {
+    use switchboard_store::{Collection, Store, Write};
+    let store = Store::open(&dir.join("store")).expect("the store opens");
+    let mut writes: Vec<Write> = store
+        .scan_prefix(Collection::Journal, format!("acme\0{member}").as_bytes())
+        .expect("the journal reads")
+        .into_iter()
+        .map(|(key, _)| Write {
+            collection: Collection::Journal,
+            key,
+            value: None,
+        })
+        .collect();
+    assert!(!writes.is_empty(), "the member has no journal record");
+    let mark = format!("acme\0{member}\0daily\0joined").into_bytes();
+    assert!(
+        store.contains(Collection::DigestEvents, &mark).unwrap(),
+        "the member has no mark"
+    );
+    writes.push(Write {
+        collection: Collection::DigestEvents,
+        key: mark,
+        value: None,
+    });
+    store.write_atomically(&writes).expect("the removals");
+}
+
+/// A member whose join a crash half kept (the window's entry of it, not
+/// its mark and journal) comes back after its window closed: it finds
+/// itself gathered there instead of opening a second window, so it is in
+/// one digest only, and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_after_its_window_closed_is_not_gathered_again() {
+    let nats = NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(Some(&nats), &config(&receiver));
+    d.apply_chains("acme.toml", &digest_chain(&by_number(r#"window = "2s""#)))
+        .await;
+    let signed_up = |conversation: &str| {
+        event(
+            "acme",
+            "survey",
+            "signed_up",
+            conversation,
+            json!({ "msisdn": msisdn(0) }),
+        )
+    };
+    let (opener, member) = (signed_up("c-0"), signed_up("c-1"));
+    for e in [&opener, &member] {
+        d.post_event(&serde_json::to_value(e).expect("JSON")).await;
+        d.wait_for_trace("acme", &e.id.to_string(), TIMEOUT).await;
+    }
+    d.stop();
+    forget_the_join(&d.data_dir(), &member.id.to_string());
+    d.restart();
+    let both = vec![opener.id.to_string(), member.id.to_string()];
+    let sent = wait_until("the window's digest", TIMEOUT, || async {
+        let sent = digests(&receiver).await;
+        (!sent.is_empty()).then_some(sent)
+    })
+    .await;
+    assert_eq!(sent, vec![(msisdn(0), both.clone())]);
+
+    // Delivered again, as after the crash (its ack never went).
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    async_nats::jetstream::new(client)
+        .publish(
+            member.subject("vumi"),
+            serde_json::to_vec(&member).expect("JSON").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("JetStream stores the event");
+    let trace = d
+        .wait_for_trace("acme", &member.id.to_string(), TIMEOUT)
+        .await;
+    let gather = &trace["chains"][0]["steps"][0];
+    assert_eq!(gather["outcome"], "stopped", "{trace:#}");
+    assert_eq!(gather["output"]["joined"], both[0].as_str(), "{trace:#}");
+    // A window it opened would have closed and texted by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(digests(&receiver).await, vec![(msisdn(0), both)]);
+    d.stop();
+    let store = switchboard_store::Store::open(&d.data_dir().join("store")).expect("the store");
+    let left: Vec<String> = store
+        .scan_prefix(switchboard_store::Collection::DigestEvents, b"acme\0")
+        .expect("the windows read")
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

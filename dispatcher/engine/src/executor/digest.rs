@@ -11,14 +11,17 @@
 //! step, so two events of a key never both open a window, and none joins
 //! a window that is closing.
 //!
-//! Writes are ordered so a crash at any point loses no event and closes
-//! no window twice: a joining event's window entries go before its
-//! journal, the mark that it joined last of them (a crash before the mark
-//! repeats the join, and the close keeps each event once; after it, the
-//! event handled again finds the mark and stops); the opening event's header goes before its journal (a
-//! header whose opener is not paused on it is taken for none); a close
-//! writes the journal, with every event in the step's output, before the
-//! window is removed.
+//! Writes are ordered so a crash at any point loses no event, closes no
+//! window twice and gathers no event into two windows: a joining event's
+//! window entries go before its journal, the mark that it joined last of
+//! them (a crash before the mark repeats the join, and the close keeps
+//! each event once; after it, the event handled again finds the mark and
+//! stops); a close keeps (or writes) the mark of each member whose journal
+//! does not hold its join, which is then still to come back, and that
+//! member removes it when it does; the opening event's header goes before
+//! its journal (a header whose opener is not paused on it is taken for
+//! none); a close writes the journal, with every event in the step's
+//! output, before the window is removed.
 
 use std::collections::HashSet;
 
@@ -144,7 +147,19 @@ impl Executor {
             .and_then(|v| String::from_utf8(v).ok());
         if let Some(opener) = joined_before {
             // Handled again after a crash that kept its join: it is in that
-            // window (gathered already, if it closed since).
+            // window (gathered already, if it closed since). Once that one
+            // closed, the mark has done its work and goes with this pass's
+            // journal; while it is open, its close removes it.
+            let still_open = self
+                .open_window(pass.store(), &header_key, account, &chain.name)?
+                .is_some_and(|w| w.opener.to_string() == opener);
+            if !still_open {
+                pass.write_beside(Write {
+                    collection: Collection::DigestEvents,
+                    key: member,
+                    value: None,
+                });
+            }
             output.insert("joined".into(), Value::String(opener));
             record_step(pass, (chain, version), record, &output, true);
             self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
@@ -341,10 +356,20 @@ impl Executor {
             });
         }
         for member in members.iter().filter(|m| m.id != event.id) {
+            // A member whose own journal does not hold its join (a crash
+            // kept the window's entry of it but not its mark and journal)
+            // comes back: its mark is kept, or written, so that it finds
+            // itself gathered here instead of opening another window, and
+            // it removes the mark then. The others' marks go.
+            let joined = self
+                .journal
+                .load(&RecordKey::new(account, &member.id))?
+                .and_then(|j| j.chain(&chain.name).map(|c| c.end.is_some()))
+                .unwrap_or(false);
             pass.write_beside(Write {
                 collection: Collection::DigestEvents,
                 key: member_key(account, member.id, &chain.name),
-                value: None,
+                value: (!joined).then(|| event.id.to_string().into_bytes()),
             });
         }
         // The journal (with every event) first, then the window goes.
