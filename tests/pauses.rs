@@ -1000,11 +1000,11 @@ async fn with_order_conversation_a_later_event_waits_for_the_paused_run() {
 /// A run under way follows its chain by name: a paused run goes on after
 /// its chain's match was edited so the event no longer matches it; a
 /// paused run whose chain was removed stops there (`removed`), and a
-/// scheduled send's messages are cancelled with it.
+/// scheduled send's messages are cancelled with it, and its waiters go.
 #[tokio::test]
 async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed() {
     let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let d = Dispatcher::with_config(None, &config(&receiver));
+    let mut d = Dispatcher::with_config(None, &config(&receiver));
     let reminder = REMINDER.replace(r#"duration = "2s""#, r#"duration = "3s""#);
     let at = switchboard_sdk::format_rfc3339(
         time::OffsetDateTime::now_utc() + time::Duration::seconds(5),
@@ -1085,6 +1085,9 @@ async fn paused_runs_outlive_an_edit_of_their_chain_and_stop_when_it_is_removed(
         .unwrap_or_else(|| panic!("the scheduled message in {listed:#}"));
     assert_eq!(message["status"], "cancelled", "{message:#}");
     assert!(sms_saying(&receiver, "see you").await.is_empty());
+    // Its `cancel_on` waiter went with it.
+    d.stop();
+    assert_eq!(waiters_in(&d.data_dir(), false), 0);
 }
 
 /// The `[[chains]]` of a chain file, without its account line.

@@ -2303,13 +2303,14 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
     }
 }
 
-/// Going back from replicas to one dispatcher: the single dispatcher's
-/// consumer, made then, starts after what the replicas' partition
-/// consumers handled. The stream keeps every event, and the new dispatcher
-/// has no journal of the replicas' work: starting at the stream's start
-/// would send every SMS of their time again.
+/// Going back from replicas to one dispatcher: the single dispatcher
+/// passes over what the replicas' partition consumers handled, whether its
+/// consumer is made then or was left by a single dispatcher that ran before
+/// the replicas. The stream keeps every event, and the new dispatcher has no
+/// journal of the replicas' work: delivering it again would send every SMS
+/// of their time twice. What came while no dispatcher ran is handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_dispatcher_after_replicas_starts_after_what_they_handled() {
+async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let accounts = 4;
@@ -2319,40 +2320,51 @@ async fn one_dispatcher_after_replicas_starts_after_what_they_handled() {
         std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
             .expect("writing a chain file");
     }
+    // Each wave's events, told apart by their `n`.
+    let wave = |n: usize, wave: u64| -> Vec<VumiApiEvent> {
+        events(n, accounts)
+            .into_iter()
+            .map(|mut e| {
+                let n = e.event_data["n"].as_u64().expect("n");
+                e.event_data["n"] = json!(n + 1_000 * wave);
+                e
+            })
+            .collect()
+    };
+    let single_config = config_with(&receiver, false, 1);
+    let single = || Dispatcher::nats_url_with_chains(nats.url(), &single_config, chains.path());
+
+    // A single dispatcher first: it leaves its consumer behind.
+    let mut first = single();
+    let before = wave(20, 0);
+    emit_all(nats.url(), &before).await;
+    all_done(&first, &before, Duration::from_secs(60)).await;
+    assert_eq!(first.stop(), Some(0));
+
     let replicated = config_with(&receiver, true, 1);
     let mut a = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
     let mut b = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
-    let first = events(80, accounts);
-    emit_all(nats.url(), &first).await;
-    all_done(&a, &first, Duration::from_secs(60)).await;
+    let theirs = wave(80, 1);
+    emit_all(nats.url(), &theirs).await;
+    all_done(&a, &theirs, Duration::from_secs(60)).await;
     assert_eq!(a.stop(), Some(0));
     assert_eq!(b.stop(), Some(0));
+    // Stored while no dispatcher runs.
+    let meanwhile = wave(12, 2);
+    emit_all(nats.url(), &meanwhile).await;
 
-    let single = Dispatcher::nats_url_with_chains(
-        nats.url(),
-        &config_with(&receiver, false, 1),
-        chains.path(),
-    );
-    // Later events, told apart from the first by their `n`.
-    let second: Vec<VumiApiEvent> = events(40, accounts)
-        .into_iter()
-        .map(|mut e| {
-            let n = e.event_data["n"].as_u64().expect("n");
-            e.event_data["n"] = json!(n + 1_000);
-            e
-        })
-        .collect();
-    emit_all(nats.url(), &second).await;
-    all_done(&single, &second, Duration::from_secs(60)).await;
+    let last = single();
+    let after = wave(40, 3);
+    emit_all(nats.url(), &after).await;
+    all_done(&last, &meanwhile, Duration::from_secs(60)).await;
+    all_done(&last, &after, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    for e in &first {
+    for e in before.iter().chain(&theirs) {
         assert_eq!(
-            single
-                .trace(e.account_key.as_str(), &e.id.to_string())
-                .await,
+            last.trace(e.account_key.as_str(), &e.id.to_string()).await,
             None,
-            "the single dispatcher handled an event the replicas had handled"
+            "the last dispatcher handled an event handled before it"
         );
     }
     let mut sent: HashMap<(String, String, u64), usize> = HashMap::new();
@@ -2362,5 +2374,8 @@ async fn one_dispatcher_after_replicas_starts_after_what_they_handled() {
     }
     let again: Vec<_> = sent.iter().filter(|(_, times)| **times > 1).collect();
     assert!(again.is_empty(), "sent more than once: {again:?}");
-    assert_eq!(sent.len(), first.len() + second.len());
+    assert_eq!(
+        sent.len(),
+        before.len() + theirs.len() + meanwhile.len() + after.len()
+    );
 }

@@ -4,6 +4,7 @@
 //! [`Bus`](switchboard_engine::bus::Bus) port; the engine does not know
 //! which it runs on.
 
+mod after_replicas;
 pub mod commands;
 pub mod embedded;
 pub mod files;

@@ -17,6 +17,7 @@ use switchboard_sdk::nats::{NatsEmitter, events_stream_config, stream_name};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::after_replicas;
 use crate::partitions::PARTITIONS;
 use crate::pull::{
     GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
@@ -237,69 +238,6 @@ async fn ensure_partitioned(
             wanted.as_ref().map_or("", |w| w.destination.as_str()),
         )),
     }
-}
-
-/// Where the single dispatcher's consumer starts when it is made (an
-/// existing one goes on where it was): after what the replicas' partition
-/// consumers handled, when replicas shared the stream before, so that going
-/// back to one dispatcher does not handle the stream's history again (the
-/// stream keeps every event: its limits are the operator's); otherwise at
-/// the stream's start, so that what workers published before the first
-/// dispatcher ran is handled.
-///
-/// A partition consumer with nothing pending or unacked handled all of its
-/// events up to the stream's last sequence, read before the consumers; one
-/// with work left, up to its ack floor. The consumer starts after the
-/// lowest of these: events of other partitions between that and their own
-/// floors are delivered again, and the journal finds them handled.
-async fn single_start(
-    stream: &jetstream::stream::Stream,
-) -> Result<jetstream::consumer::DeliverPolicy, BusError> {
-    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-        BusError::Unavailable(format!(
-            "{what} (to place consumer {CONSUMER}'s start): {e}"
-        ))
-    };
-    use jetstream::consumer::DeliverPolicy;
-    use jetstream::context::ConsumerInfoErrorKind::NotFound;
-    match stream.consumer_info(CONSUMER).await {
-        Ok(_) => return Ok(DeliverPolicy::All),
-        Err(e) if e.kind() == NotFound => {}
-        Err(e) => return Err(unavailable(&format!("reading consumer {CONSUMER}"), &e)),
-    }
-    let last = stream
-        .get_info()
-        .await
-        .map_err(|e| unavailable("reading the events stream", &e))?
-        .state
-        .last_sequence;
-    let mut handled: Option<u64> = None;
-    for p in 0..PARTITIONS {
-        let name = partition_consumer(p);
-        let info = match stream.consumer_info(&name).await {
-            Ok(info) => info,
-            Err(e) if e.kind() == NotFound => continue,
-            Err(e) => return Err(unavailable(&format!("reading consumer {name}"), &e)),
-        };
-        let through = if info.num_pending == 0 && info.num_ack_pending == 0 {
-            last.max(info.ack_floor.stream_sequence)
-        } else {
-            info.ack_floor.stream_sequence
-        };
-        handled = Some(handled.map_or(through, |h| h.min(through)));
-    }
-    Ok(match handled {
-        Some(through) => {
-            tracing::info!(
-                start_sequence = through + 1,
-                "the stream has the replicas' partition consumers: consumer {CONSUMER} starts after what they handled"
-            );
-            DeliverPolicy::ByStartSequence {
-                start_sequence: through + 1,
-            }
-        }
-        None => DeliverPolicy::All,
-    })
 }
 
 /// The NATS JetStream bus.
@@ -668,9 +606,11 @@ impl Bus for NatsBus {
             ack_wait: self.ack_wait,
             max_ack_pending: self.max_ack_pending,
             filter_subject: format!("{}.events.>", self.prefix),
-            deliver_policy: single_start(&stream).await?,
             ..Default::default()
         };
+        let start = after_replicas::single_start(&stream).await?;
+        let config = after_replicas::starting(config, &start);
+        let handled = start.handled;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(CONSUMER, config.clone())
             .await
@@ -697,7 +637,7 @@ impl Bus for NatsBus {
             // Marks the time the pull ends, on every way out, after the
             // stream (and its subscription) is gone.
             let _ended = PullEnded(pull_stopped);
-            pull_single((js, stream, config), messages, sink, stop).await;
+            pull_single((js, stream, config), messages, sink, stop, handled).await;
         });
         Ok(rx)
     }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use switchboard_engine::bus::{BusError, Delivery, Settle};
 
+use crate::after_replicas::{self, Handled};
 use crate::partitions::strip_partition;
 use crate::puller::{PullError, PullSettings, Puller};
 
@@ -280,14 +281,18 @@ pub(super) async fn send_all(sink: &Sink, deliveries: impl IntoIterator<Item = D
 /// Pulls the single consumer (`config` on `stream`) into the sink until
 /// `stop` turns true, starting the pull again when it ends early (a deleted
 /// consumer, a stream made again): a dispatcher that stopped consuming
-/// while it went on answering would hold every event back unseen.
+/// while it went on answering would hold every event back unseen. What
+/// `handled` covers (the replicas handled it before) is acked and passed
+/// over; a consumer made anew starts where [`after_replicas::single_start`]
+/// says at that time.
 pub(super) async fn pull_single(
     (js, stream, config): (jetstream::Context, jetstream::stream::Stream, pull::Config),
     mut messages: Messages,
     sink: Sink,
     mut stop: watch::Receiver<bool>,
+    mut handled: Option<Handled>,
 ) {
-    while pull_single_once(messages, &sink, &mut stop).await {
+    while pull_single_once(messages, &sink, &mut stop, handled.as_ref()).await {
         tracing::warn!("the pull of the events ended; starting it again");
         messages = loop {
             tokio::select! {
@@ -297,23 +302,31 @@ pub(super) async fn pull_single(
             if sink.tx.is_closed() {
                 return;
             }
-            // The pull may have ended because its consumer was deleted.
-            let started = match stream
-                .get_or_create_consumer(crate::nats::CONSUMER, config.clone())
-                .await
-            {
-                Ok(consumer) => {
-                    let info = consumer.cached_info();
-                    Puller::start(
-                        &js,
-                        &info.stream_name,
-                        &info.name,
-                        pull_settings(sink.batch, None),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())
+            // The pull may have ended because its consumer was deleted, or
+            // its stream made again: made anew, it starts as it would now.
+            let started = match after_replicas::single_start(&stream).await {
+                Ok(start) => {
+                    let config = after_replicas::starting(config.clone(), &start);
+                    handled = start.handled;
+                    match stream
+                        .get_or_create_consumer(crate::nats::CONSUMER, config)
+                        .await
+                    {
+                        Ok(consumer) => {
+                            let info = consumer.cached_info();
+                            Puller::start(
+                                &js,
+                                &info.stream_name,
+                                &info.name,
+                                pull_settings(sink.batch, None),
+                            )
+                            .await
+                            .map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(format!("creating consumer {}: {e}", crate::nats::CONSUMER)),
+                    }
                 }
-                Err(e) => Err(format!("creating consumer {}: {e}", crate::nats::CONSUMER)),
+                Err(e) => Err(e.to_string()),
             };
             match started {
                 Ok(messages) => break messages,
@@ -325,6 +338,29 @@ pub(super) async fn pull_single(
     }
 }
 
+/// Acks `next` if `handled` covers it (the replicas handled it before);
+/// whether it did.
+async fn passed_over(
+    handled: Option<&Handled>,
+    prefix: &str,
+    next: &Result<jetstream::Message, PullError>,
+) -> bool {
+    let (Some(handled), Ok(message)) = (handled, next) else {
+        return false;
+    };
+    let Ok(info) = message.info() else {
+        return false;
+    };
+    if !handled.covers(prefix, &message.subject, info.stream_sequence) {
+        return false;
+    }
+    if let Err(e) = message.ack().await {
+        // Delivered again after the ack wait, and passed over again.
+        tracing::warn!(error = %e, "acking an event the replicas handled failed");
+    }
+    true
+}
+
 /// Pulls until `stop` turns true, then hands over what the client already
 /// pulled, so that it goes back to the bus now and in order, instead of
 /// waiting out the ack wait; whether the pull ended of itself first (and
@@ -333,6 +369,7 @@ async fn pull_single_once(
     mut messages: Messages,
     sink: &Sink,
     stop: &mut watch::Receiver<bool>,
+    handled: Option<&Handled>,
 ) -> bool {
     loop {
         let next = tokio::select! {
@@ -343,6 +380,9 @@ async fn pull_single_once(
         let Some(next) = next else {
             return !sink.tx.is_closed();
         };
+        if passed_over(handled, &sink.prefix, &next).await {
+            continue;
+        }
         if let Some((delivery, _, _)) = delivery_of(next, &sink.prefix, None)
             && let Err(unsent) = sink.tx.send(delivery).await
         {
@@ -350,7 +390,7 @@ async fn pull_single_once(
             return false;
         }
     }
-    let drained = drain(&mut messages, sink, None).await;
+    let drained = drain(&mut messages, sink, None, handled).await;
     send_all(sink, drained.into_iter().map(|(d, _, _)| d)).await;
     false
 }
@@ -361,11 +401,13 @@ async fn drain(
     messages: &mut Messages,
     sink: &Sink,
     in_flight: Option<&Arc<AtomicUsize>>,
+    handled: Option<&Handled>,
 ) -> Vec<(Delivery, Option<String>, u64)> {
     messages.stop_asking();
     let mut drained = Vec::new();
     for _ in 0..2 * sink.batch {
         match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
+            Ok(Some(next)) if passed_over(handled, &sink.prefix, &next).await => {}
             Ok(Some(next)) => drained.extend(delivery_of(next, &sink.prefix, in_flight)),
             Ok(None) | Err(_) => break,
         }
@@ -607,7 +649,7 @@ async fn pull_fenced(
         // this replica still handles); then everything not handled here goes
         // back, for the new owner to handle in order.
         unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
-        let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
+        let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
         // While draining, a request the pull had sent before may have been
         // given the pin again (if the new owner was not pulling yet):
         // release that pin too, once the pull is gone.
@@ -622,7 +664,7 @@ async fn pull_fenced(
         held.extend(drained.into_iter().map(|(d, _, _)| d));
         return PullEnd { held, pin: None };
     }
-    let drained = drain(&mut messages, sink, Some(&partition.in_flight)).await;
+    let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
     match fence {
         // Not ours to handle yet: everything goes back.
         Some(mut f) => {

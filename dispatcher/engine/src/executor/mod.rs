@@ -578,6 +578,10 @@ impl Executor {
                     "its chain was removed from the account",
                 )?;
             }
+            if let Some(until_ms) = record.waiting {
+                let reached_by = record.waiting_reached_by.clone();
+                self.forget_pause(event, &name, (until_ms, &reached_by), pass)?;
+            }
             tracing::info!(account = %event.account_key, event_id = %event.id, chain = name,
                 "the chain of a run under way was removed: the run stops");
             pass.record(Entry::End {

@@ -260,7 +260,9 @@ impl Executor {
                     waiter,
                 ));
             }
-            pass.set_timer(timer);
+            if until_ms != NEVER {
+                pass.set_timer(timer);
+            }
             return Ok(Resumed::Paused);
         }
         let record = pass.journal.chain_mut(&chain.name, version);
@@ -375,6 +377,47 @@ impl Executor {
             });
         }
         Ok(resumed)
+    }
+
+    /// Removes, with the pass's next write, what the pause of `chain` of
+    /// `event` (until `until_ms`, reached by `reached_by`) left beside the
+    /// journal: its timer, its waiters and any signals, as its run ends
+    /// without going on (its chain was removed). (A pause recorded before
+    /// its entry kept its waiters leaves them to [`Self::reach_paused`],
+    /// which removes a waiter whose run is no longer paused.)
+    pub(super) fn forget_pause(
+        &self,
+        event: &VumiApiEvent,
+        chain: &str,
+        (until_ms, reached_by): (u64, &[Reachable]),
+        pass: &mut Pass,
+    ) -> Result<(), Interrupted> {
+        let account = &event.account_key;
+        pass.clear_timer(&PendingTimer {
+            account: account.clone(),
+            event_id: event.id,
+            chain: chain.to_string(),
+            due_ms: until_ms,
+        });
+        for waiter in reached_by {
+            pass.write_beside(Write {
+                collection: Collection::Waiters,
+                key: waiter_key(account, &waiter.event_type, event.id, chain, waiter.kind),
+                value: None,
+            });
+        }
+        let signals = pass.store().scan_prefix(
+            Collection::Signals,
+            &signal_prefix(account, event.id, chain),
+        )?;
+        for (k, _) in signals {
+            pass.write_beside(Write {
+                collection: Collection::Signals,
+                key: k,
+                value: None,
+            });
+        }
+        Ok(())
     }
 
     /// Lets `event` reach the paused runs of its account that wait for its

@@ -1,0 +1,182 @@
+//! One dispatcher after replicas: where the single dispatcher's consumer
+//! starts on a stream that the replicas' partition consumers consumed.
+//!
+//! The stream keeps every event (its limits are the operator's), and the
+//! single dispatcher has none of the replicas' journals: their state was
+//! theirs. So its consumer, made now, must not deliver what they handled.
+//! Each partition consumer handled its events up to the stream's last
+//! sequence when it has nothing pending or unacked, else up to its ack
+//! floor. A consumer made then starts after the lowest of these, and the
+//! pull acks, without handing it on, every event at or below its own
+//! partition's mark ([`Handled::covers`]): so does one left from a single
+//! dispatcher that ran before the replicas.
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use switchboard_engine::bus::BusError;
+
+use crate::nats::{CONSUMER, partition_consumer};
+use crate::partitions::PARTITIONS;
+
+/// Up to where the replicas handled each partition's events (stream
+/// sequences).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Handled {
+    through: Vec<u64>,
+}
+
+impl Handled {
+    /// Whether the message stored at `seq` under `subject` was handled by
+    /// the replicas: its partition's consumer had acked past it.
+    pub fn covers(&self, prefix: &str, subject: &str, seq: u64) -> bool {
+        partition_taking(prefix, subject)
+            .and_then(|p| self.through.get(usize::from(p)))
+            .is_some_and(|through| seq <= *through)
+    }
+}
+
+/// The partition whose consumer takes a message stored under `subject`
+/// (as `nats::partition_filters` divides them): the fourth token of a
+/// numbered subject, and partition 0 for every other shape; `None` for a
+/// four-token subject whose last token is no partition (no consumer took
+/// it).
+fn partition_taking(prefix: &str, subject: &str) -> Option<u16> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix(".events.")?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    match tokens[..] {
+        [_, _, _, p] => p.parse::<u16>().ok().filter(|p| *p < PARTITIONS),
+        _ => Some(0),
+    }
+}
+
+/// Where the single dispatcher's consumer starts if it is made now, and
+/// what of the stream it passes over.
+#[derive(Debug, Clone)]
+pub(crate) struct Start {
+    /// Where a consumer made now starts (one that exists goes on where it
+    /// was).
+    pub policy: DeliverPolicy,
+    /// What the replicas handled, when they consumed the stream.
+    pub handled: Option<Handled>,
+}
+
+/// Reads where the single dispatcher's consumer starts. When replicas
+/// consumed the stream (their partition consumers are there; a missing
+/// one counts as having handled none of its partition), after what they
+/// handled, and what they handled is passed over, whether the consumer
+/// is made now or was left from before they ran. Otherwise at the stream's
+/// start, so that what workers published before the first dispatcher ran
+/// is handled.
+pub(crate) async fn single_start(stream: &jetstream::stream::Stream) -> Result<Start, BusError> {
+    use jetstream::context::ConsumerInfoErrorKind::NotFound;
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        BusError::Unavailable(format!(
+            "{what} (to place consumer {CONSUMER}'s start): {e}"
+        ))
+    };
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| unavailable("reading the events stream", &e))?
+        .state
+        .last_sequence;
+    let mut through = Vec::with_capacity(usize::from(PARTITIONS));
+    let mut found = false;
+    for p in 0..PARTITIONS {
+        let name = partition_consumer(p);
+        let info = match stream.consumer_info(&name).await {
+            Ok(info) => info,
+            Err(e) if e.kind() == NotFound => {
+                through.push(0);
+                continue;
+            }
+            Err(e) => return Err(unavailable(&format!("reading consumer {name}"), &e)),
+        };
+        found = true;
+        if info.num_ack_pending > 0 {
+            tracing::warn!(
+                partition = p,
+                unacked = info.num_ack_pending,
+                ack_floor = info.ack_floor.stream_sequence,
+                "a partition consumer had deliveries unacked when the replicas stopped: \
+                 its events after its ack floor are handled again, some of them twice"
+            );
+        }
+        // Its ack floor is the last of its events it handled in order;
+        // with nothing pending or unacked, it handled every one so far.
+        through.push(if info.num_pending == 0 && info.num_ack_pending == 0 {
+            last.max(info.ack_floor.stream_sequence)
+        } else {
+            info.ack_floor.stream_sequence
+        });
+    }
+    if !found {
+        return Ok(Start {
+            policy: DeliverPolicy::All,
+            handled: None,
+        });
+    }
+    let lowest = through.iter().copied().min().unwrap_or(0);
+    tracing::info!(
+        start_sequence = lowest + 1,
+        "the stream has the replicas' partition consumers: consumer {CONSUMER} passes over what they handled"
+    );
+    Ok(Start {
+        policy: DeliverPolicy::ByStartSequence {
+            start_sequence: lowest + 1,
+        },
+        handled: Some(Handled { through }),
+    })
+}
+
+/// `config` starting as `start` says, if it is made now.
+pub(crate) fn starting(mut config: pull::Config, start: &Start) -> pull::Config {
+    config.deliver_policy = start.policy;
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_belongs_to_the_partition_whose_consumer_takes_it() {
+        assert_eq!(
+            partition_taking("vumi", "vumi.events.acme.survey.done.7"),
+            Some(7)
+        );
+        // Stored before the stream was partitioned, or of another shape:
+        // partition 0's.
+        assert_eq!(
+            partition_taking("vumi", "vumi.events.acme.survey.done"),
+            Some(0)
+        );
+        assert_eq!(partition_taking("vumi", "vumi.events.acme"), Some(0));
+        assert_eq!(partition_taking("vumi", "vumi.events.a.b.c.d.e"), Some(0));
+        // A fourth token that is no partition: no consumer took it.
+        assert_eq!(
+            partition_taking("vumi", "vumi.events.acme.survey.done.x"),
+            None
+        );
+        assert_eq!(
+            partition_taking("vumi", "vumi.events.acme.survey.done.16"),
+            None
+        );
+        assert_eq!(
+            partition_taking("vumi", "other.events.acme.survey.done.1"),
+            None
+        );
+    }
+
+    #[test]
+    fn what_a_partition_handled_is_passed_over() {
+        let mut through = vec![0; usize::from(PARTITIONS)];
+        through[0] = 10;
+        through[3] = 40;
+        let handled = Handled { through };
+        assert!(handled.covers("vumi", "vumi.events.a.b.c.3", 40));
+        assert!(!handled.covers("vumi", "vumi.events.a.b.c.3", 41));
+        assert!(!handled.covers("vumi", "vumi.events.a.b.c.4", 20));
+        assert!(handled.covers("vumi", "vumi.events.a.b.c", 10));
+        assert!(!handled.covers("vumi", "vumi.events.a.b.c.x", 1));
+    }
+}
