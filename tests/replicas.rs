@@ -2308,7 +2308,9 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
 /// consumer is made then or was left by a single dispatcher that ran before
 /// the replicas. The stream keeps every event, and the new dispatcher has no
 /// journal of the replicas' work: delivering it again would send every SMS
-/// of their time twice. What came while no dispatcher ran is handled.
+/// of their time twice. What came while no dispatcher ran is handled. And
+/// replicas started again on the partition consumers they left pass over
+/// what the single dispatcher handled meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     let nats = crate::util::NatsServer::start();
@@ -2364,18 +2366,38 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
         assert_eq!(
             last.trace(e.account_key.as_str(), &e.id.to_string()).await,
             None,
-            "the last dispatcher handled an event handled before it"
+            "the single dispatcher handled an event the replicas had handled"
         );
     }
+    let mut last = last;
+    assert_eq!(last.stop(), Some(0));
+
+    // Replicas again, on the partition consumers they left: they pass over
+    // what the single dispatcher handled since.
+    let mut c = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let _d = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let again_theirs = wave(40, 4);
+    emit_all(nats.url(), &again_theirs).await;
+    all_done(&c, &again_theirs, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for e in meanwhile.iter().chain(&after) {
+        assert_eq!(
+            c.trace(e.account_key.as_str(), &e.id.to_string()).await,
+            None,
+            "the replicas handled an event the single dispatcher had handled"
+        );
+    }
+    assert_eq!(c.stop(), Some(0));
+
     let mut sent: HashMap<(String, String, u64), usize> = HashMap::new();
     for arrival in receiver.requests().await.iter().filter_map(sms_arrival) {
         let (_, account, conversation, n) = arrival;
         *sent.entry((account, conversation, n)).or_default() += 1;
     }
-    let again: Vec<_> = sent.iter().filter(|(_, times)| **times > 1).collect();
-    assert!(again.is_empty(), "sent more than once: {again:?}");
+    let twice: Vec<_> = sent.iter().filter(|(_, times)| **times > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
     assert_eq!(
         sent.len(),
-        before.len() + theirs.len() + meanwhile.len() + after.len()
+        before.len() + theirs.len() + meanwhile.len() + after.len() + again_theirs.len()
     );
 }

@@ -385,7 +385,7 @@ impl NatsBus {
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let stream = self.events_stream().await?;
         let js = self.js.clone();
-        let start = self.partitions_start(&stream).await;
+        let (start, single_acked) = self.partitions_start(&stream).await;
         let config = |p: u16| pull::Config {
             durable_name: Some(partition_consumer(p)),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -468,6 +468,7 @@ impl NatsBus {
                             },
                         ),
                         state: state.clone(),
+                        single_acked,
                     };
                     let in_flight = partition.in_flight.clone();
                     let releasing = partition.releasing.clone();
@@ -540,27 +541,38 @@ impl NatsBus {
     /// Where new partition consumers start: after what the single
     /// dispatcher's consumer has acked, when the stream had one (so that
     /// turning replicas on does not handle the stream's history again);
-    /// otherwise at the stream's start, like that consumer.
+    /// otherwise at the stream's start, like that consumer. And what the
+    /// partition pulls pass over: what that consumer acked, which partition
+    /// consumers left from an earlier time the replicas ran would deliver
+    /// again (a single dispatcher ran between, and the replicas have none
+    /// of its journal).
     async fn partitions_start(
         &self,
         stream: &jetstream::stream::Stream,
-    ) -> jetstream::consumer::DeliverPolicy {
-        let mut single: jetstream::consumer::PullConsumer =
-            match stream.get_consumer(CONSUMER).await {
-                Ok(consumer) => consumer,
-                Err(_) => return jetstream::consumer::DeliverPolicy::All,
-            };
-        match single.info().await {
-            Ok(info) => {
-                let start_sequence = info.ack_floor.stream_sequence + 1;
-                tracing::info!(
-                    start_sequence,
-                    "the stream has the single dispatcher's consumer {CONSUMER}: new partition consumers start after what it acked"
-                );
-                jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            Err(_) => jetstream::consumer::DeliverPolicy::All,
+    ) -> (jetstream::consumer::DeliverPolicy, Option<u64>) {
+        let all = (jetstream::consumer::DeliverPolicy::All, None);
+        let Ok(info) = stream.consumer_info(CONSUMER).await else {
+            return all;
+        };
+        let through = info.ack_floor.stream_sequence;
+        if info.num_ack_pending > 0 {
+            tracing::warn!(
+                unacked = info.num_ack_pending,
+                ack_floor = through,
+                "the single dispatcher's consumer {CONSUMER} had deliveries unacked when it stopped: \
+                 its events after its ack floor are handled again, some of them twice"
+            );
         }
+        tracing::info!(
+            start_sequence = through + 1,
+            "the stream has the single dispatcher's consumer {CONSUMER}: partition consumers made now start after what it acked, and every partition passes over it"
+        );
+        (
+            jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: through + 1,
+            },
+            Some(through),
+        )
     }
 
     /// Publishes events as binary-mode CloudEvents when `yes`.

@@ -338,25 +338,49 @@ pub(super) async fn pull_single(
     }
 }
 
-/// Acks `next` if `handled` covers it (the replicas handled it before);
-/// whether it did.
+/// What a pull passes over (acks without handing it on): events another
+/// dispatcher handled, whose journal this one lacks.
+#[derive(Debug, Clone, Copy)]
+enum PassOver<'a> {
+    Nothing,
+    /// What the replicas' partition consumers handled (the single pull).
+    Replicas(&'a Handled),
+    /// Up to this stream sequence, what the single dispatcher's consumer
+    /// acked (a partition pull).
+    Through(u64),
+}
+
+impl PassOver<'_> {
+    fn covers(self, prefix: &str, subject: &str, seq: u64) -> bool {
+        match self {
+            PassOver::Nothing => false,
+            PassOver::Replicas(handled) => handled.covers(prefix, subject, seq),
+            PassOver::Through(through) => seq <= through,
+        }
+    }
+}
+
+/// Acks `next` if `pass` covers it; whether it did.
 async fn passed_over(
-    handled: Option<&Handled>,
+    pass: PassOver<'_>,
     prefix: &str,
     next: &Result<jetstream::Message, PullError>,
 ) -> bool {
-    let (Some(handled), Ok(message)) = (handled, next) else {
+    let Ok(message) = next else {
         return false;
     };
+    if matches!(pass, PassOver::Nothing) {
+        return false;
+    }
     let Ok(info) = message.info() else {
         return false;
     };
-    if !handled.covers(prefix, &message.subject, info.stream_sequence) {
+    if !pass.covers(prefix, &message.subject, info.stream_sequence) {
         return false;
     }
     if let Err(e) = message.ack().await {
         // Delivered again after the ack wait, and passed over again.
-        tracing::warn!(error = %e, "acking an event the replicas handled failed");
+        tracing::warn!(error = %e, "acking an event another dispatcher handled failed");
     }
     true
 }
@@ -380,7 +404,8 @@ async fn pull_single_once(
         let Some(next) = next else {
             return !sink.tx.is_closed();
         };
-        if passed_over(handled, &sink.prefix, &next).await {
+        let pass = handled.map_or(PassOver::Nothing, PassOver::Replicas);
+        if passed_over(pass, &sink.prefix, &next).await {
             continue;
         }
         if let Some((delivery, _, _)) = delivery_of(next, &sink.prefix, None)
@@ -390,7 +415,8 @@ async fn pull_single_once(
             return false;
         }
     }
-    let drained = drain(&mut messages, sink, None, handled).await;
+    let pass = handled.map_or(PassOver::Nothing, PassOver::Replicas);
+    let drained = drain(&mut messages, sink, None, pass).await;
     send_all(sink, drained.into_iter().map(|(d, _, _)| d)).await;
     false
 }
@@ -401,13 +427,13 @@ async fn drain(
     messages: &mut Messages,
     sink: &Sink,
     in_flight: Option<&Arc<AtomicUsize>>,
-    handled: Option<&Handled>,
+    pass: PassOver<'_>,
 ) -> Vec<(Delivery, Option<String>, u64)> {
     messages.stop_asking();
     let mut drained = Vec::new();
     for _ in 0..2 * sink.batch {
         match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
-            Ok(Some(next)) if passed_over(handled, &sink.prefix, &next).await => {}
+            Ok(Some(next)) if passed_over(pass, &sink.prefix, &next).await => {}
             Ok(Some(next)) => drained.extend(delivery_of(next, &sink.prefix, in_flight)),
             Ok(None) | Err(_) => break,
         }
@@ -439,6 +465,19 @@ pub(super) struct Partition {
     /// The store whose partition-owned state this replica writes while it
     /// holds the partition.
     pub state: switchboard_store::Store,
+    /// The last stream sequence the single dispatcher's consumer acked, if
+    /// the stream has one: what is at or below it was handled (by that
+    /// dispatcher, or passed over by it as the replicas'), and is acked and
+    /// passed over here.
+    pub single_acked: Option<u64>,
+}
+
+impl Partition {
+    /// What its pull passes over.
+    fn pass_over(&self) -> PassOver<'static> {
+        self.single_acked
+            .map_or(PassOver::Nothing, PassOver::Through)
+    }
 }
 
 /// What a partition's pull left when it stopped.
@@ -574,7 +613,7 @@ async fn pull_fenced(
                         held,
                         &mut messages,
                         (&partition.state, partition.number),
-                        &partition.in_flight,
+                        (&partition.in_flight, partition.pass_over()),
                         keepalive,
                         stop,
                     )
@@ -615,6 +654,21 @@ async fn pull_fenced(
             }
             pin = delivery_pin;
         }
+        if partition
+            .single_acked
+            .is_some_and(|through| delivery.seq <= through)
+        {
+            // A consumer left from before a single dispatcher ran delivers
+            // what that dispatcher handled: passed over.
+            if let Some(f) = fence.as_mut() {
+                f.passed(delivery_seq);
+            }
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(partition = partition.number, error = %e,
+                    "acking an event the single dispatcher handled failed");
+            }
+            continue;
+        }
         match fence.as_mut() {
             Some(f) => {
                 if !f.armed() {
@@ -649,7 +703,13 @@ async fn pull_fenced(
         // this replica still handles); then everything not handled here goes
         // back, for the new owner to handle in order.
         unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
-        let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
+        let drained = drain(
+            &mut messages,
+            sink,
+            Some(&partition.in_flight),
+            partition.pass_over(),
+        )
+        .await;
         // While draining, a request the pull had sent before may have been
         // given the pin again (if the new owner was not pulling yet):
         // release that pin too, once the pull is gone.
@@ -664,7 +724,13 @@ async fn pull_fenced(
         held.extend(drained.into_iter().map(|(d, _, _)| d));
         return PullEnd { held, pin: None };
     }
-    let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
+    let drained = drain(
+        &mut messages,
+        sink,
+        Some(&partition.in_flight),
+        partition.pass_over(),
+    )
+    .await;
     match fence {
         // Not ours to handle yet: everything goes back.
         Some(mut f) => {
@@ -694,7 +760,7 @@ async fn hand_on(
     held: BTreeMap<u64, Delivery>,
     messages: &mut Messages,
     (state, own): (&switchboard_store::Store, u16),
-    in_flight: &Arc<AtomicUsize>,
+    (in_flight, pass): (&Arc<AtomicUsize>, PassOver<'_>),
     keepalive: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> Vec<Delivery> {
@@ -727,6 +793,7 @@ async fn hand_on(
                     let _ = delivery.nak(Duration::ZERO).await;
                 }
             }
+            Step::Next(Some(next)) if passed_over(pass, &sink.prefix, &next).await => {}
             Step::Next(Some(next)) => {
                 if let Some((delivery, _, _)) = delivery_of(*next, &sink.prefix, Some(in_flight)) {
                     waiting.push_back(delivery);
@@ -860,6 +927,11 @@ impl Fence {
         };
         self.deadline = Some(now + patience);
         self.last_keepalive = now;
+    }
+
+    /// A delivery passed over (acked, not handed on) was read.
+    fn passed(&mut self, delivery_seq: u64) {
+        self.last_delivery_seq = self.last_delivery_seq.max(delivery_seq);
     }
 
     fn hold(&mut self, delivery: Delivery, delivery_seq: u64) {
