@@ -561,6 +561,14 @@ config = { duration = "10m" }
     assert_eq!(trace["status"], "waiting", "{trace:#}");
     let holder = d.trace("acme", &holding).await.expect("its trace");
     assert_eq!(holder["status"], "waiting", "{holder:#}");
+    // Discarding the letter now would not stop its run: refused.
+    let refused = d.cli(&["dead-letters", "discard", "acme", &letter]).await;
+    assert!(
+        refused.fails().contains("is being replayed"),
+        "{}",
+        refused.fails()
+    );
+    assert_eq!(d.dead_letters("acme").await[0]["status"], "replaying");
 
     // The holder's end (cancelled) gives it the slot: it goes on at its
     // failed step.
@@ -578,4 +586,9 @@ config = { duration = "10m" }
             .is_some_and(|e| e.contains("is not an E.164 number")),
         "{trace:#}"
     );
+    // Failed again, it is a dead letter again, and can be discarded.
+    d.cli(&["dead-letters", "discard", "acme", &letter])
+        .await
+        .ok();
+    assert_eq!(d.dead_letters("acme").await, Vec::<Value>::new());
 }

@@ -27,6 +27,13 @@ pub enum LetterError {
          replayed: fix the publisher and publish the event again, then discard the letter"
     )]
     NoEvent(String),
+    /// The letter's replay is under way: discarding it would not stop it.
+    #[error(
+        "dead letter {0} is being replayed and its run is under way (running, paused, or \
+         waiting for its turn), which discarding the letter would not stop; the letter goes \
+         when the run ends, or is filed again if the run fails again, and can be discarded then"
+    )]
+    Replaying(String),
     /// The store failed.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -174,6 +181,13 @@ impl Letters {
         if let Some(event) = &letter.event {
             let at = RecordKey::new(&event.account_key, &event.id);
             if let Some(mut journal) = self.journal.load(&at)? {
+                if journal
+                    .chains
+                    .iter()
+                    .any(|c| c.end.is_none() && c.replaying.as_deref() == Some(id))
+                {
+                    return Err(LetterError::Replaying(id.to_string()));
+                }
                 let mut pending = Pending::default();
                 let chains: Vec<String> = journal
                     .chains

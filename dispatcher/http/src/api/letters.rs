@@ -39,6 +39,9 @@ impl From<LetterError> for ApiError {
             LetterError::NoEvent(_) => {
                 ApiError::new(StatusCode::CONFLICT, "not_replayable", e.to_string())
             }
+            LetterError::Replaying(_) => {
+                ApiError::new(StatusCode::CONFLICT, "being_replayed", e.to_string())
+            }
             LetterError::Store(_) => ApiError::internal(e),
             LetterError::Bus { source, .. } => ApiError::bus(&e, source),
         }
