@@ -2310,7 +2310,9 @@ config = { to = "ann", body = "{{ event.event_data.text }}" }
 /// journal of the replicas' work: delivering it again would send every SMS
 /// of their time twice. What came while no dispatcher ran is handled. And
 /// replicas started again on the partition consumers they left pass over
-/// what the single dispatcher handled meanwhile.
+/// what the single dispatcher handled meanwhile; and a single dispatcher
+/// whose consumer is made then (the old one deleted) starts after what
+/// the partitions handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     let nats = crate::util::NatsServer::start();
@@ -2375,7 +2377,7 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     // Replicas again, on the partition consumers they left: they pass over
     // what the single dispatcher handled since.
     let mut c = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
-    let _d = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let mut d = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
     let again_theirs = wave(40, 4);
     emit_all(nats.url(), &again_theirs).await;
     all_done(&c, &again_theirs, Duration::from_secs(60)).await;
@@ -2388,6 +2390,36 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
         );
     }
     assert_eq!(c.stop(), Some(0));
+    assert_eq!(d.stop(), Some(0));
+
+    // One dispatcher again, its consumer made now (the old one deleted):
+    // it starts after what the partitions handled, and passes over the rest
+    // of it.
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    jetstream::new(client)
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream")
+        .delete_consumer("switchboard")
+        .await
+        .expect("the consumer deleted");
+    let stored = wave(12, 5);
+    emit_all(nats.url(), &stored).await;
+    let mut fresh = single();
+    let latest = wave(20, 6);
+    emit_all(nats.url(), &latest).await;
+    all_done(&fresh, &stored, Duration::from_secs(60)).await;
+    all_done(&fresh, &latest, Duration::from_secs(60)).await;
+    for e in &again_theirs {
+        assert_eq!(
+            fresh.trace(e.account_key.as_str(), &e.id.to_string()).await,
+            None,
+            "the single dispatcher handled an event the replicas had handled"
+        );
+    }
+    // Past the ack wait (3 s): anything delivered again would be in.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(fresh.stop(), Some(0));
 
     let mut sent: HashMap<(String, String, u64), usize> = HashMap::new();
     for arrival in receiver.requests().await.iter().filter_map(sms_arrival) {
@@ -2398,6 +2430,12 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     assert_eq!(
         sent.len(),
-        before.len() + theirs.len() + meanwhile.len() + after.len() + again_theirs.len()
+        before.len()
+            + theirs.len()
+            + meanwhile.len()
+            + after.len()
+            + again_theirs.len()
+            + stored.len()
+            + latest.len()
     );
 }

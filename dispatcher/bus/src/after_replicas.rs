@@ -43,7 +43,11 @@ fn partition_taking(prefix: &str, subject: &str) -> Option<u16> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix(".events.")?;
     let tokens: Vec<&str> = rest.split('.').collect();
     match tokens[..] {
-        [_, _, _, p] => p.parse::<u16>().ok().filter(|p| *p < PARTITIONS),
+        // As the transform writes it (`07` or `+7` is no partition's).
+        [_, _, _, token] => token
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p < PARTITIONS && p.to_string() == token),
         _ => Some(0),
     }
 }
@@ -126,6 +130,49 @@ pub(crate) async fn single_start(stream: &jetstream::stream::Stream) -> Result<S
         },
         handled: Some(Handled { through }),
     })
+}
+
+/// Where partition consumers made now start, and up to where every
+/// partition pull passes over what it is delivered: after what the single
+/// dispatcher's consumer acked, when the stream has one (so that turning
+/// replicas on does not handle the stream's history again, and so that
+/// partition consumers left from an earlier time the replicas ran do not
+/// deliver what a single dispatcher handled since, whose journal the
+/// replicas lack); otherwise at the stream's start, passing over nothing.
+/// Read again whenever a partition consumer is made again (the stream may
+/// have been made anew, its sequences starting over).
+pub(crate) async fn partitions_start(
+    stream: &jetstream::stream::Stream,
+) -> Result<(DeliverPolicy, Option<u64>), BusError> {
+    use jetstream::context::ConsumerInfoErrorKind::NotFound;
+    let info = match stream.consumer_info(CONSUMER).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == NotFound => return Ok((DeliverPolicy::All, None)),
+        Err(e) => {
+            return Err(BusError::Unavailable(format!(
+                "reading consumer {CONSUMER} (to place the partition consumers' start): {e}"
+            )));
+        }
+    };
+    let through = info.ack_floor.stream_sequence;
+    if info.num_ack_pending > 0 {
+        tracing::warn!(
+            unacked = info.num_ack_pending,
+            ack_floor = through,
+            "the single dispatcher's consumer {CONSUMER} had deliveries unacked when it stopped: \
+             its events after its ack floor are handled again, some of them twice"
+        );
+    }
+    tracing::info!(
+        start_sequence = through + 1,
+        "the stream has the single dispatcher's consumer {CONSUMER}: partition consumers made now start after what it acked, and partition pulls pass over it"
+    );
+    Ok((
+        DeliverPolicy::ByStartSequence {
+            start_sequence: through + 1,
+        },
+        Some(through),
+    ))
 }
 
 /// `config` starting as `start` says, if it is made now.

@@ -385,7 +385,7 @@ impl NatsBus {
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
         let stream = self.events_stream().await?;
         let js = self.js.clone();
-        let (start, single_acked) = self.partitions_start(&stream).await;
+        let (start, single_acked) = after_replicas::partitions_start(&stream).await?;
         let config = |p: u16| pull::Config {
             durable_name: Some(partition_consumer(p)),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -536,43 +536,6 @@ impl NatsBus {
             *pulled.lock().expect("not poisoned") = last_pins;
         });
         Ok(rx)
-    }
-
-    /// Where new partition consumers start: after what the single
-    /// dispatcher's consumer has acked, when the stream had one (so that
-    /// turning replicas on does not handle the stream's history again);
-    /// otherwise at the stream's start, like that consumer. And what the
-    /// partition pulls pass over: what that consumer acked, which partition
-    /// consumers left from an earlier time the replicas ran would deliver
-    /// again (a single dispatcher ran between, and the replicas have none
-    /// of its journal).
-    async fn partitions_start(
-        &self,
-        stream: &jetstream::stream::Stream,
-    ) -> (jetstream::consumer::DeliverPolicy, Option<u64>) {
-        let all = (jetstream::consumer::DeliverPolicy::All, None);
-        let Ok(info) = stream.consumer_info(CONSUMER).await else {
-            return all;
-        };
-        let through = info.ack_floor.stream_sequence;
-        if info.num_ack_pending > 0 {
-            tracing::warn!(
-                unacked = info.num_ack_pending,
-                ack_floor = through,
-                "the single dispatcher's consumer {CONSUMER} had deliveries unacked when it stopped: \
-                 its events after its ack floor are handled again, some of them twice"
-            );
-        }
-        tracing::info!(
-            start_sequence = through + 1,
-            "the stream has the single dispatcher's consumer {CONSUMER}: partition consumers made now start after what it acked, and every partition passes over it"
-        );
-        (
-            jetstream::consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: through + 1,
-            },
-            Some(through),
-        )
     }
 
     /// Publishes events as binary-mode CloudEvents when `yes`.

@@ -478,6 +478,29 @@ impl Partition {
         self.single_acked
             .map_or(PassOver::Nothing, PassOver::Through)
     }
+
+    /// Whether `delivery` is one the single dispatcher handled.
+    fn passes_over(&self, delivery: &Delivery) -> bool {
+        self.single_acked
+            .is_some_and(|through| delivery.seq <= through)
+    }
+
+    /// Acks the deliveries of `drained` it passes over; the others. (Taken
+    /// after a drain, whose deliveries' pins the caller reads first.)
+    async fn pass_over_drained(
+        &self,
+        drained: Vec<(Delivery, Option<String>, u64)>,
+    ) -> Vec<(Delivery, Option<String>, u64)> {
+        let mut kept = Vec::with_capacity(drained.len());
+        for (delivery, pin, seq) in drained {
+            if self.passes_over(&delivery) {
+                let _ = delivery.ack().await;
+            } else {
+                kept.push((delivery, pin, seq));
+            }
+        }
+        kept
+    }
 }
 
 /// What a partition's pull left when it stopped.
@@ -539,7 +562,18 @@ pub(super) async fn pull_partition(
         if sink.tx.is_closed() {
             return PullEnd::default();
         }
-        // The pull may have ended because its consumer was deleted.
+        // The pull may have ended because its consumer was deleted, or
+        // its stream made again: made anew, it starts as it would now.
+        match after_replicas::partitions_start(&partition.stream).await {
+            Ok((start, single_acked)) => {
+                partition.config.deliver_policy = start;
+                partition.single_acked = single_acked;
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "placing the partition's start failed; trying again");
+                continue;
+            }
+        }
         let name = crate::nats::partition_consumer(p);
         match partition
             .stream
@@ -654,10 +688,7 @@ async fn pull_fenced(
             }
             pin = delivery_pin;
         }
-        if partition
-            .single_acked
-            .is_some_and(|through| delivery.seq <= through)
-        {
+        if partition.passes_over(&delivery) {
             // A consumer left from before a single dispatcher ran delivers
             // what that dispatcher handled: passed over.
             if let Some(f) = fence.as_mut() {
@@ -707,7 +738,7 @@ async fn pull_fenced(
             &mut messages,
             sink,
             Some(&partition.in_flight),
-            partition.pass_over(),
+            PassOver::Nothing,
         )
         .await;
         // While draining, a request the pull had sent before may have been
@@ -718,6 +749,7 @@ async fn pull_fenced(
         if again.is_some() && again != pin {
             unpin_if_held(&partition.stream, partition.number, again.as_deref()).await;
         }
+        let drained = partition.pass_over_drained(drained).await;
         let mut held: Vec<Delivery> = fence
             .map(|f| f.held.into_values().collect())
             .unwrap_or_default();
@@ -728,9 +760,10 @@ async fn pull_fenced(
         &mut messages,
         sink,
         Some(&partition.in_flight),
-        partition.pass_over(),
+        PassOver::Nothing,
     )
     .await;
+    let drained = partition.pass_over_drained(drained).await;
     match fence {
         // Not ours to handle yet: everything goes back.
         Some(mut f) => {

@@ -158,19 +158,23 @@ impl Inbox for StoredInbox {
             notification.created_at = after;
         }
         let at = notification_key(&notification);
+        // In order, the id first (a transaction would write the store's
+        // log out per notification): a crash between leaves an id whose
+        // notification is missing, which the step run again (with the same
+        // id) finds so and places anew.
         self.store
-            .write_atomically(&[
-                Write {
-                    collection: Collection::Inbox,
-                    key: at.clone(),
-                    value: Some(
-                        serde_json::to_vec(&notification).expect("a notification serialises"),
-                    ),
-                },
+            .write_in_order(&[
                 Write {
                     collection: Collection::InboxIds,
                     key: by_id,
-                    value: Some(at),
+                    value: Some(at.clone()),
+                },
+                Write {
+                    collection: Collection::Inbox,
+                    key: at,
+                    value: Some(
+                        serde_json::to_vec(&notification).expect("a notification serialises"),
+                    ),
                 },
             ])
             .about(Records::Inbox, &account)?;
