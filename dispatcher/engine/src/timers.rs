@@ -12,11 +12,12 @@
 //! replicas, a rescan every few seconds picks up the timers other replicas
 //! wrote, which reach this one's copy through the changelog). When one is
 //! due and this replica holds its partition, it puts the event back on the
-//! bus (under a duplicate-detection id of its own for each firing, like a
-//! replay) and removes the timer, if it is still the one it read: each
-//! setting of a timer writes a value of its own, so a timer set again
-//! meanwhile (its event came back before its pause's end, by a clock
-//! stepped back) stays. The executor goes on with the chain only once the
+//! bus and removes the timer. Each setting of a timer writes a value of its
+//! own: a firing publishes under a duplicate-detection id made of it (so a
+//! timer set again fires again, not as a duplicate of the first firing)
+//! and removes the timer only if it is still that setting (so one set again
+//! meanwhile, its event back before its pause's end by a clock stepped
+//! back, stays). The executor goes on with the chain only once the
 //! journal's pause has passed by its own clock: a timer never makes a chain
 //! go on early, and firing twice (a crash between the publish and the
 //! removal) finds the chain already gone on.

@@ -248,9 +248,9 @@ impl Executor {
         if first.is_none() && now < until_ms {
             // Back early (a duplicate, a redelivery after a crash, a timer
             // fired by a replica whose clock is ahead): still paused. Its
-            // timer and waiters are written again (the same values), in
-            // case it was the timer that fired or a crash took them
-            // between the pause's journal write and theirs.
+            // waiters are written again (as they were) and its timer set
+            // again, in case it was the timer that fired or a crash took
+            // them between the pause's journal write and theirs.
             for waiter in &reached_by {
                 pass.write_beside(waiter_write(
                     account,
