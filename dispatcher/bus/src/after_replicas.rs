@@ -1,15 +1,22 @@
-//! One dispatcher after replicas: where the single dispatcher's consumer
-//! starts on a stream that the replicas' partition consumers consumed.
+//! Between one dispatcher and replicas: where each side's consumers start
+//! on a stream the other side consumed, and what they pass over.
 //!
-//! The stream keeps every event (its limits are the operator's), and the
-//! single dispatcher has none of the replicas' journals: their state was
-//! theirs. So its consumer, made now, must not deliver what they handled.
-//! Each partition consumer handled its events up to the stream's last
-//! sequence when it has nothing pending or unacked, else up to its ack
-//! floor. A consumer made then starts after the lowest of these, and the
-//! pull acks, without handing it on, every event at or below its own
-//! partition's mark ([`Handled::covers`]): so does one left from a single
-//! dispatcher that ran before the replicas.
+//! The stream keeps every event (its limits are the operator's), and
+//! neither side has the other's journals: the replicas' partition-owned
+//! state is theirs, a single dispatcher's store its own. So neither may
+//! handle what the other did.
+//!
+//! - One dispatcher after replicas ([`single_start`]): each partition
+//!   consumer handled its events up to the stream's last sequence when it
+//!   has nothing pending or unacked, else up to its ack floor. Consumer
+//!   `switchboard` made then starts after the lowest of these, and the pull
+//!   acks, without handing it on, every event at or below its own
+//!   partition's mark ([`Handled::covers`]); so does a `switchboard` left
+//!   from a single dispatcher that ran before the replicas.
+//! - Replicas after one dispatcher ([`partitions_start`]): partition
+//!   consumers made then start after what `switchboard` acked, and every
+//!   partition pull passes over that (partition consumers left from an
+//!   earlier time the replicas ran would deliver it again).
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use switchboard_engine::bus::BusError;
