@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::peers::HttpReceiver;
-use crate::util::{Dispatcher, NatsServer, event, ms_of, now_ms, wait_until};
+use crate::util::{Dispatcher, NatsServer, deliver_again, event, ms_of, now_ms, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -455,16 +455,7 @@ async fn a_member_back_after_its_window_closed_is_not_gathered_again() {
     assert_eq!(sent, vec![(msisdn(0), both.clone())]);
 
     // Delivered again, as after the crash (its ack never went).
-    let client = async_nats::connect(nats.url()).await.expect("NATS");
-    async_nats::jetstream::new(client)
-        .publish(
-            member.subject("vumi"),
-            serde_json::to_vec(&member).expect("JSON").into(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("JetStream stores the event");
+    deliver_again(nats.url(), std::slice::from_ref(&member)).await;
     let trace = d
         .wait_for_trace("acme", &member.id.to_string(), TIMEOUT)
         .await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::peers::HttpReceiver;
-use crate::util::{Dispatcher, NatsServer, event, ms_of, now_ms, wait_until};
+use crate::util::{Dispatcher, NatsServer, deliver_again, event, ms_of, now_ms, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1298,23 +1298,16 @@ config = { message = "paid" }
 
     // Delivered again, as after a crash before their acks, then the
     // events that reach them, each in its run's conversation (after it).
-    let client = async_nats::connect(nats.url()).await.expect("NATS");
-    let js = async_nats::jetstream::new(client);
-    for e in [
-        paid.clone(),
-        cancelled.clone(),
-        in_order("order-1", "order_paid"),
-        in_order("order-2", "order_cancelled"),
-    ] {
-        js.publish(
-            e.subject("vumi"),
-            serde_json::to_vec(&e).expect("JSON").into(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("JetStream stores the event");
-    }
+    deliver_again(
+        nats.url(),
+        &[
+            paid.clone(),
+            cancelled.clone(),
+            in_order("order-1", "order_paid"),
+            in_order("order-2", "order_cancelled"),
+        ],
+    )
+    .await;
     let trace = wait_until("the paid order going on", TIMEOUT, || async {
         d.trace("acme", &paid.id.to_string())
             .await

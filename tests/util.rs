@@ -98,6 +98,21 @@ where
     }
 }
 
+/// Publishes `events` to the events stream of the NATS server at `url`
+/// with no duplicate id, in order: as they come back when their acks were
+/// lost in a crash.
+pub async fn deliver_again(url: &str, events: &[VumiApiEvent]) {
+    let client = async_nats::connect(url).await.expect("a NATS connection");
+    let js = async_nats::jetstream::new(client);
+    for e in events {
+        js.publish(e.subject("vumi"), e.to_json().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("JetStream stores the event");
+    }
+}
+
 /// A root event with `data` as its `event_data`.
 pub fn event(
     account: &str,
