@@ -304,30 +304,27 @@ pub(super) async fn pull_single(
             }
             // The pull may have ended because its consumer was deleted, or
             // its stream made again: made anew, it starts as it would now.
-            let started = match after_replicas::single_start(&stream).await {
-                Ok(start) => {
-                    let config = after_replicas::starting(config.clone(), &start);
-                    handled = start.handled;
-                    match stream
-                        .get_or_create_consumer(crate::nats::CONSUMER, config)
-                        .await
-                    {
-                        Ok(consumer) => {
-                            let info = consumer.cached_info();
-                            Puller::start(
-                                &js,
-                                &info.stream_name,
-                                &info.name,
-                                pull_settings(sink.batch, None),
-                            )
-                            .await
-                            .map_err(|e| e.to_string())
-                        }
-                        Err(e) => Err(format!("creating consumer {}: {e}", crate::nats::CONSUMER)),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
+            let started = async {
+                let start = after_replicas::single_start(&stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let config = after_replicas::starting(config.clone(), &start);
+                handled = start.handled;
+                let consumer = stream
+                    .get_or_create_consumer(crate::nats::CONSUMER, config)
+                    .await
+                    .map_err(|e| format!("creating consumer {}: {e}", crate::nats::CONSUMER))?;
+                let info = consumer.cached_info();
+                Puller::start(
+                    &js,
+                    &info.stream_name,
+                    &info.name,
+                    pull_settings(sink.batch, None),
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
+            .await;
             match started {
                 Ok(messages) => break messages,
                 Err(e) => {
@@ -338,49 +335,25 @@ pub(super) async fn pull_single(
     }
 }
 
-/// What a pull passes over (acks without handing it on): events another
-/// dispatcher handled, whose journal this one lacks.
-#[derive(Debug, Clone, Copy)]
-enum PassOver<'a> {
-    Nothing,
-    /// What the replicas' partition consumers handled (the single pull).
-    Replicas(&'a Handled),
-    /// Up to this stream sequence, what the single dispatcher's consumer
-    /// acked (a partition pull).
-    Through(u64),
-}
-
-impl PassOver<'_> {
-    fn covers(self, prefix: &str, subject: &str, seq: u64) -> bool {
-        match self {
-            PassOver::Nothing => false,
-            PassOver::Replicas(handled) => handled.covers(prefix, subject, seq),
-            PassOver::Through(through) => seq <= through,
-        }
-    }
-}
-
-/// Acks `next` if `pass` covers it; whether it did.
+/// Acks `next` if `handled` covers it (the replicas handled it: the single
+/// pull reads its raw subject, with the partition in it); whether it did.
 async fn passed_over(
-    pass: PassOver<'_>,
+    handled: Option<&Handled>,
     prefix: &str,
     next: &Result<jetstream::Message, PullError>,
 ) -> bool {
-    let Ok(message) = next else {
+    let (Some(handled), Ok(message)) = (handled, next) else {
         return false;
     };
-    if matches!(pass, PassOver::Nothing) {
-        return false;
-    }
     let Ok(info) = message.info() else {
         return false;
     };
-    if !pass.covers(prefix, &message.subject, info.stream_sequence) {
+    if !handled.covers(prefix, &message.subject, info.stream_sequence) {
         return false;
     }
     if let Err(e) = message.ack().await {
         // Delivered again after the ack wait, and passed over again.
-        tracing::warn!(error = %e, "acking an event another dispatcher handled failed");
+        tracing::warn!(error = %e, "acking an event the replicas handled failed");
     }
     true
 }
@@ -404,8 +377,7 @@ async fn pull_single_once(
         let Some(next) = next else {
             return !sink.tx.is_closed();
         };
-        let pass = handled.map_or(PassOver::Nothing, PassOver::Replicas);
-        if passed_over(pass, &sink.prefix, &next).await {
+        if passed_over(handled, &sink.prefix, &next).await {
             continue;
         }
         if let Some((delivery, _, _)) = delivery_of(next, &sink.prefix, None)
@@ -415,8 +387,7 @@ async fn pull_single_once(
             return false;
         }
     }
-    let pass = handled.map_or(PassOver::Nothing, PassOver::Replicas);
-    let drained = drain(&mut messages, sink, None, pass).await;
+    let drained = drain(&mut messages, sink, None, handled).await;
     send_all(sink, drained.into_iter().map(|(d, _, _)| d)).await;
     false
 }
@@ -427,13 +398,13 @@ async fn drain(
     messages: &mut Messages,
     sink: &Sink,
     in_flight: Option<&Arc<AtomicUsize>>,
-    pass: PassOver<'_>,
+    handled: Option<&Handled>,
 ) -> Vec<(Delivery, Option<String>, u64)> {
     messages.stop_asking();
     let mut drained = Vec::new();
     for _ in 0..2 * sink.batch {
         match tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
-            Ok(Some(next)) if passed_over(pass, &sink.prefix, &next).await => {}
+            Ok(Some(next)) if passed_over(handled, &sink.prefix, &next).await => {}
             Ok(Some(next)) => drained.extend(delivery_of(next, &sink.prefix, in_flight)),
             Ok(None) | Err(_) => break,
         }
@@ -473,29 +444,32 @@ pub(super) struct Partition {
 }
 
 impl Partition {
-    /// What its pull passes over.
-    fn pass_over(&self) -> PassOver<'static> {
-        self.single_acked
-            .map_or(PassOver::Nothing, PassOver::Through)
+    /// `delivery`, unless the single dispatcher handled it (a consumer
+    /// left from before it ran delivers that again): then it is acked, not
+    /// handed on.
+    async fn unless_handled(&self, delivery: Delivery) -> Option<Delivery> {
+        if self
+            .single_acked
+            .is_none_or(|through| delivery.seq > through)
+        {
+            return Some(delivery);
+        }
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(partition = self.number, error = %e,
+                "acking an event the single dispatcher handled failed");
+        }
+        None
     }
 
-    /// Whether `delivery` is one the single dispatcher handled.
-    fn passes_over(&self, delivery: &Delivery) -> bool {
-        self.single_acked
-            .is_some_and(|through| delivery.seq <= through)
-    }
-
-    /// Acks the deliveries of `drained` it passes over; the others. (Taken
-    /// after a drain, whose deliveries' pins the caller reads first.)
-    async fn pass_over_drained(
+    /// The deliveries of `drained` it does not pass over. (Taken after a
+    /// drain, whose deliveries' pins the caller reads first.)
+    async fn unless_handled_all(
         &self,
         drained: Vec<(Delivery, Option<String>, u64)>,
     ) -> Vec<(Delivery, Option<String>, u64)> {
         let mut kept = Vec::with_capacity(drained.len());
         for (delivery, pin, seq) in drained {
-            if self.passes_over(&delivery) {
-                let _ = delivery.ack().await;
-            } else {
+            if let Some(delivery) = self.unless_handled(delivery).await {
                 kept.push((delivery, pin, seq));
             }
         }
@@ -642,16 +616,7 @@ async fn pull_fenced(
                     let held = std::mem::take(&mut f.held);
                     let keepalive = f.keepalive;
                     fence = None;
-                    let left = hand_on(
-                        sink,
-                        held,
-                        &mut messages,
-                        (&partition.state, partition.number),
-                        (&partition.in_flight, partition.pass_over()),
-                        keepalive,
-                        stop,
-                    )
-                    .await;
+                    let left = hand_on(sink, held, &mut messages, partition, keepalive, stop).await;
                     if !left.is_empty() {
                         // Stopped while handing on: the rest is this
                         // replica's to finish, like what it drains below.
@@ -688,18 +653,12 @@ async fn pull_fenced(
             }
             pin = delivery_pin;
         }
-        if partition.passes_over(&delivery) {
-            // A consumer left from before a single dispatcher ran delivers
-            // what that dispatcher handled: passed over.
+        let Some(delivery) = partition.unless_handled(delivery).await else {
             if let Some(f) = fence.as_mut() {
                 f.passed(delivery_seq);
             }
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(partition = partition.number, error = %e,
-                    "acking an event the single dispatcher handled failed");
-            }
             continue;
-        }
+        };
         match fence.as_mut() {
             Some(f) => {
                 if !f.armed() {
@@ -734,13 +693,7 @@ async fn pull_fenced(
         // this replica still handles); then everything not handled here goes
         // back, for the new owner to handle in order.
         unpin_if_held(&partition.stream, partition.number, pin.as_deref()).await;
-        let drained = drain(
-            &mut messages,
-            sink,
-            Some(&partition.in_flight),
-            PassOver::Nothing,
-        )
-        .await;
+        let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
         // While draining, a request the pull had sent before may have been
         // given the pin again (if the new owner was not pulling yet):
         // release that pin too, once the pull is gone.
@@ -749,21 +702,15 @@ async fn pull_fenced(
         if again.is_some() && again != pin {
             unpin_if_held(&partition.stream, partition.number, again.as_deref()).await;
         }
-        let drained = partition.pass_over_drained(drained).await;
+        let drained = partition.unless_handled_all(drained).await;
         let mut held: Vec<Delivery> = fence
             .map(|f| f.held.into_values().collect())
             .unwrap_or_default();
         held.extend(drained.into_iter().map(|(d, _, _)| d));
         return PullEnd { held, pin: None };
     }
-    let drained = drain(
-        &mut messages,
-        sink,
-        Some(&partition.in_flight),
-        PassOver::Nothing,
-    )
-    .await;
-    let drained = partition.pass_over_drained(drained).await;
+    let drained = drain(&mut messages, sink, Some(&partition.in_flight), None).await;
+    let drained = partition.unless_handled_all(drained).await;
     match fence {
         // Not ours to handle yet: everything goes back.
         Some(mut f) => {
@@ -792,8 +739,7 @@ async fn hand_on(
     sink: &Sink,
     held: BTreeMap<u64, Delivery>,
     messages: &mut Messages,
-    (state, own): (&switchboard_store::Store, u16),
-    (in_flight, pass): (&Arc<AtomicUsize>, PassOver<'_>),
+    partition: &Partition,
     keepalive: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> Vec<Delivery> {
@@ -817,7 +763,7 @@ async fn hand_on(
             Step::Stop => break,
             Step::Send(Ok(permit)) => {
                 let delivery = waiting.pop_front().expect("not empty");
-                hold_term(state, own, &delivery, stop).await;
+                hold_term(&partition.state, partition.number, &delivery, stop).await;
                 permit.send(delivery)
             }
             Step::Send(Err(_)) => {
@@ -826,9 +772,11 @@ async fn hand_on(
                     let _ = delivery.nak(Duration::ZERO).await;
                 }
             }
-            Step::Next(Some(next)) if passed_over(pass, &sink.prefix, &next).await => {}
             Step::Next(Some(next)) => {
-                if let Some((delivery, _, _)) = delivery_of(*next, &sink.prefix, Some(in_flight)) {
+                if let Some((delivery, _, _)) =
+                    delivery_of(*next, &sink.prefix, Some(&partition.in_flight))
+                    && let Some(delivery) = partition.unless_handled(delivery).await
+                {
                     waiting.push_back(delivery);
                 }
             }

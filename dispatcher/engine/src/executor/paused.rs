@@ -102,6 +102,38 @@ fn waiter_write(
     }
 }
 
+/// Removes, with the pass's next write, what a pause left beside the
+/// journal: `timer`, the waiters of the run (by kind and event type) and
+/// its signals (by key).
+fn clear_pause(
+    pass: &mut Pass,
+    timer: &PendingTimer,
+    waiters: impl IntoIterator<Item = (Reach, String)>,
+    signals: impl IntoIterator<Item = Vec<u8>>,
+) {
+    pass.clear_timer(timer);
+    for (kind, event_type) in waiters {
+        pass.write_beside(Write {
+            collection: Collection::Waiters,
+            key: waiter_key(
+                &timer.account,
+                &event_type,
+                timer.event_id,
+                &timer.chain,
+                kind,
+            ),
+            value: None,
+        });
+    }
+    for key in signals {
+        pass.write_beside(Write {
+            collection: Collection::Signals,
+            key,
+            value: None,
+        });
+    }
+}
+
 /// The prefix of the signals for `chain` of the paused event `paused`.
 fn signal_prefix(account: &AccountKey, paused: EventId, chain: &str) -> Vec<u8> {
     key(&[
@@ -343,7 +375,6 @@ impl Executor {
                 Resumed::GoesOn
             }
         };
-        pass.clear_timer(&timer);
         // The waiters as the pause wrote them; a pause recorded before they
         // were kept in its entry has them as its chain would now.
         let waiters: Vec<(Reach, String)> = if reached_by.is_empty() {
@@ -362,20 +393,8 @@ impl Executor {
                 .map(|w| (w.kind, w.event_type))
                 .collect()
         };
-        for (kind, event_type) in waiters {
-            pass.write_beside(Write {
-                collection: Collection::Waiters,
-                key: waiter_key(account, &event_type, event.id, &chain.name, kind),
-                value: None,
-            });
-        }
-        for (k, _) in signals {
-            pass.write_beside(Write {
-                collection: Collection::Signals,
-                key: k,
-                value: None,
-            });
-        }
+        let signals = signals.into_iter().map(|(k, _)| k);
+        clear_pause(pass, &timer, waiters, signals);
         Ok(resumed)
     }
 
@@ -393,30 +412,18 @@ impl Executor {
         pass: &mut Pass,
     ) -> Result<(), Interrupted> {
         let account = &event.account_key;
-        pass.clear_timer(&PendingTimer {
+        let timer = PendingTimer {
             account: account.clone(),
             event_id: event.id,
             chain: chain.to_string(),
             due_ms: until_ms,
-        });
-        for waiter in reached_by {
-            pass.write_beside(Write {
-                collection: Collection::Waiters,
-                key: waiter_key(account, &waiter.event_type, event.id, chain, waiter.kind),
-                value: None,
-            });
-        }
+        };
         let signals = pass.store().scan_prefix(
             Collection::Signals,
             &signal_prefix(account, event.id, chain),
         )?;
-        for (k, _) in signals {
-            pass.write_beside(Write {
-                collection: Collection::Signals,
-                key: k,
-                value: None,
-            });
-        }
+        let waiters = reached_by.iter().map(|w| (w.kind, w.event_type.clone()));
+        clear_pause(pass, &timer, waiters, signals.into_iter().map(|(k, _)| k));
         Ok(())
     }
 
