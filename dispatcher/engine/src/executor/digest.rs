@@ -378,6 +378,53 @@ impl Executor {
             key = digest, count, "digest window closed");
         Ok(Resumed::GoesOn)
     }
+
+    /// Removes the digest window `digest` that `event` opened at `step` of
+    /// `chain`, as its run stops without the window closing (the chain was
+    /// removed): the header, while it is still this opener's, the events
+    /// that joined, and their marks. The members' runs ended when they
+    /// joined; nothing gathers them now.
+    pub(super) fn drop_digest(
+        &self,
+        event: &VumiApiEvent,
+        (chain, step, digest): (&str, &str, &str),
+        pass: &mut Pass,
+    ) -> Result<(), Interrupted> {
+        let account = &event.account_key;
+        let header_key = window_key(account, chain, step, digest);
+        let _locked = self.locks.lock(&header_key);
+        let store = pass.store().clone();
+        let removal = |collection, key| Write {
+            collection,
+            key,
+            value: None,
+        };
+        let opened_here = store
+            .get(Collection::Digests, &header_key)?
+            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
+            .is_some_and(|w| w.opener == event.id);
+        if opened_here {
+            pass.write_beside(removal(Collection::Digests, header_key));
+        }
+        let prefix = events_prefix(account, event.id, chain);
+        let mut members = 0;
+        for (k, v) in store.scan_prefix(Collection::DigestEvents, &prefix)? {
+            if k.len() != prefix.len() + 4 {
+                continue;
+            }
+            if let Ok(member) = serde_json::from_slice::<VumiApiEvent>(&v)
+                && member.id != event.id
+            {
+                members += 1;
+                let mark = member_key(account, member.id, chain);
+                pass.write_beside(removal(Collection::DigestEvents, mark));
+            }
+            pass.write_beside(removal(Collection::DigestEvents, k));
+        }
+        tracing::info!(account = %account, event_id = %event.id, chain, step, key = digest,
+            members, "the chain of an open digest window was removed: the window goes, ungathered");
+        Ok(())
+    }
 }
 
 /// Records the digest step of `chain` (under `version`) as finished with

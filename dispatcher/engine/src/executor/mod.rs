@@ -580,7 +580,15 @@ impl Executor {
             }
             if let Some(until_ms) = record.waiting {
                 let reached_by = record.waiting_reached_by.clone();
+                // A digest window it opened: the step that opened it.
+                let window = record
+                    .waiting_digest
+                    .clone()
+                    .and_then(|digest| Some((record.steps.last()?.trace.name.clone(), digest)));
                 self.forget_pause(event, &name, (until_ms, &reached_by), pass)?;
+                if let Some((step, digest)) = window {
+                    self.drop_digest(event, (&name, &step, &digest), pass)?;
+                }
             }
             tracing::info!(account = %event.account_key, event_id = %event.id, chain = name,
                 "the chain of a run under way was removed: the run stops");
