@@ -2439,3 +2439,113 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
             + latest.len()
     );
 }
+
+/// `switchboard run` on `nats` with `config`, in a data directory of its
+/// own, expected to refuse to start: returns its logs.
+async fn refused_start(nats: &str, config: &str) -> String {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("switchboard.toml");
+    // Replicas share an admin token (the running ones have it from the
+    // environment).
+    let config = format!(
+        "{config}\n[http]\nadmin_token = \"{}\"\n",
+        crate::util::ADMIN_TOKEN
+    );
+    std::fs::write(&path, config).expect("writing the config file");
+    let data = dir.path().join("data");
+    let out = crate::util::switchboard(&[
+        "run",
+        "--data",
+        data.to_str().expect("a UTF-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--nats",
+        nats,
+        "--config",
+        path.to_str().expect("a UTF-8 path"),
+    ])
+    .await;
+    assert!(
+        matches!(out.code, Some(c) if c != 0),
+        "the dispatcher should have refused to start:\n{}",
+        out.stderr
+    );
+    out.stderr
+}
+
+/// A single dispatcher refuses to start while replicas or another single
+/// dispatcher consume the stream, and a replica while a single dispatcher
+/// does: either would handle events the other handles, with a journal of
+/// its own. The running ones go on undisturbed, and once they stop, the
+/// other kind starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_refuses_to_start_beside_dispatchers_it_would_handle_events_again_of() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let chains = tempfile::tempdir().expect("a temporary directory");
+    let accounts = 2;
+    for i in 0..accounts {
+        let a = account(i);
+        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
+            .expect("writing a chain file");
+    }
+    let single_config = config_with(&receiver, false, 1);
+    let replicated = config_with(&receiver, true, 1);
+    let numbered = |n: usize, from: u64| -> Vec<VumiApiEvent> {
+        events(n, accounts)
+            .into_iter()
+            .map(|mut e| {
+                let n = e.event_data["n"].as_u64().expect("n");
+                e.event_data["n"] = json!(n + from);
+                e
+            })
+            .collect()
+    };
+
+    let mut single = Dispatcher::nats_url_with_chains(nats.url(), &single_config, chains.path());
+    let first = numbered(8, 0);
+    emit_all(nats.url(), &first).await;
+    all_done(&single, &first, Duration::from_secs(30)).await;
+
+    let second_single = refused_start(nats.url(), &single_config).await;
+    assert!(
+        second_single.contains("another single dispatcher is consuming stream")
+            && second_single.contains("consumer switchboard")
+            && second_single.contains("run replicas (bus.replicated = true)"),
+        "{second_single}"
+    );
+    let replica = refused_start(nats.url(), &replicated).await;
+    assert!(
+        replica.contains("a single dispatcher (bus.replicated = false) is consuming stream")
+            && replica.contains("replicas beside it would handle its events again"),
+        "{replica}"
+    );
+    // The running one lost nothing to them.
+    let later = numbered(8, 100);
+    emit_all(nats.url(), &later).await;
+    all_done(&single, &later, Duration::from_secs(30)).await;
+    assert_eq!(single.stop(), Some(0));
+
+    let mut a = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    let theirs = numbered(8, 200);
+    emit_all(nats.url(), &theirs).await;
+    all_done(&a, &theirs, Duration::from_secs(30)).await;
+    let beside = refused_start(nats.url(), &single_config).await;
+    assert!(
+        beside.contains("replicas (bus.replicated) are consuming stream")
+            && beside.contains("switchboard-p")
+            && beside.contains("start this one as a replica"),
+        "{beside}"
+    );
+    // Another replica is a peer.
+    let mut b = Dispatcher::nats_url_with_chains(nats.url(), &replicated, chains.path());
+    assert_eq!(a.stop(), Some(0));
+    assert_eq!(b.stop(), Some(0));
+
+    // Stopped, they leave nothing that keeps a single dispatcher out.
+    let mut last = Dispatcher::nats_url_with_chains(nats.url(), &single_config, chains.path());
+    let after = numbered(8, 300);
+    emit_all(nats.url(), &after).await;
+    all_done(&last, &after, Duration::from_secs(30)).await;
+    assert_eq!(last.stop(), Some(0));
+}

@@ -17,12 +17,114 @@
 //!   consumers made then start after what `switchboard` acked, and every
 //!   partition pull passes over that (partition consumers left from an
 //!   earlier time the replicas ran would deliver it again).
+//!
+//! Both sides at once cannot work: each would handle the events the other
+//! does, with a journal of its own. Nor can two single dispatchers, which
+//! would share consumer `switchboard` but not their journals, so that an
+//! event delivered again to the other one runs again. A dispatcher that
+//! finds such consumers pulled by a running process refuses to start
+//! ([`refuse_beside`]).
+
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use switchboard_engine::bus::BusError;
 
 use crate::nats::{CONSUMER, partition_consumer};
 use crate::partitions::PARTITIONS;
+use crate::pull::PULL_EXPIRES;
+
+/// How a dispatcher starting consumes the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Consuming {
+    /// Alone, through consumer `switchboard`.
+    Single,
+    /// As one of the replicas, through the partition consumers.
+    Replicated,
+}
+
+/// How long pull requests on a consumer must go on being made before they
+/// count as a running dispatcher's: a running one's pull keeps a request
+/// waiting on the server at all times (`puller.rs`), while those of one
+/// that stopped (or was killed) expire within [`PULL_EXPIRES`].
+const STILL_PULLED_AFTER: Duration = PULL_EXPIRES.saturating_add(Duration::from_secs(1));
+
+/// Refuses to consume the stream as `consuming` says while running
+/// dispatchers consume it in a way this one cannot run beside: replicas
+/// (their partition consumers pulled) or a single dispatcher (consumer
+/// `switchboard` pulled), for a single dispatcher; a single dispatcher, for
+/// a replica (other replicas are its peers). Started at the same moment,
+/// neither may see the other: this is a check for an operator's mistake,
+/// not a lock.
+pub(crate) async fn refuse_beside(
+    stream: &jetstream::stream::Stream,
+    consuming: Consuming,
+) -> Result<(), BusError> {
+    let mut names = vec![CONSUMER.to_string()];
+    if consuming == Consuming::Single {
+        names.extend((0..PARTITIONS).map(partition_consumer));
+    }
+    let mut pulled = waiting_on(stream, names).await?;
+    if pulled.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(consumers = ?pulled, wait = ?STILL_PULLED_AFTER,
+        "pull requests wait on consumers this dispatcher cannot run beside; \
+         telling whether a running dispatcher makes them");
+    tokio::time::sleep(STILL_PULLED_AFTER).await;
+    pulled = waiting_on(stream, pulled).await?;
+    let single = pulled.iter().any(|name| name == CONSUMER);
+    let replicas = pulled.iter().any(|name| name != CONSUMER);
+    let consuming_it = |who: &str| {
+        format!(
+            "{who} consuming stream {}: pull requests keep waiting on consumer{} {}",
+            stream.cached_info().config.name,
+            if pulled.len() > 1 { "s" } else { "" },
+            pulled.join(", ")
+        )
+    };
+    let refusal = match (consuming, single, replicas) {
+        (_, false, false) => return Ok(()),
+        (Consuming::Single, _, true) => format!(
+            "{}; a single dispatcher beside them would handle their events again. \
+             Stop the replicas first, or start this one as a replica (bus.replicated = true)",
+            consuming_it("replicas (bus.replicated) are")
+        ),
+        (Consuming::Single, true, false) => format!(
+            "{}; a second one would take some of its events and keep their journal \
+             apart from its, so an event delivered again to the other runs again. \
+             Stop it first, or run replicas (bus.replicated = true) to share the work",
+            consuming_it("another single dispatcher is")
+        ),
+        (Consuming::Replicated, _, _) => format!(
+            "{}; replicas beside it would handle its events again. Stop it first",
+            consuming_it("a single dispatcher (bus.replicated = false) is")
+        ),
+    };
+    Err(BusError::InUse(refusal))
+}
+
+/// Those of the consumers `names` that have pull requests waiting on them.
+async fn waiting_on(
+    stream: &jetstream::stream::Stream,
+    names: Vec<String>,
+) -> Result<Vec<String>, BusError> {
+    use jetstream::context::ConsumerInfoErrorKind::NotFound;
+    let mut pulled = Vec::new();
+    for name in names {
+        match stream.consumer_info(&name).await {
+            Ok(info) if info.num_waiting > 0 => pulled.push(name),
+            Ok(_) => {}
+            Err(e) if e.kind() == NotFound => {}
+            Err(e) => {
+                return Err(BusError::Unavailable(format!(
+                    "reading consumer {name} (to tell whether other dispatchers consume the stream): {e}"
+                )));
+            }
+        }
+    }
+    Ok(pulled)
+}
 
 /// Up to where the replicas handled each partition's events (stream
 /// sequences).

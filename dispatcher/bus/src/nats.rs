@@ -283,7 +283,9 @@ impl NatsBus {
     /// Connects to `url` and makes sure the events and dead-letter streams
     /// exist, kept on `replicas` servers of the cluster. With `partitioned`
     /// (replicas share the bus) the events stream numbers each event's
-    /// subject with its partition.
+    /// subject with its partition. Refuses (`BusError::InUse`) while
+    /// dispatchers that this one would handle events again of consume the
+    /// stream: see `after_replicas::refuse_beside`.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -314,6 +316,21 @@ impl NatsBus {
                 "{e} on {url} (is JetStream enabled? start nats-server with -js)"
             ))
         })?;
+        // Before the stream is changed for replicas (partitioned), and before
+        // anything else of this dispatcher starts (a replica's heartbeat).
+        let stream = js
+            .get_stream(&events.name)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("opening stream {}: {e}", events.name)))?;
+        after_replicas::refuse_beside(
+            &stream,
+            if partitioned {
+                after_replicas::Consuming::Replicated
+            } else {
+                after_replicas::Consuming::Single
+            },
+        )
+        .await?;
         let unpartitioned_until = if partitioned {
             ensure_partitioned(&js, events)
                 .await

@@ -23,6 +23,11 @@ pub enum BusError {
     /// The store under the embedded bus failed.
     #[error("{0}")]
     Store(#[from] switchboard_store::StoreError),
+    /// Other dispatchers consume the bus in a way this one cannot run
+    /// beside (a single dispatcher and replicas, or two single
+    /// dispatchers): it would handle their events again.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// What a publish did.

@@ -339,7 +339,7 @@ impl ApiError {
     pub(crate) fn bus(e: &(dyn std::error::Error + 'static), bus: &BusError) -> Self {
         match bus {
             BusError::Unavailable(_) => Self::unavailable("bus_unavailable", e.to_string()),
-            BusError::Store(_) => Self::below(e),
+            BusError::Store(_) | BusError::InUse(_) => Self::below(e),
         }
     }
 

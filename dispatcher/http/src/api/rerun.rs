@@ -71,7 +71,7 @@ pub(crate) async fn rerun_event(
                 again.id
             ),
         ),
-        BusError::Store(_) => ApiError::internal(e),
+        BusError::Store(_) | BusError::InUse(_) => ApiError::internal(e),
     })?;
     tracing::info!(%account, event_id = %id, new_id = %again.id, "event run again as a new event");
     Ok(again)
