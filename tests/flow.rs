@@ -592,3 +592,73 @@ config = { duration = "10m" }
         .ok();
     assert_eq!(d.dead_letters("acme").await, Vec::<Value>::new());
 }
+
+/// The states of `rate_limit` and `throttle` keys stay only while their
+/// turns can still decide something: the expiry sweep removes a key's
+/// state once its last turn is a period old, and not before. (A key per
+/// recipient would otherwise keep a state for every recipient ever seen.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_rate_and_throttle_state_is_swept_a_period_after_its_last_turn() {
+    use switchboard_store::{Collection, Store};
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let mut d = Dispatcher::with_config(None, &config(&receiver));
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "limited"
+conversation_type = "survey"
+event_type = "replied"
+rate_limit = { key = "{{ event.event_data.msisdn }}", limit = 3, period = "1h" }
+
+[[chains.steps]]
+handler = "log"
+
+[[chains]]
+name = "paced"
+conversation_type = "survey"
+event_type = "replied"
+throttle = { key = "{{ event.event_data.msisdn }}", limit = 4, period = "2h" }
+
+[[chains.steps]]
+handler = "log"
+"#,
+    )
+    .await;
+    let before = crate::util::now_ms() as u64;
+    for key in 0..3 {
+        let e = event(
+            "acme",
+            "survey",
+            "replied",
+            &format!("c-{key}"),
+            json!({ "msisdn": msisdn(key) }),
+        );
+        let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+        let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+        assert_eq!(trace["status"], "done", "{trace:#}");
+    }
+    let after = crate::util::now_ms() as u64;
+    d.stop();
+    let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
+    let states = |store: &Store| store.len(Collection::Flow);
+    assert_eq!(states(&store), 6, "a state per key and chain");
+    let hour = 3_600_000;
+    let sweep = |now| switchboard_engine::executor::expire_flow_states(&store, now).unwrap();
+    assert_eq!(sweep(after), 0);
+    assert_eq!(sweep(before + hour - 1), 0, "within the rate limit's hour");
+    assert_eq!(
+        sweep(after + hour),
+        3,
+        "the rate limit's states, an hour on"
+    );
+    assert_eq!(
+        sweep(before + 2 * hour - 1),
+        0,
+        "within the throttle's two hours"
+    );
+    assert_eq!(sweep(after + 2 * hour), 3, "the throttle's states");
+    assert_eq!(states(&store), 0);
+}

@@ -263,6 +263,7 @@ impl Dispatcher {
         spawn_expiry(
             engine.journal,
             engine.records.idempotency.clone(),
+            store.clone(),
             config
                 .delivery
                 .journal_retention
@@ -643,8 +644,9 @@ async fn upgrade_event_kinds(store: &Store) {
     }
 }
 
-/// Expires old journal records (and with them their traces), and step
-/// idempotency keys past their window, now and then, for as long as the
+/// Expires old journal records (and with them their traces), step
+/// idempotency keys past their window, and `rate_limit` and `throttle`
+/// states whose turns are all past their period, now and then, for as long as the
 /// process runs. A sweep reads the whole journal, so it runs an eighth of
 /// the retention apart (at most every six hours): a record goes between one
 /// and one and an eighth retentions after its event was taken up. (A key
@@ -653,6 +655,7 @@ async fn upgrade_event_kinds(store: &Store) {
 fn spawn_expiry(
     journal: Journal,
     keys: std::sync::Arc<dyn switchboard_handlers::records::IdempotencyKeys>,
+    store: Store,
     retention: Duration,
 ) {
     let every = (retention / 8).clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600));
@@ -674,6 +677,20 @@ fn spawn_expiry(
                 Ok(Ok(n)) => tracing::debug!(removed = n, "expired idempotency keys"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
                 Err(e) => tracing::warn!(error = %e, "expiring idempotency keys panicked"),
+            }
+            let store = store.clone();
+            let now = switchboard_engine::journal::now_ms();
+            match tokio::task::spawn_blocking(move || {
+                switchboard_engine::executor::expire_flow_states(&store, now)
+            })
+            .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(removed = n, "removed flow control states gone quiet"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "removing quiet flow control states failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "removing quiet flow control states panicked"),
             }
         }
     });

@@ -59,6 +59,16 @@ struct FlowState {
     /// `concurrency`: the runs waiting for one, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     queue: Vec<EventId>,
+    /// `rate_limit` and `throttle`: from when (ms since the epoch) the
+    /// turns decide nothing any more, each older than the period: the
+    /// state then counts as none, and [`expire`] removes it. 0 in states
+    /// written before it was kept, until their key's next decision.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    quiet_from_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl FlowState {
@@ -67,6 +77,58 @@ impl FlowState {
             && self.latest.is_none()
             && self.holders.is_empty()
             && self.queue.is_empty()
+    }
+
+    /// Whether the state decides nothing at `now`: only turns are kept,
+    /// all of them past their period (a decision would drop them, or give
+    /// the next turn at once, as with no state).
+    fn is_quiet(&self, now: u64) -> bool {
+        self.latest.is_none()
+            && self.holders.is_empty()
+            && self.queue.is_empty()
+            && self.quiet_from_ms != 0
+            && self.quiet_from_ms <= now
+    }
+
+    /// Notes when the turns stop deciding anything: `period` after the
+    /// last.
+    fn note_quiet_from(&mut self, period: u64) {
+        self.quiet_from_ms = self
+            .turns
+            .iter()
+            .map(|(t, _)| *t)
+            .max()
+            .map_or(0, |last| last.saturating_add(period));
+    }
+}
+
+/// Removes the `rate_limit` and `throttle` states that decide nothing any
+/// more ([`FlowState::is_quiet`] at `now`) among those this replica
+/// writes, so that keys seen once (a key per recipient, say) do not stay
+/// for good. A state a decision changed since it was read stays (the
+/// removal is a compare-and-swap). Returns how many went.
+pub fn expire(store: &Store, now: u64) -> Result<usize, switchboard_store::StoreError> {
+    let mut from = Vec::new();
+    let mut removed = 0;
+    loop {
+        let batch = store.scan_from(Collection::Flow, &from, 1024)?;
+        let done = batch.len() < 1024;
+        if let Some((last, _)) = batch.last() {
+            from = last.clone();
+            from.push(0);
+        }
+        for (k, v) in batch {
+            if !store.writes_locally(Collection::Flow, &k) {
+                continue;
+            }
+            let quiet = serde_json::from_slice::<FlowState>(&v).is_ok_and(|s| s.is_quiet(now));
+            if quiet && store.compare_and_swap(Collection::Flow, &k, Some(&v), None)? {
+                removed += 1;
+            }
+        }
+        if done {
+            return Ok(removed);
+        }
     }
 }
 
@@ -235,14 +297,16 @@ impl Executor {
                 let rule = chain.rate_limit.as_ref().expect("the chain's rate_limit");
                 let period = rule.period.as_millis() as u64;
                 state.turns.retain(|(t, _)| t.saturating_add(period) > now);
-                if state.turns.iter().any(|(_, e)| *e == id) {
+                let decided = if state.turns.iter().any(|(_, e)| *e == id) {
                     (FlowResult::Passed, now)
                 } else if state.turns.len() < rule.limit as usize {
                     state.turns.push((now, id));
                     (FlowResult::Passed, now)
                 } else {
                     (FlowResult::Skipped, now)
-                }
+                };
+                state.note_quiet_from(period);
+                decided
             }
             Control::Throttle => {
                 let rule = chain.throttle.as_ref().expect("the chain's throttle");
@@ -262,6 +326,7 @@ impl Executor {
                         turn
                     }
                 };
+                state.note_quiet_from(period);
                 if turn <= now {
                     (FlowResult::Passed, turn)
                 } else {
@@ -550,5 +615,107 @@ impl Executor {
             self.timers.noted(timer);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> EventId {
+        EventId::from(uuid::Uuid::from_u128(n))
+    }
+
+    fn put(store: &Store, k: &str, state: &FlowState) {
+        let at = state_key(
+            &AccountKey::new("acme").unwrap(),
+            "c",
+            Control::RateLimit,
+            k,
+        );
+        store.write_in_order(&[state_write(at, state)]).unwrap();
+    }
+
+    fn keys_left(store: &Store) -> Vec<String> {
+        store
+            .scan_prefix(Collection::Flow, b"acme\0")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| {
+                String::from_utf8_lossy(&k)
+                    .rsplit('\0')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn turns_go_quiet_a_period_after_the_last() {
+        let mut state = FlowState {
+            turns: vec![(1_000, id(1)), (5_000, id(2)), (3_000, id(3))],
+            ..FlowState::default()
+        };
+        state.note_quiet_from(60_000);
+        assert_eq!(state.quiet_from_ms, 65_000);
+        assert!(!state.is_quiet(64_999));
+        assert!(state.is_quiet(65_000));
+        // Written before the time was kept: it cannot tell.
+        state.quiet_from_ms = 0;
+        assert!(!state.is_quiet(u64::MAX));
+    }
+
+    #[test]
+    fn only_states_that_decide_nothing_any_more_are_removed() {
+        let store = Store::temporary().unwrap();
+        let now = 100_000;
+        let quiet = |last: u64| {
+            let mut s = FlowState {
+                turns: vec![(last, id(last as u128))],
+                ..FlowState::default()
+            };
+            s.note_quiet_from(10_000);
+            s
+        };
+        put(&store, "quiet", &quiet(now - 10_000));
+        put(&store, "recent", &quiet(now - 9_999));
+        put(
+            &store,
+            "from-before",
+            &FlowState {
+                turns: vec![(1, id(9))],
+                ..FlowState::default()
+            },
+        );
+        // A debounce's latest and a concurrency's slots are the runs'
+        // own: they go when those runs do.
+        put(
+            &store,
+            "latest",
+            &FlowState {
+                latest: Some(id(5)),
+                quiet_from_ms: 1,
+                ..FlowState::default()
+            },
+        );
+        put(
+            &store,
+            "holders",
+            &FlowState {
+                holders: vec![id(6)],
+                queue: vec![id(7)],
+                quiet_from_ms: 1,
+                ..FlowState::default()
+            },
+        );
+        assert_eq!(expire(&store, now).unwrap(), 1);
+        assert_eq!(
+            keys_left(&store),
+            ["from-before", "holders", "latest", "recent"]
+        );
+        assert_eq!(expire(&store, now).unwrap(), 0);
+        assert_eq!(expire(&store, now + 1).unwrap(), 1);
+        assert_eq!(keys_left(&store), ["from-before", "holders", "latest"]);
     }
 }

@@ -48,7 +48,7 @@ mod policy;
 mod step;
 
 pub use digest::open_windows;
-pub use flow::ended_as;
+pub use flow::{ended_as, expire as expire_flow_states};
 pub use step::emitted_events;
 
 pub use letters::{LetterError, Letters};
