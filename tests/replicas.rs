@@ -2520,6 +2520,36 @@ async fn a_dispatcher_refuses_to_start_beside_dispatchers_it_would_handle_events
             && replica.contains("replicas beside it would handle its events again"),
         "{replica}"
     );
+    // Busy with a backlog of slow steps, its pull has nothing waiting on
+    // the server, but its acks move.
+    let slow = HttpReceiver::start(Duration::from_millis(700));
+    single.set_secret("busy", "gateway", WEBHOOK_SECRET).await;
+    single
+        .apply_chains(
+            "busy.toml",
+            &format!(
+                r#"
+account_key = "busy"
+
+[[chains]]
+name = "slow"
+event_type = "slow"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{}/hook/hang,200", secret = "gateway", timeout = "10s" }} }}]
+"#,
+                slow.url()
+            ),
+        )
+        .await;
+    let backlog: Vec<VumiApiEvent> = (0..60)
+        .map(|i| event("busy", "survey", "slow", &format!("b-{i}"), json!({})))
+        .collect();
+    emit_all(nats.url(), &backlog).await;
+    let busy = refused_start(nats.url(), &single_config).await;
+    assert!(
+        busy.contains("another single dispatcher is consuming stream"),
+        "{busy}"
+    );
+    all_done(&single, &backlog, Duration::from_secs(60)).await;
     // The running one lost nothing to them.
     let later = numbered(8, 100);
     emit_all(nats.url(), &later).await;

@@ -43,19 +43,22 @@ pub(crate) enum Consuming {
     Replicated,
 }
 
-/// How long pull requests on a consumer must go on being made before they
-/// count as a running dispatcher's: a running one's pull keeps a request
-/// waiting on the server at all times (`puller.rs`), while those of one
-/// that stopped (or was killed) expire within [`PULL_EXPIRES`].
-const STILL_PULLED_AFTER: Duration = PULL_EXPIRES.saturating_add(Duration::from_secs(1));
+/// How long a consumer is watched before it counts as a running
+/// dispatcher's: an idle one's pull keeps a request waiting on the server
+/// at all times (`puller.rs`), and a busy one's deliveries and acks move,
+/// while a stopped (or killed) one's requests expire within
+/// [`PULL_EXPIRES`] and nothing of it moves.
+const WATCHED_FOR: Duration = PULL_EXPIRES.saturating_add(Duration::from_secs(1));
 
 /// Refuses to consume the stream as `consuming` says while running
 /// dispatchers consume it in a way this one cannot run beside: replicas
 /// (their partition consumers pulled) or a single dispatcher (consumer
 /// `switchboard` pulled), for a single dispatcher; a single dispatcher, for
-/// a replica (other replicas are its peers). Started at the same moment,
-/// neither may see the other: this is a check for an operator's mistake,
-/// not a lock.
+/// a replica (other replicas are its peers). A consumer with pull requests
+/// waiting or deliveries unacked is watched for [`WATCHED_FOR`]: pulled
+/// still, or delivering or acking meanwhile, it is a running dispatcher's.
+/// Started at the same moment, neither may see the other: this is a check
+/// for an operator's mistake, not a lock.
 pub(crate) async fn refuse_beside(
     stream: &jetstream::stream::Stream,
     consuming: Consuming,
@@ -64,23 +67,39 @@ pub(crate) async fn refuse_beside(
     if consuming == Consuming::Single {
         names.extend((0..PARTITIONS).map(partition_consumer));
     }
-    let mut pulled = waiting_on(stream, names).await?;
-    if pulled.is_empty() {
+    let mut watched = Vec::new();
+    for name in names {
+        if let Some(seen) = activity(stream, &name).await?
+            && (seen.waiting || seen.unacked)
+        {
+            watched.push((name, seen));
+        }
+    }
+    if watched.is_empty() {
         return Ok(());
     }
-    tracing::info!(consumers = ?pulled, wait = ?STILL_PULLED_AFTER,
-        "pull requests wait on consumers this dispatcher cannot run beside; \
-         telling whether a running dispatcher makes them");
-    tokio::time::sleep(STILL_PULLED_AFTER).await;
-    pulled = waiting_on(stream, pulled).await?;
+    tracing::info!(consumers = ?watched.iter().map(|(n, _)| n).collect::<Vec<_>>(), watch = ?WATCHED_FOR,
+        "consumers this dispatcher cannot run beside have pull requests waiting or deliveries unacked; \
+         telling whether a running dispatcher has them");
+    tokio::time::sleep(WATCHED_FOR).await;
+    let mut pulled = Vec::new();
+    for (name, before) in watched {
+        if activity(stream, &name)
+            .await?
+            .is_some_and(|now| now.waiting || now.moved_since(&before))
+        {
+            pulled.push(name);
+        }
+    }
     let single = pulled.iter().any(|name| name == CONSUMER);
     let replicas = pulled.iter().any(|name| name != CONSUMER);
     let consuming_it = |who: &str| {
         format!(
-            "{who} consuming stream {}: pull requests keep waiting on consumer{} {}",
+            "{who} consuming stream {}: consumer{} {} {} pulled",
             stream.cached_info().config.name,
             if pulled.len() > 1 { "s" } else { "" },
-            pulled.join(", ")
+            pulled.join(", "),
+            if pulled.len() > 1 { "are" } else { "is" },
         )
     };
     let refusal = match (consuming, single, replicas) {
@@ -104,18 +123,48 @@ pub(crate) async fn refuse_beside(
     Err(BusError::InUse(refusal))
 }
 
-/// Those of the consumers `names` that have pull requests waiting on them.
-async fn waiting_on(
+/// What a consumer shows of whoever pulls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Activity {
+    /// Pull requests wait on it.
+    waiting: bool,
+    /// Deliveries are out, not acked yet.
+    unacked: bool,
+    /// Its deliveries so far (redeliveries counted).
+    delivered: u64,
+    /// Its ack floor.
+    acked: u64,
+}
+
+impl Activity {
+    fn moved_since(&self, before: &Activity) -> bool {
+        self.delivered != before.delivered || self.acked != before.acked
+    }
+}
+
+/// Consumer `name`'s [`Activity`]; `None` when it does not exist. Read
+/// with the patience of a cluster that is electing the consumer's leader.
+async fn activity(
     stream: &jetstream::stream::Stream,
-    names: Vec<String>,
-) -> Result<Vec<String>, BusError> {
+    name: &str,
+) -> Result<Option<Activity>, BusError> {
     use jetstream::context::ConsumerInfoErrorKind::NotFound;
-    let mut pulled = Vec::new();
-    for name in names {
-        match stream.consumer_info(&name).await {
-            Ok(info) if info.num_waiting > 0 => pulled.push(name),
-            Ok(_) => {}
-            Err(e) if e.kind() == NotFound => {}
+    let deadline = tokio::time::Instant::now() + crate::nats::CREATE_PATIENCE;
+    loop {
+        match stream.consumer_info(name).await {
+            Ok(info) => {
+                return Ok(Some(Activity {
+                    waiting: info.num_waiting > 0,
+                    unacked: info.num_ack_pending > 0,
+                    delivered: info.delivered.consumer_sequence,
+                    acked: info.ack_floor.consumer_sequence,
+                }));
+            }
+            Err(e) if e.kind() == NotFound => return Ok(None),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(consumer = name, error = %e, "reading the consumer failed; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) => {
                 return Err(BusError::Unavailable(format!(
                     "reading consumer {name} (to tell whether other dispatchers consume the stream): {e}"
@@ -123,7 +172,6 @@ async fn waiting_on(
             }
         }
     }
-    Ok(pulled)
 }
 
 /// Up to where the replicas handled each partition's events (stream
