@@ -67,6 +67,16 @@ fn id_key(account: &AccountKey, id: &str) -> Vec<u8> {
     key(&[account.as_str().as_bytes(), id.as_bytes()])
 }
 
+/// What a count reads of a stored notification (the rest of it, its
+/// content above all, is skipped over, not decoded).
+#[derive(serde::Deserialize)]
+struct Marks {
+    #[serde(default)]
+    read_at: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    archived_at: Option<serde::de::IgnoredAny>,
+}
+
 /// Held while a notification is placed: an account's deliveries (made
 /// only by the owner of the account's partition, so in one process) take
 /// their places one at a time.
@@ -260,13 +270,29 @@ impl Inbox for StoredInbox {
             .collect())
     }
 
+    /// Reads only whether each was read or archived: a stream counts its
+    /// receiver's inbox again at every change.
     fn count(&self, account: &AccountKey, receiver: &str) -> Result<InboxCount, RecordError> {
-        let all = self
+        let mut count = InboxCount {
+            unread: 0,
+            total: 0,
+        };
+        for (_, v) in self
             .store
             .scan_prefix(Collection::Inbox, &receiver_prefix(account, receiver))
-            .about(Records::Inbox, account)?;
-        let notifications: Vec<Notification> = all.iter().filter_map(|(_, v)| decode(v)).collect();
-        Ok(InboxCount::of(&notifications))
+            .about(Records::Inbox, account)?
+        {
+            let Ok(marks) = serde_json::from_slice::<Marks>(&v) else {
+                continue;
+            };
+            if marks.archived_at.is_none() {
+                count.total += 1;
+                if marks.read_at.is_none() {
+                    count.unread += 1;
+                }
+            }
+        }
+        Ok(count)
     }
 
     fn mark(
