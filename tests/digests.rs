@@ -476,46 +476,9 @@ async fn a_member_back_after_its_window_closed_is_not_gathered_again() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// An open window whose chain is removed goes when its opener's timer
-/// brings it back: the opener's run stops (`removed`), no digest is sent,
-/// and neither the window nor its members' entries and marks are left.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_chains_open_window_leaves_nothing() {
-    let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let mut d = Dispatcher::with_config(None, &config(&receiver));
-    d.apply_chains("acme.toml", &digest_chain(&by_number(r#"window = "3s""#)))
-        .await;
-    let mut ids = BTreeMap::new();
-    post(&d, 0, 3, 1, &mut ids).await;
-    handled(&d, &ids).await;
-    let opener = ids[&msisdn(0)][0].clone();
-    let store_path = d.data_dir().join("store");
-    // The chain goes while its window is open.
-    d.apply_chains(
-        "acme.toml",
-        r#"
-account_key = "acme"
-
-[[chains]]
-name = "other"
-conversation_type = "survey"
-event_type = "opted_out"
-
-[[chains.steps]]
-handler = "log"
-"#,
-    )
-    .await;
-    let trace = wait_until("the opener's run stopping", TIMEOUT, || async {
-        d.trace("acme", &opener)
-            .await
-            .filter(|t| t["status"] != "waiting")
-    })
-    .await;
-    assert_eq!(trace["status"], "cancelled", "{trace:#}");
-    d.stop();
-    assert!(digests(&receiver).await.is_empty());
-    let store = switchboard_store::Store::open(&store_path).expect("the store");
+/// Whether `store` holds nothing of acme's digest windows.
+fn no_windows_left(store: &std::path::Path) {
+    let store = switchboard_store::Store::open(store).expect("the store");
     for collection in [
         switchboard_store::Collection::Digests,
         switchboard_store::Collection::DigestEvents,
@@ -527,5 +490,53 @@ handler = "log"
             .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
             .collect();
         assert!(left.is_empty(), "left behind in {collection:?}: {left:?}");
+    }
+}
+
+/// A chain file for acme without the digest's chain.
+const WITHOUT_THE_DIGEST: &str = r#"
+account_key = "acme"
+
+[[chains]]
+name = "other"
+conversation_type = "survey"
+event_type = "opted_out"
+
+[[chains.steps]]
+handler = "log"
+"#;
+
+/// An open window whose chain is removed goes when its opener comes back:
+/// by its timer, or, for a window closed only by its count, by the expiry
+/// sweep (as the dispatcher starts, then now and then). The opener's run
+/// stops (`removed`), no digest is sent, and neither the window nor its
+/// members' entries and marks are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_chains_open_window_leaves_nothing() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    for close in [r#"window = "3s""#, "max_events = 5"] {
+        let mut d = Dispatcher::with_config(None, &config(&receiver));
+        d.apply_chains("acme.toml", &digest_chain(&by_number(close)))
+            .await;
+        let mut ids = BTreeMap::new();
+        post(&d, 0, 3, 1, &mut ids).await;
+        handled(&d, &ids).await;
+        let opener = ids[&msisdn(0)][0].clone();
+        // The chain goes while its window is open.
+        d.apply_chains("acme.toml", WITHOUT_THE_DIGEST).await;
+        if close.starts_with("max_events") {
+            // Nothing brings a count's window back but the sweep.
+            d.restart();
+        }
+        let trace = wait_until("the opener's run stopping", TIMEOUT, || async {
+            d.trace("acme", &opener)
+                .await
+                .filter(|t| t["status"] != "waiting")
+        })
+        .await;
+        assert_eq!(trace["status"], "cancelled", "{close}: {trace:#}");
+        d.stop();
+        assert!(digests(&receiver).await.is_empty());
+        no_windows_left(&d.data_dir().join("store"));
     }
 }

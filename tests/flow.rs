@@ -595,27 +595,32 @@ config = { duration = "10m" }
 
 /// The states of `rate_limit` and `throttle` keys stay only while their
 /// turns can still decide something: the expiry sweep removes a key's
-/// state once its last turn is a period old, and not before. (A key per
+/// state once its last turn is a period old (the period the chain has
+/// now), and not before; and a removed chain's at once. (A key per
 /// recipient would otherwise keep a state for every recipient ever seen.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_rate_and_throttle_state_is_swept_a_period_after_its_last_turn() {
+    use switchboard_rules::ChainStore;
     use switchboard_store::{Collection, Store};
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let mut d = Dispatcher::with_config(None, &config(&receiver));
-    d.apply_chains(
-        "acme.toml",
-        r#"
+    let chains = |limited: &str, paced: &str| {
+        format!(
+            r#"
 account_key = "acme"
 
 [[chains]]
 name = "limited"
 conversation_type = "survey"
 event_type = "replied"
-rate_limit = { key = "{{ event.event_data.msisdn }}", limit = 3, period = "1h" }
+rate_limit = {{ key = "{{{{ event.event_data.msisdn }}}}", limit = 3, period = "{limited}" }}
 
 [[chains.steps]]
 handler = "log"
-
+{paced}"#
+        )
+    };
+    let paced = r#"
 [[chains]]
 name = "paced"
 conversation_type = "survey"
@@ -624,9 +629,8 @@ throttle = { key = "{{ event.event_data.msisdn }}", limit = 4, period = "2h" }
 
 [[chains.steps]]
 handler = "log"
-"#,
-    )
-    .await;
+"#;
+    d.apply_chains("acme.toml", &chains("1h", paced)).await;
     let before = crate::util::now_ms() as u64;
     for key in 0..3 {
         let e = event(
@@ -641,12 +645,14 @@ handler = "log"
         assert_eq!(trace["status"], "done", "{trace:#}");
     }
     let after = crate::util::now_ms() as u64;
+    let hour = 3_600_000;
     d.stop();
     let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
+    let chain_store = ChainStore::open(store.clone()).expect("the chains");
     let states = |store: &Store| store.len(Collection::Flow);
     assert_eq!(states(&store), 6, "a state per key and chain");
-    let hour = 3_600_000;
-    let sweep = |now| switchboard_engine::executor::expire_flow_states(&store, now).unwrap();
+    let sweep =
+        |now| switchboard_engine::executor::expire_flow_states(&store, now, &chain_store).unwrap();
     assert_eq!(sweep(after), 0);
     assert_eq!(sweep(before + hour - 1), 0, "within the rate limit's hour");
     assert_eq!(
@@ -659,6 +665,31 @@ handler = "log"
         0,
         "within the throttle's two hours"
     );
-    assert_eq!(sweep(after + 2 * hour), 3, "the throttle's states");
+    drop(chain_store);
+    drop(store);
+
+    // A period made longer holds the turns given under the shorter one;
+    // a chain removed lets its states go at once.
+    d.restart();
+    d.apply_chains("acme.toml", &chains("3h", "")).await;
+    let e = event(
+        "acme",
+        "survey",
+        "replied",
+        "c-9",
+        json!({ "msisdn": msisdn(9) }),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
+    d.wait_for_trace("acme", &id, TIMEOUT).await;
+    let last = crate::util::now_ms() as u64;
+    d.stop();
+    let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
+    let chain_store = ChainStore::open(store.clone()).expect("the chains");
+    let sweep =
+        |now| switchboard_engine::executor::expire_flow_states(&store, now, &chain_store).unwrap();
+    assert_eq!(states(&store), 4, "the throttle's three and the new key's");
+    assert_eq!(sweep(last), 3, "the removed chain's throttle states");
+    assert_eq!(sweep(last + hour), 0, "the new key's turn, within 3 h");
+    assert_eq!(sweep(last + 3 * hour), 1);
     assert_eq!(states(&store), 0);
 }

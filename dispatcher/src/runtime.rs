@@ -261,9 +261,13 @@ impl Dispatcher {
         spawn_message_expiry(engine.records.messages.clone(), config.messages.retention);
         spawn_inbox_expiry(engine.records.inbox.clone(), config.inbox);
         spawn_expiry(
-            engine.journal,
-            engine.records.idempotency.clone(),
-            store.clone(),
+            Swept {
+                journal: engine.journal,
+                keys: engine.records.idempotency.clone(),
+                store: store.clone(),
+                chains: engine.chains.clone(),
+                timers: engine.timers.clone(),
+            },
             config
                 .delivery
                 .journal_retention
@@ -644,56 +648,76 @@ async fn upgrade_event_kinds(store: &Store) {
     }
 }
 
+/// What the expiry sweeps go over.
+struct Swept {
+    journal: Journal,
+    keys: Arc<dyn switchboard_handlers::records::IdempotencyKeys>,
+    store: Store,
+    chains: Arc<ChainStore>,
+    timers: Timers,
+}
+
 /// Expires old journal records (and with them their traces), step
 /// idempotency keys past their window, and `rate_limit` and `throttle`
-/// states whose turns are all past their period, now and then, for as long as the
-/// process runs. A sweep reads the whole journal, so it runs an eighth of
-/// the retention apart (at most every six hours): a record goes between one
-/// and one and an eighth retentions after its event was taken up. (A key
-/// past its window no longer holds its step back whether or not it is
-/// swept yet: the sweep only frees its space.)
-fn spawn_expiry(
-    journal: Journal,
-    keys: std::sync::Arc<dyn switchboard_handlers::records::IdempotencyKeys>,
-    store: Store,
-    retention: Duration,
-) {
+/// states whose turns are all past their period (as the chains have it
+/// now; all of them when the chain or its control is gone), and brings
+/// back the openers of digest windows whose chain was removed (so that
+/// those windows go), now and then, for as long as the process runs,
+/// first as it starts. A sweep reads the whole journal, so it runs an
+/// eighth of the retention apart (at most every six hours): a record goes
+/// between one and one and an eighth retentions after its event was taken
+/// up. (A key past its window no longer holds its step back whether or not
+/// it is swept yet: the sweep only frees its space.)
+fn spawn_expiry(swept: Swept, retention: Duration) {
     let every = (retention / 8).clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let journal = journal.clone();
-            match tokio::task::spawn_blocking(move || journal.expire(retention)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "expired journal records"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "expiring journal records failed"),
-                Err(e) => tracing::warn!(error = %e, "expiring journal records panicked"),
-            }
-            let keys = keys.clone();
-            let now = switchboard_sdk::now().unix_timestamp();
-            match tokio::task::spawn_blocking(move || keys.expire(now)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "expired idempotency keys"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
-                Err(e) => tracing::warn!(error = %e, "expiring idempotency keys panicked"),
-            }
-            let store = store.clone();
-            let now = switchboard_engine::journal::now_ms();
-            match tokio::task::spawn_blocking(move || {
-                switchboard_engine::executor::expire_flow_states(&store, now)
+            let journal = swept.journal.clone();
+            sweep("expiring journal records", move || {
+                journal.expire(retention)
             })
-            .await
-            {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "removed flow control states gone quiet"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "removing quiet flow control states failed")
-                }
-                Err(e) => tracing::warn!(error = %e, "removing quiet flow control states panicked"),
-            }
+            .await;
+            let keys = swept.keys.clone();
+            let now = switchboard_sdk::now().unix_timestamp();
+            sweep("expiring idempotency keys", move || keys.expire(now)).await;
+            let (store, chains) = (swept.store.clone(), swept.chains.clone());
+            let now = switchboard_engine::journal::now_ms();
+            sweep("removing quiet flow control states", move || {
+                switchboard_engine::executor::expire_flow_states(&store, now, &chains)
+            })
+            .await;
+            let (store, chains, timers) = (
+                swept.store.clone(),
+                swept.chains.clone(),
+                swept.timers.clone(),
+            );
+            sweep(
+                "waking the openers of removed chains' digest windows",
+                move || {
+                    switchboard_engine::executor::wake_removed_windows(
+                        &store, &chains, &timers, now,
+                    )
+                },
+            )
+            .await;
         }
     });
+}
+
+/// Runs the sweep `run` on the blocking pool; says how many it changed
+/// (`what`), or how it failed.
+async fn sweep<E: std::fmt::Display + Send + 'static>(
+    what: &'static str,
+    run: impl FnOnce() -> Result<usize, E> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(records = n, "{what}"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
+        Err(e) => tracing::warn!(error = %e, "{what} panicked"),
+    }
 }
 
 /// Takes the replies transport workers publish, each once, as the

@@ -28,15 +28,15 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use switchboard_handlers::{DigestWindow, NEVER, Pause};
-use switchboard_rules::ChainSpec;
+use switchboard_rules::{ChainSpec, ChainStore};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
-use switchboard_store::{Collection, Store, Write, key};
+use switchboard_store::{Collection, Store, StoreError, Write, key};
 
 use super::pass::Pass;
 use super::paused::Resumed;
 use super::{ChainRun, Executor, Interrupted};
-use crate::journal::{ChainEnd, Entry, RecordKey, StepRecord, now_ms};
-use crate::timers::PendingTimer;
+use crate::journal::{ChainEnd, Entry, Journal, RecordKey, StepRecord, now_ms};
+use crate::timers::{PendingTimer, Timers};
 use crate::trace::StepOutcome;
 
 /// An open window's header.
@@ -116,6 +116,67 @@ fn header_write(k: Vec<u8>, window: &Window) -> Write {
 /// How many digest windows are open in `store` (this replica's copy).
 pub fn open_windows(store: &Store) -> u64 {
     store.len(Collection::Digests) as u64
+}
+
+/// Brings back, by a timer due `now`, the opener of each open digest
+/// window (of those this replica writes) whose chain is no longer among
+/// its account's `chains`: its run then stops (`removed`) and the window
+/// goes with it (see `Executor::drop_digest`). A window closed only by its
+/// count has no timer, and no event of a removed chain joins it: without
+/// this, it and its opener's pause would stay for good. Returns how many
+/// openers it woke.
+pub fn wake_removed_windows(
+    store: &Store,
+    chains: &ChainStore,
+    timers: &Timers,
+    now: u64,
+) -> Result<usize, StoreError> {
+    let journal = Journal::new(store.clone());
+    let mut woken = 0;
+    for (k, v) in store.scan_prefix(Collection::Digests, &[])? {
+        if !store.writes_locally(Collection::Digests, &k) {
+            continue;
+        }
+        let mut parts = k.splitn(3, |b| *b == 0);
+        let (Some(account), Some(chain)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(account), Ok(chain)) = (std::str::from_utf8(account), std::str::from_utf8(chain))
+        else {
+            continue;
+        };
+        let Ok(account) = AccountKey::new(account) else {
+            continue;
+        };
+        let kept = chains
+            .lookup(&account)
+            .is_some_and(|held| held.chains().iter().any(|c| c.name == chain));
+        if kept {
+            continue;
+        }
+        let Ok(window) = serde_json::from_slice::<Window>(&v) else {
+            continue;
+        };
+        // Only a window its opener is paused on: one a crash left behind
+        // brings nothing back.
+        let paused_on_it = journal
+            .load(&RecordKey::new(&account, &window.opener))?
+            .and_then(|j| j.chain(chain).map(|c| c.waiting_digest.is_some()))
+            .unwrap_or(false);
+        if !paused_on_it {
+            continue;
+        }
+        let timer = PendingTimer {
+            account,
+            event_id: window.opener,
+            chain: chain.to_string(),
+            due_ms: now,
+        };
+        store.write_in_order(&[timer.put()])?;
+        timers.noted(&timer);
+        woken += 1;
+    }
+    Ok(woken)
 }
 
 impl Executor {
@@ -383,29 +444,28 @@ impl Executor {
     /// `chain`, as its run stops without the window closing (the chain was
     /// removed): the header, while it is still this opener's, the events
     /// that joined, and their marks. The members' runs ended when they
-    /// joined; nothing gathers them now.
+    /// joined; nothing gathers them now. Written under the window's lock,
+    /// so that an event still running the chain as it was (selected before
+    /// the removal) either joined before, and goes with the rest, or finds
+    /// no window and opens one of its own, which its timer brings back to
+    /// the same end. (Written before the run's end: a crash between leaves
+    /// the run paused on no window, and the event handled again stops it.)
     pub(super) fn drop_digest(
         &self,
         event: &VumiApiEvent,
         (chain, step, digest): (&str, &str, &str),
-        pass: &mut Pass,
+        pass: &Pass,
     ) -> Result<(), Interrupted> {
         let account = &event.account_key;
         let header_key = window_key(account, chain, step, digest);
         let _locked = self.locks.lock(&header_key);
-        let store = pass.store().clone();
+        let store = pass.store();
         let removal = |collection, key| Write {
             collection,
             key,
             value: None,
         };
-        let opened_here = store
-            .get(Collection::Digests, &header_key)?
-            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
-            .is_some_and(|w| w.opener == event.id);
-        if opened_here {
-            pass.write_beside(removal(Collection::Digests, header_key));
-        }
+        let mut writes = Vec::new();
         let prefix = events_prefix(account, event.id, chain);
         let mut members = 0;
         for (k, v) in store.scan_prefix(Collection::DigestEvents, &prefix)? {
@@ -417,10 +477,18 @@ impl Executor {
             {
                 members += 1;
                 let mark = member_key(account, member.id, chain);
-                pass.write_beside(removal(Collection::DigestEvents, mark));
+                writes.push(removal(Collection::DigestEvents, mark));
             }
-            pass.write_beside(removal(Collection::DigestEvents, k));
+            writes.push(removal(Collection::DigestEvents, k));
         }
+        let opened_here = store
+            .get(Collection::Digests, &header_key)?
+            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
+            .is_some_and(|w| w.opener == event.id);
+        if opened_here {
+            writes.push(removal(Collection::Digests, header_key));
+        }
+        store.write_in_order(&writes)?;
         tracing::info!(account = %account, event_id = %event.id, chain, step, key = digest,
             members, "the chain of an open digest window was removed: the window goes, ungathered");
         Ok(())

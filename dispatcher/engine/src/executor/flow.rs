@@ -19,10 +19,12 @@
 //! is given back when the end is recorded, and the run goes on again from
 //! its last durable step.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use switchboard_handlers::{EventValue, NEVER};
-use switchboard_rules::{ChainSpec, Control};
+use switchboard_rules::{ChainSpec, ChainStore, Control};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Store, Write, key};
 
@@ -59,16 +61,6 @@ struct FlowState {
     /// `concurrency`: the runs waiting for one, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     queue: Vec<EventId>,
-    /// `rate_limit` and `throttle`: from when (ms since the epoch) the
-    /// turns decide nothing any more, each older than the period: the
-    /// state then counts as none, and [`expire`] removes it. 0 in states
-    /// written before it was kept, until their key's next decision.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    quiet_from_ms: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl FlowState {
@@ -79,35 +71,40 @@ impl FlowState {
             && self.queue.is_empty()
     }
 
-    /// Whether the state decides nothing at `now`: only turns are kept,
-    /// all of them past their period (a decision would drop them, or give
-    /// the next turn at once, as with no state).
-    fn is_quiet(&self, now: u64) -> bool {
+    /// Whether the state decides nothing at `now` under a control whose
+    /// `period` is this (`None`: the chain or its control is gone): only
+    /// turns are kept, and all of them are a period old, so a decision
+    /// would drop them (`rate_limit`) or give the next turn at once
+    /// (`throttle`), as with no state.
+    fn is_quiet(&self, now: u64, period: Option<u64>) -> bool {
         self.latest.is_none()
             && self.holders.is_empty()
             && self.queue.is_empty()
-            && self.quiet_from_ms != 0
-            && self.quiet_from_ms <= now
-    }
-
-    /// Notes when the turns stop deciding anything: `period` after the
-    /// last.
-    fn note_quiet_from(&mut self, period: u64) {
-        self.quiet_from_ms = self
-            .turns
-            .iter()
-            .map(|(t, _)| *t)
-            .max()
-            .map_or(0, |last| last.saturating_add(period));
+            && period.is_none_or(|period| {
+                self.turns
+                    .iter()
+                    .all(|(t, _)| t.saturating_add(period) <= now)
+            })
     }
 }
 
+/// The period of a chain's control as the account's chains have it now:
+/// `(account, chain, control)`; `None` when the chain or the control is
+/// gone.
+pub type PeriodOf<'a> = dyn Fn(&AccountKey, &str, Control) -> Option<Duration> + 'a;
+
 /// Removes the `rate_limit` and `throttle` states that decide nothing any
-/// more ([`FlowState::is_quiet`] at `now`) among those this replica
-/// writes, so that keys seen once (a key per recipient, say) do not stay
-/// for good. A state a decision changed since it was read stays (the
-/// removal is a compare-and-swap). Returns how many went.
-pub fn expire(store: &Store, now: u64) -> Result<usize, switchboard_store::StoreError> {
+/// more ([`FlowState::is_quiet`] at `now`, under the period `period_of`
+/// gives: the chains as they are now, as decisions read them) among those
+/// this replica writes, so that keys seen once (a key per recipient, say)
+/// and keys of removed chains do not stay for good. A state a decision
+/// changed since it was read stays (the removal is a compare-and-swap).
+/// Returns how many went.
+pub fn expire(
+    store: &Store,
+    now: u64,
+    period_of: &PeriodOf<'_>,
+) -> Result<usize, switchboard_store::StoreError> {
     let mut from = Vec::new();
     let mut removed = 0;
     loop {
@@ -121,7 +118,12 @@ pub fn expire(store: &Store, now: u64) -> Result<usize, switchboard_store::Store
             if !store.writes_locally(Collection::Flow, &k) {
                 continue;
             }
-            let quiet = serde_json::from_slice::<FlowState>(&v).is_ok_and(|s| s.is_quiet(now));
+            let Some((account, chain, control)) = parse_state_key(&k) else {
+                continue;
+            };
+            let period = period_of(&account, chain, control).map(|p| p.as_millis() as u64);
+            let quiet =
+                serde_json::from_slice::<FlowState>(&v).is_ok_and(|s| s.is_quiet(now, period));
             if quiet && store.compare_and_swap(Collection::Flow, &k, Some(&v), None)? {
                 removed += 1;
             }
@@ -130,6 +132,36 @@ pub fn expire(store: &Store, now: u64) -> Result<usize, switchboard_store::Store
             return Ok(removed);
         }
     }
+}
+
+/// [`expire`] under the chains `chains` holds now.
+pub fn expire_under(
+    store: &Store,
+    now: u64,
+    chains: &ChainStore,
+) -> Result<usize, switchboard_store::StoreError> {
+    expire(store, now, &|account, chain, control| {
+        let held = chains.lookup(account)?;
+        let spec = held.chains().iter().find(|c| c.name == chain)?;
+        match control {
+            Control::RateLimit => spec.rate_limit.as_ref().map(|l| l.period),
+            Control::Throttle => spec.throttle.as_ref().map(|l| l.period),
+            Control::Debounce => spec.debounce.as_ref().map(|d| d.period),
+            // Its state holds runs, never turns alone.
+            Control::Concurrency => None,
+        }
+    })
+}
+
+/// The account, chain and control of a state's key ([`state_key`]).
+fn parse_state_key(k: &[u8]) -> Option<(AccountKey, &str, Control)> {
+    let mut parts = k.splitn(4, |b| *b == 0);
+    let account = AccountKey::new(std::str::from_utf8(parts.next()?).ok()?).ok()?;
+    let chain = std::str::from_utf8(parts.next()?).ok()?;
+    let control = std::str::from_utf8(parts.next()?).ok()?;
+    parts.next()?;
+    let control = Control::ALL.into_iter().find(|c| c.as_str() == control)?;
+    Some((account, chain, control))
 }
 
 /// The state's key.
@@ -297,16 +329,14 @@ impl Executor {
                 let rule = chain.rate_limit.as_ref().expect("the chain's rate_limit");
                 let period = rule.period.as_millis() as u64;
                 state.turns.retain(|(t, _)| t.saturating_add(period) > now);
-                let decided = if state.turns.iter().any(|(_, e)| *e == id) {
+                if state.turns.iter().any(|(_, e)| *e == id) {
                     (FlowResult::Passed, now)
                 } else if state.turns.len() < rule.limit as usize {
                     state.turns.push((now, id));
                     (FlowResult::Passed, now)
                 } else {
                     (FlowResult::Skipped, now)
-                };
-                state.note_quiet_from(period);
-                decided
+                }
             }
             Control::Throttle => {
                 let rule = chain.throttle.as_ref().expect("the chain's throttle");
@@ -326,7 +356,6 @@ impl Executor {
                         turn
                     }
                 };
-                state.note_quiet_from(period);
                 if turn <= now {
                     (FlowResult::Passed, turn)
                 } else {
@@ -626,13 +655,12 @@ mod tests {
         EventId::from(uuid::Uuid::from_u128(n))
     }
 
-    fn put(store: &Store, k: &str, state: &FlowState) {
-        let at = state_key(
-            &AccountKey::new("acme").unwrap(),
-            "c",
-            Control::RateLimit,
-            k,
-        );
+    fn acme() -> AccountKey {
+        AccountKey::new("acme").unwrap()
+    }
+
+    fn put(store: &Store, (chain, control, k): (&str, Control, &str), state: &FlowState) {
+        let at = state_key(&acme(), chain, control, k);
         store.write_in_order(&[state_write(at, state)]).unwrap();
     }
 
@@ -642,80 +670,108 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|(k, _)| {
-                String::from_utf8_lossy(&k)
+                let (_, chain, control) = parse_state_key(&k).unwrap();
+                let key = String::from_utf8_lossy(&k)
                     .rsplit('\0')
                     .next()
                     .unwrap()
-                    .to_string()
+                    .to_string();
+                format!("{chain}/{}/{key}", control.as_str())
             })
             .collect()
     }
 
-    #[test]
-    fn turns_go_quiet_a_period_after_the_last() {
-        let mut state = FlowState {
-            turns: vec![(1_000, id(1)), (5_000, id(2)), (3_000, id(3))],
+    fn turns(at: &[u64]) -> FlowState {
+        FlowState {
+            turns: at.iter().map(|t| (*t, id(u128::from(*t)))).collect(),
             ..FlowState::default()
-        };
-        state.note_quiet_from(60_000);
-        assert_eq!(state.quiet_from_ms, 65_000);
-        assert!(!state.is_quiet(64_999));
-        assert!(state.is_quiet(65_000));
-        // Written before the time was kept: it cannot tell.
-        state.quiet_from_ms = 0;
-        assert!(!state.is_quiet(u64::MAX));
+        }
     }
 
     #[test]
-    fn only_states_that_decide_nothing_any_more_are_removed() {
+    fn turns_go_quiet_a_period_after_the_last() {
+        let state = turns(&[1_000, 5_000, 3_000]);
+        assert!(!state.is_quiet(64_999, Some(60_000)));
+        assert!(state.is_quiet(65_000, Some(60_000)));
+        // The chain or its control gone: nothing reads them.
+        assert!(state.is_quiet(0, None));
+        let held = FlowState {
+            latest: Some(id(1)),
+            ..turns(&[1])
+        };
+        assert!(!held.is_quiet(u64::MAX, None));
+    }
+
+    #[test]
+    fn a_states_key_names_its_chain_and_control() {
+        let k = state_key(&acme(), "daily", Control::Throttle, "+27 82\0x");
+        let (account, chain, control) = parse_state_key(&k).unwrap();
+        assert_eq!(
+            (account.as_str(), chain, control),
+            ("acme", "daily", Control::Throttle)
+        );
+        assert!(parse_state_key(b"acme\0daily\0nope\0k").is_none());
+        assert!(parse_state_key(b"acme\0daily\0throttle").is_none());
+    }
+
+    #[test]
+    fn only_states_that_decide_nothing_under_the_chains_as_they_are_now_are_removed() {
         let store = Store::temporary().unwrap();
         let now = 100_000;
-        let quiet = |last: u64| {
-            let mut s = FlowState {
-                turns: vec![(last, id(last as u128))],
-                ..FlowState::default()
-            };
-            s.note_quiet_from(10_000);
-            s
-        };
-        put(&store, "quiet", &quiet(now - 10_000));
-        put(&store, "recent", &quiet(now - 9_999));
         put(
             &store,
-            "from-before",
-            &FlowState {
-                turns: vec![(1, id(9))],
-                ..FlowState::default()
-            },
+            ("c", Control::RateLimit, "quiet"),
+            &turns(&[now - 10_000]),
         );
+        put(
+            &store,
+            ("c", Control::RateLimit, "recent"),
+            &turns(&[now - 9_999]),
+        );
+        // Its chain has a longer period now than when the turn was given.
+        put(
+            &store,
+            ("c", Control::Throttle, "longer"),
+            &turns(&[now - 20_000]),
+        );
+        // A removed chain's turns decide nothing.
+        put(&store, ("gone", Control::RateLimit, "k"), &turns(&[now]));
         // A debounce's latest and a concurrency's slots are the runs'
         // own: they go when those runs do.
-        put(
-            &store,
-            "latest",
-            &FlowState {
-                latest: Some(id(5)),
-                quiet_from_ms: 1,
-                ..FlowState::default()
-            },
-        );
-        put(
-            &store,
-            "holders",
-            &FlowState {
-                holders: vec![id(6)],
-                queue: vec![id(7)],
-                quiet_from_ms: 1,
-                ..FlowState::default()
-            },
-        );
-        assert_eq!(expire(&store, now).unwrap(), 1);
+        let latest = FlowState {
+            latest: Some(id(5)),
+            ..FlowState::default()
+        };
+        put(&store, ("gone", Control::Debounce, "latest"), &latest);
+        let slots = FlowState {
+            holders: vec![id(6)],
+            queue: vec![id(7)],
+            ..FlowState::default()
+        };
+        put(&store, ("gone", Control::Concurrency, "slots"), &slots);
+        let period_of = |account: &AccountKey, chain: &str, control: Control| {
+            assert_eq!(account.as_str(), "acme");
+            match (chain, control) {
+                ("c", Control::RateLimit) => Some(Duration::from_secs(10)),
+                ("c", Control::Throttle) => Some(Duration::from_secs(60)),
+                _ => None,
+            }
+        };
+        assert_eq!(expire(&store, now, &period_of).unwrap(), 2);
         assert_eq!(
             keys_left(&store),
-            ["from-before", "holders", "latest", "recent"]
+            [
+                "c/rate_limit/recent",
+                "c/throttle/longer",
+                "gone/concurrency/slots",
+                "gone/debounce/latest"
+            ]
         );
-        assert_eq!(expire(&store, now).unwrap(), 0);
-        assert_eq!(expire(&store, now + 1).unwrap(), 1);
-        assert_eq!(keys_left(&store), ["from-before", "holders", "latest"]);
+        assert_eq!(expire(&store, now, &period_of).unwrap(), 0);
+        assert_eq!(expire(&store, now + 40_000, &period_of).unwrap(), 2);
+        assert_eq!(
+            keys_left(&store),
+            ["gone/concurrency/slots", "gone/debounce/latest"]
+        );
     }
 }

@@ -47,8 +47,8 @@ mod paused;
 mod policy;
 mod step;
 
-pub use digest::open_windows;
-pub use flow::{ended_as, expire as expire_flow_states};
+pub use digest::{open_windows, wake_removed_windows};
+pub use flow::{ended_as, expire_under as expire_flow_states};
 pub use step::emitted_events;
 
 pub use letters::{LetterError, Letters};
