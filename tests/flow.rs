@@ -647,31 +647,54 @@ handler = "log"
     let after = crate::util::now_ms() as u64;
     let hour = 3_600_000;
     d.stop();
-    let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
-    let chain_store = ChainStore::open(store.clone()).expect("the chains");
-    let states = |store: &Store| store.len(Collection::Flow);
-    assert_eq!(states(&store), 6, "a state per key and chain");
-    let sweep =
-        |now| switchboard_engine::executor::expire_flow_states(&store, now, &chain_store).unwrap();
-    assert_eq!(sweep(after), 0);
-    assert_eq!(sweep(before + hour - 1), 0, "within the rate limit's hour");
+    let open = |d: &Dispatcher| {
+        let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
+        let chains = ChainStore::open(store.clone()).expect("the chains");
+        (store, chains)
+    };
+    let sweep = |(store, chains): &(Store, ChainStore), now| {
+        switchboard_engine::executor::expire_flow_states(store, now, chains).unwrap()
+    };
+    let states = |(store, _): &(Store, ChainStore)| store.len(Collection::Flow);
+    let opened = open(&d);
+    assert_eq!(states(&opened), 6, "a state per key and chain");
+    assert_eq!(sweep(&opened, after), 0);
     assert_eq!(
-        sweep(after + hour),
-        3,
-        "the rate limit's states, an hour on"
-    );
-    assert_eq!(
-        sweep(before + 2 * hour - 1),
+        sweep(&opened, before + hour - 1),
         0,
-        "within the throttle's two hours"
+        "within the rate limit's hour"
     );
-    drop(chain_store);
-    drop(store);
+    drop(opened);
 
-    // A period made longer holds the turns given under the shorter one;
-    // a chain removed lets its states go at once.
+    // The rate limit's period made longer holds the turns given under the
+    // shorter one. (The dispatcher's own sweep, as it starts, finds
+    // nothing quiet yet, whatever the chains.)
     d.restart();
-    d.apply_chains("acme.toml", &chains("3h", "")).await;
+    d.apply_chains("acme.toml", &chains("3h", paced)).await;
+    d.stop();
+    let opened = open(&d);
+    assert_eq!(states(&opened), 6);
+    assert_eq!(
+        sweep(&opened, after + hour),
+        0,
+        "within the rate limit's 3 h"
+    );
+    assert_eq!(
+        sweep(&opened, before + 2 * hour - 1),
+        0,
+        "within the throttle's 2 h"
+    );
+    assert_eq!(sweep(&opened, after + 2 * hour), 3, "the throttle's states");
+    assert_eq!(
+        sweep(&opened, after + 3 * hour),
+        3,
+        "the rate limit's, 3 h on"
+    );
+    assert_eq!(states(&opened), 0);
+    drop(opened);
+
+    // A chain removed lets its states go at once.
+    d.restart();
     let e = event(
         "acme",
         "survey",
@@ -681,15 +704,21 @@ handler = "log"
     );
     let id = d.post_event(&serde_json::to_value(&e).expect("JSON")).await;
     d.wait_for_trace("acme", &id, TIMEOUT).await;
+    d.apply_chains("acme.toml", &chains("3h", "")).await;
     let last = crate::util::now_ms() as u64;
     d.stop();
-    let store = Store::open(&d.data_dir().join("store")).expect("the store opens");
-    let chain_store = ChainStore::open(store.clone()).expect("the chains");
-    let sweep =
-        |now| switchboard_engine::executor::expire_flow_states(&store, now, &chain_store).unwrap();
-    assert_eq!(states(&store), 4, "the throttle's three and the new key's");
-    assert_eq!(sweep(last), 3, "the removed chain's throttle states");
-    assert_eq!(sweep(last + hour), 0, "the new key's turn, within 3 h");
-    assert_eq!(sweep(last + 3 * hour), 1);
-    assert_eq!(states(&store), 0);
+    let opened = open(&d);
+    assert_eq!(states(&opened), 2, "the new key's, one per chain");
+    assert_eq!(
+        sweep(&opened, last),
+        1,
+        "the removed chain's throttle state"
+    );
+    assert_eq!(
+        sweep(&opened, last + hour),
+        0,
+        "the new key's turn, within 3 h"
+    );
+    assert_eq!(sweep(&opened, last + 3 * hour), 1);
+    assert_eq!(states(&opened), 0);
 }

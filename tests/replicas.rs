@@ -2520,8 +2520,10 @@ async fn a_dispatcher_refuses_to_start_beside_dispatchers_it_would_handle_events
             && replica.contains("replicas beside it would handle its events again"),
         "{replica}"
     );
-    // Busy with a backlog of slow steps, its pull has nothing waiting on
-    // the server, but its acks move.
+    // Busy with a backlog of slow steps, its pull may have nothing waiting
+    // on the server (its executor's queue is full), but it takes more
+    // deliveries as its events are done. (With only waiting requests
+    // looked at, this second one started.)
     let slow = HttpReceiver::start(Duration::from_millis(700));
     single.set_secret("busy", "gateway", WEBHOOK_SECRET).await;
     single

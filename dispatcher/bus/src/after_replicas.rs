@@ -43,22 +43,28 @@ pub(crate) enum Consuming {
     Replicated,
 }
 
-/// How long a consumer is watched before it counts as a running
-/// dispatcher's: an idle one's pull keeps a request waiting on the server
-/// at all times (`puller.rs`), and a busy one's deliveries and acks move,
-/// while a stopped (or killed) one's requests expire within
-/// [`PULL_EXPIRES`] and nothing of it moves.
-const WATCHED_FOR: Duration = PULL_EXPIRES.saturating_add(Duration::from_secs(1));
+/// How long a consumer is left before it is watched: a stopped (or
+/// killed) dispatcher's pull requests expire within [`PULL_EXPIRES`], and
+/// until then the server may still deliver to them (a host gone without
+/// closing its connection).
+const WATCH_AFTER: Duration = PULL_EXPIRES.saturating_add(Duration::from_millis(500));
+
+/// How long a consumer is watched: an idle running dispatcher's pull keeps
+/// a request waiting on the server at all times (`puller.rs`), and a busy
+/// one takes more deliveries as its events are done.
+const WATCH_FOR: Duration = Duration::from_secs(1);
 
 /// Refuses to consume the stream as `consuming` says while running
 /// dispatchers consume it in a way this one cannot run beside: replicas
 /// (their partition consumers pulled) or a single dispatcher (consumer
 /// `switchboard` pulled), for a single dispatcher; a single dispatcher, for
 /// a replica (other replicas are its peers). A consumer with pull requests
-/// waiting or deliveries unacked is watched for [`WATCHED_FOR`]: pulled
-/// still, or delivering or acking meanwhile, it is a running dispatcher's.
-/// Started at the same moment, neither may see the other: this is a check
-/// for an operator's mistake, not a lock.
+/// waiting or deliveries unacked is left for [`WATCH_AFTER`], then watched
+/// for [`WATCH_FOR`]: with requests waiting still, or delivering
+/// meanwhile, it is a running dispatcher's. Started at the same moment,
+/// neither may see the other, nor one whose events are all stuck in steps
+/// while it is watched: this is a check for an operator's mistake, not a
+/// lock.
 pub(crate) async fn refuse_beside(
     stream: &jetstream::stream::Stream,
     consuming: Consuming,
@@ -67,26 +73,35 @@ pub(crate) async fn refuse_beside(
     if consuming == Consuming::Single {
         names.extend((0..PARTITIONS).map(partition_consumer));
     }
+    let patience = tokio::time::Instant::now() + crate::nats::CREATE_PATIENCE;
     let mut watched = Vec::new();
     for name in names {
-        if let Some(seen) = activity(stream, &name).await?
-            && (seen.waiting || seen.unacked)
+        if activity(stream, &name, patience)
+            .await?
+            .is_some_and(|seen| seen.waiting || seen.unacked)
         {
-            watched.push((name, seen));
+            watched.push(name);
         }
     }
     if watched.is_empty() {
         return Ok(());
     }
-    tracing::info!(consumers = ?watched.iter().map(|(n, _)| n).collect::<Vec<_>>(), watch = ?WATCHED_FOR,
-        "consumers this dispatcher cannot run beside have pull requests waiting or deliveries unacked; \
-         telling whether a running dispatcher has them");
-    tokio::time::sleep(WATCHED_FOR).await;
+    tracing::info!(consumers = ?watched, "consumers this dispatcher cannot run beside have pull \
+        requests waiting or deliveries unacked; telling whether a running dispatcher has them");
+    tokio::time::sleep(WATCH_AFTER).await;
+    let patience = tokio::time::Instant::now() + crate::nats::CREATE_PATIENCE;
+    let mut before = Vec::new();
+    for name in watched {
+        if let Some(seen) = activity(stream, &name, patience).await? {
+            before.push((name, seen));
+        }
+    }
+    tokio::time::sleep(WATCH_FOR).await;
     let mut pulled = Vec::new();
-    for (name, before) in watched {
-        if activity(stream, &name)
+    for (name, before) in before {
+        if activity(stream, &name, patience)
             .await?
-            .is_some_and(|now| now.waiting || now.moved_since(&before))
+            .is_some_and(|now| before.waiting || now.waiting || now.delivered != before.delivered)
         {
             pulled.push(name);
         }
@@ -130,26 +145,20 @@ struct Activity {
     waiting: bool,
     /// Deliveries are out, not acked yet.
     unacked: bool,
-    /// Its deliveries so far (redeliveries counted).
+    /// Its deliveries so far (redeliveries counted; a purge or the
+    /// stream's limits do not move it).
     delivered: u64,
-    /// Its ack floor.
-    acked: u64,
-}
-
-impl Activity {
-    fn moved_since(&self, before: &Activity) -> bool {
-        self.delivered != before.delivered || self.acked != before.acked
-    }
 }
 
 /// Consumer `name`'s [`Activity`]; `None` when it does not exist. Read
-/// with the patience of a cluster that is electing the consumer's leader.
+/// again on failure until `patience` runs out: a cluster may be electing
+/// the consumer's leader.
 async fn activity(
     stream: &jetstream::stream::Stream,
     name: &str,
+    patience: tokio::time::Instant,
 ) -> Result<Option<Activity>, BusError> {
     use jetstream::context::ConsumerInfoErrorKind::NotFound;
-    let deadline = tokio::time::Instant::now() + crate::nats::CREATE_PATIENCE;
     loop {
         match stream.consumer_info(name).await {
             Ok(info) => {
@@ -157,11 +166,10 @@ async fn activity(
                     waiting: info.num_waiting > 0,
                     unacked: info.num_ack_pending > 0,
                     delivered: info.delivered.consumer_sequence,
-                    acked: info.ack_floor.consumer_sequence,
                 }));
             }
             Err(e) if e.kind() == NotFound => return Ok(None),
-            Err(e) if tokio::time::Instant::now() < deadline => {
+            Err(e) if tokio::time::Instant::now() < patience => {
                 tracing::warn!(consumer = name, error = %e, "reading the consumer failed; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

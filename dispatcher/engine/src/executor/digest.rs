@@ -148,20 +148,25 @@ pub fn wake_removed_windows(
         let Ok(account) = AccountKey::new(account) else {
             continue;
         };
-        let kept = chains
+        // (An account without chains at all routes nothing: its events,
+        // brought back, would not reach their runs.)
+        let gone = chains
             .lookup(&account)
-            .is_some_and(|held| held.chains().iter().any(|c| c.name == chain));
-        if kept {
+            .is_some_and(|held| held.chains().iter().all(|c| c.name != chain));
+        if !gone {
             continue;
         }
         let Ok(window) = serde_json::from_slice::<Window>(&v) else {
             continue;
         };
-        // Only a window its opener is paused on: one a crash left behind
-        // brings nothing back.
+        // Only a window its opener is paused on (as `open_window` tells):
+        // one a crash left behind brings nothing back.
         let paused_on_it = journal
             .load(&RecordKey::new(&account, &window.opener))?
-            .and_then(|j| j.chain(chain).map(|c| c.waiting_digest.is_some()))
+            .and_then(|j| {
+                j.chain(chain)
+                    .map(|c| c.waiting == Some(window.until_ms) && c.waiting_digest.is_some())
+            })
             .unwrap_or(false);
         if !paused_on_it {
             continue;

@@ -75,16 +75,18 @@ impl FlowState {
     /// `period` is this (`None`: the chain or its control is gone): only
     /// turns are kept, and all of them are a period old, so a decision
     /// would drop them (`rate_limit`) or give the next turn at once
-    /// (`throttle`), as with no state.
+    /// (`throttle`), as with no state. With the control gone, turns still
+    /// to come (held runs wait for them, and the control may come back
+    /// before) keep it.
     fn is_quiet(&self, now: u64, period: Option<u64>) -> bool {
+        let period = period.unwrap_or(0);
         self.latest.is_none()
             && self.holders.is_empty()
             && self.queue.is_empty()
-            && period.is_none_or(|period| {
-                self.turns
-                    .iter()
-                    .all(|(t, _)| t.saturating_add(period) <= now)
-            })
+            && self
+                .turns
+                .iter()
+                .all(|(t, _)| t.saturating_add(period) <= now)
     }
 }
 
@@ -693,8 +695,10 @@ mod tests {
         let state = turns(&[1_000, 5_000, 3_000]);
         assert!(!state.is_quiet(64_999, Some(60_000)));
         assert!(state.is_quiet(65_000, Some(60_000)));
-        // The chain or its control gone: nothing reads them.
-        assert!(state.is_quiet(0, None));
+        // The chain or its control gone: nothing reads the turns given,
+        // but one still to come holds (its run waits for it).
+        assert!(state.is_quiet(5_000, None));
+        assert!(!state.is_quiet(4_999, None));
         let held = FlowState {
             latest: Some(id(1)),
             ..turns(&[1])
@@ -734,8 +738,14 @@ mod tests {
             ("c", Control::Throttle, "longer"),
             &turns(&[now - 20_000]),
         );
-        // A removed chain's turns decide nothing.
+        // A removed chain's turns decide nothing, but a turn to come is a
+        // held run's.
         put(&store, ("gone", Control::RateLimit, "k"), &turns(&[now]));
+        put(
+            &store,
+            ("gone", Control::Throttle, "later"),
+            &turns(&[now + 1]),
+        );
         // A debounce's latest and a concurrency's slots are the runs'
         // own: they go when those runs do.
         let latest = FlowState {
@@ -764,11 +774,12 @@ mod tests {
                 "c/rate_limit/recent",
                 "c/throttle/longer",
                 "gone/concurrency/slots",
-                "gone/debounce/latest"
+                "gone/debounce/latest",
+                "gone/throttle/later"
             ]
         );
         assert_eq!(expire(&store, now, &period_of).unwrap(), 0);
-        assert_eq!(expire(&store, now + 40_000, &period_of).unwrap(), 2);
+        assert_eq!(expire(&store, now + 40_000, &period_of).unwrap(), 3);
         assert_eq!(
             keys_left(&store),
             ["gone/concurrency/slots", "gone/debounce/latest"]
