@@ -381,6 +381,76 @@ retry = { max_attempts = 6, initial = "50ms", max = "100ms" }
     }
 }
 
+/// A Twilio send whose answer is lost is looked for at Twilio as it was
+/// handed over: a template that renders otherwise on the retry (its `now`
+/// has moved on) still finds the message Twilio created, and it is not
+/// sent again.
+#[tokio::test]
+async fn a_twilio_send_whose_text_renders_otherwise_on_the_retry_is_found_as_it_went() {
+    let receiver = HttpReceiver::start(Duration::from_secs(3));
+    let smtp = SmtpSink::start();
+    let config = providers(&receiver, &smtp, false).replace(
+        "status_callback = \"https://hooks.example.org/twilio/status\"",
+        "timeout = \"1s\"",
+    );
+    let d = Dispatcher::with_config(None, &config);
+    let template = d.file(
+        "code.toml",
+        "channel = \"sms\"\ntext = \"Your code, as of {{ now }}: 1234\"\n",
+    );
+    d.cli(&[
+        "templates",
+        "put",
+        "acme",
+        "code",
+        template.to_str().expect("a UTF-8 path"),
+    ])
+    .await
+    .ok();
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+[[chains]]
+name = "notify"
+event_type = "notify"
+[[chains.steps]]
+handler = "create_contact"
+config = { msisdn = "{{ event.event_data.msisdn }}" }
+[[chains.steps]]
+handler = "send_sms"
+config = { provider = "twilio", template = "code", recipients = ["{{ event.event_data.msisdn }}"] }
+retry = { max_attempts = 6, initial = "50ms", max = "100ms" }
+"#,
+    )
+    .await;
+    receiver.twilio_hang(json!({"+27820000008": 1})).await;
+    let e = event(
+        "acme",
+        "survey",
+        "notify",
+        "c1",
+        json!({"msisdn": "+27820000008"}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+    let calls = receiver
+        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
+        .await;
+    let methods: Vec<&str> = calls
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["POST", "GET"], "{calls:#?}");
+    let sent = calls[0]["form"]["Body"].as_str().unwrap();
+    assert!(sent.starts_with("Your code, as of "), "{sent}");
+    let send = step(&trace, "notify", "send_sms");
+    let message = &send["output"]["messages"][0];
+    assert_eq!(message["status"], "sent", "{send:#}");
+    assert!(message["remote_id"].as_str().is_some(), "{send:#}");
+}
+
 fn id_str(e: &switchboard_sdk::VumiApiEvent) -> String {
     e.id.to_string()
 }

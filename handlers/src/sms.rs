@@ -323,6 +323,17 @@ impl SendSms {
         let remote_id = match (provider, record.handed_over_at()) {
             (SmsProvider::Twilio(p), Some(since)) => {
                 twilio::answer_settled(p, &record, since)?;
+                // Looked for, and sent again if Twilio lacks it, as it was
+                // handed over, not as it renders now (a template's `now`,
+                // a contact changed since): the recorded text, unless the
+                // record keeps only part of it, from the recorded sender
+                // (in E.164, as Twilio lists it).
+                let text = match record.cut {
+                    None => record.body.clone(),
+                    Some(_) => text.to_string(),
+                };
+                let from = from.map(|f| record.sender.clone().unwrap_or_else(|| f.to_string()));
+                let (from, text) = (from.as_deref(), text.as_str());
                 let found = twilio::find_earlier(
                     p,
                     self.http.as_ref(),

@@ -6,9 +6,10 @@
 //! So a message is recorded `sending` before it is handed over, and a step
 //! run again that finds it so waits until Twilio's answer could no longer
 //! come ([`answer_settled`]), then lists Twilio's recent messages to that
-//! number and looks for it — same recipient, sender and body, created since
-//! it was handed over, and not already another of the account's messages —
-//! before sending it again. Twilio's answer is needed: if it cannot be
+//! number and looks for it — same recipient, sender and body (as the record
+//! kept them when it was handed over, not as they render now), created
+//! since it was handed over, and not already another of the account's
+//! messages — before sending it again. Twilio's answer is needed: if it cannot be
 //! asked, the step is retried rather than risk a second text.
 
 use serde_json::Value;
