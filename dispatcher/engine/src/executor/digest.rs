@@ -22,6 +22,11 @@
 //! its journal (a header whose opener is not paused on it is taken for
 //! none); a close writes the journal, with every event in the step's
 //! output, before the window is removed.
+//!
+//! A window whose chain is removed while it is open gathers nothing: its
+//! opener, back by its timer or (a window closed only by its count) by
+//! the expiry sweep's [`wake_removed_windows`], stops, and the window goes
+//! with its events and their marks (`Executor::drop_digest`).
 
 use std::collections::HashSet;
 
