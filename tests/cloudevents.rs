@@ -214,6 +214,38 @@ async fn cloudevents_in_every_mode_run_the_same_chain() {
         .await;
     assert_eq!(letter["reason"], "poison", "{letter:#}");
     assert_eq!(letter["subject"], subject, "{letter:#}");
+
+    // A time that is past the year 9999 once in UTC is no time: refused
+    // over HTTP, and from NATS filed as poison while the next event is
+    // handled (it once stopped the consume loop).
+    let mut far = cloudevent(&uuid(), "+27820000001");
+    far["time"] = json!("9999-12-31T23:59:59-01:00");
+    let (status, answer) = post(&d, "application/cloudevents+json", &far).await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`time`") && message.contains("years 0000 to 9999"),
+        "{answer}"
+    );
+    js.publish(subject, serde_json::to_vec(&far).expect("JSON").into())
+        .await
+        .expect("publishing")
+        .await
+        .expect("stored");
+    d.wait_for_dead_letter("acme", "the CloudEvent from past the year 9999", |l| {
+        l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("years 0000 to 9999"))
+    })
+    .await;
+    let after = cloudevent(&uuid(), "+27820000001");
+    js.publish(subject, serde_json::to_vec(&after).expect("JSON").into())
+        .await
+        .expect("publishing")
+        .await
+        .expect("stored");
+    let id = after["id"].as_str().expect("an id").to_string();
+    handled(&d, &id).await;
 }
 
 /// With `bus.publish_cloudevents`, events go on the stream as binary-mode

@@ -210,9 +210,16 @@ fn time_of(
 ) -> Result<Option<OffsetDateTime>, CloudEventError> {
     text(attributes, name)?
         .map(|s| {
-            OffsetDateTime::parse(s, &Rfc3339)
-                .map(|t| t.to_offset(time::UtcOffset::UTC))
-                .map_err(|e| error(name, format!("{s:?} is not an RFC 3339 time: {e}")))
+            let t = OffsetDateTime::parse(s, &Rfc3339)
+                .map_err(|e| error(name, format!("{s:?} is not an RFC 3339 time: {e}")))?;
+            // In UTC it must still be a time RFC 3339 can write (years 0000
+            // to 9999): the event is written back with it.
+            crate::in_rfc3339_range(t).ok_or_else(|| {
+                error(
+                    name,
+                    format!("{s:?} is outside the years 0000 to 9999 once in UTC"),
+                )
+            })
         })
         .transpose()
 }
@@ -451,6 +458,16 @@ mod tests {
                 Box::new(|v| v["time"] = json!("yesterday")),
                 "time",
                 "RFC 3339",
+            ),
+            (
+                Box::new(|v| v["time"] = json!("9999-12-31T23:59:59-01:00")),
+                "time",
+                "years 0000 to 9999",
+            ),
+            (
+                Box::new(|v| v["expiresat"] = json!("0000-01-01T00:00:00+00:01")),
+                "expiresat",
+                "years 0000 to 9999",
             ),
             (
                 Box::new(|v| v["account"] = json!("globex")),

@@ -409,6 +409,14 @@ pub fn format_rfc3339(t: OffsetDateTime) -> String {
         .expect("a valid timestamp formats as RFC 3339")
 }
 
+/// `t` in UTC, if RFC 3339 can write it there (the years 0000 to 9999):
+/// a time from outside (a CloudEvent's, a provider's Unix time, a form's)
+/// is checked with it before [`format_rfc3339`] may be asked to write it.
+pub fn in_rfc3339_range(t: OffsetDateTime) -> Option<OffsetDateTime> {
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|t| (0..=9999).contains(&t.year()))
+}
+
 /// `occurred_at`: RFC 3339, and in UTC.
 mod utc_timestamp {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -34,7 +34,7 @@ pub mod trace_context;
 
 pub use event::{
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, EventError, EventId, SCHEMA_VERSION, VumiApiEvent,
-    format_rfc3339, now,
+    format_rfc3339, in_rfc3339_range, now,
 };
 pub use keys::{AccountKey, ConversationKey, ConversationType, EventType, KeyError};
 

@@ -63,7 +63,15 @@ pub(super) fn decode(
     prefix: &str,
     max_bytes: usize,
 ) -> Result<VumiApiEvent, Box<DeadLetter>> {
-    let result = read(payload, headers, account, max_bytes).and_then(|event| {
+    // A reader that panics on some payload (a library's edge) files it as
+    // poison instead of stopping the consume loop, which decodes every
+    // delivery: the message would come back, to this replica or the next,
+    // and stop that one too.
+    let read = std::panic::catch_unwind(|| read(payload, headers, account, max_bytes))
+        .unwrap_or_else(|_| {
+            Err("reading the event panicked: a value in it that the reader cannot handle".into())
+        });
+    let result = read.and_then(|event| {
         let expected = event.subject(prefix);
         if expected == subject {
             Ok(event)

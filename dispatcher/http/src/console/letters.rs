@@ -108,12 +108,16 @@ pub(super) struct Range {
 /// A time as the range's fields give it.
 fn parse_time(raw: &str) -> Option<OffsetDateTime> {
     let raw = raw.trim();
-    OffsetDateTime::parse(raw, &Rfc3339).ok().or_else(|| {
-        let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
-        time::PrimitiveDateTime::parse(raw, &format)
-            .ok()
-            .map(time::PrimitiveDateTime::assume_utc)
-    })
+    OffsetDateTime::parse(raw, &Rfc3339)
+        .ok()
+        .or_else(|| {
+            let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
+            time::PrimitiveDateTime::parse(raw, &format)
+                .ok()
+                .map(time::PrimitiveDateTime::assume_utc)
+        })
+        // Shown back (RFC 3339): a year it cannot write is no time here.
+        .and_then(switchboard_sdk::in_rfc3339_range)
 }
 
 pub(super) async fn page(
@@ -282,4 +286,20 @@ pub(super) async fn act(
         .filter(|l| l.status == LetterStatus::Dead && group_key(l) == wanted && l.at <= last)
         .collect();
     handle_all(&s, &session, key.as_str(), &members, &form.action).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn a_range_time_is_one_rfc_3339_can_write_back() {
+        let t = parse_time("2026-12-07T10:30").unwrap();
+        assert_eq!(switchboard_sdk::format_rfc3339(t), "2026-12-07T10:30:00Z");
+        let t = parse_time(" 2026-12-07T10:30:00+02:00 ").unwrap();
+        assert_eq!(switchboard_sdk::format_rfc3339(t), "2026-12-07T08:30:00Z");
+        assert_eq!(parse_time("-0001-01-01T00:00"), None);
+        assert_eq!(parse_time("9999-12-31T23:59:59-01:00"), None);
+        assert_eq!(parse_time("soon"), None);
+    }
 }

@@ -131,12 +131,15 @@ pub fn parse_record(raw: &Value) -> Parsed {
         Some(t) => match t
             .as_i64()
             .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(switchboard_sdk::in_rfc3339_range)
         {
             Some(t) => Some(t),
             None => {
                 return Parsed::unusable(
                     InboundResult::Malformed,
-                    format!("`timestamp` {t} is not a Unix time in seconds"),
+                    format!(
+                        "`timestamp` {t} is not a Unix time in seconds (of the years 0000 to 9999)"
+                    ),
                 );
             }
         },

@@ -74,7 +74,7 @@ fn sendgrid_fixture_records_are_read_one_by_one() {
             ),
             "undocumented: SendGrid event type \"a_new_event_type_nobody_documented\" is not one Switchboard reads (processed, deferred, delivered, bounce, dropped, open, click, spamreport, unsubscribe, group_unsubscribe, group_resubscribe)",
             "delivered -> delivered (email_delivered) id=0192f1c0-7b1c-7cc3-9a55-00000000ffff remote=sgm-9999.unknown|sgm-9999 source=sendgrid:ZmE1YjM0-ghost-1",
-            "malformed: `timestamp` \"not-a-number\" is not a Unix time in seconds",
+            "malformed: `timestamp` \"not-a-number\" is not a Unix time in seconds (of the years 0000 to 9999)",
         ],
     );
     // The bounce carries what a chain needs to act on it.
@@ -145,6 +145,13 @@ fn sendgrid_bodies_that_are_not_arrays_are_one_malformed_record() {
         panic!("a report")
     };
     assert_eq!(named.account.as_deref(), Some("beta"));
+    // A time RFC 3339 cannot write (the year -1) is no SendGrid time.
+    assert_eq!(
+        summary(&sendgrid::parse_record(
+            &json!({"event": "unsubscribe", "email": "a@b.c", "sg_message_id": "x", "timestamp": -62167219201i64})
+        )),
+        "malformed: `timestamp` -62167219201 is not a Unix time in seconds (of the years 0000 to 9999)"
+    );
 }
 
 #[test]
