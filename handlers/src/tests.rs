@@ -237,6 +237,14 @@ fn webhook_verification_checks_signature_and_age() {
         check("1614265330", good, body, at - 301),
         Err(VerifyError::Stale { .. })
     ));
+    // Any timestamp at all is only stale, however far off.
+    assert_eq!(
+        check(&i64::MIN.to_string(), good, body, at),
+        Err(VerifyError::Stale {
+            timestamp: i64::MIN,
+            off: i64::MAX
+        })
+    );
     assert_eq!(
         check("1614265330", good, br#"{"test": 1}"#, at),
         Err(VerifyError::Mismatch)

@@ -112,7 +112,8 @@ pub fn verify(
         .trim()
         .parse()
         .map_err(|_| VerifyError::BadTimestamp(timestamp.to_string()))?;
-    let off = (now - at).abs();
+    // (Any i64 may be sent: the difference is taken without overflow.)
+    let off = i64::try_from(now.abs_diff(at)).unwrap_or(i64::MAX);
     if off > TIMESTAMP_TOLERANCE_SECS {
         return Err(VerifyError::Stale { timestamp: at, off });
     }

@@ -331,9 +331,31 @@ impl Serialize for StepConfig {
     }
 }
 
+/// How deep a step's options may nest: their JSON text is read back at
+/// each use, by a reader that stops at 128 levels (a TOML file can nest
+/// deeper, a dotted key at a time).
+pub const MAX_CONFIG_DEPTH: usize = 64;
+
+/// How deep `value` nests: 0 for a scalar, one more for each array or
+/// object around it.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 impl<'de> Deserialize<'de> for StepConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Map::<String, Value>::deserialize(d).map(Self::from)
+        let map = Map::<String, Value>::deserialize(d)?;
+        let nested = 1 + map.values().map(depth).max().unwrap_or(0);
+        if nested > MAX_CONFIG_DEPTH {
+            return Err(serde::de::Error::custom(format!(
+                "the options nest {nested} levels deep; at most {MAX_CONFIG_DEPTH} are allowed"
+            )));
+        }
+        Ok(Self::from(map))
     }
 }
 

@@ -551,3 +551,33 @@ fn versions_carry_forward_what_earlier_ones_awaited() {
     assert!(chains.awaits("stop") && chains.awaits("halt"));
     assert!(!chains.awaits("signed_up"));
 }
+
+/// A TOML file can nest a step's options deeper (a dotted key at a time)
+/// than their JSON text can be read back: such a file is refused when it
+/// is read, naming the depth, and one within the limit is taken.
+#[test]
+fn options_nested_deeper_than_their_text_can_be_read_back_are_refused() {
+    let dotted = |prefix: &str, n: usize| {
+        (1..=n)
+            .map(|i| format!("{prefix}{i}"))
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let file = |outer: usize, inner: usize| {
+        format!(
+            "account_key = \"acme\"\n[[chains]]\nname = \"deep\"\nevent_type = \"e\"\n\
+             [[chains.steps]]\nhandler = \"log\"\n[chains.steps.config]\n{} = {{ {} = 1 }}\n",
+            dotted("a", outer),
+            dotted("b", inner)
+        )
+    };
+    let err = parse_chain_file(&file(70, 70), Format::Toml, "deep.toml").unwrap_err();
+    assert!(
+        err.message
+            .contains("the options nest 140 levels deep; at most 64"),
+        "{err}"
+    );
+    let taken = parse(&file(30, 30));
+    let config = taken.chains[0].steps[0].config.to_map();
+    assert!(config.contains_key("a1"), "{config:?}");
+}

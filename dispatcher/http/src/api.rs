@@ -136,6 +136,18 @@ pub struct ApiState {
     pub config_writes: Arc<std::sync::Mutex<()>>,
 }
 
+impl ApiState {
+    /// Takes [`ApiState::config_writes`]. A write that panicked while it
+    /// held the lock left nothing half done that the next one must not
+    /// see (each store write is whole), so the lock is taken all the same
+    /// rather than failing every later config write.
+    pub fn config_write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.config_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 use handlers::{builtin as handlers_builtin, of_account as handlers_of_account};
 
 /// Declares every route once: it defines [`ROUTES`] and the function that

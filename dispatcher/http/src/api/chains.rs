@@ -55,7 +55,7 @@ pub(super) async fn apply_chains(
         .map_err(|e| ApiError::bad_request("invalid_chain_file", e.to_string()))?;
     let change = if q.merge { "apply (merge)" } else { "apply" };
     let (version, changes) = {
-        let _writes = s.config_writes.lock().expect("config write lock");
+        let _writes = s.config_write_lock();
         let valid = validate(file, &account, s.registry.as_ref()).map_err(ChainStoreError::from)?;
         s.chains
             .apply_changes(valid, q.merge, change, s.registry.as_ref())?
@@ -156,7 +156,7 @@ pub(super) async fn restore(
     let account = account_key(&account)?;
     let version = parse_version(&version)?;
     let restored = {
-        let _writes = s.config_writes.lock().expect("config write lock");
+        let _writes = s.config_write_lock();
         s.chains.restore(&account, version, s.registry.as_ref())?
     };
     Ok(version_json(&restored).into_response())

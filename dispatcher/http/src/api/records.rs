@@ -164,7 +164,7 @@ pub(super) async fn remove_secret(
             "account {account} has no secret {name:?}"
         )));
     }
-    let writes = s.config_writes.lock().expect("config write lock");
+    let writes = s.config_write_lock();
     let mut users = Vec::new();
     if let Some(current) = s.chains.current(&account)? {
         for chain in &current.chains {

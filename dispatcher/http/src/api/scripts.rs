@@ -93,7 +93,7 @@ pub(super) async fn remove_script(
 ) -> ApiResult {
     let account = account_key(&account)?;
     let handler = format!("script:{name}");
-    let _writes = s.config_writes.lock().expect("config write lock");
+    let _writes = s.config_write_lock();
     if let Some(current) = s.chains.current(&account)? {
         let users: Vec<&str> = current
             .chains

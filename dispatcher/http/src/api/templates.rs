@@ -143,7 +143,7 @@ pub(super) async fn remove_template(
     let account = account_key(&account)?;
     // A step names a template by a literal slug; one given as a template
     // (`{{ ... }}`) is known only when it runs, and fails then.
-    let _writes = s.config_writes.lock().expect("config write lock");
+    let _writes = s.config_write_lock();
     if let Some(current) = s.chains.current(&account)? {
         let users: Vec<String> = current
             .chains

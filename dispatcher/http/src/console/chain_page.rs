@@ -150,7 +150,7 @@ pub(super) async fn act(
     Form(change): Form<Change>,
 ) -> Page {
     checked_form(&session, &change.csrf)?;
-    let _writes = s.config_writes.lock().expect("config write lock");
+    let _writes = s.config_write_lock();
     let chain = chain_of(&s, &session, &key, &name)?;
     if change.seen != fingerprint(&chain) {
         return Ok(show(

@@ -104,7 +104,7 @@ pub(super) async fn submit(
         return Ok(draft.render(s, key, session, Some(preview)));
     }
     let stored = {
-        let _writes = s.config_writes.lock().expect("config write lock");
+        let _writes = s.config_write_lock();
         if let Target::Step { chain, .. } = &draft.target {
             // The step's place and the chain it edits, as the form showed
             // them: saved only onto that chain.

@@ -111,7 +111,7 @@ pub(super) async fn restore(
 ) -> Page {
     checked_form(&session, &form.csrf)?;
     let restored = {
-        let _writes = s.config_writes.lock().expect("config write lock");
+        let _writes = s.config_write_lock();
         s.chains.restore(&key, version, s.registry.as_ref())
     };
     match restored {
