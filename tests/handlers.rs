@@ -488,6 +488,11 @@ event_type = "slow"
 steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/hang", secret = "gateway", timeout = "500ms" }}, retry = {{ max_attempts = 2, initial = "50ms" }} }}]
 
 [[chains]]
+name = "patient"
+event_type = "patient"
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/200", secret = "gateway", timeout = "1h" }} }}]
+
+[[chains]]
 name = "down"
 event_type = "down"
 steps = [{{ handler = "payment_webhook", config = {{ url = "http://127.0.0.1:9/hook", secret = "gateway" }}, {fast} }}]
@@ -515,6 +520,19 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
             (trace, chain["steps"][0].clone())
         }
     };
+
+    // A step may not wait an hour for an answer: it fails for good, saying
+    // so, before anything is sent.
+    let (trace, s) = run("patient").await;
+    assert_eq!(trace["status"], "dead", "{trace:#}");
+    assert_eq!(s["outcome"], "failed", "{trace:#}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("config.timeout: 3600s is longer than the 300s")),
+        "{trace:#}"
+    );
+    assert!(receiver.requests_to("/hook/200").await.is_empty());
 
     // 500 then 200: retried, same webhook-id both times.
     let (trace, s) = run("flaky").await;
@@ -632,7 +650,14 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
     chains.sort();
     assert_eq!(
         chains,
-        ["bad-number", "bad-request", "down", "refused-mail", "slow"]
+        [
+            "bad-number",
+            "bad-request",
+            "down",
+            "patient",
+            "refused-mail",
+            "slow"
+        ]
     );
 }
 

@@ -21,6 +21,11 @@ use crate::{Handler, StepError, StepInput, StepOutput};
 pub const SECRET_PREFIX: &str = "whsec_";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a step waits for the receiver's answer: a step holds its
+/// conversation's worker while it waits (and a retry waits again), so a
+/// receiver that never answers must not hold it for long.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How far a `webhook-timestamp` may be from now, either way, for [`verify`]
 /// to accept the message: older ones are replays.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
@@ -135,7 +140,7 @@ pub fn verify(
 ///
 /// Options: `url` (required), `secret` (required: the name of an account
 /// secret), `body` (a table of templates, sent as JSON), `headers` (a table),
-/// `timeout` (e.g. `"5s"`, default 10 s). Output: `status`, `webhook_id`,
+/// `timeout` (e.g. `"5s"`, default 10 s, at most 300 s). Output: `status`, `webhook_id`,
 /// `response` (a bounded excerpt of the body).
 #[derive(Debug, Clone)]
 pub struct PaymentWebhook {
@@ -194,9 +199,12 @@ impl Handler for PaymentWebhook {
             )
             .default(json!({})),
             OptionSpec::table("headers", "Request headers, name = value."),
-            OptionSpec::text("timeout", "How long to wait for the answer (e.g. 5s, 1m).")
-                .default("10s")
-                .literal(|s| switchboard_rules::duration::parse(s).map(|_| ())),
+            OptionSpec::text(
+                "timeout",
+                "How long to wait for the answer (e.g. 5s, 1m; at most 300s).",
+            )
+            .default("10s")
+            .literal(|s| switchboard_rules::duration::parse(s).map(|_| ())),
         ])
     }
 
@@ -310,6 +318,13 @@ impl PaymentWebhook {
                 .map_err(|e| StepError::permanent(format!("config.timeout: {e}")))?,
             None => DEFAULT_TIMEOUT,
         };
+        if timeout > MAX_TIMEOUT {
+            return Err(StepError::permanent(format!(
+                "config.timeout: {}s is longer than the {}s a step may wait for its answer",
+                timeout.as_secs(),
+                MAX_TIMEOUT.as_secs()
+            )));
+        }
         Ok(Prepared {
             config,
             url,
