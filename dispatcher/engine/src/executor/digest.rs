@@ -81,6 +81,34 @@ fn events_prefix(account: &AccountKey, opener: EventId, chain: &str) -> Vec<u8> 
     ])
 }
 
+/// The entries of the window `opener` opened for `chain`, in the order
+/// its events joined (not its members' marks, which share the prefix).
+fn window_entries(
+    store: &Store,
+    account: &AccountKey,
+    opener: EventId,
+    chain: &str,
+) -> Result<Vec<switchboard_store::Entry>, StoreError> {
+    let prefix = events_prefix(account, opener, chain);
+    Ok(store
+        .scan_prefix(Collection::DigestEvents, &prefix)?
+        .into_iter()
+        .filter(|(k, _)| k.len() == prefix.len() + 4)
+        .collect())
+}
+
+/// The window header at `header_key`, if `opener` opened it.
+fn opened_by(
+    store: &Store,
+    header_key: &[u8],
+    opener: EventId,
+) -> Result<Option<Window>, StoreError> {
+    Ok(store
+        .get(Collection::Digests, header_key)?
+        .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
+        .filter(|w| w.opener == opener))
+}
+
 /// The write of `event` at `position` (from 0) of `opener`'s window.
 fn event_write(
     account: &AccountKey,
@@ -370,10 +398,7 @@ impl Executor {
         let header_key = window_key(account, &chain.name, &step, digest);
         let _locked = self.locks.lock(&header_key);
         let store = pass.store().clone();
-        let header = store
-            .get(Collection::Digests, &header_key)?
-            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
-            .filter(|w| w.opener == event.id);
+        let header = opened_by(&store, &header_key, event.id)?;
         let now = now_ms();
         let timer = PendingTimer {
             account: account.clone(),
@@ -390,12 +415,7 @@ impl Executor {
         }
         // Closed: its events in the order they joined, each once (a crash
         // during a join may have written one twice).
-        let prefix = events_prefix(account, event.id, &chain.name);
-        let entries: Vec<(Vec<u8>, Vec<u8>)> = store
-            .scan_prefix(Collection::DigestEvents, &prefix)?
-            .into_iter()
-            .filter(|(k, _)| k.len() == prefix.len() + 4)
-            .collect();
+        let entries = window_entries(&store, account, event.id, &chain.name)?;
         let mut seen = HashSet::new();
         let members: Vec<VumiApiEvent> = entries
             .iter()
@@ -476,12 +496,8 @@ impl Executor {
             value: None,
         };
         let mut writes = Vec::new();
-        let prefix = events_prefix(account, event.id, chain);
         let mut members = 0;
-        for (k, v) in store.scan_prefix(Collection::DigestEvents, &prefix)? {
-            if k.len() != prefix.len() + 4 {
-                continue;
-            }
+        for (k, v) in window_entries(store, account, event.id, chain)? {
             if let Ok(member) = serde_json::from_slice::<VumiApiEvent>(&v)
                 && member.id != event.id
             {
@@ -491,11 +507,7 @@ impl Executor {
             }
             writes.push(removal(Collection::DigestEvents, k));
         }
-        let opened_here = store
-            .get(Collection::Digests, &header_key)?
-            .and_then(|b| serde_json::from_slice::<Window>(&b).ok())
-            .is_some_and(|w| w.opener == event.id);
-        if opened_here {
+        if opened_by(store, &header_key, event.id)?.is_some() {
             writes.push(removal(Collection::Digests, header_key));
         }
         store.write_in_order(&writes)?;
