@@ -781,12 +781,7 @@ fn spawn_message_expiry(
             tick.tick().await;
             let messages = messages.clone();
             let before = switchboard_sdk::now() - retention;
-            match tokio::task::spawn_blocking(move || messages.expire(before)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "expired message records"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "expiring message records failed"),
-                Err(e) => tracing::warn!(error = %e, "expiring message records panicked"),
-            }
+            sweep("expiring message records", move || messages.expire(before)).await;
         }
     });
 }
@@ -808,12 +803,7 @@ fn spawn_inbox_expiry(
             tick.tick().await;
             let inbox = inbox.clone();
             let now = switchboard_sdk::now();
-            match tokio::task::spawn_blocking(move || inbox.expire(&policy, now)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(removed = n, "removed notifications past retention"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "inbox housekeeping failed"),
-                Err(e) => tracing::warn!(error = %e, "inbox housekeeping panicked"),
-            }
+            sweep("inbox housekeeping", move || inbox.expire(&policy, now)).await;
         }
     });
 }
