@@ -287,6 +287,28 @@ config = { provider = "smsc", to = ["{{ event.event_data.msisdn }}", "+278200000
     }
 }
 
+/// An embedded dispatcher whose Twilio provider gives up on an answer
+/// after a second.
+fn twilio_timing_out_in_a_second(receiver: &HttpReceiver, smtp: &SmtpSink) -> Dispatcher {
+    let config = providers(receiver, smtp, false).replace(
+        "status_callback = \"https://hooks.example.org/twilio/status\"",
+        "timeout = \"1s\"",
+    );
+    Dispatcher::with_config(None, &config)
+}
+
+/// The requests Twilio's Messages resource got, and their methods.
+async fn twilio_calls(receiver: &HttpReceiver) -> (Vec<Value>, Vec<String>) {
+    let calls = receiver
+        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
+        .await;
+    let methods = calls
+        .iter()
+        .map(|r| r["method"].as_str().unwrap().to_string())
+        .collect();
+    (calls, methods)
+}
+
 /// Twilio takes no idempotency key: a send whose answer is lost after Twilio
 /// created the message is found at Twilio on the retry, not sent again —
 /// and the same text twice to one number is two messages, each found as
@@ -295,11 +317,7 @@ config = { provider = "smsc", to = ["{{ event.event_data.msisdn }}", "+278200000
 async fn a_twilio_send_whose_answer_is_lost_is_not_sent_again() {
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let smtp = SmtpSink::start();
-    let config = providers(&receiver, &smtp, false).replace(
-        "status_callback = \"https://hooks.example.org/twilio/status\"",
-        "timeout = \"1s\"",
-    );
-    let d = Dispatcher::with_config(None, &config);
+    let d = twilio_timing_out_in_a_second(&receiver, &smtp);
     d.apply_chains(
         "acme.toml",
         r#"
@@ -332,13 +350,7 @@ retry = { max_attempts = 6, initial = "50ms", max = "100ms" }
     let send = step(&trace, "notify", "send_sms");
     assert_eq!(send["attempts"], 5, "{send:#}");
 
-    let calls = receiver
-        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
-        .await;
-    let methods: Vec<&str> = calls
-        .iter()
-        .map(|r| r["method"].as_str().unwrap())
-        .collect();
+    let (calls, methods) = twilio_calls(&receiver).await;
     assert_eq!(methods, ["POST", "GET", "POST", "GET"], "{calls:#?}");
     assert_eq!(calls[1]["query"]["To"], "+27820000007");
     assert_eq!(calls[1]["query"]["From"], "+15005550006");
@@ -389,11 +401,7 @@ retry = { max_attempts = 6, initial = "50ms", max = "100ms" }
 async fn a_twilio_send_whose_text_renders_otherwise_on_the_retry_is_found_as_it_went() {
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let smtp = SmtpSink::start();
-    let config = providers(&receiver, &smtp, false).replace(
-        "status_callback = \"https://hooks.example.org/twilio/status\"",
-        "timeout = \"1s\"",
-    );
-    let d = Dispatcher::with_config(None, &config);
+    let d = twilio_timing_out_in_a_second(&receiver, &smtp);
     let template = d.file(
         "code.toml",
         "channel = \"sms\"\ntext = \"Your code, as of {{ now }}: 1234\"\n",
@@ -435,13 +443,7 @@ retry = { max_attempts = 6, initial = "50ms", max = "100ms" }
     let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
     let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
     assert_eq!(trace["status"], "done", "{trace:#}");
-    let calls = receiver
-        .requests_to("/2010-04-01/Accounts/AC0123456789/Messages.json")
-        .await;
-    let methods: Vec<&str> = calls
-        .iter()
-        .map(|r| r["method"].as_str().unwrap())
-        .collect();
+    let (calls, methods) = twilio_calls(&receiver).await;
     assert_eq!(methods, ["POST", "GET"], "{calls:#?}");
     let sent = calls[0]["form"]["Body"].as_str().unwrap();
     assert!(sent.starts_with("Your code, as of "), "{sent}");
