@@ -431,6 +431,34 @@ handler = "log"
 "#,
             &[r#"chain "notify""#, "field when", "line 1"],
         ),
+        (
+            "patient-webhook",
+            r#"
+[[chains.steps]]
+handler = "payment_webhook"
+config = { url = "http://127.0.0.1:9/hook", timeout = "1h" }
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 1 (payment_webhook)",
+                "field config.timeout",
+                "3600s is longer than the 300s a step may wait",
+            ],
+        ),
+        (
+            "bottomless-digest",
+            r#"
+[[chains.steps]]
+handler = "digest"
+config = { key = "k", max_events = 5000 }
+"#,
+            &[
+                r#"chain "notify""#,
+                "step 1 (digest)",
+                "field config.max_events",
+                "from 1 to 1000, not 5000",
+            ],
+        ),
     ];
     for (name, steps, expected) in cases {
         let text = format!(

@@ -540,3 +540,105 @@ async fn a_removed_chains_open_window_leaves_nothing() {
         no_windows_left(&d.data_dir().join("store"));
     }
 }
+
+/// A window holds at most 1,000 events, and events that come to at most
+/// 4 MiB: one with only a `window` of an hour closes early at either, its
+/// opener going on with what it gathered, and the next event of its key
+/// opens the next window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_closes_early_at_a_thousand_events_or_four_mebibytes() {
+    use switchboard_sdk::nats::NatsEmitter;
+
+    const MIB_4: usize = 4 << 20;
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::nats(&nats);
+    d.apply_chains(
+        "acme.toml",
+        r#"
+account_key = "acme"
+
+[[chains]]
+name = "daily"
+conversation_type = "survey"
+event_type = "signed_up"
+
+[[chains.steps]]
+name = "gather"
+handler = "digest"
+config = { key = "{{ event.event_data.msisdn }}", window = "1h" }
+
+[[chains.steps]]
+handler = "log"
+config = { message = "gathered {{ steps.gather.count }}" }
+"#,
+    )
+    .await;
+    // A backlog, so that the events come as fast as the dispatcher takes
+    // them, each series in one conversation (in order).
+    d.stop();
+    let emitter = NatsEmitter::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let emit = async |conversation: &str, number: String, padding: &str| {
+        let e = event(
+            "acme",
+            "survey",
+            "signed_up",
+            conversation,
+            json!({ "msisdn": number, "padding": padding }),
+        );
+        emitter.emit(&e).await.expect("emit");
+        (
+            e.id.to_string(),
+            serde_json::to_vec(&e).expect("JSON").len(),
+        )
+    };
+    let mut small = Vec::new();
+    for _ in 0..1_003 {
+        small.push(emit("small", msisdn(0), "").await.0);
+    }
+    let padding = "x".repeat(100 * 1024);
+    let mut big = Vec::new();
+    for _ in 0..45 {
+        big.push(emit("big", msisdn(1), &padding).await);
+    }
+    d.restart();
+
+    let done = |id: String| {
+        let d = &d;
+        async move {
+            wait_until("the opener's end", TIMEOUT, || async {
+                d.trace("acme", &id).await.filter(|t| t["status"] == "done")
+            })
+            .await
+        }
+    };
+    // 1,000 events: the window closed an hour early, with all of them.
+    let trace = done(small[0].clone()).await;
+    let gather = &trace["chains"][0]["steps"][0]["output"];
+    assert_eq!(gather["count"], 1_000, "{}", trace["status"]);
+    assert_eq!(gather["events"][999]["id"], small[999].as_str());
+    // The next opened a window of its own, which the rest joined.
+    let next = d.wait_for_trace("acme", &small[1_000], TIMEOUT).await;
+    assert_eq!(next["status"], "waiting", "{next:#}");
+    for (position, id) in small[1_001..].iter().enumerate() {
+        let joiner = d.wait_for_trace("acme", id, TIMEOUT).await;
+        let gather = &joiner["chains"][0]["steps"][0]["output"];
+        assert_eq!(gather["joined"], small[1_000].as_str(), "{joiner:#}");
+        assert_eq!(gather["position"], position + 2, "{joiner:#}");
+    }
+
+    // 100 KiB each: the event that brought the window to 4 MiB closed it.
+    let trace = done(big[0].0.clone()).await;
+    let count = trace["chains"][0]["steps"][0]["output"]["count"]
+        .as_u64()
+        .expect("a count") as usize;
+    let size = big[0].1;
+    assert!(
+        count < big.len() && count * size >= MIB_4 && (count - 1) * size < MIB_4,
+        "a window of {count} events of {size} bytes"
+    );
+    let next = d.wait_for_trace("acme", &big[count].0, TIMEOUT).await;
+    assert_eq!(next["status"], "waiting", "{next:#}");
+    d.stop();
+}

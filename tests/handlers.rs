@@ -492,7 +492,7 @@ steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/hang", s
 [[chains]]
 name = "patient"
 event_type = "patient"
-steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/200", secret = "gateway", timeout = "1h" }} }}]
+steps = [{{ handler = "payment_webhook", config = {{ url = "{recv}/hook/200", secret = "gateway", timeout = "{{{{ event.event_data.timeout | default('1h') }}}}" }} }}]
 
 [[chains]]
 name = "down"
@@ -523,8 +523,9 @@ steps = [{{ handler = "send_email", config = {{ to = "reject@example.org", subje
         }
     };
 
-    // A step may not wait an hour for an answer: it fails for good, saying
-    // so, before anything is sent.
+    // A step may not wait an hour for an answer (a literal `timeout` of an
+    // hour is refused at apply; this one is a template): it fails for good,
+    // saying so, before anything is sent.
     let (trace, s) = run("patient").await;
     assert_eq!(trace["status"], "dead", "{trace:#}");
     assert_eq!(s["outcome"], "failed", "{trace:#}");
@@ -1148,6 +1149,8 @@ async fn the_catalog_and_chains_apply_agree() {
         ("digest", json!({"key": "k"}), false),
         ("digest", json!({"key": "k", "max_events": 0}), false),
         ("digest", json!({"key": "k", "max_events": 2.5}), false),
+        ("digest", json!({"key": "k", "max_events": 1000}), true),
+        ("digest", json!({"key": "k", "max_events": 1001}), false),
         ("digest", json!({"window": "1h"}), false),
     ];
     let mut disagreements = Vec::new();

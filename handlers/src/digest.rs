@@ -5,14 +5,17 @@
 //! ([`Pause::window`]); the dispatcher keeps the windows. The first event
 //! of a key opens one and its run pauses; each later event of the key
 //! joins it and its chain stops at this step. When the window closes (its
-//! time is up, or it holds `max_events`), the opening event's chain goes on
-//! once, with every event of the window in `steps.<name>.events`.
+//! time is up, or it holds `max_events`, [`MAX_WINDOW_EVENTS`] or
+//! [`crate::MAX_WINDOW_BYTES`] of events), the opening event's chain goes on once,
+//! with every event of the window in `steps.<name>.events`.
 
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 
 use crate::options::{OptionSpec, Options};
-use crate::{DigestWindow, Handler, NEVER, Pause, StepError, StepInput, StepOutput};
+use crate::{
+    DigestWindow, Handler, MAX_WINDOW_EVENTS, NEVER, Pause, StepError, StepInput, StepOutput,
+};
 
 /// The longest key a window may have, in bytes.
 const MAX_KEY_BYTES: usize = 512;
@@ -36,7 +39,8 @@ impl Handler for Digest {
     fn description(&self) -> &'static str {
         "Gathers the events of a `key` into one window: the first opens it and waits, the \
          others join it and stop here. When the window closes (after `window`, or at \
-         `max_events`), the chain goes on once, for all of them. Durable like a delay: \
+         `max_events`; at 1,000 events or 4 MiB of them in any case), the chain goes on \
+         once, for all of them. Durable like a delay: \
          exactly one continuation per window, through restarts and take-overs. `cancel_on` \
          does not cancel a window: it holds the other events too."
     }
@@ -65,8 +69,10 @@ impl Handler for Digest {
             OptionSpec::count(
                 "max_events",
                 "Close the window as soon as it holds this many events (before its time, \
-                 with `window`).",
-            ),
+                 with `window`); at most 1,000. A window closes at 1,000 events, or once \
+                 they come to 4 MiB, whatever it says.",
+            )
+            .at_most(MAX_WINDOW_EVENTS),
         ])
         .one_of(&["window", "max_events"], "to say when a window closes")
     }
@@ -119,7 +125,7 @@ impl Handler for Digest {
 
 /// The step's window: its rendered key, when it closes (ms since the
 /// epoch, or [`NEVER`]) and at how many events.
-fn window(input: &StepInput<'_>) -> Result<(String, u64, Option<u32>), StepError> {
+fn window(input: &StepInput<'_>) -> Result<(String, u64, u32), StepError> {
     let config = input.render_config()?;
     let key = match config.get("key") {
         Some(Value::String(s)) => s.trim().to_string(),
@@ -159,5 +165,7 @@ fn window(input: &StepInput<'_>) -> Result<(String, u64, Option<u32>), StepError
             "config: give `window`, `max_events`, or both",
         ));
     }
+    // (A chain applied before `max_events` had its bound is held to it.)
+    let max_events = max_events.map_or(MAX_WINDOW_EVENTS, |m| m.min(MAX_WINDOW_EVENTS));
     Ok((key, until_ms, max_events))
 }

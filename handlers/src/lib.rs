@@ -225,10 +225,21 @@ pub struct Pause {
 pub struct DigestWindow {
     /// The rendered key: events of the same key share a window.
     pub key: String,
-    /// The window closes at this many events, if set (before its time,
-    /// [`Pause::until_ms`], if it has one).
-    pub max_events: Option<u32>,
+    /// The window closes at this many events (before its time,
+    /// [`Pause::until_ms`], if it has one): the step's `max_events`, at
+    /// most [`MAX_WINDOW_EVENTS`].
+    pub max_events: u32,
 }
+
+/// The most events a digest window holds: one with only a `window` closes
+/// early at this many, and `max_events` is at most this. The close reads
+/// them all, and the opener's journal and trace keep them.
+pub const MAX_WINDOW_EVENTS: u32 = 1_000;
+
+/// The most a digest window's events come to, encoded: the event that
+/// brings them to this closes the window (1,000 events of up to 256 KiB
+/// each would otherwise make a record of 250 MiB).
+pub const MAX_WINDOW_BYTES: u64 = 4 << 20;
 
 /// A pause that ends only when something other than time ends it (a
 /// digest window with `max_events` and no `window`).

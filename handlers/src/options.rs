@@ -62,6 +62,8 @@ pub struct OptionSpec {
     /// It takes only its `choices` (which may be none at all: a provider
     /// option where the deployment has no provider).
     pub closed: bool,
+    /// The largest whole number a [`Kind::Count`] takes.
+    pub most: u32,
     literal: Option<Literal>,
     /// The check of a literal table ([`Kind::TextOrTable`]).
     table_literal: Option<TableLiteral>,
@@ -93,6 +95,7 @@ impl OptionSpec {
             secret: false,
             choices: Vec::new(),
             closed: false,
+            most: u32::MAX,
             literal: None,
             table_literal: None,
             missing: None,
@@ -119,6 +122,12 @@ impl OptionSpec {
     /// A whole-number option, one or more: a literal, not a template.
     pub fn count(name: &'static str, description: impl Into<String>) -> Self {
         Self::new(name, Kind::Count, description).no_template()
+    }
+
+    /// The largest whole number a count option takes.
+    pub fn at_most(mut self, most: u32) -> Self {
+        self.most = most;
+        self
     }
 
     /// A table option.
@@ -284,10 +293,10 @@ impl OptionSpec {
                 "must be a contact's key, a { name, email, phone } table, or a non-empty list of them",
             )),
             (Kind::Count, value) => {
-                if count(value).is_none() {
+                if count(value).is_none_or(|n| n > self.most) {
                     problems.push(FieldProblem::new(
                         field,
-                        format!("must be a whole number from 1 to {}, not {value}", u32::MAX),
+                        format!("must be a whole number from 1 to {}, not {value}", self.most),
                     ));
                 }
             }
@@ -320,7 +329,7 @@ impl OptionSpec {
                 json!({ "anyOf": [{ "type": "object" }, template()] })
             }
             Kind::Table => json!({ "type": "object" }),
-            Kind::Count => json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+            Kind::Count => json!({ "type": "integer", "minimum": 1, "maximum": self.most }),
             Kind::TextOrTable => json!({ "anyOf": [{ "type": "string" }, { "type": "object" }] }),
             Kind::Recipients => json!({
                 "anyOf": [

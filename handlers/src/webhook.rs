@@ -166,6 +166,23 @@ fn check_url(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A literal `timeout`: a duration a step may wait (a template's is
+/// checked once it renders).
+fn check_timeout(s: &str) -> Result<(), String> {
+    match switchboard_rules::duration::parse(s)? {
+        t if t > MAX_TIMEOUT => Err(too_long(t)),
+        _ => Ok(()),
+    }
+}
+
+fn too_long(timeout: Duration) -> String {
+    format!(
+        "{}s is longer than the {}s a step may wait for its answer",
+        timeout.as_secs(),
+        MAX_TIMEOUT.as_secs()
+    )
+}
+
 #[async_trait::async_trait]
 impl Handler for PaymentWebhook {
     fn name(&self) -> &'static str {
@@ -204,7 +221,7 @@ impl Handler for PaymentWebhook {
                 "How long to wait for the answer (e.g. 5s, 1m; at most 300s).",
             )
             .default("10s")
-            .literal(|s| switchboard_rules::duration::parse(s).map(|_| ())),
+            .literal(check_timeout),
         ])
     }
 
@@ -320,9 +337,8 @@ impl PaymentWebhook {
         };
         if timeout > MAX_TIMEOUT {
             return Err(StepError::permanent(format!(
-                "config.timeout: {}s is longer than the {}s a step may wait for its answer",
-                timeout.as_secs(),
-                MAX_TIMEOUT.as_secs()
+                "config.timeout: {}",
+                too_long(timeout)
             )));
         }
         Ok(Prepared {

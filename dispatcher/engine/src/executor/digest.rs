@@ -32,7 +32,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use switchboard_handlers::{DigestWindow, NEVER, Pause};
+use switchboard_handlers::{DigestWindow, MAX_WINDOW_BYTES, MAX_WINDOW_EVENTS, NEVER, Pause};
 use switchboard_rules::{ChainSpec, ChainStore};
 use switchboard_sdk::{AccountKey, EventId, VumiApiEvent};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
@@ -53,12 +53,27 @@ struct Window {
     until_ms: u64,
     /// How many events joined it, the opener among them.
     count: u32,
-    /// It closes at this many events.
+    /// It closes at this many events (none: at [`MAX_WINDOW_EVENTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_events: Option<u32>,
-    /// It holds `max_events`: closed, its opener on the way back.
+    /// Its events' encoded size: it closes at [`MAX_WINDOW_BYTES`].
+    #[serde(default)]
+    bytes: u64,
+    /// It holds all it may: closed, its opener on the way back.
     #[serde(default)]
     full: bool,
+}
+
+impl Window {
+    /// It holds all it may: `max_events` (at most [`MAX_WINDOW_EVENTS`],
+    /// a header written before that bound included), or events that come
+    /// to [`MAX_WINDOW_BYTES`].
+    fn filled(&self) -> bool {
+        let most = self
+            .max_events
+            .map_or(MAX_WINDOW_EVENTS, |m| m.min(MAX_WINDOW_EVENTS));
+        self.count >= most || self.bytes >= MAX_WINDOW_BYTES
+    }
 }
 
 /// A window's header key.
@@ -124,6 +139,11 @@ fn event_write(
         key: k,
         value: Some(serde_json::to_vec(event).expect("an event serialises")),
     }
+}
+
+/// How many bytes `write` puts.
+fn written_bytes(write: &Write) -> u64 {
+    write.value.as_ref().map_or(0, |v| v.len() as u64)
 }
 
 /// The mark that `member` joined a window of `chain` (the window's opener
@@ -272,16 +292,12 @@ impl Executor {
         match open {
             Some(mut open) => {
                 let position = open.count;
+                let entry = event_write(account, open.opener, &chain.name, position, event);
                 open.count = open.count.saturating_add(1);
-                let mut writes = vec![event_write(
-                    account,
-                    open.opener,
-                    &chain.name,
-                    position,
-                    event,
-                )];
+                open.bytes = open.bytes.saturating_add(written_bytes(&entry));
+                let mut writes = vec![entry];
                 let mut opener_timer = None;
-                if open.max_events.is_some_and(|m| open.count >= m) {
+                if open.filled() {
                     // Full: its opener comes back now, by a timer of its own
                     // (durable, unlike a publish from here).
                     open.full = true;
@@ -315,7 +331,7 @@ impl Executor {
                     "event joined a digest window");
                 Ok((Some(ChainRun::Over), output))
             }
-            None if window.max_events == Some(1) => {
+            None if window.max_events == 1 => {
                 // A window of one closes as it opens.
                 output.insert("events".into(), Value::Array(vec![event_value(event)]));
                 output.insert("count".into(), Value::from(1));
@@ -323,17 +339,17 @@ impl Executor {
                 Ok((None, output))
             }
             None => {
+                let entry = event_write(account, event.id, &chain.name, 0, event);
                 let open = Window {
                     opener: event.id,
                     until_ms: pause.until_ms,
                     count: 1,
-                    max_events: window.max_events,
+                    max_events: Some(window.max_events),
+                    bytes: written_bytes(&entry),
                     full: false,
                 };
-                pass.store().write_in_order(&[
-                    event_write(account, event.id, &chain.name, 0, event),
-                    header_write(header_key, &open),
-                ])?;
+                pass.store()
+                    .write_in_order(&[entry, header_write(header_key, &open)])?;
                 record_step(pass, (chain, version), record, &output, false);
                 self.pause(event, chain, pass, pause);
                 pass.write(&self.journal)?;
