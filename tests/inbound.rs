@@ -1267,6 +1267,34 @@ async fn a_webhook_too_large_for_an_event_is_kept_as_unmatched() {
     );
 }
 
+/// Unmatched records are kept for `[messages] retention`, as message
+/// records are: then the sweep removes them (SendGrid's posts are not
+/// signed, so anyone holding the URL could otherwise fill the store).
+#[tokio::test]
+async fn unmatched_records_go_after_the_messages_retention() {
+    let d = Dispatcher::with_config(None, "[messages]\nretention = \"3s\"\n");
+    let url = create(&d, "acme", "sendgrid", &[]).await;
+    let body = json!([{
+        "email": "someone@example.org", "event": "delivered",
+        "sg_message_id": "nobody-sent-this", "timestamp": now(),
+    }])
+    .to_string();
+    let (status, receipt) = post(&url, "application/json", &[], &body).await;
+    assert_eq!(status, 200, "{receipt:#}");
+    assert_eq!(counts(&receipt), (1, 0, 1), "{receipt:#}");
+    let kept = unmatched(&d, "acme").await;
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    assert_eq!(kept[0]["record"]["sg_message_id"], "nobody-sent-this");
+    // Swept every second (an eighth of the retention, at least a second):
+    // gone between 3 and about 4 s after it came.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(unmatched(&d, "acme").await.len(), 1, "gone before its time");
+    wait_until("the record's expiry", Duration::from_secs(10), || async {
+        unmatched(&d, "acme").await.is_empty().then_some(())
+    })
+    .await;
+}
+
 /// A large post (an Inbound Parse e-mail may be up to 20 MiB) to a URL
 /// that is none is refused before its body is read: the answer comes while
 /// the body has not been sent.

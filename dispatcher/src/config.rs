@@ -119,6 +119,7 @@ impl RuntimeConfig {
 pub struct MessagesConfig {
     /// How long a message record is kept after it last changed (`"90d"`);
     /// one still scheduled, pending or sending is kept until it is done.
+    /// Unmatched inbound records are kept as long after they came.
     #[serde(with = "switchboard_rules::duration")]
     pub retention: Duration,
     /// The most of each body (text, HTML) a record keeps, in bytes; a body

@@ -260,6 +260,10 @@ impl Dispatcher {
         spawn_sampling(engine.metrics.clone(), stopped_for_sampling);
         spawn_message_expiry(engine.records.messages.clone(), config.messages.retention);
         spawn_inbox_expiry(engine.records.inbox.clone(), config.inbox);
+        spawn_unmatched_expiry(
+            switchboard_http::inbound::UnmatchedStore::new(store.clone()),
+            config.messages.retention,
+        );
         spawn_expiry(
             Swept {
                 journal: engine.journal,
@@ -782,6 +786,33 @@ fn spawn_message_expiry(
             let messages = messages.clone();
             let before = switchboard_sdk::now() - retention;
             sweep("expiring message records", move || messages.expire(before)).await;
+        }
+    });
+}
+
+/// Removes unmatched inbound records past `[messages] retention`, and each
+/// account's oldest past [`MAX_UNMATCHED_PER_ACCOUNT`], now and then: an
+/// eighth of the retention apart, at least a second, at most ten minutes
+/// (so that an account flooded with records no message of it matches is
+/// back under its cap soon).
+///
+/// [`MAX_UNMATCHED_PER_ACCOUNT`]: switchboard_http::inbound::MAX_UNMATCHED_PER_ACCOUNT
+fn spawn_unmatched_expiry(
+    unmatched: switchboard_http::inbound::UnmatchedStore,
+    retention: Duration,
+) {
+    let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let unmatched = unmatched.clone();
+            let before = switchboard_sdk::now() - retention;
+            sweep("expiring unmatched inbound records", move || {
+                unmatched.expire(before, switchboard_http::inbound::MAX_UNMATCHED_PER_ACCOUNT)
+            })
+            .await;
         }
     });
 }

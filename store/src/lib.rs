@@ -1202,6 +1202,28 @@ impl Store {
             .map_err(io(c))
     }
 
+    /// Walks the whole of collection `c` in key order, `page` entries at
+    /// a time, handing each page to `visit` (so that a long walk, such as
+    /// an expiry sweep, holds no more than a page and no iterator over the
+    /// tree while it writes).
+    pub fn scan_pages<E: From<StoreError>>(
+        &self,
+        c: Collection,
+        page: usize,
+        mut visit: impl FnMut(&[Entry]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut from = Vec::new();
+        loop {
+            let entries = self.scan_from(c, &from, page.max(1))?;
+            let Some((last, _)) = entries.last() else {
+                return Ok(());
+            };
+            from.clone_from(last);
+            from.push(0);
+            visit(&entries)?;
+        }
+    }
+
     /// The last entry of a collection.
     pub fn last(&self, c: Collection) -> Result<Option<Entry>, StoreError> {
         self.tree(c)

@@ -40,7 +40,7 @@ pub mod signed_events;
 mod store;
 pub mod twilio;
 
-pub use store::{Hook, HookStore, Unmatched, UnmatchedStore};
+pub use store::{Hook, HookStore, MAX_UNMATCHED_PER_ACCOUNT, Unmatched, UnmatchedStore};
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
 //! What inbound webhooks keep: the URLs (by the hash of their secret) and
 //! the records that matched nothing.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -206,6 +208,13 @@ impl Unmatched {
     }
 }
 
+/// The most unmatched records an account keeps: past it, its oldest go
+/// at the next sweep ([`UnmatchedStore::expire`]).
+pub const MAX_UNMATCHED_PER_ACCOUNT: usize = 10_000;
+
+/// How many records a sweep reads at a time.
+const SWEEP_PAGE: usize = 1_024;
+
 /// Unmatched records, by account, in arrival order.
 #[derive(Debug, Clone)]
 pub struct UnmatchedStore {
@@ -239,5 +248,110 @@ impl UnmatchedStore {
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect())
+    }
+
+    /// Removes the records that arrived before `before`, and each
+    /// account's oldest past `most`, of those this replica writes (its
+    /// partitions'): how many went. A record that no longer reads goes too.
+    pub fn expire(&self, before: OffsetDateTime, most: usize) -> Result<usize, StoreError> {
+        #[derive(Deserialize)]
+        struct Arrival {
+            #[serde(with = "time::serde::rfc3339")]
+            received_at: OffsetDateTime,
+        }
+        let account_of = |k: &[u8]| k.split(|b| *b == 0).next().unwrap_or_default().to_vec();
+        let mut held: HashMap<Vec<u8>, usize> = HashMap::new();
+        self.store
+            .scan_pages(Collection::Unmatched, SWEEP_PAGE, |page| {
+                for (k, _) in page {
+                    *held.entry(account_of(k)).or_default() += 1;
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        // Keys sort by account, then by arrival (UUID v7 ids): an
+        // account's first `held - most` are the ones over its cap.
+        let (mut account, mut position) = (Vec::new(), 0);
+        let mut removed = 0;
+        self.store
+            .scan_pages(Collection::Unmatched, SWEEP_PAGE, |page| {
+                let mut gone = Vec::new();
+                for (k, v) in page {
+                    let of = account_of(k);
+                    if of != account {
+                        (account, position) = (of, 0);
+                    }
+                    position += 1;
+                    if !self.store.writes_locally(Collection::Unmatched, k) {
+                        continue;
+                    }
+                    let over = position <= held.get(&account).map_or(0, |n| n.saturating_sub(most));
+                    let old = serde_json::from_slice::<Arrival>(v)
+                        .map_or(true, |a| a.received_at < before);
+                    if over || old {
+                        gone.push(Write {
+                            collection: Collection::Unmatched,
+                            key: k.clone(),
+                            value: None,
+                        });
+                    }
+                }
+                removed += gone.len();
+                self.store.write_in_order(&gone)
+            })?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(account: &AccountKey, received_at: OffsetDateTime) -> Unmatched {
+        Unmatched {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_key: account.clone(),
+            provider: Provider::Sendgrid,
+            result: "unknown_message".into(),
+            reason: "no message of the account has this id".into(),
+            record: serde_json::json!({ "event": "delivered" }),
+            received_at,
+        }
+    }
+
+    #[test]
+    fn a_sweep_removes_old_records_and_each_accounts_oldest_past_its_cap() {
+        let unmatched = UnmatchedStore::new(Store::temporary().unwrap());
+        let (acme, zeta) = (
+            AccountKey::new("acme").unwrap(),
+            AccountKey::new("zeta").unwrap(),
+        );
+        let now = switchboard_sdk::now();
+        let day = time::Duration::days(1);
+        // acme: two records a month old, then five of today; zeta: three of
+        // today.
+        let mut kept = Vec::new();
+        for n in 0..7 {
+            let at = if n < 2 { now - 30 * day } else { now };
+            let r = record(&acme, at);
+            unmatched.put(&r).unwrap();
+            kept.push(r.id);
+        }
+        for _ in 0..3 {
+            unmatched.put(&record(&zeta, now)).unwrap();
+        }
+        // Nothing is old, and no account is over 10: nothing goes.
+        assert_eq!(unmatched.expire(now - 60 * day, 10).unwrap(), 0);
+        // A week's retention and a cap of 3: acme's two old ones go, then
+        // the oldest two of its five new ones; zeta keeps its three.
+        assert_eq!(unmatched.expire(now - 7 * day, 3).unwrap(), 4);
+        let left: Vec<String> = unmatched
+            .list(&acme, 10)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, kept[4..].to_vec());
+        assert_eq!(unmatched.list(&zeta, 10).unwrap().len(), 3);
     }
 }
