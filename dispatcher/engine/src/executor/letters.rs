@@ -58,6 +58,9 @@ pub struct Letters {
     bus: Arc<dyn Bus>,
 }
 
+/// How many letters [`Letters::each`] reads at a time.
+const EACH_PAGE: usize = 256;
+
 impl Letters {
     /// The dead letters in `store`; replays go on `bus`.
     pub fn new(store: Store, bus: Arc<dyn Bus>) -> Self {
@@ -74,9 +77,30 @@ impl Letters {
         self.letters.list(account, limit)
     }
 
-    /// Every dead letter of `account`, oldest first.
-    pub fn all(&self, account: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        self.letters.all(account)
+    /// Up to `limit` dead letters of `account` filed after the letter
+    /// `after` (from the first, without it), oldest first.
+    pub fn page(
+        &self,
+        account: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.letters.page(account, after, limit)
+    }
+
+    /// Hands each dead letter of `account` to `visit`, oldest first, a
+    /// page at a time: never all of them in memory at once. A letter filed
+    /// during the walk may or may not be visited.
+    pub fn each(&self, account: &str, mut visit: impl FnMut(DeadLetter)) -> Result<(), StoreError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.letters.page(account, after.as_deref(), EACH_PAGE)?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.id.clone());
+            page.into_iter().for_each(&mut visit);
+        }
     }
 
     /// One dead letter of `account`.

@@ -94,24 +94,31 @@ pub(super) async fn replay_dead_letters(
             )
         })?
     };
-    let letters = s.letters.all(&account).map_err(ApiError::internal)?;
+    // The ids of those selected (read a page at a time: an account's many
+    // letters are never all in memory), then each replayed: one failing
+    // again is filed anew and not replayed again by this request.
+    let mut selected = Vec::new();
+    s.letters
+        .each(&account, |letter| {
+            let wanted = letter.status == LetterStatus::Dead
+                && filter
+                    .chain
+                    .as_ref()
+                    .is_none_or(|c| letter.chain.as_ref() == Some(c))
+                && filter.since.is_none_or(|t| letter.at >= t);
+            if wanted {
+                selected.push(letter.id);
+            }
+        })
+        .map_err(ApiError::internal)?;
     let mut replayed = Vec::new();
     let mut skipped = Vec::new();
-    for letter in letters {
-        let selected = letter.status == LetterStatus::Dead
-            && filter
-                .chain
-                .as_ref()
-                .is_none_or(|c| letter.chain.as_ref() == Some(c))
-            && filter.since.is_none_or(|t| letter.at >= t);
-        if !selected {
-            continue;
-        }
-        match s.letters.replay(&account, &letter.id).await {
-            Ok(_) => replayed.push(letter.id),
+    for id in selected {
+        match s.letters.replay(&account, &id).await {
+            Ok(_) => replayed.push(id),
             Err(e @ LetterError::NoEvent(_)) => {
                 skipped.push(SkippedLetter {
-                    id: letter.id,
+                    id,
                     error: e.to_string(),
                 });
             }

@@ -36,13 +36,12 @@ pub(super) async fn page(State(s): State<ApiState>, SignedIn(session): SignedIn)
     let mut letters = Vec::new();
     let mut dead_total = 0;
     for account in s.chains.accounts() {
-        let dead = s
-            .letters
-            .all(account.as_str())
-            .map_err(|e| internal(&session, &e))?
-            .iter()
-            .filter(|l| l.status == LetterStatus::Dead)
-            .count();
+        let mut dead = 0;
+        s.letters
+            .each(account.as_str(), |l| {
+                dead += usize::from(l.status == LetterStatus::Dead);
+            })
+            .map_err(|e| internal(&session, &e))?;
         if dead > 0 {
             dead_total += dead;
             letters.push(json!({"account": account.to_string(), "dead": dead}));

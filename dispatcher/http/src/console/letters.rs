@@ -14,7 +14,9 @@ use switchboard_sdk::format_rfc3339;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{OnAccount, Page, checked_form, error_page, internal, render, session_view, view};
+use super::{
+    Instead, OnAccount, Page, checked_form, error_page, internal, render, session_view, view,
+};
 use crate::api::ApiState;
 
 /// Dead letters that failed the same way: the same chain, step, reason and
@@ -60,39 +62,68 @@ fn group_key(letter: &DeadLetter) -> (String, String, String) {
     )
 }
 
-/// The account's dead letters (not being replayed), grouped, the largest
-/// group first.
-fn groups(letters: &[DeadLetter]) -> Vec<Group> {
-    let mut by_key: BTreeMap<(String, String, String), Vec<&DeadLetter>> = BTreeMap::new();
-    for letter in letters.iter().filter(|l| l.status == LetterStatus::Dead) {
-        by_key.entry(group_key(letter)).or_default().push(letter);
+/// Dead letters (not being replayed) gathered into their groups one at a
+/// time, so that an account's letters are never all held at once.
+#[derive(Default)]
+struct Groups {
+    by_key: BTreeMap<(String, String, String), Gathered>,
+}
+
+/// A group as its letters come: how many, the first one's time and the
+/// newest.
+struct Gathered {
+    count: usize,
+    first: OffsetDateTime,
+    newest: (OffsetDateTime, String, Option<String>),
+}
+
+impl Groups {
+    fn add(&mut self, letter: &DeadLetter) {
+        if letter.status != LetterStatus::Dead {
+            return;
+        }
+        let newest = || {
+            (
+                letter.at,
+                letter.error.clone(),
+                letter.event.as_ref().map(|e| e.id.to_string()),
+            )
+        };
+        self.by_key
+            .entry(group_key(letter))
+            .and_modify(|g| {
+                g.count += 1;
+                g.first = g.first.min(letter.at);
+                if letter.at > g.newest.0 {
+                    g.newest = newest();
+                }
+            })
+            .or_insert_with(|| Gathered {
+                count: 1,
+                first: letter.at,
+                newest: newest(),
+            });
     }
-    let mut groups: Vec<Group> = by_key
-        .into_iter()
-        .map(|((chain, step, kind), members)| {
-            let first = members
-                .iter()
-                .map(|l| l.at)
-                .min()
-                .expect("a group has letters");
-            let newest = members
-                .iter()
-                .max_by_key(|l| l.at)
-                .expect("a group has letters");
-            Group {
+
+    /// The groups, the largest first.
+    fn into_groups(self) -> Vec<Group> {
+        let mut groups: Vec<Group> = self
+            .by_key
+            .into_iter()
+            .map(|((chain, step, kind), g)| Group {
                 chain,
                 step,
                 kind,
-                count: members.len(),
-                first: format_rfc3339(first),
-                last: format_rfc3339(newest.at),
-                example: newest.error.clone(),
-                example_event: newest.event.as_ref().map(|e| e.id.to_string()),
-            }
-        })
-        .collect();
-    groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.last.cmp(&a.last)));
-    groups
+                count: g.count,
+                first: format_rfc3339(g.first),
+                last: format_rfc3339(g.newest.0),
+                example: g.newest.1,
+                example_event: g.newest.2,
+            })
+            .collect();
+        groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.last.cmp(&a.last)));
+        groups
+    }
 }
 
 /// A time range asked for on the page: `from` and `to`, RFC 3339 or a
@@ -125,29 +156,12 @@ pub(super) async fn page(
     OnAccount { session, key }: OnAccount,
     Query(range): Query<Range>,
 ) -> Page {
-    let letters = s
-        .letters
-        .all(key.as_str())
-        .map_err(|e| internal(&session, &e))?;
-    let groups = groups(&letters);
     // The preview of a range: how many it holds, up to now (letters filed
     // after the preview are left for the next look).
-    let (range_view, range_error) = match (parse_time(&range.from), parse_time(&range.to)) {
+    let (range_times, range_error) = match (parse_time(&range.from), parse_time(&range.to)) {
         _ if range.from.trim().is_empty() && range.to.trim().is_empty() => (None, None),
         (Some(from), Some(to)) if from <= to => {
-            let to = to.min(switchboard_sdk::now());
-            let count = letters
-                .iter()
-                .filter(|l| l.status == LetterStatus::Dead && l.at >= from && l.at <= to)
-                .count();
-            (
-                Some(serde_json::json!({
-                    "from": format_rfc3339(from),
-                    "to": format_rfc3339(to),
-                    "count": count,
-                })),
-                None,
-            )
+            (Some((from, to.min(switchboard_sdk::now()))), None)
         }
         (Some(_), Some(_)) => (None, Some("The range ends before it starts.".to_string())),
         _ => (
@@ -158,6 +172,28 @@ pub(super) async fn page(
             )),
         ),
     };
+    let mut groups = Groups::default();
+    let mut in_range = 0;
+    s.letters
+        .each(key.as_str(), |l| {
+            if let Some((from, to)) = range_times
+                && l.status == LetterStatus::Dead
+                && l.at >= from
+                && l.at <= to
+            {
+                in_range += 1;
+            }
+            groups.add(&l);
+        })
+        .map_err(|e| internal(&session, &e))?;
+    let groups = groups.into_groups();
+    let range_view = range_times.map(|(from, to)| {
+        serde_json::json!({
+            "from": format_rfc3339(from),
+            "to": format_rfc3339(to),
+            "count": in_range,
+        })
+    });
     Ok(render(
         "dead_letters.html",
         context! {
@@ -196,24 +232,36 @@ pub(super) async fn act_on_range(
         )
         .into());
     };
-    let letters = s
-        .letters
-        .all(key.as_str())
-        .map_err(|e| internal(&session, &e))?;
-    let members: Vec<&DeadLetter> = letters
-        .iter()
-        .filter(|l| l.status == LetterStatus::Dead && l.at >= from && l.at <= to)
-        .collect();
+    let members = dead_ids(&s, &session, key.as_str(), |l| l.at >= from && l.at <= to)?;
     handle_all(&s, &session, key.as_str(), &members, &form.action).await
 }
 
-/// Replays or discards every one of `letters`; the page again, or what
-/// could not be done.
+/// The ids of `account`'s dead letters (not being replayed) that `wanted`
+/// selects.
+fn dead_ids(
+    s: &ApiState,
+    session: &super::session::Session,
+    account: &str,
+    wanted: impl Fn(&DeadLetter) -> bool,
+) -> Result<Vec<String>, Instead> {
+    let mut ids = Vec::new();
+    s.letters
+        .each(account, |l| {
+            if l.status == LetterStatus::Dead && wanted(&l) {
+                ids.push(l.id);
+            }
+        })
+        .map_err(|e| internal(session, &e))?;
+    Ok(ids)
+}
+
+/// Replays or discards every one of `letters` (their ids); the page
+/// again, or what could not be done.
 async fn handle_all(
     s: &ApiState,
     session: &super::session::Session,
     account: &str,
-    letters: &[&DeadLetter],
+    letters: &[String],
     action: &str,
 ) -> Page {
     if !matches!(action, "replay" | "discard") {
@@ -225,14 +273,14 @@ async fn handle_all(
         .into());
     }
     let mut failed = Vec::new();
-    for letter in letters {
+    for id in letters {
         let done = if action == "replay" {
-            s.letters.replay(account, &letter.id).await.map(|_| ())
+            s.letters.replay(account, id).await.map(|_| ())
         } else {
-            s.letters.discard(account, &letter.id).await.map(|_| ())
+            s.letters.discard(account, id).await.map(|_| ())
         };
         if let Err(e) = done {
-            failed.push(format!("{}: {e}", letter.id));
+            failed.push(format!("{id}: {e}"));
         }
     }
     if failed.is_empty() {
@@ -268,10 +316,6 @@ pub(super) async fn act(
     Form(form): Form<GroupAction>,
 ) -> Page {
     checked_form(&session, &form.csrf)?;
-    let letters = s
-        .letters
-        .all(key.as_str())
-        .map_err(|e| internal(&session, &e))?;
     let Ok(last) = OffsetDateTime::parse(&form.last, &Rfc3339) else {
         return Err(error_page(
             StatusCode::BAD_REQUEST,
@@ -281,10 +325,9 @@ pub(super) async fn act(
         .into());
     };
     let wanted = (form.chain, form.step, form.kind);
-    let members: Vec<&DeadLetter> = letters
-        .iter()
-        .filter(|l| l.status == LetterStatus::Dead && group_key(l) == wanted && l.at <= last)
-        .collect();
+    let members = dead_ids(&s, &session, key.as_str(), |l| {
+        l.at <= last && group_key(l) == wanted
+    })?;
     handle_all(&s, &session, key.as_str(), &members, &form.action).await
 }
 
