@@ -24,6 +24,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::event_kinds::MAX_KINDS;
+
 /// What happened to an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
@@ -136,6 +138,10 @@ impl EncodeLabelValue for InboundResult {
         encoder.write_str(self.label())
     }
 }
+
+/// The event type an account's events are counted under once it has
+/// [`MAX_KINDS`] others.
+pub const OTHER_EVENT_TYPE: &str = "~other";
 
 /// An event series' labels; `account` only for the accounts
 /// [`AccountLabels`] names.
@@ -513,7 +519,10 @@ impl Metrics {
         (at.elapsed(), std::array::from_fn(|i| now[i] - then[i]))
     }
 
-    /// Counts one event of `account` and `event_type` with `outcome`.
+    /// Counts one event of `account` and `event_type` with `outcome`. An
+    /// account's event types past its first [`MAX_KINDS`] are counted as
+    /// [`OTHER_EVENT_TYPE`], so that an emitter making up types cannot grow
+    /// the counters (and `/metrics`) without end.
     pub fn count(&self, outcome: Outcome, account: &str, event_type: &str) {
         self.totals[outcome as usize].fetch_add(1, Ordering::Relaxed);
         let counted = self
@@ -522,18 +531,24 @@ impl Metrics {
             .read()
             .expect("account counts")
             .get(account)
-            .and_then(|types| types.get(event_type))
+            .and_then(|types| {
+                types.get(event_type).or_else(|| {
+                    (types.len() >= MAX_KINDS)
+                        .then(|| types.get(OTHER_EVENT_TYPE))
+                        .flatten()
+                })
+            })
             .map(|counts| counts[outcome as usize].fetch_add(1, Ordering::Relaxed))
             .is_some();
         if !counted {
-            self.events
-                .by_account
-                .write()
-                .expect("account counts")
-                .entry(account.to_string())
-                .or_default()
-                .entry(event_type.to_string())
-                .or_default()[outcome as usize]
+            let mut by_account = self.events.by_account.write().expect("account counts");
+            let types = by_account.entry(account.to_string()).or_default();
+            let event_type = if types.len() >= MAX_KINDS && !types.contains_key(event_type) {
+                OTHER_EVENT_TYPE
+            } else {
+                event_type
+            };
+            types.entry(event_type.to_string()).or_default()[outcome as usize]
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -887,6 +902,35 @@ fn without_exemplar(line: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_accounts_event_types_past_the_kinds_cap_are_counted_as_other() {
+        let m = Metrics::default();
+        for n in 0..MAX_KINDS + 50 {
+            m.count(Outcome::Handled, "acme", &format!("made_up_{n}"));
+        }
+        m.count(Outcome::Handled, "acme", "made_up_0");
+        m.count(Outcome::Handled, "acme", "one_more_new");
+        m.count(Outcome::Received, "beta", "poll_complete");
+        let acme = m.of_account("acme").events;
+        assert_eq!(acme.len(), MAX_KINDS + 1);
+        let count = |t: &str| {
+            acme.iter()
+                .find(|(name, _)| name == t)
+                .map(|(_, c)| c[Outcome::Handled as usize])
+        };
+        assert_eq!(count("made_up_0"), Some(2));
+        assert_eq!(count(&format!("made_up_{}", MAX_KINDS - 1)), Some(1));
+        assert_eq!(count(&format!("made_up_{MAX_KINDS}")), None);
+        assert_eq!(count(OTHER_EVENT_TYPE), Some(51));
+        // Another account has its own.
+        assert_eq!(m.of_account("beta").events.len(), 1);
+        let text = m.render(&Gauges::default());
+        assert!(
+            text.contains(r#"switchboard_events_total{outcome="handled",account="acme",event_type="~other"} 51"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn histograms_are_cumulative_and_labels_escaped() {
