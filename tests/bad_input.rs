@@ -811,6 +811,26 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
     }
 }
 
+/// HTTP limits that would refuse every connection or request stop `run`
+/// before it starts, naming the key.
+#[tokio::test]
+async fn http_limits_that_cannot_work_are_refused_at_start() {
+    for (_, line) in refused_values("http.max_connections", &["0"]).await {
+        assert!(
+            line.contains("http.max_connections must be at least 1"),
+            "{line}"
+        );
+    }
+    for key in ["http.header_timeout", "http.body_timeout"] {
+        for (_, line) in refused_values(key, &["\"0s\"", "\"500ms\""]).await {
+            assert!(
+                line.contains(&format!("{key} must be at least 1s")),
+                "{line}"
+            );
+        }
+    }
+}
+
 /// Standby copies without replicas stop `run` before it starts, saying
 /// what is missing.
 #[tokio::test]

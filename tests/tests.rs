@@ -21,6 +21,7 @@ mod files;
 mod first_hour;
 mod flow;
 mod handlers;
+mod http_limits;
 mod inbound;
 mod inbox;
 mod matching;

@@ -322,6 +322,19 @@ pub struct HttpConfig {
     /// with it, and Twilio signatures are checked over it. Default:
     /// `http://` + the listen address.
     pub public_url: Option<String>,
+    /// Connections open at once (10,000; the process's open-file limit
+    /// must allow as many): past it, new ones wait in the listen backlog
+    /// until one closes.
+    pub max_connections: usize,
+    /// How long a request's head may take to arrive, and a kept-alive
+    /// connection may wait for its next request (`"30s"`): then the
+    /// connection is closed.
+    #[serde(with = "switchboard_rules::duration")]
+    pub header_timeout: Duration,
+    /// How long a request's body may take to arrive whole, from when its
+    /// head did (`"2m"`): then the request is refused.
+    #[serde(with = "switchboard_rules::duration")]
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -330,6 +343,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
             public_url: None,
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -514,6 +530,19 @@ impl Config {
                 "runtime.event_threads is {n}: it must be 0 (the shared runtime) to \
                  {MAX_EVENT_THREADS}"
             )));
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "http.max_connections must be at least 1".into(),
+            ));
+        }
+        for (name, t) in [
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.body_timeout", self.http.body_timeout),
+        ] {
+            if t < Duration::from_secs(1) {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1s")));
+            }
         }
         if self.limits.concurrency == 0 {
             return Err(ConfigError::Invalid(

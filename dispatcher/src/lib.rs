@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod runtime;
+pub mod serve;
 pub mod telemetry;
 
 pub use config::Config;

@@ -193,7 +193,7 @@ impl Dispatcher {
         }
         let sessions = state.sessions.clone();
         let app = router(state);
-        let server = serve(listener, app, stopped.clone());
+        let server = crate::serve::serve(listener, app, (&config.http).into(), stopped.clone());
 
         // The API answers (`/readyz` says not ready) while a replica catches
         // up with the shared state and the chain files are applied.
@@ -589,28 +589,6 @@ fn spawn_sampling(metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
             }
         }
     });
-}
-
-/// Serves `app` on `listener` until `stopped` turns true.
-fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    mut stopped: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
-        // Made a service once: served as a `Router`, axum rebuilds every
-        // route for each connection (about 450 KiB held per open one,
-        // which a thousand inbox streams made half a gigabyte).
-        if let Err(e) = axum::serve(listener, app.into_make_service())
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    })
 }
 
 /// Converts the journal records and traces an earlier release kept into
