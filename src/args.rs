@@ -650,6 +650,9 @@ pub(crate) enum TimersCommand {
     List {
         /// The account.
         account: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         #[command(flatten)]
         remote: Remote,
     },

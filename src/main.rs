@@ -164,9 +164,11 @@ async fn command(cli: Cli, config: Option<Config>) -> ExitCode {
                 remote,
             } => cli::scripts_rm(&remote.client(), &account, &name, remote.json).await,
         }),
-        Command::Timers(TimersCommand::List { account, remote }) => {
-            print(cli::timers_list(&remote.client(), &account, remote.json).await)
-        }
+        Command::Timers(TimersCommand::List {
+            account,
+            limit,
+            remote,
+        }) => print(cli::timers_list(&remote.client(), &account, limit, remote.json).await),
         Command::Templates(c) => print(match c {
             TemplatesCommand::Put {
                 account,

@@ -76,7 +76,10 @@ async fn a_delay_survives_a_sigkill(nats: Option<&NatsServer>) {
     assert_eq!(chain["steps"][1]["name"], "wait");
     assert_eq!(chain["steps"][1]["outcome"], "waiting");
     assert_eq!(chain["steps"][1]["output"]["until"], until.as_str());
-    let timers = d.cli(&["timers", "list", "acme", "--json"]).await.json();
+    let timers = d
+        .cli(&["timers", "list", "acme", "--limit", "1", "--json"])
+        .await
+        .json();
     assert_eq!(timers["timers"][0]["event_id"], id.as_str(), "{timers:#}");
     assert_eq!(timers["timers"][0]["chain"], "remind");
     let listed = d.cli(&["timers", "list", "acme"]).await;

@@ -35,7 +35,8 @@ pub use error::{ErrorBody, ErrorResponse};
 use serde::{Deserialize, Serialize};
 
 /// The query of the list endpoints (contacts, messages, unmatched inbound
-/// records, dead letters): `?limit=N`, 100 when absent, at most 10,000.
+/// records, dead letters, timers): `?limit=N`, 100 when absent, at most
+/// 10,000.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListQuery {
     /// How many items to answer at most.

@@ -112,11 +112,15 @@ impl PendingTimer {
     }
 }
 
-/// The pending timers of `account`, the soonest first.
-pub fn list(store: &Store, account: &AccountKey) -> Result<Vec<PendingTimer>, StoreError> {
+/// The `limit` soonest pending timers of `account`, the soonest first.
+pub fn list(
+    store: &Store,
+    account: &AccountKey,
+    limit: usize,
+) -> Result<Vec<PendingTimer>, StoreError> {
     let prefix = key(&[account.as_str().as_bytes(), b""]);
     Ok(store
-        .scan_prefix(Collection::Timers, &prefix)?
+        .scan_prefix_from(Collection::Timers, &prefix, &prefix, limit)?
         .iter()
         .filter_map(|(k, _)| PendingTimer::parse(k))
         .collect())
@@ -336,6 +340,37 @@ mod tests {
         };
         assert_eq!(PendingTimer::parse(&timer.key()), Some(timer.clone()));
         assert_eq!(PendingTimer::parse(b"acme\0short"), None);
+    }
+
+    #[test]
+    fn a_listing_gives_an_accounts_soonest_timers_up_to_its_limit() {
+        let store = Store::temporary().unwrap();
+        let timer = |account: &str, due_ms: u64| PendingTimer {
+            account: AccountKey::new(account).unwrap(),
+            event_id: EventId::new_v7(),
+            chain: "remind".into(),
+            due_ms,
+        };
+        let writes: Vec<Write> = [
+            timer("acme", 30),
+            timer("acme", 10),
+            timer("acme2", 5),
+            timer("acme", 20),
+        ]
+        .iter()
+        .map(PendingTimer::put)
+        .collect();
+        store.write_in_order(&writes).unwrap();
+        let acme = AccountKey::new("acme").unwrap();
+        let due = |limit| -> Vec<u64> {
+            list(&store, &acme, limit)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.due_ms)
+                .collect()
+        };
+        assert_eq!(due(2), [10, 20]);
+        assert_eq!(due(100), [10, 20, 30]);
     }
 
     /// A bus that drops a publish whose id it has seen, as NATS does

@@ -1,5 +1,6 @@
 //! `switchboard timers …`: chains paused by a `delay` step.
 
+use switchboard_api::ListQuery;
 use switchboard_api::timers::TimerList;
 
 use super::*;
@@ -8,10 +9,13 @@ use super::*;
 pub async fn timers_list(
     client: &Client,
     account_raw: &str,
+    limit: usize,
     json_out: bool,
 ) -> Result<String, CliError> {
     let a = account(account_raw)?;
-    let answer: TimerList = client.get(&paths::timers(a.as_str())).await?;
+    let answer: TimerList = client
+        .get_with(&paths::timers(a.as_str()), &ListQuery::limit(limit))
+        .await?;
     if json_out {
         return Ok(pretty(&answer));
     }

@@ -332,10 +332,11 @@ pub(super) async fn list_event_kinds(
 pub(super) async fn list_timers(
     State(s): State<ApiState>,
     Path(account): Path<String>,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult {
     use switchboard_api::timers::{Timer, TimerList};
     let account = account_key(&account)?;
-    let timers = switchboard_engine::timers::list(&s.store, &account)
+    let timers = switchboard_engine::timers::list(&s.store, &account, q.effective_limit())
         .map_err(ApiError::internal)?
         .into_iter()
         .map(|t| Timer {
