@@ -86,6 +86,8 @@ pub struct Sessions {
     /// `Secure`.
     secure: bool,
     by_id: Mutex<HashMap<String, Session>>,
+    /// The most sessions `by_id` holds ([`MAX_SESSIONS`]).
+    most: usize,
     links: Mutex<HashMap<String, (Principal, Credential, Instant)>>,
     swept: Mutex<Option<Instant>>,
 }
@@ -97,6 +99,7 @@ impl Default for Sessions {
             store: None,
             secure: false,
             by_id: Mutex::default(),
+            most: MAX_SESSIONS,
             links: Mutex::default(),
             swept: Mutex::default(),
         }
@@ -236,11 +239,19 @@ impl Sessions {
             kept: false,
         };
         session.kept = self.save(&id, &session);
+        self.remember(id.clone(), session);
+        id
+    }
+
+    /// Holds `session` in memory, making room past [`MAX_SESSIONS`] by
+    /// dropping the expired ones, then the one that expires soonest (a
+    /// kept one is read from the store again when its cookie comes back).
+    fn remember(&self, id: String, session: Session) {
         let mut by_id = self.by_id.lock().expect("session lock");
-        if by_id.len() >= MAX_SESSIONS {
+        if by_id.len() >= self.most && !by_id.contains_key(&id) {
             let now = Instant::now();
             by_id.retain(|_, s| s.expires > now);
-            if by_id.len() >= MAX_SESSIONS
+            if by_id.len() >= self.most
                 && let Some(oldest) = by_id
                     .iter()
                     .min_by_key(|(_, s)| s.expires)
@@ -249,8 +260,7 @@ impl Sessions {
                 by_id.remove(&oldest);
             }
         }
-        by_id.insert(id.clone(), session);
-        id
+        by_id.insert(id, session);
     }
 
     /// The live session the request's cookie names.
@@ -283,10 +293,7 @@ impl Sessions {
         drop(by_id);
         // Started before a restart, or by another replica.
         let session = self.load(&id)?;
-        self.by_id
-            .lock()
-            .expect("session lock")
-            .insert(id, session.clone());
+        self.remember(id, session.clone());
         Some(session)
     }
 
@@ -406,6 +413,33 @@ mod tests {
         assert!(!kept[0].0.windows(id.len()).any(|w| w == id.as_bytes()));
         later.end(&headers);
         assert!(Sessions::new(store).of(&headers).is_none());
+    }
+
+    #[test]
+    fn sessions_read_from_the_store_are_held_within_the_cap_too() {
+        let store = Store::temporary().unwrap();
+        let first = Sessions::new(store.clone());
+        let ids: Vec<String> = (0..3)
+            .map(|_| first.start(Principal::Admin, [3; 32]))
+            .collect();
+        let with = |id: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+            );
+            headers
+        };
+        // After a restart, every cookie comes back: each is read from the
+        // store, and memory holds at most the cap.
+        let later = Sessions {
+            most: 2,
+            ..Sessions::new(store)
+        };
+        for id in ids.iter().chain(&ids) {
+            assert!(later.of(&with(id)).is_some());
+            assert!(later.by_id.lock().unwrap().len() <= 2);
+        }
     }
 
     #[test]
