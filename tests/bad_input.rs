@@ -815,9 +815,11 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
 /// before it starts, naming the key.
 #[tokio::test]
 async fn http_limits_that_cannot_work_are_refused_at_start() {
-    for (_, line) in refused_values("http.max_connections", &["0"]).await {
+    for (n, line) in refused_values("http.max_connections", &["0", "1000001"]).await {
         assert!(
-            line.contains("http.max_connections must be at least 1"),
+            line.contains(&format!(
+                "http.max_connections is {n}: it must be 1 to 1000000"
+            )),
             "{line}"
         );
     }

@@ -307,6 +307,9 @@ impl Default for BusConfig {
     }
 }
 
+/// The most connections `http.max_connections` may let open at once.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// `[http]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -326,9 +329,9 @@ pub struct HttpConfig {
     /// must allow as many): past it, new ones wait in the listen backlog
     /// until one closes.
     pub max_connections: usize,
-    /// How long a request's head may take to arrive, and a kept-alive
-    /// connection may wait for its next request (`"30s"`): then the
-    /// connection is closed.
+    /// How long a request's whole head may take to arrive, and a
+    /// kept-alive connection's next one (`"30s"`): then the connection is
+    /// closed.
     #[serde(with = "switchboard_rules::duration")]
     pub header_timeout: Duration,
     /// How long a request's body may take to arrive whole, from when its
@@ -531,10 +534,11 @@ impl Config {
                  {MAX_EVENT_THREADS}"
             )));
         }
-        if self.http.max_connections == 0 {
-            return Err(ConfigError::Invalid(
-                "http.max_connections must be at least 1".into(),
-            ));
+        if !(1..=MAX_CONNECTIONS).contains(&self.http.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "http.max_connections is {}: it must be 1 to {MAX_CONNECTIONS}",
+                self.http.max_connections
+            )));
         }
         for (name, t) in [
             ("http.header_timeout", self.http.header_timeout),

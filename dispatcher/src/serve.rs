@@ -7,21 +7,16 @@
 //! as long as it likes.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use switchboard_http::deadline::Deadline;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, Sleep};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::HttpConfig;
 
@@ -51,7 +46,8 @@ impl From<&HttpConfig> for Limits {
 }
 
 /// Serves `app` on `listener` within `limits` until `stopped` turns true;
-/// then stops taking connections and gives those open [`DRAIN`] to finish.
+/// then stops taking connections, gives those open [`DRAIN`] to finish
+/// their requests, and closes the rest; the task ends once none is left.
 pub fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -67,7 +63,10 @@ pub fn serve(
         let mut stop = std::pin::pin!(async move {
             let _ = stopped.wait_for(|s| *s).await;
         });
+        // Each connection's task (its requests' handlers run in it).
+        let mut connections = JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
             // A connection past the cap waits in the listen backlog.
             let permit = tokio::select! {
                 () = &mut stop => break,
@@ -96,7 +95,7 @@ pub fn serve(
             });
             let connection = http.serve_connection(TokioIo::new(stream), service);
             let connection = graceful.watch(connection);
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::debug!(error = %e, "an HTTP connection ended in an error");
                 }
@@ -110,9 +109,14 @@ pub fn serve(
         {
             tracing::info!(
                 after = ?DRAIN,
-                "HTTP connections still open at the stop were closed"
+                open = connections.len(),
+                "HTTP connections still busy at the stop are closed, their requests cut short"
             );
+            connections.abort_all();
         }
+        // None is left running when the server's task ends: the store's
+        // last flush comes after every request's writes.
+        while connections.join_next().await.is_some() {}
     })
 }
 
@@ -129,65 +133,4 @@ async fn accept_failed(e: &std::io::Error) {
     }
     tracing::error!(error = %e, "accepting an HTTP connection failed");
     tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
-/// A request body that fails once it has not arrived whole by its
-/// deadline. The timer is made only when the body is first waited for (a
-/// request without a body, or whose body came with its head, makes none).
-struct Deadline<B> {
-    inner: B,
-    deadline: Instant,
-    timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-impl<B> Deadline<B> {
-    fn new(inner: B, timeout: Duration) -> Self {
-        Self {
-            inner,
-            deadline: Instant::now() + timeout,
-            timeout,
-            sleep: None,
-        }
-    }
-}
-
-/// The error of a body that did not arrive in time.
-#[derive(Debug, thiserror::Error)]
-#[error("the request's body did not arrive whole within {0:?} of its head (http.body_timeout)")]
-struct TooSlow(Duration);
-
-impl<B> Body for Deadline<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<axum::BoxError>,
-{
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let deadline = this.deadline;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(TooSlow(this.timeout).into()))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -237,9 +237,12 @@ pub struct DigestWindow {
 pub const MAX_WINDOW_EVENTS: u32 = 1_000;
 
 /// The most a digest window's events come to, encoded: the event that
-/// brings them to this closes the window (1,000 events of up to 256 KiB
-/// each would otherwise make a record of 250 MiB).
-pub const MAX_WINDOW_BYTES: u64 = 4 << 20;
+/// brings them to this closes the window. The close writes them all in
+/// one journal record, which the replicated store's changelog sends as
+/// one NATS message (at most 1 MiB by default): 512 KiB, and the last
+/// event (at most `limits.max_event_bytes`, 256 KiB by default), keep it
+/// under that.
+pub const MAX_WINDOW_BYTES: u64 = 512 << 10;
 
 /// A pause that ends only when something other than time ends it (a
 /// digest window with `max_events` and no `window`).

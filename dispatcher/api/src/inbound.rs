@@ -142,8 +142,12 @@ pub struct UnmatchedRecord {
     pub result: String,
     /// Why it matched nothing, in words.
     pub reason: String,
-    /// The record: JSON as posted, or the text of a body that was not JSON.
+    /// The record: JSON as posted, or the text of a body that was not JSON;
+    /// of a record larger than 64 KiB, the first 64 KiB of its text.
     pub record: Value,
+    /// A record cut to its first 64 KiB: its whole size, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_bytes: Option<u64>,
     /// When it arrived.
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,

@@ -128,6 +128,16 @@ pub(crate) fn letter_key(account: &str, id: &str) -> Vec<u8> {
     key(&[account.as_bytes(), id.as_bytes()])
 }
 
+/// A page of an account's dead letters ([`DeadLetters::page`]).
+#[derive(Debug)]
+pub struct LetterPage {
+    /// The letters of the page that could be read, oldest first.
+    pub letters: Vec<DeadLetter>,
+    /// The id of the page's last letter, read or not: the next page
+    /// begins after it. `None` once there are no more.
+    pub last: Option<String>,
+}
+
 /// Dead letters by (account, id), in filing order.
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
@@ -165,13 +175,15 @@ impl DeadLetters {
 
     /// Up to `limit` dead letters of `account` filed after the letter
     /// `after` (from the first, without it), oldest first: a page of them
-    /// all, to walk them without holding them all.
+    /// all, to walk them without holding them all. The page's `last` is
+    /// where the next begins (`None`: there are no more), whether or not
+    /// the page's last letter could be read.
     pub fn page(
         &self,
         account: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
+    ) -> Result<LetterPage, StoreError> {
         let prefix = key(&[account.as_bytes(), b""]);
         let from = match after {
             Some(id) => {
@@ -181,12 +193,17 @@ impl DeadLetters {
             }
             None => prefix.clone(),
         };
-        Ok(self
-            .store
-            .scan_prefix_from(Collection::DeadLetters, &prefix, &from, limit)?
+        let entries =
+            self.store
+                .scan_prefix_from(Collection::DeadLetters, &prefix, &from, limit)?;
+        let last = entries
+            .last()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        let letters = entries
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect())
+            .collect();
+        Ok(LetterPage { letters, last })
     }
 
     /// The newest `limit` dead letters of `account`, newest first.
@@ -233,15 +250,31 @@ mod tests {
         let mut pages = 0;
         loop {
             let page = letters.page("acme", after.as_deref(), 256).unwrap();
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
+            let Some(last) = page.last else { break };
+            after = Some(last);
             pages += 1;
-            walked.extend(page.into_iter().map(|l| l.id));
+            walked.extend(page.letters.into_iter().map(|l| l.id));
         }
         assert_eq!(pages, 3);
         // (Ids sort by their time; within a millisecond, as they sort.)
         filed.sort();
         assert_eq!(walked, filed);
-        assert!(letters.page("nobody", None, 10).unwrap().is_empty());
+        assert!(letters.page("nobody", None, 10).unwrap().last.is_none());
+        // A page whose letters do not read still says where the next begins.
+        let store = letters.store.clone();
+        for id in &filed[..256] {
+            store
+                .put(
+                    Collection::DeadLetters,
+                    &letter_key("acme", id),
+                    b"not a letter",
+                )
+                .unwrap();
+        }
+        let first = letters.page("acme", None, 256).unwrap();
+        assert!(first.letters.is_empty());
+        assert_eq!(first.last.as_deref(), Some(filed[255].as_str()));
+        let next = letters.page("acme", first.last.as_deref(), 256).unwrap();
+        assert_eq!(next.letters[0].id, filed[256]);
     }
 }

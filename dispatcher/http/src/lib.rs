@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod deadline;
 pub mod inbound;
 pub mod inbox_feed;
 pub mod ratelimit;

@@ -56,9 +56,10 @@ struct Window {
     /// It closes at this many events (none: at [`MAX_WINDOW_EVENTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_events: Option<u32>,
-    /// Its events' encoded size: it closes at [`MAX_WINDOW_BYTES`].
-    #[serde(default)]
-    bytes: u64,
+    /// Its events' encoded size: it closes at [`MAX_WINDOW_BYTES`]. (None
+    /// in a header written before it was kept: summed at the next join.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
     /// It holds all it may: closed, its opener on the way back.
     #[serde(default)]
     full: bool,
@@ -72,7 +73,7 @@ impl Window {
         let most = self
             .max_events
             .map_or(MAX_WINDOW_EVENTS, |m| m.min(MAX_WINDOW_EVENTS));
-        self.count >= most || self.bytes >= MAX_WINDOW_BYTES
+        self.count >= most || self.bytes.is_some_and(|b| b >= MAX_WINDOW_BYTES)
     }
 }
 
@@ -293,8 +294,15 @@ impl Executor {
             Some(mut open) => {
                 let position = open.count;
                 let entry = event_write(account, open.opener, &chain.name, position, event);
+                let before = match open.bytes {
+                    Some(bytes) => bytes,
+                    None => window_entries(pass.store(), account, open.opener, &chain.name)?
+                        .iter()
+                        .map(|(_, v)| v.len() as u64)
+                        .sum(),
+                };
                 open.count = open.count.saturating_add(1);
-                open.bytes = open.bytes.saturating_add(written_bytes(&entry));
+                open.bytes = Some(before.saturating_add(written_bytes(&entry)));
                 let mut writes = vec![entry];
                 let mut opener_timer = None;
                 if open.filled() {
@@ -331,8 +339,11 @@ impl Executor {
                     "event joined a digest window");
                 Ok((Some(ChainRun::Over), output))
             }
-            None if window.max_events == 1 => {
-                // A window of one closes as it opens.
+            None if window.max_events == 1
+                || serde_json::to_vec(event).map_or(0, |v| v.len() as u64) >= MAX_WINDOW_BYTES =>
+            {
+                // A window of one closes as it opens (as does one whose
+                // first event alone comes to all a window may hold).
                 output.insert("events".into(), Value::Array(vec![event_value(event)]));
                 output.insert("count".into(), Value::from(1));
                 record_step(pass, (chain, version), record, &output, false);
@@ -345,7 +356,7 @@ impl Executor {
                     until_ms: pause.until_ms,
                     count: 1,
                     max_events: Some(window.max_events),
-                    bytes: written_bytes(&entry),
+                    bytes: Some(written_bytes(&entry)),
                     full: false,
                 };
                 pass.store()

@@ -77,17 +77,6 @@ impl Letters {
         self.letters.list(account, limit)
     }
 
-    /// Up to `limit` dead letters of `account` filed after the letter
-    /// `after` (from the first, without it), oldest first.
-    pub fn page(
-        &self,
-        account: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.letters.page(account, after, limit)
-    }
-
     /// Hands each dead letter of `account` to `visit`, oldest first, a
     /// page at a time: never all of them in memory at once. A letter filed
     /// during the walk may or may not be visited.
@@ -95,11 +84,11 @@ impl Letters {
         let mut after: Option<String> = None;
         loop {
             let page = self.letters.page(account, after.as_deref(), EACH_PAGE)?;
-            let Some(last) = page.last() else {
+            let Some(last) = page.last else {
                 return Ok(());
             };
-            after = Some(last.id.clone());
-            page.into_iter().for_each(&mut visit);
+            after = Some(last);
+            page.letters.into_iter().for_each(&mut visit);
         }
     }
 

@@ -21,6 +21,9 @@ impl axum::extract::FromRequest<ApiState> for FileBody {
         let body = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|e| {
+                if crate::deadline::too_slow(&e) {
+                    return ApiError::bad_request("invalid_body", e.to_string());
+                }
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "file_too_large",

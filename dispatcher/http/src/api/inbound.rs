@@ -283,6 +283,9 @@ impl axum::extract::FromRequest<ApiState> for InboundBody {
             .await
             .map(InboundBody)
             .map_err(|e| {
+                if crate::deadline::too_slow(&e) {
+                    return ApiError::bad_request("invalid_body", e.to_string());
+                }
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",

@@ -129,6 +129,7 @@ fn tokens_hooks_and_unmatched_answer_as_stored() {
         result: "malformed".into(),
         reason: "not JSON".into(),
         record: serde_json::json!("text"),
+        record_bytes: None,
         received_at: at,
     };
     assert_eq!(

@@ -759,6 +759,7 @@ impl Inbound {
         } = handled;
         let kept = unmatched.len();
         for (index, result, reason, record) in unmatched {
+            let (record, record_bytes) = store::kept_record(record);
             let u = Unmatched {
                 id: uuid::Uuid::now_v7().to_string(),
                 account_key: account.clone(),
@@ -766,6 +767,7 @@ impl Inbound {
                 result: result.label().to_string(),
                 reason: reason.clone(),
                 record,
+                record_bytes,
                 received_at: switchboard_sdk::now(),
             };
             self.unmatched.put(&u)?;

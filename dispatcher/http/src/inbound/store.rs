@@ -186,8 +186,12 @@ pub struct Unmatched {
     pub result: String,
     /// Why it matched nothing, in words.
     pub reason: String,
-    /// The record: JSON as posted, or the text of a body that was not JSON.
+    /// The record: JSON as posted, or the text of a body that was not JSON;
+    /// of a larger one than [`RECORD_KEPT`], the first of its text.
     pub record: Value,
+    /// A record cut to its first [`RECORD_KEPT`] bytes: its whole size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_bytes: Option<u64>,
     /// When it arrived.
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
@@ -203,9 +207,35 @@ impl Unmatched {
             result: self.result.clone(),
             reason: self.reason.clone(),
             record: self.record.clone(),
+            record_bytes: self.record_bytes,
             received_at: self.received_at,
         }
     }
+}
+
+/// How much of a record an unmatched record keeps: of a larger one, the
+/// first bytes of its text (a provider's post may be a megabyte or more,
+/// and ten thousand of them an account's to keep).
+pub const RECORD_KEPT: usize = 64 * 1024;
+
+/// `record` as an unmatched record keeps it, and its whole size if it was
+/// cut ([`RECORD_KEPT`]).
+pub fn kept_record(record: Value) -> (Value, Option<u64>) {
+    let text = match &record {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.len() <= RECORD_KEPT {
+        return (record, None);
+    }
+    let mut end = RECORD_KEPT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (
+        Value::String(text[..end].to_string()),
+        Some(text.len() as u64),
+    )
 }
 
 /// The most unmatched records an account keeps: past it, its oldest go
@@ -314,8 +344,29 @@ mod tests {
             result: "unknown_message".into(),
             reason: "no message of the account has this id".into(),
             record: serde_json::json!({ "event": "delivered" }),
+            record_bytes: None,
             received_at,
         }
+    }
+
+    #[test]
+    fn a_record_over_what_is_kept_is_cut_at_a_character() {
+        let small = serde_json::json!({ "event": "delivered" });
+        assert_eq!(kept_record(small.clone()), (small, None));
+        // JSON: its text, cut; the size is the whole text's.
+        let large = serde_json::json!({ "report": "é".repeat(RECORD_KEPT) });
+        let whole = large.to_string().len() as u64;
+        let (kept, bytes) = kept_record(large);
+        assert_eq!(bytes, Some(whole));
+        let text = kept.as_str().expect("text");
+        assert!(text.starts_with(r#"{"report":"éé"#), "{}", &text[..20]);
+        assert!(text.len() <= RECORD_KEPT && text.len() >= RECORD_KEPT - 1);
+        // A body that was not JSON: its first bytes.
+        let (kept, bytes) = kept_record(Value::String("x".repeat(RECORD_KEPT + 1)));
+        assert_eq!(
+            (kept.as_str().map(str::len), bytes),
+            (Some(RECORD_KEPT), Some(RECORD_KEPT as u64 + 1))
+        );
     }
 
     #[test]
