@@ -542,9 +542,10 @@ async fn a_removed_chains_open_window_leaves_nothing() {
 }
 
 /// A window holds at most 1,000 events, and events that come to at most
-/// 512 KiB: one with only a `window` of an hour closes early at either, its
-/// opener going on with what it gathered, and the next event of its key
-/// opens the next window.
+/// 512 KiB: one with only a `window` of an hour closes early at 1,000, or
+/// before an event that would take it past 512 KiB, its opener going on
+/// with what it gathered, and the next event of its key opens the next
+/// window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_closes_early_at_a_thousand_events_or_512_kib_of_them() {
     use switchboard_sdk::nats::NatsEmitter;
@@ -628,14 +629,15 @@ config = { message = "gathered {{ steps.gather.count }}" }
         assert_eq!(gather["position"], position + 2, "{joiner:#}");
     }
 
-    // 100 KiB each: the event that brought the window to 512 KiB closed it.
+    // 100 KiB each: the event that would have taken the window past 512 KiB
+    // closed it, and opened the next.
     let trace = done(big[0].0.clone()).await;
     let count = trace["chains"][0]["steps"][0]["output"]["count"]
         .as_u64()
         .expect("a count") as usize;
     let size = big[0].1;
     assert!(
-        count < big.len() && count * size >= MOST_BYTES && (count - 1) * size < MOST_BYTES,
+        count < big.len() && count * size <= MOST_BYTES && (count + 1) * size > MOST_BYTES,
         "a window of {count} events of {size} bytes"
     );
     let next = d.wait_for_trace("acme", &big[count].0, TIMEOUT).await;

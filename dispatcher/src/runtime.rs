@@ -343,6 +343,10 @@ impl Dispatcher {
         let _ = self.stop.send(true);
         let _ = self.consumer.await;
         self.event_threads.stop().await;
+        // Requests still being answered finish (or are cut short) while
+        // this replica still holds its partitions and before the bus's
+        // last flush: what they publish leaves with it.
+        let _ = self.server.await;
         if let Some(membership) = self.membership {
             membership.leave().await;
         }
@@ -350,7 +354,6 @@ impl Dispatcher {
         if let Err(e) = self.bus.flush().await {
             tracing::warn!(error = %e, "the last acks may be lost; those events will be delivered again");
         }
-        let _ = self.server.await;
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "flushing the store at shutdown failed");
         }

@@ -28,8 +28,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub struct Limits {
     /// Connections open at once.
     pub max_connections: usize,
-    /// A request's head must arrive within this, and a kept-alive
-    /// connection's next request begin within it.
+    /// A request's whole head must arrive within this, and a kept-alive
+    /// connection's next one within it.
     pub header_timeout: Duration,
     /// A request's body must have arrived whole this long after its head.
     pub body_timeout: Duration,
@@ -66,10 +66,11 @@ pub fn serve(
         // Each connection's task (its requests' handlers run in it).
         let mut connections = JoinSet::new();
         loop {
-            while connections.try_join_next().is_some() {}
-            // A connection past the cap waits in the listen backlog.
+            // A connection past the cap waits in the listen backlog; the
+            // tasks of connections that ended are reaped meanwhile.
             let permit = tokio::select! {
                 () = &mut stop => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             };
             let (stream, _) = tokio::select! {
@@ -107,6 +108,7 @@ pub fn serve(
             .await
             .is_err()
         {
+            while connections.try_join_next().is_some() {}
             tracing::info!(
                 after = ?DRAIN,
                 open = connections.len(),
@@ -114,8 +116,8 @@ pub fn serve(
             );
             connections.abort_all();
         }
-        // None is left running when the server's task ends: the store's
-        // last flush comes after every request's writes.
+        // None is left running when the server's task ends. (A write a
+        // handler handed to the blocking pool finishes there even so.)
         while connections.join_next().await.is_some() {}
     })
 }

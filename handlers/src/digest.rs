@@ -39,7 +39,8 @@ impl Handler for Digest {
     fn description(&self) -> &'static str {
         "Gathers the events of a `key` into one window: the first opens it and waits, the \
          others join it and stop here. When the window closes (after `window`, or at \
-         `max_events`; at 1,000 events or 512 KiB of them in any case), the chain goes on \
+         `max_events`; at 1,000 events, or before one that would take it past 512 KiB, in \
+         any case), the chain goes on \
          once, for all of them. Durable like a delay: \
          exactly one continuation per window, through restarts and take-overs. `cancel_on` \
          does not cancel a window: it holds the other events too."
@@ -69,8 +70,8 @@ impl Handler for Digest {
             OptionSpec::count(
                 "max_events",
                 "Close the window as soon as it holds this many events (before its time, \
-                 with `window`); at most 1,000. A window closes at 1,000 events, or once \
-                 they come to 512 KiB, whatever it says.",
+                 with `window`); at most 1,000. A window closes at 1,000 events, or before \
+                 an event that would take it past 512 KiB, whatever it says.",
             )
             .at_most(MAX_WINDOW_EVENTS),
         ])

@@ -236,12 +236,11 @@ pub struct DigestWindow {
 /// them all, and the opener's journal and trace keep them.
 pub const MAX_WINDOW_EVENTS: u32 = 1_000;
 
-/// The most a digest window's events come to, encoded: the event that
-/// brings them to this closes the window. The close writes them all in
-/// one journal record, which the replicated store's changelog sends as
-/// one NATS message (at most 1 MiB by default): 512 KiB, and the last
-/// event (at most `limits.max_event_bytes`, 256 KiB by default), keep it
-/// under that.
+/// The most a digest window's events come to, encoded: an event that
+/// would take a window past it closes the window as it is and opens the
+/// next (one that alone comes to it closes as it opens). The close writes
+/// them all in one journal record, which the replicated store's changelog
+/// sends as one NATS message (at most 1 MiB by default).
 pub const MAX_WINDOW_BYTES: u64 = 512 << 10;
 
 /// A pause that ends only when something other than time ends it (a

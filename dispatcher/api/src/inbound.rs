@@ -145,7 +145,8 @@ pub struct UnmatchedRecord {
     /// The record: JSON as posted, or the text of a body that was not JSON;
     /// of a record larger than 64 KiB, the first 64 KiB of its text.
     pub record: Value,
-    /// A record cut to its first 64 KiB: its whole size, in bytes.
+    /// A record cut to its first 64 KiB: the size of its whole text (the
+    /// JSON as re-encoded, compact), in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_bytes: Option<u64>,
     /// When it arrived.

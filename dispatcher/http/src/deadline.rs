@@ -1,6 +1,6 @@
 //! A request body that must arrive whole by a deadline (`http.body_timeout`):
 //! the server wraps every request's body in [`Deadline`], and an extractor
-//! that reads a body tells a late one ([`too_slow`]) from a large one.
+//! that reads a body tells a large one ([`too_large`]) from a late one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,9 +39,12 @@ impl<B> Deadline<B> {
 #[error("the request's body did not arrive whole within {0:?} of its head (http.body_timeout)")]
 pub struct TooSlow(Duration);
 
-/// Whether reading a body failed because it came too slowly.
-pub fn too_slow(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<TooSlow>())
+/// Whether reading a body (`axum::body::to_bytes`) failed because it was
+/// over the limit read; any other failure (too slow, cut short) is the
+/// request's, not its size's.
+pub fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .any(|e| e.is::<http_body_util::LengthLimitError>())
 }
 
 impl<B> Body for Deadline<B>
@@ -84,6 +87,10 @@ mod tests {
     use super::*;
     use axum::body::Body as AxumBody;
 
+    fn too_slow(e: &(dyn std::error::Error + 'static)) -> bool {
+        std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<TooSlow>())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_late_past_its_deadline_fails_and_is_told_from_a_large_one() {
         let never =
@@ -92,13 +99,13 @@ mod tests {
         let e = axum::body::to_bytes(AxumBody::new(late), 1024)
             .await
             .expect_err("the body never came");
-        assert!(too_slow(&e), "{e}");
+        assert!(too_slow(&e) && !too_large(&e), "{e}");
         // A body over the limit is not a late one.
         let large = Deadline::new(AxumBody::from(vec![0u8; 2048]), Duration::from_secs(2));
         let e = axum::body::to_bytes(AxumBody::new(large), 1024)
             .await
             .expect_err("over the limit");
-        assert!(!too_slow(&e), "{e}");
+        assert!(too_large(&e) && !too_slow(&e), "{e}");
         // One that came in time is read whole.
         let prompt = Deadline::new(AxumBody::from("whole"), Duration::from_secs(2));
         let read = axum::body::to_bytes(AxumBody::new(prompt), 1024)

@@ -56,8 +56,8 @@ struct Window {
     /// It closes at this many events (none: at [`MAX_WINDOW_EVENTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_events: Option<u32>,
-    /// Its events' encoded size: it closes at [`MAX_WINDOW_BYTES`]. (None
-    /// in a header written before it was kept: summed at the next join.)
+    /// Its events' encoded size, at most [`MAX_WINDOW_BYTES`]. (None in a
+    /// header written before it was kept: summed at the next join.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bytes: Option<u64>,
     /// It holds all it may: closed, its opener on the way back.
@@ -68,7 +68,8 @@ struct Window {
 impl Window {
     /// It holds all it may: `max_events` (at most [`MAX_WINDOW_EVENTS`],
     /// a header written before that bound included), or events that come
-    /// to [`MAX_WINDOW_BYTES`].
+    /// to [`MAX_WINDOW_BYTES`] (an event that would take it past closes it
+    /// before joining, in `digest`).
     fn filled(&self) -> bool {
         let most = self
             .max_events
@@ -125,26 +126,49 @@ fn opened_by(
         .filter(|w| w.opener == opener))
 }
 
-/// The write of `event` at `position` (from 0) of `opener`'s window.
+/// The write of an event (`encoded`) at `position` (from 0) of
+/// `opener`'s window.
 fn event_write(
     account: &AccountKey,
     opener: EventId,
     chain: &str,
     position: u32,
-    event: &VumiApiEvent,
+    encoded: Vec<u8>,
 ) -> Write {
     let mut k = events_prefix(account, opener, chain);
     k.extend_from_slice(&position.to_be_bytes());
     Write {
         collection: Collection::DigestEvents,
         key: k,
-        value: Some(serde_json::to_vec(event).expect("an event serialises")),
+        value: Some(encoded),
     }
 }
 
-/// How many bytes `write` puts.
-fn written_bytes(write: &Write) -> u64 {
-    write.value.as_ref().map_or(0, |v| v.len() as u64)
+/// Marks `window` full and gives the timer that brings its opener back
+/// now to close it (durable, unlike a publish from here).
+fn opener_back(window: &mut Window, account: &AccountKey, chain: &str) -> PendingTimer {
+    window.full = true;
+    PendingTimer {
+        account: account.clone(),
+        event_id: window.opener,
+        chain: chain.to_string(),
+        due_ms: now_ms(),
+    }
+}
+
+/// Closes `window` as it is (its header at `header_key`): marks it full,
+/// so that none joins it, and sets the timer that brings its opener back
+/// now to go on with what it holds. Returns the timer, to be noted.
+fn fill(
+    store: &Store,
+    window: &mut Window,
+    header_key: Vec<u8>,
+    account: &AccountKey,
+    chain: &str,
+) -> Result<PendingTimer, StoreError> {
+    let timer = opener_back(window, account, chain);
+    store.write_in_order(&[timer.put(), header_write(header_key, window)])?;
+    Ok(timer)
 }
 
 /// The mark that `member` joined a window of `chain` (the window's opener
@@ -285,36 +309,48 @@ impl Executor {
             self.end_chain(event, pass, chain, version, ChainEnd::Done, next)?;
             return Ok((Some(ChainRun::Over), output));
         }
+        let encoded = serde_json::to_vec(event).expect("an event serialises");
+        let size = encoded.len() as u64;
         // A full window is closing (its opener comes back for it): none
         // joins it, the event opens the next.
-        let open = self
+        let mut open = self
             .open_window(pass.store(), &header_key, account, &chain.name)?
             .filter(|w| !w.full);
+        if let Some(current) = &mut open {
+            let held = match current.bytes {
+                Some(bytes) => bytes,
+                None => window_entries(pass.store(), account, current.opener, &chain.name)?
+                    .iter()
+                    .map(|(_, v)| v.len() as u64)
+                    .sum(),
+            };
+            current.bytes = Some(held);
+            if held.saturating_add(size) > MAX_WINDOW_BYTES {
+                // The event would take the window past what it may hold:
+                // the window closes as it is, and the event opens the next.
+                let timer = fill(
+                    pass.store(),
+                    current,
+                    header_key.clone(),
+                    account,
+                    &chain.name,
+                )?;
+                self.timers.noted(&timer);
+                open = None;
+            }
+        }
         match open {
             Some(mut open) => {
                 let position = open.count;
-                let entry = event_write(account, open.opener, &chain.name, position, event);
-                let before = match open.bytes {
-                    Some(bytes) => bytes,
-                    None => window_entries(pass.store(), account, open.opener, &chain.name)?
-                        .iter()
-                        .map(|(_, v)| v.len() as u64)
-                        .sum(),
-                };
+                let entry = event_write(account, open.opener, &chain.name, position, encoded);
                 open.count = open.count.saturating_add(1);
-                open.bytes = Some(before.saturating_add(written_bytes(&entry)));
+                open.bytes = open.bytes.map(|b| b.saturating_add(size));
                 let mut writes = vec![entry];
                 let mut opener_timer = None;
                 if open.filled() {
                     // Full: its opener comes back now, by a timer of its own
                     // (durable, unlike a publish from here).
-                    open.full = true;
-                    let timer = PendingTimer {
-                        account: account.clone(),
-                        event_id: open.opener,
-                        chain: chain.name.clone(),
-                        due_ms: now_ms(),
-                    };
+                    let timer = opener_back(&mut open, account, &chain.name);
                     writes.push(timer.put());
                     opener_timer = Some(timer);
                 }
@@ -339,24 +375,22 @@ impl Executor {
                     "event joined a digest window");
                 Ok((Some(ChainRun::Over), output))
             }
-            None if window.max_events == 1
-                || serde_json::to_vec(event).map_or(0, |v| v.len() as u64) >= MAX_WINDOW_BYTES =>
-            {
-                // A window of one closes as it opens (as does one whose
-                // first event alone comes to all a window may hold).
-                output.insert("events".into(), Value::Array(vec![event_value(event)]));
-                output.insert("count".into(), Value::from(1));
-                record_step(pass, (chain, version), record, &output, false);
-                Ok((None, output))
-            }
             None => {
-                let entry = event_write(account, event.id, &chain.name, 0, event);
+                if window.max_events == 1 || size >= MAX_WINDOW_BYTES {
+                    // A window of one closes as it opens (as does one whose
+                    // first event alone comes to all a window may hold).
+                    output.insert("events".into(), Value::Array(vec![event_value(event)]));
+                    output.insert("count".into(), Value::from(1));
+                    record_step(pass, (chain, version), record, &output, false);
+                    return Ok((None, output));
+                }
+                let entry = event_write(account, event.id, &chain.name, 0, encoded);
                 let open = Window {
                     opener: event.id,
                     until_ms: pause.until_ms,
                     count: 1,
                     max_events: Some(window.max_events),
-                    bytes: Some(written_bytes(&entry)),
+                    bytes: Some(size),
                     full: false,
                 };
                 pass.store()

@@ -21,7 +21,7 @@ impl axum::extract::FromRequest<ApiState> for FileBody {
         let body = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|e| {
-                if crate::deadline::too_slow(&e) {
+                if !crate::deadline::too_large(&e) {
                     return ApiError::bad_request("invalid_body", e.to_string());
                 }
                 ApiError::new(

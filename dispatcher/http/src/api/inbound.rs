@@ -283,7 +283,7 @@ impl axum::extract::FromRequest<ApiState> for InboundBody {
             .await
             .map(InboundBody)
             .map_err(|e| {
-                if crate::deadline::too_slow(&e) {
+                if !crate::deadline::too_large(&e) {
                     return ApiError::bad_request("invalid_body", e.to_string());
                 }
                 ApiError::new(

@@ -189,7 +189,8 @@ pub struct Unmatched {
     /// The record: JSON as posted, or the text of a body that was not JSON;
     /// of a larger one than [`RECORD_KEPT`], the first of its text.
     pub record: Value,
-    /// A record cut to its first [`RECORD_KEPT`] bytes: its whole size.
+    /// A record cut to its first [`RECORD_KEPT`] bytes: the size of its
+    /// whole text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_bytes: Option<u64>,
     /// When it arrived.
@@ -218,12 +219,12 @@ impl Unmatched {
 /// and ten thousand of them an account's to keep).
 pub const RECORD_KEPT: usize = 64 * 1024;
 
-/// `record` as an unmatched record keeps it, and its whole size if it was
-/// cut ([`RECORD_KEPT`]).
+/// `record` as an unmatched record keeps it, and the size of its text (a
+/// string's, or the JSON's, compact) if it was cut ([`RECORD_KEPT`]).
 pub fn kept_record(record: Value) -> (Value, Option<u64>) {
-    let text = match &record {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let text: std::borrow::Cow<'_, str> = match &record {
+        Value::String(s) => s.into(),
+        other => other.to_string().into(),
     };
     if text.len() <= RECORD_KEPT {
         return (record, None);
