@@ -533,6 +533,10 @@ pub fn http_client(token: Option<&str>) -> reqwest::Client {
     }
     reqwest::Client::builder()
         .timeout(TIMEOUT)
+        // Sooner than the dispatcher's `http.header_timeout` (30 s) closes
+        // an idle connection: a request never goes out on a connection the
+        // dispatcher is closing (as after a replica frozen past it).
+        .pool_idle_timeout(Duration::from_secs(20))
         .default_headers(headers)
         .build()
         .expect("an HTTP client")

@@ -53,6 +53,10 @@ impl HttpEmitter {
     pub fn new(base_url: &str) -> Self {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            // Sooner than the dispatcher closes an idle connection
+            // (`http.header_timeout`, 30 s by default), so that an event
+            // never goes out on a connection being closed.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .expect("a default HTTP client builds");
         Self {
