@@ -1202,15 +1202,15 @@ impl Store {
             .map_err(io(c))
     }
 
-    /// Walks the whole of collection `c` in key order, `page` entries at
-    /// a time, handing each page to `visit` (so that a long walk, such as
-    /// an expiry sweep, holds no more than a page and no iterator over the
-    /// tree while it writes).
+    /// Walks the whole of collection `c` (this replica's copy) in key
+    /// order, `page` entries at a time, handing each page to `visit` (so
+    /// that a long walk, such as an expiry sweep, holds no more than a page
+    /// and no iterator over the tree while it writes).
     pub fn scan_pages<E: From<StoreError>>(
         &self,
         c: Collection,
         page: usize,
-        mut visit: impl FnMut(&[Entry]) -> Result<(), E>,
+        mut visit: impl FnMut(Vec<Entry>) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut from = Vec::new();
         loop {
@@ -1220,7 +1220,7 @@ impl Store {
             };
             from.clone_from(last);
             from.push(0);
-            visit(&entries)?;
+            visit(entries)?;
         }
     }
 

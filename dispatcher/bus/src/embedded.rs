@@ -136,20 +136,14 @@ impl EmbeddedBus {
                 // In batches, on the blocking pool: the table holds every id
                 // of the last two minutes, which can be many.
                 let pruned = tokio::task::spawn_blocking(move || {
-                    let mut from = Vec::new();
-                    loop {
-                        let batch = store.scan_from(Collection::BusDedup, &from, 1024)?;
-                        let Some((last, _)) = batch.last() else {
-                            return Ok::<_, switchboard_store::StoreError>(());
-                        };
-                        from = last.clone();
-                        from.push(0);
+                    store.scan_pages(Collection::BusDedup, 1024, |batch| {
                         for (k, v) in batch {
                             if millis_of(&v) < cutoff {
                                 store.remove(Collection::BusDedup, &k)?;
                             }
                         }
-                    }
+                        Ok::<_, switchboard_store::StoreError>(())
+                    })
                 })
                 .await;
                 if let Ok(Err(e)) = pruned {

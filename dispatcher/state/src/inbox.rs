@@ -381,22 +381,19 @@ impl Inbox for StoredInbox {
             held.clear();
             Ok::<_, switchboard_store::StoreError>(())
         };
-        let mut from = Vec::new();
-        loop {
-            let page = self.store.scan_from(Collection::Inbox, &from, SWEEP_PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            from = last.clone();
-            from.push(0);
-            for (k, v) in page {
-                if receiver_of_key(&k) != group.as_slice() {
-                    sweep(&mut held)?;
-                    group = receiver_of_key(&k).to_vec();
+        self.store
+            .scan_pages(Collection::Inbox, SWEEP_PAGE, |page| {
+                for (k, v) in page {
+                    if receiver_of_key(&k) != group.as_slice() {
+                        sweep(&mut held)?;
+                        group = receiver_of_key(&k).to_vec();
+                    }
+                    if let Some(n) = decode::<Notification>(&v) {
+                        held.push((k, v, n));
+                    }
                 }
-                if let Some(n) = decode::<Notification>(&v) {
-                    held.push((k, v, n));
-                }
-            }
-        }
+                Ok::<_, switchboard_store::StoreError>(())
+            })?;
         sweep(&mut held)?;
         Ok(removed)
     }

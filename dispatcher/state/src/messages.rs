@@ -249,76 +249,68 @@ impl Messages for StoredMessages {
     ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
         let mut removed = 0;
         let mut first_error = None;
-        let mut from = Vec::new();
-        loop {
-            let page = self
-                .store
-                .scan_from(Collection::Messages, &from, EXPIRY_PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            from = last.clone();
-            from.push(0);
-            for (k, v) in &page {
-                let Some(m) = decode::<MessageRecord>(v) else {
-                    continue;
-                };
-                let done = !matches!(
-                    m.status,
-                    MessageStatus::Scheduled | MessageStatus::Pending | MessageStatus::Sending
-                );
-                // Another replica's partition: its own sweep removes it.
-                if !done
-                    || m.updated_at >= before
-                    || !self.store.writes_locally(Collection::Messages, k)
-                {
-                    continue;
-                }
-                // A message changed since the scan is kept; one that
-                // cannot be removed now is left for the next sweep.
-                let gone = self
-                    .store
-                    .compare_and_swap(Collection::Messages, k, Some(v), None)
-                    .and_then(|gone| {
-                        if !gone {
-                            return Ok(false);
+        self.store
+            .scan_pages(Collection::Messages, EXPIRY_PAGE, |page| {
+                for (k, v) in &page {
+                    let Some(m) = decode::<MessageRecord>(v) else {
+                        continue;
+                    };
+                    let done = !matches!(
+                        m.status,
+                        MessageStatus::Scheduled | MessageStatus::Pending | MessageStatus::Sending
+                    );
+                    // Another replica's partition: its own sweep removes it.
+                    if !done
+                        || m.updated_at >= before
+                        || !self.store.writes_locally(Collection::Messages, k)
+                    {
+                        continue;
+                    }
+                    // A message changed since the scan is kept; one that
+                    // cannot be removed now is left for the next sweep.
+                    let gone = self
+                        .store
+                        .compare_and_swap(Collection::Messages, k, Some(v), None)
+                        .and_then(|gone| {
+                            if !gone {
+                                return Ok(false);
+                            }
+                            // Its index entries, while they still point at it.
+                            let mut entries = vec![(
+                                Collection::LatestSent,
+                                latest_key(
+                                    &m.account_key,
+                                    m.channel,
+                                    &m.recipient,
+                                    m.sender.as_deref(),
+                                ),
+                            )];
+                            if let Some(remote) = &m.remote_id {
+                                entries.push((
+                                    Collection::MessageRemoteIds,
+                                    remote_key(&m.account_key, m.channel, remote),
+                                ));
+                            }
+                            for (collection, at) in entries {
+                                self.store.compare_and_swap(
+                                    collection,
+                                    &at,
+                                    Some(m.id.as_bytes()),
+                                    None,
+                                )?;
+                            }
+                            Ok(true)
+                        });
+                    match gone {
+                        Ok(true) => removed += 1,
+                        Ok(false) => {}
+                        Err(e) => {
+                            first_error.get_or_insert(e);
                         }
-                        // Its index entries, while they still point at it.
-                        let mut entries = vec![(
-                            Collection::LatestSent,
-                            latest_key(
-                                &m.account_key,
-                                m.channel,
-                                &m.recipient,
-                                m.sender.as_deref(),
-                            ),
-                        )];
-                        if let Some(remote) = &m.remote_id {
-                            entries.push((
-                                Collection::MessageRemoteIds,
-                                remote_key(&m.account_key, m.channel, remote),
-                            ));
-                        }
-                        for (collection, at) in entries {
-                            self.store.compare_and_swap(
-                                collection,
-                                &at,
-                                Some(m.id.as_bytes()),
-                                None,
-                            )?;
-                        }
-                        Ok(true)
-                    });
-                match gone {
-                    Ok(true) => removed += 1,
-                    Ok(false) => {}
-                    Err(e) => {
-                        first_error.get_or_insert(e);
                     }
                 }
-            }
-            if page.len() < EXPIRY_PAGE {
-                break;
-            }
-        }
+                Ok::<_, StoreError>(())
+            })?;
         // Removed ones are counted; an error is told only when nothing could
         // be removed (the next sweep tries the rest again).
         match first_error {

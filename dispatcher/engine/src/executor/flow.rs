@@ -107,15 +107,8 @@ pub fn expire(
     now: u64,
     period_of: &PeriodOf<'_>,
 ) -> Result<usize, switchboard_store::StoreError> {
-    let mut from = Vec::new();
     let mut removed = 0;
-    loop {
-        let batch = store.scan_from(Collection::Flow, &from, 1024)?;
-        let done = batch.len() < 1024;
-        if let Some((last, _)) = batch.last() {
-            from = last.clone();
-            from.push(0);
-        }
+    store.scan_pages(Collection::Flow, 1024, |batch| {
         for (k, v) in batch {
             if !store.writes_locally(Collection::Flow, &k) {
                 continue;
@@ -130,10 +123,9 @@ pub fn expire(
                 removed += 1;
             }
         }
-        if done {
-            return Ok(removed);
-        }
-    }
+        Ok::<_, switchboard_store::StoreError>(())
+    })?;
+    Ok(removed)
 }
 
 /// [`expire`] under the chains `chains` holds now.

@@ -863,16 +863,9 @@ impl Journal {
     /// entries touch dead letters.
     pub fn expire(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        let mut from = Vec::new();
         let mut removed = 0;
         let mut group: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        loop {
-            let batch = self.store.scan_from(Collection::Journal, &from, 1024)?;
-            let done = batch.len() < 1024;
-            if let Some((last, _)) = batch.last() {
-                from = last.clone();
-                from.push(0);
-            }
+        self.store.scan_pages(Collection::Journal, 1024, |batch| {
             for (k, v) in batch {
                 if group
                     .first()
@@ -882,40 +875,31 @@ impl Journal {
                 }
                 group.push((k, v));
             }
-            if done {
-                removed += self.expire_record(&group, cutoff)?;
-                self.expire_times(cutoff)?;
-                return Ok(removed);
-            }
-        }
+            Ok::<_, StoreError>(())
+        })?;
+        removed += self.expire_record(&group, cutoff)?;
+        self.expire_times(cutoff)?;
+        Ok(removed)
     }
 
     /// Removes the listing entries of events taken up before `cutoff` (a
     /// record kept longer for its dead letter is still found by its id).
     fn expire_times(&self, cutoff: u64) -> Result<(), StoreError> {
-        let mut from = Vec::new();
-        loop {
-            let batch = self.store.scan_from(Collection::EventTimes, &from, 1024)?;
-            let done = batch.len() < 1024;
-            if let Some((last, _)) = batch.last() {
-                from = last.clone();
-                from.push(0);
-            }
-            for (k, _) in batch {
-                let started = k
-                    .iter()
-                    .position(|b| *b == 0)
-                    .and_then(|at| k.get(at + 1..at + 9))
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes);
-                if started.is_none_or(|ms| ms < cutoff) {
-                    self.store.remove(Collection::EventTimes, &k)?;
+        self.store
+            .scan_pages(Collection::EventTimes, 1024, |batch| {
+                for (k, _) in batch {
+                    let started = k
+                        .iter()
+                        .position(|b| *b == 0)
+                        .and_then(|at| k.get(at + 1..at + 9))
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(u64::from_be_bytes);
+                    if started.is_none_or(|ms| ms < cutoff) {
+                        self.store.remove(Collection::EventTimes, &k)?;
+                    }
                 }
-            }
-            if done {
-                return Ok(());
-            }
-        }
+                Ok(())
+            })
     }
 
     /// Removes one record's entries if it expired and holds no dead letter.

@@ -294,7 +294,7 @@ impl UnmatchedStore {
         let mut held: HashMap<Vec<u8>, usize> = HashMap::new();
         self.store
             .scan_pages(Collection::Unmatched, SWEEP_PAGE, |page| {
-                for (k, _) in page {
+                for (k, _) in &page {
                     *held.entry(account_of(k)).or_default() += 1;
                 }
                 Ok::<_, StoreError>(())
@@ -307,21 +307,21 @@ impl UnmatchedStore {
             .scan_pages(Collection::Unmatched, SWEEP_PAGE, |page| {
                 let mut gone = Vec::new();
                 for (k, v) in page {
-                    let of = account_of(k);
+                    let of = account_of(&k);
                     if of != account {
                         (account, position) = (of, 0);
                     }
                     position += 1;
-                    if !self.store.writes_locally(Collection::Unmatched, k) {
+                    if !self.store.writes_locally(Collection::Unmatched, &k) {
                         continue;
                     }
                     let over = position <= held.get(&account).map_or(0, |n| n.saturating_sub(most));
-                    let old = serde_json::from_slice::<Arrival>(v)
+                    let old = serde_json::from_slice::<Arrival>(&v)
                         .map_or(true, |a| a.received_at < before);
                     if over || old {
                         gone.push(Write {
                             collection: Collection::Unmatched,
-                            key: k.clone(),
+                            key: k,
                             value: None,
                         });
                     }
