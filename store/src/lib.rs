@@ -307,13 +307,13 @@ impl Collection {
     /// Whether removals from the collection are housekeeping: the expiry of
     /// records kept for a while (journal, idempotency keys, replica
     /// heartbeats; the legacy journal and traces, which the migration
-    /// empties). In the replicated backend their delete markers are
-    /// dropped after [`MARKER_TTL`] instead of kept for ever; a replica whose
-    /// copy missed one still holds the removed record until the partition's
-    /// owner removes it again (the journal's sweep). So that none missed is
-    /// a record that must stay removed, only the journal's puts go in the
-    /// changelog's packs, which may outlive a marker; the others' go on
-    /// their key's subject, which the marker replaces.
+    /// empties). In the replicated backend's shared bucket their delete
+    /// markers are dropped after [`MARKER_TTL`] instead of kept for ever
+    /// (the changelog drops every removal marker after its time to live:
+    /// `partitioned/cleaner.rs` says why no put outlives its marker). Of
+    /// these, only the journal's puts go in the changelog's packs; the
+    /// others', written and removed often (timers, waiters, idempotency
+    /// claims), go on their key's subject, which the marker replaces.
     pub fn is_housekeeping(self) -> bool {
         matches!(
             self,
@@ -511,6 +511,36 @@ pub enum Copies {
     /// None but those [`Store::keep_copies`] names later (its standby
     /// partitions), and those it holds.
     Assigned,
+}
+
+/// How a replica of the replicated backend shares its state: what
+/// [`Store::replicated`] binds to and keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// How many servers of a JetStream cluster keep the bucket and the
+    /// changelog.
+    pub replicas: usize,
+    /// How many partitions own the partitioned collections (as many as the
+    /// events stream has).
+    pub partitions: u16,
+    /// Which partitions' state this replica keeps a copy of.
+    pub copies: Copies,
+    /// How long the changelog keeps a removal's marker
+    /// ([`crate::changelog::Changelog::with_marker_ttl`]).
+    pub marker_ttl: std::time::Duration,
+}
+
+impl Replication {
+    /// `replicas` copies of the state in `partitions` partitions, of which
+    /// this replica keeps `copies`; removal markers kept [`MARKER_TTL`].
+    pub fn new(replicas: usize, partitions: u16, copies: Copies) -> Self {
+        Self {
+            replicas,
+            partitions,
+            copies,
+            marker_ttl: MARKER_TTL,
+        }
+    }
 }
 
 /// A partition's copy kept up on this replica while this lives (see
@@ -731,16 +761,14 @@ impl Store {
     /// place (on a multi-threaded runtime, in `block_in_place`).
     ///
     /// The partitioned collections ([`Collection::is_partitioned`]) are
-    /// owned by partitions (`partitions` of them, as the events stream has):
-    /// see [`Store::take_partition`]. This replica keeps a copy of
-    /// `copies`.
+    /// owned by partitions (`replication.partitions` of them, as the events
+    /// stream has): see [`Store::take_partition`]. This replica keeps a
+    /// copy of `replication.copies`.
     pub async fn replicated(
         dir: &Path,
         options: async_nats::ConnectOptions,
         servers: Vec<String>,
-        replicas: usize,
-        partitions: u16,
-        copies: Copies,
+        replication: Replication,
     ) -> Result<Self, StoreError> {
         let mut store = Self::open(dir)?;
         let revisions =
@@ -754,9 +782,7 @@ impl Store {
         let (replica, partitioned) = replicated::Replica::start(
             options,
             servers,
-            replicas,
-            partitions,
-            copies,
+            replication,
             store.trees.to_vec(),
             revisions,
         )

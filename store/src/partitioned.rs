@@ -286,19 +286,24 @@ impl Partitioned {
     /// copies of the partitioned collections and starts following the
     /// changelog from its start, on `handle`'s runtime: every partition's
     /// records, or none but its term markers until [`Partitioned::keep`]
-    /// names some (`copies`).
+    /// names some (`replication.copies`).
     pub(crate) async fn start(
         client: async_nats::Client,
         handle: tokio::runtime::Handle,
         trees: Vec<sled::Tree>,
-        partitions: u16,
-        replicas: usize,
-        copies: crate::Copies,
+        replication: crate::Replication,
     ) -> Result<Arc<Self>, StoreError> {
+        let crate::Replication {
+            replicas,
+            partitions,
+            copies,
+            marker_ttl,
+        } = replication;
         let js = jetstream::new(client.clone());
         let changelog = Changelog::bind(js, partitions, replicas)
             .await
-            .map_err(remote)?;
+            .map_err(remote)?
+            .with_marker_ttl(marker_ttl);
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             trees[c.index()].clear().map_err(|source| StoreError::Io {
                 collection: c.name(),

@@ -263,9 +263,7 @@ impl Replica {
     pub(crate) async fn start(
         options: async_nats::ConnectOptions,
         servers: Vec<String>,
-        replicas: usize,
-        partitions: u16,
-        copies: crate::Copies,
+        replication: crate::Replication,
         trees: Vec<sled::Tree>,
         revisions: sled::Tree,
     ) -> Result<(Arc<Self>, Arc<Partitioned>), StoreError> {
@@ -288,7 +286,7 @@ impl Replica {
                     remote(format!("connecting to NATS at {}: {e}", servers.join(",")))
                 })?;
                 let js = jetstream::new(client.clone());
-                let (kv, target) = bind_bucket(&js, replicas).await?;
+                let (kv, target) = bind_bucket(&js, replication.replicas).await?;
                 for (c, tree) in Collection::ALL.into_iter().zip(&trees) {
                     if c.is_shared() {
                         tree.clear().map_err(|source| StoreError::Io {
@@ -301,15 +299,8 @@ impl Replica {
                     collection: "(replica copy)",
                     source,
                 })?;
-                let partitioned = Partitioned::start(
-                    client,
-                    setup.clone(),
-                    trees.clone(),
-                    partitions,
-                    replicas,
-                    copies,
-                )
-                .await?;
+                let partitioned =
+                    Partitioned::start(client, setup.clone(), trees.clone(), replication).await?;
                 let (caught_up, _) = watch::channel(target == 0);
                 let replica = Arc::new(Self {
                     subject_prefix: format!("$KV.{BUCKET}."),

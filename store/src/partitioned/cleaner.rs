@@ -31,19 +31,34 @@
 //! write its copy failed to take) is never compacted here: its copy may
 //! lack what the changelog holds.
 //!
-//! A removal marker of a housekeeping collection expires after
-//! [`crate::MARKER_TTL`], while the put it removed may still be in a pack.
-//! Only the journal's puts (records and their listing by time) go in packs
-//! of the housekeeping ones: a record read again without its marker is
-//! past its retention, and its owner's sweep removes it again. The others
-//! (idempotency keys, timers, waiters, signals, digests and their events)
-//! stay on their key's subject, where their removal replaces them.
+//! A removal marker expires after the changelog's
+//! [`crate::changelog::Changelog::marker_ttl`] (a day by default), so that
+//! the markers of expired messages, notifications, journal records and
+//! the like do not pile up for good. The put it removed must be gone from
+//! the packs by then, or a replica reading the changelog afterwards (every
+//! replica does as it starts) would get the record back. So a round is
+//! also due by age: once the partition's oldest pack is a quarter of the
+//! markers' time to live old and a put in packs may have been removed
+//! since the last round (a removal of this term counted, or the term's
+//! first look, which cannot know what the last owner removed). The oldest
+//! pack's time is the stream's (read at the first look, then the last
+//! round's start), so a removal's put is purged within a quarter of the
+//! marker's life after the removal, or after the take-over that followed
+//! it, whoever held the partition before: never after its marker expired,
+//! unless rounds keep failing (the server gone for most of a day) or the
+//! partition is damaged here. Puts of the housekeeping collections other
+//! than the journal's (idempotency keys, timers, waiters, signals, digests
+//! and their events) stay on their key's subject, where their removal
+//! replaces them; their removals need no round.
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
 //! holds up to the live records and as many again (or [`ROUND_MIN`] more,
 //! for a small partition). A removal counts as a put superseded, so a
-//! journal is rewritten about once per retention. The counts are this
+//! journal is rewritten about once per retention; a partition with
+//! removals is rewritten at least every quarter of the markers' life
+//! (six hours by default), and one taken over whose oldest pack is older
+//! than that, at once. The counts are this
 //! replica's: after a take-over they start from the partition's live
 //! records, so the changelog may hold what the last owner left on top
 //! until the next round.
@@ -62,7 +77,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Look, PartitionEntries, Partitioned, remote};
-use crate::changelog::{Change, Term};
+use crate::changelog::{Change, Term, packs};
 use crate::{Collection, StoreError, io};
 
 /// A partition is compacted no sooner than after this many superseded puts.
@@ -83,6 +98,9 @@ pub(crate) struct Tally {
     /// The partition's live records: from a term's beginning, the keys its
     /// writes added; from the term's first look, all of them.
     live: Vec<AtomicI64>,
+    /// Removals appended to the partition in this term of keys whose puts
+    /// go in packs.
+    removals: Vec<AtomicU64>,
     /// Each held partition's state since its last round or first look.
     bases: Mutex<HashMap<u16, Base>>,
     /// Partitions this replica's copy may lack records of: never compacted.
@@ -98,6 +116,12 @@ struct Base {
     /// A purge of its packs below this sequence, owed: the round's rewrite
     /// was committed, the purge failed.
     owed: Option<u64>,
+    /// When its oldest pack was stored (or a time before it), in
+    /// milliseconds since the Unix epoch.
+    oldest_pack_ms: u64,
+    /// The term's removals counted then; `None` at the term's first look,
+    /// when the last owner's are unknown.
+    removals: Option<u64>,
 }
 
 impl Tally {
@@ -105,6 +129,7 @@ impl Tally {
         Self {
             puts: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             live: (0..partitions).map(|_| AtomicI64::new(0)).collect(),
+            removals: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             bases: Mutex::default(),
             damaged: Mutex::default(),
         }
@@ -117,6 +142,7 @@ impl Tally {
         if i < self.puts.len() {
             self.puts[i].store(0, Ordering::Relaxed);
             self.live[i].store(0, Ordering::Relaxed);
+            self.removals[i].store(0, Ordering::Relaxed);
         }
     }
 
@@ -127,10 +153,13 @@ impl Tally {
         if let Some(live) = self.live.get(i) {
             live.fetch_add(added, Ordering::Relaxed);
         }
-        if change.value.is_some()
-            && let Some(puts) = self.puts.get(i)
-        {
-            puts.fetch_add(1, Ordering::Relaxed);
+        let counter = match change.value {
+            Some(_) => self.puts.get(i),
+            None if packs(change.collection) => self.removals.get(i),
+            None => None,
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -157,6 +186,13 @@ impl Tally {
             .expect("tally lock")
             .insert(partition, base);
     }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Takes `n` from `counter`, not below zero.
@@ -217,11 +253,22 @@ impl Partitioned {
             .iter()
             .map(|(p, _)| self.tally.live[usize::from(*p)].load(Ordering::Relaxed))
             .collect();
+        let mut oldest = Vec::with_capacity(fresh.len());
+        for (partition, _) in &fresh {
+            let since = now_ms();
+            let pack = self
+                .changelog
+                .oldest_pack_millis(*partition)
+                .await
+                .map_err(remote)?;
+            oldest.push(pack.unwrap_or(since));
+        }
         let me = Arc::clone(self);
         let counts = tokio::task::spawn_blocking(move || me.count_live())
             .await
             .map_err(|e| remote(format!("counting the partitions' records: {e}")))??;
-        for ((partition, term), added) in fresh.into_iter().zip(added) {
+        for (((partition, term), added), oldest_pack_ms) in fresh.into_iter().zip(added).zip(oldest)
+        {
             let i = usize::from(partition);
             let live = counts[i] as i64;
             self.tally.live[i].fetch_add(live - added, Ordering::Relaxed);
@@ -231,6 +278,8 @@ impl Partitioned {
                     term,
                     records: (live - added).max(0) as u64,
                     owed: None,
+                    oldest_pack_ms,
+                    removals: None,
                 },
             );
         }
@@ -248,10 +297,15 @@ impl Partitioned {
         let puts = self.tally.puts[i].load(Ordering::Relaxed);
         let live = self.tally.live[i].load(Ordering::Relaxed).max(0) as u64;
         let dead = base.records.saturating_add(puts).saturating_sub(live);
-        if dead < live.max(ROUND_MIN) {
+        let removals = self.tally.removals[i].load(Ordering::Relaxed);
+        let aged = base.removals.is_none_or(|r| removals > r)
+            && now_ms().saturating_sub(base.oldest_pack_ms) >= self.round_after_ms();
+        if dead < live.max(ROUND_MIN) && !aged {
             return Ok(());
         }
         let started = Instant::now();
+        // Every pack stored from here on is newer than this.
+        let since = now_ms();
         // What was appended before the counts were read is stored below
         // the mark, so the purge takes it: the puts counted are gone with
         // the round.
@@ -273,11 +327,14 @@ impl Partitioned {
             term,
             records: rewritten,
             owed: Some(below),
+            oldest_pack_ms: since,
+            removals: Some(removals),
         };
         self.tally.set_base(partition, base);
         tracing::info!(
             partition,
             dead,
+            by_age = aged,
             rewritten,
             took_ms = started.elapsed().as_millis() as u64,
             "the partition's live records are written again; purging its older packs"
@@ -300,6 +357,13 @@ impl Partitioned {
             "the partition's changelog is compacted"
         );
         Ok(())
+    }
+
+    /// How old a partition's oldest pack may grow, once a put in it may
+    /// have been removed, before a round is due: a quarter of the removal
+    /// markers' time to live.
+    fn round_after_ms(&self) -> u64 {
+        u64::try_from((self.changelog.marker_ttl() / 4).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// How many records of each partition the local copy holds.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -19,9 +19,21 @@ impl Partitioned {
     /// writes of the partitions held here (their owner wrote them): when
     /// those change, it reads again with the new set, from where a term
     /// that ended here left off if one did.
+    ///
+    /// A follower out of touch with the changelog for half a removal
+    /// marker's life (its server unreachable, the process stopped) may
+    /// have missed removals whose markers expired meanwhile: it then reads
+    /// every partition it copies anew whole ([`Partitioned::forget_copies`]),
+    /// which drops what the changelog no longer holds.
     pub(super) async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
+        // When the follower last read a record, or saw it had read them all.
+        let mut in_touch = Instant::now();
         loop {
             let Some(me) = this.upgrade() else { return };
+            if in_touch.elapsed() >= me.changelog.marker_ttl() / 2 {
+                me.forget_copies(in_touch.elapsed());
+                in_touch = Instant::now();
+            }
             if !me.copy_kept().await {
                 // The others are followed meanwhile; the follower looks
                 // again in a while.
@@ -94,10 +106,12 @@ impl Partitioned {
                             );
                             break;
                         }
-                        if let Ok(last) = me.changelog.last_seq().await
-                            && last > applied
-                        {
-                            probe = me.changelog.sync().await.ok();
+                        match me.changelog.last_seq().await {
+                            Ok(last) if last > applied => {
+                                probe = me.changelog.sync().await.ok();
+                            }
+                            Ok(_) => in_touch = Instant::now(),
+                            Err(_) => {}
                         }
                     }
                     Ok(None) => break,
@@ -106,6 +120,12 @@ impl Partitioned {
                         break;
                     }
                     Ok(Some(Ok(record))) => {
+                        if in_touch.elapsed() >= me.changelog.marker_ttl() / 2 {
+                            // Not applied: read again once the copies
+                            // are read anew.
+                            break;
+                        }
+                        in_touch = Instant::now();
                         quiet = 0;
                         me.apply_followed(record);
                     }
@@ -114,6 +134,35 @@ impl Partitioned {
             if !refiltered {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+
+    /// Marks every partition copied here, but those held, as absent (its
+    /// reads go to its owner) and to be read anew whole: the follower was
+    /// out of touch with the changelog for `out_of_touch`, long enough for
+    /// removal markers it never read to have expired.
+    fn forget_copies(&self, out_of_touch: Duration) {
+        let _order = self.order.lock().expect("order lock");
+        let copied: Vec<u16> = {
+            let absent = self.absent.lock().expect("absent lock");
+            (0..self.partitions)
+                .filter(|p| self.keeps(*p) && !self.holds(*p) && !absent.contains(p))
+                .collect()
+        };
+        if copied.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            out_of_touch_secs = out_of_touch.as_secs(),
+            partitions = ?copied,
+            "out of touch with the changelog for half a removal marker's life: removals may \
+             have been missed, so the partitions copied here are read anew whole"
+        );
+        let mut absent = self.absent.lock().expect("absent lock");
+        let mut dirty = self.dirty.lock().expect("dirty lock");
+        for p in copied {
+            absent.insert(p);
+            dirty.insert(p);
         }
     }
 
