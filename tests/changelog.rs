@@ -98,19 +98,19 @@ async fn replica(nats: &NatsServer, dir: std::path::PathBuf) -> switchboard_stor
     replica_with(nats, dir, switchboard_store::MARKER_TTL).await
 }
 
-/// [`replica`], whose changelog's removal markers expire after
-/// `marker_ttl`.
+/// [`replica`], whose cleaner purges removal markers `markers_kept` after
+/// a round made them unneeded.
 async fn replica_with(
     nats: &NatsServer,
     dir: std::path::PathBuf,
-    marker_ttl: Duration,
+    markers_kept: Duration,
 ) -> switchboard_store::Store {
     switchboard_store::Store::replicated(
         &dir,
         async_nats::ConnectOptions::new(),
         vec![nats.url().to_string()],
         switchboard_store::Replication {
-            marker_ttl,
+            markers_kept,
             ..switchboard_store::Replication::new(1, 16, switchboard_store::Copies::Every)
         },
     )
@@ -894,23 +894,25 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
     }
 }
 
-/// Removed records leave the changelog for good, and do not come back for
-/// a replica that reads it afterwards: their markers expire (here after
-/// 6 s instead of a day), and before they do, the partition's owner writes
-/// its live records again and purges the packs that held the removed puts.
-/// Here 200 of 300 contacts are removed (too few superseded puts for a
-/// round by count) and the partition is taken over by another replica at
-/// once, before the first one's round by age was due: the new owner cannot
-/// know what the last one removed, so the age of the partition's oldest
-/// pack decides. Afterwards the changelog holds the 100 live contacts and
-/// nothing of the others, and a replica started then reads just those.
+/// Removed records leave the changelog for good, and never come back for
+/// a replica that reads it: the partition's owner writes its live records
+/// again and purges the packs that held the removed puts (a round by age:
+/// here 4 s after its oldest pack), then their markers once kept long
+/// enough after that (here 16 s instead of a day). Here 200 of 300
+/// contacts are removed (too few superseded puts for a round by count) and
+/// the partition is taken over by another replica at once: the new owner
+/// cannot know what the last one removed, so the age of the partition's
+/// oldest pack decides. At every look, no removed contact's put is
+/// readable without its marker; in the end the changelog holds the 100
+/// live contacts and nothing of the others, and a replica started then
+/// reads just those.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_records_leave_the_changelog_for_good() {
     use switchboard_store::partition_of_account;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let ttl = Duration::from_secs(6);
-    let open = |name: &str| replica_with(&nats, dir.path().join(name), ttl);
+    let kept = Duration::from_secs(16);
+    let open = |name: &str| replica_with(&nats, dir.path().join(name), kept);
     let p = partition_of_account(b"acme", 16);
     let key = |c: usize| format!("acme\0c{c}");
     let (first, second) = (open("first").await, open("second").await);
@@ -932,19 +934,24 @@ async fn removed_records_leave_the_changelog_for_good() {
     let log = bind(&nats).await;
     let records = crate::util::wait_until(
         "the removed contacts gone from the changelog",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         || async {
             // Each read is a consumer of its own: a look a second.
             tokio::time::sleep(Duration::from_secs(1)).await;
             let records = read_all(&log).await;
+            let removed = |k: &str| {
+                k.strip_prefix("acme\0c")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n >= 100)
+            };
+            let back: Vec<_> = latest(&records)
+                .into_iter()
+                .filter(|(partition, k, v)| *partition == p && removed(k) && v.is_some())
+                .collect();
+            assert!(back.is_empty(), "removed contacts readable again: {back:?}");
             let removed_left = writes(&records)
                 .iter()
-                .filter(|(partition, k, _)| {
-                    *partition == p
-                        && k.strip_prefix("acme\0c")
-                            .and_then(|n| n.parse::<usize>().ok())
-                            .is_some_and(|n| n >= 100)
-                })
+                .filter(|(partition, k, _)| *partition == p && removed(k))
                 .count();
             (removed_left == 0).then_some(records)
         },
@@ -966,19 +973,20 @@ async fn removed_records_leave_the_changelog_for_good() {
     }
 }
 
-/// A replica out of touch with the changelog for over half a removal
-/// marker's life reads its copies anew once back: here the follower's only
-/// server (it ignores the others the cluster names) is down while the
-/// owner removes 200 of 300 contacts and their markers (6 s) expire. Back
-/// in touch, the follower reads the 100 live contacts and none of the
-/// removed ones, which its copy would otherwise keep for good.
+/// A replica out of touch with the changelog for over half the time
+/// removal markers are kept reads its copies anew once back: here the
+/// follower's only server (it ignores the others the cluster names) is down
+/// while the owner removes 200 of 300 contacts, and its cleaner purges
+/// their puts and then (16 s after) their markers. Back in touch, the
+/// follower reads the 100 live contacts and none of the removed ones,
+/// which its copy would otherwise keep for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_out_of_touch_past_half_a_markers_life_reads_its_copies_anew() {
     use switchboard_store::{Copies, Replication, Store, partition_of_account};
     let mut cluster = crate::util::NatsCluster::start(3).await;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let replication = Replication {
-        marker_ttl: Duration::from_secs(6),
+        markers_kept: Duration::from_secs(16),
         ..Replication::new(3, 16, Copies::Every)
     };
     let owner = Store::replicated(
@@ -1032,7 +1040,7 @@ async fn a_replica_out_of_touch_past_half_a_markers_life_reads_its_copies_anew()
         .expect("binding the changelog");
     crate::util::wait_until(
         "the removed contacts gone from the changelog",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         || async {
             // Each read is a consumer of its own: a look a second.
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -16,12 +16,12 @@
 //!   `switchboard.changelog.{p}.w.{collection}.{key as unpadded base64url}`
 //!   with no payload and a `Switchboard-Op: del` header. The stream keeps
 //!   one message per subject, so a key keeps its latest marker, which no
-//!   purge of packs reaches. A marker expires after the changelog's
-//!   [`Changelog::marker_ttl`] (a day, [`crate::MARKER_TTL`], unless set
-//!   otherwise), so that removals do not pile up in the stream: before
-//!   then, the partition's owner has written its live records again and
-//!   purged the packs that could hold the removed put (the cleaner's rounds
-//!   by age). The puts of housekeeping collections
+//!   purge of packs reaches. Markers of housekeeping collections expire
+//!   after [`crate::MARKER_TTL`]; the others' are purged by the partition's
+//!   owner once unneeded: [`Changelog::markers_kept`] after a round of its
+//!   cleaner purged the packs below them (`partitioned/cleaner.rs`), so
+//!   that the markers of expired records do not pile up for good. The puts
+//!   of housekeeping collections
 //!   other than the journal's (idempotency keys, timers, waiters, signals,
 //!   digests) go on these subjects too, so that their removal replaces
 //!   them (see `pack::packs`), as do the puts of changelogs written before packs;
@@ -335,7 +335,7 @@ pub struct Changelog {
     partitions: u16,
     publishing: Publishing,
     /// How long a removal marker stays.
-    marker_ttl: Duration,
+    markers_kept: Duration,
 }
 
 impl Changelog {
@@ -401,22 +401,24 @@ impl Changelog {
             stream,
             partitions,
             publishing,
-            marker_ttl: crate::MARKER_TTL,
+            markers_kept: crate::MARKER_TTL,
         })
     }
 
-    /// The changelog with removal markers that expire after `ttl` (at
-    /// least a second) instead of [`crate::MARKER_TTL`]: a replica cut off
-    /// from the stream for longer may miss a removal and keep the removed
-    /// record until it starts again (a start reads the changelog whole).
-    pub fn with_marker_ttl(mut self, ttl: Duration) -> Self {
-        self.marker_ttl = ttl.max(Duration::from_secs(1));
+    /// The changelog whose owners purge a partition's removal markers
+    /// `kept` (at least a second; a day, [`crate::MARKER_TTL`], unless set)
+    /// after the round that made them unneeded, instead of a day: a replica
+    /// out of touch with the stream for half of that reads its copies anew.
+    pub fn with_markers_kept(mut self, kept: Duration) -> Self {
+        self.markers_kept = kept.max(Duration::from_secs(1));
         self
     }
 
-    /// How long a removal marker stays in the stream.
-    pub fn marker_ttl(&self) -> Duration {
-        self.marker_ttl
+    /// How long a removal marker of a partition's record stays in the
+    /// stream at least once a round of the partition's cleaner has purged
+    /// the packs before it.
+    pub fn markers_kept(&self) -> Duration {
+        self.markers_kept
     }
 
     /// When the oldest pack of `partition`'s puts still in the stream was
@@ -568,10 +570,39 @@ impl Changelog {
         Ok(purged.purged)
     }
 
+    /// Removes `partition`'s removal markers stored before stream sequence
+    /// `below`, of the collections whose puts go in packs and whose
+    /// markers do not expire by themselves; returns how many messages went.
+    /// Only the partition's owner calls it, once a round's purge of packs
+    /// below `below` was done [`Changelog::markers_kept`] ago (the cleaner
+    /// in `partitioned/cleaner.rs`): what the markers removed is gone from
+    /// the stream, and a follower has had that long to read them. Their
+    /// subjects hold no live put below `below` either (a put of a
+    /// changelog written before packs there was written again by the
+    /// round).
+    pub async fn purge_markers(&self, partition: u16, below: u64) -> Result<u64, ChangelogError> {
+        let mut purged = 0;
+        for c in Collection::ALL
+            .into_iter()
+            .filter(|c| c.is_partitioned() && packs(*c) && !c.is_housekeeping())
+        {
+            let subjects = format!("{PREFIX}.{partition}.w.{}.>", c.name());
+            purged += self
+                .stream
+                .purge()
+                .filter(subjects.clone())
+                .sequence(below)
+                .await
+                .map_err(|e| remote(format!("purging {subjects} below {below}: {e}")))?
+                .purged;
+        }
+        Ok(purged)
+    }
+
     /// An appender: publishes writes under their terms, many in flight.
     /// Spawns its task on the current runtime.
     pub fn appender(&self) -> Appender {
-        Appender::spawn(self.js.clone(), self.publishing, self.marker_ttl)
+        Appender::spawn(self.js.clone(), self.publishing)
     }
 
     /// The changelog's records from stream sequence `from` on, in order,

@@ -308,12 +308,14 @@ impl Collection {
     /// records kept for a while (journal, idempotency keys, replica
     /// heartbeats; the legacy journal and traces, which the migration
     /// empties). In the replicated backend's shared bucket their delete
-    /// markers are dropped after [`MARKER_TTL`] instead of kept for ever
-    /// (the changelog drops every removal marker after its time to live:
-    /// `partitioned/cleaner.rs` says why no put outlives its marker). Of
-    /// these, only the journal's puts go in the changelog's packs; the
-    /// others', written and removed often (timers, waiters, idempotency
-    /// claims), go on their key's subject, which the marker replaces.
+    /// markers are dropped after [`MARKER_TTL`] instead of kept for ever,
+    /// as are the changelog's (a replica whose copy missed one still holds
+    /// the removed record until the partition's owner removes it again: the
+    /// journal's sweep; the changelog's other markers are purged by their
+    /// partition's owner once unneeded, `partitioned/cleaner.rs`). So that
+    /// none missed is a record that must stay removed, only the journal's
+    /// puts go in the changelog's packs, which may outlive a marker; the
+    /// others' go on their key's subject, which the marker replaces.
     pub fn is_housekeeping(self) -> bool {
         matches!(
             self,
@@ -525,20 +527,22 @@ pub struct Replication {
     pub partitions: u16,
     /// Which partitions' state this replica keeps a copy of.
     pub copies: Copies,
-    /// How long the changelog keeps a removal's marker
-    /// ([`crate::changelog::Changelog::with_marker_ttl`]).
-    pub marker_ttl: std::time::Duration,
+    /// How long the changelog keeps a removal marker of a partition's
+    /// record after a round of the owner's cleaner made it unneeded
+    /// ([`crate::changelog::Changelog::with_markers_kept`]).
+    pub markers_kept: std::time::Duration,
 }
 
 impl Replication {
     /// `replicas` copies of the state in `partitions` partitions, of which
-    /// this replica keeps `copies`; removal markers kept [`MARKER_TTL`].
+    /// this replica keeps `copies`; removal markers kept [`MARKER_TTL`]
+    /// after they became unneeded.
     pub fn new(replicas: usize, partitions: u16, copies: Copies) -> Self {
         Self {
             replicas,
             partitions,
             copies,
-            marker_ttl: MARKER_TTL,
+            markers_kept: MARKER_TTL,
         }
     }
 }

@@ -297,13 +297,13 @@ impl Partitioned {
             replicas,
             partitions,
             copies,
-            marker_ttl,
+            markers_kept,
         } = replication;
         let js = jetstream::new(client.clone());
         let changelog = Changelog::bind(js, partitions, replicas)
             .await
             .map_err(remote)?
-            .with_marker_ttl(marker_ttl);
+            .with_markers_kept(markers_kept);
         for c in Collection::ALL.into_iter().filter(|c| c.is_partitioned()) {
             trees[c.index()].clear().map_err(|source| StoreError::Io {
                 collection: c.name(),
@@ -538,10 +538,14 @@ impl Partitioned {
 
     /// A term of this replica's ended: its copy of the partition may hold
     /// refused writes, and it no longer serves the partition's writes.
+    /// Deposed, the copy is read anew whole (its reads go to the owner
+    /// meanwhile): besides refused writes, it may lack removals the other
+    /// owners made while this one was out of touch, whose markers may be
+    /// purged by now.
     fn ended(&self, term: Term, deposed: bool) {
         let partition = term.partition;
         self.dirty.lock().expect("dirty lock").insert(partition);
-        if !self.keeps(partition) {
+        if deposed || !self.keeps(partition) {
             self.absent.lock().expect("absent lock").insert(partition);
         }
         // The follower skipped the partition's writes: from here on they are

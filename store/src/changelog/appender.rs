@@ -35,8 +35,6 @@ pub struct Appender {
     numbers: Arc<AtomicU64>,
     /// The numbers of the writes that failed.
     failed: Arc<Mutex<Failed>>,
-    /// How long a removal marker stays in the stream.
-    marker_ttl: Duration,
 }
 
 /// The terms whose writes were refused or failed, and why.
@@ -127,11 +125,7 @@ impl Inbox {
 impl Appender {
     /// An appender publishing on `js` as `publishing` says; spawns its task
     /// on the current runtime.
-    pub(super) fn spawn(
-        js: jetstream::Context,
-        publishing: Publishing,
-        marker_ttl: Duration,
-    ) -> Self {
+    pub(super) fn spawn(js: jetstream::Context, publishing: Publishing) -> Self {
         let (commits, rx) = mpsc::unbounded_channel();
         let inbox = Arc::<Inbox>::default();
         let broken = Arc::default();
@@ -148,7 +142,6 @@ impl Appender {
             broken,
             numbers: Arc::default(),
             failed,
-            marker_ttl,
         }
     }
 
@@ -158,7 +151,8 @@ impl Appender {
     /// [`Appender::failed_since`] for a number before it. Calls must be
     /// serialised (the caller holds a lock): numbers follow their order.
     pub fn append(&self, term: Term, change: Change) -> u64 {
-        let ttl = change.value.is_none().then_some(self.marker_ttl);
+        let ttl = (change.value.is_none() && change.collection.is_housekeeping())
+            .then_some(crate::MARKER_TTL);
         self.inbox.push(&self.numbers, term, change, ttl)
     }
 

@@ -155,14 +155,19 @@ pub(super) fn outgoing(partition: u16, writer: &str, batch: &[Queued]) -> Vec<Ou
     out
 }
 
-/// Whether puts of `collection` go in packs: every collection's but the
-/// housekeeping ones other than the journal's. A removal of a put in a
-/// pack leaves the pack as it is; the pack goes when the partition's owner
-/// purges it after a round of its cleaner, which comes before the
-/// removal's marker expires (`partitioned/cleaner.rs`). The puts of
-/// idempotency claims, timers, waiters, signals and digests, written and
-/// removed often, go on their key's subject instead, where the removal
-/// replaces them at once and needs no round.
+/// Whether puts of `collection` go in packs. A pack stays until the
+/// cleaner purges it, which may be after a removal's marker expired (those
+/// of housekeeping collections do after [`crate::MARKER_TTL`]; the others'
+/// are purged by the owner only once the packs before them are gone); a
+/// replica reading the changelog then gets the put back without its
+/// removal. That is harmless for the journal (its records and their
+/// listing by time): a journal record is removed only once past its
+/// retention, so one read again is expired, hidden from listings, and its
+/// owner's sweep removes it again. Not for the other housekeeping
+/// collections: an idempotency claim released after a failed step would
+/// come back and refuse its key for the rest of its window, a fired timer
+/// would fire again. Their puts go on their key's subject, where the
+/// removal replaces them.
 pub(crate) fn packs(collection: Collection) -> bool {
     !collection.is_housekeeping()
         || matches!(collection, Collection::Journal | Collection::EventTimes)

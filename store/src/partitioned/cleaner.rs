@@ -31,34 +31,31 @@
 //! write its copy failed to take) is never compacted here: its copy may
 //! lack what the changelog holds.
 //!
-//! A removal marker expires after the changelog's
-//! [`crate::changelog::Changelog::marker_ttl`] (a day by default), so that
-//! the markers of expired messages, notifications, journal records and
-//! the like do not pile up for good. The put it removed must be gone from
-//! the packs by then, or a replica reading the changelog afterwards (every
-//! replica does as it starts) would get the record back. So a round is
-//! also due by age: once the partition's oldest pack is a quarter of the
-//! markers' time to live old and a put in packs may have been removed
-//! since the last round (a removal of this term counted, or the term's
-//! first look, which cannot know what the last owner removed). The oldest
-//! pack's time is the stream's (read at the first look, then the last
-//! round's start), so a removal's put is purged within a quarter of the
-//! marker's life after the removal, or after the take-over that followed
-//! it, whoever held the partition before: never after its marker expired,
-//! unless rounds keep failing (the server gone for most of a day) or the
-//! partition is damaged here. Puts of the housekeeping collections other
-//! than the journal's (idempotency keys, timers, waiters, signals, digests
-//! and their events) stay on their key's subject, where their removal
-//! replaces them; their removals need no round.
+//! A removal marker shadows its key's put in a pack until the pack is
+//! purged; after that it shadows nothing, and only a follower that has not
+//! read it yet needs it. So the owner purges the markers of the
+//! collections whose puts go in packs (those of housekeeping collections
+//! expire by themselves: see `pack::packs`) below a round's mark once
+//! [`crate::changelog::Changelog::markers_kept`] (a day) has passed since
+//! that round's purge of packs: the markers of expired messages,
+//! notifications, contacts removed and the like do not pile up for good,
+//! and a follower out of touch for half that long reads its copies anew
+//! (`follower.rs`). Nobody purges a marker while no owner runs, nor on a
+//! partition a replica could not read whole. So that removals are not
+//! left waiting for a round by count, a round is also due by age: once the
+//! partition's oldest pack is a quarter of that old and a put in packs may
+//! have been removed since the last round (a removal of this term counted,
+//! or the term's first look, which cannot know what the last owner
+//! removed; the oldest pack's time is the stream's, read at the first
+//! look, then the last round's start).
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
 //! holds up to the live records and as many again (or [`ROUND_MIN`] more,
 //! for a small partition). A removal counts as a put superseded, so a
 //! journal is rewritten about once per retention; a partition with
-//! removals is rewritten at least every quarter of the markers' life
-//! (six hours by default), and one taken over whose oldest pack is older
-//! than that, at once. The counts are this
+//! removals at least every six hours (a quarter of the time markers are
+//! kept), and one taken over whose oldest pack is older than that, at once. The counts are this
 //! replica's: after a take-over they start from the partition's live
 //! records, so the changelog may hold what the last owner left on top
 //! until the next round.
@@ -122,6 +119,10 @@ struct Base {
     /// The term's removals counted then; `None` at the term's first look,
     /// when the last owner's are unknown.
     removals: Option<u64>,
+    /// The mark of a round whose purge of packs is done, and when it was:
+    /// the partition's removal markers below it are purged once they have
+    /// been kept long enough since.
+    unneeded: Option<(u64, Instant)>,
 }
 
 impl Tally {
@@ -280,6 +281,7 @@ impl Partitioned {
                     owed: None,
                     oldest_pack_ms,
                     removals: None,
+                    unneeded: None,
                 },
             );
         }
@@ -293,6 +295,30 @@ impl Partitioned {
         };
         if let Some(below) = base.owed {
             return self.purge(partition, below, base).await;
+        }
+        if let Some((below, at)) = base.unneeded
+            && at.elapsed() >= self.changelog.markers_kept()
+            && self.term(partition) == Some(term)
+        {
+            let purged = self
+                .changelog
+                .purge_markers(partition, below)
+                .await
+                .map_err(remote)?;
+            self.tally.set_base(
+                partition,
+                Base {
+                    unneeded: None,
+                    ..base
+                },
+            );
+            tracing::info!(
+                partition,
+                below,
+                purged_markers = purged,
+                "the partition's removal markers from before a round are purged"
+            );
+            return Ok(());
         }
         let puts = self.tally.puts[i].load(Ordering::Relaxed);
         let live = self.tally.live[i].load(Ordering::Relaxed).max(0) as u64;
@@ -329,6 +355,7 @@ impl Partitioned {
             owed: Some(below),
             oldest_pack_ms: since,
             removals: Some(removals),
+            unneeded: base.unneeded,
         };
         self.tally.set_base(partition, base);
         tracing::info!(
@@ -349,7 +376,16 @@ impl Partitioned {
             .purge_packs(partition, below)
             .await
             .map_err(remote)?;
-        self.tally.set_base(partition, Base { owed: None, ..base });
+        self.tally.set_base(
+            partition,
+            Base {
+                owed: None,
+                // The markers below an earlier round's mark wait for their
+                // time first; those of this one's, after.
+                unneeded: base.unneeded.or(Some((below, Instant::now()))),
+                ..base
+            },
+        );
         tracing::info!(
             partition,
             below,
@@ -360,10 +396,10 @@ impl Partitioned {
     }
 
     /// How old a partition's oldest pack may grow, once a put in it may
-    /// have been removed, before a round is due: a quarter of the removal
-    /// markers' time to live.
+    /// have been removed, before a round is due: a quarter of the time
+    /// removal markers are kept.
     fn round_after_ms(&self) -> u64 {
-        u64::try_from((self.changelog.marker_ttl() / 4).as_millis()).unwrap_or(u64::MAX)
+        u64::try_from((self.changelog.markers_kept() / 4).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// How many records of each partition the local copy holds.

@@ -13,6 +13,10 @@ use super::{Look, PartitionEntries, Partitioned, cleaner, remote};
 use crate::changelog::{Change, Record};
 use crate::{Collection, StoreError, io};
 
+/// How often a busy follower publishes a sync mark to learn that it read
+/// every record stored up to then.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
 impl Partitioned {
     /// Applies the changelog to the local copy, from its start; after an
     /// error, from after the last record applied. It does not read the
@@ -20,17 +24,22 @@ impl Partitioned {
     /// those change, it reads again with the new set, from where a term
     /// that ended here left off if one did.
     ///
-    /// A follower out of touch with the changelog for half a removal
-    /// marker's life (its server unreachable, the process stopped) may
-    /// have missed removals whose markers expired meanwhile: it then reads
-    /// every partition it copies anew whole ([`Partitioned::forget_copies`]),
-    /// which drops what the changelog no longer holds.
+    /// A follower out of touch with the changelog for half the time
+    /// removal markers are kept after a round (its server unreachable, the
+    /// process stopped) may have missed removals whose markers the owner
+    /// purged meanwhile (`cleaner.rs`): it then reads every partition it
+    /// copies anew whole ([`Partitioned::forget_copies`]), which drops what
+    /// the changelog no longer holds.
     pub(super) async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
-        // When the follower last read a record, or saw it had read them all.
+        // When the follower last knew it had read every record stored so
+        // far: it found nothing stored past what it applied, or read a
+        // sync mark published then.
         let mut in_touch = Instant::now();
+        // The last sync mark published to tell, and when.
+        let mut probe: Option<(u64, Instant)> = None;
         loop {
             let Some(me) = this.upgrade() else { return };
-            if in_touch.elapsed() >= me.changelog.marker_ttl() / 2 {
+            if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
                 me.forget_copies(in_touch.elapsed());
                 in_touch = Instant::now();
             }
@@ -73,9 +82,6 @@ impl Partitioned {
             };
             let mut quiet = 0;
             let mut refiltered = false;
-            // A sync mark published while quiet: the follower reads it,
-            // unless it went silent.
-            let mut probe = None;
             loop {
                 let next = tokio::select! {
                     biased;
@@ -98,7 +104,7 @@ impl Partitioned {
                             continue;
                         }
                         let applied = *me.applied.borrow();
-                        if let Some(mark) = probe.take_if(|mark| *mark > applied) {
+                        if let Some((mark, _)) = probe.take_if(|(mark, _)| *mark > applied) {
                             tracing::warn!(
                                 applied,
                                 mark,
@@ -106,11 +112,12 @@ impl Partitioned {
                             );
                             break;
                         }
+                        let asked = Instant::now();
                         match me.changelog.last_seq().await {
                             Ok(last) if last > applied => {
-                                probe = me.changelog.sync().await.ok();
+                                probe = me.changelog.sync().await.ok().map(|mark| (mark, asked));
                             }
-                            Ok(_) => in_touch = Instant::now(),
+                            Ok(_) => in_touch = asked,
                             Err(_) => {}
                         }
                     }
@@ -120,14 +127,22 @@ impl Partitioned {
                         break;
                     }
                     Ok(Some(Ok(record))) => {
-                        if in_touch.elapsed() >= me.changelog.marker_ttl() / 2 {
+                        if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
                             // Not applied: read again once the copies
                             // are read anew.
                             break;
                         }
-                        in_touch = Instant::now();
+                        if let Some((_, asked)) = probe.take_if(|(mark, _)| record.seq() >= *mark) {
+                            in_touch = asked;
+                        }
                         quiet = 0;
                         me.apply_followed(record);
+                        // Busy, the follower is never quiet: it asks to be
+                        // told it read up to the stream's end every 5 s.
+                        if probe.is_none() && in_touch.elapsed() >= PROBE_EVERY {
+                            let asked = Instant::now();
+                            probe = me.changelog.sync().await.ok().map(|mark| (mark, asked));
+                        }
                     }
                 }
             }
@@ -140,7 +155,7 @@ impl Partitioned {
     /// Marks every partition copied here, but those held, as absent (its
     /// reads go to its owner) and to be read anew whole: the follower was
     /// out of touch with the changelog for `out_of_touch`, long enough for
-    /// removal markers it never read to have expired.
+    /// removal markers it never read to have been purged.
     fn forget_copies(&self, out_of_touch: Duration) {
         let _order = self.order.lock().expect("order lock");
         let copied: Vec<u16> = {
@@ -155,8 +170,8 @@ impl Partitioned {
         tracing::warn!(
             out_of_touch_secs = out_of_touch.as_secs(),
             partitions = ?copied,
-            "out of touch with the changelog for half a removal marker's life: removals may \
-             have been missed, so the partitions copied here are read anew whole"
+            "out of touch with the changelog for half the time removal markers are kept: \
+             removals may have been missed, so the partitions copied here are read anew whole"
         );
         let mut absent = self.absent.lock().expect("absent lock");
         let mut dirty = self.dirty.lock().expect("dirty lock");
