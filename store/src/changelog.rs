@@ -18,9 +18,9 @@
 //!   one message per subject, so a key keeps its latest marker, which no
 //!   purge of packs reaches. Markers of housekeeping collections expire
 //!   after [`crate::MARKER_TTL`]; the others' are purged by the partition's
-//!   owner once unneeded: [`Changelog::markers_kept`] after a round of its
-//!   cleaner purged the packs below them (`partitioned/cleaner.rs`), so
-//!   that the markers of expired records do not pile up for good. The puts
+//!   owner once a round of its cleaner purged the packs below them and
+//!   they are [`Changelog::markers_kept`] old (`partitioned/cleaner.rs`),
+//!   so that the markers of expired records do not pile up for good. The puts
 //!   of housekeeping collections
 //!   other than the journal's (idempotency keys, timers, waiters, signals,
 //!   digests) go on these subjects too, so that their removal replaces
@@ -405,18 +405,18 @@ impl Changelog {
         })
     }
 
-    /// The changelog whose owners purge a partition's removal markers
-    /// `kept` (at least a second; a day, [`crate::MARKER_TTL`], unless set)
-    /// after the round that made them unneeded, instead of a day: a replica
-    /// out of touch with the stream for half of that reads its copies anew.
+    /// The changelog whose owners purge a partition's removal markers,
+    /// once a round made them unneeded, when they are `kept` old (at least
+    /// a second) instead of a day ([`crate::MARKER_TTL`]): a replica out of
+    /// touch with the stream for half of that reads its copies anew.
     pub fn with_markers_kept(mut self, kept: Duration) -> Self {
         self.markers_kept = kept.max(Duration::from_secs(1));
         self
     }
 
     /// How long a removal marker of a partition's record stays in the
-    /// stream at least once a round of the partition's cleaner has purged
-    /// the packs before it.
+    /// stream at least (its owner purges it once it is this old and a
+    /// round of the partition's cleaner has purged the packs before it).
     pub fn markers_kept(&self) -> Duration {
         self.markers_kept
     }
@@ -573,10 +573,12 @@ impl Changelog {
     /// Removes `partition`'s removal markers stored before stream sequence
     /// `below`, of the collections whose puts go in packs and whose
     /// markers do not expire by themselves; returns how many messages went.
-    /// Only the partition's owner calls it, once a round's purge of packs
-    /// below `below` was done [`Changelog::markers_kept`] ago (the cleaner
-    /// in `partitioned/cleaner.rs`): what the markers removed is gone from
-    /// the stream, and a follower has had that long to read them. Their
+    /// Only the partition's owner calls it, with `below` at most the mark
+    /// of a round of its term whose purge of packs is done, and at most
+    /// where the last [`Changelog::markers_kept`] of the stream begin
+    /// ([`Changelog::stored_within`]; the cleaner in
+    /// `partitioned/cleaner.rs`): what the markers removed is gone from the
+    /// stream, and a follower has had that long to read them. Their
     /// subjects hold no live put below `below` either (a put of a
     /// changelog written before packs there was written again by the
     /// round).
@@ -597,6 +599,36 @@ impl Changelog {
                 .purged;
         }
         Ok(purged)
+    }
+
+    /// The first stream sequence of the messages stored within `age` of the
+    /// stream's last one (by the server's clock): every message before it
+    /// is older. A binary search over the stream, a few dozen reads.
+    pub async fn stored_within(&self, age: Duration) -> Result<u64, ChangelogError> {
+        let mut stream = self.stream.clone();
+        let state = &stream
+            .info()
+            .await
+            .map_err(|e| remote(format!("reading the stream: {e}")))?
+            .state;
+        let cutoff = state.last_timestamp - age;
+        let (mut lo, mut hi) = (state.first_sequence, state.last_sequence + 1);
+        let every = format!("{PREFIX}.>");
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.stream.get_first_raw_message_by_subject(&every, mid).await {
+                Ok(m) if m.time < cutoff => lo = m.sequence + 1,
+                Ok(_) => hi = mid,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    hi = mid
+                }
+                Err(e) => return Err(remote(format!("reading the stream from {mid}: {e}"))),
+            }
+        }
+        Ok(lo)
     }
 
     /// An appender: publishes writes under their terms, many in flight.

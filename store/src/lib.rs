@@ -528,15 +528,15 @@ pub struct Replication {
     /// Which partitions' state this replica keeps a copy of.
     pub copies: Copies,
     /// How long the changelog keeps a removal marker of a partition's
-    /// record after a round of the owner's cleaner made it unneeded
-    /// ([`crate::changelog::Changelog::with_markers_kept`]).
+    /// record at least (its owner purges it once it is this old and a
+    /// round of the cleaner made it unneeded:
+    /// [`crate::changelog::Changelog::with_markers_kept`]).
     pub markers_kept: std::time::Duration,
 }
 
 impl Replication {
     /// `replicas` copies of the state in `partitions` partitions, of which
-    /// this replica keeps `copies`; removal markers kept [`MARKER_TTL`]
-    /// after they became unneeded.
+    /// this replica keeps `copies`; removal markers kept [`MARKER_TTL`].
     pub fn new(replicas: usize, partitions: u16, copies: Copies) -> Self {
         Self {
             replicas,

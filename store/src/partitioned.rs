@@ -233,6 +233,10 @@ pub(crate) struct Partitioned {
     /// Partitions whose term ended: the local copy may hold writes the
     /// changelog refused.
     dirty: Mutex<BTreeSet<u16>>,
+    /// Partitions held here while the follower was out of touch with the
+    /// changelog (`follower.rs`): read anew whole if the term turns out to
+    /// have been taken over.
+    held_out_of_touch: Mutex<BTreeSet<u16>>,
     /// Partitions being read again from the changelog for a term that has
     /// not begun here yet: the follower leaves them alone.
     rebuilding: Mutex<BTreeSet<u16>>,
@@ -327,6 +331,7 @@ impl Partitioned {
             order: Mutex::default(),
             markers: Mutex::default(),
             dirty: Mutex::new(absent.clone()),
+            held_out_of_touch: Mutex::default(),
             rebuilding: Mutex::default(),
             kept: Mutex::new(Kept {
                 assigned,
@@ -538,14 +543,19 @@ impl Partitioned {
 
     /// A term of this replica's ended: its copy of the partition may hold
     /// refused writes, and it no longer serves the partition's writes.
-    /// Deposed, the copy is read anew whole (its reads go to the owner
-    /// meanwhile): besides refused writes, it may lack removals the other
-    /// owners made while this one was out of touch, whose markers may be
-    /// purged by now.
+    /// Deposed after this replica was out of touch with the changelog
+    /// while it held the partition, the copy is read anew whole (its reads
+    /// go to the owner meanwhile): it may lack removals the next owner
+    /// made, whose markers may be purged by now.
     fn ended(&self, term: Term, deposed: bool) {
         let partition = term.partition;
         self.dirty.lock().expect("dirty lock").insert(partition);
-        if deposed || !self.keeps(partition) {
+        let out_of_touch = self
+            .held_out_of_touch
+            .lock()
+            .expect("out of touch lock")
+            .remove(&partition);
+        if (deposed && out_of_touch) || !self.keeps(partition) {
             self.absent.lock().expect("absent lock").insert(partition);
         }
         // The follower skipped the partition's writes: from here on they are

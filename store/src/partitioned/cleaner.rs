@@ -35,27 +35,33 @@
 //! purged; after that it shadows nothing, and only a follower that has not
 //! read it yet needs it. So the owner purges the markers of the
 //! collections whose puts go in packs (those of housekeeping collections
-//! expire by themselves: see `pack::packs`) below a round's mark once
-//! [`crate::changelog::Changelog::markers_kept`] (a day) has passed since
-//! that round's purge of packs: the markers of expired messages,
-//! notifications, contacts removed and the like do not pile up for good,
-//! and a follower out of touch for half that long reads its copies anew
-//! (`follower.rs`). Nobody purges a marker while no owner runs, nor on a
-//! partition a replica could not read whole. So that removals are not
-//! left waiting for a round by count, a round is also due by age: once the
-//! partition's oldest pack is a quarter of that old and a put in packs may
-//! have been removed since the last round (a removal of this term counted,
-//! or the term's first look, which cannot know what the last owner
-//! removed; the oldest pack's time is the stream's, read at the first
-//! look, then the last round's start).
+//! expire by themselves: see `pack::packs`) below the mark of its term's
+//! last round whose purge of packs is done, but only those stored more
+//! than [`crate::changelog::Changelog::markers_kept`] (a day) before the
+//! stream's last message ([`crate::changelog::Changelog::stored_within`],
+//! the server's clock): a follower that has not read such a marker was out
+//! of touch for that long, and reads its copies anew at half of it
+//! (`follower.rs`). It looks every quarter of that (six hours). So the
+//! markers of expired messages, notifications, contacts removed and the
+//! like do not pile up for good. Nobody purges a marker while no owner
+//! runs, nor on a partition a replica could not read whole. So that
+//! removals are not left waiting for a round by count, a round is also due
+//! by age: once the partition's oldest pack is a quarter of that old and a
+//! put in packs may have been removed since the last round (a removal of
+//! this term counted, or the term's first look, which cannot know what
+//! the last owner removed; the oldest pack's time is the stream's, read at
+//! the first look, then this replica's clock at the last round's start).
 //!
 //! Each round writes the live records once and removes at least as many
 //! dead ones, so a put costs at most about one more put, and the changelog
 //! holds up to the live records and as many again (or [`ROUND_MIN`] more,
 //! for a small partition). A removal counts as a put superseded, so a
-//! journal is rewritten about once per retention; a partition with
-//! removals at least every six hours (a quarter of the time markers are
-//! kept), and one taken over whose oldest pack is older than that, at once. The counts are this
+//! journal is rewritten about once per retention by count. By age, a
+//! partition with removals (the journal's expiry makes that every active
+//! one) is rewritten whole at least every six hours whatever its write
+//! rate, and one taken over whose oldest pack is older than that, at once:
+//! a quiet partition with many live records pays more than one more put
+//! per put. The counts are this
 //! replica's: after a take-over they start from the partition's live
 //! records, so the changelog may hold what the last owner left on top
 //! until the next round.
@@ -119,10 +125,13 @@ struct Base {
     /// The term's removals counted then; `None` at the term's first look,
     /// when the last owner's are unknown.
     removals: Option<u64>,
-    /// The mark of a round whose purge of packs is done, and when it was:
-    /// the partition's removal markers below it are purged once they have
-    /// been kept long enough since.
-    unneeded: Option<(u64, Instant)>,
+    /// The mark of the term's last round whose purge of packs is done:
+    /// the partition's removal markers below it shadow nothing.
+    rounded: Option<u64>,
+    /// The partition's removal markers below this are purged.
+    markers_purged: u64,
+    /// When the term last purged markers (or found none to).
+    markers_looked: Option<Instant>,
 }
 
 impl Tally {
@@ -281,7 +290,9 @@ impl Partitioned {
                     owed: None,
                     oldest_pack_ms,
                     removals: None,
-                    unneeded: None,
+                    rounded: None,
+                    markers_purged: 0,
+                    markers_looked: None,
                 },
             );
         }
@@ -296,29 +307,13 @@ impl Partitioned {
         if let Some(below) = base.owed {
             return self.purge(partition, below, base).await;
         }
-        if let Some((below, at)) = base.unneeded
-            && at.elapsed() >= self.changelog.markers_kept()
-            && self.term(partition) == Some(term)
+        if let Some(rounded) = base.rounded
+            && rounded > base.markers_purged
+            && base
+                .markers_looked
+                .is_none_or(|at| at.elapsed() >= self.changelog.markers_kept() / 4)
         {
-            let purged = self
-                .changelog
-                .purge_markers(partition, below)
-                .await
-                .map_err(remote)?;
-            self.tally.set_base(
-                partition,
-                Base {
-                    unneeded: None,
-                    ..base
-                },
-            );
-            tracing::info!(
-                partition,
-                below,
-                purged_markers = purged,
-                "the partition's removal markers from before a round are purged"
-            );
-            return Ok(());
+            return self.purge_markers(partition, rounded, base).await;
         }
         let puts = self.tally.puts[i].load(Ordering::Relaxed);
         let live = self.tally.live[i].load(Ordering::Relaxed).max(0) as u64;
@@ -355,7 +350,7 @@ impl Partitioned {
             owed: Some(below),
             oldest_pack_ms: since,
             removals: Some(removals),
-            unneeded: base.unneeded,
+            ..base
         };
         self.tally.set_base(partition, base);
         tracing::info!(
@@ -380,9 +375,7 @@ impl Partitioned {
             partition,
             Base {
                 owed: None,
-                // The markers below an earlier round's mark wait for their
-                // time first; those of this one's, after.
-                unneeded: base.unneeded.or(Some((below, Instant::now()))),
+                rounded: Some(below),
                 ..base
             },
         );
@@ -392,6 +385,47 @@ impl Partitioned {
             purged_messages = purged,
             "the partition's changelog is compacted"
         );
+        Ok(())
+    }
+
+    /// Purges `partition`'s removal markers below the mark of the term's
+    /// last round (`rounded`: they shadow nothing) that were stored more
+    /// than [`crate::changelog::Changelog::markers_kept`] ago (a follower
+    /// that has not read one by then was out of touch for that long, and
+    /// reads its copies anew: `follower.rs`).
+    async fn purge_markers(
+        &self,
+        partition: u16,
+        rounded: u64,
+        base: Base,
+    ) -> Result<(), StoreError> {
+        let kept = self.changelog.markers_kept();
+        let young = self.changelog.stored_within(kept).await.map_err(remote)?;
+        let below = rounded.min(young);
+        let mut purged = 0;
+        if below > base.markers_purged {
+            purged = self
+                .changelog
+                .purge_markers(partition, below)
+                .await
+                .map_err(remote)?;
+        }
+        self.tally.set_base(
+            partition,
+            Base {
+                markers_purged: base.markers_purged.max(below),
+                markers_looked: Some(Instant::now()),
+                ..base
+            },
+        );
+        if purged > 0 {
+            tracing::info!(
+                partition,
+                below,
+                purged_markers = purged,
+                "the partition's removal markers from before a round are purged"
+            );
+        }
         Ok(())
     }
 

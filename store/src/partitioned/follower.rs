@@ -128,9 +128,13 @@ impl Partitioned {
                     }
                     Ok(Some(Ok(record))) => {
                         if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
-                            // Not applied: read again once the copies
-                            // are read anew.
-                            break;
+                            // The copies are read anew at the next turn;
+                            // the record is applied first (a term marker
+                            // saying another replica took a partition held
+                            // here is news not to delay).
+                            me.forget_copies(in_touch.elapsed());
+                            in_touch = Instant::now();
+                            refilter.notify_one();
                         }
                         if let Some((_, asked)) = probe.take_if(|(mark, _)| record.seq() >= *mark) {
                             in_touch = asked;
@@ -155,9 +159,15 @@ impl Partitioned {
     /// Marks every partition copied here, but those held, as absent (its
     /// reads go to its owner) and to be read anew whole: the follower was
     /// out of touch with the changelog for `out_of_touch`, long enough for
-    /// removal markers it never read to have been purged.
+    /// removal markers it never read to have been purged. A partition held
+    /// is read anew likewise if it turns out to have been taken over
+    /// meanwhile ([`Partitioned::ended`]).
     fn forget_copies(&self, out_of_touch: Duration) {
         let _order = self.order.lock().expect("order lock");
+        self.held_out_of_touch
+            .lock()
+            .expect("out of touch lock")
+            .extend(self.held());
         let copied: Vec<u16> = {
             let absent = self.absent.lock().expect("absent lock");
             (0..self.partitions)
