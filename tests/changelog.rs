@@ -894,6 +894,51 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
     }
 }
 
+/// `stored_within` finds where the messages of the last stretch of time
+/// begin, by the server's clock: removals (one message each) made in two
+/// bursts 3 s apart, then asked for the last 1.5 s, give the first of the
+/// second burst (and every message before it is older); for the last
+/// minute, the stream's first message; for none, the second burst's end.
+#[tokio::test]
+async fn stored_within_finds_where_the_last_stretch_of_time_begins() {
+    let nats = NatsServer::start();
+    let log = bind(&nats).await;
+    let term = log.begin_term(3, "replica-a").await.expect("a term");
+    let appender = log.appender();
+    let remove = |n: usize| Change {
+        collection: Collection::Contacts,
+        key: format!("acme\0c{n}").into_bytes(),
+        value: None,
+    };
+    for n in 0..40 {
+        appender.append(term, remove(n));
+    }
+    appender.commit().await.expect("the first burst is stored");
+    let first_burst_end = log.last_seq().await.expect("the stream's state");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in 40..80 {
+        appender.append(term, remove(n));
+    }
+    appender.commit().await.expect("the second burst is stored");
+    let last = log.last_seq().await.expect("the stream's state");
+    assert_eq!(last, first_burst_end + 40, "one message a removal");
+
+    let second = log
+        .stored_within(Duration::from_millis(1_500))
+        .await
+        .expect("the search");
+    assert_eq!(second, first_burst_end + 1);
+    let all = log
+        .stored_within(Duration::from_secs(60))
+        .await
+        .expect("the search");
+    assert_eq!(all, 1, "the term marker, first");
+    // The last message (and any stored in the same instant) is as new as
+    // itself.
+    let none = log.stored_within(Duration::ZERO).await.expect("the search");
+    assert!(none > first_burst_end && none <= last, "{none}");
+}
+
 /// Removed records leave the changelog for good, and never come back for
 /// a replica that reads it: the partition's owner writes its live records
 /// again and purges the packs that held the removed puts (a round by age:
