@@ -5,7 +5,7 @@
 //! keeps a browser signed in (and its live tail reconnects); no token or
 //! session id is ever stored or logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,11 @@ pub const SIGN_IN_COOKIE: &str = "sb_sign_in";
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most; expired ones are dropped first, then the oldest.
 const MAX_SESSIONS: usize = 10_000;
+/// Sessions one principal (an account, or the admin) keeps in the store
+/// from the sign-ins of one process at most: a further sign-in signs its
+/// oldest one out, so that a token signing in over and over cannot fill
+/// the store (shared by replicas) for the sessions' twelve hours.
+const MAX_SESSIONS_PER_PRINCIPAL: usize = 100;
 
 /// A signed-in browser.
 #[derive(Debug, Clone)]
@@ -77,6 +82,10 @@ fn stored_key(id: &str) -> Vec<u8> {
 /// How often expired sessions are swept from the store (at a sign-in).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
+/// The sessions a process kept in the store, by principal (`None`: the
+/// admin), oldest first: their keys and when they expire.
+type KeptSessions = HashMap<Option<AccountKey>, VecDeque<(Vec<u8>, Instant)>>;
+
 /// The console's sessions, by id (the store's, with the ones this process
 /// has read in memory), and the sign-in links not used yet.
 #[derive(Debug)]
@@ -88,6 +97,11 @@ pub struct Sessions {
     by_id: Mutex<HashMap<String, Session>>,
     /// The most sessions `by_id` holds ([`MAX_SESSIONS`]).
     most: usize,
+    /// The sessions this process kept in the store, by principal.
+    kept: Mutex<KeptSessions>,
+    /// The most sessions `kept` holds of one principal
+    /// ([`MAX_SESSIONS_PER_PRINCIPAL`]).
+    most_each: usize,
     links: Mutex<HashMap<String, (Principal, Credential, Instant)>>,
     swept: Mutex<Option<Instant>>,
 }
@@ -100,6 +114,8 @@ impl Default for Sessions {
             secure: false,
             by_id: Mutex::default(),
             most: MAX_SESSIONS,
+            kept: Mutex::default(),
+            most_each: MAX_SESSIONS_PER_PRINCIPAL,
             links: Mutex::default(),
             swept: Mutex::default(),
         }
@@ -148,12 +164,16 @@ impl Sessions {
                     .as_millis() as u64,
         };
         let value = serde_json::to_vec(&stored).expect("a session serialises");
+        let principal = stored.account;
+        let signed_out = self.make_room(&principal, id, session.expires);
         // Made durable at once: a sign-in is rare, and a crash right after
         // it should not sign the browser out.
-        let kept = match store
-            .put(Collection::ConsoleSessions, &stored_key(id), &value)
-            .and_then(|()| store.flush_blocking())
-        {
+        let written = signed_out
+            .iter()
+            .try_for_each(|key| store.remove(Collection::ConsoleSessions, key).map(drop))
+            .and_then(|()| store.put(Collection::ConsoleSessions, &stored_key(id), &value))
+            .and_then(|()| store.flush_blocking());
+        let kept = match written {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "keeping a console session failed; it lasts until this process stops");
@@ -162,6 +182,28 @@ impl Sessions {
         };
         self.sweep(store);
         kept
+    }
+
+    /// Notes that this process keeps session `id` of `principal` (which
+    /// expires at `expires`) in the store, and returns the keys of its
+    /// oldest sessions to remove so that it keeps at most
+    /// [`MAX_SESSIONS_PER_PRINCIPAL`] (expired ones are forgotten first).
+    fn make_room(
+        &self,
+        principal: &Option<AccountKey>,
+        id: &str,
+        expires: Instant,
+    ) -> Vec<Vec<u8>> {
+        let mut kept = self.kept.lock().expect("kept sessions lock");
+        let now = Instant::now();
+        kept.retain(|_, sessions| {
+            sessions.retain(|(_, until)| *until > now);
+            !sessions.is_empty()
+        });
+        let sessions = kept.entry(principal.clone()).or_default();
+        sessions.push_back((stored_key(id), expires));
+        let over = sessions.len().saturating_sub(self.most_each);
+        sessions.drain(..over).map(|(key, _)| key).collect()
     }
 
     fn load(&self, id: &str) -> Option<Session> {
@@ -440,6 +482,42 @@ mod tests {
             assert!(later.of(&with(id)).is_some());
             assert!(later.by_id.lock().unwrap().len() <= 2);
         }
+    }
+
+    /// A principal signing in over and over keeps its latest sessions, up
+    /// to the cap: a further sign-in signs its oldest out (its cookie no
+    /// longer works, here or on a process that reads the store), and the
+    /// store holds no more than the cap of it. Other principals' sessions
+    /// are untouched.
+    #[test]
+    fn a_principal_signing_in_over_and_over_keeps_its_latest_sessions() {
+        let store = Store::temporary().unwrap();
+        let sessions = Sessions {
+            most_each: 2,
+            ..Sessions::new(store.clone())
+        };
+        let acme = || Principal::Account(AccountKey::new("acme").unwrap());
+        let with = |id: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+            );
+            headers
+        };
+        let admin = sessions.start(Principal::Admin, [1; 32]);
+        let ids: Vec<String> = (0..3).map(|_| sessions.start(acme(), [4; 32])).collect();
+        assert!(
+            sessions.of(&with(&ids[0])).is_none(),
+            "the oldest signed out"
+        );
+        assert!(Sessions::new(store.clone()).of(&with(&ids[0])).is_none());
+        for id in [&ids[1], &ids[2], &admin] {
+            assert!(sessions.of(&with(id)).is_some());
+            assert!(Sessions::new(store.clone()).of(&with(id)).is_some());
+        }
+        let stored = store.scan_prefix(Collection::ConsoleSessions, &[]).unwrap();
+        assert_eq!(stored.len(), 3, "two of acme's, the admin's");
     }
 
     #[test]
