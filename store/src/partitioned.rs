@@ -543,10 +543,11 @@ impl Partitioned {
 
     /// A term of this replica's ended: its copy of the partition may hold
     /// refused writes, and it no longer serves the partition's writes.
-    /// Deposed after this replica was out of touch with the changelog
-    /// while it held the partition, the copy is read anew whole (its reads
-    /// go to the owner meanwhile): it may lack removals the next owner
-    /// made, whose markers may be purged by now.
+    /// Ended after this replica was out of touch with the changelog while
+    /// it held the partition (deposed, or released before the follower read
+    /// the next owner's marker), the copy is read anew whole (its reads go
+    /// to the owner meanwhile): it may lack removals the next owner made,
+    /// whose markers may be purged by now.
     fn ended(&self, term: Term, deposed: bool) {
         let partition = term.partition;
         self.dirty.lock().expect("dirty lock").insert(partition);
@@ -555,7 +556,7 @@ impl Partitioned {
             .lock()
             .expect("out of touch lock")
             .remove(&partition);
-        if (deposed && out_of_touch) || !self.keeps(partition) {
+        if out_of_touch || !self.keeps(partition) {
             self.absent.lock().expect("absent lock").insert(partition);
         }
         // The follower skipped the partition's writes: from here on they are

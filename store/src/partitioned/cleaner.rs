@@ -309,6 +309,7 @@ impl Partitioned {
         }
         if let Some(rounded) = base.rounded
             && rounded > base.markers_purged
+            && self.term(partition) == Some(term)
             && base
                 .markers_looked
                 .is_none_or(|at| at.elapsed() >= self.changelog.markers_kept() / 4)

@@ -25,7 +25,7 @@ impl Partitioned {
     /// that ended here left off if one did.
     ///
     /// A follower out of touch with the changelog for half the time
-    /// removal markers are kept after a round (its server unreachable, the
+    /// removal markers are at least kept (its server unreachable, the
     /// process stopped) may have missed removals whose markers the owner
     /// purged meanwhile (`cleaner.rs`): it then reads every partition it
     /// copies anew whole ([`Partitioned::forget_copies`]), which drops what
@@ -117,7 +117,10 @@ impl Partitioned {
                             Ok(last) if last > applied => {
                                 probe = me.changelog.sync().await.ok().map(|mark| (mark, asked));
                             }
-                            Ok(_) => in_touch = asked,
+                            Ok(_) => {
+                                in_touch = asked;
+                                me.back_in_touch();
+                            }
                             Err(_) => {}
                         }
                     }
@@ -138,6 +141,7 @@ impl Partitioned {
                         }
                         if let Some((_, asked)) = probe.take_if(|(mark, _)| record.seq() >= *mark) {
                             in_touch = asked;
+                            me.back_in_touch();
                         }
                         quiet = 0;
                         me.apply_followed(record);
@@ -153,6 +157,17 @@ impl Partitioned {
             if !refiltered {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+
+    /// The follower read every record stored up to a moment after it was
+    /// out of touch: a partition held meanwhile that another replica took
+    /// has had its term ended by the new owner's marker by now, so those
+    /// still held stay held with their copy as it is.
+    fn back_in_touch(&self) {
+        let mut held = self.held_out_of_touch.lock().expect("out of touch lock");
+        if !held.is_empty() {
+            held.clear();
         }
     }
 
