@@ -384,6 +384,36 @@ async fn the_sdk_http_emitter_delivers_and_a_retried_emit_is_dropped() {
     assert!(err.to_string().contains("parent_id"), "{err}");
 }
 
+/// An account may have 32 live tails open at once: each is handed every
+/// account's rows, so their number is what the tail costs per event. The
+/// 33rd is refused (429 `too_many_streams`, naming the account); another
+/// account's still opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_has_at_most_32_live_tails_open() {
+    let d = Dispatcher::embedded();
+    let client = crate::util::http_client(Some(d.admin_token()));
+    let open = |account: &str| {
+        client
+            .get(format!("{}/v1/accounts/{account}/events/stream", d.url()))
+            .send()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..32 {
+        let response = open("acme").await.unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(response);
+    }
+    let refused = open("acme").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("acme"),
+        "{body}"
+    );
+    assert_eq!(open("other").await.unwrap().status(), 200);
+}
+
 /// The live tail over Server-Sent Events: a row for each pass over an
 /// event of the account as it ends, filtered — none for another account's
 /// events, none for events the filter leaves out.

@@ -3,10 +3,11 @@
 //! built or sent while no one watches; a watcher that falls behind loses
 //! rows, never holds up the dispatcher.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 pub use switchboard_api::events::{ChainRow, EventRow};
-use switchboard_sdk::VumiApiEvent;
+use switchboard_sdk::{AccountKey, VumiApiEvent};
 use tokio::sync::{broadcast, watch};
 
 use crate::journal::{ChainEnd, EventJournal};
@@ -15,11 +16,48 @@ use crate::trace::TraceStatus;
 /// How many rows a watcher may fall behind before it loses some.
 const BACKLOG: usize = 1_024;
 
+/// How many watchers one account may have at once: each is handed every
+/// account's rows (and drops the others'), so their number is what the
+/// tail costs per event.
+pub const MAX_WATCHERS_PER_ACCOUNT: usize = 32;
+
 /// The tail's sending end, shared by the executor and the watchers.
 #[derive(Debug, Clone)]
 pub struct Tail {
     sender: broadcast::Sender<Arc<EventRow>>,
     stopped: watch::Receiver<bool>,
+    /// How many watchers each account has.
+    watching: Arc<Mutex<HashMap<AccountKey, usize>>>,
+}
+
+/// A watcher of an account's rows, counted against the account's
+/// [`MAX_WATCHERS_PER_ACCOUNT`] while it lives.
+#[derive(Debug)]
+pub struct Watcher {
+    /// The rows of passes that end from its start on, of every account.
+    pub rows: broadcast::Receiver<Arc<EventRow>>,
+    account: AccountKey,
+    watching: Arc<Mutex<HashMap<AccountKey, usize>>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut watching = self.watching.lock().expect("watchers lock");
+        if let Some(n) = watching.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                watching.remove(&self.account);
+            }
+        }
+    }
+}
+
+/// An account has as many watchers as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("account {account} has {MAX_WATCHERS_PER_ACCOUNT} live tails open already")]
+pub struct TooManyWatchers {
+    /// The account.
+    pub account: AccountKey,
 }
 
 impl Tail {
@@ -29,12 +67,26 @@ impl Tail {
         Self {
             sender: broadcast::channel(BACKLOG).0,
             stopped,
+            watching: Arc::default(),
         }
     }
 
-    /// A new watcher: the rows of passes that end from now on.
-    pub fn watch(&self) -> broadcast::Receiver<Arc<EventRow>> {
-        self.sender.subscribe()
+    /// A new watcher of `account`: the rows of passes that end from now
+    /// on. Refused while the account has [`MAX_WATCHERS_PER_ACCOUNT`].
+    pub fn watch(&self, account: &AccountKey) -> Result<Watcher, TooManyWatchers> {
+        let mut watching = self.watching.lock().expect("watchers lock");
+        let n = watching.entry(account.clone()).or_default();
+        if *n >= MAX_WATCHERS_PER_ACCOUNT {
+            return Err(TooManyWatchers {
+                account: account.clone(),
+            });
+        }
+        *n += 1;
+        Ok(Watcher {
+            rows: self.sender.subscribe(),
+            account: account.clone(),
+            watching: Arc::clone(&self.watching),
+        })
     }
 
     /// Turns true when the dispatcher stops.
@@ -98,5 +150,33 @@ pub(crate) fn row(
         status: status.as_str().to_string(),
         chains,
         at,
+    }
+}
+
+#[cfg(test)]
+mod watcher_tests {
+    use super::*;
+
+    /// An account may have [`MAX_WATCHERS_PER_ACCOUNT`] watchers at once;
+    /// one more is refused, naming the account, until one goes. Another
+    /// account's are counted apart.
+    #[test]
+    fn an_account_has_at_most_its_share_of_watchers() {
+        let (_stop, stopped) = watch::channel(false);
+        let tail = Tail::new(stopped);
+        let acme = AccountKey::new("acme").unwrap();
+        let zeta = AccountKey::new("zeta").unwrap();
+        let mut open: Vec<Watcher> = (0..MAX_WATCHERS_PER_ACCOUNT)
+            .map(|_| tail.watch(&acme).expect("within the limit"))
+            .collect();
+        let refused = tail.watch(&acme).expect_err("one more");
+        assert_eq!(refused.account, acme);
+        assert!(refused.to_string().contains("acme"), "{refused}");
+        assert!(tail.watch(&zeta).is_ok());
+        open.pop();
+        let again = tail.watch(&acme).expect("room again");
+        drop(open);
+        drop(again);
+        assert!(tail.watching.lock().unwrap().is_empty());
     }
 }

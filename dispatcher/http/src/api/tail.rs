@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use switchboard_api::events::TailQuery;
-use switchboard_engine::tail::Tail;
+use switchboard_engine::tail::{Tail, Watcher};
 use switchboard_sdk::AccountKey;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -34,26 +34,35 @@ pub(super) async fn stream(
     let account = account_key(&account)?;
     let auth = s.auth.clone();
     let holds = move || still_holds(&auth, &headers, &principal);
-    Ok(sse(&s.tail, account, query, holds))
+    sse(&s.tail, account, query, holds)
 }
 
 /// The rows of `account`'s events that pass `query`, from now on, while
 /// `holds` says the reader may still read them (asked every [`RECHECK`]).
 /// A reader that falls behind loses rows (an `event: dropped` says how
-/// many); the dispatcher never waits for it.
+/// many); the dispatcher never waits for it. An account with
+/// [`switchboard_engine::tail::MAX_WATCHERS_PER_ACCOUNT`] streams open is
+/// refused another (429 `too_many_streams`).
 pub(crate) fn sse<F>(
     tail: &Tail,
     account: AccountKey,
     query: TailQuery,
     holds: F,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<F>>
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<F>>, ApiError>
 where
     F: Fn() -> bool + Send + 'static,
 {
+    let watcher = tail.watch(&account).map_err(|e| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!("{e}: close one first"),
+        )
+    })?;
     let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let open = Open {
-        rows: tail.watch(),
+        rows: watcher,
         stopped: tail.stopped(),
         recheck,
         holds,
@@ -64,12 +73,12 @@ where
         let event = open.next().await?;
         Some((Ok(event), open))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 /// An open stream of one account's rows.
 struct Open<F> {
-    rows: tokio::sync::broadcast::Receiver<std::sync::Arc<switchboard_engine::tail::EventRow>>,
+    rows: Watcher,
     stopped: tokio::sync::watch::Receiver<bool>,
     recheck: tokio::time::Interval,
     holds: F,
@@ -84,7 +93,7 @@ impl<F: Fn() -> bool> Open<F> {
             let received = tokio::select! {
                 _ = self.stopped.wait_for(|s| *s) => return None,
                 _ = self.recheck.tick() => None,
-                received = self.rows.recv() => Some(received),
+                received = self.rows.rows.recv() => Some(received),
             };
             let Some(received) = received else {
                 if (self.holds)() {

@@ -78,7 +78,7 @@ pub(super) async fn stream(
     OnAccount { key, .. }: OnAccount,
     headers: HeaderMap,
     Query(query): Query<TailQuery>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, crate::api::ApiError> {
     // Signed out, or its token revoked: the stream ends. A store that
     // fails to answer counts as yes: the next check asks again.
     let state = s.clone();
