@@ -457,6 +457,16 @@ mod tests {
         assert!(Sessions::new(store).of(&headers).is_none());
     }
 
+    /// A request's headers carrying session `id`'s cookie.
+    fn with(id: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+        );
+        headers
+    }
+
     #[test]
     fn sessions_read_from_the_store_are_held_within_the_cap_too() {
         let store = Store::temporary().unwrap();
@@ -464,14 +474,6 @@ mod tests {
         let ids: Vec<String> = (0..3)
             .map(|_| first.start(Principal::Admin, [3; 32]))
             .collect();
-        let with = |id: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::COOKIE,
-                HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
-            );
-            headers
-        };
         // After a restart, every cookie comes back: each is read from the
         // store, and memory holds at most the cap.
         let later = Sessions {
@@ -497,14 +499,6 @@ mod tests {
             ..Sessions::new(store.clone())
         };
         let acme = || Principal::Account(AccountKey::new("acme").unwrap());
-        let with = |id: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::COOKIE,
-                HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
-            );
-            headers
-        };
         let admin = sessions.start(Principal::Admin, [1; 32]);
         let ids: Vec<String> = (0..3).map(|_| sessions.start(acme(), [4; 32])).collect();
         assert!(
