@@ -655,10 +655,10 @@ struct Swept {
 /// it is swept yet: the sweep only frees its space.)
 fn spawn_expiry(swept: Swept, retention: Duration) {
     let every = (retention / 8).clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
+    let swept = Arc::new(swept);
+    spawn_every(every, move || {
+        let swept = Arc::clone(&swept);
+        async move {
             let journal = swept.journal.clone();
             sweep("expiring journal records", move || {
                 journal.expire(retention)
@@ -687,6 +687,23 @@ fn spawn_expiry(swept: Swept, retention: Duration) {
                 },
             )
             .await;
+        }
+    });
+}
+
+/// Runs `turn` every `every`, the first at once, for as long as the
+/// process runs; a slow turn is followed by a pause, not at once by the
+/// next.
+fn spawn_every<F>(every: Duration, mut turn: impl FnMut() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            turn().await;
         }
     });
 }
@@ -760,14 +777,10 @@ fn spawn_message_expiry(
     retention: Duration,
 ) {
     let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(6 * 3600));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let messages = messages.clone();
-            let before = switchboard_sdk::now() - retention;
-            sweep("expiring message records", move || messages.expire(before)).await;
-        }
+    spawn_every(every, move || {
+        let messages = messages.clone();
+        let before = switchboard_sdk::now() - retention;
+        sweep("expiring message records", move || messages.expire(before))
     });
 }
 
@@ -783,18 +796,12 @@ fn spawn_unmatched_expiry(
     retention: Duration,
 ) {
     let every = (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let unmatched = unmatched.clone();
-            let before = switchboard_sdk::now() - retention;
-            sweep("expiring unmatched inbound records", move || {
-                unmatched.expire(before, switchboard_http::inbound::MAX_UNMATCHED_PER_ACCOUNT)
-            })
-            .await;
-        }
+    spawn_every(every, move || {
+        let unmatched = unmatched.clone();
+        let before = switchboard_sdk::now() - retention;
+        sweep("expiring unmatched inbound records", move || {
+            unmatched.expire(before, switchboard_http::inbound::MAX_UNMATCHED_PER_ACCOUNT)
+        })
     });
 }
 
@@ -807,16 +814,10 @@ fn spawn_inbox_expiry(
     policy: switchboard_handlers::records::inbox::InboxPolicy,
 ) {
     let every = (policy.read_retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        // A slow sweep is followed by a pause, not at once by the next.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let inbox = inbox.clone();
-            let now = switchboard_sdk::now();
-            sweep("inbox housekeeping", move || inbox.expire(&policy, now)).await;
-        }
+    spawn_every(every, move || {
+        let inbox = inbox.clone();
+        let now = switchboard_sdk::now();
+        sweep("inbox housekeeping", move || inbox.expire(&policy, now))
     });
 }
 
