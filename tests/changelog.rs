@@ -894,6 +894,38 @@ async fn a_partitions_changelog_stays_about_the_size_of_its_live_state() {
     }
 }
 
+/// Waits until partition `p`'s changelog holds nothing, put or marker, of
+/// the removed contacts (`acme\0c100` and up), looking a second apart
+/// (each read is a consumer of its own; one that fails, a cluster losing a
+/// node, is tried again), and fails at once if one of them is readable
+/// again (a put without its marker). Returns the changelog then.
+async fn removed_contacts_gone(log: &Changelog, p: u16) -> Vec<Record> {
+    let removed = |k: &str| {
+        k.strip_prefix("acme\0c")
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n >= 100)
+    };
+    crate::util::wait_until(
+        "the removed contacts gone from the changelog",
+        Duration::from_secs(60),
+        || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let records = try_read_all(log).await.ok()?;
+            let back: Vec<_> = latest(&records)
+                .into_iter()
+                .filter(|(partition, k, v)| *partition == p && removed(k) && v.is_some())
+                .collect();
+            assert!(back.is_empty(), "removed contacts readable again: {back:?}");
+            let removed_left = writes(&records)
+                .iter()
+                .filter(|(partition, k, _)| *partition == p && removed(k))
+                .count();
+            (removed_left == 0).then_some(records)
+        },
+    )
+    .await
+}
+
 /// `stored_within` finds where the messages of the last stretch of time
 /// begin, by the server's clock: removals (one message each) made in two
 /// bursts 3 s apart, then asked for the last 1.5 s, give the first of the
@@ -977,31 +1009,7 @@ async fn removed_records_leave_the_changelog_for_good() {
     drop(first);
 
     let log = bind(&nats).await;
-    let records = crate::util::wait_until(
-        "the removed contacts gone from the changelog",
-        Duration::from_secs(60),
-        || async {
-            // Each read is a consumer of its own: a look a second.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let records = read_all(&log).await;
-            let removed = |k: &str| {
-                k.strip_prefix("acme\0c")
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .is_some_and(|n| n >= 100)
-            };
-            let back: Vec<_> = latest(&records)
-                .into_iter()
-                .filter(|(partition, k, v)| *partition == p && removed(k) && v.is_some())
-                .collect();
-            assert!(back.is_empty(), "removed contacts readable again: {back:?}");
-            let removed_left = writes(&records)
-                .iter()
-                .filter(|(partition, k, _)| *partition == p && removed(k))
-                .count();
-            (removed_left == 0).then_some(records)
-        },
-    )
-    .await;
+    let records = removed_contacts_gone(&log, p).await;
     let live: Vec<_> = latest(&records)
         .into_iter()
         .filter(|(partition, ..)| *partition == p)
@@ -1083,26 +1091,7 @@ async fn a_replica_out_of_touch_past_half_a_markers_life_reads_its_copies_anew()
     let log = Changelog::bind(async_nats::jetstream::new(client), 16, 3)
         .await
         .expect("binding the changelog");
-    crate::util::wait_until(
-        "the removed contacts gone from the changelog",
-        Duration::from_secs(60),
-        || async {
-            // Each read is a consumer of its own: a look a second.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let records = try_read_all(&log).await.ok()?;
-            let removed_left = writes(&records)
-                .iter()
-                .filter(|(partition, k, _)| {
-                    *partition == p
-                        && k.strip_prefix("acme\0c")
-                            .and_then(|n| n.parse::<usize>().ok())
-                            .is_some_and(|n| n >= 100)
-                })
-                .count();
-            (removed_left == 0).then_some(())
-        },
-    )
-    .await;
+    removed_contacts_gone(&log, p).await;
 
     cluster.restart(2);
     crate::util::wait_until(
