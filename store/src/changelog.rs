@@ -322,6 +322,11 @@ pub fn decode(seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: Byt
     }
 }
 
+/// Whether a read of a stream message found none where it looked.
+fn is_no_message(e: &stream::RawMessageError) -> bool {
+    e.kind() == stream::RawMessageErrorKind::NoMessageFound
+}
+
 /// Whether the stream refused a publish for its expected last sequence.
 fn is_wrong_sequence(e: &async_nats::jetstream::context::PublishError) -> bool {
     e.kind() == PublishErrorKind::WrongLastSequence
@@ -433,12 +438,7 @@ impl Changelog {
             Ok(m) => Ok(Some(
                 u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
             )),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
+            Err(e) if is_no_message(&e) => Ok(None),
             Err(e) => Err(remote(format!("reading the first of {subjects}: {e}"))),
         }
     }
@@ -517,12 +517,7 @@ impl Changelog {
             };
             let last = match last {
                 Ok(last) => last,
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                {
-                    0
-                }
+                Err(e) if is_no_message(&e) => 0,
                 Err(e) => return Err(remote(format!("reading {subject}: {e}"))),
             };
             let mut headers = HeaderMap::new();
@@ -616,15 +611,14 @@ impl Changelog {
         let every = format!("{PREFIX}.>");
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.stream.get_first_raw_message_by_subject(&every, mid).await {
+            match self
+                .stream
+                .get_first_raw_message_by_subject(&every, mid)
+                .await
+            {
                 Ok(m) if m.time < cutoff => lo = m.sequence + 1,
                 Ok(_) => hi = mid,
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                {
-                    hi = mid
-                }
+                Err(e) if is_no_message(&e) => hi = mid,
                 Err(e) => return Err(remote(format!("reading the stream from {mid}: {e}"))),
             }
         }

@@ -165,10 +165,10 @@ impl Partitioned {
     /// has had its term ended by the new owner's marker by now, so those
     /// still held stay held with their copy as it is.
     fn back_in_touch(&self) {
-        let mut held = self.held_out_of_touch.lock().expect("out of touch lock");
-        if !held.is_empty() {
-            held.clear();
-        }
+        self.held_out_of_touch
+            .lock()
+            .expect("out of touch lock")
+            .clear();
     }
 
     /// Marks every partition copied here, but those held, as absent (its
