@@ -745,29 +745,54 @@ async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
     let second = log.sync().await.expect("another mark, replacing the first");
     assert!(second > first);
 
-    let of_four: Vec<Record> = tokio::time::timeout(
-        TIMEOUT,
-        log.records_of(4, 1)
-            .await
-            .expect("reading partition 4")
-            .take(2)
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .expect("the records come")
-    .into_iter()
-    .map(|r| r.expect("a record"))
-    .collect();
+    // A partition's reading up to its end ends there by itself.
+    let end = log.partition_end(4).await.expect("partition 4's end");
+    let of_four = read_partition(&log, 4, 1, end).await;
+    assert_eq!(of_four.len(), 2, "{of_four:?}");
     assert_eq!(of_four[0], Record::Term(t4));
+    assert_eq!(of_four[1].seq(), end);
     assert_eq!(
         latest(&of_four),
         vec![(4, "zeta\0k".into(), Some("4".into()))]
     );
 
+    // It also ends where the records up to its end have gone since the
+    // end was found (expired, or purged), instead of waiting for them.
+    appender.append(t4, put(Collection::Contacts, "zeta\0l", "5"));
+    appender.commit().await.expect("stored");
+    let gone = log.partition_end(4).await.expect("partition 4's end");
+    assert!(gone > end);
+    jetstream(&nats)
+        .await
+        .get_stream(STREAM)
+        .await
+        .expect("the stream")
+        .delete_message(gone)
+        .await
+        .expect("deleting partition 4's last record");
+    assert_eq!(read_partition(&log, 4, 1, gone).await, of_four);
+    assert_eq!(read_partition(&log, 4, gone, gone + 10).await, vec![]);
+    assert_eq!(read_partition(&log, 4, end + 1, end).await, vec![]);
+
     // From the start, a reader passes the mark (only the second is left).
     let everything = read(&log, 5).await;
     assert_eq!(everything.last(), Some(&Record::Sync { seq: second }));
     assert!(everything.iter().all(|r| r.seq() != first));
+}
+
+/// Partition `p`'s records from `from` up to `until`, read until the
+/// reading ends by itself.
+async fn read_partition(log: &Changelog, p: u16, from: u64, until: u64) -> Vec<Record> {
+    let records = log
+        .records_of(p, from, until)
+        .await
+        .expect("reading a partition");
+    tokio::time::timeout(TIMEOUT, records.collect::<Vec<_>>())
+        .await
+        .expect("the reading ends by itself")
+        .into_iter()
+        .map(|r| r.expect("a record"))
+        .collect()
 }
 
 /// Sixteen partitions' full batches at once (a one-copy stream: each pack

@@ -704,15 +704,38 @@ impl Changelog {
         Ok(seq)
     }
 
-    /// Partition `partition`'s records from stream sequence `from` on.
+    /// Partition `partition`'s records from stream sequence `from` up to
+    /// `until`, in order. The stream ends with the record at `until`, or
+    /// before it once the partition holds nothing more: a record up to
+    /// `until` may have expired or been purged since `until` was found,
+    /// and none can be stored there later.
     pub async fn records_of(
         &self,
         partition: u16,
         from: u64,
+        until: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
-        self.read(vec![format!("{PREFIX}.{partition}.>")], from)
-            .await
+        let (pending, messages) = self
+            .open(vec![format!("{PREFIX}.{partition}.>")], from, true)
+            .await?;
+        let done = pending == Some(0) || from > until;
+        // Unfolded rather than scanned: a scan would wait for the message
+        // after the last before ending.
+        let messages = Box::pin(messages);
+        Ok(futures::stream::unfold(
+            (messages, done),
+            move |(mut messages, done)| async move {
+                if done {
+                    return None;
+                }
+                let read = messages.next().await?;
+                let done = read
+                    .as_ref()
+                    .is_ok_and(|(record, left)| *left == 0 || record.seq() >= until);
+                Some((read.map(|(record, _)| record), (messages, done)))
+            },
+        ))
     }
 
     async fn read(
@@ -721,8 +744,27 @@ impl Changelog {
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record, ChangelogError>> + use<>, ChangelogError>
     {
+        let (_, messages) = self.open(filter_subjects, from, false).await?;
+        Ok(messages.map(|read| read.map(|(record, _)| record)))
+    }
+
+    /// Reads the messages on `filter_subjects` from stream sequence `from`
+    /// on, each with how many were left to read after it when it was sent;
+    /// if `count`, also how many there were to read when the reading began.
+    async fn open(
+        &self,
+        filter_subjects: Vec<String>,
+        from: u64,
+        count: bool,
+    ) -> Result<
+        (
+            Option<u64>,
+            impl futures::Stream<Item = Result<(Record, u64), ChangelogError>> + use<>,
+        ),
+        ChangelogError,
+    > {
         use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-        let consumer = self
+        let mut consumer = self
             .stream
             .create_consumer(OrderedConfig {
                 filter_subjects,
@@ -733,24 +775,37 @@ impl Changelog {
             })
             .await
             .map_err(|e| remote(format!("following the changelog: {e}")))?;
+        let pending = if count {
+            let info = consumer.info().await;
+            Some(
+                info.map_err(|e| remote(format!("following the changelog: {e}")))?
+                    .num_pending,
+            )
+        } else {
+            None
+        };
         let messages = consumer
             .messages()
             .await
             .map_err(|e| remote(format!("following the changelog: {e}")))?;
-        Ok(messages.map(|m| {
-            let m = m.map_err(|e| remote(format!("following the changelog: {e}")))?;
-            let seq = m
-                .info()
-                .map_err(|e| remote(format!("a changelog message without its metadata: {e}")))?
-                .stream_sequence;
-            let message = m.split().0;
-            Ok(decode(
-                seq,
-                message.subject.as_str(),
-                message.headers.as_ref(),
-                message.payload,
-            ))
-        }))
+        Ok((
+            pending,
+            messages.map(|m| {
+                let m = m.map_err(|e| remote(format!("following the changelog: {e}")))?;
+                let info = m.info().map_err(|e| {
+                    remote(format!("a changelog message without its metadata: {e}"))
+                })?;
+                let (seq, left) = (info.stream_sequence, info.pending);
+                let message = m.split().0;
+                let record = decode(
+                    seq,
+                    message.subject.as_str(),
+                    message.headers.as_ref(),
+                    message.payload,
+                );
+                Ok((record, left))
+            }),
+        ))
     }
 }
 

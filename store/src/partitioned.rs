@@ -823,7 +823,7 @@ impl Partitioned {
         }
         let mut records = Box::pin(
             self.changelog
-                .records_of(partition, from)
+                .records_of(partition, from, until)
                 .await
                 .map_err(remote)?,
         );
@@ -835,14 +835,12 @@ impl Partitioned {
                         "reading partition {partition}'s changelog up to {until}: nothing came for 30 s"
                     ))
                 })?;
-            let record = match next {
-                Some(r) => r.map_err(remote)?,
-                None => {
-                    return Err(remote(format!(
-                        "reading partition {partition}'s changelog up to {until}: it ended"
-                    )));
-                }
+            // The reading ends at `until`, or before it where the records
+            // up to there have expired.
+            let Some(record) = next else {
+                return Ok(());
             };
+            let record = record.map_err(remote)?;
             let seq = record.seq();
             match &record {
                 Record::Write { changes, .. } => {
@@ -852,9 +850,6 @@ impl Partitioned {
                 }
                 Record::Undecodable { .. } => self.skip_undecodable(&record),
                 Record::Term(_) | Record::Sync { .. } => {}
-            }
-            if seq >= until {
-                return Ok(());
             }
         }
     }
