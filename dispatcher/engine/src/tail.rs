@@ -4,6 +4,7 @@
 //! rows, never holds up the dispatcher.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use switchboard_api::events::{ChainRow, EventRow};
@@ -16,39 +17,54 @@ use crate::trace::TraceStatus;
 /// How many rows a watcher may fall behind before it loses some.
 const BACKLOG: usize = 1_024;
 
-/// How many watchers one account may have at once: each is handed every
-/// account's rows (and drops the others'), so their number is what the
-/// tail costs per event.
+/// How many watchers one account may have at once (each holds a stream
+/// open, and each row of the account is handed to each).
 pub const MAX_WATCHERS_PER_ACCOUNT: usize = 32;
 
 /// The tail's sending end, shared by the executor and the watchers.
 #[derive(Debug, Clone)]
 pub struct Tail {
-    sender: broadcast::Sender<Arc<EventRow>>,
+    watched: Arc<Watched>,
     stopped: watch::Receiver<bool>,
-    /// How many watchers each account has.
-    watching: Arc<Mutex<HashMap<AccountKey, usize>>>,
+}
+
+/// The accounts watched now, each with a channel of its own: a row is
+/// built and handed only to its account's watchers.
+#[derive(Debug, Default)]
+struct Watched {
+    /// How many watchers there are in all: while none, a pass ending
+    /// looks no further.
+    watchers: AtomicUsize,
+    channels: Mutex<HashMap<AccountKey, Channel>>,
+}
+
+/// An account's channel, and how many watch it.
+#[derive(Debug)]
+struct Channel {
+    sender: broadcast::Sender<Arc<EventRow>>,
+    watchers: usize,
 }
 
 /// A watcher of an account's rows, counted against the account's
 /// [`MAX_WATCHERS_PER_ACCOUNT`] while it lives.
 #[derive(Debug)]
 pub struct Watcher {
-    /// The rows of passes that end from its start on, of every account.
+    /// The rows of the account's passes that end from its start on.
     pub rows: broadcast::Receiver<Arc<EventRow>>,
     account: AccountKey,
-    watching: Arc<Mutex<HashMap<AccountKey, usize>>>,
+    watched: Arc<Watched>,
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        let mut watching = self.watching.lock().expect("watchers lock");
-        if let Some(n) = watching.get_mut(&self.account) {
-            *n -= 1;
-            if *n == 0 {
-                watching.remove(&self.account);
+        let mut channels = self.watched.channels.lock().expect("watchers lock");
+        if let Some(channel) = channels.get_mut(&self.account) {
+            channel.watchers -= 1;
+            if channel.watchers == 0 {
+                channels.remove(&self.account);
             }
         }
+        self.watched.watchers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -65,27 +81,30 @@ impl Tail {
     /// that open streams do not hold up a graceful stop).
     pub fn new(stopped: watch::Receiver<bool>) -> Self {
         Self {
-            sender: broadcast::channel(BACKLOG).0,
+            watched: Arc::default(),
             stopped,
-            watching: Arc::default(),
         }
     }
 
-    /// A new watcher of `account`: the rows of passes that end from now
-    /// on. Refused while the account has [`MAX_WATCHERS_PER_ACCOUNT`].
+    /// A new watcher of `account`: the rows of its passes that end from
+    /// now on. Refused while the account has [`MAX_WATCHERS_PER_ACCOUNT`].
     pub fn watch(&self, account: &AccountKey) -> Result<Watcher, TooManyWatchers> {
-        let mut watching = self.watching.lock().expect("watchers lock");
-        let n = watching.entry(account.clone()).or_default();
-        if *n >= MAX_WATCHERS_PER_ACCOUNT {
+        let mut channels = self.watched.channels.lock().expect("watchers lock");
+        let channel = channels.entry(account.clone()).or_insert_with(|| Channel {
+            sender: broadcast::channel(BACKLOG).0,
+            watchers: 0,
+        });
+        if channel.watchers >= MAX_WATCHERS_PER_ACCOUNT {
             return Err(TooManyWatchers {
                 account: account.clone(),
             });
         }
-        *n += 1;
+        channel.watchers += 1;
+        self.watched.watchers.fetch_add(1, Ordering::Relaxed);
         Ok(Watcher {
-            rows: self.sender.subscribe(),
+            rows: channel.sender.subscribe(),
             account: account.clone(),
-            watching: Arc::clone(&self.watching),
+            watched: Arc::clone(&self.watched),
         })
     }
 
@@ -95,13 +114,20 @@ impl Tail {
     }
 
     /// Sends the row of a pass over `event` that left `journal` with
-    /// `status`, if anyone watches.
+    /// `status` to the event's account's watchers, if it has any.
     pub(crate) fn passed(&self, event: &VumiApiEvent, journal: &EventJournal, status: TraceStatus) {
-        if self.sender.receiver_count() == 0 {
+        if self.watched.watchers.load(Ordering::Relaxed) == 0 {
             return;
         }
+        let sender = {
+            let channels = self.watched.channels.lock().expect("watchers lock");
+            match channels.get(&event.account_key) {
+                Some(channel) => channel.sender.clone(),
+                None => return,
+            }
+        };
         let row = row(event, journal, status, switchboard_sdk::now());
-        let _ = self.sender.send(Arc::new(row));
+        let _ = sender.send(Arc::new(row));
     }
 }
 
@@ -177,6 +203,46 @@ mod watcher_tests {
         let again = tail.watch(&acme).expect("room again");
         drop(open);
         drop(again);
-        assert!(tail.watching.lock().unwrap().is_empty());
+        assert!(tail.watched.channels.lock().unwrap().is_empty());
+        assert_eq!(tail.watched.watchers.load(Ordering::Relaxed), 0);
+    }
+
+    fn event(account: &str) -> VumiApiEvent {
+        VumiApiEvent::new(
+            AccountKey::new(account).unwrap(),
+            switchboard_sdk::ConversationKey::new("c").unwrap(),
+            switchboard_sdk::ConversationType::new("survey").unwrap(),
+            switchboard_sdk::EventType::new("poll_complete").unwrap(),
+            serde_json::Map::new(),
+        )
+    }
+
+    /// A watcher is handed its own account's rows only, and every one of
+    /// them: another account's passes cost it nothing and cannot make it
+    /// fall behind.
+    #[test]
+    fn a_watcher_is_handed_its_accounts_rows_only() {
+        let (_stop, stopped) = watch::channel(false);
+        let tail = Tail::new(stopped);
+        let (acme, zeta) = (event("acme"), event("zeta"));
+        let journal = EventJournal::default();
+        // Before anyone watches, nothing is kept for later.
+        tail.passed(&acme, &journal, TraceStatus::Done);
+        let mut watcher = tail.watch(&acme.account_key).expect("a watcher");
+        for _ in 0..BACKLOG * 2 {
+            tail.passed(&zeta, &journal, TraceStatus::Done);
+        }
+        for _ in 0..3 {
+            tail.passed(&acme, &journal, TraceStatus::Done);
+        }
+        for _ in 0..3 {
+            let row = watcher.rows.try_recv().expect("acme's row, none lost");
+            assert_eq!(row.account_key, acme.account_key);
+            assert_eq!(row.status, "done");
+        }
+        assert!(matches!(
+            watcher.rows.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
     }
 }

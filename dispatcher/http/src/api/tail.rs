@@ -66,7 +66,6 @@ where
         stopped: tail.stopped(),
         recheck,
         holds,
-        account,
         query,
     };
     let stream = futures::stream::unfold(open, |mut open| async move {
@@ -82,7 +81,6 @@ struct Open<F> {
     stopped: tokio::sync::watch::Receiver<bool>,
     recheck: tokio::time::Interval,
     holds: F,
-    account: AccountKey,
     query: TailQuery,
 }
 
@@ -102,7 +100,7 @@ impl<F: Fn() -> bool> Open<F> {
                 return None;
             };
             return match received {
-                Ok(row) if row.account_key == self.account && self.query.admits(&row) => Some(
+                Ok(row) if self.query.admits(&row) => Some(
                     Event::default()
                         .event("handled")
                         .id(row.id.to_string())
@@ -110,8 +108,8 @@ impl<F: Fn() -> bool> Open<F> {
                         .expect("a row serialises"),
                 ),
                 Ok(_) => continue,
-                // Rows of every account count here, so the number is an
-                // upper bound for this account's.
+                // The account's rows lost, whether the query admits them
+                // or not.
                 Err(RecvError::Lagged(n)) => Some(
                     Event::default()
                         .event("dropped")
