@@ -22,7 +22,7 @@ const PER_RECEIVER: usize = 64;
 #[derive(Debug)]
 pub struct InboxFeed {
     store: Store,
-    receivers: Mutex<HashMap<Vec<u8>, broadcast::Sender<Watched>>>,
+    receivers: Mutex<Receivers>,
     started: OnceLock<()>,
     /// The most streams one receiver may have open.
     max_per_receiver: usize,
@@ -33,13 +33,39 @@ pub struct InboxFeed {
 #[error("this receiver already has {0} live streams open here, the most it may")]
 pub struct TooManyStreams(pub usize);
 
+/// The receivers' channels, some of which may have no stream left.
+#[derive(Debug, Default)]
+struct Receivers {
+    channels: HashMap<Vec<u8>, broadcast::Sender<Watched>>,
+    /// How many channels there may be before those without a stream go:
+    /// twice as many as were left at the last tidying, so that tidying
+    /// costs a subscription no more than a few looks on average, however
+    /// many streams open at once.
+    tidy_at: usize,
+}
+
+impl Receivers {
+    /// The least [`Receivers::tidy_at`].
+    const TIDY_AT_LEAST: usize = 64;
+
+    /// Lets the channels whose streams all ended go, once they may be
+    /// half of all.
+    fn tidy(&mut self) {
+        if self.channels.len() < self.tidy_at {
+            return;
+        }
+        self.channels.retain(|_, tx| tx.receiver_count() > 0);
+        self.tidy_at = (self.channels.len() * 2).max(Self::TIDY_AT_LEAST);
+    }
+}
+
 impl InboxFeed {
     /// The feed of the inboxes in `store`, `max_per_receiver` streams at
     /// most for each receiver; it starts reading with its first subscriber.
     pub fn new(store: Store, max_per_receiver: usize) -> Arc<Self> {
         Arc::new(Self {
             store,
-            receivers: Mutex::new(HashMap::new()),
+            receivers: Mutex::default(),
             started: OnceLock::new(),
             max_per_receiver,
         })
@@ -54,9 +80,9 @@ impl InboxFeed {
     ) -> Result<broadcast::Receiver<Watched>, TooManyStreams> {
         self.started.get_or_init(|| self.start());
         let mut receivers = self.receivers.lock().expect("feed lock");
-        // Channels whose streams all ended go.
-        receivers.retain(|_, tx| tx.receiver_count() > 0);
+        receivers.tidy();
         let tx = receivers
+            .channels
             .entry(prefix)
             .or_insert_with(|| broadcast::channel(PER_RECEIVER).0);
         if tx.receiver_count() >= self.max_per_receiver {
@@ -70,6 +96,7 @@ impl InboxFeed {
         self.receivers
             .lock()
             .expect("feed lock")
+            .channels
             .values()
             .filter(|tx| tx.receiver_count() > 0)
             .count()
@@ -85,7 +112,7 @@ impl InboxFeed {
                 match received {
                     Ok(watched) => {
                         let receivers = feed.receivers.lock().expect("feed lock");
-                        if let Some(tx) = receivers.get(receiver_of_key(&watched.key)) {
+                        if let Some(tx) = receivers.channels.get(receiver_of_key(&watched.key)) {
                             // No stream open: nothing to tell.
                             let _ = tx.send(watched);
                         }
@@ -97,7 +124,7 @@ impl InboxFeed {
                              and resumes when its client reconnects"
                         );
                         // Dropping the senders ends every stream.
-                        feed.receivers.lock().expect("feed lock").clear();
+                        feed.receivers.lock().expect("feed lock").channels.clear();
                     }
                     Err(RecvError::Closed) => return,
                 }
@@ -144,9 +171,36 @@ mod tests {
         assert_eq!(&got.key[..], b"acme\0annie\0\x01\0n-1");
         assert!(ann.try_recv().is_err(), "annie's change is not ann's");
         drop((ann, ann_too));
-        // A later subscription tidies the channels nobody listens to.
         let _bob = feed.subscribe(b"acme\0bob\0".to_vec()).unwrap();
         assert_eq!(feed.receivers(), 2);
-        assert_eq!(feed.receivers.lock().unwrap().len(), 2);
+    }
+
+    /// Channels whose streams all ended go once they may be half of all:
+    /// however many receivers come and go, the channels kept stay within
+    /// twice those with a stream open (and a subscription does not look at
+    /// every channel each time).
+    #[tokio::test]
+    async fn channels_without_streams_go() {
+        let store = Store::temporary().unwrap();
+        let feed = InboxFeed::new(store, 2);
+        let kept: Vec<_> = (0..10)
+            .map(|n| {
+                feed.subscribe(format!("acme\0kept{n}\0").into_bytes())
+                    .unwrap()
+            })
+            .collect();
+        for n in 0..10_000 {
+            let gone = feed
+                .subscribe(format!("acme\0r{n}\0").into_bytes())
+                .unwrap();
+            drop(gone);
+            let channels = feed.receivers.lock().unwrap().channels.len();
+            assert!(
+                channels <= Receivers::TIDY_AT_LEAST,
+                "{channels} channels kept"
+            );
+        }
+        assert_eq!(feed.receivers(), 10);
+        drop(kept);
     }
 }
