@@ -32,7 +32,9 @@ use switchboard_http::ratelimit::RateLimiter;
 use switchboard_http::unsubscribe::OneClick;
 use switchboard_outbound::policy::OutboundPolicy;
 use switchboard_outbound::{LettreMail, ReqwestHttp};
-use switchboard_rules::{ChainStore, Format, parse_chain_file, validate_deferring_secrets};
+use switchboard_rules::{
+    ChainStore, FROM_FILE, Format, parse_chain_file, validate_deferring_secrets,
+};
 use switchboard_sdk::{AccountKey, VumiApiEvent};
 use switchboard_state::RecordPorts;
 use switchboard_store::{Change, Collection, Store};
@@ -821,10 +823,6 @@ fn spawn_inbox_expiry(
     });
 }
 
-/// How a version applied from a chain file (`run --chains`) begins its
-/// `change`, followed by the file's name.
-pub const FROM_FILE: &str = "apply file";
-
 /// Applies every `*.toml` and `*.json` file in `dir`, in name order. A file
 /// whose chains equal the account's current chains makes no new version, and
 /// neither does a file unchanged since it was last applied ([`FROM_FILE`]):
@@ -877,11 +875,7 @@ pub fn apply_chain_dir(
         // The chains last applied from a file: if the file still says the
         // same, the account's chains were changed since through the API,
         // and those changes stand.
-        let last_from_file = chains
-            .history(&account)?
-            .into_iter()
-            .rev()
-            .find(|v| v.change.starts_with(FROM_FILE));
+        let last_from_file = chains.last_from_file(&account)?;
         let file_unchanged = last_from_file.is_some_and(|last| last.chains == valid.file().chains);
         let version = if unchanged {
             tracing::info!(%account, file = %shown, "the account's chains equal the file's: nothing to apply");

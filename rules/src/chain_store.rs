@@ -1,5 +1,5 @@
-//! Stored chains: every change to an account's chains makes a new version; old
-//! versions are kept, listed and restorable.
+//! Stored chains: every change to an account's chains makes a new version; the
+//! last [`VERSIONS_KEPT`] are kept, listed and restorable.
 //!
 //! The current version of every account is held in memory, indexed for
 //! matching, so routing an event reads no storage and never looks at another
@@ -16,6 +16,15 @@ use time::OffsetDateTime;
 use crate::matching::AccountChains;
 use crate::model::{ChainFile, ChainSpec};
 use crate::validate::{StepCatalog, ValidChainFile, ValidationError, validate};
+
+/// How many versions of an account's chains are kept: as a new one is made,
+/// those older than the last this many go, but for the last one applied
+/// from a chain file (which a start compares its file with).
+pub const VERSIONS_KEPT: u64 = 1_000;
+
+/// What a version applied from a chain file at start says made it (then
+/// the file's name).
+pub const FROM_FILE: &str = "apply file";
 
 /// One version of an account's chains, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +45,11 @@ pub struct ChainVersion {
     /// versions may still wait for them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub awaited_before: Vec<String>,
+    /// The last version applied from a chain file ([`FROM_FILE`]): this
+    /// one or an earlier one. `None` if there is none, or for a version
+    /// stored before versions said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<u64>,
 }
 
 /// What a new version changed, by chain name, in the new version's order
@@ -162,6 +176,8 @@ pub struct ChainStore {
     current: RwLock<HashMap<AccountKey, Arc<AccountChains>>>,
     /// Serialises changes, so version numbers never collide.
     writer: Mutex<()>,
+    /// How many versions of an account are kept ([`VERSIONS_KEPT`]).
+    versions_kept: u64,
 }
 
 impl ChainStore {
@@ -172,7 +188,16 @@ impl ChainStore {
             store,
             current: RwLock::new(current),
             writer: Mutex::new(()),
+            versions_kept: VERSIONS_KEPT,
         })
+    }
+
+    /// The same store, keeping `n` versions of an account instead of
+    /// [`VERSIONS_KEPT`].
+    #[cfg(test)]
+    pub(crate) fn keeping(mut self, n: u64) -> Self {
+        self.versions_kept = n;
+        self
     }
 
     /// The current chains of `account`, indexed for matching.
@@ -297,6 +322,31 @@ impl ChainStore {
             .collect()
     }
 
+    /// The last version of `account` applied from a chain file
+    /// ([`FROM_FILE`]), if it has one still kept.
+    pub fn last_from_file(
+        &self,
+        account: &AccountKey,
+    ) -> Result<Option<ChainVersion>, ChainStoreError> {
+        let Some(current) = self.current(account)? else {
+            return Ok(None);
+        };
+        match current.from_file {
+            Some(n) if n == current.version => Ok(Some(current)),
+            Some(n) => match self.version(account, n) {
+                Ok(v) => Ok(Some(v)),
+                Err(ChainStoreError::NoSuchVersion { .. }) => Ok(None),
+                Err(e) => Err(e),
+            },
+            // Versions stored before they said which was: looked for.
+            None => Ok(self
+                .history(account)?
+                .into_iter()
+                .rev()
+                .find(|v| v.change.starts_with(FROM_FILE))),
+        }
+    }
+
     /// One version of `account`.
     pub fn version(
         &self,
@@ -407,6 +457,11 @@ impl ChainStore {
                 version: next,
                 applied_at: switchboard_sdk::now(),
                 change: change.to_string(),
+                from_file: if change.starts_with(FROM_FILE) {
+                    Some(next)
+                } else {
+                    base.as_ref().and_then(|b| b.from_file)
+                },
                 awaited_before: base.map(|b| b.awaited_after(&chains)).unwrap_or_default(),
                 chains,
             };
@@ -430,6 +485,7 @@ impl ChainStore {
                 break (record, made);
             }
         };
+        self.prune(&account, &record)?;
         self.store.flush_blocking()?;
         let indexed = Arc::new(record.indexed());
         self.current
@@ -437,6 +493,39 @@ impl ChainStore {
             .expect("chain cache lock")
             .insert(account, indexed);
         Ok((record, made))
+    }
+}
+
+impl ChainStore {
+    /// Removes `account`'s versions older than the last
+    /// [`ChainStore::versions_kept`] up to `newest`, but for the last one
+    /// applied from a file.
+    fn prune(&self, account: &AccountKey, newest: &ChainVersion) -> Result<(), ChainStoreError> {
+        /// Versions read at a time (after the first prune, one goes per
+        /// version made).
+        const PAGE: usize = 64;
+        let Some(cut) = newest.version.checked_sub(self.versions_kept) else {
+            return Ok(());
+        };
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        let mut before = version_key(account, cut + 1);
+        loop {
+            let page = self.store.scan_prefix_before(
+                Collection::ChainVersions,
+                &prefix,
+                Some(&before),
+                PAGE,
+            )?;
+            for (k, _) in &page {
+                if Some(version_of_key(k)) != newest.from_file {
+                    self.store.remove(Collection::ChainVersions, k)?;
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
+                _ => return Ok(()),
+            }
+        }
     }
 }
 

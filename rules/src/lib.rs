@@ -12,7 +12,9 @@ mod model;
 mod selection;
 mod validate;
 
-pub use chain_store::{ChainChanges, ChainStore, ChainStoreError, ChainVersion};
+pub use chain_store::{
+    ChainChanges, ChainStore, ChainStoreError, ChainVersion, FROM_FILE, VERSIONS_KEPT,
+};
 pub use matching::{AccountChains, Routing, WAIT_FOR_EVENT};
 pub use model::{
     ChainFile, ChainSpec, Concurrency, Control, DEFAULT_CHAIN, Debounce, EventMatch, Limit,

@@ -425,6 +425,51 @@ fn store_versions_restore_and_remove() {
     ));
 }
 
+/// The last versions are kept, and the last applied from a file however
+/// old (a start compares its file with it); older ones go as new ones are
+/// made, and cannot be restored.
+#[test]
+fn only_the_last_versions_are_kept_and_the_last_from_a_file() {
+    let store = ChainStore::open(Store::temporary().unwrap())
+        .unwrap()
+        .keeping(3);
+    let from_file = || {
+        store
+            .apply_changes(
+                check(MATCH_FILE).unwrap(),
+                false,
+                &format!("{FROM_FILE} acme.toml"),
+                &TestCatalog,
+            )
+            .unwrap()
+            .0
+    };
+    let versions = || -> Vec<u64> {
+        store
+            .history(&acme())
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect()
+    };
+    assert_eq!(from_file().from_file, Some(1));
+    for _ in 2..=6 {
+        let v = store.apply(check(MATCH_FILE).unwrap()).unwrap();
+        assert_eq!(v.from_file, Some(1));
+    }
+    assert_eq!(versions(), [1, 4, 5, 6]);
+    assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 1);
+    assert!(matches!(
+        store.restore(&acme(), 2, &TestCatalog),
+        Err(ChainStoreError::NoSuchVersion { version: 2, .. })
+    ));
+    assert_eq!(from_file().version, 7);
+    assert_eq!(versions(), [5, 6, 7]);
+    assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 7);
+    let other = AccountKey::new("other").unwrap();
+    assert!(store.last_from_file(&other).unwrap().is_none());
+}
+
 #[test]
 fn store_reloads_and_keeps_accounts_apart() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,12 @@
 //! Named, versioned sources in the store (Rhai scripts, message
-//! templates): every version under (account, name, version as 8 big-endian
-//! bytes) in one collection, and the current one under (account, name) in
-//! another. Written rarely, so each write is flushed before it returns.
+//! templates): each version kept under (account, name, version as 8
+//! big-endian bytes) in one collection, and the current one under
+//! (account, name) in another. Written rarely, so each write is flushed
+//! before it returns.
 
-use switchboard_handlers::records::{RecordError, Records, SourceRecords, SourceVersion};
+use switchboard_handlers::records::{
+    RecordError, Records, SourceRecords, SourceVersion, VERSIONS_KEPT,
+};
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, Write, key};
 
@@ -19,6 +22,8 @@ pub struct StoredSources {
     versions: Collection,
     /// What they are, for errors.
     records: Records,
+    /// How many versions of one source are kept ([`VERSIONS_KEPT`]).
+    versions_kept: u64,
 }
 
 fn current_key(account: &AccountKey, name: &str) -> Vec<u8> {
@@ -53,6 +58,7 @@ impl StoredSources {
             current: Collection::Scripts,
             versions: Collection::ScriptVersions,
             records: Records::Scripts,
+            versions_kept: VERSIONS_KEPT,
         }
     }
 
@@ -63,6 +69,42 @@ impl StoredSources {
             current: Collection::Templates,
             versions: Collection::TemplateVersions,
             records: Records::Templates,
+            versions_kept: VERSIONS_KEPT,
+        }
+    }
+
+    /// The same, keeping `n` versions of one source.
+    #[cfg(test)]
+    fn keeping(mut self, n: u64) -> Self {
+        self.versions_kept = n;
+        self
+    }
+
+    /// Removes the versions of `account`'s `name` older than the last
+    /// [`StoredSources::versions_kept`] up to `newest`.
+    fn prune(&self, account: &AccountKey, name: &str, newest: u64) -> Result<(), RecordError> {
+        /// Versions read at a time (after the first prune, one goes per
+        /// version stored).
+        const PAGE: usize = 64;
+        let Some(cut) = newest.checked_sub(self.versions_kept) else {
+            return Ok(());
+        };
+        let prefix = prefix(account, name);
+        let mut before = version_key(account, name, cut + 1);
+        loop {
+            let page = self
+                .store
+                .scan_prefix_before(self.versions, &prefix, Some(&before), PAGE)
+                .about(self.records, account)?;
+            for (k, _) in &page {
+                self.store
+                    .remove(self.versions, k)
+                    .about(self.records, account)?;
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
+                _ => return Ok(()),
+            }
         }
     }
 
@@ -114,6 +156,7 @@ impl SourceRecords for StoredSources {
             )
             .about(self.records, account)?;
         if written {
+            self.prune(account, name, version.version)?;
             self.store.flush_blocking().about(self.records, account)?;
         }
         Ok(written)
@@ -236,5 +279,42 @@ mod tests {
             .map(|v| v.version)
             .collect();
         assert_eq!(history, [1, 2, 3]);
+    }
+
+    /// The last versions of a source are kept; older ones go as new ones
+    /// are stored (another source's are its own), and numbering goes on.
+    #[test]
+    fn only_the_last_versions_of_a_source_are_kept() {
+        let store = ScriptStore::scripts(
+            Arc::new(StoredSources::scripts(Store::temporary().unwrap()).keeping(3)),
+            Arc::new(ScriptRuntime::default()),
+        );
+        let acme = AccountKey::new("acme").unwrap();
+        let put = |name, v: u64| {
+            let source = format!("fn handle(e, s, c) {{ #{{ v: {v} }} }}");
+            store.put(&acme, name, &source).unwrap().version
+        };
+        let history = |name| -> Vec<u64> {
+            store
+                .history(&acme, name)
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect()
+        };
+        put("greet", 1);
+        for v in 1..=5 {
+            assert_eq!(put("award", v), v);
+        }
+        assert_eq!(history("award"), [3, 4, 5]);
+        assert_eq!(history("greet"), [1]);
+        assert!(store.version(&acme, "award", 2).is_err());
+        store.remove(&acme, "award").unwrap();
+        assert_eq!(
+            put("award", 6),
+            6,
+            "numbering goes on past the versions gone"
+        );
+        assert_eq!(history("award"), [4, 5, 6]);
     }
 }

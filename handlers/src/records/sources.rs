@@ -1,12 +1,16 @@
-//! Stored scripts: each account's Rhai handlers, by name, every version
-//! kept. [`crate::ScriptStore`] compiles, validates and caches them; this
-//! port is where it keeps their versions.
+//! Stored scripts and templates: each account's, by name, the last
+//! [`VERSIONS_KEPT`] versions kept. [`crate::ScriptStore`] compiles,
+//! validates and caches them; this port is where it keeps their versions.
 
 use serde::{Deserialize, Serialize};
 use switchboard_sdk::AccountKey;
 use time::OffsetDateTime;
 
 use super::RecordError;
+
+/// How many versions of one script (or template) are kept: as a new one is
+/// stored, those older than the last this many go.
+pub const VERSIONS_KEPT: u64 = 1_000;
 
 /// One version of a script, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +36,7 @@ pub trait SourceRecords: Send + Sync + std::fmt::Debug {
     /// Stores `version` as its script's current version and in its history,
     /// durably, if its history has no version of that number yet (which
     /// another replica may have taken meanwhile); returns whether it did.
+    /// The script's versions older than the last [`VERSIONS_KEPT`] go.
     fn create(&self, version: &SourceVersion) -> Result<bool, RecordError>;
 
     /// The current version of a script.
@@ -44,7 +49,7 @@ pub trait SourceRecords: Send + Sync + std::fmt::Debug {
     /// The current version of every script of `account`, by name.
     fn list(&self, account: &AccountKey) -> Result<Vec<SourceVersion>, RecordError>;
 
-    /// Every version of a script, oldest first (kept after a remove).
+    /// Every version of a script kept, oldest first (kept after a remove).
     fn history(&self, account: &AccountKey, name: &str) -> Result<Vec<SourceVersion>, RecordError>;
 
     /// One version of a script.

@@ -120,6 +120,11 @@ impl SourceRecords for MemorySources {
             return Ok(false);
         }
         versions.push(version.clone());
+        versions.retain(|v| {
+            v.account_key != version.account_key
+                || v.name != version.name
+                || v.version + super::VERSIONS_KEPT > version.version
+        });
         let mut current = self.current.lock().unwrap();
         current.retain(|v| !(v.account_key == version.account_key && v.name == version.name));
         current.push(version.clone());
