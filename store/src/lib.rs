@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod awake;
 pub mod changelog;
 mod key_locks;
 mod partitioned;

@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::{Look, PartitionEntries, Partitioned, cleaner, remote};
+use crate::awake::Moment;
 use crate::changelog::{Change, Record};
 use crate::{Collection, StoreError, io};
 
@@ -33,15 +34,16 @@ impl Partitioned {
     pub(super) async fn follow(this: std::sync::Weak<Self>, refilter: Arc<Notify>) {
         // When the follower last knew it had read every record stored so
         // far: it found nothing stored past what it applied, or read a
-        // sync mark published then.
-        let mut in_touch = Instant::now();
+        // sync mark published then. On a clock that counts the time the
+        // machine was suspended.
+        let mut in_touch = Moment::now();
         // The last sync mark published to tell, and when.
-        let mut probe: Option<(u64, Instant)> = None;
+        let mut probe: Option<(u64, Moment)> = None;
         loop {
             let Some(me) = this.upgrade() else { return };
             if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
                 me.forget_copies(in_touch.elapsed());
-                in_touch = Instant::now();
+                in_touch = Moment::now();
             }
             if !me.copy_kept().await {
                 // The others are followed meanwhile; the follower looks
@@ -112,7 +114,7 @@ impl Partitioned {
                             );
                             break;
                         }
-                        let asked = Instant::now();
+                        let asked = Moment::now();
                         match me.changelog.last_seq().await {
                             Ok(last) if last > applied => {
                                 probe = me.changelog.sync().await.ok().map(|mark| (mark, asked));
@@ -136,7 +138,7 @@ impl Partitioned {
                             // saying another replica took a partition held
                             // here is news not to delay).
                             me.forget_copies(in_touch.elapsed());
-                            in_touch = Instant::now();
+                            in_touch = Moment::now();
                             refilter.notify_one();
                         }
                         if let Some((_, asked)) = probe.take_if(|(mark, _)| record.seq() >= *mark) {
@@ -148,7 +150,7 @@ impl Partitioned {
                         // Busy, the follower is never quiet: it asks to be
                         // told it read up to the stream's end every 5 s.
                         if probe.is_none() && in_touch.elapsed() >= PROBE_EVERY {
-                            let asked = Instant::now();
+                            let asked = Moment::now();
                             probe = me.changelog.sync().await.ok().map(|mark| (mark, asked));
                         }
                     }
