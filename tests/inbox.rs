@@ -997,6 +997,27 @@ async fn housekeeping_keeps_inboxes_within_their_cap_and_retention() {
     }
 }
 
+/// The cap holds as notifications are left, not only at the sweep (ten
+/// minutes apart with the default retention): a receiver notified many
+/// times in a row keeps only its newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_is_kept_within_its_cap_as_notifications_are_left() {
+    let d = Dispatcher::with_config(None, "[inbox]\nmax_per_receiver = 8\n");
+    d.apply_chains("acme.toml", ONBOARDING).await;
+    for n in 1..=20 {
+        ping(&d, "eve", "news", &format!("News {n}")).await;
+    }
+    let (_, list) = d.get("/v1/accounts/acme/inbox/eve?limit=50").await;
+    let bodies: Vec<&str> = list["notifications"]
+        .as_array()
+        .expect("a listing")
+        .iter()
+        .map(|n| n["content"]["body"].as_str().expect("a body"))
+        .collect();
+    let newest: Vec<String> = (13..=20).rev().map(|n| format!("News {n}")).collect();
+    assert_eq!(bodies, newest);
+}
+
 /// The example of docs/inbox.md, as shipped in `examples/inbox/`: the
 /// "before" callbacks stop a send (a `when`, a script's `stop()`) or
 /// redirect it (the script picks the receiver); "upon" is the notify

@@ -425,7 +425,8 @@ impl Engine {
             .map_err(StartError::Config)?;
         // An event's handling writes only the partitions this replica holds.
         let event_store = store.handling_events();
-        let records = RecordPorts::over(&event_store);
+        let records = RecordPorts::over(&event_store)
+            .inbox_capped(&event_store, config.inbox.max_per_receiver);
         // The API's records (see `Engine::records`), which links change.
         let api_records = RecordPorts::over(store);
         let unsubscribe = Arc::new(OneClick::new(

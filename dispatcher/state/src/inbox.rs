@@ -4,6 +4,12 @@
 //! id under `{account}\0{id}` pointing at that key (so a re-run step, and a
 //! receiver marking one read, find it). Read and archived state change by
 //! compare-and-swap, so a receiver's two tabs marking at once both land.
+//!
+//! A receiver's inbox is kept within its cap ([`InboxPolicy::max_per_receiver`])
+//! as notifications are placed, about an eighth over at most: a chain notifying
+//! one receiver at a high rate does not pile notifications up until the
+//! next sweep (which also removes old read ones), and what a count or a
+//! listing reads of one inbox stays bounded.
 
 use switchboard_handlers::records::inbox::InboxPolicy;
 use switchboard_handlers::records::{
@@ -82,16 +88,86 @@ struct Marks {
 /// their places one at a time.
 static PLACING: KeyLocks = KeyLocks::new();
 
+/// How many receivers' placements since their inbox was last counted
+/// are remembered; past it, all are forgotten (their inboxes are counted
+/// later, or by the sweep).
+const PLACED_REMEMBERED: usize = 65_536;
+
 /// Inboxes, by account and receiver.
 #[derive(Debug)]
 pub struct StoredInbox {
     store: Store,
+    /// The most a receiver keeps, enforced as notifications are placed
+    /// (`None`: by the sweep only).
+    cap: Option<usize>,
+    /// How many notifications each receiver (by its key prefix) was left
+    /// here since its inbox was last counted.
+    placed: std::sync::Mutex<std::collections::HashMap<Vec<u8>, usize>>,
 }
 
 impl StoredInbox {
-    /// Inboxes kept in `store`.
+    /// Inboxes kept in `store`, within their cap by the sweep only.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            cap: None,
+            placed: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Inboxes kept in `store`, each kept within `cap` notifications
+    /// (about an eighth over at most: the placements counted are this
+    /// process's) as they are placed, the oldest going first, read or not.
+    pub fn capped(store: Store, cap: usize) -> Self {
+        Self {
+            cap: Some(cap.max(1)),
+            ..Self::new(store)
+        }
+    }
+
+    /// After a notification was left for `receiver`: once an eighth of
+    /// the cap were left since its inbox was last counted, counts it and
+    /// removes the oldest past the cap (with their ids). One changed since
+    /// it was read is left for the sweep.
+    fn keep_within_cap(&self, account: &AccountKey, receiver: &str) -> Result<(), RecordError> {
+        let Some(cap) = self.cap else {
+            return Ok(());
+        };
+        let prefix = receiver_prefix(account, receiver);
+        {
+            let mut placed = self.placed.lock().expect("placed lock");
+            if placed.len() >= PLACED_REMEMBERED && !placed.contains_key(&prefix) {
+                placed.clear();
+            }
+            let n = placed.entry(prefix.clone()).or_default();
+            *n += 1;
+            if *n < (cap / 8).max(1) {
+                return Ok(());
+            }
+            placed.remove(&prefix);
+        }
+        let held = self
+            .store
+            .scan_prefix(Collection::Inbox, &prefix)
+            .about(Records::Inbox, account)?;
+        let over = held.len().saturating_sub(cap);
+        for (k, v) in held.into_iter().take(over) {
+            let removed = self
+                .store
+                .compare_and_swap(Collection::Inbox, &k, Some(&v), None)
+                .about(Records::Inbox, account)?;
+            if removed && let Some(n) = decode::<Notification>(&v) {
+                self.store
+                    .compare_and_swap(
+                        Collection::InboxIds,
+                        &id_key(account, &n.id),
+                        Some(&k),
+                        None,
+                    )
+                    .about(Records::Inbox, account)?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes `mark` to the notification under `at`, if it is `receiver`'s.
@@ -188,6 +264,7 @@ impl Inbox for StoredInbox {
                 },
             ])
             .about(Records::Inbox, &account)?;
+        self.keep_within_cap(&account, &notification.receiver)?;
         Ok((notification, true))
     }
 
@@ -609,6 +686,32 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(inbox.expire(&policy, later).unwrap(), 0);
+    }
+
+    /// Placed one after another, a receiver's notifications stay within
+    /// the cap and an eighth over, the oldest going first with their ids;
+    /// another receiver's are its own.
+    #[test]
+    fn placing_keeps_an_inbox_within_its_cap() {
+        let inbox = StoredInbox::capped(Store::temporary().unwrap(), 16);
+        let acme = AccountKey::new("acme").unwrap();
+        let all = InboxFilter::default();
+        inbox
+            .deliver(notification(&acme, "bob", "b-1", 500))
+            .unwrap();
+        for i in 1..=100 {
+            inbox
+                .deliver(notification(&acme, "ann", &format!("n-{i}"), i * 1_000))
+                .unwrap();
+            let held = inbox.count(&acme, "ann").unwrap().total;
+            assert!(held <= 18, "{held} notifications after {i} placed");
+        }
+        let left = inbox.page(&acme, "ann", &all, None, 100).unwrap();
+        let expected: Vec<String> = (85..=100).rev().map(|i| format!("n-{i}")).collect();
+        assert_eq!(ids(&left.notifications), expected);
+        // The ids of those gone went with them: marking one finds nothing.
+        assert_eq!(inbox.mark(&acme, "ann", "n-1", Mark::Read).unwrap(), None);
+        assert_eq!(inbox.count(&acme, "bob").unwrap().total, 1);
     }
 
     #[test]

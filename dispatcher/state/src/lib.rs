@@ -74,6 +74,14 @@ impl RecordPorts {
             templates: Arc::new(StoredSources::templates(store.clone())),
         }
     }
+
+    /// The same, keeping each receiver's inbox in `store` within `cap` as
+    /// notifications are placed (see [`StoredInbox::capped`]).
+    #[must_use]
+    pub fn inbox_capped(mut self, store: &Store, cap: usize) -> Self {
+        self.inbox = Arc::new(StoredInbox::capped(store.clone(), cap));
+        self
+    }
 }
 
 /// Names the records and account a store failure was about.
