@@ -4,8 +4,8 @@
 //! different conversations run concurrently; a settler acks what the
 //! workers handled once it is durable, in gathered batches.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::task::Poll;
@@ -21,7 +21,10 @@ use crate::event_kinds::{EventKinds, Tally};
 use crate::event_threads::Spawner;
 use crate::executor::{Disposition, Executor};
 
+mod holds;
 mod kept;
+
+use holds::{Conversation, Held, Holds};
 
 /// How often the consume loop hands its count of event kinds over to the
 /// store, at most.
@@ -70,7 +73,15 @@ pub async fn consume(
     mut stopped: watch::Receiver<bool>,
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
-    let settler = spawner.spawn(0, settle_batches(executor.clone(), settling, keepalive));
+    // Where the settler tells each worker of a handled event whose
+    // settling failed (see [`Holds::settle_failed`]).
+    let (failures, failed): (Vec<_>, Vec<_>) = (0..concurrency)
+        .map(|_| mpsc::unbounded_channel::<Failed>())
+        .unzip();
+    let settler = spawner.spawn(
+        0,
+        settle_batches(executor.clone(), settling, failures, keepalive),
+    );
     // The conversations a graceful stop left held behind a retry, each
     // to the worker its events go to.
     let mut by_worker: Vec<HashMap<_, _>> = (0..concurrency).map(|_| HashMap::new()).collect();
@@ -93,7 +104,7 @@ pub async fn consume(
     }
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
-    for (n, waiting) in by_worker.into_iter().enumerate() {
+    for (n, (waiting, failed)) in by_worker.into_iter().zip(failed).enumerate() {
         // Small buffers: a delivery waiting here gets no progress reports, so
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
@@ -108,7 +119,8 @@ pub async fn consume(
                     keepalive,
                     grace,
                     stopped: stopped.clone(),
-                    waiting,
+                    holds: Holds::from_held(waiting),
+                    failed,
                 }
                 .run(rx),
             ),
@@ -139,8 +151,14 @@ pub async fn consume(
             Ok(event) => event,
             Err((disposition, holding)) => {
                 // Poison: acked once its dead letter is durable.
-                if let Err(unsent) = settle.send((delivery, disposition, holding)).await {
-                    let _ = unsent.0.0.nak(Duration::ZERO).await;
+                let handled = Handled {
+                    delivery,
+                    disposition,
+                    holding,
+                    event: None,
+                };
+                if let Err(unsent) = settle.send(handled).await {
+                    let _ = unsent.0.delivery.nak(Duration::ZERO).await;
                 }
                 continue;
             }
@@ -228,9 +246,22 @@ fn hand_over(kinds: &EventKinds, tally: Tally) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// A handled delivery, what to do with it, and the state it was handled
-/// on (see [`Executor::holding`]).
-type Handled = (Delivery, Disposition, Holding);
+/// A handled delivery, what to do with it, the state it was handled on
+/// (see [`Executor::holding`]), and its event's conversation and id (none
+/// for poison).
+struct Handled {
+    delivery: Delivery,
+    disposition: Disposition,
+    holding: Holding,
+    event: Option<(Conversation, EventId)>,
+}
+
+/// A handled event sent back to be handled again because its settling
+/// failed: its conversation, bus position, id, and when it is due back.
+type Failed = (Conversation, u64, EventId, tokio::time::Instant);
+
+/// How long a handled event whose settling failed waits to be handled again.
+const SETTLE_FAILED_DELAY: Duration = Duration::from_secs(1);
 
 /// Handled deliveries waiting to be settled. Workers wait only when this
 /// many are waiting; the bus's own limit on unacked messages
@@ -253,10 +284,13 @@ const SETTLE_GATHER: Duration = Duration::from_millis(2);
 /// than `keepalive` (a changelog whose stream is electing a leader) reports
 /// the deliveries waiting for it in progress every `keepalive`, and those
 /// handled meanwhile (they wait for the next flush), so that the bus does
-/// not deliver them again while they wait.
+/// not deliver them again while they wait. A handled event whose settling
+/// fails goes back to the bus, and its worker (of `workers`, by
+/// conversation) holds its conversation's later events behind it.
 async fn settle_batches(
     executor: Arc<Executor>,
     mut queue: mpsc::Receiver<Handled>,
+    workers: Vec<mpsc::UnboundedSender<Failed>>,
     keepalive: Option<Duration>,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
@@ -295,25 +329,41 @@ async fn settle_batches(
             tracing::error!(error = %e, count = batch.len(),
                 "flushing the store failed; these events will be handled again");
         }
-        for (delivery, disposition, holding) in batch.drain(..) {
-            let result = match (disposition, &durable) {
-                (Disposition::Ack, Ok(())) if executor.still_holds(&holding) => {
-                    delivery.ack().await
-                }
+        for handled in batch.drain(..) {
+            let Handled {
+                delivery,
+                disposition,
+                holding,
+                event,
+            } = handled;
+            let failed = match (disposition, &durable) {
+                (Disposition::Ack, Ok(())) if executor.still_holds(&holding) => false,
                 (Disposition::Ack, Ok(())) => {
                     tracing::warn!(subject = %delivery.subject,
                         "the state this event was handled on is gone (its partition's changelog \
                          refused or lost writes); it will be handled again");
-                    delivery.nak(Duration::from_secs(1)).await
+                    true
                 }
-                (Disposition::Ack, Err(_)) => delivery.nak(Duration::from_secs(1)).await,
+                (Disposition::Ack, Err(_)) => true,
                 // A retry's attempt count is durable only once this flush
                 // is: a crash before it (or a failed flush) gives the step
                 // one more attempt than it should get.
-                (Disposition::Retry(delay), _) => delivery.nak(delay).await,
+                (Disposition::Retry(_), _) => false,
+            };
+            let seq = delivery.seq;
+            let result = match disposition {
+                Disposition::Ack if failed => delivery.nak(SETTLE_FAILED_DELAY).await,
+                Disposition::Ack => delivery.ack().await,
+                Disposition::Retry(delay) => delivery.nak(delay).await,
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
+            }
+            if failed && let Some((conversation, id)) = event {
+                let due = tokio::time::Instant::now() + SETTLE_FAILED_DELAY;
+                let worker = shard_of(&conversation.0, &conversation.1, workers.len());
+                // A worker gone has stopped handling.
+                let _ = workers[worker].send((conversation, seq, id, due));
             }
         }
     }
@@ -344,7 +394,7 @@ async fn in_progress_until<T>(
                 }
                 tracing::info!(waiting = batch.len() + later.len(),
                     "the store's flush is slow; reporting the events waiting for it in progress");
-                for (delivery, _, _) in batch.iter().chain(later.iter()) {
+                for Handled { delivery, .. } in batch.iter().chain(later.iter()) {
                     if let Err(e) = delivery.in_progress().await {
                         tracing::warn!(error = %e, "reporting progress failed");
                     }
@@ -352,32 +402,6 @@ async fn in_progress_until<T>(
             }
         }
     }
-}
-
-/// How long past its due time a conversation waits for the event it is held
-/// for before deciding that event went elsewhere (another replica took it)
-/// when its journal record does not say so.
-const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
-
-/// How much later than the event it waits for a held delivery comes back.
-const HELD_MARGIN: Duration = Duration::from_millis(50);
-
-/// A conversation: the account and its conversation key.
-type Conversation = (AccountKey, ConversationKey);
-
-/// A conversation whose event `head` went back to the bus for a retry: its
-/// later events are held (nakked) until `head` is done, and then handled in
-/// bus order.
-#[derive(Debug)]
-struct Held {
-    /// The bus position of the event the conversation waits for.
-    head: u64,
-    /// Its id.
-    head_id: EventId,
-    /// When that event is due back.
-    due: tokio::time::Instant,
-    /// Later events of the conversation, sent back to wait, by bus position.
-    later: BTreeMap<u64, EventId>,
 }
 
 /// One worker: handles the events of the conversations hashed to it, one at
@@ -392,7 +416,10 @@ struct Worker {
     keepalive: Option<Duration>,
     grace: Duration,
     stopped: watch::Receiver<bool>,
-    waiting: HashMap<Conversation, Held>,
+    /// Its conversations held behind one of their events.
+    holds: Holds,
+    /// Its handled events whose settling failed, from the settler.
+    failed: mpsc::UnboundedReceiver<Failed>,
 }
 
 impl Worker {
@@ -405,12 +432,23 @@ impl Worker {
     ) -> (Vec<Delivery>, HashMap<Conversation, Held>) {
         let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
+            // What the settler found failed is held before the next event.
+            while let Ok((conversation, seq, id, due)) = self.failed.try_recv() {
+                self.holds.settle_failed(conversation, (seq, id), due);
+            }
             if *self.stopped.borrow() {
                 unhandled.push(delivery);
                 continue;
             }
             let conversation = (event.account_key.clone(), event.conversation_key.clone());
-            if let Some(wait) = self.hold(&conversation, delivery.seq, event.id) {
+            let now = tokio::time::Instant::now();
+            let executor = &self.executor;
+            let hold = self
+                .holds
+                .hold(&conversation, (delivery.seq, event.id), now, |head| {
+                    executor.has_finished(&conversation.0, head)
+                });
+            if let Some(wait) = hold {
                 if let Err(e) = delivery.nak(wait).await {
                     tracing::warn!(event_id = %event.id, error = %e, "holding back a delivery failed");
                 }
@@ -422,84 +460,26 @@ impl Worker {
                 unhandled.push(delivery);
                 continue;
             };
+            let now = tokio::time::Instant::now();
             match disposition {
                 Disposition::Retry(delay) => {
-                    let held = self.waiting.entry(conversation).or_insert_with(|| Held {
-                        head: delivery.seq,
-                        head_id: event.id,
-                        due: tokio::time::Instant::now(),
-                        later: BTreeMap::new(),
-                    });
-                    held.head = delivery.seq;
-                    held.head_id = event.id;
-                    held.due = tokio::time::Instant::now() + delay;
+                    let key = (delivery.seq, event.id);
+                    self.holds.retry(conversation.clone(), key, now + delay);
                 }
-                Disposition::Ack => {
-                    self.done(&conversation, delivery.seq);
-                }
+                Disposition::Ack => self.holds.done(&conversation, delivery.seq, now),
             }
-            if let Err(unsent) = self.settle.send((delivery, disposition, holding)).await {
+            let handled = Handled {
+                delivery,
+                disposition,
+                holding,
+                event: Some((conversation, event.id)),
+            };
+            if let Err(unsent) = self.settle.send(handled).await {
                 // The settler is gone (it panicked): give the delivery back.
-                unhandled.push(unsent.0.0);
+                unhandled.push(unsent.0.delivery);
             }
         }
-        (unhandled, self.waiting)
-    }
-
-    /// Whether the delivery at `seq` (event `id`) must wait for an earlier
-    /// event of its conversation, and for how long.
-    ///
-    /// The event waited for may never come back here: another replica took
-    /// the partition while it was away (this one paused, say) and finished
-    /// it. Once it is overdue, its journal record says so (this replica
-    /// holds the partition again to be handed `seq`, so its copy has
-    /// everything the other replica made durable), and the conversation
-    /// goes on at once; without a record that says so, after
-    /// [`HEAD_LOST_AFTER`].
-    fn hold(&mut self, conversation: &Conversation, seq: u64, id: EventId) -> Option<Duration> {
-        let held = self.waiting.get_mut(conversation)?;
-        if seq <= held.head {
-            return None;
-        }
-        let now = tokio::time::Instant::now();
-        let finished_elsewhere = || self.executor.has_finished(&conversation.0, &held.head_id);
-        if now > held.due && (now > held.due + HEAD_LOST_AFTER || finished_elsewhere()) {
-            if now > held.due + HEAD_LOST_AFTER {
-                tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
-                    "the event this conversation waits for has not come back; going on without it");
-            } else {
-                tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
-                    "the event this conversation waits for was finished elsewhere; going on");
-            }
-            held.later.insert(seq, id);
-            let (head, head_id) = held.later.pop_first().expect("just inserted");
-            (held.head, held.head_id, held.due) = (head, head_id, now);
-            return (held.head != seq).then_some(HELD_MARGIN);
-        }
-        held.later.insert(seq, id);
-        Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
-    }
-
-    /// The event at `seq` is done: its conversation moves on to the next
-    /// held event, if any.
-    fn done(&mut self, conversation: &Conversation, seq: u64) {
-        let Some(held) = self.waiting.get_mut(conversation) else {
-            return;
-        };
-        held.later.remove(&seq);
-        if seq != held.head {
-            return;
-        }
-        match held.later.pop_first() {
-            Some((next, id)) => {
-                held.head = next;
-                held.head_id = id;
-                held.due = tokio::time::Instant::now();
-            }
-            None => {
-                self.waiting.remove(conversation);
-            }
-        }
+        (unhandled, self.holds.into_held())
     }
 
     /// Handles one event, reporting progress to the bus meanwhile. `None` when
@@ -588,7 +568,12 @@ mod tests {
         let handled = |count: &Arc<AtomicU32>| -> Handled {
             let settle = Box::new(Reports(Arc::clone(count)));
             let delivery = Delivery::new("e".into(), None, Default::default(), 1, 1, settle);
-            (delivery, Disposition::Ack, Holding::default())
+            Handled {
+                delivery,
+                disposition: Disposition::Ack,
+                holding: Holding::default(),
+                event: None,
+            }
         };
         // (flush, keepalive, reports of the batch's, of those handled after
         // 1.5 s, of those handled after 20 s)

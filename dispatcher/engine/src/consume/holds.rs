@@ -1,0 +1,275 @@
+//! Conversations held behind one of their events: one sent back to the bus
+//! for a retry, or one handled whose settling failed (its record did not
+//! become durable, so it is handled again). Its conversation's later
+//! events are sent back to wait until it is done, and are then handled in
+//! bus order. Plain bookkeeping over data: the worker asks it, and says
+//! what happened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use switchboard_sdk::{AccountKey, ConversationKey, EventId};
+use tokio::time::Instant;
+
+/// How long past its due time a conversation waits for the event it is held
+/// for before deciding that event went elsewhere (another replica took it)
+/// when its journal record does not say so.
+pub(super) const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// How much later than the event it waits for a held delivery comes back.
+pub(super) const HELD_MARGIN: Duration = Duration::from_millis(50);
+
+/// A conversation: the account and its conversation key.
+pub(crate) type Conversation = (AccountKey, ConversationKey);
+
+/// A conversation whose event `head` went back to the bus: its later
+/// events are held (nakked) until `head` is done, and then handled in bus
+/// order.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// The bus position of the event the conversation waits for.
+    pub(super) head: u64,
+    /// Its id.
+    pub(super) head_id: EventId,
+    /// When that event is due back.
+    pub(super) due: Instant,
+    /// Later events of the conversation, sent back to wait, by bus position.
+    pub(super) later: BTreeMap<u64, EventId>,
+}
+
+impl Held {
+    fn new(head: u64, head_id: EventId, due: Instant) -> Self {
+        Self {
+            head,
+            head_id,
+            due,
+            later: BTreeMap::new(),
+        }
+    }
+}
+
+/// One worker's held conversations.
+#[derive(Debug, Default)]
+pub(crate) struct Holds(HashMap<Conversation, Held>);
+
+impl Holds {
+    /// Holds `held` as they were (at a start, those a stop kept).
+    pub(super) fn from_held(held: HashMap<Conversation, Held>) -> Self {
+        Self(held)
+    }
+
+    /// The conversations held, for a stop to keep.
+    pub(super) fn into_held(self) -> HashMap<Conversation, Held> {
+        self.0
+    }
+
+    /// Whether the delivery at `seq` (event `id`) must wait for an earlier
+    /// event of its conversation, and for how long, at `now`.
+    ///
+    /// The event waited for may never come back here: another replica took
+    /// the partition while it was away (this one paused, say) and finished
+    /// it. Once it is overdue, its journal record says so
+    /// (`finished_elsewhere`: this replica holds the partition again to be
+    /// handed `seq`, so its copy has everything the other replica made
+    /// durable), and the conversation goes on at once; without a record
+    /// that says so, after [`HEAD_LOST_AFTER`].
+    pub(super) fn hold(
+        &mut self,
+        conversation: &Conversation,
+        (seq, id): (u64, EventId),
+        now: Instant,
+        finished_elsewhere: impl FnOnce(&EventId) -> bool,
+    ) -> Option<Duration> {
+        let held = self.0.get_mut(conversation)?;
+        if seq <= held.head {
+            return None;
+        }
+        if now > held.due && (now > held.due + HEAD_LOST_AFTER || finished_elsewhere(&held.head_id))
+        {
+            if now > held.due + HEAD_LOST_AFTER {
+                tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                    "the event this conversation waits for has not come back; going on without it");
+            } else {
+                tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                    "the event this conversation waits for was finished elsewhere; going on");
+            }
+            held.later.insert(seq, id);
+            let (head, head_id) = held.later.pop_first().expect("just inserted");
+            (held.head, held.head_id, held.due) = (head, head_id, now);
+            return (held.head != seq).then_some(HELD_MARGIN);
+        }
+        held.later.insert(seq, id);
+        Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
+    }
+
+    /// The event at `seq` (`id`) of `conversation` was sent back for a
+    /// retry, due back at `due`: the conversation waits for it.
+    pub(super) fn retry(
+        &mut self,
+        conversation: Conversation,
+        (seq, id): (u64, EventId),
+        due: Instant,
+    ) {
+        let held = self
+            .0
+            .entry(conversation)
+            .or_insert_with(|| Held::new(seq, id, due));
+        (held.head, held.head_id, held.due) = (seq, id, due);
+    }
+
+    /// The event at `seq` (`id`) of `conversation`, handled, was sent back
+    /// to be handled again, due back at `due` (its settling failed): the
+    /// conversation waits for it, and an event of it that is waited for
+    /// already but comes later in the bus waits after it.
+    pub(super) fn settle_failed(
+        &mut self,
+        conversation: Conversation,
+        (seq, id): (u64, EventId),
+        due: Instant,
+    ) {
+        let Some(held) = self.0.get_mut(&conversation) else {
+            self.0.insert(conversation, Held::new(seq, id, due));
+            return;
+        };
+        if seq < held.head {
+            held.later.insert(held.head, held.head_id);
+            (held.head, held.head_id, held.due) = (seq, id, due);
+        } else if seq == held.head {
+            held.due = held.due.max(due);
+        } else {
+            held.later.insert(seq, id);
+        }
+    }
+
+    /// The event at `seq` is done: its conversation moves on to the next
+    /// held event, if any, at `now`.
+    pub(super) fn done(&mut self, conversation: &Conversation, seq: u64, now: Instant) {
+        let Some(held) = self.0.get_mut(conversation) else {
+            return;
+        };
+        held.later.remove(&seq);
+        if seq != held.head {
+            return;
+        }
+        match held.later.pop_first() {
+            Some((next, id)) => (held.head, held.head_id, held.due) = (next, id, now),
+            None => {
+                self.0.remove(conversation);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation(key: &str) -> Conversation {
+        (
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new(key).unwrap(),
+        )
+    }
+
+    fn id(n: u8) -> EventId {
+        EventId::derived(
+            EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").unwrap(),
+            "c",
+            "s",
+            n as usize,
+        )
+    }
+
+    /// An event sent back for a retry holds its conversation's later
+    /// events until it is done, then they go in bus order; earlier ones
+    /// and other conversations pass.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_holds_the_later_events_of_its_conversation() {
+        let (c, other, now) = (conversation("c"), conversation("d"), Instant::now());
+        let second = Duration::from_secs(1);
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (10, id(10)), now + second);
+        let never = |_: &EventId| panic!("not overdue: the record is not read");
+        assert_eq!(holds.hold(&c, (9, id(9)), now, never), None);
+        assert_eq!(holds.hold(&other, (11, id(11)), now, never), None);
+        assert_eq!(
+            holds.hold(&c, (12, id(12)), now, never),
+            Some(second + HELD_MARGIN)
+        );
+        assert_eq!(
+            holds.hold(&c, (11, id(11)), now, never),
+            Some(second + HELD_MARGIN)
+        );
+        // The retried event comes back and is done: 11 is next, then 12.
+        assert_eq!(holds.hold(&c, (10, id(10)), now + second, never), None);
+        holds.done(&c, 10, now + second);
+        assert_eq!(holds.hold(&c, (11, id(11)), now + second, never), None);
+        assert_eq!(
+            holds.hold(&c, (12, id(12)), now + second, never),
+            Some(HELD_MARGIN)
+        );
+        holds.done(&c, 11, now + second);
+        assert_eq!(holds.hold(&c, (12, id(12)), now + second, never), None);
+        holds.done(&c, 12, now + second);
+        assert!(holds.into_held().is_empty());
+    }
+
+    /// An overdue event the journal says was finished elsewhere (another
+    /// replica took it) no longer holds its conversation; one with no such
+    /// record holds it until [`HEAD_LOST_AFTER`] past its due time.
+    #[tokio::test(start_paused = true)]
+    async fn an_overdue_event_finished_elsewhere_or_lost_lets_its_conversation_go_on() {
+        let (c, now) = (conversation("c"), Instant::now());
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (10, id(10)), now);
+        let later = now + Duration::from_secs(1);
+        assert!(
+            holds
+                .hold(&c, (11, id(11)), later, |head| *head != id(10))
+                .is_some()
+        );
+        assert_eq!(
+            holds.hold(&c, (11, id(11)), later, |head| *head == id(10)),
+            None
+        );
+
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (10, id(10)), now);
+        let lost = now + HEAD_LOST_AFTER + Duration::from_millis(1);
+        assert_eq!(holds.hold(&c, (11, id(11)), lost, |_| false), None);
+    }
+
+    /// A handled event whose settling failed holds its conversation as a
+    /// retry does: a later event handled meanwhile and sent back with it
+    /// waits after it, as does a retry of the conversation already waited
+    /// for that comes later in the bus.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_settle_holds_its_conversation_like_a_retry() {
+        let (c, now) = (conversation("c"), Instant::now());
+        let due = now + Duration::from_secs(1);
+        let never = |_: &EventId| panic!("not overdue");
+        let mut holds = Holds::default();
+        holds.settle_failed(c.clone(), (10, id(10)), due);
+        holds.settle_failed(c.clone(), (11, id(11)), due);
+        assert!(holds.hold(&c, (11, id(11)), now, never).is_some());
+        assert!(holds.hold(&c, (12, id(12)), now, never).is_some());
+        assert_eq!(holds.hold(&c, (10, id(10)), due, never), None);
+        holds.done(&c, 10, due);
+        assert_eq!(holds.hold(&c, (11, id(11)), due, never), None);
+        holds.done(&c, 11, due);
+        assert_eq!(holds.hold(&c, (12, id(12)), due, never), None);
+        holds.done(&c, 12, due);
+        assert!(holds.into_held().is_empty());
+
+        // A retry of a later event waits behind the failed earlier one.
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (20, id(20)), due);
+        holds.settle_failed(c.clone(), (19, id(19)), due);
+        assert!(holds.hold(&c, (20, id(20)), now, never).is_some());
+        assert_eq!(holds.hold(&c, (19, id(19)), due, never), None);
+        holds.done(&c, 19, due);
+        assert_eq!(holds.hold(&c, (20, id(20)), due, never), None);
+        holds.done(&c, 20, due);
+        assert!(holds.into_held().is_empty());
+    }
+}
