@@ -73,14 +73,14 @@ pub async fn consume(
     mut stopped: watch::Receiver<bool>,
 ) {
     let (settle, settling) = mpsc::channel(SETTLE_QUEUE);
-    // Where the settler tells each worker of a handled event whose
-    // settling failed (see [`Holds::settle_failed`]).
-    let (failures, failed): (Vec<_>, Vec<_>) = (0..concurrency)
-        .map(|_| mpsc::unbounded_channel::<Failed>())
+    // Where the settler tells each worker of a handled event it sent back
+    // to the bus (see [`Holds::sent_back`]).
+    let (senders, sent_back): (Vec<_>, Vec<_>) = (0..concurrency)
+        .map(|_| mpsc::unbounded_channel::<SentBack>())
         .unzip();
     let settler = spawner.spawn(
         0,
-        settle_batches(executor.clone(), settling, failures, keepalive),
+        settle_batches(executor.clone(), settling, senders, keepalive),
     );
     // The conversations a graceful stop left held behind a retry, each
     // to the worker its events go to.
@@ -104,7 +104,7 @@ pub async fn consume(
     }
     let mut workers = Vec::with_capacity(concurrency);
     let mut queues = Vec::with_capacity(concurrency);
-    for (n, (waiting, failed)) in by_worker.into_iter().zip(failed).enumerate() {
+    for (n, (waiting, sent_back)) in by_worker.into_iter().zip(sent_back).enumerate() {
         // Small buffers: a delivery waiting here gets no progress reports, so
         // it must reach its worker well within the bus's ack wait.
         let (tx, rx) = mpsc::channel::<(VumiApiEvent, Delivery)>(2);
@@ -120,7 +120,7 @@ pub async fn consume(
                     grace,
                     stopped: stopped.clone(),
                     holds: Holds::from_held(waiting),
-                    failed,
+                    sent_back,
                 }
                 .run(rx),
             ),
@@ -256,9 +256,10 @@ struct Handled {
     event: Option<(Conversation, EventId)>,
 }
 
-/// A handled event sent back to be handled again because its settling
-/// failed: its conversation, bus position, id, and when it is due back.
-type Failed = (Conversation, u64, EventId, tokio::time::Instant);
+/// A handled event sent back to the bus (for a retry, or because its
+/// settling failed): its conversation, bus position, id, and when it is
+/// due back.
+type SentBack = (Conversation, u64, EventId, tokio::time::Instant);
 
 /// How long a handled event whose settling failed waits to be handled again.
 const SETTLE_FAILED_DELAY: Duration = Duration::from_secs(1);
@@ -284,13 +285,14 @@ const SETTLE_GATHER: Duration = Duration::from_millis(2);
 /// than `keepalive` (a changelog whose stream is electing a leader) reports
 /// the deliveries waiting for it in progress every `keepalive`, and those
 /// handled meanwhile (they wait for the next flush), so that the bus does
-/// not deliver them again while they wait. A handled event whose settling
-/// fails goes back to the bus, and its worker (of `workers`, by
-/// conversation) holds its conversation's later events behind it.
+/// not deliver them again while they wait. A handled event sent back to
+/// the bus, for a retry or because its settling failed, is told to its
+/// worker (of `workers`, by conversation) first, with when it is due back:
+/// the worker holds its conversation's later events behind it.
 async fn settle_batches(
     executor: Arc<Executor>,
     mut queue: mpsc::Receiver<Handled>,
-    workers: Vec<mpsc::UnboundedSender<Failed>>,
+    workers: Vec<mpsc::UnboundedSender<SentBack>>,
     keepalive: Option<Duration>,
 ) {
     let mut batch = Vec::with_capacity(SETTLE_QUEUE);
@@ -350,20 +352,24 @@ async fn settle_batches(
                 // one more attempt than it should get.
                 (Disposition::Retry(_), _) => false,
             };
-            let seq = delivery.seq;
-            let result = match disposition {
-                Disposition::Ack if failed => delivery.nak(SETTLE_FAILED_DELAY).await,
-                Disposition::Ack => delivery.ack().await,
-                Disposition::Retry(delay) => delivery.nak(delay).await,
+            // The worker hears of it before the event can come back.
+            let delay = match disposition {
+                Disposition::Ack if failed => Some(SETTLE_FAILED_DELAY),
+                Disposition::Ack => None,
+                Disposition::Retry(delay) => Some(delay),
+            };
+            if let (Some(delay), Some((conversation, id))) = (delay, event) {
+                let due = tokio::time::Instant::now() + delay;
+                let worker = shard_of(&conversation.0, &conversation.1, workers.len());
+                // A worker gone has stopped handling.
+                let _ = workers[worker].send((conversation, delivery.seq, id, due));
+            }
+            let result = match delay {
+                None => delivery.ack().await,
+                Some(delay) => delivery.nak(delay).await,
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "settling a delivery failed; the bus delivers it again");
-            }
-            if failed && let Some((conversation, id)) = event {
-                let due = tokio::time::Instant::now() + SETTLE_FAILED_DELAY;
-                let worker = shard_of(&conversation.0, &conversation.1, workers.len());
-                // A worker gone has stopped handling.
-                let _ = workers[worker].send((conversation, seq, id, due));
             }
         }
     }
@@ -418,8 +424,8 @@ struct Worker {
     stopped: watch::Receiver<bool>,
     /// Its conversations held behind one of their events.
     holds: Holds,
-    /// Its handled events whose settling failed, from the settler.
-    failed: mpsc::UnboundedReceiver<Failed>,
+    /// Its handled events the settler sent back to the bus.
+    sent_back: mpsc::UnboundedReceiver<SentBack>,
 }
 
 impl Worker {
@@ -432,9 +438,9 @@ impl Worker {
     ) -> (Vec<Delivery>, HashMap<Conversation, Held>) {
         let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
-            // What the settler found failed is held before the next event.
-            while let Ok((conversation, seq, id, due)) = self.failed.try_recv() {
-                self.holds.settle_failed(conversation, (seq, id), due);
+            // What the settler sent back is held before the next event.
+            while let Ok((conversation, seq, id, due)) = self.sent_back.try_recv() {
+                self.holds.sent_back(conversation, (seq, id), due);
             }
             if *self.stopped.borrow() {
                 unhandled.push(delivery);

@@ -118,10 +118,11 @@ impl Holds {
     }
 
     /// The event at `seq` (`id`) of `conversation`, handled, was sent back
-    /// to be handled again, due back at `due` (its settling failed): the
-    /// conversation waits for it, and an event of it that is waited for
-    /// already but comes later in the bus waits after it.
-    pub(super) fn settle_failed(
+    /// to the bus, due back at `due`: for a retry (its hold, made when the
+    /// worker handled it, is due from now), or because its settling failed.
+    /// The conversation waits for it, and an event of it that is waited
+    /// for already but comes later in the bus waits after it.
+    pub(super) fn sent_back(
         &mut self,
         conversation: Conversation,
         (seq, id): (u64, EventId),
@@ -135,7 +136,7 @@ impl Holds {
             held.later.insert(held.head, held.head_id);
             (held.head, held.head_id, held.due) = (seq, id, due);
         } else if seq == held.head {
-            held.due = held.due.max(due);
+            held.due = due;
         } else {
             held.later.insert(seq, id);
         }
@@ -242,15 +243,16 @@ mod tests {
     /// A handled event whose settling failed holds its conversation as a
     /// retry does: a later event handled meanwhile and sent back with it
     /// waits after it, as does a retry of the conversation already waited
-    /// for that comes later in the bus.
+    /// for that comes later in the bus. A retry's hold is due from when it
+    /// was sent back, not from when it was handled.
     #[tokio::test(start_paused = true)]
     async fn a_failed_settle_holds_its_conversation_like_a_retry() {
         let (c, now) = (conversation("c"), Instant::now());
         let due = now + Duration::from_secs(1);
         let never = |_: &EventId| panic!("not overdue");
         let mut holds = Holds::default();
-        holds.settle_failed(c.clone(), (10, id(10)), due);
-        holds.settle_failed(c.clone(), (11, id(11)), due);
+        holds.sent_back(c.clone(), (10, id(10)), due);
+        holds.sent_back(c.clone(), (11, id(11)), due);
         assert!(holds.hold(&c, (11, id(11)), now, never).is_some());
         assert!(holds.hold(&c, (12, id(12)), now, never).is_some());
         assert_eq!(holds.hold(&c, (10, id(10)), due, never), None);
@@ -264,12 +266,20 @@ mod tests {
         // A retry of a later event waits behind the failed earlier one.
         let mut holds = Holds::default();
         holds.retry(c.clone(), (20, id(20)), due);
-        holds.settle_failed(c.clone(), (19, id(19)), due);
+        holds.sent_back(c.clone(), (19, id(19)), due);
         assert!(holds.hold(&c, (20, id(20)), now, never).is_some());
         assert_eq!(holds.hold(&c, (19, id(19)), due, never), None);
         holds.done(&c, 19, due);
         assert_eq!(holds.hold(&c, (20, id(20)), due, never), None);
         holds.done(&c, 20, due);
         assert!(holds.into_held().is_empty());
+
+        // A retry sent back after a slow flush is due from then.
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (30, id(30)), now);
+        let sent = now + HEAD_LOST_AFTER * 2;
+        holds.sent_back(c.clone(), (30, id(30)), sent + Duration::from_secs(1));
+        let overdue = |_: &EventId| false;
+        assert!(holds.hold(&c, (31, id(31)), sent, overdue).is_some());
     }
 }
