@@ -773,6 +773,11 @@ async fn a_partitions_reader_sees_its_records_and_reaches_a_sync_mark() {
     assert_eq!(read_partition(&log, 4, 1, gone).await, of_four);
     assert_eq!(read_partition(&log, 4, gone, gone + 10).await, vec![]);
     assert_eq!(read_partition(&log, 4, end + 1, end).await, vec![]);
+    // A record stored since, past its end, is not read.
+    appender.append(t4, put(Collection::Contacts, "zeta\0m", "6"));
+    appender.commit().await.expect("stored");
+    assert!(log.partition_end(4).await.expect("partition 4's end") > gone);
+    assert_eq!(read_partition(&log, 4, 1, gone).await, of_four);
 
     // From the start, a reader passes the mark (only the second is left).
     let everything = read(&log, 5).await;

@@ -706,9 +706,11 @@ impl Changelog {
 
     /// Partition `partition`'s records from stream sequence `from` up to
     /// `until`, in order. The stream ends with the record at `until`, or
-    /// before it once the partition holds nothing more: a record up to
-    /// `until` may have expired or been purged since `until` was found,
-    /// and none can be stored there later.
+    /// before it once the partition held nothing more to read when the
+    /// last record came: a record up to `until` may have expired or been
+    /// purged since `until` was found, and none can be stored there later.
+    /// A record past `until` (stored since) ends it unread. Ended by the
+    /// server or the client before that, it ends with an error.
     pub async fn records_of(
         &self,
         partition: u16,
@@ -729,7 +731,19 @@ impl Changelog {
                 if done {
                     return None;
                 }
-                let read = messages.next().await?;
+                let Some(read) = messages.next().await else {
+                    // The server or the client ended it: not the end of
+                    // the partition.
+                    let ended = remote(format!(
+                        "reading partition {partition}'s changelog up to {until}: it ended"
+                    ));
+                    return Some((Err(ended), (messages, true)));
+                };
+                if read.as_ref().is_ok_and(|(record, _)| record.seq() > until) {
+                    // Stored after `until` was found, in place of what
+                    // went: not the reader's.
+                    return None;
+                }
                 let done = read
                     .as_ref()
                     .is_ok_and(|(record, left)| *left == 0 || record.seq() >= until);
