@@ -46,8 +46,8 @@ pub struct ChainVersion {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub awaited_before: Vec<String>,
     /// The last version applied from a chain file ([`FROM_FILE`]): this
-    /// one or an earlier one. `None` if there is none, or for a version
-    /// stored before versions said so.
+    /// one or an earlier one; 0 if none was. `None` for a version stored
+    /// before versions said so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_file: Option<u64>,
 }
@@ -332,19 +332,28 @@ impl ChainStore {
             return Ok(None);
         };
         match current.from_file {
+            Some(0) => Ok(None),
             Some(n) if n == current.version => Ok(Some(current)),
             Some(n) => match self.version(account, n) {
                 Ok(v) => Ok(Some(v)),
                 Err(ChainStoreError::NoSuchVersion { .. }) => Ok(None),
                 Err(e) => Err(e),
             },
-            // Versions stored before they said which was: looked for.
-            None => Ok(self
-                .history(account)?
-                .into_iter()
-                .rev()
-                .find(|v| v.change.starts_with(FROM_FILE))),
+            None => self.last_from_file_in_history(account),
         }
+    }
+
+    /// The last version of `account` applied from a chain file, looked
+    /// for in its history (for versions stored before they said which).
+    fn last_from_file_in_history(
+        &self,
+        account: &AccountKey,
+    ) -> Result<Option<ChainVersion>, ChainStoreError> {
+        Ok(self
+            .history(account)?
+            .into_iter()
+            .rev()
+            .find(|v| v.change.starts_with(FROM_FILE)))
     }
 
     /// One version of `account`.
@@ -457,11 +466,21 @@ impl ChainStore {
                 version: next,
                 applied_at: switchboard_sdk::now(),
                 change: change.to_string(),
-                from_file: if change.starts_with(FROM_FILE) {
-                    Some(next)
+                from_file: Some(if change.starts_with(FROM_FILE) {
+                    next
                 } else {
-                    base.as_ref().and_then(|b| b.from_file)
-                },
+                    match base.as_ref() {
+                        None => 0,
+                        Some(b) => match b.from_file {
+                            Some(n) => n,
+                            // Stored before versions said: looked for
+                            // once, before any is pruned.
+                            None => self
+                                .last_from_file_in_history(&account)?
+                                .map_or(0, |v| v.version),
+                        },
+                    }
+                }),
                 awaited_before: base.map(|b| b.awaited_after(&chains)).unwrap_or_default(),
                 chains,
             };
@@ -485,13 +504,17 @@ impl ChainStore {
                 break (record, made);
             }
         };
-        self.prune(&account, &record)?;
         self.store.flush_blocking()?;
         let indexed = Arc::new(record.indexed());
         self.current
             .write()
             .expect("chain cache lock")
-            .insert(account, indexed);
+            .insert(account.clone(), indexed);
+        // The version is made: old ones that do not go now go at the
+        // next.
+        if let Err(e) = self.prune(&account, &record) {
+            tracing::warn!(%account, error = %e, "removing old chain versions failed");
+        }
         Ok((record, made))
     }
 }

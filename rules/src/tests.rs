@@ -1,5 +1,5 @@
 use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
-use switchboard_store::Store;
+use switchboard_store::{Collection, Store};
 
 use super::*;
 
@@ -467,6 +467,55 @@ fn only_the_last_versions_are_kept_and_the_last_from_a_file() {
     assert_eq!(versions(), [5, 6, 7]);
     assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 7);
     let other = AccountKey::new("other").unwrap();
+    assert!(store.last_from_file(&other).unwrap().is_none());
+}
+
+/// Versions stored before they said which was last applied from a file:
+/// the next version made looks for it in the history once, so pruning
+/// keeps it; an account never applied from a file says so (0).
+#[test]
+fn versions_stored_before_they_named_the_last_from_a_file_keep_it() {
+    let raw = Store::temporary().unwrap();
+    let store = ChainStore::open(raw.clone()).unwrap().keeping(3);
+    let v1 = store
+        .apply_changes(
+            check(MATCH_FILE).unwrap(),
+            false,
+            &format!("{FROM_FILE} acme.toml"),
+            &TestCatalog,
+        )
+        .unwrap()
+        .0;
+    // As an older build stored it.
+    let mut legacy = serde_json::to_value(&v1).unwrap();
+    legacy.as_object_mut().unwrap().remove("from_file");
+    let legacy = serde_json::to_vec(&legacy).unwrap();
+    let version_key = switchboard_store::key(&[b"acme", &1u64.to_be_bytes()]);
+    raw.put(Collection::ChainVersions, &version_key, &legacy)
+        .unwrap();
+    raw.put(Collection::Chains, b"acme", &legacy).unwrap();
+    assert_eq!(store.current(&acme()).unwrap().unwrap().from_file, None);
+    assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 1);
+    for _ in 2..=6 {
+        let v = store.apply(check(MATCH_FILE).unwrap()).unwrap();
+        assert_eq!(v.from_file, Some(1));
+    }
+    let versions: Vec<u64> = store
+        .history(&acme())
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(versions, [1, 4, 5, 6]);
+    assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 1);
+
+    let other = AccountKey::new("other").unwrap();
+    let file =
+        parse("account_key = \"other\"\n[[chains]]\nname = \"x\"\nsteps = [{ handler = \"log\" }]");
+    let v = store
+        .apply(validate(file, &other, &TestCatalog).unwrap())
+        .unwrap();
+    assert_eq!(v.from_file, Some(0));
     assert!(store.last_from_file(&other).unwrap().is_none());
 }
 

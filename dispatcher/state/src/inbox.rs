@@ -89,8 +89,9 @@ struct Marks {
 static PLACING: KeyLocks = KeyLocks::new();
 
 /// How many receivers' placements since their inbox was last counted
-/// are remembered; past it, all are forgotten (their inboxes are counted
-/// later, or by the sweep).
+/// are remembered; past it, those of receivers left one notification are
+/// forgotten (all, if they are most), and their inboxes counted later, or
+/// by the sweep.
 const PLACED_REMEMBERED: usize = 65_536;
 
 /// Inboxes, by account and receiver.
@@ -137,7 +138,12 @@ impl StoredInbox {
         {
             let mut placed = self.placed.lock().expect("placed lock");
             if placed.len() >= PLACED_REMEMBERED && !placed.contains_key(&prefix) {
-                placed.clear();
+                // Those left one notification go first (a broadcast's
+                // receivers), so that a busy receiver keeps its count.
+                placed.retain(|_, n| *n > 1);
+                if placed.len() >= PLACED_REMEMBERED / 2 {
+                    placed.clear();
+                }
             }
             let n = placed.entry(prefix.clone()).or_default();
             *n += 1;
@@ -264,7 +270,12 @@ impl Inbox for StoredInbox {
                 },
             ])
             .about(Records::Inbox, &account)?;
-        self.keep_within_cap(&account, &notification.receiver)?;
+        // The notification is left: an inbox not trimmed now is at the
+        // next count, or by the sweep.
+        if let Err(e) = self.keep_within_cap(&account, &notification.receiver) {
+            tracing::warn!(%account, receiver = notification.receiver, error = %e,
+                "keeping an inbox within its cap failed");
+        }
         Ok((notification, true))
     }
 

@@ -156,8 +156,12 @@ impl SourceRecords for StoredSources {
             )
             .about(self.records, account)?;
         if written {
-            self.prune(account, name, version.version)?;
             self.store.flush_blocking().about(self.records, account)?;
+            // The version is stored: old ones that do not go now go at the
+            // next.
+            if let Err(e) = self.prune(account, name, version.version) {
+                tracing::warn!(%account, name, error = %e, "removing old versions failed");
+            }
         }
         Ok(written)
     }
