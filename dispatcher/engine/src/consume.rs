@@ -24,7 +24,7 @@ use crate::executor::{Disposition, Executor};
 mod holds;
 mod kept;
 
-use holds::{Conversation, Held, Holds};
+use holds::{Conversation, Due, Held, Holds};
 
 /// How often the consume loop hands its count of event kinds over to the
 /// store, at most.
@@ -183,15 +183,23 @@ pub async fn consume(
         released.push(delivery);
     }
     drop(queues);
-    let mut held = HashMap::new();
+    let mut holds = Vec::with_capacity(concurrency);
     for w in workers {
-        if let Ok((unhandled, waiting)) = w.await {
+        if let Ok((unhandled, worker_holds, sent_back)) = w.await {
             released.extend(unhandled);
-            held.extend(waiting);
+            holds.push((worker_holds, sent_back));
         }
     }
     drop(settle);
     let _ = settler.await;
+    // What the settler sent back after its worker stopped is held too.
+    let mut held = HashMap::new();
+    for (mut worker_holds, mut sent_back) in holds {
+        while let Ok((conversation, seq, id, due)) = sent_back.try_recv() {
+            worker_holds.sent_back(conversation, (seq, id), due);
+        }
+        held.extend(worker_holds.into_held());
+    }
     released.sort_by_key(|d| d.seq);
     // The conversations held behind a retry wait for it at the next start
     // too: their later events, given back now or published meanwhile, do
@@ -430,12 +438,13 @@ struct Worker {
 
 impl Worker {
     /// Handles what arrives until the queue closes; returns the deliveries
-    /// left unhandled by a shutdown, to be given back to the bus, and the
-    /// conversations still held behind a retry.
+    /// left unhandled by a shutdown, to be given back to the bus, the
+    /// conversations still held, and what tells of those the settler sends
+    /// back from now on.
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
-    ) -> (Vec<Delivery>, HashMap<Conversation, Held>) {
+    ) -> (Vec<Delivery>, Holds, mpsc::UnboundedReceiver<SentBack>) {
         let mut unhandled = Vec::new();
         while let Some((event, delivery)) = queue.recv().await {
             // What the settler sent back is held before the next event.
@@ -466,13 +475,16 @@ impl Worker {
                 unhandled.push(delivery);
                 continue;
             };
-            let now = tokio::time::Instant::now();
             match disposition {
-                Disposition::Retry(delay) => {
+                // Due back once the settler sends it back.
+                Disposition::Retry(_) => {
                     let key = (delivery.seq, event.id);
-                    self.holds.retry(conversation.clone(), key, now + delay);
+                    self.holds.retry(conversation.clone(), key);
                 }
-                Disposition::Ack => self.holds.done(&conversation, delivery.seq, now),
+                Disposition::Ack => {
+                    let now = tokio::time::Instant::now();
+                    self.holds.done(&conversation, delivery.seq, now);
+                }
             }
             let handled = Handled {
                 delivery,
@@ -485,7 +497,7 @@ impl Worker {
                 unhandled.push(unsent.0.delivery);
             }
         }
-        (unhandled, self.holds.into_held())
+        (unhandled, self.holds, self.sent_back)
     }
 
     /// Handles one event, reporting progress to the bus meanwhile. `None` when

@@ -19,6 +19,22 @@ pub(super) const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
 /// How much later than the event it waits for a held delivery comes back.
 pub(super) const HELD_MARGIN: Duration = Duration::from_millis(50);
 
+/// How long a delivery held behind an event whose settling is under way
+/// (when it is due back is not known yet) waits before it is looked at
+/// again.
+pub(super) const UNSETTLED_WAIT: Duration = Duration::from_secs(1);
+
+/// When the event a conversation waits for is due back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// At this moment.
+    At(Instant),
+    /// Not known yet: the event is with the settler, which says when it
+    /// sends it back ([`Holds::sent_back`]). It is not overdue meanwhile,
+    /// however long the flush before it takes.
+    Unsettled,
+}
+
 /// A conversation: the account and its conversation key.
 pub(crate) type Conversation = (AccountKey, ConversationKey);
 
@@ -32,13 +48,17 @@ pub(crate) struct Held {
     /// Its id.
     pub(super) head_id: EventId,
     /// When that event is due back.
-    pub(super) due: Instant,
-    /// Later events of the conversation, sent back to wait, by bus position.
-    pub(super) later: BTreeMap<u64, EventId>,
+    pub(super) due: Due,
+    /// Later events of the conversation sent back to the bus, by bus
+    /// position: each with when it is due back if it was sent back after
+    /// it was handled (a retry whose conversation came to wait for an
+    /// earlier event), or `None` (sent back to wait, so due back soon
+    /// after the event before it).
+    pub(super) later: BTreeMap<u64, (EventId, Option<Due>)>,
 }
 
 impl Held {
-    fn new(head: u64, head_id: EventId, due: Instant) -> Self {
+    fn new(head: u64, head_id: EventId, due: Due) -> Self {
         Self {
             head,
             head_id,
@@ -84,37 +104,38 @@ impl Holds {
         if seq <= held.head {
             return None;
         }
-        if now > held.due && (now > held.due + HEAD_LOST_AFTER || finished_elsewhere(&held.head_id))
-        {
-            if now > held.due + HEAD_LOST_AFTER {
+        let due = match held.due {
+            Due::At(due) => due,
+            Due::Unsettled => {
+                held.later.insert(seq, (id, None));
+                return Some(UNSETTLED_WAIT);
+            }
+        };
+        if now > due && (now > due + HEAD_LOST_AFTER || finished_elsewhere(&held.head_id)) {
+            if now > due + HEAD_LOST_AFTER {
                 tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
                     "the event this conversation waits for has not come back; going on without it");
             } else {
                 tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
                     "the event this conversation waits for was finished elsewhere; going on");
             }
-            held.later.insert(seq, id);
-            let (head, head_id) = held.later.pop_first().expect("just inserted");
-            (held.head, held.head_id, held.due) = (head, head_id, now);
+            held.later.insert(seq, (id, None));
+            held.next(now);
             return (held.head != seq).then_some(HELD_MARGIN);
         }
-        held.later.insert(seq, id);
-        Some(held.due.saturating_duration_since(now) + HELD_MARGIN)
+        held.later.insert(seq, (id, None));
+        Some(due.saturating_duration_since(now) + HELD_MARGIN)
     }
 
-    /// The event at `seq` (`id`) of `conversation` was sent back for a
-    /// retry, due back at `due`: the conversation waits for it.
-    pub(super) fn retry(
-        &mut self,
-        conversation: Conversation,
-        (seq, id): (u64, EventId),
-        due: Instant,
-    ) {
+    /// The event at `seq` (`id`) of `conversation` is to go back to the bus
+    /// for a retry: the conversation waits for it, due back once the
+    /// settler says ([`Holds::sent_back`]).
+    pub(super) fn retry(&mut self, conversation: Conversation, (seq, id): (u64, EventId)) {
         let held = self
             .0
             .entry(conversation)
-            .or_insert_with(|| Held::new(seq, id, due));
-        (held.head, held.head_id, held.due) = (seq, id, due);
+            .or_insert_with(|| Held::new(seq, id, Due::Unsettled));
+        (held.head, held.head_id, held.due) = (seq, id, Due::Unsettled);
     }
 
     /// The event at `seq` (`id`) of `conversation`, handled, was sent back
@@ -128,17 +149,18 @@ impl Holds {
         (seq, id): (u64, EventId),
         due: Instant,
     ) {
+        let due = Due::At(due);
         let Some(held) = self.0.get_mut(&conversation) else {
             self.0.insert(conversation, Held::new(seq, id, due));
             return;
         };
         if seq < held.head {
-            held.later.insert(held.head, held.head_id);
+            held.later.insert(held.head, (held.head_id, Some(held.due)));
             (held.head, held.head_id, held.due) = (seq, id, due);
         } else if seq == held.head {
             held.due = due;
         } else {
-            held.later.insert(seq, id);
+            held.later.insert(seq, (id, Some(due)));
         }
     }
 
@@ -152,12 +174,25 @@ impl Holds {
         if seq != held.head {
             return;
         }
-        match held.later.pop_first() {
-            Some((next, id)) => (held.head, held.head_id, held.due) = (next, id, now),
-            None => {
-                self.0.remove(conversation);
-            }
+        if held.later.is_empty() {
+            self.0.remove(conversation);
+        } else {
+            held.next(now);
         }
+    }
+}
+
+impl Held {
+    /// Moves on to the first later event, at `now`: due back as it was
+    /// sent back, or now.
+    fn next(&mut self, now: Instant) {
+        let (head, (head_id, due)) = self.later.pop_first().expect("a later event");
+        let due = match due {
+            Some(Due::At(due)) => Due::At(due.max(now)),
+            Some(Due::Unsettled) => Due::Unsettled,
+            None => Due::At(now),
+        };
+        (self.head, self.head_id, self.due) = (head, head_id, due);
     }
 }
 
@@ -189,7 +224,8 @@ mod tests {
         let (c, other, now) = (conversation("c"), conversation("d"), Instant::now());
         let second = Duration::from_secs(1);
         let mut holds = Holds::default();
-        holds.retry(c.clone(), (10, id(10)), now + second);
+        holds.retry(c.clone(), (10, id(10)));
+        holds.sent_back(c.clone(), (10, id(10)), now + second);
         let never = |_: &EventId| panic!("not overdue: the record is not read");
         assert_eq!(holds.hold(&c, (9, id(9)), now, never), None);
         assert_eq!(holds.hold(&other, (11, id(11)), now, never), None);
@@ -222,7 +258,8 @@ mod tests {
     async fn an_overdue_event_finished_elsewhere_or_lost_lets_its_conversation_go_on() {
         let (c, now) = (conversation("c"), Instant::now());
         let mut holds = Holds::default();
-        holds.retry(c.clone(), (10, id(10)), now);
+        holds.retry(c.clone(), (10, id(10)));
+        holds.sent_back(c.clone(), (10, id(10)), now);
         let later = now + Duration::from_secs(1);
         assert!(
             holds
@@ -235,7 +272,8 @@ mod tests {
         );
 
         let mut holds = Holds::default();
-        holds.retry(c.clone(), (10, id(10)), now);
+        holds.retry(c.clone(), (10, id(10)));
+        holds.sent_back(c.clone(), (10, id(10)), now);
         let lost = now + HEAD_LOST_AFTER + Duration::from_millis(1);
         assert_eq!(holds.hold(&c, (11, id(11)), lost, |_| false), None);
     }
@@ -263,23 +301,39 @@ mod tests {
         holds.done(&c, 12, due);
         assert!(holds.into_held().is_empty());
 
-        // A retry of a later event waits behind the failed earlier one.
+        // A retry of a later event waits behind the failed earlier one,
+        // and keeps its own due time (a long backoff) when that is done.
         let mut holds = Holds::default();
-        holds.retry(c.clone(), (20, id(20)), due);
+        let backoff = now + HEAD_LOST_AFTER * 4;
+        holds.retry(c.clone(), (20, id(20)));
+        holds.sent_back(c.clone(), (20, id(20)), backoff);
         holds.sent_back(c.clone(), (19, id(19)), due);
-        assert!(holds.hold(&c, (20, id(20)), now, never).is_some());
+        assert!(holds.hold(&c, (21, id(21)), now, never).is_some());
         assert_eq!(holds.hold(&c, (19, id(19)), due, never), None);
         holds.done(&c, 19, due);
-        assert_eq!(holds.hold(&c, (20, id(20)), due, never), None);
-        holds.done(&c, 20, due);
+        let before_backoff = backoff - Duration::from_secs(1);
+        assert_eq!(
+            holds.hold(&c, (21, id(21)), before_backoff, never),
+            Some(Duration::from_secs(1) + HELD_MARGIN),
+            "the retry is still awaited"
+        );
+        assert_eq!(holds.hold(&c, (20, id(20)), backoff, never), None);
+        holds.done(&c, 20, backoff);
+        assert_eq!(holds.hold(&c, (21, id(21)), backoff, never), None);
+        holds.done(&c, 21, backoff);
         assert!(holds.into_held().is_empty());
 
-        // A retry sent back after a slow flush is due from then.
+        // A retry whose settling is under way is not overdue however long
+        // the flush before it takes; once sent back, it is due from then.
         let mut holds = Holds::default();
-        holds.retry(c.clone(), (30, id(30)), now);
+        holds.retry(c.clone(), (30, id(30)));
         let sent = now + HEAD_LOST_AFTER * 2;
-        holds.sent_back(c.clone(), (30, id(30)), sent + Duration::from_secs(1));
         let overdue = |_: &EventId| false;
+        assert_eq!(
+            holds.hold(&c, (31, id(31)), sent, overdue),
+            Some(UNSETTLED_WAIT)
+        );
+        holds.sent_back(c.clone(), (30, id(30)), sent + Duration::from_secs(1));
         assert!(holds.hold(&c, (31, id(31)), sent, overdue).is_some());
     }
 }

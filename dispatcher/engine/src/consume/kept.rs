@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use switchboard_sdk::{AccountKey, ConversationKey, EventId};
 use switchboard_store::{Collection, Store, StoreError, Write, key};
 
-use super::{Conversation, Held};
+use super::{Conversation, Due, Held};
 use crate::journal::now_ms;
 
 /// A held conversation as the store keeps it.
@@ -34,7 +34,11 @@ pub(super) fn keep<'a>(
     let (now, now_ms) = (tokio::time::Instant::now(), now_ms());
     let writes: Vec<Write> = held
         .map(|((account, conversation), held)| {
-            let due_in = held.due.saturating_duration_since(now);
+            // One still with the settler at the stop is due back now.
+            let due_in = match held.due {
+                Due::At(due) => due.saturating_duration_since(now),
+                Due::Unsettled => std::time::Duration::ZERO,
+            };
             let kept = Kept {
                 account: account.clone(),
                 conversation: conversation.clone(),
@@ -71,7 +75,7 @@ pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreErro
                     Held {
                         head: kept.head,
                         head_id: kept.head_id,
-                        due: now + due_in,
+                        due: Due::At(now + due_in),
                         later: Default::default(),
                     },
                 ));
