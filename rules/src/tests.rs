@@ -425,6 +425,22 @@ fn store_versions_restore_and_remove() {
     ));
 }
 
+/// Applies [`MATCH_FILE`] to acme as a start's chain file would.
+fn apply_from_file(store: &ChainStore) -> ChainVersion {
+    let file = check(MATCH_FILE).unwrap();
+    let change = format!("{FROM_FILE} acme.toml");
+    store
+        .apply_changes(file, false, &change, &TestCatalog)
+        .unwrap()
+        .0
+}
+
+/// The numbers of acme's versions kept.
+fn versions_kept(store: &ChainStore) -> Vec<u64> {
+    let history = store.history(&acme()).unwrap();
+    history.iter().map(|v| v.version).collect()
+}
+
 /// The last versions are kept, and the last applied from a file however
 /// old (a start compares its file with it); older ones go as new ones are
 /// made, and cannot be restored.
@@ -433,25 +449,8 @@ fn only_the_last_versions_are_kept_and_the_last_from_a_file() {
     let store = ChainStore::open(Store::temporary().unwrap())
         .unwrap()
         .keeping(3);
-    let from_file = || {
-        store
-            .apply_changes(
-                check(MATCH_FILE).unwrap(),
-                false,
-                &format!("{FROM_FILE} acme.toml"),
-                &TestCatalog,
-            )
-            .unwrap()
-            .0
-    };
-    let versions = || -> Vec<u64> {
-        store
-            .history(&acme())
-            .unwrap()
-            .iter()
-            .map(|v| v.version)
-            .collect()
-    };
+    let from_file = || apply_from_file(&store);
+    let versions = || versions_kept(&store);
     assert_eq!(from_file().from_file, Some(1));
     for _ in 2..=6 {
         let v = store.apply(check(MATCH_FILE).unwrap()).unwrap();
@@ -477,15 +476,7 @@ fn only_the_last_versions_are_kept_and_the_last_from_a_file() {
 fn versions_stored_before_they_named_the_last_from_a_file_keep_it() {
     let raw = Store::temporary().unwrap();
     let store = ChainStore::open(raw.clone()).unwrap().keeping(3);
-    let v1 = store
-        .apply_changes(
-            check(MATCH_FILE).unwrap(),
-            false,
-            &format!("{FROM_FILE} acme.toml"),
-            &TestCatalog,
-        )
-        .unwrap()
-        .0;
+    let v1 = apply_from_file(&store);
     // As an older build stored it.
     let mut legacy = serde_json::to_value(&v1).unwrap();
     legacy.as_object_mut().unwrap().remove("from_file");
@@ -500,13 +491,7 @@ fn versions_stored_before_they_named_the_last_from_a_file_keep_it() {
         let v = store.apply(check(MATCH_FILE).unwrap()).unwrap();
         assert_eq!(v.from_file, Some(1));
     }
-    let versions: Vec<u64> = store
-        .history(&acme())
-        .unwrap()
-        .iter()
-        .map(|v| v.version)
-        .collect();
-    assert_eq!(versions, [1, 4, 5, 6]);
+    assert_eq!(versions_kept(&store), [1, 4, 5, 6]);
     assert_eq!(store.last_from_file(&acme()).unwrap().unwrap().version, 1);
 
     let other = AccountKey::new("other").unwrap();
