@@ -130,26 +130,26 @@ impl Holds {
     /// The event at `seq` (`id`) of `conversation` is to go back to the bus
     /// for a retry: the conversation waits for it, due back once the
     /// settler says ([`Holds::sent_back`]).
-    pub(super) fn retry(&mut self, conversation: Conversation, (seq, id): (u64, EventId)) {
-        let held = self
-            .0
-            .entry(conversation)
-            .or_insert_with(|| Held::new(seq, id, Due::Unsettled));
-        (held.head, held.head_id, held.due) = (seq, id, Due::Unsettled);
+    pub(super) fn retry(&mut self, conversation: Conversation, event: (u64, EventId)) {
+        self.wait_for(conversation, event, Due::Unsettled);
     }
 
     /// The event at `seq` (`id`) of `conversation`, handled, was sent back
     /// to the bus, due back at `due`: for a retry (its hold, made when the
     /// worker handled it, is due from now), or because its settling failed.
-    /// The conversation waits for it, and an event of it that is waited
-    /// for already but comes later in the bus waits after it.
     pub(super) fn sent_back(
         &mut self,
         conversation: Conversation,
-        (seq, id): (u64, EventId),
+        event: (u64, EventId),
         due: Instant,
     ) {
-        let due = Due::At(due);
+        self.wait_for(conversation, event, Due::At(due));
+    }
+
+    /// `conversation` waits for its event at `seq` (`id`), due back as
+    /// `due` says: before its later events, and after an earlier one it
+    /// waits for already (which keeps its own due time).
+    fn wait_for(&mut self, conversation: Conversation, (seq, id): (u64, EventId), due: Due) {
         let Some(held) = self.0.get_mut(&conversation) else {
             self.0.insert(conversation, Held::new(seq, id, due));
             return;
@@ -302,26 +302,46 @@ mod tests {
         assert!(holds.into_held().is_empty());
 
         // A retry of a later event waits behind the failed earlier one,
-        // and keeps its own due time (a long backoff) when that is done.
-        let mut holds = Holds::default();
+        // and keeps its own due time (a long backoff) when that is done,
+        // whichever the settler sends back first; so does a retry held
+        // before an earlier event's retry (one kept at a stop, and an
+        // earlier one delivered again after the start).
         let backoff = now + HEAD_LOST_AFTER * 4;
-        holds.retry(c.clone(), (20, id(20)));
-        holds.sent_back(c.clone(), (20, id(20)), backoff);
-        holds.sent_back(c.clone(), (19, id(19)), due);
-        assert!(holds.hold(&c, (21, id(21)), now, never).is_some());
-        assert_eq!(holds.hold(&c, (19, id(19)), due, never), None);
-        holds.done(&c, 19, due);
-        let before_backoff = backoff - Duration::from_secs(1);
-        assert_eq!(
-            holds.hold(&c, (21, id(21)), before_backoff, never),
-            Some(Duration::from_secs(1) + HELD_MARGIN),
-            "the retry is still awaited"
-        );
-        assert_eq!(holds.hold(&c, (20, id(20)), backoff, never), None);
-        holds.done(&c, 20, backoff);
-        assert_eq!(holds.hold(&c, (21, id(21)), backoff, never), None);
-        holds.done(&c, 21, backoff);
-        assert!(holds.into_held().is_empty());
+        let orders: [&dyn Fn(&mut Holds); 3] = [
+            &|holds| {
+                holds.retry(c.clone(), (20, id(20)));
+                holds.sent_back(c.clone(), (20, id(20)), backoff);
+                holds.sent_back(c.clone(), (19, id(19)), due);
+            },
+            &|holds| {
+                holds.retry(c.clone(), (20, id(20)));
+                holds.sent_back(c.clone(), (19, id(19)), due);
+                holds.sent_back(c.clone(), (20, id(20)), backoff);
+            },
+            &|holds| {
+                holds.sent_back(c.clone(), (20, id(20)), backoff);
+                holds.retry(c.clone(), (19, id(19)));
+                holds.sent_back(c.clone(), (19, id(19)), due);
+            },
+        ];
+        for (n, order) in orders.iter().enumerate() {
+            let mut holds = Holds::default();
+            order(&mut holds);
+            assert!(holds.hold(&c, (21, id(21)), now, never).is_some());
+            assert_eq!(holds.hold(&c, (19, id(19)), due, never), None);
+            holds.done(&c, 19, due);
+            let before_backoff = backoff - Duration::from_secs(1);
+            assert_eq!(
+                holds.hold(&c, (21, id(21)), before_backoff, never),
+                Some(Duration::from_secs(1) + HELD_MARGIN),
+                "order {n}: the retry is still awaited"
+            );
+            assert_eq!(holds.hold(&c, (20, id(20)), backoff, never), None);
+            holds.done(&c, 20, backoff);
+            assert_eq!(holds.hold(&c, (21, id(21)), backoff, never), None);
+            holds.done(&c, 21, backoff);
+            assert!(holds.into_held().is_empty(), "order {n}");
+        }
 
         // A retry whose settling is under way is not overdue however long
         // the flush before it takes; once sent back, it is due from then.
