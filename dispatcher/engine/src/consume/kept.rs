@@ -24,6 +24,20 @@ struct Kept {
     head_id: EventId,
     /// When that event is due back, in ms since the epoch.
     due_ms: u64,
+    /// Later events it waits for that were sent back after they were
+    /// handled (retries), with when each is due back: they keep their wait
+    /// once the head is done. (Those sent back only to wait come back
+    /// behind the head by themselves.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    later: Vec<KeptLater>,
+}
+
+/// A later event a held conversation waits for, as the store keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptLater {
+    seq: u64,
+    id: EventId,
+    due_ms: u64,
 }
 
 /// Writes the conversations `held` (by its workers) for the next start.
@@ -35,16 +49,28 @@ pub(super) fn keep<'a>(
     let writes: Vec<Write> = held
         .map(|((account, conversation), held)| {
             // One still with the settler at the stop is due back now.
-            let due_in = match held.due {
-                Due::At(due) => due.saturating_duration_since(now),
-                Due::Unsettled => std::time::Duration::ZERO,
+            let due_ms = |due: Due| match due {
+                Due::At(due) => now_ms + due.saturating_duration_since(now).as_millis() as u64,
+                Due::Unsettled => now_ms,
             };
+            let later = held
+                .later
+                .iter()
+                .filter_map(|(seq, (id, due))| {
+                    due.map(|due| KeptLater {
+                        seq: *seq,
+                        id: *id,
+                        due_ms: due_ms(due),
+                    })
+                })
+                .collect();
             let kept = Kept {
                 account: account.clone(),
                 conversation: conversation.clone(),
                 head: held.head,
                 head_id: held.head_id,
-                due_ms: now_ms + due_in.as_millis() as u64,
+                due_ms: due_ms(held.due),
+                later,
             };
             Write {
                 collection: Collection::HeldConversations,
@@ -69,14 +95,21 @@ pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreErro
     for (k, v) in kept {
         match serde_json::from_slice::<Kept>(&v) {
             Ok(kept) => {
-                let due_in = std::time::Duration::from_millis(kept.due_ms.saturating_sub(now_ms));
+                let due = |ms: u64| {
+                    Due::At(now + std::time::Duration::from_millis(ms.saturating_sub(now_ms)))
+                };
+                let later = kept
+                    .later
+                    .iter()
+                    .map(|l| (l.seq, (l.id, Some(due(l.due_ms)))))
+                    .collect();
                 held.push((
                     (kept.account, kept.conversation),
                     Held {
                         head: kept.head,
                         head_id: kept.head_id,
-                        due: Due::At(now + due_in),
-                        later: Default::default(),
+                        due: due(kept.due_ms),
+                        later,
                     },
                 ));
             }
@@ -93,4 +126,66 @@ pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreErro
     }
     store.write_atomically(&removals)?;
     Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn id(n: u8) -> EventId {
+        EventId::derived(
+            EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").unwrap(),
+            "c",
+            "s",
+            n as usize,
+        )
+    }
+
+    /// A conversation held at a stop is held again at the next start, with
+    /// the event it waits for and when that is due, and with the retries
+    /// it waits for after it and their own due times (not the events sent
+    /// back only to wait, which come back behind the head by themselves);
+    /// taking them empties the store.
+    #[tokio::test(start_paused = true)]
+    async fn held_conversations_and_their_retries_are_held_again_at_the_next_start() {
+        let store = Store::temporary().unwrap();
+        let c: Conversation = (
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new("c").unwrap(),
+        );
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let held = Held {
+            head: 19,
+            head_id: id(19),
+            due: Due::At(now + s(1)),
+            later: [
+                (20, (id(20), Some(Due::At(now + s(60))))),
+                (21, (id(21), None)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        assert_eq!(keep(&store, [(&c, &held)].into_iter()).unwrap(), 1);
+        let taken = take(&store).unwrap();
+        assert_eq!(taken.len(), 1);
+        let (conversation, again) = &taken[0];
+        assert_eq!(conversation, &c);
+        assert_eq!((again.head, again.head_id), (19, id(19)));
+        let near = |due: Due, expected: Instant| match due {
+            Due::At(at) => at.max(expected) - at.min(expected) < Duration::from_millis(500),
+            Due::Unsettled => false,
+        };
+        assert!(near(again.due, now + s(1)), "{:?}", again.due);
+        let later: Vec<_> = again.later.iter().collect();
+        assert_eq!(later.len(), 1, "{later:?}");
+        let (seq, (later_id, due)) = later[0];
+        assert_eq!((*seq, *later_id), (20, id(20)));
+        assert!(near(due.expect("its own due time"), now + s(60)), "{due:?}");
+        assert!(take(&store).unwrap().is_empty());
+    }
 }
