@@ -2,7 +2,9 @@
 //! worker chosen by (account, conversation). One worker handles its events
 //! one at a time, so events of a conversation are handled in order while
 //! different conversations run concurrently; a settler acks what the
-//! workers handled once it is durable, in gathered batches.
+//! workers handled once it is durable, in gathered batches, and tells a
+//! worker of each event it sends back to the bus instead, so that the
+//! event's conversation waits for it ([`holds`]).
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -439,8 +441,8 @@ struct Worker {
 impl Worker {
     /// Handles what arrives until the queue closes; returns the deliveries
     /// left unhandled by a shutdown, to be given back to the bus, the
-    /// conversations still held, and what tells of those the settler sends
-    /// back from now on.
+    /// conversations still held, and where the settler goes on telling of
+    /// the events it sends back (to be added to those once it is done).
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<(VumiApiEvent, Delivery)>,
