@@ -495,18 +495,10 @@ impl Worker {
                 event: Some((conversation, event.id)),
             };
             if let Err(unsent) = self.settle.send(handled).await {
-                // The settler is gone (it panicked): give the delivery back,
-                // due back now (no settler will say when).
-                let Handled {
-                    delivery, event, ..
-                } = unsent.0;
-                if let Some((conversation, id)) = event
-                    && matches!(disposition, Disposition::Retry(_))
-                {
-                    let now = tokio::time::Instant::now();
-                    self.holds.sent_back(conversation, (delivery.seq, id), now);
-                }
-                unhandled.push(delivery);
+                // The settler is gone (it panicked): give the delivery back
+                // at the stop. A retry's conversation stays held until then
+                // (nothing is acked meanwhile), and is kept due at once.
+                unhandled.push(unsent.0.delivery);
             }
         }
         (unhandled, self.holds, self.sent_back)

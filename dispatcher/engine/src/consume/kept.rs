@@ -188,4 +188,29 @@ mod tests {
         assert!(near(due.expect("its own due time"), now + s(60)), "{due:?}");
         assert!(take(&store).unwrap().is_empty());
     }
+
+    /// A held conversation kept by a build before retries were kept beside
+    /// it is read, with none.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_conversation_kept_without_its_retries_is_read() {
+        let store = Store::temporary().unwrap();
+        let old = serde_json::json!({
+            "account": "acme", "conversation": "c", "head": 7,
+            "head_id": id(7), "due_ms": now_ms() + 1_000,
+        });
+        let value = serde_json::to_vec(&old).unwrap();
+        store
+            .put(Collection::HeldConversations, b"acme\0c", &value)
+            .unwrap();
+        let taken = take(&store).unwrap();
+        assert_eq!(taken.len(), 1);
+        let (conversation, held) = &taken[0];
+        assert_eq!(
+            (conversation.0.as_str(), conversation.1.as_str()),
+            ("acme", "c")
+        );
+        assert_eq!((held.head, held.head_id), (7, id(7)));
+        assert!(matches!(held.due, Due::At(_)));
+        assert!(held.later.is_empty());
+    }
 }
