@@ -86,7 +86,8 @@ pub struct ChainAnswer {
     pub chain: Value,
 }
 
-/// `GET /v1/accounts/{account}/chain-versions`: every version, oldest first.
+/// `GET /v1/accounts/{account}/chain-versions`: every version kept (the last
+/// 1,000, and the last applied from a chain file), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainHistory {
     /// The account.

@@ -91,8 +91,8 @@ pub struct RemovedScript {
     pub removed: bool,
 }
 
-/// `GET /v1/accounts/{account}/scripts/{name}/versions`: every version,
-/// oldest first.
+/// `GET /v1/accounts/{account}/scripts/{name}/versions`: every version kept
+/// (the last 1,000), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScriptHistory {
     /// The account.

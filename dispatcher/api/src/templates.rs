@@ -52,8 +52,8 @@ pub struct Template {
     pub removed: bool,
 }
 
-/// `GET /v1/accounts/{account}/templates/{slug}/versions`: every version,
-/// oldest first.
+/// `GET /v1/accounts/{account}/templates/{slug}/versions`: every version kept
+/// (the last 1,000), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateHistory {
     /// The account.
