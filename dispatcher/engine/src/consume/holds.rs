@@ -197,7 +197,7 @@ impl Held {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn conversation(key: &str) -> Conversation {
@@ -207,7 +207,8 @@ mod tests {
         )
     }
 
-    fn id(n: u8) -> EventId {
+    /// The `n`th event id of the consume loop's tests.
+    pub(in crate::consume) fn id(n: u8) -> EventId {
         EventId::derived(
             EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").unwrap(),
             "c",

@@ -135,15 +135,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-
-    fn id(n: u8) -> EventId {
-        EventId::derived(
-            EventId::parse("0190b6a8-3b9a-7cc1-8d2e-1f2a3b4c5d6e").unwrap(),
-            "c",
-            "s",
-            n as usize,
-        )
-    }
+    use crate::consume::holds::tests::id;
 
     /// A conversation held at a stop is held again at the next start, with
     /// the event it waits for and when that is due, and with the retries
