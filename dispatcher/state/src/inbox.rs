@@ -128,8 +128,9 @@ impl StoredInbox {
 
     /// After a notification was left for `receiver`: once an eighth of
     /// the cap were left since its inbox was last counted, counts it and
-    /// removes the oldest past the cap (with their ids). One changed since
-    /// it was read is left for the sweep.
+    /// removes the oldest past the cap (with their ids); a count or a
+    /// removal that fails is tried again at the next placement. One
+    /// changed since it was read is left for the sweep.
     fn keep_within_cap(&self, account: &AccountKey, receiver: &str) -> Result<(), RecordError> {
         let Some(cap) = self.cap else {
             return Ok(());
@@ -150,7 +151,6 @@ impl StoredInbox {
             if *n < (cap / 8).max(1) {
                 return Ok(());
             }
-            placed.remove(&prefix);
         }
         let held = self
             .store
@@ -173,6 +173,8 @@ impl StoredInbox {
                     .about(Records::Inbox, account)?;
             }
         }
+        // Counted anew from here; after a failure, at the next placement.
+        self.placed.lock().expect("placed lock").remove(&prefix);
         Ok(())
     }
 
