@@ -33,16 +33,10 @@ pub struct Tail {
 #[derive(Debug, Default)]
 struct Watched {
     /// How many watchers there are in all: while none, a pass ending
-    /// looks no further.
+    /// looks no further (without taking the lock).
     watchers: AtomicUsize,
-    channels: Mutex<HashMap<AccountKey, Channel>>,
-}
-
-/// An account's channel, and how many watch it.
-#[derive(Debug)]
-struct Channel {
-    sender: broadcast::Sender<Arc<EventRow>>,
-    watchers: usize,
+    /// Each watched account's channel; its watchers are its receivers.
+    channels: Mutex<HashMap<AccountKey, broadcast::Sender<Arc<EventRow>>>>,
 }
 
 /// A watcher of an account's rows, counted against the account's
@@ -58,11 +52,12 @@ pub struct Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         let mut channels = self.watched.channels.lock().expect("watchers lock");
-        if let Some(channel) = channels.get_mut(&self.account) {
-            channel.watchers -= 1;
-            if channel.watchers == 0 {
-                channels.remove(&self.account);
-            }
+        // Its own receiver is still counted: it goes after this.
+        if channels
+            .get(&self.account)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            channels.remove(&self.account);
         }
         self.watched.watchers.fetch_sub(1, Ordering::Relaxed);
     }
@@ -90,19 +85,17 @@ impl Tail {
     /// now on. Refused while the account has [`MAX_WATCHERS_PER_ACCOUNT`].
     pub fn watch(&self, account: &AccountKey) -> Result<Watcher, TooManyWatchers> {
         let mut channels = self.watched.channels.lock().expect("watchers lock");
-        let channel = channels.entry(account.clone()).or_insert_with(|| Channel {
-            sender: broadcast::channel(BACKLOG).0,
-            watchers: 0,
-        });
-        if channel.watchers >= MAX_WATCHERS_PER_ACCOUNT {
+        let sender = channels
+            .entry(account.clone())
+            .or_insert_with(|| broadcast::channel(BACKLOG).0);
+        if sender.receiver_count() >= MAX_WATCHERS_PER_ACCOUNT {
             return Err(TooManyWatchers {
                 account: account.clone(),
             });
         }
-        channel.watchers += 1;
         self.watched.watchers.fetch_add(1, Ordering::Relaxed);
         Ok(Watcher {
-            rows: channel.sender.subscribe(),
+            rows: sender.subscribe(),
             account: account.clone(),
             watched: Arc::clone(&self.watched),
         })
@@ -122,7 +115,7 @@ impl Tail {
         let sender = {
             let channels = self.watched.channels.lock().expect("watchers lock");
             match channels.get(&event.account_key) {
-                Some(channel) => channel.sender.clone(),
+                Some(sender) => sender.clone(),
                 None => return,
             }
         };
