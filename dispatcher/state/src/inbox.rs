@@ -126,6 +126,29 @@ impl StoredInbox {
         }
     }
 
+    /// Removes `account`'s notification stored under `at` as `value`, and
+    /// its id (the key names it), if it is still as it was read; returns
+    /// whether it did.
+    fn remove_unchanged(
+        &self,
+        account: &AccountKey,
+        at: &[u8],
+        value: &[u8],
+    ) -> Result<bool, switchboard_store::StoreError> {
+        if !self
+            .store
+            .compare_and_swap(Collection::Inbox, at, Some(value), None)?
+        {
+            return Ok(false);
+        }
+        if let Some(cursor) = cursor_of_key(at) {
+            let id = id_key(account, &cursor.id);
+            self.store
+                .compare_and_swap(Collection::InboxIds, &id, Some(at), None)?;
+        }
+        Ok(true)
+    }
+
     /// After a notification was left for `receiver`: once an eighth of
     /// the cap were left since its inbox was last counted, counts it and
     /// removes the oldest past the cap (with their ids); a count or a
@@ -158,20 +181,8 @@ impl StoredInbox {
             .about(Records::Inbox, account)?;
         let over = held.len().saturating_sub(cap);
         for (k, v) in held.into_iter().take(over) {
-            let removed = self
-                .store
-                .compare_and_swap(Collection::Inbox, &k, Some(&v), None)
+            self.remove_unchanged(account, &k, &v)
                 .about(Records::Inbox, account)?;
-            if removed && let Some(n) = decode::<Notification>(&v) {
-                self.store
-                    .compare_and_swap(
-                        Collection::InboxIds,
-                        &id_key(account, &n.id),
-                        Some(&k),
-                        None,
-                    )
-                    .about(Records::Inbox, account)?;
-            }
         }
         // Counted anew from here; after a failure, at the next placement.
         self.placed.lock().expect("placed lock").remove(&prefix);
@@ -455,16 +466,7 @@ impl Inbox for StoredInbox {
                     continue;
                 }
                 // One changed since it was read is left for the next sweep.
-                if self
-                    .store
-                    .compare_and_swap(Collection::Inbox, k, Some(v), None)?
-                {
-                    self.store.compare_and_swap(
-                        Collection::InboxIds,
-                        &id_key(&n.account_key, &n.id),
-                        Some(k),
-                        None,
-                    )?;
+                if self.remove_unchanged(&n.account_key, k, v)? {
                     removed += 1;
                 }
             }
