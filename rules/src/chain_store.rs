@@ -322,6 +322,24 @@ impl ChainStore {
             .collect()
     }
 
+    /// Removes `account`'s versions older than the last
+    /// [`ChainStore::versions_kept`] up to `newest`, but for the last one
+    /// applied from a file (after the first prune, one per version made).
+    fn prune(&self, account: &AccountKey, newest: &ChainVersion) -> Result<(), ChainStoreError> {
+        let Some(cut) = newest.version.checked_sub(self.versions_kept) else {
+            return Ok(());
+        };
+        let prefix = key(&[account.as_str().as_bytes(), b""]);
+        let from_file = |k: &[u8]| Some(version_of_key(k)) == newest.from_file;
+        self.store.remove_prefix_before(
+            Collection::ChainVersions,
+            &prefix,
+            &version_key(account, cut + 1),
+            from_file,
+        )?;
+        Ok(())
+    }
+
     /// The last version of `account` applied from a chain file
     /// ([`FROM_FILE`]), if it has one still kept.
     pub fn last_from_file(
@@ -516,39 +534,6 @@ impl ChainStore {
             tracing::warn!(%account, error = %e, "removing old chain versions failed");
         }
         Ok((record, made))
-    }
-}
-
-impl ChainStore {
-    /// Removes `account`'s versions older than the last
-    /// [`ChainStore::versions_kept`] up to `newest`, but for the last one
-    /// applied from a file.
-    fn prune(&self, account: &AccountKey, newest: &ChainVersion) -> Result<(), ChainStoreError> {
-        /// Versions read at a time (after the first prune, one goes per
-        /// version made).
-        const PAGE: usize = 64;
-        let Some(cut) = newest.version.checked_sub(self.versions_kept) else {
-            return Ok(());
-        };
-        let prefix = key(&[account.as_str().as_bytes(), b""]);
-        let mut before = version_key(account, cut + 1);
-        loop {
-            let page = self.store.scan_prefix_before(
-                Collection::ChainVersions,
-                &prefix,
-                Some(&before),
-                PAGE,
-            )?;
-            for (k, _) in &page {
-                if Some(version_of_key(k)) != newest.from_file {
-                    self.store.remove(Collection::ChainVersions, k)?;
-                }
-            }
-            match page.last() {
-                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
-                _ => return Ok(()),
-            }
-        }
     }
 }
 

@@ -1233,6 +1233,33 @@ impl Store {
             .map_err(io(c))
     }
 
+    /// Removes the entries of `c` whose keys start with `prefix` and sort
+    /// before `before`, but those `keep` keeps, reading them a page at a
+    /// time, the last first; returns how many went.
+    pub fn remove_prefix_before(
+        &self,
+        c: Collection,
+        prefix: &[u8],
+        before: &[u8],
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        const PAGE: usize = 64;
+        let (mut before, mut removed) = (before.to_vec(), 0);
+        loop {
+            let page = self.scan_prefix_before(c, prefix, Some(&before), PAGE)?;
+            for (k, _) in &page {
+                if !keep(k) {
+                    self.remove(c, k)?;
+                    removed += 1;
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
+                _ => return Ok(removed),
+            }
+        }
+    }
+
     /// Walks the whole of collection `c` (this replica's copy) in key
     /// order, `page` entries at a time, handing each page to `visit` (so
     /// that a long walk, such as an expiry sweep, holds no more than a page

@@ -50,6 +50,44 @@ fn put_get_scan_remove() {
     );
 }
 
+/// Removing a prefix's entries before a key takes every one below it, a
+/// page after another, but those kept; not the key itself, those after
+/// it, nor another prefix's.
+#[test]
+fn remove_prefix_before_takes_all_below_but_those_kept() {
+    let s = Store::temporary().unwrap();
+    let at = |p: &[u8], n: u64| key(&[p, &n.to_be_bytes()]);
+    for n in 0..200 {
+        s.put(Collection::ChainVersions, &at(b"acme", n), b"v")
+            .unwrap();
+        s.put(Collection::ChainVersions, &at(b"acm", n), b"v")
+            .unwrap();
+    }
+    let kept = at(b"acme", 7);
+    let removed = s
+        .remove_prefix_before(
+            Collection::ChainVersions,
+            &key(&[b"acme", b""]),
+            &at(b"acme", 150),
+            |k| k == kept.as_slice(),
+        )
+        .unwrap();
+    assert_eq!(removed, 149);
+    let left: Vec<Vec<u8>> = s
+        .scan_prefix(Collection::ChainVersions, &key(&[b"acme", b""]))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let expected: Vec<Vec<u8>> = std::iter::once(7)
+        .chain(150..200)
+        .map(|n| at(b"acme", n))
+        .collect();
+    assert_eq!(left, expected);
+    let other = s.scan_prefix(Collection::ChainVersions, &key(&[b"acm", b""]));
+    assert_eq!(other.unwrap().len(), 200);
+}
+
 #[test]
 fn put_if_absent_keeps_the_first() {
     let s = Store::temporary().unwrap();

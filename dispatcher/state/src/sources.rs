@@ -81,31 +81,17 @@ impl StoredSources {
     }
 
     /// Removes the versions of `account`'s `name` older than the last
-    /// [`StoredSources::versions_kept`] up to `newest`.
+    /// [`StoredSources::versions_kept`] up to `newest` (after the first
+    /// prune, one per version stored).
     fn prune(&self, account: &AccountKey, name: &str, newest: u64) -> Result<(), RecordError> {
-        /// Versions read at a time (after the first prune, one goes per
-        /// version stored).
-        const PAGE: usize = 64;
         let Some(cut) = newest.checked_sub(self.versions_kept) else {
             return Ok(());
         };
-        let prefix = prefix(account, name);
-        let mut before = version_key(account, name, cut + 1);
-        loop {
-            let page = self
-                .store
-                .scan_prefix_before(self.versions, &prefix, Some(&before), PAGE)
-                .about(self.records, account)?;
-            for (k, _) in &page {
-                self.store
-                    .remove(self.versions, k)
-                    .about(self.records, account)?;
-            }
-            match page.last() {
-                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
-                _ => return Ok(()),
-            }
-        }
+        let before = version_key(account, name, cut + 1);
+        self.store
+            .remove_prefix_before(self.versions, &prefix(account, name), &before, |_| false)
+            .about(self.records, account)?;
+        Ok(())
     }
 
     fn decode(
