@@ -41,10 +41,7 @@ impl Partitioned {
         let mut probe: Option<(u64, Moment)> = None;
         loop {
             let Some(me) = this.upgrade() else { return };
-            if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
-                me.forget_copies(in_touch.elapsed());
-                in_touch = Moment::now();
-            }
+            me.forget_copies_if_out_of_touch(&mut in_touch);
             if !me.copy_kept().await {
                 // The others are followed meanwhile; the follower looks
                 // again in a while.
@@ -132,13 +129,11 @@ impl Partitioned {
                         break;
                     }
                     Ok(Some(Ok(record))) => {
-                        if in_touch.elapsed() >= me.changelog.markers_kept() / 2 {
+                        if me.forget_copies_if_out_of_touch(&mut in_touch) {
                             // The copies are read anew at the next turn;
                             // the record is applied first (a term marker
                             // saying another replica took a partition held
                             // here is news not to delay).
-                            me.forget_copies(in_touch.elapsed());
-                            in_touch = Moment::now();
                             refilter.notify_one();
                         }
                         if let Some((_, asked)) = probe.take_if(|(mark, _)| record.seq() >= *mark) {
@@ -160,6 +155,20 @@ impl Partitioned {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+
+    /// If the follower was last in touch (`in_touch`) half the time
+    /// removal markers are kept ago or longer, marks the copies to be read
+    /// anew ([`Partitioned::forget_copies`]) and counts from now; returns
+    /// whether it did.
+    fn forget_copies_if_out_of_touch(&self, in_touch: &mut Moment) -> bool {
+        let out_of_touch = in_touch.elapsed();
+        if out_of_touch < self.changelog.markers_kept() / 2 {
+            return false;
+        }
+        self.forget_copies(out_of_touch);
+        *in_touch = Moment::now();
+        true
     }
 
     /// The follower read every record stored up to a moment after it was
