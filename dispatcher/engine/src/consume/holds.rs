@@ -104,12 +104,11 @@ impl Holds {
         if seq <= held.head {
             return None;
         }
+        // Sent back to wait, or handled now as the next (below).
+        held.later.insert(seq, (id, None));
         let due = match held.due {
             Due::At(due) => due,
-            Due::Unsettled => {
-                held.later.insert(seq, (id, None));
-                return Some(UNSETTLED_WAIT);
-            }
+            Due::Unsettled => return Some(UNSETTLED_WAIT),
         };
         if now > due && (now > due + HEAD_LOST_AFTER || finished_elsewhere(&held.head_id)) {
             if now > due + HEAD_LOST_AFTER {
@@ -119,11 +118,9 @@ impl Holds {
                 tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
                     "the event this conversation waits for was finished elsewhere; going on");
             }
-            held.later.insert(seq, (id, None));
             held.next(now);
             return (held.head != seq).then_some(HELD_MARGIN);
         }
-        held.later.insert(seq, (id, None));
         Some(due.saturating_duration_since(now) + HELD_MARGIN)
     }
 
