@@ -7,8 +7,15 @@
 //! one flush). An ack removes the message without a flush: after a crash an
 //! acked message may come back, which at-least-once allows and the derived ids
 //! of emitted events make harmless.
+//!
+//! The delivery task reads the queue in order from where it got to, up to the
+//! first message still being published (publishes end in any order; those
+//! before it have all ended), and keeps the nakked messages in a queue of its
+//! own by when each is due: what it holds for the queue's messages is a
+//! number per nak, not a task or a notice per message.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,20 +23,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_sdk::VumiApiEvent;
 use switchboard_store::{Collection, Guard, Store, Write};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 
 use switchboard_engine::bus::{Bus, BusError, Delivery, Published, Settle};
 
 use crate::DUPLICATE_WINDOW;
 
-/// Work for the delivery task.
-#[derive(Debug)]
-enum Notice {
-    /// A newly published message.
-    New(u64),
-    /// A nakked message, due again.
-    Again { seq: u64, attempt: u32 },
-}
+/// A nakked message: when it is due again, its sequence number and the
+/// attempt it comes back as.
+type Again = (Instant, u64, u32);
+
+/// How many queued messages the delivery task reads at once.
+const READ_BATCH: usize = 256;
 
 /// The embedded bus.
 #[derive(Debug, Clone)]
@@ -41,14 +47,45 @@ pub struct EmbeddedBus {
 struct Inner {
     store: Store,
     prefix: String,
-    notices: mpsc::UnboundedSender<Notice>,
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
-    /// The first sequence number this process publishes under: the delivery
-    /// task reads the ones before it from the store, and takes the rest from
-    /// `notices`. (Sequence numbers only grow, across restarts too.)
-    first_new: u64,
+    /// The sequence numbers of the publishes under way: taken and added
+    /// under this lock, removed once the publish has ended. The delivery
+    /// task reads the queue up to the first of them. (Sequence numbers only
+    /// grow, across restarts too.)
+    publishing: Mutex<BTreeSet<u64>>,
+    /// Woken when a publish ends.
+    published: Notify,
+    /// Nakked messages, to the delivery task.
+    naks: mpsc::UnboundedSender<Again>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Again>>>,
     /// Messages in the queue: counted once at open, then kept up to date.
     queued: AtomicU64,
+}
+
+impl Inner {
+    /// Takes a sequence number for a publish, counted as under way until
+    /// [`Inner::published`] is called with it.
+    fn publishing(&self) -> Result<u64, BusError> {
+        let mut publishing = self.publishing.lock().expect("publishing lock");
+        let seq = self.store.next_id()?;
+        publishing.insert(seq);
+        Ok(seq)
+    }
+
+    /// The publish of `seq` has ended, its message queued or not.
+    fn published(&self, seq: u64) {
+        self.publishing
+            .lock()
+            .expect("publishing lock")
+            .remove(&seq);
+        self.published.notify_one();
+    }
+
+    /// The first sequence number whose publish may not have ended: every
+    /// message queued before it can be delivered.
+    fn readable_before(&self) -> u64 {
+        let publishing = self.publishing.lock().expect("publishing lock");
+        publishing.first().copied().unwrap_or(u64::MAX)
+    }
 }
 
 /// Acks or naks one embedded delivery.
@@ -73,15 +110,10 @@ impl Settle for Acker {
     }
 
     async fn nak(self: Box<Self>, delay: Duration) -> Result<(), BusError> {
-        let notices = self.inner.notices.clone();
-        let (seq, attempt) = (self.seq, self.attempt);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = notices.send(Notice::Again {
-                seq,
-                attempt: attempt + 1,
-            });
-        });
+        let due = Instant::now() + delay;
+        // A delivery task gone has stopped: the message is delivered again
+        // at the next start.
+        let _ = self.inner.naks.send((due, self.seq, self.attempt + 1));
         Ok(())
     }
 
@@ -96,21 +128,16 @@ impl EmbeddedBus {
     /// Opens the bus over `store`. Messages left unacked by an earlier process
     /// are delivered first, in order.
     pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
-        let first_new = match store.last(Collection::BusQueue)? {
-            Some((k, _)) => {
-                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")) + 1
-            }
-            None => 0,
-        };
         let queued = store.len(Collection::BusQueue) as u64;
         let (tx, rx) = mpsc::unbounded_channel();
         let bus = Self {
             inner: Arc::new(Inner {
                 store,
                 prefix: prefix.to_string(),
-                notices: tx,
+                publishing: Mutex::default(),
+                published: Notify::new(),
+                naks: tx,
                 receiver: Mutex::new(Some(rx)),
-                first_new,
                 queued: AtomicU64::new(queued),
             }),
         };
@@ -269,7 +296,8 @@ impl Bus for EmbeddedBus {
         let id = dedup_id;
         let now = now_millis();
         let window = DUPLICATE_WINDOW.as_millis() as u64;
-        let seq = store.next_id()?;
+        let under_way = UnderWay::start(&self.inner)?;
+        let seq = under_way.seq;
         // The current span's trace context goes with it, as NATS carries it.
         let trace = switchboard_sdk::trace_context::current_headers();
         let record = encode(
@@ -308,8 +336,8 @@ impl Bus for EmbeddedBus {
             // failed, publishes again and finds a duplicate, so this is
             // the one delivery it gets until a restart.
             self.inner.queued.fetch_add(1, Ordering::Relaxed);
-            let _ = self.inner.notices.send(Notice::New(seq));
         }
+        // The message can be delivered from here (`under_way` dropped).
         flushed?;
         Ok(Published { duplicate: !queued })
     }
@@ -319,7 +347,7 @@ impl Bus for EmbeddedBus {
         capacity: usize,
         mut stop: watch::Receiver<bool>,
     ) -> Result<mpsc::Receiver<Delivery>, BusError> {
-        let mut notices = self
+        let mut naks = self
             .inner
             .receiver
             .lock()
@@ -331,121 +359,99 @@ impl Bus for EmbeddedBus {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let deliver = |seq: u64, attempt: u32| {
-                let inner = inner.clone();
-                async move {
-                    let record = inner
-                        .store
-                        .get(Collection::BusQueue, &seq.to_be_bytes())
-                        .inspect_err(|e| {
-                            tracing::error!(seq, error = %e, "reading a queued event failed; it is delivered at the next start");
-                        })
-                        .ok()
-                        .flatten()?;
-                    let queued = decode(&record);
-                    let account = crate::account_of(&inner.prefix, &queued.subject);
-                    let delivery = Delivery::new(
-                        queued.subject,
-                        account,
-                        queued.payload,
-                        attempt,
-                        seq,
-                        Box::new(Acker {
-                            inner,
-                            seq,
-                            attempt,
-                        }),
-                    )
-                    .with_headers(queued.headers);
-                    // What a poison message's dead letter is named by.
-                    Some(match queued.queued_ms {
-                        Some(ms) => delivery.published_at(ms),
-                        None => delivery,
-                    })
-                }
-            };
-            // First what an earlier process left behind, in order. What
-            // this process publishes meanwhile waits for it; what comes back
-            // after a nak does not: a retry is not held back for the length
-            // of the backlog.
-            let mut published = VecDeque::new();
+            // Where the reading of the queue got to, and the nakked
+            // messages by when they are due: a retry is not held back for
+            // the length of a backlog.
             let mut next = 0u64;
-            while next < inner.first_new {
-                // What is still in the queue at a stop is delivered again at
-                // the next start.
+            let mut again: BinaryHeap<Reverse<Again>> = BinaryHeap::new();
+            loop {
+                while let Ok(nak) = naks.try_recv() {
+                    again.push(Reverse(nak));
+                }
+                let now = Instant::now();
+                if let Some(&Reverse((due, seq, attempt))) = again.peek()
+                    && due <= now
+                {
+                    again.pop();
+                    // A message gone has been acked since (a delivery
+                    // settled twice): nothing to deliver.
+                    let record = match inner.store.get(Collection::BusQueue, &seq.to_be_bytes()) {
+                        Ok(record) => record,
+                        Err(e) => {
+                            tracing::error!(seq, error = %e,
+                                "embedded bus: reading a queued event failed; it is delivered at the next start");
+                            None
+                        }
+                    };
+                    if let Some(record) = record
+                        && tx
+                            .send(delivery(&inner, seq, attempt, &record))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
                 if *stop.borrow() {
+                    // What is still in the queue is delivered again at the
+                    // next start.
                     return;
                 }
-                let batch =
-                    match inner
-                        .store
-                        .scan_from(Collection::BusQueue, &next.to_be_bytes(), 256)
-                    {
-                        Ok(batch) if !batch.is_empty() => batch,
-                        Ok(_) => break,
+                let before = inner.readable_before();
+                let batch = if next < before {
+                    match inner.store.scan_from(
+                        Collection::BusQueue,
+                        &next.to_be_bytes(),
+                        READ_BATCH,
+                    ) {
+                        Ok(batch) => batch,
                         Err(e) => {
                             tracing::error!(error = %e, "embedded bus: reading the queue failed");
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
-                    };
-                for (k, _) in batch {
+                    }
+                } else {
+                    Vec::new()
+                };
+                let mut delivered = false;
+                for (k, record) in batch {
                     let seq = u64::from_be_bytes(
                         k.as_slice().try_into().expect("queue keys are 8 bytes"),
                     );
-                    next = seq + 1;
-                    if seq >= inner.first_new {
+                    if seq >= before {
                         break;
                     }
-                    if *stop.borrow() {
+                    next = seq + 1;
+                    delivered = true;
+                    if tx.send(delivery(&inner, seq, 1, &record)).await.is_err() {
                         return;
                     }
-                    while let Ok(notice) = notices.try_recv() {
-                        match notice {
-                            Notice::Again { seq, attempt } => {
-                                if let Some(d) = deliver(seq, attempt).await
-                                    && tx.send(d).await.is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            Notice::New(seq) => published.push_back(seq),
-                        }
-                    }
-                    if let Some(d) = deliver(seq, 1).await
-                        && tx.send(d).await.is_err()
+                    // A retry that came due meanwhile goes first.
+                    if again
+                        .peek()
+                        .is_some_and(|Reverse((due, ..))| *due <= Instant::now())
+                        || !naks.is_empty()
                     {
-                        return;
+                        break;
                     }
                 }
-            }
-            for seq in published {
-                if seq >= inner.first_new
-                    && let Some(d) = deliver(seq, 1).await
-                    && tx.send(d).await.is_err()
-                {
-                    return;
+                if delivered {
+                    continue;
                 }
-            }
-            // Then what this process publishes, and what comes back after a nak.
-            loop {
-                let notice = tokio::select! {
+                // Nothing to deliver now: wait for a publish, a nak, the
+                // next retry's time or the stop.
+                let due = again.peek().map(|Reverse((due, ..))| *due);
+                tokio::select! {
                     biased;
                     _ = stop.wait_for(|s| *s) => return,
-                    notice = notices.recv() => match notice {
-                        Some(notice) => notice,
+                    nak = naks.recv() => match nak {
+                        Some(nak) => again.push(Reverse(nak)),
                         None => return,
                     },
-                };
-                let (seq, attempt) = match notice {
-                    Notice::New(seq) if seq < inner.first_new => continue,
-                    Notice::New(seq) => (seq, 1),
-                    Notice::Again { seq, attempt } => (seq, attempt),
-                };
-                if let Some(d) = deliver(seq, attempt).await
-                    && tx.send(d).await.is_err()
-                {
-                    return;
+                    _ = inner.published.notified() => {}
+                    _ = sleep_until(due) => {}
                 }
             }
         });
@@ -462,6 +468,60 @@ impl Bus for EmbeddedBus {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+}
+
+/// A publish under way: its sequence number, counted as under way until
+/// this is dropped.
+struct UnderWay<'a> {
+    inner: &'a Inner,
+    seq: u64,
+}
+
+impl<'a> UnderWay<'a> {
+    fn start(inner: &'a Inner) -> Result<Self, BusError> {
+        Ok(Self {
+            inner,
+            seq: inner.publishing()?,
+        })
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.inner.published(self.seq);
+    }
+}
+
+/// Sleeps until `due`, or for good without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The delivery of the queued `record` at `seq`.
+fn delivery(inner: &Arc<Inner>, seq: u64, attempt: u32, record: &[u8]) -> Delivery {
+    let queued = decode(record);
+    let account = crate::account_of(&inner.prefix, &queued.subject);
+    let delivery = Delivery::new(
+        queued.subject,
+        account,
+        queued.payload,
+        attempt,
+        seq,
+        Box::new(Acker {
+            inner: inner.clone(),
+            seq,
+            attempt,
+        }),
+    )
+    .with_headers(queued.headers);
+    // What a poison message's dead letter is named by.
+    match queued.queued_ms {
+        Some(ms) => delivery.published_at(ms),
+        None => delivery,
     }
 }
 
@@ -601,6 +661,125 @@ mod tests {
             .position(|&(seq, attempt)| (seq, attempt) == (retried, 2))
             .unwrap_or_else(|| panic!("the retry never came: {order:?}"));
         assert!(at < 5, "the retry came after the whole backlog: {order:?}");
+    }
+
+    /// Nakked messages wait in the delivery task's own queue, not a task
+    /// each, and come back in the order they are due; what is published
+    /// meanwhile is delivered as it comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nakked_messages_wait_without_a_task_each_and_come_back_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, (_stop, stopped)) = process(dir.path()).await;
+        let mut deliveries = bus.consume(64, stopped).await.unwrap();
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        const N: usize = 2_000;
+        for n in 0..N {
+            let e = event(&format!("c{n}"));
+            bus.publish_as(&e, &e.id.to_string()).await.unwrap();
+        }
+        // Nakked in turn: the first half for an hour, the second half due
+        // in reverse order of delivery, 1 ms apart.
+        let mut seqs = Vec::new();
+        for n in 0..N {
+            let d = deliveries.recv().await.expect("a delivery");
+            assert_eq!(d.attempt, 1);
+            seqs.push(d.seq);
+            let delay = if n < N / 2 {
+                std::time::Duration::from_secs(3_600)
+            } else {
+                std::time::Duration::from_millis(200 + (N - n) as u64)
+            };
+            d.nak(delay).await.unwrap();
+        }
+        assert!(
+            tasks() < before + 16,
+            "{} tasks for {N} nakked messages (before: {before})",
+            tasks()
+        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in queue order");
+        // Published after the naks: delivered at once, not behind them.
+        let late = event("late");
+        bus.publish_as(&late, &late.id.to_string()).await.unwrap();
+        let mut back = Vec::new();
+        let mut late_seen = 0;
+        while back.len() < N / 2 || late_seen == 0 {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(10), deliveries.recv())
+                .await
+                .expect("the retries come back")
+                .expect("a delivery");
+            match d.attempt {
+                1 => late_seen += 1,
+                2 => back.push(d.seq),
+                n => panic!("attempt {n} of seq {}", d.seq),
+            }
+            // Before the first retry came due (200 ms on).
+            if late_seen == 0 {
+                assert!(back.is_empty(), "the new message waited for the retries");
+            }
+        }
+        assert_eq!(late_seen, 1);
+        let mut due_order: Vec<u64> = seqs[N / 2..].to_vec();
+        due_order.reverse();
+        assert_eq!(
+            back, due_order,
+            "retries come back in the order they are due"
+        );
+        // The hour-long naks have not come back.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), deliveries.recv())
+                .await
+                .is_err()
+        );
+    }
+
+    /// Publishes that end out of order are each delivered once, in queue
+    /// order: the delivery task reads only up to the first still under way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishes_are_each_delivered_once_in_queue_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, (_stop, stopped)) = process(dir.path()).await;
+        let mut deliveries = bus.consume(8, stopped).await.unwrap();
+        const TASKS: usize = 32;
+        const EACH: usize = 25;
+        let publishers: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    for n in 0..EACH {
+                        let e = event(&format!("c{t}-{n}"));
+                        bus.publish_as(&e, &e.id.to_string()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        while seen.len() < TASKS * EACH {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(10), deliveries.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {} delivered", seen.len(), TASKS * EACH))
+                .expect("a delivery");
+            seen.push(d.seq);
+            d.ack().await.unwrap();
+        }
+        for p in publishers {
+            p.await.unwrap();
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "delivered out of queue order or twice: {seen:?}"
+        );
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), deliveries.recv())
+                .await
+                .is_err(),
+            "a message delivered twice"
+        );
+        assert_eq!(bus.backlog(), 0);
     }
 
     /// Records queued before their time was kept read as they did.
