@@ -22,6 +22,11 @@ use crate::validate::{StepCatalog, ValidChainFile, ValidationError, validate};
 /// from a chain file (which a start compares its file with).
 pub const VERSIONS_KEPT: u64 = 1_000;
 
+/// How many versions past the bound one new version removes at most (a
+/// history kept before histories were bounded comes down to it over
+/// several), so that no write holds its account's writer for long.
+pub const PRUNED_AT_ONCE: usize = 1_024;
+
 /// What a version applied from a chain file at start says made it (then
 /// the file's name).
 pub const FROM_FILE: &str = "apply file";
@@ -178,6 +183,8 @@ pub struct ChainStore {
     writer: Mutex<()>,
     /// How many versions of an account are kept ([`VERSIONS_KEPT`]).
     versions_kept: u64,
+    /// How many a new version removes at most ([`PRUNED_AT_ONCE`]).
+    pruned_at_once: usize,
 }
 
 impl ChainStore {
@@ -189,6 +196,7 @@ impl ChainStore {
             current: RwLock::new(current),
             writer: Mutex::new(()),
             versions_kept: VERSIONS_KEPT,
+            pruned_at_once: PRUNED_AT_ONCE,
         })
     }
 
@@ -197,6 +205,14 @@ impl ChainStore {
     #[cfg(test)]
     pub(crate) fn keeping(mut self, n: u64) -> Self {
         self.versions_kept = n;
+        self
+    }
+
+    /// The same store, removing at most `n` versions at once instead of
+    /// [`PRUNED_AT_ONCE`].
+    #[cfg(test)]
+    pub(crate) fn pruning_at_once(mut self, n: usize) -> Self {
+        self.pruned_at_once = n;
         self
     }
 
@@ -324,7 +340,10 @@ impl ChainStore {
 
     /// Removes `account`'s versions older than the last
     /// [`ChainStore::versions_kept`] up to `newest`, but for the last one
-    /// applied from a file (after the first prune, one per version made).
+    /// applied from a file: one per version made, once the history is within
+    /// its bound; [`PRUNED_AT_ONCE`] at most while a longer one (kept before
+    /// histories were bounded) comes down to it, so that no commit holds the
+    /// account's writer for long.
     fn prune(&self, account: &AccountKey, newest: &ChainVersion) -> Result<(), ChainStoreError> {
         let Some(cut) = newest.version.checked_sub(self.versions_kept) else {
             return Ok(());
@@ -336,6 +355,7 @@ impl ChainStore {
             &prefix,
             &version_key(account, cut + 1),
             from_file,
+            self.pruned_at_once,
         )?;
         Ok(())
     }

@@ -13,7 +13,8 @@ mod selection;
 mod validate;
 
 pub use chain_store::{
-    ChainChanges, ChainStore, ChainStoreError, ChainVersion, FROM_FILE, VERSIONS_KEPT,
+    ChainChanges, ChainStore, ChainStoreError, ChainVersion, FROM_FILE, PRUNED_AT_ONCE,
+    VERSIONS_KEPT,
 };
 pub use matching::{AccountChains, Routing, WAIT_FOR_EVENT};
 pub use model::{

@@ -469,6 +469,29 @@ fn only_the_last_versions_are_kept_and_the_last_from_a_file() {
     assert!(store.last_from_file(&other).unwrap().is_none());
 }
 
+/// A history longer than the bound (kept before histories were bounded)
+/// comes down to it over several versions, a few at a time and the nearest
+/// the cut first, so that no write removes all of it at once.
+#[test]
+fn a_long_history_comes_down_to_its_bound_a_few_versions_at_a_time() {
+    let raw = Store::temporary().unwrap();
+    let unbounded = ChainStore::open(raw.clone()).unwrap().keeping(u64::MAX);
+    for _ in 1..=20 {
+        unbounded.apply(check(MATCH_FILE).unwrap()).unwrap();
+    }
+    assert_eq!(versions_kept(&unbounded).len(), 20);
+    let store = ChainStore::open(raw).unwrap().keeping(3).pruning_at_once(5);
+    let apply = || store.apply(check(MATCH_FILE).unwrap()).unwrap().version;
+    assert_eq!(apply(), 21);
+    let expected: Vec<u64> = (1..=13).chain(19..=21).collect();
+    assert_eq!(versions_kept(&store), expected, "14..=18 went first");
+    for (version, left) in [(22, 12), (23, 8), (24, 4), (25, 3), (26, 3)] {
+        assert_eq!(apply(), version);
+        assert_eq!(versions_kept(&store).len(), left, "after version {version}");
+    }
+    assert_eq!(versions_kept(&store), [24, 25, 26]);
+}
+
 /// Versions stored before they said which was last applied from a file:
 /// the next version made looks for it in the history once, so pruning
 /// keeps it; an account never applied from a file says so (0).

@@ -1235,19 +1235,24 @@ impl Store {
 
     /// Removes the entries of `c` whose keys start with `prefix` and sort
     /// before `before`, but those `keep` keeps, reading them a page at a
-    /// time, the last first; returns how many went.
+    /// time, the last first; at most `at_most` of them, so that a long run
+    /// of them goes over several calls, each short. Returns how many went.
     pub fn remove_prefix_before(
         &self,
         c: Collection,
         prefix: &[u8],
         before: &[u8],
         keep: impl Fn(&[u8]) -> bool,
+        at_most: usize,
     ) -> Result<usize, StoreError> {
         const PAGE: usize = 64;
         let (mut before, mut removed) = (before.to_vec(), 0);
         loop {
             let page = self.scan_prefix_before(c, prefix, Some(&before), PAGE)?;
             for (k, _) in &page {
+                if removed == at_most {
+                    return Ok(removed);
+                }
                 if !keep(k) {
                     self.remove(c, k)?;
                     removed += 1;

@@ -52,7 +52,8 @@ fn put_get_scan_remove() {
 
 /// Removing a prefix's entries before a key takes every one below it, a
 /// page after another, but those kept; not the key itself, those after
-/// it, nor another prefix's.
+/// it, nor another prefix's; and no more at once than asked, the nearest
+/// the key first.
 #[test]
 fn remove_prefix_before_takes_all_below_but_those_kept() {
     let s = Store::temporary().unwrap();
@@ -70,9 +71,29 @@ fn remove_prefix_before_takes_all_below_but_those_kept() {
             &key(&[b"acme", b""]),
             &at(b"acme", 150),
             |k| k == kept.as_slice(),
+            100,
         )
         .unwrap();
-    assert_eq!(removed, 149);
+    assert_eq!(removed, 100);
+    let highest_left = s
+        .scan_prefix_before(
+            Collection::ChainVersions,
+            &key(&[b"acme", b""]),
+            Some(&at(b"acme", 150)),
+            1,
+        )
+        .unwrap();
+    assert_eq!(highest_left[0].0, at(b"acme", 49), "the nearest went first");
+    let removed = s
+        .remove_prefix_before(
+            Collection::ChainVersions,
+            &key(&[b"acme", b""]),
+            &at(b"acme", 150),
+            |k| k == kept.as_slice(),
+            100,
+        )
+        .unwrap();
+    assert_eq!(removed, 49, "the rest at the next call");
     let left: Vec<Vec<u8>> = s
         .scan_prefix(Collection::ChainVersions, &key(&[b"acme", b""]))
         .unwrap()

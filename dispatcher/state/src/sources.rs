@@ -5,7 +5,7 @@
 //! before it returns.
 
 use switchboard_handlers::records::{
-    RecordError, Records, SourceRecords, SourceVersion, VERSIONS_KEPT,
+    PRUNED_AT_ONCE, RecordError, Records, SourceRecords, SourceVersion, VERSIONS_KEPT,
 };
 use switchboard_sdk::AccountKey;
 use switchboard_store::{Collection, Store, Write, key};
@@ -81,15 +81,22 @@ impl StoredSources {
     }
 
     /// Removes the versions of `account`'s `name` older than the last
-    /// [`StoredSources::versions_kept`] up to `newest` (after the first
-    /// prune, one per version stored).
+    /// [`StoredSources::versions_kept`] up to `newest`: one per version
+    /// stored once the history is within its bound, at most
+    /// [`PRUNED_AT_ONCE`] of a longer one at a time.
     fn prune(&self, account: &AccountKey, name: &str, newest: u64) -> Result<(), RecordError> {
         let Some(cut) = newest.checked_sub(self.versions_kept) else {
             return Ok(());
         };
         let before = version_key(account, name, cut + 1);
         self.store
-            .remove_prefix_before(self.versions, &prefix(account, name), &before, |_| false)
+            .remove_prefix_before(
+                self.versions,
+                &prefix(account, name),
+                &before,
+                |_| false,
+                PRUNED_AT_ONCE,
+            )
             .about(self.records, account)?;
         Ok(())
     }

@@ -34,7 +34,7 @@ pub use messages::{
 };
 pub use preferences::{AddressPreferences, Choice, Preferences, Topic};
 pub use secrets::Secrets;
-pub use sources::{SourceRecords, SourceVersion, VERSIONS_KEPT};
+pub use sources::{PRUNED_AT_ONCE, SourceRecords, SourceVersion, VERSIONS_KEPT};
 
 /// The SHA-256 of `bytes`, in hex: how records keep a hash (a file's, a
 /// message's idempotency key, an inbound record without an id).

@@ -12,6 +12,8 @@ use super::RecordError;
 /// stored, those older than the last this many go.
 pub const VERSIONS_KEPT: u64 = 1_000;
 
+pub use switchboard_rules::PRUNED_AT_ONCE;
+
 /// One version of a script, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceVersion {
