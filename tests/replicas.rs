@@ -2589,3 +2589,86 @@ steps = [{{ handler = "payment_webhook", config = {{ url = "{}/hook/hang,200", s
     all_done(&last, &after, Duration::from_secs(30)).await;
     assert_eq!(last.stop(), Some(0));
 }
+
+/// A changelog that refuses every write for a while (its stream's largest
+/// message made smaller than any record) while a replica handles events:
+/// the flushes under way fail, the partitions' terms end, and what was
+/// handled meanwhile is handled again once the changelog takes writes
+/// again. Nothing is lost or dead-lettered, each conversation's webhooks
+/// first arrive in publish order, and none more than twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_refusing_writes_for_a_while_loses_nothing_and_keeps_order() {
+    let nats = crate::util::NatsServer::start();
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let accounts = 2;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        std::fs::write(
+            dir.path().join(format!("{a}.toml")),
+            chains(&receiver, &a, "v1"),
+        )
+        .expect("a chain file");
+    }
+    let config = config_with(&receiver, true, 1);
+    let d = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
+    for i in 0..accounts {
+        d.set_secret(&account(i), "gateway", WEBHOOK_SECRET).await;
+    }
+    wait_until(
+        "the replica holding every partition",
+        Duration::from_secs(30),
+        || async { (partitions_of(&d).await == (0..16).collect::<Vec<u64>>()).then_some(()) },
+    )
+    .await;
+    let all = events(240, accounts);
+    let (before, during) = all.split_at(40);
+    emit_all(nats.url(), before).await;
+    all_done(&d, before, Duration::from_secs(60)).await;
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
+    let mut changelog = js
+        .get_stream(switchboard_store::changelog::STREAM)
+        .await
+        .expect("the changelog stream");
+    let mut refusing = changelog.info().await.expect("its info").config.clone();
+    let accepting = refusing.clone();
+    refusing.max_message_size = 8;
+    js.update_stream(&refusing)
+        .await
+        .expect("the changelog refusing");
+    emit_all(nats.url(), during).await;
+    wait_until(
+        "the replica's writes refused",
+        Duration::from_secs(30),
+        || async { d.log().contains("the partition's term ended").then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    js.update_stream(&accepting)
+        .await
+        .expect("the changelog taking writes again");
+
+    all_done(&d, &all, Duration::from_secs(120)).await;
+    let arrivals: Vec<Arrival> = receiver
+        .requests()
+        .await
+        .iter()
+        .filter_map(webhook_arrival)
+        .collect();
+    assert_in_conversation_order(arrivals.clone());
+    let mut times: HashMap<(String, u64), usize> = HashMap::new();
+    for (_, account, conversation, n) in &arrivals {
+        *times
+            .entry((format!("{account}/{conversation}"), *n))
+            .or_default() += 1;
+    }
+    assert_eq!(times.len(), all.len(), "every event's webhook arrived");
+    assert!(
+        times.values().all(|t| *t <= 2),
+        "a webhook sent more than twice: {times:?}"
+    );
+    for i in 0..accounts {
+        assert_eq!(d.dead_letters(&account(i)).await, Vec::<Value>::new());
+    }
+}
