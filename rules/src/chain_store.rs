@@ -22,10 +22,11 @@ use crate::validate::{StepCatalog, ValidChainFile, ValidationError, validate};
 /// from a chain file (which a start compares its file with).
 pub const VERSIONS_KEPT: u64 = 1_000;
 
-/// How many versions past the bound one new version removes at most (a
-/// history kept before histories were bounded comes down to it over
-/// several), so that no write holds its account's writer for long.
-pub const PRUNED_AT_ONCE: usize = 1_024;
+/// How many versions past the bound one new version removes at most, the
+/// oldest first (a history kept before histories were bounded comes down
+/// to it over several), so that no write holds its account's writer for
+/// long: on the replicated backend each removal is a write to the bucket.
+pub const PRUNED_AT_ONCE: usize = 128;
 
 /// What a version applied from a chain file at start says made it (then
 /// the file's name).

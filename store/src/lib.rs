@@ -1235,8 +1235,9 @@ impl Store {
 
     /// Removes the entries of `c` whose keys start with `prefix` and sort
     /// before `before`, but those `keep` keeps, reading them a page at a
-    /// time, the last first; at most `at_most` of them, so that a long run
-    /// of them goes over several calls, each short. Returns how many went.
+    /// time, the first first; at most `at_most` of them, so that a long run
+    /// of them goes over several calls, each short, and what is left stays
+    /// in one piece. Returns how many went.
     pub fn remove_prefix_before(
         &self,
         c: Collection,
@@ -1246,11 +1247,20 @@ impl Store {
         at_most: usize,
     ) -> Result<usize, StoreError> {
         const PAGE: usize = 64;
-        let (mut before, mut removed) = (before.to_vec(), 0);
+        let (mut from, mut removed) = (prefix.to_vec(), 0);
         loop {
-            let page = self.scan_prefix_before(c, prefix, Some(&before), PAGE)?;
-            for (k, _) in &page {
-                if removed == at_most {
+            // Keys only: the values (a version of all of an account's
+            // chains, say) can be large.
+            let page: Vec<Vec<u8>> = self
+                .tree(c)
+                .range(from.clone()..)
+                .keys()
+                .take(PAGE)
+                .map(|k| k.map(|k| k.to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(io(c))?;
+            for k in &page {
+                if !k.starts_with(prefix) || k.as_slice() >= before || removed == at_most {
                     return Ok(removed);
                 }
                 if !keep(k) {
@@ -1259,7 +1269,10 @@ impl Store {
                 }
             }
             match page.last() {
-                Some((k, _)) if page.len() == PAGE => before.clone_from(k),
+                Some(k) if page.len() == PAGE => {
+                    from.clone_from(k);
+                    from.push(0);
+                }
                 _ => return Ok(removed),
             }
         }

@@ -15,7 +15,7 @@
 //! number per nak, not a task or a notice per message.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +29,16 @@ use tokio::time::Instant;
 use switchboard_engine::bus::{Bus, BusError, Delivery, Published, Settle};
 
 use crate::DUPLICATE_WINDOW;
+
+/// The sequence numbers of the publishes under way (each taken and added
+/// under the lock, removed once its publish has ended), and the number
+/// below which every one was taken. (Sequence numbers only grow, across
+/// restarts too.)
+#[derive(Debug, Default)]
+struct Publishing {
+    under_way: BTreeSet<u64>,
+    taken_below: u64,
+}
 
 /// A nakked message: when it is due again, its sequence number and the
 /// attempt it comes back as.
@@ -47,11 +57,10 @@ pub struct EmbeddedBus {
 struct Inner {
     store: Store,
     prefix: String,
-    /// The sequence numbers of the publishes under way: taken and added
-    /// under this lock, removed once the publish has ended. The delivery
-    /// task reads the queue up to the first of them. (Sequence numbers only
-    /// grow, across restarts too.)
-    publishing: Mutex<BTreeSet<u64>>,
+    /// The publishes under way, and where the next one's number will be
+    /// taken: the delivery task reads the queue up to the first under way,
+    /// else up to that.
+    publishing: Mutex<Publishing>,
     /// Woken when a publish ends.
     published: Notify,
     /// Nakked messages, to the delivery task.
@@ -67,7 +76,8 @@ impl Inner {
     fn publishing(&self) -> Result<u64, BusError> {
         let mut publishing = self.publishing.lock().expect("publishing lock");
         let seq = self.store.next_id()?;
-        publishing.insert(seq);
+        publishing.under_way.insert(seq);
+        publishing.taken_below = publishing.taken_below.max(seq + 1);
         Ok(seq)
     }
 
@@ -76,6 +86,7 @@ impl Inner {
         self.publishing
             .lock()
             .expect("publishing lock")
+            .under_way
             .remove(&seq);
         self.published.notify_one();
     }
@@ -84,7 +95,10 @@ impl Inner {
     /// message queued before it can be delivered.
     fn readable_before(&self) -> u64 {
         let publishing = self.publishing.lock().expect("publishing lock");
-        publishing.first().copied().unwrap_or(u64::MAX)
+        match publishing.under_way.first() {
+            Some(&first) => first,
+            None => publishing.taken_below,
+        }
     }
 }
 
@@ -129,12 +143,22 @@ impl EmbeddedBus {
     /// are delivered first, in order.
     pub fn open(store: Store, prefix: &str) -> Result<Self, BusError> {
         let queued = store.len(Collection::BusQueue) as u64;
+        // What an earlier process queued is all readable.
+        let taken_below = match store.last(Collection::BusQueue)? {
+            Some((k, _)) => {
+                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")) + 1
+            }
+            None => 0,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let bus = Self {
             inner: Arc::new(Inner {
                 store,
                 prefix: prefix.to_string(),
-                publishing: Mutex::default(),
+                publishing: Mutex::new(Publishing {
+                    under_way: BTreeSet::new(),
+                    taken_below,
+                }),
                 published: Notify::new(),
                 naks: tx,
                 receiver: Mutex::new(Some(rx)),
@@ -359,99 +383,74 @@ impl Bus for EmbeddedBus {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            // Where the reading of the queue got to, and the nakked
-            // messages by when they are due: a retry is not held back for
-            // the length of a backlog.
+            // Where the reading of the queue got to, what was read from it
+            // and not yet delivered, and the nakked messages by when they
+            // are due: a retry is not held back for the length of a backlog.
             let mut next = 0u64;
+            let mut read: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
             let mut again: BinaryHeap<Reverse<Again>> = BinaryHeap::new();
             loop {
+                // What is still in the queue at a stop is delivered again
+                // at the next start.
+                if *stop.borrow() {
+                    return;
+                }
                 while let Ok(nak) = naks.try_recv() {
                     again.push(Reverse(nak));
                 }
-                let now = Instant::now();
-                if let Some(&Reverse((due, seq, attempt))) = again.peek()
-                    && due <= now
+                let (seq, attempt, record) = if let Some(&Reverse((due, seq, attempt))) =
+                    again.peek()
+                    && due <= Instant::now()
                 {
                     again.pop();
                     // A message gone has been acked since (a delivery
                     // settled twice): nothing to deliver.
-                    let record = match inner.store.get(Collection::BusQueue, &seq.to_be_bytes()) {
-                        Ok(record) => record,
+                    match inner.store.get(Collection::BusQueue, &seq.to_be_bytes()) {
+                        Ok(Some(record)) => (seq, attempt, record),
+                        Ok(None) => continue,
                         Err(e) => {
                             tracing::error!(seq, error = %e,
                                 "embedded bus: reading a queued event failed; it is delivered at the next start");
-                            None
+                            continue;
                         }
-                    };
-                    if let Some(record) = record
-                        && tx
-                            .send(delivery(&inner, seq, attempt, &record))
-                            .await
-                            .is_err()
-                    {
-                        return;
                     }
-                    continue;
-                }
-                if *stop.borrow() {
-                    // What is still in the queue is delivered again at the
-                    // next start.
-                    return;
-                }
-                let before = inner.readable_before();
-                let batch = if next < before {
-                    match inner.store.scan_from(
-                        Collection::BusQueue,
-                        &next.to_be_bytes(),
-                        READ_BATCH,
-                    ) {
-                        Ok(batch) => batch,
+                } else if let Some((seq, record)) = read.pop_front() {
+                    (seq, 1, record)
+                } else {
+                    match read_queue(&inner, next) {
+                        Ok(batch) if !batch.is_empty() => {
+                            next = batch.back().map_or(next, |(seq, _)| seq + 1);
+                            read = batch;
+                            continue;
+                        }
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "embedded bus: reading the queue failed");
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
                     }
-                } else {
-                    Vec::new()
-                };
-                let mut delivered = false;
-                for (k, record) in batch {
-                    let seq = u64::from_be_bytes(
-                        k.as_slice().try_into().expect("queue keys are 8 bytes"),
-                    );
-                    if seq >= before {
-                        break;
+                    // Nothing to deliver now: wait for a publish, a nak,
+                    // the next retry's time or the stop.
+                    let due = again.peek().map(|Reverse((due, ..))| *due);
+                    tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => return,
+                        nak = naks.recv() => match nak {
+                            Some(nak) => again.push(Reverse(nak)),
+                            None => return,
+                        },
+                        _ = inner.published.notified() => {}
+                        _ = sleep_until(due) => {}
                     }
-                    next = seq + 1;
-                    delivered = true;
-                    if tx.send(delivery(&inner, seq, 1, &record)).await.is_err() {
-                        return;
-                    }
-                    // A retry that came due meanwhile goes first.
-                    if again
-                        .peek()
-                        .is_some_and(|Reverse((due, ..))| *due <= Instant::now())
-                        || !naks.is_empty()
-                    {
-                        break;
-                    }
-                }
-                if delivered {
                     continue;
-                }
-                // Nothing to deliver now: wait for a publish, a nak, the
-                // next retry's time or the stop.
-                let due = again.peek().map(|Reverse((due, ..))| *due);
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    nak = naks.recv() => match nak {
-                        Some(nak) => again.push(Reverse(nak)),
-                        None => return,
-                    },
-                    _ = inner.published.notified() => {}
-                    _ = sleep_until(due) => {}
+                };
+                if tx
+                    .send(delivery(&inner, seq, attempt, &record))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
         });
@@ -469,6 +468,27 @@ impl Bus for EmbeddedBus {
     fn kind(&self) -> &'static str {
         "embedded"
     }
+}
+
+/// Up to [`READ_BATCH`] queued messages from `next` on, those whose
+/// publishes have all ended (the first under way, and those after it, are
+/// left for later).
+fn read_queue(inner: &Inner, next: u64) -> Result<VecDeque<(u64, Vec<u8>)>, BusError> {
+    let before = inner.readable_before();
+    if next >= before {
+        return Ok(VecDeque::new());
+    }
+    let batch = inner
+        .store
+        .scan_from(Collection::BusQueue, &next.to_be_bytes(), READ_BATCH)?;
+    Ok(batch
+        .into_iter()
+        .map(|(k, record)| {
+            let seq = u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"));
+            (seq, record)
+        })
+        .take_while(|(seq, _)| *seq < before)
+        .collect())
 }
 
 /// A publish under way: its sequence number, counted as under way until
@@ -574,6 +594,7 @@ mod tests {
     }
 
     use switchboard_engine::bus::Bus as _;
+    use switchboard_store::Collection;
     use tokio::sync::watch;
 
     fn event(conversation: &str) -> switchboard_sdk::VumiApiEvent {
@@ -683,7 +704,8 @@ mod tests {
             bus.publish_as(&e, &e.id.to_string()).await.unwrap();
         }
         // Nakked in turn: the first half for an hour, the second half due
-        // in reverse order of delivery, 1 ms apart.
+        // in reverse order of delivery, 1 ms apart from a second on.
+        let base = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         let mut seqs = Vec::new();
         for n in 0..N {
             let d = deliveries.recv().await.expect("a delivery");
@@ -692,10 +714,15 @@ mod tests {
             let delay = if n < N / 2 {
                 std::time::Duration::from_secs(3_600)
             } else {
-                std::time::Duration::from_millis(200 + (N - n) as u64)
+                let due = base + std::time::Duration::from_millis((N - n) as u64);
+                due.saturating_duration_since(tokio::time::Instant::now())
             };
             d.nak(delay).await.unwrap();
         }
+        assert!(
+            tokio::time::Instant::now() < base,
+            "the naks took over a second: the retries' due order is not the test's"
+        );
         assert!(
             tasks() < before + 16,
             "{} tasks for {N} nakked messages (before: {before})",
@@ -717,7 +744,7 @@ mod tests {
                 2 => back.push(d.seq),
                 n => panic!("attempt {n} of seq {}", d.seq),
             }
-            // Before the first retry came due (200 ms on).
+            // Before the first retry came due (a second on).
             if late_seen == 0 {
                 assert!(back.is_empty(), "the new message waited for the retries");
             }
@@ -735,6 +762,49 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A message whose publish ended is not delivered while an earlier
+    /// one's is under way (it would be passed over for good when that one
+    /// ends), and both are once it has, in queue order.
+    #[tokio::test]
+    async fn a_message_waits_for_the_publishes_under_way_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, (_stop, stopped)) = process(dir.path()).await;
+        let mut deliveries = bus.consume(4, stopped).await.unwrap();
+        let e = event("c0");
+        bus.publish_as(&e, &e.id.to_string()).await.unwrap();
+        let first = deliveries.recv().await.expect("a delivery");
+        assert_eq!(bus.inner.readable_before(), first.seq + 1);
+        first.ack().await.unwrap();
+        let inner = &bus.inner;
+        let (a, b) = (inner.publishing().unwrap(), inner.publishing().unwrap());
+        let record = |c: &str| {
+            let e = event(c);
+            super::encode(0, &e.subject("vumi.events"), &[], &e.to_json())
+        };
+        let queue = |seq: u64, c: &str| {
+            inner
+                .store
+                .put(Collection::BusQueue, &seq.to_be_bytes(), &record(c))
+                .unwrap()
+        };
+        queue(b, "b");
+        inner.published(b);
+        let wait = std::time::Duration::from_millis(300);
+        assert!(
+            tokio::time::timeout(wait, deliveries.recv()).await.is_err(),
+            "delivered before the publish before it ended"
+        );
+        queue(a, "a");
+        inner.published(a);
+        for seq in [a, b] {
+            let d = tokio::time::timeout(wait, deliveries.recv())
+                .await
+                .expect("delivered once the publishes ended")
+                .unwrap();
+            assert_eq!((d.seq, d.attempt), (seq, 1));
+        }
     }
 
     /// Publishes that end out of order are each delivered once, in queue
