@@ -318,6 +318,94 @@ async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
     );
 }
 
+/// Posts a `poll_complete` event of conversation `c-{n}` and waits until
+/// it is done.
+async fn post_and_wait(d: &Dispatcher, n: u32) {
+    let e = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        &format!("c-{n}"),
+        json!({"msisdn": format!("+2782000{n:04}"), "score": 4}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+}
+
+/// A consumer deleted while the dispatcher was down is made anew after
+/// what the dispatcher handled (its mark, kept in its store), not at the
+/// stream's start, where every event older than the journal's retention
+/// would run again; a stream made again starts at its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_anew_starts_after_what_the_dispatcher_handled() {
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    for n in 0..5 {
+        post_and_wait(&d, n).await;
+    }
+    // Each event and what its chains emitted.
+    let received = d.metric("received", "acme").await;
+    assert!(received >= 5, "{received}");
+    assert_eq!(d.stop(), Some(0), "SIGTERM is a clean stop:\n{}", d.log());
+
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a NATS connection"),
+    );
+    let mut stream = js
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream");
+    let last = stream.info().await.expect("its info").state.last_sequence;
+    assert_eq!(last, received, "one stream message per event received");
+    assert!(
+        stream
+            .delete_consumer("switchboard")
+            .await
+            .expect("the consumer deleted")
+            .success
+    );
+    d.restart();
+    post_and_wait(&d, 5).await;
+    let consumer = stream
+        .consumer_info("switchboard")
+        .await
+        .expect("the consumer made anew");
+    assert_eq!(
+        consumer.config.deliver_policy,
+        async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: last + 1
+        }
+    );
+    // The new event (and what it emitted) only: none of the earlier ones
+    // came back.
+    assert_eq!(
+        d.metric("received", "acme").await,
+        received / 5,
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("consumer made anew"), "{}", d.log());
+
+    // The stream made again: its sequences start over, and so does the
+    // consumer, whatever the mark says.
+    assert_eq!(d.stop(), Some(0), "{}", d.log());
+    js.delete_stream("VUMI_EVENTS")
+        .await
+        .expect("the stream deleted");
+    d.restart();
+    post_and_wait(&d, 6).await;
+    post_and_wait(&d, 7).await;
+    assert!(
+        d.log().contains("the events stream was made again"),
+        "{}",
+        d.log()
+    );
+}
+
 /// A step that runs longer than the ack wait is not redelivered meanwhile
 /// (the dispatcher reports progress), and a dead letter is also published to
 /// the `VUMI_DEAD_LETTERS` stream, where alerting can pick it up.

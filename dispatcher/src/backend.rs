@@ -145,9 +145,10 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
             .map_err(|e| StartError::Bus(BusError::Unavailable(e)))?,
     );
     if !config.bus.replicated {
+        let store = config.store.open()?;
         return Ok(Backend {
-            store: config.store.open()?,
-            bus: Arc::new(bus),
+            bus: Arc::new(bus.with_marks(store.clone())),
+            store,
             commands: Arc::new(commands),
             files,
             vumi_inbound,

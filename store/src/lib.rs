@@ -158,11 +158,16 @@ pub enum Collection {
     /// and when it is due. Read (and emptied) at the next start. Local to
     /// each process, like the embedded bus's own collections.
     HeldConversations,
+    /// Where the bus consumers this process pulls got to (the single NATS
+    /// dispatcher's): `{consumer}` → the events stream's creation time (BE
+    /// i128 ns) and the consumer's ack floor (BE u64). Local to each
+    /// process, so that a consumer made anew starts after it.
+    BusMarks,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 45] = [
+    pub const ALL: [Collection; 46] = [
         Collection::Chains,
         Collection::ChainVersions,
         Collection::BusQueue,
@@ -208,6 +213,7 @@ impl Collection {
         Collection::Inbox,
         Collection::InboxIds,
         Collection::HeldConversations,
+        Collection::BusMarks,
     ];
 
     /// The collection's name on disk.
@@ -258,6 +264,7 @@ impl Collection {
             Collection::Inbox => "inbox",
             Collection::InboxIds => "inbox_ids",
             Collection::HeldConversations => "held_conversations",
+            Collection::BusMarks => "bus_marks",
         }
     }
 
@@ -273,6 +280,7 @@ impl Collection {
                 | Collection::BusDedup
                 | Collection::EventKinds
                 | Collection::HeldConversations
+                | Collection::BusMarks
         ) && !self.is_partitioned()
     }
 

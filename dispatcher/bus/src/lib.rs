@@ -8,6 +8,7 @@ mod after_replicas;
 pub mod commands;
 pub mod embedded;
 pub mod files;
+mod marks;
 pub mod nats;
 pub mod partitions;
 mod pull;

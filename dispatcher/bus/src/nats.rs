@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::after_replicas;
+use crate::marks::Marks;
 use crate::partitions::PARTITIONS;
 use crate::pull::{
     GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
@@ -255,6 +256,8 @@ pub struct NatsBus {
     partitions: Option<Partitions>,
     /// The last sequence the events stream stored before it was partitioned.
     unpartitioned_until: u64,
+    /// Where the single consumer got to, kept in the dispatcher's store.
+    marks: Option<Marks>,
 }
 
 /// A partition and the pin this replica's pull of it last held.
@@ -358,7 +361,16 @@ impl NatsBus {
             pull_stopped: watch::Sender::new(None),
             partitions: None,
             unpartitioned_until,
+            marks: None,
         })
+    }
+
+    /// Keeps where the single consumer got to in `store` (the dispatcher's
+    /// own), so that the consumer made anew starts after it instead of at
+    /// the stream's start (see `marks.rs`).
+    pub fn with_marks(mut self, store: Store) -> Self {
+        self.marks = Some(Marks::new(store));
+        self
     }
 
     /// Consumes only the partitions `owned` names, as it changes (see
@@ -601,6 +613,10 @@ impl Bus for NatsBus {
             ..Default::default()
         };
         let start = after_replicas::single_start(&stream).await?;
+        let start = match &self.marks {
+            Some(marks) => marks.starting(&stream, CONSUMER, start).await,
+            None => start,
+        };
         let config = after_replicas::starting(config, &start);
         let handled = start.handled;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
@@ -625,11 +641,15 @@ impl Bus for NatsBus {
         };
         let pull_stopped = self.pull_stopped.clone();
         let js = self.js.clone();
+        if let Some(marks) = self.marks.clone() {
+            tokio::spawn(marks.keep(stream.clone(), CONSUMER.to_string(), stop.clone()));
+        }
+        let marks = self.marks.clone();
         tokio::spawn(async move {
             // Marks the time the pull ends, on every way out, after the
             // stream (and its subscription) is gone.
             let _ended = PullEnded(pull_stopped);
-            pull_single((js, stream, config), messages, sink, stop, handled).await;
+            pull_single((js, stream, config, marks), messages, sink, stop, handled).await;
         });
         Ok(rx)
     }
@@ -668,7 +688,14 @@ impl Bus for NatsBus {
         self.client
             .flush()
             .await
-            .map_err(|e| BusError::Unavailable(format!("flushing the NATS connection: {e}")))
+            .map_err(|e| BusError::Unavailable(format!("flushing the NATS connection: {e}")))?;
+        // The last acks are sent: where the single consumer got to.
+        if let (Some(marks), None) = (&self.marks, &self.partitions)
+            && let Ok(stream) = self.events_stream().await
+        {
+            marks.keep_last(&stream, CONSUMER).await;
+        }
+        Ok(())
     }
 
     async fn lag(&self) -> Option<u64> {

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use switchboard_engine::bus::{BusError, Delivery, Settle};
 
 use crate::after_replicas::{self, Handled};
+use crate::marks::Marks;
 use crate::partitions::strip_partition;
 use crate::puller::{PullError, PullSettings, Puller};
 
@@ -284,9 +285,14 @@ pub(super) async fn send_all(sink: &Sink, deliveries: impl IntoIterator<Item = D
 /// while it went on answering would hold every event back unseen. What
 /// `handled` covers (the replicas handled it before) is acked and passed
 /// over; a consumer made anew starts where [`after_replicas::single_start`]
-/// says at that time.
+/// says at that time, or after this dispatcher's mark ([`Marks`]).
 pub(super) async fn pull_single(
-    (js, stream, config): (jetstream::Context, jetstream::stream::Stream, pull::Config),
+    (js, stream, config, marks): (
+        jetstream::Context,
+        jetstream::stream::Stream,
+        pull::Config,
+        Option<Marks>,
+    ),
     mut messages: Messages,
     sink: Sink,
     mut stop: watch::Receiver<bool>,
@@ -308,6 +314,10 @@ pub(super) async fn pull_single(
                 let start = after_replicas::single_start(&stream)
                     .await
                     .map_err(|e| e.to_string())?;
+                let start = match &marks {
+                    Some(marks) => marks.starting(&stream, crate::nats::CONSUMER, start).await,
+                    None => start,
+                };
                 let config = after_replicas::starting(config.clone(), &start);
                 handled = start.handled;
                 let consumer = stream
