@@ -13,9 +13,12 @@
 //! the last mark is delivered again to a consumer made anew, and passed
 //! over by its journal record, as any repeat.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use switchboard_engine::bus::BusError;
 use switchboard_store::{Collection, Store};
 use tokio::sync::watch;
 
@@ -25,8 +28,11 @@ use crate::after_replicas::Start;
 pub(crate) const KEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the mark kept at a stop waits for the last acks to reach the
-/// consumer.
+/// consumer (while its ack floor still moves).
 const LAST_ACKS_WITHIN: Duration = Duration::from_millis(500);
+
+/// How long the mark kept at a stop may take in all.
+const LAST_MARK_WITHIN: Duration = Duration::from_secs(2);
 
 /// Where consumer `consumer` of a stream got to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +62,16 @@ impl Mark {
 #[derive(Debug, Clone)]
 pub(crate) struct Marks {
     store: Store,
+    /// Whether the mark was kept at the stop.
+    kept_last: Arc<AtomicBool>,
 }
 
 impl Marks {
     pub(crate) fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            kept_last: Arc::default(),
+        }
     }
 
     fn read(&self, consumer: &str) -> Option<Mark> {
@@ -82,89 +93,118 @@ impl Marks {
         }
     }
 
-    /// Where `consumer` starts if it is made now: after its mark, when it
-    /// does not exist, `start` (of `after_replicas::single_start`) would
-    /// start it at the stream's start, and the mark is of this stream.
+    /// Where `consumer` starts if it is made now: after its mark (but no
+    /// later than the stream's last message: a stream restored from a
+    /// backup keeps its creation time and may have lost its last writes),
+    /// when it does not exist, `start` (of `after_replicas::single_start`)
+    /// would start it at the stream's start, and the mark is of this
+    /// stream. A read that fails fails the start (it is tried again),
+    /// rather than replaying the stream from its start.
     pub(crate) async fn starting(
         &self,
         stream: &jetstream::stream::Stream,
         consumer: &str,
         start: Start,
-    ) -> Start {
+    ) -> Result<Start, BusError> {
         if start.handled.is_some() || start.policy != DeliverPolicy::All {
-            return start;
+            return Ok(start);
         }
         let Some(mark) = self.read(consumer) else {
-            return start;
+            return Ok(start);
         };
         use jetstream::context::ConsumerInfoErrorKind::NotFound;
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            BusError::Unavailable(format!(
+                "{what} (to place consumer {consumer}'s start after its mark): {e}"
+            ))
+        };
         match stream.consumer_info(consumer).await {
             Err(e) if e.kind() == NotFound => {}
-            // It exists (and goes on where it was), or cannot be read (and
-            // its making fails the same way).
-            _ => return start,
+            // It exists, and goes on where it was.
+            Ok(_) => return Ok(start),
+            Err(e) => return Err(failed(&format!("reading consumer {consumer}"), &e)),
         }
-        let created = match stream.get_info().await {
-            Ok(info) => info.created.unix_timestamp_nanos(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the events stream (to place the consumer's start after its mark) failed");
-                return start;
-            }
-        };
-        if created != mark.stream_created_ns {
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| failed("reading the events stream", &e))?;
+        if info.created.unix_timestamp_nanos() != mark.stream_created_ns {
             tracing::info!(
                 consumer,
-                "the events stream was made again since this dispatcher last consumed it: consumer made anew starts at its start"
+                "the events stream was made again since this dispatcher last consumed it: \
+                 consumer made anew starts at its start"
             );
-            return start;
+            return Ok(start);
         }
+        let through = mark.through.min(info.state.last_sequence);
         tracing::warn!(
             consumer,
-            start_sequence = mark.through + 1,
+            start_sequence = through + 1,
             "consumer made anew (it was deleted or lost): it starts after what this dispatcher \
              handled, not at the stream's start"
         );
-        Start {
+        Ok(Start {
             policy: DeliverPolicy::ByStartSequence {
-                start_sequence: mark.through + 1,
+                start_sequence: through + 1,
             },
             handled: None,
+        })
+    }
+
+    /// Reads `consumer`'s ack floor and the stream's, then the stream
+    /// again: the mark, if the stream was not made again between.
+    async fn read_floor(
+        stream: &jetstream::stream::Stream,
+        consumer: &str,
+    ) -> Result<(Mark, usize), String> {
+        let before = stream.get_info().await.map_err(|e| e.to_string())?;
+        let info = stream
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let after = stream.get_info().await.map_err(|e| e.to_string())?;
+        if before.created != after.created {
+            return Err("the events stream was made again meanwhile".into());
         }
+        Ok((
+            Mark {
+                stream_created_ns: after.created.unix_timestamp_nanos(),
+                through: info
+                    .ack_floor
+                    .stream_sequence
+                    .min(after.state.last_sequence),
+            },
+            info.num_ack_pending,
+        ))
     }
 
     /// Reads `consumer`'s ack floor and keeps it, if it moved on; with
     /// `settled_within`, reading it again meanwhile while acks are pending
-    /// (the last ones sent may not have reached it yet).
+    /// and it still moves (the last ones sent may not have reached it yet).
     async fn keep_once(
         &self,
         stream: &jetstream::stream::Stream,
         consumer: &str,
         settled_within: Option<Duration>,
     ) {
-        let read = || async {
-            tokio::try_join!(
-                async { stream.get_info().await.map_err(|e| e.to_string()) },
-                async {
-                    stream
-                        .consumer_info(consumer)
-                        .await
-                        .map_err(|e| e.to_string())
-                },
-            )
-        };
-        let mut infos = read().await;
+        let mut read = Self::read_floor(stream, consumer).await;
         if let Some(within) = settled_within {
             let until = tokio::time::Instant::now() + within;
-            while infos
-                .as_ref()
-                .is_ok_and(|(_, c)| c.num_ack_pending > 0 && tokio::time::Instant::now() < until)
+            while let Ok((mark, pending)) = &read
+                && *pending > 0
+                && tokio::time::Instant::now() < until
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                infos = read().await;
+                let again = Self::read_floor(stream, consumer).await;
+                let moved = matches!(&again, Ok((m, _)) if m.through > mark.through);
+                read = again;
+                if !moved {
+                    break;
+                }
             }
         }
-        let (stream_info, consumer_info) = match infos {
-            Ok(infos) => infos,
+        let mark = match read {
+            Ok((mark, _)) => mark,
             // A consumer or stream gone meanwhile is read at the next
             // turn, made anew.
             Err(e) => {
@@ -172,12 +212,7 @@ impl Marks {
                 return;
             }
         };
-        let mark = Mark {
-            stream_created_ns: stream_info.created.unix_timestamp_nanos(),
-            through: consumer_info.ack_floor.stream_sequence,
-        };
-        let kept = self.read(consumer);
-        let moved_on = match kept {
+        let moved_on = match self.read(consumer) {
             Some(kept) if kept.stream_created_ns == mark.stream_created_ns => {
                 mark.through > kept.through
             }
@@ -209,11 +244,23 @@ impl Marks {
         }
     }
 
-    /// Keeps `consumer`'s mark once more and makes it durable (at the stop,
-    /// the last acks sent).
+    /// Keeps `consumer`'s mark once more and makes it durable, once (at
+    /// the stop, the last acks sent); within [`LAST_MARK_WITHIN`] at most.
     pub(crate) async fn keep_last(&self, stream: &jetstream::stream::Stream, consumer: &str) {
-        self.keep_once(stream, consumer, Some(LAST_ACKS_WITHIN))
-            .await;
+        if self.kept_last.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let kept = tokio::time::timeout(
+            LAST_MARK_WITHIN,
+            self.keep_once(stream, consumer, Some(LAST_ACKS_WITHIN)),
+        )
+        .await;
+        if kept.is_err() {
+            tracing::warn!(
+                consumer,
+                "the events stream did not answer in time: where the consumer got to is kept as last read"
+            );
+        }
         if let Err(e) = self.store.flush().await {
             tracing::warn!(consumer, error = %e, "making where the consumer got to durable failed");
         }

@@ -614,7 +614,7 @@ impl Bus for NatsBus {
         };
         let start = after_replicas::single_start(&stream).await?;
         let start = match &self.marks {
-            Some(marks) => marks.starting(&stream, CONSUMER, start).await,
+            Some(marks) => marks.starting(&stream, CONSUMER, start).await?,
             None => start,
         };
         let config = after_replicas::starting(config, &start);

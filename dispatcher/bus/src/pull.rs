@@ -315,7 +315,10 @@ pub(super) async fn pull_single(
                     .await
                     .map_err(|e| e.to_string())?;
                 let start = match &marks {
-                    Some(marks) => marks.starting(&stream, crate::nats::CONSUMER, start).await,
+                    Some(marks) => marks
+                        .starting(&stream, crate::nats::CONSUMER, start)
+                        .await
+                        .map_err(|e| e.to_string())?,
                     None => start,
                 };
                 let config = after_replicas::starting(config.clone(), &start);
