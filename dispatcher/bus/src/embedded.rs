@@ -44,6 +44,10 @@ struct Publishing {
 /// attempt it comes back as.
 type Again = (Instant, u64, u32);
 
+/// Queued messages read and not yet delivered: each sequence number and
+/// record.
+type Read = VecDeque<(u64, Vec<u8>)>;
+
 /// How many queued messages the delivery task reads at once.
 const READ_BATCH: usize = 256;
 
@@ -75,6 +79,9 @@ impl Inner {
     /// [`Inner::published`] is called with it.
     fn publishing(&self) -> Result<u64, BusError> {
         let mut publishing = self.publishing.lock().expect("publishing lock");
+        // (Taken under the lock, so that no number is taken unseen by
+        // `readable_before`. sled makes its id counter durable once per
+        // million ids, an fsync that other publishers then wait out.)
         let seq = self.store.next_id()?;
         publishing.under_way.insert(seq);
         publishing.taken_below = publishing.taken_below.max(seq + 1);
@@ -353,14 +360,15 @@ impl Bus for EmbeddedBus {
                 },
             ],
         )?;
-        // A duplicate is acknowledged only once the first publish is durable too.
-        let flushed = store.flush().await;
         if queued {
-            // Queued, whether or not the flush held: the caller, told it
-            // failed, publishes again and finds a duplicate, so this is
-            // the one delivery it gets until a restart.
+            // Counted before the flush, which may be cut short (the caller
+            // gone): the message is delivered in this process either way,
+            // whether or not the flush held (the caller, told it failed,
+            // publishes again and finds a duplicate).
             self.inner.queued.fetch_add(1, Ordering::Relaxed);
         }
+        // A duplicate is acknowledged only once the first publish is durable too.
+        let flushed = store.flush().await;
         // The message can be delivered from here (`under_way` dropped).
         flushed?;
         Ok(Published { duplicate: !queued })
@@ -387,7 +395,7 @@ impl Bus for EmbeddedBus {
             // and not yet delivered, and the nakked messages by when they
             // are due: a retry is not held back for the length of a backlog.
             let mut next = 0u64;
-            let mut read: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
+            let mut read = Read::new();
             let mut again: BinaryHeap<Reverse<Again>> = BinaryHeap::new();
             loop {
                 // What is still in the queue at a stop is delivered again
@@ -418,12 +426,13 @@ impl Bus for EmbeddedBus {
                     (seq, 1, record)
                 } else {
                     match read_queue(&inner, next) {
-                        Ok(batch) if !batch.is_empty() => {
-                            next = batch.back().map_or(next, |(seq, _)| seq + 1);
-                            read = batch;
-                            continue;
+                        Ok((batch, read_up_to)) => {
+                            next = read_up_to;
+                            if !batch.is_empty() {
+                                read = batch;
+                                continue;
+                            }
                         }
-                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "embedded bus: reading the queue failed");
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -472,23 +481,26 @@ impl Bus for EmbeddedBus {
 
 /// Up to [`READ_BATCH`] queued messages from `next` on, those whose
 /// publishes have all ended (the first under way, and those after it, are
-/// left for later).
-fn read_queue(inner: &Inner, next: u64) -> Result<VecDeque<(u64, Vec<u8>)>, BusError> {
+/// left for later); and where the next reading starts: after the last of
+/// them, or at the first publish under way when there is none before it
+/// (publishes found duplicates take a number and queue nothing).
+fn read_queue(inner: &Inner, next: u64) -> Result<(Read, u64), BusError> {
     let before = inner.readable_before();
     if next >= before {
-        return Ok(VecDeque::new());
+        return Ok((VecDeque::new(), next));
     }
-    let batch = inner
+    let batch: VecDeque<_> = inner
         .store
-        .scan_from(Collection::BusQueue, &next.to_be_bytes(), READ_BATCH)?;
-    Ok(batch
+        .scan_from(Collection::BusQueue, &next.to_be_bytes(), READ_BATCH)?
         .into_iter()
         .map(|(k, record)| {
             let seq = u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"));
             (seq, record)
         })
         .take_while(|(seq, _)| *seq < before)
-        .collect())
+        .collect();
+    let read_up_to = batch.back().map_or(before, |(seq, _)| seq + 1);
+    Ok((batch, read_up_to))
 }
 
 /// A publish under way: its sequence number, counted as under way until

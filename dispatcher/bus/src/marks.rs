@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use switchboard_engine::bus::BusError;
-use switchboard_store::{Collection, Store};
+use switchboard_store::{Collection, Store, StoreError};
 use tokio::sync::watch;
 
 use crate::after_replicas::Start;
@@ -41,12 +41,17 @@ struct Mark {
     stream_created_ns: i128,
     /// Its ack floor: every event up to this stream sequence was acked.
     through: u64,
+    /// When the message at `through` was stored, in ns since the epoch (0:
+    /// not known, it was gone): a stream restored from a backup, then
+    /// written to, holds other messages at the same sequences.
+    through_ns: i128,
 }
 
 impl Mark {
     fn encode(self) -> Vec<u8> {
         let mut v = self.stream_created_ns.to_be_bytes().to_vec();
         v.extend_from_slice(&self.through.to_be_bytes());
+        v.extend_from_slice(&self.through_ns.to_be_bytes());
         v
     }
 
@@ -54,7 +59,22 @@ impl Mark {
         Some(Self {
             stream_created_ns: i128::from_be_bytes(v.get(..16)?.try_into().ok()?),
             through: u64::from_be_bytes(v.get(16..24)?.try_into().ok()?),
+            through_ns: i128::from_be_bytes(v.get(24..40)?.try_into().ok()?),
         })
+    }
+}
+
+/// When the message at `seq` of `stream` was stored, in ns since the
+/// epoch; 0 if it is gone (or `seq` is 0).
+async fn stored_ns(stream: &jetstream::stream::Stream, seq: u64) -> Result<i128, String> {
+    use jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+    if seq == 0 {
+        return Ok(0);
+    }
+    match stream.get_raw_message(seq).await {
+        Ok(m) => Ok(m.time.unix_timestamp_nanos()),
+        Err(e) if e.kind() == NoMessageFound => Ok(0),
+        Err(e) => Err(format!("reading message {seq} of the events stream: {e}")),
     }
 }
 
@@ -74,14 +94,21 @@ impl Marks {
         }
     }
 
-    fn read(&self, consumer: &str) -> Option<Mark> {
-        match self.store.get(Collection::BusMarks, consumer.as_bytes()) {
-            Ok(v) => v.as_deref().and_then(Mark::decode),
-            Err(e) => {
-                tracing::warn!(consumer, error = %e, "reading where the consumer got to failed");
-                None
-            }
+    /// The mark kept for `consumer`; one that cannot be read is said and
+    /// taken for none.
+    fn read(&self, consumer: &str) -> Result<Option<Mark>, StoreError> {
+        let Some(v) = self.store.get(Collection::BusMarks, consumer.as_bytes())? else {
+            return Ok(None);
+        };
+        let mark = Mark::decode(&v);
+        if mark.is_none() {
+            tracing::error!(
+                consumer,
+                "where the consumer got to is kept unreadably: a consumer made anew starts at \
+                 the stream's start"
+            );
         }
+        Ok(mark)
     }
 
     fn write(&self, consumer: &str, mark: Mark) {
@@ -109,15 +136,18 @@ impl Marks {
         if start.handled.is_some() || start.policy != DeliverPolicy::All {
             return Ok(start);
         }
-        let Some(mark) = self.read(consumer) else {
-            return Ok(start);
-        };
-        use jetstream::context::ConsumerInfoErrorKind::NotFound;
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             BusError::Unavailable(format!(
                 "{what} (to place consumer {consumer}'s start after its mark): {e}"
             ))
         };
+        let Some(mark) = self
+            .read(consumer)
+            .map_err(|e| failed("reading its mark", &e))?
+        else {
+            return Ok(start);
+        };
+        use jetstream::context::ConsumerInfoErrorKind::NotFound;
         match stream.consumer_info(consumer).await {
             Err(e) if e.kind() == NotFound => {}
             // It exists, and goes on where it was.
@@ -136,16 +166,39 @@ impl Marks {
             );
             return Ok(start);
         }
-        let through = mark.through.min(info.state.last_sequence);
+        // A stream restored from a backup keeps its creation time, and may
+        // hold fewer messages, or other ones at the same sequences: then
+        // the mark says nothing of them.
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let same_messages = if mark.through > last {
+            false
+        } else if mark.through < first || mark.through_ns == 0 {
+            true
+        } else {
+            let now = stored_ns(stream, mark.through)
+                .await
+                .map_err(|e| failed("reading the stream", &e))?;
+            now == 0 || now == mark.through_ns
+        };
+        if !same_messages {
+            tracing::warn!(
+                consumer,
+                through = mark.through,
+                last,
+                "the events stream does not hold the messages this dispatcher handled (restored \
+                 from a backup?): consumer made anew starts at its start"
+            );
+            return Ok(start);
+        }
         tracing::warn!(
             consumer,
-            start_sequence = through + 1,
+            start_sequence = mark.through + 1,
             "consumer made anew (it was deleted or lost): it starts after what this dispatcher \
              handled, not at the stream's start"
         );
         Ok(Start {
             policy: DeliverPolicy::ByStartSequence {
-                start_sequence: through + 1,
+                start_sequence: mark.through + 1,
             },
             handled: None,
         })
@@ -162,6 +215,11 @@ impl Marks {
             .consumer_info(consumer)
             .await
             .map_err(|e| e.to_string())?;
+        let through = info
+            .ack_floor
+            .stream_sequence
+            .min(before.state.last_sequence);
+        let through_ns = stored_ns(stream, through).await?;
         let after = stream.get_info().await.map_err(|e| e.to_string())?;
         if before.created != after.created {
             return Err("the events stream was made again meanwhile".into());
@@ -169,10 +227,8 @@ impl Marks {
         Ok((
             Mark {
                 stream_created_ns: after.created.unix_timestamp_nanos(),
-                through: info
-                    .ack_floor
-                    .stream_sequence
-                    .min(after.state.last_sequence),
+                through,
+                through_ns,
             },
             info.num_ack_pending,
         ))
@@ -212,7 +268,14 @@ impl Marks {
                 return;
             }
         };
-        let moved_on = match self.read(consumer) {
+        let kept = match self.read(consumer) {
+            Ok(kept) => kept,
+            Err(e) => {
+                tracing::warn!(consumer, error = %e, "reading where the consumer got to failed");
+                return;
+            }
+        };
+        let moved_on = match kept {
             Some(kept) if kept.stream_created_ns == mark.stream_created_ns => {
                 mark.through > kept.through
             }
@@ -276,9 +339,10 @@ mod tests {
         let mark = Mark {
             stream_created_ns: 1_765_000_000_123_456_789,
             through: 42,
+            through_ns: 1_765_000_100_000_000_001,
         };
         let v = mark.encode();
         assert_eq!(Mark::decode(&v), Some(mark));
-        assert_eq!(Mark::decode(&v[..23]), None);
+        assert_eq!(Mark::decode(&v[..39]), None);
     }
 }
