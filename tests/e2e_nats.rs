@@ -270,6 +270,17 @@ async fn events_published_while_the_dispatcher_is_down_are_handled_when_it_is_ba
     check_poll_lineage(&d, "acme", &e.id.to_string(), "+27820000008").await;
 }
 
+/// Deletes the dispatcher's consumer, as an operator's `nats consumer rm`.
+async fn delete_consumer(stream: &async_nats::jetstream::stream::Stream) {
+    assert!(
+        stream
+            .delete_consumer("switchboard")
+            .await
+            .expect("the consumer deleted")
+            .success
+    );
+}
+
 /// The dispatcher's consumer deleted under it (an operator's `nats
 /// consumer rm`, a stream made again): it makes the consumer again and goes
 /// on consuming, instead of answering while it handles nothing.
@@ -302,13 +313,7 @@ async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
         .get_stream("VUMI_EVENTS")
         .await
         .expect("the events stream");
-    assert!(
-        stream
-            .delete_consumer("switchboard")
-            .await
-            .expect("the consumer deleted")
-            .success
-    );
+    delete_consumer(&stream).await;
     assert_eq!(handled("c-after", "+27820000012").await, "done");
     assert!(
         d.log()
@@ -369,13 +374,7 @@ async fn a_consumer_made_anew_starts_after_what_the_dispatcher_handled() {
         .expect("the events stream");
     let last = stream.info().await.expect("its info").state.last_sequence;
     assert_eq!(last, 10, "one stream message per event");
-    assert!(
-        stream
-            .delete_consumer("switchboard")
-            .await
-            .expect("the consumer deleted")
-            .success
-    );
+    delete_consumer(&stream).await;
     d.restart();
     post_and_wait(&d, 5).await;
     let consumer = stream

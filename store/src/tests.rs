@@ -65,48 +65,33 @@ fn remove_prefix_before_takes_all_below_but_those_kept() {
             .unwrap();
     }
     let kept = at(b"acme", 7);
-    let removed = s
-        .remove_prefix_before(
+    let remove = || {
+        s.remove_prefix_before(
             Collection::ChainVersions,
             &key(&[b"acme", b""]),
             &at(b"acme", 150),
             |k| k == kept.as_slice(),
             100,
         )
-        .unwrap();
-    assert_eq!(removed, 100);
-    let left: Vec<Vec<u8>> = s
-        .scan_prefix(Collection::ChainVersions, &key(&[b"acme", b""]))
         .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let expected: Vec<Vec<u8>> = std::iter::once(7)
-        .chain(101..200)
-        .map(|n| at(b"acme", n))
-        .collect();
-    assert_eq!(left, expected, "the first went first");
-    let removed = s
-        .remove_prefix_before(
-            Collection::ChainVersions,
-            &key(&[b"acme", b""]),
-            &at(b"acme", 150),
-            |k| k == kept.as_slice(),
-            100,
-        )
-        .unwrap();
-    assert_eq!(removed, 49, "the rest at the next call");
-    let left: Vec<Vec<u8>> = s
-        .scan_prefix(Collection::ChainVersions, &key(&[b"acme", b""]))
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let expected: Vec<Vec<u8>> = std::iter::once(7)
-        .chain(150..200)
-        .map(|n| at(b"acme", n))
-        .collect();
-    assert_eq!(left, expected);
+    };
+    let left_after = |first_kept: u64| {
+        let left: Vec<Vec<u8>> = s
+            .scan_prefix(Collection::ChainVersions, &key(&[b"acme", b""]))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let expected: Vec<Vec<u8>> = std::iter::once(7)
+            .chain(first_kept..200)
+            .map(|n| at(b"acme", n))
+            .collect();
+        assert_eq!(left, expected, "left from {first_kept} on");
+    };
+    assert_eq!(remove(), 100);
+    left_after(101);
+    assert_eq!(remove(), 49, "the rest at the next call");
+    left_after(150);
     let other = s.scan_prefix(Collection::ChainVersions, &key(&[b"acm", b""]));
     assert_eq!(other.unwrap().len(), 200);
 }
