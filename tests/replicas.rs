@@ -82,6 +82,17 @@ fn account(i: usize) -> String {
     format!("acct-{i:03}")
 }
 
+/// A chain directory with a file for each of the first `accounts`
+/// accounts, its text `chain` of the account.
+fn chain_dir(accounts: usize, chain: impl Fn(&str) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for i in 0..accounts {
+        let a = account(i);
+        std::fs::write(dir.path().join(format!("{a}.toml")), chain(&a)).expect("a chain file");
+    }
+    dir
+}
+
 /// `n` events over `accounts` accounts and 40 conversations each, with four
 /// events per number, in different conversations. `n` in the event data
 /// counts up within each conversation.
@@ -508,20 +519,16 @@ config = {{ msisdn = "{{{{ event.event_data.msisdn }}}}", fields = {{ wave = "{{
 /// A folder of chain files, one for each of `accounts` accounts: a wave's
 /// contact, then a `log` step naming the wave.
 fn wave_log_chains(accounts: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        let chain = wave_chain(
-            &a,
+    chain_dir(accounts, |a| {
+        wave_chain(
+            a,
             r#"
 [[chains.steps]]
 handler = "log"
 config = { message = "wave {{ event.event_data.wave }}" }
 "#,
-        );
-        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
-    }
-    dir
+        )
+    })
 }
 
 /// A wave of events: one in each of `conversations` conversations of each
@@ -563,12 +570,7 @@ async fn replicas_joining_and_leaving_keep_every_conversation_in_order() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let (accounts, conversations, per_conversation) = (16, 64, 10);
-    let chains = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
-            .expect("writing a chain file");
-    }
+    let chains = chain_dir(accounts, sms_chain);
     // Event `n` of conversation `c`.
     let all: Vec<Vec<VumiApiEvent>> = (0..conversations)
         .map(|c| {
@@ -1835,11 +1837,9 @@ async fn a_new_replica_resumes_a_killed_owners_events_from_the_changelog() {
     // The second step's first attempt hangs until the owner is dead.
     let receiver = HttpReceiver::start(Duration::from_secs(20));
     let accounts = 4;
-    let dir = tempfile::tempdir().expect("a temporary directory");
     let recv = receiver.url();
-    for i in 0..accounts {
-        let a = account(i);
-        let chain = format!(
+    let dir = chain_dir(accounts, |a| {
+        format!(
             r#"
 account_key = "{a}"
 
@@ -1859,9 +1859,8 @@ name = "second"
 config = {{ url = "{recv}/hook/hang,200", secret = "gateway", timeout = "60s", body = {{ account = "{{{{ event.account_key }}}}", conversation = "{{{{ event.conversation_key }}}}", n = "{{{{ event.event_data.n }}}}" }} }}
 retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 "#
-        );
-        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
-    }
+        )
+    });
     let config = config_with(&receiver, true, 1);
     let mut owner = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
     for i in 0..accounts {
@@ -2050,12 +2049,10 @@ async fn a_frozen_owner_resumed_after_a_take_over_overwrites_nothing() {
     // mid-chain.
     let receiver = HttpReceiver::start(Duration::from_secs(1));
     let (accounts, conversations) = (8, 3);
-    let dir = tempfile::tempdir().expect("a temporary directory");
     let recv = receiver.url();
-    for i in 0..accounts {
-        let a = account(i);
-        let chain = wave_chain(
-            &a,
+    let dir = chain_dir(accounts, |a| {
+        wave_chain(
+            a,
             &format!(
                 r#"
 [[chains.steps]]
@@ -2064,9 +2061,8 @@ config = {{ url = "{recv}/hook/hang", secret = "gateway", body = {{ account = "{
 retry = {{ max_attempts = 20, initial = "100ms", max = "1s" }}
 "#
             ),
-        );
-        std::fs::write(dir.path().join(format!("{a}.toml")), chain).expect("a chain file");
-    }
+        )
+    });
     let config = config_with(&receiver, true, 1);
     let a = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
     let b = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
@@ -2326,12 +2322,7 @@ async fn one_dispatcher_after_replicas_passes_over_what_they_handled() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
     let accounts = 4;
-    let chains = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
-            .expect("writing a chain file");
-    }
+    let chains = chain_dir(accounts, sms_chain);
     // Each wave's events, told apart by their `n`.
     let wave = |n: usize, wave: u64| -> Vec<VumiApiEvent> {
         events(n, accounts)
@@ -2490,13 +2481,8 @@ async fn refused_start(nats: &str, config: &str) -> String {
 async fn a_dispatcher_refuses_to_start_beside_dispatchers_it_would_handle_events_again_of() {
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(3));
-    let chains = tempfile::tempdir().expect("a temporary directory");
     let accounts = 2;
-    for i in 0..accounts {
-        let a = account(i);
-        std::fs::write(chains.path().join(format!("{a}.toml")), sms_chain(&a))
-            .expect("writing a chain file");
-    }
+    let chains = chain_dir(accounts, sms_chain);
     let single_config = config_with(&receiver, false, 1);
     let replicated = config_with(&receiver, true, 1);
     let numbered = |n: usize, from: u64| -> Vec<VumiApiEvent> {
@@ -2601,15 +2587,7 @@ async fn a_changelog_refusing_writes_for_a_while_loses_nothing_and_keeps_order()
     let nats = crate::util::NatsServer::start();
     let receiver = HttpReceiver::start(Duration::from_secs(5));
     let accounts = 2;
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    for i in 0..accounts {
-        let a = account(i);
-        std::fs::write(
-            dir.path().join(format!("{a}.toml")),
-            chains(&receiver, &a, "v1"),
-        )
-        .expect("a chain file");
-    }
+    let dir = chain_dir(accounts, |a| chains(&receiver, a, "v1"));
     let config = config_with(&receiver, true, 1);
     let d = Dispatcher::nats_url_with_chains(nats.url(), &config, dir.path());
     for i in 0..accounts {
