@@ -160,8 +160,9 @@ pub enum Collection {
     HeldConversations,
     /// Where the bus consumers this process pulls got to (the single NATS
     /// dispatcher's): `{consumer}` → the events stream's creation time (BE
-    /// i128 ns) and the consumer's ack floor (BE u64). Local to each
-    /// process, so that a consumer made anew starts after it.
+    /// i128 ns), the consumer's ack floor (BE u64) and when the message at
+    /// it was stored (BE i128 ns). Local to each process, so that a
+    /// consumer made anew starts after it.
     BusMarks,
 }
 

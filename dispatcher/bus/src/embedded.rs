@@ -152,9 +152,7 @@ impl EmbeddedBus {
         let queued = store.len(Collection::BusQueue) as u64;
         // What an earlier process queued is all readable.
         let taken_below = match store.last(Collection::BusQueue)? {
-            Some((k, _)) => {
-                u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes")) + 1
-            }
+            Some((k, _)) => seq_of(&k) + 1,
             None => 0,
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -493,14 +491,16 @@ fn read_queue(inner: &Inner, next: u64) -> Result<(Read, u64), BusError> {
         .store
         .scan_from(Collection::BusQueue, &next.to_be_bytes(), READ_BATCH)?
         .into_iter()
-        .map(|(k, record)| {
-            let seq = u64::from_be_bytes(k.as_slice().try_into().expect("queue keys are 8 bytes"));
-            (seq, record)
-        })
+        .map(|(k, record)| (seq_of(&k), record))
         .take_while(|(seq, _)| *seq < before)
         .collect();
     let read_up_to = batch.back().map_or(before, |(seq, _)| seq + 1);
     Ok((batch, read_up_to))
+}
+
+/// The sequence number a queue key holds.
+fn seq_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().expect("queue keys are 8 bytes"))
 }
 
 /// A publish under way: its sequence number, counted as under way until

@@ -7,9 +7,10 @@
 //! The mark is the consumer's ack floor (the last stream sequence up to
 //! which every event was acked), read from the server every
 //! [`KEEP_EVERY`] and at a stop, once the last acks are sent, with the
-//! stream's creation time:
-//! a stream made again (its sequences starting over) does not match it,
-//! and its consumer starts at its start as before. An event acked after
+//! stream's creation time and when the message at the floor was stored: a
+//! stream made again (its sequences starting over), or restored from a
+//! backup and written since (other messages at the same sequences), does
+//! not match it, and its consumer starts at its start as before. An event acked after
 //! the last mark is delivered again to a consumer made anew, and passed
 //! over by its journal record, as any repeat.
 
@@ -22,7 +23,8 @@ use switchboard_engine::bus::BusError;
 use switchboard_store::{Collection, Store, StoreError};
 use tokio::sync::watch;
 
-use crate::after_replicas::Start;
+use crate::after_replicas::{self, Start};
+use crate::nats::CONSUMER;
 
 /// How often the mark is read and kept while the pull runs.
 pub(crate) const KEEP_EVERY: Duration = Duration::from_secs(10);
@@ -78,6 +80,19 @@ async fn stored_ns(stream: &jetstream::stream::Stream, seq: u64) -> Result<i128,
     }
 }
 
+/// Where the single dispatcher's consumer starts if it is made now: as
+/// [`after_replicas::single_start`] says, or after its mark in `marks`.
+pub(crate) async fn single_start(
+    stream: &jetstream::stream::Stream,
+    marks: Option<&Marks>,
+) -> Result<Start, BusError> {
+    let start = after_replicas::single_start(stream).await?;
+    match marks {
+        Some(marks) => marks.starting(stream, CONSUMER, start).await,
+        None => Ok(start),
+    }
+}
+
 /// The marks of the consumers this dispatcher pulls, in its store.
 #[derive(Debug, Clone)]
 pub(crate) struct Marks {
@@ -120,14 +135,14 @@ impl Marks {
         }
     }
 
-    /// Where `consumer` starts if it is made now: after its mark (but no
-    /// later than the stream's last message: a stream restored from a
-    /// backup keeps its creation time and may have lost its last writes),
-    /// when it does not exist, `start` (of `after_replicas::single_start`)
-    /// would start it at the stream's start, and the mark is of this
-    /// stream. A read that fails fails the start (it is tried again),
-    /// rather than replaying the stream from its start.
-    pub(crate) async fn starting(
+    /// Where `consumer` starts if it is made now: after its mark, when it
+    /// does not exist, `start` (of `after_replicas::single_start`) would
+    /// start it at the stream's start, and the stream holds the messages
+    /// the mark was taken on (made again, or restored from a backup and
+    /// written since, it starts at its start). A read that fails fails the
+    /// start (it is tried again), rather than replaying the stream from its
+    /// start.
+    async fn starting(
         &self,
         stream: &jetstream::stream::Stream,
         consumer: &str,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::after_replicas;
-use crate::marks::Marks;
+use crate::marks::{self, Marks};
 use crate::partitions::PARTITIONS;
 use crate::pull::{
     GROUP, PULL_EXPIRES, Partition, PullEnd, Sink, Unpartitioned, give_back, pull_partition,
@@ -612,11 +612,7 @@ impl Bus for NatsBus {
             filter_subject: format!("{}.events.>", self.prefix),
             ..Default::default()
         };
-        let start = after_replicas::single_start(&stream).await?;
-        let start = match &self.marks {
-            Some(marks) => marks.starting(&stream, CONSUMER, start).await?,
-            None => start,
-        };
+        let start = marks::single_start(&stream, self.marks.as_ref()).await?;
         let config = after_replicas::starting(config, &start);
         let handled = start.handled;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream

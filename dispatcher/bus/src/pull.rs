@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use switchboard_engine::bus::{BusError, Delivery, Settle};
 
 use crate::after_replicas::{self, Handled};
-use crate::marks::Marks;
+use crate::marks::{self, Marks};
 use crate::partitions::strip_partition;
 use crate::puller::{PullError, PullSettings, Puller};
 
@@ -284,8 +284,8 @@ pub(super) async fn send_all(sink: &Sink, deliveries: impl IntoIterator<Item = D
 /// consumer, a stream made again): a dispatcher that stopped consuming
 /// while it went on answering would hold every event back unseen. What
 /// `handled` covers (the replicas handled it before) is acked and passed
-/// over; a consumer made anew starts where [`after_replicas::single_start`]
-/// says at that time, or after this dispatcher's mark ([`Marks`]).
+/// over; a consumer made anew starts where [`marks::single_start`] says at
+/// that time.
 pub(super) async fn pull_single(
     (js, stream, config, marks): (
         jetstream::Context,
@@ -311,16 +311,9 @@ pub(super) async fn pull_single(
             // The pull may have ended because its consumer was deleted, or
             // its stream made again: made anew, it starts as it would now.
             let started = async {
-                let start = after_replicas::single_start(&stream)
+                let start = marks::single_start(&stream, marks.as_ref())
                     .await
                     .map_err(|e| e.to_string())?;
-                let start = match &marks {
-                    Some(marks) => marks
-                        .starting(&stream, crate::nats::CONSUMER, start)
-                        .await
-                        .map_err(|e| e.to_string())?,
-                    None => start,
-                };
                 let config = after_replicas::starting(config.clone(), &start);
                 handled = start.handled;
                 let consumer = stream
