@@ -816,13 +816,26 @@ async fn one_conversation_is_delivered_in_order_across_retries_on_the_embedded_b
 }
 
 /// A conversation waiting for an event the bus holds back for a retry
-/// still waits for it after a graceful restart (NATS, where the event
-/// waits on the server): a later event of the conversation, published
-/// after the restart, is not delivered first.
+/// still waits for it after a graceful restart (on NATS the event waits on
+/// the server): a later event of the conversation, published after the
+/// restart, is not delivered first, and the retry waits out its
+/// `Retry-After`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_waits_for_its_retrying_event_across_a_graceful_restart() {
+    retrying_across_a_graceful_restart(BusKind::Nats).await;
+}
+
+/// The same on the embedded bus, which gives back what it held at a stop
+/// at once at the next start: the retry still waits out its
+/// `Retry-After`, by the hold the stop kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_out_its_retry_after_across_a_graceful_restart_on_the_embedded_bus() {
+    retrying_across_a_graceful_restart(BusKind::Embedded).await;
+}
+
+async fn retrying_across_a_graceful_restart(bus: BusKind) {
     let receiver = HttpReceiver::start(Duration::from_secs(5));
-    let mut s = Setup::start(BusKind::Nats, "").await;
+    let mut s = Setup::start(bus, "").await;
     let recv = receiver.url();
     s.d.apply_chains(
         "acme.toml",
@@ -869,6 +882,11 @@ config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gatew
     for id in [&first, &second] {
         let trace = wait_for_status(&s.d, id, "done").await;
         assert_eq!(step(&trace, "pay")["output"]["status"], 200, "{trace:#}");
+        assert!(
+            refused.elapsed() >= retry - Duration::from_secs(1),
+            "done {:?} after the refusal, before its Retry-After of {retry:?}",
+            refused.elapsed()
+        );
     }
     let delivered: Vec<u64> = hooks(&receiver)
         .await

@@ -51,6 +51,10 @@ type Read = VecDeque<(u64, Vec<u8>)>;
 /// How many queued messages the delivery task reads at once.
 const READ_BATCH: usize = 256;
 
+/// How long the delivery task waits before it reads the queue again after
+/// a read failed.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
 /// The embedded bus.
 #[derive(Debug, Clone)]
 pub struct EmbeddedBus {
@@ -415,8 +419,11 @@ impl Bus for EmbeddedBus {
                         Ok(Some(record)) => (seq, attempt, record),
                         Ok(None) => continue,
                         Err(e) => {
+                            // Tried again in a second, as a failed read of
+                            // the queue is: not left for the next start.
                             tracing::error!(seq, error = %e,
-                                "embedded bus: reading a queued event failed; it is delivered at the next start");
+                                "embedded bus: reading a queued event for its retry failed; trying again in a second");
+                            again.push(Reverse((Instant::now() + READ_RETRY, seq, attempt)));
                             continue;
                         }
                     }
@@ -433,7 +440,7 @@ impl Bus for EmbeddedBus {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "embedded bus: reading the queue failed");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            tokio::time::sleep(READ_RETRY).await;
                             continue;
                         }
                     }

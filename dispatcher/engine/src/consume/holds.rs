@@ -19,6 +19,15 @@ pub(super) const HEAD_LOST_AFTER: Duration = Duration::from_secs(30);
 /// How much later than the event it waits for a held delivery comes back.
 pub(super) const HELD_MARGIN: Duration = Duration::from_millis(50);
 
+/// How long a delivery that finds its conversation's event lost (overdue by
+/// [`HEAD_LOST_AFTER`], with no record of it finished elsewhere) is sent
+/// back before the conversation goes on without it. The event may be on
+/// its way here after all: due while this worker was busy for longer than
+/// [`HEAD_LOST_AFTER`] (a long pass, a process paused), it was taken from
+/// the bus after this delivery and waits behind it. Sent back once, this
+/// delivery comes back after it.
+pub(super) const LOST_RECHECK: Duration = Duration::from_secs(1);
+
 /// How long a delivery held behind an event whose settling is under way
 /// (when it is due back is not known yet) waits before it is looked at
 /// again.
@@ -55,15 +64,19 @@ pub(crate) struct Held {
     /// earlier event), or `None` (sent back to wait, so due back soon
     /// after the event before it).
     pub(super) later: BTreeMap<u64, (EventId, Option<Due>)>,
+    /// When a later delivery first found the event lost (see
+    /// [`LOST_RECHECK`]); none while it is not.
+    pub(super) lost_since: Option<Instant>,
 }
 
 impl Held {
-    fn new(head: u64, head_id: EventId, due: Due) -> Self {
+    pub(super) fn new(head: u64, head_id: EventId, due: Due) -> Self {
         Self {
             head,
             head_id,
             due,
             later: BTreeMap::new(),
+            lost_since: None,
         }
     }
 }
@@ -92,7 +105,8 @@ impl Holds {
     /// (`finished_elsewhere`: this replica holds the partition again to be
     /// handed `seq`, so its copy has everything the other replica made
     /// durable), and the conversation goes on at once; without a record
-    /// that says so, after [`HEAD_LOST_AFTER`].
+    /// that says so, after [`HEAD_LOST_AFTER`] and one more round trip of
+    /// the delivery that found it so ([`LOST_RECHECK`]).
     pub(super) fn hold(
         &mut self,
         conversation: &Conversation,
@@ -101,8 +115,17 @@ impl Holds {
         finished_elsewhere: impl FnOnce(&EventId) -> bool,
     ) -> Option<Duration> {
         let held = self.0.get_mut(conversation)?;
-        if seq <= held.head {
+        if seq < held.head {
             return None;
+        }
+        if seq == held.head {
+            // Back before it is due: a retry the embedded bus gives back at
+            // once at the next start (NATS keeps a nak's delay across a
+            // restart; the stop kept when it is due) still waits it out.
+            return match held.due {
+                Due::At(due) if due > now + HELD_MARGIN => Some(due - now),
+                _ => None,
+            };
         }
         // Sent back to wait, or handled now as the next (below).
         held.later.insert(seq, (id, None));
@@ -110,18 +133,24 @@ impl Holds {
             Due::At(due) => due,
             Due::Unsettled => return Some(UNSETTLED_WAIT),
         };
-        if now > due && (now > due + HEAD_LOST_AFTER || finished_elsewhere(&held.head_id)) {
-            if now > due + HEAD_LOST_AFTER {
-                tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
-                    "the event this conversation waits for has not come back; going on without it");
-            } else {
-                tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
-                    "the event this conversation waits for was finished elsewhere; going on");
-            }
-            held.next(now);
-            return (held.head != seq).then_some(HELD_MARGIN);
+        if now <= due {
+            return Some(due.saturating_duration_since(now) + HELD_MARGIN);
         }
-        Some(due.saturating_duration_since(now) + HELD_MARGIN)
+        if finished_elsewhere(&held.head_id) {
+            tracing::info!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                "the event this conversation waits for was finished elsewhere; going on");
+        } else if now > due + HEAD_LOST_AFTER {
+            let since = *held.lost_since.get_or_insert(now);
+            if now < since + LOST_RECHECK {
+                return Some(since + LOST_RECHECK - now);
+            }
+            tracing::warn!(account = %conversation.0, conversation = %conversation.1, seq = held.head,
+                "the event this conversation waits for has not come back; going on without it");
+        } else {
+            return Some(HELD_MARGIN);
+        }
+        held.next(now);
+        (held.head != seq).then_some(HELD_MARGIN)
     }
 
     /// The event at `seq` (`id`) of `conversation` is to go back to the bus
@@ -154,8 +183,10 @@ impl Holds {
         if seq < held.head {
             held.later.insert(held.head, (held.head_id, Some(held.due)));
             (held.head, held.head_id, held.due) = (seq, id, due);
+            held.lost_since = None;
         } else if seq == held.head {
             held.due = due;
+            held.lost_since = None;
         } else {
             held.later.insert(seq, (id, Some(due)));
         }
@@ -190,6 +221,7 @@ impl Held {
             None => Due::At(now),
         };
         (self.head, self.head_id, self.due) = (head, head_id, due);
+        self.lost_since = None;
     }
 }
 
@@ -251,7 +283,8 @@ pub(super) mod tests {
 
     /// An overdue event the journal says was finished elsewhere (another
     /// replica took it) no longer holds its conversation; one with no such
-    /// record holds it until [`HEAD_LOST_AFTER`] past its due time.
+    /// record holds it until [`HEAD_LOST_AFTER`] past its due time, and
+    /// one more round trip of the delivery that finds it so.
     #[tokio::test(start_paused = true)]
     async fn an_overdue_event_finished_elsewhere_or_lost_lets_its_conversation_go_on() {
         let (c, now) = (conversation("c"), Instant::now());
@@ -273,7 +306,76 @@ pub(super) mod tests {
         holds.retry(c.clone(), (10, id(10)));
         holds.sent_back(c.clone(), (10, id(10)), now);
         let lost = now + HEAD_LOST_AFTER + Duration::from_millis(1);
-        assert_eq!(holds.hold(&c, (11, id(11)), lost, |_| false), None);
+        assert_eq!(
+            holds.hold(&c, (11, id(11)), lost, |_| false),
+            Some(LOST_RECHECK)
+        );
+        // Another later event meanwhile waits out the same round trip.
+        let half = LOST_RECHECK / 2;
+        assert_eq!(
+            holds.hold(&c, (12, id(12)), lost + half, |_| false),
+            Some(LOST_RECHECK - half)
+        );
+        assert_eq!(
+            holds.hold(&c, (11, id(11)), lost + LOST_RECHECK, |_| false),
+            None
+        );
+        holds.done(&c, 11, lost + LOST_RECHECK);
+        assert_eq!(
+            holds.hold(&c, (12, id(12)), lost + LOST_RECHECK, |_| false),
+            None
+        );
+    }
+
+    /// The event waited for, back before it is due (the embedded bus gives
+    /// back what it held at a stop at once at the next start, and the stop
+    /// kept its conversation's hold with when it is due), waits out its
+    /// time; back when due, or a little early, it goes on.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_back_before_it_is_due_waits_its_time() {
+        let (c, now) = (conversation("c"), Instant::now());
+        let never = |_: &EventId| panic!("not overdue");
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (10, id(10)));
+        holds.sent_back(c.clone(), (10, id(10)), now + Duration::from_secs(60));
+        assert_eq!(
+            holds.hold(&c, (10, id(10)), now, never),
+            Some(Duration::from_secs(60))
+        );
+        let nearly = now + Duration::from_secs(60) - HELD_MARGIN / 2;
+        assert_eq!(holds.hold(&c, (10, id(10)), nearly, never), None);
+        // A retry handed to the settler, not yet sent back: it came back
+        // some other way (the bus's ack wait), and goes on.
+        holds.done(&c, 10, nearly);
+        holds.retry(c.clone(), (20, id(20)));
+        assert_eq!(holds.hold(&c, (20, id(20)), nearly, never), None);
+    }
+
+    /// A worker busy for longer than [`HEAD_LOST_AFTER`] past the due time
+    /// of the event a conversation waits for (a long pass before it) may
+    /// have taken that event off the bus after a later one of its
+    /// conversation: the later one, looked at first, finds the event
+    /// overdue and is sent back once, so that the event, next in the
+    /// worker's queue, goes first and the conversation keeps bus order.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_event_queued_behind_a_later_one_still_goes_first() {
+        let (c, now) = (conversation("c"), Instant::now());
+        let mut holds = Holds::default();
+        holds.retry(c.clone(), (10, id(10)));
+        holds.sent_back(c.clone(), (10, id(10)), now);
+        // The worker comes to its queue a minute late: 11, then 10.
+        let late = now + HEAD_LOST_AFTER + Duration::from_secs(30);
+        assert_eq!(
+            holds.hold(&c, (11, id(11)), late, |_| false),
+            Some(LOST_RECHECK)
+        );
+        assert_eq!(holds.hold(&c, (10, id(10)), late, |_| false), None);
+        holds.done(&c, 10, late);
+        // 11 back from its round trip: next, and last.
+        let back = late + LOST_RECHECK;
+        assert_eq!(holds.hold(&c, (11, id(11)), back, |_| false), None);
+        holds.done(&c, 11, back);
+        assert!(holds.into_held().is_empty());
     }
 
     /// A handled event whose settling failed holds its conversation as a

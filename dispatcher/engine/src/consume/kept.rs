@@ -106,10 +106,8 @@ pub(super) fn take(store: &Store) -> Result<Vec<(Conversation, Held)>, StoreErro
                 held.push((
                     (kept.account, kept.conversation),
                     Held {
-                        head: kept.head,
-                        head_id: kept.head_id,
-                        due: due(kept.due_ms),
                         later,
+                        ..Held::new(kept.head, kept.head_id, due(kept.due_ms))
                     },
                 ));
             }
@@ -152,15 +150,13 @@ mod tests {
         let now = Instant::now();
         let s = Duration::from_secs;
         let held = Held {
-            head: 19,
-            head_id: id(19),
-            due: Due::At(now + s(1)),
             later: [
                 (20, (id(20), Some(Due::At(now + s(60))))),
                 (21, (id(21), None)),
             ]
             .into_iter()
             .collect(),
+            ..Held::new(19, id(19), Due::At(now + s(1)))
         };
         assert_eq!(keep(&store, [(&c, &held)].into_iter()).unwrap(), 1);
         let taken = take(&store).unwrap();
