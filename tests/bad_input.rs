@@ -811,6 +811,21 @@ async fn a_stream_replica_count_out_of_range_is_refused_at_start() {
     }
 }
 
+/// A limit of unacked messages so low that events held behind a retry
+/// would soon stop every conversation stops `run` before it starts,
+/// naming the key and the least it takes.
+#[tokio::test]
+async fn a_limit_of_unacked_messages_too_low_is_refused_at_start() {
+    for (n, line) in refused_values("bus.max_ack_pending", &["0", "1023"]).await {
+        assert!(
+            line.contains(&format!(
+                "bus.max_ack_pending is {n}: it must be at least 1024"
+            )),
+            "{line}"
+        );
+    }
+}
+
 /// HTTP limits that would refuse every connection or request stop `run`
 /// before it starts, naming the key.
 #[tokio::test]

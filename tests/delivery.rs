@@ -1203,3 +1203,63 @@ async fn replay_all_is_narrowed_by_chain_and_time() {
             .all(|l| l["chain"] == "b" && l["status"] == "dead")
     );
 }
+
+/// A conversation held behind a retry does not hold up the others, however
+/// many of its later events wait meanwhile: here one conversation's first
+/// webhook is refused with `Retry-After: 60` and 1,100 more of its events
+/// follow (more than a NATS consumer's default of unacked messages, which
+/// counts those nakked to wait), then one event of another conversation,
+/// which is handled within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_events_held_behind_a_retry_do_not_hold_up_other_conversations() {
+    let receiver = HttpReceiver::start(Duration::from_secs(5));
+    let s = Setup::start(BusKind::Nats, "").await;
+    let recv = receiver.url();
+    s.d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "{ACCOUNT}"
+[[chains]]
+name = "steps"
+event_type = "step"
+[[chains.steps]]
+handler = "payment_webhook"
+name = "pay"
+config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ n = "{{{{ event.event_data.n }}}}" }} }}
+"#
+        ),
+    )
+    .await;
+    let step_event = |conversation: &str, n: u64, plan: &str| {
+        event(
+            ACCOUNT,
+            "survey",
+            "step",
+            conversation,
+            json!({"n": n, "plan": plan}),
+        )
+    };
+    s.publish(&step_event("busy", 0, "503:60,200")).await;
+    wait_until("the first event's refusal", TIMEOUT, || async {
+        (!hooks(&receiver).await.is_empty()).then_some(())
+    })
+    .await;
+    for n in 1..=1_100 {
+        s.publish(&step_event("busy", n, "200")).await;
+    }
+    let other = s.publish(&step_event("other", 0, "200")).await;
+    let trace = wait_for_status(&s.d, &other, "done").await;
+    assert_eq!(step(&trace, "pay")["output"]["status"], 200, "{trace:#}");
+    let delivered: Vec<u64> = hooks(&receiver)
+        .await
+        .iter()
+        .filter(|h| h.succeeded())
+        .map(|h| h.body["n"].as_u64().expect("an event number"))
+        .collect();
+    assert_eq!(
+        delivered,
+        [0],
+        "only the other conversation's event went out, the busy one still waits"
+    );
+}

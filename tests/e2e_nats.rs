@@ -323,6 +323,53 @@ async fn a_deleted_consumer_is_made_again_and_events_flow_on() {
     );
 }
 
+/// A consumer made with another limit of unacked messages (by an earlier
+/// version, or before `bus.max_ack_pending` changed) takes the configured
+/// one at the next start, and keeps its place: what the first dispatcher
+/// handled is not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_takes_the_configured_limit_of_unacked_messages_at_start() {
+    let nats = NatsServer::start();
+    let mut d = Dispatcher::with_config(Some(&nats), "[bus]\nmax_ack_pending = 2000\n");
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    post_and_wait(&d, 1).await;
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream("VUMI_EVENTS")
+        .await
+        .expect("the events stream");
+    let consumer = async |stream: &mut async_nats::jetstream::stream::Stream| {
+        stream
+            .consumer_info("switchboard")
+            .await
+            .expect("the consumer's state")
+    };
+    assert_eq!(consumer(&mut stream).await.config.max_ack_pending, 2000);
+    assert_eq!(d.stop(), Some(0), "a clean stop:\n{}", d.log());
+
+    d.set_config("");
+    d.restart();
+    post_and_wait(&d, 2).await;
+    let info = consumer(&mut stream).await;
+    assert_eq!(
+        info.config.max_ack_pending,
+        switchboard_bus::nats::DEFAULT_MAX_ACK_PENDING as i64,
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("updating the consumer's limit of unacked messages")
+    );
+    // The first event and its child, then the second and its: four
+    // deliveries, none of them again.
+    assert_eq!(info.delivered.stream_sequence, 4);
+    assert_eq!(info.num_redelivered, 0);
+}
+
 /// Posts a `poll_complete` event of conversation `c-{n}` and waits until
 /// it is done.
 async fn post_and_wait(d: &Dispatcher, n: u32) {

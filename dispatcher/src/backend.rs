@@ -121,10 +121,15 @@ async fn nats(config: &Config, url: &str) -> Result<Backend, StartError> {
         prefix,
         config.limits.max_event_bytes,
         // Unacked messages out at once: those being handled and those
-        // waiting on the server for a retry (nakked with a delay). Generous,
-        // so that one account's failing receiver cannot hold up the others;
-        // what this process buffers is bounded by the pull batch instead.
-        (config.limits.concurrency * 4).max(1024),
+        // waiting on the server for a retry (nakked with a delay), the
+        // later events of a conversation held behind one among them.
+        // Generous, so that one conversation's failing receiver does not
+        // hold up the others; what this process buffers is bounded by the
+        // pull batch instead.
+        config
+            .bus
+            .max_ack_pending
+            .max(config.limits.concurrency * 4),
         Duration::from_secs(config.bus.ack_wait_secs),
         config.bus.stream_replicas,
         config.bus.replicated,

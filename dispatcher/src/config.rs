@@ -269,6 +269,12 @@ pub struct BusConfig {
     /// Seconds a NATS delivery may go unacked before it is redelivered (the
     /// dispatcher reports progress while a step runs).
     pub ack_wait_secs: u64,
+    /// NATS only: how many messages the dispatcher's consumer may have
+    /// delivered and not acked, those nakked to wait behind their
+    /// conversation's retry among them; past it the server delivers
+    /// nothing new until some are acked. At least 1,024, and at least four
+    /// for each conversation handled at once (`limits.concurrency`).
+    pub max_ack_pending: usize,
     /// NATS only: how many servers of a JetStream cluster keep each stream
     /// the dispatcher creates (events, dead letters, outbound commands) and
     /// its consumer; 3 on a three-node cluster, so that losing a server loses
@@ -299,6 +305,7 @@ impl Default for BusConfig {
             nats_url: None,
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
             ack_wait_secs: switchboard_bus::nats::DEFAULT_ACK_WAIT.as_secs(),
+            max_ack_pending: switchboard_bus::nats::DEFAULT_MAX_ACK_PENDING,
             stream_replicas: 1,
             replicated: false,
             standbys: None,
@@ -563,6 +570,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "bus.ack_wait_secs must be at least 1".into(),
             ));
+        }
+        if self.bus.max_ack_pending < 1_024 {
+            return Err(ConfigError::Invalid(format!(
+                "bus.max_ack_pending is {}: it must be at least 1024 (the messages nakked to wait \
+                 behind a retry count against it, and past it every conversation waits)",
+                self.bus.max_ack_pending
+            )));
         }
         if self.delivery.journal_retention < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(

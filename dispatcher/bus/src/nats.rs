@@ -68,6 +68,14 @@ fn partition_filters(prefix: &str, p: u16) -> Vec<String> {
 /// it, unless the dispatcher says it is still working on it.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// How many messages a consumer may have delivered and not acked, those
+/// nakked to wait (held behind their conversation's retry) among them,
+/// unless `bus.max_ack_pending` says otherwise. Past it the server
+/// delivers nothing new to the consumer until some are acked, so it is
+/// far above what is in flight (a pull batch or two): a conversation
+/// holding this many events behind a retry holds up the others.
+pub const DEFAULT_MAX_ACK_PENDING: usize = 65_536;
+
 /// Records when the pull ended, when dropped.
 struct PullEnded(watch::Sender<Option<tokio::time::Instant>>);
 
@@ -239,6 +247,44 @@ async fn ensure_partitioned(
             wanted.as_ref().map_or("", |w| w.destination.as_str()),
         )),
     }
+}
+
+/// Consumer `name` of `stream`, made with `config` if it does not exist.
+/// One that exists keeps its place and the rest of its configuration, but
+/// takes `config`'s limit of unacked messages if it has another (made by
+/// an earlier version, or before `bus.max_ack_pending` changed): the
+/// messages held behind a retry count against it, and a limit too low
+/// stops every conversation while they wait.
+async fn consumer_as_configured(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    config: pull::Config,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+    let creating =
+        |e: &dyn std::fmt::Display| BusError::Unavailable(format!("creating consumer {name}: {e}"));
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(name, config.clone())
+        .await
+        .map_err(|e| creating(&e))?;
+    let existing = &consumer.cached_info().config;
+    if existing.max_ack_pending == config.max_ack_pending {
+        return Ok(consumer);
+    }
+    tracing::info!(
+        consumer = name,
+        from = existing.max_ack_pending,
+        to = config.max_ack_pending,
+        "updating the consumer's limit of unacked messages (bus.max_ack_pending)"
+    );
+    let updated = jetstream::consumer::Config {
+        max_ack_pending: config.max_ack_pending,
+        ..existing.clone()
+    };
+    stream
+        .update_consumer(updated)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("updating consumer {name}: {e}")))?;
+    stream.get_consumer(name).await.map_err(|e| creating(&e))
 }
 
 /// The NATS JetStream bus.
@@ -432,14 +478,7 @@ impl NatsBus {
         let consumers: Vec<jetstream::consumer::Consumer<pull::Config>> =
             futures::future::try_join_all((0..PARTITIONS).map(|p| {
                 let (name, config, stream) = (partition_consumer(p), config(p), &stream);
-                async move {
-                    stream
-                        .get_or_create_consumer(&name, config)
-                        .await
-                        .map_err(|e| {
-                            BusError::Unavailable(format!("creating consumer {name}: {e}"))
-                        })
-                }
+                async move { consumer_as_configured(stream, &name, config).await }
             }))
             .await?;
         let configs: Vec<pull::Config> = (0..PARTITIONS).map(config).collect();
@@ -615,10 +654,7 @@ impl Bus for NatsBus {
         let start = marks::single_start(&stream, self.marks.as_ref()).await?;
         let config = after_replicas::starting(config, &start);
         let handled = start.handled;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(CONSUMER, config.clone())
-            .await
-            .map_err(|e| BusError::Unavailable(format!("creating consumer {CONSUMER}: {e}")))?;
+        let consumer = consumer_as_configured(&stream, CONSUMER, config.clone()).await?;
         let batch = capacity.clamp(1, 1024);
         let info = consumer.cached_info();
         let messages = Puller::start(
