@@ -932,3 +932,90 @@ async fn message_settings_that_cannot_work_are_refused_at_start() {
         assert!(line.contains(expected), "{name}: {line}");
     }
 }
+
+/// `event_data` nested `levels` deep (itself the first), as a value.
+fn nested_data(levels: usize) -> Value {
+    let mut deep = json!("bottom");
+    for _ in 1..levels {
+        deep = json!({ "a": deep });
+    }
+    json!({ "msisdn": "+27820000011", "score": 4, "deep": deep })
+}
+
+/// An event whose data nests deeper than its records can be read back
+/// within JSON's usual limit is refused, not handled in a loop. Before,
+/// one nested 124 levels deep was taken: its journal entry, two levels
+/// deeper, could not be read, so the event never had a trace and was
+/// handled again every few milliseconds. Now data 64 levels deep is
+/// handled and traced; 65 is refused by the HTTP API naming the field, and
+/// published straight to the stream (124 levels) it goes to dead letters as
+/// poison while the dispatcher handles the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_nested_too_deep_is_refused_not_handled_in_a_loop() {
+    let nats = NatsServer::start();
+    let d = Dispatcher::nats(&nats);
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let deep = |levels: usize, conversation: &str| {
+        event(
+            "acme",
+            "survey",
+            "poll_complete",
+            conversation,
+            nested_data(levels),
+        )
+    };
+
+    let e = deep(64, "c-64");
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    let trace = d.wait_for_trace("acme", &id, TIMEOUT).await;
+    assert_eq!(trace["status"], "done", "{trace:#}");
+
+    let (status, body) = d
+        .post_event_raw(&serde_json::to_value(deep(65, "c-65")).unwrap())
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+    assert_eq!(body["error"]["code"], "invalid_event", "{body:#}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("event_data") && message.contains("64 levels"),
+        "{body:#}"
+    );
+
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("a NATS connection");
+    let js = jetstream::new(client);
+    let poison = deep(124, "c-124");
+    publish_raw(
+        &js,
+        "vumi.events.acme.survey.poll_complete",
+        serde_json::to_vec(&poison).unwrap(),
+    )
+    .await;
+    let letter = d
+        .wait_for_dead_letter("acme", "the deep event", |l| {
+            l["payload"]
+                .as_str()
+                .is_some_and(|p| p.contains("\"c-124\""))
+        })
+        .await;
+    assert_eq!(letter["reason"], "poison", "{letter:#}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("event_data")),
+        "{letter:#}"
+    );
+    let after = d
+        .post_event(&serde_json::to_value(deep(3, "c-after")).unwrap())
+        .await;
+    assert_eq!(
+        d.wait_for_trace("acme", &after, TIMEOUT).await["status"],
+        "done"
+    );
+    assert!(
+        !d.log().contains("an unreadable journal entry was skipped"),
+        "{}",
+        d.log()
+    );
+}

@@ -31,7 +31,9 @@ use rhai::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
-use switchboard_sdk::{AccountKey, ConversationKey, ConversationType, EventType, VumiApiEvent};
+use switchboard_sdk::{
+    AccountKey, ConversationKey, ConversationType, EventType, MAX_DATA_DEPTH, VumiApiEvent,
+};
 
 use crate::records::Contacts;
 use crate::{EmitRequest, LogLine, StepError, StepOutput};
@@ -1016,8 +1018,17 @@ fn output_of(label: ScriptLabel<'_>, value: Dynamic) -> Result<Map<String, Value
             value.type_name()
         )));
     }
-    rhai::serde::from_dynamic::<Map<String, Value>>(&value)
-        .map_err(|e| StepError::permanent(format!("{label}: the returned map is not JSON: {e}")))
+    let output = rhai::serde::from_dynamic::<Map<String, Value>>(&value)
+        .map_err(|e| StepError::permanent(format!("{label}: the returned map is not JSON: {e}")))?;
+    // The journal keeps the output a few levels down in its own records,
+    // which must read back within JSON's usual limit of 128 levels.
+    if switchboard_sdk::nests_deeper(&output, MAX_DATA_DEPTH) {
+        return Err(StepError::permanent(format!(
+            "{label}: the returned map nests maps and arrays more than {MAX_DATA_DEPTH} levels \
+             deep, as deep as an event's data may"
+        )));
+    }
+    Ok(output)
 }
 
 fn push_log(level: &str, message: String) {

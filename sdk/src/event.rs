@@ -287,6 +287,16 @@ impl VumiApiEvent {
                 found: self.v.to_string(),
             });
         }
+        if nests_deeper(&self.event_data, MAX_DATA_DEPTH) {
+            return Err(EventError::Field {
+                field: "event_data".into(),
+                message: format!(
+                    "nests objects and arrays more than {MAX_DATA_DEPTH} levels deep: the \
+                     dispatcher keeps an event inside its own records, which must read back \
+                     within JSON's usual limit of 128"
+                ),
+            });
+        }
         match (self.depth, self.parent_id) {
             (0, Some(_)) => Err(EventError::Field {
                 field: "parent_id".into(),
@@ -301,6 +311,39 @@ impl VumiApiEvent {
             _ => Ok(()),
         }
     }
+}
+
+/// How deep an event's data may nest objects and arrays (`event_data`
+/// itself is the first level). The journal keeps the event a few levels
+/// down in its own records, and step outputs that echo the data deeper
+/// still; serde_json reads back at most 128 levels.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// Whether `data` nests objects and arrays more than `limit` levels deep
+/// (itself the first). Without recursion: an event may nest as deep as its
+/// decoder let it.
+pub fn nests_deeper(data: &Map<String, Value>, limit: usize) -> bool {
+    fn containers<'a>(
+        values: impl Iterator<Item = &'a Value>,
+        level: usize,
+    ) -> impl Iterator<Item = (&'a Value, usize)> {
+        values
+            .filter(|v| matches!(v, Value::Object(_) | Value::Array(_)))
+            .map(move |v| (v, level))
+    }
+    // The objects and arrays still to look into, with their level.
+    let mut stack: Vec<(&Value, usize)> = containers(data.values(), 2).collect();
+    while let Some((value, level)) = stack.pop() {
+        if level > limit {
+            return true;
+        }
+        match value {
+            Value::Object(map) => stack.extend(containers(map.values(), level + 1)),
+            Value::Array(items) => stack.extend(containers(items.iter(), level + 1)),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn classify(bytes: &[u8], err: serde_path_to_error::Error<serde_json::Error>) -> EventError {

@@ -33,8 +33,8 @@ pub mod nats;
 pub mod trace_context;
 
 pub use event::{
-    DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, EventError, EventId, SCHEMA_VERSION, VumiApiEvent,
-    format_rfc3339, in_rfc3339_range, now,
+    DEFAULT_MAX_DEPTH, DEFAULT_MAX_EVENT_BYTES, EventError, EventId, MAX_DATA_DEPTH,
+    SCHEMA_VERSION, VumiApiEvent, format_rfc3339, in_rfc3339_range, nests_deeper, now,
 };
 pub use keys::{AccountKey, ConversationKey, ConversationType, EventType, KeyError};
 

@@ -189,6 +189,18 @@ fn emit_log_stop_retry_and_throw() {
         "fn handle(e, s, c) { 42 }",
         "handle must return an object map",
     );
+    // A map nested deeper than an event's data may: its record could not
+    // be read back.
+    let nesting = |levels: usize| {
+        format!(
+            "fn handle(e, s, c) {{ let m = #{{}}; for i in 1..{levels} {{ m = #{{a: m}}; }} m }}"
+        )
+    };
+    assert!(call(&nesting(64)).result.is_ok());
+    check_fails(
+        &nesting(65),
+        "nests maps and arrays more than 64 levels deep",
+    );
 }
 
 /// Limits that let a size bomb reach its size limit first (each push checks

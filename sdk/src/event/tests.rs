@@ -156,3 +156,32 @@ fn defaults_fill_a_draft() {
     assert_eq!(e.id.to_string(), "0190b5a4-0000-7000-8000-000000000001");
     assert_eq!(e.root_id, e.id);
 }
+
+/// Data nested as deep as the limit decodes; a level more is refused,
+/// naming the field and the limit, whether the deep part is in an object
+/// or an array.
+#[test]
+fn data_nested_past_the_limit_is_refused() {
+    let nested = |levels: usize, wrap: fn(serde_json::Value) -> serde_json::Value| {
+        // `event_data` is the first level.
+        let mut deep = serde_json::json!("bottom");
+        for _ in 1..levels {
+            deep = wrap(deep);
+        }
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["event_data"] = serde_json::json!({ "flat": 1, "deep": deep });
+        decode_value(v)
+    };
+    let in_object = |v| serde_json::json!({ "a": v });
+    let in_array = |v| serde_json::json!([1, v]);
+    for wrap in [in_object as fn(_) -> _, in_array] {
+        assert!(nested(MAX_DATA_DEPTH, wrap).is_ok());
+        let err = nested(MAX_DATA_DEPTH + 1, wrap).unwrap_err();
+        assert_eq!(err.code(), "invalid_event");
+        let message = err.to_string();
+        assert!(
+            message.contains("event_data") && message.contains("64 levels"),
+            "{message}"
+        );
+    }
+}
