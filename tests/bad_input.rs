@@ -1019,3 +1019,63 @@ async fn data_nested_too_deep_is_refused_not_handled_in_a_loop() {
         d.log()
     );
 }
+
+/// TOML nested absurdly deep, a few kilobytes of it (80 inline tables, each
+/// of whose keys is dotted 78 deep: 6,000 levels of tables), as a chain
+/// file and as a template put through the API with an account's token, is
+/// refused naming what nests too deep, and the dispatcher goes on. Before,
+/// reading it overflowed the stack of the worker thread and aborted the
+/// process, every account's with it.
+#[tokio::test]
+async fn toml_nested_absurdly_deep_is_refused_without_taking_the_dispatcher_down() {
+    let d = Dispatcher::embedded();
+    let created = d.cli(&["tokens", "create", "acme", "--json"]).await.json();
+    let token = created["token"].as_str().expect("a token").to_string();
+    let key = vec!["a"; 78].join(".");
+    let mut deep = String::from("1");
+    for _ in 0..79 {
+        deep = format!("{{{key} = {deep}}}");
+    }
+    let chain = format!(
+        "account_key = \"acme\"\n[[chains]]\nname = \"deep\"\nconversation_type = \"survey\"\n\
+         event_type = \"x\"\n[[chains.steps]]\nhandler = \"log\"\nconfig = {deep}\n"
+    );
+    assert!(chain.len() < 16_384, "{} bytes", chain.len());
+    let (status, body) = d
+        .request(
+            reqwest::Method::PUT,
+            "/v1/accounts/acme/chains",
+            Some(&token),
+            Some(chain),
+        )
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+    assert!(body.to_string().contains("levels deep"), "{body:#}");
+
+    let template = format!("channel = \"sms\"\ntext = \"hello\"\n[context]\nsample = {deep}\n");
+    let (status, body) = d
+        .request(
+            reqwest::Method::PUT,
+            "/v1/accounts/acme/templates/deep",
+            Some(&token),
+            Some(template),
+        )
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+    assert!(body.to_string().contains("levels deep"), "{body:#}");
+
+    // Still up, and still taking chains.
+    d.apply_chains("acme.toml", &poll_chains("acme")).await;
+    let e = event(
+        "acme",
+        "survey",
+        "poll_complete",
+        "after-deep",
+        json!({"msisdn": "+27820000011", "score": 4}),
+    );
+    let id = d.post_event(&serde_json::to_value(&e).unwrap()).await;
+    assert_eq!(
+        d.wait_for_trace("acme", &id, TIMEOUT).await["status"],
+        "done"
+    );
+}

@@ -108,7 +108,37 @@ struct TemplateFile {
     title: Option<String>,
     url: Option<String>,
     action_label: Option<String>,
+    #[serde(default, deserialize_with = "shallow_context")]
     context: Option<toml::Table>,
+}
+
+/// How deep a template's sample context may nest (as deep as an event's
+/// data may).
+const MAX_CONTEXT_DEPTH: usize = switchboard_sdk::MAX_DATA_DEPTH;
+
+/// A template's `context` table, refused when it nests deeper than
+/// [`MAX_CONTEXT_DEPTH`]: while the file is read (see
+/// [`switchboard_rules::from_toml`]), so that no such table outlives it.
+fn shallow_context<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<toml::Table>, D::Error> {
+    fn deeper(value: &toml::Value, limit: usize) -> bool {
+        // `limit`: how many levels of tables and arrays `value` may be.
+        match value {
+            toml::Value::Table(t) => limit == 0 || t.values().any(|v| deeper(v, limit - 1)),
+            toml::Value::Array(a) => limit == 0 || a.iter().any(|v| deeper(v, limit - 1)),
+            _ => false,
+        }
+    }
+    let table = <Option<toml::Table> as serde::Deserialize>::deserialize(d)?;
+    if let Some(table) = &table
+        && table.values().any(|v| deeper(v, MAX_CONTEXT_DEPTH - 1))
+    {
+        return Err(serde::de::Error::custom(format!(
+            "context nests tables and arrays more than {MAX_CONTEXT_DEPTH} levels deep"
+        )));
+    }
+    Ok(table)
 }
 
 /// How long a send's idempotency key holds unless the template says.
@@ -122,7 +152,9 @@ pub fn channel_of(source: &str) -> Option<String> {
     struct Channel {
         channel: String,
     }
-    toml::from_str::<Channel>(source).ok().map(|c| c.channel)
+    switchboard_rules::from_toml::<Channel>(source)
+        .ok()
+        .map(|c| c.channel)
 }
 
 /// Why a template cannot be stored or rendered.
@@ -215,7 +247,7 @@ pub struct Rendered {
 impl MessageTemplate {
     /// Parses and compiles a template file put under `slug`.
     pub fn compile(slug: &str, source: &str) -> Result<Self, TemplateError> {
-        let file: TemplateFile = toml::from_str(source)
+        let file: TemplateFile = switchboard_rules::from_toml(source)
             .map_err(|e| TemplateError::File(e.to_string().trim_end().replace('\n', " ")))?;
         if let Some(named) = &file.slug
             && named != slug

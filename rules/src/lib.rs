@@ -24,7 +24,7 @@ pub use model::{
 pub use selection::{Conditions, Selected, select_chains};
 pub use validate::{
     ChainProblem, FieldProblem, Format, ParseError, StepCatalog, ValidChainFile, ValidationError,
-    parse_chain_file, toml_error_message, validate, validate_deferring_secrets,
+    from_toml, parse_chain_file, toml_error_message, validate, validate_deferring_secrets,
 };
 
 #[cfg(test)]

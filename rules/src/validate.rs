@@ -47,6 +47,35 @@ pub struct ParseError {
     pub message: String,
 }
 
+/// The stack TOML is read on. A few kilobytes of TOML can nest tables
+/// thousands of levels deep (an inline table may hold 80 levels of them,
+/// each key of which may be dotted 80 deep), and building, checking and
+/// dropping them recurses once a level: far past the 2 MiB of a worker
+/// thread, whose overflow aborts the process. Only touched pages of it are
+/// ever mapped in.
+const TOML_STACK: usize = 64 << 20;
+
+/// `toml::from_str`, on a thread of its own with a stack deep enough for
+/// whatever TOML can nest, so that a file nested absurdly deep is refused
+/// (by the limits of what it is read into, such as a step's options)
+/// instead of overflowing the caller's stack. Whatever is read into must
+/// hold no such depth itself: it is dropped on the caller's thread.
+pub fn from_toml<T: serde::de::DeserializeOwned + Send>(text: &str) -> Result<T, toml::de::Error> {
+    std::thread::scope(|scope| {
+        let parsing = std::thread::Builder::new()
+            .name("toml".into())
+            .stack_size(TOML_STACK)
+            .spawn_scoped(scope, || toml::from_str(text));
+        match parsing {
+            Ok(parsing) => parsing
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // No thread to be had: read it here.
+            Err(_) => toml::from_str(text),
+        }
+    })
+}
+
 /// Parses a chain file.
 pub fn parse_chain_file(
     text: &str,
@@ -54,7 +83,7 @@ pub fn parse_chain_file(
     source_name: &str,
 ) -> Result<ChainFile, ParseError> {
     let result = match format {
-        Format::Toml => toml::from_str(text).map_err(|e| toml_error_message(text, &e)),
+        Format::Toml => from_toml(text).map_err(|e| toml_error_message(text, &e)),
         Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
     };
     result.map_err(|message| ParseError {
