@@ -1041,28 +1041,17 @@ async fn toml_nested_absurdly_deep_is_refused_without_taking_the_dispatcher_down
          event_type = \"x\"\n[[chains.steps]]\nhandler = \"log\"\nconfig = {deep}\n"
     );
     assert!(chain.len() < 16_384, "{} bytes", chain.len());
-    let (status, body) = d
-        .request(
-            reqwest::Method::PUT,
-            "/v1/accounts/acme/chains",
-            Some(&token),
-            Some(chain),
-        )
-        .await;
-    assert_eq!(status, 400, "{body:#}");
-    assert!(body.to_string().contains("levels deep"), "{body:#}");
-
     let template = format!("channel = \"sms\"\ntext = \"hello\"\n[context]\nsample = {deep}\n");
-    let (status, body) = d
-        .request(
-            reqwest::Method::PUT,
-            "/v1/accounts/acme/templates/deep",
-            Some(&token),
-            Some(template),
-        )
-        .await;
-    assert_eq!(status, 400, "{body:#}");
-    assert!(body.to_string().contains("levels deep"), "{body:#}");
+    for (path, text) in [
+        ("/v1/accounts/acme/chains", chain),
+        ("/v1/accounts/acme/templates/deep", template),
+    ] {
+        let (status, body) = d
+            .request(reqwest::Method::PUT, path, Some(&token), Some(text))
+            .await;
+        assert_eq!(status, 400, "{path}: {body:#}");
+        assert!(body.to_string().contains("levels deep"), "{path}: {body:#}");
+    }
 
     // Still up, and still taking chains.
     d.apply_chains("acme.toml", &poll_chains("acme")).await;

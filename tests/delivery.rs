@@ -836,32 +836,8 @@ async fn a_retry_waits_out_its_retry_after_across_a_graceful_restart_on_the_embe
 async fn retrying_across_a_graceful_restart(bus: BusKind) {
     let receiver = HttpReceiver::start(Duration::from_secs(5));
     let mut s = Setup::start(bus, "").await;
-    let recv = receiver.url();
-    s.d.apply_chains(
-        "acme.toml",
-        &format!(
-            r#"
-account_key = "{ACCOUNT}"
-[[chains]]
-name = "steps"
-event_type = "step"
-[[chains.steps]]
-handler = "payment_webhook"
-name = "pay"
-config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ n = "{{{{ event.event_data.n }}}}" }} }}
-"#
-        ),
-    )
-    .await;
-    let step_event = |n: u64, plan: &str| {
-        event(
-            ACCOUNT,
-            "survey",
-            "step",
-            "one-conversation",
-            json!({"n": n, "plan": plan}),
-        )
-    };
+    apply_planned_payments(&s.d, &receiver).await;
+    let step_event = |n: u64, plan: &str| planned_step("one-conversation", n, plan);
     // Unavailable: come back in 10 s.
     let retry = Duration::from_secs(10);
     let first = s.publish(&step_event(0, "503:10,200")).await;
@@ -895,6 +871,41 @@ config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gatew
         .map(|h| h.body["n"].as_u64().expect("an event number"))
         .collect();
     assert_eq!(delivered, [0, 1], "successful deliveries in arrival order");
+}
+
+/// Applies the account's chain `steps`: on events of type `step`, a
+/// webhook step `pay` posting `{ n }` to `receiver` at `/hook/{plan}`, the
+/// plan (how the receiver answers) taken from the event's data.
+async fn apply_planned_payments(d: &Dispatcher, receiver: &HttpReceiver) {
+    let recv = receiver.url();
+    d.apply_chains(
+        "acme.toml",
+        &format!(
+            r#"
+account_key = "{ACCOUNT}"
+[[chains]]
+name = "steps"
+event_type = "step"
+[[chains.steps]]
+handler = "payment_webhook"
+name = "pay"
+config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ n = "{{{{ event.event_data.n }}}}" }} }}
+"#
+        ),
+    )
+    .await;
+}
+
+/// Event `n` of `conversation`, of type `step`, whose webhook the receiver
+/// answers as `plan` says (see [`apply_planned_payments`]).
+fn planned_step(conversation: &str, n: u64, plan: &str) -> VumiApiEvent {
+    event(
+        ACCOUNT,
+        "survey",
+        "step",
+        conversation,
+        json!({"n": n, "plan": plan}),
+    )
 }
 
 /// Conversations handled at once in the shutdown tests.
@@ -1214,41 +1225,16 @@ async fn replay_all_is_narrowed_by_chain_and_time() {
 async fn many_events_held_behind_a_retry_do_not_hold_up_other_conversations() {
     let receiver = HttpReceiver::start(Duration::from_secs(5));
     let s = Setup::start(BusKind::Nats, "").await;
-    let recv = receiver.url();
-    s.d.apply_chains(
-        "acme.toml",
-        &format!(
-            r#"
-account_key = "{ACCOUNT}"
-[[chains]]
-name = "steps"
-event_type = "step"
-[[chains.steps]]
-handler = "payment_webhook"
-name = "pay"
-config = {{ url = "{recv}/hook/{{{{ event.event_data.plan }}}}", secret = "gateway", body = {{ n = "{{{{ event.event_data.n }}}}" }} }}
-"#
-        ),
-    )
-    .await;
-    let step_event = |conversation: &str, n: u64, plan: &str| {
-        event(
-            ACCOUNT,
-            "survey",
-            "step",
-            conversation,
-            json!({"n": n, "plan": plan}),
-        )
-    };
-    s.publish(&step_event("busy", 0, "503:60,200")).await;
+    apply_planned_payments(&s.d, &receiver).await;
+    s.publish(&planned_step("busy", 0, "503:60,200")).await;
     wait_until("the first event's refusal", TIMEOUT, || async {
         (!hooks(&receiver).await.is_empty()).then_some(())
     })
     .await;
     for n in 1..=1_100 {
-        s.publish(&step_event("busy", n, "200")).await;
+        s.publish(&planned_step("busy", n, "200")).await;
     }
-    let other = s.publish(&step_event("other", 0, "200")).await;
+    let other = s.publish(&planned_step("other", 0, "200")).await;
     let trace = wait_for_status(&s.d, &other, "done").await;
     assert_eq!(step(&trace, "pay")["output"]["status"], 200, "{trace:#}");
     let delivered: Vec<u64> = hooks(&receiver)
