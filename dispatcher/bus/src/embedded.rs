@@ -196,13 +196,8 @@ impl EmbeddedBus {
                 // In batches, on the blocking pool: the table holds every id
                 // of the last two minutes, which can be many.
                 let pruned = tokio::task::spawn_blocking(move || {
-                    store.scan_pages(Collection::BusDedup, 1024, |batch| {
-                        for (k, v) in batch {
-                            if millis_of(&v) < cutoff {
-                                store.remove(Collection::BusDedup, &k)?;
-                            }
-                        }
-                        Ok::<_, switchboard_store::StoreError>(())
+                    store.scan_pages(Collection::BusDedup, 1024, |page| {
+                        prune_seen(&store, page, cutoff).map(drop)
                     })
                 })
                 .await;
@@ -212,6 +207,26 @@ impl EmbeddedBus {
             }
         });
     }
+}
+
+/// Removes the ids of `page` (as read from the table of ids seen) seen
+/// before `cutoff`, each only if it is still as read: one published again
+/// meanwhile, its time refreshed, stays for its new window. Returns how
+/// many it removed.
+fn prune_seen(
+    store: &Store,
+    page: Vec<switchboard_store::Entry>,
+    cutoff: u64,
+) -> Result<usize, switchboard_store::StoreError> {
+    let mut pruned = 0;
+    for (k, v) in page {
+        if millis_of(&v) < cutoff
+            && store.compare_and_swap(Collection::BusDedup, &k, Some(&v), None)?
+        {
+            pruned += 1;
+        }
+    }
+    Ok(pruned)
 }
 
 fn now_millis() -> u64 {
@@ -566,7 +581,36 @@ fn delivery(inner: &Arc<Inner>, seq: u64, attempt: u32, record: &[u8]) -> Delive
 
 #[cfg(test)]
 mod tests {
-    use super::{Queued, WITH_HEADERS, decode, encode};
+    use super::{Queued, WITH_HEADERS, decode, encode, prune_seen};
+    use switchboard_store::{Collection, Store};
+
+    /// The pruner removes ids seen before the cutoff, but not one
+    /// published again between its read and its removal: that one keeps
+    /// its new time, so a third publish within the window is still a
+    /// duplicate.
+    #[test]
+    fn an_id_published_again_while_it_is_pruned_stays_seen() {
+        let store = Store::temporary().unwrap();
+        let (old, fresh, cutoff) = (1_000u64, 9_000u64, 5_000u64);
+        for id in [b"a", b"b"] {
+            store
+                .put(Collection::BusDedup, id, &old.to_be_bytes())
+                .unwrap();
+        }
+        store
+            .put(Collection::BusDedup, b"c", &fresh.to_be_bytes())
+            .unwrap();
+        let page = store.scan_from(Collection::BusDedup, b"", 10).unwrap();
+        // `a` is published again after the page was read.
+        store
+            .put(Collection::BusDedup, b"a", &fresh.to_be_bytes())
+            .unwrap();
+        assert_eq!(prune_seen(&store, page, cutoff).unwrap(), 1);
+        let seen = |id: &[u8]| store.get(Collection::BusDedup, id).unwrap();
+        assert_eq!(seen(b"a"), Some(fresh.to_be_bytes().to_vec()));
+        assert_eq!(seen(b"b"), None);
+        assert_eq!(seen(b"c"), Some(fresh.to_be_bytes().to_vec()));
+    }
 
     #[test]
     fn a_queued_record_keeps_its_time_subject_headers_and_payload() {
@@ -613,7 +657,6 @@ mod tests {
     }
 
     use switchboard_engine::bus::Bus as _;
-    use switchboard_store::Collection;
     use tokio::sync::watch;
 
     fn event(conversation: &str) -> switchboard_sdk::VumiApiEvent {
