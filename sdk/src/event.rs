@@ -183,7 +183,8 @@ impl VumiApiEvent {
             expires_at: self.expires_at,
             parent_id: Some(self.id),
             root_id: self.root_id,
-            depth: self.depth + 1,
+            // Saturating: a sample put through a dry run may claim any depth.
+            depth: self.depth.saturating_add(1),
         }
     }
 

@@ -52,6 +52,22 @@ fn child_carries_lineage() {
     assert_eq!(child.account_key, parent.account_key);
     let back = VumiApiEvent::decode(&child.to_json(), DEFAULT_MAX_EVENT_BYTES).unwrap();
     assert_eq!(back, child);
+
+    // A parent claiming the deepest depth there is (a dry run's sample may)
+    // has a child as deep, not one of depth 0.
+    let deepest = VumiApiEvent {
+        depth: u32::MAX,
+        parent_id: Some(parent.id),
+        ..parent.clone()
+    };
+    let child = deepest.child(
+        id,
+        parent.conversation_key.clone(),
+        ConversationType::new("points").unwrap(),
+        EventType::new("points_awarded").unwrap(),
+        Map::new(),
+    );
+    assert_eq!(child.depth, u32::MAX);
 }
 
 #[test]
