@@ -206,8 +206,12 @@ impl VumiApiEvent {
         serde_json::to_vec(self).expect("an event always serialises")
     }
 
-    /// Encodes the event and checks it fits in `max_bytes`.
+    /// Encodes the event and checks it fits in `max_bytes`, and that its
+    /// data nests no deeper than a consumer takes ([`MAX_DATA_DEPTH`]).
     pub fn encode(&self, max_bytes: usize) -> Result<Vec<u8>, EventError> {
+        if nests_deeper(&self.event_data, MAX_DATA_DEPTH) {
+            return Err(EventError::too_deep());
+        }
         let bytes = self.to_json();
         if bytes.len() > max_bytes {
             return Err(EventError::TooLarge {
@@ -289,14 +293,7 @@ impl VumiApiEvent {
             });
         }
         if nests_deeper(&self.event_data, MAX_DATA_DEPTH) {
-            return Err(EventError::Field {
-                field: "event_data".into(),
-                message: format!(
-                    "nests objects and arrays more than {MAX_DATA_DEPTH} levels deep: the \
-                     dispatcher keeps an event inside its own records, which must read back \
-                     within JSON's usual limit of 128"
-                ),
-            });
+            return Err(EventError::too_deep());
         }
         match (self.depth, self.parent_id) {
             (0, Some(_)) => Err(EventError::Field {
@@ -429,6 +426,18 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Data nested deeper than [`MAX_DATA_DEPTH`].
+    fn too_deep() -> Self {
+        EventError::Field {
+            field: "event_data".into(),
+            message: format!(
+                "nests objects and arrays more than {MAX_DATA_DEPTH} levels deep: the \
+                 dispatcher keeps an event inside its own records, which must read back within \
+                 JSON's usual limit of 128"
+            ),
+        }
+    }
+
     /// A short machine-readable code for the error.
     pub fn code(&self) -> &'static str {
         match self {

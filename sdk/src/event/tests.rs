@@ -191,7 +191,16 @@ fn data_nested_past_the_limit_is_refused() {
     let in_object = |v| serde_json::json!({ "a": v });
     let in_array = |v| serde_json::json!([1, v]);
     for wrap in [in_object as fn(_) -> _, in_array] {
-        assert!(nested(MAX_DATA_DEPTH, wrap).is_ok());
+        let fits = nested(MAX_DATA_DEPTH, wrap).unwrap();
+        assert!(fits.encode(DEFAULT_MAX_EVENT_BYTES).is_ok());
+        // Nor is one encoded, as a publisher or a step would send it.
+        let mut deeper = fits.clone();
+        deeper.event_data = json!({ "one": fits.event_data })
+            .as_object()
+            .unwrap()
+            .clone();
+        let err = deeper.encode(DEFAULT_MAX_EVENT_BYTES).unwrap_err();
+        assert!(err.to_string().contains("64 levels"), "{err}");
         let err = nested(MAX_DATA_DEPTH + 1, wrap).unwrap_err();
         assert_eq!(err.code(), "invalid_event");
         let message = err.to_string();

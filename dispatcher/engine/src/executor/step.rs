@@ -406,3 +406,61 @@ pub(super) fn let_go(
              the key holds until its window ends");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use switchboard_handlers::EmitRequest;
+    use switchboard_sdk::{
+        AccountKey, ConversationKey, ConversationType, DEFAULT_MAX_EVENT_BYTES, EventType,
+        MAX_DATA_DEPTH,
+    };
+
+    use super::*;
+
+    /// A step (a script, or `emit` with templated data) asking to emit an
+    /// event whose data nests deeper than a consumer takes fails for good,
+    /// naming the event, instead of putting poison on the bus; one as deep
+    /// as allowed is emitted.
+    #[test]
+    fn an_emitted_event_nested_too_deep_fails_the_step() {
+        let event = VumiApiEvent::new(
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new("c").unwrap(),
+            ConversationType::new("survey").unwrap(),
+            EventType::new("poll_complete").unwrap(),
+            Map::new(),
+        );
+        let request = |levels: usize| {
+            // `event_data` is the first of `levels` objects.
+            let mut deep = json!(1);
+            for _ in 0..levels {
+                deep = json!({ "a": deep });
+            }
+            EmitRequest {
+                conversation_type: event.conversation_type.clone(),
+                conversation_key: event.conversation_key.clone(),
+                event_type: EventType::new("deep").unwrap(),
+                event_data: deep.as_object().cloned().unwrap_or_default(),
+                expires_at: None,
+            }
+        };
+        let emit = |levels| {
+            emitted_events(
+                &event,
+                "chain",
+                "step",
+                [request(levels)],
+                DEFAULT_MAX_EVENT_BYTES,
+            )
+        };
+        assert_eq!(emit(MAX_DATA_DEPTH).unwrap().len(), 1);
+        let error = emit(MAX_DATA_DEPTH + 1).unwrap_err();
+        assert!(!error.is_retryable());
+        let message = error.to_string();
+        assert!(
+            message.contains("emitted event 1 (deep)") && message.contains("64 levels"),
+            "{message}"
+        );
+    }
+}
