@@ -146,15 +146,15 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration =
     std::time::Duration::from_secs(24 * 3600);
 
 /// The `channel` a template file names, read without compiling it (for
-/// listings of versions stored, which all compiled when put).
+/// listings of versions stored, which all compiled when put). Read in
+/// place, not on a thread of its own as a file put is: one that compiled
+/// nests no deeper than its `context` may.
 pub fn channel_of(source: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Channel {
         channel: String,
     }
-    switchboard_rules::from_toml::<Channel>(source)
-        .ok()
-        .map(|c| c.channel)
+    toml::from_str::<Channel>(source).ok().map(|c| c.channel)
 }
 
 /// Why a template cannot be stored or rendered.

@@ -39,13 +39,16 @@ fn round_trips_through_json() {
 fn child_carries_lineage() {
     let parent = sample();
     let id = EventId::derived(parent.id, "poll-complete", "emit", 0);
-    let child = parent.child(
-        id,
-        parent.conversation_key.clone(),
-        ConversationType::new("points").unwrap(),
-        EventType::new("points_awarded").unwrap(),
-        Map::new(),
-    );
+    let child_of = |parent: &VumiApiEvent| {
+        parent.child(
+            id,
+            parent.conversation_key.clone(),
+            ConversationType::new("points").unwrap(),
+            EventType::new("points_awarded").unwrap(),
+            Map::new(),
+        )
+    };
+    let child = child_of(&parent);
     assert_eq!(child.parent_id, Some(parent.id));
     assert_eq!(child.root_id, parent.id);
     assert_eq!(child.depth, 1);
@@ -60,14 +63,7 @@ fn child_carries_lineage() {
         parent_id: Some(parent.id),
         ..parent.clone()
     };
-    let child = deepest.child(
-        id,
-        parent.conversation_key.clone(),
-        ConversationType::new("points").unwrap(),
-        EventType::new("points_awarded").unwrap(),
-        Map::new(),
-    );
-    assert_eq!(child.depth, u32::MAX);
+    assert_eq!(child_of(&deepest).depth, u32::MAX);
 }
 
 #[test]
