@@ -91,6 +91,17 @@ pub fn event(i: u64) -> switchboard_sdk::VumiApiEvent {
     poll_event(&account(i % ACCOUNTS), i, 1_000)
 }
 
+/// Events in the one-conversation backlog (a tenth with `--quick`).
+const ONE_CONVERSATION: u64 = 3_000;
+
+/// The `i`th event of the one-conversation backlog: all of the first
+/// account's first conversation, every msisdn new. Its events are handled
+/// one after another, in order, each outside step waiting for the record of
+/// the one before it to be durable: what one busy conversation can do.
+fn one_conversation_event(i: u64) -> switchboard_sdk::VumiApiEvent {
+    poll_event(&account(0), i, 1)
+}
+
 /// Numbers per account in the returning contacts' backlog.
 const RETURNING: u64 = 1_000;
 
@@ -160,6 +171,30 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
     .await?;
     drain::print_ratios(&webhook);
 
+    let one = options.scaled(ONE_CONVERSATION);
+    println!(
+        "\n## effects: create_contact → payment_webhook, {one} events of one conversation, \
+         drained from a backlog"
+    );
+    let one_conversation = PerBuild::measure(&options.builds, async |build| {
+        let receiver = Receiver::start().await?;
+        let drained = drain_backlog(
+            options,
+            build,
+            one,
+            |account| contact_webhook_chain(account, receiver.addr),
+            one_conversation_event,
+        )
+        .await?;
+        let arrived = receiver.arrived() as u64;
+        if arrived != one {
+            bail!("the backlog is drained, but {arrived} of {one} events made a webhook");
+        }
+        Ok(drained)
+    })
+    .await?;
+    drain::print_ratios(&one_conversation);
+
     report.drain("effects", "create_contact → log", &log_drains);
     report.check_cpu(
         "effects",
@@ -189,6 +224,11 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
         "create_contact → payment_webhook, dispatcher CPU per event",
         &webhook.map(Drained::cpu_per_event_us),
         150.0,
+    );
+    report.drain(
+        "effects",
+        "create_contact → payment_webhook, one conversation",
+        &one_conversation,
     );
     Ok(())
 }
