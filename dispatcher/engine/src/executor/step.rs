@@ -156,7 +156,20 @@ impl Steps<'_> {
             scope: &scope,
         };
         let started = Instant::now();
-        let result = handler.handle(&input).await;
+        // A handler that panics fails its step for good, naming the panic,
+        // as any other permanent error: the chain ends in dead letters (or
+        // goes on, under `on_error = "continue"`), and the worker goes on.
+        let result = crate::panicked::caught(handler.handle(&input))
+            .await
+            .unwrap_or_else(|panic| {
+                tracing::error!(account = %cx.event.account_key, event_id = %cx.event.id,
+                    chain = %cx.chain.name, step = step.step_name(), handler = %step.handler,
+                    panic = %panic, "a handler panicked; the step fails for good");
+                Err(StepError::permanent(format!(
+                    "handler {:?} panicked: {panic}",
+                    step.handler
+                )))
+            });
         let took = started.elapsed();
         trace.duration_ms += took.as_secs_f64() * 1000.0;
         // Whether the handler itself failed: only then did the step not
@@ -462,5 +475,90 @@ mod tests {
             message.contains("emitted event 1 (deep)") && message.contains("64 levels"),
             "{message}"
         );
+    }
+
+    /// A handler whose call panics, as a library under it may on an input
+    /// it does not expect.
+    #[derive(Debug)]
+    struct Panics;
+
+    #[async_trait::async_trait]
+    impl Handler for Panics {
+        fn name(&self) -> &'static str {
+            "panics"
+        }
+        fn description(&self) -> &'static str {
+            "Panics."
+        }
+        fn output(&self) -> &'static str {
+            "Nothing."
+        }
+        fn options(&self) -> switchboard_handlers::Options {
+            switchboard_handlers::Options::default()
+        }
+        async fn handle(&self, _: &StepInput<'_>) -> Result<StepOutput, StepError> {
+            panic!("the receiver's answer has no status")
+        }
+        async fn simulate(&self, _: &StepInput<'_>) -> Result<StepOutput, StepError> {
+            Ok(StepOutput::default())
+        }
+    }
+
+    /// A handler that panics fails its step for good, the error naming the
+    /// handler and what the panic said; the panic goes no further than the
+    /// step, so the worker that ran it goes on with the next event. Under
+    /// `on_error = "continue"` the chain goes on past it.
+    #[tokio::test]
+    async fn a_handler_that_panics_fails_its_step_for_good() {
+        let mut registry = Registry::empty();
+        registry.register(std::sync::Arc::new(Panics));
+        let store = switchboard_store::Store::temporary().unwrap();
+        let idempotency = switchboard_state::StoredIdempotencyKeys::new(store);
+        let metrics = Metrics::new(Default::default());
+        let steps = Steps {
+            registry: &registry,
+            idempotency: &idempotency,
+            metrics: &metrics,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        };
+        let event = VumiApiEvent::new(
+            AccountKey::new("acme").unwrap(),
+            ConversationKey::new("c").unwrap(),
+            ConversationType::new("survey").unwrap(),
+            EventType::new("poll_complete").unwrap(),
+            Map::new(),
+        );
+        let event_value = EventValue::new(&event);
+        for (on_error, continues) in [("stop", false), ("continue", true)] {
+            let chain: ChainSpec = serde_json::from_value(json!({
+                "name": "chain",
+                "steps": [{ "handler": "panics", "on_error": on_error }],
+            }))
+            .unwrap();
+            let cx = StepContext {
+                event: &event,
+                event_value: &event_value,
+                chain: &chain,
+                outputs: &Map::new(),
+            };
+            let (trace, message) = match steps.attempt(&cx, &chain.steps[0], None).await {
+                Attempt::Failed { trace, message } if !continues => (trace, message),
+                Attempt::Continue { trace, .. } if continues => {
+                    let message = trace.error.clone().unwrap_or_default();
+                    (trace, message)
+                }
+                Attempt::Failed { .. } | Attempt::Continue { .. } => {
+                    panic!("{on_error}: the chain should go on: {continues}")
+                }
+                Attempt::Retry { .. } => panic!("a panic was retried ({on_error})"),
+                Attempt::Done { .. } => panic!("a panic counted as done ({on_error})"),
+            };
+            assert_eq!(trace.outcome, StepOutcome::Failed, "{on_error}");
+            assert_eq!(trace.attempts, 1, "{on_error}");
+            assert_eq!(
+                message, "handler \"panics\" panicked: the receiver's answer has no status",
+                "{on_error}"
+            );
+        }
     }
 }
