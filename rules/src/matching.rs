@@ -37,7 +37,7 @@ pub const WAIT_FOR_EVENT: &str = "wait_for_event";
 pub fn awaited_types(chains: &[ChainSpec]) -> Vec<String> {
     let mut awaited: Vec<String> = chains
         .iter()
-        .filter_map(|c| c.cancel_on.as_ref().map(|m| m.event_type.to_string()))
+        .filter_map(|c| c.cancel_on().map(|m| m.event_type.to_string()))
         .chain(chains.iter().flat_map(|c| {
             c.steps
                 .iter()
@@ -165,7 +165,7 @@ impl AccountChains {
 
     /// Whether any chain has a `when` condition.
     pub fn has_conditions(&self) -> bool {
-        self.chains.iter().any(|c| c.when.is_some())
+        self.chains.iter().any(|c| c.when().is_some())
     }
 
     /// The chains (other than `default`) whose conversation type, event type
@@ -222,8 +222,7 @@ fn match_hash(conversation_type: &str, event_type: &str) -> u64 {
 
 fn conversation_matches(chain: &ChainSpec, event: &VumiApiEvent) -> bool {
     chain
-        .conversation_key
-        .as_ref()
+        .conversation_key()
         .is_none_or(|k| *k == event.conversation_key)
 }
 

@@ -24,9 +24,47 @@ pub struct ChainFile {
 pub const DEFAULT_CHAIN: &str = "default";
 
 /// One chain: a match and ordered steps.
+///
+/// Held compactly, since an account's chains stay in memory for as long as
+/// they are current (100,000 of them at 10,000 accounts): what every chain
+/// has inline, and what few chains set (a description, a conversation, a
+/// `when`, `cancel_on`, the flow controls) behind one pointer, read through
+/// its accessors. A chain file's shape is [`ChainFields`]'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "ChainFields", into = "ChainFields")]
 pub struct ChainSpec {
+    /// Unique within the account: `^[A-Za-z0-9_-]{1,64}$`.
+    pub name: String,
+    /// The conversation type it matches (`*` = any).
+    pub conversation_type: Pattern<ConversationType>,
+    /// The event type it matches (`*` = any).
+    pub event_type: Pattern<EventType>,
+    /// The steps, run in order.
+    pub steps: Vec<StepSpec>,
+    /// Whether a later event of a conversation waits for this chain's run
+    /// of an earlier one to end (a paused run included).
+    pub order: Order,
+    /// The rest, when the chain sets any of it.
+    rare: Option<Box<RareParts>>,
+}
+
+/// What few chains set.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct RareParts {
+    description: Option<String>,
+    conversation_key: Option<ConversationKey>,
+    when: Option<String>,
+    cancel_on: Option<EventMatch>,
+    debounce: Option<Debounce>,
+    throttle: Option<Limit>,
+    rate_limit: Option<Limit>,
+    concurrency: Option<Concurrency>,
+}
+
+/// A chain as a chain file writes it: [`ChainSpec`]'s serde shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename = "ChainSpec")]
+pub struct ChainFields {
     /// Unique within the account: `^[A-Za-z0-9_-]{1,64}$`.
     pub name: String,
     /// Free text for people.
@@ -50,25 +88,118 @@ pub struct ChainSpec {
     /// Events that cancel a run of this chain while it is paused (in a
     /// `delay` or a `wait_for_event` step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancel_on: Option<Box<EventMatch>>,
+    pub cancel_on: Option<EventMatch>,
     /// Only the last event of a burst (per key) runs the chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub debounce: Option<Box<Debounce>>,
+    pub debounce: Option<Debounce>,
     /// At most `limit` runs start per `period` (per key); the others wait
     /// their turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttle: Option<Box<Limit>>,
+    pub throttle: Option<Limit>,
     /// At most `limit` runs per `period` (per key); the others are skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<Box<Limit>>,
+    pub rate_limit: Option<Limit>,
     /// At most `limit` runs at once (per key); the others wait for one to
     /// end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<Box<Concurrency>>,
+    pub concurrency: Option<Concurrency>,
     /// Whether a later event of a conversation waits for this chain's run
     /// of an earlier one to end (a paused run included).
     #[serde(default, skip_serializing_if = "Order::is_independent")]
     pub order: Order,
+}
+
+impl From<ChainFields> for ChainSpec {
+    fn from(f: ChainFields) -> Self {
+        let rare = RareParts {
+            description: f.description,
+            conversation_key: f.conversation_key,
+            when: f.when,
+            cancel_on: f.cancel_on,
+            debounce: f.debounce,
+            throttle: f.throttle,
+            rate_limit: f.rate_limit,
+            concurrency: f.concurrency,
+        };
+        Self {
+            name: f.name,
+            conversation_type: f.conversation_type,
+            event_type: f.event_type,
+            steps: f.steps,
+            order: f.order,
+            rare: (rare != RareParts::default()).then(|| Box::new(rare)),
+        }
+    }
+}
+
+impl From<ChainSpec> for ChainFields {
+    fn from(c: ChainSpec) -> Self {
+        let rare = c.rare.map(|r| *r).unwrap_or_default();
+        Self {
+            name: c.name,
+            description: rare.description,
+            conversation_type: c.conversation_type,
+            event_type: c.event_type,
+            conversation_key: rare.conversation_key,
+            when: rare.when,
+            steps: c.steps,
+            cancel_on: rare.cancel_on,
+            debounce: rare.debounce,
+            throttle: rare.throttle,
+            rate_limit: rare.rate_limit,
+            concurrency: rare.concurrency,
+            order: c.order,
+        }
+    }
+}
+
+impl ChainSpec {
+    fn rare(&self) -> Option<&RareParts> {
+        self.rare.as_deref()
+    }
+
+    /// Free text for people.
+    pub fn description(&self) -> Option<&str> {
+        self.rare()?.description.as_deref()
+    }
+
+    /// Only events of this conversation, when set.
+    pub fn conversation_key(&self) -> Option<&ConversationKey> {
+        self.rare()?.conversation_key.as_ref()
+    }
+
+    /// A Rhai expression over `event` that must hold.
+    pub fn when(&self) -> Option<&str> {
+        self.rare()?.when.as_deref()
+    }
+
+    /// Events that cancel a run of this chain while it is paused (in a
+    /// `delay` or a `wait_for_event` step).
+    pub fn cancel_on(&self) -> Option<&EventMatch> {
+        self.rare()?.cancel_on.as_ref()
+    }
+
+    /// Only the last event of a burst (per key) runs the chain.
+    pub fn debounce(&self) -> Option<&Debounce> {
+        self.rare()?.debounce.as_ref()
+    }
+
+    /// At most `limit` runs start per `period` (per key); the others wait
+    /// their turn.
+    pub fn throttle(&self) -> Option<&Limit> {
+        self.rare()?.throttle.as_ref()
+    }
+
+    /// At most `limit` runs per `period` (per key); the others are skipped.
+    pub fn rate_limit(&self) -> Option<&Limit> {
+        self.rare()?.rate_limit.as_ref()
+    }
+
+    /// At most `limit` runs at once (per key); the others wait for one to
+    /// end.
+    pub fn concurrency(&self) -> Option<&Concurrency> {
+        self.rare()?.concurrency.as_ref()
+    }
 }
 
 /// A chain's `order`: whether runs of a conversation's events wait for one
@@ -167,10 +298,10 @@ impl ChainSpec {
     /// The key template of `control`, if the chain has it.
     pub fn flow_key(&self, control: Control) -> Option<&str> {
         match control {
-            Control::RateLimit => self.rate_limit.as_ref().map(|l| l.key.as_str()),
-            Control::Debounce => self.debounce.as_ref().map(|d| d.key.as_str()),
-            Control::Throttle => self.throttle.as_ref().map(|l| l.key.as_str()),
-            Control::Concurrency => match (&self.concurrency, self.order) {
+            Control::RateLimit => self.rate_limit().map(|l| l.key.as_str()),
+            Control::Debounce => self.debounce().map(|d| d.key.as_str()),
+            Control::Throttle => self.throttle().map(|l| l.key.as_str()),
+            Control::Concurrency => match (self.concurrency(), self.order) {
                 (Some(c), _) => Some(c.key.as_str()),
                 (None, Order::Conversation) => Some(CONVERSATION_KEY),
                 (None, Order::Independent) => None,
@@ -181,8 +312,8 @@ impl ChainSpec {
     /// The chain's `concurrency`, or, with `order = "conversation"`, one
     /// run per conversation at once.
     pub fn concurrency_rule(&self) -> Option<Concurrency> {
-        match (&self.concurrency, self.order) {
-            (Some(c), _) => Some((**c).clone()),
+        match (self.concurrency(), self.order) {
+            (Some(c), _) => Some(c.clone()),
             (None, Order::Conversation) => Some(Concurrency {
                 key: CONVERSATION_KEY.to_string(),
                 limit: 1,
@@ -565,5 +696,74 @@ where
                 .map(Pattern::Exact)
                 .map_err(|e| serde::de::Error::custom(format!("{e} (or \"*\" for any)")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain holds what few chains set behind one pointer, allocated
+    /// only when it sets any of it, and reads and writes the chain file's
+    /// shape unchanged both ways.
+    #[test]
+    fn a_chain_keeps_its_file_shape_and_holds_its_rare_parts_apart() {
+        let plain = serde_json::json!({
+            "name": "welcome",
+            "conversation_type": "survey",
+            "event_type": "signed_up",
+            "steps": [{ "handler": "log", "config": { "message": "hi" } }],
+        });
+        let chain: ChainSpec = serde_json::from_value(plain.clone()).unwrap();
+        assert!(chain.rare.is_none());
+        assert_eq!(chain.when(), None);
+        assert_eq!(serde_json::to_value(&chain).unwrap(), plain);
+
+        let full = serde_json::json!({
+            "name": "reminder",
+            "description": "Reminds once.",
+            "conversation_type": "survey",
+            "event_type": "signed_up",
+            "conversation_key": "c-1",
+            "when": "event.event_data.score >= 3",
+            "steps": [{ "handler": "log", "config": { "message": "hi" } }],
+            "cancel_on": { "event_type": "opted_out" },
+            "debounce": { "key": "{{ event.conversation_key }}", "period": "5s" },
+            "throttle": { "key": "t", "limit": 2, "period": "60s" },
+            "rate_limit": { "key": "r", "limit": 3, "period": "3600s" },
+            "concurrency": { "key": "k", "limit": 1 },
+            "order": "conversation",
+        });
+        let chain: ChainSpec = serde_json::from_value(full.clone()).unwrap();
+        assert_eq!(chain.description(), Some("Reminds once."));
+        assert_eq!(chain.conversation_key().map(|k| k.as_str()), Some("c-1"));
+        assert_eq!(chain.when(), Some("event.event_data.score >= 3"));
+        assert_eq!(
+            chain.cancel_on().map(|m| m.event_type.as_str()),
+            Some("opted_out")
+        );
+        assert_eq!(chain.debounce().map(|d| d.period.as_secs()), Some(5));
+        assert_eq!(chain.throttle().map(|l| l.limit), Some(2));
+        assert_eq!(chain.rate_limit().map(|l| l.limit), Some(3));
+        assert_eq!(chain.concurrency().map(|c| c.limit), Some(1));
+        assert_eq!(serde_json::to_value(&chain).unwrap(), full);
+
+        // One rare part is enough to hold them.
+        let mut one = plain.clone();
+        one["when"] = "true".into();
+        let chain: ChainSpec = serde_json::from_value(one.clone()).unwrap();
+        assert!(chain.rare.is_some());
+        assert_eq!(serde_json::to_value(&chain).unwrap(), one);
+
+        // An unknown field is refused, named as before.
+        let mut unknown = plain;
+        unknown["whne"] = "true".into();
+        let error = serde_json::from_value::<ChainSpec>(unknown)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `whne`"), "{error}");
+        // Every chain pays for what it has inline: the rare parts are one
+        // pointer.
+        assert!(std::mem::size_of::<ChainSpec>() <= 112);
     }
 }

@@ -70,7 +70,7 @@ pub fn select_chains<'a>(
 /// A chain whose match holds, judged by its condition: `None` when the
 /// condition does not hold.
 fn judge<'a>(chain: &'a ChainSpec, conditions: &mut dyn Conditions) -> Option<Selected<'a>> {
-    let Some(expr) = &chain.when else {
+    let Some(expr) = chain.when() else {
         return Some(Selected::Run(chain));
     };
     match conditions.holds(expr) {

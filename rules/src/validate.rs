@@ -383,15 +383,9 @@ fn check_flow(
             problems.push(chain_problem(label, &format!("{name}.key"), message));
         }
         let (limit, period) = match control {
-            Control::RateLimit => chain
-                .rate_limit
-                .as_ref()
-                .map(|l| (Some(l.limit), Some(l.period))),
-            Control::Throttle => chain
-                .throttle
-                .as_ref()
-                .map(|l| (Some(l.limit), Some(l.period))),
-            Control::Debounce => chain.debounce.as_ref().map(|d| (None, Some(d.period))),
+            Control::RateLimit => chain.rate_limit().map(|l| (Some(l.limit), Some(l.period))),
+            Control::Throttle => chain.throttle().map(|l| (Some(l.limit), Some(l.period))),
+            Control::Debounce => chain.debounce().map(|d| (None, Some(d.period))),
             Control::Concurrency => chain.concurrency_rule().map(|c| (Some(c.limit), None)),
         }
         .unwrap_or((None, None));
@@ -411,9 +405,9 @@ fn check_flow(
         }
     }
     let mut holding: Vec<&str> = [
-        (chain.debounce.is_some(), "debounce"),
-        (chain.throttle.is_some(), "throttle"),
-        (chain.concurrency.is_some(), "concurrency"),
+        (chain.debounce().is_some(), "debounce"),
+        (chain.throttle().is_some(), "throttle"),
+        (chain.concurrency().is_some(), "concurrency"),
         (
             chain.order == crate::model::Order::Conversation,
             "order = \"conversation\"",
@@ -424,7 +418,7 @@ fn check_flow(
     .collect();
     holding.dedup();
     if chain.concurrency_rule().is_some() && chain.steps.iter().any(|s| s.handler == "digest") {
-        let field = if chain.concurrency.is_some() {
+        let field = if chain.concurrency().is_some() {
             "concurrency"
         } else {
             "order"
@@ -459,7 +453,7 @@ fn check_chain(
     catalog: &dyn StepCatalog,
     problems: &mut Vec<ChainProblem>,
 ) {
-    if let Some(expr) = &chain.when {
+    if let Some(expr) = chain.when() {
         if expr.trim().is_empty() {
             problems.push(chain_problem(
                 label,
@@ -472,7 +466,7 @@ fn check_chain(
             problems.push(chain_problem(label, "when", message));
         }
     }
-    if let Some(cancel) = &chain.cancel_on {
+    if let Some(cancel) = chain.cancel_on() {
         match cancel.condition.as_deref().map(str::trim) {
             Some("") => problems.push(chain_problem(
                 label,

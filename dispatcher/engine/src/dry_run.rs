@@ -237,7 +237,7 @@ async fn report(
         if !considered {
             chains_out.push(json!({
                 "name": candidate.name,
-                "when": candidate.when,
+                "when": candidate.when(),
                 "condition": "false",
                 "runs": false,
                 "steps": [],
@@ -258,15 +258,15 @@ async fn report(
                 .await;
                 chains_out.push(json!({
                     "name": chain.name,
-                    "when": chain.when,
-                    "condition": if chain.when.is_some() { "true" } else { "none" },
+                    "when": chain.when(),
+                    "condition": if chain.when().is_some() { "true" } else { "none" },
                     "runs": true,
                     "steps": steps,
                 }));
             }
             Selected::ConditionFailed(chain, error) => chains_out.push(json!({
                 "name": chain.name,
-                "when": chain.when,
+                "when": chain.when(),
                 "condition": "error",
                 "error": error,
                 "runs": false,

@@ -297,7 +297,7 @@ fn chains_of(version: &ChainVersion, path: &str) -> Result<Vec<ChainSpec>, CliEr
 
 fn describe_match(c: &ChainSpec) -> String {
     let mut m = format!("{}/{}", c.conversation_type, c.event_type);
-    if let Some(k) = &c.conversation_key {
+    if let Some(k) = c.conversation_key() {
         let _ = write!(m, " in {k}");
     }
     m

@@ -138,9 +138,9 @@ pub fn expire_under(
         let held = chains.lookup(account)?;
         let spec = held.chains().iter().find(|c| c.name == chain)?;
         match control {
-            Control::RateLimit => spec.rate_limit.as_ref().map(|l| l.period),
-            Control::Throttle => spec.throttle.as_ref().map(|l| l.period),
-            Control::Debounce => spec.debounce.as_ref().map(|d| d.period),
+            Control::RateLimit => spec.rate_limit().map(|l| l.period),
+            Control::Throttle => spec.throttle().map(|l| l.period),
+            Control::Debounce => spec.debounce().map(|d| d.period),
             // Its state holds runs, never turns alone.
             Control::Concurrency => None,
         }
@@ -320,7 +320,7 @@ impl Executor {
         // (result, when; for a hold, until when) and whether the state changed.
         let (result, at_ms) = match control {
             Control::RateLimit => {
-                let rule = chain.rate_limit.as_ref().expect("the chain's rate_limit");
+                let rule = chain.rate_limit().expect("the chain's rate_limit");
                 let period = rule.period.as_millis() as u64;
                 state.turns.retain(|(t, _)| t.saturating_add(period) > now);
                 if state.turns.iter().any(|(_, e)| *e == id) {
@@ -333,7 +333,7 @@ impl Executor {
                 }
             }
             Control::Throttle => {
-                let rule = chain.throttle.as_ref().expect("the chain's throttle");
+                let rule = chain.throttle().expect("the chain's throttle");
                 let period = rule.period.as_millis() as u64;
                 let turn = match state.turns.iter().find(|(_, e)| *e == id) {
                     Some((t, _)) => *t,
@@ -357,7 +357,7 @@ impl Executor {
                 }
             }
             Control::Debounce => {
-                let rule = chain.debounce.as_ref().expect("the chain's debounce");
+                let rule = chain.debounce().expect("the chain's debounce");
                 state.latest = Some(id);
                 (
                     FlowResult::Held,

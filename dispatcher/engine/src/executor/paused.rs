@@ -188,7 +188,7 @@ impl Executor {
         pause: Pause,
     ) {
         // A digest window is not cancelled: it holds other events' runs.
-        let cancel_on = chain.cancel_on.as_ref().filter(|_| pause.window.is_none());
+        let cancel_on = chain.cancel_on().filter(|_| pause.window.is_none());
         let since_ms = now_ms();
         let reached_by: Vec<Reachable> = pause
             .awaits
@@ -379,8 +379,7 @@ impl Executor {
         // were kept in its entry has them as its chain would now.
         let waiters: Vec<(Reach, String)> = if reached_by.is_empty() {
             let cancel_on = chain
-                .cancel_on
-                .as_ref()
+                .cancel_on()
                 .map(|c| (Reach::Cancel, c.event_type.to_string()));
             waiting_for
                 .map(|t| (Reach::Resume, t))

@@ -519,7 +519,7 @@ async fn account_page(State(s): State<ApiState>, OnAccount { session, key }: OnA
                 "name": c.name,
                 "conversation_type": c.conversation_type.to_string(),
                 "event_type": c.event_type.to_string(),
-                "when": c.when,
+                "when": c.when(),
                 "steps": c.steps.iter().map(|st| {
                     if st.step_name() == st.handler {
                         st.handler.clone()

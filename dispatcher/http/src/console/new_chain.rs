@@ -517,7 +517,7 @@ impl Draft {
         };
         let file = valid.into_file();
         let chain = &file.chains[0];
-        let conversation = match &chain.conversation_key {
+        let conversation = match chain.conversation_key() {
             Some(key) => key.clone(),
             None => ConversationKey::new("console-preview").expect("a valid key"),
         };
