@@ -190,10 +190,13 @@ impl Drop for Pass {
     /// again, resumes after the step instead of repeating it. Unflushed: a
     /// stop flushes the store before it gives cut-off events back. A write
     /// that fails (the store's, or one refused because the partition moved)
-    /// keeps nothing, here as anywhere: the step then runs again. Not while
-    /// a panic unwinds, where a second panic would abort the process.
+    /// keeps nothing, here as anywhere: the step then runs again. Also
+    /// while a panic of the pass unwinds: the worker catches it and handles
+    /// the event again, which must not repeat the step, each time the panic
+    /// comes back. (A panic in this write, during that unwinding, aborts the
+    /// process; the event is then delivered again, after its ack wait.)
     fn drop(&mut self) {
-        if !self.effect_unwritten || std::thread::panicking() {
+        if !self.effect_unwritten {
             return;
         }
         let journal = Journal::new(self.store.clone());
@@ -279,6 +282,22 @@ mod tests {
         pass.write(&journal).expect("a write");
         pass.record(step("c", "after"));
         drop(pass);
+        assert_eq!(steps_of(&journal, &e), ["pay"]);
+    }
+
+    /// A pass that panics after an outside step (the worker catches it and
+    /// handles the event again) writes the step's entry as it unwinds, so
+    /// that the event handled again does not repeat the step.
+    #[test]
+    fn a_pass_that_panics_writes_its_outside_steps_entry() {
+        let (_dir, store, journal) = open();
+        let e = event(5);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut pass = Pass::new(&e, None, None, store.clone());
+            finished(&mut pass, &journal, "pay", Recording::BeforeTheNextEffect);
+            panic!("a defect after the step");
+        }));
+        assert!(unwound.is_err());
         assert_eq!(steps_of(&journal, &e), ["pay"]);
     }
 }

@@ -159,9 +159,11 @@ impl Steps<'_> {
         // A handler that panics fails its step for good, naming the panic,
         // as any other permanent error: the chain ends in dead letters (or
         // goes on, under `on_error = "continue"`), and the worker goes on.
+        let mut panicked = false;
         let result = crate::panicked::caught(handler.handle(&input))
             .await
             .unwrap_or_else(|panic| {
+                panicked = true;
                 tracing::error!(account = %cx.event.account_key, event_id = %cx.event.id,
                     chain = %cx.chain.name, step = step.step_name(), handler = %step.handler,
                     panic = %panic, "a handler panicked; the step fails for good");
@@ -221,12 +223,14 @@ impl Steps<'_> {
                 // A step that failed for good did not happen: what it
                 // recorded as still to do is let go, and its key goes back
                 // (a retry keeps it, as its own) unless part of it happened.
+                // A handler that panicked may have acted before it did (an
+                // error it returns says it did not): its key holds.
                 if let (Some(failure), false) = (gave_up, happened) {
                     let_go(
                         self.idempotency,
                         Some(handler.as_ref()),
                         &input.as_ref(),
-                        (idempotency_key.as_deref(), failure),
+                        (idempotency_key.as_deref().filter(|_| !panicked), failure),
                     );
                 }
                 attempt
@@ -507,7 +511,8 @@ mod tests {
     /// A handler that panics fails its step for good, the error naming the
     /// handler and what the panic said; the panic goes no further than the
     /// step, so the worker that ran it goes on with the next event. Under
-    /// `on_error = "continue"` the chain goes on past it.
+    /// `on_error = "continue"` the chain goes on past it. Its idempotency
+    /// key holds, since it may have acted before it panicked.
     #[tokio::test]
     async fn a_handler_that_panics_fails_its_step_for_good() {
         let mut registry = Registry::empty();
@@ -532,7 +537,11 @@ mod tests {
         for (on_error, continues) in [("stop", false), ("continue", true)] {
             let chain: ChainSpec = serde_json::from_value(json!({
                 "name": "chain",
-                "steps": [{ "handler": "panics", "on_error": on_error }],
+                "steps": [{
+                    "handler": "panics",
+                    "on_error": on_error,
+                    "idempotency": { "key": "order-{{ event.event_type }}", "window": "3600s" },
+                }],
             }))
             .unwrap();
             let cx = StepContext {
@@ -559,6 +568,19 @@ mod tests {
                 message, "handler \"panics\" panicked: the receiver's answer has no status",
                 "{on_error}"
             );
+            // It may have acted before it panicked: its idempotency key
+            // holds against another event.
+            let claimed = idempotency
+                .claim(
+                    &event.account_key,
+                    "chain",
+                    "panics",
+                    "order-poll_complete",
+                    Duration::from_secs(3600),
+                    &format!("another event ({on_error})"),
+                )
+                .unwrap();
+            assert!(!claimed, "{on_error}: the key was given back");
         }
     }
 }
