@@ -148,25 +148,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
          events over {ACCOUNTS} accounts, drained from a backlog"
     );
     let webhook = PerBuild::measure(&options.builds, async |build| {
-        let receiver = Receiver::start().await?;
-        let drained = drain_backlog(
-            options,
-            build,
-            n,
-            |account| contact_webhook_chain(account, receiver.addr),
-            event,
-        )
-        .await?;
-        let arrived = receiver.arrived() as u64;
-        if arrived != n {
-            bail!("the backlog is drained, but {arrived} of {n} events made a webhook");
-        }
-        println!(
-            "{}{arrived} webhooks, {} repeated",
-            build.tag(),
-            receiver.repeats()
-        );
-        Ok(drained)
+        drain_to_receiver(options, build, n, event).await
     })
     .await?;
     drain::print_ratios(&webhook);
@@ -177,20 +159,7 @@ pub async fn run(options: &crate::Options, report: &mut Report) -> anyhow::Resul
          drained from a backlog"
     );
     let one_conversation = PerBuild::measure(&options.builds, async |build| {
-        let receiver = Receiver::start().await?;
-        let drained = drain_backlog(
-            options,
-            build,
-            one,
-            |account| contact_webhook_chain(account, receiver.addr),
-            one_conversation_event,
-        )
-        .await?;
-        let arrived = receiver.arrived() as u64;
-        if arrived != one {
-            bail!("the backlog is drained, but {arrived} of {one} events made a webhook");
-        }
-        Ok(drained)
+        drain_to_receiver(options, build, one, one_conversation_event).await
     })
     .await?;
     drain::print_ratios(&one_conversation);
@@ -260,6 +229,36 @@ fn show_slices(slices: Option<(Slice, Slice)>) -> String {
 /// The last slice's CPU per event as a multiple of the first's.
 fn growth(first: Slice, last: Slice) -> f64 {
     last.cpu_per_event.as_secs_f64() / first.cpu_per_event.as_secs_f64()
+}
+
+/// [`drain_backlog`] of `n` events made by `event` through `create_contact`
+/// → `payment_webhook` to a receiver started for it, which must have had
+/// every event's webhook.
+async fn drain_to_receiver(
+    options: &crate::Options,
+    build: &Build,
+    n: u64,
+    event: fn(u64) -> switchboard_sdk::VumiApiEvent,
+) -> anyhow::Result<Drained> {
+    let receiver = Receiver::start().await?;
+    let drained = drain_backlog(
+        options,
+        build,
+        n,
+        |account| contact_webhook_chain(account, receiver.addr),
+        event,
+    )
+    .await?;
+    let arrived = receiver.arrived() as u64;
+    if arrived != n {
+        bail!("the backlog is drained, but {arrived} of {n} events made a webhook");
+    }
+    println!(
+        "{}{arrived} webhooks, {} repeated",
+        build.tag(),
+        receiver.repeats()
+    );
+    Ok(drained)
 }
 
 /// On a fresh server, a dispatcher of `build` applies a chain file made by
