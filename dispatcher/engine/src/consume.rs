@@ -31,9 +31,6 @@ use holds::{Conversation, Due, Held, Holds};
 /// How often the consume loop hands its count of event kinds over to the
 /// store, at most.
 const TALLY_EVERY: Duration = Duration::from_secs(1);
-/// How long an event whose handling panicked waits before it is handled
-/// again: long enough that a panic that repeats does not fill the log.
-const PANICKED_RETRY: Duration = Duration::from_secs(10);
 
 /// How many accounts' kinds a hand-over writes a second, about: a tally of
 /// more accounts is handed over less often (see [`tally_due`]).
@@ -516,42 +513,18 @@ impl Worker {
 
     /// Handles one event, reporting progress to the bus meanwhile. `None` when
     /// a shutdown's grace period ran out first.
-    ///
-    /// A pass that panics (a defect in the engine: a handler's panic fails
-    /// its step instead) is handled again after [`PANICKED_RETRY`], its
-    /// conversation's later events held behind it as behind any retry, so
-    /// that the worker and every other conversation go on.
     async fn handle(
         &mut self,
         event: &VumiApiEvent,
         holding: &Holding,
         delivery: &Delivery,
     ) -> Option<Disposition> {
-        let handled = self.pass(event, holding, delivery).await?;
-        Some(handled.unwrap_or_else(|panic| {
-            // The pass may have left an outside step's record unflushed: the
-            // worker's next outside step waits for it.
-            self.earlier = Some(self.executor.store().mark());
-            tracing::error!(account = %event.account_key, event_id = %event.id, panic = %panic,
-                retry_in = ?PANICKED_RETRY, "handling the event panicked; it will be handled again");
-            Disposition::Retry(PANICKED_RETRY)
-        }))
-    }
-
-    /// [`Worker::handle`]'s pass, its panic caught.
-    async fn pass(
-        &mut self,
-        event: &VumiApiEvent,
-        holding: &Holding,
-        delivery: &Delivery,
-    ) -> Option<Result<Disposition, String>> {
         // Every log line of the event's handling carries its account and id.
         let span = tracing::info_span!("event", account = %event.account_key, event_id = %event.id);
-        let handling = crate::panicked::caught(
-            self.executor
-                .handle(event, delivery, holding, &mut self.earlier)
-                .instrument(span),
-        );
+        let handling = self
+            .executor
+            .handle(event, delivery, holding, &mut self.earlier)
+            .instrument(span);
         tokio::pin!(handling);
         // Most events are handled without waiting on anything (an
         // effect-free chain): those need neither timer below, and setting

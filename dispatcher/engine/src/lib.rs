@@ -25,7 +25,7 @@ pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod otel;
-pub mod panicked;
+mod panicked;
 pub mod tail;
 pub mod timers;
 pub mod trace;

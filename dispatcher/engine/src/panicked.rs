@@ -16,7 +16,7 @@ use futures::FutureExt as _;
 /// is the caller's to settle (a step that panicked fails for good; a pass
 /// that panicked is handled again). The engine's locks guard short sections
 /// that call no handler, so a handler's panic leaves none of them poisoned.
-pub async fn caught<T>(future: impl Future<Output = T>) -> Result<T, String> {
+pub(crate) async fn caught<T>(future: impl Future<Output = T>) -> Result<T, String> {
     AssertUnwindSafe(future)
         .catch_unwind()
         .await
@@ -25,7 +25,7 @@ pub async fn caught<T>(future: impl Future<Output = T>) -> Result<T, String> {
 
 /// What a panic said, when it said it in words (`panic!` with a literal or
 /// a format string, `expect`, `unwrap`).
-pub fn message(payload: &(dyn Any + Send)) -> String {
+fn message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&'static str>() {
         (*text).to_string()
     } else if let Some(text) = payload.downcast_ref::<String>() {

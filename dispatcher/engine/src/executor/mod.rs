@@ -75,6 +75,10 @@ const UNKNOWN_EVENT_TYPE: &str = "~unknown";
 /// bus failed under it.
 const INFRA_RETRY: Duration = Duration::from_secs(1);
 
+/// How long an event whose handling panicked waits before it is handled
+/// again: long enough that a panic that repeats does not fill the log.
+const PANICKED_RETRY: Duration = Duration::from_secs(10);
+
 /// What an executor is made of.
 #[derive(Debug)]
 pub struct ExecutorParts {
@@ -258,6 +262,11 @@ impl Executor {
     /// updated for the worker's next event.
     ///
     /// The pass is the `process` span of `delivery` (see [`crate::otel`]).
+    ///
+    /// A pass that panics (a defect in the engine: a handler's panic fails
+    /// its step instead) is handled again after [`PANICKED_RETRY`], its
+    /// conversation's later events held behind it as behind any retry, so
+    /// that the worker and every other conversation go on.
     pub async fn handle(
         &self,
         event: &VumiApiEvent,
@@ -266,34 +275,43 @@ impl Executor {
         earlier: &mut Option<WriteMark>,
     ) -> Disposition {
         let at = crate::journal::RecordKey::new(&event.account_key, &event.id);
-        let handled = match self.journal.load(&at) {
-            Ok(loaded) => {
-                let span = otel::process(
-                    event,
-                    (&delivery.subject, delivery.attempt, &delivery.headers),
-                    self.bus.kind(),
-                    &self.prefix,
-                    loaded.as_ref().and_then(|j| j.traceparent.as_deref()),
-                );
-                let handled = self.try_handle(event, loaded, holding, earlier);
-                handled.instrument(span.clone()).await.inspect_err(|e| {
-                    otel::outcome(&span, "interrupted", false);
-                    otel::failed(&span, e);
-                })
+        let handled = crate::panicked::caught(async {
+            match self.journal.load(&at) {
+                Ok(loaded) => {
+                    let span = otel::process(
+                        event,
+                        (&delivery.subject, delivery.attempt, &delivery.headers),
+                        self.bus.kind(),
+                        &self.prefix,
+                        loaded.as_ref().and_then(|j| j.traceparent.as_deref()),
+                    );
+                    let handled = self.try_handle(event, loaded, holding, earlier);
+                    handled.instrument(span.clone()).await.inspect_err(|e| {
+                        otel::outcome(&span, "interrupted", false);
+                        otel::failed(&span, e);
+                    })
+                }
+                Err(e) => Err(e.into()),
             }
-            Err(e) => Err(e.into()),
-        };
-        match handled {
-            Ok(disposition) => disposition,
-            Err(e) => {
-                // The pass may have left an outside step's record unflushed:
-                // the worker's next outside step waits for it.
-                *earlier = Some(self.store.mark());
+        })
+        .await;
+        let retry_in = match handled {
+            Ok(Ok(disposition)) => return disposition,
+            Ok(Err(e)) => {
                 tracing::warn!(account = %event.account_key, event_id = %event.id, error = %e,
                     "handling interrupted; the event will be handled again, resuming after its last finished step");
-                Disposition::Retry(INFRA_RETRY)
+                INFRA_RETRY
             }
-        }
+            Err(panic) => {
+                tracing::error!(account = %event.account_key, event_id = %event.id, panic = %panic,
+                    retry_in = ?PANICKED_RETRY, "handling the event panicked; it will be handled again");
+                PANICKED_RETRY
+            }
+        };
+        // The pass may have left an outside step's record unflushed: the
+        // worker's next outside step waits for it.
+        *earlier = Some(self.store.mark());
+        Disposition::Retry(retry_in)
     }
 
     async fn try_handle(

@@ -428,23 +428,9 @@ pub(super) fn let_go(
 mod tests {
     use serde_json::json;
     use switchboard_handlers::EmitRequest;
-    use switchboard_sdk::{
-        AccountKey, ConversationKey, ConversationType, DEFAULT_MAX_EVENT_BYTES, EventType,
-        MAX_DATA_DEPTH,
-    };
+    use switchboard_sdk::{DEFAULT_MAX_EVENT_BYTES, EventType, MAX_DATA_DEPTH};
 
     use super::*;
-
-    /// A `poll_complete` event of acme's conversation `c`, without data.
-    fn poll_complete() -> VumiApiEvent {
-        VumiApiEvent::new(
-            AccountKey::new("acme").unwrap(),
-            ConversationKey::new("c").unwrap(),
-            ConversationType::new("survey").unwrap(),
-            EventType::new("poll_complete").unwrap(),
-            Map::new(),
-        )
-    }
 
     /// A step (a script, or `emit` with templated data) asking to emit an
     /// event whose data nests deeper than a consumer takes fails for good,
@@ -452,7 +438,7 @@ mod tests {
     /// as allowed is emitted.
     #[test]
     fn an_emitted_event_nested_too_deep_fails_the_step() {
-        let event = poll_complete();
+        let event = crate::journal::tests::event(1);
         let request = |levels: usize| {
             // `event_data` is the first of `levels` objects.
             let mut deep = json!(1);
@@ -531,7 +517,7 @@ mod tests {
             metrics: &metrics,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         };
-        let event = poll_complete();
+        let event = crate::journal::tests::event(1);
         let event_value = EventValue::new(&event);
         for (on_error, continues) in [("stop", false), ("continue", true)] {
             let chain: ChainSpec = serde_json::from_value(json!({
